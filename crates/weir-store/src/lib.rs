@@ -1,0 +1,122 @@
+//! The configuration store: keys with revisions, compare-and-set transactions and a watch
+//! stream, shaped after etcd's v3 API so that etcd can stand behind the same trait.
+//!
+//! Every successful write bumps one global revision. Each key remembers the revision that
+//! created it and the one that last modified it. A watcher asks for every change from a
+//! revision on; if the store no longer remembers that far back it says [`WatchMessage::Compacted`]
+//! and the watcher lists again.
+
+mod embedded;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+pub use embedded::EmbeddedStore;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Bytes,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+/// A change to one key. For a delete, `kv.value` is empty and `kv.mod_revision` is the revision
+/// of the delete.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub kind: EventKind,
+    pub kv: KeyValue,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchMessage {
+    /// The changes one transaction made, in commit order.
+    Events { revision: i64, events: Vec<Event> },
+    /// Changes were lost between the watcher and the store: list again and watch from there.
+    Compacted,
+}
+
+/// A condition a transaction checks before it writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Compare {
+    pub key: String,
+    /// The key's expected `mod_revision`; `0` means the key must not exist.
+    pub mod_revision: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    Put { key: String, value: Bytes },
+    Delete { key: String },
+    DeletePrefix { prefix: String },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub compares: Vec<Compare>,
+    pub ops: Vec<Op>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TxnOutcome {
+    /// The compares held and every op was applied at `revision`. `prev` holds, per op, the
+    /// value the key had before (`None` for a prefix delete or an absent key).
+    Committed { revision: i64, prev: Vec<Option<KeyValue>>, deleted: usize },
+    /// A compare failed; nothing was written.
+    Conflict,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A config store. Implementations: [`EmbeddedStore`] (redb, one file). The data plane only ever
+/// calls `list` and `watch`; the Admin API writes with `txn`.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>>;
+
+    /// Every key under `prefix`, sorted by key, and the store revision they were read at.
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64)>;
+
+    async fn txn(&self, txn: Txn) -> Result<TxnOutcome>;
+
+    /// Changes under `prefix` from `from_revision` on (inclusive).
+    async fn watch(&self, prefix: &str, from_revision: i64) -> Result<mpsc::Receiver<WatchMessage>>;
+
+    /// Unconditional put; returns the revision and the previous value.
+    async fn put(&self, key: &str, value: Bytes) -> Result<(i64, Option<KeyValue>)> {
+        let op = Op::Put { key: key.to_string(), value };
+        match self.txn(Txn { compares: Vec::new(), ops: vec![op] }).await? {
+            TxnOutcome::Committed { revision, mut prev, .. } => Ok((revision, prev.pop().flatten())),
+            TxnOutcome::Conflict => unreachable!("a transaction with no compares cannot conflict"),
+        }
+    }
+
+    /// Unconditional delete; returns the deleted value, if there was one.
+    async fn delete(&self, key: &str) -> Result<Option<KeyValue>> {
+        let op = Op::Delete { key: key.to_string() };
+        match self.txn(Txn { compares: Vec::new(), ops: vec![op] }).await? {
+            TxnOutcome::Committed { mut prev, .. } => Ok(prev.pop().flatten()),
+            TxnOutcome::Conflict => unreachable!("a transaction with no compares cannot conflict"),
+        }
+    }
+}
+
+pub type SharedStore = Arc<dyn Store>;
