@@ -1,1 +1,92 @@
+//! The Admin API, compatible with Apache APISIX's Admin API v3: same paths, fields, status codes
+//! and JSON envelopes. Only this crate knows the API's JSON shapes; it talks to the data plane
+//! solely through the store.
 
+mod auth;
+mod handlers;
+mod reply;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use weir_core::schema::PluginCatalog;
+use weir_store::SharedStore;
+
+pub use auth::{AdminKey, Role};
+
+/// APISIX refuses Admin API bodies above 1.5 MiB.
+pub const MAX_BODY: usize = 1024 * 1024 * 3 / 2;
+
+pub struct Admin {
+    store: SharedStore,
+    prefix: String,
+    keys: Vec<AdminKey>,
+    plugins: Arc<dyn PluginCatalog>,
+}
+
+impl Admin {
+    /// `prefix` is the store key prefix every object lives under (`/apisix`).
+    pub fn new(store: SharedStore, prefix: String, keys: Vec<AdminKey>, plugins: Arc<dyn PluginCatalog>) -> Admin {
+        Admin { store, prefix, keys, plugins }
+    }
+
+    /// Answers one request. Never fails: every error is a response.
+    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: http_body::Body<Data = Bytes> + Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let (parts, body) = req.into_parts();
+        if let Some(len) = parts
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok())
+        {
+            if len > MAX_BODY {
+                return reply::too_large(len);
+            }
+        }
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    return reply::too_large(MAX_BODY + 1);
+                }
+                return reply::error(http::StatusCode::BAD_REQUEST, format!("invalid request body: {e}"));
+            }
+        };
+        handlers::dispatch(self, parts, body).await
+    }
+}
+
+/// Serves the Admin API on `listener` until the process ends.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = admin.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+            });
+            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+                tracing::debug!(error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}

@@ -272,6 +272,9 @@ fn validator(resource: Resource) -> &'static jsonschema::Validator {
 pub trait PluginCatalog: Send + Sync {
     /// The JSON schema of the plugin's configuration, or `None` for an unknown plugin.
     fn config_schema(&self, name: &str) -> Option<&Value>;
+
+    /// Every plugin name, sorted.
+    fn names(&self) -> Vec<&str>;
 }
 
 /// A catalog with no plugins: every plugin name is unknown.
@@ -280,6 +283,10 @@ pub struct NoPlugins;
 impl PluginCatalog for NoPlugins {
     fn config_schema(&self, _name: &str) -> Option<&Value> {
         None
+    }
+
+    fn names(&self) -> Vec<&str> {
+        Vec::new()
     }
 }
 

@@ -1,3 +1,15 @@
 //! The data plane: the router, config snapshots, and the HTTP proxy.
+//!
+//! Config flows one way: store → [`watch::follow`] → [`state::ConfigState`] →
+//! [`snapshot::Builder`] → `ArcSwap<Snapshot>` → [`proxy::Proxy`]. The proxy never calls the
+//! store and never parses JSON.
 
+pub mod balancer;
+pub mod body;
+pub mod pool;
+pub mod proxy;
 pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod state;
+pub mod watch;

@@ -1,1 +1,145 @@
-fn main() {}
+//! `weir`: the gateway binary.
+
+mod config;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use clap::{Parser, Subcommand};
+use weir_admin::{Admin, AdminKey, Role};
+use weir_core::schema::NoPlugins;
+use weir_proxy::proxy::Proxy;
+use weir_proxy::snapshot::Snapshot;
+use weir_store::{EmbeddedStore, SharedStore};
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "weir", version, about = "An API gateway compatible with Apache APISIX's Admin API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the gateway.
+    Serve {
+        /// YAML config file; without it, the defaults (loopback only, ./weir-data).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(config.as_deref()),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weir: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The admin keys in force: configured ones, plus `WEIR_ADMIN_KEY`; with neither, the key
+/// generated on first start and kept in the data directory.
+fn admin_keys(cfg: &Config) -> anyhow::Result<Vec<AdminKey>> {
+    let mut keys = cfg.admin.keys.clone();
+    if let Ok(k) = std::env::var("WEIR_ADMIN_KEY") {
+        anyhow::ensure!(k.len() >= 8, "WEIR_ADMIN_KEY needs at least 8 characters");
+        keys.retain(|x| x.role != Role::Admin);
+        keys.push(AdminKey { name: "admin".into(), key: k, role: Role::Admin });
+        return Ok(keys);
+    }
+    if !keys.is_empty() {
+        return Ok(keys);
+    }
+    let path = cfg.store.path.join("admin_key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(k) => k.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => generate_key(&path)?,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    Ok(vec![AdminKey { name: "admin".into(), key, role: Role::Admin }])
+}
+
+fn generate_key(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut raw = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut raw))
+        .context("reading /dev/urandom for an admin key")?;
+    let key: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(key.as_bytes())?;
+    f.sync_all()?;
+    println!("weir: generated admin key {key} (kept in {}; shown only once)", path.display());
+    Ok(key)
+}
+
+fn serve(config: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = match config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+        }
+        None => Config::default(),
+    };
+    let keys = admin_keys(&cfg)?;
+    let store: SharedStore = Arc::new(EmbeddedStore::open(&cfg.store.path).context("opening the store")?);
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("weir-control")
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
+        tokio::spawn(weir_proxy::watch::follow(store.clone(), cfg.store.prefix.clone(), snapshot.clone(), loaded_tx));
+        // Serve nothing until the stored config is live, so a restart never answers 404 for
+        // routes that exist.
+        loaded.wait_for(|l| *l).await.context("config loader stopped")?;
+
+        let proxy = Arc::new(Proxy::new(snapshot));
+        let bound = weir_proxy::server::start(&cfg.proxy.listen, cfg.proxy.workers, proxy)
+            .context("binding proxy listeners")?;
+        let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+            .await
+            .with_context(|| format!("binding admin listener {}", cfg.admin.listen))?;
+        let admin_addr = admin_listener.local_addr()?;
+        let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, Arc::new(NoPlugins)));
+        tokio::spawn(weir_admin::serve(admin_listener, admin));
+        for addr in &bound {
+            println!("weir: proxy listening on http://{addr}");
+        }
+        println!("weir: admin listening on http://{admin_addr}");
+        std::io::stdout().flush()?;
+
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        Ok(())
+    })
+}

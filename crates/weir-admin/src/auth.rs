@@ -1,0 +1,54 @@
+//! Admin keys: `X-API-KEY` header, `?api_key=` or the `X-API-KEY` cookie, compared in constant
+//! time against every configured key.
+
+use http::request::Parts;
+use subtle::ConstantTimeEq;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    /// May only read.
+    Viewer,
+}
+
+#[derive(Clone, Debug, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminKey {
+    pub name: String,
+    pub key: String,
+    pub role: Role,
+}
+
+fn query_key(parts: &Parts) -> Option<&str> {
+    parts.uri.query()?.split('&').find_map(|kv| kv.strip_prefix("api_key="))
+}
+
+fn cookie_key(parts: &Parts) -> Option<&str> {
+    parts.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+        line.split(';').find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k.eq_ignore_ascii_case("x-api-key") || k.eq_ignore_ascii_case("x_api_key")).then_some(v)
+        })
+    })
+}
+
+/// `Err` carries the description APISIX gives.
+pub fn check(keys: &[AdminKey], parts: &Parts) -> Result<(), &'static str> {
+    let given = query_key(parts)
+        .or_else(|| parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| cookie_key(parts));
+    let Some(given) = given else { return Err("missing apikey") };
+    // Compare against every key, so timing does not reveal which (if any) matched.
+    let mut found: Option<&AdminKey> = None;
+    for k in keys {
+        if bool::from(k.key.as_bytes().ct_eq(given.as_bytes())) {
+            found = Some(k);
+        }
+    }
+    match found {
+        None => Err("wrong apikey"),
+        Some(k) if k.role == Role::Viewer && parts.method != http::Method::GET => Err("invalid method for role viewer"),
+        Some(_) => Ok(()),
+    }
+}

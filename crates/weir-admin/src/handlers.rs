@@ -1,0 +1,665 @@
+//! Resource handlers: GET (one or list), PUT, POST, PATCH, DELETE, with APISIX's checks,
+//! messages and envelopes.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, StatusCode};
+use serde_json::{Map, Value, json};
+use weir_core::Resource;
+use weir_core::model::id_text;
+use weir_core::schema;
+use weir_store::{Compare, KeyValue, Op, Txn, TxnOutcome};
+
+use crate::Admin;
+use crate::auth;
+use crate::reply::{self, Reply};
+
+/// How often a write whose inputs changed underneath it is re-run before giving up.
+const CAS_ATTEMPTS: usize = 16;
+
+/// The object a request addresses.
+struct Target<'a> {
+    resource: Resource,
+    /// The consumer's username, for credentials.
+    parent: Option<&'a str>,
+    id: Option<&'a str>,
+    /// For `PATCH /routes/1/plugins/x`: `plugins/x`.
+    sub_path: Vec<&'a str>,
+}
+
+pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
+    let path = parts.uri.path().to_string();
+    let Some(rest) = path.strip_prefix("/apisix/admin") else {
+        return reply::error(StatusCode::NOT_FOUND, "not found");
+    };
+    if let Err(description) = auth::check(&admin.keys, &parts) {
+        tracing::warn!(%description, "admin request refused");
+        return reply::json(
+            StatusCode::UNAUTHORIZED,
+            &json!({"error_msg": "failed to check token", "description": description}),
+        );
+    }
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    if segs.is_empty() {
+        return if parts.method == Method::HEAD {
+            reply::empty(StatusCode::OK)
+        } else {
+            reply::error(StatusCode::NOT_FOUND, "not found")
+        };
+    }
+    let body = match parse_body(&body) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match segs[0] {
+        "plugins" => return plugins(admin, &parts.method, &segs[1..]),
+        "schema" => return schema_endpoints(admin, &parts.method, &segs[1..], body.as_ref()),
+        _ => {}
+    }
+    let Some(resource) = Resource::from_name(segs[0]).filter(|r| *r != Resource::Credentials) else {
+        return reply::error(StatusCode::NOT_FOUND, format!("Unsupported resource type: {}", segs[0]));
+    };
+    let target = if resource == Resource::Consumers && segs.get(2) == Some(&"credentials") {
+        Target { resource: Resource::Credentials, parent: Some(segs[1]), id: segs.get(3).copied(), sub_path: segs.get(4..).map(|s| s.to_vec()).unwrap_or_default() }
+    } else {
+        Target { resource, parent: None, id: segs.get(1).copied(), sub_path: segs.get(2..).map(|s| s.to_vec()).unwrap_or_default() }
+    };
+    let query = parts.uri.query().unwrap_or("");
+    let method = parts.method.clone();
+    let unsupported = |m: &str| {
+        reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("not supported `{m}` method for {}", target.resource.kind()))
+    };
+    match method {
+        Method::GET => get(admin, &target, query).await,
+        Method::PUT => put(admin, &target, body).await,
+        Method::POST if target.resource.allows_post() => post(admin, &target, body).await,
+        Method::POST => unsupported("POST"),
+        Method::PATCH if target.resource.allows_patch() => patch(admin, &target, body).await,
+        Method::PATCH => unsupported("PATCH"),
+        Method::DELETE => delete(admin, &target, query).await,
+        _ => reply::error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn parse_body(body: &Bytes) -> Result<Option<Value>, Reply> {
+    if body.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| reply::error(StatusCode::BAD_REQUEST, format!("invalid request body: {e}")))
+}
+
+fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(v) => {
+                    out.push(v);
+                    i += 2;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn plugins(admin: &Admin, method: &Method, segs: &[&str]) -> Reply {
+    if *method != Method::GET {
+        return reply::error(StatusCode::NOT_FOUND, "not found");
+    }
+    match segs {
+        ["list"] => reply::json(StatusCode::OK, &json!(admin.plugins.names())),
+        [name] => match admin.plugins.config_schema(name) {
+            Some(s) => reply::json(StatusCode::OK, s),
+            None => reply::error(StatusCode::NOT_FOUND, "plugin not found in subsystem http"),
+        },
+        _ => reply::error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+fn schema_endpoints(admin: &Admin, method: &Method, segs: &[&str], body: Option<&Value>) -> Reply {
+    match (method, segs) {
+        (&Method::POST, ["validate", name]) => {
+            let Some(resource) = Resource::from_name(name) else {
+                return reply::error(StatusCode::NOT_FOUND, format!("Unsupported resource type: {name}"));
+            };
+            let Some(body) = body else {
+                return reply::error(StatusCode::BAD_REQUEST, "missing configurations");
+            };
+            match schema::check(resource, body, admin.plugins.as_ref()) {
+                Ok(()) => reply::empty(StatusCode::OK),
+                Err(errors) => reply::error(StatusCode::BAD_REQUEST, format!("invalid configuration: {}", errors.join("; "))),
+            }
+        }
+        (&Method::GET, ["plugins", name]) => plugins(admin, method, &[name]),
+        (&Method::GET, [name]) => {
+            let resource = match *name {
+                "route" => Some(Resource::Routes),
+                "service" => Some(Resource::Services),
+                "upstream" => Some(Resource::Upstreams),
+                "consumer" => Some(Resource::Consumers),
+                "credential" => Some(Resource::Credentials),
+                "consumer_group" => Some(Resource::ConsumerGroups),
+                "plugin_config" => Some(Resource::PluginConfigs),
+                "global_rule" => Some(Resource::GlobalRules),
+                "ssl" => Some(Resource::Ssls),
+                other => Resource::from_name(other),
+            };
+            match resource {
+                Some(r) => reply::json(StatusCode::OK, schema::schema_of(r)),
+                None => reply::error(StatusCode::BAD_REQUEST, format!("not found schema: {name}")),
+            }
+        }
+        _ => reply::error(StatusCode::NOT_FOUND, "not found"),
+    }
+}
+
+/// The JSON an object is shown as; private keys never leave the store.
+fn shown_value(resource: Resource, kv: &KeyValue) -> Value {
+    let mut v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+    if resource == Resource::Ssls {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("key");
+            o.remove("keys");
+        }
+    }
+    v
+}
+
+fn node(resource: Resource, kv: &KeyValue) -> Value {
+    json!({
+        "key": kv.key,
+        "value": shown_value(resource, kv),
+        "createdIndex": kv.create_revision,
+        "modifiedIndex": kv.mod_revision,
+    })
+}
+
+fn matches_filters(resource: Resource, value: &Value, query: &str) -> Result<bool, String> {
+    let regex_match = |field: &Value, pattern: &str| -> Result<bool, String> {
+        let re = regex::Regex::new(pattern).map_err(|e| format!("invalid filter pattern: {e}"))?;
+        Ok(field.as_str().is_some_and(|s| re.is_match(s)))
+    };
+    if let Some(name) = query_param(query, "name") {
+        if !regex_match(&value["name"], &decode(name))? {
+            return Ok(false);
+        }
+    }
+    if let Some(label) = query_param(query, "label") {
+        let label = decode(label);
+        if !value["labels"].as_object().is_some_and(|l| l.contains_key(&label)) {
+            return Ok(false);
+        }
+    }
+    if let Some(uri) = query_param(query, "uri") {
+        let uri = decode(uri);
+        let mut any = regex_match(&value["uri"], &uri)?;
+        if let Some(uris) = value["uris"].as_array() {
+            for u in uris {
+                any |= regex_match(u, &uri)?;
+            }
+        }
+        if !any {
+            return Ok(false);
+        }
+    }
+    if let Some(filter) = query_param(query, "filter") {
+        // `filter=service_id%3D1&...`: exact matches on the fields a resource allows.
+        let allowed: &[&str] = if resource == Resource::Routes { &["service_id", "upstream_id"] } else { &[] };
+        for pair in decode(filter).split('&') {
+            let Some((k, want)) = pair.split_once('=') else { continue };
+            if !allowed.contains(&k) {
+                continue;
+            }
+            if value.get(k).and_then(id_text).as_deref() != Some(want) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
+    if t.resource == Resource::Credentials && t.parent.is_some() {
+        let consumer_key = Resource::Consumers.key(&admin.prefix, None, t.parent.unwrap_or_default());
+        match admin.store.get(&consumer_key).await {
+            Ok(Some(_)) => {}
+            Ok(None) => return reply::error(StatusCode::NOT_FOUND, "consumer not found"),
+            Err(e) => return reply::store_down(e),
+        }
+    }
+    if let Some(id) = t.id {
+        let key = t.resource.key(&admin.prefix, t.parent, id);
+        return match admin.store.get(&key).await {
+            Ok(Some(kv)) => reply::json(StatusCode::OK, &node(t.resource, &kv)),
+            Ok(None) => reply::not_found(),
+            Err(e) => reply::store_down(e),
+        };
+    }
+    let dir = t.resource.dir(&admin.prefix, t.parent);
+    let (kvs, _) = match admin.store.list(&dir).await {
+        Ok(r) => r,
+        Err(e) => return reply::store_down(e),
+    };
+    let mut list = Vec::new();
+    for kv in kvs {
+        // A consumer's credentials live under its key; they are not consumers.
+        if kv.key[dir.len()..].contains('/') {
+            continue;
+        }
+        let value = shown_value(t.resource, &kv);
+        match matches_filters(t.resource, &value, query) {
+            Ok(true) => list.push((kv.create_revision, node(t.resource, &kv))),
+            Ok(false) => {}
+            Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
+        }
+    }
+    let total = list.len();
+    let page = query_param(query, "page").and_then(|p| p.parse::<usize>().ok());
+    let page_size = query_param(query, "page_size").and_then(|p| p.parse::<usize>().ok());
+    if let (Some(page), Some(size)) = (page, page_size) {
+        if !(10..=500).contains(&size) {
+            return reply::error(StatusCode::BAD_REQUEST, "page_size must be between 10 and 500");
+        }
+        list.sort_by_key(|(created, _)| *created);
+        let page = page.max(1);
+        list = list.into_iter().skip((page - 1) * size).take(size).collect();
+    }
+    let list: Vec<Value> = list.into_iter().map(|(_, v)| v).collect();
+    reply::json(StatusCode::OK, &json!({"list": list, "total": total}))
+}
+
+fn invalid(errors: Vec<String>) -> Reply {
+    reply::error(StatusCode::BAD_REQUEST, format!("invalid configuration: {}", errors.join("; ")))
+}
+
+/// Checks an object for a write and returns the key it will live at, plus the referenced keys
+/// (with the revision they were seen at) that the write must find unchanged.
+struct Checked {
+    key: String,
+    value: Map<String, Value>,
+    references: Vec<Compare>,
+}
+
+enum IdRule<'a> {
+    /// PUT and PATCH: the id comes from the path (or, for PUT, the body).
+    Required(Option<&'a str>),
+    /// POST: the id is generated; the body must not carry one.
+    Generated,
+}
+
+async fn check_object(
+    admin: &Admin,
+    t: &Target<'_>,
+    body: Option<Value>,
+    id_rule: IdRule<'_>,
+    allow_times: bool,
+) -> Result<Checked, Reply> {
+    let bad = |msg: String| reply::error(StatusCode::BAD_REQUEST, msg);
+    let Some(body) = body else { return Err(bad("missing configurations".into())) };
+    let Value::Object(mut obj) = body else {
+        return Err(invalid(vec!["the configuration must be a JSON object".into()]));
+    };
+    let kind = t.resource.kind();
+    let id: String = match t.resource {
+        Resource::Consumers => {
+            let username = obj.get("username").and_then(Value::as_str).map(str::to_string);
+            match (t.id, username) {
+                (Some(path), Some(u)) if path != u => return Err(bad("wrong username".into())),
+                (_, Some(u)) => u,
+                // The schema check below reports the missing username.
+                (_, None) => String::new(),
+            }
+        }
+        Resource::PluginMetadata => match t.id {
+            Some(name) => {
+                if admin.plugins.config_schema(name).is_none() {
+                    return Err(bad("invalid plugin name".into()));
+                }
+                name.to_string()
+            }
+            None => return Err(bad("missing plugin name".into())),
+        },
+        _ => match id_rule {
+            IdRule::Generated => {
+                if obj.contains_key("id") {
+                    return Err(bad(format!("wrong {kind} id, do not need it")));
+                }
+                String::new() // filled in by the caller
+            }
+            IdRule::Required(path_id) => {
+                let body_id = obj.get("id").and_then(id_text);
+                let id = match (path_id, &body_id) {
+                    (Some(p), _) => p.to_string(),
+                    (None, Some(b)) => b.clone(),
+                    (None, None) => return Err(bad(format!("missing {kind} id"))),
+                };
+                if body_id.as_ref().is_some_and(|b| *b != id) {
+                    return Err(bad(format!("wrong {kind} id")));
+                }
+                obj.insert("id".into(), Value::String(id.clone()));
+                id
+            }
+        },
+    };
+    if !allow_times {
+        for f in ["create_time", "update_time"] {
+            if obj.contains_key(f) {
+                return Err(bad(format!("the property is forbidden: {f}")));
+            }
+        }
+    }
+    let candidate = Value::Object(obj);
+    let mut errors = match schema::check(t.resource, &candidate, admin.plugins.as_ref()) {
+        Ok(()) => Vec::new(),
+        Err(e) => e,
+    };
+    let Value::Object(obj) = candidate else { unreachable!("checked above") };
+    // References: every missing one is reported with the others.
+    let mut references = Vec::new();
+    let refs: &[(&str, Resource, &str)] = match t.resource {
+        Resource::Routes => &[
+            ("upstream_id", Resource::Upstreams, "upstream info by upstream"),
+            ("service_id", Resource::Services, "service info by service"),
+            ("plugin_config_id", Resource::PluginConfigs, "plugin config info by plugin config"),
+        ],
+        Resource::Services => &[("upstream_id", Resource::Upstreams, "upstream info by upstream")],
+        Resource::Consumers => &[("group_id", Resource::ConsumerGroups, "consumer group info by consumer group")],
+        _ => &[],
+    };
+    if errors.is_empty() {
+        for (field, target, what) in refs {
+            let Some(ref_id) = obj.get(*field).and_then(id_text) else { continue };
+            let key = target.key(&admin.prefix, None, &ref_id);
+            match admin.store.get(&key).await {
+                Ok(Some(kv)) => references.push(Compare { key, mod_revision: kv.mod_revision }),
+                Ok(None) => errors.push(format!("failed to fetch {what} id [{ref_id}], response code: 404")),
+                Err(e) => return Err(reply::store_down(e)),
+            }
+        }
+        if let (Resource::Credentials, Some(user)) = (t.resource, t.parent) {
+            let key = Resource::Consumers.key(&admin.prefix, None, user);
+            match admin.store.get(&key).await {
+                Ok(Some(kv)) => references.push(Compare { key, mod_revision: kv.mod_revision }),
+                Ok(None) => return Err(reply::error(StatusCode::NOT_FOUND, "consumer not found")),
+                Err(e) => return Err(reply::store_down(e)),
+            }
+        }
+    }
+    if !errors.is_empty() {
+        // Reference errors read as APISIX's, without the "invalid configuration" lead.
+        if errors.iter().all(|e| e.starts_with("failed to fetch")) {
+            return Err(bad(errors.join("; ")));
+        }
+        return Err(invalid(errors));
+    }
+    let key = t.resource.key(&admin.prefix, t.parent, &id);
+    Ok(Checked { key, value: obj, references })
+}
+
+fn encode(value: &Map<String, Value>) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("JSON values serialize"))
+}
+
+fn written(key: &str, resource: Resource, value: &Map<String, Value>) -> Value {
+    let mut shown = Value::Object(value.clone());
+    if resource == Resource::Ssls {
+        if let Some(o) = shown.as_object_mut() {
+            o.remove("key");
+            o.remove("keys");
+        }
+    }
+    json!({"key": key, "value": shown})
+}
+
+async fn put(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
+    for _ in 0..CAS_ATTEMPTS {
+        let Checked { key, mut value, references } =
+            match check_object(admin, t, body.clone(), IdRule::Required(t.id), false).await {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+        let prev = match admin.store.get(&key).await {
+            Ok(p) => p,
+            Err(e) => return reply::store_down(e),
+        };
+        let now = now();
+        let created = prev
+            .as_ref()
+            .and_then(|p| serde_json::from_slice::<Value>(&p.value).ok())
+            .and_then(|v| v.get("create_time").and_then(Value::as_i64))
+            .unwrap_or(now);
+        value.insert("create_time".into(), json!(created));
+        value.insert("update_time".into(), json!(now));
+        let mut compares = references;
+        compares.push(Compare { key: key.clone(), mod_revision: prev.as_ref().map_or(0, |p| p.mod_revision) });
+        let txn = Txn { compares, ops: vec![Op::Put { key: key.clone(), value: encode(&value) }] };
+        match admin.store.txn(txn).await {
+            Ok(TxnOutcome::Committed { .. }) => {
+                let status = if prev.is_some() { StatusCode::OK } else { StatusCode::CREATED };
+                return reply::json(status, &written(&key, t.resource, &value));
+            }
+            Ok(TxnOutcome::Conflict) => continue,
+            Err(e) => return reply::store_down(e),
+        }
+    }
+    reply::error(StatusCode::CONFLICT, "the object changed while it was being written; try again")
+}
+
+async fn post(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
+    if t.id.is_some() {
+        return reply::error(StatusCode::BAD_REQUEST, format!("wrong {} id, do not need it", t.resource.kind()));
+    }
+    for _ in 0..CAS_ATTEMPTS {
+        let Checked { mut value, references, .. } =
+            match check_object(admin, t, body.clone(), IdRule::Generated, false).await {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+        // As APISIX does: the id is a store revision, so ids are unique across every admin
+        // node sharing the store.
+        let id = match admin.store.put(&format!("{}/gen_id", admin.prefix), Bytes::from_static(b"1")).await {
+            Ok((revision, _)) => format!("{revision:020}"),
+            Err(e) => return reply::store_down(e),
+        };
+        let key = t.resource.key(&admin.prefix, t.parent, &id);
+        let now = now();
+        value.insert("id".into(), Value::String(id));
+        value.insert("create_time".into(), json!(now));
+        value.insert("update_time".into(), json!(now));
+        let mut compares = references;
+        compares.push(Compare { key: key.clone(), mod_revision: 0 });
+        let txn = Txn { compares, ops: vec![Op::Put { key: key.clone(), value: encode(&value) }] };
+        match admin.store.txn(txn).await {
+            Ok(TxnOutcome::Committed { .. }) => return reply::json(StatusCode::CREATED, &written(&key, t.resource, &value)),
+            Ok(TxnOutcome::Conflict) => continue,
+            Err(e) => return reply::store_down(e),
+        }
+    }
+    reply::error(StatusCode::CONFLICT, "the object changed while it was being written; try again")
+}
+
+/// JSON merge patch (RFC 7396): objects merge recursively, `null` removes, anything else replaces.
+fn merge(target: &mut Value, patch: Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(&k);
+                } else {
+                    merge(t.entry(k).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p,
+    }
+}
+
+/// Replaces the value at `path` (object keys, or array indexes), creating objects on the way.
+fn set_sub_path(target: &mut Value, path: &[&str], value: Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else { return Err("empty sub path".into()) };
+    let mut at = target;
+    for seg in parents {
+        at = match at {
+            Value::Object(o) => o.entry(seg.to_string()).or_insert_with(|| Value::Object(Map::new())),
+            Value::Array(a) => seg.parse::<usize>().ok().and_then(|i| a.get_mut(i)).ok_or_else(|| format!("invalid sub path: {seg}"))?,
+            _ => return Err(format!("invalid sub path: {seg}")),
+        };
+    }
+    match at {
+        Value::Object(o) => {
+            o.insert(last.to_string(), value);
+        }
+        Value::Array(a) => {
+            let slot = last.parse::<usize>().ok().and_then(|i| a.get_mut(i)).ok_or_else(|| format!("invalid sub path: {last}"))?;
+            *slot = value;
+        }
+        _ => return Err(format!("invalid sub path: {last}")),
+    }
+    Ok(())
+}
+
+async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
+    let kind = t.resource.kind();
+    let Some(id) = t.id else {
+        return reply::error(StatusCode::BAD_REQUEST, format!("missing {kind} id"));
+    };
+    let Some(body) = body else {
+        return reply::error(StatusCode::BAD_REQUEST, "missing new configuration");
+    };
+    if t.sub_path.is_empty() && !body.is_object() {
+        return reply::error(StatusCode::BAD_REQUEST, "invalid configuration");
+    }
+    let key = t.resource.key(&admin.prefix, t.parent, id);
+    // Read, merge, check, compare-and-set; if someone else wrote in between, merge onto theirs.
+    for _ in 0..CAS_ATTEMPTS {
+        let old = match admin.store.get(&key).await {
+            Ok(Some(kv)) => kv,
+            Ok(None) => return reply::not_found(),
+            Err(e) => return reply::store_down(e),
+        };
+        let mut value: Value = match serde_json::from_slice(&old.value) {
+            Ok(v) => v,
+            Err(e) => return reply::store_down(format!("stored object is unreadable: {e}")),
+        };
+        let sets_update_time = t.sub_path.is_empty() && body.get("update_time").is_some();
+        if t.sub_path.is_empty() {
+            merge(&mut value, body.clone());
+        } else if let Err(e) = set_sub_path(&mut value, &t.sub_path, body.clone()) {
+            return reply::error(StatusCode::BAD_REQUEST, e);
+        }
+        if !sets_update_time {
+            value["update_time"] = json!(now());
+        }
+        let Checked { key: checked_key, value, mut references } =
+            match check_object(admin, t, Some(value), IdRule::Required(Some(id)), true).await {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+        debug_assert_eq!(checked_key, key);
+        references.push(Compare { key: key.clone(), mod_revision: old.mod_revision });
+        let txn = Txn { compares: references, ops: vec![Op::Put { key: key.clone(), value: encode(&value) }] };
+        match admin.store.txn(txn).await {
+            Ok(TxnOutcome::Committed { .. }) => return reply::json(StatusCode::OK, &written(&key, t.resource, &value)),
+            Ok(TxnOutcome::Conflict) => continue,
+            Err(e) => return reply::store_down(e),
+        }
+    }
+    reply::error(StatusCode::CONFLICT, "the object changed while it was being written; try again")
+}
+
+/// Who still uses the object about to be deleted, as APISIX words it.
+async fn still_referenced(admin: &Admin, resource: Resource, id: &str) -> Result<Option<String>, Reply> {
+    let users: &[(Resource, &str, &str)] = match resource {
+        Resource::Upstreams => &[
+            (Resource::Routes, "upstream_id", "can not delete this upstream, route"),
+            (Resource::Services, "upstream_id", "can not delete this upstream, service"),
+        ],
+        Resource::Services => &[(Resource::Routes, "service_id", "can not delete this service directly, route")],
+        Resource::PluginConfigs => &[(Resource::Routes, "plugin_config_id", "can not delete this plugin config, route")],
+        Resource::ConsumerGroups => &[(Resource::Consumers, "group_id", "can not delete this consumer group, consumer")],
+        _ => &[],
+    };
+    for (user, field, lead) in users {
+        let dir = user.dir(&admin.prefix, None);
+        let (kvs, _) = admin.store.list(&dir).await.map_err(reply::store_down)?;
+        for kv in kvs {
+            if kv.key[dir.len()..].contains('/') {
+                continue;
+            }
+            let Ok(v) = serde_json::from_slice::<Value>(&kv.value) else { continue };
+            if v.get(*field).and_then(id_text).as_deref() == Some(id) {
+                let user_id = kv.key[dir.len()..].to_string();
+                return Ok(Some(format!("{lead} [{user_id}] is still using it now")));
+            }
+        }
+    }
+    Ok(None)
+}
+
+async fn delete(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
+    let Some(id) = t.id else {
+        return reply::error(StatusCode::BAD_REQUEST, format!("missing {} id", t.resource.kind()));
+    };
+    if query_param(query, "force") != Some("true") {
+        match still_referenced(admin, t.resource, id).await {
+            Ok(Some(msg)) => return reply::error(StatusCode::BAD_REQUEST, msg),
+            Ok(None) => {}
+            Err(r) => return r,
+        }
+    }
+    let key = t.resource.key(&admin.prefix, t.parent, id);
+    let mut ops = vec![Op::Delete { key: key.clone() }];
+    if t.resource == Resource::Consumers {
+        ops.push(Op::DeletePrefix { prefix: format!("{key}/credentials/") });
+    }
+    match admin.store.txn(Txn { compares: Vec::new(), ops }).await {
+        Ok(TxnOutcome::Committed { prev, .. }) if prev.first().is_some_and(Option::is_some) => {
+            reply::json(StatusCode::OK, &json!({"deleted": "1", "key": key}))
+        }
+        Ok(_) => reply::not_found(),
+        Err(e) => reply::store_down(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_patch() {
+        let mut v = json!({"a": {"b": 1, "c": 2}, "l": [1, 2], "x": 1});
+        merge(&mut v, json!({"a": {"b": 9}, "l": [3], "x": null, "n": true}));
+        assert_eq!(v, json!({"a": {"b": 9, "c": 2}, "l": [3], "n": true}));
+    }
+
+    #[test]
+    fn sub_path() {
+        let mut v = json!({"upstream": {"nodes": {"a:1": 1}}, "methods": ["GET"]});
+        set_sub_path(&mut v, &["upstream", "nodes"], json!({"b:2": 2})).unwrap();
+        set_sub_path(&mut v, &["methods", "0"], json!("POST")).unwrap();
+        assert_eq!(v, json!({"upstream": {"nodes": {"b:2": 2}}, "methods": ["POST"]}));
+        assert!(set_sub_path(&mut v, &["methods", "5"], json!(1)).is_err());
+    }
+}

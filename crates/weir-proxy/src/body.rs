@@ -1,0 +1,145 @@
+//! Body types of the proxy. Request and response bodies stream frame by frame; nothing here
+//! buffers a body.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::Sleep;
+
+use crate::pool::Conn;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What is sent upstream: the client's body, or nothing (a retry of a bodiless request).
+pub enum ReqBody {
+    Incoming(Incoming),
+    Empty,
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Incoming(b) => b.is_end_stream(),
+            ReqBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Incoming(b) => b.size_hint(),
+            ReqBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// What is sent to the client: an upstream's body, or one the gateway made.
+pub struct RespBody(Kind);
+
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(UpstreamBody),
+}
+
+impl RespBody {
+    pub fn full(b: impl Into<Bytes>) -> RespBody {
+        RespBody(Kind::Full(Some(b.into())))
+    }
+
+    pub fn empty() -> RespBody {
+        RespBody(Kind::Full(None))
+    }
+
+    /// Streams `inner`, failing if no frame arrives for `read_timeout`, and gives the connection
+    /// back to the pool once the body has been read to its end.
+    pub fn upstream(inner: Incoming, read_timeout: Duration, conn: Conn) -> RespBody {
+        let mut body = UpstreamBody { inner, read_timeout, sleep: None, conn: Some(conn) };
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        RespBody(Kind::Upstream(body))
+    }
+}
+
+struct UpstreamBody {
+    inner: Incoming,
+    read_timeout: Duration,
+    /// Created on the first `Pending`: most small bodies arrive with the head and need no timer.
+    sleep: Option<Pin<Box<Sleep>>>,
+    conn: Option<Conn>,
+}
+
+impl UpstreamBody {
+    fn release(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            conn.release();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream sent no data for {0:?}")]
+pub struct ReadTimeout(Duration);
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(u) => match Pin::new(&mut u.inner).poll_frame(cx) {
+                Poll::Ready(frame) => {
+                    if let Some(s) = u.sleep.as_mut() {
+                        let next = tokio::time::Instant::now() + u.read_timeout;
+                        s.as_mut().reset(next);
+                    }
+                    match &frame {
+                        None => u.release(),
+                        Some(Ok(_)) if u.inner.is_end_stream() => u.release(),
+                        Some(Err(_)) => drop(u.conn.take()),
+                        Some(Ok(_)) => {}
+                    }
+                    Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                }
+                Poll::Pending => {
+                    let timeout = u.read_timeout;
+                    let sleep = u.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    ready!(sleep.as_mut().poll(cx));
+                    drop(u.conn.take());
+                    Poll::Ready(Some(Err(Box::new(ReadTimeout(timeout)))))
+                }
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Full(b) => b.is_none(),
+            Kind::Upstream(u) => u.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Upstream(u) => u.inner.size_hint(),
+        }
+    }
+}
+
+use std::future::Future as _;

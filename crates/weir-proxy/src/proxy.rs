@@ -1,0 +1,401 @@
+//! One request through the gateway: match a route, pick a node, forward, stream back.
+//! Every failure becomes a response here, and only here.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use weir_core::expr::Vars;
+
+use crate::body::{ReqBody, RespBody};
+use crate::pool::{self, Conn, ConnectError};
+use crate::router::RequestFacts;
+use crate::snapshot::{NodeRt, PassHost, Snapshot, Timeouts, UpstreamRt};
+
+/// Facts about the client connection a request arrived on.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub local: SocketAddr,
+    pub scheme: &'static str,
+}
+
+pub struct Proxy {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+
+/// Connection-scoped headers that must not be forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if let Some(conn) = headers.get(header::CONNECTION) {
+        // Headers named in `Connection` are hop-by-hop too.
+        let named: Vec<HeaderName> = conn
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+pub fn error_response(status: StatusCode, message: &'static str) -> Response<RespBody> {
+    let mut resp = Response::new(RespBody::full(Bytes::from_static(message.as_bytes())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn not_found() -> Response<RespBody> {
+    error_response(StatusCode::NOT_FOUND, r#"{"error_msg":"404 Route Not Found"}"#)
+}
+
+fn bad_gateway() -> Response<RespBody> {
+    error_response(StatusCode::BAD_GATEWAY, r#"{"error_msg":"502 Bad Gateway"}"#)
+}
+
+fn gateway_timeout() -> Response<RespBody> {
+    error_response(StatusCode::GATEWAY_TIMEOUT, r#"{"error_msg":"504 Gateway Timeout"}"#)
+}
+
+/// Lower-cases the host and drops the port; borrows when nothing needs changing.
+fn normalize_host(raw: &str) -> Cow<'_, str> {
+    let host = if raw.starts_with('[') {
+        raw.find(']').map_or(raw, |i| &raw[..=i])
+    } else {
+        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+    };
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+/// Request variables for `vars` expressions, read lazily from the request.
+struct RequestVars<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    host: Option<&'a str>,
+    conn: &'a ConnInfo,
+}
+
+fn percent_decode(s: &str) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b == b'%' || b == b'+') {
+        return Cow::Borrowed(s);
+    }
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+impl Vars for RequestVars<'_> {
+    fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+        if let Some(arg) = name.strip_prefix("arg_") {
+            let query = self.uri.query()?;
+            return query.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (percent_decode(k) == arg).then(|| Cow::Owned(percent_decode(v).into_owned()))
+            });
+        }
+        if let Some(h) = name.strip_prefix("http_") {
+            let header = h.replace('_', "-");
+            return self.headers.get(header.as_str()).and_then(|v| v.to_str().ok()).map(Cow::Borrowed);
+        }
+        if let Some(c) = name.strip_prefix("cookie_") {
+            return self.headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+                line.split(';').find_map(|kv| {
+                    let (k, v) = kv.trim().split_once('=')?;
+                    (k == c).then(|| Cow::Borrowed(v))
+                })
+            });
+        }
+        match name {
+            "uri" => Some(Cow::Borrowed(self.uri.path())),
+            "request_uri" => Some(Cow::Borrowed(self.uri.path_and_query().map_or("/", |p| p.as_str()))),
+            "args" | "query_string" => self.uri.query().map(Cow::Borrowed),
+            "host" => self.host.map(Cow::Borrowed),
+            "request_method" => Some(Cow::Borrowed(self.method.as_str())),
+            "remote_addr" => Some(Cow::Owned(self.conn.remote.ip().to_string())),
+            "remote_port" => Some(Cow::Owned(self.conn.remote.port().to_string())),
+            "server_addr" => Some(Cow::Owned(self.conn.local.ip().to_string())),
+            "server_port" => Some(Cow::Owned(self.conn.local.port().to_string())),
+            "scheme" => Some(Cow::Borrowed(self.conn.scheme)),
+            _ => None,
+        }
+    }
+}
+
+enum SendError {
+    /// Nothing was sent: the request comes back for another node.
+    Connect(Request<ReqBody>, ConnectError),
+    Timeout,
+    Upstream(hyper::Error),
+}
+
+impl Proxy {
+    pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Proxy {
+        Proxy { snapshot }
+    }
+
+    pub async fn handle(&self, conn: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
+        let snapshot = self.snapshot.load_full();
+        let (mut parts, body) = req.into_parts();
+        let raw_host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.host());
+        let host = raw_host.map(normalize_host);
+        let route = {
+            let vars = RequestVars {
+                method: &parts.method,
+                uri: &parts.uri,
+                headers: &parts.headers,
+                host: host.as_deref(),
+                conn,
+            };
+            let facts = RequestFacts {
+                method: parts.method.as_str(),
+                host: host.as_deref(),
+                path: parts.uri.path(),
+                remote: Some(conn.remote.ip()),
+                vars: &vars,
+            };
+            snapshot.router.find(&facts).cloned()
+        };
+        let Some(route) = route else { return not_found() };
+        let Some(upstream) = route.upstream.clone() else {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                r#"{"error_msg":"missing upstream configuration in Route or Service"}"#,
+            );
+        };
+        let original_host = raw_host.and_then(|h| HeaderValue::from_str(h).ok());
+        drop(host);
+        forwarded_headers(&mut parts.headers, conn, original_host);
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(pq) = parts.uri.path_and_query() {
+            if parts.uri.scheme().is_some() {
+                parts.uri = Uri::from(pq.clone());
+            }
+        }
+        parts.version = http::Version::HTTP_11;
+        if let PassHost::Rewrite(h) = &upstream.pass_host {
+            parts.headers.insert(header::HOST, h.clone());
+        }
+        forward(&upstream, route.timeouts, Request::from_parts(parts, ReqBody::Incoming(body))).await
+    }
+}
+
+fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Option<HeaderValue>) {
+    let ip = conn.remote.ip().to_string();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&ip) {
+        headers.insert(X_REAL_IP, v);
+    }
+    // As APISIX does, an X-Forwarded-Proto/Host/Port set by the client (or a proxy before us)
+    // is kept; otherwise it is filled in from this hop.
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+    }
+    if !headers.contains_key(&X_FORWARDED_HOST) {
+        if let Some(h) = original_host {
+            headers.insert(X_FORWARDED_HOST, h);
+        }
+    }
+    if !headers.contains_key(&X_FORWARDED_PORT) {
+        headers.insert(X_FORWARDED_PORT, HeaderValue::from(conn.local.port()));
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
+}
+
+/// Sends to a node of `upstream`, moving to another node when one cannot be connected to, or
+/// (for an idempotent request without a body) answers 502, 503 or 504.
+async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody>) -> Response<RespBody> {
+    let started = Instant::now();
+    let resend = is_idempotent(req.method()) && req.body().is_end_stream();
+    let mut attempts_left = upstream.retries;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut req = Some(req);
+    loop {
+        let Some(i) = upstream.balancer.pick(&tried) else {
+            return bad_gateway();
+        };
+        let node = &upstream.nodes[i];
+        let within_budget = || upstream.retry_timeout.is_none_or(|t| started.elapsed() < t);
+        let mut this = req.take().expect("a request for each attempt");
+        // Keep a copy only when a response status could send this request to another node.
+        if resend && attempts_left > 0 {
+            req = Some(copy_bodiless(&this));
+        }
+        if upstream.pass_host == PassHost::Node {
+            this.headers_mut().insert(header::HOST, node.host_header.clone());
+        }
+        match send(node, upstream, &timeouts, this).await {
+            Ok((resp, conn)) => {
+                let status = resp.status().as_u16();
+                if matches!(status, 502..=504) && req.is_some() && attempts_left > 0 && within_budget() {
+                    tracing::debug!(node = %node.authority, status, "retrying on another node");
+                    attempts_left -= 1;
+                    tried.push(i);
+                    continue;
+                }
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                // The client's connection speaks its own version, whatever the upstream spoke.
+                parts.version = http::Version::HTTP_11;
+                return Response::from_parts(parts, RespBody::upstream(body, timeouts.read, conn));
+            }
+            Err(SendError::Connect(back, e)) => {
+                tracing::warn!(error = %e, "upstream connect failed");
+                if attempts_left > 0 && within_budget() {
+                    attempts_left -= 1;
+                    tried.push(i);
+                    req = Some(back);
+                    continue;
+                }
+                return match e {
+                    ConnectError::Timeout(_) => gateway_timeout(),
+                    _ => bad_gateway(),
+                };
+            }
+            Err(SendError::Timeout) => {
+                tracing::warn!(node = %node.authority, "upstream timed out");
+                return gateway_timeout();
+            }
+            Err(SendError::Upstream(e)) => {
+                tracing::warn!(node = %node.authority, error = %e, "upstream request failed");
+                return bad_gateway();
+            }
+        }
+    }
+}
+
+fn copy_bodiless(req: &Request<ReqBody>) -> Request<ReqBody> {
+    let mut copy = Request::new(ReqBody::Empty);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
+async fn send(
+    node: &NodeRt,
+    upstream: &UpstreamRt,
+    timeouts: &Timeouts,
+    mut req: Request<ReqBody>,
+) -> Result<(Response<Incoming>, Conn), SendError> {
+    loop {
+        let mut conn = match pool::checkout(node, upstream.keepalive) {
+            Some(c) => c,
+            None => match pool::connect(node, upstream.keepalive, timeouts.connect).await {
+                Ok(c) => c,
+                Err(e) => return Err(SendError::Connect(req, e)),
+            },
+        };
+        if conn.sender.ready().await.is_err() {
+            if conn.reused {
+                continue; // closed while idle; try the next one
+            }
+            let e = ConnectError::Io(node.authority.clone(), std::io::ErrorKind::ConnectionReset.into());
+            return Err(SendError::Connect(req, e));
+        }
+        let wait = timeouts.send + timeouts.read;
+        match tokio::time::timeout(wait, conn.sender.try_send_request(req)).await {
+            Err(_) => return Err(SendError::Timeout),
+            Ok(Ok(resp)) => return Ok((resp, conn)),
+            Ok(Err(mut e)) => match e.take_message() {
+                // The idle connection was closed by the peer before our request went out.
+                Some(back) if conn.reused => req = back,
+                _ => return Err(SendError::Upstream(e.into_error())),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_normalized() {
+        assert_eq!(normalize_host("Example.COM:8080"), "example.com");
+        assert_eq!(normalize_host("a.com"), "a.com");
+        assert_eq!(normalize_host("[::1]:80"), "[::1]");
+    }
+
+    #[test]
+    fn decoding() {
+        assert_eq!(percent_decode("a%20b+c"), "a b c");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
+
+    #[test]
+    fn connection_named_headers_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

@@ -1,0 +1,225 @@
+//! Compiling a [`ConfigState`] into an immutable [`Snapshot`]: the router with, for every route,
+//! everything the proxy needs already resolved (service merged in, upstream built, timeouts
+//! decided). The proxy reads only snapshots.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderValue;
+use weir_core::expr::Expr;
+use weir_core::model::{self, Timeout, Upstream};
+
+use crate::balancer::RoundRobin;
+use crate::router::{RouteSpec, Router};
+use crate::state::ConfigState;
+
+/// APISIX's default for each of connect, send and read.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Snapshot {
+    pub revision: i64,
+    pub router: Router<Arc<RouteRt>>,
+}
+
+impl Snapshot {
+    pub fn empty() -> Snapshot {
+        Snapshot { revision: 0, router: Router::new(Vec::new()) }
+    }
+}
+
+pub struct RouteRt {
+    pub id: String,
+    /// `None` when the route names no upstream (or a missing one): requests get a 503.
+    pub upstream: Option<Arc<UpstreamRt>>,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub send: Duration,
+    pub read: Duration,
+}
+
+impl Timeouts {
+    fn from_model(t: &Timeout) -> Timeouts {
+        let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(DEFAULT_TIMEOUT);
+        Timeouts { connect: secs(t.connect), send: secs(t.send), read: secs(t.read) }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { connect: DEFAULT_TIMEOUT, send: DEFAULT_TIMEOUT, read: DEFAULT_TIMEOUT }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PassHost {
+    Pass,
+    Node,
+    Rewrite(HeaderValue),
+}
+
+pub struct NodeRt {
+    /// `host:port` as dialled.
+    pub authority: String,
+    /// Set when the host is an IP literal, so no lookup is needed.
+    pub socket: Option<SocketAddr>,
+    /// The Host header for `pass_host: node`: the port is left out when it is the default.
+    pub host_header: HeaderValue,
+}
+
+pub struct UpstreamRt {
+    pub nodes: Vec<NodeRt>,
+    pub balancer: RoundRobin,
+    pub retries: u32,
+    pub retry_timeout: Option<Duration>,
+    pub timeouts: Option<Timeouts>,
+    pub pass_host: PassHost,
+    pub keepalive: Keepalive,
+    /// The model it was built from: an unchanged upstream keeps its runtime (and balancer state)
+    /// across snapshots.
+    model: Upstream,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Keepalive {
+    pub size: usize,
+    pub idle_timeout: Duration,
+    pub requests: u64,
+}
+
+impl UpstreamRt {
+    fn build(up: &Upstream) -> UpstreamRt {
+        let default_port = if up.scheme == "https" || up.scheme == "grpcs" { 443 } else { 80 };
+        // Only the highest-priority tier takes traffic while health checks do not exist to
+        // fail it over; lower tiers are kept for when they do.
+        let top = up.nodes.0.iter().map(|n| n.priority).max().unwrap_or(0);
+        let mut nodes = Vec::new();
+        let mut weights = Vec::new();
+        for n in up.nodes.0.iter().filter(|n| n.priority == top) {
+            let port = n.port.unwrap_or(default_port);
+            let authority = format!("{}:{port}", n.host);
+            let host_text = if port == default_port { n.host.clone() } else { authority.clone() };
+            nodes.push(NodeRt {
+                socket: authority.parse().ok(),
+                host_header: HeaderValue::from_str(&host_text).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+                authority,
+            });
+            weights.push(n.weight);
+        }
+        let pass_host = match up.pass_host.as_str() {
+            "node" => PassHost::Node,
+            "rewrite" => up
+                .upstream_host
+                .as_deref()
+                .and_then(|h| HeaderValue::from_str(h).ok())
+                .map_or(PassHost::Pass, PassHost::Rewrite),
+            _ => PassHost::Pass,
+        };
+        let live = weights.iter().filter(|w| **w > 0).count() as u32;
+        let pool = up.keepalive_pool.clone().unwrap_or(model::KeepalivePool {
+            size: 320,
+            idle_timeout: 60.0,
+            requests: 1000,
+        });
+        UpstreamRt {
+            balancer: RoundRobin::new(weights),
+            nodes,
+            // APISIX: with no explicit value, try every other node once.
+            retries: up.retries.unwrap_or(live.saturating_sub(1)),
+            retry_timeout: up.retry_timeout.filter(|t| *t > 0.0).and_then(|t| Duration::try_from_secs_f64(t).ok()),
+            timeouts: up.timeout.as_ref().map(Timeouts::from_model),
+            pass_host,
+            keepalive: Keepalive {
+                size: pool.size,
+                idle_timeout: Duration::try_from_secs_f64(pool.idle_timeout).unwrap_or(Duration::from_secs(60)),
+                requests: pool.requests,
+            },
+            model: up.clone(),
+        }
+    }
+}
+
+/// Builds snapshots, keeping upstream runtimes alive across builds when their config is unchanged.
+#[derive(Default)]
+pub struct Builder {
+    upstreams: HashMap<String, Arc<UpstreamRt>>,
+}
+
+impl Builder {
+    pub fn build(&mut self, state: &ConfigState) -> Snapshot {
+        let mut next: HashMap<String, Arc<UpstreamRt>> = HashMap::new();
+        let mut upstream_rt = |cache_key: String, up: &Upstream| -> Arc<UpstreamRt> {
+            if let Some(rt) = next.get(&cache_key) {
+                return rt.clone();
+            }
+            let rt = match self.upstreams.get(&cache_key) {
+                Some(old) if old.model == *up => old.clone(),
+                _ => Arc::new(UpstreamRt::build(up)),
+            };
+            next.insert(cache_key, rt.clone());
+            rt
+        };
+
+        // Older routes first, so they win priority ties (the router numbers them in this order).
+        let mut routes: Vec<_> = state.routes.iter().filter(|(_, r)| r.value.status != 0).collect();
+        routes.sort_by_key(|(id, r)| (r.created, id.as_str()));
+
+        let mut specs = Vec::with_capacity(routes.len());
+        for (id, entry) in routes {
+            let route = &entry.value;
+            let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
+            let upstream = if let Some(up) = &route.upstream {
+                Some(upstream_rt(format!("route/{id}"), up))
+            } else if let Some(uid) = &route.upstream_id {
+                state.upstreams.get(&uid.0).map(|up| upstream_rt(format!("upstream/{uid}"), up))
+            } else if let Some(svc) = service {
+                if let Some(up) = &svc.upstream {
+                    Some(upstream_rt(format!("service/{}", svc.id), up))
+                } else {
+                    svc.upstream_id
+                        .as_ref()
+                        .and_then(|uid| state.upstreams.get(&uid.0).map(|up| upstream_rt(format!("upstream/{uid}"), up)))
+                }
+            } else {
+                None
+            };
+            let timeouts = route
+                .timeout
+                .as_ref()
+                .map(Timeouts::from_model)
+                .or_else(|| upstream.as_ref().and_then(|u| u.timeouts))
+                .unwrap_or_default();
+            let hosts = route
+                .host_list()
+                .map(|h| h.into_iter().map(str::to_string).collect())
+                .or_else(|| service.and_then(|s| s.hosts.clone()));
+            let remote_addrs = route
+                .remote_addr_list()
+                .map(|addrs| addrs.into_iter().filter_map(model::parse_ip_net).collect());
+            let vars = match route.vars.as_ref().map(Expr::compile) {
+                Some(Ok(e)) => Some(e),
+                Some(Err(e)) => {
+                    tracing::warn!(route = %id, error = %e, "route has an invalid vars expression; skipped");
+                    continue;
+                }
+                None => None,
+            };
+            specs.push(RouteSpec {
+                paths: route.paths().into_iter().map(str::to_string).collect(),
+                hosts,
+                methods: route.methods.clone(),
+                remote_addrs,
+                vars,
+                priority: route.priority,
+                value: Arc::new(RouteRt { id: id.clone(), upstream, timeouts }),
+            });
+        }
+        self.upstreams = next;
+        Snapshot { revision: state.revision, router: Router::new(specs) }
+    }
+}

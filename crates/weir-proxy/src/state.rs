@@ -1,0 +1,101 @@
+//! The config as the data plane last read it from the store: typed objects by resource and id.
+//! It changes only by applying store events; a snapshot is compiled from it.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use weir_core::Resource;
+use weir_core::model::{Route, Service, Upstream};
+use weir_store::{Event, EventKind, KeyValue};
+
+#[derive(Default, Clone)]
+pub struct ConfigState {
+    pub revision: i64,
+    pub routes: BTreeMap<String, Entry<Route>>,
+    pub services: BTreeMap<String, Service>,
+    pub upstreams: BTreeMap<String, Upstream>,
+}
+
+/// A route and the store revision that created it (older routes win priority ties).
+#[derive(Clone)]
+pub struct Entry<T> {
+    pub created: i64,
+    pub value: T,
+}
+
+fn parse<T: DeserializeOwned>(kv: &KeyValue) -> Option<T> {
+    match serde_json::from_slice(&kv.value) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            // Validated objects always parse; this is a store written by something else.
+            tracing::warn!(key = %kv.key, error = %e, "skipping an object the data plane cannot read");
+            None
+        }
+    }
+}
+
+impl ConfigState {
+    pub fn from_list(prefix: &str, kvs: &[KeyValue], revision: i64) -> ConfigState {
+        let mut state = ConfigState { revision, ..ConfigState::default() };
+        for kv in kvs {
+            state.put(prefix, kv);
+        }
+        state
+    }
+
+    /// Applies a batch of events; returns whether anything the data plane uses changed.
+    pub fn apply(&mut self, prefix: &str, revision: i64, events: &[Event]) -> bool {
+        self.revision = revision;
+        let mut changed = false;
+        for e in events {
+            changed |= match e.kind {
+                EventKind::Put => self.put(prefix, &e.kv),
+                EventKind::Delete => self.delete(prefix, &e.kv.key),
+            };
+        }
+        changed
+    }
+
+    fn put(&mut self, prefix: &str, kv: &KeyValue) -> bool {
+        let Some((resource, id)) = Resource::from_key(prefix, &kv.key) else { return false };
+        let id = id.to_string();
+        match resource {
+            Resource::Routes => match parse(kv) {
+                Some(value) => {
+                    self.routes.insert(id, Entry { created: kv.create_revision, value });
+                }
+                None => {
+                    self.routes.remove(&id);
+                }
+            },
+            Resource::Services => match parse(kv) {
+                Some(value) => {
+                    self.services.insert(id, value);
+                }
+                None => {
+                    self.services.remove(&id);
+                }
+            },
+            Resource::Upstreams => match parse(kv) {
+                Some(value) => {
+                    self.upstreams.insert(id, value);
+                }
+                None => {
+                    self.upstreams.remove(&id);
+                }
+            },
+            _ => return false,
+        }
+        true
+    }
+
+    fn delete(&mut self, prefix: &str, key: &str) -> bool {
+        let Some((resource, id)) = Resource::from_key(prefix, key) else { return false };
+        match resource {
+            Resource::Routes => self.routes.remove(id).is_some(),
+            Resource::Services => self.services.remove(id).is_some(),
+            Resource::Upstreams => self.upstreams.remove(id).is_some(),
+            _ => false,
+        }
+    }
+}

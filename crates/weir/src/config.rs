@@ -1,0 +1,128 @@
+//! `weir serve --config FILE`: the process configuration. Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use weir_admin::AdminKey;
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Plain-HTTP listen addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig { listen: vec![SocketAddr::from(([127, 0, 0, 1], 9080))], workers: 0 }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// APISIX-style admin keys. With none, a key is generated on first start and kept with the
+    /// data.
+    pub keys: Vec<AdminKey>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9180)), keys: Vec::new() }
+    }
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreType {
+    #[default]
+    Embedded,
+    Etcd,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    #[serde(rename = "type")]
+    pub kind: StoreType,
+    /// Directory of the embedded store.
+    pub path: PathBuf,
+    /// Key prefix of every object, as in APISIX's etcd layout.
+    pub prefix: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { kind: StoreType::Embedded, path: PathBuf::from("./weir-data"), prefix: "/apisix".into() }
+    }
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Config, String> {
+        if text.trim().is_empty() {
+            return Ok(Config::default());
+        }
+        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| e.to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        if self.proxy.listen.is_empty() {
+            errors.push("proxy.listen: at least one address is needed".to_string());
+        }
+        if !self.store.prefix.starts_with('/') || self.store.prefix.ends_with('/') {
+            errors.push(format!("store.prefix: \"{}\" must start with / and not end with /", self.store.prefix));
+        }
+        if self.store.kind == StoreType::Etcd {
+            errors.push("store.type: etcd is not supported by this version; use embedded".to_string());
+        }
+        for (i, k) in self.admin.keys.iter().enumerate() {
+            if k.key.len() < 8 {
+                errors.push(format!("admin.keys[{i}] ({}): a key needs at least 8 characters", k.name));
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors.join("\n")) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_full_file() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.proxy.listen, vec!["127.0.0.1:9080".parse().unwrap()]);
+        assert_eq!(c.admin.listen, "127.0.0.1:9180".parse().unwrap());
+        let c = Config::parse(
+            "proxy:\n  listen: [\"127.0.0.1:1\", \"127.0.0.1:2\"]\n  workers: 2\nadmin:\n  listen: \"127.0.0.1:3\"\n  keys:\n    - {name: a, key: \"0123456789\", role: viewer}\nstore:\n  type: embedded\n  path: /tmp/x\n",
+        )
+        .unwrap();
+        assert_eq!(c.proxy.workers, 2);
+        assert_eq!(c.admin.keys[0].role, weir_admin::Role::Viewer);
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::parse("proxy:\n  lisen: []\n").unwrap_err();
+        assert!(e.contains("lisen"), "{e}");
+        let e = Config::parse("stroe: {}\n").unwrap_err();
+        assert!(e.contains("stroe"), "{e}");
+        let e = Config::parse("admin:\n  keys:\n    - {name: a, key: \"0123456789\", role: root}\n").unwrap_err();
+        assert!(e.contains("root"), "{e}");
+    }
+}
