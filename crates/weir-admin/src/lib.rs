@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
@@ -40,7 +40,7 @@ impl Admin {
     /// Answers one request. Never fails: every error is a response.
     pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
     where
-        B: http_body::Body<Data = Bytes> + Send,
+        B: http_body::Body<Data = Bytes> + Send + Unpin,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = req.into_parts();
@@ -51,19 +51,52 @@ impl Admin {
             .and_then(|v| v.parse::<usize>().ok())
         {
             if len > MAX_BODY {
+                if len <= DRAIN_LIMIT {
+                    drain(body).await;
+                }
                 return reply::too_large(len);
             }
         }
-        let body = match Limited::new(body, MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                    return reply::too_large(MAX_BODY + 1);
+        let mut body = body;
+        let mut collected = Vec::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => {
+                    if let Ok(data) = frame.into_data() {
+                        collected.extend_from_slice(&data);
+                    }
+                    if collected.len() > MAX_BODY {
+                        let len = collected.len();
+                        drop(collected);
+                        drain(body).await;
+                        return reply::too_large(len);
+                    }
                 }
-                return reply::error(http::StatusCode::BAD_REQUEST, format!("invalid request body: {e}"));
+                Err(e) => {
+                    let e: Box<dyn std::error::Error + Send + Sync> = e.into();
+                    return reply::error(http::StatusCode::BAD_REQUEST, format!("invalid request body: {e}"));
+                }
             }
-        };
+        }
+        let body = Bytes::from(collected);
         handlers::dispatch(self, parts, body).await
+    }
+}
+
+/// Past this, an oversized body is not even read: the connection is dropped after the answer.
+const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
+
+/// Reads and discards what the client is still sending (up to [`DRAIN_LIMIT`]), so it sees the
+/// refusal instead of a reset connection.
+async fn drain<B: http_body::Body + Unpin>(mut body: B) {
+    let mut seen = 0usize;
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(d) = frame.data_ref() {
+            seen += bytes::Buf::remaining(d);
+        }
+        if seen > DRAIN_LIMIT {
+            break;
+        }
     }
 }
 

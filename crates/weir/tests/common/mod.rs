@@ -1,0 +1,231 @@
+//! Test harness: a real `weir` process on loopback with a temporary store, a real upstream
+//! HTTP server, and a small HTTP client over real sockets.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+pub const KEY: &str = "test-admin-key-0123";
+
+pub struct Weir {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Weir {
+    pub fn start() -> Weir {
+        Self::start_in(tempfile::tempdir().unwrap(), "")
+    }
+
+    /// Starts weir with its store in `dir`; `extra` is appended to the config's admin section.
+    pub fn start_in(dir: tempfile::TempDir, extra_admin: &str) -> Weir {
+        let cfg = dir.path().join("weir.yaml");
+        let store = dir.path().join("data");
+        std::fs::write(
+            &cfg,
+            format!(
+                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\n{extra_admin}store:\n  type: embedded\n  path: \"{}\"\n",
+                store.display()
+            ),
+        )
+        .unwrap();
+        Self::spawn(dir, &cfg, &[])
+    }
+
+    pub fn spawn(dir: tempfile::TempDir, cfg: &Path, env: &[(&str, &str)]) -> Weir {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
+        cmd.arg("serve").arg("--config").arg(cfg).stdout(Stdio::piped()).stderr(Stdio::null());
+        cmd.env_remove("WEIR_ADMIN_KEY");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("weir starts");
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let (mut proxy, mut admin) = (None, None);
+        for line in out.lines() {
+            let line = line.unwrap();
+            if let Some(a) = line.strip_prefix("weir: proxy listening on http://") {
+                proxy = Some(a.parse().unwrap());
+            }
+            if let Some(a) = line.strip_prefix("weir: admin listening on http://") {
+                admin = Some(a.parse().unwrap());
+                break;
+            }
+        }
+        Weir { child, dir, proxy: proxy.expect("proxy address printed"), admin: admin.expect("admin address printed") }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// `kill -9`: no chance to flush anything.
+    pub fn kill9(mut self) -> tempfile::TempDir {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+
+    pub async fn admin(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let headers = [("x-api-key", KEY)];
+        let body = body.map(|b| b.to_string());
+        let r = send(self.admin, method, &format!("/apisix/admin{path}"), &headers, body.as_deref()).await;
+        (r.status, r.json())
+    }
+
+    pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        send(self.proxy, "GET", path, headers, None).await
+    }
+
+    /// Polls the proxy until `check` holds (config changes apply asynchronously, in ms).
+    pub async fn until(&self, path: &str, headers: &[(&str, &str)], check: impl Fn(&Resp) -> bool) -> Resp {
+        for _ in 0..200 {
+            let r = self.get(path, headers).await;
+            if check(&r) {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not reached for {path}");
+    }
+}
+
+impl Drop for Weir {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub struct Resp {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        if self.body.is_empty() {
+            return Value::Null;
+        }
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&self.body)}))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// One request on a fresh connection.
+pub async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: Option<&str>) -> Resp {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder().method(method).uri(path);
+    let has_host = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host"));
+    if !has_host {
+        req = req.header("host", addr.to_string());
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::from(body.unwrap_or("").to_string()))).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Resp { status, headers, body }
+}
+
+/// A real HTTP upstream. It answers with JSON describing the request it got, and the name it
+/// was given, so tests can see what the gateway forwarded and to which node.
+/// `/status/N` answers N; `/sleep/MS` waits first.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start(name: &'static str) -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let h = h.clone();
+                        async move {
+                            h.fetch_add(1, Ordering::SeqCst);
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let path = parts.uri.path().to_string();
+                            if let Some(ms) = path.strip_prefix("/sleep/") {
+                                tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+                            }
+                            let status = path.strip_prefix("/status/").and_then(|s| s.parse().ok()).unwrap_or(200u16);
+                            let headers: HashMap<String, String> = parts
+                                .headers
+                                .iter()
+                                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+                                .collect();
+                            let out = json!({
+                                "server": name,
+                                "method": parts.method.as_str(),
+                                "uri": parts.uri.to_string(),
+                                "headers": headers,
+                                "body": String::from_utf8_lossy(&body),
+                            });
+                            let mut resp = Response::new(Full::new(Bytes::from(out.to_string())));
+                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                            resp.headers_mut().insert("x-upstream", name.parse().unwrap());
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        Upstream { addr, hits, task }
+    }
+
+    pub fn node(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+/// A loopback port with nothing listening on it.
+pub fn dead_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    a
+}
