@@ -160,6 +160,8 @@ pub async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -175,9 +177,12 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let h = hits.clone();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
+                c.fetch_add(1, Ordering::SeqCst);
                 let h = h.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
@@ -214,7 +219,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, hits, task }
+        Upstream { addr, hits, conns, task }
     }
 
     pub fn node(&self) -> String {
