@@ -1,1 +1,366 @@
-fn main() {}
+//! `weir-bench`: Weir side by side with nginx on this machine.
+//!
+//! Layout on a 2-core machine: the proxy under test (nginx or Weir, one worker) is pinned to
+//! one core; the origin (nginx serving a fixed body) and the load generator (wrk) share the
+//! other. Every row is measured the same way, so the ratios compare like with like.
+//!
+//! Rows: the origin served directly (the ceiling), nginx as a reverse proxy, Weir with one route,
+//! Weir with 10,000 routes, and the time from an Admin API PUT to the first request served by
+//! the new route.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "Benchmark Weir against nginx on this machine")]
+struct Args {
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Concurrent connections of wrk.
+    #[arg(long, default_value_t = 50)]
+    connections: u32,
+    /// Routes in the large-table row.
+    #[arg(long, default_value_t = 10_000)]
+    routes: usize,
+    /// Admin PUTs timed in the PUT-to-live row.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// The weir binary (built with --release).
+    #[arg(long, default_value = "target/release/weir")]
+    weir: PathBuf,
+    /// Core the proxy under test is pinned to; origin and wrk get the others.
+    #[arg(long, default_value_t = 1)]
+    proxy_core: usize,
+}
+
+const ORIGIN_PORT: u16 = 18080;
+const NGINX_PROXY_PORT: u16 = 18081;
+const WEIR_PORT: u16 = 18082;
+const WEIR_ADMIN_PORT: u16 = 18083;
+const KEY: &str = "bench-admin-key";
+
+struct Proc(Child, &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // Stopped by PID; nginx's master takes its workers with it on SIGTERM.
+        let _ = Command::new("kill").arg(self.0.id().to_string()).status();
+        let _ = self.0.wait();
+        eprintln!("stopped {}", self.1);
+    }
+}
+
+fn other_cores(proxy_core: usize) -> String {
+    let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let others: Vec<String> = (0..n).filter(|c| *c != proxy_core).map(|c| c.to_string()).collect();
+    if others.is_empty() { proxy_core.to_string() } else { others.join(",") }
+}
+
+fn nginx(dir: &Path, name: &'static str, body: &str, core: &str) -> anyhow::Result<Proc> {
+    let conf = dir.join(format!("{name}.conf"));
+    std::fs::create_dir_all(dir.join("logs"))?;
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nmaster_process on;\nworker_processes 1;\npid {pid};\nerror_log {dir}/logs/{name}.err warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;\n  \
+             fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;\n  \
+             keepalive_requests 1000000;\n{body}\n}}\n",
+            pid = dir.join(format!("{name}.pid")).display(),
+            dir = dir.display(),
+        ),
+    )?;
+    let child = Command::new("taskset")
+        .args(["-c", core, "nginx", "-p"])
+        .arg(dir)
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting nginx (apt-get install -y nginx)")?;
+    Ok(Proc(child, name))
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    for _ in 0..500 {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("nothing listens on {port}")
+}
+
+/// A minimal HTTP/1.1 exchange on a fresh connection: (status, body).
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: bench.local\r\nX-API-KEY: {KEY}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).context("malformed response")?;
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+struct WrkResult {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// CPU time the proxy spent per request, in microseconds (user + system).
+    cpu_us: Option<f64>,
+}
+
+/// CPU seconds used so far by a process and its children's tasks (nginx's workers are children
+/// of its master; Weir is one process).
+fn cpu_seconds(pid: u32) -> f64 {
+    let mut pids = vec![pid];
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        pids.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+    }
+    let ticks = 100.0; // USER_HZ on Linux
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|stat| {
+            // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            (ut + st) / ticks
+        })
+        .sum()
+}
+
+fn parse_ms(s: &str) -> Option<f64> {
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic())?);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        _ => return None,
+    })
+}
+
+fn wrk(args: &Args, port: u16, path: &str, proxy_pid: Option<u32>) -> anyhow::Result<WrkResult> {
+    let url = format!("http://127.0.0.1:{port}{path}");
+    let cores = other_cores(args.proxy_core);
+    // Warm up pools and caches first.
+    Command::new("taskset").args(["-c", &cores, "wrk", "-t1", "-c16", "-d2s", &url]).output()?;
+    let cpu_before = proxy_pid.map(cpu_seconds);
+    let out = Command::new("taskset")
+        .args(["-c", &cores, "wrk", "-t1", &format!("-c{}", args.connections), &format!("-d{}s", args.duration), "--latency", &url])
+        .output()
+        .context("running wrk (apt-get install -y wrk)")?;
+    let cpu_used = proxy_pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = WrkResult { rps: 0.0, p50_ms: f64::NAN, p99_ms: f64::NAN, cpu_us: None };
+    let mut requests = 0.0;
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        match t.as_slice() {
+            ["Requests/sec:", v] => r.rps = v.parse().unwrap_or(0.0),
+            ["50%", v] => r.p50_ms = parse_ms(v).unwrap_or(f64::NAN),
+            ["99%", v] => r.p99_ms = parse_ms(v).unwrap_or(f64::NAN),
+            ["Non-2xx", ..] => bail!("wrk saw errors against {url}:\n{text}"),
+            [n, "requests", "in", ..] => requests = n.parse().unwrap_or(0.0),
+            _ => {}
+        }
+    }
+    if r.rps == 0.0 {
+        bail!("wrk produced no result for {url}:\n{text}");
+    }
+    if requests > 0.0 {
+        r.cpu_us = cpu_used.map(|c| c * 1e6 / requests);
+    }
+    Ok(r)
+}
+
+fn start_weir(args: &Args, dir: &Path) -> anyhow::Result<Proc> {
+    let cfg = dir.join("weir.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "proxy:\n  listen: [\"127.0.0.1:{WEIR_PORT}\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{WEIR_ADMIN_PORT}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\n",
+            dir.join("data").display()
+        ),
+    )?;
+    let child = Command::new("taskset")
+        .args(["-c", &args.proxy_core.to_string()])
+        .arg(&args.weir)
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {} (cargo build --release)", args.weir.display()))?;
+    let mut p = Proc(child, "weir");
+    let out = BufReader::new(p.0.stdout.take().expect("piped"));
+    for line in out.lines() {
+        if line?.starts_with("weir: admin listening") {
+            return Ok(p);
+        }
+    }
+    bail!("weir exited before listening")
+}
+
+fn put_route(id: &str, uri: &str) -> anyhow::Result<()> {
+    let body = format!("{{\"uri\":\"{uri}\",\"upstream_id\":\"origin\"}}");
+    let (s, b) = http(WEIR_ADMIN_PORT, "PUT", &format!("/apisix/admin/routes/{id}"), Some(&body))?;
+    if s != 200 && s != 201 {
+        bail!("PUT route {id}: {s} {b}");
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// From sending the PUT to the first 200 from the proxy for the new route.
+fn put_to_live(changes: usize, tag: &str) -> anyhow::Result<(f64, f64)> {
+    let mut times = Vec::with_capacity(changes);
+    for i in 0..changes {
+        let path = format!("/live-{tag}-{i}");
+        let started = Instant::now();
+        put_route(&format!("live-{tag}-{i}"), &path)?;
+        loop {
+            if http(WEIR_PORT, "GET", &path, None)?.0 == 200 {
+                break;
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                bail!("route {path} never went live");
+            }
+        }
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
+}
+
+fn row(name: &str, r: &WrkResult, base: Option<&WrkResult>) {
+    let ratio = base.map_or(String::new(), |b| format!("{:.2}x", r.rps / b.rps));
+    let (cpu, per_core) = match r.cpu_us {
+        Some(c) if c > 0.0 => (format!("{c:.1}"), format!("{:.0}", 1e6 / c)),
+        _ => ("-".into(), "-".into()),
+    };
+    let core_ratio = match (r.cpu_us, base.and_then(|b| b.cpu_us)) {
+        (Some(c), Some(b)) if c > 0.0 => format!("{:.2}x", b / c),
+        _ => String::new(),
+    };
+    println!("{name:<28} {:>9.0} {:>8.3} {:>8.3} {ratio:>7} {cpu:>9} {per_core:>10} {core_ratio:>7}", r.rps, r.p50_ms, r.p99_ms);
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile_dir()?;
+    let other = other_cores(args.proxy_core);
+    let proxy_core = args.proxy_core.to_string();
+
+    let _origin = nginx(
+        &dir.join("origin"),
+        "origin",
+        &format!("  server {{ listen 127.0.0.1:{ORIGIN_PORT} reuseport; location / {{ return 200 \"hello from the origin\\n\"; }} }}"),
+        &other,
+    )?;
+    let nginx_proxy = nginx(
+        &dir.join("nginx-proxy"),
+        "nginx-proxy",
+        &format!(
+            "  upstream origin {{ server 127.0.0.1:{ORIGIN_PORT}; keepalive 320; keepalive_requests 1000000; }}\n  \
+             server {{ listen 127.0.0.1:{NGINX_PROXY_PORT}; location / {{ proxy_pass http://origin; \
+             proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; \
+             proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}"
+        ),
+        &proxy_core,
+    )?;
+    let weir_dir = dir.join("weir");
+    std::fs::create_dir_all(&weir_dir)?;
+    let weir = start_weir(&args, &weir_dir)?;
+    for p in [ORIGIN_PORT, NGINX_PROXY_PORT, WEIR_PORT, WEIR_ADMIN_PORT] {
+        wait_port(p)?;
+    }
+    let up = format!("{{\"type\":\"roundrobin\",\"nodes\":{{\"127.0.0.1:{ORIGIN_PORT}\":1}}}}");
+    let (s, b) = http(WEIR_ADMIN_PORT, "PUT", "/apisix/admin/upstreams/origin", Some(&up))?;
+    if s != 201 && s != 200 {
+        bail!("creating the upstream: {s} {b}");
+    }
+    let target = "/svc/7777/items";
+    put_route("target", "/svc/7777/*")?;
+
+    println!("Weir benchmark: proxy pinned to core {proxy_core}, origin and wrk on {other}; wrk -t1 -c{} -d{}s", args.connections, args.duration);
+    println!("req/s is bounded by the core that wrk and the origin share; CPU per request is the proxy's own cost.");
+    println!(
+        "{:<28} {:>9} {:>8} {:>8} {:>7} {:>9} {:>10} {:>7}",
+        "", "req/s", "p50 ms", "p99 ms", "ratio", "cpu us/req", "req/s/core", "ratio"
+    );
+    let origin = wrk(&args, ORIGIN_PORT, target, None)?;
+    row("origin direct (ceiling)", &origin, None);
+    let nginx = wrk(&args, NGINX_PROXY_PORT, target, Some(nginx_proxy.0.id()))?;
+    row("nginx reverse proxy", &nginx, Some(&nginx));
+    let one = wrk(&args, WEIR_PORT, target, Some(weir.0.id()))?;
+    row("weir, 1 route", &one, Some(&nginx));
+
+    let (p50, p99) = put_to_live(args.changes, "small")?;
+    let live_small = format!("PUT-to-live over {} changes (few routes): p50 {p50:.2} ms, p99 {p99:.2} ms", args.changes);
+
+    let started = Instant::now();
+    for i in 0..args.routes {
+        if i != 7777 {
+            put_route(&format!("bulk-{i}"), &format!("/svc/{i}/*"))?;
+        }
+    }
+    eprintln!("created {} routes in {:.1}s", args.routes, started.elapsed().as_secs_f64());
+    // Wait for the last one to be live before measuring.
+    let last = format!("/svc/{}/x", args.routes - 1);
+    while http(WEIR_PORT, "GET", &last, None)?.0 != 200 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let many = wrk(&args, WEIR_PORT, target, Some(weir.0.id()))?;
+    row(&format!("weir, {} routes", args.routes), &many, Some(&nginx));
+    let (p50k, p99k) = put_to_live(args.changes.min(50), "large")?;
+
+    println!();
+    println!("weir/nginx throughput, 1 route: {:.2}x (p99 {:.3} ms vs {:.3} ms)", one.rps / nginx.rps, one.p99_ms, nginx.p99_ms);
+    if let (Some(w), Some(n)) = (one.cpu_us, nginx.cpu_us) {
+        println!("weir/nginx requests per core-second, 1 route: {:.2}x ({w:.1} vs {n:.1} us CPU per request)", n / w);
+    }
+    println!("{} routes vs 1 route: {:+.1}% throughput", args.routes, (many.rps / one.rps - 1.0) * 100.0);
+    if let (Some(m), Some(o)) = (many.cpu_us, one.cpu_us) {
+        println!("{} routes vs 1 route: {:+.1}% CPU per request", args.routes, (m / o - 1.0) * 100.0);
+    }
+    println!("{live_small}");
+    println!(
+        "PUT-to-live over {} changes ({} routes): p50 {p50k:.2} ms, p99 {p99k:.2} ms",
+        args.changes.min(50),
+        args.routes
+    );
+    drop(weir);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("weir-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
