@@ -38,12 +38,13 @@ struct Args {
     /// Core the proxy under test is pinned to; origin and wrk get the others.
     #[arg(long, default_value_t = 1)]
     proxy_core: usize,
+    /// Rounds of (nginx, weir, weir with many routes), interleaved; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 const ORIGIN_PORT: u16 = 18080;
 const NGINX_PROXY_PORT: u16 = 18081;
-const WEIR_PORT: u16 = 18082;
-const WEIR_ADMIN_PORT: u16 = 18083;
 const KEY: &str = "bench-admin-key";
 
 struct Proc(Child, &'static str);
@@ -192,69 +193,79 @@ fn wrk(args: &Args, port: u16, path: &str, proxy_pid: Option<u32>) -> anyhow::Re
     Ok(r)
 }
 
-fn start_weir(args: &Args, dir: &Path) -> anyhow::Result<Proc> {
-    let cfg = dir.join("weir.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "proxy:\n  listen: [\"127.0.0.1:{WEIR_PORT}\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{WEIR_ADMIN_PORT}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\n",
-            dir.join("data").display()
-        ),
-    )?;
-    let child = Command::new("taskset")
-        .args(["-c", &args.proxy_core.to_string()])
-        .arg(&args.weir)
-        .arg("serve")
-        .arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {} (cargo build --release)", args.weir.display()))?;
-    let mut p = Proc(child, "weir");
-    let out = BufReader::new(p.0.stdout.take().expect("piped"));
-    for line in out.lines() {
-        if line?.starts_with("weir: admin listening") {
-            return Ok(p);
-        }
-    }
-    bail!("weir exited before listening")
+struct Weir {
+    proc: Proc,
+    port: u16,
+    admin: u16,
 }
 
-fn put_route(id: &str, uri: &str) -> anyhow::Result<()> {
-    let body = format!("{{\"uri\":\"{uri}\",\"upstream_id\":\"origin\"}}");
-    let (s, b) = http(WEIR_ADMIN_PORT, "PUT", &format!("/apisix/admin/routes/{id}"), Some(&body))?;
-    if s != 200 && s != 201 {
-        bail!("PUT route {id}: {s} {b}");
+impl Weir {
+    /// Starts weir on `port` (admin on `port + 1`), pinned to the proxy core.
+    fn start(args: &Args, dir: &Path, port: u16) -> anyhow::Result<Weir> {
+        std::fs::create_dir_all(dir)?;
+        let admin = port + 1;
+        let cfg = dir.join("weir.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\n",
+                dir.join("data").display()
+            ),
+        )?;
+        let child = Command::new("taskset")
+            .args(["-c", &args.proxy_core.to_string()])
+            .arg(&args.weir)
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {} (cargo build --release)", args.weir.display()))?;
+        let mut proc = Proc(child, "weir");
+        let out = BufReader::new(proc.0.stdout.take().expect("piped"));
+        for line in out.lines() {
+            if line?.starts_with("weir: admin listening") {
+                return Ok(Weir { proc, port, admin });
+            }
+        }
+        bail!("weir exited before listening")
     }
-    Ok(())
+
+    fn put(&self, path: &str, body: &str) -> anyhow::Result<()> {
+        let (s, b) = http(self.admin, "PUT", &format!("/apisix/admin/{path}"), Some(body))?;
+        if s != 200 && s != 201 {
+            bail!("PUT {path}: {s} {b}");
+        }
+        Ok(())
+    }
+
+    /// From sending the PUT to the first 200 from the proxy for the new route.
+    fn put_to_live(&self, changes: usize, tag: &str) -> anyhow::Result<(f64, f64)> {
+        let mut times = Vec::with_capacity(changes);
+        for i in 0..changes {
+            let path = format!("/live-{tag}-{i}");
+            let started = Instant::now();
+            self.put(&format!("routes/live-{tag}-{i}"), &format!("{{\"uri\":\"{path}\",\"upstream_id\":\"origin\"}}"))?;
+            loop {
+                if http(self.port, "GET", &path, None)?.0 == 200 {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(5) {
+                    bail!("route {path} never went live");
+                }
+            }
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
+    }
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i]
-}
-
-/// From sending the PUT to the first 200 from the proxy for the new route.
-fn put_to_live(changes: usize, tag: &str) -> anyhow::Result<(f64, f64)> {
-    let mut times = Vec::with_capacity(changes);
-    for i in 0..changes {
-        let path = format!("/live-{tag}-{i}");
-        let started = Instant::now();
-        put_route(&format!("live-{tag}-{i}"), &path)?;
-        loop {
-            if http(WEIR_PORT, "GET", &path, None)?.0 == 200 {
-                break;
-            }
-            if started.elapsed() > Duration::from_secs(5) {
-                bail!("route {path} never went live");
-            }
-        }
-        times.push(started.elapsed().as_secs_f64() * 1000.0);
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
 }
 
 fn row(name: &str, r: &WrkResult, base: Option<&WrkResult>) {
@@ -268,6 +279,21 @@ fn row(name: &str, r: &WrkResult, base: Option<&WrkResult>) {
         _ => String::new(),
     };
     println!("{name:<28} {:>9.0} {:>8.3} {:>8.3} {ratio:>7} {cpu:>9} {per_core:>10} {core_ratio:>7}", r.rps, r.p50_ms, r.p99_ms);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The median of each figure over the rounds (each figure on its own).
+fn median_result(rs: &[WrkResult]) -> WrkResult {
+    WrkResult {
+        rps: median(rs.iter().map(|r| r.rps).collect()),
+        p50_ms: median(rs.iter().map(|r| r.p50_ms).collect()),
+        p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
+        cpu_us: rs.iter().map(|r| r.cpu_us).collect::<Option<Vec<_>>>().map(median),
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -293,21 +319,42 @@ fn main() -> anyhow::Result<()> {
         ),
         &proxy_core,
     )?;
-    let weir_dir = dir.join("weir");
-    std::fs::create_dir_all(&weir_dir)?;
-    let weir = start_weir(&args, &weir_dir)?;
-    for p in [ORIGIN_PORT, NGINX_PROXY_PORT, WEIR_PORT, WEIR_ADMIN_PORT] {
+    // Two Weir processes on the same core, measured in turn: one with a single route, one with
+    // the large route table.
+    let small = Weir::start(&args, &dir.join("weir-small"), 18082)?;
+    let large = Weir::start(&args, &dir.join("weir-large"), 18084)?;
+    for p in [ORIGIN_PORT, NGINX_PROXY_PORT] {
         wait_port(p)?;
     }
-    let up = format!("{{\"type\":\"roundrobin\",\"nodes\":{{\"127.0.0.1:{ORIGIN_PORT}\":1}}}}");
-    let (s, b) = http(WEIR_ADMIN_PORT, "PUT", "/apisix/admin/upstreams/origin", Some(&up))?;
-    if s != 201 && s != 200 {
-        bail!("creating the upstream: {s} {b}");
-    }
     let target = "/svc/7777/items";
-    put_route("target", "/svc/7777/*")?;
+    for w in [&small, &large] {
+        // As in the nginx proxy above: upstream connections are not retired after 1,000 requests.
+        w.put(
+            "upstreams/origin",
+            &format!("{{\"type\":\"roundrobin\",\"nodes\":{{\"127.0.0.1:{ORIGIN_PORT}\":1}},\"keepalive_pool\":{{\"requests\":1000000}}}}"),
+        )?;
+        w.put("routes/target", "{\"uri\":\"/svc/7777/*\",\"upstream_id\":\"origin\"}")?;
+    }
 
-    println!("Weir benchmark: proxy pinned to core {proxy_core}, origin and wrk on {other}; wrk -t1 -c{} -d{}s", args.connections, args.duration);
+    let (p50, p99) = large.put_to_live(args.changes, "small")?;
+    let live_small = format!("PUT-to-live over {} changes (few routes): p50 {p50:.2} ms, p99 {p99:.2} ms", args.changes);
+    let started = Instant::now();
+    for i in 0..args.routes {
+        if i != 7777 {
+            large.put(&format!("routes/bulk-{i}"), &format!("{{\"uri\":\"/svc/{i}/*\",\"upstream_id\":\"origin\"}}"))?;
+        }
+    }
+    eprintln!("created {} routes in {:.1}s", args.routes, started.elapsed().as_secs_f64());
+    let last = format!("/svc/{}/x", args.routes - 1);
+    while http(large.port, "GET", &last, None)?.0 != 200 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (p50k, p99k) = large.put_to_live(args.changes, "large")?;
+
+    println!(
+        "Weir benchmark: proxy pinned to core {proxy_core}, origin and wrk on {other}; wrk -t1 -c{} -d{}s; median of {} interleaved rounds",
+        args.connections, args.duration, args.rounds
+    );
     println!("req/s is bounded by the core that wrk and the origin share; CPU per request is the proxy's own cost.");
     println!(
         "{:<28} {:>9} {:>8} {:>8} {:>7} {:>9} {:>10} {:>7}",
@@ -315,29 +362,16 @@ fn main() -> anyhow::Result<()> {
     );
     let origin = wrk(&args, ORIGIN_PORT, target, None)?;
     row("origin direct (ceiling)", &origin, None);
-    let nginx = wrk(&args, NGINX_PROXY_PORT, target, Some(nginx_proxy.0.id()))?;
+    let (mut n_runs, mut s_runs, mut l_runs) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..args.rounds {
+        n_runs.push(wrk(&args, NGINX_PROXY_PORT, target, Some(nginx_proxy.0.id()))?);
+        s_runs.push(wrk(&args, small.port, target, Some(small.proc.0.id()))?);
+        l_runs.push(wrk(&args, large.port, target, Some(large.proc.0.id()))?);
+    }
+    let (nginx, one, many) = (median_result(&n_runs), median_result(&s_runs), median_result(&l_runs));
     row("nginx reverse proxy", &nginx, Some(&nginx));
-    let one = wrk(&args, WEIR_PORT, target, Some(weir.0.id()))?;
     row("weir, 1 route", &one, Some(&nginx));
-
-    let (p50, p99) = put_to_live(args.changes, "small")?;
-    let live_small = format!("PUT-to-live over {} changes (few routes): p50 {p50:.2} ms, p99 {p99:.2} ms", args.changes);
-
-    let started = Instant::now();
-    for i in 0..args.routes {
-        if i != 7777 {
-            put_route(&format!("bulk-{i}"), &format!("/svc/{i}/*"))?;
-        }
-    }
-    eprintln!("created {} routes in {:.1}s", args.routes, started.elapsed().as_secs_f64());
-    // Wait for the last one to be live before measuring.
-    let last = format!("/svc/{}/x", args.routes - 1);
-    while http(WEIR_PORT, "GET", &last, None)?.0 != 200 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let many = wrk(&args, WEIR_PORT, target, Some(weir.0.id()))?;
     row(&format!("weir, {} routes", args.routes), &many, Some(&nginx));
-    let (p50k, p99k) = put_to_live(args.changes.min(50), "large")?;
 
     println!();
     println!("weir/nginx throughput, 1 route: {:.2}x (p99 {:.3} ms vs {:.3} ms)", one.rps / nginx.rps, one.p99_ms, nginx.p99_ms);
@@ -349,12 +383,8 @@ fn main() -> anyhow::Result<()> {
         println!("{} routes vs 1 route: {:+.1}% CPU per request", args.routes, (m / o - 1.0) * 100.0);
     }
     println!("{live_small}");
-    println!(
-        "PUT-to-live over {} changes ({} routes): p50 {p50k:.2} ms, p99 {p99k:.2} ms",
-        args.changes.min(50),
-        args.routes
-    );
-    drop(weir);
+    println!("PUT-to-live over {} changes ({} routes): p50 {p50k:.2} ms, p99 {p99k:.2} ms", args.changes, args.routes);
+    drop((small, large));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

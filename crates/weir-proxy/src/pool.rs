@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1;
@@ -17,7 +18,7 @@ use crate::snapshot::{Keepalive, NodeRt};
 pub struct Conn {
     pub sender: http1::SendRequest<ReqBody>,
     pub reused: bool,
-    authority: String,
+    authority: Arc<str>,
     uses: u64,
     keepalive: Keepalive,
 }
@@ -29,7 +30,7 @@ struct Idle {
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<String, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<Arc<str>, Vec<Idle>>> = RefCell::new(HashMap::new());
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +51,7 @@ impl Conn {
         }
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let list = match idle.get_mut(authority.as_str()) {
+            let list = match idle.get_mut(&*authority) {
                 Some(list) => list,
                 None => idle.entry(authority).or_default(),
             };
@@ -65,7 +66,7 @@ impl Conn {
 pub fn checkout(node: &NodeRt, keepalive: Keepalive) -> Option<Conn> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.get_mut(node.authority.as_str())?;
+        let list = idle.get_mut(&*node.authority)?;
         while let Some(c) = list.pop() {
             if c.sender.is_closed() || c.since.elapsed() > keepalive.idle_timeout {
                 continue;
@@ -86,13 +87,13 @@ pub async fn connect(node: &NodeRt, keepalive: Keepalive, timeout: Duration) -> 
     let dial = async {
         let stream = match node.socket {
             Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(node.authority.as_str()).await,
+            None => TcpStream::connect(&*node.authority).await,
         }
-        .map_err(|e| ConnectError::Io(node.authority.clone(), e))?;
+        .map_err(|e| ConnectError::Io(node.authority.to_string(), e))?;
         let _ = stream.set_nodelay(true);
         let (sender, conn) = http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| ConnectError::Handshake(node.authority.clone(), e))?;
+            .map_err(|e| ConnectError::Handshake(node.authority.to_string(), e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -102,6 +103,6 @@ pub async fn connect(node: &NodeRt, keepalive: Keepalive, timeout: Duration) -> 
     };
     match tokio::time::timeout(timeout, dial).await {
         Ok(r) => r,
-        Err(_) => Err(ConnectError::Timeout(node.authority.clone())),
+        Err(_) => Err(ConnectError::Timeout(node.authority.to_string())),
     }
 }

@@ -19,12 +19,22 @@ use crate::pool::{self, Conn, ConnectError};
 use crate::router::RequestFacts;
 use crate::snapshot::{NodeRt, PassHost, Snapshot, Timeouts, UpstreamRt};
 
-/// Facts about the client connection a request arrived on.
-#[derive(Clone, Copy, Debug)]
+/// Facts about the client connection a request arrived on, with the header values derived
+/// from them computed once per connection rather than once per request.
+#[derive(Clone, Debug)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub local: SocketAddr,
     pub scheme: &'static str,
+    remote_ip: HeaderValue,
+    local_port: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(remote: SocketAddr, local: SocketAddr, scheme: &'static str) -> ConnInfo {
+        let remote_ip = HeaderValue::from_str(&remote.ip().to_string()).expect("an IP address is a valid header value");
+        ConnInfo { remote, local, scheme, remote_ip, local_port: HeaderValue::from(local.port()) }
+    }
 }
 
 pub struct Proxy {
@@ -49,6 +59,10 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none; one pass over the names is cheaper than seven lookups.
+    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if let Some(conn) = headers.get(header::CONNECTION) {
         // Headers named in `Connection` are hop-by-hop too.
         let named: Vec<HeaderName> = conn
@@ -216,8 +230,8 @@ impl Proxy {
                 r#"{"error_msg":"missing upstream configuration in Route or Service"}"#,
             );
         };
-        let original_host = raw_host.and_then(|h| HeaderValue::from_str(h).ok());
         drop(host);
+        let original_host = parts.headers.get(header::HOST).cloned();
         forwarded_headers(&mut parts.headers, conn, original_host);
         strip_hop_by_hop(&mut parts.headers);
         if let Some(pq) = parts.uri.path_and_query() {
@@ -234,17 +248,18 @@ impl Proxy {
 }
 
 fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Option<HeaderValue>) {
-    let ip = conn.remote.ip().to_string();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
+    let xff = match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + conn.remote_ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(conn.remote_ip.as_bytes());
+            HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.remote_ip.clone())
+        }
+        None => conn.remote_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&ip) {
-        headers.insert(X_REAL_IP, v);
-    }
+    headers.insert(X_FORWARDED_FOR, xff);
+    headers.insert(X_REAL_IP, conn.remote_ip.clone());
     // As APISIX does, an X-Forwarded-Proto/Host/Port set by the client (or a proxy before us)
     // is kept; otherwise it is filled in from this hop.
     if !headers.contains_key(&X_FORWARDED_PROTO) {
@@ -256,7 +271,7 @@ fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Op
         }
     }
     if !headers.contains_key(&X_FORWARDED_PORT) {
-        headers.insert(X_FORWARDED_PORT, HeaderValue::from(conn.local.port()));
+        headers.insert(X_FORWARDED_PORT, conn.local_port.clone());
     }
 }
 
@@ -267,7 +282,8 @@ fn is_idempotent(m: &Method) -> bool {
 /// Sends to a node of `upstream`, moving to another node when one cannot be connected to, or
 /// (for an idempotent request without a body) answers 502, 503 or 504.
 async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody>) -> Response<RespBody> {
-    let started = Instant::now();
+    // Only read the clock when a retry budget needs it.
+    let started = upstream.retry_timeout.map(|_| Instant::now());
     let resend = is_idempotent(req.method()) && req.body().is_end_stream();
     let mut attempts_left = upstream.retries;
     let mut tried: Vec<usize> = Vec::new();
@@ -277,7 +293,10 @@ async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody
             return bad_gateway();
         };
         let node = &upstream.nodes[i];
-        let within_budget = || upstream.retry_timeout.is_none_or(|t| started.elapsed() < t);
+        let within_budget = || match (upstream.retry_timeout, started) {
+            (Some(t), Some(s)) => s.elapsed() < t,
+            _ => true,
+        };
         let mut this = req.take().expect("a request for each attempt");
         // Keep a copy only when a response status could send this request to another node.
         if resend && attempts_left > 0 {
@@ -353,7 +372,7 @@ async fn send(
             if conn.reused {
                 continue; // closed while idle; try the next one
             }
-            let e = ConnectError::Io(node.authority.clone(), std::io::ErrorKind::ConnectionReset.into());
+            let e = ConnectError::Io(node.authority.to_string(), std::io::ErrorKind::ConnectionReset.into());
             return Err(SendError::Connect(req, e));
         }
         let wait = timeouts.send + timeouts.read;

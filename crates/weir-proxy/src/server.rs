@@ -76,11 +76,12 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>) {
             }
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo { remote, local, scheme: "http" };
+        let info = Arc::new(ConnInfo::new(remote, local, "http"));
         let proxy = proxy.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let proxy = proxy.clone();
+                let info = info.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
             });
             let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);

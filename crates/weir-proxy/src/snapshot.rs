@@ -65,7 +65,7 @@ pub enum PassHost {
 
 pub struct NodeRt {
     /// `host:port` as dialled.
-    pub authority: String,
+    pub authority: Arc<str>,
     /// Set when the host is an IP literal, so no lookup is needed.
     pub socket: Option<SocketAddr>,
     /// The Host header for `pass_host: node`: the port is left out when it is the default.
@@ -107,7 +107,7 @@ impl UpstreamRt {
             nodes.push(NodeRt {
                 socket: authority.parse().ok(),
                 host_header: HeaderValue::from_str(&host_text).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
-                authority,
+                authority: authority.into(),
             });
             weights.push(n.weight);
         }

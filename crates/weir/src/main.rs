@@ -17,6 +17,11 @@ use weir_store::{EmbeddedStore, SharedStore};
 
 use crate::config::Config;
 
+// The proxy allocates small, short-lived buffers per request; mimalloc keeps them thread-local
+// and avoids glibc's trimming and refaulting under steady load.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "weir", version, about = "An API gateway compatible with Apache APISIX's Admin API")]
 struct Cli {
