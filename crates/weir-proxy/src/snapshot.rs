@@ -223,3 +223,4 @@ impl Builder {
         Snapshot { revision: state.revision, router: Router::new(specs) }
     }
 }
+
