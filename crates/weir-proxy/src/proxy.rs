@@ -363,7 +363,9 @@ async fn send(
     loop {
         let mut conn = match pool::checkout(node, upstream.keepalive) {
             Some(c) => c,
-            None => match pool::connect(node, upstream.keepalive, timeouts.connect).await {
+            // Boxed: the connect future is large and rarely needed; keeping it out of line keeps
+            // the per-request future small, and hyper moves that future on every request.
+            None => match Box::pin(pool::connect(node, upstream.keepalive, timeouts.connect)).await {
                 Ok(c) => c,
                 Err(e) => return Err(SendError::Connect(req, e)),
             },
