@@ -198,7 +198,8 @@ impl Proxy {
     }
 
     pub async fn handle(&self, conn: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
-        let snapshot = self.snapshot.load_full();
+        // A guard, not a clone: the snapshot is only needed until the route is found.
+        let snapshot = self.snapshot.load();
         let (mut parts, body) = req.into_parts();
         let raw_host = parts
             .headers
@@ -223,8 +224,9 @@ impl Proxy {
             };
             snapshot.router.find(&facts).cloned()
         };
+        drop(snapshot);
         let Some(route) = route else { return not_found() };
-        let Some(upstream) = route.upstream.clone() else {
+        let Some(upstream) = route.upstream.as_ref() else {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 r#"{"error_msg":"missing upstream configuration in Route or Service"}"#,
@@ -243,7 +245,7 @@ impl Proxy {
         if let PassHost::Rewrite(h) = &upstream.pass_host {
             parts.headers.insert(header::HOST, h.clone());
         }
-        forward(&upstream, route.timeouts, Request::from_parts(parts, ReqBody::Incoming(body))).await
+        forward(upstream, route.timeouts, Request::from_parts(parts, ReqBody::Incoming(body))).await
     }
 }
 

@@ -144,27 +144,46 @@ impl UpstreamRt {
     }
 }
 
+/// Where an upstream's config lives: inline in a route or service, or an upstream object.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Source {
+    Route,
+    Service,
+    Object,
+}
+
+type UpstreamCache<K> = HashMap<(Source, K), Arc<UpstreamRt>>;
+
+fn reuse_or_build<'s>(
+    next: &mut UpstreamCache<&'s str>,
+    previous: &UpstreamCache<String>,
+    source: Source,
+    id: &'s str,
+    up: &Upstream,
+) -> Arc<UpstreamRt> {
+    if let Some(rt) = next.get(&(source, id)) {
+        return rt.clone();
+    }
+    let rt = match previous.get(&(source, id.to_string())) {
+        Some(old) if old.model == *up => old.clone(),
+        _ => Arc::new(UpstreamRt::build(up)),
+    };
+    next.insert((source, id), rt.clone());
+    rt
+}
+
 /// Builds snapshots, keeping upstream runtimes alive across builds when their config is unchanged.
 #[derive(Default)]
 pub struct Builder {
-    upstreams: HashMap<String, Arc<UpstreamRt>>,
+    upstreams: UpstreamCache<String>,
 }
 
 impl Builder {
     pub fn build(&mut self, state: &ConfigState) -> Snapshot {
-        let mut next: HashMap<String, Arc<UpstreamRt>> = HashMap::new();
-        let mut upstream_rt = |cache_key: String, up: &Upstream| -> Arc<UpstreamRt> {
-            if let Some(rt) = next.get(&cache_key) {
-                return rt.clone();
-            }
-            let rt = match self.upstreams.get(&cache_key) {
-                Some(old) if old.model == *up => old.clone(),
-                _ => Arc::new(UpstreamRt::build(up)),
-            };
-            next.insert(cache_key, rt.clone());
-            rt
-        };
-
+        // Keyed by borrowed ids for this build, so a hit allocates nothing.
+        let mut next: UpstreamCache<&str> = HashMap::new();
+        let previous = &self.upstreams;
+        
         // Older routes first, so they win priority ties (the router numbers them in this order).
         let mut routes: Vec<_> = state.routes.iter().filter(|(_, r)| r.value.status != 0).collect();
         routes.sort_by_key(|(id, r)| (r.created, id.as_str()));
@@ -174,16 +193,16 @@ impl Builder {
             let route = &entry.value;
             let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
             let upstream = if let Some(up) = &route.upstream {
-                Some(upstream_rt(format!("route/{id}"), up))
+                Some(reuse_or_build(&mut next, previous, Source::Route, id, up))
             } else if let Some(uid) = &route.upstream_id {
-                state.upstreams.get(&uid.0).map(|up| upstream_rt(format!("upstream/{uid}"), up))
+                state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, Source::Object, &uid.0, up))
             } else if let Some(svc) = service {
                 if let Some(up) = &svc.upstream {
-                    Some(upstream_rt(format!("service/{}", svc.id), up))
+                    Some(reuse_or_build(&mut next, previous, Source::Service, &svc.id.0, up))
                 } else {
                     svc.upstream_id
                         .as_ref()
-                        .and_then(|uid| state.upstreams.get(&uid.0).map(|up| upstream_rt(format!("upstream/{uid}"), up)))
+                        .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, Source::Object, &uid.0, up)))
                 }
             } else {
                 None
@@ -219,8 +238,68 @@ impl Builder {
                 value: Arc::new(RouteRt { id: id.clone(), upstream, timeouts }),
             });
         }
-        self.upstreams = next;
+        self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
         Snapshot { revision: state.revision, router: Router::new(specs) }
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::RequestFacts;
+    use std::borrow::Cow;
+    use weir_core::expr::Vars;
+    use weir_store::KeyValue;
+
+    struct NoVars;
+    impl Vars for NoVars {
+        fn get(&self, _: &str) -> Option<Cow<'_, str>> {
+            None
+        }
+    }
+
+    fn kv(key: &str, value: &str, rev: i64) -> KeyValue {
+        KeyValue { key: key.into(), value: value.as_bytes().to_vec().into(), create_revision: rev, mod_revision: rev }
+    }
+
+    fn upstream_of(s: &Snapshot, path: &str) -> Arc<UpstreamRt> {
+        let facts = RequestFacts { method: "GET", host: None, path, remote: None, vars: &NoVars };
+        s.router.find(&facts).and_then(|r| r.upstream.clone()).expect("route with an upstream")
+    }
+
+    #[test]
+    fn unchanged_upstreams_keep_their_runtime() {
+        let mut state = ConfigState::from_list(
+            "/apisix",
+            &[
+                kv("/apisix/upstreams/u", r#"{"nodes":{"127.0.0.1:1":1}}"#, 1),
+                kv("/apisix/routes/a", r#"{"uri":"/a","upstream_id":"u","timeout":{"connect":1,"send":2,"read":3}}"#, 2),
+                kv("/apisix/routes/b", r#"{"uri":"/b","upstream_id":"u"}"#, 3),
+                kv("/apisix/routes/c", r#"{"uri":"/c","upstream":{"nodes":{"127.0.0.1:2":1}}}"#, 4),
+            ],
+            4,
+        );
+        let mut b = Builder::default();
+        let first = b.build(&state);
+        assert!(Arc::ptr_eq(&upstream_of(&first, "/a"), &upstream_of(&first, "/b")), "one runtime per upstream object");
+        let facts = RequestFacts { method: "GET", host: None, path: "/a", remote: None, vars: &NoVars };
+        let a = first.router.find(&facts).unwrap();
+        assert_eq!(a.timeouts.read, Duration::from_secs(3), "a route's timeout applies");
+        assert_eq!(upstream_of(&first, "/b").retries, 0, "one node: nothing to retry on");
+
+        // An unrelated change keeps both runtimes.
+        let ev = |key: &str, value: &str, rev| weir_store::Event { kind: weir_store::EventKind::Put, kv: kv(key, value, rev) };
+        state.apply("/apisix", 5, &[ev("/apisix/routes/d", r#"{"uri":"/d","upstream_id":"u"}"#, 5)]);
+        let second = b.build(&state);
+        assert!(Arc::ptr_eq(&upstream_of(&first, "/a"), &upstream_of(&second, "/a")));
+        assert!(Arc::ptr_eq(&upstream_of(&first, "/c"), &upstream_of(&second, "/c")));
+
+        // Changing the upstream replaces its runtime.
+        state.apply("/apisix", 6, &[ev("/apisix/upstreams/u", r#"{"nodes":{"127.0.0.1:3":1,"127.0.0.1:4":1}}"#, 6)]);
+        let third = b.build(&state);
+        assert!(!Arc::ptr_eq(&upstream_of(&second, "/a"), &upstream_of(&third, "/a")));
+        assert_eq!(upstream_of(&third, "/a").nodes.len(), 2);
+        assert_eq!(upstream_of(&third, "/a").retries, 1, "retries default to the other nodes");
+    }
+}
