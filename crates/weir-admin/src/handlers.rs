@@ -178,12 +178,11 @@ fn schema_endpoints(admin: &Admin, method: &Method, segs: &[&str], body: Option<
 /// The JSON an object is shown as; private keys never leave the store.
 fn shown_value(resource: Resource, kv: &KeyValue) -> Value {
     let mut v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
-    if resource == Resource::Ssls {
-        if let Some(o) = v.as_object_mut() {
+    if resource == Resource::Ssls
+        && let Some(o) = v.as_object_mut() {
             o.remove("key");
             o.remove("keys");
         }
-    }
     v
 }
 
@@ -201,11 +200,10 @@ fn matches_filters(resource: Resource, value: &Value, query: &str) -> Result<boo
         let re = regex::Regex::new(pattern).map_err(|e| format!("invalid filter pattern: {e}"))?;
         Ok(field.as_str().is_some_and(|s| re.is_match(s)))
     };
-    if let Some(name) = query_param(query, "name") {
-        if !regex_match(&value["name"], &decode(name))? {
+    if let Some(name) = query_param(query, "name")
+        && !regex_match(&value["name"], &decode(name))? {
             return Ok(false);
         }
-    }
     if let Some(label) = query_param(query, "label") {
         let label = decode(label);
         if !value["labels"].as_object().is_some_and(|l| l.contains_key(&label)) {
@@ -424,12 +422,11 @@ fn encode(value: &Map<String, Value>) -> Bytes {
 
 fn written(key: &str, resource: Resource, value: &Map<String, Value>) -> Value {
     let mut shown = Value::Object(value.clone());
-    if resource == Resource::Ssls {
-        if let Some(o) = shown.as_object_mut() {
+    if resource == Resource::Ssls
+        && let Some(o) = shown.as_object_mut() {
             o.remove("key");
             o.remove("keys");
         }
-    }
     json!({"key": key, "value": shown})
 }
 

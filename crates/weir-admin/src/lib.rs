@@ -49,14 +49,12 @@ impl Admin {
             .get(http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok())
-        {
-            if len > MAX_BODY {
+            && len > MAX_BODY {
                 if len <= DRAIN_LIMIT {
                     drain(body).await;
                 }
                 return reply::too_large(len);
             }
-        }
         let mut body = body;
         let mut collected = Vec::new();
         while let Some(frame) = body.frame().await {

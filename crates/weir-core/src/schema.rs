@@ -377,17 +377,15 @@ fn check_route(value: &Value, errors: &mut Vec<String>) {
         .or_else(|| value.get("remote_addr").map(|v| vec![v]))
         .unwrap_or_default();
     for a in addrs {
-        if let Some(s) = a.as_str() {
-            if model::parse_ip_net(s).is_none() {
+        if let Some(s) = a.as_str()
+            && model::parse_ip_net(s).is_none() {
                 errors.push(format!("invalid remote_addr \"{s}\": not an IP address or CIDR"));
             }
-        }
     }
-    if let Some(vars) = value.get("vars") {
-        if let Err(e) = Expr::compile(vars) {
+    if let Some(vars) = value.get("vars")
+        && let Err(e) = Expr::compile(vars) {
             errors.push(format!("failed to validate the 'vars' expression: {e}"));
         }
-    }
     if let Some(up) = value.get("upstream") {
         check_upstream("upstream.", up, errors);
     }

@@ -165,7 +165,7 @@ impl Vars for RequestVars<'_> {
             return self.headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
                 line.split(';').find_map(|kv| {
                     let (k, v) = kv.trim().split_once('=')?;
-                    (k == c).then(|| Cow::Borrowed(v))
+                    (k == c).then_some(Cow::Borrowed(v))
                 })
             });
         }
@@ -187,7 +187,7 @@ impl Vars for RequestVars<'_> {
 
 enum SendError {
     /// Nothing was sent: the request comes back for another node.
-    Connect(Request<ReqBody>, ConnectError),
+    Connect(Box<Request<ReqBody>>, ConnectError),
     Timeout,
     Upstream(hyper::Error),
 }
@@ -236,11 +236,10 @@ impl Proxy {
         let original_host = parts.headers.get(header::HOST).cloned();
         forwarded_headers(&mut parts.headers, conn, original_host);
         strip_hop_by_hop(&mut parts.headers);
-        if let Some(pq) = parts.uri.path_and_query() {
-            if parts.uri.scheme().is_some() {
+        if let Some(pq) = parts.uri.path_and_query()
+            && parts.uri.scheme().is_some() {
                 parts.uri = Uri::from(pq.clone());
             }
-        }
         parts.version = http::Version::HTTP_11;
         if let PassHost::Rewrite(h) = &upstream.pass_host {
             parts.headers.insert(header::HOST, h.clone());
@@ -267,11 +266,10 @@ fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Op
     if !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
     }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
-        if let Some(h) = original_host {
+    if !headers.contains_key(&X_FORWARDED_HOST)
+        && let Some(h) = original_host {
             headers.insert(X_FORWARDED_HOST, h);
         }
-    }
     if !headers.contains_key(&X_FORWARDED_PORT) {
         headers.insert(X_FORWARDED_PORT, conn.local_port.clone());
     }
@@ -327,7 +325,7 @@ async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody
                 if attempts_left > 0 && within_budget() {
                     attempts_left -= 1;
                     tried.push(i);
-                    req = Some(back);
+                    req = Some(*back);
                     continue;
                 }
                 return match e {
@@ -369,7 +367,7 @@ async fn send(
             // the per-request future small, and hyper moves that future on every request.
             None => match Box::pin(pool::connect(node, upstream.keepalive, timeouts.connect)).await {
                 Ok(c) => c,
-                Err(e) => return Err(SendError::Connect(req, e)),
+                Err(e) => return Err(SendError::Connect(Box::new(req), e)),
             },
         };
         if conn.sender.ready().await.is_err() {
@@ -377,7 +375,7 @@ async fn send(
                 continue; // closed while idle; try the next one
             }
             let e = ConnectError::Io(node.authority.to_string(), std::io::ErrorKind::ConnectionReset.into());
-            return Err(SendError::Connect(req, e));
+            return Err(SendError::Connect(Box::new(req), e));
         }
         let wait = timeouts.send + timeouts.read;
         match tokio::time::timeout(wait, conn.sender.try_send_request(req)).await {

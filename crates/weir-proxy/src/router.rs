@@ -337,41 +337,36 @@ impl<T> Router<T> {
 
     pub fn find(&self, req: &RequestFacts<'_>) -> Option<&T> {
         if let Some(host) = req.host {
-            if let Some(index) = self.exact_hosts.get(host) {
-                if let Some(found) = self.find_in(index, req) {
+            if let Some(index) = self.exact_hosts.get(host)
+                && let Some(found) = self.find_in(index, req) {
                     return Some(found);
                 }
-            }
             if !self.wild_hosts.is_empty() {
                 // `a.b.example.com` tries `.b.example.com`, `.example.com`, `.com`, then `*`.
                 let mut from = 0;
                 while let Some(dot) = host[from..].find('.') {
                     let suffix = &host[from + dot..];
-                    if suffix.len() < host.len() {
-                        if let Some(index) = self.wild_hosts.get(suffix) {
-                            if let Some(found) = self.find_in(index, req) {
+                    if suffix.len() < host.len()
+                        && let Some(index) = self.wild_hosts.get(suffix)
+                            && let Some(found) = self.find_in(index, req) {
                                 return Some(found);
                             }
-                        }
-                    }
                     from += dot + 1;
                 }
-                if let Some(index) = self.wild_hosts.get("") {
-                    if let Some(found) = self.find_in(index, req) {
+                if let Some(index) = self.wild_hosts.get("")
+                    && let Some(found) = self.find_in(index, req) {
                         return Some(found);
                     }
-                }
             }
         }
         self.find_in(&self.no_host, req)
     }
 
     fn find_in<'s>(&'s self, index: &'s PathIndex, req: &RequestFacts<'_>) -> Option<&'s T> {
-        if let Some(slot) = index.exact.get(req.path) {
-            if let Some(found) = self.first_passing(slot, req) {
+        if let Some(slot) = index.exact.get(req.path)
+            && let Some(found) = self.first_passing(slot, req) {
                 return Some(found);
             }
-        }
         index.trie.walk_longest_first(req.path, |slot| self.first_passing(slot, req))
     }
 
@@ -379,11 +374,10 @@ impl<T> Router<T> {
         let bit = method_bit(req.method);
         slot.iter().find_map(|(i, pattern)| {
             let e = &self.entries[*i as usize];
-            if let Some(p) = pattern {
-                if !p.matches(req.path) {
+            if let Some(p) = pattern
+                && !p.matches(req.path) {
                     return None;
                 }
-            }
             let ok = (e.methods == u16::MAX || e.methods & bit != 0)
                 && e.remote_addrs.as_ref().is_none_or(|nets| req.remote.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip))))
                 && e.vars.as_ref().is_none_or(|v| v.eval(req.vars));
@@ -417,7 +411,7 @@ mod tests {
         }
     }
 
-    fn find<'r>(r: &'r Router<&'static str>, method: &str, host: Option<&str>, path: &str) -> Option<&'static str> {
+    fn find(r: &Router<&'static str>, method: &str, host: Option<&str>, path: &str) -> Option<&'static str> {
         let facts = RequestFacts { method, host, path, remote: Some("10.0.0.1".parse().unwrap()), vars: &NoVars };
         r.find(&facts).copied()
     }

@@ -206,11 +206,10 @@ impl EmbeddedStore {
         log.revision = revision;
         let batch: Batch = Arc::new((revision, events));
         log.recent.push_back(batch.clone());
-        if log.recent.len() > HISTORY {
-            if let Some(old) = log.recent.pop_front() {
+        if log.recent.len() > HISTORY
+            && let Some(old) = log.recent.pop_front() {
                 log.horizon = old.0 + 1;
             }
-        }
         // No receivers is fine: nobody is watching yet.
         let _ = self.shared.tx.send(batch);
         Ok(TxnOutcome::Committed { revision, prev: prevs, deleted })
@@ -274,22 +273,20 @@ impl Store for EmbeddedStore {
             let mut next = from_revision;
             for batch in backlog {
                 next = batch.0 + 1;
-                if let Some(msg) = filtered(&batch, &prefix) {
-                    if out.send(msg).await.is_err() {
+                if let Some(msg) = filtered(&batch, &prefix)
+                    && out.send(msg).await.is_err() {
                         return;
                     }
-                }
             }
             loop {
                 match live.recv().await {
                     Ok(batch) if batch.0 < next => continue,
                     Ok(batch) => {
                         next = batch.0 + 1;
-                        if let Some(msg) = filtered(&batch, &prefix) {
-                            if out.send(msg).await.is_err() {
+                        if let Some(msg) = filtered(&batch, &prefix)
+                            && out.send(msg).await.is_err() {
                                 return;
                             }
-                        }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         let _ = out.send(WatchMessage::Compacted).await;
