@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use weir_core::Resource;
 use weir_core::model::id_text;
 use weir_core::schema;
+use weir_core::text::percent_decode;
 use weir_store::{Compare, KeyValue, Op, Txn, TxnOutcome};
 
 use crate::Admin;
@@ -104,24 +105,7 @@ fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
 }
 
 fn decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                Ok(v) => {
-                    out.push(v);
-                    i += 2;
-                }
-                Err(_) => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_decode(s).into_owned()
 }
 
 fn plugins(admin: &Admin, method: &Method, segs: &[&str]) -> Reply {

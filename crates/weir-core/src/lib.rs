@@ -8,5 +8,6 @@ pub mod expr;
 pub mod model;
 pub mod resource;
 pub mod schema;
+pub mod text;
 
 pub use resource::Resource;

@@ -13,6 +13,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use weir_core::expr::Vars;
+use weir_core::text::percent_decode;
 
 use crate::body::{ReqBody, RespBody};
 use crate::pool::{self, Conn, ConnectError};
@@ -120,32 +121,6 @@ struct RequestVars<'a> {
     headers: &'a HeaderMap,
     host: Option<&'a str>,
     conn: &'a ConnInfo,
-}
-
-fn percent_decode(s: &str) -> Cow<'_, str> {
-    if !s.bytes().any(|b| b == b'%' || b == b'+') {
-        return Cow::Borrowed(s);
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
 impl Vars for RequestVars<'_> {
@@ -399,13 +374,6 @@ mod tests {
         assert_eq!(normalize_host("Example.COM:8080"), "example.com");
         assert_eq!(normalize_host("a.com"), "a.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
-    }
-
-    #[test]
-    fn decoding() {
-        assert_eq!(percent_decode("a%20b+c"), "a b c");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
     }
 
     #[test]
