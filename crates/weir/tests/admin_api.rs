@@ -222,6 +222,10 @@ async fn services_upstreams_and_references() {
     w.admin("DELETE", "/routes/r1", None).await;
     let (s, b) = w.admin("DELETE", &format!("/upstreams/{uid}"), None).await;
     assert_eq!((s, b), (400, json!({"error_msg": "can not delete this upstream, route [r2] is still using it now"})));
+    let (s, b) = w.admin("POST", "/services", Some(json!({"upstream_id": uid}))).await;
+    assert_eq!(s, 201, "{b}");
+    let generated = b["value"]["id"].as_str().unwrap().to_string();
+    assert_eq!(w.admin("DELETE", &format!("/services/{generated}"), None).await.0, 200);
     let (s, b) = w.admin("PATCH", "/services/s1", Some(json!({"desc": "d"}))).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["value"]["hosts"], json!(["a.com"]));

@@ -299,3 +299,23 @@ fn config_errors_name_the_key() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("wokers"), "{err}");
 }
+
+#[tokio::test]
+async fn in_flight_requests_finish_on_their_snapshot() {
+    let w = std::sync::Arc::new(Weir::start());
+    let old = Upstream::start("old").await;
+    let new = Upstream::start("new").await;
+    w.admin("PUT", "/routes/1", Some(json!({"uri": "/sleep/*", "upstream": nodes(&[&old])}))).await;
+    w.until("/sleep/0", &[], |r| r.status == 200).await;
+    // A slow request is in flight on the old config when the route moves to another upstream.
+    let slow = {
+        let w = w.clone();
+        tokio::spawn(async move { w.get("/sleep/400", &[]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (s, _) = w.admin("PUT", "/routes/1", Some(json!({"uri": "/sleep/*", "upstream": nodes(&[&new])}))).await;
+    assert_eq!(s, 200);
+    w.until("/sleep/0", &[], |r| r.json()["server"] == "new").await;
+    let r = slow.await.unwrap();
+    assert_eq!((r.status, r.json()["server"].as_str()), (200, Some("old")));
+}
