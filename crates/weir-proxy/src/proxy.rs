@@ -224,30 +224,29 @@ impl Proxy {
 }
 
 fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Option<HeaderValue>) {
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
+    use http::header::Entry;
+    // One hash per header: `entry` both looks up and inserts.
+    match headers.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut e) => {
+            let prev = e.get();
             let mut v = Vec::with_capacity(prev.len() + 2 + conn.remote_ip.len());
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
             v.extend_from_slice(conn.remote_ip.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.remote_ip.clone())
+            e.insert(HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.remote_ip.clone()));
         }
-        None => conn.remote_ip.clone(),
-    };
-    headers.insert(X_FORWARDED_FOR, xff);
+        Entry::Vacant(e) => {
+            e.insert(conn.remote_ip.clone());
+        }
+    }
     headers.insert(X_REAL_IP, conn.remote_ip.clone());
     // As APISIX does, an X-Forwarded-Proto/Host/Port set by the client (or a proxy before us)
     // is kept; otherwise it is filled in from this hop.
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(conn.scheme));
+    headers.entry(X_FORWARDED_PROTO).or_insert_with(|| HeaderValue::from_static(conn.scheme));
+    if let Some(h) = original_host {
+        headers.entry(X_FORWARDED_HOST).or_insert(h);
     }
-    if !headers.contains_key(&X_FORWARDED_HOST)
-        && let Some(h) = original_host {
-            headers.insert(X_FORWARDED_HOST, h);
-        }
-    if !headers.contains_key(&X_FORWARDED_PORT) {
-        headers.insert(X_FORWARDED_PORT, conn.local_port.clone());
-    }
+    headers.entry(X_FORWARDED_PORT).or_insert_with(|| conn.local_port.clone());
 }
 
 fn is_idempotent(m: &Method) -> bool {
