@@ -3,6 +3,7 @@
 
 use http::request::Parts;
 use subtle::ConstantTimeEq;
+use weir_core::text::{cookie, query_param};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -20,22 +21,14 @@ pub struct AdminKey {
     pub role: Role,
 }
 
-fn query_key(parts: &Parts) -> Option<&str> {
-    parts.uri.query()?.split('&').find_map(|kv| kv.strip_prefix("api_key="))
-}
-
 fn cookie_key(parts: &Parts) -> Option<&str> {
-    parts.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
-        line.split(';').find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k.eq_ignore_ascii_case("x-api-key") || k.eq_ignore_ascii_case("x_api_key")).then_some(v)
-        })
-    })
+    let is_key = |k: &str| k.eq_ignore_ascii_case("x-api-key") || k.eq_ignore_ascii_case("x_api_key");
+    parts.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| cookie(line, is_key))
 }
 
 /// `Err` carries the description APISIX gives.
 pub fn check(keys: &[AdminKey], parts: &Parts) -> Result<(), &'static str> {
-    let given = query_key(parts)
+    let given = parts.uri.query().and_then(|q| query_param(q, "api_key"))
         .or_else(|| parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .or_else(|| cookie_key(parts));
     let Some(given) = given else { return Err("missing apikey") };

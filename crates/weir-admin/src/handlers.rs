@@ -10,7 +10,7 @@ use serde_json::{Map, Value, json};
 use weir_core::Resource;
 use weir_core::model::id_text;
 use weir_core::schema;
-use weir_core::text::percent_decode;
+use weir_core::text::{percent_decode, query_param};
 use weir_store::{Compare, KeyValue, Op, Txn, TxnOutcome};
 
 use crate::Admin;
@@ -95,13 +95,6 @@ fn parse_body(body: &Bytes) -> Result<Option<Value>, Reply> {
 
 fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
-}
-
-fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
-    query.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        (k == name).then_some(v)
-    })
 }
 
 fn decode(s: &str) -> String {

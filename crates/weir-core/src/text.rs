@@ -37,9 +37,36 @@ pub fn percent_decode(s: &str) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
+/// The `key=value` pairs of a query string, undecoded; a bare `key` has an empty value.
+pub fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query.split('&').filter(|kv| !kv.is_empty()).map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+}
+
+/// The first value of `name` in a query string, undecoded.
+pub fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
+    query_pairs(query).find_map(|(k, v)| (k == name).then_some(v))
+}
+
+/// The value of the first cookie in one `Cookie` header line whose name `is_name` accepts.
+pub fn cookie(line: &str, is_name: impl Fn(&str) -> bool) -> Option<&str> {
+    line.split(';').find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        is_name(k).then_some(v)
+    })
+}
+
 #[cfg(test)]
 mod tests {
-    use super::percent_decode;
+    use super::*;
+
+    #[test]
+    fn queries_and_cookies() {
+        assert_eq!(query_param("a=1&b=2&a=3", "a"), Some("1"));
+        assert_eq!(query_param("flag&b=2", "flag"), Some(""));
+        assert_eq!(query_param("b=2", "a"), None);
+        assert_eq!(cookie("x=1; y=2", |k| k == "y"), Some("2"));
+        assert_eq!(cookie("x=1", |k| k == "y"), None);
+    }
 
     #[test]
     fn decoding() {

@@ -1,6 +1,7 @@
 //! Body types of the proxy. Request and response bodies stream frame by frame; nothing here
 //! buffers a body.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -141,5 +142,3 @@ impl Body for RespBody {
         }
     }
 }
-
-use std::future::Future as _;

@@ -13,7 +13,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use weir_core::expr::Vars;
-use weir_core::text::percent_decode;
+use weir_core::text::{cookie, percent_decode, query_pairs};
 
 use crate::body::{ReqBody, RespBody};
 use crate::pool::{self, Conn, ConnectError};
@@ -127,22 +127,21 @@ impl Vars for RequestVars<'_> {
     fn get(&self, name: &str) -> Option<Cow<'_, str>> {
         if let Some(arg) = name.strip_prefix("arg_") {
             let query = self.uri.query()?;
-            return query.split('&').find_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (percent_decode(k) == arg).then(|| Cow::Owned(percent_decode(v).into_owned()))
-            });
+            return query_pairs(query)
+                .find_map(|(k, v)| (percent_decode(k) == arg).then(|| Cow::Owned(percent_decode(v).into_owned())));
         }
         if let Some(h) = name.strip_prefix("http_") {
             let header = h.replace('_', "-");
             return self.headers.get(header.as_str()).and_then(|v| v.to_str().ok()).map(Cow::Borrowed);
         }
         if let Some(c) = name.strip_prefix("cookie_") {
-            return self.headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
-                line.split(';').find_map(|kv| {
-                    let (k, v) = kv.trim().split_once('=')?;
-                    (k == c).then_some(Cow::Borrowed(v))
-                })
-            });
+            return self
+                .headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(|line| cookie(line, |k| k == c))
+                .map(Cow::Borrowed);
         }
         match name {
             "uri" => Some(Cow::Borrowed(self.uri.path())),

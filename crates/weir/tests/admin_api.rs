@@ -334,8 +334,7 @@ async fn plugin_configs_global_rules_ssls_metadata() {
     assert_eq!(s, 404);
 
     let (s, b) = w.admin("GET", "/plugins/list", None).await;
-    assert_eq!(s, 200);
-    assert!(b.is_array());
+    assert_eq!((s, b), (200, json!([])), "no plugins are built in yet");
     let (s, _) = w.admin("GET", "/plugins/no-such-plugin", None).await;
     assert_eq!(s, 404);
 
