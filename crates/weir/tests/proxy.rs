@@ -319,3 +319,42 @@ async fn in_flight_requests_finish_on_their_snapshot() {
     let r = slow.await.unwrap();
     assert_eq!((r.status, r.json()["server"].as_str()), (200, Some("old")));
 }
+
+#[tokio::test]
+async fn retry_timeout_bounds_retries() {
+    let w = Weir::start();
+    let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
+    let all = |extra: serde_json::Value| {
+        let mut u = nodes(&[&ups[0], &ups[1], &ups[2]]);
+        for (k, v) in extra.as_object().unwrap() {
+            u[k] = v.clone();
+        }
+        u
+    };
+    w.admin("PUT", "/routes/free", Some(json!({"uri": "/status/*", "upstream": all(json!({}))}))).await;
+    w.admin("PUT", "/routes/bounded", Some(json!({"uri": "/status/*", "host": "bounded", "upstream": all(json!({"retry_timeout": 0.2}))}))).await;
+    w.until("/status/200", &[("host", "bounded")], |r| r.status == 200).await;
+    w.until("/status/200", &[], |r| r.status == 200).await;
+    let hits = || ups.iter().map(|u| u.hits.load(std::sync::atomic::Ordering::SeqCst)).sum::<usize>();
+    // Without a budget, a slow 503 is tried on every node.
+    let before = hits();
+    assert_eq!(w.get("/status/503?sleep=300", &[]).await.status, 503);
+    assert_eq!(hits() - before, 3);
+    // With a 0.2 s budget, the first slow answer has used it up.
+    let before = hits();
+    assert_eq!(w.get("/status/503?sleep=300", &[("host", "bounded")]).await.status, 503);
+    assert_eq!(hits() - before, 1);
+}
+
+#[tokio::test]
+async fn connect_timeout_is_a_504() {
+    let w = Weir::start();
+    let (hanging, _listener, _fill) = common::hanging_port();
+    let up = json!({"nodes": {hanging.to_string(): 1}, "timeout": {"connect": 0.3, "send": 5, "read": 5}});
+    w.admin("PUT", "/routes/1", Some(json!({"uri": "/", "upstream": up}))).await;
+    let started = std::time::Instant::now();
+    let r = w.until("/", &[], |r| r.status != 404).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert_eq!(r.json(), json!({"error_msg": "504 Gateway Timeout"}));
+}

@@ -156,7 +156,7 @@ pub async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
 
 /// A real HTTP upstream. It answers with JSON describing the request it got, and the name it
 /// was given, so tests can see what the gateway forwarded and to which node.
-/// `/status/N` answers N; `/sleep/MS` waits first.
+/// `/status/N` answers N; `/sleep/MS` (or `?sleep=MS`) waits first.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicUsize>,
@@ -192,7 +192,10 @@ impl Upstream {
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let path = parts.uri.path().to_string();
-                            if let Some(ms) = path.strip_prefix("/sleep/") {
+                            let delay = path
+                                .strip_prefix("/sleep/")
+                                .or_else(|| parts.uri.query().and_then(|q| q.strip_prefix("sleep=")));
+                            if let Some(ms) = delay {
                                 tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
                             }
                             let status = path.strip_prefix("/status/").and_then(|s| s.parse().ok()).unwrap_or(200u16);
@@ -233,4 +236,22 @@ pub fn dead_port() -> SocketAddr {
     let a = l.local_addr().unwrap();
     drop(l);
     a
+}
+
+/// A loopback address where a TCP connect hangs: a listener that never accepts, with its
+/// backlog already full, so further SYNs are dropped. Keep the returned value alive.
+pub fn hanging_port() -> (SocketAddr, socket2::Socket, Vec<std::net::TcpStream>) {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    // Fill the accept queue; connects past it get no answer.
+    for _ in 0..4 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => fill.push(s),
+            Err(_) => break,
+        }
+    }
+    (addr, sock, fill)
 }
