@@ -32,7 +32,8 @@ struct Target<'a> {
 
 pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
     let path = parts.uri.path().to_string();
-    let Some(rest) = path.strip_prefix("/apisix/admin") else {
+    let control = path.strip_prefix("/v1/");
+    let Some(rest) = path.strip_prefix("/apisix/admin").or(control) else {
         return reply::error(StatusCode::NOT_FOUND, "not found");
     };
     if let Err(description) = auth::check(&admin.keys, &parts) {
@@ -41,6 +42,15 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
             StatusCode::UNAUTHORIZED,
             &json!({"error_msg": "failed to check token", "description": description}),
         );
+    }
+    if control.is_some() {
+        if parts.method != Method::GET {
+            return reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("not supported `{}` method", parts.method));
+        }
+        return match admin.control.as_ref().and_then(|c| c.get(rest)) {
+            Some((status, value)) => reply::json(status, &value),
+            None => reply::error(StatusCode::NOT_FOUND, "not found"),
+        };
     }
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     if segs.is_empty() {

@@ -29,12 +29,26 @@ pub struct Admin {
     prefix: String,
     keys: Vec<AdminKey>,
     plugins: Arc<dyn PluginCatalog>,
+    control: Option<Arc<dyn Control>>,
+}
+
+/// Read-only state of the running gateway served under `/v1/` on the admin listener (APISIX's
+/// control API, e.g. `/v1/healthcheck`). The Admin API itself only ever sees the store; this is
+/// how the data plane's live state reaches the same listener.
+pub trait Control: Send + Sync {
+    /// Answers `GET /v1/{path}`; `None` when nothing lives there.
+    fn get(&self, path: &str) -> Option<(http::StatusCode, serde_json::Value)>;
 }
 
 impl Admin {
     /// `prefix` is the store key prefix every object lives under (`/apisix`).
     pub fn new(store: SharedStore, prefix: String, keys: Vec<AdminKey>, plugins: Arc<dyn PluginCatalog>) -> Admin {
-        Admin { store, prefix, keys, plugins }
+        Admin { store, prefix, keys, plugins, control: None }
+    }
+
+    pub fn with_control(mut self, control: Arc<dyn Control>) -> Admin {
+        self.control = Some(control);
+        self
     }
 
     /// Answers one request. Never fails: every error is a response.

@@ -129,6 +129,7 @@ pub struct Upstream {
     pub hash_on: Option<String>,
     pub key: Option<String>,
     pub keepalive_pool: Option<KeepalivePool>,
+    pub checks: Option<Checks>,
 }
 
 fn roundrobin() -> String {
@@ -159,6 +160,127 @@ fn pool_idle() -> f64 {
 }
 fn pool_requests() -> u64 {
     1000
+}
+
+/// Health checks, with APISIX's defaults for every field left out.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Checks {
+    pub active: Option<ActiveCheck>,
+    pub passive: Option<PassiveCheck>,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ActiveCheck {
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Seconds.
+    pub timeout: f64,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub http_path: String,
+    pub https_verify_certificate: bool,
+    pub req_headers: Vec<String>,
+    pub healthy: ActiveHealthy,
+    pub unhealthy: ActiveUnhealthy,
+}
+
+impl Default for ActiveCheck {
+    fn default() -> Self {
+        ActiveCheck {
+            kind: "http".into(),
+            timeout: 1.0,
+            host: None,
+            port: None,
+            http_path: "/".into(),
+            https_verify_certificate: true,
+            req_headers: Vec::new(),
+            healthy: ActiveHealthy::default(),
+            unhealthy: ActiveUnhealthy::default(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ActiveHealthy {
+    /// Seconds between probes of a healthy node.
+    pub interval: u64,
+    pub http_statuses: Vec<u16>,
+    pub successes: u32,
+}
+
+impl Default for ActiveHealthy {
+    fn default() -> Self {
+        ActiveHealthy { interval: 1, http_statuses: vec![200, 302], successes: 2 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct ActiveUnhealthy {
+    /// Seconds between probes of an unhealthy node.
+    pub interval: u64,
+    pub http_statuses: Vec<u16>,
+    pub http_failures: u32,
+    pub tcp_failures: u32,
+    pub timeouts: u32,
+}
+
+impl Default for ActiveUnhealthy {
+    fn default() -> Self {
+        ActiveUnhealthy {
+            interval: 1,
+            http_statuses: vec![429, 404, 500, 501, 502, 503, 504, 505],
+            http_failures: 5,
+            tcp_failures: 2,
+            timeouts: 3,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PassiveCheck {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub healthy: PassiveHealthy,
+    pub unhealthy: PassiveUnhealthy,
+}
+
+impl Default for PassiveCheck {
+    fn default() -> Self {
+        PassiveCheck { kind: "http".into(), healthy: PassiveHealthy::default(), unhealthy: PassiveUnhealthy::default() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PassiveHealthy {
+    pub http_statuses: Vec<u16>,
+    pub successes: u32,
+}
+
+impl Default for PassiveHealthy {
+    fn default() -> Self {
+        let statuses = (200..=208).chain([226]).chain(300..=308).collect();
+        PassiveHealthy { http_statuses: statuses, successes: 5 }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PassiveUnhealthy {
+    pub http_statuses: Vec<u16>,
+    pub http_failures: u32,
+    pub tcp_failures: u32,
+    pub timeouts: u32,
+}
+
+impl Default for PassiveUnhealthy {
+    fn default() -> Self {
+        PassiveUnhealthy { http_statuses: vec![429, 500, 503], http_failures: 5, tcp_failures: 2, timeouts: 7 }
+    }
 }
 
 /// One upstream node. `host` is an IP or a name; the port defaults from the scheme.
@@ -270,6 +392,22 @@ mod tests {
         .unwrap();
         assert_eq!(u.nodes.0[0].priority, -1);
         assert_eq!(u.pass_host, "pass");
+    }
+
+    #[test]
+    fn checks_take_apisix_defaults() {
+        let u: Upstream = serde_json::from_value(json!({"nodes": {"a:1": 1},
+            "checks": {"active": {"unhealthy": {"tcp_failures": 1}}, "passive": {}}}))
+        .unwrap();
+        let checks = u.checks.unwrap();
+        let active = checks.active.unwrap();
+        assert_eq!(active.http_path, "/");
+        assert_eq!(active.healthy, ActiveHealthy { interval: 1, http_statuses: vec![200, 302], successes: 2 });
+        assert_eq!(active.unhealthy.tcp_failures, 1);
+        assert_eq!(active.unhealthy.http_failures, 5);
+        let passive = checks.passive.unwrap();
+        assert_eq!(passive.unhealthy.timeouts, 7);
+        assert!(passive.healthy.http_statuses.contains(&226));
     }
 
     #[test]

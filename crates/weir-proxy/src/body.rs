@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use crate::balancer::InFlight;
 use crate::pool::Conn;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -66,8 +67,9 @@ impl RespBody {
 
     /// Streams `inner`, failing if no frame arrives for `read_timeout`, and gives the connection
     /// back to the pool once the body has been read to its end.
-    pub fn upstream(inner: Incoming, read_timeout: Duration, conn: Conn) -> RespBody {
-        let mut body = UpstreamBody { inner, read_timeout, sleep: None, conn: Some(conn) };
+    /// `in_flight` counts the request against its node's load until the body is done.
+    pub fn upstream(inner: Incoming, read_timeout: Duration, conn: Conn, in_flight: Option<InFlight>) -> RespBody {
+        let mut body = UpstreamBody { inner, read_timeout, sleep: None, conn: Some(conn), in_flight };
         if body.inner.is_end_stream() {
             body.release();
         }
@@ -81,10 +83,12 @@ struct UpstreamBody {
     /// Created on the first `Pending`: most small bodies arrive with the head and need no timer.
     sleep: Option<Pin<Box<Sleep>>>,
     conn: Option<Conn>,
+    in_flight: Option<InFlight>,
 }
 
 impl UpstreamBody {
     fn release(&mut self) {
+        self.in_flight = None;
         if let Some(conn) = self.conn.take() {
             conn.release();
         }

@@ -15,10 +15,12 @@ use hyper::body::Incoming;
 use weir_core::expr::Vars;
 use weir_core::text::{cookie, percent_decode, query_pairs};
 
+use crate::balancer::{InFlight, hash32};
 use crate::body::{ReqBody, RespBody};
+use crate::health::Outcome;
 use crate::pool::{self, Conn, ConnectError};
 use crate::router::RequestFacts;
-use crate::snapshot::{NodeRt, PassHost, Snapshot, Timeouts, UpstreamRt};
+use crate::snapshot::{HashOn, NodeRt, PassHost, Snapshot, Timeouts, UpstreamRt};
 
 /// Facts about the client connection a request arrived on, with the header values derived
 /// from them computed once per connection rather than once per request.
@@ -181,14 +183,8 @@ impl Proxy {
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.host());
         let host = raw_host.map(normalize_host);
+        let vars = RequestVars { method: &parts.method, uri: &parts.uri, headers: &parts.headers, host: host.as_deref(), conn };
         let route = {
-            let vars = RequestVars {
-                method: &parts.method,
-                uri: &parts.uri,
-                headers: &parts.headers,
-                host: host.as_deref(),
-                conn,
-            };
             let facts = RequestFacts {
                 method: parts.method.as_str(),
                 host: host.as_deref(),
@@ -206,6 +202,7 @@ impl Proxy {
                 r#"{"error_msg":"missing upstream configuration in Route or Service"}"#,
             );
         };
+        let hash = upstream.hash_on.as_ref().map_or(0, |on| hash_key(on, &vars));
         drop(host);
         let original_host = parts.headers.get(header::HOST).cloned();
         forwarded_headers(&mut parts.headers, conn, original_host);
@@ -218,8 +215,44 @@ impl Proxy {
         if let PassHost::Rewrite(h) = &upstream.pass_host {
             parts.headers.insert(header::HOST, h.clone());
         }
-        forward(upstream, route.timeouts, Request::from_parts(parts, ReqBody::Incoming(body))).await
+        forward(upstream, route.timeouts, hash, Request::from_parts(parts, ReqBody::Incoming(body))).await
     }
+}
+
+/// The `chash` key of a request, hashed. Without a value (the variable is not set, or no
+/// consumer was identified) the client address stands in, as in APISIX.
+fn hash_key(on: &HashOn, vars: &RequestVars<'_>) -> u32 {
+    let key = match on {
+        HashOn::Var(name) => vars.get(name),
+        HashOn::Combination(text) => combine_vars(text, vars).map(Cow::Owned),
+        HashOn::Consumer => None,
+    };
+    match key {
+        Some(k) => hash32(k.as_bytes()),
+        None => hash32(vars.conn.remote_ip.as_bytes()),
+    }
+}
+
+/// Replaces each `$name` in `text` with that variable's value (empty when unset). `None` when
+/// not one of the variables is set.
+fn combine_vars(text: &str, vars: &dyn Vars) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut resolved = 0;
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let len = after.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
+        if len == 0 {
+            out.push('$');
+        } else if let Some(v) = vars.get(&after[..len]) {
+            out.push_str(&v);
+            resolved += 1;
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    (resolved > 0).then_some(out)
 }
 
 fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Option<HeaderValue>) {
@@ -253,8 +286,9 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// Sends to a node of `upstream`, moving to another node when one cannot be connected to, or
-/// (for an idempotent request without a body) answers 502, 503 or 504.
-async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody>) -> Response<RespBody> {
+/// (for an idempotent request without a body) when the connection breaks or the node answers
+/// 502, 503 or 504.
+async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, hash: u32, req: Request<ReqBody>) -> Response<RespBody> {
     // Only read the clock when a retry budget needs it.
     let started = upstream.retry_timeout.map(|_| Instant::now());
     let resend = is_idempotent(req.method()) && req.body().is_end_stream();
@@ -262,10 +296,11 @@ async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody
     let mut tried: Vec<usize> = Vec::new();
     let mut req = Some(req);
     loop {
-        let Some(i) = upstream.balancer.pick(&tried) else {
+        let Some(i) = upstream.balancer.pick(&upstream.nodes, upstream.checked, hash, &tried) else {
             return bad_gateway();
         };
         let node = &upstream.nodes[i];
+        let in_flight = upstream.balancer.tracks_load().then(|| (InFlight::start(&node.load), Instant::now()));
         let within_budget = || match (upstream.retry_timeout, started) {
             (Some(t), Some(s)) => s.elapsed() < t,
             _ => true,
@@ -281,6 +316,12 @@ async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody
         match send(node, upstream, &timeouts, this).await {
             Ok((resp, conn)) => {
                 let status = resp.status().as_u16();
+                if let Some((_, sent)) = &in_flight {
+                    node.load.observe(sent.elapsed().as_secs_f64());
+                }
+                if let Some(p) = &upstream.passive {
+                    p.status(&node.authority, &node.health, status);
+                }
                 if matches!(status, 502..=504) && req.is_some() && attempts_left > 0 && within_budget() {
                     tracing::debug!(node = %node.authority, status, "retrying on another node");
                     attempts_left -= 1;
@@ -291,10 +332,15 @@ async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody
                 strip_hop_by_hop(&mut parts.headers);
                 // The client's connection speaks its own version, whatever the upstream spoke.
                 parts.version = http::Version::HTTP_11;
-                return Response::from_parts(parts, RespBody::upstream(body, timeouts.read, conn));
+                let guard = in_flight.map(|(g, _)| g);
+                return Response::from_parts(parts, RespBody::upstream(body, timeouts.read, conn, guard));
             }
             Err(SendError::Connect(back, e)) => {
                 tracing::warn!(error = %e, "upstream connect failed");
+                if let Some(p) = &upstream.passive {
+                    let outcome = if matches!(e, ConnectError::Timeout(_)) { Outcome::Timeout } else { Outcome::TcpFailure };
+                    p.failure(&node.authority, &node.health, outcome);
+                }
                 if attempts_left > 0 && within_budget() {
                     attempts_left -= 1;
                     tried.push(i);
@@ -308,10 +354,23 @@ async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, req: Request<ReqBody
             }
             Err(SendError::Timeout) => {
                 tracing::warn!(node = %node.authority, "upstream timed out");
+                if let Some(p) = &upstream.passive {
+                    p.failure(&node.authority, &node.health, Outcome::Timeout);
+                }
                 return gateway_timeout();
             }
             Err(SendError::Upstream(e)) => {
                 tracing::warn!(node = %node.authority, error = %e, "upstream request failed");
+                if let Some(p) = &upstream.passive {
+                    p.failure(&node.authority, &node.health, Outcome::TcpFailure);
+                }
+                // The connection broke under the request (a node going down, or a keep-alive
+                // connection it closed as we wrote): a bodiless idempotent request goes again.
+                if req.is_some() && attempts_left > 0 && within_budget() {
+                    attempts_left -= 1;
+                    tried.push(i);
+                    continue;
+                }
                 return bad_gateway();
             }
         }
@@ -384,5 +443,22 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn var_combinations() {
+        struct Two;
+        impl Vars for Two {
+            fn get(&self, name: &str) -> Option<Cow<'_, str>> {
+                match name {
+                    "remote_addr" => Some(Cow::Borrowed("10.0.0.1")),
+                    "arg_u" => Some(Cow::Borrowed("ann")),
+                    _ => None,
+                }
+            }
+        }
+        assert_eq!(combine_vars("$remote_addr-$arg_u", &Two).as_deref(), Some("10.0.0.1-ann"));
+        assert_eq!(combine_vars("$arg_u$http_missing!", &Two).as_deref(), Some("ann!"));
+        assert_eq!(combine_vars("$ and $http_x", &Two), None, "nothing resolved");
     }
 }

@@ -11,7 +11,8 @@ use http::HeaderValue;
 use weir_core::expr::Expr;
 use weir_core::model::{self, Timeout, Upstream};
 
-use crate::balancer::RoundRobin;
+use crate::balancer::{Balancer, NodeLoad};
+use crate::health::{self, Checker, NodeHealth, Passive, Target};
 use crate::router::{RouteSpec, Router};
 use crate::state::ConfigState;
 
@@ -21,11 +22,24 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Snapshot {
     pub revision: i64,
     pub router: Router<Arc<RouteRt>>,
+    /// Upstreams in use that have health checks, by the key of the object that holds them
+    /// (`/apisix/upstreams/1`, or the route or service with an inline upstream).
+    pub checked: Vec<(String, Arc<UpstreamRt>)>,
 }
 
 impl Snapshot {
     pub fn empty() -> Snapshot {
-        Snapshot { revision: 0, router: Router::new(Vec::new()) }
+        Snapshot { revision: 0, router: Router::new(Vec::new()), checked: Vec::new() }
+    }
+
+    /// Health of every checked upstream, in APISIX's `/v1/healthcheck` shape.
+    pub fn health_report(&self) -> serde_json::Value {
+        self.checked.iter().map(|(name, up)| up.health_report(name)).collect()
+    }
+
+    /// One entry of [`Snapshot::health_report`], by the key of the object holding the upstream.
+    pub fn health_of(&self, key: &str) -> Option<serde_json::Value> {
+        self.checked.iter().find(|(name, _)| name == key).map(|(name, up)| up.health_report(name))
     }
 }
 
@@ -70,11 +84,55 @@ pub struct NodeRt {
     pub socket: Option<SocketAddr>,
     /// The Host header for `pass_host: node`: the port is left out when it is the default.
     pub host_header: HeaderValue,
+    pub weight: u32,
+    pub priority: i64,
+    pub health: Arc<NodeHealth>,
+    pub load: Arc<NodeLoad>,
+}
+
+impl NodeRt {
+    fn new(host: &str, port: u16, default_port: u16, weight: u32, priority: i64) -> NodeRt {
+        let authority = format!("{host}:{port}");
+        let host_text = if port == default_port { host } else { &authority };
+        NodeRt {
+            socket: authority.parse().ok(),
+            host_header: HeaderValue::from_str(host_text).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
+            authority: authority.into(),
+            weight,
+            priority,
+            health: Arc::default(),
+            load: Arc::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+pub fn test_node(authority: &str, weight: u32, priority: i64) -> NodeRt {
+    let (host, port) = authority.rsplit_once(':').expect("host:port");
+    NodeRt::new(host, port.parse().expect("port"), 80, weight, priority)
+}
+
+/// Where a `chash` upstream reads a request's key (`hash_on` with `key`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum HashOn {
+    /// A variable, as in `vars` expressions (`remote_addr`, `uri`, `arg_id`…).
+    Var(String),
+    /// Text with `$var` references, e.g. `$remote_addr$http_user_agent`.
+    Combination(String),
+    /// The authenticated consumer's name.
+    Consumer,
 }
 
 pub struct UpstreamRt {
     pub nodes: Vec<NodeRt>,
-    pub balancer: RoundRobin,
+    pub balancer: Balancer,
+    /// Whether node health decides where traffic goes (the upstream has `checks`).
+    pub checked: bool,
+    pub passive: Option<Passive>,
+    /// For `chash`: where the key comes from.
+    pub hash_on: Option<HashOn>,
+    /// What the health report calls the checks (`http`, `https`, `tcp`).
+    pub check_type: String,
     pub retries: u32,
     pub retry_timeout: Option<Duration>,
     pub timeouts: Option<Timeouts>,
@@ -83,6 +141,8 @@ pub struct UpstreamRt {
     /// The model it was built from: an unchanged upstream keeps its runtime (and balancer state)
     /// across snapshots.
     model: Upstream,
+    /// Active probes of the nodes; they stop when the runtime is dropped.
+    _checker: Option<Checker>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -95,22 +155,12 @@ pub struct Keepalive {
 impl UpstreamRt {
     fn build(up: &Upstream) -> UpstreamRt {
         let default_port = if up.scheme == "https" || up.scheme == "grpcs" { 443 } else { 80 };
-        // Only the highest-priority tier takes traffic while health checks do not exist to
-        // fail it over; lower tiers are kept for when they do.
-        let top = up.nodes.0.iter().map(|n| n.priority).max().unwrap_or(0);
-        let mut nodes = Vec::new();
-        let mut weights = Vec::new();
-        for n in up.nodes.0.iter().filter(|n| n.priority == top) {
-            let port = n.port.unwrap_or(default_port);
-            let authority = format!("{}:{port}", n.host);
-            let host_text = if port == default_port { n.host.clone() } else { authority.clone() };
-            nodes.push(NodeRt {
-                socket: authority.parse().ok(),
-                host_header: HeaderValue::from_str(&host_text).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
-                authority: authority.into(),
-            });
-            weights.push(n.weight);
-        }
+        let nodes: Vec<NodeRt> = up
+            .nodes
+            .0
+            .iter()
+            .map(|n| NodeRt::new(&n.host, n.port.unwrap_or(default_port), default_port, n.weight, n.priority))
+            .collect();
         let pass_host = match up.pass_host.as_str() {
             "node" => PassHost::Node,
             "rewrite" => up
@@ -120,14 +170,43 @@ impl UpstreamRt {
                 .map_or(PassHost::Pass, PassHost::Rewrite),
             _ => PassHost::Pass,
         };
-        let live = weights.iter().filter(|w| **w > 0).count() as u32;
+        let live = nodes.iter().filter(|n| n.weight > 0).count() as u32;
         let pool = up.keepalive_pool.clone().unwrap_or(model::KeepalivePool {
             size: 320,
             idle_timeout: 60.0,
             requests: 1000,
         });
+        let hash_on = (up.lb == "chash").then(|| {
+            let key = up.key.clone().unwrap_or_else(|| "remote_addr".into());
+            match up.hash_on.as_deref().unwrap_or("vars") {
+                "header" => HashOn::Var(format!("http_{key}")),
+                "cookie" => HashOn::Var(format!("cookie_{key}")),
+                "consumer" => HashOn::Consumer,
+                "vars_combinations" => HashOn::Combination(key),
+                _ => HashOn::Var(key),
+            }
+        });
+        let checker = up.checks.as_ref().and_then(|c| c.active.as_ref()).and_then(|active| {
+            let targets = nodes
+                .iter()
+                .zip(&up.nodes.0)
+                .map(|(n, m)| {
+                    let port = active.port.or(m.port).unwrap_or(default_port);
+                    Target {
+                        authority: format!("{}:{port}", m.host),
+                        host: active.host.clone().unwrap_or_else(|| n.host_header.to_str().unwrap_or("localhost").to_string()),
+                        health: n.health.clone(),
+                    }
+                })
+                .collect();
+            Checker::start(active, targets)
+        });
         UpstreamRt {
-            balancer: RoundRobin::new(weights),
+            balancer: Balancer::new(&up.lb, &nodes),
+            checked: up.checks.is_some(),
+            passive: up.checks.as_ref().and_then(|c| c.passive.as_ref()).map(Passive::new),
+            check_type: up.checks.as_ref().map(|c| health::check_type(c).to_string()).unwrap_or_default(),
+            hash_on,
             nodes,
             // APISIX: with no explicit value, try every other node once.
             retries: up.retries.unwrap_or(live.saturating_sub(1)),
@@ -140,7 +219,29 @@ impl UpstreamRt {
                 requests: pool.requests,
             },
             model: up.clone(),
+            _checker: checker,
         }
+    }
+}
+
+impl UpstreamRt {
+    fn health_report(&self, name: &str) -> serde_json::Value {
+        let nodes: Vec<serde_json::Value> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let (status, counter) = n.health.status();
+                let (ip, port) = n.authority.rsplit_once(':').unwrap_or((&n.authority, ""));
+                serde_json::json!({
+                    "ip": ip.trim_start_matches('[').trim_end_matches(']'),
+                    "port": port.parse::<u16>().ok(),
+                    "hostname": ip,
+                    "status": status,
+                    "counter": counter,
+                })
+            })
+            .collect();
+        serde_json::json!({"name": name, "type": self.check_type, "nodes": nodes})
     }
 }
 
@@ -150,6 +251,16 @@ enum Source {
     Route,
     Service,
     Object,
+}
+
+impl Source {
+    fn resource(self) -> &'static str {
+        match self {
+            Source::Route => "routes",
+            Source::Service => "services",
+            Source::Object => "upstreams",
+        }
+    }
 }
 
 type UpstreamCache<K> = HashMap<(Source, K), Arc<UpstreamRt>>;
@@ -175,10 +286,16 @@ fn reuse_or_build<'s>(
 /// Builds snapshots, keeping upstream runtimes alive across builds when their config is unchanged.
 #[derive(Default)]
 pub struct Builder {
+    /// The store prefix, for naming upstreams in the health report.
+    prefix: String,
     upstreams: UpstreamCache<String>,
 }
 
 impl Builder {
+    pub fn new(prefix: &str) -> Builder {
+        Builder { prefix: prefix.to_string(), upstreams: HashMap::new() }
+    }
+
     pub fn build(&mut self, state: &ConfigState) -> Snapshot {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
         let mut next: UpstreamCache<&str> = HashMap::new();
@@ -239,7 +356,14 @@ impl Builder {
             });
         }
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
-        Snapshot { revision: state.revision, router: Router::new(specs) }
+        let mut checked: Vec<(String, Arc<UpstreamRt>)> = self
+            .upstreams
+            .iter()
+            .filter(|(_, rt)| rt.checked)
+            .map(|((source, id), rt)| (format!("{}/{}/{id}", self.prefix, source.resource()), rt.clone()))
+            .collect();
+        checked.sort_by(|a, b| a.0.cmp(&b.0));
+        Snapshot { revision: state.revision, router: Router::new(specs), checked }
     }
 }
 

@@ -14,7 +14,7 @@ use crate::state::ConfigState;
 /// Runs forever. `loaded` turns true once the first full config is live.
 pub async fn follow(store: SharedStore, prefix: String, target: Arc<ArcSwap<Snapshot>>, loaded: watch::Sender<bool>) {
     let dir = format!("{prefix}/");
-    let mut builder = Builder::default();
+    let mut builder = Builder::new(&prefix);
     let mut backoff = Duration::from_millis(100);
     loop {
         let (kvs, revision) = match store.list(&dir).await {

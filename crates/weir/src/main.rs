@@ -9,7 +9,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
-use weir_admin::{Admin, AdminKey, Role};
+use http::StatusCode;
+use weir_admin::{Admin, AdminKey, Control, Role};
 use weir_core::schema::NoPlugins;
 use weir_proxy::proxy::Proxy;
 use weir_proxy::snapshot::Snapshot;
@@ -100,6 +101,36 @@ fn generate_key(path: &Path) -> anyhow::Result<String> {
     Ok(key)
 }
 
+/// The data plane's live state on the admin listener, under `/v1/` as APISIX's control API.
+struct ControlApi {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+    prefix: String,
+}
+
+impl Control for ControlApi {
+    fn get(&self, path: &str) -> Option<(StatusCode, serde_json::Value)> {
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        if segs.first() != Some(&"healthcheck") {
+            return None;
+        }
+        let snapshot = self.snapshot.load();
+        let error = |status, msg: String| Some((status, serde_json::json!({ "error_msg": msg })));
+        match segs[1..] {
+            [] => Some((StatusCode::OK, snapshot.health_report())),
+            [kind @ ("routes" | "services" | "upstreams")] => {
+                error(StatusCode::NOT_FOUND, format!("missing src id for src type {kind}"))
+            }
+            [kind @ ("routes" | "services" | "upstreams"), id] => {
+                match snapshot.health_of(&format!("{}/{kind}/{id}", self.prefix)) {
+                    Some(v) => Some((StatusCode::OK, v)),
+                    None => error(StatusCode::NOT_FOUND, format!("no checker for {kind}[{id}]")),
+                }
+            }
+            [kind, ..] => error(StatusCode::BAD_REQUEST, format!("invalid src type {kind}")),
+        }
+    }
+}
+
 fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = match config {
         Some(p) => {
@@ -124,14 +155,15 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         // routes that exist.
         loaded.wait_for(|l| *l).await.context("config loader stopped")?;
 
-        let proxy = Arc::new(Proxy::new(snapshot));
+        let proxy = Arc::new(Proxy::new(snapshot.clone()));
         let bound = weir_proxy::server::start(&cfg.proxy.listen, cfg.proxy.workers, proxy)
             .context("binding proxy listeners")?;
         let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
             .await
             .with_context(|| format!("binding admin listener {}", cfg.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
-        let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, Arc::new(NoPlugins)));
+        let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: cfg.store.prefix.clone() });
+        let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, Arc::new(NoPlugins)).with_control(control));
         tokio::spawn(weir_admin::serve(admin_listener, admin));
         for addr in &bound {
             println!("weir: proxy listening on http://{addr}");

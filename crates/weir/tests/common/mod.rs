@@ -90,6 +90,12 @@ impl Weir {
         (r.status, r.json())
     }
 
+    /// `GET /v1/{path}` on the admin listener (the control API).
+    pub async fn control(&self, path: &str) -> (u16, Value) {
+        let r = send(self.admin, "GET", &format!("/v1/{path}"), &[("x-api-key", KEY)], None).await;
+        (r.status, r.json())
+    }
+
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
         send(self.proxy, "GET", path, headers, None).await
     }
@@ -156,12 +162,18 @@ pub async fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, 
 
 /// A real HTTP upstream. It answers with JSON describing the request it got, and the name it
 /// was given, so tests can see what the gateway forwarded and to which node.
-/// `/status/N` answers N; `/sleep/MS` (or `?sleep=MS`) waits first.
+/// `/status/N` answers N; `/sleep/MS` (or `?sleep=MS`) waits first; `/health…` is a health
+/// probe, counted apart. Dropping it closes the listener and every open connection.
 pub struct Upstream {
     pub addr: SocketAddr,
+    /// Requests other than health probes.
     pub hits: Arc<AtomicUsize>,
+    /// Health probes (paths starting `/health`).
+    pub probes: Arc<AtomicUsize>,
     /// Connections accepted.
     pub conns: Arc<AtomicUsize>,
+    /// Added to every request's handling time, in ms.
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -173,25 +185,39 @@ impl Drop for Upstream {
 
 impl Upstream {
     pub async fn start(name: &'static str) -> Upstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_at(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Listens on `addr`: pass a stopped upstream's address to bring it back.
+    pub async fn start_at(name: &'static str, addr: SocketAddr) -> Upstream {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let h = hits.clone();
+        let probes = Arc::new(AtomicUsize::new(0));
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (h, p, d) = (hits.clone(), probes.clone(), delay_ms.clone());
         let conns = Arc::new(AtomicUsize::new(0));
         let c = conns.clone();
         let task = tokio::spawn(async move {
+            // Owned by this task, so stopping the upstream also drops its connections.
+            let mut open = tokio::task::JoinSet::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
                 c.fetch_add(1, Ordering::SeqCst);
-                let h = h.clone();
-                tokio::spawn(async move {
+                let (h, p, d) = (h.clone(), p.clone(), d.clone());
+                while open.try_join_next().is_some() {}
+                open.spawn(async move {
                     let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let h = h.clone();
+                        let (h, p, d) = (h.clone(), p.clone(), d.clone());
                         async move {
-                            h.fetch_add(1, Ordering::SeqCst);
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let path = parts.uri.path().to_string();
+                            if path.starts_with("/health") { &p } else { &h }.fetch_add(1, Ordering::SeqCst);
+                            let delay = d.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(Duration::from_millis(delay)).await;
+                            }
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                             let delay = path
                                 .strip_prefix("/sleep/")
                                 .or_else(|| parts.uri.query().and_then(|q| q.strip_prefix("sleep=")));
@@ -222,7 +248,7 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, hits, conns, task }
+        Upstream { addr, hits, probes, conns, delay_ms, task }
     }
 
     pub fn node(&self) -> String {
