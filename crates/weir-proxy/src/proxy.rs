@@ -12,6 +12,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use weir_core::expr::Vars;
 use weir_core::text::{cookie, percent_decode, query_pairs};
 
@@ -204,9 +206,29 @@ impl Proxy {
         };
         let hash = upstream.hash_on.as_ref().map_or(0, |on| hash_key(on, &vars));
         drop(host);
-        let original_host = parts.headers.get(header::HOST).cloned();
+        let original_host = match parts.headers.get(header::HOST) {
+            Some(h) => Some(h.clone()),
+            // HTTP/2 carries the host in `:authority`; HTTP/1.1 upstreams need it as Host.
+            None => {
+                let h = parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                if let Some(h) = &h {
+                    parts.headers.insert(header::HOST, h.clone());
+                }
+                h
+            }
+        };
         forwarded_headers(&mut parts.headers, conn, original_host);
+        // A WebSocket handshake keeps its Upgrade and Connection headers on routes that allow it.
+        let upgrade = match route.websocket.then(|| websocket_upgrade(&parts.headers)).flatten() {
+            Some(protocol) => parts.extensions.remove::<OnUpgrade>().map(|on| (on, protocol)),
+            None => None,
+        };
         strip_hop_by_hop(&mut parts.headers);
+        let upgrade = upgrade.map(|(on, protocol)| {
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, protocol);
+            on
+        });
         if let Some(pq) = parts.uri.path_and_query()
             && parts.uri.scheme().is_some() {
                 parts.uri = Uri::from(pq.clone());
@@ -215,7 +237,8 @@ impl Proxy {
         if let PassHost::Rewrite(h) = &upstream.pass_host {
             parts.headers.insert(header::HOST, h.clone());
         }
-        forward(upstream, route.timeouts, hash, Request::from_parts(parts, ReqBody::Incoming(body))).await
+        let req = Request::from_parts(parts, ReqBody::Incoming(body));
+        forward(upstream, route.timeouts, hash, req, upgrade).await
     }
 }
 
@@ -288,7 +311,13 @@ fn is_idempotent(m: &Method) -> bool {
 /// Sends to a node of `upstream`, moving to another node when one cannot be connected to, or
 /// (for an idempotent request without a body) when the connection breaks or the node answers
 /// 502, 503 or 504.
-async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, hash: u32, req: Request<ReqBody>) -> Response<RespBody> {
+async fn forward(
+    upstream: &UpstreamRt,
+    timeouts: Timeouts,
+    hash: u32,
+    req: Request<ReqBody>,
+    mut upgrade: Option<OnUpgrade>,
+) -> Response<RespBody> {
     // Only read the clock when a retry budget needs it.
     let started = upstream.retry_timeout.map(|_| Instant::now());
     let resend = is_idempotent(req.method()) && req.body().is_end_stream();
@@ -327,6 +356,11 @@ async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, hash: u32, req: Requ
                     attempts_left -= 1;
                     tried.push(i);
                     continue;
+                }
+                if status == 101
+                    && let Some(client) = upgrade.take()
+                {
+                    return tunnel(resp, client);
                 }
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -375,6 +409,38 @@ async fn forward(upstream: &UpstreamRt, timeouts: Timeouts, hash: u32, req: Requ
             }
         }
     }
+}
+
+/// The protocol a client asks to switch to, when this is a WebSocket handshake.
+fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let protocol = headers.get(header::UPGRADE)?;
+    let wants = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    (wants && protocol.as_bytes().eq_ignore_ascii_case(b"websocket")).then(|| protocol.clone())
+}
+
+/// The upstream agreed to switch protocols: answer the client with its 101 and join the two
+/// connections byte for byte until either side closes.
+fn tunnel(mut resp: Response<Incoming>, client: OnUpgrade) -> Response<RespBody> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        match tokio::try_join!(client, upstream) {
+            Ok((c, u)) => {
+                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+        }
+    });
+    let (mut parts, _) = resp.into_parts();
+    parts.version = http::Version::HTTP_11;
+    Response::from_parts(parts, RespBody::empty())
 }
 
 fn copy_bodiless(req: &Request<ReqBody>) -> Request<ReqBody> {

@@ -1,14 +1,15 @@
 //! Listeners and worker threads. Each worker is a thread with its own single-threaded runtime
 //! and its own `SO_REUSEPORT` socket on every listen address, so the kernel spreads connections
 //! across workers and a request never leaves the thread that accepted it (nginx's model).
+//! Plain listeners speak HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 
@@ -84,8 +85,9 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>) {
                 let info = info.clone();
                 async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
             });
-            let conn = http1::Builder::new().keep_alive(true).serve_connection(TokioIo::new(stream), service);
-            if let Err(e) = conn.with_upgrades().await {
+            // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c prior knowledge).
+            let builder = auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
                 tracing::debug!(error = %e, "client connection ended with an error");
             }
         });

@@ -48,6 +48,8 @@ pub struct RouteRt {
     /// `None` when the route names no upstream (or a missing one): requests get a 503.
     pub upstream: Option<Arc<UpstreamRt>>,
     pub timeouts: Timeouts,
+    /// `enable_websocket` (the route's, else its service's): upgrades are passed through.
+    pub websocket: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -352,7 +354,12 @@ impl Builder {
                 remote_addrs,
                 vars,
                 priority: route.priority,
-                value: Arc::new(RouteRt { id: id.clone(), upstream, timeouts }),
+                value: Arc::new(RouteRt {
+                    id: id.clone(),
+                    upstream,
+                    timeouts,
+                    websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
+                }),
             });
         }
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
