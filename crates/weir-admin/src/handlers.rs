@@ -355,12 +355,21 @@ async fn check_object(
             }
         }
     }
+    // A certificate's keys are checked in the clear (a PATCH merges onto sealed ones).
+    if t.resource == Resource::Ssls
+        && let Err(e) = weir_tls::open_ssl(&admin.keyring, &mut obj)
+    {
+        return Err(invalid(vec![e.to_string()]));
+    }
     let candidate = Value::Object(obj);
     let mut errors = match schema::check(t.resource, &candidate, admin.plugins.as_ref()) {
         Ok(()) => Vec::new(),
         Err(e) => e,
     };
-    let Value::Object(obj) = candidate else { unreachable!("checked above") };
+    let Value::Object(mut obj) = candidate else { unreachable!("checked above") };
+    if t.resource == Resource::Ssls && errors.is_empty() {
+        errors = weir_tls::check_ssl(&obj);
+    }
     // References: every missing one is reported with the others.
     let mut references = Vec::new();
     let refs: &[(&str, Resource, &str)] = match t.resource {
@@ -398,6 +407,9 @@ async fn check_object(
             return Err(bad(errors.join("; ")));
         }
         return Err(invalid(errors));
+    }
+    if t.resource == Resource::Ssls {
+        weir_tls::seal_ssl(&admin.keyring, &mut obj);
     }
     let key = t.resource.key(&admin.prefix, t.parent, &id);
     Ok(Checked { key, value: obj, references })

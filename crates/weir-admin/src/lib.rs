@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use weir_core::schema::PluginCatalog;
 use weir_store::SharedStore;
+use weir_tls::Keyring;
 
 pub use auth::{AdminKey, Role};
 
@@ -29,6 +30,8 @@ pub struct Admin {
     prefix: String,
     keys: Vec<AdminKey>,
     plugins: Arc<dyn PluginCatalog>,
+    /// Seals the private keys of `ssls` objects before they are stored.
+    keyring: Arc<Keyring>,
     control: Option<Arc<dyn Control>>,
 }
 
@@ -42,8 +45,14 @@ pub trait Control: Send + Sync {
 
 impl Admin {
     /// `prefix` is the store key prefix every object lives under (`/apisix`).
-    pub fn new(store: SharedStore, prefix: String, keys: Vec<AdminKey>, plugins: Arc<dyn PluginCatalog>) -> Admin {
-        Admin { store, prefix, keys, plugins, control: None }
+    pub fn new(
+        store: SharedStore,
+        prefix: String,
+        keys: Vec<AdminKey>,
+        plugins: Arc<dyn PluginCatalog>,
+        keyring: Arc<Keyring>,
+    ) -> Admin {
+        Admin { store, prefix, keys, plugins, keyring, control: None }
     }
 
     pub fn with_control(mut self, control: Arc<dyn Control>) -> Admin {

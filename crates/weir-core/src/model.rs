@@ -162,6 +162,63 @@ fn pool_requests() -> u64 {
     1000
 }
 
+/// A certificate object (`ssls`). `key`/`keys` are as stored: encrypted, unless written by
+/// something that stores them in the clear.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct Ssl {
+    #[serde(default)]
+    pub id: Id,
+    #[serde(rename = "type", default = "server")]
+    pub kind: String,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub certs: Option<Vec<String>>,
+    pub keys: Option<Vec<String>>,
+    pub sni: Option<String>,
+    pub snis: Option<Vec<String>>,
+    pub client: Option<SslClient>,
+    #[serde(default = "one")]
+    pub status: i64,
+}
+
+fn server() -> String {
+    "server".into()
+}
+
+impl Ssl {
+    pub fn sni_list(&self) -> Vec<&str> {
+        match (&self.snis, &self.sni) {
+            (Some(s), _) => s.iter().map(String::as_str).collect(),
+            (None, Some(s)) => vec![s.as_str()],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// Certificate and key pairs: `cert`/`key` first, then `certs`/`keys` in order.
+    pub fn pairs(&self) -> Vec<(&str, &str)> {
+        let mut out = Vec::new();
+        if let (Some(c), Some(k)) = (&self.cert, &self.key) {
+            out.push((c.as_str(), k.as_str()));
+        }
+        if let (Some(cs), Some(ks)) = (&self.certs, &self.keys) {
+            out.extend(cs.iter().map(String::as_str).zip(ks.iter().map(String::as_str)));
+        }
+        out
+    }
+}
+
+/// Downstream mTLS: the CA client certificates must chain to, and how deep the chain may be.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct SslClient {
+    pub ca: String,
+    #[serde(default = "one_u32")]
+    pub depth: u32,
+}
+
+fn one_u32() -> u32 {
+    1
+}
+
 /// Health checks, with APISIX's defaults for every field left out.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct Checks {

@@ -175,6 +175,11 @@ impl Proxy {
         Proxy { snapshot }
     }
 
+    /// The TLS server config for a handshake naming `sni`, from the current snapshot.
+    pub fn tls_config(&self, sni: &str) -> Option<Arc<rustls::ServerConfig>> {
+        self.snapshot.load().tls.find(sni)
+    }
+
     pub async fn handle(&self, conn: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
         // A guard, not a clone: the snapshot is only needed until the route is found.
         let snapshot = self.snapshot.load();

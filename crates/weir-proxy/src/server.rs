@@ -1,7 +1,8 @@
 //! Listeners and worker threads. Each worker is a thread with its own single-threaded runtime
 //! and its own `SO_REUSEPORT` socket on every listen address, so the kernel spreads connections
 //! across workers and a request never leaves the thread that accepted it (nginx's model).
-//! Plain listeners speak HTTP/1.1 and HTTP/2 with prior knowledge (h2c).
+//! Plain listeners speak HTTP/1.1 and HTTP/2 with prior knowledge (h2c); TLS listeners pick
+//! the certificate by SNI from the current snapshot and offer h2 and http/1.1 by ALPN.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -11,7 +12,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use std::time::Duration;
+
+use rustls::server::Acceptor;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::proxy::{ConnInfo, Proxy};
 
@@ -25,24 +30,34 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Binds every address once per worker (so a bad address fails start-up, not a worker) and
-/// starts the workers. Returns the bound addresses (useful when a port was 0).
-pub fn start(addrs: &[SocketAddr], workers: usize, proxy: Arc<Proxy>) -> std::io::Result<Vec<SocketAddr>> {
+/// starts the workers. `plain` listeners speak HTTP; `tls` ones TLS with certificates chosen by
+/// SNI. Returns the bound addresses with whether each is TLS (useful when a port was 0).
+pub fn start(
+    plain: &[SocketAddr],
+    tls: &[SocketAddr],
+    workers: usize,
+    proxy: Arc<Proxy>,
+) -> std::io::Result<Vec<(SocketAddr, bool)>> {
     let workers = if workers == 0 {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     } else {
         workers
     };
     // With port 0 the first bind picks the port and the other workers join it.
-    let mut bound: Vec<SocketAddr> = Vec::new();
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-    for addr in addrs {
+    let mut bound = Vec::new();
+    let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..workers).map(|_| Vec::new()).collect();
+    let all = plain.iter().map(|a| (a, false)).chain(tls.iter().map(|a| (a, true)));
+    for (addr, is_tls) in all {
         let first = bind(*addr)?;
         let actual = first.local_addr()?;
-        bound.push(actual);
-        per_worker[0].push(first);
+        bound.push((actual, is_tls));
+        per_worker[0].push((first, is_tls));
         for list in per_worker.iter_mut().skip(1) {
-            list.push(bind(actual)?);
+            list.push((bind(actual)?, is_tls));
         }
     }
     for (n, listeners) in per_worker.into_iter().enumerate() {
@@ -51,9 +66,9 @@ pub fn start(addrs: &[SocketAddr], workers: usize, proxy: Arc<Proxy>) -> std::io
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("worker runtime");
             rt.block_on(async move {
                 let mut tasks = Vec::new();
-                for l in listeners {
+                for (l, is_tls) in listeners {
                     let l = TcpListener::from_std(l).expect("listener registers with the runtime");
-                    tasks.push(tokio::spawn(accept_loop(l, proxy.clone())));
+                    tasks.push(tokio::spawn(accept_loop(l, is_tls, proxy.clone())));
                 }
                 for t in tasks {
                     let _ = t.await;
@@ -64,7 +79,7 @@ pub fn start(addrs: &[SocketAddr], workers: usize, proxy: Arc<Proxy>) -> std::io
     Ok(bound)
 }
 
-async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>) {
+async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
     let local = listener.local_addr().expect("bound listener has an address");
     loop {
         let (stream, remote) = match listener.accept().await {
@@ -72,24 +87,59 @@ async fn accept_loop(listener: TcpListener, proxy: Arc<Proxy>) {
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly rather than spin.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        let info = Arc::new(ConnInfo::new(remote, local, "http"));
         let proxy = proxy.clone();
+        if !tls {
+            let info = Arc::new(ConnInfo::new(remote, local, "http"));
+            tokio::spawn(serve(TokioIo::new(stream), info, proxy));
+            continue;
+        }
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let proxy = proxy.clone();
-                let info = info.clone();
-                async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
-            });
-            // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c prior knowledge).
-            let builder = auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
+            let Some(stream) = handshake(stream, &proxy).await else { return };
+            let info = Arc::new(ConnInfo::new(remote, local, "https"));
+            serve(TokioIo::new(stream), info, proxy).await;
         });
+    }
+}
+
+/// Reads the ClientHello, picks the `ssls` object for its SNI, and completes the handshake.
+/// A client without SNI, or with a name no certificate covers, is refused.
+async fn handshake(stream: TcpStream, proxy: &Proxy) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accept = async {
+        let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await.ok()?;
+        let sni = start.client_hello().server_name().map(str::to_string);
+        let Some(config) = sni.as_deref().and_then(|name| proxy.tls_config(name)) else {
+            tracing::debug!(sni = sni.as_deref().unwrap_or(""), "no certificate for this server name");
+            return None;
+        };
+        match start.into_stream(config).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(error = %e, "TLS handshake failed");
+                None
+            }
+        }
+    };
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await.ok().flatten()
+}
+
+async fn serve<I>(io: TokioIo<I>, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let proxy = proxy.clone();
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
+    });
+    // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c prior knowledge, or
+    // after ALPN picked h2).
+    let builder = auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+        tracing::debug!(error = %e, "client connection ended with an error");
     }
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use http::HeaderValue;
 use weir_core::expr::Expr;
-use weir_core::model::{self, Timeout, Upstream};
+use rustls::ServerConfig;
+use weir_core::model::{self, Ssl, Timeout, Upstream};
+use weir_tls::{Keyring, SniTable};
 
 use crate::balancer::{Balancer, NodeLoad};
 use crate::health::{self, Checker, NodeHealth, Passive, Target};
@@ -25,11 +27,13 @@ pub struct Snapshot {
     /// Upstreams in use that have health checks, by the key of the object that holds them
     /// (`/apisix/upstreams/1`, or the route or service with an inline upstream).
     pub checked: Vec<(String, Arc<UpstreamRt>)>,
+    /// Server certificates by SNI, for the TLS listeners.
+    pub tls: SniTable,
 }
 
 impl Snapshot {
     pub fn empty() -> Snapshot {
-        Snapshot { revision: 0, router: Router::new(Vec::new()), checked: Vec::new() }
+        Snapshot { revision: 0, router: Router::new(Vec::new()), checked: Vec::new(), tls: SniTable::default() }
     }
 
     /// Health of every checked upstream, in APISIX's `/v1/healthcheck` shape.
@@ -285,17 +289,47 @@ fn reuse_or_build<'s>(
     rt
 }
 
-/// Builds snapshots, keeping upstream runtimes alive across builds when their config is unchanged.
-#[derive(Default)]
+/// Builds snapshots, keeping upstream runtimes alive across builds when their config is
+/// unchanged, and TLS configs until their `ssls` object changes.
 pub struct Builder {
     /// The store prefix, for naming upstreams in the health report.
     prefix: String,
+    keyring: Arc<Keyring>,
     upstreams: UpstreamCache<String>,
+    ssls: HashMap<String, (Ssl, Arc<ServerConfig>)>,
 }
 
 impl Builder {
-    pub fn new(prefix: &str) -> Builder {
-        Builder { prefix: prefix.to_string(), upstreams: HashMap::new() }
+    pub fn new(prefix: &str, keyring: Arc<Keyring>) -> Builder {
+        Builder { prefix: prefix.to_string(), keyring, upstreams: HashMap::new(), ssls: HashMap::new() }
+    }
+
+    /// Server certificates of the enabled `ssls` objects, by SNI. An object that cannot be used
+    /// (its key sealed with a secret this node lacks, say) is logged and left out.
+    fn tls(&mut self, state: &ConfigState) -> SniTable {
+        let mut next = HashMap::new();
+        let mut table = SniTable::default();
+        for (id, ssl) in &state.ssls {
+            if ssl.kind != "server" || ssl.status != 1 {
+                continue;
+            }
+            let config = match self.ssls.remove(id) {
+                Some((model, config)) if model == *ssl => config,
+                _ => match weir_tls::server_config(ssl, &self.keyring) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(ssl = %id, error = %e, "certificate object cannot be served; skipped");
+                        continue;
+                    }
+                },
+            };
+            for sni in ssl.sni_list() {
+                table.insert(sni, config.clone());
+            }
+            next.insert(id.clone(), (ssl.clone(), config));
+        }
+        self.ssls = next;
+        table
     }
 
     pub fn build(&mut self, state: &ConfigState) -> Snapshot {
@@ -370,7 +404,8 @@ impl Builder {
             .map(|((source, id), rt)| (format!("{}/{}/{id}", self.prefix, source.resource()), rt.clone()))
             .collect();
         checked.sort_by(|a, b| a.0.cmp(&b.0));
-        Snapshot { revision: state.revision, router: Router::new(specs), checked }
+        let tls = self.tls(state);
+        Snapshot { revision: state.revision, router: Router::new(specs), checked, tls }
     }
 }
 
@@ -411,7 +446,7 @@ mod tests {
             ],
             4,
         );
-        let mut b = Builder::default();
+        let mut b = Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()])));
         let first = b.build(&state);
         assert!(Arc::ptr_eq(&upstream_of(&first, "/a"), &upstream_of(&first, "/b")), "one runtime per upstream object");
         let facts = RequestFacts { method: "GET", host: None, path: "/a", remote: None, vars: &NoVars };

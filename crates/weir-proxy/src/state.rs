@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use weir_core::Resource;
-use weir_core::model::{Route, Service, Upstream};
+use weir_core::model::{Route, Service, Ssl, Upstream};
 use weir_store::{Event, EventKind, KeyValue};
 
 #[derive(Default, Clone)]
@@ -14,6 +14,7 @@ pub struct ConfigState {
     pub routes: BTreeMap<String, Entry<Route>>,
     pub services: BTreeMap<String, Service>,
     pub upstreams: BTreeMap<String, Upstream>,
+    pub ssls: BTreeMap<String, Ssl>,
 }
 
 /// A route and the store revision that created it (older routes win priority ties).
@@ -30,6 +31,18 @@ fn parse<T: DeserializeOwned>(kv: &KeyValue) -> Option<T> {
             // Validated objects always parse; this is a store written by something else.
             tracing::warn!(key = %kv.key, error = %e, "skipping an object the data plane cannot read");
             None
+        }
+    }
+}
+
+/// Stores `value` under `id`; an unreadable object (`None`) removes the old one.
+fn upsert<T>(map: &mut BTreeMap<String, T>, id: String, value: Option<T>) {
+    match value {
+        Some(v) => {
+            map.insert(id, v);
+        }
+        None => {
+            map.remove(&id);
         }
     }
 }
@@ -60,30 +73,13 @@ impl ConfigState {
         let Some((resource, id)) = Resource::from_key(prefix, &kv.key) else { return false };
         let id = id.to_string();
         match resource {
-            Resource::Routes => match parse(kv) {
-                Some(value) => {
-                    self.routes.insert(id, Entry { created: kv.create_revision, value });
-                }
-                None => {
-                    self.routes.remove(&id);
-                }
-            },
-            Resource::Services => match parse(kv) {
-                Some(value) => {
-                    self.services.insert(id, value);
-                }
-                None => {
-                    self.services.remove(&id);
-                }
-            },
-            Resource::Upstreams => match parse(kv) {
-                Some(value) => {
-                    self.upstreams.insert(id, value);
-                }
-                None => {
-                    self.upstreams.remove(&id);
-                }
-            },
+            Resource::Routes => {
+                let entry = parse(kv).map(|value| Entry { created: kv.create_revision, value });
+                upsert(&mut self.routes, id, entry);
+            }
+            Resource::Services => upsert(&mut self.services, id, parse(kv)),
+            Resource::Upstreams => upsert(&mut self.upstreams, id, parse(kv)),
+            Resource::Ssls => upsert(&mut self.ssls, id, parse(kv)),
             _ => return false,
         }
         true
@@ -95,6 +91,7 @@ impl ConfigState {
             Resource::Routes => self.routes.remove(id).is_some(),
             Resource::Services => self.services.remove(id).is_some(),
             Resource::Upstreams => self.upstreams.remove(id).is_some(),
+            Resource::Ssls => self.ssls.remove(id).is_some(),
             _ => false,
         }
     }

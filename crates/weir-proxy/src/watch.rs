@@ -12,9 +12,14 @@ use crate::snapshot::{Builder, Snapshot};
 use crate::state::ConfigState;
 
 /// Runs forever. `loaded` turns true once the first full config is live.
-pub async fn follow(store: SharedStore, prefix: String, target: Arc<ArcSwap<Snapshot>>, loaded: watch::Sender<bool>) {
+pub async fn follow(
+    store: SharedStore,
+    prefix: String,
+    mut builder: Builder,
+    target: Arc<ArcSwap<Snapshot>>,
+    loaded: watch::Sender<bool>,
+) {
     let dir = format!("{prefix}/");
-    let mut builder = Builder::new(&prefix);
     let mut backoff = Duration::from_millis(100);
     loop {
         let (kvs, revision) = match store.list(&dir).await {

@@ -12,20 +12,32 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub admin: AdminConfig,
     pub store: StoreConfig,
+    pub data_encryption: DataEncryption,
+}
+
+/// Secrets that seal private keys in the store. The first seals; all are tried when opening,
+/// so a secret is rotated by putting the new one first. With none, a secret is generated on
+/// first start and kept with the data. Nodes sharing one store need the same keyring.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataEncryption {
+    pub keyring: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProxyConfig {
-    /// Plain-HTTP listen addresses.
+    /// Plain listen addresses: HTTP/1.1, and HTTP/2 with prior knowledge.
     pub listen: Vec<SocketAddr>,
+    /// TLS listen addresses; certificates come from `ssls` objects, chosen by SNI.
+    pub tls_listen: Vec<SocketAddr>,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { listen: vec![SocketAddr::from(([127, 0, 0, 1], 9080))], workers: 0 }
+        ProxyConfig { listen: vec![SocketAddr::from(([127, 0, 0, 1], 9080))], tls_listen: Vec::new(), workers: 0 }
     }
 }
 
@@ -90,6 +102,11 @@ impl Config {
         if self.store.kind == StoreType::Etcd {
             errors.push("store.type: etcd is not supported by this version; use embedded".to_string());
         }
+        for (i, k) in self.data_encryption.keyring.iter().enumerate() {
+            if k.len() < 16 {
+                errors.push(format!("data_encryption.keyring[{i}]: a secret needs at least 16 characters"));
+            }
+        }
         for (i, k) in self.admin.keys.iter().enumerate() {
             if k.key.len() < 8 {
                 errors.push(format!("admin.keys[{i}] ({}): a key needs at least 8 characters", k.name));
@@ -114,6 +131,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.proxy.workers, 2);
         assert_eq!(c.admin.keys[0].role, weir_admin::Role::Viewer);
+        let c = Config::parse("proxy:\n  tls_listen: [\"127.0.0.1:9443\"]\ndata_encryption:\n  keyring: [\"0123456789abcdef\"]\n").unwrap();
+        assert_eq!(c.proxy.tls_listen, vec!["127.0.0.1:9443".parse().unwrap()]);
+        assert_eq!(c.data_encryption.keyring.len(), 1);
+        let e = Config::parse("data_encryption:\n  keyring: [\"short\"]\n").unwrap_err();
+        assert!(e.contains("keyring[0]"), "{e}");
     }
 
     #[test]

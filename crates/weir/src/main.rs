@@ -13,7 +13,8 @@ use http::StatusCode;
 use weir_admin::{Admin, AdminKey, Control, Role};
 use weir_core::schema::NoPlugins;
 use weir_proxy::proxy::Proxy;
-use weir_proxy::snapshot::Snapshot;
+use weir_proxy::snapshot::{Builder, Snapshot};
+use weir_tls::Keyring;
 use weir_store::{EmbeddedStore, SharedStore};
 
 use crate::config::Config;
@@ -83,22 +84,42 @@ fn admin_keys(cfg: &Config) -> anyhow::Result<Vec<AdminKey>> {
 }
 
 fn generate_key(path: &Path) -> anyhow::Result<String> {
-    use std::io::Read as _;
-    let mut raw = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut raw))
-        .context("reading /dev/urandom for an admin key")?;
-    let key: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let key = Keyring::generate_secret()[..32].to_string();
+    write_secret(path, &key)?;
+    println!("weir: generated admin key {key} (kept in {}; shown only once)", path.display());
+    Ok(key)
+}
+
+/// The keyring sealing private keys: configured, or generated on first start and kept with the
+/// data (never printed).
+fn keyring(cfg: &Config) -> anyhow::Result<Keyring> {
+    if !cfg.data_encryption.keyring.is_empty() {
+        return Ok(Keyring::new(&cfg.data_encryption.keyring));
+    }
+    let path = cfg.store.path.join("data_encryption_key");
+    let secret = match std::fs::read_to_string(&path) {
+        Ok(k) => k.trim().to_string(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let secret = Keyring::generate_secret();
+            write_secret(&path, &secret)?;
+            secret
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    Ok(Keyring::new(&[secret]))
+}
+
+/// Writes a new secret file readable by its owner only; an existing file is never replaced.
+fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
     let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(key.as_bytes())?;
+    f.write_all(secret.as_bytes())?;
     f.sync_all()?;
-    println!("weir: generated admin key {key} (kept in {}; shown only once)", path.display());
-    Ok(key)
+    Ok(())
 }
 
 /// The data plane's live state on the admin listener, under `/v1/` as APISIX's control API.
@@ -140,6 +161,7 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         None => Config::default(),
     };
     let keys = admin_keys(&cfg)?;
+    let keyring = Arc::new(keyring(&cfg)?);
     let store: SharedStore = Arc::new(EmbeddedStore::open(&cfg.store.path).context("opening the store")?);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
 
@@ -150,23 +172,25 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
-        tokio::spawn(weir_proxy::watch::follow(store.clone(), cfg.store.prefix.clone(), snapshot.clone(), loaded_tx));
+        let builder = Builder::new(&cfg.store.prefix, keyring.clone());
+        tokio::spawn(weir_proxy::watch::follow(store.clone(), cfg.store.prefix.clone(), builder, snapshot.clone(), loaded_tx));
         // Serve nothing until the stored config is live, so a restart never answers 404 for
         // routes that exist.
         loaded.wait_for(|l| *l).await.context("config loader stopped")?;
 
         let proxy = Arc::new(Proxy::new(snapshot.clone()));
-        let bound = weir_proxy::server::start(&cfg.proxy.listen, cfg.proxy.workers, proxy)
+        let bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)
             .context("binding proxy listeners")?;
         let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
             .await
             .with_context(|| format!("binding admin listener {}", cfg.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
         let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: cfg.store.prefix.clone() });
-        let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, Arc::new(NoPlugins)).with_control(control));
+        let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, Arc::new(NoPlugins), keyring).with_control(control));
         tokio::spawn(weir_admin::serve(admin_listener, admin));
-        for addr in &bound {
-            println!("weir: proxy listening on http://{addr}");
+        for (addr, tls) in &bound {
+            let scheme = if *tls { "https" } else { "http" };
+            println!("weir: proxy listening on {scheme}://{addr}");
         }
         println!("weir: admin listening on http://{admin_addr}");
         std::io::stdout().flush()?;

@@ -314,8 +314,8 @@ async fn plugin_configs_global_rules_ssls_metadata() {
     assert_eq!(s, 200);
 
     // SSL objects: POST allowed; the private key is never returned.
-    let cert = format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----", "A".repeat(200));
-    let key = format!("-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----", "B".repeat(100));
+    let pair = rcgen::generate_simple_self_signed(vec!["a.com".to_string()]).unwrap();
+    let (cert, key) = (pair.cert.pem(), pair.signing_key.serialize_pem());
     let (s, b) = w.admin("POST", "/ssls", Some(json!({"cert": cert, "key": key, "snis": ["a.com"]}))).await;
     assert_eq!(s, 201, "{b}");
     assert!(b["value"].get("key").is_none());

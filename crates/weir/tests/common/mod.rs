@@ -25,6 +25,8 @@ pub struct Weir {
     child: Child,
     pub dir: tempfile::TempDir,
     pub proxy: SocketAddr,
+    /// The TLS listener, when started with one.
+    pub tls: Option<SocketAddr>,
     pub admin: SocketAddr,
 }
 
@@ -35,12 +37,22 @@ impl Weir {
 
     /// Starts weir with its store in `dir`; `extra` is appended to the config's admin section.
     pub fn start_in(dir: tempfile::TempDir, extra_admin: &str) -> Weir {
+        Self::start_with(dir, "", extra_admin)
+    }
+
+    /// Also listens for TLS.
+    pub fn start_tls() -> Weir {
+        Self::start_with(tempfile::tempdir().unwrap(), "  tls_listen: [\"127.0.0.1:0\"]\n", "")
+    }
+
+    /// `extra_proxy` and `extra_admin` are appended to those sections of the config.
+    pub fn start_with(dir: tempfile::TempDir, extra_proxy: &str, extra_admin: &str) -> Weir {
         let cfg = dir.path().join("weir.yaml");
         let store = dir.path().join("data");
         std::fs::write(
             &cfg,
             format!(
-                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\n{extra_admin}store:\n  type: embedded\n  path: \"{}\"\n",
+                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\n{extra_proxy}admin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\n{extra_admin}store:\n  type: embedded\n  path: \"{}\"\n",
                 store.display()
             ),
         )
@@ -57,18 +69,21 @@ impl Weir {
         }
         let mut child = cmd.spawn().expect("weir starts");
         let out = BufReader::new(child.stdout.take().unwrap());
-        let (mut proxy, mut admin) = (None, None);
+        let (mut proxy, mut tls, mut admin) = (None, None, None);
         for line in out.lines() {
             let line = line.unwrap();
             if let Some(a) = line.strip_prefix("weir: proxy listening on http://") {
                 proxy = Some(a.parse().unwrap());
+            }
+            if let Some(a) = line.strip_prefix("weir: proxy listening on https://") {
+                tls = Some(a.parse().unwrap());
             }
             if let Some(a) = line.strip_prefix("weir: admin listening on http://") {
                 admin = Some(a.parse().unwrap());
                 break;
             }
         }
-        Weir { child, dir, proxy: proxy.expect("proxy address printed"), admin: admin.expect("admin address printed") }
+        Weir { child, dir, proxy: proxy.expect("proxy address printed"), tls, admin: admin.expect("admin address printed") }
     }
 
     pub fn data_dir(&self) -> PathBuf {
