@@ -130,6 +130,16 @@ pub struct Upstream {
     pub key: Option<String>,
     pub keepalive_pool: Option<KeepalivePool>,
     pub checks: Option<Checks>,
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS towards the nodes of an `https`/`grpcs` upstream.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct UpstreamTls {
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    #[serde(default)]
+    pub verify: bool,
 }
 
 fn roundrobin() -> String {

@@ -228,7 +228,13 @@ impl Proxy {
             Some(protocol) => parts.extensions.remove::<OnUpgrade>().map(|on| (on, protocol)),
             None => None,
         };
+        // gRPC servers want `te: trailers`, the one TE value HTTP/2 allows.
+        let te_trailers = upstream.transport.h2
+            && parts.headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         strip_hop_by_hop(&mut parts.headers);
+        if te_trailers {
+            parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         let upgrade = upgrade.map(|(on, protocol)| {
             parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             parts.headers.insert(header::UPGRADE, protocol);
@@ -347,6 +353,9 @@ async fn forward(
         if upstream.pass_host == PassHost::Node {
             this.headers_mut().insert(header::HOST, node.host_header.clone());
         }
+        if upstream.transport.h2 {
+            for_h2(&mut this, upstream.transport.tls.is_some());
+        }
         match send(node, upstream, &timeouts, this).await {
             Ok((resp, conn)) => {
                 let status = resp.status().as_u16();
@@ -448,6 +457,20 @@ fn tunnel(mut resp: Response<Incoming>, client: OnUpgrade) -> Response<RespBody>
     Response::from_parts(parts, RespBody::empty())
 }
 
+/// HTTP/2 names the host in `:authority` and needs a scheme: the request gets an absolute URI
+/// built from its Host header, which it then drops.
+fn for_h2(req: &mut Request<ReqBody>, tls: bool) {
+    let host = req.headers_mut().remove(header::HOST);
+    let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let scheme = if tls { "https" } else { "http" };
+    match Uri::builder().scheme(scheme).authority(authority).path_and_query(path).build() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(e) => tracing::debug!(error = %e, "cannot form an HTTP/2 request URI; sending the path only"),
+    }
+    *req.version_mut() = http::Version::HTTP_2;
+}
+
 fn copy_bodiless(req: &Request<ReqBody>) -> Request<ReqBody> {
     let mut copy = Request::new(ReqBody::Empty);
     *copy.method_mut() = req.method().clone();
@@ -464,16 +487,19 @@ async fn send(
     mut req: Request<ReqBody>,
 ) -> Result<(Response<Incoming>, Conn), SendError> {
     loop {
-        let mut conn = match pool::checkout(node, upstream.keepalive) {
+        let mut conn = match pool::checkout(node, upstream.keepalive, upstream.transport.h2) {
             Some(c) => c,
             // Boxed: the connect future is large and rarely needed; keeping it out of line keeps
             // the per-request future small, and hyper moves that future on every request.
-            None => match Box::pin(pool::connect(node, upstream.keepalive, timeouts.connect)).await {
+            None => match Box::pin(pool::connect(node, &upstream.transport, upstream.keepalive, timeouts.connect)).await {
                 Ok(c) => c,
                 Err(e) => return Err(SendError::Connect(Box::new(req), e)),
             },
         };
         if conn.sender.ready().await.is_err() {
+            if conn.sender.is_h2() {
+                pool::discard_shared(node);
+            }
             if conn.reused {
                 continue; // closed while idle; try the next one
             }

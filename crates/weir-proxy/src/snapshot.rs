@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
@@ -15,6 +16,7 @@ use weir_tls::{Keyring, SniTable};
 
 use crate::balancer::{Balancer, NodeLoad};
 use crate::health::{self, Checker, NodeHealth, Passive, Target};
+use crate::pool::Transport;
 use crate::router::{RouteSpec, Router};
 use crate::state::ConfigState;
 
@@ -94,6 +96,9 @@ pub struct NodeRt {
     pub priority: i64,
     pub health: Arc<NodeHealth>,
     pub load: Arc<NodeLoad>,
+    /// Which pooled connections may serve this node: plain HTTP/1.1 ones are shared by every
+    /// upstream naming the node; TLS and HTTP/2 ones belong to one upstream runtime.
+    pub pool_key: Arc<str>,
 }
 
 impl NodeRt {
@@ -101,6 +106,7 @@ impl NodeRt {
         let authority = format!("{host}:{port}");
         let host_text = if port == default_port { host } else { &authority };
         NodeRt {
+            pool_key: authority.clone().into(),
             socket: authority.parse().ok(),
             host_header: HeaderValue::from_str(host_text).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             authority: authority.into(),
@@ -109,6 +115,13 @@ impl NodeRt {
             health: Arc::default(),
             load: Arc::default(),
         }
+    }
+}
+
+impl NodeRt {
+    /// The host part of the address (brackets kept for IPv6).
+    pub fn host(&self) -> &str {
+        self.authority.rsplit_once(':').map_or(&self.authority, |(h, _)| h)
     }
 }
 
@@ -139,6 +152,8 @@ pub struct UpstreamRt {
     pub hash_on: Option<HashOn>,
     /// What the health report calls the checks (`http`, `https`, `tcp`).
     pub check_type: String,
+    /// TLS and HTTP/2 towards the nodes, as `scheme` and `tls` say.
+    pub transport: Transport,
     pub retries: u32,
     pub retry_timeout: Option<Duration>,
     pub timeouts: Option<Timeouts>,
@@ -159,13 +174,22 @@ pub struct Keepalive {
 }
 
 impl UpstreamRt {
-    fn build(up: &Upstream) -> UpstreamRt {
+    fn build(up: &Upstream, keyring: &Keyring) -> UpstreamRt {
+        static BUILDS: AtomicU64 = AtomicU64::new(0);
         let default_port = if up.scheme == "https" || up.scheme == "grpcs" { 443 } else { 80 };
+        let transport = transport(up, keyring);
+        let build = BUILDS.fetch_add(1, Ordering::Relaxed);
         let nodes: Vec<NodeRt> = up
             .nodes
             .0
             .iter()
-            .map(|n| NodeRt::new(&n.host, n.port.unwrap_or(default_port), default_port, n.weight, n.priority))
+            .map(|n| {
+                let mut node = NodeRt::new(&n.host, n.port.unwrap_or(default_port), default_port, n.weight, n.priority);
+                if transport.tls.is_some() || transport.h2 {
+                    node.pool_key = format!("{}://{}#{build}", up.scheme, node.authority).into();
+                }
+                node
+            })
             .collect();
         let pass_host = match up.pass_host.as_str() {
             "node" => PassHost::Node,
@@ -213,6 +237,7 @@ impl UpstreamRt {
             passive: up.checks.as_ref().and_then(|c| c.passive.as_ref()).map(Passive::new),
             check_type: up.checks.as_ref().map(|c| health::check_type(c).to_string()).unwrap_or_default(),
             hash_on,
+            transport,
             nodes,
             // APISIX: with no explicit value, try every other node once.
             retries: up.retries.unwrap_or(live.saturating_sub(1)),
@@ -251,6 +276,28 @@ impl UpstreamRt {
     }
 }
 
+/// How to reach an upstream's nodes. A TLS config that cannot be built (an unreadable client
+/// key, say) is logged, and TLS goes on without a client certificate.
+fn transport(up: &Upstream, keyring: &Keyring) -> Transport {
+    let h2 = up.scheme == "grpc" || up.scheme == "grpcs";
+    let sni = (up.pass_host == "rewrite").then(|| up.upstream_host.clone()).flatten();
+    if up.scheme != "https" && up.scheme != "grpcs" {
+        return Transport { tls: None, h2, sni };
+    }
+    let verify = up.tls.as_ref().is_some_and(|t| t.verify);
+    let client = up.tls.as_ref().and_then(|t| t.client_cert.as_deref().zip(t.client_key.as_deref()));
+    let config = match client.map(|(cert, key)| keyring.open(key).map(|key| (cert, key))) {
+        Some(Ok((cert, key))) => weir_tls::client_config(verify, Some((cert, &key)), h2),
+        Some(Err(e)) => Err(e.to_string()),
+        None => weir_tls::client_config(verify, None, h2),
+    };
+    let config = config.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "upstream client certificate unusable; connecting without one");
+        weir_tls::client_config(verify, None, h2).expect("a config without a client certificate builds")
+    });
+    Transport { tls: Some(config), h2, sni }
+}
+
 /// Where an upstream's config lives: inline in a route or service, or an upstream object.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 enum Source {
@@ -274,6 +321,7 @@ type UpstreamCache<K> = HashMap<(Source, K), Arc<UpstreamRt>>;
 fn reuse_or_build<'s>(
     next: &mut UpstreamCache<&'s str>,
     previous: &UpstreamCache<String>,
+    keyring: &Keyring,
     source: Source,
     id: &'s str,
     up: &Upstream,
@@ -283,7 +331,7 @@ fn reuse_or_build<'s>(
     }
     let rt = match previous.get(&(source, id.to_string())) {
         Some(old) if old.model == *up => old.clone(),
-        _ => Arc::new(UpstreamRt::build(up)),
+        _ => Arc::new(UpstreamRt::build(up, keyring)),
     };
     next.insert((source, id), rt.clone());
     rt
@@ -336,6 +384,7 @@ impl Builder {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
         let mut next: UpstreamCache<&str> = HashMap::new();
         let previous = &self.upstreams;
+        let keyring = &*self.keyring;
         
         // Older routes first, so they win priority ties (the router numbers them in this order).
         let mut routes: Vec<_> = state.routes.iter().filter(|(_, r)| r.value.status != 0).collect();
@@ -346,16 +395,16 @@ impl Builder {
             let route = &entry.value;
             let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
             let upstream = if let Some(up) = &route.upstream {
-                Some(reuse_or_build(&mut next, previous, Source::Route, id, up))
+                Some(reuse_or_build(&mut next, previous, keyring, Source::Route, id, up))
             } else if let Some(uid) = &route.upstream_id {
-                state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, Source::Object, &uid.0, up))
+                state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, keyring, Source::Object, &uid.0, up))
             } else if let Some(svc) = service {
                 if let Some(up) = &svc.upstream {
-                    Some(reuse_or_build(&mut next, previous, Source::Service, &svc.id.0, up))
+                    Some(reuse_or_build(&mut next, previous, keyring, Source::Service, &svc.id.0, up))
                 } else {
                     svc.upstream_id
                         .as_ref()
-                        .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, Source::Object, &uid.0, up)))
+                        .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, keyring, Source::Object, &uid.0, up)))
                 }
             } else {
                 None

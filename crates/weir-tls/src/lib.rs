@@ -2,9 +2,11 @@
 //! they are stored ([`check_ssl`]), and the per-SNI server configurations the proxy hands to
 //! each TLS handshake ([`SniTable`]).
 
+mod client;
 mod keyring;
 mod server;
 
+pub use client::client_config;
 pub use keyring::{Keyring, KeyringError};
 pub use server::{SniTable, server_config};
 

@@ -111,3 +111,133 @@ async fn websocket_echo_through_the_gateway() {
     // The gateway still serves after tunnels close.
     assert_eq!(w.get("/ws", &[]).await.status, 502, "a plain GET to the echo server gets no handshake");
 }
+
+/// A Python peer (grpcio or the standard library's TLS server), stopped when dropped.
+struct Peer {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Peer {
+    fn spawn(args: &[&str]) -> Peer {
+        use std::io::BufRead as _;
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/grpc_peer.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let port = line.trim().parse().unwrap_or_else(|_| panic!("peer {args:?} printed {line:?}"));
+        Peer { child, port }
+    }
+
+    fn node(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the grpcio client against `target`; returns what it saw.
+async fn grpc_client(args: Vec<String>) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/grpc_peer.py");
+        Command::new("python3").arg(script).arg("grpc-client").args(&args).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "grpc client: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn self_signed(name: &str) -> (String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec![name.to_string()]).unwrap();
+    (ck.cert.pem(), ck.signing_key.serialize_pem())
+}
+
+fn expected_grpc() -> serde_json::Value {
+    json!({
+        "say": "hello weir",
+        "count": ["item 0", "item 1", "item 2", "item 3", "item 4"],
+        "fail": ["NOT_FOUND", "no such thing"],
+    })
+}
+
+#[tokio::test]
+async fn grpc_unary_and_streaming_over_h2c_and_tls() {
+    let w = Weir::start_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = Peer::spawn(&["grpc-server"]);
+    let (up_cert, up_key) = self_signed("grpc-upstream.test");
+    let (cert_path, key_path) = (dir.path().join("up.pem"), dir.path().join("up.key"));
+    std::fs::write(&cert_path, &up_cert).unwrap();
+    std::fs::write(&key_path, &up_key).unwrap();
+    let secure = Peer::spawn(&["grpc-server", "--tls", cert_path.to_str().unwrap(), key_path.to_str().unwrap()]);
+    put(&w, "/routes/plain", json!({"uri": "/weir.test.Echo/*", "host": "plain.test",
+        "upstream": {"scheme": "grpc", "nodes": {plain.node(): 1}}})).await;
+    // To a TLS upstream: grpcs, without verifying its self-signed certificate (APISIX's default).
+    put(&w, "/routes/secure", json!({"uri": "/weir.test.Echo/*", "host": "secure.test",
+        "upstream": {"scheme": "grpcs", "nodes": {secure.node(): 1}}})).await;
+    let (cert, key) = self_signed("*.test");
+    put(&w, "/ssls/g", json!({"cert": cert, "key": key, "snis": ["*.test"]})).await;
+    let ca = dir.path().join("gw.pem");
+    std::fs::write(&ca, &cert).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+    // h2c: grpcio's insecure channel speaks HTTP/2 with prior knowledge; its authority is the
+    // gateway's address, so a host-less route takes it.
+    put(&w, "/routes/h2c", json!({"uri": "/weir.test.Echo/*", "upstream": {"scheme": "grpc", "nodes": {plain.node(): 1}}})).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let tls = w.tls.unwrap().to_string();
+    let ca = ca.to_str().unwrap().to_string();
+    let over_tls = |sni: &str| vec![tls.clone(), "--ca".into(), ca.clone(), "--name".into(), sni.to_string()];
+    let cases = [vec![w.proxy.to_string()], over_tls("plain.test"), over_tls("secure.test")];
+    for args in cases {
+        let got = grpc_client(args.clone()).await;
+        for (k, v) in expected_grpc().as_object().unwrap() {
+            assert_eq!(&got[k], v, "{args:?}: {got}");
+        }
+        assert_eq!(got["trailers"]["x-trailer"], "t1", "{args:?}: trailers reach the client");
+    }
+}
+
+#[tokio::test]
+async fn https_upstreams_with_and_without_verification_and_client_certificates() {
+    let w = Weir::start();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (cert, key) = self_signed("localhost");
+    let (cert_path, key_path) = (write("s.pem", &cert), write("s.key", &key));
+    let open = Peer::spawn(&["https-server", &cert_path, &key_path]);
+    // An upstream that wants a client certificate from its own CA.
+    let (client_cert, client_key) = self_signed("weir-client");
+    let ca_path = write("client-ca.pem", &client_cert);
+    let strict = Peer::spawn(&["https-server", &cert_path, &key_path, "--client-ca", &ca_path]);
+
+    put(&w, "/routes/open", json!({"uri": "/open", "upstream": {"scheme": "https", "nodes": {open.node(): 1}}})).await;
+    put(&w, "/routes/verified", json!({"uri": "/verified", "upstream": {"scheme": "https", "tls": {"verify": true}, "nodes": {open.node(): 1}}})).await;
+    put(&w, "/routes/mtls", json!({"uri": "/mtls", "upstream": {"scheme": "https",
+        "tls": {"client_cert": client_cert, "client_key": client_key}, "nodes": {strict.node(): 1}}})).await;
+    put(&w, "/routes/no-cert", json!({"uri": "/no-cert", "upstream": {"scheme": "https", "nodes": {strict.node(): 1}}})).await;
+    w.until("/no-cert", &[], |r| r.status != 404).await;
+
+    let r = w.get("/open", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["server"], "https");
+    assert_eq!(w.get("/verified", &[]).await.status, 502, "a self-signed certificate fails verification");
+    let r = w.get("/mtls", &[]).await;
+    assert_eq!((r.status, r.json()["client_cert"].clone()), (200, json!(true)), "{}", r.text());
+    assert_eq!(w.get("/no-cert", &[]).await.status, 502, "without a client certificate the upstream refuses");
+}
