@@ -4,13 +4,16 @@
 //! A node starts healthy. Each failure of a kind (HTTP status, TCP, timeout) counts towards that
 //! kind's threshold and clears the success count; each success counts towards `successes` and
 //! clears the failure counts. Crossing a threshold flips the state. A threshold of 0 never trips.
+//! Active probes are `tcp` (connect), `http` or `https` (`GET http_path`, status judged by the
+//! lists of `healthy`/`unhealthy` statuses).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 use weir_core::model::{ActiveCheck, Checks, PassiveCheck};
@@ -182,6 +185,10 @@ impl Checker {
 }
 
 async fn probe_loop(cfg: Arc<ActiveCheck>, target: Target) {
+    // `https` probes: one client config for the checker's life.
+    let tls = (cfg.kind == "https").then(|| {
+        weir_tls::client_config(cfg.https_verify_certificate, None, false).expect("a client config without a certificate builds")
+    });
     let thresholds = Thresholds {
         successes: cfg.healthy.successes,
         http_failures: cfg.unhealthy.http_failures,
@@ -190,7 +197,7 @@ async fn probe_loop(cfg: Arc<ActiveCheck>, target: Target) {
     };
     let timeout = Duration::try_from_secs_f64(cfg.timeout).unwrap_or(Duration::from_secs(1));
     loop {
-        if let Some(outcome) = probe(&cfg, &target, timeout).await {
+        if let Some(outcome) = probe(&cfg, &target, tls.as_ref(), timeout).await {
             log_change(&target.authority, "active", target.health.report(outcome, &thresholds));
         }
         let secs = if target.health.is_healthy() { cfg.healthy.interval } else { cfg.unhealthy.interval };
@@ -199,7 +206,12 @@ async fn probe_loop(cfg: Arc<ActiveCheck>, target: Target) {
 }
 
 /// One probe. `None` when the answer counts neither way (a status in neither list).
-async fn probe(cfg: &ActiveCheck, target: &Target, timeout: Duration) -> Option<Outcome> {
+async fn probe(
+    cfg: &ActiveCheck,
+    target: &Target,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    timeout: Duration,
+) -> Option<Outcome> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(&target.authority)).await {
         Err(_) => return Some(Outcome::Timeout),
         Ok(Err(_)) => return Some(Outcome::TcpFailure),
@@ -208,7 +220,19 @@ async fn probe(cfg: &ActiveCheck, target: &Target, timeout: Duration) -> Option<
     if cfg.kind == "tcp" {
         return Some(Outcome::Success);
     }
-    match tokio::time::timeout(timeout, http_status(cfg, target, stream)).await {
+    let exchange = async {
+        match tls {
+            None => http_status(cfg, target, stream).await,
+            Some(config) => {
+                let host = target.host.rsplit_once(':').map_or(target.host.as_str(), |(h, _)| h);
+                let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())
+                    .map_err(std::io::Error::other)?;
+                let stream = tokio_rustls::TlsConnector::from(config.clone()).connect(name, stream).await?;
+                http_status(cfg, target, stream).await
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Some(Outcome::Timeout),
         Ok(Err(_)) => Some(Outcome::TcpFailure),
         Ok(Ok(status)) if cfg.healthy.http_statuses.contains(&status) => Some(Outcome::Success),
@@ -218,7 +242,7 @@ async fn probe(cfg: &ActiveCheck, target: &Target, timeout: Duration) -> Option<
 }
 
 /// Sends `GET http_path` and reads the status code off the response's first line.
-async fn http_status(cfg: &ActiveCheck, target: &Target, mut stream: TcpStream) -> std::io::Result<u16> {
+async fn http_status<S: AsyncRead + AsyncWrite + Unpin>(cfg: &ActiveCheck, target: &Target, mut stream: S) -> std::io::Result<u16> {
     let mut req = format!("GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: weir-healthcheck\r\nConnection: close\r\n", cfg.http_path, target.host);
     for h in &cfg.req_headers {
         req.push_str(h.trim_end());

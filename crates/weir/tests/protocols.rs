@@ -240,4 +240,27 @@ async fn https_upstreams_with_and_without_verification_and_client_certificates()
     let r = w.get("/mtls", &[]).await;
     assert_eq!((r.status, r.json()["client_cert"].clone()), (200, json!(true)), "{}", r.text());
     assert_eq!(w.get("/no-cert", &[]).await.status, 502, "without a client certificate the upstream refuses");
+
+    // Active `https` health probes speak TLS to the node; a plain-HTTP node fails them.
+    let plain = Upstream::start("plain").await;
+    let checks = json!({"active": {"type": "https", "http_path": "/health", "https_verify_certificate": false,
+        "healthy": {"interval": 1, "successes": 1}, "unhealthy": {"interval": 1, "tcp_failures": 1}}});
+    put(&w, "/routes/checked", json!({"uri": "/checked", "upstream": {"scheme": "https", "checks": checks,
+        "nodes": {open.node(): 1, plain.node(): 1}}})).await;
+    let mut last = json!(null);
+    for _ in 0..60 {
+        let (s, v) = w.control("healthcheck/routes/checked").await;
+        if s == 200 {
+            let status = |port: u16| v["nodes"].as_array().unwrap().iter().find(|n| n["port"] == port).map(|n| (n["status"].clone(), n["counter"].clone()));
+            let (good, bad) = (status(open.port).unwrap(), status(plain.addr.port()).unwrap());
+            if good.1["success"].as_u64() >= Some(1) && bad.0 == "unhealthy" {
+                assert_eq!(good.0, "healthy");
+                assert_eq!(plain.probes.load(std::sync::atomic::Ordering::SeqCst), 0, "no plain HTTP probe reached it");
+                return;
+            }
+        }
+        last = w.control("healthcheck/routes/checked").await.1;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("https probes did not settle: {last}");
 }
