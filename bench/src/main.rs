@@ -5,8 +5,9 @@
 //! other. Every row is measured the same way, so the ratios compare like with like.
 //!
 //! Rows: the origin served directly (the ceiling), nginx as a reverse proxy, Weir with one route,
-//! Weir with 10,000 routes, and the time from an Admin API PUT to the first request served by
-//! the new route.
+//! Weir with 10,000 routes, both proxies over HTTPS (wrk, keep-alive) and over HTTP/2 with TLS
+//! (h2load, 10 streams per connection), and the time from an Admin API PUT to the first request
+//! served by the new route.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -45,6 +46,11 @@ struct Args {
 
 const ORIGIN_PORT: u16 = 18080;
 const NGINX_PROXY_PORT: u16 = 18081;
+const NGINX_TLS_PORT: u16 = 18091;
+/// Weir's TLS listener is its plain port plus this.
+const TLS_OFFSET: u16 = 10;
+/// The name the TLS rows ask for (h2load connects to 127.0.0.1 and sends it as SNI).
+const TLS_NAME: &str = "bench.local";
 const KEY: &str = "bench-admin-key";
 
 struct Proc(Child, &'static str);
@@ -160,7 +166,11 @@ fn parse_ms(s: &str) -> Option<f64> {
 }
 
 fn wrk(args: &Args, port: u16, path: &str, proxy_pid: Option<u32>) -> anyhow::Result<WrkResult> {
-    let url = format!("http://127.0.0.1:{port}{path}");
+    wrk_url(args, &format!("http://127.0.0.1:{port}{path}"), proxy_pid)
+}
+
+fn wrk_url(args: &Args, url: &str, proxy_pid: Option<u32>) -> anyhow::Result<WrkResult> {
+    let url = url.to_string();
     let cores = other_cores(args.proxy_core);
     // Warm up pools and caches first.
     Command::new("taskset").args(["-c", &cores, "wrk", "-t1", "-c16", "-d2s", &url]).output()?;
@@ -193,6 +203,67 @@ fn wrk(args: &Args, port: u16, path: &str, proxy_pid: Option<u32>) -> anyhow::Re
     Ok(r)
 }
 
+/// HTTP/2 over TLS with h2load: one client thread, `connections` connections, 10 streams each.
+/// h2load reports no percentiles; the latency columns stay empty.
+fn h2load(args: &Args, port: u16, path: &str, proxy_pid: Option<u32>) -> anyhow::Result<WrkResult> {
+    let url = format!("https://{TLS_NAME}:{port}{path}");
+    let target = format!("127.0.0.1:{port}");
+    let cores = other_cores(args.proxy_core);
+    let run = |secs: u64, conns: u32| {
+        Command::new("taskset")
+            .args(["-c", &cores, "h2load", "-t1", "-m10", &format!("-c{conns}"), &format!("-D{secs}")])
+            .arg(format!("--connect-to={target}"))
+            .arg(&url)
+            .output()
+            .context("running h2load (apt-get install -y nghttp2-client)")
+    };
+    run(2, 16)?;
+    let cpu_before = proxy_pid.map(cpu_seconds);
+    let out = run(args.duration, args.connections)?;
+    let cpu_used = proxy_pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut r = WrkResult { rps: 0.0, p50_ms: f64::NAN, p99_ms: f64::NAN, cpu_us: None };
+    let mut done = 0.0;
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        match t.as_slice() {
+            ["finished", "in", _, rps, "req/s,", ..] => r.rps = rps.parse().unwrap_or(0.0),
+            ["requests:", _, "total,", _, "started,", n, "done,", ok, "succeeded,", failed, "failed,", ..] => {
+                if *failed != "0" || ok != n {
+                    bail!("h2load saw failures against {url}:\n{text}");
+                }
+                done = n.parse().unwrap_or(0.0);
+            }
+            _ => {}
+        }
+    }
+    if r.rps == 0.0 || done == 0.0 {
+        bail!("h2load produced no result for {url}:\n{text}");
+    }
+    r.cpu_us = cpu_used.map(|c| c * 1e6 / done);
+    Ok(r)
+}
+
+/// A self-signed ECDSA certificate for both proxies' TLS rows, made with the openssl CLI.
+fn make_cert(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("bench.crt"), dir.join("bench.key"));
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args(["-subj", &format!("/CN={TLS_NAME}"), "-addext", &format!("subjectAltName=DNS:{TLS_NAME},IP:127.0.0.1")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .context("running openssl")?
+        .success();
+    if !ok {
+        bail!("openssl could not make a certificate");
+    }
+    Ok((cert, key))
+}
+
 struct Weir {
     proc: Proc,
     port: u16,
@@ -200,7 +271,8 @@ struct Weir {
 }
 
 impl Weir {
-    /// Starts weir on `port` (admin on `port + 1`), pinned to the proxy core.
+    /// Starts weir on `port` (admin on `port + 1`, TLS on `port + TLS_OFFSET`), pinned to the
+    /// proxy core.
     fn start(args: &Args, dir: &Path, port: u16) -> anyhow::Result<Weir> {
         std::fs::create_dir_all(dir)?;
         let admin = port + 1;
@@ -208,7 +280,8 @@ impl Weir {
         std::fs::write(
             &cfg,
             format!(
-                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\n",
+                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  tls_listen: [\"127.0.0.1:{}\"]\n  tls_fallback_sni: {TLS_NAME}\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\n",
+                port + TLS_OFFSET,
                 dir.join("data").display()
             ),
         )?;
@@ -218,7 +291,7 @@ impl Weir {
             .arg("serve")
             .arg("--config")
             .arg(&cfg)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "warn,rustls=error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -278,7 +351,13 @@ fn row(name: &str, r: &WrkResult, base: Option<&WrkResult>) {
         (Some(c), Some(b)) if c > 0.0 => format!("{:.2}x", b / c),
         _ => String::new(),
     };
-    println!("{name:<28} {:>9.0} {:>8.3} {:>8.3} {ratio:>7} {cpu:>9} {per_core:>10} {core_ratio:>7}", r.rps, r.p50_ms, r.p99_ms);
+    let ms = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.3}") };
+    println!(
+        "{name:<28} {:>9.0} {:>8} {:>8} {ratio:>7} {cpu:>9} {per_core:>10} {core_ratio:>7}",
+        r.rps,
+        ms(r.p50_ms),
+        ms(r.p99_ms)
+    );
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -308,14 +387,20 @@ fn main() -> anyhow::Result<()> {
         &format!("  server {{ listen 127.0.0.1:{ORIGIN_PORT} reuseport; location / {{ return 200 \"hello from the origin\\n\"; }} }}"),
         &other,
     )?;
+    let (cert, key) = make_cert(&dir)?;
+    let location = "location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; \
+        proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr; \
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }";
     let nginx_proxy = nginx(
         &dir.join("nginx-proxy"),
         "nginx-proxy",
         &format!(
             "  upstream origin {{ server 127.0.0.1:{ORIGIN_PORT}; keepalive 320; keepalive_requests 1000000; }}\n  \
-             server {{ listen 127.0.0.1:{NGINX_PROXY_PORT}; location / {{ proxy_pass http://origin; \
-             proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_set_header Host $host; \
-             proxy_set_header X-Real-IP $remote_addr; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; }} }}"
+             server {{ listen 127.0.0.1:{NGINX_PROXY_PORT}; {location} }}\n  \
+             server {{ listen 127.0.0.1:{NGINX_TLS_PORT} ssl http2; ssl_certificate {}; ssl_certificate_key {}; \
+             http2_max_requests 1000000; {location} }}",
+            cert.display(),
+            key.display()
         ),
         &proxy_core,
     )?;
@@ -323,7 +408,7 @@ fn main() -> anyhow::Result<()> {
     // the large route table.
     let small = Weir::start(&args, &dir.join("weir-small"), 18082)?;
     let large = Weir::start(&args, &dir.join("weir-large"), 18084)?;
-    for p in [ORIGIN_PORT, NGINX_PROXY_PORT] {
+    for p in [ORIGIN_PORT, NGINX_PROXY_PORT, NGINX_TLS_PORT] {
         wait_port(p)?;
     }
     let target = "/svc/7777/items";
@@ -335,6 +420,12 @@ fn main() -> anyhow::Result<()> {
         )?;
         w.put("routes/target", "{\"uri\":\"/svc/7777/*\",\"upstream_id\":\"origin\"}")?;
     }
+    let ssl = serde_json::json!({
+        "cert": std::fs::read_to_string(&cert)?,
+        "key": std::fs::read_to_string(&key)?,
+        "snis": [TLS_NAME],
+    });
+    small.put("ssls/bench", &ssl.to_string())?;
 
     let (p50, p99) = large.put_to_live(args.changes, "small")?;
     let live_small = format!("PUT-to-live over {} changes (few routes): p50 {p50:.2} ms, p99 {p99:.2} ms", args.changes);
@@ -363,15 +454,28 @@ fn main() -> anyhow::Result<()> {
     let origin = wrk(&args, ORIGIN_PORT, target, None)?;
     row("origin direct (ceiling)", &origin, None);
     let (mut n_runs, mut s_runs, mut l_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut nt_runs, mut wt_runs, mut nh_runs, mut wh_runs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (nginx_pid, small_pid) = (nginx_proxy.0.id(), small.proc.0.id());
+    let small_tls = small.port + TLS_OFFSET;
     for _ in 0..args.rounds {
-        n_runs.push(wrk(&args, NGINX_PROXY_PORT, target, Some(nginx_proxy.0.id()))?);
-        s_runs.push(wrk(&args, small.port, target, Some(small.proc.0.id()))?);
+        n_runs.push(wrk(&args, NGINX_PROXY_PORT, target, Some(nginx_pid))?);
+        s_runs.push(wrk(&args, small.port, target, Some(small_pid))?);
         l_runs.push(wrk(&args, large.port, target, Some(large.proc.0.id()))?);
+        nt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{NGINX_TLS_PORT}{target}"), Some(nginx_pid))?);
+        wt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{small_tls}{target}"), Some(small_pid))?);
+        nh_runs.push(h2load(&args, NGINX_TLS_PORT, target, Some(nginx_pid))?);
+        wh_runs.push(h2load(&args, small_tls, target, Some(small_pid))?);
     }
     let (nginx, one, many) = (median_result(&n_runs), median_result(&s_runs), median_result(&l_runs));
     row("nginx reverse proxy", &nginx, Some(&nginx));
     row("weir, 1 route", &one, Some(&nginx));
     row(&format!("weir, {} routes", args.routes), &many, Some(&nginx));
+    let (nginx_tls, weir_tls) = (median_result(&nt_runs), median_result(&wt_runs));
+    row("nginx, HTTPS", &nginx_tls, Some(&nginx_tls));
+    row("weir, HTTPS", &weir_tls, Some(&nginx_tls));
+    let (nginx_h2, weir_h2) = (median_result(&nh_runs), median_result(&wh_runs));
+    row("nginx, HTTP/2 + TLS (h2load)", &nginx_h2, Some(&nginx_h2));
+    row("weir, HTTP/2 + TLS (h2load)", &weir_h2, Some(&nginx_h2));
 
     println!();
     println!("weir/nginx throughput, 1 route: {:.2}x (p99 {:.3} ms vs {:.3} ms)", one.rps / nginx.rps, one.p99_ms, nginx.p99_ms);

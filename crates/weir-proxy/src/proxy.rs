@@ -44,6 +44,8 @@ impl ConnInfo {
 
 pub struct Proxy {
     snapshot: Arc<ArcSwap<Snapshot>>,
+    /// The name whose certificate a TLS client without SNI gets (APISIX's `fallback_sni`).
+    fallback_sni: Option<String>,
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -172,12 +174,19 @@ enum SendError {
 
 impl Proxy {
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Proxy {
-        Proxy { snapshot }
+        Proxy { snapshot, fallback_sni: None }
     }
 
-    /// The TLS server config for a handshake naming `sni`, from the current snapshot.
-    pub fn tls_config(&self, sni: &str) -> Option<Arc<rustls::ServerConfig>> {
-        self.snapshot.load().tls.find(sni)
+    pub fn with_fallback_sni(mut self, name: Option<String>) -> Proxy {
+        self.fallback_sni = name;
+        self
+    }
+
+    /// The TLS server config for a handshake naming `sni` (or, without one, the fallback name),
+    /// from the current snapshot.
+    pub fn tls_config(&self, sni: Option<&str>) -> Option<Arc<rustls::ServerConfig>> {
+        let name = sni.or(self.fallback_sni.as_deref())?;
+        self.snapshot.load().tls.find(name)
     }
 
     pub async fn handle(&self, conn: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {

@@ -107,12 +107,13 @@ async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
 }
 
 /// Reads the ClientHello, picks the `ssls` object for its SNI, and completes the handshake.
-/// A client without SNI, or with a name no certificate covers, is refused.
+/// A client with a name no certificate covers is refused; one without SNI gets the fallback
+/// name's certificate, when one is configured.
 async fn handshake(stream: TcpStream, proxy: &Proxy) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let accept = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await.ok()?;
         let sni = start.client_hello().server_name().map(str::to_string);
-        let Some(config) = sni.as_deref().and_then(|name| proxy.tls_config(name)) else {
+        let Some(config) = proxy.tls_config(sni.as_deref()) else {
             tracing::debug!(sni = sni.as_deref().unwrap_or(""), "no certificate for this server name");
             return None;
         };

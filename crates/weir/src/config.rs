@@ -31,13 +31,15 @@ pub struct ProxyConfig {
     pub listen: Vec<SocketAddr>,
     /// TLS listen addresses; certificates come from `ssls` objects, chosen by SNI.
     pub tls_listen: Vec<SocketAddr>,
+    /// The server name assumed when a TLS client sends none (clients connecting by IP address).
+    pub tls_fallback_sni: Option<String>,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { listen: vec![SocketAddr::from(([127, 0, 0, 1], 9080))], tls_listen: Vec::new(), workers: 0 }
+        ProxyConfig { listen: vec![SocketAddr::from(([127, 0, 0, 1], 9080))], tls_listen: Vec::new(), tls_fallback_sni: None, workers: 0 }
     }
 }
 

@@ -44,7 +44,9 @@ enum Command {
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // rustls warns about what clients send (an IP address as SNI, say): one line per
+            // connection that the gateway can do nothing about.
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rustls=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -178,7 +180,7 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         // routes that exist.
         loaded.wait_for(|l| *l).await.context("config loader stopped")?;
 
-        let proxy = Arc::new(Proxy::new(snapshot.clone()));
+        let proxy = Arc::new(Proxy::new(snapshot.clone()).with_fallback_sni(cfg.proxy.tls_fallback_sni.clone()));
         let bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)
             .context("binding proxy listeners")?;
         let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)

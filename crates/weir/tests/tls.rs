@@ -203,3 +203,17 @@ async fn keys_are_checked_sealed_and_never_shown() {
     let (s, b) = w.admin("PATCH", "/ssls/1", Some(json!({"cert": other.cert}))).await;
     assert_eq!(s, 400, "a PATCHed certificate must still match the stored key: {b}");
 }
+
+#[tokio::test]
+async fn clients_without_sni_get_the_fallback_name() {
+    let w = Weir::start_with(tempfile::tempdir().unwrap(), "  tls_listen: [\"127.0.0.1:0\"]\n  tls_fallback_sni: a.test\n", "");
+    let tls = w.tls.unwrap();
+    let up = Upstream::start("backend").await;
+    w.admin("PUT", "/routes/r", Some(json!({"uri": "/*", "upstream": {"nodes": {up.node(): 1}}}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    // The certificate names the address too, so curl (which sends no SNI to an IP) can verify it.
+    let ck = rcgen::generate_simple_self_signed(vec!["a.test".to_string(), "127.0.0.1".to_string()]).unwrap();
+    put_ssl(&w, "a", json!({"cert": ck.cert.pem(), "key": ck.signing_key.serialize_pem(), "snis": ["a.test"]})).await;
+    let ca = write(dir.path(), "a.pem", &ck.cert.pem());
+    assert!(until_curl(tls, "127.0.0.1", &ca, &[], true).await, "no SNI: the fallback name's certificate");
+}
