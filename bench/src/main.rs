@@ -398,7 +398,7 @@ fn main() -> anyhow::Result<()> {
             "  upstream origin {{ server 127.0.0.1:{ORIGIN_PORT}; keepalive 320; keepalive_requests 1000000; }}\n  \
              server {{ listen 127.0.0.1:{NGINX_PROXY_PORT}; {location} }}\n  \
              server {{ listen 127.0.0.1:{NGINX_TLS_PORT} ssl http2; ssl_certificate {}; ssl_certificate_key {}; \
-             http2_max_requests 1000000; {location} }}",
+             {location} }}",
             cert.display(),
             key.display()
         ),

@@ -370,6 +370,26 @@ async fn check_object(
     if t.resource == Resource::Ssls && errors.is_empty() {
         errors = weir_tls::check_ssl(&obj);
     }
+    // An upstream's client certificate key is checked and sealed like a certificate's.
+    if errors.is_empty() {
+        let sealed = match t.resource {
+            Resource::Upstreams => {
+                let mut v = Value::Object(std::mem::take(&mut obj));
+                let r = weir_tls::seal_upstream_key(&admin.keyring, &mut v, "");
+                let Value::Object(o) = v else { unreachable!("put back what was taken") };
+                obj = o;
+                r
+            }
+            Resource::Routes | Resource::Services => match obj.get_mut("upstream") {
+                Some(up) => weir_tls::seal_upstream_key(&admin.keyring, up, "upstream."),
+                None => Ok(()),
+            },
+            _ => Ok(()),
+        };
+        if let Err(e) = sealed {
+            errors.push(e);
+        }
+    }
     // References: every missing one is reported with the others.
     let mut references = Vec::new();
     let refs: &[(&str, Resource, &str)] = match t.resource {

@@ -90,6 +90,20 @@ pub fn open_ssl(keyring: &Keyring, obj: &mut Map<String, Value>) -> Result<(), K
     map_keys(obj, |k| keyring.open(k))
 }
 
+/// Checks an upstream's `tls.client_cert`/`tls.client_key` pair and seals the key for storing
+/// (a key that is already sealed, as a PATCH leaves it, is opened first). `path` prefixes the
+/// field names in errors (`upstream.` for an inline upstream).
+pub fn seal_upstream_key(keyring: &Keyring, upstream: &mut Value, path: &str) -> Result<(), String> {
+    let Some(tls) = upstream.get_mut("tls").and_then(Value::as_object_mut) else { return Ok(()) };
+    let Some(Value::String(sealed_or_plain)) = tls.get("client_key") else { return Ok(()) };
+    let key = keyring.open(sealed_or_plain).map_err(|e| format!("{path}tls.client_key: {e}"))?;
+    if let Some(cert) = tls.get("client_cert").and_then(Value::as_str) {
+        certified_key(cert, &key).map_err(|e| format!("{path}tls.client_cert/client_key: {e}"))?;
+    }
+    tls.insert("client_key".into(), Value::String(keyring.seal(&key)));
+    Ok(())
+}
+
 fn map_keys<E>(obj: &mut Map<String, Value>, mut f: impl FnMut(&str) -> Result<String, E>) -> Result<(), E> {
     if let Some(Value::String(k)) = obj.get_mut("key") {
         *k = f(k)?;
@@ -133,6 +147,23 @@ mod tests {
         assert!(errs[0].starts_with("cert/key: invalid PEM certificate"), "{errs:?}");
         assert_eq!(errs[1], "certs and keys must have the same number of items");
         assert!(errs[2].starts_with("client.ca: "), "{errs:?}");
+    }
+
+    #[test]
+    fn upstream_client_keys_are_checked_and_sealed() {
+        let ring = Keyring::new(&["k".to_string()]);
+        let (cert, key) = testing::self_signed(&["client"]);
+        let (_, other) = testing::self_signed(&["other"]);
+        let mut up = json!({"tls": {"client_cert": cert, "client_key": key}});
+        seal_upstream_key(&ring, &mut up, "").unwrap();
+        let sealed = up["tls"]["client_key"].as_str().unwrap().to_string();
+        assert_eq!(ring.open(&sealed).unwrap(), key);
+        // Sealing again (a PATCH of something else) keeps the same key.
+        seal_upstream_key(&ring, &mut up, "").unwrap();
+        assert_eq!(ring.open(up["tls"]["client_key"].as_str().unwrap()).unwrap(), key);
+        let mut wrong = json!({"tls": {"client_cert": cert, "client_key": other}});
+        let e = seal_upstream_key(&ring, &mut wrong, "upstream.").unwrap_err();
+        assert_eq!(e, "upstream.tls.client_cert/client_key: the private key does not match the certificate");
     }
 
     #[test]

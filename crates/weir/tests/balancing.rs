@@ -48,6 +48,25 @@ async fn weights_over_a_thousand_requests() {
 }
 
 #[tokio::test]
+async fn routes_sharing_an_upstream_share_its_balancer() {
+    let w = Weir::start();
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    put(&w, "/upstreams/u", json!({"nodes": node_map(&[(&a, 1), (&b, 1)])})).await;
+    put(&w, "/routes/one", json!({"uri": "/one", "upstream_id": "u"})).await;
+    put(&w, "/routes/two", json!({"uri": "/two", "upstream_id": "u"})).await;
+    w.until("/two", &[], |r| r.status == 200).await;
+    // One balancer: alternating routes still alternate nodes. Separate balancers would each
+    // start from the same node and answer a, a, b, b.
+    let mut seen = Vec::new();
+    for path in ["/one", "/two", "/one", "/two", "/one", "/two"] {
+        seen.push(server_of(&w, path, &[]).await);
+    }
+    for pair in seen.windows(2) {
+        assert_ne!(pair[0], pair[1], "{seen:?}");
+    }
+}
+
+#[tokio::test]
 async fn chash_sticks_and_moves_few_keys() {
     let w = Weir::start();
     let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await, Upstream::start("d").await];

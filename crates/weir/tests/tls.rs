@@ -202,6 +202,20 @@ async fn keys_are_checked_sealed_and_never_shown() {
     assert_eq!(s, 200, "{b}");
     let (s, b) = w.admin("PATCH", "/ssls/1", Some(json!({"cert": other.cert}))).await;
     assert_eq!(s, 400, "a PATCHed certificate must still match the stored key: {b}");
+
+    // An upstream's client certificate key: checked against its certificate, and sealed.
+    let up = |cert: &str, key: &str| json!({"scheme": "https", "nodes": {"127.0.0.1:1": 1}, "tls": {"client_cert": cert, "client_key": key}});
+    let (s, b) = w.admin("PUT", "/upstreams/u", Some(up(&a.cert, &other.key))).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(b["error_msg"], "invalid configuration: tls.client_cert/client_key: the private key does not match the certificate");
+    let (s, b) = w.admin("PUT", "/routes/r", Some(json!({"uri": "/", "upstream": up(&a.cert, &other.key)}))).await;
+    assert_eq!(s, 400, "inline upstreams too: {b}");
+    let (s, b) = w.admin("PUT", "/upstreams/u", Some(up(&a.cert, &a.key))).await;
+    assert_eq!(s, 201, "{b}");
+    let shown = b["value"]["tls"]["client_key"].as_str().unwrap().to_string();
+    assert!(!shown.contains("PRIVATE KEY"), "sealed: {shown}");
+    let (s, b) = w.admin("PATCH", "/upstreams/u", Some(json!({"retries": 1}))).await;
+    assert_eq!(s, 200, "a PATCH keeps the sealed key usable: {b}");
 }
 
 #[tokio::test]
