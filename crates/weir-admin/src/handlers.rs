@@ -412,6 +412,31 @@ async fn check_object(
                 Err(e) => return Err(reply::store_down(e)),
             }
         }
+        // An upstream's `tls.client_cert_id` must name a client certificate.
+        let client_cert_id = match t.resource {
+            Resource::Upstreams => obj.get("tls"),
+            Resource::Routes | Resource::Services => obj.get("upstream").and_then(|u| u.get("tls")),
+            _ => None,
+        }
+        .and_then(|tls| tls.get("client_cert_id"))
+        .and_then(id_text);
+        if let Some(ssl_id) = client_cert_id {
+            let key = Resource::Ssls.key(&admin.prefix, None, &ssl_id);
+            match admin.store.get(&key).await {
+                Ok(Some(kv)) => {
+                    let kind = serde_json::from_slice::<Value>(&kv.value)
+                        .ok()
+                        .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string));
+                    if kind.as_deref() == Some("client") {
+                        references.push(Compare { key, mod_revision: kv.mod_revision });
+                    } else {
+                        errors.push(format!("failed to fetch ssl info by ssl id [{ssl_id}], wrong ssl type"));
+                    }
+                }
+                Ok(None) => errors.push(format!("failed to fetch ssl info by ssl id [{ssl_id}], response code: 404")),
+                Err(e) => return Err(reply::store_down(e)),
+            }
+        }
         if let (Resource::Credentials, Some(user)) = (t.resource, t.parent) {
             let key = Resource::Consumers.key(&admin.prefix, None, user);
             match admin.store.get(&key).await {

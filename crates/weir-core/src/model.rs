@@ -136,6 +136,8 @@ pub struct Upstream {
 /// TLS towards the nodes of an `https`/`grpcs` upstream.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct UpstreamTls {
+    /// An `ssls` object of type `client` holding the certificate and key.
+    pub client_cert_id: Option<Id>,
     pub client_cert: Option<String>,
     pub client_key: Option<String>,
     #[serde(default)]
@@ -187,6 +189,8 @@ pub struct Ssl {
     pub sni: Option<String>,
     pub snis: Option<Vec<String>>,
     pub client: Option<SslClient>,
+    /// `TLSv1.2`, `TLSv1.3` (and `TLSv1.1`, which no supported TLS stack offers any more).
+    pub ssl_protocols: Option<Vec<String>>,
     #[serde(default = "one")]
     pub status: i64,
 }

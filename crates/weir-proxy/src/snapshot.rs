@@ -162,6 +162,8 @@ pub struct UpstreamRt {
     /// The model it was built from: an unchanged upstream keeps its runtime (and balancer state)
     /// across snapshots.
     model: Upstream,
+    /// The `ssls` object `tls.client_cert_id` named, as it was when this was built.
+    client_ssl: Option<Ssl>,
     /// Active probes of the nodes; they stop when the runtime is dropped.
     _checker: Option<Checker>,
 }
@@ -174,10 +176,10 @@ pub struct Keepalive {
 }
 
 impl UpstreamRt {
-    fn build(up: &Upstream, keyring: &Keyring) -> UpstreamRt {
+    fn build(up: &Upstream, client_ssl: Option<Ssl>, keyring: &Keyring) -> UpstreamRt {
         static BUILDS: AtomicU64 = AtomicU64::new(0);
         let default_port = if up.scheme == "https" || up.scheme == "grpcs" { 443 } else { 80 };
-        let transport = transport(up, keyring);
+        let transport = transport(up, client_ssl.as_ref(), keyring);
         let build = BUILDS.fetch_add(1, Ordering::Relaxed);
         let nodes: Vec<NodeRt> = up
             .nodes
@@ -250,6 +252,7 @@ impl UpstreamRt {
                 requests: pool.requests,
             },
             model: up.clone(),
+            client_ssl,
             _checker: checker,
         }
     }
@@ -278,14 +281,17 @@ impl UpstreamRt {
 
 /// How to reach an upstream's nodes. A TLS config that cannot be built (an unreadable client
 /// key, say) is logged, and TLS goes on without a client certificate.
-fn transport(up: &Upstream, keyring: &Keyring) -> Transport {
+fn transport(up: &Upstream, client_ssl: Option<&Ssl>, keyring: &Keyring) -> Transport {
     let h2 = up.scheme == "grpc" || up.scheme == "grpcs";
     let sni = (up.pass_host == "rewrite").then(|| up.upstream_host.clone()).flatten();
     if up.scheme != "https" && up.scheme != "grpcs" {
         return Transport { tls: None, h2, sni };
     }
     let verify = up.tls.as_ref().is_some_and(|t| t.verify);
-    let client = up.tls.as_ref().and_then(|t| t.client_cert.as_deref().zip(t.client_key.as_deref()));
+    let client = match client_ssl {
+        Some(ssl) => ssl.cert.as_deref().zip(ssl.key.as_deref()),
+        None => up.tls.as_ref().and_then(|t| t.client_cert.as_deref().zip(t.client_key.as_deref())),
+    };
     let config = match client.map(|(cert, key)| keyring.open(key).map(|key| (cert, key))) {
         Some(Ok((cert, key))) => weir_tls::client_config(verify, Some((cert, &key)), h2),
         Some(Err(e)) => Err(e.to_string()),
@@ -318,10 +324,16 @@ impl Source {
 
 type UpstreamCache<K> = HashMap<(Source, K), Arc<UpstreamRt>>;
 
+/// What building an upstream runtime reads besides the upstream itself.
+struct Ctx<'a> {
+    keyring: &'a Keyring,
+    ssls: &'a std::collections::BTreeMap<String, Ssl>,
+}
+
 fn reuse_or_build<'s>(
     next: &mut UpstreamCache<&'s str>,
     previous: &UpstreamCache<String>,
-    keyring: &Keyring,
+    ctx: &Ctx<'_>,
     source: Source,
     id: &'s str,
     up: &Upstream,
@@ -329,9 +341,16 @@ fn reuse_or_build<'s>(
     if let Some(rt) = next.get(&(source, id)) {
         return rt.clone();
     }
+    let client_ssl = up
+        .tls
+        .as_ref()
+        .and_then(|t| t.client_cert_id.as_ref())
+        .and_then(|cid| ctx.ssls.get(&cid.0))
+        .filter(|ssl| ssl.kind == "client")
+        .cloned();
     let rt = match previous.get(&(source, id.to_string())) {
-        Some(old) if old.model == *up => old.clone(),
-        _ => Arc::new(UpstreamRt::build(up, keyring)),
+        Some(old) if old.model == *up && old.client_ssl == client_ssl => old.clone(),
+        _ => Arc::new(UpstreamRt::build(up, client_ssl, ctx.keyring)),
     };
     next.insert((source, id), rt.clone());
     rt
@@ -384,7 +403,7 @@ impl Builder {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
         let mut next: UpstreamCache<&str> = HashMap::new();
         let previous = &self.upstreams;
-        let keyring = &*self.keyring;
+        let ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls };
         
         // Older routes first, so they win priority ties (the router numbers them in this order).
         let mut routes: Vec<_> = state.routes.iter().filter(|(_, r)| r.value.status != 0).collect();
@@ -395,16 +414,16 @@ impl Builder {
             let route = &entry.value;
             let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
             let upstream = if let Some(up) = &route.upstream {
-                Some(reuse_or_build(&mut next, previous, keyring, Source::Route, id, up))
+                Some(reuse_or_build(&mut next, previous, &ctx, Source::Route, id, up))
             } else if let Some(uid) = &route.upstream_id {
-                state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, keyring, Source::Object, &uid.0, up))
+                state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, &ctx, Source::Object, &uid.0, up))
             } else if let Some(svc) = service {
                 if let Some(up) = &svc.upstream {
-                    Some(reuse_or_build(&mut next, previous, keyring, Source::Service, &svc.id.0, up))
+                    Some(reuse_or_build(&mut next, previous, &ctx, Source::Service, &svc.id.0, up))
                 } else {
                     svc.upstream_id
                         .as_ref()
-                        .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, keyring, Source::Object, &uid.0, up)))
+                        .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, &ctx, Source::Object, &uid.0, up)))
                 }
             } else {
                 None

@@ -13,8 +13,9 @@ use weir_core::model::Ssl;
 
 use crate::{Keyring, certified_key, parse_certs, provider};
 
-/// The server config for one `ssls` object: its certificates (one per key type), ALPN for
-/// HTTP/2 and HTTP/1.1, and client certificate checks when it has `client.ca`.
+/// The server config for one `ssls` object: its certificates (one per key type), its
+/// `ssl_protocols`, ALPN for HTTP/2 and HTTP/1.1, and client certificate checks when it has
+/// `client.ca`.
 pub fn server_config(ssl: &Ssl, keyring: &Keyring) -> Result<Arc<ServerConfig>, String> {
     let mut keys = Vec::new();
     for (cert, sealed) in ssl.pairs() {
@@ -24,8 +25,25 @@ pub fn server_config(ssl: &Ssl, keyring: &Keyring) -> Result<Arc<ServerConfig>, 
     if keys.is_empty() {
         return Err("no certificate and key".into());
     }
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> = match &ssl.ssl_protocols {
+        None => rustls::DEFAULT_VERSIONS.to_vec(),
+        Some(names) => {
+            let v: Vec<_> = names
+                .iter()
+                .filter_map(|n| match n.as_str() {
+                    "TLSv1.2" => Some(&rustls::version::TLS12),
+                    "TLSv1.3" => Some(&rustls::version::TLS13),
+                    _ => None,
+                })
+                .collect();
+            if v.is_empty() {
+                return Err(format!("none of ssl_protocols {names:?} is supported (TLSv1.2 and TLSv1.3 are)"));
+            }
+            v
+        }
+    };
     let builder = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(&versions)
         .map_err(|e| e.to_string())?;
     let builder = match &ssl.client {
         None => builder.with_no_client_auth(),

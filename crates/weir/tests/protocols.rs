@@ -231,6 +231,13 @@ async fn https_upstreams_with_and_without_verification_and_client_certificates()
     put(&w, "/routes/mtls", json!({"uri": "/mtls", "upstream": {"scheme": "https",
         "tls": {"client_cert": client_cert, "client_key": client_key}, "nodes": {strict.node(): 1}}})).await;
     put(&w, "/routes/no-cert", json!({"uri": "/no-cert", "upstream": {"scheme": "https", "nodes": {strict.node(): 1}}})).await;
+    // The same client certificate kept as an ssls object of type client, named by id.
+    put(&w, "/ssls/client", json!({"type": "client", "cert": client_cert, "key": client_key})).await;
+    put(&w, "/routes/by-id", json!({"uri": "/by-id", "upstream": {"scheme": "https",
+        "tls": {"client_cert_id": "client"}, "nodes": {strict.node(): 1}}})).await;
+    let (s, b) = w.admin("PUT", "/routes/bad-id", Some(json!({"uri": "/bad-id", "upstream": {"scheme": "https",
+        "tls": {"client_cert_id": "nope"}, "nodes": {strict.node(): 1}}}))).await;
+    assert_eq!((s, b), (400, json!({"error_msg": "failed to fetch ssl info by ssl id [nope], response code: 404"})));
     w.until("/no-cert", &[], |r| r.status != 404).await;
 
     let r = w.get("/open", &[]).await;
@@ -240,6 +247,8 @@ async fn https_upstreams_with_and_without_verification_and_client_certificates()
     let r = w.get("/mtls", &[]).await;
     assert_eq!((r.status, r.json()["client_cert"].clone()), (200, json!(true)), "{}", r.text());
     assert_eq!(w.get("/no-cert", &[]).await.status, 502, "without a client certificate the upstream refuses");
+    let r = w.get("/by-id", &[]).await;
+    assert_eq!((r.status, r.json()["client_cert"].clone()), (200, json!(true)), "client_cert_id: {}", r.text());
 
     // Active `https` health probes speak TLS to the node; a plain-HTTP node fails them.
     let plain = Upstream::start("plain").await;

@@ -116,6 +116,18 @@ async fn sni_selects_certificates_and_changes_are_live() {
     let (ok, _, err) = curl_async(tls, "unknown.test", "/", &ca_a, &[]).await;
     assert!(!ok, "a name no certificate covers is refused: {err}");
 
+    let (ok, out, _) = curl_async(tls, "a.test", "/", &ca_a, &["--http2"]).await;
+    assert!(ok && out == "2 200", "curl --http2 negotiates h2 by ALPN: {out}");
+
+    // ssl_protocols limits the versions offered.
+    let only13 = self_signed(&["new.test"]);
+    let ca_13 = write(dir.path(), "13.pem", &only13.cert);
+    put_ssl(&w, "v13", json!({"cert": only13.cert, "key": only13.key, "snis": ["new.test"], "ssl_protocols": ["TLSv1.3"]})).await;
+    assert!(until_curl(tls, "new.test", &ca_13, &[], true).await, "TLS 1.3 accepted");
+    let (ok, _, err) = curl_async(tls, "new.test", "/", &ca_13, &["--tls-max", "1.2"]).await;
+    assert!(!ok, "a TLS 1.2 client is refused by a TLSv1.3-only certificate: {err}");
+    assert!(curl_async(tls, "a.test", "/", &ca_a, &["--tls-max", "1.2"]).await.0, "others still take TLS 1.2");
+
     // The upstream sees the request came over TLS.
     let r = tokio::task::spawn_blocking({
         let ca = ca_a.clone();
