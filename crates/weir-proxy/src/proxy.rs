@@ -208,7 +208,7 @@ impl Proxy {
                 remote: Some(conn.remote.ip()),
                 vars: &vars,
             };
-            snapshot.router.find(&facts).cloned()
+            snapshot.find(&facts).cloned()
         };
         drop(snapshot);
         let Some(route) = route else { return not_found() };

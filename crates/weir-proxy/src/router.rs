@@ -210,24 +210,25 @@ impl Trie {
         &mut self.nodes[at].slot
     }
 
-    /// Calls `f` on the slot of every prefix of `path`, longest first, until it returns `Some`.
-    fn walk_longest_first<'t, R>(&'t self, path: &str, mut f: impl FnMut(&'t Slot) -> Option<R>) -> Option<R> {
+    /// Calls `f` on the slot of every prefix of `path` (with the prefix's length), longest
+    /// first, until it returns `Some`.
+    fn walk_longest_first<'t, R>(&'t self, path: &str, mut f: impl FnMut(&'t Slot, usize) -> Option<R>) -> Option<R> {
         if self.nodes.is_empty() {
             return None;
         }
         let path = path.as_bytes();
-        let mut hits: [u32; 24] = [0; 24];
+        let mut hits: [(u32, u32); 24] = [(0, 0); 24];
         let mut n = 0;
-        let mut overflow: Vec<u32> = Vec::new();
+        let mut overflow: Vec<(u32, u32)> = Vec::new();
         let (mut at, mut pos) = (0usize, 0usize);
         loop {
             let node = &self.nodes[at];
             if !node.slot.is_empty() {
                 if n < hits.len() {
-                    hits[n] = at as u32;
+                    hits[n] = (at as u32, pos as u32);
                     n += 1;
                 } else {
-                    overflow.push(at as u32);
+                    overflow.push((at as u32, pos as u32));
                 }
             }
             let Some(&b) = path.get(pos) else { break };
@@ -241,8 +242,8 @@ impl Trie {
             pos += label.len();
         }
         // Recorded shortest first; `overflow` holds the longest.
-        for &i in overflow.iter().rev().chain(hits[..n].iter().rev()) {
-            if let Some(r) = f(&self.nodes[i as usize].slot) {
+        for &(i, len) in overflow.iter().rev().chain(hits[..n].iter().rev()) {
+            if let Some(r) = f(&self.nodes[i as usize].slot, len as usize) {
                 return Some(r);
             }
         }
@@ -336,11 +337,18 @@ impl<T> Router<T> {
     }
 
     pub fn find(&self, req: &RequestFacts<'_>) -> Option<&T> {
+        self.find_ranked(req, |_| false).map(|(_, v)| v)
+    }
+
+    /// The first route that matches, with where it sits in the search order, passing over the
+    /// routes `skip` names.
+    pub fn find_ranked(&self, req: &RequestFacts<'_>, skip: impl Fn(&T) -> bool) -> Option<(Rank, &T)> {
         if let Some(host) = req.host {
             if let Some(index) = self.exact_hosts.get(host)
-                && let Some(found) = self.find_in(index, req) {
-                    return Some(found);
-                }
+                && let Some(found) = self.find_in(index, req, 0, &skip)
+            {
+                return Some(found);
+            }
             if !self.wild_hosts.is_empty() {
                 // `a.b.example.com` tries `.b.example.com`, `.example.com`, `.com`, then `*`.
                 let mut from = 0;
@@ -348,41 +356,87 @@ impl<T> Router<T> {
                     let suffix = &host[from + dot..];
                     if suffix.len() < host.len()
                         && let Some(index) = self.wild_hosts.get(suffix)
-                            && let Some(found) = self.find_in(index, req) {
-                                return Some(found);
-                            }
+                        && let Some(found) = self.find_in(index, req, WILD_HOST - suffix.len() as u64, &skip)
+                    {
+                        return Some(found);
+                    }
                     from += dot + 1;
                 }
                 if let Some(index) = self.wild_hosts.get("")
-                    && let Some(found) = self.find_in(index, req) {
-                        return Some(found);
-                    }
+                    && let Some(found) = self.find_in(index, req, WILD_HOST, &skip)
+                {
+                    return Some(found);
+                }
             }
         }
-        self.find_in(&self.no_host, req)
+        self.find_in(&self.no_host, req, NO_HOST, &skip)
     }
 
-    fn find_in<'s>(&'s self, index: &'s PathIndex, req: &RequestFacts<'_>) -> Option<&'s T> {
+    fn find_in<'s>(
+        &'s self,
+        index: &'s PathIndex,
+        req: &RequestFacts<'_>,
+        host: u64,
+        skip: &impl Fn(&T) -> bool,
+    ) -> Option<(Rank, &'s T)> {
+        let ranked = |e: &'s Entry<T>, path| (Rank { host, path, priority: std::cmp::Reverse(e.priority) }, &e.value);
         if let Some(slot) = index.exact.get(req.path)
-            && let Some(found) = self.first_passing(slot, req) {
-                return Some(found);
-            }
-        index.trie.walk_longest_first(req.path, |slot| self.first_passing(slot, req))
+            && let Some(e) = self.first_passing(slot, req, skip)
+        {
+            return Some(ranked(e, EXACT_PATH));
+        }
+        index.trie.walk_longest_first(req.path, |slot, len| {
+            self.first_passing(slot, req, skip).map(|e| ranked(e, PREFIX_PATH - len as u64))
+        })
     }
 
-    fn first_passing<'s>(&'s self, slot: &'s Slot, req: &RequestFacts<'_>) -> Option<&'s T> {
+    fn first_passing<'s>(&'s self, slot: &'s Slot, req: &RequestFacts<'_>, skip: &impl Fn(&T) -> bool) -> Option<&'s Entry<T>> {
         let bit = method_bit(req.method);
         slot.iter().find_map(|(i, pattern)| {
             let e = &self.entries[*i as usize];
             if let Some(p) = pattern
-                && !p.matches(req.path) {
-                    return None;
-                }
+                && !p.matches(req.path)
+            {
+                return None;
+            }
             let ok = (e.methods == u16::MAX || e.methods & bit != 0)
                 && e.remote_addrs.as_ref().is_none_or(|nets| req.remote.is_some_and(|ip| nets.iter().any(|n| n.contains(&ip))))
-                && e.vars.as_ref().is_none_or(|v| v.eval(req.vars));
-            ok.then_some(&e.value)
+                && e.vars.as_ref().is_none_or(|v| v.eval(req.vars))
+                && !skip(&e.value);
+            ok.then_some(e)
         })
+    }
+}
+
+/// Where a match sits in the search order; smaller is tried first. Comparing the matches of two
+/// routers by rank, then by the routes' age, gives what one router holding both would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rank {
+    host: u64,
+    path: u64,
+    priority: std::cmp::Reverse<i64>,
+}
+
+/// Host ranks: exact 0; `*.suffix` is `WILD_HOST - len(suffix)`, so longer suffixes first and
+/// `*` (an empty suffix) after them; no host last.
+const WILD_HOST: u64 = 1 << 20;
+const NO_HOST: u64 = u64::MAX;
+/// Path ranks: exact first, then prefixes longest first.
+const EXACT_PATH: u64 = 0;
+const PREFIX_PATH: u64 = 1 << 32;
+
+/// Matching on a router with changes laid over it: `base` without the routes `superseded`
+/// names, plus `delta`. `older(a, b)` breaks ties as a single router's ordering would.
+pub fn find_layered<'a, T>(
+    base: &'a Router<T>,
+    delta: &'a Router<T>,
+    superseded: impl Fn(&T) -> bool,
+    older: impl Fn(&T, &T) -> bool,
+    req: &RequestFacts<'_>,
+) -> Option<&'a T> {
+    match (base.find_ranked(req, superseded), delta.find_ranked(req, |_| false)) {
+        (Some((rb, b)), Some((rd, d))) => Some(if rb < rd || (rb == rd && older(b, d)) { b } else { d }),
+        (b, d) => b.or(d).map(|(_, v)| v),
     }
 }
 
@@ -585,6 +639,50 @@ mod tests {
                 let remote: IpAddr = if *inside { "10.1.1.1".parse().unwrap() } else { "11.1.1.1".parse().unwrap() };
                 let facts = RequestFacts { method, host: *host, path, remote: Some(remote), vars: &NoVars };
                 prop_assert_eq!(router.find(&facts).copied(), oracle(&specs, &facts), "{} {:?} {}", method, host, path);
+            }
+        }
+
+        /// A base router with changed and deleted routes laid over it answers as a router
+        /// rebuilt from the resulting routes.
+        #[test]
+        fn layered_matches_rebuilt(
+            raw in prop::collection::vec(spec_strategy(), 1..40),
+            changes in prop::collection::vec((0usize..40, prop::option::of(spec_strategy())), 0..10),
+            reqs in prop::collection::vec((
+                prop::sample::select(vec!["/", "/a", "/ab", "/abc", "/a/b", "/a/b/c", "/b", "/ab/c", "/abcd", "/b/abc"]),
+                prop::option::of(prop::sample::select(vec!["x.com", "a.x.com", "b.a.x.com", "y.com"])),
+                prop::sample::select(vec!["GET", "POST"]),
+            ), 1..20),
+        ) {
+            let to_spec = |i: usize, (paths, hosts, methods, priority, remote): &(Vec<String>, Option<Vec<String>>, Option<Vec<String>>, i64, bool)| RouteSpec {
+                paths: paths.clone(),
+                hosts: hosts.clone(),
+                methods: methods.clone(),
+                remote_addrs: remote.then(|| vec!["10.0.0.0/8".parse().unwrap()]),
+                vars: None,
+                priority: *priority,
+                value: IDS[i],
+            };
+            // The last change to a route wins; a change to a route past the end adds it.
+            let mut changed: std::collections::BTreeMap<usize, Option<_>> = std::collections::BTreeMap::new();
+            for (i, c) in &changes {
+                changed.insert(*i, c.clone());
+            }
+            let n = raw.len().max(changed.keys().max().map_or(0, |m| m + 1));
+            let merged: Vec<_> = (0..n)
+                .filter_map(|i| match changed.get(&i) {
+                    Some(c) => c.as_ref().map(|c| to_spec(i, c)),
+                    None => raw.get(i).map(|r| to_spec(i, r)),
+                })
+                .collect();
+            let rebuilt = Router::new(merged);
+            let base = Router::new(raw.iter().enumerate().map(|(i, r)| to_spec(i, r)).collect());
+            let delta = Router::new(changed.iter().filter_map(|(i, c)| c.as_ref().map(|c| to_spec(*i, c))).collect());
+            let index = |v: &&str| IDS.iter().position(|x| x == v).unwrap();
+            for (path, host, method) in &reqs {
+                let facts = RequestFacts { method, host: *host, path, remote: Some("10.1.1.1".parse().unwrap()), vars: &NoVars };
+                let layered = find_layered(&base, &delta, |v| changed.contains_key(&index(v)), |a, b| index(a) < index(b), &facts);
+                prop_assert_eq!(layered.copied(), rebuilt.find(&facts).copied(), "{} {:?} {}", method, host, path);
             }
         }
     }

@@ -17,25 +17,55 @@ use weir_tls::{Keyring, SniTable};
 use crate::balancer::{Balancer, NodeLoad};
 use crate::health::{self, Checker, NodeHealth, Passive, Target};
 use crate::pool::Transport;
-use crate::router::{RouteSpec, Router};
-use crate::state::ConfigState;
+use crate::router::{RequestFacts, RouteSpec, Router, find_layered};
+use crate::state::{ConfigState, Entry};
 
 /// APISIX's default for each of connect, send and read.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Snapshot {
     pub revision: i64,
-    pub router: Router<Arc<RouteRt>>,
+    /// The router of the last full build, shared by the snapshots since.
+    base: Arc<Router<Arc<RouteRt>>>,
+    /// Routes changed since then, laid over `base`.
+    delta: Option<Arc<Delta>>,
     /// Upstreams in use that have health checks, by the key of the object that holds them
     /// (`/apisix/upstreams/1`, or the route or service with an inline upstream).
-    pub checked: Vec<(String, Arc<UpstreamRt>)>,
+    pub checked: Arc<Vec<(String, Arc<UpstreamRt>)>>,
     /// Server certificates by SNI, for the TLS listeners.
-    pub tls: SniTable,
+    pub tls: Arc<SniTable>,
+}
+
+/// The routes put or deleted since the last full build: their current versions in a router of
+/// their own, and their ids, which hide their old versions in the base router.
+struct Delta {
+    router: Router<Arc<RouteRt>>,
+    superseded: std::collections::HashSet<String>,
 }
 
 impl Snapshot {
     pub fn empty() -> Snapshot {
-        Snapshot { revision: 0, router: Router::new(Vec::new()), checked: Vec::new(), tls: SniTable::default() }
+        Snapshot {
+            revision: 0,
+            base: Arc::new(Router::new(Vec::new())),
+            delta: None,
+            checked: Arc::default(),
+            tls: Arc::default(),
+        }
+    }
+
+    /// The route for a request, as one router over every route would find it.
+    pub fn find(&self, req: &RequestFacts<'_>) -> Option<&Arc<RouteRt>> {
+        match &self.delta {
+            None => self.base.find(req),
+            Some(d) => find_layered(
+                &self.base,
+                &d.router,
+                |r| d.superseded.contains(&r.id),
+                |a, b| (a.created, &a.id) < (b.created, &b.id),
+                req,
+            ),
+        }
     }
 
     /// Health of every checked upstream, in APISIX's `/v1/healthcheck` shape.
@@ -51,6 +81,8 @@ impl Snapshot {
 
 pub struct RouteRt {
     pub id: String,
+    /// Store revision that created the route: older routes win priority ties.
+    pub created: i64,
     /// `None` when the route names no upstream (or a missing one): requests get a 503.
     pub upstream: Option<Arc<UpstreamRt>>,
     pub timeouts: Timeouts,
@@ -364,11 +396,22 @@ pub struct Builder {
     keyring: Arc<Keyring>,
     upstreams: UpstreamCache<String>,
     ssls: HashMap<String, (Ssl, Arc<ServerConfig>)>,
+    /// What the last full build made, shared by the updates laid over it.
+    last: Option<(Arc<Router<Arc<RouteRt>>>, Arc<Vec<(String, Arc<UpstreamRt>)>>, Arc<SniTable>)>,
+    /// Routes put or deleted since the last full build.
+    delta_ids: std::collections::BTreeSet<String>,
 }
 
 impl Builder {
     pub fn new(prefix: &str, keyring: Arc<Keyring>) -> Builder {
-        Builder { prefix: prefix.to_string(), keyring, upstreams: HashMap::new(), ssls: HashMap::new() }
+        Builder {
+            prefix: prefix.to_string(),
+            keyring,
+            upstreams: HashMap::new(),
+            ssls: HashMap::new(),
+            last: None,
+            delta_ids: Default::default(),
+        }
     }
 
     /// Server certificates of the enabled `ssls` objects, by SNI. An object that cannot be used
@@ -399,71 +442,19 @@ impl Builder {
         table
     }
 
+    /// Compiles everything: the router over all routes, the SNI table, the checked list.
     pub fn build(&mut self, state: &ConfigState) -> Snapshot {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
         let mut next: UpstreamCache<&str> = HashMap::new();
-        let previous = &self.upstreams;
         let ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls };
-        
+
         // Older routes first, so they win priority ties (the router numbers them in this order).
         let mut routes: Vec<_> = state.routes.iter().filter(|(_, r)| r.value.status != 0).collect();
         routes.sort_by_key(|(id, r)| (r.created, id.as_str()));
-
-        let mut specs = Vec::with_capacity(routes.len());
-        for (id, entry) in routes {
-            let route = &entry.value;
-            let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
-            let upstream = if let Some(up) = &route.upstream {
-                Some(reuse_or_build(&mut next, previous, &ctx, Source::Route, id, up))
-            } else if let Some(uid) = &route.upstream_id {
-                state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, &ctx, Source::Object, &uid.0, up))
-            } else if let Some(svc) = service {
-                if let Some(up) = &svc.upstream {
-                    Some(reuse_or_build(&mut next, previous, &ctx, Source::Service, &svc.id.0, up))
-                } else {
-                    svc.upstream_id
-                        .as_ref()
-                        .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(&mut next, previous, &ctx, Source::Object, &uid.0, up)))
-                }
-            } else {
-                None
-            };
-            let timeouts = route
-                .timeout
-                .as_ref()
-                .map(Timeouts::from_model)
-                .or_else(|| upstream.as_ref().and_then(|u| u.timeouts))
-                .unwrap_or_default();
-            let hosts = route
-                .host_list()
-                .map(|h| h.into_iter().map(str::to_string).collect())
-                .or_else(|| service.and_then(|s| s.hosts.clone()));
-            let remote_addrs = route
-                .remote_addr_list()
-                .map(|addrs| addrs.into_iter().filter_map(model::parse_ip_net).collect());
-            let vars = match route.vars.as_ref().map(Expr::compile) {
-                Some(Ok(e)) => Some(e),
-                Some(Err(e)) => {
-                    tracing::warn!(route = %id, error = %e, "route has an invalid vars expression; skipped");
-                    continue;
-                }
-                None => None,
-            };
-            specs.push(RouteSpec {
-                paths: route.paths().into_iter().map(str::to_string).collect(),
-                hosts,
-                methods: route.methods.clone(),
-                remote_addrs,
-                vars,
-                priority: route.priority,
-                value: Arc::new(RouteRt {
-                    id: id.clone(),
-                    upstream,
-                    timeouts,
-                    websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
-                }),
-            });
-        }
+        let specs: Vec<_> = routes
+            .into_iter()
+            .filter_map(|(id, entry)| route_spec(state, &ctx, &mut next, &self.upstreams, id, entry))
+            .collect();
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
         let mut checked: Vec<(String, Arc<UpstreamRt>)> = self
             .upstreams
@@ -472,16 +463,152 @@ impl Builder {
             .map(|((source, id), rt)| (format!("{}/{}/{id}", self.prefix, source.resource()), rt.clone()))
             .collect();
         checked.sort_by(|a, b| a.0.cmp(&b.0));
-        let tls = self.tls(state);
-        Snapshot { revision: state.revision, router: Router::new(specs), checked, tls }
+        let tls = Arc::new(self.tls(state));
+        let base = Arc::new(Router::new(specs));
+        let checked = Arc::new(checked);
+        self.delta_ids.clear();
+        self.last = Some((base.clone(), checked.clone(), tls.clone()));
+        Snapshot { revision: state.revision, base, delta: None, checked, tls }
+    }
+
+    /// Applies `changes` (already in `state`). When only routes changed, the routes changed
+    /// since the last full build are compiled into a small router laid over the last full one,
+    /// so a change costs in proportion to the changes, not to the route table. Anything else
+    /// (and a grown overlay) gets a full build.
+    pub fn update(&mut self, state: &ConfigState, changes: &Changes) -> Snapshot {
+        let Some((base, checked, tls)) = self.last.clone() else { return self.build(state) };
+        if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY {
+            return self.build(state);
+        }
+        // An inline upstream with health checks before or after the change puts a checker in or
+        // out of the health report, which only a full build redoes.
+        let checks_involved = changes.routes.iter().any(|id| {
+            let before = self.upstreams.get(&(Source::Route, id.clone())).is_some_and(|rt| rt.checked);
+            let after = state.routes.get(id).and_then(|r| r.value.upstream.as_ref()).is_some_and(|u| u.checks.is_some());
+            before || after
+        });
+        if checks_involved {
+            return self.build(state);
+        }
+        self.delta_ids.extend(changes.routes.iter().cloned());
+        let ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls };
+        let mut next: UpstreamCache<&str> = HashMap::new();
+        let mut routes: Vec<_> = self
+            .delta_ids
+            .iter()
+            .filter_map(|id| state.routes.get_key_value(id))
+            .filter(|(_, r)| r.value.status != 0)
+            .collect();
+        routes.sort_by_key(|(id, r)| (r.created, id.as_str()));
+        let specs: Vec<_> = routes
+            .into_iter()
+            .filter_map(|(id, entry)| route_spec(state, &ctx, &mut next, &self.upstreams, id, entry))
+            .collect();
+        if next.iter().any(|(key, rt)| rt.checked && !self.upstreams.contains_key(&(key.0, key.1.to_string()))) {
+            // A route now uses a checked upstream no route used before.
+            return self.build(state);
+        }
+        for id in &changes.routes {
+            self.upstreams.remove(&(Source::Route, id.clone()));
+        }
+        for ((source, id), rt) in next {
+            self.upstreams.insert((source, id.to_string()), rt);
+        }
+        let delta = Delta { router: Router::new(specs), superseded: self.delta_ids.iter().cloned().collect() };
+        Snapshot { revision: state.revision, base, delta: Some(Arc::new(delta)), checked, tls }
+    }
+
+    /// Whether the last snapshot carries an overlay that a full build would fold in.
+    pub fn has_overlay(&self) -> bool {
+        !self.delta_ids.is_empty()
     }
 }
 
+/// Routes changed since the last full build beyond which an update rebuilds everything.
+const MAX_OVERLAY: usize = 256;
+
+/// What a batch of store events changed, for [`Builder::update`].
+#[derive(Default, Debug)]
+pub struct Changes {
+    /// Ids of routes put or deleted.
+    pub routes: Vec<String>,
+    /// Whether anything besides routes changed (services, upstreams, ssls).
+    pub other: bool,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        self.other || !self.routes.is_empty()
+    }
+}
+
+/// One route compiled for the router: service merged in, upstream runtime resolved (from
+/// `previous` when unchanged), timeouts decided. `None` when the route cannot be served (its
+/// `vars` do not compile).
+fn route_spec<'s>(
+    state: &'s ConfigState,
+    ctx: &Ctx<'_>,
+    next: &mut UpstreamCache<&'s str>,
+    previous: &UpstreamCache<String>,
+    id: &'s str,
+    entry: &'s Entry<model::Route>,
+) -> Option<RouteSpec<Arc<RouteRt>>> {
+    let route = &entry.value;
+    let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
+    let upstream = if let Some(up) = &route.upstream {
+        Some(reuse_or_build(next, previous, ctx, Source::Route, id, up))
+    } else if let Some(uid) = &route.upstream_id {
+        state.upstreams.get(&uid.0).map(|up| reuse_or_build(next, previous, ctx, Source::Object, &uid.0, up))
+    } else if let Some(svc) = service {
+        if let Some(up) = &svc.upstream {
+            Some(reuse_or_build(next, previous, ctx, Source::Service, &svc.id.0, up))
+        } else {
+            svc.upstream_id
+                .as_ref()
+                .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(next, previous, ctx, Source::Object, &uid.0, up)))
+        }
+    } else {
+        None
+    };
+    let timeouts = route
+        .timeout
+        .as_ref()
+        .map(Timeouts::from_model)
+        .or_else(|| upstream.as_ref().and_then(|u| u.timeouts))
+        .unwrap_or_default();
+    let hosts = route
+        .host_list()
+        .map(|h| h.into_iter().map(str::to_string).collect())
+        .or_else(|| service.and_then(|s| s.hosts.clone()));
+    let remote_addrs = route.remote_addr_list().map(|addrs| addrs.into_iter().filter_map(model::parse_ip_net).collect());
+    let vars = match route.vars.as_ref().map(Expr::compile) {
+        Some(Ok(e)) => Some(e),
+        Some(Err(e)) => {
+            tracing::warn!(route = %id, error = %e, "route has an invalid vars expression; skipped");
+            return None;
+        }
+        None => None,
+    };
+    Some(RouteSpec {
+        paths: route.paths().into_iter().map(str::to_string).collect(),
+        hosts,
+        methods: route.methods.clone(),
+        remote_addrs,
+        vars,
+        priority: route.priority,
+        value: Arc::new(RouteRt {
+            id: id.to_string(),
+            created: entry.created,
+            upstream,
+            timeouts,
+            websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
+        }),
+    })
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::RequestFacts;
     use std::borrow::Cow;
     use weir_core::expr::Vars;
     use weir_store::KeyValue;
@@ -499,7 +626,7 @@ mod tests {
 
     fn upstream_of(s: &Snapshot, path: &str) -> Arc<UpstreamRt> {
         let facts = RequestFacts { method: "GET", host: None, path, remote: None, vars: &NoVars };
-        s.router.find(&facts).and_then(|r| r.upstream.clone()).expect("route with an upstream")
+        s.find(&facts).and_then(|r| r.upstream.clone()).expect("route with an upstream")
     }
 
     #[test]
@@ -518,22 +645,83 @@ mod tests {
         let first = b.build(&state);
         assert!(Arc::ptr_eq(&upstream_of(&first, "/a"), &upstream_of(&first, "/b")), "one runtime per upstream object");
         let facts = RequestFacts { method: "GET", host: None, path: "/a", remote: None, vars: &NoVars };
-        let a = first.router.find(&facts).unwrap();
+        let a = first.find(&facts).unwrap();
         assert_eq!(a.timeouts.read, Duration::from_secs(3), "a route's timeout applies");
         assert_eq!(upstream_of(&first, "/b").retries, 0, "one node: nothing to retry on");
 
         // An unrelated change keeps both runtimes.
         let ev = |key: &str, value: &str, rev| weir_store::Event { kind: weir_store::EventKind::Put, kv: kv(key, value, rev) };
-        state.apply("/apisix", 5, &[ev("/apisix/routes/d", r#"{"uri":"/d","upstream_id":"u"}"#, 5)]);
-        let second = b.build(&state);
+        let mut changes = Changes::default();
+        state.apply("/apisix", 5, &[ev("/apisix/routes/d", r#"{"uri":"/d","upstream_id":"u"}"#, 5)], &mut changes);
+        assert_eq!((changes.routes.as_slice(), changes.other), (&["d".to_string()][..], false));
+        let second = b.update(&state, &changes);
+        assert!(second.delta.is_some(), "a route change is laid over the last full build");
         assert!(Arc::ptr_eq(&upstream_of(&first, "/a"), &upstream_of(&second, "/a")));
         assert!(Arc::ptr_eq(&upstream_of(&first, "/c"), &upstream_of(&second, "/c")));
 
         // Changing the upstream replaces its runtime.
-        state.apply("/apisix", 6, &[ev("/apisix/upstreams/u", r#"{"nodes":{"127.0.0.1:3":1,"127.0.0.1:4":1}}"#, 6)]);
-        let third = b.build(&state);
+        let mut changes = Changes::default();
+        state.apply("/apisix", 6, &[ev("/apisix/upstreams/u", r#"{"nodes":{"127.0.0.1:3":1,"127.0.0.1:4":1}}"#, 6)], &mut changes);
+        assert!(changes.other);
+        let third = b.update(&state, &changes);
+        assert!(third.delta.is_none(), "anything but routes gets a full build");
         assert!(!Arc::ptr_eq(&upstream_of(&second, "/a"), &upstream_of(&third, "/a")));
         assert_eq!(upstream_of(&third, "/a").nodes.len(), 2);
         assert_eq!(upstream_of(&third, "/a").retries, 1, "retries default to the other nodes");
+    }
+
+    fn server_of(s: &Snapshot, method: &'static str, path: &str) -> Option<String> {
+        let facts = RequestFacts { method, host: None, path, remote: None, vars: &NoVars };
+        s.find(&facts).map(|r| r.id.clone())
+    }
+
+    #[test]
+    fn route_updates_match_a_full_build() {
+        let route = |uri: &str, extra: &str| format!(r#"{{"uri":"{uri}","upstream":{{"nodes":{{"127.0.0.1:1":1}}}}{extra}}}"#);
+        let mut kvs = Vec::new();
+        for i in 0..50 {
+            kvs.push(kv(&format!("/apisix/routes/r{i}"), &route(&format!("/p{i}*"), ""), i + 1));
+        }
+        kvs.push(kv("/apisix/routes/tie-old", &route("/tie", ""), 60));
+        let mut state = ConfigState::from_list("/apisix", &kvs, 60);
+        let mut b = Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()])));
+        let _ = b.build(&state);
+        let put = |key: &str, value: String, created: i64, rev: i64| weir_store::Event {
+            kind: weir_store::EventKind::Put,
+            kv: KeyValue { key: key.into(), value: value.into_bytes().into(), create_revision: created, mod_revision: rev },
+        };
+        let del = |key: &str, rev: i64| weir_store::Event { kind: weir_store::EventKind::Delete, kv: kv(key, "", rev) };
+        let steps = vec![
+            // A changed route: its old path stops matching, its new one starts.
+            vec![put("/apisix/routes/r3", route("/moved*", ""), 4, 61)],
+            // A new route with a longer prefix wins over an old one; one with the same path and
+            // priority loses to the older route; a disabled one is not matched.
+            vec![put("/apisix/routes/new", route("/p10/x*", ""), 62, 62), put("/apisix/routes/tie-new", route("/tie", ""), 63, 63)],
+            vec![put("/apisix/routes/r5", route("/p5*", r#","status":0"#), 6, 64), del("/apisix/routes/r7", 65)],
+            // A higher priority in the overlay beats the base; a POST-only route passes GETs on.
+            vec![put("/apisix/routes/prio", route("/p20*", r#","priority":9,"methods":["POST"]"#), 66, 66)],
+        ];
+        let probes = ["/p3", "/moved", "/p10/x/y", "/p10/z", "/tie", "/p5", "/p7", "/p20", "/p49"];
+        for (i, events) in steps.into_iter().enumerate() {
+            let mut changes = Changes::default();
+            state.apply("/apisix", 70 + i as i64, &events, &mut changes);
+            let updated = b.update(&state, &changes);
+            assert!(updated.delta.is_some());
+            let full = Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()]))).build(&state);
+            for path in probes {
+                for method in ["GET", "POST"] {
+                    assert_eq!(server_of(&updated, method, path), server_of(&full, method, path), "step {i}: {method} {path}");
+                }
+            }
+        }
+        let last = b.update(&state, &Changes::default());
+        assert_eq!(server_of(&last, "GET", "/tie").as_deref(), Some("tie-old"));
+        assert_eq!(server_of(&last, "POST", "/p20").as_deref(), Some("prio"));
+        assert_eq!(server_of(&last, "GET", "/p20").as_deref(), Some("r20"));
+        assert_eq!(server_of(&last, "GET", "/p3").as_deref(), None, "nothing else matches /p3");
+        assert!(b.has_overlay());
+        let folded = b.build(&state);
+        assert!(folded.delta.is_none() && !b.has_overlay());
+        assert_eq!(server_of(&folded, "GET", "/moved").as_deref(), Some("r3"));
     }
 }

@@ -8,6 +8,8 @@ use weir_core::Resource;
 use weir_core::model::{Route, Service, Ssl, Upstream};
 use weir_store::{Event, EventKind, KeyValue};
 
+use crate::snapshot::Changes;
+
 #[derive(Default, Clone)]
 pub struct ConfigState {
     pub revision: i64,
@@ -56,17 +58,22 @@ impl ConfigState {
         state
     }
 
-    /// Applies a batch of events; returns whether anything the data plane uses changed.
-    pub fn apply(&mut self, prefix: &str, revision: i64, events: &[Event]) -> bool {
+    /// Applies a batch of events, adding what the data plane uses that changed to `changes`.
+    pub fn apply(&mut self, prefix: &str, revision: i64, events: &[Event], changes: &mut Changes) {
         self.revision = revision;
-        let mut changed = false;
         for e in events {
-            changed |= match e.kind {
+            let changed = match e.kind {
                 EventKind::Put => self.put(prefix, &e.kv),
                 EventKind::Delete => self.delete(prefix, &e.kv.key),
             };
+            if !changed {
+                continue;
+            }
+            match Resource::from_key(prefix, &e.kv.key) {
+                Some((Resource::Routes, id)) => changes.routes.push(id.to_string()),
+                _ => changes.other = true,
+            }
         }
-        changed
     }
 
     fn put(&mut self, prefix: &str, kv: &KeyValue) -> bool {

@@ -8,7 +8,11 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use weir_store::{SharedStore, WatchMessage};
 
-use crate::snapshot::{Builder, Snapshot};
+use crate::snapshot::{Builder, Changes, Snapshot};
+
+/// How long the config must stay unchanged before an overlay of recent route changes is folded
+/// into a full build.
+const FOLD_AFTER: Duration = Duration::from_secs(1);
 use crate::state::ConfigState;
 
 /// Runs forever. `loaded` turns true once the first full config is live.
@@ -44,20 +48,41 @@ pub async fn follow(
             }
         };
         backoff = Duration::from_millis(100);
-        'watch: while let Some(msg) = events.recv().await {
-            let mut changed = false;
+        loop {
+            // With an overlay in place, a quiet moment folds it into a full build, so matching
+            // goes back to one router.
+            let msg = if builder.has_overlay() {
+                match tokio::time::timeout(FOLD_AFTER, events.recv()).await {
+                    Ok(m) => m,
+                    Err(_) => {
+                        target.store(Arc::new(builder.build(&state)));
+                        continue;
+                    }
+                }
+            } else {
+                events.recv().await
+            };
+            let Some(msg) = msg else { break };
+            let mut changes = Changes::default();
             let mut next = Some(msg);
+            let mut compacted = false;
             // Apply everything already queued before compiling once.
             while let Some(msg) = next.take() {
                 match msg {
-                    WatchMessage::Events { revision, events } => changed |= state.apply(&prefix, revision, &events),
-                    WatchMessage::Compacted => break 'watch,
+                    WatchMessage::Events { revision, events } => state.apply(&prefix, revision, &events, &mut changes),
+                    WatchMessage::Compacted => {
+                        compacted = true;
+                        break;
+                    }
                 }
                 next = events.try_recv().ok();
             }
-            if changed {
+            if compacted {
+                break;
+            }
+            if changes.any() {
                 let started = std::time::Instant::now();
-                target.store(Arc::new(builder.build(&state)));
+                target.store(Arc::new(builder.update(&state, &changes)));
                 tracing::debug!(revision = state.revision, took = ?started.elapsed(), "config applied");
             }
         }
