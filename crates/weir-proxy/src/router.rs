@@ -601,7 +601,7 @@ mod tests {
         ))
     }
 
-    fn spec_strategy() -> impl Strategy<Value = (Vec<String>, Option<Vec<String>>, Option<Vec<String>>, i64, bool)> {
+    fn spec_strategy() -> impl Strategy<Value = RawSpec> {
         (
             prop::collection::vec(path_strategy(), 1..3),
             host_strategy(),
@@ -609,6 +609,21 @@ mod tests {
             -2i64..3,
             any::<bool>(),
         )
+    }
+
+    type RawSpec = (Vec<String>, Option<Vec<String>>, Option<Vec<String>>, i64, bool);
+
+    /// Route `i` from generated parts; `remote` limits it to 10.0.0.0/8.
+    fn spec_of(i: usize, (paths, hosts, methods, priority, remote): &RawSpec) -> RouteSpec<&'static str> {
+        RouteSpec {
+            paths: paths.clone(),
+            hosts: hosts.clone(),
+            methods: methods.clone(),
+            remote_addrs: remote.then(|| vec!["10.0.0.0/8".parse().unwrap()]),
+            vars: None,
+            priority: *priority,
+            value: IDS[i],
+        }
     }
 
     proptest! {
@@ -624,15 +639,7 @@ mod tests {
                 any::<bool>(),
             ), 1..20),
         ) {
-            let make = || raw.iter().enumerate().map(|(i, (paths, hosts, methods, priority, remote))| RouteSpec {
-                paths: paths.clone(),
-                hosts: hosts.clone(),
-                methods: methods.clone(),
-                remote_addrs: remote.then(|| vec!["10.0.0.0/8".parse().unwrap()]),
-                vars: None,
-                priority: *priority,
-                value: IDS[i],
-            }).collect::<Vec<_>>();
+            let make = || raw.iter().enumerate().map(|(i, r)| spec_of(i, r)).collect::<Vec<_>>();
             let specs = make();
             let router = Router::new(make());
             for (path, host, method, inside) in &reqs {
@@ -654,15 +661,7 @@ mod tests {
                 prop::sample::select(vec!["GET", "POST"]),
             ), 1..20),
         ) {
-            let to_spec = |i: usize, (paths, hosts, methods, priority, remote): &(Vec<String>, Option<Vec<String>>, Option<Vec<String>>, i64, bool)| RouteSpec {
-                paths: paths.clone(),
-                hosts: hosts.clone(),
-                methods: methods.clone(),
-                remote_addrs: remote.then(|| vec!["10.0.0.0/8".parse().unwrap()]),
-                vars: None,
-                priority: *priority,
-                value: IDS[i],
-            };
+            let to_spec = spec_of;
             // The last change to a route wins; a change to a route past the end adds it.
             let mut changed: std::collections::BTreeMap<usize, Option<_>> = std::collections::BTreeMap::new();
             for (i, c) in &changes {
