@@ -174,6 +174,14 @@ fn pool_requests() -> u64 {
     1000
 }
 
+/// Anything that only carries plugins as far as the data plane cares: plugin configs, global
+/// rules, consumers and their credentials.
+#[derive(Clone, Debug, Deserialize, PartialEq, Default)]
+pub struct PluginHolder {
+    #[serde(default)]
+    pub plugins: Map<String, Value>,
+}
+
 /// A certificate object (`ssls`). `key`/`keys` are as stored: encrypted, unless written by
 /// something that stores them in the clear.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

@@ -275,6 +275,17 @@ pub trait PluginCatalog: Send + Sync {
 
     /// Every plugin name, sorted.
     fn names(&self) -> Vec<&str>;
+
+    /// The schema of the plugin's config on a consumer or credential (an auth plugin's
+    /// secret), when it differs from the route config.
+    fn consumer_schema(&self, _name: &str) -> Option<&Value> {
+        None
+    }
+
+    /// The schema of `_meta`, which every plugin config may carry.
+    fn meta_schema(&self) -> Value {
+        json!({"type": "object"})
+    }
 }
 
 /// A catalog with no plugins: every plugin name is unknown.
@@ -318,17 +329,36 @@ pub fn check(resource: Resource, value: &Value, plugins: &dyn PluginCatalog) -> 
         _ => {}
     }
     if let Some(Value::Object(plugins_conf)) = value.get("plugins") {
+        let on_consumer = matches!(resource, Resource::Consumers | Resource::Credentials);
+        let meta_schema = plugins.meta_schema();
         for (name, conf) in plugins_conf {
-            match plugins.config_schema(name) {
-                None => errors.push(format!("unknown plugin [{name}]")),
-                Some(schema) => match jsonschema::validator_for(schema) {
-                    Ok(v) => {
-                        for e in v.iter_errors(conf) {
-                            errors.push(format!("failed to check the configuration of plugin {name}: {}", describe(&e)));
-                        }
+            let schema = if on_consumer {
+                plugins.consumer_schema(name).or_else(|| plugins.config_schema(name))
+            } else {
+                plugins.config_schema(name)
+            };
+            let Some(schema) = schema else {
+                errors.push(format!("unknown plugin [{name}]"));
+                continue;
+            };
+            let mut plain = conf.clone();
+            let meta = plain.as_object_mut().and_then(|o| o.remove("_meta"));
+            let mut check = |schema: &Value, v: &Value, what: &str| match jsonschema::validator_for(schema) {
+                Ok(validator) => {
+                    for e in validator.iter_errors(v) {
+                        errors.push(format!("failed to check the configuration of plugin {name}{what}: {}", describe(&e)));
                     }
-                    Err(e) => errors.push(format!("plugin {name} has an invalid schema: {e}")),
-                },
+                }
+                Err(e) => errors.push(format!("plugin {name} has an invalid schema: {e}")),
+            };
+            check(schema, &plain, "");
+            if let Some(meta) = &meta {
+                check(&meta_schema, meta, " (_meta)");
+                if let Some(filter) = meta.get("filter")
+                    && let Err(e) = crate::expr::Expr::compile(filter)
+                {
+                    errors.push(format!("failed to check the configuration of plugin {name} (_meta): filter: {e}"));
+                }
             }
         }
     }

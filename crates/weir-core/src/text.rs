@@ -55,6 +55,29 @@ pub fn cookie(line: &str, is_name: impl Fn(&str) -> bool) -> Option<&str> {
     })
 }
 
+/// Replaces each `$name` in `text` with what `get` gives for it (nothing when unset), as
+/// APISIX's `vars_combinations` and `var_combination` keys do. `None` when not one name had a
+/// value.
+pub fn interpolate<S: AsRef<str>>(text: &str, get: impl Fn(&str) -> Option<S>) -> Option<String> {
+    let mut out = String::with_capacity(text.len());
+    let mut resolved = 0;
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let len = after.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
+        if len == 0 {
+            out.push('$');
+        } else if let Some(v) = get(&after[..len]) {
+            out.push_str(v.as_ref());
+            resolved += 1;
+        }
+        rest = &after[len..];
+    }
+    out.push_str(rest);
+    (resolved > 0).then_some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

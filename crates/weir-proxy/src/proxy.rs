@@ -15,7 +15,8 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use weir_core::expr::Vars;
-use weir_core::text::{cookie, percent_decode, query_pairs};
+use weir_core::text::interpolate;
+use weir_plugins::{Reply, RequestCtx, RequestVars, run_request};
 
 use crate::balancer::{InFlight, hash32};
 use crate::body::{ReqBody, RespBody};
@@ -120,51 +121,6 @@ fn normalize_host(raw: &str) -> Cow<'_, str> {
     }
 }
 
-/// Request variables for `vars` expressions, read lazily from the request.
-struct RequestVars<'a> {
-    method: &'a Method,
-    uri: &'a Uri,
-    headers: &'a HeaderMap,
-    host: Option<&'a str>,
-    conn: &'a ConnInfo,
-}
-
-impl Vars for RequestVars<'_> {
-    fn get(&self, name: &str) -> Option<Cow<'_, str>> {
-        if let Some(arg) = name.strip_prefix("arg_") {
-            let query = self.uri.query()?;
-            return query_pairs(query)
-                .find_map(|(k, v)| (percent_decode(k) == arg).then(|| Cow::Owned(percent_decode(v).into_owned())));
-        }
-        if let Some(h) = name.strip_prefix("http_") {
-            let header = h.replace('_', "-");
-            return self.headers.get(header.as_str()).and_then(|v| v.to_str().ok()).map(Cow::Borrowed);
-        }
-        if let Some(c) = name.strip_prefix("cookie_") {
-            return self
-                .headers
-                .get_all(header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .find_map(|line| cookie(line, |k| k == c))
-                .map(Cow::Borrowed);
-        }
-        match name {
-            "uri" => Some(Cow::Borrowed(self.uri.path())),
-            "request_uri" => Some(Cow::Borrowed(self.uri.path_and_query().map_or("/", |p| p.as_str()))),
-            "args" | "query_string" => self.uri.query().map(Cow::Borrowed),
-            "host" => self.host.map(Cow::Borrowed),
-            "request_method" => Some(Cow::Borrowed(self.method.as_str())),
-            "remote_addr" => Some(Cow::Owned(self.conn.remote.ip().to_string())),
-            "remote_port" => Some(Cow::Owned(self.conn.remote.port().to_string())),
-            "server_addr" => Some(Cow::Owned(self.conn.local.ip().to_string())),
-            "server_port" => Some(Cow::Owned(self.conn.local.port().to_string())),
-            "scheme" => Some(Cow::Borrowed(self.conn.scheme)),
-            _ => None,
-        }
-    }
-}
-
 enum SendError {
     /// Nothing was sent: the request comes back for another node.
     Connect(Box<Request<ReqBody>>, ConnectError),
@@ -190,7 +146,7 @@ impl Proxy {
     }
 
     pub async fn handle(&self, conn: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
-        // A guard, not a clone: the snapshot is only needed until the route is found.
+        // A guard, not a clone: the snapshot is only needed until the route and its plugins ran.
         let snapshot = self.snapshot.load();
         let (mut parts, body) = req.into_parts();
         let raw_host = parts
@@ -198,9 +154,9 @@ impl Proxy {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.host());
-        let host = raw_host.map(normalize_host);
-        let vars = RequestVars { method: &parts.method, uri: &parts.uri, headers: &parts.headers, host: host.as_deref(), conn };
         let route = {
+            let host = raw_host.map(normalize_host);
+            let vars = request_vars(&parts, host.as_deref(), conn);
             let facts = RequestFacts {
                 method: parts.method.as_str(),
                 host: host.as_deref(),
@@ -210,16 +166,43 @@ impl Proxy {
             };
             snapshot.find(&facts).cloned()
         };
-        drop(snapshot);
         let Some(route) = route else { return not_found() };
+        // Plugins: the global rules', then the route's. Either may answer the request.
+        let mut plugin_headers = Vec::new();
+        let mut consumer = None;
+        if !route.plugins.is_empty() || !snapshot.global.is_empty() {
+            let mut ctx = RequestCtx {
+                parts: &mut parts,
+                remote: conn.remote,
+                local: conn.local,
+                scheme: conn.scheme,
+                route_id: &route.id,
+                consumers: &snapshot.consumers,
+                consumer: None,
+                response_headers: Vec::new(),
+            };
+            let outcome = run_request(&snapshot.global, &mut ctx).and_then(|()| run_request(&route.plugins, &mut ctx));
+            plugin_headers = std::mem::take(&mut ctx.response_headers);
+            consumer = ctx.consumer.take();
+            if let Err(reply) = outcome {
+                // The replying plugin ran last: its headers win over earlier plugins'.
+                let Reply { status, body, headers } = reply;
+                let resp = with_headers(plugin_reply(status, body), plugin_headers);
+                return with_headers(resp, headers);
+            }
+        }
+        drop(snapshot);
         let Some(upstream) = route.upstream.as_ref() else {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 r#"{"error_msg":"missing upstream configuration in Route or Service"}"#,
             );
         };
-        let hash = upstream.hash_on.as_ref().map_or(0, |on| hash_key(on, &vars));
-        drop(host);
+        let hash = upstream.hash_on.as_ref().map_or(0, |on| {
+            let raw_host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| parts.uri.host());
+            let host = raw_host.map(normalize_host);
+            hash_key(on, &request_vars(&parts, host.as_deref(), conn), consumer.as_deref().map(|c| c.username.as_str()))
+        });
         let original_host = match parts.headers.get(header::HOST) {
             Some(h) => Some(h.clone()),
             // HTTP/2 carries the host in `:authority`; HTTP/1.1 upstreams need it as Host.
@@ -258,44 +241,62 @@ impl Proxy {
             parts.headers.insert(header::HOST, h.clone());
         }
         let req = Request::from_parts(parts, ReqBody::Incoming(body));
-        forward(upstream, route.timeouts, hash, req, upgrade).await
+        let resp = forward(upstream, route.timeouts, hash, req, upgrade).await;
+        with_headers(resp, plugin_headers)
     }
+}
+
+fn request_vars<'a>(parts: &'a http::request::Parts, host: Option<&'a str>, conn: &ConnInfo) -> RequestVars<'a> {
+    RequestVars {
+        method: &parts.method,
+        uri: &parts.uri,
+        headers: &parts.headers,
+        host,
+        remote: conn.remote,
+        local: conn.local,
+        scheme: conn.scheme,
+    }
+}
+
+/// A plugin's answer as a response: a JSON body (or a string as it is), or, without one, the
+/// status in the gateway's usual JSON shape.
+fn plugin_reply(status: u16, body: Option<serde_json::Value>) -> Response<RespBody> {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let (body, json) = match body {
+        Some(serde_json::Value::String(s)) => (Bytes::from(s), false),
+        Some(v) => (Bytes::from(v.to_string()), true),
+        None => {
+            let text = format!("{} {}", status.as_u16(), status.canonical_reason().unwrap_or(""));
+            (Bytes::from(serde_json::json!({ "error_msg": text.trim_end() }).to_string()), true)
+        }
+    };
+    let mut resp = Response::new(RespBody::full(body));
+    *resp.status_mut() = status;
+    if json {
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    resp
+}
+
+fn with_headers(mut resp: Response<RespBody>, headers: Vec<(HeaderName, HeaderValue)>) -> Response<RespBody> {
+    for (k, v) in headers {
+        resp.headers_mut().insert(k, v);
+    }
+    resp
 }
 
 /// The `chash` key of a request, hashed. Without a value (the variable is not set, or no
 /// consumer was identified) the client address stands in, as in APISIX.
-fn hash_key(on: &HashOn, vars: &RequestVars<'_>) -> u32 {
+fn hash_key(on: &HashOn, vars: &RequestVars<'_>, consumer: Option<&str>) -> u32 {
     let key = match on {
         HashOn::Var(name) => vars.get(name),
-        HashOn::Combination(text) => combine_vars(text, vars).map(Cow::Owned),
-        HashOn::Consumer => None,
+        HashOn::Combination(text) => interpolate(text, |name| vars.get(name)).map(Cow::Owned),
+        HashOn::Consumer => consumer.map(Cow::Borrowed),
     };
     match key {
         Some(k) => hash32(k.as_bytes()),
-        None => hash32(vars.conn.remote_ip.as_bytes()),
+        None => hash32(vars.remote.ip().to_string().as_bytes()),
     }
-}
-
-/// Replaces each `$name` in `text` with that variable's value (empty when unset). `None` when
-/// not one of the variables is set.
-fn combine_vars(text: &str, vars: &dyn Vars) -> Option<String> {
-    let mut out = String::with_capacity(text.len());
-    let mut resolved = 0;
-    let mut rest = text;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        let len = after.bytes().take_while(|b| b.is_ascii_alphanumeric() || *b == b'_').count();
-        if len == 0 {
-            out.push('$');
-        } else if let Some(v) = vars.get(&after[..len]) {
-            out.push_str(&v);
-            resolved += 1;
-        }
-        rest = &after[len..];
-    }
-    out.push_str(rest);
-    (resolved > 0).then_some(out)
 }
 
 fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Option<HeaderValue>) {
@@ -563,8 +564,8 @@ mod tests {
                 }
             }
         }
-        assert_eq!(combine_vars("$remote_addr-$arg_u", &Two).as_deref(), Some("10.0.0.1-ann"));
-        assert_eq!(combine_vars("$arg_u$http_missing!", &Two).as_deref(), Some("ann!"));
-        assert_eq!(combine_vars("$ and $http_x", &Two), None, "nothing resolved");
+        assert_eq!(interpolate("$remote_addr-$arg_u", |n| Two.get(n)).as_deref(), Some("10.0.0.1-ann"));
+        assert_eq!(interpolate("$arg_u$http_missing!", |n| Two.get(n)).as_deref(), Some("ann!"));
+        assert_eq!(interpolate("$ and $http_x", |n| Two.get(n)), None, "nothing resolved");
     }
 }

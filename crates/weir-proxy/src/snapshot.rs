@@ -12,6 +12,7 @@ use http::HeaderValue;
 use weir_core::expr::Expr;
 use rustls::ServerConfig;
 use weir_core::model::{self, Ssl, Timeout, Upstream};
+use weir_plugins::{Consumers, Instance, InstanceCache, Registry};
 use weir_tls::{Keyring, SniTable};
 
 use crate::balancer::{Balancer, NodeLoad};
@@ -34,6 +35,10 @@ pub struct Snapshot {
     pub checked: Arc<Vec<(String, Arc<UpstreamRt>)>>,
     /// Server certificates by SNI, for the TLS listeners.
     pub tls: Arc<SniTable>,
+    /// Plugins of the global rules, run for every matched request before the route's.
+    pub global: Arc<Vec<Instance>>,
+    /// Consumers by credential, for the auth plugins.
+    pub consumers: Arc<Consumers>,
 }
 
 /// The routes put or deleted since the last full build: their current versions in a router of
@@ -44,6 +49,19 @@ struct Delta {
 }
 
 impl Snapshot {
+    /// Another handle on the same parts (every field is shared).
+    fn shallow_clone(&self) -> Snapshot {
+        Snapshot {
+            revision: self.revision,
+            base: self.base.clone(),
+            delta: self.delta.clone(),
+            checked: self.checked.clone(),
+            tls: self.tls.clone(),
+            global: self.global.clone(),
+            consumers: self.consumers.clone(),
+        }
+    }
+
     pub fn empty() -> Snapshot {
         Snapshot {
             revision: 0,
@@ -51,6 +69,8 @@ impl Snapshot {
             delta: None,
             checked: Arc::default(),
             tls: Arc::default(),
+            global: Arc::default(),
+            consumers: Arc::default(),
         }
     }
 
@@ -83,6 +103,8 @@ pub struct RouteRt {
     pub id: String,
     /// Store revision that created the route: older routes win priority ties.
     pub created: i64,
+    /// Its plugins (service's, plugin config's and its own, merged), highest priority first.
+    pub plugins: Vec<Instance>,
     /// `None` when the route names no upstream (or a missing one): requests get a 503.
     pub upstream: Option<Arc<UpstreamRt>>,
     pub timeouts: Timeouts,
@@ -356,10 +378,40 @@ impl Source {
 
 type UpstreamCache<K> = HashMap<(Source, K), Arc<UpstreamRt>>;
 
+/// The plugins of every global rule, in one pipeline. A rule whose plugins cannot run is
+/// logged and left out.
+fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Vec<Instance> {
+    let mut all = Vec::new();
+    for (id, rule) in &state.global_rules {
+        match ctx.registry.pipeline(&rule.plugins, &format!("global:{id}"), ctx.instances) {
+            Ok(p) => all.extend(p),
+            Err(e) => tracing::warn!(global_rule = %id, error = %e, "global rule has plugins that cannot run; skipped"),
+        }
+    }
+    all.sort_by_key(|i| std::cmp::Reverse(i.priority));
+    all
+}
+
+/// Consumers by the credentials they and their credential objects hold.
+fn consumers(state: &ConfigState) -> Consumers {
+    let mut out = Consumers::default();
+    for (username, c) in &state.consumers {
+        out.add(username, None, &c.plugins);
+    }
+    for (key, c) in &state.credentials {
+        if let Some((username, id)) = key.split_once("/credentials/") {
+            out.add(username, Some(id), &c.plugins);
+        }
+    }
+    out
+}
+
 /// What building an upstream runtime reads besides the upstream itself.
 struct Ctx<'a> {
     keyring: &'a Keyring,
     ssls: &'a std::collections::BTreeMap<String, Ssl>,
+    registry: &'a Registry,
+    instances: &'a mut InstanceCache,
 }
 
 fn reuse_or_build<'s>(
@@ -396,17 +448,22 @@ pub struct Builder {
     keyring: Arc<Keyring>,
     upstreams: UpstreamCache<String>,
     ssls: HashMap<String, (Ssl, Arc<ServerConfig>)>,
+    registry: Arc<Registry>,
+    /// Plugin instances, kept while their route and config are unchanged.
+    instances: InstanceCache,
     /// What the last full build made, shared by the updates laid over it.
-    last: Option<(Arc<Router<Arc<RouteRt>>>, Arc<Vec<(String, Arc<UpstreamRt>)>>, Arc<SniTable>)>,
+    last: Option<Snapshot>,
     /// Routes put or deleted since the last full build.
     delta_ids: std::collections::BTreeSet<String>,
 }
 
 impl Builder {
-    pub fn new(prefix: &str, keyring: Arc<Keyring>) -> Builder {
+    pub fn new(prefix: &str, keyring: Arc<Keyring>, registry: Arc<Registry>) -> Builder {
         Builder {
             prefix: prefix.to_string(),
             keyring,
+            registry,
+            instances: InstanceCache::default(),
             upstreams: HashMap::new(),
             ssls: HashMap::new(),
             last: None,
@@ -446,15 +503,17 @@ impl Builder {
     pub fn build(&mut self, state: &ConfigState) -> Snapshot {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
         let mut next: UpstreamCache<&str> = HashMap::new();
-        let ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls };
+        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances };
 
         // Older routes first, so they win priority ties (the router numbers them in this order).
         let mut routes: Vec<_> = state.routes.iter().filter(|(_, r)| r.value.status != 0).collect();
         routes.sort_by_key(|(id, r)| (r.created, id.as_str()));
         let specs: Vec<_> = routes
             .into_iter()
-            .filter_map(|(id, entry)| route_spec(state, &ctx, &mut next, &self.upstreams, id, entry))
+            .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry))
             .collect();
+        let global = global_pipeline(state, &mut ctx);
+        self.instances.finish();
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
         let mut checked: Vec<(String, Arc<UpstreamRt>)> = self
             .upstreams
@@ -467,8 +526,17 @@ impl Builder {
         let base = Arc::new(Router::new(specs));
         let checked = Arc::new(checked);
         self.delta_ids.clear();
-        self.last = Some((base.clone(), checked.clone(), tls.clone()));
-        Snapshot { revision: state.revision, base, delta: None, checked, tls }
+        let snapshot = Snapshot {
+            revision: state.revision,
+            base,
+            delta: None,
+            checked,
+            tls,
+            global: Arc::new(global),
+            consumers: Arc::new(consumers(state)),
+        };
+        self.last = Some(snapshot.shallow_clone());
+        snapshot
     }
 
     /// Applies `changes` (already in `state`). When only routes changed, the routes changed
@@ -476,7 +544,7 @@ impl Builder {
     /// so a change costs in proportion to the changes, not to the route table. Anything else
     /// (and a grown overlay) gets a full build.
     pub fn update(&mut self, state: &ConfigState, changes: &Changes) -> Snapshot {
-        let Some((base, checked, tls)) = self.last.clone() else { return self.build(state) };
+        let Some(last) = self.last.as_ref().map(Snapshot::shallow_clone) else { return self.build(state) };
         if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY {
             return self.build(state);
         }
@@ -491,7 +559,7 @@ impl Builder {
             return self.build(state);
         }
         self.delta_ids.extend(changes.routes.iter().cloned());
-        let ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls };
+        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances };
         let mut next: UpstreamCache<&str> = HashMap::new();
         let mut routes: Vec<_> = self
             .delta_ids
@@ -502,8 +570,9 @@ impl Builder {
         routes.sort_by_key(|(id, r)| (r.created, id.as_str()));
         let specs: Vec<_> = routes
             .into_iter()
-            .filter_map(|(id, entry)| route_spec(state, &ctx, &mut next, &self.upstreams, id, entry))
+            .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry))
             .collect();
+        self.instances.merge();
         if next.iter().any(|(key, rt)| rt.checked && !self.upstreams.contains_key(&(key.0, key.1.to_string()))) {
             // A route now uses a checked upstream no route used before.
             return self.build(state);
@@ -515,7 +584,7 @@ impl Builder {
             self.upstreams.insert((source, id.to_string()), rt);
         }
         let delta = Delta { router: Router::new(specs), superseded: self.delta_ids.iter().cloned().collect() };
-        Snapshot { revision: state.revision, base, delta: Some(Arc::new(delta)), checked, tls }
+        Snapshot { revision: state.revision, delta: Some(Arc::new(delta)), ..last }
     }
 
     /// Whether the last snapshot carries an overlay that a full build would fold in.
@@ -547,7 +616,7 @@ impl Changes {
 /// `vars` do not compile).
 fn route_spec<'s>(
     state: &'s ConfigState,
-    ctx: &Ctx<'_>,
+    ctx: &mut Ctx<'_>,
     next: &mut UpstreamCache<&'s str>,
     previous: &UpstreamCache<String>,
     id: &'s str,
@@ -589,6 +658,19 @@ fn route_spec<'s>(
         }
         None => None,
     };
+    // Precedence: the route's own plugins, then its plugin config's, then its service's.
+    let mut merged = service.and_then(|s| s.plugins.clone()).unwrap_or_default();
+    if let Some(pc) = route.plugin_config_id.as_ref().and_then(|p| state.plugin_configs.get(&p.0)) {
+        merged.extend(pc.plugins.clone());
+    }
+    merged.extend(route.plugins.clone().unwrap_or_default());
+    let plugins = match ctx.registry.pipeline(&merged, &format!("route:{id}"), ctx.instances) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(route = %id, error = %e, "route has plugins that cannot run; skipped");
+            return None;
+        }
+    };
     Some(RouteSpec {
         paths: route.paths().into_iter().map(str::to_string).collect(),
         hosts,
@@ -599,6 +681,7 @@ fn route_spec<'s>(
         value: Arc::new(RouteRt {
             id: id.to_string(),
             created: entry.created,
+            plugins,
             upstream,
             timeouts,
             websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
@@ -641,7 +724,7 @@ mod tests {
             ],
             4,
         );
-        let mut b = Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()])));
+        let mut b = test_builder();
         let first = b.build(&state);
         assert!(Arc::ptr_eq(&upstream_of(&first, "/a"), &upstream_of(&first, "/b")), "one runtime per upstream object");
         let facts = RequestFacts { method: "GET", host: None, path: "/a", remote: None, vars: &NoVars };
@@ -670,6 +753,10 @@ mod tests {
         assert_eq!(upstream_of(&third, "/a").retries, 1, "retries default to the other nodes");
     }
 
+    fn test_builder() -> Builder {
+        Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()])), Arc::new(Registry::default()))
+    }
+
     fn server_of(s: &Snapshot, method: &'static str, path: &str) -> Option<String> {
         let facts = RequestFacts { method, host: None, path, remote: None, vars: &NoVars };
         s.find(&facts).map(|r| r.id.clone())
@@ -684,7 +771,7 @@ mod tests {
         }
         kvs.push(kv("/apisix/routes/tie-old", &route("/tie", ""), 60));
         let mut state = ConfigState::from_list("/apisix", &kvs, 60);
-        let mut b = Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()])));
+        let mut b = test_builder();
         let _ = b.build(&state);
         let put = |key: &str, value: String, created: i64, rev: i64| weir_store::Event {
             kind: weir_store::EventKind::Put,
@@ -707,7 +794,7 @@ mod tests {
             state.apply("/apisix", 70 + i as i64, &events, &mut changes);
             let updated = b.update(&state, &changes);
             assert!(updated.delta.is_some());
-            let full = Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()]))).build(&state);
+            let full = test_builder().build(&state);
             for path in probes {
                 for method in ["GET", "POST"] {
                     assert_eq!(server_of(&updated, method, path), server_of(&full, method, path), "step {i}: {method} {path}");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::de::DeserializeOwned;
 use weir_core::Resource;
-use weir_core::model::{Route, Service, Ssl, Upstream};
+use weir_core::model::{PluginHolder, Route, Service, Ssl, Upstream};
 use weir_store::{Event, EventKind, KeyValue};
 
 use crate::snapshot::Changes;
@@ -17,6 +17,12 @@ pub struct ConfigState {
     pub services: BTreeMap<String, Service>,
     pub upstreams: BTreeMap<String, Upstream>,
     pub ssls: BTreeMap<String, Ssl>,
+    pub plugin_configs: BTreeMap<String, PluginHolder>,
+    pub global_rules: BTreeMap<String, PluginHolder>,
+    /// By username.
+    pub consumers: BTreeMap<String, PluginHolder>,
+    /// By `{username}/credentials/{id}`.
+    pub credentials: BTreeMap<String, PluginHolder>,
 }
 
 /// A route and the store revision that created it (older routes win priority ties).
@@ -87,6 +93,10 @@ impl ConfigState {
             Resource::Services => upsert(&mut self.services, id, parse(kv)),
             Resource::Upstreams => upsert(&mut self.upstreams, id, parse(kv)),
             Resource::Ssls => upsert(&mut self.ssls, id, parse(kv)),
+            Resource::PluginConfigs => upsert(&mut self.plugin_configs, id, parse(kv)),
+            Resource::GlobalRules => upsert(&mut self.global_rules, id, parse(kv)),
+            Resource::Consumers => upsert(&mut self.consumers, id, parse(kv)),
+            Resource::Credentials => upsert(&mut self.credentials, id, parse(kv)),
             _ => return false,
         }
         true
@@ -99,6 +109,15 @@ impl ConfigState {
             Resource::Services => self.services.remove(id).is_some(),
             Resource::Upstreams => self.upstreams.remove(id).is_some(),
             Resource::Ssls => self.ssls.remove(id).is_some(),
+            Resource::PluginConfigs => self.plugin_configs.remove(id).is_some(),
+            Resource::GlobalRules => self.global_rules.remove(id).is_some(),
+            Resource::Consumers => {
+                // A consumer's credentials go with it.
+                let prefix = format!("{id}/credentials/");
+                self.credentials.retain(|k, _| !k.starts_with(&prefix));
+                self.consumers.remove(id).is_some()
+            }
+            Resource::Credentials => self.credentials.remove(id).is_some(),
             _ => false,
         }
     }

@@ -11,9 +11,9 @@ use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand};
 use http::StatusCode;
 use weir_admin::{Admin, AdminKey, Control, Role};
-use weir_core::schema::NoPlugins;
 use weir_proxy::proxy::Proxy;
 use weir_proxy::snapshot::{Builder, Snapshot};
+use weir_plugins::Registry;
 use weir_tls::Keyring;
 use weir_store::{EmbeddedStore, SharedStore};
 
@@ -174,7 +174,8 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
-        let builder = Builder::new(&cfg.store.prefix, keyring.clone());
+        let plugins = Arc::new(Registry::default());
+        let builder = Builder::new(&cfg.store.prefix, keyring.clone(), plugins.clone());
         tokio::spawn(weir_proxy::watch::follow(store.clone(), cfg.store.prefix.clone(), builder, snapshot.clone(), loaded_tx));
         // Serve nothing until the stored config is live, so a restart never answers 404 for
         // routes that exist.
@@ -188,7 +189,7 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             .with_context(|| format!("binding admin listener {}", cfg.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
         let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: cfg.store.prefix.clone() });
-        let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, Arc::new(NoPlugins), keyring).with_control(control));
+        let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, plugins, keyring).with_control(control));
         tokio::spawn(weir_admin::serve(admin_listener, admin));
         for (addr, tls) in &bound {
             let scheme = if *tls { "https" } else { "http" };

@@ -1,0 +1,128 @@
+//! `key-auth`: the caller names itself with a key, in a header or the query string, that a
+//! consumer (or one of its credentials) holds.
+
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{Factory, Plugin, Reply, RequestCtx};
+
+pub(crate) fn factory() -> Factory {
+    Factory {
+        name: "key-auth",
+        priority: 2500,
+        schema: json!({"type": "object", "properties": {
+            "header": {"type": "string", "default": "apikey"},
+            "query": {"type": "string", "default": "apikey"},
+            "realm": {"type": "string", "default": "key"},
+            "hide_credentials": {"type": "boolean", "default": false},
+            "anonymous_consumer": {"type": "string", "minLength": 1}
+        }}),
+        consumer_schema: Some(json!({"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]})),
+        build: |conf, _| {
+            let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
+            let header = HeaderName::from_bytes(c.header.as_bytes()).map_err(|e| format!("header: {e}"))?;
+            let challenge = HeaderValue::from_str(&format!("apikey realm=\"{}\"", c.realm)).map_err(|e| format!("realm: {e}"))?;
+            Ok(Arc::new(KeyAuth { header, query: c.query, hide: c.hide_credentials, challenge }))
+        },
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(default)]
+struct Config {
+    header: String,
+    query: String,
+    realm: String,
+    hide_credentials: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { header: "apikey".into(), query: "apikey".into(), realm: "key".into(), hide_credentials: false }
+    }
+}
+
+struct KeyAuth {
+    header: HeaderName,
+    query: String,
+    hide: bool,
+    challenge: HeaderValue,
+}
+
+const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+const X_CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credential-identifier");
+
+impl Plugin for KeyAuth {
+    fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+        let refuse = |msg: &str| Err(Reply::new(401, Some(json!({"message": msg}))).with_header(http::header::WWW_AUTHENTICATE, self.challenge.clone()));
+        let from_header = ctx.parts.headers.get(&self.header).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (key, in_header) = match from_header {
+            Some(k) => (k, true),
+            None => match ctx.var(&format!("arg_{}", self.query)) {
+                Some(k) => (k, false),
+                None => return refuse("Missing API key in request"),
+            },
+        };
+        let Some(consumer) = ctx.consumers.find("key-auth", &key).cloned() else {
+            tracing::warn!(route = ctx.route_id, "key-auth: no consumer holds the key given");
+            return refuse("Invalid API key in request");
+        };
+        if self.hide {
+            if in_header {
+                ctx.parts.headers.remove(&self.header);
+            } else {
+                remove_query_arg(&mut ctx.parts.uri, &self.query);
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&consumer.username) {
+            ctx.parts.headers.insert(X_CONSUMER_USERNAME, v);
+        }
+        match consumer.credential_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+            Some(v) => {
+                ctx.parts.headers.insert(X_CREDENTIAL_IDENTIFIER, v);
+            }
+            None => {
+                // Never let a client claim an identity the gateway did not establish.
+                ctx.parts.headers.remove(X_CREDENTIAL_IDENTIFIER);
+            }
+        }
+        ctx.consumer = Some(consumer);
+        Ok(())
+    }
+}
+
+/// Drops every `name=…` pair from the query string.
+fn remove_query_arg(uri: &mut http::Uri, name: &str) {
+    let Some(query) = uri.query() else { return };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| weir_core::text::percent_decode(pair.split('=').next().unwrap_or("")) != name)
+        .collect();
+    let path = uri.path();
+    let pq = if kept.is_empty() { path.to_string() } else { format!("{path}?{}", kept.join("&")) };
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = pq.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(u) = http::Uri::from_parts(parts) {
+            *uri = u;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_args_are_removed() {
+        let mut u: http::Uri = "/a?apikey=s3&x=1&apikey=t".parse().unwrap();
+        remove_query_arg(&mut u, "apikey");
+        assert_eq!(u.to_string(), "/a?x=1");
+        let mut u: http::Uri = "/a?apikey=s3".parse().unwrap();
+        remove_query_arg(&mut u, "apikey");
+        assert_eq!(u.to_string(), "/a");
+    }
+}

@@ -1,0 +1,369 @@
+//! The plugin pipeline: APISIX's plugins under their names, with their configuration schemas,
+//! priorities and phases.
+//!
+//! A [`Registry`] knows every plugin: its name, default priority, config schema (served by the
+//! Admin API and checked at write time) and how to build an instance from a config. Instances
+//! are built when a snapshot is compiled, never per request, and run in priority order, highest
+//! first: every plugin's `rewrite`, then every plugin's `access`, then, on the response, every
+//! plugin's `header_filter`. A phase may answer the request itself with a [`Reply`].
+
+mod key_auth;
+mod limit_count;
+mod vars;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::header::{HeaderName, HeaderValue};
+use serde_json::{Value, json};
+use weir_core::expr::Expr;
+use weir_core::schema::PluginCatalog;
+
+pub use vars::RequestVars;
+
+/// An answer a plugin gives instead of proxying: a status, an optional JSON body, headers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Option<Value>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Reply {
+    pub fn new(status: u16, body: Option<Value>) -> Reply {
+        Reply { status, body, headers: Vec::new() }
+    }
+
+    pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Reply {
+        self.headers.push((name, value));
+        self
+    }
+}
+
+/// A consumer as the data plane knows it, found by an auth plugin.
+#[derive(Debug, PartialEq)]
+pub struct Consumer {
+    pub username: String,
+    /// The credential (`consumers/{username}/credentials/{id}`) that matched, if any.
+    pub credential_id: Option<String>,
+}
+
+/// Consumers by credential: (plugin, secret) → consumer. Built with the snapshot.
+#[derive(Default)]
+pub struct Consumers {
+    by_secret: HashMap<(&'static str, String), Arc<Consumer>>,
+}
+
+impl Consumers {
+    /// Adds the credentials a consumer (or one of its credential objects) carries in `plugins`.
+    pub fn add(&mut self, username: &str, credential_id: Option<&str>, plugins: &serde_json::Map<String, Value>) {
+        let consumer = Arc::new(Consumer { username: username.to_string(), credential_id: credential_id.map(str::to_string) });
+        if let Some(key) = plugins.get("key-auth").and_then(|c| c.get("key")).and_then(Value::as_str) {
+            self.by_secret.insert(("key-auth", key.to_string()), consumer);
+        }
+    }
+
+    pub fn find(&self, plugin: &'static str, secret: &str) -> Option<&Arc<Consumer>> {
+        self.by_secret.get(&(plugin, secret.to_string()))
+    }
+}
+
+/// What a plugin sees of one request.
+pub struct RequestCtx<'a> {
+    pub parts: &'a mut http::request::Parts,
+    pub remote: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    pub scheme: &'static str,
+    pub route_id: &'a str,
+    pub consumers: &'a Consumers,
+    /// Set by the auth plugin that identified the caller.
+    pub consumer: Option<Arc<Consumer>>,
+    /// Added to the response by the pipeline (rate-limit quotas, say).
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl RequestCtx<'_> {
+    /// A request variable, as `vars` expressions name them (`remote_addr`, `http_x_id`, …).
+    pub fn var(&self, name: &str) -> Option<String> {
+        use weir_core::expr::Vars as _;
+        let host = self.parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
+        let vars = RequestVars {
+            method: &self.parts.method,
+            uri: &self.parts.uri,
+            headers: &self.parts.headers,
+            host,
+            remote: self.remote,
+            local: self.local,
+            scheme: self.scheme,
+        };
+        if name == "consumer_name" {
+            return self.consumer.as_ref().map(|c| c.username.clone());
+        }
+        vars.get(name).map(|v| v.into_owned())
+    }
+
+    pub fn remote_ip(&self) -> IpAddr {
+        self.remote.ip()
+    }
+}
+
+/// One plugin instance, configured. Phases do nothing unless a plugin has work there.
+pub trait Plugin: Send + Sync {
+    fn rewrite(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+        Ok(())
+    }
+
+    fn access(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+        Ok(())
+    }
+}
+
+/// A configured plugin in a route's pipeline, with what `_meta` says about it.
+pub struct Instance {
+    pub name: &'static str,
+    pub priority: i64,
+    pub plugin: Arc<dyn Plugin>,
+    /// `_meta.filter`: the plugin runs only for requests this holds for.
+    pub filter: Option<Expr>,
+    /// `_meta.error_response`: replaces the body of any reply the plugin gives.
+    pub error_response: Option<Value>,
+}
+
+struct Factory {
+    name: &'static str,
+    priority: i64,
+    schema: Value,
+    consumer_schema: Option<Value>,
+    /// Builds an instance; `scope` names what the instance's state belongs to (the route, or a
+    /// `group`), so state survives snapshots as long as scope and config do.
+    build: fn(&Value, &str) -> Result<Arc<dyn Plugin>, String>,
+}
+
+/// Every plugin Weir has.
+pub struct Registry {
+    factories: Vec<Factory>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        let mut factories = vec![key_auth::factory(), limit_count::factory()];
+        factories.sort_by_key(|f| f.name);
+        Registry { factories }
+    }
+}
+
+fn meta_schema() -> Value {
+    json!({"type": "object", "properties": {
+        "disable": {"type": "boolean"},
+        "priority": {"type": "integer"},
+        "filter": {"type": "array"},
+        "error_response": {"type": ["string", "object"]}
+    }})
+}
+
+impl Registry {
+    fn factory(&self, name: &str) -> Option<&Factory> {
+        self.factories.iter().find(|f| f.name == name)
+    }
+
+    /// The pipeline for a merged `plugins` object, highest priority first. Disabled plugins are
+    /// left out; a plugin whose config cannot be built is an error naming it.
+    pub fn pipeline(
+        &self,
+        plugins: &serde_json::Map<String, Value>,
+        scope: &str,
+        cache: &mut InstanceCache,
+    ) -> Result<Vec<Instance>, String> {
+        let mut out = Vec::new();
+        for (name, conf) in plugins {
+            let Some(f) = self.factory(name) else { return Err(format!("unknown plugin [{name}]")) };
+            let meta = conf.get("_meta");
+            if meta.and_then(|m| m.get("disable")).and_then(Value::as_bool) == Some(true) {
+                continue;
+            }
+            let filter = match meta.and_then(|m| m.get("filter")) {
+                Some(f) => Some(Expr::compile(f).map_err(|e| format!("plugin {name}: _meta.filter: {e}"))?),
+                None => None,
+            };
+            let mut plain = conf.clone();
+            if let Some(o) = plain.as_object_mut() {
+                o.remove("_meta");
+            }
+            // A `group` makes every route naming it share one instance (and its state).
+            let scope = match plain.get("group").and_then(Value::as_str) {
+                Some(g) => format!("group:{g}"),
+                None => scope.to_string(),
+            };
+            let key = (scope, f.name, plain.to_string());
+            let plugin = match cache.next.get(&key).cloned().or_else(|| cache.previous.remove(&key)) {
+                Some(p) => p,
+                None => (f.build)(&plain, &key.0).map_err(|e| format!("plugin {name}: {e}"))?,
+            };
+            cache.next.insert(key, plugin.clone());
+            out.push(Instance {
+                name: f.name,
+                priority: meta.and_then(|m| m.get("priority")).and_then(Value::as_i64).unwrap_or(f.priority),
+                plugin,
+                filter,
+                error_response: meta.and_then(|m| m.get("error_response")).cloned(),
+            });
+        }
+        out.sort_by_key(|i| std::cmp::Reverse(i.priority));
+        Ok(out)
+    }
+}
+
+/// Plugin instances kept across snapshot builds: an instance whose scope and config are
+/// unchanged keeps its state (counters, say).
+#[derive(Default)]
+pub struct InstanceCache {
+    previous: HashMap<(String, &'static str, String), Arc<dyn Plugin>>,
+    next: HashMap<(String, &'static str, String), Arc<dyn Plugin>>,
+}
+
+impl InstanceCache {
+    /// Ends a build: what it used is kept for the next; the rest is dropped.
+    pub fn finish(&mut self) {
+        self.previous = std::mem::take(&mut self.next);
+    }
+
+    /// Ends an update that compiled only some routes: what it used joins what was kept.
+    pub fn merge(&mut self) {
+        let next = std::mem::take(&mut self.next);
+        self.previous.extend(next);
+    }
+}
+
+impl PluginCatalog for Registry {
+    fn config_schema(&self, name: &str) -> Option<&Value> {
+        self.factory(name).map(|f| &f.schema)
+    }
+
+    fn consumer_schema(&self, name: &str) -> Option<&Value> {
+        self.factory(name).and_then(|f| f.consumer_schema.as_ref())
+    }
+
+    fn names(&self) -> Vec<&str> {
+        self.factories.iter().map(|f| f.name).collect()
+    }
+
+    fn meta_schema(&self) -> Value {
+        meta_schema()
+    }
+}
+
+/// Runs the request phases of `pipeline`: every `rewrite`, then every `access`. Stops at the
+/// first reply.
+pub fn run_request(pipeline: &[Instance], ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+    // `_meta.filter` is decided once per plugin, before any plugin has changed the request.
+    let runs: Vec<bool> = pipeline
+        .iter()
+        .map(|i| match &i.filter {
+            None => true,
+            Some(f) => f.eval(&FilterVars(ctx)),
+        })
+        .collect();
+    for phase in [Phase::Rewrite, Phase::Access] {
+        for (i, run) in pipeline.iter().zip(&runs) {
+            if !run {
+                continue;
+            }
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
+                Phase::Rewrite => i.plugin.rewrite(ctx),
+                Phase::Access => i.plugin.access(ctx),
+            }));
+            match result {
+                Ok(Ok(())) => {}
+                Ok(Err(mut reply)) => {
+                    if let Some(custom) = &i.error_response {
+                        reply.body = Some(custom.clone());
+                    }
+                    return Err(reply);
+                }
+                Err(_) => {
+                    tracing::error!(plugin = i.name, route = ctx.route_id, "plugin panicked; the request fails with 500");
+                    return Err(Reply::new(500, None));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    Rewrite,
+    Access,
+}
+
+struct FilterVars<'c, 'a>(&'c RequestCtx<'a>);
+
+impl weir_core::expr::Vars for FilterVars<'_, '_> {
+    fn get(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        self.0.var(name).map(std::borrow::Cow::Owned)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Panics;
+    impl Plugin for Panics {
+        fn access(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+            panic!("a plugin bug")
+        }
+    }
+
+    struct Refuses;
+    impl Plugin for Refuses {
+        fn rewrite(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+            Err(Reply::new(403, Some(json!({"message": "no"}))))
+        }
+    }
+
+    fn instance(plugin: Arc<dyn Plugin>, error_response: Option<Value>) -> Instance {
+        Instance { name: "test", priority: 0, plugin, filter: None, error_response }
+    }
+
+    fn run(pipeline: &[Instance]) -> Result<(), Reply> {
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        let consumers = Consumers::default();
+        let mut ctx = RequestCtx {
+            parts: &mut parts,
+            remote: "127.0.0.1:1".parse().unwrap(),
+            local: "127.0.0.1:2".parse().unwrap(),
+            scheme: "http",
+            route_id: "r",
+            consumers: &consumers,
+            consumer: None,
+            response_headers: Vec::new(),
+        };
+        run_request(pipeline, &mut ctx)
+    }
+
+    #[test]
+    fn a_panic_is_a_500_and_error_response_replaces_bodies() {
+        assert_eq!(run(&[instance(Arc::new(Panics), None)]), Err(Reply::new(500, None)));
+        assert_eq!(run(&[instance(Arc::new(Refuses), None)]), Err(Reply::new(403, Some(json!({"message": "no"})))));
+        let custom = json!({"message": "custom"});
+        assert_eq!(run(&[instance(Arc::new(Refuses), Some(custom.clone()))]), Err(Reply::new(403, Some(custom))));
+    }
+
+    #[test]
+    fn pipelines_follow_priority_and_skip_disabled_plugins() {
+        let registry = Registry::default();
+        let mut cache = InstanceCache::default();
+        let plugins = json!({
+            "limit-count": {"count": 1, "time_window": 1},
+            "key-auth": {"_meta": {"priority": 1}},
+        });
+        let p = registry.pipeline(plugins.as_object().unwrap(), "route:r", &mut cache).unwrap();
+        assert_eq!(p.iter().map(|i| (i.name, i.priority)).collect::<Vec<_>>(), vec![("limit-count", 1002), ("key-auth", 1)]);
+        let disabled = json!({"key-auth": {"_meta": {"disable": true}}});
+        assert!(registry.pipeline(disabled.as_object().unwrap(), "route:r", &mut cache).unwrap().is_empty());
+        let unknown = json!({"nope": {}});
+        assert_eq!(registry.pipeline(unknown.as_object().unwrap(), "route:r", &mut cache).err().unwrap(), "unknown plugin [nope]");
+    }
+}

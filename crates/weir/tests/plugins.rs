@@ -1,0 +1,137 @@
+//! Plugins end to end: configured through the Admin API as for APISIX, exercised with real
+//! requests through a real `weir` to a real upstream.
+
+mod common;
+
+use common::{Upstream, Weir};
+use serde_json::{Value, json};
+
+async fn put(w: &Weir, path: &str, body: Value) {
+    let (s, b) = w.admin("PUT", path, Some(body)).await;
+    assert!(s == 200 || s == 201, "{path}: {s} {b}");
+}
+
+#[tokio::test]
+async fn key_auth_with_consumers_and_credentials() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/consumers", json!({"username": "jack", "plugins": {"key-auth": {"key": "jack-key"}}})).await;
+    put(&w, "/consumers", json!({"username": "rose"})).await;
+    put(&w, "/consumers/rose/credentials/phone", json!({"plugins": {"key-auth": {"key": "rose-phone-key"}}})).await;
+    put(&w, "/routes/r", json!({"uri": "/k", "plugins": {"key-auth": {}}, "upstream": {"nodes": {up.node(): 1}}})).await;
+    put(&w, "/routes/hide", json!({"uri": "/hide", "plugins": {"key-auth": {"hide_credentials": true}}, "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/hide", &[], |r| r.status == 401).await;
+
+    let r = w.get("/k", &[]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "Missing API key in request"})));
+    assert_eq!(r.headers["www-authenticate"], "apikey realm=\"key\"");
+    let r = w.get("/k", &[("apikey", "wrong")]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "Invalid API key in request"})));
+
+    let r = w.get("/k", &[("apikey", "jack-key"), ("x-credential-identifier", "forged")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-consumer-username"], "jack");
+    assert!(seen["headers"].get("x-credential-identifier").is_none(), "a client cannot claim a credential: {seen}");
+    assert_eq!(seen["headers"]["apikey"], "jack-key", "kept without hide_credentials");
+
+    let r = w.get("/k?apikey=rose-phone-key", &[]).await;
+    assert_eq!(r.status, 200, "the key in the query string: {}", r.text());
+    assert_eq!(r.json()["headers"]["x-consumer-username"], "rose");
+    assert_eq!(r.json()["headers"]["x-credential-identifier"], "phone");
+
+    let r = w.get("/hide?apikey=jack-key&x=1", &[]).await;
+    assert_eq!((r.status, r.json()["uri"].clone()), (200, json!("/hide?x=1")), "hide_credentials strips the query key");
+    let r = w.get("/hide", &[("apikey", "jack-key")]).await;
+    assert!(r.json()["headers"].get("apikey").is_none(), "and the header");
+
+    // Deleting the consumer revokes its key.
+    assert_eq!(w.admin("DELETE", "/consumers/jack", None).await.0, 200);
+    w.until("/k", &[("apikey", "jack-key")], |r| r.status == 401).await;
+
+    // Bad configuration is refused at write time.
+    let (s, b) = w.admin("PUT", "/consumers", Some(json!({"username": "x", "plugins": {"key-auth": {}}}))).await;
+    assert_eq!(s, 400, "a consumer's key-auth needs its key: {b}");
+    let (s, b) = w.admin("PUT", "/routes/bad", Some(json!({"uri": "/b", "plugins": {"key-auth": {"hide_credentials": "yes"}}, "upstream": {"nodes": {up.node(): 1}}}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error_msg"].as_str().unwrap().contains("key-auth"), "{b}");
+}
+
+#[tokio::test]
+async fn limit_count_local_counts_groups_and_meta() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    let route = |uri: &str, plugins: Value| json!({"uri": uri, "plugins": plugins, "upstream": {"nodes": {up.node(): 1}}});
+    put(&w, "/routes/l", route("/l", json!({"limit-count": {"count": 2, "time_window": 60}}))).await;
+    put(&w, "/routes/msg", route("/msg", json!({"limit-count": {"count": 1, "time_window": 60, "rejected_code": 429,
+        "rejected_msg": "slow down", "key_type": "var", "key": "http_x_user"}}))).await;
+    let group = json!({"limit-count": {"count": 3, "time_window": 60, "group": "shared"}});
+    put(&w, "/routes/g1", route("/g1", group.clone())).await;
+    put(&w, "/routes/g2", route("/g2", group)).await;
+    put(&w, "/routes/off", route("/off", json!({"limit-count": {"count": 1, "time_window": 60, "_meta": {"disable": true}}}))).await;
+    put(&w, "/routes/filtered", route("/filtered", json!({"limit-count": {"count": 1, "time_window": 60,
+        "_meta": {"filter": [["arg_limited", "==", "yes"]]}}}))).await;
+    w.until("/filtered", &[], |r| r.status == 200).await;
+
+    let r = w.get("/l", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!((&r.headers["x-ratelimit-limit"], &r.headers["x-ratelimit-remaining"]), (&"2".parse().unwrap(), &"1".parse().unwrap()));
+    let reset: u64 = r.headers["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
+    assert!((59..=60).contains(&reset), "{reset}");
+    assert_eq!(w.get("/l", &[]).await.headers["x-ratelimit-remaining"], "0");
+    let r = w.get("/l", &[]).await;
+    assert_eq!(r.status, 503, "the third in the window is refused");
+    assert_eq!(r.headers["x-ratelimit-remaining"], "0");
+
+    // Keyed by a header: each user has their own count; rejected_code and rejected_msg apply.
+    assert_eq!(w.get("/msg", &[("x-user", "a")]).await.status, 200);
+    assert_eq!(w.get("/msg", &[("x-user", "b")]).await.status, 200);
+    let r = w.get("/msg", &[("x-user", "a")]).await;
+    assert_eq!((r.status, r.json()), (429, json!({"error_msg": "slow down"})));
+
+    // One group, one count across its routes.
+    let mut statuses = Vec::new();
+    for p in ["/g1", "/g2", "/g1", "/g2"] {
+        statuses.push(w.get(p, &[]).await.status);
+    }
+    assert_eq!(statuses.last(), Some(&503), "the fourth across the group is refused");
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 3, "{statuses:?}");
+
+    // _meta.disable turns the plugin off; _meta.filter limits it to matching requests.
+    for _ in 0..3 {
+        assert_eq!(w.get("/off", &[]).await.status, 200);
+        assert_eq!(w.get("/filtered", &[]).await.status, 200);
+    }
+    assert_eq!(w.get("/filtered?limited=yes", &[]).await.status, 200);
+    assert_eq!(w.get("/filtered?limited=yes", &[]).await.status, 503);
+
+    // An unrelated change keeps the counters.
+    put(&w, "/routes/other", route("/other", json!({}))).await;
+    w.until("/other", &[], |r| r.status == 200).await;
+    assert_eq!(w.get("/l", &[]).await.status, 503, "still refused after a config change");
+}
+
+#[tokio::test]
+async fn plugin_precedence_route_over_plugin_config_over_service() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/services/s", json!({"plugins": {"limit-count": {"count": 1, "time_window": 60, "rejected_code": 401}},
+        "upstream": {"nodes": {up.node(): 1}}})).await;
+    put(&w, "/plugin_configs/pc", json!({"plugins": {"limit-count": {"count": 1, "time_window": 60, "rejected_code": 402}}})).await;
+    put(&w, "/routes/svc", json!({"uri": "/svc", "service_id": "s"})).await;
+    put(&w, "/routes/pc", json!({"uri": "/pc", "service_id": "s", "plugin_config_id": "pc"})).await;
+    put(&w, "/routes/own", json!({"uri": "/own", "service_id": "s", "plugin_config_id": "pc",
+        "plugins": {"limit-count": {"count": 1, "time_window": 60, "rejected_code": 403}}})).await;
+    put(&w, "/global_rules/g", json!({"plugins": {"limit-count": {"count": 100, "time_window": 60, "key_type": "constant", "key": "all"}}})).await;
+    w.until("/own", &[], |r| r.status == 200).await;
+    for (path, code) in [("/svc", 401), ("/pc", 402), ("/own", 403)] {
+        w.until(path, &[], |r| r.status != 200).await;
+        assert_eq!(w.get(path, &[]).await.status, code, "{path}");
+    }
+    // The route's plugin ran after the global rule's, so its quota headers are the ones seen;
+    // a route with no plugins of its own shows the global rule's.
+    assert_eq!(w.get("/svc", &[]).await.headers["x-ratelimit-limit"], "1");
+    put(&w, "/routes/plain", json!({"uri": "/plain", "upstream": {"nodes": {up.node(): 1}}})).await;
+    let r = w.until("/plain", &[], |r| r.status == 200).await;
+    assert_eq!(r.headers["x-ratelimit-limit"], "100", "global rules run on every route");
+}
