@@ -282,6 +282,12 @@ pub trait PluginCatalog: Send + Sync {
         None
     }
 
+    /// Checks a config the schema accepted for what a schema cannot say (a regex that does not
+    /// compile, options that exclude each other).
+    fn check_config(&self, _name: &str, _conf: &Value) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The schema of `_meta`, which every plugin config may carry.
     fn meta_schema(&self) -> Value {
         json!({"type": "object"})
@@ -343,7 +349,7 @@ pub fn check(resource: Resource, value: &Value, plugins: &dyn PluginCatalog) -> 
             };
             let mut plain = conf.clone();
             let meta = plain.as_object_mut().and_then(|o| o.remove("_meta"));
-            let mut check = |schema: &Value, v: &Value, what: &str| match jsonschema::validator_for(schema) {
+            let check = |schema: &Value, v: &Value, what: &str, errors: &mut Vec<String>| match jsonschema::validator_for(schema) {
                 Ok(validator) => {
                     for e in validator.iter_errors(v) {
                         errors.push(format!("failed to check the configuration of plugin {name}{what}: {}", describe(&e)));
@@ -351,9 +357,16 @@ pub fn check(resource: Resource, value: &Value, plugins: &dyn PluginCatalog) -> 
                 }
                 Err(e) => errors.push(format!("plugin {name} has an invalid schema: {e}")),
             };
-            check(schema, &plain, "");
+            let before = errors.len();
+            check(schema, &plain, "", &mut errors);
+            if errors.len() == before
+                && !on_consumer
+                && let Err(e) = plugins.check_config(name, &plain)
+            {
+                errors.push(format!("failed to check the configuration of plugin {name}: {e}"));
+            }
             if let Some(meta) = &meta {
-                check(&meta_schema, meta, " (_meta)");
+                check(&meta_schema, meta, " (_meta)", &mut errors);
                 if let Some(filter) = meta.get("filter")
                     && let Err(e) = crate::expr::Expr::compile(filter)
                 {

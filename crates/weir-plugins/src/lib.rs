@@ -7,8 +7,12 @@
 //! first: every plugin's `rewrite`, then every plugin's `access`, then, on the response, every
 //! plugin's `header_filter`. A phase may answer the request itself with a [`Reply`].
 
+mod cors;
+mod ip_restriction;
 mod key_auth;
 mod limit_count;
+mod proxy_rewrite;
+mod request_id;
 mod vars;
 
 use std::collections::HashMap;
@@ -147,7 +151,14 @@ pub struct Registry {
 
 impl Default for Registry {
     fn default() -> Self {
-        let mut factories = vec![key_auth::factory(), limit_count::factory()];
+        let mut factories = vec![
+            cors::factory(),
+            ip_restriction::factory(),
+            key_auth::factory(),
+            limit_count::factory(),
+            proxy_rewrite::factory(),
+            request_id::factory(),
+        ];
         factories.sort_by_key(|f| f.name);
         Registry { factories }
     }
@@ -250,6 +261,13 @@ impl PluginCatalog for Registry {
 
     fn meta_schema(&self) -> Value {
         meta_schema()
+    }
+
+    fn check_config(&self, name: &str, conf: &Value) -> Result<(), String> {
+        match self.factory(name) {
+            Some(f) => (f.build)(conf, "check").map(drop),
+            None => Err(format!("unknown plugin [{name}]")),
+        }
     }
 }
 

@@ -334,7 +334,7 @@ async fn plugin_configs_global_rules_ssls_metadata() {
     assert_eq!(s, 404);
 
     let (s, b) = w.admin("GET", "/plugins/list", None).await;
-    assert_eq!((s, b), (200, json!(["key-auth", "limit-count"])));
+    assert_eq!((s, b), (200, json!(["cors", "ip-restriction", "key-auth", "limit-count", "proxy-rewrite", "request-id"])));
     let (s, b) = w.admin("GET", "/plugins/key-auth", None).await;
     assert_eq!((s, &b["properties"]["header"]["default"]), (200, &json!("apikey")), "{b}");
     let (s, _) = w.admin("GET", "/plugins/no-such-plugin", None).await;

@@ -135,3 +135,68 @@ async fn plugin_precedence_route_over_plugin_config_over_service() {
     let r = w.until("/plain", &[], |r| r.status == 200).await;
     assert_eq!(r.headers["x-ratelimit-limit"], "100", "global rules run on every route");
 }
+
+#[tokio::test]
+async fn rewrite_restriction_cors_and_request_id() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    let route = |uri: &str, plugins: Value| json!({"uri": uri, "plugins": plugins, "upstream": {"nodes": {up.node(): 1}}});
+    put(&w, "/routes/pr", route("/pr", json!({"proxy-rewrite": {"uri": "/rewritten", "host": "backend.test", "method": "POST",
+        "headers": {"add": {"x-add": "1"}, "set": {"x-set": "$remote_addr"}, "remove": ["x-drop"]}}}))).await;
+    put(&w, "/routes/re", route("/re/*", json!({"proxy-rewrite": {"regex_uri": ["^/re/(.*)", "/v2/$1"]}}))).await;
+    put(&w, "/routes/deny", route("/deny", json!({"ip-restriction": {"blacklist": ["127.0.0.0/8"]}}))).await;
+    put(&w, "/routes/allow", route("/allow", json!({"ip-restriction": {"whitelist": ["127.0.0.1", "10.0.0.0/8"]}}))).await;
+    put(&w, "/routes/cors", route("/cors", json!({"cors": {"allow_origins": "http://a.test,http://b.test", "allow_methods": "GET,POST",
+        "allow_headers": "**", "max_age": 100, "allow_credential": true, "expose_headers": "x-id"}}))).await;
+    put(&w, "/routes/cors-re", route("/cors-re", json!({"cors": {"allow_origins_by_regex": ["^https://.*\\.example\\.com$"]}}))).await;
+    put(&w, "/routes/rid", route("/rid", json!({"request-id": {}}))).await;
+    w.until("/rid", &[], |r| r.status == 200).await;
+
+    let r = w.get("/pr?q=1", &[("x-drop", "1")]).await;
+    let seen = r.json();
+    assert_eq!((r.status, &seen["uri"], &seen["method"]), (200, &json!("/rewritten?q=1"), &json!("POST")), "{seen}");
+    assert_eq!(seen["headers"]["host"], "backend.test");
+    assert_eq!(seen["headers"]["x-add"], "1");
+    assert_eq!(seen["headers"]["x-set"], "127.0.0.1");
+    assert!(seen["headers"].get("x-drop").is_none(), "{seen}");
+    assert_eq!(w.get("/re/items/7?x=1", &[]).await.json()["uri"], "/v2/items/7?x=1");
+
+    let r = w.get("/deny", &[]).await;
+    assert_eq!((r.status, r.json()), (403, json!({"message": "Your IP address is not allowed"})));
+    assert_eq!(w.get("/allow", &[]).await.status, 200);
+
+    let r = w.get("/cors", &[("origin", "http://a.test")]).await;
+    assert_eq!(r.status, 200);
+    let h = |name: &str| r.headers.get(name).map(|v| v.to_str().unwrap().to_string());
+    assert_eq!(h("access-control-allow-origin").as_deref(), Some("http://a.test"));
+    assert_eq!(h("access-control-allow-credentials").as_deref(), Some("true"));
+    assert_eq!(h("access-control-allow-methods").as_deref(), Some("GET,POST"));
+    assert_eq!(h("access-control-expose-headers").as_deref(), Some("x-id"));
+    assert_eq!(h("access-control-max-age").as_deref(), Some("100"));
+    assert_eq!(h("vary").as_deref(), Some("Origin"));
+    let r = w.get("/cors", &[("origin", "http://c.test")]).await;
+    assert!(r.headers.get("access-control-allow-origin").is_none(), "an origin not listed gets none");
+    let hits = up.hits.load(std::sync::atomic::Ordering::SeqCst);
+    let pre = common::send(w.proxy, "OPTIONS", "/cors", &[("origin", "http://b.test"), ("access-control-request-headers", "x-foo")], None).await;
+    assert_eq!(pre.status, 200, "preflight answered by the gateway");
+    assert_eq!(pre.headers["access-control-allow-origin"], "http://b.test");
+    assert_eq!(pre.headers["access-control-allow-headers"], "x-foo", "** echoes the requested headers");
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits, "a preflight does not reach the upstream");
+    let r = w.get("/cors-re", &[("origin", "https://app.example.com")]).await;
+    assert_eq!(r.headers["access-control-allow-origin"], "https://app.example.com");
+    assert!(w.get("/cors-re", &[("origin", "https://example.org")]).await.headers.get("access-control-allow-origin").is_none());
+
+    let r = w.get("/rid", &[]).await;
+    let id = r.headers["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 36);
+    assert_eq!(r.json()["headers"]["x-request-id"], json!(id), "the upstream got the same id");
+    assert_eq!(w.get("/rid", &[("x-request-id", "mine")]).await.headers["x-request-id"], "mine", "a client's id is kept");
+
+    // What a schema cannot say is still checked at write time.
+    let (s, b) = w.admin("PUT", "/routes/bad", Some(route("/bad", json!({"cors": {"allow_credential": true}})))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error_msg"].as_str().unwrap().contains("allow_credential"), "{b}");
+    let (s, b) = w.admin("PUT", "/routes/bad", Some(route("/bad", json!({"proxy-rewrite": {"regex_uri": ["(", "/x"]}})))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error_msg"].as_str().unwrap().contains("invalid regex_uri"), "{b}");
+}
