@@ -5,7 +5,7 @@
 //! other. Every row is measured the same way, so the ratios compare like with like.
 //!
 //! Rows: the origin served directly (the ceiling), nginx as a reverse proxy, Weir with one route,
-//! Weir with 10,000 routes, both proxies over HTTPS (wrk, keep-alive) and over HTTP/2 with TLS
+//! Weir with 10,000 routes, Weir with key-auth and limit-count on the route, both proxies over HTTPS (wrk, keep-alive) and over HTTP/2 with TLS
 //! (h2load, 10 streams per connection), and the time from an Admin API PUT to the first request
 //! served by the new route.
 
@@ -166,17 +166,21 @@ fn parse_ms(s: &str) -> Option<f64> {
 }
 
 fn wrk(args: &Args, port: u16, path: &str, proxy_pid: Option<u32>) -> anyhow::Result<WrkResult> {
-    wrk_url(args, &format!("http://127.0.0.1:{port}{path}"), proxy_pid)
+    wrk_url(args, &format!("http://127.0.0.1:{port}{path}"), proxy_pid, &[])
 }
 
-fn wrk_url(args: &Args, url: &str, proxy_pid: Option<u32>) -> anyhow::Result<WrkResult> {
+/// `headers` are `name: value` lines sent with every request.
+fn wrk_url(args: &Args, url: &str, proxy_pid: Option<u32>, headers: &[&str]) -> anyhow::Result<WrkResult> {
     let url = url.to_string();
+    let header_args: Vec<String> = headers.iter().flat_map(|h| ["-H".to_string(), h.to_string()]).collect();
     let cores = other_cores(args.proxy_core);
     // Warm up pools and caches first.
-    Command::new("taskset").args(["-c", &cores, "wrk", "-t1", "-c16", "-d2s", &url]).output()?;
+    Command::new("taskset").args(["-c", &cores, "wrk", "-t1", "-c16", "-d2s"]).args(&header_args).arg(&url).output()?;
     let cpu_before = proxy_pid.map(cpu_seconds);
     let out = Command::new("taskset")
-        .args(["-c", &cores, "wrk", "-t1", &format!("-c{}", args.connections), &format!("-d{}s", args.duration), "--latency", &url])
+        .args(["-c", &cores, "wrk", "-t1", &format!("-c{}", args.connections), &format!("-d{}s", args.duration), "--latency"])
+        .args(&header_args)
+        .arg(&url)
         .output()
         .context("running wrk (apt-get install -y wrk)")?;
     let cpu_used = proxy_pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
@@ -426,6 +430,13 @@ fn main() -> anyhow::Result<()> {
         "snis": [TLS_NAME],
     });
     small.put("ssls/bench", &ssl.to_string())?;
+    // The plugin row: key-auth and a local limit-count high enough never to refuse.
+    small.put("consumers/bench", "{\"username\":\"bench\",\"plugins\":{\"key-auth\":{\"key\":\"bench-key\"}}}")?;
+    small.put(
+        "routes/plugins",
+        "{\"uri\":\"/plug/*\",\"upstream_id\":\"origin\",\"plugins\":{\"key-auth\":{},\
+         \"limit-count\":{\"count\":1000000000,\"time_window\":60}}}",
+    )?;
 
     let (p50, p99) = large.put_to_live(args.changes, "small")?;
     let live_small = format!("PUT-to-live over {} changes (few routes): p50 {p50:.2} ms, p99 {p99:.2} ms", args.changes);
@@ -455,14 +466,17 @@ fn main() -> anyhow::Result<()> {
     row("origin direct (ceiling)", &origin, None);
     let (mut n_runs, mut s_runs, mut l_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut nt_runs, mut wt_runs, mut nh_runs, mut wh_runs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut p_runs = Vec::new();
     let (nginx_pid, small_pid) = (nginx_proxy.0.id(), small.proc.0.id());
     let small_tls = small.port + TLS_OFFSET;
     for _ in 0..args.rounds {
         n_runs.push(wrk(&args, NGINX_PROXY_PORT, target, Some(nginx_pid))?);
         s_runs.push(wrk(&args, small.port, target, Some(small_pid))?);
         l_runs.push(wrk(&args, large.port, target, Some(large.proc.0.id()))?);
-        nt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{NGINX_TLS_PORT}{target}"), Some(nginx_pid))?);
-        wt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{small_tls}{target}"), Some(small_pid))?);
+        let plug = format!("http://127.0.0.1:{}/plug/items", small.port);
+        p_runs.push(wrk_url(&args, &plug, Some(small_pid), &["apikey: bench-key"])?);
+        nt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{NGINX_TLS_PORT}{target}"), Some(nginx_pid), &[])?);
+        wt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{small_tls}{target}"), Some(small_pid), &[])?);
         nh_runs.push(h2load(&args, NGINX_TLS_PORT, target, Some(nginx_pid))?);
         wh_runs.push(h2load(&args, small_tls, target, Some(small_pid))?);
     }
@@ -470,6 +484,8 @@ fn main() -> anyhow::Result<()> {
     row("nginx reverse proxy", &nginx, Some(&nginx));
     row("weir, 1 route", &one, Some(&nginx));
     row(&format!("weir, {} routes", args.routes), &many, Some(&nginx));
+    let plugged = median_result(&p_runs);
+    row("weir, key-auth+limit-count", &plugged, Some(&nginx));
     let (nginx_tls, weir_tls) = (median_result(&nt_runs), median_result(&wt_runs));
     row("nginx, HTTPS", &nginx_tls, Some(&nginx_tls));
     row("weir, HTTPS", &weir_tls, Some(&nginx_tls));
@@ -483,6 +499,10 @@ fn main() -> anyhow::Result<()> {
         println!("weir/nginx requests per core-second, 1 route: {:.2}x ({w:.1} vs {n:.1} us CPU per request)", n / w);
     }
     println!("{} routes vs 1 route: {:+.1}% throughput", args.routes, (many.rps / one.rps - 1.0) * 100.0);
+    println!("key-auth + limit-count vs plain weir: {:.2}x throughput", plugged.rps / one.rps);
+    if let (Some(p), Some(o)) = (plugged.cpu_us, one.cpu_us) {
+        println!("key-auth + limit-count vs plain weir: {:+.1}% CPU per request ({p:.1} vs {o:.1} us)", (p / o - 1.0) * 100.0);
+    }
     if let (Some(m), Some(o)) = (many.cpu_us, one.cpu_us) {
         println!("{} routes vs 1 route: {:+.1}% CPU per request", args.routes, (m / o - 1.0) * 100.0);
     }
