@@ -49,6 +49,7 @@ pub struct Timeout {
 pub struct Route {
     #[serde(default)]
     pub id: Id,
+    pub name: Option<String>,
     pub uri: Option<String>,
     pub uris: Option<Vec<String>>,
     #[serde(default)]

@@ -11,13 +11,18 @@ mod cors;
 mod ip_restriction;
 mod key_auth;
 mod limit_count;
+pub mod prometheus;
 mod proxy_rewrite;
 mod request_id;
 mod vars;
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
 
 use http::header::{HeaderName, HeaderValue};
 use serde_json::{Value, json};
@@ -85,6 +90,7 @@ pub struct RequestCtx<'a> {
     pub consumer: Option<Arc<Consumer>>,
     /// Added to the response by the pipeline (rate-limit quotas, say).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    pub notes: Notes,
 }
 
 impl RequestCtx<'_> {
@@ -112,8 +118,74 @@ impl RequestCtx<'_> {
     }
 }
 
+/// The phases a plugin has work in beyond the request's (`rewrite`, `access`): a pipeline
+/// skips the response and log phases when none of its plugins has them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Phases {
+    pub response: bool,
+    pub log: bool,
+}
+
+/// What plugins see of a response on its way to the client (`header_filter`, and
+/// `body_filter` for a plugin that replaces the whole body).
+pub struct ResponseCtx<'a> {
+    pub parts: &'a mut http::response::Parts,
+    /// When set, replaces the body (the upstream's is dropped, `Content-Length` recomputed).
+    pub body: &'a mut Option<Bytes>,
+    pub route_id: &'a str,
+    pub consumer: Option<&'a Consumer>,
+    pub notes: &'a mut Notes,
+}
+
+/// What the log phase is told of a request once its response has been sent.
+#[derive(Debug, Default, Clone)]
+pub struct LogRecord {
+    pub route_id: String,
+    pub route_name: String,
+    pub service_id: String,
+    /// The route's `uri` (its first, when it has `uris`) and `host` patterns.
+    pub matched_uri: String,
+    pub matched_host: String,
+    pub consumer: Option<String>,
+    /// The upstream node that answered (`host:port`), empty when none did.
+    pub node: String,
+    pub status: u16,
+    pub method: String,
+    /// The request URI as the client sent it.
+    pub uri: String,
+    pub host: String,
+    pub client_ip: String,
+    /// From the request's arrival to the end of the response.
+    pub request_time: Duration,
+    /// From sending upstream to the upstream's response head.
+    pub upstream_time: Option<Duration>,
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    pub started: Option<SystemTime>,
+}
+
+/// Per-request values a plugin leaves for its own later phases (by plugin name).
+#[derive(Default)]
+pub struct Notes(Vec<(&'static str, Box<dyn Any + Send>)>);
+
+impl Notes {
+    pub fn put<T: Any + Send>(&mut self, plugin: &'static str, value: T) {
+        self.0.retain(|(p, _)| *p != plugin);
+        self.0.push((plugin, Box::new(value)));
+    }
+
+    pub fn get<T: Any>(&self, plugin: &'static str) -> Option<&T> {
+        self.0.iter().find(|(p, _)| *p == plugin).and_then(|(_, v)| v.downcast_ref())
+    }
+}
+
 /// One plugin instance, configured. Phases do nothing unless a plugin has work there.
 pub trait Plugin: Send + Sync {
+    /// Which phases beyond the request's this plugin uses.
+    fn phases(&self) -> Phases {
+        Phases::default()
+    }
+
     fn rewrite(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
         Ok(())
     }
@@ -121,6 +193,12 @@ pub trait Plugin: Send + Sync {
     fn access(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
         Ok(())
     }
+
+    /// The response head (and, through `ctx.body`, a replacement body).
+    fn header_filter(&self, _ctx: &mut ResponseCtx<'_>) {}
+
+    /// The request is done: its response has been sent (or the client went away).
+    fn log(&self, _record: &LogRecord, _notes: &Notes) {}
 }
 
 /// A configured plugin in a route's pipeline, with what `_meta` says about it.
@@ -132,6 +210,51 @@ pub struct Instance {
     pub filter: Option<Expr>,
     /// `_meta.error_response`: replaces the body of any reply the plugin gives.
     pub error_response: Option<Value>,
+}
+
+/// The most plugins one pipeline holds: which of them a request ran is one bit each.
+pub const MAX_PLUGINS: usize = 64;
+
+/// A compiled pipeline: instances highest priority first, and the phases any of them has.
+#[derive(Default)]
+pub struct Pipeline {
+    pub instances: Vec<Instance>,
+    pub phases: Phases,
+}
+
+impl Pipeline {
+    fn new(mut instances: Vec<Instance>) -> Result<Pipeline, String> {
+        if instances.len() > MAX_PLUGINS {
+            return Err(format!("more than {MAX_PLUGINS} plugins in one pipeline"));
+        }
+        instances.sort_by_key(|i| std::cmp::Reverse(i.priority));
+        let mut phases = Phases::default();
+        for i in &instances {
+            let p = i.plugin.phases();
+            phases.response |= p.response;
+            phases.log |= p.log;
+        }
+        Ok(Pipeline { instances, phases })
+    }
+
+    /// Joins pipelines (the global rules') into one, in priority order.
+    pub fn join(parts: Vec<Pipeline>) -> Result<Pipeline, String> {
+        Pipeline::new(parts.into_iter().flat_map(|p| p.instances).collect())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+    }
+}
+
+/// Which instances of a pipeline a request ran (their `_meta.filter` held), one bit each.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Ran(u64);
+
+impl Ran {
+    fn has(self, i: usize) -> bool {
+        self.0 & (1 << i) != 0
+    }
 }
 
 struct Factory {
@@ -156,6 +279,7 @@ impl Default for Registry {
             ip_restriction::factory(),
             key_auth::factory(),
             limit_count::factory(),
+            prometheus::factory(),
             proxy_rewrite::factory(),
             request_id::factory(),
         ];
@@ -185,7 +309,7 @@ impl Registry {
         plugins: &serde_json::Map<String, Value>,
         scope: &str,
         cache: &mut InstanceCache,
-    ) -> Result<Vec<Instance>, String> {
+    ) -> Result<Pipeline, String> {
         let mut out = Vec::new();
         for (name, conf) in plugins {
             let Some(f) = self.factory(name) else { return Err(format!("unknown plugin [{name}]")) };
@@ -220,8 +344,7 @@ impl Registry {
                 error_response: meta.and_then(|m| m.get("error_response")).cloned(),
             });
         }
-        out.sort_by_key(|i| std::cmp::Reverse(i.priority));
-        Ok(out)
+        Pipeline::new(out)
     }
 }
 
@@ -272,19 +395,18 @@ impl PluginCatalog for Registry {
 }
 
 /// Runs the request phases of `pipeline`: every `rewrite`, then every `access`. Stops at the
-/// first reply.
-pub fn run_request(pipeline: &[Instance], ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+/// first reply. Either way, says which plugins ran, for the later phases.
+pub fn run_request(pipeline: &Pipeline, ctx: &mut RequestCtx<'_>) -> (Ran, Result<(), Reply>) {
     // `_meta.filter` is decided once per plugin, before any plugin has changed the request.
-    let runs: Vec<bool> = pipeline
-        .iter()
-        .map(|i| match &i.filter {
-            None => true,
-            Some(f) => f.eval(&FilterVars(ctx)),
-        })
-        .collect();
+    let mut ran = Ran(0);
+    for (n, i) in pipeline.instances.iter().enumerate() {
+        if i.filter.as_ref().is_none_or(|f| f.eval(&FilterVars(ctx))) {
+            ran.0 |= 1 << n;
+        }
+    }
     for phase in [Phase::Rewrite, Phase::Access] {
-        for (i, run) in pipeline.iter().zip(&runs) {
-            if !run {
+        for (n, i) in pipeline.instances.iter().enumerate() {
+            if !ran.has(n) {
                 continue;
             }
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
@@ -297,16 +419,47 @@ pub fn run_request(pipeline: &[Instance], ctx: &mut RequestCtx<'_>) -> Result<()
                     if let Some(custom) = &i.error_response {
                         reply.body = Some(custom.clone());
                     }
-                    return Err(reply);
+                    return (ran, Err(reply));
                 }
                 Err(_) => {
                     tracing::error!(plugin = i.name, route = ctx.route_id, "plugin panicked; the request fails with 500");
-                    return Err(Reply::new(500, None));
+                    return (ran, Err(Reply::new(500, None)));
                 }
             }
         }
     }
-    Ok(())
+    (ran, Ok(()))
+}
+
+/// Runs `header_filter` of the plugins that ran on the request. A panic is logged and the
+/// response goes on as the other plugins leave it.
+pub fn run_response(pipeline: &Pipeline, ran: Ran, ctx: &mut ResponseCtx<'_>) {
+    if !pipeline.phases.response {
+        return;
+    }
+    for (n, i) in pipeline.instances.iter().enumerate() {
+        if ran.has(n) && i.plugin.phases().response {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| i.plugin.header_filter(ctx)));
+            if result.is_err() {
+                tracing::error!(plugin = i.name, route = ctx.route_id, "plugin panicked in header_filter");
+            }
+        }
+    }
+}
+
+/// Runs `log` of the plugins that ran on the request.
+pub fn run_log(pipeline: &Pipeline, ran: Ran, record: &LogRecord, notes: &Notes) {
+    if !pipeline.phases.log {
+        return;
+    }
+    for (n, i) in pipeline.instances.iter().enumerate() {
+        if ran.has(n) && i.plugin.phases().log {
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| i.plugin.log(record, notes)));
+            if result.is_err() {
+                tracing::error!(plugin = i.name, route = %record.route_id, "plugin panicked in log");
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -345,7 +498,7 @@ mod tests {
         Instance { name: "test", priority: 0, plugin, filter: None, error_response }
     }
 
-    fn run(pipeline: &[Instance]) -> Result<(), Reply> {
+    fn run(pipeline: Vec<Instance>) -> Result<(), Reply> {
         let (mut parts, ()) = http::Request::new(()).into_parts();
         let consumers = Consumers::default();
         let mut ctx = RequestCtx {
@@ -357,16 +510,17 @@ mod tests {
             consumers: &consumers,
             consumer: None,
             response_headers: Vec::new(),
+            notes: Notes::default(),
         };
-        run_request(pipeline, &mut ctx)
+        run_request(&Pipeline::new(pipeline).unwrap(), &mut ctx).1
     }
 
     #[test]
     fn a_panic_is_a_500_and_error_response_replaces_bodies() {
-        assert_eq!(run(&[instance(Arc::new(Panics), None)]), Err(Reply::new(500, None)));
-        assert_eq!(run(&[instance(Arc::new(Refuses), None)]), Err(Reply::new(403, Some(json!({"message": "no"})))));
+        assert_eq!(run(vec![instance(Arc::new(Panics), None)]), Err(Reply::new(500, None)));
+        assert_eq!(run(vec![instance(Arc::new(Refuses), None)]), Err(Reply::new(403, Some(json!({"message": "no"})))));
         let custom = json!({"message": "custom"});
-        assert_eq!(run(&[instance(Arc::new(Refuses), Some(custom.clone()))]), Err(Reply::new(403, Some(custom))));
+        assert_eq!(run(vec![instance(Arc::new(Refuses), Some(custom.clone()))]), Err(Reply::new(403, Some(custom))));
     }
 
     #[test]
@@ -378,7 +532,7 @@ mod tests {
             "key-auth": {"_meta": {"priority": 1}},
         });
         let p = registry.pipeline(plugins.as_object().unwrap(), "route:r", &mut cache).unwrap();
-        assert_eq!(p.iter().map(|i| (i.name, i.priority)).collect::<Vec<_>>(), vec![("limit-count", 1002), ("key-auth", 1)]);
+        assert_eq!(p.instances.iter().map(|i| (i.name, i.priority)).collect::<Vec<_>>(), vec![("limit-count", 1002), ("key-auth", 1)]);
         let disabled = json!({"key-auth": {"_meta": {"disable": true}}});
         assert!(registry.pipeline(disabled.as_object().unwrap(), "route:r", &mut cache).unwrap().is_empty());
         let unknown = json!({"nope": {}});

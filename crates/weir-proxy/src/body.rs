@@ -54,6 +54,22 @@ pub struct RespBody(Kind);
 enum Kind {
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
+    Watched(Box<Watched>),
+}
+
+/// A body whose end (or abandonment) someone waits for, with the bytes it carried.
+struct Watched {
+    inner: RespBody,
+    sent: u64,
+    on_end: Option<Box<dyn FnOnce(u64) + Send>>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(f) = self.on_end.take() {
+            f(self.sent);
+        }
+    }
 }
 
 impl RespBody {
@@ -74,6 +90,12 @@ impl RespBody {
             body.release();
         }
         RespBody(Kind::Upstream(body))
+    }
+
+    /// Calls `f` with the number of body bytes sent once the body is done with: read to its
+    /// end, failed, or dropped because the client went away.
+    pub fn on_end(self, f: impl FnOnce(u64) + Send + 'static) -> RespBody {
+        RespBody(Kind::Watched(Box::new(Watched { inner: self, sent: 0, on_end: Some(Box::new(f)) })))
     }
 }
 
@@ -106,6 +128,13 @@ impl Body for RespBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().0 {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Watched(w) => {
+                let frame = ready!(Pin::new(&mut w.inner).poll_frame(cx));
+                if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                    w.sent += data.map_or(0, |d| d.len() as u64);
+                }
+                Poll::Ready(frame)
+            }
             Kind::Upstream(u) => match Pin::new(&mut u.inner).poll_frame(cx) {
                 Poll::Ready(frame) => {
                     if let Some(s) = u.sleep.as_mut() {
@@ -135,6 +164,7 @@ impl Body for RespBody {
         match &self.0 {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(u) => u.inner.is_end_stream(),
+            Kind::Watched(w) => w.inner.is_end_stream(),
         }
     }
 
@@ -143,6 +173,7 @@ impl Body for RespBody {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(u) => u.inner.size_hint(),
+            Kind::Watched(w) => w.inner.size_hint(),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod balancer;
 pub mod body;
+pub mod exporter;
 pub mod health;
 pub mod pool;
 pub mod proxy;

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -16,14 +17,15 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use weir_core::expr::Vars;
 use weir_core::text::interpolate;
-use weir_plugins::{Reply, RequestCtx, RequestVars, run_request};
+use weir_plugins::prometheus::COUNTERS;
+use weir_plugins::{Consumers, LogRecord, Notes, Pipeline, Ran, Reply, RequestCtx, RequestVars, ResponseCtx, run_log, run_request, run_response};
 
 use crate::balancer::{InFlight, hash32};
 use crate::body::{ReqBody, RespBody};
 use crate::health::Outcome;
 use crate::pool::{self, Conn, ConnectError};
 use crate::router::RequestFacts;
-use crate::snapshot::{HashOn, NodeRt, PassHost, Snapshot, Timeouts, UpstreamRt};
+use crate::snapshot::{HashOn, NodeRt, PassHost, RouteRt, Snapshot, Timeouts, UpstreamRt};
 
 /// Facts about the client connection a request arrived on, with the header values derived
 /// from them computed once per connection rather than once per request.
@@ -146,9 +148,10 @@ impl Proxy {
     }
 
     pub async fn handle(&self, conn: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
+        COUNTERS.requests.fetch_add(1, Ordering::Relaxed);
         // A guard, not a clone: the snapshot is only needed until the route and its plugins ran.
         let snapshot = self.snapshot.load();
-        let (mut parts, body) = req.into_parts();
+        let (parts, body) = req.into_parts();
         let raw_host = parts
             .headers
             .get(header::HOST)
@@ -167,31 +170,107 @@ impl Proxy {
             snapshot.find(&facts).cloned()
         };
         let Some(route) = route else { return not_found() };
-        // Plugins: the global rules', then the route's. Either may answer the request.
-        let mut plugin_headers = Vec::new();
-        let mut consumer = None;
-        if !route.plugins.is_empty() || !snapshot.global.is_empty() {
-            let mut ctx = RequestCtx {
-                parts: &mut parts,
-                remote: conn.remote,
-                local: conn.local,
-                scheme: conn.scheme,
-                route_id: &route.id,
-                consumers: &snapshot.consumers,
-                consumer: None,
-                response_headers: Vec::new(),
-            };
-            let outcome = run_request(&snapshot.global, &mut ctx).and_then(|()| run_request(&route.plugins, &mut ctx));
-            plugin_headers = std::mem::take(&mut ctx.response_headers);
-            consumer = ctx.consumer.take();
-            if let Err(reply) = outcome {
+        if route.plugins.is_empty() && snapshot.global.is_empty() {
+            drop(snapshot);
+            return self.to_upstream(&route, parts, body, conn, None, None).await;
+        }
+        let global = snapshot.global.clone();
+        let consumers = snapshot.consumers.clone();
+        drop(snapshot);
+        self.with_plugins(route, global, &consumers, parts, body, conn).await
+    }
+
+    /// A request whose route or global rules have plugins: the request phases (global rules'
+    /// first), then the upstream unless a plugin answered, then the response phases, and the
+    /// log phase once the response has been sent.
+    async fn with_plugins(
+        &self,
+        route: Arc<RouteRt>,
+        global: Arc<Pipeline>,
+        consumers: &Consumers,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        conn: &ConnInfo,
+    ) -> Response<RespBody> {
+        let logged = global.phases.log || route.plugins.phases.log;
+        let mut record = logged.then(|| log_record(&route, &parts, conn));
+        let mut ctx = RequestCtx {
+            parts: &mut parts,
+            remote: conn.remote,
+            local: conn.local,
+            scheme: conn.scheme,
+            route_id: &route.id,
+            consumers,
+            consumer: None,
+            response_headers: Vec::new(),
+            notes: Notes::default(),
+        };
+        let (ran_global, outcome) = run_request(&global, &mut ctx);
+        let (ran_route, outcome) = match outcome {
+            Ok(()) => run_request(&route.plugins, &mut ctx),
+            Err(reply) => (Ran::default(), Err(reply)),
+        };
+        let plugin_headers = std::mem::take(&mut ctx.response_headers);
+        let consumer = ctx.consumer.take();
+        let mut notes = std::mem::take(&mut ctx.notes);
+        let resp = match outcome {
+            Err(reply) => {
                 // The replying plugin ran last: its headers win over earlier plugins'.
                 let Reply { status, body, headers } = reply;
-                let resp = with_headers(plugin_reply(status, body), plugin_headers);
-                return with_headers(resp, headers);
+                with_headers(with_headers(plugin_reply(status, body), plugin_headers), headers)
             }
-        }
-        drop(snapshot);
+            Ok(()) => {
+                let served = record.as_mut().map(|r| &mut r.served);
+                let resp = self.to_upstream(&route, parts, body, conn, consumer.as_deref().map(|c| c.username.as_str()), served).await;
+                with_headers(resp, plugin_headers)
+            }
+        };
+        let resp = if global.phases.response || route.plugins.phases.response {
+            let (mut head, body) = resp.into_parts();
+            let mut replaced = None;
+            let mut rctx = ResponseCtx {
+                parts: &mut head,
+                body: &mut replaced,
+                route_id: &route.id,
+                consumer: consumer.as_deref(),
+                notes: &mut notes,
+            };
+            run_response(&global, ran_global, &mut rctx);
+            run_response(&route.plugins, ran_route, &mut rctx);
+            match replaced {
+                Some(b) => {
+                    head.headers.remove(header::CONTENT_LENGTH);
+                    Response::from_parts(head, RespBody::full(b))
+                }
+                None => Response::from_parts(head, body),
+            }
+        } else {
+            resp
+        };
+        let Some(mut pending) = record else { return resp };
+        pending.record.status = resp.status().as_u16();
+        pending.record.consumer = consumer.map(|c| c.username.clone());
+        pending.head_bytes = 17 + resp.headers().iter().map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64).sum::<u64>();
+        resp.map(|body| {
+            body.on_end(move |sent| {
+                let record = pending.finish(sent);
+                run_log(&global, ran_global, &record, &notes);
+                run_log(&route.plugins, ran_route, &record, &notes);
+            })
+        })
+    }
+
+    /// Forwards to the route's upstream, after the plugins (if any) let the request through.
+    /// `served` (when the log phase needs it) learns which node answered and how fast.
+    async fn to_upstream(
+        &self,
+        route: &RouteRt,
+        mut parts: http::request::Parts,
+        body: Incoming,
+        conn: &ConnInfo,
+        consumer: Option<&str>,
+        served: Option<&mut Served>,
+    ) -> Response<RespBody> {
         let Some(upstream) = route.upstream.as_ref() else {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -201,7 +280,7 @@ impl Proxy {
         let hash = upstream.hash_on.as_ref().map_or(0, |on| {
             let raw_host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| parts.uri.host());
             let host = raw_host.map(normalize_host);
-            hash_key(on, &request_vars(&parts, host.as_deref(), conn), consumer.as_deref().map(|c| c.username.as_str()))
+            hash_key(on, &request_vars(&parts, host.as_deref(), conn), consumer)
         });
         let original_host = match parts.headers.get(header::HOST) {
             Some(h) => Some(h.clone()),
@@ -241,8 +320,64 @@ impl Proxy {
             parts.headers.insert(header::HOST, h.clone());
         }
         let req = Request::from_parts(parts, ReqBody::Incoming(body));
-        let resp = forward(upstream, route.timeouts, hash, req, upgrade).await;
-        with_headers(resp, plugin_headers)
+        forward(upstream, route.timeouts, hash, req, upgrade, served).await
+    }
+}
+
+/// What the log phase learns of the upstream exchange.
+#[derive(Default)]
+struct Served {
+    node: Option<Arc<str>>,
+    upstream_time: Option<std::time::Duration>,
+}
+
+/// A log record in the making: what is known when the request arrives, completed when the
+/// response has been sent.
+struct PendingLog {
+    record: LogRecord,
+    served: Served,
+    started: Instant,
+    /// The response head as sent, roughly: status line and headers.
+    head_bytes: u64,
+}
+
+impl PendingLog {
+    fn finish(&mut self, body_bytes: u64) -> LogRecord {
+        let mut r = std::mem::take(&mut self.record);
+        r.node = self.served.node.as_deref().unwrap_or("").to_string();
+        r.upstream_time = self.served.upstream_time;
+        r.request_time = self.started.elapsed();
+        r.response_bytes = self.head_bytes + body_bytes;
+        r
+    }
+}
+
+fn log_record(route: &RouteRt, parts: &http::request::Parts, conn: &ConnInfo) -> PendingLog {
+    let headers: u64 = parts.headers.iter().map(|(k, v)| (k.as_str().len() + v.len() + 4) as u64).sum();
+    let body = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let uri = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    PendingLog {
+        record: LogRecord {
+            route_id: route.id.clone(),
+            route_name: route.name.clone(),
+            service_id: route.service_id.clone(),
+            matched_uri: route.matched_uri.clone(),
+            matched_host: route.matched_host.clone(),
+            method: parts.method.to_string(),
+            uri: uri.to_string(),
+            host: parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string(),
+            client_ip: conn.remote.ip().to_string(),
+            request_bytes: parts.method.as_str().len() as u64 + uri.len() as u64 + 12 + headers + 2 + body,
+            started: Some(std::time::SystemTime::now()),
+            ..LogRecord::default()
+        },
+        served: Served::default(),
+        started: Instant::now(),
+        head_bytes: 0,
     }
 }
 
@@ -338,6 +473,7 @@ async fn forward(
     hash: u32,
     req: Request<ReqBody>,
     mut upgrade: Option<OnUpgrade>,
+    mut served: Option<&mut Served>,
 ) -> Response<RespBody> {
     // Only read the clock when a retry budget needs it.
     let started = upstream.retry_timeout.map(|_| Instant::now());
@@ -366,9 +502,14 @@ async fn forward(
         if upstream.transport.h2 {
             for_h2(&mut this, upstream.transport.tls.is_some());
         }
+        let sent_at = served.is_some().then(Instant::now);
         match send(node, upstream, &timeouts, this).await {
             Ok((resp, conn)) => {
                 let status = resp.status().as_u16();
+                if let (Some(s), Some(at)) = (served.as_deref_mut(), sent_at) {
+                    s.node = Some(node.authority.clone());
+                    s.upstream_time = Some(at.elapsed());
+                }
                 if let Some((_, sent)) = &in_flight {
                     node.load.observe(sent.elapsed().as_secs_f64());
                 }

@@ -7,6 +7,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -19,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
 use crate::proxy::{ConnInfo, Proxy};
+use weir_plugins::prometheus::COUNTERS;
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -91,6 +93,8 @@ async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
                 continue;
             }
         };
+        COUNTERS.accepted.fetch_add(1, Ordering::Relaxed);
+        COUNTERS.handled.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
         if !tls {
@@ -132,6 +136,8 @@ async fn serve<I>(io: TokioIo<I>, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    COUNTERS.active.fetch_add(1, Ordering::Relaxed);
+    let _active = Active;
     let service = service_fn(move |req| {
         let proxy = proxy.clone();
         let info = info.clone();
@@ -142,5 +148,14 @@ where
     let builder = auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// Counts a client connection as active while it lives.
+struct Active;
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        COUNTERS.active.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -12,7 +12,7 @@ use http::HeaderValue;
 use weir_core::expr::Expr;
 use rustls::ServerConfig;
 use weir_core::model::{self, Ssl, Timeout, Upstream};
-use weir_plugins::{Consumers, Instance, InstanceCache, Registry};
+use weir_plugins::{Consumers, InstanceCache, Pipeline, Registry};
 use weir_tls::{Keyring, SniTable};
 
 use crate::balancer::{Balancer, NodeLoad};
@@ -36,7 +36,7 @@ pub struct Snapshot {
     /// Server certificates by SNI, for the TLS listeners.
     pub tls: Arc<SniTable>,
     /// Plugins of the global rules, run for every matched request before the route's.
-    pub global: Arc<Vec<Instance>>,
+    pub global: Arc<Pipeline>,
     /// Consumers by credential, for the auth plugins.
     pub consumers: Arc<Consumers>,
 }
@@ -104,7 +104,12 @@ pub struct RouteRt {
     /// Store revision that created the route: older routes win priority ties.
     pub created: i64,
     /// Its plugins (service's, plugin config's and its own, merged), highest priority first.
-    pub plugins: Vec<Instance>,
+    pub plugins: Pipeline,
+    /// What the log phase reports of it: its service and its `uri` and `host` patterns.
+    pub service_id: String,
+    pub name: String,
+    pub matched_uri: String,
+    pub matched_host: String,
     /// `None` when the route names no upstream (or a missing one): requests get a 503.
     pub upstream: Option<Arc<UpstreamRt>>,
     pub timeouts: Timeouts,
@@ -380,16 +385,18 @@ type UpstreamCache<K> = HashMap<(Source, K), Arc<UpstreamRt>>;
 
 /// The plugins of every global rule, in one pipeline. A rule whose plugins cannot run is
 /// logged and left out.
-fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Vec<Instance> {
+fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Pipeline {
     let mut all = Vec::new();
     for (id, rule) in &state.global_rules {
         match ctx.registry.pipeline(&rule.plugins, &format!("global:{id}"), ctx.instances) {
-            Ok(p) => all.extend(p),
+            Ok(p) => all.push(p),
             Err(e) => tracing::warn!(global_rule = %id, error = %e, "global rule has plugins that cannot run; skipped"),
         }
     }
-    all.sort_by_key(|i| std::cmp::Reverse(i.priority));
-    all
+    Pipeline::join(all).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "global rules have too many plugins; none run");
+        Pipeline::default()
+    })
 }
 
 /// Consumers by the credentials they and their credential objects hold.
@@ -671,21 +678,27 @@ fn route_spec<'s>(
             return None;
         }
     };
+    let paths: Vec<String> = route.paths().into_iter().map(str::to_string).collect();
+    let matched_host = hosts.as_ref().and_then(|h: &Vec<String>| h.first().cloned()).unwrap_or_default();
     Some(RouteSpec {
-        paths: route.paths().into_iter().map(str::to_string).collect(),
+        value: Arc::new(RouteRt {
+            id: id.to_string(),
+            created: entry.created,
+            plugins,
+            service_id: route.service_id.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            name: route.name.clone().unwrap_or_default(),
+            matched_uri: paths.first().cloned().unwrap_or_default(),
+            matched_host,
+            upstream,
+            timeouts,
+            websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
+        }),
+        paths,
         hosts,
         methods: route.methods.clone(),
         remote_addrs,
         vars,
         priority: route.priority,
-        value: Arc::new(RouteRt {
-            id: id.to_string(),
-            created: entry.created,
-            plugins,
-            upstream,
-            timeouts,
-            websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
-        }),
     })
 }
 

@@ -13,6 +13,43 @@ pub struct Config {
     pub admin: AdminConfig,
     pub store: StoreConfig,
     pub data_encryption: DataEncryption,
+    pub plugin_attr: PluginAttr,
+}
+
+/// Plugin-wide settings of the process, as APISIX's `plugin_attr`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginAttr {
+    pub prometheus: PrometheusAttr,
+}
+
+/// Where the metrics of the `prometheus` plugin are served.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrometheusAttr {
+    pub export_uri: String,
+    /// With `false`, no metrics listener is opened.
+    pub enable_export_server: bool,
+    pub export_addr: ExportAddr,
+}
+
+impl Default for PrometheusAttr {
+    fn default() -> Self {
+        PrometheusAttr { export_uri: "/apisix/prometheus/metrics".into(), enable_export_server: true, export_addr: ExportAddr::default() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExportAddr {
+    pub ip: std::net::IpAddr,
+    pub port: u16,
+}
+
+impl Default for ExportAddr {
+    fn default() -> Self {
+        ExportAddr { ip: std::net::Ipv4Addr::LOCALHOST.into(), port: 9091 }
+    }
 }
 
 /// Secrets that seal private keys in the store. The first seals; all are tried when opening,

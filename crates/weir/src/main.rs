@@ -188,6 +188,13 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding admin listener {}", cfg.admin.listen))?;
         let admin_addr = admin_listener.local_addr()?;
+        let prom = &cfg.plugin_attr.prometheus;
+        if prom.enable_export_server {
+            let addr = std::net::SocketAddr::new(prom.export_addr.ip, prom.export_addr.port);
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding prometheus export listener {addr}"))?;
+            println!("weir: prometheus metrics on http://{}{}", l.local_addr()?, prom.export_uri);
+            tokio::spawn(weir_proxy::exporter::serve(l, prom.export_uri.clone()));
+        }
         let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: cfg.store.prefix.clone() });
         let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, plugins, keyring).with_control(control));
         tokio::spawn(weir_admin::serve(admin_listener, admin));

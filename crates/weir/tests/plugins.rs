@@ -200,3 +200,76 @@ async fn rewrite_restriction_cors_and_request_id() {
     assert_eq!(s, 400, "{b}");
     assert!(b["error_msg"].as_str().unwrap().contains("invalid regex_uri"), "{b}");
 }
+
+/// Polls the metrics page until `check` holds for it.
+async fn metrics_until(w: &Weir, check: impl Fn(&str) -> bool) -> String {
+    let addr = w.metrics.expect("the exporter listens");
+    let mut last = String::new();
+    for _ in 0..100 {
+        let r = common::send(addr, "GET", "/apisix/prometheus/metrics", &[], None).await;
+        assert_eq!(r.status, 200);
+        last = r.text();
+        if check(&last) {
+            return last;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("metrics never got there:\n{last}");
+}
+
+#[tokio::test]
+async fn prometheus_metrics_with_apisix_names_parse_with_promtool() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    let node = up.node();
+    put(&w, "/services/s1", json!({"upstream": {"nodes": {node.clone(): 1}}})).await;
+    put(&w, "/routes/p", json!({"uri": "/p*", "host": "p.test", "service_id": "s1", "plugins": {"prometheus": {}}})).await;
+    put(&w, "/routes/named", json!({"uri": "/named", "name": "the-named-route", "plugins": {"prometheus": {"prefer_name": true}, "key-auth": {}}, "upstream": {"nodes": {node.clone(): 1}}})).await;
+    w.until("/p/1", &[("host", "p.test")], |r| r.status == 200).await;
+    for _ in 0..2 {
+        assert_eq!(w.get("/p/2", &[("host", "p.test")]).await.status, 200);
+    }
+    // A plugin's own reply is counted too, under the route's name with `prefer_name`.
+    assert_eq!(w.get("/named", &[]).await.status, 401);
+
+    let ok = format!("apisix_http_status{{code=\"200\",route=\"p\",matched_uri=\"/p*\",matched_host=\"p.test\",service=\"s1\",consumer=\"\",node=\"{node}\"}} 3");
+    let refused = "apisix_http_status{code=\"401\",route=\"the-named-route\",matched_uri=\"/named\",matched_host=\"\",service=\"\",consumer=\"\",node=\"\"} 1";
+    let text = metrics_until(&w, |t| t.contains(&ok) && t.contains(refused)).await;
+    let latency = format!("apisix_http_latency_count{{type=\"upstream\",route=\"p\",service=\"s1\",consumer=\"\",node=\"{node}\"}} 3");
+    assert!(text.contains(&latency), "{text}");
+    let inf = format!("apisix_http_latency_bucket{{type=\"request\",route=\"p\",service=\"s1\",consumer=\"\",node=\"{node}\",le=\"+Inf\"}} 3");
+    assert!(text.contains(&inf), "{text}");
+    let egress = format!("apisix_bandwidth{{type=\"egress\",route=\"p\",service=\"s1\",consumer=\"\",node=\"{node}\"}} ");
+    let bytes: u64 = text.lines().find_map(|l| l.strip_prefix(&egress)).expect("egress counted").parse().unwrap();
+    assert!(bytes > 3 * 100, "three responses with their heads: {bytes}");
+    assert!(text.contains("apisix_nginx_http_current_connections{state=\"accepted\"}"), "{text}");
+    let requests: u64 = text.lines().find_map(|l| l.strip_prefix("apisix_http_requests_total ")).unwrap().parse().unwrap();
+    assert!(requests >= 4, "{requests}");
+
+    // promtool parses the page. Its only complaints are lints about APISIX's own metric names
+    // and types, which are kept as they are for dashboards written against APISIX.
+    let mut promtool = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (Debian package prometheus)");
+    use std::io::Write as _;
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_ne!(out.status.code(), Some(1), "promtool could not parse the page: {said}\n{text}");
+    let complaints: Vec<&str> = said.lines().filter(|l| !l.trim().is_empty()).collect();
+    let expected = [
+        "apisix_http_status counter metrics should have \"_total\" suffix",
+        "apisix_bandwidth counter metrics should have \"_total\" suffix",
+        "apisix_http_requests_total non-counter metrics should not have \"_total\" suffix",
+    ];
+    for c in &complaints {
+        assert!(expected.contains(&c.trim()), "unexpected promtool finding: {c}\n{text}");
+    }
+
+    let r = common::send(w.metrics.unwrap(), "GET", "/other", &[], None).await;
+    assert_eq!(r.status, 404);
+}

@@ -273,7 +273,7 @@ async fn generated_admin_key_and_env_override() {
     let data = dir.path().join("data");
     std::fs::write(
         &cfg,
-        format!("proxy:\n  listen: [\"127.0.0.1:0\"]\nadmin:\n  listen: \"127.0.0.1:0\"\nstore:\n  path: \"{}\"\n", data.display()),
+        format!("proxy:\n  listen: [\"127.0.0.1:0\"]\nadmin:\n  listen: \"127.0.0.1:0\"\nstore:\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    enable_export_server: false\n", data.display()),
     )
     .unwrap();
     let w = Weir::spawn(dir, &cfg, &[]);

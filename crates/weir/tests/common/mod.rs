@@ -28,6 +28,8 @@ pub struct Weir {
     /// The TLS listener, when started with one.
     pub tls: Option<SocketAddr>,
     pub admin: SocketAddr,
+    /// The Prometheus exporter, when it listens.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Weir {
@@ -52,7 +54,7 @@ impl Weir {
         std::fs::write(
             &cfg,
             format!(
-                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\n{extra_proxy}admin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\n{extra_admin}store:\n  type: embedded\n  path: \"{}\"\n",
+                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\n{extra_proxy}admin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\n{extra_admin}store:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\n",
                 store.display()
             ),
         )
@@ -69,7 +71,7 @@ impl Weir {
         }
         let mut child = cmd.spawn().expect("weir starts");
         let out = BufReader::new(child.stdout.take().unwrap());
-        let (mut proxy, mut tls, mut admin) = (None, None, None);
+        let (mut proxy, mut tls, mut admin, mut metrics) = (None, None, None, None);
         for line in out.lines() {
             let line = line.unwrap();
             if let Some(a) = line.strip_prefix("weir: proxy listening on http://") {
@@ -78,12 +80,15 @@ impl Weir {
             if let Some(a) = line.strip_prefix("weir: proxy listening on https://") {
                 tls = Some(a.parse().unwrap());
             }
+            if let Some(a) = line.strip_prefix("weir: prometheus metrics on http://") {
+                metrics = a.split_once('/').and_then(|(addr, _)| addr.parse().ok());
+            }
             if let Some(a) = line.strip_prefix("weir: admin listening on http://") {
                 admin = Some(a.parse().unwrap());
                 break;
             }
         }
-        Weir { child, dir, proxy: proxy.expect("proxy address printed"), tls, admin: admin.expect("admin address printed") }
+        Weir { child, dir, proxy: proxy.expect("proxy address printed"), tls, admin: admin.expect("admin address printed"), metrics }
     }
 
     pub fn data_dir(&self) -> PathBuf {
