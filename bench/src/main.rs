@@ -5,7 +5,7 @@
 //! other. Every row is measured the same way, so the ratios compare like with like.
 //!
 //! Rows: the origin served directly (the ceiling), nginx as a reverse proxy, Weir with one route,
-//! Weir with 10,000 routes, Weir with key-auth and limit-count on the route, both proxies over HTTPS (wrk, keep-alive) and over HTTP/2 with TLS
+//! Weir with 10,000 routes, Weir with key-auth, limit-count and prometheus on the route, both proxies over HTTPS (wrk, keep-alive) and over HTTP/2 with TLS
 //! (h2load, 10 streams per connection), and the time from an Admin API PUT to the first request
 //! served by the new route.
 
@@ -284,7 +284,7 @@ impl Weir {
         std::fs::write(
             &cfg,
             format!(
-                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  tls_listen: [\"127.0.0.1:{}\"]\n  tls_fallback_sni: {TLS_NAME}\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\n",
+                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  tls_listen: [\"127.0.0.1:{}\"]\n  tls_fallback_sni: {TLS_NAME}\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    enable_export_server: false\n",
                 port + TLS_OFFSET,
                 dir.join("data").display()
             ),
@@ -430,12 +430,12 @@ fn main() -> anyhow::Result<()> {
         "snis": [TLS_NAME],
     });
     small.put("ssls/bench", &ssl.to_string())?;
-    // The plugin row: key-auth and a local limit-count high enough never to refuse.
+    // The plugin row: key-auth, a local limit-count high enough never to refuse, and prometheus.
     small.put("consumers/bench", "{\"username\":\"bench\",\"plugins\":{\"key-auth\":{\"key\":\"bench-key\"}}}")?;
     small.put(
         "routes/plugins",
         "{\"uri\":\"/plug/*\",\"upstream_id\":\"origin\",\"plugins\":{\"key-auth\":{},\
-         \"limit-count\":{\"count\":1000000000,\"time_window\":60}}}",
+         \"limit-count\":{\"count\":1000000000,\"time_window\":60},\"prometheus\":{}}}",
     )?;
 
     let (p50, p99) = large.put_to_live(args.changes, "small")?;
@@ -485,7 +485,7 @@ fn main() -> anyhow::Result<()> {
     row("weir, 1 route", &one, Some(&nginx));
     row(&format!("weir, {} routes", args.routes), &many, Some(&nginx));
     let plugged = median_result(&p_runs);
-    row("weir, key-auth+limit-count", &plugged, Some(&nginx));
+    row("weir, key-auth+limit-count+prometheus", &plugged, Some(&nginx));
     let (nginx_tls, weir_tls) = (median_result(&nt_runs), median_result(&wt_runs));
     row("nginx, HTTPS", &nginx_tls, Some(&nginx_tls));
     row("weir, HTTPS", &weir_tls, Some(&nginx_tls));
@@ -499,9 +499,9 @@ fn main() -> anyhow::Result<()> {
         println!("weir/nginx requests per core-second, 1 route: {:.2}x ({w:.1} vs {n:.1} us CPU per request)", n / w);
     }
     println!("{} routes vs 1 route: {:+.1}% throughput", args.routes, (many.rps / one.rps - 1.0) * 100.0);
-    println!("key-auth + limit-count vs plain weir: {:.2}x throughput", plugged.rps / one.rps);
+    println!("key-auth + limit-count + prometheus vs plain weir: {:.2}x throughput", plugged.rps / one.rps);
     if let (Some(p), Some(o)) = (plugged.cpu_us, one.cpu_us) {
-        println!("key-auth + limit-count vs plain weir: {:+.1}% CPU per request ({p:.1} vs {o:.1} us)", (p / o - 1.0) * 100.0);
+        println!("key-auth + limit-count + prometheus vs plain weir: {:+.1}% CPU per request ({p:.1} vs {o:.1} us)", (p / o - 1.0) * 100.0);
     }
     if let (Some(m), Some(o)) = (many.cpu_us, one.cpu_us) {
         println!("{} routes vs 1 route: {:+.1}% CPU per request", args.routes, (m / o - 1.0) * 100.0);

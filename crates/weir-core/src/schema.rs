@@ -288,6 +288,12 @@ pub trait PluginCatalog: Send + Sync {
         Ok(())
     }
 
+    /// Checks a consumer's (or credential's) config of an auth plugin beyond its schema: a
+    /// public key that does not parse, say.
+    fn check_consumer_config(&self, _name: &str, _conf: &Value) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The schema of `_meta`, which every plugin config may carry.
     fn meta_schema(&self) -> Value {
         json!({"type": "object"})
@@ -359,11 +365,11 @@ pub fn check(resource: Resource, value: &Value, plugins: &dyn PluginCatalog) -> 
             };
             let before = errors.len();
             check(schema, &plain, "", &mut errors);
-            if errors.len() == before
-                && !on_consumer
-                && let Err(e) = plugins.check_config(name, &plain)
-            {
-                errors.push(format!("failed to check the configuration of plugin {name}: {e}"));
+            if errors.len() == before {
+                let checked = if on_consumer { plugins.check_consumer_config(name, &plain) } else { plugins.check_config(name, &plain) };
+                if let Err(e) = checked {
+                    errors.push(format!("failed to check the configuration of plugin {name}: {e}"));
+                }
             }
             if let Some(meta) = &meta {
                 check(&meta_schema, meta, " (_meta)", &mut errors);

@@ -24,6 +24,7 @@ pub(crate) fn factory() -> Factory {
             "allow_origins_by_regex": {"type": "array", "minItems": 1, "uniqueItems": true, "items": {"type": "string", "minLength": 1}}
         }}),
         consumer_schema: None,
+        credential: None,
         build: |conf, _| build(conf).map(|c| Arc::new(c) as Arc<dyn Plugin>),
     }
 }

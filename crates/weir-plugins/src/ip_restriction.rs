@@ -19,6 +19,7 @@ pub(crate) fn factory() -> Factory {
             "whitelist": list, "blacklist": list
         }, "oneOf": [{"required": ["whitelist"]}, {"required": ["blacklist"]}]}),
         consumer_schema: None,
+        credential: None,
         build: |conf, _| {
             let nets = |k: &str| -> Result<Option<Vec<IpNet>>, String> {
                 conf.get(k)

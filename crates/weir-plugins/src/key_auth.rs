@@ -7,7 +7,7 @@ use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 pub(crate) fn factory() -> Factory {
     Factory {
@@ -21,6 +21,10 @@ pub(crate) fn factory() -> Factory {
             "anonymous_consumer": {"type": "string", "minLength": 1}
         }}),
         consumer_schema: Some(json!({"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]})),
+        credential: Some(|conf| {
+            let key = conf.get("key").and_then(serde_json::Value::as_str).ok_or("key is required")?;
+            Ok((key.to_string(), Arc::new(())))
+        }),
         build: |conf, _| {
             let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
             let header = HeaderName::from_bytes(c.header.as_bytes()).map_err(|e| format!("header: {e}"))?;
@@ -52,12 +56,9 @@ struct KeyAuth {
     challenge: HeaderValue,
 }
 
-const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
-const X_CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credential-identifier");
-
 impl Plugin for KeyAuth {
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
-        let refuse = |msg: &str| Err(Reply::new(401, Some(json!({"message": msg}))).with_header(http::header::WWW_AUTHENTICATE, self.challenge.clone()));
+        let refuse = |msg: &str| Err(unauthorized(msg).with_header(http::header::WWW_AUTHENTICATE, self.challenge.clone()));
         let from_header = ctx.parts.headers.get(&self.header).and_then(|v| v.to_str().ok()).map(str::to_string);
         let (key, in_header) = match from_header {
             Some(k) => (k, true),
@@ -66,7 +67,7 @@ impl Plugin for KeyAuth {
                 None => return refuse("Missing API key in request"),
             },
         };
-        let Some(consumer) = ctx.consumers.find("key-auth", &key).cloned() else {
+        let Some(consumer) = ctx.consumers.find("key-auth", &key).map(|c| c.consumer.clone()) else {
             tracing::warn!(route = ctx.route_id, "key-auth: no consumer holds the key given");
             return refuse("Invalid API key in request");
         };
@@ -77,25 +78,13 @@ impl Plugin for KeyAuth {
                 remove_query_arg(&mut ctx.parts.uri, &self.query);
             }
         }
-        if let Ok(v) = HeaderValue::from_str(&consumer.username) {
-            ctx.parts.headers.insert(X_CONSUMER_USERNAME, v);
-        }
-        match consumer.credential_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
-            Some(v) => {
-                ctx.parts.headers.insert(X_CREDENTIAL_IDENTIFIER, v);
-            }
-            None => {
-                // Never let a client claim an identity the gateway did not establish.
-                ctx.parts.headers.remove(X_CREDENTIAL_IDENTIFIER);
-            }
-        }
-        ctx.consumer = Some(consumer);
+        attach_consumer(ctx, consumer);
         Ok(())
     }
 }
 
 /// Drops every `name=…` pair from the query string.
-fn remove_query_arg(uri: &mut http::Uri, name: &str) {
+pub(crate) fn remove_query_arg(uri: &mut http::Uri, name: &str) {
     let Some(query) = uri.query() else { return };
     let kept: Vec<&str> = query
         .split('&')

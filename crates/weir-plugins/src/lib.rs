@@ -7,8 +7,11 @@
 //! first: every plugin's `rewrite`, then every plugin's `access`, then, on the response, every
 //! plugin's `header_filter`. A phase may answer the request itself with a [`Reply`].
 
+mod basic_auth;
+mod consumer_restriction;
 mod cors;
 mod ip_restriction;
+mod jwt_auth;
 mod key_auth;
 mod limit_count;
 pub mod prometheus;
@@ -58,24 +61,71 @@ pub struct Consumer {
     pub credential_id: Option<String>,
 }
 
-/// Consumers by credential: (plugin, secret) → consumer. Built with the snapshot.
+/// A credential a consumer holds for one auth plugin, as that plugin prepared it when the
+/// snapshot was built.
+pub struct Credential {
+    pub consumer: Arc<Consumer>,
+    /// What the plugin made of the consumer's config: a password, a verifying key.
+    pub data: Arc<dyn Any + Send + Sync>,
+}
+
+/// Consumers by credential: plugin → the id the plugin looks callers up by (an API key, a
+/// username, a JWT `key`) → credential. Built with the snapshot.
 #[derive(Default)]
 pub struct Consumers {
-    by_secret: HashMap<(&'static str, String), Arc<Consumer>>,
+    by_plugin: HashMap<&'static str, HashMap<String, Credential>>,
 }
 
 impl Consumers {
     /// Adds the credentials a consumer (or one of its credential objects) carries in `plugins`.
-    pub fn add(&mut self, username: &str, credential_id: Option<&str>, plugins: &serde_json::Map<String, Value>) {
+    /// A credential its plugin cannot use is logged and left out.
+    pub fn add(&mut self, registry: &Registry, username: &str, credential_id: Option<&str>, plugins: &serde_json::Map<String, Value>) {
         let consumer = Arc::new(Consumer { username: username.to_string(), credential_id: credential_id.map(str::to_string) });
-        if let Some(key) = plugins.get("key-auth").and_then(|c| c.get("key")).and_then(Value::as_str) {
-            self.by_secret.insert(("key-auth", key.to_string()), consumer);
+        for (name, conf) in plugins {
+            let Some(f) = registry.factory(name) else { continue };
+            let Some(prepare) = f.credential else { continue };
+            match prepare(conf) {
+                Ok((id, data)) => {
+                    let cred = Credential { consumer: consumer.clone(), data };
+                    self.by_plugin.entry(f.name).or_default().insert(id, cred);
+                }
+                Err(e) => tracing::warn!(consumer = username, plugin = f.name, error = %e, "credential cannot be used; skipped"),
+            }
         }
     }
 
-    pub fn find(&self, plugin: &'static str, secret: &str) -> Option<&Arc<Consumer>> {
-        self.by_secret.get(&(plugin, secret.to_string()))
+    pub fn find(&self, plugin: &'static str, id: &str) -> Option<&Credential> {
+        self.by_plugin.get(plugin)?.get(id)
     }
+}
+
+/// Sets the consumer an auth plugin identified, and tells the upstream who it is.
+pub(crate) fn attach_consumer(ctx: &mut RequestCtx<'_>, consumer: Arc<Consumer>) {
+    const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
+    const X_CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credential-identifier");
+    match HeaderValue::from_str(&consumer.username) {
+        Ok(v) => {
+            ctx.parts.headers.insert(X_CONSUMER_USERNAME, v);
+        }
+        Err(_) => {
+            ctx.parts.headers.remove(X_CONSUMER_USERNAME);
+        }
+    }
+    match consumer.credential_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+        Some(v) => {
+            ctx.parts.headers.insert(X_CREDENTIAL_IDENTIFIER, v);
+        }
+        None => {
+            // Never let a client claim an identity the gateway did not establish.
+            ctx.parts.headers.remove(X_CREDENTIAL_IDENTIFIER);
+        }
+    }
+    ctx.consumer = Some(consumer);
+}
+
+/// A plugin's `401 {"message": …}`, as APISIX's auth plugins answer.
+pub(crate) fn unauthorized(message: &str) -> Reply {
+    Reply::new(401, Some(json!({ "message": message })))
 }
 
 /// What a plugin sees of one request.
@@ -265,7 +315,12 @@ struct Factory {
     /// Builds an instance; `scope` names what the instance's state belongs to (the route, or a
     /// `group`), so state survives snapshots as long as scope and config do.
     build: fn(&Value, &str) -> Result<Arc<dyn Plugin>, String>,
+    /// For an auth plugin: turns a consumer's config into the id callers are looked up by and
+    /// what checking them needs. Also run at write time, so a bad key is refused there.
+    credential: Option<Prepare>,
 }
+
+type Prepare = fn(&Value) -> Result<(String, Arc<dyn Any + Send + Sync>), String>;
 
 /// Every plugin Weir has.
 pub struct Registry {
@@ -275,8 +330,11 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         let mut factories = vec![
+            basic_auth::factory(),
+            consumer_restriction::factory(),
             cors::factory(),
             ip_restriction::factory(),
+            jwt_auth::factory(),
             key_auth::factory(),
             limit_count::factory(),
             prometheus::factory(),
@@ -390,6 +448,13 @@ impl PluginCatalog for Registry {
         match self.factory(name) {
             Some(f) => (f.build)(conf, "check").map(drop),
             None => Err(format!("unknown plugin [{name}]")),
+        }
+    }
+
+    fn check_consumer_config(&self, name: &str, conf: &Value) -> Result<(), String> {
+        match self.factory(name).and_then(|f| f.credential) {
+            Some(prepare) => prepare(conf).map(drop),
+            None => Ok(()),
         }
     }
 }

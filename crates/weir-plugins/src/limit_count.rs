@@ -28,6 +28,7 @@ pub(crate) fn factory() -> Factory {
             "show_limit_quota_header": {"type": "boolean", "default": true}
         }, "required": ["count", "time_window"]}),
         consumer_schema: None,
+        credential: None,
         // Routes naming one `group` get one instance, so they share its counters (the
         // registry scopes instances by group).
         build: |conf, _| {

@@ -23,6 +23,7 @@ pub(crate) fn factory() -> Factory {
             "prefer_name": {"type": "boolean", "default": false}
         }}),
         consumer_schema: None,
+        credential: None,
         build: |conf, _| {
             let prefer_name = conf.get("prefer_name").and_then(serde_json::Value::as_bool).unwrap_or(false);
             Ok(Arc::new(Prometheus { prefer_name }))

@@ -30,6 +30,7 @@ pub(crate) fn factory() -> Factory {
             "use_real_request_uri_unsafe": {"type": "boolean", "default": false}
         }, "minProperties": 1}),
         consumer_schema: None,
+        credential: None,
         build: |conf, _| build(conf).map(|p| Arc::new(p) as Arc<dyn Plugin>),
     }
 }

@@ -18,6 +18,7 @@ pub(crate) fn factory() -> Factory {
             "algorithm": {"type": "string", "enum": ["uuid"], "default": "uuid"}
         }}),
         consumer_schema: None,
+        credential: None,
         build: |conf, _| {
             let name = conf.get("header_name").and_then(Value::as_str).unwrap_or("X-Request-Id");
             Ok(Arc::new(RequestId {

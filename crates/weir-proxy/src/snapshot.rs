@@ -400,14 +400,14 @@ fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Pipeline {
 }
 
 /// Consumers by the credentials they and their credential objects hold.
-fn consumers(state: &ConfigState) -> Consumers {
+fn consumers(state: &ConfigState, registry: &Registry) -> Consumers {
     let mut out = Consumers::default();
     for (username, c) in &state.consumers {
-        out.add(username, None, &c.plugins);
+        out.add(registry, username, None, &c.plugins);
     }
     for (key, c) in &state.credentials {
         if let Some((username, id)) = key.split_once("/credentials/") {
-            out.add(username, Some(id), &c.plugins);
+            out.add(registry, username, Some(id), &c.plugins);
         }
     }
     out
@@ -540,7 +540,7 @@ impl Builder {
             checked,
             tls,
             global: Arc::new(global),
-            consumers: Arc::new(consumers(state)),
+            consumers: Arc::new(consumers(state, &self.registry)),
         };
         self.last = Some(snapshot.shallow_clone());
         snapshot

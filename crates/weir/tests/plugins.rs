@@ -273,3 +273,138 @@ async fn prometheus_metrics_with_apisix_names_parse_with_promtool() {
     let r = common::send(w.metrics.unwrap(), "GET", "/other", &[], None).await;
     assert_eq!(r.status, 404);
 }
+
+#[tokio::test]
+async fn basic_auth_and_consumer_restriction() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/consumers", json!({"username": "ann", "plugins": {"basic-auth": {"username": "ann", "password": "ann-pass"}}})).await;
+    put(&w, "/consumers", json!({"username": "bob"})).await;
+    put(&w, "/consumers/bob/credentials/laptop", json!({"plugins": {"basic-auth": {"username": "bob-laptop", "password": "bob-pass"}}})).await;
+    put(&w, "/routes/b", json!({"uri": "/b", "plugins": {"basic-auth": {"hide_credentials": true},
+        "consumer-restriction": {"whitelist": ["ann", "bob"], "allowed_by_methods": [{"user": "bob", "methods": ["POST"]}]}},
+        "upstream": {"nodes": {up.node(): 1}}})).await;
+    put(&w, "/routes/deny", json!({"uri": "/deny", "plugins": {"basic-auth": {},
+        "consumer-restriction": {"blacklist": ["ann"], "rejected_code": 418, "rejected_msg": "not you"}},
+        "upstream": {"nodes": {up.node(): 1}}})).await;
+    put(&w, "/routes/noauth", json!({"uri": "/noauth", "plugins": {"consumer-restriction": {"whitelist": ["ann"]}},
+        "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/noauth", &[], |r| r.status == 401).await;
+
+    let basic = |user: &str, pass: &str| {
+        use base64::Engine as _;
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}")))
+    };
+    let r = w.get("/b", &[]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "Missing authorization in request"})));
+    assert_eq!(r.headers["www-authenticate"], "Basic realm='.'");
+    let r = w.get("/b", &[("authorization", "Basic %%%")]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "Invalid authorization in request"})));
+    let r = w.get("/b", &[("authorization", &basic("ann", "wrong"))]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "Invalid user authorization"})));
+    let r = w.get("/b", &[("authorization", &basic("nobody", "x"))]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "Invalid user authorization"})));
+
+    let r = w.get("/b", &[("authorization", &basic("ann", "ann-pass"))]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let seen = r.json();
+    assert_eq!(seen["headers"]["x-consumer-username"], "ann");
+    assert!(seen["headers"].get("authorization").is_none(), "hide_credentials: {seen}");
+    // Whitespace in what the client sends is dropped, as APISIX does.
+    let r = w.get("/b", &[("authorization", &basic("bob-laptop", " bob-pass "))]).await;
+    assert_eq!((r.status, r.json()), (403, json!({"message": "The consumer_name is forbidden."})), "bob may only POST");
+    let r = common::send(w.proxy, "POST", "/b", &[("authorization", &basic("bob-laptop", "bob-pass"))], Some("x")).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-credential-identifier"], "laptop");
+
+    let r = w.get("/deny", &[("authorization", &basic("ann", "ann-pass"))]).await;
+    assert_eq!((r.status, r.json()), (418, json!({"message": "not you"})));
+    assert_eq!(w.get("/deny", &[("authorization", &basic("bob-laptop", "bob-pass"))]).await.status, 200);
+    let r = w.get("/noauth", &[]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "Missing authentication or identity verification."})));
+
+    let (s, b) = w.admin("PUT", "/consumers", Some(json!({"username": "x", "plugins": {"basic-auth": {"username": "x"}}}))).await;
+    assert_eq!(s, 400, "a password is required: {b}");
+    let (s, b) = w.admin("PUT", "/routes/bad", Some(json!({"uri": "/bad", "plugins": {"consumer-restriction": {}}}))).await;
+    assert_eq!(s, 400, "a list is required: {b}");
+}
+
+#[tokio::test]
+async fn jwt_auth_verifies_tokens_minted_by_pyjwt() {
+    let out = std::process::Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/jwt_tokens.py"))
+        .output()
+        .expect("python3 runs (scripts/test puts a virtualenv with PyJWT on PATH)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let minted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = |name: &str| minted["keys"][name].as_str().unwrap().to_string();
+    let token = |name: &str| minted["tokens"][name].as_str().unwrap().to_string();
+
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    let creds = [
+        ("hs256", json!({"secret": "hs256-secret"})),
+        ("hs384", json!({"secret": "hs384-secret", "algorithm": "HS384"})),
+        ("hs512", json!({"secret": "aHM1MTItc2VjcmV0LWJ5dGVz", "base64_secret": true, "algorithm": "HS512"})),
+        ("rs256", json!({"public_key": key("rsa"), "algorithm": "RS256"})),
+        ("rs384", json!({"public_key": key("rsa"), "algorithm": "RS384"})),
+        ("rs512", json!({"public_key": key("rsa"), "algorithm": "RS512"})),
+        ("es256", json!({"public_key": key("p256"), "algorithm": "ES256"})),
+        ("es384", json!({"public_key": key("p384"), "algorithm": "ES384"})),
+        ("eddsa", json!({"public_key": key("ed25519"), "algorithm": "EdDSA"})),
+        ("graced", json!({"secret": "graced-secret", "lifetime_grace_period": 60})),
+    ];
+    put(&w, "/consumers", json!({"username": "jo"})).await;
+    for (k, conf) in &creds {
+        let mut conf = conf.clone();
+        conf["key"] = json!(k);
+        put(&w, &format!("/consumers/jo/credentials/{k}"), json!({"plugins": {"jwt-auth": conf}})).await;
+    }
+    put(&w, "/routes/j", json!({"uri": "/j", "plugins": {"jwt-auth": {}}, "upstream": {"nodes": {up.node(): 1}}})).await;
+    put(&w, "/routes/hide", json!({"uri": "/hide", "plugins": {"jwt-auth": {"hide_credentials": true}}, "upstream": {"nodes": {up.node(): 1}}})).await;
+    put(&w, "/routes/uid", json!({"uri": "/uid", "plugins": {"jwt-auth": {"key_claim_name": "uid", "header": "x-token"}}, "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/uid", &[], |r| r.status == 401).await;
+
+    for alg in ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"] {
+        let r = w.get("/j", &[("authorization", &format!("Bearer {}", token(alg)))]).await;
+        assert_eq!(r.status, 200, "{alg}: {}", r.text());
+        assert_eq!(r.json()["headers"]["x-consumer-username"], "jo", "{alg}");
+        assert_eq!(r.json()["headers"]["x-credential-identifier"], json!(alg.to_lowercase()), "{alg}");
+    }
+    // The three places a token may come from.
+    let hs = token("HS256");
+    assert_eq!(w.get("/j", &[("authorization", &hs)]).await.status, 200, "without Bearer");
+    assert_eq!(w.get(&format!("/j?jwt={hs}"), &[]).await.status, 200, "?jwt=");
+    assert_eq!(w.get("/j", &[("cookie", &format!("a=1; jwt={hs}"))]).await.status, 200, "cookie");
+    assert_eq!(w.get("/uid", &[("x-token", &token("by_uid"))]).await.status, 200, "key_claim_name and header");
+    assert_eq!(w.get("/j", &[("authorization", &token("in_grace"))]).await.status, 200, "within lifetime_grace_period");
+
+    let refused = [
+        ("expired", "failed to verify jwt"),
+        ("not_yet", "failed to verify jwt"),
+        ("wrong_secret", "failed to verify jwt"),
+        ("wrong_alg", "failed to verify jwt"),
+        ("no_key", "missing user key in JWT token"),
+        ("unknown_key", "Invalid user key in JWT token"),
+    ];
+    for (name, message) in refused {
+        let r = w.get("/j", &[("authorization", &token(name))]).await;
+        assert_eq!((r.status, r.json()), (401, json!({ "message": message })), "{name}");
+    }
+    let r = w.get("/j", &[]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "Missing JWT token in request"})));
+    let r = w.get("/j", &[("authorization", "Bearer garbage")]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"message": "JWT token invalid"})));
+
+    let r = w.get(&format!("/hide?jwt={hs}&x=1"), &[]).await;
+    assert_eq!(r.json()["uri"], "/hide?x=1");
+    let r = w.get("/hide", &[("cookie", &format!("a=1; jwt={hs}"))]).await;
+    assert_eq!(r.json()["headers"]["cookie"], "a=1");
+
+    // Key material that cannot verify anything is refused at write time.
+    let (s, b) = w.admin("PUT", "/consumers/jo/credentials/bad", Some(json!({"plugins": {"jwt-auth": {"key": "bad", "algorithm": "RS256", "public_key": "not a key"}}}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error_msg"].as_str().unwrap().contains("invalid public_key"), "{b}");
+    let (s, b) = w.admin("PUT", "/consumers/jo/credentials/bad", Some(json!({"plugins": {"jwt-auth": {"key": "bad"}}}))).await;
+    assert_eq!(s, 400, "an HS256 credential needs its secret: {b}");
+}
