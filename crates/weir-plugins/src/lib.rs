@@ -229,6 +229,9 @@ impl Notes {
     }
 }
 
+/// What an access check that waits on I/O ends with: headers for the response, or a reply.
+pub type Pending = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<(HeaderName, HeaderValue)>, Reply>> + Send>>;
+
 /// One plugin instance, configured. Phases do nothing unless a plugin has work there.
 pub trait Plugin: Send + Sync {
     /// Which phases beyond the request's this plugin uses.
@@ -242,6 +245,13 @@ pub trait Plugin: Send + Sync {
 
     fn access(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
         Ok(())
+    }
+
+    /// An access check that waits on I/O (a counter shared in Redis): the plugin reads what it
+    /// needs from the request and returns the wait, which runs in place of `access`. The
+    /// headers it yields are added to the response.
+    fn access_io(&self, _ctx: &mut RequestCtx<'_>) -> Option<Pending> {
+        None
     }
 
     /// The response head (and, through `ctx.body`, a replacement body).
@@ -461,7 +471,8 @@ impl PluginCatalog for Registry {
 
 /// Runs the request phases of `pipeline`: every `rewrite`, then every `access`. Stops at the
 /// first reply. Either way, says which plugins ran, for the later phases.
-pub fn run_request(pipeline: &Pipeline, ctx: &mut RequestCtx<'_>) -> (Ran, Result<(), Reply>) {
+pub async fn run_request(pipeline: &Pipeline, ctx: &mut RequestCtx<'_>) -> (Ran, Result<(), Reply>) {
+    use futures_util::FutureExt as _;
     // `_meta.filter` is decided once per plugin, before any plugin has changed the request.
     let mut ran = Ran(0);
     for (n, i) in pipeline.instances.iter().enumerate() {
@@ -474,10 +485,20 @@ pub fn run_request(pipeline: &Pipeline, ctx: &mut RequestCtx<'_>) -> (Ran, Resul
             if !ran.has(n) {
                 continue;
             }
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
-                Phase::Rewrite => i.plugin.rewrite(ctx),
-                Phase::Access => i.plugin.access(ctx),
+            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
+                Phase::Rewrite => Step::Done(i.plugin.rewrite(ctx)),
+                Phase::Access => match i.plugin.access_io(ctx) {
+                    Some(wait) => Step::Wait(wait),
+                    None => Step::Done(i.plugin.access(ctx)),
+                },
             }));
+            let result = match step {
+                Ok(Step::Done(r)) => Ok(r),
+                Ok(Step::Wait(wait)) => std::panic::AssertUnwindSafe(wait).catch_unwind().await.map(|r| {
+                    r.map(|headers| ctx.response_headers.extend(headers))
+                }),
+                Err(panic) => Err(panic),
+            };
             match result {
                 Ok(Ok(())) => {}
                 Ok(Err(mut reply)) => {
@@ -494,6 +515,11 @@ pub fn run_request(pipeline: &Pipeline, ctx: &mut RequestCtx<'_>) -> (Ran, Resul
         }
     }
     (ran, Ok(()))
+}
+
+enum Step {
+    Done(Result<(), Reply>),
+    Wait(Pending),
 }
 
 /// Runs `header_filter` of the plugins that ran on the request. A panic is logged and the
@@ -577,7 +603,9 @@ mod tests {
             response_headers: Vec::new(),
             notes: Notes::default(),
         };
-        run_request(&Pipeline::new(pipeline).unwrap(), &mut ctx).1
+        let pipeline = Pipeline::new(pipeline).unwrap();
+        let run = run_request(&pipeline, &mut ctx);
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(run).1
     }
 
     #[test]

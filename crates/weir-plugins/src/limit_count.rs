@@ -1,5 +1,6 @@
 //! `limit-count`: at most `count` requests per `time_window` seconds per key, in fixed
-//! windows (the `local` policy: one count for the whole process).
+//! windows. The `local` policy counts in this process; `redis` counts in a Redis server, so
+//! every gateway sharing it enforces one combined limit.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, Pending, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     Factory {
@@ -23,7 +24,15 @@ pub(crate) fn factory() -> Factory {
             "key_type": {"type": "string", "enum": ["var", "var_combination", "constant"], "default": "var"},
             "rejected_code": {"type": "integer", "minimum": 200, "maximum": 599, "default": 503},
             "rejected_msg": {"type": "string", "minLength": 1},
-            "policy": {"type": "string", "enum": ["local"], "default": "local"},
+            "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
+            "redis_host": {"type": "string", "minLength": 2},
+            "redis_port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": 6379},
+            "redis_username": {"type": "string", "minLength": 1},
+            "redis_password": {"type": "string", "minLength": 0},
+            "redis_database": {"type": "integer", "minimum": 0, "default": 0},
+            "redis_timeout": {"type": "integer", "minimum": 1, "default": 1000},
+            "redis_ssl": {"type": "boolean", "default": false},
+            "redis_ssl_verify": {"type": "boolean", "default": false},
             "allow_degradation": {"type": "boolean", "default": false},
             "show_limit_quota_header": {"type": "boolean", "default": true}
         }, "required": ["count", "time_window"]}),
@@ -31,9 +40,13 @@ pub(crate) fn factory() -> Factory {
         credential: None,
         // Routes naming one `group` get one instance, so they share its counters (the
         // registry scopes instances by group).
-        build: |conf, _| {
+        build: |conf, scope| {
             let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            Ok(Arc::new(LimitCount::new(c)))
+            let redis = match c.policy.as_str() {
+                "redis" => Some(RedisCounter::new(&c, scope)?),
+                _ => None,
+            };
+            Ok(Arc::new(LimitCount::new(c, redis)))
         },
     }
 }
@@ -51,6 +64,31 @@ struct Config {
     rejected_msg: Option<String>,
     #[serde(default = "yes")]
     show_limit_quota_header: bool,
+    #[serde(default = "local")]
+    policy: String,
+    #[serde(default)]
+    allow_degradation: bool,
+    redis_host: Option<String>,
+    #[serde(default = "port_6379")]
+    redis_port: u16,
+    redis_username: Option<String>,
+    redis_password: Option<String>,
+    #[serde(default)]
+    redis_database: i64,
+    #[serde(default = "ms_1000")]
+    redis_timeout: u64,
+    #[serde(default)]
+    redis_ssl: bool,
+}
+
+fn local() -> String {
+    "local".into()
+}
+fn port_6379() -> u16 {
+    6379
+}
+fn ms_1000() -> u64 {
+    1000
 }
 
 fn remote_addr() -> String {
@@ -69,8 +107,9 @@ fn yes() -> bool {
 struct LimitCount {
     config: Config,
     window: Duration,
-    /// Per key: when its window started and how many requests it has had.
+    /// Per key: when its window started and how many requests it has had (`local` policy).
     counts: Mutex<HashMap<String, (Instant, u64)>>,
+    redis: Option<Arc<RedisCounter>>,
 }
 
 const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
@@ -78,9 +117,27 @@ const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
 const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 
 impl LimitCount {
-    fn new(config: Config) -> LimitCount {
+    fn new(config: Config, redis: Option<RedisCounter>) -> LimitCount {
         let window = Duration::from_secs(config.time_window);
-        LimitCount { config, window, counts: Mutex::new(HashMap::new()) }
+        LimitCount { config, window, counts: Mutex::new(HashMap::new()), redis: redis.map(Arc::new) }
+    }
+
+    fn quota_headers(&self, remaining: u64, reset: u64) -> Vec<(HeaderName, HeaderValue)> {
+        if !self.config.show_limit_quota_header {
+            return Vec::new();
+        }
+        vec![
+            (LIMIT, HeaderValue::from(self.config.count)),
+            (REMAINING, HeaderValue::from(remaining)),
+            (RESET, HeaderValue::from(reset)),
+        ]
+    }
+
+    fn rejected(&self, headers: Vec<(HeaderName, HeaderValue)>) -> Reply {
+        let body = self.config.rejected_msg.as_ref().map(|m| json!({"error_msg": m}));
+        let mut reply = Reply::new(self.config.rejected_code, body);
+        reply.headers.extend(headers);
+        reply
     }
 
     fn key(&self, ctx: &RequestCtx<'_>) -> String {
@@ -117,21 +174,125 @@ impl Plugin for LimitCount {
     fn access(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
         let key = self.key(ctx);
         let (allowed, remaining, reset) = self.take(key, Instant::now());
-        let headers = self.config.show_limit_quota_header.then(|| {
-            [
-                (LIMIT, HeaderValue::from(self.config.count)),
-                (REMAINING, HeaderValue::from(remaining)),
-                (RESET, HeaderValue::from(reset)),
-            ]
-        });
+        let headers = self.quota_headers(remaining, reset);
         if allowed {
-            ctx.response_headers.extend(headers.into_iter().flatten());
+            ctx.response_headers.extend(headers);
             return Ok(());
         }
-        let body = self.config.rejected_msg.as_ref().map(|m| json!({"error_msg": m}));
-        let mut reply = Reply::new(self.config.rejected_code, body);
-        reply.headers.extend(headers.into_iter().flatten());
-        Err(reply)
+        Err(self.rejected(headers))
+    }
+
+    fn access_io(&self, ctx: &mut RequestCtx<'_>) -> Option<Pending> {
+        let redis = self.redis.clone()?;
+        let key = self.key(ctx);
+        let (count, window) = (self.config.count, self.config.time_window);
+        let degrade = self.config.allow_degradation;
+        // The wait owns copies of what it needs: it outlives this borrow of the plugin.
+        let (show, code, msg) = (self.config.show_limit_quota_header, self.config.rejected_code, self.config.rejected_msg.clone());
+        Some(Box::pin(async move {
+            let quota = |remaining: u64, reset: u64| {
+                if !show {
+                    return Vec::new();
+                }
+                vec![(LIMIT, HeaderValue::from(count)), (REMAINING, HeaderValue::from(remaining)), (RESET, HeaderValue::from(reset))]
+            };
+            match redis.take(&key, count, window).await {
+                Ok((remaining, reset)) if remaining >= 0 => Ok(quota(remaining as u64, reset)),
+                Ok((_, reset)) => {
+                    let mut reply = Reply::new(code, msg.map(|m| json!({"error_msg": m})));
+                    reply.headers.extend(quota(0, reset));
+                    Err(reply)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "limit-count: redis unavailable");
+                    if degrade {
+                        Ok(Vec::new())
+                    } else {
+                        Err(Reply::new(500, Some(json!({"error_msg": "failed to limit count"}))))
+                    }
+                }
+            }
+        }))
+    }
+}
+
+/// Counts in Redis: one key per (scope, limit key) that lives for one window.
+struct RedisCounter {
+    client: redis::Client,
+    /// Connections are per worker thread, keyed by this (the server and database).
+    target: String,
+    prefix: String,
+    timeout: Duration,
+}
+
+/// Starts a window with `count - 1` left, or takes one from the running window; answers what is
+/// left (negative once the window is spent) and the seconds until it resets.
+const TAKE_ONE: &str = r"
+if redis.call('set', KEYS[1], ARGV[1] - 1, 'EX', ARGV[2], 'NX') then
+  return {ARGV[1] - 1, tonumber(ARGV[2])}
+end
+return {redis.call('decr', KEYS[1]), redis.call('ttl', KEYS[1])}
+";
+
+thread_local! {
+    static CONNECTIONS: std::cell::RefCell<HashMap<String, redis::aio::MultiplexedConnection>> = Default::default();
+}
+
+impl RedisCounter {
+    fn new(c: &Config, scope: &str) -> Result<RedisCounter, String> {
+        let host = c.redis_host.as_deref().ok_or("redis_host is required when policy is redis")?;
+        if c.redis_ssl {
+            return Err("redis_ssl is not supported".into());
+        }
+        use redis::IntoConnectionInfo as _;
+        let mut settings = redis::RedisConnectionInfo::default().set_db(c.redis_database);
+        if let Some(u) = &c.redis_username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = c.redis_password.as_deref().filter(|p| !p.is_empty()) {
+            settings = settings.set_password(p);
+        }
+        let info = redis::ConnectionAddr::Tcp(host.to_string(), c.redis_port)
+            .into_connection_info()
+            .map_err(|e| format!("redis: {e}"))?
+            .set_redis_settings(settings);
+        let client = redis::Client::open(info).map_err(|e| format!("redis: {e}"))?;
+        Ok(RedisCounter {
+            client,
+            target: format!("{host}:{}/{}/{}", c.redis_port, c.redis_database, c.redis_username.as_deref().unwrap_or("")),
+            prefix: format!("plugin-limit-count:{scope}:"),
+            timeout: Duration::from_millis(c.redis_timeout),
+        })
+    }
+
+    async fn take(&self, key: &str, count: u64, window: u64) -> Result<(i64, u64), String> {
+        let run = async {
+            let cached = CONNECTIONS.with(|c| c.borrow().get(&self.target).cloned());
+            let mut conn = match cached {
+                Some(c) => c,
+                None => {
+                    let c = self.client.get_multiplexed_async_connection().await?;
+                    CONNECTIONS.with(|m| m.borrow_mut().insert(self.target.clone(), c.clone()));
+                    c
+                }
+            };
+            let (left, ttl): (i64, i64) = redis::Script::new(TAKE_ONE)
+                .key(format!("{}{key}", self.prefix))
+                .arg(count)
+                .arg(window)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok::<_, redis::RedisError>((left, ttl.max(0) as u64))
+        };
+        let result = match tokio::time::timeout(self.timeout, run).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+        };
+        if result.is_err() {
+            // The next request connects afresh.
+            CONNECTIONS.with(|m| m.borrow_mut().remove(&self.target));
+        }
+        result
     }
 }
 
@@ -140,7 +301,7 @@ mod tests {
     use super::*;
 
     fn limiter(count: u64, window: u64) -> LimitCount {
-        LimitCount::new(serde_json::from_value(json!({"count": count, "time_window": window})).unwrap())
+        LimitCount::new(serde_json::from_value(json!({"count": count, "time_window": window})).unwrap(), None)
     }
 
     #[test]

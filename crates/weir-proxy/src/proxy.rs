@@ -205,9 +205,9 @@ impl Proxy {
             response_headers: Vec::new(),
             notes: Notes::default(),
         };
-        let (ran_global, outcome) = run_request(&global, &mut ctx);
+        let (ran_global, outcome) = run_request(&global, &mut ctx).await;
         let (ran_route, outcome) = match outcome {
-            Ok(()) => run_request(&route.plugins, &mut ctx),
+            Ok(()) => run_request(&route.plugins, &mut ctx).await,
             Err(reply) => (Ran::default(), Err(reply)),
         };
         let plugin_headers = std::mem::take(&mut ctx.response_headers);

@@ -408,3 +408,58 @@ async fn jwt_auth_verifies_tokens_minted_by_pyjwt() {
     let (s, b) = w.admin("PUT", "/consumers/jo/credentials/bad", Some(json!({"plugins": {"jwt-auth": {"key": "bad"}}}))).await;
     assert_eq!(s, 400, "an HS256 credential needs its secret: {b}");
 }
+
+#[tokio::test]
+async fn limit_count_in_redis_is_one_limit_for_two_gateways() {
+    let mut redis = common::Redis::start().await;
+    let (a, b) = (Weir::start(), Weir::start());
+    let up = Upstream::start("backend").await;
+    let limit = |extra: Value| {
+        let mut conf = json!({"count": 5, "time_window": 60, "policy": "redis", "redis_host": "127.0.0.1",
+            "redis_port": redis.port, "redis_timeout": 500, "key_type": "constant", "key": "everyone"});
+        conf.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        conf
+    };
+    for w in [&a, &b] {
+        put(w, "/routes/shared", json!({"uri": "/shared", "plugins": {"limit-count": limit(json!({}))}, "upstream": {"nodes": {up.node(): 1}}})).await;
+        put(w, "/routes/soft", json!({"uri": "/soft", "plugins": {"limit-count": limit(json!({"allow_degradation": true, "key": "soft"}))},
+            "upstream": {"nodes": {up.node(): 1}}})).await;
+    }
+    // Waiting for the routes spends some of each limit: count what was spent.
+    let mut spent = 0;
+    for w in [&a, &b] {
+        w.until("/soft", &[], |r| r.status != 404).await;
+        w.until("/shared", &[], |r| r.status != 404).await;
+        spent += 1;
+    }
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let w = if i % 2 == 0 { &a } else { &b };
+        let r = w.get("/shared", &[]).await;
+        if r.status == 200 {
+            let left: i64 = r.headers["x-ratelimit-remaining"].to_str().unwrap().parse().unwrap();
+            assert_eq!(left, 5 - spent - statuses.iter().filter(|s| **s == 200).count() as i64 - 1, "one count across both");
+        }
+        statuses.push(r.status);
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count() as i64, 5 - spent, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 503), "{statuses:?}");
+    let r = b.get("/shared", &[]).await;
+    assert_eq!((r.status, r.headers["x-ratelimit-remaining"].to_str().unwrap()), (503, "0"));
+    let reset: u64 = r.headers["x-ratelimit-reset"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&reset), "{reset}");
+
+    // Redis gone: with allow_degradation requests pass, without they fail with a 500.
+    redis.stop();
+    for w in [&a, &b] {
+        let r = w.get("/soft", &[]).await;
+        assert_eq!(r.status, 200, "degraded: {}", r.text());
+        assert!(r.headers.get("x-ratelimit-remaining").is_none());
+        let r = w.get("/shared", &[]).await;
+        assert_eq!((r.status, r.json()), (500, json!({"error_msg": "failed to limit count"})));
+    }
+
+    let (s, body) = a.admin("PUT", "/routes/bad", Some(json!({"uri": "/bad", "plugins": {"limit-count": {"count": 1, "time_window": 1, "policy": "redis"}}}))).await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body["error_msg"].as_str().unwrap().contains("redis_host is required"), "{body}");
+}

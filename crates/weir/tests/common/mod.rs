@@ -301,3 +301,58 @@ pub fn hanging_port() -> (SocketAddr, socket2::Socket, Vec<std::net::TcpStream>)
     }
     (addr, sock, fill)
 }
+
+/// A real `redis-server` on loopback, with its own temporary directory and no persistence;
+/// stopped (by its PID) when dropped.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (Debian package redis-server)");
+        let redis = Redis { child: Some(child), port, _dir: dir };
+        for _ in 0..200 {
+            if redis.ping().await {
+                return redis;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("redis-server did not come up on port {port}");
+    }
+
+    async fn ping(&self) -> bool {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await else { return false };
+        if s.write_all(b"PING\r\n").await.is_err() {
+            return false;
+        }
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).await.is_ok() && &buf == b"+PONG\r\n"
+    }
+
+    /// Stops the server and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
