@@ -59,6 +59,20 @@ pub fn cookie(line: &str, is_name: impl Fn(&str) -> bool) -> Option<&str> {
 /// APISIX's `vars_combinations` and `var_combination` keys do. `None` when not one name had a
 /// value.
 pub fn interpolate<S: AsRef<str>>(text: &str, get: impl Fn(&str) -> Option<S>) -> Option<String> {
+    let (out, resolved) = substitute_counting(text, get);
+    (resolved > 0).then_some(out)
+}
+
+/// Replaces each `$name` in `text` with what `get` gives for it, and with nothing when unset
+/// (templates such as `redirect`'s `uri`).
+pub fn substitute<S: AsRef<str>>(text: &str, get: impl Fn(&str) -> Option<S>) -> String {
+    if !text.contains('$') {
+        return text.to_string();
+    }
+    substitute_counting(text, get).0
+}
+
+fn substitute_counting<S: AsRef<str>>(text: &str, get: impl Fn(&str) -> Option<S>) -> (String, usize) {
     let mut out = String::with_capacity(text.len());
     let mut resolved = 0;
     let mut rest = text;
@@ -75,7 +89,7 @@ pub fn interpolate<S: AsRef<str>>(text: &str, get: impl Fn(&str) -> Option<S>) -
         rest = &after[len..];
     }
     out.push_str(rest);
-    (resolved > 0).then_some(out)
+    (out, resolved)
 }
 
 #[cfg(test)]

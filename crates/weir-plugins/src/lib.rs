@@ -10,13 +10,23 @@
 mod basic_auth;
 mod consumer_restriction;
 mod cors;
+mod fault_injection;
 mod ip_restriction;
 mod jwt_auth;
 mod key_auth;
+mod limit_conn;
 mod limit_count;
+mod limit_req;
+mod mocking;
 pub mod prometheus;
 mod proxy_rewrite;
+mod real_ip;
+mod redirect;
+mod referer_restriction;
 mod request_id;
+mod response_rewrite;
+mod ua_restriction;
+mod uri_blocker;
 mod vars;
 
 use std::any::Any;
@@ -123,6 +133,18 @@ pub(crate) fn attach_consumer(ctx: &mut RequestCtx<'_>, consumer: Arc<Consumer>)
     ctx.consumer = Some(consumer);
 }
 
+/// The key a rate limiter counts a request under: a variable (`key_type: var`), a template of
+/// variables (`var_combination`), or the key itself (`constant`). Without a value, the client
+/// address stands in, as in APISIX.
+pub(crate) fn limit_key(ctx: &RequestCtx<'_>, key: &str, key_type: Option<&str>) -> String {
+    let value = match key_type {
+        Some("constant") => Some(key.to_string()),
+        Some("var_combination") => weir_core::text::interpolate(key, |name| ctx.var(name)),
+        _ => ctx.var(key),
+    };
+    value.unwrap_or_else(|| ctx.remote_ip().to_string())
+}
+
 /// A plugin's `401 {"message": …}`, as APISIX's auth plugins answer.
 pub(crate) fn unauthorized(message: &str) -> Reply {
     Reply::new(401, Some(json!({ "message": message })))
@@ -224,6 +246,11 @@ impl Notes {
         self.0.push((plugin, Box::new(value)));
     }
 
+    /// Keeps `value` until the request is done (a guard whose drop releases something).
+    pub fn hold<T: Any + Send>(&mut self, value: T) {
+        self.0.push(("", Box::new(value)));
+    }
+
     pub fn get<T: Any>(&self, plugin: &'static str) -> Option<&T> {
         self.0.iter().find(|(p, _)| *p == plugin).and_then(|(_, v)| v.downcast_ref())
     }
@@ -245,6 +272,12 @@ pub trait Plugin: Send + Sync {
 
     fn access(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
         Ok(())
+    }
+
+    /// A rewrite that waits (a delay injected on purpose): as `access_io`, for the rewrite
+    /// phase.
+    fn rewrite_io(&self, _ctx: &mut RequestCtx<'_>) -> Option<Pending> {
+        None
     }
 
     /// An access check that waits on I/O (a counter shared in Redis): the plugin reads what it
@@ -343,13 +376,23 @@ impl Default for Registry {
             basic_auth::factory(),
             consumer_restriction::factory(),
             cors::factory(),
+            fault_injection::factory(),
             ip_restriction::factory(),
             jwt_auth::factory(),
             key_auth::factory(),
+            limit_conn::factory(),
             limit_count::factory(),
+            limit_req::factory(),
+            mocking::factory(),
             prometheus::factory(),
             proxy_rewrite::factory(),
+            real_ip::factory(),
+            redirect::factory(),
+            referer_restriction::factory(),
             request_id::factory(),
+            response_rewrite::factory(),
+            ua_restriction::factory(),
+            uri_blocker::factory(),
         ];
         factories.sort_by_key(|f| f.name);
         Registry { factories }
@@ -486,7 +529,10 @@ pub async fn run_request(pipeline: &Pipeline, ctx: &mut RequestCtx<'_>) -> (Ran,
                 continue;
             }
             let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
-                Phase::Rewrite => Step::Done(i.plugin.rewrite(ctx)),
+                Phase::Rewrite => match i.plugin.rewrite_io(ctx) {
+                    Some(wait) => Step::Wait(wait),
+                    None => Step::Done(i.plugin.rewrite(ctx)),
+                },
                 Phase::Access => match i.plugin.access_io(ctx) {
                     Some(wait) => Step::Wait(wait),
                     None => Step::Done(i.plugin.access(ctx)),
@@ -559,7 +605,7 @@ enum Phase {
     Access,
 }
 
-struct FilterVars<'c, 'a>(&'c RequestCtx<'a>);
+pub(crate) struct FilterVars<'c, 'a>(&'c RequestCtx<'a>);
 
 impl weir_core::expr::Vars for FilterVars<'_, '_> {
     fn get(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {

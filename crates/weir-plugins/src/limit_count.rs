@@ -10,7 +10,7 @@ use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Factory, Pending, Plugin, Reply, RequestCtx};
+use crate::{Factory, Pending, Plugin, Reply, RequestCtx, limit_key};
 
 pub(crate) fn factory() -> Factory {
     Factory {
@@ -141,14 +141,7 @@ impl LimitCount {
     }
 
     fn key(&self, ctx: &RequestCtx<'_>) -> String {
-        let c = &self.config;
-        let key = match c.key_type.as_str() {
-            "constant" => Some(c.key.clone()),
-            "var_combination" => weir_core::text::interpolate(&c.key, |name| ctx.var(name)),
-            _ => ctx.var(&c.key),
-        };
-        // APISIX falls back to the client address when the key has no value.
-        key.unwrap_or_else(|| ctx.remote_ip().to_string())
+        limit_key(ctx, &self.config.key, Some(&self.config.key_type))
     }
 
     /// Counts one request for `key` at `now`: (allowed, remaining, seconds until reset).

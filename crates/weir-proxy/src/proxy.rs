@@ -212,6 +212,12 @@ impl Proxy {
         };
         let plugin_headers = std::mem::take(&mut ctx.response_headers);
         let consumer = ctx.consumer.take();
+        // `real-ip` may have named another client: the upstream hears of that one.
+        let moved = (ctx.remote != conn.remote).then(|| ConnInfo::new(ctx.remote, conn.local, conn.scheme));
+        let conn = moved.as_ref().unwrap_or(conn);
+        if let Some(r) = record.as_mut() {
+            r.record.client_ip = conn.remote.ip().to_string();
+        }
         let mut notes = std::mem::take(&mut ctx.notes);
         let resp = match outcome {
             Err(reply) => {

@@ -463,3 +463,142 @@ async fn limit_count_in_redis_is_one_limit_for_two_gateways() {
     assert_eq!(s, 400, "{body}");
     assert!(body["error_msg"].as_str().unwrap().contains("redis_host is required"), "{body}");
 }
+
+/// One row of a data-driven plugin test: a route's plugins, a request, and what must come back.
+struct Case {
+    name: &'static str,
+    plugins: Value,
+    path: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+    status: u16,
+    /// Response headers that must be present with these values.
+    resp_headers: &'static [(&'static str, &'static str)],
+    /// The response body: exact text, or (for an upstream's echo) a field that must match.
+    body: Body,
+}
+
+enum Body {
+    Any,
+    Text(&'static str),
+    Json(Value),
+    /// A field of the upstream's echo of the request.
+    Upstream(&'static str, Value),
+}
+
+async fn run_cases(cases: Vec<Case>) {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    for (i, c) in cases.iter().enumerate() {
+        let uri = format!("/case{i}/*");
+        put(&w, &format!("/routes/case{i}"), json!({"uri": uri, "plugins": c.plugins, "upstream": {"nodes": {up.node(): 1}}})).await;
+    }
+    let last = format!("/case{}/", cases.len() - 1);
+    w.until(&last, &[], |r| r.status != 404 || r.text() != r#"{"error_msg":"404 Route Not Found"}"#).await;
+    for (i, c) in cases.iter().enumerate() {
+        let path = format!("/case{i}{}", c.path);
+        let r = w.get(&path, c.headers).await;
+        assert_eq!(r.status, c.status, "{}: {}", c.name, r.text());
+        for (k, v) in c.resp_headers {
+            let got = r.headers.get(*k).map(|h| h.to_str().unwrap());
+            assert_eq!(got, Some(*v), "{}: header {k}", c.name);
+        }
+        match &c.body {
+            Body::Any => {}
+            Body::Text(t) => assert_eq!(r.text(), *t, "{}", c.name),
+            Body::Json(v) => assert_eq!(&r.json(), v, "{}", c.name),
+            Body::Upstream(field, v) => assert_eq!(&r.json()[*field], v, "{}: {}", c.name, r.text()),
+        }
+    }
+}
+
+#[tokio::test]
+async fn traffic_security_and_transformation_plugins() {
+    let c = |name, plugins, path, headers, status, resp_headers, body| Case { name, plugins, path, headers, status, resp_headers, body };
+    run_cases(vec![
+        c("fault-injection abort", json!({"fault-injection": {"abort": {"http_status": 418, "body": "teapot for $arg_who", "headers": {"x-fault": "yes"}}}}),
+            "/x?who=ann", &[], 418, &[("x-fault", "yes")], Body::Text("teapot for ann")),
+        c("fault-injection vars miss", json!({"fault-injection": {"abort": {"http_status": 418, "vars": [[["arg_name", "==", "jack"]]]}}}),
+            "/x?name=jill", &[], 200, &[], Body::Any),
+        c("fault-injection vars hit", json!({"fault-injection": {"abort": {"http_status": 418, "vars": [[["arg_name", "==", "jack"]]]}}}),
+            "/x?name=jack", &[], 418, &[], Body::Any),
+        c("fault-injection 0%", json!({"fault-injection": {"abort": {"http_status": 500, "percentage": 0}}}),
+            "/x", &[], 200, &[], Body::Any),
+        c("fault-injection delay then abort", json!({"fault-injection": {"delay": {"duration": 0.05}, "abort": {"http_status": 503}}}),
+            "/x", &[], 503, &[], Body::Any),
+        c("mocking example", json!({"mocking": {"response_status": 201, "response_example": "{\"a\":1}", "response_headers": {"x-mock": "1"}}}),
+            "/m", &[], 201, &[("x-mock", "1"), ("content-type", "application/json;charset=utf8")], Body::Json(json!({"a": 1}))),
+        c("mocking schema", json!({"mocking": {"content_type": "application/json", "with_mock_header": false,
+            "response_schema": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 7, "maximum": 7}}}}}),
+            "/m", &[], 200, &[], Body::Json(json!({"n": 7}))),
+        c("redirect uri", json!({"redirect": {"uri": "/new/$arg_id", "ret_code": 301}}),
+            "/old?id=9", &[], 301, &[("location", "/new/9")], Body::Any),
+        c("redirect regex_uri + query", json!({"redirect": {"regex_uri": ["^/case\\d+/a/(.*)$", "/b/$1"], "append_query_string": true}}),
+            "/a/x?q=1", &[], 302, &[("location", "/b/x?q=1")], Body::Any),
+        c("redirect http_to_https", json!({"redirect": {"http_to_https": true}}),
+            "/s?x=1", &[("host", "shop.test")], 301, &[], Body::Any),
+        c("response-rewrite", json!({"response-rewrite": {"status_code": 202, "body": "rewritten",
+            "headers": {"add": ["x-added: 1"], "set": {"x-upstream": "hidden"}, "remove": ["content-type"]}}}),
+            "/r", &[], 202, &[("x-added", "1"), ("x-upstream", "hidden")], Body::Text("rewritten")),
+        c("response-rewrite vars miss", json!({"response-rewrite": {"body": "only on 500", "vars": [["status", "==", 500]]}}),
+            "/r", &[], 200, &[], Body::Upstream("server", json!("backend"))),
+        c("response-rewrite vars hit", json!({"response-rewrite": {"body": "was 503", "vars": [["status", "==", 503]]},
+            "proxy-rewrite": {"regex_uri": ["^/case\\d+(/.*)$", "$1"]}}),
+            "/status/503", &[], 503, &[], Body::Text("was 503")),
+        c("uri-blocker", json!({"uri-blocker": {"block_rules": ["root\\.exe", "^/case\\d+/admin"], "rejected_msg": "blocked"}}),
+            "/x?f=ROOT.exe", &[], 200, &[], Body::Any),
+        c("uri-blocker case-insensitive", json!({"uri-blocker": {"block_rules": ["root\\.exe"], "case_insensitive": true, "rejected_msg": "blocked"}}),
+            "/x?f=ROOT.exe", &[], 403, &[], Body::Json(json!({"error_msg": "blocked"}))),
+        c("ua-restriction deny", json!({"ua-restriction": {"denylist": ["^curl/"]}}),
+            "/u", &[("user-agent", "curl/8.0")], 403, &[], Body::Json(json!({"message": "Not allowed"}))),
+        c("ua-restriction allow", json!({"ua-restriction": {"allowlist": ["^Mozilla"], "message": "browsers only"}}),
+            "/u", &[("user-agent", "curl/8.0")], 403, &[], Body::Json(json!({"message": "browsers only"}))),
+        c("ua-restriction missing", json!({"ua-restriction": {"denylist": ["^curl/"], "bypass_missing": true}}),
+            "/u", &[], 200, &[], Body::Any),
+        c("referer whitelist", json!({"referer-restriction": {"whitelist": ["*.example.com"]}}),
+            "/f", &[("referer", "https://www.example.com/page")], 200, &[], Body::Any),
+        c("referer whitelist miss", json!({"referer-restriction": {"whitelist": ["*.example.com"]}}),
+            "/f", &[("referer", "https://evil.test/")], 403, &[], Body::Json(json!({"message": "Your referer host is not allowed"}))),
+        c("referer missing", json!({"referer-restriction": {"blacklist": ["evil.test"]}}),
+            "/f", &[], 403, &[], Body::Any),
+        c("real-ip", json!({"real-ip": {"source": "http_x_client", "trusted_addresses": ["127.0.0.0/8"]},
+            "ip-restriction": {"whitelist": ["10.1.2.3"]}}),
+            "/ip", &[("x-client", "10.1.2.3")], 200, &[], Body::Any),
+        c("real-ip untrusted source", json!({"real-ip": {"source": "http_x_client", "trusted_addresses": ["10.0.0.0/8"]},
+            "ip-restriction": {"whitelist": ["10.1.2.3"]}}),
+            "/ip", &[("x-client", "10.1.2.3")], 403, &[], Body::Any),
+        c("limit-conn under", json!({"limit-conn": {"conn": 1, "burst": 0, "default_conn_delay": 0.1, "key": "remote_addr"}}),
+            "/c", &[], 200, &[], Body::Any),
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn limit_req_and_limit_conn_count_what_is_in_flight() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/routes/req", json!({"uri": "/req", "plugins": {"limit-req": {"rate": 1, "burst": 1, "key": "remote_addr", "rejected_code": 429}},
+        "upstream": {"nodes": {up.node(): 1}}})).await;
+    put(&w, "/routes/conn", json!({"uri": "/sleep/*", "plugins": {"limit-conn": {"conn": 1, "burst": 1, "default_conn_delay": 0.2,
+        "key_type": "var", "key": "remote_addr", "rejected_code": 429, "rejected_msg": "busy"}}, "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/req", &[], |r| r.status == 200).await;
+
+    // limit-req: the first passed; of two more at once, one waits 1/rate and one is refused.
+    let started = std::time::Instant::now();
+    let (a, b) = tokio::join!(w.get("/req", &[]), w.get("/req", &[]));
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 429], "one within the burst, one beyond it");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(800), "the one within the burst waited: {:?}", started.elapsed());
+
+    // limit-conn: three at once, each held 400 ms upstream: one goes, one is delayed, one refused.
+    let (a, b, c) = tokio::join!(w.get("/sleep/400", &[]), w.get("/sleep/400", &[]), w.get("/sleep/400", &[]));
+    let mut statuses = [a.status, b.status, c.status];
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 429], "{} {} {}", a.text(), b.text(), c.text());
+    let refused = [a, b, c].into_iter().find(|r| r.status == 429).unwrap();
+    assert_eq!(refused.json(), json!({"error_msg": "busy"}));
+    // Once they are done, the count is back to zero.
+    assert_eq!(w.get("/sleep/1", &[]).await.status, 200);
+    let (a, b) = tokio::join!(w.get("/sleep/100", &[]), w.get("/sleep/100", &[]));
+    assert_eq!((a.status, b.status), (200, 200));
+}

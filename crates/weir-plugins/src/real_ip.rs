@@ -1,0 +1,79 @@
+//! `real-ip`: takes the client address from a header (or another variable) set by a trusted
+//! proxy in front, so later plugins and the upstream see the real client.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use serde_json::{Value, json};
+
+use crate::{Factory, Plugin, Reply, RequestCtx};
+
+pub(crate) fn factory() -> Factory {
+    Factory {
+        name: "real-ip",
+        priority: 23000,
+        schema: json!({"type": "object", "properties": {
+            "source": {"type": "string", "minLength": 1},
+            "trusted_addresses": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+            "recursive": {"type": "boolean", "default": false}
+        }, "required": ["source"]}),
+        consumer_schema: None,
+        credential: None,
+        build: |conf, _| {
+            let trusted = conf
+                .get("trusted_addresses")
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(|t| weir_core::model::parse_ip_net(t).ok_or(format!("trusted_addresses: invalid address {t}")))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
+            Ok(Arc::new(RealIp {
+                source: conf.get("source").and_then(Value::as_str).unwrap_or("").to_string(),
+                trusted,
+                recursive: conf.get("recursive").and_then(Value::as_bool).unwrap_or(false),
+            }))
+        },
+    }
+}
+
+struct RealIp {
+    source: String,
+    /// Only connections from these may set the address; `None` trusts everyone.
+    trusted: Option<Vec<IpNet>>,
+    recursive: bool,
+}
+
+impl RealIp {
+    fn trusts(&self, ip: IpAddr) -> bool {
+        self.trusted.as_ref().is_none_or(|t| t.iter().any(|n| n.contains(&ip)))
+    }
+}
+
+impl Plugin for RealIp {
+    fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+        if !self.trusts(ctx.remote.ip()) {
+            return Ok(());
+        }
+        let Some(value) = ctx.var(&self.source) else { return Ok(()) };
+        let parse = |s: &str| -> Option<SocketAddr> {
+            let s = s.trim();
+            s.parse::<SocketAddr>().ok().or_else(|| s.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 0)))
+        };
+        let hops: Vec<&str> = value.split(',').collect();
+        // With `recursive`, the rightmost address not itself trusted is the client (nginx's
+        // real_ip_recursive); without, the last one given.
+        let chosen = if self.recursive {
+            hops.iter().rev().filter_map(|h| parse(h)).find(|a| !self.trusts(a.ip())).or_else(|| hops.first().and_then(|h| parse(h)))
+        } else {
+            hops.last().and_then(|h| parse(h))
+        };
+        if let Some(addr) = chosen {
+            ctx.remote = if addr.port() == 0 { SocketAddr::new(addr.ip(), ctx.remote.port()) } else { addr };
+        }
+        Ok(())
+    }
+}
