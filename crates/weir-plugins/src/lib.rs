@@ -17,6 +17,7 @@ mod key_auth;
 mod limit_conn;
 mod limit_count;
 mod limit_req;
+mod loggers;
 mod mocking;
 pub mod prometheus;
 mod proxy_rewrite;
@@ -383,6 +384,8 @@ impl Default for Registry {
             limit_conn::factory(),
             limit_count::factory(),
             limit_req::factory(),
+            loggers::file_factory(),
+            loggers::http_factory(),
             mocking::factory(),
             prometheus::factory(),
             proxy_rewrite::factory(),

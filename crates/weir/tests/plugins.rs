@@ -602,3 +602,81 @@ async fn limit_req_and_limit_conn_count_what_is_in_flight() {
     let (a, b) = tokio::join!(w.get("/sleep/100", &[]), w.get("/sleep/100", &[]));
     assert_eq!((a.status, b.status), (200, 200));
 }
+
+/// A log server: every POST body it receives, in order.
+async fn log_server() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use http_body_util::BodyExt as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = got.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        seen.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, got)
+}
+
+#[tokio::test]
+async fn file_and_http_loggers_write_apisix_entries_in_the_background() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    let (log_addr, batches) = log_server().await;
+    let file = w.dir.path().join("access.log");
+    put(&w, "/consumers", json!({"username": "ann", "plugins": {"key-auth": {"key": "ann-key"}}})).await;
+    put(&w, "/routes/logged", json!({"uri": "/logged", "plugins": {
+        "key-auth": {},
+        "file-logger": {"path": file.to_str().unwrap()},
+        "http-logger": {"uri": format!("http://{log_addr}/logs"), "batch_max_size": 2, "inactive_timeout": 1}
+    }, "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/logged", &[("apikey", "ann-key")], |r| r.status == 200).await;
+    assert_eq!(w.get("/logged", &[("apikey", "ann-key")]).await.status, 200);
+    assert_eq!(w.get("/logged", &[]).await.status, 401);
+
+    // Two entries fill a batch; the third goes once a second has passed without another.
+    let mut sent = Vec::new();
+    for _ in 0..100 {
+        sent = batches.lock().unwrap().clone();
+        if sent.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    let first: Value = serde_json::from_str(&sent[0]).unwrap();
+    assert_eq!(first.as_array().unwrap().len(), 2, "a full batch: {first}");
+    let e = &first[0];
+    assert_eq!((e["route_id"].as_str(), e["response"]["status"].as_u64()), (Some("logged"), Some(200)));
+    assert_eq!(e["consumer"]["username"], "ann");
+    assert_eq!(e["upstream"], json!(up.node()));
+    assert_eq!(e["request"]["method"], "GET");
+    assert!(e["latency"].as_f64().unwrap() >= e["upstream_latency"].as_f64().unwrap());
+    let second: Value = serde_json::from_str(&sent[1]).unwrap();
+    assert_eq!(second[0]["response"]["status"], 401, "refused requests are logged too");
+
+    let mut lines: Vec<Value> = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&file).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        if lines.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.iter().map(|l| l["response"]["status"].as_u64().unwrap()).collect::<Vec<_>>(), [200, 200, 401]);
+
+    let (s, b) = w.admin("PUT", "/routes/bad", Some(json!({"uri": "/bad", "plugins": {"http-logger": {"uri": "ftp://x"}}}))).await;
+    assert_eq!(s, 400, "{b}");
+}

@@ -1,0 +1,280 @@
+//! `file-logger` and `http-logger`: one JSON entry per request, in APISIX's default log
+//! format, written or sent in the background. A request never waits on a logger: entries go
+//! through a bounded queue, and when it is full they are dropped and counted in the log.
+
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel};
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+
+use crate::{Factory, LogRecord, Notes, Phases, Plugin};
+
+/// Entries waiting for a writer, per logger.
+const QUEUE: usize = 10_000;
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// A request as APISIX's loggers describe it.
+pub(crate) fn entry(r: &LogRecord) -> Value {
+    let start = r.started.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_millis() as u64);
+    let latency = ms(r.request_time);
+    let mut e = json!({
+        "client_ip": r.client_ip,
+        "route_id": r.route_id,
+        "service_id": r.service_id,
+        "start_time": start,
+        "latency": latency,
+        "upstream": r.node,
+        "request": {"method": r.method, "uri": r.uri, "url": format!("http://{}{}", r.host, r.uri), "size": r.request_bytes},
+        "response": {"status": r.status, "size": r.response_bytes},
+        "server": {"version": concat!("weir/", env!("CARGO_PKG_VERSION"))},
+    });
+    if let Some(up) = r.upstream_time {
+        e["upstream_latency"] = json!(ms(up));
+        e["apisix_latency"] = json!((latency - ms(up)).max(0.0));
+    }
+    if let Some(c) = &r.consumer {
+        e["consumer"] = json!({ "username": c });
+    }
+    e
+}
+
+/// The sending end of a background writer; entries beyond the queue are dropped and counted.
+struct Queue {
+    tx: SyncSender<Value>,
+    dropped: AtomicU64,
+    what: String,
+}
+
+impl Queue {
+    fn push(&self, v: Value) {
+        match self.tx.try_send(v) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => {
+                let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(logger = %self.what, dropped = n, "log queue full; entries dropped");
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+}
+
+pub(crate) fn file_factory() -> Factory {
+    Factory {
+        name: "file-logger",
+        priority: 399,
+        schema: json!({"type": "object", "properties": {
+            "path": {"type": "string", "minLength": 1},
+            "include_req_body": {"type": "boolean", "default": false},
+            "include_resp_body": {"type": "boolean", "default": false}
+        }, "required": ["path"]}),
+        consumer_schema: None,
+        credential: None,
+        build: |conf, scope| {
+            let path = conf.get("path").and_then(Value::as_str).unwrap_or("").to_string();
+            if scope == "check" {
+                return Ok(Arc::new(Logger { queue: None }));
+            }
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
+            let (tx, rx) = sync_channel::<Value>(QUEUE);
+            std::thread::Builder::new()
+                .name("weir-file-logger".into())
+                .spawn(move || write_lines(file, rx))
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what: path }) }))
+        },
+    }
+}
+
+fn write_lines(file: std::fs::File, rx: Receiver<Value>) {
+    let mut out = std::io::BufWriter::new(file);
+    while let Ok(v) = rx.recv() {
+        let _ = writeln!(out, "{v}");
+        // Flush once the queue is drained, so lines reach the file promptly under light load.
+        while let Ok(v) = rx.try_recv() {
+            let _ = writeln!(out, "{v}");
+        }
+        if let Err(e) = out.flush() {
+            tracing::warn!(error = %e, "file-logger: write failed");
+        }
+    }
+}
+
+struct Logger {
+    /// `None` for the instance built only to check a config at write time.
+    queue: Option<Queue>,
+}
+
+impl Plugin for Logger {
+    fn phases(&self) -> Phases {
+        Phases { response: false, log: true }
+    }
+
+    fn log(&self, record: &LogRecord, _notes: &Notes) {
+        if let Some(q) = &self.queue {
+            q.push(entry(record));
+        }
+    }
+}
+
+pub(crate) fn http_factory() -> Factory {
+    Factory {
+        name: "http-logger",
+        priority: 410,
+        schema: json!({"type": "object", "properties": {
+            "uri": {"type": "string", "pattern": "^https?://"},
+            "auth_header": {"type": "string"},
+            "timeout": {"type": "integer", "minimum": 1, "default": 3},
+            "name": {"type": "string", "default": "http logger"},
+            "batch_max_size": {"type": "integer", "minimum": 1, "default": 1000},
+            "inactive_timeout": {"type": "integer", "minimum": 1, "default": 5},
+            "buffer_duration": {"type": "integer", "minimum": 1, "default": 60},
+            "max_retry_count": {"type": "integer", "minimum": 0, "default": 0},
+            "retry_delay": {"type": "integer", "minimum": 0, "default": 1},
+            "concat_method": {"type": "string", "enum": ["json", "new_line"], "default": "json"},
+            "include_req_body": {"type": "boolean", "default": false},
+            "include_resp_body": {"type": "boolean", "default": false},
+            "ssl_verify": {"type": "boolean", "default": false}
+        }, "required": ["uri"]}),
+        consumer_schema: None,
+        credential: None,
+        build: |conf, scope| {
+            let target = HttpTarget::parse(conf)?;
+            if scope == "check" {
+                return Ok(Arc::new(Logger { queue: None }));
+            }
+            let what = target.uri.to_string();
+            let (tx, rx) = sync_channel::<Value>(QUEUE);
+            std::thread::Builder::new()
+                .name("weir-http-logger".into())
+                .spawn(move || send_batches(target, rx))
+                .map_err(|e| e.to_string())?;
+            Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what }) }))
+        },
+    }
+}
+
+/// Where and how an `http-logger` sends its batches.
+struct HttpTarget {
+    uri: http::Uri,
+    authority: String,
+    auth_header: Option<http::HeaderValue>,
+    timeout: Duration,
+    batch_max_size: usize,
+    inactive: Duration,
+    buffer: Duration,
+    retries: u32,
+    retry_delay: Duration,
+    new_line: bool,
+}
+
+impl HttpTarget {
+    fn parse(conf: &Value) -> Result<HttpTarget, String> {
+        let num = |k: &str, d: u64| conf.get(k).and_then(Value::as_u64).unwrap_or(d);
+        let raw = conf.get("uri").and_then(Value::as_str).unwrap_or("");
+        let uri: http::Uri = raw.parse().map_err(|e| format!("uri: {e}"))?;
+        if uri.scheme_str() != Some("http") {
+            return Err("uri: only http:// log servers are supported".into());
+        }
+        let host = uri.host().ok_or("uri: a host is required")?;
+        let authority = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+        let auth_header = conf
+            .get("auth_header")
+            .and_then(Value::as_str)
+            .map(|h| http::HeaderValue::from_str(h).map_err(|e| format!("auth_header: {e}")))
+            .transpose()?;
+        Ok(HttpTarget {
+            uri,
+            authority,
+            auth_header,
+            timeout: Duration::from_secs(num("timeout", 3)),
+            batch_max_size: num("batch_max_size", 1000) as usize,
+            inactive: Duration::from_secs(num("inactive_timeout", 5)),
+            buffer: Duration::from_secs(num("buffer_duration", 60)),
+            retries: num("max_retry_count", 0) as u32,
+            retry_delay: Duration::from_secs(num("retry_delay", 1)),
+            new_line: conf.get("concat_method").and_then(Value::as_str) == Some("new_line"),
+        })
+    }
+
+    async fn post(&self, body: Bytes) -> Result<(), String> {
+        let stream = tokio::net::TcpStream::connect(&self.authority).await.map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut req = http::Request::post(path)
+            .header(http::header::HOST, self.authority.as_str())
+            .header(http::header::CONTENT_TYPE, if self.new_line { "text/plain" } else { "application/json" })
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        if let Some(h) = &self.auth_header {
+            req.headers_mut().insert(http::header::AUTHORIZATION, h.clone());
+        }
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        if resp.status().is_success() { Ok(()) } else { Err(format!("log server answered {}", resp.status())) }
+    }
+}
+
+/// Collects entries into batches (full at `batch_max_size`, or sent after `inactive_timeout`
+/// without a new entry, or `buffer_duration` after the first) and posts each, with retries.
+fn send_batches(target: HttpTarget, rx: Receiver<Value>) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+    let target = Arc::new(target);
+    let mut pending: Vec<Value> = Vec::new();
+    let mut first: Option<Instant> = None;
+    loop {
+        let wait = match first {
+            Some(f) => target.inactive.min(target.buffer.saturating_sub(f.elapsed())),
+            None => Duration::from_secs(3600),
+        };
+        let closed = match rx.recv_timeout(wait) {
+            Ok(v) => {
+                pending.push(v);
+                first.get_or_insert_with(Instant::now);
+                if pending.len() < target.batch_max_size && first.is_some_and(|f| f.elapsed() < target.buffer) {
+                    continue;
+                }
+                false
+            }
+            Err(RecvTimeoutError::Timeout) => false,
+            Err(RecvTimeoutError::Disconnected) => true,
+        };
+        let batch = std::mem::take(&mut pending);
+        first = None;
+        if !batch.is_empty() {
+            let body = if target.new_line {
+                batch.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
+            } else {
+                Value::Array(batch).to_string()
+            };
+            rt.block_on(deliver(&target, Bytes::from(body)));
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
+async fn deliver(target: &HttpTarget, body: Bytes) {
+    for attempt in 0..=target.retries {
+        match tokio::time::timeout(target.timeout, target.post(body.clone())).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => tracing::warn!(uri = %target.uri, attempt, error = %e, "http-logger: batch not delivered"),
+            Err(_) => tracing::warn!(uri = %target.uri, attempt, "http-logger: log server timed out"),
+        }
+        if attempt < target.retries {
+            tokio::time::sleep(target.retry_delay).await;
+        }
+    }
+    tracing::error!(uri = %target.uri, "http-logger: batch dropped after its retries");
+}
