@@ -181,6 +181,9 @@ fn pool_requests() -> u64 {
 pub struct PluginHolder {
     #[serde(default)]
     pub plugins: Map<String, Value>,
+    /// A consumer's `consumer_groups` object, whose plugins it inherits.
+    #[serde(default)]
+    pub group_id: Option<Id>,
 }
 
 /// A certificate object (`ssls`). `key`/`keys` are as stored: encrypted, unless written by

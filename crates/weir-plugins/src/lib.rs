@@ -85,6 +85,8 @@ pub struct Credential {
 #[derive(Default)]
 pub struct Consumers {
     by_plugin: HashMap<&'static str, HashMap<String, Credential>>,
+    /// The plugins a consumer brings (its group's and its own), by username.
+    plugins: HashMap<String, Arc<Pipeline>>,
 }
 
 impl Consumers {
@@ -107,6 +109,15 @@ impl Consumers {
 
     pub fn find(&self, plugin: &'static str, id: &str) -> Option<&Credential> {
         self.by_plugin.get(plugin)?.get(id)
+    }
+
+    pub fn set_plugins(&mut self, username: &str, pipeline: Pipeline) {
+        self.plugins.insert(username.to_string(), Arc::new(pipeline));
+    }
+
+    /// The plugins `username` brings to every route it calls, if any.
+    pub fn plugins_of(&self, username: &str) -> Option<&Arc<Pipeline>> {
+        self.plugins.get(username)
     }
 }
 
@@ -416,6 +427,11 @@ impl Registry {
         self.factories.iter().find(|f| f.name == name)
     }
 
+    /// Whether `name` is an auth plugin (its consumer config is a credential).
+    pub fn is_auth(&self, name: &str) -> bool {
+        self.factory(name).is_some_and(|f| f.credential.is_some())
+    }
+
     /// The pipeline for a merged `plugins` object, highest priority first. Disabled plugins are
     /// left out; a plugin whose config cannot be built is an error naming it.
     pub fn pipeline(
@@ -518,52 +534,99 @@ impl PluginCatalog for Registry {
 /// Runs the request phases of `pipeline`: every `rewrite`, then every `access`. Stops at the
 /// first reply. Either way, says which plugins ran, for the later phases.
 pub async fn run_request(pipeline: &Pipeline, ctx: &mut RequestCtx<'_>) -> (Ran, Result<(), Reply>) {
-    use futures_util::FutureExt as _;
-    // `_meta.filter` is decided once per plugin, before any plugin has changed the request.
+    let ran = filters(pipeline, ctx);
+    let mut outcome = run_phase(&[(pipeline, ran)], Phase::Rewrite, ctx).await;
+    if outcome.is_ok() {
+        outcome = run_phase(&[(pipeline, ran)], Phase::Access, ctx).await;
+    }
+    (ran, outcome)
+}
+
+/// Decides `_meta.filter` for each plugin of `pipeline`: which of them run for this request.
+/// Decided once, before the plugins change the request.
+pub fn filters(pipeline: &Pipeline, ctx: &RequestCtx<'_>) -> Ran {
     let mut ran = Ran(0);
     for (n, i) in pipeline.instances.iter().enumerate() {
         if i.filter.as_ref().is_none_or(|f| f.eval(&FilterVars(ctx))) {
             ran.0 |= 1 << n;
         }
     }
-    for phase in [Phase::Rewrite, Phase::Access] {
+    ran
+}
+
+impl Ran {
+    /// Leaves out the plugins `overridden` names (a consumer brings its own config of them).
+    pub fn without(self, pipeline: &Pipeline, overridden: &Pipeline) -> Ran {
+        let mut bits = self.0;
         for (n, i) in pipeline.instances.iter().enumerate() {
-            if !ran.has(n) {
-                continue;
+            if overridden.instances.iter().any(|o| o.name == i.name) {
+                bits &= !(1 << n);
             }
-            let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
-                Phase::Rewrite => match i.plugin.rewrite_io(ctx) {
-                    Some(wait) => Step::Wait(wait),
-                    None => Step::Done(i.plugin.rewrite(ctx)),
-                },
-                Phase::Access => match i.plugin.access_io(ctx) {
-                    Some(wait) => Step::Wait(wait),
-                    None => Step::Done(i.plugin.access(ctx)),
-                },
-            }));
-            let result = match step {
-                Ok(Step::Done(r)) => Ok(r),
-                Ok(Step::Wait(wait)) => std::panic::AssertUnwindSafe(wait).catch_unwind().await.map(|r| {
-                    r.map(|headers| ctx.response_headers.extend(headers))
-                }),
-                Err(panic) => Err(panic),
-            };
-            match result {
-                Ok(Ok(())) => {}
-                Ok(Err(mut reply)) => {
-                    if let Some(custom) = &i.error_response {
-                        reply.body = Some(custom.clone());
-                    }
-                    return (ran, Err(reply));
+        }
+        Ran(bits)
+    }
+}
+
+/// Runs one request phase of the plugins each `(pipeline, ran)` marks, in priority order across
+/// all of them. Stops at the first reply.
+pub async fn run_phase(parts: &[(&Pipeline, Ran)], phase: Phase, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+    if let [(pipeline, ran)] = parts {
+        // One pipeline is already in order: no list to make.
+        for (n, i) in pipeline.instances.iter().enumerate() {
+            if ran.has(n) {
+                run_one(i, phase, ctx).await?;
+            }
+        }
+        return Ok(());
+    }
+    let mut order: Vec<&Instance> = Vec::new();
+    for (pipeline, ran) in parts {
+        order.extend(pipeline.instances.iter().enumerate().filter(|(n, _)| ran.has(*n)).map(|(_, i)| i));
+    }
+    order.sort_by_key(|i| std::cmp::Reverse(i.priority));
+    for i in order {
+        run_one(i, phase, ctx).await?;
+    }
+    Ok(())
+}
+
+/// One plugin's request phase, its panics caught and its reply given `_meta.error_response`.
+async fn run_one(i: &Instance, phase: Phase, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+    use futures_util::FutureExt as _;
+    {
+        let step = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match phase {
+            Phase::Rewrite => match i.plugin.rewrite_io(ctx) {
+                Some(wait) => Step::Wait(wait),
+                None => Step::Done(i.plugin.rewrite(ctx)),
+            },
+            Phase::Access => match i.plugin.access_io(ctx) {
+                Some(wait) => Step::Wait(wait),
+                None => Step::Done(i.plugin.access(ctx)),
+            },
+        }));
+        let result = match step {
+            Ok(Step::Done(r)) => Ok(r),
+            Ok(Step::Wait(wait)) => std::panic::AssertUnwindSafe(wait)
+                .catch_unwind()
+                .await
+                .map(|r| r.map(|headers| ctx.response_headers.extend(headers))),
+            Err(panic) => Err(panic),
+        };
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(mut reply)) => {
+                if let Some(custom) = &i.error_response {
+                    reply.body = Some(custom.clone());
                 }
-                Err(_) => {
-                    tracing::error!(plugin = i.name, route = ctx.route_id, "plugin panicked; the request fails with 500");
-                    return (ran, Err(Reply::new(500, None)));
-                }
+                return Err(reply);
+            }
+            Err(_) => {
+                tracing::error!(plugin = i.name, route = ctx.route_id, "plugin panicked; the request fails with 500");
+                return Err(Reply::new(500, None));
             }
         }
     }
-    (ran, Ok(()))
+    Ok(())
 }
 
 enum Step {
@@ -602,8 +665,9 @@ pub fn run_log(pipeline: &Pipeline, ran: Ran, record: &LogRecord, notes: &Notes)
     }
 }
 
-#[derive(Clone, Copy)]
-enum Phase {
+/// The request phases.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Phase {
     Rewrite,
     Access,
 }

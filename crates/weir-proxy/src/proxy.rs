@@ -18,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use weir_core::expr::Vars;
 use weir_core::text::interpolate;
 use weir_plugins::prometheus::COUNTERS;
-use weir_plugins::{Consumers, LogRecord, Notes, Pipeline, Ran, Reply, RequestCtx, RequestVars, ResponseCtx, run_log, run_request, run_response};
+use weir_plugins::{Consumers, LogRecord, Notes, Phase, Pipeline, Ran, Reply, RequestCtx, RequestVars, ResponseCtx, filters, run_log, run_phase, run_request, run_response};
 
 use crate::balancer::{InFlight, hash32};
 use crate::body::{ReqBody, RespBody};
@@ -205,20 +205,44 @@ impl Proxy {
             response_headers: Vec::new(),
             notes: Notes::default(),
         };
-        let (ran_global, outcome) = run_request(&global, &mut ctx).await;
-        let (ran_route, outcome) = match outcome {
-            Ok(()) => run_request(&route.plugins, &mut ctx).await,
-            Err(reply) => (Ran::default(), Err(reply)),
-        };
+        let (ran_global, mut outcome) = run_request(&global, &mut ctx).await;
+        let mut ran_route = Ran::default();
+        // The plugins the consumer brings, once an auth plugin has named it: they replace the
+        // route's config of the same plugins (consumer > consumer group > route).
+        let mut brought: Option<(Arc<Pipeline>, Ran)> = None;
+        if outcome.is_ok() {
+            ran_route = filters(&route.plugins, &ctx);
+            outcome = run_phase(&[(&route.plugins, ran_route)], Phase::Rewrite, &mut ctx).await;
+        }
+        if outcome.is_ok() {
+            let own = ctx.consumer.as_ref().and_then(|c| consumers.plugins_of(&c.username)).cloned();
+            outcome = match own {
+                None => run_phase(&[(&route.plugins, ran_route)], Phase::Access, &mut ctx).await,
+                Some(own) => {
+                    ran_route = ran_route.without(&route.plugins, &own);
+                    let ran_own = filters(&own, &ctx);
+                    let mut r = run_phase(&[(&own, ran_own)], Phase::Rewrite, &mut ctx).await;
+                    if r.is_ok() {
+                        r = run_phase(&[(&route.plugins, ran_route), (&own, ran_own)], Phase::Access, &mut ctx).await;
+                    }
+                    brought = Some((own, ran_own));
+                    r
+                }
+            };
+        }
         let plugin_headers = std::mem::take(&mut ctx.response_headers);
         let consumer = ctx.consumer.take();
         // `real-ip` may have named another client: the upstream hears of that one.
         let moved = (ctx.remote != conn.remote).then(|| ConnInfo::new(ctx.remote, conn.local, conn.scheme));
+        let mut notes = std::mem::take(&mut ctx.notes);
         let conn = moved.as_ref().unwrap_or(conn);
+        if record.is_none() && brought.as_ref().is_some_and(|(p, _)| p.phases.log) {
+            // Only the consumer's plugins log: the record starts now, once it is known.
+            record = Some(log_record(&route, &parts, conn));
+        }
         if let Some(r) = record.as_mut() {
             r.record.client_ip = conn.remote.ip().to_string();
         }
-        let mut notes = std::mem::take(&mut ctx.notes);
         let resp = match outcome {
             Err(reply) => {
                 // The replying plugin ran last: its headers win over earlier plugins'.
@@ -231,7 +255,8 @@ impl Proxy {
                 with_headers(resp, plugin_headers)
             }
         };
-        let resp = if global.phases.response || route.plugins.phases.response {
+        let brought_phases = brought.as_ref().map(|(p, _)| p.phases).unwrap_or_default();
+        let resp = if global.phases.response || route.plugins.phases.response || brought_phases.response {
             let (mut head, body) = resp.into_parts();
             let mut replaced = None;
             let mut rctx = ResponseCtx {
@@ -243,6 +268,9 @@ impl Proxy {
             };
             run_response(&global, ran_global, &mut rctx);
             run_response(&route.plugins, ran_route, &mut rctx);
+            if let Some((own, ran)) = &brought {
+                run_response(own, *ran, &mut rctx);
+            }
             match replaced {
                 Some(b) => {
                     head.headers.remove(header::CONTENT_LENGTH);
@@ -262,6 +290,9 @@ impl Proxy {
                 let record = pending.finish(sent);
                 run_log(&global, ran_global, &record, &notes);
                 run_log(&route.plugins, ran_route, &record, &notes);
+                if let Some((own, ran)) = &brought {
+                    run_log(own, *ran, &record, &notes);
+                }
             })
         })
     }

@@ -399,15 +399,28 @@ fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Pipeline {
     })
 }
 
-/// Consumers by the credentials they and their credential objects hold.
-fn consumers(state: &ConfigState, registry: &Registry) -> Consumers {
+/// Consumers by the credentials they and their credential objects hold, and the plugins each
+/// consumer brings to the routes it calls (its group's, overridden by its own; auth plugins
+/// are credentials, not plugins to run).
+fn consumers(state: &ConfigState, ctx: &mut Ctx<'_>) -> Consumers {
     let mut out = Consumers::default();
     for (username, c) in &state.consumers {
-        out.add(registry, username, None, &c.plugins);
+        out.add(ctx.registry, username, None, &c.plugins);
+        let group = c.group_id.as_ref().and_then(|g| state.consumer_groups.get(&g.0));
+        let mut merged = group.map(|g| g.plugins.clone()).unwrap_or_default();
+        merged.extend(c.plugins.clone());
+        merged.retain(|name, _| !ctx.registry.is_auth(name));
+        if merged.is_empty() {
+            continue;
+        }
+        match ctx.registry.pipeline(&merged, &format!("consumer:{username}"), ctx.instances) {
+            Ok(p) => out.set_plugins(username, p),
+            Err(e) => tracing::warn!(consumer = %username, error = %e, "consumer has plugins that cannot run; skipped"),
+        }
     }
     for (key, c) in &state.credentials {
         if let Some((username, id)) = key.split_once("/credentials/") {
-            out.add(registry, username, Some(id), &c.plugins);
+            out.add(ctx.registry, username, Some(id), &c.plugins);
         }
     }
     out
@@ -520,6 +533,7 @@ impl Builder {
             .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry))
             .collect();
         let global = global_pipeline(state, &mut ctx);
+        let consumers = consumers(state, &mut ctx);
         self.instances.finish();
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
         let mut checked: Vec<(String, Arc<UpstreamRt>)> = self
@@ -540,7 +554,7 @@ impl Builder {
             checked,
             tls,
             global: Arc::new(global),
-            consumers: Arc::new(consumers(state, &self.registry)),
+            consumers: Arc::new(consumers),
         };
         self.last = Some(snapshot.shallow_clone());
         snapshot

@@ -23,6 +23,7 @@ pub struct ConfigState {
     pub consumers: BTreeMap<String, PluginHolder>,
     /// By `{username}/credentials/{id}`.
     pub credentials: BTreeMap<String, PluginHolder>,
+    pub consumer_groups: BTreeMap<String, PluginHolder>,
 }
 
 /// A route and the store revision that created it (older routes win priority ties).
@@ -97,6 +98,7 @@ impl ConfigState {
             Resource::GlobalRules => upsert(&mut self.global_rules, id, parse(kv)),
             Resource::Consumers => upsert(&mut self.consumers, id, parse(kv)),
             Resource::Credentials => upsert(&mut self.credentials, id, parse(kv)),
+            Resource::ConsumerGroups => upsert(&mut self.consumer_groups, id, parse(kv)),
             _ => return false,
         }
         true
@@ -118,6 +120,7 @@ impl ConfigState {
                 self.consumers.remove(id).is_some()
             }
             Resource::Credentials => self.credentials.remove(id).is_some(),
+            Resource::ConsumerGroups => self.consumer_groups.remove(id).is_some(),
             _ => false,
         }
     }

@@ -680,3 +680,33 @@ async fn file_and_http_loggers_write_apisix_entries_in_the_background() {
     let (s, b) = w.admin("PUT", "/routes/bad", Some(json!({"uri": "/bad", "plugins": {"http-logger": {"uri": "ftp://x"}}}))).await;
     assert_eq!(s, 400, "{b}");
 }
+
+#[tokio::test]
+async fn consumer_and_group_plugins_take_precedence_over_the_route() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/consumer_groups/gold", json!({"plugins": {
+        "proxy-rewrite": {"headers": {"set": {"x-group": "gold"}}},
+        "limit-count": {"count": 50, "time_window": 60}
+    }})).await;
+    put(&w, "/consumers", json!({"username": "jack", "group_id": "gold", "plugins": {
+        "key-auth": {"key": "jack-key"},
+        "limit-count": {"count": 2, "time_window": 60, "rejected_code": 429}
+    }})).await;
+    put(&w, "/consumers", json!({"username": "rose", "plugins": {"key-auth": {"key": "rose-key"}}})).await;
+    put(&w, "/routes/r", json!({"uri": "/r", "plugins": {"key-auth": {}, "limit-count": {"count": 100, "time_window": 60}},
+        "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/r", &[("apikey", "rose-key")], |r| r.status == 200).await;
+
+    let r = w.get("/r", &[("apikey", "rose-key")]).await;
+    assert_eq!(r.headers["x-ratelimit-limit"], "100", "a consumer without plugins gets the route's");
+    assert!(r.json()["headers"].get("x-group").is_none());
+
+    let r = w.get("/r", &[("apikey", "jack-key")]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.headers["x-ratelimit-limit"], "2", "the consumer's config wins over its group's and the route's");
+    assert_eq!(r.json()["headers"]["x-group"], "gold", "the group's plugins run too");
+    assert_eq!(w.get("/r", &[("apikey", "jack-key")]).await.status, 200);
+    assert_eq!(w.get("/r", &[("apikey", "jack-key")]).await.status, 429);
+    assert_eq!(w.get("/r", &[("apikey", "rose-key")]).await.status, 200, "rose's quota is the route's, apart from jack's");
+}
