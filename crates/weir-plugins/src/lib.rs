@@ -26,6 +26,7 @@ mod redirect;
 mod referer_restriction;
 mod request_id;
 mod response_rewrite;
+mod traffic_split;
 mod ua_restriction;
 mod uri_blocker;
 mod vars;
@@ -175,6 +176,8 @@ pub struct RequestCtx<'a> {
     /// Added to the response by the pipeline (rate-limit quotas, say).
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     pub notes: Notes,
+    /// Set by `traffic-split`: which of the route's alternative upstreams serves the request.
+    pub upstream_choice: Option<usize>,
 }
 
 impl RequestCtx<'_> {
@@ -405,6 +408,7 @@ impl Default for Registry {
             referer_restriction::factory(),
             request_id::factory(),
             response_rewrite::factory(),
+            traffic_split::factory(),
             ua_restriction::factory(),
             uri_blocker::factory(),
         ];
@@ -715,6 +719,7 @@ mod tests {
             consumer: None,
             response_headers: Vec::new(),
             notes: Notes::default(),
+            upstream_choice: None,
         };
         let pipeline = Pipeline::new(pipeline).unwrap();
         let run = run_request(&pipeline, &mut ctx);

@@ -172,7 +172,7 @@ impl Proxy {
         let Some(route) = route else { return not_found() };
         if route.plugins.is_empty() && snapshot.global.is_empty() {
             drop(snapshot);
-            return self.to_upstream(&route, parts, body, conn, None, None).await;
+            return self.to_upstream(&route, route.upstream.as_ref(), parts, body, conn, None, None).await;
         }
         let global = snapshot.global.clone();
         let consumers = snapshot.consumers.clone();
@@ -204,6 +204,7 @@ impl Proxy {
             consumer: None,
             response_headers: Vec::new(),
             notes: Notes::default(),
+            upstream_choice: None,
         };
         let (ran_global, mut outcome) = run_request(&global, &mut ctx).await;
         let mut ran_route = Ran::default();
@@ -235,6 +236,7 @@ impl Proxy {
         // `real-ip` may have named another client: the upstream hears of that one.
         let moved = (ctx.remote != conn.remote).then(|| ConnInfo::new(ctx.remote, conn.local, conn.scheme));
         let mut notes = std::mem::take(&mut ctx.notes);
+        let choice = ctx.upstream_choice;
         let conn = moved.as_ref().unwrap_or(conn);
         if record.is_none() && brought.as_ref().is_some_and(|(p, _)| p.phases.log) {
             // Only the consumer's plugins log: the record starts now, once it is known.
@@ -251,7 +253,12 @@ impl Proxy {
             }
             Ok(()) => {
                 let served = record.as_mut().map(|r| &mut r.served);
-                let resp = self.to_upstream(&route, parts, body, conn, consumer.as_deref().map(|c| c.username.as_str()), served).await;
+                let upstream = match choice {
+                    Some(i) => route.alternatives.get(i).cloned().flatten().or_else(|| route.upstream.clone()),
+                    None => route.upstream.clone(),
+                };
+                let who = consumer.as_deref().map(|c| c.username.as_str());
+                let resp = self.to_upstream(&route, upstream.as_ref(), parts, body, conn, who, served).await;
                 with_headers(resp, plugin_headers)
             }
         };
@@ -299,16 +306,18 @@ impl Proxy {
 
     /// Forwards to the route's upstream, after the plugins (if any) let the request through.
     /// `served` (when the log phase needs it) learns which node answered and how fast.
+    #[allow(clippy::too_many_arguments)]
     async fn to_upstream(
         &self,
         route: &RouteRt,
+        upstream: Option<&Arc<UpstreamRt>>,
         mut parts: http::request::Parts,
         body: Incoming,
         conn: &ConnInfo,
         consumer: Option<&str>,
         served: Option<&mut Served>,
     ) -> Response<RespBody> {
-        let Some(upstream) = route.upstream.as_ref() else {
+        let Some(upstream) = upstream else {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 r#"{"error_msg":"missing upstream configuration in Route or Service"}"#,

@@ -2,6 +2,7 @@
 //! everything the proxy needs already resolved (service merged in, upstream built, timeouts
 //! decided). The proxy reads only snapshots.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -112,6 +113,9 @@ pub struct RouteRt {
     pub matched_host: String,
     /// `None` when the route names no upstream (or a missing one): requests get a 503.
     pub upstream: Option<Arc<UpstreamRt>>,
+    /// The upstreams its `traffic-split` may send to, in the plugin's order (`None`: the
+    /// route's own upstream, or a missing `upstream_id`).
+    pub alternatives: Vec<Option<Arc<UpstreamRt>>>,
     pub timeouts: Timeouts,
     /// `enable_websocket` (the route's, else its service's): upgrades are passed through.
     pub websocket: bool,
@@ -369,12 +373,14 @@ enum Source {
     Route,
     Service,
     Object,
+    /// An upstream inline in a route's `traffic-split` (id `{route}/traffic-split/{n}`).
+    Split,
 }
 
 impl Source {
     fn resource(self) -> &'static str {
         match self {
-            Source::Route => "routes",
+            Source::Route | Source::Split => "routes",
             Source::Service => "services",
             Source::Object => "upstreams",
         }
@@ -435,14 +441,14 @@ struct Ctx<'a> {
 }
 
 fn reuse_or_build<'s>(
-    next: &mut UpstreamCache<&'s str>,
+    next: &mut UpstreamCache<Cow<'s, str>>,
     previous: &UpstreamCache<String>,
     ctx: &Ctx<'_>,
     source: Source,
-    id: &'s str,
+    id: Cow<'s, str>,
     up: &Upstream,
 ) -> Arc<UpstreamRt> {
-    if let Some(rt) = next.get(&(source, id)) {
+    if let Some(rt) = next.get(&(source, id.clone())) {
         return rt.clone();
     }
     let client_ssl = up
@@ -522,7 +528,7 @@ impl Builder {
     /// Compiles everything: the router over all routes, the SNI table, the checked list.
     pub fn build(&mut self, state: &ConfigState) -> Snapshot {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
-        let mut next: UpstreamCache<&str> = HashMap::new();
+        let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
         let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances };
 
         // Older routes first, so they win priority ties (the router numbers them in this order).
@@ -581,7 +587,7 @@ impl Builder {
         }
         self.delta_ids.extend(changes.routes.iter().cloned());
         let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances };
-        let mut next: UpstreamCache<&str> = HashMap::new();
+        let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
         let mut routes: Vec<_> = self
             .delta_ids
             .iter()
@@ -600,6 +606,8 @@ impl Builder {
         }
         for id in &changes.routes {
             self.upstreams.remove(&(Source::Route, id.clone()));
+            let split = format!("{id}/");
+            self.upstreams.retain(|(source, key), _| *source != Source::Split || !key.starts_with(&split));
         }
         for ((source, id), rt) in next {
             self.upstreams.insert((source, id.to_string()), rt);
@@ -632,13 +640,43 @@ impl Changes {
     }
 }
 
+/// The upstreams a route's `traffic-split` config names, in order: every weighted upstream
+/// of every rule that has `upstream_id` or an inline `upstream`.
+fn split_upstreams<'s>(
+    state: &'s ConfigState,
+    ctx: &mut Ctx<'_>,
+    next: &mut UpstreamCache<Cow<'s, str>>,
+    previous: &UpstreamCache<String>,
+    route_id: &str,
+    conf: &serde_json::Value,
+) -> Vec<Option<Arc<UpstreamRt>>> {
+    let mut out = Vec::new();
+    let rules = conf.get("rules").and_then(serde_json::Value::as_array).into_iter().flatten();
+    for wu in rules.flat_map(|r| r.get("weighted_upstreams").and_then(serde_json::Value::as_array).into_iter().flatten()) {
+        if let Some(uid) = wu.get("upstream_id").and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_i64().map(|n| n.to_string()))) {
+            let found = state.upstreams.get_key_value(&uid);
+            out.push(found.map(|(k, up)| reuse_or_build(next, previous, ctx, Source::Object, Cow::Borrowed(k.as_str()), up)));
+        } else if let Some(inline) = wu.get("upstream") {
+            let key = format!("{route_id}/traffic-split/{}", out.len());
+            match serde_json::from_value::<Upstream>(inline.clone()) {
+                Ok(up) => out.push(Some(reuse_or_build(next, previous, ctx, Source::Split, Cow::Owned(key), &up))),
+                Err(e) => {
+                    tracing::warn!(route = %route_id, error = %e, "traffic-split upstream cannot be read; the route's own serves");
+                    out.push(None);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// One route compiled for the router: service merged in, upstream runtime resolved (from
 /// `previous` when unchanged), timeouts decided. `None` when the route cannot be served (its
 /// `vars` do not compile).
 fn route_spec<'s>(
     state: &'s ConfigState,
     ctx: &mut Ctx<'_>,
-    next: &mut UpstreamCache<&'s str>,
+    next: &mut UpstreamCache<Cow<'s, str>>,
     previous: &UpstreamCache<String>,
     id: &'s str,
     entry: &'s Entry<model::Route>,
@@ -646,16 +684,16 @@ fn route_spec<'s>(
     let route = &entry.value;
     let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
     let upstream = if let Some(up) = &route.upstream {
-        Some(reuse_or_build(next, previous, ctx, Source::Route, id, up))
+        Some(reuse_or_build(next, previous, ctx, Source::Route, Cow::Borrowed(id), up))
     } else if let Some(uid) = &route.upstream_id {
-        state.upstreams.get(&uid.0).map(|up| reuse_or_build(next, previous, ctx, Source::Object, &uid.0, up))
+        state.upstreams.get(&uid.0).map(|up| reuse_or_build(next, previous, ctx, Source::Object, Cow::Borrowed(&uid.0), up))
     } else if let Some(svc) = service {
         if let Some(up) = &svc.upstream {
-            Some(reuse_or_build(next, previous, ctx, Source::Service, &svc.id.0, up))
+            Some(reuse_or_build(next, previous, ctx, Source::Service, Cow::Borrowed(&svc.id.0), up))
         } else {
             svc.upstream_id
                 .as_ref()
-                .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(next, previous, ctx, Source::Object, &uid.0, up)))
+                .and_then(|uid| state.upstreams.get(&uid.0).map(|up| reuse_or_build(next, previous, ctx, Source::Object, Cow::Borrowed(&uid.0), up)))
         }
     } else {
         None
@@ -685,6 +723,7 @@ fn route_spec<'s>(
         merged.extend(pc.plugins.clone());
     }
     merged.extend(route.plugins.clone().unwrap_or_default());
+    let alternatives = merged.get("traffic-split").map(|ts| split_upstreams(state, ctx, next, previous, id, ts)).unwrap_or_default();
     let plugins = match ctx.registry.pipeline(&merged, &format!("route:{id}"), ctx.instances) {
         Ok(p) => p,
         Err(e) => {
@@ -704,6 +743,7 @@ fn route_spec<'s>(
             matched_uri: paths.first().cloned().unwrap_or_default(),
             matched_host,
             upstream,
+            alternatives,
             timeouts,
             websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
         }),

@@ -710,3 +710,29 @@ async fn consumer_and_group_plugins_take_precedence_over_the_route() {
     assert_eq!(w.get("/r", &[("apikey", "jack-key")]).await.status, 429);
     assert_eq!(w.get("/r", &[("apikey", "rose-key")]).await.status, 200, "rose's quota is the route's, apart from jack's");
 }
+
+#[tokio::test]
+async fn traffic_split_by_vars_and_weights() {
+    let w = Weir::start();
+    let (own, canary, inline) = (Upstream::start("own").await, Upstream::start("canary").await, Upstream::start("inline").await);
+    put(&w, "/upstreams/canary", json!({"nodes": {canary.node(): 1}})).await;
+    put(&w, "/routes/split", json!({"uri": "/split", "upstream": {"nodes": {own.node(): 1}}, "plugins": {"traffic-split": {"rules": [
+        {"match": [{"vars": [["http_x_canary", "==", "1"]]}], "weighted_upstreams": [{"upstream_id": "canary", "weight": 1}]},
+        {"weighted_upstreams": [{"upstream": {"nodes": {inline.node(): 1}}, "weight": 1}, {"weight": 3}]}
+    ]}}})).await;
+    w.until("/split", &[], |r| r.status == 200).await;
+
+    for _ in 0..4 {
+        assert_eq!(w.get("/split", &[("x-canary", "1")]).await.json()["server"], "canary");
+    }
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..8 {
+        let r = w.get("/split", &[]).await;
+        *seen.entry(r.json()["server"].as_str().unwrap().to_string()).or_insert(0) += 1;
+    }
+    // The warm-up request took one turn of the weighted rule: 9 turns, at 1:3.
+    let inline_n = seen.get("inline").copied().unwrap_or(0);
+    let own_n = seen.get("own").copied().unwrap_or(0);
+    assert_eq!(inline_n + own_n, 8, "{seen:?}");
+    assert!((1..=3).contains(&inline_n), "about a quarter to the inline upstream: {seen:?}");
+}
