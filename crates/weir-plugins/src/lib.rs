@@ -7,6 +7,7 @@
 //! first: every plugin's `rewrite`, then every plugin's `access`, then, on the response, every
 //! plugin's `header_filter`. A phase may answer the request itself with a [`Reply`].
 
+mod api_breaker;
 mod basic_auth;
 mod consumer_restriction;
 mod cors;
@@ -237,6 +238,8 @@ pub struct LogRecord {
     /// The upstream node that answered (`host:port`), empty when none did.
     pub node: String,
     pub status: u16,
+    /// What the upstream answered, when one did (before any plugin changed the status).
+    pub upstream_status: Option<u16>,
     pub method: String,
     /// The request URI as the client sent it.
     pub uri: String,
@@ -388,6 +391,7 @@ pub struct Registry {
 impl Default for Registry {
     fn default() -> Self {
         let mut factories = vec![
+            api_breaker::factory(),
             basic_auth::factory(),
             consumer_restriction::factory(),
             cors::factory(),

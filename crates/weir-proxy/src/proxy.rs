@@ -374,6 +374,7 @@ impl Proxy {
 #[derive(Default)]
 struct Served {
     node: Option<Arc<str>>,
+    status: Option<u16>,
     upstream_time: Option<std::time::Duration>,
 }
 
@@ -392,6 +393,7 @@ impl PendingLog {
         let mut r = std::mem::take(&mut self.record);
         r.node = self.served.node.as_deref().unwrap_or("").to_string();
         r.upstream_time = self.served.upstream_time;
+        r.upstream_status = self.served.status;
         r.request_time = self.started.elapsed();
         r.response_bytes = self.head_bytes + body_bytes;
         r
@@ -554,6 +556,7 @@ async fn forward(
                 let status = resp.status().as_u16();
                 if let (Some(s), Some(at)) = (served.as_deref_mut(), sent_at) {
                     s.node = Some(node.authority.clone());
+                    s.status = Some(status);
                     s.upstream_time = Some(at.elapsed());
                 }
                 if let Some((_, sent)) = &in_flight {

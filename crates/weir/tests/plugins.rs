@@ -736,3 +736,20 @@ async fn traffic_split_by_vars_and_weights() {
     assert_eq!(inline_n + own_n, 8, "{seen:?}");
     assert!((1..=3).contains(&inline_n), "about a quarter to the inline upstream: {seen:?}");
 }
+
+#[tokio::test]
+async fn api_breaker_opens_after_failures_and_closes_after_its_time() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/routes/b", json!({"uri": "/status/*", "upstream": {"nodes": {up.node(): 1}}, "plugins": {"api-breaker": {
+        "break_response_code": 502, "break_response_body": "broken", "break_response_headers": [{"key": "x-breaker", "value": "open"}],
+        "unhealthy": {"http_statuses": [500], "failures": 2}, "healthy": {"successes": 1}
+    }}})).await;
+    w.until("/status/200", &[], |r| r.status == 200).await;
+    assert_eq!(w.get("/status/500", &[]).await.status, 500);
+    assert_eq!(w.get("/status/500", &[]).await.status, 500);
+    let r = w.get("/status/200", &[]).await;
+    assert_eq!((r.status, r.text().as_str(), r.headers.get("x-breaker").map(|v| v.to_str().unwrap())), (502, "broken", Some("open")));
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    assert_eq!(w.get("/status/200", &[]).await.status, 200, "open for 2^1 seconds only");
+}
