@@ -150,7 +150,7 @@ impl ApiBreaker {
 
 impl Plugin for ApiBreaker {
     fn phases(&self) -> Phases {
-        Phases { response: false, log: true }
+        Phases { response: false, log: true, body: false }
     }
 
     fn access(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {

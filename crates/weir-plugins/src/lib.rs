@@ -26,6 +26,7 @@ mod real_ip;
 mod redirect;
 mod referer_restriction;
 mod request_id;
+mod request_validation;
 mod response_rewrite;
 mod traffic_split;
 mod ua_restriction;
@@ -179,6 +180,8 @@ pub struct RequestCtx<'a> {
     pub notes: Notes,
     /// Set by `traffic-split`: which of the route's alternative upstreams serves the request.
     pub upstream_choice: Option<usize>,
+    /// The request body, read when a plugin of the pipeline asked for it.
+    pub body: Option<Bytes>,
 }
 
 impl RequestCtx<'_> {
@@ -212,6 +215,8 @@ impl RequestCtx<'_> {
 pub struct Phases {
     pub response: bool,
     pub log: bool,
+    /// The request body is read before the plugins run, and given to them (bounded).
+    pub body: bool,
 }
 
 /// What plugins see of a response on its way to the client (`header_filter`, and
@@ -344,6 +349,7 @@ impl Pipeline {
             let p = i.plugin.phases();
             phases.response |= p.response;
             phases.log |= p.log;
+            phases.body |= p.body;
         }
         Ok(Pipeline { instances, phases })
     }
@@ -411,6 +417,7 @@ impl Default for Registry {
             redirect::factory(),
             referer_restriction::factory(),
             request_id::factory(),
+            request_validation::factory(),
             response_rewrite::factory(),
             traffic_split::factory(),
             ua_restriction::factory(),
@@ -724,6 +731,7 @@ mod tests {
             response_headers: Vec::new(),
             notes: Notes::default(),
             upstream_choice: None,
+            body: None,
         };
         let pipeline = Pipeline::new(pipeline).unwrap();
         let run = run_request(&pipeline, &mut ctx);

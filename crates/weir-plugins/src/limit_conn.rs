@@ -80,7 +80,7 @@ impl Drop for InFlight {
 impl Plugin for LimitConn {
     fn phases(&self) -> Phases {
         // The log phase keeps the request's notes, and so its count, until the response is sent.
-        Phases { response: false, log: true }
+        Phases { response: false, log: true, body: false }
     }
 
     fn access_io(&self, ctx: &mut RequestCtx<'_>) -> Option<Pending> {

@@ -117,7 +117,7 @@ struct Logger {
 
 impl Plugin for Logger {
     fn phases(&self) -> Phases {
-        Phases { response: false, log: true }
+        Phases { response: false, log: true, body: false }
     }
 
     fn log(&self, record: &LogRecord, _notes: &Notes) {

@@ -37,7 +37,7 @@ struct Prometheus {
 
 impl Plugin for Prometheus {
     fn phases(&self) -> Phases {
-        Phases { response: false, log: true }
+        Phases { response: false, log: true, body: false }
     }
 
     fn log(&self, r: &LogRecord, _notes: &Notes) {

@@ -98,7 +98,7 @@ impl Vars for StatusVars {
 
 impl Plugin for ResponseRewrite {
     fn phases(&self) -> Phases {
-        Phases { response: true, log: false }
+        Phases { response: true, log: false, body: false }
     }
 
     fn header_filter(&self, ctx: &mut ResponseCtx<'_>) {

@@ -16,9 +16,11 @@ use crate::pool::Conn;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// What is sent upstream: the client's body, or nothing (a retry of a bodiless request).
+/// What is sent upstream: the client's body as it streams in, the body a plugin needed read
+/// first, or nothing (a retry of a bodiless request).
 pub enum ReqBody {
     Incoming(Incoming),
+    Read(Option<Bytes>),
     Empty,
 }
 
@@ -29,6 +31,7 @@ impl Body for ReqBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ReqBody::Incoming(b) => Pin::new(b).poll_frame(cx),
+            ReqBody::Read(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             ReqBody::Empty => Poll::Ready(None),
         }
     }
@@ -36,6 +39,7 @@ impl Body for ReqBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Incoming(b) => b.is_end_stream(),
+            ReqBody::Read(b) => b.is_none(),
             ReqBody::Empty => true,
         }
     }
@@ -43,6 +47,7 @@ impl Body for ReqBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Incoming(b) => b.size_hint(),
+            ReqBody::Read(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             ReqBody::Empty => SizeHint::with_exact(0),
         }
     }

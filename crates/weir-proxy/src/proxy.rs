@@ -172,7 +172,7 @@ impl Proxy {
         let Some(route) = route else { return not_found() };
         if route.plugins.is_empty() && snapshot.global.is_empty() {
             drop(snapshot);
-            return self.to_upstream(&route, route.upstream.as_ref(), parts, body, conn, None, None).await;
+            return self.to_upstream(&route, route.upstream.as_ref(), parts, ReqBody::Incoming(body), conn, None, None).await;
         }
         let global = snapshot.global.clone();
         let consumers = snapshot.consumers.clone();
@@ -193,6 +193,15 @@ impl Proxy {
         conn: &ConnInfo,
     ) -> Response<RespBody> {
         let logged = global.phases.log || route.plugins.phases.log;
+        // A plugin that checks the body (request-validation) gets it read, within a bound.
+        let (read, body) = if global.phases.body || route.plugins.phases.body {
+            match read_body(body).await {
+                Ok(b) => (Some(b.clone()), ReqBody::Read(Some(b))),
+                Err(resp) => return resp,
+            }
+        } else {
+            (None, ReqBody::Incoming(body))
+        };
         let mut record = logged.then(|| log_record(&route, &parts, conn));
         let mut ctx = RequestCtx {
             parts: &mut parts,
@@ -205,6 +214,7 @@ impl Proxy {
             response_headers: Vec::new(),
             notes: Notes::default(),
             upstream_choice: None,
+            body: read,
         };
         let (ran_global, mut outcome) = run_request(&global, &mut ctx).await;
         let mut ran_route = Ran::default();
@@ -312,7 +322,7 @@ impl Proxy {
         route: &RouteRt,
         upstream: Option<&Arc<UpstreamRt>>,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: ReqBody,
         conn: &ConnInfo,
         consumer: Option<&str>,
         served: Option<&mut Served>,
@@ -365,8 +375,24 @@ impl Proxy {
         if let PassHost::Rewrite(h) = &upstream.pass_host {
             parts.headers.insert(header::HOST, h.clone());
         }
-        let req = Request::from_parts(parts, ReqBody::Incoming(body));
+        let req = Request::from_parts(parts, body);
         forward(upstream, route.timeouts, hash, req, upgrade, served).await
+    }
+}
+
+/// The most request body a plugin may have read into memory.
+const MAX_READ_BODY: usize = 8 << 20;
+
+/// Reads a request body for the plugins that check it; too large, or broken off, is an error
+/// response.
+async fn read_body(body: Incoming) -> Result<Bytes, Response<RespBody>> {
+    use http_body_util::BodyExt as _;
+    match http_body_util::Limited::new(body, MAX_READ_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, r#"{"error_msg":"413 Request Entity Too Large"}"#))
+        }
+        Err(_) => Err(error_response(StatusCode::BAD_REQUEST, r#"{"error_msg":"failed to read request body"}"#)),
     }
 }
 

@@ -753,3 +753,34 @@ async fn api_breaker_opens_after_failures_and_closes_after_its_time() {
     tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
     assert_eq!(w.get("/status/200", &[]).await.status, 200, "open for 2^1 seconds only");
 }
+
+#[tokio::test]
+async fn request_validation_checks_headers_and_bodies() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/routes/v", json!({"uri": "/v", "upstream": {"nodes": {up.node(): 1}}, "plugins": {"request-validation": {
+        "header_schema": {"type": "object", "required": ["x-id"]},
+        "body_schema": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string", "minLength": 2}, "n": {"type": "string"}}}
+    }}})).await;
+    put(&w, "/routes/msg", json!({"uri": "/msg", "upstream": {"nodes": {up.node(): 1}}, "plugins": {"request-validation": {
+        "body_schema": {"type": "object", "required": ["name"]}, "rejected_code": 422, "rejected_msg": "bad body"
+    }}})).await;
+    w.until("/msg", &[], |r| r.status == 422).await;
+    let post = |path: &'static str, headers: &'static [(&'static str, &'static str)], body: &'static str| {
+        common::send(w.proxy, "POST", path, headers, Some(body))
+    };
+    let r = post("/v", &[("x-id", "1"), ("content-type", "application/json")], r#"{"name":"ann"}"#).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body"], r#"{"name":"ann"}"#, "the upstream gets the body that was checked");
+    let r = post("/v", &[("content-type", "application/json")], r#"{"name":"ann"}"#).await;
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("x-id"), "the failed header is named: {}", r.text());
+    let r = post("/v", &[("x-id", "1")], r#"{"name":"a"}"#).await;
+    assert_eq!(r.status, 400, "too short: {}", r.text());
+    let r = post("/v", &[("x-id", "1")], "not json").await;
+    assert_eq!(r.status, 400);
+    let r = post("/v", &[("x-id", "1"), ("content-type", "application/x-www-form-urlencoded")], "name=bob&n=2").await;
+    assert_eq!(r.status, 200, "a form is checked as an object: {}", r.text());
+    let r = post("/msg", &[], "{}").await;
+    assert_eq!((r.status, r.text().as_str()), (422, "bad body"));
+}
