@@ -128,7 +128,7 @@ impl ApiBreaker {
         if self.config.unhealthy.http_statuses.contains(&status) {
             s.unhealthy += 1;
             s.healthy = 0;
-            if s.unhealthy % self.config.unhealthy.failures == 0 {
+            if s.unhealthy.is_multiple_of(self.config.unhealthy.failures) {
                 s.tripped = Some(now);
             }
         } else if self.config.healthy.http_statuses.contains(&status) && s.unhealthy > 0 {
