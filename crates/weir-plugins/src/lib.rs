@@ -11,6 +11,7 @@ mod api_breaker;
 mod basic_auth;
 mod consumer_restriction;
 mod cors;
+mod csrf;
 mod fault_injection;
 mod ip_restriction;
 mod jwt_auth;
@@ -401,6 +402,7 @@ impl Default for Registry {
             basic_auth::factory(),
             consumer_restriction::factory(),
             cors::factory(),
+            csrf::factory(),
             fault_injection::factory(),
             ip_restriction::factory(),
             jwt_auth::factory(),

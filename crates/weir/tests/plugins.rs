@@ -784,3 +784,33 @@ async fn request_validation_checks_headers_and_bodies() {
     let r = post("/msg", &[], "{}").await;
     assert_eq!((r.status, r.text().as_str()), (422, "bad body"));
 }
+
+#[tokio::test]
+async fn csrf_double_submit() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/routes/c", json!({"uri": "/c", "upstream": {"nodes": {up.node(): 1}}, "plugins": {"csrf": {"key": "s3cret", "name": "x-csrf"}}})).await;
+    let r = w.until("/c", &[], |r| r.status == 200).await;
+    let cookie = r.headers["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.starts_with("x-csrf=") && cookie.contains("Max-Age=7200"), "{cookie}");
+    let token = cookie.trim_start_matches("x-csrf=").split(';').next().unwrap().to_string();
+    let post = |headers: Vec<(&'static str, String)>| {
+        let headers: Vec<(&str, String)> = headers;
+        let w = &w;
+        async move {
+            let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            common::send(w.proxy, "POST", "/c", &hs, Some("x")).await
+        }
+    };
+    let r = post(vec![]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"error_msg": "no csrf token in headers"})));
+    let r = post(vec![("x-csrf", token.clone())]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"error_msg": "no csrf cookie"})));
+    let r = post(vec![("x-csrf", token.clone()), ("cookie", "x-csrf=other".into())]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"error_msg": "csrf token mismatch"})));
+    let forged = "eyJyYW5kb20iOiJ4IiwiaXNzdWVkIjoxLCJleHBpcmVzIjo3MjAwLCJzaWduIjoiQUFBQSJ9";
+    let r = post(vec![("x-csrf", forged.into()), ("cookie", format!("x-csrf={forged}"))]).await;
+    assert_eq!((r.status, r.json()), (401, json!({"error_msg": "Failed to verify the csrf token signature"})));
+    let r = post(vec![("x-csrf", token.clone()), ("cookie", format!("x-csrf={token}"))]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
