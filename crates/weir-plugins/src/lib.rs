@@ -9,6 +9,7 @@
 
 mod api_breaker;
 mod basic_auth;
+mod compress;
 mod consumer_restriction;
 mod cors;
 mod csrf;
@@ -229,7 +230,13 @@ pub struct ResponseCtx<'a> {
     pub route_id: &'a str,
     pub consumer: Option<&'a Consumer>,
     pub notes: &'a mut Notes,
+    /// When set, every chunk of the body goes through it (`true` with the last, empty call):
+    /// a compressor, say. The body still streams.
+    pub transform: &'a mut Option<BodyTransform>,
 }
+
+/// A streaming body rewrite: each chunk in, what to send in its place out.
+pub type BodyTransform = Box<dyn FnMut(&[u8], bool) -> Bytes + Send>;
 
 /// What the log phase is told of a request once its response has been sent.
 #[derive(Debug, Default, Clone)]
@@ -400,6 +407,8 @@ impl Default for Registry {
         let mut factories = vec![
             api_breaker::factory(),
             basic_auth::factory(),
+            compress::brotli_factory(),
+            compress::gzip_factory(),
             consumer_restriction::factory(),
             cors::factory(),
             csrf::factory(),

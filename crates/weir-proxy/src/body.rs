@@ -60,6 +60,14 @@ enum Kind {
     Full(Option<Bytes>),
     Upstream(UpstreamBody),
     Watched(Box<Watched>),
+    Transformed(Box<Transformed>),
+}
+
+/// A body each chunk of which goes through a plugin's transform (a compressor).
+struct Transformed {
+    inner: RespBody,
+    transform: weir_plugins::BodyTransform,
+    done: bool,
 }
 
 /// A body whose end (or abandonment) someone waits for, with the bytes it carried.
@@ -95,6 +103,11 @@ impl RespBody {
             body.release();
         }
         RespBody(Kind::Upstream(body))
+    }
+
+    /// Streams this body through `transform`.
+    pub fn transformed(self, transform: weir_plugins::BodyTransform) -> RespBody {
+        RespBody(Kind::Transformed(Box::new(Transformed { inner: self, transform, done: false })))
     }
 
     /// Calls `f` with the number of body bytes sent once the body is done with: read to its
@@ -133,6 +146,29 @@ impl Body for RespBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().0 {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Transformed(t) => loop {
+                if t.done {
+                    return Poll::Ready(None);
+                }
+                match ready!(Pin::new(&mut t.inner).poll_frame(cx)) {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            let out = (t.transform)(&data, false);
+                            if !out.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::data(out))));
+                            }
+                        }
+                        // Trailers pass as they are.
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    },
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                    None => {
+                        t.done = true;
+                        let tail = (t.transform)(&[], true);
+                        return Poll::Ready((!tail.is_empty()).then(|| Ok(Frame::data(tail))));
+                    }
+                }
+            },
             Kind::Watched(w) => {
                 let frame = ready!(Pin::new(&mut w.inner).poll_frame(cx));
                 if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
@@ -170,6 +206,7 @@ impl Body for RespBody {
             Kind::Full(b) => b.is_none(),
             Kind::Upstream(u) => u.inner.is_end_stream(),
             Kind::Watched(w) => w.inner.is_end_stream(),
+            Kind::Transformed(t) => t.done,
         }
     }
 
@@ -179,6 +216,7 @@ impl Body for RespBody {
             Kind::Full(None) => SizeHint::with_exact(0),
             Kind::Upstream(u) => u.inner.size_hint(),
             Kind::Watched(w) => w.inner.size_hint(),
+            Kind::Transformed(_) => SizeHint::default(),
         }
     }
 }

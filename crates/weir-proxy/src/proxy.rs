@@ -276,23 +276,29 @@ impl Proxy {
         let resp = if global.phases.response || route.plugins.phases.response || brought_phases.response {
             let (mut head, body) = resp.into_parts();
             let mut replaced = None;
+            let mut transform = None;
             let mut rctx = ResponseCtx {
                 parts: &mut head,
                 body: &mut replaced,
                 route_id: &route.id,
                 consumer: consumer.as_deref(),
                 notes: &mut notes,
+                transform: &mut transform,
             };
             run_response(&global, ran_global, &mut rctx);
             run_response(&route.plugins, ran_route, &mut rctx);
             if let Some((own, ran)) = &brought {
                 run_response(own, *ran, &mut rctx);
             }
-            match replaced {
+            let body = match replaced {
                 Some(b) => {
                     head.headers.remove(header::CONTENT_LENGTH);
-                    Response::from_parts(head, RespBody::full(b))
+                    RespBody::full(b)
                 }
+                None => body,
+            };
+            match transform {
+                Some(t) => Response::from_parts(head, body.transformed(t)),
                 None => Response::from_parts(head, body),
             }
         } else {

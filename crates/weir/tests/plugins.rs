@@ -814,3 +814,35 @@ async fn csrf_double_submit() {
     let r = post(vec![("x-csrf", token.clone()), ("cookie", format!("x-csrf={token}"))]).await;
     assert_eq!(r.status, 200, "{}", r.text());
 }
+
+#[tokio::test]
+async fn gzip_and_brotli_compress_for_clients_that_accept_them() {
+    use std::io::Read as _;
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    let route = |uri: &str, plugins: Value| json!({"uri": uri, "plugins": plugins, "upstream": {"nodes": {up.node(): 1}}});
+    put(&w, "/routes/gz", route("/gz", json!({"gzip": {"types": ["application/json"], "min_length": 10, "vary": true}}))).await;
+    put(&w, "/routes/br", route("/br", json!({"brotli": {"types": "*"}}))).await;
+    put(&w, "/routes/big", route("/big", json!({"gzip": {"types": "*", "min_length": 100000}}))).await;
+    put(&w, "/routes/html", route("/html", json!({"gzip": {}}))).await;
+    w.until("/html", &[], |r| r.status == 200).await;
+
+    let r = w.get("/gz", &[("accept-encoding", "gzip, br")]).await;
+    assert_eq!(r.headers["content-encoding"], "gzip");
+    assert_eq!(r.headers["vary"], "Accept-Encoding");
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(&r.body[..]).read_to_string(&mut text).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["server"], "backend");
+
+    let r = w.get("/br", &[("accept-encoding", "br")]).await;
+    assert_eq!(r.headers["content-encoding"], "br");
+    let mut text = String::new();
+    brotli::Decompressor::new(&r.body[..], 4096).read_to_string(&mut text).unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&text).unwrap()["server"], "backend");
+
+    let plain = |r: &common::Resp| r.headers.get("content-encoding").is_none() && r.json()["server"] == "backend";
+    assert!(plain(&w.get("/gz", &[]).await), "a client that does not accept gzip");
+    assert!(plain(&w.get("/gz", &[("accept-encoding", "gzip;q=0")]).await), "q=0 refuses it");
+    assert!(plain(&w.get("/big", &[("accept-encoding", "gzip")]).await), "below min_length");
+    assert!(plain(&w.get("/html", &[("accept-encoding", "gzip")]).await), "a type not listed");
+}
