@@ -96,7 +96,7 @@ impl Plugin for Csrf {
         if header != cookie {
             return refuse("csrf token mismatch");
         }
-        self.check(&cookie).or_else(|msg| refuse(msg))
+        self.check(&cookie).or_else(refuse)
     }
 
     fn header_filter(&self, ctx: &mut ResponseCtx<'_>) {
