@@ -9,6 +9,7 @@
 
 mod api_breaker;
 mod basic_auth;
+mod client;
 mod compress;
 mod consumer_restriction;
 mod cors;
@@ -23,6 +24,7 @@ mod limit_req;
 mod loggers;
 mod mocking;
 pub mod prometheus;
+mod proxy_mirror;
 mod proxy_rewrite;
 mod real_ip;
 mod redirect;
@@ -423,6 +425,7 @@ impl Default for Registry {
             loggers::http_factory(),
             mocking::factory(),
             prometheus::factory(),
+            proxy_mirror::factory(),
             proxy_rewrite::factory(),
             real_ip::factory(),
             redirect::factory(),

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 use crate::{Factory, LogRecord, Notes, Phases, Plugin};
@@ -183,11 +182,7 @@ impl HttpTarget {
         let num = |k: &str, d: u64| conf.get(k).and_then(Value::as_u64).unwrap_or(d);
         let raw = conf.get("uri").and_then(Value::as_str).unwrap_or("");
         let uri: http::Uri = raw.parse().map_err(|e| format!("uri: {e}"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err("uri: only http:// log servers are supported".into());
-        }
-        let host = uri.host().ok_or("uri: a host is required")?;
-        let authority = format!("{host}:{}", uri.port_u16().unwrap_or(80));
+        let authority = crate::client::authority(&uri).map_err(|e| format!("uri: {e}"))?;
         let auth_header = conf
             .get("auth_header")
             .and_then(Value::as_str)
@@ -208,9 +203,6 @@ impl HttpTarget {
     }
 
     async fn post(&self, body: Bytes) -> Result<(), String> {
-        let stream = tokio::net::TcpStream::connect(&self.authority).await.map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut req = http::Request::post(path)
             .header(http::header::HOST, self.authority.as_str())
@@ -220,8 +212,8 @@ impl HttpTarget {
         if let Some(h) = &self.auth_header {
             req.headers_mut().insert(http::header::AUTHORIZATION, h.clone());
         }
-        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-        if resp.status().is_success() { Ok(()) } else { Err(format!("log server answered {}", resp.status())) }
+        let status = crate::client::send(&self.authority, req).await?;
+        if status.is_success() { Ok(()) } else { Err(format!("log server answered {status}")) }
     }
 }
 

@@ -603,8 +603,11 @@ async fn limit_req_and_limit_conn_count_what_is_in_flight() {
     assert_eq!((a.status, b.status), (200, 200));
 }
 
-/// A log server: every POST body it receives, in order.
-async fn log_server() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+/// Every request a capturing server receives, in order: method, URI, body.
+type Captured = std::sync::Arc<std::sync::Mutex<Vec<(String, String, String)>>>;
+
+/// A server that captures every request (a log server, a mirror target) and answers 200.
+async fn log_server() -> (std::net::SocketAddr, Captured) {
     use http_body_util::BodyExt as _;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -618,8 +621,9 @@ async fn log_server() -> (std::net::SocketAddr, std::sync::Arc<std::sync::Mutex<
                 let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     let seen = seen.clone();
                     async move {
+                        let (method, uri) = (req.method().to_string(), req.uri().to_string());
                         let body = req.into_body().collect().await.unwrap().to_bytes();
-                        seen.lock().unwrap().push(String::from_utf8_lossy(&body).into_owned());
+                        seen.lock().unwrap().push((method, uri, String::from_utf8_lossy(&body).into_owned()));
                         Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok"))))
                     }
                 });
@@ -649,7 +653,7 @@ async fn file_and_http_loggers_write_apisix_entries_in_the_background() {
     // Two entries fill a batch; the third goes once a second has passed without another.
     let mut sent = Vec::new();
     for _ in 0..100 {
-        sent = batches.lock().unwrap().clone();
+        sent = batches.lock().unwrap().iter().map(|(_, _, body)| body.clone()).collect();
         if sent.len() >= 2 {
             break;
         }
@@ -845,4 +849,25 @@ async fn gzip_and_brotli_compress_for_clients_that_accept_them() {
     assert!(plain(&w.get("/gz", &[("accept-encoding", "gzip;q=0")]).await), "q=0 refuses it");
     assert!(plain(&w.get("/big", &[("accept-encoding", "gzip")]).await), "below min_length");
     assert!(plain(&w.get("/html", &[("accept-encoding", "gzip")]).await), "a type not listed");
+}
+
+#[tokio::test]
+async fn proxy_mirror_sends_copies_with_their_bodies() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    let (mirror, seen) = log_server().await;
+    put(&w, "/routes/m", json!({"uri": "/m/*", "upstream": {"nodes": {up.node(): 1}},
+        "plugins": {"proxy-mirror": {"host": format!("http://{mirror}"), "path": "/copy", "path_concat_mode": "prefix"}}})).await;
+    w.until("/m/warm", &[], |r| r.status == 200).await;
+    let r = common::send(w.proxy, "POST", "/m/x?a=1", &[], Some("payload")).await;
+    assert_eq!((r.status, r.json()["body"].as_str()), (200, Some("payload")), "the upstream still gets the body");
+    let mut copies = Vec::new();
+    for _ in 0..100 {
+        copies = seen.lock().unwrap().clone();
+        if copies.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(copies.contains(&("POST".into(), "/copy/m/x?a=1".into(), "payload".into())), "{copies:?}");
 }
