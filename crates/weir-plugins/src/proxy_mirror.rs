@@ -61,7 +61,7 @@ impl Plugin for Mirror {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
-        let mut req = http::Request::new(Full::new(ctx.body.clone().unwrap_or_else(Bytes::new)));
+        let mut req = http::Request::new(Full::new(ctx.body.clone().unwrap_or_default()));
         *req.method_mut() = ctx.parts.method.clone();
         *req.headers_mut() = ctx.parts.headers.clone();
         match target.parse() {
