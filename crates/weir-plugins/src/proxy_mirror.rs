@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http_body_util::Full;
 use serde_json::{Value, json};
 
