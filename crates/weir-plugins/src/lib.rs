@@ -463,10 +463,12 @@ impl Registry {
 
     /// The pipeline for a merged `plugins` object, highest priority first. Disabled plugins are
     /// left out; a plugin whose config cannot be built is an error naming it.
+    /// A plugin's `plugin_metadata`, if any, reaches its builder as the config's `_metadata`.
     pub fn pipeline(
         &self,
         plugins: &serde_json::Map<String, Value>,
         scope: &str,
+        metadata: &std::collections::BTreeMap<String, Value>,
         cache: &mut InstanceCache,
     ) -> Result<Pipeline, String> {
         let mut out = Vec::new();
@@ -483,6 +485,9 @@ impl Registry {
             let mut plain = conf.clone();
             if let Some(o) = plain.as_object_mut() {
                 o.remove("_meta");
+                if let Some(m) = metadata.get(f.name) {
+                    o.insert("_metadata".into(), m.clone());
+                }
             }
             // A `group` makes every route naming it share one instance (and its state).
             let scope = match plain.get("group").and_then(Value::as_str) {
@@ -768,11 +773,11 @@ mod tests {
             "limit-count": {"count": 1, "time_window": 1},
             "key-auth": {"_meta": {"priority": 1}},
         });
-        let p = registry.pipeline(plugins.as_object().unwrap(), "route:r", &mut cache).unwrap();
+        let p = registry.pipeline(plugins.as_object().unwrap(), "route:r", &Default::default(), &mut cache).unwrap();
         assert_eq!(p.instances.iter().map(|i| (i.name, i.priority)).collect::<Vec<_>>(), vec![("limit-count", 1002), ("key-auth", 1)]);
         let disabled = json!({"key-auth": {"_meta": {"disable": true}}});
-        assert!(registry.pipeline(disabled.as_object().unwrap(), "route:r", &mut cache).unwrap().is_empty());
+        assert!(registry.pipeline(disabled.as_object().unwrap(), "route:r", &Default::default(), &mut cache).unwrap().is_empty());
         let unknown = json!({"nope": {}});
-        assert_eq!(registry.pipeline(unknown.as_object().unwrap(), "route:r", &mut cache).err().unwrap(), "unknown plugin [nope]");
+        assert_eq!(registry.pipeline(unknown.as_object().unwrap(), "route:r", &Default::default(), &mut cache).err().unwrap(), "unknown plugin [nope]");
     }
 }

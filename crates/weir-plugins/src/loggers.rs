@@ -46,6 +46,73 @@ pub(crate) fn entry(r: &LogRecord) -> Value {
     e
 }
 
+/// A custom entry (`log_format`, on the plugin or in its `plugin_metadata`): each field a
+/// literal, or a `$variable` of the request.
+struct Format(Vec<(String, Value)>);
+
+impl Format {
+    fn of(conf: &Value) -> Option<Format> {
+        let f = conf.get("log_format").or_else(|| conf.get("_metadata").and_then(|m| m.get("log_format")))?;
+        Some(Format(f.as_object()?.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
+    }
+
+    fn render(&self, r: &LogRecord) -> Value {
+        let fields = self.0.iter().map(|(k, v)| {
+            let value = match v.as_str().and_then(|s| s.strip_prefix('$')) {
+                Some(name) => var(r, name),
+                None => v.clone(),
+            };
+            (k.clone(), value)
+        });
+        Value::Object(fields.collect())
+    }
+}
+
+/// The request variables a log format may name, from the log record.
+fn var(r: &LogRecord, name: &str) -> Value {
+    let start = r.started.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or_default();
+    match name {
+        "remote_addr" | "client_ip" => json!(r.client_ip),
+        "host" => json!(r.host.split(':').next().unwrap_or("")),
+        "http_host" => json!(r.host),
+        "request_uri" => json!(r.uri),
+        "uri" => json!(r.uri.split('?').next().unwrap_or("")),
+        "args" | "query_string" => json!(r.uri.split_once('?').map_or("", |(_, q)| q)),
+        "request_method" => json!(r.method),
+        "status" => json!(r.status),
+        "upstream_status" => r.upstream_status.map_or(Value::Null, |s| json!(s)),
+        "upstream_addr" => json!(r.node),
+        "request_time" => json!(r.request_time.as_secs_f64()),
+        "upstream_response_time" => r.upstream_time.map_or(Value::Null, |t| json!(t.as_secs_f64())),
+        "request_length" => json!(r.request_bytes),
+        "bytes_sent" => json!(r.response_bytes),
+        "route_id" => json!(r.route_id),
+        "route_name" => json!(r.route_name),
+        "service_id" => json!(r.service_id),
+        "consumer_name" => r.consumer.as_ref().map_or(Value::Null, |c| json!(c)),
+        "msec" => json!(start.as_secs_f64()),
+        "time_iso8601" => json!(iso8601(start.as_secs())),
+        _ => Value::Null,
+    }
+}
+
+/// `YYYY-MM-DDThh:mm:ss+00:00` for a Unix time.
+fn iso8601(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
+    // Days to a civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}+00:00")
+}
+
 /// The sending end of a background writer; entries beyond the queue are dropped and counted.
 struct Queue {
     tx: SyncSender<Value>,
@@ -75,14 +142,15 @@ pub(crate) fn file_factory() -> Factory {
         schema: json!({"type": "object", "properties": {
             "path": {"type": "string", "minLength": 1},
             "include_req_body": {"type": "boolean", "default": false},
-            "include_resp_body": {"type": "boolean", "default": false}
+            "include_resp_body": {"type": "boolean", "default": false},
+            "log_format": {"type": "object"}
         }, "required": ["path"]}),
         consumer_schema: None,
         credential: None,
         build: |conf, scope| {
             let path = conf.get("path").and_then(Value::as_str).unwrap_or("").to_string();
             if scope == "check" {
-                return Ok(Arc::new(Logger { queue: None }));
+                return Ok(Arc::new(Logger { queue: None, format: None }));
             }
             let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
             let (tx, rx) = sync_channel::<Value>(QUEUE);
@@ -90,7 +158,7 @@ pub(crate) fn file_factory() -> Factory {
                 .name("weir-file-logger".into())
                 .spawn(move || write_lines(file, rx))
                 .map_err(|e| e.to_string())?;
-            Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what: path }) }))
+            Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what: path }), format: Format::of(conf) }))
         },
     }
 }
@@ -112,6 +180,7 @@ fn write_lines(file: std::fs::File, rx: Receiver<Value>) {
 struct Logger {
     /// `None` for the instance built only to check a config at write time.
     queue: Option<Queue>,
+    format: Option<Format>,
 }
 
 impl Plugin for Logger {
@@ -121,7 +190,10 @@ impl Plugin for Logger {
 
     fn log(&self, record: &LogRecord, _notes: &Notes) {
         if let Some(q) = &self.queue {
-            q.push(entry(record));
+            q.push(match &self.format {
+                Some(f) => f.render(record),
+                None => entry(record),
+            });
         }
     }
 }
@@ -143,14 +215,15 @@ pub(crate) fn http_factory() -> Factory {
             "concat_method": {"type": "string", "enum": ["json", "new_line"], "default": "json"},
             "include_req_body": {"type": "boolean", "default": false},
             "include_resp_body": {"type": "boolean", "default": false},
-            "ssl_verify": {"type": "boolean", "default": false}
+            "ssl_verify": {"type": "boolean", "default": false},
+            "log_format": {"type": "object"}
         }, "required": ["uri"]}),
         consumer_schema: None,
         credential: None,
         build: |conf, scope| {
             let target = HttpTarget::parse(conf)?;
             if scope == "check" {
-                return Ok(Arc::new(Logger { queue: None }));
+                return Ok(Arc::new(Logger { queue: None, format: None }));
             }
             let what = target.uri.to_string();
             let (tx, rx) = sync_channel::<Value>(QUEUE);
@@ -158,7 +231,7 @@ pub(crate) fn http_factory() -> Factory {
                 .name("weir-http-logger".into())
                 .spawn(move || send_batches(target, rx))
                 .map_err(|e| e.to_string())?;
-            Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what }) }))
+            Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what }), format: Format::of(conf) }))
         },
     }
 }
@@ -269,4 +342,18 @@ async fn deliver(target: &HttpTarget, body: Bytes) {
         }
     }
     tracing::error!(uri = %target.uri, "http-logger: batch dropped after its retries");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_and_dates() {
+        assert_eq!(iso8601(0), "1970-01-01T00:00:00+00:00");
+        assert_eq!(iso8601(1_709_251_199), "2024-02-29T23:59:59+00:00");
+        let f = Format::of(&json!({"_metadata": {"log_format": {"host": "$host", "code": "$status", "fixed": "x"}}})).unwrap();
+        let r = LogRecord { host: "a.test:8080".into(), status: 201, ..LogRecord::default() };
+        assert_eq!(f.render(&r), json!({"host": "a.test", "code": 201, "fixed": "x"}));
+    }
 }

@@ -394,7 +394,7 @@ type UpstreamCache<K> = HashMap<(Source, K), Arc<UpstreamRt>>;
 fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Pipeline {
     let mut all = Vec::new();
     for (id, rule) in &state.global_rules {
-        match ctx.registry.pipeline(&rule.plugins, &format!("global:{id}"), ctx.instances) {
+        match ctx.registry.pipeline(&rule.plugins, &format!("global:{id}"), ctx.metadata, ctx.instances) {
             Ok(p) => all.push(p),
             Err(e) => tracing::warn!(global_rule = %id, error = %e, "global rule has plugins that cannot run; skipped"),
         }
@@ -419,7 +419,7 @@ fn consumers(state: &ConfigState, ctx: &mut Ctx<'_>) -> Consumers {
         if merged.is_empty() {
             continue;
         }
-        match ctx.registry.pipeline(&merged, &format!("consumer:{username}"), ctx.instances) {
+        match ctx.registry.pipeline(&merged, &format!("consumer:{username}"), ctx.metadata, ctx.instances) {
             Ok(p) => out.set_plugins(username, p),
             Err(e) => tracing::warn!(consumer = %username, error = %e, "consumer has plugins that cannot run; skipped"),
         }
@@ -438,6 +438,8 @@ struct Ctx<'a> {
     ssls: &'a std::collections::BTreeMap<String, Ssl>,
     registry: &'a Registry,
     instances: &'a mut InstanceCache,
+    /// `plugin_metadata` by plugin name: plugin-wide settings every instance is built with.
+    metadata: &'a std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 fn reuse_or_build<'s>(
@@ -529,7 +531,7 @@ impl Builder {
     pub fn build(&mut self, state: &ConfigState) -> Snapshot {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
         let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
-        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances };
+        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata };
 
         // Older routes first, so they win priority ties (the router numbers them in this order).
         let mut routes: Vec<_> = state.routes.iter().filter(|(_, r)| r.value.status != 0).collect();
@@ -586,7 +588,7 @@ impl Builder {
             return self.build(state);
         }
         self.delta_ids.extend(changes.routes.iter().cloned());
-        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances };
+        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata };
         let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
         let mut routes: Vec<_> = self
             .delta_ids
@@ -724,7 +726,7 @@ fn route_spec<'s>(
     }
     merged.extend(route.plugins.clone().unwrap_or_default());
     let alternatives = merged.get("traffic-split").map(|ts| split_upstreams(state, ctx, next, previous, id, ts)).unwrap_or_default();
-    let plugins = match ctx.registry.pipeline(&merged, &format!("route:{id}"), ctx.instances) {
+    let plugins = match ctx.registry.pipeline(&merged, &format!("route:{id}"), ctx.metadata, ctx.instances) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(route = %id, error = %e, "route has plugins that cannot run; skipped");

@@ -24,6 +24,8 @@ pub struct ConfigState {
     /// By `{username}/credentials/{id}`.
     pub credentials: BTreeMap<String, PluginHolder>,
     pub consumer_groups: BTreeMap<String, PluginHolder>,
+    /// By plugin name.
+    pub plugin_metadata: BTreeMap<String, serde_json::Value>,
 }
 
 /// A route and the store revision that created it (older routes win priority ties).
@@ -99,6 +101,7 @@ impl ConfigState {
             Resource::Consumers => upsert(&mut self.consumers, id, parse(kv)),
             Resource::Credentials => upsert(&mut self.credentials, id, parse(kv)),
             Resource::ConsumerGroups => upsert(&mut self.consumer_groups, id, parse(kv)),
+            Resource::PluginMetadata => upsert(&mut self.plugin_metadata, id, parse(kv)),
             _ => return false,
         }
         true
@@ -121,6 +124,7 @@ impl ConfigState {
             }
             Resource::Credentials => self.credentials.remove(id).is_some(),
             Resource::ConsumerGroups => self.consumer_groups.remove(id).is_some(),
+            Resource::PluginMetadata => self.plugin_metadata.remove(id).is_some(),
             _ => false,
         }
     }

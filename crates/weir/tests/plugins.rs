@@ -871,3 +871,23 @@ async fn proxy_mirror_sends_copies_with_their_bodies() {
     }
     assert!(copies.contains(&("POST".into(), "/copy/m/x?a=1".into(), "payload".into())), "{copies:?}");
 }
+
+#[tokio::test]
+async fn plugin_metadata_sets_the_log_format() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    let file = w.dir.path().join("formatted.log");
+    put(&w, "/plugin_metadata/file-logger", json!({"log_format": {"host": "$host", "client": "$remote_addr", "route": "$route_id", "code": "$status", "tag": "weir"}})).await;
+    put(&w, "/routes/f", json!({"uri": "/f", "plugins": {"file-logger": {"path": file.to_str().unwrap()}}, "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/f", &[("host", "logs.test")], |r| r.status == 200).await;
+    let mut line = String::new();
+    for _ in 0..100 {
+        line = std::fs::read_to_string(&file).unwrap_or_default().lines().next().unwrap_or("").to_string();
+        if !line.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let entry: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry, json!({"host": "logs.test", "client": "127.0.0.1", "route": "f", "code": 200, "tag": "weir"}));
+}
