@@ -102,7 +102,6 @@ impl ConfigState {
             Resource::Credentials => upsert(&mut self.credentials, id, parse(kv)),
             Resource::ConsumerGroups => upsert(&mut self.consumer_groups, id, parse(kv)),
             Resource::PluginMetadata => upsert(&mut self.plugin_metadata, id, parse(kv)),
-            _ => return false,
         }
         true
     }
@@ -125,7 +124,6 @@ impl ConfigState {
             Resource::Credentials => self.credentials.remove(id).is_some(),
             Resource::ConsumerGroups => self.consumer_groups.remove(id).is_some(),
             Resource::PluginMetadata => self.plugin_metadata.remove(id).is_some(),
-            _ => false,
         }
     }
 }
