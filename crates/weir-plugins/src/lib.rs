@@ -23,6 +23,7 @@ mod limit_count;
 mod limit_req;
 mod loggers;
 mod mocking;
+mod opentelemetry;
 pub mod prometheus;
 mod proxy_mirror;
 mod proxy_rewrite;
@@ -399,9 +400,10 @@ struct Factory {
 
 type Prepare = fn(&Value) -> Result<(String, Arc<dyn Any + Send + Sync>), String>;
 
-/// Every plugin Weir has.
+/// Every plugin Weir has, and the process's `plugin_attr` settings for them.
 pub struct Registry {
     factories: Vec<Factory>,
+    attrs: HashMap<String, Value>,
 }
 
 impl Default for Registry {
@@ -424,6 +426,7 @@ impl Default for Registry {
             loggers::file_factory(),
             loggers::http_factory(),
             mocking::factory(),
+            opentelemetry::factory(),
             prometheus::factory(),
             proxy_mirror::factory(),
             proxy_rewrite::factory(),
@@ -438,7 +441,7 @@ impl Default for Registry {
             uri_blocker::factory(),
         ];
         factories.sort_by_key(|f| f.name);
-        Registry { factories }
+        Registry { factories, attrs: HashMap::new() }
     }
 }
 
@@ -454,6 +457,13 @@ fn meta_schema() -> Value {
 impl Registry {
     fn factory(&self, name: &str) -> Option<&Factory> {
         self.factories.iter().find(|f| f.name == name)
+    }
+
+    /// Sets a plugin's process-wide settings (`plugin_attr.{name}`): they reach its builder
+    /// as the config's `_attr`.
+    pub fn with_attr(mut self, name: &str, attr: Value) -> Registry {
+        self.attrs.insert(name.to_string(), attr);
+        self
     }
 
     /// Whether `name` is an auth plugin (its consumer config is a credential).
@@ -487,6 +497,9 @@ impl Registry {
                 o.remove("_meta");
                 if let Some(m) = metadata.get(f.name) {
                     o.insert("_metadata".into(), m.clone());
+                }
+                if let Some(a) = self.attrs.get(f.name) {
+                    o.insert("_attr".into(), a.clone());
                 }
             }
             // A `group` makes every route naming it share one instance (and its state).

@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use crate::{Factory, LogRecord, Notes, Phases, Plugin};
 
 /// Entries waiting for a writer, per logger.
-const QUEUE: usize = 10_000;
+pub(crate) const QUEUE: usize = 10_000;
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
@@ -114,14 +114,14 @@ fn iso8601(secs: u64) -> String {
 }
 
 /// The sending end of a background writer; entries beyond the queue are dropped and counted.
-struct Queue {
-    tx: SyncSender<Value>,
-    dropped: AtomicU64,
-    what: String,
+pub(crate) struct Queue {
+    pub(crate) tx: SyncSender<Value>,
+    pub(crate) dropped: AtomicU64,
+    pub(crate) what: String,
 }
 
 impl Queue {
-    fn push(&self, v: Value) {
+    pub(crate) fn push(&self, v: Value) {
         match self.tx.try_send(v) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
@@ -236,8 +236,8 @@ pub(crate) fn http_factory() -> Factory {
     }
 }
 
-/// Where and how an `http-logger` sends its batches.
-struct HttpTarget {
+/// Where and how an `http-logger` (or the span exporter) sends its batches.
+pub(crate) struct HttpTarget {
     uri: http::Uri,
     authority: String,
     auth_header: Option<http::HeaderValue>,
@@ -247,10 +247,38 @@ struct HttpTarget {
     buffer: Duration,
     retries: u32,
     retry_delay: Duration,
-    new_line: bool,
+    body: BatchBody,
+}
+
+/// How a batch of entries becomes one request body.
+pub(crate) enum BatchBody {
+    /// A JSON array.
+    Json,
+    /// One JSON document a line.
+    NewLine,
+    /// An OTLP/HTTP JSON trace export: the entries are spans of one resource.
+    Otlp { resource: Value },
 }
 
 impl HttpTarget {
+    /// An OTLP/HTTP trace exporter's target: `http://{address}/v1/traces`, batched as the
+    /// collector settings say.
+    pub(crate) fn otlp(address: &str, timeout: Duration, resource: Value) -> Result<HttpTarget, String> {
+        let uri: http::Uri = format!("http://{address}/v1/traces").parse().map_err(|e| format!("collector.address: {e}"))?;
+        Ok(HttpTarget {
+            authority: crate::client::authority(&uri)?,
+            uri,
+            auth_header: None,
+            timeout,
+            batch_max_size: 512,
+            inactive: Duration::from_secs(1),
+            buffer: Duration::from_secs(5),
+            retries: 1,
+            retry_delay: Duration::from_secs(1),
+            body: BatchBody::Otlp { resource },
+        })
+    }
+
     fn parse(conf: &Value) -> Result<HttpTarget, String> {
         let num = |k: &str, d: u64| conf.get(k).and_then(Value::as_u64).unwrap_or(d);
         let raw = conf.get("uri").and_then(Value::as_str).unwrap_or("");
@@ -271,7 +299,7 @@ impl HttpTarget {
             buffer: Duration::from_secs(num("buffer_duration", 60)),
             retries: num("max_retry_count", 0) as u32,
             retry_delay: Duration::from_secs(num("retry_delay", 1)),
-            new_line: conf.get("concat_method").and_then(Value::as_str) == Some("new_line"),
+            body: if conf.get("concat_method").and_then(Value::as_str) == Some("new_line") { BatchBody::NewLine } else { BatchBody::Json },
         })
     }
 
@@ -279,7 +307,7 @@ impl HttpTarget {
         let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
         let mut req = http::Request::post(path)
             .header(http::header::HOST, self.authority.as_str())
-            .header(http::header::CONTENT_TYPE, if self.new_line { "text/plain" } else { "application/json" })
+            .header(http::header::CONTENT_TYPE, if matches!(self.body, BatchBody::NewLine) { "text/plain" } else { "application/json" })
             .body(Full::new(body))
             .map_err(|e| e.to_string())?;
         if let Some(h) = &self.auth_header {
@@ -292,7 +320,7 @@ impl HttpTarget {
 
 /// Collects entries into batches (full at `batch_max_size`, or sent after `inactive_timeout`
 /// without a new entry, or `buffer_duration` after the first) and posts each, with retries.
-fn send_batches(target: HttpTarget, rx: Receiver<Value>) {
+pub(crate) fn send_batches(target: HttpTarget, rx: Receiver<Value>) {
     let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
     let target = Arc::new(target);
     let mut pending: Vec<Value> = Vec::new();
@@ -317,10 +345,14 @@ fn send_batches(target: HttpTarget, rx: Receiver<Value>) {
         let batch = std::mem::take(&mut pending);
         first = None;
         if !batch.is_empty() {
-            let body = if target.new_line {
-                batch.iter().map(Value::to_string).collect::<Vec<_>>().join("\n")
-            } else {
-                Value::Array(batch).to_string()
+            let body = match &target.body {
+                BatchBody::NewLine => batch.iter().map(Value::to_string).collect::<Vec<_>>().join("\n"),
+                BatchBody::Json => Value::Array(batch).to_string(),
+                BatchBody::Otlp { resource } => json!({"resourceSpans": [{
+                    "resource": resource,
+                    "scopeSpans": [{"scope": {"name": "weir", "version": env!("CARGO_PKG_VERSION")}, "spans": batch}]
+                }]})
+                .to_string(),
             };
             rt.block_on(deliver(&target, Bytes::from(body)));
         }

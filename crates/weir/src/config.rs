@@ -21,6 +21,31 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct PluginAttr {
     pub prometheus: PrometheusAttr,
+    pub opentelemetry: OtelAttr,
+}
+
+/// Where the `opentelemetry` plugin exports spans, and what resource they describe.
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelAttr {
+    /// Resource attributes; `service.name` defaults to `APISIX`.
+    pub resource: std::collections::BTreeMap<String, serde_json::Value>,
+    pub collector: OtelCollector,
+}
+
+#[derive(Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OtelCollector {
+    /// `host:port` of an OTLP/HTTP collector; spans go to `/v1/traces` as OTLP JSON.
+    pub address: String,
+    /// Seconds.
+    pub request_timeout: u64,
+}
+
+impl Default for OtelCollector {
+    fn default() -> Self {
+        OtelCollector { address: "127.0.0.1:4318".into(), request_timeout: 3 }
+    }
 }
 
 /// Where the metrics of the `prometheus` plugin are served.

@@ -174,7 +174,8 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
-        let plugins = Arc::new(Registry::default());
+        let otel = serde_json::to_value(&cfg.plugin_attr.opentelemetry)?;
+        let plugins = Arc::new(Registry::default().with_attr("opentelemetry", otel));
         let builder = Builder::new(&cfg.store.prefix, keyring.clone(), plugins.clone());
         tokio::spawn(weir_proxy::watch::follow(store.clone(), cfg.store.prefix.clone(), builder, snapshot.clone(), loaded_tx));
         // Serve nothing until the stored config is live, so a restart never answers 404 for

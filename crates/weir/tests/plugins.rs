@@ -891,3 +891,54 @@ async fn plugin_metadata_sets_the_log_format() {
     let entry: Value = serde_json::from_str(&line).unwrap();
     assert_eq!(entry, json!({"host": "logs.test", "client": "127.0.0.1", "route": "f", "code": 200, "tag": "weir"}));
 }
+
+#[tokio::test]
+async fn opentelemetry_continues_traces_and_exports_spans() {
+    let (collector, exported) = log_server().await;
+    let attr = format!("  opentelemetry:\n    resource: {{service.name: weir-test}}\n    collector: {{address: \"{collector}\"}}\n");
+    let w = Weir::start_full(tempfile::tempdir().unwrap(), "", "", &attr);
+    let up = Upstream::start("backend").await;
+    put(&w, "/routes/t", json!({"uri": "/t", "name": "traced", "upstream": {"nodes": {up.node(): 1}}, "plugins": {"opentelemetry": {
+        "sampler": {"name": "parent_base", "options": {"root": {"name": "always_on"}}}, "additional_attributes": ["arg_user"]
+    }}})).await;
+    put(&w, "/routes/off", json!({"uri": "/off", "upstream": {"nodes": {up.node(): 1}}, "plugins": {"opentelemetry": {"sampler": {"name": "always_off"}}}})).await;
+    w.until("/off", &[], |r| r.status == 200).await;
+
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = w.get("/t?user=ann", &[("traceparent", parent)]).await;
+    let sent = r.json()["headers"]["traceparent"].as_str().unwrap().to_string();
+    let parts: Vec<&str> = sent.split('-').collect();
+    assert_eq!((parts[1], parts[3]), ("4bf92f3577b34da6a3ce929d0e0e4736", "01"), "the trace goes on upstream: {sent}");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "with the gateway's own span");
+    // A caller that did not sample is followed by parent_base.
+    let r = w.get("/t", &[("traceparent", "00-11111111111111111111111111111111-2222222222222222-00")]).await;
+    assert!(r.json()["headers"]["traceparent"].as_str().unwrap().ends_with("-00"));
+    let r = w.get("/off", &[]).await;
+    assert!(r.json()["headers"]["traceparent"].as_str().unwrap().ends_with("-00"), "always_off still propagates, unsampled");
+
+    let mut spans = Vec::new();
+    for _ in 0..150 {
+        spans = exported
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, u, _)| m == "POST" && u == "/v1/traces")
+            .flat_map(|(_, _, body)| {
+                let doc: Value = serde_json::from_str(body).unwrap();
+                assert_eq!(doc["resourceSpans"][0]["resource"]["attributes"][0], json!({"key": "service.name", "value": {"stringValue": "weir-test"}}));
+                doc["resourceSpans"][0]["scopeSpans"][0]["spans"].as_array().unwrap().clone()
+            })
+            .collect::<Vec<Value>>();
+        if !spans.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(spans.len(), 1, "only the sampled request is exported: {spans:?}");
+    let s = &spans[0];
+    assert_eq!((s["traceId"].as_str(), s["spanId"].as_str(), s["parentSpanId"].as_str()), (Some("4bf92f3577b34da6a3ce929d0e0e4736"), Some(parts[2]), Some("00f067aa0ba902b7")));
+    let attrs = s["attributes"].as_array().unwrap();
+    assert!(attrs.contains(&json!({"key": "http.status_code", "value": {"intValue": "200"}})), "{attrs:?}");
+    assert!(attrs.contains(&json!({"key": "apisix.route_name", "value": {"stringValue": "traced"}})), "{attrs:?}");
+    assert!(attrs.contains(&json!({"key": "arg_user", "value": {"stringValue": "ann"}})), "{attrs:?}");
+}

@@ -49,12 +49,17 @@ impl Weir {
 
     /// `extra_proxy` and `extra_admin` are appended to those sections of the config.
     pub fn start_with(dir: tempfile::TempDir, extra_proxy: &str, extra_admin: &str) -> Weir {
+        Self::start_full(dir, extra_proxy, extra_admin, "")
+    }
+
+    /// As `start_with`, with more `plugin_attr` settings (YAML indented under `plugin_attr:`).
+    pub fn start_full(dir: tempfile::TempDir, extra_proxy: &str, extra_admin: &str, extra_attr: &str) -> Weir {
         let cfg = dir.path().join("weir.yaml");
         let store = dir.path().join("data");
         std::fs::write(
             &cfg,
             format!(
-                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\n{extra_proxy}admin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\n{extra_admin}store:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\n",
+                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\n{extra_proxy}admin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\n{extra_admin}store:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\n{extra_attr}",
                 store.display()
             ),
         )
