@@ -15,6 +15,7 @@ mod consumer_restriction;
 mod cors;
 mod csrf;
 mod fault_injection;
+mod hmac_auth;
 mod ip_restriction;
 mod jwt_auth;
 mod key_auth;
@@ -417,6 +418,7 @@ impl Default for Registry {
             cors::factory(),
             csrf::factory(),
             fault_injection::factory(),
+            hmac_auth::factory(),
             ip_restriction::factory(),
             jwt_auth::factory(),
             key_auth::factory(),

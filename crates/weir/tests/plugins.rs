@@ -942,3 +942,64 @@ async fn opentelemetry_continues_traces_and_exports_spans() {
     assert!(attrs.contains(&json!({"key": "apisix.route_name", "value": {"stringValue": "traced"}})), "{attrs:?}");
     assert!(attrs.contains(&json!({"key": "arg_user", "value": {"stringValue": "ann"}})), "{attrs:?}");
 }
+
+/// Headers signing a request for hmac-auth, made by an independent Python signer.
+fn hmac_headers(key: &str, secret: &str, alg: &str, method: &str, target: &str, age: i64, body: Option<&str>) -> Vec<(String, String)> {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/hmac_sign.py")).args([key, secret, alg, method, target, &age.to_string()]);
+    if let Some(b) = body {
+        cmd.arg(b);
+    }
+    let out = cmd.output().expect("python3 runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut h: Vec<(String, String)> = v.as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+    h.push(("x-custom".into(), "signed".into()));
+    h
+}
+
+#[tokio::test]
+async fn hmac_auth_checks_signatures_made_elsewhere() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/consumers", json!({"username": "ann"})).await;
+    put(&w, "/consumers/ann/credentials/signer", json!({"plugins": {"hmac-auth": {"key_id": "ann-key", "secret_key": "ann-secret"}}})).await;
+    put(&w, "/routes/h", json!({"uri": "/h", "upstream": {"nodes": {up.node(): 1}}, "plugins": {"hmac-auth": {
+        "allowed_algorithms": ["hmac-sha256", "hmac-sha512"], "clock_skew": 60, "signed_headers": ["x-custom"], "hide_credentials": true}}})).await;
+    put(&w, "/routes/body", json!({"uri": "/body", "upstream": {"nodes": {up.node(): 1}}, "plugins": {"hmac-auth": {"validate_request_body": true}}})).await;
+    w.until("/body", &[], |r| r.status == 401).await;
+    let send = |method: &'static str, path: &'static str, headers: Vec<(String, String)>, body: Option<&'static str>| {
+        let w = &w;
+        async move {
+            let hs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            common::send(w.proxy, method, path, &hs, body).await
+        }
+    };
+    let refused = json!({"message": "client request can't be validated"});
+
+    let r = send("GET", "/h?x=1", hmac_headers("ann-key", "ann-secret", "hmac-sha256", "GET", "/h?x=1", 0, None), None).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["headers"]["x-consumer-username"], "ann");
+    assert_eq!(r.json()["headers"]["x-credential-identifier"], "signer");
+    assert!(r.json()["headers"].get("authorization").is_none(), "hide_credentials");
+    let r = send("GET", "/h", hmac_headers("ann-key", "ann-secret", "hmac-sha512", "GET", "/h", 0, None), None).await;
+    assert_eq!(r.status, 200, "sha512: {}", r.text());
+
+    let cases = [
+        ("wrong secret", hmac_headers("ann-key", "nope", "hmac-sha256", "GET", "/h", 0, None)),
+        ("unknown key", hmac_headers("bob-key", "ann-secret", "hmac-sha256", "GET", "/h", 0, None)),
+        ("algorithm not allowed", hmac_headers("ann-key", "ann-secret", "hmac-sha1", "GET", "/h", 0, None)),
+        ("too old", hmac_headers("ann-key", "ann-secret", "hmac-sha256", "GET", "/h", 600, None)),
+        ("another target", hmac_headers("ann-key", "ann-secret", "hmac-sha256", "GET", "/other", 0, None)),
+        ("no header", vec![]),
+    ];
+    for (name, headers) in cases {
+        let r = send("GET", "/h", headers, None).await;
+        assert_eq!((r.status, r.json()), (401, refused.clone()), "{name}");
+    }
+
+    let r = send("POST", "/body", hmac_headers("ann-key", "ann-secret", "hmac-sha256", "POST", "/body", 0, Some("{\"a\":1}")), Some("{\"a\":1}")).await;
+    assert_eq!(r.status, 200, "a body matching its digest: {}", r.text());
+    let r = send("POST", "/body", hmac_headers("ann-key", "ann-secret", "hmac-sha256", "POST", "/body", 0, Some("{\"a\":1}")), Some("{\"a\":2}")).await;
+    assert_eq!((r.status, r.json()), (401, refused), "a changed body");
+}
