@@ -7,6 +7,7 @@
 //! and the watcher lists again.
 
 mod embedded;
+mod etcd;
 
 use std::sync::Arc;
 
@@ -15,6 +16,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 pub use embedded::EmbeddedStore;
+pub use etcd::{EtcdOptions, EtcdStore};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyValue {
@@ -86,7 +88,7 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// A config store. Implementations: [`EmbeddedStore`] (redb, one file). The data plane only ever
+/// A config store. Implementations: [`EmbeddedStore`] (redb, one file) and [`EtcdStore`]. The data plane only ever
 /// calls `list` and `watch`; the Admin API writes with `txn`.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {

@@ -137,11 +137,43 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// Key prefix of every object, as in APISIX's etcd layout.
     pub prefix: String,
+    /// The cluster, for `type: etcd`.
+    pub etcd: EtcdConfig,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { kind: StoreType::Embedded, path: PathBuf::from("./weir-data"), prefix: "/apisix".into() }
+        StoreConfig { kind: StoreType::Embedded, path: PathBuf::from("./weir-data"), prefix: "/apisix".into(), etcd: EtcdConfig::default() }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdConfig {
+    /// `http://host:port` of the cluster's members.
+    pub endpoints: Vec<String>,
+    /// Overrides `store.prefix` (as APISIX's `etcd.prefix`).
+    pub prefix: Option<String>,
+    /// Seconds, per request.
+    pub timeout: u64,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub tls: Option<serde_json::Value>,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig { endpoints: vec!["http://127.0.0.1:2379".into()], prefix: None, timeout: 30, user: None, password: None, tls: None }
+    }
+}
+
+impl StoreConfig {
+    /// The key prefix in force: `etcd.prefix` for an etcd store when given, else `prefix`.
+    pub fn key_prefix(&self) -> &str {
+        match (&self.kind, &self.etcd.prefix) {
+            (StoreType::Etcd, Some(p)) => p,
+            _ => &self.prefix,
+        }
     }
 }
 
@@ -160,11 +192,21 @@ impl Config {
         if self.proxy.listen.is_empty() {
             errors.push("proxy.listen: at least one address is needed".to_string());
         }
-        if !self.store.prefix.starts_with('/') || self.store.prefix.ends_with('/') {
-            errors.push(format!("store.prefix: \"{}\" must start with / and not end with /", self.store.prefix));
+        let prefix = self.store.key_prefix();
+        if !prefix.starts_with('/') || prefix.ends_with('/') {
+            errors.push(format!("store.prefix: \"{prefix}\" must start with / and not end with /"));
         }
         if self.store.kind == StoreType::Etcd {
-            errors.push("store.type: etcd is not supported by this version; use embedded".to_string());
+            let e = &self.store.etcd;
+            if e.endpoints.is_empty() {
+                errors.push("store.etcd.endpoints: at least one endpoint is needed".to_string());
+            }
+            if e.user.is_some() != e.password.is_some() {
+                errors.push("store.etcd: user and password go together".to_string());
+            }
+            if e.tls.is_some() {
+                errors.push("store.etcd.tls: TLS to etcd is not supported by this version".to_string());
+            }
         }
         for (i, k) in self.data_encryption.keyring.iter().enumerate() {
             if k.len() < 16 {
@@ -183,6 +225,15 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn etcd_store_settings() {
+        let c = Config::parse("store:\n  type: etcd\n  etcd:\n    endpoints: [\"http://127.0.0.1:2379\"]\n    prefix: /gw\n    timeout: 5\n").unwrap();
+        assert_eq!((c.store.key_prefix(), c.store.etcd.timeout), ("/gw", 5));
+        let e = Config::parse("store:\n  type: etcd\n  etcd:\n    endpoints: []\n    user: root\n").unwrap_err();
+        assert!(e.contains("at least one endpoint") && e.contains("user and password go together"), "{e}");
+        assert!(Config::parse("store:\n  etcd:\n    hosts: []\n").unwrap_err().contains("hosts"), "unknown keys are named");
+    }
 
     #[test]
     fn defaults_and_full_file() {

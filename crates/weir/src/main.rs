@@ -15,9 +15,9 @@ use weir_proxy::proxy::Proxy;
 use weir_proxy::snapshot::{Builder, Snapshot};
 use weir_plugins::Registry;
 use weir_tls::Keyring;
-use weir_store::{EmbeddedStore, SharedStore};
+use weir_store::{EmbeddedStore, EtcdOptions, EtcdStore, SharedStore};
 
-use crate::config::Config;
+use crate::config::{Config, StoreType};
 
 // The proxy allocates small, short-lived buffers per request; mimalloc keeps them thread-local
 // and avoids glibc's trimming and refaulting under steady load.
@@ -154,6 +154,22 @@ impl Control for ControlApi {
     }
 }
 
+/// The configured store: the embedded one in `store.path`, or an etcd cluster.
+async fn open_store(cfg: &Config) -> anyhow::Result<SharedStore> {
+    Ok(match cfg.store.kind {
+        StoreType::Embedded => Arc::new(EmbeddedStore::open(&cfg.store.path).context("opening the store")?),
+        StoreType::Etcd => {
+            let e = &cfg.store.etcd;
+            let opts = EtcdOptions {
+                endpoints: e.endpoints.clone(),
+                timeout: std::time::Duration::from_secs(e.timeout.max(1)),
+                user: e.user.clone().zip(e.password.clone()),
+            };
+            Arc::new(EtcdStore::connect(&opts).await.with_context(|| format!("connecting to etcd at {}", e.endpoints.join(", ")))?)
+        }
+    })
+}
+
 fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = match config {
         Some(p) => {
@@ -164,7 +180,6 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
     };
     let keys = admin_keys(&cfg)?;
     let keyring = Arc::new(keyring(&cfg)?);
-    let store: SharedStore = Arc::new(EmbeddedStore::open(&cfg.store.path).context("opening the store")?);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -173,11 +188,13 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let store = open_store(&cfg).await?;
+        let prefix = cfg.store.key_prefix().to_string();
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
         let otel = serde_json::to_value(&cfg.plugin_attr.opentelemetry)?;
         let plugins = Arc::new(Registry::default().with_attr("opentelemetry", otel));
-        let builder = Builder::new(&cfg.store.prefix, keyring.clone(), plugins.clone());
-        tokio::spawn(weir_proxy::watch::follow(store.clone(), cfg.store.prefix.clone(), builder, snapshot.clone(), loaded_tx));
+        let builder = Builder::new(&prefix, keyring.clone(), plugins.clone());
+        tokio::spawn(weir_proxy::watch::follow(store.clone(), prefix.clone(), builder, snapshot.clone(), loaded_tx));
         // Serve nothing until the stored config is live, so a restart never answers 404 for
         // routes that exist.
         loaded.wait_for(|l| *l).await.context("config loader stopped")?;
@@ -196,8 +213,8 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             println!("weir: prometheus metrics on http://{}{}", l.local_addr()?, prom.export_uri);
             tokio::spawn(weir_proxy::exporter::serve(l, prom.export_uri.clone()));
         }
-        let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: cfg.store.prefix.clone() });
-        let admin = Arc::new(Admin::new(store, cfg.store.prefix.clone(), keys, plugins, keyring).with_control(control));
+        let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
+        let admin = Arc::new(Admin::new(store, prefix.clone(), keys, plugins, keyring).with_control(control));
         tokio::spawn(weir_admin::serve(admin_listener, admin));
         for (addr, tls) in &bound {
             let scheme = if *tls { "https" } else { "http" };

@@ -52,6 +52,21 @@ impl Weir {
         Self::start_full(dir, extra_proxy, extra_admin, "")
     }
 
+    /// Started on another store: `kind` is `store.type`, `extra` more `store:` keys (indented).
+    pub fn start_store(dir: tempfile::TempDir, kind: &str, extra: &str) -> Weir {
+        let cfg = dir.path().join("weir.yaml");
+        let data = dir.path().join("data");
+        std::fs::write(
+            &cfg,
+            format!(
+                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n  type: {kind}\n  path: \"{}\"\n{extra}plugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\n",
+                data.display()
+            ),
+        )
+        .unwrap();
+        Self::spawn(dir, &cfg, &[])
+    }
+
     /// As `start_with`, with more `plugin_attr` settings (YAML indented under `plugin_attr:`).
     pub fn start_full(dir: tempfile::TempDir, extra_proxy: &str, extra_admin: &str, extra_attr: &str) -> Weir {
         let cfg = dir.path().join("weir.yaml");
@@ -357,6 +372,76 @@ impl Redis {
 }
 
 impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A real single-member `etcd` on loopback ports, with its own temporary data directory;
+/// stopped (by its PID) when dropped, and restartable on the same ports and data.
+pub struct Etcd {
+    child: Option<Child>,
+    pub port: u16,
+    peer: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut e = Etcd { child: None, port: free(), peer: free(), dir: tempfile::tempdir().unwrap() };
+        e.restart().await;
+        e
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) and waits until it answers.
+    pub async fn restart(&mut self) {
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer);
+        let child = Command::new("etcd")
+            .arg("--name").arg("weir-test")
+            .arg("--data-dir").arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .arg("--initial-cluster").arg(format!("weir-test={peer}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd is installed (Debian package etcd-server)");
+        self.child = Some(child);
+        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+        for _ in 0..300 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                let r = send(addr, "GET", "/health", &[], None).await;
+                if r.status == 200 && r.text().contains("true") {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("etcd did not come up on {client}");
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// A call to etcd's JSON gateway (`/v3/...`), as `etcdctl` would make it.
+    pub async fn v3(&self, path: &str, body: Value) -> Value {
+        let r = send(([127, 0, 0, 1], self.port).into(), "POST", path, &[("content-type", "application/json")], Some(&body.to_string())).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        r.json()
+    }
+}
+
+impl Drop for Etcd {
     fn drop(&mut self) {
         self.stop();
     }

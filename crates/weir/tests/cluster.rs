@@ -1,0 +1,159 @@
+//! Weir on a real etcd: two gateways sharing one cluster see each other's writes, keep serving
+//! while etcd is down, pick up again when it is back, survive a compaction, and never lose a
+//! concurrent PATCH.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Etcd, Upstream, Weir};
+use serde_json::{Value, json};
+
+fn on_etcd(etcd: &Etcd) -> Weir {
+    let store = format!("  etcd:\n    endpoints: [\"{}\"]\n    prefix: /apisix\n    timeout: 2\n", etcd.endpoint());
+    Weir::start_store(tempfile::tempdir().unwrap(), "etcd", &store)
+}
+
+async fn put(w: &Weir, path: &str, body: Value) {
+    let (s, b) = w.admin("PUT", path, Some(body)).await;
+    assert!(s == 200 || s == 201, "{path}: {s} {b}");
+}
+
+/// Polls `w` until `path` answers `status`; the time it took.
+async fn live(w: &Weir, path: &str, status: u16) -> Duration {
+    let started = Instant::now();
+    for _ in 0..2000 {
+        if w.get(path, &[]).await.status == status {
+            return started.elapsed();
+        }
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    panic!("{path} never answered {status}");
+}
+
+#[tokio::test]
+async fn two_gateways_share_one_etcd_and_ride_out_its_outage() {
+    let mut etcd = Etcd::start().await;
+    let (a, b) = (on_etcd(&etcd), on_etcd(&etcd));
+    let up = Upstream::start("backend").await;
+
+    // A write through one gateway is served by both; time it over 200 changes.
+    let mut times = Vec::new();
+    for i in 0..200 {
+        let started = Instant::now();
+        put(&a, &format!("/routes/r{i}"), json!({"uri": format!("/r{i}"), "upstream": {"nodes": {up.node(): 1}}})).await;
+        live(&b, &format!("/r{i}"), 200).await;
+        times.push(started.elapsed());
+    }
+    assert_eq!(a.get("/r199", &[]).await.status, 200);
+    times.sort();
+    let (p50, p99) = (times[100], times[197]);
+    println!("PUT on one gateway to live on the other, over 200 changes: p50 {:.2} ms, p99 {:.2} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
+    assert!(p99 < Duration::from_millis(50), "p99 {p99:?}");
+
+    // etcd down: both keep serving what they have; writes fail cleanly.
+    etcd.stop();
+    for w in [&a, &b] {
+        assert_eq!(w.get("/r7", &[]).await.status, 200);
+    }
+    let (s, body) = a.admin("PUT", "/routes/down", Some(json!({"uri": "/down", "upstream": {"nodes": {up.node(): 1}}}))).await;
+    assert!(s >= 500, "a write with the store down is refused: {s} {body}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(b.get("/r8", &[]).await.status, 200, "still serving after a while");
+
+    // etcd back: new changes flow again, to both.
+    etcd.restart().await;
+    let mut written = false;
+    for _ in 0..100 {
+        let (s, _) = a.admin("PUT", "/routes/back", Some(json!({"uri": "/back", "upstream": {"nodes": {up.node(): 1}}}))).await;
+        if s == 200 || s == 201 {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(written, "writes work again once etcd is back");
+    for w in [&a, &b] {
+        let started = Instant::now();
+        while w.get("/back", &[]).await.status != 200 {
+            assert!(started.elapsed() < Duration::from_secs(20), "the gateway follows etcd again");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    // A compaction while both watch: nothing is lost.
+    let rev = etcd.v3("/v3/kv/range", json!({"key": "L2FwaXNpeA=="})).await["header"]["revision"].as_str().unwrap().to_string();
+    etcd.v3("/v3/kv/compaction", json!({"revision": rev, "physical": true})).await;
+    put(&a, "/routes/after", json!({"uri": "/after", "upstream": {"nodes": {up.node(): 1}}})).await;
+    live(&b, "/after", 200).await;
+    assert_eq!(b.admin("DELETE", "/routes/after", None).await.0, 200);
+    live(&a, "/after", 404).await;
+}
+
+#[tokio::test]
+async fn concurrent_patches_through_two_gateways_are_never_lost() {
+    let etcd = Etcd::start().await;
+    let (a, b) = (on_etcd(&etcd), on_etcd(&etcd));
+    put(&a, "/routes/p", json!({"uri": "/p", "upstream": {"nodes": {"127.0.0.1:1": 1}}, "labels": {}})).await;
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let w = if i % 2 == 0 { &a } else { &b };
+        tasks.push(async move {
+            let (s, body) = w.admin("PATCH", "/routes/p", Some(json!({"labels": {format!("k{i}"): "v"}}))).await;
+            (s, body)
+        });
+    }
+    let results = futures_util::future::join_all(tasks).await;
+    let mut applied = 0;
+    for (s, body) in &results {
+        match s {
+            200 => applied += 1,
+            409 | 412 => {}
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    let (_, route) = b.admin("GET", "/routes/p", None).await;
+    let labels = route["value"]["labels"].as_object().unwrap();
+    assert_eq!(labels.len(), applied, "every acknowledged PATCH is present: {labels:?}");
+}
+
+#[tokio::test]
+async fn an_apisix_layout_in_etcd_is_read_as_it_is() {
+    let etcd = Etcd::start().await;
+    let up = Upstream::start("backend").await;
+    // Written as APISIX writes it: the object's JSON under /apisix/{resource}/{id}.
+    let b64 = |s: &str| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(s)
+    };
+    let upstream = json!({"id": "u1", "type": "roundrobin", "nodes": {up.node(): 1}}).to_string();
+    let route = json!({"id": "r1", "uri": "/from-apisix", "upstream_id": "u1", "status": 1}).to_string();
+    etcd.v3("/v3/kv/put", json!({"key": b64("/apisix/upstreams/u1"), "value": b64(&upstream)})).await;
+    etcd.v3("/v3/kv/put", json!({"key": b64("/apisix/routes/r1"), "value": b64(&route)})).await;
+    let w = on_etcd(&etcd);
+    assert_eq!(w.get("/from-apisix", &[]).await.status, 200);
+    // And what Weir writes is where APISIX looks for it.
+    put(&w, "/routes/r2", json!({"uri": "/two", "upstream_id": "u1"})).await;
+    let got = etcd.v3("/v3/kv/range", json!({"key": b64("/apisix/routes/r2")})).await;
+    let value = got["kvs"][0]["value"].as_str().unwrap();
+    use base64::Engine as _;
+    let stored: Value = serde_json::from_slice(&base64::engine::general_purpose::STANDARD.decode(value).unwrap()).unwrap();
+    assert_eq!((stored["uri"].as_str(), stored["upstream_id"].as_str()), (Some("/two"), Some("u1")));
+}
+
+#[tokio::test]
+async fn a_watch_from_before_a_compaction_is_told_so() {
+    use weir_store::{EtcdOptions, EtcdStore, Store as _, WatchMessage};
+    let etcd = Etcd::start().await;
+    let store = EtcdStore::connect(&EtcdOptions { endpoints: vec![etcd.endpoint()], timeout: Duration::from_secs(2), user: None }).await.unwrap();
+    let (first, _) = store.put("/apisix/routes/a", bytes::Bytes::from_static(b"{}")).await.unwrap();
+    let (second, _) = store.put("/apisix/routes/b", bytes::Bytes::from_static(b"{}")).await.unwrap();
+    etcd.v3("/v3/kv/compaction", json!({"revision": second.to_string(), "physical": true})).await;
+    let mut w = store.watch("/apisix/", first).await.unwrap();
+    assert_eq!(w.recv().await, Some(WatchMessage::Compacted), "changes before the compaction are gone");
+    // From the compacted revision on, the watch carries on.
+    let mut w = store.watch("/apisix/", second + 1).await.unwrap();
+    store.delete("/apisix/routes/a").await.unwrap();
+    let Some(WatchMessage::Events { events, .. }) = w.recv().await else { panic!("a live event") };
+    assert_eq!(events[0].kv.key, "/apisix/routes/a");
+}
