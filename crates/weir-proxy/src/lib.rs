@@ -13,5 +13,6 @@ pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod status;
 pub mod state;
 pub mod watch;

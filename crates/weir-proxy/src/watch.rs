@@ -1,8 +1,9 @@
 //! Keeps the published snapshot in step with the store: list, compile, swap; then apply each
 //! watched change and swap again. When the store is unreachable the last snapshot keeps serving.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -15,13 +16,53 @@ use crate::snapshot::{Builder, Changes, Snapshot};
 const FOLD_AFTER: Duration = Duration::from_secs(1);
 use crate::state::ConfigState;
 
-/// Runs forever. `loaded` turns true once the first full config is live.
+/// How the data plane stands with its store, for `/status/ready`.
+#[derive(Default)]
+pub struct SyncStatus {
+    loaded: AtomicBool,
+    connected: AtomicBool,
+    revision: AtomicI64,
+    /// When the store last answered (a list, or a watched change).
+    last_heard: Mutex<Option<Instant>>,
+}
+
+impl SyncStatus {
+    fn heard(&self, revision: i64) {
+        self.revision.store(revision, Ordering::Relaxed);
+        self.connected.store(true, Ordering::Relaxed);
+        *self.last_heard.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    fn lost(&self) {
+        self.connected.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether the first full config is live.
+    pub fn is_ready(&self) -> bool {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
+    /// The revision served, whether the store is reachable, and how long ago it last answered.
+    pub fn report(&self) -> serde_json::Value {
+        let since = self.last_heard.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed().as_millis() as u64);
+        serde_json::json!({
+            "loaded": self.is_ready(),
+            "revision": self.revision.load(Ordering::Relaxed),
+            "store_connected": self.connected.load(Ordering::Relaxed),
+            "last_heard_ms_ago": since,
+        })
+    }
+}
+
+/// Runs forever. `loaded` turns true once the first full config is live; `status` follows
+/// how the store answers.
 pub async fn follow(
     store: SharedStore,
     prefix: String,
     mut builder: Builder,
     target: Arc<ArcSwap<Snapshot>>,
     loaded: watch::Sender<bool>,
+    status: Arc<SyncStatus>,
 ) {
     let dir = format!("{prefix}/");
     let mut backoff = Duration::from_millis(100);
@@ -29,6 +70,7 @@ pub async fn follow(
         let (kvs, revision) = match store.list(&dir).await {
             Ok(r) => r,
             Err(e) => {
+                status.lost();
                 tracing::warn!(error = %e, "cannot list config; serving the last good snapshot");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -37,11 +79,14 @@ pub async fn follow(
         };
         let mut state = ConfigState::from_list(&prefix, &kvs, revision);
         target.store(Arc::new(builder.build(&state)));
+        status.heard(revision);
+        status.loaded.store(true, Ordering::Relaxed);
         let _ = loaded.send(true);
         tracing::info!(revision, routes = state.routes.len(), "config loaded");
         let mut events = match store.watch(&dir, revision + 1).await {
             Ok(w) => w,
             Err(e) => {
+                status.lost();
                 tracing::warn!(error = %e, "cannot watch config");
                 tokio::time::sleep(backoff).await;
                 continue;
@@ -80,12 +125,14 @@ pub async fn follow(
             if compacted {
                 break;
             }
+            status.heard(state.revision);
             if changes.any() {
                 let started = std::time::Instant::now();
                 target.store(Arc::new(builder.update(&state, &changes)));
                 tracing::debug!(revision = state.revision, took = ?started.elapsed(), "config applied");
             }
         }
+        status.lost();
         tracing::info!("config watch ended; listing again");
     }
 }

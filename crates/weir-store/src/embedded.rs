@@ -24,7 +24,7 @@ const REVISION: &str = "revision";
 /// How many past transactions a late watcher can catch up on.
 const HISTORY: usize = 4096;
 
-type Batch = Arc<(i64, Vec<Event>)>;
+use crate::Batch;
 
 struct Shared {
     db: Database,
@@ -259,7 +259,7 @@ impl Store for EmbeddedStore {
         let prefix = prefix.to_string();
         // Under the log lock: take the backlog and subscribe at the same instant, so no
         // transaction falls between them.
-        let (backlog, mut live, compacted) = {
+        let (backlog, live, compacted) = {
             let log = self.shared.log.lock().expect("store log lock");
             let compacted = from_revision < log.horizon && from_revision <= log.revision;
             let backlog: Vec<Batch> = log.recent.iter().filter(|b| b.0 >= from_revision).cloned().collect();
@@ -278,23 +278,7 @@ impl Store for EmbeddedStore {
                         return;
                     }
             }
-            loop {
-                match live.recv().await {
-                    Ok(batch) if batch.0 < next => continue,
-                    Ok(batch) => {
-                        next = batch.0 + 1;
-                        if let Some(msg) = filtered(&batch, &prefix)
-                            && out.send(msg).await.is_err() {
-                                return;
-                            }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        let _ = out.send(WatchMessage::Compacted).await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
+            crate::forward(live, out, prefix, next).await;
         });
         Ok(rx)
     }

@@ -8,6 +8,7 @@
 
 mod embedded;
 mod etcd;
+mod file;
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 
 pub use embedded::EmbeddedStore;
 pub use etcd::{EtcdOptions, EtcdStore};
+pub use file::{FileStore, Objects, load as load_file};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyValue {
@@ -122,3 +124,29 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn Store>;
+
+/// One committed transaction as a store broadcasts it to its watchers.
+pub(crate) type Batch = Arc<(i64, Vec<Event>)>;
+
+/// Forwards broadcast transactions to one watcher: those from revision `next` on, with their
+/// events under `prefix`. A watcher that falls behind the broadcast is told `Compacted`.
+pub(crate) async fn forward(mut live: tokio::sync::broadcast::Receiver<Batch>, out: mpsc::Sender<WatchMessage>, prefix: String, mut next: i64) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match live.recv().await {
+            Ok(batch) if batch.0 < next => continue,
+            Ok(batch) => {
+                next = batch.0 + 1;
+                let events: Vec<Event> = batch.1.iter().filter(|e| e.kv.key.starts_with(&prefix)).cloned().collect();
+                if !events.is_empty() && out.send(WatchMessage::Events { revision: batch.0, events }).await.is_err() {
+                    return;
+                }
+            }
+            Err(RecvError::Lagged(_)) => {
+                let _ = out.send(WatchMessage::Compacted).await;
+                return;
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}

@@ -14,6 +14,44 @@ pub struct Config {
     pub store: StoreConfig,
     pub data_encryption: DataEncryption,
     pub plugin_attr: PluginAttr,
+    pub deployment: Deployment,
+    pub status: StatusConfig,
+}
+
+/// What this process does, as APISIX's `deployment.role`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Deployment {
+    pub role: DeployRole,
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployRole {
+    /// Admin API and proxy in one process.
+    #[default]
+    Traditional,
+    /// The Admin API only: writes to the store, serves no traffic.
+    ControlPlane,
+    /// The proxy only, reading the store; no Admin API listens.
+    DataPlane,
+}
+
+impl DeployRole {
+    pub fn name(self) -> &'static str {
+        match self {
+            DeployRole::Traditional => "traditional",
+            DeployRole::ControlPlane => "control_plane",
+            DeployRole::DataPlane => "data_plane",
+        }
+    }
+}
+
+/// `/status` and `/status/ready` (APISIX's status API); off unless `listen` is set.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatusConfig {
+    pub listen: Option<SocketAddr>,
 }
 
 /// Plugin-wide settings of the process, as APISIX's `plugin_attr`.
@@ -126,6 +164,8 @@ pub enum StoreType {
     #[default]
     Embedded,
     Etcd,
+    /// A declarative file (`path`), as APISIX's standalone mode.
+    File,
 }
 
 #[derive(Debug, Deserialize)]
@@ -133,7 +173,7 @@ pub enum StoreType {
 pub struct StoreConfig {
     #[serde(rename = "type")]
     pub kind: StoreType,
-    /// Directory of the embedded store.
+    /// Directory of the embedded store; with `type: file`, the declarative file.
     pub path: PathBuf,
     /// Key prefix of every object, as in APISIX's etcd layout.
     pub prefix: String,

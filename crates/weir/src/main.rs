@@ -15,9 +15,10 @@ use weir_proxy::proxy::Proxy;
 use weir_proxy::snapshot::{Builder, Snapshot};
 use weir_plugins::Registry;
 use weir_tls::Keyring;
-use weir_store::{EmbeddedStore, EtcdOptions, EtcdStore, SharedStore};
+use weir_store::{EmbeddedStore, EtcdOptions, EtcdStore, FileStore, SharedStore};
 
-use crate::config::{Config, StoreType};
+use crate::config::{Config, DeployRole, StoreType};
+use weir_proxy::watch::SyncStatus;
 
 // The proxy allocates small, short-lived buffers per request; mimalloc keeps them thread-local
 // and avoids glibc's trimming and refaulting under steady load.
@@ -39,6 +40,17 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Check a declarative config file (APISIX's standalone layout, YAML or JSON) and list
+    /// every error; exits non-zero when there is one.
+    Validate {
+        file: PathBuf,
+    },
+    /// Print the config a store holds in the declarative layout (as JSON, which the file store
+    /// reads back).
+    Dump {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -53,6 +65,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve { config } => serve(config.as_deref()),
+        Command::Validate { file } => validate(&file),
+        Command::Dump { config } => dump(config.as_deref()),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -154,9 +168,75 @@ impl Control for ControlApi {
     }
 }
 
-/// The configured store: the embedded one in `store.path`, or an etcd cluster.
+fn read_config(config: Option<&Path>) -> anyhow::Result<Config> {
+    match config {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))
+        }
+        None => Ok(Config::default()),
+    }
+}
+
+fn validate(file: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let json = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    match weir_store::load_file(&text, json, "/apisix", &Registry::default()) {
+        Ok(objects) => {
+            println!("{}: ok ({} objects)", file.display(), objects.len());
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors {
+                println!("{}: {e}", file.display());
+            }
+            anyhow::bail!("{} error(s) in {}", errors.len(), file.display())
+        }
+    }
+}
+
+/// Prints every object of the configured store, by section, in the declarative layout.
+fn dump(config: Option<&Path>) -> anyhow::Result<()> {
+    let cfg = read_config(config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let doc = rt.block_on(async {
+        let store = open_store(&cfg).await?;
+        let prefix = cfg.store.key_prefix();
+        let (kvs, _) = store.list(&format!("{prefix}/")).await?;
+        let mut doc = serde_json::Map::new();
+        for kv in kvs {
+            let Some((resource, id)) = weir_core::Resource::from_key(prefix, &kv.key) else { continue };
+            if resource == weir_core::Resource::Credentials {
+                tracing::warn!(key = %kv.key, "credentials have no place in the declarative layout; left out");
+                continue;
+            }
+            let mut value: serde_json::Value = serde_json::from_slice(&kv.value).with_context(|| format!("reading {}", kv.key))?;
+            if resource == weir_core::Resource::PluginMetadata
+                && let Some(o) = value.as_object_mut()
+            {
+                o.insert("id".into(), id.into());
+            }
+            let section = doc.entry(resource.name()).or_insert_with(|| serde_json::Value::Array(Vec::new()));
+            if let Some(list) = section.as_array_mut() {
+                list.push(value);
+            }
+        }
+        anyhow::Ok(serde_json::Value::Object(doc))
+    })?;
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}
+
+/// The configured store: the embedded one in `store.path`, an etcd cluster, or a declarative
+/// file.
 async fn open_store(cfg: &Config) -> anyhow::Result<SharedStore> {
     Ok(match cfg.store.kind {
+        StoreType::File => {
+            let catalog: Arc<dyn weir_core::schema::PluginCatalog> = Arc::new(Registry::default());
+            let store = FileStore::open(&cfg.store.path, cfg.store.key_prefix(), catalog)
+                .map_err(|errors| anyhow::anyhow!("{}:\n{}", cfg.store.path.display(), errors.join("\n")))?;
+            Arc::new(store)
+        }
         StoreType::Embedded => Arc::new(EmbeddedStore::open(&cfg.store.path).context("opening the store")?),
         StoreType::Etcd => {
             let e = &cfg.store.etcd;
@@ -171,15 +251,19 @@ async fn open_store(cfg: &Config) -> anyhow::Result<SharedStore> {
 }
 
 fn serve(config: Option<&Path>) -> anyhow::Result<()> {
-    let cfg = match config {
-        Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
-        }
-        None => Config::default(),
+    let cfg = read_config(config)?;
+    // With a declarative file there is nothing to write to: no Admin API, as APISIX's
+    // standalone mode.
+    let from_file = cfg.store.kind == StoreType::File;
+    let role = if from_file { DeployRole::DataPlane } else { cfg.deployment.role };
+    // A data plane serves no Admin API, so it has no admin key to make.
+    let keys = if role == DeployRole::DataPlane { Vec::new() } else { admin_keys(&cfg)? };
+    let keyring = if from_file && cfg.data_encryption.keyring.is_empty() {
+        // Keys in a declarative file are in the clear; nothing sealed needs a kept secret.
+        Arc::new(Keyring::new(&[Keyring::generate_secret()]))
+    } else {
+        Arc::new(keyring(&cfg)?)
     };
-    let keys = admin_keys(&cfg)?;
-    let keyring = Arc::new(keyring(&cfg)?);
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::empty()));
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -193,34 +277,46 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
         let otel = serde_json::to_value(&cfg.plugin_attr.opentelemetry)?;
         let plugins = Arc::new(Registry::default().with_attr("opentelemetry", otel));
-        let builder = Builder::new(&prefix, keyring.clone(), plugins.clone());
-        tokio::spawn(weir_proxy::watch::follow(store.clone(), prefix.clone(), builder, snapshot.clone(), loaded_tx));
-        // Serve nothing until the stored config is live, so a restart never answers 404 for
-        // routes that exist.
-        loaded.wait_for(|l| *l).await.context("config loader stopped")?;
-
-        let proxy = Arc::new(Proxy::new(snapshot.clone()).with_fallback_sni(cfg.proxy.tls_fallback_sni.clone()));
-        let bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)
-            .context("binding proxy listeners")?;
-        let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
-            .await
-            .with_context(|| format!("binding admin listener {}", cfg.admin.listen))?;
-        let admin_addr = admin_listener.local_addr()?;
+        let sync = Arc::new(SyncStatus::default());
+        let mut bound = Vec::new();
+        if role != DeployRole::ControlPlane {
+            let builder = Builder::new(&prefix, keyring.clone(), plugins.clone());
+            tokio::spawn(weir_proxy::watch::follow(store.clone(), prefix.clone(), builder, snapshot.clone(), loaded_tx, sync.clone()));
+            // Serve nothing until the stored config is live, so a restart never answers 404 for
+            // routes that exist.
+            loaded.wait_for(|l| *l).await.context("config loader stopped")?;
+            let proxy = Arc::new(Proxy::new(snapshot.clone()).with_fallback_sni(cfg.proxy.tls_fallback_sni.clone()));
+            bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)
+                .context("binding proxy listeners")?;
+        }
+        if let Some(addr) = cfg.status.listen {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding status listener {addr}"))?;
+            println!("weir: status listening on http://{}", l.local_addr()?);
+            let serves_traffic = role != DeployRole::ControlPlane;
+            tokio::spawn(weir_proxy::status::serve(l, role.name(), serves_traffic.then(|| sync.clone())));
+        }
         let prom = &cfg.plugin_attr.prometheus;
-        if prom.enable_export_server {
+        if prom.enable_export_server && role != DeployRole::ControlPlane {
             let addr = std::net::SocketAddr::new(prom.export_addr.ip, prom.export_addr.port);
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding prometheus export listener {addr}"))?;
             println!("weir: prometheus metrics on http://{}{}", l.local_addr()?, prom.export_uri);
             tokio::spawn(weir_proxy::exporter::serve(l, prom.export_uri.clone()));
         }
-        let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
-        let admin = Arc::new(Admin::new(store, prefix.clone(), keys, plugins, keyring).with_control(control));
-        tokio::spawn(weir_admin::serve(admin_listener, admin));
         for (addr, tls) in &bound {
             let scheme = if *tls { "https" } else { "http" };
             println!("weir: proxy listening on {scheme}://{addr}");
         }
-        println!("weir: admin listening on http://{admin_addr}");
+        if role != DeployRole::DataPlane {
+            let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
+                .await
+                .with_context(|| format!("binding admin listener {}", cfg.admin.listen))?;
+            let admin_addr = admin_listener.local_addr()?;
+            let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
+            let admin = Arc::new(Admin::new(store, prefix.clone(), keys, plugins, keyring).with_control(control));
+            tokio::spawn(weir_admin::serve(admin_listener, admin));
+            println!("weir: admin listening on http://{admin_addr}");
+        }
+        println!("weir: ready ({})", role.name());
         std::io::stdout().flush()?;
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,6 +1,6 @@
-//! Weir on a real etcd: two gateways sharing one cluster see each other's writes, keep serving
-//! while etcd is down, pick up again when it is back, survive a compaction, and never lose a
-//! concurrent PATCH.
+//! Weir on a real etcd: a control plane and data planes sharing one cluster, data planes that
+//! keep serving while etcd is down and pick up again when it is back, a compaction, concurrent
+//! PATCHes, and objects in APISIX's layout.
 
 mod common;
 
@@ -31,41 +31,61 @@ async fn live(w: &Weir, path: &str, status: u16) -> Duration {
     panic!("{path} never answered {status}");
 }
 
-#[tokio::test]
-async fn two_gateways_share_one_etcd_and_ride_out_its_outage() {
-    let mut etcd = Etcd::start().await;
-    let (a, b) = (on_etcd(&etcd), on_etcd(&etcd));
-    let up = Upstream::start("backend").await;
+fn node(etcd: &Etcd, role: &str) -> Weir {
+    let store = format!("  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\n", etcd.endpoint());
+    Weir::start_role(tempfile::tempdir().unwrap(), role, "etcd", &store)
+}
 
-    // A write through one gateway is served by both; time it over 200 changes.
+async fn status(w: &Weir, path: &str) -> (u16, Value) {
+    let r = common::send(w.status.expect("the status API listens"), "GET", path, &[], None).await;
+    (r.status, r.json())
+}
+
+#[tokio::test]
+async fn a_control_plane_and_two_data_planes_share_one_etcd_and_ride_out_its_outage() {
+    let mut etcd = Etcd::start().await;
+    let cp = node(&etcd, "control_plane");
+    let (d1, d2) = (node(&etcd, "data_plane"), node(&etcd, "data_plane"));
+    let up = Upstream::start("backend").await;
+    assert_eq!(cp.proxy.port(), 0, "a control plane serves no traffic");
+    assert_eq!((d1.admin.port(), d2.admin.port()), (0, 0), "a data plane serves no Admin API");
+    assert_eq!(status(&cp, "/status").await, (200, json!({"status": "ok", "role": "control_plane"})));
+    let (s, ready) = status(&d1, "/status/ready").await;
+    assert_eq!((s, &ready["status"], &ready["config"]["loaded"], &ready["config"]["store_connected"]), (200, &json!("ok"), &json!(true), &json!(true)), "{ready}");
+
+    // A write on the control plane is served by both data planes; time it over 200 changes.
     let mut times = Vec::new();
     for i in 0..200 {
         let started = Instant::now();
-        put(&a, &format!("/routes/r{i}"), json!({"uri": format!("/r{i}"), "upstream": {"nodes": {up.node(): 1}}})).await;
-        live(&b, &format!("/r{i}"), 200).await;
+        put(&cp, &format!("/routes/r{i}"), json!({"uri": format!("/r{i}"), "upstream": {"nodes": {up.node(): 1}}})).await;
+        live(&d1, &format!("/r{i}"), 200).await;
+        live(&d2, &format!("/r{i}"), 200).await;
         times.push(started.elapsed());
     }
-    assert_eq!(a.get("/r199", &[]).await.status, 200);
     times.sort();
     let (p50, p99) = (times[100], times[197]);
-    println!("PUT on one gateway to live on the other, over 200 changes: p50 {:.2} ms, p99 {:.2} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
+    println!("PUT on the control plane to live on both data planes, over 200 changes: p50 {:.2} ms, p99 {:.2} ms", p50.as_secs_f64() * 1e3, p99.as_secs_f64() * 1e3);
     assert!(p99 < Duration::from_millis(50), "p99 {p99:?}");
+    let (_, ready) = status(&d2, "/status/ready").await;
+    assert!(ready["config"]["revision"].as_i64().unwrap() >= 200, "the revision served: {ready}");
 
-    // etcd down: both keep serving what they have; writes fail cleanly.
+    // etcd down: both data planes keep serving what they have; writes fail cleanly.
     etcd.stop();
-    for w in [&a, &b] {
+    for w in [&d1, &d2] {
         assert_eq!(w.get("/r7", &[]).await.status, 200);
     }
-    let (s, body) = a.admin("PUT", "/routes/down", Some(json!({"uri": "/down", "upstream": {"nodes": {up.node(): 1}}}))).await;
+    let (s, body) = cp.admin("PUT", "/routes/down", Some(json!({"uri": "/down", "upstream": {"nodes": {up.node(): 1}}}))).await;
     assert!(s >= 500, "a write with the store down is refused: {s} {body}");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(b.get("/r8", &[]).await.status, 200, "still serving after a while");
+    assert_eq!(d2.get("/r8", &[]).await.status, 200, "still serving after a while");
+    let (s, ready) = status(&d1, "/status/ready").await;
+    assert_eq!((s, &ready["config"]["store_connected"]), (200, &json!(false)), "ready, and says the store is gone: {ready}");
 
     // etcd back: new changes flow again, to both.
     etcd.restart().await;
     let mut written = false;
     for _ in 0..100 {
-        let (s, _) = a.admin("PUT", "/routes/back", Some(json!({"uri": "/back", "upstream": {"nodes": {up.node(): 1}}}))).await;
+        let (s, _) = cp.admin("PUT", "/routes/back", Some(json!({"uri": "/back", "upstream": {"nodes": {up.node(): 1}}}))).await;
         if s == 200 || s == 201 {
             written = true;
             break;
@@ -73,10 +93,10 @@ async fn two_gateways_share_one_etcd_and_ride_out_its_outage() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(written, "writes work again once etcd is back");
-    for w in [&a, &b] {
+    for w in [&d1, &d2] {
         let started = Instant::now();
         while w.get("/back", &[]).await.status != 200 {
-            assert!(started.elapsed() < Duration::from_secs(20), "the gateway follows etcd again");
+            assert!(started.elapsed() < Duration::from_secs(20), "the data plane follows etcd again");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -84,10 +104,11 @@ async fn two_gateways_share_one_etcd_and_ride_out_its_outage() {
     // A compaction while both watch: nothing is lost.
     let rev = etcd.v3("/v3/kv/range", json!({"key": "L2FwaXNpeA=="})).await["header"]["revision"].as_str().unwrap().to_string();
     etcd.v3("/v3/kv/compaction", json!({"revision": rev, "physical": true})).await;
-    put(&a, "/routes/after", json!({"uri": "/after", "upstream": {"nodes": {up.node(): 1}}})).await;
-    live(&b, "/after", 200).await;
-    assert_eq!(b.admin("DELETE", "/routes/after", None).await.0, 200);
-    live(&a, "/after", 404).await;
+    put(&cp, "/routes/after", json!({"uri": "/after", "upstream": {"nodes": {up.node(): 1}}})).await;
+    live(&d1, "/after", 200).await;
+    live(&d2, "/after", 200).await;
+    assert_eq!(cp.admin("DELETE", "/routes/after", None).await.0, 200);
+    live(&d1, "/after", 404).await;
 }
 
 #[tokio::test]

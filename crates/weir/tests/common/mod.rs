@@ -30,6 +30,8 @@ pub struct Weir {
     pub admin: SocketAddr,
     /// The Prometheus exporter, when it listens.
     pub metrics: Option<SocketAddr>,
+    /// The status API, when it listens.
+    pub status: Option<SocketAddr>,
 }
 
 impl Weir {
@@ -54,12 +56,18 @@ impl Weir {
 
     /// Started on another store: `kind` is `store.type`, `extra` more `store:` keys (indented).
     pub fn start_store(dir: tempfile::TempDir, kind: &str, extra: &str) -> Weir {
+        Self::start_role(dir, "traditional", kind, extra)
+    }
+
+    /// Started in a deployment role (`traditional`, `control_plane`, `data_plane`) on a store,
+    /// with the status API listening.
+    pub fn start_role(dir: tempfile::TempDir, role: &str, kind: &str, extra: &str) -> Weir {
         let cfg = dir.path().join("weir.yaml");
         let data = dir.path().join("data");
         std::fs::write(
             &cfg,
             format!(
-                "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n  type: {kind}\n  path: \"{}\"\n{extra}plugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\n",
+                "deployment:\n  role: {role}\nstatus:\n  listen: \"127.0.0.1:0\"\nproxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n  type: {kind}\n  path: \"{}\"\n{extra}plugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\n",
                 data.display()
             ),
         )
@@ -84,14 +92,16 @@ impl Weir {
 
     pub fn spawn(dir: tempfile::TempDir, cfg: &Path, env: &[(&str, &str)]) -> Weir {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_weir"));
-        cmd.arg("serve").arg("--config").arg(cfg).stdout(Stdio::piped()).stderr(Stdio::null());
+        // Its log goes to a file beside the config, for tests that look for a logged error.
+        let log = std::fs::File::create(dir.path().join("weir.log")).unwrap();
+        cmd.arg("serve").arg("--config").arg(cfg).stdout(Stdio::piped()).stderr(log);
         cmd.env_remove("WEIR_ADMIN_KEY");
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("weir starts");
         let out = BufReader::new(child.stdout.take().unwrap());
-        let (mut proxy, mut tls, mut admin, mut metrics) = (None, None, None, None);
+        let (mut proxy, mut tls, mut admin, mut metrics, mut status) = (None, None, None, None, None);
         for line in out.lines() {
             let line = line.unwrap();
             if let Some(a) = line.strip_prefix("weir: proxy listening on http://") {
@@ -103,12 +113,25 @@ impl Weir {
             if let Some(a) = line.strip_prefix("weir: prometheus metrics on http://") {
                 metrics = a.split_once('/').and_then(|(addr, _)| addr.parse().ok());
             }
+            if let Some(a) = line.strip_prefix("weir: status listening on http://") {
+                status = Some(a.parse().unwrap());
+            }
             if let Some(a) = line.strip_prefix("weir: admin listening on http://") {
                 admin = Some(a.parse().unwrap());
+            }
+            if line.starts_with("weir: ready") {
                 break;
             }
         }
-        Weir { child, dir, proxy: proxy.expect("proxy address printed"), tls, admin: admin.expect("admin address printed"), metrics }
+        // A control plane has no proxy and a data plane no Admin API: their addresses stay
+        // unroutable (port 0), so a test that uses one fails at once.
+        let none: SocketAddr = ([127, 0, 0, 1], 0).into();
+        Weir { child, dir, proxy: proxy.unwrap_or(none), tls, admin: admin.unwrap_or(none), metrics, status }
+    }
+
+    /// What the process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("weir.log")).unwrap_or_default()
     }
 
     pub fn data_dir(&self) -> PathBuf {
