@@ -177,7 +177,9 @@ impl Proxy {
         let global = snapshot.global.clone();
         let consumers = snapshot.consumers.clone();
         drop(snapshot);
-        self.with_plugins(route, global, &consumers, parts, body, conn).await
+        // Boxed: the plugin path's future is large, and keeping it out of line keeps the future
+        // of every request (plugins or not) small, as hyper moves it on each poll setup.
+        Box::pin(self.with_plugins(route, global, &consumers, parts, body, conn)).await
     }
 
     /// A request whose route or global rules have plugins: the request phases (global rules'
