@@ -51,6 +51,9 @@ pub fn load(text: &str, is_json: bool, prefix: &str, plugins: &dyn PluginCatalog
     let mut errors = Vec::new();
     let mut out = Objects::new();
     for (name, items) in top {
+        // Where each item of the section starts, to name its line in errors (YAML only).
+        let lines = if is_json { Vec::new() } else { item_lines(text, name) };
+        let at = |i: usize| lines.get(i).map_or(String::new(), |l| format!(" (line {l})"));
         let Some(resource) = SECTIONS.into_iter().find(|r| r.name() == name) else {
             errors.push(format!("{name}: unknown section"));
             continue;
@@ -68,7 +71,7 @@ pub fn load(text: &str, is_json: bool, prefix: &str, plugins: &dyn PluginCatalog
             .and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_i64().map(|n| n.to_string())));
             let Some(id) = id else {
                 let field = if resource == Resource::Consumers { "username" } else { "id" };
-                errors.push(format!("{name}[{i}]: {field} is required"));
+                errors.push(format!("{name}[{i}]{}: {field} is required", at(i)));
                 continue;
             };
             let mut value = item.clone();
@@ -78,7 +81,7 @@ pub fn load(text: &str, is_json: bool, prefix: &str, plugins: &dyn PluginCatalog
                 o.remove("id");
             }
             if let Err(errs) = weir_core::schema::check(resource, &value, plugins) {
-                errors.extend(errs.into_iter().map(|e| format!("{name}[{i}] ({id}): {e}")));
+                errors.extend(errs.into_iter().map(|e| format!("{name}[{i}] ({id}){}: {e}", at(i))));
                 continue;
             }
             let key = resource.key(prefix, None, &id);
@@ -90,6 +93,30 @@ pub fn load(text: &str, is_json: bool, prefix: &str, plugins: &dyn PluginCatalog
     if errors.is_empty() { Ok(out) } else { Err(errors) }
 }
 
+/// The 1-based line on which each item of the top-level list `section` starts: lines opening
+/// with `- ` at the list's indentation, between `section:` and the next top-level key.
+fn item_lines(text: &str, section: &str) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut inside = false;
+    let mut indent = None;
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.is_empty() || trimmed.starts_with('#') {
+            continue;
+        }
+        let depth = line.len() - trimmed.len();
+        if depth == 0 && !trimmed.starts_with('-') {
+            inside = trimmed.strip_suffix(':').or_else(|| trimmed.split_once(':').map(|(k, _)| k)) == Some(section);
+            indent = None;
+            continue;
+        }
+        if inside && (trimmed == "-" || trimmed.starts_with("- ")) && *indent.get_or_insert(depth) == depth {
+            out.push(n + 1);
+        }
+    }
+    out
+}
+
 struct Current {
     objects: Objects,
     revision: i64,
@@ -99,6 +126,19 @@ struct Current {
 pub struct FileStore {
     current: Arc<Mutex<Current>>,
     changes: broadcast::Sender<Batch>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_are_found_by_line() {
+        let text = "upstreams:\n  - id: u\n    nodes: {}\nroutes:\n  # first\n  - id: a\n    uri: /a\n    methods:\n      - GET\n  - id: b\n#END\n";
+        assert_eq!(item_lines(text, "routes"), vec![6, 10]);
+        assert_eq!(item_lines(text, "upstreams"), vec![2]);
+        assert!(item_lines(text, "ssls").is_empty());
+    }
 }
 
 fn is_json(path: &Path) -> bool {

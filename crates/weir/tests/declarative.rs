@@ -62,7 +62,7 @@ async fn a_file_is_followed_and_a_broken_edit_keeps_the_last_good_config() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     assert_eq!(w.get("/two", &[]).await.status, 200);
     let log = w.log();
-    assert!(log.contains("routes[0] (bad)") && log.contains("routes[1]: id is required"), "{log}");
+    assert!(log.contains("routes[0] (bad) (line 7)") && log.contains("routes[1] (line 10): id is required"), "{log}");
 
     // A good edit after the broken ones: a removed route goes away.
     std::fs::write(&file, apisix_yaml(&up.node(), "  - id: two\n    uri: /two\n    upstream_id: up\n")).unwrap();
