@@ -128,19 +128,6 @@ pub struct FileStore {
     changes: broadcast::Sender<Batch>,
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn items_are_found_by_line() {
-        let text = "upstreams:\n  - id: u\n    nodes: {}\nroutes:\n  # first\n  - id: a\n    uri: /a\n    methods:\n      - GET\n  - id: b\n#END\n";
-        assert_eq!(item_lines(text, "routes"), vec![6, 10]);
-        assert_eq!(item_lines(text, "upstreams"), vec![2]);
-        assert!(item_lines(text, "ssls").is_empty());
-    }
-}
-
 fn is_json(path: &Path) -> bool {
     path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"))
 }
@@ -241,5 +228,18 @@ impl Store for FileStore {
             crate::forward(live, out, prefix, from_revision).await;
         });
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items_are_found_by_line() {
+        let text = "upstreams:\n  - id: u\n    nodes: {}\nroutes:\n  # first\n  - id: a\n    uri: /a\n    methods:\n      - GET\n  - id: b\n#END\n";
+        assert_eq!(item_lines(text, "routes"), vec![6, 10]);
+        assert_eq!(item_lines(text, "upstreams"), vec![2]);
+        assert!(item_lines(text, "ssls").is_empty());
     }
 }
