@@ -12,7 +12,8 @@ use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::balancer::InFlight;
-use crate::pool::Conn;
+use crate::h1;
+use crate::pool::Lease;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -97,8 +98,8 @@ impl RespBody {
     /// Streams `inner`, failing if no frame arrives for `read_timeout`, and gives the connection
     /// back to the pool once the body has been read to its end.
     /// `in_flight` counts the request against its node's load until the body is done.
-    pub fn upstream(inner: Incoming, read_timeout: Duration, conn: Conn, in_flight: Option<InFlight>) -> RespBody {
-        let mut body = UpstreamBody { inner, read_timeout, sleep: None, conn: Some(conn), in_flight };
+    pub fn upstream(inner: Received, read_timeout: Duration, lease: Lease, in_flight: Option<InFlight>) -> RespBody {
+        let mut body = UpstreamBody { inner, read_timeout, sleep: None, lease: Some(lease), in_flight };
         if body.inner.is_end_stream() {
             body.release();
         }
@@ -117,20 +118,55 @@ impl RespBody {
     }
 }
 
+/// A response body as it comes from a node.
+pub enum Received {
+    H1(h1::Body),
+    H2(Incoming),
+}
+
+impl Body for Received {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Received::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Received::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Received::H1(b) => b.is_end_stream(),
+            Received::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Received::H1(b) => b.size_hint(),
+            Received::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 struct UpstreamBody {
-    inner: Incoming,
+    inner: Received,
     read_timeout: Duration,
     /// Created on the first `Pending`: most small bodies arrive with the head and need no timer.
     sleep: Option<Pin<Box<Sleep>>>,
-    conn: Option<Conn>,
+    /// Taken when the connection must not be reused (a failed or timed-out body).
+    lease: Option<Lease>,
     in_flight: Option<InFlight>,
 }
 
 impl UpstreamBody {
     fn release(&mut self) {
         self.in_flight = None;
-        if let Some(conn) = self.conn.take() {
-            conn.release();
+        if let (Some(lease), Received::H1(body)) = (self.lease.take(), &mut self.inner)
+            && let Some(conn) = body.idle()
+        {
+            lease.release(conn);
         }
     }
 }
@@ -185,16 +221,16 @@ impl Body for RespBody {
                     match &frame {
                         None => u.release(),
                         Some(Ok(_)) if u.inner.is_end_stream() => u.release(),
-                        Some(Err(_)) => drop(u.conn.take()),
+                        Some(Err(_)) => drop(u.lease.take()),
                         Some(Ok(_)) => {}
                     }
-                    Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+                    Poll::Ready(frame)
                 }
                 Poll::Pending => {
                     let timeout = u.read_timeout;
                     let sleep = u.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     ready!(sleep.as_mut().poll(cx));
-                    drop(u.conn.take());
+                    drop(u.lease.take());
                     Poll::Ready(Some(Err(Box::new(ReadTimeout(timeout)))))
                 }
             },

@@ -7,6 +7,7 @@
 pub mod balancer;
 pub mod body;
 pub mod exporter;
+pub mod h1;
 pub mod health;
 pub mod pool;
 pub mod proxy;

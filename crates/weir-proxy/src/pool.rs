@@ -1,21 +1,21 @@
 //! Connections to upstream nodes. Each worker thread keeps its own, as nginx workers do, so
 //! checkout and release never contend across threads: idle HTTP/1.1 connections in a list per
-//! node, and one shared HTTP/2 connection per node (its requests are multiplexed).
+//! node (taken most recent first), and one shared HTTP/2 connection per node (its requests are
+//! multiplexed).
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::{TrySendError, http1, http2};
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::body::ReqBody;
+use crate::h1::{self, Stream};
 use crate::snapshot::{Keepalive, NodeRt};
 
 /// How an upstream's nodes are spoken to.
@@ -30,37 +30,21 @@ pub struct Transport {
 }
 
 pub enum Sender {
-    H1(http1::SendRequest<ReqBody>),
+    /// Driven by the request that uses it (see [`h1`]).
+    H1(h1::Connection),
     H2(http2::SendRequest<ReqBody>),
 }
 
-impl Sender {
-    pub async fn ready(&mut self) -> hyper::Result<()> {
-        match self {
-            Sender::H1(s) => s.ready().await,
-            Sender::H2(s) => s.ready().await,
-        }
-    }
-
-    pub async fn try_send_request(
-        &mut self,
-        req: Request<ReqBody>,
-    ) -> Result<Response<Incoming>, TrySendError<Request<ReqBody>>> {
-        match self {
-            Sender::H1(s) => s.try_send_request(req).await,
-            Sender::H2(s) => s.try_send_request(req).await,
-        }
-    }
-
-    pub fn is_h2(&self) -> bool {
-        matches!(self, Sender::H2(_))
-    }
-}
-
-/// A connection checked out for one request. Dropping it closes an HTTP/1.1 connection;
-/// `release` returns it to the idle list. An HTTP/2 connection stays shared either way.
+/// A connection checked out for one request, with its place in the pool.
 pub struct Conn {
     pub sender: Sender,
+    pub lease: Lease,
+}
+
+/// Where an HTTP/1.1 connection goes back once its exchange is done. An HTTP/2 connection
+/// stays shared, so its lease has nothing to give back.
+pub struct Lease {
+    /// The connection served requests before this one.
     pub reused: bool,
     key: Arc<str>,
     uses: u64,
@@ -68,13 +52,13 @@ pub struct Conn {
 }
 
 struct Idle {
-    sender: http1::SendRequest<ReqBody>,
+    conn: h1::Connection,
     since: Instant,
     uses: u64,
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<Arc<str>, Vec<Idle>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<Arc<str>, VecDeque<Idle>>> = RefCell::new(HashMap::new());
     static SHARED: RefCell<HashMap<Arc<str>, http2::SendRequest<ReqBody>>> = RefCell::new(HashMap::new());
 }
 
@@ -90,35 +74,41 @@ pub enum ConnectError {
     Handshake(String, hyper::Error),
 }
 
-impl Conn {
-    pub fn release(self) {
-        let Conn { sender, key, uses, keepalive, .. } = self;
-        let Sender::H1(sender) = sender else { return };
-        if uses >= keepalive.requests || sender.is_closed() {
+impl Lease {
+    /// Puts `conn` on the idle list, unless it has served its share of requests or the list
+    /// is full. Connections idle past the timeout leave the list's far end here, so a list
+    /// nobody takes from does not keep them open.
+    pub fn release(self, conn: h1::Connection) {
+        let Lease { key, uses, keepalive, .. } = self;
+        if uses >= keepalive.requests {
             return;
         }
+        let now = Instant::now();
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
             let list = match idle.get_mut(&*key) {
                 Some(list) => list,
                 None => idle.entry(key).or_default(),
             };
+            while list.front().is_some_and(|c| now.duration_since(c.since) > keepalive.idle_timeout) {
+                list.pop_front();
+            }
             if list.len() < keepalive.size {
-                list.push(Idle { sender, since: Instant::now(), uses });
+                list.push_back(Idle { conn, since: now, uses });
             }
         });
     }
 }
 
-/// An open connection to `node`: an idle HTTP/1.1 one that is still fresh, or the node's
-/// shared HTTP/2 one.
+/// An open connection to `node`: the most recently used idle HTTP/1.1 one that is still
+/// fresh, or the node's shared HTTP/2 one.
 pub fn checkout(node: &NodeRt, keepalive: Keepalive, h2: bool) -> Option<Conn> {
-    let conn = |sender, uses| Conn { sender, reused: true, key: node.pool_key.clone(), uses, keepalive };
+    let lease = |uses| Lease { reused: true, key: node.pool_key.clone(), uses, keepalive };
     if h2 {
         return SHARED.with(|shared| {
             let mut shared = shared.borrow_mut();
             match shared.get(&*node.pool_key) {
-                Some(s) if !s.is_closed() => Some(conn(Sender::H2(s.clone()), 1)),
+                Some(s) if !s.is_closed() => Some(Conn { sender: Sender::H2(s.clone()), lease: lease(1) }),
                 Some(_) => {
                     shared.remove(&*node.pool_key);
                     None
@@ -130,11 +120,12 @@ pub fn checkout(node: &NodeRt, keepalive: Keepalive, h2: bool) -> Option<Conn> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&*node.pool_key)?;
-        while let Some(c) = list.pop() {
-            if c.sender.is_closed() || c.since.elapsed() > keepalive.idle_timeout {
+        let now = Instant::now();
+        while let Some(mut c) = list.pop_back() {
+            if now.duration_since(c.since) > keepalive.idle_timeout || c.conn.is_stale() {
                 continue;
             }
-            return Some(conn(Sender::H1(c.sender), c.uses + 1));
+            return Some(Conn { sender: Sender::H1(c.conn), lease: lease(c.uses + 1) });
         }
         None
     })
@@ -154,7 +145,8 @@ pub async fn connect(node: &NodeRt, transport: &Transport, keepalive: Keepalive,
         .map_err(|e| ConnectError::Io(node.authority.to_string(), e))?;
         let _ = stream.set_nodelay(true);
         let sender = match &transport.tls {
-            None => handshake(stream, node, transport.h2).await?,
+            None if !transport.h2 => Sender::H1(h1::Connection::new(Stream::Plain(stream))),
+            None => handshake(stream, node).await?,
             Some(config) => {
                 let host = transport.sni.as_deref().unwrap_or_else(|| node.host());
                 let name = ServerName::try_from(host.trim_start_matches('[').trim_end_matches(']').to_string())
@@ -163,13 +155,13 @@ pub async fn connect(node: &NodeRt, transport: &Transport, keepalive: Keepalive,
                     .connect(name, stream)
                     .await
                     .map_err(|e| ConnectError::Tls(node.authority.to_string(), e))?;
-                handshake(tls, node, transport.h2).await?
+                if transport.h2 { handshake(tls, node).await? } else { Sender::H1(h1::Connection::new(Stream::Tls(Box::new(tls)))) }
             }
         };
         if let Sender::H2(s) = &sender {
             SHARED.with(|shared| shared.borrow_mut().insert(node.pool_key.clone(), s.clone()));
         }
-        Ok(Conn { sender, reused: false, key: node.pool_key.clone(), uses: 1, keepalive })
+        Ok(Conn { sender, lease: Lease { reused: false, key: node.pool_key.clone(), uses: 1, keepalive } })
     };
     match tokio::time::timeout(timeout, dial).await {
         Ok(r) => r,
@@ -177,25 +169,16 @@ pub async fn connect(node: &NodeRt, transport: &Transport, keepalive: Keepalive,
     }
 }
 
-async fn handshake<I>(io: I, node: &NodeRt, h2: bool) -> Result<Sender, ConnectError>
+async fn handshake<I>(io: I, node: &NodeRt) -> Result<Sender, ConnectError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let failed = |e| ConnectError::Handshake(node.authority.to_string(), e);
-    if h2 {
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.map_err(failed)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-            }
-        });
-        return Ok(Sender::H2(sender));
-    }
-    let (sender, conn) = http1::handshake(TokioIo::new(io)).await.map_err(failed)?;
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io)).await.map_err(failed)?;
     tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
         }
     });
-    Ok(Sender::H1(sender))
+    Ok(Sender::H2(sender))
 }

@@ -21,9 +21,10 @@ use weir_plugins::prometheus::COUNTERS;
 use weir_plugins::{Consumers, LogRecord, Notes, Phase, Pipeline, Ran, Reply, RequestCtx, RequestVars, ResponseCtx, filters, run_log, run_phase, run_request, run_response};
 
 use crate::balancer::{InFlight, hash32};
-use crate::body::{ReqBody, RespBody};
+use crate::body::{Received, ReqBody, RespBody};
+use crate::h1;
 use crate::health::Outcome;
-use crate::pool::{self, Conn, ConnectError};
+use crate::pool::{self, Conn, ConnectError, Lease, Sender};
 use crate::router::RequestFacts;
 use crate::snapshot::{HashOn, NodeRt, PassHost, RouteRt, Snapshot, Timeouts, UpstreamRt};
 
@@ -127,7 +128,7 @@ enum SendError {
     /// Nothing was sent: the request comes back for another node.
     Connect(Box<Request<ReqBody>>, ConnectError),
     Timeout,
-    Upstream(hyper::Error),
+    Upstream(crate::body::BoxError),
 }
 
 impl Proxy {
@@ -542,7 +543,7 @@ fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Op
     headers.entry(X_FORWARDED_PORT).or_insert_with(|| conn.local_port.clone());
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
@@ -586,7 +587,7 @@ async fn forward(
         }
         let sent_at = served.is_some().then(Instant::now);
         match send(node, upstream, &timeouts, this).await {
-            Ok((resp, conn)) => {
+            Ok((resp, lease)) => {
                 let status = resp.status().as_u16();
                 if let (Some(s), Some(at)) = (served.as_deref_mut(), sent_at) {
                     s.node = Some(node.authority.clone());
@@ -605,17 +606,22 @@ async fn forward(
                     tried.push(i);
                     continue;
                 }
-                if status == 101
+                let resp = if status == 101
                     && let Some(client) = upgrade.take()
                 {
-                    return tunnel(resp, client);
-                }
+                    match tunnel(resp, client) {
+                        Ok(resp) => return resp,
+                        Err(resp) => resp,
+                    }
+                } else {
+                    resp
+                };
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 // The client's connection speaks its own version, whatever the upstream spoke.
                 parts.version = http::Version::HTTP_11;
                 let guard = in_flight.map(|(g, _)| g);
-                return Response::from_parts(parts, RespBody::upstream(body, timeouts.read, conn, guard));
+                return Response::from_parts(parts, RespBody::upstream(body, timeouts.read, lease, guard));
             }
             Err(SendError::Connect(back, e)) => {
                 tracing::warn!(error = %e, "upstream connect failed");
@@ -672,23 +678,32 @@ fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
 }
 
 /// The upstream agreed to switch protocols: answer the client with its 101 and join the two
-/// connections byte for byte until either side closes.
-fn tunnel(mut resp: Response<Incoming>, client: OnUpgrade) -> Response<RespBody> {
-    let upstream = hyper::upgrade::on(&mut resp);
+/// connections byte for byte until either side closes. Only an HTTP/1.1 node can switch; any
+/// other response comes back as it was.
+fn tunnel(resp: Response<Received>, client: OnUpgrade) -> Result<Response<RespBody>, Response<Received>> {
+    let (mut parts, body) = resp.into_parts();
+    let Received::H1(body) = body else { return Err(Response::from_parts(parts, body)) };
+    let Some((mut upstream, early)) = body.upgraded() else {
+        return Ok(bad_gateway());
+    };
     tokio::spawn(async move {
-        match tokio::try_join!(client, upstream) {
-            Ok((c, u)) => {
-                let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                if let Err(e) = tokio::io::copy_bidirectional(&mut c, &mut u).await {
-                    tracing::debug!(error = %e, "upgraded connection ended with an error");
-                }
-            }
-            Err(e) => tracing::debug!(error = %e, "protocol upgrade failed"),
+        let client = match client.await {
+            Ok(c) => c,
+            Err(e) => return tracing::debug!(error = %e, "protocol upgrade failed"),
+        };
+        let mut client = TokioIo::new(client);
+        // Bytes of the new protocol that came in with the node's 101 go to the client first.
+        if !early.is_empty()
+            && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &early).await
+        {
+            return tracing::debug!(error = %e, "upgraded connection ended with an error");
+        }
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
         }
     });
-    let (mut parts, _) = resp.into_parts();
     parts.version = http::Version::HTTP_11;
-    Response::from_parts(parts, RespBody::empty())
+    Ok(Response::from_parts(parts, RespBody::empty()))
 }
 
 /// HTTP/2 names the host in `:authority` and needs a scheme: the request gets an absolute URI
@@ -719,9 +734,10 @@ async fn send(
     upstream: &UpstreamRt,
     timeouts: &Timeouts,
     mut req: Request<ReqBody>,
-) -> Result<(Response<Incoming>, Conn), SendError> {
+) -> Result<(Response<Received>, Lease), SendError> {
+    let wait = timeouts.send + timeouts.read;
     loop {
-        let mut conn = match pool::checkout(node, upstream.keepalive, upstream.transport.h2) {
+        let Conn { sender, lease } = match pool::checkout(node, upstream.keepalive, upstream.transport.h2) {
             Some(c) => c,
             // Boxed: the connect future is large and rarely needed; keeping it out of line keeps
             // the per-request future small, and hyper moves that future on every request.
@@ -730,25 +746,41 @@ async fn send(
                 Err(e) => return Err(SendError::Connect(Box::new(req), e)),
             },
         };
-        if conn.sender.ready().await.is_err() {
-            if conn.sender.is_h2() {
-                pool::discard_shared(node);
-            }
-            if conn.reused {
-                continue; // closed while idle; try the next one
-            }
-            let e = ConnectError::Io(node.authority.to_string(), std::io::ErrorKind::ConnectionReset.into());
-            return Err(SendError::Connect(Box::new(req), e));
-        }
-        let wait = timeouts.send + timeouts.read;
-        match tokio::time::timeout(wait, conn.sender.try_send_request(req)).await {
-            Err(_) => return Err(SendError::Timeout),
-            Ok(Ok(resp)) => return Ok((resp, conn)),
-            Ok(Err(mut e)) => match e.take_message() {
-                // The idle connection was closed by the peer before our request went out.
-                Some(back) if conn.reused => req = back,
-                _ => return Err(SendError::Upstream(e.into_error())),
+        let reset = || ConnectError::Io(node.authority.to_string(), std::io::ErrorKind::ConnectionReset.into());
+        match sender {
+            Sender::H1(conn) => match tokio::time::timeout(wait, conn.send(req, lease.reused)).await {
+                Err(_) => return Err(SendError::Timeout),
+                Ok(Ok(resp)) => return Ok((resp.map(Received::H1), lease)),
+                // A reused connection the node had closed: the next one, or a fresh one.
+                Ok(Err(h1::Failed { request: Some(back), .. })) if lease.reused => req = back,
+                // Nothing reached the node: another node may take it.
+                Ok(Err(h1::Failed { request: Some(back), error })) => {
+                    tracing::debug!(error = %error, "upstream connection failed before the request went out");
+                    return Err(SendError::Connect(Box::new(back), reset()));
+                }
+                Ok(Err(h1::Failed { error, .. })) => return Err(SendError::Upstream(Box::new(error))),
             },
+            Sender::H2(mut sender) => {
+                if sender.ready().await.is_err() {
+                    pool::discard_shared(node);
+                    if lease.reused {
+                        continue;
+                    }
+                    return Err(SendError::Connect(Box::new(req), reset()));
+                }
+                match tokio::time::timeout(wait, sender.try_send_request(req)).await {
+                    Err(_) => return Err(SendError::Timeout),
+                    Ok(Ok(resp)) => return Ok((resp.map(Received::H2), lease)),
+                    Ok(Err(mut e)) => match e.take_message() {
+                        // The shared connection closed before our request went out.
+                        Some(back) if lease.reused => {
+                            pool::discard_shared(node);
+                            req = back;
+                        }
+                        _ => return Err(SendError::Upstream(Box::new(e.into_error()))),
+                    },
+                }
+            }
         }
     }
 }

@@ -273,3 +273,153 @@ async fn https_upstreams_with_and_without_verification_and_client_certificates()
     }
     panic!("https probes did not settle: {last}");
 }
+
+/// A node that answers each request with raw bytes picked by its path, so every way an
+/// HTTP/1.1 response can be framed reaches the gateway exactly as written. It counts the
+/// connections it accepts; the answers that allow keep-alive serve further requests.
+async fn scripted_node() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else { return };
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    // The gateway sends these GETs without a body: a request ends with its head.
+                    let end = loop {
+                        if let Some(i) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&got[..end]).to_string();
+                    got.drain(..end);
+                    let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                    let (answer, close): (&[u8], bool) = match path.as_str() {
+                        "/length" => (b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nfixed length", false),
+                        "/chunked" => (
+                            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\nin two\r\n7;x=y\r\n chunks\r\n0\r\nx-trailer: t\r\n\r\n",
+                            false,
+                        ),
+                        "/interim" => (b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal", false),
+                        "/empty" => (b"HTTP/1.1 204 No Content\r\n\r\n", false),
+                        "/close" => (b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the node closes", true),
+                        "/http10" => (b"HTTP/1.0 200 OK\r\nContent-Length: 7\r\n\r\nold one", true),
+                        "/short" => (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nnot all of it", true),
+                        // Offers keep-alive, then closes while the connection sits idle.
+                        "/idle-close" => (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbye.", true),
+                        _ => (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
+                    };
+                    if s.write_all(answer).await.is_err() || close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn http1_framings_and_bodies_with_curl() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let w = Weir::start();
+    let (node, conns) = scripted_node().await;
+    let up = Upstream::start("echo").await;
+    put(&w, "/routes/raw", json!({"uri": "/raw/*", "upstream": {"nodes": {node.to_string(): 1}}, "plugins": {"proxy-rewrite": {"regex_uri": ["^/raw(/.*)", "$1"]}}})).await;
+    put(&w, "/routes/echo", json!({"uri": "/echo", "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/raw/length", &[], |r| r.status == 200).await;
+    let base = format!("http://{}", w.proxy);
+    let run = move |args: Vec<String>, path: &str| {
+        let url = format!("{base}{path}");
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl(&args, &url)
+    };
+    let ask = |path: &'static str| {
+        let run = run.clone();
+        tokio::task::spawn_blocking(move || run(vec!["-i".into()], path))
+    };
+
+    // Keep-alive answers: one pooled connection serves them all (and the readiness probe
+    // before them), whatever their framing.
+    for _ in 0..3 {
+        for (path, status, body) in [
+            ("/raw/length", 200, "fixed length"),
+            ("/raw/chunked", 200, "in two chunks"),
+            ("/raw/interim", 200, "final"),
+            ("/raw/empty", 204, ""),
+        ] {
+            let (_, code, text) = ask(path).await.unwrap();
+            assert_eq!(code, status, "{path}: {text}");
+            let (_, got) = text.split_once("\r\n\r\n").unwrap();
+            assert_eq!(got, body, "{path}");
+            assert!(!text.contains("103"), "{path}: an interim answer reached the client: {text}");
+        }
+    }
+    assert_eq!(conns.load(SeqCst), 1, "keep-alive answers share one upstream connection");
+
+    // Answers that end the connection are served, and the connection is not reused.
+    let before = conns.load(SeqCst);
+    for _ in 0..2 {
+        let (_, code, text) = ask("/raw/close").await.unwrap();
+        assert_eq!((code, text.split_once("\r\n\r\n").unwrap().1), (200, "until the node closes"));
+        let (_, code, text) = ask("/raw/http10").await.unwrap();
+        assert_eq!((code, text.split_once("\r\n\r\n").unwrap().1), (200, "old one"));
+    }
+    // The pooled connection carries the first; it and each later one end with their answer.
+    assert_eq!(conns.load(SeqCst) - before, 3, "a closing answer's connection is not reused");
+
+    // A pooled connection the node closed while idle is not used for the next request, which
+    // is not idempotent: it must not be lost or sent twice.
+    assert_eq!(ask("/raw/idle-close").await.unwrap().1, 200);
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let before = conns.load(SeqCst);
+    let (_, code, _) = tokio::task::spawn_blocking({
+        let run = run.clone();
+        move || run(vec!["-X".into(), "POST".into()], "/raw/length")
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    assert_eq!(conns.load(SeqCst) - before, 1, "the request went out on a new connection");
+
+    // A body cut short reaches the client as a broken transfer, not as a complete answer.
+    let out = tokio::task::spawn_blocking({
+        let url = format!("http://{}/raw/short", w.proxy);
+        move || Command::new("curl").args(["-sS", "-o", "/dev/null"]).arg(url).output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success(), "curl saw a complete response");
+
+    // Request bodies stream upstream: with a length, and chunked (no length known).
+    let dir = std::env::temp_dir().join(format!("weir-bodies-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let payload: String = (0..300_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let file = dir.join("payload");
+    std::fs::write(&file, &payload).unwrap();
+    let at_file = format!("@{}", file.display());
+    for extra in [vec![], vec!["-H".to_string(), "transfer-encoding: chunked".to_string()]] {
+        let mut args = vec!["-X".to_string(), "POST".to_string(), "--data-binary".to_string(), at_file.clone()];
+        args.extend(extra.clone());
+        let run = run.clone();
+        let (_, code, body) = tokio::task::spawn_blocking(move || run(args, "/echo")).await.unwrap();
+        assert_eq!(code, 200, "{extra:?}");
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(seen["body"].as_str().map(str::len), Some(payload.len()), "{extra:?}");
+        assert!(seen["body"] == payload.as_str(), "{extra:?}: the body arrived altered");
+        let chunked = !extra.is_empty();
+        assert_eq!(seen["headers"].get("transfer-encoding").is_some(), chunked, "{extra:?}: {}", seen["headers"]);
+        assert_eq!(seen["headers"].get("content-length").is_some(), !chunked, "{extra:?}: {}", seen["headers"]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
