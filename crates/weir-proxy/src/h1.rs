@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::body::ReqBody;
+use crate::hop;
 
 /// The most a response head (status line and headers) may take.
 const MAX_HEAD: usize = 64 * 1024;
@@ -104,6 +105,26 @@ pub enum Error {
     BodyLength,
 }
 
+/// Writes a request's header fields as they go out: a proxy adds and drops fields here rather
+/// than in the request's map.
+pub trait Fields: Sync {
+    /// `framed`: the body's framing field is written apart, so Content-Length stays out.
+    fn encode(&self, headers: &HeaderMap, framed: bool, buf: &mut Vec<u8>);
+}
+
+/// The request's fields as they are.
+pub struct AsIs;
+
+impl Fields for AsIs {
+    fn encode(&self, headers: &HeaderMap, framed: bool, buf: &mut Vec<u8>) {
+        for (name, value) in headers {
+            if !(framed && name == header::CONTENT_LENGTH) {
+                encode_field(name, value, buf);
+            }
+        }
+    }
+}
+
 /// An exchange that got no response.
 pub struct Failed {
     pub error: Error,
@@ -150,7 +171,7 @@ impl Connection {
     /// Sends `req` and reads the response head. The body is read as the returned response's
     /// body is polled; once it has been read to its end, [`Body::idle`] gives the connection
     /// back for another exchange.
-    pub async fn send(mut self, mut req: Request<ReqBody>, reused: bool) -> Result<Response<Body>, Failed> {
+    pub async fn send(mut self, mut req: Request<ReqBody>, reused: bool, fields: &impl Fields) -> Result<Response<Body>, Failed> {
         let head_only = req.method() == Method::HEAD;
         let out = request_framing(&req);
         // A body already read can be sent again; one streaming in from the client cannot.
@@ -161,7 +182,7 @@ impl Connection {
             ReqBody::Incoming(_) => None,
         };
         let mut head = Vec::with_capacity(512);
-        encode_head(&req, out, &mut head);
+        encode_head(&req, out, fields, &mut head);
         let written = self.write_request(&mut req, out, head).await;
         let give_back = |mut req: Request<ReqBody>, error| {
             let request = replay.map(|body| {
@@ -229,7 +250,7 @@ impl Connection {
                         // Trailers: only chunked framing can carry them, and they end the body.
                         if let (Out::Chunked, Ok(trailers)) = (out, frame.into_trailers()) {
                             pending.extend_from_slice(b"0\r\n");
-                            encode_fields(&trailers, &mut pending);
+                            AsIs.encode(&trailers, false, &mut pending);
                             pending.extend_from_slice(b"\r\n");
                             return self.write(&pending, &mut sent_any).await;
                         }
@@ -328,8 +349,9 @@ fn request_framing(req: &Request<ReqBody>) -> Out {
     }
 }
 
-/// The request line and header fields, with the framing header the body needs.
-fn encode_head(req: &Request<ReqBody>, out: Out, buf: &mut Vec<u8>) {
+/// The request line and header fields, with the framing header the body needs. The request's
+/// own framing fields are left out: the body's framing is decided here.
+fn encode_head(req: &Request<ReqBody>, out: Out, fields: &impl Fields, buf: &mut Vec<u8>) {
     buf.extend_from_slice(req.method().as_str().as_bytes());
     buf.push(b' ');
     let target = match req.uri().path_and_query() {
@@ -339,39 +361,21 @@ fn encode_head(req: &Request<ReqBody>, out: Out, buf: &mut Vec<u8>) {
     };
     buf.extend_from_slice(target.as_bytes());
     buf.extend_from_slice(b" HTTP/1.1\r\n");
-    let headers = req.headers();
+    // With a body, its own length is the truth: a content-length from the client is replaced.
+    fields.encode(req.headers(), out != Out::None, buf);
     match out {
-        // The body's own length is the truth; a content-length from the client is replaced.
         Out::Length(n) => {
-            for (name, value) in headers {
-                if name != header::CONTENT_LENGTH {
-                    encode_field(name, value, buf);
-                }
-            }
             buf.extend_from_slice(b"content-length: ");
             buf.extend_from_slice(n.to_string().as_bytes());
             buf.extend_from_slice(b"\r\n");
         }
-        Out::Chunked => {
-            for (name, value) in headers {
-                if name != header::CONTENT_LENGTH {
-                    encode_field(name, value, buf);
-                }
-            }
-            buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-        Out::None => encode_fields(headers, buf),
+        Out::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Out::None => {}
     }
     buf.extend_from_slice(b"\r\n");
 }
 
-fn encode_fields(headers: &HeaderMap, buf: &mut Vec<u8>) {
-    for (name, value) in headers {
-        encode_field(name, value, buf);
-    }
-}
-
-fn encode_field(name: &HeaderName, value: &HeaderValue, buf: &mut Vec<u8>) {
+pub fn encode_field(name: &HeaderName, value: &HeaderValue, buf: &mut Vec<u8>) {
     buf.extend_from_slice(name.as_str().as_bytes());
     buf.extend_from_slice(b": ");
     buf.extend_from_slice(value.as_bytes());
@@ -407,11 +411,12 @@ enum Parsed {
 }
 
 /// Parses a response head at the start of `buf`, taking it off the buffer when complete. Header
-/// values are slices of the buffer, not copies.
+/// values are slices of the buffer, not copies. Connection-scoped fields are left out.
 fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Response::new(&mut fields);
-    let len = match parsed.parse(buf) {
+    // Left uninitialized: the parser writes only the fields it finds, and most heads are short.
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut parsed, buf, &mut fields) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
         Err(httparse::Error::TooManyHeaders) => return Err(Error::Malformed("too many header fields")),
@@ -437,6 +442,7 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     let mut headers = HeaderMap::with_capacity(count);
     let (mut length, mut chunked, mut encoded) = (None::<u64>, false, false);
     let (mut close, mut keep_alive) = (false, false);
+    let mut named = Vec::new();
     for &(n, nl, v, vl) in &spans[..count] {
         let (n, v) = (n as usize, v as usize);
         let name = HeaderName::from_bytes(&head[n..n + nl as usize]).map_err(|_| Error::Malformed("invalid header name"))?;
@@ -458,7 +464,17 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
                 keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
             }
         }
+        // Connection-scoped fields stop here, except on a 101: the client needs its Upgrade.
+        if code != 101 && hop::is_hop_by_hop(&name) {
+            if name == header::CONNECTION {
+                hop::connection_named(&value, &mut named);
+            }
+            continue;
+        }
         headers.append(name, value);
+    }
+    for name in &named {
+        headers.remove(name);
     }
     let framing = if code == 101 {
         Framing::Upgraded
@@ -720,7 +736,7 @@ mod tests {
             String::from_utf8(got).unwrap()
         });
         let conn = Connection::new(Stream::Plain(TcpStream::connect(addr).await.unwrap()));
-        let result = match conn.send(req, false).await {
+        let result = match conn.send(req, false, &AsIs).await {
             Ok(resp) => {
                 let (head, body) = resp.into_parts();
                 match body.collect().await {

@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod body;
 pub mod exporter;
 pub mod h1;
+pub mod hop;
 pub mod health;
 pub mod pool;
 pub mod proxy;

@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,9 +58,33 @@ struct Idle {
     uses: u64,
 }
 
+/// FNV-1a, for the pool's keys: node addresses from the configuration, never chosen by a
+/// client, so a fast hash without a random seed is safe here.
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Fnv {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type ByNode<T> = HashMap<Arc<str>, T, BuildHasherDefault<Fnv>>;
+
 thread_local! {
-    static IDLE: RefCell<HashMap<Arc<str>, VecDeque<Idle>>> = RefCell::new(HashMap::new());
-    static SHARED: RefCell<HashMap<Arc<str>, http2::SendRequest<ReqBody>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<ByNode<VecDeque<Idle>>> = RefCell::new(ByNode::default());
+    static SHARED: RefCell<ByNode<http2::SendRequest<ReqBody>>> = RefCell::new(ByNode::default());
 }
 
 #[derive(Debug, thiserror::Error)]

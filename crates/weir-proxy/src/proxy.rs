@@ -23,6 +23,7 @@ use weir_plugins::{Consumers, LogRecord, Notes, Phase, Pipeline, Ran, Reply, Req
 use crate::balancer::{InFlight, hash32};
 use crate::body::{Received, ReqBody, RespBody};
 use crate::h1;
+use crate::hop::{self, Hop};
 use crate::health::Outcome;
 use crate::pool::{self, Conn, ConnectError, Lease, Sender};
 use crate::router::RequestFacts;
@@ -50,45 +51,6 @@ pub struct Proxy {
     snapshot: Arc<ArcSwap<Snapshot>>,
     /// The name whose certificate a TLS client without SNI gets (APISIX's `fallback_sni`).
     fallback_sni: Option<String>,
-}
-
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-
-/// Connection-scoped headers that must not be forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none; one pass over the names is cheaper than seven lookups.
-    if !headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    if let Some(conn) = headers.get(header::CONNECTION) {
-        // Headers named in `Connection` are hop-by-hop too.
-        let named: Vec<HeaderName> = conn
-            .to_str()
-            .unwrap_or("")
-            .split(',')
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
-        }
-    }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
-    }
 }
 
 pub fn error_response(status: StatusCode, message: &'static str) -> Response<RespBody> {
@@ -358,24 +320,19 @@ impl Proxy {
                 h
             }
         };
-        forwarded_headers(&mut parts.headers, conn, original_host);
         // A WebSocket handshake keeps its Upgrade and Connection headers on routes that allow it.
-        let upgrade = match route.websocket.then(|| websocket_upgrade(&parts.headers)).flatten() {
-            Some(protocol) => parts.extensions.remove::<OnUpgrade>().map(|on| (on, protocol)),
-            None => None,
+        let (upgrade, protocol) = match route.websocket.then(|| websocket_upgrade(&parts.headers)).flatten() {
+            Some(protocol) => match parts.extensions.remove::<OnUpgrade>() {
+                Some(on) => (Some(on), Some(protocol)),
+                None => (None, None),
+            },
+            None => (None, None),
         };
-        // gRPC servers want `te: trailers`, the one TE value HTTP/2 allows.
-        let te_trailers = upstream.transport.h2
-            && parts.headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-        strip_hop_by_hop(&mut parts.headers);
-        if te_trailers {
-            parts.headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        let client = hop::Client { ip: &conn.remote_ip, scheme: conn.scheme, port: &conn.local_port, host: original_host };
+        let hop = Hop::new(&parts.headers, client, protocol);
+        if upstream.transport.h2 {
+            hop.apply(&mut parts.headers);
         }
-        let upgrade = upgrade.map(|(on, protocol)| {
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            parts.headers.insert(header::UPGRADE, protocol);
-            on
-        });
         if let Some(pq) = parts.uri.path_and_query()
             && parts.uri.scheme().is_some() {
                 parts.uri = Uri::from(pq.clone());
@@ -385,7 +342,7 @@ impl Proxy {
             parts.headers.insert(header::HOST, h.clone());
         }
         let req = Request::from_parts(parts, body);
-        forward(upstream, route.timeouts, hash, req, upgrade, served).await
+        forward(upstream, route.timeouts, hash, req, &hop, upgrade, served).await
     }
 }
 
@@ -517,32 +474,6 @@ fn hash_key(on: &HashOn, vars: &RequestVars<'_>, consumer: Option<&str>) -> u32 
     }
 }
 
-fn forwarded_headers(headers: &mut HeaderMap, conn: &ConnInfo, original_host: Option<HeaderValue>) {
-    use http::header::Entry;
-    // One hash per header: `entry` both looks up and inserts.
-    match headers.entry(X_FORWARDED_FOR) {
-        Entry::Occupied(mut e) => {
-            let prev = e.get();
-            let mut v = Vec::with_capacity(prev.len() + 2 + conn.remote_ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(conn.remote_ip.as_bytes());
-            e.insert(HeaderValue::from_bytes(&v).unwrap_or_else(|_| conn.remote_ip.clone()));
-        }
-        Entry::Vacant(e) => {
-            e.insert(conn.remote_ip.clone());
-        }
-    }
-    headers.insert(X_REAL_IP, conn.remote_ip.clone());
-    // As APISIX does, an X-Forwarded-Proto/Host/Port set by the client (or a proxy before us)
-    // is kept; otherwise it is filled in from this hop.
-    headers.entry(X_FORWARDED_PROTO).or_insert_with(|| HeaderValue::from_static(conn.scheme));
-    if let Some(h) = original_host {
-        headers.entry(X_FORWARDED_HOST).or_insert(h);
-    }
-    headers.entry(X_FORWARDED_PORT).or_insert_with(|| conn.local_port.clone());
-}
-
 pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
@@ -555,6 +486,7 @@ async fn forward(
     timeouts: Timeouts,
     hash: u32,
     req: Request<ReqBody>,
+    hop: &Hop,
     mut upgrade: Option<OnUpgrade>,
     mut served: Option<&mut Served>,
 ) -> Response<RespBody> {
@@ -586,7 +518,7 @@ async fn forward(
             for_h2(&mut this, upstream.transport.tls.is_some());
         }
         let sent_at = served.is_some().then(Instant::now);
-        match send(node, upstream, &timeouts, this).await {
+        match send(node, upstream, &timeouts, this, hop).await {
             Ok((resp, lease)) => {
                 let status = resp.status().as_u16();
                 if let (Some(s), Some(at)) = (served.as_deref_mut(), sent_at) {
@@ -617,7 +549,10 @@ async fn forward(
                     resp
                 };
                 let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
+                if let Received::H2(_) = body {
+                    // HTTP/1.1 answers lose their connection-scoped fields as they are parsed.
+                    hop::strip_hop_by_hop(&mut parts.headers);
+                }
                 // The client's connection speaks its own version, whatever the upstream spoke.
                 parts.version = http::Version::HTTP_11;
                 let guard = in_flight.map(|(g, _)| g);
@@ -734,6 +669,7 @@ async fn send(
     upstream: &UpstreamRt,
     timeouts: &Timeouts,
     mut req: Request<ReqBody>,
+    hop: &Hop,
 ) -> Result<(Response<Received>, Lease), SendError> {
     let wait = timeouts.send + timeouts.read;
     loop {
@@ -748,7 +684,7 @@ async fn send(
         };
         let reset = || ConnectError::Io(node.authority.to_string(), std::io::ErrorKind::ConnectionReset.into());
         match sender {
-            Sender::H1(conn) => match tokio::time::timeout(wait, conn.send(req, lease.reused)).await {
+            Sender::H1(conn) => match tokio::time::timeout(wait, conn.send(req, lease.reused, hop)).await {
                 Err(_) => return Err(SendError::Timeout),
                 Ok(Ok(resp)) => return Ok((resp.map(Received::H1), lease)),
                 // A reused connection the node had closed: the next one, or a fresh one.
@@ -794,18 +730,6 @@ mod tests {
         assert_eq!(normalize_host("Example.COM:8080"), "example.com");
         assert_eq!(normalize_host("a.com"), "a.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
-    }
-
-    #[test]
-    fn connection_named_headers_are_dropped() {
-        let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-kept"));
     }
 
     #[test]
