@@ -460,15 +460,20 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
             chunked = value.as_bytes().rsplit(|&b| b == b',').next().is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
             for token in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                close |= token.eq_ignore_ascii_case(b"close");
-                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    keep_alive = true;
+                } else if let Ok(n) = HeaderName::from_bytes(token)
+                    && !hop::is_hop_by_hop(&n)
+                {
+                    // Any other field a Connection field names is connection-scoped too.
+                    named.push(n);
+                }
             }
         }
         // Connection-scoped fields stop here, except on a 101: the client needs its Upgrade.
         if code != 101 && hop::is_hop_by_hop(&name) {
-            if name == header::CONNECTION {
-                hop::connection_named(&value, &mut named);
-            }
             continue;
         }
         headers.append(name, value);

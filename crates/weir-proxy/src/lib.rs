@@ -6,6 +6,7 @@
 
 pub mod balancer;
 pub mod body;
+pub mod deadline;
 pub mod exporter;
 pub mod h1;
 pub mod hop;

@@ -22,6 +22,7 @@ use weir_plugins::{Consumers, LogRecord, Notes, Phase, Pipeline, Ran, Reply, Req
 
 use crate::balancer::{InFlight, hash32};
 use crate::body::{Received, ReqBody, RespBody};
+use crate::deadline;
 use crate::h1;
 use crate::hop::{self, Hop};
 use crate::health::Outcome;
@@ -684,7 +685,7 @@ async fn send(
         };
         let reset = || ConnectError::Io(node.authority.to_string(), std::io::ErrorKind::ConnectionReset.into());
         match sender {
-            Sender::H1(conn) => match tokio::time::timeout(wait, conn.send(req, lease.reused, hop)).await {
+            Sender::H1(conn) => match deadline::within(wait, conn.send(req, lease.reused, hop)).await {
                 Err(_) => return Err(SendError::Timeout),
                 Ok(Ok(resp)) => return Ok((resp.map(Received::H1), lease)),
                 // A reused connection the node had closed: the next one, or a fresh one.
@@ -704,7 +705,7 @@ async fn send(
                     }
                     return Err(SendError::Connect(Box::new(req), reset()));
                 }
-                match tokio::time::timeout(wait, sender.try_send_request(req)).await {
+                match deadline::within(wait, sender.try_send_request(req)).await {
                     Err(_) => return Err(SendError::Timeout),
                     Ok(Ok(resp)) => return Ok((resp.map(Received::H2), lease)),
                     Ok(Err(mut e)) => match e.take_message() {

@@ -145,7 +145,10 @@ where
     });
     // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c prior knowledge, or
     // after ALPN picked h2).
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Heads and small bodies are copied into one buffer and leave in one write: cheaper than
+    // gathering slices for the answers a gateway mostly sends.
+    builder.http1().writev(false);
     if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
