@@ -469,10 +469,23 @@ fn main() -> anyhow::Result<()> {
     let mut p_runs = Vec::new();
     let (nginx_pid, small_pid) = (nginx_proxy.0.id(), small.proc.0.id());
     let small_tls = small.port + TLS_OFFSET;
-    for _ in 0..args.rounds {
+    for round in 1..=args.rounds {
         n_runs.push(wrk(&args, NGINX_PROXY_PORT, target, Some(nginx_pid))?);
         s_runs.push(wrk(&args, small.port, target, Some(small_pid))?);
         l_runs.push(wrk(&args, large.port, target, Some(large.proc.0.id()))?);
+        // Each round's plain-proxy figures, so the spread behind the medians can be seen.
+        let cpu = |r: &WrkResult| r.cpu_us.map_or("-".to_string(), |c| format!("{c:.1}"));
+        let (n, s, l) = (&n_runs[round - 1], &s_runs[round - 1], &l_runs[round - 1]);
+        eprintln!(
+            "round {round}: nginx {:.0} req/s ({} us), weir {:.0} req/s ({} us), weir with {} routes {:.0} req/s ({} us)",
+            n.rps,
+            cpu(n),
+            s.rps,
+            cpu(s),
+            args.routes,
+            l.rps,
+            cpu(l)
+        );
         let plug = format!("http://127.0.0.1:{}/plug/items", small.port);
         p_runs.push(wrk_url(&args, &plug, Some(small_pid), &["apikey: bench-key"])?);
         nt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{NGINX_TLS_PORT}{target}"), Some(nginx_pid), &[])?);

@@ -163,7 +163,7 @@ pub(crate) fn limit_key(ctx: &RequestCtx<'_>, key: &str, key_type: Option<&str>)
         Some("var_combination") => weir_core::text::interpolate(key, |name| ctx.var(name)),
         _ => ctx.var(key),
     };
-    value.unwrap_or_else(|| ctx.remote_ip().to_string())
+    value.unwrap_or_else(|| weir_core::text::ip_text(ctx.remote_ip()))
 }
 
 /// A plugin's `401 {"message": …}`, as APISIX's auth plugins answer.
@@ -245,12 +245,12 @@ pub type BodyTransform = Box<dyn FnMut(&[u8], bool) -> Bytes + Send>;
 /// What the log phase is told of a request once its response has been sent.
 #[derive(Debug, Default, Clone)]
 pub struct LogRecord {
-    pub route_id: String,
-    pub route_name: String,
-    pub service_id: String,
+    pub route_id: Arc<str>,
+    pub route_name: Arc<str>,
+    pub service_id: Arc<str>,
     /// The route's `uri` (its first, when it has `uris`) and `host` patterns.
-    pub matched_uri: String,
-    pub matched_host: String,
+    pub matched_uri: Arc<str>,
+    pub matched_host: Arc<str>,
     pub consumer: Option<String>,
     /// The upstream node that answered (`host:port`), empty when none did.
     pub node: String,

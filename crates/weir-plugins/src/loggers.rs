@@ -27,8 +27,8 @@ pub(crate) fn entry(r: &LogRecord) -> Value {
     let latency = ms(r.request_time);
     let mut e = json!({
         "client_ip": r.client_ip,
-        "route_id": r.route_id,
-        "service_id": r.service_id,
+        "route_id": &*r.route_id,
+        "service_id": &*r.service_id,
         "start_time": start,
         "latency": latency,
         "upstream": r.node,
@@ -86,9 +86,9 @@ fn var(r: &LogRecord, name: &str) -> Value {
         "upstream_response_time" => r.upstream_time.map_or(Value::Null, |t| json!(t.as_secs_f64())),
         "request_length" => json!(r.request_bytes),
         "bytes_sent" => json!(r.response_bytes),
-        "route_id" => json!(r.route_id),
-        "route_name" => json!(r.route_name),
-        "service_id" => json!(r.service_id),
+        "route_id" => json!(&*r.route_id),
+        "route_name" => json!(&*r.route_name),
+        "service_id" => json!(&*r.service_id),
         "consumer_name" => r.consumer.as_ref().map_or(Value::Null, |c| json!(c)),
         "msec" => json!(start.as_secs_f64()),
         "time_iso8601" => json!(iso8601(start.as_secs())),

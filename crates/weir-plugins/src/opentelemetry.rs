@@ -208,9 +208,9 @@ impl Plugin for Otel {
             attribute("http.target", r.uri.clone()),
             attribute("http.host", r.host.clone()),
             attribute("net.peer.ip", r.client_ip.clone()),
-            attribute("apisix.route_id", r.route_id.clone()),
-            attribute("apisix.route_name", r.route_name.clone()),
-            attribute("apisix.service_id", r.service_id.clone()),
+            attribute("apisix.route_id", r.route_id.to_string()),
+            attribute("apisix.route_name", r.route_name.to_string()),
+            attribute("apisix.service_id", r.service_id.to_string()),
             json!({"key": "http.status_code", "value": {"intValue": r.status.to_string()}}),
         ];
         attributes.extend(span.attributes.iter().cloned());

@@ -120,8 +120,8 @@ impl Metrics {
         }
         let mut all = self.series.lock().unwrap_or_else(|p| p.into_inner());
         let s = all.entry(key).or_insert_with(|| Series {
-            matched_uri: r.matched_uri.clone(),
-            matched_host: r.matched_host.clone(),
+            matched_uri: r.matched_uri.to_string(),
+            matched_host: r.matched_host.to_string(),
             ..Series::default()
         });
         match s.codes.iter_mut().find(|(c, _)| *c == r.status) {

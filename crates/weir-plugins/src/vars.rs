@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use http::header::{self, HeaderMap};
 use http::{Method, Uri};
 use weir_core::expr::Vars;
-use weir_core::text::{cookie, percent_decode, query_pairs};
+use weir_core::text::{cookie, ip_text, percent_decode, query_pairs};
 
 /// Read lazily from the request: nothing is computed until a variable is asked for.
 pub struct RequestVars<'a> {
@@ -46,9 +46,9 @@ impl Vars for RequestVars<'_> {
             "args" | "query_string" => self.uri.query().map(Cow::Borrowed),
             "host" => self.host.map(Cow::Borrowed),
             "request_method" => Some(Cow::Borrowed(self.method.as_str())),
-            "remote_addr" => Some(Cow::Owned(self.remote.ip().to_string())),
+            "remote_addr" => Some(Cow::Owned(ip_text(self.remote.ip()))),
             "remote_port" => Some(Cow::Owned(self.remote.port().to_string())),
-            "server_addr" => Some(Cow::Owned(self.local.ip().to_string())),
+            "server_addr" => Some(Cow::Owned(ip_text(self.local.ip()))),
             "server_port" => Some(Cow::Owned(self.local.port().to_string())),
             "scheme" => Some(Cow::Borrowed(self.scheme)),
             _ => None,

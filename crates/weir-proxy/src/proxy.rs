@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use weir_core::expr::Vars;
-use weir_core::text::interpolate;
+use weir_core::text::{interpolate, ip_text};
 use weir_plugins::prometheus::COUNTERS;
 use weir_plugins::{Consumers, LogRecord, Notes, Phase, Pipeline, Ran, Reply, RequestCtx, RequestVars, ResponseCtx, filters, run_log, run_phase, run_request, run_response};
 
@@ -218,8 +218,10 @@ impl Proxy {
             // Only the consumer's plugins log: the record starts now, once it is known.
             record = Some(log_record(&route, &parts, conn));
         }
-        if let Some(r) = record.as_mut() {
-            r.record.client_ip = conn.remote.ip().to_string();
+        if moved.is_some()
+            && let Some(r) = record.as_mut()
+        {
+            r.record.client_ip = ip_text(conn.remote.ip());
         }
         let resp = match outcome {
             Err(reply) => {
@@ -382,8 +384,8 @@ struct PendingLog {
 }
 
 impl PendingLog {
-    fn finish(&mut self, body_bytes: u64) -> LogRecord {
-        let mut r = std::mem::take(&mut self.record);
+    fn finish(self, body_bytes: u64) -> LogRecord {
+        let mut r = self.record;
         r.node = self.served.node.as_deref().unwrap_or("").to_string();
         r.upstream_time = self.served.upstream_time;
         r.upstream_status = self.served.status;
@@ -408,13 +410,21 @@ fn log_record(route: &RouteRt, parts: &http::request::Parts, conn: &ConnInfo) ->
             service_id: route.service_id.clone(),
             matched_uri: route.matched_uri.clone(),
             matched_host: route.matched_host.clone(),
-            method: parts.method.to_string(),
-            uri: uri.to_string(),
-            host: parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_string(),
-            client_ip: conn.remote.ip().to_string(),
+            method: parts.method.as_str().to_owned(),
+            uri: uri.to_owned(),
+            host: parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("").to_owned(),
+            client_ip: ip_text(conn.remote.ip()),
             request_bytes: parts.method.as_str().len() as u64 + uri.len() as u64 + 12 + headers + 2 + body,
             started: Some(std::time::SystemTime::now()),
-            ..LogRecord::default()
+            // Completed when the response is done (`PendingLog::finish`). Spelled out rather
+            // than taken from a default record, whose shared strings would be made and dropped.
+            consumer: None,
+            node: String::new(),
+            status: 0,
+            upstream_status: None,
+            request_time: std::time::Duration::ZERO,
+            upstream_time: None,
+            response_bytes: 0,
         },
         served: Served::default(),
         started: Instant::now(),
@@ -471,7 +481,7 @@ fn hash_key(on: &HashOn, vars: &RequestVars<'_>, consumer: Option<&str>) -> u32 
     };
     match key {
         Some(k) => hash32(k.as_bytes()),
-        None => hash32(vars.remote.ip().to_string().as_bytes()),
+        None => hash32(ip_text(vars.remote.ip()).as_bytes()),
     }
 }
 

@@ -82,7 +82,7 @@ impl Snapshot {
             Some(d) => find_layered(
                 &self.base,
                 &d.router,
-                |r| d.superseded.contains(&r.id),
+                |r| d.superseded.contains(&*r.id),
                 |a, b| (a.created, &a.id) < (b.created, &b.id),
                 req,
             ),
@@ -101,16 +101,17 @@ impl Snapshot {
 }
 
 pub struct RouteRt {
-    pub id: String,
+    pub id: Arc<str>,
     /// Store revision that created the route: older routes win priority ties.
     pub created: i64,
     /// Its plugins (service's, plugin config's and its own, merged), highest priority first.
     pub plugins: Pipeline,
     /// What the log phase reports of it: its service and its `uri` and `host` patterns.
-    pub service_id: String,
-    pub name: String,
-    pub matched_uri: String,
-    pub matched_host: String,
+    /// Shared with every log record of the route, not copied into each.
+    pub service_id: Arc<str>,
+    pub name: Arc<str>,
+    pub matched_uri: Arc<str>,
+    pub matched_host: Arc<str>,
     /// `None` when the route names no upstream (or a missing one): requests get a 503.
     pub upstream: Option<Arc<UpstreamRt>>,
     /// The upstreams its `traffic-split` may send to, in the plugin's order (`None`: the
@@ -737,13 +738,13 @@ fn route_spec<'s>(
     let matched_host = hosts.as_ref().and_then(|h: &Vec<String>| h.first().cloned()).unwrap_or_default();
     Some(RouteSpec {
         value: Arc::new(RouteRt {
-            id: id.to_string(),
+            id: id.into(),
             created: entry.created,
             plugins,
-            service_id: route.service_id.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
-            name: route.name.clone().unwrap_or_default(),
-            matched_uri: paths.first().cloned().unwrap_or_default(),
-            matched_host,
+            service_id: route.service_id.as_ref().map_or("", |s| s.0.as_str()).into(),
+            name: route.name.as_deref().unwrap_or_default().into(),
+            matched_uri: paths.first().map_or("", String::as_str).into(),
+            matched_host: matched_host.into(),
             upstream,
             alternatives,
             timeouts,
@@ -828,7 +829,7 @@ mod tests {
 
     fn server_of(s: &Snapshot, method: &'static str, path: &str) -> Option<String> {
         let facts = RequestFacts { method, host: None, path, remote: None, vars: &NoVars };
-        s.find(&facts).map(|r| r.id.clone())
+        s.find(&facts).map(|r| r.id.to_string())
     }
 
     #[test]
