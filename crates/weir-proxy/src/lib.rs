@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod body;
 pub mod deadline;
 pub mod exporter;
+pub mod front;
 pub mod h1;
 pub mod hop;
 pub mod health;

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use weir_core::expr::Vars;
@@ -111,7 +110,7 @@ impl Proxy {
         self.snapshot.load().tls.find(name)
     }
 
-    pub async fn handle(&self, conn: &ConnInfo, req: Request<Incoming>) -> Response<RespBody> {
+    pub async fn handle(&self, conn: &ConnInfo, req: Request<ReqBody>) -> Response<RespBody> {
         COUNTERS.requests.fetch_add(1, Ordering::Relaxed);
         // A guard, not a clone: the snapshot is only needed until the route and its plugins ran.
         let snapshot = self.snapshot.load();
@@ -136,7 +135,7 @@ impl Proxy {
         let Some(route) = route else { return not_found() };
         if route.plugins.is_empty() && snapshot.global.is_empty() {
             drop(snapshot);
-            return self.to_upstream(&route, route.upstream.as_ref(), parts, ReqBody::Incoming(body), conn, None, None).await;
+            return self.to_upstream(&route, route.upstream.as_ref(), parts, body, conn, None, None).await;
         }
         let global = snapshot.global.clone();
         let consumers = snapshot.consumers.clone();
@@ -155,7 +154,7 @@ impl Proxy {
         global: Arc<Pipeline>,
         consumers: &Consumers,
         mut parts: http::request::Parts,
-        body: Incoming,
+        body: ReqBody,
         conn: &ConnInfo,
     ) -> Response<RespBody> {
         let logged = global.phases.log || route.plugins.phases.log;
@@ -166,7 +165,7 @@ impl Proxy {
                 Err(resp) => return resp,
             }
         } else {
-            (None, ReqBody::Incoming(body))
+            (None, body)
         };
         let mut record = logged.then(|| log_record(&route, &parts, conn));
         let mut ctx = RequestCtx {
@@ -354,7 +353,7 @@ const MAX_READ_BODY: usize = 8 << 20;
 
 /// Reads a request body for the plugins that check it; too large, or broken off, is an error
 /// response.
-async fn read_body(body: Incoming) -> Result<Bytes, Response<RespBody>> {
+async fn read_body(body: ReqBody) -> Result<Bytes, Response<RespBody>> {
     use http_body_util::BodyExt as _;
     match http_body_util::Limited::new(body, MAX_READ_BODY).collect().await {
         Ok(c) => Ok(c.to_bytes()),

@@ -4,14 +4,10 @@
 //! Plain listeners speak HTTP/1.1 and HTTP/2 with prior knowledge (h2c); TLS listeners pick
 //! the certificate by SNI from the current snapshot and offer h2 and http/1.1 by ALPN.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::time::Duration;
 
@@ -19,6 +15,7 @@ use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
+use crate::front;
 use crate::proxy::{ConnInfo, Proxy};
 use weir_plugins::prometheus::COUNTERS;
 
@@ -99,13 +96,13 @@ async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
         let proxy = proxy.clone();
         if !tls {
             let info = Arc::new(ConnInfo::new(remote, local, "http"));
-            tokio::spawn(serve(TokioIo::new(stream), info, proxy));
+            tokio::spawn(serve(stream, info, proxy));
             continue;
         }
         tokio::spawn(async move {
             let Some(stream) = handshake(stream, &proxy).await else { return };
             let info = Arc::new(ConnInfo::new(remote, local, "https"));
-            serve(TokioIo::new(stream), info, proxy).await;
+            serve(stream, info, proxy).await;
         });
     }
 }
@@ -132,26 +129,13 @@ async fn handshake(stream: TcpStream, proxy: &Proxy) -> Option<tokio_rustls::ser
     tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await.ok().flatten()
 }
 
-async fn serve<I>(io: TokioIo<I>, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
+async fn serve<I>(io: I, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     COUNTERS.active.fetch_add(1, Ordering::Relaxed);
     let _active = Active;
-    let service = service_fn(move |req| {
-        let proxy = proxy.clone();
-        let info = info.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(&info, req).await) }
-    });
-    // HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c prior knowledge, or
-    // after ALPN picked h2).
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Heads and small bodies are copied into one buffer and leave in one write: cheaper than
-    // gathering slices for the answers a gateway mostly sends.
-    builder.http1().writev(false);
-    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
-        tracing::debug!(error = %e, "client connection ended with an error");
-    }
+    front::serve(io, info, proxy).await;
 }
 
 /// Counts a client connection as active while it lives.

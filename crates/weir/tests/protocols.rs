@@ -423,3 +423,74 @@ async fn http1_framings_and_bodies_with_curl() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Writes `sent` on one connection and reads until the gateway closes it or `wait` passes
+/// without a byte.
+async fn raw_exchange(addr: std::net::SocketAddr, sent: &[&[u8]]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    for part in sent {
+        s.write_all(part).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 8192];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_millis(500), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn client_connections_in_raw_http1() {
+    let w = Weir::start();
+    let up = Upstream::start("echo").await;
+    put(&w, "/routes/r", json!({"uri": "/*", "upstream": {"nodes": {up.node(): 1}}})).await;
+    w.until("/x", &[], |r| r.status == 200).await;
+
+    // Pipelined requests are answered in order on one connection; the last asks to close.
+    let text = raw_exchange(w.proxy, &[b"GET /one HTTP/1.1\r\nHost: a\r\n\r\nGET /two HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"]).await;
+    let one = text.find("\"uri\":\"/one\"").expect(&text);
+    let two = text.find("\"uri\":\"/two\"").expect(&text);
+    assert!(one < two, "{text}");
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    assert!(text.contains("connection: close"), "{text}");
+    assert!(text.contains("date: "), "{text}");
+
+    // A request with a body, between bodiless ones on the same connection, is served whole,
+    // and so is the request after it.
+    let text = raw_exchange(
+        w.proxy,
+        &[
+            b"GET /before HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST /with-body HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+            b"GET /after HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        ],
+    )
+    .await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    assert!(text.contains("\"body\":\"hello\""), "{text}");
+    assert!(text.find("/before").unwrap() < text.find("/with-body").unwrap() && text.find("/with-body").unwrap() < text.find("/after").unwrap(), "{text}");
+
+    // HEAD: the length of what GET would send, and no body.
+    let text = raw_exchange(w.proxy, &[b"HEAD /h HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"]).await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("content-length: "), "{text}");
+    assert!(text.ends_with("\r\n\r\n"), "a HEAD answer carried a body: {text}");
+
+    // HTTP/1.0 is answered, and the connection closed after it.
+    let text = raw_exchange(w.proxy, &[b"GET /old HTTP/1.0\r\nHost: a\r\n\r\n"]).await;
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n") || text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("\"uri\":\"/old\""), "{text}");
+
+    // A head that does not parse gets a 400, not silence.
+    let text = raw_exchange(w.proxy, &[b"GET /bad path HTTP/1.1\r\nHost: a\r\n\r\n"]).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+
+    // A head that arrives in pieces is served once it is whole.
+    let text = raw_exchange(w.proxy, &[b"GET /sl", b"ow HTTP/1.1\r\nHo", b"st: a\r\nConnection: close\r\n", b"\r\n"]).await;
+    assert!(text.contains("\"uri\":\"/slow\""), "{text}");
+}
