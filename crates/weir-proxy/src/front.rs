@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::service::service_fn;
@@ -26,14 +26,12 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::body::{ReqBody, RespBody};
+use crate::h1::{Outbox, Span};
 use crate::proxy::{ConnInfo, Proxy};
 
 const MAX_HEADERS: usize = 100;
 /// A head still incomplete past this goes to hyper, which answers it.
 const MAX_HEAD: usize = 16 * 1024;
-/// Response chunks up to this size are copied next to the head, so a small response leaves in
-/// one write.
-const COALESCE: usize = 16 * 1024;
 
 /// Serves one client connection until it closes.
 pub async fn serve<I>(mut io: I, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
@@ -124,7 +122,7 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         return Parsed::Other;
     }
     let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut spans = [Span::default(); MAX_HEADERS];
     let count = parsed.headers.len();
     let mut close = false;
     for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
@@ -145,12 +143,7 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         if !simple {
             return Parsed::Other;
         }
-        *span = (
-            (field.name.as_ptr() as usize - base) as u32,
-            name.len() as u32,
-            (field.value.as_ptr() as usize - base) as u32,
-            field.value.len() as u32,
-        );
+        *span = Span::of(buf, field);
     }
     let (method_at, method_len) = (method.as_ptr() as usize - base, method.len());
     let (path_at, path_len) = (path.as_ptr() as usize - base, path.len());
@@ -167,14 +160,8 @@ fn parse(buf: &mut BytesMut) -> Parsed {
     let Ok(method) = Method::from_bytes(&head[method_at..method_at + method_len]) else { return give_back(buf, &head) };
     let Ok(uri) = Uri::from_maybe_shared(head.slice(path_at..path_at + path_len)) else { return give_back(buf, &head) };
     let mut headers = HeaderMap::with_capacity(count);
-    for &(n, nl, v, vl) in &spans[..count] {
-        let (n, v) = (n as usize, v as usize);
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(&head[n..n + nl as usize]),
-            HeaderValue::from_maybe_shared(head.slice(v..v + vl as usize)),
-        ) else {
-            return give_back(buf, &head);
-        };
+    for span in &spans[..count] {
+        let Some((name, value)) = span.field(&head) else { return give_back(buf, &head) };
         headers.append(name, value);
     }
     let mut head = Request::new(ReqBody::Empty);
@@ -233,55 +220,38 @@ where
         out.extend_from_slice(b"connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if head_only || bodiless {
-        return io.write_all(out).await;
-    }
-    loop {
-        // What the body has ready joins what is pending; only a body that must wait for more
-        // gets what is pending written first.
-        let frame = match std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut body).poll_frame(cx))).await {
-            Poll::Ready(f) => f,
-            Poll::Pending => {
-                if !out.is_empty() {
-                    io.write_all(out).await?;
-                    out.clear();
-                }
-                std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+    let mut outbox = Outbox::new(std::mem::take(out));
+    let sent = if head_only || bodiless { Ok(()) } else { write_body(io, &mut body, chunked, &mut outbox).await };
+    let sent = match sent {
+        Ok(()) => outbox.flush(io).await,
+        Err(e) => Err(e),
+    };
+    // The buffer is kept for the connection's next response.
+    *out = outbox.buf;
+    sent
+}
+
+async fn write_body<I>(io: &mut I, body: &mut RespBody, chunked: bool, outbox: &mut Outbox) -> io::Result<()>
+where
+    I: AsyncWrite + Unpin,
+{
+    while let Some(frame) = outbox.next_frame(io, body).await? {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                // What arrived goes out before the connection closes: the client sees a
+                // response cut short (its length or last chunk missing), not an empty reply.
+                outbox.flush(io).await?;
+                return Err(io::Error::other(e));
             }
         };
-        let data = match frame {
-            None => break,
-            Some(Err(e)) => return Err(io::Error::other(e)),
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(d) if !d.is_empty() => d,
-                // Trailers are not sent to HTTP/1.1 clients, as hyper's server does not
-                // unless asked; empty chunks would end a chunked body early.
-                _ => continue,
-            },
-        };
-        if chunked {
-            out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-        }
-        if data.len() <= COALESCE {
-            out.extend_from_slice(&data);
-        } else {
-            io.write_all(out).await?;
-            out.clear();
-            io.write_all(&data).await?;
-        }
-        if chunked {
-            out.extend_from_slice(b"\r\n");
-        }
-        if out.len() >= COALESCE {
-            io.write_all(out).await?;
-            out.clear();
+        // Trailers are not sent to HTTP/1.1 clients, as hyper's server does not unless asked.
+        if let Ok(data) = frame.into_data() {
+            outbox.data(io, &data, chunked).await?;
         }
     }
     if chunked {
-        out.extend_from_slice(b"0\r\n\r\n");
-    }
-    if !out.is_empty() {
-        io.write_all(out).await?;
+        outbox.buf.extend_from_slice(b"0\r\n\r\n");
     }
     Ok(())
 }

@@ -31,8 +31,8 @@ const MAX_HEADERS: usize = 100;
 const MAX_CHUNK_LINE: usize = 4096;
 /// The most a trailer section may take.
 const MAX_TRAILERS: usize = 16 * 1024;
-/// Request body chunks up to this size are copied next to what precedes them, so a small
-/// request leaves in one write; larger ones are written as they are.
+/// Body chunks up to this size are copied next to what precedes them, so a small message
+/// leaves in one write; larger ones are written as they are.
 const COALESCE: usize = 16 * 1024;
 /// How much room each read asks for.
 const READ_SIZE: usize = 16 * 1024;
@@ -222,88 +222,47 @@ impl Connection {
     }
 
     /// Writes the head and the body. The error says whether any of the request went out.
-    async fn write_request(&mut self, req: &mut Request<ReqBody>, out: Out, mut pending: Vec<u8>) -> Result<(), (Error, bool)> {
-        let mut sent_any = false;
+    async fn write_request(&mut self, req: &mut Request<ReqBody>, out: Out, head: Vec<u8>) -> Result<(), (Error, bool)> {
+        let mut outbox = Outbox::new(head);
+        let chunked = out == Out::Chunked;
         let mut body_bytes = 0u64;
+        let failed = |e: io::Error, outbox: &Outbox| (Error::Io(e), outbox.started);
         if out != Out::None {
             loop {
-                // Take what the body has ready without waiting, so a small body leaves with
-                // the head; wait only once what is pending has been written.
-                let frame = match poll_fn(|cx| Poll::Ready(Pin::new(req.body_mut()).poll_frame(cx))).await {
-                    Poll::Ready(f) => f,
-                    Poll::Pending => {
-                        if !pending.is_empty() {
-                            self.write(&pending, &mut sent_any).await?;
-                            pending.clear();
-                        }
-                        poll_fn(|cx| Pin::new(req.body_mut()).poll_frame(cx)).await
-                    }
-                };
-                let frame = match frame {
-                    None => break,
-                    Some(Ok(f)) => f,
-                    Some(Err(e)) => return Err((Error::RequestBody(e), sent_any)),
+                let frame = match outbox.next_frame(&mut self.io, req.body_mut()).await {
+                    Err(e) => return Err(failed(e, &outbox)),
+                    Ok(None) => break,
+                    Ok(Some(Ok(f))) => f,
+                    Ok(Some(Err(e))) => return Err((Error::RequestBody(e), outbox.started)),
                 };
                 let data = match frame.into_data() {
                     Ok(d) => d,
                     Err(frame) => {
                         // Trailers: only chunked framing can carry them, and they end the body.
-                        if let (Out::Chunked, Ok(trailers)) = (out, frame.into_trailers()) {
-                            pending.extend_from_slice(b"0\r\n");
-                            AsIs.encode(&trailers, false, &mut pending);
-                            pending.extend_from_slice(b"\r\n");
-                            return self.write(&pending, &mut sent_any).await;
+                        if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                            outbox.buf.extend_from_slice(b"0\r\n");
+                            AsIs.encode(&trailers, false, &mut outbox.buf);
+                            outbox.buf.extend_from_slice(b"\r\n");
+                            return outbox.flush(&mut self.io).await.map_err(|e| failed(e, &outbox));
                         }
                         continue;
                     }
                 };
-                if data.is_empty() {
-                    continue;
-                }
                 body_bytes += data.len() as u64;
                 if let Out::Length(n) = out
                     && body_bytes > n
                 {
-                    return Err((Error::BodyLength, sent_any));
+                    return Err((Error::BodyLength, outbox.started));
                 }
-                if out == Out::Chunked {
-                    pending.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
-                }
-                if data.len() <= COALESCE {
-                    pending.extend_from_slice(&data);
-                } else {
-                    self.write(&pending, &mut sent_any).await?;
-                    pending.clear();
-                    self.write(&data, &mut sent_any).await?;
-                }
-                if out == Out::Chunked {
-                    pending.extend_from_slice(b"\r\n");
-                }
-                if pending.len() >= COALESCE {
-                    self.write(&pending, &mut sent_any).await?;
-                    pending.clear();
-                }
+                outbox.data(&mut self.io, &data, chunked).await.map_err(|e| failed(e, &outbox))?;
             }
             match out {
-                Out::Chunked => pending.extend_from_slice(b"0\r\n\r\n"),
-                Out::Length(n) if body_bytes != n => return Err((Error::BodyLength, sent_any)),
+                Out::Chunked => outbox.buf.extend_from_slice(b"0\r\n\r\n"),
+                Out::Length(n) if body_bytes != n => return Err((Error::BodyLength, outbox.started)),
                 _ => {}
             }
         }
-        self.write(&pending, &mut sent_any).await
-    }
-
-    async fn write(&mut self, bytes: &[u8], sent_any: &mut bool) -> Result<(), (Error, bool)> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        let r = self.io.write_all(bytes).await;
-        // A first write that fails found the connection already closed: nothing arrived.
-        let any = std::mem::replace(sent_any, true);
-        match r {
-            Ok(()) => self.io.flush().await.map_err(|e| (e.into(), true)),
-            Err(e) => Err((e.into(), any)),
-        }
+        outbox.flush(&mut self.io).await.map_err(|e| failed(e, &outbox))
     }
 
     /// Reads until a final response head is complete (interim 1xx answers are skipped).
@@ -382,6 +341,72 @@ pub fn encode_field(name: &HeaderName, value: &HeaderValue, buf: &mut Vec<u8>) {
     buf.extend_from_slice(b"\r\n");
 }
 
+/// The bytes of one outgoing message, gathered so that a small message leaves in one write.
+/// Both directions use it: requests to nodes here, responses to clients in `front`.
+pub(crate) struct Outbox {
+    pub buf: Vec<u8>,
+    /// A write already went out: a failure now may follow bytes the peer received.
+    pub started: bool,
+}
+
+impl Outbox {
+    pub fn new(buf: Vec<u8>) -> Outbox {
+        Outbox { buf, started: false }
+    }
+
+    /// Writes what is gathered, flushed (a TLS stream may hold it otherwise).
+    pub async fn flush<W: AsyncWrite + Unpin>(&mut self, io: &mut W) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        io.write_all(&self.buf).await?;
+        self.started = true;
+        self.buf.clear();
+        io.flush().await
+    }
+
+    /// The body's next frame. What the body has ready joins what is gathered; only when it
+    /// must wait for more is what is gathered written first.
+    pub async fn next_frame<W, B>(&mut self, io: &mut W, body: &mut B) -> io::Result<Option<Result<Frame<B::Data>, B::Error>>>
+    where
+        W: AsyncWrite + Unpin,
+        B: http_body::Body + Unpin,
+    {
+        if let Poll::Ready(f) = poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
+            return Ok(f);
+        }
+        self.flush(io).await?;
+        Ok(poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await)
+    }
+
+    /// Adds `data` as the body's next piece, in a chunk when `chunked`. A large piece is
+    /// written as it is, after what is gathered, rather than copied.
+    pub async fn data<W: AsyncWrite + Unpin>(&mut self, io: &mut W, data: &[u8], chunked: bool) -> io::Result<()> {
+        if data.is_empty() {
+            // An empty chunk would end a chunked body.
+            return Ok(());
+        }
+        if chunked {
+            use std::io::Write as _;
+            let _ = write!(self.buf, "{:x}\r\n", data.len());
+        }
+        if data.len() <= COALESCE {
+            self.buf.extend_from_slice(data);
+        } else {
+            self.flush(io).await?;
+            io.write_all(data).await?;
+            self.started = true;
+        }
+        if chunked {
+            self.buf.extend_from_slice(b"\r\n");
+        }
+        if self.buf.len() >= COALESCE {
+            self.flush(io).await?;
+        }
+        Ok(())
+    }
+}
+
 /// How the rest of a response body is delimited.
 #[derive(Debug, PartialEq)]
 enum Framing {
@@ -430,24 +455,18 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     }
     let version = if parsed.version == Some(0) { Version::HTTP_10 } else { Version::HTTP_11 };
     // Where each name and value sits, so both can be taken from the frozen head.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let mut spans = [Span::default(); MAX_HEADERS];
     let count = parsed.headers.len();
     for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
-        let name = (field.name.as_ptr() as usize - base) as u32;
-        let value = (field.value.as_ptr() as usize - base) as u32;
-        *span = (name, field.name.len() as u32, value, field.value.len() as u32);
+        *span = Span::of(buf, field);
     }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     let (mut length, mut chunked, mut encoded) = (None::<u64>, false, false);
     let (mut close, mut keep_alive) = (false, false);
     let mut named = Vec::new();
-    for &(n, nl, v, vl) in &spans[..count] {
-        let (n, v) = (n as usize, v as usize);
-        let name = HeaderName::from_bytes(&head[n..n + nl as usize]).map_err(|_| Error::Malformed("invalid header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl as usize))
-            .map_err(|_| Error::Malformed("invalid header value"))?;
+    for span in &spans[..count] {
+        let (name, value) = span.field(&head).ok_or(Error::Malformed("invalid header field"))?;
         if name == header::CONTENT_LENGTH {
             let n = parse_length(value.as_bytes()).ok_or(Error::Malformed("invalid content-length"))?;
             if length.is_some_and(|l| l != n) {
@@ -506,6 +525,30 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
     *resp.version_mut() = version;
     *resp.headers_mut() = headers;
     Ok(Parsed::Final(resp, framing, reusable))
+}
+
+/// Where a header field sits in a head being parsed, so that once the head is frozen its name
+/// and value can be taken from it without copying the value.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Span {
+    name: (u32, u32),
+    value: (u32, u32),
+}
+
+impl Span {
+    /// `field` must borrow from `head`.
+    pub fn of(head: &[u8], field: &httparse::Header<'_>) -> Span {
+        let at = |s: &[u8]| ((s.as_ptr() as usize - head.as_ptr() as usize) as u32, s.len() as u32);
+        Span { name: at(field.name.as_bytes()), value: at(field.value) }
+    }
+
+    /// The field, if `http` accepts it as well as httparse did.
+    pub fn field(&self, head: &Bytes) -> Option<(HeaderName, HeaderValue)> {
+        let range = |(at, len): (u32, u32)| at as usize..(at + len) as usize;
+        let name = HeaderName::from_bytes(&head[range(self.name)]).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice(range(self.value))).ok()?;
+        Some((name, value))
+    }
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
