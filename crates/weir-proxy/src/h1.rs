@@ -545,10 +545,49 @@ impl Span {
     /// The field, if `http` accepts it as well as httparse did.
     pub fn field(&self, head: &Bytes) -> Option<(HeaderName, HeaderValue)> {
         let range = |(at, len): (u32, u32)| at as usize..(at + len) as usize;
-        let name = HeaderName::from_bytes(&head[range(self.name)]).ok()?;
+        let name = header_name(&head[range(self.name)])?;
         let value = HeaderValue::from_maybe_shared(head.slice(range(self.value))).ok()?;
         Some((name, value))
     }
+}
+
+/// Names longer than this are parsed every time.
+const CACHED_NAME: usize = 32;
+
+/// One slot of a worker's header-name cache: the bytes as they arrived, and what they parse to.
+struct CachedName {
+    len: u8,
+    raw: [u8; CACHED_NAME],
+    name: HeaderName,
+}
+
+/// `HeaderName::from_bytes`, remembered per worker: the same few spellings of the same few
+/// names arrive request after request, and a slot hit costs one comparison instead of a parse.
+/// The cache is keyed by the exact bytes, so a hit returns what parsing them would.
+pub(crate) fn header_name(raw: &[u8]) -> Option<HeaderName> {
+    const SLOTS: usize = 64;
+    thread_local! {
+        static CACHE: std::cell::RefCell<[Option<CachedName>; SLOTS]> = const { std::cell::RefCell::new([const { None }; SLOTS]) };
+    }
+    let len = raw.len();
+    if len == 0 || len > CACHED_NAME {
+        return HeaderName::from_bytes(raw).ok();
+    }
+    let slot = (len.wrapping_mul(31) ^ usize::from(raw[0]) ^ usize::from(raw[len - 1]).wrapping_mul(7) ^ usize::from(raw[len / 2]).wrapping_mul(13)) % SLOTS;
+    CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if let Some(hit) = &cache[slot]
+            && usize::from(hit.len) == len
+            && hit.raw[..len] == *raw
+        {
+            return Some(hit.name.clone());
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        let mut bytes = [0; CACHED_NAME];
+        bytes[..len].copy_from_slice(raw);
+        cache[slot] = Some(CachedName { len: len as u8, raw: bytes, name: name.clone() });
+        Some(name)
+    })
 }
 
 fn parse_length(v: &[u8]) -> Option<u64> {
@@ -756,6 +795,24 @@ impl http_body::Body for Body {
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
+
+    #[test]
+    fn cached_header_names_parse_as_http_does() {
+        let mut names: Vec<Vec<u8>> = ["Host", "host", "HOST", "Content-Length", "content-type", "X-Custom-Field", "x-custom-fielD", "Date", "ETag", "a", "", "bad name", "bad:name", "é"]
+            .iter()
+            .map(|n| n.as_bytes().to_vec())
+            .collect();
+        names.push(vec![b'x'; CACHED_NAME]);
+        names.push(vec![b'y'; CACHED_NAME + 1]);
+        // Enough distinct names of one length that many share a slot and evict one another.
+        names.extend((0..300).map(|i| format!("x-h{i:04}").into_bytes()));
+        for round in 0..3 {
+            for raw in &names {
+                let want = HeaderName::from_bytes(raw).ok();
+                assert_eq!(header_name(raw), want, "round {round}, name {:?}", String::from_utf8_lossy(raw));
+            }
+        }
+    }
     use tokio::io::AsyncReadExt;
 
     /// Runs one exchange against a scripted node: what the node reads is returned with the
