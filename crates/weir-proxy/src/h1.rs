@@ -795,6 +795,7 @@ impl http_body::Body for Body {
 mod tests {
     use super::*;
     use http_body_util::BodyExt as _;
+    use tokio::io::AsyncReadExt;
 
     #[test]
     fn cached_header_names_parse_as_http_does() {
@@ -813,7 +814,6 @@ mod tests {
             }
         }
     }
-    use tokio::io::AsyncReadExt;
 
     /// Runs one exchange against a scripted node: what the node reads is returned with the
     /// response and its body.
