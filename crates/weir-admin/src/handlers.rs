@@ -82,6 +82,10 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
     let unsupported = |m: &str| {
         reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("not supported `{m}` method for {}", target.resource.kind()))
     };
+    let _turn = match method {
+        Method::PUT | Method::POST | Method::PATCH | Method::DELETE => Some(admin.writes.lock().await),
+        _ => None,
+    };
     match method {
         Method::GET => get(admin, &target, query).await,
         Method::PUT => put(admin, &target, body).await,
@@ -460,6 +464,13 @@ async fn check_object(
     Ok(Checked { key, value: obj, references })
 }
 
+/// Waits before the next compare-and-set after another node's write won: a random pause that
+/// grows with each lost attempt (up to 64 ms), so writers contending on one key spread out.
+async fn lost_race(attempt: usize) {
+    let ceiling_ms = 1u64 << attempt.min(6);
+    tokio::time::sleep(std::time::Duration::from_micros(fastrand::u64(0..ceiling_ms * 1000))).await;
+}
+
 fn encode(value: &Map<String, Value>) -> Bytes {
     Bytes::from(serde_json::to_vec(value).expect("JSON values serialize"))
 }
@@ -475,7 +486,7 @@ fn written(key: &str, resource: Resource, value: &Map<String, Value>) -> Value {
 }
 
 async fn put(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
-    for _ in 0..CAS_ATTEMPTS {
+    for attempt in 0..CAS_ATTEMPTS {
         let Checked { key, mut value, references } =
             match check_object(admin, t, body.clone(), IdRule::Required(t.id), false).await {
                 Ok(c) => c,
@@ -501,7 +512,7 @@ async fn put(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
                 let status = if prev.is_some() { StatusCode::OK } else { StatusCode::CREATED };
                 return reply::json(status, &written(&key, t.resource, &value));
             }
-            Ok(TxnOutcome::Conflict) => continue,
+            Ok(TxnOutcome::Conflict) => lost_race(attempt).await,
             Err(e) => return reply::store_down(e),
         }
     }
@@ -512,7 +523,7 @@ async fn post(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
     if t.id.is_some() {
         return reply::error(StatusCode::BAD_REQUEST, format!("wrong {} id, do not need it", t.resource.kind()));
     }
-    for _ in 0..CAS_ATTEMPTS {
+    for attempt in 0..CAS_ATTEMPTS {
         let Checked { mut value, references, .. } =
             match check_object(admin, t, body.clone(), IdRule::Generated, false).await {
                 Ok(c) => c,
@@ -534,7 +545,7 @@ async fn post(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
         let txn = Txn { compares, ops: vec![Op::Put { key: key.clone(), value: encode(&value) }] };
         match admin.store.txn(txn).await {
             Ok(TxnOutcome::Committed { .. }) => return reply::json(StatusCode::CREATED, &written(&key, t.resource, &value)),
-            Ok(TxnOutcome::Conflict) => continue,
+            Ok(TxnOutcome::Conflict) => lost_race(attempt).await,
             Err(e) => return reply::store_down(e),
         }
     }
@@ -594,7 +605,7 @@ async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
     }
     let key = t.resource.key(&admin.prefix, t.parent, id);
     // Read, merge, check, compare-and-set; if someone else wrote in between, merge onto theirs.
-    for _ in 0..CAS_ATTEMPTS {
+    for attempt in 0..CAS_ATTEMPTS {
         let old = match admin.store.get(&key).await {
             Ok(Some(kv)) => kv,
             Ok(None) => return reply::not_found(),
@@ -623,7 +634,7 @@ async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
         let txn = Txn { compares: references, ops: vec![Op::Put { key: key.clone(), value: encode(&value) }] };
         match admin.store.txn(txn).await {
             Ok(TxnOutcome::Committed { .. }) => return reply::json(StatusCode::OK, &written(&key, t.resource, &value)),
-            Ok(TxnOutcome::Conflict) => continue,
+            Ok(TxnOutcome::Conflict) => lost_race(attempt).await,
             Err(e) => return reply::store_down(e),
         }
     }

@@ -33,6 +33,9 @@ pub struct Admin {
     /// Seals the private keys of `ssls` objects before they are stored.
     keyring: Arc<Keyring>,
     control: Option<Arc<dyn Control>>,
+    /// Writes from this node take turns, so they never race each other's compare-and-set;
+    /// the compare-and-set still guards against other nodes writing to a shared store.
+    writes: tokio::sync::Mutex<()>,
 }
 
 /// Read-only state of the running gateway served under `/v1/` on the admin listener (APISIX's
@@ -52,7 +55,7 @@ impl Admin {
         plugins: Arc<dyn PluginCatalog>,
         keyring: Arc<Keyring>,
     ) -> Admin {
-        Admin { store, prefix, keys, plugins, keyring, control: None }
+        Admin { store, prefix, keys, plugins, keyring, control: None, writes: tokio::sync::Mutex::new(()) }
     }
 
     pub fn with_control(mut self, control: Arc<dyn Control>) -> Admin {
