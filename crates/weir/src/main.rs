@@ -99,10 +99,17 @@ fn admin_keys(cfg: &Config) -> anyhow::Result<Vec<AdminKey>> {
     Ok(vec![AdminKey { name: "admin".into(), key, role: Role::Admin }])
 }
 
+/// Writes one start-up line to stdout for whoever launched Weir. The reader may have gone away
+/// (a closed pipe); that must not stop a running gateway, so write errors are ignored.
+fn announce(line: std::fmt::Arguments<'_>) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_fmt(line).and_then(|()| out.write_all(b"\n")).and_then(|()| out.flush());
+}
+
 fn generate_key(path: &Path) -> anyhow::Result<String> {
     let key = Keyring::generate_secret()[..32].to_string();
     write_secret(path, &key)?;
-    println!("weir: generated admin key {key} (kept in {}; shown only once)", path.display());
+    announce(format_args!("weir: generated admin key {key} (kept in {}; shown only once)", path.display()));
     Ok(key)
 }
 
@@ -291,7 +298,7 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         }
         if let Some(addr) = cfg.status.listen {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding status listener {addr}"))?;
-            println!("weir: status listening on http://{}", l.local_addr()?);
+            announce(format_args!("weir: status listening on http://{}", l.local_addr()?));
             let serves_traffic = role != DeployRole::ControlPlane;
             tokio::spawn(weir_proxy::status::serve(l, role.name(), serves_traffic.then(|| sync.clone())));
         }
@@ -299,12 +306,12 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         if prom.enable_export_server && role != DeployRole::ControlPlane {
             let addr = std::net::SocketAddr::new(prom.export_addr.ip, prom.export_addr.port);
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding prometheus export listener {addr}"))?;
-            println!("weir: prometheus metrics on http://{}{}", l.local_addr()?, prom.export_uri);
+            announce(format_args!("weir: prometheus metrics on http://{}{}", l.local_addr()?, prom.export_uri));
             tokio::spawn(weir_proxy::exporter::serve(l, prom.export_uri.clone()));
         }
         for (addr, tls) in &bound {
             let scheme = if *tls { "https" } else { "http" };
-            println!("weir: proxy listening on {scheme}://{addr}");
+            announce(format_args!("weir: proxy listening on {scheme}://{addr}"));
         }
         if role != DeployRole::DataPlane {
             let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
@@ -314,10 +321,9 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
             let admin = Arc::new(Admin::new(store, prefix.clone(), keys, plugins, keyring).with_control(control));
             tokio::spawn(weir_admin::serve(admin_listener, admin));
-            println!("weir: admin listening on http://{admin_addr}");
+            announce(format_args!("weir: admin listening on http://{admin_addr}"));
         }
-        println!("weir: ready ({})", role.name());
-        std::io::stdout().flush()?;
+        announce(format_args!("weir: ready ({})", role.name()));
 
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {

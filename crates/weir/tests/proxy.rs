@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Upstream, Weir, dead_port, send};
+use common::{KEY, Upstream, Weir, dead_port, send};
 use serde_json::json;
 
 fn nodes(ups: &[&Upstream]) -> serde_json::Value {
@@ -287,6 +287,57 @@ async fn generated_admin_key_and_env_override() {
     assert_eq!(r.status, 401, "the environment's key replaces the generated one");
     let r = send(w.admin, "GET", "/apisix/admin/routes", &[("x-api-key", "from-the-environment")], None).await;
     assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn a_closed_stdout_does_not_stop_weir() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("weir.yaml");
+    let (proxy, admin) = (dead_port(), dead_port());
+    std::fs::write(
+        &cfg,
+        format!(
+            "proxy:\n  listen: [\"{proxy}\"]\n  workers: 1\nadmin:\n  listen: \"{admin}\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    enable_export_server: false\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_weir"))
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Whoever launched it stops reading before Weir has said anything.
+    drop(child.stdout.take());
+    let mut up = false;
+    for _ in 0..500 {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("weir exited ({status}) when its stdout closed");
+        }
+        if tokio::net::TcpStream::connect(admin).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(up, "the admin listener never came up");
+    let r = send(admin, "PUT", "/apisix/admin/routes/1", &[("x-api-key", KEY)], Some(r#"{"uri":"/gone","upstream":{"nodes":{"127.0.0.1:1":1}}}"#)).await;
+    assert_eq!(r.status, 201);
+    let mut served = 0;
+    for _ in 0..200 {
+        served = send(proxy, "GET", "/nothing-here", &[], None).await.status;
+        if served == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(served, 404, "the proxy answers with its own 404");
+    assert!(child.try_wait().unwrap().is_none(), "weir is still running");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
 
 #[test]
