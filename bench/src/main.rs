@@ -301,13 +301,15 @@ impl Weir {
             .spawn()
             .with_context(|| format!("starting {} (cargo build --release)", args.weir.display()))?;
         let mut proc = Proc(child, "weir");
-        let out = BufReader::new(proc.0.stdout.take().expect("piped"));
-        for line in out.lines() {
-            if line?.starts_with("weir: admin listening") {
+        let mut out = BufReader::new(proc.0.stdout.take().expect("piped")).lines();
+        for line in out.by_ref() {
+            if line?.starts_with("weir: ready") {
+                // Whatever it prints later is read and dropped, so its stdout never closes.
+                std::thread::spawn(move || out.for_each(drop));
                 return Ok(Weir { proc, port, admin });
             }
         }
-        bail!("weir exited before listening")
+        bail!("weir exited before it was ready")
     }
 
     fn put(&self, path: &str, body: &str) -> anyhow::Result<()> {
@@ -320,6 +322,13 @@ impl Weir {
 
     /// From sending the PUT to the first 200 from the proxy for the new route.
     fn put_to_live(&self, changes: usize, tag: &str) -> anyhow::Result<(f64, f64)> {
+        // Each PUT waits for its write to reach the disk. Dirty pages left by whatever ran
+        // before (the build of the binary under test writes gigabytes) are flushed first, so
+        // their writeback is not timed as Weir's.
+        let synced = Command::new("sync").status()?;
+        if !synced.success() {
+            bail!("sync: {synced}");
+        }
         let mut times = Vec::with_capacity(changes);
         for i in 0..changes {
             let path = format!("/live-{tag}-{i}");
