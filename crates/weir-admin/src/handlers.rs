@@ -53,6 +53,10 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
         };
     }
     let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    // Deeper than any object may nest: refused before anything is built from it.
+    if segs.len() > schema::MAX_DEPTH {
+        return reply::error(StatusCode::BAD_REQUEST, format!("the path is deeper than {} segments", schema::MAX_DEPTH));
+    }
     if segs.is_empty() {
         return if parts.method == Method::HEAD {
             reply::empty(StatusCode::OK)
@@ -186,47 +190,73 @@ fn node(resource: Resource, kv: &KeyValue) -> Value {
     })
 }
 
-fn matches_filters(resource: Resource, value: &Value, query: &str) -> Result<bool, String> {
-    let regex_match = |field: &Value, pattern: &str| -> Result<bool, String> {
-        let re = regex::Regex::new(pattern).map_err(|e| format!("invalid filter pattern: {e}"))?;
-        Ok(field.as_str().is_some_and(|s| re.is_match(s)))
-    };
-    if let Some(name) = query_param(query, "name")
-        && !regex_match(&value["name"], &decode(name))? {
-            return Ok(false);
-        }
-    if let Some(label) = query_param(query, "label") {
-        let label = decode(label);
-        if !value["labels"].as_object().is_some_and(|l| l.contains_key(&label)) {
-            return Ok(false);
-        }
-    }
-    if let Some(uri) = query_param(query, "uri") {
-        let uri = decode(uri);
-        let mut any = regex_match(&value["uri"], &uri)?;
-        if let Some(uris) = value["uris"].as_array() {
-            for u in uris {
-                any |= regex_match(u, &uri)?;
+/// The longest filter pattern a list takes: a regex's compile cost grows with it.
+const MAX_FILTER_PATTERN: usize = 256;
+
+/// A list's `name`, `label`, `uri` and `filter` query parameters, each compiled once per
+/// request. Patterns are bounded in length and in compiled size, and the regex engine runs in
+/// time linear in the text, so no filter can stall the control plane.
+struct Filters {
+    name: Option<regex::Regex>,
+    label: Option<String>,
+    uri: Option<regex::Regex>,
+    /// `filter=service_id%3D1&...`: exact matches on the fields a resource allows.
+    exact: Vec<(String, String)>,
+}
+
+impl Filters {
+    fn parse(resource: Resource, query: &str) -> Result<Filters, String> {
+        let pattern = |raw: &str| -> Result<regex::Regex, String> {
+            let p = decode(raw);
+            if p.len() > MAX_FILTER_PATTERN {
+                return Err(format!("invalid filter pattern: longer than {MAX_FILTER_PATTERN} bytes"));
             }
-        }
-        if !any {
-            return Ok(false);
-        }
-    }
-    if let Some(filter) = query_param(query, "filter") {
-        // `filter=service_id%3D1&...`: exact matches on the fields a resource allows.
+            regex::RegexBuilder::new(&p)
+                .size_limit(1 << 20)
+                .dfa_size_limit(1 << 20)
+                .nest_limit(32)
+                .build()
+                .map_err(|e| format!("invalid filter pattern: {e}"))
+        };
         let allowed: &[&str] = if resource == Resource::Routes { &["service_id", "upstream_id"] } else { &[] };
-        for pair in decode(filter).split('&') {
-            let Some((k, want)) = pair.split_once('=') else { continue };
-            if !allowed.contains(&k) {
-                continue;
-            }
-            if value.get(k).and_then(id_text).as_deref() != Some(want) {
-                return Ok(false);
+        let exact = query_param(query, "filter")
+            .map(|f| {
+                decode(f)
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .filter(|(k, _)| allowed.contains(k))
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Filters {
+            name: query_param(query, "name").map(pattern).transpose()?,
+            label: query_param(query, "label").map(decode),
+            uri: query_param(query, "uri").map(pattern).transpose()?,
+            exact,
+        })
+    }
+
+    fn matches(&self, value: &Value) -> bool {
+        let text = |v: &Value, re: &regex::Regex| v.as_str().is_some_and(|s| re.is_match(s));
+        if let Some(re) = &self.name
+            && !text(&value["name"], re)
+        {
+            return false;
+        }
+        if let Some(label) = &self.label
+            && !value["labels"].as_object().is_some_and(|l| l.contains_key(label))
+        {
+            return false;
+        }
+        if let Some(re) = &self.uri {
+            let uris = value["uris"].as_array().into_iter().flatten();
+            if !text(&value["uri"], re) && !uris.into_iter().any(|u| text(u, re)) {
+                return false;
             }
         }
+        self.exact.iter().all(|(k, want)| value.get(k).and_then(id_text).as_deref() == Some(want))
     }
-    Ok(true)
 }
 
 async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
@@ -251,6 +281,10 @@ async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
         Ok(r) => r,
         Err(e) => return reply::store_down(e),
     };
+    let filters = match Filters::parse(t.resource, query) {
+        Ok(f) => f,
+        Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
+    };
     let mut list = Vec::new();
     for kv in kvs {
         // A consumer's credentials live under its key; they are not consumers.
@@ -258,10 +292,8 @@ async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
             continue;
         }
         let value = shown_value(t.resource, &kv);
-        match matches_filters(t.resource, &value, query) {
-            Ok(true) => list.push((kv.create_revision, node(t.resource, &kv))),
-            Ok(false) => {}
-            Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
+        if filters.matches(&value) {
+            list.push((kv.create_revision, node(t.resource, &kv)));
         }
     }
     let total = list.len();

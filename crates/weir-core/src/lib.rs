@@ -6,6 +6,7 @@
 
 pub mod expr;
 pub mod model;
+pub mod path;
 pub mod resource;
 pub mod schema;
 pub mod text;

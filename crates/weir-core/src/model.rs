@@ -8,6 +8,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
+use crate::Resource;
+
 /// Object ids are strings or positive integers in APISIX; Weir keeps them as strings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Id(pub String);
@@ -34,6 +36,39 @@ pub fn id_text(v: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
+    }
+}
+
+/// Reads `value` as the data plane will read a `resource` object, and says where and why that
+/// fails. The Admin API and the file store call it after the schema, so nothing is stored
+/// that the data plane would not apply exactly: JSON Schema's `integer` takes `1.0` or `1e2`,
+/// and a number may lie beyond what the data plane holds, but the typed read takes neither.
+pub fn check_readable(resource: Resource, value: &Value) -> Result<(), String> {
+    fn read<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), String> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path.is_empty() || path == "." {
+                    Err(format!("invalid configuration: {inner}"))
+                } else {
+                    Err(format!("invalid configuration: property \"{path}\" validation failed: {inner}"))
+                }
+            }
+        }
+    }
+    match resource {
+        Resource::Routes => read::<Route>(value),
+        Resource::Services => read::<Service>(value),
+        Resource::Upstreams => read::<Upstream>(value),
+        Resource::Ssls => read::<Ssl>(value),
+        Resource::Consumers
+        | Resource::Credentials
+        | Resource::ConsumerGroups
+        | Resource::PluginConfigs
+        | Resource::GlobalRules => read::<PluginHolder>(value),
+        Resource::PluginMetadata => Ok(()),
     }
 }
 
@@ -73,6 +108,42 @@ pub struct Route {
 
 fn one() -> i64 {
     1
+}
+
+impl Route {
+    /// What can still be matched of a stored route the data plane cannot read whole: its paths,
+    /// hosts, methods, addresses and `vars` where they have the right types, and its priority.
+    /// Such a route is served as unavailable (fail closed), so that requests meant for it never
+    /// fall through to a route with fewer plugins. `None` when not even a path is readable.
+    pub fn salvage(value: &Value) -> Option<Route> {
+        let obj = value.as_object()?;
+        let is_text = |v: &Value| v.is_string();
+        let is_list = |v: &Value| v.as_array().is_some_and(|a| a.iter().all(Value::is_string));
+        let mut keep = Map::new();
+        for (key, fits) in [
+            ("uri", &is_text as &dyn Fn(&Value) -> bool),
+            ("uris", &is_list),
+            ("host", &is_text),
+            ("hosts", &is_list),
+            ("methods", &is_list),
+            ("remote_addr", &is_text),
+            ("remote_addrs", &is_list),
+            ("name", &is_text),
+        ] {
+            if let Some(v) = obj.get(key).filter(|v| fits(v)) {
+                keep.insert(key.into(), v.clone());
+            }
+        }
+        if let Some(v) = obj.get("vars") {
+            keep.insert("vars".into(), v.clone());
+        }
+        if let Some(p) = obj.get("priority").and_then(Value::as_f64) {
+            // `as` saturates: an out-of-range priority keeps its side.
+            keep.insert("priority".into(), Value::from(p as i64));
+        }
+        let route: Route = serde_json::from_value(Value::Object(keep)).ok()?;
+        (!route.paths().is_empty()).then_some(route)
+    }
 }
 
 impl Route {

@@ -313,13 +313,40 @@ impl PluginCatalog for NoPlugins {
     }
 }
 
+/// How deeply an object's arrays and objects may nest. Real configs stay far below it; the
+/// data plane's JSON reader and every recursive walk over a config stay far within their
+/// stacks.
+pub const MAX_DEPTH: usize = 64;
+
+/// How deeply `value` nests (a scalar is 0), counted without recursion.
+pub fn depth(value: &Value) -> usize {
+    let mut deepest = 0;
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(a) => Box::new(a.iter()),
+            Value::Object(o) => Box::new(o.values()),
+            _ => continue,
+        };
+        deepest = deepest.max(d + 1);
+        stack.extend(children.map(|c| (c, d + 1)));
+    }
+    deepest
+}
+
 /// Every problem with `value` as a `resource` object, checked without the store. References to
 /// other objects are the caller's to check.
 pub fn check(resource: Resource, value: &Value, plugins: &dyn PluginCatalog) -> Result<(), Vec<String>> {
+    if depth(value) > MAX_DEPTH {
+        return Err(vec![format!("the configuration nests deeper than {MAX_DEPTH} levels")]);
+    }
     let mut errors = Vec::new();
     check_schema(resource, value, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
+    }
+    if let Err(e) = model::check_readable(resource, value) {
+        return Err(vec![e]);
     }
     match resource {
         Resource::Routes => check_route(value, &mut errors),
@@ -504,6 +531,30 @@ mod tests {
         let e = errs(Resource::Upstreams, json!({"nodes": [{"host": "a", "port": 1}]}));
         assert!(e.iter().any(|m| m.contains("weight")), "{e:?}");
         assert!(errs(Resource::Upstreams, json!({"type": "chash", "nodes": {"a:1": 1}}))[0].contains("key"));
+    }
+
+    #[test]
+    fn numbers_the_data_plane_cannot_hold_exactly_are_refused() {
+        let route = |extra: &str| -> Value {
+            serde_json::from_str(&format!(r#"{{"uri": "/a", "upstream_id": "1", {extra}}}"#)).unwrap()
+        };
+        for (extra, field) in [
+            (r#""priority": 1.0"#, "priority"),
+            (r#""priority": 1e2"#, "priority"),
+            (r#""priority": 9223372036854775808"#, "priority"),
+            (r#""status": 1.0"#, "status"),
+        ] {
+            let e = errs(Resource::Routes, route(extra));
+            assert_eq!(e.len(), 1, "{extra}: {e:?}");
+            assert!(e[0].contains(&format!("\"{field}\"")), "{extra}: {e:?}");
+        }
+        assert!(errs(Resource::Routes, route(r#""priority": -9223372036854775808"#)).is_empty());
+        let e = errs(Resource::Upstreams, serde_json::from_str(r#"{"nodes": {"127.0.0.1:80": 1.0}}"#).unwrap());
+        assert_eq!(e.len(), 1, "{e:?}");
+        let e = errs(Resource::Upstreams, serde_json::from_str(r#"{"nodes": [{"host": "a", "port": 80, "weight": 1.0}]}"#).unwrap());
+        assert_eq!(e.len(), 1, "{e:?}");
+        let e = errs(Resource::Routes, serde_json::from_str(r#"{"uri": "/", "upstream": {"nodes": {"a:1": 1}, "retries": 2.0}}"#).unwrap());
+        assert!(e[0].contains("upstream.retries"), "{e:?}");
     }
 
     #[test]

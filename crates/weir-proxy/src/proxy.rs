@@ -15,6 +15,7 @@ use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use weir_core::expr::Vars;
+use weir_core::path;
 use weir_core::text::{interpolate, ip_text};
 use weir_plugins::prometheus::COUNTERS;
 use weir_plugins::{Consumers, LogRecord, Notes, Phase, Pipeline, Ran, Reply, RequestCtx, RequestVars, ResponseCtx, filters, run_log, run_phase, run_request, run_response};
@@ -68,6 +69,27 @@ fn bad_gateway() -> Response<RespBody> {
     error_response(StatusCode::BAD_GATEWAY, r#"{"error_msg":"502 Bad Gateway"}"#)
 }
 
+fn bad_request() -> Response<RespBody> {
+    error_response(StatusCode::BAD_REQUEST, r#"{"error_msg":"400 Bad Request"}"#)
+}
+
+/// `uri` with its path replaced, its query and any scheme and authority kept.
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq).ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+/// A route (or the global rules) the data plane could not apply as stored: closed, not served
+/// without its plugins. The reason was logged when the snapshot was built.
+fn unavailable() -> Response<RespBody> {
+    error_response(StatusCode::SERVICE_UNAVAILABLE, r#"{"error_msg":"503 Service Unavailable: the route's configuration cannot be applied"}"#)
+}
+
 fn gateway_timeout() -> Response<RespBody> {
     error_response(StatusCode::GATEWAY_TIMEOUT, r#"{"error_msg":"504 Gateway Timeout"}"#)
 }
@@ -114,7 +136,27 @@ impl Proxy {
         COUNTERS.requests.fetch_add(1, Ordering::Relaxed);
         // A guard, not a clone: the snapshot is only needed until the route and its plugins ran.
         let snapshot = self.snapshot.load();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // Routes are matched, and plugins run, on the path's normal form; the upstream is sent
+        // the same. Most paths are their own normal form, which one scan tells.
+        let mut decoded = None;
+        if parts.uri.path().starts_with('/') && path::may_need_normalizing(parts.uri.path()) {
+            match path::normalize(parts.uri.path()) {
+                Ok(n) => {
+                    if n.encoded != parts.uri.path() {
+                        let Some(uri) = with_path(&parts.uri, &n.encoded) else { return bad_request() };
+                        parts.uri = uri;
+                    }
+                    if n.decoded != n.encoded {
+                        decoded = Some(n.decoded);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(path = parts.uri.path(), error = %e, "request path refused");
+                    return bad_request();
+                }
+            }
+        }
         let raw_host = parts
             .headers
             .get(header::HOST)
@@ -126,13 +168,16 @@ impl Proxy {
             let facts = RequestFacts {
                 method: parts.method.as_str(),
                 host: host.as_deref(),
-                path: parts.uri.path(),
+                path: decoded.as_deref().unwrap_or(parts.uri.path()),
                 remote: Some(conn.remote.ip()),
                 vars: &vars,
             };
             snapshot.find(&facts).cloned()
         };
         let Some(route) = route else { return not_found() };
+        if route.unavailable.is_some() || snapshot.global_unavailable.is_some() {
+            return unavailable();
+        }
         if route.plugins.is_empty() && snapshot.global.is_empty() {
             drop(snapshot);
             return self.to_upstream(&route, route.upstream.as_ref(), parts, body, conn, None, None).await;

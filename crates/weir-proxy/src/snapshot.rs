@@ -38,6 +38,9 @@ pub struct Snapshot {
     pub tls: Arc<SniTable>,
     /// Plugins of the global rules, run for every matched request before the route's.
     pub global: Arc<Pipeline>,
+    /// Why the global rules cannot be applied, when they cannot: then every matched request
+    /// answers 503 rather than run without them.
+    pub global_unavailable: Option<Arc<str>>,
     /// Consumers by credential, for the auth plugins.
     pub consumers: Arc<Consumers>,
 }
@@ -59,6 +62,7 @@ impl Snapshot {
             checked: self.checked.clone(),
             tls: self.tls.clone(),
             global: self.global.clone(),
+            global_unavailable: self.global_unavailable.clone(),
             consumers: self.consumers.clone(),
         }
     }
@@ -71,6 +75,7 @@ impl Snapshot {
             checked: Arc::default(),
             tls: Arc::default(),
             global: Arc::default(),
+            global_unavailable: None,
             consumers: Arc::default(),
         }
     }
@@ -120,6 +125,10 @@ pub struct RouteRt {
     pub timeouts: Timeouts,
     /// `enable_websocket` (the route's, else its service's): upgrades are passed through.
     pub websocket: bool,
+    /// Why the route cannot be applied as stored, when it cannot (an object the data plane
+    /// cannot read, plugins that cannot run, a missing service or plugin config): it then
+    /// answers 503 rather than serve without what it was given.
+    pub unavailable: Option<Arc<str>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -390,20 +399,21 @@ impl Source {
 
 type UpstreamCache<K> = HashMap<(Source, K), Arc<UpstreamRt>>;
 
-/// The plugins of every global rule, in one pipeline. A rule whose plugins cannot run is
-/// logged and left out.
-fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Pipeline {
+/// The plugins of every global rule, in one pipeline, or why they cannot be applied: a rule
+/// that cannot be read or whose plugins cannot run closes the gateway (every matched request
+/// answers 503) rather than let requests pass without it.
+fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Result<Pipeline, String> {
+    if let Some(id) = state.broken_global_rules.iter().next() {
+        return Err(format!("global rule {id} cannot be read"));
+    }
     let mut all = Vec::new();
     for (id, rule) in &state.global_rules {
         match ctx.registry.pipeline(&rule.plugins, &format!("global:{id}"), ctx.metadata, ctx.instances) {
             Ok(p) => all.push(p),
-            Err(e) => tracing::warn!(global_rule = %id, error = %e, "global rule has plugins that cannot run; skipped"),
+            Err(e) => return Err(format!("global rule {id} has plugins that cannot run: {e}")),
         }
     }
-    Pipeline::join(all).unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "global rules have too many plugins; none run");
-        Pipeline::default()
-    })
+    Pipeline::join(all).map_err(|e| format!("global rules cannot run together: {e}"))
 }
 
 /// Consumers by the credentials they and their credential objects hold, and the plugins each
@@ -541,7 +551,13 @@ impl Builder {
             .into_iter()
             .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry))
             .collect();
-        let global = global_pipeline(state, &mut ctx);
+        let (global, global_unavailable) = match global_pipeline(state, &mut ctx) {
+            Ok(p) => (p, None),
+            Err(why) => {
+                tracing::error!(reason = %why, "global rules cannot be applied; every request answers 503 until they are fixed");
+                (Pipeline::default(), Some(why.into()))
+            }
+        };
         let consumers = consumers(state, &mut ctx);
         self.instances.finish();
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
@@ -563,6 +579,7 @@ impl Builder {
             checked,
             tls,
             global: Arc::new(global),
+            global_unavailable,
             consumers: Arc::new(consumers),
         };
         self.last = Some(snapshot.shallow_clone());
@@ -673,9 +690,15 @@ fn split_upstreams<'s>(
     out
 }
 
+/// Marks a route unavailable for `why` (the first reason found is kept), and says so.
+fn fail(broken: &mut Option<String>, id: &str, why: String) {
+    tracing::error!(route = %id, reason = %why, "route cannot be applied; it answers 503 until it is fixed");
+    broken.get_or_insert(why);
+}
+
 /// One route compiled for the router: service merged in, upstream runtime resolved (from
-/// `previous` when unchanged), timeouts decided. `None` when the route cannot be served (its
-/// `vars` do not compile).
+/// `previous` when unchanged), timeouts decided. A route that cannot be applied as stored is
+/// still matched, as [`RouteRt::unavailable`], so its requests never reach another route.
 fn route_spec<'s>(
     state: &'s ConfigState,
     ctx: &mut Ctx<'_>,
@@ -685,7 +708,19 @@ fn route_spec<'s>(
     entry: &'s Entry<model::Route>,
 ) -> Option<RouteSpec<Arc<RouteRt>>> {
     let route = &entry.value;
+    let mut broken: Option<String> = entry.broken.as_deref().map(str::to_string);
     let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
+    if let Some(sid) = &route.service_id
+        && service.is_none()
+    {
+        fail(&mut broken, id, format!("service {sid} is missing or cannot be read"));
+    }
+    let plugin_config = route.plugin_config_id.as_ref().and_then(|p| state.plugin_configs.get(&p.0));
+    if let Some(pid) = &route.plugin_config_id
+        && plugin_config.is_none()
+    {
+        fail(&mut broken, id, format!("plugin config {pid} is missing or cannot be read"));
+    }
     let upstream = if let Some(up) = &route.upstream {
         Some(reuse_or_build(next, previous, ctx, Source::Route, Cow::Borrowed(id), up))
     } else if let Some(uid) = &route.upstream_id {
@@ -712,26 +747,32 @@ fn route_spec<'s>(
         .map(|h| h.into_iter().map(str::to_string).collect())
         .or_else(|| service.and_then(|s| s.hosts.clone()));
     let remote_addrs = route.remote_addr_list().map(|addrs| addrs.into_iter().filter_map(model::parse_ip_net).collect());
+    // Without its `vars`, a broken route matches more widely: closed for more requests, never
+    // open for any it was meant to guard.
     let vars = match route.vars.as_ref().map(Expr::compile) {
         Some(Ok(e)) => Some(e),
         Some(Err(e)) => {
-            tracing::warn!(route = %id, error = %e, "route has an invalid vars expression; skipped");
-            return None;
+            fail(&mut broken, id, format!("invalid vars expression: {e}"));
+            None
         }
         None => None,
     };
     // Precedence: the route's own plugins, then its plugin config's, then its service's.
     let mut merged = service.and_then(|s| s.plugins.clone()).unwrap_or_default();
-    if let Some(pc) = route.plugin_config_id.as_ref().and_then(|p| state.plugin_configs.get(&p.0)) {
+    if let Some(pc) = plugin_config {
         merged.extend(pc.plugins.clone());
     }
     merged.extend(route.plugins.clone().unwrap_or_default());
-    let alternatives = merged.get("traffic-split").map(|ts| split_upstreams(state, ctx, next, previous, id, ts)).unwrap_or_default();
-    let plugins = match ctx.registry.pipeline(&merged, &format!("route:{id}"), ctx.metadata, ctx.instances) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::warn!(route = %id, error = %e, "route has plugins that cannot run; skipped");
-            return None;
+    let (plugins, upstream, alternatives) = if broken.is_some() {
+        (Pipeline::default(), None, Vec::new())
+    } else {
+        let alternatives = merged.get("traffic-split").map(|ts| split_upstreams(state, ctx, next, previous, id, ts)).unwrap_or_default();
+        match ctx.registry.pipeline(&merged, &format!("route:{id}"), ctx.metadata, ctx.instances) {
+            Ok(p) => (p, upstream, alternatives),
+            Err(e) => {
+                fail(&mut broken, id, format!("plugins cannot run: {e}"));
+                (Pipeline::default(), None, Vec::new())
+            }
         }
     };
     let paths: Vec<String> = route.paths().into_iter().map(str::to_string).collect();
@@ -749,6 +790,7 @@ fn route_spec<'s>(
             alternatives,
             timeouts,
             websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
+            unavailable: broken.map(Into::into),
         }),
         paths,
         hosts,

@@ -1,7 +1,8 @@
 //! The config as the data plane last read it from the store: typed objects by resource and id.
 //! It changes only by applying store events; a snapshot is compiled from it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use weir_core::Resource;
@@ -19,6 +20,9 @@ pub struct ConfigState {
     pub ssls: BTreeMap<String, Ssl>,
     pub plugin_configs: BTreeMap<String, PluginHolder>,
     pub global_rules: BTreeMap<String, PluginHolder>,
+    /// Global rules in the store that cannot be read: while there are any, no request is
+    /// served without the plugins they may hold (fail closed).
+    pub broken_global_rules: BTreeSet<String>,
     /// By username.
     pub consumers: BTreeMap<String, PluginHolder>,
     /// By `{username}/credentials/{id}`.
@@ -33,6 +37,9 @@ pub struct ConfigState {
 pub struct Entry<T> {
     pub created: i64,
     pub value: T,
+    /// Why the stored object could not be read whole, when it could not: the route is then
+    /// matched by what could be read of it and answers 503 (fail closed).
+    pub broken: Option<Arc<str>>,
 }
 
 fn parse<T: DeserializeOwned>(kv: &KeyValue) -> Option<T> {
@@ -41,6 +48,33 @@ fn parse<T: DeserializeOwned>(kv: &KeyValue) -> Option<T> {
         Err(e) => {
             // Validated objects always parse; this is a store written by something else.
             tracing::warn!(key = %kv.key, error = %e, "skipping an object the data plane cannot read");
+            None
+        }
+    }
+}
+
+/// A stored route; one that cannot be read whole is kept by what can be matched of it,
+/// marked broken, so that it answers 503 rather than letting its requests reach another route.
+fn read_route(kv: &KeyValue) -> Option<Entry<Route>> {
+    let created = kv.create_revision;
+    let value = match serde_json::from_slice::<serde_json::Value>(&kv.value) {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::error!(key = %kv.key, error = %e, "route is not JSON; it cannot be matched and is left out");
+            return None;
+        }
+    };
+    let error = match serde_json::from_value::<Route>(value.clone()) {
+        Ok(value) => return Some(Entry { created, value, broken: None }),
+        Err(e) => e,
+    };
+    match Route::salvage(&value) {
+        Some(route) => {
+            tracing::error!(key = %kv.key, error = %error, "route cannot be applied; it answers 503 until it is fixed");
+            Some(Entry { created, value: route, broken: Some(error.to_string().into()) })
+        }
+        None => {
+            tracing::error!(key = %kv.key, error = %error, "route cannot be read, not even its paths; it is left out");
             None
         }
     }
@@ -90,14 +124,22 @@ impl ConfigState {
         let id = id.to_string();
         match resource {
             Resource::Routes => {
-                let entry = parse(kv).map(|value| Entry { created: kv.create_revision, value });
+                let entry = read_route(kv);
                 upsert(&mut self.routes, id, entry);
             }
             Resource::Services => upsert(&mut self.services, id, parse(kv)),
             Resource::Upstreams => upsert(&mut self.upstreams, id, parse(kv)),
             Resource::Ssls => upsert(&mut self.ssls, id, parse(kv)),
             Resource::PluginConfigs => upsert(&mut self.plugin_configs, id, parse(kv)),
-            Resource::GlobalRules => upsert(&mut self.global_rules, id, parse(kv)),
+            Resource::GlobalRules => {
+                let rule = parse(kv);
+                if rule.is_some() {
+                    self.broken_global_rules.remove(&id);
+                } else {
+                    self.broken_global_rules.insert(id.clone());
+                }
+                upsert(&mut self.global_rules, id, rule)
+            }
             Resource::Consumers => upsert(&mut self.consumers, id, parse(kv)),
             Resource::Credentials => upsert(&mut self.credentials, id, parse(kv)),
             Resource::ConsumerGroups => upsert(&mut self.consumer_groups, id, parse(kv)),
@@ -114,7 +156,10 @@ impl ConfigState {
             Resource::Upstreams => self.upstreams.remove(id).is_some(),
             Resource::Ssls => self.ssls.remove(id).is_some(),
             Resource::PluginConfigs => self.plugin_configs.remove(id).is_some(),
-            Resource::GlobalRules => self.global_rules.remove(id).is_some(),
+            Resource::GlobalRules => {
+                let broken = self.broken_global_rules.remove(id);
+                self.global_rules.remove(id).is_some() || broken
+            }
             Resource::Consumers => {
                 // A consumer's credentials go with it.
                 let prefix = format!("{id}/credentials/");
