@@ -196,3 +196,34 @@ async fn the_normal_form_of_a_path_is_what_the_upstream_gets() {
         assert_eq!(status, 400, "{bad}: {body}");
     }
 }
+
+#[tokio::test]
+async fn deep_or_costly_admin_input_is_refused_and_weir_stays_up() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    put(&w, "/routes/1", json!({"uri": "/r", "labels": {"a": "b"}, "upstream": {"nodes": {up.node(): 1}}})).await;
+    // A sub-path of 16,000 segments once overflowed the control thread's stack.
+    let deep = format!("/routes/1/labels{}", "/a".repeat(16_000));
+    let (s, b) = w.admin("PATCH", &deep, Some(json!("x"))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error_msg"].as_str().unwrap().contains("deeper"), "{b}");
+    // A body nested deeper than any config may be.
+    let mut nested = json!("x");
+    for _ in 0..100 {
+        nested = json!({"a": nested});
+    }
+    let (s, b) = w.admin("PATCH", "/routes/1", Some(json!({"labels": nested}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error_msg"].as_str().unwrap().contains("deeper"), "{b}");
+    // A list filter whose regex would compile huge, or is simply too long.
+    let (s, b) = w.admin("GET", "/routes?name=(a%7B1000%7D)%7B1000%7D", None).await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = w.admin("GET", &format!("/routes?name={}", "a".repeat(300)), None).await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = w.admin("GET", "/routes?name=%5E%24", None).await;
+    assert_eq!((s, b["total"].clone()), (200, json!(0)), "{b}");
+    // Still up, still serving, still writable.
+    let (s, b) = w.admin("PATCH", "/routes/1/labels/a", Some(json!("c"))).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(w.get("/r", &[]).await.status, 200);
+}
