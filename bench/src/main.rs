@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 
+mod soak;
+
 #[derive(Parser)]
 #[command(about = "Benchmark Weir against nginx on this machine")]
 struct Args {
@@ -42,6 +44,10 @@ struct Args {
     /// Rounds of (nginx, weir, weir with many routes), interleaved; medians are reported.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Instead of the comparison, a soak of this many seconds: mixed traffic through one Weir
+    /// while its config churns, reporting its memory over time and every unexpected answer.
+    #[arg(long)]
+    soak: Option<u64>,
 }
 
 const ORIGIN_PORT: u16 = 18080;
@@ -390,6 +396,9 @@ fn median_result(rs: &[WrkResult]) -> WrkResult {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(secs) = args.soak {
+        return soak::run(&args, secs);
+    }
     let dir = tempfile_dir()?;
     let other = other_cores(args.proxy_core);
     let proxy_core = args.proxy_core.to_string();

@@ -51,9 +51,9 @@ pub fn check_readable(resource: Resource, value: &Value) -> Result<(), String> {
                 let path = e.path().to_string();
                 let inner = e.into_inner();
                 if path.is_empty() || path == "." {
-                    Err(format!("invalid configuration: {inner}"))
+                    Err(inner.to_string())
                 } else {
-                    Err(format!("invalid configuration: property \"{path}\" validation failed: {inner}"))
+                    Err(format!("property \"{path}\" validation failed: {inner}"))
                 }
             }
         }

@@ -345,9 +345,6 @@ pub fn check(resource: Resource, value: &Value, plugins: &dyn PluginCatalog) -> 
     if !errors.is_empty() {
         return Err(errors);
     }
-    if let Err(e) = model::check_readable(resource, value) {
-        return Err(vec![e]);
-    }
     match resource {
         Resource::Routes => check_route(value, &mut errors),
         Resource::Upstreams => check_upstream("", value, &mut errors),
@@ -407,6 +404,12 @@ pub fn check(resource: Resource, value: &Value, plugins: &dyn PluginCatalog) -> 
                 }
             }
         }
+    }
+    // Last, once everything else holds: the data plane's own read of the object.
+    if errors.is_empty()
+        && let Err(e) = model::check_readable(resource, value)
+    {
+        errors.push(e);
     }
     if errors.is_empty() { Ok(()) } else { Err(errors) }
 }
