@@ -101,7 +101,7 @@ pub fn run(args: &Args, secs: u64) -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {
                 let n = i % 50;
                 call("PUT", &format!("routes/churn-{n}"), Some(&format!("{{\"uri\":\"/churn/{i}/*\",\"upstream_id\":\"origin\",\"plugins\":{{\"limit-count\":{{\"count\":100,\"time_window\":{}}}}}}}", 1 + n)));
-                if i % 3 == 0 {
+                if i.is_multiple_of(3) {
                     call("PATCH", "upstreams/origin", Some(&format!("{{\"retries\":{}}}", i % 3)));
                 }
                 // A consumer comes and goes every second: put, then deleted half a second later.
@@ -112,7 +112,7 @@ pub fn run(args: &Args, secs: u64) -> anyhow::Result<()> {
                     _ => 0,
                 };
                 // Routes are deleted too; each comes back 25 steps later.
-                if i % 7 == 0 && i >= 50 {
+                if i.is_multiple_of(7) && i >= 50 {
                     call("DELETE", &format!("routes/churn-{}", (i + 25) % 50), None);
                 }
                 i += 1;
