@@ -54,6 +54,9 @@ fn header_list(v: Option<&Value>) -> Result<Vec<(HeaderName, String)>, String> {
                 Value::String(s) => s.clone(),
                 other => other.to_string(),
             };
+            if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(format!("header {k}: a value must not hold CR, LF or NUL"));
+            }
             Ok((name, value))
         })
         .collect()
@@ -61,6 +64,17 @@ fn header_list(v: Option<&Value>) -> Result<Vec<(HeaderName, String)>, String> {
 
 fn build(conf: &Value) -> Result<ProxyRewrite, String> {
     let text = |k: &str| conf.get(k).and_then(Value::as_str).map(str::to_string);
+    // What is written into the request line or a header field may not end it early.
+    for key in ["uri", "regex_uri"] {
+        let values: Vec<&str> = match conf.get(key) {
+            Some(Value::String(s)) => vec![s.as_str()],
+            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+            _ => Vec::new(),
+        };
+        if values.iter().any(|v| v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)) {
+            return Err(format!("{key}: must not hold CR, LF or NUL"));
+        }
+    }
     let mut regex_uri = Vec::new();
     if let Some(list) = conf.get("regex_uri").and_then(Value::as_array) {
         if list.len() % 2 != 0 {

@@ -227,3 +227,21 @@ async fn deep_or_costly_admin_input_is_refused_and_weir_stays_up() {
     assert_eq!(s, 200, "{b}");
     assert_eq!(w.get("/r", &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn proxy_rewrite_values_cannot_split_a_request() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+    for conf in [
+        json!({"headers": {"set": {"X-A": "a\r\nX-Injected: 1"}}}),
+        json!({"headers": {"add": {"X-A": "a\nb"}}}),
+        json!({"headers": {"X-A": "a\rb"}}),
+        json!({"uri": "/a\r\nHost: evil"}),
+        json!({"regex_uri": ["^/(.*)", "/$1\r\nX: y"]}),
+    ] {
+        let (s, b) = w.admin("PUT", "/routes/r", Some(json!({"uri": "/r", "plugins": {"proxy-rewrite": conf}, "upstream": {"nodes": {up.node(): 1}}}))).await;
+        assert_eq!(s, 400, "{conf}: {b}");
+        assert!(b["error_msg"].as_str().unwrap().contains("proxy-rewrite"), "{b}");
+    }
+    assert_eq!(w.admin("GET", "/routes/r", None).await.0, 404, "nothing was stored");
+}
