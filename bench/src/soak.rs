@@ -48,6 +48,33 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Opens idle keep-alive connections (each has served one request) and prints what each costs
+/// Weir in resident memory; they are closed again before the soak.
+fn idle_cost(port: u16, pid: u32) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    const IDLE: usize = 2000;
+    let before = rss_kib(pid);
+    let mut open = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(b"GET /svc/idle HTTP/1.1\r\nHost: soak\r\n\r\n")?;
+        let mut got = [0u8; 1024];
+        let n = s.read(&mut got)?;
+        if !got[..n].starts_with(b"HTTP/1.1 200") {
+            bail!("idle connection setup: {}", String::from_utf8_lossy(&got[..n]));
+        }
+        open.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(pid);
+    println!(
+        "{IDLE} idle keep-alive connections: rss {before} -> {after} KiB, {:.1} KiB each",
+        after.saturating_sub(before) as f64 / IDLE as f64
+    );
+    drop(open);
+    Ok(())
+}
+
 pub fn run(args: &Args, secs: u64) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let other = other_cores(args.proxy_core);
@@ -80,6 +107,8 @@ pub fn run(args: &Args, secs: u64) -> anyhow::Result<()> {
     if !warm.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&warm.stderr));
     }
+
+    idle_cost(w.port, pid)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (changes, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
