@@ -292,7 +292,9 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             // Serve nothing until the stored config is live, so a restart never answers 404 for
             // routes that exist.
             loaded.wait_for(|l| *l).await.context("config loader stopped")?;
-            let proxy = Arc::new(Proxy::new(snapshot.clone()).with_fallback_sni(cfg.proxy.tls_fallback_sni.clone()));
+            let proxy = Arc::new(Proxy::new(snapshot.clone())
+                .with_fallback_sni(cfg.proxy.tls_fallback_sni.clone())
+                .with_limits(cfg.proxy.limits()));
             bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)
                 .context("binding proxy listeners")?;
         }
