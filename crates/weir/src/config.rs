@@ -215,11 +215,20 @@ pub struct AdminConfig {
     /// APISIX-style admin keys. With none, a key is generated on first start and kept with the
     /// data.
     pub keys: Vec<AdminKey>,
+    /// Seconds a client may take to send a request head, or to start the next one on an open
+    /// connection.
+    pub client_header_timeout: f64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9180)), keys: Vec::new() }
+        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9180)), keys: Vec::new(), client_header_timeout: 60.0 }
+    }
+}
+
+impl AdminConfig {
+    pub fn header_timeout(&self) -> std::time::Duration {
+        std::time::Duration::try_from_secs_f64(self.client_header_timeout).unwrap_or(std::time::Duration::from_secs(60))
     }
 }
 
@@ -298,6 +307,10 @@ impl Config {
             errors.push("proxy.listen: at least one address is needed".to_string());
         }
         self.proxy.check(&mut errors);
+        let t = self.admin.client_header_timeout;
+        if !(t > 0.0 && t <= 86_400.0) {
+            errors.push(format!("admin.client_header_timeout: {t} must be more than 0 and at most 86400 seconds"));
+        }
         let prefix = self.store.key_prefix();
         if !prefix.starts_with('/') || prefix.ends_with('/') {
             errors.push(format!("store.prefix: \"{prefix}\" must start with / and not end with /"));

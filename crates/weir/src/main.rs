@@ -322,7 +322,7 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             let admin_addr = admin_listener.local_addr()?;
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
             let admin = Arc::new(Admin::new(store, prefix.clone(), keys, plugins, keyring).with_control(control));
-            tokio::spawn(weir_admin::serve(admin_listener, admin));
+            tokio::spawn(weir_admin::serve(admin_listener, admin, cfg.admin.header_timeout()));
             announce(format_args!("weir: admin listening on http://{admin_addr}"));
         }
         announce(format_args!("weir: ready ({})", role.name()));

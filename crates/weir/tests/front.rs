@@ -442,3 +442,18 @@ async fn each_upstream_phase_has_its_own_timeout() {
     assert_eq!(r.status, 504);
     assert!(took >= Duration::from_millis(1900) && took < Duration::from_millis(2700), "the read phase is bounded by read alone: {took:?}");
 }
+
+#[tokio::test]
+async fn the_admin_listener_bounds_heads_and_their_time() {
+    let w = Weir::start_with(tempfile::tempdir().unwrap(), "", "  client_header_timeout: 1\n");
+    let big = format!("GET /apisix/admin/routes HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n", "v".repeat(40 * 1024));
+    let (resp, closed) = raw(w.admin, big.as_bytes()).await;
+    assert_eq!((status_of(&resp), closed), (431, true), "{resp}");
+    // A head that never ends is dropped at the timeout, and others are served meanwhile.
+    let mut slow = TcpStream::connect(w.admin).await.unwrap();
+    slow.write_all(b"GET /apisix/admin/routes HTTP/1.1\r\nHost: a\r\n").await.unwrap();
+    let started = Instant::now();
+    assert_eq!(w.admin("GET", "/routes", None).await.0, 200);
+    let (_, closed) = read_to_close(&mut slow, Duration::from_secs(5)).await;
+    assert!(closed && started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+}
