@@ -148,8 +148,9 @@ pub struct ProxyConfig {
     /// (and a warning logged). Keep it under the process's open-file limit, which upstream
     /// connections share.
     pub max_connections: usize,
-    /// Addresses or CIDRs of proxies in front of Weir whose `X-Forwarded-*` and `X-Real-IP`
-    /// fields are believed; every other client's are replaced (APISIX's `trusted_addresses`).
+    /// Addresses or CIDRs of proxies in front of Weir whose `X-Forwarded-*` fields are kept
+    /// (`X-Forwarded-For` appended to); every other client's are replaced (APISIX's
+    /// `trusted_addresses`).
     pub trusted_addresses: Vec<String>,
 }
 
