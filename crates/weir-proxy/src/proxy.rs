@@ -100,6 +100,8 @@ enum SendError {
     Connect(Box<Request<ReqBody>>, ConnectError),
     Timeout,
     Upstream(crate::body::BoxError),
+    /// The client's body broke off or stalled: the client's fault, not the node's.
+    Client(crate::body::BoxError),
 }
 
 impl Proxy {
@@ -607,6 +609,14 @@ async fn forward(
                 }
                 return gateway_timeout();
             }
+            Err(SendError::Client(e)) => {
+                tracing::debug!(error = %e, "client request body failed");
+                return if e.is::<crate::body::BodyTimeout>() {
+                    error_response(StatusCode::REQUEST_TIMEOUT, r#"{"error_msg":"408 Request Timeout"}"#)
+                } else {
+                    error_response(StatusCode::BAD_REQUEST, r#"{"error_msg":"400 Bad Request"}"#)
+                };
+            }
             Err(SendError::Upstream(e)) => {
                 tracing::warn!(node = %node.authority, error = %e, "upstream request failed");
                 if let Some(p) = &upstream.passive {
@@ -712,6 +722,7 @@ async fn send(
             Sender::H1(conn) => match conn.send(req, lease.reused, hop, timeouts).await {
                 Ok(resp) => return Ok((resp.map(Received::H1), lease)),
                 Err(h1::Failed { error: h1::Error::Timeout, .. }) => return Err(SendError::Timeout),
+                Err(h1::Failed { error: h1::Error::RequestBody(e), .. }) => return Err(SendError::Client(e)),
                 // A reused connection the node had closed: the next one, or a fresh one.
                 Err(h1::Failed { request: Some(back), .. }) if lease.reused => req = back,
                 // Nothing reached the node: another node may take it.

@@ -382,6 +382,7 @@ async fn a_body_that_stops_arriving_ends_after_the_body_timeout() {
     let started = Instant::now();
     let (resp, closed) = read_to_close(&mut s, Duration::from_secs(8)).await;
     assert!(closed, "still waiting for the body after {:?}: {resp}", started.elapsed());
+    assert_eq!(status_of(&resp), 408, "the client's stall is not the node's failure: {resp}");
     assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     // A chunked body that stops while it is read ahead gets its answer.
     let mut s = TcpStream::connect(w.proxy).await.unwrap();
