@@ -331,6 +331,22 @@ async fn idle_connections_close_after_the_keepalive_timeout() {
     assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(3), "{waited:?}");
 }
 
+#[tokio::test]
+async fn silent_connections_close_after_the_header_timeout() {
+    let w = Weir::start_with(tempfile::tempdir().unwrap(), "  client_header_timeout: 1\n", "");
+    let started = Instant::now();
+    let mut silent: Vec<TcpStream> = Vec::new();
+    for _ in 0..50 {
+        silent.push(TcpStream::connect(w.proxy).await.unwrap());
+    }
+    for s in &mut silent {
+        let (rest, closed) = read_to_close(s, Duration::from_secs(5)).await;
+        assert!(closed && rest.is_empty(), "{rest}");
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(3), "{waited:?}");
+}
+
 /// A node that answers every request with an endless chunked body, counting connections.
 async fn endless_node() -> (SocketAddr, Arc<AtomicUsize>) {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
