@@ -115,6 +115,18 @@ async fn ambiguous_or_unknown_framing_is_refused_before_the_upstream() {
     let (resp, closed) = read_to_close(&mut s, Duration::from_secs(5)).await;
     assert_eq!((status_of(&resp), closed), (501, true), "{resp}");
     assert_eq!(up.hits.load(Ordering::SeqCst), before + 2);
+
+    // There hyper reads Content-Length beside Transfer-Encoding as chunked and closes after
+    // it: what follows the chunked body is never read as another request.
+    let mut s = TcpStream::connect(w.proxy).await.unwrap();
+    s.write_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi").await.unwrap();
+    assert_eq!(status_of(&read_response(&mut s).await), 200);
+    s.write_all(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (resp, closed) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!(closed && resp.matches("HTTP/1.1 ").count() == 1 && !resp.contains("smuggled"), "{resp}");
+    assert_eq!(up.hits.load(Ordering::SeqCst), before + 4, "the smuggled request never reached the node");
 }
 
 #[tokio::test]
