@@ -7,7 +7,7 @@
 //! Rows: the origin served directly (the ceiling), nginx as a reverse proxy, Weir with one route,
 //! Weir with 10,000 routes, Weir with key-auth, limit-count and prometheus on the route, both proxies over HTTPS (wrk, keep-alive) and over HTTP/2 with TLS
 //! (h2load, 10 streams per connection), and the time from an Admin API PUT to the first request
-//! served by the new route.
+//! served by the new route, and the memory an idle keep-alive client connection costs each proxy.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -158,6 +158,45 @@ fn cpu_seconds(pid: u32) -> f64 {
             (ut + st) / ticks
         })
         .sum()
+}
+
+/// Resident memory of a process and its children (nginx's workers), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let mut pids = vec![pid];
+    if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        pids.extend(children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()));
+    }
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()))
+        .sum()
+}
+
+/// What one idle keep-alive client connection costs a proxy: `n` connections each serve one
+/// request and then stay open; the proxy's resident memory before and after, per connection,
+/// in KiB.
+fn idle_cost(port: u16, pid: u32, n: usize, path: &str) -> anyhow::Result<f64> {
+    let before = rss_kib(pid);
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: bench.local\r\n\r\n")?;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        // The origin's answer ends with its body's newline.
+        while !(got.windows(4).any(|w| w == b"\r\n\r\n") && got.ends_with(b"\n") && !got.ends_with(b"\r\n")) {
+            let k = s.read(&mut buf)?;
+            if k == 0 {
+                bail!("connection closed before the response on port {port}");
+            }
+            got.extend_from_slice(&buf[..k]);
+        }
+        open.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = rss_kib(pid);
+    drop(open);
+    Ok(after.saturating_sub(before) as f64 / n as f64)
 }
 
 fn parse_ms(s: &str) -> Option<f64> {
@@ -537,6 +576,11 @@ fn main() -> anyhow::Result<()> {
     if let (Some(m), Some(o)) = (many.cpu_us, one.cpu_us) {
         println!("{} routes vs 1 route: {:+.1}% CPU per request", args.routes, (m / o - 1.0) * 100.0);
     }
+    // Idle connections last: they stay counted in the allocators of both proxies afterwards.
+    let idle = 2000;
+    let nginx_idle = idle_cost(NGINX_PROXY_PORT, nginx_pid, idle, target)?;
+    let weir_idle = idle_cost(small.port, small_pid, idle, target)?;
+    println!("memory per idle keep-alive connection ({idle} open): nginx {nginx_idle:.1} KiB, weir {weir_idle:.1} KiB");
     println!("{live_small}");
     println!("PUT-to-live over {} changes ({} routes): p50 {p50k:.2} ms, p99 {p99k:.2} ms", args.changes, args.routes);
     drop((small, large));

@@ -125,7 +125,12 @@ async fn drain<B: http_body::Body + Unpin>(mut body: B) {
 }
 
 /// Serves the Admin API on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
+/// The largest request head the Admin API reads (as the proxy's).
+const MAX_HEAD: usize = 32 * 1024;
+
+/// Serves the Admin API. A client has `header_timeout` to send each request head (and to send
+/// the next one on an open connection); a head past 32 KiB is answered with 431.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, header_timeout: std::time::Duration) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -141,7 +146,13 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(admin.handle(req).await) }
             });
-            if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_buf_size(MAX_HEAD)
+                .max_header_size(MAX_HEAD);
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });

@@ -7,53 +7,141 @@
 //! recognize (one with a body, a WebSocket handshake, HTTP/1.0, the HTTP/2 preface, or a head
 //! that does not parse) hands the connection, with every byte already read, to hyper's server
 //! for the rest of its life, so anything unusual gets hyper's full handling and its errors.
+//!
+//! Bounds, as nginx's defaults: a head line may be 8 KiB and a head 32 KiB (431, or 414 for the
+//! request line); a head must arrive within `header_timeout` of its first byte, the next
+//! request within `keepalive_timeout`; a client that stops reading its response for
+//! `send_timeout`, or stops sending its body for `body_timeout`, loses the connection. Framing
+//! that could be read two ways (Content-Length with Transfer-Encoding) is refused with 400 and
+//! the connection closed, a transfer coding other than `chunked` with 501, a request without
+//! exactly one Host with 400. hyper's server gets the same bounds for the requests it serves.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
+use std::future::{Future, poll_fn};
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use ipnet::IpNet;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::{Instant, Sleep};
 
-use crate::body::{ReqBody, RespBody};
+use crate::body::{ClientBody, ReqBody, RespBody};
 use crate::h1::{Outbox, Span};
-use crate::proxy::{ConnInfo, Proxy};
+use crate::hop;
+use crate::proxy::{ConnInfo, Proxy, error_response};
 
 const MAX_HEADERS: usize = 100;
-/// A head still incomplete past this goes to hyper, which answers it.
-const MAX_HEAD: usize = 16 * 1024;
+/// The longest line of a request head, CRLF included (nginx: `large_client_header_buffers 4 8k`).
+pub const MAX_LINE: usize = 8 * 1024;
+/// The largest request head.
+pub const MAX_HEAD: usize = 32 * 1024;
+/// A chunked request body is read this far before anything goes upstream, so a malformed one
+/// is answered with 400 here; a small one goes out whole, with its length.
+const READ_AHEAD: usize = 64 * 1024;
+
+/// Timeouts and limits of client connections (`proxy` in the process config).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// From a head's first byte to its end (nginx's `client_header_timeout`).
+    pub header_timeout: Duration,
+    /// Waiting for the next request on an open connection.
+    pub keepalive_timeout: Duration,
+    /// Between two reads of a request body.
+    pub body_timeout: Duration,
+    /// Between two writes of a response the client does not read.
+    pub send_timeout: Duration,
+    /// Client connections open at once, over all workers; more are closed as they come.
+    pub max_connections: usize,
+    /// Peers whose `X-Forwarded-*` fields are kept; every other client's are replaced.
+    pub trusted: Vec<IpNet>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let minute = Duration::from_secs(60);
+        Limits {
+            header_timeout: minute,
+            keepalive_timeout: minute,
+            body_timeout: minute,
+            send_timeout: minute,
+            max_connections: 10_000,
+            trusted: Vec::new(),
+        }
+    }
+}
+
+impl Limits {
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+}
 
 /// Serves one client connection until it closes.
-pub async fn serve<I>(mut io: I, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
+pub async fn serve<I>(io: I, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let (header_timeout, keepalive_timeout) = (proxy.limits.header_timeout, proxy.limits.keepalive_timeout);
+    let mut io = Timed::new(io, proxy.limits.send_timeout);
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
+    // The first request has the head's time from the connection's start.
+    let mut wait = header_timeout;
     loop {
+        let mut arriving = Arriving::default();
+        // The timer is set only once a read has to wait, for `wait` from then.
+        let mut armed = false;
         let req = loop {
             if !buf.is_empty() {
-                match parse(&mut buf) {
+                // Once a head is known to be partial, it is parsed again only when a line ended.
+                let worth = match arriving.seen {
+                    0 => Ok(true),
+                    _ => arriving.look(&buf),
+                };
+                let parsed = match worth {
+                    Ok(true) => parse(&mut buf),
+                    Ok(false) => Parsed::Partial,
+                    Err(status) => Parsed::Reject(status),
+                };
+                match parsed {
                     Parsed::Simple(req) => break req,
-                    Parsed::Partial if buf.len() <= MAX_HEAD => {}
-                    Parsed::Partial | Parsed::Other => return hand_over(io, buf.freeze(), info, proxy).await,
+                    Parsed::Partial if arriving.seen == 0 => {
+                        if let Err(status) = arriving.look(&buf) {
+                            drop(buf);
+                            return reject(io, status, &mut out).await;
+                        }
+                        // The head's own time starts with its first bytes.
+                        wait = header_timeout;
+                        armed = false;
+                    }
+                    Parsed::Partial => {}
+                    Parsed::Reject(status) => {
+                        drop(buf);
+                        return reject(io, status, &mut out).await;
+                    }
+                    Parsed::Other => return hand_over(io, buf.freeze(), info, proxy).await,
                 }
             }
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(4096);
             }
-            match std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf)).await {
-                // A close between requests is the normal end; mid-head it is the client's loss.
+            match poll_fn(|cx| io.poll_read_within(cx, &mut buf, &mut armed, wait)).await {
+                // A close between requests is the normal end; mid-head it is the client's loss,
+                // and so is a timeout.
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -69,28 +157,188 @@ where
             let _ = io.shutdown().await;
             return;
         }
+        wait = keepalive_timeout;
     }
+}
+
+/// How far a partial head has been looked at, for its bounds and for whether parsing it again
+/// could succeed (only a line's end can complete it).
+#[derive(Default)]
+struct Arriving {
+    seen: usize,
+    /// Bytes of the current line so far.
+    line: usize,
+    lines: usize,
+}
+
+impl Arriving {
+    /// Looks at what arrived since the last look: whether a line ended, or the answer for a
+    /// head past its bounds.
+    fn look(&mut self, buf: &[u8]) -> Result<bool, StatusCode> {
+        let mut ended = false;
+        for piece in buf[self.seen..].split_inclusive(|&b| b == b'\n') {
+            self.line += piece.len();
+            if self.line > MAX_LINE {
+                return Err(if self.lines == 0 { StatusCode::URI_TOO_LONG } else { StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE });
+            }
+            if piece.ends_with(b"\n") {
+                self.lines += 1;
+                self.line = 0;
+                ended = true;
+            }
+        }
+        self.seen = buf.len();
+        if buf.len() > MAX_HEAD {
+            return Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        }
+        Ok(ended)
+    }
+}
+
+/// Answers a request that cannot be served and closes the connection. What the client still
+/// sends (a body, say) is read for a moment first, so that the close does not reset the
+/// connection before the client has read the answer.
+async fn reject<I>(mut io: Timed<I>, status: StatusCode, out: &mut Vec<u8>)
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    tracing::debug!(status = status.as_u16(), "refusing a client request");
+    if respond(&mut io, refusal(status), false, false, out).await.is_err() {
+        return;
+    }
+    let _ = io.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut left = 1 << 20;
+        while left > 0 {
+            match io.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left -= n.min(left),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+}
+
+/// The answer to a request refused at the door; the connection closes after it.
+fn refusal(status: StatusCode) -> Response<RespBody> {
+    let message = match status {
+        StatusCode::URI_TOO_LONG => r#"{"error_msg":"414 Request-URI Too Large"}"#,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => r#"{"error_msg":"431 Request Header Fields Too Large"}"#,
+        StatusCode::NOT_IMPLEMENTED => r#"{"error_msg":"501 Not Implemented"}"#,
+        StatusCode::REQUEST_TIMEOUT => r#"{"error_msg":"408 Request Timeout"}"#,
+        _ => r#"{"error_msg":"400 Bad Request"}"#,
+    };
+    let mut resp = error_response(status, message);
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// The rest of the connection goes to hyper: HTTP/1.1 with upgrades, or HTTP/2 when the
 /// client opens with its preface (h2c with prior knowledge, or h2 picked by ALPN).
-async fn hand_over<I>(io: I, read: Bytes, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
+async fn hand_over<I>(io: Timed<I>, read: Bytes, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let limits = proxy.limits.clone();
     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(&info, req.map(ReqBody::Incoming)).await) }
+        async move {
+            let (mut parts, body) = req.into_parts();
+            if let Some(status) = refused(&parts) {
+                return Ok::<_, Infallible>(refusal_for(status, parts.version));
+            }
+            hop::strip_connection_named(&mut parts.headers);
+            let body = match client_body(&parts, body, proxy.limits.body_timeout).await {
+                Ok(b) => b,
+                Err(status) => return Ok(refusal_for(status, parts.version)),
+            };
+            Ok(proxy.handle(&info, Request::from_parts(parts, body)).await)
+        }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // Heads and small bodies are copied into one buffer and leave in one write: cheaper than
-    // gathering slices for the answers a gateway mostly sends.
-    builder.http1().writev(false);
+    // gathering slices for the answers a gateway mostly sends. hyper's head timer also runs
+    // while a connection waits for its next request.
+    builder
+        .http1()
+        .writev(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(MAX_HEAD);
+    builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEAD as u32);
     let io = TokioIo::new(Prefixed { read, io });
     if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
+}
+
+/// What hyper accepts but this gateway refuses: a head past the bounds the lean loop keeps
+/// (hyper's buffer bound stops only heads still partial when it fills), a transfer coding other
+/// than `chunked` (501, as nginx), no Host in HTTP/1.1 or more than one Host (400, RFC 9112
+/// §3.2).
+fn refused(parts: &http::request::Parts) -> Option<StatusCode> {
+    if parts.version != Version::HTTP_2 {
+        // The request line: method, target, version, spaces and CRLF.
+        let target = parts.uri.path_and_query().map_or(0, |p| p.as_str().len()) + parts.uri.authority().map_or(0, |a| a.as_str().len() + 7);
+        if parts.method.as_str().len() + target + 12 > MAX_LINE {
+            return Some(StatusCode::URI_TOO_LONG);
+        }
+        let mut total = 0;
+        for (name, value) in &parts.headers {
+            let line = name.as_str().len() + value.len() + 4;
+            total += line;
+            if line > MAX_LINE || total > MAX_HEAD {
+                return Some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+            }
+        }
+    }
+    let mut te = parts.headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(first) = te.next()
+        && (te.next().is_some() || !first.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked"))
+    {
+        return Some(StatusCode::NOT_IMPLEMENTED);
+    }
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    (hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11)).then_some(StatusCode::BAD_REQUEST)
+}
+
+fn refusal_for(status: StatusCode, version: Version) -> Response<RespBody> {
+    let mut resp = refusal(status);
+    if version == Version::HTTP_2 {
+        resp.headers_mut().remove(header::CONNECTION);
+    }
+    resp
+}
+
+/// The client's body as it goes upstream. A chunked one is read up to [`READ_AHEAD`] first:
+/// when it is malformed the client gets a 400 and no node hears of the request, and when it
+/// ends within that it goes out whole. A larger one streams from there; should it break
+/// later, the node sees a request cut short, never a complete one.
+async fn client_body(parts: &http::request::Parts, body: hyper::body::Incoming, timeout: Duration) -> Result<ReqBody, StatusCode> {
+    if body.is_end_stream() {
+        return Ok(ReqBody::Incoming(body));
+    }
+    if !parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(ReqBody::Client(Box::new(ClientBody::new(None, body, timeout))));
+    }
+    let mut body = body;
+    let mut ahead = BytesMut::new();
+    while ahead.len() < READ_AHEAD {
+        match tokio::time::timeout(timeout, body.frame()).await {
+            Err(_) => return Err(StatusCode::REQUEST_TIMEOUT),
+            Ok(None) => return Ok(ReqBody::Read(Some(ahead.freeze()))),
+            Ok(Some(Err(_))) => return Err(StatusCode::BAD_REQUEST),
+            Ok(Some(Ok(frame))) => {
+                // Trailers end the body; only a streamed chunked body could carry them on.
+                if let Ok(data) = frame.into_data() {
+                    ahead.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    Ok(ReqBody::Client(Box::new(ClientBody::new(Some(ahead.freeze()), body, timeout))))
 }
 
 struct Simple {
@@ -103,6 +351,8 @@ struct Simple {
 enum Parsed {
     Simple(Simple),
     Partial,
+    /// Refused at the door: the answer, and the connection closes.
+    Reject(StatusCode),
     /// Anything this loop leaves to hyper.
     Other,
 }
@@ -117,17 +367,27 @@ fn parse(buf: &mut BytesMut) -> Parsed {
         Ok(httparse::Status::Partial) => return Parsed::Partial,
         Err(_) => return Parsed::Other,
     };
+    // Only a large head can have a line past the bound.
+    if len > MAX_LINE
+        && let Err(status) = Arriving::default().look(&buf[..len])
+    {
+        return Parsed::Reject(status);
+    }
     let (Some(method), Some(path), Some(1)) = (parsed.method, parsed.path, parsed.version) else { return Parsed::Other };
     if !path.starts_with('/') || method == "CONNECT" {
-        return Parsed::Other;
+        return checked(parsed.headers);
     }
     let base = buf.as_ptr() as usize;
     let mut spans = [Span::default(); MAX_HEADERS];
     let count = parsed.headers.len();
     let mut close = false;
+    let mut hosts = 0;
     for (span, field) in spans.iter_mut().zip(parsed.headers.iter()) {
         let name = field.name.as_bytes();
-        let simple = if name.eq_ignore_ascii_case(b"content-length") {
+        let simple = if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+            true
+        } else if name.eq_ignore_ascii_case(b"content-length") {
             field.value.trim_ascii() == b"0"
         } else if name.eq_ignore_ascii_case(b"connection") {
             // Only close and keep-alive; an upgrade, or fields it names, are hyper's.
@@ -141,9 +401,12 @@ fn parse(buf: &mut BytesMut) -> Parsed {
                 || name.eq_ignore_ascii_case(b"expect"))
         };
         if !simple {
-            return Parsed::Other;
+            return checked(parsed.headers);
         }
         *span = Span::of(buf, field);
+    }
+    if hosts != 1 {
+        return Parsed::Reject(StatusCode::BAD_REQUEST);
     }
     let (method_at, method_len) = (method.as_ptr() as usize - base, method.len());
     let (path_at, path_len) = (path.as_ptr() as usize - base, path.len());
@@ -170,6 +433,34 @@ fn parse(buf: &mut BytesMut) -> Parsed {
     *head.version_mut() = Version::HTTP_11;
     *head.headers_mut() = headers;
     Parsed::Simple(Simple { head, keep_alive: !close })
+}
+
+/// An HTTP/1.1 head going to hyper, checked for what hyper would accept but must be refused
+/// first: framing that could be read two ways (hyper would quietly prefer Transfer-Encoding),
+/// a transfer coding other than `chunked`, and a Host missing or repeated.
+fn checked(fields: &[httparse::Header<'_>]) -> Parsed {
+    let (mut hosts, mut lengths, mut codings) = (0, 0, 0);
+    let mut chunked = true;
+    for f in fields {
+        let name = f.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            codings += 1;
+            chunked &= f.value.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        }
+    }
+    if codings > 0 && lengths > 0 {
+        Parsed::Reject(StatusCode::BAD_REQUEST)
+    } else if codings > 1 || !chunked {
+        Parsed::Reject(StatusCode::NOT_IMPLEMENTED)
+    } else if hosts != 1 {
+        Parsed::Reject(StatusCode::BAD_REQUEST)
+    } else {
+        Parsed::Other
+    }
 }
 
 /// Writes `resp`: its head with the framing it needs, then its body, coalescing small pieces
@@ -306,6 +597,91 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// A client connection with one timer: a write may wait at most `send_timeout` for the client
+/// to read (nginx's `send_timeout`, counted from the write that had to wait), and the lean loop
+/// bounds its reads with the same timer. One timer per connection, set again only when an
+/// operation has to wait, so a request that flows costs no timer work.
+struct Timed<I> {
+    io: I,
+    timer: Pin<Box<Sleep>>,
+    send_timeout: Duration,
+    /// A write waits for the client: the timer runs for it.
+    stalled: bool,
+}
+
+impl<I> Timed<I> {
+    fn new(io: I, send_timeout: Duration) -> Timed<I> {
+        Timed { io, timer: Box::pin(tokio::time::sleep(send_timeout)), send_timeout, stalled: false }
+    }
+
+    fn on_write<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        if r.is_ready() {
+            self.stalled = false;
+            return r;
+        }
+        if !self.stalled {
+            self.stalled = true;
+            self.timer.as_mut().reset(Instant::now() + self.send_timeout);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client did not read its response in time"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> Timed<I> {
+    /// Reads into `buf`, failing once a wait that started when `armed` was set has lasted
+    /// `wait`.
+    fn poll_read_within(&mut self, cx: &mut Context<'_>, buf: &mut BytesMut, armed: &mut bool, wait: Duration) -> Poll<io::Result<usize>> {
+        if let Poll::Ready(r) = tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, buf) {
+            return Poll::Ready(r);
+        }
+        if !*armed {
+            *armed = true;
+            self.timer.as_mut().reset(Instant::now() + wait);
+        }
+        match self.timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Timed<I> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Timed<I> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.on_write(cx, r)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.on_write(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_flush(cx);
+        this.on_write(cx, r)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -11,6 +11,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -21,7 +22,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::body::ReqBody;
+use crate::deadline;
 use crate::hop;
+use crate::snapshot::Timeouts;
 
 /// The most a response head (status line and headers) may take.
 const MAX_HEAD: usize = 64 * 1024;
@@ -100,7 +103,10 @@ pub enum Error {
     #[error("malformed response: {0}")]
     Malformed(&'static str),
     #[error("reading the request body: {0}")]
-    RequestBody(hyper::Error),
+    RequestBody(crate::body::BoxError),
+    /// The node took longer than its send or read timeout.
+    #[error("timed out")]
+    Timeout,
     #[error("the request body did not match its content-length")]
     BodyLength,
 }
@@ -171,7 +177,12 @@ impl Connection {
     /// Sends `req` and reads the response head. The body is read as the returned response's
     /// body is polled; once it has been read to its end, [`Body::idle`] gives the connection
     /// back for another exchange.
-    pub async fn send(mut self, mut req: Request<ReqBody>, reused: bool, fields: &impl Fields) -> Result<Response<Body>, Failed> {
+    ///
+    /// Each phase has its own bound, as nginx's `proxy_send_timeout` and `proxy_read_timeout`:
+    /// every write to the node must finish within `timeouts.send` (waits for the client's body
+    /// are the client's own timeout), and the response head must arrive within
+    /// `timeouts.read` of the request having gone out.
+    pub async fn send(mut self, mut req: Request<ReqBody>, reused: bool, fields: &impl Fields, timeouts: &Timeouts) -> Result<Response<Body>, Failed> {
         let head_only = req.method() == Method::HEAD;
         let out = request_framing(&req);
         // A body already read can be sent again; one streaming in from the client cannot.
@@ -179,11 +190,11 @@ impl Connection {
             ReqBody::Read(b) => Some(b.clone()),
             ReqBody::Empty => Some(None),
             ReqBody::Incoming(b) if b.is_end_stream() => Some(None),
-            ReqBody::Incoming(_) => None,
+            ReqBody::Incoming(_) | ReqBody::Client(_) => None,
         };
         let mut head = Vec::with_capacity(512);
         encode_head(&req, out, fields, &mut head);
-        let written = self.write_request(&mut req, out, head).await;
+        let written = self.write_request(&mut req, out, head, timeouts.send).await;
         let give_back = |mut req: Request<ReqBody>, error| {
             let request = replay.map(|body| {
                 *req.body_mut() = match body {
@@ -201,7 +212,7 @@ impl Connection {
                 if let Error::Io(_) = error {
                     // A node may answer and stop reading before the body is done (a 413, say):
                     // its answer is worth more than our write error.
-                    if let Ok((resp, framing, _)) = self.read_head(head_only).await {
+                    if let Ok(Ok((resp, framing, _))) = deadline::within(timeouts.read, self.read_head(head_only)).await {
                         let mut body = Body { conn: Some(self), framing, keep_alive: false };
                         body.settle();
                         return Ok(resp.map(|()| body));
@@ -210,7 +221,8 @@ impl Connection {
                 return Err(if !sent_any || resend_ok { give_back(req, error) } else { Failed { error, request: None } });
             }
         }
-        match self.read_head(head_only).await {
+        let head = deadline::within(timeouts.read, self.read_head(head_only)).await.unwrap_or(Err(Error::Timeout));
+        match head {
             Ok((resp, framing, keep_alive)) => {
                 let mut body = Body { conn: Some(self), framing, keep_alive };
                 body.settle();
@@ -222,18 +234,26 @@ impl Connection {
     }
 
     /// Writes the head and the body. The error says whether any of the request went out.
-    async fn write_request(&mut self, req: &mut Request<ReqBody>, out: Out, head: Vec<u8>) -> Result<(), (Error, bool)> {
+    async fn write_request(&mut self, req: &mut Request<ReqBody>, out: Out, head: Vec<u8>, send: Duration) -> Result<(), (Error, bool)> {
         let mut outbox = Outbox::new(head);
         let chunked = out == Out::Chunked;
         let mut body_bytes = 0u64;
-        let failed = |e: io::Error, outbox: &Outbox| (Error::Io(e), outbox.started);
+        let failed = |e: Error, outbox: &Outbox| (e, outbox.started);
         if out != Out::None {
             loop {
-                let frame = match outbox.next_frame(&mut self.io, req.body_mut()).await {
-                    Err(e) => return Err(failed(e, &outbox)),
-                    Ok(None) => break,
-                    Ok(Some(Ok(f))) => f,
-                    Ok(Some(Err(e))) => return Err((Error::RequestBody(e), outbox.started)),
+                let body = req.body_mut();
+                let frame = match poll_fn(|cx| Poll::Ready(Pin::new(&mut *body).poll_frame(cx))).await {
+                    Poll::Ready(f) => f,
+                    // The client's body must wait: what is gathered goes out meanwhile.
+                    Poll::Pending => {
+                        timed(send, outbox.flush(&mut self.io)).await.map_err(|e| failed(e, &outbox))?;
+                        poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await
+                    }
+                };
+                let frame = match frame {
+                    None => break,
+                    Some(Ok(f)) => f,
+                    Some(Err(e)) => return Err((Error::RequestBody(e), outbox.started)),
                 };
                 let data = match frame.into_data() {
                     Ok(d) => d,
@@ -243,7 +263,7 @@ impl Connection {
                             outbox.buf.extend_from_slice(b"0\r\n");
                             AsIs.encode(&trailers, false, &mut outbox.buf);
                             outbox.buf.extend_from_slice(b"\r\n");
-                            return outbox.flush(&mut self.io).await.map_err(|e| failed(e, &outbox));
+                            return timed(send, outbox.flush(&mut self.io)).await.map_err(|e| failed(e, &outbox));
                         }
                         continue;
                     }
@@ -254,7 +274,7 @@ impl Connection {
                 {
                     return Err((Error::BodyLength, outbox.started));
                 }
-                outbox.data(&mut self.io, &data, chunked).await.map_err(|e| failed(e, &outbox))?;
+                timed(send, outbox.data(&mut self.io, &data, chunked)).await.map_err(|e| failed(e, &outbox))?;
             }
             match out {
                 Out::Chunked => outbox.buf.extend_from_slice(b"0\r\n\r\n"),
@@ -262,7 +282,7 @@ impl Connection {
                 _ => {}
             }
         }
-        outbox.flush(&mut self.io).await.map_err(|e| failed(e, &outbox))
+        timed(send, outbox.flush(&mut self.io)).await.map_err(|e| failed(e, &outbox))
     }
 
     /// Reads until a final response head is complete (interim 1xx answers are skipped).
@@ -296,12 +316,24 @@ impl Connection {
     }
 }
 
+/// A write to the node, bounded by the send timeout.
+async fn timed<T>(send: Duration, write: impl std::future::Future<Output = io::Result<T>>) -> Result<T, Error> {
+    match deadline::within(send, write).await {
+        Ok(r) => r.map_err(Error::Io),
+        Err(_) => Err(Error::Timeout),
+    }
+}
+
 fn request_framing(req: &Request<ReqBody>) -> Out {
     match req.body() {
         ReqBody::Empty | ReqBody::Read(None) => Out::None,
         ReqBody::Read(Some(b)) => Out::Length(b.len() as u64),
         ReqBody::Incoming(b) if b.is_end_stream() => Out::None,
         ReqBody::Incoming(b) => match b.size_hint().exact() {
+            Some(n) => Out::Length(n),
+            None => Out::Chunked,
+        },
+        ReqBody::Client(b) => match b.size_hint().exact() {
             Some(n) => Out::Length(n),
             None => Out::Chunked,
         },
@@ -841,7 +873,7 @@ mod tests {
             String::from_utf8(got).unwrap()
         });
         let conn = Connection::new(Stream::Plain(TcpStream::connect(addr).await.unwrap()));
-        let result = match conn.send(req, false, &AsIs).await {
+        let result = match conn.send(req, false, &AsIs, &Timeouts::default()).await {
             Ok(resp) => {
                 let (head, body) = resp.into_parts();
                 match body.collect().await {

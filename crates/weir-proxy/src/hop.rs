@@ -2,6 +2,11 @@
 //! that describe the client (`X-Forwarded-*`, `X-Real-IP`) and drops the connection-scoped
 //! ones. An HTTP/1.1 node gets this as the head is written, so the request's map is neither
 //! grown nor rehashed for it; an HTTP/2 node gets it applied to the map.
+//!
+//! The fields a client's `Connection` names are removed from the request when it arrives
+//! ([`strip_connection_named`]), before plugins run: what plugins set later is the gateway's
+//! own and always goes out. A client's `X-Forwarded-*` fields are replaced unless its address
+//! is trusted (`proxy.trusted_addresses`, as APISIX's `trusted_addresses`).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -35,6 +40,23 @@ pub fn connection_named(value: &HeaderValue, into: &mut Vec<HeaderName>) {
     into.extend(names.filter_map(|n| HeaderName::from_bytes(n).ok()).filter(|n| !is_hop_by_hop(n)));
 }
 
+/// Removes from a client's request the fields its Connection field names, except those this
+/// hop needs whatever the client says (Host, and the body's framing).
+pub fn strip_connection_named(headers: &mut HeaderMap) {
+    if !headers.contains_key(header::CONNECTION) {
+        return;
+    }
+    let mut named = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        connection_named(v, &mut named);
+    }
+    for n in &named {
+        if n != header::HOST && n != header::CONTENT_LENGTH {
+            headers.remove(n);
+        }
+    }
+}
+
 /// Removes connection-scoped fields, and those the Connection field names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none; one pass over the names is cheaper than seven lookups.
@@ -63,8 +85,8 @@ pub struct Hop {
     upgrade: Option<HeaderValue>,
     /// Whether the client sent any connection-scoped field.
     scoped: bool,
-    /// Further names the client's Connection field lists (rarely any).
-    named: Vec<HeaderName>,
+    /// The client sent `X-Forwarded-Proto`, `-Host` or `-Port` of its own that must not go out.
+    replaced: bool,
 }
 
 /// Facts of this hop the new fields carry.
@@ -74,6 +96,8 @@ pub struct Client<'a> {
     pub port: &'a HeaderValue,
     /// The Host the client asked for, for X-Forwarded-Host.
     pub host: Option<HeaderValue>,
+    /// Whether the client's own `X-Forwarded-*` fields are believed.
+    pub trusted: bool,
 }
 
 impl Hop {
@@ -81,9 +105,11 @@ impl Hop {
     pub fn new(headers: &HeaderMap, client: Client<'_>, upgrade: Option<HeaderValue>) -> Hop {
         let mut prior: Option<Vec<u8>> = None;
         let (mut has_proto, mut has_host, mut has_port, mut scoped) = (false, false, false, false);
-        let mut named = Vec::new();
         for (name, value) in headers {
             if *name == X_FORWARDED_FOR {
+                if !client.trusted {
+                    continue;
+                }
                 // Every value the client sent, in order, then this client's address.
                 let list = prior.get_or_insert_with(Vec::new);
                 if !list.is_empty() {
@@ -98,11 +124,11 @@ impl Hop {
                 has_port = true;
             } else if is_hop_by_hop(name) {
                 scoped = true;
-                if *name == header::CONNECTION {
-                    connection_named(value, &mut named);
-                }
             }
         }
+        let theirs = client.trusted && (has_proto || has_host || has_port);
+        let replaced = !client.trusted && (has_proto || has_host || has_port);
+        let (has_proto, has_host, has_port) = if theirs { (has_proto, has_host, has_port) } else { (false, false, false) };
         let forwarded_for = match prior {
             Some(mut list) => {
                 list.extend_from_slice(b", ");
@@ -119,7 +145,7 @@ impl Hop {
             port: (!has_port).then(|| client.port.clone()),
             upgrade,
             scoped,
-            named,
+            replaced,
         }
     }
 
@@ -128,7 +154,8 @@ impl Hop {
         *name == X_FORWARDED_FOR
             || *name == X_REAL_IP
             || (framed && name == header::CONTENT_LENGTH)
-            || (self.scoped && (is_hop_by_hop(name) || self.named.contains(name)))
+            || (self.scoped && is_hop_by_hop(name))
+            || (self.replaced && (*name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST || *name == X_FORWARDED_PORT))
     }
 
     fn added(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
@@ -151,7 +178,7 @@ impl Hop {
     pub fn apply(&self, headers: &mut HeaderMap) {
         let te_trailers = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
         if self.scoped {
-            for n in self.named.iter().chain(&HOP_BY_HOP) {
+            for n in &HOP_BY_HOP {
                 headers.remove(n);
             }
         }
@@ -186,8 +213,12 @@ mod tests {
     }
 
     fn hop(headers: &HeaderMap, upgrade: Option<&'static str>) -> Hop {
+        hop_from(headers, upgrade, true)
+    }
+
+    fn hop_from(headers: &HeaderMap, upgrade: Option<&'static str>, trusted: bool) -> Hop {
         let (ip, port, host) = client(Some("api.test"));
-        Hop::new(headers, Client { ip: &ip, scheme: "http", port: &port, host }, upgrade.map(HeaderValue::from_static))
+        Hop::new(headers, Client { ip: &ip, scheme: "http", port: &port, host, trusted }, upgrade.map(HeaderValue::from_static))
     }
 
     fn written(h: &Hop, headers: &HeaderMap) -> String {
@@ -209,6 +240,7 @@ mod tests {
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_connection_named(&mut headers);
         let h = hop(&headers, None);
         let text = written(&h, &headers);
         assert_eq!(
@@ -224,6 +256,42 @@ mod tests {
         }
         assert!(!applied.contains_key("x-secret") && !applied.contains_key("keep-alive") && !applied.contains_key(header::CONNECTION));
         assert_eq!(applied[header::TE], "trailers", "gRPC's TE survives for HTTP/2");
+    }
+
+    #[test]
+    fn an_untrusted_client_forwarded_fields_are_replaced() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("api.test"));
+        headers.insert(X_FORWARDED_FOR.clone(), HeaderValue::from_static("1.1.1.1"));
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+        headers.insert(X_FORWARDED_HOST.clone(), HeaderValue::from_static("evil.test"));
+        headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from_static("1"));
+        headers.insert(X_REAL_IP.clone(), HeaderValue::from_static("forged"));
+        let h = hop_from(&headers, None, false);
+        let text = written(&h, &headers);
+        assert_eq!(
+            text,
+            "host: api.test\r\nx-forwarded-for: 10.0.0.9\r\nx-real-ip: 10.0.0.9\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: api.test\r\nx-forwarded-port: 9080\r\n"
+        );
+        let mut applied = headers.clone();
+        h.apply(&mut applied);
+        for line in text.lines() {
+            let (n, v) = line.split_once(": ").unwrap();
+            assert_eq!(applied.get_all(n).iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>(), [v], "{n}");
+        }
+    }
+
+    #[test]
+    fn connection_never_names_host_away() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, X-Consumer-Username, Host, content-length"));
+        h.insert(header::HOST, HeaderValue::from_static("api.test"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        h.insert("x-consumer-username", HeaderValue::from_static("forged"));
+        strip_connection_named(&mut h);
+        assert!(!h.contains_key("x-consumer-username"));
+        assert!(h.contains_key(header::HOST) && h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::CONNECTION));
     }
 
     #[test]

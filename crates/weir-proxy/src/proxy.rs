@@ -37,14 +37,16 @@ pub struct ConnInfo {
     pub remote: SocketAddr,
     pub local: SocketAddr,
     pub scheme: &'static str,
-    remote_ip: HeaderValue,
-    local_port: HeaderValue,
+    /// The peer is in `proxy.trusted_addresses`: its `X-Forwarded-*` fields are kept.
+    pub trusted: bool,
+    pub(crate) remote_ip: HeaderValue,
+    pub(crate) local_port: HeaderValue,
 }
 
 impl ConnInfo {
     pub fn new(remote: SocketAddr, local: SocketAddr, scheme: &'static str) -> ConnInfo {
         let remote_ip = HeaderValue::from_str(&remote.ip().to_string()).expect("an IP address is a valid header value");
-        ConnInfo { remote, local, scheme, remote_ip, local_port: HeaderValue::from(local.port()) }
+        ConnInfo { remote, local, scheme, trusted: false, remote_ip, local_port: HeaderValue::from(local.port()) }
     }
 }
 
@@ -52,6 +54,8 @@ pub struct Proxy {
     snapshot: Arc<ArcSwap<Snapshot>>,
     /// The name whose certificate a TLS client without SNI gets (APISIX's `fallback_sni`).
     fallback_sni: Option<String>,
+    /// Timeouts and limits of client connections.
+    pub limits: crate::front::Limits,
 }
 
 pub fn error_response(status: StatusCode, message: &'static str) -> Response<RespBody> {
@@ -94,12 +98,17 @@ fn gateway_timeout() -> Response<RespBody> {
     error_response(StatusCode::GATEWAY_TIMEOUT, r#"{"error_msg":"504 Gateway Timeout"}"#)
 }
 
-/// Lower-cases the host and drops the port; borrows when nothing needs changing.
+/// Lower-cases the host and drops the port and a trailing dot (`admin.internal.` is the same
+/// name, and nginx matches it so); borrows when nothing needs changing.
 fn normalize_host(raw: &str) -> Cow<'_, str> {
     let host = if raw.starts_with('[') {
         raw.find(']').map_or(raw, |i| &raw[..=i])
     } else {
-        raw.rsplit_once(':').map_or(raw, |(h, _)| h)
+        let host = raw.rsplit_once(':').map_or(raw, |(h, _)| h);
+        match host.strip_suffix('.') {
+            Some(h) if !h.is_empty() => h,
+            _ => host,
+        }
     };
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
@@ -113,11 +122,18 @@ enum SendError {
     Connect(Box<Request<ReqBody>>, ConnectError),
     Timeout,
     Upstream(crate::body::BoxError),
+    /// The client's body broke off or stalled: the client's fault, not the node's.
+    Client(crate::body::BoxError),
 }
 
 impl Proxy {
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Proxy {
-        Proxy { snapshot, fallback_sni: None }
+        Proxy { snapshot, fallback_sni: None, limits: crate::front::Limits::default() }
+    }
+
+    pub fn with_limits(mut self, limits: crate::front::Limits) -> Proxy {
+        self.limits = limits;
+        self
     }
 
     pub fn with_fallback_sni(mut self, name: Option<String>) -> Proxy {
@@ -254,7 +270,7 @@ impl Proxy {
         let plugin_headers = std::mem::take(&mut ctx.response_headers);
         let consumer = ctx.consumer.take();
         // `real-ip` may have named another client: the upstream hears of that one.
-        let moved = (ctx.remote != conn.remote).then(|| ConnInfo::new(ctx.remote, conn.local, conn.scheme));
+        let moved = (ctx.remote != conn.remote).then(|| ConnInfo { trusted: conn.trusted, ..ConnInfo::new(ctx.remote, conn.local, conn.scheme) });
         let mut notes = std::mem::take(&mut ctx.notes);
         let choice = ctx.upstream_choice;
         let conn = moved.as_ref().unwrap_or(conn);
@@ -375,7 +391,8 @@ impl Proxy {
             },
             None => (None, None),
         };
-        let client = hop::Client { ip: &conn.remote_ip, scheme: conn.scheme, port: &conn.local_port, host: original_host };
+        let client =
+            hop::Client { ip: &conn.remote_ip, scheme: conn.scheme, port: &conn.local_port, host: original_host, trusted: conn.trusted };
         let hop = Hop::new(&parts.headers, client, protocol);
         if upstream.transport.h2 {
             hop.apply(&mut parts.headers);
@@ -637,6 +654,14 @@ async fn forward(
                 }
                 return gateway_timeout();
             }
+            Err(SendError::Client(e)) => {
+                tracing::debug!(error = %e, "client request body failed");
+                return if e.is::<crate::body::BodyTimeout>() {
+                    error_response(StatusCode::REQUEST_TIMEOUT, r#"{"error_msg":"408 Request Timeout"}"#)
+                } else {
+                    error_response(StatusCode::BAD_REQUEST, r#"{"error_msg":"400 Bad Request"}"#)
+                };
+            }
             Err(SendError::Upstream(e)) => {
                 tracing::warn!(node = %node.authority, error = %e, "upstream request failed");
                 if let Some(p) = &upstream.passive {
@@ -726,7 +751,6 @@ async fn send(
     mut req: Request<ReqBody>,
     hop: &Hop,
 ) -> Result<(Response<Received>, Lease), SendError> {
-    let wait = timeouts.send + timeouts.read;
     loop {
         let Conn { sender, lease } = match pool::checkout(node, upstream.keepalive, upstream.transport.h2) {
             Some(c) => c,
@@ -739,17 +763,19 @@ async fn send(
         };
         let reset = || ConnectError::Io(node.authority.to_string(), std::io::ErrorKind::ConnectionReset.into());
         match sender {
-            Sender::H1(conn) => match deadline::within(wait, conn.send(req, lease.reused, hop)).await {
-                Err(_) => return Err(SendError::Timeout),
-                Ok(Ok(resp)) => return Ok((resp.map(Received::H1), lease)),
+            // Each phase is bounded inside the exchange by its own timeout.
+            Sender::H1(conn) => match conn.send(req, lease.reused, hop, timeouts).await {
+                Ok(resp) => return Ok((resp.map(Received::H1), lease)),
+                Err(h1::Failed { error: h1::Error::Timeout, .. }) => return Err(SendError::Timeout),
+                Err(h1::Failed { error: h1::Error::RequestBody(e), .. }) => return Err(SendError::Client(e)),
                 // A reused connection the node had closed: the next one, or a fresh one.
-                Ok(Err(h1::Failed { request: Some(back), .. })) if lease.reused => req = back,
+                Err(h1::Failed { request: Some(back), .. }) if lease.reused => req = back,
                 // Nothing reached the node: another node may take it.
-                Ok(Err(h1::Failed { request: Some(back), error })) => {
+                Err(h1::Failed { request: Some(back), error }) => {
                     tracing::debug!(error = %error, "upstream connection failed before the request went out");
                     return Err(SendError::Connect(Box::new(back), reset()));
                 }
-                Ok(Err(h1::Failed { error, .. })) => return Err(SendError::Upstream(Box::new(error))),
+                Err(h1::Failed { error, .. }) => return Err(SendError::Upstream(Box::new(error))),
             },
             Sender::H2(mut sender) => {
                 if sender.ready().await.is_err() {
@@ -759,7 +785,9 @@ async fn send(
                     }
                     return Err(SendError::Connect(Box::new(req), reset()));
                 }
-                match deadline::within(wait, sender.try_send_request(req)).await {
+                // hyper's client streams the body on its own: the response head may wait for
+                // the whole body, so the two phases share one bound.
+                match deadline::within(timeouts.send + timeouts.read, sender.try_send_request(req)).await {
                     Err(_) => return Err(SendError::Timeout),
                     Ok(Ok(resp)) => return Ok((resp.map(Received::H2), lease)),
                     Ok(Err(mut e)) => match e.take_message() {
@@ -785,6 +813,9 @@ mod tests {
         assert_eq!(normalize_host("Example.COM:8080"), "example.com");
         assert_eq!(normalize_host("a.com"), "a.com");
         assert_eq!(normalize_host("[::1]:80"), "[::1]");
+        assert_eq!(normalize_host("Admin.Internal.:8080"), "admin.internal");
+        assert_eq!(normalize_host("admin.internal."), "admin.internal");
+        assert_eq!(normalize_host("."), ".");
     }
 
     #[test]

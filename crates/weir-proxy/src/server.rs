@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use std::time::Duration;
@@ -91,18 +91,25 @@ async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
             }
         };
         COUNTERS.accepted.fetch_add(1, Ordering::Relaxed);
+        // Past the cap the connection is closed at once: clients see a refusal rather than a
+        // hang, and the ones already in keep being served.
+        let Some(open) = Open::take(proxy.limits.max_connections) else {
+            drop(stream);
+            continue;
+        };
         COUNTERS.handled.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let proxy = proxy.clone();
+        let trusted = proxy.limits.trusts(remote.ip());
         if !tls {
-            let info = Arc::new(ConnInfo::new(remote, local, "http"));
-            tokio::spawn(serve(stream, info, proxy));
+            let info = Arc::new(ConnInfo { trusted, ..ConnInfo::new(remote, local, "http") });
+            tokio::spawn(serve(stream, info, proxy, open));
             continue;
         }
         tokio::spawn(async move {
             let Some(stream) = handshake(stream, &proxy).await else { return };
-            let info = Arc::new(ConnInfo::new(remote, local, "https"));
-            serve(stream, info, proxy).await;
+            let info = Arc::new(ConnInfo { trusted, ..ConnInfo::new(remote, local, "https") });
+            serve(stream, info, proxy, open).await;
         });
     }
 }
@@ -129,13 +136,42 @@ async fn handshake(stream: TcpStream, proxy: &Proxy) -> Option<tokio_rustls::ser
     tokio::time::timeout(HANDSHAKE_TIMEOUT, accept).await.ok().flatten()
 }
 
-async fn serve<I>(io: I, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
+async fn serve<I>(io: I, info: Arc<ConnInfo>, proxy: Arc<Proxy>, _open: Open)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     COUNTERS.active.fetch_add(1, Ordering::Relaxed);
     let _active = Active;
     front::serve(io, info, proxy).await;
+}
+
+/// Client connections open in the process (every worker, TLS handshakes included), held
+/// against `proxy.max_connections`.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// One open client connection, counted while it lives.
+struct Open;
+
+impl Open {
+    fn take(max: usize) -> Option<Open> {
+        if OPEN.fetch_add(1, Ordering::Relaxed) < max {
+            return Some(Open);
+        }
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+        // Once a second at most: a flood must not flood the log too.
+        static LAST: AtomicU64 = AtomicU64::new(0);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if LAST.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(max_connections = max, "client connection limit reached (proxy.max_connections): new connections are closed until others end");
+        }
+        None
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        OPEN.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts a client connection as active while it lives.

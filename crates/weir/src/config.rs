@@ -135,11 +135,77 @@ pub struct ProxyConfig {
     pub tls_fallback_sni: Option<String>,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
+    /// Seconds a client may take to send a request head, from its first byte (nginx's
+    /// `client_header_timeout`).
+    pub client_header_timeout: f64,
+    /// Seconds an open connection may wait for its next request.
+    pub keepalive_timeout: f64,
+    /// Seconds a client may pause while sending a request body.
+    pub client_body_timeout: f64,
+    /// Seconds a response may wait for a client that does not read it.
+    pub send_timeout: f64,
+    /// Client connections open at once, over all workers; past it new connections are closed
+    /// (and a warning logged). Keep it under the process's open-file limit, which upstream
+    /// connections share.
+    pub max_connections: usize,
+    /// Addresses or CIDRs of proxies in front of Weir whose `X-Forwarded-*` fields are kept
+    /// (`X-Forwarded-For` appended to); every other client's are replaced (APISIX's
+    /// `trusted_addresses`).
+    pub trusted_addresses: Vec<String>,
 }
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        ProxyConfig { listen: vec![SocketAddr::from(([127, 0, 0, 1], 9080))], tls_listen: Vec::new(), tls_fallback_sni: None, workers: 0 }
+        let limits = weir_proxy::front::Limits::default();
+        ProxyConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 9080))],
+            tls_listen: Vec::new(),
+            tls_fallback_sni: None,
+            workers: 0,
+            client_header_timeout: limits.header_timeout.as_secs_f64(),
+            keepalive_timeout: limits.keepalive_timeout.as_secs_f64(),
+            client_body_timeout: limits.body_timeout.as_secs_f64(),
+            send_timeout: limits.send_timeout.as_secs_f64(),
+            max_connections: limits.max_connections,
+            trusted_addresses: Vec::new(),
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// The client-side limits, once `check` has passed.
+    pub fn limits(&self) -> weir_proxy::front::Limits {
+        let secs = |s: f64| std::time::Duration::try_from_secs_f64(s).unwrap_or(std::time::Duration::from_secs(60));
+        weir_proxy::front::Limits {
+            header_timeout: secs(self.client_header_timeout),
+            keepalive_timeout: secs(self.keepalive_timeout),
+            body_timeout: secs(self.client_body_timeout),
+            send_timeout: secs(self.send_timeout),
+            max_connections: self.max_connections,
+            trusted: self.trusted_addresses.iter().filter_map(|a| weir_core::model::parse_ip_net(a)).collect(),
+        }
+    }
+
+    fn check(&self, errors: &mut Vec<String>) {
+        let timeouts = [
+            ("client_header_timeout", self.client_header_timeout),
+            ("keepalive_timeout", self.keepalive_timeout),
+            ("client_body_timeout", self.client_body_timeout),
+            ("send_timeout", self.send_timeout),
+        ];
+        for (name, t) in timeouts {
+            if !(t > 0.0 && t <= 86_400.0) {
+                errors.push(format!("proxy.{name}: {t} must be more than 0 and at most 86400 seconds"));
+            }
+        }
+        if self.max_connections == 0 {
+            errors.push("proxy.max_connections: at least 1".to_string());
+        }
+        for (i, a) in self.trusted_addresses.iter().enumerate() {
+            if weir_core::model::parse_ip_net(a).is_none() {
+                errors.push(format!("proxy.trusted_addresses[{i}]: \"{a}\" is not an IP address or CIDR"));
+            }
+        }
     }
 }
 
@@ -150,11 +216,20 @@ pub struct AdminConfig {
     /// APISIX-style admin keys. With none, a key is generated on first start and kept with the
     /// data.
     pub keys: Vec<AdminKey>,
+    /// Seconds a client may take to send a request head, or to start the next one on an open
+    /// connection.
+    pub client_header_timeout: f64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9180)), keys: Vec::new() }
+        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9180)), keys: Vec::new(), client_header_timeout: 60.0 }
+    }
+}
+
+impl AdminConfig {
+    pub fn header_timeout(&self) -> std::time::Duration {
+        std::time::Duration::try_from_secs_f64(self.client_header_timeout).unwrap_or(std::time::Duration::from_secs(60))
     }
 }
 
@@ -232,6 +307,11 @@ impl Config {
         if self.proxy.listen.is_empty() {
             errors.push("proxy.listen: at least one address is needed".to_string());
         }
+        self.proxy.check(&mut errors);
+        let t = self.admin.client_header_timeout;
+        if !(t > 0.0 && t <= 86_400.0) {
+            errors.push(format!("admin.client_header_timeout: {t} must be more than 0 and at most 86400 seconds"));
+        }
         let prefix = self.store.key_prefix();
         if !prefix.starts_with('/') || prefix.ends_with('/') {
             errors.push(format!("store.prefix: \"{prefix}\" must start with / and not end with /"));
@@ -273,6 +353,20 @@ mod tests {
         let e = Config::parse("store:\n  type: etcd\n  etcd:\n    endpoints: []\n    user: root\n").unwrap_err();
         assert!(e.contains("at least one endpoint") && e.contains("user and password go together"), "{e}");
         assert!(Config::parse("store:\n  etcd:\n    hosts: []\n").unwrap_err().contains("hosts"), "unknown keys are named");
+    }
+
+    #[test]
+    fn client_limits() {
+        let c = Config::parse("").unwrap();
+        let l = c.proxy.limits();
+        assert_eq!((l.header_timeout.as_secs(), l.keepalive_timeout.as_secs(), l.max_connections), (60, 60, 10_000));
+        assert!(l.trusted.is_empty(), "no peer is trusted by default");
+        let c = Config::parse("proxy:\n  client_header_timeout: 0.5\n  trusted_addresses: [\"10.0.0.0/8\", \"::1\"]\n").unwrap();
+        let l = c.proxy.limits();
+        assert_eq!(l.header_timeout.as_millis(), 500);
+        assert!(l.trusts("10.1.2.3".parse().unwrap()) && l.trusts("::1".parse().unwrap()) && !l.trusts("11.0.0.1".parse().unwrap()));
+        let e = Config::parse("proxy:\n  send_timeout: 0\n  max_connections: 0\n  trusted_addresses: [\"10.0.0.0/33\"]\n").unwrap_err();
+        assert!(e.contains("proxy.send_timeout") && e.contains("proxy.max_connections") && e.contains("trusted_addresses[0]"), "{e}");
     }
 
     #[test]

@@ -292,7 +292,9 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             // Serve nothing until the stored config is live, so a restart never answers 404 for
             // routes that exist.
             loaded.wait_for(|l| *l).await.context("config loader stopped")?;
-            let proxy = Arc::new(Proxy::new(snapshot.clone()).with_fallback_sni(cfg.proxy.tls_fallback_sni.clone()));
+            let proxy = Arc::new(Proxy::new(snapshot.clone())
+                .with_fallback_sni(cfg.proxy.tls_fallback_sni.clone())
+                .with_limits(cfg.proxy.limits()));
             bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)
                 .context("binding proxy listeners")?;
         }
@@ -320,7 +322,7 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             let admin_addr = admin_listener.local_addr()?;
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
             let admin = Arc::new(Admin::new(store, prefix.clone(), keys, plugins, keyring).with_control(control));
-            tokio::spawn(weir_admin::serve(admin_listener, admin));
+            tokio::spawn(weir_admin::serve(admin_listener, admin, cfg.admin.header_timeout()));
             announce(format_args!("weir: admin listening on http://{admin_addr}"));
         }
         announce(format_args!("weir: ready ({})", role.name()));

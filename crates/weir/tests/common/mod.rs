@@ -129,6 +129,11 @@ impl Weir {
         Weir { child, dir, proxy: proxy.unwrap_or(none), tls, admin: admin.unwrap_or(none), metrics, status }
     }
 
+    /// The process id, to read its memory from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What the process has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("weir.log")).unwrap_or_default()
