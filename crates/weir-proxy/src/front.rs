@@ -688,3 +688,24 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Timed<I> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+/// Feeds `data` to the head parser as a connection's first bytes, then every head it takes to
+/// the path normalization the proxy applies next: for the fuzz targets (`fuzz/`), which must
+/// find no input that panics.
+#[doc(hidden)]
+pub fn fuzz_head(data: &[u8]) {
+    // The bounds a partial head is held to, fed as the bytes might arrive.
+    let mut arriving = Arriving::default();
+    for end in (0..=data.len()).step_by(7) {
+        if arriving.look(&data[..end]).is_err() {
+            break;
+        }
+    }
+    let mut buf = BytesMut::from(data);
+    while let Parsed::Simple(req) = parse(&mut buf) {
+        let path = req.head.uri().path();
+        if let Ok(normal) = weir_core::path::normalize(path) {
+            assert!(normal.encoded.starts_with('/'), "{path:?} normalized to {:?}", normal.encoded);
+        }
+    }
+}
