@@ -15,6 +15,8 @@ use weir_store::{Compare, KeyValue, Op, Txn, TxnOutcome};
 
 use crate::Admin;
 use crate::auth;
+use crate::auth_keys;
+use crate::secrets;
 use crate::reply::{self, Reply};
 
 /// How often a write whose inputs changed underneath it is re-run before giving up.
@@ -166,9 +168,11 @@ fn schema_endpoints(admin: &Admin, method: &Method, segs: &[&str], body: Option<
     }
 }
 
-/// The JSON an object is shown as; private keys never leave the store.
-fn shown_value(resource: Resource, kv: &KeyValue) -> Value {
+/// The JSON an object is shown as; private keys never leave the store, sealed plugin fields
+/// are shown opened.
+fn shown_value(admin: &Admin, resource: Resource, kv: &KeyValue) -> Value {
     let mut v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+    secrets::show(&admin.keyring, resource, &mut v);
     if resource == Resource::Ssls
         && let Some(o) = v.as_object_mut() {
             o.remove("key");
@@ -177,10 +181,10 @@ fn shown_value(resource: Resource, kv: &KeyValue) -> Value {
     v
 }
 
-fn node(resource: Resource, kv: &KeyValue) -> Value {
+fn node(admin: &Admin, resource: Resource, kv: &KeyValue) -> Value {
     json!({
         "key": kv.key,
-        "value": shown_value(resource, kv),
+        "value": shown_value(admin, resource, kv),
         "createdIndex": kv.create_revision,
         "modifiedIndex": kv.mod_revision,
     })
@@ -241,7 +245,7 @@ async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
     if let Some(id) = t.id {
         let key = t.resource.key(&admin.prefix, t.parent, id);
         return match admin.store.get(&key).await {
-            Ok(Some(kv)) => reply::json(StatusCode::OK, &node(t.resource, &kv)),
+            Ok(Some(kv)) => reply::json(StatusCode::OK, &node(admin, t.resource, &kv)),
             Ok(None) => reply::not_found(),
             Err(e) => reply::store_down(e),
         };
@@ -257,9 +261,9 @@ async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
         if kv.key[dir.len()..].contains('/') {
             continue;
         }
-        let value = shown_value(t.resource, &kv);
+        let value = shown_value(admin, t.resource, &kv);
         match matches_filters(t.resource, &value, query) {
-            Ok(true) => list.push((kv.create_revision, node(t.resource, &kv))),
+            Ok(true) => list.push((kv.create_revision, node(admin, t.resource, &kv))),
             Ok(false) => {}
             Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
         }
@@ -365,6 +369,10 @@ async fn check_object(
     {
         return Err(invalid(vec![e.to_string()]));
     }
+    // Sealed plugin fields too: checks see them in the clear.
+    if let Err(e) = secrets::open(&admin.keyring, t.resource, &mut obj) {
+        return Err(invalid(vec![e]));
+    }
     let candidate = Value::Object(obj);
     let mut errors = match schema::check(t.resource, &candidate, admin.plugins.as_ref()) {
         Ok(()) => Vec::new(),
@@ -457,9 +465,15 @@ async fn check_object(
         }
         return Err(invalid(errors));
     }
+    match (t.resource, t.parent) {
+        (Resource::Consumers, _) => auth_keys::check(admin, &id, None, &obj).await?,
+        (Resource::Credentials, Some(user)) => auth_keys::check(admin, user, Some(&id), &obj).await?,
+        _ => {}
+    }
     if t.resource == Resource::Ssls {
         weir_tls::seal_ssl(&admin.keyring, &mut obj);
     }
+    secrets::seal(&admin.keyring, admin.plugins.as_ref(), t.resource, &mut obj);
     let key = t.resource.key(&admin.prefix, t.parent, &id);
     Ok(Checked { key, value: obj, references })
 }

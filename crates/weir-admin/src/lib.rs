@@ -3,8 +3,10 @@
 //! solely through the store.
 
 mod auth;
+mod auth_keys;
 mod handlers;
 mod reply;
+mod secrets;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,7 +32,8 @@ pub struct Admin {
     prefix: String,
     keys: Vec<AdminKey>,
     plugins: Arc<dyn PluginCatalog>,
-    /// Seals the private keys of `ssls` objects before they are stored.
+    /// Seals the private keys of `ssls` objects and plugins' `encrypt_fields` before they are
+    /// stored.
     keyring: Arc<Keyring>,
     control: Option<Arc<dyn Control>>,
     /// Writes from this node take turns, so they never race each other's compare-and-set;
