@@ -7,6 +7,9 @@
 //! The check reads every consumer and credential in the store. Writes from one node take turns,
 //! so on one node it is exact; between nodes sharing a store it is best-effort, as APISIX's is.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
 use serde_json::{Map, Value};
 use weir_core::Resource;
 use weir_tls::Keyring;
@@ -17,8 +20,16 @@ use crate::reply::{self, Reply};
 /// Auth plugin → the attribute callers are looked up by.
 const UNIQUE: [(&str, &str); 4] = [("key-auth", "key"), ("basic-auth", "username"), ("jwt-auth", "key"), ("hmac-auth", "key_id")];
 
+/// A lookup attribute an object holds: plugin, attribute, value in the clear.
+type Held = Vec<(&'static str, &'static str, String)>;
+
+/// What each consumer and credential holds, by store key, as of the `mod_revision` it was read
+/// at: a write reads the store's list, but parses and opens only what changed since the last.
+#[derive(Default)]
+pub(crate) struct Index(Mutex<HashMap<String, (i64, Held)>>);
+
 /// The values `plugins` holds for [`UNIQUE`] attributes, opened if sealed.
-fn unique_values(keyring: &Keyring, plugins: &Map<String, Value>) -> Vec<(&'static str, &'static str, String)> {
+fn unique_values(keyring: &Keyring, plugins: &Map<String, Value>) -> Held {
     let mut out = Vec::new();
     for (plugin, attr) in UNIQUE {
         let Some(Value::String(v)) = plugins.get(plugin).and_then(|c| c.get(attr)) else { continue };
@@ -46,7 +57,12 @@ pub(crate) async fn check(
     }
     let dir = Resource::Consumers.dir(&admin.prefix, None);
     let (kvs, _) = admin.store.list(&dir).await.map_err(reply::store_down)?;
-    for kv in kvs {
+    let mut index = admin.auth_keys.0.lock().unwrap_or_else(|e| e.into_inner());
+    if index.len() > kvs.len() {
+        let listed: std::collections::HashSet<&str> = kvs.iter().map(|kv| kv.key.as_str()).collect();
+        index.retain(|k, _| listed.contains(k.as_str()));
+    }
+    for kv in &kvs {
         let rest = &kv.key[dir.len()..];
         let (owner, owner_credential) = match rest.split_once("/credentials/") {
             Some((u, c)) => (u, Some(c)),
@@ -59,10 +75,21 @@ pub(crate) async fn check(
         if is_self {
             continue;
         }
-        let Ok(value) = serde_json::from_slice::<Value>(&kv.value) else { continue };
-        let Some(Value::Object(theirs)) = value.get("plugins") else { continue };
-        for (plugin, attr, held) in unique_values(&admin.keyring, theirs) {
-            if wanted.iter().any(|(p, _, v)| *p == plugin && *v == held) {
+        let held = match index.get(&kv.key) {
+            Some((revision, held)) if *revision == kv.mod_revision => held,
+            _ => {
+                let held = match serde_json::from_slice::<Value>(&kv.value) {
+                    Ok(value) => match value.get("plugins") {
+                        Some(Value::Object(theirs)) => unique_values(&admin.keyring, theirs),
+                        _ => Vec::new(),
+                    },
+                    Err(_) => Vec::new(),
+                };
+                &index.entry(kv.key.clone()).insert_entry((kv.mod_revision, held)).into_mut().1
+            }
+        };
+        for (plugin, attr, held) in held {
+            if wanted.iter().any(|(p, _, v)| p == plugin && v == held) {
                 let owner_desc = match owner_credential {
                     Some(c) => format!("credential: {c} of consumer: {owner}"),
                     None => format!("consumer: {owner}"),
