@@ -16,8 +16,8 @@ use weir_store::{Compare, KeyValue, Op, Txn, TxnOutcome};
 use crate::Admin;
 use crate::auth;
 use crate::auth_keys;
-use crate::secrets;
 use crate::reply::{self, Reply};
+use crate::secrets;
 
 /// How often a write whose inputs changed underneath it is re-run before giving up.
 const CAS_ATTEMPTS: usize = 16;
