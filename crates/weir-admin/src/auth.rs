@@ -1,9 +1,11 @@
 //! Admin keys: `X-API-KEY` header, `?api_key=` or the `X-API-KEY` cookie, compared in constant
-//! time against every configured key.
+//! time against every configured key. The comparison is exact: the value given is never
+//! trimmed or decoded (APISIX compares nginx's raw `$arg_api_key`), so `key ` and `key%20` are
+//! other keys. (HTTP itself drops whitespace around a header field's value, RFC 9110 §5.5.)
 
 use http::request::Parts;
 use subtle::ConstantTimeEq;
-use weir_core::text::{cookie, query_param};
+use weir_core::text::query_param;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -21,9 +23,16 @@ pub struct AdminKey {
     pub role: Role,
 }
 
+/// The key from a `Cookie` header, byte for byte: only the separator (`; `) before a cookie's
+/// name is skipped, never anything around its value, so `key ` is not `key`.
 fn cookie_key(parts: &Parts) -> Option<&str> {
     let is_key = |k: &str| k.eq_ignore_ascii_case("x-api-key") || k.eq_ignore_ascii_case("x_api_key");
-    parts.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| cookie(line, is_key))
+    parts.headers.get_all(http::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).find_map(|line| {
+        line.split(';').find_map(|pair| {
+            let (name, value) = pair.trim_start_matches([' ', '\t']).split_once('=')?;
+            is_key(name).then_some(value)
+        })
+    })
 }
 
 /// `Err` carries the description APISIX gives.

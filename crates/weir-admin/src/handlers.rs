@@ -15,7 +15,9 @@ use weir_store::{Compare, KeyValue, Op, Txn, TxnOutcome};
 
 use crate::Admin;
 use crate::auth;
+use crate::auth_keys;
 use crate::reply::{self, Reply};
+use crate::secrets;
 
 /// How often a write whose inputs changed underneath it is re-run before giving up.
 const CAS_ATTEMPTS: usize = 16;
@@ -170,9 +172,11 @@ fn schema_endpoints(admin: &Admin, method: &Method, segs: &[&str], body: Option<
     }
 }
 
-/// The JSON an object is shown as; private keys never leave the store.
-fn shown_value(resource: Resource, kv: &KeyValue) -> Value {
+/// The JSON an object is shown as; private keys never leave the store, sealed plugin fields
+/// are shown opened.
+fn shown_value(admin: &Admin, resource: Resource, kv: &KeyValue) -> Value {
     let mut v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
+    secrets::show(&admin.keyring, resource, &mut v);
     if resource == Resource::Ssls
         && let Some(o) = v.as_object_mut() {
             o.remove("key");
@@ -181,10 +185,15 @@ fn shown_value(resource: Resource, kv: &KeyValue) -> Value {
     v
 }
 
-fn node(resource: Resource, kv: &KeyValue) -> Value {
+fn node(admin: &Admin, resource: Resource, kv: &KeyValue) -> Value {
+    node_of(shown_value(admin, resource, kv), kv)
+}
+
+/// An object as the Admin API shows it, around the value already shown.
+fn node_of(value: Value, kv: &KeyValue) -> Value {
     json!({
         "key": kv.key,
-        "value": shown_value(resource, kv),
+        "value": value,
         "createdIndex": kv.create_revision,
         "modifiedIndex": kv.mod_revision,
     })
@@ -271,7 +280,7 @@ async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
     if let Some(id) = t.id {
         let key = t.resource.key(&admin.prefix, t.parent, id);
         return match admin.store.get(&key).await {
-            Ok(Some(kv)) => reply::json(StatusCode::OK, &node(t.resource, &kv)),
+            Ok(Some(kv)) => reply::json(StatusCode::OK, &node(admin, t.resource, &kv)),
             Ok(None) => reply::not_found(),
             Err(e) => reply::store_down(e),
         };
@@ -291,9 +300,9 @@ async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
         if kv.key[dir.len()..].contains('/') {
             continue;
         }
-        let value = shown_value(t.resource, &kv);
+        let value = shown_value(admin, t.resource, &kv);
         if filters.matches(&value) {
-            list.push((kv.create_revision, node(t.resource, &kv)));
+            list.push((kv.create_revision, node_of(value, &kv)));
         }
     }
     let total = list.len();
@@ -397,6 +406,10 @@ async fn check_object(
     {
         return Err(invalid(vec![e.to_string()]));
     }
+    // Sealed plugin fields too: checks see them in the clear.
+    if let Err(e) = secrets::open(&admin.keyring, t.resource, &mut obj) {
+        return Err(invalid(vec![e]));
+    }
     let candidate = Value::Object(obj);
     let mut errors = match schema::check(t.resource, &candidate, admin.plugins.as_ref()) {
         Ok(()) => Vec::new(),
@@ -489,9 +502,15 @@ async fn check_object(
         }
         return Err(invalid(errors));
     }
+    match (t.resource, t.parent) {
+        (Resource::Consumers, _) => auth_keys::check(admin, &id, None, &obj).await?,
+        (Resource::Credentials, Some(user)) => auth_keys::check(admin, user, Some(&id), &obj).await?,
+        _ => {}
+    }
     if t.resource == Resource::Ssls {
         weir_tls::seal_ssl(&admin.keyring, &mut obj);
     }
+    secrets::seal(&admin.keyring, admin.plugins.as_ref(), t.resource, &mut obj);
     let key = t.resource.key(&admin.prefix, t.parent, &id);
     Ok(Checked { key, value: obj, references })
 }

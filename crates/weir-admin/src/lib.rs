@@ -3,8 +3,10 @@
 //! solely through the store.
 
 mod auth;
+mod auth_keys;
 mod handlers;
 mod reply;
+mod secrets;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,9 +32,12 @@ pub struct Admin {
     prefix: String,
     keys: Vec<AdminKey>,
     plugins: Arc<dyn PluginCatalog>,
-    /// Seals the private keys of `ssls` objects before they are stored.
+    /// Seals the private keys of `ssls` objects and plugins' `encrypt_fields` before they are
+    /// stored.
     keyring: Arc<Keyring>,
     control: Option<Arc<dyn Control>>,
+    /// Who holds which auth key, kept between writes.
+    auth_keys: auth_keys::Index,
     /// Writes from this node take turns, so they never race each other's compare-and-set;
     /// the compare-and-set still guards against other nodes writing to a shared store.
     writes: tokio::sync::Mutex<()>,
@@ -55,7 +60,7 @@ impl Admin {
         plugins: Arc<dyn PluginCatalog>,
         keyring: Arc<Keyring>,
     ) -> Admin {
-        Admin { store, prefix, keys, plugins, keyring, control: None, writes: tokio::sync::Mutex::new(()) }
+        Admin { store, prefix, keys, plugins, keyring, control: None, auth_keys: auth_keys::Index::default(), writes: tokio::sync::Mutex::new(()) }
     }
 
     pub fn with_control(mut self, control: Arc<dyn Control>) -> Admin {

@@ -21,7 +21,7 @@ pub(crate) fn factory() -> Factory {
         consumer_schema: Some(json!({"type": "object", "properties": {
             "username": {"type": "string"},
             "password": {"type": "string"}
-        }, "required": ["username", "password"]})),
+        }, "required": ["username", "password"], "encrypt_fields": ["password"]})),
         build: |conf, _| {
             let hide = conf.get("hide_credentials").and_then(Value::as_bool).unwrap_or(false);
             Ok(Arc::new(BasicAuth { hide }))

@@ -20,7 +20,7 @@ pub(crate) fn factory() -> Factory {
             "key": {"type": "string", "minLength": 1},
             "expires": {"type": "integer", "minimum": 1, "default": 7200},
             "name": {"type": "string", "minLength": 1, "default": "apisix-csrf-token"}
-        }, "required": ["key"]}),
+        }, "required": ["key"], "encrypt_fields": ["key"]}),
         consumer_schema: None,
         credential: None,
         build: |conf, _| {

@@ -30,7 +30,7 @@ pub(crate) fn factory() -> Factory {
         consumer_schema: Some(json!({"type": "object", "properties": {
             "key_id": {"type": "string", "minLength": 1, "maxLength": 256},
             "secret_key": {"type": "string", "minLength": 1, "maxLength": 256}
-        }, "required": ["key_id", "secret_key"]})),
+        }, "required": ["key_id", "secret_key"], "encrypt_fields": ["secret_key"]})),
         build: |conf, _| {
             let list = |k: &str| conf.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_ascii_lowercase).collect::<Vec<_>>());
             Ok(Arc::new(HmacAuth {

@@ -1,6 +1,7 @@
 //! `jwt-auth`: the caller sends a JWT (in a header, `?jwt=` or a cookie) whose `key` claim names
 //! a consumer's credential; the token must be signed with that credential's secret or key, and
-//! its `exp` and `nbf`, when present, must hold.
+//! its `exp` and `nbf`, when present, must hold. The claims `claims_to_verify` names must be
+//! present too (APISIX's `verify_claims`: an empty or absent list checks only what is there).
 
 use std::sync::Arc;
 
@@ -24,7 +25,8 @@ pub(crate) fn factory() -> Factory {
             "hide_credentials": {"type": "boolean", "default": false},
             "key_claim_name": {"type": "string", "default": "key", "minLength": 1},
             "store_in_ctx": {"type": "boolean", "default": false},
-            "anonymous_consumer": {"type": "string", "minLength": 1}
+            "anonymous_consumer": {"type": "string", "minLength": 1},
+            "claims_to_verify": {"type": "array", "items": {"type": "string", "enum": ["exp", "nbf"]}, "uniqueItems": true}
         }}),
         consumer_schema: Some(json!({"type": "object", "properties": {
             "key": {"type": "string", "minLength": 1},
@@ -34,7 +36,7 @@ pub(crate) fn factory() -> Factory {
             "exp": {"type": "integer", "minimum": 1, "default": 86400},
             "base64_secret": {"type": "boolean", "default": false},
             "lifetime_grace_period": {"type": "integer", "minimum": 0, "default": 0}
-        }, "required": ["key"]})),
+        }, "required": ["key"], "encrypt_fields": ["secret"]})),
         build: |conf, _| {
             let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
             Ok(Arc::new(c))
@@ -55,11 +57,20 @@ struct Config {
     cookie: String,
     hide_credentials: bool,
     key_claim_name: String,
+    /// Claims the token must carry (each is then checked as when present).
+    claims_to_verify: Vec<String>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { header: "authorization".into(), query: "jwt".into(), cookie: "jwt".into(), hide_credentials: false, key_claim_name: "key".into() }
+        Config {
+            header: "authorization".into(),
+            query: "jwt".into(),
+            cookie: "jwt".into(),
+            hide_credentials: false,
+            key_claim_name: "key".into(),
+            claims_to_verify: Vec::new(),
+        }
     }
 }
 
@@ -162,6 +173,12 @@ impl Plugin for Config {
         };
         if let Err(e) = jsonwebtoken::decode::<Value>(&token, &v.key, &v.validation) {
             tracing::warn!(route = ctx.route_id, error = %e, "jwt-auth: token refused");
+            return Err(unauthorized("failed to verify jwt"));
+        }
+        // `decode` checked `exp` and `nbf` where present (a present one that is not a number
+        // fails there); a claim listed here must also be present.
+        if let Some(missing) = self.claims_to_verify.iter().find(|c| !claims.get(c.as_str()).is_some_and(Value::is_number)) {
+            tracing::warn!(route = ctx.route_id, claim = %missing, "jwt-auth: token refused: a claim to verify is missing");
             return Err(unauthorized("failed to verify jwt"));
         }
         let consumer = cred.consumer.clone();

@@ -20,7 +20,8 @@ pub(crate) fn factory() -> Factory {
             "hide_credentials": {"type": "boolean", "default": false},
             "anonymous_consumer": {"type": "string", "minLength": 1}
         }}),
-        consumer_schema: Some(json!({"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"]})),
+        // `encrypt_fields`, as APISIX: sealed at rest by the Admin API.
+        consumer_schema: Some(json!({"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"], "encrypt_fields": ["key"]})),
         credential: Some(|conf| {
             let key = conf.get("key").and_then(serde_json::Value::as_str).ok_or("key is required")?;
             Ok((key.to_string(), Arc::new(())))

@@ -106,7 +106,16 @@ impl Consumers {
         for (name, conf) in plugins {
             let Some(f) = registry.factory(name) else { continue };
             let Some(prepare) = f.credential else { continue };
-            match prepare(conf) {
+            // A sealed key that cannot be opened leaves the credential out: its sealed text
+            // must never work as the key.
+            let conf = match registry.opened(conf) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(consumer = username, plugin = f.name, error = %e, "credential cannot be opened; skipped");
+                    continue;
+                }
+            };
+            match prepare(&conf) {
                 Ok((id, data)) => {
                     let cred = Credential { consumer: consumer.clone(), data };
                     self.by_plugin.entry(f.name).or_default().insert(id, cred);
@@ -401,10 +410,16 @@ struct Factory {
 
 type Prepare = fn(&Value) -> Result<(String, Arc<dyn Any + Send + Sync>), String>;
 
+/// Opens the sealed fields of a plugin config read from the store: `Ok(None)` when nothing in
+/// it is sealed.
+pub type SecretOpener = Arc<dyn Fn(&Value) -> Result<Option<Value>, String> + Send + Sync>;
+
 /// Every plugin Weir has, and the process's `plugin_attr` settings for them.
 pub struct Registry {
     factories: Vec<Factory>,
     attrs: HashMap<String, Value>,
+    /// Set by the data plane: configs reach builders and credentials in the clear.
+    secrets: Option<SecretOpener>,
 }
 
 impl Default for Registry {
@@ -443,7 +458,7 @@ impl Default for Registry {
             uri_blocker::factory(),
         ];
         factories.sort_by_key(|f| f.name);
-        Registry { factories, attrs: HashMap::new() }
+        Registry { factories, attrs: HashMap::new(), secrets: None }
     }
 }
 
@@ -466,6 +481,20 @@ impl Registry {
     pub fn with_attr(mut self, name: &str, attr: Value) -> Registry {
         self.attrs.insert(name.to_string(), attr);
         self
+    }
+
+    /// Opens sealed fields (APISIX's `encrypt_fields`, sealed at rest by the Admin API) before
+    /// a config is built or a credential prepared.
+    pub fn with_secrets(mut self, open: SecretOpener) -> Registry {
+        self.secrets = Some(open);
+        self
+    }
+
+    fn opened<'a>(&self, conf: &'a Value) -> Result<std::borrow::Cow<'a, Value>, String> {
+        match self.secrets.as_ref().map(|open| open(conf)).transpose()?.flatten() {
+            Some(plain) => Ok(std::borrow::Cow::Owned(plain)),
+            None => Ok(std::borrow::Cow::Borrowed(conf)),
+        }
     }
 
     /// Whether `name` is an auth plugin (its consumer config is a credential).
@@ -494,7 +523,7 @@ impl Registry {
                 Some(f) => Some(Expr::compile(f).map_err(|e| format!("plugin {name}: _meta.filter: {e}"))?),
                 None => None,
             };
-            let mut plain = conf.clone();
+            let mut plain = self.opened(conf).map_err(|e| format!("plugin {name}: {e}"))?.into_owned();
             if let Some(o) = plain.as_object_mut() {
                 o.remove("_meta");
                 if let Some(m) = metadata.get(f.name) {

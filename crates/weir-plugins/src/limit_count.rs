@@ -35,7 +35,7 @@ pub(crate) fn factory() -> Factory {
             "redis_ssl_verify": {"type": "boolean", "default": false},
             "allow_degradation": {"type": "boolean", "default": false},
             "show_limit_quota_header": {"type": "boolean", "default": true}
-        }, "required": ["count", "time_window"]}),
+        }, "required": ["count", "time_window"], "encrypt_fields": ["redis_password"]}),
         consumer_schema: None,
         credential: None,
         // Routes naming one `group` get one instance, so they share its counters (the

@@ -217,7 +217,7 @@ pub(crate) fn http_factory() -> Factory {
             "include_resp_body": {"type": "boolean", "default": false},
             "ssl_verify": {"type": "boolean", "default": false},
             "log_format": {"type": "object"}
-        }, "required": ["uri"]}),
+        }, "required": ["uri"], "encrypt_fields": ["auth_header"]}),
         consumer_schema: None,
         credential: None,
         build: |conf, scope| {

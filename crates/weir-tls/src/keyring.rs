@@ -4,6 +4,11 @@
 //! can be rotated by putting the new one first. Each secret is hashed with SHA-256 into an AES
 //! key. A sealed value is base64 of `nonce (12 bytes) ‖ ciphertext ‖ tag`; a fresh random nonce
 //! is drawn for every seal. Values that are already PEM were never sealed and open as they are.
+//!
+//! Plugin fields (an API key, a password: APISIX's `encrypt_fields`) are sealed the same way
+//! behind a mark, [`FIELD_MARK`], so a sealed field is told from a plain one without trying to
+//! open it: a store written by APISIX, or a declarative file, holds plain values, and those are
+//! used as they are.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -17,6 +22,9 @@ pub enum KeyringError {
     #[error("stored private key was sealed with a secret that is not in the keyring")]
     UnknownSecret,
 }
+
+/// What a sealed plugin field starts with.
+pub const FIELD_MARK: &str = "$weir-sealed$";
 
 pub struct Keyring {
     keys: Vec<LessSafeKey>,
@@ -76,6 +84,64 @@ impl Keyring {
     }
 }
 
+impl Keyring {
+    /// Seals a plugin field's value, marked as sealed.
+    pub fn seal_field(&self, plain: &str) -> String {
+        format!("{FIELD_MARK}{}", self.seal(plain))
+    }
+
+    /// Opens a field [`seal_field`](Self::seal_field) sealed; a value without the mark is plain
+    /// and comes back as it is.
+    pub fn open_field<'a>(&self, stored: &'a str) -> Result<std::borrow::Cow<'a, str>, KeyringError> {
+        match stored.strip_prefix(FIELD_MARK) {
+            Some(sealed) => self.open_sealed(sealed).map(std::borrow::Cow::Owned),
+            None => Ok(std::borrow::Cow::Borrowed(stored)),
+        }
+    }
+
+    /// Opens every sealed field anywhere in `value`, in place. On error, `value` may be
+    /// partly opened.
+    pub fn open_fields(&self, value: &mut serde_json::Value) -> Result<(), KeyringError> {
+        use serde_json::Value;
+        // An explicit stack: a config nested deeply must not overflow the thread's stack.
+        let mut todo = vec![value];
+        while let Some(v) = todo.pop() {
+            match v {
+                Value::String(s) if s.starts_with(FIELD_MARK) => {
+                    let plain = self.open_sealed(&s[FIELD_MARK.len()..])?;
+                    *s = plain;
+                }
+                Value::Array(a) => todo.extend(a.iter_mut()),
+                Value::Object(o) => todo.extend(o.values_mut()),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether anything in `value` is a sealed field.
+    pub fn has_sealed_fields(value: &serde_json::Value) -> bool {
+        use serde_json::Value;
+        let mut todo = vec![value];
+        while let Some(v) = todo.pop() {
+            match v {
+                Value::String(s) if s.starts_with(FIELD_MARK) => return true,
+                Value::Array(a) => todo.extend(a.iter()),
+                Value::Object(o) => todo.extend(o.values()),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    fn open_sealed(&self, sealed: &str) -> Result<String, KeyringError> {
+        if sealed.trim_start().starts_with("-----BEGIN") {
+            return Err(KeyringError::Malformed);
+        }
+        self.open(sealed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,5 +163,23 @@ mod tests {
         raw[last] ^= 1;
         assert_eq!(old.open(&STANDARD.encode(raw)), Err(KeyringError::UnknownSecret));
         assert_eq!(Keyring::generate_secret().len(), 64);
+    }
+
+    #[test]
+    fn fields_are_marked_and_plain_values_pass() {
+        let ring = Keyring::new(&["a".to_string()]);
+        let sealed = ring.seal_field("key-1");
+        assert!(sealed.starts_with(FIELD_MARK) && !sealed.contains("key-1"));
+        assert_eq!(ring.open_field(&sealed).unwrap(), "key-1");
+        // A plain value, even one that looks like base64, is used as it is.
+        assert_eq!(ring.open_field("c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0").unwrap(), "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0");
+        let other = Keyring::new(&["b".to_string()]);
+        assert_eq!(other.open_field(&sealed), Err(KeyringError::UnknownSecret));
+        assert_eq!(ring.open_field(&format!("{FIELD_MARK}-----BEGIN")), Err(KeyringError::Malformed));
+        let mut v = serde_json::json!({"key-auth": {"key": sealed}, "l": [ring.seal_field("x"), "y"], "n": 1});
+        assert!(Keyring::has_sealed_fields(&v));
+        ring.open_fields(&mut v).unwrap();
+        assert_eq!(v, serde_json::json!({"key-auth": {"key": "key-1"}, "l": ["x", "y"], "n": 1}));
+        assert!(!Keyring::has_sealed_fields(&v));
     }
 }

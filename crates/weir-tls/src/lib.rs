@@ -7,7 +7,7 @@ mod keyring;
 mod server;
 
 pub use client::client_config;
-pub use keyring::{Keyring, KeyringError};
+pub use keyring::{FIELD_MARK, Keyring, KeyringError};
 pub use server::{SniTable, server_config};
 
 use rustls_pki_types::pem::PemObject;

@@ -145,6 +145,18 @@ fn write_secret(path: &Path, secret: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the data plane opens plugin fields the Admin API sealed (see `weir_tls::FIELD_MARK`).
+fn secret_opener(keyring: Arc<Keyring>) -> weir_plugins::SecretOpener {
+    Arc::new(move |conf: &serde_json::Value| {
+        if !Keyring::has_sealed_fields(conf) {
+            return Ok(None);
+        }
+        let mut plain = conf.clone();
+        keyring.open_fields(&mut plain).map_err(|e| format!("a sealed value cannot be opened: {e}"))?;
+        Ok(Some(plain))
+    })
+}
+
 /// The data plane's live state on the admin listener, under `/v1/` as APISIX's control API.
 struct ControlApi {
     snapshot: Arc<ArcSwap<Snapshot>>,
@@ -203,8 +215,11 @@ fn validate(file: &Path) -> anyhow::Result<()> {
 }
 
 /// Prints every object of the configured store, by section, in the declarative layout.
+/// Sealed plugin fields are printed opened, as a declarative file holds them (file mode reads
+/// plain values without any keyring); one this node's keyring cannot open stays sealed.
 fn dump(config: Option<&Path>) -> anyhow::Result<()> {
     let cfg = read_config(config)?;
+    let keyring = keyring(&cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let doc = rt.block_on(async {
         let store = open_store(&cfg).await?;
@@ -218,6 +233,12 @@ fn dump(config: Option<&Path>) -> anyhow::Result<()> {
                 continue;
             }
             let mut value: serde_json::Value = serde_json::from_slice(&kv.value).with_context(|| format!("reading {}", kv.key))?;
+            if let Some(plugins) = value.get_mut("plugins")
+                && let Err(e) = keyring.open_fields(plugins)
+            {
+                tracing::warn!(key = %kv.key, error = %e, "a sealed plugin field cannot be opened; dumped sealed");
+                value = serde_json::from_slice(&kv.value).with_context(|| format!("reading {}", kv.key))?;
+            }
             if resource == weir_core::Resource::PluginMetadata
                 && let Some(o) = value.as_object_mut()
             {
@@ -283,7 +304,7 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         let prefix = cfg.store.key_prefix().to_string();
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
         let otel = serde_json::to_value(&cfg.plugin_attr.opentelemetry)?;
-        let plugins = Arc::new(Registry::default().with_attr("opentelemetry", otel));
+        let plugins = Arc::new(Registry::default().with_attr("opentelemetry", otel).with_secrets(secret_opener(keyring.clone())));
         let sync = Arc::new(SyncStatus::default());
         let mut bound = Vec::new();
         if role != DeployRole::ControlPlane {

@@ -43,5 +43,8 @@ print(json.dumps({
         "no_key": jwt.encode({"sub": "someone"}, "hs256-secret", algorithm="HS256"),
         "unknown_key": jwt.encode({"key": "nobody"}, "hs256-secret", algorithm="HS256"),
         "by_uid": jwt.encode({"uid": "hs256", "exp": soon}, "hs256-secret", algorithm="HS256"),
+        "no_exp": jwt.encode({"key": "hs256"}, "hs256-secret", algorithm="HS256"),
+        "exp_and_nbf": jwt.encode({"key": "hs256", "exp": soon, "nbf": now - 60}, "hs256-secret", algorithm="HS256"),
+        "exp_not_a_number": jwt.encode({"key": "hs256", "exp": "tomorrow"}, "hs256-secret", algorithm="HS256"),
     },
 }))
