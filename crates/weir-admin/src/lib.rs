@@ -127,7 +127,7 @@ async fn drain<B: http_body::Body + Unpin>(mut body: B) {
 /// Serves the Admin API on `listener` until the process ends.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -137,9 +137,17 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                async move {
+                    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                    let resp = admin.handle(req).await;
+                    // Who was refused, for whoever watches for key guessing.
+                    if resp.status() == http::StatusCode::UNAUTHORIZED {
+                        tracing::warn!(client = %peer, %method, path, "admin call refused: no valid admin key");
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
                 tracing::debug!(error = %e, "admin connection ended with an error");

@@ -40,6 +40,9 @@ where
 {
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
+    // Fires when the process starts draining: an idle connection closes then.
+    let drained = crate::drain::connection_ends();
+    tokio::pin!(drained);
     loop {
         let req = loop {
             if !buf.is_empty() {
@@ -52,7 +55,18 @@ where
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(4096);
             }
-            match std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf)).await {
+            let idle = buf.is_empty();
+            let read = std::future::poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf));
+            let read = if idle {
+                tokio::select! {
+                    biased;
+                    r = read => r,
+                    () = &mut drained => return,
+                }
+            } else {
+                read.await
+            };
+            match read {
                 // A close between requests is the normal end; mid-head it is the client's loss.
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
@@ -61,6 +75,7 @@ where
         let keep_alive = req.keep_alive;
         let head_only = req.head.method() == Method::HEAD;
         let resp = proxy.handle(&info, req.head).await;
+        let keep_alive = keep_alive && !crate::drain::is_draining();
         if let Err(e) = respond(&mut io, resp, head_only, keep_alive, &mut out).await {
             tracing::debug!(error = %e, "client connection ended with an error");
             return;
@@ -88,7 +103,17 @@ where
     // gathering slices for the answers a gateway mostly sends.
     builder.http1().writev(false);
     let io = TokioIo::new(Prefixed { read, io });
-    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    // Draining: hyper finishes what is in flight, then closes (GOAWAY on HTTP/2).
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = crate::drain::connection_ends() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }

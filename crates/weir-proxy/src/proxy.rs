@@ -110,7 +110,17 @@ impl Proxy {
         self.snapshot.load().tls.find(name)
     }
 
+    /// Answers one request; with the access log on, logs it once its response body is done.
     pub async fn handle(&self, conn: &ConnInfo, req: Request<ReqBody>) -> Response<RespBody> {
+        let mut entry = crate::access::Entry::start(&req);
+        let resp = self.route_and_forward(conn, req, entry.as_mut()).await;
+        match entry {
+            Some(e) => e.finish(conn, resp),
+            None => resp,
+        }
+    }
+
+    async fn route_and_forward(&self, conn: &ConnInfo, req: Request<ReqBody>, entry: Option<&mut crate::access::Entry>) -> Response<RespBody> {
         COUNTERS.requests.fetch_add(1, Ordering::Relaxed);
         // A guard, not a clone: the snapshot is only needed until the route and its plugins ran.
         let snapshot = self.snapshot.load();
@@ -133,6 +143,9 @@ impl Proxy {
             snapshot.find(&facts).cloned()
         };
         let Some(route) = route else { return not_found() };
+        if let Some(e) = entry {
+            e.route(&route.id);
+        }
         if route.plugins.is_empty() && snapshot.global.is_empty() {
             drop(snapshot);
             return self.to_upstream(&route, route.upstream.as_ref(), parts, body, conn, None, None).await;
