@@ -70,6 +70,9 @@ impl Admin {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = req.into_parts();
+        if parts.uri.path() == BACKUP_PATH {
+            return self.backup(&parts).await;
+        }
         if let Some(len) = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -104,6 +107,32 @@ impl Admin {
         }
         let body = Bytes::from(collected);
         handlers::dispatch(self, parts, body).await
+    }
+}
+
+/// `GET` answers a backup of the whole store (`weir dump` asks a running node here).
+pub const BACKUP_PATH: &str = "/apisix/admin/backup";
+
+impl Admin {
+    /// Every object under the prefix, values as stored. Only for an admin key: a backup holds
+    /// every credential.
+    async fn backup(&self, parts: &http::request::Parts) -> Response<Full<Bytes>> {
+        if parts.method != http::Method::GET {
+            return reply::error(http::StatusCode::METHOD_NOT_ALLOWED, format!("not supported `{}` method", parts.method));
+        }
+        // Checked as a write would be, so a viewer key (GET only) is refused.
+        let (mut as_write, ()) = Request::builder().method(http::Method::PUT).uri(parts.uri.clone()).body(()).expect("a valid request").into_parts();
+        as_write.headers = parts.headers.clone();
+        if let Err(description) = auth::check(&self.keys, &as_write) {
+            return reply::json(
+                http::StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error_msg": "failed to check token", "description": description}),
+            );
+        }
+        match weir_store::backup::export(self.store.as_ref(), &self.prefix).await {
+            Ok(doc) => reply::json(http::StatusCode::OK, &doc),
+            Err(e) => reply::error(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
     }
 }
 

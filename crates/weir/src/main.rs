@@ -46,11 +46,26 @@ enum Command {
     Validate {
         file: PathBuf,
     },
-    /// Print the config a store holds in the declarative layout (as JSON, which the file store
-    /// reads back).
+    /// Print a backup of the configured store (every object, credentials included, values as
+    /// stored) as JSON. A running node is asked through its Admin API; a stopped node's store
+    /// is read directly.
     Dump {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Print the declarative layout instead (as JSON, which the file store reads back;
+        /// credentials have no place there and are left out).
+        #[arg(long)]
+        declarative: bool,
+        /// The running node's Admin API, when it is not `admin.listen` (e.g. that is port 0).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
+    /// Replace everything in the configured store with a backup written by `weir dump`. The
+    /// embedded store must not be in use: stop the node first.
+    Restore {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        file: PathBuf,
     },
 }
 
@@ -65,9 +80,13 @@ fn main() -> std::process::ExitCode {
             logging::init(&LogConfig::default());
             validate(&file)
         }
-        Command::Dump { config } => {
+        Command::Dump { config, declarative, admin } => {
             logging::init(&LogConfig::default());
-            dump(config.as_deref())
+            if declarative { dump(config.as_deref()) } else { backup(config.as_deref(), admin) }
+        }
+        Command::Restore { config, file } => {
+            logging::init(&LogConfig::default());
+            restore(config.as_deref(), &file)
         }
     };
     match result {
@@ -234,6 +253,67 @@ fn dump(config: Option<&Path>) -> anyhow::Result<()> {
     })?;
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
+}
+
+/// Prints a backup of the configured store. An embedded store held by a running node cannot
+/// be opened by a second process; that node is asked through its Admin API instead.
+fn backup(config: Option<&Path>, admin: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let cfg = read_config(config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let prefix = cfg.store.key_prefix();
+    let doc = match rt.block_on(async { anyhow::Ok(weir_store::backup::export(open_store(&cfg).await?.as_ref(), prefix).await?) }) {
+        Ok(doc) => doc,
+        Err(direct) if cfg.store.kind == StoreType::Embedded => {
+            let body = admin_get(&cfg, admin.unwrap_or(cfg.admin.listen), weir_admin::BACKUP_PATH)
+                .with_context(|| format!("the store cannot be opened ({direct:#}), and no running node answered"))?;
+            serde_json::from_slice(&body).context("reading the backup the node sent")?
+        }
+        Err(e) => return Err(e),
+    };
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &doc)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn restore(config: Option<&Path>, file: &Path) -> anyhow::Result<()> {
+    let cfg = read_config(config)?;
+    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let doc: serde_json::Value = serde_json::from_slice(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let count = rt.block_on(async {
+        let store = open_store(&cfg).await.context("opening the store (a running node holds an embedded store: stop it first)")?;
+        weir_store::backup::restore(store.as_ref(), cfg.store.key_prefix(), &doc).await.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+    })?;
+    eprintln!("weir: restored {count} objects from {}", file.display());
+    Ok(())
+}
+
+/// `GET path` on the running node's Admin API with an admin key from the config, the
+/// environment or the data directory; the body of a 200.
+fn admin_get(cfg: &Config, mut addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let key = std::env::var("WEIR_ADMIN_KEY")
+        .ok()
+        .or_else(|| cfg.admin.keys.iter().find(|k| k.role == Role::Admin).map(|k| k.key.clone()))
+        .or_else(|| std::fs::read_to_string(cfg.store.path.join("admin_key")).ok().map(|k| k.trim().to_string()))
+        .context("no admin key (admin.keys, WEIR_ADMIN_KEY or the data directory's admin_key)")?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to the Admin API at {addr}"))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    write!(conn, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").context("the Admin API's answer has no head")?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let body = raw[end + 4..].to_vec();
+    let status = head.split(' ').nth(1).unwrap_or("");
+    anyhow::ensure!(status == "200", "the Admin API at {addr} answered {status}: {}", String::from_utf8_lossy(&body));
+    Ok(body)
 }
 
 /// The configured store: the embedded one in `store.path`, an etcd cluster, or a declarative
