@@ -380,6 +380,15 @@ mod tests {
     }
 
     #[test]
+    fn the_sample_config_is_accepted_and_says_the_defaults() {
+        let c = Config::parse(include_str!("../../../dist/weir.example.yaml")).unwrap();
+        let d = Config::default();
+        assert!(restart_keys(&d, &c).is_empty(), "{:?}", restart_keys(&d, &c));
+        assert_eq!((c.shutdown_timeout, &c.log), (d.shutdown_timeout, &d.log));
+        Config::parse(include_str!("../../../dist/docker.yaml")).unwrap();
+    }
+
+    #[test]
     fn unknown_keys_are_named() {
         let e = Config::parse("proxy:\n  lisen: []\n").unwrap_err();
         assert!(e.contains("lisen"), "{e}");
