@@ -308,6 +308,10 @@ async fn dump_while_serving_then_restore_into_the_stopped_node() {
     let (s, body) = w.admin("PUT", "/consumers/ann/credentials/c1", Some(json!({"plugins": {"key-auth": {"key": "k-ann"}}}))).await;
     assert_eq!(s, 201, "{body}");
     w.until("/secure", &[("apikey", "k-ann")], |r| r.status == 200).await;
+    let ck = rcgen::generate_simple_self_signed(vec!["a.test".to_string()]).unwrap();
+    let ssl = json!({"cert": ck.cert.pem(), "key": ck.signing_key.serialize_pem(), "snis": ["a.test"]});
+    let (s, body) = w.admin("PUT", "/ssls/1", Some(ssl)).await;
+    assert_eq!(s, 201, "{body}");
 
     let cfg = w.dir.path().join("weir.yaml");
     // The config says port 0, so the node's actual address is given.
@@ -319,9 +323,10 @@ async fn dump_while_serving_then_restore_into_the_stopped_node() {
     assert!(status.success(), "dump while the node serves: {stderr}");
     let doc: serde_json::Value = serde_json::from_str(&backup).unwrap();
     let objects = doc["objects"].as_object().unwrap().clone();
-    for key in ["upstreams/u", "routes/secure", "consumers/ann", "consumers/ann/credentials/c1"] {
+    for key in ["upstreams/u", "routes/secure", "consumers/ann", "consumers/ann/credentials/c1", "ssls/1"] {
         assert!(objects.contains_key(key), "{key} in {backup}");
     }
+    assert!(!backup.contains("PRIVATE KEY"), "private keys stay sealed in a backup");
     let file = w.dir.path().join("backup.json");
     std::fs::write(&file, &backup).unwrap();
 
@@ -339,17 +344,19 @@ async fn dump_while_serving_then_restore_into_the_stopped_node() {
     std::fs::remove_file(dir.path().join("data").join("weir.redb")).unwrap();
     let (status, _, stderr) = restore(&cfg);
     assert!(status.success(), "{stderr}");
-    assert!(stderr.contains("restored 4 objects"), "{stderr}");
+    assert!(stderr.contains("restored 5 objects"), "{stderr}");
 
     let w = Weir::spawn(dir, &cfg, &[]);
     assert_eq!(w.get("/secure", &[]).await.status, 401, "the route and its plugin are back");
     assert_eq!(w.get("/secure", &[("apikey", "k-ann")]).await.status, 200, "and the credential");
+    let (s, body) = w.admin("GET", "/ssls/1", None).await;
+    assert_eq!((s, &body["value"]["snis"]), (200, &json!(["a.test"])), "and the certificate");
     let (status, again, _) = dump(w.admin);
     assert!(status.success());
     let again: serde_json::Value = serde_json::from_str(&again).unwrap();
     assert_eq!(again["objects"], serde_json::Value::Object(objects), "the same objects, byte for byte");
 
-    // A viewer key does not get a backup.
+    // Without an admin key, no backup.
     let r = send(w.admin, "GET", "/apisix/admin/backup", &[("x-api-key", "not-a-key-000")], None).await;
     assert_eq!(r.status, 401);
 }
