@@ -60,6 +60,34 @@ async fn sigterm_lets_a_request_in_flight_finish_then_exits_zero() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_http2_connections_with_goaway() {
+    use http_body_util::BodyExt as _;
+    let up = Upstream::start("slow").await;
+    let mut w = Weir::start();
+    route_to(&w, &up).await;
+    let stream = tokio::net::TcpStream::connect(w.proxy).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let proxy = w.proxy;
+    let req = move |path: &str| {
+        http::Request::builder().uri(format!("http://{proxy}{path}")).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap()
+    };
+    let r = sender.send_request(req("/")).await.unwrap();
+    assert_eq!((r.version(), r.status().as_u16()), (http::Version::HTTP_2, 200));
+
+    let slow = tokio::spawn(sender.send_request(req("/sleep/2000")));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.signal("TERM");
+    let r = slow.await.unwrap().expect("the stream in flight is answered");
+    assert_eq!(r.status(), 200);
+    assert!(!r.into_body().collect().await.unwrap().to_bytes().is_empty());
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.expect("the server ends the connection");
+    assert!(ended.unwrap().is_ok(), "with GOAWAY, not an error");
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()), Some(0), "{}", w.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_timeout_bounds_the_wait() {
     let up = Upstream::start("slow").await;
     let mut w = Weir::start();
