@@ -645,6 +645,8 @@ fn tunnel(resp: Response<Received>, client: OnUpgrade) -> Result<Response<RespBo
         return Ok(bad_gateway());
     };
     tokio::spawn(async move {
+        // A tunnel is a client connection too: draining waits for it (up to shutdown_timeout).
+        let _open = crate::drain::Open::new();
         let client = match client.await {
             Ok(c) => c,
             Err(e) => return tracing::debug!(error = %e, "protocol upgrade failed"),

@@ -88,6 +88,41 @@ async fn sigterm_drains_http2_connections_with_goaway() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_for_an_open_websocket() {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message;
+    // An echo server: what the client sends comes back.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(Message::Text(t))) = ws.next().await {
+                    let _ = ws.send(Message::text(t.to_string())).await;
+                }
+            });
+        }
+    });
+    let mut w = Weir::start();
+    let (s, _) = w.admin("PUT", "/routes/ws", Some(json!({"uri": "/ws", "enable_websocket": true, "upstream": {"nodes": {echo.to_string(): 1}}}))).await;
+    assert_eq!(s, 201);
+    w.until("/ws", &[], |r| r.status != 404).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", w.proxy)).await.expect("handshake");
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
+
+    w.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(Message::text("while draining")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("while draining"), "the tunnel lives on");
+    assert!(w.wait_exit(Duration::from_millis(10)).is_none(), "weir waits for it");
+    ws.close(None).await.unwrap();
+    drop(ws);
+    assert_eq!(w.wait_exit(Duration::from_secs(10)).and_then(|s| s.code()), Some(0), "then exits: {}", w.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_timeout_bounds_the_wait() {
     let up = Upstream::start("slow").await;
     let mut w = Weir::start();
