@@ -75,6 +75,9 @@ impl Admin {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = req.into_parts();
+        if parts.uri.path() == BACKUP_PATH {
+            return self.backup(&parts).await;
+        }
         if let Some(len) = parts
             .headers
             .get(http::header::CONTENT_LENGTH)
@@ -112,6 +115,32 @@ impl Admin {
     }
 }
 
+/// `GET` answers a backup of the whole store (`weir dump` asks a running node here).
+pub const BACKUP_PATH: &str = "/apisix/admin/backup";
+
+impl Admin {
+    /// Every object under the prefix, values as stored. Only for an admin key: a backup holds
+    /// every credential.
+    async fn backup(&self, parts: &http::request::Parts) -> Response<Full<Bytes>> {
+        if parts.method != http::Method::GET {
+            return reply::error(http::StatusCode::METHOD_NOT_ALLOWED, format!("not supported `{}` method", parts.method));
+        }
+        // Checked as a write would be, so a viewer key (GET only) is refused.
+        let (mut as_write, ()) = Request::builder().method(http::Method::PUT).uri(parts.uri.clone()).body(()).expect("a valid request").into_parts();
+        as_write.headers = parts.headers.clone();
+        if let Err(description) = auth::check(&self.keys, &as_write) {
+            return reply::json(
+                http::StatusCode::UNAUTHORIZED,
+                &serde_json::json!({"error_msg": "failed to check token", "description": description}),
+            );
+        }
+        match weir_store::backup::export(self.store.as_ref(), &self.prefix).await {
+            Ok(doc) => reply::json(http::StatusCode::OK, &doc),
+            Err(e) => reply::error(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        }
+    }
+}
+
 /// Past this, an oversized body is not even read: the connection is dropped after the answer.
 const DRAIN_LIMIT: usize = 16 * 1024 * 1024;
 
@@ -137,7 +166,7 @@ const MAX_HEAD: usize = 32 * 1024;
 /// the next one on an open connection); a head past 32 KiB is answered with 431.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, header_timeout: std::time::Duration) {
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
@@ -147,9 +176,17 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, header_timeout: std
         };
         let admin = admin.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let admin = admin.clone();
-                async move { Ok::<_, Infallible>(admin.handle(req).await) }
+                async move {
+                    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+                    let resp = admin.handle(req).await;
+                    // Who was refused, for whoever watches for key guessing.
+                    if resp.status() == http::StatusCode::UNAUTHORIZED {
+                        tracing::warn!(client = %peer, %method, path, "admin call refused: no valid admin key");
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let mut builder = http1::Builder::new();
             builder

@@ -101,6 +101,9 @@ where
     let mut out = Vec::with_capacity(4096);
     // The first request has the head's time from the connection's start.
     let mut wait = header_timeout;
+    // Fires when the process starts draining: an idle connection closes then.
+    let drained = crate::drain::connection_ends();
+    tokio::pin!(drained);
     loop {
         let mut arriving = Arriving::default();
         // The timer is set only once a read has to wait, for `wait` from then.
@@ -139,7 +142,18 @@ where
             if buf.capacity() - buf.len() < 1024 {
                 buf.reserve(4096);
             }
-            match poll_fn(|cx| io.poll_read_within(cx, &mut buf, &mut armed, wait)).await {
+            let idle = buf.is_empty();
+            let read = poll_fn(|cx| io.poll_read_within(cx, &mut buf, &mut armed, wait));
+            let read = if idle {
+                tokio::select! {
+                    biased;
+                    r = read => r,
+                    () = &mut drained => return,
+                }
+            } else {
+                read.await
+            };
+            match read {
                 // A close between requests is the normal end; mid-head it is the client's loss,
                 // and so is a timeout.
                 Ok(0) | Err(_) => return,
@@ -149,6 +163,7 @@ where
         let keep_alive = req.keep_alive;
         let head_only = req.head.method() == Method::HEAD;
         let resp = proxy.handle(&info, req.head).await;
+        let keep_alive = keep_alive && !crate::drain::is_draining();
         if let Err(e) = respond(&mut io, resp, head_only, keep_alive, &mut out).await {
             tracing::debug!(error = %e, "client connection ended with an error");
             return;
@@ -269,7 +284,17 @@ where
         .max_buf_size(MAX_HEAD);
     builder.http2().timer(TokioTimer::new()).max_header_list_size(MAX_HEAD as u32);
     let io = TokioIo::new(Prefixed { read, io });
-    if let Err(e) = builder.serve_connection_with_upgrades(io, service).await {
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    // Draining: hyper finishes what is in flight, then closes (GOAWAY on HTTP/2).
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        () = crate::drain::connection_ends() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = ended {
         tracing::debug!(error = %e, "client connection ended with an error");
     }
 }

@@ -4,9 +4,11 @@
 //! [`snapshot::Builder`] → `ArcSwap<Snapshot>` → [`proxy::Proxy`]. The proxy never calls the
 //! store and never parses JSON.
 
+pub mod access;
 pub mod balancer;
 pub mod body;
 pub mod deadline;
+pub mod drain;
 pub mod exporter;
 pub mod front;
 pub mod h1;

@@ -148,7 +148,17 @@ impl Proxy {
         self.snapshot.load().tls.find(name)
     }
 
+    /// Answers one request; with the access log on, logs it once its response body is done.
     pub async fn handle(&self, conn: &ConnInfo, req: Request<ReqBody>) -> Response<RespBody> {
+        let mut entry = crate::access::Entry::start(&req);
+        let resp = self.route_and_forward(conn, req, entry.as_mut()).await;
+        match entry {
+            Some(e) => e.finish(conn, resp),
+            None => resp,
+        }
+    }
+
+    async fn route_and_forward(&self, conn: &ConnInfo, req: Request<ReqBody>, entry: Option<&mut crate::access::Entry>) -> Response<RespBody> {
         COUNTERS.requests.fetch_add(1, Ordering::Relaxed);
         // A guard, not a clone: the snapshot is only needed until the route and its plugins ran.
         let snapshot = self.snapshot.load();
@@ -191,6 +201,9 @@ impl Proxy {
             snapshot.find(&facts).cloned()
         };
         let Some(route) = route else { return not_found() };
+        if let Some(e) = entry {
+            e.route(&route.id);
+        }
         if route.unavailable.is_some() || snapshot.global_unavailable.is_some() {
             return unavailable();
         }
@@ -702,6 +715,8 @@ fn tunnel(resp: Response<Received>, client: OnUpgrade) -> Result<Response<RespBo
         return Ok(bad_gateway());
     };
     tokio::spawn(async move {
+        // A tunnel is a client connection too: draining waits for it (up to shutdown_timeout).
+        let _open = crate::drain::Open::new();
         let client = match client.await {
             Ok(c) => c,
             Err(e) => return tracing::debug!(error = %e, "protocol upgrade failed"),

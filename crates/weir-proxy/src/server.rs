@@ -15,7 +15,7 @@ use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::front;
+use crate::{drain, front};
 use crate::proxy::{ConnInfo, Proxy};
 use weir_plugins::prometheus::COUNTERS;
 
@@ -27,6 +27,25 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(4096)?;
     Ok(socket.into())
+}
+
+/// Fails when another socket already listens on `addr`. Our workers share each address
+/// through `SO_REUSEPORT`, but so would any other process that sets it (a second Weir), and
+/// the kernel would split the traffic between them. A socket without `SO_REUSEPORT` cannot
+/// bind where anyone listens, so it is bound once and dropped before the workers bind.
+/// `SO_REUSEADDR` is kept so connections of a previous run in TIME_WAIT do not block a restart.
+fn probe(addr: SocketAddr) -> std::io::Result<()> {
+    if addr.port() == 0 {
+        return Ok(());
+    }
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}
+
+/// An error that names the address it is about: `cannot listen on 127.0.0.1:9080: ...`.
+pub fn listen_error(addr: SocketAddr, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
 }
 
 /// How long a client may take over its TLS handshake.
@@ -51,12 +70,14 @@ pub fn start(
     let mut per_worker: Vec<Vec<(std::net::TcpListener, bool)>> = (0..workers).map(|_| Vec::new()).collect();
     let all = plain.iter().map(|a| (a, false)).chain(tls.iter().map(|a| (a, true)));
     for (addr, is_tls) in all {
-        let first = bind(*addr)?;
+        let named = |e| listen_error(*addr, e);
+        probe(*addr).map_err(named)?;
+        let first = bind(*addr).map_err(named)?;
         let actual = first.local_addr()?;
         bound.push((actual, is_tls));
         per_worker[0].push((first, is_tls));
         for list in per_worker.iter_mut().skip(1) {
-            list.push((bind(actual)?, is_tls));
+            list.push((bind(actual).map_err(named)?, is_tls));
         }
     }
     for (n, listeners) in per_worker.into_iter().enumerate() {
@@ -72,6 +93,9 @@ pub fn start(
                 for t in tasks {
                     let _ = t.await;
                 }
+                // The accept loops end when draining starts; the connections this runtime still
+                // serves run on until the process exits (the caller waits for them).
+                std::future::pending::<()>().await;
             });
         })?;
     }
@@ -80,8 +104,16 @@ pub fn start(
 
 async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
     let local = listener.local_addr().expect("bound listener has an address");
+    let stop = drain::accepting_ends();
+    tokio::pin!(stop);
     loop {
-        let (stream, remote) = match listener.accept().await {
+        // Draining drops the listener: the kernel refuses new connections from then on.
+        let accepted = tokio::select! {
+            biased;
+            () = &mut stop => return,
+            a = listener.accept() => a,
+        };
+        let (stream, remote) = match accepted {
             Ok(s) => s,
             Err(e) => {
                 // Out of file descriptors and the like: back off briefly rather than spin.
@@ -142,6 +174,7 @@ where
 {
     COUNTERS.active.fetch_add(1, Ordering::Relaxed);
     let _active = Active;
+    let _open = drain::Open::new();
     front::serve(io, info, proxy).await;
 }
 

@@ -1,12 +1,16 @@
 //! The embedded store: one redb file. Commits are durable (fsync) before a write returns, so an
 //! acknowledged Admin API write survives `kill -9`.
 //!
+//! After an I/O error (a full disk, say) redb refuses every later operation until the database
+//! is closed and opened again; the store does that on the next operation, so it recovers by
+//! itself once the disk has space again.
+//!
 //! Watch history is kept in memory only: after a restart the store remembers no change before
 //! its current revision, and a watcher asking for older ones gets `Compacted`.
 
 use std::collections::VecDeque;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -27,7 +31,9 @@ const HISTORY: usize = 4096;
 use crate::Batch;
 
 struct Shared {
-    db: Database,
+    path: PathBuf,
+    /// `None` after an I/O error closed it, until the next operation opens it again.
+    db: RwLock<Option<Database>>,
     /// Serialises commits with their broadcast, so watchers see transactions in revision order.
     log: Mutex<Log>,
     tx: broadcast::Sender<Batch>,
@@ -51,6 +57,28 @@ fn corrupt(e: impl std::fmt::Display) -> StoreError {
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// A redb error: the storage failing (the database must then be reopened) or the data being
+/// wrong.
+fn failed(e: impl Into<redb::Error>) -> StoreError {
+    match e.into() {
+        e @ (redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed) => unavailable(e),
+        e => corrupt(e),
+    }
+}
+
+/// Opens the file and reads the revision it is at.
+fn open_db(path: &Path) -> Result<(Database, i64)> {
+    let db = Database::create(path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
+    let wtx = db.begin_write().map_err(unavailable)?;
+    let revision = {
+        wtx.open_table(KV).map_err(failed)?;
+        let meta = wtx.open_table(META).map_err(failed)?;
+        meta.get(REVISION).map_err(failed)?.map(|g| g.value()).unwrap_or(0)
+    };
+    wtx.commit().map_err(unavailable)?;
+    Ok((db, revision))
 }
 
 /// Stored value layout: create revision, mod revision (both little-endian i64), then the bytes.
@@ -82,17 +110,37 @@ impl EmbeddedStore {
     pub fn open(dir: &Path) -> Result<EmbeddedStore> {
         std::fs::create_dir_all(dir).map_err(|e| unavailable(format!("{}: {e}", dir.display())))?;
         let path = dir.join("weir.redb");
-        let db = Database::create(&path).map_err(|e| unavailable(format!("{}: {e}", path.display())))?;
-        let wtx = db.begin_write().map_err(unavailable)?;
-        let revision = {
-            wtx.open_table(KV).map_err(corrupt)?;
-            let meta = wtx.open_table(META).map_err(corrupt)?;
-            meta.get(REVISION).map_err(corrupt)?.map(|g| g.value()).unwrap_or(0)
-        };
-        wtx.commit().map_err(unavailable)?;
+        let (db, revision) = open_db(&path)?;
         let (tx, _) = broadcast::channel(1024);
         let log = Log { revision, horizon: revision + 1, recent: VecDeque::new() };
-        Ok(EmbeddedStore { shared: Arc::new(Shared { db, log: Mutex::new(log), tx }) })
+        Ok(EmbeddedStore { shared: Arc::new(Shared { path, db: RwLock::new(Some(db)), log: Mutex::new(log), tx }) })
+    }
+
+    /// Runs `f` on the database, opening it again first if an I/O error closed it. An I/O
+    /// error from `f` closes it, so the next operation starts from a fresh open (redb answers
+    /// nothing but `PreviousIo` after one).
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T>) -> Result<T> {
+        let mut guard = self.shared.db.read().expect("store db lock");
+        if guard.is_none() {
+            drop(guard);
+            {
+                let mut slot = self.shared.db.write().expect("store db lock");
+                if slot.is_none() {
+                    let (db, _) = open_db(&self.shared.path)?;
+                    tracing::info!(path = %self.shared.path.display(), "store reopened after an I/O error");
+                    *slot = Some(db);
+                }
+            }
+            guard = self.shared.db.read().expect("store db lock");
+        }
+        let db = guard.as_ref().ok_or_else(|| unavailable("store closed"))?;
+        let out = f(db);
+        drop(guard);
+        if let Err(StoreError::Unavailable(e)) = &out {
+            tracing::warn!(error = %e, "store I/O failed; it is reopened on the next operation");
+            *self.shared.db.write().expect("store db lock") = None;
+        }
+        out
     }
 
     pub fn revision(&self) -> i64 {
@@ -100,42 +148,58 @@ impl EmbeddedStore {
     }
 
     fn get_blocking(&self, key: &str) -> Result<Option<KeyValue>> {
-        let rtx = self.shared.db.begin_read().map_err(unavailable)?;
-        let table = rtx.open_table(KV).map_err(corrupt)?;
-        match table.get(key).map_err(corrupt)? {
-            Some(raw) => Ok(Some(decode(key, raw.value())?)),
-            None => Ok(None),
-        }
+        self.with_db(|db| {
+            let rtx = db.begin_read().map_err(failed)?;
+            let table = rtx.open_table(KV).map_err(failed)?;
+            match table.get(key).map_err(failed)? {
+                Some(raw) => Ok(Some(decode(key, raw.value())?)),
+                None => Ok(None),
+            }
+        })
     }
 
     fn list_blocking(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64)> {
-        let rtx = self.shared.db.begin_read().map_err(unavailable)?;
-        let table = rtx.open_table(KV).map_err(corrupt)?;
-        let meta = rtx.open_table(META).map_err(corrupt)?;
-        let revision = meta.get(REVISION).map_err(corrupt)?.map(|g| g.value()).unwrap_or(0);
-        let mut out = Vec::new();
-        for entry in table.range(prefix..).map_err(corrupt)? {
-            let (k, v) = entry.map_err(corrupt)?;
-            let key = k.value();
-            if !key.starts_with(prefix) {
-                break;
+        self.with_db(|db| {
+            let rtx = db.begin_read().map_err(failed)?;
+            let table = rtx.open_table(KV).map_err(failed)?;
+            let meta = rtx.open_table(META).map_err(failed)?;
+            let revision = meta.get(REVISION).map_err(failed)?.map(|g| g.value()).unwrap_or(0);
+            let mut out = Vec::new();
+            for entry in table.range(prefix..).map_err(failed)? {
+                let (k, v) = entry.map_err(failed)?;
+                let key = k.value();
+                if !key.starts_with(prefix) {
+                    break;
+                }
+                out.push(decode(key, v.value())?);
             }
-            out.push(decode(key, v.value())?);
-        }
-        Ok((out, revision))
+            Ok((out, revision))
+        })
     }
 
     fn txn_blocking(&self, txn: Txn) -> Result<TxnOutcome> {
         let mut log = self.shared.log.lock().expect("store log lock");
-        let wtx = self.shared.db.begin_write().map_err(unavailable)?;
+        self.with_db(|db| Self::commit(db, &mut log, &self.shared.tx, txn))
+    }
+
+    fn commit(db: &Database, log: &mut Log, tx: &broadcast::Sender<Batch>, txn: Txn) -> Result<TxnOutcome> {
+        let wtx = db.begin_write().map_err(failed)?;
+        // A commit that reported an I/O error may still have landed; its revision is not
+        // reused.
+        let stored = wtx.open_table(META).map_err(failed)?.get(REVISION).map_err(failed)?.map(|g| g.value()).unwrap_or(0);
+        if stored > log.revision {
+            tracing::warn!(stored, known = log.revision, "a commit that reported an error was stored; watchers start over");
+            log.revision = stored;
+            log.horizon = stored + 1;
+        }
         let revision = log.revision + 1;
         let mut events = Vec::new();
         let mut prevs = Vec::new();
         let mut deleted = 0;
         {
-            let mut table = wtx.open_table(KV).map_err(corrupt)?;
+            let mut table = wtx.open_table(KV).map_err(failed)?;
             for Compare { key, mod_revision } in &txn.compares {
-                let current = match table.get(key.as_str()).map_err(corrupt)? {
+                let current = match table.get(key.as_str()).map_err(failed)? {
                     Some(raw) => decode(key, raw.value())?.mod_revision,
                     None => 0,
                 };
@@ -147,14 +211,14 @@ impl EmbeddedStore {
             for op in &txn.ops {
                 match op {
                     Op::Put { key, value } => {
-                        let prev = match table.get(key.as_str()).map_err(corrupt)? {
+                        let prev = match table.get(key.as_str()).map_err(failed)? {
                             Some(raw) => Some(decode(key, raw.value())?),
                             None => None,
                         };
                         let create = prev.as_ref().map_or(revision, |p| p.create_revision);
                         table
                             .insert(key.as_str(), encode(create, revision, value).as_slice())
-                            .map_err(corrupt)?;
+                            .map_err(failed)?;
                         events.push(Event {
                             kind: EventKind::Put,
                             kv: KeyValue {
@@ -167,7 +231,7 @@ impl EmbeddedStore {
                         prevs.push(prev);
                     }
                     Op::Delete { key } => {
-                        let prev = match table.remove(key.as_str()).map_err(corrupt)? {
+                        let prev = match table.remove(key.as_str()).map_err(failed)? {
                             Some(raw) => Some(decode(key, raw.value())?),
                             None => None,
                         };
@@ -179,15 +243,15 @@ impl EmbeddedStore {
                     }
                     Op::DeletePrefix { prefix } => {
                         let mut keys = Vec::new();
-                        for entry in table.range(prefix.as_str()..).map_err(corrupt)? {
-                            let (k, v) = entry.map_err(corrupt)?;
+                        for entry in table.range(prefix.as_str()..).map_err(failed)? {
+                            let (k, v) = entry.map_err(failed)?;
                             if !k.value().starts_with(prefix.as_str()) {
                                 break;
                             }
                             keys.push(decode(k.value(), v.value())?);
                         }
                         for p in keys {
-                            table.remove(p.key.as_str()).map_err(corrupt)?;
+                            table.remove(p.key.as_str()).map_err(failed)?;
                             deleted += 1;
                             events.push(delete_event(&p, revision));
                         }
@@ -199,10 +263,10 @@ impl EmbeddedStore {
                 // Nothing changed (e.g. deleting an absent key): no new revision, like etcd.
                 return Ok(TxnOutcome::Committed { revision: log.revision, prev: prevs, deleted });
             }
-            let mut meta = wtx.open_table(META).map_err(corrupt)?;
-            meta.insert(REVISION, revision).map_err(corrupt)?;
+            let mut meta = wtx.open_table(META).map_err(failed)?;
+            meta.insert(REVISION, revision).map_err(failed)?;
         }
-        wtx.commit().map_err(unavailable)?;
+        wtx.commit().map_err(failed)?;
         log.revision = revision;
         let batch: Batch = Arc::new((revision, events));
         log.recent.push_back(batch.clone());
@@ -211,7 +275,7 @@ impl EmbeddedStore {
                 log.horizon = old.0 + 1;
             }
         // No receivers is fine: nobody is watching yet.
-        let _ = self.shared.tx.send(batch);
+        let _ = tx.send(batch);
         Ok(TxnOutcome::Committed { revision, prev: prevs, deleted })
     }
 }
@@ -341,6 +405,65 @@ mod tests {
         // History is not kept across restarts: watching the past is compacted.
         let mut w = s.watch("/", 1).await.unwrap();
         assert_eq!(w.recv().await, Some(WatchMessage::Compacted));
+    }
+
+    /// A tmpfs of 4 MiB, unmounted when dropped.
+    struct SmallDisk {
+        dir: tempfile::TempDir,
+    }
+
+    impl SmallDisk {
+        fn mount() -> SmallDisk {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "mounting a tmpfs needs root (the tests run as root in CI)");
+            SmallDisk { dir }
+        }
+    }
+
+    impl Drop for SmallDisk {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+        }
+    }
+
+    #[tokio::test]
+    async fn recovers_once_a_full_disk_has_room_again() {
+        let disk = SmallDisk::mount();
+        let s = EmbeddedStore::open(&disk.dir.path().join("store")).unwrap();
+        s.put("/k/before", b("kept")).await.unwrap();
+
+        // Fill the disk, then write until the store fails.
+        let filler = disk.dir.path().join("filler");
+        {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let chunk = vec![0u8; 64 * 1024];
+            while f.write_all(&chunk).is_ok() {}
+            let _ = f.sync_all();
+        }
+        let big = Bytes::from(vec![b'x'; 256 * 1024]);
+        let mut failed = false;
+        for i in 0..64 {
+            if s.put(&format!("/k/big{i}"), big.clone()).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(failed, "a full disk fails a write");
+
+        // Room again: the next writes succeed without a restart, and nothing acknowledged is lost.
+        std::fs::remove_file(&filler).unwrap();
+        let (rev, _) = s.put("/k/after", b("back")).await.expect("the store recovers by itself");
+        assert_eq!(s.get("/k/after").await.unwrap().unwrap().value, b("back"));
+        assert_eq!(s.get("/k/before").await.unwrap().unwrap().value, b("kept"));
+        let (_, listed_at) = s.list("/k/").await.unwrap();
+        assert_eq!(listed_at, rev);
+        assert_eq!(s.revision(), rev);
     }
 
     #[tokio::test]

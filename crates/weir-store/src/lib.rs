@@ -6,6 +6,7 @@
 //! revision on; if the store no longer remembers that far back it says [`WatchMessage::Compacted`]
 //! and the watcher lists again.
 
+pub mod backup;
 mod embedded;
 mod etcd;
 mod file;

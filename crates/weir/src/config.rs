@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use weir_admin::AdminKey;
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub proxy: ProxyConfig,
@@ -16,6 +16,54 @@ pub struct Config {
     pub plugin_attr: PluginAttr,
     pub deployment: Deployment,
     pub status: StatusConfig,
+    /// Seconds that requests in flight get to finish after SIGTERM or SIGINT.
+    pub shutdown_timeout: u64,
+    pub log: LogConfig,
+    pub access_log: AccessLogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            proxy: ProxyConfig::default(),
+            admin: AdminConfig::default(),
+            store: StoreConfig::default(),
+            data_encryption: DataEncryption::default(),
+            plugin_attr: PluginAttr::default(),
+            deployment: Deployment::default(),
+            status: StatusConfig::default(),
+            shutdown_timeout: 30,
+            log: LogConfig::default(),
+            access_log: AccessLogConfig::default(),
+        }
+    }
+}
+
+/// The process log, on stderr.
+#[derive(Debug, Deserialize, Default, PartialEq, Eq, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter: `info`, `debug`, `weir_proxy=debug,info`. `RUST_LOG` overrides it.
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Deserialize, Default, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// One line per proxied request (APISIX's access log fields), as JSON; off by default.
+#[derive(Debug, Deserialize, Default, PartialEq, Eq, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    /// A file to append to; without it, stdout.
+    pub path: Option<PathBuf>,
 }
 
 /// What this process does, as APISIX's `deployment.role`.
@@ -338,8 +386,46 @@ impl Config {
                 errors.push(format!("admin.keys[{i}] ({}): a key needs at least 8 characters", k.name));
             }
         }
+        if let Some(level) = &self.log.level
+            && let Err(e) = crate::logging::check_level(level)
+        {
+            errors.push(format!("log.level: {e}"));
+        }
+        if self.access_log.path.is_some() && !self.access_log.enabled {
+            errors.push("access_log.path: set, but access_log.enabled is false".to_string());
+        }
         if errors.is_empty() { Ok(()) } else { Err(errors.join("\n")) }
     }
+}
+
+/// The keys whose value differs between `old` and `new` among those a running process cannot
+/// change (everything but `log.level` and `shutdown_timeout`).
+pub fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
+    // Compared through `Debug`, which every section has; nothing here is printed.
+    fn differs<T: std::fmt::Debug>(a: &T, b: &T) -> bool {
+        format!("{a:?}") != format!("{b:?}")
+    }
+    let mut keys = Vec::new();
+    let mut check = |key, changed| {
+        if changed {
+            keys.push(key);
+        }
+    };
+    check("proxy.listen", old.proxy.listen != new.proxy.listen);
+    check("proxy.tls_listen", old.proxy.tls_listen != new.proxy.tls_listen);
+    check("proxy.tls_fallback_sni", old.proxy.tls_fallback_sni != new.proxy.tls_fallback_sni);
+    check("proxy.workers", old.proxy.workers != new.proxy.workers);
+    check("admin.listen", old.admin.listen != new.admin.listen);
+    check("admin.keys", differs(&old.admin.keys, &new.admin.keys));
+    check("store", differs(&old.store, &new.store));
+    check("data_encryption", differs(&old.data_encryption, &new.data_encryption));
+    check("plugin_attr.prometheus", differs(&old.plugin_attr.prometheus, &new.plugin_attr.prometheus));
+    check("plugin_attr.opentelemetry", differs(&old.plugin_attr.opentelemetry, &new.plugin_attr.opentelemetry));
+    check("deployment.role", old.deployment.role != new.deployment.role);
+    check("status.listen", old.status.listen != new.status.listen);
+    check("log.format", old.log.format != new.log.format);
+    check("access_log", old.access_log != new.access_log);
+    keys
 }
 
 #[cfg(test)]
@@ -385,6 +471,15 @@ mod tests {
         assert_eq!(c.data_encryption.keyring.len(), 1);
         let e = Config::parse("data_encryption:\n  keyring: [\"short\"]\n").unwrap_err();
         assert!(e.contains("keyring[0]"), "{e}");
+    }
+
+    #[test]
+    fn the_sample_config_is_accepted_and_says_the_defaults() {
+        let c = Config::parse(include_str!("../../../dist/weir.example.yaml")).unwrap();
+        let d = Config::default();
+        assert!(restart_keys(&d, &c).is_empty(), "{:?}", restart_keys(&d, &c));
+        assert_eq!((c.shutdown_timeout, &c.log), (d.shutdown_timeout, &d.log));
+        Config::parse(include_str!("../../../dist/docker.yaml")).unwrap();
     }
 
     #[test]

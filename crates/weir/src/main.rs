@@ -1,6 +1,7 @@
 //! `weir`: the gateway binary.
 
 mod config;
+mod logging;
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use weir_plugins::Registry;
 use weir_tls::Keyring;
 use weir_store::{EmbeddedStore, EtcdOptions, EtcdStore, FileStore, SharedStore};
 
-use crate::config::{Config, DeployRole, StoreType};
+use crate::config::{Config, DeployRole, LogConfig, StoreType};
 use weir_proxy::watch::SyncStatus;
 
 // The proxy allocates small, short-lived buffers per request; mimalloc keeps them thread-local
@@ -45,28 +46,48 @@ enum Command {
     Validate {
         file: PathBuf,
     },
-    /// Print the config a store holds in the declarative layout (as JSON, which the file store
-    /// reads back).
+    /// Print a backup of the configured store (every object, credentials included, values as
+    /// stored) as JSON. A running node is asked through its Admin API; a stopped node's store
+    /// is read directly.
     Dump {
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Print the declarative layout instead (as JSON, which the file store reads back;
+        /// credentials have no place there and are left out).
+        #[arg(long)]
+        declarative: bool,
+        /// The running node's Admin API, when it is not `admin.listen` (e.g. that is port 0).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+    },
+    /// Replace everything in the configured store with a backup written by `weir dump`. The
+    /// embedded store must not be in use: stop the node first.
+    Restore {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        file: PathBuf,
     },
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // rustls warns about what clients send (an IP address as SNI, say): one line per
-            // connection that the gateway can do nothing about.
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rustls=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config } => serve(config.as_deref()),
-        Command::Validate { file } => validate(&file),
-        Command::Dump { config } => dump(config.as_deref()),
+        Command::Serve { config } => read_config(config.as_deref()).and_then(|cfg| {
+            let log = logging::init(&cfg.log);
+            serve(cfg, config.as_deref(), log)
+        }),
+        Command::Validate { file } => {
+            logging::init(&LogConfig::default());
+            validate(&file)
+        }
+        Command::Dump { config, declarative, admin } => {
+            logging::init(&LogConfig::default());
+            if declarative { dump(config.as_deref()) } else { backup(config.as_deref(), admin) }
+        }
+        Command::Restore { config, file } => {
+            logging::init(&LogConfig::default());
+            restore(config.as_deref(), &file)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -255,6 +276,67 @@ fn dump(config: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints a backup of the configured store. An embedded store held by a running node cannot
+/// be opened by a second process; that node is asked through its Admin API instead.
+fn backup(config: Option<&Path>, admin: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let cfg = read_config(config)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let prefix = cfg.store.key_prefix();
+    let doc = match rt.block_on(async { anyhow::Ok(weir_store::backup::export(open_store(&cfg).await?.as_ref(), prefix).await?) }) {
+        Ok(doc) => doc,
+        Err(direct) if cfg.store.kind == StoreType::Embedded => {
+            let body = admin_get(&cfg, admin.unwrap_or(cfg.admin.listen), weir_admin::BACKUP_PATH)
+                .with_context(|| format!("the store cannot be opened ({direct:#}), and no running node answered"))?;
+            serde_json::from_slice(&body).context("reading the backup the node sent")?
+        }
+        Err(e) => return Err(e),
+    };
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, &doc)?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+fn restore(config: Option<&Path>, file: &Path) -> anyhow::Result<()> {
+    let cfg = read_config(config)?;
+    let text = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let doc: serde_json::Value = serde_json::from_slice(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let count = rt.block_on(async {
+        let store = open_store(&cfg).await.context("opening the store (a running node holds an embedded store: stop it first)")?;
+        weir_store::backup::restore(store.as_ref(), cfg.store.key_prefix(), &doc).await.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+    })?;
+    eprintln!("weir: restored {count} objects from {}", file.display());
+    Ok(())
+}
+
+/// `GET path` on the running node's Admin API with an admin key from the config, the
+/// environment or the data directory; the body of a 200.
+fn admin_get(cfg: &Config, mut addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let key = std::env::var("WEIR_ADMIN_KEY")
+        .ok()
+        .or_else(|| cfg.admin.keys.iter().find(|k| k.role == Role::Admin).map(|k| k.key.clone()))
+        .or_else(|| std::fs::read_to_string(cfg.store.path.join("admin_key")).ok().map(|k| k.trim().to_string()))
+        .context("no admin key (admin.keys, WEIR_ADMIN_KEY or the data directory's admin_key)")?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let mut conn = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
+        .with_context(|| format!("connecting to the Admin API at {addr}"))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
+    write!(conn, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)?;
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").context("the Admin API's answer has no head")?;
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let body = raw[end + 4..].to_vec();
+    let status = head.split(' ').nth(1).unwrap_or("");
+    anyhow::ensure!(status == "200", "the Admin API at {addr} answered {status}: {}", String::from_utf8_lossy(&body));
+    Ok(body)
+}
+
 /// The configured store: the embedded one in `store.path`, an etcd cluster, or a declarative
 /// file.
 async fn open_store(cfg: &Config) -> anyhow::Result<SharedStore> {
@@ -278,8 +360,7 @@ async fn open_store(cfg: &Config) -> anyhow::Result<SharedStore> {
     })
 }
 
-fn serve(config: Option<&Path>) -> anyhow::Result<()> {
-    let cfg = read_config(config)?;
+fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow::Result<()> {
     // With a declarative file there is nothing to write to: no Admin API, as APISIX's
     // standalone mode.
     let from_file = cfg.store.kind == StoreType::File;
@@ -300,6 +381,12 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        // Handled from the start, so a signal during start-up does not take its default action.
+        let mut signals = Signals::new()?;
+        if cfg.access_log.enabled && role != DeployRole::ControlPlane {
+            weir_proxy::access::init(cfg.access_log.path.as_deref())?;
+        }
+        let mut listeners = Vec::new();
         let store = open_store(&cfg).await?;
         let prefix = cfg.store.key_prefix().to_string();
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
@@ -316,44 +403,128 @@ fn serve(config: Option<&Path>) -> anyhow::Result<()> {
             let proxy = Arc::new(Proxy::new(snapshot.clone())
                 .with_fallback_sni(cfg.proxy.tls_fallback_sni.clone())
                 .with_limits(cfg.proxy.limits()));
-            bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)
-                .context("binding proxy listeners")?;
+            bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)?;
         }
         if let Some(addr) = cfg.status.listen {
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding status listener {addr}"))?;
+            let l = listen(addr).await?;
             announce(format_args!("weir: status listening on http://{}", l.local_addr()?));
             let serves_traffic = role != DeployRole::ControlPlane;
-            tokio::spawn(weir_proxy::status::serve(l, role.name(), serves_traffic.then(|| sync.clone())));
+            listeners.push(tokio::spawn(weir_proxy::status::serve(l, role.name(), serves_traffic.then(|| sync.clone()))));
         }
         let prom = &cfg.plugin_attr.prometheus;
         if prom.enable_export_server && role != DeployRole::ControlPlane {
             let addr = std::net::SocketAddr::new(prom.export_addr.ip, prom.export_addr.port);
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding prometheus export listener {addr}"))?;
+            let l = listen(addr).await?;
             announce(format_args!("weir: prometheus metrics on http://{}{}", l.local_addr()?, prom.export_uri));
-            tokio::spawn(weir_proxy::exporter::serve(l, prom.export_uri.clone()));
+            listeners.push(tokio::spawn(weir_proxy::exporter::serve(l, prom.export_uri.clone())));
         }
         for (addr, tls) in &bound {
             let scheme = if *tls { "https" } else { "http" };
             announce(format_args!("weir: proxy listening on {scheme}://{addr}"));
         }
         if role != DeployRole::DataPlane {
-            let admin_listener = tokio::net::TcpListener::bind(cfg.admin.listen)
-                .await
-                .with_context(|| format!("binding admin listener {}", cfg.admin.listen))?;
+            let admin_listener = listen(cfg.admin.listen).await?;
             let admin_addr = admin_listener.local_addr()?;
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
             let admin = Arc::new(Admin::new(store, prefix.clone(), keys, plugins, keyring).with_control(control));
-            tokio::spawn(weir_admin::serve(admin_listener, admin, cfg.admin.header_timeout()));
+            listeners.push(tokio::spawn(weir_admin::serve(admin_listener, admin, cfg.admin.header_timeout())));
             announce(format_args!("weir: admin listening on http://{admin_addr}"));
         }
         announce(format_args!("weir: ready ({})", role.name()));
 
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        let mut live = cfg;
+        let signal = loop {
+            tokio::select! {
+                _ = signals.term.recv() => break "SIGTERM",
+                _ = signals.int.recv() => break "SIGINT",
+                _ = signals.quit.recv() => quit(),
+                _ = signals.hup.recv() => reload(config, &mut live, &log),
+            }
+        };
+        // Stop taking connections everywhere, then give requests in flight their time.
+        for l in &listeners {
+            l.abort();
         }
-        tracing::info!("shutting down");
+        weir_proxy::drain::start();
+        let timeout = std::time::Duration::from_secs(live.shutdown_timeout);
+        tracing::info!(signal, connections = weir_proxy::drain::open(), timeout_s = live.shutdown_timeout, "stopping: listeners closed, waiting for requests in flight");
+        let deadline = tokio::time::Instant::now() + timeout;
+        while weir_proxy::drain::open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+                _ = signals.quit.recv() => quit(),
+            }
+        }
+        match weir_proxy::drain::open() {
+            0 => tracing::info!("stopped"),
+            n => tracing::warn!(connections = n, "stopped: shutdown_timeout reached, connections cut"),
+        }
         Ok(())
     })
+}
+
+/// Binds a listener of the control runtime (admin, status, metrics); the error names the
+/// address. No `SO_REUSEPORT` here, so an address another process listens on is refused.
+async fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| weir_proxy::server::listen_error(addr, e))
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    quit: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+}
+
+/// SIGQUIT: exit now, cutting whatever is in flight. Acknowledged writes are already on disk.
+fn quit() -> ! {
+    tracing::warn!(connections = weir_proxy::drain::open(), "SIGQUIT: exiting at once");
+    std::process::exit(0)
+}
+
+/// SIGHUP: reads the config file again. What can change while running is applied; every other
+/// changed key is named in a log line and waits for a restart. A file that does not parse or
+/// check changes nothing.
+fn reload(path: Option<&Path>, live: &mut Config, log: &logging::LogHandle) {
+    let Some(path) = path else {
+        tracing::info!("SIGHUP: started without --config, nothing to re-read");
+        return;
+    };
+    let new = match read_config(Some(path)) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("SIGHUP: {e:#}; the running config stays");
+            return;
+        }
+    };
+    let mut applied = Vec::new();
+    if new.log.level != live.log.level {
+        match log.set_level(new.log.level.as_deref()) {
+            Ok(()) => {
+                live.log.level = new.log.level.clone();
+                applied.push("log.level");
+            }
+            Err(e) => tracing::error!("SIGHUP: log.level: {e}"),
+        }
+    }
+    if new.shutdown_timeout != live.shutdown_timeout {
+        live.shutdown_timeout = new.shutdown_timeout;
+        applied.push("shutdown_timeout");
+    }
+    for key in config::restart_keys(live, &new) {
+        tracing::warn!(key, "SIGHUP: changed in {}, takes effect only after a restart", path.display());
+    }
+    tracing::info!(applied = ?applied, "SIGHUP: {} re-read", path.display());
 }

@@ -1,6 +1,6 @@
 //! Declarative standalone mode: the config is one file in APISIX's layout, followed live; a
 //! broken edit is refused and logged while the last good config serves. `weir validate` checks
-//! a file offline; `weir dump` prints a store in the same layout, which the file mode reads.
+//! a file offline; `weir dump --declarative` prints a store in the same layout, which the file mode reads.
 
 mod common;
 
@@ -101,7 +101,7 @@ async fn dump_prints_a_store_in_a_layout_the_file_mode_reads_back() {
     assert_eq!(s, 201);
 
     let cfg = w.dir.path().join("weir.yaml");
-    let out = Command::new(env!("CARGO_BIN_EXE_weir")).arg("dump").arg("--config").arg(&cfg).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_weir")).arg("dump").arg("--declarative").arg("--config").arg(&cfg).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("dumped.json");
