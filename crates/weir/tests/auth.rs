@@ -207,7 +207,7 @@ async fn auth_secrets_are_sealed_at_rest_and_shown_opened() {
     let dir = w.kill9();
     let text = std::fs::read_to_string(&cfg).unwrap().replace("some other secret entirely", "a shared secret for tests");
     std::fs::write(&cfg, text).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir")).arg("dump").arg("--config").arg(&cfg).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_weir")).arg("dump").arg("--declarative").arg("--config").arg(&cfg).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dumped: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(dumped["consumers"][0]["plugins"]["key-auth"]["key"], secrets[0]);

@@ -298,7 +298,15 @@ async fn the_log_has_no_colours_off_a_terminal_and_can_be_json() {
     assert!(!log.contains('\u{1b}'), "no ANSI escapes when stderr is a file: {log:?}");
 
     let w = Weir::start_full(tempfile::tempdir().unwrap(), "", "", "log:\n  format: json\n  level: info\n");
-    let log = w.log();
+    // "config loaded" may be written just after the node said it is ready.
+    let mut log = w.log();
+    for _ in 0..250 {
+        if log.contains("config loaded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        log = w.log();
+    }
     let lines: Vec<&str> = log.lines().collect();
     assert!(!lines.is_empty());
     for line in lines {

@@ -1,0 +1,19 @@
+//! What the Admin API does with a body: parse it, check it as every kind of object (schema,
+//! cross-field checks, the data plane's typed read, nesting bound), and normalize a request
+//! path. Nothing may panic or overflow the stack, whatever the input.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use weir_core::Resource;
+use weir_core::schema::{self, NoPlugins};
+
+fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = weir_core::path::normalize(text);
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let _ = schema::depth(&value);
+    for resource in Resource::ALL {
+        let _ = schema::check(resource, &value, &NoPlugins);
+    }
+});
