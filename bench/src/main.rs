@@ -103,6 +103,16 @@ fn nginx(dir: &Path, name: &'static str, body: &str, core: &str) -> anyhow::Resu
     Ok(Proc(child, name))
 }
 
+/// The origin every proxy under test forwards to: nginx answering a fixed body, on `cores`.
+fn origin(dir: &Path, cores: &str) -> anyhow::Result<Proc> {
+    nginx(
+        &dir.join("origin"),
+        "origin",
+        &format!("  server {{ listen 127.0.0.1:{ORIGIN_PORT} reuseport; location / {{ return 200 \"hello from the origin\\n\"; }} }}"),
+        cores,
+    )
+}
+
 fn wait_port(port: u16) -> anyhow::Result<()> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     for _ in 0..500 {
@@ -442,12 +452,7 @@ fn main() -> anyhow::Result<()> {
     let other = other_cores(args.proxy_core);
     let proxy_core = args.proxy_core.to_string();
 
-    let _origin = nginx(
-        &dir.join("origin"),
-        "origin",
-        &format!("  server {{ listen 127.0.0.1:{ORIGIN_PORT} reuseport; location / {{ return 200 \"hello from the origin\\n\"; }} }}"),
-        &other,
-    )?;
+    let _origin = origin(&dir, &other)?;
     let (cert, key) = make_cert(&dir)?;
     let location = "location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection \"\"; \
         proxy_set_header Host $host; proxy_set_header X-Real-IP $remote_addr; \

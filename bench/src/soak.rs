@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{Args, ORIGIN_PORT, Weir, http, nginx, other_cores, tempfile_dir, wait_port};
+use crate::{Args, ORIGIN_PORT, Weir, http, origin, other_cores, tempfile_dir, wait_port};
 
 /// wrk's script: the three paths in turn, every answer counted by status across threads.
 const SCRIPT: &str = r#"
@@ -78,12 +78,7 @@ fn idle_cost(port: u16, pid: u32) -> anyhow::Result<()> {
 pub fn run(args: &Args, secs: u64) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let other = other_cores(args.proxy_core);
-    let _origin = nginx(
-        &dir.join("origin"),
-        "origin",
-        &format!("  server {{ listen 127.0.0.1:{ORIGIN_PORT} reuseport; location / {{ return 200 \"hello from the origin\\n\"; }} }}"),
-        &other,
-    )?;
+    let _origin = origin(&dir, &other)?;
     wait_port(ORIGIN_PORT)?;
     let w = Weir::start(args, &dir.join("weir-soak"), 18082)?;
     let pid = w.proc.0.id();

@@ -11,6 +11,8 @@
 
 use std::borrow::Cow;
 
+use crate::text::hex;
+
 /// Why a path has no normal form.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {
@@ -50,15 +52,6 @@ pub fn may_need_normalizing(path: &str) -> bool {
         return true;
     }
     b.iter().zip(b.iter().skip(1)).any(|(&x, &y)| x == b'%' || (x == b'/' && (y == b'/' || y == b'.'))) || b.last() == Some(&b'%')
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// The normal form of an origin-form path (without its query).
