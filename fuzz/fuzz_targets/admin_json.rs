@@ -8,8 +8,11 @@ use weir_core::Resource;
 use weir_core::schema::{self, NoPlugins};
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = weir_core::path::normalize(text);
+    if let Ok(text) = std::str::from_utf8(data)
+        && let Ok(normal) = weir_core::path::normalize(text)
+    {
+        // One normal form per path: normalizing it again changes nothing.
+        assert_eq!(weir_core::path::normalize(&normal.encoded).as_ref(), Ok(&normal), "{text:?}");
     }
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else { return };
     let _ = schema::depth(&value);

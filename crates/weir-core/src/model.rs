@@ -137,9 +137,17 @@ impl Route {
         if let Some(v) = obj.get("vars") {
             keep.insert("vars".into(), v.clone());
         }
-        if let Some(p) = obj.get("priority").and_then(Value::as_f64) {
+        match obj.get("priority") {
             // `as` saturates: an out-of-range priority keeps its side.
-            keep.insert("priority".into(), Value::from(p as i64));
+            Some(p) if p.is_number() => {
+                keep.insert("priority".into(), Value::from(p.as_f64().unwrap_or_default() as i64));
+            }
+            // A priority that is no number could have been anything: the route is put first,
+            // so that no route it might have outranked serves its requests.
+            Some(_) => {
+                keep.insert("priority".into(), Value::from(i64::MAX));
+            }
+            None => {}
         }
         let route: Route = serde_json::from_value(Value::Object(keep)).ok()?;
         (!route.paths().is_empty()).then_some(route)

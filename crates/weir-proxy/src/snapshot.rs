@@ -421,22 +421,37 @@ fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Result<Pipeline, S
 /// are credentials, not plugins to run).
 fn consumers(state: &ConfigState, ctx: &mut Ctx<'_>) -> Consumers {
     let mut out = Consumers::default();
+    // A consumer whose plugins cannot be applied is not let in at all (its credentials are
+    // left out): it would otherwise pass without the limits its plugins set.
+    let mut closed = std::collections::HashSet::new();
     for (username, c) in &state.consumers {
-        out.add(ctx.registry, username, None, &c.plugins);
         let group = c.group_id.as_ref().and_then(|g| state.consumer_groups.get(&g.0));
+        if let Some(gid) = &c.group_id
+            && group.is_none()
+        {
+            tracing::error!(consumer = %username, group = %gid, "consumer group is missing or cannot be read; the consumer is refused until it is fixed");
+            closed.insert(username.as_str());
+            continue;
+        }
         let mut merged = group.map(|g| g.plugins.clone()).unwrap_or_default();
         merged.extend(c.plugins.clone());
         merged.retain(|name, _| !ctx.registry.is_auth(name));
-        if merged.is_empty() {
-            continue;
+        if !merged.is_empty() {
+            match ctx.registry.pipeline(&merged, &format!("consumer:{username}"), ctx.metadata, ctx.instances) {
+                Ok(p) => out.set_plugins(username, p),
+                Err(e) => {
+                    tracing::error!(consumer = %username, error = %e, "consumer has plugins that cannot run; it is refused until they are fixed");
+                    closed.insert(username.as_str());
+                    continue;
+                }
+            }
         }
-        match ctx.registry.pipeline(&merged, &format!("consumer:{username}"), ctx.metadata, ctx.instances) {
-            Ok(p) => out.set_plugins(username, p),
-            Err(e) => tracing::warn!(consumer = %username, error = %e, "consumer has plugins that cannot run; skipped"),
-        }
+        out.add(ctx.registry, username, None, &c.plugins);
     }
     for (key, c) in &state.credentials {
-        if let Some((username, id)) = key.split_once("/credentials/") {
+        if let Some((username, id)) = key.split_once("/credentials/")
+            && !closed.contains(username)
+        {
             out.add(ctx.registry, username, Some(id), &c.plugins);
         }
     }

@@ -415,7 +415,14 @@ pub fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check("proxy.tls_listen", old.proxy.tls_listen != new.proxy.tls_listen);
     check("proxy.tls_fallback_sni", old.proxy.tls_fallback_sni != new.proxy.tls_fallback_sni);
     check("proxy.workers", old.proxy.workers != new.proxy.workers);
+    check("proxy.client_header_timeout", old.proxy.client_header_timeout != new.proxy.client_header_timeout);
+    check("proxy.keepalive_timeout", old.proxy.keepalive_timeout != new.proxy.keepalive_timeout);
+    check("proxy.client_body_timeout", old.proxy.client_body_timeout != new.proxy.client_body_timeout);
+    check("proxy.send_timeout", old.proxy.send_timeout != new.proxy.send_timeout);
+    check("proxy.max_connections", old.proxy.max_connections != new.proxy.max_connections);
+    check("proxy.trusted_addresses", old.proxy.trusted_addresses != new.proxy.trusted_addresses);
     check("admin.listen", old.admin.listen != new.admin.listen);
+    check("admin.client_header_timeout", old.admin.client_header_timeout != new.admin.client_header_timeout);
     check("admin.keys", differs(&old.admin.keys, &new.admin.keys));
     check("store", differs(&old.store, &new.store));
     check("data_encryption", differs(&old.data_encryption, &new.data_encryption));
@@ -431,6 +438,21 @@ pub fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_key_that_needs_a_restart_is_named() {
+        let old: Config = serde_saphyr::from_str("{}").unwrap();
+        for (yaml, key) in [
+            ("proxy: {trusted_addresses: [\"10.0.0.0/8\"]}", "proxy.trusted_addresses"),
+            ("proxy: {max_connections: 5}", "proxy.max_connections"),
+            ("proxy: {client_header_timeout: 5}", "proxy.client_header_timeout"),
+            ("proxy: {send_timeout: 5}", "proxy.send_timeout"),
+            ("admin: {client_header_timeout: 5}", "admin.client_header_timeout"),
+        ] {
+            let new: Config = serde_saphyr::from_str(yaml).unwrap();
+            assert_eq!(restart_keys(&old, &new), vec![key], "{yaml}");
+        }
+    }
 
     #[test]
     fn etcd_store_settings() {

@@ -107,6 +107,22 @@ async fn objects_the_data_plane_cannot_apply_close_their_routes() {
     w.until("/admin/x", &[("apikey", "ops-key")], |r| r.status == 200).await;
     assert_eq!(w.get("/admin/x", &[]).await.status, 401);
 
+    // A consumer whose own plugins cannot run, or whose group is missing, is not let in: it
+    // would pass without the limits those plugins set.
+    let good = json!({"username": "ops", "plugins": {"key-auth": {"key": "ops-key"}}}).to_string();
+    put_raw("/apisix/consumers/ops", json!({"username": "ops", "plugins": {"key-auth": {"key": "ops-key"}, "limit-count": {"count": "x"}}}).to_string()).await;
+    w.until("/admin/x", &[("apikey", "ops-key")], |r| r.status == 401).await;
+    put_raw("/apisix/consumers/ops", good.clone()).await;
+    w.until("/admin/x", &[("apikey", "ops-key")], |r| r.status == 200).await;
+    put_raw("/apisix/consumers/ops", json!({"username": "ops", "group_id": "g", "plugins": {"key-auth": {"key": "ops-key"}}}).to_string()).await;
+    w.until("/admin/x", &[("apikey", "ops-key")], |r| r.status == 401).await;
+    put_raw("/apisix/consumer_groups/g", json!({"plugins": {"limit-count": {"count": 1000, "time_window": 60}}}).to_string()).await;
+    w.until("/admin/x", &[("apikey", "ops-key")], |r| r.status == 200).await;
+    etcd.v3("/v3/kv/deleterange", json!({"key": b64("/apisix/consumer_groups/g")})).await;
+    w.until("/admin/x", &[("apikey", "ops-key")], |r| r.status == 401).await;
+    put_raw("/apisix/consumers/ops", good).await;
+    w.until("/admin/x", &[("apikey", "ops-key")], |r| r.status == 200).await;
+
     // A global rule that cannot be read closes every route until it is removed: it may have
     // held the plugins that guard them.
     put_raw("/apisix/global_rules/g", json!({"plugins": "key-auth"}).to_string()).await;
