@@ -636,6 +636,10 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Prefixed<I> {
 struct Timed<I> {
     io: I,
     timer: Pin<Box<Sleep>>,
+    /// When the wait under way times out. The timer may be set earlier than this (it is moved
+    /// only when it must fire sooner); when it fires early it is set again for `due`. So a
+    /// keep-alive connection's next wait costs a clock read, not a timer update.
+    due: Instant,
     send_timeout: Duration,
     /// A write waits for the client: the timer runs for it.
     stalled: bool,
@@ -643,7 +647,28 @@ struct Timed<I> {
 
 impl<I> Timed<I> {
     fn new(io: I, send_timeout: Duration) -> Timed<I> {
-        Timed { io, timer: Box::pin(tokio::time::sleep(send_timeout)), send_timeout, stalled: false }
+        let due = Instant::now() + send_timeout;
+        Timed { io, timer: Box::pin(tokio::time::sleep_until(due)), due, send_timeout, stalled: false }
+    }
+
+    /// Starts a wait that times out `wait` from now.
+    fn arm(&mut self, wait: Duration) {
+        self.due = Instant::now() + wait;
+        if self.timer.is_elapsed() || self.timer.deadline() > self.due {
+            self.timer.as_mut().reset(self.due);
+        }
+    }
+
+    /// Whether the wait under way has timed out; registers for a wake-up when it has not.
+    fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.due {
+                return true;
+            }
+            // Set for an earlier wait: on to this one's end.
+            self.timer.as_mut().reset(self.due);
+        }
+        false
     }
 
     fn on_write<T>(&mut self, cx: &mut Context<'_>, r: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
@@ -653,12 +678,12 @@ impl<I> Timed<I> {
         }
         if !self.stalled {
             self.stalled = true;
-            self.timer.as_mut().reset(Instant::now() + self.send_timeout);
+            self.arm(self.send_timeout);
         }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client did not read its response in time"))),
-            Poll::Pending => Poll::Pending,
+        if self.expired(cx) {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client did not read its response in time")));
         }
+        Poll::Pending
     }
 }
 
@@ -671,12 +696,12 @@ impl<I: AsyncRead + Unpin> Timed<I> {
         }
         if !*armed {
             *armed = true;
-            self.timer.as_mut().reset(Instant::now() + wait);
+            self.arm(wait);
         }
-        match self.timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::ErrorKind::TimedOut.into())),
-            Poll::Pending => Poll::Pending,
+        if self.expired(cx) {
+            return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
         }
+        Poll::Pending
     }
 }
 

@@ -334,6 +334,13 @@ async fn idle_connections_close_after_the_keepalive_timeout() {
     let up = Upstream::start("backend").await;
     open_route(&w, &up).await;
     let mut s = TcpStream::connect(w.proxy).await.unwrap();
+    // Busy for three times the timeout, with pauses shorter than it: never cut.
+    let busy = Instant::now();
+    while busy.elapsed() < Duration::from_secs(3) {
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
+        assert_eq!(status_of(&read_response(&mut s).await), 200, "after {:?}", busy.elapsed());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n").await.unwrap();
     assert_eq!(status_of(&read_response(&mut s).await), 200);
     let idle = Instant::now();
