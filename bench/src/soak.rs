@@ -49,7 +49,7 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Opens idle keep-alive connections (each has served one request) and prints what each costs
-/// Weir in resident memory; they are closed again before the soak.
+/// Weir in resident memory.
 fn idle_cost(port: u16, pid: u32) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     const IDLE: usize = 2000;
@@ -102,8 +102,6 @@ pub fn run(args: &Args, secs: u64) -> anyhow::Result<()> {
     if !warm.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&warm.stderr));
     }
-
-    idle_cost(w.port, pid)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (changes, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
@@ -195,6 +193,8 @@ pub fn run(args: &Args, secs: u64) -> anyhow::Result<()> {
     let _ = churn.join();
     let end_rss = rss_kib(pid);
     let peak = samples.iter().copied().max().unwrap_or(0);
+    // Last, so its connections do not weigh on the figures above.
+    idle_cost(w.port, pid)?;
     println!();
     println!("requests: {ok} answered 200, {injected} injected 418 ({:.1}% of all), {unexpected} unexpected", injected as f64 * 100.0 / (ok + injected).max(1) as f64);
     println!("admin changes applied: {}, failed: {}", changes.load(Ordering::Relaxed), failures.load(Ordering::Relaxed));
