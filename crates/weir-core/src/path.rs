@@ -3,7 +3,7 @@
 //! Routes are matched on what a path means, not on how a client spelled it, as nginx's `$uri`
 //! (which APISIX matches on) does: every `%XX` escape is decoded, `.` and `..` segments are
 //! resolved, and runs of slashes are merged into one. A path that climbs above the root, holds
-//! a malformed escape or an encoded NUL is refused (nginx answers those with 400).
+//! a malformed escape or a NUL byte (escaped or not) is refused (nginx answers those with 400).
 //!
 //! The path sent on to the upstream is the normal form again percent-encoded where a path
 //! needs it, so the upstream is asked for exactly what was matched: `/%61dmin/x`,
@@ -18,7 +18,7 @@ use crate::text::hex;
 pub enum PathError {
     /// A `%` not followed by two hex digits.
     BadEscape,
-    /// `%00`.
+    /// `%00`, or a NUL byte as it is.
     Nul,
     /// A `..` segment above the root.
     AboveRoot,
@@ -28,7 +28,7 @@ impl std::fmt::Display for PathError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             PathError::BadEscape => "malformed percent-escape in the path",
-            PathError::Nul => "encoded NUL in the path",
+            PathError::Nul => "NUL in the path",
             PathError::AboveRoot => "the path climbs above the root",
         })
     }
@@ -80,6 +80,8 @@ pub fn normalize(path: &str) -> Result<NormalPath, PathError> {
             }
             bytes.push(v);
             i += 3;
+        } else if b == 0 {
+            return Err(PathError::Nul);
         } else {
             bytes.push(b);
             i += 1;
@@ -188,6 +190,7 @@ mod tests {
         assert_eq!(normalize("/a%4"), Err(PathError::BadEscape));
         assert_eq!(normalize("/a%"), Err(PathError::BadEscape));
         assert_eq!(normalize("/a%00b"), Err(PathError::Nul));
+        assert_eq!(normalize("/a\0b"), Err(PathError::Nul), "raw, as escaped");
         assert_eq!(normalize("/.."), Err(PathError::AboveRoot));
         assert_eq!(normalize("/a/../../b"), Err(PathError::AboveRoot));
         assert_eq!(normalize("/%2e%2e/etc/passwd"), Err(PathError::AboveRoot));
