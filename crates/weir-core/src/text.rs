@@ -12,6 +12,20 @@ pub(crate) fn hex(b: u8) -> Option<u8> {
     }
 }
 
+/// The civil date (year, month, day; proleptic Gregorian) of a day counted from the Unix
+/// epoch, after Howard Hinnant's algorithm: what log lines stamp their time with.
+pub fn civil_date(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 /// An IP address as text. IPv4 is written digit by digit: the standard formatter's machinery
 /// costs more than the rest of a rate-limit check, which needs this on every request.
 pub fn ip_text(ip: std::net::IpAddr) -> String {
