@@ -68,12 +68,7 @@ async fn an_auth_key_belongs_to_one_consumer_or_credential() {
 
 #[tokio::test]
 async fn jwt_claims_to_verify_must_be_present() {
-    let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/jwt_tokens.py"))
-        .output()
-        .expect("python3 runs (scripts/test puts a virtualenv with PyJWT on PATH)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let minted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let minted = common::jwt_tokens();
     let token = |name: &str| minted["tokens"][name].as_str().unwrap().to_string();
 
     let w = Weir::start();

@@ -333,12 +333,7 @@ async fn basic_auth_and_consumer_restriction() {
 
 #[tokio::test]
 async fn jwt_auth_verifies_tokens_minted_by_pyjwt() {
-    let out = std::process::Command::new("python3")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/jwt_tokens.py"))
-        .output()
-        .expect("python3 runs (scripts/test puts a virtualenv with PyJWT on PATH)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let minted: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let minted = common::jwt_tokens();
     let key = |name: &str| minted["keys"][name].as_str().unwrap().to_string();
     let token = |name: &str| minted["tokens"][name].as_str().unwrap().to_string();
 

@@ -520,3 +520,13 @@ pub fn run_weir(args: &[&std::ffi::OsStr], limit: Duration) -> (std::process::Ex
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Keys and tokens minted by PyJWT (`tests/peers/jwt_tokens.py`), as JSON.
+pub fn jwt_tokens() -> Value {
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers/jwt_tokens.py"))
+        .output()
+        .expect("python3 runs (scripts/test puts a virtualenv with PyJWT on PATH)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
