@@ -32,18 +32,26 @@ struct Target<'a> {
     sub_path: Vec<&'a str>,
 }
 
+/// The answer to a call without a valid key for what it asks, on a path the API serves;
+/// `None` when the call may go on. Checked before a body is read.
+pub fn refuse_unauthorized(admin: &Admin, parts: &Parts) -> Option<Reply> {
+    let path = parts.uri.path();
+    if !(path.starts_with("/apisix/admin") || path.starts_with("/v1/")) {
+        return None;
+    }
+    let description = auth::check(&admin.keys, parts).err()?;
+    tracing::debug!(%description, "admin request refused");
+    Some(reply::json(StatusCode::UNAUTHORIZED, &json!({"error_msg": "failed to check token", "description": description})))
+}
+
 pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
     let path = parts.uri.path().to_string();
     let control = path.strip_prefix("/v1/");
     let Some(rest) = path.strip_prefix("/apisix/admin").or(control) else {
         return reply::error(StatusCode::NOT_FOUND, "not found");
     };
-    if let Err(description) = auth::check(&admin.keys, &parts) {
-        tracing::warn!(%description, "admin request refused");
-        return reply::json(
-            StatusCode::UNAUTHORIZED,
-            &json!({"error_msg": "failed to check token", "description": description}),
-        );
+    if let Some(refusal) = refuse_unauthorized(admin, &parts) {
+        return refusal;
     }
     if control.is_some() {
         if parts.method != Method::GET {

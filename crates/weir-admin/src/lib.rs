@@ -10,6 +10,8 @@ mod secrets;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -68,8 +70,9 @@ impl Admin {
         self
     }
 
-    /// Answers one request. Never fails: every error is a response.
-    pub async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    /// Answers one request. Never fails: every error is a response. A body that stops
+    /// arriving for `body_timeout` between two reads is answered with 408.
+    pub async fn handle<B>(&self, req: Request<B>, body_timeout: Duration) -> Response<Full<Bytes>>
     where
         B: http_body::Body<Data = Bytes> + Send + Unpin,
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -77,6 +80,11 @@ impl Admin {
         let (parts, body) = req.into_parts();
         if parts.uri.path() == BACKUP_PATH {
             return self.backup(&parts).await;
+        }
+        // The key is checked before the body is read: a caller without one gets nothing of the
+        // server's memory or time, and its body is left unread (the connection then closes).
+        if let Some(refusal) = handlers::refuse_unauthorized(self, &parts) {
+            return refusal;
         }
         if let Some(len) = parts
             .headers
@@ -91,7 +99,12 @@ impl Admin {
             }
         let mut body = body;
         let mut collected = Vec::new();
-        while let Some(frame) = body.frame().await {
+        loop {
+            let frame = match tokio::time::timeout(body_timeout, body.frame()).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(_) => return reply::error(http::StatusCode::REQUEST_TIMEOUT, "the request body stopped arriving"),
+            };
             match frame {
                 Ok(frame) => {
                     if let Ok(data) = frame.into_data() {
@@ -158,29 +171,64 @@ async fn drain<B: http_body::Body + Unpin>(mut body: B) {
     }
 }
 
-/// Serves the Admin API on `listener` until the process ends.
 /// The largest request head the Admin API reads (as the proxy's).
 const MAX_HEAD: usize = 32 * 1024;
 
-/// Serves the Admin API. A client has `header_timeout` to send each request head (and to send
-/// the next one on an open connection); a head past 32 KiB is answered with 431.
-pub async fn serve(listener: TcpListener, admin: Arc<Admin>, header_timeout: std::time::Duration) {
+/// Timeouts and limits of the admin listener's connections (`admin` in the process config).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// To send a request head, or to start the next one on an open connection.
+    pub header_timeout: Duration,
+    /// Between two reads of a request body.
+    pub body_timeout: Duration,
+    /// A response write may wait this long for the client to read.
+    pub send_timeout: Duration,
+    /// Connections open at once; more are closed as they come, with a log line.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let minute = Duration::from_secs(60);
+        Limits { header_timeout: minute, body_timeout: minute, send_timeout: minute, max_connections: 1024 }
+    }
+}
+
+/// Serves the Admin API until the process ends, within `limits`. A head past 32 KiB is
+/// answered with 431.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, limits: Limits) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let last_warned = AtomicU64::new(0);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        if open.fetch_add(1, Ordering::Relaxed) >= limits.max_connections {
+            open.fetch_sub(1, Ordering::Relaxed);
+            // Once a second at most, so a flood does not flood the log.
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            if last_warned.swap(now, Ordering::Relaxed) != now {
+                tracing::warn!(max_connections = limits.max_connections, client = %peer, "admin connection limit reached (admin.max_connections): new connections are closed until others end");
+            }
+            drop(stream);
+            continue;
+        }
+        let held = OpenConnection(open.clone());
         let admin = admin.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
+            let _held = held;
+            let body_timeout = limits.body_timeout;
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let admin = admin.clone();
                 async move {
                     let (method, path) = (req.method().clone(), req.uri().path().to_string());
-                    let resp = admin.handle(req).await;
+                    let resp = admin.handle(req, body_timeout).await;
                     // Who was refused, for whoever watches for key guessing.
                     if resp.status() == http::StatusCode::UNAUTHORIZED {
                         tracing::warn!(client = %peer, %method, path, "admin call refused: no valid admin key");
@@ -191,12 +239,24 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, header_timeout: std
             let mut builder = http1::Builder::new();
             builder
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(header_timeout)
+                .header_read_timeout(limits.header_timeout)
                 .max_buf_size(MAX_HEAD)
                 .max_header_size(MAX_HEAD);
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), service).await {
+            // A write that waits longer than `send_timeout` for the client ends the connection.
+            let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+            io.set_write_timeout(Some(limits.send_timeout));
+            if let Err(e) = builder.serve_connection(TokioIo::new(Box::pin(io)), service).await {
                 tracing::debug!(error = %e, "admin connection ended with an error");
             }
         });
+    }
+}
+
+/// An open admin connection, counted against `admin.max_connections` while it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -42,6 +42,11 @@ use crate::body::{ClientBody, ReqBody, RespBody};
 use crate::h1::{Outbox, Span};
 use crate::hop;
 use crate::proxy::{ConnInfo, Proxy, error_response};
+use crate::streams::{Ending, Streams, Watched};
+
+/// How an HTTP/2 client opens its connection (RFC 9113 §3.4), as far as the lean loop reads it
+/// before handing over.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
 
 const MAX_HEADERS: usize = 100;
 /// The longest line of a request head, CRLF included (nginx: `large_client_header_buffers 4 8k`).
@@ -256,20 +261,25 @@ where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = proxy.limits.clone();
+    // HTTP/2 (the client's preface is what was read): its idle and stalled streams are
+    // watched, since hyper's server bounds neither.
+    let streams = read.starts_with(H2_PREFACE).then(Streams::new);
+    let watched = streams.clone();
     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
         let proxy = proxy.clone();
         let info = info.clone();
+        let slot = watched.as_ref().map(|s| s.open());
         async move {
             let (mut parts, body) = req.into_parts();
             if let Some(status) = refused(&parts) {
-                return Ok::<_, Infallible>(refusal_for(status, parts.version));
+                return Ok::<_, Infallible>(refusal_for(status, parts.version).map(|b| Watched::new(b, slot)));
             }
             hop::strip_connection_named(&mut parts.headers);
             let body = match client_body(&parts, body, proxy.limits.body_timeout).await {
                 Ok(b) => b,
-                Err(status) => return Ok(refusal_for(status, parts.version)),
+                Err(status) => return Ok(refusal_for(status, parts.version).map(|b| Watched::new(b, slot))),
             };
-            Ok(proxy.handle(&info, Request::from_parts(parts, body)).await)
+            Ok(proxy.handle(&info, Request::from_parts(parts, body)).await.map(|b| Watched::new(b, slot)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -286,12 +296,27 @@ where
     let io = TokioIo::new(Prefixed { read, io });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
+    let watchdog = async {
+        match &streams {
+            Some(s) => s.watch(limits.keepalive_timeout, limits.send_timeout).await,
+            None => std::future::pending().await,
+        }
+    };
     // Draining: hyper finishes what is in flight, then closes (GOAWAY on HTTP/2).
     let ended = tokio::select! {
         r = conn.as_mut() => r,
         () = crate::drain::connection_ends() => {
             conn.as_mut().graceful_shutdown();
             conn.await
+        }
+        ending = watchdog => {
+            tracing::debug!(?ending, "HTTP/2 client connection closed by its watchdog");
+            if ending == Ending::Idle {
+                // GOAWAY; a client that does not answer it is not waited for long.
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+            }
+            return;
         }
     };
     if let Err(e) = ended {

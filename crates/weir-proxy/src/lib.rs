@@ -20,5 +20,6 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod status;
+mod streams;
 pub mod state;
 pub mod watch;

@@ -267,17 +267,52 @@ pub struct AdminConfig {
     /// Seconds a client may take to send a request head, or to start the next one on an open
     /// connection.
     pub client_header_timeout: f64,
+    /// Seconds between two reads of a request body.
+    pub client_body_timeout: f64,
+    /// Seconds a response write may wait for the client to read.
+    pub send_timeout: f64,
+    /// Admin connections open at once.
+    pub max_connections: usize,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: SocketAddr::from(([127, 0, 0, 1], 9180)), keys: Vec::new(), client_header_timeout: 60.0 }
+        let limits = weir_admin::Limits::default();
+        AdminConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9180)),
+            keys: Vec::new(),
+            client_header_timeout: limits.header_timeout.as_secs_f64(),
+            client_body_timeout: limits.body_timeout.as_secs_f64(),
+            send_timeout: limits.send_timeout.as_secs_f64(),
+            max_connections: limits.max_connections,
+        }
     }
 }
 
 impl AdminConfig {
-    pub fn header_timeout(&self) -> std::time::Duration {
-        std::time::Duration::try_from_secs_f64(self.client_header_timeout).unwrap_or(std::time::Duration::from_secs(60))
+    pub fn limits(&self) -> weir_admin::Limits {
+        let secs = |s: f64| std::time::Duration::try_from_secs_f64(s).unwrap_or(std::time::Duration::from_secs(60));
+        weir_admin::Limits {
+            header_timeout: secs(self.client_header_timeout),
+            body_timeout: secs(self.client_body_timeout),
+            send_timeout: secs(self.send_timeout),
+            max_connections: self.max_connections,
+        }
+    }
+
+    fn check(&self, errors: &mut Vec<String>) {
+        for (name, t) in [
+            ("client_header_timeout", self.client_header_timeout),
+            ("client_body_timeout", self.client_body_timeout),
+            ("send_timeout", self.send_timeout),
+        ] {
+            if !(t > 0.0 && t <= 86_400.0) {
+                errors.push(format!("admin.{name}: {t} must be more than 0 and at most 86400 seconds"));
+            }
+        }
+        if self.max_connections == 0 {
+            errors.push("admin.max_connections: at least 1".to_string());
+        }
     }
 }
 
@@ -356,10 +391,7 @@ impl Config {
             errors.push("proxy.listen: at least one address is needed".to_string());
         }
         self.proxy.check(&mut errors);
-        let t = self.admin.client_header_timeout;
-        if !(t > 0.0 && t <= 86_400.0) {
-            errors.push(format!("admin.client_header_timeout: {t} must be more than 0 and at most 86400 seconds"));
-        }
+        self.admin.check(&mut errors);
         let prefix = self.store.key_prefix();
         if !prefix.starts_with('/') || prefix.ends_with('/') {
             errors.push(format!("store.prefix: \"{prefix}\" must start with / and not end with /"));
@@ -423,6 +455,9 @@ pub fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check("proxy.trusted_addresses", old.proxy.trusted_addresses != new.proxy.trusted_addresses);
     check("admin.listen", old.admin.listen != new.admin.listen);
     check("admin.client_header_timeout", old.admin.client_header_timeout != new.admin.client_header_timeout);
+    check("admin.client_body_timeout", old.admin.client_body_timeout != new.admin.client_body_timeout);
+    check("admin.send_timeout", old.admin.send_timeout != new.admin.send_timeout);
+    check("admin.max_connections", old.admin.max_connections != new.admin.max_connections);
     check("admin.keys", differs(&old.admin.keys, &new.admin.keys));
     check("store", differs(&old.store, &new.store));
     check("data_encryption", differs(&old.data_encryption, &new.data_encryption));
@@ -448,6 +483,9 @@ mod tests {
             ("proxy: {client_header_timeout: 5}", "proxy.client_header_timeout"),
             ("proxy: {send_timeout: 5}", "proxy.send_timeout"),
             ("admin: {client_header_timeout: 5}", "admin.client_header_timeout"),
+            ("admin: {client_body_timeout: 5}", "admin.client_body_timeout"),
+            ("admin: {send_timeout: 5}", "admin.send_timeout"),
+            ("admin: {max_connections: 5}", "admin.max_connections"),
         ] {
             let new: Config = serde_saphyr::from_str(yaml).unwrap();
             assert_eq!(restart_keys(&old, &new), vec![key], "{yaml}");
@@ -475,6 +513,12 @@ mod tests {
         assert!(l.trusts("10.1.2.3".parse().unwrap()) && l.trusts("::1".parse().unwrap()) && !l.trusts("11.0.0.1".parse().unwrap()));
         let e = Config::parse("proxy:\n  send_timeout: 0\n  max_connections: 0\n  trusted_addresses: [\"10.0.0.0/33\"]\n").unwrap_err();
         assert!(e.contains("proxy.send_timeout") && e.contains("proxy.max_connections") && e.contains("trusted_addresses[0]"), "{e}");
+        let a = Config::parse("").unwrap().admin.limits();
+        assert_eq!((a.header_timeout.as_secs(), a.body_timeout.as_secs(), a.send_timeout.as_secs(), a.max_connections), (60, 60, 60, 1024));
+        let a = Config::parse("admin:\n  client_body_timeout: 0.25\n  max_connections: 3\n").unwrap().admin.limits();
+        assert_eq!((a.body_timeout.as_millis(), a.max_connections), (250, 3));
+        let e = Config::parse("admin:\n  send_timeout: -1\n  max_connections: 0\n").unwrap_err();
+        assert!(e.contains("admin.send_timeout") && e.contains("admin.max_connections"), "{e}");
     }
 
     #[test]

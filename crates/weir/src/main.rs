@@ -427,7 +427,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             let admin_addr = admin_listener.local_addr()?;
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
             let admin = Arc::new(Admin::new(store, prefix.clone(), keys, plugins, keyring).with_control(control));
-            listeners.push(tokio::spawn(weir_admin::serve(admin_listener, admin, cfg.admin.header_timeout())));
+            listeners.push(tokio::spawn(weir_admin::serve(admin_listener, admin, cfg.admin.limits())));
             announce(format_args!("weir: admin listening on http://{admin_addr}"));
         }
         announce(format_args!("weir: ready ({})", role.name()));

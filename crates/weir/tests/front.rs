@@ -496,3 +496,135 @@ async fn the_admin_listener_bounds_heads_and_their_time() {
     let (_, closed) = read_to_close(&mut slow, Duration::from_secs(5)).await;
     assert!(closed && started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
 }
+
+/// An HTTP/2 connection with prior knowledge (h2c) to `addr`, its stream windows `window`
+/// bytes; the task ends when the server closes the connection.
+async fn h2_connect(addr: SocketAddr, window: u32) -> (h2::client::SendRequest<bytes::Bytes>, tokio::task::JoinHandle<()>) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::Builder::new().initial_window_size(window).handshake(tcp).await.unwrap();
+    let driver = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, driver)
+}
+
+/// `GET path` on an HTTP/2 connection: the status, with the body read when `read_body`.
+async fn h2_get(send: &mut h2::client::SendRequest<bytes::Bytes>, path: &str, read_body: bool) -> (u16, h2::RecvStream) {
+    let req = http::Request::get(format!("http://a{path}")).body(()).unwrap();
+    let (resp, _) = send.clone().ready().await.unwrap().send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.expect("an answer in time").unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    if read_body {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            body.flow_control().release_capacity(chunk.len()).unwrap();
+        }
+    }
+    (status, body)
+}
+
+#[tokio::test]
+async fn idle_http2_connections_close_after_the_keepalive_timeout() {
+    let w = Weir::start_with(tempfile::tempdir().unwrap(), "  keepalive_timeout: 1\n", "");
+    let up = Upstream::start("backend").await;
+    open_route(&w, &up).await;
+    let (mut send, driver) = h2_connect(w.proxy, 65_535).await;
+    // Busy for three times the timeout, with pauses shorter than it: never cut.
+    let busy = Instant::now();
+    loop {
+        assert_eq!(h2_get(&mut send, "/", true).await.0, 200, "after {:?}", busy.elapsed());
+        if busy.elapsed() > Duration::from_secs(3) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let idle = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), driver).await.expect("the idle connection is closed").unwrap();
+    let waited = idle.elapsed();
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(3), "{waited:?}");
+}
+
+#[tokio::test]
+async fn an_http2_client_that_never_opens_its_window_is_dropped_after_the_send_timeout() {
+    let w = Weir::start_with(tempfile::tempdir().unwrap(), "  send_timeout: 1\n", "");
+    let (node, closed) = endless_node().await;
+    put(&w, "/routes/r", json!({"uri": "/endless", "upstream": {"nodes": {node.to_string(): 1}}})).await;
+    let up = Upstream::start("backend").await;
+    open_route(&w, &up).await;
+    // Stream windows of 0 bytes, never opened: the head arrives, no byte of the body can.
+    let (mut send, driver) = h2_connect(w.proxy, 0).await;
+    let started = Instant::now();
+    let (status, _body) = h2_get(&mut send, "/endless", false).await;
+    assert_eq!(status, 200);
+    // Others are served meanwhile.
+    assert_eq!(w.get("/", &[]).await.status, 200);
+    tokio::time::timeout(Duration::from_secs(10), driver).await.expect("the stalled connection is dropped").unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    // The node's connection goes with it.
+    while closed.load(Ordering::SeqCst) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the node's connection was kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_admin_listener_checks_the_key_first_and_bounds_bodies_readers_and_connections() {
+    let w = Weir::start_with(tempfile::tempdir().unwrap(), "", "  client_body_timeout: 1\n  send_timeout: 1\n  max_connections: 8\n");
+    // No key: refused on the head alone, the promised megabyte never waited for.
+    let mut s = TcpStream::connect(w.admin).await.unwrap();
+    s.write_all(b"PUT /apisix/admin/routes/1 HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n").await.unwrap();
+    let started = Instant::now();
+    let (resp, closed) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!((status_of(&resp), closed), (401, true), "{resp}");
+    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    // With the key, a body that stops arriving gets 408 after the body timeout.
+    let mut s = TcpStream::connect(w.admin).await.unwrap();
+    let head = format!("PUT /apisix/admin/routes/1 HTTP/1.1\r\nHost: a\r\nX-API-KEY: {}\r\nContent-Length: 100\r\n\r\n{{\"uri\"", common::KEY);
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let (resp, closed) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert_eq!((status_of(&resp), closed), (408, true), "{resp}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+    assert_eq!(w.admin("GET", "/routes/1", None).await.0, 404, "nothing was stored");
+
+    // A reader that stops reading: lists of about 1 MB each, asked for 64 times in one go.
+    for i in 0..16 {
+        put(&w, &format!("/routes/big{i}"), json!({"uri": format!("/big{i}"), "plugins": {"mocking": {"response_example": "b".repeat(64 * 1024)}}, "upstream": {"nodes": {"127.0.0.1:1": 1}}})).await;
+    }
+    let ask = format!("GET /apisix/admin/routes HTTP/1.1\r\nHost: a\r\nX-API-KEY: {}\r\n\r\n", common::KEY).repeat(64);
+    let mut s = TcpStream::connect(w.admin).await.unwrap();
+    s.write_all(ask.as_bytes()).await.unwrap();
+    // Its buffers fill, its answers wait, and after the send timeout the connection goes.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the connection stayed open after {got} bytes");
+    assert!(got < 32 << 20, "every answer was sent ({got} bytes): the stalled writes were not bounded");
+
+    // Past the connection cap, newcomers are closed and the cap is logged; the held ones
+    // are still served.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(TcpStream::connect(w.admin).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (resp, closed) = raw(w.admin, b"GET /apisix/admin/routes HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert!(closed && resp.is_empty(), "{resp}");
+    assert!(w.log().contains("admin connection limit reached"), "{}", w.log());
+    let ask = format!("GET /apisix/admin/routes/big0 HTTP/1.1\r\nHost: a\r\nX-API-KEY: {}\r\n\r\n", common::KEY);
+    held[0].write_all(ask.as_bytes()).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut held[0]).await), 200);
+    drop(held);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(w.admin("GET", "/routes/big0", None).await.0, 200);
+}
