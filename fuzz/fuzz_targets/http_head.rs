@@ -5,5 +5,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    weir_proxy::front::fuzz_head(data);
+    weir_http::front::fuzz_head(data);
 });

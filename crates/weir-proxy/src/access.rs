@@ -14,8 +14,8 @@ use std::time::{Instant, SystemTime};
 
 use http::{Method, Request, Response, Uri};
 
-use crate::body::{ReqBody, RespBody};
-use crate::proxy::ConnInfo;
+use weir_http::ConnInfo;
+use weir_http::body::{ReqBody, RespBody};
 
 static SINK: OnceLock<SyncSender<String>> = OnceLock::new();
 static DROPPED: AtomicU64 = AtomicU64::new(0);

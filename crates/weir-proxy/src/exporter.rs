@@ -10,8 +10,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::body::RespBody;
-use crate::proxy::error_response;
+use weir_http::body::RespBody;
+use weir_http::error_response;
 
 pub async fn serve(listener: TcpListener, uri: String) {
     let uri: Arc<str> = uri.into();

@@ -3,23 +3,17 @@
 //! Config flows one way: store → [`watch::follow`] → [`state::ConfigState`] →
 //! [`snapshot::Builder`] → `ArcSwap<Snapshot>` → [`proxy::Proxy`]. The proxy never calls the
 //! store and never parses JSON.
+//!
+//! This crate is policy: what to do with a request. The mechanism it drives lives apart and
+//! knows nothing of routes: `weir-http` (client connections, the upstream HTTP client and
+//! pool, bodies) and `weir-upstream` (nodes, balancers, health checks).
 
 pub mod access;
-pub mod balancer;
-pub mod body;
-pub mod deadline;
-pub mod drain;
 pub mod exporter;
-pub mod front;
-pub mod h1;
-pub mod hop;
-pub mod health;
-pub mod pool;
 pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod status;
-mod streams;
 pub mod state;
 pub mod watch;

@@ -2,7 +2,7 @@
 //! Every failure becomes a response here, and only here.
 
 use std::borrow::Cow;
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -10,59 +10,32 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri};
+use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use weir_core::expr::Vars;
 use weir_core::path;
 use weir_core::text::{interpolate, ip_text};
+use weir_http::body::{Received, ReqBody, RespBody};
+use weir_http::hop::{self, Hop};
+use weir_http::pool::{self, Conn, ConnectError, Lease, Sender};
+use weir_http::{ConnInfo, deadline, error_response, h1, is_idempotent};
 use weir_plugins::prometheus::COUNTERS;
 use weir_plugins::{Consumers, LogRecord, Notes, Phase, Pipeline, Ran, Reply, RequestCtx, RequestVars, ResponseCtx, filters, run_log, run_phase, run_request, run_response};
+use weir_upstream::balancer::hash32;
+use weir_upstream::health::Outcome;
+use weir_upstream::{InFlight, NodeRt, Timeouts};
 
-use crate::balancer::{InFlight, hash32};
-use crate::body::{Received, ReqBody, RespBody};
-use crate::deadline;
-use crate::h1;
-use crate::hop::{self, Hop};
-use crate::health::Outcome;
-use crate::pool::{self, Conn, ConnectError, Lease, Sender};
 use crate::router::RequestFacts;
-use crate::snapshot::{HashOn, NodeRt, PassHost, RouteRt, Snapshot, Timeouts, UpstreamRt};
-
-/// Facts about the client connection a request arrived on, with the header values derived
-/// from them computed once per connection rather than once per request.
-#[derive(Clone, Debug)]
-pub struct ConnInfo {
-    pub remote: SocketAddr,
-    pub local: SocketAddr,
-    pub scheme: &'static str,
-    /// The peer is in `proxy.trusted_addresses`: its `X-Forwarded-*` fields are kept.
-    pub trusted: bool,
-    pub(crate) remote_ip: HeaderValue,
-    pub(crate) local_port: HeaderValue,
-}
-
-impl ConnInfo {
-    pub fn new(remote: SocketAddr, local: SocketAddr, scheme: &'static str) -> ConnInfo {
-        let remote_ip = HeaderValue::from_str(&remote.ip().to_string()).expect("an IP address is a valid header value");
-        ConnInfo { remote, local, scheme, trusted: false, remote_ip, local_port: HeaderValue::from(local.port()) }
-    }
-}
+use crate::snapshot::{HashOn, PassHost, RouteRt, Snapshot, UpstreamRt};
 
 pub struct Proxy {
     snapshot: Arc<ArcSwap<Snapshot>>,
     /// The name whose certificate a TLS client without SNI gets (APISIX's `fallback_sni`).
     fallback_sni: Option<String>,
     /// Timeouts and limits of client connections.
-    pub limits: crate::front::Limits,
-}
-
-pub fn error_response(status: StatusCode, message: &'static str) -> Response<RespBody> {
-    let mut resp = Response::new(RespBody::full(Bytes::from_static(message.as_bytes())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
+    pub limits: weir_http::front::Limits,
 }
 
 fn not_found() -> Response<RespBody> {
@@ -121,17 +94,27 @@ enum SendError {
     /// Nothing was sent: the request comes back for another node.
     Connect(Box<Request<ReqBody>>, ConnectError),
     Timeout,
-    Upstream(crate::body::BoxError),
+    Upstream(weir_http::body::BoxError),
     /// The client's body broke off or stalled: the client's fault, not the node's.
-    Client(crate::body::BoxError),
+    Client(weir_http::body::BoxError),
+}
+
+impl weir_http::Service for Proxy {
+    fn limits(&self) -> &weir_http::front::Limits {
+        &self.limits
+    }
+
+    fn call(&self, conn: &ConnInfo, req: Request<ReqBody>) -> impl Future<Output = Response<RespBody>> + Send {
+        self.handle(conn, req)
+    }
 }
 
 impl Proxy {
     pub fn new(snapshot: Arc<ArcSwap<Snapshot>>) -> Proxy {
-        Proxy { snapshot, fallback_sni: None, limits: crate::front::Limits::default() }
+        Proxy { snapshot, fallback_sni: None, limits: weir_http::front::Limits::default() }
     }
 
-    pub fn with_limits(mut self, limits: crate::front::Limits) -> Proxy {
+    pub fn with_limits(mut self, limits: weir_http::front::Limits) -> Proxy {
         self.limits = limits;
         self
     }
@@ -283,7 +266,7 @@ impl Proxy {
         let plugin_headers = std::mem::take(&mut ctx.response_headers);
         let consumer = ctx.consumer.take();
         // `real-ip` may have named another client: the upstream hears of that one.
-        let moved = (ctx.remote != conn.remote).then(|| ConnInfo { trusted: conn.trusted, ..ConnInfo::new(ctx.remote, conn.local, conn.scheme) });
+        let moved = (ctx.remote != conn.remote).then(|| ConnInfo::new(ctx.remote, conn.local, conn.scheme).trusting(conn.trusted));
         let mut notes = std::mem::take(&mut ctx.notes);
         let choice = ctx.upstream_choice;
         let conn = moved.as_ref().unwrap_or(conn);
@@ -405,7 +388,7 @@ impl Proxy {
             None => (None, None),
         };
         let client =
-            hop::Client { ip: &conn.remote_ip, scheme: conn.scheme, port: &conn.local_port, host: original_host, trusted: conn.trusted };
+            hop::Client { ip: conn.remote_ip(), scheme: conn.scheme, port: conn.local_port(), host: original_host, trusted: conn.trusted };
         let hop = Hop::new(&parts.headers, client, protocol);
         if upstream.transport.h2 {
             hop.apply(&mut parts.headers);
@@ -559,10 +542,6 @@ fn hash_key(on: &HashOn, vars: &RequestVars<'_>, consumer: Option<&str>) -> u32 
     }
 }
 
-pub(crate) fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
-}
-
 /// Sends to a node of `upstream`, moving to another node when one cannot be connected to, or
 /// (for an idempotent request without a body) when the connection breaks or the node answers
 /// 502, 503 or 504.
@@ -669,7 +648,7 @@ async fn forward(
             }
             Err(SendError::Client(e)) => {
                 tracing::debug!(error = %e, "client request body failed");
-                return if e.is::<crate::body::BodyTimeout>() {
+                return if e.is::<weir_http::body::BodyTimeout>() {
                     error_response(StatusCode::REQUEST_TIMEOUT, r#"{"error_msg":"408 Request Timeout"}"#)
                 } else {
                     error_response(StatusCode::BAD_REQUEST, r#"{"error_msg":"400 Bad Request"}"#)
@@ -716,7 +695,7 @@ fn tunnel(resp: Response<Received>, client: OnUpgrade) -> Result<Response<RespBo
     };
     tokio::spawn(async move {
         // A tunnel is a client connection too: draining waits for it (up to shutdown_timeout).
-        let _open = crate::drain::Open::new();
+        let _open = weir_http::drain::Open::new();
         let client = match client.await {
             Ok(c) => c,
             Err(e) => return tracing::debug!(error = %e, "protocol upgrade failed"),

@@ -15,9 +15,10 @@ use rustls::server::Acceptor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
-use crate::{drain, front};
-use crate::proxy::{ConnInfo, Proxy};
+use weir_http::{ConnInfo, drain, front};
 use weir_plugins::prometheus::COUNTERS;
+
+use crate::proxy::Proxy;
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -134,13 +135,13 @@ async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
         let proxy = proxy.clone();
         let trusted = proxy.limits.trusts(remote.ip());
         if !tls {
-            let info = Arc::new(ConnInfo { trusted, ..ConnInfo::new(remote, local, "http") });
+            let info = Arc::new(ConnInfo::new(remote, local, "http").trusting(trusted));
             tokio::spawn(serve(stream, info, proxy, open));
             continue;
         }
         tokio::spawn(async move {
             let Some(stream) = handshake(stream, &proxy).await else { return };
-            let info = Arc::new(ConnInfo { trusted, ..ConnInfo::new(remote, local, "https") });
+            let info = Arc::new(ConnInfo::new(remote, local, "https").trusting(trusted));
             serve(stream, info, proxy, open).await;
         });
     }

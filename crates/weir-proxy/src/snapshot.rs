@@ -4,26 +4,24 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::HeaderValue;
-use weir_core::expr::Expr;
 use rustls::ServerConfig;
+use weir_core::expr::Expr;
 use weir_core::model::{self, Ssl, Timeout, Upstream};
+use weir_http::pool::Transport;
 use weir_plugins::{Consumers, InstanceCache, Pipeline, Registry};
 use weir_tls::{Keyring, SniTable};
+use weir_upstream::balancer::Balancer;
+use weir_upstream::health::{self, Checker, Passive, Target};
+use weir_upstream::{DEFAULT_TIMEOUT, Keepalive, NodeRt, Timeouts};
 
-use crate::balancer::{Balancer, NodeLoad};
-use crate::health::{self, Checker, NodeHealth, Passive, Target};
-use crate::pool::Transport;
 use crate::router::{RequestFacts, RouteSpec, Router, find_layered};
-use crate::state::{ConfigState, Entry};
+use crate::state::{Changes, ConfigState, Entry};
 
-/// APISIX's default for each of connect, send and read.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct Snapshot {
     pub revision: i64,
@@ -131,25 +129,8 @@ pub struct RouteRt {
     pub unavailable: Option<Arc<str>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub send: Duration,
-    pub read: Duration,
-}
 
-impl Timeouts {
-    fn from_model(t: &Timeout) -> Timeouts {
-        let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(DEFAULT_TIMEOUT);
-        Timeouts { connect: secs(t.connect), send: secs(t.send), read: secs(t.read) }
-    }
-}
 
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts { connect: DEFAULT_TIMEOUT, send: DEFAULT_TIMEOUT, read: DEFAULT_TIMEOUT }
-    }
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum PassHost {
@@ -158,51 +139,9 @@ pub enum PassHost {
     Rewrite(HeaderValue),
 }
 
-pub struct NodeRt {
-    /// `host:port` as dialled.
-    pub authority: Arc<str>,
-    /// Set when the host is an IP literal, so no lookup is needed.
-    pub socket: Option<SocketAddr>,
-    /// The Host header for `pass_host: node`: the port is left out when it is the default.
-    pub host_header: HeaderValue,
-    pub weight: u32,
-    pub priority: i64,
-    pub health: Arc<NodeHealth>,
-    pub load: Arc<NodeLoad>,
-    /// Which pooled connections may serve this node: plain HTTP/1.1 ones are shared by every
-    /// upstream naming the node; TLS and HTTP/2 ones belong to one upstream runtime.
-    pub pool_key: Arc<str>,
-}
 
-impl NodeRt {
-    fn new(host: &str, port: u16, default_port: u16, weight: u32, priority: i64) -> NodeRt {
-        let authority = format!("{host}:{port}");
-        let host_text = if port == default_port { host } else { &authority };
-        NodeRt {
-            pool_key: authority.clone().into(),
-            socket: authority.parse().ok(),
-            host_header: HeaderValue::from_str(host_text).unwrap_or_else(|_| HeaderValue::from_static("localhost")),
-            authority: authority.into(),
-            weight,
-            priority,
-            health: Arc::default(),
-            load: Arc::default(),
-        }
-    }
-}
 
-impl NodeRt {
-    /// The host part of the address (brackets kept for IPv6).
-    pub fn host(&self) -> &str {
-        self.authority.rsplit_once(':').map_or(&self.authority, |(h, _)| h)
-    }
-}
 
-#[cfg(test)]
-pub fn test_node(authority: &str, weight: u32, priority: i64) -> NodeRt {
-    let (host, port) = authority.rsplit_once(':').expect("host:port");
-    NodeRt::new(host, port.parse().expect("port"), 80, weight, priority)
-}
 
 /// Where a `chash` upstream reads a request's key (`hash_on` with `key`).
 #[derive(Clone, Debug, PartialEq)]
@@ -241,11 +180,10 @@ pub struct UpstreamRt {
     _checker: Option<Checker>,
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct Keepalive {
-    pub size: usize,
-    pub idle_timeout: Duration,
-    pub requests: u64,
+
+fn timeouts_from(t: &Timeout) -> Timeouts {
+    let secs = |s: f64| Duration::try_from_secs_f64(s).unwrap_or(DEFAULT_TIMEOUT);
+    Timeouts { connect: secs(t.connect), send: secs(t.send), read: secs(t.read) }
 }
 
 impl UpstreamRt {
@@ -317,7 +255,7 @@ impl UpstreamRt {
             // APISIX: with no explicit value, try every other node once.
             retries: up.retries.unwrap_or(live.saturating_sub(1)),
             retry_timeout: up.retry_timeout.filter(|t| *t > 0.0).and_then(|t| Duration::try_from_secs_f64(t).ok()),
-            timeouts: up.timeout.as_ref().map(Timeouts::from_model),
+            timeouts: up.timeout.as_ref().map(timeouts_from),
             pass_host,
             keepalive: Keepalive {
                 size: pool.size,
@@ -660,20 +598,7 @@ impl Builder {
 /// Routes changed since the last full build beyond which an update rebuilds everything.
 const MAX_OVERLAY: usize = 256;
 
-/// What a batch of store events changed, for [`Builder::update`].
-#[derive(Default, Debug)]
-pub struct Changes {
-    /// Ids of routes put or deleted.
-    pub routes: Vec<String>,
-    /// Whether anything besides routes changed (services, upstreams, ssls).
-    pub other: bool,
-}
 
-impl Changes {
-    pub fn any(&self) -> bool {
-        self.other || !self.routes.is_empty()
-    }
-}
 
 /// The upstreams a route's `traffic-split` config names, in order: every weighted upstream
 /// of every rule that has `upstream_id` or an inline `upstream`.
@@ -754,7 +679,7 @@ fn route_spec<'s>(
     let timeouts = route
         .timeout
         .as_ref()
-        .map(Timeouts::from_model)
+        .map(timeouts_from)
         .or_else(|| upstream.as_ref().and_then(|u| u.timeouts))
         .unwrap_or_default();
     let hosts = route

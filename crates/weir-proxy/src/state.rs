@@ -9,7 +9,6 @@ use weir_core::Resource;
 use weir_core::model::{PluginHolder, Route, Service, Ssl, Upstream};
 use weir_store::{Event, EventKind, KeyValue};
 
-use crate::snapshot::Changes;
 
 #[derive(Default, Clone)]
 pub struct ConfigState {
@@ -170,5 +169,20 @@ impl ConfigState {
             Resource::ConsumerGroups => self.consumer_groups.remove(id).is_some(),
             Resource::PluginMetadata => self.plugin_metadata.remove(id).is_some(),
         }
+    }
+}
+
+/// What a batch of store events changed, for [`crate::snapshot::Builder::update`].
+#[derive(Default, Debug)]
+pub struct Changes {
+    /// Ids of routes put or deleted.
+    pub routes: Vec<String>,
+    /// Whether anything besides routes changed (services, upstreams, ssls).
+    pub other: bool,
+}
+
+impl Changes {
+    pub fn any(&self) -> bool {
+        self.other || !self.routes.is_empty()
     }
 }

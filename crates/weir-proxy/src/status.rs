@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::body::RespBody;
+use weir_http::body::RespBody;
 use crate::watch::SyncStatus;
 
 /// Serves the status API. `sync` is the data plane's view of its store (`None` on a control

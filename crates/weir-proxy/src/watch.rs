@@ -9,12 +9,12 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use weir_store::{SharedStore, WatchMessage};
 
-use crate::snapshot::{Builder, Changes, Snapshot};
+use crate::snapshot::{Builder, Snapshot};
 
 /// How long the config must stay unchanged before an overlay of recent route changes is folded
 /// into a full build.
 const FOLD_AFTER: Duration = Duration::from_secs(1);
-use crate::state::ConfigState;
+use crate::state::{Changes, ConfigState};
 
 /// How the data plane stands with its store, for `/status/ready`.
 #[derive(Default)]

@@ -204,7 +204,7 @@ pub struct ProxyConfig {
 
 impl Default for ProxyConfig {
     fn default() -> Self {
-        let limits = weir_proxy::front::Limits::default();
+        let limits = weir_http::front::Limits::default();
         ProxyConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], 9080))],
             tls_listen: Vec::new(),
@@ -222,9 +222,9 @@ impl Default for ProxyConfig {
 
 impl ProxyConfig {
     /// The client-side limits, once `check` has passed.
-    pub fn limits(&self) -> weir_proxy::front::Limits {
+    pub fn limits(&self) -> weir_http::front::Limits {
         let secs = |s: f64| std::time::Duration::try_from_secs_f64(s).unwrap_or(std::time::Duration::from_secs(60));
-        weir_proxy::front::Limits {
+        weir_http::front::Limits {
             header_timeout: secs(self.client_header_timeout),
             keepalive_timeout: secs(self.keepalive_timeout),
             body_timeout: secs(self.client_body_timeout),

@@ -445,17 +445,17 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         for l in &listeners {
             l.abort();
         }
-        weir_proxy::drain::start();
+        weir_http::drain::start();
         let timeout = std::time::Duration::from_secs(live.shutdown_timeout);
-        tracing::info!(signal, connections = weir_proxy::drain::open(), timeout_s = live.shutdown_timeout, "stopping: listeners closed, waiting for requests in flight");
+        tracing::info!(signal, connections = weir_http::drain::open(), timeout_s = live.shutdown_timeout, "stopping: listeners closed, waiting for requests in flight");
         let deadline = tokio::time::Instant::now() + timeout;
-        while weir_proxy::drain::open() > 0 && tokio::time::Instant::now() < deadline {
+        while weir_http::drain::open() > 0 && tokio::time::Instant::now() < deadline {
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
                 _ = signals.quit.recv() => quit(),
             }
         }
-        match weir_proxy::drain::open() {
+        match weir_http::drain::open() {
             0 => tracing::info!("stopped"),
             n => tracing::warn!(connections = n, "stopped: shutdown_timeout reached, connections cut"),
         }
@@ -490,7 +490,7 @@ impl Signals {
 
 /// SIGQUIT: exit now, cutting whatever is in flight. Acknowledged writes are already on disk.
 fn quit() -> ! {
-    tracing::warn!(connections = weir_proxy::drain::open(), "SIGQUIT: exiting at once");
+    tracing::warn!(connections = weir_http::drain::open(), "SIGQUIT: exiting at once");
     std::process::exit(0)
 }
 

@@ -20,7 +20,6 @@ use std::cell::RefCell;
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -34,14 +33,14 @@ use http_body_util::BodyExt as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use crate::body::{ClientBody, ReqBody, RespBody};
 use crate::h1::{Outbox, Span};
 use crate::hop;
-use crate::proxy::{ConnInfo, Proxy, error_response};
+pub use crate::service::Limits;
+use crate::service::{ConnInfo, Service, error_response};
 use crate::streams::{Ending, Streams, Watched};
 
 /// How an HTTP/2 client opens its connection (RFC 9113 §3.4), as far as the lean loop reads it
@@ -57,51 +56,13 @@ pub const MAX_HEAD: usize = 32 * 1024;
 /// is answered with 400 here; a small one goes out whole, with its length.
 const READ_AHEAD: usize = 64 * 1024;
 
-/// Timeouts and limits of client connections (`proxy` in the process config).
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// From a head's first byte to its end (nginx's `client_header_timeout`).
-    pub header_timeout: Duration,
-    /// Waiting for the next request on an open connection.
-    pub keepalive_timeout: Duration,
-    /// Between two reads of a request body.
-    pub body_timeout: Duration,
-    /// Between two writes of a response the client does not read.
-    pub send_timeout: Duration,
-    /// Client connections open at once, over all workers; more are closed as they come.
-    pub max_connections: usize,
-    /// Peers whose `X-Forwarded-*` fields are kept; every other client's are replaced.
-    pub trusted: Vec<IpNet>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        let minute = Duration::from_secs(60);
-        Limits {
-            header_timeout: minute,
-            keepalive_timeout: minute,
-            body_timeout: minute,
-            send_timeout: minute,
-            max_connections: 10_000,
-            trusted: Vec::new(),
-        }
-    }
-}
-
-impl Limits {
-    pub fn trusts(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.trusted.iter().any(|n| n.contains(&ip))
-    }
-}
-
 /// Serves one client connection until it closes.
-pub async fn serve<I>(io: I, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
+pub async fn serve<I, S: Service>(io: I, info: Arc<ConnInfo>, proxy: Arc<S>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (header_timeout, keepalive_timeout) = (proxy.limits.header_timeout, proxy.limits.keepalive_timeout);
-    let mut io = Timed::new(io, proxy.limits.send_timeout);
+    let (header_timeout, keepalive_timeout) = (proxy.limits().header_timeout, proxy.limits().keepalive_timeout);
+    let mut io = Timed::new(io, proxy.limits().send_timeout);
     let mut buf = BytesMut::with_capacity(4096);
     let mut out = Vec::with_capacity(4096);
     // The first request has the head's time from the connection's start.
@@ -167,7 +128,7 @@ where
         };
         let keep_alive = req.keep_alive;
         let head_only = req.head.method() == Method::HEAD;
-        let resp = proxy.handle(&info, req.head).await;
+        let resp = proxy.call(&info, req.head).await;
         let keep_alive = keep_alive && !crate::drain::is_draining();
         if let Err(e) = respond(&mut io, resp, head_only, keep_alive, &mut out).await {
             tracing::debug!(error = %e, "client connection ended with an error");
@@ -256,11 +217,11 @@ fn refusal(status: StatusCode) -> Response<RespBody> {
 
 /// The rest of the connection goes to hyper: HTTP/1.1 with upgrades, or HTTP/2 when the
 /// client opens with its preface (h2c with prior knowledge, or h2 picked by ALPN).
-async fn hand_over<I>(io: Timed<I>, read: Bytes, info: Arc<ConnInfo>, proxy: Arc<Proxy>)
+async fn hand_over<I, S: Service>(io: Timed<I>, read: Bytes, info: Arc<ConnInfo>, proxy: Arc<S>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let limits = proxy.limits.clone();
+    let limits = proxy.limits().clone();
     // HTTP/2 (the client's preface is what was read): its idle and stalled streams are
     // watched, since hyper's server bounds neither.
     let streams = read.starts_with(H2_PREFACE).then(Streams::new);
@@ -275,11 +236,11 @@ where
                 return Ok::<_, Infallible>(refusal_for(status, parts.version).map(|b| Watched::new(b, slot)));
             }
             hop::strip_connection_named(&mut parts.headers);
-            let body = match client_body(&parts, body, proxy.limits.body_timeout).await {
+            let body = match client_body(&parts, body, proxy.limits().body_timeout).await {
                 Ok(b) => b,
                 Err(status) => return Ok(refusal_for(status, parts.version).map(|b| Watched::new(b, slot))),
             };
-            Ok(proxy.handle(&info, Request::from_parts(parts, body)).await.map(|b| Watched::new(b, slot)))
+            Ok(proxy.call(&info, Request::from_parts(parts, body)).await.map(|b| Watched::new(b, slot)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -541,7 +502,7 @@ where
             has_length = true;
         }
         has_date |= name == header::DATE;
-        crate::h1::encode_field(name, value, out);
+        crate::hop::encode_field(name, value, out);
     }
     let chunked = !bodiless && !has_length && body.size_hint().exact().is_none();
     if !bodiless && !has_length && !chunked {

@@ -10,7 +10,6 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::h1::{Fields, encode_field};
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -202,6 +201,33 @@ impl Fields for Hop {
             encode_field(name, value, buf);
         }
     }
+}
+
+/// Writes a request's header fields as they go out: a proxy adds and drops fields here rather
+/// than in the request's map.
+pub trait Fields: Sync {
+    /// `framed`: the body's framing field is written apart, so Content-Length stays out.
+    fn encode(&self, headers: &HeaderMap, framed: bool, buf: &mut Vec<u8>);
+}
+
+/// The request's fields as they are.
+pub struct AsIs;
+
+impl Fields for AsIs {
+    fn encode(&self, headers: &HeaderMap, framed: bool, buf: &mut Vec<u8>) {
+        for (name, value) in headers {
+            if !(framed && name == header::CONTENT_LENGTH) {
+                encode_field(name, value, buf);
+            }
+        }
+    }
+}
+
+pub fn encode_field(name: &HeaderName, value: &HeaderValue, buf: &mut Vec<u8>) {
+    buf.extend_from_slice(name.as_str().as_bytes());
+    buf.extend_from_slice(b": ");
+    buf.extend_from_slice(value.as_bytes());
+    buf.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]

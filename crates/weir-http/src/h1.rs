@@ -21,10 +21,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
-use crate::body::ReqBody;
 use crate::deadline;
-use crate::hop;
-use crate::snapshot::Timeouts;
+use crate::hop::{self, AsIs, Fields};
+use crate::req_body::ReqBody;
+use weir_upstream::Timeouts;
 
 /// The most a response head (status line and headers) may take.
 const MAX_HEAD: usize = 64 * 1024;
@@ -103,32 +103,12 @@ pub enum Error {
     #[error("malformed response: {0}")]
     Malformed(&'static str),
     #[error("reading the request body: {0}")]
-    RequestBody(crate::body::BoxError),
+    RequestBody(crate::req_body::BoxError),
     /// The node took longer than its send or read timeout.
     #[error("timed out")]
     Timeout,
     #[error("the request body did not match its content-length")]
     BodyLength,
-}
-
-/// Writes a request's header fields as they go out: a proxy adds and drops fields here rather
-/// than in the request's map.
-pub trait Fields: Sync {
-    /// `framed`: the body's framing field is written apart, so Content-Length stays out.
-    fn encode(&self, headers: &HeaderMap, framed: bool, buf: &mut Vec<u8>);
-}
-
-/// The request's fields as they are.
-pub struct AsIs;
-
-impl Fields for AsIs {
-    fn encode(&self, headers: &HeaderMap, framed: bool, buf: &mut Vec<u8>) {
-        for (name, value) in headers {
-            if !(framed && name == header::CONTENT_LENGTH) {
-                encode_field(name, value, buf);
-            }
-        }
-    }
 }
 
 /// An exchange that got no response.
@@ -205,7 +185,7 @@ impl Connection {
             });
             Failed { error, request }
         };
-        let resend_ok = reused && crate::proxy::is_idempotent(req.method());
+        let resend_ok = reused && is_idempotent(req.method());
         match written {
             Ok(()) => {}
             Err((error, sent_any)) => {
@@ -363,13 +343,6 @@ fn encode_head(req: &Request<ReqBody>, out: Out, fields: &impl Fields, buf: &mut
         Out::Chunked => buf.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Out::None => {}
     }
-    buf.extend_from_slice(b"\r\n");
-}
-
-pub fn encode_field(name: &HeaderName, value: &HeaderValue, buf: &mut Vec<u8>) {
-    buf.extend_from_slice(name.as_str().as_bytes());
-    buf.extend_from_slice(b": ");
-    buf.extend_from_slice(value.as_bytes());
     buf.extend_from_slice(b"\r\n");
 }
 
@@ -821,6 +794,11 @@ impl http_body::Body for Body {
             _ => SizeHint::default(),
         }
     }
+}
+
+/// Methods a request may be sent again with after a connection broke (RFC 9110 §9.2.2).
+pub fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE)
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::body::ReqBody;
+use crate::req_body::ReqBody;
 use crate::h1::{self, Stream};
-use crate::snapshot::{Keepalive, NodeRt};
+use weir_upstream::{Keepalive, NodeRt};
 
 /// How an upstream's nodes are spoken to.
 #[derive(Clone, Default)]

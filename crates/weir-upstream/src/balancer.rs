@@ -7,69 +7,15 @@
 //! unhealthy or already tried.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use crate::snapshot::NodeRt;
+use crate::NodeRt;
 
-/// How long a latency sample takes to fade to 1/e of its weight (APISIX's `DECAY_TIME`).
-const EWMA_DECAY_SECS: f64 = 10.0;
 /// Ring points per unit of (normalised) weight for consistent hashing.
 const POINTS_PER_WEIGHT: usize = 160;
 /// Bound on the ring's size, whatever the weights.
 const MAX_POINTS: usize = 1 << 20;
-
-/// Load figures of one node, shared by every worker: requests in flight and a latency average.
-#[derive(Default)]
-pub struct NodeLoad {
-    inflight: AtomicU32,
-    ewma: Mutex<Option<(f64, Instant)>>,
-}
-
-impl NodeLoad {
-    pub fn inflight(&self) -> u32 {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// Folds one response time (seconds) into the average.
-    pub fn observe(&self, secs: f64) {
-        let now = Instant::now();
-        let mut e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
-        *e = Some(match *e {
-            None => (secs, now),
-            Some((avg, at)) => {
-                let w = (-now.duration_since(at).as_secs_f64() / EWMA_DECAY_SECS).exp();
-                (avg * w + secs * (1.0 - w), now)
-            }
-        });
-    }
-
-    /// The average, decayed towards zero for the time since the last sample, so a node that was
-    /// slow a while ago gets tried again.
-    fn ewma(&self, now: Instant) -> f64 {
-        let e = self.ewma.lock().unwrap_or_else(|p| p.into_inner());
-        match *e {
-            None => 0.0,
-            Some((avg, at)) => avg * (-now.saturating_duration_since(at).as_secs_f64() / EWMA_DECAY_SECS).exp(),
-        }
-    }
-}
-
-/// Counts a request against a node's load until dropped (when its response body is done).
-pub struct InFlight(std::sync::Arc<NodeLoad>);
-
-impl InFlight {
-    pub fn start(load: &std::sync::Arc<NodeLoad>) -> InFlight {
-        load.inflight.fetch_add(1, Ordering::Relaxed);
-        InFlight(load.clone())
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 pub enum Balancer {
     RoundRobin(RoundRobin),
@@ -230,7 +176,8 @@ pub fn hash32(bytes: &[u8]) -> u32 {
 mod tests {
     use super::*;
     use crate::health::{Outcome, Thresholds};
-    use crate::snapshot::test_node;
+    use crate::InFlight;
+    use crate::node::test_node;
 
     fn nodes(spec: &[(u32, i64)]) -> Vec<NodeRt> {
         spec.iter().enumerate().map(|(i, (w, p))| test_node(&format!("10.0.0.{i}:80"), *w, *p)).collect()

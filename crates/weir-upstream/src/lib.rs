@@ -1,0 +1,10 @@
+//! Upstream mechanism: nodes, the four balancers, and health checks. It knows nothing of
+//! routes, snapshots, plugins or tenants; the data plane builds these from its config.
+
+pub mod balancer;
+pub mod health;
+mod load;
+mod node;
+
+pub use load::{InFlight, NodeLoad};
+pub use node::{DEFAULT_TIMEOUT, Keepalive, NodeRt, Timeouts};

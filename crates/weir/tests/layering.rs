@@ -1,0 +1,104 @@
+//! The layout's rules, read from the source: the mechanism crates (`weir-http`,
+//! `weir-upstream`) depend on no policy crate, and no crate of the data plane has files that
+//! import each other in a circle.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+fn crates_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("crates/").to_path_buf()
+}
+
+/// The modules of one crate (file stems under `src/`) and, for each, the sibling modules its
+/// code names as `crate::module` (comments left out).
+fn imports(krate: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let src = crates_dir().join(krate).join("src");
+    let mut modules = BTreeMap::new();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "rs") {
+            let stem = path.file_stem().unwrap().to_string_lossy().into_owned();
+            modules.insert(stem, std::fs::read_to_string(&path).unwrap());
+        }
+    }
+    let names: BTreeSet<String> = modules.keys().cloned().collect();
+    modules
+        .iter()
+        .map(|(name, text)| {
+            let mut uses = BTreeSet::new();
+            for line in text.lines().map(|l| l.split("//").next().unwrap_or("")) {
+                for (i, _) in line.match_indices("crate::") {
+                    let rest = &line[i + "crate::".len()..];
+                    // `crate::{a, b}` names several.
+                    let group = match rest.strip_prefix('{') {
+                        Some(g) => g.split('}').next().unwrap_or(""),
+                        None => rest,
+                    };
+                    for part in group.split(',') {
+                        let module: String = part.trim().chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                        if names.contains(&module) && module != *name && module != "lib" {
+                            uses.insert(module);
+                        }
+                    }
+                }
+            }
+            (name.clone(), uses)
+        })
+        .collect()
+}
+
+/// A circle of imports, if there is one.
+fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(node: &str, graph: &BTreeMap<String, BTreeSet<String>>, done: &mut BTreeSet<String>, path: &mut Vec<String>) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut found = path[at..].to_vec();
+            found.push(node.to_string());
+            return Some(found);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(found) = visit(next, graph, done, path) {
+                return Some(found);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph.keys().find_map(|n| visit(n, graph, &mut done, &mut Vec::new()))
+}
+
+#[test]
+fn the_data_plane_has_no_import_circle() {
+    for krate in ["weir-http", "weir-upstream", "weir-proxy"] {
+        let graph = imports(krate);
+        assert!(graph.len() > 1, "{krate}: no modules read");
+        assert_eq!(circle(&graph), None, "{krate}: files import each other in a circle");
+    }
+}
+
+#[test]
+fn the_circle_finder_finds_circles() {
+    let graph: BTreeMap<String, BTreeSet<String>> = [("a", &["b"][..]), ("b", &["c"]), ("c", &["a"]), ("d", &[])]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+        .collect();
+    assert_eq!(circle(&graph), Some(vec!["a".into(), "b".into(), "c".into(), "a".into()]));
+}
+
+#[test]
+fn mechanism_depends_on_no_policy() {
+    let policy = ["weir-proxy", "weir-plugins", "weir-admin", "weir-store", "weir"];
+    for krate in ["weir-http", "weir-upstream"] {
+        let manifest = std::fs::read_to_string(crates_dir().join(krate).join("Cargo.toml")).unwrap();
+        let deps = manifest.split("[dependencies]").nth(1).expect("a [dependencies] table");
+        for line in deps.lines().take_while(|l| !l.starts_with('[')) {
+            let name = line.split(['.', '=', ' ']).next().unwrap_or("");
+            assert!(!policy.contains(&name), "{krate} depends on {name}");
+        }
+    }
+}
