@@ -48,6 +48,10 @@ struct Args {
     /// while its config churns, reporting its memory over time and every unexpected answer.
     #[arg(long)]
     soak: Option<u64>,
+    /// Another weir binary (the one before a change, say) measured in the same rounds on the
+    /// same core: the plain, large-table and plugin rows side by side.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 const ORIGIN_PORT: u16 = 18080;
@@ -141,6 +145,7 @@ fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> anyhow::Resu
     Ok((status, body))
 }
 
+#[derive(Clone)]
 struct WrkResult {
     rps: f64,
     p50_ms: f64,
@@ -332,7 +337,7 @@ struct Weir {
 impl Weir {
     /// Starts weir on `port` (admin on `port + 1`, TLS on `port + TLS_OFFSET`), pinned to the
     /// proxy core.
-    fn start(args: &Args, dir: &Path, port: u16) -> anyhow::Result<Weir> {
+    fn start(args: &Args, bin: &Path, dir: &Path, port: u16) -> anyhow::Result<Weir> {
         std::fs::create_dir_all(dir)?;
         let admin = port + 1;
         let cfg = dir.join("weir.yaml");
@@ -346,7 +351,7 @@ impl Weir {
         )?;
         let child = Command::new("taskset")
             .args(["-c", &args.proxy_core.to_string()])
-            .arg(&args.weir)
+            .arg(bin)
             .arg("serve")
             .arg("--config")
             .arg(&cfg)
@@ -354,7 +359,7 @@ impl Weir {
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .with_context(|| format!("starting {} (cargo build --release)", args.weir.display()))?;
+            .with_context(|| format!("starting {} (cargo build --release)", bin.display()))?;
         let mut proc = Proc(child, "weir");
         let mut out = BufReader::new(proc.0.stdout.take().expect("piped")).lines();
         for line in out.by_ref() {
@@ -365,6 +370,43 @@ impl Weir {
             }
         }
         bail!("weir exited before it was ready")
+    }
+
+    /// The upstream and the route every row asks for.
+    fn put_target(&self) -> anyhow::Result<()> {
+        // As in the nginx proxy: upstream connections are not retired after 1,000 requests.
+        self.put(
+            "upstreams/origin",
+            &format!("{{\"type\":\"roundrobin\",\"nodes\":{{\"127.0.0.1:{ORIGIN_PORT}\":1}},\"keepalive_pool\":{{\"requests\":1000000}}}}"),
+        )?;
+        self.put("routes/target", "{\"uri\":\"/svc/7777/*\",\"upstream_id\":\"origin\"}")
+    }
+
+    /// The plugin row: key-auth, a local limit-count high enough never to refuse, and
+    /// prometheus, on `/plug/*`.
+    fn put_plugins(&self) -> anyhow::Result<()> {
+        self.put("consumers/bench", "{\"username\":\"bench\",\"plugins\":{\"key-auth\":{\"key\":\"bench-key\"}}}")?;
+        self.put(
+            "routes/plugins",
+            "{\"uri\":\"/plug/*\",\"upstream_id\":\"origin\",\"plugins\":{\"key-auth\":{},\
+             \"limit-count\":{\"count\":1000000000,\"time_window\":60},\"prometheus\":{}}}",
+        )
+    }
+
+    /// `routes` routes in all (the target among them), live once this returns.
+    fn put_table(&self, routes: usize) -> anyhow::Result<()> {
+        let started = Instant::now();
+        for i in 0..routes {
+            if i != 7777 {
+                self.put(&format!("routes/bulk-{i}"), &format!("{{\"uri\":\"/svc/{i}/*\",\"upstream_id\":\"origin\"}}"))?;
+            }
+        }
+        eprintln!("created {routes} routes in {:.1}s", started.elapsed().as_secs_f64());
+        let last = format!("/svc/{}/x", routes - 1);
+        while http(self.port, "GET", &last, None)?.0 != 200 {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     fn put(&self, path: &str, body: &str) -> anyhow::Result<()> {
@@ -472,19 +514,14 @@ fn main() -> anyhow::Result<()> {
     )?;
     // Two Weir processes on the same core, measured in turn: one with a single route, one with
     // the large route table.
-    let small = Weir::start(&args, &dir.join("weir-small"), 18082)?;
-    let large = Weir::start(&args, &dir.join("weir-large"), 18084)?;
+    let small = Weir::start(&args, &args.weir, &dir.join("weir-small"), 18082)?;
+    let large = Weir::start(&args, &args.weir, &dir.join("weir-large"), 18084)?;
     for p in [ORIGIN_PORT, NGINX_PROXY_PORT, NGINX_TLS_PORT] {
         wait_port(p)?;
     }
     let target = "/svc/7777/items";
     for w in [&small, &large] {
-        // As in the nginx proxy above: upstream connections are not retired after 1,000 requests.
-        w.put(
-            "upstreams/origin",
-            &format!("{{\"type\":\"roundrobin\",\"nodes\":{{\"127.0.0.1:{ORIGIN_PORT}\":1}},\"keepalive_pool\":{{\"requests\":1000000}}}}"),
-        )?;
-        w.put("routes/target", "{\"uri\":\"/svc/7777/*\",\"upstream_id\":\"origin\"}")?;
+        w.put_target()?;
     }
     let ssl = serde_json::json!({
         "cert": std::fs::read_to_string(&cert)?,
@@ -492,28 +529,25 @@ fn main() -> anyhow::Result<()> {
         "snis": [TLS_NAME],
     });
     small.put("ssls/bench", &ssl.to_string())?;
-    // The plugin row: key-auth, a local limit-count high enough never to refuse, and prometheus.
-    small.put("consumers/bench", "{\"username\":\"bench\",\"plugins\":{\"key-auth\":{\"key\":\"bench-key\"}}}")?;
-    small.put(
-        "routes/plugins",
-        "{\"uri\":\"/plug/*\",\"upstream_id\":\"origin\",\"plugins\":{\"key-auth\":{},\
-         \"limit-count\":{\"count\":1000000000,\"time_window\":60},\"prometheus\":{}}}",
-    )?;
+    small.put_plugins()?;
 
     let (p50, p99) = large.put_to_live(args.changes, "small")?;
     let live_small = format!("PUT-to-live over {} changes (few routes): p50 {p50:.2} ms, p99 {p99:.2} ms", args.changes);
-    let started = Instant::now();
-    for i in 0..args.routes {
-        if i != 7777 {
-            large.put(&format!("routes/bulk-{i}"), &format!("{{\"uri\":\"/svc/{i}/*\",\"upstream_id\":\"origin\"}}"))?;
-        }
-    }
-    eprintln!("created {} routes in {:.1}s", args.routes, started.elapsed().as_secs_f64());
-    let last = format!("/svc/{}/x", args.routes - 1);
-    while http(large.port, "GET", &last, None)?.0 != 200 {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    large.put_table(args.routes)?;
     let (p50k, p99k) = large.put_to_live(args.changes, "large")?;
+    // The baseline gets the same routes, and is measured in the same rounds.
+    let baseline = match &args.baseline {
+        Some(bin) => {
+            let (small, large) = (Weir::start(&args, bin, &dir.join("base-small"), 18086)?, Weir::start(&args, bin, &dir.join("base-large"), 18088)?);
+            for w in [&small, &large] {
+                w.put_target()?;
+            }
+            small.put_plugins()?;
+            large.put_table(args.routes)?;
+            Some((small, large))
+        }
+        None => None,
+    };
 
     println!(
         "Weir benchmark: proxy pinned to core {proxy_core}, origin and wrk on {other}; wrk -t1 -c{} -d{}s; median of {} interleaved rounds",
@@ -529,6 +563,7 @@ fn main() -> anyhow::Result<()> {
     let (mut n_runs, mut s_runs, mut l_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut nt_runs, mut wt_runs, mut nh_runs, mut wh_runs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut p_runs = Vec::new();
+    let (mut bs_runs, mut bl_runs, mut bp_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (nginx_pid, small_pid) = (nginx_proxy.0.id(), small.proc.0.id());
     let small_tls = small.port + TLS_OFFSET;
     for round in 1..=args.rounds {
@@ -550,6 +585,14 @@ fn main() -> anyhow::Result<()> {
         );
         let plug = format!("http://127.0.0.1:{}/plug/items", small.port);
         p_runs.push(wrk_url(&args, &plug, Some(small_pid), &["apikey: bench-key"])?);
+        if let Some((bs, bl)) = &baseline {
+            bs_runs.push(wrk(&args, bs.port, target, Some(bs.proc.0.id()))?);
+            bl_runs.push(wrk(&args, bl.port, target, Some(bl.proc.0.id()))?);
+            let plug = format!("http://127.0.0.1:{}/plug/items", bs.port);
+            bp_runs.push(wrk_url(&args, &plug, Some(bs.proc.0.id()), &["apikey: bench-key"])?);
+            let (b, bl) = (&bs_runs[round - 1], &bl_runs[round - 1]);
+            eprintln!("round {round}: baseline {:.0} req/s ({} us), baseline with {} routes {:.0} req/s ({} us)", b.rps, cpu(b), args.routes, bl.rps, cpu(bl));
+        }
         nt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{NGINX_TLS_PORT}{target}"), Some(nginx_pid), &[])?);
         wt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{small_tls}{target}"), Some(small_pid), &[])?);
         nh_runs.push(h2load(&args, NGINX_TLS_PORT, target, Some(nginx_pid))?);
@@ -561,6 +604,14 @@ fn main() -> anyhow::Result<()> {
     row(&format!("weir, {} routes", args.routes), &many, Some(&nginx));
     let plugged = median_result(&p_runs);
     row("weir, key-auth+limit-count+prometheus", &plugged, Some(&nginx));
+    let compared = (!bs_runs.is_empty()).then(|| {
+        let (b1, bm, bp) = (median_result(&bs_runs), median_result(&bl_runs), median_result(&bp_runs));
+        row("baseline, 1 route", &b1, Some(&nginx));
+        row(&format!("baseline, {} routes", args.routes), &bm, Some(&nginx));
+        row("baseline, key-auth+limit-count+prometheus", &bp, Some(&nginx));
+        [("1 route", one.clone(), b1), (&*format!("{} routes", args.routes), many.clone(), bm), ("key-auth+limit-count+prometheus", plugged.clone(), bp)]
+            .map(|(name, new, old)| (name.to_string(), new, old))
+    });
     let (nginx_tls, weir_tls) = (median_result(&nt_runs), median_result(&wt_runs));
     row("nginx, HTTPS", &nginx_tls, Some(&nginx_tls));
     row("weir, HTTPS", &weir_tls, Some(&nginx_tls));
@@ -581,6 +632,13 @@ fn main() -> anyhow::Result<()> {
     if let (Some(m), Some(o)) = (many.cpu_us, one.cpu_us) {
         println!("{} routes vs 1 route: {:+.1}% CPU per request", args.routes, (m / o - 1.0) * 100.0);
     }
+    for (name, new, old) in compared.iter().flatten() {
+        let cpu = match (new.cpu_us, old.cpu_us) {
+            (Some(n), Some(o)) => format!(", {:+.1}% CPU per request ({n:.1} vs {o:.1} us)", (n / o - 1.0) * 100.0),
+            _ => String::new(),
+        };
+        println!("weir vs baseline, {name}: {:+.1}% throughput{cpu}", (new.rps / old.rps - 1.0) * 100.0);
+    }
     // Idle connections last: they stay counted in the allocators of both proxies afterwards.
     let idle = 2000;
     let nginx_idle = idle_cost(NGINX_PROXY_PORT, nginx_pid, idle, target)?;
@@ -588,7 +646,7 @@ fn main() -> anyhow::Result<()> {
     println!("memory per idle keep-alive connection ({idle} open): nginx {nginx_idle:.1} KiB, weir {weir_idle:.1} KiB");
     println!("{live_small}");
     println!("PUT-to-live over {} changes ({} routes): p50 {p50k:.2} ms, p99 {p99k:.2} ms", args.changes, args.routes);
-    drop((small, large));
+    drop((small, large, baseline));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

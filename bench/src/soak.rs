@@ -80,7 +80,7 @@ pub fn run(args: &Args, secs: u64) -> anyhow::Result<()> {
     let other = other_cores(args.proxy_core);
     let _origin = origin(&dir, &other)?;
     wait_port(ORIGIN_PORT)?;
-    let w = Weir::start(args, &dir.join("weir-soak"), 18082)?;
+    let w = Weir::start(args, &args.weir, &dir.join("weir-soak"), 18082)?;
     let pid = w.proc.0.id();
     w.put("upstreams/origin", &format!("{{\"type\":\"roundrobin\",\"nodes\":{{\"127.0.0.1:{ORIGIN_PORT}\":1}}}}"))?;
     w.put("routes/svc", "{\"uri\":\"/svc/*\",\"upstream_id\":\"origin\"}")?;
