@@ -806,7 +806,7 @@ mod tests {
     }
 
     fn test_builder() -> Builder {
-        Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()])), Arc::new(Registry::default()))
+        Builder::new("/apisix", Arc::new(Keyring::new(&["test-secret".to_string()])), Arc::new(weir_plugins::registry()))
     }
 
     fn server_of(s: &Snapshot, method: &'static str, path: &str) -> Option<String> {

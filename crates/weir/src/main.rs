@@ -14,7 +14,6 @@ use http::StatusCode;
 use weir_admin::{Admin, AdminKey, Control, Role};
 use weir_proxy::proxy::Proxy;
 use weir_proxy::snapshot::{Builder, Snapshot};
-use weir_plugins::Registry;
 use weir_tls::Keyring;
 use weir_store::{EmbeddedStore, EtcdOptions, EtcdStore, FileStore, SharedStore};
 
@@ -221,7 +220,7 @@ fn read_config(config: Option<&Path>) -> anyhow::Result<Config> {
 fn validate(file: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let json = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    match weir_store::load_file(&text, json, "/apisix", &Registry::default()) {
+    match weir_store::load_file(&text, json, "/apisix", &weir_plugins::registry()) {
         Ok(objects) => {
             println!("{}: ok ({} objects)", file.display(), objects.len());
             Ok(())
@@ -342,7 +341,7 @@ fn admin_get(cfg: &Config, mut addr: std::net::SocketAddr, path: &str) -> anyhow
 async fn open_store(cfg: &Config) -> anyhow::Result<SharedStore> {
     Ok(match cfg.store.kind {
         StoreType::File => {
-            let catalog: Arc<dyn weir_core::schema::PluginCatalog> = Arc::new(Registry::default());
+            let catalog: Arc<dyn weir_core::schema::PluginCatalog> = Arc::new(weir_plugins::registry());
             let store = FileStore::open(&cfg.store.path, cfg.store.key_prefix(), catalog)
                 .map_err(|errors| anyhow::anyhow!("{}:\n{}", cfg.store.path.display(), errors.join("\n")))?;
             Arc::new(store)
@@ -391,7 +390,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         let prefix = cfg.store.key_prefix().to_string();
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
         let otel = serde_json::to_value(&cfg.plugin_attr.opentelemetry)?;
-        let plugins = Arc::new(Registry::default().with_attr("opentelemetry", otel).with_secrets(secret_opener(keyring.clone())));
+        let plugins = Arc::new(weir_plugins::registry().with_attr("opentelemetry", otel).with_secrets(secret_opener(keyring.clone())));
         let sync = Arc::new(SyncStatus::default());
         let mut bound = Vec::new();
         if role != DeployRole::ControlPlane {

@@ -1,6 +1,7 @@
 //! The layout's rules, read from the source: the mechanism crates (`weir-http`,
-//! `weir-upstream`) depend on no policy crate, and no crate of the data plane has files that
-//! import each other in a circle.
+//! `weir-upstream`) and the plugin API (`weir-plugin-api`, usable without compiling a single
+//! plugin) depend on no policy crate, and no crate of the data plane has files that import each
+//! other in a circle.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -74,7 +75,7 @@ fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
 
 #[test]
 fn the_data_plane_has_no_import_circle() {
-    for krate in ["weir-http", "weir-upstream", "weir-proxy"] {
+    for krate in ["weir-http", "weir-upstream", "weir-plugin-api", "weir-proxy"] {
         let graph = imports(krate);
         assert!(graph.len() > 1, "{krate}: no modules read");
         assert_eq!(circle(&graph), None, "{krate}: files import each other in a circle");
@@ -93,7 +94,7 @@ fn the_circle_finder_finds_circles() {
 #[test]
 fn mechanism_depends_on_no_policy() {
     let policy = ["weir-proxy", "weir-plugins", "weir-admin", "weir-store", "weir"];
-    for krate in ["weir-http", "weir-upstream"] {
+    for krate in ["weir-http", "weir-upstream", "weir-plugin-api"] {
         let manifest = std::fs::read_to_string(crates_dir().join(krate).join("Cargo.toml")).unwrap();
         let deps = manifest.split("[dependencies]").nth(1).expect("a [dependencies] table");
         for line in deps.lines().take_while(|l| !l.starts_with('[')) {
@@ -101,4 +102,38 @@ fn mechanism_depends_on_no_policy() {
             assert!(!policy.contains(&name), "{krate} depends on {name}");
         }
     }
+}
+
+/// The floors of ARCHITECTURE.md's crate drawing: each crate depends only on lower floors.
+#[test]
+fn crates_depend_only_on_lower_floors() {
+    let floors = [
+        ("weir-core", 0),
+        ("weir-tls", 1),
+        ("weir-store", 1),
+        ("weir-plugin-api", 1),
+        ("weir-upstream", 2),
+        ("weir-plugins", 2),
+        ("weir-admin", 2),
+        ("weir-http", 3),
+        ("weir-proxy", 4),
+        ("weir", 5),
+    ];
+    let floor = |name: &str| floors.iter().find(|(n, _)| *n == name).map(|(_, f)| *f);
+    let mut seen = 0;
+    for entry in std::fs::read_dir(crates_dir()).unwrap() {
+        let dir = entry.unwrap().path();
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let own = floor(&name).unwrap_or_else(|| panic!("{name} has no floor in ARCHITECTURE.md's drawing"));
+        let manifest = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        let deps = manifest.split("[dependencies]").nth(1).expect("a [dependencies] table");
+        for line in deps.lines().take_while(|l| !l.starts_with('[')) {
+            let dep = line.split(['.', '=', ' ']).next().unwrap_or("");
+            if let Some(theirs) = floor(dep) {
+                assert!(theirs < own, "{name} (floor {own}) depends on {dep} (floor {theirs})");
+            }
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, floors.len(), "every crate is on a floor");
 }
