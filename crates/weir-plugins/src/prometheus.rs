@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -78,22 +78,6 @@ struct Series {
     ingress: u64,
     egress: u64,
 }
-
-/// Process-wide counters the proxy keeps whether or not any route runs the plugin.
-#[derive(Default)]
-pub struct Counters {
-    pub accepted: AtomicU64,
-    pub handled: AtomicU64,
-    pub active: AtomicU64,
-    pub requests: AtomicU64,
-}
-
-pub static COUNTERS: Counters = Counters {
-    accepted: AtomicU64::new(0),
-    handled: AtomicU64::new(0),
-    active: AtomicU64::new(0),
-    requests: AtomicU64::new(0),
-};
 
 #[derive(Default)]
 pub struct Metrics {
@@ -199,7 +183,7 @@ pub fn render() -> String {
     }
     drop(all);
 
-    let c = &COUNTERS;
+    let c = &weir_telemetry::COUNTERS;
     out.push_str("# HELP apisix_nginx_http_current_connections Number of HTTP connections\n# TYPE apisix_nginx_http_current_connections gauge\n");
     for (state, v) in [("accepted", &c.accepted), ("active", &c.active), ("handled", &c.handled)] {
         let _ = writeln!(out, "apisix_nginx_http_current_connections{{state=\"{state}\"}} {}", v.load(Ordering::Relaxed));

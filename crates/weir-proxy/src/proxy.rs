@@ -21,7 +21,7 @@ use weir_http::body::{Received, ReqBody, RespBody};
 use weir_http::hop::{self, Hop};
 use weir_http::pool::{self, Conn, ConnectError, Lease, Sender};
 use weir_http::{ConnInfo, deadline, error_response, h1, is_idempotent};
-use weir_plugins::prometheus::COUNTERS;
+use weir_telemetry::COUNTERS;
 use weir_plugins::{Consumers, LogRecord, Notes, Phase, Pipeline, Ran, Reply, RequestCtx, RequestVars, ResponseCtx, filters, run_log, run_phase, run_request, run_response};
 use weir_upstream::balancer::hash32;
 use weir_upstream::health::Outcome;

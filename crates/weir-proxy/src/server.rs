@@ -16,7 +16,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
 use weir_http::{ConnInfo, drain, front};
-use weir_plugins::prometheus::COUNTERS;
+use weir_telemetry::COUNTERS;
 
 use crate::proxy::Proxy;
 

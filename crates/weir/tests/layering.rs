@@ -109,6 +109,7 @@ fn mechanism_depends_on_no_policy() {
 fn crates_depend_only_on_lower_floors() {
     let floors = [
         ("weir-core", 0),
+        ("weir-telemetry", 0),
         ("weir-tls", 1),
         ("weir-store", 1),
         ("weir-plugin-api", 1),
