@@ -247,8 +247,14 @@ async fn active_checks_fail_a_node_over_and_back() {
     assert_eq!(w.admin("DELETE", "/routes/r", None).await.0, 200);
     assert_eq!(w.admin("DELETE", "/upstreams/u", None).await.0, 200);
     w.until("/c", &[], |r| r.status == 404).await;
-    let (s, v) = w.control("healthcheck/upstreams/u").await;
-    assert_eq!((s, v), (404, json!({"error_msg": "no checker for upstreams[u]"})));
+    // The route's delete may be live before the upstream's: wait for the second as well.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut checker = w.control("healthcheck/upstreams/u").await;
+    while checker.0 != 404 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        checker = w.control("healthcheck/upstreams/u").await;
+    }
+    assert_eq!(checker, (404, json!({"error_msg": "no checker for upstreams[u]"})));
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let probes = a.probes.load(Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(2500)).await;
