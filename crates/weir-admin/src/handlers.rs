@@ -44,15 +44,13 @@ pub fn refuse_unauthorized(admin: &Admin, parts: &Parts) -> Option<Reply> {
     Some(reply::json(StatusCode::UNAUTHORIZED, &json!({"error_msg": "failed to check token", "description": description})))
 }
 
+/// Answers a call whose key `Admin::handle` has already checked (`refuse_unauthorized`).
 pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
     let path = parts.uri.path().to_string();
     let control = path.strip_prefix("/v1/");
     let Some(rest) = path.strip_prefix("/apisix/admin").or(control) else {
         return reply::error(StatusCode::NOT_FOUND, "not found");
     };
-    if let Some(refusal) = refuse_unauthorized(admin, &parts) {
-        return refusal;
-    }
     if control.is_some() {
         if parts.method != Method::GET {
             return reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("not supported `{}` method", parts.method));

@@ -70,22 +70,19 @@ impl Gateway {
     /// Puts an object (`routes/1`, `consumers/jack`, `consumers/jack/credentials/a`…), as the
     /// store would report it, and rebuilds what it changes.
     pub fn put(&mut self, path: &str, value: Value) -> &mut Gateway {
-        let revision = self.revision + 1;
-        let kv = KeyValue { key: format!("{PREFIX}/{path}"), value: Bytes::from(value.to_string()), create_revision: revision, mod_revision: revision };
-        self.apply(Event { kind: EventKind::Put, kv })
+        self.apply(EventKind::Put, path, Bytes::from(value.to_string()))
     }
 
     /// Deletes an object and rebuilds what it changes.
     pub fn delete(&mut self, path: &str) -> &mut Gateway {
-        let revision = self.revision + 1;
-        let kv = KeyValue { key: format!("{PREFIX}/{path}"), value: Bytes::new(), create_revision: revision, mod_revision: revision };
-        self.apply(Event { kind: EventKind::Delete, kv })
+        self.apply(EventKind::Delete, path, Bytes::new())
     }
 
-    fn apply(&mut self, event: Event) -> &mut Gateway {
+    fn apply(&mut self, kind: EventKind, path: &str, value: Bytes) -> &mut Gateway {
         self.revision += 1;
+        let kv = KeyValue { key: format!("{PREFIX}/{path}"), value, create_revision: self.revision, mod_revision: self.revision };
         let mut changes = Changes::default();
-        self.state.apply(PREFIX, self.revision, &[event], &mut changes);
+        self.state.apply(PREFIX, self.revision, &[Event { kind, kv }], &mut changes);
         // The data plane's own path: routes alone are laid over the last build, the rest
         // rebuilds it.
         self.snapshot.store(Arc::new(self.builder.update(&self.state, &changes)));
