@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use weir_core::Resource;
+use weir_catalog::Catalog;
 use weir_core::schema::{self, NoPlugins};
 
 fuzz_target!(|data: &[u8]| {
@@ -16,7 +16,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(data) else { return };
     let _ = schema::depth(&value);
-    for resource in Resource::ALL {
-        let _ = schema::check(resource, &value, &NoPlugins);
+    static CATALOG: std::sync::OnceLock<Catalog> = std::sync::OnceLock::new();
+    let catalog = CATALOG.get_or_init(Catalog::apisix);
+    for kind in catalog.kinds() {
+        let _ = catalog.check(kind, &value, &NoPlugins);
     }
 });

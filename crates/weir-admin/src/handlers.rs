@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::request::Parts;
 use http::{Method, StatusCode};
 use serde_json::{Map, Value, json};
-use weir_core::Resource;
+use weir_catalog::{PluginSlot, Registered, sealing};
 use weir_core::model::id_text;
 use weir_core::schema;
 use weir_core::text::{percent_decode, query_param};
@@ -17,16 +17,16 @@ use crate::Admin;
 use crate::auth;
 use crate::auth_keys;
 use crate::reply::{self, Reply};
-use crate::secrets;
 
 /// How often a write whose inputs changed underneath it is re-run before giving up.
 const CAS_ATTEMPTS: usize = 16;
 
 /// The object a request addresses.
 struct Target<'a> {
-    resource: Resource,
-    /// The consumer's username, for credentials.
-    parent: Option<&'a str>,
+    kind: &'a Registered,
+    /// The id of the object holding this one, for a kind held by another (a credential's
+    /// consumer), with the holder's kind.
+    parent: Option<(&'a Registered, &'a str)>,
     id: Option<&'a str>,
     /// For `PATCH /routes/1/plugins/x`: `plugins/x`.
     sub_path: Vec<&'a str>,
@@ -81,18 +81,18 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
         "schema" => return schema_endpoints(admin, &parts.method, &segs[1..], body.as_ref()),
         _ => {}
     }
-    let Some(resource) = Resource::from_name(segs[0]).filter(|r| *r != Resource::Credentials) else {
+    let Some(kind) = admin.kinds.get(segs[0]).filter(|k| k.parent().is_none()) else {
         return reply::error(StatusCode::NOT_FOUND, format!("Unsupported resource type: {}", segs[0]));
     };
-    let target = if resource == Resource::Consumers && segs.get(2) == Some(&"credentials") {
-        Target { resource: Resource::Credentials, parent: Some(segs[1]), id: segs.get(3).copied(), sub_path: segs.get(4..).map(|s| s.to_vec()).unwrap_or_default() }
-    } else {
-        Target { resource, parent: None, id: segs.get(1).copied(), sub_path: segs.get(2..).map(|s| s.to_vec()).unwrap_or_default() }
+    let child = segs.get(2).and_then(|name| admin.kinds.child(kind.name(), name));
+    let target = match child {
+        Some(child) => Target { kind: child, parent: Some((kind, segs[1])), id: segs.get(3).copied(), sub_path: segs.get(4..).map(|s| s.to_vec()).unwrap_or_default() },
+        None => Target { kind, parent: None, id: segs.get(1).copied(), sub_path: segs.get(2..).map(|s| s.to_vec()).unwrap_or_default() },
     };
     let query = parts.uri.query().unwrap_or("");
     let method = parts.method.clone();
     let unsupported = |m: &str| {
-        reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("not supported `{m}` method for {}", target.resource.kind()))
+        reply::error(StatusCode::METHOD_NOT_ALLOWED, format!("not supported `{m}` method for {}", target.kind.noun()))
     };
     let _turn = match method {
         Method::PUT | Method::POST | Method::PATCH | Method::DELETE => Some(admin.writes.lock().await),
@@ -101,9 +101,9 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
     match method {
         Method::GET => get(admin, &target, query).await,
         Method::PUT => put(admin, &target, body).await,
-        Method::POST if target.resource.allows_post() => post(admin, &target, body).await,
+        Method::POST if target.kind.allows_post() => post(admin, &target, body).await,
         Method::POST => unsupported("POST"),
-        Method::PATCH if target.resource.allows_patch() => patch(admin, &target, body).await,
+        Method::PATCH if target.kind.allows_patch() => patch(admin, &target, body).await,
         Method::PATCH => unsupported("PATCH"),
         Method::DELETE => delete(admin, &target, query).await,
         _ => reply::error(StatusCode::NOT_FOUND, "not found"),
@@ -144,33 +144,21 @@ fn plugins(admin: &Admin, method: &Method, segs: &[&str]) -> Reply {
 fn schema_endpoints(admin: &Admin, method: &Method, segs: &[&str], body: Option<&Value>) -> Reply {
     match (method, segs) {
         (&Method::POST, ["validate", name]) => {
-            let Some(resource) = Resource::from_name(name) else {
+            let Some(kind) = admin.kinds.get(name) else {
                 return reply::error(StatusCode::NOT_FOUND, format!("Unsupported resource type: {name}"));
             };
             let Some(body) = body else {
                 return reply::error(StatusCode::BAD_REQUEST, "missing configurations");
             };
-            match schema::check(resource, body, admin.plugins.as_ref()) {
+            match admin.kinds.check(kind, body, admin.plugins.as_ref()) {
                 Ok(()) => reply::empty(StatusCode::OK),
                 Err(errors) => reply::error(StatusCode::BAD_REQUEST, format!("invalid configuration: {}", errors.join("; "))),
             }
         }
         (&Method::GET, ["plugins", name]) => plugins(admin, method, &[name]),
         (&Method::GET, [name]) => {
-            let resource = match *name {
-                "route" => Some(Resource::Routes),
-                "service" => Some(Resource::Services),
-                "upstream" => Some(Resource::Upstreams),
-                "consumer" => Some(Resource::Consumers),
-                "credential" => Some(Resource::Credentials),
-                "consumer_group" => Some(Resource::ConsumerGroups),
-                "plugin_config" => Some(Resource::PluginConfigs),
-                "global_rule" => Some(Resource::GlobalRules),
-                "ssl" => Some(Resource::Ssls),
-                other => Resource::from_name(other),
-            };
-            match resource {
-                Some(r) => reply::json(StatusCode::OK, schema::schema_of(r)),
+            match admin.kinds.by_schema_name(name) {
+                Some(kind) => reply::json(StatusCode::OK, kind.schema()),
                 None => reply::error(StatusCode::BAD_REQUEST, format!("not found schema: {name}")),
             }
         }
@@ -180,19 +168,15 @@ fn schema_endpoints(admin: &Admin, method: &Method, segs: &[&str], body: Option<
 
 /// The JSON an object is shown as; private keys never leave the store, sealed plugin fields
 /// are shown opened.
-fn shown_value(admin: &Admin, resource: Resource, kv: &KeyValue) -> Value {
+fn shown_value(admin: &Admin, kind: &Registered, kv: &KeyValue) -> Value {
     let mut v: Value = serde_json::from_slice(&kv.value).unwrap_or(Value::Null);
-    secrets::show(&admin.keyring, resource, &mut v);
-    if resource == Resource::Ssls
-        && let Some(o) = v.as_object_mut() {
-            o.remove("key");
-            o.remove("keys");
-        }
+    sealing::show(&admin.keyring, kind.plugins(), &mut v);
+    kind.hide(&mut v);
     v
 }
 
-fn node(admin: &Admin, resource: Resource, kv: &KeyValue) -> Value {
-    node_of(shown_value(admin, resource, kv), kv)
+fn node(admin: &Admin, kind: &Registered, kv: &KeyValue) -> Value {
+    node_of(shown_value(admin, kind, kv), kv)
 }
 
 /// An object as the Admin API shows it, around the value already shown.
@@ -220,7 +204,7 @@ struct Filters {
 }
 
 impl Filters {
-    fn parse(resource: Resource, query: &str) -> Result<Filters, String> {
+    fn parse(kind: &Registered, query: &str) -> Result<Filters, String> {
         let pattern = |raw: &str| -> Result<regex::Regex, String> {
             let p = decode(raw);
             if p.len() > MAX_FILTER_PATTERN {
@@ -233,7 +217,7 @@ impl Filters {
                 .build()
                 .map_err(|e| format!("invalid filter pattern: {e}"))
         };
-        let allowed: &[&str] = if resource == Resource::Routes { &["service_id", "upstream_id"] } else { &[] };
+        let allowed = kind.list_filters();
         let exact = query_param(query, "filter")
             .map(|f| {
                 decode(f)
@@ -275,28 +259,27 @@ impl Filters {
 }
 
 async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
-    if t.resource == Resource::Credentials && t.parent.is_some() {
-        let consumer_key = Resource::Consumers.key(&admin.prefix, None, t.parent.unwrap_or_default());
-        match admin.store.get(&consumer_key).await {
+    if let Some((holder, owner)) = t.parent {
+        match admin.store.get(&holder.key(&admin.prefix, None, owner)).await {
             Ok(Some(_)) => {}
-            Ok(None) => return reply::error(StatusCode::NOT_FOUND, "consumer not found"),
+            Ok(None) => return holder_not_found(holder),
             Err(e) => return reply::store_down(e),
         }
     }
     if let Some(id) = t.id {
-        let key = t.resource.key(&admin.prefix, t.parent, id);
+        let key = t.key(&admin.prefix, id);
         return match admin.store.get(&key).await {
-            Ok(Some(kv)) => reply::json(StatusCode::OK, &node(admin, t.resource, &kv)),
+            Ok(Some(kv)) => reply::json(StatusCode::OK, &node(admin, t.kind, &kv)),
             Ok(None) => reply::not_found(),
             Err(e) => reply::store_down(e),
         };
     }
-    let dir = t.resource.dir(&admin.prefix, t.parent);
+    let dir = t.kind.dir(&admin.prefix, t.owner());
     let (kvs, _) = match admin.store.list(&dir).await {
         Ok(r) => r,
         Err(e) => return reply::store_down(e),
     };
-    let filters = match Filters::parse(t.resource, query) {
+    let filters = match Filters::parse(t.kind, query) {
         Ok(f) => f,
         Err(e) => return reply::error(StatusCode::BAD_REQUEST, e),
     };
@@ -306,7 +289,7 @@ async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
         if kv.key[dir.len()..].contains('/') {
             continue;
         }
-        let value = shown_value(admin, t.resource, &kv);
+        let value = shown_value(admin, t.kind, &kv);
         if filters.matches(&value) {
             list.push((kv.create_revision, node_of(value, &kv)));
         }
@@ -357,30 +340,23 @@ async fn check_object(
     let Value::Object(mut obj) = body else {
         return Err(invalid(vec!["the configuration must be a JSON object".into()]));
     };
-    let kind = t.resource.kind();
-    let id: String = match t.resource {
-        Resource::Consumers => {
-            let username = obj.get("username").and_then(Value::as_str).map(str::to_string);
-            match (t.id, username) {
-                (Some(path), Some(u)) if path != u => return Err(bad("wrong username".into())),
-                (_, Some(u)) => u,
-                // The schema check below reports the missing username.
-                (_, None) => String::new(),
-            }
-        }
-        Resource::PluginMetadata => match t.id {
+    let kind = t.kind;
+    let noun = kind.noun();
+    let id: String = match kind.id_field() {
+        // Named by the path alone (plugin metadata, by its plugin).
+        None => match t.id {
             Some(name) => {
-                if admin.plugins.config_schema(name).is_none() {
-                    return Err(bad("invalid plugin name".into()));
+                if let Err(e) = kind.check_id(name, admin.plugins.as_ref()) {
+                    return Err(bad(e));
                 }
                 name.to_string()
             }
-            None => return Err(bad("missing plugin name".into())),
+            None => return Err(bad(kind.missing_id())),
         },
-        _ => match id_rule {
+        Some("id") => match id_rule {
             IdRule::Generated => {
                 if obj.contains_key("id") {
-                    return Err(bad(format!("wrong {kind} id, do not need it")));
+                    return Err(bad(format!("wrong {noun} id, do not need it")));
                 }
                 String::new() // filled in by the caller
             }
@@ -389,15 +365,25 @@ async fn check_object(
                 let id = match (path_id, &body_id) {
                     (Some(p), _) => p.to_string(),
                     (None, Some(b)) => b.clone(),
-                    (None, None) => return Err(bad(format!("missing {kind} id"))),
+                    (None, None) => return Err(bad(kind.missing_id())),
                 };
                 if body_id.as_ref().is_some_and(|b| *b != id) {
-                    return Err(bad(format!("wrong {kind} id")));
+                    return Err(bad(format!("wrong {noun} id")));
                 }
                 obj.insert("id".into(), Value::String(id.clone()));
                 id
             }
         },
+        // Named by a field of its own (a consumer by `username`): the path must agree.
+        Some(field) => {
+            let named = obj.get(field).and_then(Value::as_str).map(str::to_string);
+            match (t.id, named) {
+                (Some(path), Some(n)) if path != n => return Err(bad(format!("wrong {field}"))),
+                (_, Some(n)) => n,
+                // The schema check below reports the missing field.
+                (_, None) => String::new(),
+            }
+        }
     };
     if !allow_times {
         for f in ["create_time", "update_time"] {
@@ -406,97 +392,51 @@ async fn check_object(
             }
         }
     }
-    // A certificate's keys are checked in the clear (a PATCH merges onto sealed ones).
-    if t.resource == Resource::Ssls
-        && let Err(e) = weir_tls::open_ssl(&admin.keyring, &mut obj)
-    {
-        return Err(invalid(vec![e.to_string()]));
+    // Sealed values are checked in the clear (a PATCH merges onto sealed ones).
+    if let Err(e) = kind.open(&mut obj, &admin.keyring) {
+        return Err(invalid(vec![e]));
     }
-    // Sealed plugin fields too: checks see them in the clear.
-    if let Err(e) = secrets::open(&admin.keyring, t.resource, &mut obj) {
+    if let Err(e) = sealing::open(&admin.keyring, kind.plugins(), &mut obj) {
         return Err(invalid(vec![e]));
     }
     let candidate = Value::Object(obj);
-    let mut errors = match schema::check(t.resource, &candidate, admin.plugins.as_ref()) {
+    let mut errors = match admin.kinds.check(kind, &candidate, admin.plugins.as_ref()) {
         Ok(()) => Vec::new(),
         Err(e) => e,
     };
     let Value::Object(mut obj) = candidate else { unreachable!("checked above") };
-    if t.resource == Resource::Ssls && errors.is_empty() {
-        errors = weir_tls::check_ssl(&obj);
-    }
-    // An upstream's client certificate key is checked and sealed like a certificate's.
-    if errors.is_empty() {
-        let sealed = match t.resource {
-            Resource::Upstreams => {
-                let mut v = Value::Object(std::mem::take(&mut obj));
-                let r = weir_tls::seal_upstream_key(&admin.keyring, &mut v, "");
-                let Value::Object(o) = v else { unreachable!("put back what was taken") };
-                obj = o;
-                r
-            }
-            Resource::Routes | Resource::Services => match obj.get_mut("upstream") {
-                Some(up) => weir_tls::seal_upstream_key(&admin.keyring, up, "upstream."),
-                None => Ok(()),
-            },
-            _ => Ok(()),
-        };
-        if let Err(e) = sealed {
-            errors.push(e);
-        }
+    if errors.is_empty()
+        && let Err(e) = kind.seal(&mut obj, &admin.keyring)
+    {
+        errors.push(e);
     }
     // References: every missing one is reported with the others.
     let mut references = Vec::new();
-    let refs: &[(&str, Resource, &str)] = match t.resource {
-        Resource::Routes => &[
-            ("upstream_id", Resource::Upstreams, "upstream info by upstream"),
-            ("service_id", Resource::Services, "service info by service"),
-            ("plugin_config_id", Resource::PluginConfigs, "plugin config info by plugin config"),
-        ],
-        Resource::Services => &[("upstream_id", Resource::Upstreams, "upstream info by upstream")],
-        Resource::Consumers => &[("group_id", Resource::ConsumerGroups, "consumer group info by consumer group")],
-        _ => &[],
-    };
     if errors.is_empty() {
-        for (field, target, what) in refs {
-            let Some(ref_id) = obj.get(*field).and_then(id_text) else { continue };
+        let as_value = Value::Object(obj);
+        for r in kind.references() {
+            let Some(ref_id) = r.id_in(&as_value) else { continue };
+            let Some(target) = admin.kinds.get(r.kind) else { continue };
             let key = target.key(&admin.prefix, None, &ref_id);
+            let what = r.what;
             match admin.store.get(&key).await {
-                Ok(Some(kv)) => references.push(Compare { key, mod_revision: kv.mod_revision }),
+                Ok(Some(kv)) => match r.accept {
+                    Some((accept, refusal)) if !serde_json::from_slice::<Value>(&kv.value).is_ok_and(|v| accept(&v)) => {
+                        errors.push(format!("failed to fetch {what} id [{ref_id}], {refusal}"));
+                    }
+                    _ => references.push(Compare { key, mod_revision: kv.mod_revision }),
+                },
                 Ok(None) => errors.push(format!("failed to fetch {what} id [{ref_id}], response code: 404")),
                 Err(e) => return Err(reply::store_down(e)),
             }
         }
-        // An upstream's `tls.client_cert_id` must name a client certificate.
-        let client_cert_id = match t.resource {
-            Resource::Upstreams => obj.get("tls"),
-            Resource::Routes | Resource::Services => obj.get("upstream").and_then(|u| u.get("tls")),
-            _ => None,
-        }
-        .and_then(|tls| tls.get("client_cert_id"))
-        .and_then(id_text);
-        if let Some(ssl_id) = client_cert_id {
-            let key = Resource::Ssls.key(&admin.prefix, None, &ssl_id);
-            match admin.store.get(&key).await {
-                Ok(Some(kv)) => {
-                    let kind = serde_json::from_slice::<Value>(&kv.value)
-                        .ok()
-                        .and_then(|v| v.get("type").and_then(Value::as_str).map(str::to_string));
-                    if kind.as_deref() == Some("client") {
-                        references.push(Compare { key, mod_revision: kv.mod_revision });
-                    } else {
-                        errors.push(format!("failed to fetch ssl info by ssl id [{ssl_id}], wrong ssl type"));
-                    }
-                }
-                Ok(None) => errors.push(format!("failed to fetch ssl info by ssl id [{ssl_id}], response code: 404")),
-                Err(e) => return Err(reply::store_down(e)),
-            }
-        }
-        if let (Resource::Credentials, Some(user)) = (t.resource, t.parent) {
-            let key = Resource::Consumers.key(&admin.prefix, None, user);
+        let Value::Object(o) = as_value else { unreachable!("put back what was taken") };
+        obj = o;
+        if let Some((holder, owner)) = t.parent {
+            let key = holder.key(&admin.prefix, None, owner);
             match admin.store.get(&key).await {
                 Ok(Some(kv)) => references.push(Compare { key, mod_revision: kv.mod_revision }),
-                Ok(None) => return Err(reply::error(StatusCode::NOT_FOUND, "consumer not found")),
+                Ok(None) => return Err(holder_not_found(holder)),
                 Err(e) => return Err(reply::store_down(e)),
             }
         }
@@ -508,17 +448,31 @@ async fn check_object(
         }
         return Err(invalid(errors));
     }
-    match (t.resource, t.parent) {
-        (Resource::Consumers, _) => auth_keys::check(admin, &id, None, &obj).await?,
-        (Resource::Credentials, Some(user)) => auth_keys::check(admin, user, Some(&id), &obj).await?,
-        _ => {}
+    // An auth key names one consumer: no other consumer or credential may hold it.
+    if kind.plugins() == PluginSlot::Consumer {
+        match t.parent {
+            Some((_, owner)) => auth_keys::check(admin, owner, Some(&id), &obj).await?,
+            None => auth_keys::check(admin, &id, None, &obj).await?,
+        }
     }
-    if t.resource == Resource::Ssls {
-        weir_tls::seal_ssl(&admin.keyring, &mut obj);
-    }
-    secrets::seal(&admin.keyring, admin.plugins.as_ref(), t.resource, &mut obj);
-    let key = t.resource.key(&admin.prefix, t.parent, &id);
+    sealing::seal(&admin.keyring, admin.plugins.as_ref(), kind.plugins(), &mut obj);
+    let key = t.key(&admin.prefix, &id);
     Ok(Checked { key, value: obj, references })
+}
+
+/// What a call about an object held by a missing one is told ("consumer not found").
+fn holder_not_found(holder: &Registered) -> Reply {
+    reply::error(StatusCode::NOT_FOUND, format!("{} not found", holder.noun()))
+}
+
+impl Target<'_> {
+    fn owner(&self) -> Option<&str> {
+        self.parent.map(|(_, owner)| owner)
+    }
+
+    fn key(&self, prefix: &str, id: &str) -> String {
+        self.kind.key(prefix, self.owner(), id)
+    }
 }
 
 /// Waits before the next compare-and-set after another node's write won: a random pause that
@@ -532,13 +486,9 @@ fn encode(value: &Map<String, Value>) -> Bytes {
     Bytes::from(serde_json::to_vec(value).expect("JSON values serialize"))
 }
 
-fn written(key: &str, resource: Resource, value: &Map<String, Value>) -> Value {
+fn written(key: &str, kind: &Registered, value: &Map<String, Value>) -> Value {
     let mut shown = Value::Object(value.clone());
-    if resource == Resource::Ssls
-        && let Some(o) = shown.as_object_mut() {
-            o.remove("key");
-            o.remove("keys");
-        }
+    kind.hide(&mut shown);
     json!({"key": key, "value": shown})
 }
 
@@ -567,7 +517,7 @@ async fn put(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
         match admin.store.txn(txn).await {
             Ok(TxnOutcome::Committed { .. }) => {
                 let status = if prev.is_some() { StatusCode::OK } else { StatusCode::CREATED };
-                return reply::json(status, &written(&key, t.resource, &value));
+                return reply::json(status, &written(&key, t.kind, &value));
             }
             Ok(TxnOutcome::Conflict) => lost_race(attempt).await,
             Err(e) => return reply::store_down(e),
@@ -578,7 +528,7 @@ async fn put(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
 
 async fn post(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
     if t.id.is_some() {
-        return reply::error(StatusCode::BAD_REQUEST, format!("wrong {} id, do not need it", t.resource.kind()));
+        return reply::error(StatusCode::BAD_REQUEST, format!("wrong {} id, do not need it", t.kind.noun()));
     }
     for attempt in 0..CAS_ATTEMPTS {
         let Checked { mut value, references, .. } =
@@ -592,7 +542,7 @@ async fn post(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
             Ok((revision, _)) => format!("{revision:020}"),
             Err(e) => return reply::store_down(e),
         };
-        let key = t.resource.key(&admin.prefix, t.parent, &id);
+        let key = t.key(&admin.prefix, &id);
         let now = now();
         value.insert("id".into(), Value::String(id));
         value.insert("create_time".into(), json!(now));
@@ -601,7 +551,7 @@ async fn post(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
         compares.push(Compare { key: key.clone(), mod_revision: 0 });
         let txn = Txn { compares, ops: vec![Op::Put { key: key.clone(), value: encode(&value) }] };
         match admin.store.txn(txn).await {
-            Ok(TxnOutcome::Committed { .. }) => return reply::json(StatusCode::CREATED, &written(&key, t.resource, &value)),
+            Ok(TxnOutcome::Committed { .. }) => return reply::json(StatusCode::CREATED, &written(&key, t.kind, &value)),
             Ok(TxnOutcome::Conflict) => lost_race(attempt).await,
             Err(e) => return reply::store_down(e),
         }
@@ -650,9 +600,8 @@ fn set_sub_path(target: &mut Value, path: &[&str], value: Value) -> Result<(), S
 }
 
 async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
-    let kind = t.resource.kind();
     let Some(id) = t.id else {
-        return reply::error(StatusCode::BAD_REQUEST, format!("missing {kind} id"));
+        return reply::error(StatusCode::BAD_REQUEST, t.kind.missing_id());
     };
     let Some(body) = body else {
         return reply::error(StatusCode::BAD_REQUEST, "missing new configuration");
@@ -660,7 +609,7 @@ async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
     if t.sub_path.is_empty() && !body.is_object() {
         return reply::error(StatusCode::BAD_REQUEST, "invalid configuration");
     }
-    let key = t.resource.key(&admin.prefix, t.parent, id);
+    let key = t.key(&admin.prefix, id);
     // Read, merge, check, compare-and-set; if someone else wrote in between, merge onto theirs.
     for attempt in 0..CAS_ATTEMPTS {
         let old = match admin.store.get(&key).await {
@@ -690,7 +639,7 @@ async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
         references.push(Compare { key: key.clone(), mod_revision: old.mod_revision });
         let txn = Txn { compares: references, ops: vec![Op::Put { key: key.clone(), value: encode(&value) }] };
         match admin.store.txn(txn).await {
-            Ok(TxnOutcome::Committed { .. }) => return reply::json(StatusCode::OK, &written(&key, t.resource, &value)),
+            Ok(TxnOutcome::Committed { .. }) => return reply::json(StatusCode::OK, &written(&key, t.kind, &value)),
             Ok(TxnOutcome::Conflict) => lost_race(attempt).await,
             Err(e) => return reply::store_down(e),
         }
@@ -698,19 +647,10 @@ async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
     reply::error(StatusCode::CONFLICT, "the object changed while it was being written; try again")
 }
 
-/// Who still uses the object about to be deleted, as APISIX words it.
-async fn still_referenced(admin: &Admin, resource: Resource, id: &str) -> Result<Option<String>, Reply> {
-    let users: &[(Resource, &str, &str)] = match resource {
-        Resource::Upstreams => &[
-            (Resource::Routes, "upstream_id", "can not delete this upstream, route"),
-            (Resource::Services, "upstream_id", "can not delete this upstream, service"),
-        ],
-        Resource::Services => &[(Resource::Routes, "service_id", "can not delete this service directly, route")],
-        Resource::PluginConfigs => &[(Resource::Routes, "plugin_config_id", "can not delete this plugin config, route")],
-        Resource::ConsumerGroups => &[(Resource::Consumers, "group_id", "can not delete this consumer group, consumer")],
-        _ => &[],
-    };
-    for (user, field, lead) in users {
+/// Who still uses the object about to be deleted, as APISIX words it: any object of any kind
+/// whose reference holds deletes back ([`weir_catalog::Reference::holds`]).
+async fn still_referenced(admin: &Admin, kind: &Registered, id: &str) -> Result<Option<String>, Reply> {
+    for (user, r) in admin.kinds.holders(kind.name()) {
         let dir = user.dir(&admin.prefix, None);
         let (kvs, _) = admin.store.list(&dir).await.map_err(reply::store_down)?;
         for kv in kvs {
@@ -718,8 +658,9 @@ async fn still_referenced(admin: &Admin, resource: Resource, id: &str) -> Result
                 continue;
             }
             let Ok(v) = serde_json::from_slice::<Value>(&kv.value) else { continue };
-            if v.get(*field).and_then(id_text).as_deref() == Some(id) {
-                let user_id = kv.key[dir.len()..].to_string();
+            if r.id_in(&v).as_deref() == Some(id) {
+                let user_id = &kv.key[dir.len()..];
+                let lead = r.holds.unwrap_or_default();
                 return Ok(Some(format!("{lead} [{user_id}] is still using it now")));
             }
         }
@@ -729,19 +670,22 @@ async fn still_referenced(admin: &Admin, resource: Resource, id: &str) -> Result
 
 async fn delete(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
     let Some(id) = t.id else {
-        return reply::error(StatusCode::BAD_REQUEST, format!("missing {} id", t.resource.kind()));
+        return reply::error(StatusCode::BAD_REQUEST, t.kind.missing_id());
     };
     if query_param(query, "force") != Some("true") {
-        match still_referenced(admin, t.resource, id).await {
+        match still_referenced(admin, t.kind, id).await {
             Ok(Some(msg)) => return reply::error(StatusCode::BAD_REQUEST, msg),
             Ok(None) => {}
             Err(r) => return r,
         }
     }
-    let key = t.resource.key(&admin.prefix, t.parent, id);
+    let key = t.key(&admin.prefix, id);
     let mut ops = vec![Op::Delete { key: key.clone() }];
-    if t.resource == Resource::Consumers {
-        ops.push(Op::DeletePrefix { prefix: format!("{key}/credentials/") });
+    // What the object holds goes with it (a consumer's credentials).
+    if t.parent.is_none() {
+        for child in admin.kinds.children(t.kind.name()) {
+            ops.push(Op::DeletePrefix { prefix: child.dir(&admin.prefix, Some(id)) });
+        }
     }
     match admin.store.txn(Txn { compares: Vec::new(), ops }).await {
         Ok(TxnOutcome::Committed { prev, .. }) if prev.first().is_some_and(Option::is_some) => {

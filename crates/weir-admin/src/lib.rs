@@ -6,7 +6,6 @@ mod auth;
 mod auth_keys;
 mod handlers;
 mod reply;
-mod secrets;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,6 +19,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use weir_catalog::Catalog;
 use weir_core::schema::PluginCatalog;
 use weir_store::SharedStore;
 use weir_tls::Keyring;
@@ -33,6 +33,8 @@ pub struct Admin {
     store: SharedStore,
     prefix: String,
     keys: Vec<AdminKey>,
+    /// The resource kinds served, and the door every object is checked through.
+    kinds: Arc<Catalog>,
     plugins: Arc<dyn PluginCatalog>,
     /// Seals the private keys of `ssls` objects and plugins' `encrypt_fields` before they are
     /// stored.
@@ -62,7 +64,13 @@ impl Admin {
         plugins: Arc<dyn PluginCatalog>,
         keyring: Arc<Keyring>,
     ) -> Admin {
-        Admin { store, prefix, keys, plugins, keyring, control: None, auth_keys: auth_keys::Index::default(), writes: tokio::sync::Mutex::new(()) }
+        Admin { store, prefix, keys, kinds: Arc::new(Catalog::apisix()), plugins, keyring, control: None, auth_keys: auth_keys::Index::default(), writes: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Serves these resource kinds instead of APISIX's alone.
+    pub fn with_catalog(mut self, kinds: Arc<Catalog>) -> Admin {
+        self.kinds = kinds;
+        self
     }
 
     pub fn with_control(mut self, control: Arc<dyn Control>) -> Admin {

@@ -1,6 +1,6 @@
-//! A plugin from outside the core crates: defined here, registered with one call, and then
-//! listed, described and checked by the Admin API like APISIX's own, with no other file
-//! changed. The Admin API is driven in process, without a socket.
+//! A plugin and a resource kind from outside the core crates: each defined here, registered
+//! with one call, and then served and checked by the Admin API like APISIX's own, with no
+//! other file changed. The Admin API is driven in process, without a socket.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
 use weir_admin::{Admin, AdminKey, Role};
+use weir_catalog::{Catalog, Kind, Reference};
 use weir_plugins::{Factory, Plugin, Reply, RequestCtx};
 
 const KEY: &str = "extension-test-key";
@@ -84,4 +85,134 @@ async fn a_plugin_registered_from_another_crate_is_served_and_checked() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let (status, body) = call(&admin, "GET", "/routes/1", None).await;
     assert_eq!((status, &body["value"]["plugins"]["x-greeter"]["greeting"]), (StatusCode::OK, &json!("hello")));
+}
+
+/// A kind of object the core has never heard of: a widget, which names the upstream it
+/// measures and carries a token that is sealed at rest and never shown.
+struct Widgets;
+
+impl Kind for Widgets {
+    fn name(&self) -> &'static str {
+        "widgets"
+    }
+
+    fn noun(&self) -> &'static str {
+        "widget"
+    }
+
+    fn schema(&self) -> &Value {
+        static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+        SCHEMA.get_or_init(|| {
+            weir_catalog::object_schema(
+                json!({
+                    "size": {"type": "integer", "minimum": 1},
+                    "upstream_id": weir_catalog::id_schema(),
+                    "token": {"type": "string", "minLength": 1}
+                }),
+                true,
+                &["size"],
+            )
+        })
+    }
+
+    fn allows_post(&self) -> bool {
+        true
+    }
+
+    fn references(&self) -> &'static [Reference] {
+        &[Reference { path: &["upstream_id"], kind: "upstreams", what: "upstream info by upstream", accept: None, holds: Some("can not delete this upstream, widget") }]
+    }
+
+    fn check(&self, value: &Value) -> Vec<String> {
+        match value["size"].as_i64() {
+            Some(n) if n % 2 == 1 => vec![format!("size {n} is odd; widgets come in pairs")],
+            _ => Vec::new(),
+        }
+    }
+
+    fn open(&self, obj: &mut serde_json::Map<String, Value>, keyring: &weir_tls::Keyring) -> Result<(), String> {
+        if let Some(Value::String(t)) = obj.get_mut("token") {
+            *t = keyring.open_field(t).map_err(|e| e.to_string())?.into_owned();
+        }
+        Ok(())
+    }
+
+    fn seal(&self, obj: &mut serde_json::Map<String, Value>, keyring: &weir_tls::Keyring) -> Result<(), String> {
+        if let Some(Value::String(t)) = obj.get_mut("token") {
+            *t = keyring.seal_field(t);
+        }
+        Ok(())
+    }
+
+    fn hide(&self, value: &mut Value) {
+        if let Some(o) = value.as_object_mut() {
+            o.remove("token");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_resource_kind_registered_from_another_crate_is_served_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(weir_store::EmbeddedStore::open(dir.path()).unwrap());
+    let mut kinds = Catalog::apisix();
+    kinds.register(Arc::new(Widgets));
+    let keyring = Arc::new(weir_tls::Keyring::new(&["a secret for this test".to_string()]));
+    let keys = vec![AdminKey { name: "admin".into(), key: KEY.into(), role: Role::Admin }];
+    let admin = Admin::new(store.clone(), "/apisix".into(), keys, Arc::new(weir_plugins::registry()), keyring).with_catalog(Arc::new(kinds));
+    use weir_store::Store as _;
+
+    // Its schema is served under its singular name, and the validate endpoint uses its checks.
+    let (status, schema) = call(&admin, "GET", "/schema/widget", None).await;
+    assert_eq!((status, &schema["required"]), (StatusCode::OK, &json!(["size"])));
+    let (status, _) = call(&admin, "POST", "/schema/validate/widgets", Some(json!({"size": 2}))).await;
+    assert_eq!(status, StatusCode::OK);
+
+    // Schema, own checks and references: each refusal is named, and nothing is stored.
+    for (bad, says) in [
+        (json!({}), "size"),
+        (json!({"size": 2, "colour": "red"}), "colour"),
+        (json!({"size": 3}), "odd"),
+        (json!({"size": 2, "upstream_id": "u1"}), "failed to fetch upstream info by upstream id [u1], response code: 404"),
+    ] {
+        let (status, body) = call(&admin, "PUT", "/widgets/w1", Some(bad.clone())).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(body["error_msg"].as_str().unwrap().contains(says), "{bad}: {body}");
+    }
+    assert_eq!(call(&admin, "GET", "/widgets/w1", None).await.0, StatusCode::NOT_FOUND);
+
+    let (status, _) = call(&admin, "PUT", "/upstreams/u1", Some(json!({"nodes": {"127.0.0.1:1980": 1}}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = call(&admin, "PUT", "/widgets/w1", Some(json!({"size": 2, "upstream_id": "u1", "token": "s3cret"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    assert_eq!(body["key"], "/apisix/widgets/w1");
+    assert!(body["value"].get("token").is_none(), "{body}");
+    // At rest the token is sealed; it is never shown.
+    let stored = store.get("/apisix/widgets/w1").await.unwrap().unwrap();
+    let stored: Value = serde_json::from_slice(&stored.value).unwrap();
+    assert!(stored["token"].as_str().is_some_and(|t| !t.contains("s3cret")), "{stored}");
+    let (status, body) = call(&admin, "GET", "/widgets/w1", None).await;
+    assert_eq!((status, &body["value"]["size"]), (StatusCode::OK, &json!(2)));
+    assert!(body["value"].get("token").is_none(), "{body}");
+
+    // A PATCH merges onto the stored object (its token opened for the checks, then sealed again).
+    let (status, body) = call(&admin, "PATCH", "/widgets/w1", Some(json!({"size": 5}))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = call(&admin, "PATCH", "/widgets/w1", Some(json!({"size": 4}))).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let stored: Value = serde_json::from_slice(&store.get("/apisix/widgets/w1").await.unwrap().unwrap().value).unwrap();
+    assert_eq!(stored["size"], 4);
+    assert!(stored["token"].as_str().is_some_and(|t| !t.contains("s3cret")), "{stored}");
+
+    let (status, body) = call(&admin, "POST", "/widgets", Some(json!({"size": 6}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let (status, list) = call(&admin, "GET", "/widgets", None).await;
+    assert_eq!((status, &list["total"]), (StatusCode::OK, &json!(2)));
+
+    // Its reference holds the upstream back, as a route's would.
+    let (status, body) = call(&admin, "DELETE", "/upstreams/u1", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error_msg"], "can not delete this upstream, widget [w1] is still using it now");
+    assert_eq!(call(&admin, "DELETE", "/widgets/w1", None).await.0, StatusCode::OK);
+    assert_eq!(call(&admin, "DELETE", "/upstreams/u1", None).await.0, StatusCode::OK);
 }

@@ -1,8 +1,8 @@
-//! Types shared by every part of Weir: the resources of the Admin API, their JSON schemas,
-//! the typed configuration the data plane compiles, and the `vars` expression language.
+//! Types shared by every part of Weir: the resources the data plane compiles and their store
+//! keys, the typed configuration it reads them as, and the `vars` expression language.
 //!
-//! Nothing here does I/O. The admin layer validates JSON with [`schema`]; the data plane turns
-//! stored JSON into [`model`] types when it builds a snapshot, never per request.
+//! Nothing here does I/O. Objects are checked at the door by `weir-catalog`; the data plane
+//! turns stored JSON into [`model`] types when it builds a snapshot, never per request.
 
 pub mod expr;
 pub mod model;

@@ -1,5 +1,5 @@
 //! Typed configuration the data plane compiles. Stored objects are validated at the door by
-//! [`crate::schema`]; these types read them back. They tolerate fields they do not use, so a
+//! `weir-catalog`; these types read them back. They tolerate fields they do not use, so a
 //! store written by a newer version (or by APISIX) still loads.
 
 use std::net::IpAddr;
@@ -8,7 +8,6 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 
-use crate::Resource;
 
 /// Object ids are strings or positive integers in APISIX; Weir keeps them as strings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
@@ -36,39 +35,6 @@ pub fn id_text(v: &Value) -> Option<String> {
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
-    }
-}
-
-/// Reads `value` as the data plane will read a `resource` object, and says where and why that
-/// fails. The Admin API and the file store call it after the schema, so nothing is stored
-/// that the data plane would not apply exactly: JSON Schema's `integer` takes `1.0` or `1e2`,
-/// and a number may lie beyond what the data plane holds, but the typed read takes neither.
-pub fn check_readable(resource: Resource, value: &Value) -> Result<(), String> {
-    fn read<T: serde::de::DeserializeOwned>(value: &Value) -> Result<(), String> {
-        match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                if path.is_empty() || path == "." {
-                    Err(inner.to_string())
-                } else {
-                    Err(format!("property \"{path}\" validation failed: {inner}"))
-                }
-            }
-        }
-    }
-    match resource {
-        Resource::Routes => read::<Route>(value),
-        Resource::Services => read::<Service>(value),
-        Resource::Upstreams => read::<Upstream>(value),
-        Resource::Ssls => read::<Ssl>(value),
-        Resource::Consumers
-        | Resource::Credentials
-        | Resource::ConsumerGroups
-        | Resource::PluginConfigs
-        | Resource::GlobalRules => read::<PluginHolder>(value),
-        Resource::PluginMetadata => Ok(()),
     }
 }
 

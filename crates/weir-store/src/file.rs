@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
-use weir_core::Resource;
+use weir_catalog::Catalog;
 use weir_core::schema::PluginCatalog;
 
 use crate::{Batch, Event, EventKind, KeyValue, Result, Store, StoreError, Txn, TxnOutcome, WatchMessage};
@@ -20,25 +20,13 @@ use crate::{Batch, Event, EventKind, KeyValue, Result, Store, StoreError, Txn, T
 /// How often the file is looked at for changes.
 const POLL: Duration = Duration::from_millis(200);
 
-/// The resources a declarative file may hold, in APISIX's top-level names.
-const SECTIONS: [Resource; 9] = [
-    Resource::Routes,
-    Resource::Services,
-    Resource::Upstreams,
-    Resource::Consumers,
-    Resource::ConsumerGroups,
-    Resource::Ssls,
-    Resource::PluginConfigs,
-    Resource::GlobalRules,
-    Resource::PluginMetadata,
-];
-
 /// A declarative file checked and laid out as store keys.
 pub type Objects = BTreeMap<String, Bytes>;
 
-/// Reads and checks a declarative file: every object against its schema and its plugins'.
-/// Errors name the section, the object's position and id (and, for syntax, the line).
-pub fn load(text: &str, is_json: bool, prefix: &str, plugins: &dyn PluginCatalog) -> std::result::Result<Objects, Vec<String>> {
+/// Reads and checks a declarative file: every object through the catalog's door, as the Admin
+/// API checks it. The sections are the catalog's declarative kinds, in APISIX's top-level
+/// names. Errors name the section, the object's position and id (and, for syntax, the line).
+pub fn load(text: &str, is_json: bool, prefix: &str, catalog: &Catalog, plugins: &dyn PluginCatalog) -> std::result::Result<Objects, Vec<String>> {
     // APISIX's files end with a `#END` line; it is a comment to YAML.
     let doc: Value = if is_json {
         serde_json::from_str(text).map_err(|e| vec![format!("line {}: {e}", e.line())])?
@@ -54,7 +42,7 @@ pub fn load(text: &str, is_json: bool, prefix: &str, plugins: &dyn PluginCatalog
         // Where each item of the section starts, to name its line in errors (YAML only).
         let lines = if is_json { Vec::new() } else { item_lines(text, name) };
         let at = |i: usize| lines.get(i).map_or(String::new(), |l| format!(" (line {l})"));
-        let Some(resource) = SECTIONS.into_iter().find(|r| r.name() == name) else {
+        let Some(kind) = catalog.kinds().find(|k| k.declarative() && k.parent().is_none() && k.name() == name) else {
             errors.push(format!("{name}: unknown section"));
             continue;
         };
@@ -63,28 +51,28 @@ pub fn load(text: &str, is_json: bool, prefix: &str, plugins: &dyn PluginCatalog
             continue;
         };
         for (i, item) in items.iter().enumerate() {
-            let id = match resource {
-                Resource::Consumers => item.get("username"),
-                Resource::PluginMetadata => item.get("id"),
-                _ => item.get("id"),
-            }
-            .and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_i64().map(|n| n.to_string())));
+            // A kind named by its path alone (plugin metadata) is named by `id` in a file.
+            let field = kind.id_field().unwrap_or("id");
+            let id = item.get(field).and_then(|v| v.as_str().map(str::to_string).or_else(|| v.as_i64().map(|n| n.to_string())));
             let Some(id) = id else {
-                let field = if resource == Resource::Consumers { "username" } else { "id" };
                 errors.push(format!("{name}[{i}]{}: {field} is required", at(i)));
                 continue;
             };
             let mut value = item.clone();
-            if resource == Resource::PluginMetadata
-                && let Some(o) = value.as_object_mut()
-            {
-                o.remove("id");
+            if kind.id_field().is_none() {
+                if let Some(o) = value.as_object_mut() {
+                    o.remove("id");
+                }
+                if let Err(e) = kind.check_id(&id, plugins) {
+                    errors.push(format!("{name}[{i}] ({id}){}: {e}", at(i)));
+                    continue;
+                }
             }
-            if let Err(errs) = weir_core::schema::check(resource, &value, plugins) {
+            if let Err(errs) = catalog.check(kind, &value, plugins) {
                 errors.extend(errs.into_iter().map(|e| format!("{name}[{i}] ({id}){}: {e}", at(i))));
                 continue;
             }
-            let key = resource.key(prefix, None, &id);
+            let key = kind.key(prefix, None, &id);
             if out.insert(key, Bytes::from(value.to_string())).is_some() {
                 errors.push(format!("{name}[{i}]: id {id} is used twice"));
             }
@@ -134,16 +122,16 @@ fn is_json(path: &Path) -> bool {
 
 impl FileStore {
     /// Reads the file (it must check), then follows it.
-    pub fn open(path: &Path, prefix: &str, plugins: Arc<dyn PluginCatalog>) -> std::result::Result<FileStore, Vec<String>> {
+    pub fn open(path: &Path, prefix: &str, catalog: Arc<Catalog>, plugins: Arc<dyn PluginCatalog>) -> std::result::Result<FileStore, Vec<String>> {
         let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-        let objects = load(&text, is_json(path), prefix, plugins.as_ref())?;
+        let objects = load(&text, is_json(path), prefix, &catalog, plugins.as_ref())?;
         let current = Arc::new(Mutex::new(Current { objects, revision: 1 }));
         let (changes, _) = broadcast::channel(64);
         let store = FileStore { current: current.clone(), changes: changes.clone() };
         let (path, prefix) = (path.to_path_buf(), prefix.to_string());
         std::thread::Builder::new()
             .name("weir-file-store".into())
-            .spawn(move || follow(path, prefix, plugins, text, current, changes))
+            .spawn(move || follow(path, prefix, catalog, plugins, text, current, changes))
             .map_err(|e| vec![e.to_string()])?;
         Ok(store)
     }
@@ -151,7 +139,7 @@ impl FileStore {
 
 /// Looks at the file every `POLL`; a changed file that checks becomes the next revision, one
 /// that does not is logged with its errors and left alone.
-fn follow(path: PathBuf, prefix: String, plugins: Arc<dyn PluginCatalog>, mut last: String, current: Arc<Mutex<Current>>, changes: broadcast::Sender<Batch>) {
+fn follow(path: PathBuf, prefix: String, catalog: Arc<Catalog>, plugins: Arc<dyn PluginCatalog>, mut last: String, current: Arc<Mutex<Current>>, changes: broadcast::Sender<Batch>) {
     loop {
         std::thread::sleep(POLL);
         let Ok(text) = std::fs::read_to_string(&path) else { continue };
@@ -159,7 +147,7 @@ fn follow(path: PathBuf, prefix: String, plugins: Arc<dyn PluginCatalog>, mut la
             continue;
         }
         last = text;
-        let objects = match load(&last, is_json(&path), &prefix, plugins.as_ref()) {
+        let objects = match load(&last, is_json(&path), &prefix, &catalog, plugins.as_ref()) {
             Ok(o) => o,
             Err(errors) => {
                 for e in &errors {
@@ -241,5 +229,38 @@ mod tests {
         assert_eq!(item_lines(text, "routes"), vec![6, 10]);
         assert_eq!(item_lines(text, "upstreams"), vec![2]);
         assert!(item_lines(text, "ssls").is_empty());
+    }
+
+    /// A kind the core does not know becomes a section of the file once registered, and its
+    /// objects go through the same door as the Admin API's.
+    #[test]
+    fn sections_are_the_catalogs_kinds() {
+        struct Gauges;
+        impl weir_catalog::Kind for Gauges {
+            fn name(&self) -> &'static str {
+                "gauges"
+            }
+            fn noun(&self) -> &'static str {
+                "gauge"
+            }
+            fn schema(&self) -> &Value {
+                static S: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+                S.get_or_init(|| weir_catalog::object_schema(serde_json::json!({"max": {"type": "integer"}}), false, &["max"]))
+            }
+            fn check(&self, value: &Value) -> Vec<String> {
+                if value["max"].as_i64() > Some(10) { vec!["max is above 10".into()] } else { Vec::new() }
+            }
+        }
+        let plugins = weir_core::schema::NoPlugins;
+        let text = "gauges:\n  - id: g1\n    max: 3\n";
+        assert_eq!(load(text, false, "/apisix", &Catalog::apisix(), &plugins), Err(vec!["gauges: unknown section".to_string()]));
+        let mut catalog = Catalog::apisix();
+        catalog.register(Arc::new(Gauges));
+        let objects = load(text, false, "/apisix", &catalog, &plugins).unwrap();
+        assert_eq!(objects.keys().collect::<Vec<_>>(), ["/apisix/gauges/g1"]);
+        let errors = load("gauges:\n  - id: g1\n    max: 30\n", false, "/apisix", &catalog, &plugins).unwrap_err();
+        assert_eq!(errors, ["gauges[0] (g1) (line 2): max is above 10"]);
+        // Credentials have no place in the file, as in APISIX's standalone layout.
+        assert_eq!(load("credentials: []\n", false, "/apisix", &catalog, &plugins), Err(vec!["credentials: unknown section".to_string()]));
     }
 }

@@ -220,7 +220,7 @@ fn read_config(config: Option<&Path>) -> anyhow::Result<Config> {
 fn validate(file: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let json = file.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
-    match weir_store::load_file(&text, json, "/apisix", &weir_plugins::registry()) {
+    match weir_store::load_file(&text, json, "/apisix", &weir_catalog::Catalog::apisix(), &weir_plugins::registry()) {
         Ok(objects) => {
             println!("{}: ok ({} objects)", file.display(), objects.len());
             Ok(())
@@ -341,8 +341,8 @@ fn admin_get(cfg: &Config, mut addr: std::net::SocketAddr, path: &str) -> anyhow
 async fn open_store(cfg: &Config) -> anyhow::Result<SharedStore> {
     Ok(match cfg.store.kind {
         StoreType::File => {
-            let catalog: Arc<dyn weir_core::schema::PluginCatalog> = Arc::new(weir_plugins::registry());
-            let store = FileStore::open(&cfg.store.path, cfg.store.key_prefix(), catalog)
+            let plugins: Arc<dyn weir_core::schema::PluginCatalog> = Arc::new(weir_plugins::registry());
+            let store = FileStore::open(&cfg.store.path, cfg.store.key_prefix(), Arc::new(weir_catalog::Catalog::apisix()), plugins)
                 .map_err(|errors| anyhow::anyhow!("{}:\n{}", cfg.store.path.display(), errors.join("\n")))?;
             Arc::new(store)
         }

@@ -9,26 +9,14 @@
 //! wrote, a file) and is used as it is.
 
 use serde_json::{Map, Value};
-use weir_core::Resource;
 use weir_core::schema::PluginCatalog;
 use weir_tls::Keyring;
 
-fn has_plugins(resource: Resource) -> bool {
-    matches!(
-        resource,
-        Resource::Routes
-            | Resource::Services
-            | Resource::GlobalRules
-            | Resource::PluginConfigs
-            | Resource::Consumers
-            | Resource::Credentials
-            | Resource::ConsumerGroups
-    )
-}
+use crate::PluginSlot;
 
-/// The `encrypt_fields` of plugin `name` on an object of `resource`.
-fn fields<'a>(catalog: &'a dyn PluginCatalog, resource: Resource, name: &str) -> Vec<&'a str> {
-    let schema = if matches!(resource, Resource::Consumers | Resource::Credentials) {
+/// The `encrypt_fields` of plugin `name` in a `slot`.
+fn fields<'a>(catalog: &'a dyn PluginCatalog, slot: PluginSlot, name: &str) -> Vec<&'a str> {
+    let schema = if slot == PluginSlot::Consumer {
         catalog.consumer_schema(name).or_else(|| catalog.config_schema(name))
     } else {
         catalog.config_schema(name)
@@ -43,8 +31,8 @@ fn fields<'a>(catalog: &'a dyn PluginCatalog, resource: Resource, name: &str) ->
 /// Before an object is checked: opens every sealed value in its plugins (a PATCH merges onto
 /// what is stored), so the checks see what the data plane will. A sealed value this keyring
 /// cannot open is refused.
-pub(crate) fn open(keyring: &Keyring, resource: Resource, obj: &mut Map<String, Value>) -> Result<(), String> {
-    if !has_plugins(resource) {
+pub fn open(keyring: &Keyring, slot: PluginSlot, obj: &mut Map<String, Value>) -> Result<(), String> {
+    if slot == PluginSlot::None {
         return Ok(());
     }
     let Some(Value::Object(plugins)) = obj.get_mut("plugins") else { return Ok(()) };
@@ -57,13 +45,13 @@ pub(crate) fn open(keyring: &Keyring, resource: Resource, obj: &mut Map<String, 
 }
 
 /// After an object passed every check: seals its plugins' `encrypt_fields` for storing.
-pub(crate) fn seal(keyring: &Keyring, catalog: &dyn PluginCatalog, resource: Resource, obj: &mut Map<String, Value>) {
-    if !has_plugins(resource) {
+pub fn seal(keyring: &Keyring, catalog: &dyn PluginCatalog, slot: PluginSlot, obj: &mut Map<String, Value>) {
+    if slot == PluginSlot::None {
         return;
     }
     let Some(Value::Object(plugins)) = obj.get_mut("plugins") else { return };
     for (name, conf) in plugins.iter_mut() {
-        for path in fields(catalog, resource, name) {
+        for path in fields(catalog, slot, name) {
             seal_path(conf, path, &|plain| keyring.seal_field(plain));
         }
     }
@@ -71,8 +59,8 @@ pub(crate) fn seal(keyring: &Keyring, catalog: &dyn PluginCatalog, resource: Res
 
 /// An object as GET shows it: sealed plugin fields opened. One that will not open (sealed with
 /// a secret since dropped from the keyring) is shown as stored, as APISIX does.
-pub(crate) fn show(keyring: &Keyring, resource: Resource, value: &mut Value) {
-    if !has_plugins(resource) {
+pub fn show(keyring: &Keyring, slot: PluginSlot, value: &mut Value) {
+    if slot == PluginSlot::None {
         return;
     }
     let Some(Value::Object(plugins)) = value.get_mut("plugins") else { return };
@@ -155,7 +143,7 @@ mod tests {
         let other = Keyring::new(&["two".to_string()]);
         let mut v = json!({"plugins": {"key-auth": {"key": ring.seal_field("k1")}, "x": {"a": other.seal_field("s"), "b": ring.seal_field("t")}}});
         let foreign = v["plugins"]["x"]["a"].clone();
-        show(&ring, Resource::Consumers, &mut v);
+        show(&ring, PluginSlot::Consumer, &mut v);
         assert_eq!(v["plugins"]["key-auth"]["key"], "k1");
         assert_eq!(v["plugins"]["x"]["a"], foreign);
         assert_eq!(v["plugins"]["x"]["b"], "t");
