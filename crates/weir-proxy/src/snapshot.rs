@@ -3,7 +3,8 @@
 //! decided). The proxy reads only snapshots.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -41,6 +42,48 @@ pub struct Snapshot {
     pub global_unavailable: Option<Arc<str>>,
     /// Consumers by credential, for the auth plugins.
     pub consumers: Arc<Consumers>,
+    /// The partitions, by the hosts they answer: a request for one of these hosts is matched
+    /// against its partition's routes first, then against APISIX's.
+    parts: Arc<HashMap<Arc<str>, Arc<Part>>>,
+}
+
+/// The routes of one partition (one tenant's environment, say), compiled apart from every
+/// other partition's and from APISIX's.
+pub struct Part {
+    router: Router<Arc<RouteRt>>,
+}
+
+/// A source of routes kept apart from APISIX's: the objects under one key prefix (a
+/// partition) are lowered into routes that answer the partition's hosts. A change to a
+/// partition's objects compiles that partition alone.
+pub trait Contributor: Send + Sync {
+    /// The partition `key` belongs to, as the key prefix every object of the partition shares;
+    /// `None` when the key is not this contributor's.
+    fn partition<'k>(&self, key: &'k str) -> Option<&'k str>;
+
+    /// Lowers one partition's objects (key and stored value, in key order, never empty) into
+    /// the hosts it answers and its routes, as APISIX routes with ids unique in the partition.
+    /// Routes may hold their upstream and plugins inline; a route that names an APISIX object
+    /// (`upstream_id`) sees it as every APISIX route does.
+    fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered;
+}
+
+/// What a [`Contributor`] makes of one partition.
+#[derive(Default)]
+pub struct Lowered {
+    pub hosts: Vec<String>,
+    pub routes: Vec<(String, model::Route)>,
+}
+
+/// Work a [`Builder`] has done, counted (for tests and the status page).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BuildStats {
+    /// Full builds: every route and every partition compiled.
+    pub full: u64,
+    /// Partitions compiled (in full builds and alone).
+    pub parts: u64,
+    /// Routes compiled, APISIX's and partitions'.
+    pub routes: u64,
 }
 
 /// The routes put or deleted since the last full build: their current versions in a router of
@@ -62,6 +105,7 @@ impl Snapshot {
             global: self.global.clone(),
             global_unavailable: self.global_unavailable.clone(),
             consumers: self.consumers.clone(),
+            parts: self.parts.clone(),
         }
     }
 
@@ -75,11 +119,20 @@ impl Snapshot {
             global: Arc::default(),
             global_unavailable: None,
             consumers: Arc::default(),
+            parts: Arc::default(),
         }
     }
 
-    /// The route for a request, as one router over every route would find it.
+    /// The route for a request: its host's partition's, when it has one that matches, else
+    /// APISIX's (as one router over every APISIX route would find it).
     pub fn find(&self, req: &RequestFacts<'_>) -> Option<&Arc<RouteRt>> {
+        if !self.parts.is_empty()
+            && let Some(host) = req.host
+            && let Some(part) = self.parts.get(host)
+            && let Some(found) = part.router.find(req)
+        {
+            return Some(found);
+        }
         match &self.delta {
             None => self.base.find(req),
             Some(d) => find_layered(
@@ -445,8 +498,91 @@ pub struct Builder {
     instances: InstanceCache,
     /// What the last full build made, shared by the updates laid over it.
     last: Option<Snapshot>,
+    /// The last snapshot made, full or updated.
+    published: Option<Snapshot>,
     /// Routes put or deleted since the last full build.
     delta_ids: std::collections::BTreeSet<String>,
+    contributors: Vec<Arc<dyn Contributor>>,
+    /// Every partition as last compiled, by its key prefix.
+    parts: BTreeMap<String, BuiltPart>,
+    /// The partitions by host, as snapshots carry them.
+    hosts: Arc<HashMap<Arc<str>, Arc<Part>>>,
+    stats: BuildStats,
+}
+
+struct BuiltPart {
+    hosts: Vec<String>,
+    part: Arc<Part>,
+    /// Its upstream runtimes, kept across its compiles while unchanged.
+    upstreams: UpstreamCache<String>,
+}
+
+/// The partition of each key some contributor claims, with the contributor.
+fn partitions_of<'k>(contributors: &[Arc<dyn Contributor>], keys: impl Iterator<Item = &'k str>) -> BTreeMap<String, Arc<dyn Contributor>> {
+    let mut out = BTreeMap::new();
+    for key in keys {
+        for c in contributors {
+            if let Some(prefix) = c.partition(key) {
+                out.entry(prefix.to_string()).or_insert_with(|| c.clone());
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Compiles one partition from its objects in `state`: `None` when it has none left.
+fn compile_part(
+    contributor: &dyn Contributor,
+    prefix: &str,
+    state: &ConfigState,
+    ctx: &mut Ctx<'_>,
+    previous: &UpstreamCache<String>,
+    stats: &mut BuildStats,
+) -> Option<BuiltPart> {
+    let objects: Vec<(&str, &[u8])> = state
+        .extra
+        .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .filter(|(k, _)| contributor.partition(k) == Some(prefix))
+        .map(|(k, kv)| (k.as_str(), &kv.value[..]))
+        .collect();
+    if objects.is_empty() {
+        return None;
+    }
+    let lowered = contributor.lower(prefix, &objects);
+    stats.parts += 1;
+    // Ids qualified by the partition, so no two partitions' (or APISIX's) routes share plugin
+    // instances; earlier routes win priority ties.
+    let entries: Vec<(String, Entry<model::Route>)> = lowered
+        .routes
+        .into_iter()
+        .filter(|(_, r)| r.status != 0)
+        .enumerate()
+        .map(|(i, (id, value))| (format!("{prefix}{id}"), Entry { created: i as i64, value, broken: None }))
+        .collect();
+    stats.routes += entries.len() as u64;
+    let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
+    let specs: Vec<_> = entries.iter().filter_map(|(id, entry)| route_spec(state, ctx, &mut next, previous, id, entry)).collect();
+    let upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
+    Some(BuiltPart { hosts: lowered.hosts, part: Arc::new(Part { router: Router::new(specs) }), upstreams })
+}
+
+/// The partitions by host; a host two partitions claim goes to the one whose prefix sorts
+/// first, whichever compiled last.
+fn host_index(parts: &BTreeMap<String, BuiltPart>) -> Arc<HashMap<Arc<str>, Arc<Part>>> {
+    let mut index = HashMap::new();
+    for (prefix, built) in parts {
+        for host in &built.hosts {
+            let host: Arc<str> = host.to_ascii_lowercase().into();
+            if index.contains_key(&host) {
+                tracing::warn!(%host, partition = %prefix, "host is claimed by an earlier partition; not served by this one");
+                continue;
+            }
+            index.insert(host, built.part.clone());
+        }
+    }
+    Arc::new(index)
 }
 
 impl Builder {
@@ -459,8 +595,43 @@ impl Builder {
             upstreams: HashMap::new(),
             ssls: HashMap::new(),
             last: None,
+            published: None,
             delta_ids: Default::default(),
+            contributors: Vec::new(),
+            parts: BTreeMap::new(),
+            hosts: Arc::default(),
+            stats: BuildStats::default(),
         }
+    }
+
+    /// Adds a source of partitions; the next build compiles them.
+    pub fn with_contributor(mut self, contributor: Arc<dyn Contributor>) -> Builder {
+        self.contributors.push(contributor);
+        self
+    }
+
+    /// The work done so far.
+    pub fn stats(&self) -> BuildStats {
+        self.stats
+    }
+
+    /// Compiles the partitions `keys` belong to (all of them, in a full build), keeping every
+    /// other partition as it is.
+    fn compile_parts<'k>(&mut self, state: &ConfigState, keys: impl Iterator<Item = &'k str>, full: bool) {
+        let claimed = partitions_of(&self.contributors, keys);
+        if claimed.is_empty() && !full {
+            return;
+        }
+        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata };
+        let mut parts = if full { BTreeMap::new() } else { std::mem::take(&mut self.parts) };
+        for (prefix, contributor) in claimed {
+            let previous = self.parts.remove(&prefix).or_else(|| parts.remove(&prefix)).map(|b| b.upstreams).unwrap_or_default();
+            if let Some(built) = compile_part(contributor.as_ref(), &prefix, state, &mut ctx, &previous, &mut self.stats) {
+                parts.insert(prefix, built);
+            }
+        }
+        self.parts = parts;
+        self.hosts = host_index(&self.parts);
     }
 
     /// Server certificates of the enabled `ssls` objects, by SNI. An object that cannot be used
@@ -512,6 +683,9 @@ impl Builder {
             }
         };
         let consumers = consumers(state, &mut ctx);
+        self.stats.full += 1;
+        self.stats.routes += specs.len() as u64;
+        self.compile_parts(state, state.extra.keys().map(String::as_str), true);
         self.instances.finish();
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
         let mut checked: Vec<(String, Arc<UpstreamRt>)> = self
@@ -534,20 +708,44 @@ impl Builder {
             global: Arc::new(global),
             global_unavailable,
             consumers: Arc::new(consumers),
+            parts: self.hosts.clone(),
         };
         self.last = Some(snapshot.shallow_clone());
+        self.published = Some(snapshot.shallow_clone());
         snapshot
     }
 
     /// Applies `changes` (already in `state`). When only routes changed, the routes changed
     /// since the last full build are compiled into a small router laid over the last full one,
-    /// so a change costs in proportion to the changes, not to the route table. Anything else
-    /// (and a grown overlay) gets a full build.
+    /// so a change costs in proportion to the changes, not to the route table; a changed
+    /// partition is compiled alone. Anything else (and a grown overlay) gets a full build.
     pub fn update(&mut self, state: &ConfigState, changes: &Changes) -> Snapshot {
         let Some(last) = self.last.as_ref().map(Snapshot::shallow_clone) else { return self.build(state) };
         if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY {
             return self.build(state);
         }
+        if !changes.extra.is_empty() {
+            self.compile_parts(state, changes.extra.iter().map(String::as_str), false);
+            self.instances.merge();
+        }
+        let snapshot = match &self.published {
+            // No APISIX route changed: its routers stay as the last update left them.
+            Some(published) if changes.routes.is_empty() => Snapshot { revision: state.revision, parts: self.hosts.clone(), ..published.shallow_clone() },
+            _ => {
+                let last = Snapshot { parts: self.hosts.clone(), ..last };
+                match self.routes_overlay(state, changes, last) {
+                    Some(s) => s,
+                    None => return self.build(state),
+                }
+            }
+        };
+        self.published = Some(snapshot.shallow_clone());
+        snapshot
+    }
+
+    /// The last full build with the routes changed since laid over it, or `None` when only a
+    /// full build will do.
+    fn routes_overlay(&mut self, state: &ConfigState, changes: &Changes, last: Snapshot) -> Option<Snapshot> {
         // An inline upstream with health checks before or after the change puts a checker in or
         // out of the health report, which only a full build redoes.
         let checks_involved = changes.routes.iter().any(|id| {
@@ -556,7 +754,7 @@ impl Builder {
             before || after
         });
         if checks_involved {
-            return self.build(state);
+            return None;
         }
         self.delta_ids.extend(changes.routes.iter().cloned());
         let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata };
@@ -572,10 +770,11 @@ impl Builder {
             .into_iter()
             .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry))
             .collect();
+        self.stats.routes += specs.len() as u64;
         self.instances.merge();
         if next.iter().any(|(key, rt)| rt.checked && !self.upstreams.contains_key(&(key.0, key.1.to_string()))) {
             // A route now uses a checked upstream no route used before.
-            return self.build(state);
+            return None;
         }
         for id in &changes.routes {
             self.upstreams.remove(&(Source::Route, id.clone()));
@@ -586,7 +785,7 @@ impl Builder {
             self.upstreams.insert((source, id.to_string()), rt);
         }
         let delta = Delta { router: Router::new(specs), superseded: self.delta_ids.iter().cloned().collect() };
-        Snapshot { revision: state.revision, delta: Some(Arc::new(delta)), ..last }
+        Some(Snapshot { revision: state.revision, delta: Some(Arc::new(delta)), ..last })
     }
 
     /// Whether the last snapshot carries an overlay that a full build would fold in.
@@ -862,5 +1061,133 @@ mod tests {
         let folded = b.build(&state);
         assert!(folded.delta.is_none() && !b.has_overlay());
         assert_eq!(server_of(&folded, "GET", "/moved").as_deref(), Some("r3"));
+    }
+
+    /// Tenants' routes under `/apisix/tenants/{tenant}/routes/{id}`, one partition per tenant,
+    /// answering `{tenant}.example`.
+    struct Tenants;
+
+    impl Contributor for Tenants {
+        fn partition<'k>(&self, key: &'k str) -> Option<&'k str> {
+            let rest = key.strip_prefix("/apisix/tenants/")?;
+            let end = rest.find('/')?;
+            Some(&key[.."/apisix/tenants/".len() + end + 1])
+        }
+
+        fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
+            let tenant = partition.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+            let routes = objects
+                .iter()
+                .filter_map(|(key, value)| Some((key.strip_prefix(partition)?.to_string(), serde_json::from_slice(value).ok()?)))
+                .collect();
+            Lowered { hosts: vec![format!("{tenant}.example")], routes }
+        }
+    }
+
+    fn tenant_builder() -> Builder {
+        test_builder().with_contributor(Arc::new(Tenants))
+    }
+
+    fn route_json(uri: &str) -> String {
+        format!(r#"{{"uri":"{uri}","upstream":{{"nodes":{{"127.0.0.1:1":1}}}}}}"#)
+    }
+
+    fn at(s: &Snapshot, host: Option<&str>, path: &str) -> Option<String> {
+        let facts = RequestFacts { method: "GET", host, path, remote: None, vars: &NoVars };
+        s.find(&facts).map(|r| r.id.to_string())
+    }
+
+    fn event(kind: weir_store::EventKind, key: &str, value: &str, rev: i64) -> weir_store::Event {
+        weir_store::Event { kind, kv: kv(key, value, rev) }
+    }
+
+    #[test]
+    fn a_change_to_one_of_a_thousand_partitions_compiles_only_it() {
+        let mut kvs = Vec::new();
+        for t in 0..1000 {
+            kvs.push(kv(&format!("/apisix/tenants/t{t}/routes/home"), &route_json(&format!("/home{t}")), t + 1));
+        }
+        kvs.push(kv("/apisix/routes/r1", &route_json("/apisix*"), 2000));
+        let mut state = ConfigState::from_list("/apisix", &kvs, 2000);
+        let mut b = tenant_builder();
+        let first = b.build(&state);
+        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1000, routes: 1001 });
+        assert_eq!(at(&first, Some("t7.example"), "/home7").as_deref(), Some("/apisix/tenants/t7/routes/home"));
+        assert_eq!(at(&first, Some("t7.example"), "/home8"), None, "t8's route is not t7's");
+        assert_eq!(at(&first, Some("t7.example"), "/apisix/x").as_deref(), Some("r1"), "APISIX's routes serve every host");
+
+        // One tenant's route changes: that partition alone is compiled, and every other
+        // router, APISIX's and the other tenants', is the very same.
+        let mut changes = Changes::default();
+        state.apply("/apisix", 2001, &[event(weir_store::EventKind::Put, "/apisix/tenants/t7/routes/home", &route_json("/moved"), 2001)], &mut changes);
+        let second = b.update(&state, &changes);
+        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1001, routes: 1002 });
+        assert_eq!(at(&second, Some("t7.example"), "/moved").as_deref(), Some("/apisix/tenants/t7/routes/home"));
+        assert_eq!(at(&second, Some("t7.example"), "/home7"), None);
+        assert!(Arc::ptr_eq(&first.base, &second.base));
+        for t in ["t0.example", "t8.example", "t999.example"] {
+            assert!(Arc::ptr_eq(&first.parts[t], &second.parts[t]), "{t}");
+        }
+        assert!(!Arc::ptr_eq(&first.parts["t7.example"], &second.parts["t7.example"]));
+
+        // A new tenant, and one whose last object goes: one compile for the first, none for
+        // the second, whose host then reaches APISIX's routes only.
+        let mut changes = Changes::default();
+        state.apply(
+            "/apisix",
+            2002,
+            &[
+                event(weir_store::EventKind::Put, "/apisix/tenants/t1000/routes/home", &route_json("/new"), 2002),
+                event(weir_store::EventKind::Delete, "/apisix/tenants/t3/routes/home", "", 2002),
+            ],
+            &mut changes,
+        );
+        let third = b.update(&state, &changes);
+        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1002, routes: 1003 });
+        assert_eq!(at(&third, Some("t1000.example"), "/new").as_deref(), Some("/apisix/tenants/t1000/routes/home"));
+        assert!(!third.parts.contains_key("t3.example"));
+        assert_eq!(at(&third, Some("t3.example"), "/apisix/y").as_deref(), Some("r1"));
+
+        // An APISIX route changes: no partition is compiled.
+        let mut changes = Changes::default();
+        state.apply("/apisix", 2003, &[event(weir_store::EventKind::Put, "/apisix/routes/r2", &route_json("/two"), 2003)], &mut changes);
+        let fourth = b.update(&state, &changes);
+        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1002, routes: 1004 });
+        assert_eq!(at(&fourth, Some("t1.example"), "/two").as_deref(), Some("r2"));
+        assert!(Arc::ptr_eq(&third.parts["t1.example"], &fourth.parts["t1.example"]));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever sequence of puts and deletes of APISIX and partition routes, each update
+        /// routes every probe as a full build of the same state does.
+        #[test]
+        fn updates_with_partitions_match_a_full_build(
+            ops in proptest::collection::vec((0usize..4, 0usize..3, 0usize..5, proptest::bool::weighted(0.25)), 1..24)
+        ) {
+            let uris = ["/a", "/a*", "/ab", "/b*", "/"];
+            let mut state = ConfigState::from_list("/apisix", &[], 1);
+            let mut b = tenant_builder();
+            let _ = b.build(&state);
+            for (step, (owner, id, uri, delete)) in ops.into_iter().enumerate() {
+                let rev = step as i64 + 2;
+                // Owner 0 is APISIX; 1 to 3 are tenants.
+                let key = match owner {
+                    0 => format!("/apisix/routes/r{id}"),
+                    t => format!("/apisix/tenants/t{t}/routes/r{id}"),
+                };
+                let kind = if delete { weir_store::EventKind::Delete } else { weir_store::EventKind::Put };
+                let mut changes = Changes::default();
+                state.apply("/apisix", rev, &[event(kind, &key, &route_json(uris[uri]), rev)], &mut changes);
+                let updated = b.update(&state, &changes);
+                let full = tenant_builder().build(&state);
+                for host in [None, Some("t1.example"), Some("t2.example"), Some("t3.example"), Some("other.example")] {
+                    for path in ["/a", "/ab", "/abc", "/b", "/c", "/"] {
+                        proptest::prop_assert_eq!(at(&updated, host, path), at(&full, host, path), "step {}: {:?} {}", step, host, path);
+                    }
+                }
+            }
+        }
     }
 }

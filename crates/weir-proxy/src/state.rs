@@ -29,6 +29,9 @@ pub struct ConfigState {
     pub consumer_groups: BTreeMap<String, PluginHolder>,
     /// By plugin name.
     pub plugin_metadata: BTreeMap<String, serde_json::Value>,
+    /// Objects of kinds the data plane does not compile itself, by store key, as stored: the
+    /// snapshot builder's contributors lower them into partitions.
+    pub extra: BTreeMap<String, KeyValue>,
 }
 
 /// A route and the store revision that created it (older routes win priority ties).
@@ -113,13 +116,20 @@ impl ConfigState {
             }
             match Resource::from_key(prefix, &e.kv.key) {
                 Some((Resource::Routes, id)) => changes.routes.push(id.to_string()),
-                _ => changes.other = true,
+                Some(_) => changes.other = true,
+                None => changes.extra.push(e.kv.key.clone()),
             }
         }
     }
 
     fn put(&mut self, prefix: &str, kv: &KeyValue) -> bool {
-        let Some((resource, id)) = Resource::from_key(prefix, &kv.key) else { return false };
+        let Some((resource, id)) = Resource::from_key(prefix, &kv.key) else {
+            if !is_object_key(prefix, &kv.key) {
+                return false;
+            }
+            self.extra.insert(kv.key.clone(), kv.clone());
+            return true;
+        };
         let id = id.to_string();
         match resource {
             Resource::Routes => {
@@ -148,7 +158,9 @@ impl ConfigState {
     }
 
     fn delete(&mut self, prefix: &str, key: &str) -> bool {
-        let Some((resource, id)) = Resource::from_key(prefix, key) else { return false };
+        let Some((resource, id)) = Resource::from_key(prefix, key) else {
+            return self.extra.remove(key).is_some();
+        };
         match resource {
             Resource::Routes => self.routes.remove(id).is_some(),
             Resource::Services => self.services.remove(id).is_some(),
@@ -172,17 +184,28 @@ impl ConfigState {
     }
 }
 
+/// An object's key under the prefix, `{prefix}/{kind}/{...}`, rather than a key of the store's
+/// own bookkeeping (`{prefix}/gen_id`).
+fn is_object_key(prefix: &str, key: &str) -> bool {
+    key.strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix('/'))
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(kind, id)| !kind.is_empty() && !id.is_empty())
+}
+
 /// What a batch of store events changed, for [`crate::snapshot::Builder::update`].
 #[derive(Default, Debug)]
 pub struct Changes {
     /// Ids of routes put or deleted.
     pub routes: Vec<String>,
-    /// Whether anything besides routes changed (services, upstreams, ssls).
+    /// Whether any other APISIX object changed (services, upstreams, ssls).
     pub other: bool,
+    /// Keys of [`ConfigState::extra`] objects put or deleted.
+    pub extra: Vec<String>,
 }
 
 impl Changes {
     pub fn any(&self) -> bool {
-        self.other || !self.routes.is_empty()
+        self.other || !self.routes.is_empty() || !self.extra.is_empty()
     }
 }
