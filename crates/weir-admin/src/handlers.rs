@@ -8,6 +8,7 @@ use http::request::Parts;
 use http::{Method, StatusCode};
 use serde_json::{Map, Value, json};
 use weir_catalog::{PluginSlot, Registered, sealing};
+use weir_core::error::ErrorKind;
 use weir_core::model::id_text;
 use weir_core::schema;
 use weir_core::text::{percent_decode, query_param};
@@ -310,7 +311,7 @@ async fn get(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
 }
 
 fn invalid(errors: Vec<String>) -> Reply {
-    reply::error(StatusCode::BAD_REQUEST, format!("invalid configuration: {}", errors.join("; ")))
+    reply::failure(ErrorKind::BadInput, format!("invalid configuration: {}", errors.join("; ")))
 }
 
 /// Checks an object for a write and returns the key it will live at, plus the referenced keys
@@ -523,7 +524,7 @@ async fn put(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
             Err(e) => return reply::store_down(e),
         }
     }
-    reply::error(StatusCode::CONFLICT, "the object changed while it was being written; try again")
+    reply::failure(ErrorKind::Conflict, "the object changed while it was being written; try again")
 }
 
 async fn post(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
@@ -556,7 +557,7 @@ async fn post(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
             Err(e) => return reply::store_down(e),
         }
     }
-    reply::error(StatusCode::CONFLICT, "the object changed while it was being written; try again")
+    reply::failure(ErrorKind::Conflict, "the object changed while it was being written; try again")
 }
 
 /// JSON merge patch (RFC 7396): objects merge recursively, `null` removes, anything else replaces.
@@ -619,7 +620,7 @@ async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
         };
         let mut value: Value = match serde_json::from_slice(&old.value) {
             Ok(v) => v,
-            Err(e) => return reply::store_down(format!("stored object is unreadable: {e}")),
+            Err(e) => return reply::failure(ErrorKind::Internal, format!("stored object is unreadable: {e}")),
         };
         let sets_update_time = t.sub_path.is_empty() && body.get("update_time").is_some();
         if t.sub_path.is_empty() {
@@ -644,7 +645,7 @@ async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
             Err(e) => return reply::store_down(e),
         }
     }
-    reply::error(StatusCode::CONFLICT, "the object changed while it was being written; try again")
+    reply::failure(ErrorKind::Conflict, "the object changed while it was being written; try again")
 }
 
 /// Who still uses the object about to be deleted, as APISIX words it: any object of any kind

@@ -157,7 +157,7 @@ impl Admin {
         }
         match weir_store::backup::export(self.store.as_ref(), &self.prefix).await {
             Ok(doc) => reply::json(http::StatusCode::OK, &doc),
-            Err(e) => reply::error(http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            Err(e) => reply::store_down(e),
         }
     }
 }

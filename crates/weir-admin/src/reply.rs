@@ -4,6 +4,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
 use serde_json::{Value, json};
+use weir_core::error::{ErrorKind, Kinded};
 
 pub type Reply = Response<Full<Bytes>>;
 
@@ -37,6 +38,23 @@ pub fn too_large(len: usize) -> Reply {
     )
 }
 
-pub fn store_down(e: impl std::fmt::Display) -> Reply {
-    error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+/// The Admin API's answer to a failure: the one place a kind becomes a status, in APISIX's
+/// `error_msg` envelope.
+pub fn failure(kind: ErrorKind, msg: impl Into<String>) -> Reply {
+    let status = match kind {
+        ErrorKind::BadInput => StatusCode::BAD_REQUEST,
+        ErrorKind::NotFound => StatusCode::NOT_FOUND,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
+        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
+        ErrorKind::Quota => StatusCode::TOO_MANY_REQUESTS,
+        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, msg)
+}
+
+/// A store that failed under a call: unavailable (503), or holding what cannot be read (500).
+pub fn store_down(e: impl Kinded + std::fmt::Display) -> Reply {
+    failure(e.kind(), e.to_string())
 }

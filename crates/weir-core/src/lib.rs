@@ -4,6 +4,7 @@
 //! Nothing here does I/O. Objects are checked at the door by `weir-catalog`; the data plane
 //! turns stored JSON into [`model`] types when it builds a snapshot, never per request.
 
+pub mod error;
 pub mod expr;
 pub mod model;
 pub mod path;

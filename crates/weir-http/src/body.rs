@@ -27,6 +27,8 @@ pub struct RespBody(Kind);
 
 enum Kind {
     Full(Option<Bytes>),
+    /// A body an in-process handler produces as it goes (server-sent events, say).
+    Stream(Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>),
     Upstream(UpstreamBody),
     Watched(Box<Watched>),
     Transformed(Box<Transformed>),
@@ -61,6 +63,16 @@ impl RespBody {
 
     pub fn empty() -> RespBody {
         RespBody(Kind::Full(None))
+    }
+
+    /// A body made as it is sent: each frame goes to the client as soon as `body` yields it.
+    pub fn stream<B>(body: B) -> RespBody
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        use http_body_util::BodyExt as _;
+        RespBody(Kind::Stream(Box::pin(body.map_err(Into::into))))
     }
 
     /// Streams `inner`, failing if no frame arrives for `read_timeout`, and gives the connection
@@ -150,6 +162,7 @@ impl Body for RespBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().0 {
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Stream(s) => s.as_mut().poll_frame(cx),
             Kind::Transformed(t) => loop {
                 if t.done {
                     return Poll::Ready(None);
@@ -208,6 +221,7 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Kind::Full(b) => b.is_none(),
+            Kind::Stream(s) => s.is_end_stream(),
             Kind::Upstream(u) => u.inner.is_end_stream(),
             Kind::Watched(w) => w.inner.is_end_stream(),
             Kind::Transformed(t) => t.done,
@@ -218,6 +232,7 @@ impl Body for RespBody {
         match &self.0 {
             Kind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             Kind::Full(None) => SizeHint::with_exact(0),
+            Kind::Stream(s) => s.size_hint(),
             Kind::Upstream(u) => u.inner.size_hint(),
             Kind::Watched(w) => w.inner.size_hint(),
             Kind::Transformed(_) => SizeHint::default(),

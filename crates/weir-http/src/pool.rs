@@ -99,6 +99,15 @@ pub enum ConnectError {
     Handshake(String, hyper::Error),
 }
 
+impl weir_core::error::Kinded for ConnectError {
+    fn kind(&self) -> weir_core::error::ErrorKind {
+        match self {
+            ConnectError::Timeout(_) => weir_core::error::ErrorKind::Timeout,
+            _ => weir_core::error::ErrorKind::Upstream,
+        }
+    }
+}
+
 impl Lease {
     /// Puts `conn` on the idle list, unless it has served its share of requests or the list
     /// is full. Connections idle past the timeout leave the list's far end here, so a list

@@ -10,6 +10,7 @@
 //! plugin's `header_filter`. A phase may answer the request itself with a [`Reply`].
 
 
+mod layers;
 mod vars;
 
 use std::any::Any;
@@ -25,6 +26,7 @@ use serde_json::{Value, json};
 use weir_core::expr::Expr;
 use weir_core::schema::PluginCatalog;
 
+pub use layers::{Layers, Scope};
 pub use vars::RequestVars;
 
 /// An answer a plugin gives instead of proxying: a status, an optional JSON body, headers.

@@ -4,7 +4,9 @@
 //! healthy answers in a row close it again.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;

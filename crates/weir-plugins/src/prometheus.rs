@@ -190,6 +190,10 @@ pub fn render() -> String {
     }
     out.push_str("# HELP apisix_http_requests_total The total number of client requests since Weir started\n# TYPE apisix_http_requests_total gauge\n");
     let _ = writeln!(out, "apisix_http_requests_total {}", c.requests.load(Ordering::Relaxed));
+    out.push_str("# HELP weir_gateway_errors_total Requests the gateway answered with an error of its own, by kind\n# TYPE weir_gateway_errors_total counter\n");
+    for kind in weir_core::error::ErrorKind::ALL {
+        let _ = writeln!(out, "weir_gateway_errors_total{{kind=\"{}\"}} {}", kind.name(), c.errors(kind));
+    }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     out.push_str("# HELP apisix_node_info Info of Weir node\n# TYPE apisix_node_info gauge\n");
     let _ = writeln!(out, "apisix_node_info{{hostname=\"{}\"}} 1", escape(host.trim()));

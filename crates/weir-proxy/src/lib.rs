@@ -10,6 +10,7 @@
 
 pub mod access;
 pub mod exporter;
+pub mod handler;
 pub mod proxy;
 pub mod router;
 pub mod server;

@@ -14,6 +14,7 @@ use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use weir_core::error::{ErrorKind, Kinded};
 use weir_core::expr::Vars;
 use weir_core::path;
 use weir_core::text::{interpolate, ip_text};
@@ -27,6 +28,7 @@ use weir_upstream::balancer::hash32;
 use weir_upstream::health::Outcome;
 use weir_upstream::{InFlight, NodeRt, Timeouts};
 
+use crate::handler::Call;
 use crate::router::RequestFacts;
 use crate::snapshot::{HashOn, PassHost, RouteRt, Snapshot, UpstreamRt};
 
@@ -38,16 +40,33 @@ pub struct Proxy {
     pub limits: weir_http::front::Limits,
 }
 
-fn not_found() -> Response<RespBody> {
-    error_response(StatusCode::NOT_FOUND, r#"{"error_msg":"404 Route Not Found"}"#)
+/// Who a failure is owed to: a stalled client body is the client's timeout (408), a stalled
+/// node the gateway's (504).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Gateway,
 }
 
-fn bad_gateway() -> Response<RespBody> {
-    error_response(StatusCode::BAD_GATEWAY, r#"{"error_msg":"502 Bad Gateway"}"#)
-}
-
-fn bad_request() -> Response<RespBody> {
-    error_response(StatusCode::BAD_REQUEST, r#"{"error_msg":"400 Bad Request"}"#)
+/// The gateway's answer to a failure: the one place a kind becomes a response, and where it
+/// is counted. A route the data plane could not apply as stored is `Unavailable` (closed, not
+/// served without its plugins; the reason was logged when the snapshot was built).
+fn failure(kind: ErrorKind, side: Side) -> Response<RespBody> {
+    weir_telemetry::COUNTERS.error(kind);
+    let (status, body) = match (kind, side) {
+        (ErrorKind::Timeout, Side::Client) => (StatusCode::REQUEST_TIMEOUT, r#"{"error_msg":"408 Request Timeout"}"#),
+        (ErrorKind::BadInput, _) => (StatusCode::BAD_REQUEST, r#"{"error_msg":"400 Bad Request"}"#),
+        (ErrorKind::NotFound, _) => (StatusCode::NOT_FOUND, r#"{"error_msg":"404 Route Not Found"}"#),
+        (ErrorKind::Conflict, _) => (StatusCode::CONFLICT, r#"{"error_msg":"409 Conflict"}"#),
+        (ErrorKind::Unavailable, _) => {
+            (StatusCode::SERVICE_UNAVAILABLE, r#"{"error_msg":"503 Service Unavailable: the route's configuration cannot be applied"}"#)
+        }
+        (ErrorKind::Timeout, Side::Gateway) => (StatusCode::GATEWAY_TIMEOUT, r#"{"error_msg":"504 Gateway Timeout"}"#),
+        (ErrorKind::Upstream, _) => (StatusCode::BAD_GATEWAY, r#"{"error_msg":"502 Bad Gateway"}"#),
+        (ErrorKind::Quota, _) => (StatusCode::TOO_MANY_REQUESTS, r#"{"error_msg":"429 Too Many Requests"}"#),
+        (ErrorKind::Internal, _) => (StatusCode::INTERNAL_SERVER_ERROR, r#"{"error_msg":"500 Internal Server Error"}"#),
+    };
+    error_response(status, body)
 }
 
 /// `uri` with its path replaced, its query and any scheme and authority kept.
@@ -61,15 +80,6 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// A route (or the global rules) the data plane could not apply as stored: closed, not served
-/// without its plugins. The reason was logged when the snapshot was built.
-fn unavailable() -> Response<RespBody> {
-    error_response(StatusCode::SERVICE_UNAVAILABLE, r#"{"error_msg":"503 Service Unavailable: the route's configuration cannot be applied"}"#)
-}
-
-fn gateway_timeout() -> Response<RespBody> {
-    error_response(StatusCode::GATEWAY_TIMEOUT, r#"{"error_msg":"504 Gateway Timeout"}"#)
-}
 
 /// Lower-cases the host and drops the port and a trailing dot (`admin.internal.` is the same
 /// name, and nginx matches it so); borrows when nothing needs changing.
@@ -97,6 +107,18 @@ enum SendError {
     Upstream(weir_http::body::BoxError),
     /// The client's body broke off or stalled: the client's fault, not the node's.
     Client(weir_http::body::BoxError),
+}
+
+impl Kinded for SendError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            SendError::Connect(_, e) => e.kind(),
+            SendError::Timeout => ErrorKind::Timeout,
+            SendError::Upstream(_) => ErrorKind::Upstream,
+            SendError::Client(e) if e.is::<weir_http::body::BodyTimeout>() => ErrorKind::Timeout,
+            SendError::Client(_) => ErrorKind::BadInput,
+        }
+    }
 }
 
 impl weir_http::Service for Proxy {
@@ -153,7 +175,7 @@ impl Proxy {
             match path::normalize(parts.uri.path()) {
                 Ok(n) => {
                     if n.encoded != parts.uri.path() {
-                        let Some(uri) = with_path(&parts.uri, &n.encoded) else { return bad_request() };
+                        let Some(uri) = with_path(&parts.uri, &n.encoded) else { return failure(ErrorKind::BadInput, Side::Client) };
                         parts.uri = uri;
                     }
                     if n.decoded != n.encoded {
@@ -162,7 +184,7 @@ impl Proxy {
                 }
                 Err(e) => {
                     tracing::debug!(path = parts.uri.path(), error = %e, "request path refused");
-                    return bad_request();
+                    return failure(ErrorKind::BadInput, Side::Client);
                 }
             }
         }
@@ -183,15 +205,21 @@ impl Proxy {
             };
             snapshot.find(&facts).cloned()
         };
-        let Some(route) = route else { return not_found() };
+        let Some(route) = route else { return failure(ErrorKind::NotFound, Side::Gateway) };
         if let Some(e) = entry {
             e.route(&route.id);
         }
         if route.unavailable.is_some() || snapshot.global_unavailable.is_some() {
-            return unavailable();
+            return failure(ErrorKind::Unavailable, Side::Gateway);
         }
         if route.plugins.is_empty() && snapshot.global.is_empty() {
             drop(snapshot);
+            if let Some(handler) = &route.handler {
+                return match read_body(body, handler.max_body()).await {
+                    Ok(body) => handler.call(Call { parts, body, route_id: &route.id, consumer: None, notes: &Notes::default() }).await,
+                    Err(resp) => resp,
+                };
+            }
             return self.to_upstream(&route, route.upstream.as_ref(), parts, body, conn, None, None).await;
         }
         let global = snapshot.global.clone();
@@ -217,7 +245,7 @@ impl Proxy {
         let logged = global.phases.log || route.plugins.phases.log;
         // A plugin that checks the body (request-validation) gets it read, within a bound.
         let (read, body) = if global.phases.body || route.plugins.phases.body {
-            match read_body(body).await {
+            match read_body(body, MAX_READ_BODY).await {
                 Ok(b) => (Some(b.clone()), ReqBody::Read(Some(b))),
                 Err(resp) => return resp,
             }
@@ -286,13 +314,22 @@ impl Proxy {
                 with_headers(with_headers(plugin_reply(status, body), plugin_headers), headers)
             }
             Ok(()) => {
-                let served = record.as_mut().map(|r| &mut r.served);
-                let upstream = match choice {
-                    Some(i) => route.alternatives.get(i).cloned().flatten().or_else(|| route.upstream.clone()),
-                    None => route.upstream.clone(),
-                };
                 let who = consumer.as_deref().map(|c| c.username.as_str());
-                let resp = self.to_upstream(&route, upstream.as_ref(), parts, body, conn, who, served).await;
+                let resp = match &route.handler {
+                    // The handler reads what it needs of the notes before anything is awaited.
+                    Some(handler) => match read_body(body, handler.max_body()).await {
+                        Ok(body) => handler.call(Call { parts, body, route_id: &route.id, consumer: who, notes: &notes }).await,
+                        Err(resp) => resp,
+                    },
+                    None => {
+                        let served = record.as_mut().map(|r| &mut r.served);
+                        let upstream = match choice {
+                            Some(i) => route.alternatives.get(i).cloned().flatten().or_else(|| route.upstream.clone()),
+                            None => route.upstream.clone(),
+                        };
+                        self.to_upstream(&route, upstream.as_ref(), parts, body, conn, who, served).await
+                    }
+                };
                 with_headers(resp, plugin_headers)
             }
         };
@@ -411,9 +448,10 @@ const MAX_READ_BODY: usize = 8 << 20;
 
 /// Reads a request body for the plugins that check it; too large, or broken off, is an error
 /// response.
-async fn read_body(body: ReqBody) -> Result<Bytes, Response<RespBody>> {
+/// The whole request body, refused (413) past `limit` bytes.
+async fn read_body(body: ReqBody, limit: usize) -> Result<Bytes, Response<RespBody>> {
     use http_body_util::BodyExt as _;
-    match http_body_util::Limited::new(body, MAX_READ_BODY).collect().await {
+    match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, r#"{"error_msg":"413 Request Entity Too Large"}"#))
@@ -562,7 +600,7 @@ async fn forward(
     let mut req = Some(req);
     loop {
         let Some(i) = upstream.balancer.pick(&upstream.nodes, upstream.checked, hash, &tried) else {
-            return bad_gateway();
+            return failure(ErrorKind::Upstream, Side::Gateway);
         };
         let node = &upstream.nodes[i];
         let in_flight = upstream.balancer.tracks_load().then(|| (InFlight::start(&node.load), Instant::now()));
@@ -622,51 +660,43 @@ async fn forward(
                 let guard = in_flight.map(|(g, _)| g);
                 return Response::from_parts(parts, RespBody::upstream(body, timeouts.read, lease, guard));
             }
-            Err(SendError::Connect(back, e)) => {
-                tracing::warn!(error = %e, "upstream connect failed");
-                if let Some(p) = &upstream.passive {
-                    let outcome = if matches!(e, ConnectError::Timeout(_)) { Outcome::Timeout } else { Outcome::TcpFailure };
-                    p.failure(&node.authority, &node.health, outcome);
-                }
-                if attempts_left > 0 && within_budget() {
-                    attempts_left -= 1;
-                    tried.push(i);
-                    req = Some(*back);
-                    continue;
-                }
-                return match e {
-                    ConnectError::Timeout(_) => gateway_timeout(),
-                    _ => bad_gateway(),
-                };
-            }
-            Err(SendError::Timeout) => {
-                tracing::warn!(node = %node.authority, "upstream timed out");
-                if let Some(p) = &upstream.passive {
-                    p.failure(&node.authority, &node.health, Outcome::Timeout);
-                }
-                return gateway_timeout();
-            }
             Err(SendError::Client(e)) => {
                 tracing::debug!(error = %e, "client request body failed");
-                return if e.is::<weir_http::body::BodyTimeout>() {
-                    error_response(StatusCode::REQUEST_TIMEOUT, r#"{"error_msg":"408 Request Timeout"}"#)
-                } else {
-                    error_response(StatusCode::BAD_REQUEST, r#"{"error_msg":"400 Bad Request"}"#)
-                };
+                return failure(SendError::Client(e).kind(), Side::Client);
             }
-            Err(SendError::Upstream(e)) => {
-                tracing::warn!(node = %node.authority, error = %e, "upstream request failed");
+            Err(e) => {
+                let kind = e.kind();
                 if let Some(p) = &upstream.passive {
-                    p.failure(&node.authority, &node.health, Outcome::TcpFailure);
+                    let outcome = if kind == ErrorKind::Timeout { Outcome::Timeout } else { Outcome::TcpFailure };
+                    p.failure(&node.authority, &node.health, outcome);
                 }
-                // The connection broke under the request (a node going down, or a keep-alive
-                // connection it closed as we wrote): a bodiless idempotent request goes again.
-                if req.is_some() && attempts_left > 0 && within_budget() {
+                // A request that never left comes back for another node. One that left goes
+                // again only when the node failed under it (a node going down, or a keep-alive
+                // connection it closed as we wrote) and a bodiless idempotent copy was kept;
+                // a node that was merely slow is not sent the request twice.
+                let again = match e {
+                    SendError::Connect(back, e) => {
+                        tracing::warn!(error = %e, "upstream connect failed");
+                        Some(*back)
+                    }
+                    e => {
+                        match &e {
+                            SendError::Upstream(cause) => tracing::warn!(node = %node.authority, error = %cause, "upstream request failed"),
+                            _ => tracing::warn!(node = %node.authority, "upstream timed out"),
+                        }
+                        if kind == ErrorKind::Upstream { req.take() } else { None }
+                    }
+                };
+                if let Some(again) = again
+                    && attempts_left > 0
+                    && within_budget()
+                {
                     attempts_left -= 1;
                     tried.push(i);
+                    req = Some(again);
                     continue;
                 }
-                return bad_gateway();
+                return failure(kind, Side::Gateway);
             }
         }
     }
@@ -691,7 +721,7 @@ fn tunnel(resp: Response<Received>, client: OnUpgrade) -> Result<Response<RespBo
     let (mut parts, body) = resp.into_parts();
     let Received::H1(body) = body else { return Err(Response::from_parts(parts, body)) };
     let Some((mut upstream, early)) = body.upgraded() else {
-        return Ok(bad_gateway());
+        return Ok(failure(ErrorKind::Upstream, Side::Gateway));
     };
     tokio::spawn(async move {
         // A tunnel is a client connection too: draining waits for it (up to shutdown_timeout).

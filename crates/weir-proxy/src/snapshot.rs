@@ -14,12 +14,13 @@ use rustls::ServerConfig;
 use weir_core::expr::Expr;
 use weir_core::model::{self, Ssl, Timeout, Upstream};
 use weir_http::pool::Transport;
-use weir_plugins::{Consumers, InstanceCache, Pipeline, Registry};
+use weir_plugins::{Consumers, InstanceCache, Layers, Pipeline, Registry, Scope};
 use weir_tls::{Keyring, SniTable};
 use weir_upstream::balancer::Balancer;
 use weir_upstream::health::{self, Checker, Passive, Target};
 use weir_upstream::{DEFAULT_TIMEOUT, Keepalive, NodeRt, Timeouts};
 
+use crate::handler::Handler;
 use crate::router::{RequestFacts, RouteSpec, Router, find_layered};
 use crate::state::{Changes, ConfigState, Entry};
 
@@ -72,7 +73,16 @@ pub trait Contributor: Send + Sync {
 #[derive(Default)]
 pub struct Lowered {
     pub hosts: Vec<String>,
-    pub routes: Vec<(String, model::Route)>,
+    pub routes: Vec<LoweredRoute>,
+}
+
+/// One route of a partition: an APISIX route, ending in `handler` when it has one (then it
+/// needs no upstream).
+pub struct LoweredRoute {
+    /// Unique in the partition.
+    pub id: String,
+    pub route: model::Route,
+    pub handler: Option<Arc<dyn Handler>>,
 }
 
 /// Work a [`Builder`] has done, counted (for tests and the status page).
@@ -176,6 +186,8 @@ pub struct RouteRt {
     pub timeouts: Timeouts,
     /// `enable_websocket` (the route's, else its service's): upgrades are passed through.
     pub websocket: bool,
+    /// The in-process end of the route, when it has one instead of an upstream.
+    pub handler: Option<Arc<dyn Handler>>,
     /// Why the route cannot be applied as stored, when it cannot (an object the data plane
     /// cannot read, plugins that cannot run, a missing service or plugin config): it then
     /// answers 503 rather than serve without what it was given.
@@ -424,8 +436,7 @@ fn consumers(state: &ConfigState, ctx: &mut Ctx<'_>) -> Consumers {
             closed.insert(username.as_str());
             continue;
         }
-        let mut merged = group.map(|g| g.plugins.clone()).unwrap_or_default();
-        merged.extend(c.plugins.clone());
+        let mut merged = Layers::new().with(Scope::ConsumerGroup, group.map(|g| &g.plugins)).with(Scope::Consumer, Some(&c.plugins)).merge();
         merged.retain(|name, _| !ctx.registry.is_auth(name));
         if !merged.is_empty() {
             match ctx.registry.pipeline(&merged, &format!("consumer:{username}"), ctx.metadata, ctx.instances) {
@@ -554,16 +565,19 @@ fn compile_part(
     stats.parts += 1;
     // Ids qualified by the partition, so no two partitions' (or APISIX's) routes share plugin
     // instances; earlier routes win priority ties.
-    let entries: Vec<(String, Entry<model::Route>)> = lowered
+    let entries: Vec<(String, Entry<model::Route>, Option<Arc<dyn Handler>>)> = lowered
         .routes
         .into_iter()
-        .filter(|(_, r)| r.status != 0)
+        .filter(|r| r.route.status != 0)
         .enumerate()
-        .map(|(i, (id, value))| (format!("{prefix}{id}"), Entry { created: i as i64, value, broken: None }))
+        .map(|(i, r)| (format!("{prefix}{}", r.id), Entry { created: i as i64, value: r.route, broken: None }, r.handler))
         .collect();
     stats.routes += entries.len() as u64;
     let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
-    let specs: Vec<_> = entries.iter().filter_map(|(id, entry)| route_spec(state, ctx, &mut next, previous, id, entry)).collect();
+    let specs: Vec<_> = entries
+        .iter()
+        .filter_map(|(id, entry, handler)| route_spec(state, ctx, &mut next, previous, id, entry, handler.clone()))
+        .collect();
     let upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
     Some(BuiltPart { hosts: lowered.hosts, part: Arc::new(Part { router: Router::new(specs) }), upstreams })
 }
@@ -673,7 +687,7 @@ impl Builder {
         routes.sort_by_key(|(id, r)| (r.created, id.as_str()));
         let specs: Vec<_> = routes
             .into_iter()
-            .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry))
+            .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry, None))
             .collect();
         let (global, global_unavailable) = match global_pipeline(state, &mut ctx) {
             Ok(p) => (p, None),
@@ -768,7 +782,7 @@ impl Builder {
         routes.sort_by_key(|(id, r)| (r.created, id.as_str()));
         let specs: Vec<_> = routes
             .into_iter()
-            .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry))
+            .filter_map(|(id, entry)| route_spec(state, &mut ctx, &mut next, &self.upstreams, id, entry, None))
             .collect();
         self.stats.routes += specs.len() as u64;
         self.instances.merge();
@@ -845,6 +859,7 @@ fn route_spec<'s>(
     previous: &UpstreamCache<String>,
     id: &'s str,
     entry: &'s Entry<model::Route>,
+    handler: Option<Arc<dyn Handler>>,
 ) -> Option<RouteSpec<Arc<RouteRt>>> {
     let route = &entry.value;
     let mut broken: Option<String> = entry.broken.as_deref().map(str::to_string);
@@ -897,11 +912,11 @@ fn route_spec<'s>(
         None => None,
     };
     // Precedence: the route's own plugins, then its plugin config's, then its service's.
-    let mut merged = service.and_then(|s| s.plugins.clone()).unwrap_or_default();
-    if let Some(pc) = plugin_config {
-        merged.extend(pc.plugins.clone());
-    }
-    merged.extend(route.plugins.clone().unwrap_or_default());
+    let merged = Layers::new()
+        .with(Scope::Service, service.and_then(|s| s.plugins.as_ref()))
+        .with(Scope::PluginConfig, plugin_config.map(|pc| &pc.plugins))
+        .with(Scope::Route, route.plugins.as_ref())
+        .merge();
     let (plugins, upstream, alternatives) = if broken.is_some() {
         (Pipeline::default(), None, Vec::new())
     } else {
@@ -929,6 +944,7 @@ fn route_spec<'s>(
             alternatives,
             timeouts,
             websocket: route.enable_websocket.or(service.and_then(|s| s.enable_websocket)).unwrap_or(false),
+            handler,
             unavailable: broken.map(Into::into),
         }),
         paths,
@@ -1078,7 +1094,9 @@ mod tests {
             let tenant = partition.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
             let routes = objects
                 .iter()
-                .filter_map(|(key, value)| Some((key.strip_prefix(partition)?.to_string(), serde_json::from_slice(value).ok()?)))
+                .filter_map(|(key, value)| {
+                    Some(LoweredRoute { id: key.strip_prefix(partition)?.to_string(), route: serde_json::from_slice(value).ok()?, handler: None })
+                })
                 .collect();
             Lowered { hosts: vec![format!("{tenant}.example")], routes }
         }

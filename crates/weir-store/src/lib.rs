@@ -89,6 +89,15 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+impl weir_core::error::Kinded for StoreError {
+    fn kind(&self) -> weir_core::error::ErrorKind {
+        match self {
+            StoreError::Unavailable(_) => weir_core::error::ErrorKind::Unavailable,
+            StoreError::Corrupt(_) => weir_core::error::ErrorKind::Internal,
+        }
+    }
+}
+
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// A config store. Implementations: [`EmbeddedStore`] (redb, one file) and [`EtcdStore`]. The data plane only ever

@@ -14,7 +14,8 @@ use serde_json::Value;
 use weir_http::ConnInfo;
 use weir_http::body::ReqBody;
 use weir_proxy::proxy::Proxy;
-use weir_proxy::snapshot::{Builder, Snapshot};
+use weir_proxy::handler::{self, Call, Handler};
+use weir_proxy::snapshot::{Builder, Contributor, Lowered, LoweredRoute, Snapshot};
 use weir_proxy::state::{Changes, ConfigState};
 use weir_store::{Event, EventKind, KeyValue};
 
@@ -58,8 +59,16 @@ impl Default for Gateway {
 impl Gateway {
     /// A gateway with every APISIX plugin and no config.
     pub fn new() -> Gateway {
+        Gateway::with_contributors(Vec::new())
+    }
+
+    /// A gateway whose snapshots carry the partitions these contributors lower.
+    pub fn with_contributors(contributors: Vec<Arc<dyn Contributor>>) -> Gateway {
         let keyring = Arc::new(weir_tls::Keyring::new(&["a keyring for in-process tests".to_string()]));
         let mut builder = Builder::new(PREFIX, keyring, Arc::new(weir_plugins::registry()));
+        for c in contributors {
+            builder = builder.with_contributor(c);
+        }
         let state = ConfigState::default();
         let snapshot = Arc::new(ArcSwap::from_pointee(builder.build(&state)));
         let proxy = Proxy::new(snapshot.clone());
@@ -90,14 +99,20 @@ impl Gateway {
     }
 
     /// Sends a request (its URI a path, or a full URL for its host) from 127.0.0.1.
+    /// The response as the proxy makes it, its body not yet read (to follow a stream).
+    pub async fn respond(&self, req: Request<Bytes>) -> http::Response<weir_http::body::RespBody> {
+        let (parts, body) = req.into_parts();
+        let body = if body.is_empty() { ReqBody::Empty } else { ReqBody::Read(Some(body)) };
+        self.proxy.handle(&self.conn, Request::from_parts(parts, body)).await
+    }
+
     pub async fn send(&self, req: Request<Bytes>) -> Answer {
         let (mut parts, body) = req.into_parts();
         if !parts.headers.contains_key(http::header::HOST) {
             let host = parts.uri.host().unwrap_or("localhost").to_string();
             parts.headers.insert(http::header::HOST, host.parse().expect("a host is a header value"));
         }
-        let body = if body.is_empty() { ReqBody::Empty } else { ReqBody::Read(Some(body)) };
-        let resp = self.proxy.handle(&self.conn, Request::from_parts(parts, body)).await;
+        let resp = self.respond(Request::from_parts(parts, body)).await;
         let (parts, body) = resp.into_parts();
         let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         Answer { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&bytes).into_owned() }
@@ -110,5 +125,42 @@ impl Gateway {
             req = req.header(*name, *value);
         }
         self.send(req.body(Bytes::new()).expect("a valid request")).await
+    }
+}
+
+/// A contributor of routes that end in handlers, for tests: objects under
+/// `/apisix/apps/{app}/{name}` (put as `apps/{app}/{name}`) make one partition per app,
+/// answering `{app}.example`. Each object is an APISIX route plus `handler`, which names one of
+/// `handlers`.
+pub struct Apps {
+    pub handlers: Vec<(&'static str, Arc<dyn Handler>)>,
+}
+
+impl Contributor for Apps {
+    fn partition<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix("/apisix/apps/")?;
+        Some(&key[.."/apisix/apps/".len() + rest.find('/')? + 1])
+    }
+
+    fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
+        let app = partition.trim_end_matches('/').rsplit('/').next().unwrap_or_default();
+        let mut routes = Vec::new();
+        for (key, value) in objects {
+            let Ok(mut obj) = serde_json::from_slice::<Value>(value) else { continue };
+            let name = obj.as_object_mut().and_then(|o| o.remove("handler"));
+            let handler = self.handlers.iter().find(|(n, _)| Some(*n) == name.as_ref().and_then(Value::as_str)).map(|(_, h)| h.clone());
+            let Ok(route) = serde_json::from_value(obj) else { continue };
+            routes.push(LoweredRoute { id: key[partition.len()..].to_string(), route, handler });
+        }
+        Lowered { hosts: vec![format!("{app}.example")], routes }
+    }
+}
+
+/// A handler that answers 200 `ok` to everything.
+pub struct Ok200;
+
+impl Handler for Ok200 {
+    fn call(&self, _call: Call<'_>) -> handler::Answer {
+        Box::pin(async { http::Response::new(weir_http::body::RespBody::full("ok")) })
     }
 }

@@ -1,8 +1,11 @@
 //! Plugin behaviour as tables: each case is the objects put, the request sent and what must
 //! come back, run in process (no listener, no upstream: these plugins answer by themselves).
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use serde_json::{Value, json};
-use weir_testkit::Gateway;
+use weir_testkit::{Apps, Gateway, Ok200};
 
 struct Case {
     name: &'static str,
@@ -151,4 +154,40 @@ async fn limit_count_refuses_past_its_count_and_a_change_applies_at_once() {
     assert_eq!(gw.get("/l", &[]).await.status.as_u16(), 404);
     gw.put("routes/1", route("/l", json!({"limit-count": {"count": 1, "time_window": 60}})));
     assert_eq!([gw.get("/l", &[]).await.status.as_u16(), gw.get("/l", &[]).await.status.as_u16()], [502, 503]);
+}
+
+/// A gateway whose `apps/{app}/...` routes end in a handler answering 200, so what a limit lets
+/// through is answered in process, and time can be paused.
+fn answering() -> Gateway {
+    Gateway::with_contributors(vec![Arc::new(Apps { handlers: vec![("ok", Arc::new(Ok200))] })])
+}
+
+async fn statuses(gw: &Gateway, n: usize) -> Vec<u16> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(gw.get("/l", &[("host", "a.example")]).await.status.as_u16());
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn limit_count_windows_follow_the_clock() {
+    let mut gw = answering();
+    gw.put("apps/a/1", json!({"uri": "/l", "plugins": {"limit-count": {"count": 2, "time_window": 60, "rejected_code": 429}}, "handler": "ok"}));
+    assert_eq!(statuses(&gw, 3).await, [200, 200, 429]);
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert_eq!(statuses(&gw, 1).await, [429], "the window is not over");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    assert_eq!(statuses(&gw, 3).await, [200, 200, 429], "a new window");
+}
+
+#[tokio::test(start_paused = true)]
+async fn limit_req_refills_at_its_rate() {
+    let mut gw = answering();
+    gw.put("apps/a/1", json!({"uri": "/l", "plugins": {"limit-req": {"rate": 1, "burst": 0, "key": "remote_addr", "rejected_code": 429}}, "handler": "ok"}));
+    assert_eq!(statuses(&gw, 2).await, [200, 429]);
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(statuses(&gw, 1).await, [429], "half a request has leaked away");
+    tokio::time::advance(Duration::from_millis(600)).await;
+    assert_eq!(statuses(&gw, 2).await, [200, 429]);
 }

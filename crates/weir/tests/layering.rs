@@ -117,7 +117,7 @@ fn mechanism_depends_on_no_policy() {
 fn crates_depend_only_on_lower_floors() {
     let floors = [
         ("weir-core", 0),
-        ("weir-telemetry", 0),
+        ("weir-telemetry", 1),
         ("weir-tls", 1),
         ("weir-catalog", 2),
         ("weir-store", 3),
