@@ -98,7 +98,9 @@ fn health_checks() -> Value {
     }, "anyOf": [{"required": ["active"]}, {"required": ["active", "passive"]}]})
 }
 
-pub(crate) fn upstream_schema() -> Value {
+/// The schema of an upstream, as an `upstreams` object and inline in routes, services and
+/// `traffic-split` rules.
+pub fn upstream_schema() -> Value {
     object_schema(
         json!({
             // if/then/else rather than anyOf, so an error names the field that is wrong.

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use weir_core::schema::{MAX_DEPTH, PluginCatalog, depth};
 use weir_tls::Keyring;
 
-pub use defs::{describe, id_schema, object_schema, read_as};
+pub use defs::{describe, id_schema, object_schema, read_as, upstream_schema};
 
 /// Which plugin configs an object holds, and so which of a plugin's schemas checks them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -24,7 +24,7 @@ pub(crate) fn factory() -> Factory {
             "host": {"type": "string", "pattern": "^[0-9a-zA-Z-.]+(:\\d{1,5})?$"},
             "headers": {"type": "object", "anyOf": [
                 {"properties": {"add": header_map, "set": header_map,
-                    "remove": {"type": "array", "minItems": 1, "items": {"type": "string"}}}},
+                    "remove": {"type": "array", "minItems": 1, "items": {"type": "string"}}}, "additionalProperties": false},
                 {"patternProperties": {"^[^:]+$": {"oneOf": [{"type": "string"}, {"type": "number"}]}}}
             ]},
             "use_real_request_uri_unsafe": {"type": "boolean", "default": false}

@@ -10,6 +10,9 @@ use weir_core::expr::Expr;
 use crate::{Factory, FilterVars, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
+    // An inline upstream is checked as an `upstreams` object is: every field it may have, and
+    // no other (APISIX's traffic-split takes the same definition).
+    let upstream = weir_catalog::upstream_schema();
     Factory {
         name: "traffic-split",
         priority: 966,
@@ -18,7 +21,7 @@ pub(crate) fn factory() -> Factory {
                 "match": {"type": "array", "items": {"type": "object", "properties": {"vars": {"type": "array"}}}},
                 "weighted_upstreams": {"type": "array", "minItems": 1, "items": {"type": "object", "properties": {
                     "upstream_id": {"type": ["string", "integer"]},
-                    "upstream": {"type": "object"},
+                    "upstream": upstream,
                     "weight": {"type": "integer", "minimum": 0, "default": 1}
                 }}}
             }, "required": ["weighted_upstreams"]}}

@@ -123,7 +123,7 @@ fn crates_depend_only_on_lower_floors() {
         ("weir-store", 3),
         ("weir-plugin-api", 1),
         ("weir-upstream", 2),
-        ("weir-plugins", 2),
+        ("weir-plugins", 3),
         ("weir-admin", 4),
         ("weir-http", 3),
         ("weir-proxy", 4),
