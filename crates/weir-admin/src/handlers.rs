@@ -417,7 +417,7 @@ async fn check_object(
         let as_value = Value::Object(obj);
         for r in kind.references() {
             let Some(ref_id) = r.id_in(&as_value) else { continue };
-            let Some(target) = admin.kinds.get(r.kind) else { continue };
+            let Some(target) = admin.kinds.get(r.kind).filter(|k| k.parent().is_none()) else { continue };
             let key = target.key(&admin.prefix, None, &ref_id);
             let what = r.what;
             match admin.store.get(&key).await {
@@ -602,7 +602,7 @@ fn set_sub_path(target: &mut Value, path: &[&str], value: Value) -> Result<(), S
 
 async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
     let Some(id) = t.id else {
-        return reply::error(StatusCode::BAD_REQUEST, t.kind.missing_id());
+        return reply::error(StatusCode::BAD_REQUEST, format!("missing {} id", t.kind.noun()));
     };
     let Some(body) = body else {
         return reply::error(StatusCode::BAD_REQUEST, "missing new configuration");
@@ -652,10 +652,14 @@ async fn patch(admin: &Admin, t: &Target<'_>, body: Option<Value>) -> Reply {
 /// whose reference holds deletes back ([`weir_catalog::Reference::holds`]).
 async fn still_referenced(admin: &Admin, kind: &Registered, id: &str) -> Result<Option<String>, Reply> {
     for (user, r) in admin.kinds.holders(kind.name()) {
-        let dir = user.dir(&admin.prefix, None);
+        // A kind held by another lives under its holders: all of them are listed.
+        let dir = match user.parent() {
+            Some(holder) => format!("{}/{holder}/", admin.prefix),
+            None => user.dir(&admin.prefix, None),
+        };
         let (kvs, _) = admin.store.list(&dir).await.map_err(reply::store_down)?;
         for kv in kvs {
-            if kv.key[dir.len()..].contains('/') {
+            if admin.kinds.from_key(&admin.prefix, &kv.key).is_none_or(|(k, _, _)| k.name() != user.name()) {
                 continue;
             }
             let Ok(v) = serde_json::from_slice::<Value>(&kv.value) else { continue };
@@ -671,7 +675,7 @@ async fn still_referenced(admin: &Admin, kind: &Registered, id: &str) -> Result<
 
 async fn delete(admin: &Admin, t: &Target<'_>, query: &str) -> Reply {
     let Some(id) = t.id else {
-        return reply::error(StatusCode::BAD_REQUEST, t.kind.missing_id());
+        return reply::error(StatusCode::BAD_REQUEST, format!("missing {} id", t.kind.noun()));
     };
     if query_param(query, "force") != Some("true") {
         match still_referenced(admin, t.kind, id).await {

@@ -37,7 +37,7 @@ pub enum PluginSlot {
 pub struct Reference {
     /// Where the id is, field by field (`["upstream", "tls", "client_cert_id"]`).
     pub path: &'static [&'static str],
-    /// The [`Kind::name`] of the object it names.
+    /// The [`Kind::name`] of the object it names, a kind held by no other.
     pub kind: &'static str,
     /// How a failed lookup is worded: "failed to fetch {what} id [{id}], …".
     pub what: &'static str,

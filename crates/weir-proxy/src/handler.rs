@@ -9,6 +9,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
@@ -18,6 +19,9 @@ use weir_plugins::Notes;
 
 /// The most a handler reads of a request body unless it says otherwise: 1 MiB.
 pub const DEFAULT_MAX_BODY: usize = 1 << 20;
+
+/// How long a handler has to answer unless it says otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a handler sees of a request: its head, its body read whole (within
 /// [`Handler::max_body`]), and what the gateway decided of it.
@@ -41,6 +45,12 @@ pub trait Handler: Send + Sync + 'static {
     /// called.
     fn max_body(&self) -> usize {
         DEFAULT_MAX_BODY
+    }
+
+    /// How long the work may take to produce the response head; past it the call is dropped
+    /// and answered 504. A streaming body is not bounded by it.
+    fn timeout(&self) -> Duration {
+        DEFAULT_TIMEOUT
     }
 
     /// Reads what it needs of `call` and returns the work that answers it. The response body
@@ -87,6 +97,10 @@ impl Offload {
     pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Error> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
+            // Whoever asked is gone (the client left, the call timed out): the work is skipped.
+            if tx.is_closed() {
+                return;
+            }
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
             let _ = tx.send(out);
         });
@@ -133,5 +147,29 @@ mod tests {
         let panicked = pool.run(|| -> u8 { panic!("a hostile job") }).await.unwrap_err();
         assert_eq!(panicked.kind, ErrorKind::Internal);
         assert_eq!(pool.run(|| 4).await.unwrap(), 4);
+    }
+
+    /// Work whose caller is gone by the time a thread takes it is not run.
+    #[tokio::test]
+    async fn work_nobody_waits_for_is_skipped() {
+        let pool = Offload::new("offload-skip", 1, 4).unwrap();
+        let (release, held) = mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(move || held.recv().is_ok()).await }
+        });
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abandoned = tokio::spawn({
+            let (pool, ran) = (pool.clone(), ran.clone());
+            async move { pool.run(move || ran.store(true, std::sync::atomic::Ordering::SeqCst)).await }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        abandoned.abort();
+        let _ = abandoned.await;
+        release.send(()).unwrap();
+        assert!(busy.await.unwrap().unwrap());
+        // The pool's one thread takes jobs in order: once this one ran, the abandoned one was seen.
+        assert_eq!(pool.run(|| 5).await.unwrap(), 5);
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
     }
 }

@@ -11,6 +11,7 @@
 pub mod access;
 pub mod exporter;
 pub mod handler;
+pub mod partition;
 pub mod proxy;
 pub mod router;
 pub mod server;

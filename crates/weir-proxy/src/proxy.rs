@@ -216,7 +216,7 @@ impl Proxy {
             drop(snapshot);
             if let Some(handler) = &route.handler {
                 return match read_body(body, handler.max_body()).await {
-                    Ok(body) => handler.call(Call { parts, body, route_id: &route.id, consumer: None, notes: &Notes::default() }).await,
+                    Ok(body) => answered(handler.as_ref(), handler.call(Call { parts, body, route_id: &route.id, consumer: None, notes: &Notes::default() })).await,
                     Err(resp) => resp,
                 };
             }
@@ -318,7 +318,7 @@ impl Proxy {
                 let resp = match &route.handler {
                     // The handler reads what it needs of the notes before anything is awaited.
                     Some(handler) => match read_body(body, handler.max_body()).await {
-                        Ok(body) => handler.call(Call { parts, body, route_id: &route.id, consumer: who, notes: &notes }).await,
+                        Ok(body) => answered(handler.as_ref(), handler.call(Call { parts, body, route_id: &route.id, consumer: who, notes: &notes })).await,
                         Err(resp) => resp,
                     },
                     None => {
@@ -448,6 +448,14 @@ const MAX_READ_BODY: usize = 8 << 20;
 
 /// Reads a request body for the plugins that check it; too large, or broken off, is an error
 /// response.
+/// A handler's answer, or 504 once its timeout has passed (the work is dropped).
+async fn answered(handler: &dyn crate::handler::Handler, answer: crate::handler::Answer) -> Response<RespBody> {
+    match tokio::time::timeout(handler.timeout(), answer).await {
+        Ok(resp) => resp,
+        Err(_) => failure(ErrorKind::Timeout, Side::Gateway),
+    }
+}
+
 /// The whole request body, refused (413) past `limit` bytes.
 async fn read_body(body: ReqBody, limit: usize) -> Result<Bytes, Response<RespBody>> {
     use http_body_util::BodyExt as _;

@@ -21,6 +21,7 @@ use weir_upstream::health::{self, Checker, Passive, Target};
 use weir_upstream::{DEFAULT_TIMEOUT, Keepalive, NodeRt, Timeouts};
 
 use crate::handler::Handler;
+pub use crate::partition::{Claims, Contributor, Lowered, LoweredRoute};
 use crate::router::{RequestFacts, RouteSpec, Router, find_layered};
 use crate::state::{Changes, ConfigState, Entry};
 
@@ -52,37 +53,6 @@ pub struct Snapshot {
 /// other partition's and from APISIX's.
 pub struct Part {
     router: Router<Arc<RouteRt>>,
-}
-
-/// A source of routes kept apart from APISIX's: the objects under one key prefix (a
-/// partition) are lowered into routes that answer the partition's hosts. A change to a
-/// partition's objects compiles that partition alone.
-pub trait Contributor: Send + Sync {
-    /// The partition `key` belongs to, as the key prefix every object of the partition shares;
-    /// `None` when the key is not this contributor's.
-    fn partition<'k>(&self, key: &'k str) -> Option<&'k str>;
-
-    /// Lowers one partition's objects (key and stored value, in key order, never empty) into
-    /// the hosts it answers and its routes, as APISIX routes with ids unique in the partition.
-    /// Routes may hold their upstream and plugins inline; a route that names an APISIX object
-    /// (`upstream_id`) sees it as every APISIX route does.
-    fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered;
-}
-
-/// What a [`Contributor`] makes of one partition.
-#[derive(Default)]
-pub struct Lowered {
-    pub hosts: Vec<String>,
-    pub routes: Vec<LoweredRoute>,
-}
-
-/// One route of a partition: an APISIX route, ending in `handler` when it has one (then it
-/// needs no upstream).
-pub struct LoweredRoute {
-    /// Unique in the partition.
-    pub id: String,
-    pub route: model::Route,
-    pub handler: Option<Arc<dyn Handler>>,
 }
 
 /// Work a [`Builder`] has done, counted (for tests and the status page).
@@ -516,6 +486,8 @@ pub struct Builder {
     contributors: Vec<Arc<dyn Contributor>>,
     /// Every partition as last compiled, by its key prefix.
     parts: BTreeMap<String, BuiltPart>,
+    /// The `plugin_metadata` the partitions were compiled with: a change recompiles them all.
+    parts_metadata: BTreeMap<String, serde_json::Value>,
     /// The partitions by host, as snapshots carry them.
     hosts: Arc<HashMap<Arc<str>, Arc<Part>>>,
     stats: BuildStats,
@@ -523,48 +495,49 @@ pub struct Builder {
 
 struct BuiltPart {
     hosts: Vec<String>,
+    /// The earliest create revision of its objects: of two partitions claiming one host, the
+    /// older claim keeps it.
+    created: i64,
     part: Arc<Part>,
     /// Its upstream runtimes, kept across its compiles while unchanged.
     upstreams: UpstreamCache<String>,
-}
-
-/// The partition of each key some contributor claims, with the contributor.
-fn partitions_of<'k>(contributors: &[Arc<dyn Contributor>], keys: impl Iterator<Item = &'k str>) -> BTreeMap<String, Arc<dyn Contributor>> {
-    let mut out = BTreeMap::new();
-    for key in keys {
-        for c in contributors {
-            if let Some(prefix) = c.partition(key) {
-                out.entry(prefix.to_string()).or_insert_with(|| c.clone());
-                break;
-            }
-        }
-    }
-    out
+    /// Its plugin instances, kept while their route and config are unchanged, and dropped
+    /// with the partition: no partition shares one with another, or with APISIX's routes.
+    instances: InstanceCache,
 }
 
 /// Compiles one partition from its objects in `state`: `None` when it has none left.
+/// Lookups of APISIX objects (services, upstreams, plugin configs, certificates) find nothing.
 fn compile_part(
     contributor: &dyn Contributor,
     prefix: &str,
     state: &ConfigState,
-    ctx: &mut Ctx<'_>,
-    previous: &UpstreamCache<String>,
+    tools: (&Keyring, &Registry),
+    previous: Option<BuiltPart>,
     stats: &mut BuildStats,
 ) -> Option<BuiltPart> {
-    let objects: Vec<(&str, &[u8])> = state
+    let objects: Vec<(&str, &[u8], i64)> = state
         .extra
         .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
         .take_while(|(k, _)| k.starts_with(prefix))
         .filter(|(k, _)| contributor.partition(k) == Some(prefix))
-        .map(|(k, kv)| (k.as_str(), &kv.value[..]))
+        .map(|(k, kv)| (k.as_str(), &kv.value[..], kv.create_revision))
         .collect();
     if objects.is_empty() {
         return None;
     }
-    let lowered = contributor.lower(prefix, &objects);
+    let created = objects.iter().map(|(_, _, c)| *c).min().unwrap_or_default();
+    let listed: Vec<(&str, &[u8])> = objects.iter().map(|(k, v, _)| (*k, *v)).collect();
     stats.parts += 1;
-    // Ids qualified by the partition, so no two partitions' (or APISIX's) routes share plugin
-    // instances; earlier routes win priority ties.
+    let lowered = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| contributor.lower(prefix, &listed))) {
+        Ok(l) => l,
+        Err(_) => {
+            tracing::error!(partition = %prefix, "lowering the partition panicked; it keeps serving as last compiled");
+            return previous;
+        }
+    };
+    let (mut upstreams, mut instances) = previous.map(|p| (p.upstreams, p.instances)).unwrap_or_default();
+    // Ids qualified by the partition; earlier routes win priority ties.
     let entries: Vec<(String, Entry<model::Route>, Option<Arc<dyn Handler>>)> = lowered
         .routes
         .into_iter()
@@ -573,30 +546,38 @@ fn compile_part(
         .map(|(i, r)| (format!("{prefix}{}", r.id), Entry { created: i as i64, value: r.route, broken: None }, r.handler))
         .collect();
     stats.routes += entries.len() as u64;
+    let isolated = ConfigState { plugin_metadata: state.plugin_metadata.clone(), ..ConfigState::default() };
+    let (keyring, registry) = tools;
+    let mut ctx = Ctx { keyring, ssls: &isolated.ssls, registry, instances: &mut instances, metadata: &isolated.plugin_metadata };
     let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
     let specs: Vec<_> = entries
         .iter()
-        .filter_map(|(id, entry, handler)| route_spec(state, ctx, &mut next, previous, id, entry, handler.clone()))
+        .filter_map(|(id, entry, handler)| route_spec(&isolated, &mut ctx, &mut next, &upstreams, id, entry, handler.clone()))
         .collect();
-    let upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
-    Some(BuiltPart { hosts: lowered.hosts, part: Arc::new(Part { router: Router::new(specs) }), upstreams })
+    ctx.instances.finish();
+    upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
+    Some(BuiltPart { hosts: lowered.hosts, created, part: Arc::new(Part { router: Router::new(specs) }), upstreams, instances })
 }
 
-/// The partitions by host; a host two partitions claim goes to the one whose prefix sorts
-/// first, whichever compiled last.
+/// The partitions by host. Of two partitions claiming one host, the older claim (earliest
+/// created object, then prefix) keeps it, whichever compiled last.
 fn host_index(parts: &BTreeMap<String, BuiltPart>) -> Arc<HashMap<Arc<str>, Arc<Part>>> {
-    let mut index = HashMap::new();
+    let mut owners: HashMap<Arc<str>, (i64, &str, &Arc<Part>)> = HashMap::new();
     for (prefix, built) in parts {
         for host in &built.hosts {
             let host: Arc<str> = host.to_ascii_lowercase().into();
-            if index.contains_key(&host) {
-                tracing::warn!(%host, partition = %prefix, "host is claimed by an earlier partition; not served by this one");
-                continue;
+            let claim = (built.created, prefix.as_str(), &built.part);
+            match owners.get(&host) {
+                Some(held) if (held.0, held.1) <= (claim.0, claim.1) => {
+                    tracing::warn!(%host, partition = %prefix, held_by = %held.1, "host is claimed by an older partition; not served by this one");
+                }
+                _ => {
+                    owners.insert(host, claim);
+                }
             }
-            index.insert(host, built.part.clone());
         }
     }
-    Arc::new(index)
+    Arc::new(owners.into_iter().map(|(host, (_, _, part))| (host, part.clone())).collect())
 }
 
 impl Builder {
@@ -613,6 +594,7 @@ impl Builder {
             delta_ids: Default::default(),
             contributors: Vec::new(),
             parts: BTreeMap::new(),
+            parts_metadata: BTreeMap::new(),
             hosts: Arc::default(),
             stats: BuildStats::default(),
         }
@@ -629,23 +611,33 @@ impl Builder {
         self.stats
     }
 
-    /// Compiles the partitions `keys` belong to (all of them, in a full build), keeping every
-    /// other partition as it is.
-    fn compile_parts<'k>(&mut self, state: &ConfigState, keys: impl Iterator<Item = &'k str>, full: bool) {
-        let claimed = partitions_of(&self.contributors, keys);
-        if claimed.is_empty() && !full {
-            return;
-        }
-        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata };
-        let mut parts = if full { BTreeMap::new() } else { std::mem::take(&mut self.parts) };
-        for (prefix, contributor) in claimed {
-            let previous = self.parts.remove(&prefix).or_else(|| parts.remove(&prefix)).map(|b| b.upstreams).unwrap_or_default();
-            if let Some(built) = compile_part(contributor.as_ref(), &prefix, state, &mut ctx, &previous, &mut self.stats) {
-                parts.insert(prefix, built);
+    /// The keys the state must keep for the partitions.
+    pub fn claims(&self) -> Claims {
+        Claims::new(self.contributors.clone())
+    }
+
+    /// Compiles the partitions `keys` belong to, keeping every other partition as it is; with
+    /// `all`, every partition in `state` and none other.
+    fn compile_parts<'k>(&mut self, state: &ConfigState, keys: impl Iterator<Item = &'k str>, all: bool) {
+        let claims = self.claims();
+        let mut claimed: BTreeMap<&str, &Arc<dyn Contributor>> = BTreeMap::new();
+        for key in keys {
+            if let Some((prefix, c)) = claims.partition(key) {
+                claimed.entry(prefix).or_insert(c);
             }
         }
-        self.parts = parts;
+        if claimed.is_empty() && !all {
+            return;
+        }
+        let mut before = if all { std::mem::take(&mut self.parts) } else { BTreeMap::new() };
+        for (prefix, contributor) in claimed {
+            let previous = before.remove(prefix).or_else(|| self.parts.remove(prefix));
+            if let Some(built) = compile_part(contributor.as_ref(), prefix, state, (&self.keyring, &self.registry), previous, &mut self.stats) {
+                self.parts.insert(prefix.to_string(), built);
+            }
+        }
         self.hosts = host_index(&self.parts);
+        self.parts_metadata = state.plugin_metadata.clone();
     }
 
     /// Server certificates of the enabled `ssls` objects, by SNI. An object that cannot be used
@@ -676,8 +668,20 @@ impl Builder {
         table
     }
 
-    /// Compiles everything: the router over all routes, the SNI table, the checked list.
+    /// Compiles everything: APISIX's routes, every partition, the SNI table, the checked list.
     pub fn build(&mut self, state: &ConfigState) -> Snapshot {
+        self.build_with(state, true)
+    }
+
+    /// Folds the route overlay into a full build of APISIX's routes, keeping the partitions
+    /// as they are (their changes were compiled as they came).
+    pub fn fold(&mut self, state: &ConfigState) -> Snapshot {
+        self.build_with(state, false)
+    }
+
+    /// A full build of APISIX's part; the partitions are compiled anew when `parts` says so or
+    /// `plugin_metadata` changed since they were.
+    fn build_with(&mut self, state: &ConfigState, parts: bool) -> Snapshot {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
         let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
         let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata };
@@ -699,8 +703,10 @@ impl Builder {
         let consumers = consumers(state, &mut ctx);
         self.stats.full += 1;
         self.stats.routes += specs.len() as u64;
-        self.compile_parts(state, state.extra.keys().map(String::as_str), true);
         self.instances.finish();
+        if parts || self.parts_metadata != state.plugin_metadata {
+            self.compile_parts(state, state.extra.keys().map(String::as_str), true);
+        }
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
         let mut checked: Vec<(String, Arc<UpstreamRt>)> = self
             .upstreams
@@ -735,12 +741,11 @@ impl Builder {
     /// partition is compiled alone. Anything else (and a grown overlay) gets a full build.
     pub fn update(&mut self, state: &ConfigState, changes: &Changes) -> Snapshot {
         let Some(last) = self.last.as_ref().map(Snapshot::shallow_clone) else { return self.build(state) };
-        if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY {
-            return self.build(state);
-        }
         if !changes.extra.is_empty() {
             self.compile_parts(state, changes.extra.iter().map(String::as_str), false);
-            self.instances.merge();
+        }
+        if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY {
+            return self.fold(state);
         }
         let snapshot = match &self.published {
             // No APISIX route changed: its routers stay as the last update left them.
@@ -749,7 +754,7 @@ impl Builder {
                 let last = Snapshot { parts: self.hosts.clone(), ..last };
                 match self.routes_overlay(state, changes, last) {
                     Some(s) => s,
-                    None => return self.build(state),
+                    None => return self.fold(state),
                 }
             }
         };
@@ -1126,8 +1131,8 @@ mod tests {
             kvs.push(kv(&format!("/apisix/tenants/t{t}/routes/home"), &route_json(&format!("/home{t}")), t + 1));
         }
         kvs.push(kv("/apisix/routes/r1", &route_json("/apisix*"), 2000));
-        let mut state = ConfigState::from_list("/apisix", &kvs, 2000);
         let mut b = tenant_builder();
+        let mut state = ConfigState::claiming("/apisix", &kvs, 2000, b.claims());
         let first = b.build(&state);
         assert_eq!(b.stats(), BuildStats { full: 1, parts: 1000, routes: 1001 });
         assert_eq!(at(&first, Some("t7.example"), "/home7").as_deref(), Some("/apisix/tenants/t7/routes/home"));
@@ -1173,6 +1178,59 @@ mod tests {
         assert_eq!(b.stats(), BuildStats { full: 1, parts: 1002, routes: 1004 });
         assert_eq!(at(&fourth, Some("t1.example"), "/two").as_deref(), Some("r2"));
         assert!(Arc::ptr_eq(&third.parts["t1.example"], &fourth.parts["t1.example"]));
+
+        // Folding APISIX's overlay into a full build leaves the partitions as they are; a
+        // change to plugin_metadata, which every instance is built with, compiles them all.
+        let folded = b.fold(&state);
+        assert_eq!(b.stats(), BuildStats { full: 2, parts: 1002, routes: 1006 });
+        assert!(Arc::ptr_eq(&fourth.parts["t1.example"], &folded.parts["t1.example"]));
+        let mut changes = Changes::default();
+        state.apply("/apisix", 2004, &[event(weir_store::EventKind::Put, "/apisix/plugin_metadata/http-logger", r#"{"log_format":{"a":"$host"}}"#, 2004)], &mut changes);
+        let _ = b.update(&state, &changes);
+        assert_eq!(b.stats().parts, 1002 + 1000);
+    }
+
+    #[test]
+    fn partitions_reach_no_apisix_object_and_the_older_claim_keeps_a_host() {
+        let mut b = tenant_builder().with_contributor(Arc::new(Claimers));
+        let kvs = [
+            kv("/apisix/upstreams/u1", r#"{"nodes":{"127.0.0.1:1":1}}"#, 1),
+            kv("/apisix/tenants/t1/routes/r", r#"{"uri":"/x","upstream_id":"u1"}"#, 2),
+            // Claims t9.example, and is older than tenant t9 itself.
+            kv("/apisix/claims/z/r", r#"{"host":"t9.example","uri":"/claimed","upstream":{"nodes":{"127.0.0.1:1":1}}}"#, 3),
+            kv("/apisix/tenants/t9/routes/r", &route_json("/own"), 4),
+        ];
+        let state = ConfigState::claiming("/apisix", &kvs, 4, b.claims());
+        let s = b.build(&state);
+        let facts = RequestFacts { method: "GET", host: Some("t1.example"), path: "/x", remote: None, vars: &NoVars };
+        let route = s.find(&facts).expect("the route matches");
+        assert!(route.upstream.is_none(), "a partition's route does not reach APISIX's upstream u1");
+        assert_eq!(at(&s, Some("t9.example"), "/claimed").as_deref(), Some("/apisix/claims/z/r"));
+        assert_eq!(at(&s, Some("t9.example"), "/own"), None, "the younger claim does not take the host");
+    }
+
+    /// `/apisix/claims/{name}/r`: a partition answering whatever host its object names.
+    struct Claimers;
+
+    impl Contributor for Claimers {
+        fn partition<'k>(&self, key: &'k str) -> Option<&'k str> {
+            let rest = key.strip_prefix("/apisix/claims/")?;
+            Some(&key[.."/apisix/claims/".len() + rest.find('/')? + 1])
+        }
+
+        fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
+            let mut lowered = Lowered::default();
+            for (key, value) in objects {
+                let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(value) else { continue };
+                if let Some(host) = v.as_object_mut().and_then(|o| o.remove("host")).and_then(|h| h.as_str().map(str::to_string)) {
+                    lowered.hosts.push(host);
+                }
+                if let Ok(route) = serde_json::from_value(v) {
+                    lowered.routes.push(LoweredRoute { id: key[partition.len()..].to_string(), route, handler: None });
+                }
+            }
+            lowered
+        }
     }
 
     proptest::proptest! {
@@ -1185,8 +1243,8 @@ mod tests {
             ops in proptest::collection::vec((0usize..4, 0usize..3, 0usize..5, proptest::bool::weighted(0.25)), 1..24)
         ) {
             let uris = ["/a", "/a*", "/ab", "/b*", "/"];
-            let mut state = ConfigState::from_list("/apisix", &[], 1);
             let mut b = tenant_builder();
+            let mut state = ConfigState::claiming("/apisix", &[], 1, b.claims());
             let _ = b.build(&state);
             for (step, (owner, id, uri, delete)) in ops.into_iter().enumerate() {
                 let rev = step as i64 + 2;

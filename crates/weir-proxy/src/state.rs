@@ -9,6 +9,8 @@ use weir_core::Resource;
 use weir_core::model::{PluginHolder, Route, Service, Ssl, Upstream};
 use weir_store::{Event, EventKind, KeyValue};
 
+use crate::partition::Claims;
+
 
 #[derive(Default, Clone)]
 pub struct ConfigState {
@@ -29,9 +31,10 @@ pub struct ConfigState {
     pub consumer_groups: BTreeMap<String, PluginHolder>,
     /// By plugin name.
     pub plugin_metadata: BTreeMap<String, serde_json::Value>,
-    /// Objects of kinds the data plane does not compile itself, by store key, as stored: the
-    /// snapshot builder's contributors lower them into partitions.
+    /// Objects some contributor claims, by store key, as stored: the snapshot builder lowers
+    /// them into partitions. Keys nobody claims are not kept.
     pub extra: BTreeMap<String, KeyValue>,
+    pub(crate) claims: Claims,
 }
 
 /// A route and the store revision that created it (older routes win priority ties).
@@ -96,7 +99,12 @@ fn upsert<T>(map: &mut BTreeMap<String, T>, id: String, value: Option<T>) {
 
 impl ConfigState {
     pub fn from_list(prefix: &str, kvs: &[KeyValue], revision: i64) -> ConfigState {
-        let mut state = ConfigState { revision, ..ConfigState::default() };
+        ConfigState::claiming(prefix, kvs, revision, Claims::default())
+    }
+
+    /// A state that also keeps the objects `claims` claims, for the partitions.
+    pub fn claiming(prefix: &str, kvs: &[KeyValue], revision: i64, claims: Claims) -> ConfigState {
+        let mut state = ConfigState { revision, claims, ..ConfigState::default() };
         for kv in kvs {
             state.put(prefix, kv);
         }
@@ -124,7 +132,7 @@ impl ConfigState {
 
     fn put(&mut self, prefix: &str, kv: &KeyValue) -> bool {
         let Some((resource, id)) = Resource::from_key(prefix, &kv.key) else {
-            if !is_object_key(prefix, &kv.key) {
+            if self.claims.partition(&kv.key).is_none() {
                 return false;
             }
             self.extra.insert(kv.key.clone(), kv.clone());
@@ -184,15 +192,6 @@ impl ConfigState {
     }
 }
 
-/// An object's key under the prefix, `{prefix}/{kind}/{...}`, rather than a key of the store's
-/// own bookkeeping (`{prefix}/gen_id`).
-fn is_object_key(prefix: &str, key: &str) -> bool {
-    key.strip_prefix(prefix)
-        .and_then(|rest| rest.strip_prefix('/'))
-        .and_then(|rest| rest.split_once('/'))
-        .is_some_and(|(kind, id)| !kind.is_empty() && !id.is_empty())
-}
-
 /// What a batch of store events changed, for [`crate::snapshot::Builder::update`].
 #[derive(Default, Debug)]
 pub struct Changes {
@@ -200,7 +199,7 @@ pub struct Changes {
     pub routes: Vec<String>,
     /// Whether any other APISIX object changed (services, upstreams, ssls).
     pub other: bool,
-    /// Keys of [`ConfigState::extra`] objects put or deleted.
+    /// Keys of claimed objects ([`ConfigState::extra`]) put or deleted.
     pub extra: Vec<String>,
 }
 

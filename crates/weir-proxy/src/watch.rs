@@ -77,7 +77,7 @@ pub async fn follow(
                 continue;
             }
         };
-        let mut state = ConfigState::from_list(&prefix, &kvs, revision);
+        let mut state = ConfigState::claiming(&prefix, &kvs, revision, builder.claims());
         target.store(Arc::new(builder.build(&state)));
         status.heard(revision);
         status.loaded.store(true, Ordering::Relaxed);
@@ -100,7 +100,7 @@ pub async fn follow(
                 match tokio::time::timeout(FOLD_AFTER, events.recv()).await {
                     Ok(m) => m,
                     Err(_) => {
-                        target.store(Arc::new(builder.build(&state)));
+                        target.store(Arc::new(builder.fold(&state)));
                         continue;
                     }
                 }

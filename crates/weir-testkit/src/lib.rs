@@ -69,7 +69,7 @@ impl Gateway {
         for c in contributors {
             builder = builder.with_contributor(c);
         }
-        let state = ConfigState::default();
+        let state = ConfigState::claiming(PREFIX, &[], 0, builder.claims());
         let snapshot = Arc::new(ArcSwap::from_pointee(builder.build(&state)));
         let proxy = Proxy::new(snapshot.clone());
         let conn = ConnInfo::new(([127, 0, 0, 1], 40000).into(), ([127, 0, 0, 1], 9080).into(), "http");

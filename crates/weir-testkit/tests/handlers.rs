@@ -169,3 +169,26 @@ async fn blocking_work_runs_off_the_proxy_thread_which_keeps_serving() {
     assert_eq!(thread, "weir-offload-0");
     assert_ne!(Some(thread.as_str()), std::thread::current().name());
 }
+
+/// Never answers.
+struct Stuck;
+
+impl Handler for Stuck {
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    fn call(&self, _call: Call<'_>) -> Answer {
+        Box::pin(std::future::pending())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handler_that_does_not_answer_in_time_is_answered_504() {
+    let mut gw = Gateway::with_contributors(vec![Arc::new(Apps { handlers: vec![("stuck", Arc::new(Stuck))] })]);
+    gw.put("apps/slow/x", json!({"uri": "/x", "handler": "stuck"}));
+    let started = tokio::time::Instant::now();
+    let a = gw.get("/x", &[("host", "slow.example")]).await;
+    assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT, "{}", a.body);
+    assert_eq!(started.elapsed(), Duration::from_secs(5));
+}
