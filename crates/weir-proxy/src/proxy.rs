@@ -52,9 +52,16 @@ enum Side {
 /// is counted. A route the data plane could not apply as stored is `Unavailable` (closed, not
 /// served without its plugins; the reason was logged when the snapshot was built).
 fn failure(kind: ErrorKind, side: Side) -> Response<RespBody> {
+    failure_saying(kind, side, None)
+}
+
+/// [`failure`], with a body of its own (`{"error_msg": ...}`) instead of the kind's.
+fn failure_saying(kind: ErrorKind, side: Side, body: Option<&'static str>) -> Response<RespBody> {
     weir_telemetry::COUNTERS.error(kind);
-    let (status, body) = match (kind, side) {
+    let (status, default) = match (kind, side) {
         (ErrorKind::Timeout, Side::Client) => (StatusCode::REQUEST_TIMEOUT, r#"{"error_msg":"408 Request Timeout"}"#),
+        // A client's body over the size it may have.
+        (ErrorKind::Quota, Side::Client) => (StatusCode::PAYLOAD_TOO_LARGE, r#"{"error_msg":"413 Request Entity Too Large"}"#),
         (ErrorKind::BadInput, _) => (StatusCode::BAD_REQUEST, r#"{"error_msg":"400 Bad Request"}"#),
         (ErrorKind::NotFound, _) => (StatusCode::NOT_FOUND, r#"{"error_msg":"404 Route Not Found"}"#),
         (ErrorKind::Conflict, _) => (StatusCode::CONFLICT, r#"{"error_msg":"409 Conflict"}"#),
@@ -63,10 +70,10 @@ fn failure(kind: ErrorKind, side: Side) -> Response<RespBody> {
         }
         (ErrorKind::Timeout, Side::Gateway) => (StatusCode::GATEWAY_TIMEOUT, r#"{"error_msg":"504 Gateway Timeout"}"#),
         (ErrorKind::Upstream, _) => (StatusCode::BAD_GATEWAY, r#"{"error_msg":"502 Bad Gateway"}"#),
-        (ErrorKind::Quota, _) => (StatusCode::TOO_MANY_REQUESTS, r#"{"error_msg":"429 Too Many Requests"}"#),
+        (ErrorKind::Quota, Side::Gateway) => (StatusCode::TOO_MANY_REQUESTS, r#"{"error_msg":"429 Too Many Requests"}"#),
         (ErrorKind::Internal, _) => (StatusCode::INTERNAL_SERVER_ERROR, r#"{"error_msg":"500 Internal Server Error"}"#),
     };
-    error_response(status, body)
+    error_response(status, body.unwrap_or(default))
 }
 
 /// `uri` with its path replaced, its query and any scheme and authority kept.
@@ -395,10 +402,7 @@ impl Proxy {
         served: Option<&mut Served>,
     ) -> Response<RespBody> {
         let Some(upstream) = upstream else {
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                r#"{"error_msg":"missing upstream configuration in Route or Service"}"#,
-            );
+            return failure_saying(ErrorKind::Unavailable, Side::Gateway, Some(r#"{"error_msg":"missing upstream configuration in Route or Service"}"#));
         };
         let hash = upstream.hash_on.as_ref().map_or(0, |on| {
             let raw_host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| parts.uri.host());
@@ -461,10 +465,9 @@ async fn read_body(body: ReqBody, limit: usize) -> Result<Bytes, Response<RespBo
     use http_body_util::BodyExt as _;
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(error_response(StatusCode::PAYLOAD_TOO_LARGE, r#"{"error_msg":"413 Request Entity Too Large"}"#))
-        }
-        Err(_) => Err(error_response(StatusCode::BAD_REQUEST, r#"{"error_msg":"failed to read request body"}"#)),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(failure(ErrorKind::Quota, Side::Client)),
+        Err(e) if e.is::<weir_http::body::BodyTimeout>() => Err(failure(ErrorKind::Timeout, Side::Client)),
+        Err(_) => Err(failure_saying(ErrorKind::BadInput, Side::Client, Some(r#"{"error_msg":"failed to read request body"}"#))),
     }
 }
 

@@ -25,3 +25,15 @@ async fn failures_are_answered_and_counted_by_kind() {
     assert!(COUNTERS.errors(ErrorKind::Upstream) > upstream);
     assert!(COUNTERS.errors(ErrorKind::Unavailable) > unavailable);
 }
+
+#[tokio::test]
+async fn a_body_past_a_handlers_bound_is_a_client_quota_answered_413() {
+    use std::sync::Arc;
+    let mut gw = Gateway::with_contributors(vec![Arc::new(weir_testkit::Apps { handlers: vec![("ok", Arc::new(weir_testkit::Ok200))] })]);
+    gw.put("apps/up/load", json!({"uri": "/load", "handler": "ok"}));
+    let quota = COUNTERS.errors(ErrorKind::Quota);
+    let body = bytes::Bytes::from(vec![b'x'; weir_proxy::handler::DEFAULT_MAX_BODY + 1]);
+    let a = gw.send(http::Request::post("/load").header("host", "up.example").body(body).unwrap()).await;
+    assert_eq!((a.status, a.json()), (StatusCode::PAYLOAD_TOO_LARGE, json!({"error_msg": "413 Request Entity Too Large"})));
+    assert!(COUNTERS.errors(ErrorKind::Quota) > quota);
+}
