@@ -585,13 +585,24 @@ fn main() -> anyhow::Result<()> {
         );
         let plug = format!("http://127.0.0.1:{}/plug/items", small.port);
         p_runs.push(wrk_url(&args, &plug, Some(small_pid), &["apikey: bench-key"])?);
+        eprintln!("round {round}: weir with plugins {:.0} req/s ({} us)", p_runs[round - 1].rps, cpu(&p_runs[round - 1]));
         if let Some((bs, bl)) = &baseline {
             bs_runs.push(wrk(&args, bs.port, target, Some(bs.proc.0.id()))?);
             bl_runs.push(wrk(&args, bl.port, target, Some(bl.proc.0.id()))?);
             let plug = format!("http://127.0.0.1:{}/plug/items", bs.port);
             bp_runs.push(wrk_url(&args, &plug, Some(bs.proc.0.id()), &["apikey: bench-key"])?);
             let (b, bl) = (&bs_runs[round - 1], &bl_runs[round - 1]);
-            eprintln!("round {round}: baseline {:.0} req/s ({} us), baseline with {} routes {:.0} req/s ({} us)", b.rps, cpu(b), args.routes, bl.rps, cpu(bl));
+            let bp = &bp_runs[round - 1];
+            eprintln!(
+                "round {round}: baseline {:.0} req/s ({} us), baseline with {} routes {:.0} req/s ({} us), baseline with plugins {:.0} req/s ({} us)",
+                b.rps,
+                cpu(b),
+                args.routes,
+                bl.rps,
+                cpu(bl),
+                bp.rps,
+                cpu(bp)
+            );
         }
         nt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{NGINX_TLS_PORT}{target}"), Some(nginx_pid), &[])?);
         wt_runs.push(wrk_url(&args, &format!("https://127.0.0.1:{small_tls}{target}"), Some(small_pid), &[])?);
