@@ -414,9 +414,8 @@ async fn check_object(
     // References: every missing one is reported with the others.
     let mut references = Vec::new();
     if errors.is_empty() {
-        let as_value = Value::Object(obj);
         for r in kind.references() {
-            let Some(ref_id) = r.id_in(&as_value) else { continue };
+            let Some(ref_id) = r.id_in(&obj) else { continue };
             let Some(target) = admin.kinds.get(r.kind).filter(|k| k.parent().is_none()) else { continue };
             let key = target.key(&admin.prefix, None, &ref_id);
             let what = r.what;
@@ -431,8 +430,6 @@ async fn check_object(
                 Err(e) => return Err(reply::store_down(e)),
             }
         }
-        let Value::Object(o) = as_value else { unreachable!("put back what was taken") };
-        obj = o;
         if let Some((holder, owner)) = t.parent {
             let key = holder.key(&admin.prefix, None, owner);
             match admin.store.get(&key).await {
@@ -663,7 +660,7 @@ async fn still_referenced(admin: &Admin, kind: &Registered, id: &str) -> Result<
                 continue;
             }
             let Ok(v) = serde_json::from_slice::<Value>(&kv.value) else { continue };
-            if r.id_in(&v).as_deref() == Some(id) {
+            if v.as_object().and_then(|o| r.id_in(o)).as_deref() == Some(id) {
                 let user_id = &kv.key[dir.len()..];
                 let lead = r.holds.unwrap_or_default();
                 return Ok(Some(format!("{lead} [{user_id}] is still using it now")));

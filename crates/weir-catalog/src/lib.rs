@@ -49,10 +49,11 @@ pub struct Reference {
 }
 
 impl Reference {
-    /// The id this reference names in `value`, if any.
-    pub fn id_in(&self, value: &Value) -> Option<String> {
-        let mut at = value;
-        for field in self.path {
+    /// The id this reference names in `obj`, if any.
+    pub fn id_in(&self, obj: &Map<String, Value>) -> Option<String> {
+        let (first, rest) = self.path.split_first()?;
+        let mut at = obj.get(*first)?;
+        for field in rest {
             at = at.get(*field)?;
         }
         weir_core::model::id_text(at)

@@ -546,9 +546,9 @@ fn compile_part(
         .map(|(i, r)| (format!("{prefix}{}", r.id), Entry { created: i as i64, value: r.route, broken: None }, r.handler))
         .collect();
     stats.routes += entries.len() as u64;
-    let isolated = ConfigState { plugin_metadata: state.plugin_metadata.clone(), ..ConfigState::default() };
+    let isolated = ConfigState::default();
     let (keyring, registry) = tools;
-    let mut ctx = Ctx { keyring, ssls: &isolated.ssls, registry, instances: &mut instances, metadata: &isolated.plugin_metadata };
+    let mut ctx = Ctx { keyring, ssls: &isolated.ssls, registry, instances: &mut instances, metadata: &state.plugin_metadata };
     let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
     let specs: Vec<_> = entries
         .iter()
