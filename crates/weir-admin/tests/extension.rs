@@ -11,7 +11,7 @@ use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
 use weir_admin::{Admin, AdminKey, Role};
 use weir_catalog::{Catalog, Kind, Reference};
-use weir_plugins::{Factory, Plugin, Reply, RequestCtx};
+use weir_plugins::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 const KEY: &str = "extension-test-key";
 
@@ -24,22 +24,21 @@ impl Plugin for Greeter {
     }
 }
 
+/// A plugin of this test's own, configured by its own type.
+#[derive(serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct GreeterConfig {
+    #[schemars(length(min = 1))]
+    greeting: String,
+}
+
 fn greeter() -> Factory {
-    Factory {
-        name: "x-greeter",
-        priority: 500,
-        schema: json!({"type": "object", "properties": {"greeting": {"type": "string", "minLength": 1}},
-            "required": ["greeting"], "additionalProperties": false}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let greeting = conf.get("greeting").and_then(Value::as_str).ok_or("greeting is required")?;
-            if greeting.contains('<') {
-                return Err("a greeting is plain text".into());
-            }
-            Ok(Arc::new(Greeter(greeting.to_string())))
-        },
-    }
+    Factory::new("x-greeter", 500, |c: GreeterConfig, _| {
+        if c.greeting.contains('<') {
+            return Err("a greeting is plain text".into());
+        }
+        Ok(Arc::new(Greeter(c.greeting)))
+    })
 }
 
 async fn call(admin: &Admin, method: &str, path: &str, body: Option<Value>) -> (StatusCode, Value) {

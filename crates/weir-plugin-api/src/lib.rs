@@ -10,6 +10,7 @@
 //! plugin's `header_filter`. A phase may answer the request itself with a [`Reply`].
 
 
+mod config;
 mod layers;
 mod vars;
 
@@ -26,7 +27,9 @@ use serde_json::{Value, json};
 use weir_core::expr::Expr;
 use weir_core::schema::PluginCatalog;
 
+pub use config::{Build, Factory, LegacyFactory, parse, schema_of};
 pub use layers::{Layers, Scope};
+pub use schemars::{self, JsonSchema};
 pub use vars::RequestVars;
 
 /// An answer a plugin gives instead of proxying: a status, an optional JSON body, headers.
@@ -80,7 +83,7 @@ impl Consumers {
         let consumer = Arc::new(Consumer { username: username.to_string(), credential_id: credential_id.map(str::to_string) });
         for (name, conf) in plugins {
             let Some(f) = registry.factory(name) else { continue };
-            let Some(prepare) = f.credential else { continue };
+            let Some(prepare) = &f.credential else { continue };
             // A sealed key that cannot be opened leaves the credential out: its sealed text
             // must never work as the key.
             let conf = match registry.opened(conf) {
@@ -370,23 +373,6 @@ impl Ran {
     }
 }
 
-/// How a plugin is known to a [`Registry`]: its name, default priority, schemas and builder.
-pub struct Factory {
-    pub name: &'static str,
-    pub priority: i64,
-    pub schema: Value,
-    pub consumer_schema: Option<Value>,
-    /// Builds an instance; `scope` names what the instance's state belongs to (the route, or a
-    /// `group`), so state survives snapshots as long as scope and config do.
-    pub build: fn(&Value, &str) -> Result<Arc<dyn Plugin>, String>,
-    /// For an auth plugin: turns a consumer's config into the id callers are looked up by and
-    /// what checking them needs. Also run at write time, so a bad key is refused there.
-    pub credential: Option<Prepare>,
-}
-
-/// An auth plugin's credential preparation (see [`Factory::credential`]).
-pub type Prepare = fn(&Value) -> Result<(String, Arc<dyn Any + Send + Sync>), String>;
-
 /// Opens the sealed fields of a plugin config read from the store: `Ok(None)` when nothing in
 /// it is sealed.
 pub type SecretOpener = Arc<dyn Fn(&Value) -> Result<Option<Value>, String> + Send + Sync>;
@@ -397,15 +383,6 @@ pub struct Registry {
     attrs: HashMap<String, Value>,
     /// Set by the data plane: configs reach builders and credentials in the clear.
     secrets: Option<SecretOpener>,
-}
-
-fn meta_schema() -> Value {
-    json!({"type": "object", "properties": {
-        "disable": {"type": "boolean"},
-        "priority": {"type": "integer"},
-        "filter": {"type": "array"},
-        "error_response": {"type": ["string", "object"]}
-    }})
 }
 
 impl Registry {
@@ -465,41 +442,46 @@ impl Registry {
         let mut out = Vec::new();
         for (name, conf) in plugins {
             let Some(f) = self.factory(name) else { return Err(format!("unknown plugin [{name}]")) };
-            let meta = conf.get("_meta");
-            if meta.and_then(|m| m.get("disable")).and_then(Value::as_bool) == Some(true) {
+            let meta: config::Meta = match conf.get("_meta") {
+                Some(m) => config::parse(m).map_err(|e| format!("plugin {name}: _meta: {e}"))?,
+                None => config::Meta::default(),
+            };
+            if meta.disable == Some(true) {
                 continue;
             }
-            let filter = match meta.and_then(|m| m.get("filter")) {
-                Some(f) => Some(Expr::compile(f).map_err(|e| format!("plugin {name}: _meta.filter: {e}"))?),
+            let filter = match &meta.filter {
+                Some(f) => Some(Expr::compile(&Value::Array(f.clone())).map_err(|e| format!("plugin {name}: _meta.filter: {e}"))?),
                 None => None,
             };
             let mut plain = self.opened(conf).map_err(|e| format!("plugin {name}: {e}"))?.into_owned();
             if let Some(o) = plain.as_object_mut() {
                 o.remove("_meta");
-                if let Some(m) = metadata.get(f.name) {
-                    o.insert("_metadata".into(), m.clone());
-                }
-                if let Some(a) = self.attrs.get(f.name) {
-                    o.insert("_attr".into(), a.clone());
-                }
             }
+            let b = Build { scope, metadata: metadata.get(f.name), attr: self.attrs.get(f.name) };
             // A `group` makes every route naming it share one instance (and its state).
             let scope = match plain.get("group").and_then(Value::as_str) {
                 Some(g) => format!("group:{g}"),
                 None => scope.to_string(),
             };
-            let key = (scope, f.name, plain.to_string());
+            // The instance depends on its config, its plugin's metadata and the process's
+            // settings for it: a change to any of them builds a new one.
+            let mut text = plain.to_string();
+            for extra in [b.metadata, b.attr].into_iter().flatten() {
+                text.push('\0');
+                text.push_str(&extra.to_string());
+            }
+            let key = (scope, f.name, text);
             let plugin = match cache.next.get(&key).cloned().or_else(|| cache.previous.remove(&key)) {
                 Some(p) => p,
-                None => (f.build)(&plain, &key.0).map_err(|e| format!("plugin {name}: {e}"))?,
+                None => (f.build)(&plain, &Build { scope: &key.0, ..b }).map_err(|e| format!("plugin {name}: {e}"))?,
             };
             cache.next.insert(key, plugin.clone());
             out.push(Instance {
                 name: f.name,
-                priority: meta.and_then(|m| m.get("priority")).and_then(Value::as_i64).unwrap_or(f.priority),
+                priority: meta.priority.unwrap_or(f.priority),
                 plugin,
                 filter,
-                error_response: meta.and_then(|m| m.get("error_response")).cloned(),
+                error_response: meta.error_response.map(config::ErrorResponse::into_value),
             });
         }
         Pipeline::new(out)
@@ -541,18 +523,18 @@ impl PluginCatalog for Registry {
     }
 
     fn meta_schema(&self) -> Value {
-        meta_schema()
+        schema_of::<config::Meta>()
     }
 
     fn check_config(&self, name: &str, conf: &Value) -> Result<(), String> {
         match self.factory(name) {
-            Some(f) => (f.build)(conf, "check").map(drop),
+            Some(f) => (f.build)(conf, &Build { scope: config::CHECK, metadata: None, attr: None }).map(drop),
             None => Err(format!("unknown plugin [{name}]")),
         }
     }
 
     fn check_consumer_config(&self, name: &str, conf: &Value) -> Result<(), String> {
-        match self.factory(name).and_then(|f| f.credential) {
+        match self.factory(name).and_then(|f| f.credential.as_ref()) {
             Some(prepare) => prepare(conf).map(drop),
             None => Ok(()),
         }

@@ -12,11 +12,11 @@ use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{Factory, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     let statuses = |default: Value| json!({"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 200, "maximum": 599}, "default": default});
-    Factory {
+    LegacyFactory {
         name: "api-breaker",
         priority: 1005,
         schema: json!({"type": "object", "properties": {
@@ -51,6 +51,7 @@ pub(crate) fn factory() -> Factory {
             Ok(Arc::new(ApiBreaker { config: c, headers, state: Mutex::new(State::default()) }))
         },
     }
+    .into()
 }
 
 #[derive(Deserialize)]

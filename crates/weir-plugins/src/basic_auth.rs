@@ -8,10 +8,10 @@ use http::header::{self, HeaderValue};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq as _;
 
-use crate::{Factory, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "basic-auth",
         priority: 2520,
         schema: json!({"type": "object", "properties": {
@@ -31,6 +31,7 @@ pub(crate) fn factory() -> Factory {
             Ok((text("username")?.to_string(), Arc::new(Password(text("password")?.to_string()))))
         }),
     }
+    .into()
 }
 
 struct Password(String);

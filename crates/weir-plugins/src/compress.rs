@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use serde_json::{Value, json};
 
-use crate::{BodyTransform, Factory, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
+use crate::{LegacyFactory, BodyTransform, Factory, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
 
 fn schema(level: Value) -> Value {
     json!({"type": "object", "properties": {
@@ -28,7 +28,7 @@ fn schema(level: Value) -> Value {
 }
 
 pub(crate) fn gzip_factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "gzip",
         priority: 995,
         schema: schema(json!({"type": "integer", "minimum": 1, "maximum": 9, "default": 1})),
@@ -36,10 +36,11 @@ pub(crate) fn gzip_factory() -> Factory {
         credential: None,
         build: |conf, _| Ok(Arc::new(Compress::new(conf, Codec::Gzip, 1))),
     }
+    .into()
 }
 
 pub(crate) fn brotli_factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "brotli",
         priority: 996,
         schema: schema(json!({"type": "integer", "minimum": 0, "maximum": 11, "default": 6})),
@@ -47,6 +48,7 @@ pub(crate) fn brotli_factory() -> Factory {
         credential: None,
         build: |conf, _| Ok(Arc::new(Compress::new(conf, Codec::Brotli, 6))),
     }
+    .into()
 }
 
 #[derive(Clone, Copy, PartialEq)]

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     let names = json!({"type": "array", "minItems": 1, "items": {"type": "string"}});
-    Factory {
+    LegacyFactory {
         name: "consumer-restriction",
         priority: 2400,
         schema: json!({"type": "object", "properties": {
@@ -32,6 +32,7 @@ pub(crate) fn factory() -> Factory {
             Ok(Arc::new(c))
         },
     }
+    .into()
 }
 
 #[derive(Deserialize)]

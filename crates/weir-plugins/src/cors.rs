@@ -8,10 +8,10 @@ use http::header::{HeaderName, HeaderValue};
 use regex::Regex;
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "cors",
         priority: 4000,
         schema: json!({"type": "object", "properties": {
@@ -27,6 +27,7 @@ pub(crate) fn factory() -> Factory {
         credential: None,
         build: |conf, _| build(conf).map(|c| Arc::new(c) as Arc<dyn Plugin>),
     }
+    .into()
 }
 
 struct Cors {

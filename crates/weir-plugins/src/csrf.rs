@@ -10,10 +10,10 @@ use http::header::{HeaderName, HeaderValue, SET_COOKIE};
 use ring::hmac;
 use serde_json::{Value, json};
 
-use crate::{Factory, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
+use crate::{LegacyFactory, Factory, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "csrf",
         priority: 2980,
         schema: json!({"type": "object", "properties": {
@@ -34,6 +34,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct Csrf {

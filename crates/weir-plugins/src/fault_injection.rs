@@ -7,11 +7,11 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use weir_core::expr::Expr;
 
-use crate::{Factory, Pending, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Pending, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     let vars = json!({"type": "array", "items": {"type": "array"}});
-    Factory {
+    LegacyFactory {
         name: "fault-injection",
         priority: 11000,
         schema: json!({"type": "object", "properties": {
@@ -32,6 +32,7 @@ pub(crate) fn factory() -> Factory {
         credential: None,
         build: |conf, _| Ok(Arc::new(build(conf)?)),
     }
+    .into()
 }
 
 struct When {

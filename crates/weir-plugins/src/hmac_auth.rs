@@ -11,12 +11,12 @@ use base64::Engine as _;
 use ring::{digest, hmac};
 use serde_json::{Value, json};
 
-use crate::{Factory, Phases, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
+use crate::{LegacyFactory, Factory, Phases, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 const ALGORITHMS: [&str; 3] = ["hmac-sha1", "hmac-sha256", "hmac-sha512"];
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "hmac-auth",
         priority: 2530,
         schema: json!({"type": "object", "properties": {
@@ -46,6 +46,7 @@ pub(crate) fn factory() -> Factory {
             Ok((text("key_id")?.to_string(), Arc::new(Secret(text("secret_key")?.as_bytes().to_vec()))))
         }),
     }
+    .into()
 }
 
 struct Secret(Vec<u8>);

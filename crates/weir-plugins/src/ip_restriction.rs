@@ -6,11 +6,11 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     let list = json!({"type": "array", "minItems": 1, "items": {"type": "string"}});
-    Factory {
+    LegacyFactory {
         name: "ip-restriction",
         priority: 3000,
         schema: json!({"type": "object", "properties": {
@@ -42,6 +42,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct IpRestriction {

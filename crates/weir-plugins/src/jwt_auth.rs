@@ -10,12 +10,12 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 const ALGORITHMS: [&str; 12] = ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384", "PS512", "EdDSA"];
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "jwt-auth",
         priority: 2510,
         schema: json!({"type": "object", "properties": {
@@ -47,6 +47,7 @@ pub(crate) fn factory() -> Factory {
             Ok((key, Arc::new(c.verifier()?)))
         }),
     }
+    .into()
 }
 
 #[derive(Deserialize)]

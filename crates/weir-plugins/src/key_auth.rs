@@ -5,49 +5,50 @@ use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
-use serde_json::json;
 
-use crate::{Factory, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
-        name: "key-auth",
-        priority: 2500,
-        schema: json!({"type": "object", "properties": {
-            "header": {"type": "string", "default": "apikey"},
-            "query": {"type": "string", "default": "apikey"},
-            "realm": {"type": "string", "default": "key"},
-            "hide_credentials": {"type": "boolean", "default": false},
-            "anonymous_consumer": {"type": "string", "minLength": 1}
-        }}),
-        // `encrypt_fields`, as APISIX: sealed at rest by the Admin API.
-        consumer_schema: Some(json!({"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"], "encrypt_fields": ["key"]})),
-        credential: Some(|conf| {
-            let key = conf.get("key").and_then(serde_json::Value::as_str).ok_or("key is required")?;
-            Ok((key.to_string(), Arc::new(())))
-        }),
-        build: |conf, _| {
-            let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            let header = HeaderName::from_bytes(c.header.as_bytes()).map_err(|e| format!("header: {e}"))?;
-            let challenge = HeaderValue::from_str(&format!("apikey realm=\"{}\"", c.realm)).map_err(|e| format!("realm: {e}"))?;
-            Ok(Arc::new(KeyAuth { header, query: c.query, hide: c.hide_credentials, challenge }))
-        },
-    }
+    Factory::new("key-auth", 2500, |c: Config, _| {
+        let header = HeaderName::from_bytes(c.header.as_bytes()).map_err(|e| format!("header: {e}"))?;
+        let challenge = HeaderValue::from_str(&format!("apikey realm=\"{}\"", c.realm)).map_err(|e| format!("realm: {e}"))?;
+        Ok(Arc::new(KeyAuth { header, query: c.query, hide: c.hide_credentials, challenge }))
+    })
+    .with_credential(|c: Credential| Ok((c.key, Arc::new(()))))
 }
 
-#[derive(Deserialize)]
-#[serde(default)]
+#[derive(Deserialize, JsonSchema)]
 struct Config {
+    /// The request header the key is read from.
+    #[serde(default = "apikey")]
     header: String,
+    /// The query argument the key is read from when the header is absent.
+    #[serde(default = "apikey")]
     query: String,
+    /// The realm named in `WWW-Authenticate` when the key is refused.
+    #[serde(default = "realm")]
     realm: String,
+    /// Remove the key from the request before it goes upstream.
+    #[serde(default)]
     hide_credentials: bool,
+    #[schemars(length(min = 1))]
+    #[allow(dead_code)]
+    anonymous_consumer: Option<String>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config { header: "apikey".into(), query: "apikey".into(), realm: "key".into(), hide_credentials: false }
-    }
+fn apikey() -> String {
+    "apikey".into()
+}
+
+fn realm() -> String {
+    "key".into()
+}
+
+/// A consumer's key; sealed at rest by the Admin API (APISIX's `encrypt_fields`).
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("encrypt_fields" = ["key"]))]
+struct Credential {
+    key: String,
 }
 
 struct KeyAuth {

@@ -8,10 +8,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Factory, LogRecord, Notes, Pending, Phases, Plugin, Reply, RequestCtx, limit_key};
+use crate::{LegacyFactory, Factory, LogRecord, Notes, Pending, Phases, Plugin, Reply, RequestCtx, limit_key};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "limit-conn",
         priority: 1003,
         schema: json!({"type": "object", "properties": {
@@ -33,6 +33,7 @@ pub(crate) fn factory() -> Factory {
             Ok(Arc::new(LimitConn { config: c, counts: Arc::new(Mutex::new(HashMap::new())) }))
         },
     }
+    .into()
 }
 
 #[derive(Deserialize)]

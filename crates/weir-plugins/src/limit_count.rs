@@ -12,10 +12,10 @@ use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Factory, Pending, Plugin, Reply, RequestCtx, limit_key};
+use crate::{LegacyFactory, Factory, Pending, Plugin, Reply, RequestCtx, limit_key};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "limit-count",
         priority: 1002,
         schema: json!({"type": "object", "properties": {
@@ -51,6 +51,7 @@ pub(crate) fn factory() -> Factory {
             Ok(Arc::new(LimitCount::new(c, redis)))
         },
     }
+    .into()
 }
 
 #[derive(Deserialize)]

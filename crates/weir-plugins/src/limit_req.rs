@@ -10,10 +10,10 @@ use tokio::time::Instant;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::{Factory, Pending, Plugin, Reply, RequestCtx, limit_key};
+use crate::{LegacyFactory, Factory, Pending, Plugin, Reply, RequestCtx, limit_key};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "limit-req",
         priority: 1001,
         schema: json!({"type": "object", "properties": {
@@ -34,6 +34,7 @@ pub(crate) fn factory() -> Factory {
             Ok(Arc::new(LimitReq { config: c, buckets: Mutex::new(HashMap::new()) }))
         },
     }
+    .into()
 }
 
 #[derive(Deserialize)]

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use serde_json::{Value, json};
 
-use crate::{Factory, LogRecord, Notes, Phases, Plugin};
+use crate::{LegacyFactory, Factory, LogRecord, Notes, Phases, Plugin};
 
 /// Entries waiting for a writer, per logger.
 pub(crate) const QUEUE: usize = 10_000;
@@ -127,7 +127,7 @@ impl Queue {
 }
 
 pub(crate) fn file_factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "file-logger",
         priority: 399,
         schema: json!({"type": "object", "properties": {
@@ -152,6 +152,7 @@ pub(crate) fn file_factory() -> Factory {
             Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what: path }), format: Format::of(conf) }))
         },
     }
+    .into()
 }
 
 fn write_lines(file: std::fs::File, rx: Receiver<Value>) {
@@ -190,7 +191,7 @@ impl Plugin for Logger {
 }
 
 pub(crate) fn http_factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "http-logger",
         priority: 410,
         schema: json!({"type": "object", "properties": {
@@ -225,6 +226,7 @@ pub(crate) fn http_factory() -> Factory {
             Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what }), format: Format::of(conf) }))
         },
     }
+    .into()
 }
 
 /// Where and how an `http-logger` (or the span exporter) sends its batches.

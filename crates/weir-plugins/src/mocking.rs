@@ -7,10 +7,10 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use serde_json::{Value, json};
 
-use crate::{Factory, Pending, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Pending, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "mocking",
         priority: 10900,
         schema: json!({"type": "object", "properties": {
@@ -47,6 +47,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct Mocking {

@@ -11,11 +11,11 @@ use http::header::{HeaderName, HeaderValue};
 use serde_json::{Value, json};
 
 use crate::loggers::{HttpTarget, Queue, send_batches};
-use crate::{Factory, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     let sampler_name = json!({"type": "string", "enum": ["always_on", "always_off", "trace_id_ratio", "parent_base"], "default": "always_off"});
-    Factory {
+    LegacyFactory {
         name: "opentelemetry",
         priority: 12009,
         schema: json!({"type": "object", "properties": {
@@ -48,6 +48,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 /// The process's one span exporter, made by the first instance from `plugin_attr`.

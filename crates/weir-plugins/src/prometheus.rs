@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::{Factory, LogRecord, Notes, Phases, Plugin};
+use crate::{LegacyFactory, Factory, LogRecord, Notes, Phases, Plugin};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "prometheus",
         priority: 500,
         schema: json!({"type": "object", "properties": {
@@ -29,6 +29,7 @@ pub(crate) fn factory() -> Factory {
             Ok(Arc::new(Prometheus { prefer_name }))
         },
     }
+    .into()
 }
 
 struct Prometheus {

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use http_body_util::Full;
 use serde_json::{Value, json};
 
-use crate::{Factory, Phases, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Phases, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "proxy-mirror",
         priority: 1010,
         schema: json!({"type": "object", "properties": {
@@ -31,6 +31,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct Mirror {

@@ -8,12 +8,12 @@ use http::header::{HeaderName, HeaderValue};
 use regex::Regex;
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     let header_map = json!({"type": "object", "minProperties": 1,
         "patternProperties": {"^[^:]+$": {"oneOf": [{"type": "string"}, {"type": "number"}]}}});
-    Factory {
+    LegacyFactory {
         name: "proxy-rewrite",
         priority: 1008,
         schema: json!({"type": "object", "properties": {
@@ -33,6 +33,7 @@ pub(crate) fn factory() -> Factory {
         credential: None,
         build: |conf, _| build(conf).map(|p| Arc::new(p) as Arc<dyn Plugin>),
     }
+    .into()
 }
 
 struct ProxyRewrite {

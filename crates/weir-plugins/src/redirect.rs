@@ -7,10 +7,10 @@ use http::header::{HeaderValue, LOCATION};
 use regex::Regex;
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "redirect",
         priority: 900,
         schema: json!({"type": "object", "properties": {
@@ -25,6 +25,7 @@ pub(crate) fn factory() -> Factory {
         credential: None,
         build: |conf, _| Ok(Arc::new(build(conf)?)),
     }
+    .into()
 }
 
 struct Redirect {

@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     let hosts = json!({"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^\\*?[0-9a-zA-Z-._]+$"}});
-    Factory {
+    LegacyFactory {
         name: "referer-restriction",
         priority: 2990,
         schema: json!({"type": "object", "properties": {
@@ -32,6 +32,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct RefererRestriction {

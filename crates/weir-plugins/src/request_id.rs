@@ -6,10 +6,10 @@ use std::sync::Arc;
 use http::header::{HeaderName, HeaderValue};
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "request-id",
         priority: 12015,
         schema: json!({"type": "object", "properties": {
@@ -27,6 +27,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct RequestId {

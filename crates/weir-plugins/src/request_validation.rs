@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use serde_json::{Map, Value, json};
 
-use crate::{Factory, Phases, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Phases, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "request-validation",
         priority: 2800,
         schema: json!({"type": "object", "properties": {
@@ -31,6 +31,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct RequestValidation {

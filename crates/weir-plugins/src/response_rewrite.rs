@@ -9,10 +9,10 @@ use http::header::{HeaderName, HeaderValue};
 use serde_json::{Value, json};
 use weir_core::expr::{Expr, Vars};
 
-use crate::{Factory, Phases, Plugin, ResponseCtx};
+use crate::{LegacyFactory, Factory, Phases, Plugin, ResponseCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "response-rewrite",
         priority: 899,
         schema: json!({"type": "object", "properties": {
@@ -26,6 +26,7 @@ pub(crate) fn factory() -> Factory {
         credential: None,
         build: |conf, _| Ok(Arc::new(build(conf)?)),
     }
+    .into()
 }
 
 struct ResponseRewrite {

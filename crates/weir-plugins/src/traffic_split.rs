@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use serde_json::{Value, json};
 use weir_core::expr::Expr;
 
-use crate::{Factory, FilterVars, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, FilterVars, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     // An inline upstream is checked as an `upstreams` object is: every field it may have, and
     // no other (APISIX's traffic-split takes the same definition).
     let upstream = weir_catalog::upstream_schema();
-    Factory {
+    LegacyFactory {
         name: "traffic-split",
         priority: 966,
         schema: json!({"type": "object", "properties": {
@@ -30,6 +30,7 @@ pub(crate) fn factory() -> Factory {
         credential: None,
         build: |conf, _| Ok(Arc::new(build(conf)?)),
     }
+    .into()
 }
 
 struct Rule {

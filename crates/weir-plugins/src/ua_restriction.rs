@@ -5,11 +5,11 @@ use std::sync::Arc;
 use regex::RegexSet;
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
     let list = json!({"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}});
-    Factory {
+    LegacyFactory {
         name: "ua-restriction",
         priority: 2999,
         schema: json!({"type": "object", "properties": {
@@ -35,6 +35,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct UaRestriction {

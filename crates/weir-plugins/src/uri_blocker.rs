@@ -5,10 +5,10 @@ use std::sync::Arc;
 use regex::RegexSet;
 use serde_json::{Value, json};
 
-use crate::{Factory, Plugin, Reply, RequestCtx};
+use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    Factory {
+    LegacyFactory {
         name: "uri-blocker",
         priority: 2900,
         schema: json!({"type": "object", "properties": {
@@ -37,6 +37,7 @@ pub(crate) fn factory() -> Factory {
             }))
         },
     }
+    .into()
 }
 
 struct UriBlocker {
