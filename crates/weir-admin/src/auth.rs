@@ -37,6 +37,14 @@ fn cookie_key(parts: &Parts) -> Option<&str> {
 
 /// `Err` carries the description APISIX gives.
 pub fn check(keys: &[AdminKey], parts: &Parts) -> Result<(), &'static str> {
+    match role(keys, parts)? {
+        Role::Viewer if parts.method != http::Method::GET => Err("invalid method for role viewer"),
+        _ => Ok(()),
+    }
+}
+
+/// The role of the admin key a call presents, whatever its method.
+pub fn role(keys: &[AdminKey], parts: &Parts) -> Result<Role, &'static str> {
     let given = parts.uri.query().and_then(|q| query_param(q, "api_key"))
         .or_else(|| parts.headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .or_else(|| cookie_key(parts));
@@ -48,9 +56,5 @@ pub fn check(keys: &[AdminKey], parts: &Parts) -> Result<(), &'static str> {
             found = Some(k);
         }
     }
-    match found {
-        None => Err("wrong apikey"),
-        Some(k) if k.role == Role::Viewer && parts.method != http::Method::GET => Err("invalid method for role viewer"),
-        Some(_) => Ok(()),
-    }
+    found.map(|k| k.role).ok_or("wrong apikey")
 }

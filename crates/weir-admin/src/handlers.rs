@@ -41,8 +41,12 @@ pub fn refuse_unauthorized(admin: &Admin, parts: &Parts) -> Option<Reply> {
         return None;
     }
     let description = auth::check(&admin.keys, parts).err()?;
+    Some(unauthorized(description))
+}
+
+pub fn unauthorized(description: &str) -> Reply {
     tracing::debug!(%description, "admin request refused");
-    Some(reply::json(StatusCode::UNAUTHORIZED, &json!({"error_msg": "failed to check token", "description": description})))
+    reply::json(StatusCode::UNAUTHORIZED, &json!({"error_msg": "failed to check token", "description": description}))
 }
 
 /// Answers a call whose key `Admin::handle` has already checked (`refuse_unauthorized`).
@@ -99,6 +103,11 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
         Method::PUT | Method::POST | Method::PATCH | Method::DELETE => Some(admin.writes.lock().await),
         _ => None,
     };
+    if method != Method::GET
+        && let Some(refusal) = refuse_managed(admin, &target, body.as_ref()).await
+    {
+        return refusal;
+    }
     match method {
         Method::GET => get(admin, &target, query).await,
         Method::PUT => put(admin, &target, body).await,
@@ -109,6 +118,24 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
         Method::DELETE => delete(admin, &target, query).await,
         _ => reply::error(StatusCode::NOT_FOUND, "not found"),
     }
+}
+
+/// Objects the platform generates carry its label; the Admin API neither changes them nor
+/// makes new ones that claim to be its.
+async fn refuse_managed(admin: &Admin, t: &Target<'_>, body: Option<&Value>) -> Option<Reply> {
+    let stored = match t.id {
+        Some(id) => match admin.store.get(&t.key(&admin.prefix, id)).await {
+            Ok(Some(kv)) => serde_json::from_slice::<Value>(&kv.value).ok().as_ref().and_then(weir_catalog::managed_by).map(str::to_string),
+            Ok(None) => None,
+            Err(e) => return Some(reply::store_down(e)),
+        },
+        None => None,
+    };
+    let owner = stored.or_else(|| body.and_then(weir_catalog::managed_by).map(str::to_string))?;
+    Some(reply::failure(
+        ErrorKind::BadInput,
+        format!("this {} is managed by the platform: change it through /v1/api-gateways/{owner}", t.kind.noun()),
+    ))
 }
 
 fn parse_body(body: &Bytes) -> Result<Option<Value>, Reply> {

@@ -40,11 +40,35 @@ pub struct Admin {
     /// stored.
     keyring: Arc<Keyring>,
     control: Option<Arc<dyn Control>>,
+    /// APIs mounted beside the Admin API on its listener (the platform's `/v1/`).
+    extensions: Vec<Arc<dyn Extension>>,
     /// Who holds which auth key, kept between writes.
     auth_keys: auth_keys::Index,
     /// Writes from this node take turns, so they never race each other's compare-and-set;
     /// the compare-and-set still guards against other nodes writing to a shared store.
     writes: tokio::sync::Mutex<()>,
+}
+
+/// An API mounted on the admin listener beside the Admin API (the platform's). It gets the
+/// listener's limits (head and body sizes, timeouts) and the admin keys' verdict, and answers
+/// in its own shapes.
+pub trait Extension: Send + Sync {
+    /// Whether this API answers `path`; asked before the Admin API's own paths.
+    fn serves(&self, path: &str) -> bool;
+
+    /// Whether a call carries a credential of the extension's own (a bearer token, say): such
+    /// a call without an admin key still has its body read and reaches [`Extension::handle`],
+    /// which must then check it. Any other call without a valid admin key is refused with 401
+    /// before its body is read.
+    fn has_credential(&self, parts: &http::request::Parts) -> bool;
+
+    /// Answers a call. `role` is the role of the valid admin key it presented, if any.
+    fn handle<'a>(
+        &'a self,
+        parts: http::request::Parts,
+        body: Bytes,
+        role: Option<Role>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Response<Full<Bytes>>> + Send + 'a>>;
 }
 
 /// Read-only state of the running gateway served under `/v1/` on the admin listener (APISIX's
@@ -64,12 +88,18 @@ impl Admin {
         plugins: Arc<dyn PluginCatalog>,
         keyring: Arc<Keyring>,
     ) -> Admin {
-        Admin { store, prefix, keys, kinds: Arc::new(Catalog::apisix()), plugins, keyring, control: None, auth_keys: auth_keys::Index::default(), writes: tokio::sync::Mutex::new(()) }
+        Admin { store, prefix, keys, kinds: Arc::new(Catalog::apisix()), plugins, keyring, control: None, extensions: Vec::new(), auth_keys: auth_keys::Index::default(), writes: tokio::sync::Mutex::new(()) }
     }
 
     /// Serves these resource kinds instead of APISIX's alone.
     pub fn with_catalog(mut self, kinds: Arc<Catalog>) -> Admin {
         self.kinds = kinds;
+        self
+    }
+
+    /// Mounts an API beside the Admin API on its listener.
+    pub fn with_extension(mut self, extension: Arc<dyn Extension>) -> Admin {
+        self.extensions.push(extension);
         self
     }
 
@@ -89,10 +119,21 @@ impl Admin {
         if parts.uri.path() == BACKUP_PATH {
             return self.backup(&parts).await;
         }
+        let extension = self.extensions.iter().find(|e| e.serves(parts.uri.path())).cloned();
+        let mut role = None;
         // The key is checked before the body is read: a caller without one gets nothing of the
         // server's memory or time, and its body is left unread (the connection then closes).
-        if let Some(refusal) = handlers::refuse_unauthorized(self, &parts) {
-            return refusal;
+        match &extension {
+            Some(ext) => match auth::role(&self.keys, &parts) {
+                Ok(r) => role = Some(r),
+                Err(_) if ext.has_credential(&parts) => {}
+                Err(description) => return handlers::unauthorized(description),
+            },
+            None => {
+                if let Some(refusal) = handlers::refuse_unauthorized(self, &parts) {
+                    return refusal;
+                }
+            }
         }
         if let Some(len) = parts
             .headers
@@ -132,7 +173,10 @@ impl Admin {
             }
         }
         let body = Bytes::from(collected);
-        handlers::dispatch(self, parts, body).await
+        match extension {
+            Some(ext) => ext.handle(parts, body, role).await,
+            None => handlers::dispatch(self, parts, body).await,
+        }
     }
 }
 

@@ -41,16 +41,7 @@ pub fn too_large(len: usize) -> Reply {
 /// The Admin API's answer to a failure: the one place a kind becomes a status, in APISIX's
 /// `error_msg` envelope.
 pub fn failure(kind: ErrorKind, msg: impl Into<String>) -> Reply {
-    let status = match kind {
-        ErrorKind::BadInput => StatusCode::BAD_REQUEST,
-        ErrorKind::NotFound => StatusCode::NOT_FOUND,
-        ErrorKind::Conflict => StatusCode::CONFLICT,
-        ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-        ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
-        ErrorKind::Upstream => StatusCode::BAD_GATEWAY,
-        ErrorKind::Quota => StatusCode::TOO_MANY_REQUESTS,
-        ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-    };
+    let status = StatusCode::from_u16(kind.api_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     error(status, msg)
 }
 

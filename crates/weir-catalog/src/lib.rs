@@ -20,6 +20,15 @@ use weir_tls::Keyring;
 
 pub use defs::{describe, id_schema, object_schema, read_as, upstream_schema};
 
+/// The label that marks an object the platform generated: `labels.{MANAGED_LABEL}` names the
+/// gateway it belongs to. The Admin API refuses to write such objects.
+pub const MANAGED_LABEL: &str = "weir-managed-gateway";
+
+/// The gateway an object was generated for, if the platform generated it.
+pub fn managed_by(value: &Value) -> Option<&str> {
+    value.get("labels")?.get(MANAGED_LABEL)?.as_str()
+}
+
 /// Which plugin configs an object holds, and so which of a plugin's schemas checks them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PluginSlot {

@@ -48,6 +48,21 @@ impl ErrorKind {
             ErrorKind::Internal => "internal",
         }
     }
+
+    /// The status a control API (the Admin API, the platform's) answers a failure of this
+    /// kind with. The gateway's own answers also weigh which side failed (`proxy::failure`).
+    pub fn api_status(self) -> u16 {
+        match self {
+            ErrorKind::BadInput => 400,
+            ErrorKind::NotFound => 404,
+            ErrorKind::Conflict => 409,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Timeout => 504,
+            ErrorKind::Upstream => 502,
+            ErrorKind::Quota => 429,
+            ErrorKind::Internal => 500,
+        }
+    }
 }
 
 /// An error that knows its kind.

@@ -63,10 +63,24 @@ fn tidy(v: &mut Value) {
             }
         }
     }
-    // `Option<Value>` is `true` (anything); APISIX writes no constraint as `{}`.
-    for val in o.values_mut() {
-        if *val == Value::Bool(true) {
-            *val = Value::Object(Map::new());
+    // `Option<Value>` is the schema `true` (anything); APISIX writes no constraint as `{}`.
+    // Only where a schema stands: `uniqueItems: true` is a flag, not a schema.
+    const SCHEMA_AT: [&str; 9] = ["items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "contains", "propertyNames"];
+    const SCHEMAS_IN: [&str; 7] = ["properties", "patternProperties", "$defs", "definitions", "anyOf", "oneOf", "allOf"];
+    let anything = |v: &mut Value| {
+        if *v == Value::Bool(true) {
+            *v = Value::Object(Map::new());
+        }
+    };
+    for (key, val) in o.iter_mut() {
+        if SCHEMA_AT.contains(&key.as_str()) {
+            anything(val);
+        } else if SCHEMAS_IN.contains(&key.as_str()) {
+            match val {
+                Value::Object(m) => m.values_mut().for_each(anything),
+                Value::Array(a) => a.iter_mut().for_each(anything),
+                _ => {}
+            }
         }
         tidy(val);
     }
@@ -247,6 +261,24 @@ mod tests {
         assert_eq!(s["additionalProperties"], false);
         assert_eq!(s["properties"]["error_response"]["anyOf"][0], serde_json::json!({"type": "string"}));
         assert!(parse::<Meta>(&serde_json::json!({"disabled": true})).is_err());
+    }
+
+    #[derive(Deserialize, JsonSchema)]
+    #[allow(dead_code)]
+    struct Flags {
+        #[schemars(extend("uniqueItems" = true))]
+        names: Vec<String>,
+        free: Option<Value>,
+        list: Option<Vec<Value>>,
+    }
+
+    #[test]
+    fn only_schemas_become_objects() {
+        let s = schema_of::<Flags>();
+        assert_eq!(s["properties"]["names"]["uniqueItems"], true);
+        assert_eq!(s["properties"]["free"], serde_json::json!({}));
+        assert_eq!(s["properties"]["list"]["items"], serde_json::json!({}));
+        assert!(jsonschema::validator_for(&s).is_ok());
     }
 }
 

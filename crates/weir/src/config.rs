@@ -20,6 +20,7 @@ pub struct Config {
     pub shutdown_timeout: u64,
     pub log: LogConfig,
     pub access_log: AccessLogConfig,
+    pub platform: weir_platform::PlatformConfig,
 }
 
 impl Default for Config {
@@ -35,6 +36,7 @@ impl Default for Config {
             shutdown_timeout: 30,
             log: LogConfig::default(),
             access_log: AccessLogConfig::default(),
+            platform: weir_platform::PlatformConfig::default(),
         }
     }
 }
@@ -460,6 +462,7 @@ pub fn restart_keys(old: &Config, new: &Config) -> Vec<&'static str> {
     check("admin.max_connections", old.admin.max_connections != new.admin.max_connections);
     check("admin.keys", differs(&old.admin.keys, &new.admin.keys));
     check("store", differs(&old.store, &new.store));
+    check("platform", old.platform != new.platform);
     check("data_encryption", differs(&old.data_encryption, &new.data_encryption));
     check("plugin_attr.prometheus", differs(&old.plugin_attr.prometheus, &new.plugin_attr.prometheus));
     check("plugin_attr.opentelemetry", differs(&old.plugin_attr.opentelemetry, &new.plugin_attr.opentelemetry));

@@ -1,0 +1,421 @@
+//! The platform API under `/v1/` on the admin listener: gateways and their environments.
+//!
+//! Every answer is JSON. Every failure has one envelope, made in one place ([`failure`]):
+//! `{"error": {"kind", "message", "problems": [...]}}`, with every problem found listed. A body
+//! is checked in full before anything is stored: against the schema derived from its type (all
+//! problems at once), then each plugin layer and the merged result through the catalog, the
+//! same door as the Admin API's.
+
+use bytes::Bytes;
+use http::request::Parts;
+use http::{Method, Response, StatusCode, header};
+use http_body_util::Full;
+use schemars::JsonSchema;
+use schemars::generate::SchemaSettings;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value, json};
+use weir_admin::Role;
+use weir_core::error::ErrorKind;
+
+use crate::Platform;
+use crate::docs::Refused;
+use crate::model::{CreateGateway, GATEWAY_ID, Gateway, PatchEnvironment, PatchGateway, Phase, State};
+use crate::reconcile::now_ms;
+use crate::render;
+
+pub type Reply = Response<Full<Bytes>>;
+
+/// The one place a failure becomes a response.
+pub fn failure(kind: ErrorKind, message: impl Into<String>, problems: Vec<String>) -> Reply {
+    let status = StatusCode::from_u16(kind.api_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json(status, &json!({"error": {"kind": kind.name(), "message": message.into(), "problems": problems}}))
+}
+
+/// The refusals that are not about input, which carry their own status.
+fn refuse(status: StatusCode, message: &str) -> Reply {
+    let kind = match status {
+        StatusCode::UNAUTHORIZED => "unauthorized",
+        StatusCode::FORBIDDEN => "forbidden",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        _ => "not_found",
+    };
+    json(status, &json!({"error": {"kind": kind, "message": message, "problems": []}}))
+}
+
+pub fn json(status: StatusCode, body: &Value) -> Reply {
+    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(body).expect("JSON values serialize"))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn not_found(what: &str) -> Reply {
+    failure(ErrorKind::NotFound, format!("{what} not found"), Vec::new())
+}
+
+fn bad_input(problems: Vec<String>) -> Reply {
+    failure(ErrorKind::BadInput, "invalid request", problems)
+}
+
+fn store_down(e: impl std::fmt::Display + weir_core::error::Kinded) -> Reply {
+    failure(e.kind(), e.to_string(), Vec::new())
+}
+
+/// Who is calling, once authenticated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Caller {
+    Admin,
+    Viewer,
+}
+
+/// A body checked against `T`'s derived schema, every problem listed, then parsed.
+fn body<T: DeserializeOwned + JsonSchema>(raw: &Bytes) -> Result<T, Reply> {
+    let value: Value = serde_json::from_slice(raw).map_err(|e| bad_input(vec![format!("body: not JSON: {e}")]))?;
+    let mut settings = SchemaSettings::draft07();
+    settings.inline_subschemas = true;
+    let schema = settings.into_generator().into_root_schema_for::<T>().to_value();
+    let validator = jsonschema::validator_for(&schema).map_err(|e| failure(ErrorKind::Internal, format!("schema: {e}"), Vec::new()))?;
+    let problems: Vec<String> = validator.iter_errors(&value).map(|e| problem(&e)).collect();
+    if !problems.is_empty() {
+        return Err(bad_input(problems));
+    }
+    serde_json::from_value(value).map_err(|e| bad_input(vec![e.to_string()]))
+}
+
+fn problem(e: &jsonschema::ValidationError<'_>) -> String {
+    let path = e.instance_path().to_string();
+    let at = if path.is_empty() { "body".to_string() } else { path.trim_start_matches('/').replace('/', ".") };
+    format!("{at}: {e}")
+}
+
+impl Platform {
+    /// Answers a `/v1/` call the admin listener passed on.
+    pub(crate) async fn answer(&self, parts: Parts, raw: Bytes, role: Option<Role>) -> Reply {
+        let caller = match role {
+            Some(Role::Admin) => Caller::Admin,
+            Some(Role::Viewer) => Caller::Viewer,
+            None => return refuse(StatusCode::UNAUTHORIZED, "a valid admin key or platform token is required"),
+        };
+        if caller == Caller::Viewer && parts.method != Method::GET {
+            return refuse(StatusCode::FORBIDDEN, "this key may only read");
+        }
+        let path = parts.uri.path().trim_end_matches('/');
+        let segs: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+        let m = &parts.method;
+        match (m, segs.as_slice()) {
+            (&Method::POST, ["api-gateways"]) => self.create(&raw).await,
+            (&Method::GET, ["api-gateways"]) => self.list().await,
+            (&Method::GET, ["api-gateways", gid]) => self.show(gid).await,
+            (&Method::PATCH, ["api-gateways", gid]) => self.patch(gid, &raw).await,
+            (&Method::DELETE, ["api-gateways", gid]) => self.delete(gid).await,
+            (&Method::GET, ["api-gateways", gid, "environments"]) => self.environments(gid).await,
+            (&Method::GET, ["api-gateways", gid, "environments", env]) => self.environment(gid, env).await,
+            (&Method::PATCH, ["api-gateways", gid, "environments", env]) => self.patch_environment(gid, env, &raw).await,
+            (&Method::GET, ["api-gateways", gid, "environments", env, "effective-plugins"]) => self.effective(gid, env).await,
+            (_, ["api-gateways", ..]) => refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
+            _ => refuse(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+
+    async fn create(&self, raw: &Bytes) -> Reply {
+        let input: CreateGateway = match body(raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let now = now_ms();
+        let mut gw = Gateway {
+            gateway_id: input.gateway_id.clone().unwrap_or_else(generated_id),
+            name: input.name,
+            plugins: input.plugins.unwrap_or_default(),
+            custom_domains: input.custom_domains.unwrap_or_default(),
+            promotion_pipeline: input.promotion_pipeline.unwrap_or_default(),
+            state: State::Running,
+            phase: Phase::Creating,
+            environments: Vec::new(),
+            reason: None,
+            created_at: now / 1000,
+            updated_at: now / 1000,
+            locked_at: None,
+            locked_by: None,
+            generation: 1,
+            rendered_generation: 0,
+            phase_since: now,
+            attempts: 0,
+            retry_at: 0,
+        };
+        if let Err(problems) = self.check(&gw) {
+            return bad_input(problems);
+        }
+        // A generated id that is taken is drawn again; a chosen one is a conflict.
+        for _ in 0..8 {
+            match self.docs.create(&gw).await {
+                Ok(true) => {
+                    self.wake.notify_one();
+                    return json(StatusCode::CREATED, &gw.shown());
+                }
+                Ok(false) if input.gateway_id.is_none() => gw.gateway_id = generated_id(),
+                Ok(false) => return failure(ErrorKind::Conflict, format!("gateway {} already exists", gw.gateway_id), Vec::new()),
+                Err(e) => return store_down(e),
+            }
+        }
+        failure(ErrorKind::Conflict, "no free gateway id was found", Vec::new())
+    }
+
+    async fn list(&self) -> Reply {
+        match self.docs.list().await {
+            Ok(all) => {
+                let list: Vec<Value> = all.iter().map(|(g, _)| g.shown()).collect();
+                json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
+            }
+            Err(e) => store_down(e),
+        }
+    }
+
+    async fn find(&self, gid: &str) -> Result<Gateway, Reply> {
+        if !valid_id(gid) {
+            return Err(not_found("gateway"));
+        }
+        match self.docs.get(gid).await {
+            Ok(Some((gw, _))) => Ok(gw),
+            Ok(None) => Err(not_found("gateway")),
+            Err(e) => Err(store_down(e)),
+        }
+    }
+
+    async fn show(&self, gid: &str) -> Reply {
+        match self.find(gid).await {
+            Ok(gw) => json(StatusCode::OK, &gw.shown()),
+            Err(r) => r,
+        }
+    }
+
+    /// Applies an owner's change to a gateway: checked in full on the changed gateway, stored
+    /// by compare-and-set, then the reconciler is woken.
+    async fn change(&self, gid: &str, edit: impl Fn(&mut Gateway) -> Result<(), Reply>) -> Result<Gateway, Reply> {
+        if !valid_id(gid) {
+            return Err(not_found("gateway"));
+        }
+        let updated = self
+            .docs
+            .update(gid, |gw| {
+                if gw.phase == Phase::Deleting {
+                    return Err(failure(ErrorKind::Conflict, "the gateway is being deleted", Vec::new()));
+                }
+                edit(gw)?;
+                self.check(gw).map_err(bad_input)?;
+                gw.generation += 1;
+                gw.updated_at = now_ms() / 1000;
+                Ok(())
+            })
+            .await;
+        match updated {
+            Ok(gw) => {
+                self.wake.notify_one();
+                Ok(gw)
+            }
+            Err(Refused::By(r)) => Err(r),
+            Err(Refused::Missing) => Err(not_found("gateway")),
+            Err(Refused::Store(e)) => Err(store_down(e)),
+        }
+    }
+
+    async fn patch(&self, gid: &str, raw: &Bytes) -> Reply {
+        let input: PatchGateway = match body(raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let changed = self
+            .change(gid, |gw| {
+                if let Some(n) = &input.name {
+                    gw.name = n.clone();
+                }
+                if let Some(p) = &input.plugins {
+                    gw.plugins = p.clone();
+                }
+                if let Some(d) = &input.custom_domains {
+                    gw.custom_domains = d.clone();
+                }
+                if let Some(p) = input.promotion_pipeline {
+                    gw.promotion_pipeline = p;
+                }
+                if let Some(s) = input.state {
+                    gw.state = s;
+                }
+                Ok(())
+            })
+            .await;
+        match changed {
+            Ok(gw) => json(StatusCode::OK, &gw.shown()),
+            Err(r) => r,
+        }
+    }
+
+    async fn delete(&self, gid: &str) -> Reply {
+        let changed = self
+            .change(gid, |gw| {
+                gw.phase = Phase::Deleting;
+                gw.phase_since = now_ms();
+                gw.attempts = 0;
+                gw.retry_at = 0;
+                Ok(())
+            })
+            .await;
+        match changed {
+            Ok(gw) => json(StatusCode::ACCEPTED, &gw.shown()),
+            Err(r) => r,
+        }
+    }
+
+    async fn environments(&self, gid: &str) -> Reply {
+        match self.find(gid).await {
+            Ok(gw) => {
+                let list: Vec<Value> = gw.environments.iter().map(|e| serde_json::to_value(e).expect("serializes")).collect();
+                json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
+            }
+            Err(r) => r,
+        }
+    }
+
+    async fn environment(&self, gid: &str, env: &str) -> Reply {
+        match self.find(gid).await {
+            Ok(gw) => match gw.environment(env) {
+                Some(e) => json(StatusCode::OK, &serde_json::to_value(e).expect("serializes")),
+                None => not_found("environment"),
+            },
+            Err(r) => r,
+        }
+    }
+
+    async fn patch_environment(&self, gid: &str, env: &str, raw: &Bytes) -> Reply {
+        let input: PatchEnvironment = match body(raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let changed = self
+            .change(gid, |gw| {
+                let Some(e) = gw.environments.iter_mut().find(|e| e.name == env) else { return Err(not_found("environment")) };
+                if let Some(p) = &input.plugins {
+                    e.plugins = p.clone();
+                }
+                if let Some(a) = input.auth_type {
+                    e.auth_type = a;
+                }
+                if let Some(d) = &input.custom_domain {
+                    e.custom_domain = d.clone();
+                }
+                if let Some(s) = input.state {
+                    e.state = s;
+                }
+                if let Some(u) = &input.upstream {
+                    e.upstream = u.clone().map(Value::Object);
+                }
+                Ok(())
+            })
+            .await;
+        match changed {
+            Ok(gw) => json(StatusCode::OK, &serde_json::to_value(gw.environment(env).expect("just changed")).expect("serializes")),
+            Err(r) => r,
+        }
+    }
+
+    async fn effective(&self, gid: &str, env: &str) -> Reply {
+        let gw = match self.find(gid).await {
+            Ok(gw) => gw,
+            Err(r) => return r,
+        };
+        let Some(e) = gw.environment(env) else { return not_found("environment") };
+        let plugins: Vec<Value> =
+            render::effective(&self.cfg, &gw, e).into_iter().map(|(name, config, layer)| json!({"name": name, "layer": layer, "config": config})).collect();
+        json(StatusCode::OK, &json!({"environment": env, "plugins": plugins}))
+    }
+
+    /// Every problem with a gateway as it would be stored: each plugin layer on its own, each
+    /// environment's upstream, then every object it renders to, all through the catalog.
+    pub(crate) fn check(&self, gw: &Gateway) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let holder = self.catalog.get("plugin_configs").expect("the catalog has plugin_configs");
+        let mut layer = |what: String, plugins: &Map<String, Value>| {
+            let candidate = json!({"id": "check", "plugins": plugins});
+            if let Err(errors) = self.catalog.check(holder, &candidate, self.plugins.as_ref()) {
+                problems.extend(errors.into_iter().map(|e| format!("{what}: {e}")));
+            }
+        };
+        layer("plugins (gateway layer)".into(), &gw.plugins);
+        for env in &gw.environments {
+            layer(format!("environments.{}.plugins (environment layer)", env.name), &env.plugins);
+        }
+        let upstreams = self.catalog.get("upstreams").expect("the catalog has upstreams");
+        for env in &gw.environments {
+            if let Some(up) = &env.upstream {
+                let mut candidate = up.clone();
+                candidate["id"] = json!("check");
+                if let Err(errors) = self.catalog.check(upstreams, &candidate, self.plugins.as_ref()) {
+                    problems.extend(errors.into_iter().map(|e| format!("environments.{}.upstream: {e}", env.name)));
+                }
+            }
+        }
+        if problems.is_empty() {
+            for obj in render::render(&self.cfg, gw) {
+                let Some(kind) = self.catalog.get(obj.kind) else { continue };
+                let mut value = obj.value;
+                value["id"] = json!(obj.id);
+                if let Err(errors) = self.catalog.check(kind, &value, self.plugins.as_ref()) {
+                    problems.extend(errors.into_iter().map(|e| format!("merged {} {}: {e}", obj.kind, obj.id)));
+                }
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+}
+
+fn valid_id(gid: &str) -> bool {
+    gid.len() <= 40 && regex_lite_match(gid)
+}
+
+/// `GATEWAY_ID` by hand: one letter or digit, then letters, digits or `-`, ending in a letter
+/// or digit, 3 to 40 long.
+fn regex_lite_match(gid: &str) -> bool {
+    let b = gid.as_bytes();
+    let edge = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+    b.len() >= 3 && edge(b[0]) && edge(b[b.len() - 1]) && b.iter().all(|&c| edge(c) || c == b'-')
+}
+
+fn generated_id() -> String {
+    let id = format!("gw-{:08x}", fastrand::u32(..));
+    debug_assert!(regex_lite_match(&id), "{id} matches {GATEWAY_ID}");
+    id
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_ids_are_dns_labels() {
+        let re = regex_lite_match;
+        assert!(re("shop") && re("a-1") && re(&generated_id()));
+        assert!(!re("ab") && !re("-ab") && !re("ab-") && !re("Shop") && !re("a.b") && !re("a_b"));
+    }
+
+    #[test]
+    fn a_body_lists_every_problem() {
+        let raw = Bytes::from(json!({"name": "", "gatewayId": "Bad_Id", "customDomains": ["ok.test", "no spaces"], "extra": 1}).to_string());
+        let reply = body::<CreateGateway>(&raw).err().unwrap();
+        assert_eq!(reply.status(), StatusCode::BAD_REQUEST);
+        let bytes = futures_body(reply);
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        let problems: Vec<String> = v["error"]["problems"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+        assert_eq!(problems.len(), 4, "{problems:?}");
+        assert!(problems.iter().any(|p| p.starts_with("name:")));
+        assert!(problems.iter().any(|p| p.starts_with("gatewayId:")));
+        assert!(problems.iter().any(|p| p.starts_with("customDomains.1:")));
+        assert!(problems.iter().any(|p| p.contains("extra")));
+        assert_eq!(v["error"]["kind"], "bad_input");
+    }
+
+    fn futures_body(reply: Reply) -> Bytes {
+        use http_body_util::BodyExt;
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async { reply.into_body().collect().await.unwrap().to_bytes() })
+    }
+}

@@ -1,0 +1,113 @@
+//! The API platform: tenants' gateways, each with dev, staging and prod environments, served
+//! through APISIX objects the platform generates and keeps in step.
+//!
+//! - [`model`]: the gateway document and the bodies the API takes;
+//! - `api`: the `/v1/` endpoints, mounted on the admin listener as a `weir_admin::Extension`;
+//! - [`render`]: a gateway as routes and plugin configs (pure);
+//! - `reconcile`: moves each gateway's phase toward its state under a lease, writing what
+//!   `render` says through the catalog's checks.
+//!
+//! The platform depends on the gateway's crates and never the reverse: the data plane sees
+//! only ordinary APISIX objects.
+
+mod api;
+mod docs;
+pub mod model;
+mod reconcile;
+pub mod render;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use weir_catalog::Catalog;
+use weir_core::schema::PluginCatalog;
+use weir_store::SharedStore;
+
+/// `platform` in the process config.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformConfig {
+    /// Without it, nothing of the platform runs or answers. Default: on with the embedded and
+    /// etcd stores, off with a file store.
+    pub enabled: Option<bool>,
+    /// Gateways answer on `{gid}.{base_domain}` and `{gid}.{env}.{base_domain}`.
+    pub base_domain: String,
+    /// The layer every environment inherits, below the gateway's and the environment's.
+    pub base_plugins: Map<String, Value>,
+    /// Seconds after which another node may take over a gateway a node claimed.
+    pub lease_timeout: u64,
+    /// Seconds a gateway may stay in Starting before it is set Stopped.
+    pub start_timeout: u64,
+}
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        PlatformConfig {
+            enabled: None,
+            base_domain: "localhost".into(),
+            base_plugins: default_base_plugins(),
+            lease_timeout: 15,
+            start_timeout: 300,
+        }
+    }
+}
+
+/// Permissive CORS, as APISIX's cors schema accepts it (no credentials with `*`).
+fn default_base_plugins() -> Map<String, Value> {
+    let cors = json!({"cors": {"allow_origins": "*", "allow_methods": "*", "allow_headers": "*", "expose_headers": "*", "max_age": 5, "allow_credential": false}});
+    cors.as_object().cloned().unwrap_or_default()
+}
+
+pub struct Platform {
+    cfg: PlatformConfig,
+    docs: docs::Docs,
+    /// The store's key prefix (`/apisix`).
+    prefix: String,
+    catalog: Arc<Catalog>,
+    plugins: Arc<dyn PluginCatalog>,
+    /// This node, as it signs the leases it takes.
+    node: String,
+    /// Rung by the API after a change, so the reconciler does not wait for its tick.
+    wake: tokio::sync::Notify,
+}
+
+impl Platform {
+    pub fn new(cfg: PlatformConfig, store: SharedStore, prefix: &str, catalog: Arc<Catalog>, plugins: Arc<dyn PluginCatalog>) -> Arc<Platform> {
+        let node = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
+        Arc::new(Platform {
+            cfg,
+            docs: docs::Docs { store, dir: format!("{prefix}/platform/gateways/") },
+            prefix: prefix.to_string(),
+            catalog,
+            plugins,
+            node,
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// The name this node signs its leases with.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+impl weir_admin::Extension for Platform {
+    fn serves(&self, path: &str) -> bool {
+        path == "/v1/api-gateways" || path.starts_with("/v1/api-gateways/")
+    }
+
+    fn has_credential(&self, _parts: &http::request::Parts) -> bool {
+        false
+    }
+
+    fn handle<'a>(
+        &'a self,
+        parts: http::request::Parts,
+        body: Bytes,
+        role: Option<weir_admin::Role>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = http::Response<http_body_util::Full<Bytes>>> + Send + 'a>> {
+        Box::pin(self.answer(parts, body, role))
+    }
+}

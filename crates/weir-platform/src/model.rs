@@ -1,0 +1,204 @@
+//! What the platform stores: a gateway, with its environments inside it, as one document per
+//! gateway (`{prefix}/platform/gateways/{gid}`), and the bodies the API accepts.
+//!
+//! A gateway's `state` is what its owner wants (`Running`, `Stopped`); its `phase` is how far
+//! the reconciler got. The API writes the first, the reconciler the second and the lease
+//! (`lockedAt`, `lockedBy`); both write through compare-and-set, so neither loses the other's
+//! change.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::{Map, Value};
+
+/// A gateway's environments, in promotion order.
+pub const ENVIRONMENTS: [&str; 3] = ["dev", "staging", "prod"];
+
+/// A gateway id is a DNS label, so it can lead a host name.
+pub const GATEWAY_ID: &str = "^[a-z0-9][a-z0-9-]{1,38}[a-z0-9]$";
+
+/// A host name (for custom domains): labels of letters, digits and `-`, dot-separated.
+pub const HOST: &str = r"^([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$";
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum State {
+    Running,
+    Stopped,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Phase {
+    Creating,
+    Created,
+    Starting,
+    Started,
+    Stopping,
+    Stopped,
+    Deleting,
+    Deleted,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+pub enum EnvState {
+    Active,
+    Inactive,
+}
+
+/// The auth plugin an environment puts in front of everything it serves.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthType {
+    None,
+    KeyAuth,
+    JwtAuth,
+    BasicAuth,
+}
+
+impl AuthType {
+    /// The plugin, if any.
+    pub fn plugin(self) -> Option<&'static str> {
+        match self {
+            AuthType::None => None,
+            AuthType::KeyAuth => Some("key-auth"),
+            AuthType::JwtAuth => Some("jwt-auth"),
+            AuthType::BasicAuth => Some("basic-auth"),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Promotion {
+    pub enabled: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Gateway {
+    pub gateway_id: String,
+    pub name: String,
+    pub plugins: Map<String, Value>,
+    pub custom_domains: Vec<String>,
+    pub promotion_pipeline: Promotion,
+    pub state: State,
+    pub phase: Phase,
+    pub environments: Vec<Environment>,
+    /// Why the gateway is where it is, when a step failed or timed out.
+    pub reason: Option<String>,
+    pub created_at: u64,
+    pub updated_at: u64,
+    /// Milliseconds since the epoch at which a node claimed the gateway's work.
+    pub locked_at: Option<u64>,
+    pub locked_by: Option<String>,
+    /// Counts the owner's changes; the reconciler renders until it has rendered the latest.
+    pub generation: u64,
+    pub rendered_generation: u64,
+    /// When the phase last changed (ms).
+    pub phase_since: u64,
+    /// Failed attempts at the current step, and when the next may run (ms).
+    pub attempts: u32,
+    pub retry_at: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+#[serde(rename_all = "camelCase")]
+pub struct Environment {
+    pub name: String,
+    pub plugins: Map<String, Value>,
+    pub auth_type: AuthType,
+    pub custom_domain: Option<String>,
+    pub state: EnvState,
+    /// An APISIX upstream object: where requests that name nothing else go.
+    pub upstream: Option<Value>,
+    pub phase: Phase,
+}
+
+impl Environment {
+    pub fn new(name: &str) -> Environment {
+        Environment {
+            name: name.to_string(),
+            plugins: Map::new(),
+            auth_type: AuthType::None,
+            custom_domain: None,
+            state: EnvState::Active,
+            upstream: None,
+            phase: Phase::Created,
+        }
+    }
+}
+
+impl Gateway {
+    pub fn environment(&self, name: &str) -> Option<&Environment> {
+        self.environments.iter().find(|e| e.name == name)
+    }
+
+    /// The gateway as the API shows it: without the reconciler's bookkeeping.
+    pub fn shown(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("a gateway serializes");
+        if let Some(o) = v.as_object_mut() {
+            for k in ["lockedBy", "generation", "renderedGeneration", "phaseSince", "attempts", "retryAt"] {
+                o.remove(k);
+            }
+        }
+        v
+    }
+}
+
+/// `POST /v1/api-gateways`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CreateGateway {
+    #[schemars(length(min = 1, max = 100))]
+    pub name: String,
+    #[schemars(regex(pattern = GATEWAY_ID))]
+    pub gateway_id: Option<String>,
+    pub plugins: Option<Map<String, Value>>,
+    #[schemars(length(max = 16), inner(length(max = 253), regex(pattern = HOST)))]
+    pub custom_domains: Option<Vec<String>>,
+    pub promotion_pipeline: Option<Promotion>,
+}
+
+/// `PATCH /v1/api-gateways/{gid}`: what is given replaces what was.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PatchGateway {
+    #[schemars(length(min = 1, max = 100))]
+    pub name: Option<String>,
+    pub plugins: Option<Map<String, Value>>,
+    #[schemars(length(max = 16), inner(length(max = 253), regex(pattern = HOST)))]
+    pub custom_domains: Option<Vec<String>>,
+    pub promotion_pipeline: Option<Promotion>,
+    pub state: Option<State>,
+}
+
+/// `PATCH /v1/api-gateways/{gid}/environments/{env}`: what is given replaces what was; `null`
+/// clears `customDomain` and `upstream`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct PatchEnvironment {
+    pub plugins: Option<Map<String, Value>>,
+    pub auth_type: Option<AuthType>,
+    #[serde(default, deserialize_with = "given")]
+    #[schemars(length(max = 253), regex(pattern = HOST))]
+    pub custom_domain: Option<Option<String>>,
+    pub state: Option<EnvState>,
+    #[serde(default, deserialize_with = "given")]
+    #[schemars(schema_with = "upstream_or_null")]
+    pub upstream: Option<Option<Map<String, Value>>>,
+}
+
+/// An APISIX upstream, as the catalog's schema has it, or `null`.
+fn upstream_or_null(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = weir_catalog::upstream_schema();
+    schema["type"] = serde_json::json!(["object", "null"]);
+    schema.try_into().expect("an upstream schema is an object")
+}
+
+/// A field that is present, even as `null`, is `Some`.
+fn given<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// Each merged plugin and the layer it came from.
+pub type Effective = BTreeMap<String, (Value, &'static str)>;

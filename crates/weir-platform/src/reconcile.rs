@@ -1,0 +1,305 @@
+//! The reconciler: moves each gateway's `phase` toward its `state`, one idempotent step at a
+//! time, and keeps its generated objects in the store equal to what [`render`] says.
+//!
+//! A node works on a gateway only while it holds the gateway's lease (`lockedBy`, `lockedAt`,
+//! taken and given back by compare-and-set on the gateway's document). A lease older than
+//! `platform.lease_timeout` is free for any node to take, so the work of a node that died
+//! mid-step is finished by another; since every step only makes the store hold what the
+//! document says, repeating one does no harm.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use weir_store::{KeyValue, StoreError};
+
+use crate::Platform;
+use crate::docs::Refused;
+use crate::model::{ENVIRONMENTS, Environment, Gateway, Phase, State};
+use crate::render::{self, KINDS, Object};
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What a step needs, if anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Give the gateway its environments.
+    Create,
+    /// Move to a phase with nothing to write.
+    Enter(Phase),
+    /// Make the store hold the rendered objects, then enter the phase.
+    Render(Phase),
+    /// Remove every object of the gateway, then the gateway.
+    Delete,
+}
+
+fn step_for(gw: &Gateway) -> Option<Step> {
+    let behind = gw.rendered_generation < gw.generation;
+    use Phase::*;
+    match (gw.phase, gw.state) {
+        (Deleting, _) => Some(Step::Delete),
+        (Deleted, _) => None,
+        (Creating, _) => Some(Step::Create),
+        (Created | Stopped | Stopping, State::Running) => Some(Step::Enter(Starting)),
+        (Starting, State::Running) => Some(Step::Render(Started)),
+        (Started, State::Running) => behind.then_some(Step::Render(Started)),
+        (Created | Starting | Started, State::Stopped) => Some(Step::Enter(Stopping)),
+        (Stopping, State::Stopped) => Some(Step::Render(Stopped)),
+        (Stopped, State::Stopped) => behind.then_some(Step::Render(Stopped)),
+    }
+}
+
+/// The wait before retrying a step that failed `attempts` times: doubling from 200 ms, at most
+/// 30 s.
+fn backoff(attempts: u32) -> u64 {
+    (200u64 << attempts.min(8)).min(30_000)
+}
+
+impl Platform {
+    fn lease_ms(&self) -> u64 {
+        self.cfg.lease_timeout * 1000
+    }
+
+    fn lease_free(&self, gw: &Gateway, now: u64) -> bool {
+        match (&gw.locked_by, gw.locked_at) {
+            (Some(by), Some(at)) => *by == self.node || now.saturating_sub(at) > self.lease_ms(),
+            _ => true,
+        }
+    }
+
+    /// Runs until the process ends: a pass over every gateway whenever one changes, and at
+    /// least every second (for retries and leases that expire).
+    pub async fn reconcile(self: Arc<Self>) {
+        let mut watch = None;
+        loop {
+            if watch.is_none() {
+                watch = self.docs.store.watch(&self.docs.dir, 0).await.ok();
+            }
+            if let Err(e) = self.pass().await {
+                tracing::warn!(error = %e, "platform: a reconcile pass failed; retried");
+            }
+            let tick = tokio::time::sleep(Duration::from_millis(1000));
+            tokio::select! {
+                _ = tick => {}
+                _ = self.wake.notified() => {}
+                got = async { match &mut watch { Some(w) => w.recv().await, None => std::future::pending().await } } => {
+                    if got.is_none() {
+                        watch = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// One pass: every gateway with a step due gets it, if its lease is free.
+    pub async fn pass(&self) -> Result<(), StoreError> {
+        let now = now_ms();
+        for (gw, _) in self.docs.list().await? {
+            if step_for(&gw).is_none() || gw.retry_at > now || !self.lease_free(&gw, now) {
+                continue;
+            }
+            // One gateway's trouble is recorded on it; the others go on.
+            if let Err(e) = self.work(&gw.gateway_id).await {
+                tracing::warn!(gateway = %gw.gateway_id, error = %e, "platform: a step failed");
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims the gateway, runs its due step and records the outcome.
+    async fn work(&self, gid: &str) -> Result<(), StoreError> {
+        let now = now_ms();
+        let claimed = self
+            .docs
+            .update(gid, |gw| {
+                if !self.lease_free(gw, now) || step_for(gw).is_none() {
+                    return Err(());
+                }
+                gw.locked_by = Some(self.node.clone());
+                gw.locked_at = Some(now);
+                Ok(())
+            })
+            .await;
+        let gw = match claimed {
+            Ok(gw) => gw,
+            Err(Refused::Store(e)) => return Err(e),
+            Err(_) => return Ok(()),
+        };
+        let Some(step) = step_for(&gw) else { return Ok(()) };
+        let outcome = self.run(step, &gw).await;
+        if step == Step::Delete && outcome.is_ok() {
+            return self.forget(gid).await;
+        }
+        let generation = gw.generation;
+        let start_timeout = self.cfg.start_timeout * 1000;
+        let finished = self
+            .docs
+            .update(gid, |gw| {
+                if gw.locked_by.as_deref() != Some(self.node.as_str()) {
+                    return Err(());
+                }
+                gw.locked_by = None;
+                gw.locked_at = None;
+                let now = now_ms();
+                match &outcome {
+                    Ok(()) => {
+                        gw.attempts = 0;
+                        gw.retry_at = 0;
+                        gw.reason = None;
+                        let phase = match step {
+                            Step::Create => {
+                                for name in ENVIRONMENTS {
+                                    if gw.environment(name).is_none() {
+                                        gw.environments.push(Environment::new(name));
+                                    }
+                                }
+                                Phase::Created
+                            }
+                            Step::Enter(p) => p,
+                            Step::Render(p) => {
+                                gw.rendered_generation = gw.rendered_generation.max(generation);
+                                p
+                            }
+                            Step::Delete => Phase::Deleting,
+                        };
+                        if phase != gw.phase && gw.phase != Phase::Deleting {
+                            gw.phase = phase;
+                            gw.phase_since = now;
+                            for env in &mut gw.environments {
+                                env.phase = phase;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        gw.attempts += 1;
+                        gw.retry_at = now + backoff(gw.attempts);
+                        gw.reason = Some(e.clone());
+                        if gw.phase == Phase::Starting && now.saturating_sub(gw.phase_since) > start_timeout {
+                            gw.state = State::Stopped;
+                            gw.phase = Phase::Stopped;
+                            gw.phase_since = now;
+                            gw.reason = Some(format!("did not start within {} s: {e}", start_timeout / 1000));
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .await;
+        match finished {
+            Err(Refused::Store(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    async fn run(&self, step: Step, gw: &Gateway) -> Result<(), String> {
+        match step {
+            Step::Create | Step::Enter(_) => Ok(()),
+            Step::Render(_) => self.sync(&gw.gateway_id, &render::render(&self.cfg, gw)).await,
+            Step::Delete => self.sync(&gw.gateway_id, &[]).await,
+        }
+    }
+
+    /// Removes the gateway's document once its objects are gone, if this node still holds it.
+    async fn forget(&self, gid: &str) -> Result<(), StoreError> {
+        if let Some((gw, rev)) = self.docs.get(gid).await?
+            && gw.locked_by.as_deref() == Some(self.node.as_str())
+        {
+            self.docs.remove(gid, rev).await?;
+            tracing::info!(gateway = gid, "platform: gateway deleted");
+        }
+        Ok(())
+    }
+
+    /// Makes the store hold exactly `objects` among gateway `gid`'s: each checked through the
+    /// catalog, written when it differs, and every other object of the gateway removed.
+    pub(crate) async fn sync(&self, gid: &str, objects: &[Object]) -> Result<(), String> {
+        let store = &self.docs.store;
+        let mut existing: HashMap<String, KeyValue> = HashMap::new();
+        for kind in KINDS {
+            let dir = format!("{}/{kind}/{}", self.prefix, render::id_prefix(gid));
+            let (kvs, _) = store.list(&dir).await.map_err(|e| e.to_string())?;
+            existing.extend(kvs.into_iter().map(|kv| (kv.key.clone(), kv)));
+        }
+        let now = (now_ms() / 1000) as i64;
+        let mut wanted = Vec::new();
+        for kind in KINDS {
+            let Some(registered) = self.catalog.get(kind) else { return Err(format!("no kind {kind} in the catalog")) };
+            for obj in objects.iter().filter(|o| o.kind == kind) {
+                let key = registered.key(&self.prefix, None, &obj.id);
+                let mut value = obj.value.clone();
+                value["id"] = json!(obj.id);
+                self.catalog.check(registered, &value, self.plugins.as_ref()).map_err(|errors| format!("{kind}/{}: {}", obj.id, errors.join("; ")))?;
+                let old = existing.get(&key).and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok());
+                let unchanged = old.as_ref().is_some_and(|old| without_times(old) == value);
+                wanted.push(key.clone());
+                if unchanged {
+                    continue;
+                }
+                let created = old.as_ref().and_then(|o| o.get("create_time")).and_then(Value::as_i64).unwrap_or(now);
+                value["create_time"] = json!(created);
+                value["update_time"] = json!(now);
+                store.put(&key, Bytes::from(value.to_string())).await.map_err(|e| e.to_string())?;
+            }
+        }
+        for kind in KINDS.iter().rev() {
+            let dir = format!("{}/{kind}/", self.prefix);
+            for key in existing.keys().filter(|k| k.starts_with(&dir) && !wanted.contains(k)) {
+                store.delete(key).await.map_err(|e| e.to_string())?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn without_times(v: &Value) -> Value {
+    let mut v = v.clone();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("create_time");
+        o.remove("update_time");
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_phase_moves_toward_the_state() {
+        let mut gw: Gateway = serde_json::from_value(json!({
+            "gatewayId": "g1", "name": "g", "plugins": {}, "customDomains": [], "promotionPipeline": {"enabled": false},
+            "state": "Running", "phase": "Creating", "environments": [], "reason": null, "createdAt": 0, "updatedAt": 0,
+            "lockedAt": null, "lockedBy": null, "generation": 1, "renderedGeneration": 0, "phaseSince": 0, "attempts": 0, "retryAt": 0
+        }))
+        .unwrap();
+        let path = |gw: &mut Gateway| {
+            let mut seen = vec![gw.phase];
+            while let Some(step) = step_for(gw) {
+                gw.phase = match step {
+                    Step::Create => Phase::Created,
+                    Step::Enter(p) | Step::Render(p) => p,
+                    Step::Delete => Phase::Deleted,
+                };
+                gw.rendered_generation = gw.generation;
+                seen.push(gw.phase);
+            }
+            seen
+        };
+        use Phase::*;
+        assert_eq!(path(&mut gw), [Creating, Created, Starting, Started]);
+        gw.state = State::Stopped;
+        assert_eq!(path(&mut gw), [Started, Stopping, Stopped]);
+        gw.state = State::Running;
+        assert_eq!(path(&mut gw), [Stopped, Starting, Started]);
+        gw.generation += 1;
+        assert_eq!(step_for(&gw), Some(Step::Render(Started)));
+        gw.phase = Deleting;
+        assert_eq!(path(&mut gw), [Deleting, Deleted]);
+        assert_eq!(backoff(0), 200);
+        assert_eq!(backoff(20), 30_000);
+    }
+}

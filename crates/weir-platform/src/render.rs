@@ -1,0 +1,222 @@
+//! A gateway as ordinary APISIX objects: what the reconciler writes to the store, checked
+//! through the same catalog as the Admin API's writes.
+//!
+//! Per gateway:
+//! - `wp.{gid}.base`: `/*` on `{gid}.{base_domain}` and the custom domains, priority 1, 404 JSON;
+//! - per environment, `plugin_configs/wp.{gid}.{env}` holds its merged plugins, and two routes
+//!   use it at priority 10: `wp.{gid}.{env}` (`/{env}` and `/{env}/*` on the gateway's hosts,
+//!   the prefix removed before the upstream) and `wp.{gid}.{env}.host` (`/*` on
+//!   `{gid}.{env}.{base_domain}` and the environment's custom domain).
+//!
+//! Ids use `.`, which a gateway id never holds, so one gateway's objects are exactly the keys
+//! under `{kind}/wp.{gid}.`.
+
+use serde_json::{Map, Value, json};
+use weir_catalog::MANAGED_LABEL;
+
+use crate::PlatformConfig;
+use crate::model::{EnvState, Environment, Gateway, State};
+
+/// One object to hold in the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Object {
+    /// The catalog kind: `routes` or `plugin_configs`.
+    pub kind: &'static str,
+    pub id: String,
+    pub value: Value,
+}
+
+/// The kinds the platform writes, in the order they are written (a route names its plugin
+/// config, so the config comes first; deletes go the other way).
+pub const KINDS: [&str; 2] = ["plugin_configs", "routes"];
+
+/// The id prefix of every object of gateway `gid`.
+pub fn id_prefix(gid: &str) -> String {
+    format!("wp.{gid}.")
+}
+
+/// The layers an environment's plugins merge from, lowest first.
+pub fn layers<'a>(cfg: &'a PlatformConfig, gw: &'a Gateway, env: &'a Environment) -> [(&'static str, &'a Map<String, Value>); 3] {
+    [("base", &cfg.base_plugins), ("gateway", &gw.plugins), ("environment", &env.plugins)]
+}
+
+/// The merged plugins of an environment, each with the layer it came from: a later layer's
+/// plugin replaces an earlier one's of the same name. The auth plugin of `authType` is added
+/// unless a layer configures it.
+pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(String, Value, &'static str)> {
+    let mut out: Vec<(String, Value, &'static str)> = Vec::new();
+    for (layer, plugins) in layers(cfg, gw, env) {
+        for (name, conf) in plugins {
+            match out.iter_mut().find(|(n, _, _)| n == name) {
+                Some(slot) => *slot = (name.clone(), conf.clone(), layer),
+                None => out.push((name.clone(), conf.clone(), layer)),
+            }
+        }
+    }
+    if let Some(auth) = env.auth_type.plugin()
+        && !out.iter().any(|(n, _, _)| n == auth)
+    {
+        out.push((auth.to_string(), json!({}), "environment"));
+    }
+    out
+}
+
+fn merged(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Map<String, Value> {
+    effective(cfg, gw, env).into_iter().map(|(n, v, _)| (n, v)).collect()
+}
+
+fn labels(gid: &str, env: Option<&str>) -> Value {
+    let mut l = json!({ MANAGED_LABEL: gid });
+    if let Some(env) = env {
+        l["weir-environment"] = json!(env);
+    }
+    l
+}
+
+/// A plugin that answers every request itself with `status` and a JSON error.
+fn answer(status: u16, message: &str) -> Value {
+    json!({"mocking": {
+        "response_status": status,
+        "response_example": json!({"error_msg": message}).to_string(),
+        "content_type": "application/json",
+        "with_mock_header": false
+    }})
+}
+
+/// The gateway's own hosts: `{gid}.{base_domain}` and its custom domains.
+pub fn gateway_hosts(cfg: &PlatformConfig, gw: &Gateway) -> Vec<String> {
+    let mut hosts = vec![format!("{}.{}", gw.gateway_id, cfg.base_domain)];
+    hosts.extend(gw.custom_domains.iter().cloned());
+    hosts
+}
+
+/// Every object gateway `gw` needs, as it stands.
+pub fn render(cfg: &PlatformConfig, gw: &Gateway) -> Vec<Object> {
+    let gid = &gw.gateway_id;
+    let running = gw.state == State::Running;
+    let hosts = gateway_hosts(cfg, gw);
+    let mut out = vec![Object {
+        kind: "routes",
+        id: format!("wp.{gid}.base"),
+        value: json!({
+            "uris": ["/*"],
+            "hosts": hosts,
+            "priority": 1,
+            "name": format!("{gid} (outside every environment)"),
+            "plugins": if running { answer(404, "no environment at this path: use /dev, /staging or /prod") } else { answer(503, "this gateway is stopped") },
+            "labels": labels(gid, None),
+        }),
+    }];
+    for env in &gw.environments {
+        let name = &env.name;
+        let id = format!("wp.{gid}.{name}");
+        out.push(Object {
+            kind: "plugin_configs",
+            id: id.clone(),
+            value: json!({"plugins": merged(cfg, gw, env), "labels": labels(gid, Some(name)), "desc": format!("{gid} {name}: merged plugins")}),
+        });
+        let mut env_hosts = vec![format!("{gid}.{name}.{}", cfg.base_domain)];
+        env_hosts.extend(env.custom_domain.iter().cloned());
+        // Under the gateway's hosts the environment is a path prefix, removed before the
+        // upstream sees the request; under its own hosts it is the whole host.
+        let routes = [
+            (id.clone(), json!([format!("/{name}"), format!("/{name}/*")]), hosts.clone(), Some(format!("^/{name}/?(.*)$"))),
+            (format!("{id}.host"), json!(["/*"]), env_hosts, None),
+        ];
+        for (route_id, uris, hosts, strip) in routes {
+            let mut route = json!({
+                "uris": uris,
+                "hosts": hosts,
+                "priority": 10,
+                "name": format!("{gid} {name}"),
+                "plugin_config_id": id,
+                "labels": labels(gid, Some(name)),
+            });
+            let refusal = if !running {
+                Some(answer(503, "this gateway is stopped"))
+            } else if env.state == EnvState::Inactive {
+                Some(answer(503, "this environment is inactive"))
+            } else if env.upstream.is_none() {
+                Some(answer(404, "nothing is published at this path"))
+            } else {
+                None
+            };
+            match (refusal, &env.upstream) {
+                (Some(plugins), _) => route["plugins"] = plugins,
+                (None, Some(upstream)) => {
+                    route["upstream"] = upstream.clone();
+                    if let Some(pattern) = strip {
+                        route["plugins"] = json!({"proxy-rewrite": {"regex_uri": [pattern, "/$1"]}});
+                    }
+                }
+                (None, None) => {}
+            }
+            out.push(Object { kind: "routes", id: route_id, value: route });
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{AuthType, Phase, Promotion};
+
+    fn gateway() -> Gateway {
+        let mut envs: Vec<Environment> = crate::model::ENVIRONMENTS.iter().map(|e| Environment::new(e)).collect();
+        envs[0].plugins.insert("limit-count".into(), json!({"count": 5, "time_window": 60}));
+        envs[0].upstream = Some(json!({"nodes": {"127.0.0.1:1980": 1}, "type": "roundrobin"}));
+        envs[1].auth_type = AuthType::KeyAuth;
+        Gateway {
+            gateway_id: "shop".into(),
+            name: "Shop".into(),
+            plugins: json!({"limit-count": {"count": 100, "time_window": 60}, "cors": {"max_age": 10}}).as_object().unwrap().clone(),
+            custom_domains: vec!["api.shop.test".into()],
+            promotion_pipeline: Promotion::default(),
+            state: State::Running,
+            phase: Phase::Starting,
+            environments: envs,
+            reason: None,
+            created_at: 0,
+            updated_at: 0,
+            locked_at: None,
+            locked_by: None,
+            generation: 1,
+            rendered_generation: 0,
+            phase_since: 0,
+            attempts: 0,
+            retry_at: 0,
+        }
+    }
+
+    #[test]
+    fn layers_merge_base_then_gateway_then_environment() {
+        let cfg = PlatformConfig::default();
+        let gw = gateway();
+        let dev = effective(&cfg, &gw, &gw.environments[0]);
+        let layer = |n: &str| dev.iter().find(|(name, _, _)| name == n).map(|(_, v, l)| (v.clone(), *l));
+        assert_eq!(layer("limit-count"), Some((json!({"count": 5, "time_window": 60}), "environment")));
+        assert_eq!(layer("cors"), Some((json!({"max_age": 10}), "gateway")));
+        let staging = effective(&cfg, &gw, &gw.environments[1]);
+        assert!(staging.iter().any(|(n, _, l)| n == "key-auth" && *l == "environment"));
+        assert!(staging.iter().any(|(n, v, l)| n == "limit-count" && v["count"] == 100 && *l == "gateway"));
+    }
+
+    #[test]
+    fn a_gateway_renders_to_routes_and_plugin_configs_under_its_prefix() {
+        let cfg = PlatformConfig::default();
+        let gw = gateway();
+        let objects = render(&cfg, &gw);
+        assert_eq!(objects.len(), 1 + 3 * 3);
+        assert!(objects.iter().all(|o| o.id.starts_with(&id_prefix("shop"))));
+        let dev = objects.iter().find(|o| o.id == "wp.shop.dev" && o.kind == "routes").unwrap();
+        assert_eq!(dev.value["hosts"], json!(["shop.localhost", "api.shop.test"]));
+        assert_eq!(dev.value["plugins"]["proxy-rewrite"]["regex_uri"][0], "^/dev/?(.*)$");
+        let staging = objects.iter().find(|o| o.id == "wp.shop.staging.host").unwrap();
+        assert_eq!(staging.value["hosts"], json!(["shop.staging.localhost"]));
+        assert_eq!(staging.value["plugins"]["mocking"]["response_status"], 404);
+        let mut stopped = gw.clone();
+        stopped.state = State::Stopped;
+        assert!(render(&cfg, &stopped).iter().filter(|o| o.kind == "routes").all(|o| o.value["plugins"]["mocking"]["response_status"] == 503));
+    }
+}

@@ -1,0 +1,162 @@
+//! The API platform end to end, against a real `weir` process: a gateway is created, its three
+//! environments are provisioned as APISIX objects, requests reach each environment with its
+//! merged plugins, and stop and delete take everything down.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{KEY, Upstream, Weir, send};
+use serde_json::{Value, json};
+
+async fn v1(w: &Weir, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let r = send(w.admin, method, &format!("/v1/{path}"), &[("x-api-key", KEY)], body.as_deref()).await;
+    (r.status, r.json())
+}
+
+/// Polls the gateway until `check` holds.
+async fn until_gateway(w: &Weir, gid: &str, check: impl Fn(u16, &Value) -> bool) -> Value {
+    for _ in 0..500 {
+        let (s, b) = v1(w, "GET", &format!("api-gateways/{gid}"), None).await;
+        if check(s, &b) {
+            return b;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("gateway {gid} never reached the state asked for");
+}
+
+fn problems(b: &Value) -> Vec<String> {
+    b["error"]["problems"].as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect()).unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_gateway_is_provisioned_serves_its_environments_and_is_taken_down() {
+    let w = Weir::start();
+    let up = Upstream::start("backend").await;
+
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Shop", "gatewayId": "shop",
+        "plugins": {"limit-count": {"count": 100, "time_window": 60, "rejected_code": 429}}}))).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!((&b["gatewayId"], &b["state"], &b["phase"], &b["environments"]), (&json!("shop"), &json!("Running"), &json!("Creating"), &json!([])));
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Again", "gatewayId": "shop"}))).await;
+    assert_eq!((s, &b["error"]["kind"]), (409, &json!("conflict")), "{b}");
+
+    let gw = until_gateway(&w, "shop", |_, b| b["phase"] == "Started").await;
+    let envs: Vec<(&str, &str)> = gw["environments"].as_array().unwrap().iter().map(|e| (e["name"].as_str().unwrap(), e["phase"].as_str().unwrap())).collect();
+    assert_eq!(envs, [("dev", "Started"), ("staging", "Started"), ("prod", "Started")]);
+
+    // Outside every environment, and in an environment with nothing behind it: 404 JSON.
+    let shop = [("host", "shop.localhost")];
+    let r = w.get("/elsewhere", &shop).await;
+    assert_eq!((r.status, r.headers["content-type"].to_str().unwrap()), (404, "application/json"), "{}", r.text());
+    assert!(r.json()["error_msg"].is_string());
+    assert_eq!(w.get("/staging/x", &shop).await.status, 404);
+
+    // The environment gets an upstream and a plugin of its own that overrides the gateway's.
+    let upstream = json!({"type": "roundrobin", "nodes": {up.node(): 1}});
+    let (s, b) = v1(&w, "PATCH", "api-gateways/shop/environments/dev", Some(json!({"upstream": upstream,
+        "plugins": {"limit-count": {"count": 50, "time_window": 60, "rejected_code": 429}}}))).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["plugins"]["limit-count"]["count"], 50);
+    let r = w.until("/dev/hello?x=1", &shop, |r| r.status == 200).await;
+    assert_eq!(r.json()["uri"], "/hello?x=1", "the /dev prefix is removed before the upstream");
+    assert_eq!(r.headers["x-ratelimit-limit"], "50", "the environment's limit-count wins");
+    assert!(r.headers.contains_key("access-control-allow-origin"), "the base layer's cors applies");
+    let r = w.get("/there", &[("host", "shop.dev.localhost")]).await;
+    assert_eq!((r.status, r.json()["uri"].clone()), (200, json!("/there")), "the environment's own host");
+    let r = w.get("/dev", &shop).await;
+    assert_eq!((r.status, r.json()["uri"].clone()), (200, json!("/")));
+
+    // Where each plugin came from.
+    let (s, b) = v1(&w, "GET", "api-gateways/shop/environments/dev/effective-plugins", None).await;
+    assert_eq!(s, 200);
+    let layer = |name: &str| b["plugins"].as_array().unwrap().iter().find(|p| p["name"] == name).map(|p| p["layer"].clone());
+    assert_eq!((layer("limit-count"), layer("cors")), (Some(json!("environment")), Some(json!("base"))));
+
+    // The generated objects are APISIX's own, and the Admin API will not change them.
+    let (s, b) = w.admin("GET", "/routes/wp.shop.dev", None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["value"]["labels"]["weir-managed-gateway"], "shop");
+    let (s, b) = w.admin("PUT", "/routes/wp.shop.dev", Some(json!({"uri": "/x", "upstream": upstream}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(b["error_msg"].as_str().unwrap().contains("/v1/api-gateways/shop"), "{b}");
+    assert_eq!(w.admin("DELETE", "/plugin_configs/wp.shop.dev", None).await.0, 400);
+    let forged = json!({"uri": "/y", "upstream": upstream, "labels": {"weir-managed-gateway": "shop"}});
+    assert_eq!(w.admin("PUT", "/routes/forged", Some(forged)).await.0, 400);
+
+    // An inactive environment answers 503; a stopped gateway answers 503 everywhere.
+    let (s, _) = v1(&w, "PATCH", "api-gateways/shop/environments/prod", Some(json!({"state": "inactive", "upstream": upstream}))).await;
+    assert_eq!(s, 200);
+    w.until("/prod/x", &shop, |r| r.status == 503).await;
+    let (s, _) = v1(&w, "PATCH", "api-gateways/shop", Some(json!({"state": "Stopped"}))).await;
+    assert_eq!(s, 200);
+    let r = w.until("/dev/hello", &shop, |r| r.status == 503).await;
+    assert_eq!(r.json()["error_msg"], "this gateway is stopped");
+    until_gateway(&w, "shop", |_, b| b["phase"] == "Stopped").await;
+    let (s, _) = v1(&w, "PATCH", "api-gateways/shop", Some(json!({"state": "Running"}))).await;
+    assert_eq!(s, 200);
+    w.until("/dev/hello", &shop, |r| r.status == 200).await;
+
+    // Deleted: the gateway and every object it owned are gone.
+    let (s, b) = v1(&w, "DELETE", "api-gateways/shop", None).await;
+    assert_eq!((s, &b["phase"]), (202, &json!("Deleting")), "{b}");
+    until_gateway(&w, "shop", |s, _| s == 404).await;
+    let backup = send(w.admin, "GET", "/apisix/admin/backup", &[("x-api-key", KEY)], None).await.json();
+    let left: Vec<String> = backup.to_string().matches("wp.shop.").map(str::to_string).collect();
+    assert!(left.is_empty(), "nothing of the gateway is left: {backup}");
+    assert_eq!(w.admin("GET", "/routes", None).await.1["total"], 0);
+    assert_eq!(w.admin("GET", "/plugin_configs", None).await.1["total"], 0);
+    w.until("/dev/hello", &shop, |r| r.status == 404).await;
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
+    let w = Weir::start_in(tempfile::tempdir().unwrap(), "    - {name: ro, key: \"viewer-key-0123\", role: viewer}\n");
+    // Wrong types, an unknown field, an oversize value, a bad id: every problem listed.
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "x".repeat(101), "gatewayId": "Not_A_Label",
+        "customDomains": "api.example.test", "promotionPipeline": {"enabled": "yes"}, "owner": "me"}))).await;
+    assert_eq!((s, &b["error"]["kind"]), (400, &json!("bad_input")), "{b}");
+    let p = problems(&b);
+    for field in ["name", "gatewayId", "customDomains", "promotionPipeline.enabled", "owner"] {
+        assert!(p.iter().any(|p| p.starts_with(field) || p.contains(&format!("'{field}'")) || p.contains(&format!("\"{field}\""))), "{field} in {p:?}");
+    }
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": 7}))).await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = v1(&w, "POST", "api-gateways", None).await;
+    assert_eq!(s, 400, "{b}");
+
+    // A plugin layer APISIX's schema or checks refuse: the layer and field are named.
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "c", "gatewayId": "cors1",
+        "plugins": {"cors": {"allow_credential": true}, "limit-count": {"count": "many"}}}))).await;
+    assert_eq!(s, 400, "{b}");
+    let p = problems(&b);
+    assert!(p.iter().any(|p| p.starts_with("plugins (gateway layer)") && p.contains("cors")), "{p:?}");
+    assert!(p.iter().any(|p| p.starts_with("plugins (gateway layer)") && p.contains("limit-count")), "{p:?}");
+    let (_, list) = v1(&w, "GET", "api-gateways", None).await;
+    assert_eq!(list["total"], 0, "nothing was stored");
+
+    // A stored gateway: a bad change to it changes nothing.
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "ok", "gatewayId": "okay"}))).await.0, 201);
+    until_gateway(&w, "okay", |_, b| b["phase"] == "Started").await;
+    let (s, b) = v1(&w, "PATCH", "api-gateways/okay/environments/dev", Some(json!({"authType": "oauth", "upstream": {"nodes": "x"}, "colour": 1}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(problems(&b).len() >= 3, "{b}");
+    let (s, b) = v1(&w, "PATCH", "api-gateways/okay/environments/dev", Some(json!({"upstream": {"type": "roundrobin"}}))).await;
+    assert_eq!(s, 400, "an upstream without nodes: {b}");
+    assert!(problems(&b)[0].starts_with("upstream"), "{b}");
+    let (_, dev) = v1(&w, "GET", "api-gateways/okay/environments/dev", None).await;
+    assert_eq!((&dev["authType"], &dev["upstream"]), (&json!("none"), &Value::Null));
+    assert_eq!(v1(&w, "GET", "api-gateways/okay/environments/qa", None).await.0, 404);
+    assert_eq!(v1(&w, "GET", "api-gateways/nope", None).await.0, 404);
+
+    // A viewer key reads and may not write; no key gets 401.
+    let viewer = [("x-api-key", "viewer-key-0123")];
+    assert_eq!(send(w.admin, "GET", "/v1/api-gateways", &viewer, None).await.status, 200);
+    let r = send(w.admin, "POST", "/v1/api-gateways", &viewer, Some("{\"name\":\"v\"}")).await;
+    assert_eq!((r.status, r.json()["error"]["kind"].clone()), (403, json!("forbidden")));
+    assert_eq!(send(w.admin, "GET", "/v1/api-gateways", &[], None).await.status, 401);
+    // The control API still answers beside it.
+    assert_eq!(w.control("healthcheck").await.0, 200);
+}
