@@ -10,57 +10,38 @@ use tokio::time::Instant;
 
 use http::header::{HeaderName, HeaderValue};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::{LegacyFactory, Factory, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    let statuses = |default: Value| json!({"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 200, "maximum": 599}, "default": default});
-    LegacyFactory {
-        name: "api-breaker",
-        priority: 1005,
-        schema: json!({"type": "object", "properties": {
-            "break_response_code": {"type": "integer", "minimum": 200, "maximum": 599},
-            "break_response_body": {"type": "string"},
-            "break_response_headers": {"type": "array", "items": {"type": "object", "properties": {
-                "key": {"type": "string", "minLength": 1}, "value": {"type": "string", "minLength": 1}
-            }, "required": ["key", "value"]}},
-            "max_breaker_sec": {"type": "integer", "minimum": 3, "default": 300},
-            "unhealthy": {"type": "object", "properties": {
-                "http_statuses": statuses(json!([500])),
-                "failures": {"type": "integer", "minimum": 1, "default": 3}
-            }},
-            "healthy": {"type": "object", "properties": {
-                "http_statuses": statuses(json!([200])),
-                "successes": {"type": "integer", "minimum": 1, "default": 3}
-            }}
-        }, "required": ["break_response_code"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            let headers = c
-                .break_response_headers
-                .iter()
-                .map(|h| {
-                    let n = HeaderName::from_bytes(h.key.as_bytes()).map_err(|e| format!("break_response_headers: {e}"))?;
-                    let v = HeaderValue::from_str(&h.value).map_err(|e| format!("break_response_headers: {e}"))?;
-                    Ok((n, v))
-                })
-                .collect::<Result<_, String>>()?;
-            Ok(Arc::new(ApiBreaker { config: c, headers, state: Mutex::new(State::default()) }))
-        },
-    }
-    .into()
+    Factory::new("api-breaker", 1005, |c: Config, _| {
+        let headers = c
+            .break_response_headers
+            .iter()
+            .map(|h| {
+                let n = HeaderName::from_bytes(h.key.as_bytes()).map_err(|e| format!("break_response_headers: {e}"))?;
+                let v = HeaderValue::from_str(&h.value).map_err(|e| format!("break_response_headers: {e}"))?;
+                Ok((n, v))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok(Arc::new(ApiBreaker { config: c, headers, state: Mutex::new(State::default()) }))
+    })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 struct Config {
+    /// The status answered while the breaker is open.
+    #[schemars(range(min = 200, max = 599))]
     break_response_code: u16,
+    /// The body answered while the breaker is open.
     break_response_body: Option<String>,
+    /// Headers added to the answer while the breaker is open.
     #[serde(default)]
     break_response_headers: Vec<KeyValue>,
+    /// The longest the breaker stays open, in seconds.
     #[serde(default = "secs_300")]
+    #[schemars(range(min = 3))]
     max_breaker_sec: u64,
     #[serde(default)]
     unhealthy: Unhealthy,
@@ -68,16 +49,22 @@ struct Config {
     healthy: Healthy,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 struct KeyValue {
+    #[schemars(length(min = 1))]
     key: String,
+    #[schemars(length(min = 1))]
     value: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(default)]
 struct Unhealthy {
+    /// Upstream statuses that count as failures.
+    #[schemars(length(min = 1), inner(range(min = 200, max = 599)))]
     http_statuses: Vec<u16>,
+    /// Failures in a row that open the breaker.
+    #[schemars(range(min = 1))]
     failures: u64,
 }
 
@@ -87,10 +74,14 @@ impl Default for Unhealthy {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(default)]
 struct Healthy {
+    /// Upstream statuses that count as successes.
+    #[schemars(length(min = 1), inner(range(min = 200, max = 599)))]
     http_statuses: Vec<u16>,
+    /// Successes in a row that close the breaker.
+    #[schemars(range(min = 1))]
     successes: u64,
 }
 
@@ -179,7 +170,7 @@ mod tests {
     use super::*;
 
     fn breaker() -> ApiBreaker {
-        let conf = json!({"break_response_code": 502, "unhealthy": {"failures": 2}, "healthy": {"successes": 2}, "max_breaker_sec": 10});
+        let conf = serde_json::json!({"break_response_code": 502, "unhealthy": {"failures": 2}, "healthy": {"successes": 2}, "max_breaker_sec": 10});
         let c: Config = serde_json::from_value(conf).unwrap();
         ApiBreaker { config: c, headers: Vec::new(), state: Mutex::new(State::default()) }
     }

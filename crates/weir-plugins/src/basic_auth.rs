@@ -5,33 +5,32 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use http::header::{self, HeaderValue};
-use serde_json::{Value, json};
+use serde::Deserialize;
 use subtle::ConstantTimeEq as _;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "basic-auth",
-        priority: 2520,
-        schema: json!({"type": "object", "properties": {
-            "hide_credentials": {"type": "boolean", "default": false},
-            "anonymous_consumer": {"type": "string", "minLength": 1}
-        }}),
-        consumer_schema: Some(json!({"type": "object", "properties": {
-            "username": {"type": "string"},
-            "password": {"type": "string"}
-        }, "required": ["username", "password"], "encrypt_fields": ["password"]})),
-        build: |conf, _| {
-            let hide = conf.get("hide_credentials").and_then(Value::as_bool).unwrap_or(false);
-            Ok(Arc::new(BasicAuth { hide }))
-        },
-        credential: Some(|conf| {
-            let text = |k: &str| conf.get(k).and_then(Value::as_str).ok_or(format!("{k} is required"));
-            Ok((text("username")?.to_string(), Arc::new(Password(text("password")?.to_string()))))
-        }),
-    }
-    .into()
+    Factory::new("basic-auth", 2520, |c: Config, _| Ok(Arc::new(BasicAuth { hide: c.hide_credentials })))
+        .with_credential(|c: Credential| Ok((c.username, Arc::new(Password(c.password)))))
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// Remove the `Authorization` header before the request goes upstream.
+    #[serde(default)]
+    hide_credentials: bool,
+    #[schemars(length(min = 1))]
+    #[allow(dead_code)]
+    anonymous_consumer: Option<String>,
+}
+
+/// A consumer's username and password; the password is sealed at rest by the Admin API.
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("encrypt_fields" = ["password"]))]
+struct Credential {
+    username: String,
+    password: String,
 }
 
 struct Password(String);

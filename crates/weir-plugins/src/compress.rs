@@ -6,49 +6,96 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-use crate::{LegacyFactory, BodyTransform, Factory, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
-
-fn schema(level: Value) -> Value {
-    json!({"type": "object", "properties": {
-        "types": {"anyOf": [
-            {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
-            {"enum": ["*"]}
-        ], "default": ["text/html"]},
-        "min_length": {"type": "integer", "minimum": 1, "default": 20},
-        "comp_level": level,
-        "http_version": {"enum": [1.1, 1.0], "default": 1.1},
-        "buffers": {"type": "object"},
-        "lgwin": {"type": "integer"},
-        "lgblock": {"type": "integer"},
-        "mode": {"type": "integer"},
-        "vary": {"type": "boolean"}
-    }})
-}
+use crate::{BodyTransform, Factory, JsonSchema, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
 
 pub(crate) fn gzip_factory() -> Factory {
-    LegacyFactory {
-        name: "gzip",
-        priority: 995,
-        schema: schema(json!({"type": "integer", "minimum": 1, "maximum": 9, "default": 1})),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| Ok(Arc::new(Compress::new(conf, Codec::Gzip, 1))),
-    }
-    .into()
+    Factory::new("gzip", 995, |c: GzipConfig, _| Ok(Arc::new(Compress::new(c.common, Codec::Gzip, c.comp_level))))
 }
 
 pub(crate) fn brotli_factory() -> Factory {
-    LegacyFactory {
-        name: "brotli",
-        priority: 996,
-        schema: schema(json!({"type": "integer", "minimum": 0, "maximum": 11, "default": 6})),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| Ok(Arc::new(Compress::new(conf, Codec::Brotli, 6))),
-    }
-    .into()
+    Factory::new("brotli", 996, |c: BrotliConfig, _| Ok(Arc::new(Compress::new(c.common, Codec::Brotli, c.comp_level))))
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct GzipConfig {
+    #[serde(flatten)]
+    common: Common,
+    /// The gzip compression level.
+    #[serde(default = "level_1")]
+    #[schemars(range(min = 1, max = 9))]
+    comp_level: u32,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct BrotliConfig {
+    #[serde(flatten)]
+    common: Common,
+    /// The brotli compression quality.
+    #[serde(default = "level_6")]
+    #[schemars(range(min = 0, max = 11))]
+    comp_level: u32,
+}
+
+// What gzip and brotli share. The fields only APISIX's nginx reads are accepted and ignored.
+#[derive(Deserialize, JsonSchema)]
+struct Common {
+    /// The response content types compressed, or `*` for all.
+    #[serde(default = "text_html")]
+    types: Types,
+    /// Responses shorter than this many bytes are sent as they are.
+    #[serde(default = "bytes_20")]
+    #[schemars(range(min = 1))]
+    min_length: u64,
+    #[serde(default = "http_1_1")]
+    #[schemars(extend("enum" = [1.1, 1.0]))]
+    #[allow(dead_code)]
+    http_version: f64,
+    #[allow(dead_code)]
+    buffers: Option<Map<String, Value>>,
+    #[allow(dead_code)]
+    lgwin: Option<i64>,
+    #[allow(dead_code)]
+    lgblock: Option<i64>,
+    #[allow(dead_code)]
+    mode: Option<i64>,
+    /// Add `Vary: Accept-Encoding` to compressed responses.
+    vary: Option<bool>,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+enum Types {
+    List(#[schemars(length(min = 1), inner(length(min = 1)))] Vec<String>),
+    All(All),
+}
+
+#[derive(Deserialize, Serialize, JsonSchema)]
+enum All {
+    #[serde(rename = "*")]
+    All,
+}
+
+fn text_html() -> Types {
+    Types::List(vec!["text/html".into()])
+}
+
+fn bytes_20() -> u64 {
+    20
+}
+
+fn http_1_1() -> f64 {
+    1.1
+}
+
+fn level_1() -> u32 {
+    1
+}
+
+fn level_6() -> u32 {
+    6
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -86,19 +133,12 @@ struct Compress {
 struct Accepted;
 
 impl Compress {
-    fn new(conf: &Value, codec: Codec, default_level: u32) -> Compress {
-        let types = match conf.get("types") {
-            Some(Value::String(s)) if s == "*" => None,
-            Some(Value::Array(a)) => Some(a.iter().filter_map(Value::as_str).map(str::to_ascii_lowercase).collect()),
-            _ => Some(vec!["text/html".to_string()]),
+    fn new(c: Common, codec: Codec, level: u32) -> Compress {
+        let types = match c.types {
+            Types::All(All::All) => None,
+            Types::List(list) => Some(list.iter().map(|t| t.to_ascii_lowercase()).collect()),
         };
-        Compress {
-            codec,
-            types,
-            min_length: conf.get("min_length").and_then(Value::as_u64).unwrap_or(20),
-            level: conf.get("comp_level").and_then(Value::as_u64).map_or(default_level, |l| l as u32),
-            vary: conf.get("vary").and_then(Value::as_bool).unwrap_or(false),
-        }
+        Compress { codec, types, min_length: c.min_length, level, vary: c.vary.unwrap_or(false) }
     }
 
     fn transform(&self) -> BodyTransform {
@@ -195,9 +235,21 @@ mod tests {
     }
 
     #[test]
+    fn configs_parse() {
+        let c: BrotliConfig = crate::parse(&serde_json::json!({"types": "*", "min_length": 5, "comp_level": 11, "http_version": 1})).unwrap();
+        let c = Compress::new(c.common, Codec::Brotli, c.comp_level);
+        assert!(c.types.is_none());
+        assert_eq!((c.min_length, c.level), (5, 11));
+        let c: GzipConfig = crate::parse(&serde_json::json!({"types": ["Text/Plain"]})).unwrap();
+        assert_eq!(c.comp_level, 1);
+        assert_eq!(Compress::new(c.common, Codec::Gzip, 1).types, Some(vec!["text/plain".to_string()]));
+    }
+
+    #[test]
     fn gzip_streams_round_trip() {
         use std::io::Read as _;
-        let c = Compress::new(&json!({}), Codec::Gzip, 1);
+        let c: GzipConfig = crate::parse(&serde_json::json!({})).unwrap();
+        let c = Compress::new(c.common, Codec::Gzip, c.comp_level);
         let mut t = c.transform();
         let mut out = Vec::new();
         for chunk in [&b"hello "[..], b"streaming ", b"world"] {

@@ -3,55 +3,82 @@
 
 use std::sync::Arc;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    let names = json!({"type": "array", "minItems": 1, "items": {"type": "string"}});
-    LegacyFactory {
-        name: "consumer-restriction",
-        priority: 2400,
-        schema: json!({"type": "object", "properties": {
-            "type": {"type": "string", "enum": ["consumer_name"], "default": "consumer_name"},
-            "blacklist": names,
-            "whitelist": names,
-            "allowed_by_methods": {"type": "array", "items": {"type": "object", "properties": {
-                "user": {"type": "string"},
-                "methods": {"type": "array", "minItems": 1, "items": {"type": "string",
-                    "enum": ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE", "PURGE"]}}
-            }}},
-            "rejected_code": {"type": "integer", "minimum": 200, "default": 403},
-            "rejected_msg": {"type": "string"}
-        }, "anyOf": [{"required": ["blacklist"]}, {"required": ["whitelist"]}, {"required": ["allowed_by_methods"]}]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            Ok(Arc::new(c))
-        },
-    }
-    .into()
+    Factory::new("consumer-restriction", 2400, |c: Config, _| Ok(Arc::new(c)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("anyOf" = [{"required": ["blacklist"]}, {"required": ["whitelist"]}, {"required": ["allowed_by_methods"]}]))]
 struct Config {
-    #[serde(default)]
-    blacklist: Vec<String>,
+    /// What the lists name.
+    #[serde(default, rename = "type")]
+    #[allow(dead_code)]
+    kind: Kind,
+    /// Consumers refused.
+    #[schemars(length(min = 1))]
+    blacklist: Option<Vec<String>>,
+    /// The only consumers let through.
+    #[schemars(length(min = 1))]
     whitelist: Option<Vec<String>>,
-    #[serde(default)]
-    allowed_by_methods: Vec<ByMethod>,
+    /// The methods a consumer may use.
+    allowed_by_methods: Option<Vec<ByMethod>>,
+    /// The status a refused consumer is answered with.
     #[serde(default = "code_403")]
+    #[schemars(range(min = 200))]
     rejected_code: u16,
+    /// The message a refused consumer is answered with.
     rejected_msg: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Serialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+enum Kind {
+    #[default]
+    ConsumerName,
+}
+
+#[derive(Deserialize, JsonSchema)]
 struct ByMethod {
     user: Option<String>,
-    #[serde(default)]
-    methods: Vec<String>,
+    #[schemars(length(min = 1))]
+    methods: Option<Vec<Method>>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+enum Method {
+    Get,
+    Post,
+    Put,
+    Delete,
+    Patch,
+    Head,
+    Options,
+    Connect,
+    Trace,
+    Purge,
+}
+
+impl Method {
+    fn as_str(&self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+            Method::Put => "PUT",
+            Method::Delete => "DELETE",
+            Method::Patch => "PATCH",
+            Method::Head => "HEAD",
+            Method::Options => "OPTIONS",
+            Method::Connect => "CONNECT",
+            Method::Trace => "TRACE",
+            Method::Purge => "PURGE",
+        }
+    }
 }
 
 fn code_403() -> u16 {
@@ -75,13 +102,13 @@ impl Plugin for Config {
         {
             return Err(self.reject());
         }
-        if self.blacklist.contains(&name) {
+        if self.blacklist.as_ref().is_some_and(|black| black.contains(&name)) {
             return Err(self.reject());
         }
         let method = ctx.parts.method.as_str();
-        let listed = self.allowed_by_methods.iter().find(|m| m.user.as_deref() == Some(name.as_str()));
+        let listed = self.allowed_by_methods.iter().flatten().find(|m| m.user.as_deref() == Some(name.as_str()));
         if let Some(rule) = listed
-            && !rule.methods.iter().any(|m| m == method)
+            && !rule.methods.iter().flatten().any(|m| m.as_str() == method)
         {
             return Err(self.reject());
         }

@@ -6,28 +6,46 @@ use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
 use regex::Regex;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "cors",
-        priority: 4000,
-        schema: json!({"type": "object", "properties": {
-            "allow_origins": {"type": "string", "pattern": "^(\\*|\\*\\*|null|\\w+://[^,]+(,\\w+://[^,]+)*)$", "default": "*"},
-            "allow_methods": {"type": "string", "default": "*"},
-            "allow_headers": {"type": "string", "default": "*"},
-            "expose_headers": {"type": "string"},
-            "max_age": {"type": "integer", "default": 5},
-            "allow_credential": {"type": "boolean", "default": false},
-            "allow_origins_by_regex": {"type": "array", "minItems": 1, "uniqueItems": true, "items": {"type": "string", "minLength": 1}}
-        }}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| build(conf).map(|c| Arc::new(c) as Arc<dyn Plugin>),
-    }
-    .into()
+    Factory::new("cors", 4000, |c: Config, _| build(c).map(|c| Arc::new(c) as Arc<dyn Plugin>))
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// `*`, `**` (any origin, echoed), `null`, or a comma-separated list of `scheme://host[:port]`.
+    #[serde(default = "star")]
+    #[schemars(regex(pattern = r"^(\*|\*\*|null|\w+://[^,]+(,\w+://[^,]+)*)$"))]
+    allow_origins: String,
+    /// `*`, `**`, or a comma-separated list of methods.
+    #[serde(default = "star")]
+    allow_methods: String,
+    /// `*`, `**` (the requested headers, echoed), or a comma-separated list of headers.
+    #[serde(default = "star")]
+    allow_headers: String,
+    /// The headers a browser may expose to scripts, comma-separated.
+    expose_headers: Option<String>,
+    /// How long, in seconds, a browser may cache a preflight answer.
+    #[serde(default = "five")]
+    max_age: i64,
+    /// Allow requests with credentials (cookies, authorization).
+    #[serde(default)]
+    allow_credential: bool,
+    /// Regular expressions for the allowed origins; used instead of `allow_origins` when given.
+    #[schemars(length(min = 1), inner(length(min = 1)), extend("uniqueItems" = true))]
+    allow_origins_by_regex: Option<Vec<String>>,
+}
+
+fn star() -> String {
+    "*".into()
+}
+
+fn five() -> i64 {
+    5
 }
 
 struct Cors {
@@ -40,21 +58,19 @@ struct Cors {
     credential: bool,
 }
 
-fn build(conf: &Value) -> Result<Cors, String> {
-    let text = |k: &str, d: &str| conf.get(k).and_then(Value::as_str).unwrap_or(d).to_string();
+fn build(conf: Config) -> Result<Cors, String> {
     let c = Cors {
-        origins: text("allow_origins", "*"),
+        origins: conf.allow_origins,
         by_regex: conf
-            .get("allow_origins_by_regex")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().map(|r| Regex::new(r.as_str().unwrap_or(""))).collect::<Result<Vec<_>, _>>())
+            .allow_origins_by_regex
+            .map(|a| a.iter().map(|r| Regex::new(r)).collect::<Result<Vec<_>, _>>())
             .transpose()
             .map_err(|e| format!("allow_origins_by_regex: {e}"))?,
-        methods: text("allow_methods", "*"),
-        headers: text("allow_headers", "*"),
-        expose: conf.get("expose_headers").and_then(Value::as_str).map(str::to_string),
-        max_age: conf.get("max_age").and_then(Value::as_i64).unwrap_or(5),
-        credential: conf.get("allow_credential").and_then(Value::as_bool).unwrap_or(false),
+        methods: conf.allow_methods,
+        headers: conf.allow_headers,
+        expose: conf.expose_headers,
+        max_age: conf.max_age,
+        credential: conf.allow_credential,
     };
     // With credentials a browser refuses `*`, so APISIX refuses the config.
     if c.credential && [&c.origins, &c.methods, &c.headers].iter().any(|v| *v == "*") && c.by_regex.is_none() {

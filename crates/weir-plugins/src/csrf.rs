@@ -8,33 +8,40 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use http::header::{HeaderName, HeaderValue, SET_COOKIE};
 use ring::hmac;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{LegacyFactory, Factory, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
+use crate::{Factory, JsonSchema, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "csrf",
-        priority: 2980,
-        schema: json!({"type": "object", "properties": {
-            "key": {"type": "string", "minLength": 1},
-            "expires": {"type": "integer", "minimum": 1, "default": 7200},
-            "name": {"type": "string", "minLength": 1, "default": "apisix-csrf-token"}
-        }, "required": ["key"], "encrypt_fields": ["key"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let name = conf.get("name").and_then(Value::as_str).unwrap_or("apisix-csrf-token").to_string();
-            let header = HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("name: {e}"))?;
-            Ok(Arc::new(Csrf {
-                key: hmac::Key::new(hmac::HMAC_SHA256, conf.get("key").and_then(Value::as_str).unwrap_or("").as_bytes()),
-                expires: conf.get("expires").and_then(Value::as_u64).unwrap_or(7200),
-                name,
-                header,
-            }))
-        },
-    }
-    .into()
+    Factory::new("csrf", 2980, |c: Config, _| {
+        let header = HeaderName::from_bytes(c.name.as_bytes()).map_err(|e| format!("name: {e}"))?;
+        Ok(Arc::new(Csrf { key: hmac::Key::new(hmac::HMAC_SHA256, c.key.as_bytes()), expires: c.expires, name: c.name, header }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("encrypt_fields" = ["key"]))]
+struct Config {
+    /// The secret tokens are signed with; sealed at rest by the Admin API.
+    #[schemars(length(min = 1))]
+    key: String,
+    /// How long a token is valid, in seconds.
+    #[serde(default = "secs_7200")]
+    #[schemars(range(min = 1))]
+    expires: u64,
+    /// The name of the cookie and of the header that carry the token.
+    #[serde(default = "token_name")]
+    #[schemars(length(min = 1))]
+    name: String,
+}
+
+fn secs_7200() -> u64 {
+    7200
+}
+
+fn token_name() -> String {
+    "apisix-csrf-token".into()
 }
 
 struct Csrf {

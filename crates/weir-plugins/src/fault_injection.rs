@@ -1,38 +1,59 @@
 //! `fault-injection`: delays requests, or answers them with a chosen status, for a percentage
 //! of the traffic (and only where `vars` hold), to test how clients cope with failures.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 use weir_core::expr::Expr;
 
-use crate::{LegacyFactory, Factory, Pending, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Pending, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    let vars = json!({"type": "array", "items": {"type": "array"}});
-    LegacyFactory {
-        name: "fault-injection",
-        priority: 11000,
-        schema: json!({"type": "object", "properties": {
-            "abort": {"type": "object", "properties": {
-                "http_status": {"type": "integer", "minimum": 200},
-                "body": {"type": "string", "minLength": 0},
-                "headers": {"type": "object", "additionalProperties": {"type": "string"}},
-                "percentage": {"type": "integer", "minimum": 0, "maximum": 100},
-                "vars": vars
-            }, "required": ["http_status"]},
-            "delay": {"type": "object", "properties": {
-                "duration": {"type": "number", "minimum": 0},
-                "percentage": {"type": "integer", "minimum": 0, "maximum": 100},
-                "vars": vars
-            }, "required": ["duration"]}
-        }, "minProperties": 1}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| Ok(Arc::new(build(conf)?)),
-    }
-    .into()
+    Factory::new("fault-injection", 11000, |c: Config, _| Ok(Arc::new(build(c)?)))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("minProperties" = 1))]
+struct Config {
+    /// Answer the request here instead of proxying it.
+    abort: Option<AbortConfig>,
+    /// Pause before the request goes on.
+    delay: Option<DelayConfig>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct AbortConfig {
+    /// The status answered.
+    #[schemars(range(min = 200))]
+    http_status: u16,
+    /// The body answered; may name variables (`$remote_addr`).
+    #[schemars(length(min = 0))]
+    body: Option<String>,
+    /// Headers added to the answer; their values may name variables.
+    headers: Option<BTreeMap<String, String>>,
+    #[serde(flatten)]
+    when: WhenConfig,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct DelayConfig {
+    /// The pause, in seconds.
+    #[schemars(range(min = 0))]
+    duration: f64,
+    #[serde(flatten)]
+    when: WhenConfig,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct WhenConfig {
+    /// The percentage of requests the fault happens to.
+    #[schemars(range(min = 0, max = 100))]
+    percentage: Option<u32>,
+    /// Conditions (APISIX's `vars` expressions): the fault happens when any holds.
+    vars: Option<Vec<Vec<Value>>>,
 }
 
 struct When {
@@ -42,12 +63,9 @@ struct When {
 }
 
 impl When {
-    fn parse(v: &Value) -> Result<When, String> {
-        let vars = match v.get("vars").and_then(Value::as_array) {
-            Some(list) => list.iter().map(Expr::compile).collect::<Result<_, _>>().map_err(|e| format!("vars: {e}"))?,
-            None => Vec::new(),
-        };
-        Ok(When { percentage: v.get("percentage").and_then(Value::as_u64).map(|p| p as u32), vars })
+    fn new(c: WhenConfig) -> Result<When, String> {
+        let vars = c.vars.into_iter().flatten().map(|v| Expr::compile(&Value::Array(v))).collect::<Result<_, _>>().map_err(|e| format!("vars: {e}"))?;
+        Ok(When { percentage: c.percentage, vars })
     }
 
     fn holds(&self, ctx: &RequestCtx<'_>) -> bool {
@@ -70,29 +88,28 @@ struct FaultInjection {
     delay: Option<(Duration, When)>,
 }
 
-fn build(conf: &Value) -> Result<FaultInjection, String> {
-    let abort = match conf.get("abort") {
+fn build(c: Config) -> Result<FaultInjection, String> {
+    let abort = match c.abort {
         Some(a) => Some(Abort {
-            status: a.get("http_status").and_then(Value::as_u64).ok_or("abort.http_status is required")? as u16,
-            body: a.get("body").and_then(Value::as_str).map(str::to_string),
+            status: a.http_status,
+            body: a.body,
             headers: a
-                .get("headers")
-                .and_then(Value::as_object)
+                .headers
                 .into_iter()
                 .flatten()
                 .map(|(k, v)| {
                     let name = http::HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("abort.headers: {e}"))?;
-                    Ok((name, v.as_str().unwrap_or("").to_string()))
+                    Ok((name, v))
                 })
                 .collect::<Result<_, String>>()?,
-            when: When::parse(a)?,
+            when: When::new(a.when)?,
         }),
         None => None,
     };
-    let delay = match conf.get("delay") {
+    let delay = match c.delay {
         Some(d) => {
-            let secs = d.get("duration").and_then(Value::as_f64).ok_or("delay.duration is required")?;
-            Some((Duration::from_secs_f64(secs), When::parse(d)?))
+            let pause = Duration::try_from_secs_f64(d.duration).map_err(|e| format!("delay.duration: {e}"))?;
+            Some((pause, When::new(d.when)?))
         }
         None => None,
     };
@@ -128,5 +145,23 @@ impl Plugin for FaultInjection {
 
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
         self.abort(ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configs_build() {
+        let conf = serde_json::json!({
+            "abort": {"http_status": 403, "headers": {"x-a": "1"}, "percentage": 50, "vars": [[["arg_name", "==", "jack"]]]},
+            "delay": {"duration": 0.5}
+        });
+        let f = build(crate::parse(&conf).unwrap()).unwrap();
+        let a = f.abort.unwrap();
+        assert_eq!((a.status, a.when.percentage, a.when.vars.len(), a.headers.len()), (403, Some(50), 1, 1));
+        assert_eq!(f.delay.unwrap().0, Duration::from_millis(500));
+        assert!(crate::parse::<Config>(&serde_json::json!({"abort": {}})).is_err());
     }
 }

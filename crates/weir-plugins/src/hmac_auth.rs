@@ -9,44 +9,81 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use ring::{digest, hmac};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
-use crate::{LegacyFactory, Factory, Phases, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
-
-const ALGORITHMS: [&str; 3] = ["hmac-sha1", "hmac-sha256", "hmac-sha512"];
+use crate::{Factory, JsonSchema, Phases, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "hmac-auth",
-        priority: 2530,
-        schema: json!({"type": "object", "properties": {
-            "allowed_algorithms": {"type": "array", "minItems": 1, "items": {"type": "string", "enum": ALGORITHMS}, "default": ALGORITHMS},
-            "clock_skew": {"type": "integer", "minimum": 1, "default": 300},
-            "signed_headers": {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": 50}},
-            "validate_request_body": {"type": "boolean", "default": false},
-            "hide_credentials": {"type": "boolean", "default": false},
-            "anonymous_consumer": {"type": "string", "minLength": 1}
-        }}),
-        consumer_schema: Some(json!({"type": "object", "properties": {
-            "key_id": {"type": "string", "minLength": 1, "maxLength": 256},
-            "secret_key": {"type": "string", "minLength": 1, "maxLength": 256}
-        }, "required": ["key_id", "secret_key"], "encrypt_fields": ["secret_key"]})),
-        build: |conf, _| {
-            let list = |k: &str| conf.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_ascii_lowercase).collect::<Vec<_>>());
-            Ok(Arc::new(HmacAuth {
-                algorithms: list("allowed_algorithms").unwrap_or_else(|| ALGORITHMS.map(String::from).to_vec()),
-                clock_skew: conf.get("clock_skew").and_then(Value::as_u64).unwrap_or(300),
-                signed_headers: list("signed_headers").unwrap_or_default(),
-                validate_body: conf.get("validate_request_body").and_then(Value::as_bool).unwrap_or(false),
-                hide: conf.get("hide_credentials").and_then(Value::as_bool).unwrap_or(false),
-            }))
-        },
-        credential: Some(|conf| {
-            let text = |k: &str| conf.get(k).and_then(Value::as_str).ok_or(format!("{k} is required"));
-            Ok((text("key_id")?.to_string(), Arc::new(Secret(text("secret_key")?.as_bytes().to_vec()))))
-        }),
+    Factory::new("hmac-auth", 2530, |c: Config, _| {
+        Ok(Arc::new(HmacAuth {
+            algorithms: c.allowed_algorithms.iter().map(|a| a.name().to_string()).collect(),
+            clock_skew: c.clock_skew,
+            signed_headers: c.signed_headers.iter().flatten().map(|h| h.to_ascii_lowercase()).collect(),
+            validate_body: c.validate_request_body,
+            hide: c.hide_credentials,
+        }))
+    })
+    .with_credential(|c: Credential| Ok((c.key_id, Arc::new(Secret(c.secret_key.into_bytes())))))
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// The signature algorithms accepted.
+    #[serde(default = "all_algorithms")]
+    #[schemars(length(min = 1))]
+    allowed_algorithms: Vec<HmacAlgorithm>,
+    /// How far, in seconds, the request's `Date` may be from now.
+    #[serde(default = "secs_300")]
+    #[schemars(range(min = 1))]
+    clock_skew: u64,
+    /// Headers every signature must cover.
+    #[schemars(inner(length(min = 1, max = 50)))]
+    signed_headers: Option<Vec<String>>,
+    /// Check the request body against its `Digest` header.
+    #[serde(default)]
+    validate_request_body: bool,
+    /// Remove the `Authorization` header before the request goes upstream.
+    #[serde(default)]
+    hide_credentials: bool,
+    #[schemars(length(min = 1))]
+    #[allow(dead_code)]
+    anonymous_consumer: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Clone, Copy)]
+#[serde(rename_all = "kebab-case")]
+enum HmacAlgorithm {
+    HmacSha1,
+    HmacSha256,
+    HmacSha512,
+}
+
+impl HmacAlgorithm {
+    fn name(self) -> &'static str {
+        match self {
+            HmacAlgorithm::HmacSha1 => "hmac-sha1",
+            HmacAlgorithm::HmacSha256 => "hmac-sha256",
+            HmacAlgorithm::HmacSha512 => "hmac-sha512",
+        }
     }
-    .into()
+}
+
+fn all_algorithms() -> Vec<HmacAlgorithm> {
+    vec![HmacAlgorithm::HmacSha1, HmacAlgorithm::HmacSha256, HmacAlgorithm::HmacSha512]
+}
+
+fn secs_300() -> u64 {
+    300
+}
+
+/// A consumer's key id and secret; the secret is sealed at rest by the Admin API.
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("encrypt_fields" = ["secret_key"]))]
+struct Credential {
+    #[schemars(length(min = 1, max = 256))]
+    key_id: String,
+    #[schemars(length(min = 1, max = 256))]
+    secret_key: String,
 }
 
 struct Secret(Vec<u8>);

@@ -4,45 +4,53 @@
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::json;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    let list = json!({"type": "array", "minItems": 1, "items": {"type": "string"}});
-    LegacyFactory {
-        name: "ip-restriction",
-        priority: 3000,
-        schema: json!({"type": "object", "properties": {
-            "message": {"type": "string", "minLength": 1, "maxLength": 1024, "default": "Your IP address is not allowed"},
-            "response_code": {"type": "integer", "minimum": 403, "maximum": 404, "default": 403},
-            "whitelist": list, "blacklist": list
-        }, "oneOf": [{"required": ["whitelist"]}, {"required": ["blacklist"]}]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let nets = |k: &str| -> Result<Option<Vec<IpNet>>, String> {
-                conf.get(k)
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .map(|v| {
-                                let s = v.as_str().unwrap_or("");
-                                weir_core::model::parse_ip_net(s).ok_or_else(|| format!("{k}: invalid IP or CIDR {s}"))
-                            })
-                            .collect()
-                    })
-                    .transpose()
-            };
-            Ok(Arc::new(IpRestriction {
-                allow: nets("whitelist")?,
-                deny: nets("blacklist")?,
-                message: conf.get("message").and_then(Value::as_str).unwrap_or("Your IP address is not allowed").to_string(),
-                code: conf.get("response_code").and_then(Value::as_u64).unwrap_or(403) as u16,
-            }))
-        },
-    }
-    .into()
+    Factory::new("ip-restriction", 3000, |c: Config, _| {
+        let nets = |k: &str, list: Option<Vec<String>>| -> Result<Option<Vec<IpNet>>, String> {
+            list.map(|a| {
+                a.iter().map(|s| weir_core::model::parse_ip_net(s).ok_or_else(|| format!("{k}: invalid IP or CIDR {s}"))).collect()
+            })
+            .transpose()
+        };
+        Ok(Arc::new(IpRestriction {
+            allow: nets("whitelist", c.whitelist)?,
+            deny: nets("blacklist", c.blacklist)?,
+            message: c.message,
+            code: c.response_code,
+        }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("oneOf" = [{"required": ["whitelist"]}, {"required": ["blacklist"]}]))]
+struct Config {
+    /// The message a refused client is answered with.
+    #[serde(default = "not_allowed")]
+    #[schemars(length(min = 1, max = 1024))]
+    message: String,
+    /// The status a refused client is answered with.
+    #[serde(default = "code_403")]
+    #[schemars(range(min = 403, max = 404))]
+    response_code: u16,
+    /// The only addresses or CIDRs let in.
+    #[schemars(length(min = 1))]
+    whitelist: Option<Vec<String>>,
+    /// Addresses or CIDRs kept out.
+    #[schemars(length(min = 1))]
+    blacklist: Option<Vec<String>>,
+}
+
+fn not_allowed() -> String {
+    "Your IP address is not allowed".into()
+}
+
+fn code_403() -> u16 {
+    403
 }
 
 struct IpRestriction {

@@ -7,84 +7,144 @@ use std::sync::Arc;
 
 use base64::Engine as _;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
-
-const ALGORITHMS: [&str; 12] = ["HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "PS256", "PS384", "PS512", "EdDSA"];
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "jwt-auth",
-        priority: 2510,
-        schema: json!({"type": "object", "properties": {
-            "header": {"type": "string", "default": "authorization"},
-            "query": {"type": "string", "default": "jwt"},
-            "cookie": {"type": "string", "default": "jwt"},
-            "hide_credentials": {"type": "boolean", "default": false},
-            "key_claim_name": {"type": "string", "default": "key", "minLength": 1},
-            "store_in_ctx": {"type": "boolean", "default": false},
-            "anonymous_consumer": {"type": "string", "minLength": 1},
-            "claims_to_verify": {"type": "array", "items": {"type": "string", "enum": ["exp", "nbf"]}, "uniqueItems": true}
-        }}),
-        consumer_schema: Some(json!({"type": "object", "properties": {
-            "key": {"type": "string", "minLength": 1},
-            "secret": {"type": "string", "minLength": 1},
-            "public_key": {"type": "string"},
-            "algorithm": {"type": "string", "enum": ALGORITHMS, "default": "HS256"},
-            "exp": {"type": "integer", "minimum": 1, "default": 86400},
-            "base64_secret": {"type": "boolean", "default": false},
-            "lifetime_grace_period": {"type": "integer", "minimum": 0, "default": 0}
-        }, "required": ["key"], "encrypt_fields": ["secret"]})),
-        build: |conf, _| {
-            let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            Ok(Arc::new(c))
-        },
-        credential: Some(|conf| {
-            let c: Credential = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            let key = c.key.clone();
-            Ok((key, Arc::new(c.verifier()?)))
-        }),
-    }
-    .into()
+    Factory::new("jwt-auth", 2510, |c: Config, _| Ok(Arc::new(c))).with_credential(|c: Credential| {
+        let verifier = c.verifier()?;
+        Ok((c.key, Arc::new(verifier)))
+    })
 }
 
-#[derive(Deserialize)]
-#[serde(default)]
+#[derive(Deserialize, JsonSchema)]
 struct Config {
+    /// The request header the token is read from.
+    #[serde(default = "authorization")]
     header: String,
+    /// The query argument the token is read from when the header is absent.
+    #[serde(default = "jwt")]
     query: String,
+    /// The cookie the token is read from when the header and the query argument are absent.
+    #[serde(default = "jwt")]
     cookie: String,
+    /// Remove the token from the request before it goes upstream.
+    #[serde(default)]
     hide_credentials: bool,
+    /// The claim that names the consumer's key.
+    #[serde(default = "key")]
+    #[schemars(length(min = 1))]
     key_claim_name: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    store_in_ctx: bool,
+    #[schemars(length(min = 1))]
+    #[allow(dead_code)]
+    anonymous_consumer: Option<String>,
     /// Claims the token must carry (each is then checked as when present).
-    claims_to_verify: Vec<String>,
+    #[serde(default)]
+    #[schemars(extend("uniqueItems" = true))]
+    claims_to_verify: Vec<Claim>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            header: "authorization".into(),
-            query: "jwt".into(),
-            cookie: "jwt".into(),
-            hide_credentials: false,
-            key_claim_name: "key".into(),
-            claims_to_verify: Vec::new(),
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+enum Claim {
+    Exp,
+    Nbf,
+}
+
+impl Claim {
+    fn name(&self) -> &'static str {
+        match self {
+            Claim::Exp => "exp",
+            Claim::Nbf => "nbf",
         }
     }
 }
 
-#[derive(Deserialize)]
+fn authorization() -> String {
+    "authorization".into()
+}
+
+fn jwt() -> String {
+    "jwt".into()
+}
+
+fn key() -> String {
+    "key".into()
+}
+
+/// A consumer's key and what its tokens are signed with; the secret is sealed at rest by the
+/// Admin API.
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("encrypt_fields" = ["secret"]))]
 struct Credential {
+    /// The value of the token's key claim that names this consumer.
+    #[schemars(length(min = 1))]
     key: String,
+    /// The shared secret of the HS algorithms.
+    #[schemars(length(min = 1))]
     secret: Option<String>,
+    /// The PEM public key of the other algorithms.
     public_key: Option<String>,
-    algorithm: Option<String>,
+    #[serde(default)]
+    algorithm: JwtAlgorithm,
+    #[serde(default = "day")]
+    #[schemars(range(min = 1))]
+    #[allow(dead_code)]
+    exp: u64,
+    /// `secret` is base64-encoded.
     #[serde(default)]
     base64_secret: bool,
+    /// Seconds of leeway when checking `exp` and `nbf`.
     #[serde(default)]
     lifetime_grace_period: u64,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default, Clone, Copy)]
+#[serde(rename_all = "UPPERCASE")]
+enum JwtAlgorithm {
+    #[default]
+    Hs256,
+    Hs384,
+    Hs512,
+    Rs256,
+    Rs384,
+    Rs512,
+    Es256,
+    Es384,
+    Ps256,
+    Ps384,
+    Ps512,
+    #[serde(rename = "EdDSA")]
+    EdDsa,
+}
+
+impl JwtAlgorithm {
+    /// The algorithm, and its name as a token's header gives it.
+    fn algorithm(self) -> (Algorithm, &'static str) {
+        match self {
+            JwtAlgorithm::Hs256 => (Algorithm::HS256, "HS256"),
+            JwtAlgorithm::Hs384 => (Algorithm::HS384, "HS384"),
+            JwtAlgorithm::Hs512 => (Algorithm::HS512, "HS512"),
+            JwtAlgorithm::Rs256 => (Algorithm::RS256, "RS256"),
+            JwtAlgorithm::Rs384 => (Algorithm::RS384, "RS384"),
+            JwtAlgorithm::Rs512 => (Algorithm::RS512, "RS512"),
+            JwtAlgorithm::Es256 => (Algorithm::ES256, "ES256"),
+            JwtAlgorithm::Es384 => (Algorithm::ES384, "ES384"),
+            JwtAlgorithm::Ps256 => (Algorithm::PS256, "PS256"),
+            JwtAlgorithm::Ps384 => (Algorithm::PS384, "PS384"),
+            JwtAlgorithm::Ps512 => (Algorithm::PS512, "PS512"),
+            JwtAlgorithm::EdDsa => (Algorithm::EdDSA, "EdDSA"),
+        }
+    }
+}
+
+fn day() -> u64 {
+    86400
 }
 
 /// What checking a token of one credential needs, prepared once per snapshot.
@@ -95,8 +155,7 @@ struct Verifier {
 
 impl Credential {
     fn verifier(&self) -> Result<Verifier, String> {
-        let name = self.algorithm.as_deref().unwrap_or("HS256");
-        let alg: Algorithm = name.parse().map_err(|_| format!("unsupported algorithm {name}"))?;
+        let (alg, name) = self.algorithm.algorithm();
         let key = if name.starts_with("HS") {
             let secret = self.secret.as_deref().ok_or(format!("secret is required when the algorithm is {name}"))?;
             if self.base64_secret {
@@ -178,8 +237,8 @@ impl Plugin for Config {
         }
         // `decode` checked `exp` and `nbf` where present (a present one that is not a number
         // fails there); a claim listed here must also be present.
-        if let Some(missing) = self.claims_to_verify.iter().find(|c| !claims.get(c.as_str()).is_some_and(Value::is_number)) {
-            tracing::warn!(route = ctx.route_id, claim = %missing, "jwt-auth: token refused: a claim to verify is missing");
+        if let Some(missing) = self.claims_to_verify.iter().find(|c| !claims.get(c.name()).is_some_and(Value::is_number)) {
+            tracing::warn!(route = ctx.route_id, claim = missing.name(), "jwt-auth: token refused: a claim to verify is missing");
             return Err(unauthorized("failed to verify jwt"));
         }
         let consumer = cred.consumer.clone();
@@ -222,6 +281,8 @@ fn remove_cookie(headers: &mut http::HeaderMap, name: &str) {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
@@ -240,7 +301,7 @@ mod tests {
 
     #[test]
     fn credentials_need_their_key_material() {
-        let c = |v: Value| serde_json::from_value::<Credential>(v).unwrap().verifier().map(drop);
+        let c = |v: Value| crate::parse::<Credential>(&v).unwrap().verifier().map(drop);
         assert!(c(json!({"key": "k", "secret": "s"})).is_ok());
         assert!(c(json!({"key": "k"})).unwrap_err().contains("secret is required"));
         assert!(c(json!({"key": "k", "algorithm": "RS256"})).unwrap_err().contains("public_key is required"));
