@@ -5,48 +5,69 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{LegacyFactory, Factory, LogRecord, Notes, Pending, Phases, Plugin, Reply, RequestCtx, limit_key};
+use crate::{Factory, JsonSchema, LogRecord, Notes, Pending, Phases, Plugin, Reply, RequestCtx, limit_key};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "limit-conn",
-        priority: 1003,
-        schema: json!({"type": "object", "properties": {
-            "conn": {"type": "integer", "exclusiveMinimum": 0},
-            "burst": {"type": "integer", "minimum": 0},
-            "default_conn_delay": {"type": "number", "exclusiveMinimum": 0},
-            "only_use_default_delay": {"type": "boolean", "default": false},
-            "key": {"type": "string"},
-            "key_type": {"type": "string", "enum": ["var", "var_combination"], "default": "var"},
-            "rejected_code": {"type": "integer", "minimum": 200, "maximum": 599, "default": 503},
-            "rejected_msg": {"type": "string", "minLength": 1},
-            "allow_degradation": {"type": "boolean", "default": false},
-            "policy": {"type": "string", "enum": ["local"], "default": "local"}
-        }, "required": ["conn", "burst", "default_conn_delay", "key"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            Ok(Arc::new(LimitConn { config: c, counts: Arc::new(Mutex::new(HashMap::new())) }))
-        },
-    }
-    .into()
+    Factory::new("limit-conn", 1003, |c: Config, _| Ok(Arc::new(LimitConn { config: c, counts: Arc::new(Mutex::new(HashMap::new())) })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 struct Config {
+    /// Requests in flight allowed per key.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     conn: u64,
+    /// Requests beyond `conn` that are delayed rather than refused.
     burst: u64,
+    /// Seconds a request within the burst is delayed.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     default_conn_delay: f64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    only_use_default_delay: bool,
+    /// What requests are counted by: a variable, or a combination of them.
     key: String,
     #[serde(default)]
-    key_type: Option<String>,
+    key_type: KeyType,
+    /// The status of a refused request.
     #[serde(default = "code_503")]
+    #[schemars(range(min = 200, max = 599))]
     rejected_code: u16,
+    /// The body of a refused request, as `{"error_msg": …}`.
+    #[schemars(length(min = 1))]
     rejected_msg: Option<String>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    allow_degradation: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    policy: Policy,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum KeyType {
+    #[default]
+    Var,
+    VarCombination,
+}
+
+impl KeyType {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Var => "var",
+            KeyType::VarCombination => "var_combination",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+enum Policy {
+    #[default]
+    Local,
 }
 
 fn code_503() -> u16 {
@@ -86,7 +107,7 @@ impl Plugin for LimitConn {
 
     fn access_io(&self, ctx: &mut RequestCtx<'_>) -> Option<Pending> {
         let c = &self.config;
-        let key = limit_key(ctx, &c.key, c.key_type.as_deref());
+        let key = limit_key(ctx, &c.key, Some(c.key_type.as_str()));
         let now = {
             let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
             let n = counts.entry(key.clone()).or_insert(0);

@@ -9,96 +9,114 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use http::header::{HeaderName, HeaderValue};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{LegacyFactory, Factory, Pending, Plugin, Reply, RequestCtx, limit_key};
+use crate::{Factory, JsonSchema, Pending, Plugin, Reply, RequestCtx, limit_key};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "limit-count",
-        priority: 1002,
-        schema: json!({"type": "object", "properties": {
-            "count": {"type": "integer", "exclusiveMinimum": 0},
-            "time_window": {"type": "integer", "exclusiveMinimum": 0},
-            "group": {"type": "string"},
-            "key": {"type": "string", "default": "remote_addr"},
-            "key_type": {"type": "string", "enum": ["var", "var_combination", "constant"], "default": "var"},
-            "rejected_code": {"type": "integer", "minimum": 200, "maximum": 599, "default": 503},
-            "rejected_msg": {"type": "string", "minLength": 1},
-            "policy": {"type": "string", "enum": ["local", "redis"], "default": "local"},
-            "redis_host": {"type": "string", "minLength": 2},
-            "redis_port": {"type": "integer", "minimum": 1, "maximum": 65535, "default": 6379},
-            "redis_username": {"type": "string", "minLength": 1},
-            "redis_password": {"type": "string", "minLength": 0},
-            "redis_database": {"type": "integer", "minimum": 0, "default": 0},
-            "redis_timeout": {"type": "integer", "minimum": 1, "default": 1000},
-            "redis_ssl": {"type": "boolean", "default": false},
-            "redis_ssl_verify": {"type": "boolean", "default": false},
-            "allow_degradation": {"type": "boolean", "default": false},
-            "show_limit_quota_header": {"type": "boolean", "default": true}
-        }, "required": ["count", "time_window"], "encrypt_fields": ["redis_password"]}),
-        consumer_schema: None,
-        credential: None,
-        // Routes naming one `group` get one instance, so they share its counters (the
-        // registry scopes instances by group).
-        build: |conf, scope| {
-            let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            let redis = match c.policy.as_str() {
-                "redis" => Some(RedisCounter::new(&c, scope)?),
-                _ => None,
-            };
-            Ok(Arc::new(LimitCount::new(c, redis)))
-        },
-    }
-    .into()
+    // Routes naming one `group` get one instance, so they share its counters (the registry
+    // scopes instances by group).
+    Factory::new("limit-count", 1002, |c: Config, b| {
+        let redis = match c.policy {
+            Policy::Redis => Some(RedisCounter::new(&c, b.scope)?),
+            Policy::Local => None,
+        };
+        Ok(Arc::new(LimitCount::new(c, redis)))
+    })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("encrypt_fields" = ["redis_password"]))]
 struct Config {
+    /// Requests allowed per key in each window.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     count: u64,
+    /// The window, in seconds.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     time_window: u64,
+    /// Routes naming the same group share one counter.
+    #[allow(dead_code)]
+    group: Option<String>,
+    /// What requests are counted by: a variable, a combination of them, or a constant.
     #[serde(default = "remote_addr")]
     key: String,
-    #[serde(default = "var")]
-    key_type: String,
-    #[serde(default = "code_503")]
-    rejected_code: u16,
-    rejected_msg: Option<String>,
-    #[serde(default = "yes")]
-    show_limit_quota_header: bool,
-    #[serde(default = "local")]
-    policy: String,
     #[serde(default)]
-    allow_degradation: bool,
+    key_type: KeyType,
+    /// The status of a refused request.
+    #[serde(default = "code_503")]
+    #[schemars(range(min = 200, max = 599))]
+    rejected_code: u16,
+    /// The body of a refused request, as `{"error_msg": …}`.
+    #[schemars(length(min = 1))]
+    rejected_msg: Option<String>,
+    /// Where requests are counted: in this process, or in a Redis server.
+    #[serde(default)]
+    policy: Policy,
+    #[schemars(length(min = 2))]
     redis_host: Option<String>,
     #[serde(default = "port_6379")]
+    #[schemars(range(min = 1, max = 65535))]
     redis_port: u16,
+    #[schemars(length(min = 1))]
     redis_username: Option<String>,
+    #[schemars(length(min = 0))]
     redis_password: Option<String>,
     #[serde(default)]
+    #[schemars(range(min = 0))]
     redis_database: i64,
+    /// Milliseconds to wait for Redis.
     #[serde(default = "ms_1000")]
+    #[schemars(range(min = 1))]
     redis_timeout: u64,
     #[serde(default)]
     redis_ssl: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    redis_ssl_verify: bool,
+    /// Let requests through when Redis cannot be reached.
+    #[serde(default)]
+    allow_degradation: bool,
+    /// Send the `X-RateLimit-*` headers.
+    #[serde(default = "yes")]
+    show_limit_quota_header: bool,
 }
 
-fn local() -> String {
-    "local".into()
+#[derive(Deserialize, Serialize, JsonSchema, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum KeyType {
+    #[default]
+    Var,
+    VarCombination,
+    Constant,
 }
+
+impl KeyType {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Var => "var",
+            KeyType::VarCombination => "var_combination",
+            KeyType::Constant => "constant",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum Policy {
+    #[default]
+    Local,
+    Redis,
+}
+
 fn port_6379() -> u16 {
     6379
 }
 fn ms_1000() -> u64 {
     1000
 }
-
 fn remote_addr() -> String {
     "remote_addr".into()
-}
-fn var() -> String {
-    "var".into()
 }
 fn code_503() -> u16 {
     503
@@ -144,7 +162,7 @@ impl LimitCount {
     }
 
     fn key(&self, ctx: &RequestCtx<'_>) -> String {
-        limit_key(ctx, &self.config.key, Some(&self.config.key_type))
+        limit_key(ctx, &self.config.key, Some(self.config.key_type.as_str()))
     }
 
     /// Counts one request for `key` at `now`: (allowed, remaining, seconds until reset).
@@ -309,5 +327,18 @@ mod tests {
         assert_eq!(l.take("a".into(), t0 + Duration::from_secs(4)), (false, 0, 6));
         assert_eq!(l.take("b".into(), t0 + Duration::from_secs(4)), (true, 1, 10), "keys count apart");
         assert_eq!(l.take("a".into(), t0 + Duration::from_secs(10)), (true, 1, 10), "a new window");
+    }
+
+    #[test]
+    fn configs_are_checked() {
+        use weir_core::schema::PluginCatalog as _;
+        let r = crate::Registry::new(vec![factory()]);
+        assert!(r.check_config("limit-count", &json!({"count": 1, "time_window": 1, "key_type": "constant", "redis_sentinels": []})).is_ok());
+        let e = r.check_config("limit-count", &json!({"count": 1, "time_window": 1, "policy": "redis"})).unwrap_err();
+        assert_eq!(e, "redis_host is required when policy is redis");
+        let e = r.check_config("limit-count", &json!({"count": 1, "time_window": 1, "policy": "redis", "redis_host": "r.test", "redis_ssl": true})).unwrap_err();
+        assert_eq!(e, "redis_ssl is not supported");
+        let e = r.check_config("limit-count", &json!({"count": 1, "time_window": 1, "policy": "cluster"})).unwrap_err();
+        assert!(e.contains("policy"), "{e}");
     }
 }

@@ -7,48 +7,67 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::{LegacyFactory, Factory, Pending, Plugin, Reply, RequestCtx, limit_key};
+use crate::{Factory, JsonSchema, Pending, Plugin, Reply, RequestCtx, limit_key};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "limit-req",
-        priority: 1001,
-        schema: json!({"type": "object", "properties": {
-            "rate": {"type": "number", "exclusiveMinimum": 0},
-            "burst": {"type": "number", "minimum": 0},
-            "key": {"type": "string"},
-            "key_type": {"type": "string", "enum": ["var", "var_combination"], "default": "var"},
-            "rejected_code": {"type": "integer", "minimum": 200, "maximum": 599, "default": 503},
-            "rejected_msg": {"type": "string", "minLength": 1},
-            "nodelay": {"type": "boolean", "default": false},
-            "allow_degradation": {"type": "boolean", "default": false},
-            "policy": {"type": "string", "enum": ["local"], "default": "local"}
-        }, "required": ["rate", "burst", "key"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let c: Config = serde_json::from_value(conf.clone()).map_err(|e| e.to_string())?;
-            Ok(Arc::new(LimitReq { config: c, buckets: Mutex::new(HashMap::new()) }))
-        },
-    }
-    .into()
+    Factory::new("limit-req", 1001, |c: Config, _| Ok(Arc::new(LimitReq { config: c, buckets: Mutex::new(HashMap::new()) })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 struct Config {
+    /// Requests a second allowed per key.
+    #[schemars(extend("exclusiveMinimum" = 0))]
     rate: f64,
+    /// Requests beyond the rate that are delayed rather than refused.
+    #[schemars(range(min = 0))]
     burst: f64,
+    /// What requests are counted by: a variable, or a combination of them.
     key: String,
     #[serde(default)]
-    key_type: Option<String>,
+    key_type: KeyType,
+    /// The status of a refused request.
     #[serde(default = "code_503")]
+    #[schemars(range(min = 200, max = 599))]
     rejected_code: u16,
+    /// The body of a refused request, as `{"error_msg": …}`.
+    #[schemars(length(min = 1))]
     rejected_msg: Option<String>,
+    /// Let requests within the burst through at once instead of delaying them.
     #[serde(default)]
     nodelay: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    allow_degradation: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    policy: Policy,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum KeyType {
+    #[default]
+    Var,
+    VarCombination,
+}
+
+impl KeyType {
+    fn as_str(self) -> &'static str {
+        match self {
+            KeyType::Var => "var",
+            KeyType::VarCombination => "var_combination",
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default)]
+#[serde(rename_all = "snake_case")]
+enum Policy {
+    #[default]
+    Local,
 }
 
 fn code_503() -> u16 {
@@ -95,7 +114,7 @@ impl LimitReq {
 
 impl Plugin for LimitReq {
     fn access_io(&self, ctx: &mut RequestCtx<'_>) -> Option<Pending> {
-        let verdict = self.take(limit_key(ctx, &self.config.key, self.config.key_type.as_deref()), Instant::now());
+        let verdict = self.take(limit_key(ctx, &self.config.key, Some(self.config.key_type.as_str())), Instant::now());
         let reject = self.reject();
         Some(Box::pin(async move {
             match verdict {

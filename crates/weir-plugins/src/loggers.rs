@@ -10,9 +10,10 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
 
-use crate::{LegacyFactory, Factory, LogRecord, Notes, Phases, Plugin};
+use crate::{Build, Factory, JsonSchema, LogRecord, Notes, Phases, Plugin};
 
 /// Entries waiting for a writer, per logger.
 pub(crate) const QUEUE: usize = 10_000;
@@ -51,9 +52,10 @@ pub(crate) fn entry(r: &LogRecord) -> Value {
 struct Format(Vec<(String, Value)>);
 
 impl Format {
-    fn of(conf: &Value) -> Option<Format> {
-        let f = conf.get("log_format").or_else(|| conf.get("_metadata").and_then(|m| m.get("log_format")))?;
-        Some(Format(f.as_object()?.iter().map(|(k, v)| (k.clone(), v.clone())).collect()))
+    /// The plugin's own `log_format`, else its `plugin_metadata`'s.
+    fn of(own: Option<LogFormat>, b: &Build<'_>) -> Option<Format> {
+        let f = own.or_else(|| b.metadata.and_then(|m| Metadata::of(m).log_format))?;
+        Some(Format(f.0.into_iter().collect()))
     }
 
     fn render(&self, r: &LogRecord) -> Value {
@@ -65,6 +67,40 @@ impl Format {
             (k.clone(), value)
         });
         Value::Object(fields.collect())
+    }
+}
+
+/// A log entry's fields, by name: a literal, or a `$variable` of the request.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct LogFormat(Map<String, Value>);
+
+impl JsonSchema for LogFormat {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "LogFormat".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "object"})
+    }
+}
+
+/// What a logger reads of its `plugin_metadata`.
+#[derive(Deserialize, Default)]
+struct Metadata {
+    log_format: Option<LogFormat>,
+}
+
+impl Metadata {
+    fn of(m: &Value) -> Metadata {
+        Metadata::deserialize(m).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "logger plugin_metadata ignored");
+            Metadata::default()
+        })
     }
 }
 
@@ -127,32 +163,34 @@ impl Queue {
 }
 
 pub(crate) fn file_factory() -> Factory {
-    LegacyFactory {
-        name: "file-logger",
-        priority: 399,
-        schema: json!({"type": "object", "properties": {
-            "path": {"type": "string", "minLength": 1},
-            "include_req_body": {"type": "boolean", "default": false},
-            "include_resp_body": {"type": "boolean", "default": false},
-            "log_format": {"type": "object"}
-        }, "required": ["path"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, scope| {
-            let path = conf.get("path").and_then(Value::as_str).unwrap_or("").to_string();
-            if scope == "check" {
-                return Ok(Arc::new(Logger { queue: None, format: None }));
-            }
-            let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
-            let (tx, rx) = sync_channel::<Value>(QUEUE);
-            std::thread::Builder::new()
-                .name("weir-file-logger".into())
-                .spawn(move || write_lines(file, rx))
-                .map_err(|e| e.to_string())?;
-            Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what: path }), format: Format::of(conf) }))
-        },
-    }
-    .into()
+    Factory::new("file-logger", 399, |c: FileConfig, b| {
+        if b.is_check() {
+            return Ok(Arc::new(Logger { queue: None, format: None }));
+        }
+        let path = c.path;
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
+        let (tx, rx) = sync_channel::<Value>(QUEUE);
+        std::thread::Builder::new()
+            .name("weir-file-logger".into())
+            .spawn(move || write_lines(file, rx))
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what: path }), format: Format::of(c.log_format, b) }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct FileConfig {
+    /// The file entries are appended to.
+    #[schemars(length(min = 1))]
+    path: String,
+    #[serde(default)]
+    #[allow(dead_code)]
+    include_req_body: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    include_resp_body: bool,
+    /// A custom entry: each field a literal, or a `$variable` of the request.
+    log_format: Option<LogFormat>,
 }
 
 fn write_lines(file: std::fs::File, rx: Receiver<Value>) {
@@ -191,42 +229,95 @@ impl Plugin for Logger {
 }
 
 pub(crate) fn http_factory() -> Factory {
-    LegacyFactory {
-        name: "http-logger",
-        priority: 410,
-        schema: json!({"type": "object", "properties": {
-            "uri": {"type": "string", "pattern": "^https?://"},
-            "auth_header": {"type": "string"},
-            "timeout": {"type": "integer", "minimum": 1, "default": 3},
-            "name": {"type": "string", "default": "http logger"},
-            "batch_max_size": {"type": "integer", "minimum": 1, "default": 1000},
-            "inactive_timeout": {"type": "integer", "minimum": 1, "default": 5},
-            "buffer_duration": {"type": "integer", "minimum": 1, "default": 60},
-            "max_retry_count": {"type": "integer", "minimum": 0, "default": 0},
-            "retry_delay": {"type": "integer", "minimum": 0, "default": 1},
-            "concat_method": {"type": "string", "enum": ["json", "new_line"], "default": "json"},
-            "include_req_body": {"type": "boolean", "default": false},
-            "include_resp_body": {"type": "boolean", "default": false},
-            "ssl_verify": {"type": "boolean", "default": false},
-            "log_format": {"type": "object"}
-        }, "required": ["uri"], "encrypt_fields": ["auth_header"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, scope| {
-            let target = HttpTarget::parse(conf)?;
-            if scope == "check" {
-                return Ok(Arc::new(Logger { queue: None, format: None }));
-            }
-            let what = target.uri.to_string();
-            let (tx, rx) = sync_channel::<Value>(QUEUE);
-            std::thread::Builder::new()
-                .name("weir-http-logger".into())
-                .spawn(move || send_batches(target, rx))
-                .map_err(|e| e.to_string())?;
-            Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what }), format: Format::of(conf) }))
-        },
-    }
-    .into()
+    Factory::new("http-logger", 410, |c: HttpConfig, b| {
+        let target = HttpTarget::of(&c)?;
+        if b.is_check() {
+            return Ok(Arc::new(Logger { queue: None, format: None }));
+        }
+        let what = target.uri.to_string();
+        let (tx, rx) = sync_channel::<Value>(QUEUE);
+        std::thread::Builder::new()
+            .name("weir-http-logger".into())
+            .spawn(move || send_batches(target, rx))
+            .map_err(|e| e.to_string())?;
+        Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what }), format: Format::of(c.log_format, b) }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("encrypt_fields" = ["auth_header"]))]
+struct HttpConfig {
+    /// The log server entries are posted to.
+    #[schemars(regex(pattern = r"^https?://"))]
+    uri: String,
+    /// Sent as the `Authorization` header.
+    auth_header: Option<String>,
+    /// Seconds to wait for the log server.
+    #[serde(default = "secs_3")]
+    #[schemars(range(min = 1))]
+    timeout: u64,
+    #[serde(default = "http_logger")]
+    #[allow(dead_code)]
+    name: String,
+    /// Entries sent in one request at most.
+    #[serde(default = "entries_1000")]
+    #[schemars(range(min = 1))]
+    batch_max_size: u64,
+    /// Seconds without a new entry after which a batch is sent.
+    #[serde(default = "secs_5")]
+    #[schemars(range(min = 1))]
+    inactive_timeout: u64,
+    /// Seconds after its first entry that a batch is sent at the latest.
+    #[serde(default = "secs_60")]
+    #[schemars(range(min = 1))]
+    buffer_duration: u64,
+    /// Times a batch is sent again after a failure.
+    #[serde(default)]
+    max_retry_count: u64,
+    /// Seconds between retries.
+    #[serde(default = "secs_1")]
+    retry_delay: u64,
+    /// A batch as a JSON array, or one JSON entry a line.
+    #[serde(default)]
+    concat_method: ConcatMethod,
+    #[serde(default)]
+    #[allow(dead_code)]
+    include_req_body: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    include_resp_body: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    ssl_verify: bool,
+    /// A custom entry: each field a literal, or a `$variable` of the request.
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default, Clone, Copy, PartialEq)]
+#[serde(rename_all = "snake_case")]
+enum ConcatMethod {
+    #[default]
+    Json,
+    NewLine,
+}
+
+fn secs_1() -> u64 {
+    1
+}
+fn secs_3() -> u64 {
+    3
+}
+fn secs_5() -> u64 {
+    5
+}
+fn secs_60() -> u64 {
+    60
+}
+fn entries_1000() -> u64 {
+    1000
+}
+fn http_logger() -> String {
+    "http logger".into()
 }
 
 /// Where and how an `http-logger` (or the span exporter) sends its batches.
@@ -272,27 +363,21 @@ impl HttpTarget {
         })
     }
 
-    fn parse(conf: &Value) -> Result<HttpTarget, String> {
-        let num = |k: &str, d: u64| conf.get(k).and_then(Value::as_u64).unwrap_or(d);
-        let raw = conf.get("uri").and_then(Value::as_str).unwrap_or("");
-        let uri: http::Uri = raw.parse().map_err(|e| format!("uri: {e}"))?;
+    fn of(c: &HttpConfig) -> Result<HttpTarget, String> {
+        let uri: http::Uri = c.uri.parse().map_err(|e| format!("uri: {e}"))?;
         let authority = crate::client::authority(&uri).map_err(|e| format!("uri: {e}"))?;
-        let auth_header = conf
-            .get("auth_header")
-            .and_then(Value::as_str)
-            .map(|h| http::HeaderValue::from_str(h).map_err(|e| format!("auth_header: {e}")))
-            .transpose()?;
+        let auth_header = c.auth_header.as_deref().map(|h| http::HeaderValue::from_str(h).map_err(|e| format!("auth_header: {e}"))).transpose()?;
         Ok(HttpTarget {
             uri,
             authority,
             auth_header,
-            timeout: Duration::from_secs(num("timeout", 3)),
-            batch_max_size: num("batch_max_size", 1000) as usize,
-            inactive: Duration::from_secs(num("inactive_timeout", 5)),
-            buffer: Duration::from_secs(num("buffer_duration", 60)),
-            retries: num("max_retry_count", 0) as u32,
-            retry_delay: Duration::from_secs(num("retry_delay", 1)),
-            body: if conf.get("concat_method").and_then(Value::as_str) == Some("new_line") { BatchBody::NewLine } else { BatchBody::Json },
+            timeout: Duration::from_secs(c.timeout),
+            batch_max_size: c.batch_max_size as usize,
+            inactive: Duration::from_secs(c.inactive_timeout),
+            buffer: Duration::from_secs(c.buffer_duration),
+            retries: c.max_retry_count as u32,
+            retry_delay: Duration::from_secs(c.retry_delay),
+            body: if c.concat_method == ConcatMethod::NewLine { BatchBody::NewLine } else { BatchBody::Json },
         })
     }
 
@@ -377,8 +462,32 @@ mod tests {
     fn formats_and_dates() {
         assert_eq!(iso8601(0), "1970-01-01T00:00:00+00:00");
         assert_eq!(iso8601(1_709_251_199), "2024-02-29T23:59:59+00:00");
-        let f = Format::of(&json!({"_metadata": {"log_format": {"host": "$host", "code": "$status", "fixed": "x"}}})).unwrap();
+        let meta = json!({"log_format": {"host": "$host", "code": "$status", "fixed": "x"}});
+        let b = Build { scope: "r1", metadata: Some(&meta), attr: None };
+        let f = Format::of(None, &b).unwrap();
         let r = LogRecord { host: "a.test:8080".into(), status: 201, ..LogRecord::default() };
         assert_eq!(f.render(&r), json!({"host": "a.test", "code": 201, "fixed": "x"}));
+    }
+
+    #[test]
+    fn the_plugins_own_format_comes_first() {
+        let meta = json!({"log_format": {"from": "metadata"}});
+        let b = Build { scope: "r1", metadata: Some(&meta), attr: None };
+        let own: LogFormat = serde_json::from_value(json!({"from": "plugin"})).unwrap();
+        assert_eq!(Format::of(Some(own), &b).unwrap().0, vec![("from".to_string(), json!("plugin"))]);
+        let meta = json!({"log_format": "not an object"});
+        let b = Build { scope: "r1", metadata: Some(&meta), attr: None };
+        assert!(Format::of(None, &b).is_none(), "a metadata log_format that is no object is ignored");
+    }
+
+    #[test]
+    fn http_logger_configs() {
+        use weir_core::schema::PluginCatalog as _;
+        let r = crate::Registry::new(vec![http_factory()]);
+        assert!(r.check_config("http-logger", &json!({"uri": "http://logs.test/in", "concat_method": "new_line"})).is_ok());
+        let e = r.check_config("http-logger", &json!({"uri": "http://logs.test/in", "concat_method": "csv"})).unwrap_err();
+        assert!(e.contains("concat_method"), "{e}");
+        let e = r.check_config("http-logger", &json!({"uri": "http://logs.test/in", "auth_header": "a\nb"})).unwrap_err();
+        assert!(e.starts_with("auth_header:"), "{e}");
     }
 }

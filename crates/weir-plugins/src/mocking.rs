@@ -1,53 +1,92 @@
 //! `mocking`: answers with a fixed example, or a value made from a JSON schema, without
 //! calling the upstream.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue};
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
 
-use crate::{LegacyFactory, Factory, Pending, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Pending, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "mocking",
-        priority: 10900,
-        schema: json!({"type": "object", "properties": {
-            "delay": {"type": "integer", "minimum": 0, "default": 0},
-            "response_status": {"type": "integer", "minimum": 100, "default": 200},
-            "content_type": {"type": "string", "default": "application/json;charset=utf8"},
-            "response_example": {"type": "string"},
-            "response_schema": {"type": "object"},
-            "with_mock_header": {"type": "boolean", "default": true},
-            "response_headers": {"type": "object", "minProperties": 1, "additionalProperties": {"type": "string"}}
-        }, "anyOf": [{"required": ["response_example"]}, {"required": ["response_schema"]}]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let text = |k: &str, d: &str| conf.get(k).and_then(Value::as_str).unwrap_or(d).to_string();
-            let mut headers = vec![(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_str(&text("content_type", "application/json;charset=utf8")).map_err(|e| format!("content_type: {e}"))?,
-            )];
-            if conf.get("with_mock_header").and_then(Value::as_bool).unwrap_or(true) {
-                headers.push((HeaderName::from_static("x-mock-by"), HeaderValue::from_static(concat!("Weir/", env!("CARGO_PKG_VERSION")))));
-            }
-            for (k, v) in conf.get("response_headers").and_then(Value::as_object).into_iter().flatten() {
-                let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("response_headers: {e}"))?;
-                let value = HeaderValue::from_str(v.as_str().unwrap_or("")).map_err(|e| format!("response_headers.{k}: {e}"))?;
-                headers.push((name, value));
-            }
-            Ok(Arc::new(Mocking {
-                delay: Duration::from_secs(conf.get("delay").and_then(Value::as_u64).unwrap_or(0)),
-                status: conf.get("response_status").and_then(Value::as_u64).unwrap_or(200) as u16,
-                example: conf.get("response_example").and_then(Value::as_str).map(str::to_string),
-                schema: conf.get("response_schema").cloned(),
-                headers,
-            }))
-        },
+    Factory::new("mocking", 10900, |c: Config, _| {
+        let mut headers = vec![(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_str(&c.content_type).map_err(|e| format!("content_type: {e}"))?,
+        )];
+        if c.with_mock_header {
+            headers.push((HeaderName::from_static("x-mock-by"), HeaderValue::from_static(concat!("Weir/", env!("CARGO_PKG_VERSION")))));
+        }
+        for (k, v) in c.response_headers.into_iter().flatten() {
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("response_headers: {e}"))?;
+            let value = HeaderValue::from_str(&v).map_err(|e| format!("response_headers.{k}: {e}"))?;
+            headers.push((name, value));
+        }
+        Ok(Arc::new(Mocking {
+            delay: Duration::from_secs(c.delay),
+            status: c.response_status,
+            example: c.response_example,
+            schema: c.response_schema.map(|s| Value::Object(s.0)),
+            headers,
+        }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("anyOf" = [{"required": ["response_example"]}, {"required": ["response_schema"]}]))]
+struct Config {
+    /// Seconds to wait before answering.
+    #[serde(default)]
+    delay: u64,
+    /// The status of the answer.
+    #[serde(default = "status_200")]
+    #[schemars(range(min = 100))]
+    response_status: u16,
+    /// The answer's `Content-Type`.
+    #[serde(default = "json_utf8")]
+    content_type: String,
+    /// The body of the answer, as given.
+    response_example: Option<String>,
+    /// A JSON schema the body of the answer is made to fit.
+    response_schema: Option<Object>,
+    /// Mark the answer with an `X-Mock-By` header.
+    #[serde(default = "yes")]
+    with_mock_header: bool,
+    /// Headers added to the answer.
+    #[schemars(extend("minProperties" = 1))]
+    response_headers: Option<BTreeMap<String, String>>,
+}
+
+/// Any JSON object.
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct Object(Map<String, Value>);
+
+impl JsonSchema for Object {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Object".into()
     }
-    .into()
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({"type": "object"})
+    }
+}
+
+fn status_200() -> u16 {
+    200
+}
+fn json_utf8() -> String {
+    "application/json;charset=utf8".into()
+}
+fn yes() -> bool {
+    true
 }
 
 struct Mocking {
@@ -143,6 +182,16 @@ mod tests {
         let v = sample(&schema, 0);
         let validator = jsonschema_free_check(&v);
         assert!(validator, "{v}");
+    }
+
+    #[test]
+    fn configs_build_replies() {
+        use weir_core::schema::PluginCatalog as _;
+        let r = crate::Registry::new(vec![factory()]);
+        let e = r.check_config("mocking", &json!({"response_example": "x", "response_headers": {"bad name": "v"}})).unwrap_err();
+        assert!(e.starts_with("response_headers:"), "{e}");
+        let c: Config = serde_json::from_value(json!({"response_example": "hi", "response_status": 201, "with_mock_header": false})).unwrap();
+        assert_eq!((c.response_status, c.with_mock_header, c.content_type.as_str()), (201, false, "application/json;charset=utf8"));
     }
 
     fn jsonschema_free_check(v: &Value) -> bool {

@@ -8,47 +8,97 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use http::header::{HeaderName, HeaderValue};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
 
 use crate::loggers::{HttpTarget, Queue, send_batches};
-use crate::{LegacyFactory, Factory, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    let sampler_name = json!({"type": "string", "enum": ["always_on", "always_off", "trace_id_ratio", "parent_base"], "default": "always_off"});
-    LegacyFactory {
-        name: "opentelemetry",
-        priority: 12009,
-        schema: json!({"type": "object", "properties": {
-            "sampler": {"type": "object", "properties": {
-                "name": sampler_name,
-                "options": {"type": "object", "properties": {
-                    "fraction": {"type": "number", "minimum": 0, "maximum": 1, "default": 0},
-                    "root": {"type": "object", "properties": {
-                        "name": {"type": "string", "enum": ["always_on", "always_off", "trace_id_ratio"]},
-                        "options": {"type": "object", "properties": {"fraction": {"type": "number", "minimum": 0, "maximum": 1}}}
-                    }}
-                }}
-            }},
-            "additional_attributes": {"type": "array", "items": {"type": "string", "minLength": 1}},
-            "additional_header_prefix_attributes": {"type": "array", "items": {"type": "string", "minLength": 1}}
-        }}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, scope| {
-            let sampler = Sampler::parse(conf.get("sampler"))?;
-            let exporter = if scope == "check" { None } else { Some(exporter(conf.get("_attr"))?) };
-            let list = |k: &str| -> Vec<String> {
-                conf.get(k).and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect()
-            };
-            Ok(Arc::new(Otel {
-                sampler,
-                exporter,
-                attributes: list("additional_attributes"),
-                header_prefixes: list("additional_header_prefix_attributes").into_iter().map(|p| p.to_ascii_lowercase()).collect(),
-            }))
-        },
-    }
-    .into()
+    Factory::new("opentelemetry", 12009, |c: Config, b| {
+        let sampler = c.sampler.map_or(Sampler::AlwaysOff, Sampler::of);
+        let exporter = if b.is_check() { None } else { Some(exporter(b.attr)?) };
+        Ok(Arc::new(Otel {
+            sampler,
+            exporter,
+            attributes: c.additional_attributes.unwrap_or_default(),
+            header_prefixes: c.additional_header_prefix_attributes.into_iter().flatten().map(|p| p.to_ascii_lowercase()).collect(),
+        }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// Which requests are traced.
+    sampler: Option<SamplerConfig>,
+    /// Request variables added to the span as attributes.
+    #[schemars(inner(length(min = 1)))]
+    additional_attributes: Option<Vec<String>>,
+    /// Request headers, by name prefix, added to the span as attributes.
+    #[schemars(inner(length(min = 1)))]
+    additional_header_prefix_attributes: Option<Vec<String>>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct SamplerConfig {
+    #[serde(default)]
+    name: SamplerName,
+    options: Option<SamplerOptions>,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum SamplerName {
+    AlwaysOn,
+    #[default]
+    AlwaysOff,
+    TraceIdRatio,
+    ParentBase,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct SamplerOptions {
+    /// The share of traces sampled, for `trace_id_ratio`.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1))]
+    fraction: f64,
+    /// The sampler deciding, for `parent_base`, when the caller sent no trace.
+    root: Option<RootSampler>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct RootSampler {
+    #[serde(default)]
+    name: RootName,
+    options: Option<RootOptions>,
+}
+
+#[derive(Deserialize, JsonSchema, Default, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum RootName {
+    AlwaysOn,
+    #[default]
+    AlwaysOff,
+    TraceIdRatio,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct RootOptions {
+    #[schemars(range(min = 0, max = 1))]
+    fraction: Option<f64>,
+}
+
+/// What the exporter reads of `plugin_attr.opentelemetry`.
+#[derive(Deserialize, Default)]
+struct Attr {
+    collector: Option<Collector>,
+    resource: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+struct Collector {
+    address: Option<String>,
+    request_timeout: Option<u64>,
 }
 
 /// The process's one span exporter, made by the first instance from `plugin_attr`.
@@ -57,13 +107,18 @@ fn exporter(attr: Option<&Value>) -> Result<&'static Queue, String> {
     if let Some(q) = EXPORTER.get() {
         return Ok(q);
     }
-    let collector = attr.and_then(|a| a.get("collector"));
-    let address = collector.and_then(|c| c.get("address")).and_then(Value::as_str).unwrap_or("127.0.0.1:4318");
-    let timeout = collector.and_then(|c| c.get("request_timeout")).and_then(Value::as_u64).unwrap_or(3);
+    let attr = attr.map_or_else(Attr::default, |a| {
+        Attr::deserialize(a).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "plugin_attr.opentelemetry ignored");
+            Attr::default()
+        })
+    });
+    let collector = attr.collector.as_ref();
+    let address = collector.and_then(|c| c.address.as_deref()).unwrap_or("127.0.0.1:4318");
+    let timeout = collector.and_then(|c| c.request_timeout).unwrap_or(3);
     let mut resource: Vec<Value> = attr
-        .and_then(|a| a.get("resource"))
-        .and_then(Value::as_object)
-        .into_iter()
+        .resource
+        .iter()
         .flatten()
         .map(|(k, v)| attribute(k, v.as_str().map_or_else(|| v.to_string(), str::to_string)))
         .collect();
@@ -90,21 +145,24 @@ enum Sampler {
 }
 
 impl Sampler {
-    fn parse(v: Option<&Value>) -> Result<Sampler, String> {
-        let name = v.and_then(|s| s.get("name")).and_then(Value::as_str).unwrap_or("always_off");
-        let options = v.and_then(|s| s.get("options"));
-        let fraction = options.and_then(|o| o.get("fraction")).and_then(Value::as_f64).unwrap_or(0.0);
-        Ok(match name {
-            "always_on" => Sampler::AlwaysOn,
-            "always_off" => Sampler::AlwaysOff,
-            "trace_id_ratio" => Sampler::Ratio(fraction),
-            "parent_base" => {
-                let root = options.and_then(|o| o.get("root"));
-                let root = if root.is_some() { Sampler::parse(root)? } else { Sampler::AlwaysOff };
+    fn of(c: SamplerConfig) -> Sampler {
+        let fraction = c.options.as_ref().map_or(0.0, |o| o.fraction);
+        match c.name {
+            SamplerName::AlwaysOn => Sampler::AlwaysOn,
+            SamplerName::AlwaysOff => Sampler::AlwaysOff,
+            SamplerName::TraceIdRatio => Sampler::Ratio(fraction),
+            SamplerName::ParentBase => {
+                let root = match c.options.and_then(|o| o.root) {
+                    Some(r) => match r.name {
+                        RootName::AlwaysOn => Sampler::AlwaysOn,
+                        RootName::AlwaysOff => Sampler::AlwaysOff,
+                        RootName::TraceIdRatio => Sampler::Ratio(r.options.and_then(|o| o.fraction).unwrap_or(0.0)),
+                    },
+                    None => Sampler::AlwaysOff,
+                };
                 Sampler::ParentBased(Box::new(root))
             }
-            other => return Err(format!("unknown sampler {other}")),
-        })
+        }
     }
 
     fn sample(&self, trace: &[u8; 16], parent: Option<bool>) -> bool {
@@ -243,11 +301,22 @@ mod tests {
         assert_eq!((hex(&t).as_str(), hex(&s).as_str(), sampled), ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7", true));
         assert!(parse_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none(), "an all-zero trace id");
         assert!(parse_traceparent("garbage").is_none());
-        let parent = Sampler::parse(Some(&json!({"name": "parent_base", "options": {"root": {"name": "always_on"}}}))).unwrap();
+        let conf: SamplerConfig = serde_json::from_value(json!({"name": "parent_base", "options": {"root": {"name": "always_on"}}})).unwrap();
+        let parent = Sampler::of(conf);
+        assert_eq!(parent, Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
         assert!(!parent.sample(&t, Some(false)), "the caller's decision is kept");
         assert!(parent.sample(&t, None), "the root decides without a caller");
         let none = Sampler::Ratio(0.0);
         let all = Sampler::Ratio(1.0);
         assert!(!none.sample(&t, None) && all.sample(&t, None));
+    }
+
+    #[test]
+    fn sampler_configs() {
+        let of = |v: Value| Sampler::of(serde_json::from_value(v).unwrap());
+        assert_eq!(of(json!({})), Sampler::AlwaysOff);
+        assert_eq!(of(json!({"name": "trace_id_ratio", "options": {"fraction": 0.5}})), Sampler::Ratio(0.5));
+        assert_eq!(of(json!({"name": "parent_base"})), Sampler::ParentBased(Box::new(Sampler::AlwaysOff)));
+        assert!(serde_json::from_value::<SamplerConfig>(json!({"name": "sometimes"})).is_err());
     }
 }
