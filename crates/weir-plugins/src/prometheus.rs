@@ -11,25 +11,19 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use serde_json::json;
+use serde::Deserialize;
 
-use crate::{LegacyFactory, Factory, LogRecord, Notes, Phases, Plugin};
+use crate::{Factory, JsonSchema, LogRecord, Notes, Phases, Plugin};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "prometheus",
-        priority: 500,
-        schema: json!({"type": "object", "properties": {
-            "prefer_name": {"type": "boolean", "default": false}
-        }}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let prefer_name = conf.get("prefer_name").and_then(serde_json::Value::as_bool).unwrap_or(false);
-            Ok(Arc::new(Prometheus { prefer_name }))
-        },
-    }
-    .into()
+    Factory::new("prometheus", 500, |c: Config, _| Ok(Arc::new(Prometheus { prefer_name: c.prefer_name })))
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// Label a route's metrics with its name rather than its id (when it has one).
+    #[serde(default)]
+    prefer_name: bool,
 }
 
 struct Prometheus {

@@ -4,34 +4,49 @@
 use std::sync::Arc;
 
 use http_body_util::Full;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
-use crate::{LegacyFactory, Factory, Phases, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Phases, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "proxy-mirror",
-        priority: 1010,
-        schema: json!({"type": "object", "properties": {
-            "host": {"type": "string", "pattern": "^http(s)?://[a-zA-Z0-9][-a-zA-Z0-9]{0,62}(\\.[a-zA-Z0-9][-a-zA-Z0-9]{0,62})*(:[0-9]{1,5})?$"},
-            "path": {"type": "string", "pattern": "^/[^?&]+$"},
-            "path_concat_mode": {"type": "string", "enum": ["replace", "prefix"], "default": "replace"},
-            "sample_ratio": {"type": "number", "minimum": 0.00001, "maximum": 1, "default": 1}
-        }, "required": ["host"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let host = conf.get("host").and_then(Value::as_str).unwrap_or("");
-            let uri: http::Uri = host.parse().map_err(|e| format!("host: {e}"))?;
-            Ok(Arc::new(Mirror {
-                authority: crate::client::authority(&uri).map_err(|e| format!("host: {e}"))?,
-                path: conf.get("path").and_then(Value::as_str).map(str::to_string),
-                prefix: conf.get("path_concat_mode").and_then(Value::as_str) == Some("prefix"),
-                ratio: conf.get("sample_ratio").and_then(Value::as_f64).unwrap_or(1.0),
-            }))
-        },
-    }
-    .into()
+    Factory::new("proxy-mirror", 1010, |c: Config, _| {
+        let uri: http::Uri = c.host.parse().map_err(|e| format!("host: {e}"))?;
+        Ok(Arc::new(Mirror {
+            authority: crate::client::authority(&uri).map_err(|e| format!("host: {e}"))?,
+            path: c.path,
+            prefix: c.path_concat_mode == ConcatMode::Prefix,
+            ratio: c.sample_ratio,
+        }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// The server the copies go to: `http(s)://host[:port]`.
+    #[schemars(regex(pattern = r"^http(s)?://[a-zA-Z0-9][-a-zA-Z0-9]{0,62}(\.[a-zA-Z0-9][-a-zA-Z0-9]{0,62})*(:[0-9]{1,5})?$"))]
+    host: String,
+    /// The path the copies are sent to, instead of the request's.
+    #[schemars(regex(pattern = r"^/[^?&]+$"))]
+    path: Option<String>,
+    /// Whether `path` replaces the request's path or goes before it.
+    #[serde(default)]
+    path_concat_mode: ConcatMode,
+    /// The share of requests copied.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0.00001, max = 1))]
+    sample_ratio: f64,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum ConcatMode {
+    #[default]
+    Replace,
+    Prefix,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 struct Mirror {

@@ -2,38 +2,102 @@
 //! Host, the method, and headers (`add`, `set`, `remove`; a plain map means `set`). `$var`
 //! references in `uri` and header values are filled in from the request.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
 use regex::Regex;
-use serde_json::{Value, json};
+use serde::Deserialize;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    let header_map = json!({"type": "object", "minProperties": 1,
-        "patternProperties": {"^[^:]+$": {"oneOf": [{"type": "string"}, {"type": "number"}]}}});
-    LegacyFactory {
-        name: "proxy-rewrite",
-        priority: 1008,
-        schema: json!({"type": "object", "properties": {
-            "uri": {"type": "string", "minLength": 1, "maxLength": 4096, "pattern": "^\\/.*"},
-            "method": {"type": "string", "enum": ["GET", "POST", "PUT", "HEAD", "DELETE", "OPTIONS", "MKCOL", "COPY",
-                "MOVE", "PROPFIND", "LOCK", "UNLOCK", "PATCH", "TRACE"]},
-            "regex_uri": {"type": "array", "minItems": 2, "items": {"type": "string"}},
-            "host": {"type": "string", "pattern": "^[0-9a-zA-Z-.]+(:\\d{1,5})?$"},
-            "headers": {"type": "object", "anyOf": [
-                {"properties": {"add": header_map, "set": header_map,
-                    "remove": {"type": "array", "minItems": 1, "items": {"type": "string"}}}, "additionalProperties": false},
-                {"patternProperties": {"^[^:]+$": {"oneOf": [{"type": "string"}, {"type": "number"}]}}}
-            ]},
-            "use_real_request_uri_unsafe": {"type": "boolean", "default": false}
-        }, "minProperties": 1}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| build(conf).map(|p| Arc::new(p) as Arc<dyn Plugin>),
+    Factory::new("proxy-rewrite", 1008, |c: Config, _| build(c).map(|p| Arc::new(p) as Arc<dyn Plugin>))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("minProperties" = 1))]
+struct Config {
+    /// The path sent upstream; `$var`s are filled in from the request.
+    #[schemars(length(min = 1, max = 4096), regex(pattern = r"^\/.*"))]
+    uri: Option<String>,
+    /// The method sent upstream.
+    #[schemars(transform = absent_not_null)]
+    method: Option<Method>,
+    /// Pairs of a regex over the path and its replacement; the first pair that matches applies.
+    #[schemars(length(min = 2))]
+    regex_uri: Option<Vec<String>>,
+    /// The Host sent upstream.
+    #[schemars(regex(pattern = r"^[0-9a-zA-Z-.]+(:\d{1,5})?$"))]
+    host: Option<String>,
+    /// Headers to `add`, `set` and `remove`; a plain map of headers means `set`.
+    headers: Option<Headers>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    use_real_request_uri_unsafe: bool,
+}
+
+#[derive(Deserialize, JsonSchema, Debug)]
+#[serde(rename_all = "UPPERCASE")]
+enum Method {
+    Get,
+    Post,
+    Put,
+    Head,
+    Delete,
+    Options,
+    Mkcol,
+    Copy,
+    Move,
+    Propfind,
+    Lock,
+    Unlock,
+    Patch,
+    Trace,
+}
+
+/// `Option` means the field may be absent, not that it may be `null`.
+fn absent_not_null(schema: &mut schemars::Schema) {
+    if let Some(serde_json::Value::Array(values)) = schema.get_mut("enum") {
+        values.retain(|v| !v.is_null());
     }
-    .into()
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+#[schemars(extend("type" = "object"))]
+enum Headers {
+    Ops(HeaderOps),
+    Set(HeaderMap),
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct HeaderOps {
+    #[schemars(extend("minProperties" = 1))]
+    add: Option<HeaderMap>,
+    #[schemars(extend("minProperties" = 1))]
+    set: Option<HeaderMap>,
+    #[schemars(length(min = 1))]
+    remove: Option<Vec<String>>,
+}
+
+type HeaderMap = BTreeMap<String, HeaderText>;
+
+/// A header value: text, or a number written as text.
+#[derive(Deserialize, JsonSchema)]
+#[serde(untagged)]
+#[schemars(transform = one_of)]
+enum HeaderText {
+    Text(String),
+    Number(serde_json::Number),
+}
+
+/// The variants exclude each other: `oneOf`, as APISIX writes it.
+fn one_of(schema: &mut schemars::Schema) {
+    if let Some(variants) = schema.remove("anyOf") {
+        schema.insert("oneOf".into(), variants);
+    }
 }
 
 struct ProxyRewrite {
@@ -46,14 +110,14 @@ struct ProxyRewrite {
     remove: Vec<HeaderName>,
 }
 
-fn header_list(v: Option<&Value>) -> Result<Vec<(HeaderName, String)>, String> {
-    let Some(Value::Object(m)) = v else { return Ok(Vec::new()) };
-    m.iter()
+fn header_list(m: Option<HeaderMap>) -> Result<Vec<(HeaderName, String)>, String> {
+    m.into_iter()
+        .flatten()
         .map(|(k, v)| {
             let name = HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header {k}: {e}"))?;
             let value = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
+                HeaderText::Text(s) => s,
+                HeaderText::Number(n) => n.to_string(),
             };
             if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
                 return Err(format!("header {k}: a value must not hold CR, LF or NUL"));
@@ -63,48 +127,40 @@ fn header_list(v: Option<&Value>) -> Result<Vec<(HeaderName, String)>, String> {
         .collect()
 }
 
-fn build(conf: &Value) -> Result<ProxyRewrite, String> {
-    let text = |k: &str| conf.get(k).and_then(Value::as_str).map(str::to_string);
+fn build(c: Config) -> Result<ProxyRewrite, String> {
     // What is written into the request line or a header field may not end it early.
-    for key in ["uri", "regex_uri"] {
-        let values: Vec<&str> = match conf.get(key) {
-            Some(Value::String(s)) => vec![s.as_str()],
-            Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
-            _ => Vec::new(),
-        };
-        if values.iter().any(|v| v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0)) {
-            return Err(format!("{key}: must not hold CR, LF or NUL"));
-        }
+    let unsafe_text = |v: &String| v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0);
+    if c.uri.iter().any(unsafe_text) {
+        return Err("uri: must not hold CR, LF or NUL".into());
+    }
+    if c.regex_uri.iter().flatten().any(unsafe_text) {
+        return Err("regex_uri: must not hold CR, LF or NUL".into());
     }
     let mut regex_uri = Vec::new();
-    if let Some(list) = conf.get("regex_uri").and_then(Value::as_array) {
+    if let Some(list) = &c.regex_uri {
         if list.len() % 2 != 0 {
             return Err("The length of regex_uri should be an even number".into());
         }
         for pair in list.chunks(2) {
-            let (p, r) = (pair[0].as_str().unwrap_or(""), pair[1].as_str().unwrap_or(""));
+            let (p, r) = (&pair[0], &pair[1]);
             let re = Regex::new(p).map_err(|e| format!("invalid regex_uri({p}): {e}"))?;
-            regex_uri.push((re, r.to_string()));
+            regex_uri.push((re, r.clone()));
         }
     }
-    let headers = conf.get("headers");
-    let structured = headers.is_some_and(|h| ["add", "set", "remove"].iter().any(|k| h.get(k).is_some_and(|v| !v.is_string())));
-    let (add, set, remove) = if structured {
-        let h = headers.expect("checked above");
-        let remove = h
-            .get("remove")
-            .and_then(Value::as_array)
-            .map(|a| a.iter().filter_map(Value::as_str).filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect())
-            .unwrap_or_default();
-        (header_list(h.get("add"))?, header_list(h.get("set"))?, remove)
-    } else {
-        (Vec::new(), header_list(headers)?, Vec::new())
+    let (add, set, remove) = match c.headers {
+        Some(Headers::Ops(h)) => {
+            let remove = h.remove.into_iter().flatten().filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok()).collect();
+            (header_list(h.add)?, header_list(h.set)?, remove)
+        }
+        Some(Headers::Set(h)) => (Vec::new(), header_list(Some(h))?, Vec::new()),
+        None => (Vec::new(), Vec::new(), Vec::new()),
     };
     Ok(ProxyRewrite {
-        uri: text("uri"),
+        uri: c.uri,
         regex_uri,
-        host: text("host").map(|h| HeaderValue::from_str(&h)).transpose().map_err(|e| format!("host: {e}"))?,
-        method: text("method").map(|m| m.parse::<http::Method>()).transpose().map_err(|e| format!("method: {e}"))?,
+        host: c.host.map(|h| HeaderValue::from_str(&h)).transpose().map_err(|e| format!("host: {e}"))?,
+        // A variant's name, upper-cased, is its method.
+        method: c.method.map(|m| format!("{m:?}").to_ascii_uppercase().parse()).transpose().map_err(|e| format!("method: {e}"))?,
         add,
         set,
         remove,
@@ -168,5 +224,38 @@ impl Plugin for ProxyRewrite {
             ctx.parts.headers.remove(name);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn built(conf: serde_json::Value) -> Result<ProxyRewrite, String> {
+        build(crate::parse(&conf)?)
+    }
+
+    #[test]
+    fn headers_are_operations_or_a_plain_map_to_set() {
+        let p = built(json!({"headers": {"add": {"X-A": "1"}, "set": {"X-N": 2}, "remove": ["X-B"]}})).unwrap();
+        assert_eq!(p.add, vec![(HeaderName::from_static("x-a"), "1".to_string())]);
+        assert_eq!(p.set, vec![(HeaderName::from_static("x-n"), "2".to_string())]);
+        assert_eq!(p.remove, vec![HeaderName::from_static("x-b")]);
+        // A string under `add` is a header named `add`, as the plain form has it.
+        let p = built(json!({"headers": {"X-A": "1", "add": "x"}})).unwrap();
+        assert!(p.add.is_empty() && p.remove.is_empty());
+        assert_eq!(p.set.len(), 2);
+        assert!(built(json!({"headers": {"ad": {"X-A": "1"}}})).is_err());
+        assert!(built(json!({"headers": {"X-A": "a\r\nb"}})).err().unwrap().contains("CR, LF or NUL"));
+    }
+
+    #[test]
+    fn methods_and_regex_uri_are_checked() {
+        assert_eq!(built(json!({"method": "MKCOL"})).unwrap().method.unwrap().as_str(), "MKCOL");
+        assert!(built(json!({"method": "get"})).is_err());
+        assert_eq!(built(json!({"regex_uri": ["^/a", "/b", "^/c"]})).err().unwrap(), "The length of regex_uri should be an even number");
+        assert!(built(json!({"regex_uri": ["(", "/b"]})).err().unwrap().starts_with("invalid regex_uri(()"));
     }
 }

@@ -5,40 +5,35 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use ipnet::IpNet;
-use serde_json::{Value, json};
+use serde::Deserialize;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "real-ip",
-        priority: 23000,
-        schema: json!({"type": "object", "properties": {
-            "source": {"type": "string", "minLength": 1},
-            "trusted_addresses": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-            "recursive": {"type": "boolean", "default": false}
-        }, "required": ["source"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let trusted = conf
-                .get("trusted_addresses")
-                .and_then(Value::as_array)
-                .map(|a| {
-                    a.iter()
-                        .filter_map(Value::as_str)
-                        .map(|t| weir_core::model::parse_ip_net(t).ok_or(format!("trusted_addresses: invalid address {t}")))
-                        .collect::<Result<Vec<_>, _>>()
-                })
-                .transpose()?;
-            Ok(Arc::new(RealIp {
-                source: conf.get("source").and_then(Value::as_str).unwrap_or("").to_string(),
-                trusted,
-                recursive: conf.get("recursive").and_then(Value::as_bool).unwrap_or(false),
-            }))
-        },
-    }
-    .into()
+    Factory::new("real-ip", 23000, |c: Config, _| {
+        let trusted = c
+            .trusted_addresses
+            .map(|a| {
+                a.iter()
+                    .map(|t| weir_core::model::parse_ip_net(t).ok_or(format!("trusted_addresses: invalid address {t}")))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        Ok(Arc::new(RealIp { source: c.source, trusted, recursive: c.recursive }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// The variable holding the client address, such as `http_x_forwarded_for`.
+    #[schemars(length(min = 1))]
+    source: String,
+    /// Only connections from these addresses or CIDRs may set the client address.
+    #[schemars(length(min = 1))]
+    trusted_addresses: Option<Vec<String>>,
+    /// Take the rightmost address not itself trusted, rather than the last one given.
+    #[serde(default)]
+    recursive: bool,
 }
 
 struct RealIp {

@@ -5,27 +5,40 @@ use std::sync::Arc;
 
 use http::header::{HeaderValue, LOCATION};
 use regex::Regex;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "redirect",
-        priority: 900,
-        schema: json!({"type": "object", "properties": {
-            "ret_code": {"type": "integer", "minimum": 200, "default": 302},
-            "uri": {"type": "string", "minLength": 2},
-            "regex_uri": {"type": "array", "minItems": 2, "maxItems": 2, "items": {"type": "string"}},
-            "http_to_https": {"type": "boolean"},
-            "encode_uri": {"type": "boolean", "default": false},
-            "append_query_string": {"type": "boolean", "default": false}
-        }, "oneOf": [{"required": ["uri"]}, {"required": ["regex_uri"]}, {"required": ["http_to_https"]}]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| Ok(Arc::new(build(conf)?)),
-    }
-    .into()
+    Factory::new("redirect", 900, |c: Config, _| Ok(Arc::new(build(c)?)))
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("oneOf" = [{"required": ["uri"]}, {"required": ["regex_uri"]}, {"required": ["http_to_https"]}]))]
+struct Config {
+    /// The status of the redirect.
+    #[serde(default = "found")]
+    #[schemars(range(min = 200))]
+    ret_code: u64,
+    /// Where to redirect; `$var`s are filled in from the request.
+    #[schemars(length(min = 2))]
+    uri: Option<String>,
+    /// A regex over the path and its replacement, the redirect's target.
+    #[schemars(length(min = 2, max = 2))]
+    regex_uri: Option<Vec<String>>,
+    /// Redirect `http` requests to `https`.
+    http_to_https: Option<bool>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    encode_uri: bool,
+    /// Keep the request's query string on the target.
+    #[serde(default)]
+    append_query_string: bool,
+}
+
+fn found() -> u64 {
+    302
 }
 
 struct Redirect {
@@ -36,27 +49,20 @@ struct Redirect {
     append_query: bool,
 }
 
-fn build(conf: &Value) -> Result<Redirect, String> {
-    let regex_uri = match conf.get("regex_uri").and_then(Value::as_array) {
-        Some(pair) => {
-            let pattern = pair[0].as_str().unwrap_or("");
+fn build(c: Config) -> Result<Redirect, String> {
+    let regex_uri = match c.regex_uri.as_deref() {
+        Some([pattern, replacement]) => {
             let re = Regex::new(pattern).map_err(|e| format!("invalid regex_uri {pattern}: {e}"))?;
-            Some((re, pair[1].as_str().unwrap_or("").to_string()))
+            Some((re, replacement.clone()))
         }
+        Some(_) => return Err("regex_uri: a pattern and its replacement".into()),
         None => None,
     };
-    let http_to_https = conf.get("http_to_https").and_then(Value::as_bool).unwrap_or(false);
-    let append_query = conf.get("append_query_string").and_then(Value::as_bool).unwrap_or(false);
-    if http_to_https && append_query {
+    let http_to_https = c.http_to_https.unwrap_or(false);
+    if http_to_https && c.append_query_string {
         return Err("only one of `http_to_https` and `append_query_string` can be configured".into());
     }
-    Ok(Redirect {
-        code: conf.get("ret_code").and_then(Value::as_u64).unwrap_or(302) as u16,
-        uri: conf.get("uri").and_then(Value::as_str).map(str::to_string),
-        regex_uri,
-        http_to_https,
-        append_query,
-    })
+    Ok(Redirect { code: c.ret_code as u16, uri: c.uri, regex_uri, http_to_https, append_query: c.append_query_string })
 }
 
 impl Plugin for Redirect {
@@ -92,4 +98,21 @@ fn location(code: u16, to: String) -> Reply {
         reply.headers.push((LOCATION, v));
     }
     reply
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn configs_are_checked() {
+        let r = build(crate::parse(&json!({"regex_uri": ["^/a/(.*)", "/b/$1"]})).unwrap()).unwrap();
+        assert_eq!(r.code, 302);
+        assert_eq!(r.regex_uri.unwrap().1, "/b/$1");
+        let both = crate::parse(&json!({"http_to_https": true, "append_query_string": true})).unwrap();
+        assert!(build(both).err().unwrap().starts_with("only one of"));
+        assert!(build(crate::parse(&json!({"regex_uri": ["(", "/b"]})).unwrap()).is_err());
+    }
 }

@@ -3,36 +3,43 @@
 
 use std::sync::Arc;
 
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::json;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    let hosts = json!({"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^\\*?[0-9a-zA-Z-._]+$"}});
-    LegacyFactory {
-        name: "referer-restriction",
-        priority: 2990,
-        schema: json!({"type": "object", "properties": {
-            "bypass_missing": {"type": "boolean", "default": false},
-            "whitelist": hosts,
-            "blacklist": hosts,
-            "message": {"type": "string", "minLength": 1, "maxLength": 1024, "default": "Your referer host is not allowed"}
-        }, "oneOf": [{"required": ["whitelist"]}, {"required": ["blacklist"]}]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let list = |k: &str| -> Option<Vec<String>> {
-                conf.get(k).and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).map(str::to_ascii_lowercase).collect())
-            };
-            Ok(Arc::new(RefererRestriction {
-                white: list("whitelist"),
-                black: list("blacklist"),
-                bypass_missing: conf.get("bypass_missing").and_then(Value::as_bool).unwrap_or(false),
-                message: conf.get("message").and_then(Value::as_str).unwrap_or("Your referer host is not allowed").to_string(),
-            }))
-        },
-    }
-    .into()
+    Factory::new("referer-restriction", 2990, |c: Config, _| {
+        let lower = |hosts: Option<Vec<String>>| hosts.map(|h| h.iter().map(|h| h.to_ascii_lowercase()).collect());
+        Ok(Arc::new(RefererRestriction {
+            white: lower(c.whitelist),
+            black: lower(c.blacklist),
+            bypass_missing: c.bypass_missing,
+            message: c.message,
+        }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("oneOf" = [{"required": ["whitelist"]}, {"required": ["blacklist"]}]))]
+struct Config {
+    /// Let through requests without a `Referer`.
+    #[serde(default)]
+    bypass_missing: bool,
+    /// The only referer hosts let through; `*.` names a domain's subdomains.
+    #[schemars(length(min = 1), inner(regex(pattern = r"^\*?[0-9a-zA-Z-._]+$")))]
+    whitelist: Option<Vec<String>>,
+    /// The referer hosts refused; `*.` names a domain's subdomains.
+    #[schemars(length(min = 1), inner(regex(pattern = r"^\*?[0-9a-zA-Z-._]+$")))]
+    blacklist: Option<Vec<String>>,
+    /// The message a refused request gets.
+    #[serde(default = "not_allowed")]
+    #[schemars(length(min = 1, max = 1024))]
+    message: String,
+}
+
+fn not_allowed() -> String {
+    "Your referer host is not allowed".into()
 }
 
 struct RefererRestriction {

@@ -4,30 +4,46 @@
 use std::sync::Arc;
 
 use http::header::{HeaderName, HeaderValue};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "request-id",
-        priority: 12015,
-        schema: json!({"type": "object", "properties": {
-            "header_name": {"type": "string", "default": "X-Request-Id"},
-            "include_in_response": {"type": "boolean", "default": true},
-            "algorithm": {"type": "string", "enum": ["uuid"], "default": "uuid"}
-        }}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let name = conf.get("header_name").and_then(Value::as_str).unwrap_or("X-Request-Id");
-            Ok(Arc::new(RequestId {
-                header: HeaderName::from_bytes(name.as_bytes()).map_err(|e| format!("header_name: {e}"))?,
-                in_response: conf.get("include_in_response").and_then(Value::as_bool).unwrap_or(true),
-            }))
-        },
-    }
-    .into()
+    Factory::new("request-id", 12015, |c: Config, _| {
+        Ok(Arc::new(RequestId {
+            header: HeaderName::from_bytes(c.header_name.as_bytes()).map_err(|e| format!("header_name: {e}"))?,
+            in_response: c.include_in_response,
+        }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// The header the id is in.
+    #[serde(default = "x_request_id")]
+    header_name: String,
+    /// Send the id back to the client too.
+    #[serde(default = "yes")]
+    include_in_response: bool,
+    /// How ids are made.
+    #[serde(default)]
+    #[allow(dead_code)]
+    algorithm: Algorithm,
+}
+
+#[derive(Deserialize, Serialize, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+enum Algorithm {
+    #[default]
+    Uuid,
+}
+
+fn x_request_id() -> String {
+    "X-Request-Id".into()
+}
+
+fn yes() -> bool {
+    true
 }
 
 struct RequestId {

@@ -3,35 +3,43 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde_json::{Map, Value};
 
-use crate::{LegacyFactory, Factory, Phases, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Phases, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "request-validation",
-        priority: 2800,
-        schema: json!({"type": "object", "properties": {
-            "header_schema": {"type": "object"},
-            "body_schema": {"type": "object"},
-            "rejected_code": {"type": "integer", "minimum": 200, "maximum": 599, "default": 400},
-            "rejected_msg": {"type": "string", "minLength": 1, "maxLength": 256}
-        }, "anyOf": [{"required": ["header_schema"]}, {"required": ["body_schema"]}]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let compile = |k: &str| {
-                conf.get(k).map(|s| jsonschema::validator_for(s).map_err(|e| format!("{k}: {e}"))).transpose()
-            };
-            Ok(Arc::new(RequestValidation {
-                headers: compile("header_schema")?,
-                body: compile("body_schema")?,
-                code: conf.get("rejected_code").and_then(Value::as_u64).unwrap_or(400) as u16,
-                msg: conf.get("rejected_msg").and_then(Value::as_str).map(str::to_string),
-            }))
-        },
-    }
-    .into()
+    Factory::new("request-validation", 2800, |c: Config, _| {
+        let compile = |k: &str, s: Option<Value>| s.map(|s| jsonschema::validator_for(&s).map_err(|e| format!("{k}: {e}"))).transpose();
+        Ok(Arc::new(RequestValidation {
+            headers: compile("header_schema", c.header_schema)?,
+            body: compile("body_schema", c.body_schema)?,
+            code: c.rejected_code,
+            msg: c.rejected_msg,
+        }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("anyOf" = [{"required": ["header_schema"]}, {"required": ["body_schema"]}]))]
+struct Config {
+    /// The JSON schema the request's headers must satisfy.
+    #[schemars(extend("type" = "object"))]
+    header_schema: Option<Value>,
+    /// The JSON schema the request's body must satisfy.
+    #[schemars(extend("type" = "object"))]
+    body_schema: Option<Value>,
+    /// The status a request that fails gets.
+    #[serde(default = "bad_request")]
+    #[schemars(range(min = 200, max = 599))]
+    rejected_code: u16,
+    /// The body a request that fails gets, instead of what failed.
+    #[schemars(length(min = 1, max = 256))]
+    rejected_msg: Option<String>,
+}
+
+fn bad_request() -> u16 {
+    400
 }
 
 struct RequestValidation {

@@ -6,27 +6,33 @@ use std::sync::Arc;
 use base64::Engine as _;
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::{Map, Value};
 use weir_core::expr::{Expr, Vars};
 
-use crate::{LegacyFactory, Factory, Phases, Plugin, ResponseCtx};
+use crate::{Factory, JsonSchema, Phases, Plugin, ResponseCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "response-rewrite",
-        priority: 899,
-        schema: json!({"type": "object", "properties": {
-            "status_code": {"type": "integer", "minimum": 200, "maximum": 598},
-            "body": {"type": "string"},
-            "body_base64": {"type": "boolean", "default": false},
-            "headers": {"type": "object", "minProperties": 1},
-            "vars": {"type": "array"}
-        }}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| Ok(Arc::new(build(conf)?)),
-    }
-    .into()
+    Factory::new("response-rewrite", 899, |c: Config, _| Ok(Arc::new(build(c)?)))
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// The status the client gets.
+    #[schemars(range(min = 200, max = 598))]
+    status_code: Option<u16>,
+    /// The body the client gets.
+    body: Option<String>,
+    /// `body` is base64: the client gets it decoded.
+    #[serde(default)]
+    body_base64: bool,
+    /// Headers to `add` (`"name: value"` lines), `set` and `remove`; a plain map of headers
+    /// means `set`, where an empty value removes the header.
+    #[schemars(extend("minProperties" = 1))]
+    headers: Option<Map<String, Value>>,
+    /// A condition over the response status: the rewrite happens only when it holds.
+    #[schemars(extend("type" = "array"))]
+    vars: Option<Value>,
 }
 
 struct ResponseRewrite {
@@ -44,16 +50,16 @@ fn header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> 
     Ok((n, v))
 }
 
-fn build(conf: &Value) -> Result<ResponseRewrite, String> {
-    let body = match conf.get("body").and_then(Value::as_str) {
-        Some(b) if conf.get("body_base64").and_then(Value::as_bool) == Some(true) => Some(Bytes::from(
+fn build(c: Config) -> Result<ResponseRewrite, String> {
+    let body = match c.body {
+        Some(b) if c.body_base64 => Some(Bytes::from(
             base64::engine::general_purpose::STANDARD.decode(b).map_err(|e| format!("body is not base64: {e}"))?,
         )),
-        Some(b) => Some(Bytes::from(b.to_string())),
+        Some(b) => Some(Bytes::from(b)),
         None => None,
     };
     let (mut add, mut set, mut remove) = (Vec::new(), Vec::new(), Vec::new());
-    if let Some(h) = conf.get("headers").and_then(Value::as_object) {
+    if let Some(h) = c.headers {
         let is_ops = ["add", "set", "remove"].iter().any(|k| h.contains_key(*k));
         if is_ops {
             // `add` is a list of "Name: value" lines, as APISIX has it.
@@ -71,7 +77,7 @@ fn build(conf: &Value) -> Result<ResponseRewrite, String> {
             }
         } else {
             // The older form: a map of headers to set; an empty value removes the header.
-            for (n, v) in h {
+            for (n, v) in &h {
                 match v.as_str().unwrap_or("") {
                     "" => remove.push(HeaderName::from_bytes(n.as_bytes()).map_err(|e| format!("headers: {n}: {e}"))?),
                     v => set.push(header(n, v)?),
@@ -79,12 +85,8 @@ fn build(conf: &Value) -> Result<ResponseRewrite, String> {
             }
         }
     }
-    let vars = conf.get("vars").map(Expr::compile).transpose().map_err(|e| format!("vars: {e}"))?;
-    let status = conf
-        .get("status_code")
-        .and_then(Value::as_u64)
-        .map(|c| http::StatusCode::from_u16(c as u16).map_err(|e| e.to_string()))
-        .transpose()?;
+    let vars = c.vars.as_ref().map(Expr::compile).transpose().map_err(|e| format!("vars: {e}"))?;
+    let status = c.status_code.map(|c| http::StatusCode::from_u16(c).map_err(|e| e.to_string())).transpose()?;
     Ok(ResponseRewrite { status, body, add, set, remove, vars })
 }
 

@@ -4,33 +4,64 @@
 
 use std::sync::{Arc, Mutex};
 
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::Value;
 use weir_core::expr::Expr;
 
-use crate::{LegacyFactory, Factory, FilterVars, Plugin, Reply, RequestCtx};
+use crate::{Factory, FilterVars, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    // An inline upstream is checked as an `upstreams` object is: every field it may have, and
-    // no other (APISIX's traffic-split takes the same definition).
-    let upstream = weir_catalog::upstream_schema();
-    LegacyFactory {
-        name: "traffic-split",
-        priority: 966,
-        schema: json!({"type": "object", "properties": {
-            "rules": {"type": "array", "items": {"type": "object", "properties": {
-                "match": {"type": "array", "items": {"type": "object", "properties": {"vars": {"type": "array"}}}},
-                "weighted_upstreams": {"type": "array", "minItems": 1, "items": {"type": "object", "properties": {
-                    "upstream_id": {"type": ["string", "integer"]},
-                    "upstream": upstream,
-                    "weight": {"type": "integer", "minimum": 0, "default": 1}
-                }}}
-            }, "required": ["weighted_upstreams"]}}
-        }}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| Ok(Arc::new(build(conf)?)),
-    }
-    .into()
+    Factory::new("traffic-split", 966, |c: Config, _| Ok(Arc::new(build(c)?)))
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// The first rule whose `match` holds picks the upstream.
+    rules: Option<Vec<RuleConfig>>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct RuleConfig {
+    /// Any of these holding selects the rule; none at all selects it always.
+    #[serde(rename = "match")]
+    matches: Option<Vec<Match>>,
+    /// The upstreams the rule shares requests between, by weight.
+    #[schemars(length(min = 1))]
+    weighted_upstreams: Vec<WeightedUpstream>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Match {
+    /// A condition (APISIX's `vars` expression) on the request.
+    #[schemars(extend("type" = "array"))]
+    vars: Option<Value>,
+}
+
+/// An upstream and its share; with neither `upstream_id` nor `upstream`, the route's own.
+#[derive(Deserialize, JsonSchema)]
+struct WeightedUpstream {
+    /// An `upstreams` object, by id.
+    #[schemars(extend("type" = ["string", "integer"]))]
+    upstream_id: Option<Value>,
+    /// An upstream, inline.
+    upstream: Option<InlineUpstream>,
+    /// This upstream's share of the rule's requests.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    weight: i64,
+}
+
+/// Checked as an `upstreams` object is: every field it may have, and no other. The snapshot
+/// reads it; here only its presence counts.
+#[derive(Deserialize, JsonSchema)]
+struct InlineUpstream(#[schemars(schema_with = "upstream_schema")] #[allow(dead_code)] Value);
+
+fn upstream_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    weir_catalog::upstream_schema().try_into().expect("the upstream schema is an object")
+}
+
+fn one() -> i64 {
+    1
 }
 
 struct Rule {
@@ -46,29 +77,27 @@ struct TrafficSplit {
     rules: Vec<Rule>,
 }
 
-fn build(conf: &Value) -> Result<TrafficSplit, String> {
+fn build(c: Config) -> Result<TrafficSplit, String> {
     let mut next = 0;
     let mut rules = Vec::new();
-    for rule in conf.get("rules").and_then(Value::as_array).into_iter().flatten() {
+    for rule in c.rules.into_iter().flatten() {
         let matches = rule
-            .get("match")
-            .and_then(Value::as_array)
+            .matches
             .into_iter()
             .flatten()
-            .filter_map(|m| m.get("vars"))
-            .map(|v| Expr::compile(v).map_err(|e| format!("match.vars: {e}")))
+            .filter_map(|m| m.vars)
+            .map(|v| Expr::compile(&v).map_err(|e| format!("match.vars: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
         let mut targets = Vec::new();
-        for wu in rule.get("weighted_upstreams").and_then(Value::as_array).into_iter().flatten() {
-            let weight = wu.get("weight").and_then(Value::as_i64).unwrap_or(1);
+        for wu in rule.weighted_upstreams {
             // Numbered as the snapshot numbers the route's alternatives.
-            let index = if wu.get("upstream_id").is_some() || wu.get("upstream").is_some() {
+            let index = if wu.upstream_id.is_some() || wu.upstream.is_some() {
                 next += 1;
                 Some(next - 1)
             } else {
                 None
             };
-            targets.push((weight, index));
+            targets.push((wu.weight, index));
         }
         let current = Mutex::new(vec![0; targets.len()]);
         rules.push(Rule { matches, targets, current });
@@ -110,13 +139,15 @@ impl Plugin for TrafficSplit {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]
     fn weights_are_kept_and_own_upstream_is_none() {
-        let ts = build(&json!({"rules": [{"weighted_upstreams": [
+        let ts = build(crate::parse(&json!({"rules": [{"weighted_upstreams": [
             {"upstream_id": "a", "weight": 3}, {"weight": 1}
-        ]}]}))
+        ]}]})).unwrap())
         .unwrap();
         let picks: Vec<_> = (0..8).map(|_| ts.rules[0].pick().unwrap()).collect();
         assert_eq!(picks.iter().filter(|p| **p == Some(0)).count(), 6);

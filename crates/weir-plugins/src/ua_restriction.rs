@@ -3,39 +3,43 @@
 use std::sync::Arc;
 
 use regex::RegexSet;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::json;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    let list = json!({"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}});
-    LegacyFactory {
-        name: "ua-restriction",
-        priority: 2999,
-        schema: json!({"type": "object", "properties": {
-            "bypass_missing": {"type": "boolean", "default": false},
-            "allowlist": list,
-            "denylist": list,
-            "message": {"type": "string", "minLength": 1, "maxLength": 1024, "default": "Not allowed"}
-        }, "oneOf": [{"required": ["allowlist"]}, {"required": ["denylist"]}]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let set = |k: &str| -> Result<Option<RegexSet>, String> {
-                conf.get(k)
-                    .and_then(Value::as_array)
-                    .map(|a| RegexSet::new(a.iter().filter_map(Value::as_str)).map_err(|e| format!("{k}: {e}")))
-                    .transpose()
-            };
-            Ok(Arc::new(UaRestriction {
-                allow: set("allowlist")?,
-                deny: set("denylist")?,
-                bypass_missing: conf.get("bypass_missing").and_then(Value::as_bool).unwrap_or(false),
-                message: conf.get("message").and_then(Value::as_str).unwrap_or("Not allowed").to_string(),
-            }))
-        },
-    }
-    .into()
+    Factory::new("ua-restriction", 2999, |c: Config, _| {
+        let set = |k: &str, list: Option<Vec<String>>| list.map(|l| RegexSet::new(l).map_err(|e| format!("{k}: {e}"))).transpose();
+        Ok(Arc::new(UaRestriction {
+            allow: set("allowlist", c.allowlist)?,
+            deny: set("denylist", c.denylist)?,
+            bypass_missing: c.bypass_missing,
+            message: c.message,
+        }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(extend("oneOf" = [{"required": ["allowlist"]}, {"required": ["denylist"]}]))]
+struct Config {
+    /// Let through requests without a `User-Agent`.
+    #[serde(default)]
+    bypass_missing: bool,
+    /// Regexes: only user agents matching one of them are let through.
+    #[schemars(length(min = 1), inner(length(min = 1)))]
+    allowlist: Option<Vec<String>>,
+    /// Regexes: user agents matching any of them are refused.
+    #[schemars(length(min = 1), inner(length(min = 1)))]
+    denylist: Option<Vec<String>>,
+    /// The message a refused request gets.
+    #[serde(default = "not_allowed")]
+    #[schemars(length(min = 1, max = 1024))]
+    message: String,
+}
+
+fn not_allowed() -> String {
+    "Not allowed".into()
 }
 
 struct UaRestriction {

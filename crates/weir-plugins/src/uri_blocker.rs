@@ -3,41 +3,38 @@
 use std::sync::Arc;
 
 use regex::RegexSet;
-use serde_json::{Value, json};
+use serde::Deserialize;
+use serde_json::json;
 
-use crate::{LegacyFactory, Factory, Plugin, Reply, RequestCtx};
+use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx};
 
 pub(crate) fn factory() -> Factory {
-    LegacyFactory {
-        name: "uri-blocker",
-        priority: 2900,
-        schema: json!({"type": "object", "properties": {
-            "block_rules": {"type": "array", "minItems": 1, "uniqueItems": true, "items": {"type": "string", "minLength": 1, "maxLength": 4096}},
-            "rejected_code": {"type": "integer", "minimum": 200, "default": 403},
-            "rejected_msg": {"type": "string", "minLength": 1},
-            "case_insensitive": {"type": "boolean", "default": false}
-        }, "required": ["block_rules"]}),
-        consumer_schema: None,
-        credential: None,
-        build: |conf, _| {
-            let insensitive = conf.get("case_insensitive").and_then(Value::as_bool).unwrap_or(false);
-            let rules: Vec<String> = conf
-                .get("block_rules")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(|r| if insensitive { format!("(?i){r}") } else { r.to_string() })
-                .collect();
-            let rules = RegexSet::new(&rules).map_err(|e| format!("block_rules: {e}"))?;
-            Ok(Arc::new(UriBlocker {
-                rules,
-                code: conf.get("rejected_code").and_then(Value::as_u64).unwrap_or(403) as u16,
-                msg: conf.get("rejected_msg").and_then(Value::as_str).map(str::to_string),
-            }))
-        },
-    }
-    .into()
+    Factory::new("uri-blocker", 2900, |c: Config, _| {
+        let rules = c.block_rules.iter().map(|r| if c.case_insensitive { format!("(?i){r}") } else { r.clone() });
+        let rules = RegexSet::new(rules).map_err(|e| format!("block_rules: {e}"))?;
+        Ok(Arc::new(UriBlocker { rules, code: c.rejected_code as u16, msg: c.rejected_msg }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+struct Config {
+    /// Regexes over the request's path and query: a request matching any is refused.
+    #[schemars(length(min = 1), inner(length(min = 1, max = 4096)), extend("uniqueItems" = true))]
+    block_rules: Vec<String>,
+    /// The status a refused request gets.
+    #[serde(default = "forbidden")]
+    #[schemars(range(min = 200))]
+    rejected_code: u64,
+    /// The message a refused request gets.
+    #[schemars(length(min = 1))]
+    rejected_msg: Option<String>,
+    /// Match the regexes without regard to case.
+    #[serde(default)]
+    case_insensitive: bool,
+}
+
+fn forbidden() -> u64 {
+    403
 }
 
 struct UriBlocker {
