@@ -63,26 +63,33 @@ fn tidy(v: &mut Value) {
             }
         }
     }
-    // `Option<Value>` is the schema `true` (anything); APISIX writes no constraint as `{}`.
-    // Only where a schema stands: `uniqueItems: true` is a flag, not a schema.
-    const SCHEMA_AT: [&str; 9] = ["items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "contains", "propertyNames"];
-    const SCHEMAS_IN: [&str; 7] = ["properties", "patternProperties", "$defs", "definitions", "anyOf", "oneOf", "allOf"];
-    let anything = |v: &mut Value| {
-        if *v == Value::Bool(true) {
-            *v = Value::Object(Map::new());
-        }
-    };
+    // `Option` of an enum lists `null` among its values.
+    if let Some(Value::Array(values)) = o.get_mut("enum") {
+        values.retain(|v| !v.is_null());
+    }
+    // Only into subschemas: `default`, `enum`, `const` and `uniqueItems` hold values, not
+    // schemas, and are left as they are.
     for (key, val) in o.iter_mut() {
-        if SCHEMA_AT.contains(&key.as_str()) {
-            anything(val);
-        } else if SCHEMAS_IN.contains(&key.as_str()) {
-            match val {
-                Value::Object(m) => m.values_mut().for_each(anything),
-                Value::Array(a) => a.iter_mut().for_each(anything),
-                _ => {}
+        match key.as_str() {
+            "properties" | "patternProperties" | "definitions" | "$defs" | "dependencies" => {
+                if let Value::Object(m) = val {
+                    m.values_mut().for_each(subschema);
+                }
             }
+            "items" | "additionalItems" | "additionalProperties" | "propertyNames" | "contains" | "not" | "if" | "then" | "else" | "anyOf" | "oneOf" | "allOf" => {
+                subschema(val)
+            }
+            _ => {}
         }
-        tidy(val);
+    }
+}
+
+/// `Option<Value>` is the schema `true` (anything); APISIX writes no constraint as `{}`.
+fn subschema(v: &mut Value) {
+    match v {
+        Value::Bool(true) => *v = Value::Object(Map::new()),
+        Value::Array(a) => a.iter_mut().for_each(subschema),
+        _ => tidy(v),
     }
 }
 
@@ -279,41 +286,5 @@ mod tests {
         assert_eq!(s["properties"]["free"], serde_json::json!({}));
         assert_eq!(s["properties"]["list"]["items"], serde_json::json!({}));
         assert!(jsonschema::validator_for(&s).is_ok());
-    }
-}
-
-/// A factory written before configs were typed. Transitional: each plugin moves to
-/// [`Factory::new`].
-pub struct LegacyFactory {
-    pub name: &'static str,
-    pub priority: i64,
-    pub schema: Value,
-    pub consumer_schema: Option<Value>,
-    pub build: fn(&Value, &str) -> Result<Arc<dyn Plugin>, String>,
-    pub credential: Option<fn(&Value) -> Result<(String, Arc<dyn Any + Send + Sync>), String>>,
-}
-
-impl From<LegacyFactory> for Factory {
-    fn from(l: LegacyFactory) -> Factory {
-        let build = l.build;
-        Factory {
-            name: l.name,
-            priority: l.priority,
-            schema: l.schema,
-            consumer_schema: l.consumer_schema,
-            build: Box::new(move |v, b| {
-                let mut v = v.clone();
-                if let Some(o) = v.as_object_mut() {
-                    if let Some(m) = b.metadata {
-                        o.insert("_metadata".into(), m.clone());
-                    }
-                    if let Some(a) = b.attr {
-                        o.insert("_attr".into(), a.clone());
-                    }
-                }
-                build(&v, b.scope)
-            }),
-            credential: l.credential.map(|p| Box::new(p) as Preparer),
-        }
     }
 }

@@ -27,7 +27,7 @@ use serde_json::{Value, json};
 use weir_core::expr::Expr;
 use weir_core::schema::PluginCatalog;
 
-pub use config::{Build, Factory, LegacyFactory, parse, schema_of};
+pub use config::{Build, Factory, parse, schema_of};
 pub use layers::{Layers, Scope};
 pub use schemars::{self, JsonSchema};
 pub use vars::RequestVars;

@@ -22,7 +22,6 @@ struct Config {
     #[schemars(length(min = 1, max = 4096), regex(pattern = r"^\/.*"))]
     uri: Option<String>,
     /// The method sent upstream.
-    #[schemars(transform = absent_not_null)]
     method: Option<Method>,
     /// Pairs of a regex over the path and its replacement; the first pair that matches applies.
     #[schemars(length(min = 2))]
@@ -54,13 +53,6 @@ enum Method {
     Unlock,
     Patch,
     Trace,
-}
-
-/// `Option` means the field may be absent, not that it may be `null`.
-fn absent_not_null(schema: &mut schemars::Schema) {
-    if let Some(serde_json::Value::Array(values)) = schema.get_mut("enum") {
-        values.retain(|v| !v.is_null());
-    }
 }
 
 #[derive(Deserialize, JsonSchema)]
