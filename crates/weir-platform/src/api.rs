@@ -16,12 +16,14 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 use weir_admin::Role;
 use weir_core::error::ErrorKind;
+use weir_store::{Compare, Op, Txn, TxnOutcome};
 
 use crate::Platform;
 use crate::docs::Refused;
 use crate::model::{CreateGateway, GATEWAY_ID, Gateway, PatchEnvironment, PatchGateway, Phase, State};
 use crate::reconcile::now_ms;
 use crate::render;
+use crate::tokens::{self, Caller, CreateToken, Token, TokenRole};
 
 pub type Reply = Response<Full<Bytes>>;
 
@@ -61,13 +63,6 @@ fn store_down(e: impl std::fmt::Display + weir_core::error::Kinded) -> Reply {
     failure(e.kind(), e.to_string(), Vec::new())
 }
 
-/// Who is calling, once authenticated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Caller {
-    Admin,
-    Viewer,
-}
-
 /// A body checked against `T`'s derived schema, every problem listed, then parsed.
 fn body<T: DeserializeOwned + JsonSchema>(raw: &Bytes) -> Result<T, Reply> {
     let value: Value = serde_json::from_slice(raw).map_err(|e| bad_input(vec![format!("body: not JSON: {e}")]))?;
@@ -91,33 +86,75 @@ fn problem(e: &jsonschema::ValidationError<'_>) -> String {
 impl Platform {
     /// Answers a `/v1/` call the admin listener passed on.
     pub(crate) async fn answer(&self, parts: Parts, raw: Bytes, role: Option<Role>) -> Reply {
-        let caller = match role {
-            Some(Role::Admin) => Caller::Admin,
-            Some(Role::Viewer) => Caller::Viewer,
-            None => return refuse(StatusCode::UNAUTHORIZED, "a valid admin key or platform token is required"),
+        let caller = match self.authenticate(&parts, role).await {
+            Ok(c) => c,
+            Err(r) => return r,
         };
-        if caller == Caller::Viewer && parts.method != Method::GET {
+        let reads = parts.method == Method::GET;
+        if !reads && (matches!(caller, Caller::AdminViewer) || caller.role() == Some(TokenRole::Viewer)) {
             return refuse(StatusCode::FORBIDDEN, "this key may only read");
         }
         let path = parts.uri.path().trim_end_matches('/');
         let segs: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
         let m = &parts.method;
+        // A gateway the caller may not see does not exist, whatever is asked of it.
+        if let ["api-gateways", gid, ..] = segs.as_slice()
+            && !caller.sees(gid)
+        {
+            return not_found("gateway");
+        }
         match (m, segs.as_slice()) {
-            (&Method::POST, ["api-gateways"]) => self.create(&raw).await,
-            (&Method::GET, ["api-gateways"]) => self.list().await,
+            (&Method::POST, ["api-gateways"]) if !caller.owns() => refuse(StatusCode::FORBIDDEN, "only an owner may create gateways"),
+            (&Method::POST, ["api-gateways"]) => self.create(&caller, &raw).await,
+            (&Method::GET, ["api-gateways"]) => self.list(&caller).await,
             (&Method::GET, ["api-gateways", gid]) => self.show(gid).await,
+            (&Method::PATCH | &Method::DELETE, ["api-gateways", _]) if !caller.owns() => refuse(StatusCode::FORBIDDEN, "only an owner may change a gateway"),
             (&Method::PATCH, ["api-gateways", gid]) => self.patch(gid, &raw).await,
             (&Method::DELETE, ["api-gateways", gid]) => self.delete(gid).await,
             (&Method::GET, ["api-gateways", gid, "environments"]) => self.environments(gid).await,
             (&Method::GET, ["api-gateways", gid, "environments", env]) => self.environment(gid, env).await,
+            (&Method::PATCH, ["api-gateways", _, "environments", env]) if !caller.writes_env(env) => {
+                refuse(StatusCode::FORBIDDEN, &format!("this token may not change the {env} environment"))
+            }
             (&Method::PATCH, ["api-gateways", gid, "environments", env]) => self.patch_environment(gid, env, &raw).await,
             (&Method::GET, ["api-gateways", gid, "environments", env, "effective-plugins"]) => self.effective(gid, env).await,
-            (_, ["api-gateways", ..]) => refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
+            (&Method::POST, ["tokens"]) => self.create_token(&caller, &raw).await,
+            (&Method::GET, ["tokens"]) => self.list_tokens(&caller).await,
+            (&Method::GET, ["whoami"]) => json(StatusCode::OK, &caller.describe()),
+            (&Method::DELETE, ["tokens", id]) => self.delete_token(&caller, id).await,
+            (_, ["api-gateways" | "tokens", ..]) => refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
             _ => refuse(StatusCode::NOT_FOUND, "not found"),
         }
     }
 
-    async fn create(&self, raw: &Bytes) -> Reply {
+    /// The caller: an admin key the listener checked, or a platform token looked up by its
+    /// hash. An unknown, expired or malformed token gets the same answer as none.
+    async fn authenticate(&self, parts: &Parts, role: Option<Role>) -> Result<Caller, Reply> {
+        let refused = || refuse(StatusCode::UNAUTHORIZED, "a valid admin key or platform token is required");
+        match role {
+            Some(Role::Admin) => return Ok(Caller::Admin("admin".into())),
+            Some(Role::Viewer) => return Ok(Caller::AdminViewer),
+            None => {}
+        }
+        let Some(presented) = tokens::bearer(parts) else { return Err(refused()) };
+        let key = self.token_key(&tokens::hash(presented));
+        let kv = match self.docs.store.get(&key).await {
+            Ok(Some(kv)) => kv,
+            Ok(None) => return Err(refused()),
+            Err(e) => return Err(store_down(e)),
+        };
+        let Ok(token) = serde_json::from_slice::<Token>(&kv.value) else { return Err(refused()) };
+        if token.expires.is_some_and(|at| at <= (now_ms() / 1000) as i64) {
+            return Err(refused());
+        }
+        Ok(Caller::Token { token, key })
+    }
+
+    fn token_key(&self, hash: &str) -> String {
+        format!("{}/platform/tokens/{hash}", self.prefix)
+    }
+
+    async fn create(&self, caller: &Caller, raw: &Bytes) -> Reply {
         let input: CreateGateway = match body(raw) {
             Ok(b) => b,
             Err(r) => return r,
@@ -148,7 +185,7 @@ impl Platform {
         }
         // A generated id that is taken is drawn again; a chosen one is a conflict.
         for _ in 0..8 {
-            match self.docs.create(&gw).await {
+            match self.create_owned(caller, &gw).await {
                 Ok(true) => {
                     self.wake.notify_one();
                     return json(StatusCode::CREATED, &gw.shown());
@@ -161,10 +198,35 @@ impl Platform {
         failure(ErrorKind::Conflict, "no free gateway id was found", Vec::new())
     }
 
-    async fn list(&self) -> Reply {
+    /// Stores a new gateway and, when an owner token makes it, adds it to the token's
+    /// gateways in the same transaction. `false` when its id is taken.
+    async fn create_owned(&self, caller: &Caller, gw: &Gateway) -> Result<bool, weir_store::StoreError> {
+        let Caller::Token { key, .. } = caller else { return self.docs.create(gw).await };
+        loop {
+            let Some(kv) = self.docs.store.get(key).await? else { return Ok(false) };
+            let mut token: Token = serde_json::from_slice(&kv.value).map_err(|e| weir_store::StoreError::Corrupt(e.to_string()))?;
+            token.gateways.push(gw.gateway_id.clone());
+            let gw_key = self.docs.key(&gw.gateway_id);
+            let txn = Txn {
+                compares: vec![Compare { key: gw_key.clone(), mod_revision: 0 }, Compare { key: key.clone(), mod_revision: kv.mod_revision }],
+                ops: vec![
+                    Op::Put { key: gw_key.clone(), value: crate::docs::encode(gw) },
+                    Op::Put { key: key.clone(), value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) },
+                ],
+            };
+            match self.docs.store.txn(txn).await? {
+                TxnOutcome::Committed { .. } => return Ok(true),
+                // The id is taken, or the token changed meanwhile: look again.
+                TxnOutcome::Conflict if self.docs.store.get(&gw_key).await?.is_some() => return Ok(false),
+                TxnOutcome::Conflict => {}
+            }
+        }
+    }
+
+    async fn list(&self, caller: &Caller) -> Reply {
         match self.docs.list().await {
             Ok(all) => {
-                let list: Vec<Value> = all.iter().map(|(g, _)| g.shown()).collect();
+                let list: Vec<Value> = all.iter().filter(|(g, _)| caller.sees(&g.gateway_id)).map(|(g, _)| g.shown()).collect();
                 json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
             }
             Err(e) => store_down(e),
@@ -327,6 +389,116 @@ impl Platform {
         let plugins: Vec<Value> =
             render::effective(&self.cfg, &gw, e).into_iter().map(|(name, config, layer)| json!({"name": name, "layer": layer, "config": config})).collect();
         json(StatusCode::OK, &json!({"environment": env, "plugins": plugins}))
+    }
+
+    async fn create_token(&self, caller: &Caller, raw: &Bytes) -> Reply {
+        let input: CreateToken = match body(raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let mut problems = Vec::new();
+        let expires = match input.expires_at.as_deref().map(tokens::parse_time).transpose() {
+            Ok(e) => e,
+            Err(p) => {
+                problems.push(p);
+                None
+            }
+        };
+        if expires.is_some_and(|at| at <= (now_ms() / 1000) as i64) {
+            problems.push("expiresAt: already past".into());
+        }
+        // An owner hands out lesser roles on its own gateways; an admin key anything.
+        let gateways = match caller {
+            Caller::Admin(_) => input.gateways.clone().unwrap_or_default(),
+            Caller::Token { token, .. } if token.role == TokenRole::Owner => {
+                if input.role == TokenRole::Owner {
+                    return refuse(StatusCode::FORBIDDEN, "an owner token may not make owner tokens");
+                }
+                let asked = input.gateways.clone().unwrap_or_else(|| token.gateways.clone());
+                if let Some(g) = asked.iter().find(|g| !token.gateways.contains(g)) {
+                    // Not the caller's: it does not exist, as far as the caller may know.
+                    problems.push(format!("gateways: no gateway {g}"));
+                }
+                asked
+            }
+            _ => return refuse(StatusCode::FORBIDDEN, "only an admin key or an owner token may make tokens"),
+        };
+        if matches!(caller, Caller::Admin(_)) {
+            for g in &gateways {
+                match self.docs.get(g).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => problems.push(format!("gateways: no gateway {g}")),
+                    Err(e) => return store_down(e),
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return bad_input(problems);
+        }
+        let (secret, hash) = tokens::mint();
+        let token = Token {
+            id: hash[..16].to_string(),
+            name: input.name,
+            role: input.role,
+            gateways,
+            expires_at: input.expires_at,
+            expires,
+            created_at: now_ms() / 1000,
+            created_by: caller.name(),
+        };
+        let key = self.token_key(&hash);
+        let txn = Txn {
+            compares: vec![Compare { key: key.clone(), mod_revision: 0 }],
+            ops: vec![Op::Put { key, value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) }],
+        };
+        match self.docs.store.txn(txn).await {
+            Ok(TxnOutcome::Committed { .. }) => {
+                let mut shown = token.shown();
+                shown["token"] = json!(secret);
+                json(StatusCode::CREATED, &shown)
+            }
+            Ok(TxnOutcome::Conflict) => failure(ErrorKind::Internal, "a token was drawn twice", Vec::new()),
+            Err(e) => store_down(e),
+        }
+    }
+
+    /// The tokens a caller may manage: all of them for an admin key, those it made for an
+    /// owner token.
+    async fn manageable(&self, caller: &Caller) -> Result<Vec<(String, Token)>, Reply> {
+        let mine = match caller {
+            Caller::Admin(_) | Caller::AdminViewer => None,
+            Caller::Token { token, .. } if token.role == TokenRole::Owner => Some(caller.name()),
+            _ => return Err(refuse(StatusCode::FORBIDDEN, "only an admin key or an owner token may see tokens")),
+        };
+        let dir = format!("{}/platform/tokens/", self.prefix);
+        let (kvs, _) = self.docs.store.list(&dir).await.map_err(store_down)?;
+        Ok(kvs
+            .into_iter()
+            .filter_map(|kv| Some((kv.key.clone(), serde_json::from_slice::<Token>(&kv.value).ok()?)))
+            .filter(|(_, t)| mine.as_ref().is_none_or(|m| t.created_by == *m))
+            .collect())
+    }
+
+    async fn list_tokens(&self, caller: &Caller) -> Reply {
+        match self.manageable(caller).await {
+            Ok(all) => {
+                let list: Vec<Value> = all.iter().map(|(_, t)| t.shown()).collect();
+                json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
+            }
+            Err(r) => r,
+        }
+    }
+
+    async fn delete_token(&self, caller: &Caller, id: &str) -> Reply {
+        let all = match self.manageable(caller).await {
+            Ok(all) => all,
+            Err(r) => return r,
+        };
+        let Some((key, token)) = all.into_iter().find(|(_, t)| t.id == id) else { return not_found("token") };
+        match self.docs.store.delete(&key).await {
+            Ok(_) => json(StatusCode::OK, &token.shown()),
+            Err(e) => store_down(e),
+        }
     }
 
     /// Every problem with a gateway as it would be stored: each plugin layer on its own, each

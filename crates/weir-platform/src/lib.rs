@@ -15,6 +15,7 @@ mod docs;
 pub mod model;
 mod reconcile;
 pub mod render;
+pub mod tokens;
 
 use std::sync::Arc;
 
@@ -95,11 +96,11 @@ impl Platform {
 
 impl weir_admin::Extension for Platform {
     fn serves(&self, path: &str) -> bool {
-        path == "/v1/api-gateways" || path.starts_with("/v1/api-gateways/")
+        ["/v1/api-gateways", "/v1/tokens", "/v1/whoami"].iter().any(|p| path == *p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')))
     }
 
-    fn has_credential(&self, _parts: &http::request::Parts) -> bool {
-        false
+    fn has_credential(&self, parts: &http::request::Parts) -> bool {
+        tokens::bearer(parts).is_some()
     }
 
     fn handle<'a>(

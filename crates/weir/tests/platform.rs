@@ -160,3 +160,96 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     // The control API still answers beside it.
     assert_eq!(w.control("healthcheck").await.0, 200);
 }
+
+async fn v1_as(w: &Weir, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string());
+    let auth = format!("Bearer {token}");
+    let r = send(w.admin, method, &format!("/v1/{path}"), &[("authorization", &auth)], body.as_deref()).await;
+    (r.status, r.json())
+}
+
+#[tokio::test]
+async fn tokens_see_only_their_gateways_and_write_only_where_their_role_may() {
+    let w = Weir::start();
+    // An admin key makes an owner token; it is shown once, and stored only as a hash.
+    let (s, b) = v1(&w, "POST", "tokens", Some(json!({"name": "alice", "role": "owner"}))).await;
+    assert_eq!(s, 201, "{b}");
+    let alice = b["token"].as_str().unwrap().to_string();
+    let (_, list) = v1(&w, "GET", "tokens", None).await;
+    assert!(!list.to_string().contains(&alice[4..]), "a listed token never shows its secret");
+    let backup = send(w.admin, "GET", "/apisix/admin/backup", &[("x-api-key", KEY)], None).await.text();
+    assert!(!backup.contains(&alice[4..]), "the store never holds a token");
+    let (s, b) = v1(&w, "POST", "tokens", Some(json!({"name": "bob", "role": "owner"}))).await;
+    assert_eq!(s, 201, "{b}");
+    let bob = b["token"].as_str().unwrap().to_string();
+
+    // Each owner creates a gateway, which joins its token's gateways.
+    assert_eq!(v1_as(&w, &alice, "POST", "api-gateways", Some(json!({"name": "A", "gatewayId": "gw-a"}))).await.0, 201);
+    assert_eq!(v1_as(&w, &bob, "POST", "api-gateways", Some(json!({"name": "B", "gatewayId": "gw-b"}))).await.0, 201);
+    until_gateway(&w, "gw-a", |_, b| b["phase"] == "Started").await;
+    until_gateway(&w, "gw-b", |_, b| b["phase"] == "Started").await;
+
+    // Alice sees her gateway and nothing of Bob's: every path under it is "not found".
+    let (s, b) = v1_as(&w, &alice, "GET", "api-gateways", None).await;
+    assert_eq!((s, b["total"].clone()), (200, json!(1)), "{b}");
+    assert_eq!(b["list"][0]["gatewayId"], "gw-a");
+    for (method, path, body) in [
+        ("GET", "api-gateways/gw-b", None),
+        ("PATCH", "api-gateways/gw-b", Some(json!({"name": "mine"}))),
+        ("DELETE", "api-gateways/gw-b", None),
+        ("GET", "api-gateways/gw-b/environments", None),
+        ("GET", "api-gateways/gw-b/environments/dev", None),
+        ("PATCH", "api-gateways/gw-b/environments/dev", Some(json!({"state": "inactive"}))),
+        ("GET", "api-gateways/gw-b/environments/dev/effective-plugins", None),
+    ] {
+        let (s, b) = v1_as(&w, &alice, method, path, body).await;
+        assert_eq!(s, 404, "{method} {path}: {b}");
+        assert_eq!(b, json!({"error": {"kind": "not_found", "message": "gateway not found", "problems": []}}), "the same answer as a gateway that does not exist");
+    }
+    let (_, nowhere) = v1_as(&w, &alice, "GET", "api-gateways/no-such-gw", None).await;
+    assert_eq!(nowhere, v1_as(&w, &alice, "GET", "api-gateways/gw-b", None).await.1);
+    let (_, b) = v1(&w, "GET", "api-gateways/gw-b", None).await;
+    assert_eq!(b["name"], "B", "Bob's gateway is untouched");
+
+    // Alice hands out a developer and a qa token on her gateway; not an owner one, and not on Bob's.
+    let (s, b) = v1_as(&w, &alice, "POST", "tokens", Some(json!({"name": "dev", "role": "developer"}))).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["gateways"], json!(["gw-a"]));
+    let dev = b["token"].as_str().unwrap().to_string();
+    let qa = v1_as(&w, &alice, "POST", "tokens", Some(json!({"name": "qa", "role": "qa", "gateways": ["gw-a"]}))).await.1["token"].as_str().unwrap().to_string();
+    assert_eq!(v1_as(&w, &alice, "POST", "tokens", Some(json!({"name": "o", "role": "owner"}))).await.0, 403);
+    let (s, b) = v1_as(&w, &alice, "POST", "tokens", Some(json!({"name": "x", "role": "viewer", "gateways": ["gw-b"]}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(v1_as(&w, &dev, "POST", "tokens", Some(json!({"name": "y", "role": "viewer"}))).await.0, 403);
+
+    // A developer writes in dev only; qa in staging only; neither changes the gateway.
+    let plugins = json!({"plugins": {"limit-count": {"count": 9, "time_window": 60}}});
+    assert_eq!(v1_as(&w, &dev, "PATCH", "api-gateways/gw-a/environments/dev", Some(plugins.clone())).await.0, 200);
+    for env in ["staging", "prod"] {
+        let (s, b) = v1_as(&w, &dev, "PATCH", &format!("api-gateways/gw-a/environments/{env}"), Some(plugins.clone())).await;
+        assert_eq!((s, b["error"]["kind"].clone()), (403, json!("forbidden")), "developer on {env}");
+    }
+    assert_eq!(v1_as(&w, &dev, "GET", "api-gateways/gw-a/environments/prod", None).await.0, 200, "a developer reads prod");
+    assert_eq!(v1_as(&w, &qa, "PATCH", "api-gateways/gw-a/environments/staging", Some(plugins.clone())).await.0, 200);
+    assert_eq!(v1_as(&w, &qa, "PATCH", "api-gateways/gw-a/environments/prod", Some(plugins.clone())).await.0, 403);
+    assert_eq!(v1_as(&w, &qa, "PATCH", "api-gateways/gw-a/environments/dev", Some(plugins.clone())).await.0, 403);
+    assert_eq!(v1_as(&w, &dev, "PATCH", "api-gateways/gw-a", Some(json!({"name": "x"}))).await.0, 403);
+    assert_eq!(v1_as(&w, &dev, "POST", "api-gateways", Some(json!({"name": "x"}))).await.0, 403);
+    assert_eq!(v1_as(&w, &dev, "GET", "api-gateways/gw-b", None).await.0, 404);
+
+    // Tokens never reach the APISIX Admin API; unknown, revoked and expired tokens are refused alike.
+    let auth = format!("Bearer {alice}");
+    assert_eq!(send(w.admin, "GET", "/apisix/admin/routes", &[("authorization", &auth)], None).await.status, 401);
+    assert_eq!(v1_as(&w, "wpt_0000", "GET", "api-gateways", None).await.0, 401);
+    let dev_id = v1_as(&w, &alice, "GET", "tokens", None).await.1["list"].as_array().unwrap().iter().find(|t| t["name"] == "dev").unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(v1_as(&w, &bob, "DELETE", &format!("tokens/{dev_id}"), None).await.0, 404, "Bob cannot revoke Alice's tokens");
+    assert_eq!(v1_as(&w, &alice, "DELETE", &format!("tokens/{dev_id}"), None).await.0, 200);
+    assert_eq!(v1_as(&w, &dev, "GET", "api-gateways", None).await.0, 401, "revoked at once");
+    let (s, b) = v1(&w, "POST", "tokens", Some(json!({"name": "old", "role": "viewer", "expiresAt": "2001-01-01T00:00:00Z"}))).await;
+    assert_eq!(s, 400, "{b}");
+    let (s, b) = v1(&w, "POST", "tokens", Some(json!({"name": "v", "role": "viewer", "gateways": ["gw-a"], "expiresAt": "2099-01-01T00:00:00Z"}))).await;
+    assert_eq!(s, 201, "{b}");
+    let viewer = b["token"].as_str().unwrap().to_string();
+    assert_eq!(v1_as(&w, &viewer, "GET", "api-gateways/gw-a", None).await.0, 200);
+    assert_eq!(v1_as(&w, &viewer, "PATCH", "api-gateways/gw-a/environments/dev", Some(plugins)).await.0, 403);
+}
