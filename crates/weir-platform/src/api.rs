@@ -271,7 +271,7 @@ impl Platform {
             })
             .await;
         match updated {
-            Ok(gw) => {
+            Ok((gw, _)) => {
                 self.wake.notify_one();
                 Ok(gw)
             }

@@ -67,15 +67,16 @@ impl Docs {
         Ok(matches!(self.store.txn(txn).await?, TxnOutcome::Committed { .. }))
     }
 
-    /// Applies `change` to the stored gateway until it commits on the version it read.
-    pub async fn update<E>(&self, gid: &str, mut change: impl FnMut(&mut Gateway) -> Result<(), E>) -> Result<Gateway, Refused<E>> {
+    /// Applies `change` to the stored gateway until it commits on the version it read; the
+    /// gateway as written, and the revision it was written at.
+    pub async fn update<E>(&self, gid: &str, mut change: impl FnMut(&mut Gateway) -> Result<(), E>) -> Result<(Gateway, i64), Refused<E>> {
         loop {
             let Some((mut gw, rev)) = self.get(gid).await? else { return Err(Refused::Missing) };
             change(&mut gw).map_err(Refused::By)?;
             let key = self.key(gid);
             let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops: vec![Op::Put { key, value: encode(&gw) }] };
-            if let TxnOutcome::Committed { .. } = self.store.txn(txn).await? {
-                return Ok(gw);
+            if let TxnOutcome::Committed { revision, .. } = self.store.txn(txn).await? {
+                return Ok((gw, revision));
             }
         }
     }

@@ -72,6 +72,9 @@ pub struct Platform {
     node: String,
     /// Rung by the API after a change, so the reconciler does not wait for its tick.
     wake: tokio::sync::Notify,
+    /// A pause between taking a gateway's lease and doing its step, from
+    /// `WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS`: how a test kills a node in the middle of a step.
+    pause_after_claim: Option<std::time::Duration>,
 }
 
 impl Platform {
@@ -85,6 +88,7 @@ impl Platform {
             plugins,
             node,
             wake: tokio::sync::Notify::new(),
+            pause_after_claim: std::env::var("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS").ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis),
         })
     }
 

@@ -133,11 +133,12 @@ impl Gateway {
         self.environments.iter().find(|e| e.name == name)
     }
 
-    /// The gateway as the API shows it: without the reconciler's bookkeeping.
+    /// The gateway as the API shows it: without the reconciler's bookkeeping, but with its
+    /// lease (which node works on it, since when).
     pub fn shown(&self) -> Value {
         let mut v = serde_json::to_value(self).expect("a gateway serializes");
         if let Some(o) = v.as_object_mut() {
-            for k in ["lockedBy", "generation", "renderedGeneration", "phaseSince", "attempts", "retryAt"] {
+            for k in ["generation", "renderedGeneration", "phaseSince", "attempts", "retryAt"] {
                 o.remove(k);
             }
         }

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde_json::{Value, json};
-use weir_store::{KeyValue, StoreError};
+use weir_store::{Compare, KeyValue, Op, StoreError, Txn, TxnOutcome};
 
 use crate::Platform;
 use crate::docs::Refused;
@@ -124,19 +124,84 @@ impl Platform {
                 Ok(())
             })
             .await;
-        let gw = match claimed {
-            Ok(gw) => gw,
+        let (mut gw, mut rev) = match claimed {
+            Ok(claimed) => claimed,
             Err(Refused::Store(e)) => return Err(e),
             Err(_) => return Ok(()),
         };
-        let Some(step) = step_for(&gw) else { return Ok(()) };
-        let outcome = self.run(step, &gw).await;
+        if let Some(pause) = self.pause_after_claim {
+            tokio::time::sleep(pause).await;
+        }
+        // The step's writes commit only if the document is still as claimed: an owner's change
+        // meanwhile means the step is run again on it; a lease lost to another node (this one
+        // stalled past its lease) means this node stops.
+        let (step, outcome) = loop {
+            let Some(step) = step_for(&gw) else { return self.release(gid, |_| {}).await };
+            tracing::debug!(gateway = gid, ?step, node = %self.node, "platform: step");
+            match self.run(step, &gw, rev).await {
+                Err(Failed::Moved) => match self.docs.get(gid).await? {
+                    Some((now, now_rev)) if now.locked_by.as_deref() == Some(self.node.as_str()) => (gw, rev) = (now, now_rev),
+                    _ => return Ok(()),
+                },
+                Err(Failed::Step(e)) => break (step, Err(e)),
+                Ok(()) => break (step, Ok(())),
+            }
+        };
         if step == Step::Delete && outcome.is_ok() {
             return self.forget(gid).await;
         }
         let generation = gw.generation;
         let start_timeout = self.cfg.start_timeout * 1000;
-        let finished = self
+        self.release(gid, |gw| {
+            let now = now_ms();
+            match &outcome {
+                Ok(()) => {
+                    gw.attempts = 0;
+                    gw.retry_at = 0;
+                    gw.reason = None;
+                    let phase = match step {
+                        Step::Create => {
+                            for name in ENVIRONMENTS {
+                                if gw.environment(name).is_none() {
+                                    gw.environments.push(Environment::new(name));
+                                }
+                            }
+                            Phase::Created
+                        }
+                        Step::Enter(p) => p,
+                        Step::Render(p) => {
+                            gw.rendered_generation = gw.rendered_generation.max(generation);
+                            p
+                        }
+                        Step::Delete => Phase::Deleting,
+                    };
+                    if phase != gw.phase && gw.phase != Phase::Deleting {
+                        gw.phase = phase;
+                        gw.phase_since = now;
+                        for env in &mut gw.environments {
+                            env.phase = phase;
+                        }
+                    }
+                }
+                Err(e) => {
+                    gw.attempts += 1;
+                    gw.retry_at = now + backoff(gw.attempts);
+                    gw.reason = Some(e.clone());
+                    if gw.phase == Phase::Starting && now.saturating_sub(gw.phase_since) > start_timeout {
+                        gw.state = State::Stopped;
+                        gw.phase = Phase::Stopped;
+                        gw.phase_since = now;
+                        gw.reason = Some(format!("did not start within {} s: {e}", start_timeout / 1000));
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Gives the lease back, recording what `outcome` says, if this node still holds it.
+    async fn release(&self, gid: &str, outcome: impl Fn(&mut Gateway)) -> Result<(), StoreError> {
+        let released = self
             .docs
             .update(gid, |gw| {
                 if gw.locked_by.as_deref() != Some(self.node.as_str()) {
@@ -144,62 +209,21 @@ impl Platform {
                 }
                 gw.locked_by = None;
                 gw.locked_at = None;
-                let now = now_ms();
-                match &outcome {
-                    Ok(()) => {
-                        gw.attempts = 0;
-                        gw.retry_at = 0;
-                        gw.reason = None;
-                        let phase = match step {
-                            Step::Create => {
-                                for name in ENVIRONMENTS {
-                                    if gw.environment(name).is_none() {
-                                        gw.environments.push(Environment::new(name));
-                                    }
-                                }
-                                Phase::Created
-                            }
-                            Step::Enter(p) => p,
-                            Step::Render(p) => {
-                                gw.rendered_generation = gw.rendered_generation.max(generation);
-                                p
-                            }
-                            Step::Delete => Phase::Deleting,
-                        };
-                        if phase != gw.phase && gw.phase != Phase::Deleting {
-                            gw.phase = phase;
-                            gw.phase_since = now;
-                            for env in &mut gw.environments {
-                                env.phase = phase;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        gw.attempts += 1;
-                        gw.retry_at = now + backoff(gw.attempts);
-                        gw.reason = Some(e.clone());
-                        if gw.phase == Phase::Starting && now.saturating_sub(gw.phase_since) > start_timeout {
-                            gw.state = State::Stopped;
-                            gw.phase = Phase::Stopped;
-                            gw.phase_since = now;
-                            gw.reason = Some(format!("did not start within {} s: {e}", start_timeout / 1000));
-                        }
-                    }
-                }
+                outcome(gw);
                 Ok(())
             })
             .await;
-        match finished {
+        match released {
             Err(Refused::Store(e)) => Err(e),
             _ => Ok(()),
         }
     }
 
-    async fn run(&self, step: Step, gw: &Gateway) -> Result<(), String> {
+    async fn run(&self, step: Step, gw: &Gateway, rev: i64) -> Result<(), Failed> {
         match step {
             Step::Create | Step::Enter(_) => Ok(()),
-            Step::Render(_) => self.sync(&gw.gateway_id, &render::render(&self.cfg, gw)).await,
-            Step::Delete => self.sync(&gw.gateway_id, &[]).await,
+            Step::Render(_) => self.sync(gw, rev, &render::render(&self.cfg, gw)).await,
+            Step::Delete => self.sync(gw, rev, &[]).await,
         }
     }
 
@@ -214,25 +238,30 @@ impl Platform {
         Ok(())
     }
 
-    /// Makes the store hold exactly `objects` among gateway `gid`'s: each checked through the
-    /// catalog, written when it differs, and every other object of the gateway removed.
-    pub(crate) async fn sync(&self, gid: &str, objects: &[Object]) -> Result<(), String> {
+    /// Makes the store hold exactly `objects` among gateway `gw`'s: each checked through the
+    /// catalog, and all written (and every other object of the gateway removed) in one
+    /// transaction that commits only while the gateway's document is at `rev`. The data plane
+    /// never sees half a gateway.
+    pub(crate) async fn sync(&self, gw: &Gateway, rev: i64, objects: &[Object]) -> Result<(), Failed> {
+        let gid = &gw.gateway_id;
         let store = &self.docs.store;
+        let failed = |e: String| Failed::Step(e);
         let mut existing: HashMap<String, KeyValue> = HashMap::new();
         for kind in KINDS {
             let dir = format!("{}/{kind}/{}", self.prefix, render::id_prefix(gid));
-            let (kvs, _) = store.list(&dir).await.map_err(|e| e.to_string())?;
+            let (kvs, _) = store.list(&dir).await.map_err(|e| failed(e.to_string()))?;
             existing.extend(kvs.into_iter().map(|kv| (kv.key.clone(), kv)));
         }
         let now = (now_ms() / 1000) as i64;
         let mut wanted = Vec::new();
+        let mut ops = Vec::new();
         for kind in KINDS {
-            let Some(registered) = self.catalog.get(kind) else { return Err(format!("no kind {kind} in the catalog")) };
+            let Some(registered) = self.catalog.get(kind) else { return Err(failed(format!("no kind {kind} in the catalog"))) };
             for obj in objects.iter().filter(|o| o.kind == kind) {
                 let key = registered.key(&self.prefix, None, &obj.id);
                 let mut value = obj.value.clone();
                 value["id"] = json!(obj.id);
-                self.catalog.check(registered, &value, self.plugins.as_ref()).map_err(|errors| format!("{kind}/{}: {}", obj.id, errors.join("; ")))?;
+                self.catalog.check(registered, &value, self.plugins.as_ref()).map_err(|errors| failed(format!("{kind}/{}: {}", obj.id, errors.join("; "))))?;
                 let old = existing.get(&key).and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok());
                 let unchanged = old.as_ref().is_some_and(|old| without_times(old) == value);
                 wanted.push(key.clone());
@@ -242,17 +271,34 @@ impl Platform {
                 let created = old.as_ref().and_then(|o| o.get("create_time")).and_then(Value::as_i64).unwrap_or(now);
                 value["create_time"] = json!(created);
                 value["update_time"] = json!(now);
-                store.put(&key, Bytes::from(value.to_string())).await.map_err(|e| e.to_string())?;
+                ops.push(Op::Put { key, value: Bytes::from(value.to_string()) });
             }
         }
+        // Deletes after puts, routes before the plugin configs they name.
         for kind in KINDS.iter().rev() {
             let dir = format!("{}/{kind}/", self.prefix);
-            for key in existing.keys().filter(|k| k.starts_with(&dir) && !wanted.contains(k)) {
-                store.delete(key).await.map_err(|e| e.to_string())?;
-            }
+            let mut gone: Vec<&String> = existing.keys().filter(|k| k.starts_with(&dir) && !wanted.contains(k)).collect();
+            gone.sort();
+            ops.extend(gone.into_iter().map(|key| Op::Delete { key: key.clone() }));
         }
-        Ok(())
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let txn = Txn { compares: vec![Compare { key: self.docs.key(gid), mod_revision: rev }], ops };
+        match store.txn(txn).await.map_err(|e| failed(e.to_string()))? {
+            TxnOutcome::Committed { .. } => Ok(()),
+            TxnOutcome::Conflict => Err(Failed::Moved),
+        }
     }
+}
+
+/// Why a step did not finish.
+#[derive(Debug)]
+pub(crate) enum Failed {
+    /// The gateway's document changed since it was claimed: look again.
+    Moved,
+    /// The step failed; it is retried after a pause.
+    Step(String),
 }
 
 fn without_times(v: &Value) -> Value {

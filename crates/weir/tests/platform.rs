@@ -55,12 +55,16 @@ async fn a_gateway_is_provisioned_serves_its_environments_and_is_taken_down() {
     assert_eq!(w.get("/staging/x", &shop).await.status, 404);
 
     // The environment gets an upstream and a plugin of its own that overrides the gateway's.
+    let index = |b: Value| b["modifiedIndex"].as_i64().unwrap();
+    let staging_before = index(w.admin("GET", "/plugin_configs/wp.shop.staging", None).await.1);
     let upstream = json!({"type": "roundrobin", "nodes": {up.node(): 1}});
     let (s, b) = v1(&w, "PATCH", "api-gateways/shop/environments/dev", Some(json!({"upstream": upstream,
         "plugins": {"limit-count": {"count": 50, "time_window": 60, "rejected_code": 429}}}))).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["plugins"]["limit-count"]["count"], 50);
     let r = w.until("/dev/hello?x=1", &shop, |r| r.status == 200).await;
+    let staging_after = index(w.admin("GET", "/plugin_configs/wp.shop.staging", None).await.1);
+    assert_eq!(staging_before, staging_after, "a change to dev rewrites nothing of staging");
     assert_eq!(r.json()["uri"], "/hello?x=1", "the /dev prefix is removed before the upstream");
     assert_eq!(r.headers["x-ratelimit-limit"], "50", "the environment's limit-count wins");
     assert!(r.headers.contains_key("access-control-allow-origin"), "the base layer's cors applies");
@@ -252,4 +256,68 @@ async fn tokens_see_only_their_gateways_and_write_only_where_their_role_may() {
     let viewer = b["token"].as_str().unwrap().to_string();
     assert_eq!(v1_as(&w, &viewer, "GET", "api-gateways/gw-a", None).await.0, 200);
     assert_eq!(v1_as(&w, &viewer, "PATCH", "api-gateways/gw-a/environments/dev", Some(plugins)).await.0, 403);
+}
+
+/// A node of a cluster on `etcd`, with a short platform lease; `env` reaches its process.
+fn platform_node(etcd: &common::Etcd, env: &[(&str, &str)]) -> Weir {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("weir.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n  type: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\nplugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\nplatform:\n  lease_timeout: 2\n",
+            etcd.endpoint()
+        ),
+    )
+    .unwrap();
+    Weir::spawn(dir, &cfg, env)
+}
+
+#[tokio::test]
+async fn a_node_killed_mid_step_is_taken_over_after_its_lease_and_every_node_serves_every_gateway() {
+    let etcd = common::Etcd::start().await;
+    // Node A pauses after taking a gateway's lease, so it can be killed in the middle of a step.
+    let a = platform_node(&etcd, &[("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS", "60000")]);
+    let (s, b) = v1(&a, "POST", "api-gateways", Some(json!({"name": "Held", "gatewayId": "held"}))).await;
+    assert_eq!(s, 201, "{b}");
+    let a_node = format!("{}-", a.pid());
+    let held = until_gateway(&a, "held", |_, b| b["lockedBy"].as_str().is_some_and(|n| n.starts_with(&a_node))).await;
+    assert_eq!(held["phase"], "Creating");
+    a.kill9();
+
+    // Node B finds the gateway claimed and leaves it alone until the lease expires, then
+    // finishes what A began.
+    let b_node = platform_node(&etcd, &[]);
+    let started = std::time::Instant::now();
+    let mut seen_held = false;
+    let done = loop {
+        let (_, g) = v1(&b_node, "GET", "api-gateways/held", None).await;
+        if g["phase"] == "Started" {
+            break g;
+        }
+        if g["lockedBy"].as_str().is_some_and(|n| n.starts_with(&a_node)) {
+            assert_eq!(g["phase"], "Creating", "nothing moves while A's lease holds: {g}");
+            seen_held = true;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "B never finished the gateway: {g}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(seen_held, "B saw A's lease before taking over");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "B waited for the lease to expire: {:?}", started.elapsed());
+    assert_eq!(done["lockedBy"], Value::Null);
+    assert_eq!(done["environments"].as_array().unwrap().len(), 3);
+    let r = b_node.until("/dev/x", &[("host", "held.localhost")], |r| r.status == 404).await;
+    assert_eq!(r.json()["error_msg"], "nothing is published at this path");
+
+    // With two live nodes, a gateway created and changed on one serves on the other.
+    let c = platform_node(&etcd, &[]);
+    let up = Upstream::start("backend").await;
+    assert_eq!(v1(&c, "POST", "api-gateways", Some(json!({"name": "Both", "gatewayId": "both"}))).await.0, 201);
+    until_gateway(&b_node, "both", |_, b| b["phase"] == "Started").await;
+    let upstream = json!({"type": "roundrobin", "nodes": {up.node(): 1}});
+    assert_eq!(v1(&c, "PATCH", "api-gateways/both/environments/prod", Some(json!({"upstream": upstream}))).await.0, 200);
+    let r = b_node.until("/prod/hi", &[("host", "both.localhost")], |r| r.status == 200).await;
+    assert_eq!(r.json()["uri"], "/hi");
+    let r = c.until("/hi", &[("host", "both.prod.localhost")], |r| r.status == 200).await;
+    assert_eq!(r.json()["server"], "backend");
 }
