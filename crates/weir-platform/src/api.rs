@@ -121,6 +121,7 @@ impl Platform {
             (&Method::POST, ["tokens"]) => self.create_token(&caller, &raw).await,
             (&Method::GET, ["tokens"]) => self.list_tokens(&caller).await,
             (&Method::GET, ["whoami"]) => json(StatusCode::OK, &caller.describe()),
+            (&Method::GET, ["openapi.json"]) => json(StatusCode::OK, &crate::openapi::document()),
             (&Method::DELETE, ["tokens", id]) => self.delete_token(&caller, id).await,
             (_, ["api-gateways" | "tokens", ..]) => refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
             _ => refuse(StatusCode::NOT_FOUND, "not found"),

@@ -13,6 +13,7 @@
 mod api;
 mod docs;
 pub mod model;
+pub mod openapi;
 mod reconcile;
 pub mod render;
 pub mod tokens;
@@ -100,7 +101,7 @@ impl Platform {
 
 impl weir_admin::Extension for Platform {
     fn serves(&self, path: &str) -> bool {
-        ["/v1/api-gateways", "/v1/tokens", "/v1/whoami"].iter().any(|p| path == *p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')))
+        ["/v1/api-gateways", "/v1/tokens", "/v1/whoami", "/v1/openapi.json"].iter().any(|p| path == *p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')))
     }
 
     fn has_credential(&self, parts: &http::request::Parts) -> bool {

@@ -27,7 +27,7 @@ pub enum State {
     Stopped,
 }
 
-#[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq, Debug)]
 pub enum Phase {
     Creating,
     Created,
@@ -73,7 +73,7 @@ pub struct Promotion {
     pub enabled: bool,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct Gateway {
     pub gateway_id: String,
@@ -101,7 +101,7 @@ pub struct Gateway {
     pub retry_at: u64,
 }
 
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct Environment {
     pub name: String,
@@ -138,12 +138,15 @@ impl Gateway {
     pub fn shown(&self) -> Value {
         let mut v = serde_json::to_value(self).expect("a gateway serializes");
         if let Some(o) = v.as_object_mut() {
-            for k in ["generation", "renderedGeneration", "phaseSince", "attempts", "retryAt"] {
+            for k in Gateway::HIDDEN {
                 o.remove(k);
             }
         }
         v
     }
+
+    /// The reconciler's bookkeeping, which the API does not show.
+    pub const HIDDEN: [&str; 5] = ["generation", "renderedGeneration", "phaseSince", "attempts", "retryAt"];
 }
 
 /// `POST /v1/api-gateways`.

@@ -28,7 +28,7 @@ pub enum TokenRole {
 }
 
 /// A token as stored: everything but the token itself.
-#[derive(Serialize, Deserialize, Clone, Debug)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug)]
 #[serde(rename_all = "camelCase")]
 pub struct Token {
     /// The first 16 hex digits of its hash: how the API names it.

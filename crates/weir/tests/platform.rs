@@ -321,3 +321,96 @@ async fn a_node_killed_mid_step_is_taken_over_after_its_lease_and_every_node_ser
     let r = c.until("/hi", &[("host", "both.prod.localhost")], |r| r.status == 200).await;
     assert_eq!(r.json()["server"], "backend");
 }
+
+/// Checks `body`, answered with `status` by `method` on `template`, against the OpenAPI
+/// document's schema for that answer.
+fn conforms(doc: &Value, method: &str, template: &str, status: u16, body: &Value) {
+    let op = &doc["paths"][template][method.to_lowercase()];
+    assert!(op.is_object(), "{method} {template} is in the document");
+    let schema = &op["responses"][status.to_string()]["content"]["application/json"]["schema"];
+    assert!(schema.is_object(), "{method} {template} {status} is in the document");
+    let root = json!({"$ref": schema["$ref"], "components": doc["components"]});
+    let validator = jsonschema::validator_for(&root).unwrap_or_else(|e| panic!("{method} {template}: {e}"));
+    let errors: Vec<String> = validator.iter_errors(body).map(|e| format!("{}: {e}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{method} {template} {status} answered {body}, which the document does not allow: {errors:?}");
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_real_answers_and_every_field_is_checked() {
+    let w = Weir::start();
+    let (s, doc) = v1(&w, "GET", "openapi.json", None).await;
+    assert_eq!((s, &doc["openapi"]), (200, &json!("3.1.0")));
+    let off = std::panic::catch_unwind(|| conforms(&doc, "GET", "/v1/api-gateways/{gid}", 200, &json!({"gatewayId": 5, "phase": "Dancing"})));
+    assert!(off.is_err(), "the check can fail");
+
+    // Real answers, each checked against the document.
+    let calls: Vec<(&str, &str, String, Option<Value>, u16)> = vec![
+        ("POST", "/v1/api-gateways", "api-gateways".into(), Some(json!({"name": "Doc", "gatewayId": "doc", "customDomains": ["doc.example.test"]})), 201),
+        ("POST", "/v1/api-gateways", "api-gateways".into(), Some(json!({"name": "Doc", "gatewayId": "doc"})), 409),
+        ("POST", "/v1/api-gateways", "api-gateways".into(), Some(json!({"name": 1})), 400),
+        ("GET", "/v1/api-gateways", "api-gateways".into(), None, 200),
+        ("GET", "/v1/api-gateways/{gid}", "api-gateways/nope".into(), None, 404),
+    ];
+    for (method, template, path, body, want) in calls {
+        let (s, b) = v1(&w, method, &path, body).await;
+        assert_eq!(s, want, "{method} {path}: {b}");
+        conforms(&doc, method, template, s, &b);
+    }
+    until_gateway(&w, "doc", |_, b| b["phase"] == "Started").await;
+    let calls: Vec<(&str, &str, String, Option<Value>, u16)> = vec![
+        ("GET", "/v1/api-gateways/{gid}", "api-gateways/doc".into(), None, 200),
+        ("PATCH", "/v1/api-gateways/{gid}", "api-gateways/doc".into(), Some(json!({"name": "Docs", "plugins": {"cors": {}}})), 200),
+        ("GET", "/v1/api-gateways/{gid}/environments", "api-gateways/doc/environments".into(), None, 200),
+        ("GET", "/v1/api-gateways/{gid}/environments/{env}", "api-gateways/doc/environments/dev".into(), None, 200),
+        ("PATCH", "/v1/api-gateways/{gid}/environments/{env}", "api-gateways/doc/environments/dev".into(),
+            Some(json!({"authType": "key-auth", "customDomain": "dev.doc.example.test", "upstream": {"nodes": {"127.0.0.1:1980": 1}, "type": "roundrobin"}})), 200),
+        ("GET", "/v1/api-gateways/{gid}/environments/{env}/effective-plugins", "api-gateways/doc/environments/dev/effective-plugins".into(), None, 200),
+        ("POST", "/v1/tokens", "tokens".into(), Some(json!({"name": "t", "role": "developer", "gateways": ["doc"], "expiresAt": "2099-12-31T23:59:59Z"})), 201),
+        ("GET", "/v1/tokens", "tokens".into(), None, 200),
+        ("GET", "/v1/whoami", "whoami".into(), None, 200),
+        ("DELETE", "/v1/api-gateways/{gid}", "api-gateways/doc".into(), None, 202),
+    ];
+    for (method, template, path, body, want) in calls {
+        let (s, b) = v1(&w, method, &path, body).await;
+        assert_eq!(s, want, "{method} {path}: {b}");
+        conforms(&doc, method, template, s, &b);
+    }
+
+    // Every field of every body, given a value of the wrong type, and every string too long:
+    // 400 naming the field, and nothing stored. The fields come from the document itself.
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Kept", "gatewayId": "kept"}))).await.0, 201);
+    until_gateway(&w, "kept", |_, b| b["phase"] == "Started").await;
+    let before = (v1(&w, "GET", "api-gateways", None).await.1, v1(&w, "GET", "tokens", None).await.1);
+    let targets = [
+        ("CreateGateway", "POST", "api-gateways"),
+        ("PatchGateway", "PATCH", "api-gateways/kept"),
+        ("PatchEnvironment", "PATCH", "api-gateways/kept/environments/dev"),
+        ("CreateToken", "POST", "tokens"),
+    ];
+    let wrongs = [json!(12345), json!("text"), json!([1]), json!({"x": {}}), json!(true)];
+    let mut tried = 0;
+    for (schema_name, method, path) in targets {
+        let schema = &doc["components"]["schemas"][schema_name];
+        for (field, field_schema) in schema["properties"].as_object().unwrap() {
+            let field_root = json!({"$ref": format!("#/components/schemas/{schema_name}/properties/{field}"), "components": doc["components"]});
+            let check = jsonschema::validator_for(&field_root).unwrap();
+            let mut bad: Vec<Value> = wrongs.iter().filter(|v| !check.is_valid(v)).take(1).cloned().collect();
+            if let Some(max) = field_schema["maxLength"].as_u64() {
+                bad.push(json!("x".repeat(max as usize + 1)));
+            }
+            assert!(!bad.is_empty(), "{schema_name}.{field} takes anything");
+            for value in bad {
+                let (s, b) = v1(&w, method, path, Some(json!({ field.as_str(): value }))).await;
+                assert_eq!(s, 400, "{method} {path} with {field} = {value}: {b}");
+                conforms(&doc, method, &format!("/v1/{}", match path { "api-gateways/kept" => "api-gateways/{gid}", "api-gateways/kept/environments/dev" => "api-gateways/{gid}/environments/{env}", p => p }), s, &b);
+                assert!(problems(&b).iter().any(|p| p.starts_with(field.as_str())), "{method} {path}: {field} is named in {b}");
+                tried += 1;
+            }
+        }
+        let (s, b) = v1(&w, method, path, Some(json!({"surplus": 1}))).await;
+        assert_eq!(s, 400, "{schema_name} refuses unknown fields: {b}");
+    }
+    assert!(tried >= 20, "{tried} fields tried");
+    let after = (v1(&w, "GET", "api-gateways", None).await.1, v1(&w, "GET", "tokens", None).await.1);
+    assert_eq!(before, after, "nothing refused was stored");
+}

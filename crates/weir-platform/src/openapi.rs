@@ -1,0 +1,140 @@
+//! The OpenAPI 3.1 document of `/v1/`, served at `/v1/openapi.json`. Request and response
+//! schemas are derived from the same types the API parses and answers with, so the document
+//! cannot drift from the API; `crates/weir/tests/platform.rs` checks real answers against it.
+
+use schemars::JsonSchema;
+use schemars::generate::SchemaSettings;
+use serde_json::{Map, Value, json};
+
+use crate::model::{CreateGateway, Environment, Gateway, PatchEnvironment, PatchGateway};
+use crate::tokens::{CreateToken, Token};
+
+/// `T`'s schema as JSON Schema 2020-12 (OpenAPI 3.1's dialect), inline.
+fn schema<T: JsonSchema>() -> Value {
+    let mut settings = SchemaSettings::draft2020_12();
+    settings.inline_subschemas = true;
+    let mut s = settings.into_generator().into_root_schema_for::<T>().to_value();
+    if let Some(o) = s.as_object_mut() {
+        o.remove("$schema");
+    }
+    s
+}
+
+fn without(mut schema: Value, hidden: &[&str]) -> Value {
+    if let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) {
+        for k in hidden {
+            props.remove(*k);
+        }
+    }
+    if let Some(req) = schema.get_mut("required").and_then(Value::as_array_mut) {
+        req.retain(|r| !hidden.iter().any(|h| r == h));
+    }
+    schema
+}
+
+fn list_of(item: &str) -> Value {
+    json!({"type": "object", "properties": {"list": {"type": "array", "items": {"$ref": format!("#/components/schemas/{item}")}}, "total": {"type": "integer"}}, "required": ["list", "total"]})
+}
+
+fn body(name: &str) -> Value {
+    json!({"required": true, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{name}")}}}})
+}
+
+fn answer(what: &str, name: &str) -> Value {
+    json!({"description": what, "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{name}")}}}})
+}
+
+/// The failures every operation may answer with, beside `ok`.
+fn responses(ok: &[(&str, &str, &str)]) -> Value {
+    let mut r = Map::new();
+    for (status, what, name) in ok {
+        r.insert(status.to_string(), answer(what, name));
+    }
+    for (status, what) in [("400", "bad input, every problem listed"), ("401", "no valid admin key or token"), ("403", "the role may not do this"), ("404", "not found, or not the caller's")] {
+        r.entry(status.to_string()).or_insert_with(|| answer(what, "Error"));
+    }
+    Value::Object(r)
+}
+
+fn param(name: &str, what: &str) -> Value {
+    json!({"name": name, "in": "path", "required": true, "description": what, "schema": {"type": "string"}})
+}
+
+pub fn document() -> Value {
+    let gid = param("gid", "the gateway id");
+    let env = param("env", "dev, staging or prod");
+    let mut token = schema::<Token>();
+    token = without(token, &["expires"]);
+    let mut minted = token.clone();
+    minted["properties"]["token"] = json!({"type": "string", "description": "the token: shown here only"});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Weir platform API", "version": "1"},
+        "security": [{"adminKey": []}, {"bearer": []}],
+        "paths": {
+            "/v1/api-gateways": {
+                "post": {"summary": "Create a gateway", "requestBody": body("CreateGateway"), "responses": responses(&[("201", "created; environments follow", "Gateway"), ("409", "the id is taken", "Error")])},
+                "get": {"summary": "The gateways the caller sees", "responses": responses(&[("200", "gateways", "GatewayList")])}
+            },
+            "/v1/api-gateways/{gid}": {
+                "parameters": [gid],
+                "get": {"summary": "One gateway, with its environments and their phases", "responses": responses(&[("200", "the gateway", "Gateway")])},
+                "patch": {"summary": "Change a gateway", "requestBody": body("PatchGateway"), "responses": responses(&[("200", "the gateway as changed", "Gateway"), ("409", "the gateway is being deleted", "Error")])},
+                "delete": {"summary": "Delete a gateway and everything it owns", "responses": responses(&[("202", "deleting", "Gateway")])}
+            },
+            "/v1/api-gateways/{gid}/environments": {
+                "parameters": [gid],
+                "get": {"summary": "A gateway's environments", "responses": responses(&[("200", "environments", "EnvironmentList")])}
+            },
+            "/v1/api-gateways/{gid}/environments/{env}": {
+                "parameters": [gid, env],
+                "get": {"summary": "One environment", "responses": responses(&[("200", "the environment", "Environment")])},
+                "patch": {"summary": "Change an environment", "requestBody": body("PatchEnvironment"), "responses": responses(&[("200", "the environment as changed", "Environment")])}
+            },
+            "/v1/api-gateways/{gid}/environments/{env}/effective-plugins": {
+                "parameters": [gid, env],
+                "get": {"summary": "The merged plugins and the layer each came from", "responses": responses(&[("200", "plugins", "EffectivePlugins")])}
+            },
+            "/v1/tokens": {
+                "post": {"summary": "Make a token", "requestBody": body("CreateToken"), "responses": responses(&[("201", "the token, shown once", "MintedToken")])},
+                "get": {"summary": "The tokens the caller manages", "responses": responses(&[("200", "tokens", "TokenList")])}
+            },
+            "/v1/tokens/{id}": {
+                "parameters": [param("id", "the token's id")],
+                "delete": {"summary": "Revoke a token", "responses": responses(&[("200", "the revoked token", "Token")])}
+            },
+            "/v1/whoami": {
+                "get": {"summary": "Who the caller is", "responses": responses(&[("200", "the caller", "Caller")])}
+            }
+        },
+        "components": {
+            "securitySchemes": {
+                "adminKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
+                "bearer": {"type": "http", "scheme": "bearer"}
+            },
+            "schemas": {
+                "CreateGateway": schema::<CreateGateway>(),
+                "PatchGateway": schema::<PatchGateway>(),
+                "PatchEnvironment": schema::<PatchEnvironment>(),
+                "CreateToken": schema::<CreateToken>(),
+                "Gateway": without(schema::<Gateway>(), &Gateway::HIDDEN),
+                "GatewayList": list_of("Gateway"),
+                "Environment": schema::<Environment>(),
+                "EnvironmentList": list_of("Environment"),
+                "EffectivePlugins": {"type": "object", "properties": {
+                    "environment": {"type": "string"},
+                    "plugins": {"type": "array", "items": {"type": "object", "properties": {
+                        "name": {"type": "string"}, "layer": {"enum": ["base", "gateway", "environment"]}, "config": {"type": "object"}
+                    }, "required": ["name", "layer", "config"], "additionalProperties": false}}
+                }, "required": ["environment", "plugins"], "additionalProperties": false},
+                "Token": token,
+                "MintedToken": minted,
+                "TokenList": list_of("Token"),
+                "Caller": {"type": "object"},
+                "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                    "kind": {"type": "string"}, "message": {"type": "string"}, "problems": {"type": "array", "items": {"type": "string"}}
+                }, "required": ["kind", "message", "problems"], "additionalProperties": false}}, "required": ["error"], "additionalProperties": false}
+            }
+        }
+    })
+}
