@@ -211,7 +211,7 @@ impl Platform {
             let txn = Txn {
                 compares: vec![Compare { key: gw_key.clone(), mod_revision: 0 }, Compare { key: key.clone(), mod_revision: kv.mod_revision }],
                 ops: vec![
-                    Op::Put { key: gw_key.clone(), value: crate::docs::encode(gw) },
+                    Op::Put { key: gw_key.clone(), value: self.docs.encode(gw) },
                     Op::Put { key: key.clone(), value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) },
                 ],
             };

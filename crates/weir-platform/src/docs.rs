@@ -1,15 +1,26 @@
 //! Gateway documents in the store, read and changed by compare-and-set, so the API's writes and
 //! the reconciler's never overwrite each other.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
+use serde_json::{Map, Value};
+use weir_catalog::PluginSlot;
+use weir_core::schema::PluginCatalog;
 use weir_store::{Compare, KeyValue, Op, SharedStore, StoreError, Txn, TxnOutcome};
+use weir_tls::Keyring;
 
 use crate::model::Gateway;
 
+/// Gateway documents in the store. Their plugin layers' secret fields (`encrypt_fields`) are
+/// sealed with the keyring as they are written and opened as they are read, as the Admin API
+/// does for its objects: callers see them plain, the store never does.
 pub struct Docs {
     pub store: SharedStore,
     /// `{prefix}/platform/gateways/`.
     pub dir: String,
+    pub keyring: Arc<Keyring>,
+    pub plugins: Arc<dyn PluginCatalog>,
 }
 
 /// Why a change was not made.
@@ -34,13 +45,30 @@ impl Docs {
         format!("{}{gid}", self.dir)
     }
 
-    fn decode(kv: &KeyValue) -> Result<Gateway, StoreError> {
-        serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)))
+    fn decode(&self, kv: &KeyValue) -> Result<Gateway, StoreError> {
+        let mut gw: Gateway = serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)))?;
+        for layer in layers(&mut gw) {
+            let mut holder = holder(layer);
+            weir_catalog::sealing::open(&self.keyring, PluginSlot::Route, &mut holder).map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)))?;
+            *layer = unhold(holder);
+        }
+        Ok(gw)
+    }
+
+    /// The gateway as stored: its layers' secret fields sealed.
+    pub fn encode(&self, gw: &Gateway) -> Bytes {
+        let mut gw = gw.clone();
+        for layer in layers(&mut gw) {
+            let mut holder = holder(layer);
+            weir_catalog::sealing::seal(&self.keyring, self.plugins.as_ref(), PluginSlot::Route, &mut holder);
+            *layer = unhold(holder);
+        }
+        Bytes::from(serde_json::to_vec(&gw).expect("a gateway serializes"))
     }
 
     pub async fn get(&self, gid: &str) -> Result<Option<(Gateway, i64)>, StoreError> {
         match self.store.get(&self.key(gid)).await? {
-            Some(kv) => Ok(Some((Self::decode(&kv)?, kv.mod_revision))),
+            Some(kv) => Ok(Some((self.decode(&kv)?, kv.mod_revision))),
             None => Ok(None),
         }
     }
@@ -50,7 +78,7 @@ impl Docs {
         let (kvs, _) = self.store.list(&self.dir).await?;
         Ok(kvs
             .iter()
-            .filter_map(|kv| match Self::decode(kv) {
+            .filter_map(|kv| match self.decode(kv) {
                 Ok(g) => Some((g, kv.mod_revision)),
                 Err(e) => {
                     tracing::warn!(error = %e, "a gateway document cannot be read; skipped");
@@ -63,7 +91,7 @@ impl Docs {
     /// Writes a new gateway; `false` when its id is taken.
     pub async fn create(&self, gw: &Gateway) -> Result<bool, StoreError> {
         let key = self.key(&gw.gateway_id);
-        let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: 0 }], ops: vec![Op::Put { key, value: encode(gw) }] };
+        let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: 0 }], ops: vec![Op::Put { key, value: self.encode(gw) }] };
         Ok(matches!(self.store.txn(txn).await?, TxnOutcome::Committed { .. }))
     }
 
@@ -74,7 +102,7 @@ impl Docs {
             let Some((mut gw, rev)) = self.get(gid).await? else { return Err(Refused::Missing) };
             change(&mut gw).map_err(Refused::By)?;
             let key = self.key(gid);
-            let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops: vec![Op::Put { key, value: encode(&gw) }] };
+            let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops: vec![Op::Put { key, value: self.encode(&gw) }] };
             if let TxnOutcome::Committed { revision, .. } = self.store.txn(txn).await? {
                 return Ok((gw, revision));
             }
@@ -89,6 +117,23 @@ impl Docs {
     }
 }
 
-pub fn encode(gw: &Gateway) -> Bytes {
-    Bytes::from(serde_json::to_vec(gw).expect("a gateway serializes"))
+/// Every plugin layer of a gateway.
+fn layers(gw: &mut Gateway) -> Vec<&mut Map<String, Value>> {
+    let mut out = vec![&mut gw.plugins];
+    out.extend(gw.environments.iter_mut().map(|e| &mut e.plugins));
+    out
+}
+
+/// A layer as the sealing functions take it: an object holding `plugins`.
+fn holder(layer: &mut Map<String, Value>) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert("plugins".into(), Value::Object(std::mem::take(layer)));
+    m
+}
+
+fn unhold(mut holder: Map<String, Value>) -> Map<String, Value> {
+    match holder.remove("plugins") {
+        Some(Value::Object(p)) => p,
+        _ => Map::new(),
+    }
 }

@@ -79,11 +79,20 @@ pub struct Platform {
 }
 
 impl Platform {
-    pub fn new(cfg: PlatformConfig, store: SharedStore, prefix: &str, catalog: Arc<Catalog>, plugins: Arc<dyn PluginCatalog>) -> Arc<Platform> {
+    /// `keyring` seals the secret fields of plugin layers in gateway documents and in the
+    /// objects the platform writes, as the Admin API seals its objects'.
+    pub fn new(
+        cfg: PlatformConfig,
+        store: SharedStore,
+        prefix: &str,
+        catalog: Arc<Catalog>,
+        plugins: Arc<dyn PluginCatalog>,
+        keyring: Arc<weir_tls::Keyring>,
+    ) -> Arc<Platform> {
         let node = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
         Arc::new(Platform {
             cfg,
-            docs: docs::Docs { store, dir: format!("{prefix}/platform/gateways/") },
+            docs: docs::Docs { store, dir: format!("{prefix}/platform/gateways/"), keyring, plugins: plugins.clone() },
             prefix: prefix.to_string(),
             catalog,
             plugins,

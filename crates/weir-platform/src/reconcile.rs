@@ -262,11 +262,24 @@ impl Platform {
                 let mut value = obj.value.clone();
                 value["id"] = json!(obj.id);
                 self.catalog.check(registered, &value, self.plugins.as_ref()).map_err(|errors| failed(format!("{kind}/{}: {}", obj.id, errors.join("; "))))?;
-                let old = existing.get(&key).and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok());
+                let old = existing.get(&key).and_then(|kv| serde_json::from_slice::<Value>(&kv.value).ok()).map(|mut old| {
+                    if let Value::Object(obj) = &mut old {
+                        // Compared in the clear: a sealed value is sealed afresh each time.
+                        let _ = registered.open(obj, &self.docs.keyring);
+                        let _ = weir_catalog::sealing::open(&self.docs.keyring, registered.plugins(), obj);
+                    }
+                    old
+                });
                 let unchanged = old.as_ref().is_some_and(|old| without_times(old) == value);
                 wanted.push(key.clone());
                 if unchanged {
                     continue;
+                }
+                // Stored as the Admin API stores it: the kind's and the plugins' secrets sealed.
+                // What is compared above is the plain object; the stored one opens to it.
+                if let Value::Object(obj) = &mut value {
+                    registered.seal(obj, &self.docs.keyring).map_err(failed)?;
+                    weir_catalog::sealing::seal(&self.docs.keyring, self.plugins.as_ref(), registered.plugins(), obj);
                 }
                 let created = old.as_ref().and_then(|o| o.get("create_time")).and_then(Value::as_i64).unwrap_or(now);
                 value["create_time"] = json!(created);

@@ -425,11 +425,11 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             let admin_listener = listen(cfg.admin.listen).await?;
             let admin_addr = admin_listener.local_addr()?;
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
-            let mut admin = Admin::new(store.clone(), prefix.clone(), keys, plugins.clone(), keyring).with_control(control);
+            let mut admin = Admin::new(store.clone(), prefix.clone(), keys, plugins.clone(), keyring.clone()).with_control(control);
             // The platform runs where the Admin API does; with a file store there is neither.
             if cfg.platform.enabled.unwrap_or(true) {
                 let catalog = Arc::new(weir_catalog::Catalog::apisix());
-                let platform = weir_platform::Platform::new(cfg.platform.clone(), store, &prefix, catalog, plugins);
+                let platform = weir_platform::Platform::new(cfg.platform.clone(), store, &prefix, catalog, plugins, keyring);
                 admin = admin.with_extension(platform.clone());
                 tokio::spawn(platform.reconcile());
             }

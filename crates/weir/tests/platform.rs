@@ -414,3 +414,25 @@ async fn the_openapi_document_describes_real_answers_and_every_field_is_checked(
     let after = (v1(&w, "GET", "api-gateways", None).await.1, v1(&w, "GET", "tokens", None).await.1);
     assert_eq!(before, after, "nothing refused was stored");
 }
+
+#[tokio::test]
+async fn secret_fields_of_plugin_layers_are_never_stored_in_the_clear() {
+    let w = Weir::start();
+    let logger = json!({"http-logger": {"uri": "http://127.0.0.1:9/log", "auth_header": "Bearer s3cret-layer-value"}});
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Sealed", "gatewayId": "sealed", "plugins": logger}))).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(b["plugins"]["http-logger"]["auth_header"], "Bearer s3cret-layer-value", "the owner sees it plain");
+    until_gateway(&w, "sealed", |_, b| b["phase"] == "Started").await;
+    let (_, b) = v1(&w, "GET", "api-gateways/sealed", None).await;
+    assert_eq!(b["plugins"]["http-logger"]["auth_header"], "Bearer s3cret-layer-value");
+    let (_, b) = w.admin("GET", "/plugin_configs/wp.sealed.dev", None).await;
+    assert_eq!(b["value"]["plugins"]["http-logger"]["auth_header"], "Bearer s3cret-layer-value", "shown opened, as the Admin API shows its own");
+    let backup = send(w.admin, "GET", "/apisix/admin/backup", &[("x-api-key", KEY)], None).await.text();
+    assert!(backup.contains("wp.sealed.dev"), "the backup holds the gateway's objects");
+    assert!(!backup.contains("s3cret-layer-value"), "but never the secret in the clear");
+    // A change elsewhere leaves the sealed objects as they are (compared in the clear).
+    let before = w.admin("GET", "/plugin_configs/wp.sealed.staging", None).await.1["modifiedIndex"].clone();
+    assert_eq!(v1(&w, "PATCH", "api-gateways/sealed/environments/dev", Some(json!({"state": "inactive"}))).await.0, 200);
+    w.until("/dev/x", &[("host", "sealed.localhost")], |r| r.status == 503).await;
+    assert_eq!(w.admin("GET", "/plugin_configs/wp.sealed.staging", None).await.1["modifiedIndex"], before);
+}
