@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 
+mod platform;
 mod soak;
 
 #[derive(Parser)]
@@ -52,6 +53,10 @@ struct Args {
     /// same core: the plain, large-table and plugin rows side by side.
     #[arg(long)]
     baseline: Option<PathBuf>,
+    /// Instead of the comparison, the platform rows with this many gateways: a request to one
+    /// gateway among them against one alone, and the time from creating a gateway to serving.
+    #[arg(long)]
+    platform: Option<usize>,
 }
 
 const ORIGIN_PORT: u16 = 18080;
@@ -489,6 +494,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(secs) = args.soak {
         return soak::run(&args, secs);
+    }
+    if let Some(n) = args.platform {
+        return platform::run(&args, n);
     }
     let dir = tempfile_dir()?;
     let other = other_cores(args.proxy_core);
