@@ -326,6 +326,78 @@ fn without_times(v: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::PlatformConfig;
+
+    fn platform(dir: &std::path::Path, cfg: PlatformConfig) -> Arc<Platform> {
+        let store = Arc::new(weir_store::EmbeddedStore::open(dir).unwrap());
+        let keyring = Arc::new(weir_tls::Keyring::new(&["a secret for this test".to_string()]));
+        let plugins = Arc::new(weir_plugins::registry());
+        Platform::new(cfg, store, "/apisix", Arc::new(weir_catalog::Catalog::apisix()), plugins, keyring)
+    }
+
+    /// A gateway document as a step left it, written straight to the store.
+    async fn put(p: &Platform, gw: &Gateway) {
+        p.docs.store.put(&p.docs.key(&gw.gateway_id), p.docs.encode(gw)).await.unwrap();
+    }
+
+    fn starting(gid: &str) -> Gateway {
+        let mut gw: Gateway = serde_json::from_value(json!({
+            "gatewayId": gid, "name": gid, "plugins": {}, "customDomains": [], "promotionPipeline": {"enabled": false},
+            "state": "Running", "phase": "Starting", "environments": [], "reason": null, "createdAt": 0, "updatedAt": 0,
+            "lockedAt": null, "lockedBy": null, "generation": 1, "renderedGeneration": 0, "phaseSince": 0, "attempts": 0, "retryAt": 0
+        }))
+        .unwrap();
+        gw.environments = ENVIRONMENTS.iter().map(|e| Environment::new(e)).collect();
+        gw.phase_since = now_ms();
+        gw
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_is_retried_with_its_reason_and_starting_too_long_stops_the_gateway() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = platform(dir.path(), PlatformConfig { start_timeout: 1, ..PlatformConfig::default() });
+        // A layer no plugin check accepts, as if written before the checks that refuse it.
+        let mut gw = starting("broken");
+        gw.plugins.insert("limit-count".into(), json!({"count": "many"}));
+        put(&p, &gw).await;
+        p.pass().await.unwrap();
+        let (after, _) = p.docs.get("broken").await.unwrap().unwrap();
+        assert_eq!((after.phase, after.attempts, after.locked_by.clone()), (Phase::Starting, 1, None));
+        assert!(after.reason.as_deref().is_some_and(|r| r.contains("limit-count")), "{:?}", after.reason);
+        assert!(after.retry_at > now_ms(), "the next try waits");
+        // Past start_timeout, the next failure sets it Stopped, saying why.
+        let mut old = after.clone();
+        old.phase_since = now_ms() - 5_000;
+        old.retry_at = 0;
+        put(&p, &old).await;
+        p.pass().await.unwrap();
+        let (stopped, _) = p.docs.get("broken").await.unwrap().unwrap();
+        assert_eq!((stopped.state, stopped.phase), (State::Stopped, Phase::Stopped));
+        assert!(stopped.reason.as_deref().is_some_and(|r| r.starts_with("did not start within 1 s")), "{:?}", stopped.reason);
+    }
+
+    #[tokio::test]
+    async fn a_lease_held_by_another_node_is_left_alone_until_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = platform(dir.path(), PlatformConfig { lease_timeout: 2, ..PlatformConfig::default() });
+        let mut gw = starting("leased");
+        gw.locked_by = Some("another-node".into());
+        gw.locked_at = Some(now_ms());
+        put(&p, &gw).await;
+        p.pass().await.unwrap();
+        let (held, _) = p.docs.get("leased").await.unwrap().unwrap();
+        assert_eq!((held.phase, held.locked_by.as_deref()), (Phase::Starting, Some("another-node")));
+        let (routes, _) = p.docs.store.list("/apisix/routes/").await.unwrap();
+        assert!(routes.is_empty(), "nothing was written under another node's lease");
+        // Expired: taken over and finished.
+        gw.locked_at = Some(now_ms() - 3_000);
+        put(&p, &gw).await;
+        p.pass().await.unwrap();
+        let (done, _) = p.docs.get("leased").await.unwrap().unwrap();
+        assert_eq!((done.phase, done.locked_by), (Phase::Started, None));
+        let (routes, _) = p.docs.store.list("/apisix/routes/wp.leased.").await.unwrap();
+        assert_eq!(routes.len(), 7, "the base route and two per environment");
+    }
 
     #[test]
     fn every_phase_moves_toward_the_state() {
