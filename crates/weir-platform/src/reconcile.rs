@@ -228,12 +228,45 @@ impl Platform {
     }
 
     /// Removes the gateway's document once its objects are gone, if this node still holds it.
+    /// Every token first loses the gateway, so a gateway made later under the same id is not
+    /// seen by the tokens of the one deleted.
     async fn forget(&self, gid: &str) -> Result<(), StoreError> {
+        let Some((gw, _)) = self.docs.get(gid).await? else { return Ok(()) };
+        if gw.locked_by.as_deref() != Some(self.node.as_str()) {
+            return Ok(());
+        }
+        self.revoke_gateway(gid).await?;
         if let Some((gw, rev)) = self.docs.get(gid).await?
             && gw.locked_by.as_deref() == Some(self.node.as_str())
         {
             self.docs.remove(gid, rev).await?;
             tracing::info!(gateway = gid, "platform: gateway deleted");
+        }
+        Ok(())
+    }
+
+    /// Takes gateway `gid` out of every token's gateways.
+    async fn revoke_gateway(&self, gid: &str) -> Result<(), StoreError> {
+        let dir = format!("{}/platform/tokens/", self.prefix);
+        let (kvs, _) = self.docs.store.list(&dir).await?;
+        for mut kv in kvs {
+            loop {
+                let Ok(mut token) = serde_json::from_slice::<crate::tokens::Token>(&kv.value) else { break };
+                if !token.gateways.iter().any(|g| g == gid) {
+                    break;
+                }
+                token.gateways.retain(|g| g != gid);
+                let value = Bytes::from(serde_json::to_vec(&token).expect("a token serializes"));
+                let txn = Txn { compares: vec![Compare { key: kv.key.clone(), mod_revision: kv.mod_revision }], ops: vec![Op::Put { key: kv.key.clone(), value }] };
+                if let TxnOutcome::Committed { .. } = self.docs.store.txn(txn).await? {
+                    break;
+                }
+                // Changed meanwhile (or revoked): read it again.
+                match self.docs.store.get(&kv.key).await? {
+                    Some(now) => kv = now,
+                    None => break,
+                }
+            }
         }
         Ok(())
     }

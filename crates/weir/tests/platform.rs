@@ -73,6 +73,17 @@ async fn a_gateway_is_provisioned_serves_its_environments_and_is_taken_down() {
     let r = w.get("/dev", &shop).await;
     assert_eq!((r.status, r.json()["uri"].clone()), (200, json!("/")));
 
+    // Custom domains: the gateway's carry the environments as paths, an environment's is
+    // the environment whole.
+    assert_eq!(v1(&w, "PATCH", "api-gateways/shop", Some(json!({"customDomains": ["api.shop.test"]}))).await.0, 200);
+    assert_eq!(v1(&w, "PATCH", "api-gateways/shop/environments/dev", Some(json!({"customDomain": "dev.shop.test"}))).await.0, 200);
+    let r = w.until("/dev/on-custom", &[("host", "api.shop.test")], |r| r.status == 200).await;
+    assert_eq!(r.json()["uri"], "/on-custom");
+    let r = w.until("/whole", &[("host", "dev.shop.test")], |r| r.status == 200).await;
+    assert_eq!(r.json()["uri"], "/whole");
+    assert_eq!(v1(&w, "PATCH", "api-gateways/shop/environments/dev", Some(json!({"customDomain": null}))).await.0, 200);
+    w.until("/whole", &[("host", "dev.shop.test")], |r| r.status == 404).await;
+
     // Where each plugin came from.
     let (s, b) = v1(&w, "GET", "api-gateways/shop/environments/dev/effective-plugins", None).await;
     assert_eq!(s, 200);
@@ -256,6 +267,15 @@ async fn tokens_see_only_their_gateways_and_write_only_where_their_role_may() {
     let viewer = b["token"].as_str().unwrap().to_string();
     assert_eq!(v1_as(&w, &viewer, "GET", "api-gateways/gw-a", None).await.0, 200);
     assert_eq!(v1_as(&w, &viewer, "PATCH", "api-gateways/gw-a/environments/dev", Some(plugins)).await.0, 403);
+
+    // A deleted gateway leaves its tokens; another tenant's gateway made later under the same
+    // id is not theirs.
+    assert_eq!(v1_as(&w, &alice, "DELETE", "api-gateways/gw-a", None).await.0, 202);
+    until_gateway(&w, "gw-a", |s, _| s == 404).await;
+    assert_eq!(v1_as(&w, &bob, "POST", "api-gateways", Some(json!({"name": "Again", "gatewayId": "gw-a"}))).await.0, 201);
+    assert_eq!(v1_as(&w, &alice, "GET", "api-gateways/gw-a", None).await.0, 404);
+    assert_eq!(v1_as(&w, &qa, "GET", "api-gateways/gw-a", None).await.0, 404);
+    assert_eq!(v1_as(&w, &bob, "GET", "api-gateways/gw-a", None).await.0, 200);
 }
 
 /// A node of a cluster on `etcd`, with a short platform lease; `env` reaches its process.
