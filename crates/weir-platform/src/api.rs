@@ -6,6 +6,8 @@
 //! problems at once), then each plugin layer and the merged result through the catalog, the
 //! same door as the Admin API's.
 
+use std::collections::BTreeSet;
+
 use bytes::Bytes;
 use http::request::Parts;
 use http::{Method, Response, StatusCode, header};
@@ -19,7 +21,6 @@ use weir_core::error::ErrorKind;
 use weir_store::{Compare, Op, Txn, TxnOutcome};
 
 use crate::Platform;
-use crate::docs::Refused;
 use crate::model::{CreateGateway, GATEWAY_ID, Gateway, PatchEnvironment, PatchGateway, Phase, State};
 use crate::reconcile::now_ms;
 use crate::render;
@@ -193,35 +194,62 @@ impl Platform {
                 }
                 Ok(false) if input.gateway_id.is_none() => gw.gateway_id = generated_id(),
                 Ok(false) => return failure(ErrorKind::Conflict, format!("gateway {} already exists", gw.gateway_id), Vec::new()),
-                Err(e) => return store_down(e),
+                Err(r) => return r,
             }
         }
         failure(ErrorKind::Conflict, "no free gateway id was found", Vec::new())
     }
 
-    /// Stores a new gateway and, when an owner token makes it, adds it to the token's
-    /// gateways in the same transaction. `false` when its id is taken.
-    async fn create_owned(&self, caller: &Caller, gw: &Gateway) -> Result<bool, weir_store::StoreError> {
-        let Caller::Token { key, .. } = caller else { return self.docs.create(gw).await };
+    /// Stores a new gateway with its custom domains' claims and, when an owner token makes
+    /// it, its place in the token's gateways, all in one transaction. `Ok(false)` when its id
+    /// is taken.
+    async fn create_owned(&self, caller: &Caller, gw: &Gateway) -> Result<bool, Reply> {
+        let gw_key = self.docs.key(&gw.gateway_id);
         loop {
-            let Some(kv) = self.docs.store.get(key).await? else { return Ok(false) };
-            let mut token: Token = serde_json::from_slice(&kv.value).map_err(|e| weir_store::StoreError::Corrupt(e.to_string()))?;
-            token.gateways.push(gw.gateway_id.clone());
-            let gw_key = self.docs.key(&gw.gateway_id);
-            let txn = Txn {
-                compares: vec![Compare { key: gw_key.clone(), mod_revision: 0 }, Compare { key: key.clone(), mod_revision: kv.mod_revision }],
-                ops: vec![
-                    Op::Put { key: gw_key.clone(), value: self.docs.encode(gw) },
-                    Op::Put { key: key.clone(), value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) },
-                ],
-            };
-            match self.docs.store.txn(txn).await? {
+            let mut compares = vec![Compare { key: gw_key.clone(), mod_revision: 0 }];
+            let mut ops = vec![Op::Put { key: gw_key.clone(), value: self.docs.encode(gw) }];
+            if let Caller::Token { key, .. } = caller {
+                let Some(kv) = self.docs.store.get(key).await.map_err(store_down)? else { return Err(refuse(StatusCode::UNAUTHORIZED, "the token was revoked")) };
+                let mut token: Token = serde_json::from_slice(&kv.value).map_err(|e| failure(ErrorKind::Internal, e.to_string(), Vec::new()))?;
+                token.gateways.push(gw.gateway_id.clone());
+                compares.push(Compare { key: key.clone(), mod_revision: kv.mod_revision });
+                ops.push(Op::Put { key: key.clone(), value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) });
+            }
+            self.claim_domains(&gw.gateway_id, &BTreeSet::new(), &domains(gw), &mut compares, &mut ops).await?;
+            match self.docs.store.txn(Txn { compares, ops }).await.map_err(store_down)? {
                 TxnOutcome::Committed { .. } => return Ok(true),
-                // The id is taken, or the token changed meanwhile: look again.
-                TxnOutcome::Conflict if self.docs.store.get(&gw_key).await?.is_some() => return Ok(false),
+                // The id is taken, or the token or a domain changed meanwhile: look again.
+                TxnOutcome::Conflict if self.docs.store.get(&gw_key).await.map_err(store_down)?.is_some() => return Ok(false),
                 TxnOutcome::Conflict => {}
             }
         }
+    }
+
+    fn domain_key(&self, host: &str) -> String {
+        format!("{}/platform/domains/{host}", self.prefix)
+    }
+
+    /// Adds to a transaction the claims on the custom domains `after` has and `before` had
+    /// not, and gives back those it no longer has. A domain another gateway holds is a
+    /// conflict: two tenants never share a host.
+    async fn claim_domains(&self, gid: &str, before: &BTreeSet<String>, after: &BTreeSet<String>, compares: &mut Vec<Compare>, ops: &mut Vec<Op>) -> Result<(), Reply> {
+        for host in after.difference(before) {
+            let key = self.domain_key(host);
+            match self.docs.store.get(&key).await.map_err(store_down)? {
+                Some(kv) if serde_json::from_slice::<Value>(&kv.value).ok().and_then(|v| v["gatewayId"].as_str().map(str::to_string)).as_deref() != Some(gid) => {
+                    return Err(failure(ErrorKind::Conflict, format!("the domain {host} is used by another gateway"), vec![format!("customDomains: {host} is taken")]));
+                }
+                Some(kv) => compares.push(Compare { key, mod_revision: kv.mod_revision }),
+                None => {
+                    compares.push(Compare { key: key.clone(), mod_revision: 0 });
+                    ops.push(Op::Put { key, value: Bytes::from(json!({"gatewayId": gid}).to_string()) });
+                }
+            }
+        }
+        for host in before.difference(after) {
+            ops.push(Op::Delete { key: self.domain_key(host) });
+        }
+        Ok(())
     }
 
     async fn list(&self, caller: &Caller) -> Reply {
@@ -258,27 +286,24 @@ impl Platform {
         if !valid_id(gid) {
             return Err(not_found("gateway"));
         }
-        let updated = self
-            .docs
-            .update(gid, |gw| {
-                if gw.phase == Phase::Deleting {
-                    return Err(failure(ErrorKind::Conflict, "the gateway is being deleted", Vec::new()));
-                }
-                edit(gw)?;
-                self.check(gw).map_err(bad_input)?;
-                gw.generation += 1;
-                gw.updated_at = now_ms() / 1000;
-                Ok(())
-            })
-            .await;
-        match updated {
-            Ok((gw, _)) => {
-                self.wake.notify_one();
-                Ok(gw)
+        loop {
+            let Some((mut gw, rev)) = self.docs.get(gid).await.map_err(store_down)? else { return Err(not_found("gateway")) };
+            if gw.phase == Phase::Deleting {
+                return Err(failure(ErrorKind::Conflict, "the gateway is being deleted", Vec::new()));
             }
-            Err(Refused::By(r)) => Err(r),
-            Err(Refused::Missing) => Err(not_found("gateway")),
-            Err(Refused::Store(e)) => Err(store_down(e)),
+            let before = domains(&gw);
+            edit(&mut gw)?;
+            self.check(&gw).map_err(bad_input)?;
+            gw.generation += 1;
+            gw.updated_at = now_ms() / 1000;
+            let key = self.docs.key(gid);
+            let mut compares = vec![Compare { key: key.clone(), mod_revision: rev }];
+            let mut ops = vec![Op::Put { key, value: self.docs.encode(&gw) }];
+            self.claim_domains(gid, &before, &domains(&gw), &mut compares, &mut ops).await?;
+            if let TxnOutcome::Committed { .. } = self.docs.store.txn(Txn { compares, ops }).await.map_err(store_down)? {
+                self.wake.notify_one();
+                return Ok(gw);
+            }
         }
     }
 
@@ -517,6 +542,19 @@ impl Platform {
         for env in &gw.environments {
             layer(format!("environments.{}.plugins (environment layer)", env.name), &env.plugins);
         }
+        // The base domain's names are the platform's to give; a custom domain is one gateway's.
+        let base = self.cfg.base_domain.to_ascii_lowercase();
+        let mut seen = BTreeSet::new();
+        let named = gw.custom_domains.iter().map(|d| ("customDomains".to_string(), d)).chain(gw.environments.iter().filter_map(|e| e.custom_domain.as_ref().map(|d| (format!("environments.{}.customDomain", e.name), d))));
+        for (field, host) in named {
+            let host = host.to_ascii_lowercase();
+            if host == base || host.ends_with(&format!(".{base}")) {
+                problems.push(format!("{field}: {host} is under the platform's base domain {base}"));
+            }
+            if !seen.insert(host.clone()) {
+                problems.push(format!("{field}: {host} is given twice"));
+            }
+        }
         let upstreams = self.catalog.get("upstreams").expect("the catalog has upstreams");
         for env in &gw.environments {
             if let Some(up) = &env.upstream {
@@ -539,6 +577,11 @@ impl Platform {
         }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
     }
+}
+
+/// Every custom domain of a gateway and its environments, as hosts are compared: lower case.
+pub(crate) fn domains(gw: &Gateway) -> BTreeSet<String> {
+    gw.custom_domains.iter().chain(gw.environments.iter().filter_map(|e| e.custom_domain.as_ref())).map(|d| d.to_ascii_lowercase()).collect()
 }
 
 fn valid_id(gid: &str) -> bool {

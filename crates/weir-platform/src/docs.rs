@@ -88,13 +88,6 @@ impl Docs {
             .collect())
     }
 
-    /// Writes a new gateway; `false` when its id is taken.
-    pub async fn create(&self, gw: &Gateway) -> Result<bool, StoreError> {
-        let key = self.key(&gw.gateway_id);
-        let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: 0 }], ops: vec![Op::Put { key, value: self.encode(gw) }] };
-        Ok(matches!(self.store.txn(txn).await?, TxnOutcome::Committed { .. }))
-    }
-
     /// Applies `change` to the stored gateway until it commits on the version it read; the
     /// gateway as written, and the revision it was written at.
     pub async fn update<E>(&self, gid: &str, mut change: impl FnMut(&mut Gateway) -> Result<(), E>) -> Result<(Gateway, i64), Refused<E>> {
@@ -109,10 +102,12 @@ impl Docs {
         }
     }
 
-    /// Removes the gateway's document if it is still at `rev`.
-    pub async fn remove(&self, gid: &str, rev: i64) -> Result<bool, StoreError> {
+    /// Removes the gateway's document if it is still at `rev`, with `also` (its domain claims).
+    pub async fn remove(&self, gid: &str, rev: i64, also: Vec<Op>) -> Result<bool, StoreError> {
         let key = self.key(gid);
-        let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops: vec![Op::Delete { key }] };
+        let mut ops = vec![Op::Delete { key: key.clone() }];
+        ops.extend(also);
+        let txn = Txn { compares: vec![Compare { key, mod_revision: rev }], ops };
         Ok(matches!(self.store.txn(txn).await?, TxnOutcome::Committed { .. }))
     }
 }

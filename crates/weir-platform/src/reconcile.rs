@@ -239,7 +239,8 @@ impl Platform {
         if let Some((gw, rev)) = self.docs.get(gid).await?
             && gw.locked_by.as_deref() == Some(self.node.as_str())
         {
-            self.docs.remove(gid, rev).await?;
+            let claims = crate::api::domains(&gw).iter().map(|host| Op::Delete { key: format!("{}/platform/domains/{host}", self.prefix) }).collect();
+            self.docs.remove(gid, rev, claims).await?;
             tracing::info!(gateway = gid, "platform: gateway deleted");
         }
         Ok(())
