@@ -533,6 +533,9 @@ impl Platform {
         let mut problems = Vec::new();
         let holder = self.catalog.get("plugin_configs").expect("the catalog has plugin_configs");
         let mut layer = |what: String, plugins: &Map<String, Value>| {
+            for name in plugins.keys().filter(|n| self.cfg.denied_plugins.contains(n)) {
+                problems.push(format!("{what}: plugin {name} is not available on this platform"));
+            }
             let candidate = json!({"id": "check", "plugins": plugins});
             if let Err(errors) = self.catalog.check(holder, &candidate, self.plugins.as_ref()) {
                 problems.extend(errors.into_iter().map(|e| format!("{what}: {e}")));

@@ -42,6 +42,9 @@ pub struct PlatformConfig {
     pub lease_timeout: u64,
     /// Seconds a gateway may stay in Starting before it is set Stopped.
     pub start_timeout: u64,
+    /// Plugins tenants may not put in their layers (the base layer may): by default
+    /// `file-logger`, which writes to this node's disk.
+    pub denied_plugins: Vec<String>,
 }
 
 impl Default for PlatformConfig {
@@ -52,6 +55,7 @@ impl Default for PlatformConfig {
             base_plugins: default_base_plugins(),
             lease_timeout: 15,
             start_timeout: 300,
+            denied_plugins: vec!["file-logger".into()],
         }
     }
 }

@@ -148,6 +148,10 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     let p = problems(&b);
     assert!(p.iter().any(|p| p.starts_with("plugins (gateway layer)") && p.contains("cors")), "{p:?}");
     assert!(p.iter().any(|p| p.starts_with("plugins (gateway layer)") && p.contains("limit-count")), "{p:?}");
+    // A plugin that would write to the node's disk is not a tenant's to use.
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "f", "plugins": {"file-logger": {"path": "/tmp/weir-tenant.log"}}}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(problems(&b)[0].contains("file-logger is not available"), "{b}");
     let (_, list) = v1(&w, "GET", "api-gateways", None).await;
     assert_eq!(list["total"], 0, "nothing was stored");
 
