@@ -84,6 +84,15 @@ async fn a_gateway_is_provisioned_serves_its_environments_and_is_taken_down() {
     assert_eq!(v1(&w, "PATCH", "api-gateways/shop/environments/dev", Some(json!({"customDomain": null}))).await.0, 200);
     w.until("/whole", &[("host", "dev.shop.test")], |r| r.status == 404).await;
 
+    // Auth on: with no keys handed out yet, every request is refused.
+    let (s, _) = v1(&w, "PATCH", "api-gateways/shop/environments/staging", Some(json!({"authType": "key-auth", "upstream": upstream}))).await;
+    assert_eq!(s, 200);
+    let r = w.until("/staging/x", &shop, |r| r.status == 401).await;
+    assert_eq!(r.json()["message"], "Missing API key in request");
+    let hits = up.hits.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(w.get("/x", &[("host", "shop.staging.localhost"), ("apikey", "guess")]).await.status, 401);
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits, "nothing reached the upstream");
+
     // Where each plugin came from.
     let (s, b) = v1(&w, "GET", "api-gateways/shop/environments/dev/effective-plugins", None).await;
     assert_eq!(s, 200);
