@@ -735,15 +735,34 @@ impl Builder {
         snapshot
     }
 
-    /// Applies `changes` (already in `state`). When only routes changed, the routes changed
-    /// since the last full build are compiled into a small router laid over the last full one,
-    /// so a change costs in proportion to the changes, not to the route table; a changed
-    /// partition is compiled alone. Anything else (and a grown overlay) gets a full build.
+    /// Applies `changes` (already in `state`). When only routes (or the plugin configs routes
+    /// name) changed, the routes changed since the last full build are compiled into a small
+    /// router laid over the last full one, so a change costs in proportion to the changes, not
+    /// to the route table; a changed partition is compiled alone. Anything else (and a grown
+    /// overlay) gets a full build.
     pub fn update(&mut self, state: &ConfigState, changes: &Changes) -> Snapshot {
         let Some(last) = self.last.as_ref().map(Snapshot::shallow_clone) else { return self.build(state) };
         if !changes.extra.is_empty() {
             self.compile_parts(state, changes.extra.iter().map(String::as_str), false);
         }
+        // A plugin config changes the routes that name it, and nothing else.
+        let widened;
+        let changes = if changes.plugin_configs.is_empty() {
+            changes
+        } else {
+            let mut routes = changes.routes.clone();
+            routes.extend(
+                state
+                    .routes
+                    .iter()
+                    .filter(|(_, r)| r.value.plugin_config_id.as_ref().is_some_and(|p| changes.plugin_configs.contains(&p.0)))
+                    .map(|(id, _)| id.clone()),
+            );
+            routes.sort();
+            routes.dedup();
+            widened = Changes { routes, plugin_configs: Vec::new(), other: changes.other, extra: Vec::new() };
+            &widened
+        };
         if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY {
             return self.fold(state);
         }
@@ -1084,6 +1103,43 @@ mod tests {
         assert_eq!(server_of(&folded, "GET", "/moved").as_deref(), Some("r3"));
     }
 
+    #[test]
+    fn a_plugin_config_change_recompiles_only_the_routes_naming_it() {
+        let state_kvs = [
+            kv("/apisix/plugin_configs/pc", r#"{"plugins":{"cors":{}}}"#, 1),
+            kv("/apisix/routes/named", r#"{"uri":"/named","plugin_config_id":"pc","upstream":{"nodes":{"127.0.0.1:1":1}}}"#, 2),
+            kv("/apisix/routes/other", r#"{"uri":"/other","upstream":{"nodes":{"127.0.0.1:1":1}}}"#, 3),
+        ];
+        let mut state = ConfigState::from_list("/apisix", &state_kvs, 3);
+        let mut b = test_builder();
+        let first = b.build(&state);
+        fn find(s: &Snapshot, path: &'static str) -> Arc<RouteRt> {
+            let facts = RequestFacts { method: "GET", host: None, path, remote: None, vars: &NoVars };
+            s.find(&facts).unwrap().clone()
+        }
+        let names = |r: &Arc<RouteRt>| r.plugins.instances.iter().map(|i| i.name).collect::<Vec<_>>();
+        assert_eq!(names(&find(&first, "/named")), ["cors"]);
+        let ev = |kind, key: &str, value: &str, rev| weir_store::Event { kind, kv: kv(key, value, rev) };
+
+        let mut changes = Changes::default();
+        state.apply("/apisix", 4, &[ev(weir_store::EventKind::Put, "/apisix/plugin_configs/pc", r#"{"plugins":{"request-id":{}}}"#, 4)], &mut changes);
+        assert_eq!((changes.plugin_configs.as_slice(), changes.other), (&["pc".to_string()][..], false));
+        let second = b.update(&state, &changes);
+        assert!(second.delta.is_some(), "laid over the last full build");
+        assert_eq!(names(&find(&second, "/named")), ["request-id"]);
+        assert!(Arc::ptr_eq(&find(&first, "/other"), &find(&second, "/other")), "a route not naming it is the same object");
+        let full = test_builder().build(&state);
+        assert_eq!(names(&find(&full, "/named")), names(&find(&second, "/named")));
+
+        // Gone: the route naming it answers 503 (fails closed), as after a full build.
+        let mut changes = Changes::default();
+        state.apply("/apisix", 5, &[ev(weir_store::EventKind::Delete, "/apisix/plugin_configs/pc", "", 5)], &mut changes);
+        let third = b.update(&state, &changes);
+        assert!(third.delta.is_some());
+        assert!(find(&third, "/named").unavailable.is_some());
+        assert!(find(&test_builder().build(&state), "/named").unavailable.is_some());
+    }
+
     /// Tenants' routes under `/apisix/tenants/{tenant}/routes/{id}`, one partition per tenant,
     /// answering `{tenant}.example`.
     struct Tenants;
@@ -1118,6 +1174,12 @@ mod tests {
     fn at(s: &Snapshot, host: Option<&str>, path: &str) -> Option<String> {
         let facts = RequestFacts { method: "GET", host, path, remote: None, vars: &NoVars };
         s.find(&facts).map(|r| r.id.to_string())
+    }
+
+    /// What a request would run: its plugins, or that the route cannot be applied.
+    fn served_by(s: &Snapshot, host: Option<&str>, path: &str) -> Option<(bool, Vec<&'static str>)> {
+        let facts = RequestFacts { method: "GET", host, path, remote: None, vars: &NoVars };
+        s.find(&facts).map(|r| (r.unavailable.is_some(), r.plugins.instances.iter().map(|i| i.name).collect()))
     }
 
     fn event(kind: weir_store::EventKind, key: &str, value: &str, rev: i64) -> weir_store::Event {
@@ -1240,7 +1302,7 @@ mod tests {
         /// routes every probe as a full build of the same state does.
         #[test]
         fn updates_with_partitions_match_a_full_build(
-            ops in proptest::collection::vec((0usize..4, 0usize..3, 0usize..5, proptest::bool::weighted(0.25)), 1..24)
+            ops in proptest::collection::vec((0usize..5, 0usize..3, 0usize..5, proptest::bool::weighted(0.25)), 1..24)
         ) {
             let uris = ["/a", "/a*", "/ab", "/b*", "/"];
             let mut b = tenant_builder();
@@ -1248,19 +1310,22 @@ mod tests {
             let _ = b.build(&state);
             for (step, (owner, id, uri, delete)) in ops.into_iter().enumerate() {
                 let rev = step as i64 + 2;
-                // Owner 0 is APISIX; 1 to 3 are tenants.
-                let key = match owner {
-                    0 => format!("/apisix/routes/r{id}"),
-                    t => format!("/apisix/tenants/t{t}/routes/r{id}"),
+                // Owner 0 is APISIX (its routes name plugin configs), 1 to 3 are tenants, 4
+                // changes APISIX's plugin configs: a missing one makes its routes answer 503.
+                let (key, value) = match owner {
+                    0 => (format!("/apisix/routes/r{id}"), format!(r#"{{"uri":"{}","plugin_config_id":"pc{}","upstream":{{"nodes":{{"127.0.0.1:1":1}}}}}}"#, uris[uri], uri % 2)),
+                    4 => (format!("/apisix/plugin_configs/pc{}", id % 2), if uri % 2 == 0 { r#"{"plugins":{"cors":{}}}"#.to_string() } else { r#"{"plugins":{"request-id":{}}}"#.to_string() }),
+                    t => (format!("/apisix/tenants/t{t}/routes/r{id}"), route_json(uris[uri])),
                 };
                 let kind = if delete { weir_store::EventKind::Delete } else { weir_store::EventKind::Put };
                 let mut changes = Changes::default();
-                state.apply("/apisix", rev, &[event(kind, &key, &route_json(uris[uri]), rev)], &mut changes);
+                state.apply("/apisix", rev, &[event(kind, &key, &value, rev)], &mut changes);
                 let updated = b.update(&state, &changes);
                 let full = tenant_builder().build(&state);
                 for host in [None, Some("t1.example"), Some("t2.example"), Some("t3.example"), Some("other.example")] {
                     for path in ["/a", "/ab", "/abc", "/b", "/c", "/"] {
                         proptest::prop_assert_eq!(at(&updated, host, path), at(&full, host, path), "step {}: {:?} {}", step, host, path);
+                        proptest::prop_assert_eq!(served_by(&updated, host, path), served_by(&full, host, path), "step {}: {:?} {}", step, host, path);
                     }
                 }
             }

@@ -124,6 +124,7 @@ impl ConfigState {
             }
             match Resource::from_key(prefix, &e.kv.key) {
                 Some((Resource::Routes, id)) => changes.routes.push(id.to_string()),
+                Some((Resource::PluginConfigs, id)) => changes.plugin_configs.push(id.to_string()),
                 Some(_) => changes.other = true,
                 None => changes.extra.push(e.kv.key.clone()),
             }
@@ -197,6 +198,8 @@ impl ConfigState {
 pub struct Changes {
     /// Ids of routes put or deleted.
     pub routes: Vec<String>,
+    /// Ids of plugin configs put or deleted: the routes naming them are compiled again.
+    pub plugin_configs: Vec<String>,
     /// Whether any other APISIX object changed (services, upstreams, ssls).
     pub other: bool,
     /// Keys of claimed objects ([`ConfigState::extra`]) put or deleted.
@@ -205,6 +208,6 @@ pub struct Changes {
 
 impl Changes {
     pub fn any(&self) -> bool {
-        self.other || !self.routes.is_empty() || !self.extra.is_empty()
+        self.other || !self.routes.is_empty() || !self.plugin_configs.is_empty() || !self.extra.is_empty()
     }
 }
