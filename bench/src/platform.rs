@@ -78,25 +78,25 @@ pub fn run(args: &Args, gateways: usize) -> anyhow::Result<()> {
     let one = Weir::start(args, &args.weir, &dir.join("weir-one"), 18082)?;
     let many = Weir::start(args, &args.weir, &dir.join("weir-many"), 18084)?;
     for w in [&one, &many] {
-        create(w, "g0")?;
-        publish(w, "g0")?;
-        served(w, "g0.localhost", "/dev/items", Duration::from_secs(30))?;
+        create(w, "gw0")?;
+        publish(w, "gw0")?;
+        served(w, "gw0.localhost", "/dev/items", Duration::from_secs(30))?;
     }
     let started = Instant::now();
     for i in 1..gateways {
-        create(&many, &format!("g{i}"))?;
+        create(&many, &format!("gw{i}"))?;
     }
     for i in 1..gateways {
-        publish(&many, &format!("g{i}"))?;
+        publish(&many, &format!("gw{i}"))?;
     }
-    let last = format!("g{}.localhost", gateways - 1);
+    let last = format!("gw{}.localhost", gateways - 1);
     served(&many, &last, "/dev/items", Duration::from_secs(600))?;
     let (_, list) = call(many.admin, "GET", "/apisix/admin/routes", "bench.local", None)?;
     let routes = list.split("\"total\":").nth(1).and_then(|t| t.trim_end_matches('}').trim().parse::<usize>().ok()).unwrap_or(0);
     eprintln!("{gateways} gateways ({routes} routes) created and published in {:.1}s", started.elapsed().as_secs_f64());
 
     println!("Platform: a request to one gateway, with 1 and with {gateways} gateways on the node; wrk -t1 -c{} -d{}s; median of {} interleaved rounds", args.connections, args.duration, args.rounds);
-    let host = ["Host: g0.localhost"];
+    let host = ["Host: gw0.localhost"];
     let (mut one_runs, mut many_runs) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         let o = wrk_url(args, &format!("http://127.0.0.1:{}/dev/items", one.port), Some(one.proc.0.id()), &host)?;

@@ -211,6 +211,10 @@ impl Platform {
             if let Caller::Token { key, .. } = caller {
                 let Some(kv) = self.docs.store.get(key).await.map_err(store_down)? else { return Err(refuse(StatusCode::UNAUTHORIZED, "the token was revoked")) };
                 let mut token: Token = serde_json::from_slice(&kv.value).map_err(|e| failure(ErrorKind::Internal, e.to_string(), Vec::new()))?;
+                if token.gateways.len() >= self.cfg.max_gateways_per_owner {
+                    let limit = self.cfg.max_gateways_per_owner;
+                    return Err(failure(ErrorKind::Quota, format!("this token holds {limit} gateways, the most one owner may (platform.max_gateways_per_owner)"), Vec::new()));
+                }
                 token.gateways.push(gw.gateway_id.clone());
                 compares.push(Compare { key: key.clone(), mod_revision: kv.mod_revision });
                 ops.push(Op::Put { key: key.clone(), value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) });
@@ -254,7 +258,7 @@ impl Platform {
 
     async fn list(&self, caller: &Caller) -> Reply {
         match self.docs.list().await {
-            Ok(all) => {
+            Ok((all, _)) => {
                 let list: Vec<Value> = all.iter().filter(|(g, _)| caller.sees(&g.gateway_id)).map(|(g, _)| g.shown()).collect();
                 json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
             }

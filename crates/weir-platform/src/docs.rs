@@ -73,10 +73,11 @@ impl Docs {
         }
     }
 
-    /// Every gateway, by id. One that cannot be read is logged and left out.
-    pub async fn list(&self) -> Result<Vec<(Gateway, i64)>, StoreError> {
-        let (kvs, _) = self.store.list(&self.dir).await?;
-        Ok(kvs
+    /// Every gateway, by id, and the store revision they were read at. One that cannot be
+    /// read is logged and left out.
+    pub async fn list(&self) -> Result<(Vec<(Gateway, i64)>, i64), StoreError> {
+        let (kvs, revision) = self.store.list(&self.dir).await?;
+        let gateways = kvs
             .iter()
             .filter_map(|kv| match self.decode(kv) {
                 Ok(g) => Some((g, kv.mod_revision)),
@@ -85,7 +86,8 @@ impl Docs {
                     None
                 }
             })
-            .collect())
+            .collect();
+        Ok((gateways, revision))
     }
 
     /// Applies `change` to the stored gateway until it commits on the version it read; the

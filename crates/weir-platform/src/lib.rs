@@ -45,6 +45,8 @@ pub struct PlatformConfig {
     /// Plugins tenants may not put in their layers (the base layer may): by default
     /// `file-logger`, which writes to this node's disk.
     pub denied_plugins: Vec<String>,
+    /// Gateways one owner token may hold; admin keys are not bound.
+    pub max_gateways_per_owner: usize,
 }
 
 impl Default for PlatformConfig {
@@ -56,6 +58,7 @@ impl Default for PlatformConfig {
             lease_timeout: 15,
             start_timeout: 300,
             denied_plugins: vec!["file-logger".into()],
+            max_gateways_per_owner: 100,
         }
     }
 }
@@ -80,6 +83,8 @@ pub struct Platform {
     /// A pause between taking a gateway's lease and doing its step, from
     /// `WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS`: how a test kills a node in the middle of a step.
     pause_after_claim: Option<std::time::Duration>,
+    /// Reconcile passes made, for whoever wants to see the reconciler is not spinning.
+    passes: std::sync::atomic::AtomicU64,
 }
 
 impl Platform {
@@ -102,8 +107,14 @@ impl Platform {
             plugins,
             node,
             wake: tokio::sync::Notify::new(),
+            passes: std::sync::atomic::AtomicU64::new(0),
             pause_after_claim: std::env::var("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS").ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis),
         })
+    }
+
+    /// Reconcile passes made so far.
+    pub fn passes(&self) -> u64 {
+        self.passes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The name this node signs its leases with.

@@ -74,20 +74,25 @@ impl Platform {
     /// Runs until the process ends: a pass over every gateway whenever one changes, and at
     /// least every second (for retries and leases that expire).
     pub async fn reconcile(self: Arc<Self>) {
-        let mut watch = None;
+        let mut watch: Option<tokio::sync::mpsc::Receiver<weir_store::WatchMessage>> = None;
+        // A watch that ended is opened again after this, never in a tight loop.
+        let mut rewatch_at = tokio::time::Instant::now();
         loop {
-            if watch.is_none() {
-                watch = self.docs.store.watch(&self.docs.dir, 0).await.ok();
-            }
-            if let Err(e) = self.pass().await {
-                tracing::warn!(error = %e, "platform: a reconcile pass failed; retried");
+            match self.pass().await {
+                Ok(revision) if watch.is_none() && tokio::time::Instant::now() >= rewatch_at => {
+                    // From just after what the pass read: nothing between is missed.
+                    watch = self.docs.store.watch(&self.docs.dir, revision + 1).await.ok();
+                    rewatch_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "platform: a reconcile pass failed; retried"),
             }
             let tick = tokio::time::sleep(Duration::from_millis(1000));
             tokio::select! {
                 _ = tick => {}
                 _ = self.wake.notified() => {}
                 got = async { match &mut watch { Some(w) => w.recv().await, None => std::future::pending().await } } => {
-                    if got.is_none() {
+                    if !matches!(got, Some(weir_store::WatchMessage::Events { .. })) {
                         watch = None;
                     }
                 }
@@ -95,10 +100,13 @@ impl Platform {
         }
     }
 
-    /// One pass: every gateway with a step due gets it, if its lease is free.
-    pub async fn pass(&self) -> Result<(), StoreError> {
+    /// One pass: every gateway with a step due gets it, if its lease is free. Answers the
+    /// store revision the gateways were read at.
+    pub async fn pass(&self) -> Result<i64, StoreError> {
+        self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let now = now_ms();
-        for (gw, _) in self.docs.list().await? {
+        let (gateways, revision) = self.docs.list().await?;
+        for (gw, _) in gateways {
             if step_for(&gw).is_none() || gw.retry_at > now || !self.lease_free(&gw, now) {
                 continue;
             }
@@ -107,7 +115,7 @@ impl Platform {
                 tracing::warn!(gateway = %gw.gateway_id, error = %e, "platform: a step failed");
             }
         }
-        Ok(())
+        Ok(revision)
     }
 
     /// Claims the gateway, runs its due step and records the outcome.
@@ -408,6 +416,32 @@ mod tests {
         let (stopped, _) = p.docs.get("broken").await.unwrap().unwrap();
         assert_eq!((stopped.state, stopped.phase), (State::Stopped, Phase::Stopped));
         assert!(stopped.reason.as_deref().is_some_and(|r| r.starts_with("did not start within 1 s")), "{:?}", stopped.reason);
+    }
+
+    #[tokio::test]
+    async fn the_reconciler_follows_the_store_without_spinning() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = platform(dir.path(), PlatformConfig::default());
+        tokio::spawn(p.clone().reconcile());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let idle = p.passes();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(p.passes() - idle <= 1, "idle, it passes once a second at most: {} passes in 500 ms", p.passes() - idle);
+        // A gateway written by another node (no call to this one) is picked up from the
+        // watch, well before the next tick.
+        let mut gw = starting("watched");
+        gw.phase = Phase::Creating;
+        gw.environments.clear();
+        let started = std::time::Instant::now();
+        put(&p, &gw).await;
+        loop {
+            let (now, _) = p.docs.get("watched").await.unwrap().unwrap();
+            if now.phase == Phase::Started {
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_millis(900), "the watch wakes the reconciler");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]

@@ -483,3 +483,24 @@ async fn secret_fields_of_plugin_layers_are_never_stored_in_the_clear() {
     w.until("/dev/x", &[("host", "sealed.localhost")], |r| r.status == 503).await;
     assert_eq!(w.admin("GET", "/plugin_configs/wp.sealed.staging", None).await.1["modifiedIndex"], before);
 }
+
+#[tokio::test]
+async fn an_owner_holds_at_most_its_quota_of_gateways() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("weir.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    enable_export_server: false\nplatform:\n  max_gateways_per_owner: 1\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let w = Weir::spawn(dir, &cfg, &[]);
+    let owner = v1(&w, "POST", "tokens", Some(json!({"name": "o", "role": "owner"}))).await.1["token"].as_str().unwrap().to_string();
+    assert_eq!(v1_as(&w, &owner, "POST", "api-gateways", Some(json!({"name": "one", "gatewayId": "one"}))).await.0, 201);
+    let (s, b) = v1_as(&w, &owner, "POST", "api-gateways", Some(json!({"name": "two", "gatewayId": "two"}))).await;
+    assert_eq!((s, b["error"]["kind"].clone()), (429, json!("quota")), "{b}");
+    assert_eq!(v1(&w, "GET", "api-gateways/two", None).await.0, 404, "nothing was stored");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "two", "gatewayId": "two"}))).await.0, 201, "an admin key is not bound");
+}
