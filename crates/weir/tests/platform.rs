@@ -305,19 +305,25 @@ async fn tokens_see_only_their_gateways_and_write_only_where_their_role_may() {
     assert_eq!(v1_as(&w, &bob, "GET", "api-gateways/gw-a", None).await.0, 200);
 }
 
-/// A node of a cluster on `etcd`, with a short platform lease; `env` reaches its process.
-fn platform_node(etcd: &common::Etcd, env: &[(&str, &str)]) -> Weir {
+/// Weir with its store (`store:` keys, indented) and `platform:` settings (indented); `env`
+/// reaches its process.
+fn platform_weir(store: &str, platform: &str, env: &[(&str, &str)]) -> Weir {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("weir.yaml");
+    let store = store.replace("{data}", &dir.path().join("data").display().to_string());
     std::fs::write(
         &cfg,
         format!(
-            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n  type: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\nplugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\nplatform:\n  lease_timeout: 2\n",
-            etcd.endpoint()
+            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n{store}plugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\nplatform:\n{platform}"
         ),
     )
     .unwrap();
     Weir::spawn(dir, &cfg, env)
+}
+
+/// A node of a cluster on `etcd`, with a short platform lease.
+fn platform_node(etcd: &common::Etcd, env: &[(&str, &str)]) -> Weir {
+    platform_weir(&format!("  type: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\n", etcd.endpoint()), "  lease_timeout: 2\n", env)
 }
 
 #[tokio::test]
@@ -486,17 +492,7 @@ async fn secret_fields_of_plugin_layers_are_never_stored_in_the_clear() {
 
 #[tokio::test]
 async fn an_owner_holds_at_most_its_quota_of_gateways() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("weir.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    enable_export_server: false\nplatform:\n  max_gateways_per_owner: 1\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .unwrap();
-    let w = Weir::spawn(dir, &cfg, &[]);
+    let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  max_gateways_per_owner: 1\n", &[]);
     let owner = v1(&w, "POST", "tokens", Some(json!({"name": "o", "role": "owner"}))).await.1["token"].as_str().unwrap().to_string();
     assert_eq!(v1_as(&w, &owner, "POST", "api-gateways", Some(json!({"name": "one", "gatewayId": "one"}))).await.0, 201);
     let (s, b) = v1_as(&w, &owner, "POST", "api-gateways", Some(json!({"name": "two", "gatewayId": "two"}))).await;
