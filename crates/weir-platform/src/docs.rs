@@ -45,7 +45,7 @@ impl Docs {
         format!("{}{gid}", self.dir)
     }
 
-    fn decode(&self, kv: &KeyValue) -> Result<Gateway, StoreError> {
+    pub fn decode(&self, kv: &KeyValue) -> Result<Gateway, StoreError> {
         let mut gw: Gateway = serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)))?;
         for layer in layers(&mut gw) {
             let mut holder = holder(layer);

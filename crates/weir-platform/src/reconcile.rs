@@ -71,32 +71,59 @@ impl Platform {
         }
     }
 
-    /// Runs until the process ends: a pass over every gateway whenever one changes, and at
-    /// least every second (for retries and leases that expire).
+    /// Runs until the process ends. A gateway whose document changes (the store's watch says
+    /// which) gets its due step at once; a full pass over every gateway runs at start, every
+    /// second (for retries and leases that expire) and whenever the watch was lost, so a
+    /// change costs in proportion to one gateway, not to all of them.
     pub async fn reconcile(self: Arc<Self>) {
         let mut watch: Option<tokio::sync::mpsc::Receiver<weir_store::WatchMessage>> = None;
         // A watch that ended is opened again after this, never in a tight loop.
         let mut rewatch_at = tokio::time::Instant::now();
+        let mut next_full = tokio::time::Instant::now();
         loop {
-            match self.pass().await {
-                Ok(revision) if watch.is_none() && tokio::time::Instant::now() >= rewatch_at => {
-                    // From just after what the pass read: nothing between is missed.
-                    watch = self.docs.store.watch(&self.docs.dir, revision + 1).await.ok();
-                    rewatch_at = tokio::time::Instant::now() + Duration::from_secs(1);
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "platform: a reconcile pass failed; retried"),
-            }
-            let tick = tokio::time::sleep(Duration::from_millis(1000));
-            tokio::select! {
-                _ = tick => {}
-                _ = self.wake.notified() => {}
-                got = async { match &mut watch { Some(w) => w.recv().await, None => std::future::pending().await } } => {
-                    if !matches!(got, Some(weir_store::WatchMessage::Events { .. })) {
-                        watch = None;
+            if tokio::time::Instant::now() >= next_full {
+                match self.pass().await {
+                    Ok(revision) if watch.is_none() && tokio::time::Instant::now() >= rewatch_at => {
+                        // From just after what the pass read: nothing between is missed.
+                        watch = self.docs.store.watch(&self.docs.dir, revision + 1).await.ok();
+                        rewatch_at = tokio::time::Instant::now() + Duration::from_secs(1);
                     }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "platform: a reconcile pass failed; retried"),
                 }
+                next_full = tokio::time::Instant::now() + Duration::from_secs(1);
             }
+            tokio::select! {
+                _ = tokio::time::sleep_until(next_full) => {}
+                // Without a watch, the API's own changes bring the next pass forward.
+                _ = self.wake.notified(), if watch.is_none() => next_full = tokio::time::Instant::now(),
+                got = async { match &mut watch { Some(w) => w.recv().await, None => std::future::pending().await } } => match got {
+                    Some(weir_store::WatchMessage::Events { events, .. }) => {
+                        for e in events.iter().filter(|e| e.kind == weir_store::EventKind::Put) {
+                            match self.docs.decode(&e.kv) {
+                                Ok(gw) => self.consider(&gw).await,
+                                Err(err) => tracing::warn!(error = %err, "a gateway document cannot be read; skipped"),
+                            }
+                        }
+                    }
+                    _ => {
+                        watch = None;
+                        next_full = tokio::time::Instant::now();
+                    }
+                },
+            }
+        }
+    }
+
+    /// Runs the gateway's due step, if it has one, its retry pause is over and its lease is
+    /// free. One gateway's trouble is recorded on it; the others go on.
+    async fn consider(&self, gw: &Gateway) {
+        let now = now_ms();
+        if step_for(gw).is_none() || gw.retry_at > now || !self.lease_free(gw, now) {
+            return;
+        }
+        if let Err(e) = self.work(&gw.gateway_id).await {
+            tracing::warn!(gateway = %gw.gateway_id, error = %e, "platform: a step failed");
         }
     }
 
@@ -104,16 +131,9 @@ impl Platform {
     /// store revision the gateways were read at.
     pub async fn pass(&self) -> Result<i64, StoreError> {
         self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let now = now_ms();
         let (gateways, revision) = self.docs.list().await?;
         for (gw, _) in gateways {
-            if step_for(&gw).is_none() || gw.retry_at > now || !self.lease_free(&gw, now) {
-                continue;
-            }
-            // One gateway's trouble is recorded on it; the others go on.
-            if let Err(e) = self.work(&gw.gateway_id).await {
-                tracing::warn!(gateway = %gw.gateway_id, error = %e, "platform: a step failed");
-            }
+            self.consider(&gw).await;
         }
         Ok(revision)
     }
