@@ -343,13 +343,18 @@ impl Weir {
     /// Starts weir on `port` (admin on `port + 1`, TLS on `port + TLS_OFFSET`), pinned to the
     /// proxy core.
     fn start(args: &Args, bin: &Path, dir: &Path, port: u16) -> anyhow::Result<Weir> {
+        Self::start_with(args, bin, dir, port, "")
+    }
+
+    /// As `start`, with `extra` appended to the config (top-level YAML sections).
+    fn start_with(args: &Args, bin: &Path, dir: &Path, port: u16, extra: &str) -> anyhow::Result<Weir> {
         std::fs::create_dir_all(dir)?;
         let admin = port + 1;
         let cfg = dir.join("weir.yaml");
         std::fs::write(
             &cfg,
             format!(
-                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  tls_listen: [\"127.0.0.1:{}\"]\n  tls_fallback_sni: {TLS_NAME}\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    enable_export_server: false\n",
+                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  tls_listen: [\"127.0.0.1:{}\"]\n  tls_fallback_sni: {TLS_NAME}\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    enable_export_server: false\n{extra}",
                 port + TLS_OFFSET,
                 dir.join("data").display()
             ),

@@ -75,8 +75,10 @@ pub fn run(args: &Args, gateways: usize) -> anyhow::Result<()> {
     let other = other_cores(args.proxy_core);
     let _origin = origin(&dir, &other)?;
     wait_port(ORIGIN_PORT)?;
-    let one = Weir::start(args, &args.weir, &dir.join("weir-one"), 18082)?;
-    let many = Weir::start(args, &args.weir, &dir.join("weir-many"), 18084)?;
+    // The origin listens on loopback, which tenants may not reach by default.
+    let loopback = "platform:\n  denied_networks: []\n";
+    let one = Weir::start_with(args, &args.weir, &dir.join("weir-one"), 18082, loopback)?;
+    let many = Weir::start_with(args, &args.weir, &dir.join("weir-many"), 18084, loopback)?;
     for w in [&one, &many] {
         create(w, "gw0")?;
         publish(w, "gw0")?;

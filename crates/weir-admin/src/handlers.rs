@@ -123,7 +123,17 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
 /// Objects the platform generates carry its label; the Admin API neither changes them nor
 /// makes new ones that claim to be its.
 async fn refuse_managed(admin: &Admin, t: &Target<'_>, body: Option<&Value>) -> Option<Reply> {
-    let stored = match t.id {
+    // The id a PUT to the collection gives in its body counts as well as the path's.
+    let id = t.id.or_else(|| body.and_then(|b| b.get("id")).and_then(Value::as_str));
+    if id.is_some_and(|id| id.starts_with(weir_catalog::MANAGED_ID_PREFIX)) && t.parent.is_none() {
+        let id = id.unwrap_or_default();
+        let owner = id.trim_start_matches(weir_catalog::MANAGED_ID_PREFIX).split('.').next().unwrap_or_default();
+        return Some(reply::failure(
+            ErrorKind::BadInput,
+            format!("ids starting with {} are the platform's: change {} {id} through /v1/api-gateways/{owner}", weir_catalog::MANAGED_ID_PREFIX, t.kind.noun()),
+        ));
+    }
+    let stored = match id {
         Some(id) => match admin.store.get(&t.key(&admin.prefix, id)).await {
             Ok(Some(kv)) => serde_json::from_slice::<Value>(&kv.value).ok().as_ref().and_then(weir_catalog::managed_by).map(str::to_string),
             Ok(None) => None,

@@ -62,6 +62,12 @@ pub trait Extension: Send + Sync {
     /// before its body is read.
     fn has_credential(&self, parts: &http::request::Parts) -> bool;
 
+    /// The extension's own answer to a call with no credential at all, in its own envelope;
+    /// `None` answers as the Admin API does.
+    fn unauthorized(&self) -> Option<Response<Full<Bytes>>> {
+        None
+    }
+
     /// Answers a call. `role` is the role of the valid admin key it presented, if any.
     fn handle<'a>(
         &'a self,
@@ -127,7 +133,7 @@ impl Admin {
             Some(ext) => match auth::role(&self.keys, &parts) {
                 Ok(r) => role = Some(r),
                 Err(_) if ext.has_credential(&parts) => {}
-                Err(description) => return handlers::unauthorized(description),
+                Err(description) => return ext.unauthorized().unwrap_or_else(|| handlers::unauthorized(description)),
             },
             None => {
                 if let Some(refusal) = handlers::refuse_unauthorized(self, &parts) {

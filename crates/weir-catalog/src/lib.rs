@@ -24,6 +24,10 @@ pub use defs::{describe, id_schema, object_schema, read_as, upstream_schema};
 /// gateway it belongs to. The Admin API refuses to write such objects.
 pub const MANAGED_LABEL: &str = "weir-managed-gateway";
 
+/// The id prefix of every object the platform generates (`wp.{gid}.…`); the Admin API leaves
+/// such ids to the platform.
+pub const MANAGED_ID_PREFIX: &str = "wp.";
+
 /// The gateway an object was generated for, if the platform generated it.
 pub fn managed_by(value: &Value) -> Option<&str> {
     value.get("labels")?.get(MANAGED_LABEL)?.as_str()

@@ -28,10 +28,18 @@ use crate::tokens::{self, Caller, CreateToken, Token, TokenRole};
 
 pub type Reply = Response<Full<Bytes>>;
 
+/// The most tokens one token may make.
+const MAX_TOKENS_MADE: usize = 1000;
+
 /// The one place a failure becomes a response.
 pub fn failure(kind: ErrorKind, message: impl Into<String>, problems: Vec<String>) -> Reply {
     let status = StatusCode::from_u16(kind.api_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     json(status, &json!({"error": {"kind": kind.name(), "message": message.into(), "problems": problems}}))
+}
+
+/// A call without a valid admin key or token.
+pub(crate) fn unauthorized() -> Reply {
+    refuse(StatusCode::UNAUTHORIZED, "a valid admin key or platform token is required")
 }
 
 /// The refusals that are not about input, which carry their own status.
@@ -237,7 +245,24 @@ impl Platform {
     /// not, and gives back those it no longer has. A domain another gateway holds is a
     /// conflict: two tenants never share a host.
     async fn claim_domains(&self, gid: &str, before: &BTreeSet<String>, after: &BTreeSet<String>, compares: &mut Vec<Compare>, ops: &mut Vec<Op>) -> Result<(), Reply> {
-        for host in after.difference(before) {
+        let added: Vec<&String> = after.difference(before).collect();
+        if !added.is_empty() {
+            // A host the operator's own routes serve is not a tenant's to take.
+            let (routes, _) = self.docs.store.list(&format!("{}/routes/", self.prefix)).await.map_err(store_down)?;
+            for kv in routes {
+                let Ok(route) = serde_json::from_slice::<Value>(&kv.value) else { continue };
+                if weir_catalog::managed_by(&route).is_some() {
+                    continue;
+                }
+                let patterns = route.get("hosts").and_then(Value::as_array).cloned().unwrap_or_default().into_iter().chain(route.get("host").cloned());
+                for pattern in patterns.filter_map(|p| p.as_str().map(str::to_string)) {
+                    if let Some(host) = added.iter().find(|h| crate::guard::host_matches(&pattern, h)) {
+                        return Err(failure(ErrorKind::Conflict, format!("the domain {host} is used by another gateway"), vec![format!("customDomains: {host} is taken")]));
+                    }
+                }
+            }
+        }
+        for host in added {
             let key = self.domain_key(host);
             match self.docs.store.get(&key).await.map_err(store_down)? {
                 Some(kv) if serde_json::from_slice::<Value>(&kv.value).ok().and_then(|v| v["gatewayId"].as_str().map(str::to_string)).as_deref() != Some(gid) => {
@@ -286,7 +311,10 @@ impl Platform {
 
     /// Applies an owner's change to a gateway: checked in full on the changed gateway, stored
     /// by compare-and-set, then the reconciler is woken.
-    async fn change(&self, gid: &str, edit: impl Fn(&mut Gateway) -> Result<(), Reply>) -> Result<Gateway, Reply> {
+    /// `checked`: whether the changed gateway must pass today's checks. Stopping and deleting
+    /// are never refused for a gateway that no longer would (the operator denied a plugin it
+    /// uses, say).
+    async fn change(&self, gid: &str, checked: bool, edit: impl Fn(&mut Gateway) -> Result<(), Reply>) -> Result<Gateway, Reply> {
         if !valid_id(gid) {
             return Err(not_found("gateway"));
         }
@@ -297,7 +325,9 @@ impl Platform {
             }
             let before = domains(&gw);
             edit(&mut gw)?;
-            self.check(&gw).map_err(bad_input)?;
+            if checked {
+                self.check(&gw).map_err(bad_input)?;
+            }
             gw.generation += 1;
             gw.updated_at = now_ms() / 1000;
             let key = self.docs.key(gid);
@@ -316,8 +346,9 @@ impl Platform {
             Ok(b) => b,
             Err(r) => return r,
         };
+        let only_stops = input.name.is_none() && input.plugins.is_none() && input.custom_domains.is_none() && input.promotion_pipeline.is_none() && input.state != Some(State::Running);
         let changed = self
-            .change(gid, |gw| {
+            .change(gid, !only_stops, |gw| {
                 if let Some(n) = &input.name {
                     gw.name = n.clone();
                 }
@@ -344,7 +375,7 @@ impl Platform {
 
     async fn delete(&self, gid: &str) -> Reply {
         let changed = self
-            .change(gid, |gw| {
+            .change(gid, false, |gw| {
                 gw.phase = Phase::Deleting;
                 gw.phase_since = now_ms();
                 gw.attempts = 0;
@@ -384,7 +415,7 @@ impl Platform {
             Err(r) => return r,
         };
         let changed = self
-            .change(gid, |gw| {
+            .change(gid, true, |gw| {
                 let Some(e) = gw.environments.iter_mut().find(|e| e.name == env) else { return Err(not_found("environment")) };
                 if let Some(p) = &input.plugins {
                     e.plugins = p.clone();
@@ -453,43 +484,71 @@ impl Platform {
             }
             _ => return refuse(StatusCode::FORBIDDEN, "only an admin key or an owner token may make tokens"),
         };
-        if matches!(caller, Caller::Admin(_)) {
-            for g in &gateways {
-                match self.docs.get(g).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => problems.push(format!("gateways: no gateway {g}")),
+        // A token made by a token lives no longer than its maker, and no maker makes more than
+        // MAX_TOKENS_MADE.
+        let mut expires = expires;
+        if let Caller::Token { token: maker, .. } = caller {
+            if let Some(limit) = maker.expires {
+                expires = Some(expires.map_or(limit, |e| e.min(limit)));
+            }
+            match self.manageable(caller).await {
+                Ok(made) if made.len() >= MAX_TOKENS_MADE => {
+                    return failure(ErrorKind::Quota, format!("this token has made {MAX_TOKENS_MADE} tokens, the most one may"), Vec::new());
+                }
+                Ok(_) => {}
+                Err(r) => return r,
+            }
+        }
+        // Each gateway must exist and not be on its way out, and stay so until the token is
+        // stored (the transaction compares their documents, and the maker's): a token never
+        // outlives a deletion to see a gateway made later under the same id. A document the
+        // reconciler moved meanwhile is read again.
+        for _ in 0..16 {
+            let mut compares = Vec::new();
+            for g in gateways.iter().filter(|g| valid_id(g)) {
+                match self.docs.store.get(&self.docs.key(g)).await {
+                    Ok(Some(kv)) if self.docs.decode(&kv).is_ok_and(|gw| gw.phase != Phase::Deleting) => {
+                        compares.push(Compare { key: kv.key, mod_revision: kv.mod_revision });
+                    }
+                    Ok(_) => problems.push(format!("gateways: no gateway {g}")),
                     Err(e) => return store_down(e),
                 }
             }
-        }
-        if !problems.is_empty() {
-            return bad_input(problems);
-        }
-        let (secret, hash) = tokens::mint();
-        let token = Token {
-            id: hash[..16].to_string(),
-            name: input.name,
-            role: input.role,
-            gateways,
-            expires_at: input.expires_at,
-            expires,
-            created_at: now_ms() / 1000,
-            created_by: caller.name(),
-        };
-        let key = self.token_key(&hash);
-        let txn = Txn {
-            compares: vec![Compare { key: key.clone(), mod_revision: 0 }],
-            ops: vec![Op::Put { key, value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) }],
-        };
-        match self.docs.store.txn(txn).await {
-            Ok(TxnOutcome::Committed { .. }) => {
-                let mut shown = token.shown();
-                shown["token"] = json!(secret);
-                json(StatusCode::CREATED, &shown)
+            if let Caller::Token { key: maker_key, .. } = caller {
+                match self.docs.store.get(maker_key).await {
+                    Ok(Some(kv)) => compares.push(Compare { key: kv.key, mod_revision: kv.mod_revision }),
+                    Ok(None) => return unauthorized(),
+                    Err(e) => return store_down(e),
+                }
             }
-            Ok(TxnOutcome::Conflict) => failure(ErrorKind::Internal, "a token was drawn twice", Vec::new()),
-            Err(e) => store_down(e),
+            if !problems.is_empty() {
+                return bad_input(problems);
+            }
+            let (secret, hash) = tokens::mint();
+            let token = Token {
+                id: hash[..16].to_string(),
+                name: input.name.clone(),
+                role: input.role,
+                gateways: gateways.clone(),
+                expires_at: input.expires_at.clone(),
+                expires,
+                created_at: now_ms() / 1000,
+                created_by: caller.name(),
+            };
+            let key = self.token_key(&hash);
+            compares.push(Compare { key: key.clone(), mod_revision: 0 });
+            let txn = Txn { compares, ops: vec![Op::Put { key, value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) }] };
+            match self.docs.store.txn(txn).await {
+                Ok(TxnOutcome::Committed { .. }) => {
+                    let mut shown = token.shown();
+                    shown["token"] = json!(secret);
+                    return json(StatusCode::CREATED, &shown);
+                }
+                Ok(TxnOutcome::Conflict) => {}
+                Err(e) => return store_down(e),
+            }
         }
+        failure(ErrorKind::Conflict, "the gateways kept changing while the token was made; try again", Vec::new())
     }
 
     /// The tokens a caller may manage: all of them for an admin key, those it made for an
@@ -525,7 +584,15 @@ impl Platform {
             Err(r) => return r,
         };
         let Some((key, token)) = all.into_iter().find(|(_, t)| t.id == id) else { return not_found("token") };
-        match self.docs.store.delete(&key).await {
+        // The tokens it made go with it.
+        let maker = format!("token:{}", token.id);
+        let made = match self.manageable(&Caller::Admin("admin".into())).await {
+            Ok(all) => all.into_iter().filter(|(_, t)| t.created_by == maker).map(|(k, _)| Op::Delete { key: k }),
+            Err(r) => return r,
+        };
+        let mut ops = vec![Op::Delete { key }];
+        ops.extend(made);
+        match self.docs.store.txn(Txn { compares: Vec::new(), ops }).await {
             Ok(_) => json(StatusCode::OK, &token.shown()),
             Err(e) => store_down(e),
         }
@@ -537,9 +604,7 @@ impl Platform {
         let mut problems = Vec::new();
         let holder = self.catalog.get("plugin_configs").expect("the catalog has plugin_configs");
         let mut layer = |what: String, plugins: &Map<String, Value>| {
-            for name in plugins.keys().filter(|n| self.cfg.denied_plugins.contains(n)) {
-                problems.push(format!("{what}: plugin {name} is not available on this platform"));
-            }
+            crate::guard::layer(&self.cfg, &what, plugins, &mut problems);
             let candidate = json!({"id": "check", "plugins": plugins});
             if let Err(errors) = self.catalog.check(holder, &candidate, self.plugins.as_ref()) {
                 problems.extend(errors.into_iter().map(|e| format!("{what}: {e}")));
@@ -561,10 +626,12 @@ impl Platform {
             if !seen.insert(host.clone()) {
                 problems.push(format!("{field}: {host} is given twice"));
             }
+            crate::guard::domain(&field, &host, &mut problems);
         }
         let upstreams = self.catalog.get("upstreams").expect("the catalog has upstreams");
         for env in &gw.environments {
             if let Some(up) = &env.upstream {
+                crate::guard::upstream(&self.cfg, &format!("environments.{}.upstream", env.name), up, &mut problems);
                 let mut candidate = up.clone();
                 candidate["id"] = json!("check");
                 if let Err(errors) = self.catalog.check(upstreams, &candidate, self.plugins.as_ref()) {

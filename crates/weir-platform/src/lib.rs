@@ -12,6 +12,7 @@
 
 mod api;
 mod docs;
+mod guard;
 pub mod model;
 pub mod openapi;
 mod reconcile;
@@ -42,11 +43,15 @@ pub struct PlatformConfig {
     pub lease_timeout: u64,
     /// Seconds a gateway may stay in Starting before it is set Stopped.
     pub start_timeout: u64,
-    /// Plugins tenants may not put in their layers (the base layer may): by default
-    /// `file-logger`, which writes to this node's disk.
+    /// Plugins tenants may not put in their layers (the base layer may): by default those that
+    /// write to this node's disk or send to addresses of the tenant's choosing beyond its
+    /// upstream's checks (`file-logger`, `http-logger`, `proxy-mirror`, `traffic-split`).
     pub denied_plugins: Vec<String>,
     /// Gateways one owner token may hold; admin keys are not bound.
     pub max_gateways_per_owner: usize,
+    /// Networks tenants' upstreams may not name (CIDRs): by default this node's loopback and
+    /// link-local addresses (its admin listener, its store, cloud metadata).
+    pub denied_networks: Vec<String>,
 }
 
 impl Default for PlatformConfig {
@@ -57,8 +62,9 @@ impl Default for PlatformConfig {
             base_plugins: default_base_plugins(),
             lease_timeout: 15,
             start_timeout: 300,
-            denied_plugins: vec!["file-logger".into()],
+            denied_plugins: ["file-logger", "http-logger", "proxy-mirror", "traffic-split"].map(String::from).to_vec(),
             max_gateways_per_owner: 100,
+            denied_networks: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"].map(String::from).to_vec(),
         }
     }
 }
@@ -130,6 +136,10 @@ impl weir_admin::Extension for Platform {
 
     fn has_credential(&self, parts: &http::request::Parts) -> bool {
         tokens::bearer(parts).is_some()
+    }
+
+    fn unauthorized(&self) -> Option<http::Response<http_body_util::Full<Bytes>>> {
+        Some(api::unauthorized())
     }
 
     fn handle<'a>(

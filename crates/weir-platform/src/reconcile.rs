@@ -144,7 +144,8 @@ impl Platform {
         let claimed = self
             .docs
             .update(gid, |gw| {
-                if !self.lease_free(gw, now) || step_for(gw).is_none() {
+                // Read afresh: a stale event must not cut a retry's pause short.
+                if !self.lease_free(gw, now) || step_for(gw).is_none() || gw.retry_at > now {
                     return Err(());
                 }
                 gw.locked_by = Some(self.node.clone());

@@ -32,7 +32,7 @@ pub const KINDS: [&str; 2] = ["plugin_configs", "routes"];
 
 /// The id prefix of every object of gateway `gid`.
 pub fn id_prefix(gid: &str) -> String {
-    format!("wp.{gid}.")
+    format!("{}{gid}.", weir_catalog::MANAGED_ID_PREFIX)
 }
 
 /// The layers an environment's plugins merge from, lowest first.
@@ -113,7 +113,9 @@ pub fn render(cfg: &PlatformConfig, gw: &Gateway) -> Vec<Object> {
         out.push(Object {
             kind: "plugin_configs",
             id: id.clone(),
-            value: json!({"plugins": merged(cfg, gw, env), "labels": labels(gid, Some(name)), "desc": format!("{gid} {name}: merged plugins")}),
+            // A stopped gateway answers 503 before any plugin would run; its plugin configs are
+            // emptied, so a layer that no longer passes the checks cannot keep it from stopping.
+            value: json!({"plugins": if running { merged(cfg, gw, env) } else { Map::new() }, "labels": labels(gid, Some(name)), "desc": format!("{gid} {name}: merged plugins")}),
         });
         let mut env_hosts = vec![format!("{gid}.{name}.{}", cfg.base_domain)];
         env_hosts.extend(env.custom_domain.iter().cloned());

@@ -178,9 +178,11 @@ impl Factory {
     }
 }
 
-/// `_meta`, which every plugin config may carry: APISIX closes it.
+/// `_meta`, which every plugin config may carry. APISIX's schema closes it, so the schema here
+/// does too (an unknown key is refused at write time); the data plane reads what it knows and
+/// leaves the rest, so a store another APISIX version wrote still loads.
 #[derive(Deserialize, JsonSchema, Default)]
-#[serde(deny_unknown_fields)]
+#[schemars(extend("additionalProperties" = false))]
 pub(crate) struct Meta {
     /// The plugin is configured but does not run.
     pub disable: Option<bool>,
@@ -267,7 +269,9 @@ mod tests {
         let s = schema_of::<Meta>();
         assert_eq!(s["additionalProperties"], false);
         assert_eq!(s["properties"]["error_response"]["anyOf"][0], serde_json::json!({"type": "string"}));
-        assert!(parse::<Meta>(&serde_json::json!({"disabled": true})).is_err());
+        let misspelt = serde_json::json!({"disabled": true});
+        assert!(!jsonschema::validator_for(&s).unwrap().is_valid(&misspelt), "refused at write time");
+        assert!(parse::<Meta>(&misspelt).is_ok(), "read by the data plane, which leaves what it does not know");
     }
 
     #[derive(Deserialize, JsonSchema)]

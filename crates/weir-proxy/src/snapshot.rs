@@ -483,6 +483,9 @@ pub struct Builder {
     published: Option<Snapshot>,
     /// Routes put or deleted since the last full build.
     delta_ids: std::collections::BTreeSet<String>,
+    /// Updates laid over the last full build. Each may leave plugin instances its routes no
+    /// longer use in the instance cache, which only a full build clears.
+    overlays: usize,
     contributors: Vec<Arc<dyn Contributor>>,
     /// Every partition as last compiled, by its key prefix.
     parts: BTreeMap<String, BuiltPart>,
@@ -592,6 +595,7 @@ impl Builder {
             last: None,
             published: None,
             delta_ids: Default::default(),
+            overlays: 0,
             contributors: Vec::new(),
             parts: BTreeMap::new(),
             parts_metadata: BTreeMap::new(),
@@ -719,6 +723,7 @@ impl Builder {
         let base = Arc::new(Router::new(specs));
         let checked = Arc::new(checked);
         self.delta_ids.clear();
+        self.overlays = 0;
         let snapshot = Snapshot {
             revision: state.revision,
             base,
@@ -763,8 +768,11 @@ impl Builder {
             widened = Changes { routes, plugin_configs: Vec::new(), other: changes.other, extra: Vec::new() };
             &widened
         };
-        if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY {
+        if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY || self.overlays >= MAX_OVERLAYS {
             return self.fold(state);
+        }
+        if !changes.routes.is_empty() {
+            self.overlays += 1;
         }
         let snapshot = match &self.published {
             // No APISIX route changed: its routers stay as the last update left them.
@@ -834,6 +842,11 @@ impl Builder {
 
 /// Routes changed since the last full build beyond which an update rebuilds everything.
 const MAX_OVERLAY: usize = 256;
+
+/// Updates laid over one full build before the next update rebuilds everything: a route (or
+/// plugin config) changed again and again leaves the instances it no longer uses behind until
+/// then (a logger's thread, a counter), so they are bounded too.
+const MAX_OVERLAYS: usize = 64;
 
 
 
@@ -1138,6 +1151,23 @@ mod tests {
         assert!(third.delta.is_some());
         assert!(find(&third, "/named").unavailable.is_some());
         assert!(find(&test_builder().build(&state), "/named").unavailable.is_some());
+    }
+
+    #[test]
+    fn a_run_of_overlays_ends_in_a_full_build() {
+        let mut state = ConfigState::from_list("/apisix", &[kv("/apisix/routes/r", r#"{"uri":"/r","upstream":{"nodes":{"127.0.0.1:1":1}}}"#, 1)], 1);
+        let mut b = test_builder();
+        let _ = b.build(&state);
+        for i in 0..MAX_OVERLAYS {
+            let mut changes = Changes::default();
+            let value = format!(r#"{{"uri":"/r","upstream":{{"nodes":{{"127.0.0.1:1":1}}}},"desc":"{i}"}}"#);
+            state.apply("/apisix", 2 + i as i64, &[event(weir_store::EventKind::Put, "/apisix/routes/r", &value, 2 + i as i64)], &mut changes);
+            assert!(b.update(&state, &changes).delta.is_some(), "update {i} is laid over");
+        }
+        let mut changes = Changes::default();
+        state.apply("/apisix", 100, &[event(weir_store::EventKind::Put, "/apisix/routes/r", r#"{"uri":"/r","upstream":{"nodes":{"127.0.0.1:1":1}}}"#, 100)], &mut changes);
+        assert!(b.update(&state, &changes).delta.is_none(), "the next one rebuilds, dropping unused instances");
+        assert!(!b.has_overlay());
     }
 
     /// Tenants' routes under `/apisix/tenants/{tenant}/routes/{id}`, one partition per tenant,

@@ -31,9 +31,15 @@ fn problems(b: &Value) -> Vec<String> {
     b["error"]["problems"].as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect()).unwrap_or_default()
 }
 
+/// Weir on its embedded store whose tenants may reach loopback (where the tests' upstreams
+/// listen), with more `platform:` settings.
+fn on_loopback(platform: &str) -> Weir {
+    platform_weir("  type: embedded\n  path: \"{data}\"\n", &format!("  denied_networks: []\n{platform}"), &[])
+}
+
 #[tokio::test]
 async fn a_gateway_is_provisioned_serves_its_environments_and_is_taken_down() {
-    let w = Weir::start();
+    let w = on_loopback("");
     let up = Upstream::start("backend").await;
 
     let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Shop", "gatewayId": "shop",
@@ -107,6 +113,9 @@ async fn a_gateway_is_provisioned_serves_its_environments_and_is_taken_down() {
     assert_eq!(s, 400, "{b}");
     assert!(b["error_msg"].as_str().unwrap().contains("/v1/api-gateways/shop"), "{b}");
     assert_eq!(w.admin("DELETE", "/plugin_configs/wp.shop.dev", None).await.0, 400);
+    let by_body = json!({"id": "wp.shop.dev", "uri": "/x", "upstream": upstream});
+    assert_eq!(w.admin("PUT", "/routes", Some(by_body)).await.0, 400, "the id in the body counts too");
+    assert_eq!(w.admin("PUT", "/routes/wp.other.x", Some(json!({"uri": "/x", "upstream": upstream}))).await.0, 400, "the platform's ids are its own");
     let forged = json!({"uri": "/y", "upstream": upstream, "labels": {"weir-managed-gateway": "shop"}});
     assert_eq!(w.admin("PUT", "/routes/forged", Some(forged)).await.0, 400);
 
@@ -170,6 +179,13 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     let (s, b) = v1(&w, "PATCH", "api-gateways/okay/environments/dev", Some(json!({"authType": "oauth", "upstream": {"nodes": "x"}, "colour": 1}))).await;
     assert_eq!(s, 400, "{b}");
     assert!(problems(&b).len() >= 3, "{b}");
+    // The node itself and the operator's objects are out of a tenant's reach.
+    let (s, b) = v1(&w, "PATCH", "api-gateways/okay/environments/dev", Some(json!({"upstream": {"type": "roundrobin", "nodes": {"127.0.0.1:2379": 1, "169.254.169.254:80": 1}, "tls": {"client_cert_id": "1"}}}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(problems(&b).len(), 3, "{b}");
+    let (s, b) = v1(&w, "PATCH", "api-gateways/okay", Some(json!({"plugins": {"limit-count": {"count": 1, "time_window": 1, "group": "shared"}}, "customDomains": ["10.0.0.5"]}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(problems(&b).len(), 2, "{b}");
     let (s, b) = v1(&w, "PATCH", "api-gateways/okay/environments/dev", Some(json!({"upstream": {"type": "roundrobin"}}))).await;
     assert_eq!(s, 400, "an upstream without nodes: {b}");
     assert!(problems(&b)[0].starts_with("upstream"), "{b}");
@@ -183,7 +199,8 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     assert_eq!(send(w.admin, "GET", "/v1/api-gateways", &viewer, None).await.status, 200);
     let r = send(w.admin, "POST", "/v1/api-gateways", &viewer, Some("{\"name\":\"v\"}")).await;
     assert_eq!((r.status, r.json()["error"]["kind"].clone()), (403, json!("forbidden")));
-    assert_eq!(send(w.admin, "GET", "/v1/api-gateways", &[], None).await.status, 401);
+    let r = send(w.admin, "GET", "/v1/api-gateways", &[], None).await;
+    assert_eq!((r.status, r.json()["error"]["kind"].clone()), (401, json!("unauthorized")), "the platform's own envelope");
     // The control API still answers beside it.
     assert_eq!(w.control("healthcheck").await.0, 200);
 }
@@ -323,7 +340,7 @@ fn platform_weir(store: &str, platform: &str, env: &[(&str, &str)]) -> Weir {
 
 /// A node of a cluster on `etcd`, with a short platform lease.
 fn platform_node(etcd: &common::Etcd, env: &[(&str, &str)]) -> Weir {
-    platform_weir(&format!("  type: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\n", etcd.endpoint()), "  lease_timeout: 2\n", env)
+    platform_weir(&format!("  type: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\n", etcd.endpoint()), "  lease_timeout: 2\n  denied_networks: []\n", env)
 }
 
 #[tokio::test]
@@ -390,7 +407,7 @@ fn conforms(doc: &Value, method: &str, template: &str, status: u16, body: &Value
 
 #[tokio::test]
 async fn the_openapi_document_describes_real_answers_and_every_field_is_checked() {
-    let w = Weir::start();
+    let w = on_loopback("");
     let (s, doc) = v1(&w, "GET", "openapi.json", None).await;
     assert_eq!((s, &doc["openapi"]), (200, &json!("3.1.0")));
     let off = std::panic::catch_unwind(|| conforms(&doc, "GET", "/v1/api-gateways/{gid}", 200, &json!({"gatewayId": 5, "phase": "Dancing"})));
@@ -470,7 +487,7 @@ async fn the_openapi_document_describes_real_answers_and_every_field_is_checked(
 
 #[tokio::test]
 async fn secret_fields_of_plugin_layers_are_never_stored_in_the_clear() {
-    let w = Weir::start();
+    let w = on_loopback("  denied_plugins: []\n");
     let logger = json!({"http-logger": {"uri": "http://127.0.0.1:9/log", "auth_header": "Bearer s3cret-layer-value"}});
     let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Sealed", "gatewayId": "sealed", "plugins": logger}))).await;
     assert_eq!(s, 201, "{b}");

@@ -1,0 +1,124 @@
+//! What a tenant may not put in its gateway, whatever the plugin schemas allow: the node and
+//! the operator's systems are not the tenant's to reach, and one tenant's settings are not
+//! another's to share.
+
+use std::net::IpAddr;
+
+use serde_json::{Map, Value};
+
+use crate::PlatformConfig;
+
+/// The largest a plugin layer may be, as JSON: a gateway is copied into every environment's
+/// plugin config and every node's memory.
+pub const MAX_LAYER_BYTES: usize = 64 * 1024;
+
+/// Plugins that count per `group` or in Redis: their counters would be shared across tenants.
+const COUNTERS: [&str; 3] = ["limit-count", "limit-req", "limit-conn"];
+
+/// Problems with a tenant's plugin layer.
+pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, problems: &mut Vec<String>) {
+    for name in plugins.keys().filter(|n| cfg.denied_plugins.contains(n)) {
+        problems.push(format!("{what}: plugin {name} is not available on this platform"));
+    }
+    let size = serde_json::to_vec(plugins).map_or(0, |v| v.len());
+    if size > MAX_LAYER_BYTES {
+        problems.push(format!("{what}: {size} bytes, more than the {MAX_LAYER_BYTES} a layer may hold"));
+    }
+    for name in COUNTERS {
+        let Some(conf) = plugins.get(name) else { continue };
+        if conf.get("group").is_some() {
+            problems.push(format!("{what}: {name}.group would share counters beyond this gateway"));
+        }
+        if conf.get("policy").and_then(Value::as_str).is_some_and(|p| p != "local") {
+            problems.push(format!("{what}: {name}.policy must be local: shared counters are the operator's"));
+        }
+    }
+}
+
+/// Problems with a tenant's upstream: nodes the node itself answers on (loopback, link-local
+/// metadata, `platform.denied_networks`), and fields that name the operator's objects.
+pub fn upstream(cfg: &PlatformConfig, what: &str, up: &Value, problems: &mut Vec<String>) {
+    for field in ["service_name", "discovery_type"] {
+        if up.get(field).is_some() {
+            problems.push(format!("{what}.{field}: service discovery is the operator's"));
+        }
+    }
+    if up.get("tls").and_then(|t| t.get("client_cert_id")).is_some() {
+        problems.push(format!("{what}.tls.client_cert_id: the operator's certificates are not a tenant's to present"));
+    }
+    let hosts: Vec<String> = match up.get("nodes") {
+        Some(Value::Object(m)) => m.keys().map(|k| host_of(k).to_string()).collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|n| n.get("host").and_then(Value::as_str)).map(str::to_string).collect(),
+        _ => Vec::new(),
+    };
+    for host in hosts {
+        if let Some(reason) = denied_host(cfg, &host) {
+            problems.push(format!("{what}.nodes: {host} {reason}"));
+        }
+    }
+}
+
+/// `host:port`, `[v6]:port` or a bare host, without the port.
+fn host_of(node: &str) -> &str {
+    if let Some(rest) = node.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match node.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) && !h.contains(':') => h,
+        _ => node,
+    }
+}
+
+fn denied_host(cfg: &PlatformConfig, host: &str) -> Option<&'static str> {
+    let lower = host.to_ascii_lowercase();
+    if lower == "localhost" || lower.ends_with(".localhost") {
+        return Some("is this node");
+    }
+    let ip: IpAddr = host.parse().ok()?;
+    cfg.denied_networks
+        .iter()
+        .filter_map(|n| n.parse::<ipnet::IpNet>().ok())
+        .any(|n| n.contains(&ip))
+        .then_some("is in a network tenants may not reach (platform.denied_networks)")
+}
+
+/// Problems with a custom domain beyond its form: an address is not a domain.
+pub fn domain(field: &str, host: &str, problems: &mut Vec<String>) {
+    if host.parse::<IpAddr>().is_ok() {
+        problems.push(format!("{field}: {host} is an address, not a domain"));
+    }
+}
+
+/// Whether a route's host pattern (`api.example.com`, `*.example.com`) takes `host`.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase();
+    match pattern.strip_prefix("*.") {
+        Some(suffix) => host.ends_with(&format!(".{suffix}")),
+        None => pattern == host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_node_and_the_operators_objects_are_out_of_reach() {
+        let cfg = PlatformConfig::default();
+        let mut p = Vec::new();
+        upstream(&cfg, "u", &json!({"nodes": {"127.0.0.1:2379": 1, "[::1]:9180": 1, "169.254.169.254:80": 1, "localhost:80": 1, "10.1.2.3:80": 1, "backend.example.test:80": 1}}), &mut p);
+        assert_eq!(p.len(), 4, "{p:?}");
+        let mut p = Vec::new();
+        upstream(&cfg, "u", &json!({"nodes": [{"host": "127.0.0.2", "port": 80, "weight": 1}], "service_name": "x", "tls": {"client_cert_id": "1"}}), &mut p);
+        assert_eq!(p.len(), 3, "{p:?}");
+        let mut p = Vec::new();
+        layer(&cfg, "l", json!({"limit-count": {"count": 1, "time_window": 1, "group": "g", "policy": "redis"}, "file-logger": {"path": "/x"}}).as_object().unwrap(), &mut p);
+        assert_eq!(p.len(), 3, "{p:?}");
+        let mut p = Vec::new();
+        domain("d", "10.0.0.5", &mut p);
+        assert_eq!(p.len(), 1);
+        assert!(host_matches("*.operator.test", "x.operator.test") && host_matches("API.operator.test", "api.operator.test"));
+        assert!(!host_matches("*.operator.test", "operator.test"));
+    }
+}
