@@ -186,6 +186,7 @@ impl Platform {
             locked_by: None,
             generation: 1,
             rendered_generation: 0,
+            rendered_with: String::new(),
             phase_since: now,
             attempts: 0,
             retry_at: 0,

@@ -91,6 +91,9 @@ pub struct Platform {
     pause_after_claim: Option<std::time::Duration>,
     /// Reconcile passes made, for whoever wants to see the reconciler is not spinning.
     passes: std::sync::atomic::AtomicU64,
+    /// The settings a render reads, as one string: a gateway rendered with others is
+    /// rendered again.
+    inputs: String,
 }
 
 impl Platform {
@@ -105,6 +108,7 @@ impl Platform {
         keyring: Arc<weir_tls::Keyring>,
     ) -> Arc<Platform> {
         let node = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
+        let inputs = json!({"base_domain": cfg.base_domain, "base_plugins": cfg.base_plugins}).to_string();
         Arc::new(Platform {
             cfg,
             docs: docs::Docs { store, dir: format!("{prefix}/platform/gateways/"), keyring, plugins: plugins.clone() },
@@ -114,6 +118,7 @@ impl Platform {
             node,
             wake: tokio::sync::Notify::new(),
             passes: std::sync::atomic::AtomicU64::new(0),
+            inputs,
             pause_after_claim: std::env::var("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS").ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis),
         })
     }

@@ -94,6 +94,9 @@ pub struct Gateway {
     /// Counts the owner's changes; the reconciler renders until it has rendered the latest.
     pub generation: u64,
     pub rendered_generation: u64,
+    /// The platform settings the last render read (`Platform`'s render inputs).
+    #[serde(default)]
+    pub rendered_with: String,
     /// When the phase last changed (ms).
     pub phase_since: u64,
     /// Failed attempts at the current step, and when the next may run (ms).
@@ -146,7 +149,7 @@ impl Gateway {
     }
 
     /// The reconciler's bookkeeping, which the API does not show.
-    pub const HIDDEN: [&str; 5] = ["generation", "renderedGeneration", "phaseSince", "attempts", "retryAt"];
+    pub const HIDDEN: [&str; 6] = ["generation", "renderedGeneration", "renderedWith", "phaseSince", "attempts", "retryAt"];
 }
 
 /// `POST /v1/api-gateways`.

@@ -37,8 +37,10 @@ enum Step {
     Delete,
 }
 
-fn step_for(gw: &Gateway) -> Option<Step> {
-    let behind = gw.rendered_generation < gw.generation;
+/// `inputs` names the platform settings a render reads (`Platform::inputs`): a gateway
+/// rendered with others (the operator changed `base_plugins`, say) is rendered again.
+fn step_for(gw: &Gateway, inputs: &str) -> Option<Step> {
+    let behind = gw.rendered_generation < gw.generation || gw.rendered_with != inputs;
     use Phase::*;
     match (gw.phase, gw.state) {
         (Deleting, _) => Some(Step::Delete),
@@ -119,7 +121,7 @@ impl Platform {
     /// free. One gateway's trouble is recorded on it; the others go on.
     async fn consider(&self, gw: &Gateway) {
         let now = now_ms();
-        if step_for(gw).is_none() || gw.retry_at > now || !self.lease_free(gw, now) {
+        if step_for(gw, &self.inputs).is_none() || gw.retry_at > now || !self.lease_free(gw, now) {
             return;
         }
         if let Err(e) = self.work(&gw.gateway_id).await {
@@ -145,7 +147,7 @@ impl Platform {
             .docs
             .update(gid, |gw| {
                 // Read afresh: a stale event must not cut a retry's pause short.
-                if !self.lease_free(gw, now) || step_for(gw).is_none() || gw.retry_at > now {
+                if !self.lease_free(gw, now) || step_for(gw, &self.inputs).is_none() || gw.retry_at > now {
                     return Err(());
                 }
                 gw.locked_by = Some(self.node.clone());
@@ -165,7 +167,7 @@ impl Platform {
         // meanwhile means the step is run again on it; a lease lost to another node (this one
         // stalled past its lease) means this node stops.
         let (step, outcome) = loop {
-            let Some(step) = step_for(&gw) else { return self.release(gid, |_| {}).await };
+            let Some(step) = step_for(&gw, &self.inputs) else { return self.release(gid, |_| {}).await };
             tracing::debug!(gateway = gid, ?step, node = %self.node, "platform: step");
             match self.run(step, &gw, rev).await {
                 Err(Failed::Moved) => match self.docs.get(gid).await? {
@@ -200,6 +202,7 @@ impl Platform {
                         Step::Enter(p) => p,
                         Step::Render(p) => {
                             gw.rendered_generation = gw.rendered_generation.max(generation);
+                            gw.rendered_with = self.inputs.clone();
                             p
                         }
                         Step::Delete => Phase::Deleting,
@@ -466,6 +469,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn new_platform_settings_reach_gateways_already_started() {
+        let dir = tempfile::tempdir().unwrap();
+        let pc = |p: &Arc<Platform>| {
+            let p = p.clone();
+            async move {
+                let kv = p.docs.store.get("/apisix/plugin_configs/wp.kept.dev").await.unwrap().unwrap();
+                serde_json::from_slice::<Value>(&kv.value).unwrap()["plugins"].clone()
+            }
+        };
+        {
+            let p = platform(dir.path(), PlatformConfig::default());
+            put(&p, &starting("kept")).await;
+            p.pass().await.unwrap();
+            assert_eq!(p.docs.get("kept").await.unwrap().unwrap().0.phase, Phase::Started);
+            assert!(pc(&p).await.get("cors").is_some());
+        }
+        // Restarted with another base layer: the next pass renders the gateway again.
+        let base = json!({"request-id": {}}).as_object().unwrap().clone();
+        let p = platform(dir.path(), PlatformConfig { base_plugins: base, ..PlatformConfig::default() });
+        p.pass().await.unwrap();
+        let plugins = pc(&p).await;
+        assert!(plugins.get("request-id").is_some() && plugins.get("cors").is_none(), "{plugins}");
+    }
+
+    #[tokio::test]
     async fn a_lease_held_by_another_node_is_left_alone_until_it_expires() {
         let dir = tempfile::tempdir().unwrap();
         let p = platform(dir.path(), PlatformConfig { lease_timeout: 2, ..PlatformConfig::default() });
@@ -498,7 +526,7 @@ mod tests {
         .unwrap();
         let path = |gw: &mut Gateway| {
             let mut seen = vec![gw.phase];
-            while let Some(step) = step_for(gw) {
+            while let Some(step) = step_for(gw, "") {
                 gw.phase = match step {
                     Step::Create => Phase::Created,
                     Step::Enter(p) | Step::Render(p) => p,
@@ -516,7 +544,10 @@ mod tests {
         gw.state = State::Running;
         assert_eq!(path(&mut gw), [Stopped, Starting, Started]);
         gw.generation += 1;
-        assert_eq!(step_for(&gw), Some(Step::Render(Started)));
+        assert_eq!(step_for(&gw, ""), Some(Step::Render(Started)));
+        gw.rendered_generation = gw.generation;
+        assert_eq!(step_for(&gw, ""), None);
+        assert_eq!(step_for(&gw, "other settings"), Some(Step::Render(Started)), "new platform settings render again");
         gw.phase = Deleting;
         assert_eq!(path(&mut gw), [Deleting, Deleted]);
         assert_eq!(backoff(0), 200);

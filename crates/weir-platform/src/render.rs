@@ -185,6 +185,7 @@ mod tests {
             locked_by: None,
             generation: 1,
             rendered_generation: 0,
+            rendered_with: String::new(),
             phase_since: 0,
             attempts: 0,
             retry_at: 0,
