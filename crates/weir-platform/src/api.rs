@@ -126,7 +126,7 @@ impl Platform {
                 refuse(StatusCode::FORBIDDEN, &format!("this token may not change the {env} environment"))
             }
             (&Method::PATCH, ["api-gateways", gid, "environments", env]) => self.patch_environment(gid, env, &raw).await,
-            (&Method::GET, ["api-gateways", gid, "environments", env, "effective-plugins"]) => self.effective(gid, env).await,
+            (&Method::GET, ["api-gateways", gid, "environments", env, "effective-plugins"]) => self.effective(&caller, gid, env).await,
             (&Method::POST, ["tokens"]) => self.create_token(&caller, &raw).await,
             (&Method::GET, ["tokens"]) => self.list_tokens(&caller).await,
             (&Method::GET, ["whoami"]) => json(StatusCode::OK, &caller.describe()),
@@ -442,14 +442,22 @@ impl Platform {
         }
     }
 
-    async fn effective(&self, gid: &str, env: &str) -> Reply {
+    async fn effective(&self, caller: &Caller, gid: &str, env: &str) -> Reply {
         let gw = match self.find(gid).await {
             Ok(gw) => gw,
             Err(r) => return r,
         };
         let Some(e) = gw.environment(env) else { return not_found("environment") };
-        let plugins: Vec<Value> =
-            render::effective(&self.cfg, &gw, e).into_iter().map(|(name, config, layer)| json!({"name": name, "layer": layer, "config": config})).collect();
+        let plugins: Vec<Value> = render::effective(&self.cfg, &gw, e)
+            .into_iter()
+            .map(|(name, mut config, layer)| {
+                // The base layer is the operator's: its secrets are shown to admin keys alone.
+                if layer == "base" && !matches!(caller, Caller::Admin(_)) {
+                    self.redact(&name, &mut config);
+                }
+                json!({"name": name, "layer": layer, "config": config})
+            })
+            .collect();
         json(StatusCode::OK, &json!({"environment": env, "plugins": plugins}))
     }
 
@@ -596,6 +604,27 @@ impl Platform {
         match self.docs.store.txn(Txn { compares: Vec::new(), ops }).await {
             Ok(_) => json(StatusCode::OK, &token.shown()),
             Err(e) => store_down(e),
+        }
+    }
+
+    /// Hides the plugin's secret fields (`encrypt_fields`, dotted paths) in `config`.
+    fn redact(&self, plugin: &str, config: &mut Value) {
+        let fields = self.plugins.config_schema(plugin).and_then(|s| s.get("encrypt_fields")).and_then(Value::as_array).cloned().unwrap_or_default();
+        for path in fields.iter().filter_map(Value::as_str) {
+            let mut at = &mut *config;
+            let mut parts = path.split('.').peekable();
+            while let Some(part) = parts.next() {
+                if parts.peek().is_none() {
+                    if let Some(v) = at.get_mut(part) {
+                        *v = json!("******");
+                    }
+                    break;
+                }
+                match at.get_mut(part) {
+                    Some(next) => at = next,
+                    None => break,
+                }
+            }
         }
     }
 

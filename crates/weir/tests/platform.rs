@@ -517,3 +517,17 @@ async fn an_owner_holds_at_most_its_quota_of_gateways() {
     assert_eq!(v1(&w, "GET", "api-gateways/two", None).await.0, 404, "nothing was stored");
     assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "two", "gatewayId": "two"}))).await.0, 201, "an admin key is not bound");
 }
+
+#[tokio::test]
+async fn the_operators_base_layer_keeps_its_secrets_from_tenants() {
+    let w = on_loopback("  base_plugins:\n    http-logger: {uri: \"http://127.0.0.1:9/base\", auth_header: \"Bearer base-layer-secret\"}\n");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "B", "gatewayId": "based"}))).await.0, 201);
+    until_gateway(&w, "based", |_, b| b["phase"] == "Started").await;
+    let owner = v1(&w, "POST", "tokens", Some(json!({"name": "o", "role": "owner", "gateways": ["based"]}))).await.1["token"].as_str().unwrap().to_string();
+    let logger = |b: &Value| b["plugins"].as_array().unwrap().iter().find(|p| p["name"] == "http-logger").map(|p| (p["layer"].clone(), p["config"]["auth_header"].clone()));
+    let (s, b) = v1_as(&w, &owner, "GET", "api-gateways/based/environments/dev/effective-plugins", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(logger(&b), Some((json!("base"), json!("******"))), "{b}");
+    let (_, b) = v1(&w, "GET", "api-gateways/based/environments/dev/effective-plugins", None).await;
+    assert_eq!(logger(&b), Some((json!("base"), json!("Bearer base-layer-secret"))), "an admin key sees it");
+}
