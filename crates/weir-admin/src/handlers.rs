@@ -82,7 +82,7 @@ pub async fn dispatch(admin: &Admin, parts: Parts, body: Bytes) -> Reply {
         Err(r) => return r,
     };
     match segs[0] {
-        "plugins" => return plugins(admin, &parts.method, &segs[1..]),
+        "plugins" => return plugins(admin, &parts.method, &segs[1..], parts.uri.query().unwrap_or("")),
         "schema" => return schema_endpoints(admin, &parts.method, &segs[1..], body.as_ref()),
         _ => {}
     }
@@ -165,12 +165,18 @@ fn decode(s: &str) -> String {
     percent_decode(s).into_owned()
 }
 
-fn plugins(admin: &Admin, method: &Method, segs: &[&str]) -> Reply {
+/// `?schema_type=consumer` asks for an auth plugin's consumer schema, as APISIX's does.
+fn plugins(admin: &Admin, method: &Method, segs: &[&str], query: &str) -> Reply {
     if *method != Method::GET {
         return reply::error(StatusCode::NOT_FOUND, "not found");
     }
+    let consumer = query_param(query, "schema_type") == Some("consumer");
     match segs {
         ["list"] => reply::json(StatusCode::OK, &json!(admin.plugins.names())),
+        [name] if consumer => match admin.plugins.consumer_schema(name).or_else(|| admin.plugins.config_schema(name)) {
+            Some(s) => reply::json(StatusCode::OK, s),
+            None => reply::error(StatusCode::NOT_FOUND, "plugin not found in subsystem http"),
+        },
         [name] => match admin.plugins.config_schema(name) {
             Some(s) => reply::json(StatusCode::OK, s),
             None => reply::error(StatusCode::NOT_FOUND, "plugin not found in subsystem http"),
@@ -193,7 +199,7 @@ fn schema_endpoints(admin: &Admin, method: &Method, segs: &[&str], body: Option<
                 Err(errors) => reply::error(StatusCode::BAD_REQUEST, format!("invalid configuration: {}", errors.join("; "))),
             }
         }
-        (&Method::GET, ["plugins", name]) => plugins(admin, method, &[name]),
+        (&Method::GET, ["plugins", name]) => plugins(admin, method, &[name], ""),
         (&Method::GET, [name]) => {
             match admin.kinds.by_schema_name(name) {
                 Some(kind) => reply::json(StatusCode::OK, kind.schema()),
