@@ -55,10 +55,11 @@ async fn a_gateway_is_provisioned_serves_its_environments_and_is_taken_down() {
 
     // Outside every environment, and in an environment with nothing behind it: 404 JSON.
     let shop = [("host", "shop.localhost")];
-    let r = w.get("/elsewhere", &shop).await;
+    let outside = "no environment at this path: use /dev, /staging or /prod";
+    let r = w.until("/elsewhere", &shop, |r| r.json()["error_msg"] == outside).await;
     assert_eq!((r.status, r.headers["content-type"].to_str().unwrap()), (404, "application/json"), "{}", r.text());
-    assert!(r.json()["error_msg"].is_string());
-    assert_eq!(w.get("/staging/x", &shop).await.status, 404);
+    let r = w.until("/staging/x", &shop, |r| r.json()["error_msg"] == "nothing is published at this path").await;
+    assert_eq!(r.status, 404);
 
     // The environment gets an upstream and a plugin of its own that overrides the gateway's.
     let index = |b: Value| b["modifiedIndex"].as_i64().unwrap();
@@ -376,8 +377,8 @@ async fn a_node_killed_mid_step_is_taken_over_after_its_lease_and_every_node_ser
     assert!(started.elapsed() >= Duration::from_millis(1500), "B waited for the lease to expire: {:?}", started.elapsed());
     assert_eq!(done["lockedBy"], Value::Null);
     assert_eq!(done["environments"].as_array().unwrap().len(), 3);
-    let r = b_node.until("/dev/x", &[("host", "held.localhost")], |r| r.status == 404).await;
-    assert_eq!(r.json()["error_msg"], "nothing is published at this path");
+    // Started is recorded once the objects are stored; the data plane follows in a moment.
+    b_node.until("/dev/x", &[("host", "held.localhost")], |r| r.status == 404 && r.json()["error_msg"] == "nothing is published at this path").await;
 
     // With two live nodes, a gateway created and changed on one serves on the other.
     let c = platform_node(&etcd, &[]);
