@@ -17,6 +17,7 @@ mod key_auth;
 mod limit_conn;
 mod limit_count;
 mod limit_req;
+mod limits;
 mod loggers;
 mod mocking;
 mod opentelemetry;

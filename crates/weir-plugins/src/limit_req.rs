@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::{Factory, JsonSchema, Pending, Plugin, Reply, RequestCtx, limit_key};
@@ -27,9 +27,9 @@ struct Config {
     /// What requests are counted by: a variable, or a combination of them.
     key: String,
     #[serde(default)]
-    key_type: KeyType,
+    key_type: crate::limits::KeyType,
     /// The status of a refused request.
-    #[serde(default = "code_503")]
+    #[serde(default = "crate::limits::code_503")]
     #[schemars(range(min = 200, max = 599))]
     rejected_code: u16,
     /// The body of a refused request, as `{"error_msg": …}`.
@@ -43,35 +43,7 @@ struct Config {
     allow_degradation: bool,
     #[serde(default)]
     #[allow(dead_code)]
-    policy: Policy,
-}
-
-#[derive(Deserialize, Serialize, JsonSchema, Default, Clone, Copy)]
-#[serde(rename_all = "snake_case")]
-enum KeyType {
-    #[default]
-    Var,
-    VarCombination,
-}
-
-impl KeyType {
-    fn as_str(self) -> &'static str {
-        match self {
-            KeyType::Var => "var",
-            KeyType::VarCombination => "var_combination",
-        }
-    }
-}
-
-#[derive(Deserialize, Serialize, JsonSchema, Default)]
-#[serde(rename_all = "snake_case")]
-enum Policy {
-    #[default]
-    Local,
-}
-
-fn code_503() -> u16 {
-    503
+    policy: crate::limits::LocalPolicy,
 }
 
 struct LimitReq {
