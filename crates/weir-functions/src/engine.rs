@@ -1,0 +1,736 @@
+//! One JavaScript runtime per gateway, on a thread of its own.
+//!
+//! No heap is shared between gateways: each has its QuickJS runtime (its memory limit
+//! counts everything its functions allocate, ArrayBuffers included), on one thread that no
+//! proxy worker and no other gateway uses, so a tenant's infinite loop costs the others only
+//! the CPU the kernel gives that thread. Calls of one gateway interleave on it: a call runs
+//! until it waits (a timer, a `fetch`), and the thread runs other calls meanwhile.
+//!
+//! Each call has a CPU budget (time spent running JavaScript on its behalf: its first run
+//! and every timer or fetch completion it is woken by, with the promise jobs that follow) and
+//! a wall-clock limit. Past the budget the interrupt handler stops the JavaScript (504); past
+//! the wall limit the call is dropped (504). Running out of memory fails the call (500) and
+//! the runtime is made afresh, failing the gateway's other calls in flight.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::cmp::Reverse;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use rquickjs::loader::{Loader, Resolver};
+use rquickjs::module::Declared;
+use rquickjs::promise::PromiseState;
+use rquickjs::{Array, Context, Ctx, Function as JsFn, Module, Object, Persistent, Promise, Runtime, TypedArray, Value};
+
+use crate::{Function, Limits, LogLine, Logs};
+
+const PRELUDE: &str = include_str!("prelude.js");
+
+/// A request as a function sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Vec<(String, String)>,
+    pub headers: Vec<(String, String)>,
+    /// `None` when the request has no body.
+    pub body: Option<String>,
+    pub request_id: String,
+    pub user: Option<serde_json::Value>,
+}
+
+/// What a call answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// How a call ended when it did not answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// The function threw: its message, and its stack.
+    Threw { message: String, stack: String },
+    /// The CPU budget or the wall-clock limit ran out.
+    Timeout(&'static str),
+    /// The gateway's memory limit was reached.
+    Memory,
+    /// The runtime could not run it (a module that does not load, a runtime made afresh).
+    Internal(String),
+}
+
+/// The outcome of a call, with the log lines it wrote.
+#[derive(Debug)]
+pub struct Outcome {
+    pub result: Result<Reply, Failure>,
+    pub logs: Vec<LogLine>,
+    pub cpu: Duration,
+}
+
+/// The functions one environment has now, by name, for `@/name` imports.
+pub type Table = Arc<HashMap<String, Arc<Function>>>;
+
+/// Something a fetch sends back to the runtime.
+pub struct Fetched {
+    pub call: u64,
+    pub id: u32,
+    pub result: Result<(u16, Vec<(String, String)>, Vec<u8>), String>,
+}
+
+/// A `fetch` a function started, for the node's outbound client to carry out.
+pub struct FetchRequest {
+    pub gateway: String,
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Option<Vec<u8>>,
+    /// Where the answer goes.
+    pub reply: Box<dyn FnOnce(Result<(u16, Vec<(String, String)>, Vec<u8>), String>) + Send>,
+}
+
+/// Carries out fetches off the runtime's thread.
+pub type Fetcher = Arc<dyn Fn(FetchRequest) + Send + Sync>;
+
+pub(crate) struct Job {
+    pub func: Arc<Function>,
+    pub table: Table,
+    pub vars: Arc<serde_json::Map<String, serde_json::Value>>,
+    pub limits: Limits,
+    pub request: Request,
+    pub reply: tokio::sync::oneshot::Sender<Outcome>,
+}
+
+enum Msg {
+    Call(Box<Job>),
+    Fetched(Fetched),
+    /// Load a function's modules ahead of its first call.
+    Warm(Arc<Function>, Table),
+}
+
+/// A gateway's runtime, as its handlers hold it; the thread ends when the last is dropped.
+pub struct Engine {
+    gateway: String,
+    tx: mpsc::Sender<Msg>,
+    inflight: Arc<AtomicUsize>,
+}
+
+impl Engine {
+    pub fn start(gateway: &str, memory: usize, fetcher: Option<Fetcher>) -> std::io::Result<Arc<Engine>> {
+        let (tx, rx) = mpsc::channel();
+        let back = tx.clone();
+        let gw = gateway.to_string();
+        std::thread::Builder::new()
+            .name(format!("fn-{gateway}"))
+            .stack_size(16 << 20)
+            .spawn(move || run(gw, memory, rx, back, fetcher))?;
+        Ok(Arc::new(Engine { gateway: gateway.to_string(), tx, inflight: Arc::new(AtomicUsize::new(0)) }))
+    }
+
+    pub fn gateway(&self) -> &str {
+        &self.gateway
+    }
+
+    /// Calls in flight on this node.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// Loads `func` ahead of its first call.
+    pub fn warm(&self, func: Arc<Function>, table: Table) {
+        let _ = self.tx.send(Msg::Warm(func, table));
+    }
+
+    /// Runs one call; `None` when more than `limits.concurrency` calls are in flight.
+    pub(crate) async fn call(&self, job: impl FnOnce(tokio::sync::oneshot::Sender<Outcome>) -> Job) -> Option<Outcome> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job = job(tx);
+        let cap = job.limits.concurrency;
+        let wall = job.limits.wall;
+        if self.inflight.fetch_add(1, Ordering::AcqRel) >= cap {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        struct Slot<'a>(&'a AtomicUsize);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _slot = Slot(&self.inflight);
+        if self.tx.send(Msg::Call(Box::new(job))).is_err() {
+            return Some(failed(Failure::Internal("the runtime has stopped".into())));
+        }
+        // The runtime ends every call by its wall limit; this only guards against a runtime
+        // that stopped answering altogether.
+        match tokio::time::timeout(wall + Duration::from_secs(2), rx).await {
+            Ok(Ok(outcome)) => Some(outcome),
+            Ok(Err(_)) => Some(failed(Failure::Internal("the runtime has stopped".into()))),
+            Err(_) => Some(failed(Failure::Timeout("the call ran past its wall-clock limit"))),
+        }
+    }
+}
+
+fn failed(f: Failure) -> Outcome {
+    Outcome { result: Err(f), logs: Vec::new(), cpu: Duration::ZERO }
+}
+
+/// What the natives share with the loop: which call runs, its timers, logs and fetches.
+#[derive(Default)]
+struct Host {
+    call: u64,
+    env: String,
+    timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
+    cancelled: Vec<(u64, u32)>,
+    logs: HashMap<u64, Vec<LogLine>>,
+    fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>)>,
+    /// Module name prefix `fn:{env}/{name}@{version}/` → the function.
+    functions: HashMap<String, Arc<Function>>,
+    /// Environment → its current table.
+    tables: HashMap<String, Table>,
+    /// Where each call's log lines also go (the function's buffer), with its request id.
+    sinks: HashMap<u64, (Arc<Logs>, String)>,
+}
+
+type Shared = Rc<RefCell<Host>>;
+
+fn module_prefix(f: &Function) -> String {
+    format!("fn:{}/{}@{}/", f.env, f.name, f.version)
+}
+
+struct Names(Shared);
+
+impl Resolver for Names {
+    fn resolve<'js>(&mut self, _ctx: &Ctx<'js>, base: &str, name: &str, _attrs: Option<rquickjs::loader::ImportAttributes<'js>>) -> rquickjs::Result<String> {
+        let host = self.0.borrow();
+        let missing = || rquickjs::Error::new_resolving(base, name);
+        if name.starts_with("fn:") {
+            return Ok(name.to_string());
+        }
+        // Another function of the environment of the call running (`imp.invoke` imports
+        // from the SDK, outside any function's module).
+        if let Some(other) = name.strip_prefix("@/") {
+            let table = host.tables.get(&host.env).ok_or_else(missing)?;
+            let target = table.get(other).ok_or_else(missing)?;
+            return Ok(format!("{}{}", module_prefix(target), target.compiled.entry));
+        }
+        // A file of the function the importing module belongs to.
+        let (prefix, file) = base.find('@').and_then(|at| base[at..].find('/').map(|s| at + s + 1)).map(|end| (&base[..end], &base[end..])).ok_or_else(missing)?;
+        let func = host.functions.get(prefix).ok_or_else(missing)?;
+        let found = crate::source::resolve_relative(|p| func.compiled.modules.contains_key(p), file, name).ok_or_else(missing)?;
+        Ok(format!("{prefix}{found}"))
+    }
+}
+
+struct Sources(Shared);
+
+impl Loader for Sources {
+    fn load<'js>(&mut self, ctx: &Ctx<'js>, name: &str, _attrs: Option<rquickjs::loader::ImportAttributes<'js>>) -> rquickjs::Result<Module<'js, Declared>> {
+        let source = {
+            let mut host = self.0.borrow_mut();
+            let missing = || rquickjs::Error::new_loading(name);
+            let end = name.find('@').and_then(|at| name[at..].find('/').map(|s| at + s + 1)).ok_or_else(missing)?;
+            // A function named by `@/name` is known from its environment's table.
+            if !host.functions.contains_key(&name[..end]) {
+                let found = host.tables.values().flat_map(|t| t.values()).find(|f| module_prefix(f) == name[..end]).cloned();
+                if let Some(f) = found {
+                    host.functions.insert(name[..end].to_string(), f);
+                }
+            }
+            let func = host.functions.get(&name[..end]).ok_or_else(missing)?;
+            func.compiled.modules.get(&name[end..]).cloned().ok_or_else(missing)?
+        };
+        Module::declare(ctx.clone(), name, source)
+    }
+}
+
+/// A call in flight.
+struct Live {
+    job: Job,
+    promise: Persistent<Promise<'static>>,
+    started: Instant,
+    cpu: Duration,
+}
+
+struct Js {
+    rt: Runtime,
+    ctx: Context,
+    host: Shared,
+    /// When the running JavaScript must stop, in nanoseconds since `epoch`; 0: never.
+    stop_at: Arc<AtomicU64>,
+    epoch: Instant,
+    /// Function module prefixes loaded in this runtime (QuickJS never unloads a module).
+    loaded: usize,
+}
+
+impl Js {
+    fn new(memory: usize) -> rquickjs::Result<Js> {
+        let rt = Runtime::new()?;
+        rt.set_memory_limit(memory);
+        rt.set_max_stack_size(1 << 20);
+        rt.set_gc_threshold(memory / 4);
+        let host: Shared = Rc::default();
+        rt.set_loader(Names(host.clone()), Sources(host.clone()));
+        let stop_at = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        {
+            let stop_at = stop_at.clone();
+            rt.set_interrupt_handler(Some(Box::new(move || {
+                let at = stop_at.load(Ordering::Relaxed);
+                at != 0 && epoch.elapsed().as_nanos() as u64 >= at
+            })));
+        }
+        let ctx = Context::full(&rt)?;
+        ctx.with(|ctx| -> rquickjs::Result<()> {
+            let natives = Object::new(ctx.clone())?;
+            let h = host.clone();
+            natives.set("timer", JsFn::new(ctx.clone(), move |id: u32, ms: f64| {
+                let mut host = h.borrow_mut();
+                let call = host.call;
+                let due = Instant::now() + Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 86_400.0));
+                host.timers.push(Reverse((due, call, id)));
+            })?)?;
+            let h = host.clone();
+            natives.set("clearTimer", JsFn::new(ctx.clone(), move |id: u32| {
+                let mut host = h.borrow_mut();
+                let call = host.call;
+                host.cancelled.push((call, id));
+            })?)?;
+            let h = host.clone();
+            natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: String| {
+                let mut host = h.borrow_mut();
+                let call = host.call;
+                let request = host.sinks.get(&call).map(|(_, r)| r.clone()).unwrap_or_default();
+                let line = LogLine::now(&level, request, message);
+                if let Some((sink, _)) = host.sinks.get(&call) {
+                    sink.push(line.clone());
+                }
+                host.logs.entry(call).or_default().push(line);
+            })?)?;
+            let h = host.clone();
+            natives.set("environment", JsFn::new(ctx.clone(), move || h.borrow().env.clone())?)?;
+            natives.set("uuid", JsFn::new(ctx.clone(), crate::sdk::uuid)?)?;
+            natives.set("random", JsFn::new(ctx.clone(), random_native)?)?;
+            natives.set("digest", JsFn::new(ctx.clone(), digest_native)?)?;
+            let h = host.clone();
+            natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Vec<Vec<String>>, body: Option<Array<'_>>| -> rquickjs::Result<()> {
+                let body = body.map(|b| from_wire(&b)).transpose()?;
+                let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
+                let mut host = h.borrow_mut();
+                let call = host.call;
+                host.fetches.push((call, id, method, url, headers, body));
+                Ok(())
+            })?)?;
+            ctx.globals().set("__host", natives)?;
+            ctx.eval::<(), _>(PRELUDE)?;
+            Ok(())
+        })?;
+        Ok(Js { rt, ctx, host, stop_at, epoch, loaded: 0 })
+    }
+
+    fn register(&mut self, func: &Arc<Function>, table: &Table) {
+        let mut host = self.host.borrow_mut();
+        let prefix = module_prefix(func);
+        if !host.functions.contains_key(&prefix) {
+            self.loaded += 1;
+            host.functions.insert(prefix, func.clone());
+        }
+        host.tables.insert(func.env.clone(), table.clone());
+    }
+
+    /// Runs `f` as part of call `call` with `budget` of CPU, then the promise jobs it queued;
+    /// returns how long that took, whether the budget ran out and whether memory did.
+    fn segment<R>(&self, call: u64, env: &str, budget: Duration, f: impl FnOnce(&Ctx<'_>) -> R) -> (R, Duration, bool, bool) {
+        {
+            let mut host = self.host.borrow_mut();
+            host.call = call;
+            if host.env != env {
+                host.env = env.to_string();
+            }
+        }
+        let start = Instant::now();
+        let at = (start + budget).duration_since(self.epoch).as_nanos() as u64;
+        self.stop_at.store(at.max(1), Ordering::Relaxed);
+        let out = self.ctx.with(|ctx| f(&ctx));
+        let mut oom = false;
+        while self.rt.is_job_pending() {
+            if let Err(e) = self.rt.execute_pending_job() {
+                // Only what cannot be caught in JavaScript ends a job with an exception: an
+                // interrupt or running out of memory. It is taken off the context here, or the
+                // next call would see it.
+                let failure = e.0.with(|ctx| thrown(&ctx.catch()));
+                oom |= failure == Failure::Memory;
+                if oom || self.epoch.elapsed().as_nanos() as u64 >= at {
+                    break;
+                }
+            }
+        }
+        self.stop_at.store(0, Ordering::Relaxed);
+        let took = start.elapsed();
+        (out, took, took >= budget, oom)
+    }
+}
+
+fn random_native<'js>(ctx: Ctx<'js>, n: usize) -> rquickjs::Result<Value<'js>> {
+    let a = TypedArray::<u8>::new(ctx, crate::sdk::random(n.min(65_536)))?;
+    Ok(a.arraybuffer()?.into_value())
+}
+
+fn digest_native<'js>(ctx: Ctx<'js>, bits: u32, data: Array<'js>) -> rquickjs::Result<Value<'js>> {
+    let bytes = from_wire(&data)?;
+    let Some(out) = crate::sdk::digest(bits, &bytes) else { return Err(rquickjs::Exception::throw_type(&ctx, "unsupported digest")) };
+    Ok(TypedArray::<u8>::new(ctx, out)?.arraybuffer()?.into_value())
+}
+
+/// Bytes from the prelude's `[binary, string]`.
+fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
+    let binary: bool = v.get(0)?;
+    let s: String = v.get(1)?;
+    Ok(if binary { s.chars().map(|c| c as u32 as u8).collect() } else { s.into_bytes() })
+}
+
+fn run(gateway: String, memory: usize, rx: mpsc::Receiver<Msg>, back: mpsc::Sender<Msg>, fetcher: Option<Fetcher>) {
+    let mut js = match Js::new(memory) {
+        Ok(js) => js,
+        Err(e) => {
+            tracing::error!(%gateway, error = %e, "the function runtime could not start");
+            return;
+        }
+    };
+    let mut calls: BTreeMap<u64, Live> = BTreeMap::new();
+    let mut next_call: u64 = 1;
+    loop {
+        let wake = next_wake(&js, &calls);
+        let msg = match wake {
+            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                Ok(m) => Some(m),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match rx.recv() {
+                Ok(m) => Some(m),
+                Err(_) => break,
+            },
+        };
+        let mut broken = false;
+        match msg {
+            Some(Msg::Call(job)) => {
+                let id = next_call;
+                next_call += 1;
+                broken |= start_call(&mut js, &mut calls, id, *job);
+            }
+            Some(Msg::Fetched(f)) => broken |= resume_fetch(&mut js, &mut calls, f),
+            Some(Msg::Warm(func, table)) => {
+                js.register(&func, &table);
+                let name = format!("{}{}", module_prefix(&func), func.compiled.entry);
+                let budget = Duration::from_secs(1);
+                let (_, _, _, oom) = js.segment(0, &func.env, budget, |ctx| Module::import(ctx, name).map(|_| ()));
+                broken |= oom;
+            }
+            None => {}
+        }
+        broken |= fire_timers(&mut js, &mut calls);
+        // Calls past their wall-clock limit.
+        let now = Instant::now();
+        let late: Vec<u64> = calls.iter().filter(|(_, l)| now >= l.started + l.job.limits.wall).map(|(id, _)| *id).collect();
+        for id in late {
+            if let Some(live) = calls.remove(&id) {
+                finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
+            }
+        }
+        start_fetches(&js, &gateway, &back, fetcher.as_ref());
+        if broken {
+            // Out of memory: a fresh runtime; the calls in flight cannot continue.
+            for (id, live) in std::mem::take(&mut calls) {
+                finish(&js, id, live, Err(Failure::Memory));
+            }
+            drop(js);
+            js = match Js::new(memory) {
+                Ok(js) => js,
+                Err(e) => {
+                    tracing::error!(%gateway, error = %e, "the function runtime could not restart");
+                    return;
+                }
+            };
+        } else if js.loaded > 512 && calls.is_empty() {
+            // Every save loads a new version; QuickJS keeps old modules, so the runtime is
+            // made afresh once many have piled up and nothing is in flight.
+            js = match Js::new(memory) {
+                Ok(js) => js,
+                Err(_) => return,
+            };
+        }
+    }
+}
+
+fn next_wake(js: &Js, calls: &BTreeMap<u64, Live>) -> Option<Instant> {
+    let timer = js.host.borrow().timers.peek().map(|Reverse((at, _, _))| *at);
+    let wall = calls.values().map(|l| l.started + l.job.limits.wall).min();
+    match (timer, wall) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Starts a call; true when the runtime ran out of memory.
+fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -> bool {
+    js.register(&job.func, &job.table);
+    js.host.borrow_mut().sinks.insert(id, (job.func.logs.clone(), job.request.request_id.clone()));
+    let name = format!("{}{}", module_prefix(&job.func), job.func.compiled.entry);
+    let started = Instant::now();
+    let env = job.func.env.clone();
+    let (out, took, spent, oom_job) = js.segment(id, &env, job.limits.cpu, |ctx| -> Result<Persistent<Promise<'static>>, Failure> {
+        let caught = |e: rquickjs::Error| caught(ctx, e);
+        let loading = Module::import(ctx, name.clone()).map_err(caught)?;
+        // Loading runs as promise jobs; a module's top level that waits on a timer or a
+        // fetch is not supported.
+        while loading.state() == PromiseState::Pending && ctx.execute_pending_job() {}
+        let ns: Object<'_> = match loading.state() {
+            PromiseState::Resolved => loading.result::<Object<'_>>().unwrap_or_else(|| Err(rquickjs::Error::Unknown)).map_err(caught)?,
+            PromiseState::Rejected => return Err(caught(loading.result::<Value<'_>>().and_then(|r| r.err()).unwrap_or(rquickjs::Error::Unknown))),
+            PromiseState::Pending => return Err(Failure::Internal("the module's top level waits; export a function instead".into())),
+        };
+        let handler: Value<'_> = ns.get("default").map_err(caught)?;
+        let request = to_js(ctx, &job.request).map_err(caught)?;
+        let vars = rquickjs_serde_value(ctx, &serde_json::Value::Object((*job.vars).clone())).map_err(caught)?;
+        let weir: Object<'_> = ctx.globals().get("__weir").map_err(caught)?;
+        let run: JsFn<'_> = weir.get("run").map_err(caught)?;
+        let promise: Promise<'_> = run.call((handler, request, vars)).map_err(caught)?;
+        Ok(Persistent::save(ctx, promise))
+    });
+    let mut live = match out {
+        Ok(promise) => Live { job, promise, started, cpu: took },
+        Err(f) => {
+            let oom = f == Failure::Memory || oom_job;
+            let f = if spent { Failure::Timeout("the call ran past its CPU budget") } else { f };
+            finish(js, id, Live { job, promise: js.ctx.with(|ctx| Persistent::save(&ctx, Promise::new(&ctx).map(|(p, _, _)| p).expect("a promise"))), started, cpu: took }, Err(f));
+            return oom;
+        }
+    };
+    if oom_job {
+        finish(js, id, live, Err(Failure::Memory));
+        return true;
+    }
+    if spent {
+        finish(js, id, live, Err(Failure::Timeout("the call ran past its CPU budget")));
+        return false;
+    }
+    live.cpu = took;
+    calls.insert(id, live);
+    settle(js, calls)
+}
+
+fn caught(ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
+    match e {
+        rquickjs::Error::Exception => {
+            let v = ctx.catch();
+            thrown(&v)
+        }
+        rquickjs::Error::Allocation => Failure::Memory,
+        other => Failure::Internal(other.to_string()),
+    }
+}
+
+fn thrown(v: &Value<'_>) -> Failure {
+    if let Some(obj) = v.as_object() {
+        let message: String = obj.get("message").unwrap_or_default();
+        let stack: String = obj.get("stack").unwrap_or_default();
+        if message == "out of memory" {
+            return Failure::Memory;
+        }
+        if message == "interrupted" {
+            return Failure::Timeout("the call ran past its CPU budget");
+        }
+        let message = if message.is_empty() { v.as_string().and_then(|s| s.to_string().ok()).unwrap_or_else(|| "the function threw".into()) } else { message };
+        return Failure::Threw { message, stack };
+    }
+    let message = v.as_string().and_then(|s| s.to_string().ok()).unwrap_or_else(|| format!("the function threw a {}", v.type_name()));
+    if message == "out of memory" {
+        return Failure::Memory;
+    }
+    Failure::Threw { message, stack: String::new() }
+}
+
+/// Answers every call whose promise has settled; true when one ran out of memory.
+fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
+    let mut done = Vec::new();
+    let mut oom = false;
+    js.ctx.with(|ctx| {
+        for (id, live) in calls.iter() {
+            let Ok(promise) = live.promise.clone().restore(&ctx) else { continue };
+            match promise.state() {
+                PromiseState::Pending => {}
+                PromiseState::Resolved => done.push((*id, promise.result::<Array<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(|a| reply(&a)).map_err(|e| caught(&ctx, e)))),
+                PromiseState::Rejected => {
+                    let f = match promise.result::<Value<'_>>() {
+                        Some(Err(rquickjs::Error::Exception)) => thrown(&ctx.catch()),
+                        Some(Err(e)) => caught(&ctx, e),
+                        _ => Failure::Internal("the call failed".into()),
+                    };
+                    oom |= f == Failure::Memory;
+                    done.push((*id, Err(f)));
+                }
+            }
+        }
+    });
+    for (id, result) in done {
+        if let Some(live) = calls.remove(&id) {
+            finish(js, id, live, result);
+        }
+    }
+    oom
+}
+
+fn reply(a: &Array<'_>) -> rquickjs::Result<Reply> {
+    let status: i32 = a.get(0)?;
+    let headers: Vec<Vec<String>> = a.get(1)?;
+    let body: Array<'_> = a.get(2)?;
+    Ok(Reply {
+        status: u16::try_from(status).ok().filter(|s| (100..=599).contains(s)).unwrap_or(500),
+        headers: headers.into_iter().filter(|kv| kv.len() == 2).map(|kv| (kv[0].clone(), kv[1].clone())).collect(),
+        body: from_wire(&body)?,
+    })
+}
+
+fn finish(js: &Js, id: u64, live: Live, result: Result<Reply, Failure>) {
+    let logs = {
+        let mut host = js.host.borrow_mut();
+        host.sinks.remove(&id);
+        host.timers.retain(|Reverse((_, call, _))| *call != id);
+        host.cancelled.retain(|(call, _)| *call != id);
+        host.logs.remove(&id).unwrap_or_default()
+    };
+    let _ = live.job.reply.send(Outcome { result, logs, cpu: live.cpu });
+}
+
+fn fire_timers(js: &mut Js, calls: &mut BTreeMap<u64, Live>) -> bool {
+    let mut oom = false;
+    loop {
+        let due = {
+            let mut host = js.host.borrow_mut();
+            match host.timers.peek() {
+                Some(Reverse((at, _, _))) if *at <= Instant::now() => {
+                    let Reverse((_, call, id)) = host.timers.pop().expect("peeked");
+                    if let Some(i) = host.cancelled.iter().position(|c| *c == (call, id)) {
+                        host.cancelled.swap_remove(i);
+                        continue;
+                    }
+                    Some((call, id))
+                }
+                _ => None,
+            }
+        };
+        let Some((call, id)) = due else { break };
+        oom |= wake(js, calls, call, |ctx| {
+            let weir: Object<'_> = ctx.globals().get("__weir")?;
+            let fire: JsFn<'_> = weir.get("fireTimer")?;
+            fire.call::<_, ()>((id,))
+        });
+        if oom {
+            break;
+        }
+    }
+    oom
+}
+
+/// Runs `f` for call `call` within what is left of its budget, then answers what settled.
+fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(&Ctx<'_>) -> rquickjs::Result<()>) -> bool {
+    let Some(live) = calls.get(&call) else { return false };
+    let budget = live.job.limits.cpu.saturating_sub(live.cpu);
+    let env = live.job.func.env.clone();
+    let (out, took, spent, oom_job) = js.segment(call, &env, budget, |ctx| f(ctx).map_err(|e| caught(ctx, e)));
+    if let Some(live) = calls.get_mut(&call) {
+        live.cpu += took;
+    }
+    let mut oom = matches!(out, Err(Failure::Memory)) || oom_job;
+    let out = if oom_job { Err(Failure::Memory) } else { out };
+    if spent || matches!(out, Err(Failure::Timeout(_))) {
+        if let Some(live) = calls.remove(&call) {
+            finish(js, call, live, Err(Failure::Timeout("the call ran past its CPU budget")));
+        }
+    } else if let Err(f) = out
+        && let Some(live) = calls.remove(&call)
+    {
+        finish(js, call, live, Err(f));
+    }
+    oom |= settle(js, calls);
+    oom
+}
+
+fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> bool {
+    let Fetched { call, id, result } = f;
+    wake(js, calls, call, move |ctx| {
+        let weir: Object<'_> = ctx.globals().get("__weir")?;
+        let fetched: JsFn<'_> = weir.get("fetched")?;
+        match result {
+            Ok((status, headers, body)) => {
+                let hs: Vec<Vec<String>> = headers.into_iter().map(|(k, v)| vec![k, v]).collect();
+                let body = TypedArray::<u8>::new(ctx.clone(), body)?;
+                fetched.call::<_, ()>((id, Value::new_null(ctx.clone()), status, hs, body))
+            }
+            Err(message) => fetched.call::<_, ()>((id, message, 0, Vec::<Vec<String>>::new(), Value::new_null(ctx.clone()))),
+        }
+    })
+}
+
+fn start_fetches(js: &Js, gateway: &str, back: &mpsc::Sender<Msg>, fetcher: Option<&Fetcher>) {
+    let started = std::mem::take(&mut js.host.borrow_mut().fetches);
+    for (call, id, method, url, headers, body) in started {
+        let back = back.clone();
+        let reply = Box::new(move |result| {
+            let _ = back.send(Msg::Fetched(Fetched { call, id, result }));
+        });
+        match fetcher {
+            Some(fetcher) => fetcher(FetchRequest { gateway: gateway.to_string(), method, url, headers, body, reply }),
+            None => reply(Err("fetch is not available on this node".into())),
+        }
+    }
+}
+
+fn to_js<'js>(ctx: &Ctx<'js>, r: &Request) -> rquickjs::Result<Object<'js>> {
+    let o = Object::new(ctx.clone())?;
+    o.set("method", r.method.as_str())?;
+    o.set("path", r.path.as_str())?;
+    let query = Object::new(ctx.clone())?;
+    for (k, v) in &r.query {
+        match query.get::<_, Value<'_>>(k.as_str())? {
+            v0 if v0.is_undefined() => query.set(k.as_str(), v.as_str())?,
+            v0 if v0.is_array() => {
+                let a: Array<'_> = v0.into_array().expect("an array");
+                a.set(a.len(), v.as_str())?;
+            }
+            v0 => {
+                let a = Array::new(ctx.clone())?;
+                a.set(0, v0)?;
+                a.set(1, v.as_str())?;
+                query.set(k.as_str(), a)?;
+            }
+        }
+    }
+    o.set("query", query)?;
+    let headers = Object::new(ctx.clone())?;
+    for (k, v) in &r.headers {
+        let prev: Option<String> = headers.get(k.as_str())?;
+        headers.set(k.as_str(), match prev {
+            Some(p) => format!("{p}, {v}"),
+            None => v.clone(),
+        })?;
+    }
+    o.set("headers", headers)?;
+    if let Some(body) = &r.body {
+        o.set("body", body.as_str())?;
+    }
+    o.set("requestId", r.request_id.as_str())?;
+    if let Some(user) = &r.user {
+        o.set("user", rquickjs_serde_value(ctx, user)?)?;
+    }
+    Ok(o)
+}
+
+/// A JSON value in the runtime, through its JSON parser.
+fn rquickjs_serde_value<'js>(ctx: &Ctx<'js>, v: &serde_json::Value) -> rquickjs::Result<Value<'js>> {
+    ctx.json_parse(v.to_string())
+}

@@ -1,0 +1,140 @@
+//! Where a function's `fetch` may go: to a `host:port` on its gateway's `fetchAllowList`,
+//! and then only to addresses outside the networks a tenant must never reach (this node's
+//! loopback, private networks, link-local and cloud metadata, unique-local IPv6), unless the
+//! operator allows a network in the node's config. Names are resolved once and the checked
+//! address is the one connected to, so a name cannot resolve to one address for the check and
+//! another for the connection.
+
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::IpNet;
+
+/// The networks refused unless the operator allows them.
+pub const DENIED: [&str; 14] = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "224.0.0.0/4",
+    "255.255.255.255/32",
+    "::/128",
+    "::1/128",
+    "fc00::/7",
+    "fe80::/10",
+    "ff00::/8",
+];
+
+/// The rules one node applies to every gateway's fetches.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    denied: Vec<IpNet>,
+    /// Networks the operator allows despite `denied` (tests: a loopback upstream).
+    allowed: Vec<IpNet>,
+    /// This node's own listeners, refused whatever the networks say.
+    own: Vec<SocketAddr>,
+}
+
+impl Policy {
+    pub fn new(allowed: &[IpNet], own: Vec<SocketAddr>) -> Policy {
+        Policy { denied: DENIED.iter().filter_map(|n| n.parse().ok()).collect(), allowed: allowed.to_vec(), own }
+    }
+
+    /// Why `addr` may not be fetched, or `None` when it may.
+    pub fn refuse(&self, addr: SocketAddr) -> Option<String> {
+        let ip = canonical(addr.ip());
+        let own = |o: &SocketAddr| o.port() == addr.port() && (canonical(o.ip()) == ip || o.ip().is_unspecified());
+        if self.own.iter().any(own) {
+            return Some(format!("{addr} is one of this gateway node's own listeners"));
+        }
+        if self.allowed.iter().any(|n| n.contains(&ip)) {
+            return None;
+        }
+        self.denied.iter().find(|n| n.contains(&ip)).map(|n| format!("{ip} is in {n}, which functions may not reach"))
+    }
+}
+
+/// An IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// `host:port` of a URL's authority as the allow list writes it (the port made explicit).
+pub fn authority(url: &http::Uri) -> Option<(String, u16)> {
+    let host = url.host()?.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
+    let port = url.port_u16().unwrap_or(if url.scheme_str() == Some("https") { 443 } else { 80 });
+    Some((host, port))
+}
+
+/// Whether `allow` (entries `host:port`, or `host` for ports 80 and 443) lets `host:port` in.
+pub fn allowed(allow: &[String], host: &str, port: u16) -> bool {
+    allow.iter().any(|entry| {
+        let entry = entry.to_ascii_lowercase();
+        match entry.rsplit_once(':').filter(|(_, p)| p.parse::<u16>().is_ok()) {
+            Some((h, p)) => h.trim_start_matches('[').trim_end_matches(']') == host && p.parse() == Ok(port),
+            None => entry == host && (port == 80 || port == 443),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// Every private, loopback and link-local target is refused by the address check alone:
+    /// no packet is sent.
+    #[test]
+    fn private_loopback_and_link_local_addresses_are_refused() {
+        let p = Policy::new(&[], vec![sa("127.0.0.1:9180"), sa("0.0.0.0:9080")]);
+        for bad in [
+            "127.0.0.1:80",
+            "127.8.9.10:443",
+            "[::1]:80",
+            "10.1.2.3:80",
+            "172.16.0.1:80",
+            "172.31.255.255:80",
+            "192.168.1.1:443",
+            "169.254.169.254:80",
+            "[fc00::1]:80",
+            "[fd12:3456::1]:80",
+            "[fe80::1]:80",
+            "0.0.0.0:80",
+            "[::ffff:127.0.0.1]:80",
+            "[::ffff:10.0.0.1]:80",
+            "100.64.0.1:80",
+        ] {
+            assert!(p.refuse(sa(bad)).is_some(), "{bad} must be refused");
+        }
+        for good in ["93.184.215.14:443", "[2606:2800:21f:cb07:6820:80da:af6b:8b2c]:443", "172.32.0.1:80", "192.169.0.1:80"] {
+            assert_eq!(p.refuse(sa(good)), None, "{good}");
+        }
+        // The node's own listeners are refused even where the operator allows the network.
+        let p = Policy::new(&["127.0.0.0/8".parse().unwrap()], vec![sa("127.0.0.1:9180"), sa("0.0.0.0:9080")]);
+        assert!(p.refuse(sa("127.0.0.1:9180")).unwrap().contains("own listeners"));
+        assert!(p.refuse(sa("127.0.0.1:9080")).unwrap().contains("own listeners"));
+        assert_eq!(p.refuse(sa("127.0.0.1:8080")), None);
+        assert!(p.refuse(sa("10.0.0.1:80")).is_some());
+    }
+
+    #[test]
+    fn the_allow_list_names_host_and_port() {
+        let allow = vec!["api.example.com:443".to_string(), "plain.test".to_string(), "[::1]:8080".to_string()];
+        assert!(allowed(&allow, "api.example.com", 443));
+        assert!(!allowed(&allow, "api.example.com", 80));
+        assert!(allowed(&allow, "plain.test", 80));
+        assert!(!allowed(&allow, "plain.test", 8080));
+        assert!(allowed(&allow, "::1", 8080));
+        assert!(!allowed(&allow, "other.test", 443));
+        let uri: http::Uri = "https://API.example.com/x".parse().unwrap();
+        assert_eq!(authority(&uri), Some(("api.example.com".into(), 443)));
+    }
+}

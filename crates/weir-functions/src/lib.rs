@@ -1,0 +1,166 @@
+//! Cloud functions: tenants' JavaScript and TypeScript, run in-process on QuickJS.
+//!
+//! - [`source`]: a function's files checked and stripped of types (oxc), with errors that
+//!   name file, line and column;
+//! - `engine`: one QuickJS runtime per gateway on a thread of its own, with CPU, wall-clock,
+//!   memory and concurrency limits per call;
+//! - [`live`]: the data plane's side: a `Contributor` that lowers a gateway's published
+//!   functions (one partition per gateway, keyed by its hosts) into routes ending in a
+//!   `Handler` that calls the runtime;
+//! - [`guard`]: where a function's `fetch` may go.
+
+pub mod engine;
+pub mod guard;
+pub mod live;
+pub mod source;
+
+mod sdk;
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use engine::{Engine, Failure, Outcome, Reply, Request};
+pub use source::{CompileError, Compiled};
+
+/// A function as loaded: compiled, with where it lives.
+#[derive(Debug)]
+pub struct Function {
+    pub env: String,
+    /// Its name inside the environment (`user/me`).
+    pub name: String,
+    /// Unique for its content: `{version}-{hash}`.
+    pub version: String,
+    pub compiled: Compiled,
+    /// Methods it answers; empty: all.
+    pub methods: Vec<String>,
+    /// Its recent log lines.
+    pub logs: std::sync::Arc<Logs>,
+}
+
+/// A function's name: 1 to 8 segments of `[A-Za-z0-9_-]`, joined by `/`.
+pub fn valid_name(name: &str) -> bool {
+    let segments: Vec<&str> = name.split('/').collect();
+    name.len() <= 256
+        && (1..=8).contains(&segments.len())
+        && segments.iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+}
+
+/// Limits of a gateway's calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct LimitsDoc {
+    /// CPU time spent running JavaScript per call, in milliseconds.
+    pub timeout_ms: u64,
+    /// Wall-clock time per call, waits included, in milliseconds.
+    pub wall_ms: u64,
+    /// Memory of the gateway's runtime, in MiB.
+    pub memory_mi_b: u64,
+    /// Calls in flight per node.
+    pub concurrency: usize,
+}
+
+impl Default for LimitsDoc {
+    fn default() -> Self {
+        LimitsDoc { timeout_ms: 1_000, wall_ms: 30_000, memory_mi_b: 64, concurrency: 64 }
+    }
+}
+
+impl LimitsDoc {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            cpu: Duration::from_millis(self.timeout_ms.max(1)),
+            wall: Duration::from_millis(self.wall_ms.max(1)),
+            memory: (self.memory_mi_b.max(1) as usize) << 20,
+            concurrency: self.concurrency.max(1),
+        }
+    }
+}
+
+/// [`LimitsDoc`] as the runtime uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub cpu: Duration,
+    pub wall: Duration,
+    pub memory: usize,
+    pub concurrency: usize,
+}
+
+/// One line a function logged.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LogLine {
+    /// RFC 3339, UTC.
+    pub time: String,
+    /// Milliseconds since the epoch, for `since` filters.
+    #[serde(skip)]
+    pub at_ms: i128,
+    pub level: String,
+    pub request_id: String,
+    pub message: String,
+}
+
+impl LogLine {
+    pub fn now(level: &str, request_id: String, message: String) -> LogLine {
+        let now = time::OffsetDateTime::now_utc();
+        let time = now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        // A line is bounded: a function cannot fill the buffer with one huge message.
+        let message = if message.len() > 8192 { format!("{}…", &message[..message.floor_char_boundary(8192)]) } else { message };
+        LogLine { time, at_ms: now.unix_timestamp_nanos() / 1_000_000, level: level.to_string(), request_id, message }
+    }
+}
+
+/// The last lines of one function, bounded.
+#[derive(Debug, Default)]
+pub struct Logs(Mutex<VecDeque<LogLine>>);
+
+/// Lines kept per function.
+pub const LOG_LINES: usize = 1_000;
+
+impl Logs {
+    pub fn push(&self, line: LogLine) {
+        if let Ok(mut q) = self.0.lock() {
+            if q.len() == LOG_LINES {
+                q.pop_front();
+            }
+            q.push_back(line);
+        }
+    }
+
+    /// Lines at or after `since_ms`, the last `limit`, oldest first.
+    pub fn since(&self, since_ms: i128, limit: usize) -> Vec<LogLine> {
+        let Ok(q) = self.0.lock() else { return Vec::new() };
+        let picked: Vec<LogLine> = q.iter().filter(|l| l.at_ms >= since_ms).cloned().collect();
+        picked[picked.len().saturating_sub(limit)..].to_vec()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_paths_of_safe_segments() {
+        for ok in ["hello", "user/me", "a-b/c_d/1", "a/b/c/d/e/f/g/h"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "/x", "x/", "a//b", "a/b/c/d/e/f/g/h/i", "a.b", "ü", "a b", "../x"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn logs_keep_the_last_lines() {
+        let logs = Logs::default();
+        for i in 0..LOG_LINES + 5 {
+            logs.push(LogLine { at_ms: i as i128, ..LogLine::now("info", String::new(), format!("{i}")) });
+        }
+        let all = logs.since(0, usize::MAX);
+        assert_eq!(all.len(), LOG_LINES);
+        assert_eq!(all[0].message, "5");
+        assert_eq!(logs.since(0, 2).iter().map(|l| l.message.as_str()).collect::<Vec<_>>(), [format!("{}", LOG_LINES + 3), format!("{}", LOG_LINES + 4)]);
+        assert_eq!(logs.since(LOG_LINES as i128 + 4, 10).len(), 1);
+    }
+}

@@ -1,0 +1,365 @@
+//! Functions on the data plane: a gateway's published functions and its environments as
+//! the platform writes them (one partition per gateway, `{prefix}/platform/live/{gid}/`),
+//! lowered into routes that end in a [`FunctionHandler`].
+//!
+//! Under the partition:
+//! - `env/{env}`: an [`EnvDoc`], written by the platform's reconciler with the environment's
+//!   routes: its hosts, merged plugins, whether it serves, its gateway's limits and variables;
+//! - `fn/{env}/{name}`: a [`FunctionDoc`], written by the platform API when a function is
+//!   saved (or promoted), and live as soon as the store's watch delivers it.
+//!
+//! Each function answers at `/{env}/{name}` on the gateway's hosts and `/{name}` on the
+//! environment's own, as exact paths: anything else falls through to the routes the platform
+//! renders (the environment's upstream, or 404). A function's `plugins` replace the
+//! environment's of the same name for that function's routes only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Response, StatusCode};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use weir_http::body::RespBody;
+use weir_proxy::handler::{Answer, Call, Handler};
+use weir_proxy::partition::{Contributor, Lowered, LoweredRoute};
+
+use crate::engine::{Engine, Fetcher, Job, Request, Table};
+use crate::{Failure, Function, LimitsDoc, Logs, Outcome};
+
+/// An environment as the data plane needs it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct EnvDoc {
+    pub environment: String,
+    /// Hosts where the environment is the path prefix `/{env}`.
+    pub gateway_hosts: Vec<String>,
+    /// Hosts that are the environment's own (`{gid}.{env}.{base_domain}`, its custom domain).
+    pub env_hosts: Vec<String>,
+    /// Merged plugins of the environment, as stored (secret fields sealed).
+    pub plugins: Map<String, Value>,
+    /// False when the gateway is stopped or the environment inactive: its functions are not
+    /// served (the platform's routes answer 503).
+    pub serving: bool,
+    pub limits: LimitsDoc,
+    /// The gateway's variables (`imp.env`).
+    pub vars: Map<String, Value>,
+    /// `host:port` entries a function's `fetch` may reach.
+    pub fetch_allow_list: Vec<String>,
+    /// Errors carry their stack (dev).
+    pub debug: bool,
+}
+
+/// A function as saved.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct FunctionDoc {
+    /// Its name in the environment (`user/me`).
+    pub name: String,
+    pub environment: String,
+    pub files: BTreeMap<String, String>,
+    pub entrypoint: String,
+    pub methods: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+    pub plugins: Map<String, Value>,
+    pub version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changelog: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub updated_by: String,
+}
+
+/// The key prefix of gateway `gid`'s partition.
+pub fn partition_prefix(prefix: &str, gid: &str) -> String {
+    format!("{prefix}/platform/live/{gid}/")
+}
+
+pub fn env_key(prefix: &str, gid: &str, env: &str) -> String {
+    format!("{}env/{env}", partition_prefix(prefix, gid))
+}
+
+pub fn function_key(prefix: &str, gid: &str, env: &str, name: &str) -> String {
+    format!("{}fn/{env}/{name}", partition_prefix(prefix, gid))
+}
+
+/// Node-wide settings of the function runtime.
+#[derive(Clone, Default)]
+pub struct Settings {
+    /// Carries out functions' fetches; `None`: fetch fails with a clear error.
+    pub fetcher: Option<Fetcher>,
+}
+
+/// Lowers gateways' functions into routes, and keeps one runtime per gateway and what each
+/// function logged across lowerings.
+pub struct Functions {
+    dir: String,
+    settings: Settings,
+    engines: Mutex<HashMap<String, Weak<Engine>>>,
+    /// Compiled functions by key, with the stored bytes they came from.
+    compiled: Mutex<HashMap<String, (Bytes, Arc<Function>)>>,
+    logs: Mutex<HashMap<String, Weak<Logs>>>,
+}
+
+impl Functions {
+    pub fn new(prefix: &str, settings: Settings) -> Arc<Functions> {
+        Arc::new(Functions { dir: format!("{prefix}/platform/live/"), settings, engines: Mutex::default(), compiled: Mutex::default(), logs: Mutex::default() })
+    }
+
+    /// The runtime of gateway `gid` with `memory` bytes, started when there is none.
+    fn engine(&self, gid: &str, memory: usize) -> Option<Arc<Engine>> {
+        let mut engines = self.engines.lock().ok()?;
+        engines.retain(|_, e| e.strong_count() > 0);
+        let key = format!("{gid}/{memory}");
+        if let Some(e) = engines.get(&key).and_then(Weak::upgrade) {
+            return Some(e);
+        }
+        match Engine::start(gid, memory, self.settings.fetcher.clone()) {
+            Ok(e) => {
+                engines.insert(key, Arc::downgrade(&e));
+                Some(e)
+            }
+            Err(e) => {
+                tracing::error!(gateway = %gid, error = %e, "could not start a function runtime");
+                None
+            }
+        }
+    }
+
+    /// The log buffer of function `{gid}/{env}/{name}`, kept while the function is loaded.
+    pub fn logs(&self, gid: &str, env: &str, name: &str) -> Option<Arc<Logs>> {
+        self.logs.lock().ok()?.get(&format!("{gid}/{env}/{name}")).and_then(Weak::upgrade)
+    }
+
+    fn logs_for(&self, gid: &str, env: &str, name: &str) -> Arc<Logs> {
+        let mut all = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let key = format!("{gid}/{env}/{name}");
+        if let Some(l) = all.get(&key).and_then(Weak::upgrade) {
+            return l;
+        }
+        let l = Arc::new(Logs::default());
+        all.insert(key, Arc::downgrade(&l));
+        l
+    }
+
+    /// The function stored at `key` as `value`, compiled once per stored value.
+    fn function(&self, gid: &str, key: &str, value: &[u8]) -> Option<(FunctionDoc, Arc<Function>)> {
+        let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
+        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((bytes, f)) = cache.get(key)
+            && bytes[..] == *value
+        {
+            return Some((doc, f.clone()));
+        }
+        let compiled = match crate::source::compile(&doc.files, &doc.entrypoint) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(function = %key, error = %e, "a stored function does not compile; not served");
+                return None;
+            }
+        };
+        let hash = ring::digest::digest(&ring::digest::SHA256, value);
+        let version = format!("{}-{}", doc.version, hash.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect::<String>());
+        let f = Arc::new(Function {
+            env: doc.environment.clone(),
+            name: doc.name.clone(),
+            version,
+            compiled,
+            methods: doc.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
+            logs: self.logs_for(gid, &doc.environment, &doc.name),
+        });
+        cache.insert(key.to_string(), (Bytes::copy_from_slice(value), f.clone()));
+        Some((doc, f))
+    }
+}
+
+impl Contributor for Functions {
+    fn partition<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(&self.dir)?;
+        Some(&key[..self.dir.len() + rest.find('/')? + 1])
+    }
+
+    fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
+        let gid = partition[self.dir.len()..].trim_end_matches('/');
+        let mut envs: BTreeMap<String, EnvDoc> = BTreeMap::new();
+        let mut funcs: BTreeMap<String, Vec<(FunctionDoc, Arc<Function>)>> = BTreeMap::new();
+        let mut present = Vec::new();
+        for (key, value) in objects {
+            let rest = &key[partition.len()..];
+            if let Some(env) = rest.strip_prefix("env/") {
+                if let Ok(doc) = serde_json::from_slice::<EnvDoc>(value) {
+                    envs.insert(env.to_string(), doc);
+                }
+            } else if let Some(path) = rest.strip_prefix("fn/")
+                && let Some((env, _)) = path.split_once('/')
+            {
+                present.push(key.to_string());
+                if let Some(f) = self.function(gid, key, value) {
+                    funcs.entry(env.to_string()).or_default().push(f);
+                }
+            }
+        }
+        if let Ok(mut cache) = self.compiled.lock() {
+            cache.retain(|k, _| !k.starts_with(partition) || present.contains(k));
+        }
+        let mut out = Lowered::default();
+        for (env_name, env) in &envs {
+            if !env.serving {
+                continue;
+            }
+            for h in env.gateway_hosts.iter().chain(&env.env_hosts) {
+                if !out.hosts.contains(h) {
+                    out.hosts.push(h.clone());
+                }
+            }
+            let Some(list) = funcs.get(env_name).filter(|l| !l.is_empty()) else { continue };
+            let limits = env.limits.limits();
+            let Some(engine) = self.engine(gid, limits.memory) else { continue };
+            let table: Table = Arc::new(list.iter().map(|(d, f)| (d.name.clone(), f.clone())).collect());
+            let vars = Arc::new(env.vars.clone());
+            for (doc, func) in list {
+                engine.warm(func.clone(), table.clone());
+                let handler: Arc<dyn Handler> = Arc::new(FunctionHandler {
+                    engine: engine.clone(),
+                    func: func.clone(),
+                    table: table.clone(),
+                    vars: vars.clone(),
+                    limits,
+                    debug: env.debug,
+                });
+                let mut plugins = env.plugins.clone();
+                for (name, conf) in &doc.plugins {
+                    plugins.insert(name.clone(), conf.clone());
+                }
+                let forms = [
+                    ("p", format!("/{env_name}/{}", doc.name), &env.gateway_hosts),
+                    ("h", format!("/{}", doc.name), &env.env_hosts),
+                ];
+                for (form, uri, hosts) in forms {
+                    if hosts.is_empty() {
+                        continue;
+                    }
+                    let route = json!({
+                        "uri": uri,
+                        "hosts": hosts,
+                        "priority": 20,
+                        "name": format!("{gid} {env_name} {}", doc.name),
+                        "plugins": plugins,
+                    });
+                    match serde_json::from_value(route) {
+                        Ok(route) => out.routes.push(LoweredRoute { id: format!("{form}/{env_name}/{}", doc.name), route, handler: Some(handler.clone()) }),
+                        Err(e) => tracing::warn!(gateway = %gid, function = %doc.name, error = %e, "a function's route does not read; not served"),
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A route's end: one function, called on its gateway's runtime.
+pub struct FunctionHandler {
+    engine: Arc<Engine>,
+    func: Arc<Function>,
+    table: Table,
+    vars: Arc<Map<String, Value>>,
+    limits: crate::Limits,
+    debug: bool,
+}
+
+/// A JSON error answer, as the gateway's own refusals are written.
+pub fn error_response(status: StatusCode, message: &str, extra: Option<(&str, &str)>) -> Response<RespBody> {
+    let mut body = json!({"error_msg": message});
+    if let Some((k, v)) = extra {
+        body[k] = json!(v);
+    }
+    let mut resp = Response::new(RespBody::full(body.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// What a call's outcome answers.
+pub fn respond(outcome: Outcome, debug: bool, limits: &crate::Limits) -> Response<RespBody> {
+    match outcome.result {
+        Ok(reply) => {
+            let mut resp = Response::new(RespBody::full(reply.body));
+            *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            for (k, v) in reply.headers {
+                if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(&v)) {
+                    // The gateway frames the body itself.
+                    if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING && k != http::header::CONNECTION {
+                        resp.headers_mut().append(k, v);
+                    }
+                }
+            }
+            resp
+        }
+        Err(Failure::Threw { message, stack }) => {
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, &message, (debug && !stack.is_empty()).then_some(("stack", stack.as_str())))
+        }
+        Err(Failure::Timeout(why)) => error_response(StatusCode::GATEWAY_TIMEOUT, why, None),
+        Err(Failure::Memory) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("the function ran out of memory (the gateway's limit is {} MiB)", limits.memory >> 20), None),
+        Err(Failure::Internal(why)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &why, None),
+    }
+}
+
+impl FunctionHandler {
+    /// Runs the function on `request`, as a route's call or the platform's invoke does.
+    pub async fn run(engine: Arc<Engine>, func: Arc<Function>, table: Table, vars: Arc<Map<String, Value>>, limits: crate::Limits, request: Request) -> Option<Outcome> {
+        engine.call(move |reply| Job { func, table, vars, limits, request, reply }).await
+    }
+}
+
+fn decode(s: &str) -> String {
+    weir_core::text::percent_decode(&s.replace('+', " ")).into_owned()
+}
+
+/// The request a function sees of a call.
+pub fn request_of(parts: &http::request::Parts, body: &[u8], consumer: Option<&str>) -> Request {
+    let query = parts.uri.query().map(|q| weir_core::text::query_pairs(q).map(|(k, v)| (decode(k), decode(v))).collect()).unwrap_or_default();
+    let headers = parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+    let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_else(crate::sdk::uuid);
+    Request {
+        method: parts.method.as_str().to_string(),
+        path: parts.uri.path().to_string(),
+        query,
+        headers,
+        body: (!body.is_empty()).then(|| String::from_utf8_lossy(body).into_owned()),
+        request_id,
+        user: consumer.map(|c| json!({"name": c})),
+    }
+}
+
+impl Handler for FunctionHandler {
+    fn timeout(&self) -> Duration {
+        self.limits.wall + Duration::from_secs(3)
+    }
+
+    fn call(&self, call: Call<'_>) -> Answer {
+        if !self.func.methods.is_empty() && !self.func.methods.iter().any(|m| m == call.parts.method.as_str()) {
+            let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, &format!("{} is not one of this function's methods", call.parts.method), None);
+            if let Ok(v) = http::HeaderValue::from_str(&self.func.methods.join(", ")) {
+                resp.headers_mut().insert(http::header::ALLOW, v);
+            }
+            return Box::pin(async move { resp });
+        }
+        let request = request_of(&call.parts, &call.body, call.consumer);
+        let (engine, func, table, vars, limits, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.debug);
+        Box::pin(async move {
+            match FunctionHandler::run(engine, func, table, vars, limits, request).await {
+                Some(outcome) => respond(outcome, debug, &limits),
+                None => {
+                    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "too many calls of this gateway's functions are in flight", None);
+                    resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                    resp
+                }
+            }
+        })
+    }
+}

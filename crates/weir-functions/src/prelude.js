@@ -1,0 +1,343 @@
+// The SDK every function sees, evaluated once per gateway runtime. `__host` holds the
+// runtime's natives (engine.rs); everything else is plain JavaScript.
+(() => {
+  const host = globalThis.__host;
+  delete globalThis.__host;
+  const G = globalThis;
+
+  // Timers: the engine keeps the due times, this keeps the callbacks.
+  let nextTimer = 1;
+  const timers = new Map();
+  G.setTimeout = (fn, ms, ...args) => {
+    const id = nextTimer++;
+    timers.set(id, () => fn(...args));
+    host.timer(id, Math.max(0, Number(ms) || 0));
+    return id;
+  };
+  G.clearTimeout = (id) => { timers.delete(id); host.clearTimer(id); };
+  const fireTimer = (id) => { const f = timers.get(id); timers.delete(id); if (f) f(); };
+
+  // UTF-8 and base64.
+  class TextEncoder {
+    get encoding() { return "utf-8"; }
+    encode(s = "") {
+      s = String(s);
+      const out = [];
+      for (let i = 0; i < s.length; i++) {
+        let c = s.codePointAt(i);
+        if (c > 0xffff) i++;
+        if (c >= 0xd800 && c <= 0xdfff) c = 0xfffd;
+        if (c < 0x80) out.push(c);
+        else if (c < 0x800) out.push(0xc0 | (c >> 6), 0x80 | (c & 63));
+        else if (c < 0x10000) out.push(0xe0 | (c >> 12), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
+        else out.push(0xf0 | (c >> 18), 0x80 | ((c >> 12) & 63), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
+      }
+      return new Uint8Array(out);
+    }
+  }
+  const bytesOf = (b) => b instanceof Uint8Array ? b : ArrayBuffer.isView(b) ? new Uint8Array(b.buffer, b.byteOffset, b.byteLength) : new Uint8Array(b);
+  class TextDecoder {
+    get encoding() { return "utf-8"; }
+    decode(b) {
+      if (b === undefined) return "";
+      const u = bytesOf(b);
+      let s = "";
+      for (let i = 0; i < u.length;) {
+        const c = u[i];
+        let cp = 0xfffd, n = 1;
+        if (c < 0x80) cp = c;
+        else if (c >= 0xc2 && c < 0xe0 && i + 1 < u.length) { cp = ((c & 31) << 6) | (u[i + 1] & 63); n = 2; }
+        else if (c >= 0xe0 && c < 0xf0 && i + 2 < u.length) { cp = ((c & 15) << 12) | ((u[i + 1] & 63) << 6) | (u[i + 2] & 63); n = 3; }
+        else if (c >= 0xf0 && c < 0xf5 && i + 3 < u.length) { cp = ((c & 7) << 18) | ((u[i + 1] & 63) << 12) | ((u[i + 2] & 63) << 6) | (u[i + 3] & 63); n = 4; }
+        s += String.fromCodePoint(cp);
+        i += n;
+      }
+      return s;
+    }
+  }
+  G.TextEncoder = TextEncoder;
+  G.TextDecoder = TextDecoder;
+  const B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  G.btoa = (s) => {
+    s = String(s);
+    let out = "";
+    for (let i = 0; i < s.length; i += 3) {
+      const a = s.charCodeAt(i), b = s.charCodeAt(i + 1), c = s.charCodeAt(i + 2);
+      if (a > 255 || b > 255 || c > 255) throw new Error("btoa: the string has characters outside Latin-1");
+      const n = (a << 16) | ((b || 0) << 8) | (c || 0);
+      out += B64[n >> 18] + B64[(n >> 12) & 63] + (i + 1 < s.length ? B64[(n >> 6) & 63] : "=") + (i + 2 < s.length ? B64[n & 63] : "=");
+    }
+    return out;
+  };
+  G.atob = (s) => {
+    s = String(s).replace(/[\t\n\f\r ]/g, "").replace(/=+$/, "");
+    if (/[^A-Za-z0-9+/]/.test(s) || s.length % 4 === 1) throw new Error("atob: not base64");
+    let out = "";
+    for (let i = 0; i < s.length; i += 4) {
+      const n = (B64.indexOf(s[i]) << 18) | (B64.indexOf(s[i + 1]) << 12) | ((B64.indexOf(s[i + 2]) & 63) << 6) | (B64.indexOf(s[i + 3]) & 63);
+      out += String.fromCharCode(n >> 16);
+      if (i + 2 < s.length) out += String.fromCharCode((n >> 8) & 255);
+      if (i + 3 < s.length) out += String.fromCharCode(n & 255);
+    }
+    return out;
+  };
+
+  // URLSearchParams and URL (absolute http(s) URLs and relative references against a base).
+  const enc = (s) => encodeURIComponent(s).replace(/%20/g, "+");
+  const dec = (s) => { try { return decodeURIComponent(s.replace(/\+/g, " ")); } catch { return s; } };
+  class URLSearchParams {
+    constructor(init = "") {
+      this._list = [];
+      if (typeof init === "string") {
+        for (const part of init.replace(/^\?/, "").split("&")) {
+          if (!part) continue;
+          const i = part.indexOf("=");
+          this._list.push(i < 0 ? [dec(part), ""] : [dec(part.slice(0, i)), dec(part.slice(i + 1))]);
+        }
+      } else if (init && typeof init[Symbol.iterator] === "function") {
+        for (const [k, v] of init) this._list.push([String(k), String(v)]);
+      } else if (init && typeof init === "object") {
+        for (const k of Object.keys(init)) this._list.push([k, String(init[k])]);
+      }
+    }
+    append(k, v) { this._list.push([String(k), String(v)]); this._changed(); }
+    delete(k) { this._list = this._list.filter(([n]) => n !== k); this._changed(); }
+    get(k) { const e = this._list.find(([n]) => n === k); return e ? e[1] : null; }
+    getAll(k) { return this._list.filter(([n]) => n === k).map(([, v]) => v); }
+    has(k) { return this._list.some(([n]) => n === k); }
+    set(k, v) {
+      const i = this._list.findIndex(([n]) => n === k);
+      if (i < 0) this._list.push([String(k), String(v)]);
+      else { this._list[i] = [String(k), String(v)]; this._list = this._list.filter(([n], j) => n !== k || j === i); }
+      this._changed();
+    }
+    sort() { this._list.sort((a, b) => (a[0] < b[0] ? -1 : a[0] > b[0] ? 1 : 0)); this._changed(); }
+    forEach(f) { for (const [k, v] of this._list) f(v, k, this); }
+    keys() { return this._list.map(([k]) => k)[Symbol.iterator](); }
+    values() { return this._list.map(([, v]) => v)[Symbol.iterator](); }
+    entries() { return this._list.map((e) => [e[0], e[1]])[Symbol.iterator](); }
+    [Symbol.iterator]() { return this.entries(); }
+    get size() { return this._list.length; }
+    toString() { return this._list.map(([k, v]) => enc(k) + "=" + enc(v)).join("&"); }
+    _changed() { if (this._url) this._url._search = this._list.length ? "?" + this.toString() : ""; }
+  }
+  G.URLSearchParams = URLSearchParams;
+  const URL_RE = /^([a-zA-Z][a-zA-Z0-9+.-]*):\/\/(?:([^:@/?#]*)(?::([^@/?#]*))?@)?(\[[^\]]*\]|[^:/?#]*)(?::(\d*))?([^?#]*)(\?[^#]*)?(#.*)?$/;
+  const DEFAULT_PORT = { "http:": "80", "https:": "443", "ws:": "80", "wss:": "443" };
+  class URL {
+    constructor(input, base) {
+      input = String(input);
+      let m = URL_RE.exec(input);
+      if (!m && base !== undefined) {
+        const b = new URL(base);
+        let path = input, search = "", hash = "";
+        const h = path.indexOf("#"); if (h >= 0) { hash = path.slice(h); path = path.slice(0, h); }
+        const q = path.indexOf("?"); if (q >= 0) { search = path.slice(q); path = path.slice(0, q); }
+        if (input.startsWith("//")) return new URL(b.protocol + input);
+        if (!path.startsWith("/")) path = path === "" ? b.pathname : b.pathname.replace(/[^/]*$/, "") + path;
+        const segs = [];
+        for (const s of path.split("/").slice(1)) { if (s === "..") segs.pop(); else if (s !== ".") segs.push(s); }
+        return new URL(b.origin + "/" + segs.join("/") + (search || (path === b.pathname && q < 0 ? b.search : "")) + hash);
+      }
+      if (!m) throw new TypeError("Invalid URL: " + input);
+      this.protocol = m[1].toLowerCase() + ":";
+      this.username = m[2] || "";
+      this.password = m[3] || "";
+      this.hostname = m[4].toLowerCase();
+      if (!this.hostname) throw new TypeError("Invalid URL: " + input);
+      this.port = m[5] && m[5] !== DEFAULT_PORT[this.protocol] ? m[5] : "";
+      this.pathname = m[6] || "/";
+      this._search = m[7] && m[7] !== "?" ? m[7] : "";
+      this.hash = m[8] && m[8] !== "#" ? m[8] : "";
+    }
+    get host() { return this.hostname + (this.port ? ":" + this.port : ""); }
+    get origin() { return this.protocol + "//" + this.host; }
+    get search() { return this._search; }
+    set search(s) { s = String(s); this._search = s && s !== "?" ? (s[0] === "?" ? s : "?" + s) : ""; this._params = undefined; }
+    get searchParams() {
+      if (!this._params) { this._params = new URLSearchParams(this._search); this._params._url = this; }
+      return this._params;
+    }
+    get href() {
+      const auth = this.username ? this.username + (this.password ? ":" + this.password : "") + "@" : "";
+      return this.protocol + "//" + auth + this.host + this.pathname + this.search + this.hash;
+    }
+    toString() { return this.href; }
+    toJSON() { return this.href; }
+  }
+  G.URL = URL;
+
+  // Headers, Response, and the function-side fetch.
+  class Headers {
+    constructor(init) {
+      this._map = new Map();
+      if (init instanceof Headers) init.forEach((v, k) => this.append(k, v));
+      else if (Array.isArray(init)) for (const [k, v] of init) this.append(k, v);
+      else if (init && typeof init === "object") for (const k of Object.keys(init)) this.append(k, init[k]);
+    }
+    append(k, v) { k = String(k).toLowerCase(); const o = this._map.get(k); this._map.set(k, o === undefined ? String(v) : o + ", " + v); }
+    set(k, v) { this._map.set(String(k).toLowerCase(), String(v)); }
+    get(k) { const v = this._map.get(String(k).toLowerCase()); return v === undefined ? null : v; }
+    has(k) { return this._map.has(String(k).toLowerCase()); }
+    delete(k) { this._map.delete(String(k).toLowerCase()); }
+    forEach(f) { for (const [k, v] of this._map) f(v, k, this); }
+    entries() { return this._map.entries(); }
+    keys() { return this._map.keys(); }
+    values() { return this._map.values(); }
+    [Symbol.iterator]() { return this._map.entries(); }
+  }
+  G.Headers = Headers;
+  const bodyBytes = (body) => {
+    if (body === undefined || body === null) return null;
+    if (typeof body === "string") return body;
+    if (body instanceof ArrayBuffer || ArrayBuffer.isView(body)) return bytesOf(body);
+    if (body instanceof URLSearchParams) return body.toString();
+    return String(body);
+  };
+  class Response {
+    constructor(body, init = {}) {
+      this.status = init.status === undefined ? 200 : init.status | 0;
+      if (this.status < 200 || this.status > 599) throw new RangeError("Response status must be in 200..599");
+      this.statusText = init.statusText || "";
+      this.headers = new Headers(init.headers);
+      this._body = bodyBytes(body);
+      if (typeof this._body === "string" && !this.headers.has("content-type")) this.headers.set("content-type", "text/plain; charset=utf-8");
+    }
+    get ok() { return this.status >= 200 && this.status < 300; }
+    async text() { return this._body === null ? "" : typeof this._body === "string" ? this._body : new TextDecoder().decode(this._body); }
+    async json() { return JSON.parse(await this.text()); }
+    async arrayBuffer() { const b = typeof this._body === "string" ? new TextEncoder().encode(this._body) : this._body || new Uint8Array(0); return b.buffer.slice(b.byteOffset, b.byteOffset + b.byteLength); }
+    static json(data, init = {}) { const r = new Response(JSON.stringify(data), init); r.headers.set("content-type", "application/json"); return r; }
+  }
+  G.Response = Response;
+
+  let nextFetch = 1;
+  const fetches = new Map();
+  G.fetch = (input, init = {}) => new Promise((resolve, reject) => {
+    const url = String(input instanceof URL ? input.href : input);
+    const headers = new Headers(init.headers);
+    const list = [];
+    headers.forEach((v, k) => list.push([k, v]));
+    const body = bodyBytes(init.body);
+    const id = nextFetch++;
+    fetches.set(id, { resolve, reject });
+    try {
+      host.fetch(id, String(init.method || "GET").toUpperCase(), url, list, body === null ? null : wire(body));
+    } catch (e) {
+      fetches.delete(id);
+      reject(e);
+    }
+  });
+  const fetched = (id, error, status, headers, body) => {
+    const f = fetches.get(id);
+    fetches.delete(id);
+    if (!f) return;
+    if (error) f.reject(new TypeError(error));
+    else f.resolve(new Response(status === 204 || status === 304 ? null : body, { status: Math.max(200, status), headers }));
+  };
+
+  // Crypto.
+  const ALGS = { "SHA-1": 1, "SHA-256": 256, "SHA-384": 384, "SHA-512": 512 };
+  G.crypto = {
+    randomUUID: () => host.uuid(),
+    getRandomValues: (arr) => { const b = host.random(arr.byteLength); bytesOf(arr).set(new Uint8Array(b)); return arr; },
+    subtle: {
+      digest: async (alg, data) => {
+        const name = typeof alg === "string" ? alg : alg && alg.name;
+        const n = ALGS[String(name).toUpperCase()];
+        if (!n) throw new Error("crypto.subtle.digest: unsupported algorithm " + name);
+        return host.digest(n, wire(typeof data === "string" ? new TextEncoder().encode(data) : data));
+      },
+    },
+  };
+
+  // Console: lines go to the function's log.
+  const show = (v) => {
+    if (typeof v === "string") return v;
+    if (v instanceof Error) return v.stack ? v.message + "\n" + v.stack : String(v);
+    try { const s = JSON.stringify(v); return s === undefined ? String(v) : s; } catch { return String(v); }
+  };
+  const line = (level) => (...args) => host.log(level, args.map(show).join(" "));
+  G.console = { log: line("info"), info: line("info"), debug: line("debug"), warn: line("warn"), error: line("error") };
+
+  // The SDK: `imp` (alias `cloud`). `env`, `shared` and `invoke` follow the call running.
+  const shared = new Map();
+  let vars = {};
+  const imp = {
+    get env() { return vars; },
+    get shared() { const env = host.environment(); let m = shared.get(env); if (!m) { m = new Map(); shared.set(env, m); } return m; },
+    fetch: (...a) => G.fetch(...a),
+    invoke: async (name, body) => {
+      const mod = await import("@/" + String(name));
+      const ctx = { method: "POST", path: "/" + name, query: {}, headers: {}, body, requestId: "", user: undefined };
+      const out = await shapes(mod.default, ctx);
+      return out && out.__weirResponse ? out.value : out;
+    },
+  };
+  G.imp = imp;
+  G.cloud = imp;
+
+  // Shapes: `(ctx) => value` and `(req, res) => ...` (Express), both to one response.
+  const shapes = async (fn, ctx) => {
+    if (typeof fn !== "function") throw new TypeError("the default export is not a function");
+    if (fn.length < 2) return fn(ctx);
+    let done;
+    const ended = new Promise((r) => { done = r; });
+    const res = {
+      statusCode: 200,
+      headers: new Headers(),
+      status(n) { this.statusCode = n | 0; return this; },
+      set(k, v) { if (typeof k === "object") { for (const n of Object.keys(k)) this.headers.set(n, k[n]); } else this.headers.set(k, v); return this; },
+      header(k, v) { return this.set(k, v); },
+      type(t) { this.headers.set("content-type", t.includes("/") ? t : t === "json" ? "application/json" : t === "html" ? "text/html; charset=utf-8" : "text/plain; charset=utf-8"); return this; },
+      json(v) { if (!this.headers.has("content-type")) this.headers.set("content-type", "application/json"); return this.end(JSON.stringify(v)); },
+      send(v) { if (v !== null && typeof v === "object" && !(v instanceof ArrayBuffer) && !ArrayBuffer.isView(v)) return this.json(v); return this.end(v); },
+      end(v) { done(new Response(v === undefined ? null : v, { status: this.statusCode, headers: this.headers })); return this; },
+    };
+    await fn(ctx, res);
+    return { __weirResponse: true, value: await ended };
+  };
+
+  // Bytes cross to the engine as a Latin-1 string, text as itself: [binary, string].
+  const latin1 = (u) => { let s = ""; for (let i = 0; i < u.length; i += 8192) s += String.fromCharCode.apply(null, u.subarray(i, i + 8192)); return s; };
+  const wire = (b) => typeof b === "string" ? [false, b] : [true, latin1(bytesOf(b))];
+  const toResponse = (out) => {
+    if (out && out.__weirResponse) out = out.value;
+    if (out instanceof Response) {
+      const headers = [];
+      out.headers.forEach((v, k) => headers.push([k, v]));
+      return [out.status, headers, wire(out._body === null ? "" : out._body)];
+    }
+    if (out === undefined) return [204, [], wire("")];
+    if (typeof out === "string") return [200, [["content-type", "text/plain; charset=utf-8"]], wire(out)];
+    if (out instanceof ArrayBuffer || ArrayBuffer.isView(out)) return [200, [["content-type", "application/octet-stream"]], wire(out)];
+    return [200, [["content-type", "application/json"]], wire(JSON.stringify(out) ?? "null")];
+  };
+
+  const parseBody = (type, text) => {
+    type = (type || "").toLowerCase();
+    if (type.includes("json")) { try { return JSON.parse(text); } catch { return text; } }
+    if (type.includes("application/x-www-form-urlencoded")) {
+      const o = {};
+      for (const [k, v] of new URLSearchParams(text)) o[k] = k in o ? [].concat(o[k], v) : v;
+      return o;
+    }
+    return text;
+  };
+
+  // Called by the engine: runs one call to its response [status, headers, body].
+  G.__weir = {
+    run: async (fn, req, vs) => {
+      vars = vs;
+      const ctx = {
+        method: req.method, path: req.path, query: req.query, headers: req.headers,
+        body: req.body === undefined ? undefined : parseBody(req.headers["content-type"], req.body),
+        requestId: req.requestId, user: req.user,
+      };
+      return toResponse(await shapes(fn, ctx));
+    },
+    setVars: (vs) => { vars = vs; },
+    fireTimer,
+    fetched,
+  };
+})();

@@ -1,0 +1,190 @@
+//! The runtime on its own: functions compiled and called on a gateway's engine, no sockets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use weir_functions::engine::Table;
+use weir_functions::live::FunctionHandler;
+use weir_functions::{Engine, Failure, Function, Limits, Logs, Outcome, Request, source};
+
+fn func(env: &str, name: &str, files: &[(&str, &str)]) -> Arc<Function> {
+    let files: BTreeMap<String, String> = files.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect();
+    let entry = files.keys().find(|k| k.starts_with("index")).cloned().unwrap();
+    Arc::new(Function {
+        env: env.into(),
+        name: name.into(),
+        version: format!("1-{}", fastrand::u32(..)),
+        compiled: source::compile(&files, &entry).unwrap(),
+        methods: vec![],
+        logs: Arc::new(Logs::default()),
+    })
+}
+
+fn limits() -> Limits {
+    Limits { cpu: Duration::from_millis(200), wall: Duration::from_secs(3), memory: 32 << 20, concurrency: 8 }
+}
+
+struct Gw {
+    engine: Arc<Engine>,
+    table: Table,
+    vars: Arc<serde_json::Map<String, Value>>,
+}
+
+impl Gw {
+    fn new(funcs: Vec<Arc<Function>>) -> Gw {
+        let table: HashMap<String, Arc<Function>> = funcs.into_iter().map(|f| (f.name.clone(), f)).collect();
+        Gw { engine: Engine::start("t", limits().memory, None).unwrap(), table: Arc::new(table), vars: Arc::new(json!({"GREETING": "hi"}).as_object().unwrap().clone()) }
+    }
+
+    async fn call(&self, name: &str, req: Request) -> Outcome {
+        self.call_with(name, req, limits()).await
+    }
+
+    async fn call_with(&self, name: &str, req: Request, limits: Limits) -> Outcome {
+        let f = self.table[name].clone();
+        FunctionHandler::run(self.engine.clone(), f, self.table.clone(), self.vars.clone(), limits, req).await.expect("under the concurrency cap")
+    }
+}
+
+fn get(path: &str) -> Request {
+    Request { method: "GET".into(), path: path.into(), request_id: "r1".into(), ..Request::default() }
+}
+
+fn body_json(o: &Outcome) -> Value {
+    let r = o.result.as_ref().unwrap_or_else(|e| panic!("{e:?}"));
+    serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&r.body)))
+}
+
+#[tokio::test]
+async fn both_handler_shapes_answer_and_typescript_modules_import_each_other() {
+    let gw = Gw::new(vec![
+        func("dev", "hello", &[("index.ts", "import { greet } from './lib/greet';\nexport default async function (ctx: any): Promise<object> { return { msg: greet(ctx.query.name as string), method: ctx.method, path: ctx.path, id: ctx.requestId } }"), ("lib/greet.ts", "export const greet = (n: string): string => `hello ${n}`;")]),
+        func("dev", "express", &[("index.js", "export default async (req, res) => { res.status(201).set('x-made', 'yes').json({ got: req.body }) }")]),
+        func("dev", "text", &[("index.js", "export default () => 'plain'")]),
+        func("dev", "resp", &[("index.js", "export default () => new Response('teapot', { status: 418, headers: { 'x-a': 'b' } })")]),
+        func("dev", "caller", &[("index.js", "import hello from '@/hello';\nexport default async (ctx) => ({ viaImport: typeof hello, viaInvoke: await imp.invoke('text', {}) })")]),
+    ]);
+    let mut req = get("/dev/hello");
+    req.query = vec![("name".into(), "ada".into())];
+    let out = gw.call("hello", req).await;
+    assert_eq!(body_json(&out), json!({"msg": "hello ada", "method": "GET", "path": "/dev/hello", "id": "r1"}));
+    assert_eq!(out.result.as_ref().unwrap().headers, vec![("content-type".to_string(), "application/json".to_string())]);
+
+    let mut req = get("/dev/express");
+    req.method = "POST".into();
+    req.headers = vec![("content-type".into(), "application/json".into())];
+    req.body = Some(r#"{"a":[1,2]}"#.into());
+    let out = gw.call("express", req).await;
+    let reply = out.result.as_ref().unwrap();
+    assert_eq!(reply.status, 201);
+    assert!(reply.headers.contains(&("x-made".into(), "yes".into())));
+    assert_eq!(body_json(&out), json!({"got": {"a": [1, 2]}}));
+
+    let out = gw.call("text", get("/")).await;
+    assert_eq!(out.result.as_ref().unwrap().body, b"plain");
+    let out = gw.call("resp", get("/")).await;
+    let reply = out.result.unwrap();
+    assert_eq!((reply.status, reply.body.as_slice()), (418, &b"teapot"[..]));
+    assert!(reply.headers.contains(&("x-a".into(), "b".into())));
+    let out = gw.call("caller", get("/")).await;
+    assert_eq!(body_json(&out), json!({"viaImport": "function", "viaInvoke": "plain"}));
+}
+
+#[tokio::test]
+async fn the_sdk_works_inside_a_function() {
+    let gw = Gw::new(vec![func("dev", "sdk", &[("index.js", r#"
+export default async (ctx) => {
+  console.log('start', { n: 1 });
+  console.error('oops');
+  const waited = await new Promise((r) => setTimeout(() => r('late'), 20));
+  const cancelled = setTimeout(() => { throw new Error('must not fire') }, 1);
+  clearTimeout(cancelled);
+  const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', new TextEncoder().encode('abc')));
+  const hex = Array.from(digest).map((b) => b.toString(16).padStart(2, '0')).join('');
+  const u = new URL('https://api.example.com:8443/a/b?x=1&y=two#frag');
+  u.searchParams.append('z', '3');
+  const q = new URLSearchParams({ a: '1 2', b: 'é' });
+  imp.shared.set('count', (imp.shared.get('count') || 0) + 1);
+  return {
+    waited, hex, uuid: crypto.randomUUID(),
+    url: [u.hostname, u.port, u.pathname, u.searchParams.get('y'), u.href],
+    query: q.toString(),
+    b64: [btoa('hello'), atob('aGVsbG8=')],
+    utf8: new TextDecoder().decode(new TextEncoder().encode('héllo ✓')),
+    env: imp.env.GREETING, cloud: cloud === imp, count: imp.shared.get('count'),
+  };
+}"#)])]);
+    let out = gw.call("sdk", get("/")).await;
+    let v = body_json(&out);
+    assert_eq!(v["waited"], "late");
+    assert_eq!(v["hex"], "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    let uuid = v["uuid"].as_str().unwrap();
+    assert_eq!((uuid.len(), &uuid[14..15]), (36, "4"));
+    assert_eq!(v["url"], json!(["api.example.com", "8443", "/a/b", "two", "https://api.example.com:8443/a/b?x=1&y=two&z=3#frag"]));
+    assert_eq!(v["query"], "a=1+2&b=%C3%A9");
+    assert_eq!(v["b64"], json!(["aGVsbG8=", "hello"]));
+    assert_eq!(v["utf8"], "héllo ✓");
+    assert_eq!((v["env"].as_str(), v["cloud"].as_bool(), v["count"].as_i64()), (Some("hi"), Some(true), Some(1)));
+    assert_eq!(out.logs.iter().map(|l| (l.level.as_str(), l.message.as_str(), l.request_id.as_str())).collect::<Vec<_>>(), [("info", "start {\"n\":1}", "r1"), ("error", "oops", "r1")]);
+    assert_eq!(gw.table["sdk"].logs.since(0, 10).len(), 2);
+    let again = gw.call("sdk", get("/")).await;
+    assert_eq!(body_json(&again)["count"], 2, "imp.shared lives across calls");
+}
+
+#[tokio::test]
+async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine() {
+    let gw = Gw::new(vec![
+        func("dev", "throws", &[("index.js", "export default () => { throw new Error('bad thing') }")]),
+        func("dev", "loop", &[("index.js", "export default () => { for (;;) {} }")]),
+        func("dev", "later-loop", &[("index.js", "export default async () => { await new Promise((r) => setTimeout(r, 5)); while (true) {} }")]),
+        func("dev", "bomb", &[("index.js", "export default () => { const a = []; for (let i = 0; ; i++) { a.push(new ArrayBuffer(1 << 20)); if (i % 8 == 0) console.log(String(i)); } }")]),
+        func("dev", "sleep", &[("index.js", "export default () => new Promise((r) => setTimeout(r, 10000))")]),
+        func("dev", "ok", &[("index.js", "export default () => ({ ok: true })")]),
+    ]);
+    let out = gw.call("throws", get("/")).await;
+    match out.result {
+        Err(Failure::Threw { message, stack }) => {
+            assert_eq!(message, "bad thing");
+            assert!(stack.contains("index.js"), "{stack}");
+        }
+        other => panic!("{other:?}"),
+    }
+    for name in ["loop", "later-loop"] {
+        let t = Instant::now();
+        let out = gw.call(name, get("/")).await;
+        let took = t.elapsed();
+        assert!(matches!(out.result, Err(Failure::Timeout(_))), "{name}: {:?}", out.result);
+        assert!(took < Duration::from_millis(220 + 20), "{name}: the 200 ms budget ended after {took:?}");
+        assert!(took >= Duration::from_millis(200), "{name}: {took:?}");
+    }
+    let out = gw.call("bomb", get("/")).await;
+    assert_eq!(out.result, Err(Failure::Memory));
+    let t = Instant::now();
+    let out = gw.call_with("sleep", get("/"), Limits { wall: Duration::from_millis(300), ..limits() }).await;
+    assert!(matches!(out.result, Err(Failure::Timeout(m)) if m.contains("wall")), "{:?}", out.result);
+    assert!(t.elapsed() < Duration::from_millis(400));
+    assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
+}
+
+#[tokio::test]
+async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
+    let gw = Gw::new(vec![func("dev", "slow", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r('done'), 300))")])]);
+    let cap = Limits { concurrency: 3, ..limits() };
+    let t = Instant::now();
+    let mut running = Vec::new();
+    for _ in 0..3 {
+        let (engine, f, table, vars) = (gw.engine.clone(), gw.table["slow"].clone(), gw.table.clone(), gw.vars.clone());
+        running.push(tokio::spawn(FunctionHandler::run(engine, f, table, vars, cap, get("/"))));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let refused = FunctionHandler::run(gw.engine.clone(), gw.table["slow"].clone(), gw.table.clone(), gw.vars.clone(), cap, get("/")).await;
+    assert!(refused.is_none());
+    for r in running {
+        assert_eq!(r.await.unwrap().unwrap().result.unwrap().body, b"done");
+    }
+    // Three 300 ms waits ran side by side on the gateway's one thread.
+    assert!(t.elapsed() < Duration::from_millis(600), "{:?}", t.elapsed());
+}
+
