@@ -49,7 +49,7 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// Limits of a gateway's calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct LimitsDoc {
     /// CPU time spent running JavaScript per call, in milliseconds.
@@ -57,14 +57,15 @@ pub struct LimitsDoc {
     /// Wall-clock time per call, waits included, in milliseconds.
     pub wall_ms: u64,
     /// Memory of the gateway's runtime, in MiB.
-    pub memory_mi_b: u64,
+    #[serde(rename = "memoryMiB")]
+    pub memory_mib: u64,
     /// Calls in flight per node.
     pub concurrency: usize,
 }
 
 impl Default for LimitsDoc {
     fn default() -> Self {
-        LimitsDoc { timeout_ms: 1_000, wall_ms: 30_000, memory_mi_b: 64, concurrency: 64 }
+        LimitsDoc { timeout_ms: 1_000, wall_ms: 30_000, memory_mib: 64, concurrency: 64 }
     }
 }
 
@@ -73,7 +74,7 @@ impl LimitsDoc {
         Limits {
             cpu: Duration::from_millis(self.timeout_ms.max(1)),
             wall: Duration::from_millis(self.wall_ms.max(1)),
-            memory: (self.memory_mi_b.max(1) as usize) << 20,
+            memory: (self.memory_mib.max(1) as usize) << 20,
             concurrency: self.concurrency.max(1),
         }
     }

@@ -104,11 +104,13 @@ pub struct Functions {
     /// Compiled functions by key, with the stored bytes they came from.
     compiled: Mutex<HashMap<String, (Bytes, Arc<Function>)>>,
     logs: Mutex<HashMap<String, Weak<Logs>>>,
+    /// The last lowered table of each environment (`{gid}/{env}`), for `invoke`'s imports.
+    tables: Mutex<HashMap<String, Table>>,
 }
 
 impl Functions {
     pub fn new(prefix: &str, settings: Settings) -> Arc<Functions> {
-        Arc::new(Functions { dir: format!("{prefix}/platform/live/"), settings, engines: Mutex::default(), compiled: Mutex::default(), logs: Mutex::default() })
+        Arc::new(Functions { dir: format!("{prefix}/platform/live/"), settings, engines: Mutex::default(), compiled: Mutex::default(), logs: Mutex::default(), tables: Mutex::default() })
     }
 
     /// The runtime of gateway `gid` with `memory` bytes, started when there is none.
@@ -129,6 +131,17 @@ impl Functions {
                 None
             }
         }
+    }
+
+    /// Runs the function stored at `key` as `value` on gateway `gid`'s runtime, with the
+    /// limits of `env`, outside any route (the platform's `invoke`).
+    pub async fn invoke(&self, gid: &str, env: &EnvDoc, key: &str, value: &[u8], request: Request) -> Result<Outcome, String> {
+        let (_, func) = self.function(gid, key, value).ok_or("the stored function does not compile")?;
+        let limits = env.limits.limits();
+        let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
+        let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
+        let table = table.unwrap_or_else(|| Arc::new(HashMap::from([(func.name.clone(), func.clone())])));
+        FunctionHandler::run(engine, func, table, Arc::new(env.vars.clone()), limits, request).await.ok_or_else(|| "too many calls of this gateway's functions are in flight".to_string())
     }
 
     /// The log buffer of function `{gid}/{env}/{name}`, kept while the function is loaded.
@@ -221,6 +234,9 @@ impl Contributor for Functions {
             let limits = env.limits.limits();
             let Some(engine) = self.engine(gid, limits.memory) else { continue };
             let table: Table = Arc::new(list.iter().map(|(d, f)| (d.name.clone(), f.clone())).collect());
+            if let Ok(mut t) = self.tables.lock() {
+                t.insert(format!("{gid}/{env_name}"), table.clone());
+            }
             let vars = Arc::new(env.vars.clone());
             for (doc, func) in list {
                 engine.warm(func.clone(), table.clone());
@@ -284,29 +300,38 @@ pub fn error_response(status: StatusCode, message: &str, extra: Option<(&str, &s
     resp
 }
 
-/// What a call's outcome answers.
-pub fn respond(outcome: Outcome, debug: bool, limits: &crate::Limits) -> Response<RespBody> {
+/// What a call's outcome answers: status, headers and body.
+pub fn answer(outcome: Outcome, debug: bool, limits: &crate::Limits) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let json_error = |status: u16, message: &str, stack: Option<&str>| {
+        let mut body = json!({"error_msg": message});
+        if let Some(stack) = stack {
+            body["stack"] = json!(stack);
+        }
+        (status, vec![("content-type".to_string(), "application/json".to_string())], body.to_string().into_bytes())
+    };
     match outcome.result {
-        Ok(reply) => {
-            let mut resp = Response::new(RespBody::full(reply.body));
-            *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            for (k, v) in reply.headers {
-                if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(&v)) {
-                    // The gateway frames the body itself.
-                    if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING && k != http::header::CONNECTION {
-                        resp.headers_mut().append(k, v);
-                    }
-                }
-            }
-            resp
-        }
-        Err(Failure::Threw { message, stack }) => {
-            error_response(StatusCode::INTERNAL_SERVER_ERROR, &message, (debug && !stack.is_empty()).then_some(("stack", stack.as_str())))
-        }
-        Err(Failure::Timeout(why)) => error_response(StatusCode::GATEWAY_TIMEOUT, why, None),
-        Err(Failure::Memory) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &format!("the function ran out of memory (the gateway's limit is {} MiB)", limits.memory >> 20), None),
-        Err(Failure::Internal(why)) => error_response(StatusCode::INTERNAL_SERVER_ERROR, &why, None),
+        Ok(reply) => (reply.status, reply.headers, reply.body),
+        Err(Failure::Threw { message, stack }) => json_error(500, &message, (debug && !stack.is_empty()).then_some(stack.as_str())),
+        Err(Failure::Timeout(why)) => json_error(504, why, None),
+        Err(Failure::Memory) => json_error(500, &format!("the function ran out of memory (the gateway's limit is {} MiB)", limits.memory >> 20), None),
+        Err(Failure::Internal(why)) => json_error(500, &why, None),
     }
+}
+
+/// What a call's outcome answers, as a response.
+pub fn respond(outcome: Outcome, debug: bool, limits: &crate::Limits) -> Response<RespBody> {
+    let (status, headers, body) = answer(outcome, debug, limits);
+    let mut resp = Response::new(RespBody::full(body));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (k, v) in headers {
+        if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(&v)) {
+            // The gateway frames the body itself.
+            if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING && k != http::header::CONNECTION {
+                resp.headers_mut().append(k, v);
+            }
+        }
+    }
+    resp
 }
 
 impl FunctionHandler {

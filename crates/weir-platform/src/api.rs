@@ -43,7 +43,7 @@ pub(crate) fn unauthorized() -> Reply {
 }
 
 /// The refusals that are not about input, which carry their own status.
-fn refuse(status: StatusCode, message: &str) -> Reply {
+pub(crate) fn refuse(status: StatusCode, message: &str) -> Reply {
     let kind = match status {
         StatusCode::UNAUTHORIZED => "unauthorized",
         StatusCode::FORBIDDEN => "forbidden",
@@ -60,20 +60,20 @@ pub fn json(status: StatusCode, body: &Value) -> Reply {
     resp
 }
 
-fn not_found(what: &str) -> Reply {
+pub(crate) fn not_found(what: &str) -> Reply {
     failure(ErrorKind::NotFound, format!("{what} not found"), Vec::new())
 }
 
-fn bad_input(problems: Vec<String>) -> Reply {
+pub(crate) fn bad_input(problems: Vec<String>) -> Reply {
     failure(ErrorKind::BadInput, "invalid request", problems)
 }
 
-fn store_down(e: impl std::fmt::Display + weir_core::error::Kinded) -> Reply {
+pub(crate) fn store_down(e: impl std::fmt::Display + weir_core::error::Kinded) -> Reply {
     failure(e.kind(), e.to_string(), Vec::new())
 }
 
 /// A body checked against `T`'s derived schema, every problem listed, then parsed.
-fn body<T: DeserializeOwned + JsonSchema>(raw: &Bytes) -> Result<T, Reply> {
+pub(crate) fn body<T: DeserializeOwned + JsonSchema>(raw: &Bytes) -> Result<T, Reply> {
     let value: Value = serde_json::from_slice(raw).map_err(|e| bad_input(vec![format!("body: not JSON: {e}")]))?;
     let mut settings = SchemaSettings::draft07();
     settings.inline_subschemas = true;
@@ -132,6 +132,7 @@ impl Platform {
             (&Method::GET, ["whoami"]) => json(StatusCode::OK, &caller.describe()),
             (&Method::GET, ["openapi.json"]) => json(StatusCode::OK, &crate::openapi::document()),
             (&Method::DELETE, ["tokens", id]) => self.delete_token(&caller, id).await,
+            (m, ["api-gateways", gid, "functions", rest @ ..]) => self.functions_api(&caller, m, gid, rest, parts.uri.query(), &raw).await,
             (_, ["api-gateways" | "tokens", ..]) => refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
             _ => refuse(StatusCode::NOT_FOUND, "not found"),
         }
@@ -190,7 +191,12 @@ impl Platform {
             phase_since: now,
             attempts: 0,
             retry_at: 0,
+            limits: weir_functions::LimitsDoc::default(),
+            fetch_allow_list: input.fetch_allow_list.unwrap_or_default(),
         };
+        if let Some(l) = input.limits {
+            apply_limits(&mut gw.limits, l);
+        }
         if let Err(problems) = self.check(&gw) {
             return bad_input(problems);
         }
@@ -347,7 +353,7 @@ impl Platform {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let only_stops = input.name.is_none() && input.plugins.is_none() && input.custom_domains.is_none() && input.promotion_pipeline.is_none() && input.state != Some(State::Running);
+        let only_stops = input.name.is_none() && input.plugins.is_none() && input.custom_domains.is_none() && input.promotion_pipeline.is_none() && input.limits.is_none() && input.fetch_allow_list.is_none() && input.state != Some(State::Running);
         let changed = self
             .change(gid, !only_stops, |gw| {
                 if let Some(n) = &input.name {
@@ -364,6 +370,12 @@ impl Platform {
                 }
                 if let Some(s) = input.state {
                     gw.state = s;
+                }
+                if let Some(l) = input.limits {
+                    apply_limits(&mut gw.limits, l);
+                }
+                if let Some(a) = &input.fetch_allow_list {
+                    gw.fetch_allow_list = a.clone();
                 }
                 Ok(())
             })
@@ -658,6 +670,19 @@ impl Platform {
             }
             crate::guard::domain(&field, &host, &mut problems);
         }
+        let max = &self.cfg.functions.max_limits;
+        let l = &gw.limits;
+        for (field, asked, most) in [("timeoutMs", l.timeout_ms, max.timeout_ms), ("wallMs", l.wall_ms, max.wall_ms), ("memoryMiB", l.memory_mib, max.memory_mib), ("concurrency", l.concurrency as u64, max.concurrency as u64)] {
+            if asked > most {
+                problems.push(format!("limits.{field}: {asked} is over this node's maximum of {most}"));
+            }
+        }
+        for (i, entry) in gw.fetch_allow_list.iter().enumerate() {
+            let ok = entry.rsplit_once(':').map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)).unwrap_or(false) && !entry.contains('/') && !entry.contains('@');
+            if !ok {
+                problems.push(format!("fetchAllowList.{i}: {entry:?} is not host:port"));
+            }
+        }
         let upstreams = self.catalog.get("upstreams").expect("the catalog has upstreams");
         for env in &gw.environments {
             if let Some(up) = &env.upstream {
@@ -680,6 +705,21 @@ impl Platform {
             }
         }
         if problems.is_empty() { Ok(()) } else { Err(problems) }
+    }
+}
+
+fn apply_limits(to: &mut weir_functions::LimitsDoc, l: crate::model::LimitsInput) {
+    if let Some(v) = l.timeout_ms {
+        to.timeout_ms = v;
+    }
+    if let Some(v) = l.wall_ms {
+        to.wall_ms = v;
+    }
+    if let Some(v) = l.memory_mib {
+        to.memory_mib = v;
+    }
+    if let Some(v) = l.concurrency {
+        to.concurrency = v;
     }
 }
 

@@ -12,6 +12,7 @@
 
 mod api;
 mod docs;
+mod functions;
 mod guard;
 pub mod model;
 pub mod openapi;
@@ -52,6 +53,26 @@ pub struct PlatformConfig {
     /// Networks tenants' upstreams may not name (CIDRs): by default this node's loopback and
     /// link-local addresses (its admin listener, its store, cloud metadata).
     pub denied_networks: Vec<String>,
+    pub functions: FunctionsConfig,
+}
+
+/// `platform.functions`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FunctionsConfig {
+    /// The most a gateway's `limits` may ask for.
+    pub max_limits: weir_functions::LimitsDoc,
+    /// Networks `fetch` may reach although they are loopback, private or link-local.
+    pub fetch_allow_networks: Vec<String>,
+}
+
+impl Default for FunctionsConfig {
+    fn default() -> Self {
+        FunctionsConfig {
+            max_limits: weir_functions::LimitsDoc { timeout_ms: 30_000, wall_ms: 300_000, memory_mib: 1024, concurrency: 1024 },
+            fetch_allow_networks: Vec::new(),
+        }
+    }
 }
 
 impl Default for PlatformConfig {
@@ -65,6 +86,7 @@ impl Default for PlatformConfig {
             denied_plugins: ["file-logger", "http-logger", "proxy-mirror", "traffic-split"].map(String::from).to_vec(),
             max_gateways_per_owner: 100,
             denied_networks: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"].map(String::from).to_vec(),
+            functions: FunctionsConfig::default(),
         }
     }
 }
@@ -94,6 +116,8 @@ pub struct Platform {
     /// The settings a render reads, as one string: a gateway rendered with others is
     /// rendered again.
     inputs: String,
+    /// This node's function runtimes, for `invoke` and logs; unset where functions do not run.
+    functions: std::sync::OnceLock<Arc<weir_functions::live::Functions>>,
 }
 
 impl Platform {
@@ -119,8 +143,15 @@ impl Platform {
             wake: tokio::sync::Notify::new(),
             passes: std::sync::atomic::AtomicU64::new(0),
             inputs,
+            functions: std::sync::OnceLock::new(),
             pause_after_claim: std::env::var("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS").ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis),
         })
+    }
+
+    /// The function runtimes of this node's data plane, which `invoke` runs on and whose logs
+    /// the API reads.
+    pub fn with_functions(&self, functions: Arc<weir_functions::live::Functions>) {
+        let _ = self.functions.set(functions);
     }
 
     /// Reconcile passes made so far.

@@ -102,6 +102,12 @@ pub struct Gateway {
     /// Failed attempts at the current step, and when the next may run (ms).
     pub attempts: u32,
     pub retry_at: u64,
+    /// Limits of the gateway's function calls (capped by the node's maxima).
+    #[serde(default)]
+    pub limits: weir_functions::LimitsDoc,
+    /// `host:port` entries the gateway's functions may `fetch`.
+    #[serde(default)]
+    pub fetch_allow_list: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug)]
@@ -164,6 +170,24 @@ pub struct CreateGateway {
     #[schemars(length(max = 16), inner(length(max = 253), regex(pattern = HOST)))]
     pub custom_domains: Option<Vec<String>>,
     pub promotion_pipeline: Option<Promotion>,
+    pub limits: Option<LimitsInput>,
+    #[schemars(length(max = 64), inner(length(min = 1, max = 260)))]
+    pub fetch_allow_list: Option<Vec<String>>,
+}
+
+/// A gateway's function limits, each within the node's maxima.
+#[derive(Deserialize, JsonSchema, Clone, Copy)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsInput {
+    #[schemars(range(min = 1))]
+    pub timeout_ms: Option<u64>,
+    #[schemars(range(min = 1))]
+    pub wall_ms: Option<u64>,
+    #[serde(rename = "memoryMiB")]
+    #[schemars(range(min = 4))]
+    pub memory_mib: Option<u64>,
+    #[schemars(range(min = 1))]
+    pub concurrency: Option<usize>,
 }
 
 /// `PATCH /v1/api-gateways/{gid}`: what is given replaces what was.
@@ -177,6 +201,9 @@ pub struct PatchGateway {
     pub custom_domains: Option<Vec<String>>,
     pub promotion_pipeline: Option<Promotion>,
     pub state: Option<State>,
+    pub limits: Option<LimitsInput>,
+    #[schemars(length(max = 64), inner(length(min = 1, max = 260)))]
+    pub fetch_allow_list: Option<Vec<String>>,
 }
 
 /// `PATCH /v1/api-gateways/{gid}/environments/{env}`: what is given replaces what was; `null`

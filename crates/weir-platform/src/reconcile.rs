@@ -254,8 +254,8 @@ impl Platform {
     async fn run(&self, step: Step, gw: &Gateway, rev: i64) -> Result<(), Failed> {
         match step {
             Step::Create | Step::Enter(_) => Ok(()),
-            Step::Render(_) => self.sync(gw, rev, &render::render(&self.cfg, gw)).await,
-            Step::Delete => self.sync(gw, rev, &[]).await,
+            Step::Render(_) => self.sync(gw, rev, &render::render(&self.cfg, gw), &render::live(&self.cfg, gw)).await,
+            Step::Delete => self.sync(gw, rev, &[], &[]).await,
         }
     }
 
@@ -271,7 +271,9 @@ impl Platform {
         if let Some((gw, rev)) = self.docs.get(gid).await?
             && gw.locked_by.as_deref() == Some(self.node.as_str())
         {
-            let claims = crate::api::domains(&gw).iter().map(|host| Op::Delete { key: format!("{}/platform/domains/{host}", self.prefix) }).collect();
+            let mut claims: Vec<Op> = crate::api::domains(&gw).iter().map(|host| Op::Delete { key: format!("{}/platform/domains/{host}", self.prefix) }).collect();
+            // Its functions go with it.
+            claims.push(Op::DeletePrefix { prefix: weir_functions::live::partition_prefix(&self.prefix, gid) });
             self.docs.remove(gid, rev, claims).await?;
             tracing::info!(gateway = gid, "platform: gateway deleted");
         }
@@ -308,7 +310,7 @@ impl Platform {
     /// catalog, and all written (and every other object of the gateway removed) in one
     /// transaction that commits only while the gateway's document is at `rev`. The data plane
     /// never sees half a gateway.
-    pub(crate) async fn sync(&self, gw: &Gateway, rev: i64, objects: &[Object]) -> Result<(), Failed> {
+    pub(crate) async fn sync(&self, gw: &Gateway, rev: i64, objects: &[Object], live: &[weir_functions::live::EnvDoc]) -> Result<(), Failed> {
         let gid = &gw.gateway_id;
         let store = &self.docs.store;
         let failed = |e: String| Failed::Step(e);
@@ -351,6 +353,33 @@ impl Platform {
                 value["create_time"] = json!(created);
                 value["update_time"] = json!(now);
                 ops.push(Op::Put { key, value: Bytes::from(value.to_string()) });
+            }
+        }
+        // What the function routes read of each environment, its plugins sealed as a plugin
+        // config's are.
+        let holder = self.catalog.get("plugin_configs").ok_or_else(|| failed("no kind plugin_configs in the catalog".into()))?;
+        let env_dir = format!("{}env/", weir_functions::live::partition_prefix(&self.prefix, gid));
+        let (stored_envs, _) = store.list(&env_dir).await.map_err(|e| failed(e.to_string()))?;
+        for doc in live {
+            let key = weir_functions::live::env_key(&self.prefix, gid, &doc.environment);
+            let old = stored_envs.iter().find(|kv| kv.key == key).and_then(|kv| serde_json::from_slice::<weir_functions::live::EnvDoc>(&kv.value).ok()).map(|mut old| {
+                let mut holder_obj = json!({"plugins": old.plugins}).as_object().cloned().unwrap_or_default();
+                let _ = weir_catalog::sealing::open(&self.docs.keyring, holder.plugins(), &mut holder_obj);
+                old.plugins = holder_obj.remove("plugins").and_then(|p| p.as_object().cloned()).unwrap_or_default();
+                old
+            });
+            if old.as_ref() == Some(doc) {
+                continue;
+            }
+            let mut sealed = doc.clone();
+            let mut holder_obj = json!({"plugins": doc.plugins}).as_object().cloned().unwrap_or_default();
+            weir_catalog::sealing::seal(&self.docs.keyring, self.plugins.as_ref(), holder.plugins(), &mut holder_obj);
+            sealed.plugins = holder_obj.remove("plugins").and_then(|p| p.as_object().cloned()).unwrap_or_default();
+            ops.push(Op::Put { key, value: Bytes::from(serde_json::to_vec(&sealed).expect("an environment serializes")) });
+        }
+        for kv in &stored_envs {
+            if !live.iter().any(|d| weir_functions::live::env_key(&self.prefix, gid, &d.environment) == kv.key) {
+                ops.push(Op::Delete { key: kv.key.clone() });
             }
         }
         // Deletes after puts, routes before the plugin configs they name.

@@ -159,6 +159,31 @@ pub fn render(cfg: &PlatformConfig, gw: &Gateway) -> Vec<Object> {
     out
 }
 
+/// What the data plane's function routes need of each environment (`weir_functions::live`):
+/// its hosts, merged plugins, whether it serves, and the gateway's limits.
+pub fn live(cfg: &PlatformConfig, gw: &Gateway) -> Vec<weir_functions::live::EnvDoc> {
+    let gid = &gw.gateway_id;
+    let running = gw.state == State::Running;
+    gw.environments
+        .iter()
+        .map(|env| {
+            let mut env_hosts = vec![format!("{gid}.{}.{}", env.name, cfg.base_domain)];
+            env_hosts.extend(env.custom_domain.iter().cloned());
+            weir_functions::live::EnvDoc {
+                environment: env.name.clone(),
+                gateway_hosts: gateway_hosts(cfg, gw),
+                env_hosts,
+                plugins: if running { merged(cfg, gw, env) } else { Map::new() },
+                serving: running && env.state == EnvState::Active,
+                limits: gw.limits,
+                vars: Map::new(),
+                fetch_allow_list: gw.fetch_allow_list.clone(),
+                debug: env.name == "dev",
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +214,8 @@ mod tests {
             phase_since: 0,
             attempts: 0,
             retry_at: 0,
+            limits: Default::default(),
+            fetch_allow_list: Vec::new(),
         }
     }
 

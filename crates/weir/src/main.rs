@@ -393,8 +393,14 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         let plugins = Arc::new(weir_plugins::registry().with_attr("opentelemetry", otel).with_secrets(secret_opener(keyring.clone())));
         let sync = Arc::new(SyncStatus::default());
         let mut bound = Vec::new();
+        // Tenants' functions run where the data plane does; the platform's `invoke` uses the
+        // same runtimes.
+        let functions = (role != DeployRole::ControlPlane && cfg.platform.enabled.unwrap_or(true)).then(|| weir_functions::live::Functions::new(&prefix, weir_functions::live::Settings::default()));
         if role != DeployRole::ControlPlane {
-            let builder = Builder::new(&prefix, keyring.clone(), plugins.clone());
+            let mut builder = Builder::new(&prefix, keyring.clone(), plugins.clone());
+            if let Some(f) = &functions {
+                builder = builder.with_contributor(f.clone());
+            }
             tokio::spawn(weir_proxy::watch::follow(store.clone(), prefix.clone(), builder, snapshot.clone(), loaded_tx, sync.clone()));
             // Serve nothing until the stored config is live, so a restart never answers 404 for
             // routes that exist.
@@ -430,6 +436,9 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             if cfg.platform.enabled.unwrap_or(true) {
                 let catalog = Arc::new(weir_catalog::Catalog::apisix());
                 let platform = weir_platform::Platform::new(cfg.platform.clone(), store, &prefix, catalog, plugins, keyring);
+                if let Some(f) = &functions {
+                    platform.with_functions(f.clone());
+                }
                 admin = admin.with_extension(platform.clone());
                 tokio::spawn(platform.reconcile());
             }

@@ -534,3 +534,143 @@ async fn the_operators_base_layer_keeps_its_secrets_from_tenants() {
     let (_, b) = v1(&w, "GET", "api-gateways/based/environments/dev/effective-plugins", None).await;
     assert_eq!(logger(&b), Some((json!("base"), json!("Bearer base-layer-secret"))), "an admin key sees it");
 }
+
+/// `/v1/api-gateways/{gid}/functions/{fn}` for a full name (`dev/user/me`).
+fn fn_path(gid: &str, full: &str) -> String {
+    format!("api-gateways/{gid}/functions/{}", full.replace('/', "%2F"))
+}
+
+/// p99 (the largest of 100 is its own p99 for our purposes: the second largest) of `n` GETs.
+async fn p99(w: &Weir, path: &str, host: &str, n: usize) -> Duration {
+    let mut took = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let r = w.get(path, &[("host", host)]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        took.push(t.elapsed());
+    }
+    took.sort();
+    took[(n * 99 / 100).min(n - 1)]
+}
+
+#[tokio::test]
+async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plugins_and_limits() {
+    let w = on_loopback("");
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Fns", "gatewayId": "fns", "limits": {"timeoutMs": 200, "memoryMiB": 16}}))).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Other", "gatewayId": "other"}))).await.0, 201);
+    until_gateway(&w, "fns", |_, b| b["phase"] == "Started").await;
+    until_gateway(&w, "other", |_, b| b["phase"] == "Started").await;
+    let (s, b) = v1(&w, "PATCH", "api-gateways/fns", Some(json!({"limits": {"timeoutMs": 999999999}}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(problems(&b)[0].contains("maximum"), "{b}");
+
+    // TypeScript, with an import of its own file; GET only.
+    let hello = json!({"name": "user/me", "methods": ["GET"], "source": {"files": {
+        "index.ts": "import { shout } from './lib/text';\nexport default async function (ctx: { query: Record<string, string>, path: string, user?: unknown }) {\n  console.log('hello called');\n  return { hello: shout(ctx.query.name ?? 'world'), path: ctx.path };\n}",
+        "lib/text.ts": "export const shout = (s: string): string => s.toUpperCase();"}, "entrypoint": "index.ts"}});
+    let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(hello.clone())).await;
+    assert_eq!(s, 201, "{b}");
+    assert_eq!((&b["name"], &b["environment"], &b["version"]), (&json!("dev/user/me"), &json!("dev"), &json!(1)));
+    let r = w.until("/dev/user/me?name=ada", &[("host", "fns.localhost")], |r| r.status == 200).await;
+    assert_eq!(r.json(), json!({"hello": "ADA", "path": "/dev/user/me"}));
+    assert!(r.headers.contains_key("access-control-allow-origin"), "the environment's plugins run around the function");
+    let r = w.get("/user/me", &[("host", "fns.dev.localhost")]).await;
+    assert_eq!(r.json(), json!({"hello": "WORLD", "path": "/user/me"}));
+    let r = send(w.proxy, "POST", "/dev/user/me", &[("host", "fns.localhost")], Some("{}")).await;
+    assert_eq!((r.status, r.json()["error_msg"].as_str().is_some()), (405, true), "{}", r.text());
+    assert_eq!(w.get("/dev/user/other", &[("host", "fns.localhost")]).await.json()["error_msg"], "nothing is published at this path");
+    let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(hello)).await;
+    assert_eq!((s, &b["error"]["kind"]), (409, &json!("conflict")), "{b}");
+
+    // A source that does not compile: 400 with where, and nothing is stored.
+    let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "broken", "source": {"code": "export default () => {\n  return 1 +;\n}"}}))).await;
+    assert_eq!((s, &b["error"]["file"], &b["error"]["line"]), (400, &json!("index.ts"), &json!(2)), "{b}");
+    assert!(b["error"]["column"].as_u64().unwrap() > 1, "{b}");
+    assert_eq!(v1(&w, "GET", &fn_path("fns", "dev/broken"), None).await.0, 404);
+
+    // Express shape, `@/name` imports, SDK in a function, and a function's own plugin.
+    let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "orders", "source": {"code":
+        "import me from '@/user/me';\nexport default async (req, res) => { const id = crypto.randomUUID(); res.status(201).set('x-order', id).json({ got: req.body, other: typeof me, via: await imp.invoke('user/me', {}) }) }"},
+        "plugins": {"limit-count": {"count": 1, "time_window": 60, "rejected_code": 429}}}))).await;
+    assert_eq!(s, 201, "{b}");
+    let post = |body: &'static str| send(w.proxy, "POST", "/dev/orders", &[("host", "fns.localhost"), ("content-type", "application/json")], Some(body));
+    let mut r = post("{\"n\":1}").await;
+    for _ in 0..200 {
+        if r.status != 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        r = post("{\"n\":1}").await;
+    }
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json(), json!({"got": {"n": 1}, "other": "function", "via": {"hello": "WORLD", "path": "/user/me"}}));
+    assert_eq!(r.headers["x-order"].len(), 36);
+    assert_eq!(post("{}").await.status, 429, "the function's own limit-count applies to it");
+    assert_eq!(w.get("/dev/user/me", &[("host", "fns.localhost")]).await.status, 200, "and to no other function");
+
+    // A new source is a new version, live at once; in-process invoke and the logs.
+    let (s, b) = v1(&w, "PATCH", &fn_path("fns", "dev/user/me"), Some(json!({"source": {"code": "export default (ctx) => { console.warn('v2', ctx.method); return 'v2' }"}}))).await;
+    assert_eq!((s, &b["version"]), (200, &json!(2)), "{b}");
+    let r = w.until("/dev/user/me", &[("host", "fns.localhost")], |r| r.text() == "v2").await;
+    assert_eq!(r.headers["content-type"], "text/plain; charset=utf-8");
+    let (s, b) = v1(&w, "POST", &format!("{}/invoke", fn_path("fns", "dev/user/me")), Some(json!({"method": "GET", "query": {"a": "1"}}))).await;
+    assert_eq!((s, &b["status"], &b["body"]), (200, &json!(200), &json!("v2")), "{b}");
+    assert_eq!(b["logs"][0]["message"], "v2 GET", "{b}");
+    assert!(b["durationMs"].as_f64().is_some());
+    let (s, b) = v1(&w, "GET", &format!("{}/logs?limit=5", fn_path("fns", "dev/user/me")), None).await;
+    assert_eq!(s, 200, "{b}");
+    let messages: Vec<&str> = b["list"].as_array().unwrap().iter().map(|l| l["message"].as_str().unwrap()).collect();
+    assert!(messages.contains(&"hello called") && messages.contains(&"v2 GET"), "{b}");
+    assert_eq!(v1(&w, "GET", &format!("{}/logs?since=yesterday", fn_path("fns", "dev/user/me")), None).await.0, 400);
+
+    // Runtime errors: a throw is 500 with its message (and stack in dev), an infinite loop 504
+    // within its 200 ms budget, a memory bomb 500; the runtime answers the next call.
+    let save = |name: &'static str, code: &'static str| v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": name, "source": {"code": code}})));
+    assert_eq!(save("throws", "export default () => { throw new Error('no luck') }").await.0, 201);
+    assert_eq!(save("spin", "export default () => { for (;;) {} }").await.0, 201);
+    assert_eq!(save("bomb", "export default () => { const a = []; for (;;) a.push(new ArrayBuffer(1 << 20)) }").await.0, 201);
+    let r = w.until("/dev/throws", &[("host", "fns.localhost")], |r| r.status != 404).await;
+    assert_eq!((r.status, r.json()["error_msg"].clone()), (500, json!("no luck")));
+    assert!(r.json()["stack"].as_str().is_some_and(|s| s.contains("index.ts")), "{}", r.text());
+    w.until("/dev/bomb", &[("host", "fns.localhost")], |r| r.status != 404).await;
+    let t = std::time::Instant::now();
+    let r = w.until("/dev/spin", &[("host", "fns.localhost")], |r| r.status != 404).await;
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(t.elapsed() < Duration::from_millis(220 + 50), "{:?}", t.elapsed());
+    let r = w.get("/dev/bomb", &[("host", "fns.localhost")]).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.json()["error_msg"].as_str().unwrap().contains("memory"), "{}", r.text());
+    assert_eq!(w.get("/dev/user/me", &[("host", "fns.localhost")]).await.text(), "v2");
+
+    // Another tenant's latency while this one spins and bombs.
+    assert_eq!(v1(&w, "POST", "api-gateways/other/functions", Some(json!({"name": "ping", "source": {"code": "export default () => ({ pong: true })"}}))).await.0, 201);
+    w.until("/dev/ping", &[("host", "other.localhost")], |r| r.status == 200).await;
+    let quiet = p99(&w, "/dev/ping", "other.localhost", 100).await;
+    let noise = tokio::spawn({
+        let proxy = w.proxy;
+        async move {
+            for i in 0..20 {
+                let path = if i % 2 == 0 { "/dev/spin" } else { "/dev/bomb" };
+                send(proxy, "GET", path, &[("host", "fns.localhost")], None).await;
+            }
+        }
+    });
+    let noisy = p99(&w, "/dev/ping", "other.localhost", 100).await;
+    noise.await.unwrap();
+    assert!(noisy < quiet + Duration::from_millis(10), "p99 {quiet:?} alone, {noisy:?} beside a spinning tenant");
+
+    // Deleted: the path falls back to the environment's routes.
+    assert_eq!(v1(&w, "DELETE", &fn_path("fns", "dev/user/me"), None).await.0, 200);
+    w.until("/dev/user/me", &[("host", "fns.localhost")], |r| r.status == 404).await;
+    // An inactive environment serves no function.
+    assert_eq!(v1(&w, "PATCH", "api-gateways/fns/environments/dev", Some(json!({"state": "inactive"}))).await.0, 200);
+    let r = w.until("/dev/orders", &[("host", "fns.localhost")], |r| r.status == 503).await;
+    assert_eq!(r.json()["error_msg"], "this environment is inactive");
+    // A deleted gateway takes its functions along.
+    assert_eq!(v1(&w, "DELETE", "api-gateways/fns", None).await.0, 202);
+    until_gateway(&w, "fns", |s, _| s == 404).await;
+    let (s, b) = w.admin("GET", "/backup", None).await;
+    assert_eq!(s, 200);
+    assert!(!b.to_string().contains("platform/live/fns/"), "{b}");
+}

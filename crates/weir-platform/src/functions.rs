@@ -1,0 +1,418 @@
+//! `/v1/api-gateways/{gid}/functions`: a gateway's cloud functions. Saving a function stores
+//! it where the data plane's function routes read it (`weir_functions::live`), so it is live
+//! on every node as soon as the store's watch delivers it; it is compiled before it is stored,
+//! and a source that does not compile changes nothing.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use http::StatusCode;
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+use weir_core::error::ErrorKind;
+use weir_functions::live::{EnvDoc, FunctionDoc, env_key, function_key, partition_prefix};
+use weir_functions::{CompileError, Request};
+use weir_store::{Compare, Op, Txn, TxnOutcome};
+
+use crate::Platform;
+use crate::api::{Reply, bad_input, body, failure, json, not_found, store_down};
+use crate::model::Phase;
+use crate::tokens::Caller;
+
+/// A function's name: 1 to 8 segments of `[A-Za-z0-9_-]`.
+pub const FUNCTION_NAME: &str = "^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$";
+
+#[derive(Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum FnMethod {
+    Get,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Head,
+    Options,
+}
+
+/// `source`: one file (`code`, taken as TypeScript, of which JavaScript is a part) or several.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SourceInput {
+    #[schemars(length(max = 524288))]
+    pub code: Option<String>,
+    #[schemars(length(max = 64))]
+    pub files: Option<BTreeMap<String, String>>,
+    #[schemars(length(min = 1, max = 256))]
+    pub entrypoint: Option<String>,
+}
+
+/// `POST /v1/api-gateways/{gid}/functions`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateFunction {
+    #[schemars(regex(pattern = FUNCTION_NAME), length(max = 256))]
+    pub name: String,
+    pub source: SourceInput,
+    pub methods: Option<Vec<FnMethod>>,
+    #[schemars(length(max = 1000))]
+    pub description: Option<String>,
+    #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
+    pub tags: Option<Vec<String>>,
+    pub plugins: Option<Map<String, Value>>,
+    #[schemars(length(max = 64))]
+    pub semver: Option<String>,
+    #[schemars(length(max = 4000))]
+    pub changelog: Option<String>,
+}
+
+/// `PATCH .../functions/{fn}`: what is given replaces what was; a new source is a new version.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchFunction {
+    pub source: Option<SourceInput>,
+    pub methods: Option<Vec<FnMethod>>,
+    #[schemars(length(max = 1000))]
+    pub description: Option<String>,
+    #[schemars(length(max = 32), inner(length(min = 1, max = 64)))]
+    pub tags: Option<Vec<String>>,
+    pub plugins: Option<Map<String, Value>>,
+    #[schemars(length(max = 64))]
+    pub semver: Option<String>,
+    #[schemars(length(max = 4000))]
+    pub changelog: Option<String>,
+}
+
+/// `POST .../functions/{fn}/invoke`: a request to run the function on.
+#[derive(Deserialize, JsonSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeInput {
+    pub method: Option<FnMethod>,
+    #[schemars(length(max = 2048))]
+    pub path: Option<String>,
+    pub query: Option<BTreeMap<String, String>>,
+    pub headers: Option<BTreeMap<String, String>>,
+    /// A string is sent as it is; anything else as JSON.
+    pub body: Option<Value>,
+}
+
+fn method_names(m: &[FnMethod]) -> Vec<String> {
+    m.iter().map(|m| format!("{m:?}").to_ascii_uppercase()).collect()
+}
+
+/// The files and entry point of `source`, or why not.
+fn files_of(source: SourceInput) -> Result<(BTreeMap<String, String>, String), Reply> {
+    match (source.code, source.files, source.entrypoint) {
+        (Some(code), None, None) => Ok((BTreeMap::from([("index.ts".to_string(), code)]), "index.ts".to_string())),
+        (None, Some(files), Some(entry)) => Ok((files, entry)),
+        (None, Some(files), None) if files.len() == 1 => {
+            let entry = files.keys().next().cloned().unwrap_or_default();
+            Ok((files, entry))
+        }
+        _ => Err(bad_input(vec!["source: give either code, or files with their entrypoint".into()])),
+    }
+}
+
+fn compile_failure(e: &CompileError) -> Reply {
+    let mut reply = json!({"error": {"kind": ErrorKind::BadInput.name(), "message": e.to_string(), "problems": [e.to_string()], "file": e.file, "line": e.line, "column": e.column}});
+    if e.line == 0 {
+        reply["error"].as_object_mut().map(|o| o.retain(|k, _| k != "line" && k != "column"));
+    }
+    json(StatusCode::BAD_REQUEST, &reply)
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// A function as the API shows it: its full name (`dev/user/me`) and its source.
+fn shown(doc: &FunctionDoc) -> Value {
+    let mut v = serde_json::to_value(doc).expect("a function serializes");
+    v["name"] = json!(format!("{}/{}", doc.environment, doc.name));
+    v["functionName"] = json!(doc.name);
+    let files = v.as_object_mut().and_then(|o| o.remove("files")).unwrap_or(Value::Null);
+    let entry = v.as_object_mut().and_then(|o| o.remove("entrypoint")).unwrap_or(Value::Null);
+    v["source"] = json!({"files": files, "entrypoint": entry});
+    v
+}
+
+impl Platform {
+    /// Routes `/v1/api-gateways/{gid}/functions...`; `rest` is what follows `functions`.
+    pub(crate) async fn functions_api(&self, caller: &Caller, m: &http::Method, gid: &str, rest: &[&str], query: Option<&str>, raw: &Bytes) -> Reply {
+        use http::Method;
+        let full = rest.first().map(|f| weir_core::text::percent_decode(f).into_owned());
+        let split = full.as_deref().and_then(|f| f.split_once('/')).map(|(e, n)| (e.to_string(), n.to_string()));
+        if full.is_some() && split.as_ref().is_none_or(|(e, n)| !crate::model::ENVIRONMENTS.contains(&e.as_str()) || !weir_functions::valid_name(n)) {
+            return not_found("function");
+        }
+        let forbidden = |env: &str| crate::api::refuse(StatusCode::FORBIDDEN, &format!("this token may not change the {env} environment"));
+        match (m, split, rest.get(1..).unwrap_or_default()) {
+            (&Method::POST, None, []) if !caller.writes_env("dev") => forbidden("dev"),
+            (&Method::POST, None, []) => self.create_function(caller, gid, raw).await,
+            (&Method::GET, None, []) => self.list_functions(gid, query).await,
+            (&Method::GET, Some((env, name)), []) => match self.read_function(gid, &env, &name).await {
+                Ok((doc, _)) => json(StatusCode::OK, &shown(&doc)),
+                Err(r) => r,
+            },
+            (&Method::PATCH | &Method::DELETE, Some((env, _)), []) | (&Method::POST, Some((env, _)), ["invoke"]) if !caller.writes_env(&env) => forbidden(&env),
+            (&Method::PATCH, Some((env, name)), []) => self.patch_function(caller, gid, &env, &name, raw).await,
+            (&Method::DELETE, Some((env, name)), []) => self.delete_function(gid, &env, &name).await,
+            (&Method::POST, Some((env, name)), ["invoke"]) => self.invoke(gid, &env, &name, raw).await,
+            (&Method::GET, Some((env, name)), ["logs"]) => self.function_logs(gid, &env, &name, query).await,
+            _ => crate::api::refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
+        }
+    }
+
+    /// The gateway's document revision, when it may take functions.
+    async fn gateway_rev(&self, gid: &str) -> Result<i64, Reply> {
+        match self.docs.get(gid).await.map_err(store_down)? {
+            Some((gw, _)) if gw.phase == Phase::Deleting => Err(failure(ErrorKind::Conflict, "the gateway is being deleted", Vec::new())),
+            Some((_, rev)) => Ok(rev),
+            None => Err(not_found("gateway")),
+        }
+    }
+
+    /// Checks a function's plugin layer the way the gateway's layers are checked.
+    fn check_function_plugins(&self, plugins: &Map<String, Value>) -> Result<(), Reply> {
+        let mut problems = Vec::new();
+        crate::guard::layer(&self.cfg, "plugins (function layer)", plugins, &mut problems);
+        let holder = self.catalog.get("plugin_configs").expect("the catalog has plugin_configs");
+        if let Err(errors) = self.catalog.check(holder, &json!({"id": "check", "plugins": plugins}), self.plugins.as_ref()) {
+            problems.extend(errors.into_iter().map(|e| format!("plugins (function layer): {e}")));
+        }
+        if problems.is_empty() { Ok(()) } else { Err(bad_input(problems)) }
+    }
+
+    async fn create_function(&self, caller: &Caller, gid: &str, raw: &Bytes) -> Reply {
+        let input: CreateFunction = match body(raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let (files, entrypoint) = match files_of(input.source) {
+            Ok(f) => f,
+            Err(r) => return r,
+        };
+        if let Err(e) = weir_functions::source::compile(&files, &entrypoint) {
+            return compile_failure(&e);
+        }
+        let plugins = input.plugins.unwrap_or_default();
+        if let Err(r) = self.check_function_plugins(&plugins) {
+            return r;
+        }
+        let gw_rev = match self.gateway_rev(gid).await {
+            Ok(r) => r,
+            Err(r) => return r,
+        };
+        let now = now_rfc3339();
+        let doc = FunctionDoc {
+            name: input.name,
+            environment: "dev".into(),
+            files,
+            entrypoint,
+            methods: input.methods.as_deref().map(method_names).unwrap_or_default(),
+            description: input.description,
+            tags: input.tags.unwrap_or_default(),
+            plugins,
+            version: 1,
+            semver: input.semver,
+            changelog: input.changelog,
+            created_at: now.clone(),
+            updated_at: now,
+            updated_by: caller.name(),
+        };
+        let key = function_key(&self.prefix, gid, "dev", &doc.name);
+        let txn = Txn {
+            compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }],
+            ops: vec![Op::Put { key: key.clone(), value: Bytes::from(serde_json::to_vec(&doc).expect("a function serializes")) }],
+        };
+        match self.docs.store.txn(txn).await {
+            Ok(TxnOutcome::Committed { .. }) => json(StatusCode::CREATED, &shown(&doc)),
+            Ok(TxnOutcome::Conflict) => match self.docs.store.get(&key).await {
+                Ok(Some(_)) => failure(ErrorKind::Conflict, format!("function dev/{} already exists", doc.name), Vec::new()),
+                // The gateway changed meanwhile (its owner, the reconciler): its document is
+                // compared only so that a deleted gateway takes no function; try again.
+                Ok(None) => failure(ErrorKind::Conflict, "the gateway changed meanwhile; try again", Vec::new()),
+                Err(e) => store_down(e),
+            },
+            Err(e) => store_down(e),
+        }
+    }
+
+    async fn list_functions(&self, gid: &str, query: Option<&str>) -> Reply {
+        if let Err(r) = self.gateway_rev(gid).await {
+            return r;
+        }
+        let env = query.and_then(|q| weir_core::text::query_param(q, "environment"));
+        let dir = format!("{}fn/{}", partition_prefix(&self.prefix, gid), env.map(|e| format!("{e}/")).unwrap_or_default());
+        match self.docs.store.list(&dir).await {
+            Ok((kvs, _)) => {
+                let list: Vec<Value> = kvs.iter().filter_map(|kv| serde_json::from_slice::<FunctionDoc>(&kv.value).ok()).map(|d| shown(&d)).collect();
+                json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
+            }
+            Err(e) => store_down(e),
+        }
+    }
+
+    async fn read_function(&self, gid: &str, env: &str, name: &str) -> Result<(FunctionDoc, i64), Reply> {
+        let key = function_key(&self.prefix, gid, env, name);
+        match self.docs.store.get(&key).await.map_err(store_down)? {
+            Some(kv) => serde_json::from_slice::<FunctionDoc>(&kv.value).map(|d| (d, kv.mod_revision)).map_err(|e| failure(ErrorKind::Internal, format!("stored function: {e}"), Vec::new())),
+            None => Err(not_found("function")),
+        }
+    }
+
+    async fn patch_function(&self, caller: &Caller, gid: &str, env: &str, name: &str, raw: &Bytes) -> Reply {
+        let input: PatchFunction = match body(raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let source = match input.source.map(files_of).transpose() {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+        if let Some((files, entry)) = &source
+            && let Err(e) = weir_functions::source::compile(files, entry)
+        {
+            return compile_failure(&e);
+        }
+        if let Some(p) = &input.plugins
+            && let Err(r) = self.check_function_plugins(p)
+        {
+            return r;
+        }
+        loop {
+            let (mut doc, rev) = match self.read_function(gid, env, name).await {
+                Ok(d) => d,
+                Err(r) => return r,
+            };
+            if let Some((files, entry)) = &source {
+                if (files, entry) != (&doc.files, &doc.entrypoint) {
+                    doc.version += 1;
+                }
+                doc.files = files.clone();
+                doc.entrypoint = entry.clone();
+            }
+            if let Some(m) = &input.methods {
+                doc.methods = method_names(m);
+            }
+            if let Some(d) = &input.description {
+                doc.description = Some(d.clone());
+            }
+            if let Some(t) = &input.tags {
+                doc.tags = t.clone();
+            }
+            if let Some(p) = &input.plugins {
+                doc.plugins = p.clone();
+            }
+            if let Some(s) = &input.semver {
+                doc.semver = Some(s.clone());
+            }
+            if let Some(c) = &input.changelog {
+                doc.changelog = Some(c.clone());
+            }
+            doc.updated_at = now_rfc3339();
+            doc.updated_by = caller.name();
+            let key = function_key(&self.prefix, gid, env, name);
+            let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops: vec![Op::Put { key, value: Bytes::from(serde_json::to_vec(&doc).expect("a function serializes")) }] };
+            match self.docs.store.txn(txn).await {
+                Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::OK, &shown(&doc)),
+                // Changed meanwhile: applied again on what is there now.
+                Ok(TxnOutcome::Conflict) => continue,
+                Err(e) => return store_down(e),
+            }
+        }
+    }
+
+    async fn delete_function(&self, gid: &str, env: &str, name: &str) -> Reply {
+        let (doc, rev) = match self.read_function(gid, env, name).await {
+            Ok(d) => d,
+            Err(r) => return r,
+        };
+        let key = function_key(&self.prefix, gid, env, name);
+        let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops: vec![Op::Delete { key }] };
+        match self.docs.store.txn(txn).await {
+            Ok(TxnOutcome::Committed { .. }) => json(StatusCode::OK, &json!({"deleted": format!("{env}/{}", doc.name)})),
+            Ok(TxnOutcome::Conflict) => failure(ErrorKind::Conflict, "the function changed meanwhile; try again", Vec::new()),
+            Err(e) => store_down(e),
+        }
+    }
+
+    /// Runs the stored function as a request would, without the route's plugins, and answers
+    /// with what it answered and logged.
+    async fn invoke(&self, gid: &str, env: &str, name: &str, raw: &Bytes) -> Reply {
+        let input: InvokeInput = if raw.is_empty() {
+            InvokeInput::default()
+        } else {
+            match body(raw) {
+                Ok(b) => b,
+                Err(r) => return r,
+            }
+        };
+        let Some(functions) = self.functions.get() else { return failure(ErrorKind::Unavailable, "functions do not run on this node", Vec::new()) };
+        let key = function_key(&self.prefix, gid, env, name);
+        let stored = match self.docs.store.get(&key).await {
+            Ok(Some(kv)) => kv.value,
+            Ok(None) => return not_found("function"),
+            Err(e) => return store_down(e),
+        };
+        let env_doc: EnvDoc = match self.docs.store.get(&env_key(&self.prefix, gid, env)).await {
+            Ok(Some(kv)) => serde_json::from_slice(&kv.value).unwrap_or_default(),
+            Ok(None) => return failure(ErrorKind::Unavailable, "the gateway is not started yet", Vec::new()),
+            Err(e) => return store_down(e),
+        };
+        let mut headers: Vec<(String, String)> = input.headers.unwrap_or_default().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
+        let body = match input.body {
+            None => None,
+            Some(Value::String(s)) => Some(s),
+            Some(v) => {
+                if !headers.iter().any(|(k, _)| k == "content-type") {
+                    headers.push(("content-type".into(), "application/json".into()));
+                }
+                Some(v.to_string())
+            }
+        };
+        let request = Request {
+            method: input.method.map(|m| method_names(&[m]).remove(0)).unwrap_or_else(|| "POST".into()),
+            path: input.path.unwrap_or_else(|| format!("/{env}/{name}")),
+            query: input.query.unwrap_or_default().into_iter().collect(),
+            headers,
+            body,
+            request_id: format!("invoke-{}", fastrand::u64(..)),
+            user: None,
+        };
+        let started = std::time::Instant::now();
+        match functions.invoke(gid, &env_doc, &key, &stored, request).await {
+            Ok(outcome) => {
+                let took = started.elapsed().as_secs_f64() * 1000.0;
+                let logs = outcome.logs.clone();
+                let (status, headers, bytes) = weir_functions::live::answer(outcome, env_doc.debug, &env_doc.limits.limits());
+                let headers: Map<String, Value> = headers.into_iter().map(|(k, v)| (k, json!(v))).collect();
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let is_json = headers.get("content-type").and_then(Value::as_str).is_some_and(|t| t.contains("json"));
+                let body = if is_json { serde_json::from_str(&text).unwrap_or(Value::String(text)) } else { Value::String(text) };
+                json(StatusCode::OK, &json!({"status": status, "headers": headers, "body": body, "logs": logs, "durationMs": took}))
+            }
+            Err(e) => failure(ErrorKind::Unavailable, e, Vec::new()),
+        }
+    }
+
+    async fn function_logs(&self, gid: &str, env: &str, name: &str, query: Option<&str>) -> Reply {
+        if let Err(r) = self.read_function(gid, env, name).await {
+            return r;
+        }
+        let since = match query.and_then(|q| weir_core::text::query_param(q, "since")) {
+            None => 0,
+            Some(s) => match time::OffsetDateTime::parse(&weir_core::text::percent_decode(s), &time::format_description::well_known::Rfc3339) {
+                Ok(t) => t.unix_timestamp_nanos() / 1_000_000,
+                Err(_) => return bad_input(vec![format!("since: {s:?} is not an RFC 3339 time")]),
+            },
+        };
+        let limit = match query.and_then(|q| weir_core::text::query_param(q, "limit")).map(str::parse::<usize>) {
+            None => 100,
+            Some(Ok(n)) if (1..=weir_functions::LOG_LINES).contains(&n) => n,
+            Some(_) => return bad_input(vec![format!("limit: a number from 1 to {}", weir_functions::LOG_LINES)]),
+        };
+        let lines = self.functions.get().and_then(|f| f.logs(gid, env, name)).map(|l| l.since(since, limit)).unwrap_or_default();
+        json(StatusCode::OK, &json!({"list": lines, "total": lines.len()}))
+    }
+}
