@@ -88,6 +88,8 @@ pub struct FetchRequest {
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: Option<Vec<u8>>,
+    /// The gateway's `fetchAllowList`.
+    pub allow: Arc<Vec<String>>,
     /// Where the answer goes.
     pub reply: Box<dyn FnOnce(Result<(u16, Vec<(String, String)>, Vec<u8>), String>) + Send>,
 }
@@ -100,6 +102,8 @@ pub(crate) struct Job {
     pub table: Table,
     pub vars: Arc<serde_json::Map<String, serde_json::Value>>,
     pub limits: Limits,
+    /// `host:port` entries `fetch` may reach.
+    pub allow: Arc<Vec<String>>,
     pub request: Request,
     pub reply: tokio::sync::oneshot::Sender<Outcome>,
 }
@@ -441,7 +445,7 @@ fn run(gateway: String, memory: usize, rx: mpsc::Receiver<Msg>, back: mpsc::Send
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
-        start_fetches(&js, &gateway, &back, fetcher.as_ref());
+        start_fetches(&js, &calls, &gateway, &back, fetcher.as_ref());
         if broken {
             // Out of memory: a fresh runtime; the calls in flight cannot continue.
             for (id, live) in std::mem::take(&mut calls) {
@@ -676,15 +680,17 @@ fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> boo
     })
 }
 
-fn start_fetches(js: &Js, gateway: &str, back: &mpsc::Sender<Msg>, fetcher: Option<&Fetcher>) {
+fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &mpsc::Sender<Msg>, fetcher: Option<&Fetcher>) {
     let started = std::mem::take(&mut js.host.borrow_mut().fetches);
     for (call, id, method, url, headers, body) in started {
+        // A fetch of a call that ended meanwhile is not made.
+        let Some(allow) = calls.get(&call).map(|l| l.job.allow.clone()) else { continue };
         let back = back.clone();
         let reply = Box::new(move |result| {
             let _ = back.send(Msg::Fetched(Fetched { call, id, result }));
         });
         match fetcher {
-            Some(fetcher) => fetcher(FetchRequest { gateway: gateway.to_string(), method, url, headers, body, reply }),
+            Some(fetcher) => fetcher(FetchRequest { gateway: gateway.to_string(), method, url, headers, body, allow, reply }),
             None => reply(Err("fetch is not available on this node".into())),
         }
     }

@@ -10,6 +10,7 @@
 //! - [`guard`]: where a function's `fetch` may go.
 
 pub mod engine;
+pub mod fetch;
 pub mod guard;
 pub mod live;
 pub mod source;

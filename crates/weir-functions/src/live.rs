@@ -141,7 +141,7 @@ impl Functions {
         let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
         let table = table.unwrap_or_else(|| Arc::new(HashMap::from([(func.name.clone(), func.clone())])));
-        FunctionHandler::run(engine, func, table, Arc::new(env.vars.clone()), limits, request).await.ok_or_else(|| "too many calls of this gateway's functions are in flight".to_string())
+        FunctionHandler::run(engine, func, table, Arc::new(env.vars.clone()), limits, Arc::new(env.fetch_allow_list.clone()), request).await.ok_or_else(|| "too many calls of this gateway's functions are in flight".to_string())
     }
 
     /// The log buffer of function `{gid}/{env}/{name}`, kept while the function is loaded.
@@ -238,6 +238,7 @@ impl Contributor for Functions {
                 t.insert(format!("{gid}/{env_name}"), table.clone());
             }
             let vars = Arc::new(env.vars.clone());
+            let allow = Arc::new(env.fetch_allow_list.clone());
             for (doc, func) in list {
                 engine.warm(func.clone(), table.clone());
                 let handler: Arc<dyn Handler> = Arc::new(FunctionHandler {
@@ -246,6 +247,7 @@ impl Contributor for Functions {
                     table: table.clone(),
                     vars: vars.clone(),
                     limits,
+                    allow: allow.clone(),
                     debug: env.debug,
                 });
                 let mut plugins = env.plugins.clone();
@@ -285,6 +287,7 @@ pub struct FunctionHandler {
     table: Table,
     vars: Arc<Map<String, Value>>,
     limits: crate::Limits,
+    allow: Arc<Vec<String>>,
     debug: bool,
 }
 
@@ -336,8 +339,8 @@ pub fn respond(outcome: Outcome, debug: bool, limits: &crate::Limits) -> Respons
 
 impl FunctionHandler {
     /// Runs the function on `request`, as a route's call or the platform's invoke does.
-    pub async fn run(engine: Arc<Engine>, func: Arc<Function>, table: Table, vars: Arc<Map<String, Value>>, limits: crate::Limits, request: Request) -> Option<Outcome> {
-        engine.call(move |reply| Job { func, table, vars, limits, request, reply }).await
+    pub async fn run(engine: Arc<Engine>, func: Arc<Function>, table: Table, vars: Arc<Map<String, Value>>, limits: crate::Limits, allow: Arc<Vec<String>>, request: Request) -> Option<Outcome> {
+        engine.call(move |reply| Job { func, table, vars, limits, allow, request, reply }).await
     }
 }
 
@@ -375,9 +378,9 @@ impl Handler for FunctionHandler {
             return Box::pin(async move { resp });
         }
         let request = request_of(&call.parts, &call.body, call.consumer);
-        let (engine, func, table, vars, limits, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.debug);
+        let (engine, func, table, vars, limits, allow, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.allow.clone(), self.debug);
         Box::pin(async move {
-            match FunctionHandler::run(engine, func, table, vars, limits, request).await {
+            match FunctionHandler::run(engine, func, table, vars, limits, allow, request).await {
                 Some(outcome) => respond(outcome, debug, &limits),
                 None => {
                     let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "too many calls of this gateway's functions are in flight", None);

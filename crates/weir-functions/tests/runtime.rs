@@ -44,7 +44,7 @@ impl Gw {
 
     async fn call_with(&self, name: &str, req: Request, limits: Limits) -> Outcome {
         let f = self.table[name].clone();
-        FunctionHandler::run(self.engine.clone(), f, self.table.clone(), self.vars.clone(), limits, req).await.expect("under the concurrency cap")
+        FunctionHandler::run(self.engine.clone(), f, self.table.clone(), self.vars.clone(), limits, Arc::default(), req).await.expect("under the concurrency cap")
     }
 }
 
@@ -176,10 +176,10 @@ async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
     let mut running = Vec::new();
     for _ in 0..3 {
         let (engine, f, table, vars) = (gw.engine.clone(), gw.table["slow"].clone(), gw.table.clone(), gw.vars.clone());
-        running.push(tokio::spawn(FunctionHandler::run(engine, f, table, vars, cap, get("/"))));
+        running.push(tokio::spawn(FunctionHandler::run(engine, f, table, vars, cap, Arc::default(), get("/"))));
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let refused = FunctionHandler::run(gw.engine.clone(), gw.table["slow"].clone(), gw.table.clone(), gw.vars.clone(), cap, get("/")).await;
+    let refused = FunctionHandler::run(gw.engine.clone(), gw.table["slow"].clone(), gw.table.clone(), gw.vars.clone(), cap, Arc::default(), get("/")).await;
     assert!(refused.is_none());
     for r in running {
         assert_eq!(r.await.unwrap().unwrap().result.unwrap().body, b"done");

@@ -68,6 +68,20 @@ enum Command {
     },
 }
 
+/// Fixed answers for names functions fetch, from `WEIR_FUNCTIONS_TEST_HOSTS`
+/// (`name=ip,name=ip`): how a test makes a name resolve to a private address without DNS.
+fn test_hosts() -> weir_functions::fetch::Names {
+    let mut names = weir_functions::fetch::Names::default();
+    for pair in std::env::var("WEIR_FUNCTIONS_TEST_HOSTS").unwrap_or_default().split(',') {
+        if let Some((name, ip)) = pair.split_once('=')
+            && let Ok(ip) = ip.trim().parse()
+        {
+            names.fixed.entry(name.trim().to_ascii_lowercase()).or_default().push(ip);
+        }
+    }
+    names
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -395,7 +409,11 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         let mut bound = Vec::new();
         // Tenants' functions run where the data plane does; the platform's `invoke` uses the
         // same runtimes.
-        let functions = (role != DeployRole::ControlPlane && cfg.platform.enabled.unwrap_or(true)).then(|| weir_functions::live::Functions::new(&prefix, weir_functions::live::Settings::default()));
+        let fetch_allowed: Vec<ipnet::IpNet> = cfg.platform.functions.fetch_allow_networks.iter().map(|n| n.parse().with_context(|| format!("platform.functions.fetch_allow_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
+        let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, Vec::new()), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
+        let settings = weir_functions::live::Settings { fetcher: Some(outbound.fetcher()) };
+        let functions = (role != DeployRole::ControlPlane && cfg.platform.enabled.unwrap_or(true)).then(|| weir_functions::live::Functions::new(&prefix, settings));
+        let mut own_addrs: Vec<std::net::SocketAddr> = Vec::new();
         if role != DeployRole::ControlPlane {
             let mut builder = Builder::new(&prefix, keyring.clone(), plugins.clone());
             if let Some(f) = &functions {
@@ -410,8 +428,10 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
                 .with_limits(cfg.proxy.limits()));
             bound = weir_proxy::server::start(&cfg.proxy.listen, &cfg.proxy.tls_listen, cfg.proxy.workers, proxy)?;
         }
+        own_addrs.extend(bound.iter().map(|(a, _)| *a));
         if let Some(addr) = cfg.status.listen {
             let l = listen(addr).await?;
+            own_addrs.push(l.local_addr()?);
             announce(format_args!("weir: status listening on http://{}", l.local_addr()?));
             let serves_traffic = role != DeployRole::ControlPlane;
             listeners.push(tokio::spawn(weir_proxy::status::serve(l, role.name(), serves_traffic.then(|| sync.clone()))));
@@ -420,6 +440,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         if prom.enable_export_server && role != DeployRole::ControlPlane {
             let addr = std::net::SocketAddr::new(prom.export_addr.ip, prom.export_addr.port);
             let l = listen(addr).await?;
+            own_addrs.push(l.local_addr()?);
             announce(format_args!("weir: prometheus metrics on http://{}{}", l.local_addr()?, prom.export_uri));
             listeners.push(tokio::spawn(weir_proxy::exporter::serve(l, prom.export_uri.clone())));
         }
@@ -430,6 +451,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         if role != DeployRole::DataPlane {
             let admin_listener = listen(cfg.admin.listen).await?;
             let admin_addr = admin_listener.local_addr()?;
+            own_addrs.push(admin_addr);
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
             let mut admin = Admin::new(store.clone(), prefix.clone(), keys, plugins.clone(), keyring.clone()).with_control(control);
             // The platform runs where the Admin API does; with a file store there is neither.
@@ -446,6 +468,8 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             listeners.push(tokio::spawn(weir_admin::serve(admin_listener, admin, cfg.admin.limits())));
             announce(format_args!("weir: admin listening on http://{admin_addr}"));
         }
+        // A function's fetch never reaches this node's own listeners.
+        outbound.set_policy(weir_functions::guard::Policy::new(&fetch_allowed, own_addrs));
         announce(format_args!("weir: ready ({})", role.name()));
 
         let mut live = cfg;

@@ -674,3 +674,55 @@ async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plug
     assert_eq!(s, 200);
     assert!(!b.to_string().contains("platform/live/fns/"), "{b}");
 }
+
+/// A function's `fetch` reaches hosts on its gateway's allow list and nothing of this node or
+/// of private networks: loopback (the admin and proxy listeners among it), `localhost`, `[::1]`,
+/// and names that resolve to private or link-local addresses (in a resolver of the test's: no
+/// packet leaves loopback).
+#[tokio::test]
+async fn fetch_reaches_allowed_hosts_and_never_this_node_or_private_networks() {
+    let w = platform_weir(
+        "  type: embedded\n  path: \"{data}\"\n",
+        "  denied_networks: []\n  functions:\n    fetch_allow_networks: [\"127.0.0.2/32\"]\n",
+        &[("WEIR_FUNCTIONS_TEST_HOSTS", "evil.test=10.1.2.3,metadata.test=169.254.169.254,inside.test=fd00::1")],
+    );
+    let up = Upstream::start_at("allowed", "127.0.0.2:0".parse().unwrap()).await;
+    let admin = w.admin.port();
+    let proxy = w.proxy.port();
+    let allow = json!([up.node(), format!("127.0.0.1:{admin}"), format!("127.0.0.1:{proxy}"), format!("127.0.0.1:{}", up.addr.port()), format!("localhost:{proxy}"), format!("[::1]:{proxy}"), "evil.test:80", "metadata.test:80", "inside.test:443"]);
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Fetcher", "gatewayId": "fetcher", "fetchAllowList": allow}))).await;
+    assert_eq!(s, 201, "{b}");
+    until_gateway(&w, "fetcher", |_, b| b["phase"] == "Started").await;
+    let code = "export default async (ctx) => { try { const r = await fetch(ctx.query.url, { method: ctx.query.method || 'GET', headers: { 'x-from': 'fn' } }); return { ok: true, status: r.status, body: await r.json() } } catch (e) { return { ok: false, error: e.message } } }";
+    assert_eq!(v1(&w, "POST", "api-gateways/fetcher/functions", Some(json!({"name": "get", "source": {"code": code}}))).await.0, 201);
+    let w = &w;
+    let fetch = |url: String| {
+        let path = format!("/dev/get?url={}", url.replace(':', "%3A").replace('/', "%2F").replace('[', "%5B").replace(']', "%5D"));
+        async move { w.until(&path, &[("host", "fetcher.localhost")], |r| r.status != 404).await.json() }
+    };
+    let ok = fetch(format!("http://{}/hello?x=1", up.node())).await;
+    assert_eq!((&ok["ok"], &ok["status"], &ok["body"]["uri"]), (&json!(true), &json!(200), &json!("/hello?x=1")), "{ok}");
+    assert_eq!(ok["body"]["headers"]["x-from"], "fn", "{ok}");
+    let refused = [
+        (format!("http://127.0.0.1:{admin}/apisix/admin/routes"), "own listeners"),
+        (format!("http://127.0.0.1:{proxy}/"), "own listeners"),
+        (format!("http://127.0.0.1:{}/", up.addr.port()), "127.0.0.0/8"),
+        (format!("http://localhost:{proxy}/"), "refused"),
+        (format!("http://[::1]:{proxy}/"), "::1/128"),
+        ("http://evil.test/".to_string(), "10.0.0.0/8"),
+        ("http://metadata.test/latest/meta-data".to_string(), "169.254.0.0/16"),
+        ("https://inside.test/".to_string(), "fc00::/7"),
+        ("http://not-listed.test/".to_string(), "fetchAllowList"),
+        ("file:///etc/passwd".to_string(), "only http and https"),
+    ];
+    let hits = up.hits.load(std::sync::atomic::Ordering::SeqCst);
+    for (url, why) in refused {
+        let r = fetch(url.clone()).await;
+        assert_eq!(r["ok"], false, "{url}: {r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(error.contains(why) && (error.contains("refused") || error.contains("only http")), "{url}: {error}");
+    }
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
+    let log = w.log();
+    assert!(!log.contains("panicked"), "{log}");
+}

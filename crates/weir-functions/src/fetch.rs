@@ -1,0 +1,142 @@
+//! Functions' `fetch`, carried out on the node's runtime: the URL's `host:port` must be on the
+//! gateway's `fetchAllowList`; the name is resolved once, every address it resolves to must
+//! pass [`Policy::refuse`], and the connection goes to a checked address (so a name cannot
+//! pass the check with one address and connect to another). Responses are bounded.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::TokioIo;
+
+use crate::engine::{FetchRequest, Fetcher};
+use crate::guard::{Policy, allowed, authority};
+
+/// The largest response body a fetch reads.
+pub const MAX_RESPONSE: usize = 8 << 20;
+/// How long a fetch may take, connection and body included (the call's wall clock bounds it too).
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How names are resolved: the system's resolver, with fixed answers for some names first
+/// (tests make a name resolve to a private address without any DNS).
+#[derive(Clone, Default)]
+pub struct Names {
+    pub fixed: HashMap<String, Vec<IpAddr>>,
+}
+
+impl Names {
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        if let Some(ips) = self.fixed.get(host) {
+            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+        }
+        let found: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await.map_err(|e| format!("cannot resolve {host}: {e}"))?.collect();
+        if found.is_empty() { Err(format!("{host} resolves to no address")) } else { Ok(found) }
+    }
+}
+
+/// The node's outbound client for functions.
+pub struct Outbound {
+    policy: RwLock<Policy>,
+    names: Names,
+    tls: Arc<rustls::ClientConfig>,
+    rt: tokio::runtime::Handle,
+}
+
+impl Outbound {
+    pub fn new(policy: Policy, names: Names, rt: tokio::runtime::Handle) -> Result<Arc<Outbound>, String> {
+        let tls = weir_tls::client_config(true, None, false)?;
+        Ok(Arc::new(Outbound { policy: RwLock::new(policy), names, tls, rt }))
+    }
+
+    /// Replaces the policy (once the node's listeners are bound, say).
+    pub fn set_policy(&self, policy: Policy) {
+        if let Ok(mut p) = self.policy.write() {
+            *p = policy;
+        }
+    }
+
+    /// Functions' fetches, carried out on the node's runtime.
+    pub fn fetcher(self: &Arc<Self>) -> Fetcher {
+        let me = self.clone();
+        Arc::new(move |req: FetchRequest| {
+            let me = me.clone();
+            let rt = me.rt.clone();
+            rt.spawn(async move {
+                let FetchRequest { gateway, method, url, headers, body, allow, reply } = req;
+                let result = match tokio::time::timeout(TIMEOUT, me.fetch(&method, &url, headers, body, &allow)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("fetch {url}: no answer within {}s", TIMEOUT.as_secs())),
+                };
+                if let Err(e) = &result {
+                    tracing::debug!(%gateway, error = %e, "a function's fetch failed");
+                }
+                reply(result);
+            });
+        })
+    }
+
+    async fn fetch(&self, method: &str, url: &str, headers: Vec<(String, String)>, body: Option<Vec<u8>>, allow: &[String]) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
+        let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+        if !lower.starts_with("http://") && !lower.starts_with("https://") {
+            return Err(format!("fetch: {url:?}: only http and https URLs may be fetched"));
+        }
+        let uri: http::Uri = url.parse().map_err(|_| format!("fetch: {url:?} is not a URL"))?;
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(format!("fetch: {url:?}: only http and https URLs may be fetched")),
+        };
+        let (host, port) = authority(&uri).ok_or_else(|| format!("fetch: {url:?} has no host"))?;
+        if !allowed(allow, &host, port) {
+            return Err(format!("fetch to {host}:{port} refused: it is not on this gateway's fetchAllowList"));
+        }
+        let addrs = self.names.resolve(&host, port).await.map_err(|e| format!("fetch to {host}:{port} failed: {e}"))?;
+        {
+            let policy = self.policy.read().map_err(|_| "fetch: the policy is unreadable".to_string())?;
+            for addr in &addrs {
+                if let Some(why) = policy.refuse(*addr) {
+                    return Err(format!("fetch to {host}:{port} refused: {why}"));
+                }
+            }
+        }
+        let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(addrs[0]))
+            .await
+            .map_err(|_| format!("fetch to {host}:{port}: connecting timed out"))?
+            .map_err(|e| format!("fetch to {host}:{port}: {e}"))?;
+        let host_header = if (https && port == 443) || (!https && port == 80) { host.clone() } else { format!("{host}:{port}") };
+        let mut req = http::Request::builder().method(method).uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")).header(http::header::HOST, host_header);
+        for (k, v) in headers {
+            let lower = k.to_ascii_lowercase();
+            if !["host", "connection", "content-length", "transfer-encoding", "upgrade", "keep-alive", "te", "trailer"].contains(&lower.as_str()) {
+                req = req.header(k, v);
+            }
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| format!("fetch: {e}"))?;
+        if https {
+            let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("fetch: {e}"))?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| format!("fetch to {host}:{port}: TLS: {e}"))?;
+            exchange(tls, req).await
+        } else {
+            exchange(tcp, req).await
+        }
+    }
+}
+
+async fn exchange<S>(io: S, req: http::Request<Full<Bytes>>) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| format!("fetch: {e}"))?;
+    tokio::spawn(conn);
+    let resp = sender.send_request(req).await.map_err(|e| format!("fetch: {e}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+    let body = Limited::new(resp.into_body(), MAX_RESPONSE).collect().await.map_err(|e| format!("fetch: the response body: {e}"))?.to_bytes();
+    Ok((status, headers, body.to_vec()))
+}
