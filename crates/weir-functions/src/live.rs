@@ -93,6 +93,8 @@ pub fn function_key(prefix: &str, gid: &str, env: &str, name: &str) -> String {
 pub struct Settings {
     /// Carries out functions' fetches; `None`: fetch fails with a clear error.
     pub fetcher: Option<Fetcher>,
+    /// Opens the gateway's secret variables.
+    pub keyring: Option<Arc<weir_tls::Keyring>>,
 }
 
 /// Lowers gateways' functions into routes, and keeps one runtime per gateway and what each
@@ -141,7 +143,19 @@ impl Functions {
         let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
         let table = table.unwrap_or_else(|| Arc::new(HashMap::from([(func.name.clone(), func.clone())])));
-        FunctionHandler::run(engine, func, table, Arc::new(env.vars.clone()), limits, Arc::new(env.fetch_allow_list.clone()), request).await.ok_or_else(|| "too many calls of this gateway's functions are in flight".to_string())
+        FunctionHandler::run(engine, func, table, Arc::new(self.open_vars(&env.vars)), limits, Arc::new(env.fetch_allow_list.clone()), request).await.ok_or_else(|| "too many calls of this gateway's functions are in flight".to_string())
+    }
+
+    /// The variables with their secret values opened; one that does not open is left out.
+    fn open_vars(&self, vars: &Map<String, Value>) -> Map<String, Value> {
+        let Some(keyring) = &self.settings.keyring else { return vars.clone() };
+        vars.iter()
+            .filter_map(|(k, v)| match v.as_str().map(|s| keyring.open_field(s).map(|o| o.into_owned())) {
+                Some(Ok(plain)) => Some((k.clone(), Value::String(plain))),
+                Some(Err(_)) => None,
+                None => Some((k.clone(), v.clone())),
+            })
+            .collect()
     }
 
     /// The log buffer of function `{gid}/{env}/{name}`, kept while the function is loaded.
@@ -237,7 +251,7 @@ impl Contributor for Functions {
             if let Ok(mut t) = self.tables.lock() {
                 t.insert(format!("{gid}/{env_name}"), table.clone());
             }
-            let vars = Arc::new(env.vars.clone());
+            let vars = Arc::new(self.open_vars(&env.vars));
             let allow = Arc::new(env.fetch_allow_list.clone());
             for (doc, func) in list {
                 engine.warm(func.clone(), table.clone());

@@ -193,6 +193,7 @@ impl Platform {
             retry_at: 0,
             limits: weir_functions::LimitsDoc::default(),
             fetch_allow_list: input.fetch_allow_list.unwrap_or_default(),
+            env: input.env.unwrap_or_default(),
         };
         if let Some(l) = input.limits {
             apply_limits(&mut gw.limits, l);
@@ -353,7 +354,7 @@ impl Platform {
             Ok(b) => b,
             Err(r) => return r,
         };
-        let only_stops = input.name.is_none() && input.plugins.is_none() && input.custom_domains.is_none() && input.promotion_pipeline.is_none() && input.limits.is_none() && input.fetch_allow_list.is_none() && input.state != Some(State::Running);
+        let only_stops = input.name.is_none() && input.plugins.is_none() && input.custom_domains.is_none() && input.promotion_pipeline.is_none() && input.limits.is_none() && input.fetch_allow_list.is_none() && input.env.is_none() && input.state != Some(State::Running);
         let changed = self
             .change(gid, !only_stops, |gw| {
                 if let Some(n) = &input.name {
@@ -376,6 +377,9 @@ impl Platform {
                 }
                 if let Some(a) = &input.fetch_allow_list {
                     gw.fetch_allow_list = a.clone();
+                }
+                if let Some(e) = &input.env {
+                    gw.env = e.clone();
                 }
                 Ok(())
             })
@@ -675,6 +679,12 @@ impl Platform {
         for (field, asked, most) in [("timeoutMs", l.timeout_ms, max.timeout_ms), ("wallMs", l.wall_ms, max.wall_ms), ("memoryMiB", l.memory_mib, max.memory_mib), ("concurrency", l.concurrency as u64, max.concurrency as u64)] {
             if asked > most {
                 problems.push(format!("limits.{field}: {asked} is over this node's maximum of {most}"));
+            }
+        }
+        let mut names = BTreeSet::new();
+        for (i, var) in gw.env.iter().enumerate() {
+            if !names.insert(var.name.as_str()) {
+                problems.push(format!("env.{i}.name: {} is given twice", var.name));
             }
         }
         for (i, entry) in gw.fetch_allow_list.iter().enumerate() {

@@ -52,6 +52,9 @@ impl Docs {
             weir_catalog::sealing::open(&self.keyring, PluginSlot::Route, &mut holder).map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)))?;
             *layer = unhold(holder);
         }
+        for var in gw.env.iter_mut().filter(|v| v.secret) {
+            var.value = self.keyring.open_field(&var.value).map_err(|e| StoreError::Corrupt(format!("{}: env {}: {e}", kv.key, var.name)))?.into_owned();
+        }
         Ok(gw)
     }
 
@@ -62,6 +65,9 @@ impl Docs {
             let mut holder = holder(layer);
             weir_catalog::sealing::seal(&self.keyring, self.plugins.as_ref(), PluginSlot::Route, &mut holder);
             *layer = unhold(holder);
+        }
+        for var in gw.env.iter_mut().filter(|v| v.secret) {
+            var.value = self.keyring.seal_field(&var.value);
         }
         Bytes::from(serde_json::to_vec(&gw).expect("a gateway serializes"))
     }

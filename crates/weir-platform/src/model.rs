@@ -108,6 +108,22 @@ pub struct Gateway {
     /// `host:port` entries the gateway's functions may `fetch`.
     #[serde(default)]
     pub fetch_allow_list: Vec<String>,
+    /// Variables the gateway's functions read as `imp.env`; secret values are sealed in the
+    /// store and never shown.
+    #[serde(default)]
+    pub env: Vec<EnvVar>,
+}
+
+/// One of a gateway's variables.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EnvVar {
+    #[schemars(regex(pattern = "^[A-Za-z_][A-Za-z0-9_]{0,127}$"))]
+    pub name: String,
+    #[schemars(length(max = 32768))]
+    pub value: String,
+    #[serde(default)]
+    pub secret: bool,
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug)]
@@ -151,6 +167,14 @@ impl Gateway {
                 o.remove(k);
             }
         }
+        // A secret variable's value is never shown.
+        if let Some(vars) = v.get_mut("env").and_then(Value::as_array_mut) {
+            for var in vars.iter_mut().filter(|v| v["secret"] == true) {
+                if let Some(o) = var.as_object_mut() {
+                    o.remove("value");
+                }
+            }
+        }
         v
     }
 
@@ -173,6 +197,8 @@ pub struct CreateGateway {
     pub limits: Option<LimitsInput>,
     #[schemars(length(max = 64), inner(length(min = 1, max = 260)))]
     pub fetch_allow_list: Option<Vec<String>>,
+    #[schemars(length(max = 100))]
+    pub env: Option<Vec<EnvVar>>,
 }
 
 /// A gateway's function limits, each within the node's maxima.
@@ -204,6 +230,8 @@ pub struct PatchGateway {
     pub limits: Option<LimitsInput>,
     #[schemars(length(max = 64), inner(length(min = 1, max = 260)))]
     pub fetch_allow_list: Option<Vec<String>>,
+    #[schemars(length(max = 100))]
+    pub env: Option<Vec<EnvVar>>,
 }
 
 /// `PATCH /v1/api-gateways/{gid}/environments/{env}`: what is given replaces what was; `null`

@@ -366,6 +366,9 @@ impl Platform {
                 let mut holder_obj = json!({"plugins": old.plugins}).as_object().cloned().unwrap_or_default();
                 let _ = weir_catalog::sealing::open(&self.docs.keyring, holder.plugins(), &mut holder_obj);
                 old.plugins = holder_obj.remove("plugins").and_then(|p| p.as_object().cloned()).unwrap_or_default();
+                let mut vars = Value::Object(std::mem::take(&mut old.vars));
+                let _ = self.docs.keyring.open_fields(&mut vars);
+                old.vars = vars.as_object().cloned().unwrap_or_default();
                 old
             });
             if old.as_ref() == Some(doc) {
@@ -375,6 +378,12 @@ impl Platform {
             let mut holder_obj = json!({"plugins": doc.plugins}).as_object().cloned().unwrap_or_default();
             weir_catalog::sealing::seal(&self.docs.keyring, self.plugins.as_ref(), holder.plugins(), &mut holder_obj);
             sealed.plugins = holder_obj.remove("plugins").and_then(|p| p.as_object().cloned()).unwrap_or_default();
+            // The gateway's secret variables, sealed as in its document.
+            for var in gw.env.iter().filter(|v| v.secret) {
+                if let Some(v) = sealed.vars.get_mut(&var.name) {
+                    *v = Value::String(self.docs.keyring.seal_field(&var.value));
+                }
+            }
             ops.push(Op::Put { key, value: Bytes::from(serde_json::to_vec(&sealed).expect("an environment serializes")) });
         }
         for kv in &stored_envs {

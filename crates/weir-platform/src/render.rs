@@ -176,7 +176,7 @@ pub fn live(cfg: &PlatformConfig, gw: &Gateway) -> Vec<weir_functions::live::Env
                 plugins: if running { merged(cfg, gw, env) } else { Map::new() },
                 serving: running && env.state == EnvState::Active,
                 limits: gw.limits,
-                vars: Map::new(),
+                vars: gw.env.iter().map(|v| (v.name.clone(), Value::String(v.value.clone()))).collect(),
                 fetch_allow_list: gw.fetch_allow_list.clone(),
                 debug: env.name == "dev",
             }
@@ -216,6 +216,7 @@ mod tests {
             retry_at: 0,
             limits: Default::default(),
             fetch_allow_list: Vec::new(),
+            env: Vec::new(),
         }
     }
 

@@ -411,7 +411,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         // same runtimes.
         let fetch_allowed: Vec<ipnet::IpNet> = cfg.platform.functions.fetch_allow_networks.iter().map(|n| n.parse().with_context(|| format!("platform.functions.fetch_allow_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
         let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, Vec::new()), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
-        let settings = weir_functions::live::Settings { fetcher: Some(outbound.fetcher()) };
+        let settings = weir_functions::live::Settings { fetcher: Some(outbound.fetcher()), keyring: Some(keyring.clone()) };
         let functions = (role != DeployRole::ControlPlane && cfg.platform.enabled.unwrap_or(true)).then(|| weir_functions::live::Functions::new(&prefix, settings));
         let mut own_addrs: Vec<std::net::SocketAddr> = Vec::new();
         if role != DeployRole::ControlPlane {

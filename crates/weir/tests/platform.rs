@@ -624,6 +624,17 @@ async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plug
     assert!(messages.contains(&"hello called") && messages.contains(&"v2 GET"), "{b}");
     assert_eq!(v1(&w, "GET", &format!("{}/logs?since=yesterday", fn_path("fns", "dev/user/me")), None).await.0, 400);
 
+    // The gateway's variables: a secret one is readable by functions, never shown or stored plain.
+    let vars = json!({"env": [{"name": "GREETING", "value": "hi"}, {"name": "TOKEN", "value": "s3cret-value", "secret": true}]});
+    let (s, b) = v1(&w, "PATCH", "api-gateways/fns", Some(vars)).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["env"], json!([{"name": "GREETING", "value": "hi", "secret": false}, {"name": "TOKEN", "secret": true}]));
+    assert_eq!(v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "vars", "source": {"code": "export default () => ({ g: imp.env.GREETING, t: imp.env.TOKEN })"}}))).await.0, 201);
+    w.until("/dev/vars", &[("host", "fns.localhost")], |r| r.json() == json!({"g": "hi", "t": "s3cret-value"})).await;
+    assert!(!v1(&w, "GET", "api-gateways/fns", None).await.1.to_string().contains("s3cret"));
+    let (_, backup) = w.admin("GET", "/backup", None).await;
+    assert!(backup.to_string().contains("GREETING") && !backup.to_string().contains("s3cret"), "secret variables are sealed in the store");
+
     // Runtime errors: a throw is 500 with its message (and stack in dev), an infinite loop 504
     // within its 200 ms budget, a memory bomb 500; the runtime answers the next call.
     let save = |name: &'static str, code: &'static str| v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": name, "source": {"code": code}})));
