@@ -393,6 +393,13 @@ async fn a_node_killed_mid_step_is_taken_over_after_its_lease_and_every_node_ser
     assert_eq!(r.json()["uri"], "/hi");
     let r = c.until("/hi", &[("host", "both.prod.localhost")], |r| r.status == 200).await;
     assert_eq!(r.json()["server"], "backend");
+
+    // A function saved on C is live on B, and so is its next version.
+    let (s, b) = v1(&c, "POST", "api-gateways/both/functions", Some(json!({"name": "where", "source": {"code": "export default () => ({ v: 1 })"}}))).await;
+    assert_eq!(s, 201, "{b}");
+    b_node.until("/dev/where", &[("host", "both.localhost")], |r| r.status == 200 && r.json() == json!({"v": 1})).await;
+    assert_eq!(v1(&c, "PATCH", &fn_path("both", "dev/where"), Some(json!({"source": {"code": "export default () => ({ v: 2 })"}}))).await.0, 200);
+    b_node.until("/where", &[("host", "both.dev.localhost")], |r| r.json() == json!({"v": 2})).await;
 }
 
 /// Checks `body`, answered with `status` by `method` on `template`, against the OpenAPI
