@@ -130,7 +130,13 @@ impl Engine {
         std::thread::Builder::new()
             .name(format!("fn-{gateway}"))
             .stack_size(16 << 20)
-            .spawn(move || run(gw, memory, rx, back, fetcher))?;
+            .spawn(move || {
+                // A panic in the runtime's loop fails the calls in flight (their answers are
+                // dropped) and the loop starts again on a fresh runtime.
+                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &rx, &back, fetcher.as_ref()))).is_err() {
+                    tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
+                }
+            })?;
         Ok(Arc::new(Engine { gateway: gateway.to_string(), tx, inflight: Arc::new(AtomicUsize::new(0)) }))
     }
 
@@ -396,7 +402,7 @@ fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
     Ok(if binary { s.chars().map(|c| c as u32 as u8).collect() } else { s.into_bytes() })
 }
 
-fn run(gateway: String, memory: usize, rx: mpsc::Receiver<Msg>, back: mpsc::Sender<Msg>, fetcher: Option<Fetcher>) {
+fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Sender<Msg>, fetcher: Option<&Fetcher>) {
     let mut js = match Js::new(memory) {
         Ok(js) => js,
         Err(e) => {
@@ -445,7 +451,7 @@ fn run(gateway: String, memory: usize, rx: mpsc::Receiver<Msg>, back: mpsc::Send
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
-        start_fetches(&js, &calls, &gateway, &back, fetcher.as_ref());
+        start_fetches(&js, &calls, gateway, back, fetcher);
         if broken {
             // Out of memory: a fresh runtime; the calls in flight cannot continue.
             for (id, live) in std::mem::take(&mut calls) {
@@ -510,7 +516,7 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
         Err(f) => {
             let oom = f == Failure::Memory || oom_job;
             let f = if spent { Failure::Timeout("the call ran past its CPU budget") } else { f };
-            finish(js, id, Live { job, promise: js.ctx.with(|ctx| Persistent::save(&ctx, Promise::new(&ctx).map(|(p, _, _)| p).expect("a promise"))), started, cpu: took }, Err(f));
+            answer(js, id, job, took, Err(f));
             return oom;
         }
     };
@@ -600,6 +606,11 @@ fn reply(a: &Array<'_>) -> rquickjs::Result<Reply> {
 }
 
 fn finish(js: &Js, id: u64, live: Live, result: Result<Reply, Failure>) {
+    answer(js, id, live.job, live.cpu, result);
+}
+
+/// Answers call `id` and forgets what the runtime kept for it.
+fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failure>) {
     let logs = {
         let mut host = js.host.borrow_mut();
         host.sinks.remove(&id);
@@ -607,7 +618,7 @@ fn finish(js: &Js, id: u64, live: Live, result: Result<Reply, Failure>) {
         host.cancelled.retain(|(call, _)| *call != id);
         host.logs.remove(&id).unwrap_or_default()
     };
-    let _ = live.job.reply.send(Outcome { result, logs, cpu: live.cpu });
+    let _ = job.reply.send(Outcome { result, logs, cpu });
 }
 
 fn fire_timers(js: &mut Js, calls: &mut BTreeMap<u64, Live>) -> bool {

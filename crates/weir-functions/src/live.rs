@@ -171,6 +171,10 @@ impl Functions {
         }
         let l = Arc::new(Logs::default());
         all.insert(key, Arc::downgrade(&l));
+        // Buffers of functions gone are forgotten now and then (amortized over insertions).
+        if all.len().is_power_of_two() {
+            all.retain(|_, l| l.strong_count() > 0);
+        }
         l
     }
 
@@ -233,6 +237,9 @@ impl Contributor for Functions {
         }
         if let Ok(mut cache) = self.compiled.lock() {
             cache.retain(|k, _| !k.starts_with(partition) || present.contains(k));
+        }
+        if let Ok(mut t) = self.tables.lock() {
+            t.retain(|k, _| !k.starts_with(&format!("{gid}/")));
         }
         let mut out = Lowered::default();
         for (env_name, env) in &envs {
