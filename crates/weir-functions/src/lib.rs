@@ -13,6 +13,7 @@ pub mod engine;
 pub mod fetch;
 pub mod guard;
 pub mod live;
+pub mod metrics;
 pub mod source;
 
 mod sdk;

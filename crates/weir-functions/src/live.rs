@@ -401,14 +401,19 @@ impl Handler for FunctionHandler {
         let request = request_of(&call.parts, &call.body, call.consumer);
         let (engine, func, table, vars, limits, allow, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.allow.clone(), self.debug);
         Box::pin(async move {
-            match FunctionHandler::run(engine, func, table, vars, limits, allow, request).await {
+            let started = std::time::Instant::now();
+            let gid = engine.gateway().to_string();
+            let (env, name, logs) = (func.env.clone(), func.name.clone(), func.logs.clone());
+            let resp = match FunctionHandler::run(engine, func, table, vars, limits, allow, request).await {
                 Some(outcome) => respond(outcome, debug, &limits),
                 None => {
                     let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "too many calls of this gateway's functions are in flight", None);
                     resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
                     resp
                 }
-            }
+            };
+            crate::metrics::observe(&gid, &env, &name, &logs, started.elapsed(), resp.status().is_server_error());
+            resp
         })
     }
 }

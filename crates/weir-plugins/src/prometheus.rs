@@ -192,7 +192,28 @@ pub fn render() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     out.push_str("# HELP apisix_node_info Info of Weir node\n# TYPE apisix_node_info gauge\n");
     let _ = writeln!(out, "apisix_node_info{{hostname=\"{}\"}} 1", escape(host.trim()));
+    for source in sources().lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        source(&mut out);
+    }
     out
+}
+
+type Source = Box<dyn Fn(&mut String) + Send + Sync>;
+
+fn sources() -> &'static Mutex<Vec<Source>> {
+    static SOURCES: OnceLock<Mutex<Vec<Source>>> = OnceLock::new();
+    SOURCES.get_or_init(Mutex::default)
+}
+
+/// Adds series from another part of the process (cloud functions, say) to the metrics page:
+/// `write` appends them, in the text format, after the gateway's own.
+pub fn add_source(write: impl Fn(&mut String) + Send + Sync + 'static) {
+    sources().lock().unwrap_or_else(|p| p.into_inner()).push(Box::new(write));
+}
+
+/// A label value in the text format, for sources.
+pub fn label(v: &str) -> String {
+    escape(v)
 }
 
 /// A label value in the text format: backslash, double quote and newline escaped.
