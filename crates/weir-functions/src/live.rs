@@ -104,7 +104,7 @@ pub struct Functions {
     settings: Settings,
     engines: Mutex<HashMap<String, Weak<Engine>>>,
     /// Compiled functions by key, with the stored bytes they came from.
-    compiled: Mutex<HashMap<String, (Bytes, Arc<Function>)>>,
+    compiled: Mutex<HashMap<String, (Bytes, Arc<FunctionDoc>, Arc<Function>)>>,
     logs: Mutex<HashMap<String, Weak<Logs>>>,
     /// The last lowered table of each environment (`{gid}/{env}`), for `invoke`'s imports.
     tables: Mutex<HashMap<String, Table>>,
@@ -138,7 +138,7 @@ impl Functions {
     /// Runs the function stored at `key` as `value` on gateway `gid`'s runtime, with the
     /// limits of `env`, outside any route (the platform's `invoke`).
     pub async fn invoke(&self, gid: &str, env: &EnvDoc, key: &str, value: &[u8], request: Request) -> Result<Outcome, String> {
-        let (_, func) = self.function(gid, key, value).ok_or("the stored function does not compile")?;
+        let (_, func, _) = self.function(gid, key, value).ok_or("the stored function does not compile")?;
         let limits = env.limits.limits();
         let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
@@ -178,15 +178,16 @@ impl Functions {
         l
     }
 
-    /// The function stored at `key` as `value`, compiled once per stored value.
-    fn function(&self, gid: &str, key: &str, value: &[u8]) -> Option<(FunctionDoc, Arc<Function>)> {
-        let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
+    /// The function stored at `key` as `value`, parsed and compiled once per stored value;
+    /// `true` when it was compiled now.
+    fn function(&self, gid: &str, key: &str, value: &[u8]) -> Option<(Arc<FunctionDoc>, Arc<Function>, bool)> {
         let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((bytes, f)) = cache.get(key)
+        if let Some((bytes, doc, f)) = cache.get(key)
             && bytes[..] == *value
         {
-            return Some((doc, f.clone()));
+            return Some((doc.clone(), f.clone(), false));
         }
+        let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
         let compiled = match crate::source::compile(&doc.files, &doc.entrypoint) {
             Ok(c) => c,
             Err(e) => {
@@ -204,8 +205,9 @@ impl Functions {
             methods: doc.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
             logs: self.logs_for(gid, &doc.environment, &doc.name),
         });
-        cache.insert(key.to_string(), (Bytes::copy_from_slice(value), f.clone()));
-        Some((doc, f))
+        let doc = Arc::new(doc);
+        cache.insert(key.to_string(), (Bytes::copy_from_slice(value), doc.clone(), f.clone()));
+        Some((doc, f, true))
     }
 }
 
@@ -218,8 +220,8 @@ impl Contributor for Functions {
     fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
         let gid = partition[self.dir.len()..].trim_end_matches('/');
         let mut envs: BTreeMap<String, EnvDoc> = BTreeMap::new();
-        let mut funcs: BTreeMap<String, Vec<(FunctionDoc, Arc<Function>)>> = BTreeMap::new();
-        let mut present = Vec::new();
+        let mut funcs: BTreeMap<String, Vec<(Arc<FunctionDoc>, Arc<Function>, bool)>> = BTreeMap::new();
+        let mut present = std::collections::HashSet::new();
         for (key, value) in objects {
             let rest = &key[partition.len()..];
             if let Some(env) = rest.strip_prefix("env/") {
@@ -229,14 +231,14 @@ impl Contributor for Functions {
             } else if let Some(path) = rest.strip_prefix("fn/")
                 && let Some((env, _)) = path.split_once('/')
             {
-                present.push(key.to_string());
+                present.insert(*key);
                 if let Some(f) = self.function(gid, key, value) {
                     funcs.entry(env.to_string()).or_default().push(f);
                 }
             }
         }
         if let Ok(mut cache) = self.compiled.lock() {
-            cache.retain(|k, _| !k.starts_with(partition) || present.contains(k));
+            cache.retain(|k, _| !k.starts_with(partition) || present.contains(k.as_str()));
         }
         if let Ok(mut t) = self.tables.lock() {
             t.retain(|k, _| !k.starts_with(&format!("{gid}/")));
@@ -254,15 +256,21 @@ impl Contributor for Functions {
             let Some(list) = funcs.get(env_name).filter(|l| !l.is_empty()) else { continue };
             let limits = env.limits.limits();
             let Some(engine) = self.engine(gid, limits.memory) else { continue };
-            let table: Table = Arc::new(list.iter().map(|(d, f)| (d.name.clone(), f.clone())).collect());
+            let table: Table = Arc::new(list.iter().map(|(d, f, _)| (d.name.clone(), f.clone())).collect());
             if let Ok(mut t) = self.tables.lock() {
                 t.insert(format!("{gid}/{env_name}"), table.clone());
             }
             let vars = Arc::new(self.open_vars(&env.vars));
             let allow = Arc::new(env.fetch_allow_list.clone());
-            for (doc, func) in list {
-                engine.warm(func.clone(), table.clone());
-                let handler: Arc<dyn Handler> = Arc::new(FunctionHandler {
+            // Functions without plugins of their own share one route per form, which finds the
+            // function by its exact path; those with plugins get routes of their own.
+            let mut shared: HashMap<String, Arc<FunctionHandler>> = HashMap::new();
+            for (doc, func, fresh) in list {
+                // A function is loaded before it takes traffic; one already loaded is not.
+                if *fresh {
+                    engine.warm(func.clone(), table.clone());
+                }
+                let handler = Arc::new(FunctionHandler {
                     engine: engine.clone(),
                     func: func.clone(),
                     table: table.clone(),
@@ -271,33 +279,66 @@ impl Contributor for Functions {
                     allow: allow.clone(),
                     debug: env.debug,
                 });
+                if doc.plugins.is_empty() {
+                    shared.insert(doc.name.clone(), handler);
+                    continue;
+                }
                 let mut plugins = env.plugins.clone();
                 for (name, conf) in &doc.plugins {
                     plugins.insert(name.clone(), conf.clone());
                 }
-                let forms = [
-                    ("p", format!("/{env_name}/{}", doc.name), &env.gateway_hosts),
-                    ("h", format!("/{}", doc.name), &env.env_hosts),
-                ];
-                for (form, uri, hosts) in forms {
-                    if hosts.is_empty() {
-                        continue;
-                    }
-                    let route = json!({
-                        "uri": uri,
-                        "hosts": hosts,
-                        "priority": 20,
-                        "name": format!("{gid} {env_name} {}", doc.name),
-                        "plugins": plugins,
-                    });
-                    match serde_json::from_value(route) {
-                        Ok(route) => out.routes.push(LoweredRoute { id: format!("{form}/{env_name}/{}", doc.name), route, handler: Some(handler.clone()) }),
-                        Err(e) => tracing::warn!(gateway = %gid, function = %doc.name, error = %e, "a function's route does not read; not served"),
-                    }
+                let handler: Arc<dyn Handler> = handler;
+                for (form, uri, hosts) in [("p", format!("/{env_name}/{}", doc.name), &env.gateway_hosts), ("h", format!("/{}", doc.name), &env.env_hosts)] {
+                    push_route(&mut out, gid, format!("{form}/{env_name}/{}", doc.name), vec![uri], hosts, &plugins, handler.clone());
                 }
+            }
+            if shared.is_empty() {
+                continue;
+            }
+            let shared = Arc::new(shared);
+            let mut names: Vec<&String> = shared.keys().collect();
+            names.sort();
+            for (form, prefix, hosts) in [("p", format!("/{env_name}/"), &env.gateway_hosts), ("h", "/".to_string(), &env.env_hosts)] {
+                let uris = names.iter().map(|n| format!("{prefix}{n}")).collect();
+                let handler: Arc<dyn Handler> = Arc::new(Dispatch { prefix: prefix.clone(), functions: shared.clone(), timeout: limits.wall + Duration::from_secs(3) });
+                push_route(&mut out, gid, format!("{form}/{env_name}"), uris, hosts, &env.plugins, handler);
             }
         }
         out
+    }
+}
+
+/// Adds a route of exact `uris` on `hosts` ending in `handler`.
+fn push_route(out: &mut Lowered, gid: &str, id: String, uris: Vec<String>, hosts: &[String], plugins: &Map<String, Value>, handler: Arc<dyn Handler>) {
+    if hosts.is_empty() || uris.is_empty() {
+        return;
+    }
+    let route = json!({"uris": uris, "hosts": hosts, "priority": 20, "name": format!("{gid} {id}"), "plugins": plugins});
+    match serde_json::from_value(route) {
+        Ok(route) => out.routes.push(LoweredRoute { id, route, handler: Some(handler) }),
+        Err(e) => tracing::warn!(gateway = %gid, route = %id, error = %e, "a function route does not read; not served"),
+    }
+}
+
+/// The shared route of an environment's functions: the function is the one the exact path
+/// names (after `prefix`).
+struct Dispatch {
+    prefix: String,
+    functions: Arc<HashMap<String, Arc<FunctionHandler>>>,
+    timeout: Duration,
+}
+
+impl Handler for Dispatch {
+    fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn call(&self, call: Call<'_>) -> Answer {
+        match call.parts.uri.path().strip_prefix(&self.prefix).and_then(|name| self.functions.get(name)) {
+            Some(f) => f.call(call),
+            // A plugin of the route rewrote the path to one no function has.
+            None => Box::pin(async { error_response(StatusCode::NOT_FOUND, "no function at this path", None) }),
+        }
     }
 }
 
