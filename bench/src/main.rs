@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 
+mod functions;
 mod platform;
 mod soak;
 
@@ -57,6 +58,11 @@ struct Args {
     /// gateway among them against one alone, and the time from creating a gateway to serving.
     #[arg(long)]
     platform: Option<usize>,
+    /// Instead of the comparison, the cloud function rows: a hello-world function against
+    /// Node's `http`, one function against this many in one gateway, save to live (one node
+    /// and two on etcd), first call against warm, memory per idle function.
+    #[arg(long)]
+    functions: Option<usize>,
 }
 
 const ORIGIN_PORT: u16 = 18080;
@@ -348,15 +354,20 @@ impl Weir {
 
     /// As `start`, with `extra` appended to the config (top-level YAML sections).
     fn start_with(args: &Args, bin: &Path, dir: &Path, port: u16, extra: &str) -> anyhow::Result<Weir> {
+        let store = format!("store:\n  type: embedded\n  path: \"{}\"\n", dir.join("data").display());
+        Self::start_store(args, bin, dir, port, &format!("{store}{extra}"))
+    }
+
+    /// As `start`, with `extra` appended to the config: its `store:` section among others.
+    fn start_store(args: &Args, bin: &Path, dir: &Path, port: u16, extra: &str) -> anyhow::Result<Weir> {
         std::fs::create_dir_all(dir)?;
         let admin = port + 1;
         let cfg = dir.join("weir.yaml");
         std::fs::write(
             &cfg,
             format!(
-                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  tls_listen: [\"127.0.0.1:{}\"]\n  tls_fallback_sni: {TLS_NAME}\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nstore:\n  type: embedded\n  path: \"{}\"\nplugin_attr:\n  prometheus:\n    enable_export_server: false\n{extra}",
+                "proxy:\n  listen: [\"127.0.0.1:{port}\"]\n  tls_listen: [\"127.0.0.1:{}\"]\n  tls_fallback_sni: {TLS_NAME}\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:{admin}\"\n  keys:\n    - {{name: bench, key: \"{KEY}\", role: admin}}\nplugin_attr:\n  prometheus:\n    enable_export_server: false\n{extra}",
                 port + TLS_OFFSET,
-                dir.join("data").display()
             ),
         )?;
         let child = Command::new("taskset")
@@ -502,6 +513,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.platform {
         return platform::run(&args, n);
+    }
+    if let Some(n) = args.functions {
+        return functions::run(&args, n);
     }
     let dir = tempfile_dir()?;
     let other = other_cores(args.proxy_core);

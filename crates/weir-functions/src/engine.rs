@@ -265,9 +265,17 @@ struct Live {
     cpu: Duration,
 }
 
+/// A gateway's runtime and what the loop keeps of it. Fields drop in order: the values held
+/// in the runtime go before the context and the runtime that own them.
 struct Js {
-    rt: Runtime,
+    /// Each loaded function's default export, by the function (kept alive with it).
+    exports: RefCell<HashMap<usize, (Arc<Function>, Persistent<Value<'static>>)>>,
+    /// The gateway's variables as a frozen object, for the variables they were made from.
+    vars: RefCell<Option<(Arc<serde_json::Map<String, serde_json::Value>>, Persistent<Value<'static>>)>>,
+    /// The prelude's `__weir.run`.
+    run: Persistent<JsFn<'static>>,
     ctx: Context,
+    rt: Runtime,
     host: Shared,
     /// When the running JavaScript must stop, in nanoseconds since `epoch`; 0: never.
     stop_at: Arc<AtomicU64>,
@@ -338,17 +346,62 @@ impl Js {
             ctx.eval::<(), _>(PRELUDE)?;
             Ok(())
         })?;
-        Ok(Js { rt, ctx, host, stop_at, epoch, loaded: 0 })
+        let run = ctx.with(|ctx| -> rquickjs::Result<Persistent<JsFn<'static>>> {
+            let weir: Object<'_> = ctx.globals().get("__weir")?;
+            Ok(Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?))
+        })?;
+        Ok(Js { rt, ctx, host, stop_at, epoch, loaded: 0, exports: RefCell::default(), vars: RefCell::default(), run })
     }
 
     fn register(&mut self, func: &Arc<Function>, table: &Table) {
         let mut host = self.host.borrow_mut();
-        let prefix = module_prefix(func);
-        if !host.functions.contains_key(&prefix) {
-            self.loaded += 1;
-            host.functions.insert(prefix, func.clone());
+        if !self.exports.borrow().contains_key(&(Arc::as_ptr(func) as usize)) {
+            let prefix = module_prefix(func);
+            if !host.functions.contains_key(&prefix) {
+                self.loaded += 1;
+                host.functions.insert(prefix, func.clone());
+            }
         }
-        host.tables.insert(func.env.clone(), table.clone());
+        if host.tables.get(&func.env).is_none_or(|t| !Arc::ptr_eq(t, table)) {
+            host.tables.insert(func.env.clone(), table.clone());
+        }
+    }
+
+    /// The default export of `func`, loaded once.
+    fn export<'js>(&self, ctx: &Ctx<'js>, func: &Arc<Function>) -> Result<Value<'js>, Failure> {
+        let key = Arc::as_ptr(func) as usize;
+        if let Some((_, v)) = self.exports.borrow().get(&key) {
+            return v.clone().restore(ctx).map_err(|e| caught(ctx, e));
+        }
+        let caught = |e: rquickjs::Error| caught(ctx, e);
+        let name = format!("{}{}", module_prefix(func), func.compiled.entry);
+        let loading = Module::import(ctx, name).map_err(caught)?;
+        // Loading runs as promise jobs; a module's top level that waits on a timer or a
+        // fetch is not supported.
+        while loading.state() == PromiseState::Pending && ctx.execute_pending_job() {}
+        let ns: Object<'_> = match loading.state() {
+            PromiseState::Resolved => loading.result::<Object<'_>>().unwrap_or_else(|| Err(rquickjs::Error::Unknown)).map_err(caught)?,
+            PromiseState::Rejected => return Err(caught(loading.result::<Value<'_>>().and_then(|r| r.err()).unwrap_or(rquickjs::Error::Unknown))),
+            PromiseState::Pending => return Err(Failure::Internal("the module's top level waits; export a function instead".into())),
+        };
+        let handler: Value<'js> = ns.get("default").map_err(caught)?;
+        self.exports.borrow_mut().insert(key, (func.clone(), Persistent::save(ctx, handler.clone())));
+        Ok(handler)
+    }
+
+    /// The gateway's variables as a frozen object, made once per set of variables.
+    fn vars<'js>(&self, ctx: &Ctx<'js>, vars: &Arc<serde_json::Map<String, serde_json::Value>>) -> Result<Value<'js>, Failure> {
+        if let Some((held, v)) = &*self.vars.borrow()
+            && Arc::ptr_eq(held, vars)
+        {
+            return v.clone().restore(ctx).map_err(|e| caught(ctx, e));
+        }
+        let v = rquickjs_serde_value(ctx, &serde_json::Value::Object((**vars).clone())).map_err(|e| caught(ctx, e))?;
+        let object: Object<'_> = ctx.globals().get("Object").map_err(|e| caught(ctx, e))?;
+        let freeze: JsFn<'_> = object.get("freeze").map_err(|e| caught(ctx, e))?;
+        let v: Value<'js> = freeze.call((v,)).map_err(|e| caught(ctx, e))?;
+        *self.vars.borrow_mut() = Some((vars.clone(), Persistent::save(ctx, v.clone())));
+        Ok(v)
     }
 
     /// Runs `f` as part of call `call` with `budget` of CPU, then the promise jobs it queued;
@@ -435,10 +488,9 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
             Some(Msg::Fetched(f)) => broken |= resume_fetch(&mut js, &mut calls, f),
             Some(Msg::Warm(func, table)) => {
                 js.register(&func, &table);
-                let name = format!("{}{}", module_prefix(&func), func.compiled.entry);
                 let budget = Duration::from_secs(1);
-                let (_, _, _, oom) = js.segment(0, &func.env, budget, |ctx| Module::import(ctx, name).map(|_| ()));
-                broken |= oom;
+                let (out, _, _, oom) = js.segment(0, &func.env, budget, |ctx| js.export(ctx, &func).map(|_| ()));
+                broken |= oom || out == Err(Failure::Memory);
             }
             None => {}
         }
@@ -489,25 +541,13 @@ fn next_wake(js: &Js, calls: &BTreeMap<u64, Live>) -> Option<Instant> {
 fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -> bool {
     js.register(&job.func, &job.table);
     js.host.borrow_mut().sinks.insert(id, (job.func.logs.clone(), job.request.request_id.clone()));
-    let name = format!("{}{}", module_prefix(&job.func), job.func.compiled.entry);
     let started = Instant::now();
-    let env = job.func.env.clone();
-    let (out, took, spent, oom_job) = js.segment(id, &env, job.limits.cpu, |ctx| -> Result<Persistent<Promise<'static>>, Failure> {
+    let (out, took, spent, oom_job) = js.segment(id, &job.func.env, job.limits.cpu, |ctx| -> Result<Persistent<Promise<'static>>, Failure> {
+        let handler = js.export(ctx, &job.func)?;
         let caught = |e: rquickjs::Error| caught(ctx, e);
-        let loading = Module::import(ctx, name.clone()).map_err(caught)?;
-        // Loading runs as promise jobs; a module's top level that waits on a timer or a
-        // fetch is not supported.
-        while loading.state() == PromiseState::Pending && ctx.execute_pending_job() {}
-        let ns: Object<'_> = match loading.state() {
-            PromiseState::Resolved => loading.result::<Object<'_>>().unwrap_or_else(|| Err(rquickjs::Error::Unknown)).map_err(caught)?,
-            PromiseState::Rejected => return Err(caught(loading.result::<Value<'_>>().and_then(|r| r.err()).unwrap_or(rquickjs::Error::Unknown))),
-            PromiseState::Pending => return Err(Failure::Internal("the module's top level waits; export a function instead".into())),
-        };
-        let handler: Value<'_> = ns.get("default").map_err(caught)?;
         let request = to_js(ctx, &job.request).map_err(caught)?;
-        let vars = rquickjs_serde_value(ctx, &serde_json::Value::Object((*job.vars).clone())).map_err(caught)?;
-        let weir: Object<'_> = ctx.globals().get("__weir").map_err(caught)?;
-        let run: JsFn<'_> = weir.get("run").map_err(caught)?;
+        let vars = js.vars(ctx, &job.vars)?;
+        let run = js.run.clone().restore(ctx).map_err(caught)?;
         let promise: Promise<'_> = run.call((handler, request, vars)).map_err(caught)?;
         Ok(Persistent::save(ctx, promise))
     });
