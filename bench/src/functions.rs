@@ -1,0 +1,216 @@
+//! The cloud function rows:
+//! - a hello-world function returning JSON through Weir against Node 20's `http` module
+//!   serving the same JSON (what laf and imprun run functions on), each pinned to the proxy
+//!   core, in interleaved rounds;
+//! - the same function in a gateway that holds `--functions` functions, against one alone;
+//! - save → live on the same node and across two nodes sharing etcd (p50, p99);
+//! - the first call of a function just saved against a warm call;
+//! - memory per idle function.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+use crate::{Args, Proc, Weir, median_result, other_cores, percentile, row, tempfile_dir, wait_port, wrk_url};
+
+const NODE_PORT: u16 = 18180;
+const ETCD_PORT: u16 = 18379;
+
+/// One exchange on a fresh connection: (status, body, time to the answer).
+fn call(port: u16, method: &str, path: &str, host: &str, body: Option<&str>) -> anyhow::Result<(u16, String, Duration)> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nX-API-KEY: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        crate::KEY,
+        body.len()
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let took = started.elapsed();
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).context("malformed response")?;
+    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default(), took))
+}
+
+fn v1(w: &Weir, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
+    let (s, b, _) = call(w.admin, method, &format!("/v1/{path}"), "bench.local", Some(body))?;
+    if !(200..300).contains(&s) {
+        bail!("{method} /v1/{path}: {s} {b}");
+    }
+    Ok(b)
+}
+
+/// Creates gateway `gid` and waits until it has started.
+fn gateway(w: &Weir, gid: &str) -> anyhow::Result<()> {
+    v1(w, "POST", "api-gateways", &format!("{{\"name\":\"{gid}\",\"gatewayId\":\"{gid}\"}}"))?;
+    let started = Instant::now();
+    while !v1(w, "GET", &format!("api-gateways/{gid}"), "")?.contains("\"phase\":\"Started\"") {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("gateway {gid} never started");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn save(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
+    let body = serde_json::json!({"name": name, "source": {"code": code}}).to_string();
+    v1(w, "POST", &format!("api-gateways/{gid}/functions"), &body).map(|_| ())
+}
+
+fn patch(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
+    let body = serde_json::json!({"source": {"code": code}}).to_string();
+    v1(w, "PATCH", &format!("api-gateways/{gid}/functions/dev%2F{name}"), &body).map(|_| ())
+}
+
+/// Polls `port` until `path` on `host` answers 200 with `want` in its body; the time from
+/// `since`, and the time the successful call itself took.
+fn live(port: u16, host: &str, path: &str, want: &str, since: Instant) -> anyhow::Result<(Duration, Duration)> {
+    loop {
+        let (s, b, took) = call(port, "GET", path, host, None)?;
+        if s == 200 && b.contains(want) {
+            return Ok((since.elapsed(), took));
+        }
+        if since.elapsed() > Duration::from_secs(30) {
+            bail!("{host}{path} never answered {want}: {s} {b}");
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn report(what: &str, mut times: Vec<f64>) {
+    times.sort_by(|a, b| a.total_cmp(b));
+    println!("{what}: p50 {:.2} ms, p99 {:.2} ms ({} saves)", percentile(&times, 0.5), percentile(&times, 0.99), times.len());
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+const HELLO: &str = "export default () => ({ hello: 'world' })";
+
+fn node(args: &Args, dir: &Path) -> anyhow::Result<Proc> {
+    let script = dir.join("hello.js");
+    std::fs::write(
+        &script,
+        format!("require('http').createServer((req, res) => {{ res.writeHead(200, {{'content-type': 'application/json'}}); res.end(JSON.stringify({{hello: 'world'}})); }}).listen({NODE_PORT}, '127.0.0.1');\n"),
+    )?;
+    let child = Command::new("taskset")
+        .args(["-c", &args.proxy_core.to_string(), "node"])
+        .arg(&script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting node (Node 20)")?;
+    Ok(Proc(child, "node"))
+}
+
+fn etcd(dir: &Path, cores: &str) -> anyhow::Result<Proc> {
+    let data = dir.join("etcd");
+    let child = Command::new("taskset")
+        .args(["-c", cores, "etcd", "--data-dir"])
+        .arg(&data)
+        .args(["--listen-client-urls", &format!("http://127.0.0.1:{ETCD_PORT}"), "--advertise-client-urls", &format!("http://127.0.0.1:{ETCD_PORT}")])
+        .args(["--listen-peer-urls", "http://127.0.0.1:18380", "--initial-advertise-peer-urls", "http://127.0.0.1:18380", "--initial-cluster", "default=http://127.0.0.1:18380"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting etcd (apt-get install -y etcd-server)")?;
+    Ok(Proc(child, "etcd"))
+}
+
+pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
+    let dir = tempfile_dir()?;
+    let other = other_cores(args.proxy_core);
+    let _node = node(args, &dir)?;
+    wait_port(NODE_PORT)?;
+    let one = Weir::start_with(args, &args.weir, &dir.join("weir-one"), 18182, "")?;
+    let big = Weir::start_with(args, &args.weir, &dir.join("weir-many"), 18184, "")?;
+    for w in [&one, &big] {
+        gateway(w, "fns")?;
+        save(w, "fns", "hello", HELLO)?;
+        live(w.port, "fns.localhost", "/dev/hello", "world", Instant::now())?;
+    }
+    let before = rss_kib(big.proc.0.id());
+    let started = Instant::now();
+    for i in 1..many {
+        save(&big, "fns", &format!("f{i}"), &format!("export default () => ({{ n: {i} }})"))?;
+    }
+    live(big.port, "fns.localhost", &format!("/dev/f{}", many - 1), &format!("\"n\":{}", many - 1), started)?;
+    std::thread::sleep(Duration::from_secs(2));
+    let after = rss_kib(big.proc.0.id());
+    eprintln!("{} functions saved and live in {:.1}s", many - 1, started.elapsed().as_secs_f64());
+
+    println!("Functions: a hello-world function returning JSON; wrk -t1 -c{} -d{}s; median of {} interleaved rounds, each server on core {}", args.connections, args.duration, args.rounds, args.proxy_core);
+    let host = ["Host: fns.localhost"];
+    let (mut node_runs, mut one_runs, mut many_runs) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 1..=args.rounds {
+        let n = wrk_url(args, &format!("http://127.0.0.1:{NODE_PORT}/"), Some(_node.0.id()), &[])?;
+        let o = wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", one.port), Some(one.proc.0.id()), &host)?;
+        let m = wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", big.port), Some(big.proc.0.id()), &host)?;
+        println!("round {round}: node {:.0} req/s, weir {:.0} req/s ({:.2}x), weir beside {many} functions {:.0} req/s ({:.3}x)", n.rps, o.rps, o.rps / n.rps, m.rps, m.rps / o.rps);
+        node_runs.push(n);
+        one_runs.push(o);
+        many_runs.push(m);
+    }
+    let (n, o, m) = (median_result(&node_runs), median_result(&one_runs), median_result(&many_runs));
+    println!("{:<28} {:>9} {:>8} {:>8} {:>7} {:>9} {:>10} {:>7}", "", "req/s", "p50 ms", "p99 ms", "ratio", "CPU us/r", "req/core/s", "/core");
+    row("node 20 http", &n, Some(&n));
+    row("weir, 1 function", &o, Some(&n));
+    row(&format!("weir, {many} functions"), &m, Some(&o));
+    println!("weir vs node: {:.2}x throughput; {many} functions vs 1: {:.3}x", o.rps / n.rps, m.rps / o.rps);
+    println!("memory per idle function: {:.1} KiB ({} KiB more RSS for {} functions)", (after.saturating_sub(before)) as f64 / (many - 1).max(1) as f64, after.saturating_sub(before), many - 1);
+
+    // Save → live on one node, and the first call of a new function against a warm one.
+    let (mut saves, mut firsts, mut warms) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..args.changes {
+        let t = Instant::now();
+        patch(&one, "fns", "hello", &format!("export default () => ({{ hello: 'world', v: {i} }})"))?;
+        saves.push(ms(live(one.port, "fns.localhost", "/dev/hello", &format!("\"v\":{i}"), t)?.0));
+        let name = format!("new{i}");
+        let t = Instant::now();
+        save(&one, "fns", &name, &format!("export default () => ({{ fresh: {i} }})"))?;
+        let (_, first) = live(one.port, "fns.localhost", &format!("/dev/{name}"), "fresh", t)?;
+        let (_, _, warm) = call(one.port, "GET", &format!("/dev/{name}"), "fns.localhost", None)?;
+        firsts.push(ms(first));
+        warms.push(ms(warm));
+    }
+    report("save to live, same node", saves);
+    firsts.sort_by(|a, b| a.total_cmp(b));
+    warms.sort_by(|a, b| a.total_cmp(b));
+    println!("first call after save: p50 {:.3} ms; warm call: p50 {:.3} ms (each on a new connection)", percentile(&firsts, 0.5), percentile(&warms, 0.5));
+    drop((one, big));
+
+    // Across two nodes sharing etcd.
+    let _etcd = etcd(&dir, &other)?;
+    wait_port(ETCD_PORT)?;
+    let store = format!("store:\n  type: etcd\n  etcd:\n    endpoints: [\"http://127.0.0.1:{ETCD_PORT}\"]\n");
+    let a = Weir::start_store(args, &args.weir, &dir.join("weir-a"), 18186, &store)?;
+    let b = Weir::start_store(args, &args.weir, &dir.join("weir-b"), 18188, &store)?;
+    gateway(&a, "two")?;
+    save(&a, "two", "hello", HELLO)?;
+    live(b.port, "two.localhost", "/dev/hello", "world", Instant::now())?;
+    let mut saves = Vec::new();
+    for i in 0..args.changes {
+        let t = Instant::now();
+        patch(&a, "two", "hello", &format!("export default () => ({{ v: {i} }})"))?;
+        saves.push(ms(live(b.port, "two.localhost", "/dev/hello", &format!("\"v\":{i}"), t)?.0));
+    }
+    report("save to live, across two nodes on etcd", saves);
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
