@@ -537,38 +537,52 @@ fn next_wake(js: &Js, calls: &BTreeMap<u64, Live>) -> Option<Instant> {
     }
 }
 
+/// How a call's first run ended.
+enum Started {
+    /// It answered without waiting.
+    Answered(Result<Reply, Failure>),
+    /// It waits: its answer is this promise's.
+    Waiting(Persistent<Promise<'static>>),
+}
+
 /// Starts a call; true when the runtime ran out of memory.
 fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -> bool {
     js.register(&job.func, &job.table);
     js.host.borrow_mut().sinks.insert(id, (job.func.logs.clone(), job.request.request_id.clone()));
     let started = Instant::now();
-    let (out, took, spent, oom_job) = js.segment(id, &job.func.env, job.limits.cpu, |ctx| -> Result<Persistent<Promise<'static>>, Failure> {
+    let (out, took, spent, oom_job) = js.segment(id, &job.func.env, job.limits.cpu, |ctx| -> Result<Started, Failure> {
         let handler = js.export(ctx, &job.func)?;
         let caught = |e: rquickjs::Error| caught(ctx, e);
         let request = to_js(ctx, &job.request).map_err(caught)?;
         let vars = js.vars(ctx, &job.vars)?;
         let run = js.run.clone().restore(ctx).map_err(caught)?;
-        let promise: Promise<'_> = run.call((handler, request, vars)).map_err(caught)?;
-        Ok(Persistent::save(ctx, promise))
+        let out: Value<'_> = run.call((handler, request, vars)).map_err(caught)?;
+        match out.as_promise() {
+            Some(promise) => Ok(Started::Waiting(Persistent::save(ctx, promise.clone()))),
+            None => Ok(Started::Answered(out.into_array().ok_or(rquickjs::Error::Unknown).and_then(|a| reply(&a)).map_err(caught))),
+        }
     });
-    let mut live = match out {
-        Ok(promise) => Live { job, promise, started, cpu: took },
+    let live = match out {
+        _ if oom_job => {
+            answer(js, id, job, took, Err(Failure::Memory));
+            return true;
+        }
+        // Other calls may have settled in the promise jobs this run ran.
+        _ if spent => {
+            answer(js, id, job, took, Err(Failure::Timeout("the call ran past its CPU budget")));
+            return settle(js, calls);
+        }
+        Ok(Started::Answered(result)) => {
+            answer(js, id, job, took, result);
+            return settle(js, calls);
+        }
+        Ok(Started::Waiting(promise)) => Live { job, promise, started, cpu: took },
         Err(f) => {
-            let oom = f == Failure::Memory || oom_job;
-            let f = if spent { Failure::Timeout("the call ran past its CPU budget") } else { f };
+            let oom = f == Failure::Memory;
             answer(js, id, job, took, Err(f));
-            return oom;
+            return settle(js, calls) || oom;
         }
     };
-    if oom_job {
-        finish(js, id, live, Err(Failure::Memory));
-        return true;
-    }
-    if spent {
-        finish(js, id, live, Err(Failure::Timeout("the call ran past its CPU budget")));
-        return false;
-    }
-    live.cpu = took;
     calls.insert(id, live);
     settle(js, calls)
 }

@@ -278,6 +278,7 @@ impl Contributor for Functions {
                     limits,
                     allow: allow.clone(),
                     debug: env.debug,
+                    series: crate::metrics::series(gid, env_name, &doc.name),
                 });
                 if doc.plugins.is_empty() {
                     shared.insert(doc.name.clone(), handler);
@@ -351,6 +352,7 @@ pub struct FunctionHandler {
     limits: crate::Limits,
     allow: Arc<Vec<String>>,
     debug: bool,
+    series: Arc<crate::metrics::Series>,
 }
 
 /// A JSON error answer, as the gateway's own refusals are written.
@@ -414,7 +416,7 @@ fn decode(s: &str) -> String {
 pub fn request_of(parts: &http::request::Parts, body: &[u8], consumer: Option<&str>) -> Request {
     let query = parts.uri.query().map(|q| weir_core::text::query_pairs(q).map(|(k, v)| (decode(k), decode(v))).collect()).unwrap_or_default();
     let headers = parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
-    let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_else(crate::sdk::uuid);
+    let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_else(crate::sdk::request_id);
     Request {
         method: parts.method.as_str().to_string(),
         path: parts.uri.path().to_string(),
@@ -441,10 +443,9 @@ impl Handler for FunctionHandler {
         }
         let request = request_of(&call.parts, &call.body, call.consumer);
         let (engine, func, table, vars, limits, allow, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.allow.clone(), self.debug);
+        let series = self.series.clone();
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let gid = engine.gateway().to_string();
-            let (env, name, logs) = (func.env.clone(), func.name.clone(), func.logs.clone());
             let resp = match FunctionHandler::run(engine, func, table, vars, limits, allow, request).await {
                 Some(outcome) => respond(outcome, debug, &limits),
                 None => {
@@ -453,7 +454,7 @@ impl Handler for FunctionHandler {
                     resp
                 }
             };
-            crate::metrics::observe(&gid, &env, &name, &logs, started.elapsed(), resp.status().is_server_error());
+            series.observe(started.elapsed(), resp.status().is_server_error());
             resp
         })
     }

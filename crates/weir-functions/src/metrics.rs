@@ -1,74 +1,89 @@
 //! `weir_function_calls_total`, `weir_function_errors_total` and
-//! `weir_function_duration_seconds`, labelled gateway, environment and function. Only the
-//! handlers of published functions observe, so a name nobody published never makes a series;
-//! a function's series go when it is no longer loaded on this node.
+//! `weir_function_duration_seconds`, labelled gateway, environment and function. A series
+//! belongs to a published function's handlers (a name nobody published never makes one) and
+//! goes when no handler holds it any more; a call counts with atomics, no lock.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use crate::Logs;
-
 const BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0];
 
+/// One function's counts.
 #[derive(Default)]
-struct Series {
-    calls: u64,
-    errors: u64,
-    buckets: [u64; BUCKETS.len() + 1],
-    sum: f64,
-    /// The function's log buffer: alive while the function is loaded.
-    alive: Weak<Logs>,
+pub struct Series {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    /// Microseconds.
+    sum: AtomicU64,
+}
+
+impl Series {
+    /// One call that took `took`.
+    pub fn observe(&self, took: Duration, error: bool) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let secs = took.as_secs_f64();
+        self.buckets[BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len())].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 type Key = (String, String, String);
 
-fn all() -> &'static Mutex<BTreeMap<Key, Series>> {
-    static ALL: OnceLock<Mutex<BTreeMap<Key, Series>>> = OnceLock::new();
+fn all() -> &'static Mutex<BTreeMap<Key, Weak<Series>>> {
+    static ALL: OnceLock<Mutex<BTreeMap<Key, Weak<Series>>>> = OnceLock::new();
     ALL.get_or_init(|| {
         weir_plugins::prometheus::add_source(render);
         Mutex::default()
     })
 }
 
-/// One call of function `name` of `env` of gateway `gid`.
-pub fn observe(gid: &str, env: &str, name: &str, alive: &Arc<Logs>, took: Duration, error: bool) {
+/// The series of function `name` of `env` of gateway `gid`: the one its handlers hold, or a
+/// new one.
+pub fn series(gid: &str, env: &str, name: &str) -> Arc<Series> {
     let mut all = all().lock().unwrap_or_else(|p| p.into_inner());
-    let s = all.entry((gid.to_string(), env.to_string(), name.to_string())).or_default();
-    s.alive = Arc::downgrade(alive);
-    s.calls += 1;
-    s.errors += u64::from(error);
-    let secs = took.as_secs_f64();
-    s.buckets[BUCKETS.iter().position(|b| secs <= *b).unwrap_or(BUCKETS.len())] += 1;
-    s.sum += secs;
+    let key = (gid.to_string(), env.to_string(), name.to_string());
+    if let Some(s) = all.get(&key).and_then(Weak::upgrade) {
+        return s;
+    }
+    let s = Arc::new(Series::default());
+    all.insert(key, Arc::downgrade(&s));
+    s
 }
 
 /// Appends the series to the metrics page.
 pub fn render(out: &mut String) {
     let mut all = all().lock().unwrap_or_else(|p| p.into_inner());
-    all.retain(|_, s| s.alive.strong_count() > 0);
+    all.retain(|_, s| s.strong_count() > 0);
+    let live: Vec<(&Key, Arc<Series>)> = all.iter().filter_map(|(k, s)| s.upgrade().map(|s| (k, s))).collect();
     let label = weir_plugins::prometheus::label;
     let labels = |(g, e, f): &Key| format!("gateway=\"{}\",environment=\"{}\",function=\"{}\"", label(g), label(e), label(f));
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     out.push_str("# HELP weir_function_calls_total Calls of cloud functions\n# TYPE weir_function_calls_total counter\n");
-    for (k, s) in all.iter() {
-        let _ = writeln!(out, "weir_function_calls_total{{{}}} {}", labels(k), s.calls);
+    for (k, s) in &live {
+        let _ = writeln!(out, "weir_function_calls_total{{{}}} {}", labels(k), n(&s.calls));
     }
     out.push_str("# HELP weir_function_errors_total Calls of cloud functions that failed (thrown, timed out, out of memory, refused) or answered 5xx\n# TYPE weir_function_errors_total counter\n");
-    for (k, s) in all.iter() {
-        let _ = writeln!(out, "weir_function_errors_total{{{}}} {}", labels(k), s.errors);
+    for (k, s) in &live {
+        let _ = writeln!(out, "weir_function_errors_total{{{}}} {}", labels(k), n(&s.errors));
     }
     out.push_str("# HELP weir_function_duration_seconds How long calls of cloud functions took\n# TYPE weir_function_duration_seconds histogram\n");
-    for (k, s) in all.iter() {
+    for (k, s) in &live {
         let l = labels(k);
         let mut cumulative = 0;
-        for (i, n) in s.buckets.iter().enumerate() {
-            cumulative += n;
+        for (i, b) in s.buckets.iter().enumerate() {
+            cumulative += n(b);
             let le = BUCKETS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
             let _ = writeln!(out, "weir_function_duration_seconds_bucket{{{l},le=\"{le}\"}} {cumulative}");
         }
-        let _ = writeln!(out, "weir_function_duration_seconds_sum{{{l}}} {}", s.sum);
-        let _ = writeln!(out, "weir_function_duration_seconds_count{{{l}}} {}", s.calls);
+        let _ = writeln!(out, "weir_function_duration_seconds_sum{{{l}}} {}", n(&s.sum) as f64 / 1e6);
+        let _ = writeln!(out, "weir_function_duration_seconds_count{{{l}}} {}", n(&s.calls));
     }
 }
 
@@ -78,16 +93,16 @@ mod tests {
 
     #[test]
     fn series_follow_loaded_functions_only() {
-        let logs = Arc::new(Logs::default());
-        observe("gw-metrics", "dev", "a\"b", &logs, Duration::from_millis(3), false);
-        observe("gw-metrics", "dev", "a\"b", &logs, Duration::from_millis(40), true);
+        let s = series("gw-metrics", "dev", "a\"b");
+        s.observe(Duration::from_millis(3), false);
+        series("gw-metrics", "dev", "a\"b").observe(Duration::from_millis(40), true);
         let page = weir_plugins::prometheus::render();
         let l = r#"gateway="gw-metrics",environment="dev",function="a\"b""#;
         assert!(page.contains(&format!("weir_function_calls_total{{{l}}} 2")), "{page}");
         assert!(page.contains(&format!("weir_function_errors_total{{{l}}} 1")), "{page}");
         assert!(page.contains(&format!("weir_function_duration_seconds_bucket{{{l},le=\"0.005\"}} 1")), "{page}");
         assert!(page.contains(&format!("weir_function_duration_seconds_bucket{{{l},le=\"+Inf\"}} 2")), "{page}");
-        drop(logs);
+        drop(s);
         assert!(!weir_plugins::prometheus::render().contains("gw-metrics"), "an unloaded function's series are gone");
     }
 }

@@ -327,14 +327,16 @@
 
   // Called by the engine: runs one call to its response [status, headers, body].
   G.__weir = {
-    run: async (fn, req, vs) => {
+    // `req` becomes the call's context. A function that answers without waiting is
+    // answered without a promise.
+    run: (fn, req, vs) => {
       vars = vs;
-      const ctx = {
-        method: req.method, path: req.path, query: req.query, headers: req.headers,
-        body: req.body === undefined ? undefined : parseBody(req.headers["content-type"], req.body),
-        requestId: req.requestId, user: req.user,
-      };
-      return toResponse(await shapes(fn, ctx));
+      if (req.body !== undefined) req.body = parseBody(req.headers["content-type"], req.body);
+      if (typeof fn === "function" && fn.length < 2) {
+        const out = fn(req);
+        return out !== null && typeof out === "object" && typeof out.then === "function" ? Promise.resolve(out).then(toResponse) : toResponse(out);
+      }
+      return shapes(fn, req).then(toResponse);
     },
     setVars: (vs) => { vars = vs; },
     fireTimer,

@@ -19,6 +19,32 @@ pub(crate) fn uuid() -> String {
     format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..])
 }
 
+/// A request id in the form of a UUID, unique in this process: random bits drawn once, with
+/// a counter mixed in (cheaper than the CSPRNG per request; an id is not a secret).
+pub(crate) fn request_id() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static BASE: OnceLock<[u8; 16]> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let mut b = *BASE.get_or_init(|| random(16).try_into().unwrap_or([0; 16]));
+    let n = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    for (i, x) in n.iter().enumerate() {
+        b[8 + i] ^= x;
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(36);
+    for (i, x) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[(x >> 4) as usize] as char);
+        out.push(HEX[(x & 15) as usize] as char);
+    }
+    out
+}
+
 /// SHA-1 (`1`) or SHA-2 (`256`, `384`, `512`) of `data`.
 pub(crate) fn digest(bits: u32, data: &[u8]) -> Option<Vec<u8>> {
     let alg = match bits {
@@ -29,4 +55,16 @@ pub(crate) fn digest(bits: u32, data: &[u8]) -> Option<Vec<u8>> {
         _ => return None,
     };
     Some(ring::digest::digest(alg, data).as_ref().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn request_ids_are_uuid_shaped_and_distinct() {
+        let (a, b) = (super::request_id(), super::request_id());
+        assert_ne!(a, b);
+        assert_eq!((a.len(), &a[14..15], a.matches('-').count()), (36, "4", 4));
+        let u = super::uuid();
+        assert_eq!((u.len(), &u[14..15]), (36, "4"));
+    }
 }
