@@ -125,15 +125,68 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
-/// A function as the API shows it: its full name (`dev/user/me`) and its source.
+/// A function as the API shows it.
+#[derive(serde::Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Shown {
+    /// The full name: `{environment}/{functionName}`.
+    pub name: String,
+    pub function_name: String,
+    pub environment: String,
+    pub source: ShownSource,
+    pub methods: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+    pub plugins: Map<String, Value>,
+    pub version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changelog: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub updated_by: String,
+}
+
+#[derive(serde::Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShownSource {
+    pub files: BTreeMap<String, String>,
+    pub entrypoint: String,
+}
+
+/// What `invoke` answers.
+#[derive(serde::Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Invocation {
+    pub status: u16,
+    pub headers: Map<String, Value>,
+    /// JSON when the function answered JSON, else the text.
+    pub body: Value,
+    pub logs: Vec<Value>,
+    pub duration_ms: f64,
+}
+
 fn shown(doc: &FunctionDoc) -> Value {
-    let mut v = serde_json::to_value(doc).expect("a function serializes");
-    v["name"] = json!(format!("{}/{}", doc.environment, doc.name));
-    v["functionName"] = json!(doc.name);
-    let files = v.as_object_mut().and_then(|o| o.remove("files")).unwrap_or(Value::Null);
-    let entry = v.as_object_mut().and_then(|o| o.remove("entrypoint")).unwrap_or(Value::Null);
-    v["source"] = json!({"files": files, "entrypoint": entry});
-    v
+    let d = doc.clone();
+    let s = Shown {
+        name: format!("{}/{}", d.environment, d.name),
+        function_name: d.name,
+        environment: d.environment,
+        source: ShownSource { files: d.files, entrypoint: d.entrypoint },
+        methods: d.methods,
+        description: d.description,
+        tags: d.tags,
+        plugins: d.plugins,
+        version: d.version,
+        semver: d.semver,
+        changelog: d.changelog,
+        created_at: d.created_at,
+        updated_at: d.updated_at,
+        updated_by: d.updated_by,
+    };
+    serde_json::to_value(s).expect("a function serializes")
 }
 
 impl Platform {
@@ -390,7 +443,8 @@ impl Platform {
                 let text = String::from_utf8_lossy(&bytes).into_owned();
                 let is_json = headers.get("content-type").and_then(Value::as_str).is_some_and(|t| t.contains("json"));
                 let body = if is_json { serde_json::from_str(&text).unwrap_or(Value::String(text)) } else { Value::String(text) };
-                json(StatusCode::OK, &json!({"status": status, "headers": headers, "body": body, "logs": logs, "durationMs": took}))
+                let logs = logs.iter().map(|l| serde_json::to_value(l).expect("a log line serializes")).collect();
+                json(StatusCode::OK, &serde_json::to_value(Invocation { status, headers, body, logs, duration_ms: took }).expect("an invocation serializes"))
             }
             Err(e) => failure(ErrorKind::Unavailable, e, Vec::new()),
         }

@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! The API platform: tenants' gateways, each with dev, staging and prod environments, served
 //! through APISIX objects the platform generates and keeps in step.
 //!
@@ -12,7 +13,7 @@
 
 mod api;
 mod docs;
-mod functions;
+pub mod functions;
 mod guard;
 pub mod model;
 pub mod openapi;

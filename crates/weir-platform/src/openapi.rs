@@ -6,6 +6,7 @@ use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
+use crate::functions::{CreateFunction, InvokeInput, Invocation, PatchFunction, Shown};
 use crate::model::{CreateGateway, Environment, Gateway, PatchEnvironment, PatchGateway};
 use crate::tokens::{CreateToken, Token};
 
@@ -63,6 +64,7 @@ fn param(name: &str, what: &str) -> Value {
 pub fn document() -> Value {
     let gid = param("gid", "the gateway id");
     let env = param("env", "dev, staging or prod");
+    let func = param("fn", "the function's full name, `{env}/{name}`, percent-encoded as one segment (`dev%2Fuser%2Fme`)");
     let mut token = schema::<Token>();
     token = without(token, &["expires"]);
     let mut minted = token.clone();
@@ -94,6 +96,25 @@ pub fn document() -> Value {
             "/v1/api-gateways/{gid}/environments/{env}/effective-plugins": {
                 "parameters": [gid, env],
                 "get": {"summary": "The merged plugins and the layer each came from", "responses": responses(&[("200", "plugins", "EffectivePlugins")])}
+            },
+            "/v1/api-gateways/{gid}/functions": {
+                "parameters": [gid],
+                "post": {"summary": "Save a function in dev; live at once", "requestBody": body("CreateFunction"), "responses": responses(&[("201", "the function", "Function"), ("409", "the name is taken", "Error")])},
+                "get": {"summary": "A gateway's functions (`?environment=`)", "responses": responses(&[("200", "functions", "FunctionList")])}
+            },
+            "/v1/api-gateways/{gid}/functions/{fn}": {
+                "parameters": [gid, func],
+                "get": {"summary": "One function, with its source", "responses": responses(&[("200", "the function", "Function")])},
+                "patch": {"summary": "Change a function; a new source is its next version", "requestBody": body("PatchFunction"), "responses": responses(&[("200", "the function as changed", "Function")])},
+                "delete": {"summary": "Delete a function", "responses": responses(&[("200", "deleted", "Deleted"), ("409", "changed meanwhile", "Error")])}
+            },
+            "/v1/api-gateways/{gid}/functions/{fn}/invoke": {
+                "parameters": [gid, func],
+                "post": {"summary": "Run a function as a request would, without the route's plugins", "requestBody": body("InvokeInput"), "responses": responses(&[("200", "what it answered and logged", "Invocation"), ("503", "it cannot run on this node now", "Error")])}
+            },
+            "/v1/api-gateways/{gid}/functions/{fn}/logs": {
+                "parameters": [gid, func],
+                "get": {"summary": "A function's last log lines on this node (`?since=` RFC 3339, `&limit=`)", "responses": responses(&[("200", "log lines, oldest first", "LogList")])}
             },
             "/v1/tokens": {
                 "post": {"summary": "Make a token", "requestBody": body("CreateToken"), "responses": responses(&[("201", "the token, shown once", "MintedToken")])},
@@ -131,8 +152,21 @@ pub fn document() -> Value {
                 "MintedToken": minted,
                 "TokenList": list_of("Token"),
                 "Caller": {"type": "object"},
+                "CreateFunction": schema::<CreateFunction>(),
+                "PatchFunction": schema::<PatchFunction>(),
+                "InvokeInput": schema::<InvokeInput>(),
+                "Function": schema::<Shown>(),
+                "FunctionList": list_of("Function"),
+                "Invocation": schema::<Invocation>(),
+                "LogLine": {"type": "object", "properties": {
+                    "time": {"type": "string", "format": "date-time"}, "level": {"type": "string"}, "requestId": {"type": "string"}, "message": {"type": "string"}
+                }, "required": ["time", "level", "requestId", "message"], "additionalProperties": false},
+                "LogList": list_of("LogLine"),
+                "Deleted": {"type": "object", "properties": {"deleted": {"type": "string"}}, "required": ["deleted"], "additionalProperties": false},
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
-                    "kind": {"type": "string"}, "message": {"type": "string"}, "problems": {"type": "array", "items": {"type": "string"}}
+                    "kind": {"type": "string"}, "message": {"type": "string"}, "problems": {"type": "array", "items": {"type": "string"}},
+                    "file": {"type": "string", "description": "a source that does not compile: the file"},
+                    "line": {"type": "integer", "minimum": 1}, "column": {"type": "integer", "minimum": 1}
                 }, "required": ["kind", "message", "problems"], "additionalProperties": false}}, "required": ["error"], "additionalProperties": false}
             }
         }
