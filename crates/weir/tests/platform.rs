@@ -642,6 +642,38 @@ async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plug
     assert_eq!(post("{}").await.status, 429, "the function's own limit-count applies to it");
     assert_eq!(w.get("/dev/user/me", &[("host", "fns.localhost")]).await.status, 200, "and to no other function");
 
+    // Every SDK call, over HTTP.
+    let sdk = r#"
+export default async (ctx) => {
+  console.info('sdk', ctx.requestId);
+  const waited = await new Promise((r) => setTimeout(() => r('late'), 5));
+  const t = setTimeout(() => { throw new Error('cancelled timers never fire') }, 1);
+  clearTimeout(t);
+  const digest = new Uint8Array(await crypto.subtle.digest('SHA-256', new TextEncoder().encode('abc')));
+  const u = new URL('https://api.example.com/a?x=1');
+  u.searchParams.set('y', '2');
+  imp.shared.set('n', (imp.shared.get('n') || 0) + 1);
+  const random = crypto.getRandomValues(new Uint8Array(8));
+  return {
+    waited, uuid: crypto.randomUUID().length, random: random.length,
+    sha: Array.from(digest.slice(0, 4)).map((b) => b.toString(16).padStart(2, '0')).join(''),
+    url: u.href, params: new URLSearchParams({ q: 'a b' }).toString(),
+    b64: atob(btoa('hi')), utf8: new TextDecoder().decode(new TextEncoder().encode('ü')),
+    shared: imp.shared.get('n'), invoked: await cloud.invoke('user/me', {}),
+    headers: new Headers({ 'X-A': '1' }).get('x-a'), body: ctx.body, query: ctx.query,
+  };
+}"#;
+    assert_eq!(v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "sdk", "source": {"code": sdk}}))).await.0, 201);
+    let r = w.until("/dev/sdk?a=1&a=2", &[("host", "fns.localhost")], |r| r.status != 404).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json(), json!({
+        "waited": "late", "uuid": 36, "random": 8, "sha": "ba7816bf", "url": "https://api.example.com/a?x=1&y=2",
+        "params": "q=a+b", "b64": "hi", "utf8": "ü", "shared": 1, "invoked": {"hello": "WORLD", "path": "/user/me"},
+        "headers": "1", "query": {"a": ["1", "2"]}
+    }));
+    let r = send(w.proxy, "POST", "/dev/sdk", &[("host", "fns.localhost"), ("content-type", "application/x-www-form-urlencoded")], Some("k=v&k=w&z=1")).await;
+    assert_eq!((r.json()["body"].clone(), r.json()["shared"].clone()), (json!({"k": ["v", "w"], "z": "1"}), json!(2)), "{}", r.text());
+
     // A new source is a new version, live at once; in-process invoke and the logs.
     let (s, b) = v1(&w, "PATCH", &fn_path("fns", "dev/user/me"), Some(json!({"source": {"code": "export default (ctx) => { console.warn('v2', ctx.method); return 'v2' }"}}))).await;
     assert_eq!((s, &b["version"]), (200, &json!(2)), "{b}");
