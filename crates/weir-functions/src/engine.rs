@@ -465,8 +465,11 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
     };
     let mut calls: BTreeMap<u64, Live> = BTreeMap::new();
     let mut next_call: u64 = 1;
+    // Calls held back while the runtime drains before it is made afresh, and since when.
+    let mut held: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    let mut draining: Option<Instant> = None;
     loop {
-        let wake = next_wake(&js, &calls);
+        let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN)].into_iter().flatten().min();
         let msg = match wake {
             Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
                 Ok(m) => Some(m),
@@ -480,6 +483,7 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
         };
         let mut broken = false;
         match msg {
+            Some(Msg::Call(job)) if draining.is_some() => held.push_back(*job),
             Some(Msg::Call(job)) => {
                 let id = next_call;
                 next_call += 1;
@@ -517,16 +521,42 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
                     return;
                 }
             };
-        } else if js.loaded > 512 && calls.is_empty() {
-            // Every save loads a new version; QuickJS keeps old modules, so the runtime is
-            // made afresh once many have piled up and nothing is in flight.
-            js = match Js::new(memory) {
-                Ok(js) => js,
-                Err(_) => return,
-            };
+        } else if js.loaded > RECYCLE_AFTER {
+            // Every save loads a new version and QuickJS keeps old modules, so once many have
+            // piled up the runtime is made afresh: new calls wait while the calls in flight
+            // finish (at most `DRAIN`; those still running then fail), then start on the
+            // fresh runtime.
+            let since = *draining.get_or_insert_with(Instant::now);
+            if calls.is_empty() || since.elapsed() >= DRAIN {
+                for (id, live) in std::mem::take(&mut calls) {
+                    finish(&js, id, live, Err(Failure::Internal("the gateway's runtime was renewed while this call waited".into())));
+                }
+                drop(js);
+                js = match Js::new(memory) {
+                    Ok(js) => js,
+                    Err(e) => {
+                        tracing::error!(%gateway, error = %e, "the function runtime could not restart");
+                        return;
+                    }
+                };
+                draining = None;
+                for job in std::mem::take(&mut held) {
+                    let id = next_call;
+                    next_call += 1;
+                    if start_call(&mut js, &mut calls, id, job) {
+                        break;
+                    }
+                }
+                start_fetches(&js, &calls, gateway, back, fetcher);
+            }
         }
     }
 }
+
+/// Versions loaded in a runtime before it is made afresh.
+const RECYCLE_AFTER: usize = 512;
+/// The longest a renewal waits for the calls in flight.
+const DRAIN: Duration = Duration::from_secs(1);
 
 fn next_wake(js: &Js, calls: &BTreeMap<u64, Live>) -> Option<Instant> {
     let timer = js.host.borrow().timers.peek().map(|Reverse((at, _, _))| *at);

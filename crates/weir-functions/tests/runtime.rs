@@ -188,3 +188,18 @@ async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
     assert!(t.elapsed() < Duration::from_millis(600), "{:?}", t.elapsed());
 }
 
+
+/// A runtime that has loaded many versions is made afresh without failing a call: new calls
+/// wait while the one in flight finishes.
+#[tokio::test]
+async fn a_runtime_renewed_after_many_versions_fails_no_call() {
+    let gw = Gw::new(vec![func("dev", "slow", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r('slow done'), 200))")])]);
+    let slow = tokio::spawn(FunctionHandler::run(gw.engine.clone(), gw.table["slow"].clone(), gw.table.clone(), gw.vars.clone(), limits(), Arc::default(), get("/")));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..600 {
+        let f = func("dev", "v", &[("index.js", &format!("export default () => ({{ v: {i} }})"))]);
+        let out = FunctionHandler::run(gw.engine.clone(), f, gw.table.clone(), gw.vars.clone(), limits(), Arc::default(), get("/")).await.unwrap();
+        assert_eq!(body_json(&out), json!({"v": i}), "call {i}");
+    }
+    assert_eq!(slow.await.unwrap().unwrap().result.unwrap().body, b"slow done");
+}
