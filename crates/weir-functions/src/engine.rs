@@ -510,16 +510,9 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
         start_fetches(&js, &calls, gateway, back, fetcher);
         if broken {
             // Out of memory: a fresh runtime; the calls in flight cannot continue.
-            for (id, live) in std::mem::take(&mut calls) {
-                finish(&js, id, live, Err(Failure::Memory));
-            }
-            drop(js);
-            js = match Js::new(memory) {
-                Ok(js) => js,
-                Err(e) => {
-                    tracing::error!(%gateway, error = %e, "the function runtime could not restart");
-                    return;
-                }
+            js = match renew(js, &mut calls, || Failure::Memory, memory, gateway) {
+                Some(js) => js,
+                None => return,
             };
         } else if js.loaded > RECYCLE_AFTER {
             // Every save loads a new version and QuickJS keeps old modules, so once many have
@@ -528,27 +521,40 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
             // fresh runtime.
             let since = *draining.get_or_insert_with(Instant::now);
             if calls.is_empty() || since.elapsed() >= DRAIN {
-                for (id, live) in std::mem::take(&mut calls) {
-                    finish(&js, id, live, Err(Failure::Internal("the gateway's runtime was renewed while this call waited".into())));
-                }
-                drop(js);
-                js = match Js::new(memory) {
-                    Ok(js) => js,
-                    Err(e) => {
-                        tracing::error!(%gateway, error = %e, "the function runtime could not restart");
-                        return;
-                    }
+                let renewed = || Failure::Internal("the gateway's runtime was renewed while this call waited".into());
+                js = match renew(js, &mut calls, renewed, memory, gateway) {
+                    Some(js) => js,
+                    None => return,
                 };
                 draining = None;
                 for job in std::mem::take(&mut held) {
                     let id = next_call;
                     next_call += 1;
                     if start_call(&mut js, &mut calls, id, job) {
-                        break;
+                        js = match renew(js, &mut calls, || Failure::Memory, memory, gateway) {
+                            Some(js) => js,
+                            None => return,
+                        };
                     }
                 }
                 start_fetches(&js, &calls, gateway, back, fetcher);
             }
+        }
+    }
+}
+
+/// Fails every call in flight with `why` and makes the runtime afresh; `None` when it cannot
+/// be made.
+fn renew(js: Js, calls: &mut BTreeMap<u64, Live>, why: impl Fn() -> Failure, memory: usize, gateway: &str) -> Option<Js> {
+    for (id, live) in std::mem::take(calls) {
+        finish(&js, id, live, Err(why()));
+    }
+    drop(js);
+    match Js::new(memory) {
+        Ok(js) => Some(js),
+        Err(e) => {
+            tracing::error!(%gateway, error = %e, "the function runtime could not restart");
+            None
         }
     }
 }
