@@ -20,8 +20,9 @@ use crate::{Args, Proc, Weir, median_result, other_cores, percentile, row, tempf
 const NODE_PORT: u16 = 18180;
 const ETCD_PORT: u16 = 18379;
 
-/// One exchange on a fresh connection: (status, body, time to the answer).
-fn call(port: u16, method: &str, path: &str, host: &str, body: Option<&str>) -> anyhow::Result<(u16, String, Duration)> {
+/// One exchange on a fresh connection with a Host of our choosing: (status, body, time to
+/// the answer).
+pub(crate) fn call(port: u16, method: &str, path: &str, host: &str, body: Option<&str>) -> anyhow::Result<(u16, String, Duration)> {
     let started = Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_nodelay(true)?;

@@ -5,29 +5,15 @@
 //! gateway, the other `--platform` gateways (each with its environments' routes and plugin
 //! configs, as the platform renders them). Every gateway's dev environment sends to the origin.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 
 use crate::{Args, ORIGIN_PORT, Weir, median_result, origin, other_cores, percentile, row, tempfile_dir, wait_port, wrk_url};
 
 /// One exchange on a fresh connection with a Host of our choosing: (status, body).
 fn call(port: u16, method: &str, path: &str, host: &str, body: Option<&str>) -> anyhow::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
-    s.set_nodelay(true)?;
-    let body = body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nX-API-KEY: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        crate::KEY,
-        body.len()
-    )?;
-    let mut out = String::new();
-    s.read_to_string(&mut out)?;
-    let status = out.get(9..12).and_then(|c| c.parse().ok()).context("malformed response")?;
-    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+    crate::functions::call(port, method, path, host, body).map(|(status, body, _)| (status, body))
 }
 
 fn admin(w: &Weir, method: &str, path: &str, body: &str) -> anyhow::Result<String> {

@@ -240,8 +240,9 @@ impl Contributor for Functions {
         if let Ok(mut cache) = self.compiled.lock() {
             cache.retain(|k, _| !k.starts_with(partition) || present.contains(k.as_str()));
         }
+        let own = format!("{gid}/");
         if let Ok(mut t) = self.tables.lock() {
-            t.retain(|k, _| !k.starts_with(&format!("{gid}/")));
+            t.retain(|k, _| !k.starts_with(&own));
         }
         let mut out = Lowered::default();
         for (env_name, env) in &envs {
