@@ -73,6 +73,17 @@ pub struct FunctionDoc {
     pub created_at: String,
     pub updated_at: String,
     pub updated_by: String,
+    /// Where this version came from when it was promoted from another environment.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promoted_from: Option<Origin>,
+}
+
+/// The environment and version a promoted function was copied from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Origin {
+    pub environment: String,
+    pub version: u64,
 }
 
 /// The key prefix of gateway `gid`'s partition.

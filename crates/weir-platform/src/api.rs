@@ -132,6 +132,8 @@ impl Platform {
             (&Method::GET, ["whoami"]) => json(StatusCode::OK, &caller.describe()),
             (&Method::GET, ["openapi.json"]) => json(StatusCode::OK, &crate::openapi::document()),
             (&Method::DELETE, ["tokens", id]) => self.delete_token(&caller, id).await,
+            (&Method::GET, ["api-gateways", gid, "deployments"]) => self.deployments(gid, parts.uri.query()).await,
+            (m, ["api-gateways", gid, "triggers", rest @ ..]) => self.triggers_api(&caller, m, gid, rest, &raw).await,
             (m, ["api-gateways", gid, "functions", rest @ ..]) => self.functions_api(&caller, m, gid, rest, parts.uri.query(), &raw).await,
             (_, ["api-gateways" | "tokens", ..]) => refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
             _ => refuse(StatusCode::NOT_FOUND, "not found"),

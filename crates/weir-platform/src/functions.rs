@@ -17,6 +17,7 @@ use weir_store::{Compare, Op, Txn, TxnOutcome};
 
 use crate::Platform;
 use crate::api::{Reply, bad_input, body, failure, json, not_found, store_down};
+use crate::lifecycle::Kind;
 use crate::model::Phase;
 use crate::tokens::Caller;
 
@@ -147,9 +148,11 @@ pub struct Shown {
     pub created_at: String,
     pub updated_at: String,
     pub updated_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promoted_from: Option<weir_functions::live::Origin>,
 }
 
-#[derive(serde::Serialize, JsonSchema)]
+#[derive(serde::Serialize, Deserialize, JsonSchema, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct ShownSource {
     pub files: BTreeMap<String, String>,
@@ -168,9 +171,13 @@ pub struct Invocation {
     pub duration_ms: f64,
 }
 
-fn shown(doc: &FunctionDoc) -> Value {
+pub(crate) fn shown(doc: &FunctionDoc) -> Value {
+    serde_json::to_value(shown_of(doc)).expect("a function serializes")
+}
+
+pub(crate) fn shown_of(doc: &FunctionDoc) -> Shown {
     let d = doc.clone();
-    let s = Shown {
+    Shown {
         name: format!("{}/{}", d.environment, d.name),
         function_name: d.name,
         environment: d.environment,
@@ -185,14 +192,17 @@ fn shown(doc: &FunctionDoc) -> Value {
         created_at: d.created_at,
         updated_at: d.updated_at,
         updated_by: d.updated_by,
-    };
-    serde_json::to_value(s).expect("a function serializes")
+        promoted_from: d.promoted_from,
+    }
 }
 
 impl Platform {
     /// Routes `/v1/api-gateways/{gid}/functions...`; `rest` is what follows `functions`.
     pub(crate) async fn functions_api(&self, caller: &Caller, m: &http::Method, gid: &str, rest: &[&str], query: Option<&str>, raw: &Bytes) -> Reply {
         use http::Method;
+        if let (&Method::GET, ["compare"]) = (m, rest) {
+            return self.compare(gid, query).await;
+        }
         let full = rest.first().map(|f| weir_core::text::percent_decode(f).into_owned());
         let split = full.as_deref().and_then(|f| f.split_once('/')).map(|(e, n)| (e.to_string(), n.to_string()));
         if full.is_some() && split.as_ref().is_none_or(|(e, n)| !crate::model::ENVIRONMENTS.contains(&e.as_str()) || !weir_functions::valid_name(n)) {
@@ -207,17 +217,21 @@ impl Platform {
                 Ok((doc, _)) => json(StatusCode::OK, &shown(&doc)),
                 Err(r) => r,
             },
-            (&Method::PATCH | &Method::DELETE, Some((env, _)), []) | (&Method::POST, Some((env, _)), ["invoke"]) if !caller.writes_env(&env) => forbidden(&env),
+            (&Method::PATCH | &Method::DELETE, Some((env, _)), []) | (&Method::POST, Some((env, _)), ["invoke" | "rollback"]) if !caller.writes_env(&env) => forbidden(&env),
             (&Method::PATCH, Some((env, name)), []) => self.patch_function(caller, gid, &env, &name, raw).await,
             (&Method::DELETE, Some((env, name)), []) => self.delete_function(gid, &env, &name).await,
             (&Method::POST, Some((env, name)), ["invoke"]) => self.invoke(gid, &env, &name, raw).await,
             (&Method::GET, Some((env, name)), ["logs"]) => self.function_logs(gid, &env, &name, query).await,
+            (&Method::GET, Some((env, name)), ["history"]) => self.history(gid, &env, &name, None).await,
+            (&Method::GET, Some((env, name)), ["history", v]) => self.history(gid, &env, &name, Some(v)).await,
+            (&Method::POST, Some((env, name)), ["deploy-to-stage"]) => self.deploy_to_stage(caller, gid, &env, &name, raw).await,
+            (&Method::POST, Some((env, name)), ["rollback"]) => self.rollback(caller, gid, &env, &name, raw).await,
             _ => crate::api::refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
         }
     }
 
     /// The gateway's document revision, when it may take functions.
-    async fn gateway_rev(&self, gid: &str) -> Result<i64, Reply> {
+    pub(crate) async fn gateway_rev(&self, gid: &str) -> Result<i64, Reply> {
         match self.docs.get(gid).await.map_err(store_down)? {
             Some((gw, _)) if gw.phase == Phase::Deleting => Err(failure(ErrorKind::Conflict, "the gateway is being deleted", Vec::new())),
             Some((_, rev)) => Ok(rev),
@@ -252,10 +266,6 @@ impl Platform {
         if let Err(r) = self.check_function_plugins(&plugins) {
             return r;
         }
-        let gw_rev = match self.gateway_rev(gid).await {
-            Ok(r) => r,
-            Err(r) => return r,
-        };
         let now = now_rfc3339();
         let doc = FunctionDoc {
             name: input.name,
@@ -272,23 +282,31 @@ impl Platform {
             created_at: now.clone(),
             updated_at: now,
             updated_by: caller.name(),
+            promoted_from: None,
         };
         let key = function_key(&self.prefix, gid, "dev", &doc.name);
-        let txn = Txn {
-            compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }],
-            ops: vec![Op::Put { key: key.clone(), value: Bytes::from(serde_json::to_vec(&doc).expect("a function serializes")) }],
-        };
-        match self.docs.store.txn(txn).await {
-            Ok(TxnOutcome::Committed { .. }) => json(StatusCode::CREATED, &shown(&doc)),
-            Ok(TxnOutcome::Conflict) => match self.docs.store.get(&key).await {
-                Ok(Some(_)) => failure(ErrorKind::Conflict, format!("function dev/{} already exists", doc.name), Vec::new()),
-                // The gateway changed meanwhile (its owner, the reconciler): its document is
-                // compared only so that a deleted gateway takes no function; try again.
-                Ok(None) => failure(ErrorKind::Conflict, "the gateway changed meanwhile; try again", Vec::new()),
-                Err(e) => store_down(e),
-            },
-            Err(e) => store_down(e),
+        // The gateway's document is compared only so that a deleted gateway takes no function;
+        // when it changes meanwhile (its owner, the reconciler), the save is tried again.
+        for _ in 0..32 {
+            let gw_rev = match self.gateway_rev(gid).await {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
+            let txn = Txn {
+                compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }],
+                ops: self.publish_ops(gid, &doc, Kind::Save, None),
+            };
+            match self.docs.store.txn(txn).await {
+                Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::CREATED, &shown(&doc)),
+                Ok(TxnOutcome::Conflict) => match self.docs.store.get(&key).await {
+                    Ok(Some(_)) => return failure(ErrorKind::Conflict, format!("function dev/{} already exists", doc.name), Vec::new()),
+                    Ok(None) => continue,
+                    Err(e) => return store_down(e),
+                },
+                Err(e) => return store_down(e),
+            }
         }
+        failure(ErrorKind::Conflict, "the gateway kept changing meanwhile; try again", Vec::new())
     }
 
     async fn list_functions(&self, gid: &str, query: Option<&str>) -> Reply {
@@ -306,11 +324,16 @@ impl Platform {
         }
     }
 
-    async fn read_function(&self, gid: &str, env: &str, name: &str) -> Result<(FunctionDoc, i64), Reply> {
+    pub(crate) async fn read_function(&self, gid: &str, env: &str, name: &str) -> Result<(FunctionDoc, i64), Reply> {
+        self.read_optional(gid, env, name).await?.ok_or_else(|| not_found("function"))
+    }
+
+    /// The function with its revision, if there is one.
+    pub(crate) async fn read_optional(&self, gid: &str, env: &str, name: &str) -> Result<Option<(FunctionDoc, i64)>, Reply> {
         let key = function_key(&self.prefix, gid, env, name);
         match self.docs.store.get(&key).await.map_err(store_down)? {
-            Some(kv) => serde_json::from_slice::<FunctionDoc>(&kv.value).map(|d| (d, kv.mod_revision)).map_err(|e| failure(ErrorKind::Internal, format!("stored function: {e}"), Vec::new())),
-            None => Err(not_found("function")),
+            Some(kv) => serde_json::from_slice::<FunctionDoc>(&kv.value).map(|d| Some((d, kv.mod_revision))).map_err(|e| failure(ErrorKind::Internal, format!("stored function: {e}"), Vec::new())),
+            None => Ok(None),
         }
     }
 
@@ -338,10 +361,9 @@ impl Platform {
                 Ok(d) => d,
                 Err(r) => return r,
             };
+            // Every save is a version, whatever it changes.
+            doc.version += 1;
             if let Some((files, entry)) = &source {
-                if (files, entry) != (&doc.files, &doc.entrypoint) {
-                    doc.version += 1;
-                }
                 doc.files = files.clone();
                 doc.entrypoint = entry.clone();
             }
@@ -366,7 +388,7 @@ impl Platform {
             doc.updated_at = now_rfc3339();
             doc.updated_by = caller.name();
             let key = function_key(&self.prefix, gid, env, name);
-            let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops: vec![Op::Put { key, value: Bytes::from(serde_json::to_vec(&doc).expect("a function serializes")) }] };
+            let txn = Txn { compares: vec![Compare { key, mod_revision: rev }], ops: self.publish_ops(gid, &doc, Kind::Save, None) };
             match self.docs.store.txn(txn).await {
                 Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::OK, &shown(&doc)),
                 // Changed meanwhile: applied again on what is there now.
@@ -382,7 +404,13 @@ impl Platform {
             Err(r) => return r,
         };
         let key = function_key(&self.prefix, gid, env, name);
-        let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops: vec![Op::Delete { key }] };
+        // Its history goes with it: a function made later under the name starts afresh.
+        let mut ops = match self.history_removal(gid, env, name).await {
+            Ok(ops) => ops,
+            Err(r) => return r,
+        };
+        ops.push(Op::Delete { key: key.clone() });
+        let txn = Txn { compares: vec![Compare { key, mod_revision: rev }], ops };
         match self.docs.store.txn(txn).await {
             Ok(TxnOutcome::Committed { .. }) => json(StatusCode::OK, &json!({"deleted": format!("{env}/{}", doc.name)})),
             Ok(TxnOutcome::Conflict) => failure(ErrorKind::Conflict, "the function changed meanwhile; try again", Vec::new()),
@@ -400,18 +428,6 @@ impl Platform {
                 Ok(b) => b,
                 Err(r) => return r,
             }
-        };
-        let Some(functions) = self.functions.get() else { return failure(ErrorKind::Unavailable, "functions do not run on this node", Vec::new()) };
-        let key = function_key(&self.prefix, gid, env, name);
-        let stored = match self.docs.store.get(&key).await {
-            Ok(Some(kv)) => kv.value,
-            Ok(None) => return not_found("function"),
-            Err(e) => return store_down(e),
-        };
-        let env_doc: EnvDoc = match self.docs.store.get(&env_key(&self.prefix, gid, env)).await {
-            Ok(Some(kv)) => serde_json::from_slice(&kv.value).unwrap_or_default(),
-            Ok(None) => return failure(ErrorKind::Unavailable, "the gateway is not started yet", Vec::new()),
-            Err(e) => return store_down(e),
         };
         let mut headers: Vec<(String, String)> = input.headers.unwrap_or_default().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
         let body = match input.body {
@@ -434,8 +450,8 @@ impl Platform {
             user: None,
         };
         let started = std::time::Instant::now();
-        match functions.invoke(gid, &env_doc, &key, &stored, request).await {
-            Ok(outcome) => {
+        match self.run_function(gid, env, name, request).await {
+            Ok((outcome, env_doc)) => {
                 let took = started.elapsed().as_secs_f64() * 1000.0;
                 let logs = outcome.logs.clone();
                 let (status, headers, bytes) = weir_functions::live::answer(outcome, env_doc.debug, &env_doc.limits.limits());
@@ -446,7 +462,22 @@ impl Platform {
                 let logs = logs.iter().map(|l| serde_json::to_value(l).expect("a log line serializes")).collect();
                 json(StatusCode::OK, &serde_json::to_value(Invocation { status, headers, body, logs, duration_ms: took }).expect("an invocation serializes"))
             }
-            Err(e) => failure(ErrorKind::Unavailable, e, Vec::new()),
+            Err(r) => r,
+        }
+    }
+
+    /// Runs the stored function `{env}/{name}` on `request` with its environment's settings.
+    pub(crate) async fn run_function(&self, gid: &str, env: &str, name: &str, request: Request) -> Result<(weir_functions::Outcome, EnvDoc), Reply> {
+        let Some(functions) = self.functions.get() else { return Err(failure(ErrorKind::Unavailable, "functions do not run on this node", Vec::new())) };
+        let key = function_key(&self.prefix, gid, env, name);
+        let stored = self.docs.store.get(&key).await.map_err(store_down)?.ok_or_else(|| not_found("function"))?.value;
+        let env_doc: EnvDoc = match self.docs.store.get(&env_key(&self.prefix, gid, env)).await.map_err(store_down)? {
+            Some(kv) => serde_json::from_slice(&kv.value).unwrap_or_default(),
+            None => return Err(failure(ErrorKind::Unavailable, "the gateway is not started yet", Vec::new())),
+        };
+        match functions.invoke(gid, &env_doc, &key, &stored, request).await {
+            Ok(outcome) => Ok((outcome, env_doc)),
+            Err(e) => Err(failure(ErrorKind::Unavailable, e, Vec::new())),
         }
     }
 

@@ -15,11 +15,13 @@ mod api;
 mod docs;
 pub mod functions;
 mod guard;
+pub mod lifecycle;
 pub mod model;
 pub mod openapi;
 mod reconcile;
 pub mod render;
 pub mod tokens;
+pub mod triggers;
 
 use std::sync::Arc;
 
@@ -55,6 +57,8 @@ pub struct PlatformConfig {
     /// link-local addresses (its admin listener, its store, cloud metadata).
     pub denied_networks: Vec<String>,
     pub functions: FunctionsConfig,
+    /// Versions kept in each function's history, per environment.
+    pub history_limit: usize,
 }
 
 /// `platform.functions`.
@@ -88,6 +92,7 @@ impl Default for PlatformConfig {
             max_gateways_per_owner: 100,
             denied_networks: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"].map(String::from).to_vec(),
             functions: FunctionsConfig::default(),
+            history_limit: 30,
         }
     }
 }

@@ -7,8 +7,10 @@ use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
 use crate::functions::{CreateFunction, InvokeInput, Invocation, PatchFunction, Shown};
+use crate::lifecycle::{DeployInput, Deployed, Deployment, FileDiff, HistoryEntry, RollbackInput};
 use crate::model::{CreateGateway, Environment, Gateway, PatchEnvironment, PatchGateway};
 use crate::tokens::{CreateToken, Token};
+use crate::triggers::{CreateTrigger, Run, Trigger};
 
 /// `T`'s schema as JSON Schema 2020-12 (OpenAPI 3.1's dialect), inline.
 fn schema<T: JsonSchema>() -> Value {
@@ -116,6 +118,44 @@ pub fn document() -> Value {
                 "parameters": [gid, func],
                 "get": {"summary": "A function's last log lines on this node (`?since=` RFC 3339, `&limit=`)", "responses": responses(&[("200", "log lines, oldest first", "LogList")])}
             },
+            "/v1/api-gateways/{gid}/functions/{fn}/history": {
+                "parameters": [gid, func],
+                "get": {"summary": "The function's last versions in its environment, newest first, without their source", "responses": responses(&[("200", "versions", "HistoryList")])}
+            },
+            "/v1/api-gateways/{gid}/functions/{fn}/history/{version}": {
+                "parameters": [gid, func, param("version", "the version number")],
+                "get": {"summary": "One version, with its source", "responses": responses(&[("200", "the version", "HistoryEntry")])}
+            },
+            "/v1/api-gateways/{gid}/functions/{fn}/deploy-to-stage": {
+                "parameters": [gid, func],
+                "post": {"summary": "Promote the function to another environment as that environment's next version", "requestBody": body("DeployInput"), "responses": responses(&[("200", "the function as published there, and the deployment record", "Deployed"), ("409", "it kept changing meanwhile", "Error")])}
+            },
+            "/v1/api-gateways/{gid}/functions/{fn}/rollback": {
+                "parameters": [gid, func],
+                "post": {"summary": "Publish a version of the history as the next version", "requestBody": body("RollbackInput"), "responses": responses(&[("200", "the function as published, and the deployment record", "Deployed"), ("409", "it kept changing meanwhile", "Error")])}
+            },
+            "/v1/api-gateways/{gid}/functions/compare": {
+                "parameters": [gid],
+                "get": {"summary": "Two functions side by side with a line diff of each file (`?source=dev/x&target=staging/x`)", "responses": responses(&[("200", "both and their diff", "Comparison")])}
+            },
+            "/v1/api-gateways/{gid}/deployments": {
+                "parameters": [gid],
+                "get": {"summary": "Promotions and rollbacks, newest first (`?environment=` the target, `&function=` the bare name)", "responses": responses(&[("200", "deployments", "DeploymentList")])}
+            },
+            "/v1/api-gateways/{gid}/triggers": {
+                "parameters": [gid],
+                "post": {"summary": "Run a function on a cron schedule (5 or 6 fields, UTC), once per tick across the cluster", "requestBody": body("CreateTrigger"), "responses": responses(&[("201", "the trigger", "Trigger")])},
+                "get": {"summary": "A gateway's triggers", "responses": responses(&[("200", "triggers", "TriggerList")])}
+            },
+            "/v1/api-gateways/{gid}/triggers/{triggerId}": {
+                "parameters": [gid, param("triggerId", "the trigger's id")],
+                "get": {"summary": "One trigger", "responses": responses(&[("200", "the trigger", "Trigger")])},
+                "delete": {"summary": "Delete a trigger and its runs", "responses": responses(&[("200", "deleted", "Deleted")])}
+            },
+            "/v1/api-gateways/{gid}/triggers/{triggerId}/runs": {
+                "parameters": [gid, param("triggerId", "the trigger's id")],
+                "get": {"summary": "The trigger's last runs, newest first", "responses": responses(&[("200", "runs", "RunList")])}
+            },
             "/v1/tokens": {
                 "post": {"summary": "Make a token", "requestBody": body("CreateToken"), "responses": responses(&[("201", "the token, shown once", "MintedToken")])},
                 "get": {"summary": "The tokens the caller manages", "responses": responses(&[("200", "tokens", "TokenList")])}
@@ -162,6 +202,22 @@ pub fn document() -> Value {
                     "time": {"type": "string", "format": "date-time"}, "level": {"type": "string"}, "requestId": {"type": "string"}, "message": {"type": "string"}
                 }, "required": ["time", "level", "requestId", "message"], "additionalProperties": false},
                 "LogList": list_of("LogLine"),
+                "HistoryEntry": schema::<HistoryEntry>(),
+                "HistoryList": {"type": "object", "properties": {"list": {"type": "array", "items": without(schema::<HistoryEntry>(), &["source"])}, "total": {"type": "integer"}}, "required": ["list", "total"]},
+                "DeployInput": schema::<DeployInput>(),
+                "RollbackInput": schema::<RollbackInput>(),
+                "Deployed": schema::<Deployed>(),
+                "Deployment": schema::<Deployment>(),
+                "DeploymentList": list_of("Deployment"),
+                "Comparison": {"type": "object", "properties": {
+                    "source": {"$ref": "#/components/schemas/Function"}, "target": {"$ref": "#/components/schemas/Function"},
+                    "identical": {"type": "boolean"}, "files": {"type": "array", "items": schema::<FileDiff>()}
+                }, "required": ["source", "target", "identical", "files"], "additionalProperties": false},
+                "CreateTrigger": schema::<CreateTrigger>(),
+                "Trigger": schema::<Trigger>(),
+                "TriggerList": list_of("Trigger"),
+                "Run": schema::<Run>(),
+                "RunList": list_of("Run"),
                 "Deleted": {"type": "object", "properties": {"deleted": {"type": "string"}}, "required": ["deleted"], "additionalProperties": false},
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "kind": {"type": "string"}, "message": {"type": "string"}, "problems": {"type": "array", "items": {"type": "string"}},

@@ -462,6 +462,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
                     platform.with_functions(f.clone());
                 }
                 admin = admin.with_extension(platform.clone());
+                tokio::spawn(platform.clone().schedule());
                 tokio::spawn(platform.reconcile());
             }
             let admin = Arc::new(admin);

@@ -6,36 +6,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::platform::{fn_path, on_loopback, platform_node, platform_weir, problems, until_gateway, v1, v1_as};
 use common::{KEY, Upstream, Weir, send};
 use serde_json::{Value, json};
 
-async fn v1(w: &Weir, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|b| b.to_string());
-    let r = send(w.admin, method, &format!("/v1/{path}"), &[("x-api-key", KEY)], body.as_deref()).await;
-    (r.status, r.json())
-}
 
-/// Polls the gateway until `check` holds.
-async fn until_gateway(w: &Weir, gid: &str, check: impl Fn(u16, &Value) -> bool) -> Value {
-    for _ in 0..500 {
-        let (s, b) = v1(w, "GET", &format!("api-gateways/{gid}"), None).await;
-        if check(s, &b) {
-            return b;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("gateway {gid} never reached the state asked for");
-}
 
-fn problems(b: &Value) -> Vec<String> {
-    b["error"]["problems"].as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect()).unwrap_or_default()
-}
 
-/// Weir on its embedded store whose tenants may reach loopback (where the tests' upstreams
-/// listen), with more `platform:` settings.
-fn on_loopback(platform: &str) -> Weir {
-    platform_weir("  type: embedded\n  path: \"{data}\"\n", &format!("  denied_networks: []\n{platform}"), &[])
-}
 
 #[tokio::test]
 async fn a_gateway_is_provisioned_serves_its_environments_and_is_taken_down() {
@@ -206,12 +183,6 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     assert_eq!(w.control("healthcheck").await.0, 200);
 }
 
-async fn v1_as(w: &Weir, token: &str, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-    let body = body.map(|b| b.to_string());
-    let auth = format!("Bearer {token}");
-    let r = send(w.admin, method, &format!("/v1/{path}"), &[("authorization", &auth)], body.as_deref()).await;
-    (r.status, r.json())
-}
 
 #[tokio::test]
 async fn tokens_see_only_their_gateways_and_write_only_where_their_role_may() {
@@ -323,26 +294,7 @@ async fn tokens_see_only_their_gateways_and_write_only_where_their_role_may() {
     assert_eq!(v1_as(&w, &bob, "GET", "api-gateways/gw-a", None).await.0, 200);
 }
 
-/// Weir with its store (`store:` keys, indented) and `platform:` settings (indented); `env`
-/// reaches its process.
-fn platform_weir(store: &str, platform: &str, env: &[(&str, &str)]) -> Weir {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("weir.yaml");
-    let store = store.replace("{data}", &dir.path().join("data").display().to_string());
-    std::fs::write(
-        &cfg,
-        format!(
-            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n{store}plugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\nplatform:\n{platform}"
-        ),
-    )
-    .unwrap();
-    Weir::spawn(dir, &cfg, env)
-}
 
-/// A node of a cluster on `etcd`, with a short platform lease.
-fn platform_node(etcd: &common::Etcd, env: &[(&str, &str)]) -> Weir {
-    platform_weir(&format!("  type: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\n", etcd.endpoint()), "  lease_timeout: 2\n  denied_networks: []\n", env)
-}
 
 #[tokio::test]
 async fn a_node_killed_mid_step_is_taken_over_after_its_lease_and_every_node_serves_every_gateway() {
@@ -456,8 +408,35 @@ async fn the_openapi_document_describes_real_answers_and_every_field_is_checked(
         ("PATCH", "/v1/api-gateways/{gid}/functions/{fn}", "api-gateways/doc/functions/dev%2Fa%2Fb".into(), Some(json!({"semver": "1.0.1", "changelog": "c"})), 200),
         ("POST", "/v1/api-gateways/{gid}/functions/{fn}/invoke", "api-gateways/doc/functions/dev%2Fa%2Fb/invoke".into(), Some(json!({"method": "GET"})), 200),
         ("GET", "/v1/api-gateways/{gid}/functions/{fn}/logs", "api-gateways/doc/functions/dev%2Fa%2Fb/logs".into(), None, 200),
+        ("GET", "/v1/api-gateways/{gid}/functions/{fn}/history", "api-gateways/doc/functions/dev%2Fa%2Fb/history".into(), None, 200),
+        ("GET", "/v1/api-gateways/{gid}/functions/{fn}/history/{version}", "api-gateways/doc/functions/dev%2Fa%2Fb/history/1".into(), None, 200),
+        ("GET", "/v1/api-gateways/{gid}/functions/{fn}/history/{version}", "api-gateways/doc/functions/dev%2Fa%2Fb/history/9".into(), None, 404),
+        ("POST", "/v1/api-gateways/{gid}/functions/{fn}/deploy-to-stage", "api-gateways/doc/functions/dev%2Fa%2Fb/deploy-to-stage".into(), Some(json!({"targetStage": "staging", "semver": "1.0.1", "changelog": "first"})), 200),
+        ("POST", "/v1/api-gateways/{gid}/functions/{fn}/deploy-to-stage", "api-gateways/doc/functions/dev%2Fa%2Fb/deploy-to-stage".into(), Some(json!({"targetStage": "dev"})), 400),
+        ("POST", "/v1/api-gateways/{gid}/functions/{fn}/rollback", "api-gateways/doc/functions/dev%2Fa%2Fb/rollback".into(), Some(json!({"version": 1})), 200),
+        ("POST", "/v1/api-gateways/{gid}/functions/{fn}/rollback", "api-gateways/doc/functions/dev%2Fa%2Fb/rollback".into(), Some(json!({"version": 99})), 404),
+        ("GET", "/v1/api-gateways/{gid}/functions/compare", "api-gateways/doc/functions/compare?source=dev/a/b&target=staging/a/b".into(), None, 200),
+        ("GET", "/v1/api-gateways/{gid}/functions/compare", "api-gateways/doc/functions/compare?source=dev/a/b".into(), None, 400),
+        ("GET", "/v1/api-gateways/{gid}/deployments", "api-gateways/doc/deployments?environment=staging".into(), None, 200),
+        ("GET", "/v1/api-gateways/{gid}/deployments", "api-gateways/doc/deployments?environment=qa".into(), None, 400),
+        ("POST", "/v1/api-gateways/{gid}/triggers", "api-gateways/doc/triggers".into(), Some(json!({"function": "a/b", "environment": "dev", "cron": "0 0 1 1 *", "body": {"k": 1}})), 201),
+        ("POST", "/v1/api-gateways/{gid}/triggers", "api-gateways/doc/triggers".into(), Some(json!({"function": "a/b", "environment": "dev", "cron": "99 * * * *"})), 400),
+        ("GET", "/v1/api-gateways/{gid}/triggers", "api-gateways/doc/triggers".into(), None, 200),
         ("DELETE", "/v1/api-gateways/{gid}/functions/{fn}", "api-gateways/doc/functions/dev%2Fa%2Fb".into(), None, 200),
         ("GET", "/v1/api-gateways/{gid}/functions/{fn}", "api-gateways/doc/functions/dev%2Fa%2Fb".into(), None, 404),
+    ];
+    for (method, template, path, body, want) in calls {
+        let (s, b) = v1(&w, method, &path, body).await;
+        assert_eq!(s, want, "{method} {path}: {b}");
+        conforms(&doc, method, template, s, &b);
+    }
+    let (_, b) = v1(&w, "GET", "api-gateways/doc/triggers", None).await;
+    let tid = b["list"][0]["triggerId"].as_str().unwrap().to_string();
+    let calls: Vec<(&str, &str, String, Option<Value>, u16)> = vec![
+        ("GET", "/v1/api-gateways/{gid}/triggers/{triggerId}", format!("api-gateways/doc/triggers/{tid}"), None, 200),
+        ("GET", "/v1/api-gateways/{gid}/triggers/{triggerId}/runs", format!("api-gateways/doc/triggers/{tid}/runs"), None, 200),
+        ("DELETE", "/v1/api-gateways/{gid}/triggers/{triggerId}", format!("api-gateways/doc/triggers/{tid}"), None, 200),
+        ("GET", "/v1/api-gateways/{gid}/triggers/{triggerId}", format!("api-gateways/doc/triggers/{tid}"), None, 404),
         ("DELETE", "/v1/api-gateways/{gid}", "api-gateways/doc".into(), None, 202),
     ];
     for (method, template, path, body, want) in calls {
@@ -471,7 +450,14 @@ async fn the_openapi_document_describes_real_answers_and_every_field_is_checked(
     assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Kept", "gatewayId": "kept"}))).await.0, 201);
     until_gateway(&w, "kept", |_, b| b["phase"] == "Started").await;
     assert_eq!(v1(&w, "POST", "api-gateways/kept/functions", Some(json!({"name": "kept", "source": {"code": "export default () => 1"}}))).await.0, 201);
-    let before = (v1(&w, "GET", "api-gateways", None).await.1, v1(&w, "GET", "tokens", None).await.1, v1(&w, "GET", "api-gateways/kept/functions", None).await.1);
+    let state = || async {
+        let mut all = Vec::new();
+        for path in ["api-gateways", "tokens", "api-gateways/kept/functions", "api-gateways/kept/triggers", "api-gateways/kept/deployments", "api-gateways/kept/functions/dev%2Fkept/history"] {
+            all.push(v1(&w, "GET", path, None).await.1);
+        }
+        all
+    };
+    let before = state().await;
     let targets = [
         ("CreateGateway", "POST", "api-gateways"),
         ("PatchGateway", "PATCH", "api-gateways/kept"),
@@ -480,6 +466,9 @@ async fn the_openapi_document_describes_real_answers_and_every_field_is_checked(
         ("CreateFunction", "POST", "api-gateways/kept/functions"),
         ("PatchFunction", "PATCH", "api-gateways/kept/functions/dev%2Fkept"),
         ("InvokeInput", "POST", "api-gateways/kept/functions/dev%2Fkept/invoke"),
+        ("DeployInput", "POST", "api-gateways/kept/functions/dev%2Fkept/deploy-to-stage"),
+        ("RollbackInput", "POST", "api-gateways/kept/functions/dev%2Fkept/rollback"),
+        ("CreateTrigger", "POST", "api-gateways/kept/triggers"),
     ];
     let wrongs = [json!(12345), json!("text"), json!([1]), json!({"x": {}}), json!(true)];
     let mut tried = 0;
@@ -487,7 +476,7 @@ async fn the_openapi_document_describes_real_answers_and_every_field_is_checked(
         let schema = &doc["components"]["schemas"][schema_name];
         for (field, field_schema) in schema["properties"].as_object().unwrap() {
             // The body an invoke sends to the function is any JSON by design.
-            if (schema_name, field.as_str()) == ("InvokeInput", "body") {
+            if [("InvokeInput", "body"), ("CreateTrigger", "body")].contains(&(schema_name, field.as_str())) {
                 continue;
             }
             let field_root = json!({"$ref": format!("#/components/schemas/{schema_name}/properties/{field}"), "components": doc["components"]});
@@ -506,6 +495,9 @@ async fn the_openapi_document_describes_real_answers_and_every_field_is_checked(
                     "api-gateways/kept/functions" => "api-gateways/{gid}/functions",
                     "api-gateways/kept/functions/dev%2Fkept" => "api-gateways/{gid}/functions/{fn}",
                     "api-gateways/kept/functions/dev%2Fkept/invoke" => "api-gateways/{gid}/functions/{fn}/invoke",
+                    "api-gateways/kept/functions/dev%2Fkept/deploy-to-stage" => "api-gateways/{gid}/functions/{fn}/deploy-to-stage",
+                    "api-gateways/kept/functions/dev%2Fkept/rollback" => "api-gateways/{gid}/functions/{fn}/rollback",
+                    "api-gateways/kept/triggers" => "api-gateways/{gid}/triggers",
                     p => p,
                 };
                 conforms(&doc, method, &format!("/v1/{template}"), s, &b);
@@ -517,7 +509,7 @@ async fn the_openapi_document_describes_real_answers_and_every_field_is_checked(
         assert_eq!(s, 400, "{schema_name} refuses unknown fields: {b}");
     }
     assert!(tried >= 20, "{tried} fields tried");
-    let after = (v1(&w, "GET", "api-gateways", None).await.1, v1(&w, "GET", "tokens", None).await.1, v1(&w, "GET", "api-gateways/kept/functions", None).await.1);
+    let after = state().await;
     assert_eq!(before, after, "nothing refused was stored");
 }
 
@@ -568,10 +560,6 @@ async fn the_operators_base_layer_keeps_its_secrets_from_tenants() {
     assert_eq!(logger(&b), Some((json!("base"), json!("Bearer base-layer-secret"))), "an admin key sees it");
 }
 
-/// `/v1/api-gateways/{gid}/functions/{fn}` for a full name (`dev/user/me`).
-fn fn_path(gid: &str, full: &str) -> String {
-    format!("api-gateways/{gid}/functions/{}", full.replace('/', "%2F"))
-}
 
 /// p99 (the largest of 100 is its own p99 for our purposes: the second largest) of `n` GETs.
 async fn p99(w: &Weir, path: &str, host: &str, n: usize) -> Duration {

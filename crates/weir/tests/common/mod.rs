@@ -2,6 +2,8 @@
 //! HTTP server, and a small HTTP client over real sockets.
 #![allow(dead_code)]
 
+pub mod platform;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,510 @@
+//! A function's versions after its first save: the history of each function in each
+//! environment, promotion from one environment to the next, rollback to a version of the
+//! history, comparison of two functions, and the record of every promotion and rollback.
+//!
+//! Keys, beside the live partition (which the data plane watches) so that none of this
+//! recompiles a gateway's functions:
+//! - `{prefix}/platform/history/{gid}/{env}/{name}/{version:010}`: one version, as saved;
+//! - `{prefix}/platform/deployments/{gid}/{ms:013}-{random}`: one promotion or rollback.
+//!
+//! Every publication (save, promotion, rollback) is one transaction holding the function's new
+//! document, its history entry, the history entry that falls out of the window and, for a
+//! promotion or rollback, its deployment record; it is guarded by the revision of the
+//! function it replaces, so concurrent publications of one function serialize and a crash
+//! leaves either all of it or none.
+
+use std::collections::BTreeMap;
+
+use bytes::Bytes;
+use http::StatusCode;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use weir_core::error::ErrorKind;
+use weir_functions::live::{FunctionDoc, Origin, function_key};
+use weir_store::{Compare, Op, Txn, TxnOutcome};
+
+use crate::Platform;
+use crate::api::{Reply, bad_input, body, failure, json, not_found, store_down};
+use crate::functions::{ShownSource, shown};
+use crate::model::ENVIRONMENTS;
+use crate::tokens::Caller;
+
+/// Attempts at a publication whose function changes meanwhile before giving up.
+const ATTEMPTS: usize = 32;
+
+/// What a history entry records a version was made by.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Save,
+    Promotion,
+    Rollback,
+}
+
+/// One version of a function, as stored in its history and shown by `history/{version}`.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HistoryEntry {
+    pub version: u64,
+    pub kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changelog: Option<String>,
+    pub source: ShownSource,
+    pub methods: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    pub tags: Vec<String>,
+    pub plugins: Map<String, Value>,
+    /// Who saved it: `token:{id}` or `admin:{key name}`.
+    pub saved_by: String,
+    /// When (RFC 3339).
+    pub saved_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promoted_from: Option<Origin>,
+    /// For a rollback: the version whose source it restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rolled_back_to: Option<u64>,
+}
+
+impl HistoryEntry {
+    fn of(doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>) -> HistoryEntry {
+        HistoryEntry {
+            version: doc.version,
+            kind,
+            semver: doc.semver.clone(),
+            changelog: doc.changelog.clone(),
+            source: ShownSource { files: doc.files.clone(), entrypoint: doc.entrypoint.clone() },
+            methods: doc.methods.clone(),
+            description: doc.description.clone(),
+            tags: doc.tags.clone(),
+            plugins: doc.plugins.clone(),
+            saved_by: doc.updated_by.clone(),
+            saved_at: doc.updated_at.clone(),
+            promoted_from: doc.promoted_from.clone(),
+            rolled_back_to,
+        }
+    }
+
+    /// The entry as `history` lists it: without its source.
+    fn listed(&self) -> Value {
+        let mut v = serde_json::to_value(self).expect("a history entry serializes");
+        v.as_object_mut().map(|o| o.remove("source"));
+        v
+    }
+}
+
+/// A promotion or a rollback.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Deployment {
+    pub deployment_id: String,
+    pub kind: Kind,
+    /// The bare name (`user/me`).
+    pub function: String,
+    pub from: String,
+    pub to: String,
+    pub source_version: u64,
+    pub target_version: u64,
+    pub by: String,
+    pub at: String,
+    /// The changelog given with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Deployment {
+    /// The record of publishing `doc` from version `source_version` of environment `from`.
+    fn of(kind: Kind, from: &str, source_version: u64, doc: &FunctionDoc) -> Deployment {
+        Deployment {
+            deployment_id: format!("{:013}-{:08x}", time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000, fastrand::u32(..)),
+            kind,
+            function: doc.name.clone(),
+            from: from.to_string(),
+            to: doc.environment.clone(),
+            source_version,
+            target_version: doc.version,
+            by: doc.updated_by.clone(),
+            at: doc.updated_at.clone(),
+            note: doc.changelog.clone(),
+        }
+    }
+}
+
+/// `POST .../functions/{fn}/deploy-to-stage`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeployInput {
+    #[schemars(regex(pattern = "^(dev|staging|prod)$"))]
+    pub target_stage: String,
+    #[schemars(length(max = 64))]
+    pub semver: Option<String>,
+    #[schemars(length(max = 4000))]
+    pub changelog: Option<String>,
+}
+
+/// `POST .../functions/{fn}/rollback`.
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackInput {
+    #[schemars(range(min = 1))]
+    pub version: u64,
+    #[schemars(length(max = 4000))]
+    pub changelog: Option<String>,
+}
+
+/// What a promotion or rollback answers.
+#[derive(Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Deployed {
+    pub function: crate::functions::Shown,
+    pub deployment: Deployment,
+}
+
+/// One line of a file's diff.
+#[derive(Serialize, JsonSchema, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiffLine {
+    /// `equal`, `delete` (only in the source) or `insert` (only in the target).
+    pub op: &'static str,
+    /// Its number in the source (for `equal` and `delete`) and in the target (`equal`, `insert`), from 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_line: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_line: Option<usize>,
+    pub text: String,
+}
+
+/// A file of the two functions compared.
+#[derive(Serialize, JsonSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct FileDiff {
+    pub file: String,
+    /// `same`, `changed`, `added` (only in the target) or `removed` (only in the source).
+    pub status: &'static str,
+    pub lines: Vec<DiffLine>,
+}
+
+/// The line diff of `a` (source) against `b` (target).
+pub fn diff_lines(a: &str, b: &str) -> Vec<DiffLine> {
+    let diff = similar::TextDiff::from_lines(a, b);
+    diff.iter_all_changes()
+        .map(|c| DiffLine {
+            op: match c.tag() {
+                similar::ChangeTag::Equal => "equal",
+                similar::ChangeTag::Delete => "delete",
+                similar::ChangeTag::Insert => "insert",
+            },
+            source_line: c.old_index().map(|i| i + 1),
+            target_line: c.new_index().map(|i| i + 1),
+            text: c.value().strip_suffix('\n').unwrap_or(c.value()).to_string(),
+        })
+        .collect()
+}
+
+/// Every file of either side with its diff, in name order.
+pub fn diff_files(source: &BTreeMap<String, String>, target: &BTreeMap<String, String>) -> Vec<FileDiff> {
+    let mut names: Vec<&String> = source.keys().chain(target.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let (a, b) = (source.get(name), target.get(name));
+            let status = match (a, b) {
+                (Some(a), Some(b)) if a == b => "same",
+                (Some(_), Some(_)) => "changed",
+                (None, _) => "added",
+                (_, None) => "removed",
+            };
+            FileDiff { file: name.clone(), status, lines: diff_lines(a.map_or("", String::as_str), b.map_or("", String::as_str)) }
+        })
+        .collect()
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+fn stage(env: &str) -> usize {
+    ENVIRONMENTS.iter().position(|e| *e == env).unwrap_or(usize::MAX)
+}
+
+impl Platform {
+    fn history_dir(&self, gid: &str, env: &str, name: &str) -> String {
+        format!("{}/platform/history/{gid}/{env}/{name}/", self.prefix)
+    }
+
+    fn history_key(&self, gid: &str, env: &str, name: &str, version: u64) -> String {
+        format!("{}{version:010}", self.history_dir(gid, env, name))
+    }
+
+    /// The key prefixes of everything this module keeps of gateway `gid`.
+    pub(crate) fn lifecycle_prefixes(&self, gid: &str) -> [String; 2] {
+        [format!("{}/platform/history/{gid}/", self.prefix), format!("{}/platform/deployments/{gid}/", self.prefix)]
+    }
+
+    /// The operations that publish `doc` as its environment's current version: the function,
+    /// its history entry, and the end of the history window.
+    pub(crate) fn publish_ops(&self, gid: &str, doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>) -> Vec<Op> {
+        let entry = HistoryEntry::of(doc, kind, rolled_back_to);
+        let mut ops = vec![
+            Op::Put { key: function_key(&self.prefix, gid, &doc.environment, &doc.name), value: Bytes::from(serde_json::to_vec(doc).expect("a function serializes")) },
+            Op::Put { key: self.history_key(gid, &doc.environment, &doc.name, doc.version), value: Bytes::from(serde_json::to_vec(&entry).expect("a history entry serializes")) },
+        ];
+        let limit = self.cfg.history_limit.max(1) as u64;
+        if doc.version > limit {
+            ops.push(Op::Delete { key: self.history_key(gid, &doc.environment, &doc.name, doc.version - limit) });
+        }
+        ops
+    }
+
+    /// The history entries of one function (not of functions whose names extend its own),
+    /// oldest first, at most the configured window.
+    async fn history_entries(&self, gid: &str, env: &str, name: &str) -> Result<Vec<(String, HistoryEntry)>, Reply> {
+        let dir = self.history_dir(gid, env, name);
+        let (kvs, _) = self.docs.store.list(&dir).await.map_err(store_down)?;
+        let mut entries: Vec<(String, HistoryEntry)> = kvs
+            .into_iter()
+            .filter(|kv| kv.key[dir.len()..].len() == 10 && kv.key[dir.len()..].bytes().all(|b| b.is_ascii_digit()))
+            .filter_map(|kv| serde_json::from_slice(&kv.value).ok().map(|e| (kv.key, e)))
+            .collect();
+        entries.sort_by_key(|(_, e)| e.version);
+        let limit = self.cfg.history_limit.max(1);
+        if entries.len() > limit {
+            entries.drain(..entries.len() - limit);
+        }
+        Ok(entries)
+    }
+
+    /// The operations that remove a function's history (with the function).
+    pub(crate) async fn history_removal(&self, gid: &str, env: &str, name: &str) -> Result<Vec<Op>, Reply> {
+        let dir = self.history_dir(gid, env, name);
+        let (kvs, _) = self.docs.store.list(&dir).await.map_err(store_down)?;
+        Ok(kvs.into_iter().filter(|kv| kv.key[dir.len()..].len() == 10 && kv.key[dir.len()..].bytes().all(|b| b.is_ascii_digit())).map(|kv| Op::Delete { key: kv.key }).collect())
+    }
+
+    pub(crate) async fn history(&self, gid: &str, env: &str, name: &str, version: Option<&str>) -> Reply {
+        if let Err(r) = self.read_function(gid, env, name).await {
+            return r;
+        }
+        let entries = match self.history_entries(gid, env, name).await {
+            Ok(e) => e,
+            Err(r) => return r,
+        };
+        match version {
+            None => {
+                let list: Vec<Value> = entries.iter().rev().map(|(_, e)| e.listed()).collect();
+                json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
+            }
+            Some(v) => match entries.iter().find(|(_, e)| v.parse::<u64>().is_ok_and(|v| v == e.version)) {
+                Some((_, e)) => json(StatusCode::OK, &serde_json::to_value(e).expect("a history entry serializes")),
+                None => not_found("version"),
+            },
+        }
+    }
+
+    /// Copies `{env}/{name}` to the target environment as its next version.
+    pub(crate) async fn deploy_to_stage(&self, caller: &Caller, gid: &str, env: &str, name: &str, raw: &Bytes) -> Reply {
+        let input: DeployInput = match body(raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let target = input.target_stage.as_str();
+        if target == env {
+            return bad_input(vec![format!("targetStage: the function is already in {env}")]);
+        }
+        if !caller.writes_env(target) {
+            return crate::api::refuse(StatusCode::FORBIDDEN, &format!("this token may not deploy to the {target} environment"));
+        }
+        let gw = match self.docs.get(gid).await {
+            Ok(Some((gw, _))) if gw.phase == crate::model::Phase::Deleting => return failure(ErrorKind::Conflict, "the gateway is being deleted", Vec::new()),
+            Ok(Some((gw, _))) => gw,
+            Ok(None) => return not_found("gateway"),
+            Err(e) => return store_down(e),
+        };
+        if gw.promotion_pipeline.enabled && stage(target) != stage(env) + 1 {
+            let message = format!("Cannot deploy from {env} to {target}. Must follow: {}", ENVIRONMENTS.join(" → "));
+            return failure(ErrorKind::BadInput, message.clone(), vec![message]);
+        }
+        for _ in 0..ATTEMPTS {
+            let (src, src_rev) = match self.read_function(gid, env, name).await {
+                Ok(d) => d,
+                Err(r) => return r,
+            };
+            let target_key = function_key(&self.prefix, gid, target, name);
+            let (old, old_rev) = match self.read_optional(gid, target, name).await {
+                Ok(Some((d, rev))) => (Some(d), rev),
+                Ok(None) => (None, 0),
+                Err(r) => return r,
+            };
+            let now = now_rfc3339();
+            let doc = FunctionDoc {
+                environment: target.to_string(),
+                version: old.as_ref().map_or(1, |o| o.version + 1),
+                semver: input.semver.clone().or_else(|| src.semver.clone()),
+                changelog: input.changelog.clone().or_else(|| src.changelog.clone()),
+                created_at: old.as_ref().map_or_else(|| now.clone(), |o| o.created_at.clone()),
+                updated_at: now,
+                updated_by: caller.name(),
+                promoted_from: Some(Origin { environment: env.to_string(), version: src.version }),
+                ..src.clone()
+            };
+            let deployment = Deployment::of(Kind::Promotion, env, src.version, &doc);
+            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }];
+            match self.commit_deployment(gid, compares, &doc, &deployment, None).await {
+                Ok(true) => return deployed(&doc, deployment),
+                Ok(false) => continue,
+                Err(r) => return r,
+            }
+        }
+        failure(ErrorKind::Conflict, "the function kept changing meanwhile; try again", Vec::new())
+    }
+
+    /// Publishes the source of a version of the history as the function's next version.
+    pub(crate) async fn rollback(&self, caller: &Caller, gid: &str, env: &str, name: &str, raw: &Bytes) -> Reply {
+        let input: RollbackInput = match body(raw) {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        for _ in 0..ATTEMPTS {
+            let (current, rev) = match self.read_function(gid, env, name).await {
+                Ok(d) => d,
+                Err(r) => return r,
+            };
+            let entries = match self.history_entries(gid, env, name).await {
+                Ok(e) => e,
+                Err(r) => return r,
+            };
+            let Some((_, old)) = entries.into_iter().find(|(_, e)| e.version == input.version) else {
+                return failure(ErrorKind::NotFound, format!("version {} of {env}/{name} is not in its history", input.version), Vec::new());
+            };
+            let now = now_rfc3339();
+            let doc = FunctionDoc {
+                files: old.source.files,
+                entrypoint: old.source.entrypoint,
+                methods: old.methods,
+                description: old.description,
+                tags: old.tags,
+                plugins: old.plugins,
+                semver: old.semver,
+                changelog: input.changelog.clone().or_else(|| Some(format!("rollback to version {}", input.version))),
+                version: current.version + 1,
+                updated_at: now,
+                updated_by: caller.name(),
+                promoted_from: old.promoted_from,
+                ..current.clone()
+            };
+            let deployment = Deployment::of(Kind::Rollback, env, input.version, &doc);
+            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }];
+            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version)).await {
+                Ok(true) => return deployed(&doc, deployment),
+                Ok(false) => continue,
+                Err(r) => return r,
+            }
+        }
+        failure(ErrorKind::Conflict, "the function kept changing meanwhile; try again", Vec::new())
+    }
+
+    /// Writes a promotion or rollback in one transaction; `false` when a compare failed.
+    async fn commit_deployment(&self, gid: &str, compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>) -> Result<bool, Reply> {
+        let mut ops = self.publish_ops(gid, doc, deployment.kind, rolled_back_to);
+        ops.push(Op::Put {
+            key: format!("{}{}", self.lifecycle_prefixes(gid)[1], deployment.deployment_id),
+            value: Bytes::from(serde_json::to_vec(deployment).expect("a deployment serializes")),
+        });
+        match self.docs.store.txn(Txn { compares, ops }).await {
+            Ok(TxnOutcome::Committed { .. }) => Ok(true),
+            Ok(TxnOutcome::Conflict) => Ok(false),
+            Err(e) => Err(store_down(e)),
+        }
+    }
+
+    /// `GET .../functions/compare?source=dev/x&target=staging/x`.
+    pub(crate) async fn compare(&self, gid: &str, query: Option<&str>) -> Reply {
+        let side = |which: &str| -> Result<(String, String), String> {
+            let raw = query.and_then(|q| weir_core::text::query_param(q, which)).ok_or_else(|| format!("{which}: required, as {{environment}}/{{name}}"))?;
+            let full = weir_core::text::percent_decode(raw).into_owned();
+            match full.split_once('/') {
+                Some((e, n)) if ENVIRONMENTS.contains(&e) && weir_functions::valid_name(n) => Ok((e.to_string(), n.to_string())),
+                _ => Err(format!("{which}: {full:?} is not {{dev|staging|prod}}/{{function name}}")),
+            }
+        };
+        let (source, target) = match (side("source"), side("target")) {
+            (Ok(s), Ok(t)) => (s, t),
+            (s, t) => return bad_input([s.err(), t.err()].into_iter().flatten().collect()),
+        };
+        let a = match self.read_function(gid, &source.0, &source.1).await {
+            Ok((d, _)) => d,
+            Err(_) => return failure(ErrorKind::NotFound, format!("function {}/{} not found", source.0, source.1), Vec::new()),
+        };
+        let b = match self.read_function(gid, &target.0, &target.1).await {
+            Ok((d, _)) => d,
+            Err(_) => return failure(ErrorKind::NotFound, format!("function {}/{} not found", target.0, target.1), Vec::new()),
+        };
+        let files = diff_files(&a.files, &b.files);
+        let identical = files.iter().all(|f| f.status == "same") && a.entrypoint == b.entrypoint;
+        json(StatusCode::OK, &json!({"source": shown(&a), "target": shown(&b), "identical": identical, "files": files}))
+    }
+
+    /// `GET /v1/api-gateways/{gid}/deployments?environment=&function=`, newest first.
+    pub(crate) async fn deployments(&self, gid: &str, query: Option<&str>) -> Reply {
+        if let Err(r) = self.gateway_rev(gid).await {
+            return r;
+        }
+        let param = |k| query.and_then(|q| weir_core::text::query_param(q, k)).map(|v| weir_core::text::percent_decode(v).into_owned());
+        let (environment, function) = (param("environment"), param("function"));
+        if let Some(e) = &environment
+            && !ENVIRONMENTS.contains(&e.as_str())
+        {
+            return bad_input(vec![format!("environment: {e:?} is not one of {}", ENVIRONMENTS.join(", "))]);
+        }
+        let dir = self.lifecycle_prefixes(gid)[1].clone();
+        match self.docs.store.list(&dir).await {
+            Ok((kvs, _)) => {
+                let list: Vec<Value> = kvs
+                    .iter()
+                    .rev()
+                    .filter_map(|kv| serde_json::from_slice::<Deployment>(&kv.value).ok())
+                    .filter(|d| environment.as_ref().is_none_or(|e| *e == d.to) && function.as_ref().is_none_or(|f| *f == d.function))
+                    .map(|d| serde_json::to_value(d).expect("a deployment serializes"))
+                    .collect();
+                json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
+            }
+            Err(e) => store_down(e),
+        }
+    }
+}
+
+fn deployed(doc: &FunctionDoc, deployment: Deployment) -> Reply {
+    let function = crate::functions::shown_of(doc);
+    json(StatusCode::OK, &serde_json::to_value(Deployed { function, deployment }).expect("a deployment serializes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_diff_numbers_both_sides() {
+        let d = diff_lines("a\nb\nc\n", "a\nB\nc\nd\n");
+        let ops: Vec<(&str, Option<usize>, Option<usize>, &str)> = d.iter().map(|l| (l.op, l.source_line, l.target_line, l.text.as_str())).collect();
+        assert_eq!(ops, [("equal", Some(1), Some(1), "a"), ("delete", Some(2), None, "b"), ("insert", None, Some(2), "B"), ("equal", Some(3), Some(3), "c"), ("insert", None, Some(4), "d")]);
+    }
+
+    #[test]
+    fn files_on_one_side_only_are_added_or_removed() {
+        let a = BTreeMap::from([("index.ts".to_string(), "x\n".to_string()), ("old.ts".to_string(), "o\n".to_string())]);
+        let b = BTreeMap::from([("index.ts".to_string(), "x\n".to_string()), ("new.ts".to_string(), "n\n".to_string())]);
+        let status: Vec<(String, &str)> = diff_files(&a, &b).into_iter().map(|f| (f.file, f.status)).collect();
+        assert_eq!(status, [("index.ts".to_string(), "same"), ("new.ts".to_string(), "added"), ("old.ts".to_string(), "removed")]);
+    }
+
+    #[test]
+    fn stages_follow_the_pipeline() {
+        assert_eq!((stage("dev"), stage("staging"), stage("prod")), (0, 1, 2));
+        assert_eq!(stage("qa"), usize::MAX);
+    }
+}

@@ -1,0 +1,330 @@
+//! A function's life end to end against real `weir` processes: versions and their history,
+//! promotion through the pipeline, rollback, comparison, deployment records, a node killed
+//! during promotions, and cron triggers on a two-node cluster.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::platform::{fn_path, on_loopback, platform_weir, until_gateway, v1, v1_as};
+use common::{Upstream, Weir};
+use serde_json::{Value, json};
+
+fn greet(marker: &str) -> Value {
+    json!({"code": format!("export default () => {{\n  const v = '{marker}'\n  return v\n}}\n")})
+}
+
+/// Waits until `{env}` of gateway `gid` answers `/{path}` with `text`.
+async fn serves(w: &Weir, gid: &str, env: &str, path: &str, text: &str) {
+    let host = format!("{gid}.{env}.localhost");
+    let r = w.until(&format!("/{path}"), &[("host", &host)], |r| r.text() == text).await;
+    assert_eq!(r.text(), text);
+}
+
+async fn token(w: &Weir, role: &str, gid: &str) -> String {
+    let (s, b) = v1(w, "POST", "tokens", Some(json!({"name": role, "role": role, "gateways": [gid]}))).await;
+    assert_eq!(s, 201, "{b}");
+    b["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn functions_go_through_the_pipeline_with_history_rollback_compare_and_records() {
+    let w = on_loopback("  history_limit: 4\n");
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Life", "gatewayId": "life", "promotionPipeline": {"enabled": true}}))).await;
+    assert_eq!(s, 201, "{b}");
+    until_gateway(&w, "life", |_, b| b["phase"] == "Started").await;
+    let dev = fn_path("life", "dev/greet");
+
+    // Three versions in dev, each live at once.
+    let (s, b) = v1(&w, "POST", "api-gateways/life/functions", Some(json!({"name": "greet", "source": greet("v1"), "semver": "0.1.0", "changelog": "first"}))).await;
+    assert_eq!((s, &b["version"]), (201, &json!(1)), "{b}");
+    for n in 2..=3 {
+        let (s, b) = v1(&w, "PATCH", &dev, Some(json!({"source": greet(&format!("v{n}")), "changelog": format!("change {n}")}))).await;
+        assert_eq!((s, &b["version"]), (200, &json!(n)), "{b}");
+    }
+    serves(&w, "life", "dev", "greet", "v3").await;
+
+    // The pipeline: no skipping a stage, with the exact message; roles as the platform's.
+    let (s, b) = v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "prod"}))).await;
+    assert_eq!((s, &b["error"]["message"]), (400, &json!("Cannot deploy from dev to prod. Must follow: dev → staging → prod")), "{b}");
+    let developer = token(&w, "developer", "life").await;
+    let qa = token(&w, "qa", "life").await;
+    let (s, b) = v1_as(&w, &developer, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "staging"}))).await;
+    assert_eq!(s, 403, "a developer does not deploy to staging: {b}");
+    let (s, b) = v1_as(&w, &qa, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "staging", "semver": "1.0.0", "changelog": "to staging"}))).await;
+    assert_eq!(s, 200, "qa deploys dev → staging: {b}");
+    assert_eq!((&b["function"]["name"], &b["function"]["version"], &b["function"]["semver"]), (&json!("staging/greet"), &json!(1), &json!("1.0.0")));
+    assert_eq!(b["function"]["promotedFrom"], json!({"environment": "dev", "version": 3}));
+    assert_eq!((&b["deployment"]["from"], &b["deployment"]["to"], &b["deployment"]["sourceVersion"], &b["deployment"]["targetVersion"]), (&json!("dev"), &json!("staging"), &json!(3), &json!(1)));
+    serves(&w, "life", "staging", "greet", "v3").await;
+    let staging = fn_path("life", "staging/greet");
+    let (s, _) = v1_as(&w, &qa, "POST", &format!("{staging}/deploy-to-stage"), Some(json!({"targetStage": "prod"}))).await;
+    assert_eq!(s, 403, "qa does not deploy to prod");
+    let (s, b) = v1(&w, "POST", &format!("{staging}/deploy-to-stage"), Some(json!({"targetStage": "prod", "changelog": "release 1"}))).await;
+    assert_eq!((s, &b["function"]["version"]), (200, &json!(1)), "{b}");
+    serves(&w, "life", "prod", "greet", "v3").await;
+
+    // A fourth version goes all the way; then prod rolls back to its version 1.
+    let (s, _) = v1(&w, "PATCH", &dev, Some(json!({"source": greet("v4")}))).await;
+    assert_eq!(s, 200);
+    assert_eq!(v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "staging"}))).await.0, 200);
+    let (s, b) = v1(&w, "POST", &format!("{staging}/deploy-to-stage"), Some(json!({"targetStage": "prod", "changelog": "release 2"}))).await;
+    assert_eq!((s, &b["function"]["version"], &b["function"]["promotedFrom"]), (200, &json!(2), &json!({"environment": "staging", "version": 2})), "{b}");
+    serves(&w, "life", "prod", "greet", "v4").await;
+    let prod = fn_path("life", "prod/greet");
+    let (s, b) = v1(&w, "POST", &format!("{prod}/rollback"), Some(json!({"version": 1}))).await;
+    assert_eq!((s, &b["function"]["version"], &b["deployment"]["kind"]), (200, &json!(3), &json!("rollback")), "{b}");
+    serves(&w, "life", "prod", "greet", "v3").await;
+    // Dev and staging kept theirs.
+    serves(&w, "life", "dev", "greet", "v4").await;
+    serves(&w, "life", "staging", "greet", "v4").await;
+
+    // Prod's history moved forward; nothing was rewritten.
+    let (s, b) = v1(&w, "GET", &format!("{prod}/history"), None).await;
+    assert_eq!(s, 200, "{b}");
+    let kinds: Vec<(u64, &str)> = b["list"].as_array().unwrap().iter().map(|e| (e["version"].as_u64().unwrap(), e["kind"].as_str().unwrap())).collect();
+    assert_eq!(kinds, [(3, "rollback"), (2, "promotion"), (1, "promotion")]);
+    assert!(b["list"][0].get("source").is_none(), "the list leaves sources out: {b}");
+    assert_eq!((&b["list"][0]["rolledBackTo"], &b["list"][2]["savedBy"]), (&json!(1), &json!("admin:admin")));
+    let (s, one) = v1(&w, "GET", &format!("{prod}/history/2"), None).await;
+    assert_eq!(s, 200);
+    assert!(one["source"]["files"]["index.ts"].as_str().unwrap().contains("'v4'"), "{one}");
+    assert_eq!((&one["changelog"], &one["savedAt"].as_str().map(|t| t.ends_with('Z'))), (&json!("release 2"), &Some(true)));
+
+    // Dev's history is capped at 4: after 6 versions, 3 to 6 remain; 1 is gone for good.
+    for n in 5..=6 {
+        assert_eq!(v1(&w, "PATCH", &dev, Some(json!({"source": greet(&format!("v{n}"))}))).await.0, 200);
+    }
+    let (_, b) = v1(&w, "GET", &format!("{dev}/history"), None).await;
+    let versions: Vec<u64> = b["list"].as_array().unwrap().iter().map(|e| e["version"].as_u64().unwrap()).collect();
+    assert_eq!((versions, &b["total"]), (vec![6, 5, 4, 3], &json!(4)));
+    assert_eq!(v1(&w, "GET", &format!("{dev}/history/1"), None).await.0, 404);
+    assert_eq!(v1(&w, "POST", &format!("{dev}/rollback"), Some(json!({"version": 1}))).await.0, 404);
+    assert_eq!(v1_as(&w, &qa, "POST", &format!("{dev}/rollback"), Some(json!({"version": 3}))).await.0, 403);
+
+    // Compare dev (v6) with prod (v3 again): the one changed line, numbered on both sides.
+    let (s, b) = v1(&w, "GET", "api-gateways/life/functions/compare?source=dev/greet&target=prod/greet", None).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!((&b["source"]["version"], &b["target"]["version"], &b["identical"]), (&json!(6), &json!(3), &json!(false)));
+    let file = &b["files"][0];
+    assert_eq!((&file["file"], &file["status"]), (&json!("index.ts"), &json!("changed")));
+    let lines: Vec<(String, Option<u64>, Option<u64>, String)> = file["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["op"].as_str().unwrap().to_string(), l["sourceLine"].as_u64(), l["targetLine"].as_u64(), l["text"].as_str().unwrap().to_string()))
+        .collect();
+    let want = [("equal", Some(1), Some(1), "export default () => {"), ("delete", Some(2), None, "  const v = 'v6'"), ("insert", None, Some(2), "  const v = 'v3'"), ("equal", Some(3), Some(3), "  return v"), ("equal", Some(4), Some(4), "}")];
+    assert_eq!(lines, want.map(|(o, a, b, t)| (o.to_string(), a, b, t.to_string())));
+    let (_, same) = v1(&w, "GET", "api-gateways/life/functions/compare?source=dev/greet&target=dev/greet", None).await;
+    assert_eq!(same["identical"], true);
+    assert_eq!(v1(&w, "GET", "api-gateways/life/functions/compare?source=dev/greet&target=prod/nope", None).await.0, 404);
+
+    // Every promotion and rollback is recorded, newest first; ordinary saves are not.
+    let (_, b) = v1(&w, "GET", "api-gateways/life/deployments", None).await;
+    let records: Vec<(String, String, String, u64, u64)> = b["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["kind"].as_str().unwrap().into(), d["from"].as_str().unwrap().into(), d["to"].as_str().unwrap().into(), d["sourceVersion"].as_u64().unwrap(), d["targetVersion"].as_u64().unwrap()))
+        .collect();
+    let want = [("rollback", "prod", "prod", 1, 3), ("promotion", "staging", "prod", 2, 2), ("promotion", "dev", "staging", 4, 2), ("promotion", "staging", "prod", 1, 1), ("promotion", "dev", "staging", 3, 1)];
+    assert_eq!(records, want.map(|(k, f, t, s, v)| (k.to_string(), f.to_string(), t.to_string(), s, v)));
+    for d in b["list"].as_array().unwrap() {
+        assert_eq!(d["function"], "greet");
+        assert!(d["at"].as_str().unwrap().ends_with('Z') && d["by"].as_str().unwrap().contains(':') && d["deploymentId"].is_string(), "{d}");
+    }
+    assert_eq!(b["list"][1]["note"], "release 2");
+    assert!(b["list"][4]["by"].as_str().unwrap().starts_with("token:"), "qa's promotion is qa's: {}", b["list"][4]);
+    let (_, prod_only) = v1(&w, "GET", "api-gateways/life/deployments?environment=prod&function=greet", None).await;
+    assert_eq!(prod_only["total"], 3);
+    let (_, other) = v1(&w, "GET", "api-gateways/life/deployments?function=other", None).await;
+    assert_eq!(other["total"], 0);
+
+    // Deleting a function takes its history: a new one of that name starts at version 1.
+    assert_eq!(v1(&w, "DELETE", &prod, None).await.0, 200);
+    assert_eq!(v1(&w, "GET", &format!("{prod}/history"), None).await.0, 404);
+    let (s, b) = v1(&w, "POST", &format!("{staging}/deploy-to-stage"), Some(json!({"targetStage": "prod"}))).await;
+    assert_eq!((s, &b["function"]["version"]), (200, &json!(1)), "{b}");
+    let (_, b) = v1(&w, "GET", &format!("{prod}/history"), None).await;
+    assert_eq!(b["total"], 1);
+}
+
+#[tokio::test]
+async fn without_the_pipeline_any_stage_may_be_deployed_to_and_promotions_of_one_function_serialize() {
+    let w = on_loopback("");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Free", "gatewayId": "free"}))).await.0, 201);
+    until_gateway(&w, "free", |_, b| b["phase"] == "Started").await;
+    assert_eq!(v1(&w, "POST", "api-gateways/free/functions", Some(json!({"name": "f", "source": greet("one")}))).await.0, 201);
+    let dev = fn_path("free", "dev/f");
+    let (s, b) = v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "prod"}))).await;
+    assert_eq!(s, 200, "{b}");
+    serves(&w, "free", "prod", "f", "one").await;
+    assert_eq!(v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "dev"}))).await.0, 400);
+
+    // Twenty promotions at once: each gets its own version, none is lost.
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        let (admin, path) = (w.admin, format!("/v1/{dev}/deploy-to-stage"));
+        calls.push(tokio::spawn(async move { common::send(admin, "POST", &path, &[("x-api-key", common::KEY)], Some(r#"{"targetStage": "staging"}"#)).await }));
+    }
+    let mut versions = Vec::new();
+    for c in calls {
+        let r = c.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        versions.push(r.json()["function"]["version"].as_u64().unwrap());
+    }
+    versions.sort();
+    assert_eq!(versions, (1..=20).collect::<Vec<u64>>());
+    let (_, b) = v1(&w, "GET", "api-gateways/free/deployments?environment=staging", None).await;
+    assert_eq!(b["total"], 20);
+}
+
+#[tokio::test]
+async fn a_node_killed_during_promotions_serves_acknowledged_versions_and_its_records_agree() {
+    let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  denied_networks: []\n", &[]);
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Crash", "gatewayId": "crash"}))).await.0, 201);
+    until_gateway(&w, "crash", |_, b| b["phase"] == "Started").await;
+    let names = ["a", "b", "c", "d"];
+    for n in names {
+        assert_eq!(v1(&w, "POST", "api-gateways/crash/functions", Some(json!({"name": n, "source": greet(&format!("{n}-1"))}))).await.0, 201);
+    }
+
+    // Per function, a loop of: save the next version in dev, promote it to staging. Every
+    // acknowledged promotion is remembered with the version it published.
+    let acked: std::sync::Arc<std::sync::Mutex<BTreeMap<String, u64>>> = Default::default();
+    let admin = w.admin;
+    let mut loops = Vec::new();
+    for n in names {
+        let acked = acked.clone();
+        loops.push(tokio::spawn(async move {
+            for i in 2.. {
+                let dev = fn_path("crash", &format!("dev/{n}"));
+                let body = json!({"source": greet(&format!("{n}-{i}"))}).to_string();
+                let r = common::send(admin, "PATCH", &format!("/v1/{dev}"), &[("x-api-key", common::KEY)], Some(&body)).await;
+                if r.status != 200 {
+                    return;
+                }
+                let body = json!({"targetStage": "staging"}).to_string();
+                let r = common::send(admin, "POST", &format!("/v1/{dev}/deploy-to-stage"), &[("x-api-key", common::KEY)], Some(&body)).await;
+                if r.status != 200 {
+                    return;
+                }
+                acked.lock().unwrap().insert(n.to_string(), r.json()["function"]["version"].as_u64().unwrap());
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cfg = w.data_dir().parent().unwrap().join("weir.yaml");
+    let dir = w.kill9();
+    for l in loops {
+        let _ = l.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), names.len(), "every loop promoted before the kill: {acked:?}");
+
+    let w = Weir::spawn(dir, &cfg, &[]);
+    for n in names {
+        let staging = fn_path("crash", &format!("staging/{n}"));
+        let (s, live) = v1(&w, "GET", &staging, None).await;
+        assert_eq!(s, 200, "{live}");
+        let version = live["version"].as_u64().unwrap();
+        // At least what was acknowledged; one more if the last one was written but its answer lost.
+        assert!(version == acked[n] || version == acked[n] + 1, "{n}: live {version}, acknowledged {}", acked[n]);
+        let code = live["source"]["files"]["index.ts"].as_str().unwrap().to_string();
+        let marker = code.split('\'').nth(1).unwrap().to_string();
+        serves(&w, "crash", "staging", n, &marker).await;
+        // The history's newest entry is what is live, and the newest deployment published it.
+        let (_, h) = v1(&w, "GET", &format!("{staging}/history/{version}"), None).await;
+        assert_eq!((&h["version"], &h["source"]["files"]["index.ts"]), (&json!(version), &json!(code)), "{n}");
+        let (_, hist) = v1(&w, "GET", &format!("{staging}/history"), None).await;
+        assert_eq!(hist["list"][0]["version"], json!(version), "{n}");
+        let (_, d) = v1(&w, "GET", &format!("api-gateways/crash/deployments?environment=staging&function={n}"), None).await;
+        assert_eq!((&d["list"][0]["targetVersion"], &d["total"]), (&json!(version), &json!(version)), "{n}: one record per version published");
+        // The promoted source is the dev version it names.
+        let from = d["list"][0]["sourceVersion"].as_u64().unwrap();
+        let (s, dev_h) = v1(&w, "GET", &format!("{}/history/{from}", fn_path("crash", &format!("dev/{n}"))), None).await;
+        assert_eq!((s, &dev_h["source"]["files"]["index.ts"]), (200, &json!(code)), "{n}");
+    }
+}
+
+/// A function on a two-node cluster that tells a loopback counter each time it runs.
+#[tokio::test]
+async fn a_cron_trigger_runs_once_per_tick_across_two_nodes_and_a_slow_run_never_overlaps_itself() {
+    let etcd = common::Etcd::start().await;
+    let store = format!("  type: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\n", etcd.endpoint());
+    let platform = "  lease_timeout: 2\n  denied_networks: []\n  functions:\n    fetch_allow_networks: [\"127.0.0.3/32\"]\n";
+    let a = platform_weir(&store, platform, &[]);
+    let b = platform_weir(&store, platform, &[]);
+    let counter = Upstream::start_at("counter", "127.0.0.3:0".parse().unwrap()).await;
+    let (s, body) = v1(&a, "POST", "api-gateways", Some(json!({"name": "Cron", "gatewayId": "cron", "fetchAllowList": [counter.node()]}))).await;
+    assert_eq!(s, 201, "{body}");
+    until_gateway(&a, "cron", |_, b| b["phase"] == "Started").await;
+    let tick = format!("export default async (ctx) => {{ console.log('tick', ctx.requestId); await fetch('http://{}/hit', {{ method: 'POST', body: JSON.stringify(ctx.body) }}); return 'ok' }}", counter.node());
+    assert_eq!(v1(&a, "POST", "api-gateways/cron/functions", Some(json!({"name": "tick", "source": {"code": tick}}))).await.0, 201);
+    let slow = "export default async () => { await new Promise((r) => setTimeout(r, 2500)); return 'slow' }";
+    assert_eq!(v1(&a, "POST", "api-gateways/cron/functions", Some(json!({"name": "slow", "source": {"code": slow}}))).await.0, 201);
+
+    // Bad input first: nothing is made.
+    let (s, e) = v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "tick", "environment": "dev", "cron": "* * * *"}))).await;
+    assert_eq!(s, 400, "{e}");
+    assert!(e.to_string().contains("4 fields"), "{e}");
+    assert_eq!(v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "nope", "environment": "dev", "cron": "* * * * * *"}))).await.0, 400);
+
+    let (s, t) = v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "tick", "environment": "dev", "cron": "* * * * * *", "body": {"from": "cron"}}))).await;
+    assert_eq!(s, 201, "{t}");
+    let fast = t["triggerId"].as_str().unwrap().to_string();
+    let (s, t) = v1(&b, "POST", "api-gateways/cron/triggers", Some(json!({"function": "slow", "environment": "dev", "cron": "* * * * * *"}))).await;
+    assert_eq!(s, 201, "{t}");
+    let slow_id = t["triggerId"].as_str().unwrap().to_string();
+    assert_eq!(v1(&b, "GET", "api-gateways/cron/triggers", None).await.1["total"], 2);
+
+    // 30 ticks and a little more.
+    tokio::time::sleep(Duration::from_millis(32_500)).await;
+    let (_, runs) = v1(&b, "GET", &format!("api-gateways/cron/triggers/{fast}/runs"), None).await;
+    let hits = counter.hits.load(Ordering::SeqCst);
+    let runs = runs["list"].as_array().unwrap().clone();
+    let mut ticks: Vec<i128> = runs.iter().map(|r| ms(&r["tick"])).collect();
+    ticks.sort();
+    assert!(ticks.len() >= 30, "{} runs in 32.5 s: {runs:?}", ticks.len());
+    assert!(ticks.windows(2).all(|w| w[1] - w[0] == 1000), "one run per tick, none missed, none twice: {ticks:?}");
+    // Each run called the counter once; one more may be under way as the runs were read.
+    assert!(hits == runs.len() || hits == runs.len() + 1, "{hits} calls for {} runs", runs.len());
+    let nodes: BTreeSet<&str> = runs.iter().map(|r| r["node"].as_str().unwrap()).collect();
+    for r in &runs {
+        assert_eq!((&r["outcome"], &r["status"]), (&json!("ok"), &json!(200)), "{r}");
+    }
+    // The function's own lines are in its logs, on the nodes that ran it.
+    let mut logged = 0;
+    for w in [&a, &b] {
+        let (_, l) = v1(w, "GET", &format!("{}/logs?limit=1000", fn_path("cron", "dev/tick")), None).await;
+        logged += l["list"].as_array().unwrap().iter().filter(|l| l["message"].as_str().unwrap().starts_with(&format!("tick {fast}-"))).count();
+    }
+    assert!(logged >= runs.len(), "{logged} lines logged for {} runs on nodes {nodes:?}", runs.len());
+
+    // The slow one: 2.5 s on a 1 s schedule, never two at once.
+    let (_, slow_runs) = v1(&a, "GET", &format!("api-gateways/cron/triggers/{slow_id}/runs"), None).await;
+    let mut spans: Vec<(i128, i128)> = slow_runs["list"].as_array().unwrap().iter().map(|r| (ms(&r["start"]), ms(&r["end"]))).collect();
+    spans.sort();
+    assert!((8..=13).contains(&spans.len()), "{} slow runs in 32.5 s: {slow_runs}", spans.len());
+    assert!(spans.iter().all(|(s, e)| e - s >= 2400), "{spans:?}");
+    assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "runs overlapped: {spans:?}");
+
+    // Deleting a trigger stops it and takes its runs.
+    assert_eq!(v1(&a, "DELETE", &format!("api-gateways/cron/triggers/{fast}"), None).await.0, 200);
+    assert_eq!(v1(&a, "DELETE", &format!("api-gateways/cron/triggers/{slow_id}"), None).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = counter.hits.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(counter.hits.load(Ordering::SeqCst), after, "no run after the delete");
+    assert_eq!(v1(&b, "GET", &format!("api-gateways/cron/triggers/{fast}/runs"), None).await.0, 404);
+    drop((a, b, etcd));
+}
+
+/// Milliseconds since the epoch of an RFC 3339 time.
+fn ms(t: &Value) -> i128 {
+    let t = time::OffsetDateTime::parse(t.as_str().unwrap(), &time::format_description::well_known::Rfc3339).unwrap();
+    t.unix_timestamp_nanos() / 1_000_000
+}
