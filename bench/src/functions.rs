@@ -5,6 +5,7 @@
 //! - the same function in a gateway that holds `--functions` functions, against one alone;
 //! - save → live on the same node and across two nodes sharing etcd (p50, p99);
 //! - the first call of a function just saved against a warm call;
+//! - promote (dev → staging) → live in staging, on the same node and across two nodes;
 //! - memory per idle function.
 
 use std::io::{Read, Write};
@@ -66,6 +67,15 @@ fn save(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
     v1(w, "POST", &format!("api-gateways/{gid}/functions"), &body).map(|_| ())
 }
 
+/// Saves `code` in dev (untimed), then promotes it to staging and times the promotion until
+/// staging answers with `want`, on `reader`.
+fn promote(w: &Weir, reader: &Weir, gid: &str, name: &str, code: &str, want: &str) -> anyhow::Result<f64> {
+    patch(w, gid, name, code)?;
+    let t = Instant::now();
+    v1(w, "POST", &format!("api-gateways/{gid}/functions/dev%2F{name}/deploy-to-stage"), "{\"targetStage\":\"staging\"}")?;
+    Ok(ms(live(reader.port, &format!("{gid}.staging.localhost"), &format!("/{name}"), want, t)?.0))
+}
+
 fn patch(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
     let body = serde_json::json!({"source": {"code": code}}).to_string();
     v1(w, "PATCH", &format!("api-gateways/{gid}/functions/dev%2F{name}"), &body).map(|_| ())
@@ -91,7 +101,7 @@ fn ms(d: Duration) -> f64 {
 
 fn report(what: &str, mut times: Vec<f64>) {
     times.sort_by(|a, b| a.total_cmp(b));
-    println!("{what}: p50 {:.2} ms, p99 {:.2} ms ({} saves)", percentile(&times, 0.5), percentile(&times, 0.99), times.len());
+    println!("{what}: p50 {:.2} ms, p99 {:.2} ms ({} changes)", percentile(&times, 0.5), percentile(&times, 0.99), times.len());
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -193,6 +203,8 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
     firsts.sort_by(|a, b| a.total_cmp(b));
     warms.sort_by(|a, b| a.total_cmp(b));
     println!("first call after save: p50 {:.3} ms; warm call: p50 {:.3} ms (each on a new connection)", percentile(&firsts, 0.5), percentile(&warms, 0.5));
+    let promotions = (0..args.changes).map(|i| promote(&one, &one, "fns", "hello", &format!("export default () => ({{ p: {i} }})"), &format!("\"p\":{i}"))).collect::<anyhow::Result<Vec<f64>>>()?;
+    report("promote to live in staging, same node", promotions);
     drop((one, big));
 
     // Across two nodes sharing etcd.
@@ -211,6 +223,8 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
         saves.push(ms(live(b.port, "two.localhost", "/dev/hello", &format!("\"v\":{i}"), t)?.0));
     }
     report("save to live, across two nodes on etcd", saves);
+    let promotions = (0..args.changes).map(|i| promote(&a, &b, "two", "hello", &format!("export default () => ({{ p: {i} }})"), &format!("\"p\":{i}"))).collect::<anyhow::Result<Vec<f64>>>()?;
+    report("promote to live in staging, across two nodes on etcd", promotions);
     drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -164,6 +164,16 @@ async fn without_the_pipeline_any_stage_may_be_deployed_to_and_promotions_of_one
     serves(&w, "free", "prod", "f", "one").await;
     assert_eq!(v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "dev"}))).await.0, 400);
 
+    // A thrown error shows its stack in dev only.
+    let boom = json!({"name": "boom", "source": {"code": "export default () => { throw new Error('bad input here') }"}});
+    assert_eq!(v1(&w, "POST", "api-gateways/free/functions", Some(boom)).await.0, 201);
+    let r = w.until("/boom", &[("host", "free.dev.localhost")], |r| r.status == 500).await;
+    assert!(r.json()["error_msg"].as_str().unwrap().contains("bad input here") && r.json()["stack"].is_string(), "{}", r.text());
+    assert_eq!(v1(&w, "POST", &format!("{}/deploy-to-stage", fn_path("free", "dev/boom")), Some(json!({"targetStage": "prod"}))).await.0, 200);
+    let r = w.until("/boom", &[("host", "free.prod.localhost")], |r| r.status == 500).await;
+    assert!(r.json()["error_msg"].as_str().unwrap().contains("bad input here"), "{}", r.text());
+    assert!(r.json().get("stack").is_none(), "no stack outside dev: {}", r.text());
+
     // Twenty promotions at once: each gets its own version, none is lost.
     let mut calls = Vec::new();
     for _ in 0..20 {
