@@ -1,5 +1,6 @@
 //! `weir`: the gateway binary.
 
+mod cli;
 mod config;
 mod logging;
 
@@ -66,6 +67,10 @@ enum Command {
         config: Option<PathBuf>,
         file: PathBuf,
     },
+    /// Save a server and platform token for `weir fn` (in the user's config directory).
+    Login(cli::LoginArgs),
+    /// A gateway's cloud functions: pull, deploy, invoke, logs, promote.
+    Fn(cli::FnArgs),
 }
 
 /// Fixed answers for names functions fetch, from `WEIR_FUNCTIONS_TEST_HOSTS`
@@ -83,31 +88,36 @@ fn test_hosts() -> weir_functions::fetch::Names {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Serve { config } => read_config(config.as_deref()).and_then(|cfg| {
-            let log = logging::init(&cfg.log);
-            serve(cfg, config.as_deref(), log)
-        }),
-        Command::Validate { file } => {
-            logging::init(&LogConfig::default());
-            validate(&file)
-        }
-        Command::Dump { config, declarative, admin } => {
-            logging::init(&LogConfig::default());
-            if declarative { dump(config.as_deref()) } else { backup(config.as_deref(), admin) }
-        }
-        Command::Restore { config, file } => {
-            logging::init(&LogConfig::default());
-            restore(config.as_deref(), &file)
-        }
-    };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    match run(Cli::parse().command) {
+        Ok(code) => code,
         Err(e) => {
             eprintln!("weir: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<std::process::ExitCode> {
+    let done = |r: anyhow::Result<()>| r.map(|()| std::process::ExitCode::SUCCESS);
+    match command {
+        Command::Serve { config } => done(read_config(config.as_deref()).and_then(|cfg| {
+            let log = logging::init(&cfg.log);
+            serve(cfg, config.as_deref(), log)
+        })),
+        Command::Validate { file } => {
+            logging::init(&LogConfig::default());
+            done(validate(&file))
+        }
+        Command::Dump { config, declarative, admin } => {
+            logging::init(&LogConfig::default());
+            done(if declarative { dump(config.as_deref()) } else { backup(config.as_deref(), admin) })
+        }
+        Command::Restore { config, file } => {
+            logging::init(&LogConfig::default());
+            done(restore(config.as_deref(), &file))
+        }
+        Command::Login(args) => cli::login(&args),
+        Command::Fn(args) => cli::functions(args),
     }
 }
 
@@ -327,7 +337,6 @@ fn restore(config: Option<&Path>, file: &Path) -> anyhow::Result<()> {
 /// `GET path` on the running node's Admin API with an admin key from the config, the
 /// environment or the data directory; the body of a 200.
 fn admin_get(cfg: &Config, mut addr: std::net::SocketAddr, path: &str) -> anyhow::Result<Vec<u8>> {
-    use std::io::Read as _;
     let key = std::env::var("WEIR_ADMIN_KEY")
         .ok()
         .or_else(|| cfg.admin.keys.iter().find(|k| k.role == Role::Admin).map(|k| k.key.clone()))
@@ -336,18 +345,9 @@ fn admin_get(cfg: &Config, mut addr: std::net::SocketAddr, path: &str) -> anyhow
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() { std::net::Ipv4Addr::LOCALHOST.into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
     }
-    let mut conn = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(5))
-        .with_context(|| format!("connecting to the Admin API at {addr}"))?;
-    conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))?;
-    write!(conn, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nx-api-key: {key}\r\nconnection: close\r\n\r\n")?;
-    let mut raw = Vec::new();
-    conn.read_to_end(&mut raw)?;
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").context("the Admin API's answer has no head")?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let body = raw[end + 4..].to_vec();
-    let status = head.split(' ').nth(1).unwrap_or("");
-    anyhow::ensure!(status == "200", "the Admin API at {addr} answered {status}: {}", String::from_utf8_lossy(&body));
-    Ok(body)
+    let r = cli::send(&cli::Endpoint::from_addr(addr), "GET", path, &[("x-api-key", &key)], None).with_context(|| format!("asking the Admin API at {addr}"))?;
+    anyhow::ensure!(r.status == 200, "the Admin API at {addr} answered {}: {}", r.status, String::from_utf8_lossy(&r.body));
+    Ok(r.body)
 }
 
 /// The configured store: the embedded one in `store.path`, an etcd cluster, or a declarative
