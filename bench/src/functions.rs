@@ -41,7 +41,7 @@ pub(crate) fn call(port: u16, method: &str, path: &str, host: &str, body: Option
     Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default(), took))
 }
 
-fn v1(w: &Weir, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
+pub(crate) fn v1(w: &Weir, method: &str, path: &str, body: &str) -> anyhow::Result<String> {
     let (s, b, _) = call(w.admin, method, &format!("/v1/{path}"), "bench.local", Some(body))?;
     if !(200..300).contains(&s) {
         bail!("{method} /v1/{path}: {s} {b}");
@@ -62,7 +62,7 @@ fn gateway(w: &Weir, gid: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn save(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
+pub(crate) fn save(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
     let body = serde_json::json!({"name": name, "source": {"code": code}}).to_string();
     v1(w, "POST", &format!("api-gateways/{gid}/functions"), &body).map(|_| ())
 }
@@ -83,7 +83,7 @@ fn patch(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
 
 /// Polls `port` until `path` on `host` answers 200 with `want` in its body; the time from
 /// `since`, and the time the successful call itself took.
-fn live(port: u16, host: &str, path: &str, want: &str, since: Instant) -> anyhow::Result<(Duration, Duration)> {
+pub(crate) fn live(port: u16, host: &str, path: &str, want: &str, since: Instant) -> anyhow::Result<(Duration, Duration)> {
     loop {
         let (s, b, took) = call(port, "GET", path, host, None)?;
         if s == 200 && b.contains(want) {

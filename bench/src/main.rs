@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 
+mod database;
 mod functions;
 mod platform;
 mod soak;
@@ -63,6 +64,14 @@ struct Args {
     /// and two on etcd), first call against warm, memory per idle function.
     #[arg(long)]
     functions: Option<usize>,
+    /// Instead of the comparison, the database rows: a function doing an indexed `findOne` in a
+    /// collection of this many documents, and one doing `insertOne`, on the embedded engine
+    /// (and on PostgreSQL with `--database-url`).
+    #[arg(long)]
+    database: Option<usize>,
+    /// A PostgreSQL server (`postgres://...`) for the database rows' second engine.
+    #[arg(long)]
+    database_url: Option<String>,
 }
 
 const ORIGIN_PORT: u16 = 18080;
@@ -516,6 +525,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.functions {
         return functions::run(&args, n);
+    }
+    if let Some(n) = args.database {
+        return database::run(&args, n);
     }
     let dir = tempfile_dir()?;
     let other = other_cores(args.proxy_core);

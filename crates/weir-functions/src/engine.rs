@@ -54,7 +54,7 @@ pub struct Reply {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
     /// The function threw: its message, and its stack.
-    Threw { message: String, stack: String },
+    Threw { message: String, stack: String, status: Option<u16> },
     /// The CPU budget or the wall-clock limit ran out.
     Timeout(&'static str),
     /// The gateway's memory limit was reached.
@@ -97,13 +97,40 @@ pub struct FetchRequest {
 /// Carries out fetches off the runtime's thread.
 pub type Fetcher = Arc<dyn Fn(FetchRequest) + Send + Sync>;
 
+/// A database operation a function started (`imp.db()`), for the node's databases to run.
+pub struct DbRequest {
+    pub gateway: String,
+    pub scope: crate::DbScope,
+    /// The operation, as JSON text.
+    pub op: String,
+    /// Where the answer goes: the result as JSON text, or the error as JSON text
+    /// `{"message", "code", "status"}`.
+    pub reply: Box<dyn FnOnce(Result<String, String>) + Send>,
+}
+
+/// Runs database operations off the runtime's thread.
+pub type DbRunner = Arc<dyn Fn(DbRequest) + Send + Sync>;
+
+/// What a runtime reaches beyond itself, when the node provides it.
+#[derive(Clone, Default)]
+pub struct Services {
+    pub fetcher: Option<Fetcher>,
+    pub database: Option<DbRunner>,
+}
+
+/// What one call may reach: the hosts its fetches may name, and its database.
+#[derive(Debug, Clone, Default)]
+pub struct Reach {
+    pub allow: Arc<Vec<String>>,
+    pub database: Option<crate::DbScope>,
+}
+
 pub(crate) struct Job {
     pub func: Arc<Function>,
     pub table: Table,
     pub vars: Arc<serde_json::Map<String, serde_json::Value>>,
     pub limits: Limits,
-    /// `host:port` entries `fetch` may reach.
-    pub allow: Arc<Vec<String>>,
+    pub reach: Arc<Reach>,
     pub request: Request,
     pub reply: tokio::sync::oneshot::Sender<Outcome>,
 }
@@ -111,6 +138,8 @@ pub(crate) struct Job {
 enum Msg {
     Call(Box<Job>),
     Fetched(Fetched),
+    /// A database operation's answer: the call, the operation's id, the result.
+    DbDone(u64, u32, Result<String, String>),
     /// Load a function's modules ahead of its first call.
     Warm(Arc<Function>, Table),
 }
@@ -123,7 +152,7 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(gateway: &str, memory: usize, fetcher: Option<Fetcher>) -> std::io::Result<Arc<Engine>> {
+    pub fn start(gateway: &str, memory: usize, services: Services) -> std::io::Result<Arc<Engine>> {
         let (tx, rx) = mpsc::channel();
         let back = tx.clone();
         let gw = gateway.to_string();
@@ -133,7 +162,7 @@ impl Engine {
             .spawn(move || {
                 // A panic in the runtime's loop fails the calls in flight (their answers are
                 // dropped) and the loop starts again on a fresh runtime.
-                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &rx, &back, fetcher.as_ref()))).is_err() {
+                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &rx, &back, &services))).is_err() {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
             })?;
@@ -197,6 +226,7 @@ struct Host {
     cancelled: Vec<(u64, u32)>,
     logs: HashMap<u64, Vec<LogLine>>,
     fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>)>,
+    db_ops: Vec<(u64, u32, String)>,
     /// Module name prefix `fn:{env}/{name}@{version}/` → the function.
     functions: HashMap<String, Arc<Function>>,
     /// Environment → its current table.
@@ -342,6 +372,12 @@ impl Js {
                 host.fetches.push((call, id, method, url, headers, body));
                 Ok(())
             })?)?;
+            let h = host.clone();
+            natives.set("db", JsFn::new(ctx.clone(), move |id: u32, op: String| {
+                let mut host = h.borrow_mut();
+                let call = host.call;
+                host.db_ops.push((call, id, op));
+            })?)?;
             ctx.globals().set("__host", natives)?;
             ctx.eval::<(), _>(PRELUDE)?;
             Ok(())
@@ -455,7 +491,7 @@ fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
     Ok(if binary { s.chars().map(|c| c as u32 as u8).collect() } else { s.into_bytes() })
 }
 
-fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Sender<Msg>, fetcher: Option<&Fetcher>) {
+fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Sender<Msg>, services: &Services) {
     let mut js = match Js::new(memory) {
         Ok(js) => js,
         Err(e) => {
@@ -490,6 +526,7 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
                 broken |= start_call(&mut js, &mut calls, id, *job);
             }
             Some(Msg::Fetched(f)) => broken |= resume_fetch(&mut js, &mut calls, f),
+            Some(Msg::DbDone(call, id, result)) => broken |= resume_db(&mut js, &mut calls, call, id, result),
             Some(Msg::Warm(func, table)) => {
                 js.register(&func, &table);
                 let budget = Duration::from_secs(1);
@@ -507,7 +544,7 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
-        start_fetches(&js, &calls, gateway, back, fetcher);
+        start_outbound(&js, &calls, gateway, back, services);
         if broken {
             // Out of memory: a fresh runtime; the calls in flight cannot continue.
             js = match renew(js, &mut calls, || Failure::Memory, memory, gateway) {
@@ -537,7 +574,7 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
                         };
                     }
                 }
-                start_fetches(&js, &calls, gateway, back, fetcher);
+                start_outbound(&js, &calls, gateway, back, services);
             }
         }
     }
@@ -645,13 +682,16 @@ fn thrown(v: &Value<'_>) -> Failure {
             return Failure::Timeout("the call ran past its CPU budget");
         }
         let message = if message.is_empty() { v.as_string().and_then(|s| s.to_string().ok()).unwrap_or_else(|| "the function threw".into()) } else { message };
-        return Failure::Threw { message, stack };
+        // The SDK's database errors carry the status an uncaught one answers with.
+        let name: String = obj.get("name").unwrap_or_default();
+        let status = (name == "DatabaseError").then(|| obj.get::<_, u16>("status").ok()).flatten().filter(|s| (400..600).contains(s));
+        return Failure::Threw { message, stack, status };
     }
     let message = v.as_string().and_then(|s| s.to_string().ok()).unwrap_or_else(|| format!("the function threw a {}", v.type_name()));
     if message == "out of memory" {
         return Failure::Memory;
     }
-    Failure::Threw { message, stack: String::new() }
+    Failure::Threw { message, stack: String::new(), status: None }
 }
 
 /// Answers every call whose promise has settled; true when one ran out of memory.
@@ -781,11 +821,39 @@ fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> boo
     })
 }
 
+fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, result: Result<String, String>) -> bool {
+    wake(js, calls, call, move |ctx| {
+        let weir: Object<'_> = ctx.globals().get("__weir")?;
+        let done: JsFn<'_> = weir.get("dbDone")?;
+        match result {
+            Ok(out) => done.call::<_, ()>((id, Value::new_null(ctx.clone()), out)),
+            Err(e) => done.call::<_, ()>((id, e, Value::new_null(ctx.clone()))),
+        }
+    })
+}
+
+/// Hands the fetches and database operations the last step started to the node.
+fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &mpsc::Sender<Msg>, services: &Services) {
+    start_fetches(js, calls, gateway, back, services.fetcher.as_ref());
+    let started = std::mem::take(&mut js.host.borrow_mut().db_ops);
+    for (call, id, op) in started {
+        let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
+        let back = back.clone();
+        let reply = Box::new(move |result| {
+            let _ = back.send(Msg::DbDone(call, id, result));
+        });
+        match (&services.database, scope) {
+            (Some(run), Some(scope)) => run(DbRequest { gateway: gateway.to_string(), scope, op, reply }),
+            _ => reply(Err(serde_json::json!({"message": "no database is available to this function on this node", "code": "unavailable", "status": 503}).to_string())),
+        }
+    }
+}
+
 fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &mpsc::Sender<Msg>, fetcher: Option<&Fetcher>) {
     let started = std::mem::take(&mut js.host.borrow_mut().fetches);
     for (call, id, method, url, headers, body) in started {
         // A fetch of a call that ended meanwhile is not made.
-        let Some(allow) = calls.get(&call).map(|l| l.job.allow.clone()) else { continue };
+        let Some(allow) = calls.get(&call).map(|l| l.job.reach.allow.clone()) else { continue };
         let back = back.clone();
         let reply = Box::new(move |result| {
             let _ = back.send(Msg::Fetched(Fetched { call, id, result }));

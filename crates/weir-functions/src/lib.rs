@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use engine::{Engine, Failure, Outcome, Reply, Request};
+pub use engine::{DbRequest, DbRunner, Engine, Failure, Outcome, Reach, Reply, Request, Services};
 pub use source::{CompileError, Compiled};
 
 /// A function as loaded: compiled, with where it lives.
@@ -48,6 +48,32 @@ pub fn valid_name(name: &str) -> bool {
     name.len() <= 256
         && (1..=8).contains(&segments.len())
         && segments.iter().all(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
+}
+
+/// The database an environment's functions reach, and the quotas the gateway set (the node's
+/// defaults where it set none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DbScope {
+    /// `{gid}`, or `{gid}.{env}` when each environment has its own.
+    pub name: String,
+    #[serde(flatten)]
+    pub limits: DbLimits,
+}
+
+/// A gateway's database quotas, where it set them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+pub struct DbLimits {
+    /// Documents the database may hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub documents: Option<u64>,
+    /// Bytes of documents it may hold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// Milliseconds one query may run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query_ms: Option<u64>,
 }
 
 /// Limits of a gateway's calls.

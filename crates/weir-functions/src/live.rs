@@ -25,7 +25,7 @@ use weir_http::body::RespBody;
 use weir_proxy::handler::{Answer, Call, Handler};
 use weir_proxy::partition::{Contributor, Lowered, LoweredRoute};
 
-use crate::engine::{Engine, Fetcher, Job, Request, Table};
+use crate::engine::{DbRunner, Engine, Fetcher, Job, Reach, Request, Services, Table};
 use crate::{Failure, Function, LimitsDoc, Logs, Outcome};
 
 /// An environment as the data plane needs it.
@@ -47,6 +47,9 @@ pub struct EnvDoc {
     pub vars: Map<String, Value>,
     /// `host:port` entries a function's `fetch` may reach.
     pub fetch_allow_list: Vec<String>,
+    /// The database the environment's functions reach as `imp.db()`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database: Option<crate::DbScope>,
     /// Errors carry their stack (dev).
     pub debug: bool,
 }
@@ -106,6 +109,15 @@ pub struct Settings {
     pub fetcher: Option<Fetcher>,
     /// Opens the gateway's secret variables.
     pub keyring: Option<Arc<weir_tls::Keyring>>,
+    /// Runs `imp.db()` operations; `None`: they fail with a clear error.
+    pub database: Option<DbRunner>,
+}
+
+impl EnvDoc {
+    /// What the environment's calls may reach.
+    pub fn reach(&self) -> Reach {
+        Reach { allow: Arc::new(self.fetch_allow_list.clone()), database: self.database.clone() }
+    }
 }
 
 /// Lowers gateways' functions into routes, and keeps one runtime per gateway and what each
@@ -134,7 +146,7 @@ impl Functions {
         if let Some(e) = engines.get(&key).and_then(Weak::upgrade) {
             return Some(e);
         }
-        match Engine::start(gid, memory, self.settings.fetcher.clone()) {
+        match Engine::start(gid, memory, Services { fetcher: self.settings.fetcher.clone(), database: self.settings.database.clone() }) {
             Ok(e) => {
                 engines.insert(key, Arc::downgrade(&e));
                 Some(e)
@@ -154,7 +166,7 @@ impl Functions {
         let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
         let table = table.unwrap_or_else(|| Arc::new(HashMap::from([(func.name.clone(), func.clone())])));
-        FunctionHandler::run(engine, func, table, Arc::new(self.open_vars(&env.vars)), limits, Arc::new(env.fetch_allow_list.clone()), request).await.ok_or_else(|| "too many calls of this gateway's functions are in flight".to_string())
+        FunctionHandler::run(engine, func, table, Arc::new(self.open_vars(&env.vars)), limits, Arc::new(env.reach()), request).await.ok_or_else(|| "too many calls of this gateway's functions are in flight".to_string())
     }
 
     /// The variables with their secret values opened; one that does not open is left out.
@@ -273,7 +285,7 @@ impl Contributor for Functions {
                 t.insert(format!("{gid}/{env_name}"), table.clone());
             }
             let vars = Arc::new(self.open_vars(&env.vars));
-            let allow = Arc::new(env.fetch_allow_list.clone());
+            let reach = Arc::new(env.reach());
             // Functions without plugins of their own share one route per form, which finds the
             // function by its exact path; those with plugins get routes of their own.
             let mut shared: HashMap<String, Arc<FunctionHandler>> = HashMap::new();
@@ -288,7 +300,7 @@ impl Contributor for Functions {
                     table: table.clone(),
                     vars: vars.clone(),
                     limits,
-                    allow: allow.clone(),
+                    reach: reach.clone(),
                     debug: env.debug,
                     series: crate::metrics::series(gid, env_name, &doc.name),
                 });
@@ -362,7 +374,7 @@ pub struct FunctionHandler {
     table: Table,
     vars: Arc<Map<String, Value>>,
     limits: crate::Limits,
-    allow: Arc<Vec<String>>,
+    reach: Arc<Reach>,
     debug: bool,
     series: Arc<crate::metrics::Series>,
 }
@@ -390,7 +402,7 @@ pub fn answer(outcome: Outcome, debug: bool, limits: &crate::Limits) -> (u16, Ve
     };
     match outcome.result {
         Ok(reply) => (reply.status, reply.headers, reply.body),
-        Err(Failure::Threw { message, stack }) => json_error(500, &message, (debug && !stack.is_empty()).then_some(stack.as_str())),
+        Err(Failure::Threw { message, stack, status }) => json_error(status.unwrap_or(500), &message, (debug && !stack.is_empty()).then_some(stack.as_str())),
         Err(Failure::Timeout(why)) => json_error(504, why, None),
         Err(Failure::Memory) => json_error(500, &format!("the function ran out of memory (the gateway's limit is {} MiB)", limits.memory >> 20), None),
         Err(Failure::Internal(why)) => json_error(500, &why, None),
@@ -415,8 +427,8 @@ pub fn respond(outcome: Outcome, debug: bool, limits: &crate::Limits) -> Respons
 
 impl FunctionHandler {
     /// Runs the function on `request`, as a route's call or the platform's invoke does.
-    pub async fn run(engine: Arc<Engine>, func: Arc<Function>, table: Table, vars: Arc<Map<String, Value>>, limits: crate::Limits, allow: Arc<Vec<String>>, request: Request) -> Option<Outcome> {
-        engine.call(move |reply| Job { func, table, vars, limits, allow, request, reply }).await
+    pub async fn run(engine: Arc<Engine>, func: Arc<Function>, table: Table, vars: Arc<Map<String, Value>>, limits: crate::Limits, reach: Arc<Reach>, request: Request) -> Option<Outcome> {
+        engine.call(move |reply| Job { func, table, vars, limits, reach, request, reply }).await
     }
 }
 
@@ -454,11 +466,11 @@ impl Handler for FunctionHandler {
             return Box::pin(async move { resp });
         }
         let request = request_of(&call.parts, &call.body, call.consumer);
-        let (engine, func, table, vars, limits, allow, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.allow.clone(), self.debug);
+        let (engine, func, table, vars, limits, reach, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.reach.clone(), self.debug);
         let series = self.series.clone();
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let resp = match FunctionHandler::run(engine, func, table, vars, limits, allow, request).await {
+            let resp = match FunctionHandler::run(engine, func, table, vars, limits, reach, request).await {
                 Some(outcome) => respond(outcome, debug, &limits),
                 None => {
                     let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "too many calls of this gateway's functions are in flight", None);

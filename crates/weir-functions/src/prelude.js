@@ -260,6 +260,78 @@
   const line = (level) => (...args) => host.log(level, args.map(show).join(" "));
   G.console = { log: line("info"), info: line("info"), debug: line("debug"), warn: line("warn"), error: line("error") };
 
+  // The database: `imp.db()` (alias `cloud.database()`), MongoDB's collection methods over
+  // the node's document engine. Every method is one operation sent as JSON; its answer comes
+  // back as JSON, and a failure as a DatabaseError with `code` and `status`.
+  let nextDb = 1;
+  const dbCalls = new Map();
+  const dbOp = (req) => new Promise((resolve, reject) => {
+    const id = nextDb++;
+    dbCalls.set(id, { resolve, reject });
+    try {
+      host.db(id, JSON.stringify(req));
+    } catch (e) {
+      dbCalls.delete(id);
+      reject(e);
+    }
+  });
+  const dbDone = (id, error, out) => {
+    const c = dbCalls.get(id);
+    dbCalls.delete(id);
+    if (!c) return;
+    if (error) {
+      const e = JSON.parse(error);
+      const err = new Error(e.message);
+      err.name = "DatabaseError";
+      err.code = e.code;
+      err.status = e.status;
+      c.reject(err);
+    } else c.resolve(JSON.parse(out));
+  };
+  class Cursor {
+    constructor(send, filter, options) { this._send = send; this._filter = filter; this._options = { ...options }; }
+    sort(s) { this._options.sort = s; return this; }
+    limit(n) { this._options.limit = n; return this; }
+    skip(n) { this._options.skip = n; return this; }
+    project(p) { this._options.projection = p; return this; }
+    toArray() { return this._send("find", { filter: this._filter, options: this._options }); }
+    explain() { return this._send("explain", { filter: this._filter, options: this._options }); }
+  }
+  class Collection {
+    constructor(name, tx) { this.collectionName = name; this._tx = tx; }
+    _send(op, args) { return dbOp({ op, collection: this.collectionName, tx: this._tx, ...args }); }
+    insertOne(doc) { return this._send("insertOne", { doc }); }
+    insertMany(docs) { return this._send("insertMany", { docs }); }
+    findOne(filter = {}, options = {}) { return this._send("findOne", { filter, options }); }
+    find(filter = {}, options = {}) { return new Cursor((op, a) => this._send(op, a), filter, options); }
+    countDocuments(filter = {}) { return this._send("countDocuments", { filter }); }
+    updateOne(filter, update, options = {}) { return this._send("updateOne", { filter, update, options }); }
+    updateMany(filter, update, options = {}) { return this._send("updateMany", { filter, update, options }); }
+    replaceOne(filter, doc, options = {}) { return this._send("replaceOne", { filter, doc, options }); }
+    deleteOne(filter = {}) { return this._send("deleteOne", { filter }); }
+    deleteMany(filter = {}) { return this._send("deleteMany", { filter }); }
+    createIndex(keys, options = {}) { return this._send("createIndex", { keys, options }); }
+    dropIndex(name) { return this._send("dropIndex", { name }); }
+    drop() { return this._send("drop", {}); }
+  }
+  const database = (tx) => ({
+    collection: (name) => new Collection(String(name), tx),
+    collections: () => dbOp({ op: "collections" }),
+    transaction: async (fn) => {
+      if (tx !== undefined) throw new Error("transactions do not nest");
+      const { tx: id } = await dbOp({ op: "begin" });
+      let out;
+      try {
+        out = await fn(database(id));
+      } catch (e) {
+        await dbOp({ op: "abort", tx: id }).catch(() => {});
+        throw e;
+      }
+      await dbOp({ op: "commit", tx: id });
+      return out;
+    },
+  });
+
   // The SDK: `imp` (alias `cloud`). `env`, `shared` and `invoke` follow the call running.
   const shared = new Map();
   let vars = {};
@@ -267,6 +339,8 @@
     get env() { return vars; },
     get shared() { const env = host.environment(); let m = shared.get(env); if (!m) { m = new Map(); shared.set(env, m); } return m; },
     fetch: (...a) => G.fetch(...a),
+    db: () => database(undefined),
+    database: () => database(undefined),
     invoke: async (name, body) => {
       const mod = await import("@/" + String(name));
       const ctx = { method: "POST", path: "/" + name, query: {}, headers: {}, body, requestId: "", user: undefined };
@@ -341,5 +415,6 @@
     setVars: (vs) => { vars = vs; },
     fireTimer,
     fetched,
+    dbDone,
   };
 })();

@@ -35,7 +35,7 @@ struct Gw {
 impl Gw {
     fn new(funcs: Vec<Arc<Function>>) -> Gw {
         let table: HashMap<String, Arc<Function>> = funcs.into_iter().map(|f| (f.name.clone(), f)).collect();
-        Gw { engine: Engine::start("t", limits().memory, None).unwrap(), table: Arc::new(table), vars: Arc::new(json!({"GREETING": "hi"}).as_object().unwrap().clone()) }
+        Gw { engine: Engine::start("t", limits().memory, weir_functions::Services::default()).unwrap(), table: Arc::new(table), vars: Arc::new(json!({"GREETING": "hi"}).as_object().unwrap().clone()) }
     }
 
     async fn call(&self, name: &str, req: Request) -> Outcome {
@@ -145,7 +145,7 @@ async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine()
     ]);
     let out = gw.call("throws", get("/")).await;
     match out.result {
-        Err(Failure::Threw { message, stack }) => {
+        Err(Failure::Threw { message, stack, .. }) => {
             assert_eq!(message, "bad thing");
             assert!(stack.contains("index.js"), "{stack}");
         }

@@ -133,6 +133,7 @@ impl Platform {
             (&Method::GET, ["openapi.json"]) => json(StatusCode::OK, &crate::openapi::document()),
             (&Method::DELETE, ["tokens", id]) => self.delete_token(&caller, id).await,
             (&Method::GET, ["api-gateways", gid, "deployments"]) => self.deployments(gid, parts.uri.query()).await,
+            (m, ["api-gateways", gid, "database", rest @ ..]) => self.database_api(&caller, m, gid, rest, parts.uri.query(), &raw).await,
             (m, ["api-gateways", gid, "triggers", rest @ ..]) => self.triggers_api(&caller, m, gid, rest, &raw).await,
             (m, ["api-gateways", gid, "functions", rest @ ..]) => self.functions_api(&caller, m, gid, rest, parts.uri.query(), &raw).await,
             (_, ["api-gateways" | "tokens", ..]) => refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
@@ -196,9 +197,11 @@ impl Platform {
             limits: weir_functions::LimitsDoc::default(),
             fetch_allow_list: input.fetch_allow_list.unwrap_or_default(),
             env: input.env.unwrap_or_default(),
+            database_isolation: input.database_isolation.unwrap_or_default(),
+            db_limits: weir_functions::DbLimits::default(),
         };
         if let Some(l) = input.limits {
-            apply_limits(&mut gw.limits, l);
+            apply_limits(&mut gw, l);
         }
         if let Err(problems) = self.check(&gw) {
             return bad_input(problems);
@@ -375,7 +378,7 @@ impl Platform {
                     gw.state = s;
                 }
                 if let Some(l) = input.limits {
-                    apply_limits(&mut gw.limits, l);
+                    apply_limits(gw, l);
                 }
                 if let Some(a) = &input.fetch_allow_list {
                     gw.fetch_allow_list = a.clone();
@@ -720,7 +723,8 @@ impl Platform {
     }
 }
 
-fn apply_limits(to: &mut weir_functions::LimitsDoc, l: crate::model::LimitsInput) {
+fn apply_limits(gw: &mut Gateway, l: crate::model::LimitsInput) {
+    let to = &mut gw.limits;
     if let Some(v) = l.timeout_ms {
         to.timeout_ms = v;
     }
@@ -732,6 +736,12 @@ fn apply_limits(to: &mut weir_functions::LimitsDoc, l: crate::model::LimitsInput
     }
     if let Some(v) = l.concurrency {
         to.concurrency = v;
+    }
+    let db = &mut gw.db_limits;
+    for (field, given) in [(&mut db.documents, l.db_documents), (&mut db.bytes, l.db_bytes), (&mut db.query_ms, l.db_query_ms)] {
+        if given.is_some() {
+            *field = given;
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! only ordinary APISIX objects.
 
 mod api;
+pub mod database;
 mod docs;
 pub mod functions;
 mod guard;
@@ -124,6 +125,8 @@ pub struct Platform {
     inputs: String,
     /// This node's function runtimes, for `invoke` and logs; unset where functions do not run.
     functions: std::sync::OnceLock<Arc<weir_functions::live::Functions>>,
+    /// The node's databases and their default quota; unset where there are none.
+    databases: std::sync::OnceLock<(Arc<weir_database::Databases>, weir_database::Quota)>,
 }
 
 impl Platform {
@@ -150,6 +153,7 @@ impl Platform {
             passes: std::sync::atomic::AtomicU64::new(0),
             inputs,
             functions: std::sync::OnceLock::new(),
+            databases: std::sync::OnceLock::new(),
             pause_after_claim: std::env::var("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS").ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis),
         })
     }

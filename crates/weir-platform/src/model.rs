@@ -112,6 +112,32 @@ pub struct Gateway {
     /// store and never shown.
     #[serde(default)]
     pub env: Vec<EnvVar>,
+    /// Whether the environments share the gateway's database or each has its own; set when
+    /// the gateway is made.
+    #[serde(default)]
+    pub database_isolation: Isolation,
+    /// The gateway's database quotas where it set them (the node's `database.quota`, which
+    /// they may not exceed, otherwise).
+    #[serde(default)]
+    pub db_limits: weir_functions::DbLimits,
+}
+
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    #[default]
+    Gateway,
+    Environment,
+}
+
+impl Gateway {
+    /// The name of the database environment `env`'s functions reach.
+    pub fn database_name(&self, env: &str) -> String {
+        match self.database_isolation {
+            Isolation::Gateway => self.gateway_id.clone(),
+            Isolation::Environment => format!("{}.{env}", self.gateway_id),
+        }
+    }
 }
 
 /// One of a gateway's variables.
@@ -199,6 +225,9 @@ pub struct CreateGateway {
     pub fetch_allow_list: Option<Vec<String>>,
     #[schemars(length(max = 100))]
     pub env: Option<Vec<EnvVar>>,
+    /// `gateway` (default): one database for the gateway's environments; `environment`: one
+    /// each. Fixed once the gateway is made.
+    pub database_isolation: Option<Isolation>,
 }
 
 /// A gateway's function limits, each within the node's maxima.
@@ -214,6 +243,15 @@ pub struct LimitsInput {
     pub memory_mib: Option<u64>,
     #[schemars(range(min = 1))]
     pub concurrency: Option<usize>,
+    /// Documents the gateway's database may hold.
+    #[schemars(range(min = 1))]
+    pub db_documents: Option<u64>,
+    /// Bytes of documents it may hold.
+    #[schemars(range(min = 1))]
+    pub db_bytes: Option<u64>,
+    /// Milliseconds one query may run.
+    #[schemars(range(min = 1))]
+    pub db_query_ms: Option<u64>,
 }
 
 /// `PATCH /v1/api-gateways/{gid}`: what is given replaces what was.

@@ -63,6 +63,10 @@ fn param(name: &str, what: &str) -> Value {
     json!({"name": name, "in": "path", "required": true, "description": what, "schema": {"type": "string"}})
 }
 
+fn query(name: &str, what: &str) -> Value {
+    json!({"name": name, "in": "query", "required": false, "description": what, "schema": {"type": "string"}})
+}
+
 pub fn document() -> Value {
     let gid = param("gid", "the gateway id");
     let env = param("env", "dev, staging or prod");
@@ -156,6 +160,29 @@ pub fn document() -> Value {
                 "parameters": [gid, param("triggerId", "the trigger's id")],
                 "get": {"summary": "The trigger's last runs, newest first", "responses": responses(&[("200", "runs", "RunList")])}
             },
+            "/v1/api-gateways/{gid}/database/collections": {
+                "parameters": [gid, query("environment", "the environment whose database, when each has its own (default: the gateway's one database)")],
+                "get": {"summary": "The collections of the gateway's database, with counts, sizes and indexes", "responses": responses(&[("200", "collections", "CollectionList")])}
+            },
+            "/v1/api-gateways/{gid}/database/collections/{collection}/documents": {
+                "parameters": [gid, param("collection", "the collection's name"), query("environment", "as above")],
+                "get": {"summary": "Documents matching `?filter=` (JSON), with `sort` (JSON), `limit` (1 to 1,000, default 100) and `skip`", "responses": responses(&[("200", "documents", "DocumentList")])},
+                "post": {"summary": "Insert a document (its `_id` is made when it has none)", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}}, "responses": responses(&[("201", "inserted", "Inserted"), ("409", "the _id is taken", "Error"), ("507", "over the database's quota", "Error")])}
+            },
+            "/v1/api-gateways/{gid}/database/collections/{collection}/documents/{id}": {
+                "parameters": [gid, param("collection", "the collection's name"), param("id", "the document's `_id` (a string)"), query("environment", "as above")],
+                "get": {"summary": "One document", "responses": responses(&[("200", "the document", "Document")])},
+                "put": {"summary": "Replace (or add) the document of this `_id`", "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object"}}}}, "responses": responses(&[("200", "what changed, and the document", "Replaced")])},
+                "delete": {"summary": "Delete one document", "responses": responses(&[("200", "deleted", "DeletedCount")])}
+            },
+            "/v1/api-gateways/{gid}/database/export": {
+                "parameters": [gid, query("environment", "as above")],
+                "get": {"summary": "The whole database as JSON lines `{\"collection\", \"document\"}`", "responses": {"200": {"description": "JSON lines", "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}}}
+            },
+            "/v1/api-gateways/{gid}/database/import": {
+                "parameters": [gid, query("environment", "as above")],
+                "post": {"summary": "Restore JSON lines as `export` writes them; each document replaces the one of its `_id`", "requestBody": {"required": true, "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}, "responses": responses(&[("200", "how many", "Imported")])}
+            },
             "/v1/tokens": {
                 "post": {"summary": "Make a token", "requestBody": body("CreateToken"), "responses": responses(&[("201", "the token, shown once", "MintedToken")])},
                 "get": {"summary": "The tokens the caller manages", "responses": responses(&[("200", "tokens", "TokenList")])}
@@ -218,6 +245,17 @@ pub fn document() -> Value {
                 "TriggerList": list_of("Trigger"),
                 "Run": schema::<Run>(),
                 "RunList": list_of("Run"),
+                "CollectionList": list_of("Collection"),
+                "Collection": {"type": "object", "properties": {
+                    "name": {"type": "string"}, "documents": {"type": "integer"}, "bytes": {"type": "integer"},
+                    "indexes": {"type": "array", "items": {"type": "object", "properties": {"name": {"type": "string"}, "keys": {"type": "object"}, "unique": {"type": "boolean"}}, "required": ["name", "keys", "unique"], "additionalProperties": false}}
+                }, "required": ["name", "documents", "bytes", "indexes"], "additionalProperties": false},
+                "Document": {"type": "object", "required": ["_id"]},
+                "DocumentList": list_of("Document"),
+                "Inserted": {"type": "object", "properties": {"acknowledged": {"type": "boolean"}, "insertedId": {}}, "required": ["acknowledged", "insertedId"], "additionalProperties": false},
+                "Replaced": {"type": "object", "properties": {"result": {"type": "object"}, "document": {"$ref": "#/components/schemas/Document"}}, "required": ["result", "document"], "additionalProperties": false},
+                "DeletedCount": {"type": "object", "properties": {"acknowledged": {"type": "boolean"}, "deletedCount": {"type": "integer"}}, "required": ["acknowledged", "deletedCount"], "additionalProperties": false},
+                "Imported": {"type": "object", "properties": {"imported": {"type": "integer"}}, "required": ["imported"], "additionalProperties": false},
                 "Deleted": {"type": "object", "properties": {"deleted": {"type": "string"}}, "required": ["deleted"], "additionalProperties": false},
                 "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
                     "kind": {"type": "string"}, "message": {"type": "string"}, "problems": {"type": "array", "items": {"type": "string"}},

@@ -276,6 +276,7 @@ impl Platform {
             claims.push(Op::DeletePrefix { prefix: weir_functions::live::partition_prefix(&self.prefix, gid) });
             claims.extend(self.lifecycle_prefixes(gid).into_iter().chain(self.trigger_prefixes(gid)).map(|prefix| Op::DeletePrefix { prefix }));
             self.docs.remove(gid, rev, claims).await?;
+            self.drop_databases(gid).await;
             tracing::info!(gateway = gid, "platform: gateway deleted");
         }
         Ok(())

@@ -179,6 +179,7 @@ pub fn live(cfg: &PlatformConfig, gw: &Gateway) -> Vec<weir_functions::live::Env
                 vars: gw.env.iter().map(|v| (v.name.clone(), Value::String(v.value.clone()))).collect(),
                 fetch_allow_list: gw.fetch_allow_list.clone(),
                 debug: env.name == "dev",
+                database: Some(weir_functions::DbScope { name: gw.database_name(&env.name), limits: gw.db_limits }),
             }
         })
         .collect()
@@ -217,6 +218,8 @@ mod tests {
             limits: Default::default(),
             fetch_allow_list: Vec::new(),
             env: Vec::new(),
+            database_isolation: crate::model::Isolation::Gateway,
+            db_limits: weir_functions::DbLimits::default(),
         }
     }
 

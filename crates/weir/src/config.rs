@@ -21,6 +21,7 @@ pub struct Config {
     pub log: LogConfig,
     pub access_log: AccessLogConfig,
     pub platform: weir_platform::PlatformConfig,
+    pub database: DatabaseConfig,
 }
 
 impl Default for Config {
@@ -37,6 +38,7 @@ impl Default for Config {
             log: LogConfig::default(),
             access_log: AccessLogConfig::default(),
             platform: weir_platform::PlatformConfig::default(),
+            database: DatabaseConfig::default(),
         }
     }
 }
@@ -316,6 +318,30 @@ impl AdminConfig {
             errors.push("admin.max_connections: at least 1".to_string());
         }
     }
+}
+
+/// `database`: where tenants' gateways keep their documents (`imp.db()`).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    #[serde(rename = "type")]
+    pub kind: DatabaseType,
+    /// The embedded engine's directory; by default `databases` in the store's directory.
+    pub path: Option<PathBuf>,
+    /// `postgres://user:password@host:5432/db`, for `type: postgres`.
+    pub url: Option<String>,
+    /// Connections per gateway's database, for `type: postgres`.
+    pub pool: Option<usize>,
+    /// Each gateway's quota unless its `limits` set a lower one.
+    pub quota: weir_database::Quota,
+}
+
+#[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseType {
+    #[default]
+    Embedded,
+    Postgres,
 }
 
 #[derive(Debug, Deserialize, PartialEq, Eq, Clone, Copy, Default)]

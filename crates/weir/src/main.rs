@@ -411,7 +411,9 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         // same runtimes.
         let fetch_allowed: Vec<ipnet::IpNet> = cfg.platform.functions.fetch_allow_networks.iter().map(|n| n.parse().with_context(|| format!("platform.functions.fetch_allow_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
         let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, Vec::new()), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
-        let settings = weir_functions::live::Settings { fetcher: Some(outbound.fetcher()), keyring: Some(keyring.clone()) };
+        let databases = databases(&cfg)?;
+        let db_runner = databases.clone().map(|d| weir_platform::database::runner(d, cfg.database.quota, tokio::runtime::Handle::current()));
+        let settings = weir_functions::live::Settings { fetcher: Some(outbound.fetcher()), keyring: Some(keyring.clone()), database: db_runner };
         let functions = (role != DeployRole::ControlPlane && cfg.platform.enabled.unwrap_or(true)).then(|| weir_functions::live::Functions::new(&prefix, settings));
         let mut own_addrs: Vec<std::net::SocketAddr> = Vec::new();
         if role != DeployRole::ControlPlane {
@@ -461,6 +463,9 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
                 if let Some(f) = &functions {
                     platform.with_functions(f.clone());
                 }
+                if let Some(d) = &databases {
+                    platform.with_databases(d.clone(), cfg.database.quota);
+                }
                 admin = admin.with_extension(platform.clone());
                 tokio::spawn(platform.clone().schedule());
                 tokio::spawn(platform.reconcile());
@@ -506,6 +511,21 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
 
 /// Binds a listener of the control runtime (admin, status, metrics); the error names the
 /// address. No `SO_REUSEPORT` here, so an address another process listens on is refused.
+/// Tenants' databases, where the platform runs: embedded files beside the store, or PostgreSQL.
+fn databases(cfg: &Config) -> anyhow::Result<Option<Arc<weir_database::Databases>>> {
+    if !cfg.platform.enabled.unwrap_or(true) || cfg.store.kind == StoreType::File {
+        return Ok(None);
+    }
+    let opener = match cfg.database.kind {
+        config::DatabaseType::Embedded => weir_database::embedded::opener(cfg.database.path.clone().unwrap_or_else(|| cfg.store.path.join("databases"))),
+        config::DatabaseType::Postgres => {
+            let url = cfg.database.url.clone().context("database.url: give the PostgreSQL server's URL for type: postgres")?;
+            weir_database::postgres::opener(url, cfg.database.pool.unwrap_or(4).max(1))
+        }
+    };
+    Ok(Some(weir_database::Databases::new(opener)))
+}
+
 async fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|e| weir_proxy::server::listen_error(addr, e))
 }

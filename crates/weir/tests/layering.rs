@@ -118,6 +118,7 @@ fn crates_depend_only_on_lower_floors() {
     let floors = [
         ("weir-core", 0),
         ("weir-telemetry", 1),
+        ("weir-database", 1),
         ("weir-tls", 1),
         ("weir-catalog", 2),
         ("weir-store", 3),

@@ -44,13 +44,18 @@ pub async fn v1_as(w: &Weir, token: &str, method: &str, path: &str, body: Option
 /// Weir with its store (`store:` keys, indented) and `platform:` settings (indented); `env`
 /// reaches its process.
 pub fn platform_weir(store: &str, platform: &str, env: &[(&str, &str)]) -> Weir {
+    platform_weir_with(store, platform, "", env)
+}
+
+/// As [`platform_weir`], with more top-level config (`extra`, whole sections).
+pub fn platform_weir_with(store: &str, platform: &str, extra: &str, env: &[(&str, &str)]) -> Weir {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("weir.yaml");
     let store = store.replace("{data}", &dir.path().join("data").display().to_string());
     std::fs::write(
         &cfg,
         format!(
-            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n{store}plugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\nplatform:\n{platform}"
+            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n{store}plugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\n{extra}platform:\n{platform}"
         ),
     )
     .unwrap();

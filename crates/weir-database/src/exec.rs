@@ -1,0 +1,549 @@
+//! Runs the operations functions send: `{"op": "findOne", "collection": "users", "filter":
+//! {...}}` in, MongoDB's result shapes out.
+//!
+//! Writes outside a transaction read, change and write one document at a time under the
+//! database's lock on this node, each write carrying what it read (`Write::Put::expect`), so a
+//! backend shared by several nodes refuses a write over another node's and the operation runs
+//! again. A transaction (`begin` … `commit`) keeps its writes aside: its reads see them, and
+//! `commit` writes them all in one backend transaction that checks every document it changes
+//! is still as the transaction first saw it, or writes nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Map, Value, json};
+
+use crate::filter::Filter;
+use crate::update::{Projection, Update, id_key, parse_sort, prepare, sort};
+use crate::{Backend, DbError, DbErrorKind, IndexDef, Opener, Quota, Write, check_collection, index_key};
+
+/// Times an operation outside a transaction is tried again when another node wrote first.
+const RETRIES: usize = 16;
+/// Transactions open at once on one database (on this node), and how long one may stay open.
+const MAX_TXS: usize = 64;
+const TX_LIFETIME: Duration = Duration::from_secs(120);
+/// Documents `insertMany` takes at once.
+const MAX_BATCH: usize = 10_000;
+/// Documents one `find` answers at most (`skip` pages through more).
+pub const MAX_RESULTS: usize = 10_000;
+
+/// One database: a backend and the lock its writers take on this node.
+pub struct Db {
+    pub name: String,
+    pub backend: Arc<dyn Backend>,
+    lock: Mutex<()>,
+}
+
+/// A transaction's view: the documents it wrote (`None`: deleted), and what each was when the
+/// transaction first touched it.
+struct Tx {
+    db: String,
+    writes: BTreeMap<(String, String), Option<Value>>,
+    seen: BTreeMap<(String, String), Option<Value>>,
+    started: Instant,
+}
+
+/// The node's databases, opened on first use.
+pub struct Databases {
+    opener: Opener,
+    open: Mutex<HashMap<String, Arc<Db>>>,
+    txs: Mutex<HashMap<u64, Tx>>,
+}
+
+/// How a query found its documents, for `explain`.
+#[derive(Debug, Default)]
+struct Plan {
+    index: Option<String>,
+    examined: u64,
+}
+
+impl Databases {
+    pub fn new(opener: Opener) -> Arc<Databases> {
+        Arc::new(Databases { opener, open: Mutex::default(), txs: Mutex::default() })
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Db>, DbError> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(db) = open.get(name) {
+            return Ok(db.clone());
+        }
+        let db = Arc::new(Db { name: name.to_string(), backend: (self.opener)(name)?, lock: Mutex::new(()) });
+        open.insert(name.to_string(), db.clone());
+        Ok(db)
+    }
+
+    /// Deletes database `name` and everything in it.
+    pub fn destroy(&self, name: &str) -> Result<(), DbError> {
+        let db = self.get(name)?;
+        self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        self.txs.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, t| t.db != name);
+        db.backend.destroy()
+    }
+
+    /// Runs one operation on database `name` within `quota`.
+    pub fn execute(&self, name: &str, quota: &Quota, request: &Value) -> Result<Value, DbError> {
+        let op = request["op"].as_str().ok_or_else(|| DbError::bad("an operation has an op"))?;
+        let db = self.get(name)?;
+        let deadline = Instant::now() + Duration::from_millis(quota.query_ms.max(1));
+        let tx = match request.get("tx") {
+            None | Some(Value::Null) => None,
+            Some(t) => Some(t.as_u64().ok_or_else(|| DbError::bad("tx is a transaction id"))?),
+        };
+        match op {
+            "begin" => return self.begin(name),
+            "commit" => return self.commit(&db, quota, tx.ok_or_else(|| DbError::bad("commit needs tx"))?),
+            "abort" => {
+                self.txs.lock().unwrap_or_else(|e| e.into_inner()).remove(&tx.unwrap_or(0));
+                return Ok(Value::Null);
+            }
+            "collections" => return Ok(json!(db.backend.collections()?.into_keys().collect::<Vec<_>>())),
+            _ => {}
+        }
+        let coll = request["collection"].as_str().ok_or_else(|| DbError::bad("an operation names its collection"))?;
+        check_collection(coll)?;
+        let run = Run { db: &db, coll, quota, deadline, request };
+        match tx {
+            Some(id) => {
+                let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
+                let t = txs.get_mut(&id).filter(|t| t.db == name).ok_or_else(|| DbError::bad("the transaction is over"))?;
+                if matches!(op, "createIndex" | "dropIndex" | "drop") {
+                    return Err(DbError::bad(format!("{op} is not allowed in a transaction")));
+                }
+                run.op(op, Some(t))
+            }
+            None => {
+                let _serial = if is_write(op) { Some(db.lock.lock().unwrap_or_else(|e| e.into_inner())) } else { None };
+                let mut tries = 0;
+                loop {
+                    match run.op(op, None) {
+                        Err(e) if e.kind == DbErrorKind::Conflict && tries < RETRIES => {
+                            // Another node wrote first: step aside a little, more each time, so
+                            // the nodes do not keep colliding.
+                            tries += 1;
+                            std::thread::sleep(Duration::from_micros(fastrand::u64(0..=500 * tries as u64)));
+                        }
+                        other => return other,
+                    }
+                }
+            }
+        }
+    }
+
+    fn begin(&self, name: &str) -> Result<Value, DbError> {
+        let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
+        txs.retain(|_, t| t.started.elapsed() < TX_LIFETIME);
+        if txs.values().filter(|t| t.db == name).count() >= MAX_TXS {
+            return Err(DbError { kind: DbErrorKind::Quota, message: format!("at most {MAX_TXS} transactions may be open at once") });
+        }
+        let id = fastrand::u64(1..(1 << 53));
+        txs.insert(id, Tx { db: name.to_string(), writes: BTreeMap::new(), seen: BTreeMap::new(), started: Instant::now() });
+        Ok(json!({"tx": id}))
+    }
+
+    fn commit(&self, db: &Db, quota: &Quota, id: u64) -> Result<Value, DbError> {
+        let tx = self.txs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id).ok_or_else(|| DbError::bad("the transaction is over"))?;
+        let writes: Vec<Write> = tx
+            .writes
+            .into_iter()
+            .map(|((coll, id), doc)| {
+                let expect = tx.seen.get(&(coll.clone(), id.clone())).cloned().unwrap_or(None);
+                match doc {
+                    Some(doc) => Write::Put { coll, id, doc, expect: Some(expect) },
+                    None => Write::Delete { coll, id, expect },
+                }
+            })
+            .collect();
+        let _serial = db.lock.lock().unwrap_or_else(|e| e.into_inner());
+        check_quota(db, quota, &writes)?;
+        db.backend.apply(&writes).map_err(|e| match e.kind {
+            DbErrorKind::Conflict => DbError { kind: DbErrorKind::Conflict, message: "transaction conflict: a document it changed was changed meanwhile; nothing was written".into() },
+            _ => e,
+        })?;
+        Ok(json!({"committed": true}))
+    }
+}
+
+fn is_write(op: &str) -> bool {
+    !matches!(op, "findOne" | "find" | "countDocuments" | "explain")
+}
+
+/// Refuses `writes` when they would take the database past its quota.
+fn check_quota(db: &Db, quota: &Quota, writes: &[Write]) -> Result<(), DbError> {
+    let (mut docs, mut bytes) = (0i64, 0i64);
+    for w in writes {
+        match w {
+            Write::Put { coll, id, doc, expect } => {
+                let old = match expect {
+                    Some(old) => old.clone(),
+                    None => db.backend.get(coll, id)?,
+                };
+                let new = serde_json::to_vec(doc).map(|b| b.len() as i64).unwrap_or(0);
+                let was = old.as_ref().map(|o| serde_json::to_vec(o).map(|b| b.len() as i64).unwrap_or(0));
+                docs += i64::from(was.is_none());
+                bytes += new - was.unwrap_or(0);
+            }
+            Write::Delete { .. } | Write::CreateIndex { .. } | Write::DropIndex { .. } | Write::DropCollection { .. } => {}
+        }
+    }
+    if docs <= 0 && bytes <= 0 {
+        return Ok(());
+    }
+    let all = db.backend.collections()?;
+    let (have_docs, have_bytes) = all.values().fold((0u64, 0u64), |(d, b), s| (d + s.documents, b + s.bytes));
+    if have_docs as i64 + docs > quota.documents as i64 {
+        return Err(DbError { kind: DbErrorKind::Quota, message: format!("quota exceeded: the database may hold {} documents", quota.documents) });
+    }
+    if have_bytes as i64 + bytes > quota.bytes as i64 {
+        return Err(DbError { kind: DbErrorKind::Quota, message: format!("quota exceeded: the database may hold {} bytes", quota.bytes) });
+    }
+    Ok(())
+}
+
+/// One operation on one collection.
+struct Run<'a> {
+    db: &'a Db,
+    coll: &'a str,
+    quota: &'a Quota,
+    deadline: Instant,
+    request: &'a Value,
+}
+
+fn options(request: &Value) -> &Value {
+    &request["options"]
+}
+
+impl Run<'_> {
+    fn op(&self, op: &str, mut tx: Option<&mut Tx>) -> Result<Value, DbError> {
+        let r = self.request;
+        match op {
+            "insertOne" => {
+                let mut doc = r["doc"].clone();
+                let id = prepare(&mut doc)?;
+                if self.get(&id, tx.as_deref_mut())?.is_some() {
+                    return Err(duplicate_id(self.coll, &doc["_id"]));
+                }
+                let shown = doc["_id"].clone();
+                self.write(tx, vec![Write::Put { coll: self.coll.into(), id, doc, expect: Some(None) }])?;
+                Ok(json!({"acknowledged": true, "insertedId": shown}))
+            }
+            "insertMany" => {
+                let docs = r["docs"].as_array().ok_or_else(|| DbError::bad("insertMany takes an array of documents"))?;
+                if docs.len() > MAX_BATCH {
+                    return Err(DbError::bad(format!("insertMany takes at most {MAX_BATCH} documents at once")));
+                }
+                let mut writes = Vec::with_capacity(docs.len());
+                let mut ids = Map::new();
+                let mut seen = std::collections::HashSet::new();
+                for (i, d) in docs.iter().enumerate() {
+                    let mut doc = d.clone();
+                    let id = prepare(&mut doc)?;
+                    if !seen.insert(id.clone()) || self.get(&id, tx.as_deref_mut())?.is_some() {
+                        return Err(duplicate_id(self.coll, &doc["_id"]));
+                    }
+                    ids.insert(i.to_string(), doc["_id"].clone());
+                    writes.push(Write::Put { coll: self.coll.into(), id, doc, expect: Some(None) });
+                }
+                self.write(tx, writes)?;
+                Ok(json!({"acknowledged": true, "insertedCount": ids.len(), "insertedIds": ids}))
+            }
+            "findOne" | "find" | "explain" | "countDocuments" => {
+                let filter = parse_filter(&r["filter"])?;
+                let mut plan = Plan::default();
+                let o = options(r);
+                let by = parse_sort(o.get("sort"))?;
+                let skip = count_option(o, "skip")?.unwrap_or(0) as usize;
+                let limit = if op == "findOne" { Some(1) } else { count_option(o, "limit")?.filter(|l| *l > 0) };
+                // Without a sort, a scan may stop once it has what is asked for.
+                let stop = if by.is_empty() && op != "countDocuments" { limit.map(|l| skip + l as usize) } else { None };
+                let keep = op != "countDocuments";
+                let mut docs: Vec<Value> = self.matching(&filter, tx.as_deref_mut(), &mut plan, stop, keep)?.into_iter().map(|(_, d)| d).collect();
+                if op == "countDocuments" {
+                    return Ok(json!(docs.len()));
+                }
+                sort(&mut docs, &by);
+                if op == "find" && docs.len().saturating_sub(skip).min(limit.map_or(usize::MAX, |l| l as usize)) > MAX_RESULTS {
+                    return Err(DbError::bad(format!("find would answer more than {MAX_RESULTS} documents: give a limit (at most {MAX_RESULTS}) and page with skip")));
+                }
+                let docs: Vec<Value> = docs.into_iter().skip(skip).take(limit.map_or(usize::MAX, |l| l as usize)).collect();
+                if op == "explain" {
+                    return Ok(json!({"index": plan.index, "docsExamined": plan.examined, "returned": docs.len()}));
+                }
+                let projection = Projection::parse(o.get("projection"))?;
+                let mut docs: Vec<Value> = docs.into_iter().map(|d| projection.as_ref().map_or(d.clone(), |p| p.apply(d))).collect();
+                Ok(if op == "findOne" { docs.pop().unwrap_or(Value::Null) } else { Value::Array(docs) })
+            }
+            "updateOne" | "updateMany" | "replaceOne" => {
+                let filter = parse_filter(&r["filter"])?;
+                let change = if op == "replaceOne" { None } else { Some(Update::parse(&r["update"])?) };
+                let upsert = options(r)["upsert"].as_bool().unwrap_or(false);
+                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), None, true)?;
+                if op != "updateMany" {
+                    found.truncate(1);
+                }
+                let (matched, mut writes) = (found.len(), Vec::new());
+                for (id, old) in found {
+                    let mut doc = old.clone();
+                    match &change {
+                        Some(u) => {
+                            if !u.apply(&mut doc)? {
+                                continue;
+                            }
+                        }
+                        None => doc = replacement(&r["doc"], &old["_id"])?,
+                    }
+                    prepare(&mut doc)?;
+                    if doc == old {
+                        continue;
+                    }
+                    writes.push(Write::Put { coll: self.coll.into(), id, doc, expect: Some(Some(old)) });
+                }
+                let modified = writes.len();
+                let mut upserted = Value::Null;
+                if matched == 0 && upsert {
+                    let mut seed = Map::new();
+                    filter.seed(&mut seed);
+                    let mut doc = match &change {
+                        Some(u) => {
+                            let mut d = Value::Object(seed);
+                            u.apply(&mut d)?;
+                            d
+                        }
+                        None => {
+                            let mut d = r["doc"].clone();
+                            if let (Some(o), Some(id)) = (d.as_object_mut(), seed.get("_id")) {
+                                o.entry("_id").or_insert(id.clone());
+                            }
+                            d
+                        }
+                    };
+                    let id = prepare(&mut doc)?;
+                    if self.get(&id, tx.as_deref_mut())?.is_some() {
+                        return Err(duplicate_id(self.coll, &doc["_id"]));
+                    }
+                    upserted = doc["_id"].clone();
+                    writes.push(Write::Put { coll: self.coll.into(), id, doc, expect: Some(None) });
+                }
+                self.write(tx, writes)?;
+                Ok(json!({"acknowledged": true, "matchedCount": matched, "modifiedCount": modified, "upsertedId": upserted, "upsertedCount": i32::from(!upserted.is_null())}))
+            }
+            "deleteOne" | "deleteMany" => {
+                let filter = parse_filter(&r["filter"])?;
+                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), None, true)?;
+                if op == "deleteOne" {
+                    found.truncate(1);
+                }
+                let n = found.len();
+                self.write(tx, found.into_iter().map(|(id, old)| Write::Delete { coll: self.coll.into(), id, expect: Some(old) }).collect())?;
+                Ok(json!({"acknowledged": true, "deletedCount": n}))
+            }
+            "createIndex" => {
+                let def = index_def(&r["keys"], options(r))?;
+                let name = def.name.clone();
+                self.db.backend.apply(&[Write::CreateIndex { coll: self.coll.into(), def }])?;
+                Ok(json!(name))
+            }
+            "dropIndex" => {
+                let name = r["name"].as_str().ok_or_else(|| DbError::bad("dropIndex takes an index name"))?;
+                self.db.backend.apply(&[Write::DropIndex { coll: self.coll.into(), name: name.into() }])?;
+                Ok(json!({"ok": 1}))
+            }
+            "drop" => {
+                self.db.backend.apply(&[Write::DropCollection { coll: self.coll.into() }])?;
+                Ok(json!(true))
+            }
+            other => Err(DbError::bad(format!("unknown operation {other}"))),
+        }
+    }
+
+    /// The document stored under `id`, as the transaction sees it.
+    fn get(&self, id: &str, tx: Option<&mut Tx>) -> Result<Option<Value>, DbError> {
+        if let Some(t) = &tx
+            && let Some(w) = t.writes.get(&(self.coll.to_string(), id.to_string()))
+        {
+            return Ok(w.clone());
+        }
+        self.db.backend.get(self.coll, id)
+    }
+
+    /// Applies `writes` now, or keeps them in the transaction.
+    fn write(&self, tx: Option<&mut Tx>, writes: Vec<Write>) -> Result<(), DbError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        match tx {
+            None => {
+                check_quota(self.db, self.quota, &writes)?;
+                self.db.backend.apply(&writes)
+            }
+            Some(t) => {
+                for w in writes {
+                    let (key, doc, expect) = match w {
+                        Write::Put { coll, id, doc, expect } => ((coll, id), Some(doc), expect.unwrap_or(None)),
+                        Write::Delete { coll, id, expect } => ((coll, id), None, expect),
+                        _ => continue,
+                    };
+                    // What the transaction first saw is what its commit checks.
+                    if !t.writes.contains_key(&key) {
+                        t.seen.entry(key.clone()).or_insert(expect);
+                    }
+                    t.writes.insert(key, doc);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Every document matching `filter` with its id key, in id order: by `_id` when the filter
+    /// names it, through an index whose every field the filter sets by equality, else by a
+    /// scan bounded by the query's time.
+    /// `stop`: enough matches to stop a scan at (outside a transaction); `keep`: whether the
+    /// documents are wanted, or only which match (a count).
+    fn matching(&self, filter: &Filter, tx: Option<&mut Tx>, plan: &mut Plan, stop: Option<usize>, keep: bool) -> Result<Vec<(String, Value)>, DbError> {
+        let stop = if tx.is_some() { None } else { stop };
+        let keep = keep || tx.is_some();
+        let mut out: BTreeMap<String, Value> = BTreeMap::new();
+        let deadline = self.deadline;
+        let late = || DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {} ms", self.quota.query_ms) };
+        if let Some(ids) = filter.equalities("_id") {
+            plan.index = Some("_id_".into());
+            for id in ids.iter().filter_map(|v| id_key(v).ok()) {
+                plan.examined += 1;
+                if let Some(d) = self.db.backend.get(self.coll, &id)?
+                    && filter.matches(&d)
+                {
+                    out.insert(id, d);
+                }
+            }
+        } else if let Some((def, keys)) = self.usable_index(filter)? {
+            plan.index = Some(def.name.clone());
+            for key in keys {
+                for id in self.db.backend.lookup(self.coll, &def.name, &key)? {
+                    if Instant::now() > deadline {
+                        return Err(late());
+                    }
+                    plan.examined += 1;
+                    if let Some(d) = self.db.backend.get(self.coll, &id)?
+                        && filter.matches(&d)
+                    {
+                        out.insert(id, d);
+                    }
+                }
+            }
+        } else {
+            let mut n = 0u64;
+            self.db.backend.scan(self.coll, &mut |d| {
+                n += 1;
+                if n % 1024 == 0 && Instant::now() > deadline {
+                    return Err(late());
+                }
+                if filter.matches(&d) {
+                    let id = id_key(&d["_id"])?;
+                    out.insert(id, if keep { d } else { Value::Null });
+                }
+                Ok(stop.is_none_or(|s| out.len() < s))
+            })?;
+            plan.examined = n;
+        }
+        if let Some(t) = tx {
+            for ((coll, id), doc) in &t.writes {
+                if coll != self.coll {
+                    continue;
+                }
+                out.remove(id);
+                if let Some(d) = doc
+                    && filter.matches(d)
+                {
+                    out.insert(id.clone(), d.clone());
+                }
+            }
+            // What the transaction read of what it has not written is what it saw first.
+            for (id, d) in &out {
+                let key = (self.coll.to_string(), id.clone());
+                if !t.writes.contains_key(&key) {
+                    t.seen.entry(key).or_insert_with(|| Some(d.clone()));
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// An index every field of which the filter sets by equality, with the keys to look up.
+    fn usable_index(&self, filter: &Filter) -> Result<Option<(IndexDef, Vec<String>)>, DbError> {
+        for def in self.db.backend.indexes(self.coll)? {
+            let mut combos: Vec<Vec<Value>> = vec![Vec::new()];
+            let mut usable = true;
+            for (field, _) in &def.keys {
+                match filter.equalities(field) {
+                    Some(values) if !values.is_empty() && values.len() * combos.len() <= 1024 => {
+                        combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| [c.clone(), vec![v.clone()]].concat())).collect();
+                    }
+                    _ => {
+                        usable = false;
+                        break;
+                    }
+                }
+            }
+            if usable {
+                let keys = combos.iter().map(|c| index_key(c)).collect();
+                return Ok(Some((def, keys)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn parse_filter(v: &Value) -> Result<Filter, DbError> {
+    match v {
+        Value::Null => Ok(Filter::all()),
+        v => Filter::parse(v),
+    }
+}
+
+fn count_option(o: &Value, name: &str) -> Result<Option<u64>, DbError> {
+    match o.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| DbError::bad(format!("{name} is a whole number"))),
+    }
+}
+
+fn duplicate_id(coll: &str, id: &Value) -> DbError {
+    DbError { kind: DbErrorKind::Duplicate, message: format!("duplicate key: {coll} already holds _id {id}") }
+}
+
+/// A replacement document keeps the `_id` of the one it replaces.
+fn replacement(doc: &Value, id: &Value) -> Result<Value, DbError> {
+    let Some(o) = doc.as_object() else { return Err(DbError::bad("replaceOne takes a document")) };
+    if o.keys().any(|k| k.starts_with('$')) {
+        return Err(DbError::bad("a replacement holds no operators; use updateOne"));
+    }
+    if o.get("_id").is_some_and(|given| given != id) {
+        return Err(DbError::bad("_id cannot be changed"));
+    }
+    let mut out = Map::with_capacity(o.len() + 1);
+    out.insert("_id".into(), id.clone());
+    out.extend(o.iter().filter(|(k, _)| *k != "_id").map(|(k, v)| (k.clone(), v.clone())));
+    Ok(Value::Object(out))
+}
+
+/// `createIndex(keys, {unique, name})`: the name is MongoDB's (`email_1`, `a_1_b_-1`).
+fn index_def(keys: &Value, options: &Value) -> Result<IndexDef, DbError> {
+    let o = keys.as_object().filter(|o| !o.is_empty() && o.len() <= 16).ok_or_else(|| DbError::bad("createIndex takes an object of 1 to 16 fields with 1 or -1"))?;
+    let mut fields = Vec::with_capacity(o.len());
+    for (k, d) in o {
+        if k.is_empty() || k.split('.').any(|p| p.is_empty() || p.starts_with('$')) {
+            return Err(DbError::bad(format!("createIndex: {k:?} is not a field path")));
+        }
+        fields.push((k.clone(), match d.as_i64() {
+            Some(1) => 1,
+            Some(-1) => -1,
+            _ => return Err(DbError::bad(format!("createIndex: {k} takes 1 or -1"))),
+        }));
+    }
+    let name = match options.get("name") {
+        Some(Value::String(n)) if !n.is_empty() && n.len() <= 128 && n != "_id_" => n.clone(),
+        Some(_) => return Err(DbError::bad("createIndex: name is 1 to 128 characters (not _id_)")),
+        None => fields.iter().map(|(k, d)| format!("{k}_{d}")).collect::<Vec<_>>().join("_"),
+    };
+    Ok(IndexDef { name, keys: fields, unique: options["unique"].as_bool().unwrap_or(false) })
+}

@@ -1,0 +1,241 @@
+//! A document database for every gateway, reached from functions as `imp.db()`.
+//!
+//! MongoDB's shapes (collections of JSON documents with an `_id`, filters, updates, indexes)
+//! over a storage [`Backend`]: the embedded one (`embedded.rs`, one redb file per database,
+//! durable before a write returns) or PostgreSQL (`postgres.rs`, a schema per database that
+//! every node shares). The query language is evaluated here, in one
+//! place, so the backends store and look up and never interpret a filter: both engines answer
+//! alike by construction.
+//!
+//! `exec.rs` runs the operations a function sends (JSON in, JSON out), with the quotas of its
+//! gateway and all-or-nothing transactions.
+
+pub mod embedded;
+pub mod exec;
+pub mod filter;
+pub mod postgres;
+pub mod update;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+pub use exec::{Databases, Db};
+
+/// What went wrong, and how a caller should take it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbError {
+    pub kind: DbErrorKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbErrorKind {
+    /// The request is wrong: a bad filter, name or document.
+    BadInput,
+    /// A unique index already holds the value.
+    Duplicate,
+    /// A quota of the gateway's database is used up.
+    Quota,
+    /// The query ran past its time.
+    Timeout,
+    /// What was read changed before it was written (a transaction's commit).
+    Conflict,
+    /// The engine cannot be reached or failed.
+    Unavailable,
+}
+
+impl DbError {
+    pub fn bad(message: impl Into<String>) -> DbError {
+        DbError { kind: DbErrorKind::BadInput, message: message.into() }
+    }
+
+    pub fn unavailable(e: impl std::fmt::Display) -> DbError {
+        DbError { kind: DbErrorKind::Unavailable, message: format!("the database failed: {e}") }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            DbErrorKind::BadInput => "bad_input",
+            DbErrorKind::Duplicate => "duplicate_key",
+            DbErrorKind::Quota => "quota_exceeded",
+            DbErrorKind::Timeout => "timeout",
+            DbErrorKind::Conflict => "conflict",
+            DbErrorKind::Unavailable => "unavailable",
+        }
+    }
+
+    /// The HTTP status an uncaught error of this kind answers with.
+    pub fn status(&self) -> u16 {
+        match self.kind {
+            DbErrorKind::BadInput => 400,
+            DbErrorKind::Duplicate | DbErrorKind::Conflict => 409,
+            DbErrorKind::Quota => 507,
+            DbErrorKind::Timeout => 504,
+            DbErrorKind::Unavailable => 503,
+        }
+    }
+}
+
+impl std::fmt::Display for DbError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// An index: its name, the fields it orders by (1 or -1 each) and whether it is unique.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexDef {
+    pub name: String,
+    pub keys: Vec<(String, i8)>,
+    pub unique: bool,
+}
+
+impl IndexDef {
+    /// The keys this index files `doc` under: one per element when a field is an array
+    /// (as MongoDB's multikey indexes), the canonical JSON of the fields' values.
+    pub fn keys_of(&self, doc: &Value) -> Vec<String> {
+        let mut combos: Vec<Vec<Value>> = vec![Vec::new()];
+        for (field, _) in &self.keys {
+            let found = filter::resolve(doc, field);
+            let mut values: Vec<Value> = Vec::new();
+            for v in &found {
+                match v {
+                    Value::Array(a) if !a.is_empty() => values.extend(a.iter().cloned()),
+                    other => values.push((*other).clone()),
+                }
+            }
+            if values.is_empty() {
+                values.push(Value::Null);
+            }
+            combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| [c.clone(), vec![v.clone()]].concat())).collect();
+        }
+        let mut keys: Vec<String> = combos.iter().map(|c| index_key(c)).collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+}
+
+/// The key of a tuple of values in an index: numbers in one form, so `1` and `1.0` are one key.
+pub fn index_key(values: &[Value]) -> String {
+    let norm: Vec<Value> = values
+        .iter()
+        .map(|v| match v {
+            Value::Number(n) => n.as_f64().and_then(serde_json::Number::from_f64).map(Value::Number).unwrap_or(Value::Null),
+            other => other.clone(),
+        })
+        .collect();
+    Value::Array(norm).to_string()
+}
+
+/// A change a [`Backend`] applies, all of a batch or none.
+#[derive(Debug, Clone)]
+pub enum Write {
+    /// Store `doc` under `id` (its `_id` key); `expect` is what must be there now (`None`:
+    /// nothing), when the writer read it.
+    Put { coll: String, id: String, doc: Value, expect: Option<Option<Value>> },
+    Delete { coll: String, id: String, expect: Option<Value> },
+    CreateIndex { coll: String, def: IndexDef },
+    DropIndex { coll: String, name: String },
+    DropCollection { coll: String },
+}
+
+impl Write {
+    /// The collection the write changes.
+    pub fn coll(&self) -> &str {
+        match self {
+            Write::Put { coll, .. } | Write::Delete { coll, .. } | Write::CreateIndex { coll, .. } | Write::DropIndex { coll, .. } | Write::DropCollection { coll } => coll,
+        }
+    }
+}
+
+/// Counts of one collection.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CollStats {
+    pub documents: u64,
+    pub bytes: u64,
+    pub indexes: Vec<IndexDef>,
+}
+
+/// Where documents live: stores and finds, and never reads a filter.
+pub trait Backend: Send + Sync {
+    /// Every collection, with its counts and indexes.
+    fn collections(&self) -> Result<BTreeMap<String, CollStats>, DbError>;
+    fn get(&self, coll: &str, id: &str) -> Result<Option<Value>, DbError>;
+    /// Every document of `coll` in `_id` key order, until `visit` answers `false`.
+    fn scan(&self, coll: &str, visit: &mut dyn FnMut(Value) -> Result<bool, DbError>) -> Result<(), DbError>;
+    /// The indexes of `coll`.
+    fn indexes(&self, coll: &str) -> Result<Vec<IndexDef>, DbError>;
+    /// The ids filed under `key` in index `index` of `coll`.
+    fn lookup(&self, coll: &str, index: &str, key: &str) -> Result<Vec<String>, DbError>;
+    /// Applies the writes in one transaction: a failed `expect` is a `Conflict`, a unique
+    /// index holding a value twice a `Duplicate`, and then nothing is written.
+    fn apply(&self, writes: &[Write]) -> Result<(), DbError>;
+    /// Removes the database with everything in it.
+    fn destroy(&self) -> Result<(), DbError>;
+}
+
+/// Limits of one gateway's database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Quota {
+    pub documents: u64,
+    pub bytes: u64,
+    pub query_ms: u64,
+}
+
+impl Default for Quota {
+    fn default() -> Self {
+        Quota { documents: 1_000_000, bytes: 1 << 30, query_ms: 5_000 }
+    }
+}
+
+/// Opens the backend of a database by name.
+pub type Opener = Arc<dyn Fn(&str) -> Result<Arc<dyn Backend>, DbError> + Send + Sync>;
+
+/// A collection name: 1 to 120 of `[A-Za-z0-9_.-]`, starting with a letter, digit or `_`,
+/// and not `__` (reserved).
+pub fn check_collection(name: &str) -> Result<(), DbError> {
+    let ok = !name.is_empty()
+        && name.len() <= 120
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && !name.starts_with(['.', '-'])
+        && !name.contains("..");
+    if !ok {
+        return Err(DbError::bad(format!("collection name {name:?}: 1 to 120 of A-Z a-z 0-9 _ - ., starting with a letter, digit or _")));
+    }
+    if name.starts_with("__") {
+        return Err(DbError::bad(format!("collection name {name:?}: names starting with __ are reserved")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn collection_names_are_checked() {
+        for ok in ["users", "a", "Orders_2024", "log.v1", "x-y"] {
+            assert!(check_collection(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "__secret", "../x", "a/b", "usérs", "u\u{0455}ers", ".hidden", "a..b", &"x".repeat(121), "a b", "-x"] {
+            assert!(check_collection(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn index_keys_are_one_per_element_and_numbers_agree() {
+        let def = IndexDef { name: "t_1".into(), keys: vec![("t".into(), 1)], unique: false };
+        assert_eq!(def.keys_of(&json!({"t": ["a", "b", "a"]})), vec![index_key(&[json!("a")]), index_key(&[json!("b")])]);
+        assert_eq!(def.keys_of(&json!({})), vec![index_key(&[json!(null)])]);
+        assert_eq!(index_key(&[json!(1)]), index_key(&[json!(1.0)]));
+        let two = IndexDef { name: "a_1_b_1".into(), keys: vec![("a".into(), 1), ("b".into(), 1)], unique: true };
+        assert_eq!(two.keys_of(&json!({"a": 1, "b": "x"})).len(), 1);
+    }
+}

@@ -1,0 +1,368 @@
+//! Updates (`$set $unset $inc $push $pull`), projections, sorting, and what a stored document
+//! must be.
+
+use serde_json::{Map, Value};
+
+use crate::DbError;
+use crate::filter::{Cond, Filter, compare, json_eq, resolve};
+
+/// The largest document stored, as JSON.
+pub const MAX_DOCUMENT: usize = 4 << 20;
+/// The most nested a document may be.
+const DEPTH: usize = 64;
+
+/// A new `_id`: 24 hex digits, seconds since the epoch first (as MongoDB's ObjectId sorts).
+pub fn new_id() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as u32;
+    format!("{secs:08x}{:016x}", fastrand::u64(..))
+}
+
+/// The key a document is stored under: its `_id` as canonical JSON text.
+pub fn id_key(id: &Value) -> Result<String, DbError> {
+    match id {
+        Value::String(s) if !s.is_empty() && s.len() <= 512 => Ok(Value::String(s.clone()).to_string()),
+        Value::Number(n) => Ok(n.to_string()),
+        _ => Err(DbError::bad("_id is a non-empty string (at most 512 bytes) or a number")),
+    }
+}
+
+/// Checks a document to be stored and gives it an `_id` when it has none; its `_id` key.
+pub fn prepare(doc: &mut Value) -> Result<String, DbError> {
+    let Some(o) = doc.as_object_mut() else { return Err(DbError::bad("a document is a JSON object")) };
+    if !o.contains_key("_id") {
+        // `_id` first, as MongoDB stores it.
+        let mut with_id = Map::with_capacity(o.len() + 1);
+        with_id.insert("_id".into(), Value::String(new_id()));
+        with_id.extend(std::mem::take(o));
+        *o = with_id;
+    }
+    check_fields(doc, 0)?;
+    let size = serde_json::to_vec(doc).map(|b| b.len()).unwrap_or(usize::MAX);
+    if size > MAX_DOCUMENT {
+        return Err(DbError::bad(format!("the document is {size} bytes; at most {MAX_DOCUMENT}")));
+    }
+    id_key(&doc["_id"])
+}
+
+fn check_fields(v: &Value, depth: usize) -> Result<(), DbError> {
+    if depth > DEPTH {
+        return Err(DbError::bad("the document is nested too deeply"));
+    }
+    match v {
+        Value::Object(o) => {
+            for (k, v) in o {
+                if k.starts_with('$') || k.contains('.') || k.is_empty() {
+                    return Err(DbError::bad(format!("field name {k:?}: not empty, no leading $ and no dot")));
+                }
+                check_fields(v, depth + 1)?;
+            }
+            Ok(())
+        }
+        Value::Array(a) => a.iter().try_for_each(|v| check_fields(v, depth + 1)),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Change {
+    Set(String, Value),
+    Unset(String),
+    Inc(String, f64, Value),
+    Push(String, Vec<Value>),
+    Pull(String, Cond),
+}
+
+/// An update document: operators only (a replacement goes through `replaceOne`).
+#[derive(Debug, Clone)]
+pub struct Update(Vec<Change>);
+
+impl Update {
+    pub fn parse(v: &Value) -> Result<Update, DbError> {
+        let Some(o) = v.as_object().filter(|o| !o.is_empty()) else { return Err(DbError::bad("an update is a non-empty object of operators")) };
+        let mut changes = Vec::new();
+        for (op, fields) in o {
+            match op.as_str() {
+                "$set" | "$unset" | "$inc" | "$push" | "$pull" => {}
+                other if other.starts_with('$') => return Err(DbError::bad(format!("unknown or unsupported update operator {other}"))),
+                _ => return Err(DbError::bad("an update holds operators ($set, $unset, $inc, $push, $pull); use replaceOne to replace a document")),
+            }
+            let Some(fields) = fields.as_object() else { return Err(DbError::bad(format!("{op} takes an object of fields"))) };
+            for (path, arg) in fields {
+                if path.is_empty() || path.split('.').any(|p| p.is_empty() || p.starts_with('$')) {
+                    return Err(DbError::bad(format!("{op}: {path:?} is not a field path")));
+                }
+                if path == "_id" || path.starts_with("_id.") {
+                    return Err(DbError::bad("_id cannot be changed"));
+                }
+                changes.push(match op.as_str() {
+                    "$set" => Change::Set(path.clone(), arg.clone()),
+                    "$unset" => Change::Unset(path.clone()),
+                    "$inc" => Change::Inc(path.clone(), arg.as_f64().ok_or_else(|| DbError::bad(format!("$inc: {path} takes a number")))?, arg.clone()),
+                    "$push" => Change::Push(path.clone(), match arg.as_object().and_then(|o| o.get("$each")) {
+                        Some(Value::Array(each)) => each.clone(),
+                        Some(_) => return Err(DbError::bad("$push: $each takes an array")),
+                        None => vec![arg.clone()],
+                    }),
+                    "$pull" => Change::Pull(path.clone(), match arg {
+                        Value::Object(o) if o.keys().next().is_some_and(|k| k.starts_with('$')) => match Filter::parse(&serde_json::json!({"v": arg}))? {
+                            Filter::Field(_, c) => c,
+                            _ => return Err(DbError::bad("$pull: a condition on the elements")),
+                        },
+                        other => Cond::Eq(other.clone()),
+                    }),
+                    _ => unreachable!("operators are checked above"),
+                });
+            }
+        }
+        Ok(Update(changes))
+    }
+
+    /// Applies the update; whether the document changed.
+    pub fn apply(&self, doc: &mut Value) -> Result<bool, DbError> {
+        let before = doc.clone();
+        for c in &self.0 {
+            match c {
+                Change::Set(p, v) => *slot(doc, p)? = v.clone(),
+                Change::Unset(p) => unset(doc, p),
+                Change::Inc(p, by, raw) => {
+                    let s = slot(doc, p)?;
+                    *s = match s {
+                        Value::Null => raw.clone(),
+                        Value::Number(n) if n.is_i64() && raw.is_i64() => Value::from(n.as_i64().unwrap_or(0).saturating_add(raw.as_i64().unwrap_or(0))),
+                        Value::Number(n) => serde_json::Number::from_f64(n.as_f64().unwrap_or(0.0) + by).map(Value::Number).ok_or_else(|| DbError::bad("$inc: the result is not a finite number"))?,
+                        _ => return Err(DbError::bad(format!("$inc: {p} is not a number"))),
+                    };
+                }
+                Change::Push(p, vs) => {
+                    let s = slot(doc, p)?;
+                    if s.is_null() {
+                        *s = Value::Array(Vec::new());
+                    }
+                    let Some(a) = s.as_array_mut() else { return Err(DbError::bad(format!("$push: {p} is not an array"))) };
+                    a.extend(vs.iter().cloned());
+                }
+                Change::Pull(p, cond) => {
+                    if let Some(Value::Array(a)) = existing_mut(doc, p) {
+                        a.retain(|e| !cond_matches(cond, e));
+                    }
+                }
+            }
+        }
+        check_fields(doc, 0)?;
+        Ok(!json_eq(&before, doc))
+    }
+}
+
+fn cond_matches(cond: &Cond, v: &Value) -> bool {
+    Filter::Field("v".into(), cond.clone()).matches(&serde_json::json!({"v": v}))
+}
+
+/// The value at `path`, made (with the objects on the way) when it is not there.
+fn slot<'a>(doc: &'a mut Value, path: &str) -> Result<&'a mut Value, DbError> {
+    let mut here = doc;
+    for part in path.split('.') {
+        here = match here {
+            Value::Object(o) => o.entry(part.to_string()).or_insert(Value::Null),
+            Value::Array(a) => match part.parse::<usize>() {
+                Ok(i) if i < a.len() => &mut a[i],
+                _ => return Err(DbError::bad(format!("{path}: {part} is not an index of the array"))),
+            },
+            Value::Null => {
+                *here = Value::Object(Map::new());
+                here.as_object_mut().expect("an object").entry(part.to_string()).or_insert(Value::Null)
+            }
+            _ => return Err(DbError::bad(format!("{path}: cannot set a field inside a {}", kind(here)))),
+        };
+    }
+    Ok(here)
+}
+
+fn existing_mut<'a>(doc: &'a mut Value, path: &str) -> Option<&'a mut Value> {
+    let mut here = doc;
+    for part in path.split('.') {
+        here = match here {
+            Value::Object(o) => o.get_mut(part)?,
+            Value::Array(a) => a.get_mut(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(here)
+}
+
+fn unset(doc: &mut Value, path: &str) {
+    let (parent, last) = match path.rsplit_once('.') {
+        Some((p, l)) => (existing_mut(doc, p), l),
+        None => (Some(doc), path),
+    };
+    if let Some(Value::Object(o)) = parent {
+        o.shift_remove(last);
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// A sort: fields with 1 or -1.
+pub fn parse_sort(v: Option<&Value>) -> Result<Vec<(String, bool)>, DbError> {
+    let Some(v) = v else { return Ok(Vec::new()) };
+    let o = v.as_object().ok_or_else(|| DbError::bad("sort is an object of fields with 1 or -1"))?;
+    o.iter()
+        .map(|(k, d)| match d.as_i64() {
+            Some(1) => Ok((k.clone(), true)),
+            Some(-1) => Ok((k.clone(), false)),
+            _ => Err(DbError::bad(format!("sort: {k} takes 1 or -1"))),
+        })
+        .collect()
+}
+
+pub fn sort(docs: &mut [Value], by: &[(String, bool)]) {
+    if by.is_empty() {
+        return;
+    }
+    let first = |d: &Value, p: &str| resolve(d, p).first().map(|v| (*v).clone()).unwrap_or(Value::Null);
+    docs.sort_by(|a, b| {
+        by.iter()
+            .map(|(p, up)| {
+                let o = compare(&first(a, p), &first(b, p));
+                if *up { o } else { o.reverse() }
+            })
+            .find(|o| o.is_ne())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+}
+
+/// A projection: fields to keep (1) or to leave out (0), never both but for `_id`.
+#[derive(Debug, Clone, Default)]
+pub struct Projection {
+    fields: Vec<String>,
+    include: bool,
+    id: bool,
+}
+
+impl Projection {
+    pub fn parse(v: Option<&Value>) -> Result<Option<Projection>, DbError> {
+        let Some(v) = v else { return Ok(None) };
+        let o = v.as_object().ok_or_else(|| DbError::bad("projection is an object of fields with 1 or 0"))?;
+        let mut p = Projection { fields: Vec::new(), include: false, id: true };
+        let mut modes = Vec::new();
+        for (k, flag) in o {
+            let on = match flag {
+                Value::Bool(b) => *b,
+                Value::Number(n) => n.as_f64() != Some(0.0),
+                _ => return Err(DbError::bad(format!("projection: {k} takes 1 or 0"))),
+            };
+            if k == "_id" {
+                p.id = on;
+                continue;
+            }
+            modes.push(on);
+            p.fields.push(k.clone());
+        }
+        if modes.iter().any(|m| *m) && modes.iter().any(|m| !*m) {
+            return Err(DbError::bad("projection: either fields to keep or fields to leave out, not both"));
+        }
+        p.include = modes.first().copied().unwrap_or(false);
+        Ok(Some(p))
+    }
+
+    pub fn apply(&self, doc: Value) -> Value {
+        let Value::Object(mut o) = doc else { return doc };
+        if self.include {
+            let mut out = Map::new();
+            for (k, v) in o.iter() {
+                if (k == "_id" && self.id) || self.fields.iter().any(|f| f == k) {
+                    out.insert(k.clone(), v.clone());
+                } else if let Some(nested) = nested_include(&self.fields, k, v) {
+                    out.insert(k.clone(), nested);
+                }
+            }
+            Value::Object(out)
+        } else {
+            let mut doc = Value::Object(std::mem::take(&mut o));
+            for f in &self.fields {
+                unset(&mut doc, f);
+            }
+            if !self.id {
+                unset(&mut doc, "_id");
+            }
+            doc
+        }
+    }
+}
+
+/// The parts of object `v` (field `k`) that dotted inclusions (`k.sub`) keep.
+fn nested_include(fields: &[String], k: &str, v: &Value) -> Option<Value> {
+    let subs: Vec<String> = fields.iter().filter_map(|f| f.strip_prefix(k).and_then(|r| r.strip_prefix('.')).map(str::to_string)).collect();
+    if subs.is_empty() {
+        return None;
+    }
+    let inner = Projection { fields: subs, include: true, id: false };
+    v.is_object().then(|| inner.apply(v.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn updated(doc: Value, update: Value) -> Value {
+        let mut d = doc;
+        Update::parse(&update).unwrap().apply(&mut d).unwrap();
+        d
+    }
+
+    #[test]
+    fn operators_change_what_they_name() {
+        let d = json!({"_id": "1", "a": 1, "b": {"c": 2}, "l": [1, 2, 3, 2]});
+        assert_eq!(updated(d.clone(), json!({"$set": {"b.d": "x", "n.m": 1}})), json!({"_id": "1", "a": 1, "b": {"c": 2, "d": "x"}, "l": [1, 2, 3, 2], "n": {"m": 1}}));
+        assert_eq!(updated(d.clone(), json!({"$unset": {"b.c": "", "a": 1}})), json!({"_id": "1", "b": {}, "l": [1, 2, 3, 2]}));
+        assert_eq!(updated(d.clone(), json!({"$inc": {"a": 2, "z": 1.5}}))["a"], json!(3));
+        assert_eq!(updated(d.clone(), json!({"$inc": {"z": 1.5}}))["z"], json!(1.5));
+        assert_eq!(updated(d.clone(), json!({"$push": {"l": 9, "m": {"$each": [1, 2]}}}))["m"], json!([1, 2]));
+        assert_eq!(updated(d.clone(), json!({"$pull": {"l": 2}}))["l"], json!([1, 3]));
+        assert_eq!(updated(d, json!({"$pull": {"l": {"$gte": 2}}}))["l"], json!([1]));
+    }
+
+    #[test]
+    fn bad_updates_are_errors() {
+        for (u, says) in [(json!({"$rename": {"a": "b"}}), "$rename"), (json!({"a": 1}), "replaceOne"), (json!({"$set": {"_id": 2}}), "_id"), (json!({"$inc": {"a": "x"}}), "number")] {
+            let e = Update::parse(&u).unwrap_err();
+            assert!(e.message.contains(says), "{e:?}");
+        }
+        let mut d = json!({"a": "text"});
+        assert!(Update::parse(&json!({"$inc": {"a": 1}})).unwrap().apply(&mut d).is_err());
+    }
+
+    #[test]
+    fn documents_get_ids_and_bad_ones_are_refused() {
+        let mut d = json!({"x": 1});
+        let key = prepare(&mut d).unwrap();
+        assert_eq!(d.as_object().unwrap().keys().next().unwrap(), "_id");
+        assert_eq!(key, d["_id"].to_string());
+        assert!(prepare(&mut json!([1])).is_err());
+        assert!(prepare(&mut json!({"$where": 1})).is_err());
+        assert!(prepare(&mut json!({"a.b": 1})).is_err());
+        assert!(prepare(&mut json!({"_id": {"x": 1}})).is_err());
+    }
+
+    #[test]
+    fn projections_and_sorts() {
+        let d = json!({"_id": "1", "a": 1, "b": {"c": 2, "d": 3}});
+        assert_eq!(Projection::parse(Some(&json!({"a": 1}))).unwrap().unwrap().apply(d.clone()), json!({"_id": "1", "a": 1}));
+        assert_eq!(Projection::parse(Some(&json!({"b.c": 1, "_id": 0}))).unwrap().unwrap().apply(d.clone()), json!({"b": {"c": 2}}));
+        assert_eq!(Projection::parse(Some(&json!({"b": 0}))).unwrap().unwrap().apply(d), json!({"_id": "1", "a": 1}));
+        assert!(Projection::parse(Some(&json!({"a": 1, "b": 0}))).is_err());
+        let mut docs = vec![json!({"n": 2, "s": "a"}), json!({"n": 1, "s": "b"}), json!({"n": 2, "s": "c"})];
+        sort(&mut docs, &parse_sort(Some(&json!({"n": -1, "s": 1}))).unwrap());
+        assert_eq!(docs.iter().map(|d| d["s"].as_str().unwrap()).collect::<String>(), "acb");
+    }
+}

@@ -1,0 +1,514 @@
+//! One suite, both engines: every test in `on_both_engines!` runs on the embedded engine (in
+//! a temporary directory) and on PostgreSQL (a real server, a database of its own), and must
+//! answer alike on both.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::pg::PgServer;
+use serde_json::{Value, json};
+use weir_database::postgres::Postgres;
+use weir_database::update::id_key;
+use weir_database::{Backend, CollStats, Databases, DbError, DbErrorKind, IndexDef, Opener, Quota, Write, embedded, index_key};
+
+/// An engine to test: how its databases open, and what keeps them there.
+struct Engine {
+    opener: Opener,
+    /// Several nodes share a PostgreSQL database; an embedded one is one node's.
+    shared: bool,
+    _dir: Option<tempfile::TempDir>,
+    _server: Option<Arc<PgServer>>,
+}
+
+impl Engine {
+    fn embedded() -> Engine {
+        let dir = tempfile::tempdir().unwrap();
+        Engine { opener: embedded::opener(dir.path().to_path_buf()), shared: false, _dir: Some(dir), _server: None }
+    }
+
+    fn postgres(label: &str) -> Engine {
+        let server = PgServer::shared();
+        let url = server.database(label);
+        Engine { opener: weir_database::postgres::opener(url, 4), shared: true, _dir: None, _server: Some(server) }
+    }
+
+    fn databases(&self) -> Arc<Databases> {
+        Databases::new(self.opener.clone())
+    }
+
+    /// Two nodes' databases: two instances over PostgreSQL, one instance on the embedded
+    /// engine (its file is one node's).
+    fn two_nodes(&self) -> (Arc<Databases>, Arc<Databases>) {
+        let a = self.databases();
+        let b = if self.shared { self.databases() } else { a.clone() };
+        (a, b)
+    }
+
+    fn backend(&self, name: &str) -> Arc<dyn Backend> {
+        (self.opener)(name).unwrap()
+    }
+
+    /// Two nodes' backends of database `name`, as `two_nodes`.
+    fn two_backends(&self, name: &str) -> (Arc<dyn Backend>, Arc<dyn Backend>) {
+        let a = self.backend(name);
+        let b = if self.shared { self.backend(name) } else { a.clone() };
+        (a, b)
+    }
+}
+
+macro_rules! on_both_engines {
+    ($($test:ident),* $(,)?) => {$(
+        mod $test {
+            #[test]
+            fn embedded() {
+                super::$test(&super::Engine::embedded());
+            }
+
+            #[test]
+            fn postgres() {
+                super::$test(&super::Engine::postgres(stringify!($test)));
+            }
+        }
+    )*};
+}
+
+on_both_engines!(
+    the_methods_answer_as_mongodb_does,
+    indexes_are_used_and_unique_ones_hold,
+    transactions_are_all_or_nothing,
+    quotas_and_bad_input,
+    a_scan_past_its_time_fails,
+    backends_keep_their_contract,
+    nodes_see_each_others_writes_at_once,
+    increments_from_two_nodes_are_all_kept,
+    writers_of_several_collections_never_deadlock,
+);
+
+fn run(d: &Databases, req: Value) -> Result<Value, DbError> {
+    d.execute("g", &Quota::default(), &req)
+}
+
+fn the_methods_answer_as_mongodb_does(e: &Engine) {
+    let d = e.databases();
+    let r = run(&d, json!({"op": "insertOne", "collection": "users", "doc": {"_id": "u1", "name": "Ada", "age": 36}})).unwrap();
+    assert_eq!(r, json!({"acknowledged": true, "insertedId": "u1"}));
+    let r = run(&d, json!({"op": "insertMany", "collection": "users", "docs": [{"name": "Bob", "age": 20}, {"name": "Cy", "age": 50, "tags": ["x"]}]})).unwrap();
+    assert_eq!(r["insertedCount"], 2);
+    assert_eq!(run(&d, json!({"op": "insertOne", "collection": "users", "doc": {"_id": "u1"}})).unwrap_err().kind, DbErrorKind::Duplicate);
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "users", "filter": {"_id": "u1"}})).unwrap(), json!({"_id": "u1", "name": "Ada", "age": 36}));
+    let r = run(&d, json!({"op": "find", "collection": "users", "filter": {"age": {"$gte": 30}}, "options": {"sort": {"age": -1}, "projection": {"name": 1, "_id": 0}}})).unwrap();
+    assert_eq!(r, json!([{"name": "Cy"}, {"name": "Ada"}]));
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "users", "filter": {}})).unwrap(), json!(3));
+    let r = run(&d, json!({"op": "updateOne", "collection": "users", "filter": {"name": "Bob"}, "update": {"$inc": {"age": 1}, "$push": {"tags": "new"}}})).unwrap();
+    assert_eq!((&r["matchedCount"], &r["modifiedCount"]), (&json!(1), &json!(1)));
+    let r = run(&d, json!({"op": "updateMany", "collection": "users", "filter": {}, "update": {"$set": {"seen": true}}})).unwrap();
+    assert_eq!(r["modifiedCount"], 3);
+    let r = run(&d, json!({"op": "updateOne", "collection": "users", "filter": {"name": "Dee"}, "update": {"$set": {"age": 9}}, "options": {"upsert": true}})).unwrap();
+    assert_eq!(r["upsertedCount"], 1);
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "users", "filter": {"name": "Dee"}, "options": {"projection": {"_id": 0}}})).unwrap(), json!({"name": "Dee", "age": 9}));
+    let r = run(&d, json!({"op": "replaceOne", "collection": "users", "filter": {"_id": "u1"}, "doc": {"name": "Ada L."}})).unwrap();
+    assert_eq!(r["modifiedCount"], 1);
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "users", "filter": {"_id": "u1"}})).unwrap(), json!({"_id": "u1", "name": "Ada L."}));
+    assert_eq!(run(&d, json!({"op": "deleteMany", "collection": "users", "filter": {"age": {"$lt": 30}}})).unwrap()["deletedCount"], 2);
+    assert_eq!(run(&d, json!({"op": "collections"})).unwrap(), json!(["users"]));
+    assert_eq!(run(&d, json!({"op": "drop", "collection": "users"})).unwrap(), json!(true));
+    assert_eq!(run(&d, json!({"op": "collections"})).unwrap(), json!([]));
+}
+
+fn indexes_are_used_and_unique_ones_hold(e: &Engine) {
+    let d = e.databases();
+    let docs: Vec<Value> = (0..5000).map(|i| json!({"email": format!("u{i}@x"), "n": i % 10})).collect();
+    run(&d, json!({"op": "insertMany", "collection": "people", "docs": docs})).unwrap();
+    let scan = run(&d, json!({"op": "explain", "collection": "people", "filter": {"email": "u42@x"}})).unwrap();
+    assert_eq!((&scan["index"], &scan["docsExamined"]), (&Value::Null, &json!(5000)));
+    assert_eq!(run(&d, json!({"op": "createIndex", "collection": "people", "keys": {"email": 1}, "options": {"unique": true}})).unwrap(), json!("email_1"));
+    let seek = run(&d, json!({"op": "explain", "collection": "people", "filter": {"email": "u42@x"}})).unwrap();
+    assert_eq!((&seek["index"], &seek["docsExamined"], &seek["returned"]), (&json!("email_1"), &json!(1), &json!(1)));
+    let e = run(&d, json!({"op": "insertOne", "collection": "people", "doc": {"email": "u42@x"}})).unwrap_err();
+    assert_eq!(e.kind, DbErrorKind::Duplicate, "{e:?}");
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "people", "filter": {}})).unwrap(), json!(5000));
+    // A unique index over values held twice is refused whole.
+    assert!(run(&d, json!({"op": "createIndex", "collection": "people", "keys": {"n": 1}, "options": {"unique": true}})).is_err());
+    assert_eq!(run(&d, json!({"op": "dropIndex", "collection": "people", "name": "email_1"})).unwrap(), json!({"ok": 1}));
+    run(&d, json!({"op": "insertOne", "collection": "people", "doc": {"email": "u42@x"}})).unwrap();
+}
+
+fn transactions_are_all_or_nothing(e: &Engine) {
+    let d = e.databases();
+    run(&d, json!({"op": "insertOne", "collection": "acct", "doc": {"_id": "a", "bal": 10}})).unwrap();
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&d, json!({"op": "updateOne", "collection": "acct", "filter": {"_id": "a"}, "update": {"$inc": {"bal": -5}}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "acct", "doc": {"_id": "b", "bal": 5}, "tx": tx})).unwrap();
+    // Inside, the transaction sees its writes; outside, nothing yet.
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "acct", "filter": {"_id": "a"}, "tx": tx})).unwrap()["bal"], 5);
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "acct", "filter": {}, "tx": tx})).unwrap(), json!(2));
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "acct", "filter": {}})).unwrap(), json!(1));
+    run(&d, json!({"op": "abort", "tx": tx})).unwrap();
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "acct", "filter": {"_id": "a"}})).unwrap()["bal"], 10);
+
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&d, json!({"op": "updateOne", "collection": "acct", "filter": {"_id": "a"}, "update": {"$inc": {"bal": -5}}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "acct", "doc": {"_id": "b", "bal": 5}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "commit", "tx": tx})).unwrap();
+    assert_eq!(run(&d, json!({"op": "find", "collection": "acct", "filter": {}})).unwrap(), json!([{"_id": "a", "bal": 5}, {"_id": "b", "bal": 5}]));
+
+    // A document changed outside after the transaction read it: the commit writes nothing.
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&d, json!({"op": "updateOne", "collection": "acct", "filter": {"_id": "a"}, "update": {"$set": {"bal": 0}}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "acct", "doc": {"_id": "c"}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "updateOne", "collection": "acct", "filter": {"_id": "a"}, "update": {"$set": {"bal": 99}}})).unwrap();
+    assert_eq!(run(&d, json!({"op": "commit", "tx": tx})).unwrap_err().kind, DbErrorKind::Conflict);
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "acct", "filter": {}})).unwrap(), json!(2));
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "acct", "filter": {"_id": "a"}})).unwrap()["bal"], 99);
+}
+
+fn quotas_and_bad_input(e: &Engine) {
+    let d = e.databases();
+    let q = Quota { documents: 2, bytes: 1 << 20, query_ms: 5000 };
+    d.execute("g", &q, &json!({"op": "insertMany", "collection": "c", "docs": [{}, {}]})).unwrap();
+    let e = d.execute("g", &q, &json!({"op": "insertOne", "collection": "c", "doc": {}})).unwrap_err();
+    assert_eq!((e.kind, e.status()), (DbErrorKind::Quota, 507));
+    let q = Quota { documents: 100, bytes: 200, query_ms: 5000 };
+    let e = d.execute("g", &q, &json!({"op": "insertOne", "collection": "c", "doc": {"big": "x".repeat(300)}})).unwrap_err();
+    assert_eq!(e.kind, DbErrorKind::Quota);
+    for (req, says) in [
+        (json!({"op": "find", "collection": "__x", "filter": {}}), "reserved"),
+        (json!({"op": "find", "collection": "../etc", "filter": {}}), "collection name"),
+        (json!({"op": "find", "collection": "c", "filter": {"$where": "1"}}), "$where"),
+        (json!({"op": "updateOne", "collection": "c", "filter": {}, "update": {"$rename": {}}}), "$rename"),
+        (json!({"op": "nope", "collection": "c"}), "unknown operation"),
+    ] {
+        let e = run(&d, req).unwrap_err();
+        assert!(e.message.contains(says), "{e:?}");
+    }
+}
+
+fn a_scan_past_its_time_fails(e: &Engine) {
+    let d = e.databases();
+    let docs: Vec<Value> = (0..10_000).map(|i| json!({"s": format!("{i}{}", "a".repeat(200))})).collect();
+    run(&d, json!({"op": "insertMany", "collection": "c", "docs": docs})).unwrap();
+    let q = Quota { query_ms: 1, ..Quota::default() };
+    let e = d.execute("g", &q, &json!({"op": "find", "collection": "c", "filter": {"s": {"$regex": "(a|aa)+b$"}}})).unwrap_err();
+    assert_eq!((e.kind, e.status()), (DbErrorKind::Timeout, 504));
+}
+
+fn id(v: impl Into<Value>) -> String {
+    id_key(&v.into()).unwrap()
+}
+
+fn key(v: impl Into<Value>) -> String {
+    index_key(&[v.into()])
+}
+
+fn put(id: &str, doc: Value, expect: Option<Option<Value>>) -> Write {
+    put_to("c", id, doc, expect)
+}
+
+fn put_to(coll: &str, id: &str, doc: Value, expect: Option<Option<Value>>) -> Write {
+    Write::Put { coll: coll.into(), id: id.into(), doc, expect }
+}
+
+fn index(name: &str, field: &str, unique: bool) -> Write {
+    Write::CreateIndex { coll: "c".into(), def: IndexDef { name: name.into(), keys: vec![(field.into(), 1)], unique } }
+}
+
+fn all_of(b: &dyn Backend, coll: &str) -> Vec<Value> {
+    let mut docs = Vec::new();
+    b.scan(coll, &mut |d| {
+        docs.push(d);
+        Ok(true)
+    })
+    .unwrap();
+    docs
+}
+
+/// What `Backend` promises, checked on the trait itself.
+fn backends_keep_their_contract(e: &Engine) {
+    let b = e.backend("contract");
+    let a = json!({"_id": "a", "email": "x@y", "tags": ["p", "q"]});
+    b.apply(&[put(&id("a"), a.clone(), Some(None))]).unwrap();
+
+    // A failed `expect` is a conflict, and the batch it is in writes nothing.
+    let err = b.apply(&[put(&id("b"), json!({"_id": "b"}), Some(None)), put(&id("a"), a.clone(), Some(None))]).unwrap_err();
+    assert_eq!(err.kind, DbErrorKind::Conflict);
+    assert_eq!(b.get("c", &id("b")).unwrap(), None);
+    let err = b.apply(&[Write::Delete { coll: "c".into(), id: id("a"), expect: Some(json!({"_id": "a"})) }]).unwrap_err();
+    assert_eq!(err.kind, DbErrorKind::Conflict);
+    assert_eq!(b.get("c", &id("a")).unwrap(), Some(a.clone()));
+
+    // Index definitions: again the same is nothing, the same name otherwise is refused.
+    b.apply(&[index("email_1", "email", true)]).unwrap();
+    b.apply(&[index("email_1", "email", true)]).unwrap();
+    assert_eq!(b.apply(&[index("email_1", "email", false)]).unwrap_err().kind, DbErrorKind::BadInput);
+    assert_eq!(b.apply(&[Write::DropIndex { coll: "c".into(), name: "nope".into() }]).unwrap_err().kind, DbErrorKind::BadInput);
+    assert_eq!(b.lookup("c", "email_1", &key("x@y")).unwrap(), vec![id("a")]);
+
+    // A second holder of a unique key is refused, with the rest of its batch.
+    let err = b.apply(&[put(&id("b"), json!({"_id": "b", "email": "b@y"}), Some(None)), put(&id("d"), json!({"_id": "d", "email": "x@y"}), Some(None))]).unwrap_err();
+    assert_eq!(err.kind, DbErrorKind::Duplicate);
+    assert_eq!(b.get("c", &id("b")).unwrap(), None);
+    assert!(b.lookup("c", "email_1", &key("b@y")).unwrap().is_empty());
+    // Writes apply in their order: a key taken before its holder lets it go is refused...
+    let moved = json!({"_id": "a", "email": "new@y", "tags": ["p", "q"]});
+    let d = json!({"_id": "d", "email": "x@y"});
+    let err = b.apply(&[put(&id("d"), d.clone(), Some(None)), put(&id("a"), moved.clone(), Some(Some(a.clone())))]).unwrap_err();
+    assert_eq!(err.kind, DbErrorKind::Duplicate);
+    // ...and taken after.
+    b.apply(&[put(&id("a"), moved.clone(), Some(Some(a.clone()))), put(&id("d"), d.clone(), Some(None))]).unwrap();
+    assert_eq!(b.lookup("c", "email_1", &key("x@y")).unwrap(), vec![id("d")]);
+    assert_eq!(b.lookup("c", "email_1", &key("new@y")).unwrap(), vec![id("a")]);
+    // A document written again as it is keeps its entries.
+    b.apply(&[put(&id("a"), moved.clone(), None)]).unwrap();
+    assert_eq!(b.lookup("c", "email_1", &key("new@y")).unwrap(), vec![id("a")]);
+
+    // A multikey index over the documents there, its ids in their key order.
+    b.apply(&[put(&id(7), json!({"_id": 7, "tags": ["q"]}), Some(None))]).unwrap();
+    b.apply(&[index("tags_1", "tags", false)]).unwrap();
+    assert_eq!(b.lookup("c", "tags_1", &key("q")).unwrap(), vec![id("a"), id(7)]);
+    assert_eq!(b.lookup("c", "tags_1", &key("p")).unwrap(), vec![id("a")]);
+    // A unique index over values held twice is refused whole.
+    assert_eq!(b.apply(&[index("tags_u", "tags", true)]).unwrap_err().kind, DbErrorKind::Duplicate);
+    assert!(b.lookup("c", "tags_u", &key("p")).unwrap().is_empty());
+    assert_eq!(b.indexes("c").unwrap().iter().map(|d| d.name.as_str()).collect::<Vec<_>>(), ["email_1", "tags_1"]);
+
+    // Long keys and any index name.
+    let long = "l".repeat(3000);
+    let def = IndexDef { name: "odd \u{0}\"name'".into(), keys: vec![("s".into(), 1)], unique: true };
+    b.apply(&[Write::CreateIndex { coll: "long".into(), def: def.clone() }]).unwrap();
+    b.apply(&[put_to("long", &id("e"), json!({"_id": "e", "s": long}), Some(None))]).unwrap();
+    let err = b.apply(&[put_to("long", &id("f"), json!({"_id": "f", "s": long}), Some(None))]).unwrap_err();
+    assert_eq!(err.kind, DbErrorKind::Duplicate);
+    assert_eq!(b.lookup("long", &def.name, &key(long.clone())).unwrap(), vec![id("e")]);
+    assert!(b.lookup("long", &def.name, &key(format!("{long}x"))).unwrap().is_empty());
+
+    // Documents come back as stored, field order and all.
+    let stored = json!({"_id": "z", "email": "z@y", "zeta": 1, "alpha": {"y": 2.5, "x": [1, "\u{0}", "é😀", 1.0, -0.0]}, "0": null, "dup": "\\\""});
+    b.apply(&[put(&id("z"), stored.clone(), Some(None))]).unwrap();
+    let got = b.get("c", &id("z")).unwrap().unwrap();
+    assert_eq!(serde_json::to_string(&got).unwrap(), serde_json::to_string(&stored).unwrap());
+
+    // A scan is in `_id` key order, and stops when told.
+    let ids: Vec<Value> = all_of(&*b, "c").iter().map(|d| d["_id"].clone()).collect();
+    assert_eq!(ids, [json!("a"), json!("d"), json!("z"), json!(7)]);
+    let mut seen = 0;
+    b.scan("c", &mut |_| {
+        seen += 1;
+        Ok(seen < 2)
+    })
+    .unwrap();
+    assert_eq!(seen, 2);
+    let err = b.scan("c", &mut |_| Err(DbError { kind: DbErrorKind::Timeout, message: "late".into() })).unwrap_err();
+    assert_eq!(err.kind, DbErrorKind::Timeout);
+
+    // The counts are those of the documents there.
+    let stats = b.collections().unwrap();
+    let docs = all_of(&*b, "c");
+    let bytes: usize = docs.iter().map(|d| serde_json::to_vec(d).unwrap().len()).sum();
+    assert_eq!((stats["c"].documents, stats["c"].bytes), (docs.len() as u64, bytes as u64));
+    b.apply(&[Write::Delete { coll: "c".into(), id: id(7), expect: None }, Write::Delete { coll: "c".into(), id: id("none"), expect: None }]).unwrap();
+    assert_eq!(b.collections().unwrap()["c"].documents, docs.len() as u64 - 1);
+    assert_eq!(b.lookup("c", "tags_1", &key("q")).unwrap(), vec![id("a")]);
+
+    // Dropping a collection takes its documents, entries and counts; an index alone keeps
+    // one listed.
+    b.apply(&[Write::CreateIndex { coll: "other".into(), def: IndexDef { name: "k_1".into(), keys: vec![("k".into(), 1)], unique: false } }]).unwrap();
+    b.apply(&[Write::DropCollection { coll: "c".into() }]).unwrap();
+    assert_eq!(b.collections().unwrap().into_keys().collect::<Vec<_>>(), ["long", "other"]);
+    assert_eq!(b.collections().unwrap()["other"], CollStats { documents: 0, bytes: 0, indexes: b.indexes("other").unwrap() });
+    assert_eq!(b.get("c", &id("a")).unwrap(), None);
+    assert!(all_of(&*b, "c").is_empty() && b.indexes("c").unwrap().is_empty());
+    assert!(b.lookup("c", "email_1", &key("new@y")).unwrap().is_empty());
+    // Written again after a drop in one batch, a collection starts from nothing.
+    b.apply(&[put(&id("n"), json!({"_id": "n"}), Some(None)), Write::DropCollection { coll: "c".into() }, put(&id("m"), json!({"_id": "m"}), Some(None))]).unwrap();
+    assert_eq!(all_of(&*b, "c"), [json!({"_id": "m"})]);
+    assert_eq!(b.collections().unwrap()["c"].documents, 1);
+
+    b.destroy().unwrap();
+    assert!(b.get("c", &id("m")).is_err());
+    assert!(e.backend("contract").collections().unwrap().is_empty());
+}
+
+fn nodes_see_each_others_writes_at_once(e: &Engine) {
+    let (a, b) = e.two_nodes();
+    run(&a, json!({"op": "insertOne", "collection": "k", "doc": {"_id": "k", "v": 1}})).unwrap();
+    assert_eq!(run(&b, json!({"op": "findOne", "collection": "k", "filter": {"_id": "k"}})).unwrap(), json!({"_id": "k", "v": 1}));
+    run(&b, json!({"op": "createIndex", "collection": "k", "keys": {"v": 1}, "options": {"unique": true}})).unwrap();
+    let plan = run(&a, json!({"op": "explain", "collection": "k", "filter": {"v": 1}})).unwrap();
+    assert_eq!(plan["index"], "v_1");
+    let err = run(&a, json!({"op": "insertOne", "collection": "k", "doc": {"_id": "k2", "v": 1}})).unwrap_err();
+    assert_eq!(err.kind, DbErrorKind::Duplicate);
+    // A transaction on one node, and a write on the other of what it read: nothing commits.
+    let tx = run(&a, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&a, json!({"op": "updateOne", "collection": "k", "filter": {"_id": "k"}, "update": {"$set": {"v": 2}}, "tx": tx})).unwrap();
+    run(&b, json!({"op": "updateOne", "collection": "k", "filter": {"_id": "k"}, "update": {"$set": {"v": 5}}})).unwrap();
+    assert_eq!(run(&a, json!({"op": "commit", "tx": tx})).unwrap_err().kind, DbErrorKind::Conflict);
+    assert_eq!(run(&a, json!({"op": "findOne", "collection": "k", "filter": {"_id": "k"}})).unwrap()["v"], 5);
+    run(&a, json!({"op": "drop", "collection": "k"})).unwrap();
+    assert_eq!(run(&b, json!({"op": "collections"})).unwrap(), json!([]));
+}
+
+fn increments_from_two_nodes_are_all_kept(e: &Engine) {
+    const EACH: usize = 200;
+    let (a, b) = e.two_nodes();
+    run(&a, json!({"op": "insertOne", "collection": "n", "doc": {"_id": "n", "n": 0}})).unwrap();
+    let threads = [a.clone(), b].map(|d| {
+        std::thread::spawn(move || {
+            // A conflict that outlasts the operation's own tries is an error the caller sees:
+            // nothing was written, so the caller's try again is still one increment.
+            let mut conflicts = 0;
+            for _ in 0..EACH {
+                loop {
+                    match run(&d, json!({"op": "updateOne", "collection": "n", "filter": {"_id": "n"}, "update": {"$inc": {"n": 1}}})) {
+                        Ok(r) => {
+                            assert_eq!(r["modifiedCount"], 1);
+                            break;
+                        }
+                        Err(e) if e.kind == DbErrorKind::Conflict => conflicts += 1,
+                        Err(e) => panic!("{e:?}"),
+                    }
+                }
+            }
+            conflicts
+        })
+    });
+    let conflicts: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(conflicts < EACH, "{conflicts} increments ran out of tries");
+    assert_eq!(run(&a, json!({"op": "findOne", "collection": "n", "filter": {"_id": "n"}})).unwrap()["n"], 2 * EACH);
+}
+
+fn writers_of_several_collections_never_deadlock(e: &Engine) {
+    const ROUNDS: usize = 100;
+    let (a, b) = e.two_backends("several");
+    let orders = [["left", "right"], ["right", "left"]];
+    let threads: Vec<_> = [a.clone(), b].into_iter().zip(orders).enumerate().map(|(node, (backend, order))| {
+        std::thread::spawn(move || {
+            for round in 0..ROUNDS {
+                let writes: Vec<Write> = order.iter().map(|coll| Write::Put { coll: coll.to_string(), id: id(format!("{node}-{round}")), doc: json!({"_id": format!("{node}-{round}")}), expect: Some(None) }).collect();
+                backend.apply(&writes).unwrap();
+            }
+        })
+    }).collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    let stats = a.collections().unwrap();
+    assert_eq!((stats["left"].documents, stats["right"].documents), (2 * ROUNDS as u64, 2 * ROUNDS as u64));
+}
+
+/// The same documents, written the same way into both engines, read back alike: what an
+/// export from one and an import into the other rely on.
+#[test]
+fn both_engines_keep_documents_alike() {
+    const TAGS: [&str; 3] = ["a", "b", "c"];
+    let engines = [Engine::embedded(), Engine::postgres("alike")];
+    let mut docs: Vec<Value> = vec![
+        json!({"_id": "first", "z": 1, "a": 2, "m": {"y": [3, {"b": 1, "a": 0}], "x": null}}),
+        json!({"_id": 10, "text": "é, 😀, \u{0}, \"quoted\", \\", "f": 1.5, "i": -7, "big": 12345678901234567i64}),
+        json!({"_id": 9.5, "nested": {"deep": {"deeper": {"list": [[], {}, [1, [2, [3]]]]}}}}),
+        json!({"_id": "e", "float": 1.0, "neg": -0.0, "exp": 1e300, "bool": false}),
+    ];
+    docs.extend((0..300).map(|i| json!({"_id": format!("d{i:03}"), "n": i % 7, "tag": TAGS[i % 3], "pad": "x".repeat(i)})));
+    let mut seen = Vec::new();
+    for engine in &engines {
+        let d = engine.databases();
+        run(&d, json!({"op": "insertMany", "collection": "things", "docs": docs})).unwrap();
+        run(&d, json!({"op": "createIndex", "collection": "things", "keys": {"n": 1, "tag": -1}})).unwrap();
+        run(&d, json!({"op": "updateMany", "collection": "things", "filter": {"n": 3}, "update": {"$set": {"three": true}, "$push": {"log": "x"}}})).unwrap();
+        run(&d, json!({"op": "deleteMany", "collection": "things", "filter": {"tag": "c", "n": 1}})).unwrap();
+        run(&d, json!({"op": "insertOne", "collection": "other", "doc": {"_id": 1}})).unwrap();
+        let found = run(&d, json!({"op": "find", "collection": "things", "filter": {}})).unwrap();
+        let stats = d.get("g").unwrap().backend.collections().unwrap();
+        seen.push((serde_json::to_string(&found).unwrap(), stats));
+    }
+    let (embedded, postgres) = (&seen[0], &seen[1]);
+    assert_eq!(embedded.0, postgres.0, "find {{}} reads the same documents, in the same order and form");
+    assert_eq!(embedded.1, postgres.1, "the collections' counts agree");
+    assert_eq!(embedded.1["things"].documents, 304 - 14);
+}
+
+fn open_pg(url: &str, name: &str, pool: usize) -> Postgres {
+    Postgres::open(url, name, pool).unwrap()
+}
+
+/// The connections of database `url` that engines opened.
+fn engine_connections(admin: &mut postgres::Client) -> i64 {
+    admin.query_one("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'weir-database'", &[]).unwrap().get(0)
+}
+
+#[test]
+fn postgres_pool_stays_bounded_and_replaces_lost_connections() {
+    let server = PgServer::shared();
+    let url = server.database("pool");
+    let pg = Arc::new(open_pg(&url, "pool", 2));
+    let doc = json!({"_id": "a", "v": 1});
+    pg.apply(&[put(&id("a"), doc.clone(), Some(None))]).unwrap();
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+
+    let workers: Vec<_> = (0..6)
+        .map(|_| {
+            let pg = pg.clone();
+            std::thread::spawn(move || {
+                for _ in 0..150 {
+                    assert!(pg.get("c", &id("a")).unwrap().is_some());
+                    assert_eq!(all_of(&*pg, "c").len(), 1);
+                }
+            })
+        })
+        .collect();
+    let mut most = 0;
+    while !workers.iter().all(|w| w.is_finished()) {
+        most = most.max(engine_connections(&mut admin));
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    assert!((1..=2).contains(&most), "{most} connections for a pool of 2");
+
+    // Connections ended under it are let go, and the next call makes new ones.
+    for round in 0..2 {
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND application_name = 'weir-database'", &[]).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while engine_connections(&mut admin) > 0 {
+            assert!(Instant::now() < deadline, "the connections did not end");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if round == 0 {
+            assert_eq!(pg.get("c", &id("a")).unwrap(), Some(doc.clone()));
+        } else {
+            pg.apply(&[put(&id("b"), json!({"_id": "b"}), Some(None))]).unwrap();
+        }
+    }
+    assert_eq!(all_of(&*pg, "c").len(), 2);
+    assert!(engine_connections(&mut admin) <= 2);
+}
+
+#[test]
+fn postgres_databases_live_in_schemas_of_their_own() {
+    let server = PgServer::shared();
+    let url = server.database("schemas");
+    let d = Databases::new(weir_database::postgres::opener(url.clone(), 2));
+    let long = format!("gw-{}", "x".repeat(70));
+    let names = ["shop", "shop.dev", "shop-dev", long.as_str()];
+    for name in names {
+        d.execute(name, &Quota::default(), &json!({"op": "insertOne", "collection": "c", "doc": {"_id": name}})).unwrap();
+    }
+    for name in names {
+        assert_eq!(d.execute(name, &Quota::default(), &json!({"op": "find", "collection": "c", "filter": {}})).unwrap(), json!([{"_id": name}]));
+    }
+    let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    let schemas = |admin: &mut postgres::Client| -> Vec<String> {
+        admin.query("SELECT nspname FROM pg_namespace WHERE nspname LIKE 'wdb\\_%' ORDER BY nspname", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+    };
+    let made = schemas(&mut admin);
+    assert_eq!(made.len(), 4, "{made:?}");
+    assert!(made.contains(&"wdb_shop.dev".to_string()) && made.iter().all(|s| s.len() <= 63), "{made:?}");
+
+    d.destroy("shop.dev").unwrap();
+    assert!(!schemas(&mut admin).contains(&"wdb_shop.dev".to_string()));
+    assert_eq!(d.execute("shop", &Quota::default(), &json!({"op": "find", "collection": "c", "filter": {}})).unwrap(), json!([{"_id": "shop"}]));
+    assert_eq!(d.execute("shop.dev", &Quota::default(), &json!({"op": "find", "collection": "c", "filter": {}})).unwrap(), json!([]));
+
+    assert_eq!(open_pg(&url, "shop.dev", 1).schema(), "wdb_shop.dev");
+    assert_eq!(Postgres::open(&url, "Shop_1", 1).err().map(|e| e.kind), Some(DbErrorKind::BadInput));
+    let refused = Postgres::open("postgres://postgres@127.0.0.1:1/none", "shop", 1).err().map(|e| e.kind);
+    assert_eq!(refused, Some(DbErrorKind::Unavailable));
+}

@@ -1,0 +1,286 @@
+//! Every gateway's database (`weir_database`): how functions reach it (`runner`), and the data
+//! API operators and the console read and change it with
+//! (`/v1/api-gateways/{gid}/database/...`).
+//!
+//! Functions name no database: the environment document the reconciler writes (`EnvDoc`)
+//! carries the one they reach, so a function reaches its own gateway's database and no other
+//! whatever it sends. The quotas are the gateway's where it set them, never above the node's.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::StatusCode;
+use serde_json::{Value, json};
+use weir_core::error::ErrorKind;
+use weir_database::{Databases, DbError, DbErrorKind, Quota};
+use weir_functions::{DbRequest, DbRunner, DbScope};
+
+use crate::Platform;
+use crate::api::{Reply, bad_input, failure, json, not_found, store_down};
+use crate::model::{ENVIRONMENTS, Gateway, Isolation};
+use crate::tokens::Caller;
+
+/// Documents a data API read answers at most.
+const PAGE_MAX: u64 = 1000;
+
+/// The quota of a database: the gateway's limits, within the node's.
+pub fn quota(node: &Quota, scope: &DbScope) -> Quota {
+    Quota {
+        documents: scope.limits.documents.map_or(node.documents, |d| d.min(node.documents)),
+        bytes: scope.limits.bytes.map_or(node.bytes, |b| b.min(node.bytes)),
+        query_ms: scope.limits.query_ms.map_or(node.query_ms, |q| q.min(node.query_ms)),
+    }
+}
+
+/// Runs functions' database operations on `handle`'s blocking threads.
+pub fn runner(databases: Arc<Databases>, node: Quota, handle: tokio::runtime::Handle) -> DbRunner {
+    Arc::new(move |req: DbRequest| {
+        let databases = databases.clone();
+        let quota = quota(&node, &req.scope);
+        handle.spawn_blocking(move || {
+            let result = serde_json::from_str::<Value>(&req.op).map_err(|e| DbError::bad(format!("the operation is not JSON: {e}"))).and_then(|op| databases.execute(&req.scope.name, &quota, &op));
+            (req.reply)(result.map(|v| v.to_string()).map_err(|e| json!({"message": e.message, "code": e.name(), "status": e.status()}).to_string()));
+        });
+    })
+}
+
+fn db_failure(e: DbError) -> Reply {
+    let kind = match e.kind {
+        DbErrorKind::BadInput => ErrorKind::BadInput,
+        DbErrorKind::Duplicate | DbErrorKind::Conflict => ErrorKind::Conflict,
+        DbErrorKind::Quota | DbErrorKind::Timeout | DbErrorKind::Unavailable => ErrorKind::Unavailable,
+    };
+    let mut reply = failure(kind, e.message.clone(), if e.kind == DbErrorKind::BadInput { vec![e.message.clone()] } else { Vec::new() });
+    *reply.status_mut() = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    reply
+}
+
+impl Platform {
+    /// The node's databases and their default quota; functions reach them through `runner`.
+    pub fn with_databases(&self, databases: Arc<Databases>, quota: Quota) {
+        let _ = self.databases.set((databases, quota));
+    }
+
+    /// Deletes the databases of gateway `gid`.
+    pub(crate) async fn drop_databases(&self, gid: &str) {
+        let Some((dbs, _)) = self.databases.get().cloned() else { return };
+        let names: Vec<String> = std::iter::once(gid.to_string()).chain(ENVIRONMENTS.iter().map(|e| format!("{gid}.{e}"))).collect();
+        let _ = tokio::task::spawn_blocking(move || {
+            for name in names {
+                if let Err(e) = dbs.destroy(&name) {
+                    tracing::warn!(database = %name, error = %e, "platform: a deleted gateway's database could not be removed");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Runs `op` on the database of environment `env` of `gw`, off the async threads.
+    async fn run_db(&self, gw: &Gateway, env: &str, op: Value) -> Result<Value, Reply> {
+        let Some((dbs, node)) = self.databases.get().cloned() else { return Err(failure(ErrorKind::Unavailable, "no database on this node", Vec::new())) };
+        let scope = DbScope { name: gw.database_name(env), limits: gw.db_limits };
+        let quota = quota(&node, &scope);
+        tokio::task::spawn_blocking(move || dbs.execute(&scope.name, &quota, &op)).await.map_err(|e| failure(ErrorKind::Internal, e.to_string(), Vec::new()))?.map_err(db_failure)
+    }
+
+    /// Routes `/v1/api-gateways/{gid}/database/...`; `rest` is what follows `database`.
+    pub(crate) async fn database_api(&self, caller: &Caller, m: &http::Method, gid: &str, rest: &[&str], query: Option<&str>, raw: &Bytes) -> Reply {
+        use http::Method;
+        let gw = match self.docs.get(gid).await {
+            Ok(Some((gw, _))) => gw,
+            Ok(None) => return not_found("gateway"),
+            Err(e) => return store_down(e),
+        };
+        let param = |k: &str| query.and_then(|q| weir_core::text::query_param(q, k)).map(|v| weir_core::text::percent_decode(&v.replace('+', " ")).into_owned());
+        let env = match (param("environment"), gw.database_isolation) {
+            (Some(e), _) if !ENVIRONMENTS.contains(&e.as_str()) => return bad_input(vec![format!("environment: {e:?} is not one of {}", ENVIRONMENTS.join(", "))]),
+            (Some(e), _) => e,
+            (None, Isolation::Gateway) => "dev".to_string(),
+            (None, Isolation::Environment) => return bad_input(vec!["environment: this gateway's environments each have a database; name one".into()]),
+        };
+        // The gateway's one database is written by those who may write its dev environment.
+        if *m != Method::GET && !caller.writes_env(&env) {
+            return crate::api::refuse(StatusCode::FORBIDDEN, &format!("this token may not change the {env} environment's data"));
+        }
+        let coll = |c: &str| {
+            let c = weir_core::text::percent_decode(c).into_owned();
+            weir_database::check_collection(&c).map(|()| c).map_err(db_failure)
+        };
+        match (m, rest) {
+            (&Method::GET, ["collections"]) => self.collection_list(&gw, &env).await,
+            (&Method::GET, ["collections", c, "documents"]) => {
+                let c = match coll(c) {
+                    Ok(c) => c,
+                    Err(r) => return r,
+                };
+                let mut options = serde_json::Map::new();
+                for (k, max) in [("limit", Some(PAGE_MAX)), ("skip", None)] {
+                    match param(k).map(|v| v.parse::<u64>()) {
+                        None => {}
+                        Some(Ok(n)) if max.is_none_or(|m| (1..=m).contains(&n)) => {
+                            options.insert(k.into(), json!(n));
+                        }
+                        Some(_) => return bad_input(vec![format!("{k}: a whole number{}", max.map(|m| format!(" from 1 to {m}")).unwrap_or_default())]),
+                    }
+                }
+                options.entry("limit").or_insert(json!(100));
+                for k in ["filter", "sort"] {
+                    if let Some(text) = param(k) {
+                        match serde_json::from_str::<Value>(&text) {
+                            Ok(v) if k == "filter" => {
+                                options.insert("__filter".into(), v);
+                            }
+                            Ok(v) => {
+                                options.insert(k.into(), v);
+                            }
+                            Err(e) => return bad_input(vec![format!("{k}: not JSON: {e}")]),
+                        }
+                    }
+                }
+                let filter = options.remove("__filter").unwrap_or(json!({}));
+                match self.run_db(&gw, &env, json!({"op": "find", "collection": c, "filter": filter, "options": options})).await {
+                    Ok(Value::Array(list)) => json(StatusCode::OK, &json!({"total": list.len(), "list": list})),
+                    Ok(other) => json(StatusCode::OK, &other),
+                    Err(r) => r,
+                }
+            }
+            (&Method::POST, ["collections", c, "documents"]) => {
+                let c = match coll(c) {
+                    Ok(c) => c,
+                    Err(r) => return r,
+                };
+                let doc: Value = match serde_json::from_slice(raw) {
+                    Ok(d) => d,
+                    Err(e) => return bad_input(vec![format!("body: not JSON: {e}")]),
+                };
+                match self.run_db(&gw, &env, json!({"op": "insertOne", "collection": c, "doc": doc})).await {
+                    Ok(v) => json(StatusCode::CREATED, &v),
+                    Err(r) => r,
+                }
+            }
+            (_, ["collections", c, "documents", id]) => {
+                let c = match coll(c) {
+                    Ok(c) => c,
+                    Err(r) => return r,
+                };
+                let id = Value::String(weir_core::text::percent_decode(id).into_owned());
+                let (op, status) = match *m {
+                    Method::GET => (json!({"op": "findOne", "collection": c, "filter": {"_id": id}}), StatusCode::OK),
+                    Method::PUT => {
+                        let doc: Value = match serde_json::from_slice(raw) {
+                            Ok(d) => d,
+                            Err(e) => return bad_input(vec![format!("body: not JSON: {e}")]),
+                        };
+                        (json!({"op": "replaceOne", "collection": c, "filter": {"_id": id}, "doc": doc, "options": {"upsert": true}}), StatusCode::OK)
+                    }
+                    Method::DELETE => (json!({"op": "deleteOne", "collection": c, "filter": {"_id": id}}), StatusCode::OK),
+                    _ => return crate::api::refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
+                };
+                match self.run_db(&gw, &env, op).await {
+                    Ok(Value::Null) => not_found("document"),
+                    Ok(v) if *m == Method::PUT => match self.run_db(&gw, &env, json!({"op": "findOne", "collection": c, "filter": {"_id": id}})).await {
+                        Ok(doc) => json(status, &json!({"result": v, "document": doc})),
+                        Err(r) => r,
+                    },
+                    Ok(v) if *m == Method::DELETE && v["deletedCount"] == 0 => not_found("document"),
+                    Ok(v) => json(status, &v),
+                    Err(r) => r,
+                }
+            }
+            (&Method::GET, ["export"]) => self.export(&gw, &env).await,
+            (&Method::POST, ["import"]) => self.import(&gw, &env, raw).await,
+            _ => crate::api::refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
+        }
+    }
+
+    async fn collection_list(&self, gw: &Gateway, env: &str) -> Reply {
+        let Some((dbs, _)) = self.databases.get().cloned() else { return failure(ErrorKind::Unavailable, "no database on this node", Vec::new()) };
+        let name = gw.database_name(env);
+        let stats = tokio::task::spawn_blocking(move || dbs.get(&name).and_then(|db| db.backend.collections())).await;
+        match stats {
+            Ok(Ok(all)) => {
+                let list: Vec<Value> = all
+                    .into_iter()
+                    .map(|(name, s)| {
+                        let indexes: Vec<Value> = s.indexes.iter().map(|i| json!({"name": i.name, "keys": i.keys.iter().map(|(k, d)| (k.clone(), json!(d))).collect::<serde_json::Map<_, _>>(), "unique": i.unique})).collect();
+                        json!({"name": name, "documents": s.documents, "bytes": s.bytes, "indexes": indexes})
+                    })
+                    .collect();
+                json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
+            }
+            Ok(Err(e)) => db_failure(e),
+            Err(e) => failure(ErrorKind::Internal, e.to_string(), Vec::new()),
+        }
+    }
+
+    /// The whole database as JSON lines `{"collection", "document"}`.
+    async fn export(&self, gw: &Gateway, env: &str) -> Reply {
+        let Some((dbs, _)) = self.databases.get().cloned() else { return failure(ErrorKind::Unavailable, "no database on this node", Vec::new()) };
+        let name = gw.database_name(env);
+        let lines = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, DbError> {
+            let db = dbs.get(&name)?;
+            let mut out = Vec::new();
+            for coll in db.backend.collections()?.into_keys() {
+                db.backend.scan(&coll, &mut |doc| {
+                    out.extend_from_slice(json!({"collection": coll, "document": doc}).to_string().as_bytes());
+                    out.push(b'\n');
+                    Ok(true)
+                })?;
+            }
+            Ok(out)
+        })
+        .await;
+        match lines {
+            Ok(Ok(body)) => {
+                let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(body)));
+                resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+                resp
+            }
+            Ok(Err(e)) => db_failure(e),
+            Err(e) => failure(ErrorKind::Internal, e.to_string(), Vec::new()),
+        }
+    }
+
+    /// Restores JSON lines as `export` writes them: each document replaces the one of its
+    /// `_id`, or is added. Every line is checked before any is written.
+    async fn import(&self, gw: &Gateway, env: &str, raw: &Bytes) -> Reply {
+        let text = String::from_utf8_lossy(raw);
+        let mut ops = Vec::new();
+        let mut problems = Vec::new();
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+            match serde_json::from_str::<Value>(line) {
+                Ok(v) => match (v["collection"].as_str(), &v["document"]) {
+                    (Some(c), Value::Object(d)) if d.contains_key("_id") => match weir_database::check_collection(c) {
+                        Ok(()) => ops.push(json!({"op": "replaceOne", "collection": c, "filter": {"_id": d["_id"]}, "doc": v["document"], "options": {"upsert": true}})),
+                        Err(e) => problems.push(format!("line {}: {e}", i + 1)),
+                    },
+                    _ => problems.push(format!("line {}: a line is {{\"collection\": name, \"document\": {{\"_id\": ...}}}}", i + 1)),
+                },
+                Err(e) => problems.push(format!("line {}: not JSON: {e}", i + 1)),
+            }
+        }
+        if !problems.is_empty() {
+            problems.truncate(20);
+            return bad_input(problems);
+        }
+        let n = ops.len();
+        for op in ops {
+            if let Err(r) = self.run_db(gw, env, op).await {
+                return r;
+            }
+        }
+        json(StatusCode::OK, &json!({"imported": n}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gateway_may_lower_its_quota_never_raise_it() {
+        let node = Quota { documents: 100, bytes: 1000, query_ms: 50 };
+        let scope = DbScope { name: "g".into(), limits: weir_functions::DbLimits { documents: Some(10), bytes: Some(5000), query_ms: None } };
+        assert_eq!(quota(&node, &scope), Quota { documents: 10, bytes: 1000, query_ms: 50 });
+    }
+}
