@@ -39,9 +39,11 @@ fn fill(w: &Weir, gid: &str, docs: usize) -> anyhow::Result<()> {
 
 pub fn run(args: &Args, docs: usize) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
-    let mut engines = vec![("embedded", String::new())];
+    // A quota above what the rows store.
+    let quota = "  quota: {documents: 100000000, bytes: 107374182400, queryMs: 5000}\n";
+    let mut engines = vec![("embedded", format!("database:\n  type: embedded\n{quota}"))];
     if let Some(url) = &args.database_url {
-        engines.push(("postgres", format!("database:\n  type: postgres\n  url: \"{url}\"\n  pool: 8\n")));
+        engines.push(("postgres", format!("database:\n  type: postgres\n  url: \"{url}\"\n  pool: 8\n{quota}")));
     }
     println!("Database: a function doing an indexed findOne among {docs} documents, and one doing insertOne; wrk -t1 -c{} -d{}s, weir on core {}", args.connections, args.duration, args.proxy_core);
     println!("{:<28} {:>9} {:>8} {:>8} {:>7} {:>9} {:>10} {:>7}", "", "req/s", "p50 ms", "p99 ms", "ratio", "CPU us/r", "req/core/s", "/core");

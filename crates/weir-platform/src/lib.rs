@@ -15,6 +15,7 @@ mod api;
 pub mod database;
 mod docs;
 pub mod functions;
+pub mod grants;
 mod guard;
 pub mod lifecycle;
 pub mod model;
@@ -177,7 +178,7 @@ impl Platform {
 
 impl weir_admin::Extension for Platform {
     fn serves(&self, path: &str) -> bool {
-        ["/v1/api-gateways", "/v1/tokens", "/v1/whoami", "/v1/openapi.json"].iter().any(|p| path == *p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')))
+        ["/v1/api-gateways", "/v1/applications", "/v1/tokens", "/v1/whoami", "/v1/openapi.json"].iter().any(|p| path == *p || path.strip_prefix(p).is_some_and(|rest| rest.starts_with('/')))
     }
 
     fn has_credential(&self, parts: &http::request::Parts) -> bool {

@@ -7,6 +7,7 @@ use schemars::generate::SchemaSettings;
 use serde_json::{Map, Value, json};
 
 use crate::functions::{CreateFunction, InvokeInput, Invocation, PatchFunction, Shown};
+use crate::grants::{Application, CreateApplication, CreateGrant, Grant, PatchApplication, Regenerate};
 use crate::lifecycle::{DeployInput, Deployed, Deployment, FileDiff, HistoryEntry, RollbackInput};
 use crate::model::{CreateGateway, Environment, Gateway, PatchEnvironment, PatchGateway};
 use crate::tokens::{CreateToken, Token};
@@ -183,6 +184,38 @@ pub fn document() -> Value {
                 "parameters": [gid, query("environment", "as above")],
                 "post": {"summary": "Restore JSON lines as `export` writes them; each document replaces the one of its `_id`", "requestBody": {"required": true, "content": {"application/x-ndjson": {"schema": {"type": "string"}}}}, "responses": responses(&[("200", "how many", "Imported")])}
             },
+            "/v1/applications": {
+                "post": {"summary": "Make an application (a client of tenants' APIs)", "requestBody": body("CreateApplication"), "responses": responses(&[("201", "the application", "Application")])},
+                "get": {"summary": "The applications the caller made (all, for an admin key)", "responses": responses(&[("200", "applications", "ApplicationList")])}
+            },
+            "/v1/applications/{appId}": {
+                "parameters": [param("appId", "the application's id")],
+                "get": {"summary": "One application, with its grants", "responses": responses(&[("200", "the application", "ApplicationWithGrants")])},
+                "patch": {"summary": "Change an application", "requestBody": body("PatchApplication"), "responses": responses(&[("200", "the application as changed", "Application")])},
+                "delete": {"summary": "Delete an application, its grants and their keys", "responses": responses(&[("200", "deleted", "Object")])}
+            },
+            "/v1/applications/{appId}/grants": {
+                "parameters": [param("appId", "the application's id")],
+                "post": {"summary": "Grant the application one environment of a gateway; the key is in this answer only", "requestBody": body("CreateGrant"), "responses": responses(&[("201", "the grant and its apiKey", "GrantWithKey"), ("409", "the application has a grant for that environment", "Error")])},
+                "get": {"summary": "The application's grants (`?gatewayId=&environment=`)", "responses": responses(&[("200", "grants", "GrantList")])}
+            },
+            "/v1/applications/{appId}/grants/{grantId}": {
+                "parameters": [param("appId", "the application's id"), param("grantId", "the grant's id")],
+                "get": {"summary": "One grant", "responses": responses(&[("200", "the grant", "Grant")])},
+                "delete": {"summary": "Revoke a grant: its key stops at once", "responses": responses(&[("200", "deleted", "Deleted")])}
+            },
+            "/v1/applications/{appId}/grants/{grantId}/regenerate": {
+                "parameters": [param("appId", "the application's id"), param("grantId", "the grant's id")],
+                "post": {"summary": "A new key; the old one stops at once, or after `overlapSeconds`", "requestBody": body("Regenerate"), "responses": responses(&[("200", "the grant and its new apiKey", "GrantWithKey")])}
+            },
+            "/v1/api-gateways/{gid}/grants": {
+                "parameters": [gid],
+                "get": {"summary": "The grants on a gateway", "responses": responses(&[("200", "grants", "GrantList")])}
+            },
+            "/v1/api-gateways/{gid}/environments/{env}/grants": {
+                "parameters": [gid, env],
+                "get": {"summary": "The grants on one environment", "responses": responses(&[("200", "grants", "GrantList")])}
+            },
             "/v1/tokens": {
                 "post": {"summary": "Make a token", "requestBody": body("CreateToken"), "responses": responses(&[("201", "the token, shown once", "MintedToken")])},
                 "get": {"summary": "The tokens the caller manages", "responses": responses(&[("200", "tokens", "TokenList")])}
@@ -245,6 +278,17 @@ pub fn document() -> Value {
                 "TriggerList": list_of("Trigger"),
                 "Run": schema::<Run>(),
                 "RunList": list_of("Run"),
+                "CreateApplication": schema::<CreateApplication>(),
+                "PatchApplication": schema::<PatchApplication>(),
+                "Application": schema::<Application>(),
+                "ApplicationList": list_of("Application"),
+                "ApplicationWithGrants": {"allOf": [{"$ref": "#/components/schemas/Application"}, {"type": "object", "properties": {"grants": {"type": "array", "items": {"$ref": "#/components/schemas/Grant"}}}, "required": ["grants"]}]},
+                "CreateGrant": schema::<CreateGrant>(),
+                "Regenerate": schema::<Regenerate>(),
+                "Grant": schema::<Grant>(),
+                "GrantList": list_of("Grant"),
+                "GrantWithKey": {"allOf": [{"$ref": "#/components/schemas/Grant"}, {"type": "object", "properties": {"apiKey": {"type": "string", "description": "sk- and 64 hex digits: shown here only"}}, "required": ["apiKey"]}]},
+                "Object": {"type": "object"},
                 "CollectionList": list_of("Collection"),
                 "Collection": {"type": "object", "properties": {
                     "name": {"type": "string"}, "documents": {"type": "integer"}, "bytes": {"type": "integer"},

@@ -56,7 +56,10 @@ pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(
     if let Some(auth) = env.auth_type.plugin()
         && !out.iter().any(|(n, _, _)| n == auth)
     {
-        out.push((auth.to_string(), json!({}), "environment"));
+        // Keys of the environment's grants: in `apikey` or as a bearer token, and only the
+        // keys granted for this environment.
+        let conf = if auth == "key-auth" { json!({"bearer": true, "scope": crate::grants::scope(&gw.gateway_id, &env.name)}) } else { json!({}) };
+        out.push((auth.to_string(), conf, "environment"));
     }
     out
 }

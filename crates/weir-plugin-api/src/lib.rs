@@ -177,6 +177,25 @@ pub struct RequestCtx<'a> {
     pub body: Option<Bytes>,
 }
 
+impl<'a> RequestCtx<'a> {
+    /// A request's context before any plugin ran: no consumer, no notes, no body read.
+    pub fn new(parts: &'a mut http::request::Parts, remote: std::net::SocketAddr, local: std::net::SocketAddr, scheme: &'static str, route_id: &'a str, consumers: &'a Consumers) -> RequestCtx<'a> {
+        RequestCtx {
+            parts,
+            remote,
+            local,
+            scheme,
+            route_id,
+            consumers,
+            consumer: None,
+            response_headers: Vec::new(),
+            notes: Notes::default(),
+            upstream_choice: None,
+            body: None,
+        }
+    }
+}
+
 impl RequestCtx<'_> {
     /// A request variable, as `vars` expressions name them (`remote_addr`, `http_x_id`, …).
     pub fn var(&self, name: &str) -> Option<String> {
@@ -715,19 +734,7 @@ mod tests {
     fn run(pipeline: Vec<Instance>) -> Result<(), Reply> {
         let (mut parts, ()) = http::Request::new(()).into_parts();
         let consumers = Consumers::default();
-        let mut ctx = RequestCtx {
-            parts: &mut parts,
-            remote: "127.0.0.1:1".parse().unwrap(),
-            local: "127.0.0.1:2".parse().unwrap(),
-            scheme: "http",
-            route_id: "r",
-            consumers: &consumers,
-            consumer: None,
-            response_headers: Vec::new(),
-            notes: Notes::default(),
-            upstream_choice: None,
-            body: None,
-        };
+        let mut ctx = RequestCtx::new(&mut parts, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), "http", "r", &consumers);
         let pipeline = Pipeline::new(pipeline).unwrap();
         let run = run_request(&pipeline, &mut ctx);
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(run).1

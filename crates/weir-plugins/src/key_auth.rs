@@ -1,20 +1,51 @@
 //! `key-auth`: the caller names itself with a key, in a header or the query string, that a
 //! consumer (or one of its credentials) holds.
+//!
+//! Weir adds credentials that never hold the key readable: `key_hash` is [`key_hash`] of the key
+//! under the node's hash key (`plugin_attr.key-auth.hash_key`, derived from the keyring), scoped
+//! to a route `scope` and valid until `not_after`, so a key can be rotated with an overlap. A
+//! caller's key is looked up as it is first, then by its hash. Every refusal of a key given,
+//! whatever its reason, is the same answer, so a caller learns nothing of what the store holds.
 
+use std::any::Any;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use http::header::{HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use ring::hmac;
 use serde::Deserialize;
+use serde_json::{Value, json};
 
-use crate::{Factory, JsonSchema, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
+use crate::{Consumer, Consumers, Factory, JsonSchema, Plugin, Reply, RequestCtx, attach_consumer, parse, unauthorized};
+
+const NAME: &str = "key-auth";
+
+/// What a hashed credential's id starts with: no key a caller presents (header values and
+/// decoded query arguments alike) is checked against these ids, and no plain `key` may start
+/// with it, so a stored hash never works as a key.
+const HASHED: &str = "\0hash:";
 
 pub(crate) fn factory() -> Factory {
-    Factory::new("key-auth", 2500, |c: Config, _| {
-        let header = HeaderName::from_bytes(c.header.as_bytes()).map_err(|e| format!("header: {e}"))?;
-        let challenge = HeaderValue::from_str(&format!("apikey realm=\"{}\"", c.realm)).map_err(|e| format!("realm: {e}"))?;
-        Ok(Arc::new(KeyAuth { header, query: c.query, hide: c.hide_credentials, challenge }))
-    })
-    .with_credential(|c: Credential| Ok((c.key, Arc::new(()))))
+    Factory::new(NAME, 2500, |c: Config, b| Ok(Arc::new(build(c, b.attr)?))).with_credential(prepare)
+}
+
+/// Lowercase hex of HMAC-SHA256(`hash_key`, `key`): what a credential's `key_hash` holds for
+/// `key` on a node whose `plugin_attr.key-auth.hash_key` is `hash_key`.
+pub fn key_hash(hash_key: &[u8], key: &str) -> String {
+    sign(&hmac::Key::new(hmac::HMAC_SHA256, hash_key), key)
+}
+
+/// The `plugin_attr.key-auth` settings that make hashed credentials work with `hash_key`.
+pub fn attr(hash_key: &[u8]) -> Value {
+    json!({ "hash_key": hex(hash_key) })
+}
+
+fn sign(hash_key: &hmac::Key, key: &str) -> String {
+    hex(hmac::sign(hash_key, key.as_bytes()).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -34,6 +65,14 @@ struct Config {
     #[schemars(length(min = 1))]
     #[allow(dead_code)]
     anonymous_consumer: Option<String>,
+    /// Weir's: when the header is absent, the key may also come as `Authorization: Bearer <key>`
+    /// (before the query argument).
+    #[serde(default)]
+    bearer: bool,
+    /// Weir's: only hashed credentials of exactly this scope are accepted. Without it, only
+    /// plain keys and hashed credentials without a scope are.
+    #[schemars(length(min = 1, max = 128))]
+    scope: Option<String>,
 }
 
 fn apikey() -> String {
@@ -44,11 +83,72 @@ fn realm() -> String {
     "key".into()
 }
 
-/// A consumer's key; sealed at rest by the Admin API (APISIX's `encrypt_fields`).
+/// What the plugin reads of `plugin_attr.key-auth`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Attr {
+    /// Hex; without it, hashed credentials never match.
+    hash_key: Option<String>,
+}
+
+/// A consumer's key: APISIX's `key`, sealed at rest by the Admin API (`encrypt_fields`), or
+/// Weir's `key_hash` of it, which needs no sealing. Exactly one of the two.
 #[derive(Deserialize, JsonSchema)]
 #[schemars(extend("encrypt_fields" = ["key"]))]
+#[schemars(extend("oneOf" = [{"required": ["key"]}, {"required": ["key_hash"]}]))]
+#[schemars(extend("dependencies" = {"scope": ["key_hash"], "not_after": ["key_hash"]}))]
 struct Credential {
-    key: String,
+    /// The key itself.
+    key: Option<String>,
+    /// Lowercase hex of HMAC-SHA256 of the key under the node's hash key ([`key_hash`]).
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    key_hash: Option<String>,
+    /// Only routes of this `scope` accept the key; without it, only routes without a scope do.
+    #[schemars(length(min = 1, max = 128))]
+    scope: Option<String>,
+    /// Unix seconds after which the key is refused.
+    not_after: Option<i64>,
+}
+
+/// What a hashed credential is checked against once its hash matched.
+struct Hashed {
+    scope: Option<String>,
+    not_after: Option<i64>,
+}
+
+fn prepare(c: Credential) -> Result<(String, Arc<dyn Any + Send + Sync>), String> {
+    match (c.key, c.key_hash) {
+        (Some(_), Some(_)) | (None, None) => Err("exactly one of key and key_hash is needed".into()),
+        (Some(_), None) if c.scope.is_some() || c.not_after.is_some() => Err("scope and not_after go with key_hash".into()),
+        (Some(key), None) if key.starts_with(HASHED) => Err(format!("key: must not start with {HASHED:?}")),
+        (Some(key), None) => Ok((key, Arc::new(()))),
+        (None, Some(hash)) => {
+            if hash.len() != 64 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+                return Err("key_hash: must be 64 lowercase hex digits".into());
+            }
+            if c.scope.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
+                return Err("scope: must be 1 to 128 characters".into());
+            }
+            Ok((format!("{HASHED}{hash}"), Arc::new(Hashed { scope: c.scope, not_after: c.not_after })))
+        }
+    }
+}
+
+fn build(c: Config, attr: Option<&Value>) -> Result<KeyAuth, String> {
+    let header = HeaderName::from_bytes(c.header.as_bytes()).map_err(|e| format!("header: {e}"))?;
+    let challenge = HeaderValue::from_str(&format!("apikey realm=\"{}\"", c.realm)).map_err(|e| format!("realm: {e}"))?;
+    let hash_key = match attr.map(parse::<Attr>).transpose().map_err(|e| format!("plugin_attr: {e}"))?.and_then(|a| a.hash_key) {
+        Some(h) => Some(hmac::Key::new(hmac::HMAC_SHA256, &unhex(&h).ok_or("plugin_attr: hash_key: must be hex")?)),
+        None => None,
+    };
+    Ok(KeyAuth { header, query: c.query, hide: c.hide_credentials, challenge, bearer: c.bearer, scope: c.scope, hash_key })
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.is_empty() || !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 struct KeyAuth {
@@ -56,33 +156,82 @@ struct KeyAuth {
     query: String,
     hide: bool,
     challenge: HeaderValue,
+    bearer: bool,
+    scope: Option<String>,
+    hash_key: Option<hmac::Key>,
+}
+
+/// Where the caller's key was.
+enum Source {
+    Header,
+    Bearer,
+    Query,
 }
 
 impl Plugin for KeyAuth {
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.authenticate(ctx, now)
+    }
+}
+
+impl KeyAuth {
+    /// The request phase at `now` (unix seconds).
+    fn authenticate(&self, ctx: &mut RequestCtx<'_>, now: i64) -> Result<(), Reply> {
         let refuse = |msg: &str| Err(unauthorized(msg).with_header(http::header::WWW_AUTHENTICATE, self.challenge.clone()));
-        let from_header = ctx.parts.headers.get(&self.header).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let (key, in_header) = match from_header {
-            Some(k) => (k, true),
-            None => match ctx.var(&format!("arg_{}", self.query)) {
-                Some(k) => (k, false),
-                None => return refuse("Missing API key in request"),
-            },
+        let header = |name: &HeaderName| ctx.parts.headers.get(name).and_then(|v| v.to_str().ok());
+        let found = match header(&self.header) {
+            Some(k) => Some((k.to_string(), Source::Header)),
+            None => self.bearer.then(|| header(&AUTHORIZATION).and_then(bearer_token)).flatten().map(|k| (k.to_string(), Source::Bearer)),
         };
-        let Some(consumer) = ctx.consumers.find("key-auth", &key).map(|c| c.consumer.clone()) else {
-            tracing::warn!(route = ctx.route_id, "key-auth: no consumer holds the key given");
-            return refuse("Invalid API key in request");
+        let (key, source) = match found.or_else(|| ctx.var(&format!("arg_{}", self.query)).map(|k| (k, Source::Query))) {
+            Some(found) => found,
+            None => return refuse("Missing API key in request"),
+        };
+        let consumer = match self.identify(ctx.consumers, &key, now) {
+            Ok(c) => c,
+            Err(reason) => {
+                tracing::warn!(route = ctx.route_id, reason, "key-auth: the key given is refused");
+                return refuse("Invalid API key in request");
+            }
         };
         if self.hide {
-            if in_header {
-                ctx.parts.headers.remove(&self.header);
-            } else {
-                remove_query_arg(&mut ctx.parts.uri, &self.query);
+            match source {
+                Source::Header => drop(ctx.parts.headers.remove(&self.header)),
+                Source::Bearer => drop(ctx.parts.headers.remove(AUTHORIZATION)),
+                Source::Query => remove_query_arg(&mut ctx.parts.uri, &self.query),
             }
         }
         attach_consumer(ctx, consumer);
         Ok(())
     }
+
+    /// The consumer `key` names on this route at `now`, or why none does (for the log only).
+    fn identify(&self, consumers: &Consumers, key: &str, now: i64) -> Result<Arc<Consumer>, &'static str> {
+        if self.scope.is_none()
+            && !key.starts_with(HASHED)
+            && let Some(c) = consumers.find(NAME, key).filter(|c| c.data.is::<()>())
+        {
+            return Ok(c.consumer.clone());
+        }
+        let hash_key = self.hash_key.as_ref().ok_or("no consumer holds the key")?;
+        let c = consumers.find(NAME, &format!("{HASHED}{}", sign(hash_key, key))).ok_or("no consumer holds the key")?;
+        let h = c.data.downcast_ref::<Hashed>().ok_or("no consumer holds the key")?;
+        if h.scope != self.scope {
+            return Err("the key belongs to another scope");
+        }
+        if h.not_after.is_some_and(|t| t < now) {
+            return Err("the key has expired");
+        }
+        Ok(c.consumer.clone())
+    }
+}
+
+/// The token of `Bearer <token>` (the scheme in any case).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
 /// Drops every `name=…` pair from the query string.
@@ -106,6 +255,136 @@ pub(crate) fn remove_query_arg(uri: &mut http::Uri, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const HASH_KEY: [u8; 32] = [7; 32];
+    const NOW: i64 = 1_700_000_000;
+
+    /// Consumers holding `credentials` (username, `key-auth` config), one credential object each.
+    fn consumers(credentials: &[(&str, Value)]) -> Consumers {
+        let registry = crate::registry();
+        let mut out = Consumers::default();
+        for (n, (username, cred)) in credentials.iter().enumerate() {
+            let plugins = json!({ NAME: cred });
+            out.add(&registry, username, Some(&format!("c{n}")), plugins.as_object().unwrap());
+        }
+        out
+    }
+
+    fn plugin(route: Value) -> KeyAuth {
+        build(parse(&route).unwrap(), Some(&attr(&HASH_KEY))).unwrap()
+    }
+
+    fn hashed(key: &str, extra: Value) -> Value {
+        let mut c = json!({ "key_hash": key_hash(&HASH_KEY, key) });
+        c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        c
+    }
+
+    /// The consumer `plugin` lets in for a request to `uri` with `headers` at `now`, and what
+    /// goes upstream of the request's headers.
+    fn call(plugin: &KeyAuth, consumers: &Consumers, uri: &str, headers: &[(&str, &str)], now: i64) -> Result<(String, http::HeaderMap), Reply> {
+        let mut req = http::Request::builder().uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let (mut parts, ()) = req.body(()).unwrap().into_parts();
+        let mut ctx = RequestCtx::new(&mut parts, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), "http", "r", consumers);
+        plugin.authenticate(&mut ctx, now)?;
+        let who = ctx.consumer.as_ref().map(|c| c.username.clone()).unwrap_or_default();
+        Ok((who, parts.headers))
+    }
+
+    fn who(plugin: &KeyAuth, consumers: &Consumers, headers: &[(&str, &str)], now: i64) -> Result<String, Reply> {
+        call(plugin, consumers, "/", headers, now).map(|(who, _)| who)
+    }
+
+    #[test]
+    fn hashed_keys_match_in_the_header_and_as_bearer_when_allowed() {
+        let cs = consumers(&[("alice", hashed("k-alice", json!({})))]);
+        let plain = plugin(json!({}));
+        assert_eq!(who(&plain, &cs, &[("apikey", "k-alice")], NOW).unwrap(), "alice");
+        assert_eq!(who(&plain, &cs, &[("authorization", "Bearer k-alice")], NOW).unwrap_err().body, Some(json!({"message": "Missing API key in request"})));
+        let bearer = plugin(json!({"bearer": true, "hide_credentials": true}));
+        let (name, upstream) = call(&bearer, &cs, "/", &[("authorization", "bearer k-alice")], NOW).unwrap();
+        assert_eq!(name, "alice");
+        assert!(upstream.get(AUTHORIZATION).is_none(), "hidden from the upstream");
+        // The configured header comes first.
+        assert!(who(&bearer, &cs, &[("apikey", "wrong"), ("authorization", "Bearer k-alice")], NOW).is_err());
+        assert_eq!(who(&bearer, &cs, &[("authorization", "Basic k-alice")], NOW).unwrap_err().body, Some(json!({"message": "Missing API key in request"})));
+        // Without the node's hash key, a hashed credential never matches.
+        let keyless = build(parse(&json!({})).unwrap(), None).unwrap();
+        assert!(who(&keyless, &cs, &[("apikey", "k-alice")], NOW).is_err());
+    }
+
+    #[test]
+    fn every_refusal_of_a_key_is_the_same_answer() {
+        let cs = consumers(&[
+            ("alice", hashed("k-alice", json!({"scope": "prod"}))),
+            ("bob", hashed("k-bob", json!({"scope": "prod", "not_after": NOW - 1}))),
+            ("carol", hashed("k-carol", json!({"scope": "staging"}))),
+            ("dave", json!({"key": "k-dave"})),
+            ("erin", hashed("k-erin", json!({}))),
+        ]);
+        let prod = plugin(json!({"scope": "prod"}));
+        assert_eq!(who(&prod, &cs, &[("apikey", "k-alice")], NOW).unwrap(), "alice");
+        let wrong = who(&prod, &cs, &[("apikey", "nope")], NOW).unwrap_err();
+        assert_eq!(wrong.status, 401);
+        assert_eq!(wrong.body, Some(json!({"message": "Invalid API key in request"})));
+        assert_eq!(wrong.headers, vec![(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("apikey realm=\"key\""))]);
+        for refused in ["k-bob", "k-carol", "k-dave", "k-erin", &key_hash(&HASH_KEY, "k-alice")] {
+            assert_eq!(who(&prod, &cs, &[("apikey", refused)], NOW), Err(wrong.clone()), "{refused:?}");
+        }
+        // A route without a scope takes plain keys and unscoped hashes, not scoped ones.
+        let open = plugin(json!({}));
+        assert_eq!(who(&open, &cs, &[("apikey", "k-dave")], NOW).unwrap(), "dave");
+        assert_eq!(call(&open, &cs, "/?apikey=k-erin", &[], NOW).unwrap().0, "erin");
+        assert_eq!(who(&open, &cs, &[("apikey", "k-alice")], NOW), Err(wrong.clone()));
+        // The stored hash is no key, in the query string either.
+        let hash = key_hash(&HASH_KEY, "k-erin");
+        assert_eq!(call(&open, &cs, &format!("/?apikey=%00hash:{hash}"), &[], NOW).map(|(w, _)| w), Err(wrong.clone()));
+        assert_eq!(call(&open, &cs, &format!("/?apikey={hash}"), &[], NOW).map(|(w, _)| w), Err(wrong));
+    }
+
+    #[test]
+    fn a_rotated_key_overlaps_until_its_not_after() {
+        let cs = consumers(&[("alice", hashed("new", json!({"scope": "prod"}))), ("alice", hashed("old", json!({"scope": "prod", "not_after": NOW + 60})))]);
+        let prod = plugin(json!({"scope": "prod"}));
+        for now in [NOW, NOW + 60] {
+            assert_eq!(who(&prod, &cs, &[("apikey", "new")], now).unwrap(), "alice");
+            assert_eq!(who(&prod, &cs, &[("apikey", "old")], now).unwrap(), "alice");
+        }
+        assert_eq!(who(&prod, &cs, &[("apikey", "new")], NOW + 61).unwrap(), "alice");
+        assert!(who(&prod, &cs, &[("apikey", "old")], NOW + 61).is_err());
+    }
+
+    #[test]
+    fn credentials_are_a_key_or_a_well_formed_hash() {
+        let schema = crate::schema_of::<Credential>();
+        assert_eq!(schema["encrypt_fields"], json!(["key"]));
+        let valid = jsonschema::validator_for(&schema).unwrap();
+        let hash = key_hash(&HASH_KEY, "k");
+        for good in [json!({"key": "k"}), json!({"key_hash": hash}), json!({"key_hash": hash, "scope": "prod", "not_after": NOW})] {
+            assert!(valid.is_valid(&good), "{good}");
+            assert!(prepare(parse(&good).unwrap()).is_ok(), "{good}");
+        }
+        let bad = [
+            json!({}),
+            json!({"key": "k", "key_hash": hash}),
+            json!({"key_hash": hash.to_uppercase()}),
+            json!({"key_hash": &hash[1..]}),
+            json!({"key_hash": hash, "scope": ""}),
+            json!({"key_hash": hash, "not_after": 1.5}),
+            json!({"key": "k", "scope": "prod"}),
+        ];
+        for bad in bad {
+            assert!(!valid.is_valid(&bad), "{bad}");
+            assert!(parse::<Credential>(&bad).map_err(drop).and_then(|c| prepare(c).map_err(drop)).is_err(), "{bad}");
+        }
+        assert!(prepare(parse(&json!({"key": format!("{HASHED}x")})).unwrap()).is_err());
+        // The hash the platform computes: HMAC-SHA256 in lowercase hex.
+        assert_eq!(key_hash(&(0..32).collect::<Vec<u8>>(), "k3y"), "2a2f404139850ecb0219c22d19302caf05ff3ac80485233ba2d555a622af0817");
+        assert!(build(parse(&json!({})).unwrap(), Some(&json!({"hash_key": "xyz"}))).is_err());
+    }
 
     #[test]
     fn query_args_are_removed() {

@@ -34,6 +34,7 @@ mod traffic_split;
 mod ua_restriction;
 mod uri_blocker;
 
+pub use key_auth::{attr as key_auth_attr, key_hash as key_auth_hash};
 pub use weir_plugin_api::*;
 
 /// Every APISIX plugin Weir has, in a registry other crates may add theirs to.

@@ -56,7 +56,7 @@ fn every_derived_schema_compiles_in_apisix_shape() {
 }
 
 /// What `/plugins/key-auth` serves, exactly: the shape APISIX serves, with the descriptions the
-/// config type's docs give.
+/// config type's docs give, and Weir's additions (`bearer`, `scope`; hashed credentials).
 #[test]
 fn a_served_schema_has_apisix_shape() {
     let registry = weir_plugins::registry();
@@ -78,12 +78,22 @@ fn a_served_schema_has_apisix_shape() {
             "query": {"type": "string", "default": "apikey"},
             "realm": {"type": "string", "default": "key"},
             "hide_credentials": {"type": "boolean", "default": false},
-            "anonymous_consumer": {"type": "string", "minLength": 1}
+            "anonymous_consumer": {"type": "string", "minLength": 1},
+            "bearer": {"type": "boolean", "default": false},
+            "scope": {"type": "string", "minLength": 1, "maxLength": 128}
         }})
     );
     assert_eq!(
         strip(registry.consumer_schema("key-auth").unwrap()),
-        json!({"type": "object", "properties": {"key": {"type": "string"}}, "required": ["key"], "encrypt_fields": ["key"]})
+        json!({"type": "object", "properties": {
+            "key": {"type": "string"},
+            "key_hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "scope": {"type": "string", "minLength": 1, "maxLength": 128},
+            "not_after": {"type": "integer"}
+        },
+        "oneOf": [{"required": ["key"]}, {"required": ["key_hash"]}],
+        "dependencies": {"scope": ["key_hash"], "not_after": ["key_hash"]},
+        "encrypt_fields": ["key"]})
     );
     // Defaults true stay true; flags stay flags.
     let mocking = registry.config_schema("mocking").unwrap();

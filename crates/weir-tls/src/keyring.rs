@@ -9,6 +9,9 @@
 //! behind a mark, [`FIELD_MARK`], so a sealed field is told from a plain one without trying to
 //! open it: a store written by APISIX, or a declarative file, holds plain values, and those are
 //! used as they are.
+//!
+//! The primary secret also derives node-wide subkeys, one per label ([`Keyring::derive`]), for
+//! what needs a key of its own rather than a seal (the `key-auth` plugin's key hashes, say).
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -28,6 +31,8 @@ pub const FIELD_MARK: &str = "$weir-sealed$";
 
 pub struct Keyring {
     keys: Vec<LessSafeKey>,
+    /// HMAC-SHA256 keyed with the primary secret's bytes, for [`Keyring::derive`].
+    derive: ring::hmac::Key,
     rng: SystemRandom,
 }
 
@@ -42,7 +47,19 @@ impl Keyring {
                 LessSafeKey::new(UnboundKey::new(&AES_256_GCM, digest.as_ref()).expect("a SHA-256 digest is an AES-256 key"))
             })
             .collect();
-        Keyring { keys, rng: SystemRandom::new() }
+        let derive = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secrets[0].as_bytes());
+        Keyring { keys, derive, rng: SystemRandom::new() }
+    }
+
+    /// A 32-byte subkey for `label`: HMAC-SHA256 of the label under the primary secret. The
+    /// same secret and label give the same subkey on every node; putting a new secret first
+    /// changes every subkey (unlike sealing, older secrets are not tried), so whatever was made
+    /// with the old subkey must be made again.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        let tag = ring::hmac::sign(&self.derive, label.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
     }
 
     /// A new random secret, as 64 hex digits.
@@ -163,6 +180,17 @@ mod tests {
         raw[last] ^= 1;
         assert_eq!(old.open(&STANDARD.encode(raw)), Err(KeyringError::UnknownSecret));
         assert_eq!(Keyring::generate_secret().len(), 64);
+    }
+
+    #[test]
+    fn subkeys_depend_on_the_label_and_the_primary_secret() {
+        let ring = Keyring::new(&["a".to_string(), "b".to_string()]);
+        assert_eq!(ring.derive("key-auth"), Keyring::new(&["a".to_string()]).derive("key-auth"), "only the primary secret counts");
+        assert_ne!(ring.derive("key-auth"), ring.derive("other"));
+        assert_ne!(ring.derive("key-auth"), Keyring::new(&["b".to_string(), "a".to_string()]).derive("key-auth"));
+        // HMAC-SHA256(key = "a", "key-auth"), as any other HMAC implementation computes it.
+        let hex: String = ring.derive("key-auth").iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, "1e45100b2ecb8af021cb17236bde06da74711198269e7a0e9604da38fd69c414");
     }
 
     #[test]

@@ -404,7 +404,10 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         let prefix = cfg.store.key_prefix().to_string();
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
         let otel = serde_json::to_value(&cfg.plugin_attr.opentelemetry)?;
-        let plugins = Arc::new(weir_plugins::registry().with_attr("opentelemetry", otel).with_secrets(secret_opener(keyring.clone())));
+        // `key-auth`'s hashed credentials are keyed by a subkey of the keyring, the same on
+        // every node that shares it.
+        let key_auth = weir_plugins::key_auth_attr(&keyring.derive("key-auth"));
+        let plugins = Arc::new(weir_plugins::registry().with_attr("opentelemetry", otel).with_attr("key-auth", key_auth).with_secrets(secret_opener(keyring.clone())));
         let sync = Arc::new(SyncStatus::default());
         let mut bound = Vec::new();
         // Tenants' functions run where the data plane does; the platform's `invoke` uses the
