@@ -33,6 +33,31 @@ pub struct Db {
     pub name: String,
     pub backend: Arc<dyn Backend>,
     lock: Mutex<()>,
+    /// Index definitions by collection, kept when this process is the only writer.
+    indexes: Mutex<HashMap<String, Arc<Vec<IndexDef>>>>,
+}
+
+impl Db {
+    fn indexes(&self, coll: &str) -> Result<Arc<Vec<IndexDef>>, DbError> {
+        if !self.backend.single_writer() {
+            return Ok(Arc::new(self.backend.indexes(coll)?));
+        }
+        let mut cache = self.indexes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(defs) = cache.get(coll) {
+            return Ok(defs.clone());
+        }
+        let defs = Arc::new(self.backend.indexes(coll)?);
+        cache.insert(coll.to_string(), defs.clone());
+        Ok(defs)
+    }
+
+    /// Applies a change of `coll`'s indexes (under the writers' lock `execute` holds),
+    /// forgetting what was kept of them.
+    fn change_indexes(&self, coll: &str, write: Write) -> Result<(), DbError> {
+        let out = self.backend.apply(&[write]);
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner()).remove(coll);
+        out
+    }
 }
 
 /// A transaction's view: the documents it wrote (`None`: deleted), and what each was when the
@@ -68,7 +93,7 @@ impl Databases {
         if let Some(db) = open.get(name) {
             return Ok(db.clone());
         }
-        let db = Arc::new(Db { name: name.to_string(), backend: (self.opener)(name)?, lock: Mutex::new(()) });
+        let db = Arc::new(Db { name: name.to_string(), backend: (self.opener)(name)?, lock: Mutex::new(()), indexes: Mutex::default() });
         open.insert(name.to_string(), db.clone());
         Ok(db)
     }
@@ -340,16 +365,16 @@ impl Run<'_> {
             "createIndex" => {
                 let def = index_def(&r["keys"], options(r))?;
                 let name = def.name.clone();
-                self.db.backend.apply(&[Write::CreateIndex { coll: self.coll.into(), def }])?;
+                self.db.change_indexes(self.coll, Write::CreateIndex { coll: self.coll.into(), def })?;
                 Ok(json!(name))
             }
             "dropIndex" => {
                 let name = r["name"].as_str().ok_or_else(|| DbError::bad("dropIndex takes an index name"))?;
-                self.db.backend.apply(&[Write::DropIndex { coll: self.coll.into(), name: name.into() }])?;
+                self.db.change_indexes(self.coll, Write::DropIndex { coll: self.coll.into(), name: name.into() })?;
                 Ok(json!({"ok": 1}))
             }
             "drop" => {
-                self.db.backend.apply(&[Write::DropCollection { coll: self.coll.into() }])?;
+                self.db.change_indexes(self.coll, Write::DropCollection { coll: self.coll.into() })?;
                 Ok(json!(true))
             }
             other => Err(DbError::bad(format!("unknown operation {other}"))),
@@ -418,14 +443,12 @@ impl Run<'_> {
         } else if let Some((def, keys)) = self.usable_index(filter)? {
             plan.index = Some(def.name.clone());
             for key in keys {
-                for id in self.db.backend.lookup(self.coll, &def.name, &key)? {
+                for (id, d) in self.db.backend.lookup_docs(self.coll, &def.name, &key)? {
                     if Instant::now() > deadline {
                         return Err(late());
                     }
                     plan.examined += 1;
-                    if let Some(d) = self.db.backend.get(self.coll, &id)?
-                        && filter.matches(&d)
-                    {
+                    if filter.matches(&d) {
                         out.insert(id, d);
                     }
                 }
@@ -434,7 +457,7 @@ impl Run<'_> {
             let mut n = 0u64;
             self.db.backend.scan(self.coll, &mut |d| {
                 n += 1;
-                if n % 1024 == 0 && Instant::now() > deadline {
+                if n.is_multiple_of(1024) && Instant::now() > deadline {
                     return Err(late());
                 }
                 if filter.matches(&d) {
@@ -470,7 +493,7 @@ impl Run<'_> {
 
     /// An index every field of which the filter sets by equality, with the keys to look up.
     fn usable_index(&self, filter: &Filter) -> Result<Option<(IndexDef, Vec<String>)>, DbError> {
-        for def in self.db.backend.indexes(self.coll)? {
+        for def in self.db.indexes(self.coll)?.iter() {
             let mut combos: Vec<Vec<Value>> = vec![Vec::new()];
             let mut usable = true;
             for (field, _) in &def.keys {
@@ -486,7 +509,7 @@ impl Run<'_> {
             }
             if usable {
                 let keys = combos.iter().map(|c| index_key(c)).collect();
-                return Ok(Some((def, keys)));
+                return Ok(Some((def.clone(), keys)));
             }
         }
         Ok(None)

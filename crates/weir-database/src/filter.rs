@@ -105,7 +105,7 @@ impl Cond {
             }),
             Cond::In(vs) => vs.iter().any(|v| eq_any(found, v)),
             Cond::Nin(vs) => !vs.iter().any(|v| eq_any(found, v)),
-            Cond::Exists(want) => !found.is_empty() == *want,
+            Cond::Exists(want) => found.is_empty() != *want,
             Cond::Not(c) => !c.matches(found),
             Cond::Regex(re) => candidates(found).any(|x| x.as_str().is_some_and(|s| re.is_match(s))),
             Cond::All(cs) => cs.iter().all(|c| c.matches(found)),

@@ -171,6 +171,21 @@ pub trait Backend: Send + Sync {
     fn indexes(&self, coll: &str) -> Result<Vec<IndexDef>, DbError>;
     /// The ids filed under `key` in index `index` of `coll`.
     fn lookup(&self, coll: &str, index: &str, key: &str) -> Result<Vec<String>, DbError>;
+    /// The documents filed under `key` in index `index` of `coll`, with their ids.
+    fn lookup_docs(&self, coll: &str, index: &str, key: &str) -> Result<Vec<(String, Value)>, DbError> {
+        let mut out = Vec::new();
+        for id in self.lookup(coll, index, key)? {
+            if let Some(d) = self.get(coll, &id)? {
+                out.push((id, d));
+            }
+        }
+        Ok(out)
+    }
+    /// Whether this process is the database's only writer, so what it read of the indexes
+    /// stays true until it changes them itself.
+    fn single_writer(&self) -> bool {
+        false
+    }
     /// Applies the writes in one transaction: a failed `expect` is a `Conflict`, a unique
     /// index holding a value twice a `Duplicate`, and then nothing is written.
     fn apply(&self, writes: &[Write]) -> Result<(), DbError>;
