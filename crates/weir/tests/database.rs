@@ -294,13 +294,25 @@ async fn data_api(engine: Engine, pg: Option<&str>) {
     let r = send(w.admin, "POST", "/v1/api-gateways/copy/database/import", &[("x-api-key", common::KEY)], Some("{\"collection\": \"x\"}\nnot json")).await;
     assert_eq!(r.status, 400, "{}", r.text());
     // Deleting a gateway deletes its database.
+    if let Engine::Embedded = engine {
+        assert!(w.data_dir().join("databases/data.redb").exists());
+    }
     assert_eq!(v1(&w, "DELETE", "api-gateways/data", None).await.0, 202);
     until_gateway(&w, "data", |s, _| s == 404).await;
+    if let Engine::Embedded = engine {
+        // Its file goes just after its document.
+        let file = w.data_dir().join("databases/data.redb");
+        for _ in 0..300 {
+            if !file.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!file.exists(), "{} is removed with its gateway", file.display());
+    }
     gateway(&w, "data", json!({})).await;
     assert_eq!(v1(&w, "GET", "api-gateways/data/database/collections", None).await.1["total"], 0, "a new gateway of the old name starts empty");
-    if let Engine::Embedded = engine {
-        assert!(!w.data_dir().join("databases/data.redb").exists() || v1(&w, "GET", &format!("{docs}/o1"), None).await.0 == 404);
-    }
+    assert_eq!(v1(&w, "GET", &format!("{docs}/o1"), None).await.0, 404);
 }
 
 #[tokio::test]
