@@ -57,6 +57,21 @@ pub struct Consumer {
     pub username: String,
     /// The credential (`consumers/{username}/credentials/{id}`) that matched, if any.
     pub credential_id: Option<String>,
+    /// `username` and `credential_id` as header values, made once per snapshot; none when
+    /// one cannot be a header value.
+    username_header: Option<HeaderValue>,
+    credential_header: Option<HeaderValue>,
+}
+
+impl Consumer {
+    pub fn new(username: &str, credential_id: Option<&str>) -> Consumer {
+        Consumer {
+            username: username.to_string(),
+            credential_id: credential_id.map(str::to_string),
+            username_header: HeaderValue::from_str(username).ok(),
+            credential_header: credential_id.and_then(|c| HeaderValue::from_str(c).ok()),
+        }
+    }
 }
 
 /// A credential a consumer holds for one auth plugin, as that plugin prepared it when the
@@ -80,7 +95,7 @@ impl Consumers {
     /// Adds the credentials a consumer (or one of its credential objects) carries in `plugins`.
     /// A credential its plugin cannot use is logged and left out.
     pub fn add(&mut self, registry: &Registry, username: &str, credential_id: Option<&str>, plugins: &serde_json::Map<String, Value>) {
-        let consumer = Arc::new(Consumer { username: username.to_string(), credential_id: credential_id.map(str::to_string) });
+        let consumer = Arc::new(Consumer::new(username, credential_id));
         for (name, conf) in plugins {
             let Some(f) = registry.factory(name) else { continue };
             let Some(prepare) = &f.credential else { continue };
@@ -121,17 +136,17 @@ impl Consumers {
 pub fn attach_consumer(ctx: &mut RequestCtx<'_>, consumer: Arc<Consumer>) {
     const X_CONSUMER_USERNAME: HeaderName = HeaderName::from_static("x-consumer-username");
     const X_CREDENTIAL_IDENTIFIER: HeaderName = HeaderName::from_static("x-credential-identifier");
-    match HeaderValue::from_str(&consumer.username) {
-        Ok(v) => {
-            ctx.parts.headers.insert(X_CONSUMER_USERNAME, v);
+    match &consumer.username_header {
+        Some(v) => {
+            ctx.parts.headers.insert(X_CONSUMER_USERNAME, v.clone());
         }
-        Err(_) => {
+        None => {
             ctx.parts.headers.remove(X_CONSUMER_USERNAME);
         }
     }
-    match consumer.credential_id.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+    match &consumer.credential_header {
         Some(v) => {
-            ctx.parts.headers.insert(X_CREDENTIAL_IDENTIFIER, v);
+            ctx.parts.headers.insert(X_CREDENTIAL_IDENTIFIER, v.clone());
         }
         None => {
             // Never let a client claim an identity the gateway did not establish.

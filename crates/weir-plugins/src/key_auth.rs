@@ -8,22 +8,19 @@
 //! whatever its reason, is the same answer, so a caller learns nothing of what the store holds.
 
 use std::any::Any;
+use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use ring::hmac;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
-use crate::{Consumer, Consumers, Factory, JsonSchema, Plugin, Reply, RequestCtx, attach_consumer, parse, unauthorized};
+use crate::keyed::{self, HASHED, hash_key, hashed_id, keyed_hash, now_secs};
+use crate::{Consumer, Consumers, Factory, JsonSchema, Plugin, Reply, RequestCtx, attach_consumer, unauthorized};
 
 const NAME: &str = "key-auth";
 
-/// What a hashed credential's id starts with: no key a caller presents (header values and
-/// decoded query arguments alike) is checked against these ids, and no plain `key` may start
-/// with it, so a stored hash never works as a key.
-const HASHED: &str = "\0hash:";
 
 pub(crate) fn factory() -> Factory {
     Factory::new(NAME, 2500, |c: Config, b| Ok(Arc::new(build(c, b.attr)?))).with_credential(prepare)
@@ -32,20 +29,12 @@ pub(crate) fn factory() -> Factory {
 /// Lowercase hex of HMAC-SHA256(`hash_key`, `key`): what a credential's `key_hash` holds for
 /// `key` on a node whose `plugin_attr.key-auth.hash_key` is `hash_key`.
 pub fn key_hash(hash_key: &[u8], key: &str) -> String {
-    sign(&hmac::Key::new(hmac::HMAC_SHA256, hash_key), key)
+    keyed_hash(&hmac::Key::new(hmac::HMAC_SHA256, hash_key), key)
 }
 
 /// The `plugin_attr.key-auth` settings that make hashed credentials work with `hash_key`.
 pub fn attr(hash_key: &[u8]) -> Value {
-    json!({ "hash_key": hex(hash_key) })
-}
-
-fn sign(hash_key: &hmac::Key, key: &str) -> String {
-    hex(hmac::sign(hash_key, key.as_bytes()).as_ref())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    keyed::attr(hash_key)
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -81,14 +70,6 @@ fn apikey() -> String {
 
 fn realm() -> String {
     "key".into()
-}
-
-/// What the plugin reads of `plugin_attr.key-auth`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Attr {
-    /// Hex; without it, hashed credentials never match.
-    hash_key: Option<String>,
 }
 
 /// A consumer's key: APISIX's `key`, sealed at rest by the Admin API (`encrypt_fields`), or
@@ -137,18 +118,7 @@ fn prepare(c: Credential) -> Result<(String, Arc<dyn Any + Send + Sync>), String
 fn build(c: Config, attr: Option<&Value>) -> Result<KeyAuth, String> {
     let header = HeaderName::from_bytes(c.header.as_bytes()).map_err(|e| format!("header: {e}"))?;
     let challenge = HeaderValue::from_str(&format!("apikey realm=\"{}\"", c.realm)).map_err(|e| format!("realm: {e}"))?;
-    let hash_key = match attr.map(parse::<Attr>).transpose().map_err(|e| format!("plugin_attr: {e}"))?.and_then(|a| a.hash_key) {
-        Some(h) => Some(hmac::Key::new(hmac::HMAC_SHA256, &unhex(&h).ok_or("plugin_attr: hash_key: must be hex")?)),
-        None => None,
-    };
-    Ok(KeyAuth { header, query: c.query, hide: c.hide_credentials, challenge, bearer: c.bearer, scope: c.scope, hash_key })
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.is_empty() || !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
+    Ok(KeyAuth { header, query: c.query, hide: c.hide_credentials, challenge, bearer: c.bearer, scope: c.scope, hash_key: hash_key(attr)? })
 }
 
 struct KeyAuth {
@@ -170,8 +140,7 @@ enum Source {
 
 impl Plugin for KeyAuth {
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-        self.authenticate(ctx, now)
+        self.authenticate(ctx, now_secs())
     }
 }
 
@@ -180,15 +149,17 @@ impl KeyAuth {
     fn authenticate(&self, ctx: &mut RequestCtx<'_>, now: i64) -> Result<(), Reply> {
         let refuse = |msg: &str| Err(unauthorized(msg).with_header(http::header::WWW_AUTHENTICATE, self.challenge.clone()));
         let header = |name: &HeaderName| ctx.parts.headers.get(name).and_then(|v| v.to_str().ok());
+        // The key is read where it is (a query argument is decoded into a string of its own),
+        // and the caller identified, before the request is changed.
         let found = match header(&self.header) {
-            Some(k) => Some((k.to_string(), Source::Header)),
-            None => self.bearer.then(|| header(&AUTHORIZATION).and_then(bearer_token)).flatten().map(|k| (k.to_string(), Source::Bearer)),
+            Some(k) => Some((Cow::Borrowed(k), Source::Header)),
+            None => self.bearer.then(|| header(&AUTHORIZATION).and_then(bearer_token)).flatten().map(|k| (Cow::Borrowed(k), Source::Bearer)),
         };
-        let (key, source) = match found.or_else(|| ctx.var(&format!("arg_{}", self.query)).map(|k| (k, Source::Query))) {
-            Some(found) => found,
+        let (identified, source) = match found.or_else(|| ctx.var(&format!("arg_{}", self.query)).map(|k| (Cow::Owned(k), Source::Query))) {
+            Some((key, source)) => (self.identify(ctx.consumers, &key, now), source),
             None => return refuse("Missing API key in request"),
         };
-        let consumer = match self.identify(ctx.consumers, &key, now) {
+        let consumer = match identified {
             Ok(c) => c,
             Err(reason) => {
                 tracing::warn!(route = ctx.route_id, reason, "key-auth: the key given is refused");
@@ -215,7 +186,7 @@ impl KeyAuth {
             return Ok(c.consumer.clone());
         }
         let hash_key = self.hash_key.as_ref().ok_or("no consumer holds the key")?;
-        let c = consumers.find(NAME, &format!("{HASHED}{}", sign(hash_key, key))).ok_or("no consumer holds the key")?;
+        let c = consumers.find(NAME, &hashed_id(hash_key, key)).ok_or("no consumer holds the key")?;
         let h = c.data.downcast_ref::<Hashed>().ok_or("no consumer holds the key")?;
         if h.scope != self.scope {
             return Err("the key belongs to another scope");
@@ -254,6 +225,10 @@ pub(crate) fn remove_query_arg(uri: &mut http::Uri, name: &str) {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
+    use crate::parse;
+
     use super::*;
 
     const HASH_KEY: [u8; 32] = [7; 32];
@@ -261,13 +236,7 @@ mod tests {
 
     /// Consumers holding `credentials` (username, `key-auth` config), one credential object each.
     fn consumers(credentials: &[(&str, Value)]) -> Consumers {
-        let registry = crate::registry();
-        let mut out = Consumers::default();
-        for (n, (username, cred)) in credentials.iter().enumerate() {
-            let plugins = json!({ NAME: cred });
-            out.add(&registry, username, Some(&format!("c{n}")), plugins.as_object().unwrap());
-        }
-        out
+        crate::keyed::consumers_of(NAME, credentials)
     }
 
     fn plugin(route: Value) -> KeyAuth {

@@ -10,10 +10,12 @@ mod consumer_restriction;
 mod cors;
 mod csrf;
 mod fault_injection;
+pub mod grant_usage;
 mod hmac_auth;
 mod ip_restriction;
 mod jwt_auth;
 mod key_auth;
+mod keyed;
 mod limit_conn;
 mod limit_count;
 mod limit_req;
@@ -34,6 +36,8 @@ mod traffic_split;
 mod ua_restriction;
 mod uri_blocker;
 
+pub use basic_auth::{attr as basic_auth_attr, credential_hash as basic_auth_hash};
+pub use jwt_auth::{attr as jwt_auth_attr, secret as jwt_auth_secret};
 pub use key_auth::{attr as key_auth_attr, key_hash as key_auth_hash};
 pub use weir_plugin_api::*;
 
@@ -48,6 +52,7 @@ pub fn registry() -> Registry {
         cors::factory(),
         csrf::factory(),
         fault_injection::factory(),
+        grant_usage::factory(),
         hmac_auth::factory(),
         ip_restriction::factory(),
         jwt_auth::factory(),

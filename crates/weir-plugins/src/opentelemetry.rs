@@ -11,6 +11,7 @@ use http::header::{HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::keyed::hex;
 use crate::loggers::{HttpTarget, Queue, send_batches};
 use crate::{Factory, JsonSchema, LogRecord, Notes, Phases, Plugin, Reply, RequestCtx};
 
@@ -205,9 +206,6 @@ fn hex_into(text: &str, out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 /// The span a request is in, kept for the log phase.
 struct Span {

@@ -404,10 +404,19 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         let prefix = cfg.store.key_prefix().to_string();
         let (loaded_tx, mut loaded) = tokio::sync::watch::channel(false);
         let otel = serde_json::to_value(&cfg.plugin_attr.opentelemetry)?;
-        // `key-auth`'s hashed credentials are keyed by a subkey of the keyring, the same on
-        // every node that shares it.
+        // `key-auth`'s and `basic-auth`'s hashed credentials and `jwt-auth`'s derived secrets
+        // are keyed by subkeys of the keyring, the same on every node that shares it.
         let key_auth = weir_plugins::key_auth_attr(&keyring.derive("key-auth"));
-        let plugins = Arc::new(weir_plugins::registry().with_attr("opentelemetry", otel).with_attr("key-auth", key_auth).with_secrets(secret_opener(keyring.clone())));
+        let basic_auth = weir_plugins::basic_auth_attr(&keyring.derive("basic-auth"));
+        let jwt_auth = weir_plugins::jwt_auth_attr(&keyring.derive("jwt-auth"));
+        let plugins = Arc::new(
+            weir_plugins::registry()
+                .with_attr("opentelemetry", otel)
+                .with_attr("key-auth", key_auth)
+                .with_attr("basic-auth", basic_auth)
+                .with_attr("jwt-auth", jwt_auth)
+                .with_secrets(secret_opener(keyring.clone())),
+        );
         let sync = Arc::new(SyncStatus::default());
         let mut bound = Vec::new();
         // Tenants' functions run where the data plane does; the platform's `invoke` uses the

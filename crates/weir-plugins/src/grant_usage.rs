@@ -1,0 +1,336 @@
+//! `grant-usage`: Weir's plugin for the consumers the platform makes of applications' grants.
+//! On a consumer, it names the grant to what answers the request (a function sees it as
+//! `ctx.user.appId` and `grantId`) and counts the consumer's requests, errors (a status of 400
+//! or more) and latency: as Prometheus series labelled with the consumer's name alone
+//! (`weir_grant_requests_total`, `weir_grant_errors_total`, `weir_grant_duration_seconds`), and
+//! per minute for [`usage`], which the platform's usage API reads.
+//!
+//! A consumer's counts belong to the plugin instances that hold them: a consumer that goes
+//! takes its series with it, so names nobody granted never make one. The minutes kept are the
+//! last [`RETENTION_MINUTES`], and at most [`MAX_MINUTES`] across every consumer (the oldest go
+//! first), so memory stays bounded however many grants call. The counts are this process's:
+//! each node counts what it served.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+
+use crate::{Factory, JsonSchema, LogRecord, Notes, Phases, Plugin, RequestCtx, Reply};
+
+pub const NAME: &str = "grant-usage";
+
+/// How long a consumer's per-minute counts are kept.
+pub const RETENTION_MINUTES: u32 = 24 * 60;
+
+/// The most per-minute counts kept across every consumer (about 90 bytes each).
+pub const MAX_MINUTES: usize = 500_000;
+
+/// Upper bounds of the latency buckets, in milliseconds; the last bucket is everything above.
+const BOUNDS_MS: [f64; 17] = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0];
+const SLOTS: usize = BOUNDS_MS.len() + 1;
+
+pub(crate) fn factory() -> Factory {
+    Factory::new(NAME, 25000, |c: Config, b| {
+        let series = b.scope.strip_prefix("consumer:").map(series);
+        Ok(Arc::new(GrantUsage { grantee: Arc::new(Grantee { application: c.application, grant: c.grant }), series }))
+    })
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    /// The application the consumer's grant belongs to.
+    #[schemars(length(min = 1, max = 64))]
+    application: String,
+    /// The grant the consumer is.
+    #[schemars(length(min = 1, max = 64))]
+    grant: String,
+}
+
+/// The grant a request came under, noted for what answers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grantee {
+    pub application: String,
+    pub grant: String,
+}
+
+/// The grant the request of `notes` came under, if its consumer is one.
+pub fn grantee(notes: &Notes) -> Option<&Grantee> {
+    notes.get::<Arc<Grantee>>(NAME).map(|g| g.as_ref())
+}
+
+struct GrantUsage {
+    grantee: Arc<Grantee>,
+    /// The consumer's counts; none when the plugin is configured anywhere but on a consumer.
+    series: Option<Arc<Series>>,
+}
+
+impl Plugin for GrantUsage {
+    fn phases(&self) -> Phases {
+        Phases { response: false, log: true, body: false }
+    }
+
+    fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+        ctx.notes.put(NAME, self.grantee.clone());
+        Ok(())
+    }
+
+    fn log(&self, r: &LogRecord, _notes: &Notes) {
+        if let Some(s) = &self.series {
+            // The minute the request ended in, from the record's own clock readings.
+            let minute = match r.started {
+                Some(t) => minute_of(t + r.request_time),
+                None => minute_of(SystemTime::now()),
+            };
+            s.observe(minute, r.request_time, r.status >= 400);
+        }
+    }
+}
+
+/// One minute's counts of a consumer.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Minute {
+    /// Minutes since the Unix epoch.
+    pub minute: u32,
+    pub requests: u32,
+    pub errors: u32,
+    /// Requests per latency bucket ([`BOUNDS_MS`]).
+    pub latency: [u32; SLOTS],
+}
+
+impl Minute {
+    fn add(&mut self, other: &Minute) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (a, b) in self.latency.iter_mut().zip(other.latency.iter()) {
+            *a += b;
+        }
+    }
+
+    /// The latency (ms) under which a share `q` of the requests finished, interpolated within
+    /// its bucket as Prometheus's `histogram_quantile` does; none without requests.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let total: u64 = self.latency.iter().map(|n| u64::from(*n)).sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = q * total as f64;
+        let mut seen = 0.0;
+        for (i, n) in self.latency.iter().enumerate() {
+            let n = f64::from(*n);
+            if n > 0.0 && seen + n >= rank {
+                let low = if i == 0 { 0.0 } else { BOUNDS_MS[i - 1] };
+                // Above the last bound there is nothing to interpolate towards.
+                let Some(high) = BOUNDS_MS.get(i) else { return Some(low) };
+                return Some(low + (high - low) * ((rank - seen) / n).clamp(0.0, 1.0));
+            }
+            seen += n;
+        }
+        Some(BOUNDS_MS[BOUNDS_MS.len() - 1])
+    }
+}
+
+/// A consumer's counts: totals for Prometheus, and the last minutes.
+#[derive(Default)]
+pub struct Series {
+    consumer: String,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    buckets: [AtomicU64; SLOTS],
+    /// Microseconds.
+    sum: AtomicU64,
+    minutes: Mutex<VecDeque<Minute>>,
+}
+
+impl Series {
+    fn observe(&self, minute: u32, took: Duration, error: bool) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if error {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = took.as_secs_f64() * 1000.0;
+        let slot = BOUNDS_MS.iter().position(|b| ms <= *b).unwrap_or(BOUNDS_MS.len());
+        self.buckets[slot].fetch_add(1, Ordering::Relaxed);
+        self.sum.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        let added = {
+            let mut minutes = self.minutes.lock().unwrap_or_else(|p| p.into_inner());
+            let added = minutes.back().is_none_or(|m| m.minute < minute);
+            if added {
+                minutes.push_back(Minute { minute, ..Minute::default() });
+            }
+            // A clock stepped back counts into the newest minute kept.
+            let m = minutes.back_mut().expect("a minute was just made if none was");
+            m.requests += 1;
+            m.errors += u32::from(error);
+            m.latency[slot] += 1;
+            added
+        };
+        if added && HELD.fetch_add(1, Ordering::Relaxed) + 1 > MAX_MINUTES {
+            trim(minute);
+        } else if added && PRUNED.load(Ordering::Relaxed) < minute.saturating_sub(60) {
+            // Once an hour at most, minutes past the retention go.
+            trim(minute);
+        }
+    }
+}
+
+/// Per-minute counts kept across every consumer.
+static HELD: AtomicUsize = AtomicUsize::new(0);
+/// The minute of the last trim.
+static PRUNED: AtomicU32 = AtomicU32::new(0);
+
+fn all() -> &'static Mutex<BTreeMap<String, Weak<Series>>> {
+    static ALL: OnceLock<Mutex<BTreeMap<String, Weak<Series>>>> = OnceLock::new();
+    ALL.get_or_init(|| {
+        crate::prometheus::add_source(render);
+        Mutex::default()
+    })
+}
+
+fn minute_of(t: SystemTime) -> u32 {
+    (t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 60) as u32
+}
+
+/// The series of consumer `consumer`: the one its plugin instances hold, or a new one.
+fn series(consumer: &str) -> Arc<Series> {
+    let mut all = all().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(s) = all.get(consumer).and_then(Weak::upgrade) {
+        return s;
+    }
+    let s = Arc::new(Series { consumer: consumer.to_string(), ..Series::default() });
+    all.insert(consumer.to_string(), Arc::downgrade(&s));
+    s
+}
+
+/// Drops the minutes past the retention, then, while more than [`MAX_MINUTES`] are held, the
+/// oldest hour after hour.
+fn trim(now: u32) {
+    PRUNED.store(now, Ordering::Relaxed);
+    let live: Vec<Arc<Series>> = {
+        let mut all = all().lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, s| s.strong_count() > 0);
+        all.values().filter_map(Weak::upgrade).collect()
+    };
+    let mut cutoff = now.saturating_sub(RETENTION_MINUTES);
+    loop {
+        let mut held = 0;
+        for s in &live {
+            let mut minutes = s.minutes.lock().unwrap_or_else(|p| p.into_inner());
+            while minutes.front().is_some_and(|m| m.minute < cutoff) {
+                minutes.pop_front();
+            }
+            held += minutes.len();
+        }
+        HELD.store(held, Ordering::Relaxed);
+        if held <= MAX_MINUTES || cutoff >= now {
+            return;
+        }
+        cutoff = (cutoff + 60).min(now);
+    }
+}
+
+/// Consumer `consumer`'s counts of the minutes in `from..to` (minutes since the epoch), oldest
+/// first; none when this process holds nothing of it.
+pub fn usage(consumer: &str, from: u32, to: u32) -> Vec<Minute> {
+    let Some(s) = all().lock().unwrap_or_else(|p| p.into_inner()).get(consumer).and_then(Weak::upgrade) else {
+        return Vec::new();
+    };
+    let minutes = s.minutes.lock().unwrap_or_else(|p| p.into_inner());
+    minutes.iter().filter(|m| m.minute >= from && m.minute < to).cloned().collect()
+}
+
+/// Minutes `list` summed into one.
+pub fn sum<'a>(list: impl IntoIterator<Item = &'a Minute>) -> Minute {
+    let mut out = Minute::default();
+    for m in list {
+        out.add(m);
+    }
+    out
+}
+
+/// Appends the series to the metrics page.
+fn render(out: &mut String) {
+    let live: Vec<Arc<Series>> = {
+        let mut all = all().lock().unwrap_or_else(|p| p.into_inner());
+        all.retain(|_, s| s.strong_count() > 0);
+        all.values().filter_map(Weak::upgrade).collect()
+    };
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let label = |s: &Series| format!("consumer=\"{}\"", crate::prometheus::label(&s.consumer));
+    out.push_str("# HELP weir_grant_requests_total Requests of applications' grants, by consumer\n# TYPE weir_grant_requests_total counter\n");
+    for s in &live {
+        let _ = writeln!(out, "weir_grant_requests_total{{{}}} {}", label(s), n(&s.requests));
+    }
+    out.push_str("# HELP weir_grant_errors_total Responses of status 400 or more to applications' grants, by consumer\n# TYPE weir_grant_errors_total counter\n");
+    for s in &live {
+        let _ = writeln!(out, "weir_grant_errors_total{{{}}} {}", label(s), n(&s.errors));
+    }
+    out.push_str("# HELP weir_grant_duration_seconds Latency of applications' grants' requests, by consumer\n# TYPE weir_grant_duration_seconds histogram\n");
+    for s in &live {
+        let mut cumulative = 0;
+        for (i, bucket) in s.buckets.iter().enumerate() {
+            cumulative += n(bucket);
+            let le = BOUNDS_MS.get(i).map_or("+Inf".to_string(), |b| (b / 1000.0).to_string());
+            let _ = writeln!(out, "weir_grant_duration_seconds_bucket{{{},le=\"{le}\"}} {cumulative}", label(s));
+        }
+        let _ = writeln!(out, "weir_grant_duration_seconds_sum{{{}}} {}", label(s), n(&s.sum) as f64 / 1e6);
+        let _ = writeln!(out, "weir_grant_duration_seconds_count{{{}}} {}", label(s), n(&s.requests));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_minute_and_goes_with_its_holders() {
+        // Minutes of now: a trim by another test keeps them.
+        let m = minute_of(SystemTime::now());
+        let s = series("gw-dev-app-test-usage");
+        s.observe(m, Duration::from_micros(800), false);
+        s.observe(m, Duration::from_millis(20), true);
+        s.observe(m + 1, Duration::from_millis(3), false);
+        let got = usage("gw-dev-app-test-usage", 0, u32::MAX);
+        assert_eq!(got.iter().map(|x| (x.minute, x.requests, x.errors)).collect::<Vec<_>>(), [(m, 2, 1), (m + 1, 1, 0)]);
+        assert_eq!(usage("gw-dev-app-test-usage", m + 1, m + 2).len(), 1, "the window's minutes only");
+        let page = crate::prometheus::render();
+        assert!(page.contains("weir_grant_requests_total{consumer=\"gw-dev-app-test-usage\"} 3"), "{page}");
+        assert!(page.contains("weir_grant_errors_total{consumer=\"gw-dev-app-test-usage\"} 1"), "{page}");
+        assert!(page.contains("weir_grant_duration_seconds_bucket{consumer=\"gw-dev-app-test-usage\",le=\"0.001\"} 1"), "{page}");
+        assert!(page.contains("weir_grant_duration_seconds_count{consumer=\"gw-dev-app-test-usage\"} 3"), "{page}");
+        drop(s);
+        assert!(usage("gw-dev-app-test-usage", 0, u32::MAX).is_empty());
+        assert!(!crate::prometheus::render().contains("gw-dev-app-test-usage"), "a consumer nobody holds has no series");
+    }
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let mut m = Minute::default();
+        assert_eq!(m.quantile_ms(0.5), None);
+        // 100 requests between 1 and 2.5 ms.
+        m.latency[4] = 100;
+        m.requests = 100;
+        let p50 = m.quantile_ms(0.5).unwrap();
+        assert!((p50 - 1.75).abs() < 1e-9, "{p50}");
+        let p99 = m.quantile_ms(0.99).unwrap();
+        assert!((p99 - 2.485).abs() < 1e-9, "{p99}");
+        m.latency[SLOTS - 1] = 10_000;
+        assert_eq!(m.quantile_ms(0.99), Some(30000.0), "past the last bound: the last bound");
+        let two = sum([&m, &m]);
+        assert_eq!((two.requests, two.latency[4]), (200, 200));
+    }
+
+    #[test]
+    fn old_minutes_go() {
+        let now = minute_of(SystemTime::now());
+        let s = series("gw-dev-app-test-trim");
+        s.observe(now - RETENTION_MINUTES - 5, Duration::from_millis(1), false);
+        s.observe(now, Duration::from_millis(1), false);
+        trim(now);
+        assert_eq!(usage("gw-dev-app-test-trim", 0, u32::MAX).iter().map(|m| m.minute).collect::<Vec<_>>(), [now]);
+    }
+}
