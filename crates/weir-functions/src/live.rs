@@ -436,8 +436,18 @@ fn decode(s: &str) -> String {
     weir_core::text::percent_decode(&s.replace('+', " ")).into_owned()
 }
 
+/// Who a call came from, as a function sees it in `ctx.user`: the consumer an auth plugin
+/// named and, when that consumer is an application's grant, the application and the grant.
+pub fn user_of(consumer: Option<&str>, notes: &weir_plugins::Notes) -> Option<Value> {
+    let name = consumer?;
+    Some(match weir_plugins::grant_usage::grantee(notes) {
+        Some(g) => json!({"name": name, "appId": g.application, "grantId": g.grant}),
+        None => json!({"name": name}),
+    })
+}
+
 /// The request a function sees of a call.
-pub fn request_of(parts: &http::request::Parts, body: &[u8], consumer: Option<&str>) -> Request {
+pub fn request_of(parts: &http::request::Parts, body: &[u8], user: Option<Value>) -> Request {
     let query = parts.uri.query().map(|q| weir_core::text::query_pairs(q).map(|(k, v)| (decode(k), decode(v))).collect()).unwrap_or_default();
     let headers = parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
     let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_else(crate::sdk::request_id);
@@ -448,7 +458,7 @@ pub fn request_of(parts: &http::request::Parts, body: &[u8], consumer: Option<&s
         headers,
         body: (!body.is_empty()).then(|| String::from_utf8_lossy(body).into_owned()),
         request_id,
-        user: consumer.map(|c| json!({"name": c})),
+        user,
     }
 }
 
@@ -465,7 +475,7 @@ impl Handler for FunctionHandler {
             }
             return Box::pin(async move { resp });
         }
-        let request = request_of(&call.parts, &call.body, call.consumer);
+        let request = request_of(&call.parts, &call.body, user_of(call.consumer, call.notes));
         let (engine, func, table, vars, limits, reach, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.reach.clone(), self.debug);
         let series = self.series.clone();
         Box::pin(async move {

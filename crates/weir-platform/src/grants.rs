@@ -1,13 +1,23 @@
 //! Applications (the clients of a tenant's API) and their grants: each grant lets one
-//! application into one environment of one gateway with an API key of its own.
+//! application into one environment of one gateway with credentials of its own.
 //!
 //! A grant is an APISIX consumer named `{gid}-{env}-{appId}` (the grant's `credentialId`)
-//! with a `key-auth` credential holding only the keyed hash of the key (HMAC-SHA256 under a
-//! key the keyring derives), scoped to the environment, so the key is never stored in a form
-//! that reads back and works nowhere else; the create and regenerate answers are the only
-//! places the key exists. Its `quota` is a `limit-count` on the consumer (429). A regenerated
-//! key replaces the hash at once; with `overlapSeconds` the old hash stays as a second
-//! credential until then. Every change is one store transaction with the grant's document.
+//! with a credential of the environment's auth plugin (`authType`; `key-auth` when it has
+//! none) that never holds the secret in a form that reads back, scoped to the environment so
+//! it works nowhere else; the create and regenerate answers are the only places the secret
+//! exists (`apiKey`, or `credentials`):
+//!
+//! - `key-auth`: the keyed hash of the key (HMAC-SHA256 under a key the keyring derives);
+//! - `basic-auth`: the keyed hash of `credentialId:password` (`credential_hash`);
+//! - `jwt-auth` (HS256, `key` = `credentialId`): a random `secret_seed`; the secret is
+//!   HMAC-SHA256 of it under a key the keyring derives, so only nodes holding the keyring
+//!   can compute it.
+//!
+//! Its `quota` is a `limit-count` on the consumer (429). A regenerated secret replaces the
+//! old one at once; with `overlapSeconds` the old hash stays as a second credential until
+//! then (for `jwt-auth`, whose tokens name the one credential of their key, the old seed stays
+//! as the credential's `previous_seed`). Every change is one store transaction with the
+//! grant's document.
 //!
 //! Keys: `{prefix}/platform/applications/{appId}`, `{prefix}/platform/grants/{grantId}`, and
 //! the consumer `{prefix}/consumers/{credentialId}` with its credentials `current` and
@@ -23,7 +33,7 @@ use weir_store::{Compare, Op, Txn, TxnOutcome};
 
 use crate::Platform;
 use crate::api::{Reply, bad_input, body, failure, json, not_found, refuse, store_down};
-use crate::model::{ENVIRONMENTS, GATEWAY_ID};
+use crate::model::{AuthType, ENVIRONMENTS, GATEWAY_ID, Phase};
 use crate::tokens::Caller;
 
 /// `POST /v1/applications`.
@@ -131,12 +141,35 @@ fn now_secs() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
 
-/// A new API key: `sk-` and 64 hex digits from the system's CSPRNG.
-fn mint_key() -> String {
+/// 32 bytes from the system's CSPRNG, as 64 hex digits.
+fn random_hex() -> String {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 32];
     ring::rand::SystemRandom::new().fill(&mut bytes).expect("the system's random source works");
-    format!("sk-{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A new API key (or password): `sk-` and 64 hex digits from the system's CSPRNG.
+fn mint_key() -> String {
+    format!("sk-{}", random_hex())
+}
+
+/// The auth plugin of the grants of an environment of `auth` type.
+fn grant_plugin(auth: AuthType) -> &'static str {
+    match auth {
+        AuthType::BasicAuth => "basic-auth",
+        AuthType::JwtAuth => "jwt-auth",
+        AuthType::KeyAuth | AuthType::None => "key-auth",
+    }
+}
+
+/// A grant's new secret: what its credential holds of it (the auth plugin's config, before its
+/// scope and expiry) and what the answer shows of it, once.
+struct Minted {
+    plugin: &'static str,
+    stored: Value,
+    /// The answer's field and its value.
+    shown: (&'static str, Value),
 }
 
 fn encode<T: Serialize>(v: &T) -> Bytes {
@@ -170,6 +203,35 @@ impl Platform {
         weir_plugins::key_auth_hash(&self.docs.keyring.derive("key-auth"), key)
     }
 
+    /// A new secret for the credential `cid` of auth plugin `plugin`.
+    fn mint(&self, plugin: &'static str, cid: &str) -> Minted {
+        match plugin {
+            "basic-auth" => {
+                let password = mint_key();
+                let hash = weir_plugins::basic_auth_hash(&self.docs.keyring.derive("basic-auth"), cid, &password);
+                Minted { plugin, stored: json!({"credential_hash": hash}), shown: ("credentials", json!({"username": cid, "password": password})) }
+            }
+            "jwt-auth" => {
+                let seed = random_hex();
+                let secret = weir_plugins::jwt_auth_secret(&self.docs.keyring.derive("jwt-auth"), &seed);
+                Minted { plugin, stored: json!({"key": cid, "secret_seed": seed, "algorithm": "HS256"}), shown: ("credentials", json!({"key": cid, "secret": secret})) }
+            }
+            _ => {
+                let key = mint_key();
+                Minted { plugin: "key-auth", stored: json!({"key_hash": self.key_hash(&key)}), shown: ("apiKey", json!(key)) }
+            }
+        }
+    }
+
+    /// The revision of gateway `gid`'s document and the auth type of its environment `env`.
+    async fn grant_gateway(&self, gid: &str, env: &str) -> Result<(i64, AuthType), Reply> {
+        match self.docs.get(gid).await.map_err(store_down)? {
+            Some((gw, _)) if gw.phase == Phase::Deleting => Err(failure(ErrorKind::Conflict, "the gateway is being deleted", Vec::new())),
+            Some((gw, rev)) => Ok((rev, gw.environment(env).map_or(AuthType::None, |e| e.auth_type))),
+            None => Err(not_found("gateway")),
+        }
+    }
+
     /// Routes `/v1/applications...`.
     pub(crate) async fn applications_api(&self, caller: &Caller, m: &http::Method, rest: &[&str], query: Option<&str>, raw: &Bytes) -> Reply {
         use http::Method;
@@ -200,6 +262,7 @@ impl Platform {
                     (&Method::PATCH, []) => self.patch_application(application, rev, raw).await,
                     (&Method::DELETE, []) => self.delete_application(application, rev).await,
                     (&Method::POST, ["grants"]) => self.create_grant(caller, &application, raw).await,
+                    (&Method::GET, ["usage"]) => self.usage(&application, query).await,
                     (&Method::GET, ["grants"]) => {
                         let param = |k| query.and_then(|q| weir_core::text::query_param(q, k)).map(|v| weir_core::text::percent_decode(v).into_owned());
                         let (gid, env) = (param("gatewayId"), param("environment"));
@@ -286,7 +349,7 @@ impl Platform {
         Ok(self.docs.store.get(&self.grant_key(id)).await.map_err(store_down)?.and_then(|kv| serde_json::from_slice(&kv.value).ok().map(|g| (g, kv.mod_revision))))
     }
 
-    async fn grants_where(&self, keep: impl Fn(&Grant) -> bool) -> Result<Vec<Grant>, Reply> {
+    pub(crate) async fn grants_where(&self, keep: impl Fn(&Grant) -> bool) -> Result<Vec<Grant>, Reply> {
         let (kvs, _) = self.docs.store.list(&format!("{}/platform/grants/", self.prefix)).await.map_err(store_down)?;
         Ok(kvs.iter().filter_map(|kv| serde_json::from_slice::<Grant>(&kv.value).ok()).filter(|g| keep(g)).collect())
     }
@@ -383,9 +446,12 @@ impl Platform {
         Ok(Op::Put { key: registered.key(&self.prefix, parent, id), value: Bytes::from(value.to_string()) })
     }
 
-    /// The consumer and `current` credential of grant `g` for key hash `hash`.
-    fn grant_objects(&self, g: &Grant, hash: &str) -> Result<Vec<Op>, Reply> {
+    /// The consumer and `current` credential of grant `g`: auth plugin `plugin` configured
+    /// `conf`.
+    fn grant_objects(&self, g: &Grant, plugin: &str, conf: Value) -> Result<Vec<Op>, Reply> {
         let mut plugins = serde_json::Map::new();
+        // Names the grant to functions and counts its usage.
+        plugins.insert(weir_plugins::grant_usage::NAME.into(), json!({"application": g.app_id, "grant": g.grant_id}));
         if let Some(q) = g.quota {
             plugins.insert("limit-count".into(), json!({"count": q.count, "time_window": q.time_window, "rejected_code": 429, "key_type": "var", "key": "consumer_name", "policy": "local"}));
         }
@@ -395,14 +461,15 @@ impl Platform {
             "labels": {(weir_catalog::MANAGED_LABEL): g.gateway_id, "weir-application": g.app_id, "weir-grant": g.grant_id},
             "plugins": plugins,
         });
-        let credential = json!({"id": "current", "plugins": {"key-auth": self.credential_conf(g, hash, None)}});
+        let credential = json!({"id": "current", "plugins": {plugin: conf}});
         Ok(vec![self.checked("consumers", None, &g.credential_id, consumer)?, self.checked("credentials", Some(&g.credential_id), "current", credential)?])
     }
 
-    /// A `key-auth` credential of `hash`, scoped to the grant's environment, until the grant
-    /// expires (or `until`, if sooner).
-    fn credential_conf(&self, g: &Grant, hash: &str, until: Option<i64>) -> Value {
-        let mut conf = json!({"key_hash": hash, "scope": scope(&g.gateway_id, &g.environment)});
+    /// An auth plugin's credential of `stored` (a key's hash, a seed), scoped to the grant's
+    /// environment, until the grant expires (or `until`, if sooner).
+    fn credential_conf(&self, g: &Grant, stored: &Value, until: Option<i64>) -> Value {
+        let mut conf = stored.clone();
+        conf["scope"] = json!(scope(&g.gateway_id, &g.environment));
         let expires = g.expires_at.as_deref().and_then(|t| crate::tokens::parse_time(t).ok());
         if let Some(at) = [expires, until].into_iter().flatten().min() {
             conf["not_after"] = json!(at);
@@ -442,21 +509,22 @@ impl Platform {
             created_at: now_rfc3339(),
             rotated_at: None,
         };
-        let key = mint_key();
-        let mut ops = match self.grant_objects(&grant, &self.key_hash(&key)) {
-            Ok(o) => o,
-            Err(r) => return r,
-        };
-        ops.push(Op::Put { key: self.grant_key(&grant.grant_id), value: encode(&grant) });
         // The consumer's key is compared as absent (one grant per application and
         // environment), the application and the gateway as read, so neither is deleted under
-        // the grant; when they change meanwhile (the reconciler writes the gateway's
-        // document), the grant is tried again.
+        // the grant, and the credential is of the environment's auth type as read; when they
+        // change meanwhile (the reconciler writes the gateway's document), the grant is tried
+        // again.
         for _ in 0..32 {
-            let gw_rev = match self.gateway_rev(&grant.gateway_id).await {
+            let (gw_rev, auth) = match self.grant_gateway(&grant.gateway_id, &grant.environment).await {
                 Ok(r) => r,
                 Err(r) => return r,
             };
+            let minted = self.mint(grant_plugin(auth), &grant.credential_id);
+            let mut ops = match self.grant_objects(&grant, minted.plugin, self.credential_conf(&grant, &minted.stored, None)) {
+                Ok(o) => o,
+                Err(r) => return r,
+            };
+            ops.push(Op::Put { key: self.grant_key(&grant.grant_id), value: encode(&grant) });
             let app_rev = match self.docs.store.get(&self.app_key(&app.app_id)).await {
                 Ok(Some(kv)) => kv.mod_revision,
                 Ok(None) => return not_found("application"),
@@ -467,10 +535,10 @@ impl Platform {
                 Compare { key: self.app_key(&app.app_id), mod_revision: app_rev },
                 Compare { key: self.docs.key(&grant.gateway_id), mod_revision: gw_rev },
             ];
-            match self.store_txn(compares, ops.clone()).await {
+            match self.store_txn(compares, ops).await {
                 Ok(true) => {
                     let mut shown = serde_json::to_value(&grant).expect("a grant serializes");
-                    shown["apiKey"] = json!(key);
+                    shown[minted.shown.0] = minted.shown.1;
                     return json(StatusCode::CREATED, &shown);
                 }
                 Ok(false) => match self.docs.store.get(&self.consumer_key(&grant.credential_id)).await {
@@ -498,17 +566,37 @@ impl Platform {
             Ok(None) => return failure(ErrorKind::Internal, "the grant's credential is missing", Vec::new()),
             Err(e) => return store_down(e),
         };
-        let old_hash = current["plugins"]["key-auth"]["key_hash"].as_str().unwrap_or_default().to_string();
-        let key = mint_key();
+        // A new secret of the environment's auth plugin, as it is now; when that is the current
+        // credential's, what the old secret was held as (its hash, its seed) stays for the
+        // overlap. A grant made before its environment changed auth type thus moves to the new
+        // type when it is regenerated.
+        let auth = match self.grant_gateway(&g.gateway_id, &g.environment).await {
+            Ok((_, auth)) => auth,
+            Err(r) => return r,
+        };
+        let plugin = grant_plugin(auth);
+        let held = match plugin {
+            "basic-auth" => "credential_hash",
+            "jwt-auth" => "secret_seed",
+            _ => "key_hash",
+        };
+        let old = current["plugins"].get(plugin).and_then(|c| c[held].as_str()).unwrap_or_default().to_string();
+        let minted = self.mint(plugin, &g.credential_id);
         g.rotated_at = Some(now_rfc3339());
-        let mut ops = match self.grant_objects(&g, &self.key_hash(&key)) {
+        let overlap = input.overlap_seconds.filter(|s| *s > 0 && !old.is_empty()).map(|s| now_secs() + s as i64);
+        let mut conf = self.credential_conf(&g, &minted.stored, None);
+        if let (Some(until), "jwt-auth") = (overlap, plugin) {
+            conf["previous_seed"] = json!(old);
+            conf["previous_not_after"] = json!(until);
+        }
+        let mut ops = match self.grant_objects(&g, plugin, conf) {
             Ok(o) => o,
             Err(r) => return r,
         };
         ops.push(Op::Put { key: self.grant_key(&g.grant_id), value: encode(&g) });
-        match input.overlap_seconds.filter(|s| *s > 0) {
-            Some(s) if !old_hash.is_empty() => {
-                let previous = json!({"id": "previous", "plugins": {"key-auth": self.credential_conf(&g, &old_hash, Some(now_secs() + s as i64))}});
+        match overlap {
+            Some(until) if plugin != "jwt-auth" => {
+                let previous = json!({"id": "previous", "plugins": {plugin: self.credential_conf(&g, &json!({held: old}), Some(until))}});
                 match self.checked("credentials", Some(&g.credential_id), "previous", previous) {
                     Ok(op) => ops.push(op),
                     Err(r) => return r,
@@ -519,7 +607,7 @@ impl Platform {
         match self.store_txn(vec![Compare { key: self.grant_key(&g.grant_id), mod_revision: rev }], ops).await {
             Ok(true) => {
                 let mut shown = serde_json::to_value(&g).expect("a grant serializes");
-                shown["apiKey"] = json!(key);
+                shown[minted.shown.0] = minted.shown.1;
                 json(StatusCode::OK, &shown)
             }
             Ok(false) => failure(ErrorKind::Conflict, "the grant changed meanwhile; try again", Vec::new()),

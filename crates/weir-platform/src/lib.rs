@@ -24,6 +24,7 @@ mod reconcile;
 pub mod render;
 pub mod tokens;
 pub mod triggers;
+mod usage;
 
 use std::sync::Arc;
 

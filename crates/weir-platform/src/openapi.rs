@@ -194,9 +194,13 @@ pub fn document() -> Value {
                 "patch": {"summary": "Change an application", "requestBody": body("PatchApplication"), "responses": responses(&[("200", "the application as changed", "Application")])},
                 "delete": {"summary": "Delete an application, its grants and their keys", "responses": responses(&[("200", "deleted", "Object")])}
             },
+            "/v1/applications/{appId}/usage": {
+                "parameters": [param("appId", "the application's id"), query("from", "RFC 3339; by default an hour before `to`"), query("to", "RFC 3339; by default now"), query("step", "seconds, a multiple of 60; by default 60")],
+                "get": {"summary": "The application's requests, errors and latency on this node, in total and per step", "responses": responses(&[("200", "usage", "Usage")])}
+            },
             "/v1/applications/{appId}/grants": {
                 "parameters": [param("appId", "the application's id")],
-                "post": {"summary": "Grant the application one environment of a gateway; the key is in this answer only", "requestBody": body("CreateGrant"), "responses": responses(&[("201", "the grant and its apiKey", "GrantWithKey"), ("409", "the application has a grant for that environment", "Error")])},
+                "post": {"summary": "Grant the application one environment of a gateway; its key or credentials are in this answer only", "requestBody": body("CreateGrant"), "responses": responses(&[("201", "the grant and its apiKey or credentials", "GrantWithKey"), ("409", "the application has a grant for that environment", "Error")])},
                 "get": {"summary": "The application's grants (`?gatewayId=&environment=`)", "responses": responses(&[("200", "grants", "GrantList")])}
             },
             "/v1/applications/{appId}/grants/{grantId}": {
@@ -206,7 +210,7 @@ pub fn document() -> Value {
             },
             "/v1/applications/{appId}/grants/{grantId}/regenerate": {
                 "parameters": [param("appId", "the application's id"), param("grantId", "the grant's id")],
-                "post": {"summary": "A new key; the old one stops at once, or after `overlapSeconds`", "requestBody": body("Regenerate"), "responses": responses(&[("200", "the grant and its new apiKey", "GrantWithKey")])}
+                "post": {"summary": "A new key or credentials; the old ones stop at once, or after `overlapSeconds`", "requestBody": body("Regenerate"), "responses": responses(&[("200", "the grant and its new apiKey or credentials", "GrantWithKey")])}
             },
             "/v1/api-gateways/{gid}/grants": {
                 "parameters": [gid],
@@ -287,7 +291,19 @@ pub fn document() -> Value {
                 "Regenerate": schema::<Regenerate>(),
                 "Grant": schema::<Grant>(),
                 "GrantList": list_of("Grant"),
-                "GrantWithKey": {"allOf": [{"$ref": "#/components/schemas/Grant"}, {"type": "object", "properties": {"apiKey": {"type": "string", "description": "sk- and 64 hex digits: shown here only"}}, "required": ["apiKey"]}]},
+                "Usage": schema::<crate::usage::Usage>(),
+                "GrantWithKey": {"allOf": [{"$ref": "#/components/schemas/Grant"}, {
+                    "type": "object",
+                    "description": "The grant's secret, shown here only: `apiKey` in a key-auth (or auth-less) environment, `credentials` in a basic-auth or jwt-auth one",
+                    "properties": {
+                        "apiKey": {"type": "string", "description": "sk- and 64 hex digits"},
+                        "credentials": {"oneOf": [
+                            {"type": "object", "description": "basic-auth", "properties": {"username": {"type": "string", "description": "the credentialId"}, "password": {"type": "string", "description": "sk- and 64 hex digits"}}, "required": ["username", "password"]},
+                            {"type": "object", "description": "jwt-auth: sign HS256 tokens with `secret` and give `key` as their `key` claim", "properties": {"key": {"type": "string", "description": "the credentialId"}, "secret": {"type": "string", "description": "64 hex digits"}}, "required": ["key", "secret"]}
+                        ]}
+                    },
+                    "oneOf": [{"required": ["apiKey"]}, {"required": ["credentials"]}]
+                }]},
                 "Object": {"type": "object"},
                 "CollectionList": list_of("Collection"),
                 "Collection": {"type": "object", "properties": {

@@ -56,9 +56,10 @@ pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(
     if let Some(auth) = env.auth_type.plugin()
         && !out.iter().any(|(n, _, _)| n == auth)
     {
-        // Keys of the environment's grants: in `apikey` or as a bearer token, and only the
-        // keys granted for this environment.
-        let conf = if auth == "key-auth" { json!({"bearer": true, "scope": crate::grants::scope(&gw.gateway_id, &env.name)}) } else { json!({}) };
+        // Credentials of the environment's grants, and only those granted for this
+        // environment; keys in `apikey` or as a bearer token.
+        let scope = crate::grants::scope(&gw.gateway_id, &env.name);
+        let conf = if auth == "key-auth" { json!({"bearer": true, "scope": scope}) } else { json!({"scope": scope}) };
         out.push((auth.to_string(), conf, "environment"));
     }
     out

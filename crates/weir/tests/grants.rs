@@ -69,7 +69,7 @@ async fn grants_let_applications_in_where_granted_rotate_expire_and_leave_no_key
         }
     };
     let seen = ok(&a, dev_key.clone()).await;
-    assert_eq!(seen["user"]["name"], json!(format!("api-dev-{app_id}")), "{seen}");
+    assert_eq!(seen["user"], json!({"name": format!("api-dev-{app_id}"), "appId": app_id, "grantId": dev["grantId"]}), "{seen}");
     ok(&b, dev_key.clone()).await;
     assert_eq!(hit(&b, "dev", "/me", &[("authorization", &bearer(&dev_key))]).await.0, 200);
     let (s, echoed) = hit(&a, "dev", "/upstream", &[("apikey", &dev_key)]).await;
@@ -200,4 +200,125 @@ async fn only_owners_grant_and_tokens_see_only_their_applications() {
     assert_eq!(as_(&owner, "PATCH", format!("applications/{id}"), Some(json!({"description": "the app"}))).await.1["description"], "the app");
     assert_eq!(as_(&owner, "DELETE", format!("applications/{id}/grants/{}", g["grantId"].as_str().unwrap()), None).await.0, 200);
     assert_eq!(as_(&owner, "GET", format!("applications/{id}/grants"), None).await.1["total"], 0);
+}
+
+/// The metrics page of `w`, once `check` holds for it.
+async fn metrics_until(w: &Weir, check: impl Fn(&str) -> bool) -> String {
+    let addr = w.metrics.expect("the exporter listens");
+    let mut last = String::new();
+    for _ in 0..250 {
+        last = send(addr, "GET", "/apisix/prometheus/metrics", &[], None).await.text();
+        if check(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the metrics page never showed what was expected:\n{last}");
+}
+
+#[tokio::test]
+async fn usage_counts_each_grants_requests_errors_and_latency() {
+    let w = common::platform::on_loopback("");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Api", "gatewayId": "api"}))).await.0, 201);
+    until_gateway(&w, "api", |_, b| b["phase"] == "Started").await;
+    for (name, code) in [("me", "export default (ctx) => ({ user: ctx.user ?? null })"), ("fail", "export default () => { throw new Error('no') }")] {
+        let (s, b) = v1(&w, "POST", "api-gateways/api/functions", Some(json!({"name": name, "source": {"code": code}}))).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, staged) = v1(&w, "POST", "api-gateways/api/functions/dev%2Fme/deploy-to-stage", Some(json!({"targetStage": "staging"}))).await;
+    assert_eq!(s, 200, "{staged}");
+    // Every function live before any grant: no call below fails for a reason but its own.
+    for (env, path) in [("dev", "/me"), ("dev", "/fail"), ("staging", "/me")] {
+        let started = Instant::now();
+        while !matches!(hit(&w, env, path, &[]).await.0, 200 | 500) {
+            assert!(started.elapsed() < Duration::from_secs(5), "{env}{path} never went live");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    for env in ["dev", "staging"] {
+        let (s, body) = v1(&w, "PATCH", &format!("api-gateways/api/environments/{env}"), Some(json!({"authType": "key-auth"}))).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    let (_, app) = v1(&w, "POST", "applications", Some(json!({"name": "Counted"}))).await;
+    let app_id = app["appId"].as_str().unwrap().to_string();
+    let (_, dev) = v1(&w, "POST", &format!("applications/{app_id}/grants"), Some(json!({"gatewayId": "api", "environment": "dev"}))).await;
+    let (_, staging) = v1(&w, "POST", &format!("applications/{app_id}/grants"), Some(json!({"gatewayId": "api", "environment": "staging", "quota": {"count": 2, "time_window": 60}}))).await;
+    let (dev_key, staging_key) = (dev["apiKey"].as_str().unwrap().to_string(), staging["apiKey"].as_str().unwrap().to_string());
+    // Until the key names its grant (a 200 without a user is the environment before its auth
+    // applied, a 401 before the grant did: neither is the grant's).
+    let started = Instant::now();
+    loop {
+        let (s, body) = hit(&w, "staging", "/me", &[("apikey", &staging_key)]).await;
+        if s == 200 && serde_json::from_str::<Value>(&body).unwrap()["user"]["grantId"] == staging["grantId"] {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the staging key never worked: {s} {body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Dev: 4 answered, 2 failing in the function. Staging: 1 more answered (2 in all), then
+    // the quota's 429. Unknown keys are nobody's usage.
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(hit(&w, "dev", "/me", &[("apikey", &dev_key)]).await.0);
+    }
+    for _ in 0..2 {
+        codes.push(hit(&w, "dev", "/fail", &[("authorization", &bearer(&dev_key))]).await.0);
+    }
+    for _ in 0..2 {
+        codes.push(hit(&w, "staging", "/me", &[("apikey", &staging_key)]).await.0);
+    }
+    codes.push(hit(&w, "dev", "/me", &[("apikey", "sk-unknown")]).await.0);
+    assert_eq!(codes, [200, 200, 200, 200, 500, 500, 200, 429, 401]);
+
+    let (dev_cid, staging_cid) = (format!("api-dev-{app_id}"), format!("api-staging-{app_id}"));
+    let page = metrics_until(&w, |p| p.contains(&format!("weir_grant_requests_total{{consumer=\"{staging_cid}\"}} 3"))).await;
+    assert!(page.contains(&format!("weir_grant_requests_total{{consumer=\"{dev_cid}\"}} 6")), "{page}");
+    assert!(page.contains(&format!("weir_grant_errors_total{{consumer=\"{dev_cid}\"}} 2")), "{page}");
+    assert!(page.contains(&format!("weir_grant_errors_total{{consumer=\"{staging_cid}\"}} 1")), "the quota's 429 is an error: {page}");
+    assert!(page.contains(&format!("weir_grant_duration_seconds_count{{consumer=\"{dev_cid}\"}} 6")), "{page}");
+    assert_eq!(page.matches("weir_grant_requests_total{").count(), 2, "a series per grant, none for unknown keys: {page}");
+
+    let (s, usage) = v1(&w, "GET", &format!("applications/{app_id}/usage"), None).await;
+    assert_eq!(s, 200, "{usage}");
+    assert_eq!(usage["totals"], json!({"requests": 9, "errors": 3}), "{usage}");
+    assert_eq!(usage["step"], 60);
+    let per: Vec<(String, u64, u64)> = usage["grants"].as_array().unwrap().iter().map(|g| (g["environment"].as_str().unwrap().to_string(), g["requests"].as_u64().unwrap(), g["errors"].as_u64().unwrap())).collect();
+    let mut per = per;
+    per.sort();
+    assert_eq!(per, [("dev".to_string(), 6, 2), ("staging".to_string(), 3, 1)]);
+    let series = usage["series"].as_array().unwrap();
+    assert!((60..=62).contains(&series.len()), "a point a minute over the last hour: {}", series.len());
+    let counted: Vec<&Value> = series.iter().filter(|p| p["requests"].as_u64().unwrap() > 0).collect();
+    assert_eq!(counted.iter().map(|p| p["requests"].as_u64().unwrap()).sum::<u64>(), 9, "{usage}");
+    for p in &counted {
+        let (p50, p99) = (p["p50Ms"].as_f64().unwrap(), p["p99Ms"].as_f64().unwrap());
+        assert!(p50 > 0.0 && p50 <= p99 && p99 < 30_000.0, "{p}");
+    }
+    assert!(series.iter().filter(|p| p["requests"] == 0).all(|p| p["p50Ms"].is_null()), "no latency without requests");
+    // The answer is what the OpenAPI document says it is.
+    let (_, doc) = v1(&w, "GET", "openapi.json", None).await;
+    assert!(doc["paths"]["/v1/applications/{appId}/usage"]["get"].is_object());
+    let described = jsonschema::validator_for(&json!({"$ref": "#/components/schemas/Usage", "components": doc["components"]})).unwrap();
+    let errors: Vec<String> = described.iter_errors(&usage).map(|e| format!("{}: {e}", e.instance_path())).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(!described.is_valid(&json!({"totals": {"requests": "many"}})), "the check can fail");
+
+    // A window that holds none of it, a coarser step, bad queries.
+    let (_, before) = v1(&w, "GET", &format!("applications/{app_id}/usage?from=2020-01-01T00:00:00Z&to=2020-01-01T01:00:00Z&step=3600"), None).await;
+    assert_eq!((before["totals"].clone(), before["series"].as_array().unwrap().len()), (json!({"requests": 0, "errors": 0}), 1), "{before}");
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = |t: time::OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap().replace(':', "%3A").replace('+', "%2B");
+    let (_, hour) = v1(&w, "GET", &format!("applications/{app_id}/usage?from={}&to={}&step=3600", fmt(now - time::Duration::minutes(30)), fmt(now + time::Duration::minutes(1))), None).await;
+    assert_eq!(hour["totals"]["requests"], 9, "{hour}");
+    assert_eq!(hour["series"][0]["requests"], 9, "one step holds it all: {hour}");
+    for bad in ["step=59", "step=90", "from=yesterday", "from=2020-01-01T00:00:00Z&to=2026-01-01T00:00:00Z"] {
+        let (s, b) = v1(&w, "GET", &format!("applications/{app_id}/usage?{bad}"), None).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+    assert_eq!(v1(&w, "GET", "applications/app-0000000000000000/usage", None).await.0, 404);
+
+    // A revoked grant's series goes with its consumer.
+    let (s, _) = v1(&w, "DELETE", &format!("applications/{app_id}/grants/{}", staging["grantId"].as_str().unwrap()), None).await;
+    assert_eq!(s, 200);
+    metrics_until(&w, |p| !p.contains(&staging_cid) && p.contains(&dev_cid)).await;
 }

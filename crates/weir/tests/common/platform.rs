@@ -55,7 +55,7 @@ pub fn platform_weir_with(store: &str, platform: &str, extra: &str, env: &[(&str
     std::fs::write(
         &cfg,
         format!(
-            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n{store}plugin_attr:\n  prometheus:\n    enable_export_server: false\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\n{extra}platform:\n{platform}"
+            "proxy:\n  listen: [\"127.0.0.1:0\"]\n  workers: 1\nadmin:\n  listen: \"127.0.0.1:0\"\n  keys:\n    - {{name: admin, key: \"{KEY}\", role: admin}}\nstore:\n{store}plugin_attr:\n  prometheus:\n    export_addr: {{ip: 127.0.0.1, port: 0}}\ndata_encryption:\n  keyring: [\"a shared secret for tests\"]\n{extra}platform:\n{platform}"
         ),
     )
     .unwrap();
