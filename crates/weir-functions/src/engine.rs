@@ -886,13 +886,22 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request) -> rquickjs::Result<Object<'js>> {
         }
     }
     o.set("query", query)?;
-    let headers = Object::new(ctx.clone())?;
+    // A header sent more than once is one property, its values joined as HTTP joins them;
+    // joined here, so each name costs the runtime one property and no lookup.
+    let mut joined: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(r.headers.len());
     for (k, v) in &r.headers {
-        let prev: Option<String> = headers.get(k.as_str())?;
-        headers.set(k.as_str(), match prev {
-            Some(p) => format!("{p}, {v}"),
-            None => v.clone(),
-        })?;
+        match joined.iter_mut().find(|(name, _)| *name == k.as_str()) {
+            Some((_, prev)) => {
+                let prev = prev.to_mut();
+                prev.push_str(", ");
+                prev.push_str(v);
+            }
+            None => joined.push((k.as_str(), std::borrow::Cow::Borrowed(v.as_str()))),
+        }
+    }
+    let headers = Object::new(ctx.clone())?;
+    for (k, v) in joined {
+        headers.set(k, v.as_ref())?;
     }
     o.set("headers", headers)?;
     if let Some(body) = &r.body {
@@ -905,7 +914,17 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request) -> rquickjs::Result<Object<'js>> {
     Ok(o)
 }
 
-/// A JSON value in the runtime, through its JSON parser.
+/// A JSON value in the runtime: an object of strings (who the caller is) made directly,
+/// anything else through the runtime's JSON parser.
 fn rquickjs_serde_value<'js>(ctx: &Ctx<'js>, v: &serde_json::Value) -> rquickjs::Result<Value<'js>> {
-    ctx.json_parse(v.to_string())
+    match v.as_object() {
+        Some(map) if map.values().all(serde_json::Value::is_string) => {
+            let o = Object::new(ctx.clone())?;
+            for (k, v) in map {
+                o.set(k.as_str(), v.as_str().unwrap_or_default())?;
+            }
+            Ok(o.into_value())
+        }
+        _ => ctx.json_parse(v.to_string()),
+    }
 }

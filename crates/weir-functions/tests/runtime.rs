@@ -93,6 +93,19 @@ async fn both_handler_shapes_answer_and_typescript_modules_import_each_other() {
 }
 
 #[tokio::test]
+async fn headers_sent_twice_are_joined_and_the_caller_is_an_object() {
+    let gw = Gw::new(vec![func("dev", "who", &[("index.js", "export default (ctx) => ({ headers: ctx.headers, user: ctx.user ?? null })")])]);
+    let mut req = get("/who");
+    req.headers = vec![("accept".into(), "a/b".into()), ("x-v".into(), "1".into()), ("accept".into(), "c/d".into()), ("x-v".into(), "2".into()), ("x-v".into(), "3".into())];
+    req.user = Some(json!({"name": "gw-dev-app-1", "appId": "app-1", "grantId": "gr-1"}));
+    assert_eq!(body_json(&gw.call("who", req).await), json!({"headers": {"accept": "a/b, c/d", "x-v": "1, 2, 3"}, "user": {"name": "gw-dev-app-1", "appId": "app-1", "grantId": "gr-1"}}));
+    let mut req = get("/who");
+    req.user = Some(json!({"name": "n", "roles": ["a"], "n": 1}));
+    assert_eq!(body_json(&gw.call("who", req).await)["user"], json!({"name": "n", "roles": ["a"], "n": 1}), "other values go through the JSON parser");
+    assert_eq!(body_json(&gw.call("who", get("/who")).await), json!({"headers": {}, "user": null}));
+}
+
+#[tokio::test]
 async fn the_sdk_works_inside_a_function() {
     let gw = Gw::new(vec![func("dev", "sdk", &[("index.js", r#"
 export default async (ctx) => {
