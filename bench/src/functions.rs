@@ -50,7 +50,7 @@ pub(crate) fn v1(w: &Weir, method: &str, path: &str, body: &str) -> anyhow::Resu
 }
 
 /// Creates gateway `gid` and waits until it has started.
-fn gateway(w: &Weir, gid: &str) -> anyhow::Result<()> {
+pub(crate) fn gateway(w: &Weir, gid: &str) -> anyhow::Result<()> {
     v1(w, "POST", "api-gateways", &format!("{{\"name\":\"{gid}\",\"gatewayId\":\"{gid}\"}}"))?;
     let started = Instant::now();
     while !v1(w, "GET", &format!("api-gateways/{gid}"), "")?.contains("\"phase\":\"Started\"") {

@@ -8,6 +8,11 @@
 //! Weir with 10,000 routes, Weir with key-auth, limit-count and prometheus on the route, both proxies over HTTPS (wrk, keep-alive) and over HTTP/2 with TLS
 //! (h2load, 10 streams per connection), and the time from an Admin API PUT to the first request
 //! served by the new route, and the memory an idle keep-alive client connection costs each proxy.
+//!
+//! Other modes, each instead of the comparison: `--soak SECONDS` (soak.rs), `--platform N`
+//! (platform.rs), `--functions N` (functions.rs), `--database N` (database.rs: the embedded
+//! engine and PostgreSQL, a server of its own unless `--database-url` names one) and
+//! `--grants N` (grants.rs: a function behind key-auth with N grants against auth off).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -20,6 +25,7 @@ use clap::Parser;
 
 mod database;
 mod functions;
+mod grants;
 mod platform;
 mod soak;
 
@@ -65,13 +71,20 @@ struct Args {
     #[arg(long)]
     functions: Option<usize>,
     /// Instead of the comparison, the database rows: a function doing an indexed `findOne` in a
-    /// collection of this many documents, and one doing `insertOne`, on the embedded engine
-    /// (and on PostgreSQL with `--database-url`).
+    /// collection of this many documents, and one doing `insertOne`, on the embedded engine and
+    /// on PostgreSQL (the server at `--database-url`, else one of its own when PostgreSQL is
+    /// installed).
     #[arg(long)]
     database: Option<usize>,
-    /// A PostgreSQL server (`postgres://...`) for the database rows' second engine.
+    /// A PostgreSQL server (`postgres://...`) for the database rows' second engine, instead of
+    /// starting one.
     #[arg(long)]
     database_url: Option<String>,
+    /// Instead of the comparison, the grants rows: a function behind key-auth in a gateway whose
+    /// dev environment has this many grants (one application each), against the same function
+    /// with auth off, and the time to create the grants.
+    #[arg(long)]
+    grants: Option<usize>,
 }
 
 const ORIGIN_PORT: u16 = 18080;
@@ -528,6 +541,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = args.database {
         return database::run(&args, n);
+    }
+    if let Some(n) = args.grants {
+        return grants::run(&args, n);
     }
     let dir = tempfile_dir()?;
     let other = other_cores(args.proxy_core);
