@@ -449,7 +449,8 @@ pub fn user_of(consumer: Option<&str>, notes: &weir_plugins::Notes) -> Option<Va
 /// The request a function sees of a call.
 pub fn request_of(parts: &http::request::Parts, body: &[u8], user: Option<Value>) -> Request {
     let query = parts.uri.query().map(|q| weir_core::text::query_pairs(q).map(|(k, v)| (decode(k), decode(v))).collect()).unwrap_or_default();
-    let headers = parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
+    let text = |v: &http::HeaderValue| v.to_str().map_or_else(|_| String::from_utf8_lossy(v.as_bytes()).into_owned(), str::to_string);
+    let headers = parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), text(v))).collect();
     let request_id = parts.headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_string).unwrap_or_else(crate::sdk::request_id);
     Request {
         method: parts.method.as_str().to_string(),

@@ -258,6 +258,8 @@ pub struct ResponseCtx<'a> {
     /// When set, every chunk of the body goes through it (`true` with the last, empty call):
     /// a compressor, say. The body still streams.
     pub transform: &'a mut Option<BodyTransform>,
+    /// When the plugins began on the request: the response head is this long after it.
+    pub started: std::time::Instant,
 }
 
 /// A streaming body rewrite: each chunk in, what to send in its place out.

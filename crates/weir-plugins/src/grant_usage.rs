@@ -1,7 +1,7 @@
 //! `grant-usage`: Weir's plugin for the consumers the platform makes of applications' grants.
 //! On a consumer, it names the grant to what answers the request (a function sees it as
 //! `ctx.user.appId` and `grantId`) and counts the consumer's requests, errors (a status of 400
-//! or more) and latency: as Prometheus series labelled with the consumer's name alone
+//! or more) and latency (until the response head is ready): as Prometheus series labelled with the consumer's name alone
 //! (`weir_grant_requests_total`, `weir_grant_errors_total`, `weir_grant_duration_seconds`), and
 //! per minute for [`usage`], which the platform's usage API reads.
 //!
@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Deserialize;
 
-use crate::{Factory, JsonSchema, LogRecord, Notes, Phases, Plugin, RequestCtx, Reply};
+use crate::{Factory, JsonSchema, Notes, Phases, Plugin, Reply, RequestCtx, ResponseCtx};
 
 pub const NAME: &str = "grant-usage";
 
@@ -71,7 +71,7 @@ struct GrantUsage {
 
 impl Plugin for GrantUsage {
     fn phases(&self) -> Phases {
-        Phases { response: false, log: true, body: false }
+        Phases { response: true, log: false, body: false }
     }
 
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
@@ -79,14 +79,11 @@ impl Plugin for GrantUsage {
         Ok(())
     }
 
-    fn log(&self, r: &LogRecord, _notes: &Notes) {
+    /// Counted when the response head is ready (a request's log record, and the wait for its
+    /// body to be sent, would cost every call more than the count itself).
+    fn header_filter(&self, ctx: &mut ResponseCtx<'_>) {
         if let Some(s) = &self.series {
-            // The minute the request ended in, from the record's own clock readings.
-            let minute = match r.started {
-                Some(t) => minute_of(t + r.request_time),
-                None => minute_of(SystemTime::now()),
-            };
-            s.observe(minute, r.request_time, r.status >= 400);
+            s.observe(minute_of(SystemTime::now()), ctx.started.elapsed(), ctx.parts.status.as_u16() >= 400);
         }
     }
 }

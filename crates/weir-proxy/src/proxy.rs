@@ -249,6 +249,7 @@ impl Proxy {
         body: ReqBody,
         conn: &ConnInfo,
     ) -> Response<RespBody> {
+        let started = Instant::now();
         let logged = global.phases.log || route.plugins.phases.log;
         // A plugin that checks the body (request-validation) gets it read, within a bound.
         let (read, body) = if global.phases.body || route.plugins.phases.body {
@@ -352,6 +353,7 @@ impl Proxy {
                 consumer: consumer.as_deref(),
                 notes: &mut notes,
                 transform: &mut transform,
+                started,
             };
             run_response(&global, ran_global, &mut rctx);
             run_response(&route.plugins, ran_route, &mut rctx);

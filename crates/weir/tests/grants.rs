@@ -74,7 +74,12 @@ async fn grants_let_applications_in_where_granted_rotate_expire_and_leave_no_key
     assert_eq!(hit(&b, "dev", "/me", &[("authorization", &bearer(&dev_key))]).await.0, 200);
     let (s, echoed) = hit(&a, "dev", "/upstream", &[("apikey", &dev_key)]).await;
     assert_eq!(s, 200);
-    assert_eq!(serde_json::from_str::<Value>(&echoed).unwrap()["headers"]["x-consumer-username"], json!(format!("api-dev-{app_id}")));
+    let echoed: Value = serde_json::from_str(&echoed).unwrap();
+    assert_eq!(echoed["headers"]["x-consumer-username"], json!(format!("api-dev-{app_id}")));
+    assert!(echoed["headers"].get("apikey").is_none(), "the upstream never gets the client's key: {echoed}");
+    let (s, echoed) = hit(&a, "dev", "/upstream", &[("authorization", &bearer(&dev_key))]).await;
+    assert_eq!(s, 200);
+    assert!(serde_json::from_str::<Value>(&echoed).unwrap()["headers"].get("authorization").is_none(), "nor its bearer token: {echoed}");
 
     // No key, a wrong key, another environment's key: 401, and the refused keys alike.
     assert_eq!(hit(&a, "dev", "/me", &[]).await.0, 401);
