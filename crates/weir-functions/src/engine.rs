@@ -918,7 +918,8 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request) -> rquickjs::Result<Object<'js>> {
 /// anything else through the runtime's JSON parser.
 fn rquickjs_serde_value<'js>(ctx: &Ctx<'js>, v: &serde_json::Value) -> rquickjs::Result<Value<'js>> {
     match v.as_object() {
-        Some(map) if map.values().all(serde_json::Value::is_string) => {
+        // `__proto__` set on an object is its prototype, where the parser makes a property.
+        Some(map) if map.values().all(serde_json::Value::is_string) && !map.contains_key("__proto__") => {
             let o = Object::new(ctx.clone())?;
             for (k, v) in map {
                 o.set(k.as_str(), v.as_str().unwrap_or_default())?;

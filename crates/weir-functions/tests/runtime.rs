@@ -102,6 +102,9 @@ async fn headers_sent_twice_are_joined_and_the_caller_is_an_object() {
     let mut req = get("/who");
     req.user = Some(json!({"name": "n", "roles": ["a"], "n": 1}));
     assert_eq!(body_json(&gw.call("who", req).await)["user"], json!({"name": "n", "roles": ["a"], "n": 1}), "other values go through the JSON parser");
+    let mut req = get("/who");
+    req.user = Some(json!({"name": "n", "__proto__": "p"}));
+    assert_eq!(body_json(&gw.call("who", req).await)["user"], json!({"name": "n", "__proto__": "p"}), "a __proto__ key stays a property");
     assert_eq!(body_json(&gw.call("who", get("/who")).await), json!({"headers": {}, "user": null}));
 }
 

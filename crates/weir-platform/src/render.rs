@@ -57,10 +57,10 @@ pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(
         && !out.iter().any(|(n, _, _)| n == auth)
     {
         // Credentials of the environment's grants, and only those granted for this
-        // environment; keys in `apikey` or as a bearer token, taken off the request once
-        // checked, so no function or upstream of the tenant ever holds a client's key.
+        // environment (keys in `apikey` or as a bearer token), taken off the request once
+        // checked, so no function or upstream of the tenant ever holds a client's secret.
         let scope = crate::grants::scope(&gw.gateway_id, &env.name);
-        let conf = if auth == "key-auth" { json!({"bearer": true, "hide_credentials": true, "scope": scope}) } else { json!({"scope": scope}) };
+        let conf = if auth == "key-auth" { json!({"bearer": true, "hide_credentials": true, "scope": scope}) } else { json!({"hide_credentials": true, "scope": scope}) };
         out.push((auth.to_string(), conf, "environment"));
     }
     out

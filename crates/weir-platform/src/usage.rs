@@ -104,29 +104,39 @@ pub(crate) fn window(query: Option<&str>, now: i64) -> Result<Window, Vec<String
     }
     let to = to.unwrap_or(now);
     let from = from.unwrap_or(to - 3600);
-    // Whole minutes: `to` rounded up, so the minute under way is in.
-    let (from, to) = (from.div_euclid(60) * 60, (to + 59).div_euclid(60) * 60);
+    // Whole minutes: `to` rounded up, so the minute under way is in; nothing before 1970,
+    // where no usage was ever counted.
+    let (from, to) = (from.max(0).div_euclid(60) * 60, (to + 59).div_euclid(60) * 60);
     if from >= to {
-        return Err(vec!["from: must be before to".into()]);
+        return Err(vec!["from: must be before to, and to after 1970".into()]);
     }
     if (to - from) / step > MAX_POINTS {
         return Err(vec![format!("step: the window would have more than {MAX_POINTS} points; make the step longer or the window shorter")]);
     }
-    Ok(Window { from, to, step })
+    // A step longer than the window is the whole window (one point).
+    Ok(Window { from, to, step: step.min(to - from) })
 }
 
 /// The answer for minutes `minutes` (oldest first) of `w`.
 fn series(w: &Window, minutes: &[Minute]) -> Vec<Point> {
     let round = |v: Option<f64>| v.map(|v| (v * 1000.0).round() / 1000.0);
-    let mut out = Vec::new();
-    let mut at = w.from;
-    while at < w.to {
-        let (lo, hi) = ((at / 60) as u32, ((at + w.step).min(w.to) / 60) as u32);
-        let m = grant_usage::sum(minutes.iter().filter(|m| m.minute >= lo && m.minute < hi));
-        out.push(Point { time: rfc3339(at), requests: m.requests.into(), errors: m.errors.into(), p50_ms: round(m.quantile_ms(0.5)), p99_ms: round(m.quantile_ms(0.99)) });
-        at += w.step;
+    // Each minute into its step, in one pass.
+    let points = ((w.to - w.from + w.step - 1) / w.step) as usize;
+    let mut steps: Vec<Vec<&Minute>> = vec![Vec::new(); points];
+    for m in minutes {
+        let at = i64::from(m.minute) * 60;
+        if (w.from..w.to).contains(&at) {
+            steps[((at - w.from) / w.step) as usize].push(m);
+        }
     }
-    out
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, list)| {
+            let m = grant_usage::sum(list.iter().copied());
+            Point { time: rfc3339(w.from + i as i64 * w.step), requests: m.requests, errors: m.errors, p50_ms: round(m.quantile_ms(0.5)), p99_ms: round(m.quantile_ms(0.99)) }
+        })
+        .collect()
 }
 
 impl Platform {
@@ -150,8 +160,8 @@ impl Platform {
                 credential_id: g.credential_id.clone(),
                 gateway_id: g.gateway_id.clone(),
                 environment: g.environment.clone(),
-                requests: total.requests.into(),
-                errors: total.errors.into(),
+                requests: total.requests,
+                errors: total.errors,
             });
             all.extend(minutes);
         }
@@ -161,7 +171,7 @@ impl Platform {
             from: rfc3339(w.from),
             to: rfc3339(w.to),
             step: w.step,
-            totals: Totals { requests: total.requests.into(), errors: total.errors.into() },
+            totals: Totals { requests: total.requests, errors: total.errors },
             grants: per_grant,
             series: series(&w, &all),
         };
@@ -180,9 +190,17 @@ mod tests {
         let q = "from=2027-01-01T00%3A00%3A30Z&to=2027-01-01T01:00:00Z&step=300";
         let w = window(Some(q), now).unwrap();
         assert_eq!((w.to - w.from, w.step, w.from % 60), (3600, 300, 0), "from rounded down to its minute");
-        for bad in ["step=59", "step=90", "step=x", "from=yesterday", "from=2027-01-01T02:00:00Z&to=2027-01-01T01:00:00Z", "from=2000-01-01T00:00:00Z&to=2027-01-01T00:00:00Z&step=60"] {
+        for bad in ["step=59", "step=90", "step=x", "step=60.0", "step=-60", "from=yesterday", "from=2027-01-01T02:00:00Z&to=2027-01-01T01:00:00Z", "from=2000-01-01T00:00:00Z&to=2027-01-01T00:00:00Z&step=60", "to=1960-01-01T00:00:00Z"] {
             assert!(window(Some(bad), now).is_err(), "{bad}");
         }
+        // A step past the window, however long, is the window: one point, no overflow.
+        for huge in ["step=9223372036854775800", "step=86400"] {
+            let w = window(Some(huge), now).unwrap();
+            assert_eq!(w.step, w.to - w.from, "{huge}");
+            assert_eq!(series(&w, &[]).len(), 1, "{huge}");
+        }
+        let w = window(Some("from=1960-01-01T00:00:00Z&to=1970-01-01T01:00:00Z&step=3600"), now).unwrap();
+        assert_eq!((w.from, w.to), (0, 3600), "nothing before 1970");
     }
 
     #[test]

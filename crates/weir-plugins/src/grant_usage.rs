@@ -99,26 +99,34 @@ pub struct Minute {
     pub latency: [u32; SLOTS],
 }
 
-impl Minute {
-    fn add(&mut self, other: &Minute) {
-        self.requests += other.requests;
-        self.errors += other.errors;
-        for (a, b) in self.latency.iter_mut().zip(other.latency.iter()) {
-            *a += b;
+/// Minutes summed, in counts that do not wrap however many are summed.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Total {
+    pub requests: u64,
+    pub errors: u64,
+    pub latency: [u64; SLOTS],
+}
+
+impl Total {
+    fn add(&mut self, m: &Minute) {
+        self.requests += u64::from(m.requests);
+        self.errors += u64::from(m.errors);
+        for (a, b) in self.latency.iter_mut().zip(m.latency.iter()) {
+            *a += u64::from(*b);
         }
     }
 
     /// The latency (ms) under which a share `q` of the requests finished, interpolated within
     /// its bucket as Prometheus's `histogram_quantile` does; none without requests.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let total: u64 = self.latency.iter().map(|n| u64::from(*n)).sum();
+        let total: u64 = self.latency.iter().sum();
         if total == 0 {
             return None;
         }
         let rank = q * total as f64;
         let mut seen = 0.0;
         for (i, n) in self.latency.iter().enumerate() {
-            let n = f64::from(*n);
+            let n = *n as f64;
             if n > 0.0 && seen + n >= rank {
                 let low = if i == 0 { 0.0 } else { BOUNDS_MS[i - 1] };
                 // Above the last bound there is nothing to interpolate towards.
@@ -161,9 +169,9 @@ impl Series {
             }
             // A clock stepped back counts into the newest minute kept.
             let m = minutes.back_mut().expect("a minute was just made if none was");
-            m.requests += 1;
-            m.errors += u32::from(error);
-            m.latency[slot] += 1;
+            m.requests = m.requests.saturating_add(1);
+            m.errors = m.errors.saturating_add(u32::from(error));
+            m.latency[slot] = m.latency[slot].saturating_add(1);
             added
         };
         if added && HELD.fetch_add(1, Ordering::Relaxed) + 1 > MAX_MINUTES {
@@ -204,7 +212,7 @@ fn series(consumer: &str) -> Arc<Series> {
 }
 
 /// Drops the minutes past the retention, then, while more than [`MAX_MINUTES`] are held, the
-/// oldest hour after hour.
+/// oldest minutes across every consumer until they fit.
 fn trim(now: u32) {
     PRUNED.store(now, Ordering::Relaxed);
     let live: Vec<Arc<Series>> = {
@@ -212,22 +220,38 @@ fn trim(now: u32) {
         all.retain(|_, s| s.strong_count() > 0);
         all.values().filter_map(Weak::upgrade).collect()
     };
-    let mut cutoff = now.saturating_sub(RETENTION_MINUTES);
-    loop {
-        let mut held = 0;
-        for s in &live {
-            let mut minutes = s.minutes.lock().unwrap_or_else(|p| p.into_inner());
-            while minutes.front().is_some_and(|m| m.minute < cutoff) {
-                minutes.pop_front();
-            }
-            held += minutes.len();
+    let retained = now.saturating_sub(RETENTION_MINUTES);
+    // How many are held of each minute, to find the oldest minute that may stay.
+    let mut per_minute: BTreeMap<u32, usize> = BTreeMap::new();
+    for s in &live {
+        let minutes = s.minutes.lock().unwrap_or_else(|p| p.into_inner());
+        for m in minutes.iter().filter(|m| m.minute >= retained) {
+            *per_minute.entry(m.minute).or_default() += 1;
         }
-        HELD.store(held, Ordering::Relaxed);
-        if held <= MAX_MINUTES || cutoff >= now {
-            return;
-        }
-        cutoff = (cutoff + 60).min(now);
     }
+    let (cutoff, held) = cutoff(&per_minute, retained, MAX_MINUTES);
+    for s in &live {
+        let mut minutes = s.minutes.lock().unwrap_or_else(|p| p.into_inner());
+        while minutes.front().is_some_and(|m| m.minute < cutoff) {
+            minutes.pop_front();
+        }
+    }
+    HELD.store(held, Ordering::Relaxed);
+}
+
+/// The oldest minute that may stay, at `from` or after, so that at most `max` minutes are
+/// held of the counts `per_minute` (how many are held of each minute); and how many stay.
+fn cutoff(per_minute: &BTreeMap<u32, usize>, from: u32, max: usize) -> (u32, usize) {
+    let mut cutoff = from;
+    let mut held: usize = per_minute.range(from..).map(|(_, n)| n).sum();
+    for (minute, n) in per_minute.range(from..) {
+        if held <= max {
+            break;
+        }
+        held -= n;
+        cutoff = minute + 1;
+    }
+    (cutoff, held)
 }
 
 /// Consumer `consumer`'s counts of the minutes in `from..to` (minutes since the epoch), oldest
@@ -240,9 +264,9 @@ pub fn usage(consumer: &str, from: u32, to: u32) -> Vec<Minute> {
     minutes.iter().filter(|m| m.minute >= from && m.minute < to).cloned().collect()
 }
 
-/// Minutes `list` summed into one.
-pub fn sum<'a>(list: impl IntoIterator<Item = &'a Minute>) -> Minute {
-    let mut out = Minute::default();
+/// Minutes `list` summed.
+pub fn sum<'a>(list: impl IntoIterator<Item = &'a Minute>) -> Total {
+    let mut out = Total::default();
     for m in list {
         out.add(m);
     }
@@ -306,7 +330,7 @@ mod tests {
 
     #[test]
     fn quantiles_interpolate_within_buckets() {
-        let mut m = Minute::default();
+        let mut m = Total::default();
         assert_eq!(m.quantile_ms(0.5), None);
         // 100 requests between 1 and 2.5 ms.
         m.latency[4] = 100;
@@ -317,8 +341,19 @@ mod tests {
         assert!((p99 - 2.485).abs() < 1e-9, "{p99}");
         m.latency[SLOTS - 1] = 10_000;
         assert_eq!(m.quantile_ms(0.99), Some(30000.0), "past the last bound: the last bound");
-        let two = sum([&m, &m]);
-        assert_eq!((two.requests, two.latency[4]), (200, 200));
+        let minute = Minute { minute: 1, requests: u32::MAX, errors: 1, latency: [0; SLOTS] };
+        let two = sum([&minute, &minute]);
+        assert_eq!((two.requests, two.errors), (2 * u64::from(u32::MAX), 2), "sums do not wrap");
+    }
+
+    #[test]
+    fn the_oldest_minutes_go_first_and_only_as_many_as_needed() {
+        let held: BTreeMap<u32, usize> = [(10, 3), (11, 3), (12, 3)].into();
+        assert_eq!(cutoff(&held, 0, 9), (0, 9));
+        assert_eq!(cutoff(&held, 0, 6), (11, 6));
+        assert_eq!(cutoff(&held, 0, 5), (12, 3));
+        assert_eq!(cutoff(&held, 0, 0), (13, 0));
+        assert_eq!(cutoff(&held, 11, 9), (11, 6), "what is past the retention is not counted");
     }
 
     #[test]

@@ -91,7 +91,7 @@ async fn basic_and_jwt_grants_work_where_granted_rotate_expire_and_leave_no_secr
         let (s, body) = v1(&w, "PATCH", &format!("api-gateways/api/environments/{env}"), Some(json!({"authType": auth}))).await;
         assert_eq!(s, 200, "{body}");
     }
-    let me = "export default (ctx) => ({ user: ctx.user ?? null })";
+    let me = "export default (ctx) => ({ user: ctx.user ?? null, authorization: ctx.headers.authorization ?? null })";
     assert_eq!(v1(&w, "POST", "api-gateways/api/functions", Some(json!({"name": "me", "source": {"code": me}}))).await.0, 201);
     let (s, body) = v1(&w, "POST", &format!("{}/deploy-to-stage", fn_path("api", "dev/me")), Some(json!({"targetStage": "staging"}))).await;
     assert!(s < 300, "{s} {body}");
@@ -122,10 +122,12 @@ async fn basic_and_jwt_grants_work_where_granted_rotate_expire_and_leave_no_secr
     let dev_auth = basic(&dev_id, &password);
     let seen = until_ok(&w, "dev", &[("authorization", &dev_auth)]).await;
     assert_eq!(seen["user"]["name"], json!(dev_id), "{seen}");
+    assert_eq!(seen["authorization"], Value::Null, "the function never holds the password: {seen}");
     assert_eq!(hit(&w, "staging", &[("authorization", &dev_auth)]).await.0, 401, "the basic credentials are not staging's");
     let staging_auth = bearer(&token(&staging_id, &secret));
     let seen = until_ok(&w, "staging", &[("authorization", &staging_auth)]).await;
     assert_eq!(seen["user"]["name"], json!(staging_id), "{seen}");
+    assert_eq!(seen["authorization"], Value::Null, "nor the token: {seen}");
     assert_eq!(hit(&w, "dev", &[("authorization", &staging_auth)]).await.0, 401, "the token is not dev's");
 
     // Wrong password, unknown user, another environment's name: one answer on dev. Bad

@@ -193,6 +193,7 @@ async fn only_owners_grant_and_tokens_see_only_their_applications() {
     // An admin's application is not the owner's to see.
     let (_, admins) = v1(&w, "POST", "applications", Some(json!({"name": "Admin's"}))).await;
     assert_eq!(as_(&owner, "GET", format!("applications/{}", admins["appId"].as_str().unwrap()), None).await.0, 404);
+    assert_eq!(as_(&owner, "GET", format!("applications/{}/usage", admins["appId"].as_str().unwrap()), None).await.0, 404, "nor its usage");
     // A grant on a gateway the token does not hold names no such gateway.
     let (s, b) = as_(&owner, "POST", format!("applications/{id}/grants"), Some(json!({"gatewayId": "theirs", "environment": "dev"}))).await;
     assert_eq!(s, 400, "{b}");
