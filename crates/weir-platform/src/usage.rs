@@ -102,7 +102,8 @@ pub(crate) fn window(query: Option<&str>, now: i64) -> Result<Window, Vec<String
     if !problems.is_empty() {
         return Err(problems);
     }
-    let to = to.unwrap_or(now);
+    // By default, to the end of the minute under way (even in its first second).
+    let to = to.unwrap_or(now.div_euclid(60) * 60 + 60);
     let from = from.unwrap_or(to - 3600);
     // Whole minutes: `to` rounded up, so the minute under way is in; nothing before 1970,
     // where no usage was ever counted.
@@ -186,7 +187,8 @@ mod tests {
     #[test]
     fn windows_are_whole_minutes_and_checked() {
         let now = 1_800_000_030;
-        assert_eq!(window(None, now).unwrap(), Window { from: 1_799_996_400, to: 1_800_000_060, step: 60 });
+        assert_eq!(window(None, now).unwrap(), Window { from: 1_799_996_460, to: 1_800_000_060, step: 60 });
+        assert_eq!(window(None, 1_800_000_000).unwrap().to, 1_800_000_060, "the minute under way is in from its first second");
         let q = "from=2027-01-01T00%3A00%3A30Z&to=2027-01-01T01:00:00Z&step=300";
         let w = window(Some(q), now).unwrap();
         assert_eq!((w.to - w.from, w.step, w.from % 60), (3600, 300, 0), "from rounded down to its minute");
