@@ -19,7 +19,7 @@ use crate::Platform;
 use crate::api::{Reply, bad_input, body, failure, json, not_found, store_down};
 use crate::lifecycle::Kind;
 use crate::model::Phase;
-use crate::tokens::Caller;
+use crate::tokens::{Caller, now_rfc3339};
 
 /// A function's name: 1 to 8 segments of `[A-Za-z0-9_-]`.
 pub const FUNCTION_NAME: &str = "^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$";
@@ -120,10 +120,6 @@ fn compile_failure(e: &CompileError) -> Reply {
         reply["error"].as_object_mut().map(|o| o.retain(|k, _| k != "line" && k != "column"));
     }
     json(StatusCode::BAD_REQUEST, &reply)
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// A function as the API shows it.

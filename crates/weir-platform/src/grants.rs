@@ -34,7 +34,7 @@ use weir_store::{Compare, Op, Txn, TxnOutcome};
 use crate::Platform;
 use crate::api::{Reply, bad_input, body, failure, json, not_found, refuse, store_down};
 use crate::model::{AuthType, ENVIRONMENTS, GATEWAY_ID, Phase};
-use crate::tokens::Caller;
+use crate::tokens::{Caller, now_rfc3339};
 
 /// `POST /v1/applications`.
 #[derive(Deserialize, JsonSchema)]
@@ -131,10 +131,6 @@ pub struct Grant {
     pub created_at: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rotated_at: Option<String>,
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 fn now_secs() -> i64 {

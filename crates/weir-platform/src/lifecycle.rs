@@ -28,7 +28,7 @@ use crate::Platform;
 use crate::api::{Reply, bad_input, body, failure, json, not_found, store_down};
 use crate::functions::{ShownSource, shown};
 use crate::model::ENVIRONMENTS;
-use crate::tokens::Caller;
+use crate::tokens::{Caller, now_rfc3339};
 
 /// Attempts at a publication whose function changes meanwhile before giving up.
 const ATTEMPTS: usize = 32;
@@ -222,10 +222,6 @@ pub fn diff_files(source: &BTreeMap<String, String>, target: &BTreeMap<String, S
             FileDiff { file: name.clone(), status, lines: diff_lines(a.map_or("", String::as_str), b.map_or("", String::as_str)) }
         })
         .collect()
-}
-
-fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 fn stage(env: &str) -> usize {

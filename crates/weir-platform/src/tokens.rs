@@ -92,6 +92,16 @@ pub fn parse_time(text: &str) -> Result<i64, String> {
         .map_err(|e| format!("expiresAt: not an RFC 3339 time: {e}"))
 }
 
+/// `secs` since the epoch in RFC 3339 (UTC).
+pub fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs).ok().and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()).unwrap_or_default()
+}
+
+/// Now in RFC 3339 (UTC).
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
 /// The token a call presents, if it has the form of one.
 pub fn bearer(parts: &http::request::Parts) -> Option<&str> {
     let v = parts.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;

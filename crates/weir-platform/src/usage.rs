@@ -10,6 +10,7 @@ use weir_plugins::grant_usage::{self, Minute};
 use crate::Platform;
 use crate::api::{Reply, bad_input, json};
 use crate::grants::Application;
+use crate::tokens::rfc3339;
 
 /// The most points one answer has.
 const MAX_POINTS: i64 = 10_000;
@@ -69,10 +70,6 @@ pub(crate) struct Window {
     pub from: i64,
     pub to: i64,
     pub step: i64,
-}
-
-fn rfc3339(secs: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(secs).ok().and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()).unwrap_or_default()
 }
 
 /// Reads `from` and `to` (RFC 3339; by default the last hour) and `step` (seconds, a multiple
