@@ -13,11 +13,11 @@
 //! the runtime is made afresh, failing the gateway's other calls in flight.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::cmp::Reverse;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rquickjs::loader::{Loader, Resolver};
@@ -25,6 +25,7 @@ use rquickjs::module::Declared;
 use rquickjs::promise::PromiseState;
 use rquickjs::{Array, Context, Ctx, Function as JsFn, Module, Object, Persistent, Promise, Runtime, TypedArray, Value};
 
+use crate::mailbox::Mailbox;
 use crate::{Function, Limits, LogLine, Logs};
 
 const PRELUDE: &str = include_str!("prelude.js");
@@ -147,26 +148,35 @@ enum Msg {
 /// A gateway's runtime, as its handlers hold it; the thread ends when the last is dropped.
 pub struct Engine {
     gateway: String,
-    tx: mpsc::Sender<Msg>,
+    mailbox: Arc<Mailbox<Msg>>,
     inflight: Arc<AtomicUsize>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // No call waits on the runtime any more (each holds the engine while it waits).
+        self.mailbox.close();
+    }
 }
 
 impl Engine {
     pub fn start(gateway: &str, memory: usize, services: Services) -> std::io::Result<Arc<Engine>> {
-        let (tx, rx) = mpsc::channel();
-        let back = tx.clone();
+        let mailbox = Arc::new(Mailbox::new());
+        let inbox = mailbox.clone();
         let gw = gateway.to_string();
         std::thread::Builder::new()
             .name(format!("fn-{gateway}"))
             .stack_size(16 << 20)
             .spawn(move || {
+                run_as_batch(&gw);
+                inbox.attach();
                 // A panic in the runtime's loop fails the calls in flight (their answers are
                 // dropped) and the loop starts again on a fresh runtime.
-                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &rx, &back, &services))).is_err() {
+                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services))).is_err() {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
             })?;
-        Ok(Arc::new(Engine { gateway: gateway.to_string(), tx, inflight: Arc::new(AtomicUsize::new(0)) }))
+        Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)) }))
     }
 
     pub fn gateway(&self) -> &str {
@@ -180,7 +190,7 @@ impl Engine {
 
     /// Loads `func` ahead of its first call.
     pub fn warm(&self, func: Arc<Function>, table: Table) {
-        let _ = self.tx.send(Msg::Warm(func, table));
+        let _ = self.mailbox.send(Msg::Warm(func, table));
     }
 
     /// Runs one call; `None` when more than `limits.concurrency` calls are in flight.
@@ -200,7 +210,7 @@ impl Engine {
             }
         }
         let _slot = Slot(&self.inflight);
-        if self.tx.send(Msg::Call(Box::new(job))).is_err() {
+        if self.mailbox.send(Msg::Call(Box::new(job))).is_err() {
             return Some(failed(Failure::Internal("the runtime has stopped".into())));
         }
         // The runtime ends every call by its wall limit; this only guards against a runtime
@@ -491,7 +501,42 @@ fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
     Ok(if binary { s.chars().map(|c| c as u32 as u8).collect() } else { s.into_bytes() })
 }
 
-fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Sender<Msg>, services: &Services) {
+/// Puts the calling runtime thread under Linux's batch policy, at the niceness it has. A thread
+/// under it never preempts the one that wakes it: a proxy worker that queues a call keeps its
+/// core until it waits, and the runtime then takes every call queued meanwhile in one turn,
+/// rather than the two trading the core once per call. Tenants' scripts so never take a core
+/// from the gateway's own work at a wake-up; their share of it is unchanged.
+fn run_as_batch(gateway: &str) {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
+    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+    // The setting takes a niceness too: the one the thread has, or the nearest below it in
+    // priority the setting can say (a thread may lower its priority, never raise it).
+    let Some(nice) = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s)) else {
+        return;
+    };
+    let keep = (0..=99u8)
+        .filter_map(|p| {
+            let priority = ThreadPriority::Crossplatform(p.try_into().ok()?);
+            Some((priority, priority.to_posix(policy).ok()?))
+        })
+        .filter(|(_, n)| *n >= nice)
+        .min_by_key(|(_, n)| *n);
+    let outcome = match keep {
+        Some((priority, _)) => set_thread_priority_and_policy(thread_native_id(), priority, policy).map_err(|e| format!("{e:?}")),
+        None => Err(format!("no priority keeps niceness {nice}")),
+    };
+    if let Err(e) = outcome {
+        tracing::debug!(%gateway, error = %e, "the function runtime keeps the default scheduling policy");
+    }
+}
+
+/// The niceness field of a `/proc/.../stat` line.
+fn niceness(stat: &str) -> Option<i32> {
+    // The name in parentheses may hold spaces; the fields after it start with the state (3rd).
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19 - 3)?.parse().ok()
+}
+
+fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services) {
     let mut js = match Js::new(memory) {
         Ok(js) => js,
         Err(e) => {
@@ -502,40 +547,46 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
     let mut calls: BTreeMap<u64, Live> = BTreeMap::new();
     let mut next_call: u64 = 1;
     // Calls held back while the runtime drains before it is made afresh, and since when.
-    let mut held: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
+    let mut held: VecDeque<Box<Job>> = VecDeque::new();
     let mut draining: Option<Instant> = None;
+    // Messages to handle this turn: the held calls first once the runtime is fresh, then
+    // everything queued since the last turn, in the order it came.
+    let mut batch: VecDeque<Msg> = VecDeque::new();
     loop {
         let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN)].into_iter().flatten().min();
-        let msg = match wake {
-            Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                Ok(m) => Some(m),
-                Err(mpsc::RecvTimeoutError::Timeout) => None,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
-            None => match rx.recv() {
-                Ok(m) => Some(m),
-                Err(_) => break,
-            },
-        };
-        let mut broken = false;
-        match msg {
-            Some(Msg::Call(job)) if draining.is_some() => held.push_back(*job),
-            Some(Msg::Call(job)) => {
-                let id = next_call;
-                next_call += 1;
-                broken |= start_call(&mut js, &mut calls, id, *job);
-            }
-            Some(Msg::Fetched(f)) => broken |= resume_fetch(&mut js, &mut calls, f),
-            Some(Msg::DbDone(call, id, result)) => broken |= resume_db(&mut js, &mut calls, call, id, result),
-            Some(Msg::Warm(func, table)) => {
-                js.register(&func, &table);
-                let budget = Duration::from_secs(1);
-                let (out, _, _, oom) = js.segment(0, &func.env, budget, |ctx| js.export(ctx, &func).map(|_| ()));
-                broken |= oom || out == Err(Failure::Memory);
-            }
-            None => {}
+        if !mailbox.take(&mut batch, wake) {
+            break;
         }
-        broken |= fire_timers(&mut js, &mut calls);
+        while let Some(msg) = batch.pop_front() {
+            let broken = match msg {
+                Msg::Call(job) if draining.is_some() => {
+                    held.push_back(job);
+                    false
+                }
+                Msg::Call(job) => {
+                    let id = next_call;
+                    next_call += 1;
+                    start_call(&mut js, &mut calls, id, *job)
+                }
+                Msg::Fetched(f) => resume_fetch(&mut js, &mut calls, f),
+                Msg::DbDone(call, id, result) => resume_db(&mut js, &mut calls, call, id, result),
+                Msg::Warm(func, table) => {
+                    js.register(&func, &table);
+                    let budget = Duration::from_secs(1);
+                    let (out, _, _, oom) = js.segment(0, &func.env, budget, |ctx| js.export(ctx, &func).map(|_| ()));
+                    oom || out == Err(Failure::Memory)
+                }
+            };
+            if broken {
+                // Out of memory: a fresh runtime at once; the calls in flight cannot continue.
+                js = match renew(js, &mut calls, || Failure::Memory, memory, gateway) {
+                    Some(js) => js,
+                    None => return,
+                };
+                release_held(&mut draining, &mut held, &mut batch);
+            }
+        }
+        let broken = fire_timers(&mut js, &mut calls);
         // Calls past their wall-clock limit.
         let now = Instant::now();
         let late: Vec<u64> = calls.iter().filter(|(_, l)| now >= l.started + l.job.limits.wall).map(|(id, _)| *id).collect();
@@ -544,44 +595,36 @@ fn run(gateway: &str, memory: usize, rx: &mpsc::Receiver<Msg>, back: &mpsc::Send
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
-        start_outbound(&js, &calls, gateway, back, services);
-        if broken {
-            // Out of memory: a fresh runtime; the calls in flight cannot continue.
-            js = match renew(js, &mut calls, || Failure::Memory, memory, gateway) {
+        start_outbound(&js, &calls, gateway, mailbox, services);
+        // Every save loads a new version and QuickJS keeps old modules, so once many have piled
+        // up the runtime is made afresh: new calls wait while the calls in flight finish (at
+        // most `DRAIN`; those still running then fail), then start on the fresh runtime.
+        let recycle = !broken && js.loaded > RECYCLE_AFTER && {
+            let since = *draining.get_or_insert_with(Instant::now);
+            calls.is_empty() || since.elapsed() >= DRAIN
+        };
+        if broken || recycle {
+            let why = move || match broken {
+                true => Failure::Memory,
+                false => Failure::Internal("the gateway's runtime was renewed while this call waited".into()),
+            };
+            js = match renew(js, &mut calls, why, memory, gateway) {
                 Some(js) => js,
                 None => return,
             };
-        } else if js.loaded > RECYCLE_AFTER {
-            // Every save loads a new version and QuickJS keeps old modules, so once many have
-            // piled up the runtime is made afresh: new calls wait while the calls in flight
-            // finish (at most `DRAIN`; those still running then fail), then start on the
-            // fresh runtime.
-            let since = *draining.get_or_insert_with(Instant::now);
-            if calls.is_empty() || since.elapsed() >= DRAIN {
-                let renewed = || Failure::Internal("the gateway's runtime was renewed while this call waited".into());
-                js = match renew(js, &mut calls, renewed, memory, gateway) {
-                    Some(js) => js,
-                    None => return,
-                };
-                draining = None;
-                for job in std::mem::take(&mut held) {
-                    let id = next_call;
-                    next_call += 1;
-                    if start_call(&mut js, &mut calls, id, job) {
-                        js = match renew(js, &mut calls, || Failure::Memory, memory, gateway) {
-                            Some(js) => js,
-                            None => return,
-                        };
-                    }
-                }
-                start_outbound(&js, &calls, gateway, back, services);
-            }
+            release_held(&mut draining, &mut held, &mut batch);
         }
     }
 }
 
-/// Fails every call in flight with `why` and makes the runtime afresh; `None` when it cannot
-/// be made.
+/// Ends a drain once the runtime is fresh: the calls it held go first in the next turn.
+fn release_held(draining: &mut Option<Instant>, held: &mut VecDeque<Box<Job>>, batch: &mut VecDeque<Msg>) {
+    *draining = None;
+    while let Some(job) = held.pop_back() {
+        batch.push_front(Msg::Call(job));
+    }
+}
+
 fn renew(js: Js, calls: &mut BTreeMap<u64, Live>, why: impl Fn() -> Failure, memory: usize, gateway: &str) -> Option<Js> {
     for (id, live) in std::mem::take(calls) {
         finish(&js, id, live, Err(why()));
@@ -833,7 +876,7 @@ fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, r
 }
 
 /// Hands the fetches and database operations the last step started to the node.
-fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &mpsc::Sender<Msg>, services: &Services) {
+fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services) {
     start_fetches(js, calls, gateway, back, services.fetcher.as_ref());
     let started = std::mem::take(&mut js.host.borrow_mut().db_ops);
     for (call, id, op) in started {
@@ -849,7 +892,7 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &mp
     }
 }
 
-fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &mpsc::Sender<Msg>, fetcher: Option<&Fetcher>) {
+fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>) {
     let started = std::mem::take(&mut js.host.borrow_mut().fetches);
     for (call, id, method, url, headers, body) in started {
         // A fetch of a call that ended meanwhile is not made.

@@ -16,6 +16,7 @@ pub mod live;
 pub mod metrics;
 pub mod source;
 
+mod mailbox;
 mod sdk;
 
 use std::collections::VecDeque;
