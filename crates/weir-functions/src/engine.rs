@@ -40,7 +40,16 @@ pub struct Request {
     /// `None` when the request has no body.
     pub body: Option<String>,
     pub request_id: String,
-    pub user: Option<serde_json::Value>,
+    pub user: Option<User>,
+}
+
+/// Who a call came from, as a function sees it in `ctx.user`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    /// The consumer an auth plugin named.
+    pub name: String,
+    /// The application and grant the consumer is, when it is one (`appId`, `grantId`).
+    pub grant: Option<Arc<weir_plugins::grant_usage::Grantee>>,
 }
 
 /// What a call answered.
@@ -952,12 +961,18 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request) -> rquickjs::Result<Object<'js>> {
     }
     o.set("requestId", r.request_id.as_str())?;
     if let Some(user) = &r.user {
-        o.set("user", rquickjs_serde_value(ctx, user)?)?;
+        let u = Object::new(ctx.clone())?;
+        u.set("name", user.name.as_str())?;
+        if let Some(g) = &user.grant {
+            u.set("appId", g.application.as_str())?;
+            u.set("grantId", g.grant.as_str())?;
+        }
+        o.set("user", u)?;
     }
     Ok(o)
 }
 
-/// A JSON value in the runtime: an object of strings (who the caller is) made directly,
+/// A JSON value in the runtime: an object of strings (the gateway's variables) made directly,
 /// anything else through the runtime's JSON parser.
 fn rquickjs_serde_value<'js>(ctx: &Ctx<'js>, v: &serde_json::Value) -> rquickjs::Result<Value<'js>> {
     match v.as_object() {
@@ -972,3 +987,4 @@ fn rquickjs_serde_value<'js>(ctx: &Ctx<'js>, v: &serde_json::Value) -> rquickjs:
         _ => ctx.json_parse(v.to_string()),
     }
 }
+

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use engine::{DbRequest, DbRunner, Engine, Failure, Outcome, Reach, Reply, Request, Services};
+pub use engine::{DbRequest, DbRunner, Engine, Failure, Outcome, Reach, Reply, Request, Services, User};
 pub use source::{CompileError, Compiled};
 
 /// A function as loaded: compiled, with where it lives.

@@ -25,7 +25,7 @@ use weir_http::body::RespBody;
 use weir_proxy::handler::{Answer, Call, Handler};
 use weir_proxy::partition::{Contributor, Lowered, LoweredRoute};
 
-use crate::engine::{DbRunner, Engine, Fetcher, Job, Reach, Request, Services, Table};
+use crate::engine::{DbRunner, Engine, Fetcher, Job, Reach, Request, Services, Table, User};
 use crate::{Failure, Function, LimitsDoc, Logs, Outcome};
 
 /// An environment as the data plane needs it.
@@ -438,16 +438,12 @@ fn decode(s: &str) -> String {
 
 /// Who a call came from, as a function sees it in `ctx.user`: the consumer an auth plugin
 /// named and, when that consumer is an application's grant, the application and the grant.
-pub fn user_of(consumer: Option<&str>, notes: &weir_plugins::Notes) -> Option<Value> {
-    let name = consumer?;
-    Some(match weir_plugins::grant_usage::grantee(notes) {
-        Some(g) => json!({"name": name, "appId": g.application, "grantId": g.grant}),
-        None => json!({"name": name}),
-    })
+pub fn user_of(consumer: Option<&str>, notes: &weir_plugins::Notes) -> Option<User> {
+    Some(User { name: consumer?.to_string(), grant: weir_plugins::grant_usage::grantee(notes).cloned() })
 }
 
 /// The request a function sees of a call.
-pub fn request_of(parts: &http::request::Parts, body: &[u8], user: Option<Value>) -> Request {
+pub fn request_of(parts: &http::request::Parts, body: &[u8], user: Option<User>) -> Request {
     let query = parts.uri.query().map(|q| weir_core::text::query_pairs(q).map(|(k, v)| (decode(k), decode(v))).collect()).unwrap_or_default();
     let text = |v: &http::HeaderValue| v.to_str().map_or_else(|_| String::from_utf8_lossy(v.as_bytes()).into_owned(), str::to_string);
     let headers = parts.headers.iter().map(|(k, v)| (k.as_str().to_string(), text(v))).collect();

@@ -59,8 +59,8 @@ pub struct Grantee {
 }
 
 /// The grant the request of `notes` came under, if its consumer is one.
-pub fn grantee(notes: &Notes) -> Option<&Grantee> {
-    notes.get::<Arc<Grantee>>(NAME).map(|g| g.as_ref())
+pub fn grantee(notes: &Notes) -> Option<&Arc<Grantee>> {
+    notes.get::<Arc<Grantee>>(NAME)
 }
 
 struct GrantUsage {
