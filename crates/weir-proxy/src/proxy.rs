@@ -335,7 +335,9 @@ impl Proxy {
                             Some(i) => route.alternatives.get(i).cloned().flatten().or_else(|| route.upstream.clone()),
                             None => route.upstream.clone(),
                         };
-                        self.to_upstream(&route, upstream.as_ref(), parts, body, conn, who, served).await
+                        // Boxed where it is taken: the upstream call's future is most of this
+                        // one's size, which every plugin request would copy when it is boxed.
+                        Box::pin(self.to_upstream(&route, upstream.as_ref(), parts, body, conn, who, served)).await
                     }
                 };
                 with_headers(resp, plugin_headers)
