@@ -107,6 +107,53 @@ async fn headers_sent_twice_are_joined_and_the_caller_is_an_object() {
 }
 
 #[tokio::test]
+async fn the_gateway_variables_keep_a_proto_key_as_a_property_and_take_any_json() {
+    let mut gw = Gw::new(vec![func("dev", "env", &[("index.js", "export default () => ({ keys: Object.keys(imp.env).sort(), proto: imp.env.__proto__, plain: Object.getPrototypeOf(imp.env) === Object.prototype })")])]);
+    gw.vars = Arc::new(json!({"__proto__": "p", "A": "b"}).as_object().unwrap().clone());
+    assert_eq!(body_json(&gw.call("env", get("/")).await), json!({"keys": ["A", "__proto__"], "proto": "p", "plain": true}), "a __proto__ key stays a property");
+    gw.vars = Arc::new(json!({"roles": ["a"], "n": 1}).as_object().unwrap().clone());
+    let out = gw.call("env", get("/")).await;
+    assert_eq!(body_json(&out)["keys"], json!(["n", "roles"]), "other values go through the JSON parser");
+}
+
+/// The scheduling policy (`SCHED_BATCH` is 3) and niceness of this process's thread named
+/// `name`, if it runs.
+fn thread_sched(name: &str) -> Option<(u32, i32)> {
+    std::fs::read_dir("/proc/self/task").unwrap().flatten().find_map(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+        if comm.trim_end() != name {
+            return None;
+        }
+        let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+        // Fields after the name in parentheses start with the 3rd; niceness is the 19th, the
+        // policy the 41st.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some((fields[41 - 3].parse().ok()?, fields[19 - 3].parse().ok()?))
+    })
+}
+
+#[tokio::test]
+async fn a_runtime_thread_runs_as_batch_work_at_the_process_niceness_and_ends_with_its_engine() {
+    let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let nice: i32 = own.rsplit_once(')').unwrap().1.split_whitespace().nth(19 - 3).unwrap().parse().unwrap();
+    let engine = Engine::start("sched", limits().memory, weir_functions::Services::default()).unwrap();
+    let started = Instant::now();
+    let seen = loop {
+        match thread_sched("fn-sched") {
+            Some((3, n)) => break n,
+            _ if started.elapsed() > Duration::from_secs(5) => panic!("no batch runtime thread: {:?}", thread_sched("fn-sched")),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    assert_eq!(seen, nice, "the runtime keeps the niceness it was started with");
+    drop(engine);
+    while thread_sched("fn-sched").is_some() {
+        assert!(started.elapsed() < Duration::from_secs(5), "the runtime thread outlived its engine");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
 async fn the_sdk_works_inside_a_function() {
     let gw = Gw::new(vec![func("dev", "sdk", &[("index.js", r#"
 export default async (ctx) => {
