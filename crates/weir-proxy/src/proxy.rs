@@ -454,11 +454,11 @@ impl Proxy {
 /// The most request body a plugin may have read into memory.
 const MAX_READ_BODY: usize = 8 << 20;
 
-/// Reads a request body for the plugins that check it; too large, or broken off, is an error
-/// response.
-/// A handler's answer, or 504 once its timeout has passed (the work is dropped).
+/// A handler's answer, or 504 once its timeout has passed (the work is dropped). The deadline
+/// is the worker's coarse one: a tokio timer per call would cost the worker a wake-up of its
+/// own event loop whenever it is the earliest timer.
 async fn answered(handler: &dyn crate::handler::Handler, answer: crate::handler::Answer) -> Response<RespBody> {
-    match tokio::time::timeout(handler.timeout(), answer).await {
+    match deadline::within(handler.timeout(), answer).await {
         Ok(resp) => resp,
         Err(_) => failure(ErrorKind::Timeout, Side::Gateway),
     }
