@@ -142,7 +142,7 @@ pub(crate) struct Job {
     pub limits: Limits,
     pub reach: Arc<Reach>,
     pub request: Request,
-    pub reply: tokio::sync::oneshot::Sender<Outcome>,
+    pub reply: crate::reply::Sender,
 }
 
 enum Msg {
@@ -203,11 +203,10 @@ impl Engine {
     }
 
     /// Runs one call; `None` when more than `limits.concurrency` calls are in flight.
-    pub(crate) async fn call(&self, job: impl FnOnce(tokio::sync::oneshot::Sender<Outcome>) -> Job) -> Option<Outcome> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
+    pub(crate) async fn call(&self, job: impl FnOnce(crate::reply::Sender) -> Job) -> Option<Outcome> {
+        let (tx, rx) = crate::reply::channel();
         let job = job(tx);
         let cap = job.limits.concurrency;
-        let wall = job.limits.wall;
         if self.inflight.fetch_add(1, Ordering::AcqRel) >= cap {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
             return None;
@@ -222,12 +221,12 @@ impl Engine {
         if self.mailbox.send(Msg::Call(Box::new(job))).is_err() {
             return Some(failed(Failure::Internal("the runtime has stopped".into())));
         }
-        // The runtime ends every call by its wall limit; this only guards against a runtime
-        // that stopped answering altogether.
-        match tokio::time::timeout(wall + Duration::from_secs(2), rx).await {
-            Ok(Ok(outcome)) => Some(outcome),
-            Ok(Err(_)) => Some(failed(Failure::Internal("the runtime has stopped".into()))),
-            Err(_) => Some(failed(Failure::Timeout("the call ran past its wall-clock limit"))),
+        // The runtime ends every call by its wall limit. Against a runtime that stopped
+        // answering altogether the caller bounds the wait: a route by its handler's timeout,
+        // `Functions::invoke` by its own.
+        match rx.await {
+            Ok(outcome) => Some(outcome),
+            Err(_) => Some(failed(Failure::Internal("the runtime has stopped".into()))),
         }
     }
 }
@@ -684,7 +683,7 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
         let out: Value<'_> = run.call((handler, request, vars)).map_err(caught)?;
         match out.as_promise() {
             Some(promise) => Ok(Started::Waiting(Persistent::save(ctx, promise.clone()))),
-            None => Ok(Started::Answered(out.into_array().ok_or(rquickjs::Error::Unknown).and_then(|a| reply(&a)).map_err(caught))),
+            None => Ok(Started::Answered(reply(out).map_err(caught))),
         }
     });
     let live = match out {
@@ -755,7 +754,7 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
             let Ok(promise) = live.promise.clone().restore(&ctx) else { continue };
             match promise.state() {
                 PromiseState::Pending => {}
-                PromiseState::Resolved => done.push((*id, promise.result::<Array<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(|a| reply(&a)).map_err(|e| caught(&ctx, e)))),
+                PromiseState::Resolved => done.push((*id, promise.result::<Value<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(reply).map_err(|e| caught(&ctx, e)))),
                 PromiseState::Rejected => {
                     let f = match promise.result::<Value<'_>>() {
                         Some(Err(rquickjs::Error::Exception)) => thrown(&ctx.catch()),
@@ -776,7 +775,13 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
     oom
 }
 
-fn reply(a: &Array<'_>) -> rquickjs::Result<Reply> {
+/// The answer the prelude's `toResponse` made: `[status, headers, body]`, or the JSON text of
+/// a value answered as JSON (the common case, which so crosses as one string).
+fn reply(out: Value<'_>) -> rquickjs::Result<Reply> {
+    if let Some(json) = out.as_string() {
+        return Ok(Reply { status: 200, headers: vec![("content-type".to_string(), "application/json".to_string())], body: json.to_string()?.into_bytes() });
+    }
+    let a = out.into_array().ok_or(rquickjs::Error::Unknown)?;
     let status: i32 = a.get(0)?;
     let headers: Vec<Vec<String>> = a.get(1)?;
     let body: Array<'_> = a.get(2)?;
@@ -800,7 +805,7 @@ fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failu
         host.cancelled.retain(|(call, _)| *call != id);
         host.logs.remove(&id).unwrap_or_default()
     };
-    let _ = job.reply.send(Outcome { result, logs, cpu });
+    job.reply.send(Outcome { result, logs, cpu });
 }
 
 fn fire_timers(js: &mut Js, calls: &mut BTreeMap<u64, Live>) -> bool {

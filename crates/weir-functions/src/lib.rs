@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod source;
 
 mod mailbox;
+mod reply;
 mod sdk;
 
 use std::collections::VecDeque;

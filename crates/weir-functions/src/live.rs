@@ -166,7 +166,14 @@ impl Functions {
         let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
         let table = table.unwrap_or_else(|| Arc::new(HashMap::from([(func.name.clone(), func.clone())])));
-        FunctionHandler::run(engine, func, table, Arc::new(self.open_vars(&env.vars)), limits, Arc::new(env.reach()), request).await.ok_or_else(|| "too many calls of this gateway's functions are in flight".to_string())
+        let run = FunctionHandler::run(engine, func, table, Arc::new(self.open_vars(&env.vars)), limits, Arc::new(env.reach()), request);
+        // The runtime ends the call by its wall limit; this bounds the wait should it stop
+        // answering altogether.
+        match tokio::time::timeout(limits.wall + Duration::from_secs(2), run).await {
+            Ok(Some(outcome)) => Ok(outcome),
+            Ok(None) => Err("too many calls of this gateway's functions are in flight".to_string()),
+            Err(_) => Ok(Outcome { result: Err(Failure::Timeout("the call ran past its wall-clock limit")), logs: Vec::new(), cpu: Duration::ZERO }),
+        }
     }
 
     /// The variables with their secret values opened; one that does not open is left out.

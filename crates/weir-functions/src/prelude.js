@@ -385,7 +385,8 @@
     if (out === undefined) return [204, [], wire("")];
     if (typeof out === "string") return [200, [["content-type", "text/plain; charset=utf-8"]], wire(out)];
     if (out instanceof ArrayBuffer || ArrayBuffer.isView(out)) return [200, [["content-type", "application/octet-stream"]], wire(out)];
-    return [200, [["content-type", "application/json"]], wire(JSON.stringify(out) ?? "null")];
+    // A value answered as JSON crosses as its text alone.
+    return JSON.stringify(out) ?? "null";
   };
 
   const parseBody = (type, text) => {
