@@ -18,7 +18,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use crate::tcp::Tcp;
+use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::deadline;
@@ -42,8 +42,8 @@ const READ_SIZE: usize = 16 * 1024;
 
 /// The byte stream of an upstream connection.
 pub enum Stream {
-    Plain(Tcp),
-    Tls(Box<TlsStream<Tcp>>),
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
 }
 
 impl AsyncRead for Stream {
@@ -850,7 +850,7 @@ mod tests {
             }
             String::from_utf8(got).unwrap()
         });
-        let conn = Connection::new(Stream::Plain(Tcp::new(tokio::net::TcpStream::connect(addr).await.unwrap())));
+        let conn = Connection::new(Stream::Plain(TcpStream::connect(addr).await.unwrap()));
         let result = match conn.send(req, false, &AsIs, &Timeouts::default()).await {
             Ok(resp) => {
                 let (head, body) = resp.into_parts();

@@ -13,7 +13,6 @@ pub mod pool;
 pub mod req_body;
 mod service;
 mod streams;
-pub mod tcp;
 
 pub use h1::is_idempotent;
 pub use service::{ConnInfo, Service, error_response};

@@ -17,7 +17,6 @@ use tokio::net::TcpStream;
 
 use crate::req_body::ReqBody;
 use crate::h1::{self, Stream};
-use crate::tcp::Tcp;
 use weir_upstream::{Keepalive, NodeRt};
 
 /// How an upstream's nodes are spoken to.
@@ -179,7 +178,6 @@ pub async fn connect(node: &NodeRt, transport: &Transport, keepalive: Keepalive,
         }
         .map_err(|e| ConnectError::Io(node.authority.to_string(), e))?;
         let _ = stream.set_nodelay(true);
-        let stream = Tcp::new(stream);
         let sender = match &transport.tls {
             None if !transport.h2 => Sender::H1(h1::Connection::new(Stream::Plain(stream))),
             None => handshake(stream, node).await?,

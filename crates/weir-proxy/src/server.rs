@@ -12,10 +12,9 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::time::Duration;
 
 use rustls::server::Acceptor;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::LazyConfigAcceptor;
 
-use weir_http::tcp::Tcp;
 use weir_http::{ConnInfo, drain, front};
 use weir_telemetry::COUNTERS;
 
@@ -133,7 +132,6 @@ async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
         };
         COUNTERS.handled.fetch_add(1, Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
-        let stream = Tcp::new(stream);
         let proxy = proxy.clone();
         let trusted = proxy.limits.trusts(remote.ip());
         if !tls {
@@ -152,7 +150,7 @@ async fn accept_loop(listener: TcpListener, tls: bool, proxy: Arc<Proxy>) {
 /// Reads the ClientHello, picks the `ssls` object for its SNI, and completes the handshake.
 /// A client with a name no certificate covers is refused; one without SNI gets the fallback
 /// name's certificate, when one is configured.
-async fn handshake(stream: Tcp, proxy: &Proxy) -> Option<tokio_rustls::server::TlsStream<Tcp>> {
+async fn handshake(stream: TcpStream, proxy: &Proxy) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let accept = async {
         let start = LazyConfigAcceptor::new(Acceptor::default(), stream).await.ok()?;
         let sni = start.client_hello().server_name().map(str::to_string);
