@@ -231,7 +231,7 @@ impl Engine {
     }
 }
 
-fn failed(f: Failure) -> Outcome {
+pub(crate) fn failed(f: Failure) -> Outcome {
     Outcome { result: Err(f), logs: Vec::new(), cpu: Duration::ZERO }
 }
 

@@ -172,7 +172,7 @@ impl Functions {
         match tokio::time::timeout(limits.wall + Duration::from_secs(2), run).await {
             Ok(Some(outcome)) => Ok(outcome),
             Ok(None) => Err("too many calls of this gateway's functions are in flight".to_string()),
-            Err(_) => Ok(Outcome { result: Err(Failure::Timeout("the call ran past its wall-clock limit")), logs: Vec::new(), cpu: Duration::ZERO }),
+            Err(_) => Ok(crate::engine::failed(Failure::Timeout("the call ran past its wall-clock limit"))),
         }
     }
 
