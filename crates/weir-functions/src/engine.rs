@@ -318,6 +318,9 @@ struct Live {
 struct Js {
     /// Each loaded function's default export, by the function (kept alive with it).
     exports: RefCell<HashMap<usize, (Arc<Function>, Persistent<Value<'static>>)>>,
+    /// `ctx.user` as frozen objects, by consumer name, with the grant each was made for: a
+    /// gateway's calls come from few callers, and each call so gets its caller ready-made.
+    users: Users,
     /// The gateway's variables as a frozen object, for the variables they were made from.
     vars: RefCell<Option<(Arc<serde_json::Map<String, serde_json::Value>>, Persistent<Value<'static>>)>>,
     /// The prelude's `__weir.run`.
@@ -404,7 +407,7 @@ impl Js {
             let weir: Object<'_> = ctx.globals().get("__weir")?;
             Ok(Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?))
         })?;
-        Ok(Js { rt, ctx, host, stop_at, epoch, loaded: 0, exports: RefCell::default(), vars: RefCell::default(), run })
+        Ok(Js { rt, ctx, host, stop_at, epoch, loaded: 0, exports: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run })
     }
 
     fn register(&mut self, func: &Arc<Function>, table: &Table) {
@@ -677,7 +680,7 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     let (out, took, spent, oom_job) = js.segment(id, &job.func.env, job.limits.cpu, |ctx| -> Result<Started, Failure> {
         let handler = js.export(ctx, &job.func)?;
         let caught = |e: rquickjs::Error| caught(ctx, e);
-        let request = to_js(ctx, &job.request).map_err(caught)?;
+        let request = to_js(ctx, &job.request, &js.users).map_err(caught)?;
         let vars = js.vars(ctx, &job.vars)?;
         let run = js.run.clone().restore(ctx).map_err(caught)?;
         let out: Value<'_> = run.call((handler, request, vars)).map_err(caught)?;
@@ -747,6 +750,9 @@ fn thrown(v: &Value<'_>) -> Failure {
 
 /// Answers every call whose promise has settled; true when one ran out of memory.
 fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
+    if calls.is_empty() {
+        return false;
+    }
     let mut done = Vec::new();
     let mut oom = false;
     js.ctx.with(|ctx| {
@@ -922,7 +928,41 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
     }
 }
 
-fn to_js<'js>(ctx: &Ctx<'js>, r: &Request) -> rquickjs::Result<Object<'js>> {
+/// `ctx.user` objects kept per runtime; past this many, the kept ones go and are made again.
+const USERS_KEPT: usize = 4096;
+
+type Users = RefCell<HashMap<String, (Option<Arc<weir_plugins::grant_usage::Grantee>>, Persistent<Object<'static>>)>>;
+
+/// `ctx.user` for `user`: the frozen object kept for it, or a new one, then kept.
+fn user_object<'js>(ctx: &Ctx<'js>, users: &Users, user: &User) -> rquickjs::Result<Object<'js>> {
+    let same = |g: &Option<Arc<weir_plugins::grant_usage::Grantee>>| match (g, &user.grant) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
+        (None, None) => true,
+        _ => false,
+    };
+    if let Some((grant, o)) = users.borrow().get(&user.name)
+        && same(grant)
+    {
+        return o.clone().restore(ctx);
+    }
+    let u = Object::new(ctx.clone())?;
+    u.set("name", user.name.as_str())?;
+    if let Some(g) = &user.grant {
+        u.set("appId", g.application.as_str())?;
+        u.set("grantId", g.grant.as_str())?;
+    }
+    let object: Object<'_> = ctx.globals().get("Object")?;
+    let freeze: JsFn<'_> = object.get("freeze")?;
+    let u: Object<'js> = freeze.call((u,))?;
+    let mut users = users.borrow_mut();
+    if users.len() >= USERS_KEPT {
+        users.clear();
+    }
+    users.insert(user.name.clone(), (user.grant.clone(), Persistent::save(ctx, u.clone())));
+    Ok(u)
+}
+
+fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, users: &Users) -> rquickjs::Result<Object<'js>> {
     let o = Object::new(ctx.clone())?;
     o.set("method", r.method.as_str())?;
     o.set("path", r.path.as_str())?;
@@ -966,13 +1006,7 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request) -> rquickjs::Result<Object<'js>> {
     }
     o.set("requestId", r.request_id.as_str())?;
     if let Some(user) = &r.user {
-        let u = Object::new(ctx.clone())?;
-        u.set("name", user.name.as_str())?;
-        if let Some(g) = &user.grant {
-            u.set("appId", g.application.as_str())?;
-            u.set("grantId", g.grant.as_str())?;
-        }
-        o.set("user", u)?;
+        o.set("user", user_object(ctx, users, user)?)?;
     }
     Ok(o)
 }

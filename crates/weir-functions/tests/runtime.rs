@@ -94,7 +94,10 @@ async fn both_handler_shapes_answer_and_typescript_modules_import_each_other() {
 
 #[tokio::test]
 async fn headers_sent_twice_are_joined_and_the_caller_is_an_object() {
-    let gw = Gw::new(vec![func("dev", "who", &[("index.js", "export default (ctx) => ({ headers: ctx.headers, user: ctx.user ?? null })")])]);
+    let gw = Gw::new(vec![
+        func("dev", "who", &[("index.js", "export default (ctx) => ({ headers: ctx.headers, user: ctx.user ?? null })")]),
+        func("dev", "rename", &[("index.js", "export default (ctx) => { try { ctx.user.name = 'someone'; } catch { return { refused: ctx.user.name }; } return { renamed: ctx.user.name }; }")]),
+    ]);
     let mut req = get("/who");
     req.headers = vec![("accept".into(), "a/b".into()), ("x-v".into(), "1".into()), ("accept".into(), "c/d".into()), ("x-v".into(), "2".into()), ("x-v".into(), "3".into())];
     let grant = weir_plugins::grant_usage::Grantee { application: "app-1".into(), grant: "gr-1".into() };
@@ -104,6 +107,16 @@ async fn headers_sent_twice_are_joined_and_the_caller_is_an_object() {
     req.user = Some(User { name: "__proto__".into(), grant: None });
     assert_eq!(body_json(&gw.call("who", req).await)["user"], json!({"name": "__proto__"}), "a consumer that is no grant has a name alone");
     assert_eq!(body_json(&gw.call("who", get("/who")).await), json!({"headers": {}, "user": null}));
+    // The caller is one object per consumer and grant, which no call can change for the next.
+    let as_grant = |app: &str| {
+        let mut req = get("/");
+        let grant = weir_plugins::grant_usage::Grantee { application: app.into(), grant: "gr-1".into() };
+        req.user = Some(User { name: "gw-dev-app-1".into(), grant: Some(Arc::new(grant)) });
+        req
+    };
+    assert_eq!(body_json(&gw.call("rename", as_grant("app-1")).await), json!({"refused": "gw-dev-app-1"}));
+    assert_eq!(body_json(&gw.call("who", as_grant("app-1")).await)["user"]["name"], "gw-dev-app-1");
+    assert_eq!(body_json(&gw.call("who", as_grant("app-2")).await)["user"]["appId"], "app-2", "a grant made anew is seen anew");
 }
 
 #[tokio::test]

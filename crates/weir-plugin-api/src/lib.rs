@@ -82,13 +82,17 @@ pub struct Credential {
     pub data: Arc<dyn Any + Send + Sync>,
 }
 
+/// The hasher of the consumer tables, looked up on every authenticated request: fast, and
+/// seeded at random per table so that no caller can choose keys that collide.
+type Seeded = foldhash::quality::RandomState;
+
 /// Consumers by credential: plugin → the id the plugin looks callers up by (an API key, a
 /// username, a JWT `key`) → credential. Built with the snapshot.
 #[derive(Default)]
 pub struct Consumers {
-    by_plugin: HashMap<&'static str, HashMap<String, Credential>>,
+    by_plugin: HashMap<&'static str, HashMap<String, Credential, Seeded>, Seeded>,
     /// The plugins a consumer brings (its group's and its own), by username.
-    plugins: HashMap<String, Arc<Pipeline>>,
+    plugins: HashMap<String, Arc<Pipeline>, Seeded>,
 }
 
 impl Consumers {
@@ -625,6 +629,36 @@ pub async fn run_phase(parts: &[(&Pipeline, Ran)], phase: Phase, ctx: &mut Reque
         }
         return Ok(());
     }
+    if let [(a, ran_a), (b, ran_b)] = parts {
+        // Two pipelines (a route's and its consumer's), each in order: merged as they run, the
+        // first one's plugin going first among equal priorities, as a stable sort would.
+        let (xs, ys) = (&a.instances, &b.instances);
+        let (mut i, mut j) = (0, 0);
+        loop {
+            while i < xs.len() && !ran_a.has(i) {
+                i += 1;
+            }
+            while j < ys.len() && !ran_b.has(j) {
+                j += 1;
+            }
+            let next = match (xs.get(i), ys.get(j)) {
+                (Some(x), Some(y)) if y.priority > x.priority => {
+                    j += 1;
+                    y
+                }
+                (Some(x), _) => {
+                    i += 1;
+                    x
+                }
+                (None, Some(y)) => {
+                    j += 1;
+                    y
+                }
+                (None, None) => return Ok(()),
+            };
+            run_one(next, phase, ctx).await?;
+        }
+    }
     let mut order: Vec<&Instance> = Vec::new();
     for (pipeline, ran) in parts {
         order.extend(pipeline.instances.iter().enumerate().filter(|(n, _)| ran.has(*n)).map(|(_, i)| i));
@@ -755,6 +789,36 @@ mod tests {
         let pipeline = Pipeline::new(pipeline).unwrap();
         let run = run_request(&pipeline, &mut ctx);
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(run).1
+    }
+
+    /// Notes its mark in the request's `x-order` header when its access phase runs.
+    struct Marks(&'static str);
+    impl Plugin for Marks {
+        fn access(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+            let before = ctx.parts.headers.get("x-order").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            ctx.parts.headers.insert("x-order", HeaderValue::from_str(&format!("{before}{}", self.0)).unwrap());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn two_pipelines_run_in_priority_order_the_first_going_first_among_equals() {
+        let mark = |name: &'static str, priority: i64| Instance { name, priority, plugin: Arc::new(Marks(name)), filter: None, error_response: None };
+        let route = Pipeline::new(vec![mark("a", 30), mark("b", 20), mark("c", 10), mark("d", 5)]).unwrap();
+        let own = Pipeline::new(vec![mark("x", 40), mark("y", 20), mark("z", 1)]).unwrap();
+        let (mut parts, ()) = http::Request::new(()).into_parts();
+        let consumers = Consumers::default();
+        let mut ctx = RequestCtx::new(&mut parts, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), "http", "r", &consumers);
+        // `c` is filtered out of the route's.
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(run_phase(&[(&route, Ran(0b1011)), (&own, Ran(0b111))], Phase::Access, &mut ctx)).unwrap();
+        assert_eq!(ctx.parts.headers["x-order"], "xabydz");
+        let mut three = ctx.parts.clone();
+        three.headers.remove("x-order");
+        let mut ctx = RequestCtx::new(&mut three, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), "http", "r", &consumers);
+        let single = Pipeline::new(vec![mark("m", 25)]).unwrap();
+        rt.block_on(run_phase(&[(&route, Ran(0b1111)), (&own, Ran(0b111)), (&single, Ran(1))], Phase::Access, &mut ctx)).unwrap();
+        assert_eq!(ctx.parts.headers["x-order"], "xambycdz", "three pipelines: the same order");
     }
 
     #[test]

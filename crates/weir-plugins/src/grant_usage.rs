@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -83,7 +83,8 @@ impl Plugin for GrantUsage {
     /// body to be sent, would cost every call more than the count itself).
     fn header_filter(&self, ctx: &mut ResponseCtx<'_>) {
         if let Some(s) = &self.series {
-            s.observe(minute_of(SystemTime::now()), ctx.started.elapsed(), ctx.parts.status.as_u16() >= 400);
+            let now = Instant::now();
+            s.observe(clock::minute(now), now.saturating_duration_since(ctx.started), ctx.parts.status.as_u16() >= 400);
         }
     }
 }
@@ -196,8 +197,38 @@ fn all() -> &'static Mutex<BTreeMap<String, Weak<Series>>> {
     })
 }
 
-fn minute_of(t: SystemTime) -> u32 {
-    (t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 60) as u32
+/// The minute of a monotonic instant, without a second clock read per request: the wall
+/// clock is read when a minute has passed since it last was, so a step of it is followed
+/// within a minute.
+mod clock {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+    /// The instant wall-clock times are reckoned from.
+    fn base() -> Instant {
+        static BASE: OnceLock<Instant> = OnceLock::new();
+        *BASE.get_or_init(Instant::now)
+    }
+
+    /// Unix time of `base()` in milliseconds, as of the last reading; 0: none yet.
+    static UNIX_AT_BASE_MS: AtomicU64 = AtomicU64::new(0);
+    /// When it was read, in milliseconds since `base()`.
+    static READ_AT_MS: AtomicU64 = AtomicU64::new(0);
+
+    pub(super) fn minute(now: Instant) -> u32 {
+        let since = now.saturating_duration_since(base()).as_millis() as u64;
+        let mut at_base = UNIX_AT_BASE_MS.load(Ordering::Relaxed);
+        if at_base == 0 || since.saturating_sub(READ_AT_MS.load(Ordering::Relaxed)) >= 60_000 {
+            let fresh = Instant::now().saturating_duration_since(base()).as_millis() as u64;
+            let unix = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as u64;
+            // At least 1: 0 means unread.
+            at_base = unix.saturating_sub(fresh).max(1);
+            UNIX_AT_BASE_MS.store(at_base, Ordering::Relaxed);
+            READ_AT_MS.store(fresh, Ordering::Relaxed);
+        }
+        ((at_base + since) / 60_000) as u32
+    }
 }
 
 /// The series of consumer `consumer`: the one its plugin instances hold, or a new one.
@@ -305,7 +336,13 @@ fn render(out: &mut String) {
 
 #[cfg(test)]
 mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
     use super::*;
+
+    fn minute_of(t: SystemTime) -> u32 {
+        (t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 60) as u32
+    }
 
     #[test]
     fn counts_by_minute_and_goes_with_its_holders() {
@@ -326,6 +363,16 @@ mod tests {
         drop(s);
         assert!(usage("gw-dev-app-test-usage", 0, u32::MAX).is_empty());
         assert!(!crate::prometheus::render().contains("gw-dev-app-test-usage"), "a consumer nobody holds has no series");
+    }
+
+    #[test]
+    fn an_instant_falls_in_the_wall_clock_minute() {
+        let now = Instant::now();
+        let wall = minute_of(SystemTime::now());
+        let m = clock::minute(now);
+        assert!(m == wall || m + 1 == wall, "{m} against {wall}");
+        let later = clock::minute(now + Duration::from_secs(120));
+        assert!(later == m + 2 || later == m + 3, "two minutes on: {later} against {m}");
     }
 
     #[test]

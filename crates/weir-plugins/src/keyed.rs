@@ -45,12 +45,29 @@ pub(crate) fn keyed_hash(key: &hmac::Key, text: &str) -> String {
     hex(hmac::sign(key, text.as_bytes()).as_ref())
 }
 
-/// The id a hashed credential of `text` is found by: [`HASHED`] and its keyed hash.
-pub(crate) fn hashed_id(key: &hmac::Key, text: &str) -> String {
-    let mut out = String::with_capacity(HASHED.len() + 64);
-    out.push_str(HASHED);
-    push_hex(&mut out, hmac::sign(key, text.as_bytes()).as_ref());
-    out
+/// The id a hashed credential of `text` is found by: [`HASHED`] and its keyed hash. Made on
+/// the stack: a lookup per request keeps nothing of it.
+pub(crate) fn hashed_id(key: &hmac::Key, text: &str) -> HashedId {
+    let mut out = [0u8; HASHED.len() + 64];
+    out[..HASHED.len()].copy_from_slice(HASHED.as_bytes());
+    let tag = hmac::sign(key, text.as_bytes());
+    for (i, b) in tag.as_ref().iter().enumerate() {
+        out[HASHED.len() + 2 * i] = DIGITS[usize::from(b >> 4)];
+        out[HASHED.len() + 2 * i + 1] = DIGITS[usize::from(b & 15)];
+    }
+    HashedId(out)
+}
+
+/// A hashed credential's id: [`HASHED`] and 64 hex digits.
+pub(crate) struct HashedId([u8; HASHED.len() + 64]);
+
+impl std::ops::Deref for HashedId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        // ASCII throughout: the prefix and hex digits.
+        std::str::from_utf8(&self.0).expect("the prefix and hex digits are ASCII")
+    }
 }
 
 /// Whether `text` is 64 lowercase hex digits (a SHA-256 in hex).
@@ -110,7 +127,7 @@ mod tests {
         assert_eq!(unhex("abc"), None);
         let key = hmac::Key::new(hmac::HMAC_SHA256, b"k");
         let id = hashed_id(&key, "text");
-        assert_eq!(id, format!("{HASHED}{}", keyed_hash(&key, "text")));
+        assert_eq!(&*id, format!("{HASHED}{}", keyed_hash(&key, "text")));
         assert!(is_hex64(&id[HASHED.len()..]));
         assert!(hash_key(Some(&attr(b"k"))).unwrap().is_some());
         assert!(hash_key(Some(&json!({"hash_key": "xyz"}))).is_err());
