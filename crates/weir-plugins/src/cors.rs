@@ -51,14 +51,30 @@ fn five() -> i64 {
 struct Cors {
     origins: String,
     by_regex: Option<Vec<Regex>>,
-    methods: String,
+    /// `allow_headers` as configured: `**` echoes the requested headers.
     headers: String,
-    expose: Option<String>,
-    max_age: i64,
+    /// The header values that do not depend on the request, made once; none where the
+    /// config's text cannot be a header value (that header is then left out).
+    values: Values,
     credential: bool,
 }
 
+struct Values {
+    methods: Option<HeaderValue>,
+    headers: Option<HeaderValue>,
+    expose: Option<HeaderValue>,
+    max_age: Option<HeaderValue>,
+}
+
 fn build(conf: Config) -> Result<Cors, String> {
+    let value = |v: &str| HeaderValue::from_str(v).ok();
+    let methods = if conf.allow_methods == "**" { "GET,POST,PUT,DELETE,PATCH,HEAD,OPTIONS,CONNECT,TRACE" } else { conf.allow_methods.as_str() };
+    let values = Values {
+        methods: value(methods),
+        headers: value(&conf.allow_headers).filter(|v| !v.is_empty()),
+        expose: conf.expose_headers.as_deref().filter(|e| !e.is_empty()).and_then(value),
+        max_age: value(&conf.max_age.to_string()),
+    };
     let c = Cors {
         origins: conf.allow_origins,
         by_regex: conf
@@ -66,14 +82,12 @@ fn build(conf: Config) -> Result<Cors, String> {
             .map(|a| a.iter().map(|r| Regex::new(r)).collect::<Result<Vec<_>, _>>())
             .transpose()
             .map_err(|e| format!("allow_origins_by_regex: {e}"))?,
-        methods: conf.allow_methods,
         headers: conf.allow_headers,
-        expose: conf.expose_headers,
-        max_age: conf.max_age,
+        values,
         credential: conf.allow_credential,
     };
     // With credentials a browser refuses `*`, so APISIX refuses the config.
-    if c.credential && [&c.origins, &c.methods, &c.headers].iter().any(|v| *v == "*") && c.by_regex.is_none() {
+    if c.credential && [&c.origins, &conf.allow_methods, &c.headers].iter().any(|v| *v == "*") && c.by_regex.is_none() {
         return Err("you can not set '*' for other option when 'allow_credential' is true".into());
     }
     Ok(c)
@@ -88,17 +102,18 @@ const ALLOW_CREDENTIALS: HeaderName = HeaderName::from_static("access-control-al
 
 impl Cors {
     /// The Access-Control-Allow-Origin value for a request from `origin`, if it is allowed.
-    fn allowed_origin(&self, origin: Option<&str>) -> Option<String> {
+    fn allowed_origin(&self, origin: Option<&str>) -> Option<HeaderValue> {
+        let echo = |o: &str| HeaderValue::from_str(o).ok();
         if let Some(res) = &self.by_regex {
             let o = origin?;
-            return res.iter().any(|r| r.is_match(o)).then(|| o.to_string());
+            return res.iter().any(|r| r.is_match(o)).then(|| echo(o)).flatten();
         }
         match self.origins.as_str() {
-            "*" => Some("*".into()),
-            "**" => origin.map(str::to_string),
+            "*" => Some(HeaderValue::from_static("*")),
+            "**" => origin.and_then(echo),
             list => {
                 let o = origin?;
-                list.split(',').any(|allowed| allowed.trim() == o).then(|| o.to_string())
+                list.split(',').any(|allowed| allowed.trim() == o).then(|| echo(o)).flatten()
             }
         }
     }
@@ -106,33 +121,26 @@ impl Cors {
 
 impl Plugin for Cors {
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
-        let header = |name| ctx.parts.headers.get(name).and_then(|v: &HeaderValue| v.to_str().ok()).map(str::to_string);
-        let origin = header(http::header::ORIGIN);
-        let mut out: Vec<(HeaderName, String)> = Vec::new();
+        let header = |name| ctx.parts.headers.get(name).filter(|v: &&HeaderValue| v.to_str().is_ok());
+        let origin = header(http::header::ORIGIN).and_then(|v| v.to_str().ok());
+        let allowed = self.allowed_origin(origin);
+        let requested = match self.headers.as_str() {
+            "**" => header(http::header::ACCESS_CONTROL_REQUEST_HEADERS).filter(|v| !v.is_empty()).cloned(),
+            _ => self.values.headers.clone(),
+        };
+        let out = &mut ctx.response_headers;
         if self.origins != "*" || self.by_regex.is_some() {
-            out.push((http::header::VARY, "Origin".into()));
+            out.push((http::header::VARY, HeaderValue::from_static("Origin")));
         }
-        if let Some(allow) = self.allowed_origin(origin.as_deref()) {
-            let methods = if self.methods == "**" { "GET,POST,PUT,DELETE,PATCH,HEAD,OPTIONS,CONNECT,TRACE".to_string() } else { self.methods.clone() };
-            let headers = if self.headers == "**" {
-                header(http::header::ACCESS_CONTROL_REQUEST_HEADERS).unwrap_or_default()
-            } else {
-                self.headers.clone()
-            };
+        if let Some(allow) = allowed {
+            let v = &self.values;
             out.push((ALLOW_ORIGIN, allow));
-            out.push((ALLOW_METHODS, methods));
-            out.push((MAX_AGE, self.max_age.to_string()));
-            if let Some(e) = self.expose.as_ref().filter(|e| !e.is_empty()) {
-                out.push((EXPOSE_HEADERS, e.clone()));
-            }
-            if !headers.is_empty() {
-                out.push((ALLOW_HEADERS, headers));
-            }
+            let rest = [(ALLOW_METHODS, v.methods.clone()), (MAX_AGE, v.max_age.clone()), (EXPOSE_HEADERS, v.expose.clone()), (ALLOW_HEADERS, requested)];
+            out.extend(rest.into_iter().filter_map(|(k, v)| Some((k, v?))));
             if self.credential {
-                out.push((ALLOW_CREDENTIALS, "true".into()));
+                out.push((ALLOW_CREDENTIALS, HeaderValue::from_static("true")));
             }
         }
-        ctx.response_headers.extend(out.into_iter().filter_map(|(k, v)| HeaderValue::from_str(&v).ok().map(|v| (k, v))));
         // A preflight is answered here, with the headers above.
         if ctx.parts.method == http::Method::OPTIONS {
             return Err(Reply::new(200, Some(Value::String(String::new()))));
