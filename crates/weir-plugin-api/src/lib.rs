@@ -336,6 +336,12 @@ pub trait Plugin: Send + Sync {
         Ok(())
     }
 
+    /// Whether the plugin has work in the access phase (`access` or `access_io`). One that
+    /// has none says so, and the phase passes it by.
+    fn has_access(&self) -> bool {
+        true
+    }
+
     /// A rewrite that waits (a delay injected on purpose): as `access_io`, for the rewrite
     /// phase.
     fn rewrite_io(&self, _ctx: &mut RequestCtx<'_>) -> Option<Pending> {
@@ -375,6 +381,8 @@ pub const MAX_PLUGINS: usize = 64;
 pub struct Pipeline {
     pub instances: Vec<Instance>,
     pub phases: Phases,
+    /// The instances with work in the access phase, one bit each.
+    access: Ran,
 }
 
 impl Pipeline {
@@ -390,7 +398,8 @@ impl Pipeline {
             phases.log |= p.log;
             phases.body |= p.body;
         }
-        Ok(Pipeline { instances, phases })
+        let access = Ran(instances.iter().enumerate().filter(|(_, i)| i.plugin.has_access()).fold(0, |bits, (n, _)| bits | 1 << n));
+        Ok(Pipeline { instances, phases, access })
     }
 
     /// Joins pipelines (the global rules') into one, in priority order.
@@ -621,6 +630,7 @@ impl Ran {
 /// all of them. Stops at the first reply.
 pub async fn run_phase(parts: &[(&Pipeline, Ran)], phase: Phase, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
     if let [(pipeline, ran)] = parts {
+        let ran = due(pipeline, *ran, phase);
         // One pipeline is already in order: no list to make.
         for (n, i) in pipeline.instances.iter().enumerate() {
             if ran.has(n) {
@@ -630,6 +640,7 @@ pub async fn run_phase(parts: &[(&Pipeline, Ran)], phase: Phase, ctx: &mut Reque
         return Ok(());
     }
     if let [(a, ran_a), (b, ran_b)] = parts {
+        let (ran_a, ran_b) = (due(a, *ran_a, phase), due(b, *ran_b, phase));
         // Two pipelines (a route's and its consumer's), each in order: merged as they run, the
         // first one's plugin going first among equal priorities, as a stable sort would.
         let (xs, ys) = (&a.instances, &b.instances);
@@ -661,6 +672,7 @@ pub async fn run_phase(parts: &[(&Pipeline, Ran)], phase: Phase, ctx: &mut Reque
     }
     let mut order: Vec<&Instance> = Vec::new();
     for (pipeline, ran) in parts {
+        let ran = due(pipeline, *ran, phase);
         order.extend(pipeline.instances.iter().enumerate().filter(|(n, _)| ran.has(*n)).map(|(_, i)| i));
     }
     order.sort_by_key(|i| std::cmp::Reverse(i.priority));
@@ -668,6 +680,15 @@ pub async fn run_phase(parts: &[(&Pipeline, Ran)], phase: Phase, ctx: &mut Reque
         run_one(i, phase, ctx).await?;
     }
     Ok(())
+}
+
+/// The instances of `pipeline` marked in `ran` that have work in `phase`: in the access
+/// phase, plugins without any are passed by.
+fn due(pipeline: &Pipeline, ran: Ran, phase: Phase) -> Ran {
+    match phase {
+        Phase::Access => Ran(ran.0 & pipeline.access.0),
+        Phase::Rewrite => ran,
+    }
 }
 
 /// One plugin's request phase, its panics caught and its reply given `_meta.error_response`.
@@ -819,6 +840,24 @@ mod tests {
         let single = Pipeline::new(vec![mark("m", 25)]).unwrap();
         rt.block_on(run_phase(&[(&route, Ran(0b1111)), (&own, Ran(0b111)), (&single, Ran(1))], Phase::Access, &mut ctx)).unwrap();
         assert_eq!(ctx.parts.headers["x-order"], "xambycdz", "three pipelines: the same order");
+    }
+
+    /// Says it has no access phase, whose `access` would fail the request.
+    struct RewriteOnly;
+    impl Plugin for RewriteOnly {
+        fn access(&self, _ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
+            Err(Reply::new(500, None))
+        }
+
+        fn has_access(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn the_access_phase_passes_by_plugins_without_one() {
+        assert_eq!(run(vec![instance(Arc::new(RewriteOnly), None)]), Ok(()));
+        assert_eq!(run(vec![instance(Arc::new(RewriteOnly), None), instance(Arc::new(Panics), None)]), Err(Reply::new(500, None)), "the others still run");
     }
 
     #[test]

@@ -120,6 +120,10 @@ impl Cors {
 }
 
 impl Plugin for Cors {
+    fn has_access(&self) -> bool {
+        false
+    }
+
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
         let header = |name| ctx.parts.headers.get(name).filter(|v: &&HeaderValue| v.to_str().is_ok());
         let origin = header(http::header::ORIGIN).and_then(|v| v.to_str().ok());

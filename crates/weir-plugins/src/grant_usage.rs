@@ -70,6 +70,10 @@ struct GrantUsage {
 }
 
 impl Plugin for GrantUsage {
+    fn has_access(&self) -> bool {
+        false
+    }
+
     fn phases(&self) -> Phases {
         Phases { response: true, log: false, body: false }
     }

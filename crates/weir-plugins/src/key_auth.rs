@@ -139,6 +139,10 @@ enum Source {
 }
 
 impl Plugin for KeyAuth {
+    fn has_access(&self) -> bool {
+        false
+    }
+
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
         self.authenticate(ctx, now_secs)
     }
