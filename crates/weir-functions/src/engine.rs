@@ -453,10 +453,7 @@ impl Js {
         {
             return v.clone().restore(ctx).map_err(|e| caught(ctx, e));
         }
-        let v = rquickjs_serde_value(ctx, &serde_json::Value::Object((**vars).clone())).map_err(|e| caught(ctx, e))?;
-        let object: Object<'_> = ctx.globals().get("Object").map_err(|e| caught(ctx, e))?;
-        let freeze: JsFn<'_> = object.get("freeze").map_err(|e| caught(ctx, e))?;
-        let v: Value<'js> = freeze.call((v,)).map_err(|e| caught(ctx, e))?;
+        let v = rquickjs_serde_value(ctx, &serde_json::Value::Object((**vars).clone())).and_then(|v| frozen(ctx, v)).map_err(|e| caught(ctx, e))?;
         *self.vars.borrow_mut() = Some((vars.clone(), Persistent::save(ctx, v.clone())));
         Ok(v)
     }
@@ -928,6 +925,14 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
     }
 }
 
+/// `v` frozen by `Object.freeze`: what a call is given to read, and no call may change for the
+/// next.
+fn frozen<'js, T: rquickjs::FromJs<'js> + rquickjs::IntoJs<'js>>(ctx: &Ctx<'js>, v: T) -> rquickjs::Result<T> {
+    let object: Object<'_> = ctx.globals().get("Object")?;
+    let freeze: JsFn<'_> = object.get("freeze")?;
+    freeze.call((v,))
+}
+
 /// `ctx.user` objects kept per runtime; past this many, the kept ones go and are made again.
 const USERS_KEPT: usize = 4096;
 
@@ -935,13 +940,8 @@ type Users = RefCell<HashMap<String, (Option<Arc<weir_plugins::grant_usage::Gran
 
 /// `ctx.user` for `user`: the frozen object kept for it, or a new one, then kept.
 fn user_object<'js>(ctx: &Ctx<'js>, users: &Users, user: &User) -> rquickjs::Result<Object<'js>> {
-    let same = |g: &Option<Arc<weir_plugins::grant_usage::Grantee>>| match (g, &user.grant) {
-        (Some(a), Some(b)) => Arc::ptr_eq(a, b) || a == b,
-        (None, None) => true,
-        _ => false,
-    };
     if let Some((grant, o)) = users.borrow().get(&user.name)
-        && same(grant)
+        && *grant == user.grant
     {
         return o.clone().restore(ctx);
     }
@@ -951,9 +951,7 @@ fn user_object<'js>(ctx: &Ctx<'js>, users: &Users, user: &User) -> rquickjs::Res
         u.set("appId", g.application.as_str())?;
         u.set("grantId", g.grant.as_str())?;
     }
-    let object: Object<'_> = ctx.globals().get("Object")?;
-    let freeze: JsFn<'_> = object.get("freeze")?;
-    let u: Object<'js> = freeze.call((u,))?;
+    let u = frozen(ctx, u)?;
     let mut users = users.borrow_mut();
     if users.len() >= USERS_KEPT {
         users.clear();

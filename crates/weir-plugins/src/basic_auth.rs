@@ -123,13 +123,14 @@ fn decode(value: &str) -> Result<(String, String), &'static str> {
 
 impl Plugin for BasicAuth {
     fn rewrite(&self, ctx: &mut RequestCtx<'_>) -> Result<(), Reply> {
-        self.authenticate(ctx, now_secs())
+        self.authenticate(ctx, now_secs)
     }
 }
 
 impl BasicAuth {
-    /// The request phase at `now` (unix seconds).
-    fn authenticate(&self, ctx: &mut RequestCtx<'_>, now: i64) -> Result<(), Reply> {
+    /// The request phase, with `now` telling the time (unix seconds) when an expiry is to be
+    /// checked: most credentials have none, and they cost no clock read.
+    fn authenticate(&self, ctx: &mut RequestCtx<'_>, now: impl Fn() -> i64) -> Result<(), Reply> {
         let Some(value) = ctx.parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
             return Err(unauthorized("Missing authorization in request")
                 .with_header(header::WWW_AUTHENTICATE, HeaderValue::from_static("Basic realm='.'")));
@@ -154,7 +155,7 @@ impl BasicAuth {
 
     /// The consumer `user` and `pass` name on this route at `now`, or why none does (for the
     /// log only).
-    fn identify(&self, consumers: &Consumers, user: &str, pass: &str, now: i64) -> Result<Arc<Consumer>, &'static str> {
+    fn identify(&self, consumers: &Consumers, user: &str, pass: &str, now: impl Fn() -> i64) -> Result<Arc<Consumer>, &'static str> {
         if self.scope.is_none()
             && !user.starts_with(HASHED)
             && let Some(c) = consumers.find(NAME, user)
@@ -169,7 +170,7 @@ impl BasicAuth {
         if h.scope != self.scope {
             return Err("the credentials belong to another scope");
         }
-        if h.not_after.is_some_and(|t| t < now) {
+        if h.not_after.is_some_and(|t| t < now()) {
             return Err("the credentials have expired");
         }
         Ok(c.consumer.clone())
@@ -210,7 +211,7 @@ mod tests {
     fn who(plugin: &BasicAuth, consumers: &Consumers, authorization: &str, now: i64) -> Result<String, Reply> {
         let (mut parts, ()) = http::Request::builder().uri("/").header("authorization", authorization).body(()).unwrap().into_parts();
         let mut ctx = RequestCtx::new(&mut parts, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap(), "http", "r", consumers);
-        plugin.authenticate(&mut ctx, now)?;
+        plugin.authenticate(&mut ctx, || now)?;
         Ok(ctx.consumer.as_ref().map(|c| c.username.clone()).unwrap_or_default())
     }
 
