@@ -348,8 +348,16 @@ mod tests {
         (t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() / 60) as u32
     }
 
+    /// Held by the tests that use the process's series: a trim holds every series while it
+    /// runs, so one test's trim would keep another's dropped series alive for that moment.
+    fn registry() -> std::sync::MutexGuard<'static, ()> {
+        static SERIAL: Mutex<()> = Mutex::new(());
+        SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     #[test]
     fn counts_by_minute_and_goes_with_its_holders() {
+        let _serial = registry();
         // Minutes of now: a trim by another test keeps them.
         let m = minute_of(SystemTime::now());
         let s = series("gw-dev-app-test-usage");
@@ -409,6 +417,7 @@ mod tests {
 
     #[test]
     fn old_minutes_go() {
+        let _serial = registry();
         let now = minute_of(SystemTime::now());
         let s = series("gw-dev-app-test-trim");
         s.observe(now - RETENTION_MINUTES - 5, Duration::from_millis(1), false);
