@@ -2,6 +2,8 @@
 //! - a hello-world function returning JSON through Weir against Node 20's `http` module
 //!   serving the same JSON (what laf and imprun run functions on), each pinned to the proxy
 //!   core, in interleaved rounds;
+//! - the same JSON from a route with the mocking plugin on the same node: the proxy's own
+//!   cost, without JavaScript, so the rows show what the function runtime adds;
 //! - the same function in a gateway that holds `--functions` functions, against one alone;
 //! - save → live on the same node and across two nodes sharing etcd (p50, p99);
 //! - the first call of a function just saved against a warm call;
@@ -155,6 +157,9 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
         save(w, "fns", "hello", HELLO)?;
         live(w.port, "fns.localhost", "/dev/hello", "world", Instant::now())?;
     }
+    let mock = serde_json::json!({"uri": "/hello", "host": "mock.localhost", "plugins": {"mocking": {"response_example": "{\"hello\":\"world\"}", "content_type": "application/json"}}});
+    one.put("routes/no-js", &mock.to_string())?;
+    live(one.port, "mock.localhost", "/hello", "world", Instant::now())?;
     let before = rss_kib(big.proc.0.id());
     let started = Instant::now();
     for i in 1..many {
@@ -167,21 +172,33 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
 
     println!("Functions: a hello-world function returning JSON; wrk -t1 -c{} -d{}s; median of {} interleaved rounds, each server on core {}", args.connections, args.duration, args.rounds, args.proxy_core);
     let host = ["Host: fns.localhost"];
-    let (mut node_runs, mut one_runs, mut many_runs) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut node_runs, mut one_runs, mut many_runs, mut mock_runs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         let n = wrk_url(args, &format!("http://127.0.0.1:{NODE_PORT}/"), Some(_node.0.id()), &[])?;
         let o = wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", one.port), Some(one.proc.0.id()), &host)?;
         let m = wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", big.port), Some(big.proc.0.id()), &host)?;
-        println!("round {round}: node {:.0} req/s, weir {:.0} req/s ({:.2}x), weir beside {many} functions {:.0} req/s ({:.3}x)", n.rps, o.rps, o.rps / n.rps, m.rps, m.rps / o.rps);
+        let j = wrk_url(args, &format!("http://127.0.0.1:{}/hello", one.port), Some(one.proc.0.id()), &["Host: mock.localhost"])?;
+        println!(
+            "round {round}: node {:.0} req/s, weir {:.0} req/s ({:.2}x), weir beside {many} functions {:.0} req/s ({:.3}x), weir without JavaScript {:.0} req/s ({:.2}x)",
+            n.rps,
+            o.rps,
+            o.rps / n.rps,
+            m.rps,
+            m.rps / o.rps,
+            j.rps,
+            j.rps / n.rps
+        );
+        mock_runs.push(j);
         node_runs.push(n);
         one_runs.push(o);
         many_runs.push(m);
     }
-    let (n, o, m) = (median_result(&node_runs), median_result(&one_runs), median_result(&many_runs));
+    let (n, o, m, j) = (median_result(&node_runs), median_result(&one_runs), median_result(&many_runs), median_result(&mock_runs));
     println!("{:<28} {:>9} {:>8} {:>8} {:>7} {:>9} {:>10} {:>7}", "", "req/s", "p50 ms", "p99 ms", "ratio", "CPU us/r", "req/core/s", "/core");
     row("node 20 http", &n, Some(&n));
     row("weir, 1 function", &o, Some(&n));
     row(&format!("weir, {many} functions"), &m, Some(&o));
+    row("weir, mocking (no JS)", &j, Some(&n));
     println!("weir vs node: {:.2}x throughput; {many} functions vs 1: {:.3}x", o.rps / n.rps, m.rps / o.rps);
     println!("memory per idle function: {:.1} KiB ({} KiB more RSS for {} functions)", (after.saturating_sub(before)) as f64 / (many - 1).max(1) as f64, after.saturating_sub(before), many - 1);
 
