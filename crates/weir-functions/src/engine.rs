@@ -554,6 +554,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     };
     let mut calls: BTreeMap<u64, Live> = BTreeMap::new();
     let mut next_call: u64 = 1;
+    let slots = Slots::default();
     // Calls held back while the runtime drains before it is made afresh, and since when.
     let mut held: VecDeque<Box<Job>> = VecDeque::new();
     let mut draining: Option<Instant> = None;
@@ -603,7 +604,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
-        start_outbound(&js, &calls, gateway, mailbox, services);
+        start_outbound(&js, &calls, gateway, mailbox, services, &slots);
         // Every save loads a new version and QuickJS keeps old modules, so once many have piled
         // up the runtime is made afresh: new calls wait while the calls in flight finish (at
         // most `DRAIN`; those still running then fail), then start on the fresh runtime.
@@ -893,35 +894,91 @@ fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, r
 }
 
 /// Hands the fetches and database operations the last step started to the node.
-fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services) {
-    start_fetches(js, calls, gateway, back, services.fetcher.as_ref());
+fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services, slots: &Slots) {
+    start_fetches(js, calls, gateway, back, services.fetcher.as_ref(), slots);
     let started = std::mem::take(&mut js.host.borrow_mut().db_ops);
     for (call, id, op) in started {
         let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
         let back = back.clone();
-        let reply = Box::new(move |result| {
+        let answer = move |result| {
             let _ = back.send(Msg::DbDone(call, id, result));
-        });
+        };
+        let refuse = |why: &str| serde_json::json!({"message": why, "code": "unavailable", "status": 503}).to_string();
         match (&services.database, scope) {
-            (Some(run), Some(scope)) => run(DbRequest { gateway: gateway.to_string(), scope, op, reply }),
-            _ => reply(Err(serde_json::json!({"message": "no database is available to this function on this node", "code": "unavailable", "status": 503}).to_string())),
+            (Some(run), Some(scope)) => match slots.take() {
+                Some(slot) => run(DbRequest {
+                    gateway: gateway.to_string(),
+                    scope,
+                    op,
+                    reply: Box::new(move |result| {
+                        drop(slot);
+                        answer(result)
+                    }),
+                }),
+                None => answer(Err(refuse(&Slots::refusal("database operation")))),
+            },
+            _ => answer(Err(refuse("no database is available to this function on this node"))),
         }
     }
 }
 
-fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>) {
+fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>, slots: &Slots) {
     let started = std::mem::take(&mut js.host.borrow_mut().fetches);
     for (call, id, method, url, headers, body) in started {
         // A fetch of a call that ended meanwhile is not made.
         let Some(allow) = calls.get(&call).map(|l| l.job.reach.allow.clone()) else { continue };
         let back = back.clone();
-        let reply = Box::new(move |result| {
+        let answer = move |result| {
             let _ = back.send(Msg::Fetched(Fetched { call, id, result }));
-        });
-        match fetcher {
-            Some(fetcher) => fetcher(FetchRequest { gateway: gateway.to_string(), method, url, headers, body, allow, reply }),
-            None => reply(Err("fetch is not available on this node".into())),
+        };
+        let Some(fetcher) = fetcher else {
+            answer(Err("fetch is not available on this node".into()));
+            continue;
+        };
+        match slots.take() {
+            Some(slot) => fetcher(FetchRequest {
+                gateway: gateway.to_string(),
+                method,
+                url,
+                headers,
+                body,
+                allow,
+                reply: Box::new(move |result| {
+                    drop(slot);
+                    answer(result)
+                }),
+            }),
+            None => answer(Err(format!("fetch to {url} refused: {}", Slots::refusal("fetch")))),
         }
+    }
+}
+
+/// Fetches and database operations one gateway may have in flight on a node at once: past
+/// this, more are refused at once, so that no tenant holds the node's connections or its
+/// database threads.
+pub const OUTBOUND_IN_FLIGHT: usize = 64;
+
+/// The gateway's outbound operations in flight, counted from when one is handed to the node
+/// until its answer is made (or it is dropped unanswered).
+#[derive(Default)]
+struct Slots(Arc<AtomicUsize>);
+
+impl Slots {
+    fn take(&self) -> Option<Slot> {
+        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < OUTBOUND_IN_FLIGHT).then_some(n + 1)).ok().map(|_| Slot(self.0.clone()))
+    }
+
+    fn refusal(what: &str) -> String {
+        format!("this {what} would make more than {OUTBOUND_IN_FLIGHT} fetches and database operations of this gateway in flight at once; wait for some to finish")
+    }
+}
+
+/// One outbound operation in flight; its end frees the place.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -263,6 +263,105 @@ async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
 }
 
 
+/// Outbound work handed to the node and not yet answered: the fetcher and the database
+/// runner below hold every answer until the test lets them go.
+#[derive(Default)]
+struct Held {
+    fetches: std::sync::Mutex<Vec<weir_functions::engine::FetchRequest>>,
+    ops: std::sync::Mutex<Vec<weir_functions::DbRequest>>,
+}
+
+impl Held {
+    fn count(&self) -> usize {
+        self.fetches.lock().unwrap().len() + self.ops.lock().unwrap().len()
+    }
+
+    /// Waits (up to 2 s) until `n` things are held.
+    async fn reach(&self, n: usize) {
+        let t = Instant::now();
+        while self.count() < n && t.elapsed() < Duration::from_secs(2) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Answers everything held.
+    fn release(&self) {
+        for f in std::mem::take(&mut *self.fetches.lock().unwrap()) {
+            (f.reply)(Ok((200, vec![], b"{}".to_vec())));
+        }
+        for op in std::mem::take(&mut *self.ops.lock().unwrap()) {
+            (op.reply)(Ok("null".into()));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_has_at_most_so_many_fetches_and_database_operations_in_flight() {
+    let cap = weir_functions::engine::OUTBOUND_IN_FLIGHT;
+    let held = Arc::new(Held::default());
+    let (h1, h2) = (held.clone(), held.clone());
+    let services = weir_functions::Services {
+        fetcher: Some(Arc::new(move |f| h1.fetches.lock().unwrap().push(f))),
+        database: Some(Arc::new(move |op| h2.ops.lock().unwrap().push(op))),
+    };
+    let engine = Engine::start("held", limits().memory, services).unwrap();
+    let flood = func(
+        "dev",
+        "flood",
+        &[(
+            "index.js",
+            "export default async () => {
+               const fetches = Array.from({ length: 60 }, () => fetch('http://api.example/x'));
+               const reads = Array.from({ length: 20 }, () => imp.db().collection('c').findOne({}));
+               const all = await Promise.allSettled([...fetches, ...reads]);
+               const refused = all.filter((r) => r.status === 'rejected').map((r) => r.reason.message);
+               return { answered: all.length - refused.length, refused: refused.length, why: [...new Set(refused)] };
+             }",
+        )],
+    );
+    let one = func("dev", "one", &[("index.js", "export default async () => (await fetch('http://api.example/y')).status")]);
+    let table: Table = Arc::new([flood.clone(), one.clone()].into_iter().map(|f| (f.name.clone(), f)).collect());
+    let reach = Arc::new(weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: Some(weir_functions::DbScope { name: "held".into(), limits: Default::default() }) });
+    let vars = Arc::new(serde_json::Map::new());
+    let call = |f: &Arc<Function>| FunctionHandler::run(engine.clone(), f.clone(), table.clone(), vars.clone(), limits(), reach.clone(), get("/"));
+
+    let flooding = tokio::spawn(call(&flood));
+    held.reach(cap).await;
+    // Past the cap, the rest were refused at once: nothing more reaches the node.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(held.count(), cap);
+    // While they are held, another call's fetch is refused too, with a message that says why.
+    let out = call(&one).await.unwrap();
+    match &out.result {
+        Err(Failure::Threw { message, .. }) => assert!(message.starts_with("fetch to http://api.example/y refused: this fetch would make more than 64"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    held.release();
+    let body = body_json(&flooding.await.unwrap().unwrap());
+    assert_eq!(body["answered"], 64, "{body}");
+    assert_eq!(body["refused"], 16, "{body}");
+    for why in body["why"].as_array().unwrap() {
+        assert!(why.as_str().unwrap().contains("more than 64 fetches and database operations of this gateway in flight"), "{why}");
+    }
+    // Answered, they free their places: a fetch goes out again.
+    let next = tokio::spawn(call(&one));
+    held.reach(1).await;
+    assert_eq!(held.count(), 1);
+    held.release();
+    assert_eq!(body_json(&next.await.unwrap().unwrap()), json!(200));
+    // Places whose answers are dropped unanswered are freed as well.
+    let _flooding = tokio::spawn(call(&flood));
+    held.reach(cap).await;
+    assert_eq!(held.count(), cap);
+    held.fetches.lock().unwrap().clear();
+    held.ops.lock().unwrap().clear();
+    let again = tokio::spawn(call(&one));
+    held.reach(1).await;
+    assert_eq!(held.count(), 1);
+    held.release();
+    assert_eq!(body_json(&again.await.unwrap().unwrap()), json!(200));
+}
+
 /// A runtime that has loaded many versions is made afresh without failing a call: new calls
 /// wait while the one in flight finishes.
 #[tokio::test]
