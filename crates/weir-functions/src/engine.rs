@@ -377,7 +377,14 @@ impl Js {
                 if let Some((sink, _)) = host.sinks.get(&call) {
                     sink.push(line.clone());
                 }
-                host.logs.entry(call).or_default().push(line);
+                // What the call answers with is bounded like the function's buffer: the first
+                // lines, then one that says the rest were not kept.
+                let kept = host.logs.entry(call).or_default();
+                match kept.len().cmp(&crate::LOG_LINES) {
+                    std::cmp::Ordering::Less => kept.push(line),
+                    std::cmp::Ordering::Equal => kept.push(LogLine { message: format!("later lines of this call are not kept here (past {})", crate::LOG_LINES), level: "warn".into(), ..line }),
+                    std::cmp::Ordering::Greater => {}
+                }
             })?)?;
             let h = host.clone();
             natives.set("environment", JsFn::new(ctx.clone(), move || h.borrow().env.clone())?)?;

@@ -263,6 +263,24 @@ async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
 }
 
 
+#[tokio::test]
+async fn the_lines_a_call_answers_with_are_bounded() {
+    let gw = Gw::new(vec![func("dev", "chatty", &[("index.js", "const long = 'x'.repeat(9000);
+export default () => { for (let i = 0; i < 1200; i++) console.log('line ' + i + ' ' + long); return 'ok' }")])]);
+    let out = gw.call("chatty", get("/")).await;
+    assert_eq!(out.result.as_ref().unwrap().body, b"ok");
+    assert_eq!(out.logs.len(), weir_functions::LOG_LINES + 1);
+    assert!(out.logs[0].message.starts_with("line 0 xxx"));
+    // Each line is cut to its bound too.
+    assert!(out.logs[0].message.len() <= 8192 + '…'.len_utf8(), "{}", out.logs[0].message.len());
+    let last = out.logs.last().unwrap();
+    assert_eq!((last.level.as_str(), last.message.as_str()), ("warn", "later lines of this call are not kept here (past 1000)"));
+    // The function's own buffer keeps its last lines.
+    let kept = gw.table["chatty"].logs.since(0, usize::MAX);
+    assert_eq!(kept.len(), weir_functions::LOG_LINES);
+    assert!(kept.last().unwrap().message.starts_with("line 1199 "));
+}
+
 /// Outbound work handed to the node and not yet answered: the fetcher and the database
 /// runner below hold every answer until the test lets them go.
 #[derive(Default)]
