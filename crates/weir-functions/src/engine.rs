@@ -251,6 +251,16 @@ struct Host {
     tables: HashMap<String, Table>,
     /// Where each call's log lines also go (the function's buffer), with its request id.
     sinks: HashMap<u64, (Arc<Logs>, String)>,
+    /// The gateway's fetches and database operations in flight (`Slots`).
+    outbound: Arc<AtomicUsize>,
+}
+
+impl Host {
+    /// Why one more fetch or database operation may not start now: with those queued this
+    /// turn and those in flight it would pass `OUTBOUND_IN_FLIGHT`. Nothing of it is kept.
+    fn full(&self, what: &str) -> Option<String> {
+        (self.fetches.len() + self.db_ops.len() + self.outbound.load(Ordering::Acquire) >= OUTBOUND_IN_FLIGHT).then(|| Slots::refusal(what))
+    }
 }
 
 type Shared = Rc<RefCell<Host>>;
@@ -336,12 +346,12 @@ struct Js {
 }
 
 impl Js {
-    fn new(memory: usize) -> rquickjs::Result<Js> {
+    fn new(memory: usize, slots: &Slots) -> rquickjs::Result<Js> {
         let rt = Runtime::new()?;
         rt.set_memory_limit(memory);
         rt.set_max_stack_size(1 << 20);
         rt.set_gc_threshold(memory / 4);
-        let host: Shared = Rc::default();
+        let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.0.clone(), ..Host::default() }));
         rt.set_loader(Names(host.clone()), Sources(host.clone()));
         let stop_at = Arc::new(AtomicU64::new(0));
         let epoch = Instant::now();
@@ -392,19 +402,27 @@ impl Js {
             natives.set("random", JsFn::new(ctx.clone(), random_native)?)?;
             natives.set("digest", JsFn::new(ctx.clone(), digest_native)?)?;
             let h = host.clone();
-            natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Vec<Vec<String>>, body: Option<Array<'_>>| -> rquickjs::Result<()> {
+            // Each answers why the operation may not start, or nothing when it is queued.
+            natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Vec<Vec<String>>, body: Option<Array<'_>>| -> rquickjs::Result<Option<String>> {
+                if let Some(why) = h.borrow().full("fetch") {
+                    return Ok(Some(format!("fetch to {url} refused: {why}")));
+                }
                 let body = body.map(|b| from_wire(&b)).transpose()?;
                 let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
                 let mut host = h.borrow_mut();
                 let call = host.call;
                 host.fetches.push((call, id, method, url, headers, body));
-                Ok(())
+                Ok(None)
             })?)?;
             let h = host.clone();
-            natives.set("db", JsFn::new(ctx.clone(), move |id: u32, op: String| {
+            natives.set("db", JsFn::new(ctx.clone(), move |id: u32, op: String| -> Option<String> {
                 let mut host = h.borrow_mut();
+                if let Some(why) = host.full("database operation") {
+                    return Some(why);
+                }
                 let call = host.call;
                 host.db_ops.push((call, id, op));
+                None
             })?)?;
             ctx.globals().set("__host", natives)?;
             ctx.eval::<(), _>(PRELUDE)?;
@@ -552,7 +570,8 @@ fn niceness(stat: &str) -> Option<i32> {
 }
 
 fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services) {
-    let mut js = match Js::new(memory) {
+    let slots = Slots::default();
+    let mut js = match Js::new(memory, &slots) {
         Ok(js) => js,
         Err(e) => {
             tracing::error!(%gateway, error = %e, "the function runtime could not start");
@@ -561,7 +580,6 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     };
     let mut calls: BTreeMap<u64, Live> = BTreeMap::new();
     let mut next_call: u64 = 1;
-    let slots = Slots::default();
     // Calls held back while the runtime drains before it is made afresh, and since when.
     let mut held: VecDeque<Box<Job>> = VecDeque::new();
     let mut draining: Option<Instant> = None;
@@ -595,7 +613,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
             };
             if broken {
                 // Out of memory: a fresh runtime at once; the calls in flight cannot continue.
-                js = match renew(js, &mut calls, || Failure::Memory, memory, gateway) {
+                js = match renew(js, &mut calls, || Failure::Memory, memory, &slots, gateway) {
                     Some(js) => js,
                     None => return,
                 };
@@ -624,7 +642,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 true => Failure::Memory,
                 false => Failure::Internal("the gateway's runtime was renewed while this call waited".into()),
             };
-            js = match renew(js, &mut calls, why, memory, gateway) {
+            js = match renew(js, &mut calls, why, memory, &slots, gateway) {
                 Some(js) => js,
                 None => return,
             };
@@ -641,12 +659,12 @@ fn release_held(draining: &mut Option<Instant>, held: &mut VecDeque<Box<Job>>, b
     }
 }
 
-fn renew(js: Js, calls: &mut BTreeMap<u64, Live>, why: impl Fn() -> Failure, memory: usize, gateway: &str) -> Option<Js> {
+fn renew(js: Js, calls: &mut BTreeMap<u64, Live>, why: impl Fn() -> Failure, memory: usize, slots: &Slots, gateway: &str) -> Option<Js> {
     for (id, live) in std::mem::take(calls) {
         finish(&js, id, live, Err(why()));
     }
     drop(js);
-    match Js::new(memory) {
+    match Js::new(memory, slots) {
         Ok(js) => Some(js),
         Err(e) => {
             tracing::error!(%gateway, error = %e, "the function runtime could not restart");

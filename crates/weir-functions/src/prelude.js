@@ -222,7 +222,8 @@
     const id = nextFetch++;
     fetches.set(id, { resolve, reject });
     try {
-      host.fetch(id, String(init.method || "GET").toUpperCase(), url, list, body === null ? null : wire(body));
+      const refused = host.fetch(id, String(init.method || "GET").toUpperCase(), url, list, body === null ? null : wire(body));
+      if (refused) throw new TypeError(refused);
     } catch (e) {
       fetches.delete(id);
       reject(e);
@@ -269,24 +270,26 @@
     const id = nextDb++;
     dbCalls.set(id, { resolve, reject });
     try {
-      host.db(id, JSON.stringify(req));
+      const refused = host.db(id, JSON.stringify(req));
+      if (refused) throw dbError({ message: refused, code: "unavailable", status: 503 });
     } catch (e) {
       dbCalls.delete(id);
       reject(e);
     }
   });
+  const dbError = (e) => {
+    const err = new Error(e.message);
+    err.name = "DatabaseError";
+    err.code = e.code;
+    err.status = e.status;
+    return err;
+  };
   const dbDone = (id, error, out) => {
     const c = dbCalls.get(id);
     dbCalls.delete(id);
     if (!c) return;
-    if (error) {
-      const e = JSON.parse(error);
-      const err = new Error(e.message);
-      err.name = "DatabaseError";
-      err.code = e.code;
-      err.status = e.status;
-      c.reject(err);
-    } else c.resolve(JSON.parse(out));
+    if (error) c.reject(dbError(JSON.parse(error)));
+    else c.resolve(JSON.parse(out));
   };
   class Cursor {
     constructor(send, filter, options) { this._send = send; this._filter = filter; this._options = { ...options }; }

@@ -331,9 +331,15 @@ async fn a_gateway_has_at_most_so_many_fetches_and_database_operations_in_flight
             "export default async () => {
                const fetches = Array.from({ length: 60 }, () => fetch('http://api.example/x'));
                const reads = Array.from({ length: 20 }, () => imp.db().collection('c').findOne({}));
+               // Refused where it is asked for: nothing of it is kept to be refused later.
+               let early = false;
+               reads[19].catch(() => { early = true; });
+               await null;
+               const refusedAtOnce = early;
                const all = await Promise.allSettled([...fetches, ...reads]);
                const refused = all.filter((r) => r.status === 'rejected').map((r) => r.reason.message);
-               return { answered: all.length - refused.length, refused: refused.length, why: [...new Set(refused)] };
+               const statuses = [...new Set(all.filter((r) => r.status === 'rejected').map((r) => r.reason.status))];
+               return { answered: all.length - refused.length, refused: refused.length, why: [...new Set(refused)], early: refusedAtOnce, statuses };
              }",
         )],
     );
@@ -358,6 +364,9 @@ async fn a_gateway_has_at_most_so_many_fetches_and_database_operations_in_flight
     let body = body_json(&flooding.await.unwrap().unwrap());
     assert_eq!(body["answered"], 64, "{body}");
     assert_eq!(body["refused"], 16, "{body}");
+    assert_eq!(body["early"], true, "{body}");
+    // The refused database calls fail as the database's own refusals do: 503.
+    assert_eq!(body["statuses"], json!([503]), "{body}");
     for why in body["why"].as_array().unwrap() {
         assert!(why.as_str().unwrap().contains("more than 64 fetches and database operations of this gateway in flight"), "{why}");
     }
