@@ -366,11 +366,15 @@ impl Js {
         ctx.with(|ctx| -> rquickjs::Result<()> {
             let natives = Object::new(ctx.clone())?;
             let h = host.clone();
-            natives.set("timer", JsFn::new(ctx.clone(), move |id: u32, ms: f64| {
+            natives.set("timer", JsFn::new(ctx.clone(), move |id: u32, ms: f64| -> Option<String> {
                 let mut host = h.borrow_mut();
+                if host.timers.len() >= TIMERS_PENDING {
+                    return Some(format!("this gateway has {TIMERS_PENDING} timers pending; no more may be set until some fire or are cleared"));
+                }
                 let call = host.call;
                 let due = Instant::now() + Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 86_400.0));
                 host.timers.push(Reverse((due, call, id)));
+                None
             })?)?;
             let h = host.clone();
             natives.set("clearTimer", JsFn::new(ctx.clone(), move |id: u32| {
@@ -827,13 +831,31 @@ fn finish(js: &Js, id: u64, live: Live, result: Result<Reply, Failure>) {
 
 /// Answers call `id` and forgets what the runtime kept for it.
 fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failure>) {
+    let mut unfired = Vec::new();
     let logs = {
         let mut host = js.host.borrow_mut();
         host.sinks.remove(&id);
-        host.timers.retain(|Reverse((_, call, _))| *call != id);
+        host.timers.retain(|Reverse((_, call, timer))| {
+            let other = *call != id;
+            if !other {
+                unfired.push(*timer);
+            }
+            other
+        });
         host.cancelled.retain(|(call, _)| *call != id);
         host.logs.remove(&id).unwrap_or_default()
     };
+    // The callbacks of the timers the call left behind go too, or the runtime would keep them.
+    if !unfired.is_empty() {
+        js.ctx.with(|ctx| {
+            let dropped = ctx.globals().get::<_, Object<'_>>("__weir").and_then(|weir| weir.get::<_, JsFn<'_>>("dropTimers")).and_then(|f| f.call::<_, ()>((unfired,)));
+            if let Err(e) = dropped {
+                // Taken off the context, or the next call would see it.
+                let _ = ctx.catch();
+                tracing::debug!(error = %e, "a call's timers could not be dropped");
+            }
+        });
+    }
     job.reply.send(Outcome { result, logs, cpu });
 }
 
@@ -977,6 +999,10 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
         }
     }
 }
+
+/// Timers one gateway's runtime keeps at once (cleared ones count until they would have
+/// fired): the engine holds them outside the runtime's memory limit.
+pub const TIMERS_PENDING: usize = 100_000;
 
 /// Fetches and database operations one gateway may have in flight on a node at once: past
 /// this, more are refused at once, so that no tenant holds the node's connections or its

@@ -10,11 +10,13 @@
   const timers = new Map();
   G.setTimeout = (fn, ms, ...args) => {
     const id = nextTimer++;
+    const refused = host.timer(id, Math.max(0, Number(ms) || 0));
+    if (refused) throw new Error(refused);
     timers.set(id, () => fn(...args));
-    host.timer(id, Math.max(0, Number(ms) || 0));
     return id;
   };
-  G.clearTimeout = (id) => { timers.delete(id); host.clearTimer(id); };
+  // Only a timer still pending is cleared in the engine: it keeps nothing for other ids.
+  G.clearTimeout = (id) => { if (timers.delete(id)) host.clearTimer(id); };
   const fireTimer = (id) => { const f = timers.get(id); timers.delete(id); if (f) f(); };
 
   // UTF-8 and base64.
@@ -428,6 +430,7 @@
       "x-consumer-username": 0, "x-credential-identifier": 0,
     }),
     fireTimer,
+    dropTimers: (ids) => { for (const id of ids) timers.delete(id); },
     fetched,
     dbDone,
   };

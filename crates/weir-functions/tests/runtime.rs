@@ -281,6 +281,31 @@ export default () => { for (let i = 0; i < 1200; i++) console.log('line ' + i + 
     assert!(kept.last().unwrap().message.starts_with("line 1199 "));
 }
 
+#[tokio::test]
+async fn a_gateway_keeps_so_many_timers_and_frees_them_with_the_call() {
+    let gw = Gw::new(vec![
+        func("dev", "timers", &[("index.js", "export default () => { let n = 0; try { for (;;) { clearTimeout(setTimeout(() => {}, 60000)); n++; } } catch (e) { return { n, message: e.message }; } }")]),
+        func("dev", "one", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r('fired'), 5))")]),
+    ]);
+    let roomy = Limits { cpu: Duration::from_secs(10), ..limits() };
+    let out = gw.call_with("timers", get("/"), roomy).await;
+    assert_eq!(body_json(&out), json!({"n": weir_functions::engine::TIMERS_PENDING, "message": "this gateway has 100000 timers pending; no more may be set until some fire or are cleared"}));
+    // Cleared timers count until they would have fired or their call ends: the call's went
+    // with it.
+    assert_eq!(gw.call("one", get("/")).await.result.unwrap().body, b"fired");
+}
+
+#[tokio::test]
+async fn timers_a_call_leaves_behind_are_freed_when_it_ends() {
+    // Each call holds a MiB in timers that would fire long after it answered: kept, 64 calls
+    // would pass the runtime's 32 MiB.
+    let gw = Gw::new(vec![func("dev", "leaves", &[("index.js", "export default () => { const big = 'x'.repeat(1 << 20) + Math.random(); for (let i = 0; i < 4; i++) setTimeout(() => big.length, 60000); return 'set'; }")])]);
+    for i in 0..64 {
+        let out = gw.call("leaves", get("/")).await;
+        assert_eq!(out.result.as_ref().map(|r| r.body.as_slice()), Ok(&b"set"[..]), "call {i}");
+    }
+}
+
 /// Outbound work handed to the node and not yet answered: the fetcher and the database
 /// runner below hold every answer until the test lets them go.
 #[derive(Default)]
