@@ -100,8 +100,39 @@ pub struct FetchRequest {
     pub body: Option<Vec<u8>>,
     /// The gateway's `fetchAllowList`.
     pub allow: Arc<Vec<String>>,
+    /// Bytes of the gateway's fetch responses held outside its runtime: the body read takes
+    /// from it, and the engine gives back once the body is in the runtime.
+    pub budget: Arc<Budget>,
     /// Where the answer goes.
     pub reply: Box<dyn FnOnce(Result<(u16, Vec<(String, String)>, Vec<u8>), String>) + Send>,
+}
+
+/// Bytes one gateway's fetch responses may hold on the node before they reach its runtime,
+/// where its memory limit counts them: as many as that limit.
+#[derive(Debug)]
+pub struct Budget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Budget {
+        Budget { used: AtomicUsize::new(0), limit }
+    }
+
+    /// Takes `n` bytes; false, taking nothing, when they are not left.
+    pub fn take(&self, n: usize) -> bool {
+        self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| u.checked_add(n).filter(|t| *t <= self.limit)).is_ok()
+    }
+
+    /// Gives back `n` bytes taken.
+    pub fn give(&self, n: usize) {
+        let _ = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| Some(u.saturating_sub(n)));
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
 }
 
 /// Carries out fetches off the runtime's thread.
@@ -575,6 +606,7 @@ fn niceness(stat: &str) -> Option<i32> {
 
 fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services) {
     let slots = Slots::default();
+    let budget = Arc::new(Budget::new(memory));
     let mut js = match Js::new(memory, &slots) {
         Ok(js) => js,
         Err(e) => {
@@ -606,7 +638,12 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     next_call += 1;
                     start_call(&mut js, &mut calls, id, *job)
                 }
-                Msg::Fetched(f) => resume_fetch(&mut js, &mut calls, f),
+                Msg::Fetched(f) => {
+                    if let Ok((_, _, body)) = &f.result {
+                        budget.give(body.len());
+                    }
+                    resume_fetch(&mut js, &mut calls, f)
+                }
                 Msg::DbDone(call, id, result) => resume_db(&mut js, &mut calls, call, id, result),
                 Msg::Warm(func, table) => {
                     js.register(&func, &table);
@@ -633,7 +670,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
-        start_outbound(&js, &calls, gateway, mailbox, services, &slots);
+        start_outbound(&js, &calls, gateway, mailbox, services, &slots, &budget);
         // Every save loads a new version and QuickJS keeps old modules, so once many have piled
         // up the runtime is made afresh: new calls wait while the calls in flight finish (at
         // most `DRAIN`; those still running then fail), then start on the fresh runtime.
@@ -941,8 +978,8 @@ fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, r
 }
 
 /// Hands the fetches and database operations the last step started to the node.
-fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services, slots: &Slots) {
-    start_fetches(js, calls, gateway, back, services.fetcher.as_ref(), slots);
+fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services, slots: &Slots, budget: &Arc<Budget>) {
+    start_fetches(js, calls, gateway, back, services.fetcher.as_ref(), slots, budget);
     let started = std::mem::take(&mut js.host.borrow_mut().db_ops);
     for (call, id, op) in started {
         let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
@@ -969,7 +1006,7 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
     }
 }
 
-fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>, slots: &Slots) {
+fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>, slots: &Slots, budget: &Arc<Budget>) {
     let started = std::mem::take(&mut js.host.borrow_mut().fetches);
     for (call, id, method, url, headers, body) in started {
         // A fetch of a call that ended meanwhile is not made.
@@ -990,6 +1027,7 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
                 headers,
                 body,
                 allow,
+                budget: budget.clone(),
                 reply: Box::new(move |result| {
                     drop(slot);
                     answer(result)

@@ -9,10 +9,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
-use crate::engine::{FetchRequest, Fetcher};
+use crate::engine::{Budget, FetchRequest, Fetcher};
 use crate::guard::{Policy, allowed, authority};
 
 /// The largest response body a fetch reads.
@@ -68,8 +68,8 @@ impl Outbound {
             let me = me.clone();
             let rt = me.rt.clone();
             rt.spawn(async move {
-                let FetchRequest { gateway, method, url, headers, body, allow, reply } = req;
-                let result = match tokio::time::timeout(TIMEOUT, me.fetch(&method, &url, headers, body, &allow)).await {
+                let FetchRequest { gateway, method, url, headers, body, allow, budget, reply } = req;
+                let result = match tokio::time::timeout(TIMEOUT, me.fetch(&method, &url, headers, body, &allow, &budget)).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("fetch {url}: no answer within {}s", TIMEOUT.as_secs())),
                 };
@@ -81,7 +81,7 @@ impl Outbound {
         })
     }
 
-    async fn fetch(&self, method: &str, url: &str, headers: Vec<(String, String)>, body: Option<Vec<u8>>, allow: &[String]) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
+    async fn fetch(&self, method: &str, url: &str, headers: Vec<(String, String)>, body: Option<Vec<u8>>, allow: &[String], budget: &Budget) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
         let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
         if !lower.starts_with("http://") && !lower.starts_with("https://") {
             return Err(format!("fetch: {url:?}: only http and https URLs may be fetched"));
@@ -121,14 +121,14 @@ impl Outbound {
         if https {
             let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("fetch: {e}"))?;
             let tls = tokio_rustls::TlsConnector::from(self.tls.clone()).connect(name, tcp).await.map_err(|e| format!("fetch to {host}:{port}: TLS: {e}"))?;
-            exchange(tls, req).await
+            exchange(tls, req, budget).await
         } else {
-            exchange(tcp, req).await
+            exchange(tcp, req, budget).await
         }
     }
 }
 
-async fn exchange<S>(io: S, req: http::Request<Full<Bytes>>) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String>
+async fn exchange<S>(io: S, req: http::Request<Full<Bytes>>, budget: &Budget) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -137,6 +137,59 @@ where
     let resp = sender.send_request(req).await.map_err(|e| format!("fetch: {e}"))?;
     let status = resp.status().as_u16();
     let headers = resp.headers().iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
-    let body = Limited::new(resp.into_body(), MAX_RESPONSE).collect().await.map_err(|e| format!("fetch: the response body: {e}"))?.to_bytes();
-    Ok((status, headers, body.to_vec()))
+    let body = read_body(resp.into_body(), budget).await?;
+    Ok((status, headers, body))
+}
+
+/// A response body, at most `MAX_RESPONSE` bytes, each taken from the gateway's `budget`
+/// as it arrives. On success the bytes stay taken (the engine gives them back); on failure
+/// they are given back here.
+async fn read_body<B>(mut body: B, budget: &Budget) -> Result<Vec<u8>, String>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut out = Vec::new();
+    let failed = |out: &Vec<u8>, why: String| {
+        budget.give(out.len());
+        Err(why)
+    };
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => return failed(&out, format!("fetch: the response body: {e}")),
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if out.len() + data.len() > MAX_RESPONSE {
+            return failed(&out, format!("fetch: the response body is larger than {MAX_RESPONSE} bytes"));
+        }
+        if !budget.take(data.len()) {
+            return failed(&out, format!("fetch: the response bodies of this gateway's fetches in flight would pass its memory limit ({} MiB)", budget.limit() >> 20));
+        }
+        out.extend_from_slice(&data);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn response_bodies_take_from_the_gateways_budget_until_given_back() {
+        let budget = Budget::new(4 << 20);
+        let three = || Full::new(Bytes::from(vec![7u8; 3 << 20]));
+        assert_eq!(read_body(three(), &budget).await.map(|b| b.len()), Ok(3 << 20));
+        // Three more MiB would pass the four the gateway may hold: refused, and nothing kept.
+        let refused = read_body(three(), &budget).await.unwrap_err();
+        assert_eq!(refused, "fetch: the response bodies of this gateway's fetches in flight would pass its memory limit (4 MiB)");
+        budget.give(3 << 20);
+        assert_eq!(read_body(three(), &budget).await.map(|b| b.len()), Ok(3 << 20));
+        budget.give(3 << 20);
+        // A body past the largest one fetch reads fails whatever the budget.
+        let roomy = Budget::new(64 << 20);
+        let refused = read_body(Full::new(Bytes::from(vec![0u8; MAX_RESPONSE + 1])), &roomy).await.unwrap_err();
+        assert!(refused.contains("larger than"), "{refused}");
+        assert!(roomy.take(64 << 20), "a failed read gives back what it took");
+    }
 }

@@ -306,6 +306,26 @@ async fn timers_a_call_leaves_behind_are_freed_when_it_ends() {
     }
 }
 
+#[tokio::test]
+async fn a_fetched_body_is_given_back_to_the_gateways_budget_once_in_the_runtime() {
+    // The fetcher takes each 12 MiB body from the budget (the gateway's 32 MiB), as the
+    // node's does while it reads; kept, the third would not fit.
+    let services = weir_functions::Services {
+        fetcher: Some(Arc::new(|f: weir_functions::engine::FetchRequest| {
+            let taken = f.budget.take(12 << 20);
+            (f.reply)(if taken { Ok((200, vec![], vec![1u8; 12 << 20])) } else { Err("the budget is spent".into()) });
+        })),
+        database: None,
+    };
+    let engine = Engine::start("budget", limits().memory, services).unwrap();
+    let f = func("dev", "thrice", &[("index.js", "export default async () => { const sizes = []; for (let i = 0; i < 3; i++) sizes.push((await (await fetch('http://api.example/big')).arrayBuffer()).byteLength); return sizes; }")]);
+    let table: Table = Arc::new(HashMap::from([(f.name.clone(), f.clone())]));
+    let reach = Arc::new(weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None });
+    let roomy = Limits { cpu: Duration::from_secs(5), ..limits() };
+    let out = FunctionHandler::run(engine, f, table, Arc::new(serde_json::Map::new()), roomy, reach, get("/")).await.unwrap();
+    assert_eq!(body_json(&out), json!([12 << 20, 12 << 20, 12 << 20]));
+}
+
 /// Outbound work handed to the node and not yet answered: the fetcher and the database
 /// runner below hold every answer until the test lets them go.
 #[derive(Default)]
