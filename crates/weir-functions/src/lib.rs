@@ -143,28 +143,67 @@ impl LogLine {
     }
 }
 
-/// The last lines of one function, bounded.
-#[derive(Debug, Default)]
-pub struct Logs(Mutex<VecDeque<LogLine>>);
+/// The last lines of one function, bounded in number, and in bytes by its gateway's
+/// `budget`, which all the gateway's functions on the node share.
+#[derive(Debug)]
+pub struct Logs {
+    lines: Mutex<VecDeque<LogLine>>,
+    budget: std::sync::Arc<engine::Budget>,
+}
 
 /// Lines kept per function.
 pub const LOG_LINES: usize = 1_000;
+/// Bytes the kept lines of one gateway's functions may hold on a node.
+pub const LOG_BYTES: usize = 16 << 20;
+
+impl Default for Logs {
+    fn default() -> Logs {
+        Logs::new(std::sync::Arc::new(engine::Budget::new(LOG_BYTES)))
+    }
+}
+
+/// What a kept line holds, as its gateway's budget counts it.
+fn cost(line: &LogLine) -> usize {
+    line.message.len() + line.request_id.len() + line.time.len() + line.level.len() + std::mem::size_of::<LogLine>()
+}
 
 impl Logs {
+    pub fn new(budget: std::sync::Arc<engine::Budget>) -> Logs {
+        Logs { lines: Mutex::default(), budget }
+    }
+
+    /// Keeps `line`, the oldest going first past `LOG_LINES`, or when the gateway's budget
+    /// has no room for it; a line that finds none even then is not kept.
     pub fn push(&self, line: LogLine) {
-        if let Ok(mut q) = self.0.lock() {
-            if q.len() == LOG_LINES {
-                q.pop_front();
-            }
-            q.push_back(line);
+        let Ok(mut q) = self.lines.lock() else { return };
+        if q.len() == LOG_LINES
+            && let Some(old) = q.pop_front()
+        {
+            self.budget.give(cost(&old));
         }
+        let n = cost(&line);
+        while !self.budget.take(n) {
+            match q.pop_front() {
+                Some(old) => self.budget.give(cost(&old)),
+                None => return,
+            }
+        }
+        q.push_back(line);
     }
 
     /// Lines at or after `since_ms`, the last `limit`, oldest first.
     pub fn since(&self, since_ms: i128, limit: usize) -> Vec<LogLine> {
-        let Ok(q) = self.0.lock() else { return Vec::new() };
+        let Ok(q) = self.lines.lock() else { return Vec::new() };
         let picked: Vec<LogLine> = q.iter().filter(|l| l.at_ms >= since_ms).cloned().collect();
         picked[picked.len().saturating_sub(limit)..].to_vec()
+    }
+}
+
+impl Drop for Logs {
+    fn drop(&mut self) {
+        if let Ok(q) = self.lines.get_mut() {
+            self.budget.give(q.iter().map(cost).sum());
+        }
     }
 }
 
@@ -193,5 +232,29 @@ mod tests {
         assert_eq!(all[0].message, "5");
         assert_eq!(logs.since(0, 2).iter().map(|l| l.message.as_str()).collect::<Vec<_>>(), [format!("{}", LOG_LINES + 3), format!("{}", LOG_LINES + 4)]);
         assert_eq!(logs.since(LOG_LINES as i128 + 4, 10).len(), 1);
+    }
+
+    #[test]
+    fn a_gateways_functions_keep_lines_within_its_budget() {
+        let line = |i: usize| LogLine { at_ms: i as i128, time: "2026-12-04T00:00:00Z".into(), ..LogLine::now("info", "r".into(), format!("{i:0>100}")) };
+        let each = cost(&line(0));
+        let budget = std::sync::Arc::new(engine::Budget::new(each * 10));
+        let (a, b) = (Logs::new(budget.clone()), Logs::new(budget.clone()));
+        for i in 0..25 {
+            a.push(line(i));
+        }
+        // The budget holds ten: a function past it gives up its own oldest lines.
+        let kept = a.since(0, usize::MAX);
+        assert_eq!(kept.iter().map(|l| l.at_ms).collect::<Vec<_>>(), (15..25).collect::<Vec<i128>>());
+        // Another function of the gateway finds no room and has nothing of its own to give.
+        b.push(line(100));
+        assert!(b.since(0, usize::MAX).is_empty());
+        assert!(!budget.take(1));
+        // A buffer that goes gives its bytes back.
+        drop(a);
+        b.push(line(101));
+        assert_eq!(b.since(0, usize::MAX).len(), 1);
+        assert!(budget.take(each * 9));
+        assert!(!budget.take(1));
     }
 }

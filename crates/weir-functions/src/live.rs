@@ -129,13 +129,15 @@ pub struct Functions {
     /// Compiled functions by key, with the stored bytes they came from.
     compiled: Mutex<HashMap<String, (Bytes, Arc<FunctionDoc>, Arc<Function>)>>,
     logs: Mutex<HashMap<String, Weak<Logs>>>,
+    /// Each gateway's budget for the lines its functions' buffers keep, by gateway id.
+    log_budgets: Mutex<HashMap<String, Weak<crate::engine::Budget>>>,
     /// The last lowered table of each environment (`{gid}/{env}`), for `invoke`'s imports.
     tables: Mutex<HashMap<String, Table>>,
 }
 
 impl Functions {
     pub fn new(prefix: &str, settings: Settings) -> Arc<Functions> {
-        Arc::new(Functions { dir: format!("{prefix}/platform/live/"), settings, engines: Mutex::default(), compiled: Mutex::default(), logs: Mutex::default(), tables: Mutex::default() })
+        Arc::new(Functions { dir: format!("{prefix}/platform/live/"), settings, engines: Mutex::default(), compiled: Mutex::default(), logs: Mutex::default(), log_budgets: Mutex::default(), tables: Mutex::default() })
     }
 
     /// The runtime of gateway `gid` with `memory` bytes, started when there is none.
@@ -199,7 +201,19 @@ impl Functions {
         if let Some(l) = all.get(&key).and_then(Weak::upgrade) {
             return l;
         }
-        let l = Arc::new(Logs::default());
+        let budget = {
+            let mut budgets = self.log_budgets.lock().unwrap_or_else(|e| e.into_inner());
+            match budgets.get(gid).and_then(Weak::upgrade) {
+                Some(b) => b,
+                None => {
+                    let b = Arc::new(crate::engine::Budget::new(crate::LOG_BYTES));
+                    budgets.retain(|_, b| b.strong_count() > 0);
+                    budgets.insert(gid.to_string(), Arc::downgrade(&b));
+                    b
+                }
+            }
+        };
+        let l = Arc::new(Logs::new(budget));
         all.insert(key, Arc::downgrade(&l));
         // Buffers of functions gone are forgotten now and then (amortized over insertions).
         if all.len().is_power_of_two() {
