@@ -273,7 +273,8 @@ struct Host {
     env: String,
     timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     cancelled: Vec<(u64, u32)>,
-    logs: HashMap<u64, Vec<LogLine>>,
+    /// Each call's lines so far, the bytes of their messages, and whether some were not kept.
+    logs: HashMap<u64, (Vec<LogLine>, usize, bool)>,
     fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>)>,
     db_ops: Vec<(u64, u32, String)>,
     /// Module name prefix `fn:{env}/{name}@{version}/` → the function.
@@ -422,13 +423,18 @@ impl Js {
                 if let Some((sink, _)) = host.sinks.get(&call) {
                     sink.push(line.clone());
                 }
-                // What the call answers with is bounded like the function's buffer: the first
-                // lines, then one that says the rest were not kept.
-                let kept = host.logs.entry(call).or_default();
-                match kept.len().cmp(&crate::LOG_LINES) {
-                    std::cmp::Ordering::Less => kept.push(line),
-                    std::cmp::Ordering::Equal => kept.push(LogLine { message: format!("later lines of this call are not kept here (past {})", crate::LOG_LINES), level: "warn".into(), ..line }),
-                    std::cmp::Ordering::Greater => {}
+                // What the call answers with is bounded: its first lines, then one that says
+                // the rest were not kept.
+                let (kept, bytes, full) = host.logs.entry(call).or_default();
+                if !*full {
+                    if kept.len() < crate::LOG_LINES && *bytes + line.message.len() <= crate::CALL_LOG_BYTES {
+                        *bytes += line.message.len();
+                        kept.push(line);
+                    } else {
+                        *full = true;
+                        let message = format!("later lines of this call are not kept here (past {} lines or {} KiB)", crate::LOG_LINES, crate::CALL_LOG_BYTES >> 10);
+                        kept.push(LogLine { message, level: "warn".into(), ..line });
+                    }
                 }
             })?)?;
             let h = host.clone();
@@ -880,7 +886,7 @@ fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failu
             other
         });
         host.cancelled.retain(|(call, _)| *call != id);
-        host.logs.remove(&id).unwrap_or_default()
+        host.logs.remove(&id).map(|(lines, _, _)| lines).unwrap_or_default()
     };
     // The callbacks of the timers the call left behind go too, or the runtime would keep them.
     if !unfired.is_empty() {

@@ -153,6 +153,8 @@ pub struct Logs {
 
 /// Lines kept per function.
 pub const LOG_LINES: usize = 1_000;
+/// Bytes of messages one call keeps to answer with (`invoke`'s `logs`).
+pub const CALL_LOG_BYTES: usize = 256 << 10;
 /// Bytes the kept lines of one gateway's functions may hold on a node.
 pub const LOG_BYTES: usize = 16 << 20;
 

@@ -265,20 +265,28 @@ async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
 
 #[tokio::test]
 async fn the_lines_a_call_answers_with_are_bounded() {
-    let gw = Gw::new(vec![func("dev", "chatty", &[("index.js", "const long = 'x'.repeat(9000);
-export default () => { for (let i = 0; i < 1200; i++) console.log('line ' + i + ' ' + long); return 'ok' }")])]);
+    let gw = Gw::new(vec![
+        func("dev", "chatty", &[("index.js", "export default () => { for (let i = 0; i < 1200; i++) console.log('line ' + i); return 'ok' }")]),
+        func("dev", "wordy", &[("index.js", "const long = 'x'.repeat(9000);\nexport default () => { for (let i = 0; i < 100; i++) console.log('line ' + i + ' ' + long); return 'ok' }")]),
+    ]);
+    let marker = "later lines of this call are not kept here (past 1000 lines or 256 KiB)";
     let out = gw.call("chatty", get("/")).await;
     assert_eq!(out.result.as_ref().unwrap().body, b"ok");
     assert_eq!(out.logs.len(), weir_functions::LOG_LINES + 1);
-    assert!(out.logs[0].message.starts_with("line 0 xxx"));
-    // Each line is cut to its bound too.
-    assert!(out.logs[0].message.len() <= 8192 + '…'.len_utf8(), "{}", out.logs[0].message.len());
+    assert_eq!(out.logs[999].message, "line 999");
     let last = out.logs.last().unwrap();
-    assert_eq!((last.level.as_str(), last.message.as_str()), ("warn", "later lines of this call are not kept here (past 1000)"));
+    assert_eq!((last.level.as_str(), last.message.as_str()), ("warn", marker));
     // The function's own buffer keeps its last lines.
     let kept = gw.table["chatty"].logs.since(0, usize::MAX);
     assert_eq!(kept.len(), weir_functions::LOG_LINES);
-    assert!(kept.last().unwrap().message.starts_with("line 1199 "));
+    assert_eq!(kept.last().unwrap().message, "line 1199");
+
+    // Long lines are cut, and a call keeps 256 KiB of them.
+    let out = gw.call("wordy", get("/")).await;
+    let cut = 8192 + '…'.len_utf8();
+    assert!(out.logs.iter().all(|l| l.message.len() <= cut));
+    assert_eq!(out.logs.len(), weir_functions::CALL_LOG_BYTES / cut + 1);
+    assert_eq!(out.logs.last().unwrap().message, marker);
 }
 
 #[tokio::test]
