@@ -107,9 +107,9 @@ pub struct FetchRequest {
     pub reply: Box<dyn FnOnce(Result<(u16, Vec<(String, String)>, Vec<u8>), String>) + Send>,
 }
 
-/// Bytes one gateway's fetch responses may hold on the node before they reach its runtime,
-/// where its memory limit counts them: as many as that limit.
-#[derive(Debug)]
+/// Bytes one gateway's fetches may hold on the node outside its runtime, where its memory
+/// limit counts them: as many as that limit.
+#[derive(Debug, Default)]
 pub struct Budget {
     used: AtomicUsize,
     limit: usize,
@@ -275,7 +275,7 @@ struct Host {
     cancelled: Vec<(u64, u32)>,
     /// Each call's lines so far, the bytes of their messages, and whether some were not kept.
     logs: HashMap<u64, (Vec<LogLine>, usize, bool)>,
-    fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>)>,
+    fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>, Taken)>,
     db_ops: Vec<(u64, u32, String)>,
     /// Module name prefix `fn:{env}/{name}@{version}/` → the function.
     functions: HashMap<String, Arc<Function>>,
@@ -283,15 +283,15 @@ struct Host {
     tables: HashMap<String, Table>,
     /// Where each call's log lines also go (the function's buffer), with its request id.
     sinks: HashMap<u64, (Arc<Logs>, String)>,
-    /// The gateway's fetches and database operations in flight (`Slots`).
-    outbound: Arc<AtomicUsize>,
+    /// The gateway's fetches and database operations in flight, and its bytes of them.
+    outbound: Slots,
 }
 
 impl Host {
     /// Why one more fetch or database operation may not start now: with those queued this
     /// turn and those in flight it would pass `OUTBOUND_IN_FLIGHT`. Nothing of it is kept.
     fn full(&self, what: &str) -> Option<String> {
-        (self.fetches.len() + self.db_ops.len() + self.outbound.load(Ordering::Acquire) >= OUTBOUND_IN_FLIGHT).then(|| Slots::refusal(what))
+        (self.fetches.len() + self.db_ops.len() + self.outbound.inflight.load(Ordering::Acquire) >= OUTBOUND_IN_FLIGHT).then(|| Slots::refusal(what))
     }
 }
 
@@ -383,7 +383,7 @@ impl Js {
         rt.set_memory_limit(memory);
         rt.set_max_stack_size(1 << 20);
         rt.set_gc_threshold(memory / 4);
-        let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.0.clone(), ..Host::default() }));
+        let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.clone(), ..Host::default() }));
         rt.set_loader(Names(host.clone()), Sources(host.clone()));
         let stop_at = Arc::new(AtomicU64::new(0));
         let epoch = Instant::now();
@@ -449,10 +449,15 @@ impl Js {
                     return Ok(Some(format!("fetch to {url} refused: {why}")));
                 }
                 let body = body.map(|b| from_wire(&b)).transpose()?;
+                // The body leaves the runtime's memory: until it is sent it counts against
+                // the gateway's limit here.
+                let Some(taken) = Taken::of(&h.borrow().outbound.budget, body.as_ref().map_or(0, Vec::len)) else {
+                    return Ok(Some(format!("fetch to {url} refused: its body and the fetches in flight would pass this gateway's memory limit")));
+                };
                 let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
                 let mut host = h.borrow_mut();
                 let call = host.call;
-                host.fetches.push((call, id, method, url, headers, body));
+                host.fetches.push((call, id, method, url, headers, body, taken));
                 Ok(None)
             })?)?;
             let h = host.clone();
@@ -611,8 +616,7 @@ fn niceness(stat: &str) -> Option<i32> {
 }
 
 fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services) {
-    let slots = Slots::default();
-    let budget = Arc::new(Budget::new(memory));
+    let slots = Slots::new(memory);
     let mut js = match Js::new(memory, &slots) {
         Ok(js) => js,
         Err(e) => {
@@ -646,7 +650,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 }
                 Msg::Fetched(f) => {
                     if let Ok((_, _, body)) = &f.result {
-                        budget.give(body.len());
+                        slots.budget.give(body.len());
                     }
                     resume_fetch(&mut js, &mut calls, f)
                 }
@@ -676,7 +680,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
-        start_outbound(&js, &calls, gateway, mailbox, services, &slots, &budget);
+        start_outbound(&js, &calls, gateway, mailbox, services, &slots);
         // Every save loads a new version and QuickJS keeps old modules, so once many have piled
         // up the runtime is made afresh: new calls wait while the calls in flight finish (at
         // most `DRAIN`; those still running then fail), then start on the fresh runtime.
@@ -984,8 +988,8 @@ fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, r
 }
 
 /// Hands the fetches and database operations the last step started to the node.
-fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services, slots: &Slots, budget: &Arc<Budget>) {
-    start_fetches(js, calls, gateway, back, services.fetcher.as_ref(), slots, budget);
+fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services, slots: &Slots) {
+    start_fetches(js, calls, gateway, back, services.fetcher.as_ref(), slots);
     let started = std::mem::take(&mut js.host.borrow_mut().db_ops);
     for (call, id, op) in started {
         let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
@@ -1012,9 +1016,9 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
     }
 }
 
-fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>, slots: &Slots, budget: &Arc<Budget>) {
+fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>, slots: &Slots) {
     let started = std::mem::take(&mut js.host.borrow_mut().fetches);
-    for (call, id, method, url, headers, body) in started {
+    for (call, id, method, url, headers, body, taken) in started {
         // A fetch of a call that ended meanwhile is not made.
         let Some(allow) = calls.get(&call).map(|l| l.job.reach.allow.clone()) else { continue };
         let back = back.clone();
@@ -1033,9 +1037,9 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
                 headers,
                 body,
                 allow,
-                budget: budget.clone(),
+                budget: slots.budget.clone(),
                 reply: Box::new(move |result| {
-                    drop(slot);
+                    drop((slot, taken));
                     answer(result)
                 }),
             }),
@@ -1054,17 +1058,40 @@ pub const TIMERS_PENDING: usize = 100_000;
 pub const OUTBOUND_IN_FLIGHT: usize = 64;
 
 /// The gateway's outbound operations in flight, counted from when one is handed to the node
-/// until its answer is made (or it is dropped unanswered).
-#[derive(Default)]
-struct Slots(Arc<AtomicUsize>);
+/// until its answer is made (or it is dropped unanswered), and the bytes they hold outside
+/// the runtime (request bodies until sent, response bodies until the runtime has them).
+#[derive(Clone, Default)]
+struct Slots {
+    inflight: Arc<AtomicUsize>,
+    budget: Arc<Budget>,
+}
 
 impl Slots {
+    fn new(memory: usize) -> Slots {
+        Slots { inflight: Arc::default(), budget: Arc::new(Budget::new(memory)) }
+    }
+
     fn take(&self) -> Option<Slot> {
-        self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < OUTBOUND_IN_FLIGHT).then_some(n + 1)).ok().map(|_| Slot(self.0.clone()))
+        self.inflight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < OUTBOUND_IN_FLIGHT).then_some(n + 1)).ok().map(|_| Slot(self.inflight.clone()))
     }
 
     fn refusal(what: &str) -> String {
         format!("this {what} would make more than {OUTBOUND_IN_FLIGHT} fetches and database operations of this gateway in flight at once; wait for some to finish")
+    }
+}
+
+/// Bytes taken from a gateway's budget, given back when this goes.
+struct Taken(Arc<Budget>, usize);
+
+impl Taken {
+    fn of(budget: &Arc<Budget>, n: usize) -> Option<Taken> {
+        budget.take(n).then(|| Taken(budget.clone(), n))
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        self.0.give(self.1);
     }
 }
 

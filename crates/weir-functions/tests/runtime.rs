@@ -442,6 +442,42 @@ async fn a_gateway_has_at_most_so_many_fetches_and_database_operations_in_flight
     assert_eq!(body_json(&again.await.unwrap().unwrap()), json!(200));
 }
 
+#[tokio::test]
+async fn request_bodies_count_against_the_gateways_limit_until_sent() {
+    let held = Arc::new(Held::default());
+    let h = held.clone();
+    let services = weir_functions::Services { fetcher: Some(Arc::new(move |f| h.fetches.lock().unwrap().push(f))), database: None };
+    let engine = Engine::start("bodies", limits().memory, services).unwrap();
+    // Two 12 MiB bodies wait to be sent; a third would make 36 of the gateway's 32 MiB.
+    let f = func(
+        "dev",
+        "posts",
+        &[(
+            "index.js",
+            "export default async () => {
+               const body = 'y'.repeat(12 << 20), post = () => fetch('http://api.example/in', { method: 'POST', body });
+               const sent = [post(), post()];
+               let third;
+               try { await post(); } catch (e) { third = e.message; }
+               return { statuses: (await Promise.all(sent)).map((r) => r.status), third };
+             }",
+        )],
+    );
+    let table: Table = Arc::new(HashMap::from([(f.name.clone(), f.clone())]));
+    let reach = Arc::new(weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None });
+    let roomy = Limits { cpu: Duration::from_secs(5), ..limits() };
+    let call = || FunctionHandler::run(engine.clone(), f.clone(), table.clone(), Arc::new(serde_json::Map::new()), roomy, reach.clone(), get("/"));
+    // Twice: the bytes of the first call's bodies are given back once they are sent.
+    for _ in 0..2 {
+        let running = tokio::spawn(call());
+        held.reach(2).await;
+        assert_eq!(held.fetches.lock().unwrap().iter().map(|f| f.body.as_ref().map_or(0, Vec::len)).collect::<Vec<_>>(), [12 << 20, 12 << 20]);
+        held.release();
+        let body = body_json(&running.await.unwrap().unwrap());
+        assert_eq!(body, json!({"statuses": [200, 200], "third": "fetch to http://api.example/in refused: its body and the fetches in flight would pass this gateway's memory limit"}));
+    }
+}
+
 /// A runtime that has loaded many versions is made afresh without failing a call: new calls
 /// wait while the one in flight finishes.
 #[tokio::test]
