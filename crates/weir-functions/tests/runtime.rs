@@ -355,6 +355,16 @@ impl Held {
         }
     }
 
+    /// A gateway's engine whose fetches and database operations are held here.
+    fn engine(self: &Arc<Self>, gateway: &str) -> Arc<Engine> {
+        let (h1, h2) = (self.clone(), self.clone());
+        let services = weir_functions::Services {
+            fetcher: Some(Arc::new(move |f| h1.fetches.lock().unwrap().push(f))),
+            database: Some(Arc::new(move |op| h2.ops.lock().unwrap().push(op))),
+        };
+        Engine::start(gateway, limits().memory, services).unwrap()
+    }
+
     /// Answers everything held.
     fn release(&self) {
         for f in std::mem::take(&mut *self.fetches.lock().unwrap()) {
@@ -370,12 +380,7 @@ impl Held {
 async fn a_gateway_has_at_most_so_many_fetches_and_database_operations_in_flight() {
     let cap = weir_functions::engine::OUTBOUND_IN_FLIGHT;
     let held = Arc::new(Held::default());
-    let (h1, h2) = (held.clone(), held.clone());
-    let services = weir_functions::Services {
-        fetcher: Some(Arc::new(move |f| h1.fetches.lock().unwrap().push(f))),
-        database: Some(Arc::new(move |op| h2.ops.lock().unwrap().push(op))),
-    };
-    let engine = Engine::start("held", limits().memory, services).unwrap();
+    let engine = held.engine("held");
     let flood = func(
         "dev",
         "flood",
@@ -445,9 +450,7 @@ async fn a_gateway_has_at_most_so_many_fetches_and_database_operations_in_flight
 #[tokio::test]
 async fn request_bodies_count_against_the_gateways_limit_until_sent() {
     let held = Arc::new(Held::default());
-    let h = held.clone();
-    let services = weir_functions::Services { fetcher: Some(Arc::new(move |f| h.fetches.lock().unwrap().push(f))), database: None };
-    let engine = Engine::start("bodies", limits().memory, services).unwrap();
+    let engine = held.engine("bodies");
     // Two 12 MiB bodies wait to be sent; a third would make 36 of the gateway's 32 MiB.
     let f = func(
         "dev",
