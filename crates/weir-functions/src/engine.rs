@@ -654,7 +654,12 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     }
                     resume_fetch(&mut js, &mut calls, f)
                 }
-                Msg::DbDone(call, id, result) => resume_db(&mut js, &mut calls, call, id, result),
+                Msg::DbDone(call, id, result) => {
+                    if let Ok(text) = &result {
+                        slots.budget.give(text.len());
+                    }
+                    resume_db(&mut js, &mut calls, call, id, result)
+                }
                 Msg::Warm(func, table) => {
                     js.register(&func, &table);
                     let budget = Duration::from_secs(1);
@@ -997,23 +1002,35 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
         let answer = move |result| {
             let _ = back.send(Msg::DbDone(call, id, result));
         };
-        let refuse = |why: &str| serde_json::json!({"message": why, "code": "unavailable", "status": 503}).to_string();
         match (&services.database, scope) {
             (Some(run), Some(scope)) => match slots.take() {
-                Some(slot) => run(DbRequest {
-                    gateway: gateway.to_string(),
-                    scope,
-                    op,
-                    reply: Box::new(move |result| {
-                        drop(slot);
-                        answer(result)
-                    }),
-                }),
-                None => answer(Err(refuse(&Slots::refusal("database operation")))),
+                Some(slot) => {
+                    let budget = slots.budget.clone();
+                    run(DbRequest {
+                        gateway: gateway.to_string(),
+                        scope,
+                        op,
+                        reply: Box::new(move |result: Result<String, String>| {
+                            drop(slot);
+                            // The result waits outside the runtime until it takes it: it counts
+                            // against the gateway's limit until then (the loop gives it back).
+                            answer(match result {
+                                Ok(text) if !budget.take(text.len()) => Err(unavailable("the result and the fetches and database results outside this gateway's runtime would pass its memory limit")),
+                                other => other,
+                            })
+                        }),
+                    })
+                }
+                None => answer(Err(unavailable(&Slots::refusal("database operation")))),
             },
-            _ => answer(Err(refuse("no database is available to this function on this node"))),
+            _ => answer(Err(unavailable("no database is available to this function on this node"))),
         }
     }
+}
+
+/// A database failure as the prelude reads one: unavailable, 503.
+fn unavailable(why: &str) -> String {
+    serde_json::json!({"message": why, "code": "unavailable", "status": 503}).to_string()
 }
 
 fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>, slots: &Slots) {

@@ -481,6 +481,35 @@ async fn request_bodies_count_against_the_gateways_limit_until_sent() {
     }
 }
 
+#[tokio::test]
+async fn database_results_count_against_the_gateways_limit_until_the_runtime_has_them() {
+    // Every read answers 12 MiB at once; three answered in one turn would make 36 of the
+    // gateway's 32 MiB outside its runtime.
+    let services = weir_functions::Services {
+        fetcher: None,
+        database: Some(Arc::new(|op: weir_functions::DbRequest| (op.reply)(Ok(format!("\"{}\"", "z".repeat(12 << 20)))))),
+    };
+    let engine = Engine::start("results", limits().memory, services).unwrap();
+    let f = func(
+        "dev",
+        "reads",
+        &[(
+            "index.js",
+            "export default async () => {
+               const read = () => imp.db().collection('c').findOne({}).then((doc) => doc.length, (e) => `${e.status} ${e.message}`);
+               return [await Promise.all([read(), read(), read()]), await read()];
+             }",
+        )],
+    );
+    let table: Table = Arc::new(HashMap::from([(f.name.clone(), f.clone())]));
+    let reach = Arc::new(weir_functions::Reach { allow: Arc::default(), database: Some(weir_functions::DbScope { name: "results".into(), limits: Default::default() }) });
+    let roomy = Limits { cpu: Duration::from_secs(5), ..limits() };
+    let out = FunctionHandler::run(engine, f, table, Arc::new(serde_json::Map::new()), roomy, reach, get("/")).await.unwrap();
+    let refused = "503 the result and the fetches and database results outside this gateway's runtime would pass its memory limit";
+    // Once the runtime has taken them, their bytes are given back: the next read fits.
+    assert_eq!(body_json(&out), json!([[12 << 20, 12 << 20, refused], 12 << 20]));
+}
+
 /// A runtime that has loaded many versions is made afresh without failing a call: new calls
 /// wait while the one in flight finishes.
 #[tokio::test]
