@@ -275,8 +275,10 @@ struct Host {
     cancelled: Vec<(u64, u32)>,
     /// Each call's lines so far, the bytes of their messages, and whether some were not kept.
     logs: HashMap<u64, (Vec<LogLine>, usize, bool)>,
-    fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>, Taken)>,
-    db_ops: Vec<(u64, u32, String)>,
+    /// Fetches and database operations queued this turn, each with its place among the
+    /// gateway's in flight (and a fetch with its body's bytes), held until it is answered.
+    fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>, Taken, Taken)>,
+    db_ops: Vec<(u64, u32, String, Taken)>,
     /// Module name prefix `fn:{env}/{name}@{version}/` → the function.
     functions: HashMap<String, Arc<Function>>,
     /// Environment → its current table.
@@ -285,14 +287,6 @@ struct Host {
     sinks: HashMap<u64, (Arc<Logs>, String)>,
     /// The gateway's fetches and database operations in flight, and its bytes of them.
     outbound: Slots,
-}
-
-impl Host {
-    /// Why one more fetch or database operation may not start now: with those queued this
-    /// turn and those in flight it would pass `OUTBOUND_IN_FLIGHT`. Nothing of it is kept.
-    fn full(&self, what: &str) -> Option<String> {
-        (self.fetches.len() + self.db_ops.len() + self.outbound.inflight.load(Ordering::Acquire) >= OUTBOUND_IN_FLIGHT).then(|| Slots::refusal(what))
-    }
 }
 
 type Shared = Rc<RefCell<Host>>;
@@ -445,29 +439,30 @@ impl Js {
             let h = host.clone();
             // Each answers why the operation may not start, or nothing when it is queued.
             natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Vec<Vec<String>>, body: Option<Array<'_>>| -> rquickjs::Result<Option<String>> {
-                if let Some(why) = h.borrow().full("fetch") {
-                    return Ok(Some(format!("fetch to {url} refused: {why}")));
-                }
+                let slots = h.borrow().outbound.clone();
+                let Some(place) = slots.place() else {
+                    return Ok(Some(format!("fetch to {url} refused: {}", Slots::refusal("fetch"))));
+                };
                 let body = body.map(|b| from_wire(&b)).transpose()?;
                 // The body leaves the runtime's memory: until it is sent it counts against
                 // the gateway's limit here.
-                let Some(taken) = Taken::of(&h.borrow().outbound.budget, body.as_ref().map_or(0, Vec::len)) else {
+                let Some(bytes) = Taken::of(&slots.bytes, body.as_ref().map_or(0, Vec::len)) else {
                     return Ok(Some(format!("fetch to {url} refused: its body and the fetches in flight would pass this gateway's memory limit")));
                 };
                 let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
                 let mut host = h.borrow_mut();
                 let call = host.call;
-                host.fetches.push((call, id, method, url, headers, body, taken));
+                host.fetches.push((call, id, method, url, headers, body, place, bytes));
                 Ok(None)
             })?)?;
             let h = host.clone();
             natives.set("db", JsFn::new(ctx.clone(), move |id: u32, op: String| -> Option<String> {
                 let mut host = h.borrow_mut();
-                if let Some(why) = host.full("database operation") {
-                    return Some(why);
-                }
+                let Some(place) = host.outbound.place() else {
+                    return Some(Slots::refusal("database operation"));
+                };
                 let call = host.call;
-                host.db_ops.push((call, id, op));
+                host.db_ops.push((call, id, op, place));
                 None
             })?)?;
             ctx.globals().set("__host", natives)?;
@@ -650,13 +645,13 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 }
                 Msg::Fetched(f) => {
                     if let Ok((_, _, body)) = &f.result {
-                        slots.budget.give(body.len());
+                        slots.bytes.give(body.len());
                     }
                     resume_fetch(&mut js, &mut calls, f)
                 }
                 Msg::DbDone(call, id, result) => {
                     if let Ok(text) = &result {
-                        slots.budget.give(text.len());
+                        slots.bytes.give(text.len());
                     }
                     resume_db(&mut js, &mut calls, call, id, result)
                 }
@@ -996,33 +991,30 @@ fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, r
 fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services, slots: &Slots) {
     start_fetches(js, calls, gateway, back, services.fetcher.as_ref(), slots);
     let started = std::mem::take(&mut js.host.borrow_mut().db_ops);
-    for (call, id, op) in started {
+    for (call, id, op, place) in started {
         let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
         let back = back.clone();
         let answer = move |result| {
             let _ = back.send(Msg::DbDone(call, id, result));
         };
         match (&services.database, scope) {
-            (Some(run), Some(scope)) => match slots.take() {
-                Some(slot) => {
-                    let budget = slots.budget.clone();
-                    run(DbRequest {
-                        gateway: gateway.to_string(),
-                        scope,
-                        op,
-                        reply: Box::new(move |result: Result<String, String>| {
-                            drop(slot);
-                            // The result waits outside the runtime until it takes it: it counts
-                            // against the gateway's limit until then (the loop gives it back).
-                            answer(match result {
-                                Ok(text) if !budget.take(text.len()) => Err(unavailable("the result and the fetches and database results outside this gateway's runtime would pass its memory limit")),
-                                other => other,
-                            })
-                        }),
-                    })
-                }
-                None => answer(Err(unavailable(&Slots::refusal("database operation")))),
-            },
+            (Some(run), Some(scope)) => {
+                let bytes = slots.bytes.clone();
+                run(DbRequest {
+                    gateway: gateway.to_string(),
+                    scope,
+                    op,
+                    reply: Box::new(move |result: Result<String, String>| {
+                        drop(place);
+                        // The result waits outside the runtime until it takes it: it counts
+                        // against the gateway's limit until then (the loop gives it back).
+                        answer(match result {
+                            Ok(text) if !bytes.take(text.len()) => Err(unavailable("the result and the fetches and database results outside this gateway's runtime would pass its memory limit")),
+                            other => other,
+                        })
+                    }),
+                })
+            }
             _ => answer(Err(unavailable("no database is available to this function on this node"))),
         }
     }
@@ -1035,7 +1027,7 @@ fn unavailable(why: &str) -> String {
 
 fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>, slots: &Slots) {
     let started = std::mem::take(&mut js.host.borrow_mut().fetches);
-    for (call, id, method, url, headers, body, taken) in started {
+    for (call, id, method, url, headers, body, place, bytes) in started {
         // A fetch of a call that ended meanwhile is not made.
         let Some(allow) = calls.get(&call).map(|l| l.job.reach.allow.clone()) else { continue };
         let back = back.clone();
@@ -1046,22 +1038,19 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
             answer(Err("fetch is not available on this node".into()));
             continue;
         };
-        match slots.take() {
-            Some(slot) => fetcher(FetchRequest {
-                gateway: gateway.to_string(),
-                method,
-                url,
-                headers,
-                body,
-                allow,
-                budget: slots.budget.clone(),
-                reply: Box::new(move |result| {
-                    drop((slot, taken));
-                    answer(result)
-                }),
+        fetcher(FetchRequest {
+            gateway: gateway.to_string(),
+            method,
+            url,
+            headers,
+            body,
+            allow,
+            budget: slots.bytes.clone(),
+            reply: Box::new(move |result| {
+                drop((place, bytes));
+                answer(result)
             }),
-            None => answer(Err(format!("fetch to {url} refused: {}", Slots::refusal("fetch")))),
-        }
+        });
     }
 }
 
@@ -1074,22 +1063,24 @@ pub const TIMERS_PENDING: usize = 100_000;
 /// database threads.
 pub const OUTBOUND_IN_FLIGHT: usize = 64;
 
-/// The gateway's outbound operations in flight, counted from when one is handed to the node
-/// until its answer is made (or it is dropped unanswered), and the bytes they hold outside
-/// the runtime (request bodies until sent, response bodies until the runtime has them).
+/// The gateway's outbound operations in flight (`places`, one each, from when a function
+/// asks until the answer is made or dropped unanswered), and the bytes they hold outside the
+/// runtime (request bodies until sent, response bodies and database results until the
+/// runtime has them).
 #[derive(Clone, Default)]
 struct Slots {
-    inflight: Arc<AtomicUsize>,
-    budget: Arc<Budget>,
+    places: Arc<Budget>,
+    bytes: Arc<Budget>,
 }
 
 impl Slots {
     fn new(memory: usize) -> Slots {
-        Slots { inflight: Arc::default(), budget: Arc::new(Budget::new(memory)) }
+        Slots { places: Arc::new(Budget::new(OUTBOUND_IN_FLIGHT)), bytes: Arc::new(Budget::new(memory)) }
     }
 
-    fn take(&self) -> Option<Slot> {
-        self.inflight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < OUTBOUND_IN_FLIGHT).then_some(n + 1)).ok().map(|_| Slot(self.inflight.clone()))
+    /// A place for one more operation, or none when all are taken.
+    fn place(&self) -> Option<Taken> {
+        Taken::of(&self.places, 1)
     }
 
     fn refusal(what: &str) -> String {
@@ -1109,15 +1100,6 @@ impl Taken {
 impl Drop for Taken {
     fn drop(&mut self) {
         self.0.give(self.1);
-    }
-}
-
-/// One outbound operation in flight; its end frees the place.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -52,6 +52,13 @@ fn get(path: &str) -> Request {
     Request { method: "GET".into(), path: path.into(), request_id: "r1".into(), ..Request::default() }
 }
 
+/// Runs `f`, the only function of its gateway, reaching `reach`, with 5 s of CPU.
+async fn run_alone(engine: Arc<Engine>, f: Arc<Function>, reach: weir_functions::Reach) -> Outcome {
+    let table: Table = Arc::new(HashMap::from([(f.name.clone(), f.clone())]));
+    let roomy = Limits { cpu: Duration::from_secs(5), ..limits() };
+    FunctionHandler::run(engine, f, table, Arc::new(serde_json::Map::new()), roomy, Arc::new(reach), get("/")).await.expect("under the concurrency cap")
+}
+
 fn body_json(o: &Outcome) -> Value {
     let r = o.result.as_ref().unwrap_or_else(|e| panic!("{e:?}"));
     serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&r.body)))
@@ -327,10 +334,7 @@ async fn a_fetched_body_is_given_back_to_the_gateways_budget_once_in_the_runtime
     };
     let engine = Engine::start("budget", limits().memory, services).unwrap();
     let f = func("dev", "thrice", &[("index.js", "export default async () => { const sizes = []; for (let i = 0; i < 3; i++) sizes.push((await (await fetch('http://api.example/big')).arrayBuffer()).byteLength); return sizes; }")]);
-    let table: Table = Arc::new(HashMap::from([(f.name.clone(), f.clone())]));
-    let reach = Arc::new(weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None });
-    let roomy = Limits { cpu: Duration::from_secs(5), ..limits() };
-    let out = FunctionHandler::run(engine, f, table, Arc::new(serde_json::Map::new()), roomy, reach, get("/")).await.unwrap();
+    let out = run_alone(engine, f, weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None }).await;
     assert_eq!(body_json(&out), json!([12 << 20, 12 << 20, 12 << 20]));
 }
 
@@ -466,17 +470,15 @@ async fn request_bodies_count_against_the_gateways_limit_until_sent() {
              }",
         )],
     );
-    let table: Table = Arc::new(HashMap::from([(f.name.clone(), f.clone())]));
-    let reach = Arc::new(weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None });
-    let roomy = Limits { cpu: Duration::from_secs(5), ..limits() };
-    let call = || FunctionHandler::run(engine.clone(), f.clone(), table.clone(), Arc::new(serde_json::Map::new()), roomy, reach.clone(), get("/"));
+    let reach = weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None };
+    let call = || run_alone(engine.clone(), f.clone(), reach.clone());
     // Twice: the bytes of the first call's bodies are given back once they are sent.
     for _ in 0..2 {
         let running = tokio::spawn(call());
         held.reach(2).await;
         assert_eq!(held.fetches.lock().unwrap().iter().map(|f| f.body.as_ref().map_or(0, Vec::len)).collect::<Vec<_>>(), [12 << 20, 12 << 20]);
         held.release();
-        let body = body_json(&running.await.unwrap().unwrap());
+        let body = body_json(&running.await.unwrap());
         assert_eq!(body, json!({"statuses": [200, 200], "third": "fetch to http://api.example/in refused: its body and the fetches in flight would pass this gateway's memory limit"}));
     }
 }
@@ -501,10 +503,7 @@ async fn database_results_count_against_the_gateways_limit_until_the_runtime_has
              }",
         )],
     );
-    let table: Table = Arc::new(HashMap::from([(f.name.clone(), f.clone())]));
-    let reach = Arc::new(weir_functions::Reach { allow: Arc::default(), database: Some(weir_functions::DbScope { name: "results".into(), limits: Default::default() }) });
-    let roomy = Limits { cpu: Duration::from_secs(5), ..limits() };
-    let out = FunctionHandler::run(engine, f, table, Arc::new(serde_json::Map::new()), roomy, reach, get("/")).await.unwrap();
+    let out = run_alone(engine, f, weir_functions::Reach { allow: Arc::default(), database: Some(weir_functions::DbScope { name: "results".into(), limits: Default::default() }) }).await;
     let refused = "503 the result and the fetches and database results outside this gateway's runtime would pass its memory limit";
     // Once the runtime has taken them, their bytes are given back: the next read fits.
     assert_eq!(body_json(&out), json!([[12 << 20, 12 << 20, refused], 12 << 20]));
