@@ -524,9 +524,10 @@ impl Js {
         Ok(v)
     }
 
-    /// Runs `f` as part of call `call` with `budget` of CPU, then the promise jobs it queued;
-    /// returns how long that took, whether the budget ran out and whether memory did.
-    fn segment<R>(&self, call: u64, env: &str, budget: Duration, f: impl FnOnce(&Ctx<'_>) -> R) -> (R, Duration, bool, bool) {
+    /// Runs `f` as part of call `call` from `start` (now) with `budget` of CPU, then the promise
+    /// jobs it queued; returns how long that took, whether the budget ran out and whether
+    /// memory did.
+    fn segment<R>(&self, call: u64, env: &str, start: Instant, budget: Duration, f: impl FnOnce(&Ctx<'_>) -> R) -> (R, Duration, bool, bool) {
         {
             let mut host = self.host.borrow_mut();
             host.call = call;
@@ -534,7 +535,6 @@ impl Js {
                 host.env = env.to_string();
             }
         }
-        let start = Instant::now();
         let at = (start + budget).duration_since(self.epoch).as_nanos() as u64;
         self.stop_at.store(at.max(1), Ordering::Relaxed);
         let out = self.ctx.with(|ctx| f(&ctx));
@@ -658,7 +658,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 Msg::Warm(func, table) => {
                     js.register(&func, &table);
                     let budget = Duration::from_secs(1);
-                    let (out, _, _, oom) = js.segment(0, &func.env, budget, |ctx| js.export(ctx, &func).map(|_| ()));
+                    let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), budget, |ctx| js.export(ctx, &func).map(|_| ()));
                     oom || out == Err(Failure::Memory)
                 }
             };
@@ -751,7 +751,7 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     js.register(&job.func, &job.table);
     js.host.borrow_mut().sinks.insert(id, (job.func.logs.clone(), job.request.request_id.clone()));
     let started = Instant::now();
-    let (out, took, spent, oom_job) = js.segment(id, &job.func.env, job.limits.cpu, |ctx| -> Result<Started, Failure> {
+    let (out, took, spent, oom_job) = js.segment(id, &job.func.env, started, job.limits.cpu, |ctx| -> Result<Started, Failure> {
         let handler = js.export(ctx, &job.func)?;
         let caught = |e: rquickjs::Error| caught(ctx, e);
         let request = to_js(ctx, &job.request, &js.users).map_err(caught)?;
@@ -941,7 +941,7 @@ fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(
     let Some(live) = calls.get(&call) else { return false };
     let budget = live.job.limits.cpu.saturating_sub(live.cpu);
     let env = live.job.func.env.clone();
-    let (out, took, spent, oom_job) = js.segment(call, &env, budget, |ctx| f(ctx).map_err(|e| caught(ctx, e)));
+    let (out, took, spent, oom_job) = js.segment(call, &env, Instant::now(), budget, |ctx| f(ctx).map_err(|e| caught(ctx, e)));
     if let Some(live) = calls.get_mut(&call) {
         live.cpu += took;
     }

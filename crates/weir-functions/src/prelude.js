@@ -4,6 +4,12 @@
   const host = globalThis.__host;
   delete globalThis.__host;
   const G = globalThis;
+  // Held here, so the answer path neither looks them up per call nor follows a function's
+  // changes to the globals.
+  const stringify = JSON.stringify;
+  const protoOf = Object.getPrototypeOf;
+  const ObjectProto = Object.prototype;
+  const ArrayProto = Array.prototype;
 
   // Timers: the engine keeps the due times, this keeps the callbacks.
   let nextTimer = 1;
@@ -350,11 +356,14 @@
       const mod = await import("@/" + String(name));
       const ctx = { method: "POST", path: "/" + name, query: {}, headers: {}, body, requestId: "", user: undefined };
       const out = await shapes(mod.default, ctx);
-      return out && out.__weirResponse ? out.value : out;
+      return out instanceof Ended ? out.value : out;
     },
   };
   G.imp = imp;
   G.cloud = imp;
+
+  // What an Express-style handler ended with.
+  class Ended { constructor(value) { this.value = value; } }
 
   // Shapes: `(ctx) => value` and `(req, res) => ...` (Express), both to one response.
   const shapes = async (fn, ctx) => {
@@ -374,14 +383,19 @@
       end(v) { done(new Response(v === undefined ? null : v, { status: this.statusCode, headers: this.headers })); return this; },
     };
     await fn(ctx, res);
-    return { __weirResponse: true, value: await ended };
+    return new Ended(await ended);
   };
 
   // Bytes cross to the engine as a Latin-1 string, text as itself: [binary, string].
   const latin1 = (u) => { let s = ""; for (let i = 0; i < u.length; i += 8192) s += String.fromCharCode.apply(null, u.subarray(i, i + 8192)); return s; };
   const wire = (b) => typeof b === "string" ? [false, b] : [true, latin1(bytesOf(b))];
   const toResponse = (out) => {
-    if (out && out.__weirResponse) out = out.value;
+    if (out !== null && typeof out === "object") {
+      // A plain object or array, the common answer, is JSON: it crosses as its text alone.
+      const proto = protoOf(out);
+      if (proto === ObjectProto || proto === ArrayProto) return stringify(out) ?? "null";
+      if (out instanceof Ended) out = out.value;
+    }
     if (out instanceof Response) {
       const headers = [];
       out.headers.forEach((v, k) => headers.push([k, v]));
@@ -390,8 +404,7 @@
     if (out === undefined) return [204, [], wire("")];
     if (typeof out === "string") return [200, [["content-type", "text/plain; charset=utf-8"]], wire(out)];
     if (out instanceof ArrayBuffer || ArrayBuffer.isView(out)) return [200, [["content-type", "application/octet-stream"]], wire(out)];
-    // A value answered as JSON crosses as its text alone.
-    return JSON.stringify(out) ?? "null";
+    return stringify(out) ?? "null";
   };
 
   const parseBody = (type, text) => {

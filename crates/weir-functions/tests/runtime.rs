@@ -100,6 +100,40 @@ async fn both_handler_shapes_answer_and_typescript_modules_import_each_other() {
 }
 
 #[tokio::test]
+async fn every_value_answers_as_json_stringify_writes_it_whatever_the_function_does_to_the_globals() {
+    let values = "class P { constructor() { this.a = 1; } }\n\
+        const kinds = { plain: { x: [1, 'two', null] }, array: [1, { y: true }], bare: Object.assign(Object.create(null), { z: 3 }), instance: new P(), dated: { when: new Date(0) }, custom: { toJSON: () => 'mine' }, marker: { __weirResponse: true, value: 'inner' }, nothing: null };\n\
+        export default (ctx) => kinds[ctx.query.kind]";
+    let gw = Gw::new(vec![
+        func("dev", "values", &[("index.js", values)]),
+        func("dev", "hijack", &[("index.js", "export default () => { JSON.stringify = () => '\"hijacked\"'; Object.getPrototypeOf = () => null; return { still: 'json' }; }")]),
+    ]);
+    let cases = [
+        ("plain", json!({"x": [1, "two", null]})),
+        ("array", json!([1, {"y": true}])),
+        ("bare", json!({"z": 3})),
+        ("instance", json!({"a": 1})),
+        ("dated", json!({"when": "1970-01-01T00:00:00.000Z"})),
+        ("custom", json!("mine")),
+        ("marker", json!({"__weirResponse": true, "value": "inner"})),
+        ("nothing", json!(null)),
+    ];
+    for (kind, want) in cases {
+        let mut req = get("/values");
+        req.query = vec![("kind".into(), kind.into())];
+        let out = gw.call("values", req).await;
+        assert_eq!(out.result.as_ref().unwrap().headers, vec![("content-type".to_string(), "application/json".to_string())], "{kind}");
+        assert_eq!(body_json(&out), want, "{kind}");
+    }
+    for _ in 0..2 {
+        assert_eq!(body_json(&gw.call("hijack", get("/hijack")).await), json!({"still": "json"}));
+    }
+    let mut req = get("/values");
+    req.query = vec![("kind".into(), "plain".into())];
+    assert_eq!(body_json(&gw.call("values", req).await), json!({"x": [1, "two", null]}), "another function of the gateway after the globals changed");
+}
+
+#[tokio::test]
 async fn headers_sent_twice_are_joined_and_the_caller_is_an_object() {
     let gw = Gw::new(vec![
         func("dev", "who", &[("index.js", "export default (ctx) => ({ headers: ctx.headers, user: ctx.user ?? null })")]),
