@@ -815,7 +815,12 @@ fn thrown(v: &Value<'_>) -> Failure {
         let status = (name == "DatabaseError").then(|| obj.get::<_, u16>("status").ok()).flatten().filter(|s| (400..600).contains(s));
         return Failure::Threw { message, stack, status };
     }
-    let message = v.as_string().and_then(|s| s.to_string().ok()).unwrap_or_else(|| format!("the function threw a {}", v.type_name()));
+    let message = match v.as_string() {
+        Some(s) => s.to_string().unwrap_or_else(|_| "the function threw a string".into()),
+        // What QuickJS throws when it has no memory left to make the error that says so.
+        None if v.is_null() => "the function threw null (as one does that runs out of its gateway's memory)".into(),
+        None => format!("the function threw a {}", v.type_name()),
+    };
     if message == "out of memory" {
         return Failure::Memory;
     }
