@@ -552,6 +552,13 @@ impl Js {
             }
         }
         self.stop_at.store(0, Ordering::Relaxed);
+        // A job that ran out of memory inside QuickJS's promise machinery, where not even the
+        // rejection could be made, leaves its exception on the context and its call waiting
+        // for good: the exception is taken off (or the next call would meet it) and counts as
+        // running out of memory.
+        if let Some(left) = self.ctx.with(|ctx| ctx.has_exception().then(|| thrown(&ctx.catch()))) {
+            oom |= !matches!(left, Failure::Timeout(_));
+        }
         let took = start.elapsed();
         (out, took, took >= budget, oom)
     }

@@ -256,6 +256,7 @@ async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine()
         func("dev", "later-loop", &[("index.js", "export default async () => { await new Promise((r) => setTimeout(r, 5)); while (true) {} }")]),
         func("dev", "bomb", &[("index.js", "export default () => { const a = []; for (let i = 0; ; i++) { a.push(new ArrayBuffer(1 << 20)); if (i % 8 == 0) console.log(String(i)); } }")]),
         func("dev", "crumbs", &[("index.js", "export default () => { const a = []; while (true) a.push({}); }")]),
+        func("dev", "crumbs-async", &[("index.js", "export default async () => { const a = []; while (true) { a.push({}); if (a.length % 100000 == 0) await null; } }")]),
         func("dev", "sleep", &[("index.js", "export default () => new Promise((r) => setTimeout(r, 10000))")]),
         func("dev", "ok", &[("index.js", "export default () => ({ ok: true })")]),
     ]);
@@ -280,6 +281,13 @@ async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine()
     // Small objects fill the heap to its last bytes, where QuickJS throws a bare null.
     let out = gw.call_with("crumbs", get("/"), Limits { cpu: Duration::from_secs(20), ..limits() }).await;
     assert!(matches!(&out.result, Err(Failure::Threw { message, .. }) if message.contains("memory")) || out.result == Err(Failure::Memory), "{:?}", out.result);
+    assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
+    // The same between awaits: the call fails at once rather than waiting out its wall-clock
+    // limit, and leaves nothing behind for the next.
+    let t = Instant::now();
+    let out = gw.call_with("crumbs-async", get("/"), Limits { cpu: Duration::from_secs(20), ..limits() }).await;
+    assert_eq!(out.result, Err(Failure::Memory));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
     let t = Instant::now();
     let out = gw.call_with("sleep", get("/"), Limits { wall: Duration::from_millis(300), ..limits() }).await;
