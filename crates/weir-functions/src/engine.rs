@@ -369,6 +369,9 @@ struct Js {
     epoch: Instant,
     /// Function module prefixes loaded in this runtime (QuickJS never unloads a module).
     loaded: usize,
+    /// A call failed as a runtime out of memory fails and the runtime is still all but full:
+    /// the loop makes it afresh.
+    full: std::cell::Cell<bool>,
 }
 
 impl Js {
@@ -473,7 +476,7 @@ impl Js {
             let weir: Object<'_> = ctx.globals().get("__weir")?;
             Ok(Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?))
         })?;
-        Ok(Js { rt, ctx, host, stop_at, epoch, loaded: 0, exports: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run })
+        Ok(Js { rt, ctx, host, stop_at, epoch, loaded: 0, full: Default::default(), exports: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run })
     }
 
     fn register(&mut self, func: &Arc<Function>, table: &Table) {
@@ -668,7 +671,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), budget, |ctx| js.export(ctx, &func).map(|_| ()));
                     oom || out == Err(Failure::Memory)
                 }
-            };
+            } || js.full.take();
             if broken {
                 // Out of memory: a fresh runtime at once; the calls in flight cannot continue.
                 js = match renew(js, &mut calls, || Failure::Memory, memory, &slots, gateway) {
@@ -687,6 +690,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
+        let broken = broken || js.full.take();
         start_outbound(&js, &calls, gateway, mailbox, services, &slots);
         // Every save loads a new version and QuickJS keeps old modules, so once many have piled
         // up the runtime is made afresh: new calls wait while the calls in flight finish (at
@@ -816,7 +820,7 @@ fn thrown(v: &Value<'_>) -> Failure {
         if message == "interrupted" {
             return Failure::Timeout("the call ran past its CPU budget");
         }
-        let message = if message.is_empty() { v.as_string().and_then(|s| s.to_string().ok()).unwrap_or_else(|| "the function threw".into()) } else { message };
+        let message = if message.is_empty() { v.as_string().and_then(|s| s.to_string().ok()).unwrap_or_else(|| THREW_NOTHING.into()) } else { message };
         // The SDK's database errors carry the status an uncaught one answers with.
         let name: String = obj.get("name").unwrap_or_default();
         let status = (name == "DatabaseError").then(|| obj.get::<_, u16>("status").ok()).flatten().filter(|s| (400..600).contains(s));
@@ -825,7 +829,7 @@ fn thrown(v: &Value<'_>) -> Failure {
     let message = match v.as_string() {
         Some(s) => s.to_string().unwrap_or_else(|_| "the function threw a string".into()),
         // What QuickJS throws when it has no memory left to make the error that says so.
-        None if v.is_null() => "the function threw null (as one does that runs out of its gateway's memory)".into(),
+        None if v.is_null() => THREW_NULL.into(),
         None => format!("the function threw a {}", v.type_name()),
     };
     if message == "out of memory" {
@@ -833,6 +837,24 @@ fn thrown(v: &Value<'_>) -> Failure {
     }
     Failure::Threw { message, stack: String::new(), status: None }
 }
+
+/// Whether a call failed because its runtime is out of memory, though no error said so.
+///
+/// Where QuickJS has too little memory left to make the error that says so it throws a bare
+/// null, or an error without its message. A function may throw those too, so only when the
+/// runtime is still at least three quarters full is the call's failure taken for the runtime's:
+/// what a function holds past its calls (module state, a promise chain) would otherwise fail
+/// every call of the gateway from then on. Counting the heap walks it, so only such failures pay.
+fn starved(js: &Js, result: &Result<Reply, Failure>) -> bool {
+    let bare = matches!(result, Err(Failure::Threw { message, .. }) if message == THREW_NULL || message == THREW_NOTHING);
+    bare && {
+        let usage = js.rt.memory_usage();
+        usage.malloc_limit > 0 && usage.malloc_size >= usage.malloc_limit / 4 * 3
+    }
+}
+
+const THREW_NULL: &str = "the function threw null (as one does that runs out of its gateway's memory)";
+const THREW_NOTHING: &str = "the function threw";
 
 /// Answers every call whose promise has settled; true when one ran out of memory.
 fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
@@ -890,6 +912,13 @@ fn finish(js: &Js, id: u64, live: Live, result: Result<Reply, Failure>) {
 
 /// Answers call `id` and forgets what the runtime kept for it.
 fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failure>) {
+    let result = match starved(js, &result) {
+        true => {
+            js.full.set(true);
+            Err(Failure::Memory)
+        }
+        false => result,
+    };
     let mut unfired = Vec::new();
     let logs = {
         let mut host = js.host.borrow_mut();

@@ -256,6 +256,7 @@ async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine()
         func("dev", "later-loop", &[("index.js", "export default async () => { await new Promise((r) => setTimeout(r, 5)); while (true) {} }")]),
         func("dev", "bomb", &[("index.js", "export default () => { const a = []; for (let i = 0; ; i++) { a.push(new ArrayBuffer(1 << 20)); if (i % 8 == 0) console.log(String(i)); } }")]),
         func("dev", "crumbs", &[("index.js", "export default () => { const a = []; while (true) a.push({}); }")]),
+        func("dev", "hoard", &[("index.js", "const keep = [];\nexport default () => { for (let i = 0; i < 200000; i++) keep.push({ i }); return keep.length; }")]),
         func("dev", "crumbs-async", &[("index.js", "export default async () => { const a = []; while (true) { a.push({}); if (a.length % 100000 == 0) await null; } }")]),
         func("dev", "sleep", &[("index.js", "export default () => new Promise((r) => setTimeout(r, 10000))")]),
         func("dev", "ok", &[("index.js", "export default () => ({ ok: true })")]),
@@ -289,6 +290,14 @@ async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine()
     assert_eq!(out.result, Err(Failure::Memory));
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
     assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
+    // What a function keeps past its calls fills the runtime: the call that meets the limit
+    // fails as out of memory, whatever QuickJS could still say, and the runtime is made afresh
+    // for the calls after it, which would all fail in a runtime left full.
+    let roomy = Limits { cpu: Duration::from_secs(20), ..limits() };
+    assert_eq!(body_json(&gw.call_with("hoard", get("/"), roomy).await), json!(200000));
+    assert_eq!(gw.call_with("hoard", get("/"), roomy).await.result, Err(Failure::Memory));
+    assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
+    assert_eq!(body_json(&gw.call_with("hoard", get("/"), roomy).await), json!(200000), "a fresh runtime, with the function's module made anew");
     let t = Instant::now();
     let out = gw.call_with("sleep", get("/"), Limits { wall: Duration::from_millis(300), ..limits() }).await;
     assert!(matches!(out.result, Err(Failure::Timeout(m)) if m.contains("wall")), "{:?}", out.result);
