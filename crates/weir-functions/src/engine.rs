@@ -63,8 +63,9 @@ pub struct Reply {
 /// How a call ended when it did not answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
-    /// The function threw: its message, and its stack.
-    Threw { message: String, stack: String, status: Option<u16> },
+    /// The function threw: its message, and its stack. `bare` when what it threw was `null` or
+    /// an error without a message, as QuickJS throws when it has no memory left to say more.
+    Threw { message: String, stack: String, status: Option<u16>, bare: bool },
     /// The CPU budget or the wall-clock limit ran out.
     Timeout(&'static str),
     /// The gateway's memory limit was reached.
@@ -820,22 +821,23 @@ fn thrown(v: &Value<'_>) -> Failure {
         if message == "interrupted" {
             return Failure::Timeout("the call ran past its CPU budget");
         }
-        let message = if message.is_empty() { v.as_string().and_then(|s| s.to_string().ok()).unwrap_or_else(|| THREW_NOTHING.into()) } else { message };
+        let bare = message.is_empty();
+        let message = if bare { "the function threw".into() } else { message };
         // The SDK's database errors carry the status an uncaught one answers with.
         let name: String = obj.get("name").unwrap_or_default();
         let status = (name == "DatabaseError").then(|| obj.get::<_, u16>("status").ok()).flatten().filter(|s| (400..600).contains(s));
-        return Failure::Threw { message, stack, status };
+        return Failure::Threw { message, stack, status, bare };
     }
     let message = match v.as_string() {
         Some(s) => s.to_string().unwrap_or_else(|_| "the function threw a string".into()),
         // What QuickJS throws when it has no memory left to make the error that says so.
-        None if v.is_null() => THREW_NULL.into(),
+        None if v.is_null() => "the function threw null (as one does that runs out of its gateway's memory)".into(),
         None => format!("the function threw a {}", v.type_name()),
     };
     if message == "out of memory" {
         return Failure::Memory;
     }
-    Failure::Threw { message, stack: String::new(), status: None }
+    Failure::Threw { message, stack: String::new(), status: None, bare: v.is_null() }
 }
 
 /// Whether a call failed because its runtime is out of memory, though no error said so.
@@ -846,15 +848,11 @@ fn thrown(v: &Value<'_>) -> Failure {
 /// what a function holds past its calls (module state, a promise chain) would otherwise fail
 /// every call of the gateway from then on. Counting the heap walks it, so only such failures pay.
 fn starved(js: &Js, result: &Result<Reply, Failure>) -> bool {
-    let bare = matches!(result, Err(Failure::Threw { message, .. }) if message == THREW_NULL || message == THREW_NOTHING);
-    bare && {
+    matches!(result, Err(Failure::Threw { bare: true, .. })) && {
         let usage = js.rt.memory_usage();
         usage.malloc_limit > 0 && usage.malloc_size >= usage.malloc_limit / 4 * 3
     }
 }
-
-const THREW_NULL: &str = "the function threw null (as one does that runs out of its gateway's memory)";
-const THREW_NOTHING: &str = "the function threw";
 
 /// Answers every call whose promise has settled; true when one ran out of memory.
 fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {

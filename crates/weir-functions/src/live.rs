@@ -423,7 +423,7 @@ pub fn answer(outcome: Outcome, debug: bool, limits: &crate::Limits) -> (u16, Ve
     };
     match outcome.result {
         Ok(reply) => (reply.status, reply.headers, reply.body),
-        Err(Failure::Threw { message, stack, status }) => json_error(status.unwrap_or(500), &message, (debug && !stack.is_empty()).then_some(stack.as_str())),
+        Err(Failure::Threw { message, stack, status, .. }) => json_error(status.unwrap_or(500), &message, (debug && !stack.is_empty()).then_some(stack.as_str())),
         Err(Failure::Timeout(why)) => json_error(504, why, None),
         Err(Failure::Memory) => json_error(500, &format!("the function ran out of memory (the gateway's limit is {} MiB)", limits.memory >> 20), None),
         Err(Failure::Internal(why)) => json_error(500, &why, None),
