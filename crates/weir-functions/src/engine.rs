@@ -482,12 +482,11 @@ impl Js {
 
     fn register(&mut self, func: &Arc<Function>, table: &Table) {
         let mut host = self.host.borrow_mut();
-        if !self.exports.borrow().contains_key(&(Arc::as_ptr(func) as usize)) {
-            let prefix = module_prefix(func);
-            if !host.functions.contains_key(&prefix) {
-                self.loaded += 1;
-                host.functions.insert(prefix, func.clone());
-            }
+        if !self.exports.borrow().contains_key(&(Arc::as_ptr(func) as usize))
+            && let std::collections::hash_map::Entry::Vacant(slot) = host.functions.entry(module_prefix(func))
+        {
+            self.loaded += 1;
+            slot.insert(func.clone());
         }
         if host.tables.get(&func.env).is_none_or(|t| !Arc::ptr_eq(t, table)) {
             host.tables.insert(func.env.clone(), table.clone());

@@ -66,7 +66,7 @@ pub fn normalize_path(path: &str) -> Option<String> {
 
 /// The file a relative import from `from` names, among `files`: as written, then with `.ts`,
 /// `.js`, `/index.ts`, `/index.js` added.
-pub fn resolve_relative<'a>(files: impl Fn(&str) -> bool, from: &str, spec: &'a str) -> Option<String> {
+pub fn resolve_relative(files: impl Fn(&str) -> bool, from: &str, spec: &str) -> Option<String> {
     let dir = from.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
     let joined = normalize_path(&format!("{dir}/{spec}"))?;
     ["", ".ts", ".js", "/index.ts", "/index.js"].iter().map(|ext| format!("{joined}{ext}")).find(|p| files(p))
@@ -103,7 +103,7 @@ pub fn compile(files: &BTreeMap<String, String>, entry: &str) -> Result<Compiled
                 if resolve_relative(|p| normalized.contains_key(p), path, &spec).is_none() {
                     return Err(at(path, text, offset, format!("cannot find module '{spec}' among the function's files")));
                 }
-            } else if !spec.strip_prefix("@/").is_some_and(|name| crate::valid_name(name)) {
+            } else if !spec.strip_prefix("@/").is_some_and(crate::valid_name) {
                 return Err(at(path, text, offset, format!("cannot import '{spec}': import a file of this function ('./file') or another function ('@/name'); packages are not available")));
             }
         }
@@ -138,7 +138,7 @@ fn strip(path: &str, text: &str) -> Result<(String, Vec<(String, u32)>, bool), C
     let first = |diags: &[oxc::diagnostics::OxcDiagnostic]| {
         diags.iter().find(|d| d.severity == oxc::diagnostics::Severity::Error).or(diags.first()).map(|d| {
             let offset = d.labels.first().map(|l| l.offset()).unwrap_or(0);
-            at(path, text, offset as u32, d.message.to_string())
+            at(path, text, offset, d.message.to_string())
         })
     };
     if parsed.panicked || !parsed.diagnostics.is_empty() {

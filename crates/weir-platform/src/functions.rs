@@ -116,8 +116,10 @@ fn files_of(source: SourceInput) -> Result<(BTreeMap<String, String>, String), R
 
 fn compile_failure(e: &CompileError) -> Reply {
     let mut reply = json!({"error": {"kind": ErrorKind::BadInput.name(), "message": e.to_string(), "problems": [e.to_string()], "file": e.file, "line": e.line, "column": e.column}});
-    if e.line == 0 {
-        reply["error"].as_object_mut().map(|o| o.retain(|k, _| k != "line" && k != "column"));
+    if e.line == 0
+        && let Some(o) = reply["error"].as_object_mut()
+    {
+        o.retain(|k, _| k != "line" && k != "column");
     }
     json(StatusCode::BAD_REQUEST, &reply)
 }

@@ -288,8 +288,7 @@ impl Platform {
         let dir = format!("{}/platform/tokens/", self.prefix);
         let (kvs, _) = self.docs.store.list(&dir).await?;
         for mut kv in kvs {
-            loop {
-                let Ok(mut token) = serde_json::from_slice::<crate::tokens::Token>(&kv.value) else { break };
+            while let Ok(mut token) = serde_json::from_slice::<crate::tokens::Token>(&kv.value) {
                 if !token.gateways.iter().any(|g| g == gid) {
                     break;
                 }
