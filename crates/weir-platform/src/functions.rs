@@ -290,10 +290,13 @@ impl Platform {
                 Ok(r) => r,
                 Err(r) => return r,
             };
-            let txn = Txn {
-                compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }],
-                ops: self.publish_ops(gid, &doc, Kind::Save, None),
+            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, None, Some(&doc))) {
+                Ok(q) => q,
+                Err(r) => return r,
             };
+            let mut ops = self.publish_ops(gid, &doc, Kind::Save, None);
+            ops.push(counted);
+            let txn = Txn { compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }, quota], ops };
             match self.docs.store.txn(txn).await {
                 Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::CREATED, &shown(&doc)),
                 Ok(TxnOutcome::Conflict) => match self.docs.store.get(&key).await {
@@ -359,6 +362,7 @@ impl Platform {
                 Ok(d) => d,
                 Err(r) => return r,
             };
+            let before = doc.clone();
             // Every save is a version, whatever it changes.
             doc.version += 1;
             if let Some((files, entry)) = &source {
@@ -385,8 +389,14 @@ impl Platform {
             }
             doc.updated_at = now_rfc3339();
             doc.updated_by = caller.name();
+            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, Some(&before), Some(&doc))) {
+                Ok(q) => q,
+                Err(r) => return r,
+            };
             let key = function_key(&self.prefix, gid, env, name);
-            let txn = Txn { compares: vec![Compare { key, mod_revision: rev }], ops: self.publish_ops(gid, &doc, Kind::Save, None) };
+            let mut ops = self.publish_ops(gid, &doc, Kind::Save, None);
+            ops.push(counted);
+            let txn = Txn { compares: vec![Compare { key, mod_revision: rev }, quota], ops };
             match self.docs.store.txn(txn).await {
                 Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::OK, &shown(&doc)),
                 // Changed meanwhile: applied again on what is there now.
@@ -408,12 +418,25 @@ impl Platform {
             Err(r) => return r,
         };
         ops.push(Op::Delete { key: key.clone() });
-        let txn = Txn { compares: vec![Compare { key, mod_revision: rev }], ops };
-        match self.docs.store.txn(txn).await {
-            Ok(TxnOutcome::Committed { .. }) => json(StatusCode::OK, &json!({"deleted": format!("{env}/{}", doc.name)})),
-            Ok(TxnOutcome::Conflict) => failure(ErrorKind::Conflict, "the function changed meanwhile; try again", Vec::new()),
-            Err(e) => store_down(e),
+        // The gateway's quota record may change meanwhile with another function: then it is
+        // read again, as long as this function stays as it was.
+        for _ in 0..32 {
+            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, Some(&doc), None)) {
+                Ok(q) => q,
+                Err(r) => return r,
+            };
+            let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }, quota], ops: ops.iter().cloned().chain([counted]).collect() };
+            match self.docs.store.txn(txn).await {
+                Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::OK, &json!({"deleted": format!("{env}/{}", doc.name)})),
+                Ok(TxnOutcome::Conflict) => match self.docs.store.get(&key).await {
+                    Ok(Some(kv)) if kv.mod_revision == rev => continue,
+                    Ok(_) => break,
+                    Err(e) => return store_down(e),
+                },
+                Err(e) => return store_down(e),
+            }
         }
+        failure(ErrorKind::Conflict, "the function changed meanwhile; try again", Vec::new())
     }
 
     /// Runs the stored function as a request would, without the route's plugins, and answers

@@ -20,6 +20,7 @@ mod guard;
 pub mod lifecycle;
 pub mod model;
 pub mod openapi;
+mod quota;
 mod reconcile;
 pub mod render;
 pub mod tokens;
@@ -72,6 +73,11 @@ pub struct FunctionsConfig {
     pub max_limits: weir_functions::LimitsDoc,
     /// Networks `fetch` may reach although they are loopback, private or link-local.
     pub fetch_allow_networks: Vec<String>,
+    /// Functions one gateway may hold, counting each environment's copy.
+    pub max_per_gateway: u64,
+    /// Bytes the stored documents of one gateway's functions may take (each environment's
+    /// copy counted; their histories keep up to `history_limit` earlier versions beside).
+    pub max_bytes_per_gateway: u64,
 }
 
 impl Default for FunctionsConfig {
@@ -79,6 +85,8 @@ impl Default for FunctionsConfig {
         FunctionsConfig {
             max_limits: weir_functions::LimitsDoc { timeout_ms: 30_000, wall_ms: 300_000, memory_mib: 1024, concurrency: 1024 },
             fetch_allow_networks: Vec::new(),
+            max_per_gateway: 20_000,
+            max_bytes_per_gateway: 64 << 20,
         }
     }
 }

@@ -9,9 +9,10 @@
 //!
 //! Every publication (save, promotion, rollback) is one transaction holding the function's new
 //! document, its history entry, the history entry that falls out of the window and, for a
-//! promotion or rollback, its deployment record; it is guarded by the revision of the
-//! function it replaces, so concurrent publications of one function serialize and a crash
-//! leaves either all of it or none.
+//! promotion or rollback, its deployment record, and the gateway's quota record (`quota.rs`);
+//! it is guarded by the revisions of the function it replaces and of that record, so
+//! concurrent publications of one function serialize and a crash leaves either all of it or
+//! none.
 
 use std::collections::BTreeMap;
 
@@ -349,8 +350,12 @@ impl Platform {
                 ..src.clone()
             };
             let deployment = Deployment::of(Kind::Promotion, env, src.version, &doc);
-            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }];
-            match self.commit_deployment(gid, compares, &doc, &deployment, None).await {
+            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, old.as_ref(), Some(&doc))) {
+                Ok(q) => q,
+                Err(r) => return r,
+            };
+            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }, quota];
+            match self.commit_deployment(gid, compares, &doc, &deployment, None, counted).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -394,8 +399,12 @@ impl Platform {
                 ..current.clone()
             };
             let deployment = Deployment::of(Kind::Rollback, env, input.version, &doc);
-            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }];
-            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version)).await {
+            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, Some(&current), Some(&doc))) {
+                Ok(q) => q,
+                Err(r) => return r,
+            };
+            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }, quota];
+            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), counted).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -404,9 +413,11 @@ impl Platform {
         failure(ErrorKind::Conflict, "the function kept changing meanwhile; try again", Vec::new())
     }
 
-    /// Writes a promotion or rollback in one transaction; `false` when a compare failed.
-    async fn commit_deployment(&self, gid: &str, compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>) -> Result<bool, Reply> {
+    /// Writes a promotion or rollback, with the gateway's quota record as `counted` writes it,
+    /// in one transaction; `false` when a compare failed.
+    async fn commit_deployment(&self, gid: &str, compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>, counted: Op) -> Result<bool, Reply> {
         let mut ops = self.publish_ops(gid, doc, deployment.kind, rolled_back_to);
+        ops.push(counted);
         ops.push(Op::Put {
             key: format!("{}{}", self.lifecycle_prefixes(gid)[1], deployment.deployment_id),
             value: Bytes::from(serde_json::to_vec(deployment).expect("a deployment serializes")),

@@ -106,13 +106,13 @@ pub fn document() -> Value {
             },
             "/v1/api-gateways/{gid}/functions": {
                 "parameters": [gid],
-                "post": {"summary": "Save a function in dev; live at once", "requestBody": body("CreateFunction"), "responses": responses(&[("201", "the function", "Function"), ("409", "the name is taken", "Error")])},
+                "post": {"summary": "Save a function in dev; live at once", "requestBody": body("CreateFunction"), "responses": responses(&[("201", "the function", "Function"), ("409", "the name is taken", "Error"), ("429", "past the gateway's function quota", "Error")])},
                 "get": {"summary": "A gateway's functions (`?environment=`)", "responses": responses(&[("200", "functions", "FunctionList")])}
             },
             "/v1/api-gateways/{gid}/functions/{fn}": {
                 "parameters": [gid, func],
                 "get": {"summary": "One function, with its source", "responses": responses(&[("200", "the function", "Function")])},
-                "patch": {"summary": "Change a function; a new source is its next version", "requestBody": body("PatchFunction"), "responses": responses(&[("200", "the function as changed", "Function")])},
+                "patch": {"summary": "Change a function; a new source is its next version", "requestBody": body("PatchFunction"), "responses": responses(&[("200", "the function as changed", "Function"), ("429", "past the gateway's function quota", "Error")])},
                 "delete": {"summary": "Delete a function", "responses": responses(&[("200", "deleted", "Deleted"), ("409", "changed meanwhile", "Error")])}
             },
             "/v1/api-gateways/{gid}/functions/{fn}/invoke": {
@@ -133,11 +133,11 @@ pub fn document() -> Value {
             },
             "/v1/api-gateways/{gid}/functions/{fn}/deploy-to-stage": {
                 "parameters": [gid, func],
-                "post": {"summary": "Promote the function to another environment as that environment's next version", "requestBody": body("DeployInput"), "responses": responses(&[("200", "the function as published there, and the deployment record", "Deployed"), ("409", "it kept changing meanwhile", "Error")])}
+                "post": {"summary": "Promote the function to another environment as that environment's next version", "requestBody": body("DeployInput"), "responses": responses(&[("200", "the function as published there, and the deployment record", "Deployed"), ("409", "it kept changing meanwhile", "Error"), ("429", "past the gateway's function quota", "Error")])}
             },
             "/v1/api-gateways/{gid}/functions/{fn}/rollback": {
                 "parameters": [gid, func],
-                "post": {"summary": "Publish a version of the history as the next version", "requestBody": body("RollbackInput"), "responses": responses(&[("200", "the function as published, and the deployment record", "Deployed"), ("409", "it kept changing meanwhile", "Error")])}
+                "post": {"summary": "Publish a version of the history as the next version", "requestBody": body("RollbackInput"), "responses": responses(&[("200", "the function as published, and the deployment record", "Deployed"), ("409", "it kept changing meanwhile", "Error"), ("429", "past the gateway's function quota", "Error")])}
             },
             "/v1/api-gateways/{gid}/functions/compare": {
                 "parameters": [gid],

@@ -274,6 +274,7 @@ impl Platform {
             let mut claims: Vec<Op> = crate::api::domains(&gw).iter().map(|host| Op::Delete { key: format!("{}/platform/domains/{host}", self.prefix) }).collect();
             // Its functions go with it.
             claims.push(Op::DeletePrefix { prefix: weir_functions::live::partition_prefix(&self.prefix, gid) });
+            claims.push(Op::Delete { key: self.quota_key(gid) });
             claims.extend(self.gateway_grant_removal(gid).await);
             claims.extend(self.lifecycle_prefixes(gid).into_iter().chain(self.trigger_prefixes(gid)).map(|prefix| Op::DeletePrefix { prefix }));
             self.docs.remove(gid, rev, claims).await?;

@@ -547,6 +547,78 @@ async fn an_owner_holds_at_most_its_quota_of_gateways() {
 }
 
 #[tokio::test]
+async fn a_gateways_functions_stay_within_its_quota_and_another_gateway_is_not_bound_by_it() {
+    let w = on_loopback("  functions:\n    max_per_gateway: 3\n    max_bytes_per_gateway: 12000\n");
+    for gid in ["tight", "roomy"] {
+        assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": gid, "gatewayId": gid}))).await.0, 201);
+    }
+    let small = |name: &str| json!({"name": name, "source": {"code": format!("export default () => ({{ fn: '{name}' }})")}});
+    let sized = |name: &str, n: usize| json!({"name": name, "source": {"code": format!("// {}\nexport default () => ({{ fn: '{name}' }})", "x".repeat(n))}});
+    let quota = |s: u16, b: &Value, what: &str| {
+        assert_eq!((s, b["error"]["kind"].clone()), (429, json!("quota")), "{b}");
+        let message = b["error"]["message"].as_str().unwrap();
+        assert!(message.contains(what), "{message}");
+    };
+    let count = async |gid: &str| v1(&w, "GET", &format!("api-gateways/{gid}/functions"), None).await.1["total"].clone();
+
+    // Three functions, one of them a promoted copy: the most the gateway may hold.
+    assert_eq!(v1(&w, "POST", "api-gateways/tight/functions", Some(small("a"))).await.0, 201);
+    assert_eq!(v1(&w, "POST", "api-gateways/tight/functions", Some(small("b"))).await.0, 201);
+    let (s, b) = v1(&w, "POST", &format!("{}/deploy-to-stage", fn_path("tight", "dev/a")), Some(json!({"targetStage": "staging"}))).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = v1(&w, "POST", "api-gateways/tight/functions", Some(small("c"))).await;
+    quota(s, &b, "max_per_gateway");
+    let (s, b) = v1(&w, "POST", &format!("{}/deploy-to-stage", fn_path("tight", "dev/b")), Some(json!({"targetStage": "prod"}))).await;
+    quota(s, &b, "max_per_gateway");
+    assert_eq!(v1(&w, "GET", &fn_path("tight", "dev/c"), None).await.0, 404, "nothing of a refused save is stored");
+    assert_eq!(v1(&w, "GET", &fn_path("tight", "prod/b"), None).await.0, 404);
+    assert_eq!(count("tight").await, json!(3));
+    // Publishing a new version of a function it holds is no new function.
+    let (s, b) = v1(&w, "POST", &format!("{}/deploy-to-stage", fn_path("tight", "dev/a")), Some(json!({"targetStage": "staging"}))).await;
+    assert_eq!((s, &b["function"]["version"]), (200, &json!(2)), "{b}");
+    // Another gateway is not bound by this one's quota.
+    for name in ["a", "b", "c"] {
+        assert_eq!(v1(&w, "POST", "api-gateways/roomy/functions", Some(small(name))).await.0, 201);
+    }
+
+    // A deletion makes room; the bytes are bounded too, on creation and on change.
+    assert_eq!(v1(&w, "DELETE", &fn_path("tight", "dev/b"), None).await.0, 200);
+    let (s, b) = v1(&w, "POST", "api-gateways/tight/functions", Some(sized("c", 11_800))).await;
+    quota(s, &b, "max_bytes_per_gateway");
+    assert_eq!(v1(&w, "GET", &fn_path("tight", "dev/c"), None).await.0, 404);
+    assert_eq!(v1(&w, "POST", "api-gateways/tight/functions", Some(sized("c", 4_000))).await.0, 201);
+    let grow = json!({"source": {"code": format!("// {}\nexport default () => 'grown'", "y".repeat(11_800))}});
+    let (s, b) = v1(&w, "PATCH", &fn_path("tight", "dev/c"), Some(grow)).await;
+    quota(s, &b, "max_bytes_per_gateway");
+    let (s, b) = v1(&w, "GET", &fn_path("tight", "dev/c"), None).await;
+    assert_eq!((s, &b["version"]), (200, &json!(1)), "a refused change changes nothing: {b}");
+    let r = w.until("/dev/c", &[("host", "tight.localhost")], |r| r.status == 200).await;
+    assert_eq!(r.json(), json!({"fn": "c"}));
+    let shrink = json!({"source": {"code": "export default () => 'small'"}});
+    let (s, b) = v1(&w, "PATCH", &fn_path("tight", "dev/c"), Some(shrink)).await;
+    assert_eq!((s, &b["version"]), (200, &json!(2)), "{b}");
+    // The roll back to the larger version fits now, and its own size counts.
+    let (s, b) = v1(&w, "POST", &format!("{}/rollback", fn_path("tight", "dev/c")), Some(json!({"version": 1}))).await;
+    assert_eq!(s, 200, "{b}");
+    w.until("/dev/c", &[("host", "tight.localhost")], |r| r.status == 200 && r.text().contains("\"fn\"")).await;
+    let (s, b) = v1(&w, "POST", "api-gateways/tight/functions", Some(sized("d", 8_000))).await;
+    quota(s, &b, "max_per_gateway");
+    assert_eq!(v1(&w, "DELETE", &fn_path("tight", "staging/a"), None).await.0, 200);
+    let (s, b) = v1(&w, "POST", "api-gateways/tight/functions", Some(sized("d", 8_000))).await;
+    quota(s, &b, "max_bytes_per_gateway");
+
+    // The record goes with its gateway: one made again under the id starts from nothing.
+    assert_eq!(v1(&w, "DELETE", "api-gateways/tight", None).await.0, 202);
+    until_gateway(&w, "tight", |s, _| s == 404).await;
+    let backup = send(w.admin, "GET", "/apisix/admin/backup", &[("x-api-key", KEY)], None).await.text();
+    assert!(!backup.contains("platform/quota/tight") && backup.contains("platform/quota/roomy"), "{backup}");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "tight", "gatewayId": "tight"}))).await.0, 201);
+    for name in ["a", "b", "c"] {
+        assert_eq!(v1(&w, "POST", "api-gateways/tight/functions", Some(small(name))).await.0, 201);
+    }
+}
+
+#[tokio::test]
 async fn the_operators_base_layer_keeps_its_secrets_from_tenants() {
     let w = on_loopback("  base_plugins:\n    http-logger: {uri: \"http://127.0.0.1:9/base\", auth_header: \"Bearer base-layer-secret\"}\n");
     assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "B", "gatewayId": "based"}))).await.0, 201);
