@@ -290,12 +290,10 @@ impl Platform {
                 Ok(r) => r,
                 Err(r) => return r,
             };
-            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, None, Some(&doc))) {
-                Ok(q) => q,
+            let (quota, ops) = match self.publication(gid, &doc, Kind::Save, None, None).await {
+                Ok(p) => p,
                 Err(r) => return r,
             };
-            let mut ops = self.publish_ops(gid, &doc, Kind::Save, None);
-            ops.push(counted);
             let txn = Txn { compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }, quota], ops };
             match self.docs.store.txn(txn).await {
                 Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::CREATED, &shown(&doc)),
@@ -389,13 +387,11 @@ impl Platform {
             }
             doc.updated_at = now_rfc3339();
             doc.updated_by = caller.name();
-            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, Some(&before), Some(&doc))) {
-                Ok(q) => q,
+            let (quota, ops) = match self.publication(gid, &doc, Kind::Save, None, Some(&before)).await {
+                Ok(p) => p,
                 Err(r) => return r,
             };
             let key = function_key(&self.prefix, gid, env, name);
-            let mut ops = self.publish_ops(gid, &doc, Kind::Save, None);
-            ops.push(counted);
             let txn = Txn { compares: vec![Compare { key, mod_revision: rev }, quota], ops };
             match self.docs.store.txn(txn).await {
                 Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::OK, &shown(&doc)),
@@ -413,15 +409,16 @@ impl Platform {
         };
         let key = function_key(&self.prefix, gid, env, name);
         // Its history goes with it: a function made later under the name starts afresh.
-        let mut ops = match self.history_removal(gid, env, name).await {
-            Ok(ops) => ops,
+        let (mut ops, history) = match self.history_removal(gid, env, name).await {
+            Ok(removal) => removal,
             Err(r) => return r,
         };
         ops.push(Op::Delete { key: key.clone() });
+        let delta = crate::quota::Delta { functions: -1, added: 0, removed: crate::quota::stored_size(&doc) + history };
         // The gateway's quota record may change meanwhile with another function: then it is
         // read again, as long as this function stays as it was.
         for _ in 0..32 {
-            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, Some(&doc), None)) {
+            let (quota, counted) = match self.counted(gid, delta).await {
                 Ok(q) => q,
                 Err(r) => return r,
             };

@@ -75,8 +75,7 @@ pub struct FunctionsConfig {
     pub fetch_allow_networks: Vec<String>,
     /// Functions one gateway may hold, counting each environment's copy.
     pub max_per_gateway: u64,
-    /// Bytes the stored documents of one gateway's functions may take (each environment's
-    /// copy counted; their histories keep up to `history_limit` earlier versions beside).
+    /// Bytes one gateway's functions and their histories may take in the store.
     pub max_bytes_per_gateway: u64,
 }
 

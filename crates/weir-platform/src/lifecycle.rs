@@ -26,6 +26,7 @@ use weir_functions::live::{FunctionDoc, Origin, function_key};
 use weir_store::{Compare, Op, Txn, TxnOutcome};
 
 use crate::Platform;
+use crate::quota::{Delta, stored_size};
 use crate::api::{Reply, bad_input, body, failure, json, not_found, store_down};
 use crate::functions::{ShownSource, shown};
 use crate::model::ENVIRONMENTS;
@@ -243,19 +244,31 @@ impl Platform {
         [format!("{}/platform/history/{gid}/", self.prefix), format!("{}/platform/deployments/{gid}/", self.prefix)]
     }
 
-    /// The operations that publish `doc` as its environment's current version: the function,
-    /// its history entry, and the end of the history window.
-    pub(crate) fn publish_ops(&self, gid: &str, doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>) -> Vec<Op> {
-        let entry = HistoryEntry::of(doc, kind, rolled_back_to);
+    /// What publishes `doc` as its environment's current version in place of `old` (none: a
+    /// new function): the function's document, its history entry, the deletion of the entry
+    /// that leaves the window and the gateway's quota record, with the compare that guards the
+    /// record; refused when the gateway's quota would be passed.
+    pub(crate) async fn publication(&self, gid: &str, doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>, old: Option<&FunctionDoc>) -> Result<(Compare, Vec<Op>), Reply> {
+        let value = Bytes::from(serde_json::to_vec(doc).expect("a function serializes"));
+        let entry = Bytes::from(serde_json::to_vec(&HistoryEntry::of(doc, kind, rolled_back_to)).expect("a history entry serializes"));
+        let mut delta = Delta { functions: i64::from(old.is_none()), added: (value.len() + entry.len()) as u64, removed: old.map_or(0, stored_size) };
         let mut ops = vec![
-            Op::Put { key: function_key(&self.prefix, gid, &doc.environment, &doc.name), value: Bytes::from(serde_json::to_vec(doc).expect("a function serializes")) },
-            Op::Put { key: self.history_key(gid, &doc.environment, &doc.name, doc.version), value: Bytes::from(serde_json::to_vec(&entry).expect("a history entry serializes")) },
+            Op::Put { key: function_key(&self.prefix, gid, &doc.environment, &doc.name), value },
+            Op::Put { key: self.history_key(gid, &doc.environment, &doc.name, doc.version), value: entry },
         ];
         let limit = self.cfg.history_limit.max(1) as u64;
         if doc.version > limit {
-            ops.push(Op::Delete { key: self.history_key(gid, &doc.environment, &doc.name, doc.version - limit) });
+            let key = self.history_key(gid, &doc.environment, &doc.name, doc.version - limit);
+            // Only publications of this function write or delete its history, and each is
+            // guarded by the function's revision: the entry read here is the one deleted.
+            if let Some(kv) = self.docs.store.get(&key).await.map_err(store_down)? {
+                delta.removed += kv.value.len() as u64;
+            }
+            ops.push(Op::Delete { key });
         }
-        ops
+        let (compare, counted) = self.counted(gid, delta).await?;
+        ops.push(counted);
+        Ok((compare, ops))
     }
 
     /// The history entries of one function (not of functions whose names extend its own),
@@ -276,11 +289,14 @@ impl Platform {
         Ok(entries)
     }
 
-    /// The operations that remove a function's history (with the function).
-    pub(crate) async fn history_removal(&self, gid: &str, env: &str, name: &str) -> Result<Vec<Op>, Reply> {
+    /// The operations that remove a function's history (with the function), and the bytes
+    /// they free.
+    pub(crate) async fn history_removal(&self, gid: &str, env: &str, name: &str) -> Result<(Vec<Op>, u64), Reply> {
         let dir = self.history_dir(gid, env, name);
         let (kvs, _) = self.docs.store.list(&dir).await.map_err(store_down)?;
-        Ok(kvs.into_iter().filter(|kv| kv.key[dir.len()..].len() == 10 && kv.key[dir.len()..].bytes().all(|b| b.is_ascii_digit())).map(|kv| Op::Delete { key: kv.key }).collect())
+        let entries: Vec<_> = kvs.into_iter().filter(|kv| kv.key[dir.len()..].len() == 10 && kv.key[dir.len()..].bytes().all(|b| b.is_ascii_digit())).collect();
+        let bytes = entries.iter().map(|kv| kv.value.len() as u64).sum();
+        Ok((entries.into_iter().map(|kv| Op::Delete { key: kv.key }).collect(), bytes))
     }
 
     pub(crate) async fn history(&self, gid: &str, env: &str, name: &str, version: Option<&str>) -> Reply {
@@ -350,12 +366,8 @@ impl Platform {
                 ..src.clone()
             };
             let deployment = Deployment::of(Kind::Promotion, env, src.version, &doc);
-            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, old.as_ref(), Some(&doc))) {
-                Ok(q) => q,
-                Err(r) => return r,
-            };
-            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }, quota];
-            match self.commit_deployment(gid, compares, &doc, &deployment, None, counted).await {
+            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }];
+            match self.commit_deployment(gid, compares, &doc, &deployment, None, old.as_ref()).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -399,12 +411,8 @@ impl Platform {
                 ..current.clone()
             };
             let deployment = Deployment::of(Kind::Rollback, env, input.version, &doc);
-            let (quota, counted) = match self.held(gid).await.and_then(|held| self.quota_change(gid, held, Some(&current), Some(&doc))) {
-                Ok(q) => q,
-                Err(r) => return r,
-            };
-            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }, quota];
-            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), counted).await {
+            let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }];
+            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), Some(&current)).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -413,11 +421,11 @@ impl Platform {
         failure(ErrorKind::Conflict, "the function kept changing meanwhile; try again", Vec::new())
     }
 
-    /// Writes a promotion or rollback, with the gateway's quota record as `counted` writes it,
-    /// in one transaction; `false` when a compare failed.
-    async fn commit_deployment(&self, gid: &str, compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>, counted: Op) -> Result<bool, Reply> {
-        let mut ops = self.publish_ops(gid, doc, deployment.kind, rolled_back_to);
-        ops.push(counted);
+    /// Writes a promotion or rollback of `doc` in place of `old` in one transaction; `false`
+    /// when a compare failed.
+    async fn commit_deployment(&self, gid: &str, mut compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>, old: Option<&FunctionDoc>) -> Result<bool, Reply> {
+        let (quota, mut ops) = self.publication(gid, doc, deployment.kind, rolled_back_to, old).await?;
+        compares.push(quota);
         ops.push(Op::Put {
             key: format!("{}{}", self.lifecycle_prefixes(gid)[1], deployment.deployment_id),
             value: Bytes::from(serde_json::to_vec(deployment).expect("a deployment serializes")),

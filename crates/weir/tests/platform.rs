@@ -548,7 +548,7 @@ async fn an_owner_holds_at_most_its_quota_of_gateways() {
 
 #[tokio::test]
 async fn a_gateways_functions_stay_within_its_quota_and_another_gateway_is_not_bound_by_it() {
-    let w = on_loopback("  functions:\n    max_per_gateway: 3\n    max_bytes_per_gateway: 12000\n");
+    let w = on_loopback("  functions:\n    max_per_gateway: 3\n    max_bytes_per_gateway: 20000\n");
     for gid in ["tight", "roomy"] {
         assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": gid, "gatewayId": gid}))).await.0, 201);
     }
@@ -583,11 +583,11 @@ async fn a_gateways_functions_stay_within_its_quota_and_another_gateway_is_not_b
 
     // A deletion makes room; the bytes are bounded too, on creation and on change.
     assert_eq!(v1(&w, "DELETE", &fn_path("tight", "dev/b"), None).await.0, 200);
-    let (s, b) = v1(&w, "POST", "api-gateways/tight/functions", Some(sized("c", 11_800))).await;
+    let (s, b) = v1(&w, "POST", "api-gateways/tight/functions", Some(sized("c", 19_000))).await;
     quota(s, &b, "max_bytes_per_gateway");
     assert_eq!(v1(&w, "GET", &fn_path("tight", "dev/c"), None).await.0, 404);
-    assert_eq!(v1(&w, "POST", "api-gateways/tight/functions", Some(sized("c", 4_000))).await.0, 201);
-    let grow = json!({"source": {"code": format!("// {}\nexport default () => 'grown'", "y".repeat(11_800))}});
+    assert_eq!(v1(&w, "POST", "api-gateways/tight/functions", Some(sized("c", 3_000))).await.0, 201);
+    let grow = json!({"source": {"code": format!("// {}\nexport default () => 'grown'", "y".repeat(19_000))}});
     let (s, b) = v1(&w, "PATCH", &fn_path("tight", "dev/c"), Some(grow)).await;
     quota(s, &b, "max_bytes_per_gateway");
     let (s, b) = v1(&w, "GET", &fn_path("tight", "dev/c"), None).await;
@@ -601,6 +601,20 @@ async fn a_gateways_functions_stay_within_its_quota_and_another_gateway_is_not_b
     let (s, b) = v1(&w, "POST", &format!("{}/rollback", fn_path("tight", "dev/c")), Some(json!({"version": 1}))).await;
     assert_eq!(s, 200, "{b}");
     w.until("/dev/c", &[("host", "tight.localhost")], |r| r.status == 200 && r.text().contains("\"fn\"")).await;
+    // Its history counts: saving the same source again and again fills the gateway's bytes.
+    let again = sized("c", 3_000)["source"].clone();
+    let mut saves = 0;
+    loop {
+        let (s, b) = v1(&w, "PATCH", &fn_path("tight", "dev/c"), Some(json!({"source": again}))).await;
+        if s == 429 {
+            quota(s, &b, "max_bytes_per_gateway");
+            break;
+        }
+        assert_eq!(s, 200, "{b}");
+        saves += 1;
+        assert!(saves < 10, "each save keeps a version in the history, and those bytes count");
+    }
+    assert!(saves >= 1, "{saves}");
     let (s, b) = v1(&w, "POST", "api-gateways/tight/functions", Some(sized("d", 8_000))).await;
     quota(s, &b, "max_per_gateway");
     assert_eq!(v1(&w, "DELETE", &fn_path("tight", "staging/a"), None).await.0, 200);
