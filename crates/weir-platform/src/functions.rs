@@ -360,7 +360,7 @@ impl Platform {
                 Ok(d) => d,
                 Err(r) => return r,
             };
-            let before = doc.clone();
+            let before = crate::quota::stored_size(&doc);
             // Every save is a version, whatever it changes.
             doc.version += 1;
             if let Some((files, entry)) = &source {
@@ -387,7 +387,7 @@ impl Platform {
             }
             doc.updated_at = now_rfc3339();
             doc.updated_by = caller.name();
-            let (quota, ops) = match self.publication(gid, &doc, Kind::Save, None, Some(&before)).await {
+            let (quota, ops) = match self.publication(gid, &doc, Kind::Save, None, Some(before)).await {
                 Ok(p) => p,
                 Err(r) => return r,
             };

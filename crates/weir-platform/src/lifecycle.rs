@@ -26,10 +26,10 @@ use weir_functions::live::{FunctionDoc, Origin, function_key};
 use weir_store::{Compare, Op, Txn, TxnOutcome};
 
 use crate::Platform;
-use crate::quota::{Delta, stored_size};
 use crate::api::{Reply, bad_input, body, failure, json, not_found, store_down};
 use crate::functions::{ShownSource, shown};
 use crate::model::ENVIRONMENTS;
+use crate::quota::{Delta, stored_size};
 use crate::tokens::{Caller, now_rfc3339};
 
 /// Attempts at a publication whose function changes meanwhile before giving up.
@@ -244,14 +244,14 @@ impl Platform {
         [format!("{}/platform/history/{gid}/", self.prefix), format!("{}/platform/deployments/{gid}/", self.prefix)]
     }
 
-    /// What publishes `doc` as its environment's current version in place of `old` (none: a
-    /// new function): the function's document, its history entry, the deletion of the entry
-    /// that leaves the window and the gateway's quota record, with the compare that guards the
-    /// record; refused when the gateway's quota would be passed.
-    pub(crate) async fn publication(&self, gid: &str, doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>, old: Option<&FunctionDoc>) -> Result<(Compare, Vec<Op>), Reply> {
+    /// What publishes `doc` as its environment's current version in place of a document of
+    /// `old` bytes (none: a new function): the function's document, its history entry, the
+    /// deletion of the entry that leaves the window and the gateway's quota record, with the
+    /// compare that guards the record; refused when the gateway's quota would be passed.
+    pub(crate) async fn publication(&self, gid: &str, doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>, old: Option<u64>) -> Result<(Compare, Vec<Op>), Reply> {
         let value = Bytes::from(serde_json::to_vec(doc).expect("a function serializes"));
         let entry = Bytes::from(serde_json::to_vec(&HistoryEntry::of(doc, kind, rolled_back_to)).expect("a history entry serializes"));
-        let mut delta = Delta { functions: i64::from(old.is_none()), added: (value.len() + entry.len()) as u64, removed: old.map_or(0, stored_size) };
+        let mut delta = Delta { functions: i64::from(old.is_none()), added: (value.len() + entry.len()) as u64, removed: old.unwrap_or(0) };
         let mut ops = vec![
             Op::Put { key: function_key(&self.prefix, gid, &doc.environment, &doc.name), value },
             Op::Put { key: self.history_key(gid, &doc.environment, &doc.name, doc.version), value: entry },
@@ -367,7 +367,7 @@ impl Platform {
             };
             let deployment = Deployment::of(Kind::Promotion, env, src.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }];
-            match self.commit_deployment(gid, compares, &doc, &deployment, None, old.as_ref()).await {
+            match self.commit_deployment(gid, compares, &doc, &deployment, None, old.as_ref().map(stored_size)).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -412,7 +412,7 @@ impl Platform {
             };
             let deployment = Deployment::of(Kind::Rollback, env, input.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }];
-            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), Some(&current)).await {
+            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), Some(stored_size(&current))).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -421,9 +421,9 @@ impl Platform {
         failure(ErrorKind::Conflict, "the function kept changing meanwhile; try again", Vec::new())
     }
 
-    /// Writes a promotion or rollback of `doc` in place of `old` in one transaction; `false`
-    /// when a compare failed.
-    async fn commit_deployment(&self, gid: &str, mut compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>, old: Option<&FunctionDoc>) -> Result<bool, Reply> {
+    /// Writes a promotion or rollback of `doc` in place of a document of `old` bytes in one
+    /// transaction; `false` when a compare failed.
+    async fn commit_deployment(&self, gid: &str, mut compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>, old: Option<u64>) -> Result<bool, Reply> {
         let (quota, mut ops) = self.publication(gid, doc, deployment.kind, rolled_back_to, old).await?;
         compares.push(quota);
         ops.push(Op::Put {
