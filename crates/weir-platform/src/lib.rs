@@ -63,6 +63,8 @@ pub struct PlatformConfig {
     pub functions: FunctionsConfig,
     /// Versions kept in each function's history, per environment.
     pub history_limit: usize,
+    /// Records of promotions and rollbacks kept per gateway; the oldest go first.
+    pub deployments_limit: usize,
 }
 
 /// `platform.functions`.
@@ -103,6 +105,7 @@ impl Default for PlatformConfig {
             denied_networks: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"].map(String::from).to_vec(),
             functions: FunctionsConfig::default(),
             history_limit: 30,
+            deployments_limit: 1000,
         }
     }
 }

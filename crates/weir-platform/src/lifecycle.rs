@@ -5,7 +5,8 @@
 //! Keys, beside the live partition (which the data plane watches) so that none of this
 //! recompiles a gateway's functions:
 //! - `{prefix}/platform/history/{gid}/{env}/{name}/{version:010}`: one version, as saved;
-//! - `{prefix}/platform/deployments/{gid}/{ms:013}-{random}`: one promotion or rollback.
+//! - `{prefix}/platform/deployments/{gid}/{ms:013}-{random}`: one promotion or rollback, the
+//!   last `platform.deployments_limit` kept.
 //!
 //! Every publication (save, promotion, rollback) is one transaction holding the function's new
 //! document, its history entry, the history entry that falls out of the window and, for a
@@ -426,10 +427,14 @@ impl Platform {
     async fn commit_deployment(&self, gid: &str, mut compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>, old: Option<u64>) -> Result<bool, Reply> {
         let (quota, mut ops) = self.publication(gid, doc, deployment.kind, rolled_back_to, old).await?;
         compares.push(quota);
-        ops.push(Op::Put {
-            key: format!("{}{}", self.lifecycle_prefixes(gid)[1], deployment.deployment_id),
-            value: Bytes::from(serde_json::to_vec(deployment).expect("a deployment serializes")),
-        });
+        let dir = self.lifecycle_prefixes(gid)[1].clone();
+        // The window: the oldest records go in the same transaction. Publications of
+        // different functions do not serialize on these keys, so two at once may each drop
+        // the same one and leave one record too many, which the next drops.
+        let (kept, _) = self.docs.store.list(&dir).await.map_err(store_down)?;
+        let over = (kept.len() + 1).saturating_sub(self.cfg.deployments_limit.max(1));
+        ops.extend(kept.into_iter().take(over).map(|kv| Op::Delete { key: kv.key }));
+        ops.push(Op::Put { key: format!("{dir}{}", deployment.deployment_id), value: Bytes::from(serde_json::to_vec(deployment).expect("a deployment serializes")) });
         match self.docs.store.txn(Txn { compares, ops }).await {
             Ok(TxnOutcome::Committed { .. }) => Ok(true),
             Ok(TxnOutcome::Conflict) => Ok(false),

@@ -193,6 +193,46 @@ async fn without_the_pipeline_any_stage_may_be_deployed_to_and_promotions_of_one
 }
 
 #[tokio::test]
+async fn a_gateway_keeps_only_its_latest_deployment_records() {
+    let w = on_loopback("  deployments_limit: 3\n");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Kept", "gatewayId": "kept"}))).await.0, 201);
+    until_gateway(&w, "kept", |_, b| b["phase"] == "Started").await;
+    let targets = |b: &Value| b["list"].as_array().unwrap().iter().map(|d| (d["function"].as_str().unwrap().to_string(), d["targetVersion"].as_u64().unwrap())).collect::<Vec<_>>();
+    assert_eq!(v1(&w, "POST", "api-gateways/kept/functions", Some(json!({"name": "f", "source": greet("one")}))).await.0, 201);
+    let dev = fn_path("kept", "dev/f");
+    for n in 1..=5u64 {
+        let (s, b) = v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "staging"}))).await;
+        assert_eq!((s, &b["function"]["version"]), (200, &json!(n)), "{b}");
+    }
+    let (_, b) = v1(&w, "GET", "api-gateways/kept/deployments", None).await;
+    assert_eq!(targets(&b), [("f", 5), ("f", 4), ("f", 3)].map(|(f, v)| (f.to_string(), v)), "the two oldest records are gone from the store: {b}");
+    assert_eq!(b["total"], 3);
+
+    // Promotions of different functions at once do not serialize on the records: the window
+    // may be passed by those, and the next promotion brings it back.
+    let names: Vec<String> = (0..6).map(|i| format!("g{i}")).collect();
+    for n in &names {
+        assert_eq!(v1(&w, "POST", "api-gateways/kept/functions", Some(json!({"name": n, "source": greet(n)}))).await.0, 201);
+    }
+    let mut calls = Vec::new();
+    for n in &names {
+        let (admin, path) = (w.admin, format!("/v1/{}/deploy-to-stage", fn_path("kept", &format!("dev/{n}"))));
+        calls.push(tokio::spawn(async move { common::send(admin, "POST", &path, &[("x-api-key", common::KEY)], Some(r#"{"targetStage": "prod"}"#)).await }));
+    }
+    for c in calls {
+        let r = c.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let (_, b) = v1(&w, "GET", "api-gateways/kept/deployments", None).await;
+    let total = b["total"].as_u64().unwrap();
+    assert!((3..=8).contains(&total), "{b}");
+    assert_eq!(v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "staging"}))).await.0, 200);
+    let (_, b) = v1(&w, "GET", "api-gateways/kept/deployments", None).await;
+    assert_eq!(b["total"], 3, "{b}");
+    assert_eq!(targets(&b)[0], ("f".to_string(), 6));
+}
+
+#[tokio::test]
 async fn a_node_killed_during_promotions_serves_acknowledged_versions_and_its_records_agree() {
     let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  denied_networks: []\n", &[]);
     assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Crash", "gatewayId": "crash"}))).await.0, 201);
