@@ -9,21 +9,29 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::IpNet;
 
-/// The networks refused unless the operator allows them.
-pub const DENIED: [&str; 14] = [
+/// The networks refused unless the operator allows them. An IPv6 address that carries an
+/// IPv4 one (mapped, compatible, translated, NAT64's well-known prefix, 6to4) is checked as
+/// that IPv4 address; the forms whose IPv4 address cannot be read off (NAT64's local-use
+/// prefix, Teredo) are refused whole.
+pub const DENIED: [&str; 19] = [
     "0.0.0.0/8",
     "10.0.0.0/8",
     "100.64.0.0/10",
     "127.0.0.0/8",
     "169.254.0.0/16",
     "172.16.0.0/12",
+    "192.0.0.0/24",
     "192.168.0.0/16",
+    "198.18.0.0/15",
     "224.0.0.0/4",
-    "255.255.255.255/32",
+    "240.0.0.0/4",
     "::/128",
     "::1/128",
+    "64:ff9b:1::/48",
+    "2001::/32",
     "fc00::/7",
     "fe80::/10",
+    "fec0::/10",
     "ff00::/8",
 ];
 
@@ -56,12 +64,20 @@ impl Policy {
     }
 }
 
-/// An IPv4-mapped IPv6 address as the IPv4 address it is.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    }
+/// An IPv6 address that carries an IPv4 address as that IPv4 address: mapped
+/// (`::ffff:a.b.c.d`), translated (`::ffff:0:a.b.c.d`), compatible (`::a.b.c.d`, but `::` and
+/// `::1`), NAT64's well-known prefix (`64:ff9b::a.b.c.d`) and 6to4 (`2002:aabb:ccdd::`).
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    let IpAddr::V6(v6) = ip else { return ip };
+    let s = v6.segments();
+    let last = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
+    let v4 = match s {
+        [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0xffff, 0, _, _] | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => last,
+        [0, 0, 0, 0, 0, 0, _, _] if !(s[6] == 0 && s[7] <= 1) => last,
+        [0x2002, hi, lo, ..] => std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8),
+        _ => return ip,
+    };
+    IpAddr::V4(v4)
 }
 
 /// `host:port` of a URL's authority as the allow list writes it (the port made explicit).
@@ -111,10 +127,24 @@ mod tests {
             "[::ffff:127.0.0.1]:80",
             "[::ffff:10.0.0.1]:80",
             "100.64.0.1:80",
+            // IPv6 forms that carry a refused IPv4 address, or an IPv4 address that cannot be read.
+            "[::127.0.0.1]:80",
+            "[::a00:1]:80",
+            "[::ffff:0:a00:1]:80",
+            "[64:ff9b::a00:1]:80",
+            "[64:ff9b::7f00:1]:80",
+            "[64:ff9b:1::a00:1]:80",
+            "[2002:c0a8:101::1]:80",
+            "[2002:7f00:1::]:80",
+            "[2001:0:4136:e378:8000:63bf:3fff:fdd2]:80",
+            "[fec0::1]:80",
+            "198.18.0.1:80",
+            "240.0.0.1:80",
+            "255.255.255.255:80",
         ] {
             assert!(p.refuse(sa(bad)).is_some(), "{bad} must be refused");
         }
-        for good in ["93.184.215.14:443", "[2606:2800:21f:cb07:6820:80da:af6b:8b2c]:443", "172.32.0.1:80", "192.169.0.1:80"] {
+        for good in ["93.184.215.14:443", "[2606:2800:21f:cb07:6820:80da:af6b:8b2c]:443", "172.32.0.1:80", "192.169.0.1:80", "[64:ff9b::5db8:d70e]:443", "[2002:5db8:d70e::1]:443"] {
             assert_eq!(p.refuse(sa(good)), None, "{good}");
         }
         // The node's own listeners are refused even where the operator allows the network.

@@ -74,7 +74,8 @@ fn denied_host(cfg: &PlatformConfig, host: &str) -> Option<&'static str> {
     if lower == "localhost" || lower.ends_with(".localhost") {
         return Some("is this node");
     }
-    let ip: IpAddr = host.parse().ok()?;
+    // An IPv6 address that carries an IPv4 one (`::ffff:127.0.0.1`) is checked as that one.
+    let ip = weir_functions::guard::canonical(host.parse().ok()?);
     cfg.denied_networks
         .iter()
         .filter_map(|n| n.parse::<ipnet::IpNet>().ok())
@@ -109,6 +110,9 @@ mod tests {
         let mut p = Vec::new();
         upstream(&cfg, "u", &json!({"nodes": {"127.0.0.1:2379": 1, "[::1]:9180": 1, "169.254.169.254:80": 1, "localhost:80": 1, "10.1.2.3:80": 1, "backend.example.test:80": 1}}), &mut p);
         assert_eq!(p.len(), 4, "{p:?}");
+        let mut p = Vec::new();
+        upstream(&cfg, "u", &json!({"nodes": {"[::ffff:127.0.0.1]:2379": 1, "[::ffff:a9fe:a9fe]:80": 1, "[64:ff9b::7f00:1]:9180": 1, "[::ffff:93.184.215.14]:80": 1}}), &mut p);
+        assert_eq!(p.len(), 3, "IPv6 forms of refused IPv4 addresses: {p:?}");
         let mut p = Vec::new();
         upstream(&cfg, "u", &json!({"nodes": [{"host": "127.0.0.2", "port": 80, "weight": 1}], "service_name": "x", "tls": {"client_cert_id": "1"}}), &mut p);
         assert_eq!(p.len(), 3, "{p:?}");
