@@ -568,14 +568,14 @@ impl Js {
 }
 
 fn random_native<'js>(ctx: Ctx<'js>, n: usize) -> rquickjs::Result<Value<'js>> {
-    let a = TypedArray::<u8>::new(ctx, crate::sdk::random(n.min(65_536)))?;
+    let a = TypedArray::<u8>::new_copy(ctx, crate::sdk::random(n.min(65_536)))?;
     Ok(a.arraybuffer()?.into_value())
 }
 
 fn digest_native<'js>(ctx: Ctx<'js>, bits: u32, data: Array<'js>) -> rquickjs::Result<Value<'js>> {
     let bytes = from_wire(&data)?;
     let Some(out) = crate::sdk::digest(bits, &bytes) else { return Err(rquickjs::Exception::throw_type(&ctx, "unsupported digest")) };
-    Ok(TypedArray::<u8>::new(ctx, out)?.arraybuffer()?.into_value())
+    Ok(TypedArray::<u8>::new_copy(ctx, out)?.arraybuffer()?.into_value())
 }
 
 /// Bytes from the prelude's `[binary, string]`.
@@ -1006,7 +1006,7 @@ fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> boo
         match result {
             Ok((status, headers, body)) => {
                 let hs: Vec<Vec<String>> = headers.into_iter().map(|(k, v)| vec![k, v]).collect();
-                let body = TypedArray::<u8>::new(ctx.clone(), body)?;
+                let body = TypedArray::<u8>::new_copy(ctx.clone(), body)?;
                 fetched.call::<_, ()>((id, Value::new_null(ctx.clone()), status, hs, body))
             }
             Err(message) => fetched.call::<_, ()>((id, message, 0, Vec::<Vec<String>>::new(), Value::new_null(ctx.clone()))),

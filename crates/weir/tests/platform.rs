@@ -873,6 +873,17 @@ async fn fetch_reaches_allowed_hosts_and_never_this_node_or_private_networks() {
         assert!(error.contains(why) && (error.contains("refused") || error.contains("only http")), "{url}: {error}");
     }
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
+
+    // Fetched bodies are the gateway's memory while the runtime holds them: a function that
+    // keeps a hundred 1 MiB answers passes its 64 MiB and fails as out of memory, and the
+    // runtime answers the next call.
+    let code = format!("const kept = []; export default async () => {{ const big = 'x'.repeat(1 << 20); for (let i = 0; i < 100; i++) kept.push(await fetch('http://{}/echo', {{ method: 'POST', body: big }})); return {{ kept: kept.length }} }}", up.node());
+    assert_eq!(v1(w, "POST", "api-gateways/fetcher/functions", Some(json!({"name": "hoard", "source": {"code": code}}))).await.0, 201);
+    let r = w.until("/dev/hoard", &[("host", "fetcher.localhost")], |r| r.status != 404).await;
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert!(r.json()["error_msg"].as_str().unwrap().contains("memory"), "{}", r.text());
+    let ok = fetch(format!("http://{}/again", up.node())).await;
+    assert_eq!((&ok["ok"], &ok["body"]["uri"]), (&json!(true), &json!("/again")), "{ok}");
     let log = w.log();
     assert!(!log.contains("panicked"), "{log}");
 }
