@@ -425,8 +425,10 @@ impl Js {
                 // the rest were not kept.
                 let (kept, bytes, full) = host.logs.entry(call).or_default();
                 if !*full {
-                    if kept.len() < crate::LOG_LINES && *bytes + line.message.len() <= crate::CALL_LOG_BYTES {
-                        *bytes += line.message.len();
+                    // Each line counts whole: a client's request id, which every line repeats, too.
+                    let cost = crate::cost(&line);
+                    if kept.len() < crate::LOG_LINES && *bytes + cost <= crate::CALL_LOG_BYTES {
+                        *bytes += cost;
                         kept.push(line);
                     } else {
                         *full = true;

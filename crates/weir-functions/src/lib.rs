@@ -153,7 +153,8 @@ pub struct Logs {
 
 /// Lines kept per function.
 pub const LOG_LINES: usize = 1_000;
-/// Bytes of messages one call keeps to answer with (`invoke`'s `logs`).
+/// Bytes of lines (messages, request ids and what holds them) one call keeps to answer with
+/// (`invoke`'s `logs`).
 pub const CALL_LOG_BYTES: usize = 256 << 10;
 /// Bytes the kept lines of one gateway's functions may hold on a node.
 pub const LOG_BYTES: usize = 16 << 20;
@@ -164,7 +165,7 @@ impl Default for Logs {
     }
 }
 
-/// What a kept line holds, as its gateway's budget counts it.
+/// What a kept line holds, as its gateway's budget and its call's bound count it.
 fn cost(line: &LogLine) -> usize {
     line.message.len() + line.request_id.len() + line.time.len() + line.level.len() + std::mem::size_of::<LogLine>()
 }

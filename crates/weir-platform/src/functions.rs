@@ -458,13 +458,15 @@ impl Platform {
                 Some(v.to_string())
             }
         };
+        // As a request would: the id a client sent, or one made for it.
+        let request_id = headers.iter().find(|(k, _)| k == "x-request-id").map_or_else(|| format!("invoke-{}", fastrand::u64(..)), |(_, v)| v.clone());
         let request = Request {
             method: input.method.map(|m| method_names(&[m]).remove(0)).unwrap_or_else(|| "POST".into()),
             path: input.path.unwrap_or_else(|| format!("/{env}/{name}")),
             query: input.query.unwrap_or_default().into_iter().collect(),
             headers,
             body,
-            request_id: format!("invoke-{}", fastrand::u64(..)),
+            request_id,
             user: None,
         };
         let started = std::time::Instant::now();

@@ -757,6 +757,14 @@ export default async (ctx) => {
     assert_eq!((s, &b["status"], &b["body"]), (200, &json!(200), &json!("v2")), "{b}");
     assert_eq!(b["logs"][0]["message"], "v2 GET", "{b}");
     assert!(b["durationMs"].as_f64().is_some());
+    // The lines a call answers with are bounded in bytes, the request id each repeats counted.
+    assert_eq!(v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "chatty", "source": {"code": "export default () => { for (let i = 0; i < 50; i++) console.log('line', i); return 'ok' }"}}))).await.0, 201);
+    let chatty = format!("{}/invoke", fn_path("fns", "dev/chatty"));
+    let (s, b) = v1(&w, "POST", &chatty, Some(json!({"headers": {"x-request-id": "short-id"}}))).await;
+    assert_eq!((s, b["logs"].as_array().map(Vec::len), &b["logs"][49]["requestId"]), (200, Some(50), &json!("short-id")), "{b}");
+    let (s, b) = v1(&w, "POST", &chatty, Some(json!({"headers": {"x-request-id": "r".repeat(60_000)}}))).await;
+    let logs = b["logs"].as_array().unwrap();
+    assert!(s == 200 && logs.len() <= 5 && logs.last().unwrap()["message"].as_str().unwrap().contains("not kept"), "{s} {}", logs.len());
     let (s, b) = v1(&w, "GET", &format!("{}/logs?limit=5", fn_path("fns", "dev/user/me")), None).await;
     assert_eq!(s, 200, "{b}");
     let messages: Vec<&str> = b["list"].as_array().unwrap().iter().map(|l| l["message"].as_str().unwrap()).collect();
