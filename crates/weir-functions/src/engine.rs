@@ -13,7 +13,7 @@
 //! the runtime is made afresh, failing the gateway's other calls in flight.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::cmp::Reverse;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -273,13 +273,14 @@ struct Host {
     call: u64,
     env: String,
     timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
-    cancelled: Vec<(u64, u32)>,
+    /// Timers cleared while pending, skipped when they come due.
+    cancelled: HashSet<(u64, u32)>,
     /// Each call's lines so far, the bytes of their messages, and whether some were not kept.
     logs: HashMap<u64, (Vec<LogLine>, usize, bool)>,
     /// Fetches and database operations queued this turn, each with its place among the
     /// gateway's in flight (and a fetch with its body's bytes), held until it is answered.
     fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>, Taken, Taken)>,
-    db_ops: Vec<(u64, u32, String, Taken)>,
+    db_ops: Vec<(u64, u32, String, Taken, Taken)>,
     /// Module name prefix `fn:{env}/{name}@{version}/` → the function.
     functions: HashMap<String, Arc<Function>>,
     /// Environment → its current table.
@@ -410,7 +411,7 @@ impl Js {
             natives.set("clearTimer", JsFn::new(ctx.clone(), move |id: u32| {
                 let mut host = h.borrow_mut();
                 let call = host.call;
-                host.cancelled.push((call, id));
+                host.cancelled.insert((call, id));
             })?)?;
             let h = host.clone();
             natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: String| {
@@ -450,10 +451,12 @@ impl Js {
                     return Ok(Some(format!("fetch to {url} refused: {}", Slots::refusal("fetch"))));
                 };
                 let body = body.map(|b| from_wire(&b)).transpose()?;
-                // The body leaves the runtime's memory: until it is sent it counts against
-                // the gateway's limit here.
-                let Some(bytes) = Taken::of(&slots.bytes, body.as_ref().map_or(0, Vec::len)) else {
-                    return Ok(Some(format!("fetch to {url} refused: its body and the fetches in flight would pass this gateway's memory limit")));
+                // The request leaves the runtime's memory: until it is sent it counts against
+                // the gateway's limit here, its URL and headers with its body.
+                let size = body.as_ref().map_or(0, Vec::len) + method.len() + url.len() + headers.iter().flatten().map(String::len).sum::<usize>();
+                let Some(bytes) = Taken::of(&slots.bytes, size) else {
+                    let url = url.chars().take(200).collect::<String>();
+                    return Ok(Some(format!("fetch to {url} refused: the request and the fetches in flight would pass this gateway's memory limit")));
                 };
                 let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
                 let mut host = h.borrow_mut();
@@ -467,8 +470,12 @@ impl Js {
                 let Some(place) = host.outbound.place() else {
                     return Some(Slots::refusal("database operation"));
                 };
+                // The operation's text counts against the gateway's limit until it has run.
+                let Some(bytes) = Taken::of(&host.outbound.bytes, op.len()) else {
+                    return Some("this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit".into());
+                };
                 let call = host.call;
-                host.db_ops.push((call, id, op, place));
+                host.db_ops.push((call, id, op, place, bytes));
                 None
             })?)?;
             ctx.globals().set("__host", natives)?;
@@ -954,8 +961,7 @@ fn fire_timers(js: &mut Js, calls: &mut BTreeMap<u64, Live>) -> bool {
             match host.timers.peek() {
                 Some(Reverse((at, _, _))) if *at <= Instant::now() => {
                     let Reverse((_, call, id)) = host.timers.pop().expect("peeked");
-                    if let Some(i) = host.cancelled.iter().position(|c| *c == (call, id)) {
-                        host.cancelled.swap_remove(i);
+                    if host.cancelled.remove(&(call, id)) {
                         continue;
                     }
                     Some((call, id))
@@ -1031,7 +1037,7 @@ fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, r
 fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services, slots: &Slots) {
     start_fetches(js, calls, gateway, back, services.fetcher.as_ref(), slots);
     let started = std::mem::take(&mut js.host.borrow_mut().db_ops);
-    for (call, id, op, place) in started {
+    for (call, id, op, place, held) in started {
         let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
         let back = back.clone();
         let answer = move |result| {
@@ -1045,7 +1051,7 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
                     scope,
                     op,
                     reply: Box::new(move |result: Result<String, String>| {
-                        drop(place);
+                        drop((place, held));
                         // The result waits outside the runtime until it takes it: it counts
                         // against the gateway's limit until then (the loop gives it back).
                         answer(match result {

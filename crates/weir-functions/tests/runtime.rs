@@ -535,7 +535,39 @@ async fn request_bodies_count_against_the_gateways_limit_until_sent() {
         assert_eq!(held.fetches.lock().unwrap().iter().map(|f| f.body.as_ref().map_or(0, Vec::len)).collect::<Vec<_>>(), [12 << 20, 12 << 20]);
         held.release();
         let body = body_json(&running.await.unwrap());
-        assert_eq!(body, json!({"statuses": [200, 200], "third": "fetch to http://api.example/in refused: its body and the fetches in flight would pass this gateway's memory limit"}));
+        assert_eq!(body, json!({"statuses": [200, 200], "third": "fetch to http://api.example/in refused: the request and the fetches in flight would pass this gateway's memory limit"}));
+    }
+}
+
+#[tokio::test]
+async fn database_operations_count_against_the_gateways_limit_until_run() {
+    let held = Arc::new(Held::default());
+    let engine = held.engine("ops");
+    // Four inserts of 7 MiB wait to run; a fifth would make 35 of the gateway's 32 MiB.
+    let f = func(
+        "dev",
+        "inserts",
+        &[(
+            "index.js",
+            "export default async () => {
+               const c = imp.db().collection('c'), doc = { text: 'y'.repeat(7 << 20) }, insert = () => c.insertOne(doc);
+               const sent = [insert(), insert(), insert(), insert()];
+               let fifth;
+               try { await insert(); } catch (e) { fifth = `${e.status} ${e.message}`; }
+               await Promise.all(sent);
+               return { fifth };
+             }",
+        )],
+    );
+    let reach = weir_functions::Reach { allow: Arc::default(), database: Some(weir_functions::DbScope { name: "ops".into(), limits: Default::default() }) };
+    // Twice: the bytes of the first call's operations are given back once they have run.
+    for _ in 0..2 {
+        let running = tokio::spawn(run_alone(engine.clone(), f.clone(), reach.clone()));
+        held.reach(4).await;
+        assert_eq!(held.ops.lock().unwrap().len(), 4);
+        held.release();
+        let body = body_json(&running.await.unwrap());
+        assert_eq!(body["fifth"], json!("503 this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit"));
     }
 }
 
