@@ -80,7 +80,32 @@ pub struct Outcome {
     pub result: Result<Reply, Failure>,
     pub logs: Vec<LogLine>,
     pub cpu: Duration,
+    /// The bytes of a large reply body, held against the gateway's memory limit until the
+    /// body goes (sent, or dropped).
+    pub hold: Hold,
 }
+
+/// Bytes held against a gateway's memory limit while outside its runtime; given back when
+/// this goes.
+#[derive(Default)]
+pub struct Hold(Option<Taken>);
+
+impl Hold {
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Hold({})", self.0.as_ref().map_or(0, |t| t.1))
+    }
+}
+
+/// Reply bodies from this size on count against the gateway's memory limit until sent:
+/// slow clients could otherwise hold any number of them. Smaller ones are not worth the count.
+pub const HELD_REPLY_BYTES: usize = 16 << 10;
 
 /// The functions one environment has now, by name, for `@/name` imports.
 pub type Table = Arc<HashMap<String, Arc<Function>>>;
@@ -264,7 +289,7 @@ impl Engine {
 }
 
 pub(crate) fn failed(f: Failure) -> Outcome {
-    Outcome { result: Err(f), logs: Vec::new(), cpu: Duration::ZERO }
+    Outcome { result: Err(f), logs: Vec::new(), cpu: Duration::ZERO, hold: Hold::default() }
 }
 
 /// What the natives share with the loop: which call runs, its timers, logs and fetches.
@@ -950,7 +975,16 @@ fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failu
             }
         });
     }
-    job.reply.send(Outcome { result, logs, cpu });
+    // A large body leaves the runtime with the answer: it counts against the gateway's limit
+    // until it has been sent, and one that would pass it fails as running out of memory.
+    let (result, hold) = match result {
+        Ok(r) if r.body.len() >= HELD_REPLY_BYTES => match Taken::of(&js.host.borrow().outbound.bytes, r.body.len()) {
+            Some(t) => (Ok(r), Hold(Some(t))),
+            None => (Err(Failure::Memory), Hold::default()),
+        },
+        other => (other, Hold::default()),
+    };
+    job.reply.send(Outcome { result, logs, cpu, hold });
 }
 
 fn fire_timers(js: &mut Js, calls: &mut BTreeMap<u64, Live>) -> bool {

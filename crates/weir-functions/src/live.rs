@@ -431,8 +431,13 @@ pub fn answer(outcome: Outcome, debug: bool, limits: &crate::Limits) -> (u16, Ve
 }
 
 /// What a call's outcome answers, as a response.
-pub fn respond(outcome: Outcome, debug: bool, limits: &crate::Limits) -> Response<RespBody> {
+pub fn respond(mut outcome: Outcome, debug: bool, limits: &crate::Limits) -> Response<RespBody> {
+    let hold = std::mem::take(&mut outcome.hold);
     let (status, headers, body) = answer(outcome, debug, limits);
+    let body = match hold.is_empty() {
+        true => bytes::Bytes::from(body),
+        false => bytes::Bytes::from_owner(Held { body, _hold: hold }),
+    };
     let mut resp = Response::new(RespBody::full(body));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (k, v) in headers {
@@ -444,6 +449,18 @@ pub fn respond(outcome: Outcome, debug: bool, limits: &crate::Limits) -> Respons
         }
     }
     resp
+}
+
+/// A reply body with the bytes it holds of its gateway's limit, given back when it goes.
+struct Held {
+    body: Vec<u8>,
+    _hold: crate::engine::Hold,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
 }
 
 impl FunctionHandler {

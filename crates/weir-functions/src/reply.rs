@@ -165,7 +165,7 @@ mod tests {
     use std::time::Duration;
 
     fn outcome(n: u64) -> Outcome {
-        Outcome { result: Err(crate::engine::Failure::Internal(n.to_string())), logs: Vec::new(), cpu: Duration::from_nanos(n) }
+        Outcome { result: Err(crate::engine::Failure::Internal(n.to_string())), logs: Vec::new(), cpu: Duration::from_nanos(n), hold: Default::default() }
     }
 
     #[tokio::test]

@@ -572,6 +572,24 @@ async fn database_operations_count_against_the_gateways_limit_until_run() {
 }
 
 #[tokio::test]
+async fn large_replies_count_against_the_gateways_limit_until_sent() {
+    let gw = Gw::new(vec![func("dev", "big", &[("index.js", "export default () => 'z'.repeat(12 << 20)")]), func("dev", "small", &[("index.js", "export default () => ({ ok: true })")])]);
+    // Two 12 MiB answers not yet sent hold 24 of the gateway's 32 MiB: a third fails as
+    // running out of memory, a small one still answers.
+    let first = gw.call("big", get("/")).await;
+    let second = gw.call("big", get("/")).await;
+    assert_eq!([&first, &second].map(|o| o.result.as_ref().map(|r| r.body.len()).ok()), [Some(12 << 20); 2]);
+    assert_eq!(gw.call("big", get("/")).await.result, Err(Failure::Memory));
+    assert_eq!(body_json(&gw.call("small", get("/")).await), json!({"ok": true}));
+    // The response made of one holds its bytes until it goes (sent, or dropped as here).
+    let response = weir_functions::live::respond(first, false, &limits());
+    assert_eq!(gw.call("big", get("/")).await.result, Err(Failure::Memory));
+    drop(response);
+    assert_eq!(gw.call("big", get("/")).await.result.map(|r| r.body.len()), Ok(12 << 20));
+    drop(second);
+}
+
+#[tokio::test]
 async fn database_results_count_against_the_gateways_limit_until_the_runtime_has_them() {
     // Every read answers 12 MiB at once; three answered in one turn would make 36 of the
     // gateway's 32 MiB outside its runtime.

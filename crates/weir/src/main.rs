@@ -422,7 +422,10 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         // Tenants' functions run where the data plane does; the platform's `invoke` uses the
         // same runtimes.
         let fetch_allowed: Vec<ipnet::IpNet> = cfg.platform.functions.fetch_allow_networks.iter().map(|n| n.parse().with_context(|| format!("platform.functions.fetch_allow_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
-        let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, Vec::new()), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
+        // Until every listener is bound (and its port known), the configured ones are refused.
+        let prom_addr = std::net::SocketAddr::new(cfg.plugin_attr.prometheus.export_addr.ip, cfg.plugin_attr.prometheus.export_addr.port);
+        let configured: Vec<std::net::SocketAddr> = cfg.proxy.listen.iter().chain(&cfg.proxy.tls_listen).copied().chain([cfg.admin.listen, prom_addr]).chain(cfg.status.listen).filter(|a| a.port() != 0).collect();
+        let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, configured), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
         let databases = databases(&cfg)?;
         let db_runner = databases.clone().map(|d| weir_platform::database::runner(d, cfg.database.quota, tokio::runtime::Handle::current()));
         let settings = weir_functions::live::Settings { fetcher: Some(outbound.fetcher()), keyring: Some(keyring.clone()), database: db_runner };
