@@ -314,7 +314,28 @@ struct Host {
     sinks: HashMap<u64, (Arc<Logs>, String)>,
     /// The gateway's fetches and database operations in flight, and its bytes of them.
     outbound: Slots,
+    /// Each realm's context (its address) and environment, for the module loader.
+    realms: Vec<(usize, String)>,
 }
+
+impl Host {
+    /// The call whose work a native of `env`'s realm does: the call running, or `STRAY` when
+    /// the running call is of another environment (a promise job another environment's call
+    /// left behind runs meanwhile), whose work is refused.
+    fn call_of(&self, env: &str) -> u64 {
+        if self.env == env { self.call } else { STRAY }
+    }
+
+    /// The environment whose realm `ctx` is.
+    fn env_of(&self, ctx: &Ctx<'_>) -> Option<&str> {
+        let at = ctx.as_raw().as_ptr() as usize;
+        self.realms.iter().find(|(c, _)| *c == at).map(|(_, env)| env.as_str())
+    }
+}
+
+/// The call of work refused because it came from another environment's realm.
+const STRAY: u64 = u64::MAX;
+const STRAY_REFUSAL: &str = "refused: the call this belongs to has ended";
 
 type Shared = Rc<RefCell<Host>>;
 
@@ -325,16 +346,21 @@ fn module_prefix(f: &Function) -> String {
 struct Names(Shared);
 
 impl Resolver for Names {
-    fn resolve<'js>(&mut self, _ctx: &Ctx<'js>, base: &str, name: &str, _attrs: Option<rquickjs::loader::ImportAttributes<'js>>) -> rquickjs::Result<String> {
+    fn resolve<'js>(&mut self, ctx: &Ctx<'js>, base: &str, name: &str, _attrs: Option<rquickjs::loader::ImportAttributes<'js>>) -> rquickjs::Result<String> {
         let host = self.0.borrow();
         let missing = || rquickjs::Error::new_resolving(base, name);
-        if name.starts_with("fn:") {
-            return Ok(name.to_string());
+        // A realm loads its own environment's functions only.
+        let env = host.env_of(ctx).ok_or_else(missing)?;
+        if let Some(rest) = name.strip_prefix("fn:") {
+            return match rest.split_once('/') {
+                Some((e, _)) if e == env => Ok(name.to_string()),
+                _ => Err(missing()),
+            };
         }
-        // Another function of the environment of the call running (`imp.invoke` imports
-        // from the SDK, outside any function's module).
+        // Another function of the realm's environment (`imp.invoke` imports from the SDK,
+        // outside any function's module).
         if let Some(other) = name.strip_prefix("@/") {
-            let table = host.tables.get(&host.env).ok_or_else(missing)?;
+            let table = host.tables.get(env).ok_or_else(missing)?;
             let target = table.get(other).ok_or_else(missing)?;
             return Ok(format!("{}{}", module_prefix(target), target.compiled.entry));
         }
@@ -353,10 +379,14 @@ impl Loader for Sources {
         let source = {
             let mut host = self.0.borrow_mut();
             let missing = || rquickjs::Error::new_loading(name);
+            let env = host.env_of(ctx).ok_or_else(missing)?.to_string();
+            if name.strip_prefix("fn:").and_then(|rest| rest.split_once('/')).is_none_or(|(e, _)| e != env) {
+                return Err(missing());
+            }
             let end = name.find('@').and_then(|at| name[at..].find('/').map(|s| at + s + 1)).ok_or_else(missing)?;
             // A function named by `@/name` is known from its environment's table.
             if !host.functions.contains_key(&name[..end]) {
-                let found = host.tables.values().flat_map(|t| t.values()).find(|f| module_prefix(f) == name[..end]).cloned();
+                let found = host.tables.get(&env).and_then(|t| t.values().find(|f| module_prefix(f) == name[..end])).cloned();
                 if let Some(f) = found {
                     host.functions.insert(name[..end].to_string(), f);
                 }
@@ -376,9 +406,11 @@ struct Live {
     cpu: Duration,
 }
 
-/// A gateway's runtime and what the loop keeps of it. Fields drop in order: the values held
-/// in the runtime go before the context and the runtime that own them.
-struct Js {
+/// One environment's realm in its gateway's runtime: a context of its own (globals,
+/// intrinsics, the SDK and its state, modules), so that no environment's code changes what
+/// another's sees or reaches another's functions, while the runtime's memory limit still counts
+/// the whole gateway. Fields drop in order: the values held in the context go before it.
+struct Realm {
     /// Each loaded function's default export, by the function (kept alive with it).
     exports: RefCell<HashMap<usize, (Arc<Function>, Persistent<Value<'static>>)>>,
     /// `ctx.user` as frozen objects, by consumer name, with the grant each was made for: a
@@ -388,7 +420,24 @@ struct Js {
     vars: RefCell<Option<(Arc<serde_json::Map<String, serde_json::Value>>, Persistent<Value<'static>>)>>,
     /// The prelude's `__weir.run`.
     run: Persistent<JsFn<'static>>,
+    /// The prelude's `__weir`: how the engine fires timers and hands back fetches and
+    /// database results.
+    sdk: Persistent<Object<'static>>,
     ctx: Context,
+}
+
+impl Realm {
+    /// The SDK's entry point `name`.
+    fn sdk<'js>(&self, ctx: &Ctx<'js>, name: &str) -> rquickjs::Result<JsFn<'js>> {
+        self.sdk.clone().restore(ctx)?.get(name)
+    }
+}
+
+/// A gateway's runtime and what the loop keeps of it. Fields drop in order: the realms go
+/// before the runtime that owns them.
+struct Js {
+    /// The environments' realms, each made when its environment first runs.
+    realms: RefCell<Vec<(String, Rc<Realm>)>>,
     rt: Runtime,
     host: Shared,
     /// When the running JavaScript must stop, in nanoseconds since `epoch`; 0: never.
@@ -401,132 +450,7 @@ struct Js {
     full: std::cell::Cell<bool>,
 }
 
-impl Js {
-    fn new(memory: usize, slots: &Slots) -> rquickjs::Result<Js> {
-        let rt = Runtime::new()?;
-        rt.set_memory_limit(memory);
-        rt.set_max_stack_size(1 << 20);
-        rt.set_gc_threshold(memory / 4);
-        let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.clone(), ..Host::default() }));
-        rt.set_loader(Names(host.clone()), Sources(host.clone()));
-        let stop_at = Arc::new(AtomicU64::new(0));
-        let epoch = Instant::now();
-        {
-            let stop_at = stop_at.clone();
-            rt.set_interrupt_handler(Some(Box::new(move || {
-                let at = stop_at.load(Ordering::Relaxed);
-                at != 0 && epoch.elapsed().as_nanos() as u64 >= at
-            })));
-        }
-        let ctx = Context::full(&rt)?;
-        ctx.with(|ctx| -> rquickjs::Result<()> {
-            let natives = Object::new(ctx.clone())?;
-            let h = host.clone();
-            natives.set("timer", JsFn::new(ctx.clone(), move |id: u32, ms: f64| -> Option<String> {
-                let mut host = h.borrow_mut();
-                if host.timers.len() >= TIMERS_PENDING {
-                    return Some(format!("this gateway has {TIMERS_PENDING} timers pending; no more may be set until some fire or are cleared"));
-                }
-                let call = host.call;
-                let due = Instant::now() + Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 86_400.0));
-                host.timers.push(Reverse((due, call, id)));
-                None
-            })?)?;
-            let h = host.clone();
-            natives.set("clearTimer", JsFn::new(ctx.clone(), move |id: u32| {
-                let mut host = h.borrow_mut();
-                let call = host.call;
-                host.cancelled.insert((call, id));
-            })?)?;
-            let h = host.clone();
-            natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: String| {
-                let mut host = h.borrow_mut();
-                let call = host.call;
-                let request = host.sinks.get(&call).map(|(_, r)| r.clone()).unwrap_or_default();
-                let line = LogLine::now(&level, request, message);
-                if let Some((sink, _)) = host.sinks.get(&call) {
-                    sink.push(line.clone());
-                }
-                // What the call answers with is bounded: its first lines, then one that says
-                // the rest were not kept.
-                let (kept, bytes, full) = host.logs.entry(call).or_default();
-                if !*full {
-                    // Each line counts whole: a client's request id, which every line repeats, too.
-                    let cost = crate::cost(&line);
-                    if kept.len() < crate::LOG_LINES && *bytes + cost <= crate::CALL_LOG_BYTES {
-                        *bytes += cost;
-                        kept.push(line);
-                    } else {
-                        *full = true;
-                        let message = format!("later lines of this call are not kept here (past {} lines or {} KiB)", crate::LOG_LINES, crate::CALL_LOG_BYTES >> 10);
-                        kept.push(LogLine { message, level: "warn".into(), ..line });
-                    }
-                }
-            })?)?;
-            let h = host.clone();
-            natives.set("environment", JsFn::new(ctx.clone(), move || h.borrow().env.clone())?)?;
-            natives.set("uuid", JsFn::new(ctx.clone(), crate::sdk::uuid)?)?;
-            natives.set("random", JsFn::new(ctx.clone(), random_native)?)?;
-            natives.set("digest", JsFn::new(ctx.clone(), digest_native)?)?;
-            let h = host.clone();
-            // Each answers why the operation may not start, or nothing when it is queued.
-            natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Vec<Vec<String>>, body: Option<Array<'_>>| -> rquickjs::Result<Option<String>> {
-                let slots = h.borrow().outbound.clone();
-                let Some(place) = slots.place() else {
-                    return Ok(Some(format!("fetch to {url} refused: {}", Slots::refusal("fetch"))));
-                };
-                let body = body.map(|b| from_wire(&b)).transpose()?;
-                // The request leaves the runtime's memory: until it is sent it counts against
-                // the gateway's limit here, its URL and headers with its body.
-                let size = body.as_ref().map_or(0, Vec::len) + method.len() + url.len() + headers.iter().flatten().map(String::len).sum::<usize>();
-                let Some(bytes) = Taken::of(&slots.bytes, size) else {
-                    let url = url.chars().take(200).collect::<String>();
-                    return Ok(Some(format!("fetch to {url} refused: the request and the fetches in flight would pass this gateway's memory limit")));
-                };
-                let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
-                let mut host = h.borrow_mut();
-                let call = host.call;
-                host.fetches.push((call, id, method, url, headers, body, place, bytes));
-                Ok(None)
-            })?)?;
-            let h = host.clone();
-            natives.set("db", JsFn::new(ctx.clone(), move |id: u32, op: String| -> Option<String> {
-                let mut host = h.borrow_mut();
-                let Some(place) = host.outbound.place() else {
-                    return Some(Slots::refusal("database operation"));
-                };
-                // The operation's text counts against the gateway's limit until it has run.
-                let Some(bytes) = Taken::of(&host.outbound.bytes, op.len()) else {
-                    return Some("this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit".into());
-                };
-                let call = host.call;
-                host.db_ops.push((call, id, op, place, bytes));
-                None
-            })?)?;
-            ctx.globals().set("__host", natives)?;
-            ctx.eval::<(), _>(PRELUDE)?;
-            Ok(())
-        })?;
-        let run = ctx.with(|ctx| -> rquickjs::Result<Persistent<JsFn<'static>>> {
-            let weir: Object<'_> = ctx.globals().get("__weir")?;
-            Ok(Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?))
-        })?;
-        Ok(Js { rt, ctx, host, stop_at, epoch, loaded: 0, full: Default::default(), exports: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run })
-    }
-
-    fn register(&mut self, func: &Arc<Function>, table: &Table) {
-        let mut host = self.host.borrow_mut();
-        if !self.exports.borrow().contains_key(&(Arc::as_ptr(func) as usize))
-            && let std::collections::hash_map::Entry::Vacant(slot) = host.functions.entry(module_prefix(func))
-        {
-            self.loaded += 1;
-            slot.insert(func.clone());
-        }
-        if host.tables.get(&func.env).is_none_or(|t| !Arc::ptr_eq(t, table)) {
-            host.tables.insert(func.env.clone(), table.clone());
-        }
-    }
-
+impl Realm {
     /// The default export of `func`, loaded once.
     fn export<'js>(&self, ctx: &Ctx<'js>, func: &Arc<Function>) -> Result<Value<'js>, Failure> {
         let key = Arc::as_ptr(func) as usize;
@@ -560,11 +484,168 @@ impl Js {
         *self.vars.borrow_mut() = Some((vars.clone(), Persistent::save(ctx, v.clone())));
         Ok(v)
     }
+}
+
+impl Js {
+    fn new(memory: usize, slots: &Slots) -> rquickjs::Result<Js> {
+        let rt = Runtime::new()?;
+        rt.set_memory_limit(memory);
+        rt.set_max_stack_size(1 << 20);
+        rt.set_gc_threshold(memory / 4);
+        let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.clone(), ..Host::default() }));
+        rt.set_loader(Names(host.clone()), Sources(host.clone()));
+        let stop_at = Arc::new(AtomicU64::new(0));
+        let epoch = Instant::now();
+        {
+            let stop_at = stop_at.clone();
+            rt.set_interrupt_handler(Some(Box::new(move || {
+                let at = stop_at.load(Ordering::Relaxed);
+                at != 0 && epoch.elapsed().as_nanos() as u64 >= at
+            })));
+        }
+        Ok(Js { realms: RefCell::default(), rt, host, stop_at, epoch, loaded: 0, full: Default::default() })
+    }
+
+    /// `env`'s realm, made (its natives and the SDK) the first time.
+    fn realm(&self, env: &str) -> rquickjs::Result<Rc<Realm>> {
+        if let Some((_, r)) = self.realms.borrow().iter().find(|(e, _)| e == env) {
+            return Ok(r.clone());
+        }
+        let host = &self.host;
+        let ctx = Context::full(&self.rt)?;
+        ctx.with(|ctx| -> rquickjs::Result<()> {
+            let natives = Object::new(ctx.clone())?;
+            let (h, e) = (host.clone(), env.to_string());
+            natives.set("timer", JsFn::new(ctx.clone(), move |id: u32, ms: f64| -> Option<String> {
+                let mut host = h.borrow_mut();
+                if host.timers.len() >= TIMERS_PENDING {
+                    return Some(format!("this gateway has {TIMERS_PENDING} timers pending; no more may be set until some fire or are cleared"));
+                }
+                let call = host.call_of(&e);
+                if call == STRAY {
+                    return Some(STRAY_REFUSAL.into());
+                }
+                let due = Instant::now() + Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 86_400.0));
+                host.timers.push(Reverse((due, call, id)));
+                None
+            })?)?;
+            let (h, e) = (host.clone(), env.to_string());
+            natives.set("clearTimer", JsFn::new(ctx.clone(), move |id: u32| {
+                let mut host = h.borrow_mut();
+                let call = host.call_of(&e);
+                if call != STRAY {
+                    host.cancelled.insert((call, id));
+                }
+            })?)?;
+            let (h, e) = (host.clone(), env.to_string());
+            natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: String| {
+                let mut host = h.borrow_mut();
+                let call = host.call_of(&e);
+                if call == STRAY {
+                    return;
+                }
+                let request = host.sinks.get(&call).map(|(_, r)| r.clone()).unwrap_or_default();
+                let line = LogLine::now(&level, request, message);
+                if let Some((sink, _)) = host.sinks.get(&call) {
+                    sink.push(line.clone());
+                }
+                // What the call answers with is bounded: its first lines, then one that says
+                // the rest were not kept.
+                let (kept, bytes, full) = host.logs.entry(call).or_default();
+                if !*full {
+                    // Each line counts whole: a client's request id, which every line repeats, too.
+                    let cost = crate::cost(&line);
+                    if kept.len() < crate::LOG_LINES && *bytes + cost <= crate::CALL_LOG_BYTES {
+                        *bytes += cost;
+                        kept.push(line);
+                    } else {
+                        *full = true;
+                        let message = format!("later lines of this call are not kept here (past {} lines or {} KiB)", crate::LOG_LINES, crate::CALL_LOG_BYTES >> 10);
+                        kept.push(LogLine { message, level: "warn".into(), ..line });
+                    }
+                }
+            })?)?;
+            let e = env.to_string();
+            natives.set("environment", JsFn::new(ctx.clone(), move || e.clone())?)?;
+            natives.set("uuid", JsFn::new(ctx.clone(), crate::sdk::uuid)?)?;
+            natives.set("random", JsFn::new(ctx.clone(), random_native)?)?;
+            natives.set("digest", JsFn::new(ctx.clone(), digest_native)?)?;
+            let (h, e) = (host.clone(), env.to_string());
+            // Each answers why the operation may not start, or nothing when it is queued.
+            natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Vec<Vec<String>>, body: Option<Array<'_>>| -> rquickjs::Result<Option<String>> {
+                if h.borrow().call_of(&e) == STRAY {
+                    return Ok(Some(STRAY_REFUSAL.into()));
+                }
+                let slots = h.borrow().outbound.clone();
+                let Some(place) = slots.place() else {
+                    return Ok(Some(format!("fetch to {url} refused: {}", Slots::refusal("fetch"))));
+                };
+                let body = body.map(|b| from_wire(&b)).transpose()?;
+                // The request leaves the runtime's memory: until it is sent it counts against
+                // the gateway's limit here, its URL and headers with its body.
+                let size = body.as_ref().map_or(0, Vec::len) + method.len() + url.len() + headers.iter().flatten().map(String::len).sum::<usize>();
+                let Some(bytes) = Taken::of(&slots.bytes, size) else {
+                    let url = url.chars().take(200).collect::<String>();
+                    return Ok(Some(format!("fetch to {url} refused: the request and the fetches in flight would pass this gateway's memory limit")));
+                };
+                let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
+                let mut host = h.borrow_mut();
+                let call = host.call_of(&e);
+                host.fetches.push((call, id, method, url, headers, body, place, bytes));
+                Ok(None)
+            })?)?;
+            let (h, e) = (host.clone(), env.to_string());
+            natives.set("db", JsFn::new(ctx.clone(), move |id: u32, op: String| -> Option<String> {
+                let mut host = h.borrow_mut();
+                if host.call_of(&e) == STRAY {
+                    return Some(STRAY_REFUSAL.into());
+                }
+                let Some(place) = host.outbound.place() else {
+                    return Some(Slots::refusal("database operation"));
+                };
+                // The operation's text counts against the gateway's limit until it has run.
+                let Some(bytes) = Taken::of(&host.outbound.bytes, op.len()) else {
+                    return Some("this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit".into());
+                };
+                let call = host.call_of(&e);
+                host.db_ops.push((call, id, op, place, bytes));
+                None
+            })?)?;
+            ctx.globals().set("__host", natives)?;
+            ctx.eval::<(), _>(PRELUDE)?;
+            Ok(())
+        })?;
+        // The SDK's entry points, held here and taken off the globals: a function reaches
+        // neither them nor the engine's side of its calls.
+        let (sdk, run) = ctx.with(|ctx| -> rquickjs::Result<(Persistent<Object<'static>>, Persistent<JsFn<'static>>)> {
+            let weir: Object<'_> = ctx.globals().get("__weir")?;
+            ctx.globals().remove("__weir")?;
+            Ok((Persistent::save(&ctx, weir.clone()), Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?)))
+        })?;
+        host.borrow_mut().realms.push((ctx.as_raw().as_ptr() as usize, env.to_string()));
+        let realm = Rc::new(Realm { exports: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, sdk, ctx });
+        self.realms.borrow_mut().push((env.to_string(), realm.clone()));
+        Ok(realm)
+    }
+
+    fn register(&mut self, func: &Arc<Function>, table: &Table) {
+        let exported = self.realms.borrow().iter().any(|(e, r)| *e == func.env && r.exports.borrow().contains_key(&(Arc::as_ptr(func) as usize)));
+        let mut host = self.host.borrow_mut();
+        if !exported
+            && let std::collections::hash_map::Entry::Vacant(slot) = host.functions.entry(module_prefix(func))
+        {
+            self.loaded += 1;
+            slot.insert(func.clone());
+        }
+        if host.tables.get(&func.env).is_none_or(|t| !Arc::ptr_eq(t, table)) {
+            host.tables.insert(func.env.clone(), table.clone());
+        }
+    }
 
     /// Runs `f` as part of call `call` from `start` (now) with `budget` of CPU, then the promise
     /// jobs it queued; returns how long that took, whether the budget ran out and whether
     /// memory did.
-    fn segment<R>(&self, call: u64, env: &str, start: Instant, budget: Duration, f: impl FnOnce(&Ctx<'_>) -> R) -> (R, Duration, bool, bool) {
+    fn segment<T>(&self, call: u64, env: &str, start: Instant, budget: Duration, f: impl FnOnce(&Realm, &Ctx<'_>) -> Result<T, Failure>) -> (Result<T, Failure>, Duration, bool, bool) {
         {
             let mut host = self.host.borrow_mut();
             host.call = call;
@@ -574,7 +655,11 @@ impl Js {
         }
         let at = (start + budget).duration_since(self.epoch).as_nanos() as u64;
         self.stop_at.store(at.max(1), Ordering::Relaxed);
-        let out = self.ctx.with(|ctx| f(&ctx));
+        let out = match self.realm(env) {
+            Ok(realm) => realm.ctx.with(|ctx| f(&realm, &ctx)),
+            Err(rquickjs::Error::Allocation) => Err(Failure::Memory),
+            Err(e) => Err(Failure::Internal(format!("the environment's runtime could not start: {e}"))),
+        };
         let mut oom = false;
         while self.rt.is_job_pending() {
             if let Err(e) = self.rt.execute_pending_job() {
@@ -593,8 +678,10 @@ impl Js {
         // rejection could be made, leaves its exception on the context and its call waiting
         // for good: the exception is taken off (or the next call would meet it) and counts as
         // running out of memory.
-        if let Some(left) = self.ctx.with(|ctx| ctx.has_exception().then(|| thrown(&ctx.catch()))) {
-            oom |= !matches!(left, Failure::Timeout(_));
+        for (_, realm) in self.realms.borrow().iter() {
+            if let Some(left) = realm.ctx.with(|ctx| ctx.has_exception().then(|| thrown(&ctx.catch()))) {
+                oom |= !matches!(left, Failure::Timeout(_));
+            }
         }
         let took = start.elapsed();
         (out, took, took >= budget, oom)
@@ -702,7 +789,9 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 Msg::Warm(func, table) => {
                     js.register(&func, &table);
                     let budget = Duration::from_secs(1);
-                    let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), budget, |ctx| js.export(ctx, &func).map(|_| ()));
+                    let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), budget, |realm, ctx| realm.export(ctx, &func).map(|_| ()));
+                    // Loading is no call: what its top level left (timers, lines) goes now.
+                    forget(&js, 0, &func.env);
                     oom || out == Err(Failure::Memory)
                 }
             } || js.full.take();
@@ -796,12 +885,12 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     js.register(&job.func, &job.table);
     js.host.borrow_mut().sinks.insert(id, (job.func.logs.clone(), job.request.request_id.clone()));
     let started = Instant::now();
-    let (out, took, spent, oom_job) = js.segment(id, &job.func.env, started, job.limits.cpu, |ctx| -> Result<Started, Failure> {
-        let handler = js.export(ctx, &job.func)?;
+    let (out, took, spent, oom_job) = js.segment(id, &job.func.env, started, job.limits.cpu, |realm, ctx| -> Result<Started, Failure> {
+        let handler = realm.export(ctx, &job.func)?;
         let caught = |e: rquickjs::Error| caught(ctx, e);
-        let request = to_js(ctx, &job.request, &js.users).map_err(caught)?;
-        let vars = js.vars(ctx, &job.vars)?;
-        let run = js.run.clone().restore(ctx).map_err(caught)?;
+        let request = to_js(ctx, &job.request, &realm.users).map_err(caught)?;
+        let vars = realm.vars(ctx, &job.vars)?;
+        let run = realm.run.clone().restore(ctx).map_err(caught)?;
         let out: Value<'_> = run.call((handler, request, vars)).map_err(caught)?;
         match out.as_promise() {
             Some(promise) => Ok(Started::Waiting(Persistent::save(ctx, promise.clone()))),
@@ -894,9 +983,11 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
     }
     let mut done = Vec::new();
     let mut oom = false;
-    js.ctx.with(|ctx| {
-        for (id, live) in calls.iter() {
-            let Ok(promise) = live.promise.clone().restore(&ctx) else { continue };
+    let realms = js.realms.borrow();
+    for (id, live) in calls.iter() {
+        let Some((_, realm)) = realms.iter().find(|(e, _)| *e == live.job.func.env) else { continue };
+        realm.ctx.with(|ctx| {
+            let Ok(promise) = live.promise.clone().restore(&ctx) else { return };
             match promise.state() {
                 PromiseState::Pending => {}
                 PromiseState::Resolved => done.push((*id, promise.result::<Value<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(reply).map_err(|e| caught(&ctx, e)))),
@@ -910,8 +1001,9 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
                     done.push((*id, Err(f)));
                 }
             }
-        }
-    });
+        });
+    }
+    drop(realms);
     for (id, result) in done {
         if let Some(live) = calls.remove(&id) {
             finish(js, id, live, result);
@@ -941,15 +1033,9 @@ fn finish(js: &Js, id: u64, live: Live, result: Result<Reply, Failure>) {
     answer(js, id, live.job, live.cpu, result);
 }
 
-/// Answers call `id` and forgets what the runtime kept for it.
-fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failure>) {
-    let result = match starved(js, &result) {
-        true => {
-            js.full.set(true);
-            Err(Failure::Memory)
-        }
-        false => result,
-    };
+/// Forgets what the runtime kept for call `id` of `env`: its log sink, its timers (and their
+/// callbacks in its realm) and the lines it logged, which are returned.
+fn forget(js: &Js, id: u64, env: &str) -> Vec<LogLine> {
     let mut unfired = Vec::new();
     let logs = {
         let mut host = js.host.borrow_mut();
@@ -965,9 +1051,10 @@ fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failu
         host.logs.remove(&id).map(|(lines, _, _)| lines).unwrap_or_default()
     };
     // The callbacks of the timers the call left behind go too, or the runtime would keep them.
-    if !unfired.is_empty() {
-        js.ctx.with(|ctx| {
-            let dropped = ctx.globals().get::<_, Object<'_>>("__weir").and_then(|weir| weir.get::<_, JsFn<'_>>("dropTimers")).and_then(|f| f.call::<_, ()>((unfired,)));
+    let realm = js.realms.borrow().iter().find(|(e, _)| e == env).map(|(_, r)| r.clone());
+    if let Some(realm) = realm.filter(|_| !unfired.is_empty()) {
+        realm.ctx.with(|ctx| {
+            let dropped = realm.sdk(&ctx, "dropTimers").and_then(|f| f.call::<_, ()>((unfired,)));
             if let Err(e) = dropped {
                 // Taken off the context, or the next call would see it.
                 let _ = ctx.catch();
@@ -975,6 +1062,19 @@ fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failu
             }
         });
     }
+    logs
+}
+
+/// Answers call `id` and forgets what the runtime kept for it.
+fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failure>) {
+    let result = match starved(js, &result) {
+        true => {
+            js.full.set(true);
+            Err(Failure::Memory)
+        }
+        false => result,
+    };
+    let logs = forget(js, id, &job.func.env);
     // A large body leaves the runtime with the answer: it counts against the gateway's limit
     // until it has been sent, and one that would pass it fails as running out of memory.
     let (result, hold) = match result {
@@ -1004,11 +1104,7 @@ fn fire_timers(js: &mut Js, calls: &mut BTreeMap<u64, Live>) -> bool {
             }
         };
         let Some((call, id)) = due else { break };
-        oom |= wake(js, calls, call, |ctx| {
-            let weir: Object<'_> = ctx.globals().get("__weir")?;
-            let fire: JsFn<'_> = weir.get("fireTimer")?;
-            fire.call::<_, ()>((id,))
-        });
+        oom |= wake(js, calls, call, |realm, ctx| realm.sdk(ctx, "fireTimer")?.call::<_, ()>((id,)));
         if oom {
             break;
         }
@@ -1017,11 +1113,11 @@ fn fire_timers(js: &mut Js, calls: &mut BTreeMap<u64, Live>) -> bool {
 }
 
 /// Runs `f` for call `call` within what is left of its budget, then answers what settled.
-fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(&Ctx<'_>) -> rquickjs::Result<()>) -> bool {
+fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(&Realm, &Ctx<'_>) -> rquickjs::Result<()>) -> bool {
     let Some(live) = calls.get(&call) else { return false };
     let budget = live.job.limits.cpu.saturating_sub(live.cpu);
     let env = live.job.func.env.clone();
-    let (out, took, spent, oom_job) = js.segment(call, &env, Instant::now(), budget, |ctx| f(ctx).map_err(|e| caught(ctx, e)));
+    let (out, took, spent, oom_job) = js.segment(call, &env, Instant::now(), budget, |realm, ctx| f(realm, ctx).map_err(|e| caught(ctx, e)));
     if let Some(live) = calls.get_mut(&call) {
         live.cpu += took;
     }
@@ -1042,9 +1138,8 @@ fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(
 
 fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> bool {
     let Fetched { call, id, result } = f;
-    wake(js, calls, call, move |ctx| {
-        let weir: Object<'_> = ctx.globals().get("__weir")?;
-        let fetched: JsFn<'_> = weir.get("fetched")?;
+    wake(js, calls, call, move |realm, ctx| {
+        let fetched = realm.sdk(ctx, "fetched")?;
         match result {
             Ok((status, headers, body)) => {
                 let hs: Vec<Vec<String>> = headers.into_iter().map(|(k, v)| vec![k, v]).collect();
@@ -1057,9 +1152,8 @@ fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> boo
 }
 
 fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, result: Result<String, String>) -> bool {
-    wake(js, calls, call, move |ctx| {
-        let weir: Object<'_> = ctx.globals().get("__weir")?;
-        let done: JsFn<'_> = weir.get("dbDone")?;
+    wake(js, calls, call, move |realm, ctx| {
+        let done = realm.sdk(ctx, "dbDone")?;
         match result {
             Ok(out) => done.call::<_, ()>((id, Value::new_null(ctx.clone()), out)),
             Err(e) => done.call::<_, ()>((id, e, Value::new_null(ctx.clone()))),

@@ -571,6 +571,38 @@ async fn database_operations_count_against_the_gateways_limit_until_run() {
     }
 }
 
+/// Each environment of a gateway has a realm of its own in the gateway's runtime: what a
+/// function of one changes of the globals, the SDK's state or the intrinsics, another
+/// environment's functions never see, and it loads no function of another environment.
+#[tokio::test]
+async fn environments_of_a_gateway_share_no_globals_and_load_only_their_own_functions() {
+    let engine = Engine::start("realms", limits().memory, weir_functions::Services::default()).unwrap();
+    let look = "export default () => ({ marker: typeof globalThis.marker, mapped: [1].map((x) => x + 1), parsed: JSON.parse('{\"a\":1}'), shared: imp.shared.get('k') ?? null, sdk: typeof globalThis.__weir })";
+    let prod_look = func("prod", "look", &[("index.js", look)]);
+    let staging_look = func("staging", "look", &[("index.js", look)]);
+    let module = format!("fn:prod/look@{}/index.js", prod_look.version);
+    let tamper = format!(
+        "export default async () => {{
+           JSON.parse = () => 'tampered'; Array.prototype.map = function () {{ return ['tampered'] }}; globalThis.marker = 'dev'; imp.shared.set('k', 'dev');
+           const tried = async (name) => {{ try {{ await import(name); return 'loaded' }} catch (e) {{ return 'refused' }} }};
+           return {{ named: await tried({module:?}), sibling: await tried('@/look'), other: await imp.invoke('look', {{}}).then(() => 'ran', () => 'refused'), sdk: typeof globalThis.__weir }};
+         }}"
+    );
+    let dev_tamper = func("dev", "tamper", &[("index.js", &tamper)]);
+    let table = |fs: &[&Arc<Function>]| -> Table { Arc::new(fs.iter().map(|f| (f.name.clone(), Arc::clone(f))).collect()) };
+    let (dev, staging, prod) = (table(&[&dev_tamper]), table(&[&staging_look]), table(&[&prod_look]));
+    let call = |f: &Arc<Function>, t: &Table| FunctionHandler::run(engine.clone(), f.clone(), t.clone(), Arc::default(), limits(), Arc::default(), get("/"));
+    let clean = json!({"marker": "undefined", "mapped": [2], "parsed": {"a": 1}, "shared": null, "sdk": "undefined"});
+    assert_eq!(body_json(&call(&prod_look, &prod).await.unwrap()), clean);
+    // Dev tampers with its realm and reaches for prod's function by its module's name and by
+    // `@/look` (dev has none of that name): both refused.
+    let out = call(&dev_tamper, &dev).await.unwrap();
+    assert_eq!(body_json(&out), json!({"named": "refused", "sibling": "refused", "other": "refused", "sdk": "undefined"}));
+    // Prod and staging (a realm made after the tampering) see none of it.
+    assert_eq!(body_json(&call(&prod_look, &prod).await.unwrap()), clean);
+    assert_eq!(body_json(&call(&staging_look, &staging).await.unwrap()), clean);
+}
+
 #[tokio::test]
 async fn large_replies_count_against_the_gateways_limit_until_sent() {
     let gw = Gw::new(vec![func("dev", "big", &[("index.js", "export default () => 'z'.repeat(12 << 20)")]), func("dev", "small", &[("index.js", "export default () => ({ ok: true })")])]);
