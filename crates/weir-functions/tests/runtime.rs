@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -9,13 +10,18 @@ use weir_functions::engine::Table;
 use weir_functions::live::FunctionHandler;
 use weir_functions::{Engine, Failure, Function, Limits, Logs, Outcome, Request, User, source};
 
+/// Versions of the functions tests make, distinct within the process as stored versions are
+/// (the engine loads a module once per `env/name@version`: two functions sharing a version
+/// would both run the first one's code).
+static VERSIONS: AtomicU64 = AtomicU64::new(0);
+
 fn func(env: &str, name: &str, files: &[(&str, &str)]) -> Arc<Function> {
     let files: BTreeMap<String, String> = files.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect();
     let entry = files.keys().find(|k| k.starts_with("index")).cloned().unwrap();
     Arc::new(Function {
         env: env.into(),
         name: name.into(),
-        version: format!("1-{}", fastrand::u32(..)),
+        version: format!("1-{}", VERSIONS.fetch_add(1, Ordering::Relaxed)),
         compiled: source::compile(&files, &entry).unwrap(),
         methods: vec![],
         logs: Arc::new(Logs::default()),

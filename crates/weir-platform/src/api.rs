@@ -694,6 +694,7 @@ impl Platform {
             if !names.insert(var.name.as_str()) {
                 problems.push(format!("env.{i}.name: {} is given twice", var.name));
             }
+            crate::guard::sealed_mark(&format!("env.{i}.value"), &Value::String(var.value.clone()), &mut problems);
         }
         for (i, entry) in gw.fetch_allow_list.iter().enumerate() {
             let ok = entry.rsplit_once(':').map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)).unwrap_or(false) && !entry.contains('/') && !entry.contains('@');

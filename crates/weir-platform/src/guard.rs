@@ -24,6 +24,9 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
     if size > MAX_LAYER_BYTES {
         problems.push(format!("{what}: {size} bytes, more than the {MAX_LAYER_BYTES} a layer may hold"));
     }
+    for (name, conf) in plugins {
+        sealed_mark(&format!("{what}.{name}"), conf, problems);
+    }
     for name in COUNTERS {
         let Some(conf) = plugins.get(name) else { continue };
         if conf.get("group").is_some() {
@@ -32,6 +35,17 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
         if conf.get("policy").and_then(Value::as_str).is_some_and(|p| p != "local") {
             problems.push(format!("{what}: {name}.policy must be local: shared counters are the operator's"));
         }
+    }
+}
+
+/// A tenant's value that looks sealed: the node would open it as its own secret, so it is
+/// refused wherever it appears (tenants see their secrets opened and never send one sealed).
+pub fn sealed_mark(what: &str, value: &Value, problems: &mut Vec<String>) {
+    match value {
+        Value::String(s) if s.starts_with(weir_tls::FIELD_MARK) => problems.push(format!("{what}: a value may not start with {}", weir_tls::FIELD_MARK)),
+        Value::Array(a) => a.iter().for_each(|v| sealed_mark(what, v, problems)),
+        Value::Object(o) => o.values().for_each(|v| sealed_mark(what, v, problems)),
+        _ => {}
     }
 }
 
@@ -119,6 +133,10 @@ mod tests {
         let mut p = Vec::new();
         layer(&cfg, "l", json!({"limit-count": {"count": 1, "time_window": 1, "group": "g", "policy": "redis"}, "file-logger": {"path": "/x"}}).as_object().unwrap(), &mut p);
         assert_eq!(p.len(), 3, "{p:?}");
+        let mut p = Vec::new();
+        let sealed = format!("{}AAAA", weir_tls::FIELD_MARK);
+        layer(&cfg, "l", json!({"key-auth": {"header": sealed}, "response-rewrite": {"headers": {"set": {"x": [sealed]}}}, "cors": {"allow_origins": "*"}}).as_object().unwrap(), &mut p);
+        assert_eq!(p, ["l.key-auth: a value may not start with $weir-sealed$", "l.response-rewrite: a value may not start with $weir-sealed$"]);
         let mut p = Vec::new();
         domain("d", "10.0.0.5", &mut p);
         assert_eq!(p.len(), 1);

@@ -148,6 +148,10 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "f", "plugins": {"file-logger": {"path": "/tmp/weir-tenant.log"}}}))).await;
     assert_eq!(s, 400, "{b}");
     assert!(problems(&b)[0].contains("file-logger is not available"), "{b}");
+    // A value that looks sealed is not a tenant's to send: the node would open it as its own.
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "s", "env": [{"name": "X", "value": "$weir-sealed$AAAA"}]}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(problems(&b), ["env.0.value: a value may not start with $weir-sealed$"], "{b}");
     let (_, list) = v1(&w, "GET", "api-gateways", None).await;
     assert_eq!(list["total"], 0, "nothing was stored");
 
