@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::engine::{Budget, FetchRequest, Fetcher};
 use crate::guard::{Policy, allowed, authority};
+use crate::lanes::Lanes;
 
 /// The largest response body a fetch reads.
 pub const MAX_RESPONSE: usize = 8 << 20;
@@ -27,15 +28,23 @@ pub struct Names {
     pub fixed: HashMap<String, Vec<IpAddr>>,
 }
 
+/// Lookups in flight on the node's blocking threads for all gateways, and for one: a lookup
+/// cannot be cancelled, and one whose name's servers never answer holds its thread until the
+/// system's resolver gives up.
+const LOOKUPS: usize = 32;
+const LOOKUPS_PER_GATEWAY: usize = 4;
+
 impl Names {
-    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    async fn resolve(&self, lanes: &Lanes, rt: &tokio::runtime::Handle, gateway: &str, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, port)]);
         }
         if let Some(ips) = self.fixed.get(host) {
             return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
         }
-        let found: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await.map_err(|e| format!("cannot resolve {host}: {e}"))?.collect();
+        let name = host.to_string();
+        let found = lanes.run(rt, gateway, move || std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect::<Vec<SocketAddr>>)).await;
+        let found = found.ok_or_else(|| format!("cannot resolve {host}"))?.map_err(|e| format!("cannot resolve {host}: {e}"))?;
         if found.is_empty() { Err(format!("{host} resolves to no address")) } else { Ok(found) }
     }
 }
@@ -46,12 +55,13 @@ pub struct Outbound {
     names: Names,
     tls: Arc<rustls::ClientConfig>,
     rt: tokio::runtime::Handle,
+    lookups: Lanes,
 }
 
 impl Outbound {
     pub fn new(policy: Policy, names: Names, rt: tokio::runtime::Handle) -> Result<Arc<Outbound>, String> {
         let tls = weir_tls::client_config(true, None, false)?;
-        Ok(Arc::new(Outbound { policy: RwLock::new(policy), names, tls, rt }))
+        Ok(Arc::new(Outbound { policy: RwLock::new(policy), names, tls, rt, lookups: Lanes::new(LOOKUPS, LOOKUPS_PER_GATEWAY) }))
     }
 
     /// Replaces the policy (once the node's listeners are bound, say).
@@ -69,7 +79,7 @@ impl Outbound {
             let rt = me.rt.clone();
             rt.spawn(async move {
                 let FetchRequest { gateway, method, url, headers, body, allow, budget, reply } = req;
-                let result = match tokio::time::timeout(TIMEOUT, me.fetch(&method, &url, headers, body, &allow, &budget)).await {
+                let result = match tokio::time::timeout(TIMEOUT, me.fetch(&gateway, &method, &url, headers, body, &allow, &budget)).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("fetch {url}: no answer within {}s", TIMEOUT.as_secs())),
                 };
@@ -81,7 +91,8 @@ impl Outbound {
         })
     }
 
-    async fn fetch(&self, method: &str, url: &str, headers: Vec<(String, String)>, body: Option<Vec<u8>>, allow: &[String], budget: &Budget) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch(&self, gateway: &str, method: &str, url: &str, headers: Vec<(String, String)>, body: Option<Vec<u8>>, allow: &[String], budget: &Budget) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
         let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
         if !lower.starts_with("http://") && !lower.starts_with("https://") {
             return Err(format!("fetch: {url:?}: only http and https URLs may be fetched"));
@@ -96,7 +107,7 @@ impl Outbound {
         if !allowed(allow, &host, port) {
             return Err(format!("fetch to {host}:{port} refused: it is not on this gateway's fetchAllowList"));
         }
-        let addrs = self.names.resolve(&host, port).await.map_err(|e| format!("fetch to {host}:{port} failed: {e}"))?;
+        let addrs = self.names.resolve(&self.lookups, &self.rt, gateway, &host, port).await.map_err(|e| format!("fetch to {host}:{port} failed: {e}"))?;
         {
             let policy = self.policy.read().map_err(|_| "fetch: the policy is unreadable".to_string())?;
             for addr in &addrs {

@@ -12,6 +12,7 @@
 pub mod engine;
 pub mod fetch;
 pub mod guard;
+pub mod lanes;
 pub mod live;
 pub mod metrics;
 pub mod source;

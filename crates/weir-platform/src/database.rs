@@ -32,14 +32,27 @@ pub fn quota(node: &Quota, scope: &DbScope) -> Quota {
     }
 }
 
-/// Runs functions' database operations on `handle`'s blocking threads.
+/// Functions' database operations running at once on the node's blocking threads, for all
+/// gateways and for one (the others wait their turn): the embedded store runs on those
+/// threads too.
+const OPERATIONS: usize = 64;
+const OPERATIONS_PER_GATEWAY: usize = 8;
+
+/// Runs functions' database operations on `handle`'s blocking threads, within `OPERATIONS`.
 pub fn runner(databases: Arc<Databases>, node: Quota, handle: tokio::runtime::Handle) -> DbRunner {
+    let lanes = Arc::new(weir_functions::lanes::Lanes::new(OPERATIONS, OPERATIONS_PER_GATEWAY));
     Arc::new(move |req: DbRequest| {
         let databases = databases.clone();
         let quota = quota(&node, &req.scope);
-        handle.spawn_blocking(move || {
-            let result = serde_json::from_str::<Value>(&req.op).map_err(|e| DbError::bad(format!("the operation is not JSON: {e}"))).and_then(|op| databases.execute(&req.scope.name, &quota, &op));
-            (req.reply)(result.map(|v| v.to_string()).map_err(|e| json!({"message": e.message, "code": e.name(), "status": e.status()}).to_string()));
+        let (lanes, h) = (lanes.clone(), handle.clone());
+        handle.spawn(async move {
+            let gateway = req.gateway.clone();
+            lanes
+                .run(&h, &gateway, move || {
+                    let result = serde_json::from_str::<Value>(&req.op).map_err(|e| DbError::bad(format!("the operation is not JSON: {e}"))).and_then(|op| databases.execute(&req.scope.name, &quota, &op));
+                    (req.reply)(result.map(|v| v.to_string()).map_err(|e| json!({"message": e.message, "code": e.name(), "status": e.status()}).to_string()));
+                })
+                .await;
         });
     })
 }
