@@ -22,7 +22,7 @@ pub use defs::{describe, id_schema, object_schema, read_as, upstream_schema};
 
 /// The label that marks an object the platform generated: `labels.{MANAGED_LABEL}` names the
 /// gateway it belongs to. The Admin API refuses to write such objects.
-pub const MANAGED_LABEL: &str = "weir-managed-gateway";
+pub const MANAGED_LABEL: &str = weir_core::model::MANAGED_LABEL;
 
 /// The id prefix of every object the platform generates (`wp.{gid}.…`); the Admin API leaves
 /// such ids to the platform.

@@ -7,6 +7,7 @@
 pub mod error;
 pub mod expr;
 pub mod model;
+pub mod net;
 pub mod path;
 pub mod resource;
 pub mod schema;

@@ -70,7 +70,11 @@ pub struct Route {
     pub enable_websocket: Option<bool>,
     #[serde(default = "one")]
     pub status: i64,
+    pub labels: Option<Map<String, Value>>,
 }
+
+/// The label the platform puts on the objects it makes for a tenant's gateway (its id).
+pub const MANAGED_LABEL: &str = "weir-managed-gateway";
 
 fn one() -> i64 {
     1

@@ -5,7 +5,7 @@
 //! address is the one connected to, so a name cannot resolve to one address for the check and
 //! another for the connection.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
@@ -64,21 +64,7 @@ impl Policy {
     }
 }
 
-/// An IPv6 address that carries an IPv4 address as that IPv4 address: mapped
-/// (`::ffff:a.b.c.d`), translated (`::ffff:0:a.b.c.d`), compatible (`::a.b.c.d`, but `::` and
-/// `::1`), NAT64's well-known prefix (`64:ff9b::a.b.c.d`) and 6to4 (`2002:aabb:ccdd::`).
-pub fn canonical(ip: IpAddr) -> IpAddr {
-    let IpAddr::V6(v6) = ip else { return ip };
-    let s = v6.segments();
-    let last = std::net::Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    let v4 = match s {
-        [0, 0, 0, 0, 0, 0xffff, _, _] | [0, 0, 0, 0, 0xffff, 0, _, _] | [0x64, 0xff9b, 0, 0, 0, 0, _, _] => last,
-        [0, 0, 0, 0, 0, 0, _, _] if !(s[6] == 0 && s[7] <= 1) => last,
-        [0x2002, hi, lo, ..] => std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8),
-        _ => return ip,
-    };
-    IpAddr::V4(v4)
-}
+pub use weir_core::net::canonical;
 
 /// `host:port` of a URL's authority as the allow list writes it (the port made explicit).
 pub fn authority(url: &http::Uri) -> Option<(String, u16)> {

@@ -28,6 +28,8 @@ pub struct Transport {
     pub h2: bool,
     /// The TLS server name, when it is not the node's host (`upstream_host` with rewrite).
     pub sni: Option<String>,
+    /// For a tenant's upstream: where its nodes may connect, names resolved and checked here.
+    pub reach: Option<Arc<weir_core::net::Reach>>,
 }
 
 pub enum Sender {
@@ -172,9 +174,17 @@ pub fn discard_shared(node: &NodeRt) {
 
 pub async fn connect(node: &NodeRt, transport: &Transport, keepalive: Keepalive, timeout: Duration) -> Result<Conn, ConnectError> {
     let dial = async {
-        let stream = match node.socket {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect(&*node.authority).await,
+        let stream = match (node.socket, &transport.reach) {
+            (Some(addr), None) => TcpStream::connect(addr).await,
+            (None, None) => TcpStream::connect(&*node.authority).await,
+            (Some(addr), Some(reach)) => match reach.refuse(addr) {
+                Some(why) => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)),
+                None => TcpStream::connect(addr).await,
+            },
+            (None, Some(reach)) => match reach.resolve(&node.authority).await {
+                Ok(addrs) => TcpStream::connect(&addrs[..]).await,
+                Err(e) => Err(e),
+            },
         }
         .map_err(|e| ConnectError::Io(node.authority.to_string(), e))?;
         let _ = stream.set_nodelay(true);

@@ -84,7 +84,9 @@ fn host_of(node: &str) -> &str {
 }
 
 fn denied_host(cfg: &PlatformConfig, host: &str) -> Option<&'static str> {
+    // A name's trailing dot (`localhost.`) names the same host.
     let lower = host.to_ascii_lowercase();
+    let lower = lower.trim_end_matches('.');
     if lower == "localhost" || lower.ends_with(".localhost") {
         return Some("is this node");
     }
@@ -122,8 +124,8 @@ mod tests {
     fn the_node_and_the_operators_objects_are_out_of_reach() {
         let cfg = PlatformConfig::default();
         let mut p = Vec::new();
-        upstream(&cfg, "u", &json!({"nodes": {"127.0.0.1:2379": 1, "[::1]:9180": 1, "169.254.169.254:80": 1, "localhost:80": 1, "10.1.2.3:80": 1, "backend.example.test:80": 1}}), &mut p);
-        assert_eq!(p.len(), 4, "{p:?}");
+        upstream(&cfg, "u", &json!({"nodes": {"127.0.0.1:2379": 1, "[::1]:9180": 1, "169.254.169.254:80": 1, "localhost:80": 1, "LOCALHOST.:81": 1, "10.1.2.3:80": 1, "backend.example.test:80": 1}}), &mut p);
+        assert_eq!(p.len(), 5, "{p:?}");
         let mut p = Vec::new();
         upstream(&cfg, "u", &json!({"nodes": {"[::ffff:127.0.0.1]:2379": 1, "[::ffff:a9fe:a9fe]:80": 1, "[64:ff9b::7f00:1]:9180": 1, "[::ffff:93.184.215.14]:80": 1}}), &mut p);
         assert_eq!(p.len(), 3, "IPv6 forms of refused IPv4 addresses: {p:?}");

@@ -13,6 +13,7 @@ use http::HeaderValue;
 use rustls::ServerConfig;
 use weir_core::expr::Expr;
 use weir_core::model::{self, Ssl, Timeout, Upstream};
+use weir_core::net::Reach;
 use weir_http::pool::Transport;
 use weir_plugins::{Consumers, InstanceCache, Layers, Pipeline, Registry, Scope};
 use weir_tls::{Keyring, SniTable};
@@ -222,10 +223,10 @@ fn timeouts_from(t: &Timeout) -> Timeouts {
 }
 
 impl UpstreamRt {
-    fn build(up: &Upstream, client_ssl: Option<Ssl>, keyring: &Keyring) -> UpstreamRt {
+    fn build(up: &Upstream, client_ssl: Option<Ssl>, keyring: &Keyring, reach: Option<Arc<Reach>>) -> UpstreamRt {
         static BUILDS: AtomicU64 = AtomicU64::new(0);
         let default_port = if up.scheme == "https" || up.scheme == "grpcs" { 443 } else { 80 };
-        let transport = transport(up, client_ssl.as_ref(), keyring);
+        let transport = Transport { reach, ..transport(up, client_ssl.as_ref(), keyring) };
         let build = BUILDS.fetch_add(1, Ordering::Relaxed);
         let nodes: Vec<NodeRt> = up
             .nodes
@@ -274,6 +275,7 @@ impl UpstreamRt {
                         authority: format!("{}:{port}", m.host),
                         host: active.host.clone().unwrap_or_else(|| n.host_header.to_str().unwrap_or("localhost").to_string()),
                         health: n.health.clone(),
+                        reach: transport.reach.clone(),
                     }
                 })
                 .collect();
@@ -331,7 +333,7 @@ fn transport(up: &Upstream, client_ssl: Option<&Ssl>, keyring: &Keyring) -> Tran
     let h2 = up.scheme == "grpc" || up.scheme == "grpcs";
     let sni = (up.pass_host == "rewrite").then(|| up.upstream_host.clone()).flatten();
     if up.scheme != "https" && up.scheme != "grpcs" {
-        return Transport { tls: None, h2, sni };
+        return Transport { tls: None, h2, sni, reach: None };
     }
     let verify = up.tls.as_ref().is_some_and(|t| t.verify);
     let client = match client_ssl {
@@ -347,7 +349,7 @@ fn transport(up: &Upstream, client_ssl: Option<&Ssl>, keyring: &Keyring) -> Tran
         tracing::warn!(error = %e, "upstream client certificate unusable; connecting without one");
         weir_tls::client_config(verify, None, h2).expect("a config without a client certificate builds")
     });
-    Transport { tls: Some(config), h2, sni }
+    Transport { tls: Some(config), h2, sni, reach: None }
 }
 
 /// Where an upstream's config lives: inline in a route or service, or an upstream object.
@@ -438,6 +440,10 @@ struct Ctx<'a> {
     instances: &'a mut InstanceCache,
     /// `plugin_metadata` by plugin name: plugin-wide settings every instance is built with.
     metadata: &'a std::collections::BTreeMap<String, serde_json::Value>,
+    /// Where tenants' upstreams may connect (`Builder::with_tenant_reach`).
+    tenant: Option<Arc<Reach>>,
+    /// The route being built is a tenant's: its own upstreams connect within `tenant`.
+    reach: Option<Arc<Reach>>,
 }
 
 fn reuse_or_build<'s>(
@@ -458,9 +464,11 @@ fn reuse_or_build<'s>(
         .and_then(|cid| ctx.ssls.get(&cid.0))
         .filter(|ssl| ssl.kind == "client")
         .cloned();
+    // A tenant's route's own upstreams connect only where tenants may.
+    let reach = matches!(source, Source::Route | Source::Split).then(|| ctx.reach.clone()).flatten();
     let rt = match previous.get(&(source, id.to_string())) {
-        Some(old) if old.model == *up && old.client_ssl == client_ssl => old.clone(),
-        _ => Arc::new(UpstreamRt::build(up, client_ssl, ctx.keyring)),
+        Some(old) if old.model == *up && old.client_ssl == client_ssl && old.transport.reach.is_some() == reach.is_some() => old.clone(),
+        _ => Arc::new(UpstreamRt::build(up, client_ssl, ctx.keyring, reach)),
     };
     next.insert((source, id), rt.clone());
     rt
@@ -494,6 +502,7 @@ pub struct Builder {
     /// The partitions by host, as snapshots carry them.
     hosts: Arc<HashMap<Arc<str>, Arc<Part>>>,
     stats: BuildStats,
+    tenant_reach: Option<Arc<Reach>>,
 }
 
 struct BuiltPart {
@@ -551,7 +560,7 @@ fn compile_part(
     stats.routes += entries.len() as u64;
     let isolated = ConfigState::default();
     let (keyring, registry) = tools;
-    let mut ctx = Ctx { keyring, ssls: &isolated.ssls, registry, instances: &mut instances, metadata: &state.plugin_metadata };
+    let mut ctx = Ctx { keyring, ssls: &isolated.ssls, registry, instances: &mut instances, metadata: &state.plugin_metadata, tenant: None, reach: None };
     let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
     let specs: Vec<_> = entries
         .iter()
@@ -601,7 +610,15 @@ impl Builder {
             parts_metadata: BTreeMap::new(),
             hosts: Arc::default(),
             stats: BuildStats::default(),
+            tenant_reach: None,
         }
+    }
+
+    /// Where the upstreams of tenants' routes (labelled `weir-managed-gateway`) may connect:
+    /// their nodes' names are resolved and checked when a connection is made.
+    pub fn with_tenant_reach(mut self, reach: Arc<Reach>) -> Builder {
+        self.tenant_reach = Some(reach);
+        self
     }
 
     /// Adds a source of partitions; the next build compiles them.
@@ -688,7 +705,7 @@ impl Builder {
     fn build_with(&mut self, state: &ConfigState, parts: bool) -> Snapshot {
         // Keyed by borrowed ids for this build, so a hit allocates nothing.
         let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
-        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata };
+        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata, tenant: self.tenant_reach.clone(), reach: None };
 
         // Older routes first, so they win priority ties (the router numbers them in this order).
         let mut routes: Vec<_> = state.routes.iter().filter(|(_, r)| r.value.status != 0).collect();
@@ -803,7 +820,7 @@ impl Builder {
             return None;
         }
         self.delta_ids.extend(changes.routes.iter().cloned());
-        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata };
+        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata, tenant: self.tenant_reach.clone(), reach: None };
         let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
         let mut routes: Vec<_> = self
             .delta_ids
@@ -899,6 +916,7 @@ fn route_spec<'s>(
     handler: Option<Arc<dyn Handler>>,
 ) -> Option<RouteSpec<Arc<RouteRt>>> {
     let route = &entry.value;
+    ctx.reach = route.labels.as_ref().is_some_and(|l| l.contains_key(model::MANAGED_LABEL)).then(|| ctx.tenant.clone()).flatten();
     let mut broken: Option<String> = entry.broken.as_deref().map(str::to_string);
     let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
     if let Some(sid) = &route.service_id

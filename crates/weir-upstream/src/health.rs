@@ -164,6 +164,9 @@ pub struct Target {
     /// Host header of an HTTP probe.
     pub host: String,
     pub health: Arc<NodeHealth>,
+    /// A tenant's upstream: the target's name is resolved and checked before it is dialled,
+    /// and a refused one fails its probe without a packet sent.
+    pub reach: Option<Arc<weir_core::net::Reach>>,
 }
 
 /// Probes every target on its own timer until dropped: dropping the checker stops its probes.
@@ -212,7 +215,13 @@ async fn probe(
     tls: Option<&Arc<rustls::ClientConfig>>,
     timeout: Duration,
 ) -> Option<Outcome> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(&target.authority)).await {
+    let dial = async {
+        match &target.reach {
+            None => TcpStream::connect(&target.authority).await,
+            Some(reach) => TcpStream::connect(&reach.resolve(&target.authority).await?[..]).await,
+        }
+    };
+    let stream = match tokio::time::timeout(timeout, dial).await {
         Err(_) => return Some(Outcome::Timeout),
         Ok(Err(_)) => return Some(Outcome::TcpFailure),
         Ok(Ok(s)) => s,

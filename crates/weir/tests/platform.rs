@@ -837,6 +837,37 @@ export default async (ctx) => {
     assert!(!b.to_string().contains("platform/live/fns/"), "{b}");
 }
 
+/// A tenant's upstream named by a name connects only where the platform lets tenants reach: the
+/// name is resolved when a connection is made and every address checked (here in the test's
+/// resolver: `far.test` is a private address, refused without a packet sent).
+#[tokio::test]
+async fn a_tenants_upstream_name_connects_only_outside_the_denied_networks() {
+    let w = platform_weir(
+        "  type: embedded\n  path: \"{data}\"\n",
+        "  denied_networks: [\"10.0.0.0/8\", \"169.254.0.0/16\"]\n",
+        &[("WEIR_FUNCTIONS_TEST_HOSTS", "near.test=127.0.0.1,far.test=10.1.2.3,meta.test=169.254.169.254")],
+    );
+    let up = Upstream::start("named").await;
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Named", "gatewayId": "named"}))).await.0, 201);
+    until_gateway(&w, "named", |_, b| b["phase"] == "Started").await;
+    let port = up.addr.port();
+    for (env, node) in [("dev", format!("near.test:{port}")), ("staging", "far.test:80".to_string()), ("prod", "meta.test:80".to_string())] {
+        let (s, b) = v1(&w, "PATCH", &format!("api-gateways/named/environments/{env}"), Some(json!({"upstream": {"type": "roundrobin", "nodes": {node: 1}}}))).await;
+        assert_eq!(s, 200, "{env}: {b}");
+    }
+    let host = [("host", "named.localhost")];
+    let r = w.until("/dev/hello", &host, |r| r.status == 200).await;
+    assert_eq!(r.json()["server"], "named", "a name that resolves outside the denied networks connects");
+    let hits = up.hits.load(std::sync::atomic::Ordering::SeqCst);
+    for (path, why) in [("/staging/x", "far.test resolves to 10.1.2.3 is in 10.0.0.0/8"), ("/prod/x", "meta.test resolves to 169.254.169.254 is in 169.254.0.0/16")] {
+        let r = w.until(path, &host, |r| r.status >= 500).await;
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+        let log = w.log();
+        assert!(log.contains(why), "{why} in {log}");
+    }
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
+}
+
 /// A function's `fetch` reaches hosts on its gateway's allow list and nothing of this node or
 /// of private networks: loopback (the admin and proxy listeners among it), `localhost`, `[::1]`,
 /// and names that resolve to private or link-local addresses (in a resolver of the test's: no
