@@ -23,6 +23,8 @@ const RETRIES: usize = 16;
 /// Transactions open at once on one database (on this node), and how long one may stay open.
 const MAX_TXS: usize = 64;
 const TX_LIFETIME: Duration = Duration::from_secs(120);
+/// Bytes of documents a database's open transactions may hold, written and not committed.
+const TX_PENDING: usize = 32 << 20;
 /// Documents `insertMany` takes at once.
 const MAX_BATCH: usize = 10_000;
 /// Documents one `find` answers at most (`skip` pages through more).
@@ -35,6 +37,8 @@ pub struct Db {
     lock: Mutex<()>,
     /// Index definitions by collection, kept when this process is the only writer.
     indexes: Mutex<HashMap<String, Arc<Vec<IndexDef>>>>,
+    /// Bytes of documents its open transactions hold (`TX_PENDING` at most).
+    pending: std::sync::atomic::AtomicUsize,
 }
 
 impl Db {
@@ -63,17 +67,32 @@ impl Db {
 /// A transaction's view: the documents it wrote (`None`: deleted), and what each was when the
 /// transaction first touched it.
 struct Tx {
-    db: String,
     writes: BTreeMap<(String, String), Option<Value>>,
     seen: BTreeMap<(String, String), Option<Value>>,
+    /// Its database, whose count of pending bytes holds this one's `bytes` until it goes.
+    of: Arc<Db>,
+    bytes: usize,
+}
+
+impl Drop for Tx {
+    fn drop(&mut self) {
+        self.of.pending.fetch_sub(self.bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// An open transaction: its database's name and when it began, readable without waiting for
+/// an operation that runs in it (each runs holding the transaction, never the whole map).
+struct Open {
+    db: String,
     started: Instant,
+    tx: Arc<Mutex<Tx>>,
 }
 
 /// The node's databases, opened on first use.
 pub struct Databases {
     opener: Opener,
     open: Mutex<HashMap<String, Arc<Db>>>,
-    txs: Mutex<HashMap<u64, Tx>>,
+    txs: Mutex<HashMap<u64, Open>>,
 }
 
 /// How a query found its documents, for `explain`.
@@ -93,7 +112,7 @@ impl Databases {
         if let Some(db) = open.get(name) {
             return Ok(db.clone());
         }
-        let db = Arc::new(Db { name: name.to_string(), backend: (self.opener)(name)?, lock: Mutex::new(()), indexes: Mutex::default() });
+        let db = Arc::new(Db { name: name.to_string(), backend: (self.opener)(name)?, lock: Mutex::new(()), indexes: Mutex::default(), pending: Default::default() });
         open.insert(name.to_string(), db.clone());
         Ok(db)
     }
@@ -102,7 +121,7 @@ impl Databases {
     pub fn destroy(&self, name: &str) -> Result<(), DbError> {
         let db = self.get(name)?;
         self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
-        self.txs.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, t| t.db != name);
+        self.txs.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, o| o.db != name);
         db.backend.destroy()
     }
 
@@ -116,10 +135,14 @@ impl Databases {
             Some(t) => Some(t.as_u64().ok_or_else(|| DbError::bad("tx is a transaction id"))?),
         };
         match op {
-            "begin" => return self.begin(name),
+            "begin" => return self.begin(&db),
             "commit" => return self.commit(&db, quota, tx.ok_or_else(|| DbError::bad("commit needs tx"))?),
             "abort" => {
-                self.txs.lock().unwrap_or_else(|e| e.into_inner()).remove(&tx.unwrap_or(0));
+                // Only a transaction of this database: an id is no key to another's.
+                let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
+                if txs.get(&tx.unwrap_or(0)).is_some_and(|o| o.db == name) {
+                    txs.remove(&tx.unwrap_or(0));
+                }
                 return Ok(Value::Null);
             }
             "collections" => return Ok(json!(db.backend.collections()?.into_keys().collect::<Vec<_>>())),
@@ -130,12 +153,13 @@ impl Databases {
         let run = Run { db: &db, coll, quota, deadline, request };
         match tx {
             Some(id) => {
-                let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
-                let t = txs.get_mut(&id).filter(|t| t.db == name).ok_or_else(|| DbError::bad("the transaction is over"))?;
                 if matches!(op, "createIndex" | "dropIndex" | "drop") {
                     return Err(DbError::bad(format!("{op} is not allowed in a transaction")));
                 }
-                run.op(op, Some(t))
+                let tx = self.txs.lock().unwrap_or_else(|e| e.into_inner()).get(&id).filter(|o| o.db == name).map(|o| o.tx.clone());
+                let tx = tx.ok_or_else(|| DbError::bad("the transaction is over"))?;
+                let mut t = tx.lock().unwrap_or_else(|e| e.into_inner());
+                run.op(op, Some(&mut t))
             }
             None => {
                 let _serial = if is_write(op) { Some(db.lock.lock().unwrap_or_else(|e| e.into_inner())) } else { None };
@@ -155,24 +179,36 @@ impl Databases {
         }
     }
 
-    fn begin(&self, name: &str) -> Result<Value, DbError> {
+    fn begin(&self, db: &Arc<Db>) -> Result<Value, DbError> {
         let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
-        txs.retain(|_, t| t.started.elapsed() < TX_LIFETIME);
-        if txs.values().filter(|t| t.db == name).count() >= MAX_TXS {
+        txs.retain(|_, o| o.started.elapsed() < TX_LIFETIME);
+        if txs.values().filter(|o| o.db == db.name).count() >= MAX_TXS {
             return Err(DbError { kind: DbErrorKind::Quota, message: format!("at most {MAX_TXS} transactions may be open at once") });
         }
         let id = fastrand::u64(1..(1 << 53));
-        txs.insert(id, Tx { db: name.to_string(), writes: BTreeMap::new(), seen: BTreeMap::new(), started: Instant::now() });
+        let tx = Tx { writes: BTreeMap::new(), seen: BTreeMap::new(), of: db.clone(), bytes: 0 };
+        txs.insert(id, Open { db: db.name.clone(), started: Instant::now(), tx: Arc::new(Mutex::new(tx)) });
         Ok(json!({"tx": id}))
     }
 
     fn commit(&self, db: &Db, quota: &Quota, id: u64) -> Result<Value, DbError> {
-        let tx = self.txs.lock().unwrap_or_else(|e| e.into_inner()).remove(&id).ok_or_else(|| DbError::bad("the transaction is over"))?;
-        let writes: Vec<Write> = tx
-            .writes
+        let open = {
+            let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
+            match txs.get(&id) {
+                Some(o) if o.db == db.name => txs.remove(&id),
+                _ => None,
+            }
+        };
+        let open = open.ok_or_else(|| DbError::bad("the transaction is over"))?;
+        // An operation still running in it finishes first.
+        let mut tx = open.tx.lock().unwrap_or_else(|e| e.into_inner());
+        // Its bytes stay counted until it is done (the transaction drops with `open`).
+        let (writes, seen) = (std::mem::take(&mut tx.writes), std::mem::take(&mut tx.seen));
+        drop(tx);
+        let writes: Vec<Write> = writes
             .into_iter()
             .map(|((coll, id), doc)| {
-                let expect = tx.seen.get(&(coll.clone(), id.clone())).cloned().unwrap_or(None);
+                let expect = seen.get(&(coll.clone(), id.clone())).cloned().unwrap_or(None);
                 match doc {
                     Some(doc) => Write::Put { coll, id, doc, expect: Some(expect) },
                     None => Write::Delete { coll, id, expect },
@@ -402,6 +438,14 @@ impl Run<'_> {
                 self.db.backend.apply(&writes)
             }
             Some(t) => {
+                // What it holds uncommitted counts against its database's bound.
+                let size: usize = writes.iter().map(|w| if let Write::Put { doc, .. } = w { serde_json::to_vec(doc).map_or(0, |b| b.len()) } else { 0 }).sum();
+                let held = self.db.pending.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                if held + size > TX_PENDING {
+                    self.db.pending.fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
+                    return Err(DbError { kind: DbErrorKind::Quota, message: format!("this database's open transactions would hold more than {} MiB of writes; commit or abort some", TX_PENDING >> 20) });
+                }
+                t.bytes += size;
                 for w in writes {
                     let (key, doc, expect) = match w {
                         Write::Put { coll, id, doc, expect } => ((coll, id), Some(doc), expect.unwrap_or(None)),

@@ -162,6 +162,36 @@ fn transactions_are_all_or_nothing(e: &Engine) {
     assert_eq!(run(&d, json!({"op": "commit", "tx": tx})).unwrap_err().kind, DbErrorKind::Conflict);
     assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "acct", "filter": {}})).unwrap(), json!(2));
     assert_eq!(run(&d, json!({"op": "findOne", "collection": "acct", "filter": {"_id": "a"}})).unwrap()["bal"], 99);
+
+    // A transaction is its database's: another database's caller neither aborts nor commits
+    // it, whatever id it sends.
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&d, json!({"op": "insertOne", "collection": "acct", "doc": {"_id": "mine"}, "tx": tx})).unwrap();
+    let other = |req: Value| d.execute("other", &Quota::default(), &req);
+    other(json!({"op": "abort", "tx": tx})).unwrap();
+    assert_eq!(other(json!({"op": "commit", "tx": tx})).unwrap_err().message, "the transaction is over");
+    run(&d, json!({"op": "commit", "tx": tx})).unwrap();
+    assert!(other(json!({"op": "findOne", "collection": "acct", "filter": {"_id": "mine"}})).unwrap().is_null());
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "acct", "filter": {"_id": "mine"}})).unwrap(), json!({"_id": "mine"}));
+
+    // What open transactions hold uncommitted is bounded per database; it is given back when
+    // they end.
+    let big = "x".repeat(1 << 20);
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    let mut refused = None;
+    for i in 0..40 {
+        if let Err(e) = run(&d, json!({"op": "insertOne", "collection": "big", "doc": {"_id": i, "v": big}, "tx": tx})) {
+            refused = Some((i, e));
+            break;
+        }
+    }
+    let (at, e) = refused.expect("refused before 40 MiB");
+    assert_eq!((at, e.kind), (31, DbErrorKind::Quota), "{}", e.message);
+    assert!(e.message.contains("more than 32 MiB"), "{}", e.message);
+    run(&d, json!({"op": "abort", "tx": tx})).unwrap();
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&d, json!({"op": "insertOne", "collection": "big", "doc": {"_id": 0, "v": big}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "abort", "tx": tx})).unwrap();
 }
 
 fn quotas_and_bad_input(e: &Engine) {

@@ -13,6 +13,7 @@ use http::StatusCode;
 use serde_json::{Value, json};
 use weir_core::error::ErrorKind;
 use weir_database::{Databases, DbError, DbErrorKind, Quota};
+use weir_functions::lanes::Lanes;
 use weir_functions::{DbRequest, DbRunner, DbScope};
 
 use crate::Platform;
@@ -38,9 +39,24 @@ pub fn quota(node: &Quota, scope: &DbScope) -> Quota {
 const OPERATIONS: usize = 64;
 const OPERATIONS_PER_GATEWAY: usize = 8;
 
+/// The places of database work on the node: functions' operations and the data API's alike.
+fn lanes() -> &'static Arc<Lanes> {
+    static LANES: std::sync::OnceLock<Arc<Lanes>> = std::sync::OnceLock::new();
+    LANES.get_or_init(|| Arc::new(Lanes::new(OPERATIONS, OPERATIONS_PER_GATEWAY)))
+}
+
+/// An export holds its database's JSON lines in memory until sent: at most this many bytes,
+/// and at most two exports on the node at once, one per gateway.
+const EXPORT_MAX: usize = 64 << 20;
+
+fn export_lanes() -> &'static Lanes {
+    static LANES: std::sync::OnceLock<Lanes> = std::sync::OnceLock::new();
+    LANES.get_or_init(|| Lanes::new(2, 1))
+}
+
 /// Runs functions' database operations on `handle`'s blocking threads, within `OPERATIONS`.
 pub fn runner(databases: Arc<Databases>, node: Quota, handle: tokio::runtime::Handle) -> DbRunner {
-    let lanes = Arc::new(weir_functions::lanes::Lanes::new(OPERATIONS, OPERATIONS_PER_GATEWAY));
+    let lanes = lanes().clone();
     Arc::new(move |req: DbRequest| {
         let databases = databases.clone();
         let quota = quota(&node, &req.scope);
@@ -93,7 +109,8 @@ impl Platform {
         let Some((dbs, node)) = self.databases.get().cloned() else { return Err(failure(ErrorKind::Unavailable, "no database on this node", Vec::new())) };
         let scope = DbScope { name: gw.database_name(env), limits: gw.db_limits };
         let quota = quota(&node, &scope);
-        tokio::task::spawn_blocking(move || dbs.execute(&scope.name, &quota, &op)).await.map_err(|e| failure(ErrorKind::Internal, e.to_string(), Vec::new()))?.map_err(db_failure)
+        let h = tokio::runtime::Handle::current();
+        lanes().run(&h, &gw.gateway_id, move || dbs.execute(&scope.name, &quota, &op)).await.ok_or_else(|| failure(ErrorKind::Internal, "the operation failed", Vec::new()))?.map_err(db_failure)
     }
 
     /// Routes `/v1/api-gateways/{gid}/database/...`; `rest` is what follows `database`.
@@ -111,9 +128,14 @@ impl Platform {
             (None, Isolation::Gateway) => "dev".to_string(),
             (None, Isolation::Environment) => return bad_input(vec!["environment: this gateway's environments each have a database; name one".into()]),
         };
-        // The gateway's one database is written by those who may write its dev environment.
-        if *m != Method::GET && !caller.writes_env(&env) {
-            return crate::api::refuse(StatusCode::FORBIDDEN, &format!("this token may not change the {env} environment's data"));
+        // The gateway's one database is written by those who may write its dev environment,
+        // whichever environment the request names.
+        let writer = match gw.database_isolation {
+            Isolation::Gateway => "dev",
+            Isolation::Environment => env.as_str(),
+        };
+        if *m != Method::GET && !caller.writes_env(writer) {
+            return crate::api::refuse(StatusCode::FORBIDDEN, &format!("this token may not change the {writer} environment's data"));
         }
         let coll = |c: &str| {
             let c = weir_core::text::percent_decode(c).into_owned();
@@ -209,9 +231,10 @@ impl Platform {
     async fn collection_list(&self, gw: &Gateway, env: &str) -> Reply {
         let Some((dbs, _)) = self.databases.get().cloned() else { return failure(ErrorKind::Unavailable, "no database on this node", Vec::new()) };
         let name = gw.database_name(env);
-        let stats = tokio::task::spawn_blocking(move || dbs.get(&name).and_then(|db| db.backend.collections())).await;
+        let h = tokio::runtime::Handle::current();
+        let stats = lanes().run(&h, &gw.gateway_id, move || dbs.get(&name).and_then(|db| db.backend.collections())).await;
         match stats {
-            Ok(Ok(all)) => {
+            Some(Ok(all)) => {
                 let list: Vec<Value> = all
                     .into_iter()
                     .map(|(name, s)| {
@@ -221,8 +244,8 @@ impl Platform {
                     .collect();
                 json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
             }
-            Ok(Err(e)) => db_failure(e),
-            Err(e) => failure(ErrorKind::Internal, e.to_string(), Vec::new()),
+            Some(Err(e)) => db_failure(e),
+            None => failure(ErrorKind::Internal, "listing the collections failed", Vec::new()),
         }
     }
 
@@ -230,27 +253,32 @@ impl Platform {
     async fn export(&self, gw: &Gateway, env: &str) -> Reply {
         let Some((dbs, _)) = self.databases.get().cloned() else { return failure(ErrorKind::Unavailable, "no database on this node", Vec::new()) };
         let name = gw.database_name(env);
-        let lines = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, DbError> {
+        let h = tokio::runtime::Handle::current();
+        let export = move || -> Result<Vec<u8>, DbError> {
             let db = dbs.get(&name)?;
             let mut out = Vec::new();
             for coll in db.backend.collections()?.into_keys() {
                 db.backend.scan(&coll, &mut |doc| {
                     out.extend_from_slice(json!({"collection": coll, "document": doc}).to_string().as_bytes());
                     out.push(b'\n');
-                    Ok(true)
+                    match out.len() > EXPORT_MAX {
+                        true => Err(DbError { kind: weir_database::DbErrorKind::Quota, message: format!("the database is more than {} MiB as JSON lines: too large to export at once", EXPORT_MAX >> 20) }),
+                        false => Ok(true),
+                    }
                 })?;
             }
             Ok(out)
-        })
-        .await;
+        };
+        // One export per gateway and two on the node: the others wait their turn.
+        let lines = export_lanes().run(&h, &gw.gateway_id, export).await;
         match lines {
-            Ok(Ok(body)) => {
+            Some(Ok(body)) => {
                 let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(body)));
                 resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
                 resp
             }
-            Ok(Err(e)) => db_failure(e),
-            Err(e) => failure(ErrorKind::Internal, e.to_string(), Vec::new()),
+            Some(Err(e)) => db_failure(e),
+            None => failure(ErrorKind::Internal, "the export failed", Vec::new()),
         }
     }
 

@@ -282,6 +282,14 @@ async fn data_api(engine: Engine, pg: Option<&str>) {
     assert_eq!(v1_as(&w, viewer, "GET", docs, None).await.0, 200);
     assert_eq!(v1_as(&w, viewer, "POST", docs, Some(json!({"x": 1}))).await.0, 403);
     assert_eq!(v1_as(&w, viewer, "DELETE", &format!("{docs}/o1"), None).await.0, 403);
+    // The gateway's one database is dev's to write, whichever environment a request names: a
+    // qa token reads it and writes none of it.
+    let (_, t) = v1(&w, "POST", "tokens", Some(json!({"name": "q", "role": "qa", "gateways": ["data"]}))).await;
+    let qa = t["token"].as_str().unwrap();
+    assert_eq!(v1_as(&w, qa, "GET", &format!("{docs}?environment=staging"), None).await.1["total"], 2);
+    let (s, b) = v1_as(&w, qa, "POST", &format!("{docs}?environment=staging"), Some(json!({"x": 1}))).await;
+    assert_eq!(s, 403, "{b}");
+    assert_eq!(v1_as(&w, qa, "DELETE", &format!("{docs}/o1?environment=staging"), None).await.0, 403);
     // Export, then import into another gateway: the same documents.
     let r = send(w.admin, "GET", "/v1/api-gateways/data/database/export", &[("x-api-key", common::KEY)], None).await;
     assert_eq!((r.status, r.headers["content-type"].to_str().unwrap()), (200, "application/x-ndjson"));
