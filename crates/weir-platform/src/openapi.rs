@@ -149,7 +149,7 @@ pub fn document() -> Value {
             },
             "/v1/api-gateways/{gid}/triggers": {
                 "parameters": [gid],
-                "post": {"summary": "Run a function on a cron schedule (5 or 6 fields, UTC), once per tick across the cluster", "requestBody": body("CreateTrigger"), "responses": responses(&[("201", "the trigger", "Trigger")])},
+                "post": {"summary": "Run a function on a cron schedule (5 or 6 fields, UTC), once per tick across the cluster", "requestBody": body("CreateTrigger"), "responses": responses(&[("201", "the trigger", "Trigger"), ("429", "the gateway has its most triggers", "Error")])},
                 "get": {"summary": "A gateway's triggers", "responses": responses(&[("200", "triggers", "TriggerList")])}
             },
             "/v1/api-gateways/{gid}/triggers/{triggerId}": {

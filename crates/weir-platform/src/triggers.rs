@@ -32,6 +32,10 @@ use crate::tokens::Caller;
 
 /// Runs kept per trigger.
 pub const RUNS_KEPT: u64 = 100;
+/// Triggers one gateway may have.
+pub const TRIGGERS_PER_GATEWAY: usize = 100;
+/// Attempts at creating a trigger while the gateway's other creations win the race.
+const ATTEMPTS: usize = 32;
 /// How often a node reads the triggers again.
 const REFRESH: Duration = Duration::from_secs(1);
 /// How long past its wall-clock limit a run's claim holds.
@@ -236,13 +240,30 @@ impl Platform {
             created_at: rfc3339_ms(now_ms()),
             created_by: caller.name(),
         };
-        let key = format!("{}{}", self.trigger_prefixes(gid)[0], trigger.trigger_id);
-        let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: 0 }], ops: vec![Op::Put { key, value: encode(&trigger) }] };
-        match self.docs.store.txn(txn).await {
-            Ok(TxnOutcome::Committed { .. }) => json(StatusCode::CREATED, &serde_json::to_value(&trigger).expect("a trigger serializes")),
-            Ok(TxnOutcome::Conflict) => failure(ErrorKind::Conflict, "a trigger with this id exists; try again", Vec::new()),
-            Err(e) => store_down(e),
+        let dir = self.trigger_prefixes(gid)[0].clone();
+        let key = format!("{dir}{}", trigger.trigger_id);
+        // Creations of one gateway's triggers serialize on its quota record (rewritten as it
+        // is), so that none passes the bound however many come at once.
+        for _ in 0..ATTEMPTS {
+            let (guard, rewrite) = match self.counted(gid, crate::quota::Delta { functions: 0, added: 0, removed: 0 }).await {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
+            let held = match self.docs.store.list(&dir).await {
+                Ok((kvs, _)) => kvs.iter().filter(|kv| !kv.key[dir.len()..].contains('/')).count(),
+                Err(e) => return store_down(e),
+            };
+            if held >= TRIGGERS_PER_GATEWAY {
+                return failure(ErrorKind::Quota, format!("this gateway has {TRIGGERS_PER_GATEWAY} triggers, the most one may; delete one first"), Vec::new());
+            }
+            let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: 0 }, guard], ops: vec![Op::Put { key: key.clone(), value: encode(&trigger) }, rewrite] };
+            match self.docs.store.txn(txn).await {
+                Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::CREATED, &serde_json::to_value(&trigger).expect("a trigger serializes")),
+                Ok(TxnOutcome::Conflict) => continue,
+                Err(e) => return store_down(e),
+            }
         }
+        failure(ErrorKind::Conflict, "the gateway's triggers kept changing meanwhile; try again", Vec::new())
     }
 
     /// Runs every trigger of every gateway on schedule, with the other nodes, for as long as

@@ -233,6 +233,36 @@ async fn a_gateway_keeps_only_its_latest_deployment_records() {
 }
 
 #[tokio::test]
+async fn a_gateway_holds_at_most_its_bound_of_triggers_however_many_are_made_at_once() {
+    let w = on_loopback("");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Many", "gatewayId": "many"}))).await.0, 201);
+    until_gateway(&w, "many", |_, b| b["phase"] == "Started").await;
+    assert_eq!(v1(&w, "POST", "api-gateways/many/functions", Some(json!({"name": "f", "source": greet("f")}))).await.0, 201);
+    // Once a year: none runs during the test.
+    let trigger = json!({"function": "f", "environment": "dev", "cron": "0 0 1 1 *"});
+    for _ in 0..95 {
+        assert_eq!(v1(&w, "POST", "api-gateways/many/triggers", Some(trigger.clone())).await.0, 201);
+    }
+    let mut calls = Vec::new();
+    for _ in 0..10 {
+        let (admin, body) = (w.admin, trigger.to_string());
+        calls.push(tokio::spawn(async move { common::send(admin, "POST", "/v1/api-gateways/many/triggers", &[("x-api-key", common::KEY)], Some(&body)).await }));
+    }
+    let mut statuses = Vec::new();
+    for c in calls {
+        let r = c.await.unwrap();
+        if r.status == 429 {
+            assert!(r.text().contains("100 triggers"), "{}", r.text());
+        }
+        statuses.push(r.status);
+    }
+    statuses.sort();
+    assert_eq!(statuses, [201, 201, 201, 201, 201, 429, 429, 429, 429, 429]);
+    let (_, b) = v1(&w, "GET", "api-gateways/many/triggers", None).await;
+    assert_eq!(b["total"], 100, "{}", b["total"]);
+}
+
+#[tokio::test]
 async fn a_node_killed_during_promotions_serves_acknowledged_versions_and_its_records_agree() {
     let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  denied_networks: []\n", &[]);
     assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Crash", "gatewayId": "crash"}))).await.0, 201);
