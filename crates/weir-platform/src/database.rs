@@ -91,17 +91,12 @@ impl Platform {
     }
 
     /// Deletes the databases of gateway `gid`.
-    pub(crate) async fn drop_databases(&self, gid: &str) {
-        let Some((dbs, _)) = self.databases.get().cloned() else { return };
+    pub(crate) async fn drop_databases(&self, gid: &str) -> Result<(), String> {
+        let Some((dbs, _)) = self.databases.get().cloned() else { return Ok(()) };
         let names: Vec<String> = std::iter::once(gid.to_string()).chain(ENVIRONMENTS.iter().map(|e| format!("{gid}.{e}"))).collect();
-        let _ = tokio::task::spawn_blocking(move || {
-            for name in names {
-                if let Err(e) = dbs.destroy(&name) {
-                    tracing::warn!(database = %name, error = %e, "platform: a deleted gateway's database could not be removed");
-                }
-            }
-        })
-        .await;
+        let h = tokio::runtime::Handle::current();
+        let dropped = lanes().run(&h, gid, move || names.iter().try_for_each(|name| dbs.destroy(name).map_err(|e| format!("{name}: {e}")))).await;
+        dropped.unwrap_or_else(|| Err("the removal failed".into()))
     }
 
     /// Runs `op` on the database of environment `env` of `gw`, off the async threads.

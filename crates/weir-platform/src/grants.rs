@@ -410,9 +410,13 @@ impl Platform {
         ]
     }
 
-    /// The operations that remove every grant of gateway `gid` (with the gateway).
-    pub(crate) async fn gateway_grant_removal(&self, gid: &str) -> Vec<Op> {
-        self.grants_where(|g| g.gateway_id == gid).await.unwrap_or_default().iter().flat_map(|g| self.grant_removal(g)).collect()
+    /// The operations that remove every grant of gateway `gid` (with the gateway). A store
+    /// that cannot list them fails the removal: a grant left behind would let its keys into a
+    /// gateway made later under the same id.
+    pub(crate) async fn gateway_grant_removal(&self, gid: &str) -> Result<Vec<Op>, weir_store::StoreError> {
+        let (kvs, _) = self.docs.store.list(&format!("{}/platform/grants/", self.prefix)).await?;
+        let grants = kvs.iter().filter_map(|kv| serde_json::from_slice::<Grant>(&kv.value).ok()).filter(|g| g.gateway_id == gid);
+        Ok(grants.flat_map(|g| self.grant_removal(&g)).collect())
     }
 
     async fn delete_application(&self, app: Application, rev: i64) -> Reply {

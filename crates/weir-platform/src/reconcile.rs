@@ -275,10 +275,12 @@ impl Platform {
             // Its functions go with it.
             claims.push(Op::DeletePrefix { prefix: weir_functions::live::partition_prefix(&self.prefix, gid) });
             claims.push(Op::Delete { key: self.quota_key(gid) });
-            claims.extend(self.gateway_grant_removal(gid).await);
+            claims.extend(self.gateway_grant_removal(gid).await?);
             claims.extend(self.lifecycle_prefixes(gid).into_iter().chain(self.trigger_prefixes(gid)).map(|prefix| Op::DeletePrefix { prefix }));
+            // Its databases go before its document: a gateway made later under the same id
+            // must find none of them, and a failure here leaves the deletion to be retried.
+            self.drop_databases(gid).await.map_err(|e| StoreError::Unavailable(format!("gateway {gid}'s databases could not be removed: {e}")))?;
             self.docs.remove(gid, rev, claims).await?;
-            self.drop_databases(gid).await;
             tracing::info!(gateway = gid, "platform: gateway deleted");
         }
         Ok(())
