@@ -21,7 +21,7 @@ use weir_core::error::ErrorKind;
 use weir_store::{Compare, Op, Txn, TxnOutcome};
 
 use crate::Platform;
-use crate::model::{CreateGateway, GATEWAY_ID, Gateway, PatchEnvironment, PatchGateway, Phase, State};
+use crate::model::{CreateGateway, ENVIRONMENTS, GATEWAY_ID, Gateway, PatchEnvironment, PatchGateway, Phase, State};
 use crate::reconcile::now_ms;
 use crate::render;
 use crate::tokens::{self, Caller, CreateToken, Token, TokenRole};
@@ -211,6 +211,18 @@ impl Platform {
         }
         // A generated id that is taken is drawn again; a chosen one is a conflict.
         for _ in 0..8 {
+            // The hosts the platform gives it must not be ones the operator serves.
+            let base = &self.cfg.base_domain;
+            let own: Vec<String> = std::iter::once(format!("{}.{base}", gw.gateway_id)).chain(ENVIRONMENTS.iter().map(|e| format!("{}.{e}.{base}", gw.gateway_id))).collect();
+            match self.operators_host(&own.iter().collect::<Vec<_>>()).await {
+                Ok(None) => {}
+                Ok(Some(_)) if input.gateway_id.is_none() => {
+                    gw.gateway_id = generated_id();
+                    continue;
+                }
+                Ok(Some(host)) => return failure(ErrorKind::Conflict, format!("gateway id {}: the host {host} is the operator's", gw.gateway_id), vec![format!("gatewayId: {host} is the operator's")]),
+                Err(r) => return r,
+            }
             match self.create_owned(caller, &gw).await {
                 Ok(true) => {
                     self.wake.notify_one();
@@ -257,26 +269,37 @@ impl Platform {
         format!("{}/platform/domains/{host}", self.prefix)
     }
 
+    /// The first of `hosts` the operator's own objects serve: a route's host, or a certificate's
+    /// SNI. Such a host is not a tenant's to take.
+    async fn operators_host<'h>(&self, hosts: &[&'h String]) -> Result<Option<&'h String>, Reply> {
+        if hosts.is_empty() {
+            return Ok(None);
+        }
+        for (dir, fields) in [("routes", ["hosts", "host"]), ("ssls", ["snis", "sni"])] {
+            let (objects, _) = self.docs.store.list(&format!("{}/{dir}/", self.prefix)).await.map_err(store_down)?;
+            for kv in objects {
+                let Ok(object) = serde_json::from_slice::<Value>(&kv.value) else { continue };
+                if weir_catalog::managed_by(&object).is_some() {
+                    continue;
+                }
+                let patterns = object.get(fields[0]).and_then(Value::as_array).cloned().unwrap_or_default().into_iter().chain(object.get(fields[1]).cloned());
+                for pattern in patterns.filter_map(|p| p.as_str().map(str::to_string)) {
+                    if let Some(host) = hosts.iter().find(|h| crate::guard::host_matches(&pattern, h)) {
+                        return Ok(Some(host));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// Adds to a transaction the claims on the custom domains `after` has and `before` had
     /// not, and gives back those it no longer has. A domain another gateway holds is a
     /// conflict: two tenants never share a host.
     async fn claim_domains(&self, gid: &str, before: &BTreeSet<String>, after: &BTreeSet<String>, compares: &mut Vec<Compare>, ops: &mut Vec<Op>) -> Result<(), Reply> {
         let added: Vec<&String> = after.difference(before).collect();
-        if !added.is_empty() {
-            // A host the operator's own routes serve is not a tenant's to take.
-            let (routes, _) = self.docs.store.list(&format!("{}/routes/", self.prefix)).await.map_err(store_down)?;
-            for kv in routes {
-                let Ok(route) = serde_json::from_slice::<Value>(&kv.value) else { continue };
-                if weir_catalog::managed_by(&route).is_some() {
-                    continue;
-                }
-                let patterns = route.get("hosts").and_then(Value::as_array).cloned().unwrap_or_default().into_iter().chain(route.get("host").cloned());
-                for pattern in patterns.filter_map(|p| p.as_str().map(str::to_string)) {
-                    if let Some(host) = added.iter().find(|h| crate::guard::host_matches(&pattern, h)) {
-                        return Err(failure(ErrorKind::Conflict, format!("the domain {host} is used by another gateway"), vec![format!("customDomains: {host} is taken")]));
-                    }
-                }
-            }
+        if let Some(host) = self.operators_host(&added).await? {
+            return Err(failure(ErrorKind::Conflict, format!("the domain {host} is used by another gateway"), vec![format!("customDomains: {host} is taken")]));
         }
         for host in added {
             let key = self.domain_key(host);
