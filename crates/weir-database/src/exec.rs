@@ -27,6 +27,8 @@ const TX_LIFETIME: Duration = Duration::from_secs(120);
 const TX_PENDING: usize = 32 << 20;
 /// Documents `insertMany` takes at once.
 const MAX_BATCH: usize = 10_000;
+/// Indexes one collection may have.
+const MAX_INDEXES: usize = 16;
 /// Documents one `find` answers at most (`skip` pages through more).
 pub const MAX_RESULTS: usize = 10_000;
 
@@ -401,6 +403,11 @@ impl Run<'_> {
             "createIndex" => {
                 let def = index_def(&r["keys"], options(r))?;
                 let name = def.name.clone();
+                // Each index is written with every document: their number is bounded.
+                let held = self.db.indexes(self.coll)?;
+                if held.len() >= MAX_INDEXES && !held.iter().any(|d| d.name == name) {
+                    return Err(DbError { kind: DbErrorKind::Quota, message: format!("collection {} has {MAX_INDEXES} indexes, the most one may; drop one first", self.coll) });
+                }
                 self.db.change_indexes(self.coll, Write::CreateIndex { coll: self.coll.into(), def })?;
                 Ok(json!(name))
             }

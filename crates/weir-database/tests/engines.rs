@@ -196,6 +196,15 @@ fn transactions_are_all_or_nothing(e: &Engine) {
 
 fn quotas_and_bad_input(e: &Engine) {
     let d = e.databases();
+    // A collection has at most 16 indexes; one made again is no new one.
+    for i in 0..16 {
+        run(&d, json!({"op": "createIndex", "collection": "ix", "keys": {format!("f{i}"): 1}})).unwrap();
+    }
+    run(&d, json!({"op": "createIndex", "collection": "ix", "keys": {"f3": 1}})).unwrap();
+    let e16 = run(&d, json!({"op": "createIndex", "collection": "ix", "keys": {"f16": 1}})).unwrap_err();
+    assert_eq!(e16.kind, DbErrorKind::Quota, "{}", e16.message);
+    run(&d, json!({"op": "dropIndex", "collection": "ix", "name": "f0_1"})).unwrap();
+    run(&d, json!({"op": "createIndex", "collection": "ix", "keys": {"f16": 1}})).unwrap();
     let q = Quota { documents: 2, bytes: 1 << 20, query_ms: 5000 };
     d.execute("g", &q, &json!({"op": "insertMany", "collection": "c", "docs": [{}, {}]})).unwrap();
     let e = d.execute("g", &q, &json!({"op": "insertOne", "collection": "c", "doc": {}})).unwrap_err();
