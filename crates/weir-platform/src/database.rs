@@ -278,7 +278,8 @@ impl Platform {
     }
 
     /// Restores JSON lines as `export` writes them: each document replaces the one of its
-    /// `_id`, or is added. Every line is checked before any is written.
+    /// `_id`, or is added. Every line is checked before any is written, and all are written
+    /// in one transaction: a document the database refuses (its quota, say) writes none.
     async fn import(&self, gw: &Gateway, env: &str, raw: &Bytes) -> Reply {
         let text = String::from_utf8_lossy(raw);
         let mut ops = Vec::new();
@@ -299,13 +300,23 @@ impl Platform {
             problems.truncate(20);
             return bad_input(problems);
         }
+        // All or nothing: one transaction, aborted at the first failure.
         let n = ops.len();
-        for op in ops {
+        let tx = match self.run_db(gw, env, json!({"op": "begin"})).await {
+            Ok(v) => v["tx"].clone(),
+            Err(r) => return r,
+        };
+        for mut op in ops {
+            op["tx"] = tx.clone();
             if let Err(r) = self.run_db(gw, env, op).await {
+                let _ = self.run_db(gw, env, json!({"op": "abort", "tx": tx})).await;
                 return r;
             }
         }
-        json(StatusCode::OK, &json!({"imported": n}))
+        match self.run_db(gw, env, json!({"op": "commit", "tx": tx})).await {
+            Ok(_) => json(StatusCode::OK, &json!({"imported": n})),
+            Err(r) => r,
+        }
     }
 }
 

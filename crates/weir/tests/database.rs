@@ -301,6 +301,12 @@ async fn data_api(engine: Engine, pg: Option<&str>) {
     assert_eq!(r2.text(), lines);
     let r = send(w.admin, "POST", "/v1/api-gateways/copy/database/import", &[("x-api-key", common::KEY)], Some("{\"collection\": \"x\"}\nnot json")).await;
     assert_eq!(r.status, 400, "{}", r.text());
+    // An import the database refuses part of (past its quota) writes none of it.
+    gateway(&w, "tiny", json!({"limits": {"dbDocuments": 1}})).await;
+    let r = send(w.admin, "POST", "/v1/api-gateways/tiny/database/import", &[("x-api-key", common::KEY)], Some(&lines)).await;
+    assert_eq!(r.status, 507, "{}", r.text());
+    let r = send(w.admin, "GET", "/v1/api-gateways/tiny/database/export", &[("x-api-key", common::KEY)], None).await;
+    assert_eq!((r.status, r.text()), (200, String::new()));
     // Deleting a gateway deletes its database.
     if let Engine::Embedded = engine {
         assert!(w.data_dir().join("databases/data.redb").exists());
