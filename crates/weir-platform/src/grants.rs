@@ -367,11 +367,38 @@ impl Platform {
             updated_at: now,
         };
         let key = self.app_key(&app.app_id);
-        match self.store_txn(vec![Compare { key: key.clone(), mod_revision: 0 }], vec![Op::Put { key, value: encode(&app) }]).await {
-            Ok(true) => json(StatusCode::CREATED, &serde_json::to_value(&app).expect("an application serializes")),
-            Ok(false) => failure(ErrorKind::Conflict, "an application of this id exists; try again", Vec::new()),
-            Err(r) => r,
+        let Caller::Token { key: token_key, .. } = caller else {
+            return match self.store_txn(vec![Compare { key: key.clone(), mod_revision: 0 }], vec![Op::Put { key, value: encode(&app) }]).await {
+                Ok(true) => json(StatusCode::CREATED, &serde_json::to_value(&app).expect("an application serializes")),
+                Ok(false) => failure(ErrorKind::Conflict, "an application of this id exists; try again", Vec::new()),
+                Err(r) => r,
+            };
+        };
+        // A token's creations serialize on its record (rewritten as it is), so that none
+        // passes the bound however many come at once.
+        for _ in 0..32 {
+            let token = match self.docs.store.get(token_key).await {
+                Ok(Some(kv)) => kv,
+                Ok(None) => return refuse(StatusCode::UNAUTHORIZED, "the token was revoked"),
+                Err(e) => return store_down(e),
+            };
+            let held = match self.applications(caller).await {
+                Ok(a) => a.len(),
+                Err(r) => return r,
+            };
+            let most = self.cfg.max_applications_per_owner;
+            if held >= most {
+                return failure(ErrorKind::Quota, format!("this token has made {most} applications, the most one owner may (platform.max_applications_per_owner); delete one first"), Vec::new());
+            }
+            let compares = vec![Compare { key: key.clone(), mod_revision: 0 }, Compare { key: token_key.clone(), mod_revision: token.mod_revision }];
+            let ops = vec![Op::Put { key: key.clone(), value: encode(&app) }, Op::Put { key: token_key.clone(), value: token.value }];
+            match self.store_txn(compares, ops).await {
+                Ok(true) => return json(StatusCode::CREATED, &serde_json::to_value(&app).expect("an application serializes")),
+                Ok(false) => continue,
+                Err(r) => return r,
+            }
         }
+        failure(ErrorKind::Conflict, "the token's applications kept changing meanwhile; try again", Vec::new())
     }
 
     async fn patch_application(&self, mut app: Application, rev: i64, raw: &Bytes) -> Reply {

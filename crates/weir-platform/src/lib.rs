@@ -57,6 +57,8 @@ pub struct PlatformConfig {
     pub denied_plugins: Vec<String>,
     /// Gateways one owner token may hold; admin keys are not bound.
     pub max_gateways_per_owner: usize,
+    /// Applications one owner token may make; admin keys are not bound.
+    pub max_applications_per_owner: usize,
     /// Networks tenants' upstreams may not name (CIDRs): by default this node's loopback and
     /// link-local addresses (its admin listener, its store, cloud metadata).
     pub denied_networks: Vec<String>,
@@ -102,6 +104,7 @@ impl Default for PlatformConfig {
             start_timeout: 300,
             denied_plugins: ["file-logger", "http-logger", "proxy-mirror", "traffic-split"].map(String::from).to_vec(),
             max_gateways_per_owner: 100,
+            max_applications_per_owner: 1000,
             denied_networks: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"].map(String::from).to_vec(),
             functions: FunctionsConfig::default(),
             history_limit: 30,

@@ -556,13 +556,28 @@ async fn secret_fields_of_plugin_layers_are_never_stored_in_the_clear() {
 
 #[tokio::test]
 async fn an_owner_holds_at_most_its_quota_of_gateways() {
-    let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  max_gateways_per_owner: 1\n", &[]);
+    let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  max_gateways_per_owner: 1\n  max_applications_per_owner: 3\n", &[]);
     let owner = v1(&w, "POST", "tokens", Some(json!({"name": "o", "role": "owner"}))).await.1["token"].as_str().unwrap().to_string();
     assert_eq!(v1_as(&w, &owner, "POST", "api-gateways", Some(json!({"name": "one", "gatewayId": "one"}))).await.0, 201);
     let (s, b) = v1_as(&w, &owner, "POST", "api-gateways", Some(json!({"name": "two", "gatewayId": "two"}))).await;
     assert_eq!((s, b["error"]["kind"].clone()), (429, json!("quota")), "{b}");
     assert_eq!(v1(&w, "GET", "api-gateways/two", None).await.0, 404, "nothing was stored");
     assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "two", "gatewayId": "two"}))).await.0, 201, "an admin key is not bound");
+
+    // Applications too, however many are asked for at once.
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let (admin, owner) = (w.admin, owner.clone());
+        calls.push(tokio::spawn(async move { common::send(admin, "POST", "/v1/applications", &[("authorization", &format!("Bearer {owner}"))], Some(&json!({"name": format!("a{i}")}).to_string())).await.status }));
+    }
+    let mut statuses = Vec::new();
+    for c in calls {
+        statuses.push(c.await.unwrap());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [201, 201, 201, 429, 429, 429]);
+    assert_eq!(v1_as(&w, &owner, "GET", "applications", None).await.1["total"], 3);
+    assert_eq!(v1(&w, "POST", "applications", Some(json!({"name": "by-admin"}))).await.0, 201, "an admin key is not bound");
 }
 
 #[tokio::test]
