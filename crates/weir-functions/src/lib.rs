@@ -12,7 +12,7 @@
 pub mod engine;
 pub mod fetch;
 pub mod guard;
-pub mod lanes;
+pub use weir_upstream::lanes;
 pub mod live;
 pub mod metrics;
 pub mod source;

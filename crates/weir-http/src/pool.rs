@@ -29,7 +29,7 @@ pub struct Transport {
     /// The TLS server name, when it is not the node's host (`upstream_host` with rewrite).
     pub sni: Option<String>,
     /// For a tenant's upstream: where its nodes may connect, names resolved and checked here.
-    pub reach: Option<Arc<weir_core::net::Reach>>,
+    pub reach: Option<weir_upstream::reach::Tenant>,
 }
 
 pub enum Sender {

@@ -13,7 +13,7 @@ use http::HeaderValue;
 use rustls::ServerConfig;
 use weir_core::expr::Expr;
 use weir_core::model::{self, Ssl, Timeout, Upstream};
-use weir_core::net::Reach;
+use weir_upstream::reach::{Reach, Tenant};
 use weir_http::pool::Transport;
 use weir_plugins::{Consumers, InstanceCache, Layers, Pipeline, Registry, Scope};
 use weir_tls::{Keyring, SniTable};
@@ -223,7 +223,7 @@ fn timeouts_from(t: &Timeout) -> Timeouts {
 }
 
 impl UpstreamRt {
-    fn build(up: &Upstream, client_ssl: Option<Ssl>, keyring: &Keyring, reach: Option<Arc<Reach>>) -> UpstreamRt {
+    fn build(up: &Upstream, client_ssl: Option<Ssl>, keyring: &Keyring, reach: Option<Tenant>) -> UpstreamRt {
         static BUILDS: AtomicU64 = AtomicU64::new(0);
         let default_port = if up.scheme == "https" || up.scheme == "grpcs" { 443 } else { 80 };
         let transport = Transport { reach, ..transport(up, client_ssl.as_ref(), keyring) };
@@ -443,7 +443,7 @@ struct Ctx<'a> {
     /// Where tenants' upstreams may connect (`Builder::with_tenant_reach`).
     tenant: Option<Arc<Reach>>,
     /// The route being built is a tenant's: its own upstreams connect within `tenant`.
-    reach: Option<Arc<Reach>>,
+    reach: Option<Tenant>,
 }
 
 fn reuse_or_build<'s>(
@@ -916,7 +916,8 @@ fn route_spec<'s>(
     handler: Option<Arc<dyn Handler>>,
 ) -> Option<RouteSpec<Arc<RouteRt>>> {
     let route = &entry.value;
-    ctx.reach = route.labels.as_ref().is_some_and(|l| l.contains_key(model::MANAGED_LABEL)).then(|| ctx.tenant.clone()).flatten();
+    let gateway = route.labels.as_ref().and_then(|l| l.get(model::MANAGED_LABEL)).map(|g| g.as_str().unwrap_or_default());
+    ctx.reach = gateway.zip(ctx.tenant.clone()).map(|(g, reach)| Tenant { reach, gateway: g.into() });
     let mut broken: Option<String> = entry.broken.as_deref().map(str::to_string);
     let service = route.service_id.as_ref().and_then(|s| state.services.get(&s.0));
     if let Some(sid) = &route.service_id

@@ -166,7 +166,7 @@ pub struct Target {
     pub health: Arc<NodeHealth>,
     /// A tenant's upstream: the target's name is resolved and checked before it is dialled,
     /// and a refused one fails its probe without a packet sent.
-    pub reach: Option<Arc<weir_core::net::Reach>>,
+    pub reach: Option<crate::reach::Tenant>,
 }
 
 /// Probes every target on its own timer until dropped: dropping the checker stops its probes.

@@ -3,6 +3,8 @@
 
 pub mod balancer;
 pub mod health;
+pub mod lanes;
+pub mod reach;
 mod load;
 mod node;
 

@@ -440,7 +440,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             // whatever their nodes' names resolve to.
             if cfg.platform.enabled.unwrap_or(true) {
                 let denied = cfg.platform.denied_networks.iter().map(|n| n.parse().with_context(|| format!("platform.denied_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
-                builder = builder.with_tenant_reach(Arc::new(weir_core::net::Reach { denied, fixed: test_hosts().fixed }));
+                builder = builder.with_tenant_reach(Arc::new(weir_upstream::reach::Reach::new(denied, test_hosts().fixed)));
             }
             tokio::spawn(weir_proxy::watch::follow(store.clone(), prefix.clone(), builder, snapshot.clone(), loaded_tx, sync.clone()));
             // Serve nothing until the stored config is live, so a restart never answers 404 for

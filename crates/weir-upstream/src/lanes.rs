@@ -1,4 +1,4 @@
-//! Tenants' blocking work (the name lookups of `fetch`, database operations) on the runtime's
+//! Tenants' blocking work (name lookups for `fetch` and upstreams, database operations) on the runtime's
 //! blocking threads, bounded. The node's own blocking work (the embedded store) runs on those
 //! threads too, so tenants together may hold only some of them, and one gateway only a few of
 //! those: a gateway whose lookups hang, or whose queries crawl, waits for its own places and

@@ -1,0 +1,102 @@
+//! Where a tenant's upstream may connect: its nodes' names are resolved here and every address
+//! checked before one is dialled.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use weir_core::net::canonical;
+
+use crate::lanes::Lanes;
+
+/// Where connections for tenants may go: every address a name resolves to is checked against
+/// `denied` before one is dialled, so a name cannot lead past the check that refused the same
+/// address written out. Lookups take places (`LOOKUPS` on the node, `LOOKUPS_PER_GATEWAY`
+/// each): one cannot be cancelled, and a name whose servers never answer holds a blocking
+/// thread until the system's resolver gives up.
+pub struct Reach {
+    pub denied: Vec<IpNet>,
+    /// Names with fixed addresses, resolved without asking the system (tests).
+    pub fixed: HashMap<String, Vec<IpAddr>>,
+    lookups: Lanes,
+}
+
+const LOOKUPS: usize = 32;
+const LOOKUPS_PER_GATEWAY: usize = 4;
+
+impl std::fmt::Debug for Reach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reach").field("denied", &self.denied).field("fixed", &self.fixed).finish()
+    }
+}
+
+/// A tenant's connections: where they may go, and whose lookups they are.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub reach: Arc<Reach>,
+    pub gateway: Arc<str>,
+}
+
+impl Tenant {
+    pub async fn resolve(&self, authority: &str) -> std::io::Result<Vec<SocketAddr>> {
+        self.reach.resolve(&self.gateway, authority).await
+    }
+
+    pub fn refuse(&self, addr: SocketAddr) -> Option<String> {
+        self.reach.refuse(addr)
+    }
+}
+
+impl Reach {
+    pub fn new(denied: Vec<IpNet>, fixed: HashMap<String, Vec<IpAddr>>) -> Reach {
+        Reach { denied, fixed, lookups: Lanes::new(LOOKUPS, LOOKUPS_PER_GATEWAY) }
+    }
+
+    /// Why `addr` may not be dialled, or `None` when it may.
+    pub fn refuse(&self, addr: SocketAddr) -> Option<String> {
+        let ip = canonical(addr.ip());
+        self.denied.iter().find(|n| n.contains(&ip)).map(|n| format!("{ip} is in {n}, which tenants may not reach"))
+    }
+
+    /// The addresses of `host:port` (a name or an address) for `gateway`, each checked.
+    pub async fn resolve(&self, gateway: &str, authority: &str) -> std::io::Result<Vec<SocketAddr>> {
+        let refused = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
+        let (host, port) = authority.rsplit_once(':').and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?))).ok_or_else(|| refused(format!("{authority} is not host:port")))?;
+        let addrs: Vec<SocketAddr> = if let Ok(ip) = host.parse::<IpAddr>() {
+            vec![SocketAddr::new(ip, port)]
+        } else if let Some(ips) = self.fixed.get(&host.to_ascii_lowercase()) {
+            ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+        } else {
+            let name = host.to_string();
+            let handle = tokio::runtime::Handle::current();
+            let found = self.lookups.run(&handle, gateway, move || std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect::<Vec<SocketAddr>>)).await;
+            found.ok_or_else(|| std::io::Error::other(format!("cannot resolve {host}")))??
+        };
+        match addrs.iter().find_map(|a| self.refuse(*a)) {
+            Some(why) => Err(refused(format!("{host} resolves to {why}"))),
+            None if addrs.is_empty() => Err(refused(format!("{host} resolves to no address"))),
+            None => Ok(addrs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_name_that_resolves_into_a_denied_network_is_refused_without_dialling() {
+        let reach = Reach::new(
+            vec!["127.0.0.0/8".parse().unwrap(), "10.0.0.0/8".parse().unwrap()],
+            HashMap::from([("inside.test".to_string(), vec!["10.1.2.3".parse().unwrap()]), ("mixed.test".to_string(), vec!["93.184.215.14".parse().unwrap(), "::ffff:127.0.0.1".parse().unwrap()]), ("out.test".to_string(), vec!["93.184.215.14".parse().unwrap()])]),
+        );
+        let reach = Tenant { reach: Arc::new(reach), gateway: "g".into() };
+        let e = reach.resolve("inside.test:80").await.unwrap_err();
+        assert_eq!((e.kind(), e.to_string()), (std::io::ErrorKind::PermissionDenied, "inside.test resolves to 10.1.2.3 is in 10.0.0.0/8, which tenants may not reach".to_string()));
+        assert!(reach.resolve("MIXED.test:80").await.unwrap_err().to_string().contains("127.0.0.1 is in 127.0.0.0/8"), "one bad address refuses the name");
+        assert_eq!(reach.resolve("out.test:8080").await.unwrap(), vec!["93.184.215.14:8080".parse::<SocketAddr>().unwrap()]);
+        assert!(reach.resolve("[::ffff:10.0.0.1]:80").await.is_err());
+        assert!(reach.refuse("[64:ff9b::7f00:1]:80".parse().unwrap()).is_some());
+    }
+}
