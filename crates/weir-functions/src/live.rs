@@ -331,7 +331,15 @@ impl Contributor for Functions {
                 }
                 let mut plugins = env.plugins.clone();
                 for (name, conf) in &doc.plugins {
-                    plugins.insert(name.clone(), conf.clone());
+                    // A function's own auth config keeps its environment's scope: it accepts
+                    // the environment's grants and no other credentials.
+                    let mut conf = conf.clone();
+                    if let Some(scope) = plugins.get(name).and_then(|c| c.get("scope")).cloned()
+                        && let Some(own) = conf.as_object_mut()
+                    {
+                        own.insert("scope".into(), scope);
+                    }
+                    plugins.insert(name.clone(), conf);
                 }
                 let handler: Arc<dyn Handler> = handler;
                 for (form, uri, hosts) in [("p", format!("/{env_name}/{}", doc.name), &env.gateway_hosts), ("h", format!("/{}", doc.name), &env.env_hosts)] {

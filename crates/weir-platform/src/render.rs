@@ -40,6 +40,9 @@ pub fn layers<'a>(cfg: &'a PlatformConfig, gw: &'a Gateway, env: &'a Environment
     [("base", &cfg.base_plugins), ("gateway", &gw.plugins), ("environment", &env.plugins)]
 }
 
+/// Auth plugins whose credentials carry a scope: in a tenant's layer, the environment's.
+pub const SCOPED_AUTH: [&str; 2] = ["key-auth", "basic-auth"];
+
 /// The merged plugins of an environment, each with the layer it came from: a later layer's
 /// plugin replaces an earlier one's of the same name. The auth plugin of `authType` is added
 /// unless a layer configures it.
@@ -53,13 +56,22 @@ pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(
             }
         }
     }
+    let scope = crate::grants::scope(&gw.gateway_id, &env.name);
+    // An auth plugin a tenant's layer configures accepts the environment's grants only.
+    for (name, conf, layer) in &mut out {
+        if *layer != "base"
+            && SCOPED_AUTH.contains(&name.as_str())
+            && let Some(c) = conf.as_object_mut()
+        {
+            c.insert("scope".into(), json!(scope));
+        }
+    }
     if let Some(auth) = env.auth_type.plugin()
         && !out.iter().any(|(n, _, _)| n == auth)
     {
         // Credentials of the environment's grants, and only those granted for this
         // environment (keys in `apikey` or as a bearer token), taken off the request once
         // checked, so no function or upstream of the tenant ever holds a client's secret.
-        let scope = crate::grants::scope(&gw.gateway_id, &env.name);
         let conf = if auth == "key-auth" { json!({"bearer": true, "hide_credentials": true, "scope": scope}) } else { json!({"hide_credentials": true, "scope": scope}) };
         out.push((auth.to_string(), conf, "environment"));
     }
@@ -239,6 +251,16 @@ mod tests {
         let staging = effective(&cfg, &gw, &gw.environments[1]);
         assert!(staging.iter().any(|(n, _, l)| n == "key-auth" && *l == "environment"));
         assert!(staging.iter().any(|(n, v, l)| n == "limit-count" && v["count"] == 100 && *l == "gateway"));
+        // An auth plugin a tenant's layer configures accepts its environment's grants only;
+        // the operator's base layer keeps its own.
+        let mut gw = gw;
+        gw.plugins.insert("basic-auth".into(), json!({"hide_credentials": false}));
+        let mut cfg = cfg;
+        cfg.base_plugins.insert("key-auth".into(), json!({"header": "x-op"}));
+        let dev = effective(&cfg, &gw, &gw.environments[0]);
+        let conf = |n: &str| dev.iter().find(|(name, _, _)| name == n).map(|(_, v, _)| v.clone()).unwrap();
+        assert_eq!(conf("basic-auth"), json!({"hide_credentials": false, "scope": "wp.shop.dev"}));
+        assert_eq!(conf("key-auth"), json!({"header": "x-op"}));
     }
 
     #[test]
