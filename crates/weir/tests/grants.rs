@@ -68,6 +68,8 @@ async fn grants_let_applications_in_where_granted_rotate_expire_and_leave_no_key
             panic!("the key never worked");
         }
     };
+    // The function may go live before the environment's auth does: wait for the auth.
+    a.until("/me", &[("host", "api.dev.localhost")], |r| r.status == 401).await;
     let seen = ok(&a, dev_key.clone()).await;
     assert_eq!(seen["user"], json!({"name": format!("api-dev-{app_id}"), "appId": app_id, "grantId": dev["grantId"]}), "{seen}");
     ok(&b, dev_key.clone()).await;
