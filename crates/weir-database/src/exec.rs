@@ -74,6 +74,9 @@ struct Tx {
     /// Its database, whose count of pending bytes holds this one's `bytes` until it goes.
     of: Arc<Db>,
     bytes: usize,
+    /// Committed, aborted or expired: an operation that got hold of it before it left the map
+    /// of open ones finds it over.
+    over: bool,
 }
 
 impl Drop for Tx {
@@ -123,7 +126,12 @@ impl Databases {
     pub fn destroy(&self, name: &str) -> Result<(), DbError> {
         let db = self.get(name)?;
         self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
-        self.txs.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, o| o.db != name);
+        let gone: Vec<Open> = {
+            let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
+            let ids: Vec<u64> = txs.iter().filter(|(_, o)| o.db == name).map(|(id, _)| *id).collect();
+            ids.iter().filter_map(|id| txs.remove(id)).collect()
+        };
+        end(gone.into_iter());
         db.backend.destroy()
     }
 
@@ -141,10 +149,14 @@ impl Databases {
             "commit" => return self.commit(&db, quota, tx.ok_or_else(|| DbError::bad("commit needs tx"))?),
             "abort" => {
                 // Only a transaction of this database: an id is no key to another's.
-                let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
-                if txs.get(&tx.unwrap_or(0)).is_some_and(|o| o.db == name) {
-                    txs.remove(&tx.unwrap_or(0));
-                }
+                let gone = {
+                    let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
+                    match txs.get(&tx.unwrap_or(0)) {
+                        Some(o) if o.db == name => txs.remove(&tx.unwrap_or(0)),
+                        _ => None,
+                    }
+                };
+                end(gone.into_iter());
                 return Ok(Value::Null);
             }
             "collections" => return Ok(json!(db.backend.collections()?.into_keys().collect::<Vec<_>>())),
@@ -161,6 +173,9 @@ impl Databases {
                 let tx = self.txs.lock().unwrap_or_else(|e| e.into_inner()).get(&id).filter(|o| o.db == name).map(|o| o.tx.clone());
                 let tx = tx.ok_or_else(|| DbError::bad("the transaction is over"))?;
                 let mut t = tx.lock().unwrap_or_else(|e| e.into_inner());
+                if t.over {
+                    return Err(DbError::bad("the transaction is over"));
+                }
                 run.op(op, Some(&mut t))
             }
             None => {
@@ -183,14 +198,20 @@ impl Databases {
 
     fn begin(&self, db: &Arc<Db>) -> Result<Value, DbError> {
         let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
-        txs.retain(|_, o| o.started.elapsed() < TX_LIFETIME);
-        if txs.values().filter(|o| o.db == db.name).count() >= MAX_TXS {
-            return Err(DbError { kind: DbErrorKind::Quota, message: format!("at most {MAX_TXS} transactions may be open at once") });
-        }
-        let id = fastrand::u64(1..(1 << 53));
-        let tx = Tx { writes: BTreeMap::new(), seen: BTreeMap::new(), of: db.clone(), bytes: 0 };
-        txs.insert(id, Open { db: db.name.clone(), started: Instant::now(), tx: Arc::new(Mutex::new(tx)) });
-        Ok(json!({"tx": id}))
+        let expired: Vec<u64> = txs.iter().filter(|(_, o)| o.started.elapsed() >= TX_LIFETIME).map(|(id, _)| *id).collect();
+        let expired: Vec<Open> = expired.iter().filter_map(|id| txs.remove(id)).collect();
+        let answer = if txs.values().filter(|o| o.db == db.name).count() >= MAX_TXS {
+            Err(DbError { kind: DbErrorKind::Quota, message: format!("at most {MAX_TXS} transactions may be open at once") })
+        } else {
+            let id = fastrand::u64(1..(1 << 53));
+            let tx = Tx { writes: BTreeMap::new(), seen: BTreeMap::new(), of: db.clone(), bytes: 0, over: false };
+            txs.insert(id, Open { db: db.name.clone(), started: Instant::now(), tx: Arc::new(Mutex::new(tx)) });
+            Ok(json!({"tx": id}))
+        };
+        drop(txs);
+        // Marked over outside the map's lock: an operation may still hold one.
+        end(expired.into_iter());
+        answer
     }
 
     fn commit(&self, db: &Db, quota: &Quota, id: u64) -> Result<Value, DbError> {
@@ -202,8 +223,9 @@ impl Databases {
             }
         };
         let open = open.ok_or_else(|| DbError::bad("the transaction is over"))?;
-        // An operation still running in it finishes first.
+        // An operation still running in it finishes first; one that comes later finds it over.
         let mut tx = open.tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.over = true;
         // Its bytes stay counted until it is done (the transaction drops with `open`).
         let (writes, seen) = (std::mem::take(&mut tx.writes), std::mem::take(&mut tx.seen));
         drop(tx);
@@ -224,6 +246,13 @@ impl Databases {
             _ => e,
         })?;
         Ok(json!({"committed": true}))
+    }
+}
+
+/// Marks transactions taken out of the map as over (waiting for an operation running in one).
+fn end(gone: impl Iterator<Item = Open>) {
+    for open in gone {
+        open.tx.lock().unwrap_or_else(|e| e.into_inner()).over = true;
     }
 }
 

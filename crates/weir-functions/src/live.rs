@@ -331,13 +331,13 @@ impl Contributor for Functions {
                 }
                 let mut plugins = env.plugins.clone();
                 for (name, conf) in &doc.plugins {
-                    // A function's own auth config keeps its environment's scope: it accepts
+                    // A function's own auth config takes its environment's scope: it accepts
                     // the environment's grants and no other credentials.
                     let mut conf = conf.clone();
-                    if let Some(scope) = plugins.get(name).and_then(|c| c.get("scope")).cloned()
+                    if SCOPED_AUTH.contains(&name.as_str())
                         && let Some(own) = conf.as_object_mut()
                     {
-                        own.insert("scope".into(), scope);
+                        own.insert("scope".into(), Value::String(grant_scope(gid, env_name)));
                     }
                     plugins.insert(name.clone(), conf);
                 }
@@ -486,6 +486,14 @@ fn decode(s: &str) -> String {
 /// named and, when that consumer is an application's grant, the application and the grant.
 pub fn user_of(consumer: Option<&str>, notes: &weir_plugins::Notes) -> Option<User> {
     Some(User { name: consumer?.to_string(), grant: weir_plugins::grant_usage::grantee(notes).cloned() })
+}
+
+/// Auth plugins whose credentials carry a scope: in a tenant's layer, its environment's.
+pub const SCOPED_AUTH: [&str; 3] = ["key-auth", "basic-auth", "jwt-auth"];
+
+/// The scope of an environment's grants, as its routes' auth plugins name it.
+pub fn grant_scope(gid: &str, env: &str) -> String {
+    format!("wp.{gid}.{env}")
 }
 
 /// The request a function sees of a call.

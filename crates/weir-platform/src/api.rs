@@ -214,7 +214,7 @@ impl Platform {
             // The hosts the platform gives it must not be ones the operator serves.
             let base = &self.cfg.base_domain;
             let own: Vec<String> = std::iter::once(format!("{}.{base}", gw.gateway_id)).chain(ENVIRONMENTS.iter().map(|e| format!("{}.{e}.{base}", gw.gateway_id))).collect();
-            match self.operators_host(&own.iter().collect::<Vec<_>>()).await {
+            match self.operators_host(&own.iter().collect::<Vec<_>>(), false).await {
                 Ok(None) => {}
                 Ok(Some(_)) if input.gateway_id.is_none() => {
                     gw.gateway_id = generated_id();
@@ -269,13 +269,16 @@ impl Platform {
         format!("{}/platform/domains/{host}", self.prefix)
     }
 
-    /// The first of `hosts` the operator's own objects serve: a route's host, or a certificate's
-    /// SNI. Such a host is not a tenant's to take.
-    async fn operators_host<'h>(&self, hosts: &[&'h String]) -> Result<Option<&'h String>, Reply> {
+    /// The first of `hosts` the operator's own objects serve: a route's host, or with
+    /// `certificates` a certificate's SNI. Such a host is not a tenant's to take. (The hosts
+    /// the platform names under its base domain are checked against routes only: a wildcard
+    /// certificate there is how the operator serves every gateway over TLS.)
+    async fn operators_host<'h>(&self, hosts: &[&'h String], certificates: bool) -> Result<Option<&'h String>, Reply> {
         if hosts.is_empty() {
             return Ok(None);
         }
-        for (dir, fields) in [("routes", ["hosts", "host"]), ("ssls", ["snis", "sni"])] {
+        let kinds: &[(&str, [&str; 2])] = if certificates { &[("routes", ["hosts", "host"]), ("ssls", ["snis", "sni"])] } else { &[("routes", ["hosts", "host"])] };
+        for (dir, fields) in kinds {
             let (objects, _) = self.docs.store.list(&format!("{}/{dir}/", self.prefix)).await.map_err(store_down)?;
             for kv in objects {
                 let Ok(object) = serde_json::from_slice::<Value>(&kv.value) else { continue };
@@ -298,8 +301,8 @@ impl Platform {
     /// conflict: two tenants never share a host.
     async fn claim_domains(&self, gid: &str, before: &BTreeSet<String>, after: &BTreeSet<String>, compares: &mut Vec<Compare>, ops: &mut Vec<Op>) -> Result<(), Reply> {
         let added: Vec<&String> = after.difference(before).collect();
-        if let Some(host) = self.operators_host(&added).await? {
-            return Err(failure(ErrorKind::Conflict, format!("the domain {host} is used by another gateway"), vec![format!("customDomains: {host} is taken")]));
+        if let Some(host) = self.operators_host(&added, true).await? {
+            return Err(failure(ErrorKind::Conflict, format!("the domain {host} is the operator's"), vec![format!("customDomains: {host} is taken")]));
         }
         for host in added {
             let key = self.domain_key(host);

@@ -174,7 +174,7 @@ fn encode<T: Serialize>(v: &T) -> Bytes {
 
 /// The scope of an environment's keys, as its routes' `key-auth` names it.
 pub fn scope(gid: &str, env: &str) -> String {
-    format!("wp.{gid}.{env}")
+    weir_functions::live::grant_scope(gid, env)
 }
 
 impl Platform {

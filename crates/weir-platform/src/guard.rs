@@ -26,7 +26,7 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
     }
     for (name, conf) in plugins {
         sealed_mark(&format!("{what}.{name}"), conf, problems);
-        if crate::render::SCOPED_AUTH.contains(&name.as_str()) && conf.get("scope").is_some() {
+        if weir_functions::live::SCOPED_AUTH.contains(&name.as_str()) && conf.get("scope").is_some() {
             problems.push(format!("{what}: {name}.scope is the platform's: a layer's {name} accepts its environment's grants"));
         }
     }
@@ -143,8 +143,8 @@ mod tests {
         layer(&cfg, "l", json!({"key-auth": {"header": sealed}, "response-rewrite": {"headers": {"set": {"x": [sealed]}}}, "cors": {"allow_origins": "*"}}).as_object().unwrap(), &mut p);
         assert_eq!(p, ["l.key-auth: a value may not start with $weir-sealed$", "l.response-rewrite: a value may not start with $weir-sealed$"]);
         let mut p = Vec::new();
-        layer(&cfg, "l", json!({"key-auth": {"scope": "wp.other.prod"}, "basic-auth": {}}).as_object().unwrap(), &mut p);
-        assert_eq!(p, ["l: key-auth.scope is the platform's: a layer's key-auth accepts its environment's grants"]);
+        layer(&cfg, "l", json!({"key-auth": {"scope": "wp.other.prod"}, "basic-auth": {}, "jwt-auth": {"scope": "wp.other.dev"}}).as_object().unwrap(), &mut p);
+        assert_eq!(p, ["l: key-auth.scope is the platform's: a layer's key-auth accepts its environment's grants", "l: jwt-auth.scope is the platform's: a layer's jwt-auth accepts its environment's grants"]);
         let mut p = Vec::new();
         domain("d", "10.0.0.5", &mut p);
         assert_eq!(p.len(), 1);

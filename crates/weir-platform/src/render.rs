@@ -40,9 +40,6 @@ pub fn layers<'a>(cfg: &'a PlatformConfig, gw: &'a Gateway, env: &'a Environment
     [("base", &cfg.base_plugins), ("gateway", &gw.plugins), ("environment", &env.plugins)]
 }
 
-/// Auth plugins whose credentials carry a scope: in a tenant's layer, the environment's.
-pub const SCOPED_AUTH: [&str; 2] = ["key-auth", "basic-auth"];
-
 /// The merged plugins of an environment, each with the layer it came from: a later layer's
 /// plugin replaces an earlier one's of the same name. The auth plugin of `authType` is added
 /// unless a layer configures it.
@@ -60,7 +57,7 @@ pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(
     // An auth plugin a tenant's layer configures accepts the environment's grants only.
     for (name, conf, layer) in &mut out {
         if *layer != "base"
-            && SCOPED_AUTH.contains(&name.as_str())
+            && weir_functions::live::SCOPED_AUTH.contains(&name.as_str())
             && let Some(c) = conf.as_object_mut()
         {
             c.insert("scope".into(), json!(scope));

@@ -234,7 +234,9 @@ impl UpstreamRt {
             .iter()
             .map(|n| {
                 let mut node = NodeRt::new(&n.host, n.port.unwrap_or(default_port), default_port, n.weight, n.priority);
-                if transport.tls.is_some() || transport.h2 {
+                // A tenant's upstream never shares a pooled connection with another upstream:
+                // one dialled for the operator was never checked against where tenants may go.
+                if transport.tls.is_some() || transport.h2 || transport.reach.is_some() {
                     node.pool_key = format!("{}://{}#{build}", up.scheme, node.authority).into();
                 }
                 node
