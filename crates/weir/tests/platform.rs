@@ -899,6 +899,28 @@ async fn a_tenants_upstream_name_connects_only_outside_the_denied_networks() {
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
 }
 
+/// An auth plugin a tenant's function configures takes its environment's grants only: the
+/// operator's consumers, whose keys the operator's own routes accept, are refused there.
+#[tokio::test]
+async fn a_functions_own_key_auth_takes_no_operator_consumer() {
+    let w = on_loopback("");
+    let up = Upstream::start("operator").await;
+    assert_eq!(w.admin("PUT", "/consumers", Some(json!({"username": "op", "plugins": {"key-auth": {"key": "plain-operator-key"}}}))).await.0, 201);
+    assert_eq!(w.admin("PUT", "/routes/op", Some(json!({"uri": "/op", "host": "operator.test", "plugins": {"key-auth": {}}, "upstream": {"nodes": {up.node(): 1}}}))).await.0, 201);
+    let r = w.until("/op", &[("host", "operator.test"), ("apikey", "plain-operator-key")], |r| r.status == 200).await;
+    assert_eq!(r.status, 200, "the operator's key works on the operator's route");
+    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Own", "gatewayId": "own"}))).await.0, 201);
+    until_gateway(&w, "own", |_, b| b["phase"] == "Started").await;
+    let f = json!({"name": "guarded", "source": {"code": "export default (ctx) => ({ user: ctx.user ?? null })"}, "plugins": {"key-auth": {}}});
+    assert_eq!(v1(&w, "POST", "api-gateways/own/functions", Some(f)).await.0, 201);
+    let host = [("host", "own.localhost")];
+    w.until("/dev/guarded", &host, |r| r.status == 401).await;
+    let r = w.get("/dev/guarded", &[("host", "own.localhost"), ("apikey", "plain-operator-key")]).await;
+    assert_eq!(r.status, 401, "{}", r.text());
+    let (s, b) = v1(&w, "POST", "api-gateways/own/functions", Some(json!({"name": "scoped", "source": {"code": "export default () => 1"}, "plugins": {"key-auth": {"scope": "wp.other.dev"}}}))).await;
+    assert_eq!(s, 400, "a tenant names no scope: {b}");
+}
+
 /// A function's `fetch` reaches hosts on its gateway's allow list and nothing of this node or
 /// of private networks: loopback (the admin and proxy listeners among it), `localhost`, `[::1]`,
 /// and names that resolve to private or link-local addresses (in a resolver of the test's: no
