@@ -4,7 +4,7 @@
 //! pass the check with one address and connect to another). Responses are bounded.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -14,40 +14,12 @@ use hyper_util::rt::TokioIo;
 
 use crate::engine::{Budget, FetchRequest, Fetcher};
 use crate::guard::{Policy, allowed, authority};
-use crate::lanes::Lanes;
+use weir_upstream::reach::Names;
 
 /// The largest response body a fetch reads.
 pub const MAX_RESPONSE: usize = 8 << 20;
 /// How long a fetch may take, connection and body included (the call's wall clock bounds it too).
 pub const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How names are resolved: the system's resolver, with fixed answers for some names first
-/// (tests make a name resolve to a private address without any DNS).
-#[derive(Clone, Default)]
-pub struct Names {
-    pub fixed: HashMap<String, Vec<IpAddr>>,
-}
-
-/// Lookups in flight on the node's blocking threads for all gateways, and for one: a lookup
-/// cannot be cancelled, and one whose name's servers never answer holds its thread until the
-/// system's resolver gives up.
-const LOOKUPS: usize = 32;
-const LOOKUPS_PER_GATEWAY: usize = 4;
-
-impl Names {
-    async fn resolve(&self, lanes: &Lanes, rt: &tokio::runtime::Handle, gateway: &str, host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, port)]);
-        }
-        if let Some(ips) = self.fixed.get(host) {
-            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
-        }
-        let name = host.to_string();
-        let found = lanes.run(rt, gateway, move || std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect::<Vec<SocketAddr>>)).await;
-        let found = found.ok_or_else(|| format!("cannot resolve {host}"))?.map_err(|e| format!("cannot resolve {host}: {e}"))?;
-        if found.is_empty() { Err(format!("{host} resolves to no address")) } else { Ok(found) }
-    }
-}
 
 /// The node's outbound client for functions.
 pub struct Outbound {
@@ -55,13 +27,13 @@ pub struct Outbound {
     names: Names,
     tls: Arc<rustls::ClientConfig>,
     rt: tokio::runtime::Handle,
-    lookups: Lanes,
 }
 
 impl Outbound {
-    pub fn new(policy: Policy, names: Names, rt: tokio::runtime::Handle) -> Result<Arc<Outbound>, String> {
+    /// `fixed`: names with fixed addresses, resolved without asking the system (tests).
+    pub fn new(policy: Policy, fixed: HashMap<String, Vec<IpAddr>>, rt: tokio::runtime::Handle) -> Result<Arc<Outbound>, String> {
         let tls = weir_tls::client_config(true, None, false)?;
-        Ok(Arc::new(Outbound { policy: RwLock::new(policy), names, tls, rt, lookups: Lanes::new(LOOKUPS, LOOKUPS_PER_GATEWAY) }))
+        Ok(Arc::new(Outbound { policy: RwLock::new(policy), names: Names::new(fixed), tls, rt }))
     }
 
     /// Replaces the policy (once the node's listeners are bound, say).
@@ -107,7 +79,7 @@ impl Outbound {
         if !allowed(allow, &host, port) {
             return Err(format!("fetch to {host}:{port} refused: it is not on this gateway's fetchAllowList"));
         }
-        let addrs = self.names.resolve(&self.lookups, &self.rt, gateway, &host, port).await.map_err(|e| format!("fetch to {host}:{port} failed: {e}"))?;
+        let addrs = self.names.addresses(gateway, &host, port).await.map_err(|e| format!("fetch to {host}:{port} failed: {e}"))?;
         {
             let policy = self.policy.read().map_err(|_| "fetch: the policy is unreadable".to_string())?;
             for addr in &addrs {

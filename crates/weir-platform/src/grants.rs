@@ -346,7 +346,11 @@ impl Platform {
     }
 
     pub(crate) async fn grants_where(&self, keep: impl Fn(&Grant) -> bool) -> Result<Vec<Grant>, Reply> {
-        let (kvs, _) = self.docs.store.list(&format!("{}/platform/grants/", self.prefix)).await.map_err(store_down)?;
+        self.stored_grants(keep).await.map_err(store_down)
+    }
+
+    async fn stored_grants(&self, keep: impl Fn(&Grant) -> bool) -> Result<Vec<Grant>, weir_store::StoreError> {
+        let (kvs, _) = self.docs.store.list(&format!("{}/platform/grants/", self.prefix)).await?;
         Ok(kvs.iter().filter_map(|kv| serde_json::from_slice::<Grant>(&kv.value).ok()).filter(|g| keep(g)).collect())
     }
 
@@ -441,9 +445,7 @@ impl Platform {
     /// that cannot list them fails the removal: a grant left behind would let its keys into a
     /// gateway made later under the same id.
     pub(crate) async fn gateway_grant_removal(&self, gid: &str) -> Result<Vec<Op>, weir_store::StoreError> {
-        let (kvs, _) = self.docs.store.list(&format!("{}/platform/grants/", self.prefix)).await?;
-        let grants = kvs.iter().filter_map(|kv| serde_json::from_slice::<Grant>(&kv.value).ok()).filter(|g| g.gateway_id == gid);
-        Ok(grants.flat_map(|g| self.grant_removal(&g)).collect())
+        Ok(self.stored_grants(|g| g.gateway_id == gid).await?.iter().flat_map(|g| self.grant_removal(g)).collect())
     }
 
     async fn delete_application(&self, app: Application, rev: i64) -> Reply {

@@ -17,9 +17,39 @@ use crate::lanes::Lanes;
 /// thread until the system's resolver gives up.
 pub struct Reach {
     pub denied: Vec<IpNet>,
-    /// Names with fixed addresses, resolved without asking the system (tests).
+    names: Names,
+}
+
+/// How names are resolved for tenants: fixed answers first (tests make a name resolve to a
+/// private address without any DNS), then the system's resolver within the lookups' places.
+pub struct Names {
     pub fixed: HashMap<String, Vec<IpAddr>>,
     lookups: Lanes,
+}
+
+impl Names {
+    pub fn new(fixed: HashMap<String, Vec<IpAddr>>) -> Names {
+        Names { fixed, lookups: Lanes::new(LOOKUPS, LOOKUPS_PER_GATEWAY) }
+    }
+
+    /// The addresses of `host` (a name or an address) at `port`, looked up for `gateway`.
+    pub async fn addresses(&self, gateway: &str, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, port)]);
+        }
+        if let Some(ips) = self.fixed.get(&host.to_ascii_lowercase()) {
+            return Ok(ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
+        }
+        let name = host.to_string();
+        let handle = tokio::runtime::Handle::current();
+        let found = self.lookups.run(&handle, gateway, move || std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect::<Vec<SocketAddr>>)).await;
+        match found {
+            Some(Ok(addrs)) if !addrs.is_empty() => Ok(addrs),
+            Some(Ok(_)) => Err(std::io::Error::other(format!("{host} resolves to no address"))),
+            Some(Err(e)) => Err(std::io::Error::new(e.kind(), format!("cannot resolve {host}: {e}"))),
+            None => Err(std::io::Error::other(format!("cannot resolve {host}"))),
+        }
+    }
 }
 
 const LOOKUPS: usize = 32;
@@ -27,7 +57,7 @@ const LOOKUPS_PER_GATEWAY: usize = 4;
 
 impl std::fmt::Debug for Reach {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reach").field("denied", &self.denied).field("fixed", &self.fixed).finish()
+        f.debug_struct("Reach").field("denied", &self.denied).field("fixed", &self.names.fixed).finish()
     }
 }
 
@@ -50,7 +80,7 @@ impl Tenant {
 
 impl Reach {
     pub fn new(denied: Vec<IpNet>, fixed: HashMap<String, Vec<IpAddr>>) -> Reach {
-        Reach { denied, fixed, lookups: Lanes::new(LOOKUPS, LOOKUPS_PER_GATEWAY) }
+        Reach { denied, names: Names::new(fixed) }
     }
 
     /// Why `addr` may not be dialled, or `None` when it may.
@@ -63,19 +93,9 @@ impl Reach {
     pub async fn resolve(&self, gateway: &str, authority: &str) -> std::io::Result<Vec<SocketAddr>> {
         let refused = |why: String| std::io::Error::new(std::io::ErrorKind::PermissionDenied, why);
         let (host, port) = authority.rsplit_once(':').and_then(|(h, p)| Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?))).ok_or_else(|| refused(format!("{authority} is not host:port")))?;
-        let addrs: Vec<SocketAddr> = if let Ok(ip) = host.parse::<IpAddr>() {
-            vec![SocketAddr::new(ip, port)]
-        } else if let Some(ips) = self.fixed.get(&host.to_ascii_lowercase()) {
-            ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
-        } else {
-            let name = host.to_string();
-            let handle = tokio::runtime::Handle::current();
-            let found = self.lookups.run(&handle, gateway, move || std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port)).map(Iterator::collect::<Vec<SocketAddr>>)).await;
-            found.ok_or_else(|| std::io::Error::other(format!("cannot resolve {host}")))??
-        };
+        let addrs = self.names.addresses(gateway, host, port).await?;
         match addrs.iter().find_map(|a| self.refuse(*a)) {
             Some(why) => Err(refused(format!("{host} resolves to {why}"))),
-            None if addrs.is_empty() => Err(refused(format!("{host} resolves to no address"))),
             None => Ok(addrs),
         }
     }

@@ -73,18 +73,18 @@ enum Command {
     Fn(cli::FnArgs),
 }
 
-/// Fixed answers for names functions fetch, from `WEIR_FUNCTIONS_TEST_HOSTS`
+/// Fixed answers for names functions fetch and tenants' upstreams name, from `WEIR_FUNCTIONS_TEST_HOSTS`
 /// (`name=ip,name=ip`): how a test makes a name resolve to a private address without DNS.
-fn test_hosts() -> weir_functions::fetch::Names {
-    let mut names = weir_functions::fetch::Names::default();
+fn test_hosts() -> std::collections::HashMap<String, Vec<std::net::IpAddr>> {
+    let mut fixed: std::collections::HashMap<String, Vec<std::net::IpAddr>> = std::collections::HashMap::new();
     for pair in std::env::var("WEIR_FUNCTIONS_TEST_HOSTS").unwrap_or_default().split(',') {
         if let Some((name, ip)) = pair.split_once('=')
             && let Ok(ip) = ip.trim().parse()
         {
-            names.fixed.entry(name.trim().to_ascii_lowercase()).or_default().push(ip);
+            fixed.entry(name.trim().to_ascii_lowercase()).or_default().push(ip);
         }
     }
-    names
+    fixed
 }
 
 fn main() -> std::process::ExitCode {
@@ -440,7 +440,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             // whatever their nodes' names resolve to.
             if cfg.platform.enabled.unwrap_or(true) {
                 let denied = cfg.platform.denied_networks.iter().map(|n| n.parse().with_context(|| format!("platform.denied_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
-                builder = builder.with_tenant_reach(Arc::new(weir_upstream::reach::Reach::new(denied, test_hosts().fixed)));
+                builder = builder.with_tenant_reach(Arc::new(weir_upstream::reach::Reach::new(denied, test_hosts())));
             }
             tokio::spawn(weir_proxy::watch::follow(store.clone(), prefix.clone(), builder, snapshot.clone(), loaded_tx, sync.clone()));
             // Serve nothing until the stored config is live, so a restart never answers 404 for
