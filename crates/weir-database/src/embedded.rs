@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde_json::Value;
 
-use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write};
+use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, filed_keys};
 
 const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
 const INDEX: TableDefinition<(&str, &str, &str, &str), ()> = TableDefinition::new("index");
@@ -73,7 +73,7 @@ fn doc_bytes(doc: &Value) -> Vec<u8> {
 fn file_in_indexes(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<(), DbError> {
     let mut index = wtx.open_table(INDEX).map_err(failed)?;
     for def in indexes {
-        for key in def.keys_of(doc) {
+        for key in def.keys_of(doc)? {
             if def.unique {
                 let holder = index.range((coll, def.name.as_str(), key.as_str(), "")..).map_err(failed)?.next().transpose().map_err(failed)?;
                 if let Some((k, _)) = holder {
@@ -92,7 +92,7 @@ fn file_in_indexes(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, in
 fn unfile(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<(), DbError> {
     let mut index = wtx.open_table(INDEX).map_err(failed)?;
     for def in indexes {
-        for key in def.keys_of(doc) {
+        for key in filed_keys(def, doc) {
             index.remove((coll, def.name.as_str(), key.as_str(), id)).map_err(failed)?;
         }
     }

@@ -96,27 +96,64 @@ pub struct IndexDef {
 impl IndexDef {
     /// The keys this index files `doc` under: one per element when a field is an array
     /// (as MongoDB's multikey indexes), the canonical JSON of the fields' values.
-    pub fn keys_of(&self, doc: &Value) -> Vec<String> {
-        let mut combos: Vec<Vec<Value>> = vec![Vec::new()];
+    ///
+    /// As in MongoDB, at most one of the index's fields may hold several values in one document
+    /// ("parallel arrays" are refused): otherwise one document's keys would be the product of
+    /// its arrays' lengths. One document files at most [`MAX_INDEX_KEYS`] keys of at most
+    /// [`MAX_INDEX_KEY_BYTES`] in all in one index, so a write's index work stays in proportion
+    /// to the document.
+    pub fn keys_of(&self, doc: &Value) -> Result<Vec<String>, DbError> {
+        let mut columns: Vec<Vec<&Value>> = Vec::with_capacity(self.keys.len());
+        let mut spread: Option<&str> = None;
         for (field, _) in &self.keys {
-            let found = filter::resolve(doc, field);
-            let mut values: Vec<Value> = Vec::new();
-            for v in &found {
+            let mut values: Vec<&Value> = Vec::new();
+            for v in filter::resolve(doc, field) {
                 match v {
-                    Value::Array(a) if !a.is_empty() => values.extend(a.iter().cloned()),
-                    other => values.push((*other).clone()),
+                    Value::Array(a) if !a.is_empty() => values.extend(a.iter()),
+                    other => values.push(other),
                 }
             }
             if values.is_empty() {
-                values.push(Value::Null);
+                values.push(&Value::Null);
             }
-            combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| [c.clone(), vec![v.clone()]].concat())).collect();
+            if values.len() > 1 {
+                if let Some(other) = spread {
+                    return Err(DbError::bad(format!("cannot index parallel arrays: {other} and {field} both hold several values in one document (index {})", self.name)));
+                }
+                spread = Some(field);
+            }
+            if values.len() > MAX_INDEX_KEYS {
+                return Err(DbError::bad(format!("index {} would file {} keys for one document; at most {MAX_INDEX_KEYS}", self.name, values.len())));
+            }
+            columns.push(values);
         }
-        let mut keys: Vec<String> = combos.iter().map(|c| index_key(c)).collect();
+        let rows = columns.iter().map(Vec::len).max().unwrap_or(1);
+        let mut keys = Vec::with_capacity(rows);
+        let mut bytes = 0usize;
+        for row in 0..rows {
+            let tuple: Vec<Value> = columns.iter().map(|c| if c.len() == 1 { c[0].clone() } else { c[row].clone() }).collect();
+            let key = index_key(&tuple);
+            bytes += key.len();
+            if bytes > MAX_INDEX_KEY_BYTES {
+                return Err(DbError::bad(format!("index {} would file more than {MAX_INDEX_KEY_BYTES} bytes of keys for one document", self.name)));
+            }
+            keys.push(key);
+        }
         keys.sort();
         keys.dedup();
-        keys
+        Ok(keys)
     }
+}
+
+/// The most keys one document files in one index (the elements of its one array field).
+pub const MAX_INDEX_KEYS: usize = 10_000;
+/// The most bytes of keys one document files in one index: the largest document's size.
+pub const MAX_INDEX_KEY_BYTES: usize = update::MAX_DOCUMENT;
+
+/// The keys `doc` was filed under in `def`, to take it out again. A document whose keys are
+/// refused was never filed, so it has none to remove.
+pub(crate) fn filed_keys(def: &IndexDef, doc: &Value) -> Vec<String> {
+    def.keys_of(doc).unwrap_or_default()
 }
 
 /// The key of a tuple of values in an index: numbers in one form, so `1` and `1.0` are one key.
@@ -247,10 +284,34 @@ mod tests {
     #[test]
     fn index_keys_are_one_per_element_and_numbers_agree() {
         let def = IndexDef { name: "t_1".into(), keys: vec![("t".into(), 1)], unique: false };
-        assert_eq!(def.keys_of(&json!({"t": ["a", "b", "a"]})), vec![index_key(&[json!("a")]), index_key(&[json!("b")])]);
-        assert_eq!(def.keys_of(&json!({})), vec![index_key(&[json!(null)])]);
+        assert_eq!(def.keys_of(&json!({"t": ["a", "b", "a"]})).unwrap(), vec![index_key(&[json!("a")]), index_key(&[json!("b")])]);
+        assert_eq!(def.keys_of(&json!({})).unwrap(), vec![index_key(&[json!(null)])]);
         assert_eq!(index_key(&[json!(1)]), index_key(&[json!(1.0)]));
         let two = IndexDef { name: "a_1_b_1".into(), keys: vec![("a".into(), 1), ("b".into(), 1)], unique: true };
-        assert_eq!(two.keys_of(&json!({"a": 1, "b": "x"})).len(), 1);
+        assert_eq!(two.keys_of(&json!({"a": 1, "b": "x"})).unwrap().len(), 1);
+        // One array beside single values: one key per element, the single values in each.
+        assert_eq!(two.keys_of(&json!({"a": [1, 2], "b": ["x"]})).unwrap(), vec![index_key(&[json!(1), json!("x")]), index_key(&[json!(2), json!("x")])]);
+    }
+
+    #[test]
+    fn index_keys_stay_in_proportion_to_the_document() {
+        let two = IndexDef { name: "a_1_b_1".into(), keys: vec![("a".into(), 1), ("b".into(), 1)], unique: false };
+        // Two arrays would file the product of their lengths: refused, as MongoDB does.
+        let parallel = two.keys_of(&json!({"a": [1, 2], "b": [3, 4]})).unwrap_err();
+        assert_eq!(parallel.kind, DbErrorKind::BadInput);
+        assert!(parallel.message.contains("parallel arrays"), "{}", parallel.message);
+        let nested = IndexDef { name: "x.y_1_b_1".into(), keys: vec![("x.y".into(), 1), ("b".into(), 1)], unique: false };
+        assert!(nested.keys_of(&json!({"x": [{"y": 1}, {"y": 2}], "b": [3, 4]})).unwrap_err().message.contains("parallel arrays"));
+        // Too many elements in the one array.
+        let one = IndexDef { name: "t_1".into(), keys: vec![("t".into(), 1)], unique: false };
+        let many: Vec<u32> = (0..=MAX_INDEX_KEYS as u32).collect();
+        let over = one.keys_of(&json!({ "t": many })).unwrap_err();
+        assert!(over.message.contains("at most 10000"), "{}", over.message);
+        assert_eq!(one.keys_of(&json!({ "t": many[..MAX_INDEX_KEYS] })).unwrap().len(), MAX_INDEX_KEYS);
+        // A large value repeated beside each element of an array.
+        let big = "x".repeat(1 << 20);
+        let heavy = two.keys_of(&json!({"a": big, "b": [1, 2, 3, 4, 5]})).unwrap_err();
+        assert!(heavy.message.contains("bytes of keys"), "{}", heavy.message);
+        assert_eq!(two.keys_of(&json!({"a": big, "b": [1, 2, 3]})).unwrap().len(), 3);
     }
 }

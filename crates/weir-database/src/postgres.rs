@@ -31,7 +31,7 @@ use ::postgres::types::ToSql;
 use ::postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Statement, Transaction};
 use serde_json::Value;
 
-use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write};
+use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, filed_keys};
 
 /// How long a caller waits for a connection while all of the pool's are busy.
 const POOL_WAIT: Duration = Duration::from_secs(30);
@@ -571,7 +571,7 @@ impl<'a> Apply<'a> {
             }
             let Write::Put { doc, .. } = w else { continue };
             for def in self.metas.get(coll.as_str()).map(|m| m.indexes.as_slice()).unwrap_or_default().iter().filter(|d| d.unique) {
-                for key in def.keys_of(doc) {
+                for key in def.keys_of(doc).map_err(Fail::Db)? {
                     let at = (coll.clone(), def.name.clone(), key);
                     if !self.holders.contains_key(&at) {
                         keys.insert(at);
@@ -672,7 +672,7 @@ impl<'a> Apply<'a> {
     /// Files `doc` (stored under `id`) in `indexes`, refusing a second holder of a unique key.
     fn file(&mut self, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<(), Fail> {
         for def in indexes {
-            for key in def.keys_of(doc) {
+            for key in def.keys_of(doc).map_err(Fail::Db)? {
                 if def.unique {
                     let at = (coll.to_string(), def.name.clone(), key.clone());
                     if !self.holders.contains_key(&at) {
@@ -692,7 +692,7 @@ impl<'a> Apply<'a> {
 
     fn unfile(&mut self, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) {
         for def in indexes {
-            for key in def.keys_of(doc) {
+            for key in filed_keys(def, doc) {
                 if let Some(held) = self.holders.get_mut(&(coll.to_string(), def.name.clone(), key.clone())) {
                     held.remove(id);
                 }
@@ -778,7 +778,7 @@ impl<'a> Apply<'a> {
                 let entries = &mut self.entry_writes;
                 let mut refused = None;
                 each_doc(&mut self.tx, self.cache, sql, coll, &mut |id, doc| {
-                    for key in def.keys_of(&doc) {
+                    for key in def.keys_of(&doc).map_err(Fail::Db)? {
                         if def.unique {
                             match first.get(&key) {
                                 Some(holder) if *holder != id => {

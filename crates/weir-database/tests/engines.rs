@@ -79,6 +79,7 @@ on_both_engines!(
     indexes_are_used_and_unique_ones_hold,
     transactions_are_all_or_nothing,
     quotas_and_bad_input,
+    index_keys_stay_in_proportion,
     a_scan_past_its_time_fails,
     backends_keep_their_contract,
     nodes_see_each_others_writes_at_once,
@@ -192,6 +193,38 @@ fn transactions_are_all_or_nothing(e: &Engine) {
     let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
     run(&d, json!({"op": "insertOne", "collection": "big", "doc": {"_id": 0, "v": big}, "tx": tx})).unwrap();
     run(&d, json!({"op": "abort", "tx": tx})).unwrap();
+}
+
+/// A document files a bounded number of keys in an index: two arrays under one compound index
+/// ("parallel arrays", whose keys would be the product of their lengths) are refused as MongoDB
+/// refuses them, on a write and when an index is made over stored documents, and nothing changes.
+fn index_keys_stay_in_proportion(e: &Engine) {
+    let d = e.databases();
+    run(&d, json!({"op": "createIndex", "collection": "px", "keys": {"a": 1, "b": 1}})).unwrap();
+    let wide: Vec<u32> = (0..5000).collect();
+    let refused = run(&d, json!({"op": "insertOne", "collection": "px", "doc": {"_id": 1, "a": wide, "b": wide}})).unwrap_err();
+    assert_eq!(refused.kind, DbErrorKind::BadInput, "{}", refused.message);
+    assert!(refused.message.contains("parallel arrays"), "{}", refused.message);
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "px", "filter": {}})).unwrap(), json!(0));
+    run(&d, json!({"op": "insertOne", "collection": "px", "doc": {"_id": 2, "a": [1, 2], "b": 3}})).unwrap();
+    assert_eq!(run(&d, json!({"op": "find", "collection": "px", "filter": {"a": 2, "b": 3}})).unwrap(), json!([{"_id": 2, "a": [1, 2], "b": 3}]));
+    let refused = run(&d, json!({"op": "updateOne", "collection": "px", "filter": {"_id": 2}, "update": {"$set": {"b": [3, 4]}}})).unwrap_err();
+    assert!(refused.message.contains("parallel arrays"), "{}", refused.message);
+    assert_eq!(run(&d, json!({"op": "find", "collection": "px", "filter": {"a": 1, "b": 3}})).unwrap(), json!([{"_id": 2, "a": [1, 2], "b": 3}]));
+    // Stored documents a new index could not file: the index is not made.
+    run(&d, json!({"op": "insertOne", "collection": "py", "doc": {"_id": 1, "a": [1, 2], "b": [3, 4]}})).unwrap();
+    let refused = run(&d, json!({"op": "createIndex", "collection": "py", "keys": {"a": 1, "b": 1}})).unwrap_err();
+    assert!(refused.message.contains("parallel arrays"), "{}", refused.message);
+    let plan = run(&d, json!({"op": "explain", "collection": "py", "filter": {"a": 1, "b": 3}})).unwrap();
+    assert_eq!(plan["index"], Value::Null, "{plan}");
+    // One array of more elements than an index files for one document.
+    run(&d, json!({"op": "createIndex", "collection": "pz", "keys": {"t": 1}})).unwrap();
+    let many: Vec<u32> = (0..10_001).collect();
+    let refused = run(&d, json!({"op": "insertOne", "collection": "pz", "doc": {"_id": 1, "t": many}})).unwrap_err();
+    assert!(refused.message.contains("at most 10000"), "{}", refused.message);
+    run(&d, json!({"op": "insertOne", "collection": "pz", "doc": {"_id": 2, "t": many[..10_000]}})).unwrap();
+    let plan = run(&d, json!({"op": "explain", "collection": "pz", "filter": {"t": 9999}})).unwrap();
+    assert_eq!((&plan["index"], &plan["returned"]), (&json!("t_1"), &json!(1)), "{plan}");
 }
 
 fn quotas_and_bad_input(e: &Engine) {
