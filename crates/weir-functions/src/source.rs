@@ -21,6 +21,17 @@ use serde::Serialize;
 pub const MAX_FILES: usize = 64;
 pub const MAX_FILE_BYTES: usize = 512 * 1024;
 
+/// The deepest a file's brackets (`(`, `[`, `{`, template `${`, and in TypeScript a type's
+/// `<`) may nest. oxc walks the syntax tree by recursion, about a kilobyte of stack a level,
+/// and has no limit of its own: a few kilobytes of `((((` would overflow any thread's stack
+/// and abort the process.
+pub const MAX_NESTING: usize = 1000;
+
+/// The stack of the thread a compilation runs on. Past [`MAX_NESTING`], what can still nest
+/// is a chain of operators (`!!!!x`, `a=a=a`, `1+1+1`), a few hundred bytes a level, one level
+/// per two bytes at most: a full-size file of them fits. It is address space until used.
+const COMPILE_STACK: usize = 512 << 20;
+
 /// Why a source does not compile: where, and what.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CompileError {
@@ -95,8 +106,25 @@ pub fn compile(files: &BTreeMap<String, String>, entry: &str) -> Result<Compiled
     let Some(entry) = normalize_path(entry).filter(|e| normalized.contains_key(e)) else {
         return Err(err(entry, "the entrypoint is not one of the files".into()));
     };
-    let mut modules = BTreeMap::new();
     for (path, text) in &normalized {
+        check_nesting(path, text)?;
+    }
+    let failed = |why: &str| err(&entry, format!("the compiler failed: {why}"));
+    std::thread::scope(|scope| {
+        let thread = std::thread::Builder::new().name("weir-compile".into()).stack_size(COMPILE_STACK);
+        match thread.spawn_scoped(scope, || strip_all(&normalized, &entry)) {
+            Ok(running) => running.join().unwrap_or_else(|_| Err(failed("it stopped"))),
+            Err(e) => Err(failed(&e.to_string())),
+        }
+    })
+}
+
+/// Strips every file, and checks each import and the entry point's default export.
+fn strip_all(normalized: &BTreeMap<String, &str>, entry: &str) -> Result<Compiled, CompileError> {
+    let err = |file: &str, message: String| CompileError { file: file.to_string(), line: 0, column: 0, message };
+    let entry = entry.to_string();
+    let mut modules = BTreeMap::new();
+    for (path, text) in normalized {
         let (js, imports, has_default) = strip(path, text)?;
         for (spec, offset) in imports {
             if spec.starts_with("./") || spec.starts_with("../") {
@@ -113,6 +141,86 @@ pub fn compile(files: &BTreeMap<String, String>, entry: &str) -> Result<Compiled
         modules.insert(path.clone(), js);
     }
     Ok(Compiled { modules, entry })
+}
+
+/// Refuses a file whose brackets nest deeper than [`MAX_NESTING`]. A light scan, not a
+/// parser: it skips comments, strings and the text of template literals, and leaves a
+/// mismatched bracket to the parser. In TypeScript a `<` counts as a level until its `>`, a
+/// `;`, `)`, `{` or `}` (where a comparison's `<` ends), so generics nest under the same limit.
+/// So does a control statement whose body is another without braces (`if (a) if (b) ...`):
+/// the compiler takes time in the square of that depth.
+fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
+    let ts = path.ends_with(".ts") || path.ends_with(".mts");
+    let b = text.as_bytes();
+    // What is open: a bracket, a template's text (`), or a template's `${`.
+    let mut open: Vec<u8> = Vec::new();
+    let mut angles = 0usize;
+    // Statements whose body is a statement without braces, open since the last `;` or brace.
+    let mut bodies = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        if open.last() == Some(&b'`') {
+            match c {
+                b'\\' => i += 1,
+                b'`' => {
+                    open.pop();
+                }
+                b'$' if b.get(i + 1) == Some(&b'{') => {
+                    open.push(b'$');
+                    i += 1;
+                }
+                _ => {}
+            }
+            i += 1;
+            continue;
+        }
+        match c {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                i = b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |n| i + n);
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i = text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 1);
+            }
+            b'\'' | b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != c && b[i] != b'\n' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            // Outside strings a backslash escapes within a regular expression.
+            b'\\' => i += 1,
+            b'`' | b'(' | b'[' => open.push(c),
+            b'{' => {
+                open.push(c);
+                (angles, bodies) = (0, 0);
+            }
+            b')' | b']' => {
+                open.pop();
+                angles = if c == b']' { angles } else { 0 };
+            }
+            b'}' => {
+                open.pop();
+                (angles, bodies) = (0, 0);
+            }
+            b'<' if ts => angles += 1,
+            b'>' if ts => angles = angles.saturating_sub(1),
+            b';' => (angles, bodies) = (0, 0),
+            c if c.is_ascii_alphabetic() || c == b'_' || c == b'$' => {
+                let end = b[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$')).map_or(b.len(), |n| i + n);
+                if matches!(&b[i..end], b"if" | b"else" | b"for" | b"while" | b"do" | b"with") {
+                    bodies += 1;
+                }
+                i = end - 1;
+            }
+            _ => {}
+        }
+        if open.len() + angles + bodies > MAX_NESTING {
+            return Err(at(path, text, i as u32, format!("the code nests deeper than {MAX_NESTING} levels here")));
+        }
+        i += 1;
+    }
+    Ok(())
 }
 
 fn at(file: &str, text: &str, offset: u32, message: String) -> CompileError {
@@ -187,6 +295,72 @@ mod tests {
         assert_eq!(out.entry, "index.ts");
     }
 
+    /// Source shaped to nest as deep as a file's size allows.
+    fn hostile(shape: &str) -> (&'static str, String) {
+        let n = MAX_FILE_BYTES;
+        let chain = |unit: &str, end: &str| format!("{}{end}", unit.repeat((n - 64) / unit.len()));
+        let body = match shape {
+            "paren" => format!("{}1", "(".repeat(n - 64)),
+            "bracket" => format!("{}1", "[".repeat(n - 64)),
+            "block" => "{".repeat(n - 64),
+            "template" => "`${".repeat((n - 64) / 3),
+            "generic" => return ("index.ts", format!("export default 0;\nlet q: {}number;", "A<".repeat((n - 64) / 2))),
+            "not" => chain("!", "x"),
+            "negate" => chain("- ", "x"),
+            "assign" => chain("a=", "1"),
+            "plus" => chain("1+", "1"),
+            "conditional" => chain("x?1:", "1"),
+            "member" => format!("x{}", ".a".repeat((n - 64) / 2)),
+            "call" => format!("x{}", "()".repeat((n - 64) / 2)),
+            "arrow" => chain("()=>", "1"),
+            "if" => chain("if(1)", "1"),
+            "while" => chain("while(0)", "1"),
+            "label" => (0..).map(|n| format!("l{n}:")).scan(0, |len, l| { *len += l.len(); (*len < n - 64).then_some(l) }).collect::<String>() + "1",
+            "else-if" => chain("if(x)1;else ", "1"),
+            "typeof" => chain("typeof ", "x"),
+            "power" => chain("1**", "1"),
+            _ => unreachable!(),
+        };
+        ("index.js", format!("export default 0;\nlet a, x;\n{body}\n"))
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_crash() {
+        // Each shape overflowed an 8 MiB stack in oxc and aborted the process. Brackets past
+        // MAX_NESTING are refused where they go too deep; chains of operators compile on the
+        // compiler's own large stack.
+        for shape in ["paren", "bracket", "block", "template", "generic", "if", "while"] {
+            let (path, text) = hostile(shape);
+            let e = compile(&files(&[(path, &text)]), path).unwrap_err();
+            assert!(e.message.contains("nests deeper than 1000 levels"), "{shape}: {e:?}");
+            assert_eq!(e.line, if shape == "generic" { 2 } else { 3 }, "{shape}: {e:?}");
+        }
+        for shape in ["not", "negate", "assign", "plus", "conditional", "member", "call", "arrow", "typeof", "power", "label", "else-if"] {
+            let (path, text) = hostile(shape);
+            assert!(text.len() <= MAX_FILE_BYTES && text.len() > MAX_FILE_BYTES - 100, "{shape}: {}", text.len());
+            // Compiling is the point: whichever the answer, the process is still here.
+            let answer = compile(&files(&[(path, &text)]), path);
+            assert!(answer.is_ok() || answer.as_ref().is_err_and(|e| !e.message.contains("compiler failed")), "{shape}: {answer:?}");
+        }
+    }
+
+    #[test]
+    fn nesting_counts_code_not_text() {
+        let deep = |open: &str, close: &str, n: usize| format!("export default () => {}1{};\n", open.repeat(n), close.repeat(n));
+        assert!(compile(&files(&[("index.js", &deep("(", ")", 999))]), "index.js").is_ok());
+        assert!(compile(&files(&[("index.js", &deep("(", ")", 1001))]), "index.js").unwrap_err().message.contains("nests deeper"));
+        // Brackets in strings, comments, template text and regular expressions are not code.
+        let many = "(".repeat(3000);
+        let text = format!(
+            "// {many}\n/* {many} */\nlet x; const s = '{many}', d = \"{many}\", t = `{many}${{1}}{many}`;\n{}export default () => [s, d, t];\n",
+            "x = /\\(/;\n".repeat(1500)
+        );
+        compile(&files(&[("index.js", &text)]), "index.js").unwrap();
+        // TypeScript: comparisons do not add up as generics do.
+        let text = format!("{}export default (a: number, b: number): Array<Array<number>> => [[a < b ? 1 : 0]];\n", "if (1 < 2) {}\n".repeat(3000));
+        compile(&files(&[("index.ts", &text)]), "index.ts").unwrap();
+    }
+
     #[test]
     fn errors_name_the_file_line_and_column() {
         let e = compile(&files(&[("index.ts", "export default function () {\n  return 1 +;\n}")]), "index.ts").unwrap_err();
@@ -213,3 +387,4 @@ mod tests {
         assert_eq!(resolve_relative(have, "x.ts", "../../etc/passwd"), None);
     }
 }
+

@@ -311,6 +311,34 @@ async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine()
     assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
 }
 
+/// Source as deep as a file may be, in the shapes that still compile: QuickJS's own parser
+/// has a stack limit, so loading it fails the call, and the runtime goes on.
+#[tokio::test]
+async fn code_nested_as_deep_as_a_file_allows_fails_its_call_and_nothing_else() {
+    let deep = |unit: &str, end: &str| format!("export default () => {}{end};\n", unit.repeat((source::MAX_FILE_BYTES - 64) / unit.len()));
+    let gw = Gw::new(vec![
+        func("dev", "not", &[("index.js", &deep("!", "1"))]),
+        func("dev", "plus", &[("index.js", &deep("1+", "1"))]),
+        func("dev", "conditional", &[("index.js", &deep("0?1:", "1"))]),
+        func("dev", "arrow", &[("index.js", &deep("()=>", "1"))]),
+        func("dev", "ok", &[("index.js", "export default () => ({ ok: true })")]),
+    ]);
+    for name in ["not", "plus", "conditional", "arrow"] {
+        let out = gw.call_with(name, get("/"), Limits { cpu: Duration::from_secs(20), ..limits() }).await;
+        // QuickJS refuses a module too deep for its stack limit, and the runtime answers the
+        // next call.
+        match (name, &out.result) {
+            // A sum is a loop to QuickJS, however long.
+            ("plus", Ok(_)) => assert_eq!(body_json(&out), json!((source::MAX_FILE_BYTES - 64) / 2 + 1)),
+            ("not" | "conditional", Err(Failure::Threw { message, .. })) => assert_eq!(message, "Maximum call stack size exceeded"),
+            // Its parser past its depth, in its own words.
+            ("arrow", Err(Failure::Threw { message, .. })) => assert_eq!(message, "missing formal parameter"),
+            (name, other) => panic!("{name}: {other:?}"),
+        }
+        assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}), "after {name}");
+    }
+}
+
 #[tokio::test]
 async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
     let gw = Gw::new(vec![func("dev", "slow", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r('done'), 300))")])]);

@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use weir_core::error::ErrorKind;
+use weir_functions::lanes::Lanes;
 use weir_functions::live::{EnvDoc, FunctionDoc, env_key, function_key, partition_prefix};
 use weir_functions::{CompileError, Request};
 use weir_store::{Compare, Op, Txn, TxnOutcome};
@@ -111,6 +112,23 @@ fn files_of(source: SourceInput) -> Result<(BTreeMap<String, String>, String), R
             Ok((files, entry))
         }
         _ => Err(bad_input(vec!["source: give either code, or files with their entrypoint".into()])),
+    }
+}
+
+/// Compilations running at once on the node, and for one gateway: a large file takes the
+/// compiler a while, on a blocking thread rather than one of the API's.
+fn compile_lanes() -> &'static Lanes {
+    static LANES: std::sync::OnceLock<Lanes> = std::sync::OnceLock::new();
+    LANES.get_or_init(|| Lanes::new(2, 1))
+}
+
+/// Checks a function's source as saved: `Err` is the answer to give.
+async fn compile(gid: &str, files: &BTreeMap<String, String>, entry: &str) -> Result<(), Reply> {
+    let (files, entry) = (files.clone(), entry.to_string());
+    match compile_lanes().run(&tokio::runtime::Handle::current(), gid, move || weir_functions::source::compile(&files, &entry).map(drop)).await {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(compile_failure(&e)),
+        None => Err(failure(ErrorKind::Internal, "the compiler failed", vec![])),
     }
 }
 
@@ -257,8 +275,8 @@ impl Platform {
             Ok(f) => f,
             Err(r) => return r,
         };
-        if let Err(e) = weir_functions::source::compile(&files, &entrypoint) {
-            return compile_failure(&e);
+        if let Err(r) = compile(gid, &files, &entrypoint).await {
+            return r;
         }
         let plugins = input.plugins.unwrap_or_default();
         if let Err(r) = self.check_function_plugins(&plugins) {
@@ -346,9 +364,9 @@ impl Platform {
             Err(r) => return r,
         };
         if let Some((files, entry)) = &source
-            && let Err(e) = weir_functions::source::compile(files, entry)
+            && let Err(r) = compile(gid, files, entry).await
         {
-            return compile_failure(&e);
+            return r;
         }
         if let Some(p) = &input.plugins
             && let Err(r) = self.check_function_plugins(p)

@@ -730,6 +730,12 @@ async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plug
     assert_eq!((s, &b["error"]["file"], &b["error"]["line"]), (400, &json!("index.ts"), &json!(2)), "{b}");
     assert!(b["error"]["column"].as_u64().unwrap() > 1, "{b}");
     assert_eq!(v1(&w, "GET", &fn_path("fns", "dev/broken"), None).await.0, 404);
+    // Nesting deep enough to overflow the compiler's stack is refused where it goes too deep,
+    // and the node goes on (the next request below is served).
+    let deep = format!("export default () =>\n{}1{};", "(".repeat(200_000), ")".repeat(200_000));
+    let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "deep", "source": {"code": deep}}))).await;
+    assert_eq!((s, &b["error"]["line"], &b["error"]["column"]), (400, &json!(2), &json!(1001)), "{b}");
+    assert!(b["error"]["message"].as_str().unwrap().contains("nests deeper than 1000 levels"), "{b}");
 
     // Express shape, `@/name` imports, SDK in a function, and a function's own plugin.
     let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "orders", "source": {"code":
