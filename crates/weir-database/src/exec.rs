@@ -513,6 +513,9 @@ impl Run<'_> {
         if let Some(ids) = filter.equalities("_id") {
             plan.index = Some("_id_".into());
             for id in ids.iter().filter_map(|v| id_key(v).ok()) {
+                if Instant::now() > deadline {
+                    return Err(late());
+                }
                 plan.examined += 1;
                 if let Some(d) = self.db.backend.get(self.coll, &id)?
                     && filter.matches(&d)
@@ -537,7 +540,8 @@ impl Run<'_> {
             let mut n = 0u64;
             self.db.backend.scan(self.coll, &mut |d| {
                 n += 1;
-                if n.is_multiple_of(1024) && Instant::now() > deadline {
+                // Every document: one can take long to match (a long array, a long `$in`).
+                if Instant::now() > deadline {
                     return Err(late());
                 }
                 if filter.matches(&d) {
@@ -552,6 +556,9 @@ impl Run<'_> {
             for ((coll, id), doc) in &t.writes {
                 if coll != self.coll {
                     continue;
+                }
+                if Instant::now() > deadline {
+                    return Err(late());
                 }
                 out.remove(id);
                 if let Some(d) = doc

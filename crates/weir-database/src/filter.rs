@@ -15,8 +15,27 @@ use crate::DbError;
 
 /// The most nested a filter may be.
 const DEPTH: usize = 32;
-/// The largest compiled pattern `$regex` accepts.
+/// The largest compiled pattern `$regex` accepts, and how many one filter may have: each is
+/// compiled when the filter is parsed.
 const REGEX_SIZE: usize = 1 << 20;
+const MAX_REGEXES: usize = 16;
+
+/// How many `$regex` keys `v` holds, at any depth.
+fn regexes_in(v: &Value) -> usize {
+    let mut n = 0;
+    let mut todo = vec![v];
+    while let Some(v) = todo.pop() {
+        match v {
+            Value::Object(o) => {
+                n += usize::from(o.contains_key("$regex"));
+                todo.extend(o.values());
+            }
+            Value::Array(a) => todo.extend(a.iter()),
+            _ => {}
+        }
+    }
+    n
+}
 
 #[derive(Debug, Clone)]
 pub enum Filter {
@@ -40,6 +59,9 @@ pub enum Cond {
 
 impl Filter {
     pub fn parse(v: &Value) -> Result<Filter, DbError> {
+        if regexes_in(v) > MAX_REGEXES {
+            return Err(DbError::bad(format!("a filter has at most {MAX_REGEXES} $regex")));
+        }
         parse_doc(v, 0)
     }
 
@@ -95,7 +117,7 @@ impl Cond {
     }
 
     /// `found`: the values the path leads to (none when it leads nowhere).
-    fn matches(&self, found: &[&Value]) -> bool {
+    pub(crate) fn matches(&self, found: &[&Value]) -> bool {
         match self {
             Cond::Eq(v) => eq_any(found, v),
             Cond::Ne(v) => !eq_any(found, v),
@@ -330,6 +352,19 @@ mod tests {
         let started = std::time::Instant::now();
         assert!(!f.matches(&json!({"s": text})));
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn a_filter_compiles_a_bounded_number_of_patterns() {
+        // Each `\w{20}` compiles to most of the pattern size limit: so many of them are refused
+        // before any is compiled.
+        let clauses = |n: usize| json!({"$or": (0..n).map(|i| json!({format!("f{i}"): {"$regex": "\\w{20}"}})).collect::<Vec<_>>()});
+        let f = Filter::parse(&clauses(MAX_REGEXES)).unwrap();
+        assert!(f.matches(&json!({"f3": "a".repeat(20)})));
+        let e = Filter::parse(&clauses(MAX_REGEXES + 1)).unwrap_err();
+        assert!(e.message.contains("at most 16 $regex"), "{}", e.message);
+        let nested = json!({"$and": [clauses(8), {"$or": [clauses(8), {"x": {"$not": {"$regex": "a"}}}]}]});
+        assert!(Filter::parse(&nested).is_err());
     }
 
     #[test]

@@ -153,8 +153,9 @@ impl Update {
     }
 }
 
+/// Whether an element of an array meets `cond`, as a field holding that one value would.
 fn cond_matches(cond: &Cond, v: &Value) -> bool {
-    Filter::Field("v".into(), cond.clone()).matches(&serde_json::json!({"v": v}))
+    cond.matches(&[v])
 }
 
 /// The value at `path`, made (with the objects on the way) when it is not there.
