@@ -220,8 +220,10 @@ impl Platform {
             Ok(b) => b,
             Err(r) => return r,
         };
-        if let Err(e) = parse_cron(&input.cron) {
-            return bad_input(vec![e]);
+        match parse_cron(&input.cron) {
+            Ok(cron) if next_tick(&cron, now_ms()).is_none() => return bad_input(vec![format!("cron: {:?} never fires", input.cron)]),
+            Ok(_) => {}
+            Err(e) => return bad_input(vec![e]),
         }
         if !caller.writes_env(&input.environment) {
             return crate::api::refuse(StatusCode::FORBIDDEN, &format!("this token may not change the {} environment", input.environment));
@@ -289,9 +291,9 @@ impl Platform {
                             if plan.get(&kv.key).is_some_and(|(text, ..)| *text == t.cron) {
                                 continue;
                             }
-                            if let Ok(cron) = parse_cron(&t.cron)
-                                && let Some(next) = next_tick(&cron, now)
-                            {
+                            // One that never fires stays planned for never, not searched again.
+                            if let Ok(cron) = parse_cron(&t.cron) {
+                                let next = next_tick(&cron, now).unwrap_or(i64::MAX);
                                 plan.insert(kv.key, (t.cron, cron, next));
                             }
                         }

@@ -352,6 +352,10 @@ async fn a_cron_trigger_runs_once_per_tick_across_two_nodes_and_a_slow_run_never
     assert_eq!(s, 400, "{e}");
     assert!(e.to_string().contains("4 fields"), "{e}");
     assert_eq!(v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "nope", "environment": "dev", "cron": "* * * * * *"}))).await.0, 400);
+    // A schedule that never comes (the 31st of February) is refused rather than searched for.
+    let (s, e) = v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "tick", "environment": "dev", "cron": "0 0 31 2 *"}))).await;
+    assert_eq!(s, 400, "{e}");
+    assert!(e.to_string().contains("never fires"), "{e}");
 
     let (s, t) = v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "tick", "environment": "dev", "cron": "* * * * * *", "body": {"from": "cron"}}))).await;
     assert_eq!(s, 201, "{t}");
