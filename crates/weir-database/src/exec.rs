@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value, json};
 
-use crate::filter::Filter;
+use crate::filter::{Budget, Filter};
 use crate::update::{Projection, Update, id_key, parse_sort, prepare, sort};
 use crate::{Backend, DbError, DbErrorKind, IndexDef, Opener, Quota, Write, check_collection, index_key};
 
@@ -374,11 +374,12 @@ impl Run<'_> {
                     found.truncate(1);
                 }
                 let (matched, mut writes) = (found.len(), Vec::new());
+                let mut budget = Budget::until(self.deadline);
                 for (id, old) in found {
                     let mut doc = old.clone();
                     match &change {
                         Some(u) => {
-                            if !u.apply(&mut doc)? {
+                            if !u.apply_within(&mut doc, &mut budget)? {
                                 continue;
                             }
                         }
@@ -510,15 +511,16 @@ impl Run<'_> {
         let mut out: BTreeMap<String, Value> = BTreeMap::new();
         let deadline = self.deadline;
         let late = || DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {} ms", self.quota.query_ms) };
+        let mut budget = Budget::until(deadline);
         if let Some(ids) = filter.equalities("_id") {
             plan.index = Some("_id_".into());
             for id in ids.iter().filter_map(|v| id_key(v).ok()) {
-                if Instant::now() > deadline {
+                if budget.spent() || Instant::now() > deadline {
                     return Err(late());
                 }
                 plan.examined += 1;
                 if let Some(d) = self.db.backend.get(self.coll, &id)?
-                    && filter.matches(&d)
+                    && filter.matches_within(&d, &mut budget)
                 {
                     out.insert(id, d);
                 }
@@ -527,11 +529,11 @@ impl Run<'_> {
             plan.index = Some(def.name.clone());
             for key in keys {
                 for (id, d) in self.db.backend.lookup_docs(self.coll, &def.name, &key)? {
-                    if Instant::now() > deadline {
+                    if budget.spent() || Instant::now() > deadline {
                         return Err(late());
                     }
                     plan.examined += 1;
-                    if filter.matches(&d) {
+                    if filter.matches_within(&d, &mut budget) {
                         out.insert(id, d);
                     }
                 }
@@ -541,10 +543,10 @@ impl Run<'_> {
             self.db.backend.scan(self.coll, &mut |d| {
                 n += 1;
                 // Every document: one can take long to match (a long array, a long `$in`).
-                if Instant::now() > deadline {
+                if budget.spent() || Instant::now() > deadline {
                     return Err(late());
                 }
-                if filter.matches(&d) {
+                if filter.matches_within(&d, &mut budget) {
                     let id = id_key(&d["_id"])?;
                     out.insert(id, if keep { d } else { Value::Null });
                 }
@@ -557,12 +559,12 @@ impl Run<'_> {
                 if coll != self.coll {
                     continue;
                 }
-                if Instant::now() > deadline {
+                if budget.spent() || Instant::now() > deadline {
                     return Err(late());
                 }
                 out.remove(id);
                 if let Some(d) = doc
-                    && filter.matches(d)
+                    && filter.matches_within(d, &mut budget)
                 {
                     out.insert(id.clone(), d.clone());
                 }
@@ -574,6 +576,9 @@ impl Run<'_> {
                     t.seen.entry(key).or_insert_with(|| Some(d.clone()));
                 }
             }
+        }
+        if budget.spent() {
+            return Err(late());
         }
         Ok(out.into_iter().collect())
     }

@@ -7,6 +7,7 @@
 //! matching time is linear in the text (no backtracking), with its pattern size bounded.
 
 use std::cmp::Ordering;
+use std::time::Instant;
 
 use regex::Regex;
 use serde_json::{Map, Value};
@@ -71,10 +72,21 @@ impl Filter {
     }
 
     pub fn matches(&self, doc: &Value) -> bool {
+        self.matches_within(doc, &mut Budget::unlimited())
+    }
+
+    /// Whether `doc` matches, spending `budget` on each value compared: once it runs out every
+    /// loop stops at once, the answer is meaningless and [`Budget::spent`] says so, so that one
+    /// document with a long array against a long `$in` or `$or` cannot hold a query past its
+    /// time.
+    pub fn matches_within(&self, doc: &Value, budget: &mut Budget) -> bool {
         match self {
-            Filter::And(fs) => fs.iter().all(|f| f.matches(doc)),
-            Filter::Or(fs) => fs.iter().any(|f| f.matches(doc)),
-            Filter::Field(path, cond) => cond.matches(&resolve(doc, path)),
+            Filter::And(fs) => fs.iter().all(|f| !budget.spent() && f.matches_within(doc, budget)),
+            Filter::Or(fs) => fs.iter().any(|f| budget.spent() || f.matches_within(doc, budget)),
+            Filter::Field(path, cond) => {
+                let found = resolve(doc, path);
+                budget.spend(found.len()) && cond.matches(&found, budget)
+            }
         }
     }
 
@@ -117,21 +129,59 @@ impl Cond {
     }
 
     /// `found`: the values the path leads to (none when it leads nowhere).
-    pub(crate) fn matches(&self, found: &[&Value]) -> bool {
+    pub(crate) fn matches(&self, found: &[&Value], budget: &mut Budget) -> bool {
         match self {
-            Cond::Eq(v) => eq_any(found, v),
-            Cond::Ne(v) => !eq_any(found, v),
-            Cond::Cmp(want, or_equal, v) => candidates(found).any(|x| match compare_same_kind(x, v) {
-                Some(o) => o == *want || (*or_equal && o == Ordering::Equal),
-                None => false,
+            Cond::Eq(v) => eq_any(found, v, budget),
+            Cond::Ne(v) => !eq_any(found, v, budget),
+            Cond::Cmp(want, or_equal, v) => candidates(found).any(|x| {
+                !budget.spend(1)
+                    || match compare_same_kind(x, v) {
+                        Some(o) => o == *want || (*or_equal && o == Ordering::Equal),
+                        None => false,
+                    }
             }),
-            Cond::In(vs) => vs.iter().any(|v| eq_any(found, v)),
-            Cond::Nin(vs) => !vs.iter().any(|v| eq_any(found, v)),
+            Cond::In(vs) => vs.iter().any(|v| budget.spent() || eq_any(found, v, budget)),
+            Cond::Nin(vs) => !vs.iter().any(|v| budget.spent() || eq_any(found, v, budget)),
             Cond::Exists(want) => found.is_empty() != *want,
-            Cond::Not(c) => !c.matches(found),
-            Cond::Regex(re) => candidates(found).any(|x| x.as_str().is_some_and(|s| re.is_match(s))),
-            Cond::All(cs) => cs.iter().all(|c| c.matches(found)),
+            Cond::Not(c) => !c.matches(found, budget),
+            Cond::Regex(re) => candidates(found).any(|x| !budget.spend(1) || x.as_str().is_some_and(|s| re.is_match(s))),
+            Cond::All(cs) => cs.iter().all(|c| !budget.spent() && c.matches(found, budget)),
         }
+    }
+}
+
+/// What a match may still do: comparisons counted, and the clock read every few thousand.
+pub struct Budget {
+    deadline: Option<Instant>,
+    count: u32,
+    spent: bool,
+}
+
+impl Budget {
+    /// Comparisons between two readings of the clock.
+    const STRIDE: u32 = 4096;
+
+    pub fn until(deadline: Instant) -> Budget {
+        Budget { deadline: Some(deadline), count: 0, spent: false }
+    }
+
+    pub fn unlimited() -> Budget {
+        Budget { deadline: None, count: 0, spent: false }
+    }
+
+    /// Counts `n` comparisons; `false` once the deadline has passed.
+    fn spend(&mut self, n: usize) -> bool {
+        let before = self.count;
+        self.count = self.count.wrapping_add(n.min(u32::MAX as usize) as u32);
+        if !self.spent && (self.count / Self::STRIDE != before / Self::STRIDE || n >= Self::STRIDE as usize) {
+            self.spent = self.deadline.is_some_and(|d| Instant::now() > d);
+        }
+        !self.spent
+    }
+
+    /// Whether the deadline passed during a match, which then answered nothing reliable.
+    pub fn spent(&self) -> bool {
+        self.spent
     }
 }
 
@@ -142,11 +192,11 @@ fn candidates<'a>(found: &'a [&'a Value]) -> impl Iterator<Item = &'a Value> {
 
 /// Equality as MongoDB has it: `null` also matches a missing field, and an array field
 /// matches a value equal to it or to one of its elements.
-fn eq_any(found: &[&Value], v: &Value) -> bool {
+fn eq_any(found: &[&Value], v: &Value, budget: &mut Budget) -> bool {
     if v.is_null() && found.is_empty() {
         return true;
     }
-    candidates(found).any(|x| json_eq(x, v))
+    candidates(found).any(|x| !budget.spend(1) || json_eq(x, v))
 }
 
 /// Equality of JSON values where numbers compare by value (`1` equals `1.0`).

@@ -3,8 +3,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::DbError;
-use crate::filter::{Cond, Filter, compare, json_eq, resolve};
+use crate::{DbError, DbErrorKind};
+use crate::filter::{Budget, Cond, Filter, compare, json_eq, resolve};
 
 /// The largest document stored, as JSON.
 pub const MAX_DOCUMENT: usize = 4 << 20;
@@ -119,6 +119,11 @@ impl Update {
 
     /// Applies the update; whether the document changed.
     pub fn apply(&self, doc: &mut Value) -> Result<bool, DbError> {
+        self.apply_within(doc, &mut Budget::unlimited())
+    }
+
+    /// [`Update::apply`], its `$pull` conditions spending `budget`: a timeout once it is spent.
+    pub fn apply_within(&self, doc: &mut Value, budget: &mut Budget) -> Result<bool, DbError> {
         let before = doc.clone();
         for c in &self.0 {
             match c {
@@ -143,7 +148,10 @@ impl Update {
                 }
                 Change::Pull(p, cond) => {
                     if let Some(Value::Array(a)) = existing_mut(doc, p) {
-                        a.retain(|e| !cond_matches(cond, e));
+                        a.retain(|e| !cond.matches(&[e], budget));
+                        if budget.spent() {
+                            return Err(DbError { kind: DbErrorKind::Timeout, message: "the update ran past the query's time".into() });
+                        }
                     }
                 }
             }
@@ -153,10 +161,6 @@ impl Update {
     }
 }
 
-/// Whether an element of an array meets `cond`, as a field holding that one value would.
-fn cond_matches(cond: &Cond, v: &Value) -> bool {
-    cond.matches(&[v])
-}
 
 /// The value at `path`, made (with the objects on the way) when it is not there.
 fn slot<'a>(doc: &'a mut Value, path: &str) -> Result<&'a mut Value, DbError> {

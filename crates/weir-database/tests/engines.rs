@@ -264,6 +264,23 @@ fn a_scan_past_its_time_fails(e: &Engine) {
     let q = Quota { query_ms: 1, ..Quota::default() };
     let e = d.execute("g", &q, &json!({"op": "find", "collection": "c", "filter": {"s": {"$regex": "(a|aa)+b$"}}})).unwrap_err();
     assert_eq!((e.kind, e.status()), (DbErrorKind::Timeout, 504));
+    // One document whose long array meets a long `$in` (10^10 comparisons): the query stops
+    // at its time within the document, on a find and on an update's `$pull` alike.
+    let long: Vec<u32> = (0..500_000).collect();
+    run(&d, json!({"op": "insertOne", "collection": "long", "doc": {"_id": 1, "arr": long}})).unwrap();
+    let absent: Vec<i32> = (1..=20_000).map(|i| -i).collect();
+    let q = Quota { query_ms: 200, ..Quota::default() };
+    for req in [
+        json!({"op": "find", "collection": "long", "filter": {"arr": {"$in": absent}}}),
+        json!({"op": "countDocuments", "collection": "long", "filter": {"$or": absent.iter().map(|v| json!({"arr": v})).collect::<Vec<_>>()}}),
+        json!({"op": "updateOne", "collection": "long", "filter": {"_id": 1}, "update": {"$pull": {"arr": {"$in": absent}}}}),
+    ] {
+        let t = Instant::now();
+        let e = d.execute("g", &q, &req).unwrap_err();
+        assert_eq!(e.kind, DbErrorKind::Timeout, "{}", e.message);
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "long", "filter": {"_id": 1}})).unwrap()["arr"].as_array().unwrap().len(), 500_000);
 }
 
 fn id(v: impl Into<Value>) -> String {
