@@ -292,6 +292,52 @@ fn check_quota(db: &Db, quota: &Quota, writes: &[Write]) -> Result<(), DbError> 
     Ok(())
 }
 
+/// Which of the documents a read matches it keeps.
+enum Keep<'a> {
+    All,
+    /// Only which match, without their documents (a count).
+    Which,
+    /// The first so many in `_id` order: a scan stops there.
+    First(usize),
+    /// The first so many in the order of a sort.
+    Top(&'a [(String, bool)], usize),
+}
+
+/// The documents a read keeps as it goes: with a sort, only the first so many in its order,
+/// so a sorted read holds about twice its window, however many documents match.
+struct Kept<'a> {
+    out: BTreeMap<String, Value>,
+    values: bool,
+    top: Option<(&'a [(String, bool)], usize)>,
+}
+
+impl Kept<'_> {
+    fn offer(&mut self, id: String, doc: Value) {
+        self.out.insert(id, if self.values { doc } else { Value::Null });
+        if let Some((_, n)) = self.top
+            && self.out.len() >= (2 * n).max(1024)
+        {
+            self.prune();
+        }
+    }
+
+    /// Keeps only the first of the sort's window.
+    fn prune(&mut self) {
+        let Some((by, n)) = self.top else { return };
+        if self.out.len() <= n {
+            return;
+        }
+        let mut all: Vec<(String, Value)> = std::mem::take(&mut self.out).into_iter().collect();
+        crate::update::sort_by(&mut all, |(_, d)| d, by);
+        all.truncate(n);
+        self.out = all.into_iter().collect();
+    }
+}
+
+/// A sorted find keeps at most this many documents in memory (its `skip` and `limit`), as
+/// MongoDB bounds the memory of a sort made without an index.
+const MAX_SORTED: usize = 100_000;
+
 /// One operation on one collection.
 struct Run<'a> {
     db: &'a Db,
@@ -346,10 +392,20 @@ impl Run<'_> {
                 let by = parse_sort(o.get("sort"))?;
                 let skip = count_option(o, "skip")?.unwrap_or(0) as usize;
                 let limit = if op == "findOne" { Some(1) } else { count_option(o, "limit")?.filter(|l| *l > 0) };
-                // Without a sort, a scan may stop once it has what is asked for.
-                let stop = if by.is_empty() && op != "countDocuments" { limit.map(|l| skip + l as usize) } else { None };
-                let keep = op != "countDocuments";
-                let mut docs: Vec<Value> = self.matching(&filter, tx.as_deref_mut(), &mut plan, stop, keep)?.into_iter().map(|(_, d)| d).collect();
+                // What a read keeps: a count only which match; otherwise the first `skip +
+                // limit`, and one past the most a find may answer (to say it is too many), by
+                // `_id` (a scan may stop there) or by the sort (`explain` only counts them).
+                let window = skip.saturating_add(limit.map_or(MAX_RESULTS + 1, |l| (l as usize).min(MAX_RESULTS + 1)));
+                let keep = match op {
+                    "countDocuments" => Keep::Which,
+                    _ if by.is_empty() => Keep::First(window),
+                    "explain" => Keep::Which,
+                    _ if window > MAX_SORTED => {
+                        return Err(DbError::bad(format!("a sorted find keeps at most {MAX_SORTED} documents (skip + limit); page by a range of the sort's field")));
+                    }
+                    _ => Keep::Top(&by, window),
+                };
+                let mut docs: Vec<Value> = self.matching(&filter, tx.as_deref_mut(), &mut plan, keep)?.into_iter().map(|(_, d)| d).collect();
                 if op == "countDocuments" {
                     return Ok(json!(docs.len()));
                 }
@@ -369,7 +425,7 @@ impl Run<'_> {
                 let filter = parse_filter(&r["filter"])?;
                 let change = if op == "replaceOne" { None } else { Some(Update::parse(&r["update"])?) };
                 let upsert = options(r)["upsert"].as_bool().unwrap_or(false);
-                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), None, true)?;
+                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), Keep::All)?;
                 if op != "updateMany" {
                     found.truncate(1);
                 }
@@ -422,7 +478,7 @@ impl Run<'_> {
             }
             "deleteOne" | "deleteMany" => {
                 let filter = parse_filter(&r["filter"])?;
-                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), None, true)?;
+                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), Keep::All)?;
                 if op == "deleteOne" {
                     found.truncate(1);
                 }
@@ -503,12 +559,20 @@ impl Run<'_> {
     /// Every document matching `filter` with its id key, in id order: by `_id` when the filter
     /// names it, through an index whose every field the filter sets by equality, else by a
     /// scan bounded by the query's time.
-    /// `stop`: enough matches to stop a scan at (outside a transaction); `keep`: whether the
-    /// documents are wanted, or only which match (a count).
-    fn matching(&self, filter: &Filter, tx: Option<&mut Tx>, plan: &mut Plan, stop: Option<usize>, keep: bool) -> Result<Vec<(String, Value)>, DbError> {
-        let stop = if tx.is_some() { None } else { stop };
-        let keep = keep || tx.is_some();
-        let mut out: BTreeMap<String, Value> = BTreeMap::new();
+    /// `keep`: which of the matching documents are wanted. A document the transaction `tx`
+    /// wrote is read as it wrote it, and not as stored.
+    fn matching(&self, filter: &Filter, tx: Option<&mut Tx>, plan: &mut Plan, keep: Keep) -> Result<Vec<(String, Value)>, DbError> {
+        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None };
+        let stop = match keep {
+            Keep::First(n) => Some(n),
+            Keep::Top(by, n) => {
+                kept.top = Some((by, n));
+                None
+            }
+            Keep::All | Keep::Which => None,
+        };
+        let held: Option<&Tx> = tx.as_deref();
+        let written = |id: &str| held.is_some_and(|t| t.writes.contains_key(&(self.coll.to_string(), id.to_string())));
         let deadline = self.deadline;
         let late = || DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {} ms", self.quota.query_ms) };
         let mut budget = Budget::until(deadline);
@@ -519,10 +583,11 @@ impl Run<'_> {
                     return Err(late());
                 }
                 plan.examined += 1;
-                if let Some(d) = self.db.backend.get(self.coll, &id)?
+                if !written(&id)
+                    && let Some(d) = self.db.backend.get(self.coll, &id)?
                     && filter.matches_within(&d, &mut budget)
                 {
-                    out.insert(id, d);
+                    kept.offer(id, d);
                 }
             }
         } else if let Some((def, keys)) = self.usable_index(filter)? {
@@ -533,8 +598,8 @@ impl Run<'_> {
                         return Err(late());
                     }
                     plan.examined += 1;
-                    if filter.matches_within(&d, &mut budget) {
-                        out.insert(id, d);
+                    if !written(&id) && filter.matches_within(&d, &mut budget) {
+                        kept.offer(id, d);
                     }
                 }
             }
@@ -546,11 +611,13 @@ impl Run<'_> {
                 if budget.spent() || Instant::now() > deadline {
                     return Err(late());
                 }
-                if filter.matches_within(&d, &mut budget) {
-                    let id = id_key(&d["_id"])?;
-                    out.insert(id, if keep { d } else { Value::Null });
+                let id = id_key(&d["_id"])?;
+                if !written(&id) && filter.matches_within(&d, &mut budget) {
+                    kept.offer(id, d);
                 }
-                Ok(stop.is_none_or(|s| out.len() < s))
+                // The first so many by `_id` are those asked for, whatever the transaction
+                // wrote: the scan goes in `_id` order.
+                Ok(stop.is_none_or(|s| kept.out.len() < s))
             })?;
             plan.examined = n;
         }
@@ -562,15 +629,15 @@ impl Run<'_> {
                 if budget.spent() || Instant::now() > deadline {
                     return Err(late());
                 }
-                out.remove(id);
                 if let Some(d) = doc
                     && filter.matches_within(d, &mut budget)
                 {
-                    out.insert(id.clone(), d.clone());
+                    kept.offer(id.clone(), d.clone());
                 }
             }
+            kept.prune();
             // What the transaction read of what it has not written is what it saw first.
-            for (id, d) in &out {
+            for (id, d) in &kept.out {
                 let key = (self.coll.to_string(), id.clone());
                 if !t.writes.contains_key(&key) {
                     t.seen.entry(key).or_insert_with(|| Some(d.clone()));
@@ -580,7 +647,8 @@ impl Run<'_> {
         if budget.spent() {
             return Err(late());
         }
-        Ok(out.into_iter().collect())
+        kept.prune();
+        Ok(kept.out.into_iter().collect())
     }
 
     /// An index every field of which the filter sets by equality, with the keys to look up.

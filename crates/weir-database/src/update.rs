@@ -229,20 +229,45 @@ pub fn parse_sort(v: Option<&Value>) -> Result<Vec<(String, bool)>, DbError> {
 }
 
 pub fn sort(docs: &mut [Value], by: &[(String, bool)]) {
+    sort_by(docs, |d| d, by);
+}
+
+/// Sorts `items` by the fields `by` of the document each holds (stable: ties keep their
+/// order), reading each item's key once.
+pub fn sort_by<T>(items: &mut [T], doc: impl Fn(&T) -> &Value, by: &[(String, bool)]) {
     if by.is_empty() {
         return;
     }
-    let first = |d: &Value, p: &str| resolve(d, p).first().map(|v| (*v).clone()).unwrap_or(Value::Null);
-    docs.sort_by(|a, b| {
-        by.iter()
-            .map(|(p, up)| {
-                let o = compare(&first(a, p), &first(b, p));
-                if *up { o } else { o.reverse() }
-            })
+    items.sort_by_cached_key(|t| SortKey(by.iter().map(|(p, up)| (resolve(doc(t), p).first().map(|v| (*v).clone()).unwrap_or(Value::Null), *up)).collect()));
+}
+
+/// A document's values of the sort's fields, each with its direction (`true`: ascending).
+struct SortKey(Vec<(Value, bool)>);
+
+impl Ord for SortKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0
+            .iter()
+            .zip(&other.0)
+            .map(|((a, up), (b, _))| if *up { compare(a, b) } else { compare(a, b).reverse() })
             .find(|o| o.is_ne())
             .unwrap_or(std::cmp::Ordering::Equal)
-    });
+    }
 }
+
+impl PartialOrd for SortKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl PartialEq for SortKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+
+impl Eq for SortKey {}
 
 /// A projection: fields to keep (1) or to leave out (0), never both but for `_id`.
 #[derive(Debug, Clone, Default)]

@@ -80,6 +80,7 @@ on_both_engines!(
     transactions_are_all_or_nothing,
     quotas_and_bad_input,
     index_keys_stay_in_proportion,
+    sorted_reads_keep_their_window,
     a_scan_past_its_time_fails,
     backends_keep_their_contract,
     nodes_see_each_others_writes_at_once,
@@ -225,6 +226,41 @@ fn index_keys_stay_in_proportion(e: &Engine) {
     run(&d, json!({"op": "insertOne", "collection": "pz", "doc": {"_id": 2, "t": many[..10_000]}})).unwrap();
     let plan = run(&d, json!({"op": "explain", "collection": "pz", "filter": {"t": 9999}})).unwrap();
     assert_eq!((&plan["index"], &plan["returned"]), (&json!("t_1"), &json!(1)), "{plan}");
+}
+
+/// A sorted find keeps only its window (skip + limit) as it reads, and answers what sorting
+/// everything would: ties in `_id` order, a transaction's own writes ranked as written.
+fn sorted_reads_keep_their_window(e: &Engine) {
+    let d = e.databases();
+    let docs: Vec<Value> = (0..5000).map(|i| json!({"_id": format!("{i:05}"), "v": (i * 7919) % 97})).collect();
+    run(&d, json!({"op": "insertMany", "collection": "s", "docs": docs.clone()})).unwrap();
+    let mut expected = docs.clone();
+    expected.sort_by(|a, b| b["v"].as_i64().cmp(&a["v"].as_i64()).then_with(|| a["_id"].as_str().cmp(&b["_id"].as_str())));
+    let got = run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"sort": {"v": -1}, "skip": 1000, "limit": 60}})).unwrap();
+    assert_eq!(got, json!(expected[1000..1060]));
+    let one = run(&d, json!({"op": "findOne", "collection": "s", "filter": {"v": {"$lt": 5}}, "options": {"sort": {"v": 1, "_id": -1}}})).unwrap();
+    assert_eq!(one["v"], 0);
+    assert_eq!(one["_id"], expected.iter().filter(|x| x["v"] == 0).map(|x| x["_id"].clone()).max_by(|a, b| a.as_str().cmp(&b.as_str())).unwrap());
+    // Inside a transaction, what it wrote ranks as written.
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&d, json!({"op": "updateOne", "collection": "s", "filter": {"_id": "04999"}, "update": {"$set": {"v": 1000}}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "updateOne", "collection": "s", "filter": {"_id": expected[0]["_id"]}, "update": {"$set": {"v": -1}}, "tx": tx})).unwrap();
+    let got = run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"sort": {"v": -1}, "limit": 3}, "tx": tx})).unwrap();
+    assert_eq!(got, json!([{"_id": "04999", "v": 1000}, expected[1], expected[2]]));
+    let last = run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"sort": {"v": 1}, "limit": 1}, "tx": tx})).unwrap();
+    assert_eq!(last, json!([{"_id": expected[0]["_id"], "v": -1}]));
+    run(&d, json!({"op": "abort", "tx": tx})).unwrap();
+    // Without a limit the window is what a find may answer, and one more to say it is too many.
+    let e1 = run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"sort": {"v": 1}, "skip": 99_990, "limit": 20}})).unwrap_err();
+    assert!(e1.message.contains("at most 100000"), "{}", e1.message);
+    assert_eq!(run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"sort": {"v": 1}, "skip": 4990}})).unwrap().as_array().unwrap().len(), 10);
+    let more: Vec<Value> = (5000..10_001).map(|i| json!({"_id": format!("{i:05}"), "v": 1})).collect();
+    run(&d, json!({"op": "insertMany", "collection": "s", "docs": more})).unwrap();
+    for options in [json!({}), json!({"sort": {"v": 1}})] {
+        let e = run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": options})).unwrap_err();
+        assert!(e.message.contains("more than 10000"), "{options}: {}", e.message);
+    }
+    assert_eq!(run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"skip": 1}})).unwrap().as_array().unwrap().len(), 10_000);
 }
 
 fn quotas_and_bad_input(e: &Engine) {
