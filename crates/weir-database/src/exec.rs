@@ -622,10 +622,14 @@ impl Run<'_> {
             plan.examined = n;
         }
         if let Some(t) = tx {
-            for ((coll, id), doc) in &t.writes {
-                if coll != self.coll {
-                    continue;
-                }
+            // The transaction's writes to this collection: only those of the `_id`s asked for,
+            // when the filter names them (one write after another stays linear).
+            let coll = self.coll.to_string();
+            let mine: Vec<(&String, &Option<Value>)> = match filter.equalities("_id") {
+                Some(ids) => ids.iter().filter_map(|v| id_key(v).ok()).filter_map(|id| t.writes.get_key_value(&(coll.clone(), id))).map(|((_, id), d)| (id, d)).collect(),
+                None => t.writes.range((coll.clone(), String::new())..).take_while(|((c, _), _)| *c == coll).map(|((_, id), d)| (id, d)).collect(),
+            };
+            for (id, doc) in mine {
                 if budget.spent() || Instant::now() > deadline {
                     return Err(late());
                 }

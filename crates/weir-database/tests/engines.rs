@@ -249,7 +249,18 @@ fn sorted_reads_keep_their_window(e: &Engine) {
     assert_eq!(got, json!([{"_id": "04999", "v": 1000}, expected[1], expected[2]]));
     let last = run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"sort": {"v": 1}, "limit": 1}, "tx": tx})).unwrap();
     assert_eq!(last, json!([{"_id": expected[0]["_id"], "v": -1}]));
+    let by_id = run(&d, json!({"op": "find", "collection": "s", "filter": {"_id": {"$in": ["04999", "04998"]}}, "tx": tx})).unwrap();
+    assert_eq!(by_id, json!([{"_id": "04998", "v": (4998 * 7919) % 97}, {"_id": "04999", "v": 1000}]));
     run(&d, json!({"op": "abort", "tx": tx})).unwrap();
+    // An import's shape: many writes by `_id` in one transaction, each reading only its own.
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    let t = Instant::now();
+    for i in 0..20_000 {
+        run(&d, json!({"op": "replaceOne", "collection": "imported", "filter": {"_id": i}, "doc": {"_id": i, "n": i}, "options": {"upsert": true}, "tx": tx})).unwrap();
+    }
+    run(&d, json!({"op": "commit", "tx": tx})).unwrap();
+    eprintln!("20,000 writes in one transaction: {:?}", t.elapsed());
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "imported", "filter": {}})).unwrap(), json!(20_000));
     // Without a limit the window is what a find may answer, and one more to say it is too many.
     let e1 = run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"sort": {"v": 1}, "skip": 99_990, "limit": 20}})).unwrap_err();
     assert!(e1.message.contains("at most 100000"), "{}", e1.message);
