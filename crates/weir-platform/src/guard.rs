@@ -12,6 +12,12 @@ use crate::PlatformConfig;
 /// plugin config and every node's memory.
 pub const MAX_LAYER_BYTES: usize = 64 * 1024;
 
+/// Regular expressions a layer may hold (`allow_origins_by_regex`, `regex_uri`, and the
+/// patterns of `~~`/`~*` rules), and the most each may compile to: every node compiles each of them for every
+/// route the layer is on, and keeps a matching cache beside each.
+const MAX_PATTERNS: usize = 32;
+const PATTERN_SIZE: usize = 1 << 20;
+
 /// Plugins that count per `group` or in Redis: their counters would be shared across tenants.
 const COUNTERS: [&str; 3] = ["limit-count", "limit-req", "limit-conn"];
 
@@ -30,6 +36,17 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
             problems.push(format!("{what}: {name}.scope is the platform's: a layer's {name} accepts its environment's grants"));
         }
     }
+    let mut found = Vec::new();
+    plugins.values().for_each(|conf| patterns(conf, &mut found));
+    if found.len() > MAX_PATTERNS {
+        problems.push(format!("{what}: {} regular expressions, more than the {MAX_PATTERNS} a layer may hold", found.len()));
+    } else {
+        for pattern in found {
+            if let Err(regex::Error::CompiledTooBig(_)) = regex::RegexBuilder::new(&pattern).size_limit(PATTERN_SIZE).dfa_size_limit(PATTERN_SIZE).build() {
+                problems.push(format!("{what}: the regular expression `{pattern}` compiles to more than {} KiB", PATTERN_SIZE >> 10));
+            }
+        }
+    }
     for name in COUNTERS {
         let Some(conf) = plugins.get(name) else { continue };
         if conf.get("group").is_some() {
@@ -38,6 +55,32 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
         if conf.get("policy").and_then(Value::as_str).is_some_and(|p| p != "local") {
             problems.push(format!("{what}: {name}.policy must be local: shared counters are the operator's"));
         }
+    }
+}
+
+/// The regular expressions in a plugin's config, as the plugins compile them: the entries of
+/// `allow_origins_by_regex`, the patterns of `regex_uri` (pattern, replacement, ...), and the
+/// pattern of a rule `[var, "~~" | "~*", pattern]` (`~*` ignoring case), at any depth.
+fn patterns(conf: &Value, found: &mut Vec<String>) {
+    match conf {
+        Value::Object(o) => {
+            for (key, v) in o {
+                match (key.as_str(), v) {
+                    ("allow_origins_by_regex", Value::Array(a)) => found.extend(a.iter().filter_map(Value::as_str).map(str::to_string)),
+                    ("regex_uri", Value::Array(a)) => found.extend(a.iter().step_by(2).filter_map(Value::as_str).map(str::to_string)),
+                    _ => patterns(v, found),
+                }
+            }
+        }
+        Value::Array(a) => {
+            if let Some(at) = a.iter().position(|v| matches!(v.as_str(), Some("~~" | "~*")))
+                && let Some(p) = a.get(at + 1).and_then(Value::as_str)
+            {
+                found.push(if a[at] == "~*" { format!("(?i){p}") } else { p.to_string() });
+            }
+            a.iter().for_each(|v| patterns(v, found));
+        }
+        _ => {}
     }
 }
 
@@ -122,6 +165,29 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_layer_holds_few_regular_expressions_of_bounded_size() {
+        let cfg = PlatformConfig::default();
+        let check = |layer_json: Value| {
+            let mut p = Vec::new();
+            layer(&cfg, "l", layer_json.as_object().unwrap(), &mut p);
+            p
+        };
+        // Where the plugins find them: cors, regex_uri pairs, and rules at any depth.
+        let mut found = Vec::new();
+        patterns(&json!({"cors": {"allow_origins_by_regex": ["^a$", "^b$"]}, "proxy-rewrite": {"regex_uri": ["^/x/(.*)", "/$1", "^/y", "/z"]},
+            "x": {"_meta": {"filter": [["arg_a", "~~", "p1"], ["arg_b", "!", "~*", "p2"], ["arg_c", "==", "~~"]]}}}), &mut found);
+        assert_eq!(found, ["^a$", "^b$", "^/x/(.*)", "^/y", "p1", "(?i)p2"]);
+        let ok = json!({"cors": {"allow_origins_by_regex": [r"^https://[a-z]+\.example\.com$"]}, "proxy-rewrite": {"regex_uri": ["^/api/(.*)", "/$1"]}});
+        assert_eq!(check(ok), Vec::<String>::new());
+        let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("^o{i}$")).collect();
+        let p = check(json!({"cors": {"allow_origins_by_regex": many}}));
+        assert_eq!(p, ["l: 33 regular expressions, more than the 32 a layer may hold"]);
+        // A few bytes that compile to megabytes (Unicode word characters, repeated).
+        let p = check(json!({"x": {"_meta": {"filter": [["arg_a", "~*", r"\w{200}"]]}}}));
+        assert_eq!(p, [r"l: the regular expression `(?i)\w{200}` compiles to more than 1024 KiB"]);
+    }
 
     #[test]
     fn the_node_and_the_operators_objects_are_out_of_reach() {
