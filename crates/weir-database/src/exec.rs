@@ -294,6 +294,7 @@ fn check_quota(db: &Db, quota: &Quota, writes: &[Write]) -> Result<(), DbError> 
 
 /// Which of the documents a read matches it keeps.
 enum Keep<'a> {
+    /// Every one, up to [`WRITE_HOLD`] bytes of them (what a write changes).
     All,
     /// Only which match, without their documents (a count).
     Which,
@@ -309,16 +310,25 @@ struct Kept<'a> {
     out: BTreeMap<String, Value>,
     values: bool,
     top: Option<(&'a [(String, bool)], usize)>,
+    /// Bytes of the documents kept, when they are counted against [`WRITE_HOLD`].
+    held: Option<usize>,
 }
 
 impl Kept<'_> {
-    fn offer(&mut self, id: String, doc: Value) {
+    fn offer(&mut self, id: String, doc: Value) -> Result<(), DbError> {
+        if let Some(held) = &mut self.held {
+            *held += serde_json::to_vec(&doc).map_or(0, |b| b.len());
+            if *held > WRITE_HOLD {
+                return Err(DbError { kind: DbErrorKind::Quota, message: format!("the operation would change more than {} MiB of documents at once; narrow its filter and repeat it", WRITE_HOLD >> 20) });
+            }
+        }
         self.out.insert(id, if self.values { doc } else { Value::Null });
         if let Some((_, n)) = self.top
             && self.out.len() >= (2 * n).max(1024)
         {
             self.prune();
         }
+        Ok(())
     }
 
     /// Keeps only the first of the sort's window.
@@ -333,6 +343,10 @@ impl Kept<'_> {
         self.out = all.into_iter().collect();
     }
 }
+
+/// The most bytes of documents one `updateMany` or `deleteMany` changes: it holds them all,
+/// as read and as written, until they are written together.
+const WRITE_HOLD: usize = 64 << 20;
 
 /// A sorted find keeps at most this many documents in memory (its `skip` and `limit`), as
 /// MongoDB bounds the memory of a sort made without an index.
@@ -425,7 +439,7 @@ impl Run<'_> {
                 let filter = parse_filter(&r["filter"])?;
                 let change = if op == "replaceOne" { None } else { Some(Update::parse(&r["update"])?) };
                 let upsert = options(r)["upsert"].as_bool().unwrap_or(false);
-                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), Keep::All)?;
+                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), if op == "updateMany" { Keep::All } else { Keep::First(1) })?;
                 if op != "updateMany" {
                     found.truncate(1);
                 }
@@ -478,7 +492,7 @@ impl Run<'_> {
             }
             "deleteOne" | "deleteMany" => {
                 let filter = parse_filter(&r["filter"])?;
-                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), Keep::All)?;
+                let mut found = self.matching(&filter, tx.as_deref_mut(), &mut Plan::default(), if op == "deleteMany" { Keep::All } else { Keep::First(1) })?;
                 if op == "deleteOne" {
                     found.truncate(1);
                 }
@@ -562,7 +576,7 @@ impl Run<'_> {
     /// `keep`: which of the matching documents are wanted. A document the transaction `tx`
     /// wrote is read as it wrote it, and not as stored.
     fn matching(&self, filter: &Filter, tx: Option<&mut Tx>, plan: &mut Plan, keep: Keep) -> Result<Vec<(String, Value)>, DbError> {
-        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None };
+        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None, held: matches!(keep, Keep::All).then_some(0) };
         let stop = match keep {
             Keep::First(n) => Some(n),
             Keep::Top(by, n) => {
@@ -587,7 +601,7 @@ impl Run<'_> {
                     && let Some(d) = self.db.backend.get(self.coll, &id)?
                     && filter.matches_within(&d, &mut budget)
                 {
-                    kept.offer(id, d);
+                    kept.offer(id, d)?;
                 }
             }
         } else if let Some((def, keys)) = self.usable_index(filter)? {
@@ -599,7 +613,7 @@ impl Run<'_> {
                     }
                     plan.examined += 1;
                     if !written(&id) && filter.matches_within(&d, &mut budget) {
-                        kept.offer(id, d);
+                        kept.offer(id, d)?;
                     }
                 }
             }
@@ -613,7 +627,7 @@ impl Run<'_> {
                 }
                 let id = id_key(&d["_id"])?;
                 if !written(&id) && filter.matches_within(&d, &mut budget) {
-                    kept.offer(id, d);
+                    kept.offer(id, d)?;
                 }
                 // The first so many by `_id` are those asked for, whatever the transaction
                 // wrote: the scan goes in `_id` order.
@@ -636,7 +650,7 @@ impl Run<'_> {
                 if let Some(d) = doc
                     && filter.matches_within(d, &mut budget)
                 {
-                    kept.offer(id.clone(), d.clone());
+                    kept.offer(id.clone(), d.clone())?;
                 }
             }
             kept.prune();

@@ -81,6 +81,7 @@ on_both_engines!(
     quotas_and_bad_input,
     index_keys_stay_in_proportion,
     sorted_reads_keep_their_window,
+    a_write_holds_a_bounded_share_of_the_collection,
     a_scan_past_its_time_fails,
     backends_keep_their_contract,
     nodes_see_each_others_writes_at_once,
@@ -272,6 +273,33 @@ fn sorted_reads_keep_their_window(e: &Engine) {
         assert!(e.message.contains("more than 10000"), "{options}: {}", e.message);
     }
     assert_eq!(run(&d, json!({"op": "find", "collection": "s", "filter": {}, "options": {"skip": 1}})).unwrap().as_array().unwrap().len(), 10_000);
+}
+
+/// `updateMany` and `deleteMany` hold what they change until it is written: at most 64 MiB
+/// of it. `updateOne` and `deleteOne` read only as far as their first match.
+fn a_write_holds_a_bounded_share_of_the_collection(e: &Engine) {
+    let d = e.databases();
+    let big = "x".repeat(4 << 20).chars().take((4 << 20) - 64).collect::<String>();
+    for i in 0..17 {
+        run(&d, json!({"op": "insertOne", "collection": "b", "doc": {"_id": format!("b{i:02}"), "v": big}})).unwrap();
+    }
+    for req in [
+        json!({"op": "updateMany", "collection": "b", "filter": {}, "update": {"$set": {"w": 1}}}),
+        json!({"op": "deleteMany", "collection": "b", "filter": {}}),
+    ] {
+        let e = run(&d, req).unwrap_err();
+        assert_eq!(e.kind, DbErrorKind::Quota, "{}", e.message);
+        assert!(e.message.contains("more than 64 MiB"), "{}", e.message);
+    }
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "b", "filter": {"w": 1}})).unwrap(), json!(0));
+    let r = run(&d, json!({"op": "updateMany", "collection": "b", "filter": {"_id": {"$lt": "b08"}}, "update": {"$set": {"w": 1}}})).unwrap();
+    assert_eq!(r["modifiedCount"], 8);
+    let r = run(&d, json!({"op": "updateOne", "collection": "b", "filter": {"w": {"$exists": false}}, "update": {"$set": {"w": 2}}})).unwrap();
+    assert_eq!(r["modifiedCount"], 1);
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "b", "filter": {"w": 2}, "options": {"projection": {"v": 0}}})).unwrap(), json!({"_id": "b08", "w": 2}));
+    assert_eq!(run(&d, json!({"op": "deleteOne", "collection": "b", "filter": {}})).unwrap()["deletedCount"], 1);
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "b", "filter": {}, "options": {"projection": {"v": 0}}})).unwrap(), json!({"_id": "b01", "w": 1}));
+    assert_eq!(run(&d, json!({"op": "deleteMany", "collection": "b", "filter": {"_id": {"$gte": "b10"}}})).unwrap()["deletedCount"], 7);
 }
 
 fn quotas_and_bad_input(e: &Engine) {
