@@ -200,6 +200,18 @@ pub(crate) struct Job {
     pub reach: Arc<Reach>,
     pub request: Request,
     pub reply: crate::reply::Sender,
+    /// The call's place among the gateway's calls in flight, held until the runtime is done
+    /// with it, whether or not its caller still waits.
+    pub place: Option<Place>,
+}
+
+/// One of a gateway's calls in flight on this node; given back when dropped.
+pub(crate) struct Place(Arc<AtomicUsize>);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 enum Msg {
@@ -262,19 +274,15 @@ impl Engine {
     /// Runs one call; `None` when more than `limits.concurrency` calls are in flight.
     pub(crate) async fn call(&self, job: impl FnOnce(crate::reply::Sender) -> Job) -> Option<Outcome> {
         let (tx, rx) = crate::reply::channel();
-        let job = job(tx);
+        let mut job = job(tx);
         let cap = job.limits.concurrency;
         if self.inflight.fetch_add(1, Ordering::AcqRel) >= cap {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        struct Slot<'a>(&'a AtomicUsize);
-        impl Drop for Slot<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        let _slot = Slot(&self.inflight);
+        // The place goes with the job: a caller that stops waiting does not free it while the
+        // runtime still has the call queued or running.
+        job.place = Some(Place(self.inflight.clone()));
         if self.mailbox.send(Msg::Call(Box::new(job))).is_err() {
             return Some(failed(Failure::Internal("the runtime has stopped".into())));
         }
@@ -769,6 +777,8 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     held.push_back(job);
                     false
                 }
+                // Nobody waits for its answer any more: it is not started.
+                Msg::Call(job) if job.reply.gone() => false,
                 Msg::Call(job) => {
                     let id = next_call;
                     next_call += 1;

@@ -474,7 +474,7 @@ impl AsRef<[u8]> for Held {
 impl FunctionHandler {
     /// Runs the function on `request`, as a route's call or the platform's invoke does.
     pub async fn run(engine: Arc<Engine>, func: Arc<Function>, table: Table, vars: Arc<Map<String, Value>>, limits: crate::Limits, reach: Arc<Reach>, request: Request) -> Option<Outcome> {
-        engine.call(move |reply| Job { func, table, vars, limits, reach, request, reply }).await
+        engine.call(move |reply| Job { func, table, vars, limits, reach, request, reply, place: None }).await
     }
 }
 

@@ -79,6 +79,11 @@ pub(crate) fn channel() -> (Sender, Receiver) {
 }
 
 impl Sender {
+    /// Whether the waiting side went away: nobody reads the answer any more.
+    pub(crate) fn gone(&self) -> bool {
+        self.0.as_ref().is_none_or(|slot| matches!(*lock(&slot.state), State::Over))
+    }
+
     pub(crate) fn send(mut self, outcome: Outcome) {
         if let Some(slot) = self.0.take() {
             finish(&slot, Some(outcome));

@@ -339,6 +339,32 @@ async fn code_nested_as_deep_as_a_file_allows_fails_its_call_and_nothing_else() 
     }
 }
 
+/// A caller that stops waiting does not give its place back while the runtime still has its
+/// call: otherwise callers that hang up could queue calls without end behind a slow one. A call
+/// nobody waits for any more is not started.
+#[tokio::test]
+async fn a_call_whose_caller_left_keeps_its_place_until_the_runtime_drops_it() {
+    let gw = Gw::new(vec![
+        func("dev", "busy", &[("index.js", "export default () => { imp.shared.set('n', (imp.shared.get('n') || 0) + 1); for (;;) {} }")]),
+        func("dev", "count", &[("index.js", "export default () => imp.shared.get('n')")]),
+    ]);
+    let cap = Limits { concurrency: 2, ..limits() };
+    let mut admitted = 0;
+    for _ in 0..10 {
+        let run = FunctionHandler::run(gw.engine.clone(), gw.table["busy"].clone(), gw.table.clone(), gw.vars.clone(), cap, Arc::default(), get("/"));
+        match tokio::time::timeout(Duration::from_millis(20), run).await {
+            // Admitted, and left waiting.
+            Err(_) => admitted += 1,
+            Ok(refused) => assert!(refused.is_none(), "{refused:?}"),
+        }
+    }
+    assert_eq!(admitted, 2, "two places, held by the calls their callers left");
+    // The first runs out its 200 ms of CPU; the second, still queued behind it, is dropped
+    // unstarted; then both places are free again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(body_json(&gw.call_with("count", get("/"), cap).await), json!(1));
+}
+
 #[tokio::test]
 async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
     let gw = Gw::new(vec![func("dev", "slow", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r('done'), 300))")])]);
