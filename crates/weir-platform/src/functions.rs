@@ -85,6 +85,10 @@ pub struct PatchFunction {
     pub changelog: Option<String>,
 }
 
+/// The most headers, and query parameters, an invocation gives: a request's headers are
+/// bounded alike by the proxy.
+const INVOKE_FIELDS: usize = 100;
+
 /// `POST .../functions/{fn}/invoke`: a request to run the function on.
 #[derive(Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
@@ -465,6 +469,12 @@ impl Platform {
                 Err(r) => return r,
             }
         };
+        // As many as a request through the proxy may carry.
+        for (field, n) in [("headers", input.headers.as_ref().map_or(0, BTreeMap::len)), ("query", input.query.as_ref().map_or(0, BTreeMap::len))] {
+            if n > INVOKE_FIELDS {
+                return bad_input(vec![format!("{field}: {n} entries, more than the {INVOKE_FIELDS} an invocation may give")]);
+            }
+        }
         let mut headers: Vec<(String, String)> = input.headers.unwrap_or_default().into_iter().map(|(k, v)| (k.to_ascii_lowercase(), v)).collect();
         let body = match input.body {
             None => None,

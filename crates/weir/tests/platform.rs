@@ -798,6 +798,12 @@ export default async (ctx) => {
     assert_eq!((s, &b["status"], &b["body"]), (200, &json!(200), &json!("v2")), "{b}");
     assert_eq!(b["logs"][0]["message"], "v2 GET", "{b}");
     assert!(b["durationMs"].as_f64().is_some());
+    // An invocation gives at most 100 headers and 100 query parameters, as a request would.
+    let many: serde_json::Map<String, Value> = (0..101).map(|i| (format!("x-h{i}"), json!("v"))).collect();
+    let (s, b) = v1(&w, "POST", &format!("{}/invoke", fn_path("fns", "dev/user/me")), Some(json!({"headers": many}))).await;
+    assert_eq!((s, &b["error"]["problems"][0]), (400, &json!("headers: 101 entries, more than the 100 an invocation may give")), "{b}");
+    let (s, b) = v1(&w, "POST", &format!("{}/invoke", fn_path("fns", "dev/user/me")), Some(json!({"query": many}))).await;
+    assert_eq!(s, 400, "{b}");
     // The lines a call answers with are bounded in bytes, the request id each repeats counted.
     assert_eq!(v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "chatty", "source": {"code": "export default () => { for (let i = 0; i < 50; i++) console.log('line', i); return 'ok' }"}}))).await.0, 201);
     let chatty = format!("{}/invoke", fn_path("fns", "dev/chatty"));
