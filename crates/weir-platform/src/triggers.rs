@@ -38,6 +38,9 @@ pub const TRIGGERS_PER_GATEWAY: usize = 100;
 const ATTEMPTS: usize = 32;
 /// How often a node reads the triggers again.
 const REFRESH: Duration = Duration::from_secs(1);
+
+/// The largest body a trigger sends, as JSON: every node reads every trigger each `REFRESH`.
+const MAX_BODY: usize = 16 * 1024;
 /// How long past its wall-clock limit a run's claim holds.
 const LEASE_MARGIN_MS: i64 = 5_000;
 
@@ -224,6 +227,10 @@ impl Platform {
             Ok(cron) if next_tick(&cron, now_ms()).is_none() => return bad_input(vec![format!("cron: {:?} never fires", input.cron)]),
             Ok(_) => {}
             Err(e) => return bad_input(vec![e]),
+        }
+        let size = input.body.as_ref().map_or(0, |b| b.to_string().len());
+        if size > MAX_BODY {
+            return bad_input(vec![format!("body: {size} bytes, more than the {MAX_BODY} a trigger's body may hold")]);
         }
         if !caller.writes_env(&input.environment) {
             return crate::api::refuse(StatusCode::FORBIDDEN, &format!("this token may not change the {} environment", input.environment));

@@ -356,6 +356,9 @@ async fn a_cron_trigger_runs_once_per_tick_across_two_nodes_and_a_slow_run_never
     let (s, e) = v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "tick", "environment": "dev", "cron": "0 0 31 2 *"}))).await;
     assert_eq!(s, 400, "{e}");
     assert!(e.to_string().contains("never fires"), "{e}");
+    let (s, e) = v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "tick", "environment": "dev", "cron": "* * * * *", "body": {"x": "y".repeat(16 * 1024)}}))).await;
+    assert_eq!(s, 400, "{e}");
+    assert!(e.to_string().contains("more than the 16384 a trigger's body may hold"), "{e}");
 
     let (s, t) = v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "tick", "environment": "dev", "cron": "* * * * * *", "body": {"from": "cron"}}))).await;
     assert_eq!(s, 201, "{t}");
