@@ -188,11 +188,19 @@ pub struct FileDiff {
     /// `same`, `changed`, `added` (only in the target) or `removed` (only in the source).
     pub status: &'static str,
     pub lines: Vec<DiffLine>,
+    /// The file's lines were left out: the comparison already holds `DIFF_LINES` lines.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub omitted: bool,
 }
+
+/// The most lines one comparison answers with, over all its files; and the longest it looks
+/// for the shortest diff of one file before it answers with a coarser one.
+const DIFF_LINES: usize = 20_000;
+const DIFF_TIME: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// The line diff of `a` (source) against `b` (target).
 pub fn diff_lines(a: &str, b: &str) -> Vec<DiffLine> {
-    let diff = similar::TextDiff::from_lines(a, b);
+    let diff = similar::TextDiff::configure().deadline(std::time::Instant::now() + DIFF_TIME).diff_lines(a, b);
     diff.iter_all_changes()
         .map(|c| DiffLine {
             op: match c.tag() {
@@ -207,11 +215,13 @@ pub fn diff_lines(a: &str, b: &str) -> Vec<DiffLine> {
         .collect()
 }
 
-/// Every file of either side with its diff, in name order.
+/// Every file of either side with its diff, in name order; past `DIFF_LINES` lines in all, the
+/// files left have their status only.
 pub fn diff_files(source: &BTreeMap<String, String>, target: &BTreeMap<String, String>) -> Vec<FileDiff> {
     let mut names: Vec<&String> = source.keys().chain(target.keys()).collect();
     names.sort();
     names.dedup();
+    let mut room = DIFF_LINES;
     names
         .into_iter()
         .map(|name| {
@@ -222,7 +232,16 @@ pub fn diff_files(source: &BTreeMap<String, String>, target: &BTreeMap<String, S
                 (None, _) => "added",
                 (_, None) => "removed",
             };
-            FileDiff { file: name.clone(), status, lines: diff_lines(a.map_or("", String::as_str), b.map_or("", String::as_str)) }
+            let (a, b) = (a.map_or("", String::as_str), b.map_or("", String::as_str));
+            // A diff has at most the lines of both sides.
+            let most = a.lines().count() + b.lines().count();
+            if most > room {
+                room = 0;
+                return FileDiff { file: name.clone(), status, lines: Vec::new(), omitted: true };
+            }
+            let lines = diff_lines(a, b);
+            room -= lines.len();
+            FileDiff { file: name.clone(), status, lines, omitted: false }
         })
         .collect()
 }
@@ -520,6 +539,25 @@ mod tests {
         let b = BTreeMap::from([("index.ts".to_string(), "x\n".to_string()), ("new.ts".to_string(), "n\n".to_string())]);
         let status: Vec<(String, &str)> = diff_files(&a, &b).into_iter().map(|f| (f.file, f.status)).collect();
         assert_eq!(status, [("index.ts".to_string(), "same"), ("new.ts".to_string(), "added"), ("old.ts".to_string(), "removed")]);
+    }
+
+    #[test]
+    fn a_comparison_answers_a_bounded_number_of_lines() {
+        // Two large files: the first fits, the second is left out, the small third too (the
+        // room is gone once a file did not fit, so the files shown are a prefix by name).
+        let lines = |n: usize, tag: &str| (0..n).map(|i| format!("{tag}{i}\n")).collect::<String>();
+        let a = BTreeMap::from([("a.ts".to_string(), lines(6000, "x")), ("b.ts".to_string(), lines(9000, "y")), ("c.ts".to_string(), "c\n".to_string())]);
+        let b = BTreeMap::from([("a.ts".to_string(), lines(6000, "z")), ("b.ts".to_string(), lines(9000, "w")), ("c.ts".to_string(), "d\n".to_string())]);
+        let files = diff_files(&a, &b);
+        let shown: Vec<(&str, usize, bool)> = files.iter().map(|f| (f.file.as_str(), f.lines.len(), f.omitted)).collect();
+        assert_eq!(shown, [("a.ts", 12_000, false), ("b.ts", 0, true), ("c.ts", 0, true)]);
+        // Long and wholly different: the shortest diff is not searched for past its time, and
+        // what comes back still turns one side into the other.
+        // (Without the deadline this diff runs for hours.)
+        let (x, y) = (lines(200_000, "p"), lines(200_000, "q"));
+        let d = diff_lines(&x, &y);
+        assert_eq!(d.iter().filter(|l| l.op != "insert").count(), 200_000);
+        assert_eq!(d.iter().filter(|l| l.op != "delete").count(), 200_000);
     }
 
     #[test]
