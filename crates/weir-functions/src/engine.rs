@@ -451,8 +451,10 @@ struct Js {
     /// When the running JavaScript must stop, in nanoseconds since `epoch`; 0: never.
     stop_at: Arc<AtomicU64>,
     epoch: Instant,
-    /// Function module prefixes loaded in this runtime (QuickJS never unloads a module).
+    /// Function module prefixes loaded in this runtime (QuickJS never unloads a module), and
+    /// the bytes of their sources, which stay with them.
     loaded: usize,
+    loaded_bytes: usize,
     /// A call failed as a runtime out of memory fails and the runtime is still all but full:
     /// the loop makes it afresh.
     full: std::cell::Cell<bool>,
@@ -511,7 +513,7 @@ impl Js {
                 at != 0 && epoch.elapsed().as_nanos() as u64 >= at
             })));
         }
-        Ok(Js { realms: RefCell::default(), rt, host, stop_at, epoch, loaded: 0, full: Default::default() })
+        Ok(Js { realms: RefCell::default(), rt, host, stop_at, epoch, loaded: 0, loaded_bytes: 0, full: Default::default() })
     }
 
     /// `env`'s realm, made (its natives and the SDK) the first time.
@@ -643,6 +645,7 @@ impl Js {
             && let std::collections::hash_map::Entry::Vacant(slot) = host.functions.entry(module_prefix(func))
         {
             self.loaded += 1;
+            self.loaded_bytes += func.compiled.modules.values().map(String::len).sum::<usize>();
             slot.insert(func.clone());
         }
         if host.tables.get(&func.env).is_none_or(|t| !Arc::ptr_eq(t, table)) {
@@ -825,10 +828,10 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         }
         let broken = broken || js.full.take();
         start_outbound(&js, &calls, gateway, mailbox, services, &slots);
-        // Every save loads a new version and QuickJS keeps old modules, so once many have piled
-        // up the runtime is made afresh: new calls wait while the calls in flight finish (at
+        // Every save loads a new version and QuickJS keeps old modules (and this their sources),
+        // so once many, or many bytes of them, have piled up the runtime is made afresh: new calls wait while the calls in flight finish (at
         // most `DRAIN`; those still running then fail), then start on the fresh runtime.
-        let recycle = !broken && js.loaded > RECYCLE_AFTER && {
+        let recycle = !broken && (js.loaded > RECYCLE_AFTER || js.loaded_bytes > RECYCLE_BYTES) && {
             let since = *draining.get_or_insert_with(Instant::now);
             calls.is_empty() || since.elapsed() >= DRAIN
         };
@@ -868,8 +871,9 @@ fn renew(js: Js, calls: &mut BTreeMap<u64, Live>, why: impl Fn() -> Failure, mem
     }
 }
 
-/// Versions loaded in a runtime before it is made afresh.
+/// Versions loaded in a runtime before it is made afresh, and bytes of their sources.
 const RECYCLE_AFTER: usize = 512;
+const RECYCLE_BYTES: usize = 64 << 20;
 /// The longest a renewal waits for the calls in flight.
 const DRAIN: Duration = Duration::from_secs(1);
 

@@ -721,3 +721,28 @@ async fn a_runtime_renewed_after_many_versions_fails_no_call() {
     }
     assert_eq!(slow.await.unwrap().unwrap().result.unwrap().body, b"slow done");
 }
+
+/// Sources stay with their loaded versions: past so many bytes of them (three saves of a
+/// function of 64 files of 500 KiB) the runtime is made afresh, its environments' state with it.
+#[tokio::test]
+async fn a_runtime_renewed_after_many_bytes_of_versions_fails_no_call() {
+    let gw = Gw::new(vec![func("dev", "mark", &[("index.js", "export default (ctx) => { if (ctx.query.set) imp.shared.set('mark', 1); return imp.shared.get('mark') ?? 'gone' }")])]);
+    let mark = |set: bool| {
+        let mut req = get("/");
+        if set {
+            req.query = vec![("set".into(), "1".into())];
+        }
+        gw.call("mark", req)
+    };
+    assert_eq!(body_json(&mark(true).await), json!(1));
+    let filler = format!("export const s = \"{}\";\n", "x".repeat(500 << 10));
+    for i in 0..3 {
+        let mut files: Vec<(String, String)> = (0..63).map(|n| (format!("f{n}.js"), filler.clone())).collect();
+        files.push(("index.js".into(), format!("export default () => ({{ v: {i} }})")));
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, s)| (p.as_str(), s.as_str())).collect();
+        let f = func("dev", "big", &files);
+        let out = FunctionHandler::run(gw.engine.clone(), f, gw.table.clone(), gw.vars.clone(), limits(), Arc::default(), get("/")).await.unwrap();
+        assert_eq!(body_json(&out), json!({"v": i}), "call {i}");
+    }
+    assert_eq!(mark(false).await.result.unwrap().body, b"gone", "a fresh runtime");
+}
