@@ -29,7 +29,8 @@ pub const MAX_NESTING: usize = 1000;
 
 /// The stack of the thread a compilation runs on. Past [`MAX_NESTING`], what can still nest
 /// is a chain of operators (`!!!!x`, `a=a=a`, `1+1+1`), a few hundred bytes a level, one level
-/// per two bytes at most: a full-size file of them fits. It is address space until used.
+/// per two bytes at most: the deepest full-size file of them needs 64 to 128 MiB in a debug
+/// build (`deep_nesting_is_an_error_not_a_crash`). It is address space until used.
 const COMPILE_STACK: usize = 512 << 20;
 
 /// Why a source does not compile: where, and what.
