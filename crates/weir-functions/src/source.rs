@@ -27,11 +27,14 @@ pub const MAX_FILE_BYTES: usize = 512 * 1024;
 /// and abort the process.
 pub const MAX_NESTING: usize = 1000;
 
-/// The stack of the thread a compilation runs on. Past [`MAX_NESTING`], what can still nest
-/// is a chain of operators (`!!!!x`, `a=a=a`, `1+1+1`), a few hundred bytes a level, one level
-/// per two bytes at most: the deepest full-size file of them needs 64 to 128 MiB in a debug
-/// build (`deep_nesting_is_an_error_not_a_crash`). It is address space until used.
-const COMPILE_STACK: usize = 512 << 20;
+/// The stack of the thread a compilation runs on: enough for the deepest file there can be,
+/// whatever the scan above missed. Past [`MAX_NESTING`], what can still nest is a chain of
+/// operators (`!!!!x`, `a=a=a`, `1+1+1`), a few hundred bytes a level; and brackets behind
+/// something the scan reads otherwise than the parser (a regular expression it takes for a
+/// division), up to a kilobyte or two a level, one level a byte. The deepest full-size file
+/// of those needs 256 to 512 MiB in a debug build (`deep_nesting_is_an_error_not_a_crash`).
+/// It is address space until used, and given back when the compilation ends.
+const COMPILE_STACK: usize = 1 << 30;
 
 /// Why a source does not compile: where, and what.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -145,9 +148,11 @@ fn strip_all(normalized: &BTreeMap<String, &str>, entry: &str) -> Result<Compile
 }
 
 /// Refuses a file whose brackets nest deeper than [`MAX_NESTING`]. A light scan, not a
-/// parser: it skips comments, strings and the text of template literals, and leaves a
-/// mismatched bracket to the parser. In TypeScript a `<` counts as a level until its `>`, a
-/// `;`, `)`, `{` or `}` (where a comparison's `<` ends), so generics nest under the same limit.
+/// parser: it skips comments, strings, regular expressions and the text of template literals,
+/// and leaves a mismatched bracket to the parser (where it reads a `/` otherwise than the
+/// parser, the compiler's stack still holds what it missed). In TypeScript a `<` counts as a
+/// level until its `>`, a `;`, `)`, `{` or `}` (where a comparison's `<` ends), so generics
+/// nest under the same limit.
 /// So does a control statement whose body is another without braces (`if (a) if (b) ...`):
 /// the compiler takes time in the square of that depth.
 fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
@@ -158,6 +163,9 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
     let mut angles = 0usize;
     // Statements whose body is a statement without braces, open since the last `;` or brace.
     let mut bodies = 0usize;
+    // Whether a `/` here starts a regular expression rather than divides: after an operator,
+    // an opening bracket or a keyword, not after a name, a number or a closing bracket.
+    let mut regex_here = true;
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -166,9 +174,11 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
                 b'\\' => i += 1,
                 b'`' => {
                     open.pop();
+                    regex_here = false;
                 }
                 b'$' if b.get(i + 1) == Some(&b'{') => {
                     open.push(b'$');
+                    regex_here = true;
                     i += 1;
                 }
                 _ => {}
@@ -183,38 +193,66 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
             b'/' if b.get(i + 1) == Some(&b'*') => {
                 i = text[i + 2..].find("*/").map_or(b.len(), |n| i + 2 + n + 1);
             }
+            // A regular expression: to its closing `/` (not one escaped or in a class), on
+            // its line.
+            b'/' if regex_here => {
+                let mut class = false;
+                i += 1;
+                while i < b.len() && b[i] != b'\n' && (class || b[i] != b'/') {
+                    match b[i] {
+                        b'\\' => i += 1,
+                        b'[' => class = true,
+                        b']' => class = false,
+                        _ => {}
+                    }
+                    i += 1;
+                }
+                regex_here = false;
+            }
             b'\'' | b'"' => {
                 i += 1;
                 while i < b.len() && b[i] != c && b[i] != b'\n' {
                     i += if b[i] == b'\\' { 2 } else { 1 };
                 }
+                regex_here = false;
             }
-            // Outside strings a backslash escapes within a regular expression.
-            b'\\' => i += 1,
-            b'`' | b'(' | b'[' => open.push(c),
+            b'`' | b'(' | b'[' => {
+                open.push(c);
+                regex_here = true;
+            }
             b'{' => {
                 open.push(c);
-                (angles, bodies) = (0, 0);
+                (angles, bodies, regex_here) = (0, 0, true);
             }
             b')' | b']' => {
                 open.pop();
                 angles = if c == b']' { angles } else { 0 };
+                regex_here = false;
             }
             b'}' => {
                 open.pop();
-                (angles, bodies) = (0, 0);
+                (angles, bodies, regex_here) = (0, 0, true);
             }
-            b'<' if ts => angles += 1,
-            b'>' if ts => angles = angles.saturating_sub(1),
-            b';' => (angles, bodies) = (0, 0),
-            c if c.is_ascii_alphabetic() || c == b'_' || c == b'$' => {
-                let end = b[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$')).map_or(b.len(), |n| i + n);
-                if matches!(&b[i..end], b"if" | b"else" | b"for" | b"while" | b"do" | b"with") {
+            b'<' if ts => {
+                angles += 1;
+                regex_here = true;
+            }
+            b'>' if ts => {
+                angles = angles.saturating_sub(1);
+                regex_here = true;
+            }
+            b';' => (angles, bodies, regex_here) = (0, 0, true),
+            c if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'\\' => {
+                let end = b[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$')).map_or(b.len(), |n| i + n).max(i + 1);
+                let word = &b[i..end];
+                if matches!(word, b"if" | b"else" | b"for" | b"while" | b"do" | b"with") {
                     bodies += 1;
                 }
+                regex_here = matches!(word, b"return" | b"typeof" | b"case" | b"do" | b"else" | b"in" | b"of" | b"instanceof" | b"new" | b"delete" | b"void" | b"throw" | b"yield" | b"await");
                 i = end - 1;
             }
-            _ => {}
+            c if c.is_ascii_whitespace() || c >= 0x80 => {}
+            _ => regex_here = true,
         }
         if open.len() + angles + bodies > MAX_NESTING {
             return Err(at(path, text, i as u32, format!("the code nests deeper than {MAX_NESTING} levels here")));
@@ -320,6 +358,10 @@ mod tests {
             "else-if" => chain("if(x)1;else ", "1"),
             "typeof" => chain("typeof ", "x"),
             "power" => chain("1**", "1"),
+            // Brackets a scan that misreads a regular expression would not see: the compiler's
+            // stack is what stands between them and the process.
+            "hidden-paren" => format!("if (1) /'`/.test('');{}1", "(".repeat(n - 128)),
+            "hidden-generic" => return ("index.ts", format!("export default 0;\nif (1) /'`/.test('');let q: {}number;", "A<".repeat((n - 128) / 2))),
             _ => unreachable!(),
         };
         ("index.js", format!("export default 0;\nlet a, x;\n{body}\n"))
@@ -336,7 +378,7 @@ mod tests {
             assert!(e.message.contains("nests deeper than 1000 levels"), "{shape}: {e:?}");
             assert_eq!(e.line, if shape == "generic" { 2 } else { 3 }, "{shape}: {e:?}");
         }
-        for shape in ["not", "negate", "assign", "plus", "conditional", "member", "call", "arrow", "typeof", "power", "label", "else-if"] {
+        for shape in ["not", "negate", "assign", "plus", "conditional", "member", "call", "arrow", "typeof", "power", "label", "else-if", "hidden-paren", "hidden-generic"] {
             let (path, text) = hostile(shape);
             assert!(text.len() <= MAX_FILE_BYTES && text.len() > MAX_FILE_BYTES - 100, "{shape}: {}", text.len());
             // Compiling is the point: whichever the answer, the process is still here.
@@ -357,6 +399,12 @@ mod tests {
             "x = /\\(/;\n".repeat(1500)
         );
         compile(&files(&[("index.js", &text)]), "index.js").unwrap();
+        // A quote or backquote in a regular expression opens nothing; a division is not one.
+        let after = |head: &str| format!("let x, a = 1, b = 2;\n{head}\nexport default () => {}1{};\n", "(".repeat(1001), ")".repeat(1001));
+        for head in ["x = /'`\"/g;", "x = a / b / 2;", "x = (a) / b; x = [1][0] / 2;", "x = /[/'`]/.test('a') ? 1 : 2;"] {
+            let e = compile(&files(&[("index.js", &after(head))]), "index.js").unwrap_err();
+            assert!(e.message.contains("nests deeper") && e.line == 3, "{head}: {e:?}");
+        }
         // TypeScript: comparisons do not add up as generics do.
         let text = format!("{}export default (a: number, b: number): Array<Array<number>> => [[a < b ? 1 : 0]];\n", "if (1 < 2) {}\n".repeat(3000));
         compile(&files(&[("index.ts", &text)]), "index.ts").unwrap();
