@@ -1098,6 +1098,8 @@ fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failu
         },
         other => (other, Hold::default()),
     };
+    // The place first: a caller woken by the answer may call again at once.
+    drop(job.place);
     job.reply.send(Outcome { result, logs, cpu, hold });
 }
 

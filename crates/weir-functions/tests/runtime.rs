@@ -365,6 +365,18 @@ async fn a_call_whose_caller_left_keeps_its_place_until_the_runtime_drops_it() {
     assert_eq!(body_json(&gw.call_with("count", get("/"), cap).await), json!(1));
 }
 
+/// A call's place is given back before its caller hears the answer: a caller that calls again
+/// at once, with every place taken, is not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_answered_may_call_again_at_once() {
+    let gw = Gw::new(vec![func("dev", "ok", &[("index.js", "export default () => ({ ok: true })")])]);
+    let one = Limits { concurrency: 1, ..limits() };
+    for n in 0..500 {
+        let out = FunctionHandler::run(gw.engine.clone(), gw.table["ok"].clone(), gw.table.clone(), gw.vars.clone(), one, Arc::default(), get("/")).await;
+        assert!(out.is_some(), "call {n} was refused");
+    }
+}
+
 #[tokio::test]
 async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
     let gw = Gw::new(vec![func("dev", "slow", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r('done'), 300))")])]);
