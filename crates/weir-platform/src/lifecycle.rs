@@ -233,14 +233,15 @@ pub fn diff_files(source: &BTreeMap<String, String>, target: &BTreeMap<String, S
                 (_, None) => "removed",
             };
             let (a, b) = (a.map_or("", String::as_str), b.map_or("", String::as_str));
-            // A diff has at most the lines of both sides.
-            let most = a.lines().count() + b.lines().count();
+            // A diff has at most the lines of both sides (as the diff splits them: at a line
+            // feed or a lone carriage return; a CR LF counted twice here is an upper bound).
+            let most = a.split(['\n', '\r']).count() + b.split(['\n', '\r']).count();
             if most > room {
                 room = 0;
                 return FileDiff { file: name.clone(), status, lines: Vec::new(), omitted: true };
             }
             let lines = diff_lines(a, b);
-            room -= lines.len();
+            room = room.saturating_sub(lines.len());
             FileDiff { file: name.clone(), status, lines, omitted: false }
         })
         .collect()
@@ -551,6 +552,12 @@ mod tests {
         let files = diff_files(&a, &b);
         let shown: Vec<(&str, usize, bool)> = files.iter().map(|f| (f.file.as_str(), f.lines.len(), f.omitted)).collect();
         assert_eq!(shown, [("a.ts", 12_000, false), ("b.ts", 0, true), ("c.ts", 0, true)]);
+        // Lines ended by a lone carriage return are lines to the diff too.
+        let cr = |tag: &str| format!("{tag}\r").repeat(15_000);
+        let a = BTreeMap::from([("a.ts".to_string(), cr("a")), ("b.ts".to_string(), cr("c"))]);
+        let b = BTreeMap::from([("a.ts".to_string(), cr("b")), ("b.ts".to_string(), cr("d"))]);
+        let shown: Vec<(usize, bool)> = diff_files(&a, &b).iter().map(|f| (f.lines.len(), f.omitted)).collect();
+        assert_eq!(shown, [(0, true), (0, true)]);
         // Long and wholly different: the shortest diff is not searched for past its time, and
         // what comes back still turns one side into the other.
         // (Without the deadline this diff runs for hours.)
