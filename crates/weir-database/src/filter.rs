@@ -19,10 +19,10 @@ const DEPTH: usize = 32;
 /// The largest compiled pattern `$regex` accepts, and how many one filter may have: each is
 /// compiled when the filter is parsed.
 const REGEX_SIZE: usize = 1 << 20;
-const MAX_REGEXES: usize = 16;
+pub(crate) const MAX_REGEXES: usize = 16;
 
 /// How many `$regex` keys `v` holds, at any depth.
-fn regexes_in(v: &Value) -> usize {
+pub(crate) fn regexes_in(v: &Value) -> usize {
     let mut n = 0;
     let mut todo = vec![v];
     while let Some(v) = todo.pop() {

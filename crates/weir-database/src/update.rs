@@ -79,6 +79,12 @@ pub struct Update(Vec<Change>);
 impl Update {
     pub fn parse(v: &Value) -> Result<Update, DbError> {
         let Some(o) = v.as_object().filter(|o| !o.is_empty()) else { return Err(DbError::bad("an update is a non-empty object of operators")) };
+        // The conditions of every `$pull` together, as one filter's.
+        if let Some(pull) = o.get("$pull")
+            && crate::filter::regexes_in(pull) > crate::filter::MAX_REGEXES
+        {
+            return Err(DbError::bad(format!("an update's $pull has at most {} $regex", crate::filter::MAX_REGEXES)));
+        }
         let mut changes = Vec::new();
         for (op, fields) in o {
             match op.as_str() {
@@ -370,6 +376,10 @@ mod tests {
         }
         let mut d = json!({"a": "text"});
         assert!(Update::parse(&json!({"$inc": {"a": 1}})).unwrap().apply(&mut d).is_err());
+        // `$pull`'s conditions count their patterns together.
+        let pulls = |n: usize| json!({"$pull": (0..n).map(|i| (format!("f{i}"), json!({"$regex": "^a"}))).collect::<Map<String, Value>>()});
+        assert!(Update::parse(&pulls(16)).is_ok());
+        assert!(Update::parse(&pulls(17)).unwrap_err().message.contains("at most 16 $regex"));
     }
 
     #[test]
