@@ -151,9 +151,29 @@ pub const MAX_INDEX_KEYS: usize = 10_000;
 pub const MAX_INDEX_KEY_BYTES: usize = update::MAX_DOCUMENT;
 
 /// The keys `doc` was filed under in `def`, to take it out again. A document whose keys are
-/// refused was never filed, so it has none to remove.
+/// refused now was filed before these bounds, under every combination of its arrays' values:
+/// those are its keys, however many (it was stored with them all).
 pub(crate) fn filed_keys(def: &IndexDef, doc: &Value) -> Vec<String> {
-    def.keys_of(doc).unwrap_or_default()
+    def.keys_of(doc).unwrap_or_else(|_| {
+        let mut combos: Vec<Vec<Value>> = vec![Vec::new()];
+        for (field, _) in &def.keys {
+            let mut values: Vec<Value> = Vec::new();
+            for v in filter::resolve(doc, field) {
+                match v {
+                    Value::Array(a) if !a.is_empty() => values.extend(a.iter().cloned()),
+                    other => values.push(other.clone()),
+                }
+            }
+            if values.is_empty() {
+                values.push(Value::Null);
+            }
+            combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| [c.clone(), vec![v.clone()]].concat())).collect();
+        }
+        let mut keys: Vec<String> = combos.iter().map(|c| index_key(c)).collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    })
 }
 
 /// The key of a tuple of values in an index: numbers in one form, so `1` and `1.0` are one key.
@@ -291,6 +311,18 @@ mod tests {
         assert_eq!(two.keys_of(&json!({"a": 1, "b": "x"})).unwrap().len(), 1);
         // One array beside single values: one key per element, the single values in each.
         assert_eq!(two.keys_of(&json!({"a": [1, 2], "b": ["x"]})).unwrap(), vec![index_key(&[json!(1), json!("x")]), index_key(&[json!(2), json!("x")])]);
+    }
+
+    #[test]
+    fn a_document_filed_before_the_bounds_is_taken_out_under_all_its_keys() {
+        let two = IndexDef { name: "a_1_b_1".into(), keys: vec![("a".into(), 1), ("b".into(), 1)], unique: true };
+        let doc = json!({"a": [1, 2], "b": ["x", "y"]});
+        assert!(two.keys_of(&doc).is_err());
+        let all = filed_keys(&two, &doc);
+        assert_eq!(all.len(), 4);
+        assert!(all.contains(&index_key(&[json!(2), json!("x")])));
+        let fine = json!({"a": [1, 2], "b": "x"});
+        assert_eq!(filed_keys(&two, &fine), two.keys_of(&fine).unwrap());
     }
 
     #[test]
