@@ -59,24 +59,27 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
 }
 
 /// The regular expressions in a plugin's config, as the plugins compile them: the entries of
-/// `allow_origins_by_regex`, the patterns of `regex_uri` (pattern, replacement, ...), and the
-/// pattern of a rule `[var, "~~" | "~*", pattern]` (`~*` ignoring case), at any depth.
+/// `allow_origins_by_regex`, `block_rules` (ignoring case with `case_insensitive`),
+/// `allowlist` and `denylist`, the patterns of `regex_uri` (pattern, replacement, ...), and the
+/// pattern of a rule `[var, "~~" | "~*", pattern]` or `[var, "!", "~~" | "~*", pattern]` (`~*`
+/// ignoring case), at any depth.
 fn patterns(conf: &Value, found: &mut Vec<String>) {
+    let strings = |a: &Vec<Value>, prefix: &str, found: &mut Vec<String>| found.extend(a.iter().filter_map(Value::as_str).map(|p| format!("{prefix}{p}")));
     match conf {
         Value::Object(o) => {
             for (key, v) in o {
                 match (key.as_str(), v) {
-                    ("allow_origins_by_regex", Value::Array(a)) => found.extend(a.iter().filter_map(Value::as_str).map(str::to_string)),
+                    ("allow_origins_by_regex" | "allowlist" | "denylist", Value::Array(a)) => strings(a, "", found),
+                    ("block_rules", Value::Array(a)) => strings(a, if o.get("case_insensitive") == Some(&Value::Bool(true)) { "(?i)" } else { "" }, found),
                     ("regex_uri", Value::Array(a)) => found.extend(a.iter().step_by(2).filter_map(Value::as_str).map(str::to_string)),
                     _ => patterns(v, found),
                 }
             }
         }
         Value::Array(a) => {
-            if let Some(at) = a.iter().position(|v| matches!(v.as_str(), Some("~~" | "~*")))
-                && let Some(p) = a.get(at + 1).and_then(Value::as_str)
-            {
-                found.push(if a[at] == "~*" { format!("(?i){p}") } else { p.to_string() });
+            let op = if a.get(1).and_then(Value::as_str) == Some("!") { 2 } else { 1 };
+            if let (Some(op @ ("~~" | "~*")), Some(p)) = (a.get(op).and_then(Value::as_str), a.get(op + 1).and_then(Value::as_str)) {
+                found.push(if op == "~*" { format!("(?i){p}") } else { p.to_string() });
             }
             a.iter().for_each(|v| patterns(v, found));
         }
@@ -177,8 +180,9 @@ mod tests {
         // Where the plugins find them: cors, regex_uri pairs, and rules at any depth.
         let mut found = Vec::new();
         patterns(&json!({"cors": {"allow_origins_by_regex": ["^a$", "^b$"]}, "proxy-rewrite": {"regex_uri": ["^/x/(.*)", "/$1", "^/y", "/z"]},
-            "x": {"_meta": {"filter": [["arg_a", "~~", "p1"], ["arg_b", "!", "~*", "p2"], ["arg_c", "==", "~~"]]}}}), &mut found);
-        assert_eq!(found, ["^a$", "^b$", "^/x/(.*)", "^/y", "p1", "(?i)p2"]);
+            "uri-blocker": {"block_rules": ["^/admin"], "case_insensitive": true}, "ua-restriction": {"allowlist": ["curl"], "denylist": ["bot"]},
+            "x": {"_meta": {"filter": [["arg_a", "~~", "p1"], ["arg_b", "!", "~*", "p2"], ["arg_c", "==", "~~"], ["arg_d", "in", ["~~", "not a pattern"]]]}}}), &mut found);
+        assert_eq!(found, ["^a$", "^b$", "^/x/(.*)", "^/y", "(?i)^/admin", "curl", "bot", "p1", "(?i)p2"]);
         let ok = json!({"cors": {"allow_origins_by_regex": [r"^https://[a-z]+\.example\.com$"]}, "proxy-rewrite": {"regex_uri": ["^/api/(.*)", "/$1"]}});
         assert_eq!(check(ok), Vec::<String>::new());
         let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("^o{i}$")).collect();
