@@ -196,7 +196,7 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
             // A regular expression: to its closing `/` (not one escaped or in a class), on
             // its line.
             b'/' if regex_here => {
-                let mut class = false;
+                let (start, mut class) = (i, false);
                 i += 1;
                 while i < b.len() && b[i] != b'\n' && (class || b[i] != b'/') {
                     match b[i] {
@@ -207,7 +207,11 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
                     }
                     i += 1;
                 }
-                regex_here = false;
+                // No closing `/` on the line: it was a division after all.
+                if b.get(i) != Some(&b'/') {
+                    i = start;
+                }
+                regex_here = i == start;
             }
             b'\'' | b'"' => {
                 i += 1;
@@ -242,16 +246,23 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
                 regex_here = true;
             }
             b';' => (angles, bodies, regex_here) = (0, 0, true),
-            c if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'\\' => {
-                let end = b[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$')).map_or(b.len(), |n| i + n).max(i + 1);
+            // A name, a number or a keyword (a name of non-ASCII letters too); after a `.`, a
+            // property's name whatever it spells.
+            c if c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c == b'\\' || c >= 0x80 => {
+                let end = b[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80)).map_or(b.len(), |n| i + n).max(i + 1);
                 let word = &b[i..end];
-                if matches!(word, b"if" | b"else" | b"for" | b"while" | b"do" | b"with") {
+                let property = b[..i].iter().rev().find(|c| !c.is_ascii_whitespace()) == Some(&b'.');
+                if !property && matches!(word, b"if" | b"else" | b"for" | b"while" | b"do" | b"with") {
                     bodies += 1;
                 }
-                regex_here = matches!(word, b"return" | b"typeof" | b"case" | b"do" | b"else" | b"in" | b"of" | b"instanceof" | b"new" | b"delete" | b"void" | b"throw" | b"yield" | b"await");
+                regex_here = !property && matches!(word, b"return" | b"typeof" | b"case" | b"do" | b"else" | b"in" | b"of" | b"instanceof" | b"new" | b"delete" | b"void" | b"throw" | b"yield" | b"await");
                 i = end - 1;
             }
-            c if c.is_ascii_whitespace() || c >= 0x80 => {}
+            c if c.is_ascii_whitespace() => {}
+            // `++`, `--`, `!` and `.` keep what came before: prefix before an operand, postfix
+            // (`i++ / 2`, TypeScript's `x! / 2`) after one, and `.` only ever before a name.
+            b'+' | b'-' if b.get(i + 1) == Some(&c) => i += 1,
+            b'!' | b'.' if b.get(i + 1) != Some(&b'=') => {}
             _ => regex_here = true,
         }
         if open.len() + angles + bodies > MAX_NESTING {
@@ -401,10 +412,18 @@ mod tests {
         compile(&files(&[("index.js", &text)]), "index.js").unwrap();
         // A quote or backquote in a regular expression opens nothing; a division is not one.
         let after = |head: &str| format!("let x, a = 1, b = 2;\n{head}\nexport default () => {}1{};\n", "(".repeat(1001), ")".repeat(1001));
-        for head in ["x = /'`\"/g;", "x = a / b / 2;", "x = (a) / b; x = [1][0] / 2;", "x = /[/'`]/.test('a') ? 1 : 2;"] {
+        for head in ["x = /'`\"/g;", "x = a / b / 2;", "x = (a) / b; x = [1][0] / 2;", "x = /[/'`]/.test('a') ? 1 : 2;", "x = !/a/.test('b');", "x = +/1/.source;"] {
             let e = compile(&files(&[("index.js", &after(head))]), "index.js").unwrap_err();
             assert!(e.message.contains("nests deeper") && e.line == 3, "{head}: {e:?}");
         }
+        // Divisions the scan once took for regular expressions, a thousand times over: after a
+        // postfix `++`, a TypeScript `!`, a number's `.`, a property named as a keyword, and a
+        // name of non-ASCII letters.
+        let lines = ["a = (a++ / 2);", "a = (1. / 3);", "a = (o.new / o.total);", "a = (o?.return / 2, o.yield / 3);", "a = Math.sin(θ / 2);", "a = [数量 / 2];"];
+        let text = format!("let a = 1, θ = 1, 数量 = 1, o = {{}};\n{}export default () => a;\n", lines.iter().map(|l| format!("{l}\n")).collect::<String>().repeat(400));
+        compile(&files(&[("index.js", &text)]), "index.js").unwrap();
+        let text = format!("let w: number | undefined = 4, m = 0;\n{}export default () => m;\n", "m = Math.floor(w! / 2);\n".repeat(1001));
+        compile(&files(&[("index.ts", &text)]), "index.ts").unwrap();
         // TypeScript: comparisons do not add up as generics do.
         let text = format!("{}export default (a: number, b: number): Array<Array<number>> => [[a < b ? 1 : 0]];\n", "if (1 < 2) {}\n".repeat(3000));
         compile(&files(&[("index.ts", &text)]), "index.ts").unwrap();
