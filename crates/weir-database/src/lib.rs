@@ -103,19 +103,9 @@ impl IndexDef {
     /// [`MAX_INDEX_KEY_BYTES`] in all in one index, so a write's index work stays in proportion
     /// to the document.
     pub fn keys_of(&self, doc: &Value) -> Result<Vec<String>, DbError> {
-        let mut columns: Vec<Vec<&Value>> = Vec::with_capacity(self.keys.len());
+        let columns = self.columns(doc);
         let mut spread: Option<&str> = None;
-        for (field, _) in &self.keys {
-            let mut values: Vec<&Value> = Vec::new();
-            for v in filter::resolve(doc, field) {
-                match v {
-                    Value::Array(a) if !a.is_empty() => values.extend(a.iter()),
-                    other => values.push(other),
-                }
-            }
-            if values.is_empty() {
-                values.push(&Value::Null);
-            }
+        for ((field, _), values) in self.keys.iter().zip(&columns) {
             if values.len() > 1 {
                 if let Some(other) = spread {
                     return Err(DbError::bad(format!("cannot index parallel arrays: {other} and {field} both hold several values in one document (index {})", self.name)));
@@ -125,7 +115,6 @@ impl IndexDef {
             if values.len() > MAX_INDEX_KEYS {
                 return Err(DbError::bad(format!("index {} would file {} keys for one document; at most {MAX_INDEX_KEYS}", self.name, values.len())));
             }
-            columns.push(values);
         }
         let rows = columns.iter().map(Vec::len).max().unwrap_or(1);
         let mut keys = Vec::with_capacity(rows);
@@ -143,6 +132,27 @@ impl IndexDef {
         keys.dedup();
         Ok(keys)
     }
+
+    /// The values of each of the index's fields in `doc`: an array's elements, `null` when
+    /// the field is missing.
+    fn columns<'d>(&self, doc: &'d Value) -> Vec<Vec<&'d Value>> {
+        self.keys
+            .iter()
+            .map(|(field, _)| {
+                let mut values: Vec<&Value> = Vec::new();
+                for v in filter::resolve(doc, field) {
+                    match v {
+                        Value::Array(a) if !a.is_empty() => values.extend(a.iter()),
+                        other => values.push(other),
+                    }
+                }
+                if values.is_empty() {
+                    values.push(&Value::Null);
+                }
+                values
+            })
+            .collect()
+    }
 }
 
 /// The most keys one document files in one index (the elements of its one array field).
@@ -156,18 +166,8 @@ pub const MAX_INDEX_KEY_BYTES: usize = update::MAX_DOCUMENT;
 pub(crate) fn filed_keys(def: &IndexDef, doc: &Value) -> Vec<String> {
     def.keys_of(doc).unwrap_or_else(|_| {
         let mut combos: Vec<Vec<Value>> = vec![Vec::new()];
-        for (field, _) in &def.keys {
-            let mut values: Vec<Value> = Vec::new();
-            for v in filter::resolve(doc, field) {
-                match v {
-                    Value::Array(a) if !a.is_empty() => values.extend(a.iter().cloned()),
-                    other => values.push(other.clone()),
-                }
-            }
-            if values.is_empty() {
-                values.push(Value::Null);
-            }
-            combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| [c.clone(), vec![v.clone()]].concat())).collect();
+        for values in def.columns(doc) {
+            combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| [c.clone(), vec![(*v).clone()]].concat())).collect();
         }
         let mut keys: Vec<String> = combos.iter().map(|c| index_key(c)).collect();
         keys.sort();

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::platform::{fn_path, on_loopback, platform_weir, until_gateway, v1, v1_as};
+use common::platform::{fn_path, on_loopback, platform_weir, started_gateway, until_gateway, v1, v1_as};
 use common::{Upstream, Weir};
 use serde_json::{Value, json};
 
@@ -155,8 +155,7 @@ async fn functions_go_through_the_pipeline_with_history_rollback_compare_and_rec
 #[tokio::test]
 async fn without_the_pipeline_any_stage_may_be_deployed_to_and_promotions_of_one_function_serialize() {
     let w = on_loopback("");
-    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Free", "gatewayId": "free"}))).await.0, 201);
-    until_gateway(&w, "free", |_, b| b["phase"] == "Started").await;
+    started_gateway(&w, "free").await;
     assert_eq!(v1(&w, "POST", "api-gateways/free/functions", Some(json!({"name": "f", "source": greet("one")}))).await.0, 201);
     let dev = fn_path("free", "dev/f");
     let (s, b) = v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "prod"}))).await;
@@ -195,8 +194,7 @@ async fn without_the_pipeline_any_stage_may_be_deployed_to_and_promotions_of_one
 #[tokio::test]
 async fn a_gateway_keeps_only_its_latest_deployment_records() {
     let w = on_loopback("  deployments_limit: 3\n");
-    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Kept", "gatewayId": "kept"}))).await.0, 201);
-    until_gateway(&w, "kept", |_, b| b["phase"] == "Started").await;
+    started_gateway(&w, "kept").await;
     let targets = |b: &Value| b["list"].as_array().unwrap().iter().map(|d| (d["function"].as_str().unwrap().to_string(), d["targetVersion"].as_u64().unwrap())).collect::<Vec<_>>();
     assert_eq!(v1(&w, "POST", "api-gateways/kept/functions", Some(json!({"name": "f", "source": greet("one")}))).await.0, 201);
     let dev = fn_path("kept", "dev/f");
@@ -235,8 +233,7 @@ async fn a_gateway_keeps_only_its_latest_deployment_records() {
 #[tokio::test]
 async fn a_gateway_holds_at_most_its_bound_of_triggers_however_many_are_made_at_once() {
     let w = on_loopback("");
-    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Many", "gatewayId": "many"}))).await.0, 201);
-    until_gateway(&w, "many", |_, b| b["phase"] == "Started").await;
+    started_gateway(&w, "many").await;
     assert_eq!(v1(&w, "POST", "api-gateways/many/functions", Some(json!({"name": "f", "source": greet("f")}))).await.0, 201);
     // Once a year: none runs during the test.
     let trigger = json!({"function": "f", "environment": "dev", "cron": "0 0 1 1 *"});
@@ -265,8 +262,7 @@ async fn a_gateway_holds_at_most_its_bound_of_triggers_however_many_are_made_at_
 #[tokio::test]
 async fn a_node_killed_during_promotions_serves_acknowledged_versions_and_its_records_agree() {
     let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  denied_networks: []\n", &[]);
-    assert_eq!(v1(&w, "POST", "api-gateways", Some(json!({"name": "Crash", "gatewayId": "crash"}))).await.0, 201);
-    until_gateway(&w, "crash", |_, b| b["phase"] == "Started").await;
+    started_gateway(&w, "crash").await;
     let names = ["a", "b", "c", "d"];
     for n in names {
         assert_eq!(v1(&w, "POST", "api-gateways/crash/functions", Some(json!({"name": n, "source": greet(&format!("{n}-1"))}))).await.0, 201);

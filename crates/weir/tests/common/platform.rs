@@ -24,6 +24,13 @@ pub async fn until_gateway(w: &Weir, gid: &str, check: impl Fn(u16, &Value) -> b
     panic!("gateway {gid} never reached the state asked for");
 }
 
+/// Makes gateway `gid` (named after it) and waits until it serves.
+pub async fn started_gateway(w: &Weir, gid: &str) {
+    let (s, b) = v1(w, "POST", "api-gateways", Some(serde_json::json!({"name": gid, "gatewayId": gid}))).await;
+    assert_eq!(s, 201, "{b}");
+    until_gateway(w, gid, |_, b| b["phase"] == "Started").await;
+}
+
 pub fn problems(b: &Value) -> Vec<String> {
     b["error"]["problems"].as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_string)).collect()).unwrap_or_default()
 }
