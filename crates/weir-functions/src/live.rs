@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use weir_http::body::RespBody;
 use weir_proxy::handler::{Answer, Call, Handler};
-use weir_proxy::partition::{Contributor, Lowered, LoweredRoute};
+use weir_proxy::partition::{Contributor, Lowered, LoweredRoute, Relower};
 
 use crate::engine::{DbRunner, Engine, Fetcher, Job, Reach, Request, Services, Table, User};
 use crate::{Failure, Function, LimitsDoc, Logs, Outcome};
@@ -126,8 +126,20 @@ pub struct Functions {
     dir: String,
     settings: Settings,
     engines: Mutex<HashMap<String, Weak<Engine>>>,
-    /// Compiled functions by key, with the stored bytes they came from.
-    compiled: Mutex<HashMap<String, (Bytes, Arc<FunctionDoc>, Arc<Function>)>>,
+    /// Compiled functions by key.
+    compiled: Mutex<HashMap<String, Compiled>>,
+    /// Compiles of changed functions waiting or under way off the watch path: the newest
+    /// stored value of each key, which its one compile task takes when it finishes the last.
+    pending: Mutex<HashMap<String, Bytes>>,
+    lanes: weir_upstream::lanes::Lanes,
+    /// Gateways lowered before on this node: a function of theirs that changes compiles off
+    /// the watch path, the partition serving what it had meanwhile.
+    lowered: Mutex<std::collections::HashSet<String>>,
+    relower: std::sync::OnceLock<Relower>,
+    /// What the platform's saves on this node compiled, by the digest of their source, for the
+    /// lowering that follows to take rather than compile again.
+    offered: Mutex<std::collections::VecDeque<([u8; 32], crate::source::Compiled)>>,
+    me: Weak<Functions>,
     logs: Mutex<HashMap<String, Weak<Logs>>>,
     /// Each gateway's budget for the lines its functions' buffers keep, by gateway id.
     log_budgets: Mutex<HashMap<String, Weak<crate::engine::Budget>>>,
@@ -137,7 +149,21 @@ pub struct Functions {
 
 impl Functions {
     pub fn new(prefix: &str, settings: Settings) -> Arc<Functions> {
-        Arc::new(Functions { dir: format!("{prefix}/platform/live/"), settings, engines: Mutex::default(), compiled: Mutex::default(), logs: Mutex::default(), log_budgets: Mutex::default(), tables: Mutex::default() })
+        Arc::new_cyclic(|me| Functions {
+            dir: format!("{prefix}/platform/live/"),
+            settings,
+            engines: Mutex::default(),
+            compiled: Mutex::default(),
+            pending: Mutex::default(),
+            lanes: weir_upstream::lanes::Lanes::new(COMPILES_AT_ONCE, 1),
+            lowered: Mutex::default(),
+            relower: std::sync::OnceLock::new(),
+            offered: Mutex::default(),
+            me: me.clone(),
+            logs: Mutex::default(),
+            log_budgets: Mutex::default(),
+            tables: Mutex::default(),
+        })
     }
 
     /// The runtime of gateway `gid` with `memory` bytes, started when there is none.
@@ -163,7 +189,7 @@ impl Functions {
     /// Runs the function stored at `key` as `value` on gateway `gid`'s runtime, with the
     /// limits of `env`, outside any route (the platform's `invoke`).
     pub async fn invoke(&self, gid: &str, env: &EnvDoc, key: &str, value: &[u8], request: Request) -> Result<Outcome, String> {
-        let (_, func, _) = self.function(gid, key, value).ok_or("the stored function does not compile")?;
+        let (_, func, _) = self.function(gid, key, value, false).ok_or("the stored function does not compile")?;
         let limits = env.limits.limits();
         let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
@@ -223,16 +249,103 @@ impl Functions {
     }
 
     /// The function stored at `key` as `value`, parsed and compiled once per stored value;
-    /// `true` when it was compiled now.
-    fn function(&self, gid: &str, key: &str, value: &[u8]) -> Option<(Arc<FunctionDoc>, Arc<Function>, bool)> {
+    /// `true` when it has not been lowered before. With `defer`, one not compiled yet is
+    /// compiled off the caller's thread ([`Functions::defer`]) and this answers what the key
+    /// had before: its last compiled version, or nothing.
+    fn function(&self, gid: &str, key: &str, value: &[u8], defer: bool) -> Option<(Arc<FunctionDoc>, Arc<Function>, bool)> {
         let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((bytes, doc, f)) = cache.get(key)
-            && bytes[..] == *value
-        {
-            return Some((doc.clone(), f.clone(), false));
+        let had = cache.get_mut(key);
+        if let Some(c) = had.as_ref().filter(|c| c.bytes[..] == *value) {
+            let fresh = c.fresh;
+            let built = c.built.clone().map(|(doc, f)| (doc, f, fresh));
+            if let Some(c) = had {
+                c.fresh = false;
+            }
+            return built;
         }
+        let before = had.and_then(|c| c.built.clone()).map(|(doc, f)| (doc, f, false));
+        drop(cache);
+        // What a save on this node compiled is ready: taken now, with nothing to defer.
+        if defer && !self.offered(value) && self.defer(gid, key, value) {
+            return before;
+        }
+        let built = self.build(gid, key, value);
+        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(key.to_string(), Compiled { bytes: Bytes::copy_from_slice(value), built: built.clone(), fresh: false });
+        built.map(|(doc, f)| (doc, f, true))
+    }
+
+    /// Has the function stored at `key` as `value` compiled on a blocking thread (at most
+    /// [`COMPILES_AT_ONCE`] on the node, one per gateway, gateways taking turns), then its
+    /// partition lowered again. A key changed again before its compile started is compiled
+    /// once, as last stored.
+    /// False (nothing done) without a watch loop to lower the partition again, or a runtime
+    /// to compile on.
+    fn defer(&self, gid: &str, key: &str, value: &[u8]) -> bool {
+        let (Some(relower), Ok(handle), Some(me)) = (self.relower.get().cloned(), tokio::runtime::Handle::try_current(), self.me.upgrade()) else {
+            return false;
+        };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.insert(key.to_string(), Bytes::copy_from_slice(value)).is_some() {
+            // Its compile task takes the newest value when it is done with the one before.
+            return true;
+        }
+        drop(pending);
+        let (gid, key) = (gid.to_string(), key.to_string());
+        let blocking = handle.clone();
+        handle.spawn(async move {
+            let (functions, lane) = (me.clone(), gid.clone());
+            let work = move || {
+                loop {
+                    let Some(value) = me.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned() else { break };
+                    let built = me.build(&gid, &key, &value);
+                    me.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), Compiled { bytes: value.clone(), built, fresh: true });
+                    let mut pending = me.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    if pending.get(&key) == Some(&value) {
+                        pending.remove(&key);
+                        break;
+                    }
+                }
+                relower.send(&key);
+            };
+            if functions.lanes.run(&blocking, &lane, work).await.is_none() {
+                tracing::error!("compiling a changed function panicked");
+            }
+        });
+        true
+    }
+
+    /// Keeps what a save on this node compiled `files` to, for the lowering of the stored
+    /// function to take (the last [`OFFERS_KEPT`] are kept).
+    pub fn offer(&self, files: &BTreeMap<String, String>, entry: &str, compiled: crate::source::Compiled) {
+        let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
+        if offered.len() >= OFFERS_KEPT {
+            offered.pop_front();
+        }
+        offered.push_back((source_digest(files, entry), compiled));
+    }
+
+    /// Whether a save on this node offered what the function stored as `value` compiles to.
+    fn offered(&self, value: &[u8]) -> bool {
+        let lock = || self.offered.lock().unwrap_or_else(|e| e.into_inner());
+        if lock().is_empty() {
+            return false;
+        }
+        let Ok(doc) = serde_json::from_slice::<FunctionDoc>(value) else { return false };
+        let digest = source_digest(&doc.files, &doc.entrypoint);
+        lock().iter().any(|(d, _)| *d == digest)
+    }
+
+    /// Parses and compiles the function stored at `key` as `value`; `None` (logged) when it
+    /// does not read or compile.
+    fn build(&self, gid: &str, key: &str, value: &[u8]) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
         let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
-        let compiled = match crate::source::compile(&doc.files, &doc.entrypoint) {
+        let digest = source_digest(&doc.files, &doc.entrypoint);
+        let offered = {
+            let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
+            offered.iter().position(|(d, _)| *d == digest).and_then(|i| offered.remove(i)).map(|(_, c)| c)
+        };
+        let compiled = match offered.map_or_else(|| crate::source::compile(&doc.files, &doc.entrypoint), Ok) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(function = %key, error = %e, "a stored function does not compile; not served");
@@ -249,10 +362,35 @@ impl Functions {
             methods: doc.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
             logs: self.logs_for(gid, &doc.environment, &doc.name),
         });
-        let doc = Arc::new(doc);
-        cache.insert(key.to_string(), (Bytes::copy_from_slice(value), doc.clone(), f.clone()));
-        Some((doc, f, true))
+        Some((Arc::new(doc), f))
     }
+}
+
+/// Compiles of changed functions under way at once on a node, off the watch path.
+pub const COMPILES_AT_ONCE: usize = 2;
+
+/// Compiles offered by saves kept on a node, waiting for their lowering.
+pub const OFFERS_KEPT: usize = 8;
+
+/// A function's source as one digest: its entry point and each file's path and text.
+fn source_digest(files: &BTreeMap<String, String>, entry: &str) -> [u8; 32] {
+    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in std::iter::once(entry).chain(files.iter().flat_map(|(p, t)| [p.as_str(), t.as_str()])) {
+        d.update(&(part.len() as u64).to_le_bytes());
+        d.update(part.as_bytes());
+    }
+    d.finish().as_ref().try_into().unwrap_or([0; 32])
+}
+
+/// Gateways remembered as lowered before on a node.
+const LOWERED_KEPT: usize = 16_384;
+
+/// A stored value of a function and what it compiled to (`None`: it does not).
+struct Compiled {
+    bytes: Bytes,
+    built: Option<(Arc<FunctionDoc>, Arc<Function>)>,
+    /// Compiled off the watch path and not lowered yet: the lowering that takes it loads it.
+    fresh: bool,
 }
 
 impl Contributor for Functions {
@@ -261,8 +399,24 @@ impl Contributor for Functions {
         Some(&key[..self.dir.len() + rest.find('/')? + 1])
     }
 
+    fn attach(&self, relower: Relower) {
+        let _ = self.relower.set(relower);
+    }
+
     fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
         let gid = partition[self.dir.len()..].trim_end_matches('/');
+        // A gateway's first lowering on this node (the node starting, the gateway created)
+        // compiles in place; after that the watch path compiles nothing, so no gateway's
+        // saves hold up another's changes.
+        let defer = {
+            let mut lowered = self.lowered.lock().unwrap_or_else(|e| e.into_inner());
+            // Gateways come and go: past a bound the set starts again, costing each gateway
+            // at most one more lowering compiled in place.
+            if lowered.len() >= LOWERED_KEPT {
+                lowered.clear();
+            }
+            !lowered.insert(gid.to_string())
+        };
         let mut envs: BTreeMap<String, EnvDoc> = BTreeMap::new();
         let mut funcs: BTreeMap<String, Vec<(Arc<FunctionDoc>, Arc<Function>, bool)>> = BTreeMap::new();
         let mut present = std::collections::HashSet::new();
@@ -276,7 +430,7 @@ impl Contributor for Functions {
                 && let Some((env, _)) = path.split_once('/')
             {
                 present.insert(*key);
-                if let Some(f) = self.function(gid, key, value) {
+                if let Some(f) = self.function(gid, key, value, defer) {
                     funcs.entry(env.to_string()).or_default().push(f);
                 }
             }

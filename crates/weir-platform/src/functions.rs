@@ -4,6 +4,7 @@
 //! and a source that does not compile changes nothing.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::StatusCode;
@@ -12,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use weir_core::error::ErrorKind;
 use weir_functions::lanes::Lanes;
-use weir_functions::live::{EnvDoc, FunctionDoc, env_key, function_key, partition_prefix};
+use weir_functions::live::{EnvDoc, FunctionDoc, Functions, env_key, function_key, partition_prefix};
 use weir_functions::{CompileError, Request};
 use weir_store::{Compare, Op, Txn, TxnOutcome};
 
@@ -126,10 +127,19 @@ fn compile_lanes() -> &'static Lanes {
     LANES.get_or_init(|| Lanes::new(2, 1))
 }
 
-/// Checks a function's source as saved: `Err` is the answer to give.
-async fn compile(gid: &str, files: &BTreeMap<String, String>, entry: &str) -> Result<(), Reply> {
-    let (files, entry) = (files.clone(), entry.to_string());
-    match compile_lanes().run(&tokio::runtime::Handle::current(), gid, move || weir_functions::source::compile(&files, &entry).map(drop)).await {
+/// Checks a function's source as saved: `Err` is the answer to give. What it compiles to is
+/// offered to this node's runtimes (`functions`), whose lowering of the stored function then
+/// does not compile it again.
+async fn compile(functions: Option<&Arc<Functions>>, gid: &str, files: &BTreeMap<String, String>, entry: &str) -> Result<(), Reply> {
+    let (files, entry, functions) = (files.clone(), entry.to_string(), functions.cloned());
+    let work = move || {
+        weir_functions::source::compile(&files, &entry).map(|compiled| {
+            if let Some(f) = functions {
+                f.offer(&files, &entry, compiled);
+            }
+        })
+    };
+    match compile_lanes().run(&tokio::runtime::Handle::current(), gid, work).await {
         Some(Ok(())) => Ok(()),
         Some(Err(e)) => Err(compile_failure(&e)),
         None => Err(failure(ErrorKind::Internal, "the compiler failed", vec![])),
@@ -279,7 +289,7 @@ impl Platform {
             Ok(f) => f,
             Err(r) => return r,
         };
-        if let Err(r) = compile(gid, &files, &entrypoint).await {
+        if let Err(r) = compile(self.functions.get(), gid, &files, &entrypoint).await {
             return r;
         }
         let plugins = input.plugins.unwrap_or_default();
@@ -368,7 +378,7 @@ impl Platform {
             Err(r) => return r,
         };
         if let Some((files, entry)) = &source
-            && let Err(r) = compile(gid, files, entry).await
+            && let Err(r) = compile(self.functions.get(), gid, files, entry).await
         {
             return r;
         }

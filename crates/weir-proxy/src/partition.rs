@@ -28,6 +28,29 @@ pub trait Contributor: Send + Sync {
     /// the hosts it answers and its routes, as APISIX routes with ids unique in the partition.
     /// A panic keeps the partition as it was last compiled.
     fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered;
+
+    /// Receives, once, the way to have a partition lowered again though none of its objects
+    /// changed: a contributor that does slow work for a lowering off the watch path (compiling
+    /// what changed) lowers the partition with what it has, then asks again when the work is
+    /// done. Without it, every lowering is done in place.
+    fn attach(&self, _relower: Relower) {}
+}
+
+/// Asks the watch loop to lower a partition again: [`Relower::send`] takes a key of the
+/// partition, and the loop lowers it as if that key had changed.
+#[derive(Clone)]
+pub struct Relower(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl Relower {
+    pub fn channel() -> (Relower, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Relower(tx), rx)
+    }
+
+    /// False when the loop is gone.
+    pub fn send(&self, key: &str) -> bool {
+        self.0.send(key.to_string()).is_ok()
+    }
 }
 
 /// What a [`Contributor`] makes of one partition.

@@ -629,6 +629,13 @@ impl Builder {
         self
     }
 
+    /// Hands every contributor the way to have its partitions lowered again.
+    pub fn attach(&self, relower: &crate::partition::Relower) {
+        for c in &self.contributors {
+            c.attach(relower.clone());
+        }
+    }
+
     /// The work done so far.
     pub fn stats(&self) -> BuildStats {
         self.stats

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 use weir_store::{SharedStore, WatchMessage};
 
+use crate::partition::Relower;
 use crate::snapshot::{Builder, Snapshot};
 
 /// How long the config must stay unchanged before an overlay of recent route changes is folded
@@ -66,6 +67,8 @@ pub async fn follow(
 ) {
     let dir = format!("{prefix}/");
     let mut backoff = Duration::from_millis(100);
+    let (relower, mut relowers) = Relower::channel();
+    builder.attach(&relower);
     loop {
         let (kvs, revision) = match store.list(&dir).await {
             Ok(r) => r,
@@ -96,16 +99,23 @@ pub async fn follow(
         loop {
             // With an overlay in place, a quiet moment folds it into a full build, so matching
             // goes back to one router.
-            let msg = if builder.has_overlay() {
-                match tokio::time::timeout(FOLD_AFTER, events.recv()).await {
-                    Ok(m) => m,
-                    Err(_) => {
-                        target.store(Arc::new(builder.fold(&state)));
-                        continue;
+            let overlay = builder.has_overlay();
+            let msg = tokio::select! {
+                m = events.recv() => m,
+                Some(key) = relowers.recv() => {
+                    // A contributor finished work for a partition off this loop: lowered again
+                    // with the other partitions it finished by now.
+                    let mut changes = Changes { extra: vec![key], ..Changes::default() };
+                    while let Ok(key) = relowers.try_recv() {
+                        changes.extra.push(key);
                     }
+                    target.store(Arc::new(builder.update(&state, &changes)));
+                    continue;
                 }
-            } else {
-                events.recv().await
+                _ = tokio::time::sleep(FOLD_AFTER), if overlay => {
+                    target.store(Arc::new(builder.fold(&state)));
+                    continue;
+                }
             };
             let Some(msg) = msg else { break };
             let mut changes = Changes::default();

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::platform::{fn_path, on_loopback, platform_node, platform_weir, problems, until_gateway, v1, v1_as};
+use common::platform::{fn_path, on_loopback, platform_node, platform_weir, problems, started_gateway, until_gateway, v1, v1_as};
 use common::{KEY, Upstream, Weir, send};
 use serde_json::{Value, json};
 
@@ -1000,4 +1000,72 @@ async fn fetch_reaches_allowed_hosts_and_never_this_node_or_private_networks() {
     assert!(r.json()["second"].as_str().unwrap().contains("would pass this gateway's memory limit"), "{}", r.text());
     let log = w.log();
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// What gateway `gid`'s function at `path` answers: its `v`, or null (nothing published).
+async fn version_at(w: &Weir, gid: &str, path: &str) -> Value {
+    w.get(path, &[("host", &format!("{gid}.localhost"))]).await.json()["v"].clone()
+}
+
+/// Polls until gateway `gid`'s function at `path` answers version `want` (up to 60 s: a large
+/// function compiles for a while in a test build).
+async fn answers_version(w: &Weir, gid: &str, path: &str, want: u32) {
+    for _ in 0..3000 {
+        if version_at(w, gid, path).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{gid}'s {path} never answered version {want}");
+}
+
+#[tokio::test]
+async fn a_gateway_saving_large_functions_holds_up_no_other_gateways_saves() {
+    let w = on_loopback("");
+    started_gateway(&w, "big").await;
+    started_gateway(&w, "small").await;
+    // Nearly a megabyte and a half of TypeScript in three files (about as much as one save may
+    // carry): it keeps the compiler busy for a while.
+    let lib = |seed: u32| {
+        let mut code = String::new();
+        for i in 0.. {
+            if code.len() > 480_000 {
+                break;
+            }
+            code += &format!("export function f{i}(a: number, b: string): string {{ const x = {{ k: a + {i}, s: b.repeat(2) }}; return JSON.stringify(x) + '{seed}'; }}\n");
+        }
+        code
+    };
+    let large = |n: u32, v: u32| {
+        let files = json!({"a.ts": lib(n * 100 + v), "b.ts": lib(n * 1000 + v), "c.ts": lib(n * 10000 + v),
+            "index.ts": format!("import {{ f1 }} from './a';\nimport {{ f2 }} from './b';\nimport {{ f3 }} from './c';\nexport default () => ({{ v: {v}, a: typeof f1, b: typeof f2, c: typeof f3 }});\n")});
+        json!({"files": files, "entrypoint": "index.ts"})
+    };
+    let small = |v: u32| json!({"code": format!("export default () => ({{ v: {v} }});")});
+    let short = |b: &Value| b.to_string().chars().take(300).collect::<String>();
+    let save = async |method: &str, path: String, body: Value| {
+        let (s, b) = v1(&w, method, &path, Some(body)).await;
+        assert!((200..300).contains(&s), "{method} {path}: {s} {}", short(&b));
+    };
+    save("POST", "api-gateways/big/functions".into(), json!({"name": "g", "source": large(1, 1)})).await;
+    answers_version(&w, "big", "/dev/g", 1).await;
+    save("POST", "api-gateways/small/functions".into(), json!({"name": "f", "source": small(1)})).await;
+    answers_version(&w, "small", "/dev/f", 1).await;
+
+    // A large function promoted to staging compiles there; the small gateway's save meanwhile
+    // goes live without waiting for it, and what staging had before serves until it is done:
+    // nothing the first time, the previous version the second.
+    for v in 1..=2 {
+        if v == 2 {
+            save("PATCH", fn_path("big", "dev/g"), json!({"source": large(1, 2)})).await;
+            answers_version(&w, "big", "/dev/g", 2).await;
+        }
+        save("POST", format!("{}/deploy-to-stage", fn_path("big", "dev/g")), json!({"targetStage": "staging"})).await;
+        save("PATCH", fn_path("small", "dev/f"), json!({"source": small(v + 1)})).await;
+        answers_version(&w, "small", "/dev/f", v + 1).await;
+        let staged = version_at(&w, "big", "/staging/g").await;
+        let before = if v == 1 { Value::Null } else { json!(1) };
+        assert_eq!(staged, before, "the small save waited for the large compile");
+        answers_version(&w, "big", "/staging/g", v).await;
+    }
 }
