@@ -156,12 +156,22 @@ pub(crate) fn plugins_def() -> Value {
 pub fn describe(e: &jsonschema::ValidationError<'_>) -> String {
     let path = e.instance_path().to_string();
     if path.is_empty() {
-        e.to_string()
+        message(e)
     } else {
         // "/upstream/nodes" reads better as "property upstream.nodes".
         let dotted = path.trim_start_matches('/').replace('/', ".");
-        format!("property \"{dotted}\" validation failed: {e}")
+        format!("property \"{dotted}\" validation failed: {}", message(e))
     }
+}
+
+/// Longest schema error text that quotes the value it is about.
+const QUOTED_AT_MOST: usize = 512;
+
+/// What a schema error says, quoting the value it is about only when that keeps it short: a
+/// megabyte string past its `maxLength` is "value is longer than ...", not echoed back whole.
+pub fn message(e: &jsonschema::ValidationError<'_>) -> String {
+    let text = e.to_string();
+    if text.len() <= QUOTED_AT_MOST { text } else { e.masked().to_string() }
 }
 
 /// Reads `value` as the data plane reads a `T`, and says where and why that fails. JSON

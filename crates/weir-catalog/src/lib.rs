@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 use weir_core::schema::{MAX_DEPTH, PluginCatalog, depth};
 use weir_tls::Keyring;
 
-pub use defs::{describe, id_schema, object_schema, read_as, upstream_schema};
+pub use defs::{describe, id_schema, message, object_schema, read_as, upstream_schema};
 
 /// The label that marks an object the platform generated: `labels.{MANAGED_LABEL}` names the
 /// gateway it belongs to. The Admin API refuses to write such objects.

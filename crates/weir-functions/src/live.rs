@@ -189,7 +189,19 @@ impl Functions {
     /// Runs the function stored at `key` as `value` on gateway `gid`'s runtime, with the
     /// limits of `env`, outside any route (the platform's `invoke`).
     pub async fn invoke(&self, gid: &str, env: &EnvDoc, key: &str, value: &[u8], request: Request) -> Result<Outcome, String> {
-        let (_, func, _) = self.function(gid, key, value, false).ok_or("the stored function does not compile")?;
+        // The version stored now, which the lowering may not have reached yet: compiled for
+        // this call alone when it has not, so that the cache only ever moves forward.
+        let lowered = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).filter(|c| c.bytes[..] == *value).map(|c| c.built.clone());
+        let built = match (lowered, self.me.upgrade()) {
+            (Some(built), _) => built,
+            // On a blocking thread, in the gateway's turn with the compiles of its changes.
+            (None, Some(me)) => {
+                let (g, k, v) = (gid.to_string(), key.to_string(), value.to_vec());
+                self.lanes.run(&tokio::runtime::Handle::current(), gid, move || me.build(&g, &k, &v)).await.flatten()
+            }
+            (None, None) => None,
+        };
+        let (_, func) = built.ok_or("the stored function does not compile")?;
         let limits = env.limits.limits();
         let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
@@ -270,15 +282,21 @@ impl Functions {
             return before;
         }
         let built = self.build(gid, key, value);
-        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        cache.insert(key.to_string(), Compiled { bytes: Bytes::copy_from_slice(value), built: built.clone(), fresh: false });
+        // The value lowered is the newest: a compile still under way for the key is of an
+        // older one, and keeps what it makes to itself.
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.remove(key);
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), Compiled { bytes: Bytes::copy_from_slice(value), built: built.clone(), fresh: false });
+        drop(pending);
         built.map(|(doc, f)| (doc, f, true))
     }
 
     /// Has the function stored at `key` as `value` compiled on a blocking thread (at most
     /// [`COMPILES_AT_ONCE`] on the node, one per gateway, gateways taking turns), then its
     /// partition lowered again. A key changed again before its compile started is compiled
-    /// once, as last stored.
+    /// once, as last stored, and a compile overtaken by a newer value keeps its result to
+    /// itself.
+    ///
     /// False (nothing done) without a watch loop to lower the partition again, or a runtime
     /// to compile on.
     fn defer(&self, gid: &str, key: &str, value: &[u8]) -> bool {
@@ -293,19 +311,22 @@ impl Functions {
         drop(pending);
         let (gid, key) = (gid.to_string(), key.to_string());
         let blocking = handle.clone();
+        let asked = std::time::Instant::now();
         handle.spawn(async move {
             let (functions, lane) = (me.clone(), gid.clone());
             let work = move || {
+                let started = std::time::Instant::now();
                 loop {
                     let Some(value) = me.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned() else { break };
                     let built = me.build(&gid, &key, &value);
-                    me.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), Compiled { bytes: value.clone(), built, fresh: true });
                     let mut pending = me.pending.lock().unwrap_or_else(|e| e.into_inner());
                     if pending.get(&key) == Some(&value) {
+                        me.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), Compiled { bytes: value, built, fresh: true });
                         pending.remove(&key);
                         break;
                     }
                 }
+                tracing::debug!(function = %key, waited = ?started.duration_since(asked), compiled = ?started.elapsed(), "a changed function compiled off the watch loop");
                 relower.send(&key);
             };
             if functions.lanes.run(&blocking, &lane, work).await.is_none() {
@@ -696,5 +717,71 @@ impl Handler for FunctionHandler {
             series.observe(started.elapsed(), resp.status().is_server_error());
             resp
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(v: u32) -> Vec<u8> {
+        let doc = FunctionDoc { name: "f".into(), environment: "dev".into(), files: BTreeMap::from([("index.ts".to_string(), format!("export default () => ({{ v: {v} }});"))]), entrypoint: "index.ts".into(), version: u64::from(v), ..FunctionDoc::default() };
+        serde_json::to_vec(&doc).unwrap()
+    }
+
+    fn cached_version(f: &Functions, key: &str) -> Option<u64> {
+        f.compiled.lock().unwrap().get(key).and_then(|c| c.built.as_ref()).map(|(doc, _)| doc.version)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_changed_function_compiles_off_the_lowering_and_an_overtaken_compile_keeps_its_result() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, mut relowers) = Relower::channel();
+        f.attach(relower);
+        let key = "/weir/platform/live/g/fn/dev/f";
+
+        // A gateway's first lowering compiles in place.
+        let (doc, _, fresh) = f.function("g", key, &stored(1), false).unwrap();
+        assert_eq!((doc.version, fresh), (1, true));
+
+        // The gateway's compile lane is held, so the compile of version 2 waits for it; the
+        // lowering answers version 1 meanwhile.
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let (taken, took) = tokio::sync::oneshot::channel();
+        let lane = {
+            let f = f.clone();
+            tokio::spawn(async move {
+                f.lanes
+                    .run(&tokio::runtime::Handle::current(), "g", move || {
+                        let _ = taken.send(());
+                        held.recv()
+                    })
+                    .await
+            })
+        };
+        took.await.unwrap();
+        f.compiled.lock().unwrap().get_mut(key).unwrap().fresh = false;
+        let (doc, _, fresh) = f.function("g", key, &stored(2), true).unwrap();
+        assert_eq!((doc.version, fresh), (1, false));
+        assert_eq!(f.pending.lock().unwrap().get(key).map(|b| b.to_vec()), Some(stored(2)));
+
+        // Version 3 compiled in place (a lowering that may not defer) overtakes it: once the
+        // lane is free, the compile of version 2 ends without replacing version 3.
+        let (doc, _, _) = f.function("g", key, &stored(3), false).unwrap();
+        assert_eq!(doc.version, 3);
+        hold.send(()).unwrap();
+        lane.await.unwrap();
+        let asked = tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
+        assert_eq!(asked.as_deref(), Some(key));
+        assert_eq!(cached_version(&f, key), Some(3));
+
+        // A change the lowering defers is compiled, asked to be lowered again, and then taken
+        // as fresh (to be loaded before it takes traffic).
+        assert_eq!(f.function("g", key, &stored(4), true).unwrap().0.version, 3);
+        let asked = tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
+        assert_eq!(asked.as_deref(), Some(key));
+        let (doc, _, fresh) = f.function("g", key, &stored(4), true).unwrap();
+        assert_eq!((doc.version, fresh), (4, true));
+        assert!(!f.function("g", key, &stored(4), true).unwrap().2, "fresh once");
     }
 }

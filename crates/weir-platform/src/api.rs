@@ -89,7 +89,7 @@ pub(crate) fn body<T: DeserializeOwned + JsonSchema>(raw: &Bytes) -> Result<T, R
 fn problem(e: &jsonschema::ValidationError<'_>) -> String {
     let path = e.instance_path().to_string();
     let at = if path.is_empty() { "body".to_string() } else { path.trim_start_matches('/').replace('/', ".") };
-    format!("{at}: {e}")
+    format!("{at}: {}", weir_catalog::message(e))
 }
 
 impl Platform {

@@ -730,6 +730,9 @@ async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plug
     assert_eq!((s, &b["error"]["file"], &b["error"]["line"]), (400, &json!("index.ts"), &json!(2)), "{b}");
     assert!(b["error"]["column"].as_u64().unwrap() > 1, "{b}");
     assert_eq!(v1(&w, "GET", &fn_path("fns", "dev/broken"), None).await.0, 404);
+    // A file past its bound is refused in a few words, without the file echoed back.
+    let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "huge", "source": {"code": "x".repeat(600_000)}}))).await;
+    assert_eq!((s, problems(&b)), (400, vec!["source.code: value is longer than 524288 characters".to_string()]), "{}", b.to_string().chars().take(300).collect::<String>());
     // Nesting deep enough to overflow the compiler's stack is refused where it goes too deep,
     // and the node goes on (the next request below is served).
     let deep = format!("export default () =>\n{}1{};", "(".repeat(200_000), ")".repeat(200_000));
