@@ -761,7 +761,10 @@ impl Builder {
             consumers: Arc::new(consumers),
             parts: self.hosts.clone(),
         };
-        self.last = Some(snapshot.shallow_clone());
+        // Kept without its partitions: an update lays the current ones in, and partitions held
+        // here would keep what they hold (a gateway's function runtime, say) past their change
+        // or removal until the next full build.
+        self.last = Some(Snapshot { parts: Arc::default(), ..snapshot.shallow_clone() });
         self.published = Some(snapshot.shallow_clone());
         snapshot
     }
@@ -1242,6 +1245,26 @@ mod tests {
 
     fn event(kind: weir_store::EventKind, key: &str, value: &str, rev: i64) -> weir_store::Event {
         weir_store::Event { kind, kv: kv(key, value, rev) }
+    }
+
+    #[test]
+    fn a_partition_compiled_again_or_gone_is_let_go() {
+        let kvs = vec![kv("/apisix/tenants/t1/routes/home", &route_json("/home"), 1), kv("/apisix/tenants/t2/routes/home", &route_json("/home"), 2)];
+        let mut b = tenant_builder();
+        let mut state = ConfigState::claiming("/apisix", &kvs, 2, b.claims());
+        let first = b.build(&state);
+        let (t1, t2) = (Arc::downgrade(&first.parts["t1.example"]), Arc::downgrade(&first.parts["t2.example"]));
+        drop(first);
+        let mut changes = Changes::default();
+        let events = [
+            event(weir_store::EventKind::Put, "/apisix/tenants/t1/routes/home", &route_json("/moved"), 3),
+            event(weir_store::EventKind::Delete, "/apisix/tenants/t2/routes/home", "", 3),
+        ];
+        state.apply("/apisix", 3, &events, &mut changes);
+        let second = b.update(&state, &changes);
+        assert_eq!(at(&second, Some("t1.example"), "/moved").as_deref(), Some("/apisix/tenants/t1/routes/home"));
+        assert!(t1.upgrade().is_none(), "the partition compiled again is let go");
+        assert!(t2.upgrade().is_none(), "the partition gone is let go");
     }
 
     #[test]

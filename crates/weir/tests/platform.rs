@@ -1072,3 +1072,46 @@ async fn a_gateway_saving_large_functions_holds_up_no_other_gateways_saves() {
         answers_version(&w, "big", "/staging/g", v).await;
     }
 }
+
+/// Threads of process `pid` named `name`.
+fn threads_named(pid: u32, name: &str) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks.filter_map(Result::ok).filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)).count()
+}
+
+/// Polls until `pid` has `want` threads named `name` (up to 10 s), and says how many it has.
+async fn settle_threads(pid: u32, name: &str, want: usize) -> usize {
+    for _ in 0..500 {
+        if threads_named(pid, name) == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    threads_named(pid, name)
+}
+
+#[tokio::test]
+async fn a_gateways_runtime_ends_with_a_change_of_its_memory_limit_and_with_the_gateway() {
+    let w = on_loopback("");
+    started_gateway(&w, "rtm").await;
+    let (s, b) = v1(&w, "POST", "api-gateways/rtm/functions", Some(json!({"name": "big", "source": {"code": "export default () => ({ n: new Uint8Array(40 << 20).length })"}}))).await;
+    assert_eq!(s, 201, "{b}");
+    let host = [("host", "rtm.localhost")];
+    w.until("/dev/big", &host, |r| r.status == 200).await;
+    // Started again, the node compiles the gateway in its first full build.
+    let cfg = w.dir.path().join("weir.yaml");
+    let dir = w.kill9();
+    let w = Weir::spawn(dir, &cfg, &[]);
+    w.until("/dev/big", &host, |r| r.status == 200).await;
+    assert_eq!(threads_named(w.pid(), "fn-rtm"), 1);
+
+    // A new memory limit is a new runtime (the call no longer fits), and the old one ends.
+    let (s, b) = v1(&w, "PATCH", "api-gateways/rtm", Some(json!({"limits": {"memoryMiB": 32}}))).await;
+    assert_eq!(s, 200, "{b}");
+    w.until("/dev/big", &host, |r| r.status == 500).await;
+    assert_eq!(settle_threads(w.pid(), "fn-rtm", 1).await, 1, "the runtime of the old limit ends");
+
+    let (s, b) = v1(&w, "DELETE", "api-gateways/rtm", None).await;
+    assert!((200..300).contains(&s), "{s} {b}");
+    assert_eq!(settle_threads(w.pid(), "fn-rtm", 0).await, 0, "the deleted gateway's runtime ends");
+}
