@@ -5,7 +5,8 @@
 //! - the same JSON from a route with the mocking plugin on the same node: the proxy's own
 //!   cost, without JavaScript, so the rows show what the function runtime adds;
 //! - the same function in a gateway that holds `--functions` functions, against one alone;
-//! - save → live on the same node and across two nodes sharing etcd (p50, p99);
+//! - save → live on the same node and across two nodes sharing etcd (p50, p99), and on the
+//!   same node while another gateway saves a large function in a loop;
 //! - the first call of a function just saved against a warm call;
 //! - promote (dev → staging) → live in staging, on the same node and across two nodes;
 //! - memory per idle function.
@@ -104,6 +105,53 @@ fn ms(d: Duration) -> f64 {
 fn report(what: &str, mut times: Vec<f64>) {
     times.sort_by(|a, b| a.total_cmp(b));
     println!("{what}: p50 {:.2} ms, p99 {:.2} ms ({} changes)", percentile(&times, 0.5), percentile(&times, 0.99), times.len());
+}
+
+/// Nearly the most one save may carry: three files of about 480 KB of TypeScript.
+fn large_source(seed: usize) -> serde_json::Value {
+    let lib = |n: usize| {
+        let mut code = String::new();
+        for i in 0.. {
+            if code.len() > 480_000 {
+                break;
+            }
+            code += &format!("export function f{i}(a: number, b: string): string {{ const x = {{ k: a + {i}, s: b.repeat(2) }}; return JSON.stringify(x) + '{n}'; }}\n");
+        }
+        code
+    };
+    let index = format!("import {{ f1 }} from './a';\nimport {{ f2 }} from './b';\nimport {{ f3 }} from './c';\nexport default () => ({{ seed: {seed}, a: typeof f1, b: typeof f2, c: typeof f3 }});\n");
+    serde_json::json!({"files": {"a.ts": lib(seed), "b.ts": lib(seed + 1), "c.ts": lib(seed + 2), "index.ts": index}, "entrypoint": "index.ts"})
+}
+
+/// Save → live of `fns`'s hello while another gateway on the node saves a large function
+/// over and over (what one tenant may do to the others); and how many saves it made.
+fn beside_large_saves(args: &Args, w: &Weir) -> anyhow::Result<(Vec<f64>, usize)> {
+    gateway(w, "noisy")?;
+    v1(w, "POST", "api-gateways/noisy/functions", &serde_json::json!({"name": "big", "source": large_source(0)}).to_string())?;
+    let sources = [large_source(10), large_source(20)].map(|s| serde_json::json!({"source": s}).to_string());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let noisy = scope.spawn(|| {
+            let mut saves = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                v1(w, "PATCH", "api-gateways/noisy/functions/dev%2Fbig", &sources[saves % 2])?;
+                saves += 1;
+            }
+            anyhow::Ok(saves)
+        });
+        // The neighbour is under way before the first timed save.
+        std::thread::sleep(Duration::from_millis(500));
+        let timed = (0..args.changes)
+            .map(|i| {
+                let t = Instant::now();
+                patch(w, "fns", "hello", &format!("export default () => ({{ hello: 'world', beside: {i} }})"))?;
+                Ok(ms(live(w.port, "fns.localhost", "/dev/hello", &format!("\"beside\":{i}"), t)?.0))
+            })
+            .collect::<anyhow::Result<Vec<f64>>>();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let saves = noisy.join().map_err(|_| anyhow::anyhow!("the neighbour's saves panicked"))??;
+        Ok((timed?, saves))
+    })
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -222,6 +270,8 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
     println!("first call after save: p50 {:.3} ms; warm call: p50 {:.3} ms (each on a new connection)", percentile(&firsts, 0.5), percentile(&warms, 0.5));
     let promotions = (0..args.changes).map(|i| promote(&one, &one, "fns", "hello", &format!("export default () => ({{ p: {i} }})"), &format!("\"p\":{i}"))).collect::<anyhow::Result<Vec<f64>>>()?;
     report("promote to live in staging, same node", promotions);
+    let (beside, noisy) = beside_large_saves(args, &one)?;
+    report(&format!("save to live beside a gateway saving a 1.4 MB function in a loop ({noisy} saves), same node"), beside);
     drop((one, big));
 
     // Across two nodes sharing etcd.

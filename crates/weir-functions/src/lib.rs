@@ -38,7 +38,8 @@ pub struct Function {
     pub name: String,
     /// Unique for its content: `{version}-{hash}`.
     pub version: String,
-    pub compiled: Compiled,
+    /// Shared by the gateway's functions of the same source.
+    pub compiled: std::sync::Arc<Compiled>,
     /// Methods it answers; empty: all.
     pub methods: Vec<String>,
     /// Its recent log lines.

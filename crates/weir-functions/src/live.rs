@@ -127,7 +127,9 @@ pub struct Functions {
     settings: Settings,
     engines: Mutex<HashMap<String, Weak<Engine>>>,
     /// Compiled functions by key.
-    compiled: Mutex<HashMap<String, Compiled>>,
+    compiled: Mutex<HashMap<String, Entry>>,
+    /// Each gateway's compiled sources by digest, while a function holds them.
+    sources: Mutex<HashMap<(String, [u8; 32]), Weak<crate::source::Compiled>>>,
     /// Compiles of changed functions waiting or under way off the watch path: the newest
     /// stored value of each key, which its one compile task takes when it finishes the last.
     pending: Mutex<HashMap<String, Bytes>>,
@@ -138,8 +140,10 @@ pub struct Functions {
     relower: std::sync::OnceLock<Relower>,
     /// What the platform's saves on this node compiled, by the digest of their source, for the
     /// lowering that follows to take rather than compile again.
-    offered: Mutex<std::collections::VecDeque<([u8; 32], crate::source::Compiled)>>,
+    offered: Mutex<std::collections::VecDeque<(String, [u8; 32], Arc<crate::source::Compiled>)>>,
     me: Weak<Functions>,
+    #[cfg(test)]
+    gate: Gate,
     logs: Mutex<HashMap<String, Weak<Logs>>>,
     /// Each gateway's budget for the lines its functions' buffers keep, by gateway id.
     log_budgets: Mutex<HashMap<String, Weak<crate::engine::Budget>>>,
@@ -154,12 +158,15 @@ impl Functions {
             settings,
             engines: Mutex::default(),
             compiled: Mutex::default(),
+            sources: Mutex::default(),
             pending: Mutex::default(),
             lanes: weir_upstream::lanes::Lanes::new(COMPILES_AT_ONCE, 1),
             lowered: Mutex::default(),
             relower: std::sync::OnceLock::new(),
             offered: Mutex::default(),
             me: me.clone(),
+            #[cfg(test)]
+            gate: Gate::default(),
             logs: Mutex::default(),
             log_budgets: Mutex::default(),
             tables: Mutex::default(),
@@ -261,41 +268,44 @@ impl Functions {
     }
 
     /// The function stored at `key` as `value`, parsed and compiled once per stored value;
-    /// `true` when it has not been lowered before. With `defer`, one not compiled yet is
-    /// compiled off the caller's thread ([`Functions::defer`]) and this answers what the key
-    /// had before: its last compiled version, or nothing.
+    /// `true` when it has not been lowered before. A source the gateway already has compiled
+    /// (a save on this node offered it, or a loaded function has it) is taken as it is; with
+    /// `defer`, any other is compiled off the caller's thread ([`Functions::defer`]) and this
+    /// answers what the key had before: its last compiled version, or nothing.
     fn function(&self, gid: &str, key: &str, value: &[u8], defer: bool) -> Option<(Arc<FunctionDoc>, Arc<Function>, bool)> {
-        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-        let had = cache.get_mut(key);
-        if let Some(c) = had.as_ref().filter(|c| c.bytes[..] == *value) {
-            let fresh = c.fresh;
-            let built = c.built.clone().map(|(doc, f)| (doc, f, fresh));
-            if let Some(c) = had {
-                c.fresh = false;
+        let before = {
+            let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+            let had = cache.get_mut(key);
+            let same = had.as_ref().is_some_and(|c| c.bytes[..] == *value);
+            let before = had.and_then(|c| {
+                let fresh = std::mem::take(&mut c.fresh);
+                c.built.clone().map(|(doc, f)| (doc, f, fresh))
+            });
+            if same {
+                return before;
             }
-            return built;
-        }
-        let before = had.and_then(|c| c.built.clone()).map(|(doc, f)| (doc, f, false));
-        drop(cache);
-        // What a save on this node compiled is ready: taken now, with nothing to defer.
-        if defer && !self.offered(value) && self.defer(gid, key, value) {
+            before
+        };
+        let doc: Option<FunctionDoc> = serde_json::from_slice(value).ok();
+        let ready = doc.as_ref().and_then(|d| self.compiled_source(gid, &source_digest(&d.files, &d.entrypoint)));
+        if ready.is_none() && doc.is_some() && defer && self.defer(gid, key, value) {
             return before;
         }
-        let built = self.build(gid, key, value);
+        let built = doc.and_then(|doc| self.assemble(gid, key, value, doc, ready));
         // The value lowered is the newest: a compile still under way for the key is of an
         // older one, and keeps what it makes to itself.
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.remove(key);
-        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), Compiled { bytes: Bytes::copy_from_slice(value), built: built.clone(), fresh: false });
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), Entry { bytes: Bytes::copy_from_slice(value), built: built.clone(), fresh: false });
         drop(pending);
         built.map(|(doc, f)| (doc, f, true))
     }
 
     /// Has the function stored at `key` as `value` compiled on a blocking thread (at most
-    /// [`COMPILES_AT_ONCE`] on the node, one per gateway, gateways taking turns), then its
-    /// partition lowered again. A key changed again before its compile started is compiled
-    /// once, as last stored, and a compile overtaken by a newer value keeps its result to
-    /// itself.
+    /// [`COMPILES_AT_ONCE`] on the node, one per gateway, one compile per turn, gateways
+    /// taking turns), then its partition lowered again. A key changed again before its compile
+    /// started is compiled once, as last stored, and a compile overtaken by a newer value
+    /// keeps its result to itself.
     ///
     /// False (nothing done) without a watch loop to lower the partition again, or a runtime
     /// to compile on.
@@ -305,74 +315,99 @@ impl Functions {
         };
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         if pending.insert(key.to_string(), Bytes::copy_from_slice(value)).is_some() {
-            // Its compile task takes the newest value when it is done with the one before.
+            // Its compile task takes the newest value when its turn comes.
             return true;
         }
         drop(pending);
         let (gid, key) = (gid.to_string(), key.to_string());
-        let blocking = handle.clone();
         let asked = std::time::Instant::now();
+        let blocking = handle.clone();
         handle.spawn(async move {
-            let (functions, lane) = (me.clone(), gid.clone());
-            let work = move || {
-                let started = std::time::Instant::now();
-                loop {
-                    let Some(value) = me.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&key).cloned() else { break };
-                    let built = me.build(&gid, &key, &value);
-                    let mut pending = me.pending.lock().unwrap_or_else(|e| e.into_inner());
-                    if pending.get(&key) == Some(&value) {
-                        me.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.clone(), Compiled { bytes: value, built, fresh: true });
-                        pending.remove(&key);
-                        break;
+            loop {
+                let (f, g, k) = (me.clone(), gid.clone(), key.clone());
+                let turn = move || {
+                    let Some(value) = f.pending.lock().unwrap_or_else(|e| e.into_inner()).get(&k).cloned() else { return Turn::Done };
+                    #[cfg(test)]
+                    f.gate.pass();
+                    let started = std::time::Instant::now();
+                    let built = f.build(&g, &k, &value);
+                    tracing::debug!(function = %k, since_asked = ?started.duration_since(asked), compiled = ?started.elapsed(), "a changed function compiled off the watch loop");
+                    let mut pending = f.pending.lock().unwrap_or_else(|e| e.into_inner());
+                    match pending.get(&k) {
+                        Some(newest) if *newest == value => {
+                            f.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone(), Entry { bytes: value, built, fresh: true });
+                            pending.remove(&k);
+                            Turn::Done
+                        }
+                        // Changed meanwhile: compiled again, in a turn of its own.
+                        Some(_) => Turn::Again,
+                        // Lowered in place meanwhile, or its gateway is gone.
+                        None => Turn::Done,
+                    }
+                };
+                match me.lanes.run(&blocking, &gid, turn).await {
+                    Some(Turn::Again) => continue,
+                    Some(Turn::Done) => {}
+                    None => {
+                        tracing::error!(function = %key, "compiling a changed function panicked");
+                        me.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                     }
                 }
-                tracing::debug!(function = %key, waited = ?started.duration_since(asked), compiled = ?started.elapsed(), "a changed function compiled off the watch loop");
                 relower.send(&key);
-            };
-            if functions.lanes.run(&blocking, &lane, work).await.is_none() {
-                tracing::error!("compiling a changed function panicked");
+                break;
             }
         });
         true
     }
 
-    /// Keeps what a save on this node compiled `files` to, for the lowering of the stored
-    /// function to take (the last [`OFFERS_KEPT`] are kept).
-    pub fn offer(&self, files: &BTreeMap<String, String>, entry: &str, compiled: crate::source::Compiled) {
+    /// Keeps what a save to gateway `gid` on this node compiled `files` to, for the lowering
+    /// of the stored function to take (the last [`OFFERS_KEPT`] are kept).
+    pub fn offer(&self, gid: &str, files: &BTreeMap<String, String>, entry: &str, compiled: crate::source::Compiled) {
         let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
         if offered.len() >= OFFERS_KEPT {
             offered.pop_front();
         }
-        offered.push_back((source_digest(files, entry), compiled));
+        offered.push_back((gid.to_string(), source_digest(files, entry), Arc::new(compiled)));
     }
 
-    /// Whether a save on this node offered what the function stored as `value` compiles to.
-    fn offered(&self, value: &[u8]) -> bool {
-        let lock = || self.offered.lock().unwrap_or_else(|e| e.into_inner());
-        if lock().is_empty() {
-            return false;
-        }
-        let Ok(doc) = serde_json::from_slice::<FunctionDoc>(value) else { return false };
-        let digest = source_digest(&doc.files, &doc.entrypoint);
-        lock().iter().any(|(d, _)| *d == digest)
+    /// What gateway `gid` has compiled a source of `digest` to: offered by a save, or held by a
+    /// function of its loaded. Gateways share nothing here, so no tenant learns by its saves'
+    /// speed what another's sources are.
+    fn compiled_source(&self, gid: &str, digest: &[u8; 32]) -> Option<Arc<crate::source::Compiled>> {
+        let offered = self.offered.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(g, d, _)| g == gid && d == digest).map(|(_, _, c)| c.clone());
+        offered.or_else(|| self.sources.lock().unwrap_or_else(|e| e.into_inner()).get(&(gid.to_string(), *digest)).and_then(Weak::upgrade))
     }
 
-    /// Parses and compiles the function stored at `key` as `value`; `None` (logged) when it
-    /// does not read or compile.
+    /// Parses and compiles the function stored at `key` as `value` (or takes the gateway's
+    /// compiled source); `None` (logged) when it does not read or compile.
     fn build(&self, gid: &str, key: &str, value: &[u8]) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
         let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
+        let ready = self.compiled_source(gid, &source_digest(&doc.files, &doc.entrypoint));
+        self.assemble(gid, key, value, doc, ready)
+    }
+
+    /// The function of `doc`, stored at `key` as `value`, from its compiled source (`ready`,
+    /// or compiled now).
+    fn assemble(&self, gid: &str, key: &str, value: &[u8], doc: FunctionDoc, ready: Option<Arc<crate::source::Compiled>>) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
         let digest = source_digest(&doc.files, &doc.entrypoint);
-        let offered = {
-            let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
-            offered.iter().position(|(d, _)| *d == digest).and_then(|i| offered.remove(i)).map(|(_, c)| c)
+        let compiled = match ready {
+            Some(c) => c,
+            None => match crate::source::compile(&doc.files, &doc.entrypoint) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    tracing::warn!(function = %key, error = %e, "a stored function does not compile; not served");
+                    return None;
+                }
+            },
         };
-        let compiled = match offered.map_or_else(|| crate::source::compile(&doc.files, &doc.entrypoint), Ok) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(function = %key, error = %e, "a stored function does not compile; not served");
-                return None;
+        {
+            let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+            // Sources no function holds any more are forgotten now and then.
+            if sources.len().is_power_of_two() {
+                sources.retain(|_, c| c.strong_count() > 0);
             }
-        };
+            sources.insert((gid.to_string(), digest), Arc::downgrade(&compiled));
+        }
         let hash = ring::digest::digest(&ring::digest::SHA256, value);
         let version = format!("{}-{}", doc.version, hash.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect::<String>());
         let f = Arc::new(Function {
@@ -385,6 +420,24 @@ impl Functions {
         });
         Some((Arc::new(doc), f))
     }
+
+    /// Forgets what the node kept for gateway `gid`'s partition, which has no objects left.
+    fn forget_gateway(&self, partition: &str, gid: &str) {
+        self.lowered.lock().unwrap_or_else(|e| e.into_inner()).remove(gid);
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
+        let own = format!("{gid}/");
+        self.tables.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
+        self.sources.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _), _| g != gid);
+        self.offered.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _, _)| g != gid);
+    }
+}
+
+/// What a compile task's turn ended with.
+enum Turn {
+    Done,
+    /// The key changed while it compiled: it compiles again, in a turn of its own.
+    Again,
 }
 
 /// Compiles of changed functions under way at once on a node, off the watch path.
@@ -407,11 +460,27 @@ fn source_digest(files: &BTreeMap<String, String>, entry: &str) -> [u8; 32] {
 const LOWERED_KEPT: usize = 16_384;
 
 /// A stored value of a function and what it compiled to (`None`: it does not).
-struct Compiled {
+struct Entry {
     bytes: Bytes,
     built: Option<(Arc<FunctionDoc>, Arc<Function>)>,
     /// Compiled off the watch path and not lowered yet: the lowering that takes it loads it.
     fresh: bool,
+}
+
+/// Holds compile tasks at the start of their compile while a test says so.
+#[cfg(test)]
+#[derive(Default)]
+struct Gate(Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>);
+
+#[cfg(test)]
+impl Gate {
+    /// Says the compile started, then waits to be let through.
+    fn pass(&self) {
+        if let Some((started, open)) = self.0.lock().unwrap().take() {
+            let _ = started.send(());
+            let _ = open.recv();
+        }
+    }
 }
 
 impl Contributor for Functions {
@@ -422,6 +491,11 @@ impl Contributor for Functions {
 
     fn attach(&self, relower: Relower) {
         let _ = self.relower.set(relower);
+    }
+
+    fn gone(&self, partition: &str) {
+        let gid = partition[self.dir.len()..].trim_end_matches('/');
+        self.forget_gateway(partition, gid);
     }
 
     fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
@@ -739,49 +813,73 @@ mod tests {
         let (relower, mut relowers) = Relower::channel();
         f.attach(relower);
         let key = "/weir/platform/live/g/fn/dev/f";
+        let asked = async |relowers: &mut tokio::sync::mpsc::UnboundedReceiver<String>| tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
 
         // A gateway's first lowering compiles in place.
         let (doc, _, fresh) = f.function("g", key, &stored(1), false).unwrap();
         assert_eq!((doc.version, fresh), (1, true));
 
-        // The gateway's compile lane is held, so the compile of version 2 waits for it; the
-        // lowering answers version 1 meanwhile.
-        let (hold, held) = std::sync::mpsc::channel::<()>();
-        let (taken, took) = tokio::sync::oneshot::channel();
-        let lane = {
-            let f = f.clone();
-            tokio::spawn(async move {
-                f.lanes
-                    .run(&tokio::runtime::Handle::current(), "g", move || {
-                        let _ = taken.send(());
-                        held.recv()
-                    })
-                    .await
-            })
-        };
-        took.await.unwrap();
-        f.compiled.lock().unwrap().get_mut(key).unwrap().fresh = false;
+        // Version 2 is compiled off the lowering, which answers version 1 meanwhile; the
+        // compile is held once it has started.
+        let (started, compiling) = std::sync::mpsc::channel();
+        let (open, held) = std::sync::mpsc::channel();
+        *f.gate.0.lock().unwrap() = Some((started, held));
         let (doc, _, fresh) = f.function("g", key, &stored(2), true).unwrap();
         assert_eq!((doc.version, fresh), (1, false));
-        assert_eq!(f.pending.lock().unwrap().get(key).map(|b| b.to_vec()), Some(stored(2)));
+        tokio::task::spawn_blocking(move || compiling.recv()).await.unwrap().unwrap();
 
-        // Version 3 compiled in place (a lowering that may not defer) overtakes it: once the
-        // lane is free, the compile of version 2 ends without replacing version 3.
-        let (doc, _, _) = f.function("g", key, &stored(3), false).unwrap();
-        assert_eq!(doc.version, 3);
-        hold.send(()).unwrap();
-        lane.await.unwrap();
-        let asked = tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
-        assert_eq!(asked.as_deref(), Some(key));
+        // Version 3, lowered in place (the node's first lowering of the gateway again, say),
+        // overtakes it: the compile of version 2 ends without replacing version 3.
+        assert_eq!(f.function("g", key, &stored(3), false).unwrap().0.version, 3);
+        open.send(()).unwrap();
+        assert_eq!(asked(&mut relowers).await.as_deref(), Some(key));
         assert_eq!(cached_version(&f, key), Some(3));
+        assert!(f.pending.lock().unwrap().is_empty());
 
         // A change the lowering defers is compiled, asked to be lowered again, and then taken
-        // as fresh (to be loaded before it takes traffic).
+        // as fresh (to be loaded before it takes traffic), once.
         assert_eq!(f.function("g", key, &stored(4), true).unwrap().0.version, 3);
-        let asked = tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
-        assert_eq!(asked.as_deref(), Some(key));
+        assert_eq!(asked(&mut relowers).await.as_deref(), Some(key));
         let (doc, _, fresh) = f.function("g", key, &stored(4), true).unwrap();
         assert_eq!((doc.version, fresh), (4, true));
         assert!(!f.function("g", key, &stored(4), true).unwrap().2, "fresh once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_the_gateway_has_compiled_is_taken_in_place_and_a_gone_gateway_is_forgotten() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, _relowers) = Relower::channel();
+        f.attach(relower);
+        let (dev, staging) = ("/weir/platform/live/g/fn/dev/f", "/weir/platform/live/g/fn/staging/f");
+        f.function("g", dev, &stored(1), false).unwrap();
+
+        // Only methods and plugins change: no compile to wait for.
+        let mut doc: FunctionDoc = serde_json::from_slice(&stored(1)).unwrap();
+        doc.version = 2;
+        doc.methods = vec!["get".into()];
+        doc.plugins.insert("key-auth".into(), json!({}));
+        let (got, func, fresh) = f.function("g", dev, &serde_json::to_vec(&doc).unwrap(), true).unwrap();
+        assert_eq!((got.version, func.methods.clone(), fresh), (2, vec!["GET".to_string()], true));
+        // Promoted, the same source: the staging copy shares its compiled code.
+        doc.environment = "staging".into();
+        let (_, promoted, _) = f.function("g", staging, &serde_json::to_vec(&doc).unwrap(), true).unwrap();
+        assert!(Arc::ptr_eq(&func.compiled, &promoted.compiled));
+        // Another gateway with the same source compiles its own.
+        let other = "/weir/platform/live/h/fn/dev/f";
+        let (_, theirs, _) = f.function("h", other, &stored(1), false).unwrap();
+        assert!(!Arc::ptr_eq(&func.compiled, &theirs.compiled));
+
+        // A save on this node offers its compile to the lowering that follows.
+        let code: BTreeMap<String, String> = BTreeMap::from([("index.ts".to_string(), "export default () => 5;".to_string())]);
+        f.offer("g", &code, "index.ts", crate::source::compile(&code, "index.ts").unwrap());
+        let saved = FunctionDoc { name: "f".into(), environment: "dev".into(), files: code, entrypoint: "index.ts".into(), version: 3, ..FunctionDoc::default() };
+        assert_eq!(f.function("g", dev, &serde_json::to_vec(&saved).unwrap(), true).unwrap().0.version, 3);
+
+        f.lowered.lock().unwrap().insert("g".into());
+        f.gone("/weir/platform/live/g/");
+        assert_eq!(cached_version(&f, dev), None);
+        assert!(!f.lowered.lock().unwrap().contains("g"));
+        assert!(f.sources.lock().unwrap().keys().all(|(g, _)| g != "g"));
+        assert_eq!(cached_version(&f, other), Some(1), "another gateway keeps its own");
     }
 }

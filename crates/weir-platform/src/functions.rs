@@ -131,11 +131,11 @@ fn compile_lanes() -> &'static Lanes {
 /// offered to this node's runtimes (`functions`), whose lowering of the stored function then
 /// does not compile it again.
 async fn compile(functions: Option<&Arc<Functions>>, gid: &str, files: &BTreeMap<String, String>, entry: &str) -> Result<(), Reply> {
-    let (files, entry, functions) = (files.clone(), entry.to_string(), functions.cloned());
+    let (files, entry, functions, gateway) = (files.clone(), entry.to_string(), functions.cloned(), gid.to_string());
     let work = move || {
         weir_functions::source::compile(&files, &entry).map(|compiled| {
             if let Some(f) = functions {
-                f.offer(&files, &entry, compiled);
+                f.offer(&gateway, &files, &entry, compiled);
             }
         })
     };

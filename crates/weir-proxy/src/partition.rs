@@ -34,6 +34,10 @@ pub trait Contributor: Send + Sync {
     /// what changed) lowers the partition with what it has, then asks again when the work is
     /// done. Without it, every lowering is done in place.
     fn attach(&self, _relower: Relower) {}
+
+    /// The partition has no objects left (and is not lowered any more): what the contributor
+    /// keeps for it can go. Said again for a partition already gone.
+    fn gone(&self, _partition: &str) {}
 }
 
 /// Asks the watch loop to lower a partition again: [`Relower::send`] takes a key of the

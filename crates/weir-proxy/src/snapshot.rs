@@ -538,6 +538,7 @@ fn compile_part(
         .map(|(k, kv)| (k.as_str(), &kv.value[..], kv.create_revision))
         .collect();
     if objects.is_empty() {
+        contributor.gone(prefix);
         return None;
     }
     let created = objects.iter().map(|(_, _, c)| *c).min().unwrap_or_default();

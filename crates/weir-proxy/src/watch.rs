@@ -96,6 +96,8 @@ pub async fn follow(
             }
         };
         backoff = Duration::from_millis(100);
+        // When the store last said something: a second after, an overlay is folded.
+        let mut heard = tokio::time::Instant::now();
         loop {
             // With an overlay in place, a quiet moment folds it into a full build, so matching
             // goes back to one router.
@@ -112,12 +114,13 @@ pub async fn follow(
                     target.store(Arc::new(builder.update(&state, &changes)));
                     continue;
                 }
-                _ = tokio::time::sleep(FOLD_AFTER), if overlay => {
+                _ = tokio::time::sleep_until(heard + FOLD_AFTER), if overlay => {
                     target.store(Arc::new(builder.fold(&state)));
                     continue;
                 }
             };
             let Some(msg) = msg else { break };
+            heard = tokio::time::Instant::now();
             let mut changes = Changes::default();
             let mut next = Some(msg);
             let mut compacted = false;
