@@ -27,6 +27,17 @@ fn unavailable(e: etcd::Error) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// A failed write: one etcd refuses for its size (past its `--max-request-bytes`, or its gRPC
+/// limit) says so, anything else is the store being unavailable.
+fn write_failed(e: etcd::Error) -> StoreError {
+    match &e {
+        etcd::Error::GRpcStatus(s) if s.message().contains("request is too large") || s.message().contains("larger than max") => {
+            StoreError::TooLarge(format!("{} (etcd takes at most its --max-request-bytes, 1.5 MiB unless configured, in one write)", s.message()))
+        }
+        _ => unavailable(e),
+    }
+}
+
 fn kv(k: &etcd::KeyValue) -> KeyValue {
     KeyValue {
         key: String::from_utf8_lossy(k.key()).into_owned(),
@@ -76,7 +87,7 @@ impl Store for EtcdStore {
                 Op::DeletePrefix { prefix } => etcd::TxnOp::delete(prefix.as_str(), Some(etcd::DeleteOptions::new().with_prefix())),
             })
             .collect();
-        let resp = self.client.kv_client().txn(etcd::Txn::new().when(compares).and_then(ops)).await.map_err(unavailable)?;
+        let resp = self.client.kv_client().txn(etcd::Txn::new().when(compares).and_then(ops)).await.map_err(write_failed)?;
         if !resp.succeeded() {
             return Ok(TxnOutcome::Conflict);
         }

@@ -87,6 +87,9 @@ pub enum StoreError {
     Unavailable(String),
     #[error("store data is corrupt: {0}")]
     Corrupt(String),
+    /// A write the store refuses for its size alone; nothing was written.
+    #[error("the write is larger than the store takes in one request: {0}")]
+    TooLarge(String),
 }
 
 impl weir_core::error::Kinded for StoreError {
@@ -94,6 +97,7 @@ impl weir_core::error::Kinded for StoreError {
         match self {
             StoreError::Unavailable(_) => weir_core::error::ErrorKind::Unavailable,
             StoreError::Corrupt(_) => weir_core::error::ErrorKind::Internal,
+            StoreError::TooLarge(_) => weir_core::error::ErrorKind::BadInput,
         }
     }
 }

@@ -1115,3 +1115,21 @@ async fn a_gateways_runtime_ends_with_a_change_of_its_memory_limit_and_with_the_
     assert!((200..300).contains(&s), "{s} {b}");
     assert_eq!(settle_threads(w.pid(), "fn-rtm", 0).await, 0, "the deleted gateway's runtime ends");
 }
+
+#[tokio::test]
+async fn a_function_larger_than_etcd_takes_in_one_write_is_refused_as_such_and_nothing_is_stored() {
+    let etcd = common::Etcd::start().await;
+    let a = platform_node(&etcd, &[]);
+    started_gateway(&a, "wide").await;
+    // Two files of 480 KB: the function and its history entry go in one write of about 2 MB.
+    let file = format!("export const x = '{}';\n", "y".repeat(480_000));
+    let body = json!({"name": "f", "source": {"files": {"index.ts": format!("{file}export default () => 1;\n"), "b.ts": file}, "entrypoint": "index.ts"}});
+    let (s, b) = v1(&a, "POST", "api-gateways/wide/functions", Some(body)).await;
+    let message = b["error"]["message"].as_str().unwrap_or_default().to_string();
+    assert_eq!((s, b["error"]["kind"].as_str()), (400, Some("bad_input")), "{}", b.to_string().chars().take(400).collect::<String>());
+    assert!(message.contains("larger than the store takes") && message.contains("--max-request-bytes"), "{message}");
+    assert_eq!(v1(&a, "GET", &fn_path("wide", "dev/f"), None).await.0, 404, "nothing was stored");
+    // A function that fits is saved as ever.
+    let (s, b) = v1(&a, "POST", "api-gateways/wide/functions", Some(json!({"name": "f", "source": {"code": "export default () => 1;"}}))).await;
+    assert_eq!(s, 201, "{b}");
+}
