@@ -747,7 +747,7 @@ fn run_as_batch(gateway: &str) {
 }
 
 /// The niceness field of a `/proc/.../stat` line.
-fn niceness(stat: &str) -> Option<i32> {
+pub(crate) fn niceness(stat: &str) -> Option<i32> {
     // The name in parentheses may hold spaces; the fields after it start with the state (3rd).
     stat.rsplit_once(')')?.1.split_whitespace().nth(19 - 3)?.parse().ok()
 }

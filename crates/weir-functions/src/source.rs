@@ -116,11 +116,35 @@ pub fn compile(files: &BTreeMap<String, String>, entry: &str) -> Result<Compiled
     let failed = |why: &str| err(&entry, format!("the compiler failed: {why}"));
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new().name("weir-compile".into()).stack_size(COMPILE_STACK);
-        match thread.spawn_scoped(scope, || strip_all(&normalized, &entry)) {
+        let compile = || {
+            yield_to_others();
+            strip_all(&normalized, &entry)
+        };
+        match thread.spawn_scoped(scope, compile) {
             Ok(running) => running.join().unwrap_or_else(|_| Err(failed("it stopped"))),
             Err(e) => Err(failed(&e.to_string())),
         }
     })
+}
+
+/// Puts the calling compile thread at the lowest priority Linux's batch policy has (niceness
+/// 19): a tenant's large sources compile on what the node's own work leaves of a core, so its
+/// saves never slow the proxy, the watch loop or another tenant's API calls beyond a sliver of
+/// the core, and still always make progress.
+fn yield_to_others() {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
+    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+    let lowest = (0..=99u8)
+        .filter_map(|p| {
+            let priority = ThreadPriority::Crossplatform(p.try_into().ok()?);
+            Some((priority, priority.to_posix(policy).ok()?))
+        })
+        .max_by_key(|(_, nice)| *nice);
+    if let Some((priority, _)) = lowest
+        && let Err(e) = set_thread_priority_and_policy(thread_native_id(), priority, policy)
+    {
+        tracing::debug!(error = ?e, "a compile keeps the default scheduling priority");
+    }
 }
 
 /// Strips every file, and checks each import and the entry point's default export.
@@ -331,6 +355,21 @@ mod tests {
 
     fn files(list: &[(&str, &str)]) -> BTreeMap<String, String> {
         list.iter().map(|(p, s)| (p.to_string(), s.to_string())).collect()
+    }
+
+    #[test]
+    fn a_compile_runs_at_the_lowest_priority_and_leaves_its_caller_as_it_was() {
+        let nice = || crate::engine::niceness(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+        let before = nice();
+        let seen = std::thread::spawn(move || {
+            yield_to_others();
+            nice()
+        })
+        .join()
+        .unwrap();
+        assert_eq!(seen, Some(19));
+        assert!(compile(&files(&[("index.ts", "export default () => 1;")]), "index.ts").is_ok());
+        assert_eq!(nice(), before, "the caller's own priority is unchanged");
     }
 
     #[test]
