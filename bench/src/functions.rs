@@ -5,8 +5,8 @@
 //! - the same JSON from a route with the mocking plugin on the same node: the proxy's own
 //!   cost, without JavaScript, so the rows show what the function runtime adds;
 //! - the same function in a gateway that holds `--functions` functions, against one alone;
-//! - save → live on the same node and across two nodes sharing etcd (p50, p99), and on the
-//!   same node while another gateway saves a large function in a loop;
+//! - save → live on the same node and across two nodes sharing etcd (p50, p99), and on each
+//!   while another gateway saves a large function in a loop;
 //! - the first call of a function just saved against a warm call;
 //! - promote (dev → staging) → live in staging, on the same node and across two nodes;
 //! - memory per idle function.

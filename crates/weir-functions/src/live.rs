@@ -291,7 +291,8 @@ impl Functions {
         if ready.is_none() && doc.is_some() && defer && self.defer(gid, key, value) {
             return before;
         }
-        let built = doc.and_then(|doc| self.assemble(gid, key, value, doc, ready));
+        // The watch loop (or a first lowering) waits on this one: compiled at its priority.
+        let built = doc.and_then(|doc| self.assemble(gid, key, value, doc, ready, false));
         // The value lowered is the newest: a compile still under way for the key is of an
         // older one, and keeps what it makes to itself.
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -383,16 +384,17 @@ impl Functions {
     fn build(&self, gid: &str, key: &str, value: &[u8]) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
         let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
         let ready = self.compiled_source(gid, &source_digest(&doc.files, &doc.entrypoint));
-        self.assemble(gid, key, value, doc, ready)
+        self.assemble(gid, key, value, doc, ready, true)
     }
 
     /// The function of `doc`, stored at `key` as `value`, from its compiled source (`ready`,
-    /// or compiled now).
-    fn assemble(&self, gid: &str, key: &str, value: &[u8], doc: FunctionDoc, ready: Option<Arc<crate::source::Compiled>>) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
+    /// or compiled now, in the `background` when nothing urgent waits on it).
+    fn assemble(&self, gid: &str, key: &str, value: &[u8], doc: FunctionDoc, ready: Option<Arc<crate::source::Compiled>>, background: bool) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
         let digest = source_digest(&doc.files, &doc.entrypoint);
+        let compile = if background { crate::source::compile_in_background } else { crate::source::compile };
         let compiled = match ready {
             Some(c) => c,
-            None => match crate::source::compile(&doc.files, &doc.entrypoint) {
+            None => match compile(&doc.files, &doc.entrypoint) {
                 Ok(c) => Arc::new(c),
                 Err(e) => {
                     tracing::warn!(function = %key, error = %e, "a stored function does not compile; not served");

@@ -90,6 +90,16 @@ pub fn resolve_relative(files: impl Fn(&str) -> bool, from: &str, spec: &str) ->
 /// Checks and strips every file. A relative import must name a file of the function; the
 /// entry point must have a default export.
 pub fn compile(files: &BTreeMap<String, String>, entry: &str) -> Result<Compiled, CompileError> {
+    compile_at(files, entry, false)
+}
+
+/// As [`compile`], for work nothing urgent waits on (a save, a change compiled off the watch
+/// loop): at the lowest priority, so it takes only what the node's own work leaves of a core.
+pub fn compile_in_background(files: &BTreeMap<String, String>, entry: &str) -> Result<Compiled, CompileError> {
+    compile_at(files, entry, true)
+}
+
+fn compile_at(files: &BTreeMap<String, String>, entry: &str, background: bool) -> Result<Compiled, CompileError> {
     let err = |file: &str, message: String| CompileError { file: file.to_string(), line: 0, column: 0, message };
     if files.is_empty() {
         return Err(err(entry, "a function needs at least one file".into()));
@@ -117,7 +127,9 @@ pub fn compile(files: &BTreeMap<String, String>, entry: &str) -> Result<Compiled
     std::thread::scope(|scope| {
         let thread = std::thread::Builder::new().name("weir-compile".into()).stack_size(COMPILE_STACK);
         let compile = || {
-            yield_to_others();
+            if background {
+                yield_to_others();
+            }
             strip_all(&normalized, &entry)
         };
         match thread.spawn_scoped(scope, compile) {
@@ -130,7 +142,8 @@ pub fn compile(files: &BTreeMap<String, String>, entry: &str) -> Result<Compiled
 /// Puts the calling compile thread at the lowest priority Linux's batch policy has (niceness
 /// 19): a tenant's large sources compile on what the node's own work leaves of a core, so its
 /// saves never slow the proxy, the watch loop or another tenant's API calls beyond a sliver of
-/// the core, and still always make progress.
+/// the core, and still always make progress. Not for a compile the watch loop waits on (a
+/// gateway's first lowering), which would hold up every change behind the node's load.
 fn yield_to_others() {
     use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
     let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
@@ -368,7 +381,7 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(seen, Some(19));
-        assert!(compile(&files(&[("index.ts", "export default () => 1;")]), "index.ts").is_ok());
+        assert!(compile_in_background(&files(&[("index.ts", "export default () => 1;")]), "index.ts").is_ok());
         assert_eq!(nice(), before, "the caller's own priority is unchanged");
     }
 

@@ -133,7 +133,7 @@ fn compile_lanes() -> &'static Lanes {
 async fn compile(functions: Option<&Arc<Functions>>, gid: &str, files: &BTreeMap<String, String>, entry: &str) -> Result<(), Reply> {
     let (files, entry, functions, gateway) = (files.clone(), entry.to_string(), functions.cloned(), gid.to_string());
     let work = move || {
-        weir_functions::source::compile(&files, &entry).map(|compiled| {
+        weir_functions::source::compile_in_background(&files, &entry).map(|compiled| {
             if let Some(f) = functions {
                 f.offer(&gateway, &files, &entry, compiled);
             }

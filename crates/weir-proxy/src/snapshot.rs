@@ -667,6 +667,15 @@ impl Builder {
                 self.parts.insert(prefix.to_string(), built);
             }
         }
+        // Partitions whose objects all went while nobody watched (a list after the watch broke)
+        // are gone too.
+        for prefix in before.keys() {
+            if let Some((p, c)) = claims.partition(prefix)
+                && p == prefix
+            {
+                c.gone(prefix);
+            }
+        }
         self.hosts = host_index(&self.parts);
         self.parts_metadata = state.plugin_metadata.clone();
     }
@@ -1246,6 +1255,41 @@ mod tests {
 
     fn event(kind: weir_store::EventKind, key: &str, value: &str, rev: i64) -> weir_store::Event {
         weir_store::Event { kind, kv: kv(key, value, rev) }
+    }
+
+    /// [`Tenants`], noting the partitions it is told are gone.
+    #[derive(Default)]
+    struct Noting(std::sync::Mutex<Vec<String>>);
+
+    impl Contributor for Noting {
+        fn partition<'k>(&self, key: &'k str) -> Option<&'k str> {
+            Tenants.partition(key)
+        }
+
+        fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
+            Tenants.lower(partition, objects)
+        }
+
+        fn gone(&self, partition: &str) {
+            self.0.lock().unwrap().push(partition.to_string());
+        }
+    }
+
+    #[test]
+    fn a_contributor_hears_of_a_partition_gone_by_a_change_or_by_a_list() {
+        let noting = Arc::new(Noting::default());
+        let mut b = test_builder().with_contributor(noting.clone());
+        let kvs: Vec<_> = (1..=3).map(|t| kv(&format!("/apisix/tenants/t{t}/routes/home"), &route_json("/home"), t)).collect();
+        let mut state = ConfigState::claiming("/apisix", &kvs, 3, b.claims());
+        b.build(&state);
+        let mut changes = Changes::default();
+        state.apply("/apisix", 4, &[event(weir_store::EventKind::Delete, "/apisix/tenants/t1/routes/home", "", 4)], &mut changes);
+        b.update(&state, &changes);
+        assert_eq!(*noting.0.lock().unwrap(), ["/apisix/tenants/t1/"]);
+        // Listed again after the watch broke, with t2's objects gone meanwhile.
+        let state = ConfigState::claiming("/apisix", &kvs[2..], 6, b.claims());
+        b.build(&state);
+        assert_eq!(*noting.0.lock().unwrap(), ["/apisix/tenants/t1/", "/apisix/tenants/t2/"]);
     }
 
     #[test]
