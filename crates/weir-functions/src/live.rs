@@ -128,19 +128,20 @@ pub struct Functions {
     engines: Mutex<HashMap<String, Weak<Engine>>>,
     /// Compiled functions by key.
     compiled: Mutex<HashMap<String, Entry>>,
-    /// Each gateway's compiled sources by digest, while a function holds them.
+    /// Each gateway's compiled sources by digest, while a function (or an offer) holds them.
     sources: Mutex<HashMap<(String, [u8; 32]), Weak<crate::source::Compiled>>>,
     /// Compiles of changed functions waiting or under way off the watch path: the newest
     /// stored value of each key, which its one compile task takes when it finishes the last.
     pending: Mutex<HashMap<String, Bytes>>,
     lanes: weir_upstream::lanes::Lanes,
-    /// Gateways lowered before on this node: a function of theirs that changes compiles off
-    /// the watch path, the partition serving what it had meanwhile.
+    /// Gateways lowered before on this node (until their partition is gone): a function of
+    /// theirs that changes compiles off the watch path, the partition serving what it had
+    /// meanwhile.
     lowered: Mutex<std::collections::HashSet<String>>,
     relower: std::sync::OnceLock<Relower>,
-    /// What the platform's saves on this node compiled, by the digest of their source, for the
-    /// lowering that follows to take rather than compile again.
-    offered: Mutex<std::collections::VecDeque<(String, [u8; 32], Arc<crate::source::Compiled>)>>,
+    /// What the platform's last saves on this node compiled, held (and found through
+    /// `sources`) for the lowering that follows to take rather than compile again.
+    offered: Mutex<std::collections::VecDeque<Arc<crate::source::Compiled>>>,
     me: Weak<Functions>,
     #[cfg(test)]
     gate: Gate,
@@ -287,12 +288,16 @@ impl Functions {
             before
         };
         let doc: Option<FunctionDoc> = serde_json::from_slice(value).ok();
-        let ready = doc.as_ref().and_then(|d| self.compiled_source(gid, &source_digest(&d.files, &d.entrypoint)));
+        let digest = doc.as_ref().map(|d| source_digest(&d.files, &d.entrypoint));
+        let ready = digest.and_then(|d| self.compiled_source(gid, &d));
         if ready.is_none() && doc.is_some() && defer && self.defer(gid, key, value) {
             return before;
         }
         // The watch loop (or a first lowering) waits on this one: compiled at its priority.
-        let built = doc.and_then(|doc| self.assemble(gid, key, value, doc, ready, false));
+        let built = doc.zip(digest).and_then(|(doc, digest)| {
+            let code = ready.or_else(|| self.compile(key, &doc, false))?;
+            Some(self.assemble(gid, value, doc, digest, code))
+        });
         // The value lowered is the newest: a compile still under way for the key is of an
         // older one, and keeps what it makes to itself.
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -364,52 +369,59 @@ impl Functions {
     /// Keeps what a save to gateway `gid` on this node compiled `files` to, for the lowering
     /// of the stored function to take (the last [`OFFERS_KEPT`] are kept).
     pub fn offer(&self, gid: &str, files: &BTreeMap<String, String>, entry: &str, compiled: crate::source::Compiled) {
+        let compiled = Arc::new(compiled);
+        self.keep_source(gid, source_digest(files, entry), &compiled);
         let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
         if offered.len() >= OFFERS_KEPT {
             offered.pop_front();
         }
-        offered.push_back((gid.to_string(), source_digest(files, entry), Arc::new(compiled)));
+        offered.push_back(compiled);
     }
 
     /// What gateway `gid` has compiled a source of `digest` to: offered by a save, or held by a
     /// function of its loaded. Gateways share nothing here, so no tenant learns by its saves'
     /// speed what another's sources are.
     fn compiled_source(&self, gid: &str, digest: &[u8; 32]) -> Option<Arc<crate::source::Compiled>> {
-        let offered = self.offered.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(g, d, _)| g == gid && d == digest).map(|(_, _, c)| c.clone());
-        offered.or_else(|| self.sources.lock().unwrap_or_else(|e| e.into_inner()).get(&(gid.to_string(), *digest)).and_then(Weak::upgrade))
+        self.sources.lock().unwrap_or_else(|e| e.into_inner()).get(&(gid.to_string(), *digest)).and_then(Weak::upgrade)
+    }
+
+    /// Notes that gateway `gid` has `compiled` for the source of `digest`, while something
+    /// holds it.
+    fn keep_source(&self, gid: &str, digest: [u8; 32], compiled: &Arc<crate::source::Compiled>) {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        // Sources nothing holds any more are forgotten now and then.
+        if sources.len().is_power_of_two() {
+            sources.retain(|_, c| c.strong_count() > 0);
+        }
+        sources.insert((gid.to_string(), digest), Arc::downgrade(compiled));
     }
 
     /// Parses and compiles the function stored at `key` as `value` (or takes the gateway's
     /// compiled source); `None` (logged) when it does not read or compile.
     fn build(&self, gid: &str, key: &str, value: &[u8]) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
         let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
-        let ready = self.compiled_source(gid, &source_digest(&doc.files, &doc.entrypoint));
-        self.assemble(gid, key, value, doc, ready, true)
+        let digest = source_digest(&doc.files, &doc.entrypoint);
+        let code = self.compiled_source(gid, &digest).or_else(|| self.compile(key, &doc, true))?;
+        Some(self.assemble(gid, value, doc, digest, code))
     }
 
-    /// The function of `doc`, stored at `key` as `value`, from its compiled source (`ready`,
-    /// or compiled now, in the `background` when nothing urgent waits on it).
-    fn assemble(&self, gid: &str, key: &str, value: &[u8], doc: FunctionDoc, ready: Option<Arc<crate::source::Compiled>>, background: bool) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
-        let digest = source_digest(&doc.files, &doc.entrypoint);
+    /// Compiles the source of `doc`, stored at `key`, in the `background` when nothing urgent
+    /// waits on it; `None` (logged) when it does not compile.
+    fn compile(&self, key: &str, doc: &FunctionDoc, background: bool) -> Option<Arc<crate::source::Compiled>> {
         let compile = if background { crate::source::compile_in_background } else { crate::source::compile };
-        let compiled = match ready {
-            Some(c) => c,
-            None => match compile(&doc.files, &doc.entrypoint) {
-                Ok(c) => Arc::new(c),
-                Err(e) => {
-                    tracing::warn!(function = %key, error = %e, "a stored function does not compile; not served");
-                    return None;
-                }
-            },
-        };
-        {
-            let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-            // Sources no function holds any more are forgotten now and then.
-            if sources.len().is_power_of_two() {
-                sources.retain(|_, c| c.strong_count() > 0);
+        match compile(&doc.files, &doc.entrypoint) {
+            Ok(c) => Some(Arc::new(c)),
+            Err(e) => {
+                tracing::warn!(function = %key, error = %e, "a stored function does not compile; not served");
+                None
             }
-            sources.insert((gid.to_string(), digest), Arc::downgrade(&compiled));
         }
+    }
+
+    /// The function of `doc` (its source's `digest`, compiled to `compiled`), stored as
+    /// `value`.
+    fn assemble(&self, gid: &str, value: &[u8], doc: FunctionDoc, digest: [u8; 32], compiled: Arc<crate::source::Compiled>) -> (Arc<FunctionDoc>, Arc<Function>) {
+        self.keep_source(gid, digest, &compiled);
         let hash = ring::digest::digest(&ring::digest::SHA256, value);
         let version = format!("{}-{}", doc.version, hash.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect::<String>());
         let f = Arc::new(Function {
@@ -420,7 +432,7 @@ impl Functions {
             methods: doc.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
             logs: self.logs_for(gid, &doc.environment, &doc.name),
         });
-        Some((Arc::new(doc), f))
+        (Arc::new(doc), f)
     }
 
     /// Forgets what the node kept for gateway `gid`'s partition, which has no objects left.
@@ -431,7 +443,6 @@ impl Functions {
         let own = format!("{gid}/");
         self.tables.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _), _| g != gid);
-        self.offered.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _, _)| g != gid);
     }
 }
 
@@ -457,9 +468,6 @@ fn source_digest(files: &BTreeMap<String, String>, entry: &str) -> [u8; 32] {
     }
     d.finish().as_ref().try_into().unwrap_or([0; 32])
 }
-
-/// Gateways remembered as lowered before on a node.
-const LOWERED_KEPT: usize = 16_384;
 
 /// A stored value of a function and what it compiled to (`None`: it does not).
 struct Entry {
@@ -505,15 +513,7 @@ impl Contributor for Functions {
         // A gateway's first lowering on this node (the node starting, the gateway created)
         // compiles in place; after that the watch path compiles nothing, so no gateway's
         // saves hold up another's changes.
-        let defer = {
-            let mut lowered = self.lowered.lock().unwrap_or_else(|e| e.into_inner());
-            // Gateways come and go: past a bound the set starts again, costing each gateway
-            // at most one more lowering compiled in place.
-            if lowered.len() >= LOWERED_KEPT {
-                lowered.clear();
-            }
-            !lowered.insert(gid.to_string())
-        };
+        let defer = !self.lowered.lock().unwrap_or_else(|e| e.into_inner()).insert(gid.to_string());
         let mut envs: BTreeMap<String, EnvDoc> = BTreeMap::new();
         let mut funcs: BTreeMap<String, Vec<(Arc<FunctionDoc>, Arc<Function>, bool)>> = BTreeMap::new();
         let mut present = std::collections::HashSet::new();
