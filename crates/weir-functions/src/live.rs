@@ -150,7 +150,12 @@ pub struct Functions {
     log_budgets: Mutex<HashMap<String, Weak<crate::engine::Budget>>>,
     /// The last lowered table of each environment (`{gid}/{env}`), for `invoke`'s imports.
     tables: Mutex<HashMap<String, Table>>,
+    /// Compiles under way for `invoke` of stored values the lowering has not reached, by key.
+    invoking: Mutex<HashMap<String, (Bytes, tokio::sync::watch::Receiver<Option<Built>>)>>,
 }
+
+/// A stored function compiled, or `None` when it does not compile.
+type Built = Option<(Arc<FunctionDoc>, Arc<Function>)>;
 
 impl Functions {
     pub fn new(prefix: &str, settings: Settings) -> Arc<Functions> {
@@ -170,6 +175,7 @@ impl Functions {
             gate: Gate::default(),
             logs: Mutex::default(),
             log_budgets: Mutex::default(),
+            invoking: Mutex::default(),
             tables: Mutex::default(),
         })
     }
@@ -202,11 +208,7 @@ impl Functions {
         let lowered = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).filter(|c| c.bytes[..] == *value).map(|c| c.built.clone());
         let built = match (lowered, self.me.upgrade()) {
             (Some(built), _) => built,
-            // On a blocking thread, in the gateway's turn with the compiles of its changes.
-            (None, Some(me)) => {
-                let (g, k, v) = (gid.to_string(), key.to_string(), value.to_vec());
-                self.lanes.run(&tokio::runtime::Handle::current(), gid, move || me.build(&g, &k, &v)).await.flatten()
-            }
+            (None, Some(me)) => me.compile_for_invoke(gid, key, value).await,
             (None, None) => None,
         };
         let (_, func) = built.ok_or("the stored function does not compile")?;
@@ -222,6 +224,43 @@ impl Functions {
             Ok(None) => Err("too many calls of this gateway's functions are in flight".to_string()),
             Err(_) => Ok(crate::engine::failed(Failure::Timeout("the call ran past its wall-clock limit"))),
         }
+    }
+
+    /// Compiles `value`, stored at `key`, for `invoke` alone: on a blocking thread, in the
+    /// gateway's turn with the compiles of its changes. Calls of the same value that come while
+    /// it compiles wait for the one compile, which ends whether or not anyone still waits.
+    async fn compile_for_invoke(self: Arc<Self>, gid: &str, key: &str, value: &[u8]) -> Built {
+        let mut waiting = {
+            let mut all = self.invoking.lock().unwrap_or_else(|e| e.into_inner());
+            match all.get(key).filter(|(v, _)| v[..] == *value) {
+                Some((_, rx)) => rx.clone(),
+                None => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    let value = Bytes::copy_from_slice(value);
+                    all.insert(key.to_string(), (value.clone(), rx.clone()));
+                    let (me, gid, key, ours) = (self.clone(), gid.to_string(), key.to_string(), rx.clone());
+                    tokio::spawn(async move {
+                        let (f, g, k) = (me.clone(), gid.clone(), key.clone());
+                        let built = me
+                            .lanes
+                            .run(&tokio::runtime::Handle::current(), &gid, move || {
+                                #[cfg(test)]
+                                f.gate.pass();
+                                f.build(&g, &k, &value)
+                            })
+                            .await
+                            .flatten();
+                        tx.send_replace(Some(built));
+                        let mut all = me.invoking.lock().unwrap_or_else(|e| e.into_inner());
+                        if all.get(&key).is_some_and(|(_, rx)| rx.same_channel(&ours)) {
+                            all.remove(&key);
+                        }
+                    });
+                    rx
+                }
+            }
+        };
+        waiting.wait_for(Option::is_some).await.ok().and_then(|built| built.clone()).flatten()
     }
 
     /// The variables with their secret values opened; one that does not open is left out.
@@ -480,12 +519,13 @@ struct Entry {
 /// Holds compile tasks at the start of their compile while a test says so.
 #[cfg(test)]
 #[derive(Default)]
-struct Gate(Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>);
+struct Gate(Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>, std::sync::atomic::AtomicUsize);
 
 #[cfg(test)]
 impl Gate {
-    /// Says the compile started, then waits to be let through.
+    /// Counts the compile and says it started, then waits to be let through.
     fn pass(&self) {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if let Some((started, open)) = self.0.lock().unwrap().take() {
             let _ = started.send(());
             let _ = open.recv();
@@ -517,6 +557,9 @@ impl Contributor for Functions {
         let mut envs: BTreeMap<String, EnvDoc> = BTreeMap::new();
         let mut funcs: BTreeMap<String, Vec<(Arc<FunctionDoc>, Arc<Function>, bool)>> = BTreeMap::new();
         let mut present = std::collections::HashSet::new();
+        // Functions taken as not yet loaded, by key: those this lowering does not load (their
+        // environment does not serve) keep the mark for a later one.
+        let mut unloaded: Vec<(&str, Arc<Function>)> = Vec::new();
         for (key, value) in objects {
             let rest = &key[partition.len()..];
             if let Some(env) = rest.strip_prefix("env/") {
@@ -528,6 +571,9 @@ impl Contributor for Functions {
             {
                 present.insert(*key);
                 if let Some(f) = self.function(gid, key, value, defer) {
+                    if f.2 {
+                        unloaded.push((key, f.1.clone()));
+                    }
                     funcs.entry(env.to_string()).or_default().push(f);
                 }
             }
@@ -540,6 +586,7 @@ impl Contributor for Functions {
             t.retain(|k, _| !k.starts_with(&own));
         }
         let mut out = Lowered::default();
+        let mut loaded: Vec<*const Function> = Vec::new();
         for (env_name, env) in &envs {
             if !env.serving {
                 continue;
@@ -565,6 +612,7 @@ impl Contributor for Functions {
                 // A function is loaded before it takes traffic; one already loaded is not.
                 if *fresh {
                     engine.warm(func.clone(), table.clone());
+                    loaded.push(Arc::as_ptr(func));
                 }
                 let handler = Arc::new(FunctionHandler {
                     engine: engine.clone(),
@@ -607,6 +655,15 @@ impl Contributor for Functions {
                 let uris = names.iter().map(|n| format!("{prefix}{n}")).collect();
                 let handler: Arc<dyn Handler> = Arc::new(Dispatch { prefix: prefix.clone(), functions: shared.clone(), timeout: limits.wall + Duration::from_secs(3) });
                 push_route(&mut out, gid, format!("{form}/{env_name}"), uris, hosts, &env.plugins, handler);
+            }
+        }
+        unloaded.retain(|(_, f)| !loaded.contains(&Arc::as_ptr(f)));
+        if !unloaded.is_empty() {
+            let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+            for (key, func) in unloaded {
+                if let Some(c) = cache.get_mut(key).filter(|c| c.built.as_ref().is_some_and(|(_, f)| Arc::ptr_eq(f, &func))) {
+                    c.fresh = true;
+                }
             }
         }
         out
@@ -845,6 +902,64 @@ mod tests {
         let (doc, _, fresh) = f.function("g", key, &stored(4), true).unwrap();
         assert_eq!((doc.version, fresh), (4, true));
         assert!(!f.function("g", key, &stored(4), true).unwrap().2, "fresh once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn invokes_of_a_version_not_lowered_yet_share_one_compile() {
+        let f = Functions::new("/weir", Settings::default());
+        let key = "/weir/platform/live/g/fn/dev/f";
+        let env = EnvDoc { environment: "dev".into(), serving: true, ..EnvDoc::default() };
+        let (started, compiling) = std::sync::mpsc::channel();
+        let (open, held) = std::sync::mpsc::channel();
+        *f.gate.0.lock().unwrap() = Some((started, held));
+        let calls: Vec<_> = (0..4)
+            .map(|_| {
+                let (f, env) = (f.clone(), env.clone());
+                tokio::spawn(async move { f.invoke("g", &env, key, &stored(1), Request::default()).await })
+            })
+            .collect();
+        tokio::task::spawn_blocking(move || compiling.recv()).await.unwrap().unwrap();
+        // Every call has come while the first compile is held.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        open.send(()).unwrap();
+        for call in calls {
+            let outcome = call.await.unwrap().unwrap();
+            assert_eq!(outcome.result.unwrap().body, br#"{"v":1}"#);
+        }
+        assert_eq!(f.gate.1.load(std::sync::atomic::Ordering::SeqCst), 1, "one compile for the four calls");
+        assert!(f.invoking.lock().unwrap().is_empty(), "nothing kept once it compiled");
+        assert_eq!(cached_version(&f, key), None, "an invoke does not lower");
+
+        // Once compiled, a later call compiles again: invoke keeps nothing of its own.
+        let outcome = f.invoke("g", &env, key, &stored(1), Request::default()).await.unwrap();
+        assert_eq!(outcome.result.unwrap().body, br#"{"v":1}"#);
+        assert_eq!(f.gate.1.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_function_not_loaded_because_its_environment_does_not_serve_is_loaded_when_it_does() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, _relowers) = Relower::channel();
+        f.attach(relower);
+        let partition = "/weir/platform/live/g/";
+        let (env_key, fn_key) = ("/weir/platform/live/g/env/dev", "/weir/platform/live/g/fn/dev/f");
+        let env = |serving: bool| serde_json::to_vec(&EnvDoc { environment: "dev".into(), gateway_hosts: vec!["g.localhost".into()], serving, ..EnvDoc::default() }).unwrap();
+        let fresh = |f: &Functions| f.compiled.lock().unwrap().get(fn_key).map(|c| c.fresh);
+        let (stopped, serving, function) = (env(false), env(true), stored(1));
+
+        // The gateway is stopped: nothing is served or loaded, and the function keeps its mark.
+        let out = f.lower(partition, &[(env_key, &stopped), (fn_key, &function)]);
+        assert!(out.routes.is_empty());
+        assert_eq!(fresh(&f), Some(true));
+        assert!(f.engines.lock().unwrap().keys().all(|k| !k.starts_with("g/")), "no runtime for a gateway that serves nothing");
+
+        // Started again: the lowering that serves it loads it, once.
+        let out = f.lower(partition, &[(env_key, &serving), (fn_key, &function)]);
+        assert!(!out.routes.is_empty());
+        assert_eq!(fresh(&f), Some(false));
+        let out = f.lower(partition, &[(env_key, &serving), (fn_key, &function)]);
+        assert!(!out.routes.is_empty());
+        assert_eq!(fresh(&f), Some(false));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
