@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{Args, Proc, Weir, median_result, other_cores, percentile, row, tempfile_dir, wait_port, wrk_url};
+use crate::{Args, Proc, Weir, WrkResult, median, median_result, other_cores, percentile, row, tempfile_dir, wait_port, wrk_url};
 
 const NODE_PORT: u16 = 18180;
 const ETCD_PORT: u16 = 18379;
@@ -229,14 +229,18 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
         let m = wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", big.port), Some(big.proc.0.id()), &host)?;
         let j = wrk_url(args, &format!("http://127.0.0.1:{}/hello", one.port), Some(one.proc.0.id()), &["Host: mock.localhost"])?;
         println!(
-            "round {round}: node {:.0} req/s, weir {:.0} req/s ({:.2}x), weir beside {many} functions {:.0} req/s ({:.3}x), weir without JavaScript {:.0} req/s ({:.2}x)",
+            "round {round}: node {:.0} req/s, weir {:.0} req/s ({:.2}x), weir beside {many} functions {:.0} req/s ({:.3}x), weir without JavaScript {:.0} req/s ({:.2}x); wrk busy {:.0}%, {:.0}%, {:.0}%, {:.0}%",
             n.rps,
             o.rps,
             o.rps / n.rps,
             m.rps,
             m.rps / o.rps,
             j.rps,
-            j.rps / n.rps
+            j.rps / n.rps,
+            n.client_busy * 100.0,
+            o.client_busy * 100.0,
+            m.client_busy * 100.0,
+            j.client_busy * 100.0
         );
         mock_runs.push(j);
         node_runs.push(n);
@@ -249,7 +253,24 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
     row("weir, 1 function", &o, Some(&n));
     row(&format!("weir, {many} functions"), &m, Some(&o));
     row("weir, mocking (no JS)", &j, Some(&n));
-    println!("weir vs node: {:.2}x throughput; {many} functions vs 1: {:.3}x", o.rps / n.rps, m.rps / o.rps);
+    // Each round's runs are next to each other in time, so the machine's drift cancels in a
+    // round's ratio; the ratio of the medians above mixes rounds.
+    let per_round = |a: &[WrkResult], b: &[WrkResult]| median(a.iter().zip(b).map(|(a, b)| a.rps / b.rps).collect());
+    println!(
+        "weir vs node: {:.2}x throughput; {many} functions vs 1: {:.3}x (medians of the rounds' ratios; ratios of the medians: {:.2}x, {:.3}x)",
+        per_round(&one_runs, &node_runs),
+        per_round(&many_runs, &one_runs),
+        o.rps / n.rps,
+        m.rps / o.rps
+    );
+    // wrk has one core: where it is busy all the time, the row measured wrk, and its ratio is a floor.
+    println!(
+        "wrk's share of its core: node {:.0}%, weir {:.0}%, mocking {:.0}%; the most this client measures is about {:.2}x node",
+        n.client_busy * 100.0,
+        o.client_busy * 100.0,
+        j.client_busy * 100.0,
+        j.rps / j.client_busy.max(0.01) / n.rps
+    );
     println!("memory per idle function: {:.1} KiB ({} KiB more RSS for {} functions)", (after.saturating_sub(before)) as f64 / (many - 1).max(1) as f64, after.saturating_sub(before), many - 1);
 
     // Save → live on one node, and the first call of a new function against a warm one.

@@ -185,6 +185,9 @@ struct WrkResult {
     p99_ms: f64,
     /// CPU time the proxy spent per request, in microseconds (user + system).
     cpu_us: Option<f64>,
+    /// The share of its one core the load generator used: near 1, the figure is the client's
+    /// ceiling rather than the server's.
+    client_busy: f64,
 }
 
 /// CPU seconds used so far by a process and its children's tasks (nginx's workers are children
@@ -206,6 +209,18 @@ fn cpu_seconds(pid: u32) -> f64 {
             (ut + st) / ticks
         })
         .sum()
+}
+
+/// CPU seconds this process's children used, counting only those that ended and were waited
+/// for: the servers run on, so across one `output()` of the load generator this grows by the
+/// generator's own time.
+fn waited_children_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name; cutime and cstime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (field(13) + field(14)) / 100.0 // USER_HZ on Linux
 }
 
 /// Resident memory of a process and its children (nginx's workers), in KiB.
@@ -270,6 +285,7 @@ fn wrk_url(args: &Args, url: &str, proxy_pid: Option<u32>, headers: &[&str]) -> 
     // Warm up pools and caches first.
     Command::new("taskset").args(["-c", &cores, "wrk", "-t1", "-c16", "-d2s"]).args(&header_args).arg(&url).output()?;
     let cpu_before = proxy_pid.map(cpu_seconds);
+    let client_before = waited_children_cpu_seconds();
     let out = Command::new("taskset")
         .args(["-c", &cores, "wrk", "-t1", &format!("-c{}", args.connections), &format!("-d{}s", args.duration), "--latency"])
         .args(&header_args)
@@ -277,8 +293,9 @@ fn wrk_url(args: &Args, url: &str, proxy_pid: Option<u32>, headers: &[&str]) -> 
         .output()
         .context("running wrk (apt-get install -y wrk)")?;
     let cpu_used = proxy_pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
+    let client_used = waited_children_cpu_seconds() - client_before;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut r = WrkResult { rps: 0.0, p50_ms: f64::NAN, p99_ms: f64::NAN, cpu_us: None };
+    let mut r = WrkResult { rps: 0.0, p50_ms: f64::NAN, p99_ms: f64::NAN, cpu_us: None, client_busy: client_used / args.duration as f64 };
     let mut requests = 0.0;
     for line in text.lines() {
         let t: Vec<&str> = line.split_whitespace().collect();
@@ -316,10 +333,12 @@ fn h2load(args: &Args, port: u16, path: &str, proxy_pid: Option<u32>) -> anyhow:
     };
     run(2, 16)?;
     let cpu_before = proxy_pid.map(cpu_seconds);
+    let client_before = waited_children_cpu_seconds();
     let out = run(args.duration, args.connections)?;
     let cpu_used = proxy_pid.zip(cpu_before).map(|(p, b)| cpu_seconds(p) - b);
+    let client_used = waited_children_cpu_seconds() - client_before;
     let text = String::from_utf8_lossy(&out.stdout);
-    let mut r = WrkResult { rps: 0.0, p50_ms: f64::NAN, p99_ms: f64::NAN, cpu_us: None };
+    let mut r = WrkResult { rps: 0.0, p50_ms: f64::NAN, p99_ms: f64::NAN, cpu_us: None, client_busy: client_used / args.duration as f64 };
     let mut done = 0.0;
     for line in text.lines() {
         let t: Vec<&str> = line.split_whitespace().collect();
@@ -525,6 +544,7 @@ fn median_result(rs: &[WrkResult]) -> WrkResult {
         p50_ms: median(rs.iter().map(|r| r.p50_ms).collect()),
         p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
         cpu_us: rs.iter().map(|r| r.cpu_us).collect::<Option<Vec<_>>>().map(median),
+        client_busy: median(rs.iter().map(|r| r.client_busy).collect()),
     }
 }
 
