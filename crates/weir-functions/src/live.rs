@@ -586,7 +586,7 @@ impl Contributor for Functions {
             t.retain(|k, _| !k.starts_with(&own));
         }
         let mut out = Lowered::default();
-        let mut loaded: Vec<*const Function> = Vec::new();
+        let mut loaded: std::collections::HashSet<*const Function> = std::collections::HashSet::new();
         for (env_name, env) in &envs {
             if !env.serving {
                 continue;
@@ -612,7 +612,7 @@ impl Contributor for Functions {
                 // A function is loaded before it takes traffic; one already loaded is not.
                 if *fresh {
                     engine.warm(func.clone(), table.clone());
-                    loaded.push(Arc::as_ptr(func));
+                    loaded.insert(Arc::as_ptr(func));
                 }
                 let handler = Arc::new(FunctionHandler {
                     engine: engine.clone(),
