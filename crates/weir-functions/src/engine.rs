@@ -228,6 +228,9 @@ pub struct Engine {
     gateway: String,
     mailbox: Arc<Mailbox<Msg>>,
     inflight: Arc<AtomicUsize>,
+    /// The functions the last lowering had this runtime load, by address (held, so that no
+    /// other takes the address meanwhile).
+    loaded: std::sync::Mutex<HashMap<usize, Arc<Function>>>,
 }
 
 impl Drop for Engine {
@@ -254,7 +257,7 @@ impl Engine {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
             })?;
-        Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)) }))
+        Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)), loaded: Default::default() }))
     }
 
     pub fn gateway(&self) -> &str {
@@ -266,9 +269,23 @@ impl Engine {
         self.inflight.load(Ordering::Relaxed)
     }
 
-    /// Loads `func` ahead of its first call.
-    pub fn warm(&self, func: Arc<Function>, table: Table) {
-        let _ = self.mailbox.send(Msg::Warm(func, table));
+    /// Loads each of `funcs` (every function a lowering serves on this runtime) that it was not
+    /// given to load before, ahead of its first call; those not among them are forgotten, so one
+    /// served again later is loaded again. Answers how many it loads.
+    pub fn load(&self, funcs: Vec<(Arc<Function>, Table)>) -> usize {
+        let mut loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut now = HashMap::with_capacity(funcs.len());
+        let mut sent = 0;
+        for (func, table) in funcs {
+            let at = Arc::as_ptr(&func) as usize;
+            if !loaded.contains_key(&at) {
+                let _ = self.mailbox.send(Msg::Warm(func.clone(), table));
+                sent += 1;
+            }
+            now.insert(at, func);
+        }
+        *loaded = now;
+        sent
     }
 
     /// Runs one call; `None` when more than `limits.concurrency` calls are in flight.
@@ -348,7 +365,10 @@ const STRAY_REFUSAL: &str = "refused: the call this belongs to has ended";
 type Shared = Rc<RefCell<Host>>;
 
 fn module_prefix(f: &Function) -> String {
-    format!("fn:{}/{}@{}/", f.env, f.name, f.version)
+    match f.links {
+        0 => format!("fn:{}/{}@{}/", f.env, f.name, f.version),
+        links => format!("fn:{}/{}@{}.{links:016x}/", f.env, f.name, f.version),
+    }
 }
 
 struct Names(Shared);

@@ -307,21 +307,17 @@ impl Functions {
         l
     }
 
-    /// The function stored at `key` as `value`, parsed and compiled once per stored value;
-    /// `true` when it has not been lowered before. A source the gateway already has compiled
+    /// The function stored at `key` as `value`, parsed and compiled once per stored value. A
+    /// source the gateway already has compiled
     /// (a save on this node offered it, or a loaded function has it) is taken as it is; with
     /// `defer`, any other is compiled off the caller's thread ([`Functions::defer`]) and this
     /// answers what the key had before: its last compiled version, or nothing.
-    fn function(&self, gid: &str, key: &str, value: &[u8], defer: bool) -> Option<(Arc<FunctionDoc>, Arc<Function>, bool)> {
+    fn function(&self, gid: &str, key: &str, value: &[u8], defer: bool) -> Built {
         let before = {
-            let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-            let had = cache.get_mut(key);
-            let same = had.as_ref().is_some_and(|c| c.bytes[..] == *value);
-            let before = had.and_then(|c| {
-                let fresh = std::mem::take(&mut c.fresh);
-                c.built.clone().map(|(doc, f)| (doc, f, fresh))
-            });
-            if same {
+            let cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+            let had = cache.get(key);
+            let before = had.and_then(|c| c.built.clone());
+            if had.is_some_and(|c| c.bytes[..] == *value) {
                 return before;
             }
             before
@@ -341,9 +337,9 @@ impl Functions {
         // older one, and keeps what it makes to itself.
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.remove(key);
-        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), Entry { bytes: Bytes::copy_from_slice(value), built: built.clone(), fresh: false });
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), Entry { bytes: Bytes::copy_from_slice(value), built: built.clone() });
         drop(pending);
-        built.map(|(doc, f)| (doc, f, true))
+        built
     }
 
     /// Has the function stored at `key` as `value` compiled on a blocking thread (at most
@@ -380,7 +376,7 @@ impl Functions {
                     let mut pending = f.pending.lock().unwrap_or_else(|e| e.into_inner());
                     match pending.get(&k) {
                         Some(newest) if *newest == value => {
-                            f.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone(), Entry { bytes: value, built, fresh: true });
+                            f.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone(), Entry { bytes: value, built });
                             pending.remove(&k);
                             Turn::Done
                         }
@@ -437,6 +433,33 @@ impl Functions {
 
     /// Parses and compiles the function stored at `key` as `value` (or takes the gateway's
     /// compiled source); `None` (logged) when it does not read or compile.
+    /// Binds each function of one environment's `list` (key, document, function) that imports
+    /// others by name to the versions of those it reaches now: one whose imports changed since
+    /// is a new function, whose modules load afresh, kept for its key.
+    fn link(&self, list: &mut [(&str, Arc<FunctionDoc>, Arc<Function>)]) {
+        if list.iter().all(|(_, _, f)| f.compiled.links.is_empty()) {
+            return;
+        }
+        let changed: Vec<(usize, u64)> = {
+            let by_name: HashMap<&str, &Function> = list.iter().map(|(_, d, f)| (d.name.as_str(), &**f)).collect();
+            list.iter().enumerate().filter(|(_, (_, _, f))| !f.compiled.links.is_empty()).map(|(i, (_, _, f))| (i, links_of(f, &by_name))).filter(|(i, links)| list[*i].2.links != *links).collect()
+        };
+        if changed.is_empty() {
+            return;
+        }
+        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, links) in changed {
+            let (key, _, old) = &list[i];
+            let new = Arc::new(Function { env: old.env.clone(), name: old.name.clone(), version: old.version.clone(), links, compiled: old.compiled.clone(), methods: old.methods.clone(), logs: old.logs.clone() });
+            if let Some((_, kept)) = cache.get_mut(*key).and_then(|c| c.built.as_mut())
+                && Arc::ptr_eq(kept, old)
+            {
+                *kept = new.clone();
+            }
+            list[i].2 = new;
+        }
+    }
+
     fn build(&self, gid: &str, key: &str, value: &[u8]) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
         let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
         let digest = source_digest(&doc.files, &doc.entrypoint);
@@ -467,6 +490,7 @@ impl Functions {
             env: doc.environment.clone(),
             name: doc.name.clone(),
             version,
+            links: 0,
             compiled,
             methods: doc.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
             logs: self.logs_for(gid, &doc.environment, &doc.name),
@@ -508,12 +532,11 @@ fn source_digest(files: &BTreeMap<String, String>, entry: &str) -> [u8; 32] {
     d.finish().as_ref().try_into().unwrap_or([0; 32])
 }
 
-/// A stored value of a function and what it compiled to (`None`: it does not).
+/// A stored value of a function and what it compiled to (`None`: it does not), bound to the
+/// functions it imports by name as last lowered.
 struct Entry {
     bytes: Bytes,
-    built: Option<(Arc<FunctionDoc>, Arc<Function>)>,
-    /// Compiled off the watch path and not lowered yet: the lowering that takes it loads it.
-    fresh: bool,
+    built: Built,
 }
 
 /// Holds compile tasks at the start of their compile while a test says so.
@@ -555,11 +578,8 @@ impl Contributor for Functions {
         // saves hold up another's changes.
         let defer = !self.lowered.lock().unwrap_or_else(|e| e.into_inner()).insert(gid.to_string());
         let mut envs: BTreeMap<String, EnvDoc> = BTreeMap::new();
-        let mut funcs: BTreeMap<String, Vec<(Arc<FunctionDoc>, Arc<Function>, bool)>> = BTreeMap::new();
+        let mut funcs: BTreeMap<String, Vec<(&str, Arc<FunctionDoc>, Arc<Function>)>> = BTreeMap::new();
         let mut present = std::collections::HashSet::new();
-        // Functions taken as not yet loaded, by key: those this lowering does not load (their
-        // environment does not serve) keep the mark for a later one.
-        let mut unloaded: Vec<(&str, Arc<Function>)> = Vec::new();
         for (key, value) in objects {
             let rest = &key[partition.len()..];
             if let Some(env) = rest.strip_prefix("env/") {
@@ -570,11 +590,8 @@ impl Contributor for Functions {
                 && let Some((env, _)) = path.split_once('/')
             {
                 present.insert(*key);
-                if let Some(f) = self.function(gid, key, value, defer) {
-                    if f.2 {
-                        unloaded.push((key, f.1.clone()));
-                    }
-                    funcs.entry(env.to_string()).or_default().push(f);
+                if let Some((doc, func)) = self.function(gid, key, value, defer) {
+                    funcs.entry(env.to_string()).or_default().push((key, doc, func));
                 }
             }
         }
@@ -586,7 +603,8 @@ impl Contributor for Functions {
             t.retain(|k, _| !k.starts_with(&own));
         }
         let mut out = Lowered::default();
-        let mut loaded: std::collections::HashSet<*const Function> = std::collections::HashSet::new();
+        // What each runtime is to have loaded: every function served.
+        let mut loads: Vec<(Arc<Engine>, Vec<(Arc<Function>, Table)>)> = Vec::new();
         for (env_name, env) in &envs {
             if !env.serving {
                 continue;
@@ -596,10 +614,12 @@ impl Contributor for Functions {
                     out.hosts.push(h.clone());
                 }
             }
-            let Some(list) = funcs.get(env_name).filter(|l| !l.is_empty()) else { continue };
+            let Some(list) = funcs.get_mut(env_name).filter(|l| !l.is_empty()) else { continue };
             let limits = env.limits.limits();
             let Some(engine) = self.engine(gid, limits.memory) else { continue };
-            let table: Table = Arc::new(list.iter().map(|(d, f, _)| (d.name.clone(), f.clone())).collect());
+            self.link(list);
+            let list = &*list;
+            let table: Table = Arc::new(list.iter().map(|(_, d, f)| (d.name.clone(), f.clone())).collect());
             if let Ok(mut t) = self.tables.lock() {
                 t.insert(format!("{gid}/{env_name}"), table.clone());
             }
@@ -608,12 +628,13 @@ impl Contributor for Functions {
             // Functions without plugins of their own share one route per form, which finds the
             // function by its exact path; those with plugins get routes of their own.
             let mut shared: HashMap<String, Arc<FunctionHandler>> = HashMap::new();
-            for (doc, func, fresh) in list {
-                // A function is loaded before it takes traffic; one already loaded is not.
-                if *fresh {
-                    engine.warm(func.clone(), table.clone());
-                    loaded.insert(Arc::as_ptr(func));
-                }
+            // A function is loaded before it takes traffic; one already loaded is not.
+            let served = list.iter().map(|(_, _, f)| (f.clone(), table.clone()));
+            match loads.iter_mut().find(|(e, _)| Arc::ptr_eq(e, &engine)) {
+                Some((_, all)) => all.extend(served),
+                None => loads.push((engine.clone(), served.collect())),
+            }
+            for (_, doc, func) in list {
                 let handler = Arc::new(FunctionHandler {
                     engine: engine.clone(),
                     func: func.clone(),
@@ -657,17 +678,36 @@ impl Contributor for Functions {
                 push_route(&mut out, gid, format!("{form}/{env_name}"), uris, hosts, &env.plugins, handler);
             }
         }
-        unloaded.retain(|(_, f)| !loaded.contains(&Arc::as_ptr(f)));
-        if !unloaded.is_empty() {
-            let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-            for (key, func) in unloaded {
-                if let Some(c) = cache.get_mut(key).filter(|c| c.built.as_ref().is_some_and(|(_, f)| Arc::ptr_eq(f, &func))) {
-                    c.fresh = true;
-                }
-            }
+        for (engine, served) in loads {
+            engine.load(served);
         }
         out
     }
+}
+
+/// One hash of the name and content version of every function `f` reaches through imports by
+/// name, directly or through theirs (a name with no function counts as such); never 0.
+fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut reached: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut todo: Vec<&str> = f.compiled.links.iter().map(String::as_str).collect();
+    while let Some(name) = todo.pop() {
+        if reached.contains_key(name) {
+            continue;
+        }
+        match by_name.get(name) {
+            Some(other) => {
+                reached.insert(name, &other.version);
+                todo.extend(other.compiled.links.iter().map(String::as_str));
+            }
+            None => {
+                reached.insert(name, "");
+            }
+        }
+    }
+    let mut h = std::hash::DefaultHasher::new();
+    reached.hash(&mut h);
+    h.finish().max(1)
 }
 
 /// Adds a route of exact `uris` on `hosts` ending in `handler`.
@@ -875,16 +915,14 @@ mod tests {
         let asked = async |relowers: &mut tokio::sync::mpsc::UnboundedReceiver<String>| tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
 
         // A gateway's first lowering compiles in place.
-        let (doc, _, fresh) = f.function("g", key, &stored(1), false).unwrap();
-        assert_eq!((doc.version, fresh), (1, true));
+        assert_eq!(f.function("g", key, &stored(1), false).unwrap().0.version, 1);
 
         // Version 2 is compiled off the lowering, which answers version 1 meanwhile; the
         // compile is held once it has started.
         let (started, compiling) = std::sync::mpsc::channel();
         let (open, held) = std::sync::mpsc::channel();
         *f.gate.0.lock().unwrap() = Some((started, held));
-        let (doc, _, fresh) = f.function("g", key, &stored(2), true).unwrap();
-        assert_eq!((doc.version, fresh), (1, false));
+        assert_eq!(f.function("g", key, &stored(2), true).unwrap().0.version, 1);
         tokio::task::spawn_blocking(move || compiling.recv()).await.unwrap().unwrap();
 
         // Version 3, lowered in place (the node's first lowering of the gateway again, say),
@@ -895,13 +933,10 @@ mod tests {
         assert_eq!(cached_version(&f, key), Some(3));
         assert!(f.pending.lock().unwrap().is_empty());
 
-        // A change the lowering defers is compiled, asked to be lowered again, and then taken
-        // as fresh (to be loaded before it takes traffic), once.
+        // A change the lowering defers is compiled, asked to be lowered again, and then taken.
         assert_eq!(f.function("g", key, &stored(4), true).unwrap().0.version, 3);
         assert_eq!(asked(&mut relowers).await.as_deref(), Some(key));
-        let (doc, _, fresh) = f.function("g", key, &stored(4), true).unwrap();
-        assert_eq!((doc.version, fresh), (4, true));
-        assert!(!f.function("g", key, &stored(4), true).unwrap().2, "fresh once");
+        assert_eq!(f.function("g", key, &stored(4), true).unwrap().0.version, 4);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -936,30 +971,95 @@ mod tests {
         assert_eq!(f.gate.1.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
+    fn stored_code(name: &str, v: u64, code: &str) -> Vec<u8> {
+        let doc = FunctionDoc { name: name.into(), environment: "dev".into(), files: BTreeMap::from([("index.ts".to_string(), code.to_string())]), entrypoint: "index.ts".into(), version: v, ..FunctionDoc::default() };
+        serde_json::to_vec(&doc).unwrap()
+    }
+
+    const PARTITION: &str = "/weir/platform/live/g/";
+    const ENV_KEY: &str = "/weir/platform/live/g/env/dev";
+
+    fn env_doc(serving: bool) -> EnvDoc {
+        EnvDoc { environment: "dev".into(), gateway_hosts: vec!["g.localhost".into()], serving, ..EnvDoc::default() }
+    }
+
+    /// Invokes the function stored at `key` as `value` on gateway `g` and answers its body.
+    async fn body_of(f: &Functions, key: &str, value: &[u8]) -> String {
+        let outcome = f.invoke("g", &env_doc(true), key, value, Request::default()).await.unwrap();
+        String::from_utf8(outcome.result.unwrap().body).unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_function_not_loaded_because_its_environment_does_not_serve_is_loaded_when_it_does() {
+    async fn a_function_is_loaded_before_traffic_by_every_runtime_that_serves_it() {
         let f = Functions::new("/weir", Settings::default());
         let (relower, _relowers) = Relower::channel();
         f.attach(relower);
-        let partition = "/weir/platform/live/g/";
-        let (env_key, fn_key) = ("/weir/platform/live/g/env/dev", "/weir/platform/live/g/fn/dev/f");
-        let env = |serving: bool| serde_json::to_vec(&EnvDoc { environment: "dev".into(), gateway_hosts: vec!["g.localhost".into()], serving, ..EnvDoc::default() }).unwrap();
-        let fresh = |f: &Functions| f.compiled.lock().unwrap().get(fn_key).map(|c| c.fresh);
-        let (stopped, serving, function) = (env(false), env(true), stored(1));
+        let key = "/weir/platform/live/g/fn/dev/f";
+        // How long ago its module was loaded, when it is called.
+        let function = stored_code("f", 1, "const at = Date.now(); export default () => String(Date.now() - at);");
+        let (stopped, serving) = (serde_json::to_vec(&env_doc(false)).unwrap(), serde_json::to_vec(&env_doc(true)).unwrap());
+        let loaded_long_ago = async || {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            let ago: u64 = body_of(&f, key, &function).await.parse().unwrap();
+            assert!(ago >= 300, "loaded {ago} ms before its first call: not ahead of it");
+        };
 
-        // The gateway is stopped: nothing is served or loaded, and the function keeps its mark.
-        let out = f.lower(partition, &[(env_key, &stopped), (fn_key, &function)]);
+        // The gateway is stopped: nothing is served, and no runtime starts.
+        let out = f.lower(PARTITION, &[(ENV_KEY, &stopped), (key, &function)]);
         assert!(out.routes.is_empty());
-        assert_eq!(fresh(&f), Some(true));
         assert!(f.engines.lock().unwrap().keys().all(|k| !k.starts_with("g/")), "no runtime for a gateway that serves nothing");
 
-        // Started again: the lowering that serves it loads it, once.
-        let out = f.lower(partition, &[(env_key, &serving), (fn_key, &function)]);
+        // Started: the lowering that serves it first loads it.
+        let out = f.lower(PARTITION, &[(ENV_KEY, &serving), (key, &function)]);
         assert!(!out.routes.is_empty());
-        assert_eq!(fresh(&f), Some(false));
-        let out = f.lower(partition, &[(env_key, &serving), (fn_key, &function)]);
+        loaded_long_ago().await;
+
+        // Stopped and started again: its routes (and with them its runtime) went, and the new
+        // runtime loads it ahead of traffic too.
+        drop(out);
+        drop(f.lower(PARTITION, &[(ENV_KEY, &stopped), (key, &function)]));
+        let out = f.lower(PARTITION, &[(ENV_KEY, &serving), (key, &function)]);
         assert!(!out.routes.is_empty());
-        assert_eq!(fresh(&f), Some(false));
+        loaded_long_ago().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_function_importing_another_by_name_follows_its_changes() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, mut relowers) = Relower::channel();
+        f.attach(relower);
+        let serving = serde_json::to_vec(&env_doc(true)).unwrap();
+        // Lowers, and again as each change compiled off the lowering asks, until all are in.
+        let mut lower = async |objects: &[(&str, &[u8])]| {
+            let mut out = f.lower(PARTITION, objects);
+            while !f.pending.lock().unwrap().is_empty() {
+                tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
+                out = f.lower(PARTITION, objects);
+            }
+            out
+        };
+        let (a, b, c, d) = ("/weir/platform/live/g/fn/dev/a", "/weir/platform/live/g/fn/dev/b", "/weir/platform/live/g/fn/dev/c", "/weir/platform/live/g/fn/dev/d");
+        // a imports b, which imports c; d imports nothing.
+        let a1 = stored_code("a", 1, "import b from '@/b'; export default () => 'a' + b();");
+        let b1 = stored_code("b", 1, "import c from '@/c'; export default () => 'b' + c();");
+        let (c1, c2) = (stored_code("c", 1, "export default () => 'c1';"), stored_code("c", 2, "export default () => 'c2';"));
+        let (d1, d2) = (stored_code("d", 1, "export default () => 'd1';"), stored_code("d", 2, "export default () => 'd2';"));
+        let held = |key: &str| f.compiled.lock().unwrap()[key].built.clone().unwrap().1;
+
+        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b1), (c, &c1), (d, &d1)]).await;
+        assert_eq!(body_of(&f, a, &a1).await, "abc1");
+        let before = held(a);
+
+        // A change where a does not reach leaves it as it was: its modules stay loaded.
+        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b1), (c, &c1), (d, &d2)]).await;
+        assert_eq!(body_of(&f, d, &d2).await, "d2");
+        assert!(Arc::ptr_eq(&before, &held(a)));
+
+        // A change to what it reaches through b binds it to the new version.
+        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b1), (c, &c2), (d, &d2)]).await;
+        assert_eq!(body_of(&f, a, &a1).await, "abc2");
+        assert_eq!(body_of(&f, b, &b1).await, "bc2");
+        assert!(!Arc::ptr_eq(&before, &held(a)));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -975,15 +1075,15 @@ mod tests {
         doc.version = 2;
         doc.methods = vec!["get".into()];
         doc.plugins.insert("key-auth".into(), json!({}));
-        let (got, func, fresh) = f.function("g", dev, &serde_json::to_vec(&doc).unwrap(), true).unwrap();
-        assert_eq!((got.version, func.methods.clone(), fresh), (2, vec!["GET".to_string()], true));
+        let (got, func) = f.function("g", dev, &serde_json::to_vec(&doc).unwrap(), true).unwrap();
+        assert_eq!((got.version, func.methods.clone()), (2, vec!["GET".to_string()]));
         // Promoted, the same source: the staging copy shares its compiled code.
         doc.environment = "staging".into();
-        let (_, promoted, _) = f.function("g", staging, &serde_json::to_vec(&doc).unwrap(), true).unwrap();
+        let (_, promoted) = f.function("g", staging, &serde_json::to_vec(&doc).unwrap(), true).unwrap();
         assert!(Arc::ptr_eq(&func.compiled, &promoted.compiled));
         // Another gateway with the same source compiles its own.
         let other = "/weir/platform/live/h/fn/dev/f";
-        let (_, theirs, _) = f.function("h", other, &stored(1), false).unwrap();
+        let (_, theirs) = f.function("h", other, &stored(1), false).unwrap();
         assert!(!Arc::ptr_eq(&func.compiled, &theirs.compiled));
 
         // A save on this node offers its compile to the lowering that follows.

@@ -6,7 +6,7 @@
 //! without its `.ts`/`.js` extension, and `@/name` to another function of the same
 //! environment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use oxc::allocator::Allocator;
@@ -62,6 +62,9 @@ pub struct Compiled {
     /// Relative path → stripped JavaScript.
     pub modules: BTreeMap<String, String>,
     pub entry: String,
+    /// The functions its files import by name (`@/name`) in import or export statements: bound
+    /// when its modules load, unlike an `import()` at run time.
+    pub links: BTreeSet<String>,
 }
 
 /// The path of a file, normalized: relative, `/`-separated, no `.` or `..` segments.
@@ -165,6 +168,7 @@ fn strip_all(normalized: &BTreeMap<String, &str>, entry: &str) -> Result<Compile
     let err = |file: &str, message: String| CompileError { file: file.to_string(), line: 0, column: 0, message };
     let entry = entry.to_string();
     let mut modules = BTreeMap::new();
+    let mut links = BTreeSet::new();
     for (path, text) in normalized {
         let (js, imports, has_default) = strip(path, text)?;
         for (spec, offset) in imports {
@@ -172,7 +176,9 @@ fn strip_all(normalized: &BTreeMap<String, &str>, entry: &str) -> Result<Compile
                 if resolve_relative(|p| normalized.contains_key(p), path, &spec).is_none() {
                     return Err(at(path, text, offset, format!("cannot find module '{spec}' among the function's files")));
                 }
-            } else if !spec.strip_prefix("@/").is_some_and(crate::valid_name) {
+            } else if let Some(other) = spec.strip_prefix("@/").filter(|n| crate::valid_name(n)) {
+                links.insert(other.to_string());
+            } else {
                 return Err(at(path, text, offset, format!("cannot import '{spec}': import a file of this function ('./file') or another function ('@/name'); packages are not available")));
             }
         }
@@ -181,7 +187,7 @@ fn strip_all(normalized: &BTreeMap<String, &str>, entry: &str) -> Result<Compile
         }
         modules.insert(path.clone(), js);
     }
-    Ok(Compiled { modules, entry })
+    Ok(Compiled { modules, entry, links })
 }
 
 /// Refuses a file whose brackets nest deeper than [`MAX_NESTING`]. A light scan, not a
@@ -395,6 +401,17 @@ mod tests {
         assert!(!out.modules["index.ts"].contains("interface"), "{}", out.modules["index.ts"]);
         assert!(out.modules["lib/math.ts"].contains("n * 2"));
         assert_eq!(out.entry, "index.ts");
+    }
+
+    #[test]
+    fn functions_imported_by_name_are_listed_as_links_and_an_import_at_run_time_is_not() {
+        let src = files(&[
+            ("index.ts", "import b from '@/b';\nimport type { T } from '@/t';\nexport { c } from '@/c/d';\nexport default async (x: T) => b(await import('@/e'));"),
+            ("lib.ts", "import b from '@/b'; export const f = b;"),
+        ]);
+        let out = compile(&src, "index.ts").unwrap();
+        assert_eq!(out.links, BTreeSet::from(["b".to_string(), "c/d".to_string()]));
+        assert!(compile(&files(&[("index.ts", "export default () => 1;")]), "index.ts").unwrap().links.is_empty());
     }
 
     /// Source shaped to nest as deep as a file's size allows.

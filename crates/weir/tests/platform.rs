@@ -759,6 +759,10 @@ async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plug
     assert_eq!(r.headers["x-order"].len(), 36);
     assert_eq!(post("{}").await.status, 429, "the function's own limit-count applies to it");
     assert_eq!(w.get("/dev/user/me", &[("host", "fns.localhost")]).await.status, 200, "and to no other function");
+    // A function that imports another by name and answers what that one answers.
+    assert_eq!(v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "importer", "source": {"code": "import me from '@/user/me';\nexport default (ctx) => me(ctx);"}}))).await.0, 201);
+    let r = w.until("/dev/importer", &[("host", "fns.localhost")], |r| r.status != 404).await;
+    assert_eq!(r.json(), json!({"hello": "WORLD", "path": "/dev/importer"}));
 
     // Every SDK call, over HTTP.
     let sdk = r#"
@@ -797,6 +801,9 @@ export default async (ctx) => {
     assert_eq!((s, &b["version"]), (200, &json!(2)), "{b}");
     let r = w.until("/dev/user/me", &[("host", "fns.localhost")], |r| r.text() == "v2").await;
     assert_eq!(r.headers["content-type"], "text/plain; charset=utf-8");
+    // What imports it by name follows: its modules load again, bound to the new version.
+    let r = w.get("/dev/importer", &[("host", "fns.localhost")]).await;
+    assert_eq!(r.text(), "v2");
     let (s, b) = v1(&w, "POST", &format!("{}/invoke", fn_path("fns", "dev/user/me")), Some(json!({"method": "GET", "query": {"a": "1"}}))).await;
     assert_eq!((s, &b["status"], &b["body"]), (200, &json!(200), &json!("v2")), "{b}");
     assert_eq!(b["logs"][0]["message"], "v2 GET", "{b}");
