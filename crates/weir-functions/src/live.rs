@@ -202,7 +202,7 @@ impl Functions {
 
     /// Runs the function stored at `key` as `value` on gateway `gid`'s runtime, with the
     /// limits of `env`, outside any route (the platform's `invoke`).
-    pub async fn invoke(&self, gid: &str, env: &EnvDoc, key: &str, value: &[u8], request: Request) -> Result<Outcome, String> {
+    pub async fn invoke(&self, gid: &str, env: &EnvDoc, key: &str, value: &[u8], request: Request) -> Result<Outcome, NotRun> {
         // The version stored now, which the lowering may not have reached yet: compiled for
         // this call alone when it has not, so that the cache only ever moves forward.
         let lowered = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).filter(|c| c.bytes[..] == *value).map(|c| c.built.clone());
@@ -211,9 +211,15 @@ impl Functions {
             (None, Some(me)) => me.compile_for_invoke(gid, key, value).await,
             (None, None) => None,
         };
-        let (_, func) = built.ok_or("the stored function does not compile")?;
+        let (_, func) = built.ok_or(NotRun::Unable("the stored function does not compile"))?;
+        // A method it does not answer is refused as a request's is.
+        if let Some((message, allow)) = not_allowed(&func, &request.method) {
+            let headers = vec![("content-type".to_string(), "application/json".to_string()), ("allow".to_string(), allow)];
+            let body = json!({"error_msg": message}).to_string().into_bytes();
+            return Ok(Outcome { result: Ok(crate::Reply { status: 405, headers, body }), logs: Vec::new(), cpu: Duration::ZERO, hold: Default::default() });
+        }
         let limits = env.limits.limits();
-        let engine = self.engine(gid, limits.memory).ok_or("the gateway's runtime could not start")?;
+        let engine = self.engine(gid, limits.memory).ok_or(NotRun::Unable("the gateway's runtime could not start"))?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
         let table = table.unwrap_or_else(|| Arc::new(HashMap::from([(func.name.clone(), func.clone())])));
         let run = FunctionHandler::run(engine, func, table, Arc::new(self.open_vars(&env.vars)), limits, Arc::new(env.reach()), request);
@@ -221,7 +227,7 @@ impl Functions {
         // answering altogether.
         match tokio::time::timeout(limits.wall + Duration::from_secs(2), run).await {
             Ok(Some(outcome)) => Ok(outcome),
-            Ok(None) => Err("too many calls of this gateway's functions are in flight".to_string()),
+            Ok(None) => Err(NotRun::Busy),
             Err(_) => Ok(crate::engine::failed(Failure::Timeout("the call ran past its wall-clock limit"))),
         }
     }
@@ -844,6 +850,32 @@ pub fn grant_scope(gid: &str, env: &str) -> String {
     format!("wp.{gid}.{env}")
 }
 
+/// Why `func` does not answer `method`, and the methods it does (for `Allow`); `None` when it
+/// answers it.
+fn not_allowed(func: &Function, method: &str) -> Option<(String, String)> {
+    (!func.methods.is_empty() && !func.methods.iter().any(|m| m == method)).then(|| (format!("{method} is not one of this function's methods"), func.methods.join(", ")))
+}
+
+/// Why [`Functions::invoke`] did not run a function.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NotRun {
+    /// Its gateway has as many calls in flight on this node as its limits allow.
+    Busy,
+    /// It cannot run: why.
+    Unable(&'static str),
+}
+
+impl std::fmt::Display for NotRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotRun::Busy => f.write_str(BUSY),
+            NotRun::Unable(why) => f.write_str(why),
+        }
+    }
+}
+
+const BUSY: &str = "too many calls of this gateway's functions are in flight";
+
 /// The request a function sees of a call.
 pub fn request_of(parts: &http::request::Parts, body: &[u8], user: Option<User>) -> Request {
     let query = parts.uri.query().map(|q| weir_core::text::query_pairs(q).map(|(k, v)| (decode(k), decode(v))).collect()).unwrap_or_default();
@@ -867,9 +899,9 @@ impl Handler for FunctionHandler {
     }
 
     fn call(&self, call: Call<'_>) -> Answer {
-        if !self.func.methods.is_empty() && !self.func.methods.iter().any(|m| m == call.parts.method.as_str()) {
-            let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, &format!("{} is not one of this function's methods", call.parts.method), None);
-            if let Ok(v) = http::HeaderValue::from_str(&self.func.methods.join(", ")) {
+        if let Some((message, allow)) = not_allowed(&self.func, call.parts.method.as_str()) {
+            let mut resp = error_response(StatusCode::METHOD_NOT_ALLOWED, &message, None);
+            if let Ok(v) = http::HeaderValue::from_str(&allow) {
                 resp.headers_mut().insert(http::header::ALLOW, v);
             }
             return Box::pin(async move { resp });
@@ -882,7 +914,7 @@ impl Handler for FunctionHandler {
             let resp = match FunctionHandler::run(engine, func, table, vars, limits, reach, request).await {
                 Some(outcome) => respond(outcome, debug, &limits),
                 None => {
-                    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "too many calls of this gateway's functions are in flight", None);
+                    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, BUSY, None);
                     resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
                     resp
                 }

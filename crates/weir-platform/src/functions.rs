@@ -535,7 +535,13 @@ impl Platform {
         };
         match functions.invoke(gid, &env_doc, &key, &stored, request).await {
             Ok(outcome) => Ok((outcome, env_doc)),
-            Err(e) => Err(failure(ErrorKind::Unavailable, e, Vec::new())),
+            Err(e) => {
+                let mut reply = failure(ErrorKind::Unavailable, e.to_string(), Vec::new());
+                if e == weir_functions::live::NotRun::Busy {
+                    reply.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+                }
+                Err(reply)
+            }
         }
     }
 

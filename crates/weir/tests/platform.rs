@@ -808,6 +808,10 @@ export default async (ctx) => {
     assert_eq!((s, &b["status"], &b["body"]), (200, &json!(200), &json!("v2")), "{b}");
     assert_eq!(b["logs"][0]["message"], "v2 GET", "{b}");
     assert!(b["durationMs"].as_f64().is_some());
+    // A method it does not answer is refused as a request's is, without running it.
+    let (s, b) = v1(&w, "POST", &format!("{}/invoke", fn_path("fns", "dev/user/me")), Some(json!({"method": "DELETE"}))).await;
+    assert_eq!((s, &b["status"], &b["headers"]["allow"], &b["logs"]), (200, &json!(405), &json!("GET"), &json!([])), "{b}");
+    assert_eq!(b["body"]["error_msg"], "DELETE is not one of this function's methods", "{b}");
     // An invocation gives at most 100 headers and 100 query parameters, as a request would.
     let many: serde_json::Map<String, Value> = (0..101).map(|i| (format!("x-h{i}"), json!("v"))).collect();
     let (s, b) = v1(&w, "POST", &format!("{}/invoke", fn_path("fns", "dev/user/me")), Some(json!({"headers": many}))).await;
@@ -874,6 +878,26 @@ export default async (ctx) => {
     let noisy = p99(&w, "/dev/ping", "other.localhost", 100).await;
     noise.await.unwrap();
     assert!(noisy < quiet + Duration::from_millis(10), "p99 {quiet:?} alone, {noisy:?} beside a spinning tenant");
+
+    // Past the gateway's concurrent calls: 503 with when to come back, from a route and from
+    // an invocation alike.
+    assert_eq!(v1(&w, "PATCH", "api-gateways/fns", Some(json!({"limits": {"concurrency": 1}}))).await.0, 200);
+    assert_eq!(save("slow", "export default () => new Promise((r) => setTimeout(() => r('slow'), 3000))").await.0, 201);
+    w.until("/dev/slow", &[("host", "fns.localhost")], |r| r.status != 404).await;
+    let held = tokio::spawn({
+        let proxy = w.proxy;
+        async move { send(proxy, "GET", "/dev/slow", &[("host", "fns.localhost")], None).await }
+    });
+    // Nothing else calls meanwhile: the slow call takes the one place, and keeps it 3 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = w.get("/dev/user/me", &[("host", "fns.localhost")]).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!((r.headers["retry-after"].to_str().unwrap(), r.json()["error_msg"].as_str()), ("1", Some("too many calls of this gateway's functions are in flight")), "{}", r.text());
+    let r = send(w.admin, "POST", &format!("/v1/{}/invoke", fn_path("fns", "dev/user/me")), &[("x-api-key", KEY)], Some("{\"method\": \"GET\"}")).await;
+    assert_eq!((r.status, r.headers["retry-after"].to_str().unwrap()), (503, "1"), "{}", r.text());
+    let r = held.await.unwrap();
+    assert_eq!((r.status, r.text()), (200, "slow".to_string()));
+    w.until("/dev/user/me", &[("host", "fns.localhost")], |r| r.status == 200).await;
 
     // Deleted: the path falls back to the environment's routes.
     assert_eq!(v1(&w, "DELETE", &fn_path("fns", "dev/user/me"), None).await.0, 200);
