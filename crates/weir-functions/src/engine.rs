@@ -333,6 +333,12 @@ struct Host {
     db_ops: Vec<(u64, u32, String, Taken, Taken)>,
     /// Module name prefix `fn:{env}/{name}@{version}/` → the function.
     functions: HashMap<String, Arc<Function>>,
+    /// Each function's (`{env}/{name}`) prefix loaded last.
+    newest: HashMap<String, String>,
+    /// Versions loaded here and since followed by another of the same function (QuickJS
+    /// never unloads a module, and this keeps their sources), and the bytes of their sources.
+    superseded: usize,
+    superseded_bytes: usize,
     /// Environment → its current table.
     tables: HashMap<String, Table>,
     /// Where each call's log lines also go (the function's buffer), with its request id.
@@ -344,6 +350,19 @@ struct Host {
 }
 
 impl Host {
+    /// Notes `func` loaded under module name `prefix`; a version it follows counts as
+    /// superseded.
+    fn add(&mut self, prefix: String, func: Arc<Function>) {
+        if let Some(old) = self.newest.insert(format!("{}/{}", func.env, func.name), prefix.clone())
+            && old != prefix
+            && let Some(before) = self.functions.get(&old)
+        {
+            self.superseded += 1;
+            self.superseded_bytes += before.compiled.modules.values().map(String::len).sum::<usize>();
+        }
+        self.functions.insert(prefix, func);
+    }
+
     /// The call whose work a native of `env`'s realm does: the call running, or `STRAY` when
     /// the running call is of another environment (a promise job another environment's call
     /// left behind runs meanwhile), whose work is refused.
@@ -416,7 +435,7 @@ impl Loader for Sources {
             if !host.functions.contains_key(&name[..end]) {
                 let found = host.tables.get(&env).and_then(|t| t.values().find(|f| module_prefix(f) == name[..end])).cloned();
                 if let Some(f) = found {
-                    host.functions.insert(name[..end].to_string(), f);
+                    host.add(name[..end].to_string(), f);
                 }
             }
             let func = host.functions.get(&name[..end]).ok_or_else(missing)?;
@@ -471,10 +490,6 @@ struct Js {
     /// When the running JavaScript must stop, in nanoseconds since `epoch`; 0: never.
     stop_at: Arc<AtomicU64>,
     epoch: Instant,
-    /// Function module prefixes loaded in this runtime (QuickJS never unloads a module), and
-    /// the bytes of their sources, which stay with them.
-    loaded: usize,
-    loaded_bytes: usize,
     /// A call failed as a runtime out of memory fails and the runtime is still all but full:
     /// the loop makes it afresh.
     full: std::cell::Cell<bool>,
@@ -533,7 +548,7 @@ impl Js {
                 at != 0 && epoch.elapsed().as_nanos() as u64 >= at
             })));
         }
-        Ok(Js { realms: RefCell::default(), rt, host, stop_at, epoch, loaded: 0, loaded_bytes: 0, full: Default::default() })
+        Ok(Js { realms: RefCell::default(), rt, host, stop_at, epoch, full: Default::default() })
     }
 
     /// `env`'s realm, made (its natives and the SDK) the first time.
@@ -661,12 +676,11 @@ impl Js {
     fn register(&mut self, func: &Arc<Function>, table: &Table) {
         let exported = self.realms.borrow().iter().any(|(e, r)| *e == func.env && r.exports.borrow().contains_key(&(Arc::as_ptr(func) as usize)));
         let mut host = self.host.borrow_mut();
-        if !exported
-            && let std::collections::hash_map::Entry::Vacant(slot) = host.functions.entry(module_prefix(func))
-        {
-            self.loaded += 1;
-            self.loaded_bytes += func.compiled.modules.values().map(String::len).sum::<usize>();
-            slot.insert(func.clone());
+        if !exported {
+            let prefix = module_prefix(func);
+            if !host.functions.contains_key(&prefix) {
+                host.add(prefix, func.clone());
+            }
         }
         if host.tables.get(&func.env).is_none_or(|t| !Arc::ptr_eq(t, table)) {
             host.tables.insert(func.env.clone(), table.clone());
@@ -849,9 +863,15 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         let broken = broken || js.full.take();
         start_outbound(&js, &calls, gateway, mailbox, services, &slots);
         // Every save loads a new version and QuickJS keeps old modules (and this their sources),
-        // so once many, or many bytes of them, have piled up the runtime is made afresh: new calls wait while the calls in flight finish (at
-        // most `DRAIN`; those still running then fail), then start on the fresh runtime.
-        let recycle = !broken && (js.loaded > RECYCLE_AFTER || js.loaded_bytes > RECYCLE_BYTES) && {
+        // so once many versions since followed by others, or many bytes of them, have piled up
+        // the runtime is made afresh: new calls wait while the calls in flight finish (at most
+        // `DRAIN`; those still running then fail), then start on the fresh runtime. However
+        // many functions a gateway serves, their current versions alone never renew it.
+        let piled = {
+            let host = js.host.borrow();
+            host.superseded > RECYCLE_AFTER || host.superseded_bytes > RECYCLE_BYTES
+        };
+        let recycle = !broken && piled && {
             let since = *draining.get_or_insert_with(Instant::now);
             calls.is_empty() || since.elapsed() >= DRAIN
         };
@@ -891,7 +911,7 @@ fn renew(js: Js, calls: &mut BTreeMap<u64, Live>, why: impl Fn() -> Failure, mem
     }
 }
 
-/// Versions loaded in a runtime before it is made afresh, and bytes of their sources.
+/// Superseded versions loaded in a runtime before it is made afresh, and bytes of their sources.
 const RECYCLE_AFTER: usize = 512;
 const RECYCLE_BYTES: usize = 64 << 20;
 /// The longest a renewal waits for the calls in flight.

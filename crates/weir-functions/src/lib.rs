@@ -38,9 +38,11 @@ pub struct Function {
     pub name: String,
     /// Unique for its content: `{version}-{hash}`.
     pub version: String,
-    /// The content versions of the functions its modules import by name, followed through
-    /// theirs, as one hash (0: it imports none). Part of its modules' names, so that a change
-    /// in any of them loads its modules afresh, bound to the new one.
+    /// The digest of its files and entry point.
+    pub source: [u8; 32],
+    /// The sources of the functions its modules import by name, followed through theirs, as
+    /// one hash (0: it imports none). Part of its modules' names, so that a new source of any
+    /// of them loads its modules afresh, bound to the new one.
     pub links: u64,
     /// Shared by the gateway's functions of the same source.
     pub compiled: std::sync::Arc<Compiled>,

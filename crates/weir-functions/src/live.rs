@@ -456,7 +456,7 @@ impl Functions {
         let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         for (i, links) in changed {
             let (key, _, old) = &list[i];
-            let new = Arc::new(Function { env: old.env.clone(), name: old.name.clone(), version: old.version.clone(), links, compiled: old.compiled.clone(), methods: old.methods.clone(), logs: old.logs.clone() });
+            let new = Arc::new(Function { env: old.env.clone(), name: old.name.clone(), version: old.version.clone(), source: old.source, links, compiled: old.compiled.clone(), methods: old.methods.clone(), logs: old.logs.clone() });
             if let Some((_, kept)) = cache.get_mut(*key).and_then(|c| c.built.as_mut())
                 && Arc::ptr_eq(kept, old)
             {
@@ -496,6 +496,7 @@ impl Functions {
             env: doc.environment.clone(),
             name: doc.name.clone(),
             version,
+            source: digest,
             links: 0,
             compiled,
             methods: doc.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
@@ -691,11 +692,12 @@ impl Contributor for Functions {
     }
 }
 
-/// One hash of the name and content version of every function `f` reaches through imports by
-/// name, directly or through theirs (a name with no function counts as such); never 0.
+/// One hash of the name and source of every function `f` reaches through imports by name,
+/// directly or through theirs (a name with no function counts as such); never 0. Only their
+/// sources count: a change of another's methods or plugins leaves `f`'s modules as they are.
 fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut reached: BTreeMap<&str, &str> = BTreeMap::new();
+    let mut reached: BTreeMap<&str, Option<&[u8; 32]>> = BTreeMap::new();
     let mut todo: Vec<&str> = f.compiled.links.iter().map(String::as_str).collect();
     while let Some(name) = todo.pop() {
         if reached.contains_key(name) {
@@ -703,11 +705,11 @@ fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
         }
         match by_name.get(name) {
             Some(other) => {
-                reached.insert(name, &other.version);
+                reached.insert(name, Some(&other.source));
                 todo.extend(other.compiled.links.iter().map(String::as_str));
             }
             None => {
-                reached.insert(name, "");
+                reached.insert(name, None);
             }
         }
     }
@@ -1082,15 +1084,17 @@ mod tests {
         assert_eq!(body_of(&f, a, &a1).await, "abc1");
         let before = held(a);
 
-        // A change where a does not reach leaves it as it was: its modules stay loaded.
-        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b1), (c, &c1), (d, &d2)]).await;
+        // A change where a does not reach leaves it as it was: its modules stay loaded. So does
+        // a new version of b with the same source (its methods or plugins changed, say).
+        let b2 = stored_code("b", 2, "import c from '@/c'; export default () => 'b' + c();");
+        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b2), (c, &c1), (d, &d2)]).await;
         assert_eq!(body_of(&f, d, &d2).await, "d2");
         assert!(Arc::ptr_eq(&before, &held(a)));
 
         // A change to what it reaches through b binds it to the new version.
-        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b1), (c, &c2), (d, &d2)]).await;
+        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b2), (c, &c2), (d, &d2)]).await;
         assert_eq!(body_of(&f, a, &a1).await, "abc2");
-        assert_eq!(body_of(&f, b, &b1).await, "bc2");
+        assert_eq!(body_of(&f, b, &b2).await, "bc2");
         assert!(!Arc::ptr_eq(&before, &held(a)));
     }
 

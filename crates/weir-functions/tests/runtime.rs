@@ -22,6 +22,7 @@ fn func(env: &str, name: &str, files: &[(&str, &str)]) -> Arc<Function> {
         env: env.into(),
         name: name.into(),
         version: format!("1-{}", VERSIONS.fetch_add(1, Ordering::Relaxed)),
+        source: [0; 32],
         links: 0,
         compiled: Arc::new(source::compile(&files, &entry).unwrap()),
         methods: vec![],
@@ -332,8 +333,9 @@ async fn code_nested_as_deep_as_a_file_allows_fails_its_call_and_nothing_else() 
             // A sum is a loop to QuickJS, however long.
             ("plus", Ok(_)) => assert_eq!(body_json(&out), json!((source::MAX_FILE_BYTES - 64) / 2 + 1)),
             ("not" | "conditional", Err(Failure::Threw { message, .. })) => assert_eq!(message, "Maximum call stack size exceeded"),
-            // Its parser past its depth, in its own words.
-            ("arrow", Err(Failure::Threw { message, .. })) => assert_eq!(message, "missing formal parameter"),
+            // Its parser past its depth, in its own words, or its stack limit first (which of
+            // the two comes first depends on how much stack the loader's frames take).
+            ("arrow", Err(Failure::Threw { message, .. })) => assert!(["missing formal parameter", "Maximum call stack size exceeded"].contains(&message.as_str()), "{message}"),
             (name, other) => panic!("{name}: {other:?}"),
         }
         assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}), "after {name}");
@@ -735,8 +737,25 @@ async fn a_runtime_renewed_after_many_versions_fails_no_call() {
     assert_eq!(slow.await.unwrap().unwrap().result.unwrap().body, b"slow done");
 }
 
-/// Sources stay with their loaded versions: past so many bytes of them (three saves of a
-/// function of 64 files of 500 KiB) the runtime is made afresh, its environments' state with it.
+/// A gateway serving many functions keeps its runtime: only versions followed by others pile
+/// up.
+#[tokio::test]
+async fn a_runtime_serving_many_functions_is_not_renewed_for_them() {
+    let gw = Gw::new(vec![func("dev", "mark", &[("index.js", "export default (ctx) => { if (ctx.query.set) imp.shared.set('mark', 1); return imp.shared.get('mark') ?? 'gone' }")])]);
+    let mut set = get("/");
+    set.query = vec![("set".into(), "1".into())];
+    assert_eq!(body_json(&gw.call("mark", set).await), json!(1));
+    for i in 0..600 {
+        let f = func("dev", &format!("f{i}"), &[("index.js", &format!("export default () => ({{ v: {i} }})"))]);
+        let out = FunctionHandler::run(gw.engine.clone(), f, gw.table.clone(), gw.vars.clone(), limits(), Arc::default(), get("/")).await.unwrap();
+        assert_eq!(body_json(&out), json!({"v": i}), "call {i}");
+    }
+    assert_eq!(body_json(&gw.call("mark", get("/")).await), json!(1), "the same runtime");
+}
+
+/// Sources stay with their loaded versions: past so many bytes of versions since followed by
+/// others (three of a function of 64 files of 500 KiB) the runtime is made afresh, its
+/// environments' state with it.
 #[tokio::test]
 async fn a_runtime_renewed_after_many_bytes_of_versions_fails_no_call() {
     let gw = Gw::new(vec![func("dev", "mark", &[("index.js", "export default (ctx) => { if (ctx.query.set) imp.shared.set('mark', 1); return imp.shared.get('mark') ?? 'gone' }")])]);
@@ -749,7 +768,7 @@ async fn a_runtime_renewed_after_many_bytes_of_versions_fails_no_call() {
     };
     assert_eq!(body_json(&mark(true).await), json!(1));
     let filler = format!("export const s = \"{}\";\n", "x".repeat(500 << 10));
-    for i in 0..3 {
+    for i in 0..4 {
         let mut files: Vec<(String, String)> = (0..63).map(|n| (format!("f{n}.js"), filler.clone())).collect();
         files.push(("index.js".into(), format!("export default () => ({{ v: {i} }})")));
         let files: Vec<(&str, &str)> = files.iter().map(|(p, s)| (p.as_str(), s.as_str())).collect();
