@@ -220,7 +220,16 @@ enum Msg {
     /// A database operation's answer: the call, the operation's id, the result.
     DbDone(u64, u32, Result<String, String>),
     /// Load a function's modules ahead of its first call.
-    Warm(Arc<Function>, Table),
+    Warm(Box<Load>),
+}
+
+/// A function for a runtime to load ahead of its first call, with what its module's top level
+/// sees and may spend, as a call of it would.
+pub struct Load {
+    pub func: Arc<Function>,
+    pub table: Table,
+    pub vars: Arc<serde_json::Map<String, serde_json::Value>>,
+    pub cpu: Duration,
 }
 
 /// A gateway's runtime, as its handlers hold it; the thread ends when the last is dropped.
@@ -272,14 +281,15 @@ impl Engine {
     /// Loads each of `funcs` (every function a lowering serves on this runtime) that it was not
     /// given to load before, ahead of its first call; those not among them are forgotten, so one
     /// served again later is loaded again. Answers how many it loads.
-    pub fn load(&self, funcs: Vec<(Arc<Function>, Table)>) -> usize {
+    pub fn load(&self, funcs: Vec<Load>) -> usize {
         let mut loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut now = HashMap::with_capacity(funcs.len());
         let mut sent = 0;
-        for (func, table) in funcs {
-            let at = Arc::as_ptr(&func) as usize;
+        for load in funcs {
+            let at = Arc::as_ptr(&load.func) as usize;
+            let func = load.func.clone();
             if !loaded.contains_key(&at) {
-                let _ = self.mailbox.send(Msg::Warm(func.clone(), table));
+                let _ = self.mailbox.send(Msg::Warm(Box::new(load)));
                 sent += 1;
             }
             now.insert(at, func);
@@ -497,11 +507,14 @@ struct Js {
 
 impl Realm {
     /// The default export of `func`, loaded once.
-    fn export<'js>(&self, ctx: &Ctx<'js>, func: &Arc<Function>) -> Result<Value<'js>, Failure> {
+    fn export<'js>(&self, ctx: &Ctx<'js>, func: &Arc<Function>, vars: &Arc<serde_json::Map<String, serde_json::Value>>) -> Result<Value<'js>, Failure> {
         let key = Arc::as_ptr(func) as usize;
         if let Some((_, v)) = self.exports.borrow().get(&key) {
             return v.clone().restore(ctx).map_err(|e| caught(ctx, e));
         }
+        // A module's top level sees the gateway's variables (`imp.env`) as its calls do.
+        let vars = self.vars(ctx, vars)?;
+        self.sdk(ctx, "setVars").and_then(|f| f.call::<_, ()>((vars,))).map_err(|e| caught(ctx, e))?;
         let caught = |e: rquickjs::Error| caught(ctx, e);
         let name = format!("{}{}", module_prefix(func), func.compiled.entry);
         let loading = Module::import(ctx, name).map_err(caught)?;
@@ -833,10 +846,12 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     }
                     resume_db(&mut js, &mut calls, call, id, result)
                 }
-                Msg::Warm(func, table) => {
+                Msg::Warm(load) => {
+                    let Load { func, table, vars, cpu } = *load;
                     js.register(&func, &table);
-                    let budget = Duration::from_secs(1);
-                    let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), budget, |realm, ctx| realm.export(ctx, &func).map(|_| ()));
+                    // Its top level runs under the budget a call of it has: interrupted, its
+                    // module would stay failed.
+                    let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), cpu, |realm, ctx| realm.export(ctx, &func, &vars).map(|_| ()));
                     // Loading is no call: what its top level left (timers, lines) goes now.
                     forget(&js, 0, &func.env);
                     oom || out == Err(Failure::Memory)
@@ -940,7 +955,7 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     js.host.borrow_mut().sinks.insert(id, (job.func.logs.clone(), job.request.request_id.clone()));
     let started = Instant::now();
     let (out, took, spent, oom_job) = js.segment(id, &job.func.env, started, job.limits.cpu, |realm, ctx| -> Result<Started, Failure> {
-        let handler = realm.export(ctx, &job.func)?;
+        let handler = realm.export(ctx, &job.func, &job.vars)?;
         let caught = |e: rquickjs::Error| caught(ctx, e);
         let request = to_js(ctx, &job.request, &realm.users).map_err(caught)?;
         let vars = realm.vars(ctx, &job.vars)?;

@@ -611,7 +611,7 @@ impl Contributor for Functions {
         }
         let mut out = Lowered::default();
         // What each runtime is to have loaded: every function served.
-        let mut loads: Vec<(Arc<Engine>, Vec<(Arc<Function>, Table)>)> = Vec::new();
+        let mut loads: Vec<(Arc<Engine>, Vec<crate::engine::Load>)> = Vec::new();
         for (env_name, env) in &envs {
             if !env.serving {
                 continue;
@@ -636,7 +636,7 @@ impl Contributor for Functions {
             // function by its exact path; those with plugins get routes of their own.
             let mut shared: HashMap<String, Arc<FunctionHandler>> = HashMap::new();
             // A function is loaded before it takes traffic; one already loaded is not.
-            let served = list.iter().map(|(_, _, f)| (f.clone(), table.clone()));
+            let served = list.iter().map(|(_, _, f)| crate::engine::Load { func: f.clone(), table: table.clone(), vars: vars.clone(), cpu: limits.cpu });
             match loads.iter_mut().find(|(e, _)| Arc::ptr_eq(e, &engine)) {
                 Some((_, all)) => all.extend(served),
                 None => loads.push((engine.clone(), served.collect())),

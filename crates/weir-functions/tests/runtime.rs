@@ -72,6 +72,22 @@ fn body_json(o: &Outcome) -> Value {
     serde_json::from_slice(&r.body).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&r.body)))
 }
 
+/// A function loaded ahead of its first call runs its top level as a call of it would: seeing
+/// the gateway's variables, under the gateway's CPU budget (more than a second here).
+#[tokio::test]
+async fn a_module_loaded_ahead_of_its_calls_sees_the_variables_and_has_a_calls_budget() {
+    let heavy = "const g = imp.env.GREETING; const t = Date.now(); while (Date.now() - t < 1200) {}\nexport default () => ({ g, loaded: true });";
+    let gw = Gw::new(vec![func("dev", "heavy", &[("index.js", heavy)]), func("dev", "lazy", &[("index.js", "const g = imp.env.GREETING; export default () => ({ g })")])]);
+    let roomy = Limits { cpu: Duration::from_secs(3), ..limits() };
+    let load = weir_functions::engine::Load { func: gw.table["heavy"].clone(), table: gw.table.clone(), vars: gw.vars.clone(), cpu: roomy.cpu };
+    assert_eq!(gw.engine.load(vec![load]), 1);
+    let out = gw.call_with("heavy", get("/"), roomy).await;
+    assert_eq!(body_json(&out), json!({"g": "hi", "loaded": true}));
+    assert!(out.cpu < Duration::from_millis(500), "loaded before the call: {:?}", out.cpu);
+    // Loaded by its first call instead, the same.
+    assert_eq!(body_json(&gw.call("lazy", get("/")).await), json!({"g": "hi"}));
+}
+
 #[tokio::test]
 async fn both_handler_shapes_answer_and_typescript_modules_import_each_other() {
     let gw = Gw::new(vec![
