@@ -92,7 +92,7 @@ impl Outbound {
             .await
             .map_err(|_| format!("fetch to {host}:{port}: connecting timed out"))?
             .map_err(|e| format!("fetch to {host}:{port}: {e}"))?;
-        let host_header = if (https && port == 443) || (!https && port == 80) { host.clone() } else { format!("{host}:{port}") };
+        let host_header = host_header(&host, port, https);
         let mut req = http::Request::builder().method(method).uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")).header(http::header::HOST, host_header);
         for (k, v) in headers {
             let lower = k.to_ascii_lowercase();
@@ -154,9 +154,24 @@ where
     Ok(out)
 }
 
+/// The `Host` a request to `host:port` names: the port only where it is not the scheme's, an
+/// IPv6 address in brackets.
+fn host_header(host: &str, port: u16, https: bool) -> String {
+    let host = if host.contains(':') { format!("[{host}]") } else { host.to_string() };
+    if (https && port == 443) || (!https && port == 80) { host } else { format!("{host}:{port}") }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_brackets_an_ipv6_address_and_names_a_port_not_the_schemes() {
+        assert_eq!(host_header("api.example", 80, false), "api.example");
+        assert_eq!(host_header("api.example", 8443, true), "api.example:8443");
+        assert_eq!(host_header("::1", 8080, false), "[::1]:8080");
+        assert_eq!(host_header("2001:db8::1", 443, true), "[2001:db8::1]");
+    }
 
     #[tokio::test]
     async fn response_bodies_take_from_the_gateways_budget_until_given_back() {

@@ -50,13 +50,21 @@
       if (b === undefined) return "";
       const u = bytesOf(b);
       let s = "";
+      // A byte that does not start a well-formed sequence (a stray continuation byte, a cut,
+      // overlong or surrogate sequence, past U+10FFFF) is one U+FFFD, and decoding goes on.
+      const cont = (i) => i < u.length && (u[i] & 0xc0) === 0x80;
       for (let i = 0; i < u.length;) {
         const c = u[i];
         let cp = 0xfffd, n = 1;
         if (c < 0x80) cp = c;
-        else if (c >= 0xc2 && c < 0xe0 && i + 1 < u.length) { cp = ((c & 31) << 6) | (u[i + 1] & 63); n = 2; }
-        else if (c >= 0xe0 && c < 0xf0 && i + 2 < u.length) { cp = ((c & 15) << 12) | ((u[i + 1] & 63) << 6) | (u[i + 2] & 63); n = 3; }
-        else if (c >= 0xf0 && c < 0xf5 && i + 3 < u.length) { cp = ((c & 7) << 18) | ((u[i + 1] & 63) << 12) | ((u[i + 2] & 63) << 6) | (u[i + 3] & 63); n = 4; }
+        else if (c >= 0xc2 && c < 0xe0 && cont(i + 1)) { cp = ((c & 31) << 6) | (u[i + 1] & 63); n = 2; }
+        else if (c >= 0xe0 && c < 0xf0 && cont(i + 1) && cont(i + 2)) {
+          const v = ((c & 15) << 12) | ((u[i + 1] & 63) << 6) | (u[i + 2] & 63);
+          if (v >= 0x800 && (v < 0xd800 || v > 0xdfff)) { cp = v; n = 3; }
+        } else if (c >= 0xf0 && c < 0xf5 && cont(i + 1) && cont(i + 2) && cont(i + 3)) {
+          const v = ((c & 7) << 18) | ((u[i + 1] & 63) << 12) | ((u[i + 2] & 63) << 6) | (u[i + 3] & 63);
+          if (v >= 0x10000 && v <= 0x10ffff) { cp = v; n = 4; }
+        }
         s += String.fromCodePoint(cp);
         i += n;
       }
@@ -224,6 +232,11 @@
   G.fetch = (input, init = {}) => new Promise((resolve, reject) => {
     const url = String(input instanceof URL ? input.href : input);
     const headers = new Headers(init.headers);
+    // The type a body of text or of form fields has, unless the caller named one.
+    if (!headers.has("content-type")) {
+      if (typeof init.body === "string") headers.set("content-type", "text/plain;charset=UTF-8");
+      else if (init.body instanceof URLSearchParams) headers.set("content-type", "application/x-www-form-urlencoded;charset=UTF-8");
+    }
     const list = [];
     headers.forEach((v, k) => list.push([k, v]));
     const body = bodyBytes(init.body);
@@ -249,7 +262,12 @@
   const ALGS = { "SHA-1": 1, "SHA-256": 256, "SHA-384": 384, "SHA-512": 512 };
   G.crypto = {
     randomUUID: () => host.uuid(),
-    getRandomValues: (arr) => { const b = host.random(arr.byteLength); bytesOf(arr).set(new Uint8Array(b)); return arr; },
+    getRandomValues: (arr) => {
+      if (!ArrayBuffer.isView(arr) || arr instanceof Float32Array || arr instanceof Float64Array || arr instanceof DataView) throw new TypeError("crypto.getRandomValues: an integer typed array is needed");
+      if (arr.byteLength > 65536) { const e = new Error("crypto.getRandomValues: at most 65536 bytes at a time, not " + arr.byteLength); e.name = "QuotaExceededError"; throw e; }
+      bytesOf(arr).set(new Uint8Array(host.random(arr.byteLength)));
+      return arr;
+    },
     subtle: {
       digest: async (alg, data) => {
         const name = typeof alg === "string" ? alg : alg && alg.name;
@@ -379,7 +397,13 @@
       header(k, v) { return this.set(k, v); },
       type(t) { this.headers.set("content-type", t.includes("/") ? t : t === "json" ? "application/json" : t === "html" ? "text/html; charset=utf-8" : "text/plain; charset=utf-8"); return this; },
       json(v) { if (!this.headers.has("content-type")) this.headers.set("content-type", "application/json"); return this.end(JSON.stringify(v)); },
-      send(v) { if (v !== null && typeof v === "object" && !(v instanceof ArrayBuffer) && !ArrayBuffer.isView(v)) return this.json(v); return this.end(v); },
+      // As Express: an object is JSON, a string HTML, bytes an octet stream, unless a type was set.
+      send(v) {
+        const bytes = v instanceof ArrayBuffer || ArrayBuffer.isView(v);
+        if (v !== null && typeof v === "object" && !bytes) return this.json(v);
+        if (!this.headers.has("content-type") && (typeof v === "string" || bytes)) this.headers.set("content-type", bytes ? "application/octet-stream" : "text/html; charset=utf-8");
+        return this.end(v);
+      },
       end(v) { done(new Response(v === undefined ? null : v, { status: this.statusCode, headers: this.headers })); return this; },
     };
     await fn(ctx, res);

@@ -485,6 +485,48 @@ async fn a_fetched_body_is_given_back_to_the_gateways_budget_once_in_the_runtime
     assert_eq!(body_json(&out), json!([12 << 20, 12 << 20, 12 << 20]));
 }
 
+/// WHATWG and Express details: a request body's type, a decoder that never throws, the bound
+/// on random bytes, and what `res.send` says it sends.
+#[tokio::test]
+async fn fetch_bodies_get_their_type_text_decodes_leniently_and_send_types_as_express() {
+    let services = weir_functions::Services {
+        fetcher: Some(Arc::new(|f: weir_functions::engine::FetchRequest| {
+            let ty = f.headers.iter().find(|(k, _)| k == "content-type").map_or("none".to_string(), |(_, v)| v.clone());
+            (f.reply)(Ok((200, vec![], ty.into_bytes())));
+        })),
+        database: None,
+    };
+    let engine = Engine::start("details", limits().memory, services).unwrap();
+    let code = "export default async () => {
+      const ty = async (init) => (await fetch('http://api.example/', init)).text();
+      let quota;
+      try { crypto.getRandomValues(new Uint8Array(65537)); } catch (e) { quota = e.name; }
+      return {
+        text: await ty({ method: 'POST', body: 'hi' }),
+        form: await ty({ method: 'POST', body: new URLSearchParams({ a: '1' }) }),
+        named: await ty({ method: 'POST', body: 'hi', headers: { 'Content-Type': 'application/x-thing' } }),
+        bytes: await ty({ method: 'POST', body: new Uint8Array([1]) }),
+        lenient: new TextDecoder().decode(new Uint8Array([0xf4, 0x5a, 0x7a, 0x7a, 0xc0, 0x80, 0xed, 0xa0, 0x80, 0xe2, 0x82])),
+        most: crypto.getRandomValues(new Uint8Array(65536)).length,
+        quota,
+      };
+    }";
+    let out = run_alone(engine.clone(), func("dev", "details", &[("index.js", code)]), weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None }).await;
+    assert_eq!(
+        body_json(&out),
+        json!({
+            "text": "text/plain;charset=UTF-8", "form": "application/x-www-form-urlencoded;charset=UTF-8", "named": "application/x-thing", "bytes": "none",
+            "lenient": "\u{fffd}Zzz\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}", "most": 65536, "quota": "QuotaExceededError"
+        })
+    );
+    for (sent, ty) in [("'<b>hi</b>'", "text/html; charset=utf-8"), ("new Uint8Array([1, 2])", "application/octet-stream"), ("{ a: 1 }", "application/json")] {
+        let f = func("dev", "express", &[("index.js", &format!("export default (req, res) => res.send({sent})"))]);
+        let out = run_alone(engine.clone(), f, weir_functions::Reach::default()).await;
+        let reply = out.result.unwrap();
+        assert_eq!(reply.headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str()), Some(ty), "{sent}");
+    }
+}
+
 /// Outbound work handed to the node and not yet answered: the fetcher and the database
 /// runner below hold every answer until the test lets them go.
 #[derive(Default)]
