@@ -225,6 +225,7 @@ enum Msg {
 
 /// A function for a runtime to load ahead of its first call, with what its module's top level
 /// sees and may spend, as a call of it would.
+#[derive(Clone)]
 pub struct Load {
     pub func: Arc<Function>,
     pub table: Table,
@@ -238,8 +239,8 @@ pub struct Engine {
     mailbox: Arc<Mailbox<Msg>>,
     inflight: Arc<AtomicUsize>,
     /// The functions the last lowering had this runtime load, by address (held, so that no
-    /// other takes the address meanwhile).
-    loaded: std::sync::Mutex<HashMap<usize, Arc<Function>>>,
+    /// other takes the address meanwhile); the runtime loads them again when it is made afresh.
+    loaded: Arc<std::sync::Mutex<HashMap<usize, Load>>>,
 }
 
 impl Drop for Engine {
@@ -254,6 +255,8 @@ impl Engine {
         let mailbox = Arc::new(Mailbox::new());
         let inbox = mailbox.clone();
         let gw = gateway.to_string();
+        let loaded: Arc<std::sync::Mutex<HashMap<usize, Load>>> = Arc::default();
+        let reload = loaded.clone();
         std::thread::Builder::new()
             .name(format!("fn-{gateway}"))
             .stack_size(16 << 20)
@@ -262,11 +265,13 @@ impl Engine {
                 inbox.attach();
                 // A panic in the runtime's loop fails the calls in flight (their answers are
                 // dropped) and the loop starts again on a fresh runtime.
-                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services))).is_err() {
+                let mut restarted = false;
+                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, restarted))).is_err() {
+                    restarted = true;
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
             })?;
-        Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)), loaded: Default::default() }))
+        Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)), loaded }))
     }
 
     pub fn gateway(&self) -> &str {
@@ -287,12 +292,11 @@ impl Engine {
         let mut sent = 0;
         for load in funcs {
             let at = Arc::as_ptr(&load.func) as usize;
-            let func = load.func.clone();
             if !loaded.contains_key(&at) {
-                let _ = self.mailbox.send(Msg::Warm(Box::new(load)));
+                let _ = self.mailbox.send(Msg::Warm(Box::new(load.clone())));
                 sent += 1;
             }
-            now.insert(at, func);
+            now.insert(at, load);
         }
         *loaded = now;
         sent
@@ -799,7 +803,22 @@ pub(crate) fn niceness(stat: &str) -> Option<i32> {
     stat.rsplit_once(')')?.1.split_whitespace().nth(19 - 3)?.parse().ok()
 }
 
-fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services) {
+/// Queues, after what `batch` holds, the loading of every function the last lowering served:
+/// a runtime made afresh has none of them. At most once per [`RELOAD_EVERY`] (`last`): a
+/// runtime renewed again and again (a call or a module that runs out of memory each time) loads
+/// its functions as they are called, rather than all of them each time.
+fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<Msg>, last: &mut Option<Instant>) {
+    let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if served.is_empty() || last.is_some_and(|at| at.elapsed() < RELOAD_EVERY) {
+        return;
+    }
+    *last = Some(Instant::now());
+    batch.extend(served.values().map(|load| Msg::Warm(Box::new(load.clone()))));
+}
+
+const RELOAD_EVERY: Duration = Duration::from_secs(30);
+
+fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, restarted: bool) {
     let slots = Slots::new(memory);
     let mut js = match Js::new(memory, &slots) {
         Ok(js) => js,
@@ -816,6 +835,11 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     // Messages to handle this turn: the held calls first once the runtime is fresh, then
     // everything queued since the last turn, in the order it came.
     let mut batch: VecDeque<Msg> = VecDeque::new();
+    // Started again after a panic: what was served is loaded again.
+    let mut reloaded = None;
+    if restarted {
+        reload(served, &mut batch, &mut reloaded);
+    }
     loop {
         let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN)].into_iter().flatten().min();
         if !mailbox.take(&mut batch, wake) {
@@ -864,6 +888,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     None => return,
                 };
                 release_held(&mut draining, &mut held, &mut batch);
+                reload(served, &mut batch, &mut reloaded);
             }
         }
         let broken = fire_timers(&mut js, &mut calls);
@@ -900,6 +925,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 None => return,
             };
             release_held(&mut draining, &mut held, &mut batch);
+            reload(served, &mut batch, &mut reloaded);
         }
     }
 }

@@ -88,6 +88,25 @@ async fn a_module_loaded_ahead_of_its_calls_sees_the_variables_and_has_a_calls_b
     assert_eq!(body_json(&gw.call("lazy", get("/")).await), json!({"g": "hi"}));
 }
 
+/// A runtime made afresh (here: a call ran it out of memory) loads again what it served.
+#[tokio::test]
+async fn a_runtime_made_afresh_loads_again_what_it_served() {
+    let gw = Gw::new(vec![
+        func("dev", "since", &[("index.js", "const at = Date.now(); export default () => Date.now() - at;")]),
+        func("dev", "bomb", &[("index.js", "export default () => { const a = []; for (;;) a.push(new ArrayBuffer(1 << 20)) }")]),
+    ]);
+    let load = weir_functions::engine::Load { func: gw.table["since"].clone(), table: gw.table.clone(), vars: gw.vars.clone(), cpu: limits().cpu };
+    assert_eq!(gw.engine.load(vec![load]), 1);
+    let loaded_long_ago = async || {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let ago = body_json(&gw.call("since", get("/")).await).as_u64().unwrap();
+        assert!(ago >= 300, "loaded {ago} ms before its first call: not ahead of it");
+    };
+    loaded_long_ago().await;
+    assert_eq!(gw.call("bomb", get("/")).await.result, Err(Failure::Memory));
+    loaded_long_ago().await;
+}
+
 #[tokio::test]
 async fn both_handler_shapes_answer_and_typescript_modules_import_each_other() {
     let gw = Gw::new(vec![
