@@ -355,6 +355,10 @@ struct Host {
     superseded_bytes: usize,
     /// Environment → its current table.
     tables: HashMap<String, Table>,
+    /// The table of the call running (none while a function loads ahead of its calls): an
+    /// `import()` or `imp.invoke` of a call finds what its call was routed with, though another
+    /// call made since came by a newer table, or an older one.
+    table: Option<Table>,
     /// Where each call's log lines also go (the function's buffer), with its request id.
     sinks: HashMap<u64, (Arc<Logs>, String)>,
     /// The gateway's fetches and database operations in flight, and its bytes of them.
@@ -421,7 +425,7 @@ impl Resolver for Names {
         // Another function of the realm's environment (`imp.invoke` imports from the SDK,
         // outside any function's module).
         if let Some(other) = name.strip_prefix("@/") {
-            let table = host.tables.get(env).ok_or_else(missing)?;
+            let table = host.table.as_ref().filter(|_| host.env == env).or_else(|| host.tables.get(env)).ok_or_else(missing)?;
             let target = table.get(other).ok_or_else(missing)?;
             return Ok(format!("{}{}", module_prefix(target), target.compiled.entry));
         }
@@ -447,7 +451,8 @@ impl Loader for Sources {
             let end = name.find('@').and_then(|at| name[at..].find('/').map(|s| at + s + 1)).ok_or_else(missing)?;
             // A function named by `@/name` is known from its environment's table.
             if !host.functions.contains_key(&name[..end]) {
-                let found = host.tables.get(&env).and_then(|t| t.values().find(|f| module_prefix(f) == name[..end])).cloned();
+                let named = |t: &Table| t.values().find(|f| module_prefix(f) == name[..end]).cloned();
+                let found = host.table.as_ref().filter(|_| host.env == env).and_then(named).or_else(|| host.tables.get(&env).and_then(named));
                 if let Some(f) = found {
                     host.add(name[..end].to_string(), f);
                 }
@@ -873,6 +878,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 Msg::Warm(load) => {
                     let Load { func, table, vars, cpu } = *load;
                     js.register(&func, &table);
+                    js.host.borrow_mut().table = None;
                     // Its top level runs under the budget a call of it has: interrupted, its
                     // module would stay failed.
                     let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), cpu, |realm, ctx| realm.export(ctx, &func, &vars).map(|_| ()));
@@ -978,7 +984,11 @@ enum Started {
 /// Starts a call; true when the runtime ran out of memory.
 fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -> bool {
     js.register(&job.func, &job.table);
-    js.host.borrow_mut().sinks.insert(id, (job.func.logs.clone(), job.request.request_id.clone()));
+    {
+        let mut host = js.host.borrow_mut();
+        host.sinks.insert(id, (job.func.logs.clone(), job.request.request_id.clone()));
+        host.table = Some(job.table.clone());
+    }
     let started = Instant::now();
     let (out, took, spent, oom_job) = js.segment(id, &job.func.env, started, job.limits.cpu, |realm, ctx| -> Result<Started, Failure> {
         let handler = realm.export(ctx, &job.func, &job.vars)?;
@@ -1214,6 +1224,7 @@ fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(
     let Some(live) = calls.get(&call) else { return false };
     let budget = live.job.limits.cpu.saturating_sub(live.cpu);
     let env = live.job.func.env.clone();
+    js.host.borrow_mut().table = Some(live.job.table.clone());
     let (out, took, spent, oom_job) = js.segment(call, &env, Instant::now(), budget, |realm, ctx| f(realm, ctx).map_err(|e| caught(ctx, e)));
     if let Some(live) = calls.get_mut(&call) {
         live.cpu += took;

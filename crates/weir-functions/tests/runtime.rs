@@ -107,6 +107,23 @@ async fn a_runtime_made_afresh_loads_again_what_it_served() {
     loaded_long_ago().await;
 }
 
+/// A call resolves `imp.invoke` (an import at run time) with the table it was routed with,
+/// though a call routed with another table ran since.
+#[tokio::test]
+async fn a_calls_imports_at_run_time_find_what_it_was_routed_with() {
+    let a = func("dev", "a", &[("index.js", "export default async () => { await new Promise((r) => setTimeout(r, 150)); return imp.invoke('b', {}); }")]);
+    let (b1, b2) = (func("dev", "b", &[("index.js", "export default () => 'b1'")]), func("dev", "b", &[("index.js", "export default () => 'b2'")]));
+    let engine = Engine::start("tables", limits().memory, weir_functions::Services::default()).unwrap();
+    let older: Table = Arc::new(HashMap::from([("a".to_string(), a.clone()), ("b".to_string(), b1.clone())]));
+    let newer: Table = Arc::new(HashMap::from([("a".to_string(), a.clone()), ("b".to_string(), b2)]));
+    let vars = Arc::new(serde_json::Map::new());
+    let waits = tokio::spawn(FunctionHandler::run(engine.clone(), a, newer, vars.clone(), limits(), Arc::default(), get("/")));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let meanwhile = FunctionHandler::run(engine.clone(), b1, older, vars, limits(), Arc::default(), get("/")).await.unwrap();
+    assert_eq!(meanwhile.result.unwrap().body, b"b1");
+    assert_eq!(waits.await.unwrap().unwrap().result.unwrap().body, b"b2");
+}
+
 #[tokio::test]
 async fn both_handler_shapes_answer_and_typescript_modules_import_each_other() {
     let gw = Gw::new(vec![
