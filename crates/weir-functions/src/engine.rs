@@ -880,7 +880,12 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 Msg::Warm(load) => {
                     let Load { func, table, vars, cpu } = *load;
                     js.register(&func, &table);
-                    js.host.borrow_mut().table = None;
+                    {
+                        let mut host = js.host.borrow_mut();
+                        host.table = None;
+                        // What its top level logs goes to its buffer, as a call's lines do.
+                        host.sinks.insert(0, (func.logs.clone(), String::new()));
+                    }
                     // Its top level runs under the budget a call of it has: interrupted, its
                     // module would stay failed.
                     let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), cpu, |realm, ctx| realm.export(ctx, &func, &vars).map(|_| ()));

@@ -76,7 +76,7 @@ fn body_json(o: &Outcome) -> Value {
 /// the gateway's variables, under the gateway's CPU budget (more than a second here).
 #[tokio::test]
 async fn a_module_loaded_ahead_of_its_calls_sees_the_variables_and_has_a_calls_budget() {
-    let heavy = "const g = imp.env.GREETING; const t = Date.now(); while (Date.now() - t < 1200) {}\nexport default () => ({ g, loaded: true });";
+    let heavy = "const g = imp.env.GREETING; const t = Date.now(); while (Date.now() - t < 1200) {}\nconsole.info('loaded');\nexport default () => ({ g, loaded: true });";
     let gw = Gw::new(vec![func("dev", "heavy", &[("index.js", heavy)]), func("dev", "lazy", &[("index.js", "const g = imp.env.GREETING; export default () => ({ g })")])]);
     let roomy = Limits { cpu: Duration::from_secs(3), ..limits() };
     let load = weir_functions::engine::Load { func: gw.table["heavy"].clone(), table: gw.table.clone(), vars: gw.vars.clone(), cpu: roomy.cpu };
@@ -84,6 +84,8 @@ async fn a_module_loaded_ahead_of_its_calls_sees_the_variables_and_has_a_calls_b
     let out = gw.call_with("heavy", get("/"), roomy).await;
     assert_eq!(body_json(&out), json!({"g": "hi", "loaded": true}));
     assert!(out.cpu < Duration::from_millis(500), "loaded before the call: {:?}", out.cpu);
+    let lines = gw.table["heavy"].logs.since(0, 10);
+    assert_eq!(lines.iter().map(|l| (l.level.as_str(), l.message.as_str())).collect::<Vec<_>>(), [("info", "loaded")], "its top level's lines are its own");
     // Loaded by its first call instead, the same.
     assert_eq!(body_json(&gw.call("lazy", get("/")).await), json!({"g": "hi"}));
 }
