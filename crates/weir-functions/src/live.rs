@@ -221,7 +221,10 @@ impl Functions {
         let limits = env.limits.limits();
         let engine = self.engine(gid, limits.memory).ok_or(NotRun::Unable("the gateway's runtime could not start"))?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
-        let table = table.unwrap_or_else(|| Arc::new(HashMap::from([(func.name.clone(), func.clone())])));
+        let (func, table) = match table {
+            Some(table) => (func, table),
+            None => self.unserved(gid, func),
+        };
         let run = FunctionHandler::run(engine, func, table, Arc::new(self.open_vars(&env.vars)), limits, Arc::new(env.reach()), request);
         // The runtime ends the call by its wall limit; this bounds the wait should it stop
         // answering altogether.
@@ -230,6 +233,29 @@ impl Functions {
             Ok(None) => Err(NotRun::Busy),
             Err(_) => Ok(crate::engine::failed(Failure::Timeout("the call ran past its wall-clock limit"))),
         }
+    }
+
+    /// The table of `func`'s environment where no lowering serves it (its gateway stopped, say):
+    /// the functions the node has compiled for the environment, bound to each other as a
+    /// lowering would bind them, with `func` among them.
+    fn unserved(&self, gid: &str, func: Arc<Function>) -> (Arc<Function>, Table) {
+        let prefix = format!("{}{gid}/fn/{}/", self.dir, func.env);
+        let kept: Vec<(String, Arc<FunctionDoc>, Arc<Function>)> = {
+            let cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+            cache.iter().filter(|(k, _)| k.starts_with(&prefix)).filter_map(|(k, e)| e.built.clone().map(|(d, f)| (k.clone(), d, f))).collect()
+        };
+        let mut list: Vec<(&str, Arc<FunctionDoc>, Arc<Function>)> = kept.iter().map(|(k, d, f)| (k.as_str(), d.clone(), f.clone())).collect();
+        self.link(&mut list);
+        let mut table: HashMap<String, Arc<Function>> = list.into_iter().map(|(_, d, f)| (d.name.clone(), f)).collect();
+        // The version asked for, though the lowering has another (or none) of it.
+        let func = match table.get(&func.name) {
+            Some(bound) if bound.version == func.version => bound.clone(),
+            _ => {
+                table.insert(func.name.clone(), func.clone());
+                func
+            }
+        };
+        (func, Arc::new(table))
     }
 
     /// Compiles `value`, stored at `key`, for `invoke` alone: on a blocking thread, in the
@@ -1096,6 +1122,24 @@ mod tests {
         assert_eq!(body_of(&f, a, &a1).await, "abc2");
         assert_eq!(body_of(&f, b, &b2).await, "bc2");
         assert!(!Arc::ptr_eq(&before, &held(a)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_invocation_while_the_gateway_serves_nothing_finds_the_functions_it_imports() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, mut relowers) = Relower::channel();
+        f.attach(relower);
+        let stopped = serde_json::to_vec(&env_doc(false)).unwrap();
+        let (a, b) = ("/weir/platform/live/g/fn/dev/a", "/weir/platform/live/g/fn/dev/b");
+        let a1 = stored_code("a", 1, "import b from '@/b'; export default () => 'a' + b();");
+        let (b1, b2) = (stored_code("b", 1, "export default () => 'b1';"), stored_code("b", 2, "export default () => 'b2';"));
+        assert!(f.lower(PARTITION, &[(ENV_KEY, &stopped), (a, &a1), (b, &b1)]).routes.is_empty());
+        assert_eq!(body_of(&f, a, &a1).await, "ab1");
+        // b changes while the gateway is stopped: a, invoked, is bound to the new b.
+        f.lower(PARTITION, &[(ENV_KEY, &stopped), (a, &a1), (b, &b2)]);
+        tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
+        f.lower(PARTITION, &[(ENV_KEY, &stopped), (a, &a1), (b, &b2)]);
+        assert_eq!(body_of(&f, a, &a1).await, "ab2");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
