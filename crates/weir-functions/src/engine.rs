@@ -113,8 +113,6 @@ pub type Table = Arc<HashMap<String, Arc<Function>>>;
 /// Something a fetch sends back to the runtime.
 pub struct Fetched {
     pub call: u64,
-    /// The environment of the call that started it.
-    pub env: String,
     pub id: u32,
     pub result: Result<(u16, Vec<(String, String)>, Vec<u8>), String>,
 }
@@ -220,7 +218,7 @@ enum Msg {
     Call(Box<Job>),
     Fetched(Fetched),
     /// A database operation's answer: the call, the operation's id, the result.
-    DbDone(u64, String, u32, Result<String, String>),
+    DbDone(u64, u32, Result<String, String>),
     /// Load a function's modules ahead of its first call.
     Warm(Box<Load>),
 }
@@ -345,8 +343,8 @@ struct Host {
     logs: HashMap<u64, (Vec<LogLine>, usize, bool)>,
     /// Fetches and database operations queued this turn, each with its place among the
     /// gateway's in flight (and a fetch with its body's bytes), held until it is answered.
-    fetches: Vec<(u64, String, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>, Taken, Taken)>,
-    db_ops: Vec<(u64, String, u32, String, Taken, Taken)>,
+    fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>, Taken, Taken)>,
+    db_ops: Vec<(u64, u32, String, Taken, Taken)>,
     /// Module name prefix `fn:{env}/{name}@{version}/` → the function.
     functions: HashMap<String, Arc<Function>>,
     /// Each function's (`{env}/{name}`) prefix loaded last.
@@ -660,7 +658,7 @@ impl Js {
                 let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
                 let mut host = h.borrow_mut();
                 let call = host.call_of(&e);
-                host.fetches.push((call, e.clone(), id, method, url, headers, body, place, bytes));
+                host.fetches.push((call, id, method, url, headers, body, place, bytes));
                 Ok(None)
             })?)?;
             let (h, e) = (host.clone(), env.to_string());
@@ -677,7 +675,7 @@ impl Js {
                     return Some("this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit".into());
                 };
                 let call = host.call_of(&e);
-                host.db_ops.push((call, e.clone(), id, op, place, bytes));
+                host.db_ops.push((call, id, op, place, bytes));
                 None
             })?)?;
             ctx.globals().set("__host", natives)?;
@@ -871,11 +869,11 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     }
                     resume_fetch(&mut js, &mut calls, f)
                 }
-                Msg::DbDone(call, env, id, result) => {
+                Msg::DbDone(call, id, result) => {
                     if let Ok(text) = &result {
                         slots.bytes.give(text.len());
                     }
-                    resume_db(&mut js, &mut calls, call, &env, id, result)
+                    resume_db(&mut js, &mut calls, call, id, result)
                 }
                 Msg::Warm(load) => {
                     let Load { func, table, vars, cpu } = *load;
@@ -890,7 +888,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     // module would stay failed.
                     let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), cpu, |realm, ctx| realm.export(ctx, &func, &vars).map(|_| ()));
                     // Loading is no call: what its top level left (timers, lines) goes now.
-                    forget(&js, 0, &func.env, None);
+                    forget(&js, 0, &func.env);
                     oom || out == Err(Failure::Memory)
                 }
             } || js.full.take();
@@ -910,7 +908,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         let late: Vec<u64> = calls.iter().filter(|(_, l)| now >= l.started + l.job.limits.wall).map(|(id, _)| *id).collect();
         for id in late {
             if let Some(live) = calls.remove(&id) {
-                finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")), &calls);
+                finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
             }
         }
         let broken = broken || js.full.take();
@@ -953,8 +951,7 @@ fn release_held(draining: &mut Option<Instant>, held: &mut VecDeque<Box<Job>>, b
 
 fn renew(js: Js, calls: &mut BTreeMap<u64, Live>, why: impl Fn() -> Failure, memory: usize, slots: &Slots, gateway: &str) -> Option<Js> {
     for (id, live) in std::mem::take(calls) {
-        // The runtime goes with every call: nothing passes on.
-        finish(&js, id, live, Err(why()), &BTreeMap::new());
+        finish(&js, id, live, Err(why()));
     }
     drop(js);
     match Js::new(memory, slots) {
@@ -1012,22 +1009,22 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     });
     let live = match out {
         _ if oom_job => {
-            answer(js, id, job, took, Err(Failure::Memory), calls);
+            answer(js, id, job, took, Err(Failure::Memory));
             return true;
         }
         // Other calls may have settled in the promise jobs this run ran.
         _ if spent => {
-            answer(js, id, job, took, Err(Failure::Timeout("the call ran past its CPU budget")), calls);
+            answer(js, id, job, took, Err(Failure::Timeout("the call ran past its CPU budget")));
             return settle(js, calls);
         }
         Ok(Started::Answered(result)) => {
-            answer(js, id, job, took, result, calls);
+            answer(js, id, job, took, result);
             return settle(js, calls);
         }
         Ok(Started::Waiting(promise)) => Live { job, promise, started, cpu: took },
         Err(f) => {
             let oom = f == Failure::Memory;
-            answer(js, id, job, took, Err(f), calls);
+            answer(js, id, job, took, Err(f));
             return settle(js, calls) || oom;
         }
     };
@@ -1119,7 +1116,7 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
     drop(realms);
     for (id, result) in done {
         if let Some(live) = calls.remove(&id) {
-            finish(js, id, live, result, calls);
+            finish(js, id, live, result);
         }
     }
     oom
@@ -1142,58 +1139,25 @@ fn reply(out: Value<'_>) -> rquickjs::Result<Reply> {
     })
 }
 
-fn finish(js: &Js, id: u64, live: Live, result: Result<Reply, Failure>, calls: &BTreeMap<u64, Live>) {
-    answer(js, id, live.job, live.cpu, result, calls);
-}
-
-/// The call that carries on with work call `call` of `env` left (a timer, a fetch or database
-/// answer on its way): the call itself while it is live, else the oldest live call of its
-/// environment, or none. A promise job runs in the turn of whichever call settled its promise,
-/// so what a call's `await` of a promise another call made goes on to start counts as that
-/// other call's: when that call has answered, its work passes to a call still waiting, which
-/// may be the one it is for, rather than being dropped from under it.
-fn adopter(calls: &BTreeMap<u64, Live>, call: u64, env: &str) -> Option<u64> {
-    if calls.contains_key(&call) {
-        return Some(call);
-    }
-    calls.iter().find(|(_, l)| l.job.func.env == env).map(|(id, _)| *id)
+fn finish(js: &Js, id: u64, live: Live, result: Result<Reply, Failure>) {
+    answer(js, id, live.job, live.cpu, result);
 }
 
 /// Forgets what the runtime kept for call `id` of `env`: its log sink, its timers (and their
-/// callbacks in its realm) and the lines it logged, which are returned. Its timers due before
-/// `heir`'s wall-clock limit pass to it when there is one ([`adopter`]); the others go.
-fn forget(js: &Js, id: u64, env: &str, heir: Option<(u64, Instant)>) -> Vec<LogLine> {
+/// callbacks in its realm) and the lines it logged, which are returned.
+fn forget(js: &Js, id: u64, env: &str) -> Vec<LogLine> {
     let mut unfired = Vec::new();
     let logs = {
         let mut host = js.host.borrow_mut();
         host.sinks.remove(&id);
-        if host.timers.iter().any(|Reverse((_, call, _))| *call == id) {
-            let timers = std::mem::take(&mut host.timers);
-            let mut passed = HashSet::new();
-            host.timers = timers
-                .into_iter()
-                .filter_map(|Reverse((at, call, timer))| match heir {
-                    _ if call != id => Some(Reverse((at, call, timer))),
-                    Some((heir, until)) if at <= until => {
-                        passed.insert(timer);
-                        Some(Reverse((at, heir, timer)))
-                    }
-                    _ => {
-                        unfired.push(timer);
-                        None
-                    }
-                })
-                .collect();
-            let cancelled = std::mem::take(&mut host.cancelled);
-            host.cancelled = cancelled
-                .into_iter()
-                .filter_map(|(call, timer)| match heir {
-                    _ if call != id => Some((call, timer)),
-                    Some((heir, _)) if passed.contains(&timer) => Some((heir, timer)),
-                    _ => None,
-                })
-                .collect();
-        }
+        host.timers.retain(|Reverse((_, call, timer))| {
+            let other = *call != id;
+            if !other {
+                unfired.push(*timer);
+            }
+            other
+        });
+        host.cancelled.retain(|(call, _)| *call != id);
         host.logs.remove(&id).map(|(lines, _, _)| lines).unwrap_or_default()
     };
     // The callbacks of the timers the call left behind go too, or the runtime would keep them.
@@ -1212,7 +1176,7 @@ fn forget(js: &Js, id: u64, env: &str, heir: Option<(u64, Instant)>) -> Vec<LogL
 }
 
 /// Answers call `id` and forgets what the runtime kept for it.
-fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failure>, calls: &BTreeMap<u64, Live>) {
+fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failure>) {
     let result = match starved(js, &result) {
         true => {
             js.full.set(true);
@@ -1220,8 +1184,7 @@ fn answer(js: &Js, id: u64, job: Job, cpu: Duration, result: Result<Reply, Failu
         }
         false => result,
     };
-    let heir = calls.iter().find(|(other, l)| **other != id && l.job.func.env == job.func.env).map(|(other, l)| (*other, l.started + l.job.limits.wall));
-    let logs = forget(js, id, &job.func.env, heir);
+    let logs = forget(js, id, &job.func.env);
     // A large body leaves the runtime with the answer: it counts against the gateway's limit
     // until it has been sent, and one that would pass it fails as running out of memory.
     let (result, hold) = match result {
@@ -1275,20 +1238,19 @@ fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(
     let out = if oom_job { Err(Failure::Memory) } else { out };
     if spent || matches!(out, Err(Failure::Timeout(_))) {
         if let Some(live) = calls.remove(&call) {
-            finish(js, call, live, Err(Failure::Timeout("the call ran past its CPU budget")), calls);
+            finish(js, call, live, Err(Failure::Timeout("the call ran past its CPU budget")));
         }
     } else if let Err(f) = out
         && let Some(live) = calls.remove(&call)
     {
-        finish(js, call, live, Err(f), calls);
+        finish(js, call, live, Err(f));
     }
     oom |= settle(js, calls);
     oom
 }
 
 fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> bool {
-    let Fetched { call, env, id, result } = f;
-    let Some(call) = adopter(calls, call, &env) else { return false };
+    let Fetched { call, id, result } = f;
     wake(js, calls, call, move |realm, ctx| {
         let fetched = realm.sdk(ctx, "fetched")?;
         match result {
@@ -1302,8 +1264,7 @@ fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> boo
     })
 }
 
-fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, env: &str, id: u32, result: Result<String, String>) -> bool {
-    let Some(call) = adopter(calls, call, env) else { return false };
+fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, result: Result<String, String>) -> bool {
     wake(js, calls, call, move |realm, ctx| {
         let done = realm.sdk(ctx, "dbDone")?;
         match result {
@@ -1317,12 +1278,11 @@ fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, env: &str,
 fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, services: &Services, slots: &Slots) {
     start_fetches(js, calls, gateway, back, services.fetcher.as_ref(), slots);
     let started = std::mem::take(&mut js.host.borrow_mut().db_ops);
-    for (call, env, id, op, place, held) in started {
-        let Some(call) = adopter(calls, call, &env) else { continue };
-        let scope = calls[&call].job.reach.database.clone();
+    for (call, id, op, place, held) in started {
+        let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
         let back = back.clone();
         let answer = move |result| {
-            let _ = back.send(Msg::DbDone(call, env, id, result));
+            let _ = back.send(Msg::DbDone(call, id, result));
         };
         match (&services.database, scope) {
             (Some(run), Some(scope)) => {
@@ -1354,14 +1314,12 @@ fn unavailable(why: &str) -> String {
 
 fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc<Mailbox<Msg>>, fetcher: Option<&Fetcher>, slots: &Slots) {
     let started = std::mem::take(&mut js.host.borrow_mut().fetches);
-    for (call, env, id, method, url, headers, body, place, bytes) in started {
-        // A fetch of a call that ended meanwhile is made for the call that takes over its
-        // work, or not at all.
-        let Some(call) = adopter(calls, call, &env) else { continue };
-        let allow = calls[&call].job.reach.allow.clone();
+    for (call, id, method, url, headers, body, place, bytes) in started {
+        // A fetch of a call that ended meanwhile is not made.
+        let Some(allow) = calls.get(&call).map(|l| l.job.reach.allow.clone()) else { continue };
         let back = back.clone();
         let answer = move |result| {
-            let _ = back.send(Msg::Fetched(Fetched { call, env, id, result }));
+            let _ = back.send(Msg::Fetched(Fetched { call, id, result }));
         };
         let Some(fetcher) = fetcher else {
             answer(Err("fetch is not available on this node".into()));

@@ -565,36 +565,6 @@ async fn fetch_bodies_get_their_type_text_decodes_leniently_and_send_types_as_ex
     }
 }
 
-/// Two calls awaiting one promise (a value being fetched, held in `imp.shared`): the second's
-/// code after the `await` runs in the first's turn, and what it starts there (a timer, a fetch)
-/// carries on for it after the first has answered, rather than leaving it waiting to its limit.
-#[tokio::test]
-async fn calls_awaiting_one_shared_promise_both_finish() {
-    let services = weir_functions::Services {
-        fetcher: Some(Arc::new(|f: weir_functions::engine::FetchRequest| (f.reply)(Ok((200, vec![], b"f".to_vec()))))),
-        database: None,
-    };
-    let engine = Engine::start("shared", limits().memory, services).unwrap();
-    let code = "export default async () => {
-      let p = imp.shared.get('p');
-      if (!p) { p = new Promise((r) => setTimeout(() => r('v'), 100)); imp.shared.set('p', p); }
-      const v = await p;
-      await new Promise((r) => setTimeout(r, 10));
-      const f = await (await fetch('http://api.example/')).text();
-      return v + f;
-    }";
-    let f = func("dev", "share", &[("index.js", code)]);
-    let table: Table = Arc::new(HashMap::from([(f.name.clone(), f.clone())]));
-    let reach = Arc::new(weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None });
-    let run = || FunctionHandler::run(engine.clone(), f.clone(), table.clone(), Arc::new(serde_json::Map::new()), limits(), reach.clone(), get("/"));
-    let started = Instant::now();
-    let (a, b) = tokio::join!(run(), run());
-    for out in [a, b] {
-        assert_eq!(out.unwrap().result.map(|r| r.body), Ok(b"vf".to_vec()));
-    }
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}: a call waited to its limit", started.elapsed());
-}
-
 /// Outbound work handed to the node and not yet answered: the fetcher and the database
 /// runner below hold every answer until the test lets them go.
 #[derive(Default)]
