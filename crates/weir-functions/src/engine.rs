@@ -265,9 +265,10 @@ impl Engine {
                 inbox.attach();
                 // A panic in the runtime's loop fails the calls in flight (their answers are
                 // dropped) and the loop starts again on a fresh runtime.
-                let mut restarted = false;
-                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, restarted))).is_err() {
-                    restarted = true;
+                // Call numbers go on across restarts: an answer still on its way for a call
+                // before the panic never names a call after it.
+                let next_call = std::cell::Cell::new(1);
+                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call))).is_err() {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
             })?;
@@ -823,7 +824,7 @@ fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<
 
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
 
-fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, restarted: bool) {
+fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>) {
     let slots = Slots::new(memory);
     let mut js = match Js::new(memory, &slots) {
         Ok(js) => js,
@@ -833,18 +834,14 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         }
     };
     let mut calls: BTreeMap<u64, Live> = BTreeMap::new();
-    let mut next_call: u64 = 1;
     // Calls held back while the runtime drains before it is made afresh, and since when.
     let mut held: VecDeque<Box<Job>> = VecDeque::new();
     let mut draining: Option<Instant> = None;
     // Messages to handle this turn: the held calls first once the runtime is fresh, then
     // everything queued since the last turn, in the order it came.
     let mut batch: VecDeque<Msg> = VecDeque::new();
-    // Started again after a panic: what was served is loaded again.
+    // Not after a panic, though: a load that panics would do so again and again.
     let mut reloaded = None;
-    if restarted {
-        reload(served, &mut batch, &mut reloaded);
-    }
     loop {
         let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN)].into_iter().flatten().min();
         if !mailbox.take(&mut batch, wake) {
@@ -859,8 +856,8 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 // Nobody waits for its answer any more: it is not started.
                 Msg::Call(job) if job.reply.gone() => false,
                 Msg::Call(job) => {
-                    let id = next_call;
-                    next_call += 1;
+                    let id = next_call.get();
+                    next_call.set(id + 1);
                     start_call(&mut js, &mut calls, id, *job)
                 }
                 Msg::Fetched(f) => {
