@@ -73,6 +73,9 @@ enum FnCommand {
         /// The request body, as JSON.
         #[arg(long)]
         data: Option<String>,
+        /// The request's method (POST when not given); one the function does not answer is a 405.
+        #[arg(long, short = 'X')]
+        method: Option<String>,
         #[arg(long, default_value = "dev", value_parser = ENVIRONMENTS)]
         env: String,
     },
@@ -162,7 +165,7 @@ pub fn functions(args: FnArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         FnCommand::Pull { dir, env } => pull(&api, &dir, &env),
         FnCommand::Deploy { dir, env } => deploy(&api, &dir, &env),
-        FnCommand::Invoke { name, data, env } => invoke(&api, &name, &env, data.as_deref()),
+        FnCommand::Invoke { name, data, method, env } => invoke(&api, &name, &env, data.as_deref(), method.as_deref()),
         FnCommand::Logs { name, env, follow } => logs(&api, &name, &env, follow),
         FnCommand::Promote { name, to, from, semver, changelog } => {
             let mut body = json!({"targetStage": to});
@@ -339,8 +342,11 @@ fn log_line(l: &Value) -> String {
     format!("{} {} {}", field("time"), field("level"), field("message"))
 }
 
-fn invoke(api: &Api, name: &str, env: &str, data: Option<&str>) -> anyhow::Result<ExitCode> {
+fn invoke(api: &Api, name: &str, env: &str, data: Option<&str>, method: Option<&str>) -> anyhow::Result<ExitCode> {
     let mut body = json!({});
+    if let Some(method) = method {
+        body["method"] = json!(method.to_ascii_uppercase());
+    }
     if let Some(data) = data {
         body["body"] = serde_json::from_str(data).map_err(|e| anyhow::anyhow!("--data is not JSON: {e}"))?;
     }

@@ -194,8 +194,12 @@ async fn functions_go_from_the_server_to_files_and_back_and_run() {
     // A function that answers an error: exit 1.
     let (s, b) = v1(&w, "PATCH", "api-gateways/cli/functions/dev%2Ffresh", Some(json!({"source": {"files": {"main.ts": "export default () => new Response('no', { status: 418 })"}, "entrypoint": "main.ts"}}))).await;
     assert_eq!(s, 200, "{b}");
-    let (code, out, _) = weir(home, &["fn", "invoke", "fresh"], &gw);
+    let (code, out, _) = weir(home, &["fn", "invoke", "fresh", "--method", "get"], &gw);
     assert_eq!((code, out.trim()), (1, "no"));
+    // A method it does not answer: the 405 a request would get.
+    let (code, out, _) = weir(home, &["fn", "invoke", "fresh"], &gw);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("POST is not one of this function's methods"), "{out}");
 }
 
 #[tokio::test]
