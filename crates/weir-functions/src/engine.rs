@@ -402,10 +402,14 @@ const STRAY_REFUSAL: &str = "refused: the call this belongs to has ended";
 
 type Shared = Rc<RefCell<Host>>;
 
+/// The name prefix of a function's modules: its source's, so that versions of one source (a
+/// change of methods or plugins) share their modules and the state they keep, and, when it
+/// imports others by name, what they were bound to.
 fn module_prefix(f: &Function) -> String {
+    let source: String = f.compiled.digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     match f.links {
-        0 => format!("fn:{}/{}@{}/", f.env, f.name, f.version),
-        links => format!("fn:{}/{}@{}.{links:016x}/", f.env, f.name, f.version),
+        0 => format!("fn:{}/{}@{source}/", f.env, f.name),
+        links => format!("fn:{}/{}@{source}.{links:016x}/", f.env, f.name),
     }
 }
 
@@ -480,6 +484,8 @@ struct Live {
 struct Realm {
     /// Each loaded function's default export, by the function (kept alive with it).
     exports: RefCell<HashMap<usize, (Arc<Function>, Persistent<Value<'static>>)>>,
+    /// Each function's entry in `exports`, by name: one per function.
+    exported: RefCell<HashMap<String, usize>>,
     /// `ctx.user` as frozen objects, by consumer name, with the grant each was made for: a
     /// gateway's calls come from few callers, and each call so gets its caller ready-made.
     users: Users,
@@ -537,7 +543,15 @@ impl Realm {
             PromiseState::Pending => return Err(Failure::Internal("the module's top level waits; export a function instead".into())),
         };
         let handler: Value<'js> = ns.get("default").map_err(caught)?;
-        self.exports.borrow_mut().insert(key, (func.clone(), Persistent::save(ctx, handler.clone())));
+        let mut exports = self.exports.borrow_mut();
+        // One entry per function: an earlier version's goes (a call that still runs it finds
+        // its module again), so saves do not pile entries up.
+        if let Some(before) = self.exported.borrow_mut().insert(func.name.clone(), key)
+            && before != key
+        {
+            exports.remove(&before);
+        }
+        exports.insert(key, (func.clone(), Persistent::save(ctx, handler.clone())));
         Ok(handler)
     }
 
@@ -691,7 +705,7 @@ impl Js {
             Ok((Persistent::save(&ctx, weir.clone()), Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?)))
         })?;
         host.borrow_mut().realms.push((ctx.as_raw().as_ptr() as usize, env.to_string()));
-        let realm = Rc::new(Realm { exports: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, sdk, ctx });
+        let realm = Rc::new(Realm { exports: RefCell::default(), exported: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, sdk, ctx });
         self.realms.borrow_mut().push((env.to_string(), realm.clone()));
         Ok(realm)
     }

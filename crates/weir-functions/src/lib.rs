@@ -38,8 +38,6 @@ pub struct Function {
     pub name: String,
     /// Unique for its content: `{version}-{hash}`.
     pub version: String,
-    /// The digest of its files and entry point.
-    pub source: [u8; 32],
     /// The sources of the functions its modules import by name, followed through theirs, as
     /// one hash (0: it imports none). Part of its modules' names, so that a new source of any
     /// of them loads its modules afresh, bound to the new one.

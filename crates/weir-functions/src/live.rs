@@ -482,7 +482,7 @@ impl Functions {
         let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         for (i, links) in changed {
             let (key, _, old) = &list[i];
-            let new = Arc::new(Function { env: old.env.clone(), name: old.name.clone(), version: old.version.clone(), source: old.source, links, compiled: old.compiled.clone(), methods: old.methods.clone(), logs: old.logs.clone() });
+            let new = Arc::new(Function { env: old.env.clone(), name: old.name.clone(), version: old.version.clone(), links, compiled: old.compiled.clone(), methods: old.methods.clone(), logs: old.logs.clone() });
             if let Some((_, kept)) = cache.get_mut(*key).and_then(|c| c.built.as_mut())
                 && Arc::ptr_eq(kept, old)
             {
@@ -522,7 +522,6 @@ impl Functions {
             env: doc.environment.clone(),
             name: doc.name.clone(),
             version,
-            source: digest,
             links: 0,
             compiled,
             methods: doc.methods.iter().map(|m| m.to_ascii_uppercase()).collect(),
@@ -557,12 +556,7 @@ pub const OFFERS_KEPT: usize = 8;
 
 /// A function's source as one digest: its entry point and each file's path and text.
 fn source_digest(files: &BTreeMap<String, String>, entry: &str) -> [u8; 32] {
-    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in std::iter::once(entry).chain(files.iter().flat_map(|(p, t)| [p.as_str(), t.as_str()])) {
-        d.update(&(part.len() as u64).to_le_bytes());
-        d.update(part.as_bytes());
-    }
-    d.finish().as_ref().try_into().unwrap_or([0; 32])
+    crate::source::digest(files, entry)
 }
 
 /// A stored value of a function and what it compiled to (`None`: it does not), bound to the
@@ -731,7 +725,7 @@ fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
         }
         match by_name.get(name) {
             Some(other) => {
-                reached.insert(name, Some(&other.source));
+                reached.insert(name, Some(&other.compiled.digest));
                 todo.extend(other.compiled.links.iter().map(String::as_str));
             }
             None => {
@@ -1122,6 +1116,26 @@ mod tests {
         assert_eq!(body_of(&f, a, &a1).await, "abc2");
         assert_eq!(body_of(&f, b, &b2).await, "bc2");
         assert!(!Arc::ptr_eq(&before, &held(a)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn versions_of_one_source_share_their_module_and_its_state_with_their_importers() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, _relowers) = Relower::channel();
+        f.attach(relower);
+        let serving = serde_json::to_vec(&env_doc(true)).unwrap();
+        let (a, b) = ("/weir/platform/live/g/fn/dev/a", "/weir/platform/live/g/fn/dev/b");
+        let a1 = stored_code("a", 1, "import b from '@/b'; export default () => 'a' + b();");
+        let count = "let n = 0; export default () => String(++n);";
+        let (b1, b2) = (stored_code("b", 1, count), stored_code("b", 2, count));
+        let _out = f.lower(PARTITION, &[(ENV_KEY, &serving), (a, &a1), (b, &b1)]);
+        assert_eq!(body_of(&f, b, &b1).await, "1");
+        assert_eq!(body_of(&f, a, &a1).await, "a2");
+        // A new version with the same source (its methods or plugins changed): the same module,
+        // counting on, for it and for what imports it.
+        let _out = f.lower(PARTITION, &[(ENV_KEY, &serving), (a, &a1), (b, &b2)]);
+        assert_eq!(body_of(&f, b, &b2).await, "3");
+        assert_eq!(body_of(&f, a, &a1).await, "a4");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

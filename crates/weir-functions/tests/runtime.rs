@@ -22,7 +22,6 @@ fn func(env: &str, name: &str, files: &[(&str, &str)]) -> Arc<Function> {
         env: env.into(),
         name: name.into(),
         version: format!("1-{}", VERSIONS.fetch_add(1, Ordering::Relaxed)),
-        source: [0; 32],
         links: 0,
         compiled: Arc::new(source::compile(&files, &entry).unwrap()),
         methods: vec![],
