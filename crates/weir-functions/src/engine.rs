@@ -268,7 +268,10 @@ impl Engine {
                 // Call numbers go on across restarts: an answer still on its way for a call
                 // before the panic never names a call after it.
                 let next_call = std::cell::Cell::new(1);
-                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call))).is_err() {
+                // And so does the last reload's time: a runtime that panics is not loaded afresh
+                // more often for it.
+                let reloaded = std::cell::Cell::new(None);
+                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call, &reloaded))).is_err() {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
             })?;
@@ -402,14 +405,10 @@ const STRAY_REFUSAL: &str = "refused: the call this belongs to has ended";
 
 type Shared = Rc<RefCell<Host>>;
 
-/// The name prefix of a function's modules: its source's, so that versions of one source (a
-/// change of methods or plugins) share their modules and the state they keep, and, when it
-/// imports others by name, what they were bound to.
 fn module_prefix(f: &Function) -> String {
-    let source: String = f.compiled.digest[..16].iter().map(|b| format!("{b:02x}")).collect();
     match f.links {
-        0 => format!("fn:{}/{}@{source}/", f.env, f.name),
-        links => format!("fn:{}/{}@{source}.{links:016x}/", f.env, f.name),
+        0 => format!("fn:{}/{}@{}/", f.env, f.name, f.version),
+        links => format!("fn:{}/{}@{}.{links:016x}/", f.env, f.name, f.version),
     }
 }
 
@@ -544,8 +543,8 @@ impl Realm {
         };
         let handler: Value<'js> = ns.get("default").map_err(caught)?;
         let mut exports = self.exports.borrow_mut();
-        // One entry per function: an earlier version's goes (a call that still runs it finds
-        // its module again), so saves do not pile entries up.
+        // One entry per function: an earlier version's goes (a call that still runs it loads
+        // it again from its module, still in the runtime), so saves do not pile entries up.
         if let Some(before) = self.exported.borrow_mut().insert(func.name.clone(), key)
             && before != key
         {
@@ -827,18 +826,18 @@ pub(crate) fn niceness(stat: &str) -> Option<i32> {
 /// a runtime made afresh has none of them. At most once per [`RELOAD_EVERY`] (`last`): a
 /// runtime renewed again and again (a call or a module that runs out of memory each time) loads
 /// its functions as they are called, rather than all of them each time.
-fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<Msg>, last: &mut Option<Instant>) {
+fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<Msg>, last: &std::cell::Cell<Option<Instant>>) {
     let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if served.is_empty() || last.is_some_and(|at| at.elapsed() < RELOAD_EVERY) {
+    if served.is_empty() || last.get().is_some_and(|at| at.elapsed() < RELOAD_EVERY) {
         return;
     }
-    *last = Some(Instant::now());
+    last.set(Some(Instant::now()));
     batch.extend(served.values().map(|load| Msg::Warm(Box::new(load.clone()))));
 }
 
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
 
-fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>) {
+fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>, reloaded: &std::cell::Cell<Option<Instant>>) {
     let slots = Slots::new(memory);
     let mut js = match Js::new(memory, &slots) {
         Ok(js) => js,
@@ -853,9 +852,9 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     let mut draining: Option<Instant> = None;
     // Messages to handle this turn: the held calls first once the runtime is fresh, then
     // everything queued since the last turn, in the order it came.
+    // A runtime started again after a panic does not load what was served ahead: a load that
+    // panics would do so again and again. Its calls load what they run.
     let mut batch: VecDeque<Msg> = VecDeque::new();
-    // Not after a panic, though: a load that panics would do so again and again.
-    let mut reloaded = None;
     loop {
         let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN)].into_iter().flatten().min();
         if !mailbox.take(&mut batch, wake) {
@@ -910,7 +909,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     None => return,
                 };
                 release_held(&mut draining, &mut held, &mut batch);
-                reload(served, &mut batch, &mut reloaded);
+                reload(served, &mut batch, reloaded);
             }
         }
         let broken = fire_timers(&mut js, &mut calls);
@@ -947,7 +946,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 None => return,
             };
             release_held(&mut draining, &mut held, &mut batch);
-            reload(served, &mut batch, &mut reloaded);
+            reload(served, &mut batch, reloaded);
         }
     }
 }

@@ -38,8 +38,8 @@ pub struct Function {
     pub name: String,
     /// Unique for its content: `{version}-{hash}`.
     pub version: String,
-    /// The sources of the functions its modules import by name, followed through theirs, as
-    /// one hash (0: it imports none). Part of its modules' names, so that a new source of any
+    /// The versions of the functions its modules import by name, followed through theirs, as
+    /// one hash (0: it imports none). Part of its modules' names, so that a new version of any
     /// of them loads its modules afresh, bound to the new one.
     pub links: u64,
     /// Shared by the gateway's functions of the same source.

@@ -225,6 +225,16 @@ impl Functions {
             Some(table) => (func, table),
             None => self.unserved(gid, func),
         };
+        // A version compiled for this call alone is bound to what it imports now, as a
+        // lowering would bind it.
+        let func = match func.links {
+            0 if !func.compiled.links.is_empty() => {
+                let by_name: HashMap<&str, &Function> = table.iter().map(|(n, f)| (n.as_str(), &**f)).collect();
+                let links = links_of(&func, &by_name);
+                bound(&func, links)
+            }
+            _ => func,
+        };
         let run = FunctionHandler::run(engine, func, table, Arc::new(self.open_vars(&env.vars)), limits, Arc::new(env.reach()), request);
         // The runtime ends the call by its wall limit; this bounds the wait should it stop
         // answering altogether.
@@ -482,7 +492,7 @@ impl Functions {
         let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
         for (i, links) in changed {
             let (key, _, old) = &list[i];
-            let new = Arc::new(Function { env: old.env.clone(), name: old.name.clone(), version: old.version.clone(), links, compiled: old.compiled.clone(), methods: old.methods.clone(), logs: old.logs.clone() });
+            let new = bound(old, links);
             if let Some((_, kept)) = cache.get_mut(*key).and_then(|c| c.built.as_mut())
                 && Arc::ptr_eq(kept, old)
             {
@@ -556,7 +566,12 @@ pub const OFFERS_KEPT: usize = 8;
 
 /// A function's source as one digest: its entry point and each file's path and text.
 fn source_digest(files: &BTreeMap<String, String>, entry: &str) -> [u8; 32] {
-    crate::source::digest(files, entry)
+    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in std::iter::once(entry).chain(files.iter().flat_map(|(p, t)| [p.as_str(), t.as_str()])) {
+        d.update(&(part.len() as u64).to_le_bytes());
+        d.update(part.as_bytes());
+    }
+    d.finish().as_ref().try_into().unwrap_or([0; 32])
 }
 
 /// A stored value of a function and what it compiled to (`None`: it does not), bound to the
@@ -712,12 +727,17 @@ impl Contributor for Functions {
     }
 }
 
-/// One hash of the name and source of every function `f` reaches through imports by name,
-/// directly or through theirs (a name with no function counts as such); never 0. Only their
-/// sources count: a change of another's methods or plugins leaves `f`'s modules as they are.
+/// `f` bound to the functions it imports as `links` says ([`links_of`]).
+fn bound(f: &Function, links: u64) -> Arc<Function> {
+    Arc::new(Function { env: f.env.clone(), name: f.name.clone(), version: f.version.clone(), links, compiled: f.compiled.clone(), methods: f.methods.clone(), logs: f.logs.clone() })
+}
+
+/// One hash of the name and version of every function `f` reaches through imports by name,
+/// directly or through theirs (a name with no function counts as such); never 0. Every new
+/// version counts, as each loads modules of its own: what imports it is bound to those.
 fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
     use std::hash::{Hash, Hasher};
-    let mut reached: BTreeMap<&str, Option<&[u8; 32]>> = BTreeMap::new();
+    let mut reached: BTreeMap<&str, Option<&str>> = BTreeMap::new();
     let mut todo: Vec<&str> = f.compiled.links.iter().map(String::as_str).collect();
     while let Some(name) = todo.pop() {
         if reached.contains_key(name) {
@@ -725,7 +745,7 @@ fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
         }
         match by_name.get(name) {
             Some(other) => {
-                reached.insert(name, Some(&other.compiled.digest));
+                reached.insert(name, Some(&other.version));
                 todo.extend(other.compiled.links.iter().map(String::as_str));
             }
             None => {
@@ -1104,38 +1124,22 @@ mod tests {
         assert_eq!(body_of(&f, a, &a1).await, "abc1");
         let before = held(a);
 
-        // A change where a does not reach leaves it as it was: its modules stay loaded. So does
-        // a new version of b with the same source (its methods or plugins changed, say).
-        let b2 = stored_code("b", 2, "import c from '@/c'; export default () => 'b' + c();");
-        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b2), (c, &c1), (d, &d2)]).await;
+        // A change where a does not reach leaves it as it was: its modules stay loaded.
+        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b1), (c, &c1), (d, &d2)]).await;
         assert_eq!(body_of(&f, d, &d2).await, "d2");
         assert!(Arc::ptr_eq(&before, &held(a)));
+        // A new version of b, though of the same source (its methods changed, say), loads
+        // modules of its own, and a is bound to them.
+        let b2 = stored_code("b", 2, "import c from '@/c'; export default () => 'b' + c();");
+        let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b2), (c, &c1), (d, &d2)]).await;
+        assert!(!Arc::ptr_eq(&before, &held(a)));
+        let before = held(a);
 
         // A change to what it reaches through b binds it to the new version.
         let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b2), (c, &c2), (d, &d2)]).await;
         assert_eq!(body_of(&f, a, &a1).await, "abc2");
         assert_eq!(body_of(&f, b, &b2).await, "bc2");
         assert!(!Arc::ptr_eq(&before, &held(a)));
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn versions_of_one_source_share_their_module_and_its_state_with_their_importers() {
-        let f = Functions::new("/weir", Settings::default());
-        let (relower, _relowers) = Relower::channel();
-        f.attach(relower);
-        let serving = serde_json::to_vec(&env_doc(true)).unwrap();
-        let (a, b) = ("/weir/platform/live/g/fn/dev/a", "/weir/platform/live/g/fn/dev/b");
-        let a1 = stored_code("a", 1, "import b from '@/b'; export default () => 'a' + b();");
-        let count = "let n = 0; export default () => String(++n);";
-        let (b1, b2) = (stored_code("b", 1, count), stored_code("b", 2, count));
-        let _out = f.lower(PARTITION, &[(ENV_KEY, &serving), (a, &a1), (b, &b1)]);
-        assert_eq!(body_of(&f, b, &b1).await, "1");
-        assert_eq!(body_of(&f, a, &a1).await, "a2");
-        // A new version with the same source (its methods or plugins changed): the same module,
-        // counting on, for it and for what imports it.
-        let _out = f.lower(PARTITION, &[(ENV_KEY, &serving), (a, &a1), (b, &b2)]);
-        assert_eq!(body_of(&f, b, &b2).await, "3");
-        assert_eq!(body_of(&f, a, &a1).await, "a4");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

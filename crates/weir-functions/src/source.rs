@@ -65,18 +65,6 @@ pub struct Compiled {
     /// The functions its files import by name (`@/name`) in import or export statements: bound
     /// when its modules load, unlike an `import()` at run time.
     pub links: BTreeSet<String>,
-    /// The digest of the files and entry point it was compiled from ([`digest`]).
-    pub digest: [u8; 32],
-}
-
-/// The digest of a function's source: its entry point and files, each with its length.
-pub fn digest(files: &BTreeMap<String, String>, entry: &str) -> [u8; 32] {
-    let mut d = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in std::iter::once(entry).chain(files.iter().flat_map(|(p, t)| [p.as_str(), t.as_str()])) {
-        d.update(&(part.len() as u64).to_le_bytes());
-        d.update(part.as_bytes());
-    }
-    d.finish().as_ref().try_into().unwrap_or([0; 32])
 }
 
 /// The path of a file, normalized: relative, `/`-separated, no `.` or `..` segments.
@@ -115,11 +103,6 @@ pub fn compile_in_background(files: &BTreeMap<String, String>, entry: &str) -> R
 }
 
 fn compile_at(files: &BTreeMap<String, String>, entry: &str, background: bool) -> Result<Compiled, CompileError> {
-    let source = digest(files, entry);
-    compile_checked(files, entry, background).map(|c| Compiled { digest: source, ..c })
-}
-
-fn compile_checked(files: &BTreeMap<String, String>, entry: &str, background: bool) -> Result<Compiled, CompileError> {
     let err = |file: &str, message: String| CompileError { file: file.to_string(), line: 0, column: 0, message };
     if files.is_empty() {
         return Err(err(entry, "a function needs at least one file".into()));
@@ -204,7 +187,7 @@ fn strip_all(normalized: &BTreeMap<String, &str>, entry: &str) -> Result<Compile
         }
         modules.insert(path.clone(), js);
     }
-    Ok(Compiled { modules, entry, links, digest: [0; 32] })
+    Ok(Compiled { modules, entry, links })
 }
 
 /// Refuses a file whose brackets nest deeper than [`MAX_NESTING`]. A light scan, not a
