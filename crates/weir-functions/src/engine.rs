@@ -851,9 +851,9 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     let mut held: VecDeque<Box<Job>> = VecDeque::new();
     let mut draining: Option<Instant> = None;
     // Messages to handle this turn: the held calls first once the runtime is fresh, then
-    // everything queued since the last turn, in the order it came.
-    // A runtime started again after a panic does not load what was served ahead: a load that
-    // panics would do so again and again. Its calls load what they run.
+    // everything queued since the last turn, in the order it came. A runtime started again
+    // after a panic does not load what was served ahead (a load that panics would do so again
+    // and again): its calls load what they run.
     let mut batch: VecDeque<Msg> = VecDeque::new();
     loop {
         let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN)].into_iter().flatten().min();

@@ -350,10 +350,10 @@ impl Functions {
     }
 
     /// The function stored at `key` as `value`, parsed and compiled once per stored value. A
-    /// source the gateway already has compiled
-    /// (a save on this node offered it, or a loaded function has it) is taken as it is; with
-    /// `defer`, any other is compiled off the caller's thread ([`Functions::defer`]) and this
-    /// answers what the key had before: its last compiled version, or nothing.
+    /// source the gateway already has compiled (a save on this node offered it, or a loaded
+    /// function has it) is taken as it is; with `defer`, any other is compiled off the caller's
+    /// thread ([`Functions::defer`]) and this answers what the key had before: its last
+    /// compiled version, or nothing.
     fn function(&self, gid: &str, key: &str, value: &[u8], defer: bool) -> Built {
         let before = {
             let cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
@@ -473,8 +473,6 @@ impl Functions {
         sources.insert((gid.to_string(), digest), Arc::downgrade(compiled));
     }
 
-    /// Parses and compiles the function stored at `key` as `value` (or takes the gateway's
-    /// compiled source); `None` (logged) when it does not read or compile.
     /// Binds each function of one environment's `list` (key, document, function) that imports
     /// others by name to the versions of those it reaches now: one whose imports changed since
     /// is a new function, whose modules load afresh, kept for its key.
@@ -502,7 +500,9 @@ impl Functions {
         }
     }
 
-    fn build(&self, gid: &str, key: &str, value: &[u8]) -> Option<(Arc<FunctionDoc>, Arc<Function>)> {
+    /// Parses and compiles the function stored at `key` as `value` (or takes the gateway's
+    /// compiled source); `None` (logged) when it does not read or compile.
+    fn build(&self, gid: &str, key: &str, value: &[u8]) -> Built {
         let doc: FunctionDoc = serde_json::from_slice(value).ok()?;
         let digest = source_digest(&doc.files, &doc.entrypoint);
         let code = self.compiled_source(gid, &digest).or_else(|| self.compile(key, &doc, true))?;
