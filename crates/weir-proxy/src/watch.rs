@@ -18,16 +18,45 @@ const FOLD_AFTER: Duration = Duration::from_secs(1);
 use crate::state::{Changes, ConfigState};
 
 /// How the data plane stands with its store, for `/status/ready`.
-#[derive(Default)]
 pub struct SyncStatus {
     loaded: AtomicBool,
     connected: AtomicBool,
     revision: AtomicI64,
     /// When the store last answered (a list, or a watched change).
     last_heard: Mutex<Option<Instant>>,
+    /// The newest revision whose snapshot is published (what traffic meets).
+    applied: watch::Sender<i64>,
+}
+
+impl Default for SyncStatus {
+    fn default() -> Self {
+        SyncStatus {
+            loaded: AtomicBool::new(false),
+            connected: AtomicBool::new(false),
+            revision: AtomicI64::new(0),
+            last_heard: Mutex::new(None),
+            applied: watch::Sender::new(0),
+        }
+    }
 }
 
 impl SyncStatus {
+    /// Follows the newest revision traffic is served at: a write of that revision or older is
+    /// live on this node.
+    pub fn applied(&self) -> watch::Receiver<i64> {
+        self.applied.subscribe()
+    }
+
+    fn published(&self, revision: i64) {
+        self.applied.send_if_modified(|r| {
+            let newer = revision > *r;
+            if newer {
+                *r = revision;
+            }
+            newer
+        });
+    }
+
     fn heard(&self, revision: i64) {
         self.revision.store(revision, Ordering::Relaxed);
         self.connected.store(true, Ordering::Relaxed);
@@ -83,6 +112,7 @@ pub async fn follow(
         let mut state = ConfigState::claiming(&prefix, &kvs, revision, builder.claims());
         target.store(Arc::new(builder.build(&state)));
         status.heard(revision);
+        status.published(revision);
         status.loaded.store(true, Ordering::Relaxed);
         let _ = loaded.send(true);
         tracing::info!(revision, routes = state.routes.len(), "config loaded");
@@ -144,6 +174,7 @@ pub async fn follow(
                 target.store(Arc::new(builder.update(&state, &changes)));
                 tracing::debug!(revision = state.revision, took = ?started.elapsed(), "config applied");
             }
+            status.published(state.revision);
         }
         status.lost();
         tracing::info!("config watch ended; listing again");

@@ -10,6 +10,7 @@ pub mod backup;
 mod embedded;
 mod etcd;
 mod file;
+pub mod settled;
 
 use std::sync::Arc;
 

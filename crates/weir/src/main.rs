@@ -475,6 +475,13 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             let admin_listener = listen(cfg.admin.listen).await?;
             let admin_addr = admin_listener.local_addr()?;
             own_addrs.push(admin_addr);
+            // Where this node also serves traffic, a write is answered once traffic meets it
+            // here (or after a second, committed all the same).
+            let store: weir_store::SharedStore = if role == DeployRole::ControlPlane {
+                store
+            } else {
+                weir_store::settled::Settled::new(store, format!("{prefix}/"), sync.applied(), std::time::Duration::from_secs(1))
+            };
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
             let mut admin = Admin::new(store.clone(), prefix.clone(), keys, plugins.clone(), keyring.clone()).with_control(control);
             // The platform runs where the Admin API does; with a file store there is neither.

@@ -352,6 +352,29 @@ fn config_errors_name_the_key() {
 }
 
 #[tokio::test]
+async fn an_acknowledged_write_meets_the_next_request() {
+    let w = Weir::start();
+    let a = Upstream::start("a").await;
+    let b = Upstream::start("b").await;
+    // Each answer of the Admin API comes once this node serves the write: the request sent
+    // right after it, with no polling, meets the change.
+    for i in 0..40 {
+        let (s, body) = w.admin("PUT", &format!("/routes/{i}"), Some(json!({"uri": format!("/now/{i}"), "upstream": nodes(&[&a])}))).await;
+        assert_eq!(s, 201, "{body}");
+        assert_eq!(server_of(&w, &format!("/now/{i}"), &[]).await, (200, "a".to_string()), "route {i}");
+        let (s, _) = w.admin("PUT", &format!("/routes/{i}"), Some(json!({"uri": format!("/now/{i}"), "upstream": nodes(&[&b])}))).await;
+        assert_eq!(s, 200);
+        assert_eq!(server_of(&w, &format!("/now/{i}"), &[]).await, (200, "b".to_string()), "route {i} changed");
+        let (s, _) = w.admin("PATCH", &format!("/routes/{i}"), Some(json!({"methods": ["POST"]}))).await;
+        assert_eq!(s, 200);
+        assert_eq!(w.get(&format!("/now/{i}"), &[]).await.status, 404, "route {i} patched to POST only");
+        let (s, _) = w.admin("DELETE", &format!("/routes/{i}"), None).await;
+        assert_eq!(s, 200);
+        assert_eq!(w.get(&format!("/now/{i}"), &[]).await.status, 404, "route {i} deleted");
+    }
+}
+
+#[tokio::test]
 async fn in_flight_requests_finish_on_their_snapshot() {
     let w = std::sync::Arc::new(Weir::start());
     let old = Upstream::start("old").await;
