@@ -651,6 +651,8 @@ impl Js {
             natives.set("uuid", JsFn::new(ctx.clone(), crate::sdk::uuid)?)?;
             natives.set("random", JsFn::new(ctx.clone(), random_native)?)?;
             natives.set("digest", JsFn::new(ctx.clone(), digest_native)?)?;
+            natives.set("encode", JsFn::new(ctx.clone(), encode_native)?)?;
+            natives.set("decode", JsFn::new(ctx.clone(), decode_native)?)?;
             let (h, e) = (host.clone(), env.to_string());
             // Each answers why the operation may not start, or nothing when it is queued.
             natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Vec<Vec<String>>, body: Option<Array<'_>>| -> rquickjs::Result<Option<String>> {
@@ -780,11 +782,38 @@ fn digest_native<'js>(ctx: Ctx<'js>, bits: u32, data: Array<'js>) -> rquickjs::R
     Ok(TypedArray::<u8>::new_copy(ctx, out)?.arraybuffer()?.into_value())
 }
 
+/// The UTF-8 of a well-formed string (the prelude replaces lone surrogates before), as a
+/// `Uint8Array`.
+fn encode_native<'js>(ctx: Ctx<'js>, s: String) -> rquickjs::Result<Value<'js>> {
+    Ok(TypedArray::<u8>::new(ctx, s.into_bytes())?.into_value())
+}
+
+/// Decodes bytes (one char per byte) as WHATWG's UTF-8 decoder does: a leading byte order mark
+/// is dropped unless `ignore_bom`, and each maximal ill-formed subpart is one U+FFFD, or,
+/// when `fatal`, the answer is `None`.
+fn decode_native(bytes: String, fatal: bool, ignore_bom: bool) -> Option<String> {
+    let bytes = latin1(&bytes);
+    let bytes = match bytes.strip_prefix(b"\xEF\xBB\xBF") {
+        Some(rest) if !ignore_bom => rest,
+        _ => &bytes[..],
+    };
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Some(s.to_string()),
+        Err(_) if fatal => None,
+        Err(_) => Some(String::from_utf8_lossy(bytes).into_owned()),
+    }
+}
+
+/// The bytes of a string whose chars are all below 256, one byte per char.
+fn latin1(s: &str) -> Vec<u8> {
+    s.chars().map(|c| c as u32 as u8).collect()
+}
+
 /// Bytes from the prelude's `[binary, string]`.
 fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
     let binary: bool = v.get(0)?;
     let s: String = v.get(1)?;
-    Ok(if binary { s.chars().map(|c| c as u32 as u8).collect() } else { s.into_bytes() })
+    Ok(if binary { latin1(&s) } else { s.into_bytes() })
 }
 
 /// Puts the calling runtime thread under Linux's batch policy, at the niceness it has. A thread

@@ -25,49 +25,28 @@
   G.clearTimeout = (id) => { if (timers.delete(id)) host.clearTimer(id); };
   const fireTimer = (id) => { const f = timers.get(id); timers.delete(id); if (f) f(); };
 
-  // UTF-8 and base64.
+  // UTF-8 and base64. Encoding and decoding are native: linear in the bytes, and decoding
+  // replaces each maximal ill-formed subpart with one U+FFFD, as WHATWG's decoder does.
   class TextEncoder {
     get encoding() { return "utf-8"; }
-    encode(s = "") {
-      s = String(s);
-      const out = [];
-      for (let i = 0; i < s.length; i++) {
-        let c = s.codePointAt(i);
-        if (c > 0xffff) i++;
-        if (c >= 0xd800 && c <= 0xdfff) c = 0xfffd;
-        if (c < 0x80) out.push(c);
-        else if (c < 0x800) out.push(0xc0 | (c >> 6), 0x80 | (c & 63));
-        else if (c < 0x10000) out.push(0xe0 | (c >> 12), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
-        else out.push(0xf0 | (c >> 18), 0x80 | ((c >> 12) & 63), 0x80 | ((c >> 6) & 63), 0x80 | (c & 63));
-      }
-      return new Uint8Array(out);
-    }
+    // Lone surrogates become U+FFFD, as WHATWG's encoder makes them.
+    encode(s = "") { return host.encode(String(s).toWellFormed()); }
   }
   const bytesOf = (b) => b instanceof Uint8Array ? b : ArrayBuffer.isView(b) ? new Uint8Array(b.buffer, b.byteOffset, b.byteLength) : new Uint8Array(b);
   class TextDecoder {
+    constructor(label = "utf-8", options = {}) {
+      const name = String(label).trim().toLowerCase();
+      if (name !== "utf-8" && name !== "utf8" && name !== "unicode-1-1-utf-8") throw new RangeError(`TextDecoder: encoding "${label}" is not supported (only utf-8 is)`);
+      this._fatal = Boolean(options && options.fatal);
+      this._ignoreBOM = Boolean(options && options.ignoreBOM);
+    }
     get encoding() { return "utf-8"; }
+    get fatal() { return this._fatal; }
+    get ignoreBOM() { return this._ignoreBOM; }
     decode(b) {
       if (b === undefined) return "";
-      const u = bytesOf(b);
-      let s = "";
-      // A byte that does not start a well-formed sequence (a stray continuation byte, a cut,
-      // overlong or surrogate sequence, past U+10FFFF) is one U+FFFD, and decoding goes on.
-      const cont = (i) => i < u.length && (u[i] & 0xc0) === 0x80;
-      for (let i = 0; i < u.length;) {
-        const c = u[i];
-        let cp = 0xfffd, n = 1;
-        if (c < 0x80) cp = c;
-        else if (c >= 0xc2 && c < 0xe0 && cont(i + 1)) { cp = ((c & 31) << 6) | (u[i + 1] & 63); n = 2; }
-        else if (c >= 0xe0 && c < 0xf0 && cont(i + 1) && cont(i + 2)) {
-          const v = ((c & 15) << 12) | ((u[i + 1] & 63) << 6) | (u[i + 2] & 63);
-          if (v >= 0x800 && (v < 0xd800 || v > 0xdfff)) { cp = v; n = 3; }
-        } else if (c >= 0xf0 && c < 0xf5 && cont(i + 1) && cont(i + 2) && cont(i + 3)) {
-          const v = ((c & 7) << 18) | ((u[i + 1] & 63) << 12) | ((u[i + 2] & 63) << 6) | (u[i + 3] & 63);
-          if (v >= 0x10000 && v <= 0x10ffff) { cp = v; n = 4; }
-        }
-        s += String.fromCodePoint(cp);
-        i += n;
-      }
+      const s = host.decode(latin1(bytesOf(b)), this._fatal, this._ignoreBOM);
+      if (typeof s !== "string") throw new TypeError("TextDecoder: the data is not valid UTF-8");
       return s;
     }
   }

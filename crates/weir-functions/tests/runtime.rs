@@ -522,8 +522,9 @@ async fn a_fetched_body_is_given_back_to_the_gateways_budget_once_in_the_runtime
     assert_eq!(body_json(&out), json!([12 << 20, 12 << 20, 12 << 20]));
 }
 
-/// WHATWG and Express details: a request body's type, a decoder that never throws, the bound
-/// on random bytes, and what `res.send` says it sends.
+/// WHATWG and Express details: a request body's type, the decoder's replacement of ill-formed
+/// input (one U+FFFD per maximal subpart), its `fatal`, BOM and label handling, the encoder's
+/// of lone surrogates, the bound on random bytes, and what `res.send` says it sends.
 #[tokio::test]
 async fn fetch_bodies_get_their_type_text_decodes_leniently_and_send_types_as_express() {
     let services = weir_functions::Services {
@@ -544,6 +545,11 @@ async fn fetch_bodies_get_their_type_text_decodes_leniently_and_send_types_as_ex
         named: await ty({ method: 'POST', body: 'hi', headers: { 'Content-Type': 'application/x-thing' } }),
         bytes: await ty({ method: 'POST', body: new Uint8Array([1]) }),
         lenient: new TextDecoder().decode(new Uint8Array([0xf4, 0x5a, 0x7a, 0x7a, 0xc0, 0x80, 0xed, 0xa0, 0x80, 0xe2, 0x82])),
+        fatal: (() => { try { return new TextDecoder('UTF-8', { fatal: true }).decode(new Uint8Array([0x61, 0xe2, 0x82])); } catch (e) { return e.name; } })(),
+        bom: [new TextDecoder().decode(new Uint8Array([0xef, 0xbb, 0xbf, 0x61])), new TextDecoder('utf8', { ignoreBOM: true }).decode(new Uint8Array([0xef, 0xbb, 0xbf, 0x61])).length],
+        view: new TextDecoder().decode(new Uint8Array([0x78, 0xc3, 0xa9, 0x79]).subarray(1, 3)),
+        label: (() => { try { return new TextDecoder('latin1').encoding; } catch (e) { return e.name; } })(),
+        lone: Array.from(new TextEncoder().encode('a\\ud800b')),
         most: crypto.getRandomValues(new Uint8Array(65536)).length,
         quota,
       };
@@ -553,7 +559,8 @@ async fn fetch_bodies_get_their_type_text_decodes_leniently_and_send_types_as_ex
         body_json(&out),
         json!({
             "text": "text/plain;charset=UTF-8", "form": "application/x-www-form-urlencoded;charset=UTF-8", "named": "application/x-thing", "bytes": "none",
-            "lenient": "\u{fffd}Zzz\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}", "most": 65536, "quota": "QuotaExceededError"
+            "lenient": "\u{fffd}Zzz\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}", "fatal": "TypeError", "bom": ["a", 2], "view": "é", "label": "RangeError",
+            "lone": [0x61, 0xef, 0xbf, 0xbd, 0x62], "most": 65536, "quota": "QuotaExceededError"
         })
     );
     for (sent, ty) in [("'<b>hi</b>'", "text/html; charset=utf-8"), ("new Uint8Array([1, 2])", "application/octet-stream"), ("{ a: 1 }", "application/json")] {
