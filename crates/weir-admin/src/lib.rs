@@ -47,6 +47,8 @@ pub struct Admin {
     /// Writes from this node take turns, so they never race each other's compare-and-set;
     /// the compare-and-set still guards against other nodes writing to a shared store.
     writes: tokio::sync::Mutex<()>,
+    /// The revision this node's data plane serves, where it has one.
+    applied: Option<tokio::sync::watch::Receiver<i64>>,
 }
 
 /// An API mounted on the admin listener beside the Admin API (the platform's). It gets the
@@ -94,7 +96,7 @@ impl Admin {
         plugins: Arc<dyn PluginCatalog>,
         keyring: Arc<Keyring>,
     ) -> Admin {
-        Admin { store, prefix, keys, kinds: Arc::new(Catalog::apisix()), plugins, keyring, control: None, extensions: Vec::new(), auth_keys: auth_keys::Index::default(), writes: tokio::sync::Mutex::new(()) }
+        Admin { store, prefix, keys, kinds: Arc::new(Catalog::apisix()), plugins, keyring, control: None, extensions: Vec::new(), auth_keys: auth_keys::Index::default(), writes: tokio::sync::Mutex::new(()), applied: None }
     }
 
     /// Serves these resource kinds instead of APISIX's alone.
@@ -106,6 +108,14 @@ impl Admin {
     /// Mounts an API beside the Admin API on its listener.
     pub fn with_extension(mut self, extension: Arc<dyn Extension>) -> Admin {
         self.extensions.push(extension);
+        self
+    }
+
+    /// Answers a request that wrote through a `weir_store::settled::Settled` store once
+    /// `applied` (the revision this node's data plane serves) reaches its writes, or after
+    /// [`SETTLE_BOUND`].
+    pub fn with_applied(mut self, applied: tokio::sync::watch::Receiver<i64>) -> Admin {
+        self.applied = Some(applied);
         self
     }
 
@@ -179,12 +189,21 @@ impl Admin {
             }
         }
         let body = Bytes::from(collected);
-        match extension {
-            Some(ext) => ext.handle(parts, body, role).await,
-            None => handlers::dispatch(self, parts, body).await,
+        let work = async {
+            match extension {
+                Some(ext) => ext.handle(parts, body, role).await,
+                None => handlers::dispatch(self, parts, body).await,
+            }
+        };
+        match &self.applied {
+            Some(applied) => weir_store::settled::settle(applied, SETTLE_BOUND, work).await,
+            None => work.await,
         }
     }
 }
+
+/// How long a request's answer waits for this node to serve its writes.
+pub const SETTLE_BOUND: Duration = Duration::from_secs(1);
 
 /// `GET` answers a backup of the whole store (`weir dump` asks a running node here).
 pub const BACKUP_PATH: &str = "/apisix/admin/backup";

@@ -1,11 +1,15 @@
-//! A store whose writes return once this node serves them.
+//! Writes answered once this node serves them.
 //!
 //! On a node that runs the Admin API and the data plane together, a client that writes a route
 //! and sends traffic at once expects the route to be there. The data plane follows the store by
-//! watching it, a few milliseconds behind; [`Settled`] closes that gap by holding each write's
-//! answer until the node's data plane reports the write's revision applied, or until a bound
-//! passes (the write is committed either way; only the answer waits).
+//! watching it, a few milliseconds behind. A request handled within [`settle`] that writes
+//! through a [`Settled`] store has its answer held until the node's data plane serves the
+//! newest revision it wrote, or until a bound passes (the writes are committed either way; only
+//! the answer waits). The wait comes after the handler is done, so no lock it took is held
+//! meanwhile; writes outside a request (background work) never wait.
 
+use std::cell::Cell;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,36 +18,54 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{KeyValue, Op, Result, SharedStore, Store, Txn, TxnOutcome, WatchMessage};
 
+tokio::task_local! {
+    /// The newest revision written through a `Settled` store by the request being handled.
+    static WRITTEN: Cell<i64>;
+}
+
+/// Runs `work` (the handling of one request), then waits until `applied`, the revision this
+/// node's data plane serves, reaches the newest revision `work` wrote through a [`Settled`]
+/// store, or until `bound` passes.
+pub async fn settle<T>(applied: &watch::Receiver<i64>, bound: Duration, work: impl Future<Output = T>) -> T {
+    let (out, written) = WRITTEN
+        .scope(Cell::new(0), async {
+            let out = work.await;
+            (out, WRITTEN.with(Cell::get))
+        })
+        .await;
+    if written > 0 {
+        let mut applied = applied.clone();
+        if tokio::time::timeout(bound, applied.wait_for(|r| *r >= written)).await.is_err() {
+            tracing::debug!(revision = written, ?bound, "a write is answered before this node serves it");
+        }
+    }
+    out
+}
+
+/// A store that notes, for [`settle`], the revisions of the writes it commits under the
+/// directory the data plane follows.
 pub struct Settled {
     inner: SharedStore,
     /// The directory the data plane follows: writes elsewhere never show up in its revision.
     dir: String,
-    /// The newest revision the data plane serves.
-    applied: watch::Receiver<i64>,
-    bound: Duration,
 }
 
 impl Settled {
-    pub fn new(inner: SharedStore, dir: String, applied: watch::Receiver<i64>, bound: Duration) -> Arc<Self> {
-        Arc::new(Settled { inner, dir, applied, bound })
+    pub fn new(inner: SharedStore, dir: String) -> Arc<Self> {
+        Arc::new(Settled { inner, dir })
     }
 
-    /// Whether op `i`, as committed, changed a key under the followed directory, so that a
-    /// watch message for its revision is on its way.
-    fn follows(&self, op: &Op, prev: Option<&Option<KeyValue>>, deleted: usize) -> bool {
-        match op {
+    /// Whether the committed transaction changed a key under the followed directory, so that a
+    /// watch message for its revision is on its way. `prev` holds, per op, the value before.
+    fn follows(&self, ops: &[Op], prev: &[Option<KeyValue>], deleted: usize) -> bool {
+        // The keys the prefix deletes removed: all those deleted less those single deletes did.
+        let singles = ops.iter().zip(prev).filter(|(op, p)| matches!(op, Op::Delete { .. }) && p.is_some()).count();
+        let by_prefixes = deleted.saturating_sub(singles);
+        ops.iter().zip(prev.iter().map(Option::is_some).chain(std::iter::repeat(false))).any(|(op, existed)| match op {
             Op::Put { key, .. } => key.starts_with(&self.dir),
-            Op::Delete { key } => key.starts_with(&self.dir) && prev.is_some_and(Option::is_some),
-            Op::DeletePrefix { prefix } => deleted > 0 && (prefix.starts_with(&self.dir) || self.dir.starts_with(prefix.as_str())),
-        }
-    }
-
-    async fn until_applied(&self, revision: i64) {
-        let mut applied = self.applied.clone();
-        let reached = tokio::time::timeout(self.bound, applied.wait_for(|r| *r >= revision)).await;
-        if reached.is_err() {
-            tracing::debug!(revision, bound = ?self.bound, "a write is answered before this node serves it");
-        }
+            Op::Delete { key } => key.starts_with(&self.dir) && existed,
+            Op::DeletePrefix { prefix } => by_prefixes > 0 && prefix.starts_with(&self.dir),
+        })
     }
 }
 
@@ -58,6 +80,10 @@ impl Store for Settled {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnOutcome> {
+        // Only within a request's handling is there an answer to hold.
+        if WRITTEN.try_with(|_| ()).is_err() {
+            return self.inner.txn(txn).await;
+        }
         // What each op was, for after the commit; the values go to the store as they are.
         let ops: Vec<Op> = txn.ops.iter().map(|op| match op {
             Op::Put { key, .. } => Op::Put { key: key.clone(), value: bytes::Bytes::new() },
@@ -65,9 +91,9 @@ impl Store for Settled {
         }).collect();
         let outcome = self.inner.txn(txn).await?;
         if let TxnOutcome::Committed { revision, prev, deleted } = &outcome
-            && ops.iter().enumerate().any(|(i, op)| self.follows(op, prev.get(i), *deleted))
+            && self.follows(&ops, prev, *deleted)
         {
-            self.until_applied(*revision).await;
+            let _ = WRITTEN.try_with(|w| w.set(w.get().max(*revision)));
         }
         Ok(outcome)
     }
@@ -87,35 +113,51 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_write_is_answered_once_applied_or_at_the_bound() {
+    async fn a_request_is_answered_once_its_writes_are_applied_or_at_the_bound() {
         let dir = tempfile::tempdir().unwrap();
         let inner: SharedStore = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-        let (tx, rx) = watch::channel(0);
-        let store = Settled::new(inner, "/apisix/".into(), rx, Duration::from_secs(1));
+        let store = Settled::new(inner, "/apisix/".into());
+        let (tx, applied) = watch::channel(0);
+        let bound = Duration::from_secs(1);
 
         // Nothing applies it: the answer comes at the bound, and the write is kept.
         let started = tokio::time::Instant::now();
-        let TxnOutcome::Committed { revision, .. } = store.txn(put("/apisix/routes/1")).await.unwrap() else { panic!("committed") };
-        assert_eq!(started.elapsed(), Duration::from_secs(1));
+        let revision = settle(&applied, bound, async {
+            let TxnOutcome::Committed { revision, .. } = store.txn(put("/apisix/routes/1")).await.unwrap() else { panic!("committed") };
+            revision
+        })
+        .await;
+        assert_eq!(started.elapsed(), bound);
         assert!(store.get("/apisix/routes/1").await.unwrap().is_some());
 
-        // Applied a moment later: answered then.
+        // Two writes, the second applied a moment later: answered then, not at the first's.
         let started = tokio::time::Instant::now();
         let applier = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(30)).await;
             tx.send_replace(revision + 1);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            tx.send_replace(revision + 2);
             tx
         });
-        store.txn(put("/apisix/routes/2")).await.unwrap();
+        settle(&applied, bound, async {
+            store.txn(put("/apisix/routes/2")).await.unwrap();
+            store.txn(put("/apisix/routes/3")).await.unwrap();
+        })
+        .await;
         assert_eq!(started.elapsed(), Duration::from_millis(30));
-        let tx = applier.await.unwrap();
+        let _tx = applier.await.unwrap();
 
-        // Writes the data plane does not follow, and deletes of nothing, are answered at once.
+        // Writes the data plane does not follow, deletes of nothing (beside a delete of
+        // something elsewhere), and writes outside a request are answered at once.
         let started = tokio::time::Instant::now();
         store.txn(put("/elsewhere/x")).await.unwrap();
-        store.txn(Txn { compares: Vec::new(), ops: vec![Op::Delete { key: "/apisix/routes/none".into() }] }).await.unwrap();
-        store.txn(Txn { compares: Vec::new(), ops: vec![Op::DeletePrefix { prefix: "/apisix/none/".into() }] }).await.unwrap();
+        settle(&applied, bound, async {
+            store.txn(put("/elsewhere/y")).await.unwrap();
+            store.txn(Txn { compares: Vec::new(), ops: vec![Op::Delete { key: "/apisix/routes/none".into() }] }).await.unwrap();
+            let ops = vec![Op::Delete { key: "/elsewhere/x".into() }, Op::DeletePrefix { prefix: "/apisix/none/".into() }];
+            let TxnOutcome::Committed { deleted: 1, .. } = store.txn(Txn { compares: Vec::new(), ops }).await.unwrap() else { panic!("one deleted") };
+        })
+        .await;
+        store.txn(put("/apisix/routes/4")).await.unwrap();
         assert_eq!(started.elapsed(), Duration::ZERO);
-        drop(tx);
     }
 }

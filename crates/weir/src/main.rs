@@ -475,15 +475,18 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             let admin_listener = listen(cfg.admin.listen).await?;
             let admin_addr = admin_listener.local_addr()?;
             own_addrs.push(admin_addr);
-            // Where this node also serves traffic, a write is answered once traffic meets it
-            // here (or after a second, committed all the same).
+            // Where this node also serves traffic, a request's writes are answered once traffic
+            // meets them here (or after a second, committed all the same).
             let store: weir_store::SharedStore = if role == DeployRole::ControlPlane {
                 store
             } else {
-                weir_store::settled::Settled::new(store, format!("{prefix}/"), sync.applied(), std::time::Duration::from_secs(1))
+                weir_store::settled::Settled::new(store, format!("{prefix}/"))
             };
             let control = Arc::new(ControlApi { snapshot: snapshot.clone(), prefix: prefix.clone() });
             let mut admin = Admin::new(store.clone(), prefix.clone(), keys, plugins.clone(), keyring.clone()).with_control(control);
+            if role != DeployRole::ControlPlane {
+                admin = admin.with_applied(sync.applied());
+            }
             // The platform runs where the Admin API does; with a file store there is neither.
             if cfg.platform.enabled.unwrap_or(true) {
                 let catalog = Arc::new(weir_catalog::Catalog::apisix());
