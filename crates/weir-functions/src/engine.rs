@@ -783,9 +783,10 @@ fn digest_native<'js>(ctx: Ctx<'js>, bits: u32, data: Array<'js>) -> rquickjs::R
 }
 
 /// The UTF-8 of a well-formed string (the prelude replaces lone surrogates before), as a
-/// `Uint8Array`.
+/// `Uint8Array` copied into the runtime's heap, so that it counts against its memory limit (a
+/// buffer handed over from Rust would not).
 fn encode_native<'js>(ctx: Ctx<'js>, s: String) -> rquickjs::Result<Value<'js>> {
-    Ok(TypedArray::<u8>::new(ctx, s.into_bytes())?.into_value())
+    Ok(TypedArray::<u8>::new_copy(ctx, s.as_bytes())?.into_value())
 }
 
 /// Decodes bytes (one char per byte) as WHATWG's UTF-8 decoder does: a leading byte order mark
@@ -866,6 +867,10 @@ fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<
 
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
 
+/// How long a turn loads functions ahead of their calls before it looks for calls again (one
+/// load whose top level runs longer finishes first).
+const WARM_SLICE: Duration = Duration::from_millis(2);
+
 fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>, reloaded: &std::cell::Cell<Option<Instant>>) {
     let slots = Slots::new(memory);
     let mut js = match Js::new(memory, &slots) {
@@ -884,8 +889,12 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     // after a panic does not load what was served ahead (a load that panics would do so again
     // and again): its calls load what they run.
     let mut batch: VecDeque<Msg> = VecDeque::new();
+    // Functions to load ahead of their calls. Loading gives way to calls: a slice of it per
+    // turn, after the turn's calls, answers and timers.
+    let mut warms: VecDeque<Box<Load>> = VecDeque::new();
     loop {
-        let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN)].into_iter().flatten().min();
+        let now = (!warms.is_empty() && draining.is_none()).then(Instant::now);
+        let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN), now].into_iter().flatten().min();
         if !mailbox.take(&mut batch, wake) {
             break;
         }
@@ -898,9 +907,18 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 // Nobody waits for its answer any more: it is not started.
                 Msg::Call(job) if job.reply.gone() => false,
                 Msg::Call(job) => {
-                    let id = next_call.get();
-                    next_call.set(id + 1);
-                    start_call(&mut js, &mut calls, id, *job)
+                    // A function still waiting to be loaded ahead is loaded before its call, as
+                    // it would have been: its top level is not the call's to pay for.
+                    let ahead = warms.iter().position(|l| Arc::ptr_eq(&l.func, &job.func)).and_then(|i| warms.remove(i));
+                    if ahead.is_some_and(|load| warm(&mut js, *load) || js.full.take()) {
+                        // Out of memory: the call starts on the fresh runtime.
+                        batch.push_front(Msg::Call(job));
+                        true
+                    } else {
+                        let id = next_call.get();
+                        next_call.set(id + 1);
+                        start_call(&mut js, &mut calls, id, *job)
+                    }
                 }
                 Msg::Fetched(f) => {
                     if let Ok((_, _, body)) = &f.result {
@@ -915,20 +933,8 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     resume_db(&mut js, &mut calls, call, id, result)
                 }
                 Msg::Warm(load) => {
-                    let Load { func, table, vars, cpu } = *load;
-                    js.register(&func, &table);
-                    {
-                        let mut host = js.host.borrow_mut();
-                        host.table = None;
-                        // What its top level logs goes to its buffer, as a call's lines do.
-                        host.sinks.insert(0, (func.logs.clone(), String::new()));
-                    }
-                    // Its top level runs under the budget a call of it has: interrupted, its
-                    // module would stay failed.
-                    let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), cpu, |realm, ctx| realm.export(ctx, &func, &vars).map(|_| ()));
-                    // Loading is no call: what its top level left (timers, lines) goes now.
-                    forget(&js, 0, &func.env);
-                    oom || out == Err(Failure::Memory)
+                    warms.push_back(load);
+                    false
                 }
             } || js.full.take();
             if broken {
@@ -965,6 +971,22 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
             let since = *draining.get_or_insert_with(Instant::now);
             calls.is_empty() || since.elapsed() >= DRAIN
         };
+        // Loading ahead, for a slice of the turn; a runtime about to be renewed loads nothing.
+        let mut broken = broken;
+        if !broken && !recycle && draining.is_none() {
+            let slice = Instant::now();
+            while let Some(load) = warms.pop_front() {
+                // One a later lowering no longer serves (a version saved over since) is skipped.
+                let at = Arc::as_ptr(&load.func) as usize;
+                if !served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&at) {
+                    continue;
+                }
+                broken = warm(&mut js, *load) || js.full.take();
+                if broken || slice.elapsed() >= WARM_SLICE {
+                    break;
+                }
+            }
+        }
         if broken || recycle {
             let why = move || match broken {
                 true => Failure::Memory,
@@ -978,6 +1000,25 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
             reload(served, &mut batch, reloaded);
         }
     }
+}
+
+/// Loads a function ahead of its first call, as a call of it would: its top level sees the
+/// gateway's variables and has a call's CPU budget. True when that ran the runtime out of memory.
+fn warm(js: &mut Js, load: Load) -> bool {
+    let Load { func, table, vars, cpu } = load;
+    js.register(&func, &table);
+    {
+        let mut host = js.host.borrow_mut();
+        host.table = None;
+        // What its top level logs goes to its buffer, as a call's lines do.
+        host.sinks.insert(0, (func.logs.clone(), String::new()));
+    }
+    // Its top level runs under the budget a call of it has: interrupted, its module would stay
+    // failed.
+    let (out, _, _, oom) = js.segment(0, &func.env, Instant::now(), cpu, |realm, ctx| realm.export(ctx, &func, &vars).map(|_| ()));
+    // Loading is no call: what its top level left (timers, lines) goes now.
+    forget(js, 0, &func.env);
+    oom || out == Err(Failure::Memory)
 }
 
 /// Ends a drain once the runtime is fresh: the calls it held go first in the next turn.

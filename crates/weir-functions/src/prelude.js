@@ -30,22 +30,63 @@
   class TextEncoder {
     get encoding() { return "utf-8"; }
     // Lone surrogates become U+FFFD, as WHATWG's encoder makes them.
-    encode(s = "") { return host.encode(String(s).toWellFormed()); }
+    encode(s = "") { return host.encode(wellFormed(String(s))); }
   }
+  // Held, so that a function replacing them breaks no other's encoding.
+  const wellFormed = Function.prototype.call.bind(String.prototype.toWellFormed);
+  const subarray = Function.prototype.call.bind(Object.getPrototypeOf(Uint8Array.prototype).subarray);
+  const fromCharCode = String.fromCharCode;
+  const apply = Reflect.apply;
+  const UTF8_LABELS = ["utf-8", "utf8", "unicode-1-1-utf-8", "unicode11utf8", "unicode20utf8", "x-unicode20utf8"];
+  // How many bytes at the end of `u` begin a sequence that the next chunk may complete.
+  const cut = (u) => {
+    for (let back = 1; back <= 3 && back <= u.length; back++) {
+      const c = u[u.length - back];
+      if ((c & 0xc0) === 0x80) continue;
+      const need = c >= 0xc2 && c < 0xe0 ? 2 : c >= 0xe0 && c < 0xf0 ? 3 : c >= 0xf0 && c < 0xf5 ? 4 : 1;
+      if (back >= need) return 0;
+      // The second byte's range depends on the first (no overlong, surrogate or past-U+10FFFF form).
+      if (back > 1) {
+        const d = u[u.length - back + 1];
+        const [lo, hi] = c === 0xe0 ? [0xa0, 0xbf] : c === 0xed ? [0x80, 0x9f] : c === 0xf0 ? [0x90, 0xbf] : c === 0xf4 ? [0x80, 0x8f] : [0x80, 0xbf];
+        if (d < lo || d > hi) return 0;
+      }
+      return back;
+    }
+    return 0;
+  };
   const bytesOf = (b) => b instanceof Uint8Array ? b : ArrayBuffer.isView(b) ? new Uint8Array(b.buffer, b.byteOffset, b.byteLength) : new Uint8Array(b);
   class TextDecoder {
     constructor(label = "utf-8", options = {}) {
-      const name = String(label).trim().toLowerCase();
-      if (name !== "utf-8" && name !== "utf8" && name !== "unicode-1-1-utf-8") throw new RangeError(`TextDecoder: encoding "${label}" is not supported (only utf-8 is)`);
+      const name = String(label).replace(/^[\t\n\f\r ]+|[\t\n\f\r ]+$/g, "").toLowerCase();
+      if (!UTF8_LABELS.includes(name)) throw new RangeError(`TextDecoder: encoding "${label}" is not supported (only utf-8 is)`);
       this._fatal = Boolean(options && options.fatal);
       this._ignoreBOM = Boolean(options && options.ignoreBOM);
+      // With `stream`, the bytes of a sequence cut at a chunk's end wait for the next chunk.
+      this._held = null;
+      this._started = false;
     }
     get encoding() { return "utf-8"; }
     get fatal() { return this._fatal; }
     get ignoreBOM() { return this._ignoreBOM; }
-    decode(b) {
-      if (b === undefined) return "";
-      const s = host.decode(latin1(bytesOf(b)), this._fatal, this._ignoreBOM);
+    decode(b, options = {}) {
+      const stream = Boolean(options && options.stream);
+      let u = b === undefined ? new Uint8Array(0) : bytesOf(b);
+      if (this._held) {
+        const joined = new Uint8Array(this._held.length + u.length);
+        joined.set(this._held);
+        joined.set(u, this._held.length);
+        u = joined;
+        this._held = null;
+      }
+      const keep = stream ? cut(u) : 0;
+      if (keep) {
+        this._held = new Uint8Array(subarray(u, u.length - keep));
+        u = subarray(u, 0, u.length - keep);
+      }
+      // A byte order mark is dropped at the start of a stream only.
+      const s = host.decode(latin1(u), this._fatal, this._ignoreBOM || this._started);
+      this._started = stream && (this._started || u.length > 0);
       if (typeof s !== "string") throw new TypeError("TextDecoder: the data is not valid UTF-8");
       return s;
     }
@@ -390,7 +431,7 @@
   };
 
   // Bytes cross to the engine as a Latin-1 string, text as itself: [binary, string].
-  const latin1 = (u) => { let s = ""; for (let i = 0; i < u.length; i += 8192) s += String.fromCharCode.apply(null, u.subarray(i, i + 8192)); return s; };
+  const latin1 = (u) => { let s = ""; for (let i = 0; i < u.length; i += 8192) s += apply(fromCharCode, null, subarray(u, i, i + 8192)); return s; };
   const wire = (b) => typeof b === "string" ? [false, b] : [true, latin1(bytesOf(b))];
   const toResponse = (out) => {
     if (out !== null && typeof out === "object") {

@@ -89,6 +89,52 @@ async fn a_module_loaded_ahead_of_its_calls_sees_the_variables_and_has_a_calls_b
     assert_eq!(body_json(&gw.call("lazy", get("/")).await), json!({"g": "hi"}));
 }
 
+/// What `TextEncoder` makes lives in the runtime's heap and counts against its memory limit.
+#[tokio::test]
+async fn encoded_bytes_count_against_the_memory_limit() {
+    let gw = Gw::new(vec![func("dev", "hoard", &[("index.js", "const keep = []; export default () => { for (let i = 0; i < 64; i++) keep.push(new TextEncoder().encode('a'.repeat(4 << 20))); return keep.length; }")])]);
+    assert_eq!(gw.call("hoard", get("/")).await.result, Err(Failure::Memory));
+}
+
+/// Loading functions ahead gives way to calls: a call sent while many slow top levels wait to
+/// be loaded is answered between them, not after them all; and a version saved over before its
+/// turn to load is not loaded.
+#[tokio::test]
+async fn loading_ahead_gives_way_to_calls_and_skips_what_is_no_longer_served() {
+    // Each heavy top level spends 40 ms and counts itself in the environment's shared map.
+    let heavy = "const t = Date.now(); while (Date.now() - t < 40) {}\nimp.shared.set('loaded', (imp.shared.get('loaded') ?? 0) + 1);\nexport default () => 'heavy';";
+    let mut funcs: Vec<Arc<Function>> = (0..20).map(|i| func("dev", &format!("heavy{i}"), &[("index.js", heavy)])).collect();
+    funcs.push(func("dev", "light", &[("index.js", "export default () => ({ loaded: imp.shared.get('loaded') ?? 0, last: imp.shared.get('last') ?? null })")]));
+    let gw = Gw::new(funcs);
+    let load = |name: &str| weir_functions::engine::Load { func: gw.table[name].clone(), table: gw.table.clone(), vars: gw.vars.clone(), cpu: limits().cpu };
+    assert_eq!(gw.engine.load((0..20).map(|i| load(&format!("heavy{i}"))).collect()), 20);
+    let first = body_json(&gw.call("light", get("/")).await)["loaded"].as_u64().unwrap();
+    assert!(first < 10, "the call waited for {first} of 20 loads");
+    // Everything served is loaded in the end.
+    let shared = async || body_json(&gw.call("light", get("/")).await);
+    let until = async |done: &dyn Fn(&Value) -> bool| {
+        for _ in 0..200 {
+            let v = shared().await;
+            if done(&v) {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("not loaded: {}", shared().await);
+    };
+    until(&|v| v["loaded"] == 20).await;
+
+    // Twenty more queued, then all but the last (in the queue too) saved over before their
+    // turn: of those the runtime loads the one still served, and at most one it had started.
+    let again: Vec<Arc<Function>> = (0..20).map(|i| func("dev", &format!("again{i}"), &[("index.js", &heavy.replace("'heavy'", &format!("'again{i}'; imp.shared.set('last', 'again{i}')")))])).collect();
+    let table: Table = Arc::new(again.iter().map(|f| (f.name.clone(), f.clone())).chain([("light".to_string(), gw.table["light"].clone())]).collect());
+    let loads: Vec<_> = again.iter().map(|f| weir_functions::engine::Load { func: f.clone(), table: table.clone(), vars: gw.vars.clone(), cpu: limits().cpu }).collect();
+    gw.engine.load(loads.clone());
+    gw.engine.load(vec![loads[19].clone()]);
+    let v = until(&|v| v["last"] == "again19").await;
+    assert!((21..=22).contains(&v["loaded"].as_u64().unwrap()), "{v}");
+}
+
 /// A runtime made afresh (here: a call ran it out of memory) loads again what it served.
 #[tokio::test]
 async fn a_runtime_made_afresh_loads_again_what_it_served() {
@@ -548,7 +594,11 @@ async fn fetch_bodies_get_their_type_text_decodes_leniently_and_send_types_as_ex
         fatal: (() => { try { return new TextDecoder('UTF-8', { fatal: true }).decode(new Uint8Array([0x61, 0xe2, 0x82])); } catch (e) { return e.name; } })(),
         bom: [new TextDecoder().decode(new Uint8Array([0xef, 0xbb, 0xbf, 0x61])), new TextDecoder('utf8', { ignoreBOM: true }).decode(new Uint8Array([0xef, 0xbb, 0xbf, 0x61])).length],
         view: new TextDecoder().decode(new Uint8Array([0x78, 0xc3, 0xa9, 0x79]).subarray(1, 3)),
-        label: (() => { try { return new TextDecoder('latin1').encoding; } catch (e) { return e.name; } })(),
+        label: [' unicode20utf8 ', 'latin1', '\\u00a0utf-8'].map((l) => { try { return new TextDecoder(l).encoding; } catch (e) { return e.name; } }),
+        stream: (() => {
+          const d = new TextDecoder('utf-8', { fatal: true });
+          return [d.decode(new Uint8Array([0xef, 0xbb, 0xbf, 0x61, 0xe2, 0x82]), { stream: true }), d.decode(new Uint8Array([0xac, 0xf0, 0x9f]), { stream: true }), d.decode(new Uint8Array([0x98, 0x80]))];
+        })(),
         lone: Array.from(new TextEncoder().encode('a\\ud800b')),
         most: crypto.getRandomValues(new Uint8Array(65536)).length,
         quota,
@@ -559,7 +609,7 @@ async fn fetch_bodies_get_their_type_text_decodes_leniently_and_send_types_as_ex
         body_json(&out),
         json!({
             "text": "text/plain;charset=UTF-8", "form": "application/x-www-form-urlencoded;charset=UTF-8", "named": "application/x-thing", "bytes": "none",
-            "lenient": "\u{fffd}Zzz\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}", "fatal": "TypeError", "bom": ["a", 2], "view": "é", "label": "RangeError",
+            "lenient": "\u{fffd}Zzz\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}\u{fffd}", "fatal": "TypeError", "bom": ["a", 2], "view": "é", "label": ["utf-8", "RangeError", "RangeError"], "stream": ["a", "€", "😀"],
             "lone": [0x61, 0xef, 0xbf, 0xbd, 0x62], "most": 65536, "quota": "QuotaExceededError"
         })
     );
