@@ -113,7 +113,7 @@ impl Admin {
 
     /// Answers a request that wrote through a `weir_store::settled::Settled` store once
     /// `applied` (the revision this node's data plane serves) reaches its writes, or after
-    /// [`SETTLE_BOUND`].
+    /// [`weir_store::settled::BOUND`].
     pub fn with_applied(mut self, applied: tokio::sync::watch::Receiver<i64>) -> Admin {
         self.applied = Some(applied);
         self
@@ -196,14 +196,11 @@ impl Admin {
             }
         };
         match &self.applied {
-            Some(applied) => weir_store::settled::settle(applied, SETTLE_BOUND, work).await,
+            Some(applied) => weir_store::settled::settle(applied, weir_store::settled::BOUND, work).await,
             None => work.await,
         }
     }
 }
-
-/// How long a request's answer waits for this node to serve its writes.
-pub const SETTLE_BOUND: Duration = Duration::from_secs(1);
 
 /// `GET` answers a backup of the whole store (`weir dump` asks a running node here).
 pub const BACKUP_PATH: &str = "/apisix/admin/backup";

@@ -142,6 +142,9 @@ pub struct Platform {
     functions: std::sync::OnceLock<Arc<weir_functions::live::Functions>>,
     /// The node's databases and their default quota; unset where there are none.
     databases: std::sync::OnceLock<(Arc<weir_database::Databases>, weir_database::Quota)>,
+    /// The revision this node's data plane serves, where it has one: a gateway rendered here
+    /// is marked started once it is served here.
+    applied: std::sync::OnceLock<tokio::sync::watch::Receiver<i64>>,
 }
 
 impl Platform {
@@ -169,6 +172,7 @@ impl Platform {
             inputs,
             functions: std::sync::OnceLock::new(),
             databases: std::sync::OnceLock::new(),
+            applied: std::sync::OnceLock::new(),
             pause_after_claim: std::env::var("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS").ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis),
         })
     }
@@ -177,6 +181,11 @@ impl Platform {
     /// the API reads.
     pub fn with_functions(&self, functions: Arc<weir_functions::live::Functions>) {
         let _ = self.functions.set(functions);
+    }
+
+    /// Follows the revision this node's data plane serves (see [`weir_store::settled`]).
+    pub fn with_applied(&self, applied: tokio::sync::watch::Receiver<i64>) {
+        let _ = self.applied.set(applied);
     }
 
     /// Reconcile passes made so far.

@@ -254,7 +254,16 @@ impl Platform {
     async fn run(&self, step: Step, gw: &Gateway, rev: i64) -> Result<(), Failed> {
         match step {
             Step::Create | Step::Enter(_) => Ok(()),
-            Step::Render(_) => self.sync(gw, rev, &render::render(&self.cfg, gw), &render::live(&self.cfg, gw)).await,
+            // What the render wrote is served here before the gateway is marked as started
+            // (or a second passes), as a request's writes are answered.
+            Step::Render(_) => {
+                let (objects, live) = (render::render(&self.cfg, gw), render::live(&self.cfg, gw));
+                let sync = self.sync(gw, rev, &objects, &live);
+                match self.applied.get() {
+                    Some(applied) => weir_store::settled::settle(applied, weir_store::settled::BOUND, sync).await,
+                    None => sync.await,
+                }
+            }
             Step::Delete => self.sync(gw, rev, &[], &[]).await,
         }
     }

@@ -18,6 +18,9 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{KeyValue, Op, Result, SharedStore, Store, Txn, TxnOutcome, WatchMessage};
 
+/// How long an answer waits for this node to serve its writes.
+pub const BOUND: Duration = Duration::from_secs(1);
+
 tokio::task_local! {
     /// The newest revision written through a `Settled` store by the request being handled.
     static WRITTEN: Cell<i64>;
@@ -64,7 +67,7 @@ impl Settled {
         ops.iter().zip(prev.iter().map(Option::is_some).chain(std::iter::repeat(false))).any(|(op, existed)| match op {
             Op::Put { key, .. } => key.starts_with(&self.dir),
             Op::Delete { key } => key.starts_with(&self.dir) && existed,
-            Op::DeletePrefix { prefix } => by_prefixes > 0 && prefix.starts_with(&self.dir),
+            Op::DeletePrefix { prefix } => by_prefixes > 0 && (prefix.starts_with(&self.dir) || self.dir.starts_with(prefix.as_str())),
         })
     }
 }

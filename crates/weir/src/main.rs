@@ -497,6 +497,9 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
                 if let Some(d) = &databases {
                     platform.with_databases(d.clone(), cfg.database.quota);
                 }
+                if role != DeployRole::ControlPlane {
+                    platform.with_applied(sync.applied());
+                }
                 admin = admin.with_extension(platform.clone());
                 tokio::spawn(platform.clone().schedule());
                 tokio::spawn(platform.reconcile());
