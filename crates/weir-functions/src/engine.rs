@@ -856,12 +856,14 @@ pub(crate) fn niceness(stat: &str) -> Option<i32> {
 /// a runtime made afresh has none of them. At most once per [`RELOAD_EVERY`] (`last`): a
 /// runtime renewed again and again (a call or a module that runs out of memory each time) loads
 /// its functions as they are called, rather than all of them each time.
-fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<Msg>, last: &std::cell::Cell<Option<Instant>>) {
+fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<Msg>, last: &std::cell::Cell<Option<Instant>>, warms: &mut VecDeque<Box<Load>>) {
     let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if served.is_empty() || last.get().is_some_and(|at| at.elapsed() < RELOAD_EVERY) {
         return;
     }
     last.set(Some(Instant::now()));
+    // Everything served is queued afresh: what was queued before is among it.
+    warms.clear();
     batch.extend(served.values().map(|load| Msg::Warm(Box::new(load.clone()))));
 }
 
@@ -910,7 +912,8 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     // A function still waiting to be loaded ahead is loaded before its call, as
                     // it would have been: its top level is not the call's to pay for.
                     let ahead = warms.iter().position(|l| Arc::ptr_eq(&l.func, &job.func)).and_then(|i| warms.remove(i));
-                    if ahead.is_some_and(|load| warm(&mut js, *load) || js.full.take()) {
+                    let ahead = ahead.and_then(|_| served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&(Arc::as_ptr(&job.func) as usize)).cloned());
+                    if ahead.is_some_and(|load| warm(&mut js, load) || js.full.take()) {
                         // Out of memory: the call starts on the fresh runtime.
                         batch.push_front(Msg::Call(job));
                         true
@@ -944,7 +947,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     None => return,
                 };
                 release_held(&mut draining, &mut held, &mut batch);
-                reload(served, &mut batch, reloaded);
+                reload(served, &mut batch, reloaded, &mut warms);
             }
         }
         let broken = fire_timers(&mut js, &mut calls);
@@ -976,12 +979,11 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         if !broken && !recycle && draining.is_none() {
             let slice = Instant::now();
             while let Some(load) = warms.pop_front() {
-                // One a later lowering no longer serves (a version saved over since) is skipped.
+                // Loaded as the last lowering serves it (its table and variables then); one it
+                // no longer serves (a version saved over since) is skipped.
                 let at = Arc::as_ptr(&load.func) as usize;
-                if !served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(&at) {
-                    continue;
-                }
-                broken = warm(&mut js, *load) || js.full.take();
+                let Some(load) = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&at).cloned() else { continue };
+                broken = warm(&mut js, load) || js.full.take();
                 if broken || slice.elapsed() >= WARM_SLICE {
                     break;
                 }
@@ -997,7 +999,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 None => return,
             };
             release_held(&mut draining, &mut held, &mut batch);
-            reload(served, &mut batch, reloaded);
+            reload(served, &mut batch, reloaded, &mut warms);
         }
     }
 }
