@@ -771,7 +771,7 @@ fn push_route(out: &mut Lowered, gid: &str, id: String, uris: Vec<String>, hosts
 }
 
 /// The shared route of an environment's functions: the function is the one the exact path
-/// names (after `prefix`).
+/// the route matched names (after `prefix`).
 struct Dispatch {
     prefix: String,
     functions: Arc<HashMap<String, Arc<FunctionHandler>>>,
@@ -784,9 +784,10 @@ impl Handler for Dispatch {
     }
 
     fn call(&self, call: Call<'_>) -> Answer {
-        match call.parts.uri.path().strip_prefix(&self.prefix).and_then(|name| self.functions.get(name)) {
+        // By the path the route matched: a plugin that rewrites the path (an environment's
+        // `proxy-rewrite`) changes what the function sees, not which function runs.
+        match call.matched_path().strip_prefix(&self.prefix).and_then(|name| self.functions.get(name)) {
             Some(f) => f.call(call),
-            // A plugin of the route rewrote the path to one no function has.
             None => Box::pin(async { error_response(StatusCode::NOT_FOUND, "no function at this path", None) }),
         }
     }

@@ -34,6 +34,16 @@ pub struct Call<'a> {
     pub consumer: Option<&'a str>,
     /// What the route's plugins noted for later phases.
     pub notes: &'a Notes,
+    /// The path the route matched, where it is not `parts.uri`'s: decoded from it, or as it was
+    /// before a plugin rewrote it. A handler that tells its ends apart by path reads this one.
+    pub matched: Option<&'a str>,
+}
+
+impl Call<'_> {
+    /// The path the route matched (its normal form, before any plugin rewrote it).
+    pub fn matched_path(&self) -> &str {
+        self.matched.unwrap_or(self.parts.uri.path())
+    }
 }
 
 /// The work that answers a call, once the handler has read what it needs of the call.

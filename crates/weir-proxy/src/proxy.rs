@@ -223,7 +223,7 @@ impl Proxy {
             drop(snapshot);
             if let Some(handler) = &route.handler {
                 return match read_body(body, handler.max_body()).await {
-                    Ok(body) => answered(handler.as_ref(), handler.call(Call { parts, body, route_id: &route.id, consumer: None, notes: &Notes::default() })).await,
+                    Ok(body) => answered(handler.as_ref(), handler.call(Call { parts, body, route_id: &route.id, consumer: None, notes: &Notes::default(), matched: decoded.as_deref() })).await,
                     Err(resp) => resp,
                 };
             }
@@ -234,22 +234,26 @@ impl Proxy {
         drop(snapshot);
         // Boxed: the plugin path's future is large, and keeping it out of line keeps the future
         // of every request (plugins or not) small, as hyper moves it on each poll setup.
-        Box::pin(self.with_plugins(route, global, &consumers, parts, body, conn)).await
+        Box::pin(self.with_plugins(route, global, &consumers, parts, decoded, body, conn)).await
     }
 
     /// A request whose route or global rules have plugins: the request phases (global rules'
     /// first), then the upstream unless a plugin answered, then the response phases, and the
     /// log phase once the response has been sent.
+    #[allow(clippy::too_many_arguments)]
     async fn with_plugins(
         &self,
         route: Arc<RouteRt>,
         global: Arc<Pipeline>,
         consumers: &Consumers,
         mut parts: http::request::Parts,
+        decoded: Option<String>,
         body: ReqBody,
         conn: &ConnInfo,
     ) -> Response<RespBody> {
         let started = Instant::now();
+        // A handler's route may have plugins that rewrite the path: the one it matched is kept.
+        let matched: Option<String> = route.handler.as_ref().map(|_| decoded.unwrap_or_else(|| parts.uri.path().to_string()));
         let logged = global.phases.log || route.plugins.phases.log;
         // A plugin that checks the body (request-validation) gets it read, within a bound.
         let (read, body) = if global.phases.body || route.plugins.phases.body {
@@ -326,7 +330,7 @@ impl Proxy {
                 let resp = match &route.handler {
                     // The handler reads what it needs of the notes before anything is awaited.
                     Some(handler) => match read_body(body, handler.max_body()).await {
-                        Ok(body) => answered(handler.as_ref(), handler.call(Call { parts, body, route_id: &route.id, consumer: who, notes: &notes })).await,
+                        Ok(body) => answered(handler.as_ref(), handler.call(Call { parts, body, route_id: &route.id, consumer: who, notes: &notes, matched: matched.as_deref() })).await,
                         Err(resp) => resp,
                     },
                     None => {

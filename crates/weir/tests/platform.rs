@@ -696,6 +696,26 @@ async fn p99(w: &Weir, path: &str, host: &str, n: usize) -> Duration {
     took[(n * 99 / 100).min(n - 1)]
 }
 
+/// An environment's plugin that rewrites the path changes the path its functions see, not which
+/// function answers.
+#[tokio::test]
+async fn an_environments_path_rewrite_leaves_which_function_answers_alone() {
+    let w = on_loopback("");
+    started_gateway(&w, "rewrite").await;
+    for name in ["a", "b"] {
+        let code = format!("export default (ctx) => ({{ me: '{name}', path: ctx.path }})");
+        let (s, b) = v1(&w, "POST", "api-gateways/rewrite/functions", Some(json!({"name": name, "source": {"code": code}}))).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, b) = v1(&w, "PATCH", "api-gateways/rewrite/environments/dev", Some(json!({"plugins": {"proxy-rewrite": {"uri": "/rewritten"}}}))).await;
+    assert_eq!(s, 200, "{b}");
+    let rw = [("host", "rewrite.localhost")];
+    let r = w.until("/dev/a", &rw, |r| r.json()["path"] == "/rewritten").await;
+    assert_eq!((r.status, r.json()), (200, json!({"me": "a", "path": "/rewritten"})), "{}", r.text());
+    assert_eq!(w.get("/dev/b", &rw).await.json(), json!({"me": "b", "path": "/rewritten"}));
+    assert_eq!(w.get("/b", &[("host", "rewrite.dev.localhost")]).await.json(), json!({"me": "b", "path": "/rewritten"}));
+}
+
 #[tokio::test]
 async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plugins_and_limits() {
     let w = on_loopback("");
