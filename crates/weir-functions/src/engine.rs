@@ -221,6 +221,9 @@ enum Msg {
     DbDone(u64, u32, Result<String, String>),
     /// Load a function's modules ahead of its first call.
     Warm(Box<Load>),
+    /// Functions (`{env}/{name}`) no lowering serves any more (deleted, renamed, or their
+    /// environment stopped): their modules count as superseded.
+    Gone(Vec<String>),
 }
 
 /// A function for a runtime to load ahead of its first call, with what its module's top level
@@ -301,6 +304,12 @@ impl Engine {
                 sent += 1;
             }
             now.insert(at, load);
+        }
+        // Those served before whose name no version now served has.
+        let names: HashSet<(&str, &str)> = now.values().map(|l| (l.func.env.as_str(), l.func.name.as_str())).collect();
+        let gone: Vec<String> = loaded.values().filter(|l| !names.contains(&(l.func.env.as_str(), l.func.name.as_str()))).map(|l| format!("{}/{}", l.func.env, l.func.name)).collect();
+        if !gone.is_empty() {
+            let _ = self.mailbox.send(Msg::Gone(gone));
         }
         *loaded = now;
         sent
@@ -383,6 +392,17 @@ impl Host {
             self.superseded_bytes += before.compiled.modules.values().map(String::len).sum::<usize>();
         }
         self.functions.insert(prefix, func);
+    }
+
+    /// Notes function `key` (`{env}/{name}`) served no more: its version loaded last counts as
+    /// superseded, as a version followed by another does.
+    fn gone(&mut self, key: &str) {
+        if let Some(prefix) = self.newest.remove(key)
+            && let Some(last) = self.functions.get(&prefix)
+        {
+            self.superseded += 1;
+            self.superseded_bytes += last.compiled.modules.values().map(String::len).sum::<usize>();
+        }
     }
 
     /// The call whose work a native of `env`'s realm does: the call running, or `STRAY` when
@@ -937,6 +957,13 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 }
                 Msg::Warm(load) => {
                     warms.push_back(load);
+                    false
+                }
+                Msg::Gone(names) => {
+                    let mut host = js.host.borrow_mut();
+                    for name in names {
+                        host.gone(&name);
+                    }
                     false
                 }
             } || js.full.take();

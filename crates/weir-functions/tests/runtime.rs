@@ -905,6 +905,25 @@ async fn a_runtime_serving_many_functions_is_not_renewed_for_them() {
     assert_eq!(body_json(&gw.call("mark", get("/")).await), json!(1), "the same runtime");
 }
 
+/// Functions no lowering serves any more (deleted, or renamed) count as versions followed by
+/// others: a gateway that keeps making and dropping functions has its runtime made afresh.
+#[tokio::test]
+async fn functions_served_no_more_count_towards_renewal() {
+    let gw = Gw::new(vec![func("dev", "mark", &[("index.js", "export default (ctx) => { if (ctx.query.set) imp.shared.set('mark', 1); return imp.shared.get('mark') ?? 'gone' }")])]);
+    let mut set = get("/");
+    set.query = vec![("set".into(), "1".into())];
+    assert_eq!(body_json(&gw.call("mark", set).await), json!(1));
+    let served = |f: &Arc<Function>| weir_functions::engine::Load { func: f.clone(), table: gw.table.clone(), vars: gw.vars.clone(), cpu: limits().cpu };
+    for i in 0..600 {
+        // Each lowering serves `mark` and one other function, the one before it gone.
+        let f = func("dev", &format!("f{i}"), &[("index.js", &format!("export default () => ({{ v: {i} }})"))]);
+        gw.engine.load(vec![served(&gw.table["mark"]), served(&f)]);
+        let out = FunctionHandler::run(gw.engine.clone(), f, gw.table.clone(), gw.vars.clone(), limits(), Arc::default(), get("/")).await.unwrap();
+        assert_eq!(body_json(&out), json!({"v": i}), "call {i}");
+    }
+    assert_eq!(gw.call("mark", get("/")).await.result.unwrap().body, b"gone", "a fresh runtime");
+}
+
 /// Sources stay with their loaded versions: past so many bytes of versions since followed by
 /// others (three of a function of 64 files of 500 KiB) the runtime is made afresh, its
 /// environments' state with it.
