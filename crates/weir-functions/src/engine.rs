@@ -876,14 +876,16 @@ pub(crate) fn niceness(stat: &str) -> Option<i32> {
 /// a runtime made afresh has none of them. At most once per [`RELOAD_EVERY`] (`last`): a
 /// runtime renewed again and again (a call or a module that runs out of memory each time) loads
 /// its functions as they are called, rather than all of them each time.
-fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<Msg>, last: &std::cell::Cell<Option<Instant>>, warms: &mut VecDeque<Box<Load>>) {
+fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<Msg>, last: &std::cell::Cell<Option<Instant>>, warms: &mut Warms) {
     let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if served.is_empty() || last.get().is_some_and(|at| at.elapsed() < RELOAD_EVERY) {
         return;
     }
     last.set(Some(Instant::now()));
-    // Everything served is queued afresh: what was queued before is among it.
+    // Everything served is queued afresh: what was queued before, or is on its way to the
+    // queue, is among it.
     warms.clear();
+    batch.retain(|m| !matches!(m, Msg::Warm(_)));
     batch.extend(served.values().map(|load| Msg::Warm(Box::new(load.clone()))));
 }
 
@@ -913,7 +915,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     let mut batch: VecDeque<Msg> = VecDeque::new();
     // Functions to load ahead of their calls. Loading gives way to calls: a slice of it per
     // turn, after the turn's calls, answers and timers.
-    let mut warms: VecDeque<Box<Load>> = VecDeque::new();
+    let mut warms = Warms::default();
     loop {
         let now = (!warms.is_empty() && draining.is_none()).then(Instant::now);
         let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN), now].into_iter().flatten().min();
@@ -931,7 +933,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 Msg::Call(job) => {
                     // A function still waiting to be loaded ahead is loaded before its call, as
                     // it would have been: its top level is not the call's to pay for.
-                    let ahead = warms.iter().position(|l| Arc::ptr_eq(&l.func, &job.func)).and_then(|i| warms.remove(i));
+                    let ahead = warms.take(&job.func);
                     let ahead = ahead.and_then(|_| served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&(Arc::as_ptr(&job.func) as usize)).cloned());
                     if ahead.is_some_and(|load| warm(&mut js, load) || js.full.take()) {
                         // Out of memory: the call starts on the fresh runtime.
@@ -956,7 +958,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     resume_db(&mut js, &mut calls, call, id, result)
                 }
                 Msg::Warm(load) => {
-                    warms.push_back(load);
+                    warms.push(load);
                     false
                 }
                 Msg::Gone(names) => {
@@ -1005,7 +1007,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         let mut broken = broken;
         if !broken && !recycle && draining.is_none() {
             let slice = Instant::now();
-            while let Some(load) = warms.pop_front() {
+            while let Some(load) = warms.pop() {
                 // Loaded as the last lowering serves it (its table and variables then); one it
                 // no longer serves (a version saved over since) is skipped.
                 let at = Arc::as_ptr(&load.func) as usize;
@@ -1028,6 +1030,46 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
             release_held(&mut draining, &mut held, &mut batch);
             reload(served, &mut batch, reloaded, &mut warms);
         }
+    }
+}
+
+/// Functions to load ahead of their calls, in the order they came, each once.
+#[derive(Default)]
+struct Warms {
+    queue: VecDeque<Box<Load>>,
+    /// The functions queued, by address.
+    queued: HashSet<usize>,
+}
+
+impl Warms {
+    fn push(&mut self, load: Box<Load>) {
+        if self.queued.insert(Arc::as_ptr(&load.func) as usize) {
+            self.queue.push_back(load);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Box<Load>> {
+        let load = self.queue.pop_front()?;
+        self.queued.remove(&(Arc::as_ptr(&load.func) as usize));
+        Some(load)
+    }
+
+    /// Takes `func` out of the queue, if it is there.
+    fn take(&mut self, func: &Arc<Function>) -> Option<Box<Load>> {
+        if self.queue.is_empty() || !self.queued.remove(&(Arc::as_ptr(func) as usize)) {
+            return None;
+        }
+        let at = self.queue.iter().position(|l| Arc::ptr_eq(&l.func, func))?;
+        self.queue.remove(at)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.queued.clear();
     }
 }
 
