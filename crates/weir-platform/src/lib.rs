@@ -145,6 +145,8 @@ pub struct Platform {
     /// The revision this node's data plane serves, where it has one: a gateway rendered here
     /// is marked started once it is served here.
     applied: std::sync::OnceLock<tokio::sync::watch::Receiver<i64>>,
+    /// Whether the last render this node waited for was not served within the bound.
+    behind: std::sync::atomic::AtomicBool,
 }
 
 impl Platform {
@@ -173,6 +175,7 @@ impl Platform {
             functions: std::sync::OnceLock::new(),
             databases: std::sync::OnceLock::new(),
             applied: std::sync::OnceLock::new(),
+            behind: std::sync::atomic::AtomicBool::new(false),
             pause_after_claim: std::env::var("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS").ok().and_then(|v| v.parse().ok()).map(std::time::Duration::from_millis),
         })
     }

@@ -20,6 +20,9 @@ use crate::docs::Refused;
 use crate::model::{ENVIRONMENTS, Environment, Gateway, Phase, State};
 use crate::render::{self, KINDS, Object};
 
+/// How long a render waits for this node's data plane while it is behind.
+const BEHIND_BOUND: Duration = Duration::from_millis(50);
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -255,14 +258,18 @@ impl Platform {
         match step {
             Step::Create | Step::Enter(_) => Ok(()),
             // What the render wrote is served here before the gateway is marked as started
-            // (or a second passes), as a request's writes are answered.
+            // (or a second passes), as a request's writes are answered. While this node's data
+            // plane is behind (a render it did not serve within the bound), the renders wait
+            // only briefly, so a pass over many gateways is not held a second for each.
             Step::Render(_) => {
                 let (objects, live) = (render::render(&self.cfg, gw), render::live(&self.cfg, gw));
                 let sync = self.sync(gw, rev, &objects, &live);
-                match self.applied.get() {
-                    Some(applied) => weir_store::settled::settle(applied, weir_store::settled::BOUND, sync).await,
-                    None => sync.await,
-                }
+                let Some(applied) = self.applied.get() else { return sync.await };
+                let behind = self.behind.load(std::sync::atomic::Ordering::Relaxed);
+                let bound = if behind { BEHIND_BOUND } else { weir_store::settled::BOUND };
+                let (out, served) = weir_store::settled::settle_within(applied, bound, sync).await;
+                self.behind.store(!served, std::sync::atomic::Ordering::Relaxed);
+                out
             }
             Step::Delete => self.sync(gw, rev, &[], &[]).await,
         }

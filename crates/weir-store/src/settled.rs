@@ -30,19 +30,26 @@ tokio::task_local! {
 /// node's data plane serves, reaches the newest revision `work` wrote through a [`Settled`]
 /// store, or until `bound` passes.
 pub async fn settle<T>(applied: &watch::Receiver<i64>, bound: Duration, work: impl Future<Output = T>) -> T {
+    settle_within(applied, bound, work).await.0
+}
+
+/// As [`settle`], and whether what `work` wrote (if anything) was served within `bound`.
+pub async fn settle_within<T>(applied: &watch::Receiver<i64>, bound: Duration, work: impl Future<Output = T>) -> (T, bool) {
     let (out, written) = WRITTEN
         .scope(Cell::new(0), async {
             let out = work.await;
             (out, WRITTEN.with(Cell::get))
         })
         .await;
-    if written > 0 {
-        let mut applied = applied.clone();
-        if tokio::time::timeout(bound, applied.wait_for(|r| *r >= written)).await.is_err() {
-            tracing::debug!(revision = written, ?bound, "a write is answered before this node serves it");
-        }
+    if written == 0 {
+        return (out, true);
     }
-    out
+    let mut applied = applied.clone();
+    let served = tokio::time::timeout(bound, applied.wait_for(|r| *r >= written)).await.is_ok_and(|r| r.is_ok());
+    if !served {
+        tracing::debug!(revision = written, ?bound, "a write is answered before this node serves it");
+    }
+    (out, served)
 }
 
 /// A store that notes, for [`settle`], the revisions of the writes it commits under the
@@ -125,12 +132,12 @@ mod tests {
 
         // Nothing applies it: the answer comes at the bound, and the write is kept.
         let started = tokio::time::Instant::now();
-        let revision = settle(&applied, bound, async {
+        let (revision, served) = settle_within(&applied, bound, async {
             let TxnOutcome::Committed { revision, .. } = store.txn(put("/apisix/routes/1")).await.unwrap() else { panic!("committed") };
             revision
         })
         .await;
-        assert_eq!(started.elapsed(), bound);
+        assert_eq!((started.elapsed(), served), (bound, false));
         assert!(store.get("/apisix/routes/1").await.unwrap().is_some());
 
         // Two writes, the second applied a moment later: answered then, not at the first's.
@@ -141,12 +148,12 @@ mod tests {
             tx.send_replace(revision + 2);
             tx
         });
-        settle(&applied, bound, async {
+        let ((), served) = settle_within(&applied, bound, async {
             store.txn(put("/apisix/routes/2")).await.unwrap();
             store.txn(put("/apisix/routes/3")).await.unwrap();
         })
         .await;
-        assert_eq!(started.elapsed(), Duration::from_millis(30));
+        assert_eq!((started.elapsed(), served), (Duration::from_millis(30), true));
         let _tx = applier.await.unwrap();
 
         // Writes the data plane does not follow, deletes of nothing (beside a delete of
