@@ -274,7 +274,10 @@ impl Engine {
                 // And so does the last reload's time: a runtime that panics is not loaded afresh
                 // more often for it.
                 let reloaded = std::cell::Cell::new(None);
-                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call, &reloaded))).is_err() {
+                // And so do the places and bytes of the gateway's fetches and database
+                // operations: those of the runtime before a panic are still under way.
+                let slots = Slots::new(memory);
+                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call, &reloaded, &slots))).is_err() {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
             })?;
@@ -532,13 +535,24 @@ struct Js {
     realms: RefCell<Vec<(String, Rc<Realm>)>>,
     rt: Runtime,
     host: Shared,
-    /// When the running JavaScript must stop, in nanoseconds since `epoch`; 0: never.
+    /// When the running JavaScript must stop, in nanoseconds since `epoch`; 0: never (only
+    /// before the first call). Between calls' segments it is a short while after the last
+    /// arming ([`Js::housekeeping`]): what the loop does in JavaScript itself (reading an
+    /// answer or an error, dropping a call's timers) may run a function's getters or replaced
+    /// built-ins, and is stopped as a call would be.
     stop_at: Arc<AtomicU64>,
     epoch: Instant,
     /// A call failed as a runtime out of memory fails and the runtime is still all but full:
     /// the loop makes it afresh.
     full: std::cell::Cell<bool>,
+    /// A segment ended at its budget with promise jobs still queued (a chain of jobs that
+    /// queues itself again never ends): they would run in later calls' turns, on their budgets,
+    /// so the loop makes the runtime afresh once the calls in flight are done.
+    leftover: std::cell::Cell<bool>,
 }
+
+/// How long what the loop runs of JavaScript outside a call's segment may take.
+const HOUSEKEEPING: Duration = Duration::from_millis(20);
 
 impl Realm {
     /// The default export of `func`, loaded once.
@@ -604,7 +618,13 @@ impl Js {
                 at != 0 && epoch.elapsed().as_nanos() as u64 >= at
             })));
         }
-        Ok(Js { realms: RefCell::default(), rt, host, stop_at, epoch, full: Default::default() })
+        Ok(Js { realms: RefCell::default(), rt, host, stop_at, epoch, full: Default::default(), leftover: Default::default() })
+    }
+
+    /// Gives what the loop runs next of JavaScript outside a call's segment [`HOUSEKEEPING`].
+    fn housekeeping(&self) {
+        let at = (self.epoch.elapsed() + HOUSEKEEPING).as_nanos() as u64;
+        self.stop_at.store(at, Ordering::Relaxed);
     }
 
     /// `env`'s realm, made (its natives and the SDK) the first time.
@@ -626,7 +646,9 @@ impl Js {
                 if call == STRAY {
                     return Some(STRAY_REFUSAL.into());
                 }
-                let due = Instant::now() + Duration::from_secs_f64((ms / 1000.0).clamp(0.0, 86_400.0));
+                // A delay that is no number (NaN) is none, as WHATWG's timers take it.
+                let secs = if ms.is_finite() { (ms / 1000.0).clamp(0.0, 86_400.0) } else { 0.0 };
+                let due = Instant::now() + Duration::from_secs_f64(secs);
                 host.timers.push(Reverse((due, call, id)));
                 None
             })?)?;
@@ -675,7 +697,7 @@ impl Js {
             natives.set("decode", JsFn::new(ctx.clone(), decode_native)?)?;
             let (h, e) = (host.clone(), env.to_string());
             // Each answers why the operation may not start, or nothing when it is queued.
-            natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Vec<Vec<String>>, body: Option<Array<'_>>| -> rquickjs::Result<Option<String>> {
+            natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Array<'_>, body: Option<Array<'_>>| -> rquickjs::Result<Option<String>> {
                 if h.borrow().call_of(&e) == STRAY {
                     return Ok(Some(STRAY_REFUSAL.into()));
                 }
@@ -683,15 +705,15 @@ impl Js {
                 let Some(place) = slots.place() else {
                     return Ok(Some(format!("fetch to {url} refused: {}", Slots::refusal("fetch"))));
                 };
+                let headers = header_list(&headers)?;
                 let body = body.map(|b| from_wire(&b)).transpose()?;
                 // The request leaves the runtime's memory: until it is sent it counts against
                 // the gateway's limit here, its URL and headers with its body.
-                let size = body.as_ref().map_or(0, Vec::len) + method.len() + url.len() + headers.iter().flatten().map(String::len).sum::<usize>();
+                let size = body.as_ref().map_or(0, Vec::len) + method.len() + url.len() + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
                 let Some(bytes) = Taken::of(&slots.bytes, size) else {
                     let url = url.chars().take(200).collect::<String>();
                     return Ok(Some(format!("fetch to {url} refused: the request and the fetches in flight would pass this gateway's memory limit")));
                 };
-                let headers = headers.into_iter().filter_map(|mut kv| (kv.len() == 2).then(|| { let v = kv.pop().unwrap_or_default(); (kv.pop().unwrap_or_default(), v) })).collect();
                 let mut host = h.borrow_mut();
                 let call = host.call_of(&e);
                 host.fetches.push((call, id, method, url, headers, body, place, bytes));
@@ -776,7 +798,10 @@ impl Js {
                 }
             }
         }
-        self.stop_at.store(0, Ordering::Relaxed);
+        if self.rt.is_job_pending() {
+            self.leftover.set(true);
+        }
+        self.housekeeping();
         // A job that ran out of memory inside QuickJS's promise machinery, where not even the
         // rejection could be made, leaves its exception on the context and its call waiting
         // for good: the exception is taken off (or the next call would meet it) and counts as
@@ -828,6 +853,37 @@ fn decode_native(bytes: String, fatal: bool, ignore_bom: bool) -> Option<String>
 /// The bytes of a string whose chars are all below 256, one byte per char.
 fn latin1(s: &str) -> Vec<u8> {
     s.chars().map(|c| c as u32 as u8).collect()
+}
+
+/// The most header fields one list carries between a function and the node, and the most
+/// bytes of their names and values.
+const MAX_HEADERS: usize = 1000;
+const MAX_HEADER_BYTES: usize = 256 << 10;
+
+/// The `[name, value]` pairs of a list the prelude made (others are skipped), refused past
+/// [`MAX_HEADERS`] or [`MAX_HEADER_BYTES`]. Each string is counted as it is copied, so a list
+/// that names one large string many times is refused before it is copied many times.
+fn header_list(list: &Array<'_>) -> rquickjs::Result<Vec<(String, String)>> {
+    let too_many = |what: String| Err(rquickjs::Exception::throw_range(list.ctx(), &what));
+    if list.len() > MAX_HEADERS {
+        return too_many(format!("{} header fields; at most {MAX_HEADERS} may be sent", list.len()));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    let mut bytes = 0;
+    for i in 0..list.len() {
+        let Some(pair) = list.get::<Value<'_>>(i)?.into_array().filter(|p| p.len() == 2) else { continue };
+        let name: String = pair.get(0)?;
+        bytes += name.len();
+        if bytes <= MAX_HEADER_BYTES {
+            let value: String = pair.get(1)?;
+            bytes += value.len();
+            out.push((name, value));
+        }
+        if bytes > MAX_HEADER_BYTES {
+            return too_many(format!("header fields of more than {} KiB; at most that may be sent", MAX_HEADER_BYTES >> 10));
+        }
+    }
+    Ok(out)
 }
 
 /// Bytes from the prelude's `[binary, string]`.
@@ -895,9 +951,9 @@ const RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// load whose top level runs longer finishes first).
 const WARM_SLICE: Duration = Duration::from_millis(2);
 
-fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>, reloaded: &std::cell::Cell<Option<Instant>>) {
-    let slots = Slots::new(memory);
-    let mut js = match Js::new(memory, &slots) {
+#[allow(clippy::too_many_arguments)]
+fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>, reloaded: &std::cell::Cell<Option<Instant>>, slots: &Slots) {
+    let mut js = match Js::new(memory, slots) {
         Ok(js) => js,
         Err(e) => {
             tracing::error!(%gateway, error = %e, "the function runtime could not start");
@@ -971,7 +1027,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
             } || js.full.take();
             if broken {
                 // Out of memory: a fresh runtime at once; the calls in flight cannot continue.
-                js = match renew(js, &mut calls, || Failure::Memory, memory, &slots, gateway) {
+                js = match renew(js, &mut calls, || Failure::Memory, memory, slots, gateway) {
                     Some(js) => js,
                     None => return,
                 };
@@ -989,7 +1045,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
             }
         }
         let broken = broken || js.full.take();
-        start_outbound(&js, &calls, gateway, mailbox, services, &slots);
+        start_outbound(&js, &calls, gateway, mailbox, services, slots);
         // Every save loads a new version and QuickJS keeps old modules (and this their sources),
         // so once many versions since followed by others, or many bytes of them, have piled up
         // the runtime is made afresh: new calls wait while the calls in flight finish (at most
@@ -997,7 +1053,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         // many functions a gateway serves, their current versions alone never renew it.
         let piled = {
             let host = js.host.borrow();
-            host.superseded > RECYCLE_AFTER || host.superseded_bytes > RECYCLE_BYTES
+            host.superseded > RECYCLE_AFTER || host.superseded_bytes > RECYCLE_BYTES || js.leftover.get()
         };
         let recycle = !broken && piled && {
             let since = *draining.get_or_insert_with(Instant::now);
@@ -1023,7 +1079,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 true => Failure::Memory,
                 false => Failure::Internal("the gateway's runtime was renewed while this call waited".into()),
             };
-            js = match renew(js, &mut calls, why, memory, &slots, gateway) {
+            js = match renew(js, &mut calls, why, memory, slots, gateway) {
                 Some(js) => js,
                 None => return,
             };
@@ -1196,8 +1252,15 @@ fn caught(ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
 
 fn thrown(v: &Value<'_>) -> Failure {
     if let Some(obj) = v.as_object() {
-        let message: String = obj.get("message").unwrap_or_default();
-        let stack: String = obj.get("stack").unwrap_or_default();
+        // A getter of the error may throw (or be interrupted): what it threw is taken off.
+        let read = |key: &str| -> String {
+            obj.get(key).unwrap_or_else(|_| {
+                let _ = v.ctx().catch();
+                String::new()
+            })
+        };
+        let message = read("message");
+        let stack = read("stack");
         if message == "out of memory" {
             return Failure::Memory;
         }
@@ -1207,8 +1270,8 @@ fn thrown(v: &Value<'_>) -> Failure {
         let bare = message.is_empty();
         let message = if bare { "the function threw".into() } else { message };
         // The SDK's database errors carry the status an uncaught one answers with.
-        let name: String = obj.get("name").unwrap_or_default();
-        let status = (name == "DatabaseError").then(|| obj.get::<_, u16>("status").ok()).flatten().filter(|s| (400..600).contains(s));
+        let name = read("name");
+        let status = (name == "DatabaseError").then(|| obj.get::<_, u16>("status").map_err(|_| v.ctx().catch()).ok()).flatten().filter(|s| (400..600).contains(s));
         return Failure::Threw { message, stack, status, bare };
     }
     let message = match v.as_string() {
@@ -1247,6 +1310,7 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
     let realms = js.realms.borrow();
     for (id, live) in calls.iter() {
         let Some((_, realm)) = realms.iter().find(|(e, _)| *e == live.job.func.env) else { continue };
+        js.housekeeping();
         realm.ctx.with(|ctx| {
             let Ok(promise) = live.promise.clone().restore(&ctx) else { return };
             match promise.state() {
@@ -1281,11 +1345,11 @@ fn reply(out: Value<'_>) -> rquickjs::Result<Reply> {
     }
     let a = out.into_array().ok_or(rquickjs::Error::Unknown)?;
     let status: i32 = a.get(0)?;
-    let headers: Vec<Vec<String>> = a.get(1)?;
+    let headers: Array<'_> = a.get(1)?;
     let body: Array<'_> = a.get(2)?;
     Ok(Reply {
         status: u16::try_from(status).ok().filter(|s| (100..=599).contains(s)).unwrap_or(500),
-        headers: headers.into_iter().filter(|kv| kv.len() == 2).map(|kv| (kv[0].clone(), kv[1].clone())).collect(),
+        headers: header_list(&headers)?,
         body: from_wire(&body)?,
     })
 }
@@ -1314,6 +1378,7 @@ fn forget(js: &Js, id: u64, env: &str) -> Vec<LogLine> {
     // The callbacks of the timers the call left behind go too, or the runtime would keep them.
     let realm = js.realms.borrow().iter().find(|(e, _)| e == env).map(|(_, r)| r.clone());
     if let Some(realm) = realm.filter(|_| !unfired.is_empty()) {
+        js.housekeeping();
         realm.ctx.with(|ctx| {
             let dropped = realm.sdk(&ctx, "dropTimers").and_then(|f| f.call::<_, ()>((unfired,)));
             if let Err(e) = dropped {

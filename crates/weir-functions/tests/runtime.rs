@@ -96,6 +96,44 @@ async fn encoded_bytes_count_against_the_memory_limit() {
     assert_eq!(gw.call("hoard", get("/")).await.result, Err(Failure::Memory));
 }
 
+/// What the runtime runs of a function outside its call's turn (reading its error or answer,
+/// dropping its timers) is bounded too; a header list that names one large string many times
+/// is refused before it is copied; a timer delay that is no number is none; and promise jobs
+/// that queue themselves for ever are not left to later calls.
+#[tokio::test]
+async fn a_function_cannot_run_past_its_limits_outside_its_turn() {
+    let gw = Gw::new(vec![
+        func("dev", "getter", &[("index.js", "export default async () => { throw { get message() { for (;;) {} } }; }")]),
+        func("dev", "answer", &[("index.js", "export default () => { const r = new Response('x'); r.headers.forEach = () => { for (;;) {} }; return r; }")]),
+        // Each that replaces a built-in has an environment (a realm) of its own.
+        func("staging", "timers", &[("index.js", "export default () => { Map.prototype.delete = () => { for (;;) {} }; setTimeout(() => {}, 1e7); return 'left a timer'; }")]),
+        func("dev", "headers", &[("index.js", "export default () => { const big = 'x'.repeat(1 << 20), h = {}; for (let i = 0; i < 300; i++) h['h' + i] = big; return new Response('', { headers: h }); }")]),
+        func("dev", "fetched", &[("index.js", "export default async () => { const h = []; for (let i = 0; i < 2000; i++) h.push(['h' + i, 'v']); try { await fetch('http://api.example/', { headers: h }); } catch (e) { return e.name + ': ' + e.message; } }")]),
+        func("prod", "nan", &[("index.js", "export default () => new Promise((r) => { Math.max = () => NaN; setTimeout(() => r('fired'), 5); })")]),
+        func("dev", "spin", &[("index.js", "export default () => { const spin = () => { Promise.resolve().then(spin); }; for (let i = 0; i < 64; i++) spin(); return 'spun'; }")]),
+        func("dev", "hello", &[("index.js", "export default () => 'hello'")]),
+    ]);
+    let gw = &gw;
+    let call = |name: &'static str| async move { tokio::time::timeout(Duration::from_secs(10), gw.call(name, get("/"))).await.unwrap_or_else(|_| panic!("{name}: no answer")) };
+    let failed = |out: &Outcome| match &out.result {
+        Err(Failure::Threw { message, .. }) => message.clone(),
+        other => panic!("{other:?}"),
+    };
+    // The getter is stopped; the error reads as a bare throw.
+    assert_eq!(failed(&call("getter").await), "the function threw");
+    assert!(call("answer").await.result.is_err());
+    assert_eq!(call("timers").await.result.unwrap().body, b"left a timer");
+    assert!(failed(&call("headers").await).contains("header fields of more than 256 KiB"));
+    assert_eq!(call("fetched").await.result.unwrap().body, b"RangeError: 2000 header fields; at most 1000 may be sent");
+    assert_eq!(call("nan").await.result.unwrap().body, b"fired");
+    let _ = call("spin").await;
+    for _ in 0..3 {
+        let out = call("hello").await;
+        assert_eq!(out.result.unwrap().body, b"hello");
+        assert!(out.cpu < Duration::from_millis(100), "{:?}", out.cpu);
+    }
+}
+
 /// Loading functions ahead gives way to calls: a call sent while many slow top levels wait to
 /// be loaded is answered between them, not after them all; and a version saved over before its
 /// turn to load is not loaded.
