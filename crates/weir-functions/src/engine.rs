@@ -356,7 +356,8 @@ struct Host {
     /// Timers cleared while pending, skipped when they come due.
     cancelled: HashSet<(u64, u32)>,
     /// Each call's lines so far, the bytes of their messages, and whether some were not kept.
-    logs: HashMap<u64, (Vec<LogLine>, usize, bool)>,
+    /// The bytes are taken from the gateway's budget outside the runtime (`outbound.bytes`).
+    logs: HashMap<u64, (Vec<LogLine>, Taken, bool)>,
     /// Fetches and database operations queued this turn, each with its place among the
     /// gateway's in flight (and a fetch with its body's bytes), held until it is answered.
     fetches: Vec<(u64, u32, String, String, Vec<(String, String)>, Option<Vec<u8>>, Taken, Taken)>,
@@ -674,16 +675,22 @@ impl Js {
                 }
                 // What the call answers with is bounded: its first lines, then one that says
                 // the rest were not kept.
-                let (kept, bytes, full) = host.logs.entry(call).or_default();
+                // They are held outside the runtime until the call answers, so they count against
+                // the gateway's memory limit there, as fetched bodies do.
+                let budget = host.outbound.bytes.clone();
+                let (kept, bytes, full) = host.logs.entry(call).or_insert_with(|| (Vec::new(), Taken(budget, 0), false));
                 if !*full {
                     // Each line counts whole: a client's request id, which every line repeats, too.
                     let cost = crate::cost(&line);
-                    if kept.len() < crate::LOG_LINES && *bytes + cost <= crate::CALL_LOG_BYTES {
-                        *bytes += cost;
+                    let within = kept.len() < crate::LOG_LINES && bytes.1 + cost <= crate::CALL_LOG_BYTES;
+                    if within && bytes.grow(cost) {
                         kept.push(line);
                     } else {
                         *full = true;
-                        let message = format!("later lines of this call are not kept here (past {} lines or {} KiB)", crate::LOG_LINES, crate::CALL_LOG_BYTES >> 10);
+                        let message = match within {
+                            true => "later lines of this call are not kept here (the gateway's memory limit)".to_string(),
+                            false => format!("later lines of this call are not kept here (past {} lines or {} KiB)", crate::LOG_LINES, crate::CALL_LOG_BYTES >> 10),
+                        };
                         kept.push(LogLine { message, level: "warn".into(), ..line });
                     }
                 }
@@ -1597,6 +1604,15 @@ struct Taken(Arc<Budget>, usize);
 impl Taken {
     fn of(budget: &Arc<Budget>, n: usize) -> Option<Taken> {
         budget.take(n).then(|| Taken(budget.clone(), n))
+    }
+
+    /// Takes `n` more, if the budget has them.
+    fn grow(&mut self, n: usize) -> bool {
+        let took = self.0.take(n);
+        if took {
+            self.1 += n;
+        }
+        took
     }
 }
 

@@ -134,6 +134,28 @@ async fn a_function_cannot_run_past_its_limits_outside_its_turn() {
     }
 }
 
+/// The log lines held for calls in flight count against the gateway's memory limit: past it,
+/// a call's later lines are not kept (and say so), and what the calls held is given back.
+#[tokio::test]
+async fn log_lines_held_for_calls_count_against_the_memory_limit() {
+    let gw = Arc::new(Gw::new(vec![func("dev", "chatty", &[("index.js", "export default async () => { const s = 'x'.repeat(6000); for (let i = 0; i < 40; i++) console.log(s); await new Promise((r) => setTimeout(r, 300)); return 'done'; }")])]));
+    let wide = Limits { concurrency: 256, ..limits() };
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..200 {
+        let gw = gw.clone();
+        calls.spawn(async move { gw.call_with("chatty", get("/"), wide).await });
+    }
+    let mut cut = 0;
+    while let Some(out) = calls.join_next().await {
+        let out = out.unwrap();
+        assert_eq!(out.result.unwrap().body, b"done");
+        cut += usize::from(out.logs.last().is_some_and(|l| l.message == "later lines of this call are not kept here (the gateway's memory limit)"));
+    }
+    // 200 calls of about 240 KiB of lines each hold more than the gateway's 32 MiB.
+    assert!((1..200).contains(&cut), "{cut} calls had lines cut");
+    assert_eq!(gw.call_with("chatty", get("/"), wide).await.logs.len(), 40, "given back");
+}
+
 /// Loading functions ahead gives way to calls: a call sent while many slow top levels wait to
 /// be loaded is answered between them, not after them all; and a version saved over before its
 /// turn to load is not loaded.
