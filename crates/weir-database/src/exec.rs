@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 
 use crate::filter::{Budget, Filter};
-use crate::update::{Projection, Update, id_key, parse_sort, prepare, sort};
+use crate::update::{Projection, Update, id_key, parse_sort, prepare, prepare_sized, sort};
 use crate::{Backend, DbError, DbErrorKind, IndexDef, Opener, Quota, Write, check_collection, index_key};
 
 /// Times an operation outside a transaction is tried again when another node wrote first.
@@ -445,7 +445,12 @@ impl Run<'_> {
                 }
                 let (matched, mut writes) = (found.len(), Vec::new());
                 let mut budget = Budget::until(self.deadline);
+                // The documents as changed are held until written: bounded as those matched are.
+                let mut changed = 0usize;
                 for (id, old) in found {
+                    if Instant::now() > self.deadline {
+                        return Err(DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {} ms", self.quota.query_ms) });
+                    }
                     let mut doc = old.clone();
                     match &change {
                         Some(u) => {
@@ -455,9 +460,13 @@ impl Run<'_> {
                         }
                         None => doc = replacement(&r["doc"], &old["_id"])?,
                     }
-                    prepare(&mut doc)?;
+                    let (_, size) = prepare_sized(&mut doc)?;
                     if doc == old {
                         continue;
+                    }
+                    changed += size;
+                    if changed > WRITE_HOLD {
+                        return Err(DbError { kind: DbErrorKind::Quota, message: format!("the operation would change more than {} MiB of documents at once; narrow its filter and repeat it", WRITE_HOLD >> 20) });
                     }
                     writes.push(Write::Put { coll: self.coll.into(), id, doc, expect: Some(Some(old)) });
                 }

@@ -28,6 +28,11 @@ pub fn id_key(id: &Value) -> Result<String, DbError> {
 
 /// Checks a document to be stored and gives it an `_id` when it has none; its `_id` key.
 pub fn prepare(doc: &mut Value) -> Result<String, DbError> {
+    prepare_sized(doc).map(|(id, _)| id)
+}
+
+/// As [`prepare`], with the document's size in bytes.
+pub fn prepare_sized(doc: &mut Value) -> Result<(String, usize), DbError> {
     let Some(o) = doc.as_object_mut() else { return Err(DbError::bad("a document is a JSON object")) };
     if !o.contains_key("_id") {
         // `_id` first, as MongoDB stores it.
@@ -41,8 +46,21 @@ pub fn prepare(doc: &mut Value) -> Result<String, DbError> {
     if size > MAX_DOCUMENT {
         return Err(DbError::bad(format!("the document is {size} bytes; at most {MAX_DOCUMENT}")));
     }
-    id_key(&doc["_id"])
+    Ok((id_key(&doc["_id"])?, size))
 }
+
+/// Refuses a field path (`a.b.c`) of more parts than a document may nest: an update builds
+/// one level per part, and a value nested past what is dropped safely never gets made.
+fn check_path(what: &str, path: &str) -> Result<(), DbError> {
+    if path.split('.').nth(DEPTH).is_some() {
+        return Err(DbError::bad(format!("{what}: a field path has at most {DEPTH} parts")));
+    }
+    Ok(())
+}
+
+/// The most fields one sort or projection names (MongoDB sorts by at most 32).
+const MAX_SORT_FIELDS: usize = 32;
+const MAX_PROJECTED: usize = 256;
 
 fn check_fields(v: &Value, depth: usize) -> Result<(), DbError> {
     if depth > DEPTH {
@@ -100,6 +118,7 @@ impl Update {
                 if path == "_id" || path.starts_with("_id.") {
                     return Err(DbError::bad("_id cannot be changed"));
                 }
+                check_path(op, path)?;
                 changes.push(match op.as_str() {
                     "$set" => Change::Set(path.clone(), arg.clone()),
                     "$unset" => Change::Unset(path.clone()),
@@ -225,6 +244,9 @@ fn kind(v: &Value) -> &'static str {
 pub fn parse_sort(v: Option<&Value>) -> Result<Vec<(String, bool)>, DbError> {
     let Some(v) = v else { return Ok(Vec::new()) };
     let o = v.as_object().ok_or_else(|| DbError::bad("sort is an object of fields with 1 or -1"))?;
+    if o.len() > MAX_SORT_FIELDS {
+        return Err(DbError::bad(format!("sort: at most {MAX_SORT_FIELDS} fields")));
+    }
     o.iter()
         .map(|(k, d)| match d.as_i64() {
             Some(1) => Ok((k.clone(), true)),
@@ -287,6 +309,9 @@ impl Projection {
     pub fn parse(v: Option<&Value>) -> Result<Option<Projection>, DbError> {
         let Some(v) = v else { return Ok(None) };
         let o = v.as_object().ok_or_else(|| DbError::bad("projection is an object of fields with 1 or 0"))?;
+        if o.len() > MAX_PROJECTED {
+            return Err(DbError::bad(format!("projection: at most {MAX_PROJECTED} fields")));
+        }
         let mut p = Projection { fields: Vec::new(), include: false, id: true };
         let mut modes = Vec::new();
         for (k, flag) in o {
@@ -299,6 +324,7 @@ impl Projection {
                 p.id = on;
                 continue;
             }
+            check_path("projection", k)?;
             modes.push(on);
             p.fields.push(k.clone());
         }

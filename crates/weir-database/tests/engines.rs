@@ -300,6 +300,14 @@ fn a_write_holds_a_bounded_share_of_the_collection(e: &Engine) {
     assert_eq!(run(&d, json!({"op": "deleteOne", "collection": "b", "filter": {}})).unwrap()["deletedCount"], 1);
     assert_eq!(run(&d, json!({"op": "findOne", "collection": "b", "filter": {}, "options": {"projection": {"v": 0}}})).unwrap(), json!({"_id": "b01", "w": 1}));
     assert_eq!(run(&d, json!({"op": "deleteMany", "collection": "b", "filter": {"_id": {"$gte": "b10"}}})).unwrap()["deletedCount"], 7);
+    // Small documents made large: what the update makes is held within the same bound.
+    for i in 0..17 {
+        run(&d, json!({"op": "insertOne", "collection": "s", "doc": {"_id": format!("s{i:02}")}})).unwrap();
+    }
+    let e = run(&d, json!({"op": "updateMany", "collection": "s", "filter": {}, "update": {"$set": {"v": big}}})).unwrap_err();
+    assert_eq!(e.kind, DbErrorKind::Quota, "{}", e.message);
+    assert!(e.message.contains("more than 64 MiB"), "{}", e.message);
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "s", "filter": {"v": {"$exists": true}}})).unwrap(), json!(0));
 }
 
 fn quotas_and_bad_input(e: &Engine) {
@@ -326,6 +334,13 @@ fn quotas_and_bad_input(e: &Engine) {
         (json!({"op": "find", "collection": "c", "filter": {"$where": "1"}}), "$where"),
         (json!({"op": "updateOne", "collection": "c", "filter": {}, "update": {"$rename": {}}}), "$rename"),
         (json!({"op": "nope", "collection": "c"}), "unknown operation"),
+        // A path of more parts than a document may nest (an update would build a level per
+        // part), however many: refused before anything is built.
+        (json!({"op": "updateOne", "collection": "c", "filter": {}, "update": {"$set": {vec!["a"; 65].join("."): 1}}}), "at most 64 parts"),
+        (json!({"op": "updateOne", "collection": "c", "filter": {}, "update": {"$set": {vec!["a"; 1_000_000].join("."): 1}}, "options": {"upsert": true}}), "at most 64 parts"),
+        (json!({"op": "find", "collection": "c", "filter": {}, "options": {"projection": {vec!["a"; 65].join("."): 1}}}), "at most 64 parts"),
+        (json!({"op": "find", "collection": "c", "filter": {}, "options": {"sort": (0..33).map(|i| (format!("f{i}"), json!(1))).collect::<serde_json::Map<_, _>>()}}), "at most 32 fields"),
+        (json!({"op": "find", "collection": "c", "filter": {}, "options": {"projection": (0..257).map(|i| (format!("f{i}"), json!(1))).collect::<serde_json::Map<_, _>>()}}), "at most 256 fields"),
     ] {
         let e = run(&d, req).unwrap_err();
         assert!(e.message.contains(says), "{e:?}");
