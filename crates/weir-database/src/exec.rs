@@ -256,6 +256,11 @@ fn end(gone: impl Iterator<Item = Open>) {
     }
 }
 
+/// Open transactions of a database hold at most [`TX_PENDING`] bytes of what they read and wrote.
+fn tx_full() -> DbError {
+    DbError { kind: DbErrorKind::Quota, message: format!("this database's open transactions would hold more than {} MiB of documents read and written; commit or abort some", TX_PENDING >> 20) }
+}
+
 fn is_write(op: &str) -> bool {
     !matches!(op, "findOne" | "find" | "countDocuments" | "explain")
 }
@@ -559,7 +564,7 @@ impl Run<'_> {
                 let held = self.db.pending.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
                 if held + size > TX_PENDING {
                     self.db.pending.fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
-                    return Err(DbError { kind: DbErrorKind::Quota, message: format!("this database's open transactions would hold more than {} MiB of writes; commit or abort some", TX_PENDING >> 20) });
+                    return Err(tx_full());
                 }
                 t.bytes += size;
                 for w in writes {
@@ -663,12 +668,22 @@ impl Run<'_> {
                 }
             }
             kept.prune();
-            // What the transaction read of what it has not written is what it saw first.
+            // What the transaction read of what it has not written is what it saw first. It is
+            // held until the transaction ends, so it counts against its database's bound as
+            // what it writes does.
             for (id, d) in &kept.out {
                 let key = (self.coll.to_string(), id.clone());
-                if !t.writes.contains_key(&key) {
-                    t.seen.entry(key).or_insert_with(|| Some(d.clone()));
+                if t.writes.contains_key(&key) || t.seen.contains_key(&key) {
+                    continue;
                 }
+                let size = serde_json::to_vec(d).map_or(0, |b| b.len());
+                let held = self.db.pending.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                if held + size > TX_PENDING {
+                    self.db.pending.fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
+                    return Err(tx_full());
+                }
+                t.bytes += size;
+                t.seen.insert(key, Some(d.clone()));
             }
         }
         if budget.spent() {

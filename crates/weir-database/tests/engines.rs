@@ -300,6 +300,15 @@ fn a_write_holds_a_bounded_share_of_the_collection(e: &Engine) {
     assert_eq!(run(&d, json!({"op": "deleteOne", "collection": "b", "filter": {}})).unwrap()["deletedCount"], 1);
     assert_eq!(run(&d, json!({"op": "findOne", "collection": "b", "filter": {}, "options": {"projection": {"v": 0}}})).unwrap(), json!({"_id": "b01", "w": 1}));
     assert_eq!(run(&d, json!({"op": "deleteMany", "collection": "b", "filter": {"_id": {"$gte": "b10"}}})).unwrap()["deletedCount"], 7);
+    // What a transaction reads is held until it ends: nine documents of 4 MiB pass the 32 MiB
+    // its database's open transactions may hold, and the next transaction has it all again.
+    for _ in 0..2 {
+        let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+        let e = run(&d, json!({"op": "countDocuments", "collection": "b", "filter": {}, "tx": tx})).unwrap_err();
+        assert!(e.kind == DbErrorKind::Quota && e.message.contains("more than 32 MiB of documents read and written"), "{}", e.message);
+        assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "b", "filter": {"_id": {"$lt": "b05"}}, "tx": tx})).unwrap(), json!(4));
+        run(&d, json!({"op": "abort", "tx": tx})).unwrap();
+    }
     // Small documents made large: what the update makes is held within the same bound.
     for i in 0..17 {
         run(&d, json!({"op": "insertOne", "collection": "s", "doc": {"_id": format!("s{i:02}")}})).unwrap();
