@@ -520,6 +520,10 @@ struct Realm {
     /// database results.
     sdk: Persistent<Object<'static>>,
     ctx: Context,
+    /// The runtime's interrupt deadline (`Js::stop_at`, since `epoch`), for loops of its own
+    /// that run JavaScript.
+    stop_at: Arc<AtomicU64>,
+    epoch: Instant,
 }
 
 impl Realm {
@@ -546,10 +550,11 @@ struct Js {
     /// A call failed as a runtime out of memory fails and the runtime is still all but full:
     /// the loop makes it afresh.
     full: std::cell::Cell<bool>,
-    /// A segment ended at its budget with promise jobs still queued (a chain of jobs that
-    /// queues itself again never ends): they would run in later calls' turns, on their budgets,
-    /// so the loop makes the runtime afresh once the calls in flight are done.
-    leftover: std::cell::Cell<bool>,
+    /// How many segments in a row ended at their budget with promise jobs still queued. One
+    /// may be a call that ran out of time amid its own work; a second means the jobs go on
+    /// from call to call (a chain of jobs that queues itself again never ends), on later calls'
+    /// budgets, so the loop makes the runtime afresh once the calls in flight are done.
+    leftover: std::cell::Cell<u8>,
 }
 
 /// How long what the loop runs of JavaScript outside a call's segment may take.
@@ -569,8 +574,16 @@ impl Realm {
         let name = format!("{}{}", module_prefix(func), func.compiled.entry);
         let loading = Module::import(ctx, name).map_err(caught)?;
         // Loading runs as promise jobs; a module's top level that waits on a timer or a
-        // fetch is not supported.
-        while loading.state() == PromiseState::Pending && ctx.execute_pending_job() {}
+        // fetch is not supported. An interrupted job still counts as run, so the deadline is
+        // read here too: jobs that queue each other again would run for ever.
+        let past = || {
+            let at = self.stop_at.load(Ordering::Relaxed);
+            at != 0 && self.epoch.elapsed().as_nanos() as u64 >= at
+        };
+        while loading.state() == PromiseState::Pending && !past() && ctx.execute_pending_job() {}
+        if loading.state() == PromiseState::Pending && past() {
+            return Err(Failure::Timeout("the call ran past its CPU budget"));
+        }
         let ns: Object<'_> = match loading.state() {
             PromiseState::Resolved => loading.result::<Object<'_>>().unwrap_or_else(|| Err(rquickjs::Error::Unknown)).map_err(caught)?,
             PromiseState::Rejected => return Err(caught(loading.result::<Value<'_>>().and_then(|r| r.err()).unwrap_or(rquickjs::Error::Unknown))),
@@ -623,9 +636,12 @@ impl Js {
     }
 
     /// Gives what the loop runs next of JavaScript outside a call's segment [`HOUSEKEEPING`].
+    /// What it runs is no call's: timers, fetches, database operations and log lines it asks
+    /// for are refused, as those of another environment's realm are.
     fn housekeeping(&self) {
         let at = (self.epoch.elapsed() + HOUSEKEEPING).as_nanos() as u64;
         self.stop_at.store(at, Ordering::Relaxed);
+        self.host.borrow_mut().call = STRAY;
     }
 
     /// `env`'s realm, made (its natives and the SDK) the first time.
@@ -657,7 +673,9 @@ impl Js {
             natives.set("clearTimer", JsFn::new(ctx.clone(), move |id: u32| {
                 let mut host = h.borrow_mut();
                 let call = host.call_of(&e);
-                if call != STRAY {
+                // Only pending timers are worth cancelling: there are never more cancellations
+                // than timers (a function that replaced the prelude's bookkeeping may ask for any).
+                if call != STRAY && host.cancelled.len() < host.timers.len() {
                     host.cancelled.insert((call, id));
                 }
             })?)?;
@@ -755,7 +773,7 @@ impl Js {
             Ok((Persistent::save(&ctx, weir.clone()), Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?)))
         })?;
         host.borrow_mut().realms.push((ctx.as_raw().as_ptr() as usize, env.to_string()));
-        let realm = Rc::new(Realm { exports: RefCell::default(), exported: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, sdk, ctx });
+        let realm = Rc::new(Realm { exports: RefCell::default(), exported: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, sdk, ctx, stop_at: self.stop_at.clone(), epoch: self.epoch });
         self.realms.borrow_mut().push((env.to_string(), realm.clone()));
         Ok(realm)
     }
@@ -805,9 +823,7 @@ impl Js {
                 }
             }
         }
-        if self.rt.is_job_pending() {
-            self.leftover.set(true);
-        }
+        self.leftover.set(if self.rt.is_job_pending() { self.leftover.get().saturating_add(1) } else { 0 });
         self.housekeeping();
         // A job that ran out of memory inside QuickJS's promise machinery, where not even the
         // rejection could be made, leaves its exception on the context and its call waiting
@@ -872,13 +888,17 @@ const MAX_HEADER_BYTES: usize = 256 << 10;
 /// that names one large string many times is refused before it is copied many times.
 fn header_list(list: &Array<'_>) -> rquickjs::Result<Vec<(String, String)>> {
     let too_many = |what: String| Err(rquickjs::Exception::throw_range(list.ctx(), &what));
-    if list.len() > MAX_HEADERS {
-        return too_many(format!("{} header fields; at most {MAX_HEADERS} may be sent", list.len()));
+    let len = length(list)?;
+    if len > MAX_HEADERS {
+        return too_many(format!("{len} header fields; at most {MAX_HEADERS} may be sent"));
     }
-    let mut out = Vec::with_capacity(list.len());
+    let mut out = Vec::with_capacity(len);
     let mut bytes = 0;
-    for i in 0..list.len() {
-        let Some(pair) = list.get::<Value<'_>>(i)?.into_array().filter(|p| p.len() == 2) else { continue };
+    for i in 0..len {
+        let Some(pair) = list.get::<Value<'_>>(i)?.into_array() else { continue };
+        if length(&pair)? != 2 {
+            continue;
+        }
         let name: String = pair.get(0)?;
         bytes += name.len();
         if bytes <= MAX_HEADER_BYTES {
@@ -891,6 +911,13 @@ fn header_list(list: &Array<'_>) -> rquickjs::Result<Vec<(String, String)>> {
         }
     }
     Ok(out)
+}
+
+/// An array's length, read as JavaScript sees it (a length past 2^31 is no small integer, which
+/// `Array::len` asserts it is).
+fn length(a: &Array<'_>) -> rquickjs::Result<usize> {
+    let n: f64 = a.as_object().get("length")?;
+    Ok(if n.is_finite() && n >= 0.0 { n as usize } else { 0 })
 }
 
 /// Bytes from the prelude's `[binary, string]`.
@@ -1060,7 +1087,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         // many functions a gateway serves, their current versions alone never renew it.
         let piled = {
             let host = js.host.borrow();
-            host.superseded > RECYCLE_AFTER || host.superseded_bytes > RECYCLE_BYTES || js.leftover.get()
+            host.superseded > RECYCLE_AFTER || host.superseded_bytes > RECYCLE_BYTES || js.leftover.get() >= 2
         };
         let recycle = !broken && piled && {
             let since = *draining.get_or_insert_with(Instant::now);
@@ -1657,27 +1684,44 @@ fn user_object<'js>(ctx: &Ctx<'js>, users: &Users, user: &User) -> rquickjs::Res
     Ok(u)
 }
 
+/// Makes `key` an own data property of `obj` (writable, enumerable, configurable), as an object
+/// literal does: no setter a function put on a prototype runs, and `__proto__` is a key like
+/// any other.
+fn define<'js, K: rquickjs::IntoAtom<'js>, V: rquickjs::IntoJs<'js>>(obj: &Object<'js>, key: K, v: V) -> rquickjs::Result<()> {
+    obj.prop(key, rquickjs::object::Property::from(v).writable().enumerable().configurable())
+}
+
 fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, users: &Users) -> rquickjs::Result<Object<'js>> {
     let o = Object::new(ctx.clone())?;
-    o.set("method", r.method.as_str())?;
-    o.set("path", r.path.as_str())?;
-    let query = Object::new(ctx.clone())?;
+    define(&o, "method", r.method.as_str())?;
+    define(&o, "path", r.path.as_str())?;
+    // A parameter given more than once is an array of its values, in order; grouped here, so
+    // nothing is read back from the object (or its prototype).
+    let mut grouped: Vec<(&str, Vec<&str>)> = Vec::new();
+    let mut at: HashMap<&str, usize> = HashMap::new();
     for (k, v) in &r.query {
-        match query.get::<_, Value<'_>>(k.as_str())? {
-            v0 if v0.is_undefined() => query.set(k.as_str(), v.as_str())?,
-            v0 if v0.is_array() => {
-                let a: Array<'_> = v0.into_array().expect("an array");
-                a.set(a.len(), v.as_str())?;
-            }
-            v0 => {
-                let a = Array::new(ctx.clone())?;
-                a.set(0, v0)?;
-                a.set(1, v.as_str())?;
-                query.set(k.as_str(), a)?;
+        match at.get(k.as_str()) {
+            Some(&i) => grouped[i].1.push(v),
+            None => {
+                at.insert(k, grouped.len());
+                grouped.push((k, vec![v]));
             }
         }
     }
-    o.set("query", query)?;
+    let query = Object::new(ctx.clone())?;
+    for (k, values) in grouped {
+        match values[..] {
+            [one] => define(&query, k, one)?,
+            _ => {
+                let a = Array::new(ctx.clone())?;
+                for (i, v) in values.into_iter().enumerate() {
+                    define(&a, i as u32, v)?;
+                }
+                define(&query, k, a)?;
+            }
+        }
+    }
+    define(&o, "query", query)?;
     // A header sent more than once is one property, its values joined as HTTP joins them;
     // joined here, so each name costs the runtime one property and no lookup.
     let mut joined: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(r.headers.len());
@@ -1693,15 +1737,15 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, users: &Users) -> rquickjs::Result<Ob
     }
     let headers = Object::new(ctx.clone())?;
     for (k, v) in joined {
-        headers.set(k, v.as_ref())?;
+        define(&headers, k, v.as_ref())?;
     }
-    o.set("headers", headers)?;
+    define(&o, "headers", headers)?;
     if let Some(body) = &r.body {
-        o.set("body", body.as_str())?;
+        define(&o, "body", body.as_str())?;
     }
-    o.set("requestId", r.request_id.as_str())?;
+    define(&o, "requestId", r.request_id.as_str())?;
     if let Some(user) = &r.user {
-        o.set("user", user_object(ctx, users, user)?)?;
+        define(&o, "user", user_object(ctx, users, user)?)?;
     }
     Ok(o)
 }

@@ -111,6 +111,9 @@ async fn a_function_cannot_run_past_its_limits_outside_its_turn() {
         func("dev", "fetched", &[("index.js", "export default async () => { const h = []; for (let i = 0; i < 2000; i++) h.push(['h' + i, 'v']); try { await fetch('http://api.example/', { headers: h }); } catch (e) { return e.name + ': ' + e.message; } }")]),
         func("prod", "nan", &[("index.js", "export default () => new Promise((r) => { Math.max = () => NaN; setTimeout(() => r('fired'), 5); })")]),
         func("dev", "spin", &[("index.js", "export default () => { const spin = () => { Promise.resolve().then(spin); }; for (let i = 0; i < 64; i++) spin(); return 'spun'; }")]),
+        // A module whose top level never finishes, with jobs that queue each other again.
+        func("dev", "module", &[("index.js", "const P = Promise.resolve(), beat = [0, 0, 0, 0]; let t = 0;\nconst s = (i) => { P.then(() => s(i)); beat[i] = ++t; beat.forEach((b, j) => { if (t - b > 16) { beat[j] = t; P.then(() => s(j)); } }); };\n[0, 1, 2, 3].forEach(s);\nawait new Promise(() => {});\nexport default () => 1;")]),
+        func("qa", "length", &[("index.js", "export default () => { const r = new Response('x'); Array.prototype.push = function () { this.length = 2 ** 31; }; return r; }")]),
         func("dev", "hello", &[("index.js", "export default () => 'hello'")]),
     ]);
     let gw = &gw;
@@ -126,12 +129,29 @@ async fn a_function_cannot_run_past_its_limits_outside_its_turn() {
     assert!(failed(&call("headers").await).contains("header fields of more than 256 KiB"));
     assert_eq!(call("fetched").await.result.unwrap().body, b"RangeError: 2000 header fields; at most 1000 may be sent");
     assert_eq!(call("nan").await.result.unwrap().body, b"fired");
+    // The jobs it leaves run on the next call's budget once; the runtime is then made afresh.
     let _ = call("spin").await;
+    let _ = call("hello").await;
     for _ in 0..3 {
         let out = call("hello").await;
         assert_eq!(out.result.unwrap().body, b"hello");
         assert!(out.cpu < Duration::from_millis(100), "{:?}", out.cpu);
     }
+    assert_eq!(call("module").await.result, Err(Failure::Timeout("the call ran past its CPU budget")));
+    // An array whose length is past 2^31 fails the call, not the runtime (which would fail
+    // every call in flight as stopped).
+    let out = call("length").await;
+    assert!(matches!(out.result, Err(Failure::Timeout(_) | Failure::Threw { .. })), "{:?}", out.result);
+}
+
+/// A request's query is the client's: own properties only (`__proto__` and `toString` are
+/// keys like any other), a parameter given twice an array of its values.
+#[tokio::test]
+async fn a_query_is_made_of_own_properties() {
+    let gw = Gw::new(vec![func("dev", "q", &[("index.js", "export default (ctx) => ({ plain: Object.getPrototypeOf(ctx.query) === Object.prototype, keys: Object.keys(ctx.query), proto: ctx.query.__proto__, a: ctx.query.a })")])]);
+    let mut req = get("/");
+    req.query = [("__proto__", "x"), ("toString", "y"), ("a", "1"), ("a", "2")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    assert_eq!(body_json(&gw.call("q", req).await), json!({"plain": true, "keys": ["__proto__", "toString", "a"], "proto": "x", "a": ["1", "2"]}));
 }
 
 /// The log lines held for calls in flight count against the gateway's memory limit: past it,
