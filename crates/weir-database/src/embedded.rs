@@ -269,24 +269,25 @@ impl Backend for Embedded {
         true
     }
 
-    fn lookup_docs(&self, coll: &str, index: &str, key: &str) -> Result<Vec<(String, Value)>, DbError> {
+    fn lookup_each(&self, coll: &str, index: &str, key: &str, visit: &mut dyn FnMut(String, Value) -> Result<bool, DbError>) -> Result<(), DbError> {
         self.with(|db| {
             // One read transaction for the index and the documents it names.
             let rtx = db.begin_read().map_err(failed)?;
             let table = rtx.open_table(INDEX).map_err(failed)?;
             let docs = rtx.open_table(DOCS).map_err(failed)?;
-            let mut out = Vec::new();
             for entry in table.range((coll, index, key, "")..).map_err(failed)? {
                 let (k, _) = entry.map_err(failed)?;
                 let (c, n, kk, id) = k.value();
                 if (c, n, kk) != (coll, index, key) {
                     break;
                 }
-                if let Some(v) = docs.get((coll, id)).map_err(failed)? {
-                    out.push((id.to_string(), serde_json::from_slice(v.value()).map_err(failed)?));
+                if let Some(v) = docs.get((coll, id)).map_err(failed)?
+                    && !visit(id.to_string(), serde_json::from_slice(v.value()).map_err(failed)?)?
+                {
+                    break;
                 }
             }
-            Ok(out)
+            Ok(())
         })
     }
 

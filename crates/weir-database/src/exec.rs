@@ -621,7 +621,7 @@ impl Run<'_> {
         } else if let Some((def, keys)) = self.usable_index(filter)? {
             plan.index = Some(def.name.clone());
             for key in keys {
-                for (id, d) in self.db.backend.lookup_docs(self.coll, &def.name, &key)? {
+                self.db.backend.lookup_each(self.coll, &def.name, &key, &mut |id, d| {
                     if budget.spent() || Instant::now() > deadline {
                         return Err(late());
                     }
@@ -629,7 +629,8 @@ impl Run<'_> {
                     if !written(&id) && filter.matches_within(&d, &mut budget) {
                         kept.offer(id, d)?;
                     }
-                }
+                    Ok(true)
+                })?;
             }
         } else {
             let mut n = 0u64;

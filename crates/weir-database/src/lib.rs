@@ -228,15 +228,18 @@ pub trait Backend: Send + Sync {
     fn indexes(&self, coll: &str) -> Result<Vec<IndexDef>, DbError>;
     /// The ids filed under `key` in index `index` of `coll`.
     fn lookup(&self, coll: &str, index: &str, key: &str) -> Result<Vec<String>, DbError>;
-    /// The documents filed under `key` in index `index` of `coll`, with their ids.
-    fn lookup_docs(&self, coll: &str, index: &str, key: &str) -> Result<Vec<(String, Value)>, DbError> {
-        let mut out = Vec::new();
+    /// Hands `visit` the documents filed under `key` in index `index` of `coll`, with their ids,
+    /// one at a time, until it answers `false` (or fails): a key that files many documents is
+    /// never read whole before the caller may stop.
+    fn lookup_each(&self, coll: &str, index: &str, key: &str, visit: &mut dyn FnMut(String, Value) -> Result<bool, DbError>) -> Result<(), DbError> {
         for id in self.lookup(coll, index, key)? {
-            if let Some(d) = self.get(coll, &id)? {
-                out.push((id, d));
+            if let Some(d) = self.get(coll, &id)?
+                && !visit(id, d)?
+            {
+                break;
             }
         }
-        Ok(out)
+        Ok(())
     }
     /// Whether this process is the database's only writer, so what it read of the indexes
     /// stays true until it changes them itself.
