@@ -84,8 +84,9 @@ impl Filter {
             Filter::And(fs) => fs.iter().all(|f| !budget.spent() && f.matches_within(doc, budget)),
             Filter::Or(fs) => fs.iter().any(|f| budget.spent() || f.matches_within(doc, budget)),
             Filter::Field(path, cond) => {
-                let found = resolve(doc, path);
-                budget.spend(found.len()) && cond.matches(&found, budget)
+                // The walk to the values counts, though it finds none.
+                let (found, looked) = resolve_counted(doc, path);
+                budget.spend(looked + found.len()) && cond.matches(&found, budget)
             }
         }
     }
@@ -243,22 +244,33 @@ pub fn compare(a: &Value, b: &Value) -> Ordering {
 /// The values a dotted path leads to in `doc`: through objects by key, into arrays by index
 /// when the part is a number, and across every element of an array otherwise.
 pub fn resolve<'a>(doc: &'a Value, path: &str) -> Vec<&'a Value> {
+    resolve_counted(doc, path).0
+}
+
+/// As [`resolve`], with how many values it looked at on the way (an array it walked counts
+/// each element, whether or not the path went on there).
+fn resolve_counted<'a>(doc: &'a Value, path: &str) -> (Vec<&'a Value>, usize) {
     let mut here = vec![doc];
+    let mut looked = 0;
     for part in path.split('.') {
         let mut next = Vec::new();
         for v in here {
+            looked += 1;
             match v {
                 Value::Object(o) => next.extend(o.get(part)),
                 Value::Array(a) => match part.parse::<usize>() {
                     Ok(i) => next.extend(a.get(i)),
-                    Err(_) => next.extend(a.iter().filter_map(|e| e.as_object().and_then(|o| o.get(part)))),
+                    Err(_) => {
+                        looked += a.len();
+                        next.extend(a.iter().filter_map(|e| e.as_object().and_then(|o| o.get(part))));
+                    }
                 },
                 _ => {}
             }
         }
         here = next;
     }
-    here
+    (here, looked)
 }
 
 fn parse_doc(v: &Value, depth: usize) -> Result<Filter, DbError> {

@@ -367,12 +367,15 @@ fn a_scan_past_its_time_fails(e: &Engine) {
     // at its time within the document, on a find and on an update's `$pull` alike.
     let long: Vec<u32> = (0..500_000).collect();
     run(&d, json!({"op": "insertOne", "collection": "long", "doc": {"_id": 1, "arr": long}})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "long", "doc": {"_id": 2, "objs": vec![json!({}); 300_000]}})).unwrap();
     let absent: Vec<i32> = (1..=20_000).map(|i| -i).collect();
     let q = Quota { query_ms: 200, ..Quota::default() };
     for req in [
         json!({"op": "find", "collection": "long", "filter": {"arr": {"$in": absent}}}),
         json!({"op": "countDocuments", "collection": "long", "filter": {"$or": absent.iter().map(|v| json!({"arr": v})).collect::<Vec<_>>()}}),
         json!({"op": "updateOne", "collection": "long", "filter": {"_id": 1}, "update": {"$pull": {"arr": {"$in": absent}}}}),
+        // A path that walks a long array of objects and finds nothing, many times over.
+        json!({"op": "countDocuments", "collection": "long", "filter": {"$or": absent.iter().map(|v| json!({"objs.x": v})).collect::<Vec<_>>()}}),
     ] {
         let t = Instant::now();
         let e = d.execute("g", &q, &req).unwrap_err();
