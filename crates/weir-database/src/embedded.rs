@@ -165,17 +165,16 @@ fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w:
                 }
                 return Err(DbError::bad(format!("an index named {} exists with other keys or options", def.name)));
             }
-            let mut docs = Vec::new();
-            for entry in wtx.open_table(DOCS).map_err(failed)?.range((coll, "")..).map_err(failed)? {
+            // Each document is filed as it is read: the collection is never held whole.
+            let docs = wtx.open_table(DOCS).map_err(failed)?;
+            for entry in docs.range((coll, "")..).map_err(failed)? {
                 let (k, v) = entry.map_err(failed)?;
                 let (c, id) = k.value();
                 if c != coll {
                     break;
                 }
-                docs.push((id.to_string(), serde_json::from_slice::<Value>(v.value()).map_err(failed)?));
-            }
-            for (id, doc) in &docs {
-                file_in_indexes(wtx, coll, id, doc, std::slice::from_ref(def))?;
+                let doc = serde_json::from_slice::<Value>(v.value()).map_err(failed)?;
+                file_in_indexes(wtx, coll, id, &doc, std::slice::from_ref(def))?;
             }
             stats.indexes.push(def.clone());
         }
