@@ -23,7 +23,8 @@ const RETRIES: usize = 16;
 /// Transactions open at once on one database (on this node), and how long one may stay open.
 const MAX_TXS: usize = 64;
 const TX_LIFETIME: Duration = Duration::from_secs(120);
-/// Bytes of documents a database's open transactions may hold, written and not committed.
+/// Bytes of documents a database's open transactions may hold: what they wrote and have not
+/// committed, and what they read (kept to check at the commit).
 const TX_PENDING: usize = 32 << 20;
 /// Documents `insertMany` takes at once.
 const MAX_BATCH: usize = 10_000;
@@ -349,8 +350,9 @@ impl Kept<'_> {
     }
 }
 
-/// The most bytes of documents one `updateMany` or `deleteMany` changes: it holds them all,
-/// as read and as written, until they are written together.
+/// The most bytes of documents one `updateMany` or `deleteMany` changes: it holds them all
+/// until they are written together, as read (counted once) and, for an update, as changed
+/// (counted again, against the same bound).
 const WRITE_HOLD: usize = 64 << 20;
 
 /// A sorted find keeps at most this many documents in memory (its `skip` and `limit`), as
@@ -409,6 +411,7 @@ impl Run<'_> {
                 let mut plan = Plan::default();
                 let o = options(r);
                 let by = parse_sort(o.get("sort"))?;
+                let projection = Projection::parse(o.get("projection"))?;
                 let skip = count_option(o, "skip")?.unwrap_or(0) as usize;
                 let limit = if op == "findOne" { Some(1) } else { count_option(o, "limit")?.filter(|l| *l > 0) };
                 // What a read keeps: a count only which match; otherwise the first `skip +
@@ -436,7 +439,6 @@ impl Run<'_> {
                 if op == "explain" {
                     return Ok(json!({"index": plan.index, "docsExamined": plan.examined, "returned": docs.len()}));
                 }
-                let projection = Projection::parse(o.get("projection"))?;
                 let mut docs: Vec<Value> = docs.into_iter().map(|d| projection.as_ref().map_or(d.clone(), |p| p.apply(d))).collect();
                 Ok(if op == "findOne" { docs.pop().unwrap_or(Value::Null) } else { Value::Array(docs) })
             }

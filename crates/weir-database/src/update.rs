@@ -58,8 +58,9 @@ fn check_path(what: &str, path: &str) -> Result<(), DbError> {
     Ok(())
 }
 
-/// The most fields one sort or projection names (MongoDB sorts by at most 32).
+/// The most fields one sort names (as MongoDB's).
 const MAX_SORT_FIELDS: usize = 32;
+/// The most fields one projection names.
 const MAX_PROJECTED: usize = 256;
 
 fn check_fields(v: &Value, depth: usize) -> Result<(), DbError> {

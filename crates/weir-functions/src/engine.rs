@@ -1670,10 +1670,10 @@ fn user_object<'js>(ctx: &Ctx<'js>, users: &Users, user: &User) -> rquickjs::Res
         return o.clone().restore(ctx);
     }
     let u = Object::new(ctx.clone())?;
-    u.set("name", user.name.as_str())?;
+    define(&u, "name", user.name.as_str())?;
     if let Some(g) = &user.grant {
-        u.set("appId", g.application.as_str())?;
-        u.set("grantId", g.grant.as_str())?;
+        define(&u, "appId", g.application.as_str())?;
+        define(&u, "grantId", g.grant.as_str())?;
     }
     let u = frozen(ctx, u)?;
     let mut users = users.borrow_mut();

@@ -177,8 +177,8 @@ async fn log_lines_held_for_calls_count_against_the_memory_limit() {
 }
 
 /// Loading functions ahead gives way to calls: a call sent while many slow top levels wait to
-/// be loaded is answered between them, not after them all; and a version saved over before its
-/// turn to load is not loaded.
+/// be loaded is answered between them, not after them all; and a function no longer served
+/// before its turn to load is not loaded.
 #[tokio::test]
 async fn loading_ahead_gives_way_to_calls_and_skips_what_is_no_longer_served() {
     // Each heavy top level spends 40 ms and counts itself in the environment's shared map.
@@ -204,8 +204,9 @@ async fn loading_ahead_gives_way_to_calls_and_skips_what_is_no_longer_served() {
     };
     until(&|v| v["loaded"] == 20).await;
 
-    // Twenty more queued, then all but the last (in the queue too) saved over before their
-    // turn: of those the runtime loads the one still served, and at most one it had started.
+    // Twenty more queued, then all but the last (in the queue too) no longer served before
+    // their turn: of those the runtime loads the one still served, and at most one it had
+    // started.
     let again: Vec<Arc<Function>> = (0..20).map(|i| func("dev", &format!("again{i}"), &[("index.js", &heavy.replace("'heavy'", &format!("'again{i}'; imp.shared.set('last', 'again{i}')")))])).collect();
     let table: Table = Arc::new(again.iter().map(|f| (f.name.clone(), f.clone())).chain([("light".to_string(), gw.table["light"].clone())]).collect());
     let loads: Vec<_> = again.iter().map(|f| weir_functions::engine::Load { func: f.clone(), table: table.clone(), vars: gw.vars.clone(), cpu: limits().cpu }).collect();

@@ -67,6 +67,9 @@ impl Settled {
 
     /// Whether the committed transaction changed a key under the followed directory, so that a
     /// watch message for its revision is on its way. `prev` holds, per op, the value before.
+    /// Prefix deletes are told apart only in sum (the transaction's count of deleted keys):
+    /// one may be taken to have changed a followed key when it did not, which costs the
+    /// answer the wait's bound, never a wait skipped.
     fn follows(&self, ops: &[Op], prev: &[Option<KeyValue>], deleted: usize) -> bool {
         // The keys the prefix deletes removed: all those deleted less those single deletes did.
         let singles = ops.iter().zip(prev).filter(|(op, p)| matches!(op, Op::Delete { .. }) && p.is_some()).count();
