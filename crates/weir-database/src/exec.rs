@@ -257,6 +257,11 @@ fn end(gone: impl Iterator<Item = Open>) {
     }
 }
 
+/// A write would hold more than [`WRITE_HOLD`] bytes of documents.
+fn held_too_much() -> DbError {
+    DbError { kind: DbErrorKind::Quota, message: format!("the operation would change more than {} MiB of documents at once; narrow its filter and repeat it", WRITE_HOLD >> 20) }
+}
+
 /// Open transactions of a database hold at most [`TX_PENDING`] bytes of what they read and wrote.
 fn tx_full() -> DbError {
     DbError { kind: DbErrorKind::Quota, message: format!("this database's open transactions would hold more than {} MiB of documents read and written; commit or abort some", TX_PENDING >> 20) }
@@ -325,7 +330,7 @@ impl Kept<'_> {
         if let Some(held) = &mut self.held {
             *held += serde_json::to_vec(&doc).map_or(0, |b| b.len());
             if *held > WRITE_HOLD {
-                return Err(DbError { kind: DbErrorKind::Quota, message: format!("the operation would change more than {} MiB of documents at once; narrow its filter and repeat it", WRITE_HOLD >> 20) });
+                return Err(held_too_much());
             }
         }
         self.out.insert(id, if self.values { doc } else { Value::Null });
@@ -373,6 +378,11 @@ fn options(request: &Value) -> &Value {
 }
 
 impl Run<'_> {
+    /// The operation ran past its time.
+    fn late(&self) -> DbError {
+        DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {} ms", self.quota.query_ms) }
+    }
+
     fn op(&self, op: &str, mut tx: Option<&mut Tx>) -> Result<Value, DbError> {
         let r = self.request;
         match op {
@@ -456,7 +466,7 @@ impl Run<'_> {
                 let mut changed = 0usize;
                 for (id, old) in found {
                     if Instant::now() > self.deadline {
-                        return Err(DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {} ms", self.quota.query_ms) });
+                        return Err(self.late());
                     }
                     let mut doc = old.clone();
                     match &change {
@@ -473,7 +483,7 @@ impl Run<'_> {
                     }
                     changed += size;
                     if changed > WRITE_HOLD {
-                        return Err(DbError { kind: DbErrorKind::Quota, message: format!("the operation would change more than {} MiB of documents at once; narrow its filter and repeat it", WRITE_HOLD >> 20) });
+                        return Err(held_too_much());
                     }
                     writes.push(Write::Put { coll: self.coll.into(), id, doc, expect: Some(Some(old)) });
                 }
@@ -604,13 +614,12 @@ impl Run<'_> {
         let held: Option<&Tx> = tx.as_deref();
         let written = |id: &str| held.is_some_and(|t| t.writes.contains_key(&(self.coll.to_string(), id.to_string())));
         let deadline = self.deadline;
-        let late = || DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {} ms", self.quota.query_ms) };
         let mut budget = Budget::until(deadline);
         if let Some(ids) = filter.equalities("_id") {
             plan.index = Some("_id_".into());
             for id in ids.iter().filter_map(|v| id_key(v).ok()) {
                 if budget.spent() || Instant::now() > deadline {
-                    return Err(late());
+                    return Err(self.late());
                 }
                 plan.examined += 1;
                 if !written(&id)
@@ -625,7 +634,7 @@ impl Run<'_> {
             for key in keys {
                 self.db.backend.lookup_each(self.coll, &def.name, &key, &mut |id, d| {
                     if budget.spent() || Instant::now() > deadline {
-                        return Err(late());
+                        return Err(self.late());
                     }
                     plan.examined += 1;
                     if !written(&id) && filter.matches_within(&d, &mut budget) {
@@ -640,7 +649,7 @@ impl Run<'_> {
                 n += 1;
                 // Every document: one can take long to match (a long array, a long `$in`).
                 if budget.spent() || Instant::now() > deadline {
-                    return Err(late());
+                    return Err(self.late());
                 }
                 let id = id_key(&d["_id"])?;
                 if !written(&id) && filter.matches_within(&d, &mut budget) {
@@ -662,7 +671,7 @@ impl Run<'_> {
             };
             for (id, doc) in mine {
                 if budget.spent() || Instant::now() > deadline {
-                    return Err(late());
+                    return Err(self.late());
                 }
                 if let Some(d) = doc
                     && filter.matches_within(d, &mut budget)
@@ -690,7 +699,7 @@ impl Run<'_> {
             }
         }
         if budget.spent() {
-            return Err(late());
+            return Err(self.late());
         }
         kept.prune();
         Ok(kept.out.into_iter().collect())

@@ -1344,10 +1344,14 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
     let realms = js.realms.borrow();
     for (id, live) in calls.iter() {
         let Some((_, realm)) = realms.iter().find(|(e, _)| *e == live.job.func.env) else { continue };
-        js.housekeeping();
         realm.ctx.with(|ctx| {
             let Ok(promise) = live.promise.clone().restore(&ctx) else { return };
-            match promise.state() {
+            let state = promise.state();
+            // Reading a settled call's answer or error may run the function's getters.
+            if state != PromiseState::Pending {
+                js.housekeeping();
+            }
+            match state {
                 PromiseState::Pending => {}
                 PromiseState::Resolved => done.push((*id, promise.result::<Value<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(reply).map_err(|e| caught(&ctx, e)))),
                 PromiseState::Rejected => {

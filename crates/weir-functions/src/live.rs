@@ -783,6 +783,10 @@ impl Handler for Dispatch {
         self.timeout
     }
 
+    fn reads_matched_path(&self) -> bool {
+        true
+    }
+
     fn call(&self, call: Call<'_>) -> Answer {
         // By the path the route matched: a plugin that rewrites the path (an environment's
         // `proxy-rewrite`) changes what the function sees, not which function runs.

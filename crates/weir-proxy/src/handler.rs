@@ -35,7 +35,7 @@ pub struct Call<'a> {
     /// What the route's plugins noted for later phases.
     pub notes: &'a Notes,
     /// The path the route matched, where it is not `parts.uri`'s: decoded from it, or as it was
-    /// before a plugin rewrote it. A handler that tells its ends apart by path reads this one.
+    /// before a plugin rewrote it (kept only for a handler that [`Handler::reads_matched_path`]).
     pub matched: Option<&'a str>,
 }
 
@@ -61,6 +61,12 @@ pub trait Handler: Send + Sync + 'static {
     /// and answered 504. A streaming body is not bounded by it.
     fn timeout(&self) -> Duration {
         DEFAULT_TIMEOUT
+    }
+
+    /// Whether it tells its ends apart by the path the route matched ([`Call::matched_path`]),
+    /// which a route with plugins then keeps a copy of before they may rewrite the path.
+    fn reads_matched_path(&self) -> bool {
+        false
     }
 
     /// Reads what it needs of `call` and returns the work that answers it. The response body

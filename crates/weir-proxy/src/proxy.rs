@@ -253,7 +253,7 @@ impl Proxy {
     ) -> Response<RespBody> {
         let started = Instant::now();
         // A handler's route may have plugins that rewrite the path: the one it matched is kept.
-        let matched: Option<String> = route.handler.as_ref().map(|_| decoded.unwrap_or_else(|| parts.uri.path().to_string()));
+        let matched: Option<String> = route.handler.as_ref().filter(|h| h.reads_matched_path()).map(|_| decoded.unwrap_or_else(|| parts.uri.path().to_string()));
         let logged = global.phases.log || route.plugins.phases.log;
         // A plugin that checks the body (request-validation) gets it read, within a bound.
         let (read, body) = if global.phases.body || route.plugins.phases.body {
