@@ -376,10 +376,38 @@ impl Platform {
             let mut compares = vec![Compare { key: key.clone(), mod_revision: rev }];
             let mut ops = vec![Op::Put { key, value: self.docs.encode(&gw) }];
             self.claim_domains(gid, &before, &domains(&gw), &mut compares, &mut ops).await?;
-            if let TxnOutcome::Committed { .. } = self.docs.store.txn(Txn { compares, ops }).await.map_err(store_down)? {
+            if let TxnOutcome::Committed { revision, .. } = self.docs.store.txn(Txn { compares, ops }).await.map_err(store_down)? {
                 self.wake.notify_one();
+                self.rendered(&gw, revision).await;
                 return Ok(gw);
             }
+        }
+    }
+
+    /// Waits until the reconciler has rendered the change `gw` holds (committed at `revision`),
+    /// or a step on the gateway failed, or it is gone, for at most the bound an Admin API write
+    /// waits for ([`weir_store::settled::BOUND`]). As that write's answer, an owner's change is
+    /// answered once this node serves it: the render itself waits for this node's data plane.
+    /// Only where this node has a data plane to serve it; a gateway waiting out a failed step's
+    /// pause is answered at once.
+    async fn rendered(&self, gw: &Gateway, revision: i64) {
+        if self.applied.get().is_none() || gw.retry_at > now_ms() {
+            return;
+        }
+        let key = self.docs.key(&gw.gateway_id);
+        let wait = async {
+            let Ok(mut watch) = self.docs.store.watch(&key, revision + 1).await else { return };
+            while let Some(weir_store::WatchMessage::Events { events, .. }) = watch.recv().await {
+                for e in events.iter().filter(|e| e.kv.key == key) {
+                    let Ok(now) = self.docs.decode(&e.kv) else { return };
+                    if e.kind == weir_store::EventKind::Delete || now.rendered_generation >= gw.generation || now.attempts > gw.attempts {
+                        return;
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(weir_store::settled::BOUND, wait).await.is_err() {
+            tracing::debug!(gateway = %gw.gateway_id, generation = gw.generation, "a gateway's change is answered before it is rendered");
         }
     }
 

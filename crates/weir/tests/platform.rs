@@ -716,6 +716,25 @@ async fn an_environments_path_rewrite_leaves_which_function_answers_alone() {
     assert_eq!(w.get("/b", &[("host", "rewrite.dev.localhost")]).await.json(), json!({"me": "b", "path": "/rewritten"}));
 }
 
+/// An owner's change to a gateway is answered once this node serves it, as an Admin API write
+/// is: with the reconciler pausing before each render, a request sent the moment the answer
+/// comes still meets the changed environment.
+#[tokio::test]
+async fn a_gateways_change_is_answered_once_it_is_served() {
+    let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  denied_networks: []\n", &[("WEIR_PLATFORM_PAUSE_AFTER_CLAIM_MS", "300")]);
+    started_gateway(&w, "ryw").await;
+    let (s, b) = v1(&w, "POST", "api-gateways/ryw/functions", Some(json!({"name": "me", "source": {"code": "export default () => 'open'"}}))).await;
+    assert_eq!(s, 201, "{b}");
+    let host = [("host", "ryw.dev.localhost")];
+    assert_eq!(w.until("/me", &host, |r| r.status == 200).await.text(), "open");
+    for (auth, status) in [("key-auth", 401), ("none", 200), ("basic-auth", 401)] {
+        let (s, b) = v1(&w, "PATCH", "api-gateways/ryw/environments/dev", Some(json!({"authType": auth}))).await;
+        assert_eq!(s, 200, "{b}");
+        let r = w.get("/me", &host).await;
+        assert_eq!(r.status, status, "{auth}: {}", r.text());
+    }
+}
+
 #[tokio::test]
 async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plugins_and_limits() {
     let w = on_loopback("");
