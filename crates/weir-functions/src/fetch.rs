@@ -53,7 +53,7 @@ impl Outbound {
                 let FetchRequest { gateway, method, url, headers, body, allow, budget, reply } = req;
                 let result = match tokio::time::timeout(TIMEOUT, me.fetch(&gateway, &method, &url, headers, body, &allow, &budget)).await {
                     Ok(r) => r,
-                    Err(_) => Err(format!("fetch {url}: no answer within {}s", TIMEOUT.as_secs())),
+                    Err(_) => Err(format!("fetch {}: no answer within {}s", without_userinfo(&url), TIMEOUT.as_secs())),
                 };
                 if let Err(e) = &result {
                     tracing::debug!(%gateway, error = %e, "a function's fetch failed");
@@ -66,6 +66,9 @@ impl Outbound {
     #[allow(clippy::too_many_arguments)]
     async fn fetch(&self, gateway: &str, method: &str, url: &str, headers: Vec<(String, String)>, body: Option<Vec<u8>>, allow: &[String], budget: &Budget) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
         let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
+        // What the messages show of the URL: no password in them, nor in the node's log.
+        let shown = without_userinfo(url);
+        let url = shown.as_ref();
         if !lower.starts_with("http://") && !lower.starts_with("https://") {
             return Err(format!("fetch: {url:?}: only http and https URLs may be fetched"));
         }
@@ -83,8 +86,8 @@ impl Outbound {
         {
             let policy = self.policy.read().map_err(|_| "fetch: the policy is unreadable".to_string())?;
             for addr in &addrs {
-                if let Some(why) = policy.refuse(*addr) {
-                    return Err(format!("fetch to {host}:{port} refused: {why}"));
+                if let Some(refusal) = policy.refuse(*addr) {
+                    return Err(format!("fetch to {host}:{port} refused: {}", refusal.why(&host, *addr)));
                 }
             }
         }
@@ -119,6 +122,10 @@ where
     tokio::spawn(conn);
     let resp = sender.send_request(req).await.map_err(|e| format!("fetch: {e}"))?;
     let status = resp.status().as_u16();
+    // A `Response` holds a status of 200 to 599 (101 and 600 to 999 cannot be made one).
+    if !(200..=599).contains(&status) {
+        return Err(format!("fetch: the answer's status {status} is not one a Response may have (200 to 599)"));
+    }
     let headers = resp.headers().iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect();
     let body = read_body(resp.into_body(), budget).await?;
     Ok((status, headers, body))
@@ -154,6 +161,16 @@ where
     Ok(out)
 }
 
+/// `url` without the user and password its authority may carry.
+fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some(start) = url.find("://").map(|i| i + 3) else { return url.into() };
+    let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    match url[start..end].rfind('@') {
+        Some(at) => format!("{}{}", &url[..start], &url[start + at + 1..]).into(),
+        None => url.into(),
+    }
+}
+
 /// The `Host` a request to `host:port` names: the port only where it is not the scheme's, an
 /// IPv6 address in brackets.
 fn host_header(host: &str, port: u16, https: bool) -> String {
@@ -171,6 +188,35 @@ mod tests {
         assert_eq!(host_header("api.example", 8443, true), "api.example:8443");
         assert_eq!(host_header("::1", 8080, false), "[::1]:8080");
         assert_eq!(host_header("2001:db8::1", 443, true), "[2001:db8::1]");
+    }
+
+    #[test]
+    fn a_urls_user_and_password_are_never_shown() {
+        assert_eq!(without_userinfo("https://me:pw@api.example/x?a=b@c"), "https://api.example/x?a=b@c");
+        assert_eq!(without_userinfo("http://a@b@host:8080"), "http://host:8080");
+        assert_eq!(without_userinfo("http://host/p@q"), "http://host/p@q");
+        assert_eq!(without_userinfo("not a url"), "not a url");
+    }
+
+    /// An answer with a status no `Response` can hold fails the fetch, which the function can
+    /// catch, rather than failing in the runtime as the answer is made.
+    #[tokio::test]
+    async fn a_status_a_response_cannot_hold_fails_the_fetch() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        for (status, fine) in [(700, false), (999, false), (101, false), (599, true), (204, true)] {
+            let (client, mut server) = tokio::io::duplex(4096);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = server.read(&mut buf).await;
+                let _ = server.write_all(format!("HTTP/1.1 {status} Odd\r\ncontent-length: 0\r\n\r\n").as_bytes()).await;
+            });
+            let req = http::Request::builder().uri("/").header(http::header::HOST, "h").body(Full::new(Bytes::new())).unwrap();
+            let got = exchange(client, req, &Budget::new(1 << 20)).await;
+            match got {
+                Ok((s, _, _)) => assert!(fine && s == status, "{status} was taken"),
+                Err(e) => assert!(!fine && e.contains(&format!("status {status}")), "{status}: {e}"),
+            }
+        }
     }
 
     #[tokio::test]

@@ -38,6 +38,7 @@ pub const DENIED: [&str; 19] = [
 /// The rules one node applies to every gateway's fetches.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// [`DENIED`] and the operator's own (`platform.denied_networks`).
     denied: Vec<IpNet>,
     /// Networks the operator allows despite `denied` (tests: a loopback upstream).
     allowed: Vec<IpNet>,
@@ -45,22 +46,50 @@ pub struct Policy {
     own: Vec<SocketAddr>,
 }
 
+/// Why an address may not be fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// It is one of this node's listeners.
+    Own,
+    /// It is in a network functions may not reach.
+    Denied(IpNet),
+}
+
+impl Refusal {
+    /// The reason a function is given for its fetch of `host` refused at `addr`. The address
+    /// is named only where the function wrote it: one a name resolved to stays the node's, as
+    /// does which of its ports listen.
+    pub fn why(&self, host: &str, addr: SocketAddr) -> String {
+        let literal = host.parse::<std::net::IpAddr>().is_ok();
+        match (self, literal) {
+            (Refusal::Own, true) => format!("{addr} is one of this gateway node's own listeners"),
+            (Refusal::Own, false) => format!("{host} resolves to one of this gateway node's own listeners"),
+            (Refusal::Denied(n), true) => format!("{} is in {n}, which functions may not reach", canonical(addr.ip())),
+            (Refusal::Denied(n), false) => format!("{host} resolves to an address in {n}, which functions may not reach"),
+        }
+    }
+}
+
 impl Policy {
-    pub fn new(allowed: &[IpNet], own: Vec<SocketAddr>) -> Policy {
-        Policy { denied: DENIED.iter().filter_map(|n| n.parse().ok()).collect(), allowed: allowed.to_vec(), own }
+    /// `denied`: networks the operator refuses beyond [`DENIED`]; `allowed`: networks it
+    /// allows despite both.
+    pub fn new(allowed: &[IpNet], denied: &[IpNet], own: Vec<SocketAddr>) -> Policy {
+        let mut all: Vec<IpNet> = DENIED.iter().filter_map(|n| n.parse().ok()).collect();
+        all.extend(denied.iter().filter(|n| !all.contains(n)).copied().collect::<Vec<_>>());
+        Policy { denied: all, allowed: allowed.to_vec(), own }
     }
 
     /// Why `addr` may not be fetched, or `None` when it may.
-    pub fn refuse(&self, addr: SocketAddr) -> Option<String> {
+    pub fn refuse(&self, addr: SocketAddr) -> Option<Refusal> {
         let ip = canonical(addr.ip());
         let own = |o: &SocketAddr| o.port() == addr.port() && (canonical(o.ip()) == ip || o.ip().is_unspecified());
         if self.own.iter().any(own) {
-            return Some(format!("{addr} is one of this gateway node's own listeners"));
+            return Some(Refusal::Own);
         }
         if self.allowed.iter().any(|n| n.contains(&ip)) {
             return None;
         }
-        self.denied.iter().find(|n| n.contains(&ip)).map(|n| format!("{ip} is in {n}, which functions may not reach"))
+        self.denied.iter().find(|n| n.contains(&ip)).map(|n| Refusal::Denied(*n))
     }
 }
 
@@ -96,7 +125,7 @@ mod tests {
     /// no packet is sent.
     #[test]
     fn private_loopback_and_link_local_addresses_are_refused() {
-        let p = Policy::new(&[], vec![sa("127.0.0.1:9180"), sa("0.0.0.0:9080")]);
+        let p = Policy::new(&[], &[], vec![sa("127.0.0.1:9180"), sa("0.0.0.0:9080")]);
         for bad in [
             "127.0.0.1:80",
             "127.8.9.10:443",
@@ -134,11 +163,36 @@ mod tests {
             assert_eq!(p.refuse(sa(good)), None, "{good}");
         }
         // The node's own listeners are refused even where the operator allows the network.
-        let p = Policy::new(&["127.0.0.0/8".parse().unwrap()], vec![sa("127.0.0.1:9180"), sa("0.0.0.0:9080")]);
-        assert!(p.refuse(sa("127.0.0.1:9180")).unwrap().contains("own listeners"));
-        assert!(p.refuse(sa("127.0.0.1:9080")).unwrap().contains("own listeners"));
+        let p = Policy::new(&["127.0.0.0/8".parse().unwrap()], &[], vec![sa("127.0.0.1:9180"), sa("0.0.0.0:9080")]);
+        assert_eq!(p.refuse(sa("127.0.0.1:9180")), Some(Refusal::Own));
+        assert_eq!(p.refuse(sa("127.0.0.1:9080")), Some(Refusal::Own));
         assert_eq!(p.refuse(sa("127.0.0.1:8080")), None);
         assert!(p.refuse(sa("10.0.0.1:80")).is_some());
+    }
+
+    /// The operator's own denied networks are refused too, unless it allows them for fetch.
+    #[test]
+    fn the_operators_denied_networks_are_refused_as_the_built_in_ones() {
+        let mgmt: IpNet = "203.0.113.0/24".parse().unwrap();
+        let p = Policy::new(&[], &[mgmt, "10.0.0.0/8".parse().unwrap()], Vec::new());
+        assert_eq!(p.refuse(sa("203.0.113.7:443")), Some(Refusal::Denied(mgmt)));
+        assert_eq!(p.refuse(sa("[::ffff:203.0.113.7]:443")), Some(Refusal::Denied(mgmt)));
+        assert_eq!(p.refuse(sa("203.0.114.7:443")), None);
+        assert_eq!(p.refuse(sa("10.0.0.1:80")), Some(Refusal::Denied("10.0.0.0/8".parse().unwrap())));
+        let p = Policy::new(&[mgmt], &[mgmt], Vec::new());
+        assert_eq!(p.refuse(sa("203.0.113.7:443")), None);
+    }
+
+    /// A name's refusal says which network, never the address it resolved to.
+    #[test]
+    fn a_refusal_names_an_address_only_where_the_function_wrote_it() {
+        let private = Refusal::Denied("10.0.0.0/8".parse().unwrap());
+        let at = sa("10.43.7.12:5432");
+        assert_eq!(private.why("10.43.7.12", at), "10.43.7.12 is in 10.0.0.0/8, which functions may not reach");
+        let named = private.why("db.internal", at);
+        assert_eq!(named, "db.internal resolves to an address in 10.0.0.0/8, which functions may not reach");
+        assert!(!Refusal::Own.why("me.internal", sa("10.0.0.5:9180")).contains("10.0.0.5"));
+        assert!(Refusal::Own.why("::1", sa("[::1]:9180")).contains("[::1]:9180"));
     }
 
     #[test]

@@ -422,10 +422,12 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         // Tenants' functions run where the data plane does; the platform's `invoke` uses the
         // same runtimes.
         let fetch_allowed: Vec<ipnet::IpNet> = cfg.platform.functions.fetch_allow_networks.iter().map(|n| n.parse().with_context(|| format!("platform.functions.fetch_allow_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
+        // What the operator refuses tenants' upstreams, a function's fetch is refused too.
+        let tenants_denied: Vec<ipnet::IpNet> = cfg.platform.denied_networks.iter().map(|n| n.parse().with_context(|| format!("platform.denied_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
         // Until every listener is bound (and its port known), the configured ones are refused.
         let prom_addr = std::net::SocketAddr::new(cfg.plugin_attr.prometheus.export_addr.ip, cfg.plugin_attr.prometheus.export_addr.port);
         let configured: Vec<std::net::SocketAddr> = cfg.proxy.listen.iter().chain(&cfg.proxy.tls_listen).copied().chain([cfg.admin.listen, prom_addr]).chain(cfg.status.listen).filter(|a| a.port() != 0).collect();
-        let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, configured), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
+        let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, &tenants_denied, configured), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
         let databases = databases(&cfg)?;
         let db_runner = databases.clone().map(|d| weir_platform::database::runner(d, cfg.database.quota, tokio::runtime::Handle::current()));
         let settings = weir_functions::live::Settings { fetcher: Some(outbound.fetcher()), keyring: Some(keyring.clone()), database: db_runner };
@@ -439,8 +441,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             // Tenants' upstreams connect only outside the networks the platform refuses them,
             // whatever their nodes' names resolve to.
             if cfg.platform.enabled.unwrap_or(true) {
-                let denied = cfg.platform.denied_networks.iter().map(|n| n.parse().with_context(|| format!("platform.denied_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
-                builder = builder.with_tenant_reach(Arc::new(weir_upstream::reach::Reach::new(denied, test_hosts())));
+                builder = builder.with_tenant_reach(Arc::new(weir_upstream::reach::Reach::new(tenants_denied.clone(), test_hosts())));
             }
             tokio::spawn(weir_proxy::watch::follow(store.clone(), prefix.clone(), builder, snapshot.clone(), loaded_tx, sync.clone()));
             // Serve nothing until the stored config is live, so a restart never answers 404 for
@@ -509,7 +510,7 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             announce(format_args!("weir: admin listening on http://{admin_addr}"));
         }
         // A function's fetch never reaches this node's own listeners.
-        outbound.set_policy(weir_functions::guard::Policy::new(&fetch_allowed, own_addrs));
+        outbound.set_policy(weir_functions::guard::Policy::new(&fetch_allowed, &tenants_denied, own_addrs));
         announce(format_args!("weir: ready ({})", role.name()));
 
         let mut live = cfg;

@@ -1015,13 +1015,13 @@ async fn a_functions_own_key_auth_takes_no_operator_consumer() {
 async fn fetch_reaches_allowed_hosts_and_never_this_node_or_private_networks() {
     let w = platform_weir(
         "  type: embedded\n  path: \"{data}\"\n",
-        "  denied_networks: []\n  functions:\n    fetch_allow_networks: [\"127.0.0.2/32\"]\n",
-        &[("WEIR_FUNCTIONS_TEST_HOSTS", "evil.test=10.1.2.3,metadata.test=169.254.169.254,inside.test=fd00::1")],
+        "  denied_networks: [\"203.0.113.0/24\"]\n  functions:\n    fetch_allow_networks: [\"127.0.0.2/32\"]\n",
+        &[("WEIR_FUNCTIONS_TEST_HOSTS", "evil.test=10.1.2.3,metadata.test=169.254.169.254,inside.test=fd00::1,mgmt.test=203.0.113.9")],
     );
     let up = Upstream::start_at("allowed", "127.0.0.2:0".parse().unwrap()).await;
     let admin = w.admin.port();
     let proxy = w.proxy.port();
-    let allow = json!([up.node(), format!("127.0.0.1:{admin}"), format!("127.0.0.1:{proxy}"), format!("127.0.0.1:{}", up.addr.port()), format!("localhost:{proxy}"), format!("[::1]:{proxy}"), "evil.test:80", "metadata.test:80", "inside.test:443"]);
+    let allow = json!([up.node(), format!("127.0.0.1:{admin}"), format!("127.0.0.1:{proxy}"), format!("127.0.0.1:{}", up.addr.port()), format!("localhost:{proxy}"), format!("[::1]:{proxy}"), "evil.test:80", "metadata.test:80", "inside.test:443", "mgmt.test:443"]);
     let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Fetcher", "gatewayId": "fetcher", "fetchAllowList": allow}))).await;
     assert_eq!(s, 201, "{b}");
     until_gateway(&w, "fetcher", |_, b| b["phase"] == "Started").await;
@@ -1044,6 +1044,8 @@ async fn fetch_reaches_allowed_hosts_and_never_this_node_or_private_networks() {
         ("http://evil.test/".to_string(), "10.0.0.0/8"),
         ("http://metadata.test/latest/meta-data".to_string(), "169.254.0.0/16"),
         ("https://inside.test/".to_string(), "fc00::/7"),
+        // The operator's own denied networks, as for tenants' upstreams.
+        ("https://mgmt.test/".to_string(), "203.0.113.0/24"),
         ("http://not-listed.test/".to_string(), "fetchAllowList"),
         ("file:///etc/passwd".to_string(), "only http and https"),
     ];
@@ -1053,6 +1055,10 @@ async fn fetch_reaches_allowed_hosts_and_never_this_node_or_private_networks() {
         assert_eq!(r["ok"], false, "{url}: {r}");
         let error = r["error"].as_str().unwrap();
         assert!(error.contains(why) && (error.contains("refused") || error.contains("only http")), "{url}: {error}");
+        // What a name resolved to stays the node's.
+        for resolved in ["10.1.2.3", "169.254.169.254", "fd00::1", "203.0.113.9"] {
+            assert!(!error.contains(resolved), "{url}: {error}");
+        }
     }
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
 
