@@ -958,15 +958,20 @@ impl Handler for FunctionHandler {
         let series = self.series.clone();
         Box::pin(async move {
             let started = std::time::Instant::now();
-            let resp = match FunctionHandler::run(engine, func, table, vars, limits, reach, request).await {
-                Some(outcome) => respond(outcome, debug, &limits),
+            // A call failed where it threw (whatever status its error names), ran out of time
+            // or memory, or was refused for want of a place; or where it answered 5xx.
+            let (resp, failed) = match FunctionHandler::run(engine, func, table, vars, limits, reach, request).await {
+                Some(outcome) => {
+                    let failed = outcome.result.is_err();
+                    (respond(outcome, debug, &limits), failed)
+                }
                 None => {
                     let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, BUSY, None);
                     resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
-                    resp
+                    (resp, true)
                 }
             };
-            series.observe(started.elapsed(), resp.status().is_server_error());
+            series.observe(started.elapsed(), failed || resp.status().is_server_error());
             resp
         })
     }

@@ -69,7 +69,7 @@ pub fn render(out: &mut String) {
     for (k, s) in &live {
         let _ = writeln!(out, "weir_function_calls_total{{{}}} {}", labels(k), n(&s.calls));
     }
-    out.push_str("# HELP weir_function_errors_total Calls of cloud functions that failed (thrown, timed out, out of memory, refused) or answered 5xx\n# TYPE weir_function_errors_total counter\n");
+    out.push_str("# HELP weir_function_errors_total Calls of cloud functions that failed (thrown, whatever status the error names; timed out; out of memory; refused as busy) or answered 5xx; a refused method is no call\n# TYPE weir_function_errors_total counter\n");
     for (k, s) in &live {
         let _ = writeln!(out, "weir_function_errors_total{{{}}} {}", labels(k), n(&s.errors));
     }

@@ -270,7 +270,9 @@ impl Platform {
     }
 
     /// Checks a function's plugin layer the way the gateway's layers are checked.
-    fn check_function_plugins(&self, plugins: &Map<String, Value>) -> Result<(), Reply> {
+    /// Today's checks of a function's plugin layer: run on every version published, whether
+    /// saved, promoted or rolled back to, so none publishes a plugin the operator denied since.
+    pub(crate) fn check_function_plugins(&self, plugins: &Map<String, Value>) -> Result<(), Reply> {
         let mut problems = Vec::new();
         crate::guard::layer(&self.cfg, "plugins (function layer)", plugins, &mut problems);
         let holder = self.catalog.get("plugin_configs").expect("the catalog has plugin_configs");
@@ -322,6 +324,12 @@ impl Platform {
                 Ok(r) => r,
                 Err(r) => return r,
             };
+            // A name taken is a conflict whatever the quota says.
+            match self.docs.store.get(&key).await {
+                Ok(Some(_)) => return failure(ErrorKind::Conflict, format!("function dev/{} already exists", doc.name), Vec::new()),
+                Ok(None) => {}
+                Err(e) => return store_down(e),
+            }
             let (quota, ops) = match self.publication(gid, &doc, Kind::Save, None, None).await {
                 Ok(p) => p,
                 Err(r) => return r,
@@ -344,7 +352,12 @@ impl Platform {
         if let Err(r) = self.gateway_rev(gid).await {
             return r;
         }
-        let env = query.and_then(|q| weir_core::text::query_param(q, "environment"));
+        let env = query.and_then(|q| weir_core::text::query_param(q, "environment")).map(|v| weir_core::text::percent_decode(v).into_owned());
+        if let Some(e) = &env
+            && !crate::model::ENVIRONMENTS.contains(&e.as_str())
+        {
+            return bad_input(vec![format!("environment: {e:?} is not one of {}", crate::model::ENVIRONMENTS.join(", "))]);
+        }
         let dir = format!("{}fn/{}", partition_prefix(&self.prefix, gid), env.map(|e| format!("{e}/")).unwrap_or_default());
         match self.docs.store.list(&dir).await {
             Ok((kvs, _)) => {
@@ -382,12 +395,7 @@ impl Platform {
         {
             return r;
         }
-        if let Some(p) = &input.plugins
-            && let Err(r) = self.check_function_plugins(p)
-        {
-            return r;
-        }
-        loop {
+        for _ in 0..32 {
             let (mut doc, rev) = match self.read_function(gid, env, name).await {
                 Ok(d) => d,
                 Err(r) => return r,
@@ -419,6 +427,9 @@ impl Platform {
             }
             doc.updated_at = now_rfc3339();
             doc.updated_by = caller.name();
+            if let Err(r) = self.check_function_plugins(&doc.plugins) {
+                return r;
+            }
             let (quota, ops) = match self.publication(gid, &doc, Kind::Save, None, Some(before)).await {
                 Ok(p) => p,
                 Err(r) => return r,
@@ -432,6 +443,7 @@ impl Platform {
                 Err(e) => return store_down(e),
             }
         }
+        failure(ErrorKind::Conflict, "the function kept changing meanwhile; try again", Vec::new())
     }
 
     async fn delete_function(&self, gid: &str, env: &str, name: &str) -> Reply {
@@ -459,7 +471,8 @@ impl Platform {
                 Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::OK, &json!({"deleted": format!("{env}/{}", doc.name)})),
                 Ok(TxnOutcome::Conflict) => match self.docs.store.get(&key).await {
                     Ok(Some(kv)) if kv.mod_revision == rev => continue,
-                    Ok(_) => break,
+                    Ok(Some(_)) => break,
+                    Ok(None) => return not_found("function"),
                     Err(e) => return store_down(e),
                 },
                 Err(e) => return store_down(e),

@@ -386,6 +386,9 @@ impl Platform {
                 promoted_from: Some(Origin { environment: env.to_string(), version: src.version }),
                 ..src.clone()
             };
+            if let Err(r) = self.check_function_plugins(&doc.plugins) {
+                return r;
+            }
             let deployment = Deployment::of(Kind::Promotion, env, src.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }];
             match self.commit_deployment(gid, compares, &doc, &deployment, None, old.as_ref().map(stored_size)).await {
@@ -431,6 +434,9 @@ impl Platform {
                 promoted_from: old.promoted_from,
                 ..current.clone()
             };
+            if let Err(r) = self.check_function_plugins(&doc.plugins) {
+                return r;
+            }
             let deployment = Deployment::of(Kind::Rollback, env, input.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }];
             match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), Some(stored_size(&current))).await {

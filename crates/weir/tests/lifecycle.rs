@@ -326,6 +326,77 @@ async fn a_node_killed_during_promotions_serves_acknowledged_versions_and_its_re
     }
 }
 
+/// A plugin the operator denies after a function was saved with it is published by no later
+/// version: a save that keeps it, a promotion of it and a rollback to it are refused, and
+/// nothing changes; a save that drops it goes through.
+#[tokio::test]
+async fn a_plugin_denied_since_is_published_by_no_save_promotion_or_rollback() {
+    let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  denied_networks: []\n  denied_plugins: []\n", &[]);
+    started_gateway(&w, "deny").await;
+    let cors = json!({"cors": {"allow_origins": "https://app.example"}});
+    for name in ["a", "b"] {
+        let (s, b) = v1(&w, "POST", "api-gateways/deny/functions", Some(json!({"name": name, "source": greet(name), "plugins": cors}))).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    // `a` drops the plugin in its version 2; version 1 keeps it in the history.
+    let a = fn_path("deny", "dev/a");
+    let (s, b) = v1(&w, "PATCH", &a, Some(json!({"plugins": {}}))).await;
+    assert_eq!((s, &b["version"]), (200, &json!(2)), "{b}");
+
+    let cfg = w.data_dir().parent().unwrap().join("weir.yaml");
+    let dir = w.kill9();
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&cfg, text.replace("denied_plugins: []", "denied_plugins: [cors]")).unwrap();
+    let w = Weir::spawn(dir, &cfg, &[]);
+    let b_dev = fn_path("deny", "dev/b");
+    let refused = |s: u16, b: &Value| s == 400 && b["error"]["problems"].to_string().contains("cors");
+    let (s, b) = v1(&w, "POST", &format!("{a}/rollback"), Some(json!({"version": 1}))).await;
+    assert!(refused(s, &b), "a rollback to a version with the plugin: {s} {b}");
+    let (s, b) = v1(&w, "POST", &format!("{b_dev}/deploy-to-stage"), Some(json!({"targetStage": "staging"}))).await;
+    assert!(refused(s, &b), "a promotion of a version with the plugin: {s} {b}");
+    let (s, b) = v1(&w, "PATCH", &b_dev, Some(json!({"source": greet("b2")}))).await;
+    assert!(refused(s, &b), "a save that keeps the plugin: {s} {b}");
+    // Nothing changed.
+    assert_eq!(v1(&w, "GET", &a, None).await.1["version"], json!(2));
+    assert_eq!(v1(&w, "GET", &b_dev, None).await.1["version"], json!(1));
+    assert_eq!(v1(&w, "GET", &fn_path("deny", "staging/b"), None).await.0, 404);
+    // Dropping it is a save like any other.
+    let (s, b) = v1(&w, "PATCH", &b_dev, Some(json!({"source": greet("b2"), "plugins": {}}))).await;
+    assert_eq!((s, &b["version"]), (200, &json!(2)), "{b}");
+    let (s, b) = v1(&w, "POST", &format!("{b_dev}/deploy-to-stage"), Some(json!({"targetStage": "staging"}))).await;
+    assert_eq!(s, 200, "{b}");
+}
+
+/// Small answers of the functions API: an environment filter names an environment, a name
+/// taken is a 409 even at the quota, and of two deletes of one function one finds it gone.
+#[tokio::test]
+async fn the_functions_api_answers_filters_duplicates_and_racing_deletes_as_such() {
+    let w = on_loopback("  functions:\n    max_per_gateway: 12\n");
+    started_gateway(&w, "small").await;
+    for n in 0..12 {
+        let (s, b) = v1(&w, "POST", "api-gateways/small/functions", Some(json!({"name": format!("f{n}"), "source": greet("x")}))).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let (s, b) = v1(&w, "POST", "api-gateways/small/functions", Some(json!({"name": "f0", "source": greet("y")}))).await;
+    assert_eq!(s, 409, "a name taken, at the quota: {b}");
+    let (s, b) = v1(&w, "POST", "api-gateways/small/functions", Some(json!({"name": "f12", "source": greet("y")}))).await;
+    assert_eq!(s, 429, "a new name past the quota: {b}");
+    for bad in ["qa", "dev%2Ff0", "dev/f0"] {
+        let (s, b) = v1(&w, "GET", &format!("api-gateways/small/functions?environment={bad}"), None).await;
+        assert_eq!(s, 400, "{bad}: {b}");
+    }
+    let (s, b) = v1(&w, "GET", "api-gateways/small/functions?environment=dev", None).await;
+    assert_eq!((s, &b["total"]), (200, &json!(12)), "{b}");
+    for n in 0..12 {
+        let path = format!("/v1/{}", fn_path("small", &format!("dev/f{n}")));
+        let del = || common::send(w.admin, "DELETE", &path, &[("x-api-key", common::KEY)], None);
+        let (one, two) = tokio::join!(del(), del());
+        let mut got = [one.status, two.status];
+        got.sort();
+        assert_eq!(got, [200, 404], "f{n}: {} / {}", one.text(), two.text());
+    }
+}
+
 /// A function on a two-node cluster that tells a loopback counter each time it runs.
 #[tokio::test]
 async fn a_cron_trigger_runs_once_per_tick_across_two_nodes_and_a_slow_run_never_overlaps_itself() {

@@ -735,6 +735,41 @@ async fn a_gateways_change_is_answered_once_it_is_served() {
     }
 }
 
+/// The function series count calls and failures as their help says: a thrown error is a
+/// failure whatever status it names, a refused method is no call, and a path no function
+/// serves makes no series.
+#[tokio::test]
+async fn function_series_count_calls_and_failures_of_published_functions_only() {
+    let w = on_loopback("");
+    started_gateway(&w, "met").await;
+    let thrown = "export default () => { const e = new Error('taken'); e.name = 'DatabaseError'; e.status = 409; throw e }";
+    for (name, code, methods) in [("ok", "export default () => ({ ok: true })", json!(null)), ("taken", thrown, json!(null)), ("getonly", "export default () => 'got'", json!(["GET"]))] {
+        let mut body = json!({"name": name, "source": {"code": code}});
+        if !methods.is_null() {
+            body["methods"] = methods;
+        }
+        let (s, b) = v1(&w, "POST", "api-gateways/met/functions", Some(body)).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let host = [("host", "met.localhost")];
+    w.until("/dev/getonly", &host, |r| r.status == 200).await;
+    for _ in 0..2 {
+        assert_eq!(w.until("/dev/ok", &host, |r| r.status == 200).await.status, 200);
+    }
+    let r = w.get("/dev/taken", &host).await;
+    assert_eq!((r.status, r.json()["error_msg"].clone()), (409, json!("taken")), "{}", r.text());
+    assert_eq!(send(w.proxy, "POST", "/dev/getonly", &host, Some("{}")).await.status, 405);
+    assert_eq!(w.get("/dev/nobody", &host).await.status, 404);
+
+    let labels = |f: &str| format!("gateway=\"met\",environment=\"dev\",function=\"{f}\"");
+    let page = send(w.metrics.expect("the exporter listens"), "GET", "/apisix/prometheus/metrics", &[], None).await.text();
+    for (f, calls, errors) in [("ok", 2, 0), ("taken", 1, 1), ("getonly", 1, 0)] {
+        assert!(page.contains(&format!("weir_function_calls_total{{{}}} {calls}", labels(f))), "{f}: {page}");
+        assert!(page.contains(&format!("weir_function_errors_total{{{}}} {errors}", labels(f))), "{f}: {page}");
+    }
+    assert!(!page.contains("nobody"), "{page}");
+}
+
 #[tokio::test]
 async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plugins_and_limits() {
     let w = on_loopback("");
