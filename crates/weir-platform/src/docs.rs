@@ -45,12 +45,25 @@ impl Docs {
         format!("{}{gid}", self.dir)
     }
 
+    /// A plugin layer as stored: its secret fields sealed.
+    pub fn seal_layer(&self, layer: &Map<String, Value>) -> Map<String, Value> {
+        let mut holder = holder(&mut layer.clone());
+        weir_catalog::sealing::seal(&self.keyring, self.plugins.as_ref(), PluginSlot::Route, &mut holder);
+        unhold(holder)
+    }
+
+    /// Opens a stored plugin layer's sealed fields, in place.
+    pub fn open_layer(&self, layer: &mut Map<String, Value>) -> Result<(), String> {
+        let mut holder = holder(layer);
+        let opened = weir_catalog::sealing::open(&self.keyring, PluginSlot::Route, &mut holder);
+        *layer = unhold(holder);
+        opened
+    }
+
     pub fn decode(&self, kv: &KeyValue) -> Result<Gateway, StoreError> {
         let mut gw: Gateway = serde_json::from_slice(&kv.value).map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)))?;
         for layer in layers(&mut gw) {
-            let mut holder = holder(layer);
-            weir_catalog::sealing::open(&self.keyring, PluginSlot::Route, &mut holder).map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)))?;
-            *layer = unhold(holder);
+            self.open_layer(layer).map_err(|e| StoreError::Corrupt(format!("{}: {e}", kv.key)))?;
         }
         for var in gw.env.iter_mut().filter(|v| v.secret) {
             var.value = self.keyring.open_field(&var.value).map_err(|e| StoreError::Corrupt(format!("{}: env {}: {e}", kv.key, var.name)))?.into_owned();
@@ -62,9 +75,7 @@ impl Docs {
     pub fn encode(&self, gw: &Gateway) -> Bytes {
         let mut gw = gw.clone();
         for layer in layers(&mut gw) {
-            let mut holder = holder(layer);
-            weir_catalog::sealing::seal(&self.keyring, self.plugins.as_ref(), PluginSlot::Route, &mut holder);
-            *layer = unhold(holder);
+            *layer = self.seal_layer(layer);
         }
         for var in gw.env.iter_mut().filter(|v| v.secret) {
             var.value = self.keyring.seal_field(&var.value);

@@ -361,7 +361,7 @@ impl Platform {
         let dir = format!("{}fn/{}", partition_prefix(&self.prefix, gid), env.map(|e| format!("{e}/")).unwrap_or_default());
         match self.docs.store.list(&dir).await {
             Ok((kvs, _)) => {
-                let list: Vec<Value> = kvs.iter().filter_map(|kv| serde_json::from_slice::<FunctionDoc>(&kv.value).ok()).map(|d| shown(&d)).collect();
+                let list: Vec<Value> = kvs.iter().filter_map(|kv| self.function_of(&kv.value).ok()).map(|d| shown(&d)).collect();
                 json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
             }
             Err(e) => store_down(e),
@@ -376,9 +376,26 @@ impl Platform {
     pub(crate) async fn read_optional(&self, gid: &str, env: &str, name: &str) -> Result<Option<(FunctionDoc, i64)>, Reply> {
         let key = function_key(&self.prefix, gid, env, name);
         match self.docs.store.get(&key).await.map_err(store_down)? {
-            Some(kv) => serde_json::from_slice::<FunctionDoc>(&kv.value).map(|d| Some((d, kv.mod_revision))).map_err(|e| failure(ErrorKind::Internal, format!("stored function: {e}"), Vec::new())),
+            Some(kv) => self.function_of(&kv.value).map(|d| Some((d, kv.mod_revision))).map_err(|e| failure(ErrorKind::Internal, format!("stored function: {e}"), Vec::new())),
             None => Ok(None),
         }
+    }
+
+    /// A stored function, its plugin layer's secret fields opened.
+    fn function_of(&self, stored: &[u8]) -> Result<FunctionDoc, String> {
+        let mut doc: FunctionDoc = serde_json::from_slice(stored).map_err(|e| e.to_string())?;
+        self.docs.open_layer(&mut doc.plugins)?;
+        Ok(doc)
+    }
+
+    /// `doc` as stored: its plugin layer's secret fields sealed, as a gateway's layers are.
+    pub(crate) fn sealed(&self, doc: &FunctionDoc) -> FunctionDoc {
+        FunctionDoc { plugins: self.docs.seal_layer(&doc.plugins), ..doc.clone() }
+    }
+
+    /// The bytes `doc` takes in the store (sealing keeps a field's length whatever it seals).
+    pub(crate) fn stored_size(&self, doc: &FunctionDoc) -> u64 {
+        serde_json::to_vec(&self.sealed(doc)).map_or(0, |v| v.len() as u64)
     }
 
     async fn patch_function(&self, caller: &Caller, gid: &str, env: &str, name: &str, raw: &Bytes) -> Reply {
@@ -400,7 +417,7 @@ impl Platform {
                 Ok(d) => d,
                 Err(r) => return r,
             };
-            let before = crate::quota::stored_size(&doc);
+            let before = self.stored_size(&doc);
             // Every save is a version, whatever it changes.
             doc.version += 1;
             if let Some((files, entry)) = &source {
@@ -458,7 +475,7 @@ impl Platform {
             Err(r) => return r,
         };
         ops.push(Op::Delete { key: key.clone() });
-        let delta = crate::quota::Delta { functions: -1, added: 0, removed: crate::quota::stored_size(&doc) + history };
+        let delta = crate::quota::Delta { functions: -1, added: 0, removed: self.stored_size(&doc) + history };
         // The gateway's quota record may change meanwhile with another function: then it is
         // read again, as long as this function stays as it was.
         for _ in 0..32 {

@@ -30,7 +30,7 @@ use crate::Platform;
 use crate::api::{Reply, bad_input, body, failure, json, not_found, store_down};
 use crate::functions::{ShownSource, shown};
 use crate::model::ENVIRONMENTS;
-use crate::quota::{Delta, stored_size};
+use crate::quota::Delta;
 use crate::tokens::{Caller, now_rfc3339};
 
 /// Attempts at a publication whose function changes meanwhile before giving up.
@@ -270,8 +270,9 @@ impl Platform {
     /// deletion of the entry that leaves the window and the gateway's quota record, with the
     /// compare that guards the record; refused when the gateway's quota would be passed.
     pub(crate) async fn publication(&self, gid: &str, doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>, old: Option<u64>) -> Result<(Compare, Vec<Op>), Reply> {
-        let value = Bytes::from(serde_json::to_vec(doc).expect("a function serializes"));
-        let entry = Bytes::from(serde_json::to_vec(&HistoryEntry::of(doc, kind, rolled_back_to)).expect("a history entry serializes"));
+        let sealed = self.sealed(doc);
+        let value = Bytes::from(serde_json::to_vec(&sealed).expect("a function serializes"));
+        let entry = Bytes::from(serde_json::to_vec(&HistoryEntry::of(&sealed, kind, rolled_back_to)).expect("a history entry serializes"));
         let mut delta = Delta { functions: i64::from(old.is_none()), added: (value.len() + entry.len()) as u64, removed: old.unwrap_or(0) };
         let mut ops = vec![
             Op::Put { key: function_key(&self.prefix, gid, &doc.environment, &doc.name), value },
@@ -300,7 +301,11 @@ impl Platform {
         let mut entries: Vec<(String, HistoryEntry)> = kvs
             .into_iter()
             .filter(|kv| kv.key[dir.len()..].len() == 10 && kv.key[dir.len()..].bytes().all(|b| b.is_ascii_digit()))
-            .filter_map(|kv| serde_json::from_slice(&kv.value).ok().map(|e| (kv.key, e)))
+            .filter_map(|kv| {
+                let mut entry: HistoryEntry = serde_json::from_slice(&kv.value).ok()?;
+                self.docs.open_layer(&mut entry.plugins).ok()?;
+                Some((kv.key, entry))
+            })
             .collect();
         entries.sort_by_key(|(_, e)| e.version);
         let limit = self.cfg.history_limit.max(1);
@@ -391,7 +396,7 @@ impl Platform {
             }
             let deployment = Deployment::of(Kind::Promotion, env, src.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }];
-            match self.commit_deployment(gid, compares, &doc, &deployment, None, old.as_ref().map(stored_size)).await {
+            match self.commit_deployment(gid, compares, &doc, &deployment, None, old.as_ref().map(|o| self.stored_size(o))).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -439,7 +444,7 @@ impl Platform {
             }
             let deployment = Deployment::of(Kind::Rollback, env, input.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }];
-            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), Some(stored_size(&current))).await {
+            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), Some(self.stored_size(&current))).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,

@@ -14,7 +14,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use weir_core::error::ErrorKind;
-use weir_functions::live::{FunctionDoc, partition_prefix};
+use weir_functions::live::partition_prefix;
 use weir_store::{Compare, Op};
 
 use crate::Platform;
@@ -34,10 +34,6 @@ pub(crate) struct Held {
     rev: i64,
 }
 
-/// The bytes `doc` takes in the store.
-pub(crate) fn stored_size(doc: &FunctionDoc) -> u64 {
-    serde_json::to_vec(doc).map_or(0, |v| v.len() as u64)
-}
 
 /// What one write does to a gateway's record: functions it adds (1) or removes (-1), and the
 /// bytes it writes and deletes.

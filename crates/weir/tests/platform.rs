@@ -546,9 +546,28 @@ async fn secret_fields_of_plugin_layers_are_never_stored_in_the_clear() {
     assert_eq!(b["plugins"]["http-logger"]["auth_header"], "Bearer s3cret-layer-value");
     let (_, b) = w.admin("GET", "/plugin_configs/wp.sealed.dev", None).await;
     assert_eq!(b["value"]["plugins"]["http-logger"]["auth_header"], "Bearer s3cret-layer-value", "shown opened, as the Admin API shows its own");
+    // A function's own layer, its versions and their promotions are sealed alike, shown
+    // opened, and served opened.
+    let csrf = json!({"csrf": {"key": "s3cret-function-key"}});
+    let (s, b) = v1(&w, "POST", "api-gateways/sealed/functions", Some(json!({"name": "guarded", "source": {"code": "export default () => 'in'"}, "plugins": csrf}))).await;
+    assert_eq!((s, &b["plugins"]), (201, &csrf), "{b}");
+    let dev = fn_path("sealed", "dev/guarded");
+    assert_eq!(v1(&w, "PATCH", &dev, Some(json!({"description": "two"}))).await.0, 200);
+    let (s, b) = v1(&w, "POST", &format!("{dev}/deploy-to-stage"), Some(json!({"targetStage": "staging"}))).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(v1(&w, "GET", &dev, None).await.1["plugins"], csrf);
+    assert_eq!(v1(&w, "GET", "api-gateways/sealed/functions?environment=dev", None).await.1["list"][0]["plugins"], csrf);
+    assert_eq!(v1(&w, "GET", &format!("{dev}/history/1"), None).await.1["plugins"], csrf);
+    assert_eq!(v1(&w, "GET", &fn_path("sealed", "staging/guarded"), None).await.1["plugins"], csrf);
+    let r = w.until("/dev/guarded", &[("host", "sealed.localhost")], |r| r.status == 200).await;
+    assert_eq!(r.text(), "in");
+    assert_eq!(send(w.proxy, "POST", "/dev/guarded", &[("host", "sealed.localhost")], None).await.status, 401, "the csrf layer is served");
+
     let backup = send(w.admin, "GET", "/apisix/admin/backup", &[("x-api-key", KEY)], None).await.text();
     assert!(backup.contains("wp.sealed.dev"), "the backup holds the gateway's objects");
+    assert!(backup.contains("guarded"), "and its functions");
     assert!(!backup.contains("s3cret-layer-value"), "but never the secret in the clear");
+    assert!(!backup.contains("s3cret-function-key"), "nor a function's");
     // A change elsewhere leaves the sealed objects as they are (compared in the clear).
     let before = w.admin("GET", "/plugin_configs/wp.sealed.staging", None).await.1["modifiedIndex"].clone();
     assert_eq!(v1(&w, "PATCH", "api-gateways/sealed/environments/dev", Some(json!({"state": "inactive"}))).await.0, 200);
