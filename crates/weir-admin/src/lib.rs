@@ -70,6 +70,12 @@ pub trait Extension: Send + Sync {
         None
     }
 
+    /// The extension's own answer to a call refused before it was read whole (a body too
+    /// large, too slow or unreadable), in its own envelope; `None` answers as the Admin API does.
+    fn refused(&self, _status: http::StatusCode, _message: &str) -> Option<Response<Full<Bytes>>> {
+        None
+    }
+
     /// Answers a call. `role` is the role of the valid admin key it presented, if any.
     fn handle<'a>(
         &'a self,
@@ -136,6 +142,13 @@ impl Admin {
             return self.backup(&parts).await;
         }
         let extension = self.extensions.iter().find(|e| e.serves(parts.uri.path())).cloned();
+        // A refusal before the body is read whole: in the extension's envelope on its paths
+        // (with `status`), as the Admin API answers elsewhere.
+        let refused = |status: http::StatusCode, admin_status: http::StatusCode, message: String| match extension.as_ref().and_then(|e| e.refused(status, &message)) {
+            Some(theirs) => theirs,
+            None => reply::error(admin_status, message),
+        };
+        let too_large = |len: usize| refused(http::StatusCode::PAYLOAD_TOO_LARGE, http::StatusCode::BAD_REQUEST, reply::too_large_message(len));
         let mut role = None;
         // The key is checked before the body is read: a caller without one gets nothing of the
         // server's memory or time, and its body is left unread (the connection then closes).
@@ -160,7 +173,7 @@ impl Admin {
                 if len <= DRAIN_LIMIT {
                     drain(body).await;
                 }
-                return reply::too_large(len);
+                return too_large(len);
             }
         let mut body = body;
         let mut collected = Vec::new();
@@ -168,7 +181,7 @@ impl Admin {
             let frame = match tokio::time::timeout(body_timeout, body.frame()).await {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(_) => return reply::error(http::StatusCode::REQUEST_TIMEOUT, "the request body stopped arriving"),
+                Err(_) => return refused(http::StatusCode::REQUEST_TIMEOUT, http::StatusCode::REQUEST_TIMEOUT, "the request body stopped arriving".into()),
             };
             match frame {
                 Ok(frame) => {
@@ -179,12 +192,12 @@ impl Admin {
                         let len = collected.len();
                         drop(collected);
                         drain(body).await;
-                        return reply::too_large(len);
+                        return too_large(len);
                     }
                 }
                 Err(e) => {
                     let e: Box<dyn std::error::Error + Send + Sync> = e.into();
-                    return reply::error(http::StatusCode::BAD_REQUEST, format!("invalid request body: {e}"));
+                    return refused(http::StatusCode::BAD_REQUEST, http::StatusCode::BAD_REQUEST, format!("invalid request body: {e}"));
                 }
             }
         }

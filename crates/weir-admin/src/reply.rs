@@ -31,11 +31,8 @@ pub fn not_found() -> Reply {
     json(StatusCode::NOT_FOUND, &json!({"message": "Key not found"}))
 }
 
-pub fn too_large(len: usize) -> Reply {
-    error(
-        StatusCode::BAD_REQUEST,
-        format!("invalid request body: request size {len} is greater than the maximum size {} allowed", crate::MAX_BODY),
-    )
+pub fn too_large_message(len: usize) -> String {
+    format!("invalid request body: request size {len} is greater than the maximum size {} allowed", crate::MAX_BODY)
 }
 
 /// The Admin API's answer to a failure: the one place a kind becomes a status, in APISIX's

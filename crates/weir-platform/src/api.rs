@@ -48,7 +48,11 @@ pub(crate) fn refuse(status: StatusCode, message: &str) -> Reply {
         StatusCode::UNAUTHORIZED => "unauthorized",
         StatusCode::FORBIDDEN => "forbidden",
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        _ => "not_found",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
+        StatusCode::BAD_REQUEST => "bad_input",
+        StatusCode::NOT_FOUND => "not_found",
+        _ => "refused",
     };
     json(status, &json!({"error": {"kind": kind, "message": message, "problems": []}}))
 }

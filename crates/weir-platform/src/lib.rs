@@ -215,6 +215,10 @@ impl weir_admin::Extension for Platform {
         Some(api::unauthorized())
     }
 
+    fn refused(&self, status: http::StatusCode, message: &str) -> Option<http::Response<http_body_util::Full<Bytes>>> {
+        Some(api::refuse(status, message))
+    }
+
     fn handle<'a>(
         &'a self,
         parts: http::request::Parts,

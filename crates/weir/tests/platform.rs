@@ -184,6 +184,15 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     assert_eq!((r.status, r.json()["error"]["kind"].clone()), (403, json!("forbidden")));
     let r = send(w.admin, "GET", "/v1/api-gateways", &[], None).await;
     assert_eq!((r.status, r.json()["error"]["kind"].clone()), (401, json!("unauthorized")), "the platform's own envelope");
+    // A body past the listener's bound: 413 in the platform's envelope, APISIX's 400 on its paths.
+    let before = v1(&w, "GET", "api-gateways", None).await.1["total"].clone();
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(2 << 20));
+    let r = send(w.admin, "POST", "/v1/api-gateways", &[("x-api-key", KEY)], Some(&big)).await;
+    assert_eq!((r.status, r.json()["error"]["kind"].clone()), (413, json!("too_large")), "{}", r.text());
+    let r = send(w.admin, "PUT", "/apisix/admin/routes/big", &[("x-api-key", KEY)], Some(&big)).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error_msg"].as_str().unwrap().contains("greater than the maximum size"), "{}", r.text());
+    assert_eq!(v1(&w, "GET", "api-gateways", None).await.1["total"], before, "nothing stored");
     // The control API still answers beside it.
     assert_eq!(w.control("healthcheck").await.0, 200);
 }
