@@ -225,8 +225,16 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
     let (mut node_runs, mut one_runs, mut many_runs, mut mock_runs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         let n = wrk_url(args, &format!("http://127.0.0.1:{NODE_PORT}/"), Some(_node.0.id()), &[])?;
-        let o = wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", one.port), Some(one.proc.0.id()), &host)?;
-        let m = wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", big.port), Some(big.proc.0.id()), &host)?;
+        // The two Weir rows swap places every other round, so neither always runs first.
+        let one_row = || wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", one.port), Some(one.proc.0.id()), &host);
+        let many_row = || wrk_url(args, &format!("http://127.0.0.1:{}/dev/hello", big.port), Some(big.proc.0.id()), &host);
+        let (o, m) = if round % 2 == 1 {
+            let o = one_row()?;
+            (o, many_row()?)
+        } else {
+            let m = many_row()?;
+            (one_row()?, m)
+        };
         let j = wrk_url(args, &format!("http://127.0.0.1:{}/hello", one.port), Some(one.proc.0.id()), &["Host: mock.localhost"])?;
         println!(
             "round {round}: node {:.0} req/s, weir {:.0} req/s ({:.2}x), weir beside {many} functions {:.0} req/s ({:.3}x), weir without JavaScript {:.0} req/s ({:.2}x); wrk busy {:.0}%, {:.0}%, {:.0}%, {:.0}%",
