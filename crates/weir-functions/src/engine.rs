@@ -728,7 +728,7 @@ impl Js {
                 }
                 let slots = h.borrow().outbound.clone();
                 let Some(place) = slots.place() else {
-                    return Ok(Some(format!("fetch to {url} refused: {}", Slots::refusal("fetch"))));
+                    return Ok(Some(format!("fetch to {} refused: {}", crate::fetch::without_userinfo(&url), Slots::refusal("fetch"))));
                 };
                 let headers = header_list(&headers)?;
                 let body = body.map(|b| from_wire(&b)).transpose()?;
@@ -736,7 +736,7 @@ impl Js {
                 // the gateway's limit here, its URL and headers with its body.
                 let size = body.as_ref().map_or(0, Vec::len) + method.len() + url.len() + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
                 let Some(bytes) = Taken::of(&slots.bytes, size) else {
-                    let url = url.chars().take(200).collect::<String>();
+                    let url = crate::fetch::without_userinfo(&url).chars().take(200).collect::<String>();
                     return Ok(Some(format!("fetch to {url} refused: the request and the fetches in flight would pass this gateway's memory limit")));
                 };
                 let mut host = h.borrow_mut();

@@ -162,7 +162,7 @@ where
 }
 
 /// `url` without the user and password its authority may carry.
-fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn without_userinfo(url: &str) -> std::borrow::Cow<'_, str> {
     let Some(start) = url.find("://").map(|i| i + 3) else { return url.into() };
     let end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
     match url[start..end].rfind('@') {

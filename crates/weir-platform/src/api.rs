@@ -197,6 +197,7 @@ impl Platform {
             locked_by: None,
             generation: 1,
             rendered_generation: 0,
+            rendered_revision: 0,
             rendered_with: String::new(),
             phase_since: now,
             attempts: 0,
@@ -395,7 +396,9 @@ impl Platform {
     /// Only where this node has a data plane to serve it; a gateway waiting out a failed step's
     /// pause is answered at once.
     async fn rendered(&self, gw: &Gateway, revision: i64) {
-        if self.applied.get().is_none() || gw.retry_at > now_ms() {
+        let Some(applied) = self.applied.get() else { return };
+        // A deletion is answered as accepted (202), not once done.
+        if gw.retry_at > now_ms() || gw.phase == Phase::Deleting {
             return;
         }
         let key = self.docs.key(&gw.gateway_id);
@@ -404,7 +407,13 @@ impl Platform {
             while let Some(weir_store::WatchMessage::Events { events, .. }) = watch.recv().await {
                 for e in events.iter().filter(|e| e.kv.key == key) {
                     let Ok(now) = self.docs.decode(&e.kv) else { return };
-                    if e.kind == weir_store::EventKind::Delete || now.rendered_generation >= gw.generation || now.attempts > gw.attempts {
+                    if now.rendered_generation >= gw.generation {
+                        // Rendered, by this node or another: then served here.
+                        let mut applied = applied.clone();
+                        let _ = applied.wait_for(|r| *r >= now.rendered_revision).await;
+                        return;
+                    }
+                    if now.attempts > gw.attempts {
                         return;
                     }
                 }

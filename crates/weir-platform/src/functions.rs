@@ -244,7 +244,7 @@ impl Platform {
             (&Method::POST, None, []) => self.create_function(caller, gid, raw).await,
             (&Method::GET, None, []) => self.list_functions(gid, query).await,
             (&Method::GET, Some((env, name)), []) => match self.read_function(gid, &env, &name).await {
-                Ok((doc, _)) => json(StatusCode::OK, &shown(&doc)),
+                Ok((doc, ..)) => json(StatusCode::OK, &shown(&doc)),
                 Err(r) => r,
             },
             (&Method::PATCH | &Method::DELETE, Some((env, _)), []) | (&Method::POST, Some((env, _)), ["invoke" | "rollback"]) if !caller.writes_env(&env) => forbidden(&env),
@@ -368,15 +368,16 @@ impl Platform {
         }
     }
 
-    pub(crate) async fn read_function(&self, gid: &str, env: &str, name: &str) -> Result<(FunctionDoc, i64), Reply> {
+    /// The function, its revision and the bytes it takes in the store.
+    pub(crate) async fn read_function(&self, gid: &str, env: &str, name: &str) -> Result<(FunctionDoc, i64, u64), Reply> {
         self.read_optional(gid, env, name).await?.ok_or_else(|| not_found("function"))
     }
 
-    /// The function with its revision, if there is one.
-    pub(crate) async fn read_optional(&self, gid: &str, env: &str, name: &str) -> Result<Option<(FunctionDoc, i64)>, Reply> {
+    /// The function with its revision and stored size, if there is one.
+    pub(crate) async fn read_optional(&self, gid: &str, env: &str, name: &str) -> Result<Option<(FunctionDoc, i64, u64)>, Reply> {
         let key = function_key(&self.prefix, gid, env, name);
         match self.docs.store.get(&key).await.map_err(store_down)? {
-            Some(kv) => self.function_of(&kv.value).map(|d| Some((d, kv.mod_revision))).map_err(|e| failure(ErrorKind::Internal, format!("stored function: {e}"), Vec::new())),
+            Some(kv) => self.function_of(&kv.value).map(|d| Some((d, kv.mod_revision, kv.value.len() as u64))).map_err(|e| failure(ErrorKind::Internal, format!("stored function: {e}"), Vec::new())),
             None => Ok(None),
         }
     }
@@ -391,11 +392,6 @@ impl Platform {
     /// `doc` as stored: its plugin layer's secret fields sealed, as a gateway's layers are.
     pub(crate) fn sealed(&self, doc: &FunctionDoc) -> FunctionDoc {
         FunctionDoc { plugins: self.docs.seal_layer(&doc.plugins), ..doc.clone() }
-    }
-
-    /// The bytes `doc` takes in the store (sealing keeps a field's length whatever it seals).
-    pub(crate) fn stored_size(&self, doc: &FunctionDoc) -> u64 {
-        serde_json::to_vec(&self.sealed(doc)).map_or(0, |v| v.len() as u64)
     }
 
     async fn patch_function(&self, caller: &Caller, gid: &str, env: &str, name: &str, raw: &Bytes) -> Reply {
@@ -413,11 +409,10 @@ impl Platform {
             return r;
         }
         for _ in 0..32 {
-            let (mut doc, rev) = match self.read_function(gid, env, name).await {
+            let (mut doc, rev, before) = match self.read_function(gid, env, name).await {
                 Ok(d) => d,
                 Err(r) => return r,
             };
-            let before = self.stored_size(&doc);
             // Every save is a version, whatever it changes.
             doc.version += 1;
             if let Some((files, entry)) = &source {
@@ -464,7 +459,7 @@ impl Platform {
     }
 
     async fn delete_function(&self, gid: &str, env: &str, name: &str) -> Reply {
-        let (doc, rev) = match self.read_function(gid, env, name).await {
+        let (doc, rev, size) = match self.read_function(gid, env, name).await {
             Ok(d) => d,
             Err(r) => return r,
         };
@@ -475,7 +470,7 @@ impl Platform {
             Err(r) => return r,
         };
         ops.push(Op::Delete { key: key.clone() });
-        let delta = crate::quota::Delta { functions: -1, added: 0, removed: self.stored_size(&doc) + history };
+        let delta = crate::quota::Delta { functions: -1, added: 0, removed: size + history };
         // The gateway's quota record may change meanwhile with another function: then it is
         // read again, as long as this function stays as it was.
         for _ in 0..32 {

@@ -369,14 +369,14 @@ impl Platform {
             return failure(ErrorKind::BadInput, message.clone(), vec![message]);
         }
         for _ in 0..ATTEMPTS {
-            let (src, src_rev) = match self.read_function(gid, env, name).await {
+            let (src, src_rev, _) = match self.read_function(gid, env, name).await {
                 Ok(d) => d,
                 Err(r) => return r,
             };
             let target_key = function_key(&self.prefix, gid, target, name);
-            let (old, old_rev) = match self.read_optional(gid, target, name).await {
-                Ok(Some((d, rev))) => (Some(d), rev),
-                Ok(None) => (None, 0),
+            let (old, old_rev, old_size) = match self.read_optional(gid, target, name).await {
+                Ok(Some((d, rev, size))) => (Some(d), rev, Some(size)),
+                Ok(None) => (None, 0, None),
                 Err(r) => return r,
             };
             let now = now_rfc3339();
@@ -396,7 +396,7 @@ impl Platform {
             }
             let deployment = Deployment::of(Kind::Promotion, env, src.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }];
-            match self.commit_deployment(gid, compares, &doc, &deployment, None, old.as_ref().map(|o| self.stored_size(o))).await {
+            match self.commit_deployment(gid, compares, &doc, &deployment, None, old_size).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -412,7 +412,7 @@ impl Platform {
             Err(r) => return r,
         };
         for _ in 0..ATTEMPTS {
-            let (current, rev) = match self.read_function(gid, env, name).await {
+            let (current, rev, current_size) = match self.read_function(gid, env, name).await {
                 Ok(d) => d,
                 Err(r) => return r,
             };
@@ -444,7 +444,7 @@ impl Platform {
             }
             let deployment = Deployment::of(Kind::Rollback, env, input.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: rev }];
-            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), Some(self.stored_size(&current))).await {
+            match self.commit_deployment(gid, compares, &doc, &deployment, Some(input.version), Some(current_size)).await {
                 Ok(true) => return deployed(&doc, deployment),
                 Ok(false) => continue,
                 Err(r) => return r,
@@ -488,11 +488,11 @@ impl Platform {
             (s, t) => return bad_input([s.err(), t.err()].into_iter().flatten().collect()),
         };
         let a = match self.read_function(gid, &source.0, &source.1).await {
-            Ok((d, _)) => d,
+            Ok((d, ..)) => d,
             Err(_) => return failure(ErrorKind::NotFound, format!("function {}/{} not found", source.0, source.1), Vec::new()),
         };
         let b = match self.read_function(gid, &target.0, &target.1).await {
-            Ok((d, _)) => d,
+            Ok((d, ..)) => d,
             Err(_) => return failure(ErrorKind::NotFound, format!("function {}/{} not found", target.0, target.1), Vec::new()),
         };
         let files = diff_files(&a.files, &b.files);

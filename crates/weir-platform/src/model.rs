@@ -94,6 +94,10 @@ pub struct Gateway {
     /// Counts the owner's changes; the reconciler renders until it has rendered the latest.
     pub generation: u64,
     pub rendered_generation: u64,
+    /// The newest store revision a render of the gateway wrote (0: none yet): what a node must
+    /// serve before it answers an owner's change as served.
+    #[serde(default)]
+    pub rendered_revision: i64,
     /// The platform settings the last render read (`Platform`'s render inputs).
     #[serde(default)]
     pub rendered_with: String,
@@ -205,7 +209,7 @@ impl Gateway {
     }
 
     /// The reconciler's bookkeeping, which the API does not show.
-    pub const HIDDEN: [&str; 6] = ["generation", "renderedGeneration", "renderedWith", "phaseSince", "attempts", "retryAt"];
+    pub const HIDDEN: [&str; 7] = ["generation", "renderedGeneration", "renderedRevision", "renderedWith", "phaseSince", "attempts", "retryAt"];
 }
 
 /// `POST /v1/api-gateways`.

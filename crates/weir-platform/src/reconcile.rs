@@ -178,7 +178,7 @@ impl Platform {
                     _ => return Ok(()),
                 },
                 Err(Failed::Step(e)) => break (step, Err(e)),
-                Ok(()) => break (step, Ok(())),
+                Ok(written) => break (step, Ok(written)),
             }
         };
         if step == Step::Delete && outcome.is_ok() {
@@ -189,7 +189,7 @@ impl Platform {
         self.release(gid, |gw| {
             let now = now_ms();
             match &outcome {
-                Ok(()) => {
+                Ok(written) => {
                     gw.attempts = 0;
                     gw.retry_at = 0;
                     gw.reason = None;
@@ -205,6 +205,8 @@ impl Platform {
                         Step::Enter(p) => p,
                         Step::Render(p) => {
                             gw.rendered_generation = gw.rendered_generation.max(generation);
+                            // A render that wrote nothing new leaves what the last one wrote.
+                            gw.rendered_revision = gw.rendered_revision.max(*written);
                             gw.rendered_with = self.inputs.clone();
                             p
                         }
@@ -254,9 +256,10 @@ impl Platform {
         }
     }
 
-    async fn run(&self, step: Step, gw: &Gateway, rev: i64) -> Result<(), Failed> {
+    /// Runs `step`; the newest revision it wrote of what the data plane serves (0: none).
+    async fn run(&self, step: Step, gw: &Gateway, rev: i64) -> Result<i64, Failed> {
         match step {
-            Step::Create | Step::Enter(_) => Ok(()),
+            Step::Create | Step::Enter(_) => Ok(0),
             // What the render wrote is served here before the gateway is marked as started
             // (or a second passes), as a request's writes are answered. While this node's data
             // plane is behind (a render it did not serve within the bound), the renders wait
@@ -264,14 +267,17 @@ impl Platform {
             Step::Render(_) => {
                 let (objects, live) = (render::render(&self.cfg, gw), render::live(&self.cfg, gw));
                 let sync = self.sync(gw, rev, &objects, &live);
-                let Some(applied) = self.applied.get() else { return sync.await };
+                let Some(applied) = self.applied.get() else {
+                    let (out, written) = weir_store::settled::noting(sync).await;
+                    return out.map(|()| written);
+                };
                 let behind = self.behind.load(std::sync::atomic::Ordering::Relaxed);
                 let bound = if behind { BEHIND_BOUND } else { weir_store::settled::BOUND };
-                let (out, served) = weir_store::settled::settle_within(applied, bound, sync).await;
-                self.behind.store(!served, std::sync::atomic::Ordering::Relaxed);
-                out
+                let (out, settled) = weir_store::settled::settle_within(applied, bound, sync).await;
+                self.behind.store(!settled.served, std::sync::atomic::Ordering::Relaxed);
+                out.map(|()| settled.written)
             }
-            Step::Delete => self.sync(gw, rev, &[], &[]).await,
+            Step::Delete => self.sync(gw, rev, &[], &[]).await.map(|()| 0),
         }
     }
 

@@ -225,6 +225,7 @@ mod tests {
             locked_by: None,
             generation: 1,
             rendered_generation: 0,
+            rendered_revision: 0,
             rendered_with: String::new(),
             phase_since: 0,
             attempts: 0,

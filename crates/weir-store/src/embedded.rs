@@ -466,6 +466,26 @@ mod tests {
         assert_eq!(s.revision(), rev);
     }
 
+    /// A watch whose receiver goes away stops following the store at once, even where nothing
+    /// more is ever written under its prefix.
+    #[tokio::test]
+    async fn a_dropped_watch_stops_following_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(dir.path()).unwrap();
+        let before = s.shared.tx.receiver_count();
+        let w = s.watch("/quiet/", 1).await.unwrap();
+        assert_eq!(s.shared.tx.receiver_count(), before + 1);
+        drop(w);
+        s.put("/elsewhere", b("x")).await.unwrap();
+        for _ in 0..200 {
+            if s.shared.tx.receiver_count() == before {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        panic!("the watch still follows the store");
+    }
+
     #[tokio::test]
     async fn watch_replays_then_follows() {
         let dir = tempfile::tempdir().unwrap();

@@ -115,7 +115,12 @@ impl Store for EtcdStore {
         let (out, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             loop {
-                let resp = match stream.message().await {
+                // A watcher that goes away cancels the watch at once, not at its next event.
+                let message = tokio::select! {
+                    m = stream.message() => m,
+                    () = out.closed() => return,
+                };
+                let resp = match message {
                     Ok(Some(r)) => r,
                     Ok(None) => return,
                     Err(e) => {

@@ -144,11 +144,16 @@ pub type SharedStore = Arc<dyn Store>;
 pub(crate) type Batch = Arc<(i64, Vec<Event>)>;
 
 /// Forwards broadcast transactions to one watcher: those from revision `next` on, with their
-/// events under `prefix`. A watcher that falls behind the broadcast is told `Compacted`.
+/// events under `prefix`. A watcher that falls behind the broadcast is told `Compacted`; one
+/// that goes away ends the forwarding at once, whether or not anything was due to it.
 pub(crate) async fn forward(mut live: tokio::sync::broadcast::Receiver<Batch>, out: mpsc::Sender<WatchMessage>, prefix: String, mut next: i64) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
-        match live.recv().await {
+        let got = tokio::select! {
+            got = live.recv() => got,
+            () = out.closed() => return,
+        };
+        match got {
             Ok(batch) if batch.0 < next => continue,
             Ok(batch) => {
                 next = batch.0 + 1;

@@ -33,23 +33,38 @@ pub async fn settle<T>(applied: &watch::Receiver<i64>, bound: Duration, work: im
     settle_within(applied, bound, work).await.0
 }
 
-/// As [`settle`], and whether what `work` wrote (if anything) was served within `bound`.
-pub async fn settle_within<T>(applied: &watch::Receiver<i64>, bound: Duration, work: impl Future<Output = T>) -> (T, bool) {
-    let (out, written) = WRITTEN
+/// Runs `work` and answers, beside its output, the newest revision it wrote through a
+/// [`Settled`] store (0: none), waiting for nothing.
+pub async fn noting<T>(work: impl Future<Output = T>) -> (T, i64) {
+    WRITTEN
         .scope(Cell::new(0), async {
             let out = work.await;
             (out, WRITTEN.with(Cell::get))
         })
-        .await;
+        .await
+}
+
+/// What [`settle_within`] saw of a piece of work's writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settlement {
+    /// The newest revision it wrote through a [`Settled`] store (0: none).
+    pub written: i64,
+    /// Whether that revision was served within the bound (true where nothing was written).
+    pub served: bool,
+}
+
+/// As [`settle`], with what `work` wrote and whether it was served within `bound`.
+pub async fn settle_within<T>(applied: &watch::Receiver<i64>, bound: Duration, work: impl Future<Output = T>) -> (T, Settlement) {
+    let (out, written) = noting(work).await;
     if written == 0 {
-        return (out, true);
+        return (out, Settlement { written, served: true });
     }
     let mut applied = applied.clone();
     let served = tokio::time::timeout(bound, applied.wait_for(|r| *r >= written)).await.is_ok_and(|r| r.is_ok());
     if !served {
         tracing::debug!(revision = written, ?bound, "a write is answered before this node serves it");
     }
-    (out, served)
+    (out, Settlement { written, served })
 }
 
 /// A store that notes, for [`settle`], the revisions of the writes it commits under the
@@ -135,12 +150,12 @@ mod tests {
 
         // Nothing applies it: the answer comes at the bound, and the write is kept.
         let started = tokio::time::Instant::now();
-        let (revision, served) = settle_within(&applied, bound, async {
+        let (revision, settled) = settle_within(&applied, bound, async {
             let TxnOutcome::Committed { revision, .. } = store.txn(put("/apisix/routes/1")).await.unwrap() else { panic!("committed") };
             revision
         })
         .await;
-        assert_eq!((started.elapsed(), served), (bound, false));
+        assert_eq!((started.elapsed(), settled), (bound, Settlement { written: revision, served: false }));
         assert!(store.get("/apisix/routes/1").await.unwrap().is_some());
 
         // Two writes, the second applied a moment later: answered then, not at the first's.
@@ -151,12 +166,12 @@ mod tests {
             tx.send_replace(revision + 2);
             tx
         });
-        let ((), served) = settle_within(&applied, bound, async {
+        let ((), settled) = settle_within(&applied, bound, async {
             store.txn(put("/apisix/routes/2")).await.unwrap();
             store.txn(put("/apisix/routes/3")).await.unwrap();
         })
         .await;
-        assert_eq!((started.elapsed(), served), (Duration::from_millis(30), true));
+        assert_eq!((started.elapsed(), settled), (Duration::from_millis(30), Settlement { written: revision + 2, served: true }));
         let _tx = applier.await.unwrap();
 
         // Writes the data plane does not follow, deletes of nothing (beside a delete of

@@ -422,8 +422,12 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         // Tenants' functions run where the data plane does; the platform's `invoke` uses the
         // same runtimes.
         let fetch_allowed: Vec<ipnet::IpNet> = cfg.platform.functions.fetch_allow_networks.iter().map(|n| n.parse().with_context(|| format!("platform.functions.fetch_allow_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
-        // What the operator refuses tenants' upstreams, a function's fetch is refused too.
-        let tenants_denied: Vec<ipnet::IpNet> = cfg.platform.denied_networks.iter().map(|n| n.parse().with_context(|| format!("platform.denied_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?;
+        // What the operator refuses tenants' upstreams, a function's fetch is refused too; read
+        // only where tenants' traffic runs.
+        let tenants_denied: Vec<ipnet::IpNet> = match role != DeployRole::ControlPlane && cfg.platform.enabled.unwrap_or(true) {
+            true => cfg.platform.denied_networks.iter().map(|n| n.parse().with_context(|| format!("platform.denied_networks: {n:?} is not a CIDR"))).collect::<anyhow::Result<_>>()?,
+            false => Vec::new(),
+        };
         // Until every listener is bound (and its port known), the configured ones are refused.
         let prom_addr = std::net::SocketAddr::new(cfg.plugin_attr.prometheus.export_addr.ip, cfg.plugin_attr.prometheus.export_addr.port);
         let configured: Vec<std::net::SocketAddr> = cfg.proxy.listen.iter().chain(&cfg.proxy.tls_listen).copied().chain([cfg.admin.listen, prom_addr]).chain(cfg.status.listen).filter(|a| a.port() != 0).collect();
