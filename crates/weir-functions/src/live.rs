@@ -13,7 +13,7 @@
 //! renders (the environment's upstream, or 404). A function's `plugins` replace the
 //! environment's of the same name for that function's routes only.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -481,8 +481,8 @@ impl Functions {
             return;
         }
         let changed: Vec<(usize, u64)> = {
-            let by_name: HashMap<&str, &Function> = list.iter().map(|(_, d, f)| (d.name.as_str(), &**f)).collect();
-            list.iter().enumerate().filter(|(_, (_, _, f))| !f.compiled.links.is_empty()).map(|(i, (_, _, f))| (i, links_of(f, &by_name))).filter(|(i, links)| list[*i].2.links != *links).collect()
+            let named: Vec<(&str, &Function)> = list.iter().map(|(_, d, f)| (d.name.as_str(), &**f)).collect();
+            link_hashes(&named).into_iter().enumerate().filter(|&(i, links)| links != 0 && list[i].2.links != links).collect()
         };
         if changed.is_empty() {
             return;
@@ -758,6 +758,100 @@ fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
     h.finish().max(1)
 }
 
+/// For each of an environment's functions (`named`, by name), a hash that changes whenever a
+/// function it reaches through imports by name (directly or through theirs; a name with no
+/// function counts as such) changes version or comes or goes; 0 for one that imports none.
+///
+/// Made over the strongly connected parts of the import graph, each hashed once from its
+/// members and the parts it reaches, so a ring or a hub of imports costs time linear in the
+/// functions and imports (where [`links_of`] for each would cost their product), and with no
+/// recursion however deep the imports chain.
+fn link_hashes(named: &[(&str, &Function)]) -> Vec<u64> {
+    use std::hash::{Hash, Hasher};
+    // Nodes: the functions, then the names imported that no function has.
+    let mut ids: HashMap<&str, usize> = named.iter().enumerate().map(|(i, (n, _))| (*n, i)).collect();
+    let mut names: Vec<(&str, Option<&str>)> = named.iter().map(|(n, f)| (*n, Some(f.version.as_str()))).collect();
+    let mut edges: Vec<Vec<usize>> = vec![Vec::new(); named.len()];
+    for (i, (_, f)) in named.iter().enumerate() {
+        for link in &f.compiled.links {
+            let id = *ids.entry(link.as_str()).or_insert_with(|| {
+                names.push((link.as_str(), None));
+                names.len() - 1
+            });
+            edges[i].push(id);
+        }
+    }
+    edges.resize(names.len(), Vec::new());
+    // Tarjan's algorithm with its own stack: parts come out sinks first.
+    let n = names.len();
+    let (mut index, mut low, mut part) = (vec![usize::MAX; n], vec![0; n], vec![usize::MAX; n]);
+    let (mut on_stack, mut stack, mut parts): (Vec<bool>, Vec<usize>, Vec<Vec<usize>>) = (vec![false; n], Vec::new(), Vec::new());
+    let mut next = 0;
+    for root in 0..n {
+        if index[root] != usize::MAX {
+            continue;
+        }
+        // Each entry: a node being visited and how many of its edges it has followed.
+        let mut calls: Vec<(usize, usize)> = Vec::new();
+        let mut enter = Some(root);
+        loop {
+            if let Some(v) = enter.take() {
+                (index[v], low[v], on_stack[v]) = (next, next, true);
+                next += 1;
+                stack.push(v);
+                calls.push((v, 0));
+            }
+            let Some(&(v, at)) = calls.last() else { break };
+            if let Some(&w) = edges[v].get(at) {
+                calls.last_mut().expect("a call").1 += 1;
+                if index[w] == usize::MAX {
+                    enter = Some(w);
+                } else if on_stack[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+                continue;
+            }
+            calls.pop();
+            if let Some(&(u, _)) = calls.last() {
+                low[u] = low[u].min(low[v]);
+            }
+            if low[v] == index[v] {
+                let mut members = Vec::new();
+                while let Some(w) = stack.pop() {
+                    on_stack[w] = false;
+                    part[w] = parts.len();
+                    members.push(w);
+                    if w == v {
+                        break;
+                    }
+                }
+                parts.push(members);
+            }
+        }
+    }
+    // A part's hash: its members' names and versions, and the hashes of the parts it reaches.
+    let mut hashes: Vec<u64> = Vec::with_capacity(parts.len());
+    for (p, members) in parts.iter().enumerate() {
+        let mut own: Vec<(&str, Option<&str>)> = members.iter().map(|&m| names[m]).collect();
+        own.sort_unstable();
+        let reached: BTreeSet<u64> = members.iter().flat_map(|&m| &edges[m]).map(|&w| part[w]).filter(|&q| q != p).map(|q| hashes[q]).collect();
+        let mut h = std::hash::DefaultHasher::new();
+        (own, reached).hash(&mut h);
+        hashes.push(h.finish());
+    }
+    (0..named.len())
+        .map(|i| match edges[i].is_empty() {
+            true => 0,
+            false => {
+                let reached: BTreeSet<u64> = edges[i].iter().map(|&w| hashes[part[w]]).collect();
+                let mut h = std::hash::DefaultHasher::new();
+                reached.hash(&mut h);
+                h.finish().max(1)
+            }
+        })
+        .collect()
+}
+
 /// Adds a route of exact `uris` on `hosts` ending in `handler`.
 fn push_route(out: &mut Lowered, gid: &str, id: String, uris: Vec<String>, hosts: &[String], plugins: &Map<String, Value>, handler: Arc<dyn Handler>) {
     if hosts.is_empty() || uris.is_empty() {
@@ -980,6 +1074,65 @@ impl Handler for FunctionHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A function named `name` at `version` that imports `links` by name.
+    fn linked(name: &str, version: &str, links: &[&str]) -> Function {
+        let compiled = crate::source::Compiled { modules: BTreeMap::new(), entry: "index.ts".into(), links: links.iter().map(|l| l.to_string()).collect() };
+        Function { env: "dev".into(), name: name.into(), version: version.into(), links: 0, compiled: Arc::new(compiled), methods: Vec::new(), logs: Arc::new(Logs::new(Arc::new(crate::engine::Budget::new(1 << 20)))) }
+    }
+
+    fn hashes(funcs: &[Function]) -> Vec<u64> {
+        link_hashes(&funcs.iter().map(|f| (f.name.as_str(), f)).collect::<Vec<_>>())
+    }
+
+    /// The hash of each function changes exactly where the set of names and versions it
+    /// reaches does ([`links_of`], followed one function at a time), over random graphs with
+    /// cycles, missing names and functions that import nothing.
+    #[test]
+    fn link_hashes_change_exactly_where_what_a_function_reaches_changes() {
+        let mut rng = fastrand::Rng::with_seed(7);
+        for _ in 0..300 {
+            let n = rng.usize(1..9);
+            let names: Vec<String> = (0..n + 2).map(|i| format!("f{i}")).collect();
+            // Two names no function has.
+            let mut funcs: Vec<Function> = (0..n)
+                .map(|i| {
+                    let links: Vec<&str> = (0..rng.usize(0..3)).map(|_| names[rng.usize(0..n + 2)].as_str()).collect();
+                    linked(&names[i], "1", &links)
+                })
+                .collect();
+            let reach = |funcs: &[Function]| -> Vec<u64> {
+                let by_name: HashMap<&str, &Function> = funcs.iter().map(|f| (f.name.as_str(), f)).collect();
+                funcs.iter().map(|f| if f.compiled.links.is_empty() { 0 } else { links_of(f, &by_name) }).collect()
+            };
+            let (before, reached_before) = (hashes(&funcs), reach(&funcs));
+            assert_eq!(before, hashes(&funcs), "the same graph hashes the same");
+            let changed = rng.usize(0..n);
+            funcs[changed] = linked(&names[changed], "2", &funcs[changed].compiled.links.iter().map(String::as_str).collect::<Vec<_>>());
+            let (after, reached_after) = (hashes(&funcs), reach(&funcs));
+            for i in 0..n {
+                assert_eq!(before[i] == 0, funcs[i].compiled.links.is_empty());
+                assert_eq!(before[i] != after[i], reached_before[i] != reached_after[i], "f{i} after f{changed} changed: {:?}", funcs.iter().map(|f| (&f.name, &f.compiled.links)).collect::<Vec<_>>());
+            }
+        }
+    }
+
+    /// A ring of many functions, each importing the next, and a chain as deep, hash without
+    /// recursion: every one of the ring reaches all, so a change anywhere changes them all.
+    #[test]
+    fn a_long_ring_of_imports_hashes_without_recursion() {
+        let n = 50_000;
+        let names: Vec<String> = (0..n).map(|i| format!("f{i}")).collect();
+        let mut ring: Vec<Function> = (0..n).map(|i| linked(&names[i], "1", &[names[(i + 1) % n].as_str()])).collect();
+        let before = hashes(&ring);
+        assert!(before.iter().all(|&h| h != 0 && h == before[0]), "all reach the same");
+        ring[n / 2] = linked(&names[n / 2], "2", &[names[n / 2 + 1].as_str()]);
+        let after = hashes(&ring);
+        assert!(after.iter().zip(&before).all(|(a, b)| a != b));
+        let chain: Vec<Function> = (0..n).map(|i| linked(&names[i], "1", &[names.get(i + 1).map_or("missing", String::as_str)])).collect();
+        let chained = hashes(&chain);
+        assert_eq!(chained.iter().collect::<BTreeSet<_>>().len(), n, "each reaches a different set");
+    }
 
     fn stored(v: u32) -> Vec<u8> {
         let doc = FunctionDoc { name: "f".into(), environment: "dev".into(), files: BTreeMap::from([("index.ts".to_string(), format!("export default () => ({{ v: {v} }});"))]), entrypoint: "index.ts".into(), version: u64::from(v), ..FunctionDoc::default() };

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use oxc::allocator::Allocator;
-use oxc::codegen::Codegen;
+use oxc::codegen::{Codegen, CodegenOptions};
 use oxc::parser::Parser;
 use oxc::semantic::SemanticBuilder;
 use oxc::span::SourceType;
@@ -20,6 +20,12 @@ use serde::Serialize;
 /// The most files one function may have, and the largest file.
 pub const MAX_FILES: usize = 64;
 pub const MAX_FILE_BYTES: usize = 512 * 1024;
+
+/// How many times its own size a file's JavaScript may be (beyond 64 KiB): stripping types
+/// only shrinks a file, and the transforms that add code (enums, namespaces, parameter
+/// properties) add at most a few dozen bytes per declaration. A file past it is refused, so
+/// no save holds a node's memory out of proportion to what the tenant stored.
+pub const MAX_OUTPUT_FACTOR: usize = 16;
 
 /// The deepest a file's brackets (`(`, `[`, `{`, template `${`, and in TypeScript a type's
 /// `<`) may nest. oxc walks the syntax tree by recursion, about a kilobyte of stack a level,
@@ -209,6 +215,9 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
     // Whether a `/` here starts a regular expression rather than divides: after an operator,
     // an opening bracket or a keyword, not after a name, a number or a closing bracket.
     let mut regex_here = true;
+    // Where the line ends on which a `/` read as a regular expression found no closing one:
+    // every later `/` before it is a division, so no line is scanned more than twice.
+    let mut unclosed_until = 0;
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -238,7 +247,7 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
             }
             // A regular expression: to its closing `/` (not one escaped or in a class), on
             // its line.
-            b'/' if regex_here => {
+            b'/' if regex_here && i >= unclosed_until => {
                 let (start, mut class) = (i, false);
                 i += 1;
                 while i < b.len() && b[i] != b'\n' && (class || b[i] != b'/') {
@@ -252,6 +261,7 @@ fn check_nesting(path: &str, text: &str) -> Result<(), CompileError> {
                 }
                 // No closing `/` on the line: it was a division after all.
                 if b.get(i) != Some(&b'/') {
+                    unclosed_until = i;
                     i = start;
                 }
                 regex_here = i == start;
@@ -364,7 +374,13 @@ fn strip(path: &str, text: &str) -> Result<(String, Vec<(String, u32)>, bool), C
     if let Some(e) = first(&transformed.diagnostics) {
         return Err(e);
     }
-    let js = Codegen::new().build(&program).code;
+    // Unindented: indentation would grow with nesting times lines, and a small file of many
+    // statements deep inside blocks would print to gigabytes.
+    let options = CodegenOptions { indent_width: 0, ..CodegenOptions::default() };
+    let js = Codegen::new().with_options(options).build(&program).code;
+    if js.len() > MAX_OUTPUT_FACTOR * text.len() + 64 * 1024 {
+        return Err(at(path, text, 0, format!("the file compiles to {} bytes, more than {MAX_OUTPUT_FACTOR} times its own", js.len())));
+    }
     Ok((js, imports, has_default))
 }
 
@@ -465,6 +481,41 @@ mod tests {
             let answer = compile(&files(&[(path, &text)]), path);
             assert!(answer.is_ok() || answer.as_ref().is_err_and(|e| !e.message.contains("compiler failed")), "{shape}: {answer:?}");
         }
+    }
+
+    /// Files whose JavaScript once printed hundreds of times their size (every statement
+    /// indented by its depth): many statements deep in blocks, and statements whose bodies the
+    /// printer braces, a level each. Their JavaScript stays in proportion to them.
+    #[test]
+    fn javascript_stays_in_proportion_to_its_source() {
+        let blocks = format!("export default 0;\n{}{}{}\n", "{".repeat(999), ";".repeat(200_000), "}".repeat(999));
+        let loops = format!("export default 0;\n{}1;\n", "if(1)for(;;)".repeat(20_000));
+        for (shape, text) in [("blocks", blocks), ("loops", loops)] {
+            let out = compile(&files(&[("index.js", &text)]), "index.js").unwrap();
+            let js = out.modules.values().map(String::len).sum::<usize>();
+            assert!(js <= 4 * text.len(), "{shape}: {} bytes of JavaScript from {}", js, text.len());
+        }
+    }
+
+    /// A dotted namespace becomes a function a segment, some thirty times its text: past
+    /// [`MAX_OUTPUT_FACTOR`] the file is refused, saying so; a short one compiles.
+    #[test]
+    fn a_file_whose_javascript_outgrows_it_is_refused() {
+        let dotted = |n: usize| format!("namespace {} {{ export const x = 1 }}\nexport default 0;\n", vec!["a"; n].join("."));
+        assert!(compile(&files(&[("index.ts", &dotted(100))]), "index.ts").is_ok());
+        let e = compile(&files(&[("index.ts", &dotted(100_000))]), "index.ts").unwrap_err();
+        assert!(e.message.contains("compiles to") && e.message.contains("more than 16 times its own"), "{e:?}");
+    }
+
+    /// A line of divisions by strings that hold a `[`, each of which the scan first tries as a
+    /// regular expression: one failed try per line, not one per `/`, so the scan reads the
+    /// line a bounded number of times.
+    #[test]
+    fn a_line_of_slashes_is_scanned_in_one_pass() {
+        let text = format!("let of = 1;\nexport default () => of{};\n", "/'['+of".repeat(70_000));
+        assert!(text.len() <= MAX_FILE_BYTES);
+        assert!(check_nesting("index.js", &text).is_ok());
+        compile(&files(&[("index.js", &text)]), "index.js").unwrap();
     }
 
     #[test]
