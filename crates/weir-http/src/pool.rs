@@ -179,10 +179,10 @@ pub async fn connect(node: &NodeRt, transport: &Transport, keepalive: Keepalive,
             (None, None) => TcpStream::connect(&*node.authority).await,
             (Some(addr), Some(reach)) => match reach.refuse(addr) {
                 Some(why) => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, why)),
-                None => TcpStream::connect(addr).await,
+                None => TcpStream::connect(addr).await.and_then(|s| reach.connected(&s).map(|()| s)),
             },
             (None, Some(reach)) => match reach.resolve(&node.authority).await {
-                Ok(addrs) => TcpStream::connect(&addrs[..]).await,
+                Ok(addrs) => TcpStream::connect(&addrs[..]).await.and_then(|s| reach.connected(&s).map(|()| s)),
                 Err(e) => Err(e),
             },
         }

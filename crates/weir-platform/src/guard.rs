@@ -12,13 +12,14 @@ use crate::PlatformConfig;
 /// plugin config and every node's memory.
 pub const MAX_LAYER_BYTES: usize = 64 * 1024;
 
-/// Regular expressions a layer may hold (`allow_origins_by_regex`, `regex_uri`, and the
-/// patterns of `~~`/`~*` rules), and the most each may compile to: every node compiles each of them for every
-/// route the layer is on, and keeps a matching cache beside each.
+/// Regular expressions a layer may hold (`allow_origins_by_regex`, `regex_uri`, the patterns
+/// of `~~`/`~*` rules, and a JSON schema's `pattern` and `patternProperties`), and the most
+/// each may compile to: every node compiles each of them for every route the layer is on,
+/// and keeps a matching cache beside each.
 const MAX_PATTERNS: usize = 32;
 const PATTERN_SIZE: usize = 1 << 20;
 
-/// Plugins that count per `group` or in Redis: their counters would be shared across tenants.
+/// Plugins that can count in Redis: their counters would be shared across tenants.
 const COUNTERS: [&str; 3] = ["limit-count", "limit-req", "limit-conn"];
 
 /// Problems with a tenant's plugin layer.
@@ -47,11 +48,15 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
             }
         }
     }
+    // A `group` shares a plugin's state (counters, a breaker's) among every route that names
+    // it, whoever's: no tenant's plugin has one.
+    for (name, conf) in plugins {
+        if conf.get("group").is_some() {
+            problems.push(format!("{what}: {name}.group would share its state beyond this gateway"));
+        }
+    }
     for name in COUNTERS {
         let Some(conf) = plugins.get(name) else { continue };
-        if conf.get("group").is_some() {
-            problems.push(format!("{what}: {name}.group would share counters beyond this gateway"));
-        }
         if conf.get("policy").and_then(Value::as_str).is_some_and(|p| p != "local") {
             problems.push(format!("{what}: {name}.policy must be local: shared counters are the operator's"));
         }
@@ -60,9 +65,10 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
 
 /// The regular expressions in a plugin's config, as the plugins compile them: the entries of
 /// `allow_origins_by_regex`, `block_rules` (ignoring case with `case_insensitive`),
-/// `allowlist` and `denylist`, the patterns of `regex_uri` (pattern, replacement, ...), and the
+/// `allowlist` and `denylist`, the patterns of `regex_uri` (pattern, replacement, ...), the
 /// pattern of a rule `[var, "~~" | "~*", pattern]` or `[var, "!", "~~" | "~*", pattern]` (`~*`
-/// ignoring case), at any depth.
+/// ignoring case), and a schema's `pattern` and the keys of its `patternProperties`, at any
+/// depth.
 fn patterns(conf: &Value, found: &mut Vec<String>) {
     let strings = |a: &Vec<Value>, prefix: &str, found: &mut Vec<String>| found.extend(a.iter().filter_map(Value::as_str).map(|p| format!("{prefix}{p}")));
     match conf {
@@ -72,6 +78,12 @@ fn patterns(conf: &Value, found: &mut Vec<String>) {
                     ("allow_origins_by_regex" | "allowlist" | "denylist", Value::Array(a)) => strings(a, "", found),
                     ("block_rules", Value::Array(a)) => strings(a, if o.get("case_insensitive") == Some(&Value::Bool(true)) { "(?i)" } else { "" }, found),
                     ("regex_uri", Value::Array(a)) => found.extend(a.iter().step_by(2).filter_map(Value::as_str).map(str::to_string)),
+                    // A JSON schema's (request-validation): counted wherever one appears.
+                    ("pattern", Value::String(p)) => found.push(p.clone()),
+                    ("patternProperties", Value::Object(props)) => {
+                        found.extend(props.keys().cloned());
+                        props.values().for_each(|v| patterns(v, found));
+                    }
                     _ => patterns(v, found),
                 }
             }
@@ -183,6 +195,13 @@ mod tests {
             "uri-blocker": {"block_rules": ["^/admin"], "case_insensitive": true}, "ua-restriction": {"allowlist": ["curl"], "denylist": ["bot"]},
             "x": {"_meta": {"filter": [["arg_a", "~~", "p1"], ["arg_b", "!", "~*", "p2"], ["arg_c", "==", "~~"], ["arg_d", "in", ["~~", "not a pattern"]]]}}}), &mut found);
         assert_eq!(found, ["^a$", "^b$", "^/x/(.*)", "^/y", "(?i)^/admin", "curl", "bot", "p1", "(?i)p2"]);
+        // A request-validation schema's patterns, nested too.
+        let mut found = Vec::new();
+        patterns(&json!({"request-validation": {"header_schema": {"properties": {"x": {"type": "string", "pattern": "^h$"}}, "patternProperties": {"^k": {"pattern": "^v$"}}}}}), &mut found);
+        assert_eq!(found, ["^h$", "^k", "^v$"]);
+        let many: Vec<(String, Value)> = (0..=MAX_PATTERNS).map(|i| (format!("^k{i}"), json!({}))).collect();
+        let p = check(json!({"request-validation": {"body_schema": {"type": "object", "patternProperties": Map::from_iter(many)}}}));
+        assert_eq!(p, ["l: 33 regular expressions, more than the 32 a layer may hold"]);
         let ok = json!({"cors": {"allow_origins_by_regex": [r"^https://[a-z]+\.example\.com$"]}, "proxy-rewrite": {"regex_uri": ["^/api/(.*)", "/$1"]}});
         assert_eq!(check(ok), Vec::<String>::new());
         let many: Vec<String> = (0..=MAX_PATTERNS).map(|i| format!("^o{i}$")).collect();
@@ -208,6 +227,10 @@ mod tests {
         let mut p = Vec::new();
         layer(&cfg, "l", json!({"limit-count": {"count": 1, "time_window": 1, "group": "g", "policy": "redis"}, "file-logger": {"path": "/x"}}).as_object().unwrap(), &mut p);
         assert_eq!(p.len(), 3, "{p:?}");
+        // No plugin of a tenant's shares state by group.
+        let mut p = Vec::new();
+        layer(&cfg, "l", json!({"api-breaker": {"break_response_code": 503, "group": "g"}, "cors": {}}).as_object().unwrap(), &mut p);
+        assert_eq!(p, ["l: api-breaker.group would share its state beyond this gateway"]);
         let mut p = Vec::new();
         let sealed = format!("{}AAAA", weir_tls::FIELD_MARK);
         layer(&cfg, "l", json!({"key-auth": {"header": sealed}, "response-rewrite": {"headers": {"set": {"x": [sealed]}}}, "cors": {"allow_origins": "*"}}).as_object().unwrap(), &mut p);

@@ -218,7 +218,7 @@ async fn probe(
     let dial = async {
         match &target.reach {
             None => TcpStream::connect(&target.authority).await,
-            Some(reach) => TcpStream::connect(&reach.resolve(&target.authority).await?[..]).await,
+            Some(reach) => TcpStream::connect(&reach.resolve(&target.authority).await?[..]).await.and_then(|s| reach.connected(&s).map(|()| s)),
         }
     };
     let stream = match tokio::time::timeout(timeout, dial).await {

@@ -18,6 +18,8 @@ use crate::lanes::Lanes;
 pub struct Reach {
     pub denied: Vec<IpNet>,
     names: Names,
+    /// This node's own listeners, refused whatever `denied` says (set once they are bound).
+    own: std::sync::RwLock<Vec<SocketAddr>>,
 }
 
 /// How names are resolved for tenants: fixed answers first (tests make a name resolve to a
@@ -76,17 +78,50 @@ impl Tenant {
     pub fn refuse(&self, addr: SocketAddr) -> Option<String> {
         self.reach.refuse(addr)
     }
+
+    /// Refuses a connection made that turns out to be to this node's own listener.
+    pub fn connected(&self, stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+        self.reach.connected(stream)
+    }
 }
 
 impl Reach {
     pub fn new(denied: Vec<IpNet>, fixed: HashMap<String, Vec<IpAddr>>) -> Reach {
-        Reach { denied, names: Names::new(fixed) }
+        Reach { denied, names: Names::new(fixed), own: Default::default() }
+    }
+
+    /// This node's listeners: refused to tenants whatever the networks say (the operator may
+    /// let tenants reach loopback, never its admin API there).
+    pub fn set_own(&self, own: Vec<SocketAddr>) {
+        if let Ok(mut o) = self.own.write() {
+            *o = own;
+        }
     }
 
     /// Why `addr` may not be dialled, or `None` when it may.
     pub fn refuse(&self, addr: SocketAddr) -> Option<String> {
         let ip = canonical(addr.ip());
+        // One of this node's listeners, where that can be told from the address alone: its
+        // own address, or loopback for one bound to every address.
+        let own = self.own.read().map(|o| o.iter().any(|l| l.port() == addr.port() && (canonical(l.ip()) == ip || (l.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))))).unwrap_or(true);
+        if own {
+            return Some(format!("{addr} is one of this node's own listeners"));
+        }
         self.denied.iter().find(|n| n.contains(&ip)).map(|n| format!("{ip} is in {n}, which tenants may not reach"))
+    }
+
+    /// Refuses a connection that reached this node itself on one of its listeners' ports: to
+    /// this host (its local address is the one it reached) where a listener is bound to every
+    /// address, or to the listener's own. What an address cannot tell (one of this host's own
+    /// public addresses) the connection does, before anything is sent on it.
+    pub fn connected(&self, stream: &tokio::net::TcpStream) -> std::io::Result<()> {
+        let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else { return Ok(()) };
+        let (ip, here) = (canonical(peer.ip()), canonical(local.ip()));
+        let own = self.own.read().map(|o| o.iter().any(|l| l.port() == peer.port() && (canonical(l.ip()) == ip || (l.ip().is_unspecified() && (ip == here || ip.is_loopback()))))).unwrap_or(true);
+        match own {
+            true => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{peer} is one of this node's own listeners"))),
+            false => Ok(()),
+        }
     }
 
     /// The addresses of `host:port` (a name or an address) for `gateway`, each checked.
@@ -104,6 +139,28 @@ impl Reach {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The node's own listeners are refused even where the operator lets tenants reach their
+    /// network: by address where it tells, else once connected, before anything is sent.
+    #[tokio::test]
+    async fn this_nodes_own_listeners_are_refused_whatever_the_networks_say() {
+        let reach = Reach::new(Vec::new(), HashMap::new());
+        let wildcard = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+        let port = wildcard.local_addr().unwrap().port();
+        reach.set_own(vec!["127.0.0.1:9180".parse().unwrap(), wildcard.local_addr().unwrap()]);
+        for own in ["127.0.0.1:9180".to_string(), format!("127.0.0.1:{port}"), format!("127.0.0.9:{port}"), format!("[::ffff:127.0.0.1]:{port}")] {
+            assert!(reach.refuse(own.parse().unwrap()).is_some_and(|w| w.contains("own listeners")), "{own}");
+        }
+        assert_eq!(reach.refuse("127.0.0.1:9181".parse().unwrap()), None);
+        assert_eq!(reach.refuse(format!("93.184.215.14:{port}").parse().unwrap()), None, "an address elsewhere is not known to be this node's");
+        // Reached anyway (here by its loopback address, as by one of this host's own): refused.
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        assert!(reach.connected(&stream).is_err());
+        // Another listener on this host is not the node's.
+        let other = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(other.local_addr().unwrap()).await.unwrap();
+        assert!(reach.connected(&stream).is_ok());
+    }
 
     #[tokio::test]
     async fn a_name_that_resolves_into_a_denied_network_is_refused_without_dialling() {

@@ -431,12 +431,13 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
         // Until every listener is bound (and its port known), the configured ones are refused.
         let prom_addr = std::net::SocketAddr::new(cfg.plugin_attr.prometheus.export_addr.ip, cfg.plugin_attr.prometheus.export_addr.port);
         let configured: Vec<std::net::SocketAddr> = cfg.proxy.listen.iter().chain(&cfg.proxy.tls_listen).copied().chain([cfg.admin.listen, prom_addr]).chain(cfg.status.listen).filter(|a| a.port() != 0).collect();
-        let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, &tenants_denied, configured), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
+        let outbound = weir_functions::fetch::Outbound::new(weir_functions::guard::Policy::new(&fetch_allowed, &tenants_denied, configured.clone()), test_hosts(), tokio::runtime::Handle::current()).map_err(anyhow::Error::msg)?;
         let databases = databases(&cfg)?;
         let db_runner = databases.clone().map(|d| weir_platform::database::runner(d, cfg.database.quota, tokio::runtime::Handle::current()));
         let settings = weir_functions::live::Settings { fetcher: Some(outbound.fetcher()), keyring: Some(keyring.clone()), database: db_runner };
         let functions = (role != DeployRole::ControlPlane && cfg.platform.enabled.unwrap_or(true)).then(|| weir_functions::live::Functions::new(&prefix, settings));
         let mut own_addrs: Vec<std::net::SocketAddr> = Vec::new();
+        let mut tenant_reach: Option<Arc<weir_upstream::reach::Reach>> = None;
         if role != DeployRole::ControlPlane {
             let mut builder = Builder::new(&prefix, keyring.clone(), plugins.clone());
             if let Some(f) = &functions {
@@ -445,7 +446,10 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             // Tenants' upstreams connect only outside the networks the platform refuses them,
             // whatever their nodes' names resolve to.
             if cfg.platform.enabled.unwrap_or(true) {
-                builder = builder.with_tenant_reach(Arc::new(weir_upstream::reach::Reach::new(tenants_denied.clone(), test_hosts())));
+                let reach = Arc::new(weir_upstream::reach::Reach::new(tenants_denied.clone(), test_hosts()));
+                reach.set_own(configured.clone());
+                tenant_reach = Some(reach.clone());
+                builder = builder.with_tenant_reach(reach);
             }
             tokio::spawn(weir_proxy::watch::follow(store.clone(), prefix.clone(), builder, snapshot.clone(), loaded_tx, sync.clone()));
             // Serve nothing until the stored config is live, so a restart never answers 404 for
@@ -513,7 +517,10 @@ fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow:
             listeners.push(tokio::spawn(weir_admin::serve(admin_listener, admin, cfg.admin.limits())));
             announce(format_args!("weir: admin listening on http://{admin_addr}"));
         }
-        // A function's fetch never reaches this node's own listeners.
+        // Neither a function's fetch nor a tenant's upstream reaches this node's own listeners.
+        if let Some(reach) = &tenant_reach {
+            reach.set_own(own_addrs.clone());
+        }
         outbound.set_policy(weir_functions::guard::Policy::new(&fetch_allowed, &tenants_denied, own_addrs));
         announce(format_args!("weir: ready ({})", role.name()));
 

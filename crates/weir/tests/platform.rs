@@ -1048,6 +1048,27 @@ async fn a_tenants_upstream_name_connects_only_outside_the_denied_networks() {
     assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
 }
 
+/// Where the operator lets tenants reach loopback, this node's own listeners stay out of their
+/// upstreams' reach, by address and by a name that resolves to one.
+#[tokio::test]
+async fn a_tenants_upstream_never_reaches_this_nodes_own_listeners() {
+    let w = platform_weir("  type: embedded\n  path: \"{data}\"\n", "  denied_networks: []\n", &[("WEIR_FUNCTIONS_TEST_HOSTS", "me.test=127.0.0.1")]);
+    started_gateway(&w, "selfish").await;
+    let up = Upstream::start("allowed").await;
+    let (admin, proxy) = (w.admin.port(), w.proxy.port());
+    for (env, node) in [("dev", format!("127.0.0.1:{admin}")), ("staging", format!("me.test:{proxy}")), ("prod", up.node())] {
+        let (s, b) = v1(&w, "PATCH", &format!("api-gateways/selfish/environments/{env}"), Some(json!({"upstream": {"type": "roundrobin", "nodes": {node: 1}}}))).await;
+        assert_eq!(s, 200, "{env}: {b}");
+    }
+    let host = [("host", "selfish.localhost")];
+    assert_eq!(w.until("/prod/hello", &host, |r| r.status == 200).await.json()["server"], "allowed", "loopback is the tenant's here");
+    for path in ["/dev/apisix/admin/routes", "/staging/x"] {
+        let r = w.until(path, &host, |r| r.status != 404).await;
+        assert_eq!(r.status, 502, "{path}: {}", r.text());
+    }
+    assert!(w.log().contains("is one of this node's own listeners"), "{}", w.log());
+}
+
 /// An auth plugin a tenant's function configures takes its environment's grants only: the
 /// operator's consumers, whose keys the operator's own routes accept, are refused there.
 #[tokio::test]
