@@ -95,6 +95,13 @@ impl Outbound {
             .await
             .map_err(|_| format!("fetch to {host}:{port}: connecting timed out"))?
             .map_err(|e| format!("fetch to {host}:{port}: {e}"))?;
+        // This host itself, on a port the node listens on for every address: nothing is sent.
+        if let (Ok(peer), Ok(local)) = (tcp.peer_addr(), tcp.local_addr()) {
+            let policy = self.policy.read().map_err(|_| "fetch: the policy is unreadable".to_string())?;
+            if let Some(refusal) = policy.connected(peer, local) {
+                return Err(format!("fetch to {host}:{port} refused: {}", refusal.why(&host, peer)));
+            }
+        }
         let host_header = host_header(&host, port, https);
         let mut req = http::Request::builder().method(method).uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/")).header(http::header::HOST, host_header);
         for (k, v) in headers {

@@ -79,10 +79,11 @@ impl Policy {
         Policy { denied: all, allowed: allowed.to_vec(), own }
     }
 
-    /// Why `addr` may not be fetched, or `None` when it may.
+    /// Why `addr` may not be fetched, or `None` when it may. A listener bound to every
+    /// address is known by address only on loopback; elsewhere [`Policy::connected`] tells.
     pub fn refuse(&self, addr: SocketAddr) -> Option<Refusal> {
         let ip = canonical(addr.ip());
-        let own = |o: &SocketAddr| o.port() == addr.port() && (canonical(o.ip()) == ip || o.ip().is_unspecified());
+        let own = |o: &SocketAddr| o.port() == addr.port() && (canonical(o.ip()) == ip || (o.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())));
         if self.own.iter().any(own) {
             return Some(Refusal::Own);
         }
@@ -90,6 +91,14 @@ impl Policy {
             return None;
         }
         self.denied.iter().find(|n| n.contains(&ip)).map(|n| Refusal::Denied(*n))
+    }
+
+    /// Whether a connection made (to `peer`, from `local`) reached one of this node's
+    /// listeners bound to every address: one on its port to this host itself, which is where
+    /// a connection's local address is the one it reached.
+    pub fn connected(&self, peer: SocketAddr, local: SocketAddr) -> Option<Refusal> {
+        let (ip, here) = (canonical(peer.ip()), canonical(local.ip()));
+        self.own.iter().any(|o| o.port() == peer.port() && o.ip().is_unspecified() && (ip == here || ip.is_loopback())).then_some(Refusal::Own)
     }
 }
 
@@ -168,6 +177,12 @@ mod tests {
         assert_eq!(p.refuse(sa("127.0.0.1:9080")), Some(Refusal::Own));
         assert_eq!(p.refuse(sa("127.0.0.1:8080")), None);
         assert!(p.refuse(sa("10.0.0.1:80")).is_some());
+        // A listener on every address is known by address on loopback only; a host elsewhere
+        // on its port is not this node, unless the connection says it is.
+        assert_eq!(p.refuse(sa("93.184.215.14:9080")), None);
+        assert_eq!(p.connected(sa("93.184.215.14:9080"), sa("10.9.9.9:40000")), None);
+        assert_eq!(p.connected(sa("10.9.9.9:9080"), sa("10.9.9.9:40000")), Some(Refusal::Own));
+        assert_eq!(p.connected(sa("10.9.9.9:9081"), sa("10.9.9.9:40000")), None);
     }
 
     /// The operator's own denied networks are refused too, unless it allows them for fetch.
