@@ -36,6 +36,11 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
         if weir_functions::live::SCOPED_AUTH.contains(&name.as_str()) && conf.get("scope").is_some() {
             problems.push(format!("{what}: {name}.scope is the platform's: a layer's {name} accepts its environment's grants"));
         }
+        // An auth plugin the platform makes no grants of would accept only the operator's
+        // consumers.
+        if name == "hmac-auth" {
+            problems.push(format!("{what}: {name} takes only the operator's consumers; the platform's grants are key-auth, basic-auth and jwt-auth"));
+        }
     }
     let mut found = Vec::new();
     plugins.values().for_each(|conf| patterns(conf, &mut found));
@@ -227,6 +232,9 @@ mod tests {
         let mut p = Vec::new();
         layer(&cfg, "l", json!({"limit-count": {"count": 1, "time_window": 1, "group": "g", "policy": "redis"}, "file-logger": {"path": "/x"}}).as_object().unwrap(), &mut p);
         assert_eq!(p.len(), 3, "{p:?}");
+        let mut p = Vec::new();
+        layer(&cfg, "l", json!({"hmac-auth": {}}).as_object().unwrap(), &mut p);
+        assert_eq!(p, ["l: hmac-auth takes only the operator's consumers; the platform's grants are key-auth, basic-auth and jwt-auth"]);
         // No plugin of a tenant's shares state by group.
         let mut p = Vec::new();
         layer(&cfg, "l", json!({"api-breaker": {"break_response_code": 503, "group": "g"}, "cors": {}}).as_object().unwrap(), &mut p);
