@@ -587,17 +587,14 @@ impl Platform {
         // A token made by a token lives no longer than its maker, and no maker makes more than
         // MAX_TOKENS_MADE.
         let mut expires = expires;
-        if let Caller::Token { token: maker, .. } = caller {
-            if let Some(limit) = maker.expires {
-                expires = Some(expires.map_or(limit, |e| e.min(limit)));
-            }
-            match self.manageable(caller).await {
-                Ok(made) if made.len() >= MAX_TOKENS_MADE => {
-                    return failure(ErrorKind::Quota, format!("this token has made {MAX_TOKENS_MADE} tokens, the most one may"), Vec::new());
-                }
-                Ok(_) => {}
-                Err(r) => return r,
-            }
+        let mut expires_at = input.expires_at.clone();
+        if let Caller::Token { token: maker, .. } = caller
+            && let Some(limit) = maker.expires
+            && expires.is_none_or(|e| e > limit)
+        {
+            // Shown as it is: the maker's end.
+            expires = Some(limit);
+            expires_at = Some(tokens::rfc3339(limit));
         }
         // Each gateway must exist and not be on its way out, and stay so until the token is
         // stored (the transaction compares their documents, and the maker's): a token never
@@ -614,11 +611,24 @@ impl Platform {
                     Err(e) => return store_down(e),
                 }
             }
+            // The maker is rewritten as it is: its makings serialize, so none passes
+            // MAX_TOKENS_MADE however many come at once, and its deletion takes every one.
+            let mut rewrite = None;
             if let Caller::Token { key: maker_key, .. } = caller {
                 match self.docs.store.get(maker_key).await {
-                    Ok(Some(kv)) => compares.push(Compare { key: kv.key, mod_revision: kv.mod_revision }),
+                    Ok(Some(kv)) => {
+                        compares.push(Compare { key: kv.key.clone(), mod_revision: kv.mod_revision });
+                        rewrite = Some(Op::Put { key: kv.key, value: kv.value });
+                    }
                     Ok(None) => return unauthorized(),
                     Err(e) => return store_down(e),
+                }
+                match self.manageable(caller).await {
+                    Ok(made) if made.len() >= MAX_TOKENS_MADE => {
+                        return failure(ErrorKind::Quota, format!("this token has made {MAX_TOKENS_MADE} tokens, the most one may"), Vec::new());
+                    }
+                    Ok(_) => {}
+                    Err(r) => return r,
                 }
             }
             if !problems.is_empty() {
@@ -630,15 +640,16 @@ impl Platform {
                 name: input.name.clone(),
                 role: input.role,
                 gateways: gateways.clone(),
-                expires_at: input.expires_at.clone(),
+                expires_at: expires_at.clone(),
                 expires,
                 created_at: now_ms() / 1000,
                 created_by: caller.name(),
             };
             let key = self.token_key(&hash);
             compares.push(Compare { key: key.clone(), mod_revision: 0 });
-            let txn = Txn { compares, ops: vec![Op::Put { key, value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) }] };
-            match self.docs.store.txn(txn).await {
+            let mut ops = vec![Op::Put { key, value: Bytes::from(serde_json::to_vec(&token).expect("a token serializes")) }];
+            ops.extend(rewrite);
+            match self.docs.store.txn(Txn { compares, ops }).await {
                 Ok(TxnOutcome::Committed { .. }) => {
                     let mut shown = token.shown();
                     shown["token"] = json!(secret);
@@ -684,18 +695,28 @@ impl Platform {
             Err(r) => return r,
         };
         let Some((key, token)) = all.into_iter().find(|(_, t)| t.id == id) else { return not_found("token") };
-        // The tokens it made go with it.
+        // The tokens it made go with it: every one, since a token's making rewrites its maker
+        // (compared here), so none is made between the list and the deletion.
         let maker = format!("token:{}", token.id);
-        let made = match self.manageable(&Caller::Admin("admin".into())).await {
-            Ok(all) => all.into_iter().filter(|(_, t)| t.created_by == maker).map(|(k, _)| Op::Delete { key: k }),
-            Err(r) => return r,
-        };
-        let mut ops = vec![Op::Delete { key }];
-        ops.extend(made);
-        match self.docs.store.txn(Txn { compares: Vec::new(), ops }).await {
-            Ok(_) => json(StatusCode::OK, &token.shown()),
-            Err(e) => store_down(e),
+        for _ in 0..16 {
+            let rev = match self.docs.store.get(&key).await {
+                Ok(Some(kv)) => kv.mod_revision,
+                Ok(None) => return not_found("token"),
+                Err(e) => return store_down(e),
+            };
+            let made = match self.manageable(&Caller::Admin("admin".into())).await {
+                Ok(all) => all.into_iter().filter(|(_, t)| t.created_by == maker).map(|(k, _)| Op::Delete { key: k }),
+                Err(r) => return r,
+            };
+            let mut ops = vec![Op::Delete { key: key.clone() }];
+            ops.extend(made);
+            match self.docs.store.txn(Txn { compares: vec![Compare { key: key.clone(), mod_revision: rev }], ops }).await {
+                Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::OK, &token.shown()),
+                Ok(TxnOutcome::Conflict) => continue,
+                Err(e) => return store_down(e),
+            }
         }
+        failure(ErrorKind::Conflict, "the token kept making tokens meanwhile; try again", Vec::new())
     }
 
     /// Hides the plugin's secret fields (`encrypt_fields`, dotted paths) in `config`.

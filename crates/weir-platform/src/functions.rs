@@ -269,9 +269,9 @@ impl Platform {
         }
     }
 
-    /// Checks a function's plugin layer the way the gateway's layers are checked.
-    /// Today's checks of a function's plugin layer: run on every version published, whether
-    /// saved, promoted or rolled back to, so none publishes a plugin the operator denied since.
+    /// Checks a function's plugin layer the way the gateway's layers are checked: today's
+    /// checks, run on every version published (saved, promoted or rolled back to), so none
+    /// publishes a plugin the operator denied since.
     pub(crate) fn check_function_plugins(&self, plugins: &Map<String, Value>) -> Result<(), Reply> {
         let mut problems = Vec::new();
         crate::guard::layer(&self.cfg, "plugins (function layer)", plugins, &mut problems);

@@ -554,8 +554,13 @@ impl Platform {
                 Err(r) => return r,
             };
             ops.push(Op::Put { key: self.grant_key(&grant.grant_id), value: encode(&grant) });
+            // The application is rewritten as it is: a deletion that listed its grants before
+            // this one then finds it changed, and no grant outlives its application.
             let app_rev = match self.docs.store.get(&self.app_key(&app.app_id)).await {
-                Ok(Some(kv)) => kv.mod_revision,
+                Ok(Some(kv)) => {
+                    ops.push(Op::Put { key: kv.key, value: kv.value });
+                    kv.mod_revision
+                }
                 Ok(None) => return not_found("application"),
                 Err(e) => return store_down(e),
             };

@@ -43,6 +43,9 @@ const REFRESH: Duration = Duration::from_secs(1);
 const MAX_BODY: usize = 16 * 1024;
 /// How long past its wall-clock limit a run's claim holds.
 const LEASE_MARGIN_MS: i64 = 5_000;
+/// The most of a failed run's error a run record keeps (characters): a function's error or
+/// answer may be megabytes, and every run of every trigger is written to the store.
+const RUN_ERROR_CHARS: usize = 1024;
 
 /// `POST /v1/api-gateways/{gid}/triggers`.
 #[derive(Deserialize, JsonSchema)]
@@ -254,6 +257,12 @@ impl Platform {
         // Creations of one gateway's triggers serialize on its quota record (rewritten as it
         // is), so that none passes the bound however many come at once.
         for _ in 0..ATTEMPTS {
+            // Compared, so that a gateway deleted meanwhile takes no trigger (nor its id's
+            // next owner).
+            let gw_rev = match self.gateway_rev(gid).await {
+                Ok(r) => r,
+                Err(r) => return r,
+            };
             let (guard, rewrite) = match self.counted(gid, crate::quota::Delta { functions: 0, added: 0, removed: 0 }).await {
                 Ok(c) => c,
                 Err(r) => return r,
@@ -265,7 +274,7 @@ impl Platform {
             if held >= TRIGGERS_PER_GATEWAY {
                 return failure(ErrorKind::Quota, format!("this gateway has {TRIGGERS_PER_GATEWAY} triggers, the most one may; delete one first"), Vec::new());
             }
-            let txn = Txn { compares: vec![Compare { key: key.clone(), mod_revision: 0 }, guard], ops: vec![Op::Put { key: key.clone(), value: encode(&trigger) }, rewrite] };
+            let txn = Txn { compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }, guard], ops: vec![Op::Put { key: key.clone(), value: encode(&trigger) }, rewrite] };
             match self.docs.store.txn(txn).await {
                 Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::CREATED, &serde_json::to_value(&trigger).expect("a trigger serializes")),
                 Ok(TxnOutcome::Conflict) => continue,
@@ -346,8 +355,13 @@ impl Platform {
             // Taken by another node, or the last run is still under way: not this tick.
             return Ok(());
         }
+        // A stopped gateway or environment serves none of its functions: its triggers wait.
         let wall = match self.docs.store.get(&weir_functions::live::env_key(&self.prefix, &gid, &trigger.environment)).await? {
-            Some(kv) => serde_json::from_slice::<weir_functions::live::EnvDoc>(&kv.value).map(|e| e.limits.limits().wall.as_millis() as i64).unwrap_or(30_000),
+            Some(kv) => match serde_json::from_slice::<weir_functions::live::EnvDoc>(&kv.value) {
+                Ok(env) if !env.serving => return Ok(()),
+                Ok(env) => env.limits.limits().wall.as_millis() as i64,
+                Err(_) => 30_000,
+            },
             None => return Ok(()),
         };
         let claimed = State { last_tick: tick, running: Some((self.node.clone(), now + wall + LEASE_MARGIN_MS)), runs: state.runs };
@@ -373,6 +387,10 @@ impl Platform {
             }
             Err(reply) => (None, Some(format!("the function did not run ({})", reply.status()))),
         };
+        let error = error.map(|e| match e.char_indices().nth(RUN_ERROR_CHARS) {
+            Some((cut, _)) => format!("{}… ({} bytes in all)", &e[..cut], e.len()),
+            None => e,
+        });
         let ended = now_ms();
         let run = Run {
             tick: rfc3339_ms(tick),

@@ -19,6 +19,11 @@ pub struct EtcdOptions {
     pub user: Option<(String, String)>,
 }
 
+/// The largest answer taken from etcd (a list of a whole prefix, a watch's batch, the values a
+/// transaction replaced): etcd's own bound on what it sends, where the client's default
+/// (4 MiB) would fail every list of a prefix that grew past it.
+const MAX_ANSWER: usize = i32::MAX as usize;
+
 pub struct EtcdStore {
     client: etcd::Client,
 }
@@ -62,12 +67,12 @@ impl EtcdStore {
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>> {
-        let resp = self.client.kv_client().get(key, None).await.map_err(unavailable)?;
+        let resp = self.client.kv_client().max_decoding_message_size(MAX_ANSWER).get(key, None).await.map_err(unavailable)?;
         Ok(resp.kvs().first().map(kv))
     }
 
     async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64)> {
-        let resp = self.client.kv_client().get(prefix, Some(etcd::GetOptions::new().with_prefix())).await.map_err(unavailable)?;
+        let resp = self.client.kv_client().max_decoding_message_size(MAX_ANSWER).get(prefix, Some(etcd::GetOptions::new().with_prefix())).await.map_err(unavailable)?;
         let revision = resp.header().map_or(0, |h| h.revision());
         Ok((resp.kvs().iter().map(kv).collect(), revision))
     }
@@ -87,7 +92,7 @@ impl Store for EtcdStore {
                 Op::DeletePrefix { prefix } => etcd::TxnOp::delete(prefix.as_str(), Some(etcd::DeleteOptions::new().with_prefix())),
             })
             .collect();
-        let resp = self.client.kv_client().txn(etcd::Txn::new().when(compares).and_then(ops)).await.map_err(write_failed)?;
+        let resp = self.client.kv_client().max_decoding_message_size(MAX_ANSWER).txn(etcd::Txn::new().when(compares).and_then(ops)).await.map_err(write_failed)?;
         if !resp.succeeded() {
             return Ok(TxnOutcome::Conflict);
         }
@@ -111,7 +116,7 @@ impl Store for EtcdStore {
     async fn watch(&self, prefix: &str, from_revision: i64) -> Result<mpsc::Receiver<WatchMessage>> {
         let opts = etcd::WatchOptions::new().with_prefix().with_start_revision(from_revision);
         // The stream owns the watch: dropping it (when the follower goes away) cancels it.
-        let mut stream = self.client.watch_client().watch(prefix, Some(opts)).await.map_err(unavailable)?;
+        let mut stream = self.client.watch_client().max_decoding_message_size(MAX_ANSWER).watch(prefix, Some(opts)).await.map_err(unavailable)?;
         let (out, rx) = mpsc::channel(256);
         tokio::spawn(async move {
             loop {

@@ -199,3 +199,30 @@ async fn a_watch_from_before_a_compaction_is_told_so() {
     let Some(WatchMessage::Events { events, .. }) = w.recv().await else { panic!("a live event") };
     assert_eq!(events[0].kv.key, "/apisix/routes/a");
 }
+
+/// A prefix past the 4 MiB a gRPC client takes by default is listed whole, and a watch's
+/// batch of it arrives: growing config never stops a node from loading it.
+#[tokio::test]
+async fn a_prefix_larger_than_a_grpc_answers_default_is_listed_and_watched_whole() {
+    use weir_store::{EtcdOptions, EtcdStore, Op, Store as _, Txn, WatchMessage};
+    let etcd = Etcd::start().await;
+    let store = EtcdStore::connect(&EtcdOptions { endpoints: vec![etcd.endpoint()], timeout: Duration::from_secs(5), user: None }).await.unwrap();
+    let value = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+    let (first, _) = store.put("/big/0", value.clone()).await.unwrap();
+    for i in 1..6 {
+        store.put(&format!("/big/{i}"), value.clone()).await.unwrap();
+    }
+    let (kvs, _) = store.list("/big/").await.unwrap();
+    assert_eq!((kvs.len(), kvs.iter().map(|kv| kv.value.len()).sum::<usize>()), (6, 6 << 20));
+    // Every put since the first, replayed to a watch in one go.
+    let mut w = store.watch("/big/", first).await.unwrap();
+    let mut seen = 0;
+    while seen < 6 {
+        let Some(WatchMessage::Events { events, .. }) = tokio::time::timeout(Duration::from_secs(10), w.recv()).await.unwrap() else { panic!("events") };
+        seen += events.len();
+    }
+    // A transaction over many keys at once, too.
+    let ops = (0..6).map(|i| Op::Put { key: format!("/big/{i}"), value: bytes::Bytes::from_static(b"small") }).collect();
+    store.txn(Txn { compares: Vec::new(), ops }).await.unwrap();
+    assert_eq!(store.list("/big/").await.unwrap().0.iter().map(|kv| kv.value.len()).sum::<usize>(), 30);
+}

@@ -397,6 +397,37 @@ async fn the_functions_api_answers_filters_duplicates_and_racing_deletes_as_such
     }
 }
 
+/// A failed run keeps a bounded part of its error, and a trigger of an environment that
+/// serves nothing (stopped, inactive) does not run.
+#[tokio::test]
+async fn a_trigger_keeps_little_of_an_error_and_waits_while_its_environment_is_stopped() {
+    let w = on_loopback("");
+    started_gateway(&w, "halt").await;
+    let boom = "export default () => { throw new Error('x'.repeat(100000)) }";
+    assert_eq!(v1(&w, "POST", "api-gateways/halt/functions", Some(json!({"name": "boom", "source": {"code": boom}}))).await.0, 201);
+    let (s, t) = v1(&w, "POST", "api-gateways/halt/triggers", Some(json!({"function": "boom", "environment": "dev", "cron": "* * * * * *"}))).await;
+    assert_eq!(s, 201, "{t}");
+    let runs_path = format!("api-gateways/halt/triggers/{}/runs", t["triggerId"].as_str().unwrap());
+    let runs = async || v1(&w, "GET", &runs_path, None).await.1["list"].as_array().unwrap().clone();
+    let started = std::time::Instant::now();
+    while runs().await.is_empty() {
+        assert!(started.elapsed() < Duration::from_secs(10), "no run");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let run = runs().await[0].clone();
+    let error = run["error"].as_str().unwrap();
+    assert_eq!(run["outcome"], "error");
+    assert!(error.chars().count() < 1100 && error.contains("bytes in all"), "{}", error.len());
+
+    let (s, b) = v1(&w, "PATCH", "api-gateways/halt/environments/dev", Some(json!({"state": "inactive"}))).await;
+    assert_eq!(s, 200, "{b}");
+    // A run under way as the environment stopped may still finish.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let before = runs().await.len();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(runs().await.len(), before, "runs while stopped");
+}
+
 /// A function on a two-node cluster that tells a loopback counter each time it runs.
 #[tokio::test]
 async fn a_cron_trigger_runs_once_per_tick_across_two_nodes_and_a_slow_run_never_overlaps_itself() {

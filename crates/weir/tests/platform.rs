@@ -326,6 +326,31 @@ async fn tokens_see_only_their_gateways_and_write_only_where_their_role_may() {
 
 
 
+/// Tokens a token makes: shown with the end they really have (their maker's, where it comes
+/// first), and never more than a maker may make, however many are asked for at once.
+#[tokio::test]
+async fn a_tokens_makings_end_with_it_and_stay_within_its_bound() {
+    let w = on_loopback("");
+    let (s, b) = v1(&w, "POST", "tokens", Some(json!({"name": "carol", "role": "owner", "expiresAt": "2090-01-01T00:00:00Z"}))).await;
+    assert_eq!(s, 201, "{b}");
+    let carol = b["token"].as_str().unwrap().to_string();
+    for asked in [json!("2099-01-01T00:00:00Z"), Value::Null] {
+        let (s, b) = v1_as(&w, &carol, "POST", "tokens", Some(json!({"name": "child", "role": "viewer", "expiresAt": asked}))).await;
+        assert_eq!((s, &b["expiresAt"]), (201, &json!("2090-01-01T00:00:00Z")), "{b}");
+    }
+    let (s, b) = v1_as(&w, &carol, "POST", "tokens", Some(json!({"name": "sooner", "role": "viewer", "expiresAt": "2080-01-01T00:00:00Z"}))).await;
+    assert_eq!((s, &b["expiresAt"]), (201, &json!("2080-01-01T00:00:00Z")), "{b}");
+    // Up to five short of the bound, then ten at once: five are made.
+    for i in 3..995 {
+        assert_eq!(v1_as(&w, &carol, "POST", "tokens", Some(json!({"name": format!("t{i}"), "role": "viewer"}))).await.0, 201);
+    }
+    let at_once: Vec<_> = (0..10).map(|i| v1_as(&w, &carol, "POST", "tokens", Some(json!({"name": format!("late{i}"), "role": "viewer"})))).collect();
+    let mut statuses: Vec<u16> = futures_util::future::join_all(at_once).await.into_iter().map(|(s, _)| s).collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 201, 201, 201, 201, 429, 429, 429, 429, 429]);
+    assert_eq!(v1_as(&w, &carol, "GET", "tokens", None).await.1["total"], 1000);
+}
+
 #[tokio::test]
 async fn a_node_killed_mid_step_is_taken_over_after_its_lease_and_every_node_serves_every_gateway() {
     let etcd = common::Etcd::start().await;
