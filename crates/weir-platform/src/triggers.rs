@@ -287,8 +287,9 @@ impl Platform {
     /// Runs every trigger of every gateway on schedule, with the other nodes, for as long as
     /// the process lives. Nodes without function runtimes take no part.
     pub async fn schedule(self: Arc<Self>) {
-        // Per trigger key: its cron text, parsed, and the next tick this node will race for.
-        let mut plan: HashMap<String, (String, croner::Cron, i64)> = HashMap::new();
+        // Per trigger key: the revision it was read at, its cron parsed, and the next tick this
+        // node will race for. A trigger unchanged since (most, each second) is not read again.
+        let mut plan: HashMap<String, (i64, croner::Cron, i64)> = HashMap::new();
         let mut refresh_at = tokio::time::Instant::now();
         loop {
             if self.functions.get().is_none() {
@@ -302,15 +303,16 @@ impl Platform {
                     Ok((kvs, _)) => {
                         let mut seen = std::collections::HashSet::new();
                         for kv in kvs {
-                            let Ok(t) = serde_json::from_slice::<Trigger>(&kv.value) else { continue };
-                            seen.insert(kv.key.clone());
-                            if plan.get(&kv.key).is_some_and(|(text, ..)| *text == t.cron) {
+                            if plan.get(&kv.key).is_some_and(|(rev, ..)| *rev == kv.mod_revision) {
+                                seen.insert(kv.key);
                                 continue;
                             }
+                            let Ok(t) = serde_json::from_slice::<Trigger>(&kv.value) else { continue };
+                            seen.insert(kv.key.clone());
                             // One that never fires stays planned for never, not searched again.
                             if let Ok(cron) = parse_cron(&t.cron) {
                                 let next = next_tick(&cron, now).unwrap_or(i64::MAX);
-                                plan.insert(kv.key, (t.cron, cron, next));
+                                plan.insert(kv.key, (kv.mod_revision, cron, next));
                             }
                         }
                         plan.retain(|k, _| seen.contains(k));
