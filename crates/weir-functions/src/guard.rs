@@ -94,11 +94,12 @@ impl Policy {
     }
 
     /// Whether a connection made (to `peer`, from `local`) reached one of this node's
-    /// listeners bound to every address: one on its port to this host itself, which is where
-    /// a connection's local address is the one it reached.
+    /// listeners: its own address (an address dialled may land elsewhere, `0.0.0.0` on
+    /// loopback), or, for one bound to every address, its port on this host itself, which is
+    /// where a connection's local address is the one it reached.
     pub fn connected(&self, peer: SocketAddr, local: SocketAddr) -> Option<Refusal> {
         let (ip, here) = (canonical(peer.ip()), canonical(local.ip()));
-        self.own.iter().any(|o| o.port() == peer.port() && o.ip().is_unspecified() && (ip == here || ip.is_loopback())).then_some(Refusal::Own)
+        self.own.iter().any(|o| o.port() == peer.port() && (canonical(o.ip()) == ip || (o.ip().is_unspecified() && (ip == here || ip.is_loopback())))).then_some(Refusal::Own)
     }
 }
 
@@ -183,6 +184,8 @@ mod tests {
         assert_eq!(p.connected(sa("93.184.215.14:9080"), sa("10.9.9.9:40000")), None);
         assert_eq!(p.connected(sa("10.9.9.9:9080"), sa("10.9.9.9:40000")), Some(Refusal::Own));
         assert_eq!(p.connected(sa("10.9.9.9:9081"), sa("10.9.9.9:40000")), None);
+        // `0.0.0.0` dialled lands on loopback: a listener there is known once connected.
+        assert_eq!(p.connected(sa("127.0.0.1:9180"), sa("127.0.0.1:40000")), Some(Refusal::Own));
     }
 
     /// The operator's own denied networks are refused too, unless it allows them for fetch.

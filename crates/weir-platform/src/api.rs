@@ -600,7 +600,7 @@ impl Platform {
         // stored (the transaction compares their documents, and the maker's): a token never
         // outlives a deletion to see a gateway made later under the same id. A document the
         // reconciler moved meanwhile is read again.
-        for _ in 0..16 {
+        for _ in 0..64 {
             let mut compares = Vec::new();
             for g in gateways.iter().filter(|g| valid_id(g)) {
                 match self.docs.store.get(&self.docs.key(g)).await {
@@ -659,7 +659,7 @@ impl Platform {
                 Err(e) => return store_down(e),
             }
         }
-        failure(ErrorKind::Conflict, "the gateways kept changing while the token was made; try again", Vec::new())
+        failure(ErrorKind::Conflict, "the gateways or the maker kept changing while the token was made; try again", Vec::new())
     }
 
     /// The tokens a caller may manage: all of them for an admin key, those it made for an
@@ -698,7 +698,7 @@ impl Platform {
         // The tokens it made go with it: every one, since a token's making rewrites its maker
         // (compared here), so none is made between the list and the deletion.
         let maker = format!("token:{}", token.id);
-        for _ in 0..16 {
+        for _ in 0..64 {
             let rev = match self.docs.store.get(&key).await {
                 Ok(Some(kv)) => kv.mod_revision,
                 Ok(None) => return not_found("token"),

@@ -405,30 +405,43 @@ impl Platform {
         failure(ErrorKind::Conflict, "the token's applications kept changing meanwhile; try again", Vec::new())
     }
 
-    async fn patch_application(&self, mut app: Application, rev: i64, raw: &Bytes) -> Reply {
+    async fn patch_application(&self, app: Application, rev: i64, raw: &Bytes) -> Reply {
         let input: PatchApplication = match body(raw) {
             Ok(b) => b,
             Err(r) => return r,
         };
-        if let Some(n) = input.name {
-            app.name = n;
-        }
-        if input.description.is_some() {
-            app.description = input.description;
-        }
-        if input.organization.is_some() {
-            app.organization = input.organization;
-        }
-        if let Some(t) = input.tags {
-            app.tags = t;
-        }
-        app.updated_at = now_rfc3339();
         let key = self.app_key(&app.app_id);
-        match self.store_txn(vec![Compare { key: key.clone(), mod_revision: rev }], vec![Op::Put { key, value: encode(&app) }]).await {
-            Ok(true) => json(StatusCode::OK, &serde_json::to_value(&app).expect("an application serializes")),
-            Ok(false) => failure(ErrorKind::Conflict, "the application changed meanwhile; try again", Vec::new()),
-            Err(r) => r,
+        // Applied again on what is there when the application changed meanwhile (a grant's
+        // making rewrites it).
+        let (mut app, mut rev) = (app, rev);
+        for _ in 0..32 {
+            if let Some(n) = &input.name {
+                app.name = n.clone();
+            }
+            if input.description.is_some() {
+                app.description = input.description.clone();
+            }
+            if input.organization.is_some() {
+                app.organization = input.organization.clone();
+            }
+            if let Some(t) = &input.tags {
+                app.tags = t.clone();
+            }
+            app.updated_at = now_rfc3339();
+            match self.store_txn(vec![Compare { key: key.clone(), mod_revision: rev }], vec![Op::Put { key: key.clone(), value: encode(&app) }]).await {
+                Ok(true) => return json(StatusCode::OK, &serde_json::to_value(&app).expect("an application serializes")),
+                Ok(false) => match self.docs.store.get(&key).await {
+                    Ok(Some(kv)) => match serde_json::from_slice::<Application>(&kv.value) {
+                        Ok(now) => (app, rev) = (now, kv.mod_revision),
+                        Err(e) => return failure(ErrorKind::Internal, format!("stored application: {e}"), Vec::new()),
+                    },
+                    Ok(None) => return not_found("application"),
+                    Err(e) => return store_down(e),
+                },
+                Err(r) => return r,
+            }
         }
+        failure(ErrorKind::Conflict, "the application kept changing meanwhile; try again", Vec::new())
     }
 
     /// The operations that remove a grant and the consumer it is.

@@ -42,10 +42,12 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
             problems.push(format!("{what}: {name} takes only the operator's consumers; the platform's grants are key-auth, basic-auth and jwt-auth"));
         }
     }
-    let mut found = Vec::new();
-    plugins.values().for_each(|conf| patterns(conf, &mut found));
-    if found.len() > MAX_PATTERNS {
-        problems.push(format!("{what}: {} regular expressions, more than the {MAX_PATTERNS} a layer may hold", found.len()));
+    let (mut found, mut schema) = (Vec::new(), Vec::new());
+    plugins.values().for_each(|conf| patterns(conf, &mut found, &mut schema));
+    // A schema's patterns are ECMA's, which the validator rewrites before compiling (`\w` is
+    // ASCII there): they count, and their size is the validator's own bound.
+    if found.len() + schema.len() > MAX_PATTERNS {
+        problems.push(format!("{what}: {} regular expressions, more than the {MAX_PATTERNS} a layer may hold", found.len() + schema.len()));
     } else {
         for pattern in found {
             if let Err(regex::Error::CompiledTooBig(_)) = regex::RegexBuilder::new(&pattern).size_limit(PATTERN_SIZE).dfa_size_limit(PATTERN_SIZE).build() {
@@ -74,7 +76,7 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
 /// pattern of a rule `[var, "~~" | "~*", pattern]` or `[var, "!", "~~" | "~*", pattern]` (`~*`
 /// ignoring case), and a schema's `pattern` and the keys of its `patternProperties`, at any
 /// depth.
-fn patterns(conf: &Value, found: &mut Vec<String>) {
+fn patterns(conf: &Value, found: &mut Vec<String>, schema: &mut Vec<String>) {
     let strings = |a: &Vec<Value>, prefix: &str, found: &mut Vec<String>| found.extend(a.iter().filter_map(Value::as_str).map(|p| format!("{prefix}{p}")));
     match conf {
         Value::Object(o) => {
@@ -84,12 +86,12 @@ fn patterns(conf: &Value, found: &mut Vec<String>) {
                     ("block_rules", Value::Array(a)) => strings(a, if o.get("case_insensitive") == Some(&Value::Bool(true)) { "(?i)" } else { "" }, found),
                     ("regex_uri", Value::Array(a)) => found.extend(a.iter().step_by(2).filter_map(Value::as_str).map(str::to_string)),
                     // A JSON schema's (request-validation): counted wherever one appears.
-                    ("pattern", Value::String(p)) => found.push(p.clone()),
+                    ("pattern", Value::String(p)) => schema.push(p.clone()),
                     ("patternProperties", Value::Object(props)) => {
-                        found.extend(props.keys().cloned());
-                        props.values().for_each(|v| patterns(v, found));
+                        schema.extend(props.keys().cloned());
+                        props.values().for_each(|v| patterns(v, found, schema));
                     }
-                    _ => patterns(v, found),
+                    _ => patterns(v, found, schema),
                 }
             }
         }
@@ -98,7 +100,7 @@ fn patterns(conf: &Value, found: &mut Vec<String>) {
             if let (Some(op @ ("~~" | "~*")), Some(p)) = (a.get(op).and_then(Value::as_str), a.get(op + 1).and_then(Value::as_str)) {
                 found.push(if op == "~*" { format!("(?i){p}") } else { p.to_string() });
             }
-            a.iter().for_each(|v| patterns(v, found));
+            a.iter().for_each(|v| patterns(v, found, schema));
         }
         _ => {}
     }
@@ -195,15 +197,18 @@ mod tests {
             p
         };
         // Where the plugins find them: cors, regex_uri pairs, and rules at any depth.
-        let mut found = Vec::new();
+        let (mut found, mut schema) = (Vec::new(), Vec::new());
         patterns(&json!({"cors": {"allow_origins_by_regex": ["^a$", "^b$"]}, "proxy-rewrite": {"regex_uri": ["^/x/(.*)", "/$1", "^/y", "/z"]},
             "uri-blocker": {"block_rules": ["^/admin"], "case_insensitive": true}, "ua-restriction": {"allowlist": ["curl"], "denylist": ["bot"]},
-            "x": {"_meta": {"filter": [["arg_a", "~~", "p1"], ["arg_b", "!", "~*", "p2"], ["arg_c", "==", "~~"], ["arg_d", "in", ["~~", "not a pattern"]]]}}}), &mut found);
+            "x": {"_meta": {"filter": [["arg_a", "~~", "p1"], ["arg_b", "!", "~*", "p2"], ["arg_c", "==", "~~"], ["arg_d", "in", ["~~", "not a pattern"]]]}}}), &mut found, &mut schema);
         assert_eq!(found, ["^a$", "^b$", "^/x/(.*)", "^/y", "(?i)^/admin", "curl", "bot", "p1", "(?i)p2"]);
-        // A request-validation schema's patterns, nested too.
-        let mut found = Vec::new();
-        patterns(&json!({"request-validation": {"header_schema": {"properties": {"x": {"type": "string", "pattern": "^h$"}}, "patternProperties": {"^k": {"pattern": "^v$"}}}}}), &mut found);
-        assert_eq!(found, ["^h$", "^k", "^v$"]);
+        assert!(schema.is_empty());
+        // A request-validation schema's patterns, nested too: counted, and sized by the
+        // validator (whose `\w` is ASCII), not here.
+        let (mut found, mut schema) = (Vec::new(), Vec::new());
+        patterns(&json!({"request-validation": {"header_schema": {"properties": {"x": {"type": "string", "pattern": "^h$"}}, "patternProperties": {"^k": {"pattern": "^v$"}}}}}), &mut found, &mut schema);
+        assert_eq!((found.len(), schema), (0, vec!["^h$".to_string(), "^k".into(), "^v$".into()]));
+        assert_eq!(check(json!({"request-validation": {"body_schema": {"properties": {"user": {"type": "string", "pattern": "^\\w{1,100}$"}}}}})), Vec::<String>::new());
         let many: Vec<(String, Value)> = (0..=MAX_PATTERNS).map(|i| (format!("^k{i}"), json!({}))).collect();
         let p = check(json!({"request-validation": {"body_schema": {"type": "object", "patternProperties": Map::from_iter(many)}}}));
         assert_eq!(p, ["l: 33 regular expressions, more than the 32 a layer may hold"]);
