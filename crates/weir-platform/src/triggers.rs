@@ -285,42 +285,49 @@ impl Platform {
     }
 
     /// Runs every trigger of every gateway on schedule, with the other nodes, for as long as
-    /// the process lives. Nodes without function runtimes take no part.
+    /// the process lives. Nodes without function runtimes take no part. The triggers are
+    /// listed once, then followed by the store's watch (listed again only when the watch is
+    /// lost, at most once a second), so a node reads a trigger when it changes, not each tick.
     pub async fn schedule(self: Arc<Self>) {
-        // Per trigger key: the revision it was read at, its cron parsed, and the next tick this
-        // node will race for. A trigger unchanged since (most, each second) is not read again.
-        let mut plan: HashMap<String, (i64, croner::Cron, i64)> = HashMap::new();
-        let mut refresh_at = tokio::time::Instant::now();
+        // Per trigger key: its cron, parsed, and the next tick this node will race for.
+        let mut plan: HashMap<String, (croner::Cron, i64)> = HashMap::new();
+        let mut watch: Option<tokio::sync::mpsc::Receiver<weir_store::WatchMessage>> = None;
+        let mut relist_at = tokio::time::Instant::now();
+        let dir = self.triggers_dir();
+        let planned = |plan: &mut HashMap<String, (croner::Cron, i64)>, key: String, value: &[u8], now: i64| {
+            // One that never fires stays planned for never, not searched again.
+            match serde_json::from_slice::<Trigger>(value).ok().and_then(|t| parse_cron(&t.cron).ok()) {
+                Some(cron) => {
+                    let next = next_tick(&cron, now).unwrap_or(i64::MAX);
+                    plan.insert(key, (cron, next));
+                }
+                None => {
+                    plan.remove(&key);
+                }
+            }
+        };
         loop {
             if self.functions.get().is_none() {
                 tokio::time::sleep(REFRESH).await;
                 continue;
             }
-            let now = now_ms();
-            if tokio::time::Instant::now() >= refresh_at {
-                refresh_at = tokio::time::Instant::now() + REFRESH;
-                match self.docs.store.list(&self.triggers_dir()).await {
-                    Ok((kvs, _)) => {
-                        let mut seen = std::collections::HashSet::new();
+            if watch.is_none() && tokio::time::Instant::now() >= relist_at {
+                relist_at = tokio::time::Instant::now() + REFRESH;
+                match self.docs.store.list(&dir).await {
+                    Ok((kvs, revision)) => {
+                        let now = now_ms();
+                        plan.clear();
                         for kv in kvs {
-                            if plan.get(&kv.key).is_some_and(|(rev, ..)| *rev == kv.mod_revision) {
-                                seen.insert(kv.key);
-                                continue;
-                            }
-                            let Ok(t) = serde_json::from_slice::<Trigger>(&kv.value) else { continue };
-                            seen.insert(kv.key.clone());
-                            // One that never fires stays planned for never, not searched again.
-                            if let Ok(cron) = parse_cron(&t.cron) {
-                                let next = next_tick(&cron, now).unwrap_or(i64::MAX);
-                                plan.insert(kv.key, (kv.mod_revision, cron, next));
-                            }
+                            planned(&mut plan, kv.key, &kv.value, now);
                         }
-                        plan.retain(|k, _| seen.contains(k));
+                        // From just after what the list read: nothing between is missed.
+                        watch = self.docs.store.watch(&dir, revision + 1).await.ok();
                     }
                     Err(e) => tracing::warn!(error = %e, "triggers: cannot read the schedule; kept the last one"),
                 }
             }
-            for (key, (_, cron, next)) in plan.iter_mut() {
+            let now = now_ms();
+            for (key, (cron, next)) in plan.iter_mut() {
                 if *next <= now {
                     let tick = *next;
                     // Ticks missed while this node was busy or away are not made up for.
@@ -328,10 +335,27 @@ impl Platform {
                     tokio::spawn(self.clone().fire(key.clone(), tick));
                 }
             }
-            let earliest = plan.values().map(|(_, _, n)| *n).min().unwrap_or(i64::MAX);
+            let earliest = plan.values().map(|(_, n)| *n).min().unwrap_or(i64::MAX);
             let wait = Duration::from_millis(earliest.saturating_sub(now_ms()).clamp(0, REFRESH.as_millis() as i64) as u64);
             let wake = tokio::time::Instant::now() + wait;
-            tokio::time::sleep_until(wake.min(refresh_at)).await;
+            tokio::select! {
+                _ = tokio::time::sleep_until(if watch.is_none() { wake.min(relist_at) } else { wake }) => {}
+                got = async { match &mut watch { Some(w) => w.recv().await, None => std::future::pending().await } } => match got {
+                    Some(weir_store::WatchMessage::Events { events, .. }) => {
+                        let now = now_ms();
+                        for e in events {
+                            match e.kind {
+                                weir_store::EventKind::Put => planned(&mut plan, e.kv.key, &e.kv.value, now),
+                                weir_store::EventKind::Delete => {
+                                    plan.remove(&e.kv.key);
+                                }
+                            }
+                        }
+                    }
+                    // Lost (compacted, the store gone): listed afresh.
+                    _ => watch = None,
+                },
+            }
         }
     }
 
