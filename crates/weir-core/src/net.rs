@@ -1,6 +1,6 @@
 //! Addresses as the node's checks see them.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 /// An IPv6 address that carries an IPv4 address as that IPv4 address: mapped
 /// (`::ffff:a.b.c.d`), translated (`::ffff:0:a.b.c.d`), compatible (`::a.b.c.d`, but `::` and
@@ -16,4 +16,21 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
         _ => return ip,
     };
     IpAddr::V4(v4)
+}
+
+/// Whether `addr` is one of `listeners` (this node's), as far as the address alone tells: a
+/// listener's own address, or loopback (and the unspecified address, which lands there) for
+/// one bound to every address. One of this host's other addresses takes [`reached_listener`].
+pub fn is_listener(listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+    let ip = canonical(addr.ip());
+    listeners.iter().any(|l| l.port() == addr.port() && (canonical(l.ip()) == ip || (l.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))))
+}
+
+/// Whether a connection made (to `peer`, from `local`) reached one of `listeners`: a
+/// listener's own address (an address dialled may land elsewhere, `0.0.0.0` on loopback), or,
+/// for one bound to every address, its port on this host itself, which is where a
+/// connection's local address is the one it reached.
+pub fn reached_listener(listeners: &[SocketAddr], peer: SocketAddr, local: SocketAddr) -> bool {
+    let (ip, here) = (canonical(peer.ip()), canonical(local.ip()));
+    listeners.iter().any(|l| l.port() == peer.port() && (canonical(l.ip()) == ip || (l.ip().is_unspecified() && (ip == here || ip.is_loopback()))))
 }

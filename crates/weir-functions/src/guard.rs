@@ -83,8 +83,7 @@ impl Policy {
     /// address is known by address only on loopback; elsewhere [`Policy::connected`] tells.
     pub fn refuse(&self, addr: SocketAddr) -> Option<Refusal> {
         let ip = canonical(addr.ip());
-        let own = |o: &SocketAddr| o.port() == addr.port() && (canonical(o.ip()) == ip || (o.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified())));
-        if self.own.iter().any(own) {
+        if weir_core::net::is_listener(&self.own, addr) {
             return Some(Refusal::Own);
         }
         if self.allowed.iter().any(|n| n.contains(&ip)) {
@@ -94,12 +93,9 @@ impl Policy {
     }
 
     /// Whether a connection made (to `peer`, from `local`) reached one of this node's
-    /// listeners: its own address (an address dialled may land elsewhere, `0.0.0.0` on
-    /// loopback), or, for one bound to every address, its port on this host itself, which is
-    /// where a connection's local address is the one it reached.
+    /// listeners ([`weir_core::net::reached_listener`]).
     pub fn connected(&self, peer: SocketAddr, local: SocketAddr) -> Option<Refusal> {
-        let (ip, here) = (canonical(peer.ip()), canonical(local.ip()));
-        self.own.iter().any(|o| o.port() == peer.port() && (canonical(o.ip()) == ip || (o.ip().is_unspecified() && (ip == here || ip.is_loopback())))).then_some(Refusal::Own)
+        weir_core::net::reached_listener(&self.own, peer, local).then_some(Refusal::Own)
     }
 }
 

@@ -229,8 +229,9 @@ impl Functions {
         // lowering would bind it.
         let func = match func.links {
             0 if !func.compiled.links.is_empty() => {
-                let by_name: HashMap<&str, &Function> = table.iter().map(|(n, f)| (n.as_str(), &**f)).collect();
-                let links = links_of(&func, &by_name);
+                let mut named: Vec<(&str, &Function)> = table.iter().filter(|(n, _)| **n != func.name).map(|(n, f)| (n.as_str(), &**f)).collect();
+                named.push((func.name.as_str(), &func));
+                let links = link_hashes(&named).pop().unwrap_or(0);
                 bound(&func, links)
             }
             _ => func,
@@ -727,35 +728,9 @@ impl Contributor for Functions {
     }
 }
 
-/// `f` bound to the functions it imports as `links` says ([`links_of`]).
+/// `f` bound to the functions it imports as `links` says ([`link_hashes`]).
 fn bound(f: &Function, links: u64) -> Arc<Function> {
     Arc::new(Function { env: f.env.clone(), name: f.name.clone(), version: f.version.clone(), links, compiled: f.compiled.clone(), methods: f.methods.clone(), logs: f.logs.clone() })
-}
-
-/// One hash of the name and version of every function `f` reaches through imports by name,
-/// directly or through theirs (a name with no function counts as such); never 0. Every new
-/// version counts, as each loads modules of its own: what imports it is bound to those.
-fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut reached: BTreeMap<&str, Option<&str>> = BTreeMap::new();
-    let mut todo: Vec<&str> = f.compiled.links.iter().map(String::as_str).collect();
-    while let Some(name) = todo.pop() {
-        if reached.contains_key(name) {
-            continue;
-        }
-        match by_name.get(name) {
-            Some(other) => {
-                reached.insert(name, Some(&other.version));
-                todo.extend(other.compiled.links.iter().map(String::as_str));
-            }
-            None => {
-                reached.insert(name, None);
-            }
-        }
-    }
-    let mut h = std::hash::DefaultHasher::new();
-    reached.hash(&mut h);
-    h.finish().max(1)
 }
 
 /// For each of an environment's functions (`named`, by name), a hash that changes whenever a
@@ -764,7 +739,7 @@ fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
 ///
 /// Made over the strongly connected parts of the import graph, each hashed once from its
 /// members and the parts it reaches, so a ring or a hub of imports costs time linear in the
-/// functions and imports (where [`links_of`] for each would cost their product), and with no
+/// functions and imports (where walking what each reaches would cost their product), and with no
 /// recursion however deep the imports chain.
 fn link_hashes(named: &[(&str, &Function)]) -> Vec<u64> {
     use std::hash::{Hash, Hasher};
@@ -1083,6 +1058,31 @@ mod tests {
 
     fn hashes(funcs: &[Function]) -> Vec<u64> {
         link_hashes(&funcs.iter().map(|f| (f.name.as_str(), f)).collect::<Vec<_>>())
+    }
+
+    /// The reference [`link_hashes`] is held to: one hash of the name and version of every
+    /// function `f` reaches through imports by name, walked one function at a time.
+    fn links_of(f: &Function, by_name: &HashMap<&str, &Function>) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut reached: BTreeMap<&str, Option<&str>> = BTreeMap::new();
+        let mut todo: Vec<&str> = f.compiled.links.iter().map(String::as_str).collect();
+        while let Some(name) = todo.pop() {
+            if reached.contains_key(name) {
+                continue;
+            }
+            match by_name.get(name) {
+                Some(other) => {
+                    reached.insert(name, Some(&other.version));
+                    todo.extend(other.compiled.links.iter().map(String::as_str));
+                }
+                None => {
+                    reached.insert(name, None);
+                }
+            }
+        }
+        let mut h = std::hash::DefaultHasher::new();
+        reached.hash(&mut h);
+        h.finish().max(1)
     }
 
     /// The hash of each function changes exactly where the set of names and versions it

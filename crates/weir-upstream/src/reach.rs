@@ -101,10 +101,7 @@ impl Reach {
     /// Why `addr` may not be dialled, or `None` when it may.
     pub fn refuse(&self, addr: SocketAddr) -> Option<String> {
         let ip = canonical(addr.ip());
-        // One of this node's listeners, where that can be told from the address alone: its
-        // own address, or loopback for one bound to every address.
-        let own = self.own.read().map(|o| o.iter().any(|l| l.port() == addr.port() && (canonical(l.ip()) == ip || (l.ip().is_unspecified() && (ip.is_loopback() || ip.is_unspecified()))))).unwrap_or(true);
-        if own {
+        if self.own.read().map_or(true, |o| weir_core::net::is_listener(&o, addr)) {
             return Some(format!("{addr} is one of this node's own listeners"));
         }
         self.denied.iter().find(|n| n.contains(&ip)).map(|n| format!("{ip} is in {n}, which tenants may not reach"))
@@ -116,9 +113,7 @@ impl Reach {
     /// public addresses) the connection does, before anything is sent on it.
     pub fn connected(&self, stream: &tokio::net::TcpStream) -> std::io::Result<()> {
         let (Ok(peer), Ok(local)) = (stream.peer_addr(), stream.local_addr()) else { return Ok(()) };
-        let (ip, here) = (canonical(peer.ip()), canonical(local.ip()));
-        let own = self.own.read().map(|o| o.iter().any(|l| l.port() == peer.port() && (canonical(l.ip()) == ip || (l.ip().is_unspecified() && (ip == here || ip.is_loopback()))))).unwrap_or(true);
-        match own {
+        match self.own.read().map_or(true, |o| weir_core::net::reached_listener(&o, peer, local)) {
             true => Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, format!("{peer} is one of this node's own listeners"))),
             false => Ok(()),
         }
