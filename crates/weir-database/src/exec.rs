@@ -262,6 +262,18 @@ fn held_too_much() -> DbError {
     DbError { kind: DbErrorKind::Quota, message: format!("the operation would change more than {} MiB of documents at once; narrow its filter and repeat it", WRITE_HOLD >> 20) }
 }
 
+/// Counts `size` more bytes as held by transaction `t` against its database's `pending`,
+/// unless that would pass [`TX_PENDING`].
+fn hold(pending: &std::sync::atomic::AtomicUsize, t: &mut Tx, size: usize) -> Result<(), DbError> {
+    let held = pending.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+    if held + size > TX_PENDING {
+        pending.fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
+        return Err(tx_full());
+    }
+    t.bytes += size;
+    Ok(())
+}
+
 /// Open transactions of a database hold at most [`TX_PENDING`] bytes of what they read and wrote.
 fn tx_full() -> DbError {
     DbError { kind: DbErrorKind::Quota, message: format!("this database's open transactions would hold more than {} MiB of documents read and written; commit or abort some", TX_PENDING >> 20) }
@@ -573,12 +585,7 @@ impl Run<'_> {
             Some(t) => {
                 // What it holds uncommitted counts against its database's bound.
                 let size: usize = writes.iter().map(|w| if let Write::Put { doc, .. } = w { serde_json::to_vec(doc).map_or(0, |b| b.len()) } else { 0 }).sum();
-                let held = self.db.pending.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                if held + size > TX_PENDING {
-                    self.db.pending.fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
-                    return Err(tx_full());
-                }
-                t.bytes += size;
+                hold(&self.db.pending, t, size)?;
                 for w in writes {
                     let (key, doc, expect) = match w {
                         Write::Put { coll, id, doc, expect } => ((coll, id), Some(doc), expect.unwrap_or(None)),
@@ -688,13 +695,7 @@ impl Run<'_> {
                 if t.writes.contains_key(&key) || t.seen.contains_key(&key) {
                     continue;
                 }
-                let size = serde_json::to_vec(d).map_or(0, |b| b.len());
-                let held = self.db.pending.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                if held + size > TX_PENDING {
-                    self.db.pending.fetch_sub(size, std::sync::atomic::Ordering::Relaxed);
-                    return Err(tx_full());
-                }
-                t.bytes += size;
+                hold(&self.db.pending, t, serde_json::to_vec(d).map_or(0, |b| b.len()))?;
                 t.seen.insert(key, Some(d.clone()));
             }
         }

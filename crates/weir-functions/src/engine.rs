@@ -219,8 +219,9 @@ enum Msg {
     Fetched(Fetched),
     /// A database operation's answer: the call, the operation's id, the result.
     DbDone(u64, u32, Result<String, String>),
-    /// Load a function's modules ahead of its first call.
-    Warm(Box<Load>),
+    /// Load a function's modules ahead of its first call: the one served at this address (the
+    /// last lowering's `Load` of it is read from `served` when its turn comes).
+    Warm(usize),
     /// Functions (`{env}/{name}`) no lowering serves any more (deleted, renamed, or their
     /// environment stopped): their modules count as superseded.
     Gone(Vec<String>),
@@ -303,14 +304,14 @@ impl Engine {
         for load in funcs {
             let at = Arc::as_ptr(&load.func) as usize;
             if !loaded.contains_key(&at) {
-                let _ = self.mailbox.send(Msg::Warm(Box::new(load.clone())));
+                let _ = self.mailbox.send(Msg::Warm(at));
                 sent += 1;
             }
             now.insert(at, load);
         }
         // Those served before whose name no version now served has.
         let names: HashSet<(&str, &str)> = now.values().map(|l| (l.func.env.as_str(), l.func.name.as_str())).collect();
-        let gone: Vec<String> = loaded.values().filter(|l| !names.contains(&(l.func.env.as_str(), l.func.name.as_str()))).map(|l| format!("{}/{}", l.func.env, l.func.name)).collect();
+        let gone: Vec<String> = loaded.values().filter(|l| !names.contains(&(l.func.env.as_str(), l.func.name.as_str()))).map(|l| function_key(&l.func)).collect();
         if !gone.is_empty() {
             let _ = self.mailbox.send(Msg::Gone(gone));
         }
@@ -384,16 +385,19 @@ struct Host {
     realms: Vec<(usize, String)>,
 }
 
+/// A function's key among its gateway's: `{env}/{name}`, whatever its version.
+fn function_key(func: &Function) -> String {
+    format!("{}/{}", func.env, func.name)
+}
+
 impl Host {
     /// Notes `func` loaded under module name `prefix`; a version it follows counts as
     /// superseded.
     fn add(&mut self, prefix: String, func: Arc<Function>) {
-        if let Some(old) = self.newest.insert(format!("{}/{}", func.env, func.name), prefix.clone())
+        if let Some(old) = self.newest.insert(function_key(&func), prefix.clone())
             && old != prefix
-            && let Some(before) = self.functions.get(&old)
         {
-            self.superseded += 1;
-            self.superseded_bytes += before.compiled.modules.values().map(String::len).sum::<usize>();
+            self.supersede(&old);
         }
         self.functions.insert(prefix, func);
     }
@@ -401,11 +405,16 @@ impl Host {
     /// Notes function `key` (`{env}/{name}`) served no more: its version loaded last counts as
     /// superseded, as a version followed by another does.
     fn gone(&mut self, key: &str) {
-        if let Some(prefix) = self.newest.remove(key)
-            && let Some(last) = self.functions.get(&prefix)
-        {
+        if let Some(prefix) = self.newest.remove(key) {
+            self.supersede(&prefix);
+        }
+    }
+
+    /// Counts the version loaded under module name `prefix` as superseded, with its sources.
+    fn supersede(&mut self, prefix: &str) {
+        if let Some(version) = self.functions.get(prefix) {
             self.superseded += 1;
-            self.superseded_bytes += last.compiled.modules.values().map(String::len).sum::<usize>();
+            self.superseded_bytes += version.compiled.modules.values().map(String::len).sum::<usize>();
         }
     }
 
@@ -681,11 +690,12 @@ impl Js {
             })?)?;
             let (h, e) = (host.clone(), env.to_string());
             natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: String| {
-                let mut host = h.borrow_mut();
-                let call = host.call_of(&e);
+                let mut guard = h.borrow_mut();
+                let call = guard.call_of(&e);
                 if call == STRAY {
                     return;
                 }
+                let host = &mut *guard;
                 let request = host.sinks.get(&call).map(|(_, r)| r.clone()).unwrap_or_default();
                 let line = LogLine::now(&level, request, message);
                 if let Some((sink, _)) = host.sinks.get(&call) {
@@ -695,8 +705,7 @@ impl Js {
                 // the rest were not kept.
                 // They are held outside the runtime until the call answers, so they count against
                 // the gateway's memory limit there, as fetched bodies do.
-                let budget = host.outbound.bytes.clone();
-                let (kept, bytes, full) = host.logs.entry(call).or_insert_with(|| (Vec::new(), Taken(budget, 0), false));
+                let (kept, bytes, full) = host.logs.entry(call).or_insert_with(|| (Vec::new(), Taken(host.outbound.bytes.clone(), 0), false));
                 if !*full {
                     // Each line counts whole: a client's request id, which every line repeats, too.
                     let cost = crate::cost(&line);
@@ -976,7 +985,7 @@ fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<
     // queue, is among it.
     warms.clear();
     batch.retain(|m| !matches!(m, Msg::Warm(_)));
-    batch.extend(served.values().map(|load| Msg::Warm(Box::new(load.clone()))));
+    batch.extend(served.keys().map(|at| Msg::Warm(*at)));
 }
 
 const RELOAD_EVERY: Duration = Duration::from_secs(30);
@@ -1023,8 +1032,8 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                 Msg::Call(job) => {
                     // A function still waiting to be loaded ahead is loaded before its call, as
                     // it would have been: its top level is not the call's to pay for.
-                    let ahead = warms.take(&job.func);
-                    let ahead = ahead.and_then(|_| served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&(Arc::as_ptr(&job.func) as usize)).cloned());
+                    let at = Arc::as_ptr(&job.func) as usize;
+                    let ahead = warms.take(at).then(|| served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&at).cloned()).flatten();
                     if ahead.is_some_and(|load| warm(&mut js, load) || js.full.take()) {
                         // Out of memory: the call starts on the fresh runtime.
                         batch.push_front(Msg::Call(job));
@@ -1047,8 +1056,8 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     }
                     resume_db(&mut js, &mut calls, call, id, result)
                 }
-                Msg::Warm(load) => {
-                    warms.push(load);
+                Msg::Warm(at) => {
+                    warms.push(at);
                     false
                 }
                 Msg::Gone(names) => {
@@ -1097,10 +1106,9 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         let mut broken = broken;
         if !broken && !recycle && draining.is_none() {
             let slice = Instant::now();
-            while let Some(load) = warms.pop() {
+            while let Some(at) = warms.pop() {
                 // Loaded as the last lowering serves it (its table and variables then); one it
                 // no longer serves (a version saved over since) is skipped.
-                let at = Arc::as_ptr(&load.func) as usize;
                 let Some(load) = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&at).cloned() else { continue };
                 broken = warm(&mut js, load) || js.full.take();
                 if broken || slice.elapsed() >= WARM_SLICE {
@@ -1123,34 +1131,34 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     }
 }
 
-/// Functions to load ahead of their calls, in the order they came, each once.
+/// Functions to load ahead of their calls (by their address among those served), in the
+/// order they came, each once.
 #[derive(Default)]
 struct Warms {
-    queue: VecDeque<Box<Load>>,
-    /// The functions queued, by address.
+    queue: VecDeque<usize>,
     queued: HashSet<usize>,
 }
 
 impl Warms {
-    fn push(&mut self, load: Box<Load>) {
-        if self.queued.insert(Arc::as_ptr(&load.func) as usize) {
-            self.queue.push_back(load);
+    fn push(&mut self, at: usize) {
+        if self.queued.insert(at) {
+            self.queue.push_back(at);
         }
     }
 
-    fn pop(&mut self) -> Option<Box<Load>> {
-        let load = self.queue.pop_front()?;
-        self.queued.remove(&(Arc::as_ptr(&load.func) as usize));
-        Some(load)
+    fn pop(&mut self) -> Option<usize> {
+        let at = self.queue.pop_front()?;
+        self.queued.remove(&at);
+        Some(at)
     }
 
-    /// Takes `func` out of the queue, if it is there.
-    fn take(&mut self, func: &Arc<Function>) -> Option<Box<Load>> {
-        if self.queue.is_empty() || !self.queued.remove(&(Arc::as_ptr(func) as usize)) {
-            return None;
+    /// Takes the function at `at` out of the queue; whether it was there.
+    fn take(&mut self, at: usize) -> bool {
+        if self.queue.is_empty() || !self.queued.remove(&at) {
+            return false;
         }
-        let at = self.queue.iter().position(|l| Arc::ptr_eq(&l.func, func))?;
-        self.queue.remove(at)
+        self.queue.retain(|q| *q != at);
+        true
     }
 
     fn is_empty(&self) -> bool {
