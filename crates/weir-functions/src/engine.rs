@@ -529,10 +529,34 @@ struct Realm {
     /// database results.
     sdk: Persistent<Object<'static>>,
     ctx: Context,
-    /// The runtime's interrupt deadline (`Js::stop_at`, since `epoch`), for loops of its own
-    /// that run JavaScript.
-    stop_at: Arc<AtomicU64>,
+    /// The runtime's interrupt deadline (`Js::deadline`), for loops of its own that run
+    /// JavaScript.
+    deadline: Deadline,
+}
+
+/// When the running JavaScript must stop, shared with the runtime's interrupt handler: in
+/// nanoseconds since `epoch`; 0: never.
+#[derive(Clone)]
+struct Deadline {
+    at: Arc<AtomicU64>,
     epoch: Instant,
+}
+
+impl Deadline {
+    fn new() -> Deadline {
+        Deadline { at: Arc::new(AtomicU64::new(0)), epoch: Instant::now() }
+    }
+
+    /// Sets it to `when`.
+    fn arm(&self, when: Instant) {
+        let at = when.saturating_duration_since(self.epoch).as_nanos() as u64;
+        self.at.store(at.max(1), Ordering::Relaxed);
+    }
+
+    fn past(&self) -> bool {
+        let at = self.at.load(Ordering::Relaxed);
+        at != 0 && self.epoch.elapsed().as_nanos() as u64 >= at
+    }
 }
 
 impl Realm {
@@ -549,13 +573,12 @@ struct Js {
     realms: RefCell<Vec<(String, Rc<Realm>)>>,
     rt: Runtime,
     host: Shared,
-    /// When the running JavaScript must stop, in nanoseconds since `epoch`; 0: never (only
-    /// before the first call). Between calls' segments it is a short while after the last
-    /// arming ([`Js::housekeeping`]): what the loop does in JavaScript itself (reading an
-    /// answer or an error, dropping a call's timers) may run a function's getters or replaced
-    /// built-ins, and is stopped as a call would be.
-    stop_at: Arc<AtomicU64>,
-    epoch: Instant,
+    /// When the running JavaScript must stop; never only before the first call. Between
+    /// calls' segments it is a short while after the last arming ([`Js::housekeeping`]): what
+    /// the loop does in JavaScript itself (reading an answer or an error, dropping a call's
+    /// timers) may run a function's getters or replaced built-ins, and is stopped as a call
+    /// would be.
+    deadline: Deadline,
     /// A call failed as a runtime out of memory fails and the runtime is still all but full:
     /// the loop makes it afresh.
     full: std::cell::Cell<bool>,
@@ -585,12 +608,8 @@ impl Realm {
         // Loading runs as promise jobs; a module's top level that waits on a timer or a
         // fetch is not supported. An interrupted job still counts as run, so the deadline is
         // read here too: jobs that queue each other again would run for ever.
-        let past = || {
-            let at = self.stop_at.load(Ordering::Relaxed);
-            at != 0 && self.epoch.elapsed().as_nanos() as u64 >= at
-        };
-        while loading.state() == PromiseState::Pending && !past() && ctx.execute_pending_job() {}
-        if loading.state() == PromiseState::Pending && past() {
+        while loading.state() == PromiseState::Pending && !self.deadline.past() && ctx.execute_pending_job() {}
+        if loading.state() == PromiseState::Pending && self.deadline.past() {
             return Err(Failure::Timeout("the call ran past its CPU budget"));
         }
         let ns: Object<'_> = match loading.state() {
@@ -632,24 +651,19 @@ impl Js {
         rt.set_gc_threshold(memory / 4);
         let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.clone(), ..Host::default() }));
         rt.set_loader(Names(host.clone()), Sources(host.clone()));
-        let stop_at = Arc::new(AtomicU64::new(0));
-        let epoch = Instant::now();
+        let deadline = Deadline::new();
         {
-            let stop_at = stop_at.clone();
-            rt.set_interrupt_handler(Some(Box::new(move || {
-                let at = stop_at.load(Ordering::Relaxed);
-                at != 0 && epoch.elapsed().as_nanos() as u64 >= at
-            })));
+            let deadline = deadline.clone();
+            rt.set_interrupt_handler(Some(Box::new(move || deadline.past())));
         }
-        Ok(Js { realms: RefCell::default(), rt, host, stop_at, epoch, full: Default::default(), leftover: Default::default() })
+        Ok(Js { realms: RefCell::default(), rt, host, deadline, full: Default::default(), leftover: Default::default() })
     }
 
     /// Gives what the loop runs next of JavaScript outside a call's segment [`HOUSEKEEPING`].
     /// What it runs is no call's: timers, fetches, database operations and log lines it asks
     /// for are refused, as those of another environment's realm are.
     fn housekeeping(&self) {
-        let at = (self.epoch.elapsed() + HOUSEKEEPING).as_nanos() as u64;
-        self.stop_at.store(at, Ordering::Relaxed);
+        self.deadline.arm(Instant::now() + HOUSEKEEPING);
         self.host.borrow_mut().call = STRAY;
     }
 
@@ -782,7 +796,7 @@ impl Js {
             Ok((Persistent::save(&ctx, weir.clone()), Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?)))
         })?;
         host.borrow_mut().realms.push((ctx.as_raw().as_ptr() as usize, env.to_string()));
-        let realm = Rc::new(Realm { exports: RefCell::default(), exported: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, sdk, ctx, stop_at: self.stop_at.clone(), epoch: self.epoch });
+        let realm = Rc::new(Realm { exports: RefCell::default(), exported: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, sdk, ctx, deadline: self.deadline.clone() });
         self.realms.borrow_mut().push((env.to_string(), realm.clone()));
         Ok(realm)
     }
@@ -812,8 +826,7 @@ impl Js {
                 host.env = env.to_string();
             }
         }
-        let at = (start + budget).duration_since(self.epoch).as_nanos() as u64;
-        self.stop_at.store(at.max(1), Ordering::Relaxed);
+        self.deadline.arm(start + budget);
         let out = match self.realm(env) {
             Ok(realm) => realm.ctx.with(|ctx| f(&realm, &ctx)),
             Err(rquickjs::Error::Allocation) => Err(Failure::Memory),
@@ -827,7 +840,7 @@ impl Js {
                 // next call would see it.
                 let failure = e.0.with(|ctx| thrown(&ctx.catch()));
                 oom |= failure == Failure::Memory;
-                if oom || self.epoch.elapsed().as_nanos() as u64 >= at {
+                if oom || self.deadline.past() {
                     break;
                 }
             }
