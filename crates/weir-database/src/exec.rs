@@ -99,7 +99,13 @@ pub struct Databases {
     opener: Opener,
     open: Mutex<HashMap<String, Arc<Db>>>,
     txs: Mutex<HashMap<u64, Open>>,
+    /// Names destroyed on this node (the newest `RETIRED_KEPT`), never opened again: a call of
+    /// a deleted gateway still running would otherwise make its database afresh.
+    retired: Mutex<(std::collections::HashSet<String>, std::collections::VecDeque<String>)>,
 }
+
+/// Destroyed database names a node remembers.
+pub const RETIRED_KEPT: usize = 65_536;
 
 /// How a query found its documents, for `explain`.
 #[derive(Debug, Default)]
@@ -110,7 +116,7 @@ struct Plan {
 
 impl Databases {
     pub fn new(opener: Opener) -> Arc<Databases> {
-        Arc::new(Databases { opener, open: Mutex::default(), txs: Mutex::default() })
+        Arc::new(Databases { opener, open: Mutex::default(), txs: Mutex::default(), retired: Mutex::default() })
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Db>, DbError> {
@@ -118,15 +124,39 @@ impl Databases {
         if let Some(db) = open.get(name) {
             return Ok(db.clone());
         }
-        let db = Arc::new(Db { name: name.to_string(), backend: (self.opener)(name)?, lock: Mutex::new(()), indexes: Mutex::default(), pending: Default::default() });
+        if self.retired.lock().unwrap_or_else(|e| e.into_inner()).0.contains(name) {
+            return Err(DbError::unavailable(format!("the database {name} was deleted")));
+        }
+        let db = self.opened(name)?;
         open.insert(name.to_string(), db.clone());
         Ok(db)
     }
 
+    fn opened(&self, name: &str) -> Result<Arc<Db>, DbError> {
+        Ok(Arc::new(Db { name: name.to_string(), backend: (self.opener)(name)?, lock: Mutex::new(()), indexes: Mutex::default(), pending: Default::default() }))
+    }
+
     /// Deletes database `name` and everything in it.
     pub fn destroy(&self, name: &str) -> Result<(), DbError> {
-        let db = self.get(name)?;
-        self.open.lock().unwrap_or_else(|e| e.into_inner()).remove(name);
+        let db = {
+            // Opened (to be destroyed) and retired under one lock: nothing opens it between.
+            let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+            let db = match open.remove(name) {
+                Some(db) => db,
+                None => self.opened(name)?,
+            };
+            let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+            let (names, order) = &mut *retired;
+            if names.insert(name.to_string()) {
+                order.push_back(name.to_string());
+                if order.len() > RETIRED_KEPT
+                    && let Some(old) = order.pop_front()
+                {
+                    names.remove(&old);
+                }
+            }
+            db
+        };
         let gone: Vec<Open> = {
             let mut txs = self.txs.lock().unwrap_or_else(|e| e.into_inner());
             let ids: Vec<u64> = txs.iter().filter(|(_, o)| o.db == name).map(|(id, _)| *id).collect();

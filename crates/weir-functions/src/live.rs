@@ -47,6 +47,10 @@ pub struct EnvDoc {
     pub vars: Map<String, Value>,
     /// `host:port` entries a function's `fetch` may reach.
     pub fetch_allow_list: Vec<String>,
+    /// The gateway's incarnation: a gateway made again with an earlier one's id has another,
+    /// and gets nothing the earlier one left on a node.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub incarnation: String,
     /// The database the environment's functions reach as `imp.db()`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub database: Option<crate::DbScope>,
@@ -150,6 +154,9 @@ pub struct Functions {
     log_budgets: Mutex<HashMap<String, Weak<crate::engine::Budget>>>,
     /// The last lowered table of each environment (`{gid}/{env}`), for `invoke`'s imports.
     tables: Mutex<HashMap<String, Table>>,
+    /// The incarnation each gateway was last lowered or invoked as on this node: another one
+    /// means the id was deleted and made again, and the node forgets the earlier gateway.
+    incarnations: Mutex<HashMap<String, String>>,
     /// Compiles under way for `invoke` of stored values the lowering has not reached, by key.
     invoking: Mutex<HashMap<String, (Bytes, tokio::sync::watch::Receiver<Option<Built>>)>>,
 }
@@ -177,14 +184,16 @@ impl Functions {
             log_budgets: Mutex::default(),
             invoking: Mutex::default(),
             tables: Mutex::default(),
+            incarnations: Mutex::default(),
         })
     }
 
-    /// The runtime of gateway `gid` with `memory` bytes, started when there is none.
-    fn engine(&self, gid: &str, memory: usize) -> Option<Arc<Engine>> {
+    /// The runtime of gateway `gid` (as `env` names its incarnation) with `memory` bytes,
+    /// started when there is none.
+    fn engine(&self, gid: &str, env: &EnvDoc, memory: usize) -> Option<Arc<Engine>> {
         let mut engines = self.engines.lock().ok()?;
         engines.retain(|_, e| e.strong_count() > 0);
-        let key = format!("{gid}/{memory}");
+        let key = format!("{gid}/{}/{memory}", env.incarnation);
         if let Some(e) = engines.get(&key).and_then(Weak::upgrade) {
             return Some(e);
         }
@@ -203,6 +212,7 @@ impl Functions {
     /// Runs the function stored at `key` as `value` on gateway `gid`'s runtime, with the
     /// limits of `env`, outside any route (the platform's `invoke`).
     pub async fn invoke(&self, gid: &str, env: &EnvDoc, key: &str, value: &[u8], request: Request) -> Result<Outcome, NotRun> {
+        self.meet(&format!("{}{gid}/", self.dir), gid, &env.incarnation);
         // The version stored now, which the lowering may not have reached yet: compiled for
         // this call alone when it has not, so that the cache only ever moves forward.
         let lowered = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).filter(|c| c.bytes[..] == *value).map(|c| c.built.clone());
@@ -219,7 +229,7 @@ impl Functions {
             return Ok(Outcome { result: Ok(crate::Reply { status: 405, headers, body }), logs: Vec::new(), cpu: Duration::ZERO, hold: Default::default() });
         }
         let limits = env.limits.limits();
-        let engine = self.engine(gid, limits.memory).ok_or(NotRun::Unable("the gateway's runtime could not start"))?;
+        let engine = self.engine(gid, env, limits.memory).ok_or(NotRun::Unable("the gateway's runtime could not start"))?;
         let table = self.tables.lock().ok().and_then(|t| t.get(&format!("{gid}/{}", func.env)).cloned());
         let (func, table) = match table {
             Some(table) => (func, table),
@@ -542,11 +552,36 @@ impl Functions {
     }
 
     /// Forgets what the node kept for gateway `gid`'s partition, which has no objects left.
+    /// Notes that gateway `gid` is now `incarnation`; when it was another, the id was deleted
+    /// and made again, and everything the node kept for the earlier gateway is forgotten
+    /// first.
+    fn meet(&self, partition: &str, gid: &str, incarnation: &str) {
+        {
+            let mut known = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
+            match known.get(gid) {
+                Some(i) if i == incarnation => return,
+                Some(_) => {}
+                None => {
+                    known.insert(gid.to_string(), incarnation.to_string());
+                    return;
+                }
+            }
+        }
+        self.forget_gateway(partition, gid);
+        self.incarnations.lock().unwrap_or_else(|e| e.into_inner()).insert(gid.to_string(), incarnation.to_string());
+    }
+
     fn forget_gateway(&self, partition: &str, gid: &str) {
+        // What calls still running hold stays theirs, and no later lookup finds it.
+        let own = format!("{gid}/");
+        self.engines.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
+        self.log_budgets.lock().unwrap_or_else(|e| e.into_inner()).remove(gid);
+        self.invoking.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
+        self.incarnations.lock().unwrap_or_else(|e| e.into_inner()).remove(gid);
         self.lowered.lock().unwrap_or_else(|e| e.into_inner()).remove(gid);
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
         self.compiled.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
-        let own = format!("{gid}/");
         self.tables.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _), _| g != gid);
     }
@@ -619,17 +654,20 @@ impl Contributor for Functions {
         // A gateway's first lowering on this node (the node starting, the gateway created)
         // compiles in place; after that the watch path compiles nothing, so no gateway's
         // saves hold up another's changes.
+        let envs: BTreeMap<String, EnvDoc> = objects
+            .iter()
+            .filter_map(|(key, value)| Some((key[partition.len()..].strip_prefix("env/")?, serde_json::from_slice::<EnvDoc>(value).ok()?)))
+            .map(|(env, doc)| (env.to_string(), doc))
+            .collect();
+        if let Some(env) = envs.values().next() {
+            self.meet(partition, gid, &env.incarnation);
+        }
         let defer = !self.lowered.lock().unwrap_or_else(|e| e.into_inner()).insert(gid.to_string());
-        let mut envs: BTreeMap<String, EnvDoc> = BTreeMap::new();
         let mut funcs: BTreeMap<String, Vec<(&str, Arc<FunctionDoc>, Arc<Function>)>> = BTreeMap::new();
         let mut present = std::collections::HashSet::new();
         for (key, value) in objects {
             let rest = &key[partition.len()..];
-            if let Some(env) = rest.strip_prefix("env/") {
-                if let Ok(doc) = serde_json::from_slice::<EnvDoc>(value) {
-                    envs.insert(env.to_string(), doc);
-                }
-            } else if let Some(path) = rest.strip_prefix("fn/")
+            if let Some(path) = rest.strip_prefix("fn/")
                 && let Some((env, _)) = path.split_once('/')
             {
                 present.insert(*key);
@@ -659,7 +697,7 @@ impl Contributor for Functions {
             }
             let Some(list) = funcs.get_mut(env_name).filter(|l| !l.is_empty()) else { continue };
             let limits = env.limits.limits();
-            let Some(engine) = self.engine(gid, limits.memory) else { continue };
+            let Some(engine) = self.engine(gid, env, limits.memory) else { continue };
             self.link(list);
             let list = &*list;
             let table: Table = Arc::new(list.iter().map(|(_, d, f)| (d.name.clone(), f.clone())).collect());

@@ -199,6 +199,7 @@ impl Platform {
             rendered_generation: 0,
             rendered_revision: 0,
             rendered_with: String::new(),
+            incarnation: format!("{:016x}", fastrand::u64(..)),
             phase_since: now,
             attempts: 0,
             retry_at: 0,

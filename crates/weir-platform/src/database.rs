@@ -90,12 +90,13 @@ impl Platform {
         let _ = self.databases.set((databases, quota));
     }
 
-    /// Deletes the databases of gateway `gid`.
-    pub(crate) async fn drop_databases(&self, gid: &str) -> Result<(), String> {
+    /// Deletes the databases of gateway `gw`. Their names are retired on this node: a call
+    /// still running opens none of them again.
+    pub(crate) async fn drop_databases(&self, gw: &Gateway) -> Result<(), String> {
         let Some((dbs, _)) = self.databases.get().cloned() else { return Ok(()) };
-        let names: Vec<String> = std::iter::once(gid.to_string()).chain(ENVIRONMENTS.iter().map(|e| format!("{gid}.{e}"))).collect();
+        let names = gw.database_names();
         let h = tokio::runtime::Handle::current();
-        let dropped = lanes().run(&h, gid, move || names.iter().try_for_each(|name| dbs.destroy(name).map_err(|e| format!("{name}: {e}")))).await;
+        let dropped = lanes().run(&h, &gw.gateway_id, move || names.iter().try_for_each(|name| dbs.destroy(name).map_err(|e| format!("{name}: {e}")))).await;
         dropped.unwrap_or_else(|| Err("the removal failed".into()))
     }
 

@@ -101,6 +101,12 @@ pub struct Gateway {
     /// The platform settings the last render read (`Platform`'s render inputs).
     #[serde(default)]
     pub rendered_with: String,
+    /// Made once when the gateway is created (empty for gateways made before it existed): what
+    /// tells this gateway apart from an earlier one of the same id, so that nothing the earlier
+    /// one left running (its function runtime, logs, a call still writing to its database) is
+    /// ever handed to it.
+    #[serde(default)]
+    pub incarnation: String,
     /// When the phase last changed (ms).
     pub phase_since: u64,
     /// Failed attempts at the current step, and when the next may run (ms).
@@ -138,8 +144,23 @@ impl Gateway {
     /// The name of the database environment `env`'s functions reach.
     pub fn database_name(&self, env: &str) -> String {
         match self.database_isolation {
-            Isolation::Gateway => self.gateway_id.clone(),
-            Isolation::Environment => format!("{}.{env}", self.gateway_id),
+            Isolation::Gateway => self.database_base(),
+            Isolation::Environment => format!("{}.{env}", self.database_base()),
+        }
+    }
+
+    /// Every name a database of the gateway can have, whatever its isolation.
+    pub fn database_names(&self) -> Vec<String> {
+        let base = self.database_base();
+        std::iter::once(base.clone()).chain(ENVIRONMENTS.iter().map(|e| format!("{base}.{e}"))).collect()
+    }
+
+    /// The gateway's id, and its incarnation when it has one: a gateway made again under a
+    /// deleted one's id never opens the earlier one's databases.
+    fn database_base(&self) -> String {
+        match self.incarnation.as_str() {
+            "" => self.gateway_id.clone(),
+            i => format!("{}.{i}", self.gateway_id),
         }
     }
 }
@@ -209,7 +230,7 @@ impl Gateway {
     }
 
     /// The reconciler's bookkeeping, which the API does not show.
-    pub const HIDDEN: [&str; 7] = ["generation", "renderedGeneration", "renderedRevision", "renderedWith", "phaseSince", "attempts", "retryAt"];
+    pub const HIDDEN: [&str; 8] = ["generation", "renderedGeneration", "renderedRevision", "renderedWith", "incarnation", "phaseSince", "attempts", "retryAt"];
 }
 
 /// `POST /v1/api-gateways`.

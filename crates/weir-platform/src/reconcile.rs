@@ -301,7 +301,7 @@ impl Platform {
             claims.extend(self.lifecycle_prefixes(gid).into_iter().chain(self.trigger_prefixes(gid)).map(|prefix| Op::DeletePrefix { prefix }));
             // Its databases go before its document: a gateway made later under the same id
             // must find none of them, and a failure here leaves the deletion to be retried.
-            self.drop_databases(gid).await.map_err(|e| StoreError::Unavailable(format!("gateway {gid}'s databases could not be removed: {e}")))?;
+            self.drop_databases(&gw).await.map_err(|e| StoreError::Unavailable(format!("gateway {gid}'s databases could not be removed: {e}")))?;
             self.docs.remove(gid, rev, claims).await?;
             tracing::info!(gateway = gid, "platform: gateway deleted");
         }

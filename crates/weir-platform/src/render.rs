@@ -193,6 +193,7 @@ pub fn live(cfg: &PlatformConfig, gw: &Gateway) -> Vec<weir_functions::live::Env
                 vars: gw.env.iter().map(|v| (v.name.clone(), Value::String(v.value.clone()))).collect(),
                 fetch_allow_list: gw.fetch_allow_list.clone(),
                 debug: env.name == "dev",
+                incarnation: gw.incarnation.clone(),
                 database: Some(weir_functions::DbScope { name: gw.database_name(&env.name), limits: gw.db_limits }),
             }
         })
@@ -227,6 +228,7 @@ mod tests {
             rendered_generation: 0,
             rendered_revision: 0,
             rendered_with: String::new(),
+            incarnation: String::new(),
             phase_since: 0,
             attempts: 0,
             retry_at: 0,

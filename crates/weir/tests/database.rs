@@ -35,6 +35,14 @@ async fn gateway(w: &Weir, gid: &str, extra: Value) -> () {
     until_gateway(w, gid, |_, b| b["phase"] == "Started").await;
 }
 
+/// The files of gateway `gid`'s embedded databases (`{gid}.redb` or `{gid}.{...}.redb`).
+fn db_files(w: &Weir, gid: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(w.data_dir().join("databases")) else { return Vec::new() };
+    let mut names: Vec<String> = dir.filter_map(|e| e.ok()?.file_name().into_string().ok()).filter(|n| n.starts_with(&format!("{gid}.")) && n.ends_with(".redb")).collect();
+    names.sort();
+    names
+}
+
 async fn function(w: &Weir, gid: &str, name: &str, code: &str) {
     let (s, b) = v1(w, "POST", &format!("api-gateways/{gid}/functions"), Some(json!({"name": name, "source": {"code": code}}))).await;
     assert_eq!(s, 201, "{b}");
@@ -309,20 +317,19 @@ async fn data_api(engine: Engine, pg: Option<&str>) {
     assert_eq!((r.status, r.text()), (200, String::new()));
     // Deleting a gateway deletes its database.
     if let Engine::Embedded = engine {
-        assert!(w.data_dir().join("databases/data.redb").exists());
+        assert_eq!(db_files(&w, "data").len(), 1);
     }
     assert_eq!(v1(&w, "DELETE", "api-gateways/data", None).await.0, 202);
     until_gateway(&w, "data", |s, _| s == 404).await;
     if let Engine::Embedded = engine {
         // Its file goes just after its document.
-        let file = w.data_dir().join("databases/data.redb");
         for _ in 0..300 {
-            if !file.exists() {
+            if db_files(&w, "data").is_empty() {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(!file.exists(), "{} is removed with its gateway", file.display());
+        assert_eq!(db_files(&w, "data"), Vec::<String>::new(), "the file is removed with its gateway");
     }
     gateway(&w, "data", json!({})).await;
     assert_eq!(v1(&w, "GET", "api-gateways/data/database/collections", None).await.1["total"], 0, "a new gateway of the old name starts empty");
@@ -347,6 +354,50 @@ async fn a_function_reaches_only_its_own_gateways_database_on_embedded() {
 #[tokio::test]
 async fn the_data_api_reads_writes_exports_and_imports_on_embedded() {
     data_api(Engine::Embedded, None).await;
+}
+
+/// Set up by a call that outlives its gateway: it plants a global and a log line, waits, and
+/// then writes to its database.
+const LINGER: &str = r#"
+export default async () => {
+  globalThis.planted = "the deleted gateway's";
+  console.log("a line of the deleted gateway");
+  await new Promise((r) => setTimeout(r, 4000));
+  try { await imp.db().collection("planted").insertOne({ _id: "p" }); return "wrote"; } catch (e) { return "refused"; }
+}
+"#;
+
+/// What the gateway made again under the same id finds.
+const LOOK: &str = r#"
+export default async () => ({ planted: globalThis.planted ?? null, docs: await imp.db().collection("planted").find({}).toArray() })
+"#;
+
+#[tokio::test]
+async fn a_gateway_made_again_under_a_deleted_ones_id_finds_nothing_of_it() {
+    let w = node(Engine::Embedded, None);
+    gateway(&w, "again", json!({})).await;
+    function(&w, "again", "linger", LINGER).await;
+    // Live, then a call that is still running when the gateway goes and comes back.
+    let (proxy, host) = (w.proxy, "again.dev.localhost".to_string());
+    let first = call(&w, "again", "dev", "linger", json!({}));
+    let (s, _) = tokio::time::timeout(Duration::from_secs(10), first).await.expect("the first call ends");
+    assert_eq!(s, 200);
+    let lingering = tokio::spawn(async move { send(proxy, "POST", "/linger", &[("host", &host)], Some("{}")).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(v1(&w, "DELETE", "api-gateways/again", None).await.0, 202);
+    until_gateway(&w, "again", |s, _| s == 404).await;
+    gateway(&w, "again", json!({})).await;
+    function(&w, "again", "linger", LOOK).await;
+    let (s, seen) = call(&w, "again", "dev", "linger", json!({})).await;
+    assert!(!lingering.is_finished(), "the earlier gateway's call still runs while the new gateway answers");
+    assert_eq!((s, &seen["planted"]), (200, &Value::Null), "the new gateway runs on a runtime of its own: {seen}");
+    let (_, logs) = v1(&w, "GET", &format!("{}/logs?limit=100", fn_path("again", "dev/linger")), None).await;
+    assert!(!logs.to_string().contains("deleted gateway"), "the new gateway's logs hold none of the earlier one's: {logs}");
+    // The earlier call ends refused: its database was deleted and is not made again.
+    let late = lingering.await.unwrap();
+    assert_eq!(late.text(), "refused");
+    assert_eq!(call(&w, "again", "dev", "linger", json!({})).await.1["docs"], json!([]));
+    assert_eq!(db_files(&w, "again").len(), 1, "one database file, the new gateway's: {:?}", db_files(&w, "again"));
 }
 
 const INDEXED: &str = r#"
