@@ -1111,7 +1111,9 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
             let host = js.host.borrow();
             host.superseded > RECYCLE_AFTER || host.superseded_bytes > RECYCLE_BYTES || js.leftover.get() >= 2
         };
-        let recycle = !broken && piled && {
+        // Once draining has begun it ends in a renewal, though what piled up cleared meanwhile
+        // (leftover jobs that finished): the calls held meanwhile start on the fresh runtime.
+        let recycle = !broken && (piled || draining.is_some()) && {
             let since = *draining.get_or_insert_with(Instant::now);
             calls.is_empty() || since.elapsed() >= DRAIN
         };
@@ -1314,8 +1316,10 @@ fn thrown(v: &Value<'_>) -> Failure {
                 String::new()
             })
         };
-        let message = read("message");
-        let stack = read("stack");
+        // An error's text is bounded as a log line is: a function cannot make its answer (or
+        // its log) hold a message of any size outside its gateway's memory.
+        let message = crate::bounded(read("message"));
+        let stack = crate::bounded(read("stack"));
         if message == "out of memory" {
             return Failure::Memory;
         }
@@ -1330,7 +1334,7 @@ fn thrown(v: &Value<'_>) -> Failure {
         return Failure::Threw { message, stack, status, bare };
     }
     let message = match v.as_string() {
-        Some(s) => s.to_string().unwrap_or_else(|_| "the function threw a string".into()),
+        Some(s) => s.to_string().map(crate::bounded).unwrap_or_else(|_| "the function threw a string".into()),
         // What QuickJS throws when it has no memory left to make the error that says so.
         None if v.is_null() => "the function threw null (as one does that runs out of its gateway's memory)".into(),
         None => format!("the function threw a {}", v.type_name()),
@@ -1407,7 +1411,9 @@ fn reply(out: Value<'_>) -> rquickjs::Result<Reply> {
     let headers: Array<'_> = a.get(1)?;
     let body: Array<'_> = a.get(2)?;
     Ok(Reply {
-        status: u16::try_from(status).ok().filter(|s| (100..=599).contains(s)).unwrap_or(500),
+        // As `Response` itself allows, though a function may have set the field after it was
+        // made: an informational status is never a final answer.
+        status: u16::try_from(status).ok().filter(|s| (200..=599).contains(s)).unwrap_or(500),
         headers: header_list(&headers)?,
         body: from_wire(&body)?,
     })

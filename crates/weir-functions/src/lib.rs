@@ -144,9 +144,17 @@ impl LogLine {
         let now = time::OffsetDateTime::now_utc();
         let time = now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
         // A line is bounded: a function cannot fill the buffer with one huge message.
-        let message = if message.len() > 8192 { format!("{}…", &message[..message.floor_char_boundary(8192)]) } else { message };
+        let message = bounded(message);
         LogLine { time, at_ms: now.unix_timestamp_nanos() / 1_000_000, level: level.to_string(), request_id, message }
     }
+}
+
+/// The most of a log line's or an error's text kept, in bytes.
+pub const TEXT_KEPT: usize = 8192;
+
+/// `text` cut to `TEXT_KEPT` bytes (at a character boundary, marked `…`) when it is longer.
+pub(crate) fn bounded(text: String) -> String {
+    if text.len() > TEXT_KEPT { format!("{}…", &text[..text.floor_char_boundary(TEXT_KEPT)]) } else { text }
 }
 
 /// The last lines of one function, bounded in number, and in bytes by its gateway's

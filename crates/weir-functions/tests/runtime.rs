@@ -494,6 +494,59 @@ async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine()
     assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
 }
 
+/// What a failed call answers with is bounded however large the error a function throws, and
+/// a status a function sets on a `Response` after making it is a final one or a 500.
+#[tokio::test]
+async fn a_huge_error_or_an_informational_status_is_no_answer() {
+    let gw = Gw::new(vec![
+        func("dev", "error", &[("index.js", "export default () => { throw new Error('x'.repeat(1 << 22)); }")]),
+        func("dev", "string", &[("index.js", "export default () => { throw 'é'.repeat(1 << 21); }")]),
+        func("dev", "early", &[("index.js", "export default () => { const r = new Response('x'); r.status = 101; return r; }")]),
+        func("dev", "late", &[("index.js", "export default () => { const r = new Response('x'); r.status = 599; return r; }")]),
+    ]);
+    for name in ["error", "string"] {
+        match gw.call(name, get("/")).await.result {
+            Err(Failure::Threw { message, stack, .. }) => {
+                assert!(message.len() <= weir_functions::TEXT_KEPT + 3 && message.ends_with('…'), "{name}: {} bytes", message.len());
+                assert!(stack.len() <= weir_functions::TEXT_KEPT + 3, "{name}: {} bytes of stack", stack.len());
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    assert_eq!(gw.call("early", get("/")).await.result.map(|r| r.status), Ok(500));
+    assert_eq!(gw.call("late", get("/")).await.result.map(|r| r.status), Ok(599));
+}
+
+/// A renewal begun while a call waits goes through though what started it cleared meanwhile:
+/// promise jobs left over by two calls pile up, a waiting call's turn runs them out, and the
+/// calls held for the renewal start once the waiting call ends.
+#[tokio::test]
+async fn calls_held_for_a_renewal_start_though_the_leftover_jobs_ran_out() {
+    let gw = Arc::new(Gw::new(vec![
+        func("dev", "wait", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r({ waited: true }), 700))")]),
+        func("dev", "spin", &[("index.js", "export default () => { const until = Date.now() + 250; const spin = () => { if (Date.now() < until) Promise.resolve().then(spin); }; for (let i = 0; i < 8; i++) Promise.resolve().then(spin); return 'spun'; }")]),
+        func("dev", "ok", &[("index.js", "export default () => ({ ok: true })")]),
+    ]));
+    let roomy = Limits { wall: Duration::from_secs(10), ..limits() };
+    let waiting = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.call_with("wait", get("/"), roomy).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Each leaves jobs queued past its budget, which the next turn's call runs on.
+    for _ in 0..2 {
+        let _ = gw.call("spin", get("/")).await;
+    }
+    let held = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.call_with("ok", get("/"), roomy).await })
+    };
+    assert_eq!(body_json(&waiting.await.unwrap()), json!({"waited": true}));
+    let out = tokio::time::timeout(Duration::from_secs(3), held).await.expect("the held call is answered").unwrap();
+    assert_eq!(body_json(&out), json!({"ok": true}));
+    assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
+}
+
 /// Source as deep as a file may be, in the shapes that still compile: QuickJS's own parser
 /// has a stack limit, so loading it fails the call, and the runtime goes on.
 #[tokio::test]
