@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::cmp::Reverse;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -245,6 +245,7 @@ pub struct Engine {
     /// The functions the last lowering had this runtime load, by address (held, so that no
     /// other takes the address meanwhile); the runtime loads them again when it is made afresh.
     loaded: Arc<std::sync::Mutex<HashMap<usize, Load>>>,
+    watch: Arc<crate::watchdog::Watch>,
 }
 
 impl Drop for Engine {
@@ -261,11 +262,16 @@ impl Engine {
         let gw = gateway.to_string();
         let loaded: Arc<std::sync::Mutex<HashMap<usize, Load>>> = Arc::default();
         let reload = loaded.clone();
-        std::thread::Builder::new()
+        let watch = crate::watchdog::Watch::new(Deadline::new());
+        let watched = watch.clone();
+        let thread = std::thread::Builder::new()
             .name(format!("fn-{gateway}"))
             .stack_size(16 << 20)
             .spawn(move || {
-                run_as_batch(&gw);
+                watched.started();
+                if let Err(e) = run_as(thread_priority::thread_native_id(), thread_priority::NormalThreadSchedulePolicy::Batch) {
+                    tracing::debug!(gateway = %gw, error = %e, "the function runtime keeps the default scheduling policy");
+                }
                 inbox.attach();
                 // A panic in the runtime's loop fails the calls in flight (their answers are
                 // dropped) and the loop starts again on a fresh runtime.
@@ -278,11 +284,24 @@ impl Engine {
                 // And so do the places and bytes of the gateway's fetches and database
                 // operations: those of the runtime before a panic are still under way.
                 let slots = Slots::new(memory);
-                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call, &reloaded, &slots))).is_err() {
+                while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call, &reloaded, &slots, &watched.deadline))).is_err() {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
+                watched.ended();
             })?;
-        Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)), loaded }))
+        watch.watch(thread);
+        Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)), loaded, watch }))
+    }
+
+    /// Whether the node's watchdog found the runtime stuck in a loop it cannot be stopped in
+    /// (`watchdog`): its gateway is to start another.
+    pub fn stuck(&self) -> bool {
+        self.watch.stuck()
+    }
+
+    /// Has `f` run (once, on the watchdog's thread) when the runtime is found stuck.
+    pub fn when_stuck(&self, f: impl Fn() + Send + Sync + 'static) {
+        self.watch.when_stuck(Box::new(f));
     }
 
     pub fn gateway(&self) -> &str {
@@ -537,14 +556,15 @@ struct Realm {
 /// When the running JavaScript must stop, shared with the runtime's interrupt handler: in
 /// nanoseconds since `epoch`; 0: never.
 #[derive(Clone)]
-struct Deadline {
+pub(crate) struct Deadline {
     at: Arc<AtomicU64>,
     epoch: Instant,
+    resting: Arc<AtomicBool>,
 }
 
 impl Deadline {
     fn new() -> Deadline {
-        Deadline { at: Arc::new(AtomicU64::new(0)), epoch: Instant::now() }
+        Deadline { at: Arc::new(AtomicU64::new(0)), epoch: Instant::now(), resting: Arc::default() }
     }
 
     /// Sets it to `when`.
@@ -553,9 +573,24 @@ impl Deadline {
         self.at.store(at.max(1), Ordering::Relaxed);
     }
 
-    fn past(&self) -> bool {
+    pub(crate) fn past(&self) -> bool {
         let at = self.at.load(Ordering::Relaxed);
         at != 0 && self.epoch.elapsed().as_nanos() as u64 >= at
+    }
+
+    /// The deadline set last, as a number that changes with every setting (0: none).
+    pub(crate) fn armed(&self) -> u64 {
+        self.at.load(Ordering::Relaxed)
+    }
+
+    /// Whether the thread waits for work or drops a runtime, running no JavaScript meanwhile
+    /// (the watchdog leaves it alone then, whatever the deadline).
+    fn rest(&self, resting: bool) {
+        self.resting.store(resting, Ordering::Relaxed);
+    }
+
+    pub(crate) fn resting(&self) -> bool {
+        self.resting.load(Ordering::Relaxed)
     }
 }
 
@@ -644,14 +679,13 @@ impl Realm {
 }
 
 impl Js {
-    fn new(memory: usize, slots: &Slots) -> rquickjs::Result<Js> {
+    fn new(memory: usize, slots: &Slots, deadline: Deadline) -> rquickjs::Result<Js> {
         let rt = Runtime::new()?;
         rt.set_memory_limit(memory);
         rt.set_max_stack_size(1 << 20);
         rt.set_gc_threshold(memory / 4);
         let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.clone(), ..Host::default() }));
         rt.set_loader(Names(host.clone()), Sources(host.clone()));
-        let deadline = Deadline::new();
         {
             let deadline = deadline.clone();
             rt.set_interrupt_handler(Some(Box::new(move || deadline.past())));
@@ -949,19 +983,21 @@ fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
     Ok(if binary { latin1(&s) } else { s.into_bytes() })
 }
 
-/// Puts the calling runtime thread under Linux's batch policy, at the niceness it has. A thread
-/// under it never preempts the one that wakes it: a proxy worker that queues a call keeps its
-/// core until it waits, and the runtime then takes every call queued meanwhile in one turn,
-/// rather than the two trading the core once per call. Tenants' scripts so never take a core
-/// from the gateway's own work at a wake-up; their share of it is unchanged.
-fn run_as_batch(gateway: &str) {
-    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
-    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+/// Puts runtime thread `thread` under Linux's `policy` (batch or idle) at the niceness the
+/// calling thread has (the setting also sets the calling thread's niceness, to the one it has).
+///
+/// A runtime thread runs under the batch policy: a thread under it never preempts the one that
+/// wakes it, so a proxy worker that queues a call keeps its core until it waits, and the runtime
+/// then takes every call queued meanwhile in one turn, rather than the two trading the core once
+/// per call. Tenants' scripts so never take a core from the gateway's own work at a wake-up;
+/// their share of it is unchanged. A runtime stuck in a loop it cannot be stopped in is put
+/// under the idle policy (`watchdog`).
+pub(crate) fn run_as(thread: thread_priority::ThreadId, policy: thread_priority::NormalThreadSchedulePolicy) -> Result<(), String> {
+    use thread_priority::{ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy};
+    let policy = ThreadSchedulePolicy::Normal(policy);
     // The setting takes a niceness too: the one the thread has, or the nearest below it in
     // priority the setting can say (a thread may lower its priority, never raise it).
-    let Some(nice) = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s)) else {
-        return;
-    };
+    let nice = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s)).ok_or("the thread's niceness is unknown")?;
     let keep = (0..=99u8)
         .filter_map(|p| {
             let priority = ThreadPriority::Crossplatform(p.try_into().ok()?);
@@ -969,12 +1005,9 @@ fn run_as_batch(gateway: &str) {
         })
         .filter(|(_, n)| *n >= nice)
         .min_by_key(|(_, n)| *n);
-    let outcome = match keep {
-        Some((priority, _)) => set_thread_priority_and_policy(thread_native_id(), priority, policy).map_err(|e| format!("{e:?}")),
+    match keep {
+        Some((priority, _)) => set_thread_priority_and_policy(thread, priority, policy).map_err(|e| format!("{e:?}")),
         None => Err(format!("no priority keeps niceness {nice}")),
-    };
-    if let Err(e) = outcome {
-        tracing::debug!(%gateway, error = %e, "the function runtime keeps the default scheduling policy");
     }
 }
 
@@ -1008,8 +1041,8 @@ const RELOAD_EVERY: Duration = Duration::from_secs(30);
 const WARM_SLICE: Duration = Duration::from_millis(2);
 
 #[allow(clippy::too_many_arguments)]
-fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>, reloaded: &std::cell::Cell<Option<Instant>>, slots: &Slots) {
-    let mut js = match Js::new(memory, slots) {
+fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>, reloaded: &std::cell::Cell<Option<Instant>>, slots: &Slots, deadline: &Deadline) {
+    let mut js = match Js::new(memory, slots, deadline.clone()) {
         Ok(js) => js,
         Err(e) => {
             tracing::error!(%gateway, error = %e, "the function runtime could not start");
@@ -1031,7 +1064,10 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     loop {
         let now = (!warms.is_empty() && draining.is_none()).then(Instant::now);
         let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN), now].into_iter().flatten().min();
-        if !mailbox.take(&mut batch, wake) {
+        js.deadline.rest(true);
+        let more = mailbox.take(&mut batch, wake);
+        js.deadline.rest(false);
+        if !more {
             break;
         }
         while let Some(msg) = batch.pop_front() {
@@ -1217,8 +1253,11 @@ fn renew(js: Js, calls: &mut BTreeMap<u64, Live>, why: impl Fn() -> Failure, mem
     for (id, live) in std::mem::take(calls) {
         finish(&js, id, live, Err(why()));
     }
+    let deadline = js.deadline.clone();
+    deadline.rest(true);
     drop(js);
-    match Js::new(memory, slots) {
+    deadline.rest(false);
+    match Js::new(memory, slots, deadline) {
         Ok(js) => Some(js),
         Err(e) => {
             tracing::error!(%gateway, error = %e, "the function runtime could not restart");

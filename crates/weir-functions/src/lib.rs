@@ -16,6 +16,7 @@ pub use weir_upstream::lanes;
 pub mod live;
 pub mod metrics;
 pub mod source;
+mod watchdog;
 
 mod mailbox;
 mod reply;

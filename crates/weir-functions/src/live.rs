@@ -194,12 +194,20 @@ impl Functions {
         let mut engines = self.engines.lock().ok()?;
         engines.retain(|_, e| e.strong_count() > 0);
         let key = format!("{gid}/{}/{memory}", env.incarnation);
-        if let Some(e) = engines.get(&key).and_then(Weak::upgrade) {
+        // A runtime the watchdog found stuck is replaced: the gateway is lowered again (by
+        // the watchdog's hook) onto a fresh one.
+        if let Some(e) = engines.get(&key).and_then(Weak::upgrade).filter(|e| !e.stuck()) {
             return Some(e);
         }
         match Engine::start(gid, memory, Services { fetcher: self.settings.fetcher.clone(), database: self.settings.database.clone() }) {
             Ok(e) => {
                 engines.insert(key, Arc::downgrade(&e));
+                let (me, partition) = (self.me.clone(), format!("{}{gid}/", self.dir));
+                e.when_stuck(move || {
+                    if let Some(relower) = me.upgrade().and_then(|me| me.relower.get().cloned()) {
+                        relower.send(&format!("{partition}env/dev"));
+                    }
+                });
                 Some(e)
             }
             Err(e) => {

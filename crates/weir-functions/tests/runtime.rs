@@ -547,6 +547,28 @@ async fn calls_held_for_a_renewal_start_though_the_leftover_jobs_ran_out() {
     assert_eq!(body_json(&gw.call("ok", get("/")).await), json!({"ok": true}));
 }
 
+/// A string search QuickJS runs in C, which no interrupt stops (about 10^12 comparisons): the
+/// node's watchdog puts the runtime's thread under the idle policy and marks the runtime stuck
+/// for its gateway to replace, about `STALLED_CPU` past the call's CPU deadline.
+#[tokio::test]
+async fn a_runtime_stuck_in_a_built_in_runs_on_idle_cpu_only_and_is_given_up() {
+    let gw = Gw::new(vec![func("dev", "search", &[("index.js", "export default () => 'a'.repeat(1 << 21).indexOf('a'.repeat(1 << 20) + 'b')")])]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    gw.engine.when_stuck(move || {
+        let _ = tx.send(Instant::now());
+    });
+    let started = Instant::now();
+    let engine = gw.engine.clone();
+    let (f, table, vars) = (gw.table["search"].clone(), gw.table.clone(), gw.vars.clone());
+    let _running = tokio::spawn(async move { FunctionHandler::run(engine, f, table, vars, limits(), Arc::default(), get("/")).await.map(|o| o.result) });
+    let found = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(15))).await.unwrap().expect("the watchdog finds the runtime stuck");
+    let took = found - started;
+    assert!(took >= Duration::from_millis(200) + Duration::from_secs(2), "{took:?}: not before the deadline and the CPU allowed past it");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    assert!(gw.engine.stuck());
+    assert_eq!(thread_sched("fn-t").map(|(policy, _)| policy), Some(5), "the stuck thread runs under the idle policy");
+}
+
 /// Source as deep as a file may be, in the shapes that still compile: QuickJS's own parser
 /// has a stack limit, so loading it fails the call, and the runtime goes on.
 #[tokio::test]

@@ -737,6 +737,53 @@ async fn the_operators_base_layer_keeps_its_secrets_from_tenants() {
 
 
 /// p99 (the largest of 100 is its own p99 for our purposes: the second largest) of `n` GETs.
+/// A gateway's runtime stuck in a string search QuickJS runs in C (no interrupt stops it): its
+/// thread goes to idle CPU, the gateway's other functions answer again on a fresh runtime, and
+/// another gateway's latency is what it was.
+#[tokio::test]
+async fn a_runtime_stuck_in_a_built_in_is_replaced_and_costs_others_nothing() {
+    let w = on_loopback("");
+    started_gateway(&w, "stuck").await;
+    started_gateway(&w, "calm").await;
+    assert_eq!(v1(&w, "PATCH", "api-gateways/stuck", Some(json!({"limits": {"timeoutMs": 200, "wallMs": 3000}}))).await.0, 200);
+    for (gid, name, code) in [
+        ("stuck", "search", "export default () => 'a'.repeat(1 << 21).indexOf('a'.repeat(1 << 20) + 'b')"),
+        ("stuck", "ok", "export default () => ({ ok: true })"),
+        ("calm", "ping", "export default () => ({ pong: true })"),
+    ] {
+        assert_eq!(v1(&w, "POST", &format!("api-gateways/{gid}/functions"), Some(json!({"name": name, "source": {"code": code}}))).await.0, 201);
+    }
+    w.until("/dev/ok", &[("host", "stuck.localhost")], |r| r.status == 200).await;
+    w.until("/dev/ping", &[("host", "calm.localhost")], |r| r.status == 200).await;
+    let quiet = p99(&w, "/dev/ping", "calm.localhost", 100).await;
+    let search = tokio::spawn({
+        let proxy = w.proxy;
+        async move { send(proxy, "GET", "/dev/search", &[("host", "stuck.localhost")], None).await }
+    });
+    // The gateway's own calls answer again once its runtime is given up.
+    let t = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    loop {
+        let r = send(w.proxy, "GET", "/dev/ok", &[("host", "stuck.localhost")], None).await;
+        if r.status == 200 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "the gateway never answered again: {} {}", r.status, r.text());
+    }
+    let r = search.await.unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    // Its stuck thread runs under the idle policy, and costs the other gateway nothing.
+    let policies: Vec<u32> = std::fs::read_dir(format!("/proc/{}/task", w.pid()))
+        .unwrap()
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == "fn-stuck"))
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok()?.rsplit_once(')')?.1.split_whitespace().nth(41 - 3)?.parse().ok())
+        .collect();
+    assert!(policies.contains(&5), "one runtime thread of the gateway is idle: {policies:?}");
+    let noisy = p99(&w, "/dev/ping", "calm.localhost", 100).await;
+    assert!(noisy < quiet + Duration::from_millis(10), "p99 {quiet:?} alone, {noisy:?} beside a stuck runtime");
+}
+
 async fn p99(w: &Weir, path: &str, host: &str, n: usize) -> Duration {
     let mut took = Vec::with_capacity(n);
     for _ in 0..n {
