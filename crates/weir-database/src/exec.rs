@@ -363,19 +363,26 @@ struct Kept<'a> {
     out: BTreeMap<String, Value>,
     values: bool,
     top: Option<(&'a [(String, bool)], usize)>,
-    /// Bytes of the documents kept, when they are counted against [`WRITE_HOLD`].
-    held: Option<usize>,
+    /// Bytes of the documents kept, bounded by [`WRITE_HOLD`] whatever the operation: a read
+    /// (its `skip`, its sort's window, a count in a transaction) holds no more than a write.
+    held: usize,
+    /// Whether the documents are kept for a write (its error says so).
+    writing: bool,
 }
 
 impl Kept<'_> {
     fn offer(&mut self, id: String, doc: Value) -> Result<(), DbError> {
-        if let Some(held) = &mut self.held {
-            *held += serde_json::to_vec(&doc).map_or(0, |b| b.len());
-            if *held > WRITE_HOLD {
-                return Err(held_too_much());
-            }
+        if self.values {
+            self.held += serde_json::to_vec(&doc).map_or(0, |b| b.len());
         }
         self.out.insert(id, if self.values { doc } else { Value::Null });
+        if self.held > WRITE_HOLD {
+            // A sort's window drops what falls out of it first.
+            self.prune();
+            if self.held > WRITE_HOLD {
+                return Err(if self.writing { held_too_much() } else { read_too_much() });
+            }
+        }
         if let Some((_, n)) = self.top
             && self.out.len() >= (2 * n).max(1024)
         {
@@ -393,8 +400,15 @@ impl Kept<'_> {
         let mut all: Vec<(String, Value)> = std::mem::take(&mut self.out).into_iter().collect();
         crate::update::sort_by(&mut all, |(_, d)| d, by);
         all.truncate(n);
+        if self.values {
+            self.held = all.iter().map(|(_, d)| serde_json::to_vec(d).map_or(0, |b| b.len())).sum();
+        }
         self.out = all.into_iter().collect();
     }
+}
+
+fn read_too_much() -> DbError {
+    DbError { kind: DbErrorKind::Quota, message: format!("the read would hold more than {} MiB of documents at once (its skip, its sort's window); page by a range of a field instead", WRITE_HOLD >> 20) }
 }
 
 /// The most bytes of documents one `updateMany` or `deleteMany` changes: it holds them all
@@ -573,6 +587,11 @@ impl Run<'_> {
                 let name = def.name.clone();
                 // Each index is written with every document: their number is bounded.
                 let held = self.db.indexes(self.coll)?;
+                // As MongoDB: one index per set of keys, so a document's keys are not filed
+                // again and again under other names.
+                if let Some(same) = held.iter().find(|d| d.keys == def.keys && d.name != name) {
+                    return Err(DbError::bad(format!("Index already exists with a different name: {}", same.name)));
+                }
                 if held.len() >= MAX_INDEXES && !held.iter().any(|d| d.name == name) {
                     return Err(DbError { kind: DbErrorKind::Quota, message: format!("collection {} has {MAX_INDEXES} indexes, the most one may; drop one first", self.coll) });
                 }
@@ -639,7 +658,7 @@ impl Run<'_> {
     /// `keep`: which of the matching documents are wanted. A document the transaction `tx`
     /// wrote is read as it wrote it, and not as stored.
     fn matching(&self, filter: &Filter, tx: Option<&mut Tx>, plan: &mut Plan, keep: Keep) -> Result<Vec<(String, Value)>, DbError> {
-        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None, held: matches!(keep, Keep::All).then_some(0) };
+        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None, held: 0, writing: matches!(keep, Keep::All) };
         let stop = match keep {
             Keep::First(n) => Some(n),
             Keep::Top(by, n) => {
@@ -668,6 +687,8 @@ impl Run<'_> {
             }
         } else if let Some((def, keys)) = self.usable_index(filter)? {
             plan.index = Some(def.name.clone());
+            // One key's entries come in `_id` order: the first so many are those asked for.
+            let single = keys.len() == 1;
             for key in keys {
                 self.db.backend.lookup_each(self.coll, &def.name, &key, &mut |id, d| {
                     if budget.spent() || Instant::now() > deadline {
@@ -677,7 +698,7 @@ impl Run<'_> {
                     if !written(&id) && filter.matches_within(&d, &mut budget) {
                         kept.offer(id, d)?;
                     }
-                    Ok(true)
+                    Ok(!single || stop.is_none_or(|s| kept.out.len() < s))
                 })?;
             }
         } else {

@@ -131,6 +131,9 @@ fn indexes_are_used_and_unique_ones_hold(e: &Engine) {
     assert_eq!((&seek["index"], &seek["docsExamined"], &seek["returned"]), (&json!("email_1"), &json!(1), &json!(1)));
     let e = run(&d, json!({"op": "insertOne", "collection": "people", "doc": {"email": "u42@x"}})).unwrap_err();
     assert_eq!(e.kind, DbErrorKind::Duplicate, "{e:?}");
+    // One index per set of keys, as MongoDB: the same keys under another name are refused.
+    let e = run(&d, json!({"op": "createIndex", "collection": "people", "keys": {"email": 1}, "options": {"name": "again"}})).unwrap_err();
+    assert_eq!((e.kind, e.message.as_str()), (DbErrorKind::BadInput, "Index already exists with a different name: email_1"));
     assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "people", "filter": {}})).unwrap(), json!(5000));
     // A unique index over values held twice is refused whole.
     assert!(run(&d, json!({"op": "createIndex", "collection": "people", "keys": {"n": 1}, "options": {"unique": true}})).is_err());
@@ -291,6 +294,13 @@ fn a_write_holds_a_bounded_share_of_the_collection(e: &Engine) {
         assert_eq!(e.kind, DbErrorKind::Quota, "{}", e.message);
         assert!(e.message.contains("more than 64 MiB"), "{}", e.message);
     }
+    // A read holds no more: its skip, its sort's window.
+    for options in [json!({"skip": 1000}), json!({"sort": {"_id": -1}, "limit": 17})] {
+        let e = run(&d, json!({"op": "find", "collection": "b", "filter": {}, "options": options})).unwrap_err();
+        assert!(e.kind == DbErrorKind::Quota && e.message.contains("the read would hold more than 64 MiB"), "{options}: {}", e.message);
+    }
+    let two = run(&d, json!({"op": "find", "collection": "b", "filter": {}, "options": {"sort": {"_id": -1}, "limit": 2, "projection": {"v": 0}}})).unwrap();
+    assert_eq!(two, json!([{"_id": "b16"}, {"_id": "b15"}]));
     assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "b", "filter": {"w": 1}})).unwrap(), json!(0));
     let r = run(&d, json!({"op": "updateMany", "collection": "b", "filter": {"_id": {"$lt": "b08"}}, "update": {"$set": {"w": 1}}})).unwrap();
     assert_eq!(r["modifiedCount"], 8);
