@@ -15,7 +15,7 @@ use std::sync::{Arc, RwLock};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde_json::Value;
 
-use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, filed_keys};
+use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, entry_bytes, filed_keys};
 
 const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
 const INDEX: TableDefinition<(&str, &str, &str, &str), ()> = TableDefinition::new("index");
@@ -69,11 +69,13 @@ fn doc_bytes(doc: &Value) -> Vec<u8> {
 }
 
 /// Files `doc` (stored under `id`) in every index of `stats`, refusing a second holder of a
-/// unique key.
-fn file_in_indexes(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<(), DbError> {
+/// unique key; answers the bytes filed (`entry_bytes`).
+fn file_in_indexes(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<u64, DbError> {
     let mut index = wtx.open_table(INDEX).map_err(failed)?;
+    let mut filed = 0;
     for def in indexes {
         for key in def.keys_of(doc)? {
+            filed += entry_bytes(&key, id);
             if def.unique {
                 let holder = index.range((coll, def.name.as_str(), key.as_str(), "")..).map_err(failed)?.next().transpose().map_err(failed)?;
                 if let Some((k, _)) = holder {
@@ -86,21 +88,25 @@ fn file_in_indexes(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, in
             index.insert((coll, def.name.as_str(), key.as_str(), id), ()).map_err(failed)?;
         }
     }
-    Ok(())
+    Ok(filed)
 }
 
-fn unfile(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<(), DbError> {
+/// Takes `doc` (stored under `id`) out of `indexes`; answers the bytes it had filed.
+fn unfile(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<u64, DbError> {
     let mut index = wtx.open_table(INDEX).map_err(failed)?;
+    let mut freed = 0;
     for def in indexes {
         for key in filed_keys(def, doc) {
+            freed += entry_bytes(&key, id);
             index.remove((coll, def.name.as_str(), key.as_str(), id)).map_err(failed)?;
         }
     }
-    Ok(())
+    Ok(freed)
 }
 
-/// Removes every entry of `index` (or of every index with `None`) of `coll`.
-fn clear_index(wtx: &WriteTransaction, coll: &str, name: Option<&str>) -> Result<(), DbError> {
+/// Removes every entry of `index` (or of every index with `None`) of `coll`; answers their
+/// bytes.
+fn clear_index(wtx: &WriteTransaction, coll: &str, name: Option<&str>) -> Result<u64, DbError> {
     let mut index = wtx.open_table(INDEX).map_err(failed)?;
     let start = (coll, name.unwrap_or(""), "", "");
     let mut doomed: Vec<(String, String, String, String)> = Vec::new();
@@ -112,10 +118,12 @@ fn clear_index(wtx: &WriteTransaction, coll: &str, name: Option<&str>) -> Result
         }
         doomed.push((c.to_string(), n.to_string(), key.to_string(), id.to_string()));
     }
+    let mut freed = 0;
     for (c, n, key, id) in &doomed {
+        freed += entry_bytes(key, id);
         index.remove((c.as_str(), n.as_str(), key.as_str(), id.as_str())).map_err(failed)?;
     }
-    Ok(())
+    Ok(freed)
 }
 
 fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w: &Write) -> Result<(), DbError> {
@@ -134,14 +142,14 @@ fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w:
                 return Err(DbError { kind: DbErrorKind::Conflict, message: "the document changed meanwhile".into() });
             }
             if let Some(old) = &old {
-                unfile(wtx, coll, id, old, &stats.indexes)?;
+                let freed = unfile(wtx, coll, id, old, &stats.indexes)?;
                 stats.documents -= 1;
-                stats.bytes = stats.bytes.saturating_sub(doc_bytes(old).len() as u64);
+                stats.bytes = stats.bytes.saturating_sub(doc_bytes(old).len() as u64 + freed);
             }
-            file_in_indexes(wtx, coll, id, doc, &stats.indexes)?;
+            let filed = file_in_indexes(wtx, coll, id, doc, &stats.indexes)?;
             let bytes = doc_bytes(doc);
             stats.documents += 1;
-            stats.bytes += bytes.len() as u64;
+            stats.bytes += bytes.len() as u64 + filed;
             wtx.open_table(DOCS).map_err(failed)?.insert((coll, id.as_str()), bytes.as_slice()).map_err(failed)?;
         }
         Write::Delete { id, expect, .. } => {
@@ -152,9 +160,9 @@ fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w:
                 return Err(DbError { kind: DbErrorKind::Conflict, message: "the document changed meanwhile".into() });
             }
             if let Some(old) = &old {
-                unfile(wtx, coll, id, old, &stats.indexes)?;
+                let freed = unfile(wtx, coll, id, old, &stats.indexes)?;
                 stats.documents -= 1;
-                stats.bytes = stats.bytes.saturating_sub(doc_bytes(old).len() as u64);
+                stats.bytes = stats.bytes.saturating_sub(doc_bytes(old).len() as u64 + freed);
                 wtx.open_table(DOCS).map_err(failed)?.remove((coll, id.as_str())).map_err(failed)?;
             }
         }
@@ -167,6 +175,7 @@ fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w:
             }
             // Each document is filed as it is read: the collection is never held whole.
             let docs = wtx.open_table(DOCS).map_err(failed)?;
+            let mut filed = 0;
             for entry in docs.range((coll, "")..).map_err(failed)? {
                 let (k, v) = entry.map_err(failed)?;
                 let (c, id) = k.value();
@@ -174,15 +183,17 @@ fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w:
                     break;
                 }
                 let doc = serde_json::from_slice::<Value>(v.value()).map_err(failed)?;
-                file_in_indexes(wtx, coll, id, &doc, std::slice::from_ref(def))?;
+                filed += file_in_indexes(wtx, coll, id, &doc, std::slice::from_ref(def))?;
             }
+            stats.bytes += filed;
             stats.indexes.push(def.clone());
         }
         Write::DropIndex { name, .. } => {
             if !stats.indexes.iter().any(|d| d.name == *name) {
                 return Err(DbError::bad(format!("{coll} has no index named {name}")));
             }
-            clear_index(wtx, coll, Some(name))?;
+            let freed = clear_index(wtx, coll, Some(name))?;
+            stats.bytes = stats.bytes.saturating_sub(freed);
             stats.indexes.retain(|d| d.name != *name);
         }
         Write::DropCollection { .. } => {

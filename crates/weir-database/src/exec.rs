@@ -316,6 +316,10 @@ fn is_write(op: &str) -> bool {
 /// Refuses `writes` when they would take the database past its quota.
 fn check_quota(db: &Db, quota: &Quota, writes: &[Write]) -> Result<(), DbError> {
     let (mut docs, mut bytes) = (0i64, 0i64);
+    // The index entries the writes file count as the documents do, and are bounded at once as
+    // what a write holds is.
+    let mut filing = 0u64;
+    let mut indexed: HashMap<&str, Arc<Vec<IndexDef>>> = HashMap::new();
     for w in writes {
         match w {
             Write::Put { coll, id, doc, expect } => {
@@ -323,8 +327,17 @@ fn check_quota(db: &Db, quota: &Quota, writes: &[Write]) -> Result<(), DbError> 
                     Some(old) => old.clone(),
                     None => db.backend.get(coll, id)?,
                 };
-                let new = serde_json::to_vec(doc).map(|b| b.len() as i64).unwrap_or(0);
-                let was = old.as_ref().map(|o| serde_json::to_vec(o).map(|b| b.len() as i64).unwrap_or(0));
+                let indexes = match indexed.get(coll.as_str()) {
+                    Some(i) => i.clone(),
+                    None => indexed.entry(coll).or_insert(db.indexes(coll)?).clone(),
+                };
+                let files = crate::filing_bytes(&indexes, id, doc)?;
+                filing += files;
+                if filing > WRITE_HOLD as u64 {
+                    return Err(DbError { kind: DbErrorKind::Quota, message: format!("the operation would file more than {} MiB of index entries at once; write fewer documents at a time", WRITE_HOLD >> 20) });
+                }
+                let new = serde_json::to_vec(doc).map(|b| b.len() as i64).unwrap_or(0) + files as i64;
+                let was = old.as_ref().map(|o| serde_json::to_vec(o).map(|b| b.len() as i64).unwrap_or(0) + crate::filed_bytes(&indexes, id, o) as i64);
                 docs += i64::from(was.is_none());
                 bytes += new - was.unwrap_or(0);
             }
@@ -595,6 +608,9 @@ impl Run<'_> {
                 if held.len() >= MAX_INDEXES && !held.iter().any(|d| d.name == name) {
                     return Err(DbError { kind: DbErrorKind::Quota, message: format!("collection {} has {MAX_INDEXES} indexes, the most one may; drop one first", self.coll) });
                 }
+                if !held.iter().any(|d| d.name == name) {
+                    self.room_for_index(&def)?;
+                }
                 self.db.change_indexes(self.coll, Write::CreateIndex { coll: self.coll.into(), def })?;
                 Ok(json!(name))
             }
@@ -755,6 +771,25 @@ impl Run<'_> {
         }
         kept.prune();
         Ok(kept.out.into_iter().collect())
+    }
+
+    /// Refuses index `def` when the entries it would file for the documents now in the
+    /// collection pass what the database's quota has left of its bytes (they count as the
+    /// documents do), or when counting them runs past the query's time.
+    fn room_for_index(&self, def: &IndexDef) -> Result<(), DbError> {
+        let have: u64 = self.db.backend.collections()?.values().map(|s| s.bytes).sum();
+        let room = self.quota.bytes.saturating_sub(have);
+        let mut adding = 0u64;
+        self.db.backend.scan(self.coll, &mut |d| {
+            if Instant::now() > self.deadline {
+                return Err(self.late());
+            }
+            adding += crate::filing_bytes(std::slice::from_ref(def), &id_key(&d["_id"])?, &d)?;
+            if adding > room {
+                return Err(DbError { kind: DbErrorKind::Quota, message: format!("quota exceeded: index {} would file more than the {} bytes the database has left", def.name, room) });
+            }
+            Ok(true)
+        })
     }
 
     /// An index every field of which the filter sets by equality, with the keys to look up.

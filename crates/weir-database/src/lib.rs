@@ -176,6 +176,27 @@ pub(crate) fn filed_keys(def: &IndexDef, doc: &Value) -> Vec<String> {
     })
 }
 
+/// What one index entry counts against its database's bytes (`CollStats::bytes`, the quota):
+/// its key and the id it names, as both engines count it.
+pub fn entry_bytes(key: &str, id: &str) -> u64 {
+    (key.len() + id.len()) as u64
+}
+
+/// What `doc`, stored under `id`, counts against its database's bytes in `indexes`: the
+/// entries it files (an error when an index refuses it).
+pub fn filing_bytes(indexes: &[IndexDef], id: &str, doc: &Value) -> Result<u64, DbError> {
+    let mut n = 0;
+    for def in indexes {
+        n += def.keys_of(doc)?.iter().map(|k| entry_bytes(k, id)).sum::<u64>();
+    }
+    Ok(n)
+}
+
+/// What `doc` counts in `indexes` as it was filed (see [`filed_keys`]).
+pub(crate) fn filed_bytes(indexes: &[IndexDef], id: &str, doc: &Value) -> u64 {
+    indexes.iter().map(|def| filed_keys(def, doc).iter().map(|k| entry_bytes(k, id)).sum::<u64>()).sum()
+}
+
 /// The key of a tuple of values in an index: numbers in one form, so `1` and `1.0` are one key.
 pub fn index_key(values: &[Value]) -> String {
     let norm: Vec<Value> = values

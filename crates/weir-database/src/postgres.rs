@@ -31,7 +31,7 @@ use ::postgres::types::ToSql;
 use ::postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Statement, Transaction};
 use serde_json::Value;
 
-use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, filed_keys};
+use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, entry_bytes, filed_keys};
 
 /// How long a caller waits for a connection while all of the pool's are busy.
 const POOL_WAIT: Duration = Duration::from_secs(30);
@@ -643,19 +643,19 @@ impl<'a> Apply<'a> {
             return Err(Fail::Db(conflict()));
         }
         if let Some(old) = &old {
+            let freed = self.unfile(coll, id, old, &indexes);
             let stats = self.metas.entry(coll.to_string()).or_default();
             stats.documents = stats.documents.saturating_sub(1);
-            stats.bytes = stats.bytes.saturating_sub(serde_json::to_vec(old).map_or(0, |b| b.len() as u64));
-            self.unfile(coll, id, old, &indexes);
+            stats.bytes = stats.bytes.saturating_sub(serde_json::to_vec(old).map_or(0, |b| b.len() as u64) + freed);
         }
         let at = (coll.to_string(), id.to_string());
         match w {
             Write::Put { doc, .. } => {
-                self.file(coll, id, doc, &indexes)?;
+                let filed = self.file(coll, id, doc, &indexes)?;
                 let text = serde_json::to_string(doc).expect("JSON values serialize");
                 let stats = self.metas.entry(coll.to_string()).or_default();
                 stats.documents += 1;
-                stats.bytes += text.len() as u64;
+                stats.bytes += text.len() as u64 + filed;
                 self.docs.insert(at.clone(), Some(doc.clone()));
                 self.doc_writes.insert(at, Some(text));
             }
@@ -669,10 +669,13 @@ impl<'a> Apply<'a> {
         Ok(())
     }
 
-    /// Files `doc` (stored under `id`) in `indexes`, refusing a second holder of a unique key.
-    fn file(&mut self, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<(), Fail> {
+    /// Files `doc` (stored under `id`) in `indexes`, refusing a second holder of a unique key;
+    /// answers the bytes filed (`entry_bytes`).
+    fn file(&mut self, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<u64, Fail> {
+        let mut filed = 0;
         for def in indexes {
             for key in def.keys_of(doc).map_err(Fail::Db)? {
+                filed += entry_bytes(&key, id);
                 if def.unique {
                     let at = (coll.to_string(), def.name.clone(), key.clone());
                     if !self.holders.contains_key(&at) {
@@ -687,18 +690,22 @@ impl<'a> Apply<'a> {
                 self.entry_writes.insert((coll.to_string(), index_column(&def.name), key_column(&key), id.to_string()), true);
             }
         }
-        Ok(())
+        Ok(filed)
     }
 
-    fn unfile(&mut self, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) {
+    /// Takes `doc` (stored under `id`) out of `indexes`; answers the bytes it had filed.
+    fn unfile(&mut self, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> u64 {
+        let mut freed = 0;
         for def in indexes {
             for key in filed_keys(def, doc) {
+                freed += entry_bytes(&key, id);
                 if let Some(held) = self.holders.get_mut(&(coll.to_string(), def.name.clone(), key.clone())) {
                     held.remove(id);
                 }
                 self.entry_writes.insert((coll.to_string(), index_column(&def.name), key_column(&key), id.to_string()), false);
             }
         }
+        freed
     }
 
     /// Sends the writes kept so far, with the counts when `counts`, in statements of at most
@@ -777,8 +784,10 @@ impl<'a> Apply<'a> {
                 let mut first: HashMap<String, String> = HashMap::new();
                 let entries = &mut self.entry_writes;
                 let mut refused = None;
+                let mut filed = 0;
                 each_doc(&mut self.tx, self.cache, sql, coll, &mut |id, doc| {
                     for key in def.keys_of(&doc).map_err(Fail::Db)? {
+                        filed += entry_bytes(&key, &id);
                         if def.unique {
                             match first.get(&key) {
                                 Some(holder) if *holder != id => {
@@ -798,14 +807,25 @@ impl<'a> Apply<'a> {
                 if let Some(key) = refused {
                     return Err(Fail::Db(duplicate(coll, def, &key)));
                 }
-                self.metas.entry(coll.to_string()).or_default().indexes.push(def.clone());
+                let stats = self.metas.entry(coll.to_string()).or_default();
+                stats.bytes += filed;
+                stats.indexes.push(def.clone());
             }
             Write::DropIndex { name, .. } => {
-                if !stats.indexes.iter().any(|d| d.name == *name) {
+                let Some(def) = stats.indexes.iter().find(|d| d.name == *name) else {
                     return Err(Fail::Db(DbError::bad(format!("{coll} has no index named {name}"))));
-                }
+                };
+                // What its entries counted, from the documents they were filed for (long keys
+                // are stored as digests, so the table cannot say).
+                let mut freed = 0;
+                each_doc(&mut self.tx, self.cache, sql, coll, &mut |id, doc| {
+                    freed += filed_keys(def, &doc).iter().map(|k| entry_bytes(k, &id)).sum::<u64>();
+                    Ok(true)
+                })?;
                 self.execute(&sql.clear_index, &[&coll, &index_column(name)])?;
-                self.metas.entry(coll.to_string()).or_default().indexes.retain(|d| d.name != *name);
+                let stats = self.metas.entry(coll.to_string()).or_default();
+                stats.bytes = stats.bytes.saturating_sub(freed);
+                stats.indexes.retain(|d| d.name != *name);
             }
             Write::DropCollection { .. } => {
                 self.execute(&sql.clear_entries, &[&coll])?;

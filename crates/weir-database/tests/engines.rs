@@ -82,6 +82,7 @@ on_both_engines!(
     index_keys_stay_in_proportion,
     sorted_reads_keep_their_window,
     a_write_holds_a_bounded_share_of_the_collection,
+    index_entries_count_against_the_quota,
     a_scan_past_its_time_fails,
     backends_keep_their_contract,
     nodes_see_each_others_writes_at_once,
@@ -329,6 +330,38 @@ fn a_write_holds_a_bounded_share_of_the_collection(e: &Engine) {
     assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "s", "filter": {"v": {"$exists": true}}})).unwrap(), json!(0));
 }
 
+/// A document that files many long keys pays for them: the index entries count against the
+/// database's bytes as the documents do, at a write, at an index made over the documents there,
+/// and at once for one operation.
+fn index_entries_count_against_the_quota(e: &Engine) {
+    let d = e.databases();
+    let quota = Quota { bytes: 20 << 20, ..Quota::default() };
+    let q = |req: Value| d.execute("g", &quota, &req);
+    // About 4 MiB of keys in each index: a 400-byte field beside each of 10,000 numbers.
+    let doc = |i: usize| json!({"_id": format!("d{i}"), "a": "x".repeat(400), "b": (0..10_000).collect::<Vec<_>>()});
+    q(json!({"op": "createIndex", "collection": "amp", "keys": {"a": 1, "b": 1}})).unwrap();
+    q(json!({"op": "createIndex", "collection": "amp", "keys": {"b": 1, "a": 1}})).unwrap();
+    for i in 0..2 {
+        q(json!({"op": "insertOne", "collection": "amp", "doc": doc(i)})).unwrap();
+    }
+    let e = q(json!({"op": "insertOne", "collection": "amp", "doc": doc(2)})).unwrap_err();
+    assert!(e.kind == DbErrorKind::Quota && e.message.contains("bytes"), "{}", e.message);
+    assert_eq!(q(json!({"op": "countDocuments", "collection": "amp", "filter": {}})).unwrap(), json!(2));
+    let bytes = d.get("g").unwrap().backend.collections().unwrap()["amp"].bytes;
+    assert!(bytes > 15 << 20, "{bytes} bytes: the entries are counted");
+    // An index over the documents there.
+    for i in 0..3 {
+        q(json!({"op": "insertOne", "collection": "flat", "doc": doc(i)})).unwrap();
+    }
+    let e = q(json!({"op": "createIndex", "collection": "flat", "keys": {"a": 1, "b": 1}})).unwrap_err();
+    assert!(e.kind == DbErrorKind::Quota && e.message.contains("index a_1_b_1"), "{}", e.message);
+    assert_eq!(q(json!({"op": "createIndex", "collection": "flat", "keys": {"a": 1}})).unwrap(), json!("a_1"));
+    // One operation files at most 64 MiB of entries, whatever the quota.
+    let docs: Vec<Value> = (10..30).map(doc).collect();
+    let e = d.execute("g2", &Quota::default(), &json!({"op": "createIndex", "collection": "m", "keys": {"a": 1, "b": 1}})).map(|_| ()).and_then(|()| d.execute("g2", &Quota::default(), &json!({"op": "insertMany", "collection": "m", "docs": docs}))).unwrap_err();
+    assert!(e.kind == DbErrorKind::Quota && e.message.contains("64 MiB of index entries"), "{}", e.message);
+}
+
 fn quotas_and_bad_input(e: &Engine) {
     let d = e.databases();
     // A collection has at most 16 indexes; one made again is no new one.
@@ -503,11 +536,19 @@ fn backends_keep_their_contract(e: &Engine) {
     let err = b.scan("c", &mut |_| Err(DbError { kind: DbErrorKind::Timeout, message: "late".into() })).unwrap_err();
     assert_eq!(err.kind, DbErrorKind::Timeout);
 
-    // The counts are those of the documents there.
+    // The counts are those of the documents there, and their bytes those of the documents
+    // and of the index entries they file; an index dropped gives its entries' bytes back.
     let stats = b.collections().unwrap();
     let docs = all_of(&*b, "c");
-    let bytes: usize = docs.iter().map(|d| serde_json::to_vec(d).unwrap().len()).sum();
-    assert_eq!((stats["c"].documents, stats["c"].bytes), (docs.len() as u64, bytes as u64));
+    let indexes = b.indexes("c").unwrap();
+    let bytes: u64 = docs.iter().map(|d| serde_json::to_vec(d).unwrap().len() as u64).sum();
+    let entries: u64 = docs.iter().map(|d| weir_database::filing_bytes(&indexes, &id_key(&d["_id"]).unwrap(), d).unwrap()).sum();
+    assert!(entries > 0);
+    assert_eq!((stats["c"].documents, stats["c"].bytes), (docs.len() as u64, bytes + entries));
+    b.apply(&[Write::DropIndex { coll: "c".into(), name: "email_1".into() }]).unwrap();
+    let tags: Vec<IndexDef> = indexes.iter().filter(|d| d.name == "tags_1").cloned().collect();
+    let left: u64 = docs.iter().map(|d| weir_database::filing_bytes(&tags, &id_key(&d["_id"]).unwrap(), d).unwrap()).sum();
+    assert_eq!(b.collections().unwrap()["c"].bytes, bytes + left);
     b.apply(&[Write::Delete { coll: "c".into(), id: id(7), expect: None }, Write::Delete { coll: "c".into(), id: id("none"), expect: None }]).unwrap();
     assert_eq!(b.collections().unwrap()["c"].documents, docs.len() as u64 - 1);
     assert_eq!(b.lookup("c", "tags_1", &key("q")).unwrap(), vec![id("a")]);
