@@ -348,6 +348,7 @@ fn check_quota(db: &Db, quota: &Quota, writes: &[Write]) -> Result<(), DbError> 
         return Ok(());
     }
     let all = db.backend.collections()?;
+    room_for_collections(&all, writes.iter().map(Write::coll))?;
     let (have_docs, have_bytes) = all.values().fold((0u64, 0u64), |(d, b), s| (d + s.documents, b + s.bytes));
     if have_docs as i64 + docs > quota.documents as i64 {
         return Err(DbError { kind: DbErrorKind::Quota, message: format!("quota exceeded: the database may hold {} documents", quota.documents) });
@@ -777,7 +778,9 @@ impl Run<'_> {
     /// collection pass what the database's quota has left of its bytes (they count as the
     /// documents do), or when counting them runs past the query's time.
     fn room_for_index(&self, def: &IndexDef) -> Result<(), DbError> {
-        let have: u64 = self.db.backend.collections()?.values().map(|s| s.bytes).sum();
+        let all = self.db.backend.collections()?;
+        room_for_collections(&all, std::iter::once(self.coll))?;
+        let have: u64 = all.values().map(|s| s.bytes).sum();
         let room = self.quota.bytes.saturating_sub(have);
         let mut adding = 0u64;
         self.db.backend.scan(self.coll, &mut |d| {
@@ -850,9 +853,25 @@ fn replacement(doc: &Value, id: &Value) -> Result<Value, DbError> {
     Ok(Value::Object(out))
 }
 
+/// The most collections one database holds: each has a stats row every write reads.
+pub const MAX_COLLECTIONS: usize = 1000;
+
+/// Refuses writes that would make the database hold more than [`MAX_COLLECTIONS`].
+fn room_for_collections<'c>(all: &BTreeMap<String, crate::CollStats>, colls: impl Iterator<Item = &'c str>) -> Result<(), DbError> {
+    let new: std::collections::BTreeSet<&str> = colls.filter(|c| !all.contains_key(*c)).collect();
+    if !new.is_empty() && all.len() + new.len() > MAX_COLLECTIONS {
+        return Err(DbError { kind: DbErrorKind::Quota, message: format!("the database holds {} collections, the most it may; drop one first", all.len()) });
+    }
+    Ok(())
+}
+
 /// `createIndex(keys, {unique, name})`: the name is MongoDB's (`email_1`, `a_1_b_-1`).
 fn index_def(keys: &Value, options: &Value) -> Result<IndexDef, DbError> {
     let o = keys.as_object().filter(|o| !o.is_empty() && o.len() <= 16).ok_or_else(|| DbError::bad("createIndex takes an object of 1 to 16 fields with 1 or -1"))?;
+    // Every write reads the definitions: they are small.
+    if o.keys().map(String::len).sum::<usize>() > 1024 {
+        return Err(DbError::bad("createIndex: the fields' paths are at most 1024 characters in all"));
+    }
     let mut fields = Vec::with_capacity(o.len());
     for (k, d) in o {
         if k.is_empty() || k.split('.').any(|p| p.is_empty() || p.starts_with('$')) {

@@ -356,6 +356,20 @@ fn index_entries_count_against_the_quota(e: &Engine) {
     let e = q(json!({"op": "createIndex", "collection": "flat", "keys": {"a": 1, "b": 1}})).unwrap_err();
     assert!(e.kind == DbErrorKind::Quota && e.message.contains("index a_1_b_1"), "{}", e.message);
     assert_eq!(q(json!({"op": "createIndex", "collection": "flat", "keys": {"a": 1}})).unwrap(), json!("a_1"));
+    // A database holds at most so many collections (made here in one transaction).
+    let g = |req: Value| d.execute("g3", &Quota::default(), &req);
+    let tx = g(json!({"op": "begin"})).unwrap()["tx"].clone();
+    for i in 0..weir_database::exec::MAX_COLLECTIONS {
+        g(json!({"op": "insertOne", "collection": format!("c{i}"), "doc": {"_id": 1}, "tx": tx})).unwrap();
+    }
+    g(json!({"op": "commit", "tx": tx})).unwrap();
+    for req in [json!({"op": "insertOne", "collection": "one-more", "doc": {}}), json!({"op": "createIndex", "collection": "one-more", "keys": {"a": 1}})] {
+        let e = g(req).unwrap_err();
+        assert!(e.kind == DbErrorKind::Quota && e.message.contains("1000 collections"), "{}", e.message);
+    }
+    g(json!({"op": "insertOne", "collection": "c5", "doc": {"_id": 2}})).unwrap();
+    let long = json!({"op": "createIndex", "collection": "c5", "keys": {"a".repeat(1025): 1}});
+    assert_eq!(g(long).unwrap_err().kind, DbErrorKind::BadInput);
     // One operation files at most 64 MiB of entries, whatever the quota.
     let docs: Vec<Value> = (10..30).map(doc).collect();
     let e = d.execute("g2", &Quota::default(), &json!({"op": "createIndex", "collection": "m", "keys": {"a": 1, "b": 1}})).map(|_| ()).and_then(|()| d.execute("g2", &Quota::default(), &json!({"op": "insertMany", "collection": "m", "docs": docs}))).unwrap_err();
