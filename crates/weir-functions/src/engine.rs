@@ -737,12 +737,16 @@ impl Js {
                 }
             })?)?;
             let (h, e) = (host.clone(), env.to_string());
-            natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: String| {
+            natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: rquickjs::String<'_>| {
                 let mut guard = h.borrow_mut();
                 let call = guard.call_of(&e);
                 if call == STRAY {
                     return;
                 }
+                // Only what a line keeps is copied out of the runtime.
+                let Ok(message) = message.to_cstring() else { return };
+                let text = message.as_str();
+                let message = text[..text.floor_char_boundary(crate::TEXT_KEPT + 4)].to_string();
                 let host = &mut *guard;
                 let request = host.sinks.get(&call).map(|(_, r)| r.clone()).unwrap_or_default();
                 let line = LogLine::now(&level, request, message);
@@ -776,7 +780,17 @@ impl Js {
             natives.set("random", JsFn::new(ctx.clone(), random_native)?)?;
             natives.set("digest", JsFn::new(ctx.clone(), digest_native)?)?;
             natives.set("encode", JsFn::new(ctx.clone(), encode_native)?)?;
-            natives.set("decode", JsFn::new(ctx.clone(), decode_native)?)?;
+            // What decoding copies outside the runtime counts against the gateway's memory
+            // limit there while it is made (the text itself is the runtime's once made).
+            let h = host.clone();
+            natives.set("decode", JsFn::new(ctx.clone(), move |ctx: Ctx<'_>, bytes: rquickjs::String<'_>, fatal: bool, ignore_bom: bool| -> rquickjs::Result<Option<String>> {
+                let text = bytes.to_cstring()?;
+                let budget = h.borrow().outbound.bytes.clone();
+                let Some(_held) = Taken::of(&budget, text.as_str().len().saturating_mul(3)) else {
+                    return Err(rquickjs::Exception::throw_range(&ctx, "TextDecoder: the data is too large for this gateway's memory limit"));
+                };
+                Ok(decode_native(text.as_str(), fatal, ignore_bom))
+            })?)?;
             let (h, e) = (host.clone(), env.to_string());
             // Each answers why the operation may not start, or nothing when it is queued.
             natives.set("fetch", JsFn::new(ctx.clone(), move |id: u32, method: String, url: String, headers: Array<'_>, body: Option<Array<'_>>| -> rquickjs::Result<Option<String>> {
@@ -916,8 +930,8 @@ fn encode_native<'js>(ctx: Ctx<'js>, s: String) -> rquickjs::Result<Value<'js>> 
 /// Decodes bytes (one char per byte) as WHATWG's UTF-8 decoder does: a leading byte order mark
 /// is dropped unless `ignore_bom`, and each maximal ill-formed subpart is one U+FFFD, or,
 /// when `fatal`, the answer is `None`.
-fn decode_native(bytes: String, fatal: bool, ignore_bom: bool) -> Option<String> {
-    let bytes = latin1(&bytes);
+fn decode_native(bytes: &str, fatal: bool, ignore_bom: bool) -> Option<String> {
+    let bytes = latin1(bytes);
     let bytes = match bytes.strip_prefix(b"\xEF\xBB\xBF") {
         Some(rest) if !ignore_bom => rest,
         _ => &bytes[..],

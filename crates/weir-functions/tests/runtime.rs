@@ -517,6 +517,24 @@ async fn a_huge_error_or_an_informational_status_is_no_answer() {
     assert_eq!(gw.call("late", get("/")).await.result.map(|r| r.status), Ok(599));
 }
 
+/// What decoding copies outside the runtime counts against the gateway's memory limit, and a
+/// log line copies out only what it keeps.
+#[tokio::test]
+async fn decoding_and_logging_copy_out_no_more_than_the_gateway_may_hold() {
+    let gw = Gw::new(vec![
+        func("dev", "decode", &[("index.js", "export default () => { try { return new TextDecoder().decode(new Uint8Array(6 << 20).fill(0xff)).length; } catch (e) { return e.name + ': ' + e.message; } }")]),
+        func("dev", "small", &[("index.js", "export default () => new TextDecoder().decode(new Uint8Array([0x68, 0xc3, 0xa9, 0xff]))")]),
+        func("dev", "log", &[("index.js", "export default () => { console.log('é'.repeat(4 << 20)); return 'logged'; }")]),
+    ]);
+    let out = gw.call("decode", get("/")).await;
+    assert_eq!(out.result.unwrap().body, b"RangeError: TextDecoder: the data is too large for this gateway's memory limit");
+    assert_eq!(gw.call("small", get("/")).await.result.unwrap().body, "hé\u{fffd}".as_bytes());
+    let out = gw.call("log", get("/")).await;
+    assert_eq!(out.result.unwrap().body, b"logged");
+    let line = &out.logs[0].message;
+    assert!(line.len() <= weir_functions::TEXT_KEPT + 3 && line.ends_with('…'), "{} bytes", line.len());
+}
+
 /// A renewal begun while a call waits goes through though what started it cleared meanwhile:
 /// promise jobs left over by two calls pile up, a waiting call's turn runs them out, and the
 /// calls held for the renewal start once the waiting call ends.
