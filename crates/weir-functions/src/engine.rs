@@ -672,7 +672,7 @@ impl Realm {
         {
             return v.clone().restore(ctx).map_err(|e| caught(ctx, e));
         }
-        let v = rquickjs_serde_value(ctx, &serde_json::Value::Object((**vars).clone())).and_then(|v| frozen(ctx, v)).map_err(|e| caught(ctx, e))?;
+        let v = rquickjs_serde_value(ctx, &serde_json::Value::Object((**vars).clone())).and_then(|v| frozen(self, ctx, v)).map_err(|e| caught(ctx, e))?;
         *self.vars.borrow_mut() = Some((vars.clone(), Persistent::save(ctx, v.clone())));
         Ok(v)
     }
@@ -1315,7 +1315,7 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     let (out, took, spent, oom_job) = js.segment(id, &job.func.env, started, job.limits.cpu, |realm, ctx| -> Result<Started, Failure> {
         let handler = realm.export(ctx, &job.func, &job.vars)?;
         let caught = |e: rquickjs::Error| caught(ctx, e);
-        let request = to_js(ctx, &job.request, &realm.users).map_err(caught)?;
+        let request = to_js(ctx, &job.request, realm).map_err(caught)?;
         let vars = realm.vars(ctx, &job.vars)?;
         let run = realm.run.clone().restore(ctx).map_err(caught)?;
         let out: Value<'_> = run.call((handler, request, vars)).map_err(caught)?;
@@ -1735,10 +1735,10 @@ impl Drop for Taken {
 
 /// `v` frozen by `Object.freeze`: what a call is given to read, and no call may change for the
 /// next.
-fn frozen<'js, T: rquickjs::FromJs<'js> + rquickjs::IntoJs<'js>>(ctx: &Ctx<'js>, v: T) -> rquickjs::Result<T> {
-    let object: Object<'_> = ctx.globals().get("Object")?;
-    let freeze: JsFn<'_> = object.get("freeze")?;
-    freeze.call((v,))
+/// `v` frozen by the `Object.freeze` the realm's SDK took before any function ran (a function
+/// may replace the global one).
+fn frozen<'js, T: rquickjs::FromJs<'js> + rquickjs::IntoJs<'js>>(realm: &Realm, ctx: &Ctx<'js>, v: T) -> rquickjs::Result<T> {
+    realm.sdk(ctx, "freeze")?.call((v,))
 }
 
 /// `ctx.user` objects kept per runtime; past this many, the kept ones go and are made again.
@@ -1747,7 +1747,8 @@ const USERS_KEPT: usize = 4096;
 type Users = RefCell<HashMap<String, (Option<Arc<weir_plugins::grant_usage::Grantee>>, Persistent<Object<'static>>)>>;
 
 /// `ctx.user` for `user`: the frozen object kept for it, or a new one, then kept.
-fn user_object<'js>(ctx: &Ctx<'js>, users: &Users, user: &User) -> rquickjs::Result<Object<'js>> {
+fn user_object<'js>(ctx: &Ctx<'js>, realm: &Realm, user: &User) -> rquickjs::Result<Object<'js>> {
+    let users = &realm.users;
     if let Some((grant, o)) = users.borrow().get(&user.name)
         && *grant == user.grant
     {
@@ -1759,7 +1760,7 @@ fn user_object<'js>(ctx: &Ctx<'js>, users: &Users, user: &User) -> rquickjs::Res
         define(&u, "appId", g.application.as_str())?;
         define(&u, "grantId", g.grant.as_str())?;
     }
-    let u = frozen(ctx, u)?;
+    let u = frozen(realm, ctx, u)?;
     let mut users = users.borrow_mut();
     if users.len() >= USERS_KEPT {
         users.clear();
@@ -1775,7 +1776,7 @@ fn define<'js, K: rquickjs::IntoAtom<'js>, V: rquickjs::IntoJs<'js>>(obj: &Objec
     obj.prop(key, rquickjs::object::Property::from(v).writable().enumerable().configurable())
 }
 
-fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, users: &Users) -> rquickjs::Result<Object<'js>> {
+fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, realm: &Realm) -> rquickjs::Result<Object<'js>> {
     let o = Object::new(ctx.clone())?;
     define(&o, "method", r.method.as_str())?;
     define(&o, "path", r.path.as_str())?;
@@ -1829,7 +1830,7 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, users: &Users) -> rquickjs::Result<Ob
     }
     define(&o, "requestId", r.request_id.as_str())?;
     if let Some(user) = &r.user {
-        define(&o, "user", user_object(ctx, users, user)?)?;
+        define(&o, "user", user_object(ctx, realm, user)?)?;
     }
     Ok(o)
 }
@@ -1842,7 +1843,7 @@ fn rquickjs_serde_value<'js>(ctx: &Ctx<'js>, v: &serde_json::Value) -> rquickjs:
         Some(map) if map.values().all(serde_json::Value::is_string) && !map.contains_key("__proto__") => {
             let o = Object::new(ctx.clone())?;
             for (k, v) in map {
-                o.set(k.as_str(), v.as_str().unwrap_or_default())?;
+                define(&o, k.as_str(), v.as_str().unwrap_or_default())?;
             }
             Ok(o.into_value())
         }

@@ -476,6 +476,8 @@
       return shapes(fn, req).then(toResponse);
     },
     setVars: (vs) => { vars = vs; },
+    // Taken before any function runs: the engine freezes `ctx.user` and the variables with it.
+    freeze: Object.freeze,
     // Names the engine gives every call's context, held as this object's keys so that they
     // stay made: a name no live object holds is freed when a call ends and made again by the
     // next one.

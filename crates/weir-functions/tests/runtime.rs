@@ -535,6 +535,19 @@ async fn decoding_and_logging_copy_out_no_more_than_the_gateway_may_hold() {
     assert!(line.len() <= weir_functions::TEXT_KEPT + 3 && line.ends_with('…'), "{} bytes", line.len());
 }
 
+/// `ctx.user` is frozen by the `Object.freeze` the SDK took before any function ran: one that
+/// replaces the global cannot leave a consumer's object open to later calls.
+#[tokio::test]
+async fn a_replaced_object_freeze_leaves_ctx_user_frozen() {
+    let gw = Gw::new(vec![
+        func("dev", "tamper", &[("index.js", "export default () => { Object.freeze = (x) => x; return 'replaced'; }")]),
+        func("dev", "who", &[("index.js", "export default (ctx) => { try { ctx.user.name = 'admin'; } catch (e) { return 'frozen'; } return 'open: ' + ctx.user.name; }")]),
+    ]);
+    assert_eq!(gw.call("tamper", get("/")).await.result.unwrap().body, b"replaced");
+    let as_user = Request { user: Some(User { name: "alice".into(), grant: None }), ..get("/") };
+    assert_eq!(gw.call("who", as_user).await.result.unwrap().body, b"frozen");
+}
+
 /// A renewal begun while a call waits goes through though what started it cleared meanwhile:
 /// promise jobs left over by two calls pile up, a waiting call's turn runs them out, and the
 /// calls held for the renewal start once the waiting call ends.
