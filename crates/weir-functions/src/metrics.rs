@@ -1,7 +1,9 @@
 //! `weir_function_calls_total`, `weir_function_errors_total` and
 //! `weir_function_duration_seconds`, labelled gateway, environment and function. A series
 //! belongs to a published function's handlers (a name nobody published never makes one) and
-//! goes when no handler holds it any more; a call counts with atomics, no lock.
+//! goes when no handler holds it any more; a call counts with atomics, no lock. A node keeps
+//! at most [`SERIES_AT_MOST`] series: past that, a function that has none counts in its
+//! environment's `function="_other"` series.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -36,32 +38,62 @@ impl Series {
 
 type Key = (String, String, String);
 
-fn all() -> &'static Mutex<BTreeMap<Key, Weak<Series>>> {
-    static ALL: OnceLock<Mutex<BTreeMap<Key, Weak<Series>>>> = OnceLock::new();
+/// The most series a node keeps (each is about fifteen lines of the metrics page).
+pub const SERIES_AT_MOST: usize = 50_000;
+
+/// The function label of an environment's series past [`SERIES_AT_MOST`].
+pub const OVERFLOW: &str = "_other";
+
+/// Every series, and when the dead ones were last swept out for room.
+struct All {
+    series: BTreeMap<Key, Weak<Series>>,
+    swept: Option<std::time::Instant>,
+}
+
+fn all() -> &'static Mutex<All> {
+    static ALL: OnceLock<Mutex<All>> = OnceLock::new();
     ALL.get_or_init(|| {
         weir_plugins::prometheus::add_source(render);
-        Mutex::default()
+        Mutex::new(All { series: BTreeMap::new(), swept: None })
     })
 }
 
 /// The series of function `name` of `env` of gateway `gid`: the one its handlers hold, or a
 /// new one.
 pub fn series(gid: &str, env: &str, name: &str) -> Arc<Series> {
-    let mut all = all().lock().unwrap_or_else(|p| p.into_inner());
+    series_in(all(), SERIES_AT_MOST, gid, env, name)
+}
+
+fn series_in(all: &Mutex<All>, most: usize, gid: &str, env: &str, name: &str) -> Arc<Series> {
+    let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
+    let all = &mut *all;
     let key = (gid.to_string(), env.to_string(), name.to_string());
-    if let Some(s) = all.get(&key).and_then(Weak::upgrade) {
+    if let Some(s) = all.series.get(&key).and_then(Weak::upgrade) {
+        return s;
+    }
+    // Full: the dead go first (at most once a second, however many functions are lowered).
+    if all.series.len() >= most && all.swept.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+        all.series.retain(|_, s| s.strong_count() > 0);
+        all.swept = Some(std::time::Instant::now());
+    }
+    let key = if all.series.len() >= most { (gid.to_string(), env.to_string(), OVERFLOW.to_string()) } else { key };
+    if let Some(s) = all.series.get(&key).and_then(Weak::upgrade) {
         return s;
     }
     let s = Arc::new(Series::default());
-    all.insert(key, Arc::downgrade(&s));
+    all.series.insert(key, Arc::downgrade(&s));
     s
 }
 
 /// Appends the series to the metrics page.
 pub fn render(out: &mut String) {
-    let mut all = all().lock().unwrap_or_else(|p| p.into_inner());
-    all.retain(|_, s| s.strong_count() > 0);
-    let live: Vec<(&Key, Arc<Series>)> = all.iter().filter_map(|(k, s)| s.upgrade().map(|s| (k, s))).collect();
+    render_from(all(), out);
+}
+
+fn render_from(all: &Mutex<All>, out: &mut String) {
+    let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
+    all.series.retain(|_, s| s.strong_count() > 0);
+    let live: Vec<(&Key, Arc<Series>)> = all.series.iter().filter_map(|(k, s)| s.upgrade().map(|s| (k, s))).collect();
     let label = weir_plugins::prometheus::label;
     let labels = |(g, e, f): &Key| format!("gateway=\"{}\",environment=\"{}\",function=\"{}\"", label(g), label(e), label(f));
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -104,5 +136,31 @@ mod tests {
         assert!(page.contains(&format!("weir_function_duration_seconds_bucket{{{l},le=\"+Inf\"}} 2")), "{page}");
         drop(s);
         assert!(!weir_plugins::prometheus::render().contains("gw-metrics"), "an unloaded function's series are gone");
+    }
+
+    #[test]
+    fn past_so_many_series_a_function_counts_in_its_environments_other() {
+        let all = Mutex::new(All { series: BTreeMap::new(), swept: None });
+        let page = || {
+            let mut out = String::new();
+            render_from(&all, &mut out);
+            out
+        };
+        let held: Vec<Arc<Series>> = (0..3).map(|i| series_in(&all, 3, "gw-full", "dev", &format!("f{i}"))).collect();
+        let late = series_in(&all, 3, "gw-full", "prod", "late");
+        late.observe(Duration::from_millis(1), false);
+        assert!(Arc::ptr_eq(&late, &series_in(&all, 3, "gw-full", "prod", "later")), "one overflow series per environment");
+        let page = page();
+        assert!(page.contains(r#"weir_function_calls_total{gateway="gw-full",environment="prod",function="_other"} 1"#), "{page}");
+        assert!(!page.contains(r#"function="late""#), "{page}");
+        // Room again once a function's series goes (swept at most once a second).
+        drop(held);
+        drop(late);
+        std::thread::sleep(Duration::from_millis(1100));
+        let back = series_in(&all, 3, "gw-full", "dev", "again");
+        back.observe(Duration::from_millis(1), false);
+        let mut out = String::new();
+        render_from(&all, &mut out);
+        assert!(out.contains(r#"function="again""#), "{out}");
     }
 }
