@@ -102,7 +102,14 @@ pub struct Databases {
     /// Names destroyed on this node (the newest `RETIRED_KEPT`), never opened again: a call of
     /// a deleted gateway still running would otherwise make its database afresh.
     retired: Mutex<(std::collections::HashSet<String>, std::collections::VecDeque<String>)>,
+    /// When the backends last let go of what they held idle.
+    rested: Mutex<Instant>,
 }
+
+/// How long a backend keeps what it holds for speed alone (an idle connection) unused, and how
+/// often the node looks.
+pub const IDLE_KEPT: Duration = Duration::from_secs(60);
+const REST_EVERY: Duration = Duration::from_secs(10);
 
 /// Destroyed database names a node remembers.
 pub const RETIRED_KEPT: usize = 65_536;
@@ -116,7 +123,7 @@ struct Plan {
 
 impl Databases {
     pub fn new(opener: Opener) -> Arc<Databases> {
-        Arc::new(Databases { opener, open: Mutex::default(), txs: Mutex::default(), retired: Mutex::default() })
+        Arc::new(Databases { opener, open: Mutex::default(), txs: Mutex::default(), retired: Mutex::default(), rested: Mutex::new(Instant::now()) })
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Db>, DbError> {
@@ -166,8 +173,29 @@ impl Databases {
         db.backend.destroy()
     }
 
+    /// Has every open database's backend let go of what it held idle for `idle_for` (a
+    /// database's idle connections to PostgreSQL): many databases each keeping a pool would
+    /// otherwise hold the server's connections for good.
+    pub fn rest(&self, idle_for: Duration) {
+        let open: Vec<Arc<Db>> = self.open.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for db in open {
+            db.backend.rest(idle_for);
+        }
+    }
+
     /// Runs one operation on database `name` within `quota`.
     pub fn execute(&self, name: &str, quota: &Quota, request: &Value) -> Result<Value, DbError> {
+        let rest = {
+            let mut rested = self.rested.lock().unwrap_or_else(|e| e.into_inner());
+            let due = rested.elapsed() >= REST_EVERY;
+            if due {
+                *rested = Instant::now();
+            }
+            due
+        };
+        if rest {
+            self.rest(IDLE_KEPT);
+        }
         let op = request["op"].as_str().ok_or_else(|| DbError::bad("an operation has an op"))?;
         let db = self.get(name)?;
         let deadline = Instant::now() + Duration::from_millis(quota.query_ms.max(1));

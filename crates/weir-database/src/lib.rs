@@ -267,6 +267,9 @@ pub trait Backend: Send + Sync {
     fn single_writer(&self) -> bool {
         false
     }
+    /// Lets go of what the backend holds for nothing but speed (idle connections) unused for
+    /// `idle_for`.
+    fn rest(&self, _idle_for: std::time::Duration) {}
     /// Applies the writes in one transaction: a failed `expect` is a `Conflict`, a unique
     /// index holding a value twice a `Duplicate`, and then nothing is written.
     fn apply(&self, writes: &[Write]) -> Result<(), DbError>;

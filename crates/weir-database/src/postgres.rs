@@ -378,6 +378,8 @@ struct Conn {
     prepared: HashMap<String, Statement>,
     broken: bool,
     reused: bool,
+    /// When it was last given back to the pool.
+    idle_since: Instant,
 }
 
 impl Conn {
@@ -421,7 +423,7 @@ impl Pool {
                 idle.open += 1;
                 drop(idle);
                 return match self.config.connect(NoTls) {
-                    Ok(client) => Ok(Lease { pool: self, conn: Some(Conn { client, prepared: HashMap::new(), broken: false, reused: false }) }),
+                    Ok(client) => Ok(Lease { pool: self, conn: Some(Conn { client, prepared: HashMap::new(), broken: false, reused: false, idle_since: Instant::now() }) }),
                     Err(e) => {
                         self.idle.lock().unwrap_or_else(|e| e.into_inner()).open -= 1;
                         self.freed.notify_one();
@@ -434,6 +436,19 @@ impl Pool {
                 return Err(DbError::unavailable(format!("all {} connections to PostgreSQL stayed busy for {} s", self.max, POOL_WAIT.as_secs())));
             }
             idle = self.freed.wait_timeout(idle, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    /// Lets go of the connections idle for `idle_for` or longer.
+    fn rest(&self, idle_for: Duration) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let before = idle.conns.len();
+        idle.conns.retain(|c| c.idle_since.elapsed() < idle_for);
+        let gone = before - idle.conns.len();
+        idle.open -= gone;
+        drop(idle);
+        if gone > 0 {
+            self.freed.notify_all();
         }
     }
 
@@ -467,6 +482,8 @@ impl Drop for Lease<'_> {
         if conn.broken || conn.client.is_closed() {
             idle.open -= 1;
         } else {
+            let mut conn = conn;
+            conn.idle_since = Instant::now();
             idle.conns.push(conn);
         }
         drop(idle);
@@ -847,6 +864,10 @@ impl<'a> Apply<'a> {
 }
 
 impl Backend for Postgres {
+    fn rest(&self, idle_for: Duration) {
+        self.pool.rest(idle_for);
+    }
+
     fn collections(&self) -> Result<BTreeMap<String, CollStats>, DbError> {
         self.run(|c, _| {
             let mut out = BTreeMap::new();

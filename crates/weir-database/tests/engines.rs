@@ -735,6 +735,21 @@ fn postgres_pool_stays_bounded_and_replaces_lost_connections() {
     }
     assert_eq!(all_of(&*pg, "c").len(), 2);
     assert!(engine_connections(&mut admin) <= 2);
+
+    // Idle connections go once unused for long enough (the node's databases are asked every
+    // few seconds), and the next call makes one again.
+    pg.rest(Duration::from_secs(3600));
+    assert!(engine_connections(&mut admin) >= 1, "recently used connections stay");
+    let dbs = Databases::new(weir_database::postgres::opener(url.clone(), 2));
+    dbs.execute("pool", &Quota::default(), &json!({"op": "find", "collection": "c", "filter": {}})).unwrap();
+    pg.rest(Duration::ZERO);
+    dbs.rest(Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine_connections(&mut admin) > 0 {
+        assert!(Instant::now() < deadline, "idle connections were let go");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(pg.get("c", &id("a")).unwrap(), Some(doc));
 }
 
 #[test]
