@@ -75,7 +75,7 @@ fn file_in_indexes(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, in
     let mut filed = 0;
     for def in indexes {
         for key in def.keys_of(doc)? {
-            filed += entry_bytes(&key, id);
+            filed += entry_bytes(coll, &def.name, &key, id);
             if def.unique {
                 let holder = index.range((coll, def.name.as_str(), key.as_str(), "")..).map_err(failed)?.next().transpose().map_err(failed)?;
                 if let Some((k, _)) = holder {
@@ -97,7 +97,7 @@ fn unfile(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[
     let mut freed = 0;
     for def in indexes {
         for key in filed_keys(def, doc) {
-            freed += entry_bytes(&key, id);
+            freed += entry_bytes(coll, &def.name, &key, id);
             index.remove((coll, def.name.as_str(), key.as_str(), id)).map_err(failed)?;
         }
     }
@@ -120,7 +120,7 @@ fn clear_index(wtx: &WriteTransaction, coll: &str, name: Option<&str>) -> Result
     }
     let mut freed = 0;
     for (c, n, key, id) in &doomed {
-        freed += entry_bytes(key, id);
+        freed += entry_bytes(c, n, key, id);
         index.remove((c.as_str(), n.as_str(), key.as_str(), id.as_str())).map_err(failed)?;
     }
     Ok(freed)

@@ -359,13 +359,13 @@ fn check_quota(db: &Db, quota: &Quota, writes: &[Write]) -> Result<(), DbError> 
                     Some(i) => i.clone(),
                     None => indexed.entry(coll).or_insert(db.indexes(coll)?).clone(),
                 };
-                let files = crate::filing_bytes(&indexes, id, doc)?;
+                let files = crate::filing_bytes(&indexes, coll, id, doc)?;
                 filing += files;
                 if filing > WRITE_HOLD as u64 {
                     return Err(DbError { kind: DbErrorKind::Quota, message: format!("the operation would file more than {} MiB of index entries at once; write fewer documents at a time", WRITE_HOLD >> 20) });
                 }
                 let new = serde_json::to_vec(doc).map(|b| b.len() as i64).unwrap_or(0) + files as i64;
-                let was = old.as_ref().map(|o| serde_json::to_vec(o).map(|b| b.len() as i64).unwrap_or(0) + crate::filed_bytes(&indexes, id, o) as i64);
+                let was = old.as_ref().map(|o| serde_json::to_vec(o).map(|b| b.len() as i64).unwrap_or(0) + crate::filed_bytes(&indexes, coll, id, o) as i64);
                 docs += i64::from(was.is_none());
                 bytes += new - was.unwrap_or(0);
             }
@@ -815,7 +815,7 @@ impl Run<'_> {
             if Instant::now() > self.deadline {
                 return Err(self.late());
             }
-            adding += crate::filing_bytes(std::slice::from_ref(def), &id_key(&d["_id"])?, &d)?;
+            adding += crate::filing_bytes(std::slice::from_ref(def), self.coll, &id_key(&d["_id"])?, &d)?;
             if adding > room {
                 return Err(DbError { kind: DbErrorKind::Quota, message: format!("quota exceeded: index {} would file more than the {} bytes the database has left", def.name, room) });
             }

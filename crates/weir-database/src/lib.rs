@@ -176,25 +176,29 @@ pub(crate) fn filed_keys(def: &IndexDef, doc: &Value) -> Vec<String> {
     })
 }
 
-/// What one index entry counts against its database's bytes (`CollStats::bytes`, the quota):
-/// its key and the id it names, as both engines count it.
-pub fn entry_bytes(key: &str, id: &str) -> u64 {
-    (key.len() + id.len()) as u64
+/// What one index entry counts against its database's bytes (`CollStats::bytes`, the quota),
+/// as both engines count it: what it stores (its collection's and index's names, its key and
+/// the id it names) and [`ENTRY_OVERHEAD`] for the store's own bookkeeping of it.
+pub fn entry_bytes(coll: &str, index: &str, key: &str, id: &str) -> u64 {
+    (coll.len() + index.len() + key.len() + id.len() + ENTRY_OVERHEAD) as u64
 }
+
+/// What an index entry costs a store beyond its fields (a row's or a B-tree item's header).
+pub const ENTRY_OVERHEAD: usize = 32;
 
 /// What `doc`, stored under `id`, counts against its database's bytes in `indexes`: the
 /// entries it files (an error when an index refuses it).
-pub fn filing_bytes(indexes: &[IndexDef], id: &str, doc: &Value) -> Result<u64, DbError> {
+pub fn filing_bytes(indexes: &[IndexDef], coll: &str, id: &str, doc: &Value) -> Result<u64, DbError> {
     let mut n = 0;
     for def in indexes {
-        n += def.keys_of(doc)?.iter().map(|k| entry_bytes(k, id)).sum::<u64>();
+        n += def.keys_of(doc)?.iter().map(|k| entry_bytes(coll, &def.name, k, id)).sum::<u64>();
     }
     Ok(n)
 }
 
 /// What `doc` counts in `indexes` as it was filed (see [`filed_keys`]).
-pub(crate) fn filed_bytes(indexes: &[IndexDef], id: &str, doc: &Value) -> u64 {
-    indexes.iter().map(|def| filed_keys(def, doc).iter().map(|k| entry_bytes(k, id)).sum::<u64>()).sum()
+pub(crate) fn filed_bytes(indexes: &[IndexDef], coll: &str, id: &str, doc: &Value) -> u64 {
+    indexes.iter().map(|def| filed_keys(def, doc).iter().map(|k| entry_bytes(coll, &def.name, k, id)).sum::<u64>()).sum()
 }
 
 /// The key of a tuple of values in an index: numbers in one form, so `1` and `1.0` are one key.

@@ -692,7 +692,7 @@ impl<'a> Apply<'a> {
         let mut filed = 0;
         for def in indexes {
             for key in def.keys_of(doc).map_err(Fail::Db)? {
-                filed += entry_bytes(&key, id);
+                filed += entry_bytes(coll, &def.name, &key, id);
                 if def.unique {
                     let at = (coll.to_string(), def.name.clone(), key.clone());
                     if !self.holders.contains_key(&at) {
@@ -715,7 +715,7 @@ impl<'a> Apply<'a> {
         let mut freed = 0;
         for def in indexes {
             for key in filed_keys(def, doc) {
-                freed += entry_bytes(&key, id);
+                freed += entry_bytes(coll, &def.name, &key, id);
                 if let Some(held) = self.holders.get_mut(&(coll.to_string(), def.name.clone(), key.clone())) {
                     held.remove(id);
                 }
@@ -799,30 +799,37 @@ impl<'a> Apply<'a> {
                 }
                 let name = index_column(&def.name);
                 let mut first: HashMap<String, String> = HashMap::new();
-                let entries = &mut self.entry_writes;
-                let mut refused = None;
                 let mut filed = 0;
-                each_doc(&mut self.tx, self.cache, sql, coll, &mut |id, doc| {
-                    for key in def.keys_of(&doc).map_err(Fail::Db)? {
-                        filed += entry_bytes(&key, &id);
-                        if def.unique {
-                            match first.get(&key) {
-                                Some(holder) if *holder != id => {
-                                    refused = Some(key);
-                                    return Ok(false);
-                                }
-                                Some(_) => {}
-                                None => {
-                                    first.insert(key.clone(), id.clone());
+                // A page of documents at a time, the entries sent as they pile up: an index
+                // over a large collection is never held whole.
+                let stmt = prepared(&mut self.tx, self.cache, &sql.scan)?;
+                let mut after = String::new();
+                loop {
+                    let rows = self.tx.query(&stmt, &[&coll, &after])?;
+                    let Some(last) = rows.last() else { break };
+                    after = last.try_get(0)?;
+                    for row in &rows {
+                        let (id, doc): (String, Value) = (row.try_get(0)?, parse(row.try_get(1)?)?);
+                        for key in def.keys_of(&doc).map_err(Fail::Db)? {
+                            filed += entry_bytes(coll, &def.name, &key, &id);
+                            if def.unique {
+                                match first.get(&key) {
+                                    Some(holder) if *holder != id => return Err(Fail::Db(duplicate(coll, def, &key))),
+                                    Some(_) => {}
+                                    None => {
+                                        first.insert(key.clone(), id.clone());
+                                    }
                                 }
                             }
+                            self.entry_writes.insert((coll.to_string(), name.clone(), key_column(&key), id.clone()), true);
                         }
-                        entries.insert((coll.to_string(), name.clone(), key_column(&key), id.clone()), true);
                     }
-                    Ok(true)
-                })?;
-                if let Some(key) = refused {
-                    return Err(Fail::Db(duplicate(coll, def, &key)));
+                    if self.entry_writes.len() >= 4 * WRITE_BATCH {
+                        self.flush(false)?;
+                    }
+                    if rows.len() < SCAN_BATCH {
+                        break;
+                    }
                 }
                 let stats = self.metas.entry(coll.to_string()).or_default();
                 stats.bytes += filed;
@@ -836,7 +843,7 @@ impl<'a> Apply<'a> {
                 // are stored as digests, so the table cannot say).
                 let mut freed = 0;
                 each_doc(&mut self.tx, self.cache, sql, coll, &mut |id, doc| {
-                    freed += filed_keys(def, &doc).iter().map(|k| entry_bytes(k, &id)).sum::<u64>();
+                    freed += filed_keys(def, &doc).iter().map(|k| entry_bytes(coll, &def.name, k, &id)).sum::<u64>();
                     Ok(true)
                 })?;
                 self.execute(&sql.clear_index, &[&coll, &index_column(name)])?;

@@ -556,12 +556,12 @@ fn backends_keep_their_contract(e: &Engine) {
     let docs = all_of(&*b, "c");
     let indexes = b.indexes("c").unwrap();
     let bytes: u64 = docs.iter().map(|d| serde_json::to_vec(d).unwrap().len() as u64).sum();
-    let entries: u64 = docs.iter().map(|d| weir_database::filing_bytes(&indexes, &id_key(&d["_id"]).unwrap(), d).unwrap()).sum();
+    let entries: u64 = docs.iter().map(|d| weir_database::filing_bytes(&indexes, "c", &id_key(&d["_id"]).unwrap(), d).unwrap()).sum();
     assert!(entries > 0);
     assert_eq!((stats["c"].documents, stats["c"].bytes), (docs.len() as u64, bytes + entries));
     b.apply(&[Write::DropIndex { coll: "c".into(), name: "email_1".into() }]).unwrap();
     let tags: Vec<IndexDef> = indexes.iter().filter(|d| d.name == "tags_1").cloned().collect();
-    let left: u64 = docs.iter().map(|d| weir_database::filing_bytes(&tags, &id_key(&d["_id"]).unwrap(), d).unwrap()).sum();
+    let left: u64 = docs.iter().map(|d| weir_database::filing_bytes(&tags, "c", &id_key(&d["_id"]).unwrap(), d).unwrap()).sum();
     assert_eq!(b.collections().unwrap()["c"].bytes, bytes + left);
     b.apply(&[Write::Delete { coll: "c".into(), id: id(7), expect: None }, Write::Delete { coll: "c".into(), id: id("none"), expect: None }]).unwrap();
     assert_eq!(b.collections().unwrap()["c"].documents, docs.len() as u64 - 1);

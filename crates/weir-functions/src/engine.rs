@@ -743,10 +743,7 @@ impl Js {
                 if call == STRAY {
                     return;
                 }
-                // Only what a line keeps is copied out of the runtime.
-                let Ok(message) = message.to_cstring() else { return };
-                let text = message.as_str();
-                let message = text[..text.floor_char_boundary(crate::TEXT_KEPT + 4)].to_string();
+                let Some(message) = kept_text(&message) else { return };
                 let host = &mut *guard;
                 let request = host.sinks.get(&call).map(|(_, r)| r.clone()).unwrap_or_default();
                 let line = LogLine::now(&level, request, message);
@@ -1006,7 +1003,7 @@ fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
 /// per call. Tenants' scripts so never take a core from the gateway's own work at a wake-up;
 /// their share of it is unchanged. A runtime stuck in a loop it cannot be stopped in is put
 /// under the idle policy (`watchdog`).
-pub(crate) fn run_as(thread: thread_priority::ThreadId, policy: thread_priority::NormalThreadSchedulePolicy) -> Result<(), String> {
+fn run_as(thread: thread_priority::ThreadId, policy: thread_priority::NormalThreadSchedulePolicy) -> Result<(), String> {
     use thread_priority::{ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy};
     let policy = ThreadSchedulePolicy::Normal(policy);
     // The setting takes a niceness too: the one the thread has, or the nearest below it in
@@ -1360,19 +1357,31 @@ fn caught(ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
     }
 }
 
+/// What a log line or an error keeps of JavaScript string `s` (`crate::bounded`), copying out
+/// of the runtime only that.
+fn kept_text(s: &rquickjs::String<'_>) -> Option<String> {
+    let text = s.clone().to_cstring().ok()?;
+    let text = text.as_str();
+    Some(crate::bounded(text[..text.floor_char_boundary(crate::TEXT_KEPT + 4)].to_string()))
+}
+
 fn thrown(v: &Value<'_>) -> Failure {
     if let Some(obj) = v.as_object() {
         // A getter of the error may throw (or be interrupted): what it threw is taken off.
+        // An error's text is bounded as a log line is, and only what is kept is copied out of
+        // the runtime: a function cannot make its answer (or its log) hold a message of any
+        // size outside its gateway's memory.
         let read = |key: &str| -> String {
-            obj.get(key).unwrap_or_else(|_| {
-                let _ = v.ctx().catch();
-                String::new()
-            })
+            match obj.get::<_, rquickjs::String<'_>>(key) {
+                Ok(s) => kept_text(&s).unwrap_or_default(),
+                Err(_) => {
+                    let _ = v.ctx().catch();
+                    String::new()
+                }
+            }
         };
-        // An error's text is bounded as a log line is: a function cannot make its answer (or
-        // its log) hold a message of any size outside its gateway's memory.
-        let message = crate::bounded(read("message"));
-        let stack = crate::bounded(read("stack"));
+        let message = read("message");
+        let stack = read("stack");
         if message == "out of memory" {
             return Failure::Memory;
         }
@@ -1387,7 +1396,7 @@ fn thrown(v: &Value<'_>) -> Failure {
         return Failure::Threw { message, stack, status, bare };
     }
     let message = match v.as_string() {
-        Some(s) => s.to_string().map(crate::bounded).unwrap_or_else(|_| "the function threw a string".into()),
+        Some(s) => kept_text(s).unwrap_or_else(|| "the function threw a string".into()),
         // What QuickJS throws when it has no memory left to make the error that says so.
         None if v.is_null() => "the function threw null (as one does that runs out of its gateway's memory)".into(),
         None => format!("the function threw a {}", v.type_name()),

@@ -156,7 +156,7 @@ pub struct Functions {
     tables: Mutex<HashMap<String, Table>>,
     /// The incarnation each gateway was last lowered or invoked as on this node: another one
     /// means the id was deleted and made again, and the node forgets the earlier gateway.
-    incarnations: Mutex<HashMap<String, String>>,
+    incarnations: Mutex<HashMap<String, Incarnations>>,
     /// Compiles under way for `invoke` of stored values the lowering has not reached, by key.
     invoking: Mutex<HashMap<String, (Bytes, tokio::sync::watch::Receiver<Option<Built>>)>>,
 }
@@ -220,7 +220,9 @@ impl Functions {
     /// Runs the function stored at `key` as `value` on gateway `gid`'s runtime, with the
     /// limits of `env`, outside any route (the platform's `invoke`).
     pub async fn invoke(&self, gid: &str, env: &EnvDoc, key: &str, value: &[u8], request: Request) -> Result<Outcome, NotRun> {
-        self.meet(&format!("{}{gid}/", self.dir), gid, &env.incarnation);
+        if !self.meet(&format!("{}{gid}/", self.dir), gid, &env.incarnation) {
+            return Err(NotRun::Unable("the gateway was deleted"));
+        }
         // The version stored now, which the lowering may not have reached yet: compiled for
         // this call alone when it has not, so that the cache only ever moves forward.
         let lowered = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).filter(|c| c.bytes[..] == *value).map(|c| c.built.clone());
@@ -559,26 +561,41 @@ impl Functions {
         (Arc::new(doc), f)
     }
 
-    /// Forgets what the node kept for gateway `gid`'s partition, which has no objects left.
-    /// Notes that gateway `gid` is now `incarnation`; when it was another, the id was deleted
-    /// and made again, and everything the node kept for the earlier gateway is forgotten
-    /// first.
-    fn meet(&self, partition: &str, gid: &str, incarnation: &str) {
-        {
-            let mut known = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
-            match known.get(gid) {
-                Some(i) if i == incarnation => return,
-                Some(_) => {}
-                None => {
-                    known.insert(gid.to_string(), incarnation.to_string());
-                    return;
-                }
-            }
+    /// Notes that gateway `gid` is now `incarnation`, and answers whether it is the gateway's
+    /// current one: when it was another, the id was deleted and made again, and everything
+    /// the node kept for the earlier gateway is forgotten first (under the lock, so two that
+    /// meet the new one at once forget once); an incarnation since replaced is refused.
+    fn meet(&self, partition: &str, gid: &str, incarnation: &str) -> bool {
+        let mut known = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
+        let k = known.entry(gid.to_string()).or_default();
+        if k.before.iter().any(|b| b == incarnation) {
+            return false;
         }
-        self.forget_gateway(partition, gid);
-        self.incarnations.lock().unwrap_or_else(|e| e.into_inner()).insert(gid.to_string(), incarnation.to_string());
+        match k.current.as_deref() {
+            Some(c) if c == incarnation => return true,
+            Some(c) => {
+                k.retire(c.to_string());
+                self.forget_gateway(partition, gid);
+            }
+            None => {}
+        }
+        k.current = Some(incarnation.to_string());
+        true
     }
 
+    /// Forgets what the node kept for gateway `gid`'s partition, which has no objects left:
+    /// its incarnation is one no later call may run as.
+    fn gone_gateway(&self, partition: &str, gid: &str) {
+        let mut known = self.incarnations.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(k) = known.get_mut(gid)
+            && let Some(c) = k.current.take()
+        {
+            k.retire(c);
+        }
+        self.forget_gateway(partition, gid);
+    }
+
+    /// Forgets what the node kept for gateway `gid` (called with `incarnations` held).
     fn forget_gateway(&self, partition: &str, gid: &str) {
         // What calls still running hold stays theirs, and no later lookup finds it.
         let own = format!("{gid}/");
@@ -586,12 +603,27 @@ impl Functions {
         self.logs.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
         self.log_budgets.lock().unwrap_or_else(|e| e.into_inner()).remove(gid);
         self.invoking.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
-        self.incarnations.lock().unwrap_or_else(|e| e.into_inner()).remove(gid);
         self.lowered.lock().unwrap_or_else(|e| e.into_inner()).remove(gid);
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
         self.compiled.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
         self.tables.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _), _| g != gid);
+    }
+}
+
+/// A gateway id's incarnation on this node, and those it replaced (the newest few).
+#[derive(Default)]
+struct Incarnations {
+    current: Option<String>,
+    before: Vec<String>,
+}
+
+impl Incarnations {
+    fn retire(&mut self, incarnation: String) {
+        if self.before.len() >= 8 {
+            self.before.remove(0);
+        }
+        self.before.push(incarnation);
     }
 }
 
@@ -654,7 +686,7 @@ impl Contributor for Functions {
 
     fn gone(&self, partition: &str) {
         let gid = partition[self.dir.len()..].trim_end_matches('/');
-        self.forget_gateway(partition, gid);
+        self.gone_gateway(partition, gid);
     }
 
     fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
@@ -667,8 +699,10 @@ impl Contributor for Functions {
             .filter_map(|(key, value)| Some((key[partition.len()..].strip_prefix("env/")?, serde_json::from_slice::<EnvDoc>(value).ok()?)))
             .map(|(env, doc)| (env.to_string(), doc))
             .collect();
-        if let Some(env) = envs.values().next() {
-            self.meet(partition, gid, &env.incarnation);
+        if let Some(env) = envs.values().next()
+            && !self.meet(partition, gid, &env.incarnation)
+        {
+            return Lowered::default();
         }
         let defer = !self.lowered.lock().unwrap_or_else(|e| e.into_inner()).insert(gid.to_string());
         let mut funcs: BTreeMap<String, Vec<(&str, Arc<FunctionDoc>, Arc<Function>)>> = BTreeMap::new();

@@ -102,7 +102,7 @@ fn look() {
             all.retain(|w| w.strong_count() > 0);
             all.iter().filter_map(Weak::upgrade).collect()
         };
-        let abandoned = watched.iter().filter(|w| w.stuck() && !w.ended.load(Ordering::Relaxed)).count();
+        let mut abandoned = watched.iter().filter(|w| w.stuck() && !w.ended.load(Ordering::Relaxed)).count();
         past.retain(|at, _| watched.iter().any(|w| Arc::as_ptr(w) as usize == *at));
         for w in &watched {
             let key = Arc::as_ptr(w) as usize;
@@ -115,8 +115,11 @@ fn look() {
             let Some(cpu) = thread_cpu(tid) else { continue };
             match past.get(&key) {
                 Some(&(deadline, since)) if deadline == armed => {
-                    if cpu.saturating_sub(since) >= STALLED_CPU {
-                        stall(w, abandoned < ABANDONED_AT_MOST);
+                    // Past the bound a stuck runtime is left as it is (its gateway's calls wait
+                    // on it) and looked at again once one of those replaced ends.
+                    if cpu.saturating_sub(since) >= STALLED_CPU && abandoned < ABANDONED_AT_MOST {
+                        stall(w);
+                        abandoned += 1;
                     }
                 }
                 _ => {
@@ -127,21 +130,47 @@ fn look() {
     }
 }
 
-/// Puts a runtime stuck in a loop it cannot be stopped in under the idle policy and, when
-/// `replace`, marks it stuck for its gateway to start another.
-fn stall(w: &Watch, replace: bool) {
+/// Puts a runtime stuck in a loop it cannot be stopped in under the idle policy and marks it
+/// stuck for its gateway to start another.
+fn stall(w: &Watch) {
     w.demoted.store(true, Ordering::Relaxed);
+    let tid = w.tid.load(Ordering::Relaxed);
     let idle = {
         let thread = w.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        thread.as_ref().map(|t| crate::engine::run_as(std::os::unix::thread::JoinHandleExt::as_pthread_t(t), thread_priority::NormalThreadSchedulePolicy::Idle))
+        thread.as_ref().map(|t| to_idle(std::os::unix::thread::JoinHandleExt::as_pthread_t(t), tid))
     };
-    tracing::warn!(thread = w.tid.load(Ordering::Relaxed), idle = ?idle, replaced = replace, "a function runtime ran far past its CPU deadline inside a built-in: it runs only on idle CPU from now on");
-    if replace {
-        w.stuck.store(true, Ordering::Relaxed);
-        if let Some(f) = w.on_stuck.get() {
-            f();
-        }
+    tracing::warn!(thread = tid, idle = ?idle, "a function runtime ran far past its CPU deadline inside a built-in: it runs only on idle CPU, and its gateway on a fresh runtime");
+    w.stuck.store(true, Ordering::Relaxed);
+    if let Some(f) = w.on_stuck.get() {
+        f();
     }
+}
+
+/// Puts thread `thread` (`tid`) under Linux's idle policy. The setting also sets the calling
+/// thread's niceness, to 0 (the only one the policy takes), which an unprivileged process
+/// above it is refused: the policy is then set all the same, and read back to be sure.
+fn to_idle(thread: thread_priority::ThreadId, tid: u64) -> Result<(), String> {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy};
+    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    let priority = (0..=99u8).find_map(|p| {
+        let priority = ThreadPriority::Crossplatform(p.try_into().ok()?);
+        priority.to_posix(policy).ok().map(|_| priority)
+    });
+    let set = priority.ok_or_else(|| "no priority is the idle policy's".to_string()).and_then(|p| set_thread_priority_and_policy(thread, p, policy).map_err(|e| format!("{e:?}")));
+    match (set, thread_policy(tid)) {
+        (_, Some(IDLE_POLICY)) => Ok(()),
+        (Err(e), _) => Err(e),
+        (Ok(()), policy) => Err(format!("the thread's policy reads {policy:?}")),
+    }
+}
+
+/// Linux's number for the idle policy (`SCHED_IDLE`).
+const IDLE_POLICY: u32 = 5;
+
+/// The scheduling policy of thread `tid` of this process.
+fn thread_policy(tid: u64) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(41 - 3)?.parse().ok()
 }
 
 /// The CPU time thread `tid` of this process has had.

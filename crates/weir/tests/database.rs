@@ -359,10 +359,10 @@ async fn the_data_api_reads_writes_exports_and_imports_on_embedded() {
 /// Set up by a call that outlives its gateway: it plants a global and a log line, waits, and
 /// then writes to its database.
 const LINGER: &str = r#"
-export default async () => {
+export default async (ctx) => {
   globalThis.planted = "the deleted gateway's";
   console.log("a line of the deleted gateway");
-  await new Promise((r) => setTimeout(r, 4000));
+  await new Promise((r) => setTimeout(r, ctx.body.wait));
   try { await imp.db().collection("planted").insertOne({ _id: "p" }); return "wrote"; } catch (e) { return "refused"; }
 }
 "#;
@@ -379,10 +379,11 @@ async fn a_gateway_made_again_under_a_deleted_ones_id_finds_nothing_of_it() {
     function(&w, "again", "linger", LINGER).await;
     // Live, then a call that is still running when the gateway goes and comes back.
     let (proxy, host) = (w.proxy, "again.dev.localhost".to_string());
-    let first = call(&w, "again", "dev", "linger", json!({}));
+    let first = call(&w, "again", "dev", "linger", json!({"wait": 0}));
     let (s, _) = tokio::time::timeout(Duration::from_secs(10), first).await.expect("the first call ends");
     assert_eq!(s, 200);
-    let lingering = tokio::spawn(async move { send(proxy, "POST", "/linger", &[("host", &host)], Some("{}")).await });
+    // Long enough for the gateway to go and come back on a slow machine.
+    let lingering = tokio::spawn(async move { send(proxy, "POST", "/linger", &[("host", &host), ("content-type", "application/json")], Some("{\"wait\": 10000}")).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(v1(&w, "DELETE", "api-gateways/again", None).await.0, 202);
     until_gateway(&w, "again", |s, _| s == 404).await;
