@@ -90,12 +90,14 @@ impl Docs {
         }
     }
 
-    /// Every gateway, by id, and the store revision they were read at. One that cannot be
-    /// read is logged and left out.
-    pub async fn list(&self) -> Result<(Vec<(Gateway, i64)>, i64), StoreError> {
+    /// The gateways whose ids `keep` takes, and the store revision they were read at. One that
+    /// cannot be read is logged and left out.
+    pub async fn list(&self, keep: impl Fn(&str) -> bool) -> Result<(Vec<(Gateway, i64)>, i64), StoreError> {
         let (kvs, revision) = self.store.list(&self.dir).await?;
         let gateways = kvs
             .iter()
+            // Only the gateways asked for are decoded (and their secrets opened).
+            .filter(|kv| keep(kv.key.strip_prefix(&self.dir).unwrap_or_default()))
             .filter_map(|kv| match self.decode(kv) {
                 Ok(g) => Some((g, kv.mod_revision)),
                 Err(e) => {

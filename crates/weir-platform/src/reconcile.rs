@@ -40,9 +40,47 @@ enum Step {
     Delete,
 }
 
+/// What the reconciler reads of a gateway to know whether a step is due and who holds its
+/// lease: a pass over every gateway reads this much of each document, neither decoding the rest
+/// (variables, plugin layers) nor opening its secrets.
+#[derive(serde::Deserialize, Debug, Clone)]
+#[serde(rename_all = "camelCase")]
+struct Due {
+    gateway_id: String,
+    phase: Phase,
+    state: State,
+    generation: u64,
+    rendered_generation: u64,
+    #[serde(default)]
+    rendered_with: String,
+    retry_at: u64,
+    locked_at: Option<u64>,
+    locked_by: Option<String>,
+}
+
+impl Due {
+    fn of(gw: &Gateway) -> Due {
+        Due {
+            gateway_id: gw.gateway_id.clone(),
+            phase: gw.phase,
+            state: gw.state,
+            generation: gw.generation,
+            rendered_generation: gw.rendered_generation,
+            rendered_with: gw.rendered_with.clone(),
+            retry_at: gw.retry_at,
+            locked_at: gw.locked_at,
+            locked_by: gw.locked_by.clone(),
+        }
+    }
+
+    fn read(kv: &KeyValue) -> Option<Due> {
+        serde_json::from_slice(&kv.value).map_err(|e| tracing::warn!(key = %kv.key, error = %e, "a gateway document cannot be read; skipped")).ok()
+    }
+}
+
 /// `inputs` names the platform settings a render reads (`Platform::inputs`): a gateway
 /// rendered with others (the operator changed `base_plugins`, say) is rendered again.
-fn step_for(gw: &Gateway, inputs: &str) -> Option<Step> {
+fn step_for(gw: &Due, inputs: &str) -> Option<Step> {
     let behind = gw.rendered_generation < gw.generation || gw.rendered_with != inputs;
     use Phase::*;
     match (gw.phase, gw.state) {
@@ -69,7 +107,7 @@ impl Platform {
         self.cfg.lease_timeout * 1000
     }
 
-    fn lease_free(&self, gw: &Gateway, now: u64) -> bool {
+    fn lease_free(&self, gw: &Due, now: u64) -> bool {
         match (&gw.locked_by, gw.locked_at) {
             (Some(by), Some(at)) => *by == self.node || now.saturating_sub(at) > self.lease_ms(),
             _ => true,
@@ -105,9 +143,8 @@ impl Platform {
                 got = async { match &mut watch { Some(w) => w.recv().await, None => std::future::pending().await } } => match got {
                     Some(weir_store::WatchMessage::Events { events, .. }) => {
                         for e in events.iter().filter(|e| e.kind == weir_store::EventKind::Put) {
-                            match self.docs.decode(&e.kv) {
-                                Ok(gw) => self.consider(&gw).await,
-                                Err(err) => tracing::warn!(error = %err, "a gateway document cannot be read; skipped"),
+                            if let Some(due) = Due::read(&e.kv) {
+                                self.consider(&due).await;
                             }
                         }
                     }
@@ -122,7 +159,7 @@ impl Platform {
 
     /// Runs the gateway's due step, if it has one, its retry pause is over and its lease is
     /// free. One gateway's trouble is recorded on it; the others go on.
-    async fn consider(&self, gw: &Gateway) {
+    async fn consider(&self, gw: &Due) {
         let now = now_ms();
         if step_for(gw, &self.inputs).is_none() || gw.retry_at > now || !self.lease_free(gw, now) {
             return;
@@ -136,9 +173,9 @@ impl Platform {
     /// store revision the gateways were read at.
     pub async fn pass(&self) -> Result<i64, StoreError> {
         self.passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (gateways, revision) = self.docs.list().await?;
-        for (gw, _) in gateways {
-            self.consider(&gw).await;
+        let (kvs, revision) = self.docs.store.list(&self.docs.dir).await?;
+        for due in kvs.iter().filter_map(Due::read) {
+            self.consider(&due).await;
         }
         Ok(revision)
     }
@@ -150,7 +187,8 @@ impl Platform {
             .docs
             .update(gid, |gw| {
                 // Read afresh: a stale event must not cut a retry's pause short.
-                if !self.lease_free(gw, now) || step_for(gw, &self.inputs).is_none() || gw.retry_at > now {
+                let due = Due::of(gw);
+                if !self.lease_free(&due, now) || step_for(&due, &self.inputs).is_none() || gw.retry_at > now {
                     return Err(());
                 }
                 gw.locked_by = Some(self.node.clone());
@@ -170,7 +208,7 @@ impl Platform {
         // meanwhile means the step is run again on it; a lease lost to another node (this one
         // stalled past its lease) means this node stops.
         let (step, outcome) = loop {
-            let Some(step) = step_for(&gw, &self.inputs) else { return self.release(gid, |_| {}).await };
+            let Some(step) = step_for(&Due::of(&gw), &self.inputs) else { return self.release(gid, |_| {}).await };
             tracing::debug!(gateway = gid, ?step, node = %self.node, "platform: step");
             match self.run(step, &gw, rev).await {
                 Err(Failed::Moved) => match self.docs.get(gid).await? {
@@ -591,7 +629,7 @@ mod tests {
         .unwrap();
         let path = |gw: &mut Gateway| {
             let mut seen = vec![gw.phase];
-            while let Some(step) = step_for(gw, "") {
+            while let Some(step) = step_for(&Due::of(gw), "") {
                 gw.phase = match step {
                     Step::Create => Phase::Created,
                     Step::Enter(p) | Step::Render(p) => p,
@@ -609,10 +647,10 @@ mod tests {
         gw.state = State::Running;
         assert_eq!(path(&mut gw), [Stopped, Starting, Started]);
         gw.generation += 1;
-        assert_eq!(step_for(&gw, ""), Some(Step::Render(Started)));
+        assert_eq!(step_for(&Due::of(&gw), ""), Some(Step::Render(Started)));
         gw.rendered_generation = gw.generation;
-        assert_eq!(step_for(&gw, ""), None);
-        assert_eq!(step_for(&gw, "other settings"), Some(Step::Render(Started)), "new platform settings render again");
+        assert_eq!(step_for(&Due::of(&gw), ""), None);
+        assert_eq!(step_for(&Due::of(&gw), "other settings"), Some(Step::Render(Started)), "new platform settings render again");
         gw.phase = Deleting;
         assert_eq!(path(&mut gw), [Deleting, Deleted]);
         assert_eq!(backoff(0), 200);
