@@ -307,6 +307,10 @@ impl Platform {
     /// conflict: two tenants never share a host.
     async fn claim_domains(&self, gid: &str, before: &BTreeSet<String>, after: &BTreeSet<String>, compares: &mut Vec<Compare>, ops: &mut Vec<Op>) -> Result<(), Reply> {
         let added: Vec<&String> = after.difference(before).collect();
+        let reserved = added.iter().find(|h| self.cfg.reserved_domains.iter().any(|d| h.eq_ignore_ascii_case(d) || h.to_ascii_lowercase().ends_with(&format!(".{}", d.to_ascii_lowercase()))));
+        if let Some(host) = reserved {
+            return Err(failure(ErrorKind::Conflict, format!("the domain {host} is the operator's (platform.reserved_domains)"), vec![format!("customDomains: {host} is reserved")]));
+        }
         if let Some(host) = self.operators_host(&added, true).await? {
             return Err(failure(ErrorKind::Conflict, format!("the domain {host} is the operator's"), vec![format!("customDomains: {host} is taken")]));
         }
@@ -330,7 +334,7 @@ impl Platform {
     }
 
     async fn list(&self, caller: &Caller) -> Reply {
-        match self.docs.list().await {
+        match self.docs.list(|gid| caller.sees(gid)).await {
             Ok((all, _)) => {
                 let list: Vec<Value> = all.iter().filter(|(g, _)| caller.sees(&g.gateway_id)).map(|(g, _)| g.shown()).collect();
                 json(StatusCode::OK, &json!({"list": list, "total": list.len()}))

@@ -62,6 +62,9 @@ pub struct PlatformConfig {
     /// Networks tenants' upstreams may not name (CIDRs): by default this node's loopback and
     /// link-local addresses (its admin listener, its store, cloud metadata).
     pub denied_networks: Vec<String>,
+    /// Domains no tenant may claim as a custom domain, nor any name under them: the operator's
+    /// own (whether or not a route of the operator's names them yet).
+    pub reserved_domains: Vec<String>,
     pub functions: FunctionsConfig,
     /// Versions kept in each function's history, per environment.
     pub history_limit: usize,
@@ -106,6 +109,7 @@ impl Default for PlatformConfig {
             max_gateways_per_owner: 100,
             max_applications_per_owner: 1000,
             denied_networks: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"].map(String::from).to_vec(),
+            reserved_domains: Vec::new(),
             functions: FunctionsConfig::default(),
             history_limit: 30,
             deployments_limit: 1000,

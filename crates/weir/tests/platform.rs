@@ -737,6 +737,21 @@ async fn the_operators_base_layer_keeps_its_secrets_from_tenants() {
 
 
 /// p99 (the largest of 100 is its own p99 for our purposes: the second largest) of `n` GETs.
+/// The operator's reserved domains, and every name under them, are no tenant's to claim.
+#[tokio::test]
+async fn reserved_domains_are_no_tenants_to_claim() {
+    let w = on_loopback("  reserved_domains: [\"corp.example.test\"]\n");
+    for domain in ["corp.example.test", "api.corp.example.test", "API.Corp.Example.Test"] {
+        let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Grab", "customDomains": [domain]}))).await;
+        assert_eq!(s, 409, "{domain}: {b}");
+        assert!(problems(&b)[0].ends_with("is reserved"), "{b}");
+    }
+    started_gateway(&w, "near").await;
+    assert_eq!(v1(&w, "PATCH", "api-gateways/near/environments/dev", Some(json!({"customDomain": "dev.corp.example.test"}))).await.0, 409);
+    let (s, b) = v1(&w, "PATCH", "api-gateways/near", Some(json!({"customDomains": ["notcorp.example.test"]}))).await;
+    assert_eq!(s, 200, "a name beside the reserved one is free: {b}");
+}
+
 /// A gateway's runtime stuck in a string search QuickJS runs in C (no interrupt stops it): its
 /// thread goes to idle CPU, the gateway's other functions answer again on a fresh runtime, and
 /// another gateway's latency is what it was.
