@@ -442,14 +442,15 @@ impl Pool {
     /// Lets go of the connections idle for `idle_for` or longer.
     fn rest(&self, idle_for: Duration) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let before = idle.conns.len();
-        idle.conns.retain(|c| c.idle_since.elapsed() < idle_for);
-        let gone = before - idle.conns.len();
-        idle.open -= gone;
+        let (keep, gone): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut idle.conns).into_iter().partition(|c| c.idle_since.elapsed() < idle_for);
+        idle.conns = keep;
+        idle.open -= gone.len();
         drop(idle);
-        if gone > 0 {
+        if !gone.is_empty() {
             self.freed.notify_all();
         }
+        // Closed outside the lock: saying goodbye to the server waits on it.
+        drop(gone);
     }
 
     /// Lets every idle connection go.

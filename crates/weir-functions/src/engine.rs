@@ -737,13 +737,12 @@ impl Js {
                 }
             })?)?;
             let (h, e) = (host.clone(), env.to_string());
-            natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: rquickjs::String<'_>| {
+            natives.set("log", JsFn::new(ctx.clone(), move |level: String, message: String| {
                 let mut guard = h.borrow_mut();
                 let call = guard.call_of(&e);
                 if call == STRAY {
                     return;
                 }
-                let Some(message) = kept_text(&message) else { return };
                 let host = &mut *guard;
                 let request = host.sinks.get(&call).map(|(_, r)| r.clone()).unwrap_or_default();
                 let line = LogLine::now(&level, request, message);
@@ -783,7 +782,9 @@ impl Js {
             natives.set("decode", JsFn::new(ctx.clone(), move |ctx: Ctx<'_>, bytes: rquickjs::String<'_>, fatal: bool, ignore_bom: bool| -> rquickjs::Result<Option<String>> {
                 let text = bytes.to_cstring()?;
                 let budget = h.borrow().outbound.bytes.clone();
-                let Some(_held) = Taken::of(&budget, text.as_str().len().saturating_mul(3)) else {
+                // The bytes (one a char, at most its UTF-8 length) and the text made of them
+                // (at most three bytes for one).
+                let Some(_held) = Taken::of(&budget, text.as_str().len().saturating_mul(2)) else {
                     return Err(rquickjs::Exception::throw_range(&ctx, "TextDecoder: the data is too large for this gateway's memory limit"));
                 };
                 Ok(decode_native(text.as_str(), fatal, ignore_bom))
@@ -1357,12 +1358,10 @@ fn caught(ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
     }
 }
 
-/// What a log line or an error keeps of JavaScript string `s` (`crate::bounded`), copying out
-/// of the runtime only that.
+/// What an error keeps of JavaScript string `s` (`crate::bounded`); `None` when it is not
+/// well formed (a lone surrogate), which no Rust string may hold.
 fn kept_text(s: &rquickjs::String<'_>) -> Option<String> {
-    let text = s.clone().to_cstring().ok()?;
-    let text = text.as_str();
-    Some(crate::bounded(text[..text.floor_char_boundary(crate::TEXT_KEPT + 4)].to_string()))
+    s.to_string().ok().map(crate::bounded)
 }
 
 fn thrown(v: &Value<'_>) -> Failure {
@@ -1373,7 +1372,7 @@ fn thrown(v: &Value<'_>) -> Failure {
         // size outside its gateway's memory.
         let read = |key: &str| -> String {
             match obj.get::<_, rquickjs::String<'_>>(key) {
-                Ok(s) => kept_text(&s).unwrap_or_default(),
+                Ok(s) => kept_text(&s).unwrap_or_else(|| "(text that is not well formed)".into()),
                 Err(_) => {
                     let _ = v.ctx().catch();
                     String::new()

@@ -592,6 +592,10 @@ impl Functions {
         {
             k.retire(c);
         }
+        // Gone gateways' are kept only so long: what a node remembers of ids stays bounded.
+        if known.len() > INCARNATIONS_KEPT {
+            known.retain(|_, k| k.current.is_some());
+        }
         self.forget_gateway(partition, gid);
     }
 
@@ -610,6 +614,9 @@ impl Functions {
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _), _| g != gid);
     }
 }
+
+/// Gateway ids whose incarnations a node remembers before it forgets those of gone gateways.
+const INCARNATIONS_KEPT: usize = 65_536;
 
 /// A gateway id's incarnation on this node, and those it replaced (the newest few).
 #[derive(Default)]

@@ -2,8 +2,8 @@
 //! `weir_function_duration_seconds`, labelled gateway, environment and function. A series
 //! belongs to a published function's handlers (a name nobody published never makes one) and
 //! goes when no handler holds it any more; a call counts with atomics, no lock. A node keeps
-//! at most [`SERIES_AT_MOST`] series: past that, a function that has none counts in its
-//! environment's `function="_other"` series.
+//! at most [`SERIES_AT_MOST`] series, and [`SERIES_PER_GATEWAY`] of one gateway: past that, a
+//! function that has none counts in its environment's `function="(other)"` series.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,12 +41,18 @@ type Key = (String, String, String);
 /// The most series a node keeps (each is about fifteen lines of the metrics page).
 pub const SERIES_AT_MOST: usize = 50_000;
 
-/// The function label of an environment's series past [`SERIES_AT_MOST`].
-pub const OVERFLOW: &str = "_other";
+/// The most series of one gateway's functions a node keeps.
+pub const SERIES_PER_GATEWAY: usize = 2_000;
 
-/// Every series, and when the dead ones were last swept out for room.
+/// The function label of an environment's series past the bounds: no function's name (names
+/// are segments of letters, digits, `_` and `-`).
+pub const OVERFLOW: &str = "(other)";
+
+/// Every series, how many each gateway has, and when the dead ones were last swept out for
+/// room.
 struct All {
     series: BTreeMap<Key, Weak<Series>>,
+    per_gateway: std::collections::HashMap<String, usize>,
     swept: Option<std::time::Instant>,
 }
 
@@ -54,34 +60,40 @@ fn all() -> &'static Mutex<All> {
     static ALL: OnceLock<Mutex<All>> = OnceLock::new();
     ALL.get_or_init(|| {
         weir_plugins::prometheus::add_source(render);
-        Mutex::new(All { series: BTreeMap::new(), swept: None })
+        Mutex::new(All { series: BTreeMap::new(), per_gateway: Default::default(), swept: None })
     })
 }
 
 /// The series of function `name` of `env` of gateway `gid`: the one its handlers hold, or a
 /// new one.
 pub fn series(gid: &str, env: &str, name: &str) -> Arc<Series> {
-    series_in(all(), SERIES_AT_MOST, gid, env, name)
+    series_in(all(), (SERIES_AT_MOST, SERIES_PER_GATEWAY), gid, env, name)
 }
 
-fn series_in(all: &Mutex<All>, most: usize, gid: &str, env: &str, name: &str) -> Arc<Series> {
+fn series_in(all: &Mutex<All>, (most, per_gateway): (usize, usize), gid: &str, env: &str, name: &str) -> Arc<Series> {
     let mut all = all.lock().unwrap_or_else(|p| p.into_inner());
     let all = &mut *all;
     let key = (gid.to_string(), env.to_string(), name.to_string());
     if let Some(s) = all.series.get(&key).and_then(Weak::upgrade) {
         return s;
     }
+    let full = |all: &All| all.series.len() >= most || all.per_gateway.get(gid).is_some_and(|n| *n >= per_gateway);
     // Full: the dead go first (at most once a second, however many functions are lowered).
-    if all.series.len() >= most && all.swept.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+    if full(all) && all.swept.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
         all.series.retain(|_, s| s.strong_count() > 0);
+        all.per_gateway.clear();
+        for (g, _, _) in all.series.keys() {
+            *all.per_gateway.entry(g.clone()).or_default() += 1;
+        }
         all.swept = Some(std::time::Instant::now());
     }
-    let key = if all.series.len() >= most { (gid.to_string(), env.to_string(), OVERFLOW.to_string()) } else { key };
+    let key = if full(all) { (gid.to_string(), env.to_string(), OVERFLOW.to_string()) } else { key };
     if let Some(s) = all.series.get(&key).and_then(Weak::upgrade) {
         return s;
     }
     let s = Arc::new(Series::default());
     all.series.insert(key, Arc::downgrade(&s));
+    *all.per_gateway.entry(gid.to_string()).or_default() += 1;
     s
 }
 
@@ -140,24 +152,29 @@ mod tests {
 
     #[test]
     fn past_so_many_series_a_function_counts_in_its_environments_other() {
-        let all = Mutex::new(All { series: BTreeMap::new(), swept: None });
+        let all = Mutex::new(All { series: BTreeMap::new(), per_gateway: Default::default(), swept: None });
         let page = || {
             let mut out = String::new();
             render_from(&all, &mut out);
             out
         };
-        let held: Vec<Arc<Series>> = (0..3).map(|i| series_in(&all, 3, "gw-full", "dev", &format!("f{i}"))).collect();
-        let late = series_in(&all, 3, "gw-full", "prod", "late");
+        let bounds = (5, 3);
+        let held: Vec<Arc<Series>> = (0..3).map(|i| series_in(&all, bounds, "gw-full", "dev", &format!("f{i}"))).collect();
+        let late = series_in(&all, bounds, "gw-full", "prod", "late");
         late.observe(Duration::from_millis(1), false);
-        assert!(Arc::ptr_eq(&late, &series_in(&all, 3, "gw-full", "prod", "later")), "one overflow series per environment");
+        assert!(Arc::ptr_eq(&late, &series_in(&all, bounds, "gw-full", "prod", "later")), "one overflow series per environment");
+        // The gateway's bound leaves others room; the node's then holds every gateway to it.
+        let other = series_in(&all, bounds, "gw-other", "dev", "own");
+        assert!(!Arc::ptr_eq(&other, &series_in(&all, bounds, "gw-other", "dev", "more")), "past the node's bound, the other gateway's overflow");
         let page = page();
-        assert!(page.contains(r#"weir_function_calls_total{gateway="gw-full",environment="prod",function="_other"} 1"#), "{page}");
+        assert!(page.contains(r#"weir_function_calls_total{gateway="gw-full",environment="prod",function="(other)"} 1"#), "{page}");
+        assert!(page.contains(r#"gateway="gw-other",environment="dev",function="own""#), "{page}");
         assert!(!page.contains(r#"function="late""#), "{page}");
         // Room again once a function's series goes (swept at most once a second).
         drop(held);
         drop(late);
         std::thread::sleep(Duration::from_millis(1100));
-        let back = series_in(&all, 3, "gw-full", "dev", "again");
+        let back = series_in(&all, bounds, "gw-full", "dev", "again");
         back.observe(Duration::from_millis(1), false);
         let mut out = String::new();
         render_from(&all, &mut out);

@@ -34,6 +34,7 @@
   }
   // Held, so that a function replacing them breaks no other's encoding.
   const wellFormed = Function.prototype.call.bind(String.prototype.toWellFormed);
+  const sliceText = Function.prototype.call.bind(String.prototype.slice);
   const subarray = Function.prototype.call.bind(Object.getPrototypeOf(Uint8Array.prototype).subarray);
   const fromCharCode = String.fromCharCode;
   const apply = Reflect.apply;
@@ -304,7 +305,10 @@
     if (v instanceof Error) return v.stack ? v.message + "\n" + v.stack : String(v);
     try { const s = JSON.stringify(v); return s === undefined ? String(v) : s; } catch { return String(v); }
   };
-  const line = (level) => (...args) => host.log(level, args.map(show).join(" "));
+  // A line crosses to the engine cut to what it keeps (and a little more, for the mark that
+  // says it was cut) and well formed: a lone surrogate is U+FFFD there.
+  const kept = (s) => wellFormed(s.length > 8196 ? sliceText(s, 0, 8196) : s);
+  const line = (level) => (...args) => host.log(level, kept(args.map(show).join(" ")));
   G.console = { log: line("info"), info: line("info"), debug: line("debug"), warn: line("warn"), error: line("error") };
 
   // The database: `imp.db()` (alias `cloud.database()`), MongoDB's collection methods over

@@ -10,8 +10,9 @@
 //! loop: its thread is put under Linux's idle policy at once (it then runs only on CPU no other
 //! thread wants), and, while fewer than [`ABANDONED_AT_MOST`] such threads still run on the
 //! node, the runtime is marked stuck: its gateway's next lowering starts a runtime afresh and
-//! the stuck one ends once its loop does. Past that many, a stuck runtime is kept (its own
-//! gateway's calls wait on it), so that no tenant can have the node hold runtimes without end.
+//! the stuck one ends once its loop does. Past that many, a demoted runtime is kept (its own
+//! gateway's calls wait on it) until there is room, so that no tenant can have the node hold
+//! runtimes without end.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -106,20 +107,36 @@ fn look() {
         past.retain(|at, _| watched.iter().any(|w| Arc::as_ptr(w) as usize == *at));
         for w in &watched {
             let key = Arc::as_ptr(w) as usize;
+            if w.stuck() {
+                past.remove(&key);
+                continue;
+            }
+            // One demoted while the bound was full is replaced once there is room (stuck
+            // still, or not: a runtime on idle CPU is no gateway's to keep).
+            if w.demoted.load(Ordering::Relaxed) {
+                if abandoned < ABANDONED_AT_MOST {
+                    replace(w);
+                    abandoned += 1;
+                }
+                continue;
+            }
             let armed = w.deadline.armed();
             let tid = w.tid.load(Ordering::Relaxed);
-            if armed == 0 || w.deadline.resting() || !w.deadline.past() || tid == 0 || w.demoted.load(Ordering::Relaxed) {
+            if armed == 0 || w.deadline.resting() || !w.deadline.past() || tid == 0 {
                 past.remove(&key);
                 continue;
             }
             let Some(cpu) = thread_cpu(tid) else { continue };
             match past.get(&key) {
                 Some(&(deadline, since)) if deadline == armed => {
-                    // Past the bound a stuck runtime is left as it is (its gateway's calls wait
-                    // on it) and looked at again once one of those replaced ends.
-                    if cpu.saturating_sub(since) >= STALLED_CPU && abandoned < ABANDONED_AT_MOST {
-                        stall(w);
-                        abandoned += 1;
+                    if cpu.saturating_sub(since) >= STALLED_CPU {
+                        demote(w);
+                        // Past the bound it is left to its gateway (whose calls wait on it),
+                        // on idle CPU, until one of those replaced ends.
+                        if abandoned < ABANDONED_AT_MOST {
+                            replace(w);
+                            abandoned += 1;
+                        }
                     }
                 }
                 _ => {
@@ -130,16 +147,19 @@ fn look() {
     }
 }
 
-/// Puts a runtime stuck in a loop it cannot be stopped in under the idle policy and marks it
-/// stuck for its gateway to start another.
-fn stall(w: &Watch) {
+/// Puts a runtime stuck in a loop it cannot be stopped in under the idle policy.
+fn demote(w: &Watch) {
     w.demoted.store(true, Ordering::Relaxed);
     let tid = w.tid.load(Ordering::Relaxed);
     let idle = {
         let thread = w.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         thread.as_ref().map(|t| to_idle(std::os::unix::thread::JoinHandleExt::as_pthread_t(t), tid))
     };
-    tracing::warn!(thread = tid, idle = ?idle, "a function runtime ran far past its CPU deadline inside a built-in: it runs only on idle CPU, and its gateway on a fresh runtime");
+    tracing::warn!(thread = tid, idle = ?idle, "a function runtime ran far past its CPU deadline inside a built-in: it runs only on idle CPU from now on");
+}
+
+/// Marks a demoted runtime stuck, for its gateway to start another.
+fn replace(w: &Watch) {
     w.stuck.store(true, Ordering::Relaxed);
     if let Some(f) = w.on_stuck.get() {
         f();

@@ -521,18 +521,42 @@ async fn a_huge_error_or_an_informational_status_is_no_answer() {
 /// log line copies out only what it keeps.
 #[tokio::test]
 async fn decoding_and_logging_copy_out_no_more_than_the_gateway_may_hold() {
+    // A 24 MiB body waits to be sent (of the gateway's 32 MiB outside the runtime) while 3 MiB
+    // are decoded: their 12 MiB of copies are past what is left.
+    let held = Arc::new(Held::default());
+    let engine = held.engine("decoding");
+    let f = func("dev", "decode", &[("index.js", "export default async () => {
+        const sent = fetch('http://api.example/in', { method: 'POST', body: 'y'.repeat(24 << 20) });
+        let out;
+        try { out = new TextDecoder().decode(new Uint8Array(3 << 20).fill(0xff)).length; } catch (e) { out = e.name + ': ' + e.message; }
+        await sent;
+        return out;
+      }")]);
+    let reach = weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None };
+    let running = tokio::spawn(run_alone(engine.clone(), f.clone(), reach.clone()));
+    held.reach(1).await;
+    held.release();
+    assert_eq!(running.await.unwrap().result.unwrap().body, b"RangeError: TextDecoder: the data is too large for this gateway's memory limit");
+    // Alone, the same decode is done.
+    let f = func("dev", "alone", &[("index.js", "export default () => new TextDecoder().decode(new Uint8Array(3 << 20).fill(0xff)).length")]);
+    assert_eq!(body_json(&run_alone(engine, f, reach).await), json!(3 << 20));
     let gw = Gw::new(vec![
-        func("dev", "decode", &[("index.js", "export default () => { try { return new TextDecoder().decode(new Uint8Array(6 << 20).fill(0xff)).length; } catch (e) { return e.name + ': ' + e.message; } }")]),
         func("dev", "small", &[("index.js", "export default () => new TextDecoder().decode(new Uint8Array([0x68, 0xc3, 0xa9, 0xff]))")]),
-        func("dev", "log", &[("index.js", "export default () => { console.log('é'.repeat(4 << 20)); return 'logged'; }")]),
+        func("dev", "log", &[("index.js", "export default () => { console.log('é'.repeat(4 << 20)); console.log('half \\ud800 of a pair'); return 'logged'; }")]),
+        func("dev", "surrogate", &[("index.js", "export default () => { throw new Error('half \\udc00 of a pair'); }")]),
     ]);
-    let out = gw.call("decode", get("/")).await;
-    assert_eq!(out.result.unwrap().body, b"RangeError: TextDecoder: the data is too large for this gateway's memory limit");
     assert_eq!(gw.call("small", get("/")).await.result.unwrap().body, "hé\u{fffd}".as_bytes());
     let out = gw.call("log", get("/")).await;
     assert_eq!(out.result.unwrap().body, b"logged");
     let line = &out.logs[0].message;
     assert!(line.len() <= weir_functions::TEXT_KEPT + 3 && line.ends_with('…'), "{} bytes", line.len());
+    // A lone surrogate, which no Rust string holds, is U+FFFD in a line, and leaves an error
+    // its place.
+    assert_eq!(out.logs[1].message, "half \u{fffd} of a pair");
+    match gw.call("surrogate", get("/")).await.result {
+        Err(Failure::Threw { message, .. }) => assert_eq!(message, "(text that is not well formed)"),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// `ctx.user` is frozen by the `Object.freeze` the SDK took before any function ran: one that

@@ -307,7 +307,11 @@ impl Platform {
     /// conflict: two tenants never share a host.
     async fn claim_domains(&self, gid: &str, before: &BTreeSet<String>, after: &BTreeSet<String>, compares: &mut Vec<Compare>, ops: &mut Vec<Op>) -> Result<(), Reply> {
         let added: Vec<&String> = after.difference(before).collect();
-        let reserved = added.iter().find(|h| self.cfg.reserved_domains.iter().any(|d| h.eq_ignore_ascii_case(d) || h.to_ascii_lowercase().ends_with(&format!(".{}", d.to_ascii_lowercase()))));
+        let reserved = added.iter().find(|h| {
+            let h = h.to_ascii_lowercase();
+            // As an operator may write it: any case, a trailing dot, a leading `*.` or `.`.
+            self.cfg.reserved_domains.iter().map(|d| d.trim_end_matches('.').trim_start_matches("*.").trim_start_matches('.').to_ascii_lowercase()).any(|d| !d.is_empty() && (h == d || h.ends_with(&format!(".{d}"))))
+        });
         if let Some(host) = reserved {
             return Err(failure(ErrorKind::Conflict, format!("the domain {host} is the operator's (platform.reserved_domains)"), vec![format!("customDomains: {host} is reserved")]));
         }

@@ -736,11 +736,10 @@ async fn the_operators_base_layer_keeps_its_secrets_from_tenants() {
 }
 
 
-/// p99 (the largest of 100 is its own p99 for our purposes: the second largest) of `n` GETs.
 /// The operator's reserved domains, and every name under them, are no tenant's to claim.
 #[tokio::test]
 async fn reserved_domains_are_no_tenants_to_claim() {
-    let w = on_loopback("  reserved_domains: [\"corp.example.test\"]\n");
+    let w = on_loopback("  reserved_domains: [\"*.Corp.example.test.\"]\n");
     for domain in ["corp.example.test", "api.corp.example.test", "API.Corp.Example.Test"] {
         let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "Grab", "customDomains": [domain]}))).await;
         assert_eq!(s, 409, "{domain}: {b}");
@@ -799,6 +798,7 @@ async fn a_runtime_stuck_in_a_built_in_is_replaced_and_costs_others_nothing() {
     assert!(noisy < quiet + Duration::from_millis(20), "p99 {quiet:?} alone, {noisy:?} beside a stuck runtime");
 }
 
+/// p99 (the largest of 100 is its own p99 for our purposes: the second largest) of `n` GETs.
 async fn p99(w: &Weir, path: &str, host: &str, n: usize) -> Duration {
     let mut took = Vec::with_capacity(n);
     for _ in 0..n {
