@@ -42,7 +42,7 @@ type Key = (String, String, String);
 pub const SERIES_AT_MOST: usize = 50_000;
 
 /// The most series of one gateway's functions a node keeps.
-pub const SERIES_PER_GATEWAY: usize = 2_000;
+pub const SERIES_PER_GATEWAY: usize = 10_000;
 
 /// The function label of an environment's series past the bounds: no function's name (names
 /// are segments of letters, digits, `_` and `-`).
