@@ -355,10 +355,10 @@ fn check_quota(db: &Db, quota: &Quota, writes: &[Write]) -> Result<(), DbError> 
                     Some(old) => old.clone(),
                     None => db.backend.get(coll, id)?,
                 };
-                let indexes = match indexed.get(coll.as_str()) {
-                    Some(i) => i.clone(),
-                    None => indexed.entry(coll).or_insert(db.indexes(coll)?).clone(),
-                };
+                if !indexed.contains_key(coll.as_str()) {
+                    indexed.insert(coll, db.indexes(coll)?);
+                }
+                let indexes = indexed[coll.as_str()].clone();
                 let files = crate::filing_bytes(&indexes, coll, id, doc)?;
                 filing += files;
                 if filing > WRITE_HOLD as u64 {

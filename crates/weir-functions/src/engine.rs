@@ -269,9 +269,7 @@ impl Engine {
             .stack_size(16 << 20)
             .spawn(move || {
                 watched.started();
-                if let Err(e) = run_as(thread_priority::thread_native_id(), thread_priority::NormalThreadSchedulePolicy::Batch) {
-                    tracing::debug!(gateway = %gw, error = %e, "the function runtime keeps the default scheduling policy");
-                }
+                run_as_batch(&gw);
                 inbox.attach();
                 // A panic in the runtime's loop fails the calls in flight (their answers are
                 // dropped) and the loop starts again on a fresh runtime.
@@ -995,21 +993,19 @@ fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
     Ok(if binary { latin1(&s) } else { s.into_bytes() })
 }
 
-/// Puts runtime thread `thread` under Linux's `policy` (batch or idle) at the niceness the
-/// calling thread has (the setting also sets the calling thread's niceness, to the one it has).
-///
-/// A runtime thread runs under the batch policy: a thread under it never preempts the one that
-/// wakes it, so a proxy worker that queues a call keeps its core until it waits, and the runtime
-/// then takes every call queued meanwhile in one turn, rather than the two trading the core once
-/// per call. Tenants' scripts so never take a core from the gateway's own work at a wake-up;
-/// their share of it is unchanged. A runtime stuck in a loop it cannot be stopped in is put
-/// under the idle policy (`watchdog`).
-fn run_as(thread: thread_priority::ThreadId, policy: thread_priority::NormalThreadSchedulePolicy) -> Result<(), String> {
-    use thread_priority::{ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy};
-    let policy = ThreadSchedulePolicy::Normal(policy);
+/// Puts the calling runtime thread under Linux's batch policy, at the niceness it has. A thread
+/// under it never preempts the one that wakes it: a proxy worker that queues a call keeps its
+/// core until it waits, and the runtime then takes every call queued meanwhile in one turn,
+/// rather than the two trading the core once per call. Tenants' scripts so never take a core
+/// from the gateway's own work at a wake-up; their share of it is unchanged.
+fn run_as_batch(gateway: &str) {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
+    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
     // The setting takes a niceness too: the one the thread has, or the nearest below it in
     // priority the setting can say (a thread may lower its priority, never raise it).
-    let nice = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s)).ok_or("the thread's niceness is unknown")?;
+    let Some(nice) = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s)) else {
+        return;
+    };
     let keep = (0..=99u8)
         .filter_map(|p| {
             let priority = ThreadPriority::Crossplatform(p.try_into().ok()?);
@@ -1017,16 +1013,24 @@ fn run_as(thread: thread_priority::ThreadId, policy: thread_priority::NormalThre
         })
         .filter(|(_, n)| *n >= nice)
         .min_by_key(|(_, n)| *n);
-    match keep {
-        Some((priority, _)) => set_thread_priority_and_policy(thread, priority, policy).map_err(|e| format!("{e:?}")),
+    let outcome = match keep {
+        Some((priority, _)) => set_thread_priority_and_policy(thread_native_id(), priority, policy).map_err(|e| format!("{e:?}")),
         None => Err(format!("no priority keeps niceness {nice}")),
+    };
+    if let Err(e) = outcome {
+        tracing::debug!(%gateway, error = %e, "the function runtime keeps the default scheduling policy");
     }
 }
 
 /// The niceness field of a `/proc/.../stat` line.
 pub(crate) fn niceness(stat: &str) -> Option<i32> {
+    stat_field(stat, 19)
+}
+
+/// Field `n` (counted from 1, as `proc(5)` does) of a `/proc/.../stat` line.
+pub(crate) fn stat_field<T: std::str::FromStr>(stat: &str, n: usize) -> Option<T> {
     // The name in parentheses may hold spaces; the fields after it start with the state (3rd).
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19 - 3)?.parse().ok()
+    stat.rsplit_once(')')?.1.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 /// Queues, after what `batch` holds, the loading of every function the last lowering served:

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use crate::engine::Deadline;
+use crate::engine::{Deadline, stat_field};
 
 /// How often the watchdog looks.
 pub const EVERY: Duration = Duration::from_millis(100);
@@ -189,8 +189,7 @@ const IDLE_POLICY: u32 = 5;
 
 /// The scheduling policy of thread `tid` of this process.
 fn thread_policy(tid: u64) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(41 - 3)?.parse().ok()
+    stat_field(&std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?, 41)
 }
 
 /// The CPU time thread `tid` of this process has had.
@@ -201,7 +200,6 @@ fn thread_cpu(tid: u64) -> Option<Duration> {
     }
     // Without scheduler statistics: user and system time, in clock ticks (100 a second).
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    let ticks: u64 = fields.get(14 - 3)?.parse::<u64>().ok()? + fields.get(15 - 3)?.parse::<u64>().ok()?;
+    let ticks = stat_field::<u64>(&stat, 14)? + stat_field::<u64>(&stat, 15)?;
     Some(Duration::from_millis(ticks * 10))
 }
