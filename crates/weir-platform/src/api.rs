@@ -792,6 +792,18 @@ impl Platform {
                 problems.push(format!("env.{i}.name: {} is given twice", var.name));
             }
             crate::guard::sealed_mark(&format!("env.{i}.value"), &Value::String(var.value.clone()), &mut problems);
+            if let Some(envs) = &var.environments {
+                if envs.is_empty() {
+                    problems.push(format!("env.{i}.environments: name at least one environment, or leave it out for all"));
+                }
+                for (j, e) in envs.iter().enumerate() {
+                    if !crate::model::ENVIRONMENTS.contains(&e.as_str()) {
+                        problems.push(format!("env.{i}.environments.{j}: {e:?} is not one of {}", crate::model::ENVIRONMENTS.join(", ")));
+                    } else if envs[..j].contains(e) {
+                        problems.push(format!("env.{i}.environments.{j}: {e} is given twice"));
+                    }
+                }
+            }
         }
         for (i, entry) in gw.fetch_allow_list.iter().enumerate() {
             let ok = entry.rsplit_once(':').map(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)).unwrap_or(false) && !entry.contains('/') && !entry.contains('@');

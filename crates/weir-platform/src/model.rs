@@ -175,6 +175,18 @@ pub struct EnvVar {
     pub value: String,
     #[serde(default)]
     pub secret: bool,
+    /// The environments whose functions read the variable; every one when not given. A
+    /// variable kept to `prod` is not in the `imp.env` of a function a developer can write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 3))]
+    pub environments: Option<Vec<String>>,
+}
+
+impl EnvVar {
+    /// Whether functions of environment `env` read the variable.
+    pub fn reaches(&self, env: &str) -> bool {
+        self.environments.as_ref().is_none_or(|envs| envs.iter().any(|e| e == env))
+    }
 }
 
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug)]

@@ -190,7 +190,7 @@ pub fn live(cfg: &PlatformConfig, gw: &Gateway) -> Vec<weir_functions::live::Env
                 plugins: if running { merged(cfg, gw, env) } else { Map::new() },
                 serving: running && env.state == EnvState::Active,
                 limits: gw.limits,
-                vars: gw.env.iter().map(|v| (v.name.clone(), Value::String(v.value.clone()))).collect(),
+                vars: gw.env.iter().filter(|v| v.reaches(&env.name)).map(|v| (v.name.clone(), Value::String(v.value.clone()))).collect(),
                 fetch_allow_list: gw.fetch_allow_list.clone(),
                 debug: env.name == "dev",
                 incarnation: gw.incarnation.clone(),
@@ -279,5 +279,18 @@ mod tests {
         let mut stopped = gw.clone();
         stopped.state = State::Stopped;
         assert!(render(&cfg, &stopped).iter().filter(|o| o.kind == "routes").all(|o| o.value["plugins"]["mocking"]["response_status"] == 503));
+    }
+
+    #[test]
+    fn a_variable_kept_to_some_environments_reaches_their_functions_only() {
+        let mut gw = gateway();
+        let var = |name: &str, envs: Option<&[&str]>| crate::model::EnvVar { name: name.into(), value: format!("{name}-value"), secret: true, environments: envs.map(|e| e.iter().map(|s| s.to_string()).collect()) };
+        gw.env = vec![var("ALL", None), var("PROD_ONLY", Some(&["prod"])), var("NOT_DEV", Some(&["staging", "prod"]))];
+        let docs = live(&PlatformConfig::default(), &gw);
+        let names = |env: &str| -> Vec<String> { docs.iter().find(|d| d.environment == env).unwrap().vars.keys().cloned().collect() };
+        assert_eq!(names("dev"), ["ALL"]);
+        assert_eq!(names("staging"), ["ALL", "NOT_DEV"]);
+        assert_eq!(names("prod"), ["ALL", "PROD_ONLY", "NOT_DEV"]);
+        assert_eq!(docs.iter().find(|d| d.environment == "prod").unwrap().vars["PROD_ONLY"], json!("PROD_ONLY-value"));
     }
 }

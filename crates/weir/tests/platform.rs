@@ -1032,6 +1032,18 @@ export default async (ctx) => {
     assert!(!v1(&w, "GET", "api-gateways/fns", None).await.1.to_string().contains("s3cret"));
     let (_, backup) = w.admin("GET", "/backup", None).await;
     assert!(backup.to_string().contains("GREETING") && !backup.to_string().contains("s3cret"), "secret variables are sealed in the store");
+    // A variable kept to prod is not in dev's `imp.env`; a bad environment list changes nothing.
+    let kept = json!({"env": [{"name": "GREETING", "value": "hi"}, {"name": "TOKEN", "value": "prod-only-value", "secret": true, "environments": ["prod"]}]});
+    for (bad, says) in [(json!([]), "at least one"), (json!(["qa"]), "is not one of dev, staging, prod"), (json!(["prod", "prod"]), "given twice"), (json!(["dev", "staging", "prod", "dev"]), "env.1.environments")] {
+        let mut body = kept.clone();
+        body["env"][1]["environments"] = bad;
+        let (s, b) = v1(&w, "PATCH", "api-gateways/fns", Some(body)).await;
+        assert!(s == 400 && b.to_string().contains(says), "{s} {b}");
+    }
+    assert_eq!(w.get("/dev/vars", &[("host", "fns.localhost")]).await.json(), json!({"g": "hi", "t": "s3cret-value"}));
+    let (s, b) = v1(&w, "PATCH", "api-gateways/fns", Some(kept)).await;
+    assert_eq!((s, &b["env"][1]), (200, &json!({"name": "TOKEN", "secret": true, "environments": ["prod"]})), "{b}");
+    w.until("/dev/vars", &[("host", "fns.localhost")], |r| r.json() == json!({"g": "hi"})).await;
 
     // Runtime errors: a throw is 500 with its message (and stack in dev), an infinite loop 504
     // within its 200 ms budget, a memory bomb 500; the runtime answers the next call.
