@@ -102,14 +102,12 @@ pub struct Databases {
     /// Names destroyed on this node (the newest `RETIRED_KEPT`), never opened again: a call of
     /// a deleted gateway still running would otherwise make its database afresh.
     retired: Mutex<(std::collections::HashSet<String>, std::collections::VecDeque<String>)>,
-    /// When the backends last let go of what they held idle.
-    rested: Mutex<Instant>,
 }
 
 /// How long a backend keeps what it holds for speed alone (an idle connection) unused, and how
 /// often the node looks.
 pub const IDLE_KEPT: Duration = Duration::from_secs(60);
-const REST_EVERY: Duration = Duration::from_secs(10);
+pub const REST_EVERY: Duration = Duration::from_secs(10);
 
 /// Destroyed database names a node remembers.
 pub const RETIRED_KEPT: usize = 65_536;
@@ -123,7 +121,7 @@ struct Plan {
 
 impl Databases {
     pub fn new(opener: Opener) -> Arc<Databases> {
-        Arc::new(Databases { opener, open: Mutex::default(), txs: Mutex::default(), retired: Mutex::default(), rested: Mutex::new(Instant::now()) })
+        Arc::new(Databases { opener, open: Mutex::default(), txs: Mutex::default(), retired: Mutex::default() })
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<Db>, DbError> {
@@ -183,19 +181,25 @@ impl Databases {
         }
     }
 
+    /// Has a thread of its own ask every open database to let go of what it held idle for
+    /// `idle_for`, every `every`, for as long as the databases are in use: quiet databases
+    /// hold nothing of the server's whether or not any other is busy.
+    pub fn rest_every(self: &Arc<Self>, every: Duration, idle_for: Duration) -> std::io::Result<()> {
+        let dbs = Arc::downgrade(self);
+        std::thread::Builder::new().name("weir-db-rest".into()).spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                match dbs.upgrade() {
+                    Some(dbs) => dbs.rest(idle_for),
+                    None => return,
+                }
+            }
+        })?;
+        Ok(())
+    }
+
     /// Runs one operation on database `name` within `quota`.
     pub fn execute(&self, name: &str, quota: &Quota, request: &Value) -> Result<Value, DbError> {
-        let rest = {
-            let mut rested = self.rested.lock().unwrap_or_else(|e| e.into_inner());
-            let due = rested.elapsed() >= REST_EVERY;
-            if due {
-                *rested = Instant::now();
-            }
-            due
-        };
-        if rest {
-            self.rest(IDLE_KEPT);
-        }
         let op = request["op"].as_str().ok_or_else(|| DbError::bad("an operation has an op"))?;
         let db = self.get(name)?;
         let deadline = Instant::now() + Duration::from_millis(quota.query_ms.max(1));

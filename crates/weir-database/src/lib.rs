@@ -22,7 +22,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use exec::{Databases, Db};
+pub use exec::{Databases, Db, IDLE_KEPT, REST_EVERY};
 
 /// What went wrong, and how a caller should take it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -737,18 +737,22 @@ fn postgres_pool_stays_bounded_and_replaces_lost_connections() {
     assert!(engine_connections(&mut admin) <= 2);
 
     // Idle connections go once unused for long enough (the node's databases are asked every
-    // few seconds), and the next call makes one again.
+    // few seconds by a thread of their own, with no other call needed), and the next call makes
+    // one again.
     pg.rest(Duration::from_secs(3600));
     assert!(engine_connections(&mut admin) >= 1, "recently used connections stay");
     let dbs = Databases::new(weir_database::postgres::opener(url.clone(), 2));
+    dbs.rest_every(Duration::from_millis(100), Duration::from_millis(500)).unwrap();
+    let used = Instant::now();
     dbs.execute("pool", &Quota::default(), &json!({"op": "find", "collection": "c", "filter": {}})).unwrap();
     pg.rest(Duration::ZERO);
-    dbs.rest(Duration::ZERO);
+    assert!(engine_connections(&mut admin) >= 1, "a database's connection stays while it was used lately");
     let deadline = Instant::now() + Duration::from_secs(10);
     while engine_connections(&mut admin) > 0 {
         assert!(Instant::now() < deadline, "idle connections were let go");
         std::thread::sleep(Duration::from_millis(10));
     }
+    assert!(used.elapsed() >= Duration::from_millis(500), "let go after {:?}, before it was idle long enough", used.elapsed());
     assert_eq!(pg.get("c", &id("a")).unwrap(), Some(doc));
 }
 

@@ -569,7 +569,9 @@ fn databases(cfg: &Config) -> anyhow::Result<Option<Arc<weir_database::Databases
             weir_database::postgres::opener(url, cfg.database.pool.unwrap_or(4).max(1))
         }
     };
-    Ok(Some(weir_database::Databases::new(opener)))
+    let dbs = weir_database::Databases::new(opener);
+    dbs.rest_every(weir_database::REST_EVERY, weir_database::IDLE_KEPT).context("starting the databases' idle sweep")?;
+    Ok(Some(dbs))
 }
 
 async fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
