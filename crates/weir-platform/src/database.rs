@@ -268,11 +268,7 @@ impl Platform {
         // One export per gateway and two on the node: the others wait their turn.
         let lines = export_lanes().run(&h, &gw.gateway_id, export).await;
         match lines {
-            Some(Ok(body)) => {
-                let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from(body)));
-                resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
-                resp
-            }
+            Some(Ok(body)) => self.answers.answer(&gw.gateway_id, StatusCode::OK, "application/x-ndjson", body),
             Some(Err(e)) => db_failure(e),
             None => failure(ErrorKind::Internal, "the export failed", Vec::new()),
         }

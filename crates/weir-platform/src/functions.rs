@@ -359,10 +359,14 @@ impl Platform {
             return bad_input(vec![format!("environment: {e:?} is not one of {}", crate::model::ENVIRONMENTS.join(", "))]);
         }
         let dir = format!("{}fn/{}", partition_prefix(&self.prefix, gid), env.map(|e| format!("{e}/")).unwrap_or_default());
+        // A list holds the gateway's functions several times over while it is made, and its
+        // answer until it is read: one made at a time per gateway, and the answer counted.
+        let Some(_pass) = self.listing.enter(gid).await else { return failure(ErrorKind::Internal, "the list's place was closed", Vec::new()) };
         match self.docs.store.list(&dir).await {
             Ok((kvs, _)) => {
                 let list: Vec<Value> = kvs.iter().filter_map(|kv| self.function_of(&kv.value).ok()).map(|d| shown(&d)).collect();
-                json(StatusCode::OK, &json!({"list": list, "total": list.len()}))
+                drop(kvs);
+                self.answers.json(gid, StatusCode::OK, &json!({"list": list, "total": list.len()}))
             }
             Err(e) => store_down(e),
         }

@@ -11,6 +11,7 @@
 //! The platform depends on the gateway's crates and never the reverse: the data plane sees
 //! only ordinary APISIX objects.
 
+mod answers;
 mod api;
 pub mod database;
 mod docs;
@@ -70,6 +71,9 @@ pub struct PlatformConfig {
     pub history_limit: usize,
     /// Records of promotions and rollbacks kept per gateway; the oldest go first.
     pub deployments_limit: usize,
+    /// Bytes of large answers (function lists, database exports) held at once while their
+    /// clients read them, per gateway and on the node.
+    pub large_answers: answers::AnswerLimits,
 }
 
 /// `platform.functions`.
@@ -113,6 +117,7 @@ impl Default for PlatformConfig {
             functions: FunctionsConfig::default(),
             history_limit: 30,
             deployments_limit: 1000,
+            large_answers: answers::AnswerLimits::default(),
         }
     }
 }
@@ -151,7 +156,15 @@ pub struct Platform {
     applied: std::sync::OnceLock<tokio::sync::watch::Receiver<i64>>,
     /// Whether the last render this node waited for was not served within the bound.
     behind: std::sync::atomic::AtomicBool,
+    /// Large answers held while their clients read them.
+    answers: Arc<answers::Answers>,
+    /// One function list made at a time per gateway: each holds the gateway's functions
+    /// several times over while it is made.
+    listing: weir_functions::lanes::Lanes,
 }
+
+/// Function lists made at once on the node.
+const LISTS_ON_NODE: usize = 4;
 
 impl Platform {
     /// `keyring` seals the secret fields of plugin layers in gateway documents and in the
@@ -166,8 +179,11 @@ impl Platform {
     ) -> Arc<Platform> {
         let node = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
         let inputs = json!({"base_domain": cfg.base_domain, "base_plugins": cfg.base_plugins}).to_string();
+        let answers = answers::Answers::new(cfg.large_answers);
         Arc::new(Platform {
             cfg,
+            answers,
+            listing: weir_functions::lanes::Lanes::new(LISTS_ON_NODE, 1),
             docs: docs::Docs { store, dir: format!("{prefix}/platform/gateways/"), keyring, plugins: plugins.clone() },
             prefix: prefix.to_string(),
             catalog,

@@ -16,6 +16,11 @@ pub struct Lanes {
     gateways: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
+/// A gateway's place and the node's, held (`Lanes::enter`).
+pub struct Pass {
+    _places: (tokio::sync::OwnedSemaphorePermit, tokio::sync::OwnedSemaphorePermit),
+}
+
 /// Gateways whose places are kept before those no work holds are let go.
 const KEPT: usize = 1024;
 
@@ -35,6 +40,14 @@ impl Lanes {
         let s = Arc::new(Semaphore::new(self.per_gateway));
         all.insert(gateway.to_string(), s.clone());
         s
+    }
+
+    /// Waits until `gateway` and the node each have a place free, and holds both until the
+    /// pass is dropped: for async work bounded the same way.
+    pub async fn enter(&self, gateway: &str) -> Option<Pass> {
+        let own = self.gateway(gateway).acquire_owned().await.ok()?;
+        let node = self.node.clone().acquire_owned().await.ok()?;
+        Some(Pass { _places: (own, node) })
     }
 
     /// Runs `f` on a blocking thread of `handle` once `gateway` and the node each have a place

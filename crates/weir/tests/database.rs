@@ -545,3 +545,59 @@ async fn nodes_sharing_postgres_see_each_others_writes_and_embedded_exports_impo
     assert_eq!(stats(&e).await, stats(&b).await, "and the same counts and sizes");
     drop((a, b, etcd));
 }
+
+/// A large answer (here an export) is counted against its gateway's share while a client that
+/// does not read holds it: more of the gateway's is refused with 503 and `Retry-After`, another
+/// gateway's is answered, and the share comes back when the connection ends.
+#[tokio::test]
+async fn a_large_answer_a_client_does_not_read_counts_against_its_gateway_until_it_goes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = platform_weir_with(
+        "  type: embedded\n  path: \"{data}\"\n",
+        "  denied_networks: []\n  large_answers:\n    per_gateway_bytes: 41943040\n    node_bytes: 62914560\n",
+        "database:\n  type: embedded\n",
+        &[],
+    );
+    gateway(&w, "big", json!({})).await;
+    gateway(&w, "other", json!({})).await;
+    // About 1.2 MB of JSON lines an import, under the Admin API's body bound.
+    let chunk = |round: usize| -> String {
+        (0..12).map(|i| json!({"collection": "c", "document": {"_id": format!("{round}-{i}"), "pad": "x".repeat(100_000)}}).to_string() + "\n").collect()
+    };
+    for round in 0..24 {
+        let r = send(w.admin, "POST", "/v1/api-gateways/big/database/import", &[("x-api-key", common::KEY)], Some(&chunk(round))).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = send(w.admin, "POST", "/v1/api-gateways/other/database/import", &[("x-api-key", common::KEY)], Some(&chunk(0))).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let admin = w.admin;
+    let export = |gid: &'static str| async move { send(admin, "GET", &format!("/v1/api-gateways/{gid}/database/export"), &[("x-api-key", common::KEY)], None).await };
+    let whole = export("big").await;
+    assert_eq!((whole.status, whole.text().lines().count()), (200, 24 * 12));
+    assert!(whole.text().len() > 28_000_000);
+
+    // A client asks for it and reads only the first bytes: far more than the sockets buffer
+    // stays with the node.
+    let mut slow = tokio::net::TcpStream::connect(w.admin).await.unwrap();
+    let head = format!("GET /v1/api-gateways/big/database/export HTTP/1.1\r\nhost: {}\r\nx-api-key: {}\r\n\r\n", w.admin, common::KEY);
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 12];
+    slow.read_exact(&mut first).await.unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    let r = export("big").await;
+    assert_eq!((r.status, r.headers.get("retry-after").map(|v| v.to_str().unwrap().to_string())), (503, Some("1".into())), "{}", r.text());
+    assert!(r.json()["error"]["message"].as_str().unwrap().contains("platform.large_answers"), "{}", r.text());
+    let r = export("other").await;
+    assert_eq!((r.status, r.text().lines().count()), (200, 12), "another gateway's large answer fits beside it");
+    // The connection ends; its answer is let go, and the gateway's next one is answered.
+    drop(slow);
+    let mut again = export("big").await;
+    for _ in 0..200 {
+        if again.status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        again = export("big").await;
+    }
+    assert_eq!((again.status, again.text().len()), (200, whole.text().len()));
+}
