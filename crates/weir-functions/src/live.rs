@@ -164,6 +164,20 @@ pub struct Functions {
 /// A stored function compiled, or `None` when it does not compile.
 type Built = Option<(Arc<FunctionDoc>, Arc<Function>)>;
 
+/// What a stored value built to, or, where it built to nothing (it does not read or compile
+/// here), the version the node served before it: a node keeps serving its last good version
+/// of a function rather than none.
+fn kept_if_none(key: &str, built: Built, before: Built) -> Built {
+    match (built, before) {
+        (Some(b), _) => Some(b),
+        (None, Some(before)) => {
+            tracing::warn!(function = %key, version = before.0.version, "keeps serving its last version that compiled");
+            Some(before)
+        }
+        (None, None) => None,
+    }
+}
+
 impl Functions {
     pub fn new(prefix: &str, settings: Settings) -> Arc<Functions> {
         Arc::new_cyclic(|me| Functions {
@@ -396,6 +410,7 @@ impl Functions {
             let code = ready.or_else(|| self.compile(key, &doc, false))?;
             Some(self.assemble(gid, value, doc, digest, code))
         });
+        let built = kept_if_none(key, built, before);
         // The value lowered is the newest: a compile still under way for the key is of an
         // older one, and keeps what it makes to itself.
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
@@ -439,7 +454,9 @@ impl Functions {
                     let mut pending = f.pending.lock().unwrap_or_else(|e| e.into_inner());
                     match pending.get(&k) {
                         Some(newest) if *newest == value => {
-                            f.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(k.clone(), Entry { bytes: value, built });
+                            let mut compiled = f.compiled.lock().unwrap_or_else(|e| e.into_inner());
+                            let before = compiled.get(&k).and_then(|c| c.built.clone());
+                            compiled.insert(k.clone(), Entry { bytes: value, built: kept_if_none(&k, built, before) });
                             pending.remove(&k);
                             Turn::Done
                         }
@@ -1415,7 +1432,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_source_the_gateway_has_compiled_is_taken_in_place_and_a_gone_gateway_is_forgotten() {
         let f = Functions::new("/weir", Settings::default());
-        let (relower, _relowers) = Relower::channel();
+        let (relower, mut relowers) = Relower::channel();
         f.attach(relower);
         let (dev, staging) = ("/weir/platform/live/g/fn/dev/f", "/weir/platform/live/g/fn/staging/f");
         f.function("g", dev, &stored(1), false).unwrap();
@@ -1441,6 +1458,18 @@ mod tests {
         f.offer("g", &code, "index.ts", crate::source::compile(&code, "index.ts").unwrap());
         let saved = FunctionDoc { name: "f".into(), environment: "dev".into(), files: code, entrypoint: "index.ts".into(), version: 3, ..FunctionDoc::default() };
         assert_eq!(f.function("g", dev, &serde_json::to_vec(&saved).unwrap(), true).unwrap().0.version, 3);
+
+        // A version that does not compile here leaves the last one that did served, in place
+        // and off the lowering alike; a new function that does not compile is not served.
+        let broken = FunctionDoc { files: BTreeMap::from([("index.ts".to_string(), "export default (".to_string())]), version: 4, ..saved.clone() };
+        assert_eq!(f.function("g", dev, &serde_json::to_vec(&broken).unwrap(), false).unwrap().0.version, 3);
+        assert_eq!(cached_version(&f, dev), Some(3));
+        let broken = FunctionDoc { version: 5, ..broken };
+        assert_eq!(f.function("g", dev, &serde_json::to_vec(&broken).unwrap(), true).unwrap().0.version, 3);
+        tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
+        assert!(f.pending.lock().unwrap().is_empty());
+        assert_eq!(cached_version(&f, dev), Some(3));
+        assert!(f.function("g", "/weir/platform/live/g/fn/dev/new", &serde_json::to_vec(&FunctionDoc { name: "new".into(), ..broken }).unwrap(), false).is_none());
 
         f.lowered.lock().unwrap().insert("g".into());
         f.gone("/weir/platform/live/g/");

@@ -130,7 +130,7 @@ fn compile_lanes() -> &'static Lanes {
 /// Checks a function's source as saved: `Err` is the answer to give. What it compiles to is
 /// offered to this node's runtimes (`functions`), whose lowering of the stored function then
 /// does not compile it again.
-async fn compile(functions: Option<&Arc<Functions>>, gid: &str, files: &BTreeMap<String, String>, entry: &str) -> Result<(), Reply> {
+pub(crate) async fn compile(functions: Option<&Arc<Functions>>, gid: &str, files: &BTreeMap<String, String>, entry: &str) -> Result<(), Reply> {
     let (files, entry, functions, gateway) = (files.clone(), entry.to_string(), functions.cloned(), gid.to_string());
     let work = move || {
         weir_functions::source::compile_in_background(&files, &entry).map(|compiled| {

@@ -394,6 +394,11 @@ impl Platform {
             if let Err(r) = self.check_function_plugins(&doc.plugins) {
                 return r;
             }
+            // Today's compiler, as a save has: a version stored under older rules that no
+            // longer compiles is refused here rather than dropped by every node.
+            if let Err(r) = crate::functions::compile(self.functions.get(), gid, &doc.files, &doc.entrypoint).await {
+                return r;
+            }
             let deployment = Deployment::of(Kind::Promotion, env, src.version, &doc);
             let compares = vec![Compare { key: function_key(&self.prefix, gid, env, name), mod_revision: src_rev }, Compare { key: target_key, mod_revision: old_rev }];
             match self.commit_deployment(gid, compares, &doc, &deployment, None, old_size).await {
@@ -440,6 +445,9 @@ impl Platform {
                 ..current.clone()
             };
             if let Err(r) = self.check_function_plugins(&doc.plugins) {
+                return r;
+            }
+            if let Err(r) = crate::functions::compile(self.functions.get(), gid, &doc.files, &doc.entrypoint).await {
                 return r;
             }
             let deployment = Deployment::of(Kind::Rollback, env, input.version, &doc);
@@ -537,6 +545,70 @@ fn deployed(doc: &FunctionDoc, deployment: Deployment) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A platform on an embedded store, with gateway `g` and, written straight to the store as
+    /// if saved under older rules, `dev/a` at version 2 whose history holds version 1 of
+    /// `old_code`, and whose own source is `code`.
+    async fn stored(dir: &std::path::Path, code: &str, old_code: &str) -> std::sync::Arc<crate::Platform> {
+        let store = std::sync::Arc::new(weir_store::EmbeddedStore::open(dir).unwrap());
+        let keyring = std::sync::Arc::new(weir_tls::Keyring::new(&["a secret for this test".to_string()]));
+        let p = crate::Platform::new(crate::PlatformConfig::default(), store, "/apisix", std::sync::Arc::new(weir_catalog::Catalog::apisix()), std::sync::Arc::new(weir_plugins::registry()), keyring);
+        let mut gw: crate::model::Gateway = serde_json::from_value(json!({
+            "gatewayId": "g", "name": "g", "plugins": {}, "customDomains": [], "promotionPipeline": {"enabled": false},
+            "state": "Running", "phase": "Started", "environments": [], "reason": null, "createdAt": 0, "updatedAt": 0,
+            "lockedAt": null, "lockedBy": null, "generation": 1, "renderedGeneration": 1, "phaseSince": 0, "attempts": 0, "retryAt": 0
+        }))
+        .unwrap();
+        gw.environments = ENVIRONMENTS.iter().map(|e| crate::model::Environment::new(e)).collect();
+        p.docs.store.put(&p.docs.key("g"), p.docs.encode(&gw)).await.unwrap();
+        let doc = |version: u64, code: &str| FunctionDoc {
+            name: "a".into(),
+            environment: "dev".into(),
+            files: BTreeMap::from([("index.ts".to_string(), code.to_string())]),
+            entrypoint: "index.ts".into(),
+            methods: Vec::new(),
+            description: None,
+            tags: Vec::new(),
+            plugins: Map::new(),
+            version,
+            semver: None,
+            changelog: None,
+            created_at: now_rfc3339(),
+            updated_at: now_rfc3339(),
+            updated_by: "admin:test".into(),
+            promoted_from: None,
+        };
+        let entry = HistoryEntry::of(&doc(1, old_code), Kind::Save, None);
+        p.docs.store.put(&format!("{}{:010}", p.history_dir("g", "dev", "a"), 1), Bytes::from(serde_json::to_vec(&entry).unwrap())).await.unwrap();
+        p.docs.store.put(&function_key("/apisix", "g", "dev", "a"), Bytes::from(serde_json::to_vec(&doc(2, code)).unwrap())).await.unwrap();
+        p
+    }
+
+    #[tokio::test]
+    async fn a_version_that_no_longer_compiles_is_neither_promoted_nor_rolled_back_to() {
+        // Nested deeper than today's compiler takes.
+        let deep = format!("export default () => {}1{};", "(".repeat(1001), ")".repeat(1001));
+        let good = "export default () => 'ok';";
+        let admin = Caller::Admin("test".into());
+        let dir = tempfile::tempdir().unwrap();
+        let p = stored(dir.path(), good, &deep).await;
+        let before = p.docs.store.get(&function_key("/apisix", "g", "dev", "a")).await.unwrap().unwrap();
+        let r = p.rollback(&admin, "g", "dev", "a", &Bytes::from_static(br#"{"version": 1}"#)).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let after = p.docs.store.get(&function_key("/apisix", "g", "dev", "a")).await.unwrap().unwrap();
+        assert_eq!((after.value, after.mod_revision), (before.value, before.mod_revision), "nothing changed");
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = stored(dir.path(), &deep, good).await;
+        let r = p.deploy_to_stage(&admin, "g", "dev", "a", &Bytes::from_static(br#"{"targetStage": "staging"}"#)).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert!(p.docs.store.get(&function_key("/apisix", "g", "staging", "a")).await.unwrap().is_none(), "nothing promoted");
+        // What compiles goes through both ways.
+        let r = p.rollback(&admin, "g", "dev", "a", &Bytes::from_static(br#"{"version": 1}"#)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = p.deploy_to_stage(&admin, "g", "dev", "a", &Bytes::from_static(br#"{"targetStage": "staging"}"#)).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
 
     #[test]
     fn a_line_diff_numbers_both_sides() {
