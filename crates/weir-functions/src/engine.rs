@@ -777,15 +777,22 @@ impl Js {
             // What decoding copies outside the runtime counts against the gateway's memory
             // limit there while it is made (the text itself is the runtime's once made).
             let h = host.clone();
-            natives.set("decode", JsFn::new(ctx.clone(), move |ctx: Ctx<'_>, bytes: rquickjs::String<'_>, fatal: bool, ignore_bom: bool| -> rquickjs::Result<Option<String>> {
-                let text = bytes.to_cstring()?;
+            natives.set("decode", JsFn::new(ctx.clone(), move |ctx: Ctx<'_>, bytes: rquickjs::String<'_>, n: usize, fatal: bool, ignore_bom: bool| -> rquickjs::Result<Option<String>> {
                 let budget = h.borrow().outbound.bytes.clone();
-                // The bytes (one a char, at most its UTF-8 length) and the text made of them
-                // (at most three bytes for one).
-                let Some(_held) = Taken::of(&budget, text.as_str().len().saturating_mul(2)) else {
+                // For `n` bytes (one a char): their UTF-8 (two bytes a char at most) and the
+                // bytes themselves, then the bytes and the text made of them (three for one at
+                // most), taken before any is copied.
+                let Some(_held) = Taken::of(&budget, n.saturating_mul(4)) else {
                     return Err(rquickjs::Exception::throw_range(&ctx, "TextDecoder: the data is too large for this gateway's memory limit"));
                 };
-                Ok(decode_native(text.as_str(), fatal, ignore_bom))
+                // A checked conversion: whatever a function did to the SDK's bytes, no string
+                // that is not well formed reaches Rust.
+                let Ok(text) = bytes.to_string() else {
+                    return Err(rquickjs::Exception::throw_type(&ctx, "TextDecoder: the data is not bytes"));
+                };
+                let bytes = latin1(&text);
+                drop(text);
+                Ok(decode_native(&bytes, fatal, ignore_bom))
             })?)?;
             let (h, e) = (host.clone(), env.to_string());
             // Each answers why the operation may not start, or nothing when it is queued.
@@ -923,14 +930,13 @@ fn encode_native<'js>(ctx: Ctx<'js>, s: String) -> rquickjs::Result<Value<'js>> 
     Ok(TypedArray::<u8>::new_copy(ctx, s.as_bytes())?.into_value())
 }
 
-/// Decodes bytes (one char per byte) as WHATWG's UTF-8 decoder does: a leading byte order mark
+/// Decodes bytes as WHATWG's UTF-8 decoder does: a leading byte order mark
 /// is dropped unless `ignore_bom`, and each maximal ill-formed subpart is one U+FFFD, or,
 /// when `fatal`, the answer is `None`.
-fn decode_native(bytes: &str, fatal: bool, ignore_bom: bool) -> Option<String> {
-    let bytes = latin1(bytes);
+fn decode_native(bytes: &[u8], fatal: bool, ignore_bom: bool) -> Option<String> {
     let bytes = match bytes.strip_prefix(b"\xEF\xBB\xBF") {
         Some(rest) if !ignore_bom => rest,
-        _ => &bytes[..],
+        _ => bytes,
     };
     match std::str::from_utf8(bytes) {
         Ok(s) => Some(s.to_string()),

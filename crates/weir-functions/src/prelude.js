@@ -35,20 +35,33 @@
   // Held, so that a function replacing them breaks no other's encoding.
   const wellFormed = Function.prototype.call.bind(String.prototype.toWellFormed);
   const sliceText = Function.prototype.call.bind(String.prototype.slice);
-  const subarray = Function.prototype.call.bind(Object.getPrototypeOf(Uint8Array.prototype).subarray);
   const fromCharCode = String.fromCharCode;
   const apply = Reflect.apply;
+  // Bytes are read through the constructor and getters held here, never through a view's own
+  // properties, `instanceof` or `subarray` (which follows `Symbol.species`): a function that
+  // changes the globals or the typed arrays' prototypes gets other bytes at most, never
+  // anything but bytes.
+  const U8 = Uint8Array;
+  const getterOf = (proto, name) => Function.prototype.call.bind(Object.getOwnPropertyDescriptor(proto, name).get);
+  const TypedArrayProto = Object.getPrototypeOf(U8.prototype);
+  const taBuffer = getterOf(TypedArrayProto, "buffer"), taOffset = getterOf(TypedArrayProto, "byteOffset"), taLength = getterOf(TypedArrayProto, "byteLength");
+  const dvBuffer = getterOf(DataView.prototype, "buffer"), dvOffset = getterOf(DataView.prototype, "byteOffset"), dvLength = getterOf(DataView.prototype, "byteLength");
+  const isView = ArrayBuffer.isView;
+  // Bytes `from` to `to` of typed array `u`, as a new view.
+  const bytesIn = (u, from, to) => new U8(taBuffer(u), taOffset(u) + from, to - from);
+  const setBytes = Function.prototype.call.bind(TypedArrayProto.set);
   const UTF8_LABELS = ["utf-8", "utf8", "unicode-1-1-utf-8", "unicode11utf8", "unicode20utf8", "x-unicode20utf8"];
   // How many bytes at the end of `u` begin a sequence that the next chunk may complete.
   const cut = (u) => {
-    for (let back = 1; back <= 3 && back <= u.length; back++) {
-      const c = u[u.length - back];
+    const n = taLength(u);
+    for (let back = 1; back <= 3 && back <= n; back++) {
+      const c = u[n - back];
       if ((c & 0xc0) === 0x80) continue;
       const need = c >= 0xc2 && c < 0xe0 ? 2 : c >= 0xe0 && c < 0xf0 ? 3 : c >= 0xf0 && c < 0xf5 ? 4 : 1;
       if (back >= need) return 0;
       // The second byte's range depends on the first (no overlong, surrogate or past-U+10FFFF form).
       if (back > 1) {
-        const d = u[u.length - back + 1];
+        const d = u[n - back + 1];
         const [lo, hi] = c === 0xe0 ? [0xa0, 0xbf] : c === 0xed ? [0x80, 0x9f] : c === 0xf0 ? [0x90, 0xbf] : c === 0xf4 ? [0x80, 0x8f] : [0x80, 0xbf];
         if (d < lo || d > hi) return 0;
       }
@@ -56,7 +69,10 @@
     }
     return 0;
   };
-  const bytesOf = (b) => b instanceof Uint8Array ? b : ArrayBuffer.isView(b) ? new Uint8Array(b.buffer, b.byteOffset, b.byteLength) : new Uint8Array(b);
+  const bytesOf = (b) => {
+    if (!isView(b)) return new U8(b);
+    try { return new U8(taBuffer(b), taOffset(b), taLength(b)); } catch { return new U8(dvBuffer(b), dvOffset(b), dvLength(b)); }
+  };
   class TextDecoder {
     constructor(label = "utf-8", options = {}) {
       const name = String(label).replace(/^[\t\n\f\r ]+|[\t\n\f\r ]+$/g, "").toLowerCase();
@@ -72,22 +88,24 @@
     get ignoreBOM() { return this._ignoreBOM; }
     decode(b, options = {}) {
       const stream = Boolean(options && options.stream);
-      let u = b === undefined ? new Uint8Array(0) : bytesOf(b);
+      let u = b === undefined ? new U8(0) : bytesOf(b);
       if (this._held) {
-        const joined = new Uint8Array(this._held.length + u.length);
-        joined.set(this._held);
-        joined.set(u, this._held.length);
+        const held = this._held, h = taLength(held), n = taLength(u);
+        const joined = new U8(h + n);
+        setBytes(joined, held);
+        setBytes(joined, u, h);
         u = joined;
         this._held = null;
       }
       const keep = stream ? cut(u) : 0;
       if (keep) {
-        this._held = new Uint8Array(subarray(u, u.length - keep));
-        u = subarray(u, 0, u.length - keep);
+        const n = taLength(u);
+        this._held = new U8(bytesIn(u, n - keep, n));
+        u = bytesIn(u, 0, n - keep);
       }
       // A byte order mark is dropped at the start of a stream only.
-      const s = host.decode(latin1(u), this._fatal, this._ignoreBOM || this._started);
-      this._started = stream && (this._started || u.length > 0);
+      const s = host.decode(latin1(u), taLength(u), this._fatal, this._ignoreBOM || this._started);
+      this._started = stream && (this._started || taLength(u) > 0);
       if (typeof s !== "string") throw new TypeError("TextDecoder: the data is not valid UTF-8");
       return s;
     }
@@ -435,7 +453,7 @@
   };
 
   // Bytes cross to the engine as a Latin-1 string, text as itself: [binary, string].
-  const latin1 = (u) => { let s = ""; for (let i = 0; i < u.length; i += 8192) s += apply(fromCharCode, null, subarray(u, i, i + 8192)); return s; };
+  const latin1 = (u) => { let s = ""; const n = taLength(u); for (let i = 0; i < n; i += 8192) s += apply(fromCharCode, null, bytesIn(u, i, i + 8192 < n ? i + 8192 : n)); return s; };
   const wire = (b) => typeof b === "string" ? [false, b] : [true, latin1(bytesOf(b))];
   const toResponse = (out) => {
     if (out !== null && typeof out === "object") {

@@ -559,6 +559,33 @@ async fn decoding_and_logging_copy_out_no_more_than_the_gateway_may_hold() {
     }
 }
 
+/// A function that changes the typed arrays' globals and prototypes gets bytes at most into the
+/// engine's decoder, never a string that is not well formed.
+#[tokio::test]
+async fn a_function_reshaping_typed_arrays_hands_the_decoder_bytes_only() {
+    let gw = Gw::new(vec![
+        func("dev", "instance", &[("index.js", "export default () => {
+            Object.defineProperty(Uint8Array, Symbol.hasInstance, { value: () => true });
+            return Array.from(new TextDecoder().decode(new Uint16Array([0xD800, 0x41])), (c) => c.codePointAt(0));
+        }")]),
+        func("dev", "species", &[("index.js", "export default () => {
+            class E extends Uint8Array { static get [Symbol.species]() { return function (b, o, n) { return new Uint16Array(n || 1).fill(0xD800); }; } }
+            Object.defineProperty(Uint8Array, Symbol.species, { get: () => E[Symbol.species] });
+            const d = new TextDecoder();
+            return [new TextDecoder().decode(new E([0x68, 0x69])), d.decode(new E([0x68, 0xc3]), { stream: true }) + d.decode(new E([0xa9]))];
+        }")]),
+        func("dev", "getters", &[("index.js", "export default () => {
+            const proto = Object.getPrototypeOf(Uint8Array.prototype);
+            for (const k of ['buffer', 'byteOffset', 'byteLength']) Object.defineProperty(proto, k, { get() { return k === 'buffer' ? new Uint16Array([0xD800]).buffer : 0; } });
+            globalThis.Uint8Array = function () { return { length: 1, 0: 0xD800 }; };
+            return new TextDecoder().decode(new Uint16Array([0x6968]));
+        }")]),
+    ]);
+    assert_eq!(body_json(&gw.call("instance", get("/")).await), json!([0, 0xFFFD, 0x41, 0]));
+    assert_eq!(body_json(&gw.call("species", get("/")).await), json!(["hi", "hé"]));
+    assert_eq!(gw.call("getters", get("/")).await.result.unwrap().body, b"hi");
+}
+
 /// `ctx.user` is frozen by the `Object.freeze` the SDK took before any function ran: one that
 /// replaces the global cannot leave a consumer's object open to later calls.
 #[tokio::test]
