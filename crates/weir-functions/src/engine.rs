@@ -827,8 +827,9 @@ impl Js {
                 let Some(place) = host.outbound.place() else {
                     return Some(Slots::refusal("database operation"));
                 };
-                // The operation's text counts against the gateway's limit until it has run.
-                let Some(bytes) = Taken::of(&host.outbound.bytes, op.len()) else {
+                // The operation counts against the gateway's limit until it has run, as its
+                // text and the tree the node parses it into.
+                let Some(bytes) = Taken::of(&host.outbound.bytes, crate::parsed_size(&op)) else {
                     return Some("this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit".into());
                 };
                 let call = host.call_of(&e);

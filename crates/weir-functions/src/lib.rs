@@ -153,6 +153,34 @@ impl LogLine {
 /// The most of a log line's or an error's text kept, in bytes.
 pub const TEXT_KEPT: usize = 8192;
 
+/// Bytes counted for each value of a JSON text parsed into a `serde_json::Value`: the value
+/// itself, and an object member's key and its place in the map.
+const PARSED_VALUE_BYTES: usize = 96;
+
+/// What JSON `text` may take in memory once parsed into a `serde_json::Value`: its bytes (the
+/// strings' contents at most), and [`PARSED_VALUE_BYTES`] for each value, counted from the
+/// commas, colons and brackets outside its strings. `[0,0,0]` weighs far more than its text.
+pub fn parsed_size(text: &str) -> usize {
+    let (mut values, mut in_string, mut escaped) = (1usize, false, false);
+    for &b in text.as_bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b',' | b':' | b'[' | b'{' => values += 1,
+            _ => {}
+        }
+    }
+    text.len().saturating_add(values.saturating_mul(PARSED_VALUE_BYTES))
+}
+
 /// `text` cut to `TEXT_KEPT` bytes (at a character boundary, marked `…`) when it is longer.
 pub(crate) fn bounded(text: String) -> String {
     if text.len() > TEXT_KEPT { format!("{}…", &text[..text.floor_char_boundary(TEXT_KEPT)]) } else { text }
@@ -237,6 +265,19 @@ mod tests {
         for bad in ["", "/x", "x/", "a//b", "a/b/c/d/e/f/g/h/i", "a.b", "ü", "a b", "../x"] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_json_text_weighs_its_bytes_and_its_values() {
+        let weight = |t: &str| parsed_size(t);
+        assert_eq!(weight("1"), 1 + PARSED_VALUE_BYTES);
+        // Separators inside strings (escaped quotes too) are no values.
+        assert_eq!(weight(r#"{"a,b:[{":"x\",y"}"#), 18 + 3 * PARSED_VALUE_BYTES);
+        let zeros = format!("[{}0]", "0,".repeat(1000));
+        assert_eq!(weight(&zeros), zeros.len() + 1002 * PARSED_VALUE_BYTES);
+        // It is never under what parsing takes: the tree of a wide array of small values.
+        let tree = serde_json::from_str::<serde_json::Value>(&zeros).unwrap();
+        assert!(weight(&zeros) > tree.as_array().unwrap().capacity() * std::mem::size_of::<serde_json::Value>());
     }
 
     #[test]

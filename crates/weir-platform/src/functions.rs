@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::StatusCode;
 use schemars::JsonSchema;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use weir_core::error::ErrorKind;
 use weir_functions::lanes::Lanes;
@@ -199,6 +200,17 @@ pub struct Invocation {
     pub body: Value,
     pub logs: Vec<Value>,
     pub duration_ms: f64,
+}
+
+/// [`Invocation`] as it is written.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct InvocationOut<'a> {
+    status: u16,
+    headers: &'a Map<String, Value>,
+    body: &'a RawValue,
+    logs: &'a [weir_functions::LogLine],
+    duration_ms: f64,
 }
 
 pub(crate) fn shown(doc: &FunctionDoc) -> Value {
@@ -538,16 +550,28 @@ impl Platform {
         };
         let started = std::time::Instant::now();
         match self.run_function(gid, env, name, request).await {
-            Ok((outcome, env_doc)) => {
+            Ok((mut outcome, env_doc)) => {
                 let took = started.elapsed().as_secs_f64() * 1000.0;
-                let logs = outcome.logs.clone();
+                // The body stays counted against the gateway's memory limit while its answer
+                // is made of it.
+                let _held = std::mem::take(&mut outcome.hold);
+                let logs = std::mem::take(&mut outcome.logs);
                 let (status, headers, bytes) = weir_functions::live::answer(outcome, env_doc.debug, &env_doc.limits.limits());
                 let headers: Map<String, Value> = headers.into_iter().map(|(k, v)| (k, json!(v))).collect();
-                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let text = String::from_utf8_lossy(&bytes);
                 let is_json = headers.get("content-type").and_then(Value::as_str).is_some_and(|t| t.contains("json"));
-                let body = if is_json { serde_json::from_str(&text).unwrap_or(Value::String(text)) } else { Value::String(text) };
-                let logs = logs.iter().map(|l| serde_json::to_value(l).expect("a log line serializes")).collect();
-                json(StatusCode::OK, &serde_json::to_value(Invocation { status, headers, body, logs, duration_ms: took }).expect("an invocation serializes"))
+                // JSON is checked and copied as it is, never made into a tree: a function's
+                // small heap can answer a text whose tree would be many times its size.
+                let as_text;
+                let body: &RawValue = match is_json.then(|| serde_json::from_str::<&RawValue>(&text).ok()).flatten() {
+                    Some(raw) => raw,
+                    None => {
+                        as_text = serde_json::value::to_raw_value(&*text).expect("a string serializes");
+                        &as_text
+                    }
+                };
+                let answer = InvocationOut { status, headers: &headers, body, logs: &logs, duration_ms: took };
+                self.answers.answer(gid, StatusCode::OK, "application/json", serde_json::to_vec(&answer).expect("an invocation serializes"))
             }
             Err(r) => r,
         }

@@ -406,9 +406,15 @@ impl Platform {
             user: None,
         };
         let (status, error) = match self.run_function(&gid, &trigger.environment, &trigger.function, request).await {
-            Ok((outcome, env_doc)) => {
+            Ok((mut outcome, env_doc)) => {
+                let _held = std::mem::take(&mut outcome.hold);
                 let (status, _, body) = weir_functions::live::answer(outcome, false, &env_doc.limits.limits());
-                let error = (status >= 500).then(|| serde_json::from_slice::<Value>(&body).ok().and_then(|b| b["error_msg"].as_str().map(str::to_string)).unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()));
+                // Only the error's message is read of the body, never a tree of all of it.
+                #[derive(serde::Deserialize)]
+                struct Refusal {
+                    error_msg: Option<String>,
+                }
+                let error = (status >= 500).then(|| serde_json::from_slice::<Refusal>(&body).ok().and_then(|r| r.error_msg).unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned()));
                 (Some(status), error)
             }
             Err(reply) => (None, Some(format!("the function did not run ({})", reply.status()))),
