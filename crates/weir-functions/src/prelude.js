@@ -473,15 +473,34 @@
     return stringify(out) ?? "null";
   };
 
+  // A form's fields are the object's own properties whatever their names (`__proto__`,
+  // `toString`): a client's input never reshapes the object's prototype.
+  const hasOwn = Object.hasOwn;
+  const defineOwn = Object.defineProperty;
   const parseBody = (type, text) => {
     type = (type || "").toLowerCase();
     if (type.includes("json")) { try { return JSON.parse(text); } catch { return text; } }
     if (type.includes("application/x-www-form-urlencoded")) {
       const o = {};
-      for (const [k, v] of new URLSearchParams(text)) o[k] = k in o ? [].concat(o[k], v) : v;
+      for (const [k, v] of new URLSearchParams(text)) {
+        defineOwn(o, k, { value: hasOwn(o, k) ? [].concat(o[k], v) : v, writable: true, enumerable: true, configurable: true });
+      }
       return o;
     }
     return text;
+  };
+
+  // Frozen all the way down: a variable holding an object or an array is the same for every
+  // call. Only what the engine made (plain JSON values) is frozen this way.
+  const freezeOne = Object.freeze;
+  const ownKeys = Reflect.ownKeys;
+  const deepFreeze = (v) => {
+    if (v !== null && typeof v === "object") {
+      freezeOne(v);
+      const keys = ownKeys(v);
+      for (let i = 0; i < keys.length; i++) deepFreeze(v[keys[i]]);
+    }
+    return v;
   };
 
   // Called by the engine: runs one call to its response [status, headers, body].
@@ -499,7 +518,7 @@
     },
     setVars: (vs) => { vars = vs; },
     // Taken before any function runs: the engine freezes `ctx.user` and the variables with it.
-    freeze: Object.freeze,
+    freeze: deepFreeze,
     // Names the engine gives every call's context, held as this object's keys so that they
     // stay made: a name no live object holds is freed when a call ends and made again by the
     // next one.

@@ -357,6 +357,23 @@ async fn the_gateway_variables_keep_a_proto_key_as_a_property_and_take_any_json(
     gw.vars = Arc::new(json!({"roles": ["a"], "n": 1}).as_object().unwrap().clone());
     let out = gw.call("env", get("/")).await;
     assert_eq!(body_json(&out)["keys"], json!(["n", "roles"]), "other values go through the JSON parser");
+    // Frozen all the way down: no call changes a variable's array for the next.
+    let gw = Gw { vars: gw.vars.clone(), ..Gw::new(vec![func("dev", "grow", &[("index.js", "export default () => { try { imp.env.roles.push('admin'); } catch {} return imp.env.roles; }")])]) };
+    for _ in 0..2 {
+        assert_eq!(body_json(&gw.call("grow", get("/")).await), json!(["a"]));
+    }
+}
+
+/// A form's fields are own properties whatever their names: a client's `__proto__` field does
+/// not reshape the body object.
+#[tokio::test]
+async fn a_forms_fields_are_own_properties_whatever_their_names() {
+    let gw = Gw::new(vec![func("dev", "form", &[("index.js", "export default (ctx) => ({ plain: Object.getPrototypeOf(ctx.body) === Object.prototype, keys: Object.keys(ctx.body), proto: ctx.body.__proto__, text: String(ctx.body.toString) })")])]);
+    let mut req = get("/");
+    req.method = "POST".into();
+    req.headers.push(("content-type".into(), "application/x-www-form-urlencoded".into()));
+    req.body = Some("__proto__=a&toString=b&toString=c&x=1".into());
+    assert_eq!(body_json(&gw.call("form", req).await), json!({"plain": true, "keys": ["__proto__", "toString", "x"], "proto": "a", "text": "b,c"}));
 }
 
 /// The scheduling policy (`SCHED_BATCH` is 3) and niceness of this process's thread named
