@@ -398,8 +398,30 @@ struct Host {
     sinks: HashMap<u64, (Arc<Logs>, String)>,
     /// The gateway's fetches and database operations in flight, and its bytes of them.
     outbound: Slots,
+    /// Each call's fetches and database operations not yet answered, by the ids the SDK gave
+    /// them: a call that ends without waiting for them leaves no entry for them in its realm.
+    unanswered: HashMap<u64, Unanswered>,
     /// Each realm's context (its address) and environment, for the module loader.
     realms: Vec<(usize, String)>,
+}
+
+/// A call's fetch and database operation ids not yet answered.
+#[derive(Default)]
+struct Unanswered {
+    fetches: Vec<u32>,
+    db: Vec<u32>,
+}
+
+impl Host {
+    /// Marks outbound `id` of `call` answered (fetch or database).
+    fn answered(&mut self, call: u64, id: u32, fetch: bool) {
+        if let Some(u) = self.unanswered.get_mut(&call) {
+            let ids = if fetch { &mut u.fetches } else { &mut u.db };
+            if let Some(i) = ids.iter().position(|x| *x == id) {
+                ids.swap_remove(i);
+            }
+        }
+    }
 }
 
 /// A function's key among its gateway's: `{env}/{name}`, whatever its version.
@@ -815,6 +837,7 @@ impl Js {
                 };
                 let mut host = h.borrow_mut();
                 let call = host.call_of(&e);
+                host.unanswered.entry(call).or_default().fetches.push(id);
                 host.fetches.push((call, id, method, url, headers, body, place, bytes));
                 Ok(None)
             })?)?;
@@ -833,6 +856,7 @@ impl Js {
                     return Some("this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit".into());
                 };
                 let call = host.call_of(&e);
+                host.unanswered.entry(call).or_default().db.push(id);
                 host.db_ops.push((call, id, op, place, bytes));
                 None
             })?)?;
@@ -1512,16 +1536,18 @@ fn forget(js: &Js, id: u64, env: &str) -> Vec<LogLine> {
         host.cancelled.retain(|(call, _)| *call != id);
         host.logs.remove(&id).map(|(lines, _, _)| lines).unwrap_or_default()
     };
-    // The callbacks of the timers the call left behind go too, or the runtime would keep them.
+    let unanswered = js.host.borrow_mut().unanswered.remove(&id).unwrap_or_default();
+    // The callbacks of the timers the call left behind go too, and the SDK's entries for its
+    // fetches and database operations no one waited for, or the runtime would keep them.
     let realm = js.realms.borrow().iter().find(|(e, _)| e == env).map(|(_, r)| r.clone());
-    if let Some(realm) = realm.filter(|_| !unfired.is_empty()) {
+    if let Some(realm) = realm.filter(|_| !unfired.is_empty() || !unanswered.fetches.is_empty() || !unanswered.db.is_empty()) {
         js.housekeeping();
         realm.ctx.with(|ctx| {
-            let dropped = realm.sdk(&ctx, "dropTimers").and_then(|f| f.call::<_, ()>((unfired,)));
+            let dropped = realm.sdk(&ctx, "dropTimers").and_then(|f| f.call::<_, ()>((unfired,))).and_then(|()| realm.sdk(&ctx, "dropOutbound")).and_then(|f| f.call::<_, ()>((unanswered.fetches, unanswered.db)));
             if let Err(e) = dropped {
                 // Taken off the context, or the next call would see it.
                 let _ = ctx.catch();
-                tracing::debug!(error = %e, "a call's timers could not be dropped");
+                tracing::debug!(error = %e, "a call's timers or outbound calls could not be dropped");
             }
         });
     }
@@ -1604,6 +1630,7 @@ fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(
 
 fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> bool {
     let Fetched { call, id, result } = f;
+    js.host.borrow_mut().answered(call, id, true);
     wake(js, calls, call, move |realm, ctx| {
         let fetched = realm.sdk(ctx, "fetched")?;
         match result {
@@ -1618,6 +1645,7 @@ fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> boo
 }
 
 fn resume_db(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, id: u32, result: Result<String, String>) -> bool {
+    js.host.borrow_mut().answered(call, id, false);
     wake(js, calls, call, move |realm, ctx| {
         let done = realm.sdk(ctx, "dbDone")?;
         match result {

@@ -530,7 +530,9 @@
       "x-consumer-username": 0, "x-credential-identifier": 0,
     }),
     fireTimer,
-    dropTimers: (ids) => { for (const id of ids) timers.delete(id); },
+    dropTimers: (ids) => { for (let i = 0; i < ids.length; i++) timers.delete(ids[i]); },
+    // A call ended without waiting for these: their answers will not come.
+    dropOutbound: (f, d) => { for (let i = 0; i < f.length; i++) fetches.delete(f[i]); for (let i = 0; i < d.length; i++) dbCalls.delete(d[i]); },
     fetched,
     dbDone,
   };

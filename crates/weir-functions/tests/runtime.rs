@@ -810,6 +810,17 @@ async fn timers_a_call_leaves_behind_are_freed_when_it_ends() {
 }
 
 #[tokio::test]
+async fn fetches_a_call_does_not_wait_for_are_freed_when_it_ends() {
+    // Each call leaves a fetch whose reaction holds a MiB: kept in the SDK's table of fetches
+    // in flight, 64 calls would pass the runtime's 32 MiB.
+    let gw = Gw::new(vec![func("dev", "beacon", &[("index.js", "export default () => { const big = 'x'.repeat(1 << 20) + Math.random(); fetch('http://api.example/').then(() => big.length, () => big.length); return 'sent'; }")])]);
+    for i in 0..64 {
+        let out = gw.call("beacon", get("/")).await;
+        assert_eq!(out.result.as_ref().map(|r| r.body.as_slice()), Ok(&b"sent"[..]), "call {i}");
+    }
+}
+
+#[tokio::test]
 async fn a_fetched_body_is_given_back_to_the_gateways_budget_once_in_the_runtime() {
     // The fetcher takes each 12 MiB body from the budget (the gateway's 32 MiB), as the
     // node's does while it reads; kept, the third would not fit.
