@@ -368,7 +368,7 @@ pub struct Instance {
     pub priority: i64,
     pub plugin: Arc<dyn Plugin>,
     /// `_meta.filter`: the plugin runs only for requests this holds for.
-    pub filter: Option<Expr>,
+    pub filter: Option<Arc<Expr>>,
     /// `_meta.error_response`: replaces the body of any reply the plugin gives.
     pub error_response: Option<Value>,
 }
@@ -498,8 +498,18 @@ impl Registry {
             if meta.disable == Some(true) {
                 continue;
             }
+            // One compile of a filter per build and text: the same filter on many routes (an
+            // environment's layer on each of its functions' routes) shares its expressions.
             let filter = match &meta.filter {
-                Some(f) => Some(Expr::compile(&Value::Array(f.clone())).map_err(|e| format!("plugin {name}: _meta.filter: {e}"))?),
+                Some(f) => {
+                    let text = Value::Array(f.clone()).to_string();
+                    let expr = match cache.next_filters.get(&text).cloned().or_else(|| cache.previous_filters.remove(&text)) {
+                        Some(e) => e,
+                        None => Arc::new(Expr::compile(&Value::Array(f.clone())).map_err(|e| format!("plugin {name}: _meta.filter: {e}"))?),
+                    };
+                    cache.next_filters.insert(text, expr.clone());
+                    Some(expr)
+                }
                 None => None,
             };
             let mut plain = self.opened(conf).map_err(|e| format!("plugin {name}: {e}"))?.into_owned();
@@ -543,18 +553,24 @@ impl Registry {
 pub struct InstanceCache {
     previous: HashMap<(String, &'static str, String), Arc<dyn Plugin>>,
     next: HashMap<(String, &'static str, String), Arc<dyn Plugin>>,
+    /// Compiled `_meta.filter`s by their text, kept as instances are.
+    previous_filters: HashMap<String, Arc<Expr>>,
+    next_filters: HashMap<String, Arc<Expr>>,
 }
 
 impl InstanceCache {
     /// Ends a build: what it used is kept for the next; the rest is dropped.
     pub fn finish(&mut self) {
         self.previous = std::mem::take(&mut self.next);
+        self.previous_filters = std::mem::take(&mut self.next_filters);
     }
 
     /// Ends an update that compiled only some routes: what it used joins what was kept.
     pub fn merge(&mut self) {
         let next = std::mem::take(&mut self.next);
         self.previous.extend(next);
+        let next = std::mem::take(&mut self.next_filters);
+        self.previous_filters.extend(next);
     }
 }
 

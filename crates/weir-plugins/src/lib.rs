@@ -100,4 +100,19 @@ mod tests {
         let unknown = json!({"nope": {}});
         assert_eq!(registry.pipeline(unknown.as_object().unwrap(), "route:r", &Default::default(), &mut cache).err().unwrap(), "unknown plugin [nope]");
     }
+
+    #[test]
+    fn a_filter_on_many_routes_is_compiled_once_a_build_and_kept_for_the_next() {
+        let registry = registry();
+        let mut cache = InstanceCache::default();
+        let plugins = json!({"cors": {"_meta": {"filter": [["uri", "~~", "^/a+$"], ["arg_x", "==", "1"]]}}});
+        let filter_of = |cache: &mut InstanceCache, route: &str| registry.pipeline(plugins.as_object().unwrap(), route, &Default::default(), cache).unwrap().instances[0].filter.clone().unwrap();
+        let (r1, r2) = (filter_of(&mut cache, "route:1"), filter_of(&mut cache, "route:2"));
+        assert!(std::sync::Arc::ptr_eq(&r1, &r2), "one compile for both routes");
+        cache.finish();
+        assert!(std::sync::Arc::ptr_eq(&r1, &filter_of(&mut cache, "route:3")), "and kept for the next build");
+        cache.finish();
+        cache.finish();
+        assert!(!std::sync::Arc::ptr_eq(&r1, &filter_of(&mut cache, "route:1")), "dropped by a build that did not use it");
+    }
 }
