@@ -223,23 +223,37 @@
   G.URL = URL;
 
   // Headers, Response, and the function-side fetch.
+  // As WHATWG's: values of a name are joined with ", ", except `set-cookie`'s, which stay one
+  // field each (a cookie's `Expires` holds a comma) and are listed by `getSetCookie()`.
   class Headers {
     constructor(init) {
       this._map = new Map();
+      this._cookies = [];
       if (init instanceof Headers) init.forEach((v, k) => this.append(k, v));
       else if (Array.isArray(init)) for (const [k, v] of init) this.append(k, v);
       else if (init && typeof init === "object") for (const k of Object.keys(init)) this.append(k, init[k]);
     }
-    append(k, v) { k = String(k).toLowerCase(); const o = this._map.get(k); this._map.set(k, o === undefined ? String(v) : o + ", " + v); }
-    set(k, v) { this._map.set(String(k).toLowerCase(), String(v)); }
-    get(k) { const v = this._map.get(String(k).toLowerCase()); return v === undefined ? null : v; }
-    has(k) { return this._map.has(String(k).toLowerCase()); }
-    delete(k) { this._map.delete(String(k).toLowerCase()); }
-    forEach(f) { for (const [k, v] of this._map) f(v, k, this); }
-    entries() { return this._map.entries(); }
-    keys() { return this._map.keys(); }
-    values() { return this._map.values(); }
-    [Symbol.iterator]() { return this._map.entries(); }
+    append(k, v) {
+      k = String(k).toLowerCase();
+      if (k === "set-cookie") { this._cookies.push(String(v)); return; }
+      const o = this._map.get(k);
+      this._map.set(k, o === undefined ? String(v) : o + ", " + v);
+    }
+    set(k, v) { k = String(k).toLowerCase(); if (k === "set-cookie") this._cookies = [String(v)]; else this._map.set(k, String(v)); }
+    get(k) {
+      k = String(k).toLowerCase();
+      if (k === "set-cookie") return this._cookies.length ? this._cookies.join(", ") : null;
+      const v = this._map.get(k);
+      return v === undefined ? null : v;
+    }
+    getSetCookie() { return this._cookies.slice(); }
+    has(k) { k = String(k).toLowerCase(); return k === "set-cookie" ? this._cookies.length > 0 : this._map.has(k); }
+    delete(k) { k = String(k).toLowerCase(); if (k === "set-cookie") this._cookies = []; else this._map.delete(k); }
+    forEach(f) { for (const [k, v] of this.entries()) f(v, k, this); }
+    entries() { const out = [...this._map.entries()]; for (const c of this._cookies) out.push(["set-cookie", c]); return out[Symbol.iterator](); }
+    keys() { return [...this.entries()].map((e) => e[0])[Symbol.iterator](); }
+    values() { return [...this.entries()].map((e) => e[1])[Symbol.iterator](); }
+    [Symbol.iterator]() { return this.entries(); }
   }
   G.Headers = Headers;
   const bodyBytes = (body) => {
@@ -435,7 +449,12 @@
       statusCode: 200,
       headers: new Headers(),
       status(n) { this.statusCode = n | 0; return this; },
-      set(k, v) { if (typeof k === "object") { for (const n of Object.keys(k)) this.headers.set(n, k[n]); } else this.headers.set(k, v); return this; },
+      // An array of values (cookies, say) is one field each, as Express sends them.
+      set(k, v) {
+        if (typeof k === "object") { for (const n of Object.keys(k)) this.set(n, k[n]); return this; }
+        if (Array.isArray(v)) { this.headers.delete(k); for (const x of v) this.headers.append(k, x); } else this.headers.set(k, v);
+        return this;
+      },
       header(k, v) { return this.set(k, v); },
       type(t) { this.headers.set("content-type", t.includes("/") ? t : t === "json" ? "application/json" : t === "html" ? "text/html; charset=utf-8" : "text/plain; charset=utf-8"); return this; },
       json(v) { if (!this.headers.has("content-type")) this.headers.set("content-type", "application/json"); return this.end(JSON.stringify(v)); },

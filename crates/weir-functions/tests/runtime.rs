@@ -364,6 +364,28 @@ async fn the_gateway_variables_keep_a_proto_key_as_a_property_and_take_any_json(
     }
 }
 
+/// Each cookie is a field of its own, from `Headers` and from Express's `res.set` alike; other
+/// names' values are joined as WHATWG's `Headers` joins them.
+#[tokio::test]
+async fn each_cookie_is_a_header_field_of_its_own() {
+    let gw = Gw::new(vec![
+        func("dev", "express", &[("index.js", "export default (req, res) => res.set('Set-Cookie', ['a=1; Expires=Wed, 21 Oct 2026 07:28:00 GMT', 'b=2']).set('X-A', ['1', '2']).end('ok')")]),
+        func("dev", "whatwg", &[("index.js", "export default () => {
+            const h = new Headers([['Set-Cookie', 'a=1'], ['x-b', '1']]);
+            h.append('set-cookie', 'b=2');
+            h.append('X-B', '2');
+            return new Response(JSON.stringify({ list: h.getSetCookie(), joined: h.get('set-cookie'), b: h.get('x-b'), has: h.has('Set-Cookie') }), { headers: h });
+        }")]),
+    ]);
+    let fields = |out: &Outcome, name: &str| -> Vec<String> { out.result.as_ref().unwrap().headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect() };
+    let out = gw.call("express", get("/")).await;
+    assert_eq!(fields(&out, "set-cookie"), ["a=1; Expires=Wed, 21 Oct 2026 07:28:00 GMT", "b=2"]);
+    assert_eq!(fields(&out, "x-a"), ["1, 2"]);
+    let out = gw.call("whatwg", get("/")).await;
+    assert_eq!(fields(&out, "set-cookie"), ["a=1", "b=2"]);
+    assert_eq!(body_json(&out), json!({"list": ["a=1", "b=2"], "joined": "a=1, b=2", "b": "1, 2", "has": true}));
+}
+
 /// A form's fields are own properties whatever their names: a client's `__proto__` field does
 /// not reshape the body object.
 #[tokio::test]
