@@ -794,8 +794,10 @@ impl Js {
             natives.set("environment", JsFn::new(ctx.clone(), move || e.clone())?)?;
             natives.set("uuid", JsFn::new(ctx.clone(), crate::sdk::uuid)?)?;
             natives.set("random", JsFn::new(ctx.clone(), random_native)?)?;
-            natives.set("digest", JsFn::new(ctx.clone(), digest_native)?)?;
-            natives.set("encode", JsFn::new(ctx.clone(), encode_native)?)?;
+            // What hashing and encoding copy outside the runtime counts against the gateway's
+            // memory limit there, taken before it is copied.
+            natives.set("digest", JsFn::new(ctx.clone(), digester(host.clone()))?)?;
+            natives.set("encode", JsFn::new(ctx.clone(), encoder(host.clone()))?)?;
             // What decoding copies outside the runtime counts against the gateway's memory
             // limit there while it is made (the text itself is the runtime's once made).
             let h = host.clone();
@@ -827,7 +829,11 @@ impl Js {
                     return Ok(Some(format!("fetch to {} refused: {}", crate::fetch::without_userinfo(&url), Slots::refusal("fetch"))));
                 };
                 let headers = header_list(&headers)?;
-                let body = body.map(|b| from_wire(&b)).transpose()?;
+                let body = match body.map(|b| from_wire_within(&b, &slots.bytes)).transpose()? {
+                    Some(None) => return Ok(Some(format!("fetch to {} refused: the request and the fetches in flight would pass this gateway's memory limit", crate::fetch::without_userinfo(&url).chars().take(200).collect::<String>()))),
+                    Some(Some(b)) => Some(b),
+                    None => None,
+                };
                 // The request leaves the runtime's memory: until it is sent it counts against
                 // the gateway's limit here, its URL and headers with its body.
                 let size = body.as_ref().map_or(0, Vec::len) + method.len() + url.len() + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
@@ -842,23 +848,33 @@ impl Js {
                 Ok(None)
             })?)?;
             let (h, e) = (host.clone(), env.to_string());
-            natives.set("db", JsFn::new(ctx.clone(), move |id: u32, op: String| -> Option<String> {
-                let mut host = h.borrow_mut();
-                if host.call_of(&e) == STRAY {
-                    return Some(STRAY_REFUSAL.into());
+            natives.set("db", JsFn::new(ctx.clone(), move |id: u32, op: rquickjs::String<'_>, n: usize| -> rquickjs::Result<Option<String>> {
+                if h.borrow().call_of(&e) == STRAY {
+                    return Ok(Some(STRAY_REFUSAL.into()));
                 }
+                // The text is copied out only once the least its copy takes (a byte a char)
+                // is taken.
+                let too_much = "this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit";
+                let op = {
+                    let budget = h.borrow().outbound.bytes.clone();
+                    let Some(_copying) = Taken::of(&budget, n) else {
+                        return Ok(Some(too_much.into()));
+                    };
+                    op.to_string()?
+                };
+                let mut host = h.borrow_mut();
                 let Some(place) = host.outbound.place() else {
-                    return Some(Slots::refusal("database operation"));
+                    return Ok(Some(Slots::refusal("database operation")));
                 };
                 // The operation counts against the gateway's limit until it has run, as its
                 // text and the tree the node parses it into.
                 let Some(bytes) = Taken::of(&host.outbound.bytes, crate::parsed_size(&op)) else {
-                    return Some("this database operation and the fetches and database results outside this gateway's runtime would pass its memory limit".into());
+                    return Ok(Some(too_much.into()));
                 };
                 let call = host.call_of(&e);
                 host.unanswered.entry(call).or_default().db.push(id);
                 host.db_ops.push((call, id, op, place, bytes));
-                None
+                Ok(None)
             })?)?;
             ctx.globals().set("__host", natives)?;
             ctx.eval::<(), _>(PRELUDE)?;
@@ -942,10 +958,28 @@ fn random_native<'js>(ctx: Ctx<'js>, n: usize) -> rquickjs::Result<Value<'js>> {
     Ok(a.arraybuffer()?.into_value())
 }
 
-fn digest_native<'js>(ctx: Ctx<'js>, bits: u32, data: Array<'js>) -> rquickjs::Result<Value<'js>> {
-    let bytes = from_wire(&data)?;
-    let Some(out) = crate::sdk::digest(bits, &bytes) else { return Err(rquickjs::Exception::throw_type(&ctx, "unsupported digest")) };
-    Ok(TypedArray::<u8>::new_copy(ctx, out)?.arraybuffer()?.into_value())
+/// `crypto.subtle.digest`'s native: the data copied out once its copies fit the budget.
+fn digester(host: Shared) -> impl for<'js> Fn(Ctx<'js>, u32, Array<'js>) -> rquickjs::Result<Value<'js>> {
+    move |ctx, bits, data| {
+        let budget = host.borrow().outbound.bytes.clone();
+        let Some(bytes) = from_wire_within(&data, &budget)? else {
+            return Err(rquickjs::Exception::throw_range(&ctx, "crypto.subtle.digest: the data is too large for this gateway's memory limit"));
+        };
+        let Some(out) = crate::sdk::digest(bits, &bytes) else { return Err(rquickjs::Exception::throw_type(&ctx, "unsupported digest")) };
+        Ok(TypedArray::<u8>::new_copy(ctx, out)?.arraybuffer()?.into_value())
+    }
+}
+
+/// `TextEncoder`'s native: a text of `n` UTF-16 units copied out once the least its UTF-8
+/// takes (a byte a unit) fits the budget.
+fn encoder(host: Shared) -> impl for<'js> Fn(Ctx<'js>, rquickjs::String<'js>, usize) -> rquickjs::Result<Value<'js>> {
+    move |ctx, s, n| {
+        let budget = host.borrow().outbound.bytes.clone();
+        let Some(_copying) = Taken::of(&budget, n) else {
+            return Err(rquickjs::Exception::throw_range(&ctx, "TextEncoder: the text is too large for this gateway's memory limit"));
+        };
+        encode_native(ctx, s.to_string()?)
+    }
 }
 
 /// The UTF-8 of a well-formed string (the prelude replaces lone surrogates before), as a
@@ -1017,11 +1051,23 @@ fn length(a: &Array<'_>) -> rquickjs::Result<usize> {
     Ok(if n.is_finite() && n >= 0.0 { n as usize } else { 0 })
 }
 
-/// Bytes from the prelude's `[binary, string]`.
+/// Bytes from the prelude's `[binary, string, length]`.
 fn from_wire(v: &Array<'_>) -> rquickjs::Result<Vec<u8>> {
     let binary: bool = v.get(0)?;
     let s: String = v.get(1)?;
     Ok(if binary { latin1(&s) } else { s.into_bytes() })
+}
+
+/// As [`from_wire`], copied only once the least its copies take is taken from `budget` (a byte
+/// a char of text; for bytes, their UTF-8 then the bytes, two a char at least), and given back
+/// when they are made; `None` when it is not there. So a copy past the budget is never made,
+/// and one made is at most a few times what was taken.
+fn from_wire_within(v: &Array<'_>, budget: &Arc<Budget>) -> rquickjs::Result<Option<Vec<u8>>> {
+    let binary: bool = v.get(0)?;
+    let n: f64 = v.get(2)?;
+    let n = if n.is_finite() && n >= 0.0 { n as usize } else { usize::MAX };
+    let Some(_copying) = Taken::of(budget, n.saturating_mul(if binary { 2 } else { 1 })) else { return Ok(None) };
+    from_wire(v).map(Some)
 }
 
 /// Puts the calling runtime thread under Linux's batch policy, at the niceness it has. A thread

@@ -30,7 +30,7 @@
   class TextEncoder {
     get encoding() { return "utf-8"; }
     // Lone surrogates become U+FFFD, as WHATWG's encoder makes them.
-    encode(s = "") { return host.encode(wellFormed(String(s))); }
+    encode(s = "") { const t = wellFormed(String(s)); return host.encode(t, t.length); }
   }
   // Held, so that a function replacing them breaks no other's encoding.
   const wellFormed = Function.prototype.call.bind(String.prototype.toWellFormed);
@@ -280,6 +280,7 @@
   }
   G.Response = Response;
 
+  const MAX_URL = 65536;
   let nextFetch = 1;
   const fetches = new Map();
   G.fetch = (input, init = {}) => new Promise((resolve, reject) => {
@@ -296,7 +297,11 @@
     const id = nextFetch++;
     fetches.set(id, { resolve, reject });
     try {
-      const refused = host.fetch(id, String(init.method || "GET").toUpperCase(), url, list, body === null ? null : wire(body));
+      const method = String(init.method || "GET").toUpperCase();
+      // Checked here, before the engine copies them out of the runtime.
+      if (url.length > MAX_URL) throw new TypeError(`fetch refused: the URL is longer than ${MAX_URL} characters`);
+      if (method.length > 64) throw new TypeError("fetch refused: the method is longer than 64 characters");
+      const refused = host.fetch(id, method, url, list, body === null ? null : wire(body));
       if (refused) throw new TypeError(refused);
     } catch (e) {
       fetches.delete(id);
@@ -352,7 +357,8 @@
     const id = nextDb++;
     dbCalls.set(id, { resolve, reject });
     try {
-      const refused = host.db(id, JSON.stringify(req));
+      const op = JSON.stringify(req);
+      const refused = host.db(id, op, op.length);
       if (refused) throw dbError({ message: refused, code: "unavailable", status: 503 });
     } catch (e) {
       dbCalls.delete(id);
@@ -473,7 +479,9 @@
 
   // Bytes cross to the engine as a Latin-1 string, text as itself: [binary, string].
   const latin1 = (u) => { let s = ""; const n = taLength(u); for (let i = 0; i < n; i += 8192) s += apply(fromCharCode, null, bytesIn(u, i, i + 8192 < n ? i + 8192 : n)); return s; };
-  const wire = (b) => typeof b === "string" ? [false, b] : [true, latin1(bytesOf(b))];
+  // The third is the string's length, so that the engine takes the room for its copies
+  // before it makes them.
+  const wire = (b) => { const s = typeof b === "string" ? b : latin1(bytesOf(b)); return [typeof b !== "string", s, s.length]; };
   const toResponse = (out) => {
     if (out !== null && typeof out === "object") {
       // A plain object or array, the common answer, is JSON: it crosses as its text alone.

@@ -364,6 +364,19 @@ async fn the_gateway_variables_keep_a_proto_key_as_a_property_and_take_any_json(
     }
 }
 
+/// A URL or method past its bound is refused in the runtime, before the engine copies it out.
+#[tokio::test]
+async fn a_fetch_with_a_huge_url_or_method_is_refused_before_it_is_copied() {
+    let gw = Gw::new(vec![func("dev", "huge", &[("index.js", "export default async () => {
+        const out = [];
+        for (const t of [() => fetch('http://api.example/' + 'a'.repeat(70000)), () => fetch('http://api.example/', { method: 'X'.repeat(65) })]) {
+          try { await t(); out.push('sent'); } catch (e) { out.push(e.message); }
+        }
+        return out;
+      }")])]);
+    assert_eq!(body_json(&gw.call("huge", get("/")).await), json!(["fetch refused: the URL is longer than 65536 characters", "fetch refused: the method is longer than 64 characters"]));
+}
+
 /// Each cookie is a field of its own, from `Headers` and from Express's `res.set` alike; other
 /// names' values are joined as WHATWG's `Headers` joins them.
 #[tokio::test]
@@ -566,19 +579,27 @@ async fn decoding_and_logging_copy_out_no_more_than_the_gateway_may_hold() {
     let engine = held.engine("decoding");
     let f = func("dev", "decode", &[("index.js", "export default async () => {
         const sent = fetch('http://api.example/in', { method: 'POST', body: 'y'.repeat(24 << 20) });
-        let out;
-        try { out = new TextDecoder().decode(new Uint8Array(3 << 20).fill(0xff)).length; } catch (e) { out = e.name + ': ' + e.message; }
+        const tries = [
+          () => new TextDecoder().decode(new Uint8Array(3 << 20).fill(0xff)).length,
+          () => crypto.subtle.digest('SHA-256', new Uint8Array(5 << 20).fill(0x80)),
+          () => new TextEncoder().encode('\\u00e9'.repeat(9 << 20)).length,
+        ];
+        const out = [];
+        for (const t of tries) { try { await t(); out.push('done'); } catch (e) { out.push(e.name + ': ' + e.message); } }
         await sent;
-        return out;
+        return out.join('\\n');
       }")]);
     let reach = weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None };
     let running = tokio::spawn(run_alone(engine.clone(), f.clone(), reach.clone()));
     held.reach(1).await;
     held.release();
-    assert_eq!(running.await.unwrap().result.unwrap().body, b"RangeError: TextDecoder: the data is too large for this gateway's memory limit");
-    // Alone, the same decode is done.
-    let f = func("dev", "alone", &[("index.js", "export default () => new TextDecoder().decode(new Uint8Array(3 << 20).fill(0xff)).length")]);
-    assert_eq!(body_json(&run_alone(engine, f, reach).await), json!(3 << 20));
+    assert_eq!(
+        String::from_utf8(running.await.unwrap().result.unwrap().body).unwrap(),
+        "RangeError: TextDecoder: the data is too large for this gateway's memory limit\nRangeError: crypto.subtle.digest: the data is too large for this gateway's memory limit\nRangeError: TextEncoder: the text is too large for this gateway's memory limit"
+    );
+    // Alone, the same decode, digest and encoding are done.
+    let f = func("dev", "alone", &[("index.js", "export default async () => [new TextDecoder().decode(new Uint8Array(3 << 20).fill(0xff)).length, (await crypto.subtle.digest('SHA-256', new Uint8Array(5 << 20).fill(0x80))).byteLength, new TextEncoder().encode('\\u00e9'.repeat(9 << 20)).length]")]);
+    assert_eq!(body_json(&run_alone(engine, f, reach).await), json!([3 << 20, 32, 18 << 20]));
     let gw = Gw::new(vec![
         func("dev", "small", &[("index.js", "export default () => new TextDecoder().decode(new Uint8Array([0x68, 0xc3, 0xa9, 0xff]))")]),
         func("dev", "log", &[("index.js", "export default () => { console.log('é'.repeat(4 << 20)); console.log('half \\ud800 of a pair'); return 'logged'; }")]),
