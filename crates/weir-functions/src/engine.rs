@@ -401,6 +401,8 @@ struct Host {
     /// Each call's fetches and database operations not yet answered, by the ids the SDK gave
     /// them: a call that ends without waiting for them leaves no entry for them in its realm.
     unanswered: HashMap<u64, Unanswered>,
+    /// The most timers kept at once ([`timers_at_most`]).
+    timers_at_most: usize,
     /// Each realm's context (its address) and environment, for the module loader.
     realms: Vec<(usize, String)>,
 }
@@ -704,7 +706,7 @@ impl Js {
         rt.set_memory_limit(memory);
         rt.set_max_stack_size(1 << 20);
         rt.set_gc_threshold(memory / 4);
-        let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.clone(), ..Host::default() }));
+        let host: Shared = Rc::new(RefCell::new(Host { outbound: slots.clone(), timers_at_most: timers_at_most(memory), ..Host::default() }));
         rt.set_loader(Names(host.clone()), Sources(host.clone()));
         {
             let deadline = deadline.clone();
@@ -733,8 +735,8 @@ impl Js {
             let (h, e) = (host.clone(), env.to_string());
             natives.set("timer", JsFn::new(ctx.clone(), move |id: u32, ms: f64| -> Option<String> {
                 let mut host = h.borrow_mut();
-                if host.timers.len() >= TIMERS_PENDING {
-                    return Some(format!("this gateway has {TIMERS_PENDING} timers pending; no more may be set until some fire or are cleared"));
+                if host.timers.len() >= host.timers_at_most {
+                    return Some(format!("this gateway has {} timers pending; no more may be set until some fire or are cleared", host.timers_at_most));
                 }
                 let call = host.call_of(&e);
                 if call == STRAY {
@@ -1637,7 +1639,14 @@ fn fire_timers(js: &mut Js, calls: &mut BTreeMap<u64, Live>) -> bool {
                     }
                     Some((call, id))
                 }
-                _ => None,
+                _ => {
+                    // Emptied, the collections give back the room they grew to.
+                    if host.timers.is_empty() && host.timers.capacity() > 1024 {
+                        host.timers.shrink_to_fit();
+                        host.cancelled.shrink_to_fit();
+                    }
+                    None
+                }
             }
         };
         let Some((call, id)) = due else { break };
@@ -1771,6 +1780,15 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
 /// Timers one gateway's runtime keeps at once (cleared ones count until they would have
 /// fired): the engine holds them outside the runtime's memory limit.
 pub const TIMERS_PENDING: usize = 100_000;
+
+/// Bytes of the runtime's memory limit a timer kept outside it stands for: a gateway with
+/// little memory keeps fewer timers ([`TIMERS_PENDING`] at most).
+const TIMER_WEIGHT: usize = 256;
+
+/// The timers a runtime of `memory` bytes keeps at once.
+pub fn timers_at_most(memory: usize) -> usize {
+    (memory / TIMER_WEIGHT).clamp(1024, TIMERS_PENDING)
+}
 
 /// Fetches and database operations one gateway may have in flight on a node at once: past
 /// this, more are refused at once, so that no tenant holds the node's connections or its

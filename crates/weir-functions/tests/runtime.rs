@@ -839,6 +839,8 @@ async fn a_gateway_keeps_so_many_timers_and_frees_them_with_the_call() {
     // Cleared timers count until they would have fired or their call ends: the call's went
     // with it.
     assert_eq!(gw.call("one", get("/")).await.result.unwrap().body, b"fired");
+    // A gateway with less memory keeps fewer, as they stand for its memory outside the runtime.
+    assert_eq!([1 << 20, 32 << 20, 64 << 10].map(weir_functions::engine::timers_at_most), [4096, weir_functions::engine::TIMERS_PENDING, 1024]);
 }
 
 #[tokio::test]
