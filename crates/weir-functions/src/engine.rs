@@ -805,9 +805,10 @@ impl Js {
             let h = host.clone();
             natives.set("decode", JsFn::new(ctx.clone(), move |ctx: Ctx<'_>, bytes: rquickjs::String<'_>, n: usize, fatal: bool, ignore_bom: bool| -> rquickjs::Result<Option<String>> {
                 let budget = h.borrow().outbound.bytes.clone();
-                // For `n` bytes (one a char): their UTF-8 (two bytes a char at most) and the
-                // bytes themselves, then the bytes and the text made of them (three for one at
-                // most), taken before any is copied.
+                // For a text of `n` chars (a byte each, unless a function reshaped the typed
+                // arrays): their UTF-8 (two bytes a char at most; three past U+07FF) and the
+                // bytes, then the bytes and the text made of them (three for one at most),
+                // taken before any is copied.
                 let Some(_held) = Taken::of(&budget, n.saturating_mul(4)) else {
                     return Err(rquickjs::Exception::throw_range(&ctx, "TextDecoder: the data is too large for this gateway's memory limit"));
                 };
@@ -965,6 +966,10 @@ fn digester(host: Shared) -> impl for<'js> Fn(Ctx<'js>, u32, Array<'js>) -> rqui
     move |ctx, bits, data| {
         let budget = host.borrow().outbound.bytes.clone();
         let Some(bytes) = from_wire_within(&data, &budget)? else {
+            return Err(rquickjs::Exception::throw_range(&ctx, "crypto.subtle.digest: the data is too large for this gateway's memory limit"));
+        };
+        // The copy counts while it is hashed.
+        let Some(_hashing) = Taken::of(&budget, bytes.len()) else {
             return Err(rquickjs::Exception::throw_range(&ctx, "crypto.subtle.digest: the data is too large for this gateway's memory limit"));
         };
         let Some(out) = crate::sdk::digest(bits, &bytes) else { return Err(rquickjs::Exception::throw_type(&ctx, "unsupported digest")) };

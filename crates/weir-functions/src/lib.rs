@@ -153,9 +153,10 @@ impl LogLine {
 /// The most of a log line's or an error's text kept, in bytes.
 pub const TEXT_KEPT: usize = 8192;
 
-/// Bytes counted for each value of a JSON text parsed into a `serde_json::Value`: the value
-/// itself, and an object member's key and its place in the map.
-const PARSED_VALUE_BYTES: usize = 96;
+/// Bytes counted for each value of a JSON text parsed into a `serde_json::Value` (each comma,
+/// colon and opening bracket): twice the value's own size, as a vector or map that grows by
+/// doubling may hold up to twice what it holds, and the place of a member in its map.
+const PARSED_VALUE_BYTES: usize = 2 * std::mem::size_of::<serde_json::Value>() + 32;
 
 /// What JSON `text` may take in memory once parsed into a `serde_json::Value`: its bytes (the
 /// strings' contents at most), and [`PARSED_VALUE_BYTES`] for each value, counted from the
@@ -273,11 +274,16 @@ mod tests {
         assert_eq!(weight("1"), 1 + PARSED_VALUE_BYTES);
         // Separators inside strings (escaped quotes too) are no values.
         assert_eq!(weight(r#"{"a,b:[{":"x\",y"}"#), 18 + 3 * PARSED_VALUE_BYTES);
-        let zeros = format!("[{}0]", "0,".repeat(1000));
-        assert_eq!(weight(&zeros), zeros.len() + 1002 * PARSED_VALUE_BYTES);
-        // It is never under what parsing takes: the tree of a wide array of small values.
+        // It is never under what parsing takes: the tree of a wide array of small values, just
+        // past a doubling of its vector, and of an object of many members.
+        let zeros = format!("[{}0]", "0,".repeat(1024));
+        assert_eq!(weight(&zeros), zeros.len() + 1026 * PARSED_VALUE_BYTES);
         let tree = serde_json::from_str::<serde_json::Value>(&zeros).unwrap();
         assert!(weight(&zeros) > tree.as_array().unwrap().capacity() * std::mem::size_of::<serde_json::Value>());
+        let members = format!("{{{}\"z\":0}}", (0..1024).map(|i| format!("\"{i}\":0,")).collect::<String>());
+        let tree = serde_json::from_str::<serde_json::Value>(&members).unwrap();
+        let entry = std::mem::size_of::<(u64, String, serde_json::Value)>() + std::mem::size_of::<usize>();
+        assert!(weight(&members) > 2048 * entry + tree.as_object().unwrap().keys().map(String::len).sum::<usize>(), "{}", weight(&members));
     }
 
     #[test]

@@ -167,14 +167,14 @@ type Built = Option<(Arc<FunctionDoc>, Arc<Function>)>;
 /// What a stored value built to, or, where it built to nothing (it does not read or compile
 /// here), the version the node served before it: a node keeps serving its last good version
 /// of a function rather than none.
-fn kept_if_none(key: &str, built: Built, before: Built) -> Built {
+fn kept_if_none(key: &str, bytes: Bytes, built: Built, before: Built) -> Entry {
     match (built, before) {
-        (Some(b), _) => Some(b),
+        (Some(b), _) => Entry { bytes, built: Some(b), fresh: true },
         (None, Some(before)) => {
             tracing::warn!(function = %key, version = before.0.version, "keeps serving its last version that compiled");
-            Some(before)
+            Entry { bytes, built: Some(before), fresh: false }
         }
-        (None, None) => None,
+        (None, None) => Entry { bytes, built: None, fresh: true },
     }
 }
 
@@ -239,7 +239,7 @@ impl Functions {
         }
         // The version stored now, which the lowering may not have reached yet: compiled for
         // this call alone when it has not, so that the cache only ever moves forward.
-        let lowered = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).filter(|c| c.bytes[..] == *value).map(|c| c.built.clone());
+        let lowered = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).filter(|c| c.bytes[..] == *value).map(|c| if c.fresh { c.built.clone() } else { None });
         let built = match (lowered, self.me.upgrade()) {
             (Some(built), _) => built,
             (None, Some(me)) => me.compile_for_invoke(gid, key, value).await,
@@ -410,12 +410,13 @@ impl Functions {
             let code = ready.or_else(|| self.compile(key, &doc, false))?;
             Some(self.assemble(gid, value, doc, digest, code))
         });
-        let built = kept_if_none(key, built, before);
+        let entry = kept_if_none(key, Bytes::copy_from_slice(value), built, before);
+        let built = entry.built.clone();
         // The value lowered is the newest: a compile still under way for the key is of an
         // older one, and keeps what it makes to itself.
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.remove(key);
-        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), Entry { bytes: Bytes::copy_from_slice(value), built: built.clone() });
+        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), entry);
         drop(pending);
         built
     }
@@ -456,7 +457,7 @@ impl Functions {
                         Some(newest) if *newest == value => {
                             let mut compiled = f.compiled.lock().unwrap_or_else(|e| e.into_inner());
                             let before = compiled.get(&k).and_then(|c| c.built.clone());
-                            compiled.insert(k.clone(), Entry { bytes: value, built: kept_if_none(&k, built, before) });
+                            compiled.insert(k.clone(), kept_if_none(&k, value, built, before));
                             pending.remove(&k);
                             Turn::Done
                         }
@@ -679,6 +680,9 @@ fn source_digest(files: &BTreeMap<String, String>, entry: &str) -> [u8; 32] {
 struct Entry {
     bytes: Bytes,
     built: Built,
+    /// Whether `built` is of `bytes`; not when they did not compile here and the version
+    /// served before is kept.
+    fresh: bool,
 }
 
 /// Holds compile tasks at the start of their compile while a test says so.
@@ -1464,6 +1468,9 @@ mod tests {
         let broken = FunctionDoc { files: BTreeMap::from([("index.ts".to_string(), "export default (".to_string())]), version: 4, ..saved.clone() };
         assert_eq!(f.function("g", dev, &serde_json::to_vec(&broken).unwrap(), false).unwrap().0.version, 3);
         assert_eq!(cached_version(&f, dev), Some(3));
+        // An invocation of the stored version says it does not compile, rather than run another.
+        let invoked = f.invoke("g", &env_doc(true), dev, &serde_json::to_vec(&broken).unwrap(), Request::default()).await;
+        assert!(matches!(invoked, Err(NotRun::Unable("the stored function does not compile"))), "{:?}", invoked.map(|o| o.result));
         let broken = FunctionDoc { version: 5, ..broken };
         assert_eq!(f.function("g", dev, &serde_json::to_vec(&broken).unwrap(), true).unwrap().0.version, 3);
         tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();

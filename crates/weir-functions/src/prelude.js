@@ -104,7 +104,9 @@
         u = bytesIn(u, 0, n - keep);
       }
       // A byte order mark is dropped at the start of a stream only.
-      const s = host.decode(latin1(u), taLength(u), this._fatal, this._ignoreBOM || this._started);
+      // The length of the text that crosses, whatever the view's `length` getter says.
+      const text = latin1(u);
+      const s = host.decode(text, text.length, this._fatal, this._ignoreBOM || this._started);
       this._started = stream && (this._started || taLength(u) > 0);
       if (typeof s !== "string") throw new TypeError("TextDecoder: the data is not valid UTF-8");
       return s;

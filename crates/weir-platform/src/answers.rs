@@ -3,8 +3,8 @@
 //! there: without a bound, one tenant asking for its 64 MiB list on many connections at once
 //! would hold the node's memory. So an answer of `LARGE` bytes or more is counted against its
 //! gateway's share and the node's until the last of its bytes is sent or the connection ends,
-//! and one that does not fit is refused with 503 and `Retry-After`, changing nothing. Smaller
-//! answers are never counted.
+//! and one that does not fit is refused with 503 and `Retry-After`, changing nothing (with 507,
+//! and no `Retry-After`, when it could never fit). Smaller answers are never counted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -92,6 +92,13 @@ impl Answers {
                 resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
                 resp
             }
+            None if len > self.limits.per_gateway_bytes.min(self.limits.node_bytes) => {
+                // It would never fit: no use trying again.
+                let message = format!("this answer ({} MiB) is larger than platform.large_answers lets one gateway's answers hold at once", len.div_ceil(1 << 20));
+                let mut resp = crate::api::json(StatusCode::INSUFFICIENT_STORAGE, &serde_json::json!({"error": {"kind": "too_large", "message": message, "problems": []}}));
+                resp.headers_mut().remove(http::header::RETRY_AFTER);
+                resp
+            }
             None => {
                 let mut resp = crate::api::failure(
                     weir_core::error::ErrorKind::Unavailable,
@@ -135,6 +142,17 @@ impl Drop for Counted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_answer_that_could_never_fit_is_no_reason_to_try_again() {
+        let answers = Answers::new(AnswerLimits { per_gateway_bytes: 3 * LARGE, node_bytes: 5 * LARGE });
+        let held = answers.hold("a", vec![0; 2 * LARGE]).unwrap();
+        let busy = answers.answer("a", StatusCode::OK, "application/json", vec![b' '; 2 * LARGE]);
+        assert_eq!((busy.status(), busy.headers().get(http::header::RETRY_AFTER).is_some()), (StatusCode::SERVICE_UNAVAILABLE, true));
+        let never = answers.answer("b", StatusCode::OK, "application/json", vec![b' '; 4 * LARGE]);
+        assert_eq!((never.status(), never.headers().get(http::header::RETRY_AFTER).is_some()), (StatusCode::INSUFFICIENT_STORAGE, false));
+        drop(held);
+    }
 
     #[test]
     fn large_answers_count_while_held_and_small_ones_never() {

@@ -195,11 +195,25 @@ pub struct ShownSource {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Invocation {
     pub status: u16,
+    /// Each name's value, or its values in order where it was sent more than once (cookies).
     pub headers: Map<String, Value>,
     /// JSON when the function answered JSON, else the text.
     pub body: Value,
     pub logs: Vec<Value>,
     pub duration_ms: f64,
+}
+
+/// An answer's bytes with the hold on the gateway's memory that its function's body took,
+/// given back when the last of them is sent.
+struct HeldBody {
+    body: Vec<u8>,
+    _held: weir_functions::engine::Hold,
+}
+
+impl AsRef<[u8]> for HeldBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.body
+    }
 }
 
 /// [`Invocation`] as it is written.
@@ -553,11 +567,21 @@ impl Platform {
             Ok((mut outcome, env_doc)) => {
                 let took = started.elapsed().as_secs_f64() * 1000.0;
                 // The body stays counted against the gateway's memory limit while its answer
-                // is made of it.
-                let _held = std::mem::take(&mut outcome.hold);
+                // is made of it, and the answer until it is sent, as a request's is.
+                let held = std::mem::take(&mut outcome.hold);
                 let logs = std::mem::take(&mut outcome.logs);
-                let (status, headers, bytes) = weir_functions::live::answer(outcome, env_doc.debug, &env_doc.limits.limits());
-                let headers: Map<String, Value> = headers.into_iter().map(|(k, v)| (k, json!(v))).collect();
+                let (status, fields, bytes) = weir_functions::live::answer(outcome, env_doc.debug, &env_doc.limits.limits());
+                // A name sent more than once (cookies) lists its values.
+                let mut headers: Map<String, Value> = Map::new();
+                for (k, v) in fields {
+                    match headers.get_mut(&k) {
+                        Some(Value::Array(values)) => values.push(json!(v)),
+                        Some(one) => *one = json!([one.take(), v]),
+                        None => {
+                            headers.insert(k, json!(v));
+                        }
+                    }
+                }
                 let text = String::from_utf8_lossy(&bytes);
                 let is_json = headers.get("content-type").and_then(Value::as_str).is_some_and(|t| t.contains("json"));
                 // JSON is checked and copied as it is, never made into a tree: a function's
@@ -571,7 +595,10 @@ impl Platform {
                     }
                 };
                 let answer = InvocationOut { status, headers: &headers, body, logs: &logs, duration_ms: took };
-                self.answers.answer(gid, StatusCode::OK, "application/json", serde_json::to_vec(&answer).expect("an invocation serializes"))
+                let body = HeldBody { body: serde_json::to_vec(&answer).expect("an invocation serializes"), _held: held };
+                let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from_owner(body)));
+                resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                resp
             }
             Err(r) => r,
         }

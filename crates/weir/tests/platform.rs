@@ -784,6 +784,11 @@ async fn an_invoked_functions_json_answer_is_passed_on_as_text() {
     let grew = peak_rss_kib(w.pid()).saturating_sub(before);
     // A tree would take some 500 MB a call; the text, a few of its 12.5 MB copies.
     assert!(grew < 300 << 10, "the node's peak memory grew by {} MiB", grew >> 10);
+    // A name sent more than once lists its values.
+    let code = "export default (req, res) => res.set('Set-Cookie', ['a=1', 'b=2']).set('x-one', 'v').end('ok')";
+    assert_eq!(v1(&w, "POST", "api-gateways/wide/functions", Some(json!({"name": "cookies", "source": {"code": code}}))).await.0, 201);
+    let (s, b) = v1(&w, "POST", &format!("{}/invoke", fn_path("wide", "dev/cookies")), Some(json!({}))).await;
+    assert_eq!((s, &b["headers"]["set-cookie"], &b["headers"]["x-one"], &b["body"]), (200, &json!(["a=1", "b=2"]), &json!("v"), &json!("ok")), "{b}");
 }
 
 /// A gateway's runtime stuck in a string search QuickJS runs in C (no interrupt stops it): its
