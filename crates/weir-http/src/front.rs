@@ -495,8 +495,11 @@ where
         if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
             continue;
         }
+        // The length sent is the body's own (or chunks where it is not known): a length a
+        // plugin set that the body does not have would let the bytes after it answer the
+        // connection's next request. A HEAD answer keeps the first length given, its GET's.
         if name == header::CONTENT_LENGTH {
-            if bodiless {
+            if bodiless || !head_only || has_length {
                 continue;
             }
             has_length = true;

@@ -189,6 +189,31 @@ async fn a_client_connection_field_removes_only_its_own_fields() {
     assert_eq!(h["x-kept"], "yes");
 }
 
+/// A length a plugin sets that the body does not have is not sent: the next answer on the
+/// connection is the gateway's own, never bytes of the body; a HEAD answer keeps its length.
+#[tokio::test]
+async fn an_answers_length_is_its_bodys_whatever_a_plugin_set() {
+    let w = Weir::start();
+    let forged = "HTTP/1.1 200 OK\r\nx-forged: yes\r\ncontent-length: 5\r\n\r\nhello";
+    put(&w, "/routes/r", json!({"uri": "/r", "plugins": {"mocking": {"response_example": forged, "content_type": "text/plain"},
+        "response-rewrite": {"headers": {"set": {"Content-Length": "0"}, "add": {"Content-Length": "1"}}}}})).await;
+    w.until("/r", &[], |r| r.status == 200).await;
+    let mut s = TcpStream::connect(w.proxy).await.unwrap();
+    let get = format!("GET /r HTTP/1.1\r\nhost: {}\r\n\r\n", w.proxy);
+    for _ in 0..2 {
+        s.write_all(get.as_bytes()).await.unwrap();
+        let answer = read_response(&mut s).await;
+        let head = answer.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert_eq!(head.matches("content-length:").count(), 1, "{answer}");
+        assert!(head.contains(&format!("content-length: {}", forged.len())) && answer.ends_with("hello") && !head.contains("x-forged"), "{answer}");
+    }
+    s.write_all(format!("HEAD /r HTTP/1.1\r\nhost: {}\r\n\r\n", w.proxy).as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200") && head.matches("content-length:").count() == 1, "{head}");
+}
+
 async fn forwarded_seen(w: &Weir) -> Value {
     let r = w
         .get(
