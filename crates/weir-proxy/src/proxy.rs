@@ -468,15 +468,42 @@ async fn answered(handler: &dyn crate::handler::Handler, answer: crate::handler:
     }
 }
 
-/// The whole request body, refused (413) past `limit` bytes.
-async fn read_body(body: ReqBody, limit: usize) -> Result<Bytes, Response<RespBody>> {
+/// The whole request body, refused (413) past `limit` bytes, and before any of it is read (no
+/// `100 Continue`) when its declared length is. Past its first piece, each piece is copied into
+/// one buffer as it comes, so that no piece keeps a larger buffer it may have been cut from.
+async fn read_body(mut body: ReqBody, limit: usize) -> Result<Bytes, Response<RespBody>> {
+    use http_body::Body as _;
     use http_body_util::BodyExt as _;
-    match http_body_util::Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(failure(ErrorKind::Quota, Side::Client)),
-        Err(e) if e.is::<weir_http::body::BodyTimeout>() => Err(failure(ErrorKind::Timeout, Side::Client)),
-        Err(_) => Err(failure_saying(ErrorKind::BadInput, Side::Client, Some(r#"{"error_msg":"failed to read request body"}"#))),
+    let too_large = || failure(ErrorKind::Quota, Side::Client);
+    let declared = body.size_hint().lower();
+    if declared > limit as u64 {
+        return Err(too_large());
     }
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<bytes::BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) if e.is::<weir_http::body::BodyTimeout>() => return Err(failure(ErrorKind::Timeout, Side::Client)),
+            Err(_) => return Err(failure_saying(ErrorKind::BadInput, Side::Client, Some(r#"{"error_msg":"failed to read request body"}"#))),
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        let have = first.as_ref().map_or(0, Bytes::len) + joined.as_ref().map_or(0, bytes::BytesMut::len);
+        if have + data.len() > limit {
+            return Err(too_large());
+        }
+        match (&mut joined, first.take()) {
+            (Some(buf), _) => buf.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(f)) => {
+                let mut buf = bytes::BytesMut::with_capacity((declared as usize).max(f.len() + data.len()));
+                buf.extend_from_slice(&f);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
+            }
+        }
+    }
+    Ok(joined.map(bytes::BytesMut::freeze).or(first).unwrap_or_default())
 }
 
 /// What the log phase learns of the upstream exchange.

@@ -791,6 +791,39 @@ async fn an_invoked_functions_json_answer_is_passed_on_as_text() {
     assert_eq!((s, &b["headers"]["set-cookie"], &b["headers"]["x-one"], &b["body"]), (200, &json!(["a=1", "b=2"]), &json!("v"), &json!("ok")), "{b}");
 }
 
+/// A function's request body declared past the limit is refused before any of it is sent, and
+/// one sent a byte at a time is joined whole.
+#[tokio::test]
+async fn a_request_body_is_refused_by_its_declared_length_and_joined_from_its_pieces() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let w = on_loopback("");
+    started_gateway(&w, "slow").await;
+    assert_eq!(v1(&w, "POST", "api-gateways/slow/functions", Some(json!({"name": "echo", "source": {"code": "export default (ctx) => String(ctx.body).length"}}))).await.0, 201);
+    w.until("/dev/echo", &[("host", "slow.localhost")], |r| r.status == 200).await;
+    let head = |len: usize| format!("POST /dev/echo HTTP/1.1\r\nhost: slow.localhost\r\ncontent-type: text/plain\r\ncontent-length: {len}\r\n\r\n");
+    // Declared past the 1 MiB a function takes: refused at once.
+    let mut s = tokio::net::TcpStream::connect(w.proxy).await.unwrap();
+    s.write_all(head(2 << 20).as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.expect("refused before the body").unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 413"), "{}", String::from_utf8_lossy(&buf[..n]));
+    // 4,000 bytes, each its own segment.
+    let bytes = 4000;
+    let mut s = tokio::net::TcpStream::connect(w.proxy).await.unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(head(bytes).as_bytes()).await.unwrap();
+    for i in 0..bytes - 1 {
+        s.write_all(b"x").await.unwrap();
+        if i % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    s.write_all(b"x").await.unwrap();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&buf[..n]);
+    assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("4000"), "{answer}");
+}
+
 /// A gateway's runtime stuck in a string search QuickJS runs in C (no interrupt stops it): its
 /// thread goes to idle CPU, the gateway's other functions answer again on a fresh runtime, and
 /// another gateway's latency is what it was.
