@@ -1028,8 +1028,9 @@ pub fn respond(mut outcome: Outcome, debug: bool, limits: &crate::Limits) -> Res
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (k, v) in headers {
         if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(&v)) {
-            // The gateway frames the body itself.
-            if k != http::header::CONTENT_LENGTH && k != http::header::TRANSFER_ENCODING && k != http::header::CONNECTION {
+            // The gateway frames the body itself, and the connection is its own: no length
+            // and no connection-scoped field (`upgrade`, `keep-alive`, ...) of the function's.
+            if k != http::header::CONTENT_LENGTH && !weir_http::hop::is_hop_by_hop(&k) {
                 resp.headers_mut().append(k, v);
             }
         }
