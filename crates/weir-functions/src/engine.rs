@@ -1140,6 +1140,9 @@ const RELOAD_EVERY: Duration = Duration::from_secs(30);
 /// load whose top level runs longer finishes first).
 const WARM_SLICE: Duration = Duration::from_millis(2);
 
+/// How often the calls in flight are looked at for callers that went away.
+const ABANDONED_CHECK: Duration = Duration::from_millis(500);
+
 #[allow(clippy::too_many_arguments)]
 fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>, reloaded: &std::cell::Cell<Option<Instant>>, slots: &Slots, deadline: &Deadline) {
     let mut js = match Js::new(memory, slots, deadline.clone()) {
@@ -1161,9 +1164,12 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
     // Functions to load ahead of their calls. Loading gives way to calls: a slice of it per
     // turn, after the turn's calls, answers and timers.
     let mut warms = Warms::default();
+    // When calls are next looked at for callers gone.
+    let mut abandoned_at = Instant::now();
     loop {
         let now = (!warms.is_empty() && draining.is_none()).then(Instant::now);
-        let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN), now].into_iter().flatten().min();
+        let abandoned = (!calls.is_empty()).then_some(abandoned_at);
+        let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN), now, abandoned].into_iter().flatten().min();
         js.deadline.rest(true);
         let more = mailbox.take(&mut batch, wake);
         js.deadline.rest(false);
@@ -1234,6 +1240,17 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         for id in late {
             if let Some(live) = calls.remove(&id) {
                 finish(&js, id, live, Err(Failure::Timeout("the call ran past its wall-clock limit")));
+            }
+        }
+        // Calls whose callers went away (a client that closed its connection) end, and give
+        // back their places: a client cannot hold a gateway's places past its own wait.
+        if now >= abandoned_at {
+            abandoned_at = now + ABANDONED_CHECK;
+            let left: Vec<u64> = calls.iter().filter(|(_, l)| l.job.reply.gone()).map(|(id, _)| *id).collect();
+            for id in left {
+                if let Some(live) = calls.remove(&id) {
+                    finish(&js, id, live, Err(Failure::Internal("the caller went away before the answer".into())));
+                }
             }
         }
         let broken = broken || js.full.take();

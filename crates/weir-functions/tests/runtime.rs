@@ -786,6 +786,29 @@ async fn a_caller_answered_may_call_again_at_once() {
     }
 }
 
+/// A call whose caller went away (a client that closed its connection) ends within a second
+/// or so, and gives back its place, though it waits on a long timer.
+#[tokio::test]
+async fn a_call_whose_caller_went_away_gives_back_its_place() {
+    let gw = Gw::new(vec![func("dev", "wait", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r('done'), 20000))")])]);
+    let one = Limits { concurrency: 1, wall: Duration::from_secs(30), ..limits() };
+    let run = || FunctionHandler::run(gw.engine.clone(), gw.table["wait"].clone(), gw.table.clone(), gw.vars.clone(), one, Arc::default(), get("/"));
+    assert!(tokio::time::timeout(Duration::from_millis(100), run()).await.is_err(), "it waits; its caller goes");
+    let t = Instant::now();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(50), run()).await {
+            // Refused: the place is still taken.
+            Ok(None) => {
+                assert!(t.elapsed() < Duration::from_secs(5), "the place was not given back");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Taken: it waits, and its caller goes too.
+            Err(_) => break,
+            Ok(Some(out)) => panic!("{:?}", out.result),
+        }
+    }
+}
+
 #[tokio::test]
 async fn calls_past_the_concurrency_cap_are_refused_and_waits_interleave() {
     let gw = Gw::new(vec![func("dev", "slow", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r('done'), 300))")])]);
