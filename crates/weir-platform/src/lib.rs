@@ -54,7 +54,8 @@ pub struct PlatformConfig {
     pub start_timeout: u64,
     /// Plugins tenants may not put in their layers (the base layer may): by default those that
     /// write to this node's disk or send to addresses of the tenant's choosing beyond its
-    /// upstream's checks (`file-logger`, `http-logger`, `proxy-mirror`, `traffic-split`).
+    /// upstream's checks (`file-logger`, `http-logger`, `proxy-mirror`, `traffic-split`), and
+    /// `prometheus`, whose series (never dropped) and lock are shared by the whole node.
     pub denied_plugins: Vec<String>,
     /// Gateways one owner token may hold; admin keys are not bound.
     pub max_gateways_per_owner: usize,
@@ -109,7 +110,7 @@ impl Default for PlatformConfig {
             base_plugins: default_base_plugins(),
             lease_timeout: 15,
             start_timeout: 300,
-            denied_plugins: ["file-logger", "http-logger", "proxy-mirror", "traffic-split"].map(String::from).to_vec(),
+            denied_plugins: ["file-logger", "http-logger", "proxy-mirror", "traffic-split", "prometheus"].map(String::from).to_vec(),
             max_gateways_per_owner: 100,
             max_applications_per_owner: 1000,
             denied_networks: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"].map(String::from).to_vec(),

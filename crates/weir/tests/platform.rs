@@ -149,6 +149,9 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "f", "plugins": {"file-logger": {"path": "/tmp/weir-tenant.log"}}}))).await;
     assert_eq!(s, 400, "{b}");
     assert!(problems(&b)[0].contains("file-logger is not available"), "{b}");
+    // Nor is one whose series and lock are the whole node's.
+    let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "m", "plugins": {"prometheus": {}}}))).await;
+    assert!(s == 400 && problems(&b)[0].contains("prometheus is not available"), "{b}");
     // A value that looks sealed is not a tenant's to send: the node would open it as its own.
     let (s, b) = v1(&w, "POST", "api-gateways", Some(json!({"name": "s", "env": [{"name": "X", "value": "$weir-sealed$AAAA"}]}))).await;
     assert_eq!(s, 400, "{b}");
