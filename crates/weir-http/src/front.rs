@@ -56,6 +56,28 @@ pub const MAX_HEAD: usize = 32 * 1024;
 /// is answered with 400 here; a small one goes out whole, with its length.
 const READ_AHEAD: usize = 64 * 1024;
 
+/// A declared length is the body's own, as the lean loop writes it (hyper would write a length
+/// a plugin set and then the whole body, which the connection's next answer would begin with):
+/// replaced by the body's length where that is known, left out where it is not. A HEAD answer
+/// keeps the length given (an upstream's is its GET's).
+fn own_length(resp: &mut Response<RespBody>, head_only: bool) {
+    if head_only || !resp.headers().contains_key(header::CONTENT_LENGTH) {
+        return;
+    }
+    match resp.body().size_hint().exact() {
+        Some(n) => {
+            resp.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            resp.headers_mut().remove(header::CONTENT_LENGTH);
+        }
+    }
+}
+
+/// How long a call runs before its connection is watched for the client leaving: watching
+/// costs a read, which the many calls answered sooner do without.
+const WATCH_AFTER: Duration = Duration::from_secs(1);
+
 /// Serves one client connection until it closes.
 pub async fn serve<I, S: Service>(io: I, info: Arc<ConnInfo>, proxy: Arc<S>)
 where
@@ -128,7 +150,30 @@ where
         };
         let keep_alive = req.keep_alive;
         let head_only = req.head.method() == Method::HEAD;
-        let resp = proxy.call(&info, req.head).await;
+        let call = proxy.call(&info, req.head);
+        tokio::pin!(call);
+        let resp = match crate::deadline::within(WATCH_AFTER, call.as_mut()).await {
+            Ok(resp) => resp,
+            // A long call: from now on the client leaving ends it (nothing else would read the
+            // connection until the answer is written). What it pipelines meanwhile is kept for
+            // its next request, up to a head's worth.
+            Err(_) => loop {
+                if buf.len() >= MAX_HEAD {
+                    break call.as_mut().await;
+                }
+                if buf.capacity() - buf.len() < 1024 {
+                    buf.reserve(4096);
+                }
+                tokio::select! {
+                    biased;
+                    resp = call.as_mut() => break resp,
+                    read = poll_fn(|cx| tokio_util::io::poll_read_buf(Pin::new(&mut io), cx, &mut buf)) => match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    },
+                }
+            },
+        };
         let keep_alive = keep_alive && !crate::drain::is_draining();
         if let Err(e) = respond(&mut io, resp, head_only, keep_alive, &mut out).await {
             tracing::debug!(error = %e, "client connection ended with an error");
@@ -240,7 +285,10 @@ where
                 Ok(b) => b,
                 Err(status) => return Ok(refusal_for(status, parts.version).map(|b| Watched::new(b, slot))),
             };
-            Ok(proxy.call(&info, Request::from_parts(parts, body)).await.map(|b| Watched::new(b, slot)))
+            let head_only = parts.method == Method::HEAD;
+            let mut resp = proxy.call(&info, Request::from_parts(parts, body)).await;
+            own_length(&mut resp, head_only);
+            Ok(resp.map(|b| Watched::new(b, slot)))
         }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -497,7 +545,8 @@ where
         }
         // The length sent is the body's own (or chunks where it is not known): a length a
         // plugin set that the body does not have would let the bytes after it answer the
-        // connection's next request. A HEAD answer keeps the first length given, its GET's.
+        // connection's next request. A HEAD answer keeps the first length given (an
+        // upstream's is its GET's).
         if name == header::CONTENT_LENGTH {
             if bodiless || !head_only || has_length {
                 continue;

@@ -496,7 +496,8 @@ async fn read_body(mut body: ReqBody, limit: usize) -> Result<Bytes, Response<Re
             (Some(buf), _) => buf.extend_from_slice(&data),
             (None, None) => first = Some(data),
             (None, Some(f)) => {
-                let mut buf = bytes::BytesMut::with_capacity((declared as usize).max(f.len() + data.len()));
+                // Room for what was declared, up to 64 KiB: more grows as it comes.
+                let mut buf = bytes::BytesMut::with_capacity((declared as usize).min(64 << 10).max(f.len() + data.len()));
                 buf.extend_from_slice(&f);
                 buf.extend_from_slice(&data);
                 joined = Some(buf);

@@ -207,6 +207,16 @@ async fn an_answers_length_is_its_bodys_whatever_a_plugin_set() {
         assert_eq!(head.matches("content-length:").count(), 1, "{answer}");
         assert!(head.contains(&format!("content-length: {}", forged.len())) && answer.ends_with("hello") && !head.contains("x-forged"), "{answer}");
     }
+    // The same through hyper, which a request with a body takes.
+    let mut p = TcpStream::connect(w.proxy).await.unwrap();
+    let post = format!("POST /r HTTP/1.1\r\nhost: {}\r\ncontent-length: 2\r\n\r\nhi", w.proxy);
+    for _ in 0..2 {
+        p.write_all(post.as_bytes()).await.unwrap();
+        let answer = read_response(&mut p).await;
+        let head = answer.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+        assert_eq!(head.matches("content-length:").count(), 1, "{answer}");
+        assert!(head.contains(&format!("content-length: {}", forged.len())) && answer.ends_with("hello") && !head.contains("x-forged"), "{answer}");
+    }
     s.write_all(format!("HEAD /r HTTP/1.1\r\nhost: {}\r\n\r\n", w.proxy).as_bytes()).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();

@@ -827,6 +827,29 @@ async fn a_request_body_is_refused_by_its_declared_length_and_joined_from_its_pi
     assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("4000"), "{answer}");
 }
 
+/// A client that sends a plain GET (the lean HTTP/1.1 path) and closes its connection while the
+/// call waits gives the gateway's place back: the next caller is answered, not refused.
+#[tokio::test]
+async fn a_client_that_leaves_a_waiting_call_gives_back_its_place() {
+    use tokio::io::AsyncWriteExt;
+    let w = on_loopback("");
+    started_gateway(&w, "leave").await;
+    assert_eq!(v1(&w, "PATCH", "api-gateways/leave", Some(json!({"limits": {"concurrency": 1, "wallMs": 60000}}))).await.0, 200);
+    let code = "export default (ctx) => ctx.query.wait ? new Promise((r) => setTimeout(() => r('waited'), 30000)) : 'at once'";
+    assert_eq!(v1(&w, "POST", "api-gateways/leave/functions", Some(json!({"name": "f", "source": {"code": code}}))).await.0, 201);
+    w.until("/dev/f", &[("host", "leave.localhost")], |r| r.status == 200).await;
+    let mut s = tokio::net::TcpStream::connect(w.proxy).await.unwrap();
+    s.write_all(b"GET /dev/f?wait=1 HTTP/1.1\r\nhost: leave.localhost\r\n\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(w.get("/dev/f", &[("host", "leave.localhost")]).await.status, 503, "the waiting call holds the one place");
+    drop(s);
+    let t = std::time::Instant::now();
+    while w.get("/dev/f", &[("host", "leave.localhost")]).await.status != 200 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the place did not come back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A gateway's runtime stuck in a string search QuickJS runs in C (no interrupt stops it): its
 /// thread goes to idle CPU, the gateway's other functions answer again on a fresh runtime, and
 /// another gateway's latency is what it was.
