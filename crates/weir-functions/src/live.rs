@@ -1020,11 +1020,7 @@ pub fn answer(outcome: Outcome, debug: bool, limits: &crate::Limits) -> (u16, Ve
 pub fn respond(mut outcome: Outcome, debug: bool, limits: &crate::Limits) -> Response<RespBody> {
     let hold = std::mem::take(&mut outcome.hold);
     let (status, headers, body) = answer(outcome, debug, limits);
-    let body = match hold.is_empty() {
-        true => bytes::Bytes::from(body),
-        false => bytes::Bytes::from_owner(Held { body, _hold: hold }),
-    };
-    let mut resp = Response::new(RespBody::full(body));
+    let mut resp = Response::new(RespBody::full(held_bytes(body, hold)));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (k, v) in headers {
         if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(&v)) {
@@ -1036,6 +1032,15 @@ pub fn respond(mut outcome: Outcome, debug: bool, limits: &crate::Limits) -> Res
         }
     }
     resp
+}
+
+/// `body` as bytes that keep `hold` on the gateway's memory limit until the last of them goes
+/// (sent, or dropped).
+pub fn held_bytes(body: Vec<u8>, hold: crate::engine::Hold) -> bytes::Bytes {
+    match hold.is_empty() {
+        true => bytes::Bytes::from(body),
+        false => bytes::Bytes::from_owner(Held { body, _hold: hold }),
+    }
 }
 
 /// A reply body with the bytes it holds of its gateway's limit, given back when it goes.

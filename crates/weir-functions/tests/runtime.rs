@@ -872,26 +872,26 @@ async fn a_gateway_keeps_so_many_timers_and_frees_them_with_the_call() {
     assert_eq!([1 << 20, 32 << 20, 64 << 10].map(weir_functions::engine::timers_at_most), [4096, weir_functions::engine::TIMERS_PENDING, 1024]);
 }
 
-#[tokio::test]
-async fn timers_a_call_leaves_behind_are_freed_when_it_ends() {
-    // Each call holds a MiB in timers that would fire long after it answered: kept, 64 calls
-    // would pass the runtime's 32 MiB.
-    let gw = Gw::new(vec![func("dev", "leaves", &[("index.js", "export default () => { const big = 'x'.repeat(1 << 20) + Math.random(); for (let i = 0; i < 4; i++) setTimeout(() => big.length, 60000); return 'set'; }")])]);
+/// Calls 64 times a function that answers `answer` and leaves behind a MiB its runtime keeps
+/// only if what the call left is not freed when it ends: kept, they would pass the runtime's
+/// 32 MiB.
+async fn leaves_nothing_behind(code: &str, answer: &[u8]) {
+    let gw = Gw::new(vec![func("dev", "leaves", &[("index.js", code)])]);
     for i in 0..64 {
         let out = gw.call("leaves", get("/")).await;
-        assert_eq!(out.result.as_ref().map(|r| r.body.as_slice()), Ok(&b"set"[..]), "call {i}");
+        assert_eq!(out.result.as_ref().map(|r| r.body.as_slice()), Ok(answer), "call {i}");
     }
 }
 
 #[tokio::test]
+async fn timers_a_call_leaves_behind_are_freed_when_it_ends() {
+    leaves_nothing_behind("export default () => { const big = 'x'.repeat(1 << 20) + Math.random(); for (let i = 0; i < 4; i++) setTimeout(() => big.length, 60000); return 'set'; }", b"set").await;
+}
+
+#[tokio::test]
 async fn fetches_a_call_does_not_wait_for_are_freed_when_it_ends() {
-    // Each call leaves a fetch whose reaction holds a MiB: kept in the SDK's table of fetches
-    // in flight, 64 calls would pass the runtime's 32 MiB.
-    let gw = Gw::new(vec![func("dev", "beacon", &[("index.js", "export default () => { const big = 'x'.repeat(1 << 20) + Math.random(); fetch('http://api.example/').then(() => big.length, () => big.length); return 'sent'; }")])]);
-    for i in 0..64 {
-        let out = gw.call("beacon", get("/")).await;
-        assert_eq!(out.result.as_ref().map(|r| r.body.as_slice()), Ok(&b"sent"[..]), "call {i}");
-    }
+    // The fetch's reaction holds the MiB, in the SDK's table of fetches in flight.
+    leaves_nothing_behind("export default () => { const big = 'x'.repeat(1 << 20) + Math.random(); fetch('http://api.example/').then(() => big.length, () => big.length); return 'sent'; }", b"sent").await;
 }
 
 #[tokio::test]

@@ -203,19 +203,6 @@ pub struct Invocation {
     pub duration_ms: f64,
 }
 
-/// An answer's bytes with the hold on the gateway's memory that its function's body took,
-/// given back when the last of them is sent.
-struct HeldBody {
-    body: Vec<u8>,
-    _held: weir_functions::engine::Hold,
-}
-
-impl AsRef<[u8]> for HeldBody {
-    fn as_ref(&self) -> &[u8] {
-        &self.body
-    }
-}
-
 /// [`Invocation`] as it is written.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -595,8 +582,8 @@ impl Platform {
                     }
                 };
                 let answer = InvocationOut { status, headers: &headers, body, logs: &logs, duration_ms: took };
-                let body = HeldBody { body: serde_json::to_vec(&answer).expect("an invocation serializes"), _held: held };
-                let mut resp = http::Response::new(http_body_util::Full::new(Bytes::from_owner(body)));
+                let body = weir_functions::live::held_bytes(serde_json::to_vec(&answer).expect("an invocation serializes"), held);
+                let mut resp = http::Response::new(http_body_util::Full::new(body));
                 resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
                 resp
             }

@@ -299,17 +299,12 @@ async fn heads_past_their_bounds_are_refused_and_not_forwarded() {
     assert_eq!((status_of(&resp), closed), (431, true), "{resp}");
 }
 
-fn pid_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap()
-}
-
 #[tokio::test]
 async fn unfinished_heads_are_bounded_and_dropped_at_the_header_timeout() {
     let w = Weir::start_with(tempfile::tempdir().unwrap(), "  client_header_timeout: 1.5\n", "");
     let up = Upstream::start("backend").await;
     open_route(&w, &up).await;
-    let rss_before = pid_rss_kib(w.pid());
+    let rss_before = common::status_kib(w.pid(), "VmRSS");
 
     // 200 slow clients, each a partial head and a byte now and then; and 300 that send 390 KiB
     // of one header without finishing it.
@@ -327,7 +322,7 @@ async fn unfinished_heads_are_bounded_and_dropped_at_the_header_timeout() {
         let _ = tokio::time::timeout(Duration::from_millis(200), s.write_all(big.as_bytes())).await;
         large.push(s);
     }
-    let rss_loaded = pid_rss_kib(w.pid());
+    let rss_loaded = common::status_kib(w.pid(), "VmRSS");
     assert!(rss_loaded < rss_before + 64 * 1024, "500 unfinished heads cost {} KiB", rss_loaded - rss_before);
     for s in &mut large {
         let (resp, closed) = read_to_close(s, Duration::from_secs(5)).await;

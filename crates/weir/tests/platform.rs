@@ -754,12 +754,6 @@ async fn reserved_domains_are_no_tenants_to_claim() {
     assert_eq!(s, 200, "a name beside the reserved one is free: {b}");
 }
 
-/// The peak resident memory of process `pid` so far, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap()
-}
-
 /// A function's JSON answer of small values, whose text is small beside a tree of it, is
 /// passed on by `invoke` as the text it is: the node's memory grows by a few copies of it.
 #[tokio::test]
@@ -771,7 +765,7 @@ async fn an_invoked_functions_json_answer_is_passed_on_as_text() {
     let code = "export default () => { const row = new Array(2500).fill(0); return new Array(2500).fill(row); }";
     assert_eq!(v1(&w, "POST", "api-gateways/wide/functions", Some(json!({"name": "zeros", "source": {"code": code}}))).await.0, 201);
     let invoke = format!("/v1/{}/invoke", fn_path("wide", "dev/zeros"));
-    let before = peak_rss_kib(w.pid());
+    let before = common::status_kib(w.pid(), "VmHWM");
     let calls: Vec<_> = (0..2)
         .map(|_| {
             let (admin, invoke) = (w.admin, invoke.clone());
@@ -784,7 +778,7 @@ async fn an_invoked_functions_json_answer_is_passed_on_as_text() {
         let body = &r.json()["body"];
         assert_eq!((body.as_array().unwrap().len(), body[2499].as_array().unwrap().len()), (2500, 2500));
     }
-    let grew = peak_rss_kib(w.pid()).saturating_sub(before);
+    let grew = common::status_kib(w.pid(), "VmHWM").saturating_sub(before);
     // A tree would take some 500 MB a call; the text, a few of its 12.5 MB copies.
     assert!(grew < 300 << 10, "the node's peak memory grew by {} MiB", grew >> 10);
     // A name sent more than once lists its values.

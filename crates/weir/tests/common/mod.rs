@@ -36,6 +36,12 @@ pub struct Weir {
     pub status: Option<SocketAddr>,
 }
 
+/// A `kB` field of process `pid`'s `/proc` status (`VmRSS`, `VmHWM`), in KiB.
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap()
+}
+
 impl Weir {
     pub fn start() -> Weir {
         Self::start_in(tempfile::tempdir().unwrap(), "")
