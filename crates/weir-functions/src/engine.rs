@@ -115,6 +115,22 @@ pub struct Fetched {
     pub call: u64,
     pub id: u32,
     pub result: Result<(u16, Vec<(String, String)>, Vec<u8>), String>,
+    /// The body's bytes taken from the gateway's budget.
+    held: Held,
+}
+
+/// Bytes taken from a gateway's [`Budget`] for an answer on its way to the runtime, given
+/// back when it is dropped: once the runtime has the answer, or when the answer never reaches
+/// it (its runtime ended first).
+struct Held {
+    budget: Arc<Budget>,
+    n: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.budget.give(self.n);
+    }
 }
 
 /// A `fetch` a function started, for the node's outbound client to carry out.
@@ -127,7 +143,8 @@ pub struct FetchRequest {
     /// The gateway's `fetchAllowList`.
     pub allow: Arc<Vec<String>>,
     /// Bytes of the gateway's fetch responses held outside its runtime: the body read takes
-    /// from it, and the engine gives back once the body is in the runtime.
+    /// from it as it arrives, and the engine gives back once the body is in the runtime. A
+    /// read that fails or is dropped (its time is up) gives back what it took.
     pub budget: Arc<Budget>,
     /// Where the answer goes.
     pub reply: Box<dyn FnOnce(Result<(u16, Vec<(String, String)>, Vec<u8>), String>) + Send>,
@@ -217,8 +234,9 @@ impl Drop for Place {
 enum Msg {
     Call(Box<Job>),
     Fetched(Fetched),
-    /// A database operation's answer: the call, the operation's id, the result.
-    DbDone(u64, u32, Result<String, String>),
+    /// A database operation's answer: the call, the operation's id, the result, and the
+    /// result's bytes taken from the gateway's budget.
+    DbDone(u64, u32, Result<String, String>, Held),
     /// Load a function's modules ahead of its first call: the one served at this address (the
     /// last lowering's `Load` of it is read from `served` when its turn comes).
     Warm(usize),
@@ -1199,16 +1217,9 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                         start_call(&mut js, &mut calls, id, *job)
                     }
                 }
-                Msg::Fetched(f) => {
-                    if let Ok((_, _, body)) = &f.result {
-                        slots.bytes.give(body.len());
-                    }
-                    resume_fetch(&mut js, &mut calls, f)
-                }
-                Msg::DbDone(call, id, result) => {
-                    if let Ok(text) = &result {
-                        slots.bytes.give(text.len());
-                    }
+                Msg::Fetched(f) => resume_fetch(&mut js, &mut calls, f),
+                Msg::DbDone(call, id, result, held) => {
+                    drop(held);
                     resume_db(&mut js, &mut calls, call, id, result)
                 }
                 Msg::Warm(at) => {
@@ -1706,7 +1717,9 @@ fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(
 }
 
 fn resume_fetch(js: &mut Js, calls: &mut BTreeMap<u64, Live>, f: Fetched) -> bool {
-    let Fetched { call, id, result } = f;
+    let Fetched { call, id, result, held } = f;
+    // The body is the runtime's memory from here on, where its limit counts it.
+    drop(held);
     js.host.borrow_mut().answered(call, id, true);
     wake(js, calls, call, move |realm, ctx| {
         let fetched = realm.sdk(ctx, "fetched")?;
@@ -1739,8 +1752,9 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
     for (call, id, op, place, held) in started {
         let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
         let back = back.clone();
-        let answer = move |result| {
-            let _ = back.send(Msg::DbDone(call, id, result));
+        let bytes = slots.bytes.clone();
+        let answer = move |result, taken| {
+            let _ = back.send(Msg::DbDone(call, id, result, Held { budget: bytes, n: taken }));
         };
         match (&services.database, scope) {
             (Some(run), Some(scope)) => {
@@ -1752,15 +1766,19 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
                     reply: Box::new(move |result: Result<String, String>| {
                         drop((place, held));
                         // The result waits outside the runtime until it takes it: it counts
-                        // against the gateway's limit until then (the loop gives it back).
-                        answer(match result {
-                            Ok(text) if !bytes.take(text.len()) => Err(unavailable("the result and the fetches and database results outside this gateway's runtime would pass its memory limit")),
-                            other => other,
-                        })
+                        // against the gateway's limit until then.
+                        match result {
+                            Ok(text) if !bytes.take(text.len()) => answer(Err(unavailable("the result and the fetches and database results outside this gateway's runtime would pass its memory limit")), 0),
+                            Ok(text) => {
+                                let n = text.len();
+                                answer(Ok(text), n)
+                            }
+                            Err(e) => answer(Err(e), 0),
+                        }
                     }),
                 })
             }
-            _ => answer(Err(unavailable("no database is available to this function on this node"))),
+            _ => answer(Err(unavailable("no database is available to this function on this node")), 0),
         }
     }
 }
@@ -1776,8 +1794,12 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
         // A fetch of a call that ended meanwhile is not made.
         let Some(allow) = calls.get(&call).map(|l| l.job.reach.allow.clone()) else { continue };
         let back = back.clone();
-        let answer = move |result| {
-            let _ = back.send(Msg::Fetched(Fetched { call, id, result }));
+        let budget = slots.bytes.clone();
+        // A body read stays taken from the gateway's budget (`FetchRequest::budget`) until the
+        // runtime has it.
+        let answer = move |result: Result<(u16, Vec<(String, String)>, Vec<u8>), String>| {
+            let n = result.as_ref().map_or(0, |(_, _, body)| body.len());
+            let _ = back.send(Msg::Fetched(Fetched { call, id, result, held: Held { budget, n } }));
         };
         let Some(fetcher) = fetcher else {
             answer(Err("fetch is not available on this node".into()));

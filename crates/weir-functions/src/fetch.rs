@@ -139,33 +139,43 @@ where
 }
 
 /// A response body, at most `MAX_RESPONSE` bytes, each taken from the gateway's `budget`
-/// as it arrives. On success the bytes stay taken (the engine gives them back); on failure
-/// they are given back here.
+/// as it arrives. On success the bytes stay taken (the engine gives them back); on failure,
+/// or when the read is dropped before it ends (the fetch ran out of time), they are given
+/// back here.
 async fn read_body<B>(mut body: B, budget: &Budget) -> Result<Vec<u8>, String>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
+    let mut taken = Taken { budget, n: 0 };
     let mut out = Vec::new();
-    let failed = |out: &Vec<u8>, why: String| {
-        budget.give(out.len());
-        Err(why)
-    };
     while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(e) => return failed(&out, format!("fetch: the response body: {e}")),
-        };
+        let frame = frame.map_err(|e| format!("fetch: the response body: {e}"))?;
         let Ok(data) = frame.into_data() else { continue };
         if out.len() + data.len() > MAX_RESPONSE {
-            return failed(&out, format!("fetch: the response body is larger than {MAX_RESPONSE} bytes"));
+            return Err(format!("fetch: the response body is larger than {MAX_RESPONSE} bytes"));
         }
         if !budget.take(data.len()) {
-            return failed(&out, format!("fetch: the response bodies of this gateway's fetches in flight would pass its memory limit ({} MiB)", budget.limit() >> 20));
+            return Err(format!("fetch: the response bodies of this gateway's fetches in flight would pass its memory limit ({} MiB)", budget.limit() >> 20));
         }
+        taken.n += data.len();
         out.extend_from_slice(&data);
     }
+    // The engine gives these back once the body is in the runtime.
+    taken.n = 0;
     Ok(out)
+}
+
+/// Bytes a body read has taken from its gateway's budget, given back unless it ends well.
+struct Taken<'a> {
+    budget: &'a Budget,
+    n: usize,
+}
+
+impl Drop for Taken<'_> {
+    fn drop(&mut self) {
+        self.budget.give(self.n);
+    }
 }
 
 /// `url` without the user and password its authority may carry.
@@ -242,5 +252,30 @@ mod tests {
         let refused = read_body(Full::new(Bytes::from(vec![0u8; MAX_RESPONSE + 1])), &roomy).await.unwrap_err();
         assert!(refused.contains("larger than"), "{refused}");
         assert!(roomy.take(64 << 20), "a failed read gives back what it took");
+    }
+
+    /// A body that sends `first` and then nothing more, never ending.
+    struct Stalls(Option<Bytes>);
+
+    impl hyper::body::Body for Stalls {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+            match self.0.take() {
+                Some(first) => std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(first)))),
+                None => std::task::Poll::Pending,
+            }
+        }
+    }
+
+    /// A fetch whose time runs out while its body still arrives drops the read: what it took
+    /// from the gateway's budget comes back, or a few slow answers would leave the gateway none.
+    #[tokio::test]
+    async fn a_body_read_cut_off_by_its_time_gives_back_what_it_took() {
+        let budget = Budget::new(4 << 20);
+        let read = read_body(Stalls(Some(Bytes::from(vec![1u8; 3 << 20]))), &budget);
+        assert!(tokio::time::timeout(std::time::Duration::from_millis(50), read).await.is_err(), "the body never ends");
+        assert!(budget.take(4 << 20), "the three MiB read before the time ran out were given back");
     }
 }
