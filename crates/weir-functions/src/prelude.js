@@ -558,6 +558,22 @@
       "x-request-id": 0, "x-real-ip": 0, "x-forwarded-for": 0, "x-forwarded-proto": 0, "x-forwarded-host": 0,
       "x-consumer-username": 0, "x-credential-identifier": 0,
     }),
+    // Objects laid out as the engine lays out a call's context, one for each step, and
+    // headers as common clients send them. QuickJS frees an object's layout (its shape)
+    // with the last object that has it, so without these every call would make its
+    // context's layouts again, property by property. Never frozen: freezing changes them.
+    layouts: [
+      { method: 0 }, { method: 0, path: 0 }, { method: 0, path: 0, query: 0 },
+      { method: 0, path: 0, query: 0, headers: 0 },
+      { method: 0, path: 0, query: 0, headers: 0, body: 0 },
+      { method: 0, path: 0, query: 0, headers: 0, requestId: 0 },
+      { method: 0, path: 0, query: 0, headers: 0, body: 0, requestId: 0 },
+      { method: 0, path: 0, query: 0, headers: 0, requestId: 0, user: 0 },
+      { method: 0, path: 0, query: 0, headers: 0, body: 0, requestId: 0, user: 0 },
+      { host: 0 }, { host: 0, "user-agent": 0 }, { host: 0, "user-agent": 0, accept: 0 },
+      // The object JSON.stringify wraps its value in.
+      { "": 0 },
+    ],
     fireTimer,
     dropTimers: (ids) => { for (let i = 0; i < ids.length; i++) timers.delete(ids[i]); },
     // A call ended without waiting for these: their answers will not come.
