@@ -115,22 +115,9 @@ pub struct Fetched {
     pub call: u64,
     pub id: u32,
     pub result: Result<(u16, Vec<(String, String)>, Vec<u8>), String>,
-    /// The body's bytes taken from the gateway's budget.
-    held: Held,
-}
-
-/// Bytes taken from a gateway's [`Budget`] for an answer on its way to the runtime, given
-/// back when it is dropped: once the runtime has the answer, or when the answer never reaches
-/// it (its runtime ended first).
-struct Held {
-    budget: Arc<Budget>,
-    n: usize,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.budget.give(self.n);
-    }
+    /// The body's bytes taken from the gateway's budget, given back once the runtime has the
+    /// body, or when it never does (its runtime ended first).
+    held: Taken,
 }
 
 /// A `fetch` a function started, for the node's outbound client to carry out.
@@ -235,8 +222,8 @@ enum Msg {
     Call(Box<Job>),
     Fetched(Fetched),
     /// A database operation's answer: the call, the operation's id, the result, and the
-    /// result's bytes taken from the gateway's budget.
-    DbDone(u64, u32, Result<String, String>, Held),
+    /// result's bytes taken from the gateway's budget (as `Fetched::held`).
+    DbDone(u64, u32, Result<String, String>, Taken),
     /// Load a function's modules ahead of its first call: the one served at this address (the
     /// last lowering's `Load` of it is read from `served` when its turn comes).
     Warm(usize),
@@ -1754,7 +1741,7 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
         let back = back.clone();
         let bytes = slots.bytes.clone();
         let answer = move |result, taken| {
-            let _ = back.send(Msg::DbDone(call, id, result, Held { budget: bytes, n: taken }));
+            let _ = back.send(Msg::DbDone(call, id, result, Taken(bytes, taken)));
         };
         match (&services.database, scope) {
             (Some(run), Some(scope)) => {
@@ -1799,7 +1786,7 @@ fn start_fetches(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Arc
         // runtime has it.
         let answer = move |result: Result<(u16, Vec<(String, String)>, Vec<u8>), String>| {
             let n = result.as_ref().map_or(0, |(_, _, body)| body.len());
-            let _ = back.send(Msg::Fetched(Fetched { call, id, result, held: Held { budget, n } }));
+            let _ = back.send(Msg::Fetched(Fetched { call, id, result, held: Taken(budget, n) }));
         };
         let Some(fetcher) = fetcher else {
             answer(Err("fetch is not available on this node".into()));
@@ -1865,7 +1852,7 @@ impl Slots {
 }
 
 /// Bytes taken from a gateway's budget, given back when this goes.
-struct Taken(Arc<Budget>, usize);
+pub(crate) struct Taken(pub(crate) Arc<Budget>, pub(crate) usize);
 
 impl Taken {
     fn of(budget: &Arc<Budget>, n: usize) -> Option<Taken> {

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 
-use crate::engine::{Budget, FetchRequest, Fetcher};
+use crate::engine::{Budget, FetchRequest, Fetcher, Taken};
 use crate::guard::{Policy, allowed, authority};
 use weir_upstream::reach::Names;
 
@@ -64,7 +64,7 @@ impl Outbound {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn fetch(&self, gateway: &str, method: &str, url: &str, headers: Vec<(String, String)>, body: Option<Vec<u8>>, allow: &[String], budget: &Budget) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
+    async fn fetch(&self, gateway: &str, method: &str, url: &str, headers: Vec<(String, String)>, body: Option<Vec<u8>>, allow: &[String], budget: &Arc<Budget>) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String> {
         let lower = url.get(..8).unwrap_or(url).to_ascii_lowercase();
         // What the messages show of the URL: no password in them, nor in the node's log.
         let shown = without_userinfo(url);
@@ -121,7 +121,7 @@ impl Outbound {
     }
 }
 
-async fn exchange<S>(io: S, req: http::Request<Full<Bytes>>, budget: &Budget) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String>
+async fn exchange<S>(io: S, req: http::Request<Full<Bytes>>, budget: &Arc<Budget>) -> Result<(u16, Vec<(String, String)>, Vec<u8>), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -142,12 +142,12 @@ where
 /// as it arrives. On success the bytes stay taken (the engine gives them back); on failure,
 /// or when the read is dropped before it ends (the fetch ran out of time), they are given
 /// back here.
-async fn read_body<B>(mut body: B, budget: &Budget) -> Result<Vec<u8>, String>
+async fn read_body<B>(mut body: B, budget: &Arc<Budget>) -> Result<Vec<u8>, String>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
 {
-    let mut taken = Taken { budget, n: 0 };
+    let mut taken = Taken(budget.clone(), 0);
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| format!("fetch: the response body: {e}"))?;
@@ -158,24 +158,12 @@ where
         if !budget.take(data.len()) {
             return Err(format!("fetch: the response bodies of this gateway's fetches in flight would pass its memory limit ({} MiB)", budget.limit() >> 20));
         }
-        taken.n += data.len();
+        taken.1 += data.len();
         out.extend_from_slice(&data);
     }
     // The engine gives these back once the body is in the runtime.
-    taken.n = 0;
+    taken.1 = 0;
     Ok(out)
-}
-
-/// Bytes a body read has taken from its gateway's budget, given back unless it ends well.
-struct Taken<'a> {
-    budget: &'a Budget,
-    n: usize,
-}
-
-impl Drop for Taken<'_> {
-    fn drop(&mut self) {
-        self.budget.give(self.n);
-    }
 }
 
 /// `url` without the user and password its authority may carry.
@@ -228,7 +216,7 @@ mod tests {
                 let _ = server.write_all(format!("HTTP/1.1 {status} Odd\r\ncontent-length: 0\r\n\r\n").as_bytes()).await;
             });
             let req = http::Request::builder().uri("/").header(http::header::HOST, "h").body(Full::new(Bytes::new())).unwrap();
-            let got = exchange(client, req, &Budget::new(1 << 20)).await;
+            let got = exchange(client, req, &Arc::new(Budget::new(1 << 20))).await;
             match got {
                 Ok((s, _, _)) => assert!(fine && s == status, "{status} was taken"),
                 Err(e) => assert!(!fine && e.contains(&format!("status {status}")), "{status}: {e}"),
@@ -238,7 +226,7 @@ mod tests {
 
     #[tokio::test]
     async fn response_bodies_take_from_the_gateways_budget_until_given_back() {
-        let budget = Budget::new(4 << 20);
+        let budget = Arc::new(Budget::new(4 << 20));
         let three = || Full::new(Bytes::from(vec![7u8; 3 << 20]));
         assert_eq!(read_body(three(), &budget).await.map(|b| b.len()), Ok(3 << 20));
         // Three more MiB would pass the four the gateway may hold: refused, and nothing kept.
@@ -248,7 +236,7 @@ mod tests {
         assert_eq!(read_body(three(), &budget).await.map(|b| b.len()), Ok(3 << 20));
         budget.give(3 << 20);
         // A body past the largest one fetch reads fails whatever the budget.
-        let roomy = Budget::new(64 << 20);
+        let roomy = Arc::new(Budget::new(64 << 20));
         let refused = read_body(Full::new(Bytes::from(vec![0u8; MAX_RESPONSE + 1])), &roomy).await.unwrap_err();
         assert!(refused.contains("larger than"), "{refused}");
         assert!(roomy.take(64 << 20), "a failed read gives back what it took");
@@ -273,7 +261,7 @@ mod tests {
     /// from the gateway's budget comes back, or a few slow answers would leave the gateway none.
     #[tokio::test]
     async fn a_body_read_cut_off_by_its_time_gives_back_what_it_took() {
-        let budget = Budget::new(4 << 20);
+        let budget = Arc::new(Budget::new(4 << 20));
         let read = read_body(Stalls(Some(Bytes::from(vec![1u8; 3 << 20]))), &budget);
         assert!(tokio::time::timeout(std::time::Duration::from_millis(50), read).await.is_err(), "the body never ends");
         assert!(budget.take(4 << 20), "the three MiB read before the time ran out were given back");
