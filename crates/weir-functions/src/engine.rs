@@ -1422,7 +1422,7 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
         let out: Value<'_> = run.call((handler, request, vars)).map_err(caught)?;
         match out.as_promise() {
             Some(promise) => Ok(Started::Waiting(Persistent::save(ctx, promise.clone()))),
-            None => Ok(Started::Answered(reply(out).map_err(caught))),
+            None => Ok(Started::Answered(reply(js, out).map_err(caught))),
         }
     });
     let live = match out {
@@ -1542,7 +1542,7 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
             }
             match state {
                 PromiseState::Pending => {}
-                PromiseState::Resolved => done.push((*id, promise.result::<Value<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(reply).map_err(|e| caught(&ctx, e)))),
+                PromiseState::Resolved => done.push((*id, promise.result::<Value<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(|out| reply(js, out)).map_err(|e| caught(&ctx, e)))),
                 PromiseState::Rejected => {
                     let f = match promise.result::<Value<'_>>() {
                         Some(Err(rquickjs::Error::Exception)) => thrown(&ctx.catch()),
@@ -1565,8 +1565,10 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
 }
 
 /// The answer the prelude's `toResponse` made: `[status, headers, body]`, or the JSON text of
-/// a value answered as JSON (the common case, which so crosses as one string).
-fn reply(out: Value<'_>) -> rquickjs::Result<Reply> {
+/// a value answered as JSON (the common case, which so crosses as one string; the prelude
+/// sends a long one as a body). The body is copied once its copies are taken from the
+/// gateway's budget; a body past it fails as out of memory.
+fn reply(js: &Js, out: Value<'_>) -> rquickjs::Result<Reply> {
     if let Some(json) = out.as_string() {
         return Ok(Reply { status: 200, headers: vec![("content-type".to_string(), "application/json".to_string())], body: json.to_string()?.into_bytes() });
     }
@@ -1574,12 +1576,13 @@ fn reply(out: Value<'_>) -> rquickjs::Result<Reply> {
     let status: i32 = a.get(0)?;
     let headers: Array<'_> = a.get(1)?;
     let body: Array<'_> = a.get(2)?;
+    let budget = js.host.borrow().outbound.bytes.clone();
     Ok(Reply {
         // As `Response` itself allows, though a function may have set the field after it was
         // made: an informational status is never a final answer.
         status: u16::try_from(status).ok().filter(|s| (200..=599).contains(s)).unwrap_or(500),
         headers: header_list(&headers)?,
-        body: from_wire(&body)?,
+        body: from_wire_within(&body, &budget)?.ok_or(rquickjs::Error::Allocation)?,
     })
 }
 

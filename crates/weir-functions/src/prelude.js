@@ -37,6 +37,27 @@
   const sliceText = Function.prototype.call.bind(String.prototype.slice);
   const fromCharCode = String.fromCharCode;
   const apply = Reflect.apply;
+  const hasOwn = Object.hasOwn;
+  const defineOwn = Object.defineProperty;
+  // Header fields cross to the engine as a list of [name, value] strings, bounded here before
+  // the engine copies them out of the runtime: at most as many fields, and code units in all,
+  // as the engine takes bytes (its own bounds). Each field is defined on the list, so no
+  // setter a function put on Array.prototype sees the list or adds to it.
+  const MAX_FIELDS = 1000;
+  const MAX_FIELD_UNITS = 256 * 1024;
+  const fieldsOf = (headers) => {
+    const list = [];
+    let units = 0;
+    headers.forEach((v, k) => {
+      k = "" + k;
+      v = "" + v;
+      units += k.length + v.length;
+      if (list.length >= MAX_FIELDS) throw new RangeError(`more than ${MAX_FIELDS} header fields; at most ${MAX_FIELDS} may be sent`);
+      if (units > MAX_FIELD_UNITS) throw new RangeError("header fields of more than 256 KiB; at most that may be sent");
+      defineOwn(list, list.length, { value: [k, v], writable: true, enumerable: true, configurable: true });
+    });
+    return list;
+  };
   // Bytes are read through the constructor and getters held here, never through a view's own
   // properties, `instanceof` or `subarray` (which follows `Symbol.species`): a function that
   // changes the globals or the typed arrays' prototypes gets other bytes at most, never
@@ -293,8 +314,7 @@
       if (typeof init.body === "string") headers.set("content-type", "text/plain;charset=UTF-8");
       else if (init.body instanceof URLSearchParams) headers.set("content-type", "application/x-www-form-urlencoded;charset=UTF-8");
     }
-    const list = [];
-    headers.forEach((v, k) => list.push([k, v]));
+    const list = fieldsOf(headers);
     const body = bodyBytes(init.body);
     const id = nextFetch++;
     fetches.set(id, { resolve, reject });
@@ -346,7 +366,9 @@
   };
   // A line crosses to the engine cut to what it keeps (and a little more, for the mark that
   // says it was cut) and well formed: a lone surrogate is U+FFFD there.
-  const kept = (s) => wellFormed(s.length > 8196 ? sliceText(s, 0, 8196) : s);
+  // What crosses is text whatever a function did to the arrays' methods, so its length is its
+  // own: a line made otherwise would cross whole, however long, before the engine cut it.
+  const kept = (s) => (typeof s === "string" ? wellFormed(s.length > 8196 ? sliceText(s, 0, 8196) : s) : "(a line that is not text)");
   const line = (level) => (...args) => host.log(level, kept(args.map(show).join(" ")));
   G.console = { log: line("info"), info: line("info"), debug: line("debug"), warn: line("warn"), error: line("error") };
 
@@ -484,28 +506,27 @@
   // The third is the string's length, so that the engine takes the room for its copies
   // before it makes them.
   const wire = (b) => { const s = typeof b === "string" ? b : latin1(bytesOf(b)); return [typeof b !== "string", s, s.length]; };
+  // JSON text crosses as itself; a long text as a body on the wire, whose length the engine
+  // takes from the gateway's budget before it copies the text out of the runtime.
+  const json = (s) => (s.length < 4096 ? s : [200, [["content-type", "application/json"]], [false, s, s.length]]);
   const toResponse = (out) => {
     if (out !== null && typeof out === "object") {
       // A plain object or array, the common answer, is JSON: it crosses as its text alone.
       const proto = protoOf(out);
-      if (proto === ObjectProto || proto === ArrayProto) return stringify(out) ?? "null";
+      if (proto === ObjectProto || proto === ArrayProto) return json(stringify(out) ?? "null");
       if (out instanceof Ended) out = out.value;
     }
     if (out instanceof Response) {
-      const headers = [];
-      out.headers.forEach((v, k) => headers.push([k, v]));
-      return [out.status, headers, wire(out._body === null ? "" : out._body)];
+      return [out.status, fieldsOf(out.headers), wire(out._body === null ? "" : out._body)];
     }
     if (out === undefined) return [204, [], wire("")];
     if (typeof out === "string") return [200, [["content-type", "text/plain; charset=utf-8"]], wire(out)];
     if (out instanceof ArrayBuffer || ArrayBuffer.isView(out)) return [200, [["content-type", "application/octet-stream"]], wire(out)];
-    return stringify(out) ?? "null";
+    return json(stringify(out) ?? "null");
   };
 
   // A form's fields are the object's own properties whatever their names (`__proto__`,
   // `toString`): a client's input never reshapes the object's prototype.
-  const hasOwn = Object.hasOwn;
-  const defineOwn = Object.defineProperty;
   const parseBody = (type, text) => {
     type = (type || "").toLowerCase();
     if (type.includes("json")) { try { return JSON.parse(text); } catch { return text; } }

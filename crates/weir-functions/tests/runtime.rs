@@ -128,7 +128,7 @@ async fn a_function_cannot_run_past_its_limits_outside_its_turn() {
     assert_eq!(call("answer").await.result, Err(Failure::Timeout("the call ran past its CPU budget")));
     assert_eq!(call("timers").await.result.unwrap().body, b"left a timer");
     assert!(failed(&call("headers").await).contains("header fields of more than 256 KiB"));
-    assert_eq!(call("fetched").await.result.unwrap().body, b"RangeError: 2000 header fields; at most 1000 may be sent");
+    assert_eq!(call("fetched").await.result.unwrap().body, b"RangeError: more than 1000 header fields; at most 1000 may be sent");
     assert_eq!(call("nan").await.result.unwrap().body, b"fired");
     // The jobs it leaves run on the next call's budget once; the runtime is then made afresh.
     let _ = call("spin").await;
@@ -621,6 +621,37 @@ async fn decoding_and_logging_copy_out_no_more_than_the_gateway_may_hold() {
     assert_eq!(out.logs[1].message, "half \u{fffd} of a pair");
     match gw.call("surrogate", get("/")).await.result {
         Err(Failure::Threw { message, .. }) => assert_eq!(message, "(text that is not well formed)"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// An answer's body is copied out of the runtime only once its copies are taken from the
+/// gateway's budget, and a long JSON answer crosses the same way; a log line made of something
+/// else than text (the arrays' methods replaced) crosses as a mark, not as whatever it makes.
+#[tokio::test]
+async fn answers_and_log_lines_are_copied_out_only_within_the_gateways_budget() {
+    // A 24 MiB body waits to be sent (of the gateway's 32 MiB outside the runtime): the 10 MiB
+    // that copying a 5 MiB answer of bytes takes are past what is left.
+    let held = Arc::new(Held::default());
+    let engine = held.engine("answers");
+    let reach = weir_functions::Reach { allow: Arc::new(vec!["api.example".into()]), database: None };
+    let f = func("dev", "big", &[("index.js", "export default () => { fetch('http://api.example/in', { method: 'POST', body: 'y'.repeat(24 << 20) }).catch(() => {}); return new Uint8Array(5 << 20); }")]);
+    assert_eq!(run_alone(engine.clone(), f, reach.clone()).await.result.map(|r| r.body.len()), Err(Failure::Memory));
+    held.release();
+    let f = func("dev", "alone", &[("index.js", "export default () => new Uint8Array(5 << 20)")]);
+    assert_eq!(run_alone(engine.clone(), f, reach.clone()).await.result.map(|r| r.body.len()), Ok(5 << 20));
+    let f = func("dev", "long", &[("index.js", "export default () => ({ text: '\\u00e9'.repeat(5000) })")]);
+    let out = run_alone(engine.clone(), f, reach.clone()).await;
+    assert_eq!(body_json(&out), json!({ "text": "\u{e9}".repeat(5000) }));
+    assert_eq!(out.result.unwrap().headers, vec![("content-type".to_string(), "application/json".to_string())]);
+    let f = func("dev", "join", &[("index.js", "export default () => { Array.prototype.join = function () { return { length: 0, toString: () => 'x'.repeat(1 << 20) }; }; console.log('a', 'b'); return 'logged'; }")]);
+    let out = run_alone(engine.clone(), f, reach.clone()).await;
+    assert_eq!(out.result.unwrap().body, b"logged");
+    assert_eq!(out.logs[0].message, "(a line that is not text)");
+    // Header fields are bounded before they cross, whatever the headers' own methods hand over.
+    let f = func("dev", "fields", &[("index.js", "export default () => { Headers.prototype.forEach = function (f) { f('v', 'x'.repeat(300000)); }; return new Response('hi'); }")]);
+    match run_alone(engine, f, reach).await.result {
+        Err(Failure::Threw { message, .. }) => assert_eq!(message, "header fields of more than 256 KiB; at most that may be sent"),
         other => panic!("{other:?}"),
     }
 }
