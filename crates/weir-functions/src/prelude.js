@@ -11,11 +11,16 @@
   const ObjectProto = Object.prototype;
   const ArrayProto = Array.prototype;
 
+  // The ids of timers, fetches and database operations cross as 32-bit numbers: each count
+  // starts again at 1 past the largest, so a realm that lives long never runs out of them.
+  const after = (id) => (id >= 0xffffffff ? 1 : id + 1);
+
   // Timers: the engine keeps the due times, this keeps the callbacks.
   let nextTimer = 1;
   const timers = new Map();
   G.setTimeout = (fn, ms, ...args) => {
-    const id = nextTimer++;
+    const id = nextTimer;
+    nextTimer = after(id);
     const refused = host.timer(id, Math.max(0, Number(ms) || 0));
     if (refused) throw new Error(refused);
     timers.set(id, () => fn(...args));
@@ -316,7 +321,8 @@
     }
     const list = fieldsOf(headers);
     const body = bodyBytes(init.body);
-    const id = nextFetch++;
+    const id = nextFetch;
+    nextFetch = after(id);
     fetches.set(id, { resolve, reject });
     try {
       const method = String(init.method || "GET").toUpperCase();
@@ -378,7 +384,8 @@
   let nextDb = 1;
   const dbCalls = new Map();
   const dbOp = (req) => new Promise((resolve, reject) => {
-    const id = nextDb++;
+    const id = nextDb;
+    nextDb = after(id);
     dbCalls.set(id, { resolve, reject });
     try {
       const op = JSON.stringify(req);
