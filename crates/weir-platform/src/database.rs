@@ -170,8 +170,8 @@ impl Platform {
                 }
                 let filter = options.remove("__filter").unwrap_or(json!({}));
                 match self.run_db(&gw, &env, json!({"op": "find", "collection": c, "filter": filter, "options": options})).await {
-                    Ok(Value::Array(list)) => json(StatusCode::OK, &json!({"total": list.len(), "list": list})),
-                    Ok(other) => json(StatusCode::OK, &other),
+                    Ok(Value::Array(list)) => self.documents(&gw, StatusCode::OK, &json!({"total": list.len(), "list": list})),
+                    Ok(other) => self.documents(&gw, StatusCode::OK, &other),
                     Err(r) => r,
                 }
             }
@@ -210,11 +210,11 @@ impl Platform {
                 match self.run_db(&gw, &env, op).await {
                     Ok(Value::Null) => not_found("document"),
                     Ok(v) if *m == Method::PUT => match self.run_db(&gw, &env, json!({"op": "findOne", "collection": c, "filter": {"_id": id}})).await {
-                        Ok(doc) => json(status, &json!({"result": v, "document": doc})),
+                        Ok(doc) => self.documents(&gw, status, &json!({"result": v, "document": doc})),
                         Err(r) => r,
                     },
                     Ok(v) if *m == Method::DELETE && v["deletedCount"] == 0 => not_found("document"),
-                    Ok(v) => json(status, &v),
+                    Ok(v) => self.documents(&gw, status, &v),
                     Err(r) => r,
                 }
             }
@@ -222,6 +222,12 @@ impl Platform {
             (&Method::POST, ["import"]) => self.import(&gw, &env, raw).await,
             _ => crate::api::refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
         }
+    }
+
+    /// An answer of documents: a large one counts against what the gateway's answers may hold
+    /// until it is sent (`platform.large_answers`), as an export does.
+    fn documents(&self, gw: &Gateway, status: StatusCode, v: &Value) -> Reply {
+        self.answers.answer(&gw.gateway_id, status, "application/json", serde_json::to_vec(v).expect("JSON values serialize"))
     }
 
     async fn collection_list(&self, gw: &Gateway, env: &str) -> Reply {

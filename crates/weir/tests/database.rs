@@ -587,6 +587,12 @@ async fn a_large_answer_a_client_does_not_read_counts_against_its_gateway_until_
     let r = export("big").await;
     assert_eq!((r.status, r.headers.get("retry-after").map(|v| v.to_str().unwrap().to_string())), (503, Some("1".into())), "{}", r.text());
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("platform.large_answers"), "{}", r.text());
+    // So is a page of documents as large, and a small one is answered.
+    let page = |limit: usize| async move { send(admin, "GET", &format!("/v1/api-gateways/big/database/collections/c/documents?limit={limit}"), &[("x-api-key", common::KEY)], None).await };
+    let r = page(1000).await;
+    assert_eq!((r.status, r.headers.get("retry-after").map(|v| v.to_str().unwrap().to_string())), (503, Some("1".into())), "{}", r.text());
+    let r = page(2).await;
+    assert_eq!((r.status, r.json()["total"].clone()), (200, json!(2)));
     let r = export("other").await;
     assert_eq!((r.status, r.text().lines().count()), (200, 12), "another gateway's large answer fits beside it");
     // The connection ends; its answer is let go, and the gateway's next one is answered.
