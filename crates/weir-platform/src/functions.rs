@@ -58,6 +58,8 @@ pub struct CreateFunction {
     #[schemars(regex(pattern = FUNCTION_NAME), length(max = 256))]
     pub name: String,
     pub source: SourceInput,
+    /// Each method once (the proxy reads the list on each request it refuses).
+    #[schemars(length(max = 7), extend("uniqueItems" = true))]
     pub methods: Option<Vec<FnMethod>>,
     #[schemars(length(max = 1000))]
     pub description: Option<String>,
@@ -75,6 +77,8 @@ pub struct CreateFunction {
 #[serde(deny_unknown_fields)]
 pub struct PatchFunction {
     pub source: Option<SourceInput>,
+    /// Each method once (the proxy reads the list on each request it refuses).
+    #[schemars(length(max = 7), extend("uniqueItems" = true))]
     pub methods: Option<Vec<FnMethod>>,
     #[schemars(length(max = 1000))]
     pub description: Option<String>,

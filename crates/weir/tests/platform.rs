@@ -1007,6 +1007,11 @@ async fn functions_are_live_when_saved_and_answer_in_both_shapes_with_their_plug
     assert_eq!(w.get("/dev/user/other", &[("host", "fns.localhost")]).await.json()["error_msg"], "nothing is published at this path");
     let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(hello)).await;
     assert_eq!((s, &b["error"]["kind"]), (409, &json!("conflict")), "{b}");
+    // Each method once: a list that repeats one is refused and changes nothing.
+    let (s, b) = v1(&w, "PATCH", "api-gateways/fns/functions/dev%2Fuser%2Fme", Some(json!({"methods": ["GET", "GET"]}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(problems(&b)[0].contains("unique"), "{b}");
+    assert_eq!(v1(&w, "GET", "api-gateways/fns/functions/dev%2Fuser%2Fme", None).await.1["methods"], json!(["GET"]));
 
     // A source that does not compile: 400 with where, and nothing is stored.
     let (s, b) = v1(&w, "POST", "api-gateways/fns/functions", Some(json!({"name": "broken", "source": {"code": "export default () => {\n  return 1 +;\n}"}}))).await;
