@@ -786,6 +786,13 @@ impl Platform {
                 problems.push(format!("limits.{field}: {asked} is over this node's maximum of {most}"));
             }
         }
+        // Each environment's document holds the variables and the upstream it reads, and one
+        // transaction writes every environment's: bounded in all, so that transaction always
+        // fits the store (etcd takes 1.5 MiB at most).
+        let vars: usize = gw.env.iter().map(|v| v.name.len() + v.value.len()).sum();
+        if vars > crate::guard::MAX_VARS_BYTES {
+            problems.push(format!("env: {vars} bytes of names and values, more than the {} a gateway's variables may hold", crate::guard::MAX_VARS_BYTES));
+        }
         let mut names = BTreeSet::new();
         for (i, var) in gw.env.iter().enumerate() {
             if !names.insert(var.name.as_str()) {
@@ -814,6 +821,10 @@ impl Platform {
         let upstreams = self.catalog.get("upstreams").expect("the catalog has upstreams");
         for env in &gw.environments {
             if let Some(up) = &env.upstream {
+                let size = serde_json::to_vec(up).map_or(0, |v| v.len());
+                if size > crate::guard::MAX_LAYER_BYTES {
+                    problems.push(format!("environments.{}.upstream: {size} bytes, more than the {} an upstream may hold", env.name, crate::guard::MAX_LAYER_BYTES));
+                }
                 crate::guard::upstream(&self.cfg, &format!("environments.{}.upstream", env.name), up, &mut problems);
                 let mut candidate = up.clone();
                 candidate["id"] = json!("check");

@@ -12,6 +12,10 @@ use crate::PlatformConfig;
 /// plugin config and every node's memory.
 pub const MAX_LAYER_BYTES: usize = 64 * 1024;
 
+/// The most bytes of names and values a gateway's variables hold in all: they are copied into
+/// every environment's document as its plugin layers are.
+pub const MAX_VARS_BYTES: usize = 64 * 1024;
+
 /// Regular expressions a layer may hold (`allow_origins_by_regex`, `regex_uri`, the patterns
 /// of `~~`/`~*` rules, and a JSON schema's `pattern` and `patternProperties`), and the most
 /// each may compile to: every node compiles each of them for every route the layer is on,

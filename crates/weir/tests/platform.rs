@@ -172,6 +172,17 @@ async fn bad_input_is_refused_in_full_and_nothing_is_stored() {
     let (s, b) = v1(&w, "PATCH", "api-gateways/okay", Some(json!({"plugins": {"limit-count": {"count": 1, "time_window": 1, "group": "shared"}}, "customDomains": ["10.0.0.5"]}))).await;
     assert_eq!(s, 400, "{b}");
     assert_eq!(problems(&b).len(), 2, "{b}");
+    // What every environment's document copies is bounded in all: the variables, an upstream.
+    let vars: Vec<Value> = (0..3).map(|i| json!({"name": format!("V{i}"), "value": "v".repeat(30_000)})).collect();
+    let (s, b) = v1(&w, "PATCH", "api-gateways/okay", Some(json!({"env": vars}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert_eq!(problems(&b), ["env: 90006 bytes of names and values, more than the 65536 a gateway's variables may hold"], "{b}");
+    let nodes: serde_json::Map<String, Value> = (0..3000).map(|i| (format!("n{i}.example.test:80"), json!(1))).collect();
+    let (s, b) = v1(&w, "PATCH", "api-gateways/okay/environments/dev", Some(json!({"upstream": {"type": "roundrobin", "nodes": nodes}}))).await;
+    assert_eq!(s, 400, "{b}");
+    assert!(problems(&b)[0].contains("more than the 65536 an upstream may hold"), "{b}");
+    let (_, b) = v1(&w, "GET", "api-gateways/okay", None).await;
+    assert_eq!((&b["env"], &b["environments"][0]["upstream"]), (&json!([]), &Value::Null), "nothing was changed: {b}");
     let (s, b) = v1(&w, "PATCH", "api-gateways/okay/environments/dev", Some(json!({"upstream": {"type": "roundrobin"}}))).await;
     assert_eq!(s, 400, "an upstream without nodes: {b}");
     assert!(problems(&b)[0].starts_with("upstream"), "{b}");
