@@ -495,13 +495,22 @@ impl Platform {
             (Ok(s), Ok(t)) => (s, t),
             (s, t) => return bad_input([s.err(), t.err()].into_iter().flatten().collect()),
         };
-        let a = match self.read_function(gid, &source.0, &source.1).await {
-            Ok((d, ..)) => d,
-            Err(_) => return failure(ErrorKind::NotFound, format!("function {}/{} not found", source.0, source.1), Vec::new()),
+        // A function that is not there is named; a store that is down or a stored function
+        // that cannot be read answers as it does everywhere else.
+        let read = |(env, name): (String, String)| async move {
+            match self.read_optional(gid, &env, &name).await {
+                Ok(Some((d, ..))) => Ok(d),
+                Ok(None) => Err(failure(ErrorKind::NotFound, format!("function {env}/{name} not found"), Vec::new())),
+                Err(r) => Err(r),
+            }
         };
-        let b = match self.read_function(gid, &target.0, &target.1).await {
-            Ok((d, ..)) => d,
-            Err(_) => return failure(ErrorKind::NotFound, format!("function {}/{} not found", target.0, target.1), Vec::new()),
+        let a = match read(source).await {
+            Ok(d) => d,
+            Err(r) => return r,
+        };
+        let b = match read(target).await {
+            Ok(d) => d,
+            Err(r) => return r,
         };
         let files = diff_files(&a.files, &b.files);
         let identical = files.iter().all(|f| f.status == "same") && a.entrypoint == b.entrypoint;
