@@ -77,8 +77,12 @@ fn db_failure(e: DbError) -> Reply {
     let kind = match e.kind {
         DbErrorKind::BadInput => ErrorKind::BadInput,
         DbErrorKind::Duplicate | DbErrorKind::Conflict => ErrorKind::Conflict,
-        DbErrorKind::Quota | DbErrorKind::Timeout | DbErrorKind::Unavailable => ErrorKind::Unavailable,
+        DbErrorKind::Quota => ErrorKind::Quota,
+        DbErrorKind::Timeout => ErrorKind::Timeout,
+        DbErrorKind::Unavailable => ErrorKind::Unavailable,
     };
+    // The status is the database's (a quota refusal is 507, as it is inside functions); the
+    // kind says which failure it is, so a client retries an unavailable database only.
     let mut reply = failure(kind, e.message.clone(), if e.kind == DbErrorKind::BadInput { vec![e.message.clone()] } else { Vec::new() });
     *reply.status_mut() = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     reply
