@@ -199,24 +199,20 @@ impl Platform {
                     Err(r) => return r,
                 };
                 let id = Value::String(weir_core::text::percent_decode(id).into_owned());
+                if *m == Method::PUT {
+                    let doc: Value = match serde_json::from_slice(raw) {
+                        Ok(d) => d,
+                        Err(e) => return bad_input(vec![format!("body: not JSON: {e}")]),
+                    };
+                    return self.replace(&gw, &env, &c, id, doc).await;
+                }
                 let (op, status) = match *m {
                     Method::GET => (json!({"op": "findOne", "collection": c, "filter": {"_id": id}}), StatusCode::OK),
-                    Method::PUT => {
-                        let doc: Value = match serde_json::from_slice(raw) {
-                            Ok(d) => d,
-                            Err(e) => return bad_input(vec![format!("body: not JSON: {e}")]),
-                        };
-                        (json!({"op": "replaceOne", "collection": c, "filter": {"_id": id}, "doc": doc, "options": {"upsert": true}}), StatusCode::OK)
-                    }
                     Method::DELETE => (json!({"op": "deleteOne", "collection": c, "filter": {"_id": id}}), StatusCode::OK),
                     _ => return crate::api::refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
                 };
                 match self.run_db(&gw, &env, op).await {
                     Ok(Value::Null) => not_found("document"),
-                    Ok(v) if *m == Method::PUT => match self.run_db(&gw, &env, json!({"op": "findOne", "collection": c, "filter": {"_id": id}})).await {
-                        Ok(doc) => self.documents(&gw, status, &json!({"result": v, "document": doc})),
-                        Err(r) => r,
-                    },
                     Ok(v) if *m == Method::DELETE && v["deletedCount"] == 0 => not_found("document"),
                     Ok(v) => self.documents(&gw, status, &v),
                     Err(r) => r,
@@ -225,6 +221,31 @@ impl Platform {
             (&Method::GET, ["export"]) => self.export(&gw, &env).await,
             (&Method::POST, ["import"]) => self.import(&gw, &env, raw).await,
             _ => crate::api::refuse(StatusCode::METHOD_NOT_ALLOWED, &format!("{m} is not allowed here")),
+        }
+    }
+
+    /// `PUT .../documents/{id}`: replaces the document (or adds it) and answers with the
+    /// document as written, read in the same transaction: a failure anywhere writes nothing,
+    /// and the answer is never another write's.
+    async fn replace(&self, gw: &Gateway, env: &str, coll: &str, id: Value, doc: Value) -> Reply {
+        let tx = match self.run_db(gw, env, json!({"op": "begin"})).await {
+            Ok(v) => v["tx"].clone(),
+            Err(r) => return r,
+        };
+        let replaced = match self.run_db(gw, env, json!({"op": "replaceOne", "collection": coll, "filter": {"_id": id}, "doc": doc, "options": {"upsert": true}, "tx": tx})).await {
+            Ok(result) => self.run_db(gw, env, json!({"op": "findOne", "collection": coll, "filter": {"_id": id}, "tx": tx})).await.map(|doc| (result, doc)),
+            Err(r) => Err(r),
+        };
+        let done = match replaced {
+            Ok(both) => self.run_db(gw, env, json!({"op": "commit", "tx": tx})).await.map(|_| both),
+            Err(r) => {
+                let _ = self.run_db(gw, env, json!({"op": "abort", "tx": tx})).await;
+                Err(r)
+            }
+        };
+        match done {
+            Ok((result, doc)) => self.documents(gw, StatusCode::OK, &json!({"result": result, "document": doc})),
+            Err(r) => r,
         }
     }
 

@@ -315,6 +315,14 @@ async fn data_api(engine: Engine, pg: Option<&str>) {
     assert_eq!((r.status, r.json()["error"]["kind"].clone()), (507, json!("quota")), "{}", r.text());
     let r = send(w.admin, "GET", "/v1/api-gateways/tiny/database/export", &[("x-api-key", common::KEY)], None).await;
     assert_eq!((r.status, r.text()), (200, String::new()));
+    // A replace adds the document it names and answers with it as written; one past the quota
+    // writes nothing.
+    let tiny = "api-gateways/tiny/database/collections/c/documents";
+    let (s, b) = v1(&w, "PUT", &format!("{tiny}/a"), Some(json!({"n": 1}))).await;
+    assert_eq!((s, &b["document"], &b["result"]["upsertedCount"]), (200, &json!({"_id": "a", "n": 1}), &json!(1)), "{b}");
+    let (s, b) = v1(&w, "PUT", &format!("{tiny}/b"), Some(json!({"n": 2}))).await;
+    assert_eq!((s, &b["error"]["kind"]), (507, &json!("quota")), "{b}");
+    assert_eq!(v1(&w, "GET", &format!("{tiny}/b"), None).await.0, 404);
     // Deleting a gateway deletes its database.
     if let Engine::Embedded = engine {
         assert_eq!(db_files(&w, "data").len(), 1);
