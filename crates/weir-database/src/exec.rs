@@ -294,11 +294,15 @@ impl Databases {
         drop(tx);
         let writes: Vec<Write> = writes
             .into_iter()
-            .map(|((coll, id), doc)| {
+            .filter_map(|((coll, id), doc)| {
                 let expect = seen.get(&(coll.clone(), id.clone())).cloned().unwrap_or(None);
-                match doc {
-                    Some(doc) => Write::Put { coll, id, doc, expect: Some(expect) },
-                    None => Write::Delete { coll, id, expect },
+                match (doc, expect) {
+                    (Some(doc), expect) => Some(Write::Put { coll, id, doc, expect: Some(expect) }),
+                    (None, Some(expect)) => Some(Write::Delete { coll, id, expect: Some(expect) }),
+                    // Added and deleted again within the transaction: nothing of it is written
+                    // (a delete without what it expects deletes whatever is there, another
+                    // writer's document written meanwhile too).
+                    (None, None) => None,
                 }
             })
             .collect();

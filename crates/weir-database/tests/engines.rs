@@ -170,6 +170,16 @@ fn transactions_are_all_or_nothing(e: &Engine) {
     assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "acct", "filter": {}})).unwrap(), json!(2));
     assert_eq!(run(&d, json!({"op": "findOne", "collection": "acct", "filter": {"_id": "a"}})).unwrap()["bal"], 99);
 
+    // A document a transaction adds and deletes again is none of its writes: another writer's
+    // document of that id, added meanwhile, stays.
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&d, json!({"op": "insertOne", "collection": "acct", "doc": {"_id": "k"}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "deleteOne", "collection": "acct", "filter": {"_id": "k"}, "tx": tx})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "acct", "doc": {"_id": "k", "important": 1}})).unwrap();
+    run(&d, json!({"op": "commit", "tx": tx})).unwrap();
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "acct", "filter": {"_id": "k"}})).unwrap(), json!({"_id": "k", "important": 1}));
+    run(&d, json!({"op": "deleteOne", "collection": "acct", "filter": {"_id": "k"}})).unwrap();
+
     // A transaction is its database's: another database's caller neither aborts nor commits
     // it, whatever id it sends.
     let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
