@@ -125,6 +125,12 @@ impl Update {
                     "$unset" => Change::Unset(path.clone()),
                     "$inc" => Change::Inc(path.clone(), arg.as_f64().ok_or_else(|| DbError::bad(format!("$inc: {path} takes a number")))?, arg.clone()),
                     "$push" => Change::Push(path.clone(), match arg.as_object().and_then(|o| o.get("$each")) {
+                        // Modifiers beside $each ($slice, $sort, $position) would change what is
+                        // stored: refused, never ignored.
+                        Some(_) if arg.as_object().is_some_and(|o| o.len() > 1) => {
+                            let others: Vec<&str> = arg.as_object().into_iter().flat_map(|o| o.keys()).map(String::as_str).filter(|k| *k != "$each").collect();
+                            return Err(DbError::bad(format!("$push: only $each is supported, not {}", others.join(", "))));
+                        }
                         Some(Value::Array(each)) => each.clone(),
                         Some(_) => return Err(DbError::bad("$push: $each takes an array")),
                         None => vec![arg.clone()],
@@ -397,7 +403,7 @@ mod tests {
 
     #[test]
     fn bad_updates_are_errors() {
-        for (u, says) in [(json!({"$rename": {"a": "b"}}), "$rename"), (json!({"a": 1}), "replaceOne"), (json!({"$set": {"_id": 2}}), "_id"), (json!({"$inc": {"a": "x"}}), "number")] {
+        for (u, says) in [(json!({"$rename": {"a": "b"}}), "$rename"), (json!({"a": 1}), "replaceOne"), (json!({"$set": {"_id": 2}}), "_id"), (json!({"$inc": {"a": "x"}}), "number"), (json!({"$push": {"l": {"$each": [1], "$slice": -2}}}), "only $each is supported, not $slice")] {
             let e = Update::parse(&u).unwrap_err();
             assert!(e.message.contains(says), "{e:?}");
         }
