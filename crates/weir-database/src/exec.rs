@@ -117,6 +117,8 @@ pub const RETIRED_KEPT: usize = 65_536;
 struct Plan {
     index: Option<String>,
     examined: u64,
+    /// Matches counted without being kept (a count outside a transaction).
+    unkept: usize,
 }
 
 impl Databases {
@@ -418,13 +420,20 @@ struct Kept<'a> {
     held: usize,
     /// Whether the documents are kept for a write (its error says so).
     writing: bool,
+    /// Whether a match may come twice (through several keys of an index, or ids given twice):
+    /// a count then keeps which matched; otherwise it only counts them, in `unkept`.
+    twice: bool,
+    unkept: usize,
 }
 
 impl Kept<'_> {
     fn offer(&mut self, id: String, doc: Value) -> Result<(), DbError> {
-        if self.values {
-            self.held += serde_json::to_vec(&doc).map_or(0, |b| b.len());
+        if !self.values && !self.twice {
+            self.unkept += 1;
+            return Ok(());
         }
+        // A count that keeps which matched holds their ids (and what a map spends on each).
+        self.held += if self.values { serde_json::to_vec(&doc).map_or(0, |b| b.len()) } else { id.len() + 64 };
         self.out.insert(id, if self.values { doc } else { Value::Null });
         if self.held > WRITE_HOLD {
             // A sort's window drops what falls out of it first.
@@ -544,8 +553,9 @@ impl Run<'_> {
                     _ => Keep::Top(&by, window),
                 };
                 let mut docs: Vec<Value> = self.matching(&filter, tx.as_deref_mut(), &mut plan, keep)?.into_iter().map(|(_, d)| d).collect();
+                let total = docs.len() + plan.unkept;
                 if op == "countDocuments" {
-                    return Ok(json!(docs.len()));
+                    return Ok(json!(total));
                 }
                 sort(&mut docs, &by);
                 if op == "find" && docs.len().saturating_sub(skip).min(limit.map_or(usize::MAX, |l| l as usize)) > MAX_RESULTS {
@@ -553,7 +563,8 @@ impl Run<'_> {
                 }
                 let docs: Vec<Value> = docs.into_iter().skip(skip).take(limit.map_or(usize::MAX, |l| l as usize)).collect();
                 if op == "explain" {
-                    return Ok(json!({"index": plan.index, "docsExamined": plan.examined, "returned": docs.len()}));
+                    let returned = total.saturating_sub(skip).min(limit.map_or(usize::MAX, |l| l as usize));
+                    return Ok(json!({"index": plan.index, "docsExamined": plan.examined, "returned": returned}));
                 }
                 let mut docs: Vec<Value> = docs.into_iter().map(|d| projection.as_ref().map_or(d.clone(), |p| p.apply(d))).collect();
                 Ok(if op == "findOne" { docs.pop().unwrap_or(Value::Null) } else { Value::Array(docs) })
@@ -711,7 +722,7 @@ impl Run<'_> {
     /// `keep`: which of the matching documents are wanted. A document the transaction `tx`
     /// wrote is read as it wrote it, and not as stored.
     fn matching(&self, filter: &Filter, tx: Option<&mut Tx>, plan: &mut Plan, keep: Keep) -> Result<Vec<(String, Value)>, DbError> {
-        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None, held: 0, writing: matches!(keep, Keep::All) };
+        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None, held: 0, writing: matches!(keep, Keep::All), twice: false, unkept: 0 };
         let stop = match keep {
             Keep::First(n) => Some(n),
             Keep::Top(by, n) => {
@@ -726,6 +737,7 @@ impl Run<'_> {
         let mut budget = Budget::until(deadline);
         if let Some(ids) = filter.equalities("_id") {
             plan.index = Some("_id_".into());
+            kept.twice = true;
             for id in ids.iter().filter_map(|v| id_key(v).ok()) {
                 if budget.spent() || Instant::now() > deadline {
                     return Err(self.late());
@@ -742,6 +754,7 @@ impl Run<'_> {
             plan.index = Some(def.name.clone());
             // One key's entries come in `_id` order: the first so many are those asked for.
             let single = keys.len() == 1;
+            kept.twice = !single;
             for key in keys {
                 self.db.backend.lookup_each(self.coll, &def.name, &key, &mut |id, d| {
                     if budget.spent() || Instant::now() > deadline {
@@ -807,6 +820,7 @@ impl Run<'_> {
             return Err(self.late());
         }
         kept.prune();
+        plan.unkept = kept.unkept;
         Ok(kept.out.into_iter().collect())
     }
 
