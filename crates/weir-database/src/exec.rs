@@ -424,6 +424,10 @@ struct Kept<'a> {
     /// a count then keeps which matched; otherwise it only counts them, in `unkept`.
     twice: bool,
     unkept: usize,
+    /// When the read must end: a sort of its window stops comparing then.
+    deadline: Instant,
+    /// The query's time, for the error that says it ran past it.
+    query_ms: u64,
 }
 
 impl Kept<'_> {
@@ -437,7 +441,7 @@ impl Kept<'_> {
         self.out.insert(id, if self.values { doc } else { Value::Null });
         if self.held > WRITE_HOLD {
             // A sort's window drops what falls out of it first.
-            self.prune();
+            self.prune()?;
             if self.held > WRITE_HOLD {
                 return Err(if self.writing { held_too_much() } else { read_too_much() });
             }
@@ -445,25 +449,32 @@ impl Kept<'_> {
         if let Some((_, n)) = self.top
             && self.out.len() >= (2 * n).max(1024)
         {
-            self.prune();
+            self.prune()?;
         }
         Ok(())
     }
 
     /// Keeps only the first of the sort's window.
-    fn prune(&mut self) {
-        let Some((by, n)) = self.top else { return };
+    fn prune(&mut self) -> Result<(), DbError> {
+        let Some((by, n)) = self.top else { return Ok(()) };
         if self.out.len() <= n {
-            return;
+            return Ok(());
         }
         let mut all: Vec<(String, Value)> = std::mem::take(&mut self.out).into_iter().collect();
-        crate::update::sort_by(&mut all, |(_, d)| d, by);
+        if !crate::update::sort_by(&mut all, |(_, d)| d, by, self.deadline) {
+            return Err(late(self.query_ms));
+        }
         all.truncate(n);
         if self.values {
             self.held = all.iter().map(|(_, d)| serde_json::to_vec(d).map_or(0, |b| b.len())).sum();
         }
         self.out = all.into_iter().collect();
+        Ok(())
     }
+}
+
+fn late(query_ms: u64) -> DbError {
+    DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {query_ms} ms") }
 }
 
 fn read_too_much() -> DbError {
@@ -495,7 +506,7 @@ fn options(request: &Value) -> &Value {
 impl Run<'_> {
     /// The operation ran past its time.
     fn late(&self) -> DbError {
-        DbError { kind: DbErrorKind::Timeout, message: format!("the query ran past its {} ms", self.quota.query_ms) }
+        late(self.quota.query_ms)
     }
 
     fn op(&self, op: &str, mut tx: Option<&mut Tx>) -> Result<Value, DbError> {
@@ -557,7 +568,9 @@ impl Run<'_> {
                 if op == "countDocuments" {
                     return Ok(json!(total));
                 }
-                sort(&mut docs, &by);
+                if !sort(&mut docs, &by, self.deadline) {
+                    return Err(self.late());
+                }
                 if op == "find" && docs.len().saturating_sub(skip).min(limit.map_or(usize::MAX, |l| l as usize)) > MAX_RESULTS {
                     return Err(DbError::bad(format!("find would answer more than {MAX_RESULTS} documents: give a limit (at most {MAX_RESULTS}) and page with skip")));
                 }
@@ -722,7 +735,7 @@ impl Run<'_> {
     /// `keep`: which of the matching documents are wanted. A document the transaction `tx`
     /// wrote is read as it wrote it, and not as stored.
     fn matching(&self, filter: &Filter, tx: Option<&mut Tx>, plan: &mut Plan, keep: Keep) -> Result<Vec<(String, Value)>, DbError> {
-        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None, held: 0, writing: matches!(keep, Keep::All), twice: false, unkept: 0 };
+        let mut kept = Kept { out: BTreeMap::new(), values: !matches!(keep, Keep::Which) || tx.is_some(), top: None, held: 0, writing: matches!(keep, Keep::All), twice: false, unkept: 0, deadline: self.deadline, query_ms: self.quota.query_ms };
         let stop = match keep {
             Keep::First(n) => Some(n),
             Keep::Top(by, n) => {
@@ -803,7 +816,7 @@ impl Run<'_> {
                     kept.offer(id.clone(), d.clone())?;
                 }
             }
-            kept.prune();
+            kept.prune()?;
             // What the transaction read of what it has not written is what it saw first. It is
             // held until the transaction ends, so it counts against its database's bound as
             // what it writes does.
@@ -819,7 +832,7 @@ impl Run<'_> {
         if budget.spent() {
             return Err(self.late());
         }
-        kept.prune();
+        kept.prune()?;
         plan.unkept = kept.unkept;
         Ok(kept.out.into_iter().collect())
     }

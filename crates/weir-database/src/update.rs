@@ -1,6 +1,8 @@
 //! Updates (`$set $unset $inc $push $pull`), projections, sorting, and what a stored document
 //! must be.
 
+use std::time::Instant;
+
 use serde_json::{Map, Value};
 
 use crate::{DbError, DbErrorKind};
@@ -263,46 +265,53 @@ pub fn parse_sort(v: Option<&Value>) -> Result<Vec<(String, bool)>, DbError> {
         .collect()
 }
 
-pub fn sort(docs: &mut [Value], by: &[(String, bool)]) {
-    sort_by(docs, |d| d, by);
+/// Sorts `docs` by the fields `by`; false when it ran past `deadline` (the order is then
+/// partial).
+pub fn sort(docs: &mut [Value], by: &[(String, bool)], deadline: Instant) -> bool {
+    sort_by(docs, |d| d, by, deadline)
 }
 
 /// Sorts `items` by the fields `by` of the document each holds (stable: ties keep their
-/// order), reading each item's key once.
-pub fn sort_by<T>(items: &mut [T], doc: impl Fn(&T) -> &Value, by: &[(String, bool)]) {
+/// order), reading each item's values of the fields once and copying none of them. Comparing
+/// deep values takes time: past `deadline` the comparisons stop (every pair then ties) and it
+/// answers false.
+pub fn sort_by<T>(items: &mut [T], doc: impl Fn(&T) -> &Value, by: &[(String, bool)], deadline: Instant) -> bool {
+    static NULL: Value = Value::Null;
     if by.is_empty() {
-        return;
+        return true;
     }
-    items.sort_by_cached_key(|t| SortKey(by.iter().map(|(p, up)| (resolve(doc(t), p).first().map(|v| (*v).clone()).unwrap_or(Value::Null), *up)).collect()));
-}
-
-/// A document's values of the sort's fields, each with its direction (`true`: ascending).
-struct SortKey(Vec<(Value, bool)>);
-
-impl Ord for SortKey {
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.0
-            .iter()
-            .zip(&other.0)
-            .map(|((a, up), (b, _))| if *up { compare(a, b) } else { compare(a, b).reverse() })
-            .find(|o| o.is_ne())
-            .unwrap_or(std::cmp::Ordering::Equal)
+    let mut late = false;
+    let order = {
+        let keys: Vec<Vec<&Value>> = items.iter().map(|t| by.iter().map(|(p, _)| resolve(doc(t), p).first().copied().unwrap_or(&NULL)).collect()).collect();
+        let mut order: Vec<usize> = (0..items.len()).collect();
+        let mut compared = 0u32;
+        order.sort_by(|&a, &b| {
+            compared = compared.wrapping_add(1);
+            if late || (compared.is_multiple_of(64) && Instant::now() > deadline) {
+                late = true;
+                return std::cmp::Ordering::Equal;
+            }
+            keys[a]
+                .iter()
+                .zip(&keys[b])
+                .zip(by)
+                .map(|((x, y), (_, up))| if *up { compare(x, y) } else { compare(x, y).reverse() })
+                .find(|o| o.is_ne())
+                .unwrap_or(std::cmp::Ordering::Equal)
+        });
+        order
+    };
+    // Puts each item where the order says: position i takes the item at order[i], following
+    // the items already moved.
+    for i in 0..order.len() {
+        let mut from = order[i];
+        while from < i {
+            from = order[from];
+        }
+        items.swap(i, from);
     }
+    !late
 }
-
-impl PartialOrd for SortKey {
-    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl PartialEq for SortKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.cmp(other).is_eq()
-    }
-}
-
-impl Eq for SortKey {}
 
 /// A projection: fields to keep (1) or to leave out (0), never both but for `_id`.
 #[derive(Debug, Clone, Default)]
@@ -435,7 +444,28 @@ mod tests {
         assert_eq!(Projection::parse(Some(&json!({"b": 0}))).unwrap().unwrap().apply(d), json!({"_id": "1", "a": 1}));
         assert!(Projection::parse(Some(&json!({"a": 1, "b": 0}))).is_err());
         let mut docs = vec![json!({"n": 2, "s": "a"}), json!({"n": 1, "s": "b"}), json!({"n": 2, "s": "c"})];
-        sort(&mut docs, &parse_sort(Some(&json!({"n": -1, "s": 1}))).unwrap());
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        assert!(sort(&mut docs, &parse_sort(Some(&json!({"n": -1, "s": 1}))).unwrap(), later));
         assert_eq!(docs.iter().map(|d| d["s"].as_str().unwrap()).collect::<String>(), "acb");
+    }
+
+    /// Sorting moves every item where a stable sort by its key puts it, for any order the
+    /// items come in.
+    #[test]
+    fn a_sort_is_a_stable_sort_of_the_items_themselves() {
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        let by = parse_sort(Some(&json!({"k": 1}))).unwrap();
+        for round in 0..200u64 {
+            let mut rng = fastrand::Rng::with_seed(round);
+            let n = rng.usize(0..40);
+            let mut items: Vec<(usize, Value)> = (0..n).map(|i| (i, json!({"k": rng.u8(0..6)}))).collect();
+            let mut want = items.clone();
+            want.sort_by_key(|(_, d)| d["k"].as_u64());
+            assert!(sort_by(&mut items, |(_, d)| d, &by, later));
+            assert_eq!(items.iter().map(|(i, _)| *i).collect::<Vec<_>>(), want.iter().map(|(i, _)| *i).collect::<Vec<_>>(), "round {round}");
+        }
+        // Past its deadline it stops comparing and says so.
+        let mut docs: Vec<Value> = (0..500).map(|i| json!({"k": i})).collect();
+        assert!(!sort(&mut docs, &by, Instant::now()));
     }
 }
