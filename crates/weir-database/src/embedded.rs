@@ -104,26 +104,34 @@ fn unfile(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[
     Ok(freed)
 }
 
-/// Removes every entry of `index` (or of every index with `None`) of `coll`; answers their
-/// bytes.
+/// Entries (or documents) a drop reads at once before it removes them: it holds no more than
+/// these, however large the index or collection.
+const DROP_BATCH: usize = 4096;
+
+/// Removes every entry of `index` (or of every index with `None`) of `coll`, a batch at a
+/// time; answers their bytes.
 fn clear_index(wtx: &WriteTransaction, coll: &str, name: Option<&str>) -> Result<u64, DbError> {
     let mut index = wtx.open_table(INDEX).map_err(failed)?;
     let start = (coll, name.unwrap_or(""), "", "");
-    let mut doomed: Vec<(String, String, String, String)> = Vec::new();
-    for entry in index.range(start..).map_err(failed)? {
-        let (k, _) = entry.map_err(failed)?;
-        let (c, n, key, id) = k.value();
-        if c != coll || name.is_some_and(|name| name != n) {
-            break;
-        }
-        doomed.push((c.to_string(), n.to_string(), key.to_string(), id.to_string()));
-    }
     let mut freed = 0;
-    for (c, n, key, id) in &doomed {
-        freed += entry_bytes(c, n, key, id);
-        index.remove((c.as_str(), n.as_str(), key.as_str(), id.as_str())).map_err(failed)?;
+    loop {
+        let mut doomed: Vec<(String, String, String, String)> = Vec::new();
+        for entry in index.range(start..).map_err(failed)? {
+            let (k, _) = entry.map_err(failed)?;
+            let (c, n, key, id) = k.value();
+            if c != coll || name.is_some_and(|name| name != n) || doomed.len() == DROP_BATCH {
+                break;
+            }
+            doomed.push((c.to_string(), n.to_string(), key.to_string(), id.to_string()));
+        }
+        for (c, n, key, id) in &doomed {
+            freed += entry_bytes(c, n, key, id);
+            index.remove((c.as_str(), n.as_str(), key.as_str(), id.as_str())).map_err(failed)?;
+        }
+        if doomed.len() < DROP_BATCH {
+            return Ok(freed);
+        }
     }
-    Ok(freed)
 }
 
 fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w: &Write) -> Result<(), DbError> {
@@ -199,17 +207,22 @@ fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w:
         Write::DropCollection { .. } => {
             clear_index(wtx, coll, None)?;
             let mut docs = wtx.open_table(DOCS).map_err(failed)?;
-            let mut doomed = Vec::new();
-            for entry in docs.range((coll, "")..).map_err(failed)? {
-                let (k, _) = entry.map_err(failed)?;
-                let (c, id) = k.value();
-                if c != coll {
+            loop {
+                let mut doomed = Vec::new();
+                for entry in docs.range((coll, "")..).map_err(failed)? {
+                    let (k, _) = entry.map_err(failed)?;
+                    let (c, id) = k.value();
+                    if c != coll || doomed.len() == DROP_BATCH {
+                        break;
+                    }
+                    doomed.push(id.to_string());
+                }
+                for id in &doomed {
+                    docs.remove((coll, id.as_str())).map_err(failed)?;
+                }
+                if doomed.len() < DROP_BATCH {
                     break;
                 }
-                doomed.push(id.to_string());
-            }
-            for id in &doomed {
-                docs.remove((coll, id.as_str())).map_err(failed)?;
             }
             *stats = CollStats::default();
             metas.insert(format!("\0dropped:{coll}"), CollStats::default());

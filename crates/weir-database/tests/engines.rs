@@ -89,6 +89,7 @@ on_both_engines!(
     increments_from_two_nodes_are_all_kept,
     writers_of_several_collections_never_deadlock,
     counts_are_exact_on_every_path,
+    large_indexes_and_collections_drop_whole,
 );
 
 fn run(d: &Databases, req: Value) -> Result<Value, DbError> {
@@ -826,4 +827,27 @@ fn counts_are_exact_on_every_path(e: &Engine) {
     run(&d, json!({"op": "abort", "tx": tx})).unwrap();
     let explained = run(&d, json!({"op": "explain", "collection": "c", "filter": {}, "options": {"sort": {"n": -1}, "skip": 290, "limit": 50}})).unwrap();
     assert_eq!(explained["returned"], json!(10), "{explained}");
+}
+
+/// An index and a collection larger than a drop reads at once go whole, and what they held is
+/// no longer counted.
+fn large_indexes_and_collections_drop_whole(e: &Engine) {
+    let d = e.databases();
+    let docs: Vec<Value> = (0..5000).map(|i| json!({"_id": format!("d{i:05}"), "tags": [i, i + 1]})).collect();
+    run(&d, json!({"op": "insertMany", "collection": "big", "docs": docs})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "small", "doc": {"_id": "s"}})).unwrap();
+    let stats = || d.get("g").unwrap().backend.collections().unwrap();
+    let plain = stats()["big"].bytes;
+    run(&d, json!({"op": "createIndex", "collection": "big", "keys": {"tags": 1}})).unwrap();
+    assert!(stats()["big"].bytes > plain);
+    run(&d, json!({"op": "dropIndex", "collection": "big", "name": "tags_1"})).unwrap();
+    assert_eq!(stats()["big"].bytes, plain);
+    run(&d, json!({"op": "createIndex", "collection": "big", "keys": {"tags": 1}})).unwrap();
+    assert_eq!(run(&d, json!({"op": "drop", "collection": "big"})).unwrap(), json!(true));
+    assert_eq!(run(&d, json!({"op": "collections"})).unwrap(), json!(["small"]));
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "big", "filter": {}})).unwrap(), json!(0));
+    // Made again, the collection has nothing of the dropped one, its index entries neither.
+    run(&d, json!({"op": "createIndex", "collection": "big", "keys": {"tags": 1}})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "big", "doc": {"_id": "n", "tags": [1]}})).unwrap();
+    assert_eq!(run(&d, json!({"op": "find", "collection": "big", "filter": {"tags": 1}})).unwrap(), json!([{"_id": "n", "tags": [1]}]));
 }
