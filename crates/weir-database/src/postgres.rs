@@ -190,6 +190,8 @@ struct Sql {
     get: String,
     scan: String,
     lookup: String,
+    /// A page of `lookup`: the ids after `$4`.
+    lookup_page: String,
     collections: String,
     indexes: String,
     lock: String,
@@ -231,6 +233,7 @@ impl Sql {
             get: format!("SELECT doc FROM {s}.docs WHERE coll = $1 AND id = $2"),
             scan: format!("SELECT id, doc FROM {s}.docs WHERE coll = $1 AND id > $2 ORDER BY id LIMIT {SCAN_BATCH}"),
             lookup: format!("SELECT id FROM {s}.entries WHERE coll = $1 AND idx = $2 AND key = $3 ORDER BY id"),
+            lookup_page: format!("SELECT id FROM {s}.entries WHERE coll = $1 AND idx = $2 AND key = $3 AND id > $4 ORDER BY id LIMIT {SCAN_BATCH}"),
             collections: format!("SELECT coll, documents, bytes, indexes FROM {s}.collections ORDER BY coll"),
             indexes: format!("SELECT indexes FROM {s}.collections WHERE coll = $1"),
             lock: format!("SELECT documents, bytes, indexes FROM {s}.collections WHERE coll = $1 FOR UPDATE"),
@@ -916,6 +919,28 @@ impl Backend for Postgres {
 
     fn lookup(&self, coll: &str, index: &str, key: &str) -> Result<Vec<String>, DbError> {
         self.run(|c, _| c.query(&self.sql.lookup, &[&coll, &index_column(index), &key_column(key)])?.iter().map(|row| Ok(row.try_get(0)?)).collect())
+    }
+
+    /// A page of ids at a time, as a scan reads documents: a key that files many documents is
+    /// never read whole from the server before the caller may stop.
+    fn lookup_each(&self, coll: &str, index: &str, key: &str, visit: &mut dyn FnMut(String, Value) -> Result<bool, DbError>) -> Result<(), DbError> {
+        let (index, key) = (index_column(index), key_column(key));
+        let mut after = String::new();
+        loop {
+            let ids: Vec<String> = self.run(|c, _| c.query(&self.sql.lookup_page, &[&coll, &index, &key, &after])?.iter().map(|row| Ok(row.try_get(0)?)).collect())?;
+            let Some(last) = ids.last() else { return Ok(()) };
+            after = last.clone();
+            for id in &ids {
+                if let Some(d) = self.get(coll, id)?
+                    && !visit(id.clone(), d)?
+                {
+                    return Ok(());
+                }
+            }
+            if ids.len() < SCAN_BATCH {
+                return Ok(());
+            }
+        }
     }
 
     fn apply(&self, writes: &[Write]) -> Result<(), DbError> {

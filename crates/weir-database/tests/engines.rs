@@ -810,11 +810,17 @@ fn postgres_databases_live_in_schemas_of_their_own() {
 /// once; a transaction counts its own writes.
 fn counts_are_exact_on_every_path(e: &Engine) {
     let d = e.databases();
-    let docs: Vec<Value> = (0..300).map(|i| json!({"_id": format!("d{i}"), "tags": [i % 3, i % 5], "n": i})).collect();
+    let docs: Vec<Value> = (0..300).map(|i| json!({"_id": format!("d{i}"), "tags": [i % 3, i % 5], "n": i, "k": "same"})).collect();
     run(&d, json!({"op": "insertMany", "collection": "c", "docs": docs})).unwrap();
     run(&d, json!({"op": "createIndex", "collection": "c", "keys": {"tags": 1}})).unwrap();
+    run(&d, json!({"op": "createIndex", "collection": "c", "keys": {"k": 1}})).unwrap();
     let count = |filter: Value| run(&d, json!({"op": "countDocuments", "collection": "c", "filter": filter})).unwrap();
     assert_eq!(count(json!({})), json!(300));
+    // One key filing more documents than a page of them: every page is read, and a find that
+    // stops early stops there.
+    assert_eq!(count(json!({"k": "same"})), json!(300));
+    let found = run(&d, json!({"op": "find", "collection": "c", "filter": {"k": "same"}, "options": {"limit": 2}})).unwrap();
+    assert_eq!(found.as_array().map(|a| a.iter().map(|d| d["_id"].clone()).collect::<Vec<_>>()), Some(vec![json!("d0"), json!("d1")]));
     assert_eq!(count(json!({"n": {"$gte": 100}})), json!(200));
     assert_eq!(count(json!({"tags": 0})), json!(100 + 60 - 20));
     // i % 3 == 1 or i % 5 == 1 (and 4 == 1 % 3 too): each document once.
