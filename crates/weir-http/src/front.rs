@@ -202,12 +202,20 @@ impl Arriving {
     /// head past its bounds.
     fn look(&mut self, buf: &[u8]) -> Result<bool, StatusCode> {
         let mut ended = false;
+        let mut at = self.seen;
         for piece in buf[self.seen..].split_inclusive(|&b| b == b'\n') {
+            at += piece.len();
             self.line += piece.len();
             if self.line > MAX_LINE {
                 return Err(if self.lines == 0 { StatusCode::URI_TOO_LONG } else { StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE });
             }
             if piece.ends_with(b"\n") {
+                // The empty line after the head's own: the head is whole, and what came after
+                // it (a body) is no part of it, whatever its lines' lengths.
+                if self.lines > 0 && (self.line == 1 || (self.line == 2 && buf[at - 2] == b'\r')) {
+                    self.seen = buf.len();
+                    return if at > MAX_HEAD { Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE) } else { Ok(true) };
+                }
                 self.lines += 1;
                 self.line = 0;
                 ended = true;

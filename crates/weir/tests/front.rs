@@ -289,6 +289,12 @@ async fn heads_past_their_bounds_are_refused_and_not_forwarded() {
     // Just under the bounds passes.
     let (resp, _) = raw(w.proxy, format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n", "v".repeat(8000)).as_bytes()).await;
     assert_eq!(status_of(&resp), 200, "{resp}");
+    // So does a large head followed at once by a body without a line end: the body is no line
+    // of the head.
+    let fields: String = (0..4).map(|i| format!("X-F{i}: {}\r\n", "v".repeat(4200))).collect();
+    let body = "b".repeat(20_000);
+    let (resp, _) = raw(w.proxy, format!("POST / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{fields}Content-Length: {}\r\n\r\n{body}", body.len()).as_bytes()).await;
+    assert_eq!(status_of(&resp), 200, "{resp}");
 
     // The same bounds on a connection the full server took over.
     let mut s = TcpStream::connect(w.proxy).await.unwrap();
