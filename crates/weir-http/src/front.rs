@@ -780,8 +780,12 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Timed<I> {
         this.on_write(cx, r)
     }
 
+    /// A shutdown writes too (TLS's close_notify, which waits until it is sent): it is held to
+    /// the same send timeout, so a client that stops reading cannot hold the connection there.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.on_write(cx, r)
     }
 }
 
@@ -808,5 +812,41 @@ pub fn fuzz_head(data: &[u8]) {
                 assert_eq!(normal.encoded, path, "{path:?} passed the scan but is not in normal form");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection that takes every write and never finishes a shutdown, as a TLS connection
+    /// whose close_notify waits on a client that stopped reading.
+    struct Stuck;
+
+    impl AsyncRead for Stuck {
+        fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, _: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Stuck {
+        fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shutdown_that_never_finishes_ends_at_the_send_timeout() {
+        let mut io = Timed::new(Stuck, Duration::from_secs(60));
+        let r = tokio::time::timeout(Duration::from_secs(3600), io.shutdown()).await.expect("the send timeout ends the shutdown");
+        assert_eq!(r.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
 }
