@@ -17,5 +17,6 @@ pub mod router;
 pub mod server;
 pub mod snapshot;
 pub mod status;
+mod tunnel;
 pub mod state;
 pub mod watch;

@@ -13,7 +13,6 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use weir_core::error::{ErrorKind, Kinded};
 use weir_core::expr::Vars;
 use weir_core::path;
@@ -43,7 +42,7 @@ pub struct Proxy {
 /// Who a failure is owed to: a stalled client body is the client's timeout (408), a stalled
 /// node the gateway's (504).
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub(crate) enum Side {
     Client,
     Gateway,
 }
@@ -51,7 +50,7 @@ enum Side {
 /// The gateway's answer to a failure: the one place a kind becomes a response, and where it
 /// is counted. A route the data plane could not apply as stored is `Unavailable` (closed, not
 /// served without its plugins; the reason was logged when the snapshot was built).
-fn failure(kind: ErrorKind, side: Side) -> Response<RespBody> {
+pub(crate) fn failure(kind: ErrorKind, side: Side) -> Response<RespBody> {
     failure_saying(kind, side, None)
 }
 
@@ -690,7 +689,7 @@ async fn forward(
                 let resp = if status == 101
                     && let Some(client) = upgrade.take()
                 {
-                    match tunnel(resp, client) {
+                    match crate::tunnel::tunnel(resp, client, timeouts.read) {
                         Ok(resp) => return resp,
                         Err(resp) => resp,
                     }
@@ -759,37 +758,6 @@ fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     (wants && protocol.as_bytes().eq_ignore_ascii_case(b"websocket")).then(|| protocol.clone())
-}
-
-/// The upstream agreed to switch protocols: answer the client with its 101 and join the two
-/// connections byte for byte until either side closes. Only an HTTP/1.1 node can switch; any
-/// other response comes back as it was.
-fn tunnel(resp: Response<Received>, client: OnUpgrade) -> Result<Response<RespBody>, Response<Received>> {
-    let (mut parts, body) = resp.into_parts();
-    let Received::H1(body) = body else { return Err(Response::from_parts(parts, body)) };
-    let Some((mut upstream, early)) = body.upgraded() else {
-        return Ok(failure(ErrorKind::Upstream, Side::Gateway));
-    };
-    tokio::spawn(async move {
-        // A tunnel is a client connection too: draining waits for it (up to shutdown_timeout).
-        let _open = weir_http::drain::Open::new();
-        let client = match client.await {
-            Ok(c) => c,
-            Err(e) => return tracing::debug!(error = %e, "protocol upgrade failed"),
-        };
-        let mut client = TokioIo::new(client);
-        // Bytes of the new protocol that came in with the node's 101 go to the client first.
-        if !early.is_empty()
-            && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &early).await
-        {
-            return tracing::debug!(error = %e, "upgraded connection ended with an error");
-        }
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            tracing::debug!(error = %e, "upgraded connection ended with an error");
-        }
-    });
-    parts.version = http::Version::HTTP_11;
-    Ok(Response::from_parts(parts, RespBody::empty()))
 }
 
 /// HTTP/2 names the host in `:authority` and needs a scheme: the request gets an absolute URI

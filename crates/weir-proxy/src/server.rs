@@ -184,9 +184,16 @@ where
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 
 /// One open client connection, counted while it lives.
-struct Open;
+pub(crate) struct Open;
 
 impl Open {
+    /// A place for a connection already accepted that lives on past its server (an upgraded
+    /// one's tunnel), counted whatever the bound: it stands for the connection's own place.
+    pub(crate) fn held() -> Open {
+        OPEN.fetch_add(1, Ordering::Relaxed);
+        Open
+    }
+
     fn take(max: usize) -> Option<Open> {
         if OPEN.fetch_add(1, Ordering::Relaxed) < max {
             return Some(Open);

@@ -112,6 +112,40 @@ async fn websocket_echo_through_the_gateway() {
     assert_eq!(w.get("/ws", &[]).await.status, 502, "a plain GET to the echo server gets no handshake");
 }
 
+/// A tunnel is a client connection: it counts against `proxy.max_connections` while it lives,
+/// and it ends once neither side has sent anything for the route's read timeout.
+#[tokio::test]
+async fn tunnels_count_as_connections_and_end_when_silent() {
+    let w = Weir::start_with(tempfile::tempdir().unwrap(), "  max_connections: 3\n", "");
+    let (echo, _task) = ws_echo().await;
+    put(&w, "/routes/ws", json!({"uri": "/ws", "enable_websocket": true, "timeout": {"connect": 1, "send": 1, "read": 2}, "upstream": {"nodes": {echo.to_string(): 1}}})).await;
+    w.until("/ws", &[], |r| r.status == 502).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let mut tunnels = Vec::new();
+    for _ in 0..3 {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", w.proxy)).await.expect("handshake");
+        ws.send(Message::text("hi")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("echo: hi"));
+        tunnels.push(ws);
+    }
+    // Three tunnels fill the three places: a fourth connection is closed unanswered.
+    let mut s = tokio::net::TcpStream::connect(w.proxy).await.unwrap();
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut got)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))) && got.is_empty(), "{}", String::from_utf8_lossy(&got));
+    // Silent for the read timeout, each tunnel ends, and its place is free again.
+    let started = std::time::Instant::now();
+    for ws in &mut tunnels {
+        let end = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await.expect("the tunnel ends");
+        assert!(!matches!(end, Some(Ok(Message::Text(_)))), "{end:?}");
+    }
+    let took = started.elapsed();
+    assert!(took >= std::time::Duration::from_millis(1500) && took < std::time::Duration::from_secs(6), "{took:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(w.get("/ws", &[]).await.status, 502, "a new connection is served again");
+}
+
 /// A Python peer (grpcio or the standard library's TLS server), stopped when dropped.
 struct Peer {
     child: std::process::Child,
