@@ -659,7 +659,9 @@ async fn forward(
         if resend && attempts_left > 0 {
             req = Some(copy_bodiless(&this));
         }
-        if upstream.pass_host == PassHost::Node {
+        // An HTTP/1.0 client may send no Host at all; the request goes on as HTTP/1.1, which
+        // needs one: the node's, as pass_host "node" would give it.
+        if upstream.pass_host == PassHost::Node || !this.headers().contains_key(header::HOST) {
             this.headers_mut().insert(header::HOST, node.host_header.clone());
         }
         if upstream.transport.h2 {

@@ -148,9 +148,11 @@ async fn host_is_required_once_and_a_trailing_dot_matches() {
         let (resp, closed) = raw(w.proxy, request).await;
         assert_eq!((status_of(&resp), closed), (400, true), "{}: {resp}", String::from_utf8_lossy(request));
     }
-    // HTTP/1.0 needs no Host.
+    // HTTP/1.0 needs no Host; it goes on as HTTP/1.1 with the node's.
     let (resp, _) = raw(w.proxy, b"GET / HTTP/1.0\r\n\r\n").await;
     assert_eq!(status_of(&resp), 200, "{resp}");
+    let body: serde_json::Value = serde_json::from_str(resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)).unwrap_or_default();
+    assert_eq!(body["headers"]["host"], open.node(), "{resp}");
 
     for host in ["admin.internal.", "ADMIN.internal.:9080", "admin.internal"] {
         let r = w.get("/", &[("host", host)]).await;
