@@ -565,7 +565,10 @@ where
         crate::hop::encode_field(name, value, out);
     }
     let chunked = !bodiless && !has_length && body.size_hint().exact().is_none();
-    if !bodiless && !has_length && !chunked {
+    // A HEAD answer with no length of its own says none (as hyper does): an empty body there
+    // is no sign that the GET's is empty.
+    let unknown_head = head_only && body.size_hint().exact() == Some(0);
+    if !bodiless && !has_length && !chunked && !unknown_head {
         out.extend_from_slice(b"content-length: ");
         out.extend_from_slice(body.size_hint().exact().unwrap_or(0).to_string().as_bytes());
         out.extend_from_slice(b"\r\n");

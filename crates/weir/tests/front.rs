@@ -222,6 +222,40 @@ async fn an_answers_length_is_its_bodys_whatever_a_plugin_set() {
     assert!(head.starts_with("http/1.1 200") && head.matches("content-length:").count() == 1, "{head}");
 }
 
+/// A HEAD answer whose node gave no length (it would stream its GET in chunks) says no
+/// length either, on both paths: `content-length: 0` would tell the client the resource is
+/// empty.
+#[tokio::test]
+async fn a_head_answer_without_a_length_says_none() {
+    let w = Weir::start();
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let node = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut c, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                while let Ok(n) = c.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let _ = c.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    put(&w, "/routes/stream", json!({"uri": "/stream", "upstream": {"nodes": {node.to_string(): 1}}})).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The lean path, then hyper's (a request with a body).
+    for request in [format!("HEAD /stream HTTP/1.1\r\nhost: {}\r\n\r\n", w.proxy), format!("HEAD /stream HTTP/1.1\r\nhost: {}\r\ncontent-length: 2\r\n\r\nhi", w.proxy)] {
+        let mut s = TcpStream::connect(w.proxy).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await.unwrap().unwrap();
+        let head = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200") && !head.contains("content-length"), "{head}");
+    }
+}
+
 async fn forwarded_seen(w: &Weir) -> Value {
     let r = w
         .get(
