@@ -12,6 +12,7 @@ pub mod access;
 pub mod exporter;
 pub mod handler;
 pub mod partition;
+mod places;
 pub mod proxy;
 pub mod router;
 pub mod server;

@@ -42,7 +42,7 @@ pub struct Proxy {
 /// Who a failure is owed to: a stalled client body is the client's timeout (408), a stalled
 /// node the gateway's (504).
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
+enum Side {
     Client,
     Gateway,
 }
@@ -50,7 +50,7 @@ pub(crate) enum Side {
 /// The gateway's answer to a failure: the one place a kind becomes a response, and where it
 /// is counted. A route the data plane could not apply as stored is `Unavailable` (closed, not
 /// served without its plugins; the reason was logged when the snapshot was built).
-pub(crate) fn failure(kind: ErrorKind, side: Side) -> Response<RespBody> {
+fn failure(kind: ErrorKind, side: Side) -> Response<RespBody> {
     failure_saying(kind, side, None)
 }
 
@@ -691,7 +691,7 @@ async fn forward(
                 let resp = if status == 101
                     && let Some(client) = upgrade.take()
                 {
-                    match crate::tunnel::tunnel(resp, client, timeouts.read) {
+                    match tunnel(resp, client, timeouts.read) {
                         Ok(resp) => return resp,
                         Err(resp) => resp,
                     }
@@ -760,6 +760,20 @@ fn websocket_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
     (wants && protocol.as_bytes().eq_ignore_ascii_case(b"websocket")).then(|| protocol.clone())
+}
+
+/// The upstream agreed to switch protocols: answer the client with its 101 and join the two
+/// connections (`tunnel::spawn`), ended after `idle` of silence both ways. Only an HTTP/1.1
+/// node can switch; any other response comes back as it was.
+fn tunnel(resp: Response<Received>, client: OnUpgrade, idle: std::time::Duration) -> Result<Response<RespBody>, Response<Received>> {
+    let (mut parts, body) = resp.into_parts();
+    let Received::H1(body) = body else { return Err(Response::from_parts(parts, body)) };
+    let Some((upstream, early)) = body.upgraded() else {
+        return Ok(failure(ErrorKind::Upstream, Side::Gateway));
+    };
+    crate::tunnel::spawn(client, upstream, early, idle);
+    parts.version = http::Version::HTTP_11;
+    Ok(Response::from_parts(parts, RespBody::empty()))
 }
 
 /// HTTP/2 names the host in `:authority` and needs a scheme: the request gets an absolute URI

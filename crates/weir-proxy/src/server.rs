@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use std::time::Duration;
@@ -18,6 +18,7 @@ use tokio_rustls::LazyConfigAcceptor;
 use weir_http::{ConnInfo, drain, front};
 use weir_telemetry::COUNTERS;
 
+use crate::places::Open;
 use crate::proxy::Proxy;
 
 fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -177,42 +178,6 @@ where
     let _active = Active;
     let _open = drain::Open::new();
     front::serve(io, info, proxy).await;
-}
-
-/// Client connections open in the process (every worker, TLS handshakes included), held
-/// against `proxy.max_connections`.
-static OPEN: AtomicUsize = AtomicUsize::new(0);
-
-/// One open client connection, counted while it lives.
-pub(crate) struct Open;
-
-impl Open {
-    /// A place for a connection already accepted that lives on past its server (an upgraded
-    /// one's tunnel), counted whatever the bound: it stands for the connection's own place.
-    pub(crate) fn held() -> Open {
-        OPEN.fetch_add(1, Ordering::Relaxed);
-        Open
-    }
-
-    fn take(max: usize) -> Option<Open> {
-        if OPEN.fetch_add(1, Ordering::Relaxed) < max {
-            return Some(Open);
-        }
-        OPEN.fetch_sub(1, Ordering::Relaxed);
-        // Once a second at most: a flood must not flood the log too.
-        static LAST: AtomicU64 = AtomicU64::new(0);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        if LAST.swap(now, Ordering::Relaxed) != now {
-            tracing::warn!(max_connections = max, "client connection limit reached (proxy.max_connections): new connections are closed until others end");
-        }
-        None
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        OPEN.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// Counts a client connection as active while it lives.

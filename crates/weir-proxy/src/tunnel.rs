@@ -10,28 +10,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::Response;
+use bytes::Bytes;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
-use weir_core::error::ErrorKind;
-use weir_http::body::{Received, RespBody};
 
-use crate::proxy::{Side, failure};
-
-/// The upstream agreed to switch protocols: answer the client with its 101 and join the two
-/// connections until either side closes or both stay silent for `idle`. Only an HTTP/1.1
-/// node can switch; any other response comes back as it was.
-pub(crate) fn tunnel(resp: Response<Received>, client: OnUpgrade, idle: Duration) -> Result<Response<RespBody>, Response<Received>> {
-    let (mut parts, body) = resp.into_parts();
-    let Received::H1(body) = body else { return Err(Response::from_parts(parts, body)) };
-    let Some((upstream, early)) = body.upgraded() else {
-        return Ok(failure(ErrorKind::Upstream, Side::Gateway));
-    };
+/// Joins the client's upgraded connection (once hyper hands it over) and the node's, `early`
+/// (bytes of the new protocol that came with the node's 101) going to the client first, until
+/// either side closes or both stay silent for `idle`.
+pub(crate) fn spawn<S>(client: OnUpgrade, upstream: S, early: Bytes, idle: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // Taken before the client's connection gives up its own place, so the count never dips
     // below what is open.
-    let place = crate::server::Open::held();
+    let place = crate::places::Open::held();
     tokio::spawn(async move {
         let _place = place;
         // Draining waits for it (up to shutdown_timeout).
@@ -41,19 +35,15 @@ pub(crate) fn tunnel(resp: Response<Received>, client: OnUpgrade, idle: Duration
             Err(e) => return tracing::debug!(error = %e, "protocol upgrade failed"),
         };
         let mut client = TokioIo::new(client);
-        // Bytes of the new protocol that came in with the node's 101 go to the client first.
         if !early.is_empty()
             && let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut client, &early).await
         {
             return tracing::debug!(error = %e, "upgraded connection ended with an error");
         }
-        match join(client, upstream, idle).await {
-            Ok(()) => {}
-            Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+        if let Err(e) = join(client, upstream, idle).await {
+            tracing::debug!(error = %e, "upgraded connection ended with an error");
         }
     });
-    parts.version = http::Version::HTTP_11;
-    Ok(Response::from_parts(parts, RespBody::empty()))
 }
 
 /// Copies both ways until either side closes, or until neither has sent a byte for `idle`.
