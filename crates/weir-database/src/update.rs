@@ -273,44 +273,81 @@ pub fn sort(docs: &mut [Value], by: &[(String, bool)], deadline: Instant) -> boo
 
 /// Sorts `items` by the fields `by` of the document each holds (stable: ties keep their
 /// order), reading each item's values of the fields once and copying none of them. Comparing
-/// deep values takes time: past `deadline` the comparisons stop (every pair then ties) and it
-/// answers false.
+/// deep values takes time: past `deadline` it stops and answers false (the items are then as
+/// they were).
 pub fn sort_by<T>(items: &mut [T], doc: impl Fn(&T) -> &Value, by: &[(String, bool)], deadline: Instant) -> bool {
     static NULL: Value = Value::Null;
     if by.is_empty() {
         return true;
     }
-    let mut late = false;
     let order = {
         let keys: Vec<Vec<&Value>> = items.iter().map(|t| by.iter().map(|(p, _)| resolve(doc(t), p).first().copied().unwrap_or(&NULL)).collect()).collect();
-        let mut order: Vec<usize> = (0..items.len()).collect();
         let mut compared = 0u32;
-        order.sort_by(|&a, &b| {
+        let cmp = |a: usize, b: usize| -> Option<std::cmp::Ordering> {
             compared = compared.wrapping_add(1);
-            if late || (compared.is_multiple_of(64) && Instant::now() > deadline) {
-                late = true;
-                return std::cmp::Ordering::Equal;
+            if compared.is_multiple_of(64) && Instant::now() > deadline {
+                return None;
             }
-            keys[a]
-                .iter()
-                .zip(&keys[b])
-                .zip(by)
-                .map(|((x, y), (_, up))| if *up { compare(x, y) } else { compare(x, y).reverse() })
-                .find(|o| o.is_ne())
-                .unwrap_or(std::cmp::Ordering::Equal)
-        });
-        order
-    };
-    // Puts each item where the order says: position i takes the item at order[i], following
-    // the items already moved.
-    for i in 0..order.len() {
-        let mut from = order[i];
-        while from < i {
-            from = order[from];
+            Some(keys[a].iter().zip(&keys[b]).zip(by).map(|((x, y), (_, up))| if *up { compare(x, y) } else { compare(x, y).reverse() }).find(|o| o.is_ne()).unwrap_or(std::cmp::Ordering::Equal))
+        };
+        match merge_sort(items.len(), cmp) {
+            Some(order) => order,
+            None => return false,
         }
-        items.swap(i, from);
+    };
+    permute(items, &order);
+    true
+}
+
+/// The indexes `0..n` in the order `cmp` gives them, ties in index order (a bottom-up merge
+/// sort); `None` as soon as `cmp` answers none. A sort of our own, because one that stops
+/// half way cannot be had from the standard sorts, which may panic when a comparison changes
+/// its mind.
+fn merge_sort(n: usize, mut cmp: impl FnMut(usize, usize) -> Option<std::cmp::Ordering>) -> Option<Vec<usize>> {
+    let mut a: Vec<usize> = (0..n).collect();
+    let mut b = vec![0; n];
+    let mut width = 1;
+    while width < n {
+        for start in (0..n).step_by(2 * width) {
+            let (mid, end) = ((start + width).min(n), (start + 2 * width).min(n));
+            let (mut i, mut j, mut k) = (start, mid, start);
+            while i < mid && j < end {
+                // The right one goes first only when it is strictly less: stable.
+                if cmp(a[j], a[i])? == std::cmp::Ordering::Less {
+                    b[k] = a[j];
+                    j += 1;
+                } else {
+                    b[k] = a[i];
+                    i += 1;
+                }
+                k += 1;
+            }
+            b[k..k + (mid - i)].copy_from_slice(&a[i..mid]);
+            k += mid - i;
+            b[k..k + (end - j)].copy_from_slice(&a[j..end]);
+        }
+        std::mem::swap(&mut a, &mut b);
+        width *= 2;
     }
-    !late
+    Some(a)
+}
+
+/// Puts at each position `i` the item that was at `order[i]`, a cycle at a time: each item
+/// moves once.
+fn permute<T>(items: &mut [T], order: &[usize]) {
+    let mut placed = vec![false; order.len()];
+    for start in 0..order.len() {
+        let mut i = start;
+        while !placed[i] {
+            placed[i] = true;
+            let from = order[i];
+            if from == start {
+                break;
+            }
+            items.swap(i, from);
+            i = from;
+        }
+    }
 }
 
 /// A projection: fields to keep (1) or to leave out (0), never both but for `_id`.
@@ -464,8 +501,15 @@ mod tests {
             assert!(sort_by(&mut items, |(_, d)| d, &by, later));
             assert_eq!(items.iter().map(|(i, _)| *i).collect::<Vec<_>>(), want.iter().map(|(i, _)| *i).collect::<Vec<_>>(), "round {round}");
         }
-        // Past its deadline it stops comparing and says so.
-        let mut docs: Vec<Value> = (0..500).map(|i| json!({"k": i})).collect();
+        // One long cycle (the last item first, the others after it in order): each item
+        // moves once.
+        let n = 20_000;
+        let mut docs: Vec<Value> = (0..n).map(|i| json!({"k": if i == n - 1 { -1 } else { i }})).collect();
+        assert!(sort(&mut docs, &by, later));
+        assert!(docs[0]["k"] == -1 && docs.windows(2).all(|w| w[0]["k"].as_i64() < w[1]["k"].as_i64()));
+        // Past its deadline it stops comparing, leaves the items as they were and says so.
+        let mut docs: Vec<Value> = (0..500).rev().map(|i| json!({"k": i})).collect();
         assert!(!sort(&mut docs, &by, Instant::now()));
+        assert_eq!(docs[0]["k"], 499);
     }
 }
