@@ -224,27 +224,22 @@ impl Platform {
         }
     }
 
-    /// `PUT .../documents/{id}`: replaces the document (or adds it) and answers with the
-    /// document as written, read in the same transaction: a failure anywhere writes nothing,
-    /// and the answer is never another write's.
+    /// `PUT .../documents/{id}`: replaces the document (or adds it) in one operation and
+    /// answers with the document as it wrote it (its fields under the id the path names), not
+    /// one read again after, which could fail behind the write or be another write's. The
+    /// answer is about as large as the request was, so it is not held as a large answer: one
+    /// refused after the write would say the write failed.
     async fn replace(&self, gw: &Gateway, env: &str, coll: &str, id: Value, doc: Value) -> Reply {
-        let tx = match self.run_db(gw, env, json!({"op": "begin"})).await {
-            Ok(v) => v["tx"].clone(),
-            Err(r) => return r,
-        };
-        let replaced = match self.run_db(gw, env, json!({"op": "replaceOne", "collection": coll, "filter": {"_id": id}, "doc": doc, "options": {"upsert": true}, "tx": tx})).await {
-            Ok(result) => self.run_db(gw, env, json!({"op": "findOne", "collection": coll, "filter": {"_id": id}, "tx": tx})).await.map(|doc| (result, doc)),
-            Err(r) => Err(r),
-        };
-        let done = match replaced {
-            Ok(both) => self.run_db(gw, env, json!({"op": "commit", "tx": tx})).await.map(|_| both),
-            Err(r) => {
-                let _ = self.run_db(gw, env, json!({"op": "abort", "tx": tx})).await;
-                Err(r)
+        let op = json!({"op": "replaceOne", "collection": coll, "filter": {"_id": id}, "doc": doc, "options": {"upsert": true}});
+        match self.run_db(gw, env, op).await {
+            Ok(result) => {
+                let mut written = serde_json::Map::new();
+                written.insert("_id".into(), id);
+                if let Value::Object(fields) = doc {
+                    written.extend(fields.into_iter().filter(|(k, _)| k != "_id"));
+                }
+                json(StatusCode::OK, &json!({"result": result, "document": written}))
             }
-        };
-        match done {
-            Ok((result, doc)) => self.documents(gw, StatusCode::OK, &json!({"result": result, "document": doc})),
             Err(r) => r,
         }
     }
