@@ -195,6 +195,9 @@ struct Arriving {
     /// Bytes of the current line so far.
     line: usize,
     lines: usize,
+    /// Whether a line with something on it has ended: empty lines before the request line are
+    /// skipped, and only one after it ends the head.
+    begun: bool,
 }
 
 impl Arriving {
@@ -210,12 +213,14 @@ impl Arriving {
                 return Err(if self.lines == 0 { StatusCode::URI_TOO_LONG } else { StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE });
             }
             if piece.ends_with(b"\n") {
+                let empty = self.line == 1 || (self.line == 2 && buf[at - 2] == b'\r');
                 // The empty line after the head's own: the head is whole, and what came after
                 // it (a body) is no part of it, whatever its lines' lengths.
-                if self.lines > 0 && (self.line == 1 || (self.line == 2 && buf[at - 2] == b'\r')) {
+                if empty && self.begun {
                     self.seen = buf.len();
                     return if at > MAX_HEAD { Err(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE) } else { Ok(true) };
                 }
+                self.begun |= !empty;
                 self.lines += 1;
                 self.line = 0;
                 ended = true;

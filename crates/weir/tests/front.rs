@@ -321,6 +321,16 @@ async fn heads_past_their_bounds_are_refused_and_not_forwarded() {
     let (resp, closed) = raw(w.proxy, format!("GET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "p".repeat(9 * 1024)).as_bytes()).await;
     assert_eq!((status_of(&resp), closed), (414, true), "{resp}");
     assert_eq!(up.hits.load(Ordering::SeqCst), before, "nothing refused was forwarded");
+    // ... after empty lines, which come before a request line and never end its head: on a
+    // connection whose buffer a large head grew, so that it arrives in one read.
+    let mut s = TcpStream::connect(w.proxy).await.unwrap();
+    let fields: String = (0..3).map(|i| format!("X-F{i}: {}\r\n", "v".repeat(7000))).collect();
+    s.write_all(format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n").as_bytes()).await.unwrap();
+    assert_eq!(status_of(&read_response(&mut s).await), 200);
+    s.write_all(format!("\r\n\r\nGET /{} HTTP/1.1\r\nHost: a\r\n\r\n", "p".repeat(12 * 1024)).as_bytes()).await.unwrap();
+    let (resp, _) = read_to_close(&mut s, Duration::from_secs(5)).await;
+    assert!([414, 431].contains(&status_of(&resp)), "{resp}");
+    assert_eq!(up.hits.load(Ordering::SeqCst), before + 1, "the long request line was not forwarded");
 
     // Just under the bounds passes.
     let (resp, _) = raw(w.proxy, format!("GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n", "v".repeat(8000)).as_bytes()).await;
