@@ -789,9 +789,10 @@ impl Platform {
         // Each environment's document holds the variables and the upstream it reads, and one
         // transaction writes every environment's: bounded in all, so that transaction always
         // fits the store (etcd takes 1.5 MiB at most).
-        let vars: usize = gw.env.iter().map(|v| v.name.len() + v.value.len()).sum();
+        // Counted as stored, as JSON: a control character is six bytes there.
+        let vars: usize = gw.env.iter().map(|v| v.name.len() + serde_json::to_vec(&v.value).map_or(0, |b| b.len() - 2)).sum();
         if vars > crate::guard::MAX_VARS_BYTES {
-            problems.push(format!("env: {vars} bytes of names and values, more than the {} a gateway's variables may hold", crate::guard::MAX_VARS_BYTES));
+            problems.push(format!("env: {vars} bytes of names and values as JSON, more than the {} a gateway's variables may hold", crate::guard::MAX_VARS_BYTES));
         }
         let mut names = BTreeSet::new();
         for (i, var) in gw.env.iter().enumerate() {
