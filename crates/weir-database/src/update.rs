@@ -391,15 +391,7 @@ impl Projection {
     pub fn apply(&self, doc: Value) -> Value {
         let Value::Object(mut o) = doc else { return doc };
         if self.include {
-            let mut out = Map::new();
-            for (k, v) in o.iter() {
-                if (k == "_id" && self.id) || self.fields.iter().any(|f| f == k) {
-                    out.insert(k.clone(), v.clone());
-                } else if let Some(nested) = nested_include(&self.fields, k, v) {
-                    out.insert(k.clone(), nested);
-                }
-            }
-            Value::Object(out)
+            Value::Object(self.kept(&o))
         } else {
             let mut doc = Value::Object(std::mem::take(&mut o));
             for f in &self.fields {
@@ -413,6 +405,22 @@ impl Projection {
     }
 }
 
+impl Projection {
+    /// What an inclusion keeps of object `o`, copying only what it keeps: a dotted path's
+    /// levels are read in place, never copied whole on the way down.
+    fn kept(&self, o: &Map<String, Value>) -> Map<String, Value> {
+        let mut out = Map::new();
+        for (k, v) in o {
+            if (k == "_id" && self.id) || self.fields.iter().any(|f| f == k) {
+                out.insert(k.clone(), v.clone());
+            } else if let Some(nested) = nested_include(&self.fields, k, v) {
+                out.insert(k.clone(), nested);
+            }
+        }
+        out
+    }
+}
+
 /// The parts of object `v` (field `k`) that dotted inclusions (`k.sub`) keep.
 fn nested_include(fields: &[String], k: &str, v: &Value) -> Option<Value> {
     let subs: Vec<String> = fields.iter().filter_map(|f| f.strip_prefix(k).and_then(|r| r.strip_prefix('.')).map(str::to_string)).collect();
@@ -420,7 +428,7 @@ fn nested_include(fields: &[String], k: &str, v: &Value) -> Option<Value> {
         return None;
     }
     let inner = Projection { fields: subs, include: true, id: false };
-    v.is_object().then(|| inner.apply(v.clone()))
+    v.as_object().map(|o| Value::Object(inner.kept(o)))
 }
 
 #[cfg(test)]
