@@ -222,8 +222,8 @@ enum Msg {
     Call(Box<Job>),
     Fetched(Fetched),
     /// A database operation's answer: the call, the operation's id, the result, and the
-    /// result's bytes taken from the gateway's budget (as `Fetched::held`).
-    DbDone(u64, u32, Result<String, String>, Taken),
+    /// result's bytes taken from the gateway's budget, if it has any (as `Fetched::held`).
+    DbDone(u64, u32, Result<String, String>, Option<Taken>),
     /// Load a function's modules ahead of its first call: the one served at this address (the
     /// last lowering's `Load` of it is read from `served` when its turn comes).
     Warm(usize),
@@ -1742,9 +1742,8 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
     for (call, id, op, place, held) in started {
         let Some(scope) = calls.get(&call).map(|l| l.job.reach.database.clone()) else { continue };
         let back = back.clone();
-        let bytes = slots.bytes.clone();
-        let answer = move |result, taken| {
-            let _ = back.send(Msg::DbDone(call, id, result, Taken(bytes, taken)));
+        let answer = move |result, taken: Option<Taken>| {
+            let _ = back.send(Msg::DbDone(call, id, result, taken));
         };
         match (&services.database, scope) {
             (Some(run), Some(scope)) => {
@@ -1758,17 +1757,16 @@ fn start_outbound(js: &Js, calls: &BTreeMap<u64, Live>, gateway: &str, back: &Ar
                         // The result waits outside the runtime until it takes it: it counts
                         // against the gateway's limit until then.
                         match result {
-                            Ok(text) if !bytes.take(text.len()) => answer(Err(unavailable("the result and the fetches and database results outside this gateway's runtime would pass its memory limit")), 0),
-                            Ok(text) => {
-                                let n = text.len();
-                                answer(Ok(text), n)
-                            }
-                            Err(e) => answer(Err(e), 0),
+                            Ok(text) => match Taken::of(&bytes, text.len()) {
+                                Some(taken) => answer(Ok(text), Some(taken)),
+                                None => answer(Err(unavailable("the result and the fetches and database results outside this gateway's runtime would pass its memory limit")), None),
+                            },
+                            Err(e) => answer(Err(e), None),
                         }
                     }),
                 })
             }
-            _ => answer(Err(unavailable("no database is available to this function on this node")), 0),
+            _ => answer(Err(unavailable("no database is available to this function on this node")), None),
         }
     }
 }
@@ -1863,7 +1861,7 @@ impl Taken {
     }
 
     /// Takes `n` more, if the budget has them.
-    fn grow(&mut self, n: usize) -> bool {
+    pub(crate) fn grow(&mut self, n: usize) -> bool {
         let took = self.0.take(n);
         if took {
             self.1 += n;

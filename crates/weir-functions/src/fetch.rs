@@ -155,10 +155,9 @@ where
         if out.len() + data.len() > MAX_RESPONSE {
             return Err(format!("fetch: the response body is larger than {MAX_RESPONSE} bytes"));
         }
-        if !budget.take(data.len()) {
+        if !taken.grow(data.len()) {
             return Err(format!("fetch: the response bodies of this gateway's fetches in flight would pass its memory limit ({} MiB)", budget.limit() >> 20));
         }
-        taken.1 += data.len();
         out.extend_from_slice(&data);
     }
     // The engine gives these back once the body is in the runtime.
