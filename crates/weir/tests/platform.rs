@@ -1179,19 +1179,29 @@ export default async (ctx) => {
     // Another tenant's latency while this one spins and bombs.
     assert_eq!(v1(&w, "POST", "api-gateways/other/functions", Some(json!({"name": "ping", "source": {"code": "export default () => ({ pong: true })"}}))).await.0, 201);
     w.until("/dev/ping", &[("host", "other.localhost")], |r| r.status == 200).await;
-    let quiet = p99(&w, "/dev/ping", "other.localhost", 100).await;
-    let noise = tokio::spawn({
-        let proxy = w.proxy;
-        async move {
-            for i in 0..20 {
-                let path = if i % 2 == 0 { "/dev/spin" } else { "/dev/bomb" };
-                send(proxy, "GET", path, &[("host", "fns.localhost")], None).await;
+    // Other tests share these two cores, so one pass can be slowed by them alone: the bound
+    // must hold in one of three passes, each measuring quiet and noisy afresh. A runtime that
+    // let the spinning tenant in would miss it in all three.
+    let mut passes = Vec::new();
+    for _ in 0..3 {
+        let quiet = p99(&w, "/dev/ping", "other.localhost", 100).await;
+        let noise = tokio::spawn({
+            let proxy = w.proxy;
+            async move {
+                for i in 0..20 {
+                    let path = if i % 2 == 0 { "/dev/spin" } else { "/dev/bomb" };
+                    send(proxy, "GET", path, &[("host", "fns.localhost")], None).await;
+                }
             }
+        });
+        let noisy = p99(&w, "/dev/ping", "other.localhost", 100).await;
+        noise.await.unwrap();
+        passes.push((quiet, noisy));
+        if noisy < quiet + Duration::from_millis(10) {
+            break;
         }
-    });
-    let noisy = p99(&w, "/dev/ping", "other.localhost", 100).await;
-    noise.await.unwrap();
-    assert!(noisy < quiet + Duration::from_millis(10), "p99 {quiet:?} alone, {noisy:?} beside a spinning tenant");
+    }
+    assert!(passes.iter().any(|(quiet, noisy)| *noisy < *quiet + Duration::from_millis(10)), "p99 alone and beside a spinning tenant, each pass: {passes:?}");
 
     // Past the gateway's concurrent calls: 503 with when to come back, from a route and from
     // an invocation alike.
