@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Map, Value, json};
 
 use crate::filter::{Budget, Filter};
-use crate::update::{Projection, Update, id_key, parse_sort, prepare, prepare_sized, sort};
+use crate::update::{Projection, Update, id_key, id_keys, parse_sort, prepare, prepare_sized, sort};
 use crate::{Backend, DbError, DbErrorKind, IndexDef, Opener, Quota, Write, check_collection, index_key};
 
 /// Times an operation outside a transaction is tried again when another node wrote first.
@@ -515,7 +515,7 @@ impl Run<'_> {
             "insertOne" => {
                 let mut doc = r["doc"].clone();
                 let id = prepare(&mut doc)?;
-                if self.get(&id, tx.as_deref_mut())?.is_some() {
+                if self.held(&doc["_id"], tx.as_deref_mut())? {
                     return Err(duplicate_id(self.coll, &doc["_id"]));
                 }
                 let shown = doc["_id"].clone();
@@ -533,7 +533,7 @@ impl Run<'_> {
                 for (i, d) in docs.iter().enumerate() {
                     let mut doc = d.clone();
                     let id = prepare(&mut doc)?;
-                    if !seen.insert(id.clone()) || self.get(&id, tx.as_deref_mut())?.is_some() {
+                    if id_keys(&doc["_id"])?.into_iter().any(|k| !seen.insert(k)) || self.held(&doc["_id"], tx.as_deref_mut())? {
                         return Err(duplicate_id(self.coll, &doc["_id"]));
                     }
                     ids.insert(i.to_string(), doc["_id"].clone());
@@ -637,7 +637,7 @@ impl Run<'_> {
                         }
                     };
                     let id = prepare(&mut doc)?;
-                    if self.get(&id, tx.as_deref_mut())?.is_some() {
+                    if self.held(&doc["_id"], tx.as_deref_mut())? {
                         return Err(duplicate_id(self.coll, &doc["_id"]));
                     }
                     upserted = doc["_id"].clone();
@@ -698,6 +698,17 @@ impl Run<'_> {
         self.db.backend.get(self.coll, id)
     }
 
+    /// Whether a document with this `_id` is stored, under any of its keys, as the transaction
+    /// sees it.
+    fn held(&self, id: &Value, mut tx: Option<&mut Tx>) -> Result<bool, DbError> {
+        for key in id_keys(id)? {
+            if self.get(&key, tx.as_deref_mut())?.is_some() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Applies `writes` now, or keeps them in the transaction.
     fn write(&self, tx: Option<&mut Tx>, writes: Vec<Write>) -> Result<(), DbError> {
         if writes.is_empty() {
@@ -751,7 +762,10 @@ impl Run<'_> {
         if let Some(ids) = filter.equalities("_id") {
             plan.index = Some("_id_".into());
             kept.twice = true;
-            for id in ids.iter().filter_map(|v| id_key(v).ok()) {
+            let mut keys: Vec<String> = ids.iter().filter_map(|v| id_keys(v).ok()).flatten().collect();
+            keys.sort();
+            keys.dedup();
+            for id in keys {
                 if budget.spent() || Instant::now() > deadline {
                     return Err(self.late());
                 }
@@ -803,7 +817,7 @@ impl Run<'_> {
             // when the filter names them (one write after another stays linear).
             let coll = self.coll.to_string();
             let mine: Vec<(&String, &Option<Value>)> = match filter.equalities("_id") {
-                Some(ids) => ids.iter().filter_map(|v| id_key(v).ok()).filter_map(|id| t.writes.get_key_value(&(coll.clone(), id))).map(|((_, id), d)| (id, d)).collect(),
+                Some(ids) => ids.iter().filter_map(|v| id_keys(v).ok()).flatten().collect::<std::collections::BTreeSet<String>>().into_iter().filter_map(|id| t.writes.get_key_value(&(coll.clone(), id))).map(|((_, id), d)| (id, d)).collect(),
                 None => t.writes.range((coll.clone(), String::new())..).take_while(|((c, _), _)| *c == coll).map(|((_, id), d)| (id, d)).collect(),
             };
             for (id, doc) in mine {

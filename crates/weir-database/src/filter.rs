@@ -200,13 +200,53 @@ fn eq_any(found: &[&Value], v: &Value, budget: &mut Budget) -> bool {
     candidates(found).any(|x| !budget.spend(1) || json_eq(x, v))
 }
 
-/// Equality of JSON values where numbers compare by value (`1` equals `1.0`).
+/// Equality of JSON values where numbers compare by value (`1` equals `1.0`), exactly: two
+/// integers past 2^53 that round to one double are still two values.
 pub fn json_eq(a: &Value, b: &Value) -> bool {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        (Value::Number(x), Value::Number(y)) => num_cmp(x, y) == Ordering::Equal,
         (Value::Array(x), Value::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(a, b)| json_eq(a, b)),
         (Value::Object(x), Value::Object(y)) => x.len() == y.len() && x.iter().zip(y).all(|((ka, a), (kb, b))| ka == kb && json_eq(a, b)),
         _ => a == b,
+    }
+}
+
+/// A JSON number as the value it names: an integer (JSON's integers up to 64 bits are read
+/// exactly) or a double.
+enum Num {
+    Int(i128),
+    Float(f64),
+}
+
+fn num(n: &serde_json::Number) -> Num {
+    match (n.as_i64(), n.as_u64()) {
+        (Some(i), _) => Num::Int(i128::from(i)),
+        (None, Some(u)) => Num::Int(i128::from(u)),
+        // JSON holds no NaN or infinity.
+        _ => Num::Float(n.as_f64().unwrap_or(0.0)),
+    }
+}
+
+/// The order of two numbers by their exact values, whatever their forms: `1` and `1.0` are
+/// equal, and 9007199254740993 is above 9007199254740992.0, which is the double nearest it.
+pub fn num_cmp(a: &serde_json::Number, b: &serde_json::Number) -> Ordering {
+    match (num(a), num(b)) {
+        (Num::Int(x), Num::Int(y)) => x.cmp(&y),
+        // `-0.0` equals `0.0`.
+        (Num::Float(x), Num::Float(y)) => x.partial_cmp(&y).unwrap_or(Ordering::Equal),
+        (Num::Int(i), Num::Float(f)) => int_float_cmp(i, f),
+        (Num::Float(f), Num::Int(i)) => int_float_cmp(i, f).reverse(),
+    }
+}
+
+/// Integer `i` (at most 64 bits) against double `f`. Rounding `i` to a double keeps order
+/// where it differs from `f` (no double lies strictly between `i` and the double nearest
+/// it), and where it equals `f`, `f` is an integer of at most 65 bits, held exactly in i128.
+fn int_float_cmp(i: i128, f: f64) -> Ordering {
+    match (i as f64).partial_cmp(&f) {
+        Some(Ordering::Equal) => i.cmp(&(f as i128)),
+        Some(o) => o,
+        None => Ordering::Equal,
     }
 }
 
@@ -214,7 +254,7 @@ pub fn json_eq(a: &Value, b: &Value) -> bool {
 /// operator matches only values of its operand's kind.
 fn compare_same_kind(a: &Value, b: &Value) -> Option<Ordering> {
     match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Value::Number(x), Value::Number(y)) => Some(num_cmp(x, y)),
         (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
         (Value::Bool(x), Value::Bool(y)) => Some(x.cmp(y)),
         _ => None,
@@ -366,6 +406,41 @@ mod tests {
 
     fn hit(filter: Value, doc: Value) -> bool {
         Filter::parse(&filter).unwrap().matches(&doc)
+    }
+
+    fn n(text: &str) -> serde_json::Number {
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn numbers_compare_by_their_exact_values() {
+        use Ordering::*;
+        for (a, b, o) in [
+            ("1", "1.0", Equal),
+            ("-0.0", "0", Equal),
+            ("2.5", "2", Greater),
+            // Past 2^53 integers are exact, and apart from the doubles nearest them.
+            ("9007199254740993", "9007199254740992", Greater),
+            ("9007199254740993", "9007199254740992.0", Greater),
+            ("9007199254740993", "9007199254740994.0", Less),
+            ("9007199254740992", "9007199254740992.0", Equal),
+            ("18446744073709551615", "18446744073709551614", Greater),
+            ("18446744073709551615", "18446744073709551616.0", Less),
+            ("-9223372036854775808", "-9223372036854775808.0", Equal),
+            ("-9223372036854775807", "-9223372036854775808.0", Greater),
+            ("18446744073709551615", "1e300", Less),
+            ("-1e300", "-9223372036854775808", Less),
+        ] {
+            assert_eq!(num_cmp(&n(a), &n(b)), o, "{a} against {b}");
+            assert_eq!(num_cmp(&n(b), &n(a)), o.reverse(), "{b} against {a}");
+        }
+        let big = json!({"n": 9007199254740993u64});
+        assert!(!hit(json!({"n": 9007199254740992u64}), big.clone()));
+        assert!(hit(json!({"n": 9007199254740993u64}), big.clone()));
+        assert!(hit(json!({"n": {"$gt": 9007199254740992u64}}), big.clone()));
+        assert!(!hit(json!({"n": {"$in": [9007199254740992.0, 9007199254740994u64]}}), big.clone()));
+        assert!(!json_eq(&json!([9007199254740993u64]), &json!([9007199254740992u64])));
+        assert_eq!(compare(&json!(9007199254740993u64), &json!(9007199254740992.0)), Greater);
     }
 
     #[test]

@@ -202,6 +202,8 @@ pub(crate) fn filed_bytes(indexes: &[IndexDef], coll: &str, id: &str, doc: &Valu
 }
 
 /// The key of a tuple of values in an index: numbers in one form, so `1` and `1.0` are one key.
+/// That form is the double nearest the number, so integers past 2^53 that round alike share a
+/// key: a lookup only leads to the documents, which are then matched exactly.
 pub fn index_key(values: &[Value]) -> String {
     let norm: Vec<Value> = values
         .iter()

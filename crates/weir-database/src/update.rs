@@ -28,6 +28,23 @@ pub fn id_key(id: &Value) -> Result<String, DbError> {
     }
 }
 
+/// Every key a document whose `_id` equals `id` may be stored under, its own first: a number
+/// is stored as it was written, so `1` and `1.0` (or `1e19` and 10000000000000000000) are one
+/// `_id` under two keys.
+pub fn id_keys(id: &Value) -> Result<Vec<String>, DbError> {
+    let own = id_key(id)?;
+    let Value::Number(n) = id else { return Ok(vec![own]) };
+    let other = if n.is_f64() {
+        // A double that is an integer of 64 bits, written as one.
+        let f = n.as_f64().unwrap_or(0.5);
+        (f.fract() == 0.0 && f >= -(2f64.powi(63)) && f < 2f64.powi(64)).then(|| if f < 0.0 { (f as i64).to_string() } else { (f as u64).to_string() })
+    } else {
+        // An integer a double holds exactly, written as a double.
+        n.as_f64().and_then(serde_json::Number::from_f64).filter(|d| crate::filter::num_cmp(n, d).is_eq()).map(|d| d.to_string())
+    };
+    Ok(std::iter::once(own.clone()).chain(other.filter(|o| *o != own)).collect())
+}
+
 /// Checks a document to be stored and gives it an `_id` when it has none; its `_id` key.
 pub fn prepare(doc: &mut Value) -> Result<String, DbError> {
     prepare_sized(doc).map(|(id, _)| id)
@@ -441,6 +458,23 @@ mod tests {
         let mut d = doc;
         Update::parse(&update).unwrap().apply(&mut d).unwrap();
         d
+    }
+
+    #[test]
+    fn an_id_number_has_a_key_for_each_form_it_is_written_in() {
+        let keys = |v: Value| id_keys(&v).unwrap();
+        assert_eq!(keys(json!(1)), ["1", "1.0"]);
+        assert_eq!(keys(json!(1.0)), ["1.0", "1"]);
+        assert_eq!(keys(json!(0)), ["0", "0.0"]);
+        assert_eq!(keys(json!(-0.0)), ["-0.0", "0"]);
+        assert_eq!(keys(json!(-7.0)), ["-7.0", "-7"]);
+        assert_eq!(keys(json!(2.5)), ["2.5"]);
+        // No double is 2^53 + 1; 2^64 is no integer of 64 bits.
+        assert_eq!(keys(json!(9007199254740993u64)), ["9007199254740993"]);
+        assert_eq!(keys(json!(1e19)), ["1e+19", "10000000000000000000"]);
+        assert_eq!(keys(json!(10000000000000000000u64)), ["10000000000000000000", "1e+19"]);
+        assert_eq!(keys(json!(18446744073709551616.0)), ["1.8446744073709552e+19"]);
+        assert_eq!(keys(json!("x")), ["\"x\""]);
     }
 
     #[test]

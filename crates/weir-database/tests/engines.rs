@@ -90,6 +90,7 @@ on_both_engines!(
     writers_of_several_collections_never_deadlock,
     counts_are_exact_on_every_path,
     large_indexes_and_collections_drop_whole,
+    numbers_are_kept_and_matched_by_their_exact_values,
 );
 
 fn run(d: &Databases, req: Value) -> Result<Value, DbError> {
@@ -121,6 +122,52 @@ fn the_methods_answer_as_mongodb_does(e: &Engine) {
     assert_eq!(run(&d, json!({"op": "collections"})).unwrap(), json!(["users"]));
     assert_eq!(run(&d, json!({"op": "drop", "collection": "users"})).unwrap(), json!(true));
     assert_eq!(run(&d, json!({"op": "collections"})).unwrap(), json!([]));
+}
+
+/// Integers past 2^53 are values of their own, not the double nearest them, and an `_id` is
+/// one whatever form its number is written in.
+fn numbers_are_kept_and_matched_by_their_exact_values(e: &Engine) {
+    let d = e.databases();
+    let docs = json!([{"_id": "a", "n": 9007199254740992u64}, {"_id": "b", "n": 9007199254740993u64}, {"_id": "c", "n": 9007199254740994u64}]);
+    run(&d, json!({"op": "insertMany", "collection": "big", "docs": docs})).unwrap();
+    let ids = |filter: Value| run(&d, json!({"op": "find", "collection": "big", "filter": filter, "options": {"projection": {"n": 0}}})).unwrap();
+    assert_eq!(ids(json!({"n": 9007199254740993u64})), json!([{"_id": "b"}]));
+    assert_eq!(ids(json!({"n": {"$gt": 9007199254740992.0}})), json!([{"_id": "b"}, {"_id": "c"}]));
+    let sorted = run(&d, json!({"op": "find", "collection": "big", "filter": {}, "options": {"sort": {"n": -1}, "projection": {"n": 0}}})).unwrap();
+    assert_eq!(sorted, json!([{"_id": "c"}, {"_id": "b"}, {"_id": "a"}]));
+    // An increment of one is a change, though the double nearest the value stays.
+    let r = run(&d, json!({"op": "updateOne", "collection": "big", "filter": {"_id": "a"}, "update": {"$inc": {"n": 1}}})).unwrap();
+    assert_eq!(r["modifiedCount"], 1, "{r}");
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "big", "filter": {"_id": "a"}})).unwrap()["n"], json!(9007199254740993u64));
+    // Through an index the same: its keys only lead to the documents to match.
+    run(&d, json!({"op": "createIndex", "collection": "big", "keys": {"n": 1}})).unwrap();
+    assert_eq!(ids(json!({"n": 9007199254740994u64})), json!([{"_id": "c"}]));
+    assert_eq!(run(&d, json!({"op": "deleteMany", "collection": "big", "filter": {"n": 9007199254740994u64}})).unwrap()["deletedCount"], 1);
+    assert_eq!(ids(json!({})), json!([{"_id": "a"}, {"_id": "b"}]));
+
+    // `_id: 1` and `_id: 1.0` are one `_id`, as in MongoDB: the second is a duplicate, and
+    // either finds the document.
+    run(&d, json!({"op": "insertOne", "collection": "ids", "doc": {"_id": 1, "v": "int"}})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "ids", "doc": {"_id": 2.0, "v": "double"}})).unwrap();
+    for (id, v) in [(json!(1.0), "int"), (json!(2), "double")] {
+        let e = run(&d, json!({"op": "insertOne", "collection": "ids", "doc": {"_id": id}})).unwrap_err();
+        assert_eq!(e.kind, DbErrorKind::Duplicate, "{id}: {e:?}");
+        assert_eq!(run(&d, json!({"op": "findOne", "collection": "ids", "filter": {"_id": id}})).unwrap()["v"], v, "{id}");
+    }
+    let e = run(&d, json!({"op": "insertMany", "collection": "ids", "docs": [{"_id": 3}, {"_id": 3.0}]})).unwrap_err();
+    assert_eq!(e.kind, DbErrorKind::Duplicate, "{e:?}");
+    let r = run(&d, json!({"op": "updateOne", "collection": "ids", "filter": {"_id": 1.0}, "update": {"$set": {"seen": true}}, "options": {"upsert": true}})).unwrap();
+    assert_eq!((&r["matchedCount"], &r["upsertedCount"]), (&json!(1), &json!(0)), "{r}");
+    assert_eq!(run(&d, json!({"op": "deleteOne", "collection": "ids", "filter": {"_id": {"$in": [2]}}})).unwrap()["deletedCount"], 1);
+    assert_eq!(run(&d, json!({"op": "find", "collection": "ids", "filter": {}})).unwrap(), json!([{"_id": 1, "v": "int", "seen": true}]));
+    // Inside a transaction, its own writes are found by either form too.
+    let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
+    run(&d, json!({"op": "insertOne", "collection": "ids", "tx": tx, "doc": {"_id": 5, "v": "tx"}})).unwrap();
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "ids", "tx": tx, "filter": {"_id": 5.0}})).unwrap()["v"], "tx");
+    let e = run(&d, json!({"op": "insertOne", "collection": "ids", "tx": tx, "doc": {"_id": 5.0}})).unwrap_err();
+    assert_eq!(e.kind, DbErrorKind::Duplicate, "{e:?}");
+    run(&d, json!({"op": "commit", "tx": tx})).unwrap();
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "ids", "filter": {}})).unwrap(), json!(2));
 }
 
 fn indexes_are_used_and_unique_ones_hold(e: &Engine) {
