@@ -34,6 +34,10 @@ use crate::tokens::Caller;
 pub const RUNS_KEPT: u64 = 100;
 /// Triggers one gateway may have.
 pub const TRIGGERS_PER_GATEWAY: usize = 100;
+/// Ticks a gateway's triggers may have in one minute, all together (each counted in its
+/// busiest minute): every tick is a claim and a run record written to the store, so a gateway's
+/// schedule bounds its share of the store's writes whatever its crons say.
+pub const TICKS_PER_MINUTE: u32 = 120;
 /// Attempts at creating a trigger while the gateway's other creations win the race.
 const ATTEMPTS: usize = 32;
 /// How often a node reads the triggers again.
@@ -127,6 +131,20 @@ pub fn parse_cron(text: &str) -> Result<croner::Cron, String> {
 pub fn next_tick(cron: &croner::Cron, after_ms: i64) -> Option<i64> {
     let after = chrono::DateTime::<chrono::Utc>::from_timestamp_millis(after_ms)?;
     cron.find_next_occurrence(&after, false).ok().map(|t| t.timestamp_millis())
+}
+
+/// The most ticks `cron` has in one minute. The seconds field is the same in every minute the
+/// other fields match, so the first such minute after `now_ms` tells.
+pub fn ticks_per_minute(cron: &croner::Cron, now_ms: i64) -> u32 {
+    let Some(first) = next_tick(cron, now_ms) else { return 0 };
+    let minute = first - first.rem_euclid(60_000);
+    let mut n = 0;
+    let mut at = minute - 1;
+    while let Some(t) = next_tick(cron, at).filter(|t| *t < minute + 60_000) {
+        n += 1;
+        at = t;
+    }
+    n
 }
 
 /// `tr-` and 16 hex digits: what `create` makes.
@@ -226,11 +244,11 @@ impl Platform {
             Ok(b) => b,
             Err(r) => return r,
         };
-        match parse_cron(&input.cron) {
+        let ticks = match parse_cron(&input.cron) {
             Ok(cron) if next_tick(&cron, now_ms()).is_none() => return bad_input(vec![format!("cron: {:?} never fires", input.cron)]),
-            Ok(_) => {}
+            Ok(cron) => ticks_per_minute(&cron, now_ms()),
             Err(e) => return bad_input(vec![e]),
-        }
+        };
         let size = input.body.as_ref().map_or(0, |b| b.to_string().len());
         if size > MAX_BODY {
             return bad_input(vec![format!("body: {size} bytes, more than the {MAX_BODY} a trigger's body may hold")]);
@@ -267,12 +285,18 @@ impl Platform {
                 Ok(c) => c,
                 Err(r) => return r,
             };
-            let held = match self.docs.store.list(&dir).await {
-                Ok((kvs, _)) => kvs.iter().filter(|kv| !kv.key[dir.len()..].contains('/')).count(),
+            let held: Vec<Trigger> = match self.docs.store.list(&dir).await {
+                Ok((kvs, _)) => kvs.iter().filter(|kv| !kv.key[dir.len()..].contains('/')).filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect(),
                 Err(e) => return store_down(e),
             };
-            if held >= TRIGGERS_PER_GATEWAY {
+            if held.len() >= TRIGGERS_PER_GATEWAY {
                 return failure(ErrorKind::Quota, format!("this gateway has {TRIGGERS_PER_GATEWAY} triggers, the most one may; delete one first"), Vec::new());
+            }
+            let now = now_ms();
+            let busy: u32 = held.iter().filter_map(|t| parse_cron(&t.cron).ok()).map(|c| ticks_per_minute(&c, now)).sum();
+            if busy + ticks > TICKS_PER_MINUTE {
+                let why = format!("this trigger ticks up to {ticks} times a minute and the gateway's others {busy}: a gateway's triggers tick at most {TICKS_PER_MINUTE} times a minute in all");
+                return failure(ErrorKind::Quota, why, Vec::new());
             }
             let txn = Txn { compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }, guard], ops: vec![Op::Put { key: key.clone(), value: encode(&trigger) }, rewrite] };
             match self.docs.store.txn(txn).await {
@@ -476,5 +500,22 @@ mod tests {
         assert_eq!(next_tick(&hourly, t0), Some(t0 + 3_600_000));
         let at_noon = parse_cron("30 0 12 * * *").unwrap();
         assert_eq!(next_tick(&at_noon, t0), Some(t0 + 12 * 3_600_000 + 30_000));
+    }
+
+    #[test]
+    fn a_cron_ticks_as_often_as_its_busiest_minute() {
+        // 2030-01-01T00:00:30.5Z: half the minute gone, which changes no count.
+        let now = 1_893_456_030_500;
+        for (cron, n) in [
+            ("* * * * * *", 60),
+            ("*/2 * * * * *", 30),
+            ("0,15,59 * * * * *", 3),
+            ("10-20 0 12 * * *", 11),
+            ("* * * * *", 1),
+            ("0 0 1 1 *", 1),
+            ("*/5 * * * *", 1),
+        ] {
+            assert_eq!(ticks_per_minute(&parse_cron(cron).unwrap(), now), n, "{cron}");
+        }
     }
 }

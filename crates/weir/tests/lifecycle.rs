@@ -465,6 +465,12 @@ async fn a_cron_trigger_runs_once_per_tick_across_two_nodes_and_a_slow_run_never
     assert_eq!(s, 201, "{t}");
     let slow_id = t["triggerId"].as_str().unwrap().to_string();
     assert_eq!(v1(&b, "GET", "api-gateways/cron/triggers", None).await.1["total"], 2);
+    // Those two tick 120 times a minute, all a gateway's triggers may: one more is refused,
+    // however rarely it ticks, and nothing is made.
+    let (s, e) = v1(&a, "POST", "api-gateways/cron/triggers", Some(json!({"function": "tick", "environment": "dev", "cron": "0 0 1 1 *"}))).await;
+    assert_eq!(s, 429, "{e}");
+    assert!(e.to_string().contains("ticks up to 1 times a minute and the gateway's others 120"), "{e}");
+    assert_eq!(v1(&b, "GET", "api-gateways/cron/triggers", None).await.1["total"], 2);
 
     // 30 ticks and a little more.
     tokio::time::sleep(Duration::from_millis(32_500)).await;
