@@ -21,6 +21,7 @@ mod guard;
 pub mod lifecycle;
 pub mod model;
 pub mod openapi;
+pub mod pacing;
 mod quota;
 mod reconcile;
 pub mod render;
@@ -89,6 +90,11 @@ pub struct FunctionsConfig {
     pub max_per_gateway: u64,
     /// Bytes one gateway's functions and their histories may take in the store.
     pub max_bytes_per_gateway: u64,
+    /// Bytes of function documents and history entries one gateway may publish a minute on a
+    /// node (saves, promotions, rollbacks), after a burst of a minute's bytes up to
+    /// [`pacing::BURST_BYTES`]; 0: no
+    /// bound. The store writes every gateway's publications one after another.
+    pub publish_bytes_per_minute: u64,
 }
 
 impl Default for FunctionsConfig {
@@ -98,6 +104,7 @@ impl Default for FunctionsConfig {
             fetch_allow_networks: Vec::new(),
             max_per_gateway: 20_000,
             max_bytes_per_gateway: 64 << 20,
+            publish_bytes_per_minute: 16 << 20,
         }
     }
 }
@@ -162,6 +169,8 @@ pub struct Platform {
     /// One function list made at a time per gateway: each holds the gateway's functions
     /// several times over while it is made.
     listing: weir_functions::lanes::Lanes,
+    /// How fast each gateway may publish functions on this node.
+    publishing: pacing::Pacer,
 }
 
 /// Function lists made at once on the node.
@@ -181,8 +190,10 @@ impl Platform {
         let node = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
         let inputs = json!({"base_domain": cfg.base_domain, "base_plugins": cfg.base_plugins}).to_string();
         let answers = answers::Answers::new(cfg.large_answers);
+        let publishing = pacing::Pacer::new(cfg.functions.publish_bytes_per_minute);
         Arc::new(Platform {
             cfg,
+            publishing,
             answers,
             listing: weir_functions::lanes::Lanes::new(LISTS_ON_NODE, 1),
             docs: docs::Docs { store, dir: format!("{prefix}/platform/gateways/"), keyring, plugins: plugins.clone() },

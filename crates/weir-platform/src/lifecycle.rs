@@ -273,6 +273,13 @@ impl Platform {
         let sealed = self.sealed(doc);
         let value = Bytes::from(serde_json::to_vec(&sealed).expect("a function serializes"));
         let entry = Bytes::from(serde_json::to_vec(&HistoryEntry::of(&sealed, kind, rolled_back_to)).expect("a history entry serializes"));
+        if let Err(wait) = self.publishing.take(gid, (value.len() + entry.len()) as u64) {
+            let secs = wait.as_secs() + 1;
+            let why = format!("this gateway publishes functions faster than the {} bytes a minute a node takes (platform.functions.publish_bytes_per_minute); try again in {secs} s", self.cfg.functions.publish_bytes_per_minute);
+            let mut reply = failure(ErrorKind::Quota, why, Vec::new());
+            reply.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+            return Err(reply);
+        }
         let mut delta = Delta { functions: i64::from(old.is_none()), added: (value.len() + entry.len()) as u64, removed: old.unwrap_or(0) };
         let mut ops = vec![
             Op::Put { key: function_key(&self.prefix, gid, &doc.environment, &doc.name), value },

@@ -652,6 +652,48 @@ async fn an_owner_holds_at_most_its_quota_of_gateways() {
     assert_eq!(v1(&w, "POST", "applications", Some(json!({"name": "by-admin"}))).await.0, 201, "an admin key is not bound");
 }
 
+/// A gateway publishing faster than its node's pace is refused with when to come back, and
+/// nothing is stored; another gateway publishes meanwhile at its own pace.
+#[tokio::test]
+async fn a_gateway_publishing_past_its_pace_waits_and_another_does_not() {
+    let w = on_loopback("  functions:\n    publish_bytes_per_minute: 60000\n");
+    for gid in ["fast", "calm"] {
+        started_gateway(&w, gid).await;
+    }
+    // About 20 KB a save with its history entry: the 60,000 bytes of the burst hold two.
+    let sized = |name: &str| json!({"name": name, "source": {"code": format!("// {}\nexport default () => ({{ fn: '{name}' }})", "x".repeat(10_000))}});
+    for name in ["a", "b"] {
+        let (s, b) = v1(&w, "POST", "api-gateways/fast/functions", Some(sized(name))).await;
+        assert_eq!(s, 201, "{b}");
+    }
+    let mut refused = None;
+    for name in ["c", "d"] {
+        let body = sized(name).to_string();
+        let r = send(w.admin, "POST", "/v1/api-gateways/fast/functions", &[("x-api-key", KEY)], Some(&body)).await;
+        if r.status == 429 {
+            refused = Some((name, r));
+            break;
+        }
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let (name, r) = refused.expect("a gateway past its pace is refused");
+    assert_eq!(r.json()["error"]["kind"], "quota", "{}", r.text());
+    assert!(r.text().contains("publish_bytes_per_minute"), "{}", r.text());
+    // 1,000 bytes a second: a save of 20 KB waits at most about 20 s.
+    let wait: u64 = r.headers.get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+    assert!((1..=22).contains(&wait), "Retry-After {wait}");
+    assert!(r.text().contains(&format!("try again in {wait} s")), "{}", r.text());
+    assert_eq!(v1(&w, "GET", &fn_path("fast", &format!("dev/{name}")), None).await.0, 404, "a refused save stores nothing");
+    // A promotion publishes too, and waits the same.
+    let (s, b) = v1(&w, "POST", &format!("{}/deploy-to-stage", fn_path("fast", "dev/a")), Some(json!({"targetStage": "staging"}))).await;
+    assert_eq!((s, &b["error"]["kind"]), (429, &json!("quota")), "{b}");
+    // The other gateway has its own pace.
+    for name in ["a", "b"] {
+        let (s, b) = v1(&w, "POST", "api-gateways/calm/functions", Some(sized(name))).await;
+        assert_eq!(s, 201, "{b}");
+    }
+}
+
 #[tokio::test]
 async fn a_gateways_functions_stay_within_its_quota_and_another_gateway_is_not_bound_by_it() {
     let w = on_loopback("  functions:\n    max_per_gateway: 3\n    max_bytes_per_gateway: 20000\n");
@@ -1408,9 +1450,14 @@ async fn answers_version(w: &Weir, gid: &str, path: &str, want: u32) {
 
 #[tokio::test]
 async fn a_gateway_saving_large_functions_holds_up_no_other_gateways_saves() {
-    // Saved on A, compiled on B: B has no compile of A's saves at hand.
+    // Saved on A, compiled on B: B has no compile of A's saves at hand. Unpaced: four large
+    // saves in a row are past a gateway's default pace, and the compiles are what is tested.
     let etcd = common::Etcd::start().await;
-    let (a, b) = (platform_node(&etcd, &[]), platform_node(&etcd, &[]));
+    let node = || {
+        let store = format!("  type: etcd\n  etcd:\n    endpoints: [\"{}\"]\n    timeout: 2\n", etcd.endpoint());
+        platform_weir(&store, "  lease_timeout: 2\n  denied_networks: []\n  functions:\n    publish_bytes_per_minute: 0\n", &[])
+    };
+    let (a, b) = (node(), node());
     started_gateway(&a, "big").await;
     started_gateway(&a, "small").await;
     // 600 KB of TypeScript in two files (a save and its history entry, twice that, fit in
