@@ -70,17 +70,33 @@ fn doc_bytes(doc: &Value) -> Vec<u8> {
 
 /// Files `doc` (stored under `id`) in every index of `stats`, refusing a second holder of a
 /// unique key; answers the bytes filed (`entry_bytes`).
-fn file_in_indexes(wtx: &WriteTransaction, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<u64, DbError> {
+fn file_in_indexes(wtx: &WriteTransaction, docs: &redb::Table<(&str, &str), &[u8]>, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<u64, DbError> {
     let mut index = wtx.open_table(INDEX).map_err(failed)?;
     let mut filed = 0;
     for def in indexes {
         for key in def.keys_of(doc)? {
             filed += entry_bytes(coll, &def.name, &key, id);
             if def.unique {
-                let holder = index.range((coll, def.name.as_str(), key.as_str(), "")..).map_err(failed)?.next().transpose().map_err(failed)?;
-                if let Some((k, _)) = holder {
+                // The key's other holders; one holding these very values is a duplicate (a
+                // key may stand for several values: see `IndexDef::same_values`).
+                let mut others = Vec::new();
+                for entry in index.range((coll, def.name.as_str(), key.as_str(), "")..).map_err(failed)? {
+                    let (k, _) = entry.map_err(failed)?;
                     let (c, n, kk, other) = k.value();
-                    if (c, n, kk) == (coll, def.name.as_str(), key.as_str()) && other != id {
+                    if (c, n, kk) != (coll, def.name.as_str(), key.as_str()) {
+                        break;
+                    }
+                    if other != id {
+                        others.push(other.to_string());
+                    }
+                }
+                for other in others {
+                    let held = docs.get((coll, other.as_str())).map_err(failed)?.map(|d| serde_json::from_slice::<Value>(d.value()));
+                    let same = match held {
+                        Some(Ok(held)) => def.same_values(&key, doc, &held),
+                        _ => true,
+                    };
+                    if same {
                         return Err(DbError { kind: DbErrorKind::Duplicate, message: format!("duplicate key: index {} of {coll} already holds {key}", def.name) });
                     }
                 }
@@ -154,11 +170,12 @@ fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w:
                 stats.documents -= 1;
                 stats.bytes = stats.bytes.saturating_sub(doc_bytes(old).len() as u64 + freed);
             }
-            let filed = file_in_indexes(wtx, coll, id, doc, &stats.indexes)?;
+            let mut docs = wtx.open_table(DOCS).map_err(failed)?;
+            let filed = file_in_indexes(wtx, &docs, coll, id, doc, &stats.indexes)?;
             let bytes = doc_bytes(doc);
             stats.documents += 1;
             stats.bytes += bytes.len() as u64 + filed;
-            wtx.open_table(DOCS).map_err(failed)?.insert((coll, id.as_str()), bytes.as_slice()).map_err(failed)?;
+            docs.insert((coll, id.as_str()), bytes.as_slice()).map_err(failed)?;
         }
         Write::Delete { id, expect, .. } => {
             let old = read_doc(wtx, coll, id)?;
@@ -191,7 +208,7 @@ fn write_one(wtx: &WriteTransaction, metas: &mut BTreeMap<String, CollStats>, w:
                     break;
                 }
                 let doc = serde_json::from_slice::<Value>(v.value()).map_err(failed)?;
-                filed += file_in_indexes(wtx, coll, id, &doc, std::slice::from_ref(def))?;
+                filed += file_in_indexes(wtx, &docs, coll, id, &doc, std::slice::from_ref(def))?;
             }
             stats.bytes += filed;
             stats.indexes.push(def.clone());

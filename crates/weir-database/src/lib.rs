@@ -103,6 +103,15 @@ impl IndexDef {
     /// [`MAX_INDEX_KEY_BYTES`] in all in one index, so a write's index work stays in proportion
     /// to the document.
     pub fn keys_of(&self, doc: &Value) -> Result<Vec<String>, DbError> {
+        let mut keys: Vec<String> = self.keyed_tuples(doc)?.into_iter().map(|(k, _)| k).collect();
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// As [`IndexDef::keys_of`], each key with the values it was made of, a row per array
+    /// element (so a key may come more than once).
+    pub(crate) fn keyed_tuples(&self, doc: &Value) -> Result<Vec<(String, Vec<Value>)>, DbError> {
         let columns = self.columns(doc);
         let mut spread: Option<&str> = None;
         for ((field, _), values) in self.keys.iter().zip(&columns) {
@@ -126,12 +135,32 @@ impl IndexDef {
             if bytes > MAX_INDEX_KEY_BYTES {
                 return Err(DbError::bad(format!("index {} would file more than {MAX_INDEX_KEY_BYTES} bytes of keys for one document", self.name)));
             }
-            keys.push(key);
+            keys.push((key, tuple));
         }
-        keys.sort();
-        keys.dedup();
         Ok(keys)
     }
+
+    /// Whether documents `a` and `b` hold the same values under `key` of this index, exactly:
+    /// a key holds the double nearest each number, so two integers past 2^53 that round
+    /// alike share a key and are still two values, which a unique index holds both of. A
+    /// document whose values this cannot tell (filed before the index's bounds) is taken to
+    /// hold them.
+    pub(crate) fn same_values(&self, key: &str, a: &Value, b: &Value) -> bool {
+        let under = |doc: &Value| -> Option<Vec<Vec<Value>>> { Some(self.keyed_tuples(doc).ok()?.into_iter().filter(|(k, _)| k == key).map(|(_, t)| t).collect()) };
+        let (Some(x), Some(y)) = (under(a), under(b)) else { return true };
+        if x.is_empty() || y.is_empty() {
+            return true;
+        }
+        x.iter().any(|t| y.iter().any(|u| same_tuple(t, u)))
+    }
+}
+
+/// Two index tuples of exactly equal values.
+pub(crate) fn same_tuple(a: &[Value], b: &[Value]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| filter::json_eq(x, y))
+}
+
+impl IndexDef {
 
     /// The values of each of the index's fields in `doc`: an array's elements, `null` when
     /// the field is missing.
@@ -203,7 +232,8 @@ pub(crate) fn filed_bytes(indexes: &[IndexDef], coll: &str, id: &str, doc: &Valu
 
 /// The key of a tuple of values in an index: numbers in one form, so `1` and `1.0` are one key.
 /// That form is the double nearest the number, so integers past 2^53 that round alike share a
-/// key: a lookup only leads to the documents, which are then matched exactly.
+/// key: a lookup only leads to the documents, which are then matched exactly, and a unique
+/// index compares the values of a key's holders (`IndexDef::same_values`).
 pub fn index_key(values: &[Value]) -> String {
     let norm: Vec<Value> = values
         .iter()

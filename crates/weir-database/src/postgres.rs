@@ -638,6 +638,15 @@ impl<'a> Apply<'a> {
         Ok(())
     }
 
+    /// The document stored under `id` as this transaction has it.
+    fn peek_doc(&mut self, coll: &str, id: &str) -> Result<Option<Value>, Fail> {
+        let at = (coll.to_string(), id.to_string());
+        if !self.docs.contains_key(&at) {
+            self.read(BTreeSet::from([at.clone()]), BTreeSet::new())?;
+        }
+        Ok(self.docs.get(&at).cloned().flatten())
+    }
+
     /// The document stored under `id` as this transaction has it (and forgets it).
     fn take_doc(&mut self, coll: &str, id: &str) -> Result<Option<Value>, Fail> {
         let at = (coll.to_string(), id.to_string());
@@ -702,11 +711,19 @@ impl<'a> Apply<'a> {
                     if !self.holders.contains_key(&at) {
                         self.read(BTreeSet::new(), BTreeSet::from([at.clone()]))?;
                     }
-                    let held = self.holders.entry(at).or_default();
-                    if held.iter().any(|h| h != id) {
-                        return Err(Fail::Db(duplicate(coll, def, &key)));
+                    // The key's other holders; one holding these very values is a duplicate
+                    // (a key may stand for several values: see `IndexDef::same_values`).
+                    let others: Vec<String> = self.holders.get(&at).into_iter().flatten().filter(|h| *h != id).cloned().collect();
+                    for other in others {
+                        let same = match self.peek_doc(coll, &other)? {
+                            Some(held) => def.same_values(&key, doc, &held),
+                            None => true,
+                        };
+                        if same {
+                            return Err(Fail::Db(duplicate(coll, def, &key)));
+                        }
                     }
-                    held.insert(id.to_string());
+                    self.holders.entry(at).or_default().insert(id.to_string());
                 }
                 self.entry_writes.insert((coll.to_string(), index_column(&def.name), key_column(&key), id.to_string()), true);
             }
@@ -802,7 +819,8 @@ impl<'a> Apply<'a> {
                     return Err(Fail::Db(DbError::bad(format!("an index named {} exists with other keys or options", def.name))));
                 }
                 let name = index_column(&def.name);
-                let mut first: HashMap<String, String> = HashMap::new();
+                // A unique index's keys so far, each with its holders' values.
+                let mut seen: HashMap<String, Vec<(String, Vec<Value>)>> = HashMap::new();
                 let mut filed = 0;
                 // A page of documents at a time, the entries sent as they pile up: an index
                 // over a large collection is never held whole.
@@ -814,18 +832,22 @@ impl<'a> Apply<'a> {
                     after = last.try_get(0)?;
                     for row in &rows {
                         let (id, doc): (String, Value) = (row.try_get(0)?, parse(row.try_get(1)?)?);
-                        for key in def.keys_of(&doc).map_err(Fail::Db)? {
-                            filed += entry_bytes(coll, &def.name, &key, &id);
+                        let mut tuples = def.keyed_tuples(&doc).map_err(Fail::Db)?;
+                        tuples.sort_by(|a, b| a.0.cmp(&b.0));
+                        for (i, (key, tuple)) in tuples.iter().enumerate() {
                             if def.unique {
-                                match first.get(&key) {
-                                    Some(holder) if *holder != id => return Err(Fail::Db(duplicate(coll, def, &key))),
-                                    Some(_) => {}
-                                    None => {
-                                        first.insert(key.clone(), id.clone());
-                                    }
+                                let holders = seen.entry(key.clone()).or_default();
+                                if holders.iter().any(|(other, values)| *other != id && crate::same_tuple(values, tuple)) {
+                                    return Err(Fail::Db(duplicate(coll, def, key)));
                                 }
+                                holders.push((id.clone(), tuple.clone()));
                             }
-                            self.entry_writes.insert((coll.to_string(), name.clone(), key_column(&key), id.clone()), true);
+                            // One entry per key, as `keys_of` files them.
+                            if i > 0 && tuples[i - 1].0 == *key {
+                                continue;
+                            }
+                            filed += entry_bytes(coll, &def.name, key, &id);
+                            self.entry_writes.insert((coll.to_string(), name.clone(), key_column(key), id.clone()), true);
                         }
                     }
                     if self.entry_writes.len() >= 4 * WRITE_BATCH {

@@ -145,6 +145,29 @@ fn numbers_are_kept_and_matched_by_their_exact_values(e: &Engine) {
     assert_eq!(run(&d, json!({"op": "deleteMany", "collection": "big", "filter": {"n": 9007199254740994u64}})).unwrap()["deletedCount"], 1);
     assert_eq!(ids(json!({})), json!([{"_id": "a"}, {"_id": "b"}]));
 
+    // A unique index holds two values that round to one double (they share an index key),
+    // and refuses the same value again in any form; made over documents, the same.
+    run(&d, json!({"op": "createIndex", "collection": "snow", "keys": {"n": 1}, "options": {"unique": true}})).unwrap();
+    for n in [json!(9007199254740993u64), json!(9007199254740992u64), json!([9007199254740995u64, 1])] {
+        run(&d, json!({"op": "insertOne", "collection": "snow", "doc": {"n": n}})).unwrap_or_else(|e| panic!("{n}: {e:?}"));
+    }
+    for n in [json!(9007199254740993u64), json!(9007199254740992.0), json!(9007199254740995u64), json!([2, 1.0])] {
+        let e = run(&d, json!({"op": "insertOne", "collection": "snow", "doc": {"n": n}})).unwrap_err();
+        assert_eq!(e.kind, DbErrorKind::Duplicate, "{n}: {e:?}");
+    }
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "snow", "filter": {"n": 9007199254740992u64}})).unwrap(), json!(1));
+    let r = run(&d, json!({"op": "updateOne", "collection": "snow", "filter": {"n": 9007199254740992u64}, "update": {"$set": {"n": 9007199254740994u64}}})).unwrap();
+    assert_eq!(r["modifiedCount"], 1, "{r}");
+    let docs = json!([{"n": 9007199254740993u64}, {"n": 9007199254740992u64}, {"n": [5, 9007199254740995u64]}]);
+    run(&d, json!({"op": "insertMany", "collection": "made", "docs": docs})).unwrap();
+    run(&d, json!({"op": "createIndex", "collection": "made", "keys": {"n": 1}, "options": {"unique": true}})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "made", "doc": {"n": 9007199254740996u64}})).unwrap();
+    assert_eq!(run(&d, json!({"op": "insertOne", "collection": "made", "doc": {"n": 5.0}})).unwrap_err().kind, DbErrorKind::Duplicate);
+    run(&d, json!({"op": "dropIndex", "collection": "made", "name": "n_1"})).unwrap();
+    run(&d, json!({"op": "insertOne", "collection": "made", "doc": {"n": 5.0}})).unwrap();
+    let e = run(&d, json!({"op": "createIndex", "collection": "made", "keys": {"n": 1}, "options": {"unique": true}})).unwrap_err();
+    assert_eq!(e.kind, DbErrorKind::Duplicate, "{e:?}");
+
     // `_id: 1` and `_id: 1.0` are one `_id`, as in MongoDB: the second is a duplicate, and
     // either finds the document.
     run(&d, json!({"op": "insertOne", "collection": "ids", "doc": {"_id": 1, "v": "int"}})).unwrap();
