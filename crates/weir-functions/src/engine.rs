@@ -659,12 +659,12 @@ impl Realm {
     fn export<'js>(&self, ctx: &Ctx<'js>, func: &Arc<Function>, vars: &Arc<serde_json::Map<String, serde_json::Value>>) -> Result<Value<'js>, Failure> {
         let key = Arc::as_ptr(func) as usize;
         if let Some((_, v)) = self.exports.borrow().get(&key) {
-            return v.clone().restore(ctx).map_err(|e| caught(ctx, e));
+            return v.clone().restore(ctx).map_err(|e| caught(self, ctx, e));
         }
         // A module's top level sees the gateway's variables (`imp.env`) as its calls do.
         let vars = self.vars(ctx, vars)?;
-        self.sdk(ctx, "setVars").and_then(|f| f.call::<_, ()>((vars,))).map_err(|e| caught(ctx, e))?;
-        let caught = |e: rquickjs::Error| caught(ctx, e);
+        self.sdk(ctx, "setVars").and_then(|f| f.call::<_, ()>((vars,))).map_err(|e| caught(self, ctx, e))?;
+        let caught = |e: rquickjs::Error| caught(self, ctx, e);
         let name = format!("{}{}", module_prefix(func), func.compiled.entry);
         let loading = Module::import(ctx, name).map_err(caught)?;
         // Loading runs as promise jobs; a module's top level that waits on a timer or a
@@ -697,9 +697,9 @@ impl Realm {
         if let Some((held, v)) = &*self.vars.borrow()
             && Arc::ptr_eq(held, vars)
         {
-            return v.clone().restore(ctx).map_err(|e| caught(ctx, e));
+            return v.clone().restore(ctx).map_err(|e| caught(self, ctx, e));
         }
-        let v = rquickjs_serde_value(ctx, &serde_json::Value::Object((**vars).clone())).and_then(|v| frozen(self, ctx, v)).map_err(|e| caught(ctx, e))?;
+        let v = rquickjs_serde_value(ctx, &serde_json::Value::Object((**vars).clone())).and_then(|v| frozen(self, ctx, v)).map_err(|e| caught(self, ctx, e))?;
         *self.vars.borrow_mut() = Some((vars.clone(), Persistent::save(ctx, v.clone())));
         Ok(v)
     }
@@ -938,7 +938,7 @@ impl Js {
                 // Only what cannot be caught in JavaScript ends a job with an exception: an
                 // interrupt or running out of memory. It is taken off the context here, or the
                 // next call would see it.
-                let failure = e.0.with(|ctx| thrown(&ctx.catch()));
+                let failure = e.0.with(|ctx| thrown(None, &ctx.catch()));
                 oom |= failure == Failure::Memory;
                 if oom || self.deadline.past() {
                     break;
@@ -952,7 +952,7 @@ impl Js {
         // for good: the exception is taken off (or the next call would meet it) and counts as
         // running out of memory.
         for (_, realm) in self.realms.borrow().iter() {
-            if let Some(left) = realm.ctx.with(|ctx| ctx.has_exception().then(|| thrown(&ctx.catch()))) {
+            if let Some(left) = realm.ctx.with(|ctx| ctx.has_exception().then(|| thrown(Some(realm), &ctx.catch()))) {
                 oom |= !matches!(left, Failure::Timeout(_));
             }
         }
@@ -1415,7 +1415,7 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     let started = Instant::now();
     let (out, took, spent, oom_job) = js.segment(id, &job.func.env, started, job.limits.cpu, |realm, ctx| -> Result<Started, Failure> {
         let handler = realm.export(ctx, &job.func, &job.vars)?;
-        let caught = |e: rquickjs::Error| caught(ctx, e);
+        let caught = |e: rquickjs::Error| caught(realm, ctx, e);
         let request = to_js(ctx, &job.request, realm).map_err(caught)?;
         let vars = realm.vars(ctx, &job.vars)?;
         let run = realm.run.clone().restore(ctx).map_err(caught)?;
@@ -1450,24 +1450,35 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     settle(js, calls)
 }
 
-fn caught(ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
+fn caught(realm: &Realm, ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
     match e {
         rquickjs::Error::Exception => {
             let v = ctx.catch();
-            thrown(&v)
+            thrown(Some(realm), &v)
         }
         rquickjs::Error::Allocation => Failure::Memory,
         other => Failure::Internal(other.to_string()),
     }
 }
 
-/// What an error keeps of JavaScript string `s` (`crate::bounded`); `None` when it is not
-/// well formed (a lone surrogate), which no Rust string may hold.
-fn kept_text(s: &rquickjs::String<'_>) -> Option<String> {
-    s.to_string().ok().map(crate::bounded)
+/// What an error keeps of JavaScript string `s` (`crate::bounded`): cut in the runtime first
+/// (the prelude's `cut`, lone surrogates made U+FFFD), so that a message of any length is
+/// never copied whole. Without a realm (what ended a promise job: an interrupt or running out
+/// of memory, whose texts are QuickJS's own and short) it is read as it is; `None` when it
+/// cannot be read (not well formed).
+fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> {
+    let short = match realm.map(|r| r.sdk(s.ctx(), "cut").and_then(|cut| cut.call::<_, rquickjs::String<'_>>((s.clone(), crate::TEXT_KEPT + 1)))) {
+        Some(Ok(short)) => short,
+        Some(Err(_)) => {
+            let _ = s.ctx().catch();
+            return None;
+        }
+        None => s.clone(),
+    };
+    short.to_string().ok().map(crate::bounded)
 }
 
-fn thrown(v: &Value<'_>) -> Failure {
+fn thrown(realm: Option<&Realm>, v: &Value<'_>) -> Failure {
     if let Some(obj) = v.as_object() {
         // A getter of the error may throw (or be interrupted): what it threw is taken off.
         // An error's text is bounded as a log line is, and only what is kept is copied out of
@@ -1475,7 +1486,7 @@ fn thrown(v: &Value<'_>) -> Failure {
         // size outside its gateway's memory.
         let read = |key: &str| -> String {
             match obj.get::<_, rquickjs::String<'_>>(key) {
-                Ok(s) => kept_text(&s).unwrap_or_else(|| "(text that is not well formed)".into()),
+                Ok(s) => kept_text(realm, &s).unwrap_or_else(|| "(text that could not be read)".into()),
                 Err(_) => {
                     let _ = v.ctx().catch();
                     String::new()
@@ -1498,7 +1509,7 @@ fn thrown(v: &Value<'_>) -> Failure {
         return Failure::Threw { message, stack, status, bare };
     }
     let message = match v.as_string() {
-        Some(s) => kept_text(s).unwrap_or_else(|| "the function threw a string".into()),
+        Some(s) => kept_text(realm, s).unwrap_or_else(|| "the function threw a string".into()),
         // What QuickJS throws when it has no memory left to make the error that says so.
         None if v.is_null() => "the function threw null (as one does that runs out of its gateway's memory)".into(),
         None => format!("the function threw a {}", v.type_name()),
@@ -1542,11 +1553,11 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
             }
             match state {
                 PromiseState::Pending => {}
-                PromiseState::Resolved => done.push((*id, promise.result::<Value<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(|out| reply(js, out)).map_err(|e| caught(&ctx, e)))),
+                PromiseState::Resolved => done.push((*id, promise.result::<Value<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(|out| reply(js, out)).map_err(|e| caught(realm, &ctx, e)))),
                 PromiseState::Rejected => {
                     let f = match promise.result::<Value<'_>>() {
-                        Some(Err(rquickjs::Error::Exception)) => thrown(&ctx.catch()),
-                        Some(Err(e)) => caught(&ctx, e),
+                        Some(Err(rquickjs::Error::Exception)) => thrown(Some(realm), &ctx.catch()),
+                        Some(Err(e)) => caught(realm, &ctx, e),
                         _ => Failure::Internal("the call failed".into()),
                     };
                     oom |= f == Failure::Memory;
@@ -1687,7 +1698,7 @@ fn wake(js: &mut Js, calls: &mut BTreeMap<u64, Live>, call: u64, f: impl FnOnce(
     let budget = live.job.limits.cpu.saturating_sub(live.cpu);
     let env = live.job.func.env.clone();
     js.host.borrow_mut().table = Some(live.job.table.clone());
-    let (out, took, spent, oom_job) = js.segment(call, &env, Instant::now(), budget, |realm, ctx| f(realm, ctx).map_err(|e| caught(ctx, e)));
+    let (out, took, spent, oom_job) = js.segment(call, &env, Instant::now(), budget, |realm, ctx| f(realm, ctx).map_err(|e| caught(realm, ctx, e)));
     if let Some(live) = calls.get_mut(&call) {
         live.cpu += took;
     }

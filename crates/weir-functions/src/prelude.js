@@ -574,6 +574,9 @@
       return shapes(fn, req).then(toResponse);
     },
     setVars: (vs) => { vars = vs; },
+    // An error's text as the engine keeps it: its first `n` units, lone surrogates replaced,
+    // so that only those are copied out of the runtime.
+    cut: (s, n) => wellFormed(s.length > n ? sliceText(s, 0, n) : s),
     // Taken before any function runs: the engine freezes `ctx.user` and the variables with it.
     freeze: deepFreeze,
     // Names the engine gives every call's context, held as this object's keys so that they

@@ -559,6 +559,9 @@ async fn a_huge_error_or_an_informational_status_is_no_answer() {
     let gw = Gw::new(vec![
         func("dev", "error", &[("index.js", "export default () => { throw new Error('x'.repeat(1 << 22)); }")]),
         func("dev", "string", &[("index.js", "export default () => { throw 'é'.repeat(1 << 21); }")]),
+        // A lone surrogate past what is kept: only the part kept is read out of the runtime,
+        // and that part is all `x`.
+        func("dev", "tail", &[("index.js", "export default () => { throw new Error('x'.repeat(1 << 22) + '\\ud800'); }")]),
         func("dev", "early", &[("index.js", "export default () => { const r = new Response('x'); r.status = 101; return r; }")]),
         func("dev", "late", &[("index.js", "export default () => { const r = new Response('x'); r.status = 599; return r; }")]),
     ]);
@@ -570,6 +573,10 @@ async fn a_huge_error_or_an_informational_status_is_no_answer() {
             }
             other => panic!("{name}: {other:?}"),
         }
+    }
+    match gw.call("tail", get("/")).await.result {
+        Err(Failure::Threw { message, .. }) => assert_eq!(message, format!("{}…", "x".repeat(weir_functions::TEXT_KEPT))),
+        other => panic!("{other:?}"),
     }
     assert_eq!(gw.call("early", get("/")).await.result.map(|r| r.status), Ok(500));
     assert_eq!(gw.call("late", get("/")).await.result.map(|r| r.status), Ok(599));
@@ -616,11 +623,10 @@ async fn decoding_and_logging_copy_out_no_more_than_the_gateway_may_hold() {
     assert_eq!(out.result.unwrap().body, b"logged");
     let line = &out.logs[0].message;
     assert!(line.len() <= weir_functions::TEXT_KEPT + 3 && line.ends_with('…'), "{} bytes", line.len());
-    // A lone surrogate, which no Rust string holds, is U+FFFD in a line, and leaves an error
-    // its place.
+    // A lone surrogate, which no Rust string holds, is U+FFFD in a line and in an error.
     assert_eq!(out.logs[1].message, "half \u{fffd} of a pair");
     match gw.call("surrogate", get("/")).await.result {
-        Err(Failure::Threw { message, .. }) => assert_eq!(message, "(text that is not well formed)"),
+        Err(Failure::Threw { message, .. }) => assert_eq!(message, "half \u{fffd} of a pair"),
         other => panic!("{other:?}"),
     }
 }
