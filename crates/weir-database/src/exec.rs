@@ -921,7 +921,7 @@ fn replacement(doc: &Value, id: &Value) -> Result<Value, DbError> {
     if o.keys().any(|k| k.starts_with('$')) {
         return Err(DbError::bad("a replacement holds no operators; use updateOne"));
     }
-    if o.get("_id").is_some_and(|given| given != id) {
+    if o.get("_id").is_some_and(|given| !crate::filter::json_eq(given, id)) {
         return Err(DbError::bad("_id cannot be changed"));
     }
     let mut out = Map::with_capacity(o.len() + 1);

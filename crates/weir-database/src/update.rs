@@ -28,21 +28,39 @@ pub fn id_key(id: &Value) -> Result<String, DbError> {
     }
 }
 
+/// A JSON integer (up to 64 bits, signed or not) as itself.
+fn int_of(n: &serde_json::Number) -> Option<i128> {
+    n.as_i64().map(i128::from).or_else(|| n.as_u64().map(i128::from))
+}
+
 /// Every key a document whose `_id` equals `id` may be stored under, its own first: a number
 /// is stored as it was written, so `1` and `1.0` (or `1e19` and 10000000000000000000) are one
 /// `_id` under two keys.
 pub fn id_keys(id: &Value) -> Result<Vec<String>, DbError> {
     let own = id_key(id)?;
     let Value::Number(n) = id else { return Ok(vec![own]) };
-    let other = if n.is_f64() {
+    let mut forms = Vec::with_capacity(3);
+    if n.is_f64() {
         // A double that is an integer of 64 bits, written as one.
         let f = n.as_f64().unwrap_or(0.5);
-        (f.fract() == 0.0 && f >= -(2f64.powi(63)) && f < 2f64.powi(64)).then(|| if f < 0.0 { (f as i64).to_string() } else { (f as u64).to_string() })
-    } else {
+        if f.fract() == 0.0 && f >= -(2f64.powi(63)) && f < 2f64.powi(64) {
+            forms.push(if f < 0.0 { (f as i64).to_string() } else { (f as u64).to_string() });
+        }
+    } else if let Some(d) = n.as_f64().and_then(serde_json::Number::from_f64).filter(|d| crate::filter::num_cmp(n, d).is_eq()) {
         // An integer a double holds exactly, written as a double.
-        n.as_f64().and_then(serde_json::Number::from_f64).filter(|d| crate::filter::num_cmp(n, d).is_eq()).map(|d| d.to_string())
-    };
-    Ok(std::iter::once(own.clone()).chain(other.filter(|o| *o != own)).collect())
+        forms.push(d.to_string());
+    }
+    // Zero is written three ways.
+    if n.as_f64() == Some(0.0) {
+        forms.extend(["0", "0.0", "-0.0"].map(String::from));
+    }
+    let mut keys = vec![own];
+    for form in forms {
+        if !keys.contains(&form) {
+            keys.push(form);
+        }
+    }
+    Ok(keys)
 }
 
 /// Checks a document to be stored and gives it an `_id` when it has none; its `_id` key.
@@ -184,7 +202,15 @@ impl Update {
                     let s = slot(doc, p)?;
                     *s = match s {
                         Value::Null => raw.clone(),
-                        Value::Number(n) if n.is_i64() && raw.is_i64() => Value::from(n.as_i64().unwrap_or(0).saturating_add(raw.as_i64().unwrap_or(0))),
+                        // Integers add exactly; a sum past 64 bits is refused, as MongoDB does.
+                        Value::Number(n) if int_of(n).is_some() && raw.as_number().and_then(int_of).is_some() => {
+                            let sum = int_of(n).unwrap_or(0) + raw.as_number().and_then(int_of).unwrap_or(0);
+                            match (i64::try_from(sum), u64::try_from(sum)) {
+                                (Ok(i), _) => Value::from(i),
+                                (_, Ok(u)) => Value::from(u),
+                                _ => return Err(DbError::bad(format!("$inc: {p} would pass what a 64-bit integer holds"))),
+                            }
+                        }
                         Value::Number(n) => serde_json::Number::from_f64(n.as_f64().unwrap_or(0.0) + by).map(Value::Number).ok_or_else(|| DbError::bad("$inc: the result is not a finite number"))?,
                         _ => return Err(DbError::bad(format!("$inc: {p} is not a number"))),
                     };
@@ -465,8 +491,9 @@ mod tests {
         let keys = |v: Value| id_keys(&v).unwrap();
         assert_eq!(keys(json!(1)), ["1", "1.0"]);
         assert_eq!(keys(json!(1.0)), ["1.0", "1"]);
-        assert_eq!(keys(json!(0)), ["0", "0.0"]);
-        assert_eq!(keys(json!(-0.0)), ["-0.0", "0"]);
+        assert_eq!(keys(json!(0)), ["0", "0.0", "-0.0"]);
+        assert_eq!(keys(json!(-0.0)), ["-0.0", "0", "0.0"]);
+        assert_eq!(keys(json!(0.0)), ["0.0", "0", "-0.0"]);
         assert_eq!(keys(json!(-7.0)), ["-7.0", "-7"]);
         assert_eq!(keys(json!(2.5)), ["2.5"]);
         // No double is 2^53 + 1; 2^64 is no integer of 64 bits.
@@ -484,6 +511,13 @@ mod tests {
         assert_eq!(updated(d.clone(), json!({"$unset": {"b.c": "", "a": 1}})), json!({"_id": "1", "b": {}, "l": [1, 2, 3, 2]}));
         assert_eq!(updated(d.clone(), json!({"$inc": {"a": 2, "z": 1.5}}))["a"], json!(3));
         assert_eq!(updated(d.clone(), json!({"$inc": {"z": 1.5}}))["z"], json!(1.5));
+        // Integers add exactly across 64 bits, signed or not; past them is refused.
+        let big = json!({"n": 9223372036854775807i64, "u": 18446744073709551615u64});
+        assert_eq!(updated(big.clone(), json!({"$inc": {"n": 1}}))["n"], json!(9223372036854775808u64));
+        assert_eq!(updated(big.clone(), json!({"$inc": {"u": -1}}))["u"], json!(18446744073709551614u64));
+        let mut over = big.clone();
+        assert!(Update::parse(&json!({"$inc": {"u": 1}})).unwrap().apply(&mut over).unwrap_err().message.contains("64-bit"));
+        assert_eq!(over, big, "a refused increment changes nothing");
         assert_eq!(updated(d.clone(), json!({"$push": {"l": 9, "m": {"$each": [1, 2]}}}))["m"], json!([1, 2]));
         assert_eq!(updated(d.clone(), json!({"$pull": {"l": 2}}))["l"], json!([1, 3]));
         assert_eq!(updated(d, json!({"$pull": {"l": {"$gte": 2}}}))["l"], json!([1]));

@@ -183,6 +183,16 @@ fn numbers_are_kept_and_matched_by_their_exact_values(e: &Engine) {
     assert_eq!((&r["matchedCount"], &r["upsertedCount"]), (&json!(1), &json!(0)), "{r}");
     assert_eq!(run(&d, json!({"op": "deleteOne", "collection": "ids", "filter": {"_id": {"$in": [2]}}})).unwrap()["deletedCount"], 1);
     assert_eq!(run(&d, json!({"op": "find", "collection": "ids", "filter": {}})).unwrap(), json!([{"_id": 1, "v": "int", "seen": true}]));
+    // A replacement may name the `_id` in another form; the stored one stays.
+    let r = run(&d, json!({"op": "replaceOne", "collection": "ids", "filter": {"_id": 1}, "doc": {"_id": 1.0, "v": "replaced"}})).unwrap();
+    assert_eq!(r["modifiedCount"], 1, "{r}");
+    assert_eq!(run(&d, json!({"op": "findOne", "collection": "ids", "filter": {"_id": 1}})).unwrap(), json!({"_id": 1, "v": "replaced"}));
+    // Zero is one `_id` however it is written.
+    run(&d, json!({"op": "insertOne", "collection": "ids", "doc": {"_id": 0.0}})).unwrap();
+    for zero in [json!(0), json!(-0.0)] {
+        assert_eq!(run(&d, json!({"op": "insertOne", "collection": "ids", "doc": {"_id": zero}})).unwrap_err().kind, DbErrorKind::Duplicate, "{zero}");
+    }
+    run(&d, json!({"op": "deleteOne", "collection": "ids", "filter": {"_id": -0.0}})).unwrap();
     // Inside a transaction, its own writes are found by either form too.
     let tx = run(&d, json!({"op": "begin"})).unwrap()["tx"].clone();
     run(&d, json!({"op": "insertOne", "collection": "ids", "tx": tx, "doc": {"_id": 5, "v": "tx"}})).unwrap();

@@ -308,6 +308,11 @@ impl Platform {
             Ok(f) => f,
             Err(r) => return r,
         };
+        // The version and its history entry each hold the source: a pace without room for
+        // the body once is refused before the compile.
+        if let Err(r) = self.paced(gid, raw.len() as u64) {
+            return r;
+        }
         if let Err(r) = compile(self.functions.get(), gid, &files, &entrypoint).await {
             return r;
         }
@@ -347,13 +352,16 @@ impl Platform {
                 Ok(None) => {}
                 Err(e) => return store_down(e),
             }
-            let (quota, ops) = match self.publication(gid, &doc, Kind::Save, None, None).await {
+            let (quota, ops, bytes) = match self.publication(gid, &doc, Kind::Save, None, None).await {
                 Ok(p) => p,
                 Err(r) => return r,
             };
             let txn = Txn { compares: vec![Compare { key: self.docs.key(gid), mod_revision: gw_rev }, Compare { key: key.clone(), mod_revision: 0 }, quota], ops };
             match self.docs.store.txn(txn).await {
-                Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::CREATED, &shown(&doc)),
+                Ok(TxnOutcome::Committed { .. }) => {
+                    self.publishing.spend(gid, bytes);
+                    return json(StatusCode::CREATED, &shown(&doc));
+                }
                 Ok(TxnOutcome::Conflict) => match self.docs.store.get(&key).await {
                     Ok(Some(_)) => return failure(ErrorKind::Conflict, format!("function dev/{} already exists", doc.name), Vec::new()),
                     Ok(None) => continue,
@@ -424,6 +432,11 @@ impl Platform {
             Ok(s) => s,
             Err(r) => return r,
         };
+        if source.is_some()
+            && let Err(r) = self.paced(gid, raw.len() as u64)
+        {
+            return r;
+        }
         if let Some((files, entry)) = &source
             && let Err(r) = compile(self.functions.get(), gid, files, entry).await
         {
@@ -463,14 +476,17 @@ impl Platform {
             if let Err(r) = self.check_function_plugins(&doc.plugins) {
                 return r;
             }
-            let (quota, ops) = match self.publication(gid, &doc, Kind::Save, None, Some(before)).await {
+            let (quota, ops, bytes) = match self.publication(gid, &doc, Kind::Save, None, Some(before)).await {
                 Ok(p) => p,
                 Err(r) => return r,
             };
             let key = function_key(&self.prefix, gid, env, name);
             let txn = Txn { compares: vec![Compare { key, mod_revision: rev }, quota], ops };
             match self.docs.store.txn(txn).await {
-                Ok(TxnOutcome::Committed { .. }) => return json(StatusCode::OK, &shown(&doc)),
+                Ok(TxnOutcome::Committed { .. }) => {
+                    self.publishing.spend(gid, bytes);
+                    return json(StatusCode::OK, &shown(&doc));
+                }
                 // Changed meanwhile: applied again on what is there now.
                 Ok(TxnOutcome::Conflict) => continue,
                 Err(e) => return store_down(e),

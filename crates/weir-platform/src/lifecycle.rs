@@ -265,21 +265,28 @@ impl Platform {
         [format!("{}/platform/history/{gid}/", self.prefix), format!("{}/platform/deployments/{gid}/", self.prefix)]
     }
 
+    /// Refuses a publication of `bytes` that gateway `gid`'s pace on this node has no room
+    /// for now (`pacing`), with when to come back.
+    pub(crate) fn paced(&self, gid: &str, bytes: u64) -> Result<(), Reply> {
+        let Err(wait) = self.publishing.check(gid, bytes) else { return Ok(()) };
+        let secs = wait.as_secs() + 1;
+        let why = format!("this gateway publishes functions faster than the {} bytes a minute a node takes (platform.functions.publish_bytes_per_minute); try again in {secs} s", self.cfg.functions.publish_bytes_per_minute);
+        let mut reply = failure(ErrorKind::Quota, why, Vec::new());
+        reply.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
+        Err(reply)
+    }
+
     /// What publishes `doc` as its environment's current version in place of a document of
     /// `old` bytes (none: a new function): the function's document, its history entry, the
     /// deletion of the entry that leaves the window and the gateway's quota record, with the
-    /// compare that guards the record; refused when the gateway's quota would be passed.
-    pub(crate) async fn publication(&self, gid: &str, doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>, old: Option<u64>) -> Result<(Compare, Vec<Op>), Reply> {
+    /// compare that guards the record, and the bytes it writes (for the gateway's pace, once
+    /// written); refused when the gateway's quota would be passed, or its pace.
+    pub(crate) async fn publication(&self, gid: &str, doc: &FunctionDoc, kind: Kind, rolled_back_to: Option<u64>, old: Option<u64>) -> Result<(Compare, Vec<Op>, u64), Reply> {
         let sealed = self.sealed(doc);
         let value = Bytes::from(serde_json::to_vec(&sealed).expect("a function serializes"));
         let entry = Bytes::from(serde_json::to_vec(&HistoryEntry::of(&sealed, kind, rolled_back_to)).expect("a history entry serializes"));
-        if let Err(wait) = self.publishing.take(gid, (value.len() + entry.len()) as u64) {
-            let secs = wait.as_secs() + 1;
-            let why = format!("this gateway publishes functions faster than the {} bytes a minute a node takes (platform.functions.publish_bytes_per_minute); try again in {secs} s", self.cfg.functions.publish_bytes_per_minute);
-            let mut reply = failure(ErrorKind::Quota, why, Vec::new());
-            reply.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from(secs));
-            return Err(reply);
-        }
+        let bytes = (value.len() + entry.len()) as u64;
+        self.paced(gid, bytes)?;
         let mut delta = Delta { functions: i64::from(old.is_none()), added: (value.len() + entry.len()) as u64, removed: old.unwrap_or(0) };
         let mut ops = vec![
             Op::Put { key: function_key(&self.prefix, gid, &doc.environment, &doc.name), value },
@@ -297,7 +304,7 @@ impl Platform {
         }
         let (compare, counted) = self.counted(gid, delta).await?;
         ops.push(counted);
-        Ok((compare, ops))
+        Ok((compare, ops, bytes))
     }
 
     /// The history entries of one function (not of functions whose names extend its own),
@@ -401,6 +408,10 @@ impl Platform {
             if let Err(r) = self.check_function_plugins(&doc.plugins) {
                 return r;
             }
+            // A pace without room for the source once is refused before the compile.
+            if let Err(r) = self.paced(gid, doc.files.values().map(|f| f.len() as u64).sum()) {
+                return r;
+            }
             // Today's compiler, as a save has: a version stored under older rules that no
             // longer compiles is refused here rather than dropped by every node.
             if let Err(r) = crate::functions::compile(self.functions.get(), gid, &doc.files, &doc.entrypoint).await {
@@ -454,6 +465,10 @@ impl Platform {
             if let Err(r) = self.check_function_plugins(&doc.plugins) {
                 return r;
             }
+            // A pace without room for the source once is refused before the compile.
+            if let Err(r) = self.paced(gid, doc.files.values().map(|f| f.len() as u64).sum()) {
+                return r;
+            }
             if let Err(r) = crate::functions::compile(self.functions.get(), gid, &doc.files, &doc.entrypoint).await {
                 return r;
             }
@@ -471,7 +486,7 @@ impl Platform {
     /// Writes a promotion or rollback of `doc` in place of a document of `old` bytes in one
     /// transaction; `false` when a compare failed.
     async fn commit_deployment(&self, gid: &str, mut compares: Vec<Compare>, doc: &FunctionDoc, deployment: &Deployment, rolled_back_to: Option<u64>, old: Option<u64>) -> Result<bool, Reply> {
-        let (quota, mut ops) = self.publication(gid, doc, deployment.kind, rolled_back_to, old).await?;
+        let (quota, mut ops, bytes) = self.publication(gid, doc, deployment.kind, rolled_back_to, old).await?;
         compares.push(quota);
         let dir = self.lifecycle_prefixes(gid)[1].clone();
         // The window: the oldest records go in the same transaction. Publications of
@@ -482,7 +497,10 @@ impl Platform {
         ops.extend(kept.into_iter().take(over).map(|kv| Op::Delete { key: kv.key }));
         ops.push(Op::Put { key: format!("{dir}{}", deployment.deployment_id), value: Bytes::from(serde_json::to_vec(deployment).expect("a deployment serializes")) });
         match self.docs.store.txn(Txn { compares, ops }).await {
-            Ok(TxnOutcome::Committed { .. }) => Ok(true),
+            Ok(TxnOutcome::Committed { .. }) => {
+                self.publishing.spend(gid, bytes);
+                Ok(true)
+            }
             Ok(TxnOutcome::Conflict) => Ok(false),
             Err(e) => Err(store_down(e)),
         }

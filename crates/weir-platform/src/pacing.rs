@@ -4,8 +4,10 @@
 //! takes about 10 ms for a write of a megabyte, and a small write that comes meanwhile waits
 //! for it. A gateway saving its largest functions in a loop would so slow every other
 //! gateway's saves and promotions. Each gateway has a bucket of bytes on each node, refilled at
-//! `platform.functions.publish_bytes_per_minute`; a publication takes its bytes from it, and
-//! one that finds too few is refused (429, with when to come back) before anything is written.
+//! `platform.functions.publish_bytes_per_minute`. A publication that finds too few bytes in
+//! it is refused (429, with when to come back) before anything is written (a save checks its
+//! body's size before it compiles, too), and one that is written takes its bytes from it: an
+//! attempt that a conflict makes try again, or that fails, takes nothing.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -36,14 +38,26 @@ impl Pacer {
         Pacer { per_minute, buckets: Mutex::new(HashMap::new()) }
     }
 
-    /// Takes `bytes` from `gid`'s bucket, or says how long until it holds enough. A
-    /// publication larger than the bucket itself goes through once the bucket is full, and
-    /// leaves it that far below empty.
-    pub fn take(&self, gid: &str, bytes: u64) -> Result<(), Duration> {
-        self.take_at(gid, bytes, Instant::now())
+    /// Whether `gid`'s bucket holds `bytes` now, or how long until it does. A publication
+    /// larger than the bucket itself may go once the bucket is full.
+    pub fn check(&self, gid: &str, bytes: u64) -> Result<(), Duration> {
+        self.at(gid, bytes, Instant::now(), false)
     }
 
+    /// Takes the bytes a publication wrote from `gid`'s bucket, whatever it holds: one larger
+    /// than the bucket leaves it that far below empty.
+    pub fn spend(&self, gid: &str, bytes: u64) {
+        let _ = self.at(gid, bytes, Instant::now(), true);
+    }
+
+    #[cfg(test)]
     fn take_at(&self, gid: &str, bytes: u64, now: Instant) -> Result<(), Duration> {
+        self.at(gid, bytes, now, false)?;
+        self.at(gid, bytes, now, true)
+    }
+
+    /// Checks `bytes` against `gid`'s bucket at `now`, and with `spend` takes them.
+    fn at(&self, gid: &str, bytes: u64, now: Instant, spend: bool) -> Result<(), Duration> {
         if self.per_minute == 0 {
             return Ok(());
         }
@@ -56,11 +70,14 @@ impl Pacer {
         let b = buckets.entry(gid.to_string()).or_insert(Bucket { level: cap, at: now });
         b.level = (b.level + rate * now.saturating_duration_since(b.at).as_secs_f64()).min(cap);
         b.at = now;
+        if spend {
+            b.level -= bytes as f64;
+            return Ok(());
+        }
         let needed = (bytes as f64).min(cap);
         if b.level < needed {
             return Err(Duration::from_secs_f64((needed - b.level) / rate));
         }
-        b.level -= bytes as f64;
         Ok(())
     }
 }
@@ -87,6 +104,17 @@ mod tests {
     }
 
     #[test]
+    fn a_check_takes_nothing_and_only_a_spend_does() {
+        let p = Pacer::new(6 << 20);
+        for _ in 0..10 {
+            assert_eq!(p.check("g", 4 << 20), Ok(()));
+        }
+        p.spend("g", 3 << 20);
+        assert!(p.check("g", 2 << 20).is_err());
+        assert_eq!(p.check("g", 1 << 20), Ok(()));
+    }
+
+    #[test]
     fn a_publication_past_the_bucket_waits_for_a_full_one_and_leaves_a_debt() {
         let p = Pacer::new(6 << 20);
         let t0 = Instant::now();
@@ -102,7 +130,8 @@ mod tests {
     fn zero_is_no_bound_and_idle_buckets_are_let_go() {
         let free = Pacer::new(0);
         for _ in 0..100 {
-            assert_eq!(free.take("g", 1 << 30), Ok(()));
+            assert_eq!(free.check("g", 1 << 30), Ok(()));
+            free.spend("g", 1 << 30);
         }
         let p = Pacer::new(60 << 20);
         let t0 = Instant::now();

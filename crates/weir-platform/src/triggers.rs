@@ -35,8 +35,9 @@ pub const RUNS_KEPT: u64 = 100;
 /// Triggers one gateway may have.
 pub const TRIGGERS_PER_GATEWAY: usize = 100;
 /// Ticks a gateway's triggers may have in one minute, all together (each counted in its
-/// busiest minute): every tick is a claim and a run record written to the store, so a gateway's
-/// schedule bounds its share of the store's writes whatever its crons say.
+/// busiest minute), checked as a trigger is made: every tick is a claim and a run record
+/// written to the store, so a gateway's schedule bounds its share of the store's writes
+/// whatever its crons say.
 pub const TICKS_PER_MINUTE: u32 = 120;
 /// Attempts at creating a trigger while the gateway's other creations win the race.
 const ATTEMPTS: usize = 32;
@@ -274,6 +275,7 @@ impl Platform {
         let key = format!("{dir}{}", trigger.trigger_id);
         // Creations of one gateway's triggers serialize on its quota record (rewritten as it
         // is), so that none passes the bound however many come at once.
+        let mut counted: HashMap<String, u32> = HashMap::new();
         for _ in 0..ATTEMPTS {
             // Compared, so that a gateway deleted meanwhile takes no trigger (nor its id's
             // next owner).
@@ -285,15 +287,22 @@ impl Platform {
                 Ok(c) => c,
                 Err(r) => return r,
             };
-            let held: Vec<Trigger> = match self.docs.store.list(&dir).await {
-                Ok((kvs, _)) => kvs.iter().filter(|kv| !kv.key[dir.len()..].contains('/')).filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect(),
+            let held: Vec<weir_store::KeyValue> = match self.docs.store.list(&dir).await {
+                Ok((kvs, _)) => kvs.into_iter().filter(|kv| !kv.key[dir.len()..].contains('/')).collect(),
                 Err(e) => return store_down(e),
             };
             if held.len() >= TRIGGERS_PER_GATEWAY {
                 return failure(ErrorKind::Quota, format!("this gateway has {TRIGGERS_PER_GATEWAY} triggers, the most one may; delete one first"), Vec::new());
             }
+            // Each trigger's ticks counted once, however many attempts this takes.
             let now = now_ms();
-            let busy: u32 = held.iter().filter_map(|t| parse_cron(&t.cron).ok()).map(|c| ticks_per_minute(&c, now)).sum();
+            let mut busy = 0;
+            for kv in &held {
+                let ticks = *counted.entry(kv.key.clone()).or_insert_with(|| {
+                    serde_json::from_slice::<Trigger>(&kv.value).ok().and_then(|t| parse_cron(&t.cron).ok()).map_or(0, |c| ticks_per_minute(&c, now))
+                });
+                busy += ticks;
+            }
             if busy + ticks > TICKS_PER_MINUTE {
                 let why = format!("this trigger ticks up to {ticks} times a minute and the gateway's others {busy}: a gateway's triggers tick at most {TICKS_PER_MINUTE} times a minute in all");
                 return failure(ErrorKind::Quota, why, Vec::new());

@@ -48,6 +48,9 @@ pub struct FnArgs {
 
 const ENVIRONMENTS: [&str; 3] = ["dev", "staging", "prod"];
 
+/// How long a deploy waits out the gateway's publishing pace in all before it gives up.
+const PACE_WAIT: Duration = Duration::from_secs(600);
+
 #[derive(Subcommand)]
 enum FnCommand {
     /// Write the environment's functions to DIR/functions/<name>/: their files and a
@@ -266,6 +269,27 @@ impl Api {
         serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: the server answered {} with no JSON", r.status))
     }
 
+    /// A save (`POST`/`PATCH` of a function): as [`Api::call`], but a refusal for the
+    /// gateway's publishing pace (429 with `Retry-After`) is waited out and the save sent
+    /// again, for at most [`PACE_WAIT`] in all.
+    fn publish(&self, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let text = body.to_string();
+        let mut waited = Duration::ZERO;
+        loop {
+            let r = send(&self.server, method, path, &[("authorization", &self.auth)], Some(text.as_bytes()))?;
+            match r.retry_after {
+                Some(secs) if r.status == 429 && waited < PACE_WAIT => {
+                    let wait = Duration::from_secs(secs.clamp(1, 60));
+                    tell(format_args!("the server asks to publish more slowly; trying again in {} s", wait.as_secs()));
+                    std::thread::sleep(wait);
+                    waited += wait;
+                }
+                _ if r.status >= 400 => return Err(ServerError::of(r.status, &r.reason, &r.body).into()),
+                _ => return serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: the server answered {} with no JSON", r.status)),
+            }
+        }
+    }
+
     /// Every function of `env`, by bare name.
     fn list(&self, env: &str) -> anyhow::Result<Vec<Value>> {
         let answer = self.call("GET", &format!("{}?environment={}", self.functions(), client::encode(env)), None)?;
@@ -319,14 +343,14 @@ fn deploy(api: &Api, dir: &Path, env: &str) -> anyhow::Result<ExitCode> {
                 say(format_args!("unchanged {name}"))?;
             }
             Some(_) => {
-                let answer = api.call("PATCH", &api.function(env, name), Some(&spec.body())).with_context(|| format!("updating {name}"))?;
+                let answer = api.publish("PATCH", &api.function(env, name), &spec.body()).with_context(|| format!("updating {name}"))?;
                 updated += 1;
                 say(format_args!("updated {name} (version {})", answer["version"]))?;
             }
             None => {
                 let mut body = spec.body();
                 body["name"] = json!(name);
-                let answer = api.call("POST", &api.functions(), Some(&body)).with_context(|| format!("creating {name}"))?;
+                let answer = api.publish("POST", &api.functions(), &body).with_context(|| format!("creating {name}"))?;
                 created += 1;
                 say(format_args!("created {name} (version {})", answer["version"]))?;
             }

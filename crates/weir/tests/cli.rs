@@ -258,3 +258,36 @@ async fn every_failure_is_one_line_on_stderr_and_exit_1() {
     let err = fails(home, &["fn", "--gateway", "cli", "invoke", "user/me", "--data", "{oops"], &[]);
     assert!(err.starts_with("weir: --data is not JSON"), "{err}");
 }
+
+/// A deploy past the gateway's publishing pace waits as the server asks and then finishes:
+/// every function arrives, none is left half deployed.
+#[tokio::test]
+async fn a_deploy_waits_out_the_gateways_publishing_pace() {
+    // 1,000 bytes a second after a burst of 60,000, nearly all of it taken by one save.
+    let w = common::platform::on_loopback("  functions:\n    publish_bytes_per_minute: 60000\n");
+    common::platform::started_gateway(&w, "paced").await;
+    let (s, b) = v1(&w, "POST", "tokens", Some(json!({"name": "ci", "role": "owner", "gateways": ["paced"]}))).await;
+    assert_eq!(s, 201, "{b}");
+    let token = b["token"].as_str().unwrap().to_string();
+    let big = json!({"name": "big", "source": {"code": format!("// {}\nexport default () => 'big'", "x".repeat(28_000))}});
+    let (s, b) = v1(&w, "POST", "api-gateways/paced/functions", Some(big)).await;
+    assert_eq!(s, 201, "{b}");
+    // Two functions of about 4.5 KB each with their history entries: each waits a few seconds.
+    let project = tempfile::tempdir().unwrap();
+    for name in ["a", "b"] {
+        let dir = project.path().join("functions").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("index.ts"), format!("// {}\nexport default () => '{name}'\n", "y".repeat(2_000))).unwrap();
+        std::fs::write(dir.join("function.yaml"), "methods: [GET]\n").unwrap();
+    }
+    let home = tempfile::tempdir().unwrap();
+    let server = format!("http://{}", w.admin);
+    let env = [("WEIR_SERVER", server.as_str()), ("WEIR_TOKEN", token.as_str()), ("WEIR_GATEWAY", "paced")];
+    let (code, out, err) = weir(home.path(), &["fn", "deploy", project.path().to_str().unwrap()], &env);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("deployed to dev: 2 created, 0 updated, 0 unchanged"), "{out}");
+    assert!(err.contains("the server asks to publish more slowly; trying again in"), "{err}");
+    for name in ["a", "b"] {
+        assert_eq!(w.until(&format!("/dev/{name}"), &[("host", "paced.localhost")], |r| r.status == 200).await.text(), name);
+    }
+}

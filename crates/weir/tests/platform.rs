@@ -656,42 +656,34 @@ async fn an_owner_holds_at_most_its_quota_of_gateways() {
 /// nothing is stored; another gateway publishes meanwhile at its own pace.
 #[tokio::test]
 async fn a_gateway_publishing_past_its_pace_waits_and_another_does_not() {
+    // 1,000 bytes a second, after a burst of 60,000.
     let w = on_loopback("  functions:\n    publish_bytes_per_minute: 60000\n");
     for gid in ["fast", "calm"] {
         started_gateway(&w, gid).await;
     }
-    // About 20 KB a save with its history entry: the 60,000 bytes of the burst hold two.
-    let sized = |name: &str| json!({"name": name, "source": {"code": format!("// {}\nexport default () => ({{ fn: '{name}' }})", "x".repeat(10_000))}});
-    for name in ["a", "b"] {
-        let (s, b) = v1(&w, "POST", "api-gateways/fast/functions", Some(sized(name))).await;
-        assert_eq!(s, 201, "{b}");
-    }
-    let mut refused = None;
-    for name in ["c", "d"] {
-        let body = sized(name).to_string();
-        let r = send(w.admin, "POST", "/v1/api-gateways/fast/functions", &[("x-api-key", KEY)], Some(&body)).await;
-        if r.status == 429 {
-            refused = Some((name, r));
-            break;
-        }
-        assert_eq!(r.status, 201, "{}", r.text());
-    }
-    let (name, r) = refused.expect("a gateway past its pace is refused");
-    assert_eq!(r.json()["error"]["kind"], "quota", "{}", r.text());
+    // About 50 KB a save with its history entry: the burst holds one, and leaves about 10 KB,
+    // 15 s short of a second.
+    let sized = |name: &str| json!({"name": name, "source": {"code": format!("// {}\nexport default () => ({{ fn: '{name}' }})", "x".repeat(25_000))}});
+    let (s, b) = v1(&w, "POST", "api-gateways/fast/functions", Some(sized("a"))).await;
+    assert_eq!(s, 201, "{b}");
+    let body = sized("b").to_string();
+    let r = send(w.admin, "POST", "/v1/api-gateways/fast/functions", &[("x-api-key", KEY)], Some(&body)).await;
+    assert_eq!((r.status, &r.json()["error"]["kind"]), (429, &json!("quota")), "{}", r.text());
     assert!(r.text().contains("publish_bytes_per_minute"), "{}", r.text());
-    // 1,000 bytes a second: a save of 20 KB waits at most about 20 s.
     let wait: u64 = r.headers.get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
-    assert!((1..=22).contains(&wait), "Retry-After {wait}");
+    assert!((10..=20).contains(&wait), "Retry-After {wait}");
     assert!(r.text().contains(&format!("try again in {wait} s")), "{}", r.text());
-    assert_eq!(v1(&w, "GET", &fn_path("fast", &format!("dev/{name}")), None).await.0, 404, "a refused save stores nothing");
+    assert_eq!(v1(&w, "GET", &fn_path("fast", "dev/b"), None).await.0, 404, "a refused save stores nothing");
     // A promotion publishes too, and waits the same.
     let (s, b) = v1(&w, "POST", &format!("{}/deploy-to-stage", fn_path("fast", "dev/a")), Some(json!({"targetStage": "staging"}))).await;
     assert_eq!((s, &b["error"]["kind"]), (429, &json!("quota")), "{b}");
+    assert_eq!(v1(&w, "GET", &fn_path("fast", "staging/a"), None).await.0, 404);
+    // Refusals take nothing: a small save still fits what is left.
+    let (s, b) = v1(&w, "POST", "api-gateways/fast/functions", Some(json!({"name": "small", "source": {"code": "export default () => 1"}}))).await;
+    assert_eq!(s, 201, "{b}");
     // The other gateway has its own pace.
-    for name in ["a", "b"] {
-        let (s, b) = v1(&w, "POST", "api-gateways/calm/functions", Some(sized(name))).await;
-        assert_eq!(s, 201, "{b}");
-    }
+    let (s, b) = v1(&w, "POST", "api-gateways/calm/functions", Some(sized("a"))).await;
+    assert_eq!(s, 201, "{b}");
 }
 
 #[tokio::test]
@@ -1222,11 +1214,14 @@ export default async (ctx) => {
     assert_eq!(v1(&w, "POST", "api-gateways/other/functions", Some(json!({"name": "ping", "source": {"code": "export default () => ({ pong: true })"}}))).await.0, 201);
     w.until("/dev/ping", &[("host", "other.localhost")], |r| r.status == 200).await;
     // Other tests share these two cores, so one pass can be slowed by them alone: the bound
-    // must hold in one of three passes, each measuring quiet and noisy afresh. A runtime that
-    // let the spinning tenant in would miss it in all three.
+    // must hold in one of three passes, each against the quietest p99 measured so far (a
+    // quiet one measured just after the noise cannot excuse a slow one). A runtime that let
+    // the spinning tenant in would miss it in all three.
     let mut passes = Vec::new();
+    let mut quietest = Duration::MAX;
     for _ in 0..3 {
-        let quiet = p99(&w, "/dev/ping", "other.localhost", 100).await;
+        let quiet = p99(&w, "/dev/ping", "other.localhost", 100).await.min(quietest);
+        quietest = quiet;
         let noise = tokio::spawn({
             let proxy = w.proxy;
             async move {

@@ -90,6 +90,8 @@ pub struct Response {
     pub status: u16,
     pub reason: String,
     pub body: Vec<u8>,
+    /// Seconds the server asked to wait before trying again (`Retry-After`), when it did.
+    pub retry_after: Option<u64>,
 }
 
 /// Sends one request (`path` starts with `/`, query included) and reads the whole answer.
@@ -124,7 +126,7 @@ fn parse(raw: &[u8]) -> anyhow::Result<Response> {
     let (version, status, reason) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
     anyhow::ensure!(version.starts_with("HTTP/1."), "not an HTTP/1 answer: {status_line:?}");
     let status: u16 = status.parse().ok().filter(|s| (100..1000).contains(s)).with_context(|| format!("bad status line {status_line:?}"))?;
-    let (mut chunked, mut length) = (false, None);
+    let (mut chunked, mut length, mut retry_after) = (false, None, None);
     for line in lines {
         let (name, value) = line.split_once(':').with_context(|| format!("bad header line {line:?}"))?;
         let value = value.trim();
@@ -132,6 +134,8 @@ fn parse(raw: &[u8]) -> anyhow::Result<Response> {
             chunked = value.rsplit(',').next().is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
         } else if name.eq_ignore_ascii_case("content-length") {
             length = Some(value.parse::<usize>().with_context(|| format!("bad content-length {value:?}"))?);
+        } else if name.eq_ignore_ascii_case("retry-after") {
+            retry_after = value.parse().ok();
         }
     }
     let rest = &raw[end + 4..];
@@ -143,7 +147,7 @@ fn parse(raw: &[u8]) -> anyhow::Result<Response> {
     } else {
         rest.to_vec()
     };
-    Ok(Response { status, reason: reason.to_string(), body })
+    Ok(Response { status, reason: reason.to_string(), body, retry_after })
 }
 
 /// A `Transfer-Encoding: chunked` body; extensions and trailers are read past.
