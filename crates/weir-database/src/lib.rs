@@ -16,10 +16,11 @@ pub mod filter;
 pub mod postgres;
 pub mod update;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
 use serde_json::Value;
 
 pub use exec::{Databases, Db, IDLE_KEPT, REST_EVERY};
@@ -140,18 +141,28 @@ impl IndexDef {
         Ok(keys)
     }
 
-    /// Whether documents `a` and `b` hold the same values under `key` of this index, exactly:
-    /// a key holds the double nearest each number, so two integers past 2^53 that round
-    /// alike share a key and are still two values, which a unique index holds both of. A
-    /// document whose values this cannot tell (filed before the index's bounds) is taken to
-    /// hold them.
-    pub(crate) fn same_values(&self, key: &str, a: &Value, b: &Value) -> bool {
-        let under = |doc: &Value| -> Option<Vec<Vec<Value>>> { Some(self.keyed_tuples(doc).ok()?.into_iter().filter(|(k, _)| k == key).map(|(_, t)| t).collect()) };
-        let (Some(x), Some(y)) = (under(a), under(b)) else { return true };
-        if x.is_empty() || y.is_empty() {
-            return true;
+    /// What `doc` files in this index, by key: the values each key stands for (a key holds
+    /// the double nearest each number, so two integers past 2^53 may share one). `None` when
+    /// this cannot tell (a document filed before the index's bounds).
+    pub(crate) fn values_by_key(&self, doc: &Value) -> Option<HashMap<String, Vec<Vec<Value>>>> {
+        let mut by_key: HashMap<String, Vec<Vec<Value>>> = HashMap::new();
+        for (key, tuple) in self.keyed_tuples(doc).ok()? {
+            let held = by_key.entry(key).or_default();
+            if !held.iter().any(|t| same_tuple(t, &tuple)) {
+                held.push(tuple);
+            }
         }
-        x.iter().any(|t| y.iter().any(|u| same_tuple(t, u)))
+        Some(by_key)
+    }
+}
+
+/// Whether two documents' values under one index key (see [`IndexDef::values_by_key`]) are
+/// the same values, exactly: a unique index holds two documents whose key is one and whose
+/// values are not. Values that cannot be told are taken for the same.
+pub(crate) fn same_values(mine: Option<&Vec<Vec<Value>>>, theirs: Option<&Vec<Vec<Value>>>) -> bool {
+    match (mine, theirs) {
+        (Some(x), Some(y)) if !x.is_empty() && !y.is_empty() => x.iter().any(|t| y.iter().any(|u| same_tuple(t, u))),
+        _ => true,
     }
 }
 
@@ -238,11 +249,31 @@ pub fn index_key(values: &[Value]) -> String {
     let norm: Vec<Value> = values
         .iter()
         .map(|v| match v {
-            Value::Number(n) => n.as_f64().and_then(serde_json::Number::from_f64).map(Value::Number).unwrap_or(Value::Null),
-            other => other.clone(),
+            // `-0.0` is `0.0`.
+            Value::Number(n) => n.as_f64().map(|f| if f == 0.0 { 0.0 } else { f }).and_then(serde_json::Number::from_f64).map(Value::Number).unwrap_or(Value::Null),
+            other => nested_key(other),
         })
         .collect();
     Value::Array(norm).to_string()
+}
+
+/// A value inside an indexed object or array as its key holds it: a number that is an
+/// integer of 64 bits as that integer (`1.0` and `-0.0` as `1` and `0`), as it was written
+/// when it was one, so that values equal as JSON values are one key.
+fn nested_key(v: &Value) -> Value {
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            let f = n.as_f64().unwrap_or(0.5);
+            if f.fract() == 0.0 && f >= -(2f64.powi(63)) && f < 2f64.powi(64) {
+                if f < 0.0 { Value::from(f as i64) } else { Value::from(f as u64) }
+            } else {
+                v.clone()
+            }
+        }
+        Value::Array(a) => Value::Array(a.iter().map(nested_key).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), nested_key(v))).collect()),
+        other => other.clone(),
+    }
 }
 
 /// A change a [`Backend`] applies, all of a batch or none.
@@ -370,6 +401,9 @@ mod tests {
         assert_eq!(def.keys_of(&json!({"t": ["a", "b", "a"]})).unwrap(), vec![index_key(&[json!("a")]), index_key(&[json!("b")])]);
         assert_eq!(def.keys_of(&json!({})).unwrap(), vec![index_key(&[json!(null)])]);
         assert_eq!(index_key(&[json!(1)]), index_key(&[json!(1.0)]));
+        assert_eq!(index_key(&[json!(0)]), index_key(&[json!(-0.0)]));
+        assert_eq!(index_key(&[json!({"a": [1, {"b": -0.0}]})]), index_key(&[json!({"a": [1.0, {"b": 0}]})]));
+        assert_ne!(index_key(&[json!({"a": 1})]), index_key(&[json!({"a": 1.5})]));
         let two = IndexDef { name: "a_1_b_1".into(), keys: vec![("a".into(), 1), ("b".into(), 1)], unique: true };
         assert_eq!(two.keys_of(&json!({"a": 1, "b": "x"})).unwrap().len(), 1);
         // One array beside single values: one key per element, the single values in each.

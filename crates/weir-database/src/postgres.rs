@@ -31,7 +31,7 @@ use ::postgres::types::ToSql;
 use ::postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Statement, Transaction};
 use serde_json::Value;
 
-use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, entry_bytes, filed_keys};
+use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, entry_bytes, filed_keys, same_values};
 
 /// How long a caller waits for a connection while all of the pool's are busy.
 const POOL_WAIT: Duration = Duration::from_secs(30);
@@ -704,6 +704,10 @@ impl<'a> Apply<'a> {
     fn file(&mut self, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<u64, Fail> {
         let mut filed = 0;
         for def in indexes {
+            // A unique index's values, the document's and its key's other holders', made once
+            // each however many keys they share.
+            let mut mine = None;
+            let mut theirs: HashMap<String, Option<HashMap<String, Vec<Vec<Value>>>>> = HashMap::new();
             for key in def.keys_of(doc).map_err(Fail::Db)? {
                 filed += entry_bytes(coll, &def.name, &key, id);
                 if def.unique {
@@ -712,14 +716,15 @@ impl<'a> Apply<'a> {
                         self.read(BTreeSet::new(), BTreeSet::from([at.clone()]))?;
                     }
                     // The key's other holders; one holding these very values is a duplicate
-                    // (a key may stand for several values: see `IndexDef::same_values`).
+                    // (a key may stand for several values: see `IndexDef::values_by_key`).
                     let others: Vec<String> = self.holders.get(&at).into_iter().flatten().filter(|h| *h != id).cloned().collect();
                     for other in others {
-                        let same = match self.peek_doc(coll, &other)? {
-                            Some(held) => def.same_values(&key, doc, &held),
-                            None => true,
-                        };
-                        if same {
+                        if !theirs.contains_key(&other) {
+                            let held = self.peek_doc(coll, &other)?;
+                            theirs.insert(other.clone(), held.and_then(|h| def.values_by_key(&h)));
+                        }
+                        let mine = mine.get_or_insert_with(|| def.values_by_key(doc));
+                        if same_values(mine.as_ref().and_then(|m| m.get(&key)), theirs[&other].as_ref().and_then(|t| t.get(&key))) {
                             return Err(Fail::Db(duplicate(coll, def, &key)));
                         }
                     }
@@ -819,8 +824,9 @@ impl<'a> Apply<'a> {
                     return Err(Fail::Db(DbError::bad(format!("an index named {} exists with other keys or options", def.name))));
                 }
                 let name = index_column(&def.name);
-                // A unique index's keys so far, each with its holders' values.
-                let mut seen: HashMap<String, Vec<(String, Vec<Value>)>> = HashMap::new();
+                // A unique index's keys so far, each with the ids holding it: a holder's values
+                // are read again only where a key comes twice (see `IndexDef::values_by_key`).
+                let mut seen: HashMap<String, Vec<String>> = HashMap::new();
                 let mut filed = 0;
                 // A page of documents at a time, the entries sent as they pile up: an index
                 // over a large collection is never held whole.
@@ -832,22 +838,22 @@ impl<'a> Apply<'a> {
                     after = last.try_get(0)?;
                     for row in &rows {
                         let (id, doc): (String, Value) = (row.try_get(0)?, parse(row.try_get(1)?)?);
-                        let mut tuples = def.keyed_tuples(&doc).map_err(Fail::Db)?;
-                        tuples.sort_by(|a, b| a.0.cmp(&b.0));
-                        for (i, (key, tuple)) in tuples.iter().enumerate() {
+                        let mut mine = None;
+                        for key in def.keys_of(&doc).map_err(Fail::Db)? {
+                            filed += entry_bytes(coll, &def.name, &key, &id);
                             if def.unique {
                                 let holders = seen.entry(key.clone()).or_default();
-                                if holders.iter().any(|(other, values)| *other != id && crate::same_tuple(values, tuple)) {
-                                    return Err(Fail::Db(duplicate(coll, def, key)));
+                                let others: Vec<String> = holders.iter().filter(|h| **h != id).cloned().collect();
+                                holders.push(id.clone());
+                                for other in others {
+                                    let held = self.peek_doc(coll, &other)?.and_then(|h| def.values_by_key(&h));
+                                    let mine = mine.get_or_insert_with(|| def.values_by_key(&doc));
+                                    if same_values(mine.as_ref().and_then(|m| m.get(&key)), held.as_ref().and_then(|t| t.get(&key))) {
+                                        return Err(Fail::Db(duplicate(coll, def, &key)));
+                                    }
                                 }
-                                holders.push((id.clone(), tuple.clone()));
                             }
-                            // One entry per key, as `keys_of` files them.
-                            if i > 0 && tuples[i - 1].0 == *key {
-                                continue;
-                            }
-                            filed += entry_bytes(coll, &def.name, key, &id);
-                            self.entry_writes.insert((coll.to_string(), name.clone(), key_column(key), id.clone()), true);
+                            self.entry_writes.insert((coll.to_string(), name.clone(), key_column(&key), id.clone()), true);
                         }
                     }
                     if self.entry_writes.len() >= 4 * WRITE_BATCH {

@@ -610,6 +610,11 @@ impl Deadline {
         self.at.load(Ordering::Relaxed)
     }
 
+    /// Sets it back to what [`Deadline::armed`] said.
+    fn rearm(&self, armed: u64) {
+        self.at.store(armed, Ordering::Relaxed);
+    }
+
     /// Whether the thread waits for work or drops a runtime, running no JavaScript meanwhile
     /// (the watchdog leaves it alone then, whatever the deadline).
     fn rest(&self, resting: bool) {
@@ -935,10 +940,12 @@ impl Js {
         let mut oom = false;
         while self.rt.is_job_pending() {
             if let Err(e) = self.rt.execute_pending_job() {
-                // Only what cannot be caught in JavaScript ends a job with an exception: an
-                // interrupt or running out of memory. It is taken off the context here, or the
-                // next call would see it.
-                let failure = e.0.with(|ctx| thrown(None, &ctx.catch()));
+                // What ends a job with an exception: an interrupt, running out of memory, or
+                // a function's own error where nothing in JavaScript could catch it (a
+                // microtask's). It is taken off the context here, or the next call would see
+                // it; its text is read through its realm's `cut`.
+                let realm = self.realms.borrow().iter().find(|(_, r)| r.ctx.as_raw() == e.0.as_raw()).map(|(_, r)| r.clone());
+                let failure = e.0.with(|ctx| thrown(realm.as_deref(), &ctx.catch()));
                 oom |= failure == Failure::Memory;
                 if oom || self.deadline.past() {
                     break;
@@ -1463,19 +1470,19 @@ fn caught(realm: &Realm, ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
 
 /// What an error keeps of JavaScript string `s` (`crate::bounded`): cut in the runtime first
 /// (the prelude's `cut`, lone surrogates made U+FFFD), so that a message of any length is
-/// never copied whole. Without a realm (what ended a promise job: an interrupt or running out
-/// of memory, whose texts are QuickJS's own and short) it is read as it is; `None` when it
-/// cannot be read (not well formed).
+/// not copied whole. The cut runs under a deadline of its own ([`HOUSEKEEPING`]): a call past
+/// its CPU budget still has its error read. Where it cannot run (no realm; a runtime out of
+/// memory, whose error is QuickJS's own short one) the string is read as it is; `None` when
+/// it cannot be read (not well formed).
 fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> {
-    let short = match realm.map(|r| r.sdk(s.ctx(), "cut").and_then(|cut| cut.call::<_, rquickjs::String<'_>>((s.clone(), crate::TEXT_KEPT + 1)))) {
-        Some(Ok(short)) => short,
-        Some(Err(_)) => {
-            let _ = s.ctx().catch();
-            return None;
-        }
-        None => s.clone(),
-    };
-    short.to_string().ok().map(crate::bounded)
+    let short = realm.and_then(|realm| {
+        let armed = realm.deadline.armed();
+        realm.deadline.arm(Instant::now() + HOUSEKEEPING);
+        let short = realm.sdk(s.ctx(), "cut").and_then(|cut| cut.call::<_, rquickjs::String<'_>>((s.clone(), crate::TEXT_KEPT + 1)));
+        realm.deadline.rearm(armed);
+        short.map_err(|_| s.ctx().catch()).ok()
+    });
+    short.as_ref().unwrap_or(s).to_string().ok().map(crate::bounded)
 }
 
 fn thrown(realm: Option<&Realm>, v: &Value<'_>) -> Failure {
@@ -1486,7 +1493,7 @@ fn thrown(realm: Option<&Realm>, v: &Value<'_>) -> Failure {
         // size outside its gateway's memory.
         let read = |key: &str| -> String {
             match obj.get::<_, rquickjs::String<'_>>(key) {
-                Ok(s) => kept_text(realm, &s).unwrap_or_else(|| "(text that could not be read)".into()),
+                Ok(s) => kept_text(realm, &s).unwrap_or_else(|| "(text that is not well formed)".into()),
                 Err(_) => {
                     let _ = v.ctx().catch();
                     String::new()

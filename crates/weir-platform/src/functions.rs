@@ -309,8 +309,8 @@ impl Platform {
             Err(r) => return r,
         };
         // The version and its history entry each hold the source: a pace without room for
-        // the body once is refused before the compile.
-        if let Err(r) = self.paced(gid, raw.len() as u64) {
+        // its files once is refused before the compile.
+        if let Err(r) = self.paced(gid, files.values().map(|f| f.len() as u64).sum()) {
             return r;
         }
         if let Err(r) = compile(self.functions.get(), gid, &files, &entrypoint).await {
@@ -432,8 +432,8 @@ impl Platform {
             Ok(s) => s,
             Err(r) => return r,
         };
-        if source.is_some()
-            && let Err(r) = self.paced(gid, raw.len() as u64)
+        if let Some((files, _)) = &source
+            && let Err(r) = self.paced(gid, files.values().map(|f| f.len() as u64).sum())
         {
             return r;
         }

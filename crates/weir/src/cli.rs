@@ -48,7 +48,8 @@ pub struct FnArgs {
 
 const ENVIRONMENTS: [&str; 3] = ["dev", "staging", "prod"];
 
-/// How long a deploy waits out the gateway's publishing pace in all before it gives up.
+/// How long a deploy waits out the gateway's publishing pace in all: a refusal that asks for
+/// longer than is left fails the deploy.
 const PACE_WAIT: Duration = Duration::from_secs(600);
 
 #[derive(Subcommand)]
@@ -271,18 +272,18 @@ impl Api {
 
     /// A save (`POST`/`PATCH` of a function): as [`Api::call`], but a refusal for the
     /// gateway's publishing pace (429 with `Retry-After`) is waited out and the save sent
-    /// again, for at most [`PACE_WAIT`] in all.
-    fn publish(&self, method: &str, path: &str, body: &Value) -> anyhow::Result<Value> {
+    /// again, while `waited` (what the deploy has waited so far) stays within [`PACE_WAIT`].
+    fn publish(&self, method: &str, path: &str, body: &Value, waited: &mut Duration) -> anyhow::Result<Value> {
         let text = body.to_string();
-        let mut waited = Duration::ZERO;
         loop {
             let r = send(&self.server, method, path, &[("authorization", &self.auth)], Some(text.as_bytes()))?;
+            let left = PACE_WAIT.saturating_sub(*waited);
             match r.retry_after {
-                Some(secs) if r.status == 429 && waited < PACE_WAIT => {
-                    let wait = Duration::from_secs(secs.clamp(1, 60));
+                Some(secs) if r.status == 429 && Duration::from_secs(secs.max(1)) <= left => {
+                    let wait = Duration::from_secs(secs.max(1));
                     tell(format_args!("the server asks to publish more slowly; trying again in {} s", wait.as_secs()));
                     std::thread::sleep(wait);
-                    waited += wait;
+                    *waited += wait;
                 }
                 _ if r.status >= 400 => return Err(ServerError::of(r.status, &r.reason, &r.body).into()),
                 _ => return serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: the server answered {} with no JSON", r.status)),
@@ -336,6 +337,7 @@ fn deploy(api: &Api, dir: &Path, env: &str) -> anyhow::Result<ExitCode> {
         anyhow::bail!("{name} is not in {env}: functions are created in dev and reach {env} by promotion (weir fn promote {name} --to {env})");
     }
     let (mut created, mut updated, mut unchanged) = (0, 0, 0);
+    let mut waited = Duration::ZERO;
     for (name, spec) in &local {
         match remote.get(name) {
             Some(theirs) if spec.matches(theirs) => {
@@ -343,14 +345,14 @@ fn deploy(api: &Api, dir: &Path, env: &str) -> anyhow::Result<ExitCode> {
                 say(format_args!("unchanged {name}"))?;
             }
             Some(_) => {
-                let answer = api.publish("PATCH", &api.function(env, name), &spec.body()).with_context(|| format!("updating {name}"))?;
+                let answer = api.publish("PATCH", &api.function(env, name), &spec.body(), &mut waited).with_context(|| format!("updating {name}"))?;
                 updated += 1;
                 say(format_args!("updated {name} (version {})", answer["version"]))?;
             }
             None => {
                 let mut body = spec.body();
                 body["name"] = json!(name);
-                let answer = api.publish("POST", &api.functions(), &body).with_context(|| format!("creating {name}"))?;
+                let answer = api.publish("POST", &api.functions(), &body, &mut waited).with_context(|| format!("creating {name}"))?;
                 created += 1;
                 say(format_args!("created {name} (version {})", answer["version"]))?;
             }
