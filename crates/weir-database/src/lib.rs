@@ -249,31 +249,11 @@ pub fn index_key(values: &[Value]) -> String {
     let norm: Vec<Value> = values
         .iter()
         .map(|v| match v {
-            // `-0.0` is `0.0`.
-            Value::Number(n) => n.as_f64().map(|f| if f == 0.0 { 0.0 } else { f }).and_then(serde_json::Number::from_f64).map(Value::Number).unwrap_or(Value::Null),
-            other => nested_key(other),
+            Value::Number(n) => n.as_f64().and_then(serde_json::Number::from_f64).map(Value::Number).unwrap_or(Value::Null),
+            other => other.clone(),
         })
         .collect();
     Value::Array(norm).to_string()
-}
-
-/// A value inside an indexed object or array as its key holds it: a number that is an
-/// integer of 64 bits as that integer (`1.0` and `-0.0` as `1` and `0`), as it was written
-/// when it was one, so that values equal as JSON values are one key.
-fn nested_key(v: &Value) -> Value {
-    match v {
-        Value::Number(n) if n.is_f64() => {
-            let f = n.as_f64().unwrap_or(0.5);
-            if f.fract() == 0.0 && f >= -(2f64.powi(63)) && f < 2f64.powi(64) {
-                if f < 0.0 { Value::from(f as i64) } else { Value::from(f as u64) }
-            } else {
-                v.clone()
-            }
-        }
-        Value::Array(a) => Value::Array(a.iter().map(nested_key).collect()),
-        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), nested_key(v))).collect()),
-        other => other.clone(),
-    }
 }
 
 /// A change a [`Backend`] applies, all of a batch or none.
@@ -401,9 +381,6 @@ mod tests {
         assert_eq!(def.keys_of(&json!({"t": ["a", "b", "a"]})).unwrap(), vec![index_key(&[json!("a")]), index_key(&[json!("b")])]);
         assert_eq!(def.keys_of(&json!({})).unwrap(), vec![index_key(&[json!(null)])]);
         assert_eq!(index_key(&[json!(1)]), index_key(&[json!(1.0)]));
-        assert_eq!(index_key(&[json!(0)]), index_key(&[json!(-0.0)]));
-        assert_eq!(index_key(&[json!({"a": [1, {"b": -0.0}]})]), index_key(&[json!({"a": [1.0, {"b": 0}]})]));
-        assert_ne!(index_key(&[json!({"a": 1})]), index_key(&[json!({"a": 1.5})]));
         let two = IndexDef { name: "a_1_b_1".into(), keys: vec![("a".into(), 1), ("b".into(), 1)], unique: true };
         assert_eq!(two.keys_of(&json!({"a": 1, "b": "x"})).unwrap().len(), 1);
         // One array beside single values: one key per element, the single values in each.

@@ -838,7 +838,10 @@ impl<'a> Apply<'a> {
                     after = last.try_get(0)?;
                     for row in &rows {
                         let (id, doc): (String, Value) = (row.try_get(0)?, parse(row.try_get(1)?)?);
+                        // This document's values and those of the holders it shares keys with,
+                        // made once each for it; a holder is read without being kept.
                         let mut mine = None;
+                        let mut theirs: HashMap<String, Option<HashMap<String, Vec<Vec<Value>>>>> = HashMap::new();
                         for key in def.keys_of(&doc).map_err(Fail::Db)? {
                             filed += entry_bytes(coll, &def.name, &key, &id);
                             if def.unique {
@@ -846,9 +849,12 @@ impl<'a> Apply<'a> {
                                 let others: Vec<String> = holders.iter().filter(|h| **h != id).cloned().collect();
                                 holders.push(id.clone());
                                 for other in others {
-                                    let held = self.peek_doc(coll, &other)?.and_then(|h| def.values_by_key(&h));
+                                    if !theirs.contains_key(&other) {
+                                        let held = self.take_doc(coll, &other)?;
+                                        theirs.insert(other.clone(), held.and_then(|h| def.values_by_key(&h)));
+                                    }
                                     let mine = mine.get_or_insert_with(|| def.values_by_key(&doc));
-                                    if same_values(mine.as_ref().and_then(|m| m.get(&key)), held.as_ref().and_then(|t| t.get(&key))) {
+                                    if same_values(mine.as_ref().and_then(|m| m.get(&key)), theirs[&other].as_ref().and_then(|t| t.get(&key))) {
                                         return Err(Fail::Db(duplicate(coll, def, &key)));
                                     }
                                 }

@@ -1470,19 +1470,23 @@ fn caught(realm: &Realm, ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
 
 /// What an error keeps of JavaScript string `s` (`crate::bounded`): cut in the runtime first
 /// (the prelude's `cut`, lone surrogates made U+FFFD), so that a message of any length is
-/// not copied whole. The cut runs under a deadline of its own ([`HOUSEKEEPING`]): a call past
-/// its CPU budget still has its error read. Where it cannot run (no realm; a runtime out of
-/// memory, whose error is QuickJS's own short one) the string is read as it is; `None` when
-/// it cannot be read (not well formed).
+/// never copied whole. The cut runs under a deadline of its own ([`HOUSEKEEPING`]): a call
+/// past its CPU budget still has its error read. `None` where it cannot run (no realm, or a
+/// runtime out of memory: the error is then bare, and taken for running out of memory when
+/// the runtime is nearly full, see [`starved`]).
 fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> {
-    let short = realm.and_then(|realm| {
-        let armed = realm.deadline.armed();
-        realm.deadline.arm(Instant::now() + HOUSEKEEPING);
-        let short = realm.sdk(s.ctx(), "cut").and_then(|cut| cut.call::<_, rquickjs::String<'_>>((s.clone(), crate::TEXT_KEPT + 1)));
-        realm.deadline.rearm(armed);
-        short.map_err(|_| s.ctx().catch()).ok()
-    });
-    short.as_ref().unwrap_or(s).to_string().ok().map(crate::bounded)
+    let realm = realm?;
+    let armed = realm.deadline.armed();
+    realm.deadline.arm(Instant::now() + HOUSEKEEPING);
+    let short = realm.sdk(s.ctx(), "cut").and_then(|cut| cut.call::<_, rquickjs::String<'_>>((s.clone(), crate::TEXT_KEPT + 1)));
+    realm.deadline.rearm(armed);
+    match short {
+        Ok(short) => short.to_string().ok().map(crate::bounded),
+        Err(_) => {
+            let _ = s.ctx().catch();
+            None
+        }
+    }
 }
 
 fn thrown(realm: Option<&Realm>, v: &Value<'_>) -> Failure {
@@ -1493,7 +1497,7 @@ fn thrown(realm: Option<&Realm>, v: &Value<'_>) -> Failure {
         // size outside its gateway's memory.
         let read = |key: &str| -> String {
             match obj.get::<_, rquickjs::String<'_>>(key) {
-                Ok(s) => kept_text(realm, &s).unwrap_or_else(|| "(text that is not well formed)".into()),
+                Ok(s) => kept_text(realm, &s).unwrap_or_default(),
                 Err(_) => {
                     let _ = v.ctx().catch();
                     String::new()
@@ -1515,16 +1519,17 @@ fn thrown(realm: Option<&Realm>, v: &Value<'_>) -> Failure {
         let status = (name == "DatabaseError").then(|| obj.get::<_, u16>("status").map_err(|_| v.ctx().catch()).ok()).flatten().filter(|s| (400..600).contains(s));
         return Failure::Threw { message, stack, status, bare };
     }
-    let message = match v.as_string() {
-        Some(s) => kept_text(realm, s).unwrap_or_else(|| "the function threw a string".into()),
+    // Bare: nothing said what went wrong, which may be a runtime out of memory (`starved`).
+    let (message, bare) = match v.as_string() {
+        Some(s) => kept_text(realm, s).map_or_else(|| ("the function threw a string".into(), true), |m| (m, false)),
         // What QuickJS throws when it has no memory left to make the error that says so.
-        None if v.is_null() => "the function threw null (as one does that runs out of its gateway's memory)".into(),
-        None => format!("the function threw a {}", v.type_name()),
+        None if v.is_null() => ("the function threw null (as one does that runs out of its gateway's memory)".into(), true),
+        None => (format!("the function threw a {}", v.type_name()), false),
     };
     if message == "out of memory" {
         return Failure::Memory;
     }
-    Failure::Threw { message, stack: String::new(), status: None, bare: v.is_null() }
+    Failure::Threw { message, stack: String::new(), status: None, bare }
 }
 
 /// Whether a call failed because its runtime is out of memory, though no error said so.
