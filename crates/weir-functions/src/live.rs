@@ -1025,8 +1025,9 @@ pub fn respond(mut outcome: Outcome, debug: bool, limits: &crate::Limits) -> Res
     for (k, v) in headers {
         if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(&v)) {
             // The gateway frames the body itself, and the connection is its own: no length
-            // and no connection-scoped field (`upgrade`, `keep-alive`, ...) of the function's.
-            if k != http::header::CONTENT_LENGTH && !weir_http::hop::is_hop_by_hop(&k) {
+            // and no connection-scoped field (`keep-alive`, ...) of the function's, but a 426's
+            // `upgrade`, which says what to switch to.
+            if k != http::header::CONTENT_LENGTH && weir_http::hop::passes_in_answer(status, &k) {
                 resp.headers_mut().append(k, v);
             }
         }

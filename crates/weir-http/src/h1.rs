@@ -496,8 +496,9 @@ fn parse_head(buf: &mut BytesMut, head_only: bool) -> Result<Parsed, Error> {
                 }
             }
         }
-        // Connection-scoped fields stop here, except on a 101: the client needs its Upgrade.
-        if code != 101 && hop::is_hop_by_hop(&name) {
+        // Connection-scoped fields stop here, except on a 101, whose switch needs them all,
+        // and a 426's Upgrade, which says what to switch to.
+        if code != 101 && !hop::passes_in_answer(code, &name) {
             continue;
         }
         headers.append(name, value);
@@ -932,6 +933,21 @@ mod tests {
         assert_eq!(body, b"ok");
         assert!(!resp.headers().contains_key(header::CONTENT_LENGTH), "the length yields to the coding");
         assert_eq!(trailers.unwrap()["x-sum"], "7");
+    }
+
+    /// Connection-scoped fields stay on this hop, but a 426 keeps the `Upgrade` that says what
+    /// to switch to.
+    #[tokio::test]
+    async fn an_answers_connection_scoped_fields_stop_here_but_a_426s_upgrade() {
+        let answer: &[&[u8]] = &[b"HTTP/1.1 426 Upgrade Required\r\nUpgrade: TLS/1.2, HTTP/1.1\r\nConnection: Upgrade, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\nx-end: 2\r\nContent-Length: 0\r\n\r\n"];
+        let (resp, _, _) = exchange(get("/"), answer).await.1.unwrap();
+        assert_eq!(resp.status(), 426);
+        assert_eq!(resp.headers()[header::UPGRADE], "TLS/1.2, HTTP/1.1");
+        assert!(!["connection", "x-hop", "keep-alive"].iter().any(|n| resp.headers().contains_key(*n)), "{:?}", resp.headers());
+        assert_eq!(resp.headers()["x-end"], "2");
+        let answer: &[&[u8]] = &[b"HTTP/1.1 200 OK\r\nUpgrade: TLS/1.2\r\nContent-Length: 0\r\n\r\n"];
+        let (resp, _, _) = exchange(get("/"), answer).await.1.unwrap();
+        assert!(!resp.headers().contains_key(header::UPGRADE), "{:?}", resp.headers());
     }
 
     #[tokio::test]

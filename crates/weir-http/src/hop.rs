@@ -33,6 +33,13 @@ pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(name.as_str(), "connection" | "keep-alive" | "proxy-connection" | "te" | "trailer" | "transfer-encoding" | "upgrade")
 }
 
+/// Whether an answer of `status` passes field `name` on to the client: no connection-scoped
+/// field does, but a 101's and a 426's `Upgrade`, which say what to switch to (RFC 9110
+/// requires it of a 426).
+pub fn passes_in_answer(status: u16, name: &HeaderName) -> bool {
+    !is_hop_by_hop(name) || ((status == 101 || status == 426) && name == header::UPGRADE)
+}
+
 /// The names a Connection field lists: connection-scoped as well.
 pub fn connection_named(value: &HeaderValue, into: &mut Vec<HeaderName>) {
     let names = value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii);
@@ -318,6 +325,13 @@ mod tests {
         strip_connection_named(&mut h);
         assert!(!h.contains_key("x-consumer-username"));
         assert!(h.contains_key(header::HOST) && h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::CONNECTION));
+    }
+
+    #[test]
+    fn only_a_switch_or_its_refusal_passes_upgrade_on() {
+        assert!(passes_in_answer(426, &header::UPGRADE) && passes_in_answer(101, &header::UPGRADE));
+        assert!(!passes_in_answer(200, &header::UPGRADE) && !passes_in_answer(426, &header::CONNECTION));
+        assert!(passes_in_answer(200, &header::SERVER));
     }
 
     #[test]

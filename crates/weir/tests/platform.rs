@@ -1559,3 +1559,18 @@ async fn a_function_larger_than_etcd_takes_in_one_write_is_refused_as_such_and_n
     let (s, b) = v1(&a, "POST", "api-gateways/wide/functions", Some(json!({"name": "f", "source": {"code": "export default () => 1;"}}))).await;
     assert_eq!(s, 201, "{b}");
 }
+
+/// A function's 426 keeps the `Upgrade` field that says what to switch to (RFC 9110 requires
+/// it); other connection-scoped fields of a function's answer stay behind, as ever.
+#[tokio::test]
+async fn a_functions_426_keeps_its_upgrade_field() {
+    let w = on_loopback("");
+    started_gateway(&w, "upg").await;
+    let code = "export default () => new Response('', { status: 426, headers: { upgrade: 'TLS/1.3', 'keep-alive': 'timeout=5', 'x-kept': '1' } })";
+    let (s, b) = v1(&w, "POST", "api-gateways/upg/functions", Some(json!({"name": "tls", "source": {"code": code}}))).await;
+    assert_eq!(s, 201, "{b}");
+    let r = w.until("/dev/tls", &[("host", "upg.localhost")], |r| r.status != 404).await;
+    assert_eq!(r.status, 426, "{}", r.text());
+    assert_eq!(r.headers.get("upgrade").and_then(|v| v.to_str().ok()), Some("TLS/1.3"), "{:?}", r.headers);
+    assert!(!r.headers.contains_key("keep-alive") && r.headers.contains_key("x-kept"), "{:?}", r.headers);
+}
