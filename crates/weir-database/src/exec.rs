@@ -879,7 +879,7 @@ impl Run<'_> {
             let mut usable = true;
             for (field, _) in &def.keys {
                 match filter.equalities(field) {
-                    Some(values) if !values.is_empty() && values.len() * combos.len() <= 1024 => {
+                    Some(values) if !values.is_empty() && values.iter().all(keyed_alike) && values.len() * combos.len() <= 1024 => {
                         combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| [c.clone(), vec![v.clone()]].concat())).collect();
                     }
                     _ => {
@@ -894,6 +894,26 @@ impl Run<'_> {
             }
         }
         Ok(None)
+    }
+}
+
+/// Whether every value equal to `v` is filed under `v`'s index key. Not so for zero (`0` and
+/// `-0.0` are two keys) nor for numbers inside an object (`{"a": 1}` and `{"a": 1.0}` are
+/// two): looking those up by key would miss documents that hold them in the other form, so
+/// they are matched by a scan.
+fn keyed_alike(v: &Value) -> bool {
+    fn holds_a_number(v: &Value) -> bool {
+        match v {
+            Value::Number(_) => true,
+            Value::Array(a) => a.iter().any(holds_a_number),
+            Value::Object(o) => o.values().any(holds_a_number),
+            _ => false,
+        }
+    }
+    match v {
+        Value::Number(n) => n.as_f64() != Some(0.0),
+        Value::Object(_) | Value::Array(_) => !holds_a_number(v),
+        _ => true,
     }
 }
 

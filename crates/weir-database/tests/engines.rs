@@ -168,6 +168,18 @@ fn numbers_are_kept_and_matched_by_their_exact_values(e: &Engine) {
     let e = run(&d, json!({"op": "createIndex", "collection": "made", "keys": {"n": 1}, "options": {"unique": true}})).unwrap_err();
     assert_eq!(e.kind, DbErrorKind::Duplicate, "{e:?}");
 
+    // A value filed under two keys (zero, numbers inside an object) is found in either form,
+    // by a scan rather than the index.
+    run(&d, json!({"op": "createIndex", "collection": "forms", "keys": {"n": 1}})).unwrap();
+    run(&d, json!({"op": "insertMany", "collection": "forms", "docs": [{"_id": "z", "n": -0.0}, {"_id": "o", "n": {"a": [1, {"b": 2.0}]}}, {"_id": "s", "n": "x"}]})).unwrap();
+    for (n, id) in [(json!(0), "z"), (json!(0.0), "z"), (json!({"a": [1.0, {"b": 2}]}), "o")] {
+        let found = run(&d, json!({"op": "explain", "collection": "forms", "filter": {"n": n}})).unwrap();
+        assert_eq!((&found["index"], &found["returned"]), (&Value::Null, &json!(1)), "{n}: {found}");
+        assert_eq!(run(&d, json!({"op": "findOne", "collection": "forms", "filter": {"n": n}})).unwrap()["_id"], id, "{n}");
+    }
+    let seek = run(&d, json!({"op": "explain", "collection": "forms", "filter": {"n": "x"}})).unwrap();
+    assert_eq!(seek["index"], "n_1", "{seek}");
+
     // A document sharing every key of another's long array, and none of its values, is held.
     let spread = |plus: u64| (0..2000u64).map(|i| json!((1u64 << 60) + 256 * i + plus)).collect::<Vec<_>>();
     run(&d, json!({"op": "insertOne", "collection": "snow", "doc": {"_id": "wide", "n": spread(0)}})).unwrap();
