@@ -878,7 +878,9 @@ impl Run<'_> {
             let mut combos: Vec<Vec<Value>> = vec![Vec::new()];
             let mut usable = true;
             for (field, _) in &def.keys {
-                match filter.equalities(field) {
+                // Zero is filed as `0.0` or `-0.0`: both are looked up.
+                let values = filter.equalities(field).map(|vs| vs.into_iter().flat_map(|v| if v.as_f64() == Some(0.0) { vec![json!(0.0), json!(-0.0)] } else { vec![v] }).collect::<Vec<Value>>());
+                match values {
                     Some(values) if !values.is_empty() && values.iter().all(keyed_alike) && values.len() * combos.len() <= 1024 => {
                         combos = combos.into_iter().flat_map(|c| values.iter().map(move |v| [c.clone(), vec![v.clone()]].concat())).collect();
                     }
@@ -897,10 +899,10 @@ impl Run<'_> {
     }
 }
 
-/// Whether every value equal to `v` is filed under `v`'s index key. Not so for zero (`0` and
-/// `-0.0` are two keys) nor for numbers inside an object (`{"a": 1}` and `{"a": 1.0}` are
-/// two): looking those up by key would miss documents that hold them in the other form, so
-/// they are matched by a scan.
+/// Whether every value equal to `v` is filed under `v`'s index key (zero, filed under two, is
+/// looked up under both by the caller). Not so for numbers inside an object (`{"a": 1}` and
+/// `{"a": 1.0}` are two keys): looking those up by key would miss documents that hold them in
+/// the other form, so they are matched by a scan.
 fn keyed_alike(v: &Value) -> bool {
     fn holds_a_number(v: &Value) -> bool {
         match v {
@@ -911,7 +913,6 @@ fn keyed_alike(v: &Value) -> bool {
         }
     }
     match v {
-        Value::Number(n) => n.as_f64() != Some(0.0),
         Value::Object(_) | Value::Array(_) => !holds_a_number(v),
         _ => true,
     }

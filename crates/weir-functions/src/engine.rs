@@ -63,8 +63,9 @@ pub struct Reply {
 /// How a call ended when it did not answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Failure {
-    /// The function threw: its message, and its stack. `bare` when what it threw was `null` or
-    /// an error without a message, as QuickJS throws when it has no memory left to say more.
+    /// The function threw: its message, and its stack. `bare` when what it threw was `null`, an
+    /// error without a message, or one whose text could not be cut for want of memory, as
+    /// happens when QuickJS has no memory left to say more.
     Threw { message: String, stack: String, status: Option<u16>, bare: bool },
     /// The CPU budget or the wall-clock limit ran out.
     Timeout(&'static str),
@@ -946,7 +947,7 @@ impl Js {
                 // it; its text is read through its realm's `cut`.
                 let realm = self.realms.borrow().iter().find(|(_, r)| r.ctx.as_raw() == e.0.as_raw()).map(|(_, r)| r.clone());
                 let failure = e.0.with(|ctx| thrown(realm.as_deref(), &ctx.catch()));
-                oom |= failure == Failure::Memory;
+                oom |= failure == Failure::Memory || (matches!(failure, Failure::Threw { bare: true, .. }) && nearly_full(&self.rt));
                 if oom || self.deadline.past() {
                     break;
                 }
@@ -1471,9 +1472,9 @@ fn caught(realm: &Realm, ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
 /// What an error keeps of JavaScript string `s` (`crate::bounded`): cut in the runtime first
 /// (the prelude's `cut`, lone surrogates made U+FFFD), so that a message of any length is
 /// never copied whole. The cut runs under a deadline of its own ([`HOUSEKEEPING`]): a call
-/// past its CPU budget still has its error read. `None` where it cannot run (no realm, or a
-/// runtime out of memory: the error is then bare, and taken for running out of memory when
-/// the runtime is nearly full, see [`starved`]).
+/// past its CPU budget still has its error read. `None` where it cannot run for want of
+/// memory (or of a realm): the error is then bare, and taken for running out of memory when
+/// the runtime is nearly full (see [`starved`]); a placeholder where anything else stops it.
 fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> {
     let realm = realm?;
     let armed = realm.deadline.armed();
@@ -1482,9 +1483,12 @@ fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> 
     realm.deadline.rearm(armed);
     match short {
         Ok(short) => short.to_string().ok().map(crate::bounded),
+        // What stopped the cut is QuickJS's own (the cut runs no function's code): out of
+        // memory leaves the error bare; anything else says the text could not be read.
         Err(_) => {
-            let _ = s.ctx().catch();
-            None
+            let why = s.ctx().catch();
+            let own = why.as_object().and_then(|o| o.get::<_, rquickjs::String<'_>>("message").ok()).and_then(|m| m.to_string().ok());
+            (!why.is_null() && own.as_deref() != Some("out of memory")).then(|| "(the error's text could not be read)".to_string())
         }
     }
 }
@@ -1540,10 +1544,13 @@ fn thrown(realm: Option<&Realm>, v: &Value<'_>) -> Failure {
 /// what a function holds past its calls (module state, a promise chain) would otherwise fail
 /// every call of the gateway from then on. Counting the heap walks it, so only such failures pay.
 fn starved(js: &Js, result: &Result<Reply, Failure>) -> bool {
-    matches!(result, Err(Failure::Threw { bare: true, .. })) && {
-        let usage = js.rt.memory_usage();
-        usage.malloc_limit > 0 && usage.malloc_size >= usage.malloc_limit / 4 * 3
-    }
+    matches!(result, Err(Failure::Threw { bare: true, .. })) && nearly_full(&js.rt)
+}
+
+/// Whether the runtime holds three quarters of its memory limit or more.
+fn nearly_full(rt: &Runtime) -> bool {
+    let usage = rt.memory_usage();
+    usage.malloc_limit > 0 && usage.malloc_size >= usage.malloc_limit / 4 * 3
 }
 
 /// Answers every call whose promise has settled; true when one ran out of memory.

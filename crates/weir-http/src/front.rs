@@ -299,8 +299,12 @@ where
                 Err(status) => return Ok(refusal_for(status, parts.version).map(|b| Watched::new(b, slot))),
             };
             let head_only = parts.method == Method::HEAD;
+            let version = parts.version;
             let mut resp = proxy.call(&info, Request::from_parts(parts, body)).await;
             own_length(&mut resp, head_only);
+            if version == http::Version::HTTP_11 {
+                upgrade_named(&mut resp);
+            }
             Ok(resp.map(|b| Watched::new(b, slot)))
         }
     });
@@ -535,6 +539,14 @@ fn checked(fields: &[httparse::Header<'_>]) -> Parsed {
     }
 }
 
+/// An HTTP/1.1 answer that carries `Upgrade` (a 426's, saying what to switch to) names it in
+/// `Connection`, as RFC 9110 asks of whoever sends one; a 101 is hyper's to write.
+fn upgrade_named(resp: &mut Response<RespBody>) {
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS && resp.headers().contains_key(header::UPGRADE) {
+        resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+    }
+}
+
 /// Writes `resp`: its head with the framing it needs, then its body, coalescing small pieces
 /// into as few writes as the body allows.
 async fn respond<I>(io: &mut I, resp: Response<RespBody>, head_only: bool, keep_alive: bool, out: &mut Vec<u8>) -> io::Result<()>
@@ -586,8 +598,12 @@ where
         date(out);
         out.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
+    // An answer carrying `Upgrade` (a 426's) names it in `Connection`, as RFC 9110 asks.
+    match (keep_alive, parts.headers.contains_key(header::UPGRADE)) {
+        (true, false) => {}
+        (false, false) => out.extend_from_slice(b"connection: close\r\n"),
+        (true, true) => out.extend_from_slice(b"connection: upgrade\r\n"),
+        (false, true) => out.extend_from_slice(b"connection: close, upgrade\r\n"),
     }
     out.extend_from_slice(b"\r\n");
     let mut outbox = Outbox::new(std::mem::take(out));
