@@ -779,20 +779,34 @@ impl Run<'_> {
             }
         } else if let Some((def, keys)) = self.usable_index(filter)? {
             plan.index = Some(def.name.clone());
-            // One key's entries come in `_id` order: the first so many are those asked for.
-            let single = keys.len() == 1;
-            kept.twice = !single;
-            for key in keys {
-                self.db.backend.lookup_each(self.coll, &def.name, &key, &mut |id, d| {
+            // A document filed under several of the keys (an array's elements, zero as `0.0`
+            // and `-0.0`) is taken through the first of them only, so no match comes twice.
+            let mut keys = keys;
+            let mut unique = std::collections::HashSet::new();
+            keys.retain(|k| unique.insert(k.clone()));
+            for (i, key) in keys.iter().enumerate() {
+                let earlier = &keys[..i];
+                // One key's entries come in `_id` order: its first so many are all it can add
+                // to those asked for.
+                let mut taken = 0;
+                self.db.backend.lookup_each(self.coll, &def.name, key, &mut |id, d| {
                     if budget.spent() || Instant::now() > deadline {
                         return Err(self.late());
                     }
                     plan.examined += 1;
-                    if !written(&id) && filter.matches_within(&d, &mut budget) {
+                    let again = !earlier.is_empty() && crate::filed_keys(&def, &d).iter().any(|k| earlier.contains(k));
+                    if !again && !written(&id) && filter.matches_within(&d, &mut budget) {
+                        taken += 1;
                         kept.offer(id, d)?;
                     }
-                    Ok(!single || stop.is_none_or(|s| kept.out.len() < s))
+                    Ok(stop.is_none_or(|s| taken < s))
                 })?;
+            }
+            // The first so many by `_id` of all the keys' are those asked for.
+            if let Some(s) = stop {
+                while kept.out.len() > s {
+                    kept.out.pop_last();
+                }
             }
         } else {
             let mut n = 0u64;

@@ -179,6 +179,17 @@ fn numbers_are_kept_and_matched_by_their_exact_values(e: &Engine) {
     }
     let some = run(&d, json!({"op": "find", "collection": "forms", "filter": {"n": {"$in": [0, "x"]}}, "options": {"projection": {"n": 0}}})).unwrap();
     assert_eq!(some, json!([{"_id": "s"}, {"_id": "z"}]));
+    // A document filed under both of zero's keys comes once, and counts once.
+    run(&d, json!({"op": "insertOne", "collection": "forms", "doc": {"_id": "both", "n": [0, -0.0]}})).unwrap();
+    for filter in [json!({"n": 0}), json!({"n": {"$in": [0, -0.0, 0]}})] {
+        let found = run(&d, json!({"op": "find", "collection": "forms", "filter": filter, "options": {"projection": {"n": 0}}})).unwrap();
+        assert_eq!(found, json!([{"_id": "both"}, {"_id": "z"}]), "{filter}");
+        assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "forms", "filter": filter})).unwrap(), json!(2), "{filter}");
+        assert_eq!(run(&d, json!({"op": "findOne", "collection": "forms", "filter": filter})).unwrap()["_id"], "both", "{filter}");
+    }
+    let r = run(&d, json!({"op": "deleteOne", "collection": "forms", "filter": {"n": 0}})).unwrap();
+    assert_eq!(r["deletedCount"], 1);
+    assert_eq!(run(&d, json!({"op": "countDocuments", "collection": "forms", "filter": {"n": 0}})).unwrap(), json!(1));
     let seek = run(&d, json!({"op": "explain", "collection": "forms", "filter": {"n": "x"}})).unwrap();
     assert_eq!(seek["index"], "n_1", "{seek}");
 

@@ -1478,17 +1478,18 @@ fn caught(realm: &Realm, ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
 fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> {
     let realm = realm?;
     let armed = realm.deadline.armed();
-    realm.deadline.arm(Instant::now() + HOUSEKEEPING);
+    let started = Instant::now();
+    realm.deadline.arm(started + HOUSEKEEPING);
     let short = realm.sdk(s.ctx(), "cut").and_then(|cut| cut.call::<_, rquickjs::String<'_>>((s.clone(), crate::TEXT_KEPT + 1)));
     realm.deadline.rearm(armed);
     match short {
         Ok(short) => short.to_string().ok().map(crate::bounded),
-        // What stopped the cut is QuickJS's own (the cut runs no function's code): out of
-        // memory leaves the error bare; anything else says the text could not be read.
+        // The cut runs no function's code: what stops it is its deadline (the text could not
+        // be read in time) or running out of memory (the error is left bare). Nothing of what
+        // it threw is read.
         Err(_) => {
-            let why = s.ctx().catch();
-            let own = why.as_object().and_then(|o| o.get::<_, rquickjs::String<'_>>("message").ok()).and_then(|m| m.to_string().ok());
-            (!why.is_null() && own.as_deref() != Some("out of memory")).then(|| "(the error's text could not be read)".to_string())
+            let _ = s.ctx().catch();
+            (started.elapsed() >= HOUSEKEEPING).then(|| "(the error's text could not be read)".to_string())
         }
     }
 }

@@ -543,7 +543,7 @@ fn checked(fields: &[httparse::Header<'_>]) -> Parsed {
 /// `Connection`, as RFC 9110 asks of whoever sends one; a 101 is hyper's to write.
 fn upgrade_named(resp: &mut Response<RespBody>) {
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS && resp.headers().contains_key(header::UPGRADE) {
-        resp.headers_mut().insert(header::CONNECTION, http::HeaderValue::from_static("upgrade"));
+        resp.headers_mut().append(header::CONNECTION, http::HeaderValue::from_static("upgrade"));
     }
 }
 

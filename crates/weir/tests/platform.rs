@@ -1578,6 +1578,7 @@ async fn a_functions_426_keeps_its_upgrade_field() {
     assert_eq!(r.headers.get("upgrade").and_then(|v| v.to_str().ok()), Some("TLS/1.3"), "{:?}", r.headers);
     // Named in `Connection`, as whoever sends `Upgrade` must.
     assert!(r.headers.get("connection").and_then(|v| v.to_str().ok()).is_some_and(|c| c.contains("upgrade")), "{:?}", r.headers);
+    assert!(!r.headers.contains_key("keep-alive") && r.headers.contains_key("x-kept"), "{:?}", r.headers);
     // The same through hyper's side of the front (a request with a body).
     let r = send(w.proxy, "POST", "/dev/tls", &[("host", "upg.localhost")], Some("x")).await;
     assert_eq!(r.status, 426, "{}", r.text());
