@@ -780,12 +780,12 @@ impl Run<'_> {
         } else if let Some((def, keys)) = self.usable_index(filter)? {
             plan.index = Some(def.name.clone());
             // A document filed under several of the keys (an array's elements, zero as `0.0`
-            // and `-0.0`) is taken through the first of them only, so no match comes twice.
+            // and `-0.0`) may come through each: the matches are kept by id, once.
             let mut keys = keys;
             let mut unique = std::collections::HashSet::new();
             keys.retain(|k| unique.insert(k.clone()));
-            for (i, key) in keys.iter().enumerate() {
-                let earlier = &keys[..i];
+            kept.twice = keys.len() > 1;
+            for key in &keys {
                 // One key's entries come in `_id` order: its first so many are all it can add
                 // to those asked for.
                 let mut taken = 0;
@@ -794,8 +794,7 @@ impl Run<'_> {
                         return Err(self.late());
                     }
                     plan.examined += 1;
-                    let again = !earlier.is_empty() && crate::filed_keys(&def, &d).iter().any(|k| earlier.contains(k));
-                    if !again && !written(&id) && filter.matches_within(&d, &mut budget) {
+                    if !written(&id) && filter.matches_within(&d, &mut budget) {
                         taken += 1;
                         kept.offer(id, d)?;
                     }
@@ -803,10 +802,13 @@ impl Run<'_> {
                 })?;
             }
             // The first so many by `_id` of all the keys' are those asked for.
-            if let Some(s) = stop {
+            if let Some(s) = stop
+                && kept.out.len() > s
+            {
                 while kept.out.len() > s {
                     kept.out.pop_last();
                 }
+                kept.held = kept.out.iter().map(|(id, d)| if kept.values { serde_json::to_vec(d).map_or(0, |b| b.len()) } else { id.len() + 64 }).sum();
             }
         } else {
             let mut n = 0u64;

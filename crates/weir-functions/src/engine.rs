@@ -588,11 +588,13 @@ pub(crate) struct Deadline {
     at: Arc<AtomicU64>,
     epoch: Instant,
     resting: Arc<AtomicBool>,
+    /// Set when the interrupt handler stopped the running JavaScript.
+    fired: Arc<AtomicBool>,
 }
 
 impl Deadline {
     fn new() -> Deadline {
-        Deadline { at: Arc::new(AtomicU64::new(0)), epoch: Instant::now(), resting: Arc::default() }
+        Deadline { at: Arc::new(AtomicU64::new(0)), epoch: Instant::now(), resting: Arc::default(), fired: Arc::default() }
     }
 
     /// Sets it to `when`.
@@ -609,6 +611,21 @@ impl Deadline {
     /// The deadline set last, as a number that changes with every setting (0: none).
     pub(crate) fn armed(&self) -> u64 {
         self.at.load(Ordering::Relaxed)
+    }
+
+    /// The interrupt handler's answer: whether the running JavaScript must stop now (and then
+    /// noted, for [`Deadline::fired`]).
+    fn interrupt(&self) -> bool {
+        let past = self.past();
+        if past {
+            self.fired.store(true, Ordering::Relaxed);
+        }
+        past
+    }
+
+    /// Whether the interrupt handler stopped JavaScript since this was last asked.
+    fn fired(&self) -> bool {
+        self.fired.swap(false, Ordering::Relaxed)
     }
 
     /// Sets it back to what [`Deadline::armed`] said.
@@ -721,7 +738,7 @@ impl Js {
         rt.set_loader(Names(host.clone()), Sources(host.clone()));
         {
             let deadline = deadline.clone();
-            rt.set_interrupt_handler(Some(Box::new(move || deadline.past())));
+            rt.set_interrupt_handler(Some(Box::new(move || deadline.interrupt())));
         }
         Ok(Js { realms: RefCell::default(), rt, host, deadline, full: Default::default(), leftover: Default::default() })
     }
@@ -1478,9 +1495,10 @@ fn caught(realm: &Realm, ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
 fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> {
     let realm = realm?;
     let armed = realm.deadline.armed();
-    let started = Instant::now();
-    realm.deadline.arm(started + HOUSEKEEPING);
+    realm.deadline.arm(Instant::now() + HOUSEKEEPING);
+    realm.deadline.fired();
     let short = realm.sdk(s.ctx(), "cut").and_then(|cut| cut.call::<_, rquickjs::String<'_>>((s.clone(), crate::TEXT_KEPT + 1)));
+    let interrupted = realm.deadline.fired();
     realm.deadline.rearm(armed);
     match short {
         Ok(short) => short.to_string().ok().map(crate::bounded),
@@ -1489,7 +1507,7 @@ fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> 
         // it threw is read.
         Err(_) => {
             let _ = s.ctx().catch();
-            (started.elapsed() >= HOUSEKEEPING).then(|| "(the error's text could not be read)".to_string())
+            interrupted.then(|| "(the error's text could not be read)".to_string())
         }
     }
 }
