@@ -8,14 +8,14 @@
 //!   lookup is a range over its first three parts;
 //! - `meta` `collection` → its counts and index definitions.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
 use serde_json::Value;
 
-use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, entry_bytes, filed_keys, same_values};
+use crate::{Backend, CollStats, DbError, DbErrorKind, Holders, IndexDef, Opener, Write, entry_bytes, filed_keys};
 
 const DOCS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("docs");
 const INDEX: TableDefinition<(&str, &str, &str, &str), ()> = TableDefinition::new("index");
@@ -74,10 +74,7 @@ fn file_in_indexes(wtx: &WriteTransaction, docs: &redb::Table<(&str, &str), &[u8
     let mut index = wtx.open_table(INDEX).map_err(failed)?;
     let mut filed = 0;
     for def in indexes {
-        // A unique index's values, the document's and its key's other holders', made once
-        // each however many keys they share.
-        let mut mine = None;
-        let mut theirs: HashMap<String, Option<HashMap<String, Vec<Vec<Value>>>>> = HashMap::new();
+        let mut holders = Holders::new(def, doc);
         for key in def.keys_of(doc)? {
             filed += entry_bytes(coll, &def.name, &key, id);
             if def.unique {
@@ -95,12 +92,8 @@ fn file_in_indexes(wtx: &WriteTransaction, docs: &redb::Table<(&str, &str), &[u8
                     }
                 }
                 for other in others {
-                    if !theirs.contains_key(&other) {
-                        let held = docs.get((coll, other.as_str())).map_err(failed)?.and_then(|d| serde_json::from_slice::<Value>(d.value()).ok());
-                        theirs.insert(other.clone(), held.and_then(|h| def.values_by_key(&h)));
-                    }
-                    let mine = mine.get_or_insert_with(|| def.values_by_key(doc));
-                    if same_values(mine.as_ref().and_then(|m| m.get(&key)), theirs[&other].as_ref().and_then(|t| t.get(&key))) {
+                    let read = || Ok::<_, DbError>(docs.get((coll, other.as_str())).map_err(failed)?.and_then(|d| serde_json::from_slice::<Value>(d.value()).ok()));
+                    if holders.duplicate(&key, &other, read)? {
                         return Err(DbError { kind: DbErrorKind::Duplicate, message: format!("duplicate key: index {} of {coll} already holds {key}", def.name) });
                     }
                 }

@@ -436,8 +436,7 @@ impl Kept<'_> {
             self.unkept += 1;
             return Ok(());
         }
-        // A count that keeps which matched holds their ids (and what a map spends on each).
-        self.held += if self.values { serde_json::to_vec(&doc).map_or(0, |b| b.len()) } else { id.len() + 64 };
+        self.held += self.weight(&id, &doc);
         self.out.insert(id, if self.values { doc } else { Value::Null });
         if self.held > WRITE_HOLD {
             // A sort's window drops what falls out of it first.
@@ -454,6 +453,23 @@ impl Kept<'_> {
         Ok(())
     }
 
+    /// What one kept match counts against [`WRITE_HOLD`]: its document, or for a count that
+    /// keeps which matched, its id (and what a map spends on each).
+    fn weight(&self, id: &str, doc: &Value) -> usize {
+        if self.values { serde_json::to_vec(doc).map_or(0, |b| b.len()) } else { id.len() + 64 }
+    }
+
+    /// Keeps only the first `n` by id.
+    fn keep_first(&mut self, n: usize) {
+        if self.out.len() <= n {
+            return;
+        }
+        while self.out.len() > n {
+            self.out.pop_last();
+        }
+        self.held = self.out.iter().map(|(id, d)| self.weight(id, d)).sum();
+    }
+
     /// Keeps only the first of the sort's window.
     fn prune(&mut self) -> Result<(), DbError> {
         let Some((by, n)) = self.top else { return Ok(()) };
@@ -466,7 +482,7 @@ impl Kept<'_> {
         }
         all.truncate(n);
         if self.values {
-            self.held = all.iter().map(|(_, d)| serde_json::to_vec(d).map_or(0, |b| b.len())).sum();
+            self.held = all.iter().map(|(id, d)| self.weight(id, d)).sum();
         }
         self.out = all.into_iter().collect();
         Ok(())
@@ -802,13 +818,8 @@ impl Run<'_> {
                 })?;
             }
             // The first so many by `_id` of all the keys' are those asked for.
-            if let Some(s) = stop
-                && kept.out.len() > s
-            {
-                while kept.out.len() > s {
-                    kept.out.pop_last();
-                }
-                kept.held = kept.out.iter().map(|(id, d)| if kept.values { serde_json::to_vec(d).map_or(0, |b| b.len()) } else { id.len() + 64 }).sum();
+            if let Some(s) = stop {
+                kept.keep_first(s);
             }
         } else {
             let mut n = 0u64;

@@ -159,10 +159,36 @@ impl IndexDef {
 /// Whether two documents' values under one index key (see [`IndexDef::values_by_key`]) are
 /// the same values, exactly: a unique index holds two documents whose key is one and whose
 /// values are not. Values that cannot be told are taken for the same.
-pub(crate) fn same_values(mine: Option<&Vec<Vec<Value>>>, theirs: Option<&Vec<Vec<Value>>>) -> bool {
+fn same_values(mine: Option<&Vec<Vec<Value>>>, theirs: Option<&Vec<Vec<Value>>>) -> bool {
     match (mine, theirs) {
         (Some(x), Some(y)) if !x.is_empty() && !y.is_empty() => x.iter().any(|t| y.iter().any(|u| same_tuple(t, u))),
         _ => true,
+    }
+}
+
+/// A unique index's check of one document against the other holders of its keys: the
+/// document's values and each holder's are made once, however many keys they share.
+pub(crate) struct Holders<'a> {
+    def: &'a IndexDef,
+    doc: &'a Value,
+    mine: Option<Option<HashMap<String, Vec<Vec<Value>>>>>,
+    theirs: HashMap<String, Option<HashMap<String, Vec<Vec<Value>>>>>,
+}
+
+impl<'a> Holders<'a> {
+    pub(crate) fn new(def: &'a IndexDef, doc: &'a Value) -> Holders<'a> {
+        Holders { def, doc, mine: None, theirs: HashMap::new() }
+    }
+
+    /// Whether holder `other` (read with `read` the first time it is asked about) holds the
+    /// document's very values under `key`: a duplicate.
+    pub(crate) fn duplicate<E>(&mut self, key: &str, other: &str, read: impl FnOnce() -> Result<Option<Value>, E>) -> Result<bool, E> {
+        if !self.theirs.contains_key(other) {
+            let held = read()?;
+            self.theirs.insert(other.to_string(), held.and_then(|h| self.def.values_by_key(&h)));
+        }
+        let mine = self.mine.get_or_insert_with(|| self.def.values_by_key(self.doc));
+        Ok(same_values(mine.as_ref().and_then(|m| m.get(key)), self.theirs[other].as_ref().and_then(|t| t.get(key))))
     }
 }
 

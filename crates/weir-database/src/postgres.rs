@@ -31,7 +31,7 @@ use ::postgres::types::ToSql;
 use ::postgres::{Client, Config, GenericClient, IsolationLevel, NoTls, Row, Statement, Transaction};
 use serde_json::Value;
 
-use crate::{Backend, CollStats, DbError, DbErrorKind, IndexDef, Opener, Write, entry_bytes, filed_keys, same_values};
+use crate::{Backend, CollStats, DbError, DbErrorKind, Holders, IndexDef, Opener, Write, entry_bytes, filed_keys};
 
 /// How long a caller waits for a connection while all of the pool's are busy.
 const POOL_WAIT: Duration = Duration::from_secs(30);
@@ -704,10 +704,7 @@ impl<'a> Apply<'a> {
     fn file(&mut self, coll: &str, id: &str, doc: &Value, indexes: &[IndexDef]) -> Result<u64, Fail> {
         let mut filed = 0;
         for def in indexes {
-            // A unique index's values, the document's and its key's other holders', made once
-            // each however many keys they share.
-            let mut mine = None;
-            let mut theirs: HashMap<String, Option<HashMap<String, Vec<Vec<Value>>>>> = HashMap::new();
+            let mut holders = Holders::new(def, doc);
             for key in def.keys_of(doc).map_err(Fail::Db)? {
                 filed += entry_bytes(coll, &def.name, &key, id);
                 if def.unique {
@@ -719,12 +716,7 @@ impl<'a> Apply<'a> {
                     // (a key may stand for several values: see `IndexDef::values_by_key`).
                     let others: Vec<String> = self.holders.get(&at).into_iter().flatten().filter(|h| *h != id).cloned().collect();
                     for other in others {
-                        if !theirs.contains_key(&other) {
-                            let held = self.peek_doc(coll, &other)?;
-                            theirs.insert(other.clone(), held.and_then(|h| def.values_by_key(&h)));
-                        }
-                        let mine = mine.get_or_insert_with(|| def.values_by_key(doc));
-                        if same_values(mine.as_ref().and_then(|m| m.get(&key)), theirs[&other].as_ref().and_then(|t| t.get(&key))) {
+                        if holders.duplicate(&key, &other, || self.peek_doc(coll, &other))? {
                             return Err(Fail::Db(duplicate(coll, def, &key)));
                         }
                     }
@@ -838,10 +830,8 @@ impl<'a> Apply<'a> {
                     after = last.try_get(0)?;
                     for row in &rows {
                         let (id, doc): (String, Value) = (row.try_get(0)?, parse(row.try_get(1)?)?);
-                        // This document's values and those of the holders it shares keys with,
-                        // made once each for it; a holder is read without being kept.
-                        let mut mine = None;
-                        let mut theirs: HashMap<String, Option<HashMap<String, Vec<Vec<Value>>>>> = HashMap::new();
+                        // A holder is read without being kept.
+                        let mut check = Holders::new(def, &doc);
                         for key in def.keys_of(&doc).map_err(Fail::Db)? {
                             filed += entry_bytes(coll, &def.name, &key, &id);
                             if def.unique {
@@ -849,12 +839,7 @@ impl<'a> Apply<'a> {
                                 let others: Vec<String> = holders.iter().filter(|h| **h != id).cloned().collect();
                                 holders.push(id.clone());
                                 for other in others {
-                                    if !theirs.contains_key(&other) {
-                                        let held = self.take_doc(coll, &other)?;
-                                        theirs.insert(other.clone(), held.and_then(|h| def.values_by_key(&h)));
-                                    }
-                                    let mine = mine.get_or_insert_with(|| def.values_by_key(&doc));
-                                    if same_values(mine.as_ref().and_then(|m| m.get(&key)), theirs[&other].as_ref().and_then(|t| t.get(&key))) {
+                                    if check.duplicate(&key, &other, || self.take_doc(coll, &other))? {
                                         return Err(Fail::Db(duplicate(coll, def, &key)));
                                     }
                                 }

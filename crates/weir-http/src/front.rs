@@ -563,6 +563,7 @@ where
     let bodiless = parts.status.is_informational() || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
     let mut has_date = false;
     let mut has_length = false;
+    let mut has_upgrade = false;
     for (name, value) in &parts.headers {
         // Framing is this hop's own business.
         if name == header::TRANSFER_ENCODING || name == header::CONNECTION {
@@ -579,6 +580,7 @@ where
             has_length = true;
         }
         has_date |= name == header::DATE;
+        has_upgrade |= name == header::UPGRADE;
         crate::hop::encode_field(name, value, out);
     }
     let chunked = !bodiless && !has_length && body.size_hint().exact().is_none();
@@ -599,7 +601,7 @@ where
         out.extend_from_slice(b"\r\n");
     }
     // An answer carrying `Upgrade` (a 426's) names it in `Connection`, as RFC 9110 asks.
-    match (keep_alive, parts.headers.contains_key(header::UPGRADE)) {
+    match (keep_alive, has_upgrade) {
         (true, false) => {}
         (false, false) => out.extend_from_slice(b"connection: close\r\n"),
         (true, true) => out.extend_from_slice(b"connection: upgrade\r\n"),

@@ -264,10 +264,7 @@ impl Api {
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<Value> {
         let body = body.map(Value::to_string);
         let r = send(&self.server, method, path, &[("authorization", &self.auth)], body.as_deref().map(str::as_bytes))?;
-        if r.status >= 400 {
-            return Err(ServerError::of(r.status, &r.reason, &r.body).into());
-        }
-        serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: the server answered {} with no JSON", r.status))
+        json_of(&r, method, path)
     }
 
     /// A save (`POST`/`PATCH` of a function): as [`Api::call`], but a refusal for the
@@ -285,8 +282,7 @@ impl Api {
                     std::thread::sleep(wait);
                     *waited += wait;
                 }
-                _ if r.status >= 400 => return Err(ServerError::of(r.status, &r.reason, &r.body).into()),
-                _ => return serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: the server answered {} with no JSON", r.status)),
+                _ => return json_of(&r, method, path),
             }
         }
     }
@@ -296,6 +292,14 @@ impl Api {
         let answer = self.call("GET", &format!("{}?environment={}", self.functions(), client::encode(env)), None)?;
         Ok(answer["list"].as_array().cloned().unwrap_or_default())
     }
+}
+
+/// An answer's JSON; an answer of 400 or more is an error.
+fn json_of(r: &client::Response, method: &str, path: &str) -> anyhow::Result<Value> {
+    if r.status >= 400 {
+        return Err(ServerError::of(r.status, &r.reason, &r.body).into());
+    }
+    serde_json::from_slice(&r.body).with_context(|| format!("{method} {path}: the server answered {} with no JSON", r.status))
 }
 
 /// One line on stdout, flushed (a `--follow` reader sees it at once); a closed stdout is an
