@@ -6,9 +6,9 @@
 //! the CPU the kernel gives that thread. Calls of one gateway interleave on it: a call runs
 //! until it waits (a timer, a `fetch`), and the thread runs other calls meanwhile.
 //!
-//! Each call has a CPU budget (time spent running JavaScript on its behalf: its first run
-//! and every timer or fetch completion it is woken by, with the promise jobs that follow) and
-//! a wall-clock limit. Past the budget the interrupt handler stops the JavaScript (504); past
+//! Each call has a CPU budget (the runtime thread's CPU spent running JavaScript on its
+//! behalf: its first run and every timer or fetch completion it is woken by, with the promise
+//! jobs that follow; see `deadline.rs`) and a wall-clock limit. Past the budget the interrupt handler stops the JavaScript (504); past
 //! the wall limit the call is dropped (504). Running out of memory fails the call (500) and
 //! the runtime is made afresh, failing the gateway's other calls in flight.
 
@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::cmp::Reverse;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use rquickjs::module::Declared;
 use rquickjs::promise::PromiseState;
 use rquickjs::{Array, Context, Ctx, Function as JsFn, Module, Object, Persistent, Promise, Runtime, TypedArray, Value};
 
+use crate::deadline::Deadline;
 use crate::mailbox::Mailbox;
 use crate::{Function, Limits, LogLine, Logs};
 
@@ -581,69 +582,6 @@ struct Realm {
     deadline: Deadline,
 }
 
-/// When the running JavaScript must stop, shared with the runtime's interrupt handler: in
-/// nanoseconds since `epoch`; 0: never.
-#[derive(Clone)]
-pub(crate) struct Deadline {
-    at: Arc<AtomicU64>,
-    epoch: Instant,
-    resting: Arc<AtomicBool>,
-    /// Set when the interrupt handler stopped the running JavaScript.
-    fired: Arc<AtomicBool>,
-}
-
-impl Deadline {
-    fn new() -> Deadline {
-        Deadline { at: Arc::new(AtomicU64::new(0)), epoch: Instant::now(), resting: Arc::default(), fired: Arc::default() }
-    }
-
-    /// Sets it to `when`.
-    fn arm(&self, when: Instant) {
-        let at = when.saturating_duration_since(self.epoch).as_nanos() as u64;
-        self.at.store(at.max(1), Ordering::Relaxed);
-    }
-
-    pub(crate) fn past(&self) -> bool {
-        let at = self.at.load(Ordering::Relaxed);
-        at != 0 && self.epoch.elapsed().as_nanos() as u64 >= at
-    }
-
-    /// The deadline set last, as a number that changes with every setting (0: none).
-    pub(crate) fn armed(&self) -> u64 {
-        self.at.load(Ordering::Relaxed)
-    }
-
-    /// The interrupt handler's answer: whether the running JavaScript must stop now (and then
-    /// noted, for [`Deadline::fired`]).
-    fn interrupt(&self) -> bool {
-        let past = self.past();
-        if past {
-            self.fired.store(true, Ordering::Relaxed);
-        }
-        past
-    }
-
-    /// Whether the interrupt handler stopped JavaScript since this was last asked.
-    fn fired(&self) -> bool {
-        self.fired.swap(false, Ordering::Relaxed)
-    }
-
-    /// Sets it back to what [`Deadline::armed`] said.
-    fn rearm(&self, armed: u64) {
-        self.at.store(armed, Ordering::Relaxed);
-    }
-
-    /// Whether the thread waits for work or drops a runtime, running no JavaScript meanwhile
-    /// (the watchdog leaves it alone then, whatever the deadline).
-    fn rest(&self, resting: bool) {
-        self.resting.store(resting, Ordering::Relaxed);
-    }
-
-    pub(crate) fn resting(&self) -> bool {
-        self.resting.load(Ordering::Relaxed)
-    }
-}
-
 impl Realm {
     /// The SDK's entry point `name`.
     fn sdk<'js>(&self, ctx: &Ctx<'js>, name: &str) -> rquickjs::Result<JsFn<'js>> {
@@ -747,7 +685,7 @@ impl Js {
     /// What it runs is no call's: timers, fetches, database operations and log lines it asks
     /// for are refused, as those of another environment's realm are.
     fn housekeeping(&self) {
-        self.deadline.arm(Instant::now() + HOUSEKEEPING);
+        self.deadline.arm(Instant::now(), HOUSEKEEPING);
         self.host.borrow_mut().call = STRAY;
     }
 
@@ -949,7 +887,7 @@ impl Js {
                 host.env = env.to_string();
             }
         }
-        self.deadline.arm(start + budget);
+        self.deadline.arm(start, budget);
         let out = match self.realm(env) {
             Ok(realm) => realm.ctx.with(|ctx| f(&realm, &ctx)),
             Err(rquickjs::Error::Allocation) => Err(Failure::Memory),
@@ -971,6 +909,8 @@ impl Js {
             }
         }
         self.leftover.set(if self.rt.is_job_pending() { self.leftover.get().saturating_add(1) } else { 0 });
+        let after = Instant::now();
+        let spent = self.deadline.spent(after);
         self.housekeeping();
         // A job that ran out of memory inside QuickJS's promise machinery, where not even the
         // rejection could be made, leaves its exception on the context and its call waiting
@@ -981,7 +921,7 @@ impl Js {
                 oom |= !matches!(left, Failure::Timeout(_));
             }
         }
-        let took = start.elapsed();
+        let took = spent + after.elapsed();
         (out, took, took >= budget, oom)
     }
 }
@@ -1494,12 +1434,12 @@ fn caught(realm: &Realm, ctx: &Ctx<'_>, e: rquickjs::Error) -> Failure {
 /// the runtime is nearly full (see [`starved`]); a placeholder where anything else stops it.
 fn kept_text(realm: Option<&Realm>, s: &rquickjs::String<'_>) -> Option<String> {
     let realm = realm?;
-    let armed = realm.deadline.armed();
-    realm.deadline.arm(Instant::now() + HOUSEKEEPING);
+    let armed = realm.deadline.save();
+    realm.deadline.arm(Instant::now(), HOUSEKEEPING);
     realm.deadline.fired();
     let short = realm.sdk(s.ctx(), "cut").and_then(|cut| cut.call::<_, rquickjs::String<'_>>((s.clone(), crate::TEXT_KEPT + 1)));
     let interrupted = realm.deadline.fired();
-    realm.deadline.rearm(armed);
+    realm.deadline.restore(armed);
     match short {
         Ok(short) => short.to_string().ok().map(crate::bounded),
         // The cut runs no function's code: what stops it is its deadline (the text could not

@@ -17,6 +17,7 @@ pub mod live;
 pub mod metrics;
 pub mod source;
 mod watchdog;
+mod deadline;
 
 mod mailbox;
 mod reply;

@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
-use crate::engine::{Deadline, stat_field};
+use crate::deadline::Deadline;
+use crate::engine::stat_field;
 
 /// How often the watchdog looks.
 pub const EVERY: Duration = Duration::from_millis(100);
@@ -122,7 +123,7 @@ fn look() {
             }
             let armed = w.deadline.armed();
             let tid = w.tid.load(Ordering::Relaxed);
-            if armed == 0 || w.deadline.resting() || !w.deadline.past() || tid == 0 {
+            if armed == 0 || w.deadline.resting() || !w.deadline.overdue() || tid == 0 {
                 past.remove(&key);
                 continue;
             }
