@@ -293,6 +293,7 @@ where
             if let Some(status) = refused(&parts) {
                 return Ok::<_, Infallible>(refusal_for(status, parts.version).map(|b| Watched::new(b, slot)));
             }
+            target_host(&mut parts);
             hop::strip_connection_named(&mut parts.headers);
             let body = match client_body(&parts, body, proxy.limits().body_timeout).await {
                 Ok(b) => b,
@@ -377,7 +378,40 @@ fn refused(parts: &http::request::Parts) -> Option<StatusCode> {
         return Some(StatusCode::NOT_IMPLEMENTED);
     }
     let hosts = parts.headers.get_all(header::HOST).iter().count();
-    (hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11)).then_some(StatusCode::BAD_REQUEST)
+    // HTTP/2 names the host in `:authority`; a Host field naming another is malformed (RFC
+    // 9113 §8.3.1), or routing and the upstream could each take a different one.
+    let two_hosts = parts.version == Version::HTTP_2
+        && parts.uri.authority().zip(parts.headers.get(header::HOST)).is_some_and(|(a, h)| !host_name(a.host()).eq_ignore_ascii_case(host_name(h.to_str().unwrap_or(""))));
+    (hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) || two_hosts).then_some(StatusCode::BAD_REQUEST)
+}
+
+/// An HTTP/1.1 request with an absolute-form target (`GET http://host/path`) is for the
+/// target's host, whatever its Host field says (RFC 9112 §3.2.2): the field is made to say
+/// it too (without any user information), so that routing, plugins and the upstream all see
+/// the one host, as nginx's `$host` does.
+fn target_host(parts: &mut http::request::Parts) {
+    if parts.version == Version::HTTP_2 || parts.uri.scheme().is_none() {
+        return;
+    }
+    let Some(a) = parts.uri.authority() else { return };
+    let named = match a.port() {
+        Some(port) => http::HeaderValue::try_from(format!("{}:{}", a.host(), port.as_str())),
+        None => http::HeaderValue::try_from(a.host()),
+    };
+    if let Ok(h) = named {
+        parts.headers.insert(header::HOST, h);
+    }
+}
+
+/// The name in a Host value or an authority's host: without its port, IPv6 literals kept
+/// whole with their brackets.
+fn host_name(raw: &str) -> &str {
+    let raw = raw.trim();
+    if raw.starts_with('[') {
+        return raw.find(']').map_or(raw, |i| &raw[..=i]);
+    }
+    let name = raw.rsplit_once(':').map_or(raw, |(h, _)| h);
+    name.strip_suffix('.').filter(|h| !h.is_empty()).unwrap_or(name)
 }
 
 fn refusal_for(status: StatusCode, version: Version) -> Response<RespBody> {

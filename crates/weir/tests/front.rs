@@ -159,6 +159,27 @@ async fn host_is_required_once_and_a_trailing_dot_matches() {
         assert_eq!(r.json()["server"], "admin", "{host}");
     }
     assert_eq!(w.get("/", &[("host", "other.internal.")]).await.json()["server"], "open");
+
+    // An absolute-form target names the host, whatever Host says (RFC 9112 §3.2.2): the route
+    // and the upstream see the target's, without its user information.
+    let body = |resp: &str| serde_json::from_str::<Value>(resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)).unwrap_or_default();
+    for (request, server, host) in [
+        (&b"GET http://admin.internal/x HTTP/1.1\r\nHost: other.internal\r\nConnection: close\r\n\r\n"[..], "admin", "admin.internal"),
+        (b"GET http://user:pw@other.internal:81/x HTTP/1.1\r\nHost: admin.internal\r\nConnection: close\r\n\r\n", "open", "other.internal:81"),
+    ] {
+        let (resp, _) = raw(w.proxy, request).await;
+        let seen = body(&resp);
+        assert_eq!((status_of(&resp), &seen["server"], &seen["headers"]["host"], &seen["uri"]), (200, &json!(server), &json!(host), &json!("/x")), "{resp}");
+    }
+    // HTTP/2: a Host field naming another host than `:authority` is malformed (RFC 9113
+    // §8.3.1); the same host in both, ports and case aside, is served.
+    let (h2, _conn) = h2_connect(w.proxy, 65_535).await;
+    for (authority, host, want) in [("admin.internal", "other.internal", 400), ("admin.internal", "ADMIN.internal:9080", 200), ("other.internal", "other.internal", 200)] {
+        let req = http::Request::get(format!("http://{authority}/")).header("host", host).body(()).unwrap();
+        let (resp, _) = h2.clone().ready().await.unwrap().send_request(req, true).unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.expect("an answer in time").unwrap();
+        assert_eq!(resp.status().as_u16(), want, "{authority} with Host {host}");
+    }
 }
 
 #[tokio::test]
