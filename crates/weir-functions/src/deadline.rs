@@ -6,8 +6,9 @@
 //! which never runs slower than the thread's CPU clock: until it passes, the budget cannot have
 //! run out. The interrupt handler, the first time QuickJS polls it under an arming, notes the
 //! thread's CPU clock (a baseline). Once the monotonic deadline passes, the CPU spent since
-//! the arming is what decides: the time before the baseline counted whole (at most one poll's
-//! worth), the CPU clock's advance after it. Whatever is left of the budget becomes a new
+//! the arming is what decides: the time before the baseline counted whole (one poll's worth
+//! of running, with any wait for the core meanwhile: a call may be stopped that much early),
+//! the CPU clock's advance after it. Whatever is left of the budget becomes a new
 //! deadline that far ahead. So on a core shared with other threads (another tenant's runtime
 //! among them) a call gets the CPU its budget names, where a deadline on the monotonic clock
 //! alone would count the time others ran against it. A segment too short to be polled counts

@@ -1018,7 +1018,9 @@ async fn a_calls_budget_is_its_own_cpu_and_not_the_time_others_hold_the_core() {
     assert!(ran < budget, "CPU {ran:?}");
     let (r, took, ran) = call(&w, "/dev/spin").await;
     assert_eq!(r.status, 504, "{}", r.text());
-    assert!(ran >= budget && ran < budget * 11 / 10, "CPU {ran:?}");
+    // What ran before the interrupt handler's first poll counts whole, waits for the core
+    // included: a loop may be stopped that much early.
+    assert!(ran >= budget * 9 / 10 && ran < budget * 11 / 10, "CPU {ran:?}");
     assert!(took > budget * 2, "the loop had the core to itself: {took:?}");
 }
 
@@ -1285,7 +1287,7 @@ export default async (ctx) => {
     assert!(r.json()["stack"].as_str().is_some_and(|s| s.contains("index.ts")), "{}", r.text());
     w.until("/dev/bomb", &[("host", "fns.localhost")], |r| r.status != 404).await;
     w.until("/dev/spin", &[("host", "fns.localhost")], |r| r.status != 404).await;
-    // The budget is CPU: the loop stops once its runtime spent 200 ms (+ 10%) on it, and
+    // The budget is CPU: the loop stops once its runtime spent 200 ms (± 10%) on it, and
     // answers within that and whatever time the runtime waited for a core (other tests share
     // these two).
     let (t, before) = (std::time::Instant::now(), sched_of(w.pid(), "fn-fns"));
@@ -1293,7 +1295,7 @@ export default async (ctx) => {
     let (took, after) = (t.elapsed(), sched_of(w.pid(), "fn-fns"));
     assert_eq!(r.status, 504, "{}", r.text());
     let (ran, waited) = (after.0 - before.0, after.1 - before.1);
-    assert!(ran >= Duration::from_millis(200) && ran < Duration::from_millis(220), "CPU {ran:?}");
+    assert!(ran >= Duration::from_millis(180) && ran < Duration::from_millis(220), "CPU {ran:?}");
     assert!(took < Duration::from_millis(220 + 50) + waited, "{took:?}, waited {waited:?}");
     let r = w.get("/dev/bomb", &[("host", "fns.localhost")]).await;
     assert_eq!(r.status, 500, "{}", r.text());
