@@ -188,7 +188,7 @@ impl Platform {
         keyring: Arc<weir_tls::Keyring>,
     ) -> Arc<Platform> {
         let node = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
-        let inputs = json!({"base_domain": cfg.base_domain, "base_plugins": cfg.base_plugins}).to_string();
+        let inputs = json!({"base_domain": cfg.base_domain, "base_plugins": cfg.base_plugins, "form": render::FORM}).to_string();
         let answers = answers::Answers::new(cfg.large_answers);
         let publishing = pacing::Pacer::new(cfg.functions.publish_bytes_per_minute);
         Arc::new(Platform {

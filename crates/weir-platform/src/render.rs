@@ -15,7 +15,11 @@ use serde_json::{Map, Value, json};
 use weir_catalog::MANAGED_LABEL;
 
 use crate::PlatformConfig;
-use crate::model::{EnvState, Environment, Gateway, State};
+use crate::model::{ENVIRONMENTS, EnvState, Environment, Gateway, State};
+
+/// The form of what a render writes, raised when it changes for a gateway that did not (a
+/// plugin every route gets): a gateway rendered in an older form is rendered again.
+pub const FORM: u32 = 2;
 
 /// One object to hold in the store.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,7 +80,20 @@ pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(
 }
 
 fn merged(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Map<String, Value> {
-    effective(cfg, gw, env).into_iter().map(|(n, v, _)| (n, v)).collect()
+    let mut plugins: Map<String, Value> = effective(cfg, gw, env).into_iter().map(|(n, v, _)| (n, v)).collect();
+    // Over every layer: a cookie an answer sets for the base domain, an environment's domain
+    // or another gateway's host is kept to the answering host (tenants cannot name the plugin).
+    plugins.insert(weir_plugins::cookie_scope::NAME.into(), cookie_scope(cfg, &gw.gateway_id));
+    plugins
+}
+
+/// `cookie-scope`'s config for gateway `gid`: the domains every gateway has hosts under, and
+/// this one's hosts there.
+fn cookie_scope(cfg: &PlatformConfig, gid: &str) -> Value {
+    let base = &cfg.base_domain;
+    let shared: Vec<String> = std::iter::once(base.clone()).chain(ENVIRONMENTS.iter().map(|e| format!("{e}.{base}"))).collect();
+    let own: Vec<String> = std::iter::once(format!("{gid}.{base}")).chain(ENVIRONMENTS.iter().map(|e| format!("{gid}.{e}.{base}"))).collect();
+    json!({"shared": shared, "own": own})
 }
 
 fn labels(gid: &str, env: Option<&str>) -> Value {

@@ -7,6 +7,7 @@ mod basic_auth;
 mod client;
 mod compress;
 mod consumer_restriction;
+pub mod cookie_scope;
 mod cors;
 mod csrf;
 mod fault_injection;
@@ -49,6 +50,7 @@ pub fn registry() -> Registry {
         compress::brotli_factory(),
         compress::gzip_factory(),
         consumer_restriction::factory(),
+        cookie_scope::factory(),
         cors::factory(),
         csrf::factory(),
         fault_injection::factory(),

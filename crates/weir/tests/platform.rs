@@ -1037,6 +1037,43 @@ async fn p99(w: &Weir, path: &str, host: &str, n: usize) -> Duration {
     took[(n * 99 / 100).min(n - 1)]
 }
 
+/// A cookie a tenant's answer sets for the base domain, an environment's domain or another
+/// gateway's host would reach other tenants' hosts: it is kept to the answering host. A
+/// tenant can neither name the plugin that does it nor set such a cookie from a layer.
+#[tokio::test]
+async fn a_tenants_cookies_never_reach_another_tenants_hosts() {
+    let w = on_loopback("");
+    started_gateway(&w, "cks").await;
+    let code = r#"export default () => {
+  const h = new Headers();
+  for (const c of ['a=1; Domain=localhost; Path=/', 'b=2; Domain=cks.localhost', 'c=3; domain=.DEV.localhost', 'd=4; Domain=other.localhost; HttpOnly', 'e=5; Domain=x.cks.dev.localhost', 'f=6']) h.append('set-cookie', c);
+  return new Response('ok', { headers: h });
+}"#;
+    assert_eq!(v1(&w, "POST", "api-gateways/cks/functions", Some(json!({"name": "cookie", "source": {"code": code}}))).await.0, 201);
+    let want = ["a=1; Path=/", "b=2; Domain=cks.localhost", "c=3", "d=4; HttpOnly", "e=5; Domain=x.cks.dev.localhost", "f=6"];
+    for (host, path) in [("cks.localhost", "/dev/cookie"), ("cks.dev.localhost", "/cookie")] {
+        let r = w.until(path, &[("host", host)], |r| r.status != 404).await;
+        let cookies: Vec<&str> = r.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect();
+        assert_eq!((r.status, cookies), (200, want.to_vec()), "{host}{path}");
+    }
+    // The environments' upstream routes carry the plugin too (the same plugin config).
+    let (_, pc) = w.admin("GET", "/plugin_configs/wp.cks.dev", None).await;
+    assert_eq!(pc["value"]["plugins"]["cookie-scope"]["own"], json!(["cks.localhost", "cks.dev.localhost", "cks.staging.localhost", "cks.prod.localhost"]), "{pc}");
+    // Layers cannot name it, nor set such a cookie themselves; nothing changes.
+    for (layer, says) in [
+        (json!({"cookie-scope": {"shared": ["x"]}}), "cookie-scope is the platform's own"),
+        (json!({"mocking": {"response_example": "hi", "response_headers": {"Set-Cookie": "s=1; Domain=localhost"}}}), "mocking sets a cookie whose Domain reaches hosts under localhost"),
+        (json!({"response-rewrite": {"headers": {"add": ["Set-Cookie: s=1; Domain=other.localhost"]}}}), "response-rewrite sets a cookie"),
+    ] {
+        let (s, b) = v1(&w, "PATCH", "api-gateways/cks", Some(json!({"plugins": layer}))).await;
+        assert!(s == 400 && b.to_string().contains(says), "{s} {b}");
+        let (s, b) = v1(&w, "PATCH", &fn_path("cks", "dev/cookie"), Some(json!({"plugins": layer}))).await;
+        assert!(s == 400 && b.to_string().contains(says), "function layer: {s} {b}");
+    }
+    let (s, b) = v1(&w, "PATCH", "api-gateways/cks", Some(json!({"plugins": {"mocking": {"response_example": "hi", "response_headers": {"Set-Cookie": "s=1; Path=/"}}}}))).await;
+    assert_eq!(s, 200, "a host-only cookie is the tenant's to set: {b}");
+}
+
 /// An environment's plugin that rewrites the path changes the path its functions see, not which
 /// function answers.
 #[tokio::test]
