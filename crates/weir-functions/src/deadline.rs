@@ -13,7 +13,8 @@
 //! among them) a call gets the CPU its budget names, where a deadline on the monotonic clock
 //! alone would count the time others ran against it. A segment too short to be polled counts
 //! its monotonic time, and one in a built-in's loop in C, which is never polled, is the
-//! watchdog's (`watchdog.rs`), which reads the deadline as the monotonic clock has it.
+//! watchdog's (`watchdog.rs`), which reads the runtime thread's CPU clock from `/proc` against
+//! the same arming.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -74,21 +75,27 @@ impl Deadline {
     pub(crate) fn arm(&self, start: Instant, budget: Duration) {
         let s = &self.0;
         let from = (start.saturating_duration_since(s.epoch).as_nanos() as u64).max(1);
-        let budget = budget.as_nanos() as u64;
+        let budget = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
         s.from.store(from, Ordering::Relaxed);
         s.budget.store(budget, Ordering::Relaxed);
         s.base_at.store(0, Ordering::Relaxed);
         s.at.store(from.saturating_add(budget), Ordering::Relaxed);
     }
 
-    /// The CPU spent under the arming, read at `now`: exact from the baseline on.
-    fn used(&self, now: u64) -> u64 {
+    /// The CPU spent under the arming, read at `now`: exact from the baseline on, by `cpu`
+    /// (the runtime thread's CPU clock now).
+    fn used_by(&self, now: u64, cpu: impl FnOnce() -> u64) -> u64 {
         let s = &self.0;
         let from = s.from.load(Ordering::Relaxed);
         match s.base_at.load(Ordering::Relaxed) {
             0 => now.saturating_sub(from),
-            base => base.saturating_sub(from) + thread_cpu().saturating_sub(s.base_cpu.load(Ordering::Relaxed)),
+            base => base.saturating_sub(from).saturating_add(cpu().saturating_sub(s.base_cpu.load(Ordering::Relaxed))),
         }
+    }
+
+    /// As [`Deadline::used_by`], on the runtime's thread.
+    fn used(&self, now: u64) -> u64 {
+        self.used_by(now, thread_cpu)
     }
 
     /// Whether the budget ran out; on the runtime's thread only. Where the monotonic clock
@@ -111,11 +118,15 @@ impl Deadline {
         false
     }
 
-    /// Whether the monotonic clock passed the deadline: the watchdog's reading, from any
-    /// thread.
-    pub(crate) fn overdue(&self) -> bool {
+    /// Whether the budget ran out by the runtime thread's CPU clock reading `cpu` (from
+    /// `/proc`, Linux's same count): the watchdog's reading, from its own thread. It changes
+    /// nothing, so that the runtime's thread, the only one to move the deadline, decides
+    /// alone. A reading amid an arming may mix two armings' fields; the watchdog takes a
+    /// runtime for stuck only once this has held for seconds of CPU under one deadline.
+    pub(crate) fn exhausted(&self, cpu: Duration) -> bool {
         let at = self.0.at.load(Ordering::Relaxed);
-        at != 0 && self.now() >= at
+        let now = self.now();
+        at != 0 && now >= at && self.used_by(now, || cpu.as_nanos() as u64) >= self.0.budget.load(Ordering::Relaxed)
     }
 
     /// The CPU spent under the arming until `now`; on the runtime's thread only.
@@ -199,21 +210,26 @@ mod tests {
         while thread_cpu() < until {}
     }
 
+    /// This thread's CPU clock as the watchdog reads it.
+    fn cpu() -> Duration {
+        Duration::from_nanos(thread_cpu())
+    }
+
     #[test]
     fn the_budget_counts_the_threads_cpu_not_the_time_it_waited() {
         let d = Deadline::new();
-        d.arm(Instant::now(), Duration::from_millis(30));
+        d.arm(Instant::now(), Duration::from_millis(100));
         assert!(!d.interrupt(), "the first poll takes the baseline");
         // The thread runs nothing for longer than the budget: no CPU of the budget is spent.
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(d.overdue(), "the monotonic clock passed the deadline");
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!d.exhausted(cpu()), "the monotonic clock passed the deadline, the CPU clock did not");
         assert!(!d.interrupt() && !d.past() && !d.fired(), "with CPU left the call goes on");
-        assert!(!d.overdue(), "and the deadline moved on by what is left");
-        assert!(d.spent(Instant::now()) < Duration::from_millis(10), "{:?}", d.spent(Instant::now()));
+        assert!(d.spent(Instant::now()) < Duration::from_millis(50), "{:?}", d.spent(Instant::now()));
         // Running past the budget stops it.
-        spin(Duration::from_millis(35));
+        spin(Duration::from_millis(105));
+        assert!(d.exhausted(cpu()), "the watchdog reads it run out");
         assert!(d.interrupt() && d.fired());
-        assert!(d.spent(Instant::now()) >= Duration::from_millis(30), "{:?}", d.spent(Instant::now()));
+        assert!(d.spent(Instant::now()) >= Duration::from_millis(100), "{:?}", d.spent(Instant::now()));
     }
 
     #[test]
@@ -224,7 +240,7 @@ mod tests {
         assert!(d.past(), "never polled: the time since the arming counts whole");
         assert!(d.spent(Instant::now()) >= Duration::from_millis(30));
         d.arm(Instant::now(), Duration::from_millis(20));
-        assert!(!d.past() && !d.overdue(), "a new arming starts afresh");
+        assert!(!d.past() && !d.exhausted(cpu()), "a new arming starts afresh");
     }
 
     #[test]

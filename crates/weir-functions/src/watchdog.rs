@@ -123,11 +123,11 @@ fn look() {
             }
             let armed = w.deadline.armed();
             let tid = w.tid.load(Ordering::Relaxed);
-            if armed == 0 || w.deadline.resting() || !w.deadline.overdue() || tid == 0 {
+            let Some(cpu) = (tid != 0).then(|| thread_cpu(tid)).flatten() else { continue };
+            if armed == 0 || w.deadline.resting() || !w.deadline.exhausted(cpu) {
                 past.remove(&key);
                 continue;
             }
-            let Some(cpu) = thread_cpu(tid) else { continue };
             match past.get(&key) {
                 Some(&(deadline, since)) if deadline == armed => {
                     if cpu.saturating_sub(since) >= STALLED_CPU {

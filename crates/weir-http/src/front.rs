@@ -379,18 +379,21 @@ fn refused(parts: &http::request::Parts) -> Option<StatusCode> {
     }
     let hosts = parts.headers.get_all(header::HOST).iter().count();
     // HTTP/2 names the host in `:authority`; a Host field naming another is malformed (RFC
-    // 9113 §8.3.1), or routing and the upstream could each take a different one.
+    // 9113 §8.3.1), or routing and the upstream could each take a different one. A target
+    // with user information is an error (RFC 9110 §4.2.4).
     let two_hosts = parts.version == Version::HTTP_2
         && parts.uri.authority().zip(parts.headers.get(header::HOST)).is_some_and(|(a, h)| !host_name(a.host()).eq_ignore_ascii_case(host_name(h.to_str().unwrap_or(""))));
-    (hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) || two_hosts).then_some(StatusCode::BAD_REQUEST)
+    let userinfo = parts.uri.authority().is_some_and(|a| a.as_str().contains('@'));
+    (hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) || two_hosts || userinfo).then_some(StatusCode::BAD_REQUEST)
 }
 
-/// An HTTP/1.1 request with an absolute-form target (`GET http://host/path`) is for the
-/// target's host, whatever its Host field says (RFC 9112 §3.2.2): the field is made to say
-/// it too (without any user information), so that routing, plugins and the upstream all see
-/// the one host, as nginx's `$host` does.
+/// A request whose target names its host, an HTTP/1.1 absolute-form one (`GET
+/// http://host/path`) or HTTP/2's `:authority`, is for that host, whatever its Host field
+/// says (RFC 9112 §3.2.2; HTTP/2's field may differ only in port and case): the field is made
+/// to say it, so that routing, plugins and the upstream all see the one host, as nginx's
+/// `$host` does. An authority-form target (`CONNECT host:port`) is left alone.
 fn target_host(parts: &mut http::request::Parts) {
-    if parts.version == Version::HTTP_2 || parts.uri.scheme().is_none() {
+    if parts.version != Version::HTTP_2 && parts.uri.scheme().is_none() {
         return;
     }
     let Some(a) = parts.uri.authority() else { return };

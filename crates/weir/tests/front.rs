@@ -161,24 +161,44 @@ async fn host_is_required_once_and_a_trailing_dot_matches() {
     assert_eq!(w.get("/", &[("host", "other.internal.")]).await.json()["server"], "open");
 
     // An absolute-form target names the host, whatever Host says (RFC 9112 §3.2.2): the route
-    // and the upstream see the target's, without its user information.
+    // and the upstream see the target's. One with user information is refused.
     let body = |resp: &str| serde_json::from_str::<Value>(resp.split_once("\r\n\r\n").map_or("", |(_, b)| b)).unwrap_or_default();
     for (request, server, host) in [
         (&b"GET http://admin.internal/x HTTP/1.1\r\nHost: other.internal\r\nConnection: close\r\n\r\n"[..], "admin", "admin.internal"),
-        (b"GET http://user:pw@other.internal:81/x HTTP/1.1\r\nHost: admin.internal\r\nConnection: close\r\n\r\n", "open", "other.internal:81"),
+        (b"GET http://other.internal:81/x HTTP/1.1\r\nHost: admin.internal\r\nConnection: close\r\n\r\n", "open", "other.internal:81"),
     ] {
         let (resp, _) = raw(w.proxy, request).await;
         let seen = body(&resp);
         assert_eq!((status_of(&resp), &seen["server"], &seen["headers"]["host"], &seen["uri"]), (200, &json!(server), &json!(host), &json!("/x")), "{resp}");
     }
+    let (resp, _) = raw(w.proxy, b"GET http://user:pw@admin.internal/x HTTP/1.1\r\nHost: admin.internal\r\n\r\n").await;
+    assert_eq!(status_of(&resp), 400, "{resp}");
     // HTTP/2: a Host field naming another host than `:authority` is malformed (RFC 9113
-    // §8.3.1); the same host in both, ports and case aside, is served.
+    // §8.3.1); the same host in both, ports and case aside, is served, and the route, its
+    // plugins and the upstream see `:authority`. User information is refused.
     let (h2, _conn) = h2_connect(w.proxy, 65_535).await;
-    for (authority, host, want) in [("admin.internal", "other.internal", 400), ("admin.internal", "ADMIN.internal:9080", 200), ("other.internal", "other.internal", 200)] {
-        let req = http::Request::get(format!("http://{authority}/")).header("host", host).body(()).unwrap();
-        let (resp, _) = h2.clone().ready().await.unwrap().send_request(req, true).unwrap();
+    for (authority, host, want) in [
+        ("admin.internal", Some("other.internal"), (400, None)),
+        ("admin.internal:9080", Some("ADMIN.internal:1"), (200, Some("admin.internal:9080"))),
+        ("other.internal", Some("other.internal"), (200, Some("other.internal"))),
+        ("admin.internal", None, (200, Some("admin.internal"))),
+        ("user@admin.internal", None, (400, None)),
+    ] {
+        let mut req = http::Request::get(format!("http://{authority}/"));
+        if let Some(host) = host {
+            req = req.header("host", host);
+        }
+        let (resp, _) = h2.clone().ready().await.unwrap().send_request(req.body(()).unwrap(), true).unwrap();
         let resp = tokio::time::timeout(Duration::from_secs(5), resp).await.expect("an answer in time").unwrap();
-        assert_eq!(resp.status().as_u16(), want, "{authority} with Host {host}");
+        let status = resp.status().as_u16();
+        let mut got = resp.into_body();
+        let mut text = Vec::new();
+        while let Some(chunk) = got.data().await {
+            text.extend_from_slice(&chunk.unwrap());
+        }
+        let seen: Value = serde_json::from_slice(&text).unwrap_or_default();
+        let host_seen = seen["headers"]["host"].as_str();
+        assert_eq!((status, host_seen), (want.0, want.1), "{authority} with Host {host:?}: {}", String::from_utf8_lossy(&text));
     }
 }
 
