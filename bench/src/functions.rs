@@ -201,6 +201,39 @@ fn etcd(dir: &Path, cores: &str) -> anyhow::Result<Proc> {
     Ok(Proc(child, "etcd"))
 }
 
+/// The mocking route of `w`, alone and then while three other gateways of it keep their
+/// runtimes busy: each with a client calling a function that spins until its CPU budget stops
+/// it, again and again.
+fn beside_spinners(args: &Args, w: &Weir) -> anyhow::Result<(WrkResult, WrkResult)> {
+    let gids = ["spina", "spinb", "spinc"];
+    for gid in gids {
+        gateway(w, gid)?;
+        save(w, gid, "spin", "export default () => { for (;;) {} }")?;
+        live(w.port, &format!("{gid}.localhost"), "/dev/spin", "budget", Instant::now())?;
+    }
+    let mock = |args| wrk_url(args, &format!("http://127.0.0.1:{}/hello", w.port), Some(w.proc.0.id()), &["Host: mock.localhost"]);
+    let quiet = mock(args)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinners: Vec<_> = gids
+        .map(|gid| {
+            let (stop, port) = (stop.clone(), w.port);
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = call(port, "GET", "/dev/spin", &format!("{gid}.localhost"), None);
+                }
+            })
+        })
+        .into_iter()
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let noisy = mock(args);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
+    Ok((quiet, noisy?))
+}
+
 pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
     let dir = tempfile_dir()?;
     let other = other_cores(args.proxy_core);
@@ -286,6 +319,15 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
         j.rps / j.client_busy.max(0.01) / n.rps
     );
     println!("memory per idle function: {:.1} KiB ({} KiB more RSS for {} functions)", (after.saturating_sub(before)) as f64 / (many - 1).max(1) as f64, after.saturating_sub(before), many - 1);
+    let (quiet, noisy) = beside_spinners(args, &one)?;
+    println!(
+        "mocking route beside three gateways whose calls spin to their CPU budget, one after another, on Weir's core: {:.0} req/s, {:.2}x of the {:.0} req/s it serves alone; p99 {:.2} ms (alone {:.2} ms)",
+        noisy.rps,
+        noisy.rps / quiet.rps,
+        quiet.rps,
+        noisy.p99_ms,
+        quiet.p99_ms
+    );
 
     // Save → live on one node, and the first call of a new function against a warm one.
     let (mut saves, mut firsts, mut warms) = (Vec::new(), Vec::new(), Vec::new());

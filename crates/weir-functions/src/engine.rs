@@ -1047,38 +1047,13 @@ fn from_wire_within(v: &Array<'_>, budget: &Arc<Budget>) -> rquickjs::Result<Opt
     from_wire(v).map(Some)
 }
 
-/// Puts the calling runtime thread under Linux's batch policy, at the niceness it has. A thread
-/// under it never preempts the one that wakes it: a proxy worker that queues a call keeps its
-/// core until it waits, and the runtime then takes every call queued meanwhile in one turn,
-/// rather than the two trading the core once per call. Tenants' scripts so never take a core
-/// from the gateway's own work at a wake-up; their share of it is unchanged.
+/// Puts the calling runtime thread among tenants' work (`priority.rs`): a proxy worker that
+/// queues a call keeps its core until it waits, and the runtime then takes every call queued
+/// meanwhile in one turn, rather than the two trading the core once per call.
 fn run_as_batch(gateway: &str) {
-    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
-    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
-    // The setting takes a niceness too: the one the thread has, or the nearest below it in
-    // priority the setting can say (a thread may lower its priority, never raise it).
-    let Some(nice) = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s)) else {
-        return;
-    };
-    let keep = (0..=99u8)
-        .filter_map(|p| {
-            let priority = ThreadPriority::Crossplatform(p.try_into().ok()?);
-            Some((priority, priority.to_posix(policy).ok()?))
-        })
-        .filter(|(_, n)| *n >= nice)
-        .min_by_key(|(_, n)| *n);
-    let outcome = match keep {
-        Some((priority, _)) => set_thread_priority_and_policy(thread_native_id(), priority, policy).map_err(|e| format!("{e:?}")),
-        None => Err(format!("no priority keeps niceness {nice}")),
-    };
-    if let Err(e) = outcome {
+    if let Err(e) = crate::priority::batch_at(crate::priority::TENANT_NICENESS) {
         tracing::debug!(%gateway, error = %e, "the function runtime keeps the default scheduling policy");
     }
-}
-
-/// The niceness field of a `/proc/.../stat` line.
-pub(crate) fn niceness(stat: &str) -> Option<i32> {
-    stat_field(stat, 19)
 }
 
 /// Field `n` (counted from 1, as `proc(5)` does) of a `/proc/.../stat` line.

@@ -18,6 +18,8 @@ pub mod metrics;
 pub mod source;
 mod watchdog;
 mod deadline;
+mod priority;
+pub use priority::TENANT_NICENESS;
 
 mod mailbox;
 mod reply;

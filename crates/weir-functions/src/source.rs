@@ -148,24 +148,15 @@ fn compile_at(files: &BTreeMap<String, String>, entry: &str, background: bool) -
     })
 }
 
-/// Puts the calling compile thread at the lowest priority Linux's batch policy has (niceness
-/// 19): a tenant's large sources compile on what the node's own work leaves of a core, so its
-/// saves never slow the proxy, the watch loop or another tenant's API calls beyond a sliver of
-/// the core, and still always make progress. Not for a compile the watch loop waits on (a
-/// gateway's first lowering), which would hold up every change behind the node's load.
+/// Puts the calling compile thread among tenants' work (`priority.rs`): a tenant's large
+/// sources compile on what the node's own work leaves of a core, so its saves never slow the
+/// proxy, the watch loop or the Admin API beyond a sliver of the core, and they share it with
+/// tenants' scripts as equals (busy runtimes do not hold up everyone's publishing). Not for a
+/// compile the watch loop waits on (a gateway's first lowering), which would hold up every
+/// change behind the node's load.
 fn yield_to_others() {
-    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
-    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
-    let lowest = (0..=99u8)
-        .filter_map(|p| {
-            let priority = ThreadPriority::Crossplatform(p.try_into().ok()?);
-            Some((priority, priority.to_posix(policy).ok()?))
-        })
-        .max_by_key(|(_, nice)| *nice);
-    if let Some((priority, _)) = lowest
-        && let Err(e) = set_thread_priority_and_policy(thread_native_id(), priority, policy)
-    {
-        tracing::debug!(error = ?e, "a compile keeps the default scheduling priority");
+    if let Err(e) = crate::priority::batch_at(crate::priority::TENANT_NICENESS) {
+        tracing::debug!(error = %e, "a compile keeps the default scheduling priority");
     }
 }
 
@@ -393,8 +384,8 @@ mod tests {
     }
 
     #[test]
-    fn a_compile_runs_at_the_lowest_priority_and_leaves_its_caller_as_it_was() {
-        let nice = || crate::engine::niceness(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
+    fn a_compile_runs_among_tenants_work_and_leaves_its_caller_as_it_was() {
+        let nice = || crate::priority::niceness(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
         let before = nice();
         let seen = std::thread::spawn(move || {
             yield_to_others();
@@ -402,7 +393,7 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert_eq!(seen, Some(19));
+        assert_eq!(seen, Some(crate::priority::TENANT_NICENESS));
         assert!(compile_in_background(&files(&[("index.ts", "export default () => 1;")]), "index.ts").is_ok());
         assert_eq!(nice(), before, "the caller's own priority is unchanged");
     }
