@@ -209,7 +209,13 @@ fn beside_spinners(args: &Args, w: &Weir) -> anyhow::Result<(WrkResult, WrkResul
     for gid in gids {
         gateway(w, gid)?;
         save(w, gid, "spin", "export default () => { for (;;) {} }")?;
-        live(w.port, &format!("{gid}.localhost"), "/dev/spin", "budget", Instant::now())?;
+        // Live once it answers 504 for its budget (and no longer 404).
+        let since = Instant::now();
+        while call(w.port, "GET", "/dev/spin", &format!("{gid}.localhost"), None)?.0 != 504 {
+            if since.elapsed() > Duration::from_secs(30) {
+                bail!("{gid}: the spinning function never answered 504");
+            }
+        }
     }
     let mock = |args| wrk_url(args, &format!("http://127.0.0.1:{}/hello", w.port), Some(w.proc.0.id()), &["Host: mock.localhost"]);
     let quiet = mock(args)?;

@@ -26,31 +26,6 @@ const PATTERN_SIZE: usize = 1 << 20;
 /// Plugins that can count in Redis: their counters would be shared across tenants.
 const COUNTERS: [&str; 3] = ["limit-count", "limit-req", "limit-conn"];
 
-/// The `Set-Cookie` values a plugin's config holds anywhere: as a field's value
-/// (`{"Set-Cookie": ...}`) or as a `name: value` line (`response-rewrite`'s `headers.add`).
-fn set_cookies<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
-    match v {
-        Value::Object(m) => {
-            for (k, v) in m {
-                match v {
-                    Value::String(s) if k.eq_ignore_ascii_case("set-cookie") => out.push(s),
-                    Value::Array(a) if k.eq_ignore_ascii_case("set-cookie") => out.extend(a.iter().filter_map(Value::as_str)),
-                    _ => set_cookies(v, out),
-                }
-            }
-        }
-        Value::Array(a) => a.iter().for_each(|v| set_cookies(v, out)),
-        Value::String(s) => {
-            if let Some((name, value)) = s.split_once(':')
-                && name.trim().eq_ignore_ascii_case("set-cookie")
-            {
-                out.push(value);
-            }
-        }
-        _ => {}
-    }
-}
-
 /// Problems with a tenant's plugin layer.
 pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, problems: &mut Vec<String>) {
     for name in plugins.keys().filter(|n| cfg.denied_plugins.contains(n)) {
@@ -68,21 +43,16 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
         if name == weir_plugins::cookie_scope::NAME {
             problems.push(format!("{what}: {name} is the platform's own, on every route of every gateway"));
         }
+        // `cookie-scope` sees a response's fields last: no plugin of a tenant's runs after it.
+        if let Some(p) = conf.pointer("/_meta/priority").and_then(Value::as_i64)
+            && p <= weir_plugins::cookie_scope::PRIORITY
+        {
+            problems.push(format!("{what}: {name}._meta.priority must be above {}, where the platform's cookie-scope runs", weir_plugins::cookie_scope::PRIORITY));
+        }
         // An auth plugin the platform makes no grants of would accept only the operator's
         // consumers.
         if name == "hmac-auth" {
             problems.push(format!("{what}: {name} takes only the operator's consumers; the platform's grants are key-auth, basic-auth and jwt-auth"));
-        }
-    }
-    // A cookie a layer sets itself (`mocking`'s answer, `response-rewrite`'s fields) may
-    // answer before `cookie-scope` runs: it may not name a domain other gateways are under.
-    let base = &cfg.base_domain;
-    let scope = weir_plugins::cookie_scope::Scope::new(std::slice::from_ref(base), &[]);
-    for (name, conf) in plugins {
-        let mut cookies = Vec::new();
-        set_cookies(conf, &mut cookies);
-        if cookies.iter().any(|c| scope.scoped(c.as_bytes()).is_some()) {
-            problems.push(format!("{what}: {name} sets a cookie whose Domain reaches hosts under {base}, other gateways' among them"));
         }
     }
     let (mut found, mut schema) = (Vec::new(), Vec::new());

@@ -68,6 +68,11 @@ pub struct PlatformConfig {
     /// Domains no tenant may claim as a custom domain, nor any name under them: the operator's
     /// own (whether or not a route of the operator's names them yet).
     pub reserved_domains: Vec<String>,
+    /// Whether every environment's routes carry `cookie-scope`, so that a cookie a tenant's
+    /// answer sets for the base domain, an environment's domain or another gateway's host is
+    /// kept to the answering host. Nodes of an earlier version cannot build that plugin: while
+    /// some still follow the same store, set it off on the new ones.
+    pub scope_cookies: bool,
     pub functions: FunctionsConfig,
     /// Versions kept in each function's history, per environment.
     pub history_limit: usize,
@@ -122,6 +127,7 @@ impl Default for PlatformConfig {
             max_applications_per_owner: 1000,
             denied_networks: ["127.0.0.0/8", "::1/128", "169.254.0.0/16", "fe80::/10", "0.0.0.0/8", "::/128"].map(String::from).to_vec(),
             reserved_domains: Vec::new(),
+            scope_cookies: true,
             functions: FunctionsConfig::default(),
             history_limit: 30,
             deployments_limit: 1000,
@@ -188,7 +194,13 @@ impl Platform {
         keyring: Arc<weir_tls::Keyring>,
     ) -> Arc<Platform> {
         let node = format!("{}-{:08x}", std::process::id(), fastrand::u32(..));
-        let inputs = json!({"base_domain": cfg.base_domain, "base_plugins": cfg.base_plugins, "form": render::FORM}).to_string();
+        // What a gateway is rendered with; off, `scope_cookies` renders as earlier versions did
+        // and is left out, so nodes of both versions agree on what is rendered.
+        let mut inputs = json!({"base_domain": cfg.base_domain, "base_plugins": cfg.base_plugins});
+        if cfg.scope_cookies {
+            inputs["scope_cookies"] = json!(true);
+        }
+        let inputs = inputs.to_string();
         let answers = answers::Answers::new(cfg.large_answers);
         let publishing = pacing::Pacer::new(cfg.functions.publish_bytes_per_minute);
         Arc::new(Platform {

@@ -17,10 +17,6 @@ use weir_catalog::MANAGED_LABEL;
 use crate::PlatformConfig;
 use crate::model::{ENVIRONMENTS, EnvState, Environment, Gateway, State};
 
-/// The form of what a render writes, raised when it changes for a gateway that did not (a
-/// plugin every route gets): a gateway rendered in an older form is rendered again.
-pub const FORM: u32 = 2;
-
 /// One object to hold in the store.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Object {
@@ -82,8 +78,11 @@ pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(
 fn merged(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Map<String, Value> {
     let mut plugins: Map<String, Value> = effective(cfg, gw, env).into_iter().map(|(n, v, _)| (n, v)).collect();
     // Over every layer: a cookie an answer sets for the base domain, an environment's domain
-    // or another gateway's host is kept to the answering host (tenants cannot name the plugin).
-    plugins.insert(weir_plugins::cookie_scope::NAME.into(), cookie_scope(cfg, &gw.gateway_id));
+    // or another gateway's host is kept to the answering host (tenants cannot name the plugin,
+    // nor order one of theirs after it).
+    if cfg.scope_cookies {
+        plugins.insert(weir_plugins::cookie_scope::NAME.into(), cookie_scope(cfg, &gw.gateway_id));
+    }
     plugins
 }
 
@@ -296,6 +295,20 @@ mod tests {
         let mut stopped = gw.clone();
         stopped.state = State::Stopped;
         assert!(render(&cfg, &stopped).iter().filter(|o| o.kind == "routes").all(|o| o.value["plugins"]["mocking"]["response_status"] == 503));
+    }
+
+    #[test]
+    fn every_environments_plugins_end_with_cookie_scope_unless_it_is_off() {
+        let gw = gateway();
+        let mut cfg = PlatformConfig::default();
+        let pc = |cfg: &PlatformConfig| render(cfg, &gw).into_iter().find(|o| o.id == "wp.shop.dev" && o.kind == "plugin_configs").unwrap().value;
+        let scope = &pc(&cfg)["plugins"]["cookie-scope"];
+        assert_eq!(scope["shared"], json!(["localhost", "dev.localhost", "staging.localhost", "prod.localhost"]));
+        assert_eq!(scope["own"], json!(["shop.localhost", "shop.dev.localhost", "shop.staging.localhost", "shop.prod.localhost"]));
+        assert!(live(&cfg, &gw).iter().all(|e| e.plugins.contains_key("cookie-scope")), "function routes carry it too");
+        cfg.scope_cookies = false;
+        assert!(pc(&cfg)["plugins"].get("cookie-scope").is_none());
+        assert!(live(&cfg, &gw).iter().all(|e| !e.plugins.contains_key("cookie-scope")));
     }
 
     #[test]

@@ -20,8 +20,11 @@ use crate::{Factory, JsonSchema, Phases, Plugin, ResponseCtx};
 
 pub const NAME: &str = "cookie-scope";
 
+/// Below every other plugin's; a route's other plugins that should run after it cannot.
+pub const PRIORITY: i64 = -100_000;
+
 pub(crate) fn factory() -> Factory {
-    Factory::new(NAME, -100_000, |c: Config, _| Ok(Arc::new(Scope::new(&c.shared, &c.own))))
+    Factory::new(NAME, PRIORITY, |c: Config, _| Ok(Arc::new(Scope::new(&c.shared, &c.own))))
 }
 
 #[derive(Deserialize, JsonSchema)]
@@ -56,11 +59,16 @@ impl Scope {
         Scope { shared: shared.iter().map(|s| lower(s)).collect(), own: own.iter().map(|o| lower(o)).collect() }
     }
 
-    /// Whether a cookie for domain `d` would reach hosts that are not the route's own.
+    /// Whether a cookie for domain `d` would reach hosts that are not the route's own. One
+    /// that is not plain letters, digits, `-` and `.` may be read otherwise by a browser (an
+    /// international name mapped to ASCII), so it counts as reaching others.
     fn reaches_others(&self, d: &str) -> bool {
         let d = lower(d);
         if d.is_empty() {
             return false;
+        }
+        if !d.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+            return true;
         }
         // A shared domain or a parent of one; or a host under one, not within the own ones.
         self.shared.iter().any(|s| within(s, &d) || (within(&d, s) && !self.own.iter().any(|o| within(&d, o))))
@@ -139,6 +147,8 @@ mod tests {
             ("sid=1; Path=/", None),
             ("domain=apps.example.com", None),
             ("sid=1; Domain=xapps.example.com", None),
+            ("sid=1; Domain=\u{ff41}pps.example.com", Some("sid=1")),
+            ("sid=1; Domain=\"apps.example.com\"", Some("sid=1")),
         ] {
             assert_eq!(scoped(cookie).as_deref(), want, "{cookie}");
         }

@@ -955,14 +955,16 @@ fn sched_of(pid: u32, name: &str) -> (Duration, Duration) {
     (fields.next().unwrap(), fields.next().unwrap())
 }
 
-/// Busy loops pinned to one core, stopped when this goes (and after a minute whatever
-/// happens, should the test's process be killed first).
+/// Busy loops pinned to one core at the niceness of tenants' runtimes (as other tenants'
+/// runtimes would be), stopped when this goes (and after a minute whatever happens, should the
+/// test's process be killed first).
 struct Hogs(Vec<std::process::Child>);
 
 impl Hogs {
     fn on(core: &str, n: usize) -> Hogs {
         let spin = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass";
-        Hogs((0..n).map(|_| std::process::Command::new("taskset").args(["-c", core, "python3", "-c", spin]).spawn().unwrap()).collect())
+        let nice = weir_functions::TENANT_NICENESS.to_string();
+        Hogs((0..n).map(|_| std::process::Command::new("taskset").args(["-c", core, "nice", "-n", &nice, "python3", "-c", spin]).spawn().unwrap()).collect())
     }
 }
 
@@ -1057,8 +1059,9 @@ async fn p99(w: &Weir, path: &str, host: &str, n: usize) -> Duration {
 }
 
 /// A cookie a tenant's answer sets for the base domain, an environment's domain or another
-/// gateway's host would reach other tenants' hosts: it is kept to the answering host. A
-/// tenant can neither name the plugin that does it nor set such a cookie from a layer.
+/// gateway's host would reach other tenants' hosts: it is kept to the answering host, whatever
+/// set it (the function, or a plugin of the tenant's answering early). A tenant can neither
+/// name the plugin that does it nor order one of its own after it.
 #[tokio::test]
 async fn a_tenants_cookies_never_reach_another_tenants_hosts() {
     let w = on_loopback("");
@@ -1078,19 +1081,25 @@ async fn a_tenants_cookies_never_reach_another_tenants_hosts() {
     // The environments' upstream routes carry the plugin too (the same plugin config).
     let (_, pc) = w.admin("GET", "/plugin_configs/wp.cks.dev", None).await;
     assert_eq!(pc["value"]["plugins"]["cookie-scope"]["own"], json!(["cks.localhost", "cks.dev.localhost", "cks.staging.localhost", "cks.prod.localhost"]), "{pc}");
-    // Layers cannot name it, nor set such a cookie themselves; nothing changes.
-    for (layer, says) in [
-        (json!({"cookie-scope": {"shared": ["x"]}}), "cookie-scope is the platform's own"),
-        (json!({"mocking": {"response_example": "hi", "response_headers": {"Set-Cookie": "s=1; Domain=localhost"}}}), "mocking sets a cookie whose Domain reaches hosts under localhost"),
-        (json!({"response-rewrite": {"headers": {"add": ["Set-Cookie: s=1; Domain=other.localhost"]}}}), "response-rewrite sets a cookie"),
-    ] {
+    // Layers cannot name it, nor order a plugin after it; nothing changes.
+    let late = json!({"response-rewrite": {"_meta": {"priority": -100000}, "headers": {"set": {"Set-Cookie": "s=1; Domain=localhost"}}}});
+    for (layer, says) in [(json!({"cookie-scope": {"shared": ["x"]}}), "cookie-scope is the platform's own"), (late, "response-rewrite._meta.priority must be above -100000")] {
         let (s, b) = v1(&w, "PATCH", "api-gateways/cks", Some(json!({"plugins": layer}))).await;
         assert!(s == 400 && b.to_string().contains(says), "{s} {b}");
         let (s, b) = v1(&w, "PATCH", &fn_path("cks", "dev/cookie"), Some(json!({"plugins": layer}))).await;
         assert!(s == 400 && b.to_string().contains(says), "function layer: {s} {b}");
     }
-    let (s, b) = v1(&w, "PATCH", "api-gateways/cks", Some(json!({"plugins": {"mocking": {"response_example": "hi", "response_headers": {"Set-Cookie": "s=1; Path=/"}}}}))).await;
-    assert_eq!(s, 200, "a host-only cookie is the tenant's to set: {b}");
+    // A cookie a tenant's plugin sets, on an answer it gives before the function runs, is kept
+    // to the host too; one for the gateway's own host stays as it is.
+    let early = json!({"mocking": {"response_example": "hi", "response_headers": {"Set-Cookie": "s=1; Domain=localhost; Path=/"}}});
+    let (s, b) = v1(&w, "PATCH", "api-gateways/cks", Some(json!({"plugins": early}))).await;
+    assert_eq!(s, 200, "{b}");
+    let r = w.until("/dev/cookie", &[("host", "cks.localhost")], |r| r.text() == "hi").await;
+    assert_eq!(r.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>(), ["s=1; Path=/"]);
+    let own = json!({"mocking": {"response_example": "own", "response_headers": {"Set-Cookie": "s=2; Domain=cks.localhost"}}});
+    assert_eq!(v1(&w, "PATCH", "api-gateways/cks", Some(json!({"plugins": own}))).await.0, 200);
+    let r = w.until("/dev/cookie", &[("host", "cks.localhost")], |r| r.text() == "own").await;
+    assert_eq!(r.headers.get_all("set-cookie").iter().map(|v| v.to_str().unwrap()).collect::<Vec<_>>(), ["s=2; Domain=cks.localhost"]);
 }
 
 /// An environment's plugin that rewrites the path changes the path its functions see, not which
