@@ -215,6 +215,7 @@ fn beside_spinners(args: &Args, w: &Weir) -> anyhow::Result<(WrkResult, WrkResul
             if since.elapsed() > Duration::from_secs(30) {
                 bail!("{gid}: the spinning function never answered 504");
             }
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
     let mock = |args| wrk_url(args, &format!("http://127.0.0.1:{}/hello", w.port), Some(w.proc.0.id()), &["Host: mock.localhost"]);

@@ -1047,11 +1047,12 @@ fn from_wire_within(v: &Array<'_>, budget: &Arc<Budget>) -> rquickjs::Result<Opt
     from_wire(v).map(Some)
 }
 
-/// Puts the calling runtime thread among tenants' work (`priority.rs`): a proxy worker that
-/// queues a call keeps its core until it waits, and the runtime then takes every call queued
-/// meanwhile in one turn, rather than the two trading the core once per call.
+/// Puts the calling runtime thread under Linux's batch policy at the process's niceness
+/// (`priority.rs`): a proxy worker that queues a call keeps its core until it waits, and the
+/// runtime then takes every call queued meanwhile in one turn, rather than the two trading the
+/// core once per call.
 fn run_as_batch(gateway: &str) {
-    if let Err(e) = crate::priority::batch_at(crate::priority::TENANT_NICENESS) {
+    if let Err(e) = crate::priority::batch_at(crate::priority::RUNTIME_STEPS) {
         tracing::debug!(%gateway, error = %e, "the function runtime keeps the default scheduling policy");
     }
 }

@@ -19,7 +19,6 @@ pub mod source;
 mod watchdog;
 mod deadline;
 mod priority;
-pub use priority::TENANT_NICENESS;
 
 mod mailbox;
 mod reply;

@@ -801,10 +801,16 @@ impl Contributor for Functions {
                     continue;
                 }
                 let mut plugins = env.plugins.clone();
+                let scoped = plugins.contains_key(weir_plugins::cookie_scope::NAME);
                 for (name, conf) in &doc.plugins {
                     // A function's own auth config takes its environment's scope: it accepts
                     // the environment's grants and no other credentials.
                     let mut conf = conf.clone();
+                    // And its plugins run before the environment's `cookie-scope`, whatever
+                    // was stored before their priorities were checked.
+                    if scoped {
+                        weir_plugins::cookie_scope::keep_before(&mut conf);
+                    }
                     if SCOPED_AUTH.contains(&name.as_str())
                         && let Some(own) = conf.as_object_mut()
                     {

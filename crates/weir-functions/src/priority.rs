@@ -1,15 +1,17 @@
-//! How Linux schedules tenants' work on a node: their scripts (each gateway's runtime thread)
-//! and the compiles of what they publish run under the batch policy [`TENANT_NICENESS`]
-//! steps of niceness below the gateway's own threads (the proxy workers, the watch loop, the
-//! Admin API: the process's niceness, 0 unless started otherwise; at most 19). Under the batch policy a thread never preempts the one that wakes it,
-//! and the niceness weighs it at about a tenth of a thread at 0 when both want the core: a
-//! node whose tenants keep their runtimes busy, each call within its budget, still gives its
-//! proxy most of a core (on one core beside three runtimes spinning, a plain route kept about
-//! 70% of its throughput, where at niceness 0 it kept about a quarter), while tenants share
-//! among themselves as equals. A core no one else wants is theirs whole.
+//! How Linux schedules tenants' work on a node. Each gateway's runtime thread runs under the
+//! batch policy at the process's niceness: under it a thread never preempts the one that wakes
+//! it, so a proxy worker that queues a call keeps its core until it waits, and the runtime then
+//! answers every call queued meanwhile in one turn. Its weight stays the proxy's: ten steps
+//! nicer, tenants whose calls spin within their budgets on a worker's core left a plain route
+//! 79% of its throughput rather than about a quarter, but a light function sharing a core with
+//! its worker fell to about half its throughput (the worker preempting the runtime at every
+//! answer), so the runtime keeps the process's niceness. The compiles of what tenants publish
+//! run at the nicest (19): a tenant's large sources compile on what the node's own work leaves
+//! of a core.
 
-/// How much nicer than the gateway's own threads tenants' work runs.
-pub const TENANT_NICENESS: i32 = 10;
+/// Steps of niceness below the process: a gateway's runtime thread, and a compile.
+pub(crate) const RUNTIME_STEPS: i32 = 0;
+pub(crate) const COMPILE_STEPS: i32 = 19;
 
 /// Puts the calling thread under Linux's batch policy, `steps` of niceness nicer than it is
 /// (at most 19, the nicest).
@@ -48,9 +50,9 @@ mod tests {
     #[test]
     fn a_thread_goes_so_many_steps_nicer_up_to_the_nicest() {
         let own = nice().unwrap();
-        let seen = std::thread::spawn(|| (batch_at(TENANT_NICENESS), nice())).join().unwrap();
-        assert_eq!(seen, (Ok(()), Some((own + TENANT_NICENESS).min(19))));
-        let seen = std::thread::spawn(|| (batch_at(15), batch_at(TENANT_NICENESS), nice())).join().unwrap();
+        let seen = std::thread::spawn(|| (batch_at(5), nice())).join().unwrap();
+        assert_eq!(seen, (Ok(()), Some((own + 5).min(19))));
+        let seen = std::thread::spawn(|| (batch_at(15), batch_at(10), nice())).join().unwrap();
         assert_eq!(seen, (Ok(()), Ok(()), Some(19)), "never past the nicest");
     }
 }

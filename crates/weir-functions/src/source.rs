@@ -148,14 +148,14 @@ fn compile_at(files: &BTreeMap<String, String>, entry: &str, background: bool) -
     })
 }
 
-/// Puts the calling compile thread among tenants' work (`priority.rs`): a tenant's large
-/// sources compile on what the node's own work leaves of a core, so its saves never slow the
-/// proxy, the watch loop or the Admin API beyond a sliver of the core, and they share it with
-/// tenants' scripts as equals (busy runtimes do not hold up everyone's publishing). Not for a
-/// compile the watch loop waits on (a gateway's first lowering), which would hold up every
-/// change behind the node's load.
+/// Puts the calling compile thread at the lowest priority Linux's batch policy has (niceness
+/// 19, `priority.rs`): a tenant's large sources compile on what the node's own work leaves of a
+/// core, so its saves never slow the proxy, the watch loop or another tenant's API calls beyond
+/// a sliver of the core, and still always make progress. Not for a compile the watch loop
+/// waits on (a gateway's first lowering), which would hold up every change behind the node's
+/// load.
 fn yield_to_others() {
-    if let Err(e) = crate::priority::batch_at(crate::priority::TENANT_NICENESS) {
+    if let Err(e) = crate::priority::batch_at(crate::priority::COMPILE_STEPS) {
         tracing::debug!(error = %e, "a compile keeps the default scheduling priority");
     }
 }
@@ -384,7 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn a_compile_runs_among_tenants_work_and_leaves_its_caller_as_it_was() {
+    fn a_compile_runs_at_the_lowest_priority_and_leaves_its_caller_as_it_was() {
         let nice = || crate::priority::niceness(&std::fs::read_to_string("/proc/thread-self/stat").unwrap());
         let before = nice();
         let seen = std::thread::spawn(move || {
@@ -393,7 +393,7 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert_eq!(seen, before.map(|n| (n + crate::priority::TENANT_NICENESS).min(19)));
+        assert_eq!(seen, Some(19));
         assert!(compile_in_background(&files(&[("index.ts", "export default () => 1;")]), "index.ts").is_ok());
         assert_eq!(nice(), before, "the caller's own priority is unchanged");
     }

@@ -434,7 +434,7 @@ fn thread_sched(name: &str) -> Option<(u32, i32)> {
 }
 
 #[tokio::test]
-async fn a_runtime_thread_runs_as_batch_work_below_the_gateways_own_and_ends_with_its_engine() {
+async fn a_runtime_thread_runs_as_batch_work_at_the_process_niceness_and_ends_with_its_engine() {
     let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
     let nice: i32 = own.rsplit_once(')').unwrap().1.split_whitespace().nth(19 - 3).unwrap().parse().unwrap();
     let engine = Engine::start("sched", limits().memory, weir_functions::Services::default()).unwrap();
@@ -446,7 +446,7 @@ async fn a_runtime_thread_runs_as_batch_work_below_the_gateways_own_and_ends_wit
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     };
-    assert_eq!(seen, (nice + weir_functions::TENANT_NICENESS).min(19), "tenants' scripts run below the gateway's own threads");
+    assert_eq!(seen, nice, "the runtime keeps the niceness it was started with");
     drop(engine);
     while thread_sched("fn-sched").is_some() {
         assert!(started.elapsed() < Duration::from_secs(5), "the runtime thread outlived its engine");

@@ -44,10 +44,12 @@ pub fn layer(cfg: &PlatformConfig, what: &str, plugins: &Map<String, Value>, pro
             problems.push(format!("{what}: {name} is the platform's own, on every route of every gateway"));
         }
         // `cookie-scope` sees a response's fields last: no plugin of a tenant's runs after it.
-        if let Some(p) = conf.pointer("/_meta/priority").and_then(Value::as_i64)
-            && p <= weir_plugins::cookie_scope::PRIORITY
-        {
-            problems.push(format!("{what}: {name}._meta.priority must be above {}, where the platform's cookie-scope runs", weir_plugins::cookie_scope::PRIORITY));
+        match conf.pointer("/_meta/priority").map(Value::as_i64) {
+            Some(Some(p)) if p <= weir_plugins::cookie_scope::PRIORITY => {
+                problems.push(format!("{what}: {name}._meta.priority must be above {}, where the platform's cookie-scope runs", weir_plugins::cookie_scope::PRIORITY));
+            }
+            Some(None) => problems.push(format!("{what}: {name}._meta.priority must be an integer")),
+            _ => {}
         }
         // An auth plugin the platform makes no grants of would accept only the operator's
         // consumers.

@@ -76,7 +76,17 @@ pub fn effective(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Vec<(
 }
 
 fn merged(cfg: &PlatformConfig, gw: &Gateway, env: &Environment) -> Map<String, Value> {
-    let mut plugins: Map<String, Value> = effective(cfg, gw, env).into_iter().map(|(n, v, _)| (n, v)).collect();
+    let mut plugins: Map<String, Value> = effective(cfg, gw, env)
+        .into_iter()
+        .map(|(n, mut v, layer)| {
+            // A tenant's plugin runs before `cookie-scope`, whatever a layer stored before its
+            // priorities were checked.
+            if cfg.scope_cookies && layer != "base" {
+                weir_plugins::cookie_scope::keep_before(&mut v);
+            }
+            (n, v)
+        })
+        .collect();
     // Over every layer: a cookie an answer sets for the base domain, an environment's domain
     // or another gateway's host is kept to the answering host (tenants cannot name the plugin,
     // nor order one of theirs after it).
@@ -306,6 +316,11 @@ mod tests {
         assert_eq!(scope["shared"], json!(["localhost", "dev.localhost", "staging.localhost", "prod.localhost"]));
         assert_eq!(scope["own"], json!(["shop.localhost", "shop.dev.localhost", "shop.staging.localhost", "shop.prod.localhost"]));
         assert!(live(&cfg, &gw).iter().all(|e| e.plugins.contains_key("cookie-scope")), "function routes carry it too");
+        // A tenant's priority stored below it (before the check) is moved above it.
+        let mut late = gw.clone();
+        late.plugins.insert("response-rewrite".into(), json!({"_meta": {"priority": -200_000}, "headers": {"set": {"x-a": "1"}}}));
+        let plugins = render(&cfg, &late).into_iter().find(|o| o.id == "wp.shop.dev" && o.kind == "plugin_configs").unwrap().value["plugins"].clone();
+        assert_eq!(plugins["response-rewrite"]["_meta"]["priority"], -99_999);
         cfg.scope_cookies = false;
         assert!(pc(&cfg)["plugins"].get("cookie-scope").is_none());
         assert!(live(&cfg, &gw).iter().all(|e| !e.plugins.contains_key("cookie-scope")));

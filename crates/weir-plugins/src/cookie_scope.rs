@@ -27,6 +27,17 @@ pub(crate) fn factory() -> Factory {
     Factory::new(NAME, PRIORITY, |c: Config, _| Ok(Arc::new(Scope::new(&c.shared, &c.own))))
 }
 
+/// Moves a plugin config's `_meta.priority` above [`PRIORITY`] where it is at or below it (or
+/// no integer), for a plugin that must run before `cookie-scope`: a tenant's config stored
+/// before its priorities were checked, say.
+pub fn keep_before(conf: &mut serde_json::Value) {
+    if let Some(p) = conf.pointer_mut("/_meta/priority")
+        && p.as_i64().is_none_or(|p| p <= PRIORITY)
+    {
+        *p = serde_json::Value::from(PRIORITY + 1);
+    }
+}
+
 #[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Config {
@@ -126,6 +137,21 @@ impl Plugin for Scope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_priority_at_or_below_it_is_moved_above() {
+        for (conf, want) in [
+            (serde_json::json!({"_meta": {"priority": -100_000}}), Some(-99_999)),
+            (serde_json::json!({"_meta": {"priority": -200_000.5}}), Some(-99_999)),
+            (serde_json::json!({"_meta": {"priority": -5}}), Some(-5)),
+            (serde_json::json!({"_meta": {"filter": []}}), None),
+            (serde_json::json!({}), None),
+        ] {
+            let mut c = conf.clone();
+            keep_before(&mut c);
+            assert_eq!(c.pointer("/_meta/priority").and_then(serde_json::Value::as_i64), want, "{conf}");
+        }
+    }
 
     #[test]
     fn a_cookie_for_the_shared_domain_or_another_owners_host_is_kept_to_the_answering_host() {

@@ -955,16 +955,14 @@ fn sched_of(pid: u32, name: &str) -> (Duration, Duration) {
     (fields.next().unwrap(), fields.next().unwrap())
 }
 
-/// Busy loops pinned to one core at the niceness of tenants' runtimes (as other tenants'
-/// runtimes would be), stopped when this goes (and after a minute whatever happens, should the
-/// test's process be killed first).
+/// Busy loops pinned to one core, stopped when this goes (and after a minute whatever
+/// happens, should the test's process be killed first).
 struct Hogs(Vec<std::process::Child>);
 
 impl Hogs {
     fn on(core: &str, n: usize) -> Hogs {
         let spin = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass";
-        let nice = weir_functions::TENANT_NICENESS.to_string();
-        Hogs((0..n).map(|_| std::process::Command::new("taskset").args(["-c", core, "nice", "-n", &nice, "python3", "-c", spin]).spawn().unwrap()).collect())
+        Hogs((0..n).map(|_| std::process::Command::new("taskset").args(["-c", core, "python3", "-c", spin]).spawn().unwrap()).collect())
     }
 }
 
@@ -1083,7 +1081,12 @@ async fn a_tenants_cookies_never_reach_another_tenants_hosts() {
     assert_eq!(pc["value"]["plugins"]["cookie-scope"]["own"], json!(["cks.localhost", "cks.dev.localhost", "cks.staging.localhost", "cks.prod.localhost"]), "{pc}");
     // Layers cannot name it, nor order a plugin after it; nothing changes.
     let late = json!({"response-rewrite": {"_meta": {"priority": -100000}, "headers": {"set": {"Set-Cookie": "s=1; Domain=localhost"}}}});
-    for (layer, says) in [(json!({"cookie-scope": {"shared": ["x"]}}), "cookie-scope is the platform's own"), (late, "response-rewrite._meta.priority must be above -100000")] {
+    let float = json!({"response-rewrite": {"_meta": {"priority": -1.5}, "headers": {"set": {"x-a": "1"}}}});
+    for (layer, says) in [
+        (json!({"cookie-scope": {"shared": ["x"]}}), "cookie-scope is the platform's own"),
+        (late, "response-rewrite._meta.priority must be above -100000"),
+        (float, "response-rewrite._meta.priority must be an integer"),
+    ] {
         let (s, b) = v1(&w, "PATCH", "api-gateways/cks", Some(json!({"plugins": layer}))).await;
         assert!(s == 400 && b.to_string().contains(says), "{s} {b}");
         let (s, b) = v1(&w, "PATCH", &fn_path("cks", "dev/cookie"), Some(json!({"plugins": layer}))).await;
