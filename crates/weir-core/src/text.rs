@@ -50,6 +50,16 @@ pub fn ip_text(ip: std::net::IpAddr) -> String {
     }
 }
 
+/// The name in a Host value or an authority's host: without its port or a trailing dot
+/// (`admin.internal.` is the same name), IPv6 literals kept whole with their brackets.
+pub fn host_name(raw: &str) -> &str {
+    if raw.starts_with('[') {
+        return raw.find(']').map_or(raw, |i| &raw[..=i]);
+    }
+    let host = raw.rsplit_once(':').map_or(raw, |(h, _)| h);
+    host.strip_suffix('.').filter(|h| !h.is_empty()).unwrap_or(host)
+}
+
 /// Decodes `%XX` escapes and `+` (as a space), as query strings are written. Malformed escapes
 /// are kept as they are. Borrows when there is nothing to decode.
 pub fn percent_decode(s: &str) -> Cow<'_, str> {

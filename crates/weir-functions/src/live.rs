@@ -1382,6 +1382,32 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_functions_own_plugins_run_before_its_environments_cookie_scope() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, mut relowers) = Relower::channel();
+        f.attach(relower);
+        let mut env = env_doc(true);
+        env.plugins.insert("cookie-scope".into(), json!({"shared": ["localhost"], "own": ["g.localhost"]}));
+        let env = serde_json::to_vec(&env).unwrap();
+        let key = "/weir/platform/live/g/fn/dev/f";
+        let mut doc: FunctionDoc = serde_json::from_slice(&stored(1)).unwrap();
+        // Stored before tenants' priorities were checked: below cookie-scope's.
+        doc.plugins.insert("response-rewrite".into(), json!({"_meta": {"priority": -200_000}, "headers": {"set": {"x-a": "1"}}}));
+        let value = serde_json::to_vec(&doc).unwrap();
+        let objects: [(&str, &[u8]); 2] = [(ENV_KEY, &env), (key, &value)];
+        let mut out = f.lower(PARTITION, &objects);
+        while out.routes.is_empty() {
+            tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.unwrap();
+            out = f.lower(PARTITION, &objects);
+        }
+        for r in &out.routes {
+            let plugins = r.route.plugins.as_ref().unwrap();
+            assert!(plugins.contains_key("cookie-scope"), "{}", r.id);
+            assert_eq!(plugins["response-rewrite"]["_meta"]["priority"], json!(-99_999), "{}", r.id);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_function_importing_another_by_name_follows_its_changes() {
         let f = Functions::new("/weir", Settings::default());
         let (relower, mut relowers) = Relower::channel();

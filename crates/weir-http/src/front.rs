@@ -382,7 +382,7 @@ fn refused(parts: &http::request::Parts) -> Option<StatusCode> {
     // 9113 §8.3.1), or routing and the upstream could each take a different one. A target
     // with user information is an error (RFC 9110 §4.2.4).
     let two_hosts = parts.version == Version::HTTP_2
-        && parts.uri.authority().zip(parts.headers.get(header::HOST)).is_some_and(|(a, h)| !host_name(a.host()).eq_ignore_ascii_case(host_name(h.to_str().unwrap_or(""))));
+        && parts.uri.authority().zip(parts.headers.get(header::HOST)).is_some_and(|(a, h)| !weir_core::text::host_name(a.host().trim()).eq_ignore_ascii_case(weir_core::text::host_name(h.to_str().unwrap_or("").trim())));
     let userinfo = parts.uri.authority().is_some_and(|a| a.as_str().contains('@'));
     (hosts > 1 || (hosts == 0 && parts.version == Version::HTTP_11) || two_hosts || userinfo).then_some(StatusCode::BAD_REQUEST)
 }
@@ -404,17 +404,6 @@ fn target_host(parts: &mut http::request::Parts) {
     if let Ok(h) = named {
         parts.headers.insert(header::HOST, h);
     }
-}
-
-/// The name in a Host value or an authority's host: without its port, IPv6 literals kept
-/// whole with their brackets.
-fn host_name(raw: &str) -> &str {
-    let raw = raw.trim();
-    if raw.starts_with('[') {
-        return raw.find(']').map_or(raw, |i| &raw[..=i]);
-    }
-    let name = raw.rsplit_once(':').map_or(raw, |(h, _)| h);
-    name.strip_suffix('.').filter(|h| !h.is_empty()).unwrap_or(name)
 }
 
 fn refusal_for(status: StatusCode, version: Version) -> Response<RespBody> {

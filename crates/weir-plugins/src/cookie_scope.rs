@@ -117,13 +117,13 @@ impl Plugin for Scope {
         if !headers.contains_key(SET_COOKIE) {
             return;
         }
-        let cookies: Vec<HeaderValue> = headers.get_all(SET_COOKIE).iter().cloned().collect();
-        if cookies.iter().all(|c| self.scoped(c.as_bytes()).is_none()) {
+        let cookies: Vec<(HeaderValue, Option<Vec<u8>>)> = headers.get_all(SET_COOKIE).iter().map(|c| (c.clone(), self.scoped(c.as_bytes()))).collect();
+        if cookies.iter().all(|(_, scoped)| scoped.is_none()) {
             return;
         }
         headers.remove(SET_COOKIE);
-        for c in cookies {
-            let kept = match self.scoped(c.as_bytes()) {
+        for (c, scoped) in cookies {
+            let kept = match scoped {
                 Some(v) => HeaderValue::from_bytes(&v).ok(),
                 None => Some(c),
             };

@@ -90,15 +90,7 @@ fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
 /// Lower-cases the host and drops the port and a trailing dot (`admin.internal.` is the same
 /// name, and nginx matches it so); borrows when nothing needs changing.
 fn normalize_host(raw: &str) -> Cow<'_, str> {
-    let host = if raw.starts_with('[') {
-        raw.find(']').map_or(raw, |i| &raw[..=i])
-    } else {
-        let host = raw.rsplit_once(':').map_or(raw, |(h, _)| h);
-        match host.strip_suffix('.') {
-            Some(h) if !h.is_empty() => h,
-            _ => host,
-        }
-    };
+    let host = weir_core::text::host_name(raw);
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
