@@ -41,6 +41,11 @@ struct Shared {
     resting: AtomicBool,
     /// Set when the interrupt handler stopped the running JavaScript.
     fired: AtomicBool,
+    /// The time spent in segments of JavaScript (`Js::segment`), on the monotonic clock, for
+    /// the watchdog's measure of how busy the runtime keeps its core: nanoseconds of those
+    /// ended, and when the one under way began (nanoseconds since `epoch`; 0: none).
+    ran: AtomicU64,
+    running_since: AtomicU64,
 }
 
 /// A deadline's arming, to be put back once something armed under its own is done
@@ -64,6 +69,8 @@ impl Deadline {
             base_cpu: AtomicU64::new(0),
             resting: AtomicBool::new(false),
             fired: AtomicBool::new(false),
+            ran: AtomicU64::new(0),
+            running_since: AtomicU64::new(0),
         }))
     }
 
@@ -192,6 +199,37 @@ impl Deadline {
     pub(crate) fn resting(&self) -> bool {
         self.0.resting.load(Ordering::Relaxed)
     }
+
+    /// A segment of JavaScript runs from `start`; on the runtime's thread.
+    pub(crate) fn enter(&self, start: Instant) {
+        let since = (start.saturating_duration_since(self.0.epoch).as_nanos() as u64).max(1);
+        self.0.running_since.store(since, Ordering::Relaxed);
+    }
+
+    /// The segment under way ended at `end`; on the runtime's thread, the only one to write
+    /// either field. The segment leaves `running_since` before its time joins `ran`: a reading
+    /// between the two counts it short, never twice.
+    pub(crate) fn leave(&self, end: Instant) {
+        let s = &self.0;
+        let since = s.running_since.load(Ordering::Relaxed);
+        if since != 0 {
+            s.running_since.store(0, Ordering::Relaxed);
+            let end = end.saturating_duration_since(s.epoch).as_nanos() as u64;
+            s.ran.store(s.ran.load(Ordering::Relaxed).saturating_add(end.saturating_sub(since)), Ordering::Release);
+        }
+    }
+
+    /// The time the runtime has spent in segments of JavaScript so far, the one under way
+    /// counted until now: time it held or waited for a core to run JavaScript on.
+    pub(crate) fn running(&self) -> Duration {
+        let s = &self.0;
+        let ran = s.ran.load(Ordering::Acquire);
+        let under_way = match s.running_since.load(Ordering::Relaxed) {
+            0 => 0,
+            since => self.now().saturating_sub(since),
+        };
+        Duration::from_nanos(ran.saturating_add(under_way))
+    }
 }
 
 /// The calling thread's CPU clock, in nanoseconds.
@@ -257,5 +295,27 @@ mod tests {
         assert!(!d.past(), "the outer arming is back, with CPU left");
         let spent = d.spent(Instant::now());
         assert!(spent >= Duration::from_millis(30) && spent < Duration::from_millis(50), "the inner run counts against it: {spent:?}");
+    }
+
+    #[test]
+    fn the_time_in_segments_counts_those_ended_and_the_one_under_way() {
+        let d = Deadline::new();
+        assert_eq!(d.running(), Duration::ZERO);
+        d.enter(Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        let under_way = d.running();
+        assert!(under_way >= Duration::from_millis(20), "{under_way:?}");
+        d.leave(Instant::now());
+        let ended = d.running();
+        assert!(ended >= under_way, "{ended:?}");
+        // Between segments nothing is counted, and a leave without an enter adds nothing.
+        std::thread::sleep(Duration::from_millis(200));
+        d.leave(Instant::now());
+        assert_eq!(d.running(), ended);
+        d.enter(Instant::now());
+        std::thread::sleep(Duration::from_millis(10));
+        d.leave(Instant::now());
+        let after = d.running();
+        assert!(after >= ended + Duration::from_millis(10) && after < ended + Duration::from_millis(200), "the time between segments counted: {after:?}");
     }
 }

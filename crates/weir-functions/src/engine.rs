@@ -269,7 +269,7 @@ impl Engine {
         let gw = gateway.to_string();
         let loaded: Arc<std::sync::Mutex<HashMap<usize, Load>>> = Arc::default();
         let reload = loaded.clone();
-        let watch = crate::watchdog::Watch::new(Deadline::new());
+        let watch = crate::watchdog::Watch::new(gateway, Deadline::new());
         let watched = watch.clone();
         let thread = std::thread::Builder::new()
             .name(format!("fn-{gateway}"))
@@ -888,6 +888,7 @@ impl Js {
             }
         }
         self.deadline.arm(start, budget);
+        self.deadline.enter(start);
         let out = match self.realm(env) {
             Ok(realm) => realm.ctx.with(|ctx| f(&realm, &ctx)),
             Err(rquickjs::Error::Allocation) => Err(Failure::Memory),
@@ -921,7 +922,9 @@ impl Js {
                 oom |= !matches!(left, Failure::Timeout(_));
             }
         }
-        let took = spent + after.elapsed();
+        let end = Instant::now();
+        self.deadline.leave(end);
+        let took = spent + end.saturating_duration_since(after);
         (out, took, took >= budget, oom)
     }
 }
@@ -1091,6 +1094,8 @@ const ABANDONED_CHECK: Duration = Duration::from_millis(500);
 
 #[allow(clippy::too_many_arguments)]
 fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Services, served: &std::sync::Mutex<HashMap<usize, Load>>, next_call: &std::cell::Cell<u64>, reloaded: &std::cell::Cell<Option<Instant>>, slots: &Slots, deadline: &Deadline) {
+    // A segment a panic cut short ends here.
+    deadline.leave(Instant::now());
     let mut js = match Js::new(memory, slots, deadline.clone()) {
         Ok(js) => js,
         Err(e) => {

@@ -13,11 +13,22 @@
 //! the stuck one ends once its loop does. Past that many, a demoted runtime is kept (its own
 //! gateway's calls wait on it) until there is room, so that no tenant can have the node hold
 //! runtimes without end.
+//!
+//! It also measures, over windows of [`BUSY_WINDOW`], how much of the time each runtime spends
+//! running JavaScript (or waiting for a core to run it on). A runtime busy for [`BUSY_SHARE`]
+//! of a window or more is doing a tenant's heavy work, which shares the cores with the proxy
+//! workers and every other tenant's runtime: its thread is put at the nicest niceness (19),
+//! where it runs on what the others leave of a core. A light function's runtime stays at the
+//! process's niceness, so that it answers its worker at once. Once the runtime has stayed under
+//! [`QUIET_SHARE`] for [`QUIET_WINDOWS`] windows in a row it is put back at the niceness it
+//! started with, where Linux allows it (a process without `CAP_SYS_NICE` or room under its
+//! `RLIMIT_NICE` may not lower a niceness again: such a runtime stays nice until its gateway
+//! starts another).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
 use crate::engine::stat_field;
@@ -33,9 +44,31 @@ pub const STALLED_CPU: Duration = Duration::from_secs(2);
 /// Stuck runtimes replaced whose threads still run, on a node, at most.
 pub const ABANDONED_AT_MOST: usize = 4;
 
+/// The window over which a runtime's business is measured.
+pub const BUSY_WINDOW: Duration = Duration::from_secs(1);
+
+/// The share of a window a runtime spends running JavaScript, or waiting for a core to, from
+/// which it runs at the nicest niceness. A light function's runtime under all the load a core
+/// can serve spends about a third of its time so.
+pub const BUSY_SHARE: f64 = 0.9;
+
+/// The share under which a nice runtime is quiet, and for how many windows in a row it must be
+/// before it goes back to the niceness it started with.
+pub const QUIET_SHARE: f64 = 0.5;
+pub const QUIET_WINDOWS: u32 = 5;
+
+/// The nicest niceness, Linux's.
+const NICEST: i32 = 19;
+
 /// What the watchdog reads of one runtime's thread, and marks.
 pub(crate) struct Watch {
     pub(crate) deadline: Deadline,
+    gateway: String,
+    /// The thread's niceness when it started; `i32::MIN` until then.
+    home: AtomicI32,
+    /// Put at the nicest niceness for being busy; `kept_nice` once Linux refused it its own back.
+    nice: AtomicBool,
+    kept_nice: AtomicBool,
     /// The thread's id (Linux's), once it has started.
     tid: AtomicU64,
     /// Held until the watch goes (after the thread), so that the thread's handle stays valid
@@ -48,9 +81,13 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(deadline: Deadline) -> Arc<Watch> {
+    pub(crate) fn new(gateway: &str, deadline: Deadline) -> Arc<Watch> {
         Arc::new(Watch {
             deadline,
+            gateway: gateway.to_string(),
+            home: AtomicI32::new(i32::MIN),
+            nice: AtomicBool::new(false),
+            kept_nice: AtomicBool::new(false),
             tid: AtomicU64::new(0),
             thread: Mutex::new(None),
             demoted: AtomicBool::new(false),
@@ -64,6 +101,9 @@ impl Watch {
     pub(crate) fn started(&self) {
         let tid = std::fs::read_link("/proc/thread-self").ok().and_then(|p| p.file_name()?.to_str()?.parse().ok()).unwrap_or(0);
         self.tid.store(tid, Ordering::Relaxed);
+        if let Ok(n) = rustix::process::getpriority_process(None) {
+            self.home.store(n, Ordering::Relaxed);
+        }
     }
 
     /// Called on the runtime's thread as it ends.
@@ -96,6 +136,9 @@ static WATCHED: OnceLock<Mutex<Vec<Weak<Watch>>>> = OnceLock::new();
 fn look() {
     // Each runtime past its deadline: the deadline, and the thread's CPU time when first seen.
     let mut past: HashMap<usize, (u64, Duration)> = HashMap::new();
+    // Each runtime's window: when it began, the time the runtime had spent running by then,
+    // and how many quiet windows in a row went before.
+    let mut windows: HashMap<usize, (Instant, Duration, u32)> = HashMap::new();
     loop {
         std::thread::sleep(EVERY);
         let Some(all) = WATCHED.get() else { continue };
@@ -106,6 +149,7 @@ fn look() {
         };
         let mut abandoned = watched.iter().filter(|w| w.stuck() && !w.ended.load(Ordering::Relaxed)).count();
         past.retain(|at, _| watched.iter().any(|w| Arc::as_ptr(w) as usize == *at));
+        windows.retain(|at, _| watched.iter().any(|w| Arc::as_ptr(w) as usize == *at));
         for w in &watched {
             let key = Arc::as_ptr(w) as usize;
             if w.stuck() {
@@ -121,6 +165,7 @@ fn look() {
                 }
                 continue;
             }
+            measure(w, windows.entry(key).or_insert_with(|| (Instant::now(), w.deadline.running(), 0)));
             let armed = w.deadline.armed();
             let tid = w.tid.load(Ordering::Relaxed);
             let Some(cpu) = (tid != 0).then(|| thread_cpu(tid)).flatten() else { continue };
@@ -146,6 +191,77 @@ fn look() {
             }
         }
     }
+}
+
+/// Ends runtime `w`'s window once it is [`BUSY_WINDOW`] long, and sets the runtime's niceness
+/// by how busy it was.
+fn measure(w: &Watch, window: &mut (Instant, Duration, u32)) {
+    let (now, ran) = (Instant::now(), w.deadline.running());
+    let (from, ran_then, quiet) = *window;
+    let long = now.saturating_duration_since(from);
+    if long < BUSY_WINDOW {
+        return;
+    }
+    let share = ran.saturating_sub(ran_then).as_secs_f64() / long.as_secs_f64();
+    let mut quiet = quiet;
+    match pace(w.nice.load(Ordering::Relaxed), share, &mut quiet) {
+        Pace::Keep => {}
+        Pace::Lower => match renice(w, NICEST) {
+            Ok(()) => {
+                w.nice.store(true, Ordering::Relaxed);
+                tracing::info!(gateway = %w.gateway, share, "a function runtime keeps its core busy: it runs at the nicest niceness until it is quiet");
+            }
+            Err(e) => tracing::debug!(gateway = %w.gateway, error = %e, "a busy function runtime keeps its niceness"),
+        },
+        Pace::Raise if w.kept_nice.load(Ordering::Relaxed) => {}
+        Pace::Raise => match renice(w, w.home.load(Ordering::Relaxed)) {
+            Ok(()) => {
+                w.nice.store(false, Ordering::Relaxed);
+                tracing::info!(gateway = %w.gateway, "a function runtime is quiet again: it runs at its own niceness");
+            }
+            Err(e) => {
+                w.kept_nice.store(true, Ordering::Relaxed);
+                tracing::info!(gateway = %w.gateway, error = %e, "a function runtime quiet again stays at the nicest niceness: the node may not lower a niceness (CAP_SYS_NICE, RLIMIT_NICE)");
+            }
+        },
+    }
+    *window = (now, ran, quiet);
+}
+
+#[derive(Debug, PartialEq)]
+enum Pace {
+    Keep,
+    Lower,
+    Raise,
+}
+
+/// What a window that a runtime spent `share` of running says of its niceness, given whether
+/// it is nice now and the quiet windows in a row before (`quiet`, counted on).
+fn pace(nice: bool, share: f64, quiet: &mut u32) -> Pace {
+    if !nice {
+        *quiet = 0;
+        return if share >= BUSY_SHARE { Pace::Lower } else { Pace::Keep };
+    }
+    if share >= QUIET_SHARE {
+        *quiet = 0;
+        return Pace::Keep;
+    }
+    *quiet += 1;
+    if *quiet < QUIET_WINDOWS {
+        return Pace::Keep;
+    }
+    *quiet = 0;
+    Pace::Raise
+}
+
+/// Sets the niceness of runtime `w`'s thread, while it runs (a thread that ended may have left
+/// its id to another).
+fn renice(w: &Watch, niceness: i32) -> Result<(), String> {
+    if w.ended.load(Ordering::Relaxed) || niceness == i32::MIN {
+        return Err("the runtime's thread is not running".into());
+    }
+    let tid = i32::try_from(w.tid.load(Ordering::Relaxed)).ok().and_then(rustix::process::Pid::from_raw).ok_or("the runtime's thread is not known")?;
+    rustix::process::setpriority_process(Some(tid), niceness).map_err(|e| e.to_string())
 }
 
 /// Puts a runtime stuck in a loop it cannot be stopped in under the idle policy.
@@ -203,4 +319,52 @@ fn thread_cpu(tid: u64) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("{dir}/stat")).ok()?;
     let ticks = stat_field::<u64>(&stat, 14)? + stat_field::<u64>(&stat, 15)?;
     Some(Duration::from_millis(ticks * 10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_runtime_goes_nice_and_comes_back_after_quiet_windows_in_a_row() {
+        let mut quiet = 0;
+        assert_eq!(pace(false, 0.35, &mut quiet), Pace::Keep, "a light function's runtime under full load");
+        assert_eq!(pace(false, BUSY_SHARE, &mut quiet), Pace::Lower);
+        // Nice: only quiet windows in a row bring it back; a busy one starts the count again.
+        for _ in 1..QUIET_WINDOWS {
+            assert_eq!(pace(true, 0.1, &mut quiet), Pace::Keep);
+        }
+        assert_eq!(pace(true, 0.7, &mut quiet), Pace::Keep);
+        assert_eq!(quiet, 0);
+        for _ in 1..QUIET_WINDOWS {
+            assert_eq!(pace(true, QUIET_SHARE / 2.0, &mut quiet), Pace::Keep);
+        }
+        assert_eq!(pace(true, 0.0, &mut quiet), Pace::Raise);
+        assert_eq!(quiet, 0);
+    }
+
+    #[test]
+    fn a_runtimes_thread_is_reniced_by_its_id_and_only_while_it_runs() {
+        let w = Watch::new("g", Deadline::new());
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let seen = {
+            let w = w.clone();
+            std::thread::spawn(move || {
+                w.started();
+                rx.recv().unwrap();
+                rustix::process::getpriority_process(None).unwrap()
+            })
+        };
+        while w.tid.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let home = w.home.load(Ordering::Relaxed);
+        assert_ne!(home, i32::MIN);
+        renice(&w, (home + 3).min(NICEST)).unwrap();
+        tx.send(()).unwrap();
+        assert_eq!(seen.join().unwrap(), (home + 3).min(NICEST), "the thread's own niceness");
+        assert_eq!(rustix::process::getpriority_process(None).unwrap(), home, "this thread's is untouched");
+        w.ended();
+        assert!(renice(&w, NICEST).is_err());
+    }
 }

@@ -947,10 +947,7 @@ async fn a_runtime_stuck_in_a_built_in_is_replaced_and_costs_others_nothing() {
 /// The CPU time run and the time spent waiting for a core, so far, of the one thread of
 /// process `pid` named `name` (Linux's `schedstat`, in nanoseconds).
 fn sched_of(pid: u32, name: &str) -> (Duration, Duration) {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    let named: Vec<_> = tasks.flatten().filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)).collect();
-    assert_eq!(named.len(), 1, "threads named {name}");
-    let stat = std::fs::read_to_string(named[0].path().join("schedstat")).unwrap();
+    let stat = std::fs::read_to_string(thread_of(pid, name).join("schedstat")).unwrap();
     let mut fields = stat.split_whitespace().map(|f| Duration::from_nanos(f.parse().unwrap()));
     (fields.next().unwrap(), fields.next().unwrap())
 }
@@ -960,9 +957,11 @@ fn sched_of(pid: u32, name: &str) -> (Duration, Duration) {
 struct Hogs(Vec<std::process::Child>);
 
 impl Hogs {
-    fn on(core: &str, n: usize) -> Hogs {
+    /// `n` loops on `core`, at niceness `nice`.
+    fn on(core: &str, n: usize, nice: u8) -> Hogs {
         let spin = "import time\nend = time.monotonic() + 60\nwhile time.monotonic() < end: pass";
-        Hogs((0..n).map(|_| std::process::Command::new("taskset").args(["-c", core, "python3", "-c", spin]).spawn().unwrap()).collect())
+        let run = |_| std::process::Command::new("taskset").args(["-c", core, "nice", "-n", &nice.to_string(), "python3", "-c", spin]).spawn().unwrap();
+        Hogs((0..n).map(run).collect())
     }
 }
 
@@ -993,7 +992,9 @@ impl Drop for Hogs {
 /// A call's CPU budget counts the CPU its runtime spends on it, not the time other threads
 /// hold the core (another tenant's runtime among them): on a core shared with three busy
 /// loops, a call that needs less than half its budget answers though it takes longer than its
-/// budget to, and a loop still stops once it has had its budget.
+/// budget to, and a loop still stops once it has had its budget. The loops run at the nicest
+/// niceness, where a runtime that keeps its core busy goes too (the watchdog's), so that the
+/// runtime has a quarter of the core whatever its niceness.
 #[tokio::test]
 async fn a_calls_budget_is_its_own_cpu_and_not_the_time_others_hold_the_core() {
     let _alone = timing_alone();
@@ -1027,10 +1028,18 @@ async fn a_calls_budget_is_its_own_cpu_and_not_the_time_others_hold_the_core() {
         }
         n *= 4;
     };
-    // Weir's threads and three busy loops on one core: the runtime has about a quarter of it.
+    // Weir's threads and three busy loops on one core.
     let core = last_allowed_core();
     assert!(std::process::Command::new("taskset").args(["-a", "-p", "-c", &core, &w.pid().to_string()]).output().unwrap().status.success());
-    let _hogs = Hogs::on(&core, 3);
+    let _hogs = Hogs::on(&core, 3, 19);
+    // Loops to their budget, one after another, until the runtime is as nice as the hogs.
+    let mut spins = 0;
+    while niceness_of(w.pid(), "fn-busy") != 19 {
+        let (r, _, _) = call(&w, "/dev/spin").await;
+        assert_eq!(r.status, 504, "{}", r.text());
+        spins += 1;
+        assert!(spins < 20, "the runtime never went nice");
+    }
     let (r, took, ran) = call(&w, &format!("/dev/work?n={n}")).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(took > budget, "the call had the core to itself: {took:?}, CPU {ran:?}");
@@ -1041,6 +1050,82 @@ async fn a_calls_budget_is_its_own_cpu_and_not_the_time_others_hold_the_core() {
     // included: a loop may be stopped that much early.
     assert!(ran >= budget * 9 / 10 && ran < budget * 11 / 10, "CPU {ran:?}");
     assert!(took > budget * 2, "the loop had the core to itself: {took:?}");
+}
+
+/// The niceness of the one thread of process `pid` named `name`.
+fn niceness_of(pid: u32, name: &str) -> i32 {
+    let stat = std::fs::read_to_string(thread_of(pid, name).join("stat")).unwrap();
+    stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19 - 3).unwrap().parse().unwrap()
+}
+
+/// The `/proc` directory of the one thread of process `pid` named `name`.
+fn thread_of(pid: u32, name: &str) -> std::path::PathBuf {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    let named: Vec<_> = tasks.flatten().filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)).collect();
+    assert_eq!(named.len(), 1, "threads named {name}");
+    named[0].path()
+}
+
+/// Whether this process (and so the node it starts) may lower a niceness: `CAP_SYS_NICE`.
+fn may_lower_niceness() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let caps = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    u64::from_str_radix(caps, 16).unwrap() & (1 << 23) != 0
+}
+
+/// A runtime that keeps its core busy (a tenant's calls spinning to their budget, one after
+/// another) runs at the nicest niceness, where the proxy and the other tenants' runtimes come
+/// first; a light function's runtime beside it keeps the process's. Quiet again for a few
+/// seconds, it gets its niceness back where the node may lower one, and keeps the nicest where
+/// it may not.
+#[tokio::test]
+async fn a_runtime_that_keeps_its_core_busy_runs_nicest_until_it_is_quiet() {
+    let _alone = timing_alone();
+    let w = on_loopback("");
+    started_gateway(&w, "hot").await;
+    started_gateway(&w, "cool").await;
+    for (gid, name, code) in [("hot", "spin", "export default () => { for (;;) {} }"), ("cool", "ping", "export default () => ({ pong: true })")] {
+        assert_eq!(v1(&w, "POST", &format!("api-gateways/{gid}/functions"), Some(json!({"name": name, "source": {"code": code}}))).await.0, 201);
+    }
+    assert_eq!(v1(&w, "PATCH", "api-gateways/hot", Some(json!({"limits": {"timeoutMs": 300}}))).await.0, 200);
+    w.until("/dev/ping", &[("host", "cool.localhost")], |r| r.status == 200).await;
+    w.until("/dev/spin", &[("host", "hot.localhost")], |r| r.status == 504).await;
+    let own = niceness_of(w.pid(), "fn-cool");
+    assert_eq!(niceness_of(w.pid(), "fn-hot"), own);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let spinner = tokio::spawn({
+        let (proxy, stop) = (w.proxy, stop.clone());
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = send(proxy, "GET", "/dev/spin", &[("host", "hot.localhost")], None).await;
+                assert_eq!(r.status, 504, "{}", r.text());
+            }
+        }
+    });
+    let t = std::time::Instant::now();
+    while niceness_of(w.pid(), "fn-hot") != 19 {
+        let r = w.get("/dev/ping", &[("host", "cool.localhost")]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(t.elapsed() < Duration::from_secs(20), "the spinning runtime kept its niceness");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(niceness_of(w.pid(), "fn-cool"), own, "the light function's runtime");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    spinner.await.unwrap();
+    // Quiet: five windows of a second in a row, and the watchdog's next look.
+    let t = std::time::Instant::now();
+    if may_lower_niceness() {
+        while niceness_of(w.pid(), "fn-hot") != own {
+            assert!(t.elapsed() < Duration::from_secs(20), "the quiet runtime never got its niceness back");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(t.elapsed() >= Duration::from_secs(4), "back after {:?}", t.elapsed());
+    } else {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        assert_eq!(niceness_of(w.pid(), "fn-hot"), 19, "a node that may not lower a niceness keeps the runtime nice");
+    }
+    // And it answers as before.
+    w.until("/dev/spin", &[("host", "hot.localhost")], |r| r.status == 504).await;
 }
 
 /// p99 (the largest of 100 is its own p99 for our purposes: the second largest) of `n` GETs.
