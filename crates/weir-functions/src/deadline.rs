@@ -41,9 +41,9 @@ struct Shared {
     resting: AtomicBool,
     /// Set when the interrupt handler stopped the running JavaScript.
     fired: AtomicBool,
-    /// The time spent in segments of JavaScript (`Js::segment`), on the monotonic clock, for
-    /// the watchdog's measure of how busy the runtime keeps its core: nanoseconds of those
-    /// ended, and when the one under way began (nanoseconds since `epoch`; 0: none).
+    /// The time spent running JavaScript (segments, and what the loop runs outside them), on
+    /// the monotonic clock, for the watchdog's measure of how busy the runtime keeps its core:
+    /// nanoseconds of what ended, and when what is under way began (since `epoch`; 0: none).
     ran: AtomicU64,
     running_since: AtomicU64,
 }
@@ -192,7 +192,11 @@ impl Deadline {
 
     /// Whether the thread waits for work or drops a runtime, running no JavaScript meanwhile
     /// (the watchdog leaves it alone then, whatever the deadline).
+    /// Resting closes what [`Deadline::enter`] opened.
     pub(crate) fn rest(&self, resting: bool) {
+        if resting && self.0.running_since.load(Ordering::Relaxed) != 0 {
+            self.leave(Instant::now());
+        }
         self.0.resting.store(resting, Ordering::Relaxed);
     }
 
@@ -200,15 +204,18 @@ impl Deadline {
         self.0.resting.load(Ordering::Relaxed)
     }
 
-    /// A segment of JavaScript runs from `start`; on the runtime's thread.
+    /// JavaScript runs from `start` (a segment, or what the loop runs outside one); on the
+    /// runtime's thread. Where the time is counted already, it goes on from where it began.
     pub(crate) fn enter(&self, start: Instant) {
-        let since = (start.saturating_duration_since(self.0.epoch).as_nanos() as u64).max(1);
-        self.0.running_since.store(since, Ordering::Relaxed);
+        if self.0.running_since.load(Ordering::Relaxed) == 0 {
+            let since = (start.saturating_duration_since(self.0.epoch).as_nanos() as u64).max(1);
+            self.0.running_since.store(since, Ordering::Relaxed);
+        }
     }
 
-    /// The segment under way ended at `end`; on the runtime's thread, the only one to write
-    /// either field. The segment leaves `running_since` before its time joins `ran`: a reading
-    /// between the two counts it short, never twice.
+    /// The JavaScript [`Deadline::enter`] counted ended at `end`; on the runtime's thread, the
+    /// only one to write either field. The time leaves `running_since` before it joins `ran`: a
+    /// reading between the two counts it short, never twice.
     pub(crate) fn leave(&self, end: Instant) {
         let s = &self.0;
         let since = s.running_since.load(Ordering::Relaxed);
@@ -219,8 +226,9 @@ impl Deadline {
         }
     }
 
-    /// The time the runtime has spent in segments of JavaScript so far, the one under way
-    /// counted until now: time it held or waited for a core to run JavaScript on.
+    /// The time the runtime has spent running JavaScript so far (from each [`Deadline::enter`]
+    /// to the [`Deadline::leave`] or rest after it), what is under way counted until now: time
+    /// it held or waited for a core to run JavaScript on.
     pub(crate) fn running(&self) -> Duration {
         let s = &self.0;
         let ran = s.ran.load(Ordering::Acquire);
@@ -309,13 +317,18 @@ mod tests {
         let ended = d.running();
         assert!(ended >= under_way, "{ended:?}");
         // Between segments nothing is counted, and a leave without an enter adds nothing.
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_secs(1));
         d.leave(Instant::now());
         assert_eq!(d.running(), ended);
+        // An enter while counting goes on from the first; resting ends it.
         d.enter(Instant::now());
         std::thread::sleep(Duration::from_millis(10));
-        d.leave(Instant::now());
+        d.enter(Instant::now());
+        std::thread::sleep(Duration::from_millis(10));
+        d.rest(true);
         let after = d.running();
-        assert!(after >= ended + Duration::from_millis(10) && after < ended + Duration::from_millis(200), "the time between segments counted: {after:?}");
+        assert!(after >= ended + Duration::from_millis(20) && after < ended + Duration::from_secs(1), "the time between segments counted: {after:?}");
+        std::thread::sleep(Duration::from_millis(10));
+        assert_eq!(d.running(), after, "nothing counts while resting");
     }
 }

@@ -275,7 +275,8 @@ impl Engine {
             .name(format!("fn-{gateway}"))
             .stack_size(16 << 20)
             .spawn(move || {
-                watched.started();
+                // Marked ended however the thread ends, a panic outside the loop's included.
+                let _ends = crate::watchdog::Watch::on_thread(&watched);
                 run_as_batch(&gw);
                 inbox.attach();
                 // A panic in the runtime's loop fails the calls in flight (their answers are
@@ -292,7 +293,6 @@ impl Engine {
                 while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call, &reloaded, &slots, &watched.deadline))).is_err() {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
-                watched.ended();
             })?;
         watch.watch(thread);
         Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)), loaded, watch }))
@@ -684,8 +684,11 @@ impl Js {
     /// Gives what the loop runs next of JavaScript outside a call's segment [`HOUSEKEEPING`].
     /// What it runs is no call's: timers, fetches, database operations and log lines it asks
     /// for are refused, as those of another environment's realm are.
+    /// Its time counts as the runtime's running, until the loop next rests.
     fn housekeeping(&self) {
-        self.deadline.arm(Instant::now(), HOUSEKEEPING);
+        let now = Instant::now();
+        self.deadline.arm(now, HOUSEKEEPING);
+        self.deadline.enter(now);
         self.host.borrow_mut().call = STRAY;
     }
 

@@ -15,17 +15,21 @@
 //! runtimes without end.
 //!
 //! It also measures, over windows of [`BUSY_WINDOW`], how much of the time each runtime spends
-//! running JavaScript (or waiting for a core to run it on). A runtime busy for [`BUSY_SHARE`]
-//! of a window or more is doing a tenant's heavy work, which shares the cores with the proxy
-//! workers and every other tenant's runtime: its thread is put at the nicest niceness (19),
-//! where it runs on what the others leave of a core. A light function's runtime stays at the
-//! process's niceness, so that it answers its worker at once. Once the runtime has stayed under
-//! [`QUIET_SHARE`] for [`QUIET_WINDOWS`] windows in a row it is put back at the niceness it
-//! started with, where Linux allows it (a process without `CAP_SYS_NICE` or room under its
-//! `RLIMIT_NICE` may not lower a niceness again: such a runtime stays nice until its gateway
-//! starts another).
+//! running JavaScript, or waiting for a core to run it on (`Deadline::running`: calls'
+//! segments, loading functions, and what the loop runs outside a segment). A runtime busy for
+//! [`BUSY_SHARE`] of [`BUSY_WINDOWS`] windows in a row is doing a tenant's heavy work, which
+//! shares the cores with the proxy workers and every other tenant's runtime: its thread is put
+//! at the nicest niceness (19), where it runs on what the others leave of a core, and so is any
+//! runtime its gateway starts on this node after it. A light function's runtime stays at the
+//! process's niceness, so that it answers its worker at once; so does one whose call is past
+//! its CPU deadline, which is the stuck watch's above. Once the runtime has stayed under
+//! [`QUIET_SHARE`] for [`QUIET_WINDOWS`] windows in a row (on a core the others keep busy, a
+//! nice runtime's JavaScript waits longer, so it is quiet only once its demand is) it is put back
+//! at the niceness it started with, where Linux allows it: a process without `CAP_SYS_NICE`
+//! or room under its `RLIMIT_NICE` may never lower a niceness, and there the gateway stays
+//! nice on this node.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -48,9 +52,11 @@ pub const ABANDONED_AT_MOST: usize = 4;
 pub const BUSY_WINDOW: Duration = Duration::from_secs(1);
 
 /// The share of a window a runtime spends running JavaScript, or waiting for a core to, from
-/// which it runs at the nicest niceness. A light function's runtime under all the load a core
-/// can serve spends about a third of its time so.
+/// which the window is busy, and how many busy windows in a row make the runtime nice. A light
+/// function's runtime under all the load a core can serve spends about a third of its time so;
+/// loading a gateway's functions afresh (20,000 of them at most) takes a second or two.
 pub const BUSY_SHARE: f64 = 0.9;
+pub const BUSY_WINDOWS: u32 = 3;
 
 /// The share under which a nice runtime is quiet, and for how many windows in a row it must be
 /// before it goes back to the niceness it started with.
@@ -69,6 +75,9 @@ pub(crate) struct Watch {
     /// Put at the nicest niceness for being busy; `kept_nice` once Linux refused it its own back.
     nice: AtomicBool,
     kept_nice: AtomicBool,
+    /// The window under way: when it began, the time the runtime had spent running by then,
+    /// and how many busy (or, nice, quiet) windows in a row went before. The watchdog's alone.
+    window: Mutex<Option<(Instant, Duration, u32)>>,
     /// The thread's id (Linux's), once it has started.
     tid: AtomicU64,
     /// Held until the watch goes (after the thread), so that the thread's handle stays valid
@@ -76,7 +85,9 @@ pub(crate) struct Watch {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     demoted: AtomicBool,
     stuck: AtomicBool,
-    ended: AtomicBool,
+    /// Set as the thread ends; held while its niceness is set, so that the thread's id is
+    /// still its own then.
+    ended: Mutex<bool>,
     on_stuck: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
@@ -88,27 +99,32 @@ impl Watch {
             home: AtomicI32::new(i32::MIN),
             nice: AtomicBool::new(false),
             kept_nice: AtomicBool::new(false),
+            window: Mutex::new(None),
             tid: AtomicU64::new(0),
             thread: Mutex::new(None),
             demoted: AtomicBool::new(false),
             stuck: AtomicBool::new(false),
-            ended: AtomicBool::new(false),
+            ended: Mutex::new(false),
             on_stuck: OnceLock::new(),
         })
     }
 
-    /// Called on the runtime's thread when it starts.
-    pub(crate) fn started(&self) {
+    /// Called on the runtime's thread when it starts; the thread is marked ended when what this
+    /// returns goes. A runtime of a gateway that went nice on this node starts nice.
+    pub(crate) fn on_thread(self: &Arc<Watch>) -> Ending {
         let tid = std::fs::read_link("/proc/thread-self").ok().and_then(|p| p.file_name()?.to_str()?.parse().ok()).unwrap_or(0);
         self.tid.store(tid, Ordering::Relaxed);
         if let Ok(n) = rustix::process::getpriority_process(None) {
             self.home.store(n, Ordering::Relaxed);
         }
+        if nice_gateways().contains(&self.gateway) && rustix::process::setpriority_process(None, NICEST).is_ok() {
+            self.nice.store(true, Ordering::Relaxed);
+        }
+        Ending(self.clone())
     }
 
-    /// Called on the runtime's thread as it ends.
-    pub(crate) fn ended(&self) {
-        self.ended.store(true, Ordering::Relaxed);
+    fn has_ended(&self) -> bool {
+        *self.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Watched from now on, with its thread.
@@ -130,15 +146,28 @@ impl Watch {
     }
 }
 
+/// Marks its runtime's thread ended when it goes.
+pub(crate) struct Ending(Arc<Watch>);
+
+impl Drop for Ending {
+    fn drop(&mut self) {
+        *self.0.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+    }
+}
+
 static WATCHED: OnceLock<Mutex<Vec<Weak<Watch>>>> = OnceLock::new();
+
+/// The gateways whose runtimes went nice on this node, and have not been put back.
+static NICE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+
+fn nice_gateways() -> std::sync::MutexGuard<'static, HashSet<String>> {
+    NICE.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// The watchdog's loop.
 fn look() {
     // Each runtime past its deadline: the deadline, and the thread's CPU time when first seen.
     let mut past: HashMap<usize, (u64, Duration)> = HashMap::new();
-    // Each runtime's window: when it began, the time the runtime had spent running by then,
-    // and how many quiet windows in a row went before.
-    let mut windows: HashMap<usize, (Instant, Duration, u32)> = HashMap::new();
     loop {
         std::thread::sleep(EVERY);
         let Some(all) = WATCHED.get() else { continue };
@@ -147,9 +176,9 @@ fn look() {
             all.retain(|w| w.strong_count() > 0);
             all.iter().filter_map(Weak::upgrade).collect()
         };
-        let mut abandoned = watched.iter().filter(|w| w.stuck() && !w.ended.load(Ordering::Relaxed)).count();
-        past.retain(|at, _| watched.iter().any(|w| Arc::as_ptr(w) as usize == *at));
-        windows.retain(|at, _| watched.iter().any(|w| Arc::as_ptr(w) as usize == *at));
+        let mut abandoned = watched.iter().filter(|w| w.stuck() && !w.has_ended()).count();
+        let live: HashSet<usize> = watched.iter().map(|w| Arc::as_ptr(w) as usize).collect();
+        past.retain(|at, _| live.contains(at));
         for w in &watched {
             let key = Arc::as_ptr(w) as usize;
             if w.stuck() {
@@ -165,7 +194,8 @@ fn look() {
                 }
                 continue;
             }
-            measure(w, windows.entry(key).or_insert_with(|| (Instant::now(), w.deadline.running(), 0)));
+            // Past its deadline when last looked at: the stuck watch's, below.
+            measure(w, past.contains_key(&key));
             let armed = w.deadline.armed();
             let tid = w.tid.load(Ordering::Relaxed);
             let Some(cpu) = (tid != 0).then(|| thread_cpu(tid)).flatten() else { continue };
@@ -194,21 +224,26 @@ fn look() {
 }
 
 /// Ends runtime `w`'s window once it is [`BUSY_WINDOW`] long, and sets the runtime's niceness
-/// by how busy it was.
-fn measure(w: &Watch, window: &mut (Instant, Duration, u32)) {
+/// by how busy it was; a runtime `past` its call's CPU deadline is not made nice.
+fn measure(w: &Watch, past: bool) {
     let (now, ran) = (Instant::now(), w.deadline.running());
-    let (from, ran_then, quiet) = *window;
+    let mut window = w.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some((from, ran_then, mut run)) = *window else {
+        *window = Some((now, ran, 0));
+        return;
+    };
     let long = now.saturating_duration_since(from);
     if long < BUSY_WINDOW {
         return;
     }
     let share = ran.saturating_sub(ran_then).as_secs_f64() / long.as_secs_f64();
-    let mut quiet = quiet;
-    match pace(w.nice.load(Ordering::Relaxed), share, &mut quiet) {
+    match pace(w.nice.load(Ordering::Relaxed), share, &mut run) {
         Pace::Keep => {}
+        Pace::Lower if past => run = 0,
         Pace::Lower => match renice(w, NICEST) {
             Ok(()) => {
                 w.nice.store(true, Ordering::Relaxed);
+                nice_gateways().insert(w.gateway.clone());
                 tracing::info!(gateway = %w.gateway, share, "a function runtime keeps its core busy: it runs at the nicest niceness until it is quiet");
             }
             Err(e) => tracing::debug!(gateway = %w.gateway, error = %e, "a busy function runtime keeps its niceness"),
@@ -217,6 +252,7 @@ fn measure(w: &Watch, window: &mut (Instant, Duration, u32)) {
         Pace::Raise => match renice(w, w.home.load(Ordering::Relaxed)) {
             Ok(()) => {
                 w.nice.store(false, Ordering::Relaxed);
+                nice_gateways().remove(&w.gateway);
                 tracing::info!(gateway = %w.gateway, "a function runtime is quiet again: it runs at its own niceness");
             }
             Err(e) => {
@@ -225,7 +261,7 @@ fn measure(w: &Watch, window: &mut (Instant, Duration, u32)) {
             }
         },
     }
-    *window = (now, ran, quiet);
+    *window = Some((now, ran, run));
 }
 
 #[derive(Debug, PartialEq)]
@@ -236,28 +272,30 @@ enum Pace {
 }
 
 /// What a window that a runtime spent `share` of running says of its niceness, given whether
-/// it is nice now and the quiet windows in a row before (`quiet`, counted on).
-fn pace(nice: bool, share: f64, quiet: &mut u32) -> Pace {
-    if !nice {
-        *quiet = 0;
-        return if share >= BUSY_SHARE { Pace::Lower } else { Pace::Keep };
-    }
-    if share >= QUIET_SHARE {
-        *quiet = 0;
+/// it is nice now and the windows in a row before that count towards changing it (`run`: busy
+/// ones while it is not nice, quiet ones while it is; counted on).
+fn pace(nice: bool, share: f64, run: &mut u32) -> Pace {
+    let (counts, needed, change) = match nice {
+        false => (share >= BUSY_SHARE, BUSY_WINDOWS, Pace::Lower),
+        true => (share < QUIET_SHARE, QUIET_WINDOWS, Pace::Raise),
+    };
+    if !counts {
+        *run = 0;
         return Pace::Keep;
     }
-    *quiet += 1;
-    if *quiet < QUIET_WINDOWS {
+    *run += 1;
+    if *run < needed {
         return Pace::Keep;
     }
-    *quiet = 0;
-    Pace::Raise
+    *run = 0;
+    change
 }
 
-/// Sets the niceness of runtime `w`'s thread, while it runs (a thread that ended may have left
-/// its id to another).
+/// Sets the niceness of runtime `w`'s thread, while it runs: the thread cannot end meanwhile,
+/// so its id is not another's.
 fn renice(w: &Watch, niceness: i32) -> Result<(), String> {
-    if w.ended.load(Ordering::Relaxed) || niceness == i32::MIN {
+    let ended = w.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *ended || niceness == i32::MIN {
         return Err("the runtime's thread is not running".into());
     }
     let tid = i32::try_from(w.tid.load(Ordering::Relaxed)).ok().and_then(rustix::process::Pid::from_raw).ok_or("the runtime's thread is not known")?;
@@ -326,45 +364,71 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_busy_runtime_goes_nice_and_comes_back_after_quiet_windows_in_a_row() {
-        let mut quiet = 0;
-        assert_eq!(pace(false, 0.35, &mut quiet), Pace::Keep, "a light function's runtime under full load");
-        assert_eq!(pace(false, BUSY_SHARE, &mut quiet), Pace::Lower);
+    fn a_runtime_busy_windows_in_a_row_goes_nice_and_comes_back_after_quiet_ones() {
+        let mut run = 0;
+        assert_eq!(pace(false, 0.35, &mut run), Pace::Keep, "a light function's runtime under full load");
+        // Busy windows count only in a row.
+        for _ in 1..BUSY_WINDOWS {
+            assert_eq!(pace(false, BUSY_SHARE, &mut run), Pace::Keep);
+        }
+        assert_eq!(pace(false, 0.5, &mut run), Pace::Keep);
+        assert_eq!(run, 0);
+        for _ in 1..BUSY_WINDOWS {
+            assert_eq!(pace(false, 1.0, &mut run), Pace::Keep);
+        }
+        assert_eq!(pace(false, 0.95, &mut run), Pace::Lower);
+        assert_eq!(run, 0);
         // Nice: only quiet windows in a row bring it back; a busy one starts the count again.
         for _ in 1..QUIET_WINDOWS {
-            assert_eq!(pace(true, 0.1, &mut quiet), Pace::Keep);
+            assert_eq!(pace(true, 0.1, &mut run), Pace::Keep);
         }
-        assert_eq!(pace(true, 0.7, &mut quiet), Pace::Keep);
-        assert_eq!(quiet, 0);
+        assert_eq!(pace(true, 0.7, &mut run), Pace::Keep);
+        assert_eq!(run, 0);
         for _ in 1..QUIET_WINDOWS {
-            assert_eq!(pace(true, QUIET_SHARE / 2.0, &mut quiet), Pace::Keep);
+            assert_eq!(pace(true, QUIET_SHARE / 2.0, &mut run), Pace::Keep);
         }
-        assert_eq!(pace(true, 0.0, &mut quiet), Pace::Raise);
-        assert_eq!(quiet, 0);
+        assert_eq!(pace(true, 0.0, &mut run), Pace::Raise);
+        assert_eq!(run, 0);
     }
 
     #[test]
     fn a_runtimes_thread_is_reniced_by_its_id_and_only_while_it_runs() {
-        let w = Watch::new("g", Deadline::new());
+        let w = Watch::new("reniced", Deadline::new());
         let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let seen = {
             let w = w.clone();
             std::thread::spawn(move || {
-                w.started();
+                let _ends = Watch::on_thread(&w);
+                started_tx.send(()).unwrap();
                 rx.recv().unwrap();
                 rustix::process::getpriority_process(None).unwrap()
             })
         };
-        while w.tid.load(Ordering::Relaxed) == 0 {
-            std::thread::yield_now();
-        }
+        started_rx.recv().unwrap();
         let home = w.home.load(Ordering::Relaxed);
         assert_ne!(home, i32::MIN);
         renice(&w, (home + 3).min(NICEST)).unwrap();
         tx.send(()).unwrap();
         assert_eq!(seen.join().unwrap(), (home + 3).min(NICEST), "the thread's own niceness");
         assert_eq!(rustix::process::getpriority_process(None).unwrap(), home, "this thread's is untouched");
-        w.ended();
+        assert!(w.has_ended(), "marked ended as the thread ended");
         assert!(renice(&w, NICEST).is_err());
+    }
+
+    #[test]
+    fn a_gateway_that_went_nice_starts_its_next_runtime_nice() {
+        nice_gateways().insert("went-nice".into());
+        let w = Watch::new("went-nice", Deadline::new());
+        let seen = {
+            let w = w.clone();
+            std::thread::spawn(move || {
+                let _ends = Watch::on_thread(&w);
+                rustix::process::getpriority_process(None).unwrap()
+            })
+        };
+        assert_eq!(seen.join().unwrap(), NICEST);
+        assert!(w.nice.load(Ordering::Relaxed));
+        nice_gateways().remove("went-nice");
     }
 }
