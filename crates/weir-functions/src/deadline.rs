@@ -12,7 +12,8 @@
 //! deadline that far ahead. So on a core shared with other threads (another tenant's runtime
 //! among them) a call gets the CPU its budget names, where a deadline on the monotonic clock
 //! alone would count the time others ran against it. A segment too short to be polled counts
-//! its monotonic time, and one in a built-in's loop in C, which is never polled, is the
+//! its monotonic time (except on a runtime the watchdog made nice, whose every arming reads the
+//! CPU clock: other threads preempt it often), and one in a built-in's loop in C, which is never polled, is the
 //! watchdog's (`watchdog.rs`), which reads the runtime thread's CPU clock from `/proc` against
 //! the same arming.
 
@@ -46,6 +47,8 @@ struct Shared {
     /// nanoseconds of what ended, and when what is under way began (since `epoch`; 0: none).
     ran: AtomicU64,
     running_since: AtomicU64,
+    /// See [`Deadline::precise`].
+    precise: AtomicBool,
 }
 
 /// A deadline's arming, to be put back once something armed under its own is done
@@ -71,6 +74,7 @@ impl Deadline {
             fired: AtomicBool::new(false),
             ran: AtomicU64::new(0),
             running_since: AtomicU64::new(0),
+            precise: AtomicBool::new(false),
         }))
     }
 
@@ -78,15 +82,35 @@ impl Deadline {
         (self.0.epoch.elapsed().as_nanos() as u64).max(1)
     }
 
-    /// Gives the JavaScript run from `start` `budget` of CPU.
+    /// Gives the JavaScript run from `start` `budget` of CPU; on the runtime's thread. Where
+    /// the deadline is [`Deadline::precise`], the baseline is taken here, so that nothing of
+    /// the arming counts whole.
     pub(crate) fn arm(&self, start: Instant, budget: Duration) {
         let s = &self.0;
         let from = (start.saturating_duration_since(s.epoch).as_nanos() as u64).max(1);
         let budget = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
         s.from.store(from, Ordering::Relaxed);
         s.budget.store(budget, Ordering::Relaxed);
-        s.base_at.store(0, Ordering::Relaxed);
+        if s.precise.load(Ordering::Relaxed) {
+            s.base_cpu.store(thread_cpu(), Ordering::Relaxed);
+            s.base_at.store(from, Ordering::Relaxed);
+        } else {
+            s.base_at.store(0, Ordering::Relaxed);
+        }
         s.at.store(from.saturating_add(budget), Ordering::Relaxed);
+    }
+
+    /// Whether every arming reads the thread's CPU clock at once (two system calls a segment,
+    /// about half a microsecond), rather than at the interrupt handler's first poll: for a
+    /// runtime at the nicest niceness, whose short segments other threads preempt often, and
+    /// whose waits for the core would otherwise count against its calls' budgets.
+    pub(crate) fn precise(&self, on: bool) {
+        self.0.precise.store(on, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn is_precise(&self) -> bool {
+        self.0.precise.load(Ordering::Relaxed)
     }
 
     /// The CPU spent under the arming, read at `now`: exact from the baseline on, by `cpu`
@@ -330,5 +354,23 @@ mod tests {
         assert!(after >= ended + Duration::from_millis(20) && after < ended + Duration::from_secs(1), "the time between segments counted: {after:?}");
         std::thread::sleep(Duration::from_millis(10));
         assert_eq!(d.running(), after, "nothing counts while resting");
+    }
+
+    #[test]
+    fn a_precise_deadline_counts_no_wait_before_the_first_poll() {
+        let d = Deadline::new();
+        d.precise(true);
+        d.arm(Instant::now(), Duration::from_millis(20));
+        // Never polled, and not running: none of the budget is spent, though the monotonic
+        // deadline passed.
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!d.past(), "the wait counted");
+        assert!(d.spent(Instant::now()) < Duration::from_millis(10), "{:?}", d.spent(Instant::now()));
+        spin(Duration::from_millis(25));
+        assert!(d.past(), "the CPU counts");
+        d.precise(false);
+        d.arm(Instant::now(), Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(d.past(), "without it, never polled: the time since the arming counts whole");
     }
 }

@@ -20,7 +20,9 @@
 //! [`BUSY_SHARE`] of [`BUSY_WINDOWS`] windows in a row is doing a tenant's heavy work, which
 //! shares the cores with the proxy workers and every other tenant's runtime: its thread is put
 //! at the nicest niceness (19), where it runs on what the others leave of a core, and so is any
-//! runtime its gateway starts on this node after it. A light function's runtime stays at the
+//! runtime its gateway starts on this node after it. Other threads then preempt its segments
+//! often, so its deadline reads the CPU clock at every arming (`Deadline::precise`): no wait
+//! for the core counts against its calls' budgets. A light function's runtime stays at the
 //! process's niceness, so that it answers its worker at once; so does one whose call is past
 //! its CPU deadline, which is the stuck watch's above. Once the runtime has stayed under
 //! [`QUIET_SHARE`] for [`QUIET_WINDOWS`] windows in a row (on a core the others keep busy, a
@@ -119,6 +121,7 @@ impl Watch {
         }
         if nice_gateways().contains(&self.gateway) && rustix::process::setpriority_process(None, NICEST).is_ok() {
             self.nice.store(true, Ordering::Relaxed);
+            self.deadline.precise(true);
         }
         Ending(self.clone())
     }
@@ -243,6 +246,7 @@ fn measure(w: &Watch, past: bool) {
         Pace::Lower => match renice(w, NICEST) {
             Ok(()) => {
                 w.nice.store(true, Ordering::Relaxed);
+                w.deadline.precise(true);
                 nice_gateways().insert(w.gateway.clone());
                 tracing::info!(gateway = %w.gateway, share, "a function runtime keeps its core busy: it runs at the nicest niceness until it is quiet");
             }
@@ -252,6 +256,7 @@ fn measure(w: &Watch, past: bool) {
         Pace::Raise => match renice(w, w.home.load(Ordering::Relaxed)) {
             Ok(()) => {
                 w.nice.store(false, Ordering::Relaxed);
+                w.deadline.precise(false);
                 nice_gateways().remove(&w.gateway);
                 tracing::info!(gateway = %w.gateway, "a function runtime is quiet again: it runs at its own niceness");
             }
@@ -429,6 +434,7 @@ mod tests {
         };
         assert_eq!(seen.join().unwrap(), NICEST);
         assert!(w.nice.load(Ordering::Relaxed));
+        assert!(w.deadline.is_precise(), "its calls' budgets count no wait for the core");
         nice_gateways().remove("went-nice");
     }
 }
