@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A runtime's deadline, shared between its thread (which arms it and runs the interrupt
-/// handler) and the watchdog (which only reads it). The CPU clock is only ever read on the
-/// runtime's own thread.
+/// handler) and the watchdog (which reads it, and says whether it is precise). The CPU clock
+/// is only ever read on the runtime's own thread.
 #[derive(Clone)]
 pub(crate) struct Deadline(Arc<Shared>);
 
@@ -35,8 +35,9 @@ struct Shared {
     /// The arming: from when (nanoseconds since `epoch`), for how much CPU.
     from: AtomicU64,
     budget: AtomicU64,
-    /// The baseline: when the interrupt handler was first polled under the arming
-    /// (nanoseconds since `epoch`; 0: not yet), and the thread's CPU clock then.
+    /// The baseline: when the interrupt handler was first polled under the arming, or the
+    /// arming itself where the deadline is precise (nanoseconds since `epoch`; 0: not yet),
+    /// and the thread's CPU clock then.
     base_at: AtomicU64,
     base_cpu: AtomicU64,
     resting: AtomicBool,
@@ -100,15 +101,14 @@ impl Deadline {
         s.at.store(from.saturating_add(budget), Ordering::Relaxed);
     }
 
-    /// Whether every arming reads the thread's CPU clock at once (two system calls a segment,
-    /// about half a microsecond), rather than at the interrupt handler's first poll: for a
+    /// Whether every arming reads the thread's CPU clock at once (a few system calls a segment,
+    /// about 0.25 us each), rather than at the interrupt handler's first poll: for a
     /// runtime at the nicest niceness, whose short segments other threads preempt often, and
     /// whose waits for the core would otherwise count against its calls' budgets.
     pub(crate) fn precise(&self, on: bool) {
         self.0.precise.store(on, Ordering::Relaxed);
     }
 
-    #[cfg(test)]
     pub(crate) fn is_precise(&self) -> bool {
         self.0.precise.load(Ordering::Relaxed)
     }
@@ -229,12 +229,15 @@ impl Deadline {
     }
 
     /// JavaScript runs from `start` (a segment, or what the loop runs outside one); on the
-    /// runtime's thread. Where the time is counted already, it goes on from where it began.
-    pub(crate) fn enter(&self, start: Instant) {
-        if self.0.running_since.load(Ordering::Relaxed) == 0 {
-            let since = (start.saturating_duration_since(self.0.epoch).as_nanos() as u64).max(1);
-            self.0.running_since.store(since, Ordering::Relaxed);
+    /// runtime's thread. Where the time is counted already, it goes on from where it began;
+    /// true where this began it.
+    pub(crate) fn enter(&self, start: Instant) -> bool {
+        if self.0.running_since.load(Ordering::Relaxed) != 0 {
+            return false;
         }
+        let since = (start.saturating_duration_since(self.0.epoch).as_nanos() as u64).max(1);
+        self.0.running_since.store(since, Ordering::Relaxed);
+        true
     }
 
     /// The JavaScript [`Deadline::enter`] counted ended at `end`; on the runtime's thread, the

@@ -264,12 +264,18 @@ impl Drop for Engine {
 
 impl Engine {
     pub fn start(gateway: &str, memory: usize, services: Services) -> std::io::Result<Arc<Engine>> {
+        Engine::start_with(gateway, memory, services, false)
+    }
+
+    /// As [`Engine::start`]; `nice`: at the nicest niceness from the start, as a runtime the
+    /// watchdog found busy is (`watchdog.rs`), for a gateway whose runtime before is.
+    pub fn start_with(gateway: &str, memory: usize, services: Services, nice: bool) -> std::io::Result<Arc<Engine>> {
         let mailbox = Arc::new(Mailbox::new());
         let inbox = mailbox.clone();
         let gw = gateway.to_string();
         let loaded: Arc<std::sync::Mutex<HashMap<usize, Load>>> = Arc::default();
         let reload = loaded.clone();
-        let watch = crate::watchdog::Watch::new(gateway, Deadline::new());
+        let watch = crate::watchdog::Watch::new(gateway, Deadline::new(), nice);
         let watched = watch.clone();
         let thread = std::thread::Builder::new()
             .name(format!("fn-{gateway}"))
@@ -302,6 +308,11 @@ impl Engine {
     /// (`watchdog`): its gateway is to start another.
     pub fn stuck(&self) -> bool {
         self.watch.stuck()
+    }
+
+    /// Whether the runtime runs at the nicest niceness for having kept its core busy.
+    pub fn nice(&self) -> bool {
+        self.watch.nice()
     }
 
     /// Has `f` run (once, on the watchdog's thread) when the runtime is found stuck.
@@ -684,12 +695,13 @@ impl Js {
     /// Gives what the loop runs next of JavaScript outside a call's segment [`HOUSEKEEPING`].
     /// What it runs is no call's: timers, fetches, database operations and log lines it asks
     /// for are refused, as those of another environment's realm are.
-    /// Its time counts as the runtime's running, until the loop next rests.
-    fn housekeeping(&self) {
+    /// Its time counts as the runtime's running while what this returns is held (inside a
+    /// segment, as the segment's).
+    fn housekeeping(&self) -> Counted<'_> {
         let now = Instant::now();
         self.deadline.arm(now, HOUSEKEEPING);
-        self.deadline.enter(now);
         self.host.borrow_mut().call = STRAY;
+        Counted(self.deadline.enter(now).then_some(&self.deadline))
     }
 
     /// `env`'s realm, made (its natives and the SDK) the first time.
@@ -915,7 +927,7 @@ impl Js {
         self.leftover.set(if self.rt.is_job_pending() { self.leftover.get().saturating_add(1) } else { 0 });
         let after = Instant::now();
         let spent = self.deadline.spent(after);
-        self.housekeeping();
+        let _counted = self.housekeeping();
         // A job that ran out of memory inside QuickJS's promise machinery, where not even the
         // rejection could be made, leaves its exception on the context and its call waiting
         // for good: the exception is taken off (or the next call would meet it) and counts as
@@ -926,9 +938,23 @@ impl Js {
             }
         }
         let end = Instant::now();
+        // Under a precise deadline, the tail's CPU (the housekeeping arming's), as the
+        // segment's; otherwise its time passed.
+        let tail = if self.deadline.is_precise() { self.deadline.spent(end) } else { end.saturating_duration_since(after) };
         self.deadline.leave(end);
-        let took = spent + end.saturating_duration_since(after);
+        let took = spent + tail;
         (out, took, took >= budget, oom)
+    }
+}
+
+/// Housekeeping's time as the runtime's running, until this goes (`None`: counted already).
+struct Counted<'a>(Option<&'a Deadline>);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = self.0 {
+            d.leave(Instant::now());
+        }
     }
 }
 
@@ -1125,11 +1151,11 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
         let abandoned = (!calls.is_empty()).then_some(abandoned_at);
         let wake = [next_wake(&js, &calls), draining.map(|d| d + DRAIN), now, abandoned].into_iter().flatten().min();
         js.deadline.rest(true);
-        let more = mailbox.take(&mut batch, wake);
-        js.deadline.rest(false);
-        if !more {
+        // The runtime is dropped at the end still resting: it runs no JavaScript then.
+        if !mailbox.take(&mut batch, wake) {
             break;
         }
+        js.deadline.rest(false);
         while let Some(msg) = batch.pop_front() {
             let broken = match msg {
                 Msg::Call(job) if draining.is_some() => {
@@ -1510,9 +1536,7 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
             let Ok(promise) = live.promise.clone().restore(&ctx) else { return };
             let state = promise.state();
             // Reading a settled call's answer or error may run the function's getters.
-            if state != PromiseState::Pending {
-                js.housekeeping();
-            }
+            let _counted = (state != PromiseState::Pending).then(|| js.housekeeping());
             match state {
                 PromiseState::Pending => {}
                 PromiseState::Resolved => done.push((*id, promise.result::<Value<'_>>().unwrap_or(Err(rquickjs::Error::Unknown)).and_then(|out| reply(js, out)).map_err(|e| caught(realm, &ctx, e)))),
@@ -1585,7 +1609,7 @@ fn forget(js: &Js, id: u64, env: &str) -> Vec<LogLine> {
     // fetches and database operations no one waited for, or the runtime would keep them.
     let realm = js.realms.borrow().iter().find(|(e, _)| e == env).map(|(_, r)| r.clone());
     if let Some(realm) = realm.filter(|_| !unfired.is_empty() || !unanswered.fetches.is_empty() || !unanswered.db.is_empty()) {
-        js.housekeeping();
+        let _counted = js.housekeeping();
         realm.ctx.with(|ctx| {
             let dropped = realm.sdk(&ctx, "dropTimers").and_then(|f| f.call::<_, ()>((unfired,))).and_then(|()| realm.sdk(&ctx, "dropOutbound")).and_then(|f| f.call::<_, ()>((unanswered.fetches, unanswered.db)));
             if let Err(e) = dropped {

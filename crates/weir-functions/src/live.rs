@@ -213,7 +213,11 @@ impl Functions {
         if let Some(e) = engines.get(&key).and_then(Weak::upgrade).filter(|e| !e.stuck()) {
             return Some(e);
         }
-        match Engine::start(gid, memory, Services { fetcher: self.settings.fetcher.clone(), database: self.settings.database.clone() }) {
+        // A gateway whose runtime went nice for keeping its core busy does not shed that by
+        // moving to another (a new memory limit, or a stuck one's replacement).
+        let incarnation = format!("{gid}/{}/", env.incarnation);
+        let nice = engines.iter().any(|(k, e)| k.starts_with(&incarnation) && e.upgrade().is_some_and(|e| e.nice()));
+        match Engine::start_with(gid, memory, Services { fetcher: self.settings.fetcher.clone(), database: self.settings.database.clone() }, nice) {
             Ok(e) => {
                 engines.insert(key, Arc::downgrade(&e));
                 let (me, partition) = (self.me.clone(), format!("{}{gid}/", self.dir));

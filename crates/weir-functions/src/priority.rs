@@ -5,8 +5,9 @@
 //! nicer, tenants whose calls spin within their budgets on a worker's core left a plain route
 //! 79% of its throughput rather than about a quarter, but a light function sharing a core with
 //! its worker fell to about half its throughput (the worker preempting the runtime at every
-//! answer), so the runtime keeps the process's niceness, until the watchdog finds it keeping
-//! its core busy (`watchdog.rs`): then it runs at the nicest. The compiles of what tenants publish
+//! answer), so the runtime keeps the niceness it started with (the process's), until the
+//! watchdog finds it keeping its core busy (`watchdog.rs`): then it runs at the nicest, as does
+//! a runtime its gateway starts meanwhile. The compiles of what tenants publish
 //! run at the nicest (19): a tenant's large sources compile on what the node's own work leaves
 //! of a core.
 

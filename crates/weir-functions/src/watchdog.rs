@@ -20,16 +20,17 @@
 //! [`BUSY_SHARE`] of [`BUSY_WINDOWS`] windows in a row is doing a tenant's heavy work, which
 //! shares the cores with the proxy workers and every other tenant's runtime: its thread is put
 //! at the nicest niceness (19), where it runs on what the others leave of a core, and so is any
-//! runtime its gateway starts on this node after it. Other threads then preempt its segments
+//! runtime its gateway starts on this node while it runs (`Functions` asks for that). Other threads then preempt its segments
 //! often, so its deadline reads the CPU clock at every arming (`Deadline::precise`): no wait
 //! for the core counts against its calls' budgets. A light function's runtime stays at the
 //! process's niceness, so that it answers its worker at once; so does one whose call is past
-//! its CPU deadline, which is the stuck watch's above. Once the runtime has stayed under
+//! its CPU deadline, which is the stuck watch's above (CPU from the interrupt handler's first
+//! poll). Once the runtime has stayed under
 //! [`QUIET_SHARE`] for [`QUIET_WINDOWS`] windows in a row (on a core the others keep busy, a
 //! nice runtime's JavaScript waits longer, so it is quiet only once its demand is) it is put back
 //! at the niceness it started with, where Linux allows it: a process without `CAP_SYS_NICE`
-//! or room under its `RLIMIT_NICE` may never lower a niceness, and there the gateway stays
-//! nice on this node.
+//! or room under its `RLIMIT_NICE` may never lower a niceness, and there the runtime stays
+//! nice.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -94,12 +95,13 @@ pub(crate) struct Watch {
 }
 
 impl Watch {
-    pub(crate) fn new(gateway: &str, deadline: Deadline) -> Arc<Watch> {
+    /// The watch of a runtime of `gateway`, to start nice where its runtime before it was.
+    pub(crate) fn new(gateway: &str, deadline: Deadline, nice: bool) -> Arc<Watch> {
         Arc::new(Watch {
             deadline,
             gateway: gateway.to_string(),
             home: AtomicI32::new(i32::MIN),
-            nice: AtomicBool::new(false),
+            nice: AtomicBool::new(nice),
             kept_nice: AtomicBool::new(false),
             window: Mutex::new(None),
             tid: AtomicU64::new(0),
@@ -112,18 +114,26 @@ impl Watch {
     }
 
     /// Called on the runtime's thread when it starts; the thread is marked ended when what this
-    /// returns goes. A runtime of a gateway that went nice on this node starts nice.
+    /// returns goes. A runtime made to start nice does so here.
     pub(crate) fn on_thread(self: &Arc<Watch>) -> Ending {
         let tid = std::fs::read_link("/proc/thread-self").ok().and_then(|p| p.file_name()?.to_str()?.parse().ok()).unwrap_or(0);
         self.tid.store(tid, Ordering::Relaxed);
         if let Ok(n) = rustix::process::getpriority_process(None) {
             self.home.store(n, Ordering::Relaxed);
         }
-        if nice_gateways().contains(&self.gateway) && rustix::process::setpriority_process(None, NICEST).is_ok() {
-            self.nice.store(true, Ordering::Relaxed);
-            self.deadline.precise(true);
+        if self.nice() {
+            if rustix::process::setpriority_process(None, NICEST).is_ok() {
+                self.deadline.precise(true);
+            } else {
+                self.nice.store(false, Ordering::Relaxed);
+            }
         }
         Ending(self.clone())
+    }
+
+    /// Whether the runtime runs at the nicest niceness for having been busy.
+    pub(crate) fn nice(&self) -> bool {
+        self.nice.load(Ordering::Relaxed)
     }
 
     fn has_ended(&self) -> bool {
@@ -160,12 +170,6 @@ impl Drop for Ending {
 
 static WATCHED: OnceLock<Mutex<Vec<Weak<Watch>>>> = OnceLock::new();
 
-/// The gateways whose runtimes went nice on this node, and have not been put back.
-static NICE: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
-
-fn nice_gateways() -> std::sync::MutexGuard<'static, HashSet<String>> {
-    NICE.get_or_init(Mutex::default).lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// The watchdog's loop.
 fn look() {
@@ -247,7 +251,6 @@ fn measure(w: &Watch, past: bool) {
             Ok(()) => {
                 w.nice.store(true, Ordering::Relaxed);
                 w.deadline.precise(true);
-                nice_gateways().insert(w.gateway.clone());
                 tracing::info!(gateway = %w.gateway, share, "a function runtime keeps its core busy: it runs at the nicest niceness until it is quiet");
             }
             Err(e) => tracing::debug!(gateway = %w.gateway, error = %e, "a busy function runtime keeps its niceness"),
@@ -257,7 +260,6 @@ fn measure(w: &Watch, past: bool) {
             Ok(()) => {
                 w.nice.store(false, Ordering::Relaxed);
                 w.deadline.precise(false);
-                nice_gateways().remove(&w.gateway);
                 tracing::info!(gateway = %w.gateway, "a function runtime is quiet again: it runs at its own niceness");
             }
             Err(e) => {
@@ -398,7 +400,7 @@ mod tests {
 
     #[test]
     fn a_runtimes_thread_is_reniced_by_its_id_and_only_while_it_runs() {
-        let w = Watch::new("reniced", Deadline::new());
+        let w = Watch::new("reniced", Deadline::new(), false);
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         let seen = {
@@ -422,9 +424,8 @@ mod tests {
     }
 
     #[test]
-    fn a_gateway_that_went_nice_starts_its_next_runtime_nice() {
-        nice_gateways().insert("went-nice".into());
-        let w = Watch::new("went-nice", Deadline::new());
+    fn a_runtime_made_to_start_nice_starts_nice_and_precise() {
+        let w = Watch::new("went-nice", Deadline::new(), true);
         let seen = {
             let w = w.clone();
             std::thread::spawn(move || {
@@ -433,8 +434,7 @@ mod tests {
             })
         };
         assert_eq!(seen.join().unwrap(), NICEST);
-        assert!(w.nice.load(Ordering::Relaxed));
+        assert!(w.nice());
         assert!(w.deadline.is_precise(), "its calls' budgets count no wait for the core");
-        nice_gateways().remove("went-nice");
     }
 }

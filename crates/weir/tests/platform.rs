@@ -1046,8 +1046,7 @@ async fn a_calls_budget_is_its_own_cpu_and_not_the_time_others_hold_the_core() {
     assert!(ran < budget, "CPU {ran:?}");
     let (r, took, ran) = call(&w, "/dev/spin").await;
     assert_eq!(r.status, 504, "{}", r.text());
-    // What ran before the interrupt handler's first poll counts whole, waits for the core
-    // included: a loop may be stopped that much early.
+    // The runtime is nice, so its deadline reads the CPU clock from the arming on.
     assert!(ran >= budget * 9 / 10 && ran < budget * 11 / 10, "CPU {ran:?}");
     assert!(took > budget * 2, "the loop had the core to itself: {took:?}");
 }
@@ -1133,7 +1132,9 @@ async fn a_runtime_that_keeps_its_core_busy_runs_nicest_until_it_is_quiet() {
             assert!(t.elapsed() < Duration::from_secs(20), "the quiet runtime never got its niceness back");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(t.elapsed() >= Duration::from_secs(4), "back after {:?}", t.elapsed());
+        // Five windows from the new runtime's first look, which came at most a few moments
+        // before the test saw it.
+        assert!(t.elapsed() >= Duration::from_secs(3), "back after {:?}", t.elapsed());
     } else {
         tokio::time::sleep(Duration::from_secs(8)).await;
         assert_eq!(niceness_of(w.pid(), "fn-hot"), 19, "a node that may not lower a niceness keeps the runtime nice");
