@@ -398,12 +398,12 @@ mod tests {
         assert_eq!(run, 0);
     }
 
-    #[test]
-    fn a_runtimes_thread_is_reniced_by_its_id_and_only_while_it_runs() {
-        let w = Watch::new("reniced", Deadline::new(), false);
+    /// A thread started as `w`'s runtime's, once it has; it ends when told, with its own
+    /// niceness then.
+    fn runtime_thread(w: &Arc<Watch>) -> (std::sync::mpsc::Sender<()>, std::thread::JoinHandle<i32>) {
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
-        let seen = {
+        let thread = {
             let w = w.clone();
             std::thread::spawn(move || {
                 let _ends = Watch::on_thread(&w);
@@ -413,6 +413,13 @@ mod tests {
             })
         };
         started_rx.recv().unwrap();
+        (tx, thread)
+    }
+
+    #[test]
+    fn a_runtimes_thread_is_reniced_by_its_id_and_only_while_it_runs() {
+        let w = Watch::new("reniced", Deadline::new(), false);
+        let (tx, seen) = runtime_thread(&w);
         let home = w.home.load(Ordering::Relaxed);
         assert_ne!(home, i32::MIN);
         renice(&w, (home + 3).min(NICEST)).unwrap();
@@ -421,6 +428,44 @@ mod tests {
         assert_eq!(rustix::process::getpriority_process(None).unwrap(), home, "this thread's is untouched");
         assert!(w.has_ended(), "marked ended as the thread ended");
         assert!(renice(&w, NICEST).is_err());
+    }
+
+    /// Busy windows seen while the runtime's call is past its CPU deadline do not make it
+    /// nice (the stuck watch has it): the lowering they come to is refused and the count of
+    /// busy windows in a row starts again. The same windows seen otherwise make it nice.
+    #[test]
+    fn a_runtime_past_its_deadline_is_not_made_nice_however_busy() {
+        let w = Watch::new("vetoed", Deadline::new(), false);
+        let (tx, thread) = runtime_thread(&w);
+        let tid = rustix::process::Pid::from_raw(w.tid.load(Ordering::Relaxed) as i32).unwrap();
+        let niceness = || rustix::process::getpriority_process(Some(tid)).unwrap();
+        let home = niceness();
+        // Running JavaScript from now on, for a window's length before the first is measured.
+        w.deadline.enter(Instant::now());
+        std::thread::sleep(BUSY_WINDOW + Duration::from_millis(50));
+        // A window of the last second, all of it running, as the watchdog finds it.
+        let busy_window = || {
+            let mut window = w.window.lock().unwrap();
+            let run = window.map_or(0, |(_, _, run)| run);
+            *window = Some((Instant::now() - BUSY_WINDOW, w.deadline.running() - BUSY_WINDOW, run));
+        };
+        for _ in 0..BUSY_WINDOWS * 3 {
+            busy_window();
+            measure(&w, true);
+            assert!(!w.nice());
+        }
+        assert_eq!(niceness(), home);
+        for _ in 1..BUSY_WINDOWS {
+            busy_window();
+            measure(&w, false);
+            assert!(!w.nice(), "the count began again after the last refusal");
+        }
+        busy_window();
+        measure(&w, false);
+        assert!(w.nice());
+        assert_eq!(niceness(), NICEST);
+        tx.send(()).unwrap();
+        assert_eq!(thread.join().unwrap(), NICEST);
     }
 
     #[test]

@@ -454,6 +454,68 @@ async fn a_runtime_thread_runs_as_batch_work_at_the_process_niceness_and_ends_wi
     }
 }
 
+/// What the loop runs of a function's JavaScript outside a call's segment counts towards its
+/// runtime's business: calls whose errors' getters spin (read as each call settles, up to the
+/// loop's own budget for such reads) make their runtime nice, as calls spinning themselves
+/// would. Calls that wait on timers, however many, leave theirs at its niceness: the loop
+/// resting is not counted.
+#[tokio::test]
+async fn javascript_the_loop_runs_between_segments_counts_towards_a_busy_runtime_and_waits_do_not() {
+    let table = |f: Arc<Function>| -> Table { Arc::new(HashMap::from([(f.name.clone(), f)])) };
+    let slow = func("dev", "slow", &[("index.js", "export default () => new Promise((_, no) => setTimeout(() => no({ get message() { for (;;) {} } }), 0))")]);
+    let wait = func("dev", "wait", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r({ waited: true }), 150))")]);
+    let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+    let home: i32 = own.rsplit_once(')').unwrap().1.split_whitespace().nth(19 - 3).unwrap().parse().unwrap();
+    let spinning = Engine::start("hk-spin", limits().memory, weir_functions::Services::default()).unwrap();
+    let waiting = Engine::start("hk-wait", limits().memory, weir_functions::Services::default()).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = Vec::new();
+    for (engine, f) in [(&spinning, &slow), (&waiting, &wait)] {
+        for _ in 0..4 {
+            let (engine, f, table, stop) = (engine.clone(), f.clone(), table(f.clone()), stop.clone());
+            callers.push(tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let out = FunctionHandler::run(engine.clone(), f.clone(), table.clone(), Arc::new(serde_json::Map::new()), limits(), Arc::default(), get("/")).await.expect("under the concurrency cap");
+                    outcomes.push(out.result.map(|r| r.body));
+                }
+                outcomes
+            }));
+        }
+    }
+    let started = Instant::now();
+    while !spinning.nice() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the runtime whose loop spins in getters never went nice");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let went = started.elapsed();
+    // Past the busy windows it takes, and a window more for the waiting one's.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut outcomes = Vec::new();
+    for c in callers {
+        outcomes.push(c.await.unwrap());
+    }
+    // Three busy windows of a second, the first perhaps begun before the calls.
+    assert!(went >= Duration::from_secs(2), "{went:?}: nice before its busy windows were over");
+    assert_eq!(thread_sched("fn-hk-spin").map(|(_, n)| n), Some(19), "its thread runs at the nicest niceness");
+    assert!(!waiting.nice(), "a runtime whose calls wait on timers is not busy");
+    assert_eq!(thread_sched("fn-hk-wait").map(|(_, n)| n), Some(home));
+    // The getters were stopped at the loop's budget; the calls were answered all the same.
+    let (spun, waited) = outcomes.split_at(4);
+    for out in spun.iter().flatten() {
+        match out {
+            Err(Failure::Threw { message, .. }) => assert_eq!(message, "the function threw"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(spun.iter().map(Vec::len).sum::<usize>() >= 8, "{:?}", spun.iter().map(Vec::len).collect::<Vec<_>>());
+    for out in waited.iter().flatten() {
+        assert_eq!(out.as_deref().map_err(|e| format!("{e:?}")), Ok(&b"{\"waited\":true}"[..]));
+    }
+    assert!(waited.iter().map(Vec::len).sum::<usize>() >= 8);
+}
+
 #[tokio::test]
 async fn the_sdk_works_inside_a_function() {
     let gw = Gw::new(vec![func("dev", "sdk", &[("index.js", r#"
