@@ -79,7 +79,7 @@ fn promote(w: &Weir, reader: &Weir, gid: &str, name: &str, code: &str, want: &st
     Ok(ms(live(reader.port, &format!("{gid}.staging.localhost"), &format!("/{name}"), want, t)?.0))
 }
 
-fn patch(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
+pub(crate) fn patch(w: &Weir, gid: &str, name: &str, code: &str) -> anyhow::Result<()> {
     let body = serde_json::json!({"source": {"code": code}}).to_string();
     v1(w, "PATCH", &format!("api-gateways/{gid}/functions/dev%2F{name}"), &body).map(|_| ())
 }
@@ -98,7 +98,7 @@ pub(crate) fn live(port: u16, host: &str, path: &str, want: &str, since: Instant
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

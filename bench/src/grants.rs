@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::functions::{call, gateway, live, save, v1};
-use crate::{Args, Weir, median_result, row, tempfile_dir, wrk_url};
+use crate::functions::{call, gateway, live, ms, patch, save, v1};
+use crate::{Args, Weir, median_result, percentile, row, tempfile_dir, wrk_url};
 
 const OK: &str = "export default () => ({ ok: true })";
 /// Clients creating applications and grants at once.
@@ -46,9 +46,16 @@ fn key_auth(w: &Weir, gid: &str) -> anyhow::Result<()> {
     }
 }
 
+/// A grant made: its application, its id and its key.
+struct Made {
+    app: String,
+    grant: String,
+    key: String,
+}
+
 /// `n` applications, each with a grant on gateway `gid`'s dev environment, made by `THREADS`
-/// clients at once: their keys.
-fn grant(w: &Weir, gid: &str, n: usize) -> anyhow::Result<Vec<String>> {
+/// clients at once.
+fn grant(w: &Weir, gid: &str, n: usize) -> anyhow::Result<Vec<Made>> {
     let field = |body: &str, name: &str| -> anyhow::Result<String> {
         let v: Value = serde_json::from_str(body).with_context(|| format!("an answer of JSON: {body}"))?;
         v[name].as_str().map(str::to_string).with_context(|| format!("no {name} in {body}"))
@@ -62,7 +69,8 @@ fn grant(w: &Weir, gid: &str, n: usize) -> anyhow::Result<Vec<String>> {
                     for i in (t..n).step_by(threads) {
                         let app = field(&v1(w, "POST", "applications", &format!("{{\"name\":\"bench-{i}\"}}"))?, "appId")?;
                         let body = format!("{{\"gatewayId\":\"{gid}\",\"environment\":\"dev\"}}");
-                        keys.push(field(&v1(w, "POST", &format!("applications/{app}/grants"), &body)?, "apiKey")?);
+                        let made = v1(w, "POST", &format!("applications/{app}/grants"), &body)?;
+                        keys.push(Made { grant: field(&made, "grantId")?, key: field(&made, "apiKey")?, app });
                     }
                     anyhow::Ok(keys)
                 })
@@ -100,11 +108,12 @@ pub fn run(args: &Args, n: usize) -> anyhow::Result<()> {
     }
 
     let started = Instant::now();
-    let keys = grant(&w, keyed, n)?;
+    let grants = grant(&w, keyed, n)?;
+    let keys: Vec<&str> = grants.iter().map(|g| g.key.as_str()).collect();
     let made = started.elapsed();
     eprintln!("{n} applications and their grants in {:.1}s ({:.0} grants/s, {} clients at once)", made.as_secs_f64(), n as f64 / made.as_secs_f64(), THREADS.min(n));
     // The last key made, once it works; then a sample of the others.
-    let key = keys.last().expect("at least one grant").clone();
+    let key = keys.last().expect("at least one grant").to_string();
     let apikey = format!("apikey: {key}");
     loop {
         match get(w.port, "/ok", &keyed_host, &[&apikey])? {
@@ -157,7 +166,59 @@ pub fn run(args: &Args, n: usize) -> anyhow::Result<()> {
     };
     println!("key-auth with {n} grants vs auth off: {:.3}x throughput{cpu}", k.rps / o.rps);
     println!("{n} applications with a grant each made in {:.1}s ({:.0} grants/s, {} clients at once)", made.as_secs_f64(), n as f64 / made.as_secs_f64(), THREADS.min(n));
+    let (alone, beside, took) = beside_regenerations(args, &w, open, &grants[0])?;
+    println!(
+        "save to live of another gateway's function ({} saves), p50/p99: alone {:.2}/{:.2} ms; while one client regenerates a grant's key over and over {:.2}/{:.2} ms ({} regenerations, {:.1} ms each at the median)",
+        alone.len(),
+        percentile(&alone, 0.5),
+        percentile(&alone, 0.99),
+        percentile(&beside, 0.5),
+        percentile(&beside, 0.99),
+        took.len(),
+        percentile(&took, 0.5)
+    );
     drop(w);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Save → live of gateway `gid`'s function `ok`, `args.changes` times alone and as many again
+/// while one client regenerates grant `g`'s key over and over (a change to one consumer among
+/// many, which every node applies); and how long each regeneration took. All sorted.
+fn beside_regenerations(args: &Args, w: &Weir, gid: &str, g: &Made) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
+    let host = format!("{gid}.dev.localhost");
+    let saves = |from: usize| -> anyhow::Result<Vec<f64>> {
+        let mut took = (from..from + args.changes)
+            .map(|i| {
+                let t = Instant::now();
+                patch(w, gid, "ok", &format!("export default () => ({{ ok: true, v: {i} }})"))?;
+                Ok(ms(live(w.port, &host, "/ok", &format!("\"v\":{i}"), t)?.0))
+            })
+            .collect::<anyhow::Result<Vec<f64>>>()?;
+        took.sort_by(f64::total_cmp);
+        Ok(took)
+    };
+    let alone = saves(0)?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let churn = scope.spawn(|| {
+            let mut took = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t = Instant::now();
+                v1(w, "POST", &format!("applications/{}/grants/{}/regenerate", g.app, g.grant), "{}")?;
+                took.push(ms(t.elapsed()));
+            }
+            took.sort_by(f64::total_cmp);
+            anyhow::Ok(took)
+        });
+        // The regenerations are under way before the first timed save.
+        std::thread::sleep(Duration::from_millis(500));
+        let beside = saves(args.changes);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let took = churn.join().map_err(|_| anyhow::anyhow!("the regenerating client panicked"))??;
+        if took.is_empty() {
+            bail!("no regeneration finished while the saves were timed");
+        }
+        Ok((alone, beside?, took))
+    })
 }

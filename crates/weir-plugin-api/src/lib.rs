@@ -11,6 +11,7 @@
 
 
 mod config;
+mod consumers;
 mod layers;
 mod vars;
 
@@ -28,6 +29,7 @@ use weir_core::expr::Expr;
 use weir_core::schema::PluginCatalog;
 
 pub use config::{Build, Factory, parse, schema_of};
+pub use consumers::{Consumer, Consumers, Credential};
 pub use layers::{Layers, Scope};
 pub use schemars::{self, JsonSchema};
 pub use vars::RequestVars;
@@ -48,91 +50,6 @@ impl Reply {
     pub fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Reply {
         self.headers.push((name, value));
         self
-    }
-}
-
-/// A consumer as the data plane knows it, found by an auth plugin.
-#[derive(Debug, PartialEq)]
-pub struct Consumer {
-    pub username: String,
-    /// The credential (`consumers/{username}/credentials/{id}`) that matched, if any.
-    pub credential_id: Option<String>,
-    /// `username` and `credential_id` as header values, made once per snapshot; none when
-    /// one cannot be a header value.
-    username_header: Option<HeaderValue>,
-    credential_header: Option<HeaderValue>,
-}
-
-impl Consumer {
-    pub fn new(username: &str, credential_id: Option<&str>) -> Consumer {
-        Consumer {
-            username: username.to_string(),
-            credential_id: credential_id.map(str::to_string),
-            username_header: HeaderValue::from_str(username).ok(),
-            credential_header: credential_id.and_then(|c| HeaderValue::from_str(c).ok()),
-        }
-    }
-}
-
-/// A credential a consumer holds for one auth plugin, as that plugin prepared it when the
-/// snapshot was built.
-pub struct Credential {
-    pub consumer: Arc<Consumer>,
-    /// What the plugin made of the consumer's config: a password, a verifying key.
-    pub data: Arc<dyn Any + Send + Sync>,
-}
-
-/// The hasher of the consumer tables, looked up on every authenticated request: fast, and
-/// seeded at random per table so that no caller can choose keys that collide.
-type Seeded = foldhash::quality::RandomState;
-
-/// Consumers by credential: plugin → the id the plugin looks callers up by (an API key, a
-/// username, a JWT `key`) → credential. Built with the snapshot.
-#[derive(Default)]
-pub struct Consumers {
-    by_plugin: HashMap<&'static str, HashMap<String, Credential, Seeded>, Seeded>,
-    /// The plugins a consumer brings (its group's and its own), by username.
-    plugins: HashMap<String, Arc<Pipeline>, Seeded>,
-}
-
-impl Consumers {
-    /// Adds the credentials a consumer (or one of its credential objects) carries in `plugins`.
-    /// A credential its plugin cannot use is logged and left out.
-    pub fn add(&mut self, registry: &Registry, username: &str, credential_id: Option<&str>, plugins: &serde_json::Map<String, Value>) {
-        let consumer = Arc::new(Consumer::new(username, credential_id));
-        for (name, conf) in plugins {
-            let Some(f) = registry.factory(name) else { continue };
-            let Some(prepare) = &f.credential else { continue };
-            // A sealed key that cannot be opened leaves the credential out: its sealed text
-            // must never work as the key.
-            let conf = match registry.opened(conf) {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(consumer = username, plugin = f.name, error = %e, "credential cannot be opened; skipped");
-                    continue;
-                }
-            };
-            match prepare(&conf) {
-                Ok((id, data)) => {
-                    let cred = Credential { consumer: consumer.clone(), data };
-                    self.by_plugin.entry(f.name).or_default().insert(id, cred);
-                }
-                Err(e) => tracing::warn!(consumer = username, plugin = f.name, error = %e, "credential cannot be used; skipped"),
-            }
-        }
-    }
-
-    pub fn find(&self, plugin: &'static str, id: &str) -> Option<&Credential> {
-        self.by_plugin.get(plugin)?.get(id)
-    }
-
-    pub fn set_plugins(&mut self, username: &str, pipeline: Pipeline) {
-        self.plugins.insert(username.to_string(), Arc::new(pipeline));
-    }
-
-    /// The plugins `username` brings to every route it calls, if any.
-    pub fn plugins_of(&self, username: &str) -> Option<&Arc<Pipeline>> {
-        self.plugins.get(username)
     }
 }
 
@@ -563,6 +480,12 @@ impl InstanceCache {
     pub fn finish(&mut self) {
         self.previous = std::mem::take(&mut self.next);
         self.previous_filters = std::mem::take(&mut self.next_filters);
+    }
+
+    /// Drops the instances kept for the scopes `stale` names (a consumer compiled again) that
+    /// the update under way did not use: that scope holds none of them any more.
+    pub fn forget(&mut self, stale: impl Fn(&str) -> bool) {
+        self.previous.retain(|(scope, _, _), _| !stale(scope));
     }
 
     /// Ends an update that compiled only some routes: what it used joins what was kept.

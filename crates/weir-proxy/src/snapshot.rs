@@ -65,6 +65,8 @@ pub struct BuildStats {
     pub parts: u64,
     /// Routes compiled, APISIX's and partitions'.
     pub routes: u64,
+    /// Consumers compiled (in full builds and alone).
+    pub consumers: u64,
 }
 
 /// The routes put or deleted since the last full build: their current versions in a router of
@@ -398,31 +400,11 @@ fn global_pipeline(state: &ConfigState, ctx: &mut Ctx<'_>) -> Result<Pipeline, S
 /// are credentials, not plugins to run).
 fn consumers(state: &ConfigState, ctx: &mut Ctx<'_>) -> Consumers {
     let mut out = Consumers::default();
-    // A consumer whose plugins cannot be applied is not let in at all (its credentials are
-    // left out): it would otherwise pass without the limits its plugins set.
     let mut closed = std::collections::HashSet::new();
     for (username, c) in &state.consumers {
-        let group = c.group_id.as_ref().and_then(|g| state.consumer_groups.get(&g.0));
-        if let Some(gid) = &c.group_id
-            && group.is_none()
-        {
-            tracing::error!(consumer = %username, group = %gid, "consumer group is missing or cannot be read; the consumer is refused until it is fixed");
+        if !file_consumer(state, ctx, &mut out, username, c) {
             closed.insert(username.as_str());
-            continue;
         }
-        let mut merged = Layers::new().with(Scope::ConsumerGroup, group.map(|g| &g.plugins)).with(Scope::Consumer, Some(&c.plugins)).merge();
-        merged.retain(|name, _| !ctx.registry.is_auth(name));
-        if !merged.is_empty() {
-            match ctx.registry.pipeline(&merged, &format!("consumer:{username}"), ctx.metadata, ctx.instances) {
-                Ok(p) => out.set_plugins(username, p),
-                Err(e) => {
-                    tracing::error!(consumer = %username, error = %e, "consumer has plugins that cannot run; it is refused until they are fixed");
-                    closed.insert(username.as_str());
-                    continue;
-                }
-            }
-        }
-        out.add(ctx.registry, username, None, &c.plugins);
     }
     for (key, c) in &state.credentials {
         if let Some((username, id)) = key.split_once("/credentials/")
@@ -432,6 +414,52 @@ fn consumers(state: &ConfigState, ctx: &mut Ctx<'_>) -> Consumers {
         }
     }
     out
+}
+
+/// Files consumer `username` (`c`) in `out`: its plugins, and the credentials it holds itself.
+/// A consumer whose plugins cannot be applied is not let in at all (false: neither are its
+/// credential objects): it would otherwise pass without the limits its plugins set.
+fn file_consumer(state: &ConfigState, ctx: &mut Ctx<'_>, out: &mut Consumers, username: &str, c: &model::PluginHolder) -> bool {
+    let group = c.group_id.as_ref().and_then(|g| state.consumer_groups.get(&g.0));
+    if let Some(gid) = &c.group_id
+        && group.is_none()
+    {
+        tracing::error!(consumer = %username, group = %gid, "consumer group is missing or cannot be read; the consumer is refused until it is fixed");
+        return false;
+    }
+    let mut merged = Layers::new().with(Scope::ConsumerGroup, group.map(|g| &g.plugins)).with(Scope::Consumer, Some(&c.plugins)).merge();
+    merged.retain(|name, _| !ctx.registry.is_auth(name));
+    if !merged.is_empty() {
+        match ctx.registry.pipeline(&merged, &consumer_scope(username), ctx.metadata, ctx.instances) {
+            Ok(p) => out.set_plugins(username, p),
+            Err(e) => {
+                tracing::error!(consumer = %username, error = %e, "consumer has plugins that cannot run; it is refused until they are fixed");
+                return false;
+            }
+        }
+    }
+    out.add(ctx.registry, username, None, &c.plugins);
+    true
+}
+
+/// Files consumer `username` in `out` afresh, as a full build would: itself, then its
+/// credential objects in their order (those of a consumer not stored too, as there).
+fn file_consumer_again(state: &ConfigState, ctx: &mut Ctx<'_>, out: &mut Consumers, username: &str) {
+    if let Some(c) = state.consumers.get(username)
+        && !file_consumer(state, ctx, out, username, c)
+    {
+        return;
+    }
+    let prefix = format!("{username}/credentials/");
+    for (key, c) in state.credentials.range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded)) {
+        let Some(id) = key.strip_prefix(&prefix) else { break };
+        out.add(ctx.registry, username, Some(id), &c.plugins);
+    }
+}
+
+/// The scope of the plugin instances consumer `username` brings.
+fn consumer_scope(username: &str) -> String {
+    format!("consumer:{username}")
 }
 
 /// What building an upstream runtime reads besides the upstream itself.
@@ -742,6 +770,7 @@ impl Builder {
         };
         let consumers = consumers(state, &mut ctx);
         self.stats.full += 1;
+        self.stats.consumers += state.consumers.len() as u64;
         self.stats.routes += specs.len() as u64;
         self.instances.finish();
         if parts || self.parts_metadata != state.plugin_metadata {
@@ -782,10 +811,12 @@ impl Builder {
     /// Applies `changes` (already in `state`). When only routes (or the plugin configs routes
     /// name) changed, the routes changed since the last full build are compiled into a small
     /// router laid over the last full one, so a change costs in proportion to the changes, not
-    /// to the route table; a changed partition is compiled alone. Anything else (and a grown
-    /// overlay) gets a full build.
+    /// to the route table; a changed partition is compiled alone, and so is a changed consumer.
+    /// Anything else (and a grown overlay) gets a full build.
     pub fn update(&mut self, state: &ConfigState, changes: &Changes) -> Snapshot {
-        let Some(last) = self.last.as_ref().map(Snapshot::shallow_clone) else { return self.build(state) };
+        if self.last.is_none() {
+            return self.build(state);
+        }
         if !changes.extra.is_empty() {
             self.compile_parts(state, changes.extra.iter().map(String::as_str), false);
         }
@@ -804,16 +835,24 @@ impl Builder {
             );
             routes.sort();
             routes.dedup();
-            widened = Changes { routes, plugin_configs: Vec::new(), other: changes.other, extra: Vec::new() };
+            widened = Changes { routes, plugin_configs: Vec::new(), consumers: changes.consumers.clone(), other: changes.other, extra: Vec::new() };
             &widened
         };
         if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY || self.overlays >= MAX_OVERLAYS {
             return self.fold(state);
         }
+        let consumers = match changes.consumers.is_empty() {
+            true => None,
+            false => match self.consumers_again(state, &changes.consumers) {
+                Some(c) => Some(c),
+                None => return self.fold(state),
+            },
+        };
+        let Some(last) = self.last.as_ref().map(Snapshot::shallow_clone) else { return self.build(state) };
         if !changes.routes.is_empty() {
             self.overlays += 1;
         }
-        let snapshot = match &self.published {
+        let mut snapshot = match &self.published {
             // No APISIX route changed: its routers stay as the last update left them.
             Some(published) if changes.routes.is_empty() => Snapshot { revision: state.revision, parts: self.hosts.clone(), ..published.shallow_clone() },
             _ => {
@@ -824,8 +863,42 @@ impl Builder {
                 }
             }
         };
+        if let Some(c) = consumers {
+            snapshot.consumers = c;
+        }
         self.published = Some(snapshot.shallow_clone());
         snapshot
+    }
+
+    /// The last full build's consumers with those named (`names`, with duplicates) filed
+    /// afresh, which the last full build then holds too; `None` when only a full build will
+    /// do: one of them files a credential another consumer files, before or after.
+    fn consumers_again(&mut self, state: &ConfigState, names: &[String]) -> Option<Arc<Consumers>> {
+        let last = self.last.as_mut()?;
+        let mut next = Consumers::clone(&last.consumers);
+        let contested = next.contested();
+        let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        if !names.iter().all(|n| next.take_back(n)) {
+            return None;
+        }
+        let mut ctx = Ctx { keyring: &self.keyring, ssls: &state.ssls, registry: &self.registry, instances: &mut self.instances, metadata: &state.plugin_metadata, tenant: self.tenant_reach.clone(), reach: None };
+        for n in &names {
+            file_consumer_again(state, &mut ctx, &mut next, n);
+        }
+        self.stats.consumers += names.len() as u64;
+        // The instances these consumers brought before and no longer do go now, not at the
+        // next full build.
+        let scopes: std::collections::HashSet<String> = names.iter().map(|n| consumer_scope(n)).collect();
+        self.instances.forget(|scope| scopes.contains(scope));
+        self.instances.merge();
+        if next.contested() != contested {
+            return None;
+        }
+        let next = Arc::new(next);
+        last.consumers = next.clone();
+        Some(next)
     }
 
     /// The last full build with the routes changed since laid over it, or `None` when only a
@@ -1157,6 +1230,100 @@ mod tests {
         assert_eq!(server_of(&folded, "GET", "/moved").as_deref(), Some("r3"));
     }
 
+    /// A change to consumers (or their credential objects) files those consumers afresh in
+    /// a copy of the last consumers, and answers as a full build would: a credential two
+    /// consumers file takes a full build, which decides which of them holds it. A consumer
+    /// compiled again keeps the plugin instances its config still names (a quota's counters).
+    #[test]
+    fn consumer_updates_match_a_full_build_and_compile_only_the_consumers_changed() {
+        let consumer = |name: &str, key: &str, extra: &str| format!(r#"{{"username":"{name}","plugins":{{"key-auth":{{"key":"{key}"}}{extra}}}}}"#);
+        let quota = |n: u32| format!(r#","limit-count":{{"count":{n},"time_window":60}}"#);
+        let credential = |key: &str| format!(r#"{{"plugins":{{"key-auth":{{"key":"{key}"}}}}}}"#);
+        let mut kvs = vec![kv("/apisix/consumer_groups/g", r#"{"plugins":{"limit-count":{"count":9,"time_window":60}}}"#, 1)];
+        for i in 0..300 {
+            let extra = if i % 10 == 0 { quota(5) } else { String::new() };
+            kvs.push(kv(&format!("/apisix/consumers/u{i}"), &consumer(&format!("u{i}"), &format!("k{i}"), &extra), i + 2));
+        }
+        kvs.push(kv("/apisix/consumers/grouped", r#"{"username":"grouped","group_id":"g","plugins":{"key-auth":{"key":"kg"}}}"#, 400));
+        kvs.push(kv("/apisix/consumers/u1/credentials/c1", &credential("c1key"), 401));
+        let mut state = ConfigState::from_list("/apisix", &kvs, 401);
+        let mut b = test_builder();
+        let first = b.build(&state);
+        assert_eq!(b.stats().consumers, 301);
+        let put = |key: &str, value: String, rev: i64| weir_store::Event {
+            kind: weir_store::EventKind::Put,
+            kv: KeyValue { key: format!("/apisix/{key}"), value: value.into_bytes().into(), create_revision: rev, mod_revision: rev },
+        };
+        let del = |key: &str, rev: i64| weir_store::Event { kind: weir_store::EventKind::Delete, kv: kv(&format!("/apisix/{key}"), "", rev) };
+        // Each step, and whether it takes a full build.
+        let steps = vec![
+            // A new key for one consumer; one with a quota keeps its quota's instance.
+            (vec![put("consumers/u5", consumer("u5", "k5-new", ""), 500)], false),
+            (vec![put("consumers/u0", consumer("u0", "k0-new", &quota(5)), 501)], false),
+            // The old key kept beside the new as a credential object; another object goes.
+            (vec![put("consumers/u7/credentials/previous", credential("k7"), 502), del("consumers/u1/credentials/c1", 503)], false),
+            (vec![del("consumers/u9", 504), put("consumers/u10", consumer("u10", "k10", &quota(7)), 505)], false),
+            // A consumer in a group that is not there is refused, its credentials with it.
+            (vec![put("consumers/lost", consumer("lost", "kl", ""), 506), put("consumers/lost/credentials/c", credential("kl2"), 507)], false),
+            (vec![put("consumers/lost", r#"{"username":"lost","group_id":"nope","plugins":{"key-auth":{"key":"kl"}}}"#.into(), 508)], false),
+            // A credential object whose consumer is not stored is filed as a full build files it.
+            (vec![put("consumers/ghost/credentials/x", credential("kx"), 509)], false),
+            // Two consumers with one key: full builds, until one of them lets go of it.
+            (vec![put("consumers/dup", consumer("dup", "k3", ""), 510)], true),
+            (vec![put("consumers/u3", consumer("u3", "k3-b", ""), 511)], true),
+            (vec![del("consumers/dup", 512)], false),
+            (vec![put("consumers/grouped", r#"{"username":"grouped","group_id":"g","plugins":{"key-auth":{"key":"kg2"}}}"#.into(), 513)], false),
+        ];
+        let probes: Vec<String> = (0..300).map(|i| format!("k{i}")).chain(["k5-new", "k0-new", "c1key", "kl", "kl2", "kx", "k3-b", "kg", "kg2"].map(String::from)).collect();
+        let users: Vec<String> = (0..300).map(|i| format!("u{i}")).chain(["dup", "lost", "ghost", "grouped"].map(String::from)).collect();
+        let held = |s: &Snapshot, key: &str| s.consumers.find("key-auth", key).map(|c| (c.consumer.username.clone(), c.consumer.credential_id.clone()));
+        let instance = |s: &Snapshot, user: &str| s.consumers.plugins_of(user).map(|p| p.instances[0].plugin.clone());
+        let mut last = first;
+        for (i, (events, full)) in steps.into_iter().enumerate() {
+            // u10's quota changes at step 3: its old instance is let go at once.
+            let old_quota = instance(&last, "u10").filter(|_| i == 3).map(|p| Arc::downgrade(&p));
+            let mut changes = Changes::default();
+            let before = b.stats();
+            state.apply("/apisix", 600 + i as i64, &events, &mut changes);
+            let updated = b.update(&state, &changes);
+            let after = b.stats();
+            assert_eq!(after.full - before.full, u64::from(full), "step {i}: a full build or none");
+            if !full {
+                assert!(after.consumers - before.consumers <= 2, "step {i}: {} consumers compiled", after.consumers - before.consumers);
+            }
+            let whole = test_builder().build(&state);
+            for key in &probes {
+                assert_eq!(held(&updated, key), held(&whole, key), "step {i}: key {key}");
+            }
+            for user in &users {
+                assert_eq!(updated.consumers.plugins_of(user).is_some(), whole.consumers.plugins_of(user).is_some(), "step {i}: {user}'s plugins");
+            }
+            // A consumer untouched keeps its very instances, and so does u0 compiled again.
+            for user in ["u20", "u0"] {
+                if let (Some(a), Some(b)) = (instance(&last, user), instance(&updated, user)) {
+                    assert!(Arc::ptr_eq(&a, &b), "step {i}: {user}'s quota");
+                }
+            }
+            last = updated;
+            if let Some(old) = old_quota {
+                assert!(old.upgrade().is_none(), "u10's old quota instance is kept");
+            }
+        }
+        assert_eq!(held(&last, "k7"), Some(("u7".into(), Some("previous".into()))));
+        assert_eq!(held(&last, "k5"), None);
+        assert_eq!(held(&last, "kl"), None, "a refused consumer's key");
+        assert_eq!(held(&last, "kg2"), Some(("grouped".into(), None)));
+        assert!(last.consumers.plugins_of("grouped").is_some(), "its group's quota");
+        // The next route change lays its overlay over the last full build, consumers changed
+        // since included.
+        let mut changes = Changes::default();
+        state.apply("/apisix", 700, &[put("routes/r", r#"{"uri":"/r","upstream":{"nodes":{"127.0.0.1:1":1}}}"#.into(), 700)], &mut changes);
+        let routed = b.update(&state, &changes);
+        assert!(routed.delta.is_some());
+        assert_eq!(held(&routed, "kg2"), Some(("grouped".into(), None)));
+        assert_eq!(held(&routed, "k3"), None);
+    }
+
     #[test]
     fn a_plugin_config_change_recompiles_only_the_routes_naming_it() {
         let state_kvs = [
@@ -1322,7 +1489,7 @@ mod tests {
         let mut b = tenant_builder();
         let mut state = ConfigState::claiming("/apisix", &kvs, 2000, b.claims());
         let first = b.build(&state);
-        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1000, routes: 1001 });
+        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1000, routes: 1001, consumers: 0 });
         assert_eq!(at(&first, Some("t7.example"), "/home7").as_deref(), Some("/apisix/tenants/t7/routes/home"));
         assert_eq!(at(&first, Some("t7.example"), "/home8"), None, "t8's route is not t7's");
         assert_eq!(at(&first, Some("t7.example"), "/apisix/x").as_deref(), Some("r1"), "APISIX's routes serve every host");
@@ -1332,7 +1499,7 @@ mod tests {
         let mut changes = Changes::default();
         state.apply("/apisix", 2001, &[event(weir_store::EventKind::Put, "/apisix/tenants/t7/routes/home", &route_json("/moved"), 2001)], &mut changes);
         let second = b.update(&state, &changes);
-        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1001, routes: 1002 });
+        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1001, routes: 1002, consumers: 0 });
         assert_eq!(at(&second, Some("t7.example"), "/moved").as_deref(), Some("/apisix/tenants/t7/routes/home"));
         assert_eq!(at(&second, Some("t7.example"), "/home7"), None);
         assert!(Arc::ptr_eq(&first.base, &second.base));
@@ -1354,7 +1521,7 @@ mod tests {
             &mut changes,
         );
         let third = b.update(&state, &changes);
-        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1002, routes: 1003 });
+        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1002, routes: 1003, consumers: 0 });
         assert_eq!(at(&third, Some("t1000.example"), "/new").as_deref(), Some("/apisix/tenants/t1000/routes/home"));
         assert!(!third.parts.contains_key("t3.example"));
         assert_eq!(at(&third, Some("t3.example"), "/apisix/y").as_deref(), Some("r1"));
@@ -1363,14 +1530,14 @@ mod tests {
         let mut changes = Changes::default();
         state.apply("/apisix", 2003, &[event(weir_store::EventKind::Put, "/apisix/routes/r2", &route_json("/two"), 2003)], &mut changes);
         let fourth = b.update(&state, &changes);
-        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1002, routes: 1004 });
+        assert_eq!(b.stats(), BuildStats { full: 1, parts: 1002, routes: 1004, consumers: 0 });
         assert_eq!(at(&fourth, Some("t1.example"), "/two").as_deref(), Some("r2"));
         assert!(Arc::ptr_eq(&third.parts["t1.example"], &fourth.parts["t1.example"]));
 
         // Folding APISIX's overlay into a full build leaves the partitions as they are; a
         // change to plugin_metadata, which every instance is built with, compiles them all.
         let folded = b.fold(&state);
-        assert_eq!(b.stats(), BuildStats { full: 2, parts: 1002, routes: 1006 });
+        assert_eq!(b.stats(), BuildStats { full: 2, parts: 1002, routes: 1006, consumers: 0 });
         assert!(Arc::ptr_eq(&fourth.parts["t1.example"], &folded.parts["t1.example"]));
         let mut changes = Changes::default();
         state.apply("/apisix", 2004, &[event(weir_store::EventKind::Put, "/apisix/plugin_metadata/http-logger", r#"{"log_format":{"a":"$host"}}"#, 2004)], &mut changes);

@@ -125,6 +125,8 @@ impl ConfigState {
             match Resource::from_key(prefix, &e.kv.key) {
                 Some((Resource::Routes, id)) => changes.routes.push(id.to_string()),
                 Some((Resource::PluginConfigs, id)) => changes.plugin_configs.push(id.to_string()),
+                Some((Resource::Consumers, id)) => changes.consumers.push(id.to_string()),
+                Some((Resource::Credentials, id)) => changes.consumers.push(id.split_once("/credentials/").map_or(id, |(username, _)| username).to_string()),
                 Some(_) => changes.other = true,
                 None => changes.extra.push(e.kv.key.clone()),
             }
@@ -200,7 +202,9 @@ pub struct Changes {
     pub routes: Vec<String>,
     /// Ids of plugin configs put or deleted: the routes naming them are compiled again.
     pub plugin_configs: Vec<String>,
-    /// Whether any other APISIX object changed (services, upstreams, ssls).
+    /// Usernames of consumers put or deleted, or whose credential objects were.
+    pub consumers: Vec<String>,
+    /// Whether any other APISIX object changed (services, upstreams, ssls, consumer groups).
     pub other: bool,
     /// Keys of claimed objects ([`ConfigState::extra`]) put or deleted.
     pub extra: Vec<String>,
@@ -208,6 +212,6 @@ pub struct Changes {
 
 impl Changes {
     pub fn any(&self) -> bool {
-        self.other || !self.routes.is_empty() || !self.plugin_configs.is_empty() || !self.extra.is_empty()
+        self.other || !self.routes.is_empty() || !self.plugin_configs.is_empty() || !self.consumers.is_empty() || !self.extra.is_empty()
     }
 }
