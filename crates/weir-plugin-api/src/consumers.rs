@@ -111,6 +111,11 @@ pub struct Consumers {
     filed: Sharded<Vec<(&'static str, String)>>,
     /// Credentials more than one consumer filed: the last one added holds each.
     contested: Arc<HashSet<(&'static str, String)>>,
+    /// How many times a consumer filed a credential another consumer held.
+    overwritten: u64,
+    /// Consumers whose plugins hold what they may share beyond the consumer: an instance of a
+    /// plugin's `group`, a compiled `_meta.filter`.
+    sharing: Arc<HashSet<String>>,
 }
 
 impl Consumers {
@@ -143,6 +148,7 @@ impl Consumers {
         let before = self.by_plugin.entry(plugin).or_default().insert(id.clone(), cred);
         if before.is_some_and(|b| b.consumer.username != username) {
             Arc::make_mut(&mut self.contested).insert((plugin, id.clone()));
+            self.overwritten += 1;
         }
         self.filed.shard_mut(&username).entry(username).or_default().push((plugin, id));
     }
@@ -151,8 +157,13 @@ impl Consumers {
         self.by_plugin.get(plugin)?.get(id)
     }
 
-    pub fn set_plugins(&mut self, username: &str, pipeline: Pipeline) {
+    /// Sets the plugins `username` brings; `sharing`: whether they hold what they may share
+    /// beyond the consumer (an instance of a plugin's `group`, a compiled `_meta.filter`).
+    pub fn set_plugins(&mut self, username: &str, pipeline: Pipeline, sharing: bool) {
         self.plugins.insert(username.to_string(), Arc::new(pipeline));
+        if sharing {
+            Arc::make_mut(&mut self.sharing).insert(username.to_string());
+        }
     }
 
     /// The plugins `username` brings to every route it calls, if any.
@@ -162,8 +173,12 @@ impl Consumers {
 
     /// Takes back what consumer `username` filed (its credentials and its plugins), for it to
     /// be added afresh. False, with nothing taken back, when another consumer filed one of the
-    /// same credentials: which of them holds it is the order of a full build's to say.
+    /// same credentials (which of them holds it is the order of a full build's to say), or when
+    /// its plugins share what only a full build knows whether others still use.
     pub fn take_back(&mut self, username: &str) -> bool {
+        if self.sharing.contains(username) {
+            return false;
+        }
         let Some(filed) = self.filed.get(username).cloned() else {
             self.plugins.remove(username);
             return true;
@@ -181,9 +196,15 @@ impl Consumers {
         true
     }
 
-    /// How many credentials more than one consumer filed.
-    pub fn contested(&self) -> usize {
-        self.contested.len()
+    /// How many times a consumer filed a credential another consumer held: a count that
+    /// grows across an update means the update filed one another consumer holds too.
+    pub fn overwritten(&self) -> u64 {
+        self.overwritten
+    }
+
+    /// Whether any of `usernames` brings plugins that share what they hold beyond it.
+    pub fn any_sharing<'n>(&self, mut usernames: impl Iterator<Item = &'n str>) -> bool {
+        usernames.any(|u| self.sharing.contains(u))
     }
 }
 
@@ -230,7 +251,7 @@ mod tests {
         file(&mut c, "a", "same");
         file(&mut c, "b", "same");
         file(&mut c, "b", "own");
-        assert_eq!(c.contested(), 1);
+        assert_eq!(c.overwritten(), 1);
         let before = keys(&c);
         assert!(!c.take_back("a"));
         assert!(!c.take_back("b"));
@@ -238,7 +259,10 @@ mod tests {
         // One consumer filing a credential twice (itself and a credential object) is no contest.
         file(&mut c, "d", "twice");
         file(&mut c, "d", "twice");
-        assert_eq!(c.contested(), 1);
+        assert_eq!(c.overwritten(), 1);
+        // A third consumer filing a credential already contested overwrites all the same.
+        file(&mut c, "e", "same");
+        assert_eq!(c.overwritten(), 2);
         assert!(c.take_back("d"));
         assert!(c.find("key-auth", "twice").is_none());
         assert!(c.take_back("nobody"), "a consumer that filed nothing has nothing to take back");

@@ -488,6 +488,13 @@ impl InstanceCache {
         self.previous.retain(|(scope, _, _), _| !stale(scope));
     }
 
+    /// Whether a plugins object holds what its instances may share beyond their scope: a
+    /// plugin's `group` (one instance for every holder naming it) or a `_meta.filter` (one
+    /// compile per text).
+    pub fn shares(plugins: &serde_json::Map<String, Value>) -> bool {
+        plugins.values().any(|conf| conf.get("group").is_some() || conf.pointer("/_meta/filter").is_some())
+    }
+
     /// Ends an update that compiled only some routes: what it used joins what was kept.
     pub fn merge(&mut self) {
         let next = std::mem::take(&mut self.next);

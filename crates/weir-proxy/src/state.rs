@@ -183,10 +183,11 @@ impl ConfigState {
                 self.global_rules.remove(id).is_some() || broken
             }
             Resource::Consumers => {
-                // A consumer's credentials go with it.
+                // A consumer's credentials go with it (those of one that could not be read too).
                 let prefix = format!("{id}/credentials/");
+                let credentials = self.credentials.len();
                 self.credentials.retain(|k, _| !k.starts_with(&prefix));
-                self.consumers.remove(id).is_some()
+                self.consumers.remove(id).is_some() || self.credentials.len() != credentials
             }
             Resource::Credentials => self.credentials.remove(id).is_some(),
             Resource::ConsumerGroups => self.consumer_groups.remove(id).is_some(),
