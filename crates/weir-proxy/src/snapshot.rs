@@ -533,6 +533,53 @@ pub struct Builder {
     hosts: Arc<HashMap<Arc<str>, Arc<Part>>>,
     stats: BuildStats,
     tenant_reach: Option<Arc<Reach>>,
+    /// Partitions changed are compiled off the caller's path ([`Builder::defer_parts`]).
+    deferred: bool,
+    /// Partitions changed and not yet handed off: in the order they changed (a count), with
+    /// the first revision of the store that changed each (none when only their contributor
+    /// asked for them to be lowered again).
+    dirty: BTreeMap<String, (u64, Option<i64>)>,
+    dirtied: u64,
+    /// Partitions being compiled off the caller's path, with the first revision their compile
+    /// applies. No partition is lowered by two threads at once.
+    compiling: BTreeMap<String, Option<i64>>,
+}
+
+/// Partitions compiled off the caller's path at once, at most.
+const PARTS_AT_ONCE: usize = 2;
+
+/// One partition's compile, handed off the watch path ([`Builder::next_compiles`]): its
+/// objects as they were, and what it keeps across compiles.
+pub struct PartCompile {
+    prefix: String,
+    contributor: Arc<dyn Contributor>,
+    objects: Vec<(String, bytes::Bytes, i64)>,
+    metadata: BTreeMap<String, serde_json::Value>,
+    keyring: Arc<Keyring>,
+    registry: Arc<Registry>,
+    previous: Option<BuiltPart>,
+}
+
+/// What a [`PartCompile`] made, for [`Builder::install`]: the partition (`None`: it has no
+/// objects left), or `Err` when the compile panicked (it keeps serving as it was).
+pub struct PartCompiled {
+    prefix: String,
+    built: Result<Option<BuiltPart>, ()>,
+    stats: BuildStats,
+}
+
+impl PartCompile {
+    /// Compiles the partition, on whatever thread may take the time.
+    pub fn run(self) -> PartCompiled {
+        let mut stats = BuildStats::default();
+        let PartCompile { prefix, contributor, objects, metadata, keyring, registry, previous } = self;
+        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let objects: Vec<(&str, &[u8], i64)> = objects.iter().map(|(k, v, c)| (k.as_str(), &v[..], *c)).collect();
+            compile_part(contributor.as_ref(), &prefix, objects, &metadata, (&keyring, &registry), previous, &mut stats)
+        }))
+        .map_err(|_| tracing::error!(partition = %prefix, "compiling the partition panicked; it keeps serving as last compiled"));
+        PartCompiled { prefix, built, stats }
+    }
 }
 
 struct BuiltPart {
@@ -548,23 +595,27 @@ struct BuiltPart {
     instances: InstanceCache,
 }
 
-/// Compiles one partition from its objects in `state`: `None` when it has none left.
-/// Lookups of APISIX objects (services, upstreams, plugin configs, certificates) find nothing.
+/// The objects of partition `prefix` in `state`, with their create revisions.
+fn part_objects<'s>(contributor: &dyn Contributor, prefix: &str, state: &'s ConfigState) -> impl Iterator<Item = &'s weir_store::KeyValue> {
+    state
+        .extra
+        .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+        .filter(move |(k, _)| contributor.partition(k) == Some(prefix))
+        .map(|(_, kv)| kv)
+}
+
+/// Compiles one partition from its `objects`: `None` when it has none left. Lookups of
+/// APISIX objects (services, upstreams, plugin configs, certificates) find nothing.
 fn compile_part(
     contributor: &dyn Contributor,
     prefix: &str,
-    state: &ConfigState,
+    objects: Vec<(&str, &[u8], i64)>,
+    metadata: &BTreeMap<String, serde_json::Value>,
     tools: (&Keyring, &Registry),
     previous: Option<BuiltPart>,
     stats: &mut BuildStats,
 ) -> Option<BuiltPart> {
-    let objects: Vec<(&str, &[u8], i64)> = state
-        .extra
-        .range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
-        .take_while(|(k, _)| k.starts_with(prefix))
-        .filter(|(k, _)| contributor.partition(k) == Some(prefix))
-        .map(|(k, kv)| (k.as_str(), &kv.value[..], kv.create_revision))
-        .collect();
     if objects.is_empty() {
         contributor.gone(prefix);
         return None;
@@ -591,7 +642,7 @@ fn compile_part(
     stats.routes += entries.len() as u64;
     let isolated = ConfigState::default();
     let (keyring, registry) = tools;
-    let mut ctx = Ctx { keyring, ssls: &isolated.ssls, registry, instances: &mut instances, metadata: &state.plugin_metadata, tenant: None, reach: None };
+    let mut ctx = Ctx { keyring, ssls: &isolated.ssls, registry, instances: &mut instances, metadata, tenant: None, reach: None };
     let mut next: UpstreamCache<Cow<'_, str>> = HashMap::new();
     let specs: Vec<_> = entries
         .iter()
@@ -642,7 +693,96 @@ impl Builder {
             hosts: Arc::default(),
             stats: BuildStats::default(),
             tenant_reach: None,
+            deferred: false,
+            dirty: BTreeMap::new(),
+            dirtied: 0,
+            compiling: BTreeMap::new(),
         }
+    }
+
+    /// Marks partition `prefix` changed, by the store at `since` (none: only asked to be
+    /// lowered again); it keeps its place in line and the first revision that changed it.
+    fn mark_dirty(&mut self, prefix: &str, since: Option<i64>) {
+        self.dirtied += 1;
+        let (_, first) = self.dirty.entry(prefix.to_string()).or_insert((self.dirtied, None));
+        *first = match (*first, since) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    /// From now on an update does not compile the partitions it changes: they wait for
+    /// [`Builder::next_compiles`] to hand them off, and go live at [`Builder::install`], so a
+    /// gateway whose partition takes long to compile holds up no other gateway's changes.
+    /// A build of everything still compiles every partition in place.
+    pub fn defer_parts(&mut self) {
+        self.deferred = true;
+    }
+
+    /// The compiles of changed partitions to start now: each partition has one under way at
+    /// most (a change meanwhile waits for it), and [`PARTS_AT_ONCE`] are under way at most.
+    pub fn next_compiles(&mut self, state: &ConfigState) -> Vec<PartCompile> {
+        let mut out = Vec::new();
+        // The longest waiting first.
+        let mut ready: Vec<(u64, &String)> = self.dirty.iter().filter(|(p, _)| !self.compiling.contains_key(*p)).map(|(p, (at, _))| (*at, p)).collect();
+        ready.sort_unstable();
+        let ready: Vec<String> = ready.into_iter().take(PARTS_AT_ONCE.saturating_sub(self.compiling.len())).map(|(_, p)| p.clone()).collect();
+        let claims = self.claims();
+        for prefix in ready {
+            let Some((_, since)) = self.dirty.remove(&prefix) else { continue };
+            let Some((_, contributor)) = claims.partition(&prefix) else { continue };
+            let contributor = contributor.clone();
+            let objects = part_objects(contributor.as_ref(), &prefix, state).map(|kv| (kv.key.clone(), kv.value.clone(), kv.create_revision)).collect();
+            // It keeps serving as it is meanwhile; its compile takes what it keeps across
+            // compiles (and gives it back however it ends).
+            let previous = self.parts.get_mut(&prefix).map(|p| BuiltPart {
+                hosts: p.hosts.clone(),
+                created: p.created,
+                part: p.part.clone(),
+                upstreams: std::mem::take(&mut p.upstreams),
+                instances: std::mem::take(&mut p.instances),
+            });
+            self.compiling.insert(prefix.clone(), since);
+            out.push(PartCompile {
+                prefix,
+                contributor,
+                objects,
+                metadata: state.plugin_metadata.clone(),
+                keyring: self.keyring.clone(),
+                registry: self.registry.clone(),
+                previous,
+            });
+        }
+        out
+    }
+
+    /// Puts a partition compiled off the caller's path in place: the snapshot that serves it
+    /// (`None` when its compile panicked: it serves as it was).
+    pub fn install(&mut self, done: PartCompiled) -> Option<Snapshot> {
+        self.compiling.remove(&done.prefix);
+        self.stats.parts += done.stats.parts;
+        self.stats.routes += done.stats.routes;
+        match done.built {
+            Ok(Some(built)) => {
+                self.parts.insert(done.prefix, built);
+            }
+            Ok(None) => {
+                self.parts.remove(&done.prefix);
+            }
+            Err(()) => return None,
+        }
+        self.hosts = host_index(&self.parts);
+        let published = self.published.as_ref()?;
+        let snapshot = Snapshot { parts: self.hosts.clone(), ..published.shallow_clone() };
+        self.published = Some(snapshot.shallow_clone());
+        Some(snapshot)
+    }
+
+    /// The newest revision every change of which is in the last snapshot, given that the
+    /// builder has seen `revision`: one before the first change of a partition still waiting
+    /// or compiling.
+    pub fn settled(&self, revision: i64) -> i64 {
+        self.dirty.values().map(|(_, since)| since).chain(self.compiling.values()).flatten().map(|since| since - 1).fold(revision, i64::min)
     }
 
     /// Where the upstreams of tenants' routes (labelled `weir-managed-gateway`) may connect:
@@ -677,7 +817,7 @@ impl Builder {
 
     /// Compiles the partitions `keys` belong to, keeping every other partition as it is; with
     /// `all`, every partition in `state` and none other.
-    fn compile_parts<'k>(&mut self, state: &ConfigState, keys: impl Iterator<Item = &'k str>, all: bool) {
+    fn compile_parts<'k>(&mut self, state: &ConfigState, keys: impl Iterator<Item = &'k str>, since: Option<i64>, all: bool) {
         let claims = self.claims();
         let mut claimed: BTreeMap<&str, &Arc<dyn Contributor>> = BTreeMap::new();
         for key in keys {
@@ -688,10 +828,27 @@ impl Builder {
         if claimed.is_empty() && !all {
             return;
         }
+        if self.deferred && !all {
+            for prefix in claimed.into_keys() {
+                self.mark_dirty(prefix, since);
+            }
+            return;
+        }
         let mut before = if all { std::mem::take(&mut self.parts) } else { BTreeMap::new() };
+        // A partition compiling off the caller's path is left to that compile, and compiled
+        // again after it, from what is there then.
+        for prefix in self.compiling.keys().cloned().collect::<Vec<_>>() {
+            if let Some(served) = before.remove(&prefix) {
+                self.parts.insert(prefix.clone(), served);
+            }
+            claimed.remove(prefix.as_str());
+            self.mark_dirty(&prefix, Some(state.revision));
+        }
         for (prefix, contributor) in claimed {
+            self.dirty.remove(prefix);
             let previous = before.remove(prefix).or_else(|| self.parts.remove(prefix));
-            if let Some(built) = compile_part(contributor.as_ref(), prefix, state, (&self.keyring, &self.registry), previous, &mut self.stats) {
+            let objects = part_objects(contributor.as_ref(), prefix, state).map(|kv| (kv.key.as_str(), &kv.value[..], kv.create_revision)).collect();
+            if let Some(built) = compile_part(contributor.as_ref(), prefix, objects, &state.plugin_metadata, (&self.keyring, &self.registry), previous, &mut self.stats) {
                 self.parts.insert(prefix.to_string(), built);
             }
         }
@@ -774,7 +931,7 @@ impl Builder {
         self.stats.routes += specs.len() as u64;
         self.instances.finish();
         if parts || self.parts_metadata != state.plugin_metadata {
-            self.compile_parts(state, state.extra.keys().map(String::as_str), true);
+            self.compile_parts(state, state.extra.keys().map(String::as_str), Some(state.revision), true);
         }
         self.upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
         let mut checked: Vec<(String, Arc<UpstreamRt>)> = self
@@ -818,7 +975,7 @@ impl Builder {
             return self.build(state);
         }
         if !changes.extra.is_empty() {
-            self.compile_parts(state, changes.extra.iter().map(String::as_str), false);
+            self.compile_parts(state, changes.extra.iter().map(String::as_str), changes.extra_since, false);
         }
         // A plugin config changes the routes that name it, and nothing else.
         let widened;
@@ -835,7 +992,7 @@ impl Builder {
             );
             routes.sort();
             routes.dedup();
-            widened = Changes { routes, plugin_configs: Vec::new(), consumers: changes.consumers.clone(), other: changes.other, extra: Vec::new() };
+            widened = Changes { routes, plugin_configs: Vec::new(), consumers: changes.consumers.clone(), other: changes.other, extra: Vec::new(), extra_since: None };
             &widened
         };
         if changes.other || self.delta_ids.len() + changes.routes.len() > MAX_OVERLAY || self.overlays >= MAX_OVERLAYS {
@@ -1491,6 +1648,82 @@ mod tests {
         assert_eq!(at(&second, Some("t1.example"), "/moved").as_deref(), Some("/apisix/tenants/t1/routes/home"));
         assert!(t1.upgrade().is_none(), "the partition compiled again is let go");
         assert!(t2.upgrade().is_none(), "the partition gone is let go");
+    }
+
+    /// With compiles deferred, an update leaves a changed partition serving as it was; its
+    /// compile is handed off (one per partition at a time, a change meanwhile waiting for it),
+    /// and installed when done; the settled revision stays before its change until then. A
+    /// build of everything makes what was handed off before stale.
+    #[test]
+    fn deferred_partition_compiles_go_live_when_installed_and_hold_the_settled_revision() {
+        let mut kvs = Vec::new();
+        for t in 0..3 {
+            kvs.push(kv(&format!("/apisix/tenants/t{t}/routes/home"), &route_json(&format!("/home{t}")), t + 1));
+        }
+        let mut b = tenant_builder();
+        b.defer_parts();
+        let mut state = ConfigState::claiming("/apisix", &kvs, 10, b.claims());
+        let first = b.build(&state);
+        assert_eq!(at(&first, Some("t1.example"), "/home1").as_deref(), Some("/apisix/tenants/t1/routes/home"), "a build compiles in place");
+        assert_eq!(b.settled(10), 10);
+        let change = |state: &mut ConfigState, b: &mut Builder, t: u32, uri: &str, rev: i64| {
+            let mut changes = Changes::default();
+            state.apply("/apisix", rev, &[event(weir_store::EventKind::Put, &format!("/apisix/tenants/t{t}/routes/home"), &route_json(uri), rev)], &mut changes);
+            b.update(state, &changes)
+        };
+        let updated = change(&mut state, &mut b, 1, "/moved1", 11);
+        assert_eq!(at(&updated, Some("t1.example"), "/home1").as_deref(), Some("/apisix/tenants/t1/routes/home"), "serving as it was");
+        assert_eq!(b.settled(11), 10);
+        let mut jobs = b.next_compiles(&state);
+        assert_eq!(jobs.len(), 1);
+        assert!(b.next_compiles(&state).is_empty(), "handed off once");
+        // Changed again while compiling: it waits; another partition's change is handed off.
+        let _ = change(&mut state, &mut b, 1, "/again1", 12);
+        let _ = change(&mut state, &mut b, 2, "/moved2", 13);
+        let more = b.next_compiles(&state);
+        assert_eq!(more.len(), 1);
+        assert_eq!(b.settled(13), 10);
+        let done = std::thread::spawn(move || jobs.remove(0).run()).join().unwrap();
+        let live = b.install(done).expect("installed");
+        assert_eq!(at(&live, Some("t1.example"), "/moved1").as_deref(), Some("/apisix/tenants/t1/routes/home"));
+        assert_eq!(at(&live, Some("t0.example"), "/home0").as_deref(), Some("/apisix/tenants/t0/routes/home"));
+        assert_eq!(b.settled(13), 11, "t1's second change and t2's are still to come");
+        let again = b.next_compiles(&state);
+        assert_eq!(again.len(), 1, "t1's second change, handed off now");
+        for job in more.into_iter().chain(again) {
+            let _ = b.install(job.run()).expect("installed");
+        }
+        assert_eq!(b.settled(13), 13);
+        let last = b.published.as_ref().map(Snapshot::shallow_clone).unwrap();
+        assert_eq!(at(&last, Some("t1.example"), "/again1").as_deref(), Some("/apisix/tenants/t1/routes/home"));
+        assert_eq!(at(&last, Some("t2.example"), "/moved2").as_deref(), Some("/apisix/tenants/t2/routes/home"));
+        // A partition asked to be lowered again holds no revision back.
+        let relowered = Changes { extra: vec!["/apisix/tenants/t2/routes/home".into()], ..Changes::default() };
+        let _ = b.update(&state, &relowered);
+        assert_eq!(b.settled(13), 13);
+        for job in b.next_compiles(&state) {
+            let _ = b.install(job.run()).expect("installed");
+        }
+        // A build of everything while a partition compiles leaves it to that compile, and
+        // compiles it again after: it is never lowered by two threads at once.
+        let _ = change(&mut state, &mut b, 0, "/moved0", 14);
+        let under_way = b.next_compiles(&state);
+        let _ = change(&mut state, &mut b, 1, "/moved1-again", 15);
+        let rebuilt = b.build(&state);
+        assert_eq!(at(&rebuilt, Some("t1.example"), "/moved1-again").as_deref(), Some("/apisix/tenants/t1/routes/home"));
+        assert_eq!(at(&rebuilt, Some("t0.example"), "/home0").as_deref(), Some("/apisix/tenants/t0/routes/home"), "t0 serves as it was");
+        assert_eq!(b.settled(15), 13);
+        for job in under_way {
+            let _ = b.install(job.run()).expect("installed");
+        }
+        let again = b.next_compiles(&state);
+        assert_eq!(again.len(), 1, "t0 once more");
+        assert_eq!(b.settled(15), 14);
+        for job in again {
+            let live = b.install(job.run()).expect("installed");
+            assert_eq!(at(&live, Some("t0.example"), "/moved0").as_deref(), Some("/apisix/tenants/t0/routes/home"));
+        }
+        assert_eq!(b.settled(15), 15);
     }
 
     #[test]

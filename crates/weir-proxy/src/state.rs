@@ -128,7 +128,10 @@ impl ConfigState {
                 Some((Resource::Consumers, id)) => changes.consumers.push(id.to_string()),
                 Some((Resource::Credentials, id)) => changes.consumers.push(id.split_once("/credentials/").map_or(id, |(username, _)| username).to_string()),
                 Some(_) => changes.other = true,
-                None => changes.extra.push(e.kv.key.clone()),
+                None => {
+                    changes.extra.push(e.kv.key.clone());
+                    changes.extra_since = Some(changes.extra_since.map_or(revision, |r| r.min(revision)));
+                }
             }
         }
     }
@@ -209,6 +212,9 @@ pub struct Changes {
     pub other: bool,
     /// Keys of claimed objects ([`ConfigState::extra`]) put or deleted.
     pub extra: Vec<String>,
+    /// The first revision that changed one of them; none when no store change did (a
+    /// partition lowered again at its contributor's asking).
+    pub extra_since: Option<i64>,
 }
 
 impl Changes {

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use weir_store::{SharedStore, WatchMessage};
 
 use crate::partition::Relower;
-use crate::snapshot::{Builder, Snapshot};
+use crate::snapshot::{Builder, PartCompiled, Snapshot};
 
 /// How long the config must stay unchanged before an overlay of recent route changes is folded
 /// into a full build.
@@ -98,6 +98,18 @@ pub async fn follow(
     let mut backoff = Duration::from_millis(100);
     let (relower, mut relowers) = Relower::channel();
     builder.attach(&relower);
+    // Changed partitions compile off this loop, so that one gateway's long compile holds up
+    // no other's change; `applied` waits for them.
+    builder.defer_parts();
+    let (compiled_tx, mut compiled) = tokio::sync::mpsc::unbounded_channel::<PartCompiled>();
+    let hand_off = |builder: &mut Builder, state: &ConfigState| {
+        for job in builder.next_compiles(state) {
+            let tx = compiled_tx.clone();
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.send(job.run());
+            });
+        }
+    };
     loop {
         let (kvs, revision) = match store.list(&dir).await {
             Ok(r) => r,
@@ -111,8 +123,10 @@ pub async fn follow(
         };
         let mut state = ConfigState::claiming(&prefix, &kvs, revision, builder.claims());
         target.store(Arc::new(builder.build(&state)));
+        // Partitions still compiling from before are compiled again once they are done.
+        hand_off(&mut builder, &state);
         status.heard(revision);
-        status.published(revision);
+        status.published(builder.settled(revision));
         status.loaded.store(true, Ordering::Relaxed);
         let _ = loaded.send(true);
         tracing::info!(revision, routes = state.routes.len(), "config loaded");
@@ -142,10 +156,21 @@ pub async fn follow(
                         changes.extra.push(key);
                     }
                     target.store(Arc::new(builder.update(&state, &changes)));
+                    hand_off(&mut builder, &state);
+                    status.published(builder.settled(state.revision));
+                    continue;
+                }
+                Some(done) = compiled.recv() => {
+                    if let Some(snapshot) = builder.install(done) {
+                        target.store(Arc::new(snapshot));
+                    }
+                    hand_off(&mut builder, &state);
+                    status.published(builder.settled(state.revision));
                     continue;
                 }
                 _ = tokio::time::sleep_until(heard + FOLD_AFTER), if overlay => {
                     target.store(Arc::new(builder.fold(&state)));
+                    hand_off(&mut builder, &state);
                     continue;
                 }
             };
@@ -172,9 +197,10 @@ pub async fn follow(
             if changes.any() {
                 let started = std::time::Instant::now();
                 target.store(Arc::new(builder.update(&state, &changes)));
+                hand_off(&mut builder, &state);
                 tracing::debug!(revision = state.revision, took = ?started.elapsed(), "config applied");
             }
-            status.published(state.revision);
+            status.published(builder.settled(state.revision));
         }
         status.lost();
         tracing::info!("config watch ended; listing again");
