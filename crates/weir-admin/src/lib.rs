@@ -48,7 +48,7 @@ pub struct Admin {
     /// the compare-and-set still guards against other nodes writing to a shared store.
     writes: tokio::sync::Mutex<()>,
     /// The revision this node's data plane serves, where it has one.
-    applied: Option<tokio::sync::watch::Receiver<i64>>,
+    applied: Option<tokio::sync::watch::Receiver<weir_store::settled::Applied>>,
 }
 
 /// An API mounted on the admin listener beside the Admin API (the platform's). It gets the
@@ -120,7 +120,7 @@ impl Admin {
     /// Answers a request that wrote through a `weir_store::settled::Settled` store once
     /// `applied` (the revision this node's data plane serves) reaches its writes, or after
     /// [`weir_store::settled::BOUND`].
-    pub fn with_applied(mut self, applied: tokio::sync::watch::Receiver<i64>) -> Admin {
+    pub fn with_applied(mut self, applied: tokio::sync::watch::Receiver<weir_store::settled::Applied>) -> Admin {
         self.applied = Some(applied);
         self
     }

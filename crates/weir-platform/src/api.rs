@@ -418,8 +418,11 @@ impl Platform {
                     let Ok(now) = self.docs.decode(&e.kv) else { return };
                     if now.rendered_generation >= gw.generation {
                         // Rendered, by this node or another: then served here.
+                        // What it rendered lies in its partition, or is served with the
+                        // revision it was seen at.
                         let mut applied = applied.clone();
-                        let _ = applied.wait_for(|r| *r >= now.rendered_revision).await;
+                        let partition = [weir_functions::live::partition_prefix(&self.prefix, &gw.gateway_id)];
+                        let _ = applied.wait_for(|a| a.serves(now.rendered_revision, Some(&partition))).await;
                         return;
                     }
                     if now.attempts > gw.attempts {

@@ -167,7 +167,7 @@ pub struct Platform {
     databases: std::sync::OnceLock<(Arc<weir_database::Databases>, weir_database::Quota)>,
     /// The revision this node's data plane serves, where it has one: a gateway rendered here
     /// is marked started once it is served here.
-    applied: std::sync::OnceLock<tokio::sync::watch::Receiver<i64>>,
+    applied: std::sync::OnceLock<tokio::sync::watch::Receiver<weir_store::settled::Applied>>,
     /// Whether the last render this node waited for was not served within the bound.
     behind: std::sync::atomic::AtomicBool,
     /// Large answers held while their clients read them.
@@ -231,7 +231,7 @@ impl Platform {
     }
 
     /// Follows the revision this node's data plane serves (see [`weir_store::settled`]).
-    pub fn with_applied(&self, applied: tokio::sync::watch::Receiver<i64>) {
+    pub fn with_applied(&self, applied: tokio::sync::watch::Receiver<weir_store::settled::Applied>) {
         let _ = self.applied.set(applied);
     }
 

@@ -782,7 +782,27 @@ impl Builder {
     /// builder has seen `revision`: one before the first change of a partition still waiting
     /// or compiling.
     pub fn settled(&self, revision: i64) -> i64 {
-        self.dirty.values().map(|(_, since)| since).chain(self.compiling.values()).flatten().map(|since| since - 1).fold(revision, i64::min)
+        self.pending().map(|(_, since)| since - 1).fold(revision, i64::min)
+    }
+
+    /// The partitions with store changes still waiting or compiling, with the first revision
+    /// of each.
+    fn pending(&self) -> impl Iterator<Item = (&String, i64)> {
+        self.dirty.iter().filter_map(|(p, (_, since))| Some((p, (*since)?))).chain(self.compiling.iter().filter_map(|(p, since)| Some((p, (*since)?))))
+    }
+
+    /// What the last snapshot serves, given that the builder has seen `revision`: every change
+    /// up to [`Builder::settled`], and every change up to `revision` but those of the
+    /// partitions pending.
+    pub fn applied(&self, revision: i64) -> weir_store::settled::Applied {
+        let mut pending: Vec<(String, i64)> = Vec::new();
+        for (prefix, since) in self.pending() {
+            match pending.iter_mut().find(|(p, _)| p == prefix) {
+                Some((_, first)) => *first = (*first).min(since),
+                None => pending.push((prefix.clone(), since)),
+            }
+        }
+        weir_store::settled::Applied { revision: self.settled(revision), seen: revision, pending: Arc::new(pending) }
     }
 
     /// Where the upstreams of tenants' routes (labelled `weir-managed-gateway`) may connect:
@@ -1674,6 +1694,12 @@ mod tests {
         let updated = change(&mut state, &mut b, 1, "/moved1", 11);
         assert_eq!(at(&updated, Some("t1.example"), "/home1").as_deref(), Some("/apisix/tenants/t1/routes/home"), "serving as it was");
         assert_eq!(b.settled(11), 10);
+        // A write elsewhere at that revision is served; one in t1's partition is not.
+        let applied = b.applied(11);
+        assert!(applied.serves(11, Some(&["/apisix/routes/r".into()])));
+        assert!(applied.serves(11, Some(&["/apisix/tenants/t0/routes/home".into()])));
+        assert!(!applied.serves(11, Some(&["/apisix/tenants/t1/routes/home".into()])));
+        assert!(!applied.serves(11, None));
         let mut jobs = b.next_compiles(&state);
         assert_eq!(jobs.len(), 1);
         assert!(b.next_compiles(&state).is_empty(), "handed off once");
@@ -1694,6 +1720,7 @@ mod tests {
             let _ = b.install(job.run()).expect("installed");
         }
         assert_eq!(b.settled(13), 13);
+        assert!(b.applied(13).serves(13, Some(&["/apisix/tenants/t1/routes/home".into()])));
         let last = b.published.as_ref().map(Snapshot::shallow_clone).unwrap();
         assert_eq!(at(&last, Some("t1.example"), "/again1").as_deref(), Some("/apisix/tenants/t1/routes/home"));
         assert_eq!(at(&last, Some("t2.example"), "/moved2").as_deref(), Some("/apisix/tenants/t2/routes/home"));

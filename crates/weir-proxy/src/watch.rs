@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
+use weir_store::settled::Applied;
 use weir_store::{SharedStore, WatchMessage};
 
 use crate::partition::Relower;
@@ -24,8 +25,8 @@ pub struct SyncStatus {
     revision: AtomicI64,
     /// When the store last answered (a list, or a watched change).
     last_heard: Mutex<Option<Instant>>,
-    /// The newest revision whose snapshot is published (what traffic meets).
-    applied: watch::Sender<i64>,
+    /// What the published snapshot serves (what traffic meets).
+    applied: watch::Sender<Applied>,
 }
 
 impl Default for SyncStatus {
@@ -35,7 +36,7 @@ impl Default for SyncStatus {
             connected: AtomicBool::new(false),
             revision: AtomicI64::new(0),
             last_heard: Mutex::new(None),
-            applied: watch::Sender::new(0),
+            applied: watch::Sender::new(Applied::default()),
         }
     }
 }
@@ -43,17 +44,17 @@ impl Default for SyncStatus {
 impl SyncStatus {
     /// Follows the newest revision traffic is served at: a write of that revision or older is
     /// live on this node.
-    pub fn applied(&self) -> watch::Receiver<i64> {
+    pub fn applied(&self) -> watch::Receiver<Applied> {
         self.applied.subscribe()
     }
 
-    fn published(&self, revision: i64) {
-        self.applied.send_if_modified(|r| {
-            let newer = revision > *r;
-            if newer {
-                *r = revision;
-            }
-            newer
+    /// Publishes what the last snapshot serves; no revision goes back.
+    fn published(&self, now: Applied) {
+        self.applied.send_if_modified(|a| {
+            let next = Applied { revision: now.revision.max(a.revision), seen: now.seen.max(a.seen), pending: now.pending };
+            let changed = next != *a;
+            *a = next;
+            changed
         });
     }
 
@@ -126,7 +127,7 @@ pub async fn follow(
         // Partitions still compiling from before are compiled again once they are done.
         hand_off(&mut builder, &state);
         status.heard(revision);
-        status.published(builder.settled(revision));
+        status.published(builder.applied(revision));
         status.loaded.store(true, Ordering::Relaxed);
         let _ = loaded.send(true);
         tracing::info!(revision, routes = state.routes.len(), "config loaded");
@@ -157,7 +158,7 @@ pub async fn follow(
                     }
                     target.store(Arc::new(builder.update(&state, &changes)));
                     hand_off(&mut builder, &state);
-                    status.published(builder.settled(state.revision));
+                    status.published(builder.applied(state.revision));
                     continue;
                 }
                 Some(done) = compiled.recv() => {
@@ -165,7 +166,7 @@ pub async fn follow(
                         target.store(Arc::new(snapshot));
                     }
                     hand_off(&mut builder, &state);
-                    status.published(builder.settled(state.revision));
+                    status.published(builder.applied(state.revision));
                     continue;
                 }
                 _ = tokio::time::sleep_until(heard + FOLD_AFTER), if overlay => {
@@ -200,7 +201,7 @@ pub async fn follow(
                 hand_off(&mut builder, &state);
                 tracing::debug!(revision = state.revision, took = ?started.elapsed(), "config applied");
             }
-            status.published(builder.settled(state.revision));
+            status.published(builder.applied(state.revision));
         }
         status.lost();
         tracing::info!("config watch ended; listing again");

@@ -8,7 +8,7 @@
 //! the answer waits). The wait comes after the handler is done, so no lock it took is held
 //! meanwhile; writes outside a request (background work) never wait.
 
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,24 +22,68 @@ use crate::{KeyValue, Op, Result, SharedStore, Store, Txn, TxnOutcome, WatchMess
 pub const BOUND: Duration = Duration::from_secs(1);
 
 tokio::task_local! {
-    /// The newest revision written through a `Settled` store by the request being handled.
-    static WRITTEN: Cell<i64>;
+    /// What the request being handled wrote through a `Settled` store.
+    static WRITTEN: RefCell<Written>;
+}
+
+/// The keys of one request's writes a wait names at most; past them, the wait is for the
+/// whole config.
+const KEYS_NAMED: usize = 64;
+
+/// What a request wrote through a [`Settled`] store.
+#[derive(Default)]
+struct Written {
+    /// The newest revision (0: none).
+    revision: i64,
+    /// The keys written under the followed directory; `None` once unknown (a prefix
+    /// deleted, too many).
+    keys: Option<Vec<String>>,
+}
+
+/// What this node's data plane serves, as writes wait for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Every change up to this revision is served.
+    pub revision: i64,
+    /// Every change up to this revision is served but those under `pending`.
+    pub seen: i64,
+    /// Key prefixes (partitions compiled off the watch path) whose changes from the revision
+    /// given on are not served yet.
+    pub pending: Arc<Vec<(String, i64)>>,
+}
+
+impl Applied {
+    /// Whether the changes of a write at `revision` are served: every change up to it, or,
+    /// where the keys it wrote are known, those keys' (none of them under a prefix whose
+    /// changes up to `revision` are pending).
+    pub fn serves(&self, revision: i64, keys: Option<&[String]>) -> bool {
+        if self.revision >= revision {
+            return true;
+        }
+        let Some(keys) = keys.filter(|_| self.seen >= revision) else { return false };
+        !keys.iter().any(|k| self.pending.iter().any(|(prefix, since)| *since <= revision && k.starts_with(prefix.as_str())))
+    }
 }
 
 /// Runs `work` (the handling of one request), then waits until `applied`, the revision this
 /// node's data plane serves, reaches the newest revision `work` wrote through a [`Settled`]
 /// store, or until `bound` passes.
-pub async fn settle<T>(applied: &watch::Receiver<i64>, bound: Duration, work: impl Future<Output = T>) -> T {
+pub async fn settle<T>(applied: &watch::Receiver<Applied>, bound: Duration, work: impl Future<Output = T>) -> T {
     settle_within(applied, bound, work).await.0
 }
 
 /// Runs `work` and answers, beside its output, the newest revision it wrote through a
 /// [`Settled`] store (0: none), waiting for nothing.
 pub async fn noting<T>(work: impl Future<Output = T>) -> (T, i64) {
+    let (out, written) = noting_keys(work).await;
+    (out, written.revision)
+}
+
+async fn noting_keys<T>(work: impl Future<Output = T>) -> (T, Written) {
     WRITTEN
-        .scope(Cell::new(0), async {
+        .scope(RefCell::new(Written { revision: 0, keys: Some(Vec::new()) }), async {
             let out = work.await;
-            (out, WRITTEN.with(Cell::get))
+            (out, WRITTEN.with(|w| std::mem::take(&mut *w.borrow_mut())))
         })
         .await
 }
@@ -54,13 +98,13 @@ pub struct Settlement {
 }
 
 /// As [`settle`], with what `work` wrote and whether it was served within `bound`.
-pub async fn settle_within<T>(applied: &watch::Receiver<i64>, bound: Duration, work: impl Future<Output = T>) -> (T, Settlement) {
-    let (out, written) = noting(work).await;
+pub async fn settle_within<T>(applied: &watch::Receiver<Applied>, bound: Duration, work: impl Future<Output = T>) -> (T, Settlement) {
+    let (out, Written { revision: written, keys }) = noting_keys(work).await;
     if written == 0 {
         return (out, Settlement { written, served: true });
     }
     let mut applied = applied.clone();
-    let served = tokio::time::timeout(bound, applied.wait_for(|r| *r >= written)).await.is_ok_and(|r| r.is_ok());
+    let served = tokio::time::timeout(bound, applied.wait_for(|a| a.serves(written, keys.as_deref()))).await.is_ok_and(|r| r.is_ok());
     if !served {
         tracing::debug!(revision = written, ?bound, "a write is answered before this node serves it");
     }
@@ -121,7 +165,20 @@ impl Store for Settled {
         if let TxnOutcome::Committed { revision, prev, deleted } = &outcome
             && self.follows(&ops, prev, *deleted)
         {
-            let _ = WRITTEN.try_with(|w| w.set(w.get().max(*revision)));
+            let _ = WRITTEN.try_with(|w| {
+                let mut w = w.borrow_mut();
+                w.revision = w.revision.max(*revision);
+                for op in &ops {
+                    match (op, &mut w.keys) {
+                        (Op::Put { key, .. } | Op::Delete { key }, Some(keys)) if key.starts_with(&self.dir) => keys.push(key.clone()),
+                        (Op::DeletePrefix { .. }, keys) => *keys = None,
+                        _ => {}
+                    }
+                }
+                if w.keys.as_ref().is_some_and(|k| k.len() > KEYS_NAMED) {
+                    w.keys = None;
+                }
+            });
         }
         Ok(outcome)
     }
@@ -140,12 +197,70 @@ mod tests {
         Txn { compares: Vec::new(), ops: vec![Op::Put { key: key.into(), value: bytes::Bytes::from_static(b"{}") }] }
     }
 
+    #[test]
+    fn a_write_is_served_once_every_change_to_it_is_or_its_keys_changes_are() {
+        let a = Applied { revision: 10, seen: 20, pending: Arc::new(vec![("/x/p/".into(), 15)]) };
+        let keys = |k: &str| Some(vec![k.to_string()]);
+        assert!(a.serves(10, None));
+        assert!(!a.serves(12, None), "keys unknown: every change up to it");
+        assert!(a.serves(12, keys("/x/q/1").as_deref()));
+        assert!(a.serves(16, keys("/x/q/1").as_deref()), "another prefix pending holds it not");
+        assert!(!a.serves(16, keys("/x/p/1").as_deref()), "under a prefix pending since 15");
+        assert!(a.serves(14, keys("/x/p/1").as_deref()), "written before the change pending there");
+        assert!(!a.serves(21, keys("/x/q/1").as_deref()), "not seen yet");
+    }
+
+    /// The keys a request wrote are what its answer waits for, while the data plane has
+    /// seen its revision: a prefix pending elsewhere holds it not.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waits_for_the_prefixes_it_wrote_under_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: SharedStore = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let store = Settled::new(inner, "/apisix/".into());
+        let (tx, applied) = watch::channel(Applied::default());
+        let bound = Duration::from_secs(1);
+        let pending = |seen: i64| Applied { revision: 0, seen, pending: Arc::new(vec![("/apisix/slow/".into(), 1)]) };
+        // Seen, with another prefix pending from the start: answered at once.
+        tx.send_replace(pending(100));
+        let started = tokio::time::Instant::now();
+        let ((), settled) = settle_within(&applied, bound, async {
+            store.txn(put("/apisix/fast/1")).await.unwrap();
+        })
+        .await;
+        assert!(settled.served);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // Under the pending prefix: answered once every change is served.
+        let started = tokio::time::Instant::now();
+        let applier = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            tx.send_replace(Applied { revision: 100, seen: 100, pending: Arc::default() });
+            tx
+        });
+        let ((), settled) = settle_within(&applied, bound, async {
+            store.txn(put("/apisix/slow/1")).await.unwrap();
+        })
+        .await;
+        assert!(settled.served);
+        assert_eq!(started.elapsed(), Duration::from_millis(40));
+        let tx = applier.await.unwrap();
+        // A prefix deleted names no keys: every change up to it.
+        tx.send_replace(pending(200));
+        let started = tokio::time::Instant::now();
+        let ((), settled) = settle_within(&applied, bound, async {
+            store.txn(put("/apisix/fast/2")).await.unwrap();
+            store.txn(Txn { compares: Vec::new(), ops: vec![Op::DeletePrefix { prefix: "/apisix/fast/".into() }] }).await.unwrap();
+        })
+        .await;
+        assert!(!settled.served);
+        assert_eq!(started.elapsed(), bound);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_request_is_answered_once_its_writes_are_applied_or_at_the_bound() {
         let dir = tempfile::tempdir().unwrap();
         let inner: SharedStore = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
         let store = Settled::new(inner, "/apisix/".into());
-        let (tx, applied) = watch::channel(0);
+        let (tx, applied) = watch::channel(Applied::default());
         let bound = Duration::from_secs(1);
 
         // Nothing applies it: the answer comes at the bound, and the write is kept.
@@ -161,9 +276,9 @@ mod tests {
         // Two writes, the second applied a moment later: answered then, not at the first's.
         let started = tokio::time::Instant::now();
         let applier = tokio::spawn(async move {
-            tx.send_replace(revision + 1);
+            tx.send_replace(Applied { revision: revision + 1, ..Applied::default() });
             tokio::time::sleep(Duration::from_millis(30)).await;
-            tx.send_replace(revision + 2);
+            tx.send_replace(Applied { revision: revision + 2, ..Applied::default() });
             tx
         });
         let ((), settled) = settle_within(&applied, bound, async {
