@@ -131,12 +131,30 @@ fn beside_large_saves(args: &Args, w: &Weir, reader: &Weir, gid: &str) -> anyhow
     gateway(w, "noisy")?;
     v1(w, "POST", "api-gateways/noisy/functions", &serde_json::json!({"name": "big", "source": large_source(0)}).to_string())?;
     let sources = [large_source(10), large_source(20)].map(|s| serde_json::json!({"source": s}).to_string());
+    beside_saves(args, (w, reader, gid), ("noisy", "big"), |i| sources[i % 2].clone())
+}
+
+/// Save → live of a small gateway's hello on `w` while the gateway of `many` functions there
+/// (`fns`) saves one of them over and over: each of its saves lowers all its functions again.
+fn beside_many(args: &Args, w: &Weir, many: usize) -> anyhow::Result<(Vec<f64>, (usize, usize))> {
+    gateway(w, "small")?;
+    save(w, "small", "hello", HELLO)?;
+    live(w.port, "small.localhost", "/dev/hello", "world", Instant::now())?;
+    let one = if many > 1 { "f1" } else { "hello" };
+    beside_saves(args, (w, w, "small"), ("fns", one), |i| serde_json::json!({"source": {"code": format!("export default () => ({{ n: 'again {i}' }})")}}).to_string())
+}
+
+/// Save → live of `gid`'s hello (saved on `w`, read on `reader`), `args.changes` times, while
+/// `noisy` (gateway, function) is saved with `body(i)` over and over on `w`; and how many of
+/// those saves went through and how many were refused for its pace (tried again 100 ms later).
+fn beside_saves(args: &Args, (w, reader, gid): (&Weir, &Weir, &str), noisy: (&str, &str), body: impl Fn(usize) -> String + Sync) -> anyhow::Result<(Vec<f64>, (usize, usize))> {
     let stop = std::sync::atomic::AtomicBool::new(false);
+    let path = format!("/v1/api-gateways/{}/functions/dev%2F{}", noisy.0, noisy.1);
     std::thread::scope(|scope| {
         let noisy = scope.spawn(|| {
             let (mut saves, mut refused) = (0, 0);
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                match call(w.admin, "PATCH", "/v1/api-gateways/noisy/functions/dev%2Fbig", "bench.local", Some(&sources[saves % 2]))? {
+                match call(w.admin, "PATCH", &path, "bench.local", Some(&body(saves)))? {
                     (200, _, _) => saves += 1,
                     (429, _, _) => {
                         refused += 1;
@@ -375,6 +393,8 @@ pub fn run(args: &Args, many: usize) -> anyhow::Result<()> {
     report("promote to live in staging, same node", promotions);
     let (beside, (noisy, refused)) = beside_large_saves(args, &one, &one, "fns")?;
     report(&format!("save to live beside a gateway saving a 600 KB function in a loop ({noisy} saves, {refused} refused for its pace), same node"), beside);
+    let (beside, (noisy, refused)) = beside_many(args, &big, many)?;
+    report(&format!("save to live beside the gateway of {many} functions saving one in a loop ({noisy} saves, {refused} refused for its pace), same node"), beside);
     drop((one, big));
 
     // Across two nodes sharing etcd.

@@ -392,7 +392,9 @@ impl Platform {
             self.claim_domains(gid, &before, &domains(&gw), &mut compares, &mut ops).await?;
             if let TxnOutcome::Committed { revision, .. } = self.docs.store.txn(Txn { compares, ops }).await.map_err(store_down)? {
                 self.wake.notify_one();
-                self.rendered(&gw, revision).await;
+                // Hosts taken or given up move between gateways' partitions: the answer then
+                // waits for every change up to it, others' included.
+                self.rendered(&gw, revision, before != domains(&gw)).await;
                 return Ok(gw);
             }
         }
@@ -404,7 +406,7 @@ impl Platform {
     /// answered once this node serves it: the render itself waits for this node's data plane.
     /// Only where this node has a data plane to serve it; a gateway waiting out a failed step's
     /// pause is answered at once.
-    async fn rendered(&self, gw: &Gateway, revision: i64) {
+    async fn rendered(&self, gw: &Gateway, revision: i64, whole: bool) {
         let Some(applied) = self.applied.get() else { return };
         // A deletion is answered as accepted (202), not once done.
         if gw.retry_at > now_ms() || gw.phase == Phase::Deleting {
@@ -422,7 +424,8 @@ impl Platform {
                         // revision it was seen at.
                         let mut applied = applied.clone();
                         let partition = [weir_functions::live::partition_prefix(&self.prefix, &gw.gateway_id)];
-                        let _ = applied.wait_for(|a| a.serves(now.rendered_revision, Some(&partition))).await;
+                        let keys = (!whole).then_some(&partition[..]);
+                        let _ = applied.wait_for(|a| a.serves(now.rendered_revision, keys)).await;
                         return;
                     }
                     if now.attempts > gw.attempts {

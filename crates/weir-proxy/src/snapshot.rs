@@ -541,8 +541,9 @@ pub struct Builder {
     dirty: BTreeMap<String, (u64, Option<i64>)>,
     dirtied: u64,
     /// Partitions being compiled off the caller's path, with the first revision their compile
-    /// applies. No partition is lowered by two threads at once.
-    compiling: BTreeMap<String, Option<i64>>,
+    /// applies and the revision their objects were taken at. No partition is lowered by two
+    /// threads at once.
+    compiling: BTreeMap<String, (Option<i64>, i64)>,
 }
 
 /// Partitions compiled off the caller's path at once, at most.
@@ -742,7 +743,7 @@ impl Builder {
                 upstreams: std::mem::take(&mut p.upstreams),
                 instances: std::mem::take(&mut p.instances),
             });
-            self.compiling.insert(prefix.clone(), since);
+            self.compiling.insert(prefix.clone(), (since, state.revision));
             out.push(PartCompile {
                 prefix,
                 contributor,
@@ -788,21 +789,20 @@ impl Builder {
     /// The partitions with store changes still waiting or compiling, with the first revision
     /// of each.
     fn pending(&self) -> impl Iterator<Item = (&String, i64)> {
-        self.dirty.iter().filter_map(|(p, (_, since))| Some((p, (*since)?))).chain(self.compiling.iter().filter_map(|(p, since)| Some((p, (*since)?))))
+        self.dirty.iter().filter_map(|(p, (_, since))| Some((p, (*since)?))).chain(self.compiling.iter().filter_map(|(p, (since, _))| Some((p, (*since)?))))
     }
 
     /// What the last snapshot serves, given that the builder has seen `revision`: every change
     /// up to [`Builder::settled`], and every change up to `revision` but those of the
     /// partitions pending.
     pub fn applied(&self, revision: i64) -> weir_store::settled::Applied {
-        let mut pending: Vec<(String, i64)> = Vec::new();
+        let mut pending: BTreeMap<&String, i64> = BTreeMap::new();
         for (prefix, since) in self.pending() {
-            match pending.iter_mut().find(|(p, _)| p == prefix) {
-                Some((_, first)) => *first = (*first).min(since),
-                None => pending.push((prefix.clone(), since)),
-            }
+            let first = pending.entry(prefix).or_insert(since);
+            *first = (*first).min(since);
         }
-        weir_store::settled::Applied { revision: self.settled(revision), seen: revision, pending: Arc::new(pending) }
+        let settled = pending.values().map(|since| since - 1).fold(revision, i64::min);
+        weir_store::settled::Applied { revision: settled, seen: revision, pending: Arc::new(pending.into_iter().map(|(p, since)| (p.clone(), since)).collect()) }
     }
 
     /// Where the upstreams of tenants' routes (labelled `weir-managed-gateway`) may connect:
@@ -857,12 +857,14 @@ impl Builder {
         let mut before = if all { std::mem::take(&mut self.parts) } else { BTreeMap::new() };
         // A partition compiling off the caller's path is left to that compile, and compiled
         // again after it, from what is there then.
-        for prefix in self.compiling.keys().cloned().collect::<Vec<_>>() {
+        for (prefix, (_, taken)) in self.compiling.iter().map(|(p, c)| (p.clone(), *c)).collect::<Vec<_>>() {
             if let Some(served) = before.remove(&prefix) {
                 self.parts.insert(prefix.clone(), served);
             }
             claimed.remove(prefix.as_str());
-            self.mark_dirty(&prefix, Some(state.revision));
+            // Whatever changed after its objects were taken (what a broken watch missed
+            // included) is still to come.
+            self.mark_dirty(&prefix, Some(taken + 1));
         }
         for (prefix, contributor) in claimed {
             self.dirty.remove(prefix);

@@ -170,6 +170,8 @@ impl Store for Settled {
                 w.revision = w.revision.max(*revision);
                 for op in &ops {
                     match (op, &mut w.keys) {
+                        // Plugin-wide settings reach every partition: the whole config waits.
+                        (Op::Put { key, .. } | Op::Delete { key }, keys) if key.strip_prefix(&self.dir).is_some_and(|k| k.starts_with("plugin_metadata/")) => *keys = None,
                         (Op::Put { key, .. } | Op::Delete { key }, Some(keys)) if key.starts_with(&self.dir) => keys.push(key.clone()),
                         (Op::DeletePrefix { .. }, keys) => *keys = None,
                         _ => {}
@@ -243,8 +245,16 @@ mod tests {
         assert!(settled.served);
         assert_eq!(started.elapsed(), Duration::from_millis(40));
         let tx = applier.await.unwrap();
-        // A prefix deleted names no keys: every change up to it.
+        // Plugin-wide settings, which reach every partition, and a prefix deleted name no
+        // keys: every change up to them.
         tx.send_replace(pending(200));
+        let started = tokio::time::Instant::now();
+        let ((), settled) = settle_within(&applied, bound, async {
+            store.txn(put("/apisix/plugin_metadata/http-logger")).await.unwrap();
+        })
+        .await;
+        assert!(!settled.served);
+        assert_eq!(started.elapsed(), bound);
         let started = tokio::time::Instant::now();
         let ((), settled) = settle_within(&applied, bound, async {
             store.txn(put("/apisix/fast/2")).await.unwrap();
