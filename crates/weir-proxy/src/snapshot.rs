@@ -801,8 +801,7 @@ impl Builder {
             let first = pending.entry(prefix).or_insert(since);
             *first = (*first).min(since);
         }
-        let settled = pending.values().map(|since| since - 1).fold(revision, i64::min);
-        weir_store::settled::Applied { revision: settled, seen: revision, pending: Arc::new(pending.into_iter().map(|(p, since)| (p.clone(), since)).collect()) }
+        weir_store::settled::Applied { revision: self.settled(revision), seen: revision, pending: Arc::new(pending.into_iter().map(|(p, since)| (p.clone(), since)).collect()) }
     }
 
     /// Where the upstreams of tenants' routes (labelled `weir-managed-gateway`) may connect:

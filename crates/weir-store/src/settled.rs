@@ -199,6 +199,16 @@ mod tests {
         Txn { compares: Vec::new(), ops: vec![Op::Put { key: key.into(), value: bytes::Bytes::from_static(b"{}") }] }
     }
 
+    /// A `Settled` store over a fresh embedded one following `/apisix/`, and the applied
+    /// state its waits read.
+    fn settled_store() -> (tempfile::TempDir, Arc<Settled>, watch::Sender<Applied>, watch::Receiver<Applied>) {
+        let dir = tempfile::tempdir().unwrap();
+        let inner: SharedStore = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+        let store = Settled::new(inner, "/apisix/".into());
+        let (tx, applied) = watch::channel(Applied::default());
+        (dir, store, tx, applied)
+    }
+
     #[test]
     fn a_write_is_served_once_every_change_to_it_is_or_its_keys_changes_are() {
         let a = Applied { revision: 10, seen: 20, pending: Arc::new(vec![("/x/p/".into(), 15)]) };
@@ -216,10 +226,7 @@ mod tests {
     /// seen its revision: a prefix pending elsewhere holds it not.
     #[tokio::test(start_paused = true)]
     async fn a_request_waits_for_the_prefixes_it_wrote_under_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let inner: SharedStore = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-        let store = Settled::new(inner, "/apisix/".into());
-        let (tx, applied) = watch::channel(Applied::default());
+        let (_dir, store, tx, applied) = settled_store();
         let bound = Duration::from_secs(1);
         let pending = |seen: i64| Applied { revision: 0, seen, pending: Arc::new(vec![("/apisix/slow/".into(), 1)]) };
         // Seen, with another prefix pending from the start: answered at once.
@@ -267,10 +274,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_request_is_answered_once_its_writes_are_applied_or_at_the_bound() {
-        let dir = tempfile::tempdir().unwrap();
-        let inner: SharedStore = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
-        let store = Settled::new(inner, "/apisix/".into());
-        let (tx, applied) = watch::channel(Applied::default());
+        let (_dir, store, tx, applied) = settled_store();
         let bound = Duration::from_secs(1);
 
         // Nothing applies it: the answer comes at the bound, and the write is kept.
