@@ -1089,11 +1089,7 @@ fn run_as_batch(gateway: &str) {
     }
 }
 
-/// Field `n` (counted from 1, as `proc(5)` does) of a `/proc/.../stat` line.
-pub(crate) fn stat_field<T: std::str::FromStr>(stat: &str, n: usize) -> Option<T> {
-    // The name in parentheses may hold spaces; the fields after it start with the state (3rd).
-    stat.rsplit_once(')')?.1.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
-}
+pub(crate) use weir_proxy::background::stat_field;
 
 /// Queues, after what `batch` holds, the loading of every function the last lowering served:
 /// a runtime made afresh has none of them. At most once per [`RELOAD_EVERY`] (`last`): a

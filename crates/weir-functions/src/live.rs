@@ -965,6 +965,14 @@ struct Dispatch {
     timeout: Duration,
 }
 
+impl Drop for Dispatch {
+    /// A gateway of many functions lets its handlers go with each lowering: freed off the
+    /// thread that held the route last, often a proxy worker (`weir_proxy::background`).
+    fn drop(&mut self) {
+        weir_proxy::background::reclaim(std::mem::take(&mut self.functions));
+    }
+}
+
 impl Handler for Dispatch {
     fn timeout(&self) -> Duration {
         self.timeout

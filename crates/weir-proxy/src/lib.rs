@@ -9,6 +9,7 @@
 //! pool, bodies) and `weir-upstream` (nodes, balancers, health checks).
 
 pub mod access;
+pub mod background;
 pub mod exporter;
 pub mod handler;
 pub mod partition;

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 use rustls::ServerConfig;
@@ -54,6 +54,14 @@ pub struct Snapshot {
 /// other partition's and from APISIX's.
 pub struct Part {
     router: Router<Arc<RouteRt>>,
+}
+
+impl Drop for Part {
+    /// A partition's routes (their plugins and handlers) are freed off whichever thread let
+    /// the last of it go: the watch loop or a proxy worker (`background`).
+    fn drop(&mut self) {
+        crate::background::reclaim(std::mem::replace(&mut self.router, Router::new(Vec::new())));
+    }
 }
 
 /// Work a [`Builder`] has done, counted (for tests and the status page).
@@ -551,6 +559,9 @@ const PARTS_AT_ONCE: usize = 2;
 
 /// One partition's compile, handed off the watch path ([`Builder::next_compiles`]): its
 /// objects as they were, and what it keeps across compiles.
+/// A partition's compile that took this long or longer makes its next one [`PartCompile::slow`].
+pub const SLOW_COMPILE: Duration = Duration::from_millis(5);
+
 pub struct PartCompile {
     prefix: String,
     contributor: Arc<dyn Contributor>,
@@ -570,6 +581,13 @@ pub struct PartCompiled {
 }
 
 impl PartCompile {
+    /// Whether the partition's last compile took [`SLOW_COMPILE`] or longer: the caller runs
+    /// this one at a lower weight (`background`), so that a gateway of many functions or
+    /// routes, changing again and again, takes little of a core the proxy workers need.
+    pub fn slow(&self) -> bool {
+        self.previous.as_ref().is_some_and(|p| p.took >= SLOW_COMPILE)
+    }
+
     /// Compiles the partition, on whatever thread may take the time.
     pub fn run(self) -> PartCompiled {
         let mut stats = BuildStats::default();
@@ -594,6 +612,8 @@ struct BuiltPart {
     /// Its plugin instances, kept while their route and config are unchanged, and dropped
     /// with the partition: no partition shares one with another, or with APISIX's routes.
     instances: InstanceCache,
+    /// How long its last compile took.
+    took: Duration,
 }
 
 /// The objects of partition `prefix` in `state`, with their create revisions.
@@ -621,6 +641,7 @@ fn compile_part(
         contributor.gone(prefix);
         return None;
     }
+    let started = Instant::now();
     let created = objects.iter().map(|(_, _, c)| *c).min().unwrap_or_default();
     let listed: Vec<(&str, &[u8])> = objects.iter().map(|(k, v, _)| (*k, *v)).collect();
     stats.parts += 1;
@@ -651,7 +672,7 @@ fn compile_part(
         .collect();
     ctx.instances.finish();
     upstreams = next.into_iter().map(|((source, id), rt)| ((source, id.to_string()), rt)).collect();
-    Some(BuiltPart { hosts: lowered.hosts, created, part: Arc::new(Part { router: Router::new(specs) }), upstreams, instances })
+    Some(BuiltPart { hosts: lowered.hosts, created, part: Arc::new(Part { router: Router::new(specs) }), upstreams, instances, took: started.elapsed() })
 }
 
 /// The partitions by host. Of two partitions claiming one host, the older claim (earliest
@@ -742,6 +763,7 @@ impl Builder {
                 part: p.part.clone(),
                 upstreams: std::mem::take(&mut p.upstreams),
                 instances: std::mem::take(&mut p.instances),
+                took: p.took,
             });
             self.compiling.insert(prefix.clone(), (since, state.revision));
             out.push(PartCompile {
@@ -1752,6 +1774,101 @@ mod tests {
             assert_eq!(at(&live, Some("t0.example"), "/moved0").as_deref(), Some("/apisix/tenants/t0/routes/home"));
         }
         assert_eq!(b.settled(15), 15);
+    }
+
+    /// Says, when dropped, on which thread.
+    struct Dropped(std::sync::mpsc::Sender<String>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            let _ = self.0.send(std::thread::current().name().unwrap_or_default().to_string());
+        }
+    }
+
+    impl Handler for Dropped {
+        fn call(&self, _: crate::handler::Call<'_>) -> crate::handler::Answer {
+            Box::pin(async { http::Response::new(weir_http::body::RespBody::empty()) })
+        }
+    }
+
+    /// [`Tenants`] ending each route in a [`Dropped`]: tenant `t1` takes [`SLOW_COMPILE`] to
+    /// lower, and each lowering notes on which thread, at what niceness, it ran.
+    struct Slow {
+        dropped: std::sync::mpsc::Sender<String>,
+        lowered: std::sync::Mutex<Vec<(String, Option<String>, Option<i32>)>>,
+    }
+
+    impl Contributor for Slow {
+        fn partition<'k>(&self, key: &'k str) -> Option<&'k str> {
+            Tenants.partition(key)
+        }
+
+        fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
+            let nice = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| crate::background::niceness(&s));
+            self.lowered.lock().unwrap().push((partition.to_string(), std::thread::current().name().map(str::to_string), nice));
+            if partition.ends_with("/t1/") {
+                std::thread::sleep(SLOW_COMPILE);
+            }
+            let mut lowered = Tenants.lower(partition, objects);
+            for r in &mut lowered.routes {
+                r.handler = Some(Arc::new(Dropped(self.dropped.clone())));
+            }
+            lowered
+        }
+    }
+
+    /// A partition whose last compile took [`SLOW_COMPILE`] compiles next on a thread of its
+    /// own at the background's weight; one quick to compile stays on the blocking pool. The
+    /// routes a compile replaced are freed on the reclaiming thread, not where the last
+    /// snapshot holding them went.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_partition_slow_to_compile_compiles_next_at_a_lower_weight_and_what_it_replaced_is_freed_off_the_loop() {
+        let (dropped_tx, dropped) = std::sync::mpsc::channel();
+        let slow = Arc::new(Slow { dropped: dropped_tx, lowered: Default::default() });
+        let mut b = test_builder().with_contributor(slow.clone());
+        b.defer_parts();
+        let kvs: Vec<_> = (0..2).map(|t| kv(&format!("/apisix/tenants/t{t}/routes/home"), &route_json("/home"), t + 1)).collect();
+        let mut state = ConfigState::claiming("/apisix", &kvs, 10, b.claims());
+        drop(b.build(&state));
+        let mut changes = Changes::default();
+        let events: Vec<_> = (0..2).map(|t| event(weir_store::EventKind::Put, &format!("/apisix/tenants/t{t}/routes/home"), &route_json("/moved"), 11)).collect();
+        state.apply("/apisix", 11, &events, &mut changes);
+        drop(b.update(&state, &changes));
+        let jobs = b.next_compiles(&state);
+        let slowness: Vec<(String, bool)> = jobs.iter().map(|j| (j.prefix.clone(), j.slow())).collect();
+        // t0 lowers at once, though a loaded machine may take 5 ms to compile even that: where
+        // it does, it is slow too, and is checked as such.
+        let t0_slow = slowness[0].1;
+        assert_eq!(slowness, [("/apisix/tenants/t0/".to_string(), t0_slow), ("/apisix/tenants/t1/".to_string(), true)]);
+        let own = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| crate::background::niceness(&s)).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for job in jobs {
+            match job.slow() {
+                true => crate::watch::compile_slowly(job, tx.clone()),
+                false => {
+                    let tx = tx.clone();
+                    tokio::task::spawn_blocking(move || tx.send(job.run()));
+                }
+            }
+        }
+        for _ in 0..2 {
+            let done = rx.recv().await.expect("compiled");
+            let live = b.install(done).expect("installed");
+            drop(live);
+        }
+        let lowered = slow.lowered.lock().unwrap().clone();
+        let slow_place = (Some("weir-compile-slow"), Some((own + crate::background::BACKGROUND_STEPS).min(19)));
+        let t1 = lowered.iter().rfind(|(p, _, _)| p.ends_with("/t1/")).cloned().unwrap();
+        assert_eq!((t1.1.as_deref(), t1.2), slow_place);
+        let t0 = lowered.iter().rfind(|(p, _, _)| p.ends_with("/t0/")).cloned().unwrap();
+        match t0_slow {
+            true => assert_eq!((t0.1.as_deref(), t0.2), slow_place),
+            false => assert!(t0.1.as_deref() != Some("weir-compile-slow") && t0.2 == Some(own), "{t0:?}"),
+        }
+        // A build of everything lets go of the last snapshot that held the first compiles.
+        drop(b.build(&state));
+        let freed: Vec<String> = (0..2).map(|_| dropped.recv_timeout(Duration::from_secs(10)).expect("the first routes freed")).collect();
+        assert_eq!(freed, ["weir-reclaim", "weir-reclaim"]);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! watched change and swap again. When the store is unreachable the last snapshot keeps serving.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -11,7 +11,7 @@ use weir_store::settled::Applied;
 use weir_store::{SharedStore, WatchMessage};
 
 use crate::partition::Relower;
-use crate::snapshot::{Builder, PartCompiled, Snapshot};
+use crate::snapshot::{Builder, PartCompile, PartCompiled, Snapshot};
 
 /// How long the config must stay unchanged before an overlay of recent route changes is folded
 /// into a full build.
@@ -85,6 +85,39 @@ impl SyncStatus {
     }
 }
 
+/// Puts `snapshot` in service; the one it replaces is freed off this loop (`background`).
+fn publish(target: &ArcSwap<Snapshot>, snapshot: Snapshot) {
+    crate::background::reclaim(target.swap(Arc::new(snapshot)));
+}
+
+/// Runs partition compile `job` on a thread of its own at the background's lower weight,
+/// answering on `tx`; on the blocking pool where no thread can be started. The thread enters
+/// the caller's runtime, as the blocking pool's do, for what a contributor starts from there.
+pub(crate) fn compile_slowly(job: PartCompile, tx: tokio::sync::mpsc::UnboundedSender<PartCompiled>) {
+    let runtime = tokio::runtime::Handle::current();
+    let job = Arc::new(Mutex::new(Some((job, tx))));
+    let taken = job.clone();
+    let take = move || taken.lock().unwrap_or_else(PoisonError::into_inner).take();
+    let on_thread = take.clone();
+    let started = std::thread::Builder::new().name("weir-compile-slow".into()).spawn(move || {
+        let _entered = runtime.enter();
+        if let Err(e) = crate::background::batch_at(crate::background::BACKGROUND_STEPS) {
+            tracing::debug!(error = %e, "a slow partition compile keeps the process's priority");
+        }
+        if let Some((job, tx)) = on_thread() {
+            let _ = tx.send(job.run());
+        }
+    });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "no thread for a slow partition compile; compiled on the blocking pool");
+        if let Some((job, tx)) = take() {
+            tokio::task::spawn_blocking(move || {
+                let _ = tx.send(job.run());
+            });
+        }
+    }
+}
+
 /// Runs forever. `loaded` turns true once the first full config is live; `status` follows
 /// how the store answers.
 pub async fn follow(
@@ -106,9 +139,14 @@ pub async fn follow(
     let hand_off = |builder: &mut Builder, state: &ConfigState| {
         for job in builder.next_compiles(state) {
             let tx = compiled_tx.clone();
-            tokio::task::spawn_blocking(move || {
-                let _ = tx.send(job.run());
-            });
+            match job.slow() {
+                true => compile_slowly(job, tx),
+                false => {
+                    tokio::task::spawn_blocking(move || {
+                        let _ = tx.send(job.run());
+                    });
+                }
+            }
         }
     };
     loop {
@@ -123,7 +161,7 @@ pub async fn follow(
             }
         };
         let mut state = ConfigState::claiming(&prefix, &kvs, revision, builder.claims());
-        target.store(Arc::new(builder.build(&state)));
+        publish(&target, builder.build(&state));
         // Partitions still compiling from before are compiled again once they are done.
         hand_off(&mut builder, &state);
         status.heard(revision);
@@ -156,21 +194,21 @@ pub async fn follow(
                     while let Ok(key) = relowers.try_recv() {
                         changes.extra.push(key);
                     }
-                    target.store(Arc::new(builder.update(&state, &changes)));
+                    publish(&target, builder.update(&state, &changes));
                     hand_off(&mut builder, &state);
                     status.published(builder.applied(state.revision));
                     continue;
                 }
                 Some(done) = compiled.recv() => {
                     if let Some(snapshot) = builder.install(done) {
-                        target.store(Arc::new(snapshot));
+                        publish(&target, snapshot);
                     }
                     hand_off(&mut builder, &state);
                     status.published(builder.applied(state.revision));
                     continue;
                 }
                 _ = tokio::time::sleep_until(heard + FOLD_AFTER), if overlay => {
-                    target.store(Arc::new(builder.fold(&state)));
+                    publish(&target, builder.fold(&state));
                     hand_off(&mut builder, &state);
                     continue;
                 }
@@ -197,7 +235,7 @@ pub async fn follow(
             status.heard(state.revision);
             if changes.any() {
                 let started = std::time::Instant::now();
-                target.store(Arc::new(builder.update(&state, &changes)));
+                publish(&target, builder.update(&state, &changes));
                 hand_off(&mut builder, &state);
                 tracing::debug!(revision = state.revision, took = ?started.elapsed(), "config applied");
             }

@@ -1,0 +1,138 @@
+//! Work the node does for its config rather than for a request, kept from taking a busy core
+//! from the proxy workers: freeing what a change replaced, and compiling a partition that is
+//! slow to compile.
+//!
+//! A gateway of many routes or functions replaces a large structure at each of its changes.
+//! Freed where the last reference goes, that would be the watch loop (every tenant's changes
+//! wait on it) or a proxy worker that still held a route (every tenant's requests on it wait).
+//! [`reclaim`] hands it to one thread that frees what it is given, in turn, at a lower weight.
+
+use std::any::Any;
+use std::sync::OnceLock;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+
+/// Steps of niceness below the process for the reclaiming thread and for the compile of a
+/// slow partition: a tenth of a busy core or so (Linux weighs niceness 10 at about a tenth of
+/// 0), the rest of the time all the idle core.
+pub const BACKGROUND_STEPS: i32 = 10;
+
+/// How many values may wait to be freed; past that a value is freed where it is dropped.
+const WAITING_AT_MOST: usize = 256;
+
+type Parcel = Box<dyn Any + Send>;
+
+/// The reclaiming thread's queue: `None` when it could not start (values are then freed in
+/// place).
+fn reclaimer() -> Option<&'static SyncSender<Parcel>> {
+    static QUEUE: OnceLock<Option<SyncSender<Parcel>>> = OnceLock::new();
+    QUEUE
+        .get_or_init(|| {
+            let (tx, rx) = sync_channel::<Parcel>(WAITING_AT_MOST);
+            let started = std::thread::Builder::new().name("weir-reclaim".into()).spawn(move || {
+                if let Err(e) = batch_at(BACKGROUND_STEPS) {
+                    tracing::debug!(error = %e, "the reclaiming thread keeps the process's priority");
+                }
+                for parcel in rx {
+                    drop(parcel);
+                }
+            });
+            match started {
+                Ok(_) => Some(tx),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no reclaiming thread: replaced config is freed where it is dropped");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Frees `value` on the reclaiming thread; in place when that thread is not there or has
+/// [`WAITING_AT_MOST`] values queued already (a bound on what waits, never a wait).
+pub fn reclaim<T: Send + 'static>(value: T) {
+    let Some(queue) = reclaimer() else { return };
+    match queue.try_send(Box::new(value)) {
+        Ok(()) => {}
+        Err(TrySendError::Full(parcel) | TrySendError::Disconnected(parcel)) => drop(parcel),
+    }
+}
+
+/// Puts the calling thread under Linux's batch policy (it never preempts a thread that woke
+/// it), `steps` of niceness nicer than it is, at most the nicest (19). A thread can be made
+/// nicer but, without `CAP_SYS_NICE`, never less nice again: call it on a thread of its own.
+pub fn batch_at(steps: i32) -> Result<(), String> {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
+    let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
+    let own = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s)).ok_or("the thread's niceness cannot be read")?;
+    let want = own.saturating_add(steps).clamp(own, 19);
+    // The setting takes a priority the crate maps to a niceness: the one nearest above `want`.
+    let keep = (0..=99u8)
+        .filter_map(|p| {
+            let priority = ThreadPriority::Crossplatform(p.try_into().ok()?);
+            Some((priority, priority.to_posix(policy).ok()?))
+        })
+        .filter(|(_, n)| *n >= want)
+        .min_by_key(|(_, n)| *n);
+    match keep {
+        Some((priority, _)) => set_thread_priority_and_policy(thread_native_id(), priority, policy).map_err(|e| format!("{e:?}")),
+        None => Err(format!("no priority gives niceness {want}")),
+    }
+}
+
+/// Field `n` (counted from 1, as `proc(5)` does) of a `/proc/.../stat` line.
+pub fn stat_field<T: std::str::FromStr>(stat: &str, n: usize) -> Option<T> {
+    // The name in parentheses may hold spaces; the fields after it start with the state (3rd).
+    stat.rsplit_once(')')?.1.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// The niceness field of a `/proc/.../stat` line.
+pub fn niceness(stat: &str) -> Option<i32> {
+    stat_field(stat, 19)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::{Sender, channel};
+
+    /// Says, when dropped, on which thread and at what niceness.
+    struct Noted(Sender<(Option<String>, Option<i32>)>);
+
+    impl Drop for Noted {
+        fn drop(&mut self) {
+            let nice = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s));
+            let _ = self.0.send((std::thread::current().name().map(str::to_string), nice));
+        }
+    }
+
+    fn nice() -> Option<i32> {
+        niceness(&std::fs::read_to_string("/proc/thread-self/stat").unwrap())
+    }
+
+    #[test]
+    fn a_reclaimed_value_is_freed_on_the_reclaiming_thread_at_its_lower_weight() {
+        let own = nice().unwrap();
+        let (tx, rx) = channel();
+        for _ in 0..3 {
+            reclaim(Noted(tx.clone()));
+        }
+        drop(tx);
+        let seen: Vec<_> = rx.iter().collect();
+        assert_eq!(seen, vec![(Some("weir-reclaim".to_string()), Some((own + BACKGROUND_STEPS).min(19))); 3]);
+    }
+
+    #[test]
+    fn a_thread_goes_so_many_steps_nicer_up_to_the_nicest() {
+        let own = nice().unwrap();
+        let seen = std::thread::spawn(|| (batch_at(5), nice())).join().unwrap();
+        assert_eq!(seen, (Ok(()), Some((own + 5).min(19))));
+        let seen = std::thread::spawn(|| (batch_at(15), batch_at(10), nice())).join().unwrap();
+        assert_eq!(seen, (Ok(()), Ok(()), Some(19)), "never past the nicest");
+    }
+
+    #[test]
+    fn stat_fields_are_counted_past_a_name_holding_spaces_and_parentheses() {
+        let stat = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 7";
+        assert_eq!((stat_field::<char>(stat, 3), stat_field::<u64>(stat, 14), niceness(stat)), (Some('S'), Some(11), Some(7)));
+    }
+}
