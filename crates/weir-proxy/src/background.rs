@@ -8,7 +8,7 @@
 //! [`reclaim`] hands it to one thread that frees what it is given, in turn, at a lower weight.
 
 use std::any::Any;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
 /// Steps of niceness below the process for the reclaiming thread and for the compile of a
@@ -54,6 +54,35 @@ pub fn reclaim<T: Send + 'static>(value: T) {
     match queue.try_send(Box::new(value)) {
         Ok(()) => {}
         Err(TrySendError::Full(parcel) | TrySendError::Disconnected(parcel)) => drop(parcel),
+    }
+}
+
+/// Runs `work` on a thread of its own at the background's weight ([`BACKGROUND_STEPS`]),
+/// within the caller's runtime as the blocking pool's threads are (for what it starts there);
+/// on the blocking pool where no thread can be started.
+pub fn run_slowly(work: impl FnOnce() + Send + 'static) {
+    let runtime = tokio::runtime::Handle::current();
+    // Held where both the thread and a failed start can take it.
+    let work = Arc::new(Mutex::new(Some(work)));
+    let take = {
+        let work = work.clone();
+        move || work.lock().unwrap_or_else(PoisonError::into_inner).take()
+    };
+    let on_thread = take.clone();
+    let started = std::thread::Builder::new().name("weir-compile-slow".into()).spawn(move || {
+        let _entered = runtime.enter();
+        if let Err(e) = batch_at(BACKGROUND_STEPS) {
+            tracing::debug!(error = %e, "slow background work keeps the process's priority");
+        }
+        if let Some(work) = on_thread() {
+            work();
+        }
+    });
+    if let Err(e) = started {
+        tracing::warn!(error = %e, "no thread for slow background work; run on the blocking pool");
+        if let Some(work) = take() {
+            tokio::task::spawn_blocking(work);
+        }
     }
 }
 

@@ -1844,7 +1844,12 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for job in jobs {
             match job.slow() {
-                true => crate::watch::compile_slowly(job, tx.clone()),
+                true => {
+                    let tx = tx.clone();
+                    crate::background::run_slowly(move || {
+                        let _ = tx.send(job.run());
+                    });
+                }
                 false => {
                     let tx = tx.clone();
                     tokio::task::spawn_blocking(move || tx.send(job.run()));

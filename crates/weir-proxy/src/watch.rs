@@ -2,7 +2,7 @@
 //! watched change and swap again. When the store is unreachable the last snapshot keeps serving.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -11,7 +11,7 @@ use weir_store::settled::Applied;
 use weir_store::{SharedStore, WatchMessage};
 
 use crate::partition::Relower;
-use crate::snapshot::{Builder, PartCompile, PartCompiled, Snapshot};
+use crate::snapshot::{Builder, PartCompiled, Snapshot};
 
 /// How long the config must stay unchanged before an overlay of recent route changes is folded
 /// into a full build.
@@ -90,34 +90,6 @@ fn publish(target: &ArcSwap<Snapshot>, snapshot: Snapshot) {
     crate::background::reclaim(target.swap(Arc::new(snapshot)));
 }
 
-/// Runs partition compile `job` on a thread of its own at the background's lower weight,
-/// answering on `tx`; on the blocking pool where no thread can be started. The thread enters
-/// the caller's runtime, as the blocking pool's do, for what a contributor starts from there.
-pub(crate) fn compile_slowly(job: PartCompile, tx: tokio::sync::mpsc::UnboundedSender<PartCompiled>) {
-    let runtime = tokio::runtime::Handle::current();
-    let job = Arc::new(Mutex::new(Some((job, tx))));
-    let taken = job.clone();
-    let take = move || taken.lock().unwrap_or_else(PoisonError::into_inner).take();
-    let on_thread = take.clone();
-    let started = std::thread::Builder::new().name("weir-compile-slow".into()).spawn(move || {
-        let _entered = runtime.enter();
-        if let Err(e) = crate::background::batch_at(crate::background::BACKGROUND_STEPS) {
-            tracing::debug!(error = %e, "a slow partition compile keeps the process's priority");
-        }
-        if let Some((job, tx)) = on_thread() {
-            let _ = tx.send(job.run());
-        }
-    });
-    if let Err(e) = started {
-        tracing::warn!(error = %e, "no thread for a slow partition compile; compiled on the blocking pool");
-        if let Some((job, tx)) = take() {
-            tokio::task::spawn_blocking(move || {
-                let _ = tx.send(job.run());
-            });
-        }
-    }
-}
-
 /// Runs forever. `loaded` turns true once the first full config is live; `status` follows
 /// how the store answers.
 pub async fn follow(
@@ -139,12 +111,14 @@ pub async fn follow(
     let hand_off = |builder: &mut Builder, state: &ConfigState| {
         for job in builder.next_compiles(state) {
             let tx = compiled_tx.clone();
-            match job.slow() {
-                true => compile_slowly(job, tx),
+            let slow = job.slow();
+            let compile = move || {
+                let _ = tx.send(job.run());
+            };
+            match slow {
+                true => crate::background::run_slowly(compile),
                 false => {
-                    tokio::task::spawn_blocking(move || {
-                        let _ = tx.send(job.run());
-                    });
+                    tokio::task::spawn_blocking(compile);
                 }
             }
         }
