@@ -549,13 +549,19 @@ pub struct Builder {
     dirty: BTreeMap<String, (u64, Option<i64>)>,
     dirtied: u64,
     /// Partitions being compiled off the caller's path, with the first revision their compile
-    /// applies and the revision their objects were taken at. No partition is lowered by two
-    /// threads at once.
-    compiling: BTreeMap<String, (Option<i64>, i64)>,
+    /// applies, the revision their objects were taken at, and whether the compile is
+    /// [`PartCompile::slow`]. No partition is lowered by two threads at once.
+    compiling: BTreeMap<String, (Option<i64>, i64, bool)>,
+    /// A partition whose last compile took this long is [`PartCompile::slow`] ([`SLOW_COMPILE`]).
+    slow_compile: Duration,
 }
 
-/// Partitions compiled off the caller's path at once, at most.
+/// Partitions compiled off the caller's path at once, at most, besides a slow one.
 const PARTS_AT_ONCE: usize = 2;
+
+/// [`PartCompile::slow`] partitions compiled at once, at most: two large gateways changing
+/// again and again take one slot between them, and leave the others to every other gateway.
+const SLOW_AT_ONCE: usize = 1;
 
 /// One partition's compile, handed off the watch path ([`Builder::next_compiles`]): its
 /// objects as they were, and what it keeps across compiles.
@@ -570,6 +576,7 @@ pub struct PartCompile {
     keyring: Arc<Keyring>,
     registry: Arc<Registry>,
     previous: Option<BuiltPart>,
+    slow: bool,
 }
 
 /// What a [`PartCompile`] made, for [`Builder::install`]: the partition (`None`: it has no
@@ -585,13 +592,13 @@ impl PartCompile {
     /// this one at a lower weight (`background`), so that a gateway of many functions or
     /// routes, changing again and again, takes little of a core the proxy workers need.
     pub fn slow(&self) -> bool {
-        self.previous.as_ref().is_some_and(|p| p.took >= SLOW_COMPILE)
+        self.slow
     }
 
     /// Compiles the partition, on whatever thread may take the time.
     pub fn run(self) -> PartCompiled {
         let mut stats = BuildStats::default();
-        let PartCompile { prefix, contributor, objects, metadata, keyring, registry, previous } = self;
+        let PartCompile { prefix, contributor, objects, metadata, keyring, registry, previous, .. } = self;
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let objects: Vec<(&str, &[u8], i64)> = objects.iter().map(|(k, v, c)| (k.as_str(), &v[..], *c)).collect();
             compile_part(contributor.as_ref(), &prefix, objects, &metadata, (&keyring, &registry), previous, &mut stats)
@@ -719,6 +726,7 @@ impl Builder {
             dirty: BTreeMap::new(),
             dirtied: 0,
             compiling: BTreeMap::new(),
+            slow_compile: SLOW_COMPILE,
         }
     }
 
@@ -742,13 +750,26 @@ impl Builder {
     }
 
     /// The compiles of changed partitions to start now: each partition has one under way at
-    /// most (a change meanwhile waits for it), and [`PARTS_AT_ONCE`] are under way at most.
+    /// most (a change meanwhile waits for it), and [`PARTS_AT_ONCE`] are under way at most,
+    /// and [`SLOW_AT_ONCE`] slow ones besides.
     pub fn next_compiles(&mut self, state: &ConfigState) -> Vec<PartCompile> {
         let mut out = Vec::new();
         // The longest waiting first.
-        let mut ready: Vec<(u64, &String)> = self.dirty.iter().filter(|(p, _)| !self.compiling.contains_key(*p)).map(|(p, (at, _))| (*at, p)).collect();
-        ready.sort_unstable();
-        let ready: Vec<String> = ready.into_iter().take(PARTS_AT_ONCE.saturating_sub(self.compiling.len())).map(|(_, p)| p.clone()).collect();
+        let mut waiting: Vec<(u64, &String)> = self.dirty.iter().filter(|(p, _)| !self.compiling.contains_key(*p)).map(|(p, (at, _))| (*at, p)).collect();
+        waiting.sort_unstable();
+        let slow_now = self.compiling.values().filter(|(_, _, slow)| *slow).count();
+        let mut free = (PARTS_AT_ONCE.saturating_sub(self.compiling.len() - slow_now), SLOW_AT_ONCE.saturating_sub(slow_now));
+        let mut ready: Vec<String> = Vec::new();
+        for (_, prefix) in waiting {
+            let slot = match self.parts.get(prefix).is_some_and(|p| p.took >= self.slow_compile) {
+                true => &mut free.1,
+                false => &mut free.0,
+            };
+            if *slot > 0 {
+                *slot -= 1;
+                ready.push(prefix.clone());
+            }
+        }
         let claims = self.claims();
         for prefix in ready {
             let Some((_, since)) = self.dirty.remove(&prefix) else { continue };
@@ -765,7 +786,8 @@ impl Builder {
                 instances: std::mem::take(&mut p.instances),
                 took: p.took,
             });
-            self.compiling.insert(prefix.clone(), (since, state.revision));
+            let slow = previous.as_ref().is_some_and(|p| p.took >= self.slow_compile);
+            self.compiling.insert(prefix.clone(), (since, state.revision, slow));
             out.push(PartCompile {
                 prefix,
                 contributor,
@@ -774,6 +796,7 @@ impl Builder {
                 keyring: self.keyring.clone(),
                 registry: self.registry.clone(),
                 previous,
+                slow,
             });
         }
         out
@@ -811,7 +834,7 @@ impl Builder {
     /// The partitions with store changes still waiting or compiling, with the first revision
     /// of each.
     fn pending(&self) -> impl Iterator<Item = (&String, i64)> {
-        self.dirty.iter().filter_map(|(p, (_, since))| Some((p, (*since)?))).chain(self.compiling.iter().filter_map(|(p, (since, _))| Some((p, (*since)?))))
+        self.dirty.iter().filter_map(|(p, (_, since))| Some((p, (*since)?))).chain(self.compiling.iter().filter_map(|(p, (since, _, _))| Some((p, (*since)?))))
     }
 
     /// What the last snapshot serves, given that the builder has seen `revision`: every change
@@ -878,7 +901,7 @@ impl Builder {
         let mut before = if all { std::mem::take(&mut self.parts) } else { BTreeMap::new() };
         // A partition compiling off the caller's path is left to that compile, and compiled
         // again after it, from what is there then.
-        for (prefix, (_, taken)) in self.compiling.iter().map(|(p, c)| (p.clone(), *c)).collect::<Vec<_>>() {
+        for (prefix, (_, taken, _)) in self.compiling.iter().map(|(p, c)| (p.clone(), *c)).collect::<Vec<_>>() {
             if let Some(served) = before.remove(&prefix) {
                 self.parts.insert(prefix.clone(), served);
             }
@@ -1705,6 +1728,8 @@ mod tests {
         }
         let mut b = tenant_builder();
         b.defer_parts();
+        // However long a loaded machine takes over a compile, none is slow here.
+        b.slow_compile = Duration::MAX;
         let mut state = ConfigState::claiming("/apisix", &kvs, 10, b.claims());
         let first = b.build(&state);
         assert_eq!(at(&first, Some("t1.example"), "/home1").as_deref(), Some("/apisix/tenants/t1/routes/home"), "a build compiles in place");
@@ -1791,8 +1816,9 @@ mod tests {
         }
     }
 
-    /// [`Tenants`] ending each route in a [`Dropped`]: tenant `t1` takes [`SLOW_COMPILE`] to
-    /// lower, and each lowering notes on which thread, at what niceness, it ran.
+    /// [`Tenants`] ending each route in a [`Dropped`]: tenants `t1` and `t2` take
+    /// [`SLOW_COMPILE`] to lower, and each lowering notes on which thread, at what niceness, it
+    /// ran.
     struct Slow {
         dropped: std::sync::mpsc::Sender<String>,
         lowered: std::sync::Mutex<Vec<(String, Option<String>, Option<i32>)>>,
@@ -1806,7 +1832,7 @@ mod tests {
         fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
             let nice = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| crate::background::niceness(&s));
             self.lowered.lock().unwrap().push((partition.to_string(), std::thread::current().name().map(str::to_string), nice));
-            if partition.ends_with("/t1/") {
+            if partition.ends_with("/t1/") || partition.ends_with("/t2/") {
                 std::thread::sleep(SLOW_COMPILE);
             }
             let mut lowered = Tenants.lower(partition, objects);
@@ -1818,62 +1844,70 @@ mod tests {
     }
 
     /// A partition whose last compile took [`SLOW_COMPILE`] compiles next on a thread of its
-    /// own at the background's weight; one quick to compile stays on the blocking pool. The
-    /// routes a compile replaced are freed on the reclaiming thread, not where the last
-    /// snapshot holding them went.
+    /// own at the background's weight, one such at a time and beside the others' slots; one
+    /// quick to compile stays on the blocking pool. The routes a compile replaced are freed
+    /// on the reclaiming thread, not where the last snapshot holding them went.
     #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
     async fn a_partition_slow_to_compile_compiles_next_at_a_lower_weight_and_what_it_replaced_is_freed_off_the_loop() {
         let (dropped_tx, dropped) = std::sync::mpsc::channel();
         let slow = Arc::new(Slow { dropped: dropped_tx, lowered: Default::default() });
         let mut b = test_builder().with_contributor(slow.clone());
         b.defer_parts();
-        let kvs: Vec<_> = (0..2).map(|t| kv(&format!("/apisix/tenants/t{t}/routes/home"), &route_json("/home"), t + 1)).collect();
-        let mut state = ConfigState::claiming("/apisix", &kvs, 10, b.claims());
+        let tenants = |uri: &str, rev: i64| (0..3).map(|t| kv(&format!("/apisix/tenants/t{t}/routes/home"), &route_json(uri), rev + t)).collect::<Vec<_>>();
+        let mut state = ConfigState::claiming("/apisix", &tenants("/home", 1), 10, b.claims());
         drop(b.build(&state));
+        // However long a loaded machine took over it, t0 compiled at once.
+        b.parts.get_mut("/apisix/tenants/t0/").expect("t0").took = Duration::ZERO;
         let mut changes = Changes::default();
-        let events: Vec<_> = (0..2).map(|t| event(weir_store::EventKind::Put, &format!("/apisix/tenants/t{t}/routes/home"), &route_json("/moved"), 11)).collect();
-        state.apply("/apisix", 11, &events, &mut changes);
+        // The slow ones changed first: t2 waits for t1's slot, and t0 takes one of its own.
+        let mut events: Vec<_> = tenants("/moved", 11).into_iter().map(|kv| weir_store::Event { kind: weir_store::EventKind::Put, kv }).collect();
+        let t0_event = events.remove(0);
+        state.apply("/apisix", 13, &events, &mut changes);
+        drop(b.update(&state, &changes));
+        let mut changes = Changes::default();
+        state.apply("/apisix", 14, &[t0_event], &mut changes);
         drop(b.update(&state, &changes));
         let jobs = b.next_compiles(&state);
         let slowness: Vec<(String, bool)> = jobs.iter().map(|j| (j.prefix.clone(), j.slow())).collect();
-        // t0 lowers at once, though a loaded machine may take 5 ms to compile even that: where
-        // it does, it is slow too, and is checked as such.
-        let t0_slow = slowness[0].1;
-        assert_eq!(slowness, [("/apisix/tenants/t0/".to_string(), t0_slow), ("/apisix/tenants/t1/".to_string(), true)]);
+        assert_eq!(slowness, [("/apisix/tenants/t1/".to_string(), true), ("/apisix/tenants/t0/".to_string(), false)]);
         let own = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| crate::background::niceness(&s)).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for job in jobs {
+            let tx = tx.clone();
             match job.slow() {
-                true => {
-                    let tx = tx.clone();
-                    crate::background::run_slowly(move || {
-                        let _ = tx.send(job.run());
-                    });
-                }
+                true => crate::background::run_slowly(move || {
+                    let _ = tx.send(job.run());
+                }),
                 false => {
-                    let tx = tx.clone();
                     tokio::task::spawn_blocking(move || tx.send(job.run()));
                 }
             }
         }
         for _ in 0..2 {
             let done = rx.recv().await.expect("compiled");
-            let live = b.install(done).expect("installed");
-            drop(live);
+            drop(b.install(done).expect("installed"));
         }
+        let t2 = b.next_compiles(&state);
+        assert_eq!(t2.iter().map(|j| (j.prefix.as_str(), j.slow())).collect::<Vec<_>>(), [("/apisix/tenants/t2/", true)]);
+        for job in t2 {
+            let tx = tx.clone();
+            crate::background::run_slowly(move || {
+                let _ = tx.send(job.run());
+            });
+        }
+        drop(b.install(rx.recv().await.expect("compiled")).expect("installed"));
         let lowered = slow.lowered.lock().unwrap().clone();
         let slow_place = (Some("weir-compile-slow"), Some((own + crate::background::BACKGROUND_STEPS).min(19)));
-        let t1 = lowered.iter().rfind(|(p, _, _)| p.ends_with("/t1/")).cloned().unwrap();
-        assert_eq!((t1.1.as_deref(), t1.2), slow_place);
-        let t0 = lowered.iter().rfind(|(p, _, _)| p.ends_with("/t0/")).cloned().unwrap();
-        match t0_slow {
-            true => assert_eq!((t0.1.as_deref(), t0.2), slow_place),
-            false => assert!(t0.1.as_deref() != Some("weir-compile-slow") && t0.2 == Some(own), "{t0:?}"),
+        let last = |t: &str| lowered.iter().rfind(|(p, _, _)| p.ends_with(&format!("/{t}/"))).map(|(_, name, nice)| (name.clone(), *nice)).unwrap();
+        for t in ["t1", "t2"] {
+            assert_eq!(last(t), (slow_place.0.map(str::to_string), slow_place.1), "{t}");
         }
+        let t0 = last("t0");
+        assert!(t0.0.as_deref() != Some("weir-compile-slow") && t0.1 == Some(own), "{t0:?}");
         // A build of everything lets go of the last snapshot that held the first compiles.
         drop(b.build(&state));
-        let freed: Vec<String> = (0..2).map(|_| dropped.recv_timeout(Duration::from_secs(10)).expect("the first routes freed")).collect();
-        assert_eq!(freed, ["weir-reclaim", "weir-reclaim"]);
+        let freed: Vec<String> = (0..3).map(|_| dropped.recv_timeout(Duration::from_secs(10)).expect("the first routes freed")).collect();
+        assert_eq!(freed, ["weir-reclaim"; 3]);
     }
 
     #[test]
