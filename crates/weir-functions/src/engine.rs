@@ -277,10 +277,8 @@ impl Engine {
         let reload = loaded.clone();
         let watch = crate::watchdog::Watch::new(gateway, Deadline::new(), nice);
         let watched = watch.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("fn-{gateway}"))
-            .stack_size(16 << 20)
-            .spawn(move || {
+        // At the process's niceness, whatever thread asks (a slow partition's compile runs nicer).
+        let thread = weir_core::threads::spawn(std::thread::Builder::new().name(format!("fn-{gateway}")).stack_size(16 << 20), move || {
                 // Marked ended however the thread ends, a panic outside the loop's included.
                 let _ends = crate::watchdog::Watch::on_thread(&watched);
                 run_as_batch(&gw);
@@ -299,7 +297,7 @@ impl Engine {
                 while std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&gw, memory, &inbox, &services, &reload, &next_call, &reloaded, &slots, &watched.deadline))).is_err() {
                     tracing::error!(gateway = %gw, "the function runtime panicked; it starts afresh");
                 }
-            })?;
+        })?;
         watch.watch(thread);
         Ok(Arc::new(Engine { gateway: gateway.to_string(), mailbox, inflight: Arc::new(AtomicUsize::new(0)), loaded, watch }))
     }

@@ -1388,6 +1388,13 @@ mod tests {
         // runtime loads it ahead of traffic too.
         drop(out);
         drop(f.lower(PARTITION, &[(ENV_KEY, &stopped), (key, &function)]));
+        // Its handlers are freed off this thread (`weir_proxy::background`): the runtime goes
+        // with them shortly.
+        let asked = std::time::Instant::now();
+        while f.engines.lock().unwrap().values().any(|e| e.strong_count() > 0) {
+            assert!(asked.elapsed() < Duration::from_secs(10), "the runtime outlived its routes");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let out = f.lower(PARTITION, &[(ENV_KEY, &serving), (key, &function)]);
         assert!(!out.routes.is_empty());
         loaded_long_ago().await;

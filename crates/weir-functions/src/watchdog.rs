@@ -144,7 +144,7 @@ impl Watch {
     pub(crate) fn watch(self: &Arc<Watch>, thread: std::thread::JoinHandle<()>) {
         *self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(thread);
         let all = WATCHED.get_or_init(|| {
-            let _ = std::thread::Builder::new().name("fn-watchdog".into()).spawn(look);
+            let _ = weir_core::threads::spawn(std::thread::Builder::new().name("fn-watchdog".into()), look);
             Mutex::default()
         });
         all.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::downgrade(self));

@@ -170,10 +170,7 @@ pub(crate) fn file_factory() -> Factory {
         let path = c.path;
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(|e| format!("cannot open {path}: {e}"))?;
         let (tx, rx) = sync_channel::<Value>(QUEUE);
-        std::thread::Builder::new()
-            .name("weir-file-logger".into())
-            .spawn(move || write_lines(file, rx))
-            .map_err(|e| e.to_string())?;
+        weir_core::threads::spawn(std::thread::Builder::new().name("weir-file-logger".into()), move || write_lines(file, rx)).map_err(|e| e.to_string())?;
         Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what: path }), format: Format::of(c.log_format, b) }))
     })
 }
@@ -236,10 +233,7 @@ pub(crate) fn http_factory() -> Factory {
         }
         let what = target.uri.to_string();
         let (tx, rx) = sync_channel::<Value>(QUEUE);
-        std::thread::Builder::new()
-            .name("weir-http-logger".into())
-            .spawn(move || send_batches(target, rx))
-            .map_err(|e| e.to_string())?;
+        weir_core::threads::spawn(std::thread::Builder::new().name("weir-http-logger".into()), move || send_batches(target, rx)).map_err(|e| e.to_string())?;
         Ok(Arc::new(Logger { queue: Some(Queue { tx, dropped: AtomicU64::new(0), what }), format: Format::of(c.log_format, b) }))
     })
 }

@@ -128,7 +128,7 @@ fn exporter(attr: Option<&Value>) -> Result<&'static Queue, String> {
     }
     let target = HttpTarget::otlp(address, Duration::from_secs(timeout), json!({ "attributes": resource }))?;
     let (tx, rx) = sync_channel(crate::loggers::QUEUE);
-    std::thread::Builder::new().name("weir-otlp".into()).spawn(move || send_batches(target, rx)).map_err(|e| e.to_string())?;
+    weir_core::threads::spawn(std::thread::Builder::new().name("weir-otlp".into()), move || send_batches(target, rx)).map_err(|e| e.to_string())?;
     Ok(EXPORTER.get_or_init(|| Queue { tx, dropped: AtomicU64::new(0), what: format!("otlp {address}") }))
 }
 

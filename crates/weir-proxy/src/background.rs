@@ -16,8 +16,9 @@ use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 /// 0), the rest of the time all the idle core.
 pub const BACKGROUND_STEPS: i32 = 10;
 
-/// How many values may wait to be freed; past that a value is freed where it is dropped.
-const WAITING_AT_MOST: usize = 256;
+/// How many values may wait to be freed; past that a value is freed where it is dropped. A
+/// node lets go of a partition a change, but of every one at once when its builder goes.
+const WAITING_AT_MOST: usize = 4096;
 
 type Parcel = Box<dyn Any + Send>;
 
@@ -27,6 +28,8 @@ fn reclaimer() -> Option<&'static SyncSender<Parcel>> {
     static QUEUE: OnceLock<Option<SyncSender<Parcel>>> = OnceLock::new();
     QUEUE
         .get_or_init(|| {
+            // Threads are started at the process's niceness from now on, whatever thread asks.
+            weir_core::threads::prepare();
             let (tx, rx) = sync_channel::<Parcel>(WAITING_AT_MOST);
             let started = std::thread::Builder::new().name("weir-reclaim".into()).spawn(move || {
                 if let Err(e) = batch_at(BACKGROUND_STEPS) {
@@ -61,6 +64,9 @@ pub fn reclaim<T: Send + 'static>(value: T) {
 /// within the caller's runtime as the blocking pool's threads are (for what it starts there);
 /// on the blocking pool where no thread can be started.
 pub fn run_slowly(work: impl FnOnce() + Send + 'static) {
+    // What the work starts (a gateway's runtime, a logger's thread) starts at the process's
+    // niceness, not this thread's.
+    weir_core::threads::prepare();
     let runtime = tokio::runtime::Handle::current();
     // Held where both the thread and a failed start can take it.
     let work = Arc::new(Mutex::new(Some(work)));
@@ -87,13 +93,17 @@ pub fn run_slowly(work: impl FnOnce() + Send + 'static) {
 }
 
 /// Puts the calling thread under Linux's batch policy (it never preempts a thread that woke
-/// it), `steps` of niceness nicer than it is, at most the nicest (19). A thread can be made
-/// nicer but, without `CAP_SYS_NICE`, never less nice again: call it on a thread of its own.
+/// it), `steps` of niceness nicer than the process, at most the nicest (19), and never less
+/// nice than it is: without `CAP_SYS_NICE` a thread can be made nicer but not less nice again
+/// (call it on a thread of its own, and start threads from one through
+/// `weir_core::threads::spawn`).
 pub fn batch_at(steps: i32) -> Result<(), String> {
     use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy, set_thread_priority_and_policy, thread_native_id};
     let policy = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Batch);
     let own = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| niceness(&s)).ok_or("the thread's niceness cannot be read")?;
-    let want = own.saturating_add(steps).clamp(own, 19);
+    // From the process's (its first thread's), however nice this thread already is.
+    let base = std::fs::read_to_string("/proc/self/stat").ok().and_then(|s| niceness(&s)).unwrap_or(own);
+    let want = base.saturating_add(steps).clamp(own, 19);
     // The setting takes a priority the crate maps to a niceness: the one nearest above `want`.
     let keep = (0..=99u8)
         .filter_map(|p| {
@@ -151,12 +161,16 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_goes_so_many_steps_nicer_up_to_the_nicest() {
+    fn a_thread_goes_so_many_steps_nicer_than_the_process_up_to_the_nicest() {
         let own = nice().unwrap();
         let seen = std::thread::spawn(|| (batch_at(5), nice())).join().unwrap();
         assert_eq!(seen, (Ok(()), Some((own + 5).min(19))));
-        let seen = std::thread::spawn(|| (batch_at(15), batch_at(10), nice())).join().unwrap();
-        assert_eq!(seen, (Ok(()), Ok(()), Some(19)), "never past the nicest");
+        let seen = std::thread::spawn(|| (batch_at(5), batch_at(8), nice())).join().unwrap();
+        assert_eq!(seen, (Ok(()), Ok(()), Some((own + 8).min(19))), "counted from the process, not the thread");
+        let seen = std::thread::spawn(|| (batch_at(8), batch_at(5), nice())).join().unwrap();
+        assert_eq!(seen, (Ok(()), Ok(()), Some((own + 8).min(19))), "never less nice");
+        let seen = std::thread::spawn(|| (batch_at(25), nice())).join().unwrap();
+        assert_eq!(seen, (Ok(()), Some(19)), "never past the nicest");
     }
 
     #[test]

@@ -91,7 +91,7 @@ impl Offload {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
-            std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || {
+            weir_core::threads::spawn(std::thread::Builder::new().name(format!("{name}-{i}")), move || {
                 loop {
                     // The lock is held only to take a job, never while running one.
                     let job = match rx.lock() {

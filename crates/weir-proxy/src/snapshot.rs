@@ -563,11 +563,11 @@ const PARTS_AT_ONCE: usize = 2;
 /// again and again take one slot between them, and leave the others to every other gateway.
 const SLOW_AT_ONCE: usize = 1;
 
-/// One partition's compile, handed off the watch path ([`Builder::next_compiles`]): its
-/// objects as they were, and what it keeps across compiles.
 /// A partition's compile that took this long or longer makes its next one [`PartCompile::slow`].
 pub const SLOW_COMPILE: Duration = Duration::from_millis(5);
 
+/// One partition's compile, handed off the watch path ([`Builder::next_compiles`]): its
+/// objects as they were, and what it keeps across compiles.
 pub struct PartCompile {
     prefix: String,
     contributor: Arc<dyn Contributor>,
@@ -1904,7 +1904,7 @@ mod tests {
         }
         let t0 = last("t0");
         assert!(t0.0.as_deref() != Some("weir-compile-slow") && t0.1 == Some(own), "{t0:?}");
-        // A build of everything lets go of the last snapshot that held the first compiles.
+        // The builder has let go of the first build's routes (as it installed) or does now.
         drop(b.build(&state));
         let freed: Vec<String> = (0..3).map(|_| dropped.recv_timeout(Duration::from_secs(10)).expect("the first routes freed")).collect();
         assert_eq!(freed, ["weir-reclaim"; 3]);

@@ -374,6 +374,8 @@ async fn open_store(cfg: &Config) -> anyhow::Result<SharedStore> {
 }
 
 fn serve(cfg: Config, config: Option<&Path>, log: logging::LogHandle) -> anyhow::Result<()> {
+    // Before any thread runs nicer than the process: the threads serving tenants start here.
+    weir_core::threads::prepare();
     // With a declarative file there is nothing to write to: no Admin API, as APISIX's
     // standalone mode.
     let from_file = cfg.store.kind == StoreType::File;
