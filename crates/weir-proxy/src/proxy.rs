@@ -218,7 +218,9 @@ impl Proxy {
                     Err(resp) => resp,
                 };
             }
-            return self.to_upstream(&route, route.upstream.as_ref(), parts, body, conn, None, None).await;
+            // Boxed, as below: the upstream call's future is most of this one's size, and every
+            // request's future (a handler's answer, the plugin path) would carry and move it.
+            return Box::pin(self.to_upstream(&route, route.upstream.as_ref(), parts, body, conn, None, None)).await;
         }
         let global = snapshot.global.clone();
         let consumers = snapshot.consumers.clone();
