@@ -354,8 +354,15 @@ impl Engine {
 
     /// Runs one call; `None` when more than `limits.concurrency` calls are in flight.
     pub(crate) async fn call(&self, job: impl FnOnce(crate::reply::Sender) -> Job) -> Option<Outcome> {
+        Some(self.submit(job)?.outcome().await)
+    }
+
+    /// Hands one call to the runtime at once, before anything is awaited; what to wait on for
+    /// its outcome, or `None` when more than `limits.concurrency` calls are in flight. The
+    /// job is moved once, into its box: a route's future carries only the wait.
+    pub(crate) fn submit(&self, job: impl FnOnce(crate::reply::Sender) -> Job) -> Option<Submitted> {
         let (tx, rx) = crate::reply::channel();
-        let mut job = job(tx);
+        let mut job = Box::new(job(tx));
         let cap = job.limits.concurrency;
         if self.inflight.fetch_add(1, Ordering::AcqRel) >= cap {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
@@ -364,15 +371,25 @@ impl Engine {
         // The place goes with the job: a caller that stops waiting does not free it while the
         // runtime still has the call queued or running.
         job.place = Some(Place(self.inflight.clone()));
-        if self.mailbox.send(Msg::Call(Box::new(job))).is_err() {
-            return Some(failed(Failure::Internal("the runtime has stopped".into())));
+        if self.mailbox.send(Msg::Call(job)).is_err() {
+            return Some(Submitted(None));
         }
+        Some(Submitted(Some(rx)))
+    }
+}
+
+/// A call handed to its runtime: its outcome, once the runtime has it.
+pub(crate) struct Submitted(Option<crate::reply::Receiver>);
+
+impl Submitted {
+    pub(crate) async fn outcome(self) -> Outcome {
+        let stopped = || failed(Failure::Internal("the runtime has stopped".into()));
         // The runtime ends every call by its wall limit. Against a runtime that stopped
         // answering altogether the caller bounds the wait: a route by its handler's timeout,
         // `Functions::invoke` by its own.
-        match rx.await {
-            Ok(outcome) => Some(outcome),
-            Err(_) => Some(failed(Failure::Internal("the runtime has stopped".into()))),
+        match self.0 {
+            Some(rx) => rx.await.unwrap_or_else(|_| stopped()),
+            None => stopped(),
         }
     }
 }

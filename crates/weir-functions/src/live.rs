@@ -1156,14 +1156,16 @@ impl Handler for FunctionHandler {
             return Box::pin(async move { resp });
         }
         let request = request_of(&call.parts, &call.body, user_of(call.consumer, call.notes));
-        let (engine, func, table, vars, limits, reach, debug) = (self.engine.clone(), self.func.clone(), self.table.clone(), self.vars.clone(), self.limits, self.reach.clone(), self.debug);
-        let series = self.series.clone();
+        // Handed to the runtime now: the future keeps only the wait, not the request.
+        let started = std::time::Instant::now();
+        let submitted = self.engine.submit(|reply| Job { func: self.func.clone(), table: self.table.clone(), vars: self.vars.clone(), limits: self.limits, reach: self.reach.clone(), request, reply, place: None });
+        let (debug, limits, series) = (self.debug, self.limits, self.series.clone());
         Box::pin(async move {
-            let started = std::time::Instant::now();
             // A call failed where it threw (whatever status its error names), ran out of time
             // or memory, or was refused for want of a place; or where it answered 5xx.
-            let (resp, failed) = match FunctionHandler::run(engine, func, table, vars, limits, reach, request).await {
-                Some(outcome) => {
+            let (resp, failed) = match submitted {
+                Some(submitted) => {
+                    let outcome = submitted.outcome().await;
                     let failed = outcome.result.is_err();
                     (respond(outcome, debug, &limits), failed)
                 }
