@@ -6,7 +6,8 @@
 //! writer) would run as nice for good: a thread can be made nicer, but not less nice again
 //! without `CAP_SYS_NICE`. Threads that serve requests or tenants are started through
 //! [`spawn`] instead: by one starter thread, made before any thread was made nicer
-//! ([`prepare`]), on the asking thread's behalf.
+//! ([`prepare`]), on the asking thread's behalf. [`niceness`] reads a thread's niceness from
+//! its `/proc` `stat` line.
 
 use std::io;
 use std::sync::OnceLock;
@@ -55,14 +56,30 @@ where
     rx.recv().unwrap_or_else(|_| Err(io::Error::other("the thread starter stopped")))
 }
 
+/// Field `n` (counted from 1, as `proc(5)` does) of a `/proc/.../stat` line.
+pub fn stat_field<T: std::str::FromStr>(stat: &str, n: usize) -> Option<T> {
+    // The name in parentheses may hold spaces; the fields after it start with the state (3rd).
+    stat.rsplit_once(')')?.1.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
+}
+
+/// The niceness field of a `/proc/.../stat` line.
+pub fn niceness(stat: &str) -> Option<i32> {
+    stat_field(stat, 19)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The niceness of the calling thread (field 19 of its `stat`, counted past its name).
+    #[test]
+    fn stat_fields_are_counted_past_a_name_holding_spaces_and_parentheses() {
+        let stat = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 7";
+        assert_eq!((stat_field::<char>(stat, 3), stat_field::<u64>(stat, 14), niceness(stat)), (Some('S'), Some(11), Some(7)));
+    }
+
+    /// The niceness of the calling thread.
     fn nice() -> i32 {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-        stat.rsplit_once(')').unwrap().1.split_whitespace().nth(16).unwrap().parse().unwrap()
+        niceness(&std::fs::read_to_string("/proc/thread-self/stat").unwrap()).unwrap()
     }
 
     /// Makes the calling thread `steps` nicer, through `renice`'s system call as the shell

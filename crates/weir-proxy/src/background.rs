@@ -11,6 +11,8 @@ use std::any::Any;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
+pub use weir_core::threads::{niceness, stat_field};
+
 /// Steps of niceness below the process for the reclaiming thread and for the compile of a
 /// slow partition: a tenth of a busy core or so (Linux weighs niceness 10 at about a tenth of
 /// 0), the rest of the time all the idle core.
@@ -118,17 +120,6 @@ pub fn batch_at(steps: i32) -> Result<(), String> {
     }
 }
 
-/// Field `n` (counted from 1, as `proc(5)` does) of a `/proc/.../stat` line.
-pub fn stat_field<T: std::str::FromStr>(stat: &str, n: usize) -> Option<T> {
-    // The name in parentheses may hold spaces; the fields after it start with the state (3rd).
-    stat.rsplit_once(')')?.1.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
-}
-
-/// The niceness field of a `/proc/.../stat` line.
-pub fn niceness(stat: &str) -> Option<i32> {
-    stat_field(stat, 19)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -171,11 +162,5 @@ mod tests {
         assert_eq!(seen, (Ok(()), Ok(()), Some((own + 8).min(19))), "never less nice");
         let seen = std::thread::spawn(|| (batch_at(25), nice())).join().unwrap();
         assert_eq!(seen, (Ok(()), Some(19)), "never past the nicest");
-    }
-
-    #[test]
-    fn stat_fields_are_counted_past_a_name_holding_spaces_and_parentheses() {
-        let stat = "42 (a (b) c) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 7";
-        assert_eq!((stat_field::<char>(stat, 3), stat_field::<u64>(stat, 14), niceness(stat)), (Some('S'), Some(11), Some(7)));
     }
 }
