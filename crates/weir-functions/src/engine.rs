@@ -1104,7 +1104,7 @@ fn run_as_batch(gateway: &str) {
     }
 }
 
-pub(crate) use weir_proxy::background::stat_field;
+pub(crate) use weir_core::threads::stat_field;
 
 /// Queues, after what `batch` holds, the loading of every function the last lowering served:
 /// a runtime made afresh has none of them. At most once per [`RELOAD_EVERY`] (`last`): a

@@ -17,4 +17,4 @@ pub(crate) const COMPILE_STEPS: i32 = 19;
 
 pub(crate) use weir_proxy::background::batch_at;
 #[cfg(test)]
-pub(crate) use weir_proxy::background::niceness;
+pub(crate) use weir_core::threads::niceness;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use weir_functions::engine::Table;
 use weir_functions::live::FunctionHandler;
+use weir_core::threads::{niceness, stat_field};
 use weir_functions::{Engine, Failure, Function, Limits, Logs, Outcome, Request, User, source};
 
 /// Versions of the functions tests make, distinct within the process as stored versions are
@@ -458,17 +459,14 @@ fn thread_sched(name: &str) -> Option<(u32, i32)> {
             return None;
         }
         let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-        // Fields after the name in parentheses start with the 3rd; niceness is the 19th, the
-        // policy the 41st.
-        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-        Some((fields[41 - 3].parse().ok()?, fields[19 - 3].parse().ok()?))
+        // The policy is the 41st field.
+        Some((stat_field(&stat, 41)?, niceness(&stat)?))
     })
 }
 
 #[tokio::test]
 async fn a_runtime_thread_runs_as_batch_work_at_the_process_niceness_and_ends_with_its_engine() {
-    let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-    let nice: i32 = own.rsplit_once(')').unwrap().1.split_whitespace().nth(19 - 3).unwrap().parse().unwrap();
+    let nice = niceness(&std::fs::read_to_string("/proc/thread-self/stat").unwrap()).unwrap();
     let engine = Engine::start("sched", limits().memory, weir_functions::Services::default()).unwrap();
     let started = Instant::now();
     let seen = loop {
@@ -496,8 +494,7 @@ async fn javascript_the_loop_runs_between_segments_counts_towards_a_busy_runtime
     let table = |f: Arc<Function>| -> Table { Arc::new(HashMap::from([(f.name.clone(), f)])) };
     let slow = func("dev", "slow", &[("index.js", "export default () => new Promise((_, no) => setTimeout(() => no({ get message() { for (;;) {} } }), 0))")]);
     let wait = func("dev", "wait", &[("index.js", "export default () => new Promise((r) => setTimeout(() => r({ waited: true }), 150))")]);
-    let own = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
-    let home: i32 = own.rsplit_once(')').unwrap().1.split_whitespace().nth(19 - 3).unwrap().parse().unwrap();
+    let home = niceness(&std::fs::read_to_string("/proc/thread-self/stat").unwrap()).unwrap();
     let spinning = Engine::start("hk-spin", limits().memory, weir_functions::Services::default()).unwrap();
     let waiting = Engine::start("hk-wait", limits().memory, weir_functions::Services::default()).unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -937,7 +937,7 @@ async fn a_runtime_stuck_in_a_built_in_is_replaced_and_costs_others_nothing() {
         .unwrap()
         .flatten()
         .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == "fn-stuck"))
-        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok()?.rsplit_once(')')?.1.split_whitespace().nth(41 - 3)?.parse().ok())
+        .filter_map(|t| weir_core::threads::stat_field(&std::fs::read_to_string(t.path().join("stat")).ok()?, 41))
         .collect();
     assert!(policies.contains(&5), "one runtime thread of the gateway is idle: {policies:?}");
     let noisy = p99(&w, "/dev/ping", "calm.localhost", 100).await;
@@ -1053,8 +1053,7 @@ async fn a_calls_budget_is_its_own_cpu_and_not_the_time_others_hold_the_core() {
 
 /// The niceness of the one thread of process `pid` named `name`.
 fn niceness_of(pid: u32, name: &str) -> i32 {
-    let stat = std::fs::read_to_string(thread_of(pid, name).join("stat")).unwrap();
-    stat.rsplit_once(')').unwrap().1.split_whitespace().nth(19 - 3).unwrap().parse().unwrap()
+    weir_core::threads::niceness(&std::fs::read_to_string(thread_of(pid, name).join("stat")).unwrap()).unwrap()
 }
 
 /// The `/proc` directory of the one thread of process `pid` named `name`.
