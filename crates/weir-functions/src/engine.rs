@@ -371,26 +371,22 @@ impl Engine {
         // The place goes with the job: a caller that stops waiting does not free it while the
         // runtime still has the call queued or running.
         job.place = Some(Place(self.inflight.clone()));
-        if self.mailbox.send(Msg::Call(job)).is_err() {
-            return Some(Submitted(None));
-        }
-        Some(Submitted(Some(rx)))
+        // A stopped runtime hands the job back; dropped here, its reply ends the wait as
+        // closed, which `outcome` answers as stopped.
+        let _ = self.mailbox.send(Msg::Call(job));
+        Some(Submitted(rx))
     }
 }
 
 /// A call handed to its runtime: its outcome, once the runtime has it.
-pub(crate) struct Submitted(Option<crate::reply::Receiver>);
+pub(crate) struct Submitted(crate::reply::Receiver);
 
 impl Submitted {
     pub(crate) async fn outcome(self) -> Outcome {
-        let stopped = || failed(Failure::Internal("the runtime has stopped".into()));
         // The runtime ends every call by its wall limit. Against a runtime that stopped
         // answering altogether the caller bounds the wait: a route by its handler's timeout,
         // `Functions::invoke` by its own.
-        match self.0 {
-            Some(rx) => rx.await.unwrap_or_else(|_| stopped()),
-            None => stopped(),
-        }
+        self.0.await.unwrap_or_else(|_| failed(Failure::Internal("the runtime has stopped".into())))
     }
 }
 

@@ -11,7 +11,7 @@ use std::any::Any;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
 
-pub use weir_core::threads::{niceness, stat_field};
+use weir_core::threads::niceness;
 
 /// Steps of niceness below the process for the reclaiming thread and for the compile of a
 /// slow partition: a tenth of a busy core or so (Linux weighs niceness 10 at about a tenth of

@@ -1830,7 +1830,7 @@ mod tests {
         }
 
         fn lower(&self, partition: &str, objects: &[(&str, &[u8])]) -> Lowered {
-            let nice = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| crate::background::niceness(&s));
+            let nice = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| weir_core::threads::niceness(&s));
             self.lowered.lock().unwrap().push((partition.to_string(), std::thread::current().name().map(str::to_string), nice));
             if partition.ends_with("/t1/") || partition.ends_with("/t2/") {
                 std::thread::sleep(SLOW_COMPILE);
@@ -1870,7 +1870,7 @@ mod tests {
         let jobs = b.next_compiles(&state);
         let slowness: Vec<(String, bool)> = jobs.iter().map(|j| (j.prefix.clone(), j.slow())).collect();
         assert_eq!(slowness, [("/apisix/tenants/t1/".to_string(), true), ("/apisix/tenants/t0/".to_string(), false)]);
-        let own = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| crate::background::niceness(&s)).unwrap();
+        let own = std::fs::read_to_string("/proc/thread-self/stat").ok().and_then(|s| weir_core::threads::niceness(&s)).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         for job in jobs {
             let tx = tx.clone();
