@@ -143,9 +143,10 @@ pub struct Functions {
     /// meanwhile.
     lowered: Mutex<std::collections::HashSet<String>>,
     relower: std::sync::OnceLock<Relower>,
-    /// What the platform's last saves on this node compiled, held (and found through
-    /// `sources`) for the lowering that follows to take rather than compile again.
-    offered: Mutex<std::collections::VecDeque<Arc<crate::source::Compiled>>>,
+    /// What the platform's saves on this node compiled, by gateway, oldest first: held (and
+    /// found through `sources`) until the lowering that follows takes it rather than compile
+    /// again.
+    offered: Mutex<std::collections::VecDeque<(String, Arc<crate::source::Compiled>)>>,
     me: Weak<Functions>,
     #[cfg(test)]
     gate: Gate,
@@ -410,6 +411,9 @@ impl Functions {
             return before;
         }
         // The watch loop (or a first lowering) waits on this one: compiled at its priority.
+        if let Some(code) = &ready {
+            self.taken(gid, code);
+        }
         let built = doc.zip(digest).and_then(|(doc, digest)| {
             let code = ready.or_else(|| self.compile(key, &doc, false))?;
             Some(self.assemble(gid, value, doc, digest, code))
@@ -486,16 +490,33 @@ impl Functions {
         true
     }
 
-    /// Keeps what a save to gateway `gid` on this node compiled `files` to, for the lowering
-    /// of the stored function to take (the last [`OFFERS_KEPT`] are kept).
+    /// Keeps what a save to gateway `gid` on this node compiled `files` to, until the
+    /// lowering of the stored function takes it ([`Functions::taken`]). At most
+    /// [`OFFERS_KEPT`] wait on the node: past that, the oldest of the gateway that has the
+    /// most waiting goes, so a gateway saving in a loop drops its own, not another's.
     pub fn offer(&self, gid: &str, files: &BTreeMap<String, String>, entry: &str, compiled: crate::source::Compiled) {
         let compiled = Arc::new(compiled);
         self.keep_source(gid, source_digest(files, entry), &compiled);
         let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
         if offered.len() >= OFFERS_KEPT {
-            offered.pop_front();
+            let mut counts: HashMap<&str, usize> = HashMap::new();
+            for (g, _) in offered.iter() {
+                *counts.entry(g.as_str()).or_default() += 1;
+            }
+            // Ties go to the gateway whose offer is oldest.
+            let most = counts.values().copied().max().unwrap_or(0);
+            let at = offered.iter().position(|(g, _)| counts.get(g.as_str()) == Some(&most));
+            if let Some(at) = at {
+                offered.remove(at);
+            }
         }
-        offered.push_back(compiled);
+        offered.push_back((gid.to_string(), compiled));
+    }
+
+    /// Notes that a lowering of gateway `gid` took `code`: an offer of it has done its work.
+    fn taken(&self, gid: &str, code: &Arc<crate::source::Compiled>) {
+        let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
+        offered.retain(|(g, c)| g != gid || !Arc::ptr_eq(c, code));
     }
 
     /// What gateway `gid` has compiled a source of `digest` to: offered by a save, or held by a
@@ -634,6 +655,7 @@ impl Functions {
         self.compiled.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
         self.tables.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _), _| g != gid);
+        self.offered.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _)| g != gid);
     }
 }
 
@@ -666,7 +688,7 @@ enum Turn {
 /// Compiles of changed functions under way at once on a node, off the watch path.
 pub const COMPILES_AT_ONCE: usize = 2;
 
-/// Compiles offered by saves kept on a node, waiting for their lowering.
+/// Compiles offered by saves that wait on a node for their lowering, at most.
 pub const OFFERS_KEPT: usize = 8;
 
 /// A function's source as one digest: its entry point and each file's path and text.
@@ -1544,5 +1566,40 @@ mod tests {
         assert!(!f.lowered.lock().unwrap().contains("g"));
         assert!(f.sources.lock().unwrap().keys().all(|(g, _)| g != "g"));
         assert_eq!(cached_version(&f, other), Some(1), "another gateway keeps its own");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gateway_saving_in_a_loop_drops_its_own_offers_and_a_lowering_takes_anothers_in_place() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, _relowers) = Relower::channel();
+        f.attach(relower);
+        let (quiet, noisy) = ("/weir/platform/live/q/fn/dev/f", "/weir/platform/live/n/fn/dev/f");
+        f.function("q", quiet, &stored(1), false).unwrap();
+        f.function("n", noisy, &stored(1), false).unwrap();
+        let source = |code: String| BTreeMap::from([("index.ts".to_string(), code)]);
+        let saved = |files: BTreeMap<String, String>, version: u64| serde_json::to_vec(&FunctionDoc { name: "f".into(), environment: "dev".into(), files, entrypoint: "index.ts".into(), version, ..FunctionDoc::default() }).unwrap();
+
+        // The quiet gateway saves once; the noisy one saves over and over before the quiet
+        // one's lowering comes.
+        let mine = source("export default () => 'quiet';".into());
+        f.offer("q", &mine, "index.ts", crate::source::compile(&mine, "index.ts").unwrap());
+        let theirs: Vec<_> = (0..3 * OFFERS_KEPT).map(|i| source(format!("export default () => {i};"))).collect();
+        for code in &theirs {
+            f.offer("n", code, "index.ts", crate::source::compile(code, "index.ts").unwrap());
+        }
+        assert_eq!(f.offered.lock().unwrap().len(), OFFERS_KEPT, "offers stay bounded");
+        assert_eq!(f.offered.lock().unwrap().iter().filter(|(g, _)| g == "q").count(), 1, "the noisy gateway dropped its own");
+
+        // The quiet gateway's lowering takes its offer in place: its save is live with it.
+        assert_eq!(f.function("q", quiet, &saved(mine, 2), true).unwrap().0.version, 2);
+        assert!(f.pending.lock().unwrap().is_empty(), "nothing left to compile");
+        // Taken, the offer has done its work and holds no room.
+        assert!(f.offered.lock().unwrap().iter().all(|(g, _)| g != "q"));
+        // The noisy gateway's newest offer is taken in place too; its dropped ones compile off
+        // the lowering, which serves what it had meanwhile.
+        let newest = theirs.last().unwrap().clone();
+        assert_eq!(f.function("n", noisy, &saved(newest, 2), true).unwrap().0.version, 2);
+        assert_eq!(f.function("n", noisy, &saved(theirs[0].clone(), 3), true).unwrap().0.version, 2);
+        assert!(f.pending.lock().unwrap().contains_key(noisy));
     }
 }
