@@ -130,8 +130,9 @@ pub struct Functions {
     dir: String,
     settings: Settings,
     engines: Mutex<HashMap<String, Weak<Engine>>>,
-    /// Compiled functions by key.
-    compiled: Mutex<HashMap<String, Entry>>,
+    /// Compiled functions, one cache per gateway (by id): a big gateway's lowering, thousands
+    /// of lookups on a thread that may run nice, holds no lock another gateway's takes.
+    compiled: Mutex<HashMap<String, Arc<Cache>>>,
     /// Each gateway's compiled sources by digest, while a function (or an offer) holds them.
     sources: Mutex<HashMap<(String, [u8; 32]), Weak<crate::source::Compiled>>>,
     /// Compiles of changed functions waiting or under way off the watch path: the newest
@@ -165,17 +166,24 @@ pub struct Functions {
 /// A stored function compiled, or `None` when it does not compile.
 type Built = Option<(Arc<FunctionDoc>, Arc<Function>)>;
 
+/// One gateway's compiled functions by key.
+type Cache = Mutex<HashMap<String, Entry>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// What a stored value built to, or, where it built to nothing (it does not read or compile
 /// here), the version the node served before it: a node keeps serving its last good version
 /// of a function rather than none.
 fn kept_if_none(key: &str, bytes: Bytes, built: Built, before: Built) -> Entry {
     match (built, before) {
-        (Some(b), _) => Entry { bytes, built: Some(b), fresh: true },
+        (Some(b), _) => Entry { bytes, built: Some(b), fresh: true, series: None },
         (None, Some(before)) => {
             tracing::warn!(function = %key, version = before.0.version, "keeps serving its last version that compiled");
-            Entry { bytes, built: Some(before), fresh: false }
+            Entry { bytes, built: Some(before), fresh: false, series: None }
         }
-        (None, None) => Entry { bytes, built: None, fresh: true },
+        (None, None) => Entry { bytes, built: None, fresh: true, series: None },
     }
 }
 
@@ -244,7 +252,7 @@ impl Functions {
         }
         // The version stored now, which the lowering may not have reached yet: compiled for
         // this call alone when it has not, so that the cache only ever moves forward.
-        let lowered = self.compiled.lock().unwrap_or_else(|e| e.into_inner()).get(key).filter(|c| c.bytes[..] == *value).map(|c| if c.fresh { c.built.clone() } else { None });
+        let lowered = lock(&self.cache_of(gid)).get(key).filter(|c| c.bytes[..] == *value).map(|c| if c.fresh { c.built.clone() } else { None });
         let built = match (lowered, self.me.upgrade()) {
             (Some(built), _) => built,
             (None, Some(me)) => me.compile_for_invoke(gid, key, value).await,
@@ -290,12 +298,11 @@ impl Functions {
     /// lowering would bind them, with `func` among them.
     fn unserved(&self, gid: &str, func: Arc<Function>) -> (Arc<Function>, Table) {
         let prefix = format!("{}{gid}/fn/{}/", self.dir, func.env);
-        let kept: Vec<(String, Arc<FunctionDoc>, Arc<Function>)> = {
-            let cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
-            cache.iter().filter(|(k, _)| k.starts_with(&prefix)).filter_map(|(k, e)| e.built.clone().map(|(d, f)| (k.clone(), d, f))).collect()
-        };
+        let cache = self.cache_of(gid);
+        let kept: Vec<(String, Arc<FunctionDoc>, Arc<Function>)> =
+            lock(&cache).iter().filter(|(k, _)| k.starts_with(&prefix)).filter_map(|(k, e)| e.built.clone().map(|(d, f)| (k.clone(), d, f))).collect();
         let mut list: Vec<(&str, Arc<FunctionDoc>, Arc<Function>)> = kept.iter().map(|(k, d, f)| (k.as_str(), d.clone(), f.clone())).collect();
-        self.link(&mut list);
+        Self::link(&cache, &mut list);
         let mut table: HashMap<String, Arc<Function>> = list.into_iter().map(|(_, d, f)| (d.name.clone(), f)).collect();
         // The version asked for, though the lowering has another (or none) of it.
         let func = match table.get(&func.name) {
@@ -394,9 +401,24 @@ impl Functions {
     /// function has it) is taken as it is; with `defer`, any other is compiled off the caller's
     /// thread ([`Functions::defer`]) and this answers what the key had before: its last
     /// compiled version, or nothing.
+    #[cfg(test)]
     fn function(&self, gid: &str, key: &str, value: &[u8], defer: bool) -> Built {
+        self.function_in(&self.cache_of(gid), gid, key, value, defer)
+    }
+
+    /// Gateway `gid`'s compiled functions, an empty cache where it has none yet.
+    fn cache_of(&self, gid: &str) -> Arc<Cache> {
+        let mut all = lock(&self.compiled);
+        match all.get(gid) {
+            Some(c) => c.clone(),
+            None => all.entry(gid.to_string()).or_default().clone(),
+        }
+    }
+
+    /// [`Functions::function`] with gateway `gid`'s `cache`.
+    fn function_in(&self, cache: &Cache, gid: &str, key: &str, value: &[u8], defer: bool) -> Built {
         let before = {
-            let cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+            let cache = lock(cache);
             let had = cache.get(key);
             let before = had.and_then(|c| c.built.clone());
             if had.is_some_and(|c| c.bytes[..] == *value) {
@@ -424,7 +446,7 @@ impl Functions {
         // older one, and keeps what it makes to itself.
         let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         pending.remove(key);
-        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_string(), entry);
+        lock(cache).insert(key.to_string(), entry);
         drop(pending);
         built
     }
@@ -463,7 +485,8 @@ impl Functions {
                     let mut pending = f.pending.lock().unwrap_or_else(|e| e.into_inner());
                     match pending.get(&k) {
                         Some(newest) if *newest == value => {
-                            let mut compiled = f.compiled.lock().unwrap_or_else(|e| e.into_inner());
+                            let cache = f.cache_of(&g);
+                            let mut compiled = lock(&cache);
                             let before = compiled.get(&k).and_then(|c| c.built.clone());
                             compiled.insert(k.clone(), kept_if_none(&k, value, built, before));
                             pending.remove(&k);
@@ -539,8 +562,8 @@ impl Functions {
 
     /// Binds each function of one environment's `list` (key, document, function) that imports
     /// others by name to the versions of those it reaches now: one whose imports changed since
-    /// is a new function, whose modules load afresh, kept for its key.
-    fn link(&self, list: &mut [(&str, Arc<FunctionDoc>, Arc<Function>)]) {
+    /// is a new function, whose modules load afresh, kept for its key in its gateway's `cache`.
+    fn link(cache: &Cache, list: &mut [(&str, Arc<FunctionDoc>, Arc<Function>)]) {
         if list.iter().all(|(_, _, f)| f.compiled.links.is_empty()) {
             return;
         }
@@ -551,7 +574,7 @@ impl Functions {
         if changed.is_empty() {
             return;
         }
-        let mut cache = self.compiled.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cache = lock(cache);
         for (i, links) in changed {
             let (key, _, old) = &list[i];
             let new = bound(old, links);
@@ -652,7 +675,7 @@ impl Functions {
         self.invoking.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
         self.lowered.lock().unwrap_or_else(|e| e.into_inner()).remove(gid);
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
-        self.compiled.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(partition));
+        lock(&self.compiled).remove(gid);
         self.tables.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _), _| g != gid);
         self.offered.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _)| g != gid);
@@ -709,6 +732,25 @@ struct Entry {
     /// Whether `built` is of `bytes`; not when they did not compile here and the version
     /// served before is kept.
     fresh: bool,
+    /// The function's own series, once a lowering has served it: later lowerings take it
+    /// from here rather than from the node's registry.
+    series: Option<Arc<crate::metrics::Series>>,
+}
+
+/// The series of the function stored at `key` (`name` of `env` of gateway `gid`): the one
+/// its entry in `cache` holds, or the registry's, which the entry then holds unless it is the
+/// environment's overflow series (a later lowering asks again, in case room was made).
+fn series_of(cache: &Cache, key: &str, gid: &str, env: &str, name: &str) -> Arc<crate::metrics::Series> {
+    if let Some(s) = lock(cache).get(key).and_then(|e| e.series.clone()) {
+        return s;
+    }
+    let s = crate::metrics::series(gid, env, name);
+    if !s.is_overflow()
+        && let Some(e) = lock(cache).get_mut(key)
+    {
+        e.series = Some(s.clone());
+    }
+    s
 }
 
 /// Holds compile tasks at the start of their compile while a test says so.
@@ -759,6 +801,7 @@ impl Contributor for Functions {
             return Lowered::default();
         }
         let defer = !self.lowered.lock().unwrap_or_else(|e| e.into_inner()).insert(gid.to_string());
+        let cache = self.cache_of(gid);
         let mut funcs: BTreeMap<String, Vec<(&str, Arc<FunctionDoc>, Arc<Function>)>> = BTreeMap::new();
         let mut present = std::collections::HashSet::new();
         for (key, value) in objects {
@@ -767,14 +810,12 @@ impl Contributor for Functions {
                 && let Some((env, _)) = path.split_once('/')
             {
                 present.insert(*key);
-                if let Some((doc, func)) = self.function(gid, key, value, defer) {
+                if let Some((doc, func)) = self.function_in(&cache, gid, key, value, defer) {
                     funcs.entry(env.to_string()).or_default().push((key, doc, func));
                 }
             }
         }
-        if let Ok(mut cache) = self.compiled.lock() {
-            cache.retain(|k, _| !k.starts_with(partition) || present.contains(k.as_str()));
-        }
+        lock(&cache).retain(|k, _| present.contains(k.as_str()));
         let own = format!("{gid}/");
         if let Ok(mut t) = self.tables.lock() {
             t.retain(|k, _| !k.starts_with(&own));
@@ -794,7 +835,7 @@ impl Contributor for Functions {
             let Some(list) = funcs.get_mut(env_name).filter(|l| !l.is_empty()) else { continue };
             let limits = env.limits.limits();
             let Some(engine) = self.engine(gid, env, limits.memory) else { continue };
-            self.link(list);
+            Self::link(&cache, list);
             let list = &*list;
             let table: Table = Arc::new(list.iter().map(|(_, d, f)| (d.name.clone(), f.clone())).collect());
             if let Ok(mut t) = self.tables.lock() {
@@ -811,7 +852,7 @@ impl Contributor for Functions {
                 Some((_, all)) => all.extend(served),
                 None => loads.push((engine.clone(), served.collect())),
             }
-            for (_, doc, func) in list {
+            for (key, doc, func) in list {
                 let handler = Arc::new(FunctionHandler {
                     engine: engine.clone(),
                     func: func.clone(),
@@ -820,7 +861,7 @@ impl Contributor for Functions {
                     limits,
                     reach: reach.clone(),
                     debug: env.debug,
-                    series: crate::metrics::series(gid, env_name, &doc.name),
+                    series: series_of(&cache, key, gid, env_name, &doc.name),
                 });
                 if doc.plugins.is_empty() {
                     shared.insert(doc.name.clone(), handler);
@@ -1296,8 +1337,13 @@ mod tests {
         serde_json::to_vec(&doc).unwrap()
     }
 
+    /// The gateway of a function's key under `/weir`.
+    fn gid_of(key: &str) -> &str {
+        key.strip_prefix("/weir/platform/live/").and_then(|rest| rest.split('/').next()).unwrap()
+    }
+
     fn cached_version(f: &Functions, key: &str) -> Option<u64> {
-        f.compiled.lock().unwrap().get(key).and_then(|c| c.built.as_ref()).map(|(doc, _)| doc.version)
+        lock(&f.cache_of(gid_of(key))).get(key).and_then(|c| c.built.as_ref()).map(|(doc, _)| doc.version)
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1473,7 +1519,7 @@ mod tests {
         let b1 = stored_code("b", 1, "import c from '@/c'; export default () => 'b' + c();");
         let (c1, c2) = (stored_code("c", 1, "export default () => 'c1';"), stored_code("c", 2, "export default () => 'c2';"));
         let (d1, d2) = (stored_code("d", 1, "export default () => 'd1';"), stored_code("d", 2, "export default () => 'd2';"));
-        let held = |key: &str| f.compiled.lock().unwrap()[key].built.clone().unwrap().1;
+        let held = |key: &str| lock(&f.cache_of("g"))[key].built.clone().unwrap().1;
 
         let _out = lower(&[(ENV_KEY, &serving), (a, &a1), (b, &b1), (c, &c1), (d, &d1)]).await;
         assert_eq!(body_of(&f, a, &a1).await, "abc1");
@@ -1601,5 +1647,51 @@ mod tests {
         assert_eq!(f.function("n", noisy, &saved(newest, 2), true).unwrap().0.version, 2);
         assert_eq!(f.function("n", noisy, &saved(theirs[0].clone(), 3), true).unwrap().0.version, 2);
         assert!(f.pending.lock().unwrap().contains_key(noisy));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_gateways_lowering_and_invoke_take_no_lock_another_gateways_lowering_holds() {
+        let f = Functions::new("/weir", Settings::default());
+        let (relower, _relowers) = Relower::channel();
+        f.attach(relower);
+        let (quiet, noisy) = ("/weir/platform/live/q/fn/dev/f", "/weir/platform/live/n/fn/dev/f");
+        f.function("n", noisy, &stored(1), false).unwrap();
+        // The noisy gateway's lowering is inside its cache, as a thread that runs nice may be
+        // for a while when it is preempted there.
+        let (locked, release) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let holder = {
+            let cache = f.cache_of("n");
+            std::thread::spawn(move || {
+                let _held = lock(&cache);
+                locked.0.send(()).unwrap();
+                let _ = release.1.recv();
+            })
+        };
+        locked.1.recv().unwrap();
+        let serving = serde_json::to_vec(&env_doc(true)).unwrap();
+        let lower_quiet = |v: u32| {
+            let (f, serving) = (f.clone(), serving.clone());
+            move || f.lower("/weir/platform/live/q/", &[("/weir/platform/live/q/env/dev", &serving), (quiet, &stored(v))])
+        };
+        let out = tokio::time::timeout(Duration::from_secs(20), tokio::task::spawn_blocking(lower_quiet(2))).await.expect("the quiet gateway's lowering waited on the noisy one's").unwrap();
+        assert_eq!(out.routes.len(), 1, "served at its path on the gateway's host");
+        let invoked = tokio::time::timeout(Duration::from_secs(20), f.invoke("q", &env_doc(true), quiet, &stored(2), Request::default())).await.expect("its invoke waited on the noisy gateway's lowering");
+        assert_eq!(String::from_utf8(invoked.unwrap().result.unwrap().body).unwrap(), r#"{"v":2}"#);
+        release.0.send(()).unwrap();
+        holder.join().unwrap();
+        assert_eq!(cached_version(&f, noisy), Some(1));
+
+        // Lowered again (a save of the gateway's, say), it takes its function's series from
+        // its own cache: not from the node's registry, which another lowering or a render of
+        // the metrics page may hold.
+        let again = crate::metrics::while_held(|| {
+            let (done, got) = std::sync::mpsc::channel();
+            let lower = lower_quiet(2);
+            std::thread::spawn(move || done.send(lower()).unwrap());
+            got.recv_timeout(Duration::from_secs(20))
+        });
+        let again = again.expect("the lowering waited on the node's registry of series");
+        assert_eq!(again.routes.len(), 1);
+        drop((out, again));
     }
 }

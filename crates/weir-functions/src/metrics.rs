@@ -1,7 +1,9 @@
 //! `weir_function_calls_total`, `weir_function_errors_total` and
 //! `weir_function_duration_seconds`, labelled gateway, environment and function. A series
-//! belongs to a published function's handlers (a name nobody published never makes one) and
-//! goes when no handler holds it any more; a call counts with atomics, no lock. A node keeps
+//! belongs to a published function's handlers (a name nobody published never makes one), and
+//! to the node's compiled copy of it once served (so that lowering a gateway again does not
+//! ask for each of its series again); it goes when neither holds it any more. A call counts
+//! with atomics, no lock. A node keeps
 //! at most [`SERIES_AT_MOST`] series, and [`SERIES_PER_GATEWAY`] of one gateway: past that, a
 //! function that has none counts in its environment's `function="(other)"` series.
 
@@ -21,9 +23,17 @@ pub struct Series {
     buckets: [AtomicU64; BUCKETS.len() + 1],
     /// Microseconds.
     sum: AtomicU64,
+    /// Whether this is an environment's [`OVERFLOW`] series.
+    overflow: bool,
 }
 
 impl Series {
+    /// Whether this is an environment's [`OVERFLOW`] series, which counts the functions that
+    /// found no room for their own.
+    pub fn is_overflow(&self) -> bool {
+        self.overflow
+    }
+
     /// One call that took `took`.
     pub fn observe(&self, took: Duration, error: bool) {
         self.calls.fetch_add(1, Ordering::Relaxed);
@@ -91,10 +101,18 @@ fn series_in(all: &Mutex<All>, (most, per_gateway): (usize, usize), gid: &str, e
     if let Some(s) = all.series.get(&key).and_then(Weak::upgrade) {
         return s;
     }
-    let s = Arc::new(Series::default());
+    let s = Arc::new(Series { overflow: key.2 == OVERFLOW, ..Series::default() });
     all.series.insert(key, Arc::downgrade(&s));
     *all.per_gateway.entry(gid.to_string()).or_default() += 1;
     s
+}
+
+/// Runs `f` while the node's registry of series is held, as a render of the metrics page or
+/// another gateway's lowering may hold it.
+#[cfg(test)]
+pub(crate) fn while_held<R>(f: impl FnOnce() -> R) -> R {
+    let _held = all().lock().unwrap_or_else(|p| p.into_inner());
+    f()
 }
 
 /// Appends the series to the metrics page.
