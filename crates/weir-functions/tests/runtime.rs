@@ -609,12 +609,22 @@ async fn errors_loops_and_memory_bombs_fail_the_call_and_the_next_call_is_fine()
         other => panic!("{other:?}"),
     }
     for name in ["loop", "later-loop"] {
-        let t = Instant::now();
-        let out = gw.call(name, get("/")).await;
-        let took = t.elapsed();
-        assert!(matches!(out.result, Err(Failure::Timeout(_))), "{name}: {:?}", out.result);
-        assert!(took < Duration::from_millis(220 + 20), "{name}: the 200 ms budget ended after {took:?}");
-        assert!(took >= Duration::from_millis(200), "{name}: {took:?}");
+        // The budget is CPU time: on a machine busy with other tests the thread may get less
+        // than its core, and the call lasts longer than its budget. Each try must end in time
+        // out, never before its budget; one of three must end within the bound.
+        let mut tries = Vec::new();
+        for _ in 0..3 {
+            let t = Instant::now();
+            let out = gw.call(name, get("/")).await;
+            let took = t.elapsed();
+            assert!(matches!(out.result, Err(Failure::Timeout(_))), "{name}: {:?}", out.result);
+            assert!(took >= Duration::from_millis(200), "{name}: {took:?}");
+            tries.push(took);
+            if took < Duration::from_millis(220 + 20) {
+                break;
+            }
+        }
+        assert!(tries.iter().any(|t| *t < Duration::from_millis(220 + 20)), "{name}: the 200 ms budget ended after {tries:?}");
     }
     let out = gw.call("bomb", get("/")).await;
     assert_eq!(out.result, Err(Failure::Memory));
