@@ -147,7 +147,7 @@ pub struct Functions {
     /// What the platform's saves on this node compiled, by gateway, oldest first: held (and
     /// found through `sources`) until the lowering that follows takes it rather than compile
     /// again.
-    offered: Mutex<std::collections::VecDeque<(String, Arc<crate::source::Compiled>)>>,
+    offered: Mutex<std::collections::VecDeque<(String, [u8; 32], Arc<crate::source::Compiled>)>>,
     me: Weak<Functions>,
     #[cfg(test)]
     gate: Gate,
@@ -252,7 +252,7 @@ impl Functions {
         }
         // The version stored now, which the lowering may not have reached yet: compiled for
         // this call alone when it has not, so that the cache only ever moves forward.
-        let lowered = lock(&self.cache_of(gid)).get(key).filter(|c| c.bytes[..] == *value).map(|c| if c.fresh { c.built.clone() } else { None });
+        let lowered = self.cached(gid).and_then(|c| lock(&c).get(key).filter(|c| c.bytes[..] == *value).map(|c| if c.fresh { c.built.clone() } else { None }));
         let built = match (lowered, self.me.upgrade()) {
             (Some(built), _) => built,
             (None, Some(me)) => me.compile_for_invoke(gid, key, value).await,
@@ -298,7 +298,7 @@ impl Functions {
     /// lowering would bind them, with `func` among them.
     fn unserved(&self, gid: &str, func: Arc<Function>) -> (Arc<Function>, Table) {
         let prefix = format!("{}{gid}/fn/{}/", self.dir, func.env);
-        let cache = self.cache_of(gid);
+        let cache = self.cached(gid).unwrap_or_default();
         let kept: Vec<(String, Arc<FunctionDoc>, Arc<Function>)> =
             lock(&cache).iter().filter(|(k, _)| k.starts_with(&prefix)).filter_map(|(k, e)| e.built.clone().map(|(d, f)| (k.clone(), d, f))).collect();
         let mut list: Vec<(&str, Arc<FunctionDoc>, Arc<Function>)> = kept.iter().map(|(k, d, f)| (k.as_str(), d.clone(), f.clone())).collect();
@@ -406,6 +406,11 @@ impl Functions {
         self.function_in(&self.cache_of(gid), gid, key, value, defer)
     }
 
+    /// Gateway `gid`'s compiled functions, where it has any.
+    fn cached(&self, gid: &str) -> Option<Arc<Cache>> {
+        lock(&self.compiled).get(gid).cloned()
+    }
+
     /// Gateway `gid`'s compiled functions, an empty cache where it has none yet.
     fn cache_of(&self, gid: &str) -> Arc<Cache> {
         let mut all = lock(&self.compiled);
@@ -433,8 +438,8 @@ impl Functions {
             return before;
         }
         // The watch loop (or a first lowering) waits on this one: compiled at its priority.
-        if let Some(code) = &ready {
-            self.taken(gid, code);
+        if let (Some(_), Some(digest)) = (&ready, &digest) {
+            self.taken(gid, digest);
         }
         let built = doc.zip(digest).and_then(|(doc, digest)| {
             let code = ready.or_else(|| self.compile(key, &doc, false))?;
@@ -519,27 +524,30 @@ impl Functions {
     /// most waiting goes, so a gateway saving in a loop drops its own, not another's.
     pub fn offer(&self, gid: &str, files: &BTreeMap<String, String>, entry: &str, compiled: crate::source::Compiled) {
         let compiled = Arc::new(compiled);
-        self.keep_source(gid, source_digest(files, entry), &compiled);
-        let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
+        let digest = source_digest(files, entry);
+        self.keep_source(gid, digest, &compiled);
+        let mut offered = lock(&self.offered);
+        // The same source offered again replaces the one waiting, which nothing finds any more.
+        offered.retain(|(g, d, _)| g != gid || *d != digest);
         if offered.len() >= OFFERS_KEPT {
             let mut counts: HashMap<&str, usize> = HashMap::new();
-            for (g, _) in offered.iter() {
+            for (g, _, _) in offered.iter() {
                 *counts.entry(g.as_str()).or_default() += 1;
             }
             // Ties go to the gateway whose offer is oldest.
             let most = counts.values().copied().max().unwrap_or(0);
-            let at = offered.iter().position(|(g, _)| counts.get(g.as_str()) == Some(&most));
+            let at = offered.iter().position(|(g, _, _)| counts.get(g.as_str()) == Some(&most));
             if let Some(at) = at {
                 offered.remove(at);
             }
         }
-        offered.push_back((gid.to_string(), compiled));
+        offered.push_back((gid.to_string(), digest, compiled));
     }
 
-    /// Notes that a lowering of gateway `gid` took `code`: an offer of it has done its work.
-    fn taken(&self, gid: &str, code: &Arc<crate::source::Compiled>) {
-        let mut offered = self.offered.lock().unwrap_or_else(|e| e.into_inner());
-        offered.retain(|(g, c)| g != gid || !Arc::ptr_eq(c, code));
+    /// Notes that a lowering of gateway `gid` took its compiled source of `digest`: an offer
+    /// of it has done its work.
+    fn taken(&self, gid: &str, digest: &[u8; 32]) {
+        lock(&self.offered).retain(|(g, d, _)| g != gid || d != digest);
     }
 
     /// What gateway `gid` has compiled a source of `digest` to: offered by a save, or held by a
@@ -678,7 +686,7 @@ impl Functions {
         lock(&self.compiled).remove(gid);
         self.tables.lock().unwrap_or_else(|e| e.into_inner()).retain(|k, _| !k.starts_with(&own));
         self.sources.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _), _| g != gid);
-        self.offered.lock().unwrap_or_else(|e| e.into_inner()).retain(|(g, _)| g != gid);
+        lock(&self.offered).retain(|(g, _, _)| g != gid);
     }
 }
 
@@ -732,26 +740,32 @@ struct Entry {
     /// Whether `built` is of `bytes`; not when they did not compile here and the version
     /// served before is kept.
     fresh: bool,
-    /// The function's own series, once a lowering has served it: later lowerings take it
-    /// from here rather than from the node's registry.
-    series: Option<Arc<crate::metrics::Series>>,
+    /// The series the function's handlers count in, as the last lowering that served it
+    /// found it, held weakly (the handlers hold it), and when, where it was its
+    /// environment's overflow series.
+    series: Option<(Weak<crate::metrics::Series>, Option<std::time::Instant>)>,
 }
 
-/// The series of the function stored at `key` (`name` of `env` of gateway `gid`): the one
-/// its entry in `cache` holds, or the registry's, which the entry then holds unless it is the
-/// environment's overflow series (a later lowering asks again, in case room was made).
+/// The series of the function stored at `key` (`name` of `env` of gateway `gid`): the one its
+/// handlers count in, found through its entry in `cache` while they hold it, so that lowering
+/// a gateway again does not take the node's registry once per function; otherwise the
+/// registry's. The overflow series is asked for again once a second has passed, in case room
+/// was made.
 fn series_of(cache: &Cache, key: &str, gid: &str, env: &str, name: &str) -> Arc<crate::metrics::Series> {
-    if let Some(s) = lock(cache).get(key).and_then(|e| e.series.clone()) {
+    let known = lock(cache).get(key).and_then(|e| e.series.as_ref()).filter(|(_, overflow)| overflow.is_none_or(|t| t.elapsed() < OVERFLOW_ASKED_AGAIN)).and_then(|(s, _)| s.upgrade());
+    if let Some(s) = known {
         return s;
     }
     let s = crate::metrics::series(gid, env, name);
-    if !s.is_overflow()
-        && let Some(e) = lock(cache).get_mut(key)
-    {
-        e.series = Some(s.clone());
+    if let Some(e) = lock(cache).get_mut(key) {
+        e.series = Some((Arc::downgrade(&s), s.is_overflow().then(std::time::Instant::now)));
     }
     s
 }
+
+/// How long a function counting in its environment's overflow series keeps it before a
+/// lowering asks the registry again.
+const OVERFLOW_ASKED_AGAIN: Duration = Duration::from_secs(1);
 
 /// Holds compile tasks at the start of their compile while a test says so.
 #[cfg(test)]
@@ -1617,7 +1631,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_gateway_saving_in_a_loop_drops_its_own_offers_and_a_lowering_takes_anothers_in_place() {
         let f = Functions::new("/weir", Settings::default());
-        let (relower, _relowers) = Relower::channel();
+        let (relower, mut relowers) = Relower::channel();
         f.attach(relower);
         let (quiet, noisy) = ("/weir/platform/live/q/fn/dev/f", "/weir/platform/live/n/fn/dev/f");
         f.function("q", quiet, &stored(1), false).unwrap();
@@ -1634,19 +1648,29 @@ mod tests {
             f.offer("n", code, "index.ts", crate::source::compile(code, "index.ts").unwrap());
         }
         assert_eq!(f.offered.lock().unwrap().len(), OFFERS_KEPT, "offers stay bounded");
-        assert_eq!(f.offered.lock().unwrap().iter().filter(|(g, _)| g == "q").count(), 1, "the noisy gateway dropped its own");
+        assert_eq!(f.offered.lock().unwrap().iter().filter(|(g, _, _)| g == "q").count(), 1, "the noisy gateway dropped its own");
 
         // The quiet gateway's lowering takes its offer in place: its save is live with it.
         assert_eq!(f.function("q", quiet, &saved(mine, 2), true).unwrap().0.version, 2);
         assert!(f.pending.lock().unwrap().is_empty(), "nothing left to compile");
         // Taken, the offer has done its work and holds no room.
-        assert!(f.offered.lock().unwrap().iter().all(|(g, _)| g != "q"));
+        assert!(f.offered.lock().unwrap().iter().all(|(g, _, _)| g != "q"));
         // The noisy gateway's newest offer is taken in place too; its dropped ones compile off
         // the lowering, which serves what it had meanwhile.
         let newest = theirs.last().unwrap().clone();
         assert_eq!(f.function("n", noisy, &saved(newest, 2), true).unwrap().0.version, 2);
         assert_eq!(f.function("n", noisy, &saved(theirs[0].clone(), 3), true).unwrap().0.version, 2);
-        assert!(f.pending.lock().unwrap().contains_key(noisy));
+        tokio::time::timeout(Duration::from_secs(30), relowers.recv()).await.expect("the dropped offer's source compiled");
+        assert_eq!(cached_version(&f, noisy), Some(3));
+
+        // The same source offered again replaces the offer waiting; a gone gateway's go.
+        let again = source("export default () => 'again';".into());
+        for _ in 0..2 {
+            f.offer("q", &again, "index.ts", crate::source::compile(&again, "index.ts").unwrap());
+        }
+        assert_eq!(f.offered.lock().unwrap().iter().filter(|(g, _, _)| g == "q").count(), 1);
+        f.gone("/weir/platform/live/q/");
+        assert!(f.offered.lock().unwrap().iter().all(|(g, _, _)| g != "q"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1692,6 +1716,14 @@ mod tests {
         });
         let again = again.expect("the lowering waited on the node's registry of series");
         assert_eq!(again.routes.len(), 1);
+        // The cache does not keep the series: it goes with the handlers that count in it.
+        let counted = Arc::downgrade(&series_of(&f.cache_of("q"), quiet, "q", "dev", "f"));
+        assert!(counted.upgrade().is_some());
         drop((out, again));
+        let t = std::time::Instant::now();
+        while counted.upgrade().is_some() {
+            assert!(t.elapsed() < Duration::from_secs(20), "the series outlived its handlers");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }

@@ -1,9 +1,9 @@
 //! `weir_function_calls_total`, `weir_function_errors_total` and
 //! `weir_function_duration_seconds`, labelled gateway, environment and function. A series
-//! belongs to a published function's handlers (a name nobody published never makes one), and
-//! to the node's compiled copy of it once served (so that lowering a gateway again does not
-//! ask for each of its series again); it goes when neither holds it any more. A call counts
-//! with atomics, no lock. A node keeps
+//! belongs to a published function's handlers (a name nobody published never makes one) and
+//! goes when no handler holds it any more; a lowering finds the series its function's handlers
+//! hold through the node's compiled copy of the function, without this registry. A call
+//! counts with atomics, no lock. A node keeps
 //! at most [`SERIES_AT_MOST`] series, and [`SERIES_PER_GATEWAY`] of one gateway: past that, a
 //! function that has none counts in its environment's `function="(other)"` series.
 
