@@ -396,11 +396,7 @@ impl Functions {
         l
     }
 
-    /// The function stored at `key` as `value`, parsed and compiled once per stored value. A
-    /// source the gateway already has compiled (a save on this node offered it, or a loaded
-    /// function has it) is taken as it is; with `defer`, any other is compiled off the caller's
-    /// thread ([`Functions::defer`]) and this answers what the key had before: its last
-    /// compiled version, or nothing.
+    /// [`Functions::function_in`] with gateway `gid`'s cache.
     #[cfg(test)]
     fn function(&self, gid: &str, key: &str, value: &[u8], defer: bool) -> Built {
         self.function_in(&self.cache_of(gid), gid, key, value, defer)
@@ -420,7 +416,11 @@ impl Functions {
         }
     }
 
-    /// [`Functions::function`] with gateway `gid`'s `cache`.
+    /// The function stored at `key` as `value` (gateway `gid`'s, whose cache is `cache`),
+    /// parsed and compiled once per stored value. A source the gateway already has compiled
+    /// (a save on this node offered it, or a loaded function has it) is taken as it is; with
+    /// `defer`, any other is compiled off the caller's thread ([`Functions::defer`]) and this
+    /// answers what the key had before: its last compiled version, or nothing.
     fn function_in(&self, cache: &Cache, gid: &str, key: &str, value: &[u8], defer: bool) -> Built {
         let before = {
             let cache = lock(cache);
