@@ -26,7 +26,7 @@ use weir_proxy::handler::{Answer, Call, Handler};
 use weir_proxy::partition::{Contributor, Lowered, LoweredRoute, Relower};
 
 use crate::engine::{DbRunner, Engine, Fetcher, Job, Reach, Request, Services, Table, User};
-use crate::{Failure, Function, LimitsDoc, Logs, Outcome};
+use crate::{Failure, Function, LimitsDoc, Logs, Outcome, lock};
 
 /// An environment as the data plane needs it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -168,10 +168,6 @@ type Built = Option<(Arc<FunctionDoc>, Arc<Function>)>;
 
 /// One gateway's compiled functions by key.
 type Cache = Mutex<HashMap<String, Entry>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// What a stored value built to, or, where it built to nothing (it does not read or compile
 /// here), the version the node served before it: a node keeps serving its last good version

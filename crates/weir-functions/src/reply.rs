@@ -9,10 +9,11 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use crate::engine::Outcome;
+use crate::lock;
 
 /// The calls of one waiting thread that finished while one of them leads.
 #[derive(Default)]
@@ -57,10 +58,6 @@ enum State {
 struct Slot {
     state: Mutex<State>,
     relay: Arc<Relay>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The runtime's end: answers once; dropped unanswered, the call ends with [`Closed`].
