@@ -1398,13 +1398,10 @@ fn start_call(js: &mut Js, calls: &mut BTreeMap<u64, Live>, id: u64, job: Job) -
     let (out, took, spent, oom_job) = js.segment(id, &job.func.env, started, job.limits.cpu, |realm, ctx| -> Result<Started, Failure> {
         let handler = realm.export(ctx, &job.func, &job.vars)?;
         let caught = |e: rquickjs::Error| caught(realm, ctx, e);
-        let r = &job.request;
-        let query = query_of(ctx, &r.query).map_err(caught)?;
-        let headers = headers_of(ctx, &r.headers).map_err(caught)?;
-        let user = r.user.as_ref().map(|u| user_object(ctx, realm, u)).transpose().map_err(caught)?;
+        let request = to_js(ctx, &job.request, realm).map_err(caught)?;
         let vars = realm.vars(ctx, &job.vars)?;
         let run = realm.run.clone().restore(ctx).map_err(caught)?;
-        let out: Value<'_> = run.call((handler, vars, r.method.as_str(), r.path.as_str(), query, headers, rquickjs::function::Flat((r.body.as_deref(), r.request_id.as_str(), user)))).map_err(caught)?;
+        let out: Value<'_> = run.call((handler, request, vars)).map_err(caught)?;
         match out.as_promise() {
             Some(promise) => Ok(Started::Waiting(Persistent::save(ctx, promise.clone()))),
             None => Ok(Started::Answered(reply(js, out).map_err(caught))),
@@ -1926,17 +1923,15 @@ fn define<'js, K: rquickjs::IntoAtom<'js>, V: rquickjs::IntoJs<'js>>(obj: &Objec
     obj.prop(key, rquickjs::object::Property::from(v).writable().enumerable().configurable())
 }
 
-/// A call's query as its context's `query`: `None` when it has none (the prelude makes the
-/// empty object).
-fn query_of<'js>(ctx: &Ctx<'js>, query: &[(String, String)]) -> rquickjs::Result<Option<Object<'js>>> {
-    if query.is_empty() {
-        return Ok(None);
-    }
+fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, realm: &Realm) -> rquickjs::Result<Object<'js>> {
+    let o = Object::new(ctx.clone())?;
+    define(&o, "method", r.method.as_str())?;
+    define(&o, "path", r.path.as_str())?;
     // A parameter given more than once is an array of its values, in order; grouped here, so
     // nothing is read back from the object (or its prototype).
     let mut grouped: Vec<(&str, Vec<&str>)> = Vec::new();
     let mut at: HashMap<&str, usize> = HashMap::new();
-    for (k, v) in query {
+    for (k, v) in &r.query {
         match at.get(k.as_str()) {
             Some(&i) => grouped[i].1.push(v),
             None => {
@@ -1945,28 +1940,24 @@ fn query_of<'js>(ctx: &Ctx<'js>, query: &[(String, String)]) -> rquickjs::Result
             }
         }
     }
-    let o = Object::new(ctx.clone())?;
+    let query = Object::new(ctx.clone())?;
     for (k, values) in grouped {
         match values[..] {
-            [one] => define(&o, k, one)?,
+            [one] => define(&query, k, one)?,
             _ => {
                 let a = Array::new(ctx.clone())?;
                 for (i, v) in values.into_iter().enumerate() {
                     define(&a, i as u32, v)?;
                 }
-                define(&o, k, a)?;
+                define(&query, k, a)?;
             }
         }
     }
-    Ok(Some(o))
-}
-
-/// A call's headers as its context's `headers`. A header sent more than once is one
-/// property, its values joined as HTTP joins them; joined here, so each name costs the runtime
-/// one property and no lookup.
-fn headers_of<'js>(ctx: &Ctx<'js>, headers: &[(String, String)]) -> rquickjs::Result<Object<'js>> {
-    let mut joined: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(headers.len());
-    for (k, v) in headers {
+    define(&o, "query", query)?;
+    // A header sent more than once is one property, its values joined as HTTP joins them;
+    // joined here, so each name costs the runtime one property and no lookup.
+    let mut joined: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(r.headers.len());
+    for (k, v) in &r.headers {
         match joined.iter_mut().find(|(name, _)| *name == k.as_str()) {
             Some((_, prev)) => {
                 let prev = prev.to_mut();
@@ -1976,9 +1967,17 @@ fn headers_of<'js>(ctx: &Ctx<'js>, headers: &[(String, String)]) -> rquickjs::Re
             None => joined.push((k.as_str(), std::borrow::Cow::Borrowed(v.as_str()))),
         }
     }
-    let o = Object::new(ctx.clone())?;
+    let headers = Object::new(ctx.clone())?;
     for (k, v) in joined {
-        define(&o, k, v.as_ref())?;
+        define(&headers, k, v.as_ref())?;
+    }
+    define(&o, "headers", headers)?;
+    if let Some(body) = &r.body {
+        define(&o, "body", body.as_str())?;
+    }
+    define(&o, "requestId", r.request_id.as_str())?;
+    if let Some(user) = &r.user {
+        define(&o, "user", user_object(ctx, realm, user)?)?;
     }
     Ok(o)
 }

@@ -562,20 +562,11 @@
 
   // Called by the engine: runs one call to its response [status, headers, body].
   G.__weir = {
-    // The call's context comes as its parts and is made here, as an object literal: its
-    // properties are defined (no setter on a prototype runs) in the order of `layouts`. The
-    // engine leaves out a missing query, body or user. A function that answers without
-    // waiting is answered without a promise.
-    run: (fn, vs, method, path, query, headers, body, requestId, user) => {
+    // `req` becomes the call's context. A function that answers without waiting is
+    // answered without a promise.
+    run: (fn, req, vs) => {
       vars = vs;
-      if (query === undefined) query = {};
-      let req;
-      if (body === undefined) {
-        req = user === undefined ? { method, path, query, headers, requestId } : { method, path, query, headers, requestId, user };
-      } else {
-        body = parseBody(headers["content-type"], body);
-        req = user === undefined ? { method, path, query, headers, body, requestId } : { method, path, query, headers, body, requestId, user };
-      }
+      if (req.body !== undefined) req.body = parseBody(req.headers["content-type"], req.body);
       if (typeof fn === "function" && fn.length < 2) {
         const out = fn(req);
         return out !== null && typeof out === "object" && typeof out.then === "function" ? Promise.resolve(out).then(toResponse) : toResponse(out);
@@ -598,7 +589,7 @@
       "x-request-id": 0, "x-real-ip": 0, "x-forwarded-for": 0, "x-forwarded-proto": 0, "x-forwarded-host": 0,
       "x-consumer-username": 0, "x-credential-identifier": 0,
     }),
-    // Objects laid out as `run` lays out a call's context, one for each step, and
+    // Objects laid out as the engine lays out a call's context, one for each step, and
     // headers as common clients send them. QuickJS frees an object's layout (its shape)
     // with the last object that has it, so without these every call would make its
     // context's layouts again, property by property. Never frozen: freezing changes them.
