@@ -27,7 +27,7 @@ use rquickjs::{Array, Context, Ctx, Function as JsFn, Module, Object, Persistent
 
 use crate::deadline::Deadline;
 use crate::mailbox::Mailbox;
-use crate::{Function, Limits, LogLine, Logs};
+use crate::{Function, Limits, LogLine, Logs, lock};
 
 const PRELUDE: &str = include_str!("prelude.js");
 
@@ -331,7 +331,7 @@ impl Engine {
     /// given to load before, ahead of its first call; those not among them are forgotten, so one
     /// served again later is loaded again. Answers how many it loads.
     pub fn load(&self, funcs: Vec<Load>) -> usize {
-        let mut loaded = self.loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut loaded = lock(&self.loaded);
         let mut now = HashMap::with_capacity(funcs.len());
         let mut sent = 0;
         for load in funcs {
@@ -1107,7 +1107,7 @@ pub(crate) use weir_core::threads::stat_field;
 /// runtime renewed again and again (a call or a module that runs out of memory each time) loads
 /// its functions as they are called, rather than all of them each time.
 fn reload(served: &std::sync::Mutex<HashMap<usize, Load>>, batch: &mut VecDeque<Msg>, last: &std::cell::Cell<Option<Instant>>, warms: &mut Warms) {
-    let served = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let served = lock(served);
     if served.is_empty() || last.get().is_some_and(|at| at.elapsed() < RELOAD_EVERY) {
         return;
     }
@@ -1175,7 +1175,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
                     // A function still waiting to be loaded ahead is loaded before its call, as
                     // it would have been: its top level is not the call's to pay for.
                     let at = Arc::as_ptr(&job.func) as usize;
-                    let ahead = warms.take(at).then(|| served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&at).cloned()).flatten();
+                    let ahead = warms.take(at).then(|| lock(served).get(&at).cloned()).flatten();
                     if ahead.is_some_and(|load| warm(&mut js, load) || js.full.take()) {
                         // Out of memory: the call starts on the fresh runtime.
                         batch.push_front(Msg::Call(job));
@@ -1257,7 +1257,7 @@ fn run(gateway: &str, memory: usize, mailbox: &Arc<Mailbox<Msg>>, services: &Ser
             while let Some(at) = warms.pop() {
                 // Loaded as the last lowering serves it (its table and variables then); one it
                 // no longer serves (a version saved over since) is skipped.
-                let Some(load) = served.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&at).cloned() else { continue };
+                let Some(load) = lock(served).get(&at).cloned() else { continue };
                 broken = warm(&mut js, load) || js.full.take();
                 if broken || slice.elapsed() >= WARM_SLICE {
                     break;

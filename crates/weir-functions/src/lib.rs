@@ -28,15 +28,15 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
 
-/// `m` locked; one a panicking holder poisoned is taken as it is.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 use serde::{Deserialize, Serialize};
 
 pub use engine::{DbRequest, DbRunner, Engine, Failure, Outcome, Reach, Reply, Request, Services, User};
 pub use source::{CompileError, Compiled};
+
+/// `m` locked; one a panicking holder poisoned is taken as it is.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A function as loaded: compiled, with where it lives.
 #[derive(Debug)]

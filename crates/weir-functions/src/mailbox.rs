@@ -7,9 +7,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering, fence};
-use std::sync::{Mutex, OnceLock, PoisonError};
+use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::Instant;
+
+use crate::lock;
 
 pub(crate) struct Mailbox<T> {
     queue: Mutex<VecDeque<T>>,
@@ -35,7 +37,7 @@ impl<T> Mailbox<T> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(item);
         }
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner).push_back(item);
+        lock(&self.queue).push_back(item);
         // Pairs with the fence in `take`: either the owner sees this item before it parks,
         // or this sees it sleeping and unparks it.
         fence(Ordering::SeqCst);
@@ -84,7 +86,7 @@ impl<T> Mailbox<T> {
     }
 
     fn move_into(&self, into: &mut VecDeque<T>) -> bool {
-        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut queue = lock(&self.queue);
         if queue.is_empty() {
             return false;
         }

@@ -38,6 +38,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
+use crate::lock;
 use crate::engine::stat_field;
 
 /// How often the watchdog looks.
@@ -137,17 +138,17 @@ impl Watch {
     }
 
     fn has_ended(&self) -> bool {
-        *self.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        *lock(&self.ended)
     }
 
     /// Watched from now on, with its thread.
     pub(crate) fn watch(self: &Arc<Watch>, thread: std::thread::JoinHandle<()>) {
-        *self.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(thread);
+        *lock(&self.thread) = Some(thread);
         let all = WATCHED.get_or_init(|| {
             let _ = weir_core::threads::spawn(std::thread::Builder::new().name("fn-watchdog".into()), look);
             Mutex::default()
         });
-        all.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Arc::downgrade(self));
+        lock(all).push(Arc::downgrade(self));
     }
 
     pub(crate) fn stuck(&self) -> bool {
@@ -164,7 +165,7 @@ pub(crate) struct Ending(Arc<Watch>);
 
 impl Drop for Ending {
     fn drop(&mut self) {
-        *self.0.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        *lock(&self.0.ended) = true;
     }
 }
 
@@ -179,7 +180,7 @@ fn look() {
         std::thread::sleep(EVERY);
         let Some(all) = WATCHED.get() else { continue };
         let watched: Vec<Arc<Watch>> = {
-            let mut all = all.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut all = lock(all);
             all.retain(|w| w.strong_count() > 0);
             all.iter().filter_map(Weak::upgrade).collect()
         };
@@ -234,7 +235,7 @@ fn look() {
 /// by how busy it was; a runtime `past` its call's CPU deadline is not made nice.
 fn measure(w: &Watch, past: bool) {
     let (now, ran) = (Instant::now(), w.deadline.running());
-    let mut window = w.window.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut window = lock(&w.window);
     let Some((from, ran_then, mut run)) = *window else {
         *window = Some((now, ran, 0));
         return;
@@ -301,7 +302,7 @@ fn pace(nice: bool, share: f64, run: &mut u32) -> Pace {
 /// Sets the niceness of runtime `w`'s thread, while it runs: the thread cannot end meanwhile,
 /// so its id is not another's.
 fn renice(w: &Watch, niceness: i32) -> Result<(), String> {
-    let ended = w.ended.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let ended = lock(&w.ended);
     if *ended || niceness == i32::MIN {
         return Err("the runtime's thread is not running".into());
     }
@@ -314,7 +315,7 @@ fn demote(w: &Watch) {
     w.demoted.store(true, Ordering::Relaxed);
     let tid = w.tid.load(Ordering::Relaxed);
     let idle = {
-        let thread = w.thread.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let thread = lock(&w.thread);
         thread.as_ref().map(|t| to_idle(std::os::unix::thread::JoinHandleExt::as_pthread_t(t), tid))
     };
     tracing::warn!(thread = tid, idle = ?idle, "a function runtime ran far past its CPU deadline inside a built-in: it runs only on idle CPU from now on");
