@@ -1880,10 +1880,9 @@ impl Drop for Taken {
     }
 }
 
-/// `v` frozen by `Object.freeze`: what a call is given to read, and no call may change for the
-/// next.
-/// `v` frozen by the `Object.freeze` the realm's SDK took before any function ran (a function
-/// may replace the global one).
+/// `v` frozen all the way down, by the prelude's `freeze`: what a call is given to read, and no
+/// call may change for the next. The realm took it before any function ran, so a function that
+/// replaces the global `Object.freeze` changes nothing here.
 fn frozen<'js, T: rquickjs::FromJs<'js> + rquickjs::IntoJs<'js>>(realm: &Realm, ctx: &Ctx<'js>, v: T) -> rquickjs::Result<T> {
     realm.sdk(ctx, "freeze")?.call((v,))
 }
