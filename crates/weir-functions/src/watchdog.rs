@@ -38,8 +38,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::deadline::Deadline;
-use crate::lock;
 use crate::engine::stat_field;
+use crate::lock;
 
 /// How often the watchdog looks.
 pub const EVERY: Duration = Duration::from_millis(100);
