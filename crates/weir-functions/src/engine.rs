@@ -12,6 +12,7 @@
 //! the wall limit the call is dropped (504). Running out of memory fails the call (500) and
 //! the runtime is made afresh, failing the gateway's other calls in flight.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::cmp::Reverse;
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 use rquickjs::loader::{Loader, Resolver};
 use rquickjs::module::Declared;
 use rquickjs::promise::PromiseState;
-use rquickjs::{Array, Context, Ctx, Function as JsFn, Module, Object, Persistent, Promise, Runtime, TypedArray, Value};
+use rquickjs::{Array, Atom, Context, Ctx, Function as JsFn, Module, Object, Persistent, Promise, Runtime, TypedArray, Value};
 
 use crate::deadline::Deadline;
 use crate::mailbox::Mailbox;
@@ -57,9 +58,15 @@ pub struct User {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reply {
     pub status: u16,
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<Field>,
     pub body: Vec<u8>,
 }
+
+/// A header field of a reply; the engine's own are static text.
+pub type Field = (Cow<'static, str>, Cow<'static, str>);
+
+/// The field of a JSON answer.
+pub const JSON_TYPE: Field = (Cow::Borrowed("content-type"), Cow::Borrowed("application/json"));
 
 /// How a call ended when it did not answer.
 #[derive(Debug, Clone, PartialEq)]
@@ -595,6 +602,8 @@ struct Realm {
     vars: RefCell<Option<(Arc<serde_json::Map<String, serde_json::Value>>, Persistent<Value<'static>>)>>,
     /// The prelude's `__weir.run`.
     run: Persistent<JsFn<'static>>,
+    /// The names of a call's context, made once.
+    keys: Keys,
     /// The prelude's `__weir`: how the engine fires timers and hands back fetches and
     /// database results.
     sdk: Persistent<Object<'static>>,
@@ -602,6 +611,38 @@ struct Realm {
     /// The runtime's interrupt deadline (`Js::deadline`), for loops of its own that run
     /// JavaScript.
     deadline: Deadline,
+}
+
+/// The property names every call's context has, as the runtime's atoms: a name given as text
+/// is looked up in the runtime's table of atoms each time it is used.
+struct Keys {
+    method: Persistent<Atom<'static>>,
+    path: Persistent<Atom<'static>>,
+    query: Persistent<Atom<'static>>,
+    headers: Persistent<Atom<'static>>,
+    body: Persistent<Atom<'static>>,
+    request_id: Persistent<Atom<'static>>,
+    user: Persistent<Atom<'static>>,
+}
+
+impl Keys {
+    fn new(ctx: &Ctx<'_>) -> rquickjs::Result<Keys> {
+        let atom = |name: &str| Atom::from_str(ctx.clone(), name).map(|a| Persistent::save(ctx, a));
+        Ok(Keys {
+            method: atom("method")?,
+            path: atom("path")?,
+            query: atom("query")?,
+            headers: atom("headers")?,
+            body: atom("body")?,
+            request_id: atom("requestId")?,
+            user: atom("user")?,
+        })
+    }
+}
+
+/// `key` in the runtime of `ctx`.
+fn key<'js>(ctx: &Ctx<'js>, key: &Persistent<Atom<'static>>) -> rquickjs::Result<Atom<'js>> {
+    key.clone().restore(ctx)
 }
 
 impl Realm {
@@ -877,13 +918,13 @@ impl Js {
         })?;
         // The SDK's entry points, held here and taken off the globals: a function reaches
         // neither them nor the engine's side of its calls.
-        let (sdk, run) = ctx.with(|ctx| -> rquickjs::Result<(Persistent<Object<'static>>, Persistent<JsFn<'static>>)> {
+        let (sdk, run, keys) = ctx.with(|ctx| -> rquickjs::Result<(Persistent<Object<'static>>, Persistent<JsFn<'static>>, Keys)> {
             let weir: Object<'_> = ctx.globals().get("__weir")?;
             ctx.globals().remove("__weir")?;
-            Ok((Persistent::save(&ctx, weir.clone()), Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?)))
+            Ok((Persistent::save(&ctx, weir.clone()), Persistent::save(&ctx, weir.get::<_, JsFn<'_>>("run")?), Keys::new(&ctx)?))
         })?;
         host.borrow_mut().realms.push((ctx.as_raw().as_ptr() as usize, env.to_string()));
-        let realm = Rc::new(Realm { exports: RefCell::default(), exported: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, sdk, ctx, deadline: self.deadline.clone() });
+        let realm = Rc::new(Realm { exports: RefCell::default(), exported: RefCell::default(), users: RefCell::default(), vars: RefCell::default(), run, keys, sdk, ctx, deadline: self.deadline.clone() });
         self.realms.borrow_mut().push((env.to_string(), realm.clone()));
         Ok(realm)
     }
@@ -1574,7 +1615,7 @@ fn settle(js: &Js, calls: &mut BTreeMap<u64, Live>) -> bool {
 /// gateway's budget; a body past it fails as out of memory.
 fn reply(js: &Js, out: Value<'_>) -> rquickjs::Result<Reply> {
     if let Some(json) = out.as_string() {
-        return Ok(Reply { status: 200, headers: vec![("content-type".to_string(), "application/json".to_string())], body: json.to_string()?.into_bytes() });
+        return Ok(Reply { status: 200, headers: vec![JSON_TYPE], body: json.to_string()?.into_bytes() });
     }
     let a = out.into_array().ok_or(rquickjs::Error::Unknown)?;
     let status: i32 = a.get(0)?;
@@ -1585,7 +1626,7 @@ fn reply(js: &Js, out: Value<'_>) -> rquickjs::Result<Reply> {
         // As `Response` itself allows, though a function may have set the field after it was
         // made: an informational status is never a final answer.
         status: u16::try_from(status).ok().filter(|s| (200..=599).contains(s)).unwrap_or(500),
-        headers: header_list(&headers)?,
+        headers: header_list(&headers)?.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
         body: from_wire_within(&body, &budget)?.ok_or(rquickjs::Error::Allocation)?,
     })
 }
@@ -1923,9 +1964,10 @@ fn define<'js, K: rquickjs::IntoAtom<'js>, V: rquickjs::IntoJs<'js>>(obj: &Objec
 }
 
 fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, realm: &Realm) -> rquickjs::Result<Object<'js>> {
+    let keys = &realm.keys;
     let o = Object::new(ctx.clone())?;
-    define(&o, "method", r.method.as_str())?;
-    define(&o, "path", r.path.as_str())?;
+    define(&o, key(ctx, &keys.method)?, r.method.as_str())?;
+    define(&o, key(ctx, &keys.path)?, r.path.as_str())?;
     // A parameter given more than once is an array of its values, in order; grouped here, so
     // nothing is read back from the object (or its prototype).
     let mut grouped: Vec<(&str, Vec<&str>)> = Vec::new();
@@ -1952,7 +1994,7 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, realm: &Realm) -> rquickjs::Result<Ob
             }
         }
     }
-    define(&o, "query", query)?;
+    define(&o, key(ctx, &keys.query)?, query)?;
     // A header sent more than once is one property, its values joined as HTTP joins them;
     // joined here, so each name costs the runtime one property and no lookup.
     let mut joined: Vec<(&str, std::borrow::Cow<'_, str>)> = Vec::with_capacity(r.headers.len());
@@ -1970,13 +2012,13 @@ fn to_js<'js>(ctx: &Ctx<'js>, r: &Request, realm: &Realm) -> rquickjs::Result<Ob
     for (k, v) in joined {
         define(&headers, k, v.as_ref())?;
     }
-    define(&o, "headers", headers)?;
+    define(&o, key(ctx, &keys.headers)?, headers)?;
     if let Some(body) = &r.body {
-        define(&o, "body", body.as_str())?;
+        define(&o, key(ctx, &keys.body)?, body.as_str())?;
     }
-    define(&o, "requestId", r.request_id.as_str())?;
+    define(&o, key(ctx, &keys.request_id)?, r.request_id.as_str())?;
     if let Some(user) = &r.user {
-        define(&o, "user", user_object(ctx, realm, user)?)?;
+        define(&o, key(ctx, &keys.user)?, user_object(ctx, realm, user)?)?;
     }
     Ok(o)
 }

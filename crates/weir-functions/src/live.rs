@@ -257,7 +257,7 @@ impl Functions {
         let (_, func) = built.ok_or(NotRun::Unable("the stored function does not compile"))?;
         // A method it does not answer is refused as a request's is.
         if let Some((message, allow)) = not_allowed(&func, &request.method) {
-            let headers = vec![("content-type".to_string(), "application/json".to_string()), ("allow".to_string(), allow)];
+            let headers = vec![crate::engine::JSON_TYPE, ("allow".into(), allow.into())];
             let body = json!({"error_msg": message}).to_string().into_bytes();
             return Ok(Outcome { result: Ok(crate::Reply { status: 405, headers, body }), logs: Vec::new(), cpu: Duration::ZERO, hold: Default::default() });
         }
@@ -1091,14 +1091,20 @@ pub fn error_response(status: StatusCode, message: &str, extra: Option<(&str, &s
 
 /// What a call's outcome answers: status, headers and body.
 pub fn answer(outcome: Outcome, debug: bool, limits: &crate::Limits) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let (status, fields, body) = answer_fields(outcome.result, debug, limits);
+    (status, fields.into_iter().map(|(k, v)| (k.into_owned(), v.into_owned())).collect(), body)
+}
+
+/// What a call's result answers: status, header fields and body.
+fn answer_fields(result: Result<crate::Reply, Failure>, debug: bool, limits: &crate::Limits) -> (u16, Vec<crate::engine::Field>, Vec<u8>) {
     let json_error = |status: u16, message: &str, stack: Option<&str>| {
         let mut body = json!({"error_msg": message});
         if let Some(stack) = stack {
             body["stack"] = json!(stack);
         }
-        (status, vec![("content-type".to_string(), "application/json".to_string())], body.to_string().into_bytes())
+        (status, vec![crate::engine::JSON_TYPE], body.to_string().into_bytes())
     };
-    match outcome.result {
+    match result {
         Ok(reply) => (reply.status, reply.headers, reply.body),
         Err(Failure::Threw { message, stack, status, .. }) => json_error(status.unwrap_or(500), &message, (debug && !stack.is_empty()).then_some(stack.as_str())),
         Err(Failure::Timeout(why)) => json_error(504, why, None),
@@ -1108,12 +1114,16 @@ pub fn answer(outcome: Outcome, debug: bool, limits: &crate::Limits) -> (u16, Ve
 }
 
 /// What a call's outcome answers, as a response.
-pub fn respond(mut outcome: Outcome, debug: bool, limits: &crate::Limits) -> Response<RespBody> {
-    let hold = std::mem::take(&mut outcome.hold);
-    let (status, headers, body) = answer(outcome, debug, limits);
-    let mut resp = Response::new(RespBody::full(held_bytes(body, hold)));
+pub fn respond(outcome: Outcome, debug: bool, limits: &crate::Limits) -> Response<RespBody> {
+    let (status, headers, body) = answer_fields(outcome.result, debug, limits);
+    let mut resp = Response::new(RespBody::full(held_bytes(body, outcome.hold)));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     for (k, v) in headers {
+        // The common field, JSON's type, is known good and needs no copy.
+        if k == "content-type" && v == "application/json" {
+            resp.headers_mut().append(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            continue;
+        }
         if let (Ok(k), Ok(v)) = (http::HeaderName::from_bytes(k.as_bytes()), http::HeaderValue::from_str(&v)) {
             // The gateway frames the body itself, and the connection is its own: no length
             // and no connection-scoped field (`keep-alive`, ...) of the function's, but a 426's

@@ -34,15 +34,18 @@ pub(crate) fn request_id() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(36);
+    let mut out = [b'-'; 36];
+    let mut at = 0;
     for (i, x) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            out.push('-');
+            at += 1;
         }
-        out.push(HEX[(x >> 4) as usize] as char);
-        out.push(HEX[(x & 15) as usize] as char);
+        out[at] = HEX[(x >> 4) as usize];
+        out[at + 1] = HEX[(x & 15) as usize];
+        at += 2;
     }
-    out
+    // ASCII throughout.
+    String::from_utf8(out.to_vec()).unwrap_or_default()
 }
 
 /// SHA-1 (`1`) or SHA-2 (`256`, `384`, `512`) of `data`.
@@ -64,6 +67,10 @@ mod tests {
         let (a, b) = (super::request_id(), super::request_id());
         assert_ne!(a, b);
         assert_eq!((a.len(), &a[14..15], a.matches('-').count()), (36, "4", 4));
+        // 8-4-4-4-12 lowercase hex digits.
+        for id in [&a, &b] {
+            assert!(id.char_indices().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { matches!(c, '0'..='9' | 'a'..='f') }), "{id}");
+        }
         let u = super::uuid();
         assert_eq!((u.len(), &u[14..15]), (36, "4"));
     }

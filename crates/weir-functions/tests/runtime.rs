@@ -300,7 +300,7 @@ async fn both_handler_shapes_answer_and_typescript_modules_import_each_other() {
     req.query = vec![("name".into(), "ada".into())];
     let out = gw.call("hello", req).await;
     assert_eq!(body_json(&out), json!({"msg": "hello ada", "method": "GET", "path": "/dev/hello", "id": "r1"}));
-    assert_eq!(out.result.as_ref().unwrap().headers, vec![("content-type".to_string(), "application/json".to_string())]);
+    assert_eq!(out.result.as_ref().unwrap().headers, vec![weir_functions::engine::JSON_TYPE]);
 
     let mut req = get("/dev/express");
     req.method = "POST".into();
@@ -345,7 +345,7 @@ async fn every_value_answers_as_json_stringify_writes_it_whatever_the_function_d
         let mut req = get("/values");
         req.query = vec![("kind".into(), kind.into())];
         let out = gw.call("values", req).await;
-        assert_eq!(out.result.as_ref().unwrap().headers, vec![("content-type".to_string(), "application/json".to_string())], "{kind}");
+        assert_eq!(out.result.as_ref().unwrap().headers, vec![weir_functions::engine::JSON_TYPE], "{kind}");
         assert_eq!(body_json(&out), want, "{kind}");
     }
     for _ in 0..2 {
@@ -424,13 +424,13 @@ async fn each_cookie_is_a_header_field_of_its_own() {
             return new Response(JSON.stringify({ list: h.getSetCookie(), joined: h.get('set-cookie'), b: h.get('x-b'), has: h.has('Set-Cookie') }), { headers: h });
         }")]),
     ]);
-    let fields = |out: &Outcome, name: &str| -> Vec<String> { out.result.as_ref().unwrap().headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.clone()).collect() };
+    let fields = |out: &Outcome, name: &str| -> Vec<String> { out.result.as_ref().unwrap().headers.iter().filter(|(k, _)| k == name).map(|(_, v)| v.to_string()).collect() };
     let out = gw.call("express", get("/")).await;
     assert_eq!(fields(&out, "set-cookie"), ["a=1; Expires=Wed, 21 Oct 2026 07:28:00 GMT", "b=2"]);
     assert_eq!(fields(&out, "x-a"), ["1, 2"]);
     // As the gateway answers: each cookie a field, and no field of the connection's.
     let mut out = gw.call("express", get("/")).await;
-    out.result.as_mut().unwrap().headers.extend([("upgrade", "h2c"), ("keep-alive", "timeout=1"), ("te", "trailers"), ("content-length", "1")].map(|(k, v)| (k.to_string(), v.to_string())));
+    out.result.as_mut().unwrap().headers.extend([("upgrade", "h2c"), ("keep-alive", "timeout=1"), ("te", "trailers"), ("content-length", "1")].map(|(k, v)| (k.into(), v.into())));
     let answered = weir_functions::live::respond(out, false, &limits());
     assert_eq!(answered.headers().get_all("set-cookie").iter().count(), 2);
     assert!(["upgrade", "keep-alive", "te", "content-length"].iter().all(|k| !answered.headers().contains_key(*k)), "{:?}", answered.headers());
@@ -751,7 +751,7 @@ async fn answers_and_log_lines_are_copied_out_only_within_the_gateways_budget() 
     let f = func("dev", "long", &[("index.js", "export default () => ({ text: '\\u00e9'.repeat(5000) })")]);
     let out = run_alone(engine.clone(), f, reach.clone()).await;
     assert_eq!(body_json(&out), json!({ "text": "\u{e9}".repeat(5000) }));
-    assert_eq!(out.result.unwrap().headers, vec![("content-type".to_string(), "application/json".to_string())]);
+    assert_eq!(out.result.unwrap().headers, vec![weir_functions::engine::JSON_TYPE]);
     let f = func("dev", "join", &[("index.js", "export default () => { Array.prototype.join = function () { return { length: 0, toString: () => 'x'.repeat(1 << 20) }; }; console.log('a', 'b'); return 'logged'; }")]);
     let out = run_alone(engine.clone(), f, reach.clone()).await;
     assert_eq!(out.result.unwrap().body, b"logged");
@@ -1100,7 +1100,7 @@ async fn fetch_bodies_get_their_type_text_decodes_leniently_and_send_types_as_ex
         let f = func("dev", "express", &[("index.js", &format!("export default (req, res) => res.send({sent})"))]);
         let out = run_alone(engine.clone(), f, weir_functions::Reach::default()).await;
         let reply = out.result.unwrap();
-        assert_eq!(reply.headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str()), Some(ty), "{sent}");
+        assert_eq!(reply.headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_ref()), Some(ty), "{sent}");
     }
 }
 
