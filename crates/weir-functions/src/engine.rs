@@ -613,7 +613,7 @@ struct Realm {
     deadline: Deadline,
 }
 
-/// The property names every call's context has, as the runtime's atoms: a name given as text
+/// The property names a call's context can have, as the runtime's atoms: a name given as text
 /// is looked up in the runtime's table of atoms each time it is used.
 struct Keys {
     method: Persistent<Atom<'static>>,

@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use engine::{DbRequest, DbRunner, Engine, Failure, Field, Outcome, Reach, Reply, Request, Services, User};
+pub use engine::{DbRequest, DbRunner, Engine, Failure, Outcome, Reach, Reply, Request, Services, User};
 pub use source::{CompileError, Compiled};
 
 /// `m` locked; one a panicking holder poisoned is taken as it is.
