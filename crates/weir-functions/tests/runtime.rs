@@ -439,6 +439,23 @@ async fn each_cookie_is_a_header_field_of_its_own() {
     assert_eq!(body_json(&out), json!({"list": ["a=1", "b=2"], "joined": "a=1, b=2", "b": "1, 2", "has": true}));
 }
 
+/// The response made of an answer has one `content-type`: JSON's for a value, the function's
+/// own when it set one, whether that is JSON's or another.
+#[tokio::test]
+async fn a_response_has_the_type_of_its_answer_once() {
+    let gw = Gw::new(vec![
+        func("dev", "value", &[("index.js", "export default () => ({ a: 1 })")]),
+        func("dev", "own-json", &[("index.js", "export default () => new Response('[1]', { headers: { 'content-type': 'application/json' } })")]),
+        func("dev", "own-type", &[("index.js", "export default () => new Response('<p>', { headers: { 'Content-Type': 'text/html' } })")]),
+        func("dev", "thrown", &[("index.js", "export default () => { throw new Error('no') }")]),
+    ]);
+    for (name, want) in [("value", "application/json"), ("own-json", "application/json"), ("own-type", "text/html"), ("thrown", "application/json")] {
+        let answered = weir_functions::live::respond(gw.call(name, get("/")).await, false, &limits());
+        let types: Vec<_> = answered.headers().get_all(http::header::CONTENT_TYPE).iter().map(|v| v.to_str().unwrap().to_string()).collect();
+        assert_eq!(types, [want], "{name}");
+    }
+}
+
 /// A form's fields are own properties whatever their names: a client's `__proto__` field does
 /// not reshape the body object.
 #[tokio::test]
